@@ -1,0 +1,84 @@
+"""What one benchmark run records, and the summary numbers derived from it.
+
+The dataclasses hold only JSON types, so a run can be saved and re-summarised later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+STATUSES = ("ok", "rejected", "dropped", "error")
+
+
+@dataclass
+class RequestOutcome:
+    request_id: int
+    arrival_s: float
+    finish_s: float | None  # None when the request never finished
+    status: str  # "ok" | "rejected" | "dropped" | "error"
+    reason: str = ""
+
+
+@dataclass
+class RunStats:
+    policy: str
+    rate_rps: float
+    duration_s: float  # first arrival to last finish (or last arrival if later), see span_s
+    outcomes: list[RequestOutcome]
+    executed_flops: float = 0.0
+    busy_s: float = 0.0
+    cell_steps: int = 0
+    batch_size_sum: int = 0  # lanes summed over executed batches: mean batch = sum / steps
+    overhead_us_per_step: list[float] = field(default_factory=list)  # scheduler overhead samples
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunStats:
+        outcomes = [RequestOutcome(**o) for o in data["outcomes"]]
+        return cls(**{**data, "outcomes": outcomes})
+
+
+def span_s(outcomes: list[RequestOutcome]) -> float:
+    """Seconds from the first arrival to the last finish, or to the last arrival if later."""
+    if not outcomes:
+        return 0.0
+    arrivals = [o.arrival_s for o in outcomes]
+    finishes = [o.finish_s for o in outcomes if o.finish_s is not None]
+    return max(arrivals + finishes) - min(arrivals)
+
+
+def _per_second(amount: float, duration_s: float) -> float:
+    return amount / duration_s if duration_s > 0 else 0.0
+
+
+def summarize(stats: RunStats, slo_s: float) -> dict:
+    """Throughput, goodput, latency percentiles and engine counters of one run.
+
+    Latency percentiles are over "ok" requests only (NaN when there are none); requests
+    that were rejected, dropped or errored count as SLO misses and appear in `counts`.
+    """
+    latencies = np.array([o.finish_s - o.arrival_s for o in stats.outcomes
+                          if o.status == "ok" and o.finish_s is not None])
+    good = int(np.sum(latencies <= slo_s))
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1e3 if latencies.size else (np.nan, np.nan)
+    counts = {status: sum(o.status == status for o in stats.outcomes) for status in STATUSES}
+    return {
+        "policy": stats.policy,
+        "rate_rps": stats.rate_rps,
+        "requests": len(stats.outcomes),
+        "throughput_rps": _per_second(latencies.size, stats.duration_s),
+        "goodput_rps": _per_second(good, stats.duration_s),
+        "slo_misses": len(stats.outcomes) - good,
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "mean_batch": stats.batch_size_sum / stats.cell_steps if stats.cell_steps else 0.0,
+        "gflops": _per_second(stats.executed_flops, stats.duration_s) / 1e9,
+        "busy_fraction": _per_second(stats.busy_s, stats.duration_s),
+        "overhead_us_per_step": (float(np.median(stats.overhead_us_per_step))
+                                 if stats.overhead_us_per_step else float("nan")),
+        "counts": counts,
+    }

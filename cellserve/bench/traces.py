@@ -1,0 +1,85 @@
+"""Synthetic request traces: WMT-like sentence lengths and Poisson or bursty arrivals.
+
+Every generator takes a `numpy.random.Generator`, so a trace is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_SENTENCE_TOKENS = 100
+
+# Log-normal in subword tokens: mean exp(mu + sigma^2 / 2) ~= 25, median ~= 21, 99th
+# percentile ~= 84, about 0.5% of draws above 100 (those are clipped to 100).
+_LOG_MEAN = float(np.log(25.0) - 0.6**2 / 2)
+_LOG_SIGMA = 0.6
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    request_id: int
+    arrival_s: float
+    tokens: np.ndarray  # int64, shape [T]
+
+
+def sentence_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Draw `n` sentence lengths in tokens, integers in [1, 100].
+
+    Shape: sentences of the WMT'14/'15 En-De and En-Fr training sets, counted in subword
+    (BPE/wordpiece) tokens, are right-skewed with a mean of about 25-28 tokens and a long
+    tail that thins out around 100 tokens (the usual training cut-off). We model that with
+    a log-normal (mean 25, sigma 0.6 in log space) clipped to [1, 100]. The parameters are
+    chosen to match that published summary; they are not fitted to any corpus on disk.
+    """
+    raw = rng.lognormal(mean=_LOG_MEAN, sigma=_LOG_SIGMA, size=n)
+    return np.clip(np.rint(raw), 1, MAX_SENTENCE_TOKENS).astype(np.int64)
+
+
+def poisson_arrivals(rng: np.random.Generator, rate_rps: float, n: int) -> np.ndarray:
+    """Arrival times (seconds, increasing) of `n` requests of a Poisson process.
+
+    Shifted so the first request arrives at 0 and a replay does not start idle.
+    """
+    gaps = rng.exponential(1.0 / rate_rps, size=n)
+    times = np.cumsum(gaps)
+    return times - times[0]
+
+
+def bursty_arrivals(rng: np.random.Generator, rate_rps: float, n: int, burst_factor: float = 4.0,
+                    mean_burst_s: float = 1.0, mean_calm_s: float = 4.0) -> np.ndarray:
+    """Arrival times of `n` requests of a two-state Markov-modulated Poisson process.
+
+    The process alternates between a calm and a burst state with exponential sojourns
+    (means `mean_calm_s`, `mean_burst_s`); the burst rate is `burst_factor` times the calm
+    rate. The calm rate is set so the long-run mean rate is `rate_rps`:
+        rate = p * burst_factor * calm + (1 - p) * calm,  p = burst / (burst + calm time).
+    Shifted so the first request arrives at 0.
+    """
+    p_burst = mean_burst_s / (mean_burst_s + mean_calm_s)
+    calm_rate = rate_rps / (1.0 + p_burst * (burst_factor - 1.0))
+    in_burst = bool(rng.random() < p_burst)  # start in the stationary distribution
+    segments: list[np.ndarray] = []
+    total, t = 0, 0.0
+    while total < n:
+        sojourn = rng.exponential(mean_burst_s if in_burst else mean_calm_s)
+        rate = calm_rate * (burst_factor if in_burst else 1.0)
+        # Given their count, a Poisson process's arrivals in a window are uniform in it.
+        times = t + np.sort(rng.uniform(0.0, sojourn, size=rng.poisson(rate * sojourn)))
+        segments.append(times)
+        total += times.size
+        t += sojourn
+        in_burst = not in_burst
+    arrivals = np.concatenate(segments)[:n]
+    return arrivals - arrivals[0]
+
+
+def make_trace(rng: np.random.Generator, rate_rps: float, n: int, vocab: int,
+               bursty: bool = False) -> list[TraceRequest]:
+    """`n` requests with WMT-like lengths, token ids uniform in [0, vocab), ordered by arrival."""
+    arrivals = (bursty_arrivals if bursty else poisson_arrivals)(rng, rate_rps, n)
+    lengths = sentence_lengths(rng, n)
+    return [TraceRequest(request_id=i, arrival_s=float(arrivals[i]),
+                         tokens=rng.integers(0, vocab, size=int(lengths[i]), dtype=np.int64))
+            for i in range(n)]

@@ -1,0 +1,457 @@
+"""How requests run: admission, the step loop, and each request's walk through its model.
+
+`Engine.step()` is the whole loop body: admit what arrived, ask the policy for a batch,
+execute it on its kernel, and hand finished lanes back to their requests, which run their
+plain ops and start their next recurrent layer or respond. The policy reads time only from
+the injected clock and never runs a kernel; the engine is the only caller of kernels.
+
+Invariant: every submitted request gets exactly one Response (ok, invalid, rejected,
+dropped or error), and a failure in one request's work never touches another's lanes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from cellserve.engine.cost_model import CostModel
+from cellserve.engine.request import Request, Response, Status
+from cellserve.engine.scheduler import Lane, StepBatch, make_policy
+from cellserve.engine.validation import validate_inputs
+from cellserve.errors import CellserveError, InvalidInput, UnknownModel
+from cellserve.graph import dense_ops
+from cellserve.graph.model import AttentionDecoder, DenseNode, Model, RecurrentLayer
+from cellserve.kernels.cell import CellKernel, LaneStorage
+from cellserve.kernels.decoder import DecoderKernel
+
+
+log = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.perf_counter()
+
+
+@dataclass
+class EngineConfig:
+    policy: str = "cellular"  # cellular | padded | none
+    max_batch: int | None = None  # per cell type; policy default when None
+    batch_timeout_s: float = 0.005  # padded: wait this long after the oldest request
+    device: str = "cpu"
+    backend: str | None = None  # cell step implementation: blas | torch | None (best for device)
+    admission: bool = True  # refuse a request whose predicted finish misses its deadline
+    drop_late: bool = True  # drop an admitted request that can no longer make its deadline
+    default_timeout_s: float | None = None  # deadline for requests that set none
+    max_active: int = 4096  # requests in the engine at once; more are refused
+    profile: bool = True  # measure step costs at start-up to seed the cost model
+
+
+@dataclass
+class EngineStats:
+    cell_steps: int = 0
+    batch_size_sum: int = 0
+    executed_flops: float = 0.0
+    busy_s: float = 0.0
+    overhead_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
+
+
+@dataclass(eq=False)
+class _LaneRef:
+    run: "_Run"
+    kernel: CellKernel | DecoderKernel
+    storage: LaneStorage
+    direction: int
+    batch_index: int
+    tokens: list[int] | None = None  # a decoder lane's output so far
+
+
+@dataclass(eq=False)
+class _Run:
+    """A request in flight: its tensors, where it is in the program, its running lanes."""
+
+    request: Request
+    model: Model
+    env: dict
+    deadline: float
+    rounds_plan: list[int]
+    pc: int = 0
+    lanes: dict[int, _LaneRef] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # of the current recurrent step
+    responded: bool = False
+
+
+_DROP_CHECK_S = 0.005
+
+
+class Engine:
+    def __init__(self, models: list[Model], config: EngineConfig | None = None, clock: Clock | None = None):
+        self.config = config or EngineConfig()
+        self.clock = clock or MonotonicClock()
+        self.device = torch.device(self.config.device)
+        self.models = {}
+        self.kernels: dict[str, CellKernel | DecoderKernel] = {}
+        self._step_spec: dict[str, RecurrentLayer | AttentionDecoder] = {}
+        for model in models:
+            self.add_model(model)
+        order = {name: m.cell_types() for name, m in self.models.items()}
+        self.policy = make_policy(self.config.policy, order, self.config.max_batch, self.config.batch_timeout_s)
+        self.costs = CostModel(self.policy.max_batch)
+        self.stats = EngineStats()
+        self._inbox: deque[Request] = deque()
+        self._wake = threading.Event()
+        self._runs: dict[int, _Run] = {}
+        self._lane_ids = itertools.count(1)
+        self._next_drop_check = 0.0
+        self._compute_s = 0.0
+        if self.config.profile:
+            self._profile()
+
+    # ---- models and kernels ----
+
+    def add_model(self, model: Model) -> None:
+        if "/" in model.name or not model.name:
+            raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/'")
+        self.models[model.name] = model
+        types = iter(model.cell_types())
+        for step in model.recurrent_steps():
+            if isinstance(step, RecurrentLayer):
+                for w in step.directions:
+                    cell_type = next(types)
+                    self.kernels[cell_type] = CellKernel(step.kind, step.hidden, w, self.device,
+                                                         step.token_table, self.config.backend)
+                    self._step_spec[cell_type] = step
+            else:
+                cell_type = next(types)
+                self.kernels[cell_type] = DecoderKernel(step, self.device)
+                self._step_spec[cell_type] = step
+
+    def _profile(self) -> None:
+        """Time each cell type at a few batch sizes on dummy lanes, so that admission has
+        step costs before the first real request."""
+        for cell_type, kernel in self.kernels.items():
+            spec = self._step_spec[cell_type]
+            for b in sorted({1, 4, 16, self.policy.max_batch}):
+                storages = [self._dummy_lane(kernel, spec) for _ in range(b)]
+                slots = np.array([s.slot for s in storages], np.int64)
+                rows = np.array([s.base for s in storages], np.int64)
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    kernel.step(slots, rows) if isinstance(kernel, DecoderKernel) else kernel.step(slots, rows, rows)
+                    self.costs.observe(cell_type, b, time.perf_counter() - t0)
+                for s in storages:
+                    kernel.release(s)
+
+    @staticmethod
+    def _dummy_lane(kernel, spec) -> LaneStorage:
+        h = np.zeros(spec.hidden, np.float32)
+        if isinstance(kernel, DecoderKernel):
+            return kernel.start(np.zeros((8, spec.hidden), np.float32), h, h)
+        x = np.zeros(4, np.int64) if spec.token_table is not None else np.zeros((4, spec.input_size), np.float32)
+        return kernel.start(x, h, h)
+
+    # ---- the outside: submit from any thread ----
+
+    def submit(self, request: Request) -> None:
+        if request.arrival is None:
+            request.arrival = self.clock.now()
+        self._inbox.append(request)
+        self._wake.set()
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._runs)
+
+    def idle(self) -> bool:
+        return not self._inbox and not self._runs
+
+    # ---- the loop ----
+
+    def step(self) -> bool:
+        """One iteration: admit arrivals, run one batch, hand results back. Returns whether a
+        batch ran."""
+        t_start = self.clock.now()
+        self._compute_s = 0.0
+        while self._inbox:
+            self._admit(self._inbox.popleft(), t_start)
+        if self.config.drop_late and t_start >= self._next_drop_check:
+            self._drop_late(t_start)
+        batch = self.policy.next_batch(t_start)
+        if batch is None:
+            return False
+        ended = self._execute(batch)
+        finished = self.policy.complete(batch, ended)
+        for lane in finished:
+            self._lane_finished(lane)
+        elapsed = self.clock.now() - t_start
+        self.stats.overhead_s.append(max(elapsed - self._compute_s, 0.0))
+        return True
+
+    def run_until_idle(self, timeout_s: float = 60.0) -> None:
+        """Step until every submitted request has responded (for tests and scripts)."""
+        end = time.monotonic() + timeout_s
+        while not self.idle():
+            if time.monotonic() > end:
+                raise TimeoutError("engine did not drain in time")
+            if not self.step():
+                wake = self.policy.wake_at(self.clock.now())
+                if wake is not None:
+                    time.sleep(max(0.0, min(wake - self.clock.now(), 0.01)))
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """The worker loop of a server: step while there is work, sleep when there is none."""
+        while not stop.is_set():
+            if self.step():
+                continue
+            now = self.clock.now()
+            wake = self.policy.wake_at(now)
+            self._wake.wait(timeout=0.05 if wake is None else max(0.0, min(wake - now, 0.05)))
+            self._wake.clear()
+
+    # ---- admission ----
+
+    def _admit(self, request: Request, now: float) -> None:
+        model = self.models.get(request.model)
+        if model is None:
+            self._respond_early(request, Status.INVALID, f"{UnknownModel.__name__}: unknown model {request.model!r}")
+            return
+        try:
+            inputs = validate_inputs(model, request.inputs)
+        except InvalidInput as exc:
+            self._respond_early(request, Status.INVALID, str(exc))
+            return
+        if len(self._runs) >= self.config.max_active:
+            self._respond_early(request, Status.REJECTED, f"queue full: {len(self._runs)} requests in flight")
+            return
+        timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
+        deadline = request.arrival + timeout if timeout is not None else math.inf
+        rounds_plan = self._rounds_plan(model, inputs)
+        run = _Run(request, model, {**model.constants, **inputs}, deadline, rounds_plan)
+        if self.config.admission and deadline < math.inf:
+            predicted = self._predict(run, extra_lanes=self._batch_size(model, inputs))
+            if now + predicted > deadline:
+                self._respond_early(request, Status.REJECTED,
+                                    f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
+                                    f"({(deadline - now) * 1e3:.1f} ms left)")
+                return
+        self._runs[request.request_id] = run
+        self._advance(run)
+
+    def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
+        length = 1
+        for name, sem in model.semantics.items():
+            if sem.time_axis is not None:
+                length = max(length, inputs[name].shape[sem.time_axis])
+        return [length + (1 if isinstance(s, AttentionDecoder) else 0) for s in model.recurrent_steps()]
+
+    @staticmethod
+    def _batch_size(model: Model, inputs: dict) -> int:
+        for name, sem in model.semantics.items():
+            if sem.batch_axis is not None:
+                return inputs[name].shape[sem.batch_axis]
+        return 1
+
+    def _predict(self, run: _Run, extra_lanes: int = 0) -> float:
+        """Predicted seconds until `run` finishes, from measured step costs and current load."""
+        done_steps = sum(1 for s in run.model.program[: run.pc] if not isinstance(s, DenseNode))
+        rounds = sum(run.rounds_plan[done_steps:])
+        if run.lanes:
+            lane_left = max((ref.storage.length - self.policy._lanes[i].step) if i in self.policy._lanes else 0
+                            for i, ref in run.lanes.items())
+            rounds = rounds - run.rounds_plan[done_steps] + lane_left
+        load = {t: self.policy.lanes_of(t) for t in self.kernels}
+        for t in run.model.cell_types():
+            load[t] = load.get(t, 0) + extra_lanes
+        return self.costs.predict(rounds, load)
+
+    def _drop_late(self, now: float) -> None:
+        self._next_drop_check = now + _DROP_CHECK_S
+        for run in list(self._runs.values()):
+            if run.deadline < math.inf and now + self._predict(run) > run.deadline:
+                self._finish_run(run, Status.DROPPED,
+                                 f"dropped: can no longer finish before its deadline "
+                                 f"({(run.deadline - now) * 1e3:.1f} ms left)")
+
+    # ---- a request's walk through its program ----
+
+    def _advance(self, run: _Run) -> None:
+        """Run plain ops until the next recurrent step starts (or the program ends)."""
+        t0 = self.clock.now()
+        try:
+            program = run.model.program
+            while run.pc < len(program):
+                step = program[run.pc]
+                if isinstance(step, DenseNode):
+                    dense_ops.run(step, run.env)
+                    run.pc += 1
+                elif isinstance(step, RecurrentLayer):
+                    self._start_layer(run, step)
+                    return
+                else:
+                    self._start_decoder(run, step)
+                    return
+            outputs = {spec.name: run.env[spec.name] for spec in run.model.outputs}
+            self._finish_run(run, Status.OK, outputs=outputs)
+        except CellserveError as exc:
+            self._finish_run(run, Status.INVALID if isinstance(exc, InvalidInput) else Status.ERROR, str(exc))
+        except Exception as exc:  # a model op failing on this request's data: this request only
+            self._finish_run(run, Status.ERROR, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._compute_s += self.clock.now() - t0
+
+    def _start_layer(self, run: _Run, layer: RecurrentLayer) -> None:
+        x = run.env[layer.x]
+        time_len, batch = x.shape[:2]
+        lens = np.full(batch, time_len, np.int64)
+        if layer.seq_lens:
+            lens = np.asarray(run.env[layer.seq_lens]).astype(np.int64).reshape(-1)
+            if lens.shape != (batch,) or lens.min() < 1 or lens.max() > time_len:
+                raise InvalidInput(f"sequence lengths {lens.tolist()} must be {batch} values in [1, {time_len}]")
+        ndir, hidden = len(layer.directions), layer.hidden
+        h0 = run.env[layer.initial_h] if layer.initial_h else np.zeros((ndir, batch, hidden), np.float32)
+        c0 = run.env[layer.initial_c] if layer.initial_c else np.zeros((ndir, batch, hidden), np.float32)
+        run.outputs = {"y": np.zeros((time_len, ndir, batch, hidden), np.float32),
+                       "h": np.zeros((ndir, batch, hidden), np.float32),
+                       "c": np.zeros((ndir, batch, hidden), np.float32)}
+        cell_types = [f"{run.model.name}/{layer.name}/{d}" for d in range(ndir)]
+        for d, cell_type in enumerate(cell_types):
+            kernel = self.kernels[cell_type]
+            reverse = layer.is_reverse(d)
+            for b in range(batch):
+                n = int(lens[b])
+                storage = kernel.start(x[:n, b], h0[d, b], c0[d, b])
+                self.stats.executed_flops += n * layer.flops_per_token_projection()
+                row0, stride = (storage.base + n - 1, -1) if reverse else (storage.base, 1)
+                self._add_lane(run, cell_type, n, storage, row0, stride, _LaneRef(run, kernel, storage, d, b))
+
+    def _start_decoder(self, run: _Run, dec: AttentionDecoder) -> None:
+        memory, h0, c0 = run.env[dec.memory], run.env[dec.initial_h], run.env[dec.initial_c]
+        cell_type = f"{run.model.name}/{dec.name}"
+        kernel = self.kernels[cell_type]
+        run.outputs = {}
+        for b in range(memory.shape[1]):
+            storage = kernel.start(memory[:, b], h0[b], c0[b])
+            self._add_lane(run, cell_type, None, storage, storage.base, 0,
+                           _LaneRef(run, kernel, storage, 0, b, tokens=[]))
+
+    def _add_lane(self, run: _Run, cell_type: str, length: int | None, storage: LaneStorage,
+                  row0: int, stride: int, ref: _LaneRef) -> None:
+        lane = Lane(next(self._lane_ids), run.request.request_id, cell_type, length, run.deadline,
+                    run.request.priority, run.request.arrival, storage.slot, row0, stride)
+        run.lanes[lane.lane_id] = ref
+        self.policy.add(lane)
+
+    # ---- executing a batch and taking its results back ----
+
+    def _execute(self, batch: StepBatch) -> frozenset[int]:
+        kernel = self.kernels[batch.cell_type]
+        slots = np.array(batch.slots, np.int64)
+        rows = np.array(batch.rows, np.int64)
+        t0 = self.clock.now()
+        ended: frozenset[int] = frozenset()
+        spec = self._step_spec[batch.cell_type]
+        if isinstance(kernel, DecoderKernel):
+            tokens = kernel.step(slots, rows)
+            ended = frozenset(self._record_tokens(batch, tokens, spec))
+            flops = sum(spec.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
+        else:
+            kernel.step(slots, rows, rows)
+            flops = batch.size * spec.flops_per_step()
+        dt = self.clock.now() - t0
+        self._compute_s += dt
+        self.costs.observe(batch.cell_type, batch.size, dt)
+        s = self.stats
+        s.cell_steps += 1
+        s.batch_size_sum += batch.size
+        s.executed_flops += flops
+        s.busy_s += dt
+        return ended
+
+    def _record_tokens(self, batch: StepBatch, tokens: np.ndarray, dec: AttentionDecoder) -> list[int]:
+        ended = []
+        for lane_id, token in zip(batch.lane_ids, tokens.tolist()):
+            lane = self.policy._lanes.get(lane_id)
+            if lane is None:
+                continue  # padding
+            ref = self._runs[lane.request_id].lanes[lane_id]
+            if token == dec.eos:
+                ended.append(lane_id)
+                continue
+            ref.tokens.append(token)
+            if len(ref.tokens) >= dec.max_len:
+                ended.append(lane_id)
+        return ended
+
+    def _lane_finished(self, lane: Lane) -> None:
+        run = self._runs.get(lane.request_id)
+        if run is None:
+            return
+        t0 = self.clock.now()
+        ref = run.lanes.pop(lane.lane_id)
+        if isinstance(ref.kernel, DecoderKernel):
+            ref.kernel.release(ref.storage)
+            run.outputs[ref.batch_index] = ref.tokens
+        else:
+            y, h, c = ref.kernel.finish(ref.storage)
+            n = ref.storage.length
+            run.outputs["y"][:n, ref.direction, ref.batch_index] = y
+            run.outputs["h"][ref.direction, ref.batch_index] = h
+            if c is not None:
+                run.outputs["c"][ref.direction, ref.batch_index] = c
+        self._compute_s += self.clock.now() - t0
+        if not run.lanes:
+            self._store_outputs(run)
+            run.pc += 1
+            self._advance(run)
+
+    def _store_outputs(self, run: _Run) -> None:
+        step = run.model.program[run.pc]
+        if isinstance(step, RecurrentLayer):
+            for name, key in ((step.y, "y"), (step.y_h, "h"), (step.y_c, "c")):
+                if name:
+                    run.env[name] = run.outputs[key]
+        else:
+            rows = [run.outputs[b] for b in sorted(run.outputs)]
+            width = max(1, max(len(r) for r in rows))
+            tokens = np.full((len(rows), width), step.pad, np.int64)
+            for b, r in enumerate(rows):
+                tokens[b, : len(r)] = r
+            run.env[step.output] = tokens
+
+    # ---- responses ----
+
+    def _finish_run(self, run: _Run, status: Status, reason: str = "", outputs: dict | None = None) -> None:
+        for lane_id, ref in run.lanes.items():
+            self.policy.remove(lane_id)
+            ref.kernel.release(ref.storage)
+        run.lanes.clear()
+        self._runs.pop(run.request.request_id, None)
+        if run.responded:
+            raise RuntimeError(f"request {run.request.request_id} answered twice")
+        run.responded = True
+        self._deliver(run.request, Response(run.request.request_id, status, outputs or {}, reason,
+                                            run.request.arrival, self.clock.now()))
+
+    def _respond_early(self, request: Request, status: Status, reason: str) -> None:
+        self._deliver(request, Response(request.request_id, status, {}, reason, request.arrival, self.clock.now()))
+
+    @staticmethod
+    def _deliver(request: Request, response: Response) -> None:
+        if request.on_done is not None:
+            try:
+                request.on_done(response)
+            except Exception:  # a client's callback must not stop the engine
+                log.exception("on_done callback of request %s failed", request.request_id)

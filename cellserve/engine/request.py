@@ -1,0 +1,47 @@
+"""The engine's typed messages: what comes in, what goes out."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+_ids = itertools.count(1)
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    INVALID = "invalid"  # bad inputs: the client's fault
+    REJECTED = "rejected"  # refused at admission (deadline cannot be met, queue full)
+    DROPPED = "dropped"  # admitted, then could no longer meet its deadline
+    ERROR = "error"  # the engine failed on it
+
+
+@dataclass
+class Request:
+    """One inference request. `timeout_s` (from now) or the model's default sets the deadline."""
+
+    model: str
+    inputs: dict[str, np.ndarray]
+    on_done: Callable[["Response"], None] | None = None
+    timeout_s: float | None = None
+    priority: int = 0
+    arrival: float | None = None  # clock time; the engine stamps it at submit if None
+    request_id: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass(frozen=True)
+class Response:
+    request_id: int
+    status: Status
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    reason: str = ""
+    arrival: float = 0.0
+    finish: float = 0.0
+
+    @property
+    def latency_s(self) -> float:
+        return self.finish - self.arrival

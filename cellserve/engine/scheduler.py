@@ -1,0 +1,230 @@
+"""Which cell invocations run next. No tensors here: a policy sees lanes and emits a
+`StepBatch` of plain ints; the executor turns it into a kernel call.
+
+A *lane* is one sequence's path through one cell type (one direction of one recurrent layer,
+or a decoder). Its invocations form a chain, so a lane is ready exactly when it is not in the
+batch being run: once the single worker finishes a batch, every active lane is ready.
+
+Policies:
+- `cellular` (BatchMaker): any lanes of one cell type, at any step positions, from any
+  requests; lanes join and leave between steps; no padding.
+- `padded` (what TF Serving and TorchServe do): gather up to `max_batch` requests or wait
+  `batch_timeout_s` after the oldest, then run that cohort through the whole model, each
+  cell type for as many steps as its longest lane; lanes that finished early keep occupying
+  their place in the batch (the padding) until the cohort moves on.
+- `none`: `padded` with a batch of one and no wait: each request alone, start to finish.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+SCRATCH = 0  # slot and row reserved in every kernel for padding lanes
+
+
+@dataclass(eq=False)
+class Lane:
+    lane_id: int
+    request_id: int
+    cell_type: str
+    length: int | None  # None: runs until the kernel reports an end (a decoder)
+    deadline: float  # absolute clock time; math.inf if none
+    priority: int  # lower runs first, as in Triton
+    arrival: float
+    slot: int = SCRATCH  # kernel storage, opaque here
+    row0: int = SCRATCH  # input/output row at step 0
+    stride: int = 1  # +1 forward, -1 for a reverse direction
+    step: int = 0
+
+    def key(self) -> tuple:
+        return (self.priority, self.deadline, self.arrival, self.lane_id)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One batched kernel call: lane i uses state slot slots[i] and row rows[i].
+    Entries with lane id -1 are padding: they compute into the scratch slot and row."""
+
+    cell_type: str
+    lane_ids: tuple[int, ...]
+    slots: tuple[int, ...]
+    rows: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.lane_ids)
+
+
+@dataclass
+class _TypeQueue:
+    lanes: dict[int, Lane] = field(default_factory=dict)
+
+
+class Policy:
+    """Common lane bookkeeping; subclasses decide what runs next."""
+
+    name = "base"
+
+    def __init__(self, max_batch: int = 64):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self._types: dict[str, _TypeQueue] = {}
+        self._lanes: dict[int, Lane] = {}
+
+    def add(self, lane: Lane) -> None:
+        self._types.setdefault(lane.cell_type, _TypeQueue()).lanes[lane.lane_id] = lane
+        self._lanes[lane.lane_id] = lane
+
+    def remove(self, lane_id: int) -> None:
+        lane = self._lanes.pop(lane_id, None)
+        if lane is not None:
+            del self._types[lane.cell_type].lanes[lane_id]
+
+    def lanes_of(self, cell_type: str) -> int:
+        q = self._types.get(cell_type)
+        return len(q.lanes) if q else 0
+
+    def has_work(self) -> bool:
+        return bool(self._lanes)
+
+    def wake_at(self, now: float) -> float | None:
+        """When an idle worker should look again even if nothing arrives (batch timeouts)."""
+        return None
+
+    def next_batch(self, now: float) -> StepBatch | None:
+        raise NotImplementedError("a policy chooses its batches")
+
+    def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset()) -> list[Lane]:
+        """Advance the lanes of a batch that ran; return those that finished (and remove them).
+        `ended` names open-ended lanes whose kernel reported their end this step."""
+        done = []
+        lanes = self._lanes
+        for lane_id in batch.lane_ids:
+            lane = lanes.get(lane_id)
+            if lane is None:
+                continue  # padding, or removed while running
+            lane.step += 1
+            if lane.step == lane.length or lane_id in ended:
+                done.append(lane)
+        for lane in done:
+            self._finish(lane)
+        return done
+
+    def _finish(self, lane: Lane) -> None:
+        self.remove(lane.lane_id)
+
+    @staticmethod
+    def _batch(cell_type: str, lanes: list[Lane]) -> StepBatch:
+        return StepBatch(
+            cell_type,
+            tuple(l.lane_id for l in lanes),
+            tuple(l.slot for l in lanes),
+            tuple(l.row0 + l.stride * l.step for l in lanes),
+        )
+
+
+class CellularPolicy(Policy):
+    """Run the cell type holding the most urgent lane (priority, then earliest deadline,
+    then arrival), with up to `max_batch` of that type's most urgent lanes."""
+
+    name = "cellular"
+
+    def next_batch(self, now: float) -> StepBatch | None:
+        best_type, best_key = None, None
+        for cell_type, q in self._types.items():
+            if q.lanes:
+                k = min(l.key() for l in q.lanes.values())
+                if best_key is None or k < best_key:
+                    best_type, best_key = cell_type, k
+        if best_type is None:
+            return None
+        lanes = list(self._types[best_type].lanes.values())
+        if len(lanes) > self.max_batch:
+            lanes = heapq.nsmallest(self.max_batch, lanes, key=Lane.key)
+        return self._batch(best_type, lanes)
+
+
+class PaddedPolicy(Policy):
+    """Cohorts of whole requests, padded to their longest lane (see the module docstring).
+
+    `cell_order` maps each model name to its cell types in program order: a cohort runs them
+    one after another."""
+
+    name = "padded"
+
+    def __init__(self, cell_order: dict[str, list[str]], max_batch: int = 8, batch_timeout_s: float = 0.005):
+        super().__init__(max_batch)
+        self.cell_order, self.batch_timeout_s = cell_order, batch_timeout_s
+        self._waiting: dict[int, tuple[float, str]] = {}  # request id -> (arrival, model)
+        self._cohort: set[int] = set()
+        self._model = ""
+        self._type_index = 0
+        self._width = 0  # lanes of the current cell type in the cohort, padding included
+        self._padding = 0  # finished lanes still occupying a place
+
+    def add(self, lane: Lane) -> None:
+        super().add(lane)
+        if lane.request_id not in self._cohort and lane.request_id not in self._waiting:
+            self._waiting[lane.request_id] = (lane.arrival, lane.cell_type.split("/", 1)[0])
+
+    def remove(self, lane_id: int) -> None:
+        lane = self._lanes.get(lane_id)
+        super().remove(lane_id)
+        if lane is not None and not any(l.request_id == lane.request_id for l in self._lanes.values()):
+            self._waiting.pop(lane.request_id, None)
+
+    def wake_at(self, now: float) -> float | None:
+        if self._cohort or not self._waiting:
+            return None
+        return min(a for a, _ in self._waiting.values()) + self.batch_timeout_s
+
+    def next_batch(self, now: float) -> StepBatch | None:
+        if not self._cohort and not self._form_cohort(now):
+            return None
+        order = self.cell_order[self._model]
+        while self._type_index < len(order):
+            cell_type = order[self._type_index]
+            live = [l for l in self._types.get(cell_type, _TypeQueue()).lanes.values() if l.request_id in self._cohort]
+            if live:
+                self._width = max(self._width, len(live) + self._padding)
+                batch = self._batch(cell_type, live)
+                pad = self._width - len(live)
+                return StepBatch(cell_type, batch.lane_ids + (-1,) * pad,
+                                 batch.slots + (SCRATCH,) * pad, batch.rows + (SCRATCH,) * pad)
+            self._type_index += 1
+            self._width = self._padding = 0
+        self._cohort.clear()
+        return self.next_batch(now) if self._waiting else None
+
+    def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset()) -> list[Lane]:
+        done = super().complete(batch, ended)
+        self._padding += len(done)
+        return done
+
+    def _form_cohort(self, now: float) -> bool:
+        if not self._waiting:
+            return False
+        oldest = min(self._waiting.items(), key=lambda kv: kv[1][0])
+        model = oldest[1][1]
+        members = sorted((a, rid) for rid, (a, m) in self._waiting.items() if m == model)
+        if len(members) < self.max_batch and now < oldest[1][0] + self.batch_timeout_s:
+            return False
+        self._cohort = {rid for _, rid in members[: self.max_batch]}
+        for rid in self._cohort:
+            del self._waiting[rid]
+        self._model, self._type_index, self._width, self._padding = model, 0, 0, 0
+        return True
+
+
+def make_policy(name: str, cell_order: dict[str, list[str]], max_batch: int | None = None,
+                batch_timeout_s: float = 0.005) -> Policy:
+    if name == "cellular":
+        return CellularPolicy(max_batch or 64)
+    if name == "padded":
+        return PaddedPolicy(cell_order, max_batch or 8, batch_timeout_s)
+    if name == "none":
+        return PaddedPolicy(cell_order, 1, 0.0)
+    raise ValueError(f"unknown policy {name!r}; choose cellular, padded or none")
+

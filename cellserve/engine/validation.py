@@ -1,0 +1,60 @@
+"""Checks a request's inputs against the model before anything runs; each failure names
+the input and what was wrong with it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cellserve.errors import InvalidInput
+from cellserve.graph.model import Model
+
+
+def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Return the inputs as arrays of the model's dtypes, or raise InvalidInput."""
+    expected = {spec.name: spec for spec in model.inputs}
+    unknown = sorted(set(inputs) - set(expected))
+    if unknown:
+        raise InvalidInput(f"unknown input(s) {unknown} for model {model.name!r}; expected {sorted(expected)}")
+    missing = sorted(set(expected) - set(inputs))
+    if missing:
+        raise InvalidInput(f"missing input(s) {missing} for model {model.name!r}")
+    out = {}
+    for name, spec in expected.items():
+        value = np.asarray(inputs[name])
+        where = f"input {name!r}"
+        if value.ndim != len(spec.shape):
+            raise InvalidInput(f"{where}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), got shape {list(value.shape)}")
+        for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
+            if want != -1 and want != got:
+                raise InvalidInput(f"{where}: dimension {axis} must be {want}, got {got} (shape {list(value.shape)})")
+            if got == 0:
+                raise InvalidInput(f"{where}: dimension {axis} is empty (shape {list(value.shape)})")
+        value = _convert_dtype(where, value, np.dtype(spec.dtype))
+        semantics = model.semantics.get(name)
+        if semantics is not None and semantics.time_axis is not None:
+            length = value.shape[semantics.time_axis]
+            if length > model.max_sequence_length:
+                raise InvalidInput(f"{where}: sequence length {length} exceeds the model's limit of {model.max_sequence_length}")
+        if semantics is not None and semantics.vocab is not None:
+            low, high = int(value.min()), int(value.max())
+            if low < 0 or high >= semantics.vocab:
+                bad = low if low < 0 else high
+                raise InvalidInput(f"{where}: token id {bad} is out of range [0, {semantics.vocab})")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise InvalidInput(f"{where}: contains NaN or infinity")
+        out[name] = value
+    return out
+
+
+def _convert_dtype(where: str, value: np.ndarray, want: np.dtype) -> np.ndarray:
+    if value.dtype == want:
+        return value
+    # Integers of another width are fine when they fit; nothing else is converted silently.
+    if want.kind in "iu" and value.dtype.kind in "iu":
+        info = np.iinfo(want)
+        if value.size and (value.min() < info.min or value.max() > info.max):
+            raise InvalidInput(f"{where}: values do not fit {want.name}")
+        return value.astype(want)
+    if want.kind == "f" and value.dtype.kind == "f":
+        return value.astype(want)
+    raise InvalidInput(f"{where}: expected dtype {want.name}, got {value.dtype.name}")

@@ -1,0 +1,160 @@
+"""What a model is: a graph of plain tensor ops around recurrent layers, whose cells are what
+the engine batches.
+
+A request's tensors flow through `Model.program` in order. `DenseNode`s are ordinary ops
+(ONNX semantics) that run once per request. A `RecurrentLayer` (one ONNX LSTM/GRU/RNN
+node: one layer, one or two directions) unfolds into one *lane* per sequence per direction;
+each lane is a chain of cell invocations, and invocations of the same cell type from any
+lanes at any step position are what the engine batches. An `AttentionDecoder` unfolds the
+same way, with a length known only when it emits EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as clients see it; -1 marks a dynamic dimension."""
+
+    name: str
+    dtype: str  # numpy dtype name: "int64", "float32", ...
+    shape: tuple[int, ...]
+
+
+@dataclass
+class DenseNode:
+    """One plain op with ONNX semantics, run per request by `graph.dense_ops`."""
+
+    op: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DirectionWeights:
+    """Weights of one direction in cellserve's gate order (PyTorch's: LSTM i,f,g,o; GRU r,z,n).
+
+    w_ih [G, I], w_hh [G, H], b_ih [G], b_hh [G] with G = gates * hidden.
+    """
+
+    w_ih: np.ndarray
+    w_hh: np.ndarray
+    b_ih: np.ndarray
+    b_hh: np.ndarray
+
+
+@dataclass
+class RecurrentLayer:
+    """One recurrent layer. Input x is time-major [T, B, I]; outputs as ONNX's:
+    y [T, D, B, H], y_h [D, B, H], y_c [D, B, H] (LSTM only). Empty names mean absent.
+
+    When `token_table` is set, x holds token ids [T, B] and the layer's input is
+    token_table[x]: the importer folded an embedding lookup into the layer so that the
+    input projection becomes a row lookup in a precomputed table (see kernels.cell).
+    """
+
+    name: str
+    kind: str  # lstm | gru | rnn_tanh | rnn_relu
+    hidden: int
+    directions: list[DirectionWeights]  # [forward] , [reverse] or [forward, reverse]
+    reverse_only: bool = False
+    x: str = ""
+    seq_lens: str = ""
+    initial_h: str = ""
+    initial_c: str = ""
+    y: str = ""
+    y_h: str = ""
+    y_c: str = ""
+    token_table: np.ndarray | None = None
+
+    @property
+    def input_size(self) -> int:
+        return int(self.directions[0].w_ih.shape[1])
+
+    def is_reverse(self, direction: int) -> bool:
+        return self.reverse_only or direction == 1
+
+    def flops_per_step(self) -> float:
+        """Multiply-adds x2 of one cell invocation's recurrent GEMM (h @ W_hh^T)."""
+        return 2.0 * GATES[self.kind] * self.hidden * self.hidden
+
+    def flops_per_token_projection(self) -> float:
+        return 0.0 if self.token_table is not None else 2.0 * GATES[self.kind] * self.hidden * self.input_size
+
+
+@dataclass
+class AttentionDecoder:
+    """A greedy LSTM decoder with Luong dot attention over a recurrent layer's outputs.
+
+    Per step: h, c = LSTMCell(embed(prev), (h, c)); a = softmax(memory . h);
+    ctx = a . memory; logits = out(tanh(combine([ctx, h]))); next = argmax(logits).
+    Starts from `bos` with the encoder's final state; stops at `eos` or `max_len` tokens.
+    memory: [T, B, H] encoder outputs; initial_h / initial_c: [B, H]; output: tokens [B, L]
+    (rows shorter than L padded with `pad`).
+    """
+
+    name: str
+    hidden: int
+    embedding: np.ndarray  # [V, E]
+    cell: DirectionWeights  # LSTM cell, input size E
+    combine_w: np.ndarray  # [H, 2H]
+    combine_b: np.ndarray
+    out_w: np.ndarray  # [V, H]
+    out_b: np.ndarray
+    bos: int
+    eos: int
+    pad: int
+    max_len: int
+    memory: str = ""
+    initial_h: str = ""
+    initial_c: str = ""
+    output: str = ""
+
+    def flops_per_step(self, memory_len: int) -> float:
+        h, v = self.hidden, self.out_w.shape[0]
+        return 2.0 * (4 * h * h + 2 * memory_len * h + 2 * h * h + v * h)
+
+
+Step = DenseNode | RecurrentLayer | AttentionDecoder
+
+
+@dataclass
+class InputSemantics:
+    """What an input means, worked out by the importer: which axes are batch and time, and
+    for token inputs the vocabulary size (ids must lie in [0, vocab))."""
+
+    batch_axis: int | None
+    time_axis: int | None
+    vocab: int | None = None
+
+
+@dataclass
+class Model:
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    constants: dict[str, np.ndarray]
+    program: list[Step]
+    semantics: dict[str, InputSemantics] = field(default_factory=dict)
+    max_sequence_length: int = 1024
+
+    def recurrent_steps(self) -> list[RecurrentLayer | AttentionDecoder]:
+        return [s for s in self.program if not isinstance(s, DenseNode)]
+
+    def cell_types(self) -> list[str]:
+        """Names of this model's cell types, in program order."""
+        names = []
+        for step in self.recurrent_steps():
+            if isinstance(step, RecurrentLayer):
+                names += [f"{self.name}/{step.name}/{d}" for d in range(len(step.directions))]
+            else:
+                names.append(f"{self.name}/{step.name}")
+        return names

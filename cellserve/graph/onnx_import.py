@@ -1,0 +1,265 @@
+"""Load an ONNX model (LSTM, GRU and RNN operators plus the ops real exports put around
+them) into a `Model`.
+
+At load time: shape arithmetic that does not depend on the inputs is folded; an embedding
+lookup that feeds a recurrent layer is folded into that layer (see RecurrentLayer); ops
+nobody reads are dropped; and the batch and time axes of every input are found by running
+the graph once on probe shapes. An op that cannot be run is refused here, naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from cellserve.errors import ModelLoadError, UnsupportedOperator
+from cellserve.graph import dense_ops
+from cellserve.graph.model import (
+    AttentionDecoder,
+    DenseNode,
+    DirectionWeights,
+    InputSemantics,
+    Model,
+    RecurrentLayer,
+    TensorSpec,
+)
+
+RECURRENT_OPS = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn"}
+# Block order of each op's gates in ONNX, taken to cellserve's (PyTorch's) order.
+_LSTM_ONNX_TO_OURS = [0, 2, 3, 1]  # ONNX i,o,f,c -> i,f,c,o
+_GRU_ONNX_TO_OURS = [1, 0, 2]  # ONNX z,r,h -> r,z,h
+
+
+def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model") -> Model:
+    """Load from a path, serialized bytes or a ModelProto."""
+    try:
+        if isinstance(source, onnx.ModelProto):
+            proto = source
+        elif isinstance(source, bytes):
+            proto = onnx.load_from_string(source)
+        else:
+            proto = onnx.load(str(source))
+    except Exception as exc:  # onnx raises several unrelated types for a broken file
+        raise ModelLoadError(f"cannot read ONNX model {name!r}: {exc}") from exc
+    graph = proto.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    inputs = [_spec(v) for v in graph.input if v.name not in constants]
+    outputs = [_spec(v) for v in graph.output]
+    program = [_convert(node, i, constants) for i, node in enumerate(graph.node)]
+    program = _fold_constants(program, constants)
+    for layer in [s for s in program if isinstance(s, RecurrentLayer)]:
+        _fold_embedding(layer, program, constants)
+    program = _drop_unused(program, {o.name for o in outputs})
+    model = Model(name=name, inputs=inputs, outputs=outputs, constants=constants, program=program)
+    model.semantics = find_semantics(model)
+    return model
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    t = value.type.tensor_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+    return TensorSpec(value.name, dtype, shape)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        if isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+        elif isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        out[a.name] = value
+    if node.op_type == "Cast":
+        out["to"] = np.dtype(helper.tensor_dtype_to_np_dtype(out["to"]))
+    if node.op_type == "Constant":
+        if "value" not in out:
+            key = next(iter(out))
+            out = {"value": np.array(out[key], dtype=np.float32 if "float" in key else np.int64)}
+    return out
+
+
+def _convert(node: onnx.NodeProto, index: int, constants: dict) -> DenseNode:
+    name = node.name.strip("/").replace("/", ".") or f"{node.op_type}_{index}"
+    if node.op_type not in dense_ops.SUPPORTED and node.op_type not in RECURRENT_OPS:
+        raise UnsupportedOperator(node.op_type, name)
+    if node.domain not in ("", "ai.onnx"):
+        raise UnsupportedOperator(f"{node.domain}.{node.op_type}", name)
+    return DenseNode(node.op_type, name, list(node.input), list(node.output), _attrs(node))
+
+
+def _fold_constants(program: list[DenseNode], constants: dict) -> list:
+    """Evaluate ops whose inputs are all known now; turn recurrent ops into RecurrentLayers
+    (their weights must be constant by then)."""
+    out = []
+    for node in program:
+        if node.op in RECURRENT_OPS:
+            out.append(_recurrent(node, constants))
+            continue
+        if all(not i or i in constants for i in node.inputs):
+            try:
+                dense_ops.run(node, constants)
+                continue
+            except Exception as exc:
+                raise ModelLoadError(f"node {node.name!r} ({node.op}) fails on its constant inputs: {exc}") from exc
+        out.append(node)
+    return out
+
+
+def _const(node: DenseNode, position: int, constants: dict, what: str) -> np.ndarray | None:
+    if position >= len(node.inputs) or not node.inputs[position]:
+        return None
+    name = node.inputs[position]
+    if name not in constants:
+        raise UnsupportedOperator(node.op, node.name, f"{what} ({name!r}) must be a constant initializer")
+    return constants[name]
+
+
+def _recurrent(node: DenseNode, constants: dict) -> RecurrentLayer:
+    a = node.attrs
+    for unsupported in ("clip",):
+        if unsupported in a:
+            raise UnsupportedOperator(node.op, node.name, f"attribute {unsupported!r}")
+    if a.get("input_forget", 0):
+        raise UnsupportedOperator(node.op, node.name, "input_forget=1")
+    if a.get("layout", 0):
+        raise UnsupportedOperator(node.op, node.name, "layout=1 (batch-major); export with the default layout")
+    if node.op == "LSTM" and len(node.inputs) > 7 and node.inputs[7]:
+        raise UnsupportedOperator(node.op, node.name, "peephole weights P")
+    kind = RECURRENT_OPS[node.op]
+    direction = a.get("direction", "forward")
+    ndir = 2 if direction == "bidirectional" else 1
+    defaults = {"lstm": ["Sigmoid", "Tanh", "Tanh"], "gru": ["Sigmoid", "Tanh"], "rnn": ["Tanh"]}[kind]
+    acts = a.get("activations", defaults * ndir)
+    if kind == "rnn" and all(x == "Relu" for x in acts):
+        kind = "rnn_relu"
+    elif kind == "rnn" and all(x == "Tanh" for x in acts):
+        kind = "rnn_tanh"
+    elif [x.lower() for x in acts] != [x.lower() for x in defaults * ndir]:
+        raise UnsupportedOperator(node.op, node.name, f"activations {acts}")
+    if kind == "gru" and not a.get("linear_before_reset", 0):
+        raise UnsupportedOperator(node.op, node.name, "linear_before_reset=0 (PyTorch exports use 1)")
+    W, R = _const(node, 1, constants, "W"), _const(node, 2, constants, "R")
+    if W is None or R is None:
+        raise UnsupportedOperator(node.op, node.name, "W and R are required")
+    B = _const(node, 3, constants, "B")
+    hidden = int(a.get("hidden_size", R.shape[-1]))
+    gates = W.shape[1] // hidden
+    order = {"lstm": _LSTM_ONNX_TO_OURS, "gru": _GRU_ONNX_TO_OURS}.get(kind, [0])
+
+    def reorder(m: np.ndarray) -> np.ndarray:
+        blocks = m.reshape(gates, hidden, *m.shape[1:])
+        return np.ascontiguousarray(blocks[order].reshape(m.shape), dtype=np.float32)
+
+    directions = []
+    for d in range(ndir):
+        bias = B[d] if B is not None else np.zeros(2 * gates * hidden, np.float32)
+        directions.append(DirectionWeights(
+            w_ih=reorder(W[d]), w_hh=reorder(R[d]),
+            b_ih=reorder(bias[: gates * hidden]), b_hh=reorder(bias[gates * hidden:])))
+    names = node.inputs + [""] * (7 - len(node.inputs))
+    outs = node.outputs + [""] * (3 - len(node.outputs))
+    return RecurrentLayer(
+        name=node.name, kind=kind, hidden=hidden, directions=directions,
+        reverse_only=direction == "reverse", x=names[0], seq_lens=names[4],
+        initial_h=names[5], initial_c=names[6] if kind == "lstm" else "",
+        y=outs[0], y_h=outs[1], y_c=outs[2] if kind == "lstm" else "")
+
+
+def _fold_embedding(layer: RecurrentLayer, program: list, constants: dict) -> None:
+    """x = Gather(table, ids) [-> Transpose(1,0,2)]: let the layer look its inputs up in a
+    table it projects once, instead of projecting every token at run time."""
+    producers = {o: s for s in program if isinstance(s, DenseNode) for o in s.outputs}
+    node = producers.get(layer.x)
+    transpose = None
+    if node is not None and node.op == "Transpose" and list(node.attrs.get("perm", [])) == [1, 0, 2]:
+        transpose, node = node, producers.get(node.inputs[0])
+    if node is None or node.op != "Gather" or node.attrs.get("axis", 0) != 0:
+        return
+    table = constants.get(node.inputs[0])
+    if table is None or table.ndim != 2 or table.shape[1] != layer.input_size:
+        return
+    ids = node.inputs[1]
+    if transpose is not None:
+        ids_t = f"{ids}__time_major"
+        program.insert(program.index(layer), DenseNode("Transpose", f"{layer.name}/ids_time_major", [ids], [ids_t], {"perm": [1, 0]}))
+        ids = ids_t
+    layer.x, layer.token_table = ids, table.astype(np.float32, copy=False)
+
+
+def _drop_unused(program: list, wanted: set[str]) -> list:
+    needed = set(wanted)
+    kept = []
+    for step in reversed(program):
+        outs = step.outputs if isinstance(step, DenseNode) else [step.y, step.y_h, step.y_c]
+        if isinstance(step, DenseNode) and not needed.intersection(outs):
+            continue
+        kept.append(step)
+        ins = step.inputs if isinstance(step, DenseNode) else [step.x, step.seq_lens, step.initial_h, step.initial_c]
+        needed.update(i for i in ins if i)
+    return kept[::-1]
+
+
+def find_semantics(model: Model) -> dict[str, InputSemantics]:
+    """Find each input's batch and time axes (and vocabulary, for token ids) by running the
+    model's plain ops once on probe shapes, with recurrent layers replaced by zeros of the
+    right shape, and reading which probe sizes the first recurrent layer that depends on the
+    input sees as its time and batch sizes."""
+    sizes = iter([7, 5, 11, 13, 17, 19, 23])
+    env, marks = dict(model.constants), {}
+    for spec in model.inputs:
+        shape = [next(sizes) if d == -1 else d for d in spec.shape]
+        marks[spec.name] = {s: axis for axis, (s, d) in enumerate(zip(shape, spec.shape)) if d == -1}
+        env[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    result = {spec.name: InputSemantics(None, None) for spec in model.inputs}
+    try:
+        for step in model.program:
+            if isinstance(step, DenseNode):
+                dense_ops.run(step, env)
+                continue
+            if isinstance(step, AttentionDecoder):
+                env[step.output] = np.zeros((env[step.memory].shape[1], 1), np.int64)
+                continue
+            time, batch = env[step.x].shape[:2]
+            for spec in model.inputs:
+                sem = result[spec.name]
+                if sem.time_axis is None and _depends_on(model, step.x, spec.name):
+                    sem.time_axis = marks[spec.name].get(time)
+                    sem.batch_axis = marks[spec.name].get(batch)
+                    if step.token_table is not None:
+                        sem.vocab = step.token_table.shape[0]
+            _zero_outputs(step, env, time, batch)
+    except Exception as exc:
+        raise ModelLoadError(f"model {model.name!r} does not run on probe inputs: {exc}") from exc
+    for step in model.program:  # token inputs read by a plain Gather of a constant table
+        if isinstance(step, DenseNode) and step.op == "Gather" and step.inputs[0] in model.constants:
+            if step.inputs[1] in result and result[step.inputs[1]].vocab is None:
+                result[step.inputs[1]].vocab = model.constants[step.inputs[0]].shape[step.attrs.get("axis", 0)]
+    return result
+
+
+def _zero_outputs(layer: RecurrentLayer, env: dict, time: int, batch: int) -> None:
+    d, h = len(layer.directions), layer.hidden
+    for name, shape in ((layer.y, (time, d, batch, h)), (layer.y_h, (d, batch, h)), (layer.y_c, (d, batch, h))):
+        if name:
+            env[name] = np.zeros(shape, np.float32)
+
+
+def _depends_on(model: Model, tensor: str, source: str) -> bool:
+    producers = {o: s for s in model.program if isinstance(s, DenseNode) for o in s.outputs}
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t == source:
+            return True
+        if t in seen or t not in producers:
+            continue
+        seen.add(t)
+        stack.extend(i for i in producers[t].inputs if i)
+    return False

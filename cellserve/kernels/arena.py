@@ -1,0 +1,74 @@
+"""Device-resident storage for lanes: a pool of state slots and a pool of row blocks.
+
+A lane holds one slot (its recurrent state) and one block of rows (its input projection,
+one row per step, and its outputs) for as long as it runs, so that a batched step gathers
+and scatters by index instead of copying whole states around. Slot 0 and row 0 are scratch,
+never handed out: padded batches point their finished lanes there.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+
+class SlotPool:
+    """Integer slots 1..capacity-1; grows by doubling (the caller resizes its tensors)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, 0, -1))
+
+    def take(self) -> int:
+        if not self._free:
+            old = self.capacity
+            self.capacity *= 2
+            self._free = list(range(self.capacity - 1, old - 1, -1))
+        return self._free.pop()
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - 1 - len(self._free)
+
+
+class RowPool:
+    """First-fit allocation of contiguous row blocks in [1, capacity); grows by doubling."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._starts = [1]  # free blocks, sorted by start, never adjacent
+        self._lengths = [capacity - 1]
+
+    def take(self, n: int) -> int:
+        n = max(n, 1)
+        for i, length in enumerate(self._lengths):
+            if length >= n:
+                start = self._starts[i]
+                if length == n:
+                    del self._starts[i], self._lengths[i]
+                else:
+                    self._starts[i] += n
+                    self._lengths[i] -= n
+                return start
+        self._grow(max(n, self.capacity))
+        return self.take(n)
+
+    def give(self, start: int, n: int) -> None:
+        n = max(n, 1)
+        i = bisect.bisect_left(self._starts, start)
+        self._starts.insert(i, start)
+        self._lengths.insert(i, n)
+        # merge with the next and the previous free block where they touch
+        if i + 1 < len(self._starts) and start + n == self._starts[i + 1]:
+            self._lengths[i] += self._lengths.pop(i + 1)
+            self._starts.pop(i + 1)
+        if i > 0 and self._starts[i - 1] + self._lengths[i - 1] == start:
+            self._lengths[i - 1] += self._lengths.pop(i)
+            self._starts.pop(i)
+
+    def _grow(self, extra: int) -> None:
+        old = self.capacity
+        self.capacity += extra
+        self.give(old, extra)

@@ -1,0 +1,185 @@
+"""How one batched cell step runs on one device.
+
+A `CellKernel` owns one direction of one recurrent layer: its weights, the state slots and
+row blocks of the lanes running through it, and `step()`, which advances any set of its
+lanes by one time step each, whatever their positions. Two implementations of the step:
+
+- "blas" (CPU): the gather of h and the GEMM h @ W_hh^T in numpy's BLAS (OpenBLAS ran these
+  small-batch shapes about twice as fast as torch's here), then the C kernel in
+  `_pointwise.c` adds the input projections, applies the gates, and updates the state and
+  output rows in place, in one pass.
+- "torch" (any torch device, CUDA included): the same math in torch ops.
+
+Input projections x @ W_ih^T + b for all of a lane's steps are computed when it starts, as
+one GEMM (or, for a layer fed by an embedding, as row lookups in a table projected once at
+load), and kept in the lane's row block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cellserve.graph.model import GATES, DirectionWeights
+from cellserve.kernels.arena import RowPool, SlotPool
+
+try:
+    from cellserve.kernels import _pointwise
+except ImportError:  # not built (e.g. an install without a compiler): the torch step still works
+    _pointwise = None
+
+_KIND_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+
+
+@dataclass
+class LaneStorage:
+    """Where one lane lives in a kernel's arenas."""
+
+    slot: int
+    base: int  # first row of its block
+    length: int
+
+
+def default_backend(device: torch.device) -> str:
+    return "blas" if device.type == "cpu" and _pointwise is not None else "torch"
+
+
+class CellKernel:
+    def __init__(self, kind: str, hidden: int, weights: DirectionWeights, device: torch.device,
+                 token_table: np.ndarray | None = None, backend: str | None = None):
+        self.kind, self.hidden, self.device = kind, hidden, device
+        self.backend = backend or default_backend(device)
+        if self.backend == "blas" and (device.type != "cpu" or _pointwise is None):
+            raise ValueError("the blas backend needs the CPU and the built _pointwise extension")
+        self.gates = GATES[kind] * hidden
+        # Biases that only add to the input projection are folded into it; GRU's b_hn sits
+        # inside r * (...) and stays separate.
+        x_bias = weights.b_ih if kind == "gru" else weights.b_ih + weights.b_hh
+        self.h_bias = weights.b_hh.astype(np.float32) if kind == "gru" else None
+        self.w_ih_t = np.ascontiguousarray(weights.w_ih.T, dtype=np.float32)
+        self.x_bias = x_bias.astype(np.float32)
+        # A layer fed by an embedding looks its projections up: table @ W_ih^T + bias, once.
+        self.projected_table = None
+        if token_table is not None:
+            self.projected_table = token_table.astype(np.float32) @ self.w_ih_t + self.x_bias
+        self.slots, self.rows = SlotPool(), RowPool()
+        w_hh_t = np.ascontiguousarray(weights.w_hh.T, dtype=np.float32)
+        if self.backend == "blas":
+            self.w_hh_t, self.bias_vec = w_hh_t, self.h_bias
+            self.h = np.zeros((self.slots.capacity, hidden), np.float32)
+            self.c = np.zeros_like(self.h) if kind == "lstm" else None
+            self.x = np.zeros((self.rows.capacity, self.gates), np.float32)
+            self.out = np.zeros((self.rows.capacity, hidden), np.float32)
+            self._hbuf = np.zeros((64, hidden), np.float32)
+            self._gbuf = np.zeros((64, self.gates), np.float32)
+        else:
+            t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+            self.w_hh_t = t(w_hh_t)
+            self.bias_vec = t(self.h_bias) if self.h_bias is not None else None
+            self.h = torch.zeros((self.slots.capacity, hidden), device=device)
+            self.c = torch.zeros_like(self.h) if kind == "lstm" else None
+            self.x = torch.zeros((self.rows.capacity, self.gates), device=device)
+            self.out = torch.zeros((self.rows.capacity, hidden), device=device)
+
+    # ---- lanes ----
+
+    def start(self, x: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None) -> LaneStorage:
+        """Admit a lane. x: [T, I] float inputs, or [T] token ids if the layer has a table."""
+        length = int(x.shape[0])
+        lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
+        self._fit_capacity()
+        if self.projected_table is not None:
+            projection = self.projected_table[x]
+        else:
+            projection = x.astype(np.float32, copy=False) @ self.w_ih_t
+            projection += self.x_bias
+        self._write(self.x, slice(lane.base, lane.base + length), projection)
+        self._write(self.h, lane.slot, h0 if h0 is not None else 0.0)
+        if self.c is not None:
+            self._write(self.c, lane.slot, c0 if c0 is not None else 0.0)
+        return lane
+
+    def finish(self, lane: LaneStorage) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Read a lane's outputs [T, H], final h [H] and c [H] (or None), and free it."""
+        rows = slice(lane.base, lane.base + lane.length)
+        y, h = self._read(self.out[rows]), self._read(self.h[lane.slot])
+        c = self._read(self.c[lane.slot]) if self.c is not None else None
+        self.release(lane)
+        return y, h, c
+
+    def release(self, lane: LaneStorage) -> None:
+        self.slots.give(lane.slot)
+        self.rows.give(lane.base, lane.length)
+
+    # ---- the batched step ----
+
+    def step(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
+        """Advance a batch of lanes one step: lane i reads input row xrows[i], updates state
+        slot slots[i] and writes its output to row orows[i] (int64 arrays)."""
+        if self.backend == "blas":
+            self._step_blas(slots, xrows, orows)
+        else:
+            self._step_torch(slots, xrows, orows)
+
+    def _step_blas(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
+        n = len(slots)
+        if n > len(self._hbuf):
+            self._hbuf = np.zeros((2 * n, self.hidden), np.float32)
+            self._gbuf = np.zeros((2 * n, self.gates), np.float32)
+        hb, gb = self._hbuf[:n], self._gbuf[:n]
+        np.take(self.h, slots, axis=0, out=hb)
+        np.matmul(hb, self.w_hh_t, out=gb)
+        _pointwise.step(_KIND_CODE[self.kind], self.hidden, gb, self.x, xrows, slots,
+                        self.h, self.c, self.bias_vec, self.out, orows)
+
+    def _step_torch(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
+        dev = self.device
+        s, xr, orr = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (slots, xrows, orows))
+        g = self.h.index_select(0, s) @ self.w_hh_t
+        x = self.x.index_select(0, xr)
+        if self.kind == "lstm":
+            h, c = lstm_pointwise(x + g, self.c.index_select(0, s))
+            self.c.index_copy_(0, s, c)
+        elif self.kind == "gru":
+            g = g + self.bias_vec
+            xr_, xz, xn = x.chunk(3, 1)
+            gr, gz, gn = g.chunk(3, 1)
+            r, z = torch.sigmoid(xr_ + gr), torch.sigmoid(xz + gz)
+            n = torch.tanh(xn + r * gn)
+            h = torch.lerp(n, self.h.index_select(0, s), z)
+        else:
+            h = torch.relu(x + g) if self.kind == "rnn_relu" else torch.tanh(x + g)
+        self.h.index_copy_(0, s, h)
+        self.out.index_copy_(0, orr, h)
+
+    # ---- storage helpers: numpy arrays for "blas", tensors for "torch" ----
+
+    def _fit_capacity(self) -> None:
+        """Grow the arenas after the pools grew."""
+        grow = lambda a, n: a if a is None or a.shape[0] >= n else self._resized(a, n)  # noqa: E731
+        self.h, self.c = grow(self.h, self.slots.capacity), grow(self.c, self.slots.capacity)
+        self.x, self.out = grow(self.x, self.rows.capacity), grow(self.out, self.rows.capacity)
+
+    def _resized(self, a, n):
+        bigger = np.zeros((n, a.shape[1]), np.float32) if isinstance(a, np.ndarray) else a.new_zeros((n, a.shape[1]))
+        bigger[: a.shape[0]] = a
+        return bigger
+
+    def _write(self, arena, index, value) -> None:
+        if isinstance(arena, np.ndarray):
+            arena[index] = value
+        else:
+            arena[index] = torch.as_tensor(value, dtype=torch.float32).to(self.device) if not isinstance(value, float) else value
+
+    @staticmethod
+    def _read(a) -> np.ndarray:
+        return a.copy() if isinstance(a, np.ndarray) else a.detach().cpu().numpy()
+
+
+def lstm_pointwise(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSTM gate math on pre-activations [B, 4H] (order i, f, g, o); returns (h, c)."""
+    i, f, g, o = gates.chunk(4, 1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c

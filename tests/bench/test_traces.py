@@ -1,0 +1,69 @@
+import numpy as np
+
+from cellserve.bench.traces import (TraceRequest, bursty_arrivals, make_trace, poisson_arrivals,
+                                    sentence_lengths)
+
+
+def _index_of_dispersion(arrivals: np.ndarray, window_s: float) -> float:
+    counts = np.bincount((arrivals // window_s).astype(np.int64))
+    return float(counts.var() / counts.mean())
+
+
+def test_sentence_lengths_are_integers_from_1_to_100():
+    lengths = sentence_lengths(np.random.default_rng(0), 50_000)
+    assert lengths.dtype.kind == "i"
+    assert lengths.min() == 1 and lengths.max() == 100
+
+
+def test_sentence_lengths_have_mean_about_25_and_a_long_right_tail():
+    lengths = sentence_lengths(np.random.default_rng(1), 200_000)
+    assert 23 <= lengths.mean() <= 28
+    assert np.median(lengths) < lengths.mean()  # right-skewed
+    assert 60 <= np.percentile(lengths, 99) < 100
+    assert 0.001 < np.mean(lengths >= 100) < 0.02  # a thin tail reaches the clip
+
+
+def test_poisson_arrivals_start_at_zero_and_increase():
+    arrivals = poisson_arrivals(np.random.default_rng(2), 10.0, 1000)
+    assert arrivals[0] == 0.0
+    assert np.all(np.diff(arrivals) >= 0)
+
+
+def test_poisson_mean_interarrival_is_one_over_rate_and_exponential():
+    gaps = np.diff(poisson_arrivals(np.random.default_rng(3), 50.0, 200_000))
+    assert abs(gaps.mean() - 1 / 50.0) < 0.02 * (1 / 50.0)  # std of the mean is ~0.2%
+    assert abs(gaps.std() / gaps.mean() - 1.0) < 0.02  # exponential gaps: CV = 1
+
+
+def test_bursty_long_run_rate_equals_rate():
+    # Short sojourns give many burst/calm cycles, so the long-run rate estimate is tight (~1%).
+    arrivals = bursty_arrivals(np.random.default_rng(4), 100.0, 200_000, mean_burst_s=0.1,
+                               mean_calm_s=0.4)
+    assert arrivals[0] == 0.0 and np.all(np.diff(arrivals) >= 0)
+    assert abs((arrivals.size - 1) / arrivals[-1] - 100.0) < 4.0
+
+
+def test_bursty_arrivals_are_burstier_than_poisson():
+    rng = np.random.default_rng(5)
+    bursty = bursty_arrivals(rng, 100.0, 50_000)
+    poisson = poisson_arrivals(rng, 100.0, 50_000)
+    assert abs(_index_of_dispersion(poisson, 1.0) - 1.0) < 0.3
+    assert _index_of_dispersion(bursty, 1.0) > 10.0
+
+
+def test_make_trace_orders_requests_and_draws_tokens_in_vocab():
+    trace = make_trace(np.random.default_rng(6), 20.0, 500, vocab=37)
+    assert [r.request_id for r in trace] == list(range(500))
+    assert all(isinstance(r, TraceRequest) for r in trace)
+    assert np.all(np.diff([r.arrival_s for r in trace]) >= 0)
+    tokens = np.concatenate([r.tokens for r in trace])
+    assert tokens.dtype == np.int64 and tokens.min() == 0 and tokens.max() == 36
+    assert all(1 <= r.tokens.size <= 100 for r in trace)
+
+
+def test_make_trace_is_reproducible_from_the_seed_in_both_modes():
+    for bursty in (False, True):
+        a = make_trace(np.random.default_rng(7), 20.0, 100, vocab=10, bursty=bursty)
+        b = make_trace(np.random.default_rng(7), 20.0, 100, vocab=10, bursty=bursty)
+        assert [r.arrival_s for r in a] == [r.arrival_s for r in b]
+        assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b))
