@@ -48,7 +48,10 @@ class CostModel:
         self.costs: dict[str, StepCost] = {}
 
     def observe(self, cell_type: str, batch: int, seconds: float) -> None:
-        self.costs.setdefault(cell_type, StepCost()).observe(batch, seconds)
+        cost = self.costs.get(cell_type)
+        if cost is None:
+            cost = self.costs[cell_type] = StepCost()
+        cost.observe(batch, seconds)
 
     def round_time(self, load: dict[str, int]) -> float:
         """Seconds for every cell type to run its `load[type]` lanes once."""

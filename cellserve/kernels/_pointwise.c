@@ -8,7 +8,8 @@
  * tanh is a rational approximation (the one Eigen uses for float; max error ~1e-7 over the
  * whole line), written as plain arithmetic so that the compiler vectorises the loops;
  * sigmoid(x) = 0.5 * tanh(x / 2) + 0.5.  Each loop body is compiled for AVX-512, AVX2 and
- * baseline x86-64, picked at load time (target_clones).
+ * baseline x86-64, picked at load time (target_clones); `restrict` tells the compiler the
+ * lane's rows do not overlap, without which it does not vectorise at all (8x slower here).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,8 +45,8 @@ static inline float sigmoid_approx(float x) { return 0.5f * tanh_approx(0.5f * x
 
 /* One LSTM lane. g: 4H pre-activations from h @ W_hh^T; x: 4H input projection (both
  * biases folded in). Gate order i, f, g, o (PyTorch's). */
-CLONES static void lstm_lane(const float *g, const float *x, float *h, float *c, float *out,
-                             Py_ssize_t H) {
+CLONES static void lstm_lane(const float *restrict g, const float *restrict x, float *restrict h,
+                             float *restrict c, float *restrict out, Py_ssize_t H) {
     for (Py_ssize_t j = 0; j < H; j++) {
         float i = sigmoid_approx(g[j] + x[j]);
         float f = sigmoid_approx(g[H + j] + x[H + j]);
@@ -60,8 +61,8 @@ CLONES static void lstm_lane(const float *g, const float *x, float *h, float *c,
 
 /* One GRU lane (linear_before_reset, PyTorch's form). g: 3H from h @ W_hh^T without bias;
  * b: b_hh (3H); x: 3H input projection with b_ih. Gate order r, z, n. */
-CLONES static void gru_lane(const float *g, const float *b, const float *x, float *h, float *out,
-                            Py_ssize_t H) {
+CLONES static void gru_lane(const float *restrict g, const float *restrict b, const float *restrict x,
+                            float *restrict h, float *restrict out, Py_ssize_t H) {
     for (Py_ssize_t j = 0; j < H; j++) {
         float r = sigmoid_approx(x[j] + g[j] + b[j]);
         float z = sigmoid_approx(x[H + j] + g[H + j] + b[H + j]);
@@ -72,8 +73,8 @@ CLONES static void gru_lane(const float *g, const float *b, const float *x, floa
 }
 
 /* One Elman RNN lane: h = act(x + g), both biases folded into x. */
-CLONES static void rnn_lane(const float *g, const float *x, float *h, float *out, Py_ssize_t H,
-                            int relu) {
+CLONES static void rnn_lane(const float *restrict g, const float *restrict x, float *restrict h,
+                            float *restrict out, Py_ssize_t H, int relu) {
     if (relu) {
         for (Py_ssize_t j = 0; j < H; j++) {
             float v = g[j] + x[j];
