@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 SCRATCH = 0  # slot and row reserved in every kernel for padding lanes
 
@@ -33,23 +34,34 @@ class Lane:
     priority: int  # lower runs first, as in Triton
     arrival: float
     slot: int = SCRATCH  # kernel storage, opaque here
-    row0: int = SCRATCH  # input/output row at step 0
-    stride: int = 1  # +1 forward, -1 for a reverse direction
+    row: int = SCRATCH  # input/output row of the next step
+    stride: int = 1  # row advance per step: +1 forward, -1 reverse, 0 for a decoder's memory
     step: int = 0
+    key: tuple = ()  # urgency, smallest first: (priority, deadline, arrival, lane id)
 
-    def key(self) -> tuple:
-        return (self.priority, self.deadline, self.arrival, self.lane_id)
+    def __post_init__(self) -> None:
+        self.key = (self.priority, self.deadline, self.arrival, self.lane_id)
+
+
+_slot, _row, _stride = attrgetter("slot"), attrgetter("row"), attrgetter("stride")
+_key, _id = attrgetter("key"), attrgetter("lane_id")
 
 
 @dataclass(frozen=True)
 class StepBatch:
-    """One batched kernel call: lane i uses state slot slots[i] and row rows[i].
-    Entries with lane id -1 are padding: they compute into the scratch slot and row."""
+    """One batched kernel call: lane i uses state slot slots[i] and row rows[i], and its
+    row moves by strides[i] per step. Entries with lane id -1 are padding: they compute
+    into the scratch slot and row.
+
+    Every policy is *stable*: until a lane finishes or a lane is added, its next batch is
+    the same lanes, one step further on. The engine relies on this to run a batch again
+    without asking (see Engine.step)."""
 
     cell_type: str
     lane_ids: tuple[int, ...]
     slots: tuple[int, ...]
     rows: tuple[int, ...]
+    strides: tuple[int, ...]
 
     @property
     def size(self) -> int:
@@ -59,6 +71,22 @@ class StepBatch:
 @dataclass
 class _TypeQueue:
     lanes: dict[int, Lane] = field(default_factory=dict)
+    _min: tuple | None = None  # cached most urgent key; None when it must be recomputed
+
+    def add(self, lane: Lane) -> None:
+        self.lanes[lane.lane_id] = lane
+        if self._min is not None and lane.key < self._min:
+            self._min = lane.key
+
+    def remove(self, lane: Lane) -> None:
+        del self.lanes[lane.lane_id]
+        if self._min is not None and lane.key <= self._min:
+            self._min = None
+
+    def most_urgent(self) -> tuple:
+        if self._min is None:
+            self._min = min(map(_key, self.lanes.values()))
+        return self._min
 
 
 class Policy:
@@ -74,13 +102,16 @@ class Policy:
         self._lanes: dict[int, Lane] = {}
 
     def add(self, lane: Lane) -> None:
-        self._types.setdefault(lane.cell_type, _TypeQueue()).lanes[lane.lane_id] = lane
+        q = self._types.get(lane.cell_type)
+        if q is None:
+            q = self._types[lane.cell_type] = _TypeQueue()
+        q.add(lane)
         self._lanes[lane.lane_id] = lane
 
     def remove(self, lane_id: int) -> None:
         lane = self._lanes.pop(lane_id, None)
         if lane is not None:
-            del self._types[lane.cell_type].lanes[lane_id]
+            self._types[lane.cell_type].remove(lane)
 
     def lanes_of(self, cell_type: str) -> int:
         q = self._types.get(cell_type)
@@ -106,6 +137,7 @@ class Policy:
             if lane is None:
                 continue  # padding, or removed while running
             lane.step += 1
+            lane.row += lane.stride
             if lane.step == lane.length or lane_id in ended:
                 done.append(lane)
         for lane in done:
@@ -117,12 +149,8 @@ class Policy:
 
     @staticmethod
     def _batch(cell_type: str, lanes: list[Lane]) -> StepBatch:
-        return StepBatch(
-            cell_type,
-            tuple(l.lane_id for l in lanes),
-            tuple(l.slot for l in lanes),
-            tuple(l.row0 + l.stride * l.step for l in lanes),
-        )
+        return StepBatch(cell_type, tuple(map(_id, lanes)), tuple(map(_slot, lanes)), tuple(map(_row, lanes)),
+                         tuple(map(_stride, lanes)))
 
 
 class CellularPolicy(Policy):
@@ -135,14 +163,14 @@ class CellularPolicy(Policy):
         best_type, best_key = None, None
         for cell_type, q in self._types.items():
             if q.lanes:
-                k = min(l.key() for l in q.lanes.values())
+                k = q.most_urgent()
                 if best_key is None or k < best_key:
                     best_type, best_key = cell_type, k
         if best_type is None:
             return None
         lanes = list(self._types[best_type].lanes.values())
         if len(lanes) > self.max_batch:
-            lanes = heapq.nsmallest(self.max_batch, lanes, key=Lane.key)
+            lanes = heapq.nsmallest(self.max_batch, lanes, key=_key)
         return self._batch(best_type, lanes)
 
 
@@ -191,8 +219,8 @@ class PaddedPolicy(Policy):
                 self._width = max(self._width, len(live) + self._padding)
                 batch = self._batch(cell_type, live)
                 pad = self._width - len(live)
-                return StepBatch(cell_type, batch.lane_ids + (-1,) * pad,
-                                 batch.slots + (SCRATCH,) * pad, batch.rows + (SCRATCH,) * pad)
+                return StepBatch(cell_type, batch.lane_ids + (-1,) * pad, batch.slots + (SCRATCH,) * pad,
+                                 batch.rows + (SCRATCH,) * pad, batch.strides + (0,) * pad)
             self._type_index += 1
             self._width = self._padding = 0
         self._cohort.clear()

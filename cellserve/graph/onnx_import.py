@@ -52,6 +52,7 @@ def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model")
     program = _fold_constants(program, constants)
     for layer in [s for s in program if isinstance(s, RecurrentLayer)]:
         _fold_embedding(layer, program, constants)
+        _drop_zero_initial_state(layer, program, constants)
     program = _drop_unused(program, {o.name for o in outputs})
     model = Model(name=name, inputs=inputs, outputs=outputs, constants=constants, program=program)
     model.semantics = find_semantics(model)
@@ -191,6 +192,32 @@ def _fold_embedding(layer: RecurrentLayer, program: list, constants: dict) -> No
         program.insert(program.index(layer), DenseNode("Transpose", f"{layer.name}/ids_time_major", [ids], [ids_t], {"perm": [1, 0]}))
         ids = ids_t
     layer.x, layer.token_table = ids, table.astype(np.float32, copy=False)
+
+
+_ZERO_PRESERVING = {"Slice", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Identity", "Concat"}
+
+
+def _drop_zero_initial_state(layer: RecurrentLayer, program: list, constants: dict) -> None:
+    """An initial state that is all zeros (exports build it from the input's shape with
+    ConstantOfShape) is the default: forget it, so the shape arithmetic behind it goes too."""
+    producers = {o: s for s in program if isinstance(s, DenseNode) for o in s.outputs}
+
+    def is_zero(name: str) -> bool:
+        if name in constants:
+            return not np.any(constants[name])
+        node = producers.get(name)
+        if node is None:
+            return False
+        if node.op == "ConstantOfShape":
+            return not np.any(node.attrs.get("value", 0))
+        if node.op == "Concat":
+            return all(is_zero(i) for i in node.inputs)
+        return node.op in _ZERO_PRESERVING and is_zero(node.inputs[0])
+
+    if layer.initial_h and is_zero(layer.initial_h):
+        layer.initial_h = ""
+    if layer.initial_c and is_zero(layer.initial_c):
+        layer.initial_c = ""
 
 
 def _drop_unused(program: list, wanted: set[str]) -> list:
