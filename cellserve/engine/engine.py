@@ -48,7 +48,7 @@ class MonotonicClock:
 
 @dataclass
 class EngineConfig:
-    policy: str = "cellular"  # cellular | padded | none
+    policy: str = "cellular"  # cellular | cellular-edf | padded | none
     max_batch: int | None = None  # per cell type; policy default when None
     batch_timeout_s: float = 0.005  # padded: wait this long after the oldest request
     device: str = "cpu"
@@ -202,9 +202,10 @@ class Engine:
                 self._lane_finished(lane)
             now = self.clock.now()
             self.stats.overhead_s.append(max(now - t_start - self._compute_s, 0.0))
-            # The policy is stable (see StepBatch): while no lane finished and nothing
-            # arrived, its next batch is this one again, so run it without asking.
-            if finished or self._inbox or (self.config.drop_late and now >= self._next_drop_check):
+            # While no lane finished and nothing arrived, a stable policy's next batch is this
+            # one again (see StepBatch): run it without asking.
+            if finished or self._inbox or not self.policy.stable or (
+                    self.config.drop_late and now >= self._next_drop_check):
                 return True
             rows += strides
             t_start, self._compute_s = now, 0.0
@@ -229,6 +230,14 @@ class Engine:
             wake = self.policy.wake_at(now)
             self._wake.wait(timeout=0.05 if wake is None else max(0.0, min(wake - now, 0.05)))
             self._wake.clear()
+
+    def abort_all(self, reason: str) -> None:
+        """Answer every queued and in-flight request with an error (call from the worker
+        thread, or after it stopped): nothing is left unanswered when the engine goes away."""
+        while self._inbox:
+            self._respond_early(self._inbox.popleft(), Status.ERROR, reason)
+        for run in list(self._runs.values()):
+            self._finish_run(run, Status.ERROR, reason)
 
     # ---- admission ----
 

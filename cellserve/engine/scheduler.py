@@ -7,7 +7,12 @@ batch being run: once the single worker finishes a batch, every active lane is r
 
 Policies:
 - `cellular` (BatchMaker): any lanes of one cell type, at any step positions, from any
-  requests; lanes join and leave between steps; no padding.
+  requests; lanes join and leave between steps; no padding. Cell types take turns (round
+  robin), so every lane advances once per round and each type's batch holds all its lanes;
+  when a type has more than `max_batch`, the most urgent run (priority, then earliest
+  deadline, then arrival).
+- `cellular-edf`: the same, but always the cell type holding the most urgent lane. Measured
+  against `cellular` it makes small batches: the oldest request's next layer runs alone.
 - `padded` (what TF Serving and TorchServe do): gather up to `max_batch` requests or wait
   `batch_timeout_s` after the oldest, then run that cohort through the whole model, each
   cell type for as many steps as its longest lane; lanes that finished early keep occupying
@@ -53,9 +58,9 @@ class StepBatch:
     row moves by strides[i] per step. Entries with lane id -1 are padding: they compute
     into the scratch slot and row.
 
-    Every policy is *stable*: until a lane finishes or a lane is added, its next batch is
-    the same lanes, one step further on. The engine relies on this to run a batch again
-    without asking (see Engine.step)."""
+    When a policy says it is `stable`, its next batch will be the same lanes one step
+    further on, unless a lane finishes or one is added; the engine then runs the batch
+    again without asking (see Engine.step)."""
 
     cell_type: str
     lane_ids: tuple[int, ...]
@@ -124,6 +129,11 @@ class Policy:
         """When an idle worker should look again even if nothing arrives (batch timeouts)."""
         return None
 
+    @property
+    def stable(self) -> bool:
+        """Whether the last batch is also the next one while no lane finishes or arrives."""
+        return False
+
     def next_batch(self, now: float) -> StepBatch | None:
         raise NotImplementedError("a policy chooses its batches")
 
@@ -154,24 +164,55 @@ class Policy:
 
 
 class CellularPolicy(Policy):
-    """Run the cell type holding the most urgent lane (priority, then earliest deadline,
-    then arrival), with up to `max_batch` of that type's most urgent lanes."""
+    """Cell types with lanes take turns; each turn runs up to `max_batch` of the type's most
+    urgent lanes."""
 
     name = "cellular"
 
+    def __init__(self, max_batch: int = 64):
+        super().__init__(max_batch)
+        self._turn = 0
+
+    @property
+    def stable(self) -> bool:
+        return sum(1 for q in self._types.values() if q.lanes) == 1
+
     def next_batch(self, now: float) -> StepBatch | None:
+        cell_type = self._choose_type()
+        if cell_type is None:
+            return None
+        lanes = list(self._types[cell_type].lanes.values())
+        if len(lanes) > self.max_batch:
+            lanes = heapq.nsmallest(self.max_batch, lanes, key=_key)
+        return self._batch(cell_type, lanes)
+
+    def _choose_type(self) -> str | None:
+        types = list(self._types)
+        for i in range(len(types)):
+            cell_type = types[(self._turn + i) % len(types)]
+            if self._types[cell_type].lanes:
+                self._turn = (self._turn + i + 1) % len(types)
+                return cell_type
+        return None
+
+
+class EarliestDeadlineTypePolicy(CellularPolicy):
+    """`cellular-edf`: always the cell type holding the most urgent lane."""
+
+    name = "cellular-edf"
+
+    @property
+    def stable(self) -> bool:
+        return True  # keys never change, so the same type stays the most urgent
+
+    def _choose_type(self) -> str | None:
         best_type, best_key = None, None
         for cell_type, q in self._types.items():
             if q.lanes:
                 k = q.most_urgent()
                 if best_key is None or k < best_key:
                     best_type, best_key = cell_type, k
-        if best_type is None:
-            return None
-        lanes = list(self._types[best_type].lanes.values())
-        if len(lanes) > self.max_batch:
-            lanes = heapq.nsmallest(self.max_batch, lanes, key=_key)
-        return self._batch(best_type, lanes)
+        return best_type
 
 
 class PaddedPolicy(Policy):
@@ -226,6 +267,10 @@ class PaddedPolicy(Policy):
         self._cohort.clear()
         return self.next_batch(now) if self._waiting else None
 
+    @property
+    def stable(self) -> bool:
+        return True  # a cohort runs one cell type until its longest lane ends
+
     def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset()) -> list[Lane]:
         done = super().complete(batch, ended)
         self._padding += len(done)
@@ -250,9 +295,14 @@ def make_policy(name: str, cell_order: dict[str, list[str]], max_batch: int | No
                 batch_timeout_s: float = 0.005) -> Policy:
     if name == "cellular":
         return CellularPolicy(max_batch or 64)
+    if name == "cellular-edf":
+        return EarliestDeadlineTypePolicy(max_batch or 64)
     if name == "padded":
         return PaddedPolicy(cell_order, max_batch or 8, batch_timeout_s)
     if name == "none":
         return PaddedPolicy(cell_order, 1, 0.0)
-    raise ValueError(f"unknown policy {name!r}; choose cellular, padded or none")
+    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+POLICIES = ("cellular", "cellular-edf", "padded", "none")
 

@@ -1,0 +1,66 @@
+"""Replays a trace open-loop against a running Engine, as a server would see it.
+
+The engine runs its worker loop in one thread; a feeder thread submits each request at its
+arrival time, whatever the engine is doing (open loop: a slow engine does not slow the
+offered load). Latency runs from the scheduled arrival, so any delay in noticing a request
+counts against the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from cellserve.bench.results import RequestOutcome, RunStats, span_s
+from cellserve.bench.traces import TraceRequest
+from cellserve.engine.engine import Engine, EngineStats
+from cellserve.engine.request import Request, Response, Status
+
+_STATUS = {Status.OK: "ok", Status.REJECTED: "rejected", Status.DROPPED: "dropped",
+           Status.INVALID: "error", Status.ERROR: "error"}
+
+
+def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest], policy: str,
+           rate_rps: float, timeout_s: float | None, drain_s: float = 30.0) -> RunStats:
+    """Serve `trace` on `engine`; requests carry `timeout_s` as their deadline (None: none).
+    Requests still unanswered `drain_s` after the last arrival are aborted (reported as
+    errors), so the engine is empty for the next run."""
+    engine.stats = EngineStats()
+    responses: dict[int, Response] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def on_done(response: Response) -> None:
+        with lock:
+            responses[response.request_id] = response
+            if len(responses) == len(trace):
+                done.set()
+
+    stop = threading.Event()
+    worker = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    worker.start()
+    start = engine.clock.now()
+    ids = {}
+    for item in sorted(trace, key=lambda r: r.arrival_s):
+        due = start + item.arrival_s
+        delay = due - engine.clock.now()
+        if delay > 0:
+            time.sleep(delay)
+        request = Request(model, {input_name: item.tokens.reshape(1, -1)}, on_done=on_done,
+                          timeout_s=timeout_s, arrival=due)
+        ids[request.request_id] = item
+        engine.submit(request)
+    done.wait(timeout=drain_s + (trace[-1].arrival_s if trace else 0))
+    stop.set()
+    worker.join()
+    engine.abort_all("benchmark run ended before this request finished")
+    outcomes = []
+    with lock:
+        for request_id, item in ids.items():
+            r = responses[request_id]
+            outcomes.append(RequestOutcome(item.request_id, item.arrival_s, r.finish - start,
+                                           _STATUS[r.status], r.reason))
+    s = engine.stats
+    return RunStats(policy=policy, rate_rps=rate_rps, duration_s=span_s(outcomes), outcomes=outcomes,
+                    executed_flops=s.executed_flops, busy_s=s.busy_s, cell_steps=s.cell_steps,
+                    batch_size_sum=s.batch_size_sum, overhead_us_per_step=[x * 1e6 for x in s.overhead_s])
