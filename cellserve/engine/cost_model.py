@@ -1,45 +1,49 @@
-"""Step costs learnt from the engine's own runs, and the finish-time prediction made from them.
+"""Step costs learnt from the engine's own runs, and the finish-time predictions made from them.
 
-Each cell type's step time is fitted as t(b) = fixed + per_lane * b by least squares over
-its most recent steps (seeded by a profile at start-up). A request's predicted latency is
-its steps per cell type times the duration of one *round*, in which every active cell type
-runs its lanes once, in batches of at most max_batch.
+A cell type's step time is kept per batch-size bucket (powers of two) as a moving average of
+measured steps, seeded by a profile at start-up, and read back by interpolating between
+measured buckets: step time is far from linear in the batch at small batches (BLAS switches
+kernels), so a straight-line fit mispredicted by up to 6x here.
+
+Prediction: a request's current layer advances one step per *round*; in a round, every cell
+type with lanes runs once (see scheduler.CellularPolicy), so a round costs the request's own
+cell types at their load plus every other loaded cell type at its load.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 
-import numpy as np
+_ALPHA = 0.05  # weight of a new sample in a bucket's moving average
+
+
+def _bucket(batch: int) -> int:
+    return max(0, math.ceil(math.log2(max(batch, 1))))
 
 
 class StepCost:
-    def __init__(self, window: int = 512):
-        self._samples: deque[tuple[int, float]] = deque(maxlen=window)
-        self.fixed, self.per_lane = 0.0, 0.0
-        self._since_fit = 0
+    def __init__(self) -> None:
+        self._mean: dict[int, float] = {}  # bucket -> seconds per step
 
     def observe(self, batch: int, seconds: float) -> None:
-        self._samples.append((batch, seconds))
-        self._since_fit += 1
-        if self._since_fit >= 64 or len(self._samples) < 16:
-            self._fit()
+        b = _bucket(batch)
+        old = self._mean.get(b)
+        self._mean[b] = seconds if old is None else old + _ALPHA * (seconds - old)
 
     def __call__(self, batch: int) -> float:
-        return self.fixed + self.per_lane * batch
-
-    def _fit(self) -> None:
-        self._since_fit = 0
-        b = np.array([s[0] for s in self._samples], float)
-        t = np.array([s[1] for s in self._samples], float)
-        if len(b) == 0:
-            return
-        if np.ptp(b) == 0:
-            self.fixed, self.per_lane = float(np.median(t)), self.per_lane
-            return
-        slope, intercept = np.polyfit(b, t, 1)
-        self.per_lane, self.fixed = max(float(slope), 0.0), max(float(intercept), 0.0)
+        if not self._mean:
+            return 0.0
+        b = _bucket(batch)
+        if b in self._mean:
+            return self._mean[b]
+        lower = [k for k in self._mean if k < b]
+        upper = [k for k in self._mean if k > b]
+        if lower and upper:
+            lo, hi = max(lower), min(upper)
+            frac = (batch - 2 ** lo) / (2 ** hi - 2 ** lo)
+            return self._mean[lo] + frac * (self._mean[hi] - self._mean[lo])
+        nearest = max(lower) if lower else min(upper)
+        return self._mean[nearest] * max(batch / 2 ** nearest, 1.0)
 
 
 class CostModel:
@@ -53,20 +57,22 @@ class CostModel:
             cost = self.costs[cell_type] = StepCost()
         cost.observe(batch, seconds)
 
-    def round_time(self, load: dict[str, int]) -> float:
-        """Seconds for every cell type to run its `load[type]` lanes once."""
-        total = 0.0
-        for cell_type, lanes in load.items():
-            if lanes <= 0:
-                continue
-            cost = self.costs.get(cell_type)
-            if cost is None:
-                continue
-            batches = math.ceil(lanes / self.max_batch)
-            total += batches * cost(min(lanes, self.max_batch))
-        return total
+    def type_time(self, cell_type: str, lanes: int) -> float:
+        """Seconds for `lanes` lanes of one cell type to advance one step each."""
+        cost = self.costs.get(cell_type)
+        if lanes <= 0 or cost is None:
+            return 0.0
+        full, rest = divmod(lanes, self.max_batch)
+        return full * cost(self.max_batch) + (cost(rest) if rest else 0.0)
 
-    def predict(self, rounds: int, load: dict[str, int]) -> float:
-        """Predicted seconds for work that needs `rounds` rounds at the given lanes per type
-        (the caller counts the request's own lanes in `load`)."""
-        return rounds * self.round_time(load)
+    def predict(self, layers: list[tuple[list[str], int]], load: dict[str, int], own_lanes: int) -> float:
+        """Predicted seconds for work given as (cell types, steps) per layer, run one layer
+        after another, with `own_lanes` lanes per cell type, while `load` lanes (not
+        counting the request's own) occupy each cell type."""
+        busy = {t: n for t, n in load.items() if n > 0}
+        others = sum(self.type_time(t, n) for t, n in busy.items())
+        total = 0.0
+        for types, steps in layers:
+            own = sum(self.type_time(t, busy.get(t, 0) + own_lanes) - self.type_time(t, busy.get(t, 0)) for t in types)
+            total += steps * (others + own)
+        return total

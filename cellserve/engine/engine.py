@@ -87,7 +87,8 @@ class _Run:
     model: Model
     env: dict
     deadline: float
-    rounds_plan: list[int]
+    rounds_plan: list[int]  # expected steps of each recurrent step of the program
+    batch: int  # sequences in the request: lanes per cell type
     pc: int = 0
     lanes: dict[int, _LaneRef] = field(default_factory=dict)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)  # of the current recurrent step
@@ -105,6 +106,7 @@ class Engine:
         self.models = {}
         self.kernels: dict[str, CellKernel | DecoderKernel] = {}
         self._step_spec: dict[str, RecurrentLayer | AttentionDecoder] = {}
+        self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         for model in models:
             self.add_model(model)
         order = {name: m.cell_types() for name, m in self.models.items()}
@@ -127,17 +129,19 @@ class Engine:
             raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/'")
         self.models[model.name] = model
         types = iter(model.cell_types())
+        self._layer_types[model.name] = []
         for step in model.recurrent_steps():
             if isinstance(step, RecurrentLayer):
-                for w in step.directions:
-                    cell_type = next(types)
+                layer = [next(types) for _ in step.directions]
+                for cell_type, w in zip(layer, step.directions):
                     self.kernels[cell_type] = CellKernel(step.kind, step.hidden, w, self.device,
                                                          step.token_table, self.config.backend)
-                    self._step_spec[cell_type] = step
             else:
-                cell_type = next(types)
-                self.kernels[cell_type] = DecoderKernel(step, self.device)
+                layer = [next(types)]
+                self.kernels[layer[0]] = DecoderKernel(step, self.device)
+            for cell_type in layer:
                 self._step_spec[cell_type] = step
+            self._layer_types[model.name].append(layer)
 
     def _profile(self) -> None:
         """Time each cell type at a few batch sizes on dummy lanes, so that admission has
@@ -256,10 +260,10 @@ class Engine:
             return
         timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
         deadline = request.arrival + timeout if timeout is not None else math.inf
-        rounds_plan = self._rounds_plan(model, inputs)
-        run = _Run(request, model, {**model.constants, **inputs}, deadline, rounds_plan)
+        run = _Run(request, model, {**model.constants, **inputs}, deadline,
+                   self._rounds_plan(model, inputs), self._batch_size(model, inputs))
         if self.config.admission and deadline < math.inf:
-            predicted = self._predict(run, extra_lanes=self._batch_size(model, inputs))
+            predicted = self._predict(run)
             if now + predicted > deadline:
                 self._respond_early(request, Status.REJECTED,
                                     f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
@@ -282,18 +286,20 @@ class Engine:
                 return inputs[name].shape[sem.batch_axis]
         return 1
 
-    def _predict(self, run: _Run, extra_lanes: int = 0) -> float:
+    def _predict(self, run: _Run) -> float:
         """Predicted seconds until `run` finishes, from measured step costs and current load."""
-        done_steps = sum(1 for s in run.model.program[: run.pc] if not isinstance(s, DenseNode))
-        rounds = sum(run.rounds_plan[done_steps:])
-        if run.lanes:
-            lane_left = max((ref.storage.length - self.policy._lanes[i].step) if i in self.policy._lanes else 0
-                            for i, ref in run.lanes.items())
-            rounds = rounds - run.rounds_plan[done_steps] + lane_left
+        layer_types = self._layer_types[run.model.name]
+        done = sum(1 for step in run.model.program[: run.pc] if not isinstance(step, DenseNode))
+        plan = [(layer_types[k], run.rounds_plan[k]) for k in range(done, len(layer_types))]
         load = {t: self.policy.lanes_of(t) for t in self.kernels}
-        for t in run.model.cell_types():
-            load[t] = load.get(t, 0) + extra_lanes
-        return self.costs.predict(rounds, load)
+        if run.lanes and plan:  # inside a layer: its steps left; its lanes are already in the load
+            lanes = [self.policy.lane(i) for i in run.lanes]
+            lanes = [lane for lane in lanes if lane is not None]
+            for lane in lanes:
+                load[lane.cell_type] -= 1
+            left = [lane.length - lane.step if lane.length else plan[0][1] - lane.step for lane in lanes]
+            plan[0] = (plan[0][0], max(left, default=0))
+        return self.costs.predict(plan, load, run.batch)
 
     def _drop_late(self, now: float) -> None:
         self._next_drop_check = now + _DROP_CHECK_S
@@ -399,7 +405,7 @@ class Engine:
     def _record_tokens(self, batch: StepBatch, tokens: np.ndarray, dec: AttentionDecoder) -> list[int]:
         ended = []
         for lane_id, token in zip(batch.lane_ids, tokens.tolist()):
-            lane = self.policy._lanes.get(lane_id)
+            lane = self.policy.lane(lane_id)
             if lane is None:
                 continue  # padding
             ref = self._runs[lane.request_id].lanes[lane_id]

@@ -118,6 +118,9 @@ class Policy:
         if lane is not None:
             self._types[lane.cell_type].remove(lane)
 
+    def lane(self, lane_id: int) -> Lane | None:
+        return self._lanes.get(lane_id)
+
     def lanes_of(self, cell_type: str) -> int:
         q = self._types.get(cell_type)
         return len(q.lanes) if q else 0
