@@ -190,7 +190,12 @@ class Engine:
         t_start = self.clock.now()
         self._compute_s = 0.0
         while self._inbox:
-            self._admit(self._inbox.popleft(), t_start)
+            request = self._inbox.popleft()
+            try:
+                self._admit(request, t_start)
+            except Exception as exc:  # a bug on one request's path must not stop the loop
+                log.exception("admitting request %s failed", request.request_id)
+                self._fail_request(request, f"internal error admitting the request: {type(exc).__name__}: {exc}")
         if self.config.drop_late and t_start >= self._next_drop_check:
             self._drop_late(t_start)
         batch = self.policy.next_batch(t_start)
@@ -200,7 +205,12 @@ class Engine:
         rows = np.array(batch.rows, np.int64)
         strides = np.array(batch.strides, np.int64)
         while True:
-            ended = self._execute(batch, slots, rows)
+            try:
+                ended = self._execute(batch, slots, rows)
+            except Exception as exc:  # the kernel failed: fail this batch's requests, not the engine
+                log.exception("cell step of %s failed", batch.cell_type)
+                self._fail_batch(batch, f"internal error in cell {batch.cell_type}: {type(exc).__name__}: {exc}")
+                return True
             finished = self.policy.complete(batch, ended)
             for lane in finished:
                 self._lane_finished(lane)
@@ -466,6 +476,20 @@ class Engine:
         run.responded = True
         self._deliver(run.request, Response(run.request.request_id, status, outputs or {}, reason,
                                             run.request.arrival, self.clock.now()))
+
+    def _fail_request(self, request: Request, reason: str) -> None:
+        run = self._runs.get(request.request_id)
+        if run is not None and not run.responded:
+            self._finish_run(run, Status.ERROR, reason)
+        elif run is None:
+            self._respond_early(request, Status.ERROR, reason)
+
+    def _fail_batch(self, batch: StepBatch, reason: str) -> None:
+        request_ids = {lane.request_id for lane in map(self.policy.lane, batch.lane_ids) if lane is not None}
+        for request_id in request_ids:
+            run = self._runs.get(request_id)
+            if run is not None:
+                self._finish_run(run, Status.ERROR, reason)
 
     def _respond_early(self, request: Request, status: Status, reason: str) -> None:
         self._deliver(request, Response(request.request_id, status, {}, reason, request.arrival, self.clock.now()))

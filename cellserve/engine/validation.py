@@ -20,8 +20,11 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
         raise InvalidInput(f"missing input(s) {missing} for model {model.name!r}")
     out = {}
     for name, spec in expected.items():
-        value = np.asarray(inputs[name])
         where = f"input {name!r}"
+        try:
+            value = np.asarray(inputs[name])
+        except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+            raise InvalidInput(f"{where}: not a rectangular array ({exc})") from exc
         if value.ndim != len(spec.shape):
             raise InvalidInput(f"{where}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), got shape {list(value.shape)}")
         for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):

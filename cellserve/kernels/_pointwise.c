@@ -94,16 +94,25 @@ typedef struct {
     int held;
 } Buf;
 
-static int get_buf(PyObject *obj, int writable, Buf *b, const char *name) {
+/* index: the buffer holds int64 indices, else float32 values. */
+static int get_buf(PyObject *obj, int writable, int index, Buf *b, const char *name) {
     b->held = 0;
     if (obj == Py_None) return 0;
-    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, &b->view, flags) < 0) {
         PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s buffer", name,
                      writable ? " writable" : "");
         return -1;
     }
     b->held = 1;
+    const char *f = b->view.format ? b->view.format : "B";
+    if (f[0] == '<' || f[0] == '=' || f[0] == '@') f++;
+    int ok = index ? (b->view.itemsize == 8 && (f[0] == 'q' || f[0] == 'l')) : (b->view.itemsize == 4 && f[0] == 'f');
+    if (!ok || f[1] != 0) {
+        PyErr_Format(PyExc_TypeError, "%s must hold %s, not format '%s'", name, index ? "int64" : "float32",
+                     b->view.format ? b->view.format : "B");
+        return -1;
+    }
     return 0;
 }
 
@@ -152,11 +161,11 @@ static PyObject *step(PyObject *self, PyObject *args) {
     Buf b[9];
     memset(b, 0, sizeof(b));
     PyObject *result = NULL;
-    if (get_buf(og, 0, &b[0], "g") || get_buf(ox, 0, &b[1], "x") ||
-        get_buf(oxr, 0, &b[2], "xrows") || get_buf(osl, 0, &b[3], "slots") ||
-        get_buf(oh, 1, &b[4], "h") || get_buf(oc, 1, &b[5], "c") ||
-        get_buf(ob, 0, &b[6], "bias") || get_buf(oo, 1, &b[7], "out") ||
-        get_buf(oor, 0, &b[8], "orows"))
+    if (get_buf(og, 0, 0, &b[0], "g") || get_buf(ox, 0, 0, &b[1], "x") ||
+        get_buf(oxr, 0, 1, &b[2], "xrows") || get_buf(osl, 0, 1, &b[3], "slots") ||
+        get_buf(oh, 1, 0, &b[4], "h") || get_buf(oc, 1, 0, &b[5], "c") ||
+        get_buf(ob, 0, 0, &b[6], "bias") || get_buf(oo, 1, 0, &b[7], "out") ||
+        get_buf(oor, 0, 1, &b[8], "orows"))
         goto done;
     if (!b[0].held || !b[1].held || !b[2].held || !b[3].held || !b[4].held) {
         PyErr_SetString(PyExc_TypeError, "step: g, x, xrows, slots and h are required");

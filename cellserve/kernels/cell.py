@@ -212,7 +212,7 @@ class CellKernel:
 
     @staticmethod
     def _read(a) -> np.ndarray:
-        return a.copy() if isinstance(a, np.ndarray) else a.detach().cpu().numpy()
+        return a.copy() if isinstance(a, np.ndarray) else a.detach().cpu().numpy().copy()
 
 
 def lstm_pointwise(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,107 @@
+"""A bad request gets an INVALID response naming the problem; the requests around it are served."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from cellserve.engine.engine import Engine, EngineConfig
+from cellserve.engine.request import Status
+from helpers_engine import VOCAB, Responses, assert_same_outputs, make_request, seq2seq_reference
+
+GOOD_TOKENS = np.array([[3, 1, 4, 1, 5]], np.int64)
+GOOD_FEATURES = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+GOOD_DIGITS = np.array([[4, 5, 6, 7]], np.int64)
+
+with_nan = GOOD_FEATURES.copy()
+with_nan[1, 2, 0] = np.nan
+with_inf = GOOD_FEATURES.copy()
+with_inf[0, 0, 3] = np.inf
+
+# (test id, model, inputs, a regex the reason must match)
+BAD = [
+    ("wrong input name", "lstm", {"token": GOOD_TOKENS}, r"unknown input.*'token'"),
+    ("extra input", "lstm", {"tokens": GOOD_TOKENS, "mask": GOOD_TOKENS}, r"unknown input.*'mask'"),
+    ("missing input", "lstm", {}, r"missing input.*'tokens'"),
+    ("rank too low", "lstm", {"tokens": np.array([1, 2, 3])}, r"'tokens'.*rank 2"),
+    ("rank too high", "lstm", {"tokens": np.ones((1, 2, 3), np.int64)}, r"'tokens'.*rank 2"),
+    ("scalar", "lstm", {"tokens": np.int64(3)}, r"'tokens'.*rank 2"),
+    ("float tokens", "lstm", {"tokens": GOOD_TOKENS.astype(np.float32)}, r"'tokens'.*dtype int64.*float32"),
+    ("string tokens", "lstm", {"tokens": np.array([["a", "b"]])}, r"'tokens'.*dtype int64"),
+    ("bool tokens", "lstm", {"tokens": np.ones((1, 2), bool)}, r"'tokens'.*dtype int64.*bool"),
+    ("negative token id", "lstm", {"tokens": np.array([[1, -1, 2]])}, r"'tokens'.*token id -1.*out of range"),
+    ("token id = vocab", "lstm", {"tokens": np.array([[1, VOCAB, 2]])}, rf"'tokens'.*token id {VOCAB}.*out of range"),
+    ("huge token id", "gru", {"tokens": np.array([[2**62]])}, r"'tokens'.*out of range"),
+    ("uint64 beyond int64", "gru", {"tokens": np.array([[2**64 - 1]], np.uint64)}, r"'tokens'.*do not fit int64"),
+    ("empty sequence", "lstm", {"tokens": np.zeros((1, 0), np.int64)}, r"'tokens'.*dimension 1 is empty"),
+    ("empty batch", "lstm", {"tokens": np.zeros((0, 3), np.int64)}, r"'tokens'.*dimension 0 is empty"),
+    ("over-long sequence", "lstm", {"tokens": np.ones((1, 17), np.int64)}, r"'tokens'.*length 17 exceeds.*16"),
+    ("over-long digits", "seq2seq-reverse", {"digits": np.full((1, 13), 5)}, r"'digits'.*length 13 exceeds.*12"),
+    ("digit id out of range", "seq2seq-reverse", {"digits": np.array([[3, 13]])}, r"'digits'.*token id 13"),
+    ("NaN in float input", "floatgru", {"features": with_nan}, r"'features'.*NaN"),
+    ("infinity in float input", "floatgru", {"features": with_inf}, r"'features'.*infinity"),
+    ("wrong fixed dimension", "floatgru", {"features": np.zeros((1, 3, 5), np.float32)},
+     r"'features'.*dimension 2 must be 4"),
+    ("int for float input", "floatgru", {"features": np.zeros((1, 3, 4), np.int64)}, r"'features'.*dtype float32"),
+    ("unknown model", "no-such-model", {"tokens": GOOD_TOKENS}, r"unknown model 'no-such-model'"),
+    ("ragged nested list", "lstm", {"tokens": [[1, 2, 3], [4]]}, r"'tokens'"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine_factory(models):
+    served = [models.models[n] for n in ("lstm", "gru", "floatgru", "seq2seq-reverse")]
+    return lambda: Engine(served, EngineConfig(profile=False))
+
+
+@pytest.mark.parametrize("model, inputs, reason", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_request_is_invalid_with_a_reason_and_neighbours_are_served(models, engine_factory, model, inputs,
+                                                                        reason):
+    engine = engine_factory()
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": GOOD_TOKENS}))
+    engine.submit(make_request(responses, 1, "floatgru", {"features": GOOD_FEATURES}))
+    engine.submit(make_request(responses, 2, model, inputs))
+    engine.submit(make_request(responses, 3, "seq2seq-reverse", {"digits": GOOD_DIGITS}))
+    engine.submit(make_request(responses, 4, "gru", {"tokens": GOOD_TOKENS}))
+    engine.run_until_idle(timeout_s=10)
+
+    bad = responses.one(2)
+    assert bad.status is Status.INVALID
+    assert bad.outputs == {}
+    assert re.search(reason, bad.reason), bad.reason
+
+    for i, name, inputs_ in ((0, "lstm", {"tokens": GOOD_TOKENS}), (1, "floatgru", {"features": GOOD_FEATURES}),
+                             (4, "gru", {"tokens": GOOD_TOKENS})):
+        ok = responses.one(i)
+        assert ok.status is Status.OK, ok.reason
+        assert_same_outputs(ok.outputs, models.reference(name, inputs_), f"neighbour {name}")
+    ok = responses.one(3)
+    assert ok.status is Status.OK, ok.reason
+    np.testing.assert_array_equal(ok.outputs["reversed"], seq2seq_reference(models, GOOD_DIGITS))
+    assert engine.idle()
+
+
+def test_other_integer_widths_are_accepted_for_int64_tokens(models, engine_factory):
+    engine = engine_factory()
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": GOOD_TOKENS.astype(np.int32)}))
+    engine.submit(make_request(responses, 1, "lstm", {"tokens": GOOD_TOKENS.astype(np.uint8)}))
+    engine.submit(make_request(responses, 2, "lstm", {"tokens": GOOD_TOKENS.tolist()}))  # a plain list
+    engine.run_until_idle(timeout_s=10)
+    want = models.reference("lstm", {"tokens": GOOD_TOKENS})
+    for i in range(3):
+        assert responses.one(i).status is Status.OK, responses.one(i).reason
+        assert_same_outputs(responses.one(i).outputs, want)
+
+
+def test_a_sequence_at_the_length_limit_is_served(models, engine_factory):
+    engine = engine_factory()
+    responses = Responses()
+    tokens = np.arange(16, dtype=np.int64)[None] % VOCAB
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": tokens}))
+    engine.run_until_idle(timeout_s=10)
+    assert responses.one(0).status is Status.OK
+    assert_same_outputs(responses.one(0).outputs, models.reference("lstm", {"tokens": tokens}))

@@ -1,0 +1,172 @@
+"""Deadlines and load bounds: admission rejects, drop_late drops, and every request still gets
+exactly one response. Time comes from a fake clock, so nothing here depends on machine speed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cellserve.engine.engine import Engine, EngineConfig
+from cellserve.engine.request import Status
+from helpers_engine import FakeClock, Responses, assert_same_outputs, make_request, seq2seq_reference
+
+TICK = 1e-3  # every clock reading advances the fake clock by this much
+TOKENS = np.array([[5, 4, 3, 2, 1, 0, 9, 8, 7, 6, 5, 4]], np.int64)  # 12 steps per layer
+
+
+def make_engine(models, clock, **config) -> Engine:
+    engine = Engine([models.models["lstm"]], EngineConfig(profile=False, **config), clock=clock)
+    for cell_type in engine.kernels:  # a known step cost: one tick per step, whatever the batch
+        engine.costs.observe(cell_type, 1, TICK)
+    return engine
+
+
+def check_ok(models, responses, indices):
+    want = models.reference("lstm", {"tokens": TOKENS})
+    for i in indices:
+        response = responses.one(i)
+        assert response.status is Status.OK, f"request {i}: {response.status} {response.reason}"
+        assert_same_outputs(response.outputs, want)
+
+
+def test_admission_rejects_a_request_whose_timeout_is_far_below_its_predicted_time(models):
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=True, drop_late=False)
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=1e-4))
+    engine.submit(make_request(responses, 1, "lstm", {"tokens": TOKENS}, timeout_s=1000.0))
+    engine.submit(make_request(responses, 2, "lstm", {"tokens": TOKENS}))  # no deadline
+    engine.run_until_idle(timeout_s=10)
+    rejected = responses.one(0)
+    assert rejected.status is Status.REJECTED
+    assert "deadline" in rejected.reason and "predicted" in rejected.reason
+    assert rejected.outputs == {}
+    check_ok(models, responses, [1, 2])
+
+
+def test_admission_uses_the_configured_default_timeout_for_requests_that_set_none(models):
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=True, drop_late=False, default_timeout_s=1e-4)
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}))
+    engine.submit(make_request(responses, 1, "lstm", {"tokens": TOKENS}, timeout_s=1000.0))
+    engine.run_until_idle(timeout_s=10)
+    assert responses.one(0).status is Status.REJECTED and "deadline" in responses.one(0).reason
+    check_ok(models, responses, [1])
+
+
+def test_admission_with_profiled_step_costs_rejects_an_impossible_deadline(models):
+    engine = Engine([models.models["lstm"]], EngineConfig(admission=True, drop_late=False, profile=True))
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=1e-9))
+    engine.submit(make_request(responses, 1, "lstm", {"tokens": TOKENS}, timeout_s=60.0))
+    engine.run_until_idle(timeout_s=10)
+    assert responses.one(0).status is Status.REJECTED and "deadline" in responses.one(0).reason
+    check_ok(models, responses, [1])
+
+
+@pytest.mark.parametrize("policy", ["cellular", "padded"])
+def test_drop_late_drops_an_admitted_request_that_falls_behind(models, policy):
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=False, drop_late=True, policy=policy, batch_timeout_s=0.0)
+    responses = Responses()
+    for i in range(1, 9):  # background load with no deadline
+        engine.submit(make_request(responses, i, "lstm", {"tokens": TOKENS}))
+    # 24 steps at several clock readings each cannot fit in 30 ms of a 1 ms-per-reading clock
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=0.03))
+    engine.run_until_idle(timeout_s=10)
+    dropped = responses.one(0)
+    assert dropped.status is Status.DROPPED
+    assert "deadline" in dropped.reason and dropped.outputs == {}
+    check_ok(models, responses, range(1, 9))
+    assert engine.idle()
+    for kernel in engine.kernels.values():
+        assert kernel.slots.in_use == 0  # the dropped request's lanes were released
+
+
+def test_drop_late_drops_a_request_still_running_at_its_deadline(models, clock):
+    engine = make_engine(models, clock, admission=False, drop_late=True)
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=0.5))
+    engine.submit(make_request(responses, 1, "lstm", {"tokens": TOKENS}, timeout_s=50.0))
+    assert engine.step()  # admitted and running
+    assert responses.by_index == {}
+    clock.advance(1.0)  # the first request's deadline has passed
+    engine.run_until_idle(timeout_s=10)
+    assert responses.one(0).status is Status.DROPPED and "deadline" in responses.one(0).reason
+    check_ok(models, responses, [1])
+
+
+@pytest.mark.parametrize("policy", ["cellular", "padded", "none"])
+def test_nothing_is_rejected_or_dropped_when_deadlines_are_generous(models, policy):
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=True, drop_late=True, policy=policy, batch_timeout_s=0.0)
+    responses = Responses()
+    for i in range(10):
+        engine.submit(make_request(responses, i, "lstm", {"tokens": TOKENS}, timeout_s=1000.0))
+        engine.step()
+    engine.run_until_idle(timeout_s=10)
+    check_ok(models, responses, range(10))
+
+
+def test_max_active_rejects_with_queue_full_and_accepts_again_once_there_is_room(models, clock):
+    engine = make_engine(models, clock, max_active=2)
+    responses = Responses()
+    for i in range(3):
+        engine.submit(make_request(responses, i, "lstm", {"tokens": TOKENS}))
+    engine.step()
+    assert engine.active_requests == 2
+    assert responses.one(2).status is Status.REJECTED and "queue full" in responses.one(2).reason
+    engine.run_until_idle(timeout_s=10)
+    engine.submit(make_request(responses, 3, "lstm", {"tokens": TOKENS}))
+    engine.run_until_idle(timeout_s=10)
+    check_ok(models, responses, [0, 1, 3])
+
+
+MIX = ["lstm", "gru", "tagger", "seq2seq-reverse"]
+
+
+@st.composite
+def timed_requests(draw):
+    name = draw(st.sampled_from(MIX))
+    rows, length = draw(st.integers(1, 2)), draw(st.integers(1, 10))
+    low, high, key = (3, 12, "digits") if name == "seq2seq-reverse" else (0, 49, "tokens")
+    ids = np.array(draw(st.lists(st.integers(low, high), min_size=rows * length, max_size=rows * length)))
+    timeout = draw(st.one_of(st.none(), st.floats(1e-4, 0.5)))
+    return name, {key: ids.reshape(rows, length)}, timeout, draw(st.integers(0, 2))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=st.sampled_from(["cellular", "cellular-edf", "padded", "none"]), admission=st.booleans(),
+       specs=st.lists(timed_requests(), min_size=1, max_size=8))
+def test_under_deadline_pressure_every_request_gets_exactly_one_response_and_ok_means_correct(
+        models, policy, admission, specs):
+    clock = FakeClock(tick=TICK)
+    engine = Engine([models.models[n] for n in MIX], EngineConfig(policy=policy, admission=admission, drop_late=True,
+                                                                 batch_timeout_s=0.0, profile=False), clock=clock)
+    for cell_type in engine.kernels:
+        engine.costs.observe(cell_type, 1, TICK)
+    responses = Responses()
+    for i, (name, inputs, timeout, steps_before) in enumerate(specs):
+        for _ in range(steps_before):
+            engine.step()
+        engine.submit(make_request(responses, i, name, inputs, timeout_s=timeout))
+    engine.run_until_idle(timeout_s=30)
+    assert engine.idle()
+    allowed = {Status.OK, Status.DROPPED} | ({Status.REJECTED} if admission else set())
+    for i, (name, inputs, timeout, _) in enumerate(specs):
+        response = responses.one(i)
+        assert response.status in allowed, f"{response.status}: {response.reason}"
+        if timeout is None:
+            assert response.status is Status.OK, response.reason
+        if response.status is Status.OK:
+            if name == "seq2seq-reverse":
+                np.testing.assert_array_equal(response.outputs["reversed"], seq2seq_reference(models, inputs["digits"]))
+            else:
+                assert_same_outputs(response.outputs, models.reference(name, inputs), name)
+        else:
+            assert "deadline" in response.reason and response.outputs == {}
+    for kernel in engine.kernels.values():
+        assert kernel.slots.in_use == 0
