@@ -63,7 +63,8 @@ def run(cfg: BenchConfig, log=print) -> dict:
     vocab = model.semantics[input_name].vocab or 2
     slo_s = cfg.slo_ms / 1e3
     log(f"measuring this machine's SGEMM roofline ({'quick' if cfg.quick else 'full'})...")
-    roofline = measure_roofline(cfg.quick)
+    roofline = measure_roofline(cfg.quick)  # before any engine limits numpy's BLAS threads
+    roofline["engine_shapes"] = engine_shape_gflops([1, 8, 32, 64, 128], 512, 2048)
     engines = _engines(model, cfg)
     capacity = _capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed)
     log(f"cellular capacity estimate (closed loop, all requests at once): {capacity:.0f} req/s")
@@ -169,7 +170,7 @@ def _report(cfg: BenchConfig, roofline: dict, capacity: float, rates: list[float
         "machine": {"cpus": _cpus(), "platform": platform.platform(), "processor": platform.processor()},
         "roofline_gflops": roofline["roofline_gflops"],
         "sgemm": roofline["sgemm"],
-        "engine_shape_sgemm_gflops": {str(b): g for b, g in engine_shape_gflops([1, 8, 32, 64, 128], 512, 2048).items()},
+        "engine_shape_sgemm_gflops": {str(b): g for b, g in roofline["engine_shapes"].items()},
         "capacity_estimate_rps": capacity,
         "rates_rps": rates,
         "policies": policies,

@@ -23,6 +23,7 @@ Policies:
 from __future__ import annotations
 
 import heapq
+from itertools import islice
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -77,21 +78,35 @@ class StepBatch:
 class _TypeQueue:
     lanes: dict[int, Lane] = field(default_factory=dict)
     _min: tuple | None = None  # cached most urgent key; None when it must be recomputed
+    _in_order: bool = True  # lanes were added in urgency order (the usual case: same SLO)
+    _last: tuple = ()
 
     def add(self, lane: Lane) -> None:
         self.lanes[lane.lane_id] = lane
         if self._min is not None and lane.key < self._min:
             self._min = lane.key
+        if lane.key < self._last:
+            self._in_order = False
+        self._last = lane.key
 
     def remove(self, lane: Lane) -> None:
         del self.lanes[lane.lane_id]
         if self._min is not None and lane.key <= self._min:
             self._min = None
+        if not self.lanes:
+            self._in_order, self._last = True, ()
 
     def most_urgent(self) -> tuple:
         if self._min is None:
             self._min = min(map(_key, self.lanes.values()))
         return self._min
+
+    def most_urgent_lanes(self, n: int) -> list[Lane]:
+        if len(self.lanes) <= n:
+            return list(self.lanes.values())
+        if self._in_order:  # dicts keep insertion order, which is urgency order here
+            return list(islice(self.lanes.values(), n))
+        return heapq.nsmallest(n, self.lanes.values(), key=_key)
 
 
 class Policy:
@@ -184,10 +199,7 @@ class CellularPolicy(Policy):
         cell_type = self._choose_type()
         if cell_type is None:
             return None
-        lanes = list(self._types[cell_type].lanes.values())
-        if len(lanes) > self.max_batch:
-            lanes = heapq.nsmallest(self.max_batch, lanes, key=_key)
-        return self._batch(cell_type, lanes)
+        return self._batch(cell_type, self._types[cell_type].most_urgent_lanes(self.max_batch))
 
     def _choose_type(self) -> str | None:
         types = list(self._types)

@@ -45,6 +45,8 @@ def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model")
     except Exception as exc:  # onnx raises several unrelated types for a broken file
         raise ModelLoadError(f"cannot read ONNX model {name!r}: {exc}") from exc
     graph = proto.graph
+    if not graph.output:
+        raise ModelLoadError(f"cannot read ONNX model {name!r}: it has no graph outputs (is it an ONNX file?)")
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     inputs = [_spec(v) for v in graph.input if v.name not in constants]
     outputs = [_spec(v) for v in graph.output]

@@ -13,7 +13,9 @@ lanes by one time step each, whatever their positions. Implementations of the st
 - "torch" (any torch device, CUDA included): the same math in torch ops.
 
 Never mix "onednn" and "blas" in one process: OpenMP's and OpenBLAS's thread pools each spin
-waiting for work and starve the other (a step took 8 ms instead of 0.1 ms here).
+waiting for work and starve the other (a step took 8 ms instead of 0.1 ms here). So the first
+"onednn" kernel limits numpy's BLAS to one thread for the rest of the process; what numpy
+still does (the plain ops of a model) works on tiny matrices.
 
 Input projections x @ W_ih^T + b for all of a lane's steps are computed when it starts, as
 one GEMM (or, for a layer fed by an embedding, as row lookups in a table projected once at
@@ -22,9 +24,11 @@ load), and kept in the lane's row block.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+import threadpoolctl
 import torch
 
 from cellserve.graph.model import GATES, DirectionWeights
@@ -47,6 +51,11 @@ class LaneStorage:
     length: int
 
 
+@functools.cache
+def _single_threaded_numpy_blas() -> None:
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def default_backend(device: torch.device) -> str:
     if device.type != "cpu" or _pointwise is None:
         return "torch"
@@ -63,6 +72,7 @@ class _Linear:
         weight = np.ascontiguousarray(weight, dtype=np.float32)
         bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         if backend == "onednn":
+            _single_threaded_numpy_blas()
             self.w = torch.ops.mkldnn._reorder_linear_weight(torch.from_numpy(weight), batch_hint)
             self.b = None if bias is None else torch.from_numpy(bias)
         elif backend == "blas":
