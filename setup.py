@@ -7,7 +7,8 @@ setup(
         Extension(
             "cellserve.kernels._pointwise",
             sources=["cellserve/kernels/_pointwise.c"],
-            extra_compile_args=["-O3", "-fno-math-errno"],
+            extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
         )
     ]
 )

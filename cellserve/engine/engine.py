@@ -96,6 +96,7 @@ class _Run:
 
 
 _DROP_CHECK_S = 0.005
+LONE_LANE_CHUNK = 8
 
 
 class Engine:
@@ -205,13 +206,14 @@ class Engine:
         rows = np.array(batch.rows, np.int64)
         strides = np.array(batch.strides, np.int64)
         while True:
+            steps = self._lone_lane_steps(batch)
             try:
-                ended = self._execute(batch, slots, rows)
+                ended = self._execute(batch, slots, rows, steps)
             except Exception as exc:  # the kernel failed: fail this batch's requests, not the engine
                 log.exception("cell step of %s failed", batch.cell_type)
                 self._fail_batch(batch, f"internal error in cell {batch.cell_type}: {type(exc).__name__}: {exc}")
                 return True
-            finished = self.policy.complete(batch, ended)
+            finished = self.policy.complete(batch, ended, steps)
             for lane in finished:
                 self._lane_finished(lane)
             now = self.clock.now()
@@ -221,8 +223,19 @@ class Engine:
             if finished or self._inbox or not self.policy.stable or (
                     self.config.drop_late and now >= self._next_drop_check):
                 return True
-            rows += strides
+            rows += strides * steps
             t_start, self._compute_s = now, 0.0
+
+    def _lone_lane_steps(self, batch: StepBatch) -> int:
+        """How many steps to run at once: a lane alone in its batch, on a kernel that can,
+        runs up to LONE_LANE_CHUNK steps in one call (arrivals wait at most that long to
+        join); anything else runs one step."""
+        if batch.size != 1 or not getattr(self.kernels[batch.cell_type], "can_run_lane", False):
+            return 1
+        lane = self.policy.lane(batch.lane_ids[0])
+        if lane is None or lane.length is None:
+            return 1
+        return max(1, min(LONE_LANE_CHUNK, lane.length - lane.step))
 
     def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Step until every submitted request has responded (for tests and scripts)."""
@@ -390,7 +403,7 @@ class Engine:
 
     # ---- executing a batch and taking its results back ----
 
-    def _execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray) -> frozenset[int]:
+    def _execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, steps: int) -> frozenset[int]:
         kernel = self.kernels[batch.cell_type]
         t0 = self.clock.now()
         ended: frozenset[int] = frozenset()
@@ -399,15 +412,18 @@ class Engine:
             tokens = kernel.step(slots, rows)
             ended = frozenset(self._record_tokens(batch, tokens, spec))
             flops = sum(spec.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
+        elif steps > 1:
+            kernel.run_lane(batch.slots[0], int(rows[0]), batch.strides[0], steps)
+            flops = steps * spec.flops_per_step()
         else:
             kernel.step(slots, rows, rows)
             flops = batch.size * spec.flops_per_step()
         dt = self.clock.now() - t0
         self._compute_s += dt
-        self.costs.observe(batch.cell_type, batch.size, dt)
+        self.costs.observe(batch.cell_type, batch.size, dt / steps)
         s = self.stats
-        s.cell_steps += 1
-        s.batch_size_sum += batch.size
+        s.cell_steps += steps
+        s.batch_size_sum += batch.size * steps
         s.executed_flops += flops
         s.busy_s += dt
         return ended

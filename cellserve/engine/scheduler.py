@@ -155,17 +155,17 @@ class Policy:
     def next_batch(self, now: float) -> StepBatch | None:
         raise NotImplementedError("a policy chooses its batches")
 
-    def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset()) -> list[Lane]:
-        """Advance the lanes of a batch that ran; return those that finished (and remove them).
-        `ended` names open-ended lanes whose kernel reported their end this step."""
+    def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset(), steps: int = 1) -> list[Lane]:
+        """Advance the lanes of a batch that ran `steps` steps; return those that finished
+        (and remove them). `ended` names open-ended lanes whose kernel reported their end."""
         done = []
         lanes = self._lanes
         for lane_id in batch.lane_ids:
             lane = lanes.get(lane_id)
             if lane is None:
                 continue  # padding, or removed while running
-            lane.step += 1
-            lane.row += lane.stride
+            lane.step += steps
+            lane.row += lane.stride * steps
             if lane.step == lane.length or lane_id in ended:
                 done.append(lane)
         for lane in done:
@@ -286,8 +286,8 @@ class PaddedPolicy(Policy):
     def stable(self) -> bool:
         return True  # a cohort runs one cell type until its longest lane ends
 
-    def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset()) -> list[Lane]:
-        done = super().complete(batch, ended)
+    def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset(), steps: int = 1) -> list[Lane]:
+        done = super().complete(batch, ended, steps)
         self._padding += len(done)
         return done
 

@@ -13,6 +13,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -209,6 +210,106 @@ done:
     return result;
 }
 
+/* ---- a lone lane, several steps per call ----
+ * When one lane runs alone (light load), a step is a GEMV that BLAS libraries do no faster
+ * than a plain loop, plus Python's per-step cost, which this path removes: run_lane does
+ * `nsteps` whole steps in C. Its OpenMP threads are torch's (the extension links libgomp.so.1,
+ * which torch loaded first), so they do not fight torch's pool for the cores. */
+
+CLONES static void dot_rows(const float *restrict W, const float *restrict v, float *restrict y,
+                            Py_ssize_t rows, Py_ssize_t H) {
+    Py_ssize_t r = 0;
+    for (; r + 4 <= rows; r += 4) {  /* four rows share each load of v */
+        const float *w0 = W + r * H, *w1 = w0 + H, *w2 = w1 + H, *w3 = w2 + H;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (Py_ssize_t k = 0; k < H; k++) {
+            s0 += w0[k] * v[k];
+            s1 += w1[k] * v[k];
+            s2 += w2[k] * v[k];
+            s3 += w3[k] * v[k];
+        }
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+    }
+    for (; r < rows; r++) {
+        const float *w = W + r * H;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (Py_ssize_t k = 0; k < H; k++) s += w[k] * v[k];
+        y[r] = s;
+    }
+}
+
+static void gemv(const float *W, const float *v, float *y, Py_ssize_t G, Py_ssize_t H) {
+#pragma omp parallel
+    {
+        Py_ssize_t n = omp_get_num_threads(), t = omp_get_thread_num();
+        Py_ssize_t chunk = (G + n - 1) / n, lo = t * chunk, hi = lo + chunk < G ? lo + chunk : G;
+        if (lo < hi) dot_rows(W + lo * H, v, y + lo, hi - lo, H);
+    }
+}
+
+/* run_lane(kind, H, w, g, x, row, stride, nsteps, slot, h, c, bias, out)
+ *   w [G, H]: W_hh row-major; g [G]: scratch; step k reads x row `row + k * stride`, writes
+ *   out at the same row, and updates state slot `slot` of h [S, H] (and c for lstm). */
+static PyObject *run_lane(PyObject *self, PyObject *args) {
+    int kind;
+    Py_ssize_t H, row, stride, nsteps, slot;
+    PyObject *ow, *og, *ox, *oh, *oc, *ob, *oo;
+    if (!PyArg_ParseTuple(args, "inOOOnnnnOOOO", &kind, &H, &ow, &og, &ox, &row, &stride, &nsteps,
+                          &slot, &oh, &oc, &ob, &oo))
+        return NULL;
+    if (kind < 0 || kind > 3 || H <= 0 || nsteps < 0) {
+        PyErr_SetString(PyExc_ValueError, "run_lane: bad kind, hidden size or step count");
+        return NULL;
+    }
+    const Py_ssize_t G = (kind == 0 ? 4 : kind == 1 ? 3 : 1) * H;
+    Buf b[7];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    if (get_buf(ow, 0, 0, &b[0], "w") || get_buf(og, 1, 0, &b[1], "g") || get_buf(ox, 0, 0, &b[2], "x") ||
+        get_buf(oh, 1, 0, &b[3], "h") || get_buf(oc, 1, 0, &b[4], "c") || get_buf(ob, 0, 0, &b[5], "bias") ||
+        get_buf(oo, 1, 0, &b[6], "out"))
+        goto done;
+    if (!b[0].held || !b[1].held || !b[2].held || !b[3].held || !b[6].held || (kind == 0) != b[4].held ||
+        (kind == 1) != b[5].held) {
+        PyErr_SetString(PyExc_TypeError, "run_lane: w, g, x, h, out are required; c is for lstm, bias for gru");
+        goto done;
+    }
+    const Py_ssize_t last = row + (nsteps - 1) * stride;
+    if (nrows(&b[0], H) < G || nrows(&b[1], G) < 1 || (kind == 1 && nrows(&b[5], G) < 1)) {
+        PyErr_SetString(PyExc_ValueError, "run_lane: w, g or bias is smaller than the gates");
+        goto done;
+    }
+    if (nsteps > 0 && (row < 0 || last < 0 || row >= nrows(&b[2], G) || last >= nrows(&b[2], G) ||
+                       row >= nrows(&b[6], H) || last >= nrows(&b[6], H))) {
+        PyErr_Format(PyExc_IndexError, "run_lane: rows %zd..%zd are outside x or out", row, last);
+        goto done;
+    }
+    if (slot < 0 || slot >= nrows(&b[3], H) || (kind == 0 && slot >= nrows(&b[4], H))) {
+        PyErr_Format(PyExc_IndexError, "run_lane: slot %zd is outside h or c", slot);
+        goto done;
+    }
+    const float *w = b[0].view.buf, *x = b[2].view.buf, *bias = b[5].held ? b[5].view.buf : NULL;
+    float *g = b[1].view.buf, *hs = (float *)b[3].view.buf + slot * H, *out = b[6].view.buf;
+    float *cs = b[4].held ? (float *)b[4].view.buf + slot * H : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < nsteps; k++, row += stride) {
+        gemv(w, hs, g, G, H);
+        const float *xi = x + row * G;
+        float *oi = out + row * H;
+        if (kind == 0) lstm_lane(g, xi, hs, cs, oi, H);
+        else if (kind == 1) gru_lane(g, bias, xi, hs, oi, H);
+        else rnn_lane(g, xi, hs, oi, H, kind == 3);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    release(b, 7);
+    return result;
+}
+
 /* tanh(x) with the same approximation, for testing its accuracy. */
 static PyObject *tanh_test(PyObject *self, PyObject *arg) {
     double x = PyFloat_AsDouble(arg);
@@ -218,6 +319,7 @@ static PyObject *tanh_test(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"step", step, METH_VARARGS, "Fused pointwise half of a batched recurrent cell step."},
+    {"run_lane", run_lane, METH_VARARGS, "Several whole steps of one lane (GEMV and pointwise)."},
     {"tanh", tanh_test, METH_O, "The kernel's float tanh approximation, for tests."},
     {NULL, NULL, 0, NULL},
 };

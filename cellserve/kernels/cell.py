@@ -117,6 +117,8 @@ class CellKernel:
         if self.backend in ("blas", "onednn"):
             self.recurrent = _Linear(weights.w_hh, None, self.backend, device)
             self.bias_vec = self.h_bias
+            self.w_hh = np.ascontiguousarray(weights.w_hh, dtype=np.float32)  # for run_lane
+            self._g = np.zeros(self.gates, np.float32)
             self.h = np.zeros((self.slots.capacity, hidden), np.float32)
             self.c = np.zeros_like(self.h) if kind == "lstm" else None
             self.x = np.zeros((self.rows.capacity, self.gates), np.float32)
@@ -170,6 +172,16 @@ class CellKernel:
             self._step_torch(slots, xrows, orows)
         else:
             self._step_cpu(slots, xrows, orows)
+
+    @property
+    def can_run_lane(self) -> bool:
+        return self.backend != "torch"
+
+    def run_lane(self, slot: int, row: int, stride: int, steps: int) -> None:
+        """Advance one lane `steps` steps in one call (CPU backends): its rows are
+        row, row + stride, ... (see _pointwise.run_lane)."""
+        _pointwise.run_lane(_KIND_CODE[self.kind], self.hidden, self.w_hh, self._g, self.x, row, stride, steps,
+                            slot, self.h, self.c, self.bias_vec, self.out)
 
     def _step_cpu(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
         n = len(slots)
