@@ -101,8 +101,15 @@ def _cast(node: DenseNode, a: Args) -> list[np.ndarray]:
     return [a[0].astype(node.attrs["to"])]
 
 
+def _int_div(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Integer division rounding towards zero, as ONNX (and C) define it."""
+    q = np.floor_divide(x, y)
+    return np.where((q < 0) & (q * y != x), q + 1, q).astype(np.result_type(x, y))
+
+
 def _flatten(node: DenseNode, a: Args) -> list[np.ndarray]:
-    axis = node.attrs.get("axis", 1) % max(a[0].ndim, 1)
+    axis = node.attrs.get("axis", 1)
+    axis = axis + a[0].ndim if axis < 0 else axis
     return [a[0].reshape(int(np.prod(a[0].shape[:axis])), -1)]
 
 
@@ -118,13 +125,13 @@ OPS: dict[str, Callable[[DenseNode, Args], list[np.ndarray]]] = {
     "Add": _elementwise(np.add),
     "Sub": _elementwise(np.subtract),
     "Mul": _elementwise(np.multiply),
-    "Div": _elementwise(lambda x, y: np.floor_divide(x, y) if x.dtype.kind in "iu" else x / y),
+    "Div": _elementwise(lambda x, y: _int_div(x, y) if x.dtype.kind in "iu" else x / y),
     "MatMul": _elementwise(np.matmul),
     "Tanh": _elementwise(np.tanh),
     "Relu": _elementwise(lambda x: np.maximum(x, 0).astype(x.dtype, copy=False)),
     "Sigmoid": _elementwise(_sigmoid),
     "Identity": _elementwise(lambda x: x),
-    "Shape": _elementwise(lambda x: np.array(x.shape, dtype=np.int64)),
+    "Shape": lambda node, a: [np.array(a[0].shape[node.attrs.get("start", 0):node.attrs.get("end")], dtype=np.int64)],
     "Transpose": lambda node, a: [np.transpose(a[0], node.attrs.get("perm"))],
     "Concat": lambda node, a: [np.concatenate(a, axis=node.attrs["axis"])],
     "Expand": lambda node, a: [a[0] * np.ones([int(s) for s in a[1]], dtype=a[0].dtype)],

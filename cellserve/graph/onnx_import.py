@@ -237,16 +237,30 @@ def _drop_unused(program: list, wanted: set[str]) -> list:
 
 def find_semantics(model: Model) -> dict[str, InputSemantics]:
     """Find each input's batch and time axes (and vocabulary, for token ids) by running the
-    model's plain ops once on probe shapes, with recurrent layers replaced by zeros of the
-    right shape, and reading which probe sizes the first recurrent layer that depends on the
-    input sees as its time and batch sizes."""
-    sizes = iter([7, 5, 11, 13, 17, 19, 23])
+    model's plain ops on probe shapes, with recurrent layers replaced by zeros of the right
+    shape, and reading which probe sizes the first recurrent layer that depends on the input
+    sees as its time and batch sizes. Two runs with different sizes: an axis counts only if
+    both agree, so a fixed dimension that happens to equal a probe size is not mistaken."""
+    runs = [_probe(model, [7, 5, 11, 13, 17, 19, 23]), _probe(model, [29, 31, 37, 41, 43, 47, 53])]
+    result = {}
+    for spec in model.inputs:
+        a, b = runs[0][spec.name], runs[1][spec.name]
+        result[spec.name] = InputSemantics(
+            batch_axis=a.batch_axis if a.batch_axis == b.batch_axis else None,
+            time_axis=a.time_axis if a.time_axis == b.time_axis else None,
+            vocab=a.vocab)
+    return result
+
+
+def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
+    sizes = iter(probe_sizes)
     env, marks = dict(model.constants), {}
     for spec in model.inputs:
-        shape = [next(sizes) if d == -1 else d for d in spec.shape]
+        shape = [next(sizes, 3) if d == -1 else d for d in spec.shape]
         marks[spec.name] = {s: axis for axis, (s, d) in enumerate(zip(shape, spec.shape)) if d == -1}
         env[spec.name] = np.zeros(shape, dtype=spec.dtype)
     result = {spec.name: InputSemantics(None, None) for spec in model.inputs}
+    seen = set()
     try:
         for step in model.program:
             if isinstance(step, DenseNode):
@@ -257,8 +271,9 @@ def find_semantics(model: Model) -> dict[str, InputSemantics]:
                 continue
             time, batch = env[step.x].shape[:2]
             for spec in model.inputs:
-                sem = result[spec.name]
-                if sem.time_axis is None and _depends_on(model, step.x, spec.name):
+                if spec.name not in seen and _depends_on(model, step.x, spec.name):
+                    seen.add(spec.name)
+                    sem = result[spec.name]
                     sem.time_axis = marks[spec.name].get(time)
                     sem.batch_axis = marks[spec.name].get(batch)
                     if step.token_table is not None:

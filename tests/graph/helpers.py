@@ -63,37 +63,39 @@ def ort_outputs(model_bytes: bytes, inputs: dict) -> dict[str, np.ndarray]:
 # ---- ONNX graphs built by hand ----
 
 ONNX_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+HIDDEN, X_SIZE = 5, 3
 
 
-def recurrent_onnx(op: str, *, direction: str = "forward", activation: str = "Tanh", hidden: int = 5,
-                   input_size: int = 3, seq_lens: bool = False, initial_state: bool = False,
-                   batch_first: bool = False, opset: int = 17, peephole: bool = False,
+def recurrent_onnx(op: str, *, direction: str = "forward", activation: str = "Tanh", hidden: int = HIDDEN,
+                   input_size: int = X_SIZE, seq_lens: bool = False, initial_state: bool = False,
+                   batch_first: bool = False, bias: bool = True, opset: int = 17, peephole: bool = False,
                    attrs: dict | None = None, seed: int = 0) -> bytes:
-    """One ONNX LSTM/GRU/RNN node named "rnn" with seeded weights, over input X [time, batch,
-    input] (or [batch, time, input] through a Transpose when batch_first), with outputs Y, Y_h
-    (and Y_c for an LSTM). Optional graph inputs: sequence_lens [batch] (int32), initial_h and
-    initial_c [directions, batch, hidden]. `attrs` override the node's attributes."""
+    """One ONNX LSTM/GRU/RNN node named "rnn" with seeded weights W, R (and B, P) over input
+    X [time, batch, input], or X [batch, time, input] through a Transpose when batch_first.
+    Optional graph inputs: sequence_lens [batch] (int32), initial_h (and initial_c for an LSTM)
+    [directions, batch, hidden]. Outputs Y, Y_h (and Y_c). `attrs` override the node's attributes."""
     rng = np.random.default_rng(seed)
     d = 2 if direction == "bidirectional" else 1
     g = ONNX_GATES[op] * hidden
-    weights = {"W": (d, g, input_size), "R": (d, g, hidden), "B": (d, 2 * g)}
-    if peephole:
-        weights["P"] = (d, 3 * hidden)
+    weights = {"W": (d, g, input_size), "R": (d, g, hidden), "B": (d, 2 * g) if bias else None,
+               "P": (d, 3 * hidden) if peephole else None}
     initializers = [numpy_helper.from_array(rng.uniform(-0.6, 0.6, shape).astype(np.float32), name)
-                    for name, shape in weights.items()]
+                    for name, shape in weights.items() if shape]
     value = helper.make_tensor_value_info
-    state = [value(n, TensorProto.FLOAT, [d, "batch", hidden]) for n in ("initial_h", "initial_c")[: 2 if op == "LSTM" else 1]]
+    states = ["initial_h", "initial_c"] if op == "LSTM" else ["initial_h"]
     x_shape = ["batch", "time", input_size] if batch_first else ["time", "batch", input_size]
     inputs = [value("X", TensorProto.FLOAT, x_shape)]
     inputs += [value("sequence_lens", TensorProto.INT32, ["batch"])] if seq_lens else []
-    inputs += state if initial_state else []
-    nodes = [helper.make_node("Transpose", ["X"], ["X_time_major"], name="to_time_major", perm=[1, 0, 2])] if batch_first else []
-    rnn_inputs = ["X_time_major" if batch_first else "X", "W", "R", "B", "sequence_lens" if seq_lens else ""]
-    rnn_inputs += [s.name if initial_state else "" for s in state] + (["P"] if peephole else [])
+    inputs += [value(n, TensorProto.FLOAT, [d, "batch", hidden]) for n in states] if initial_state else []
+    nodes = []
+    if batch_first:
+        nodes.append(helper.make_node("Transpose", ["X"], ["X_time_major"], name="to_time_major", perm=[1, 0, 2]))
+    optional = {"B": bias, "sequence_lens": seq_lens, **{n: initial_state for n in states}, "P": peephole}
+    rnn_inputs = ["X_time_major" if batch_first else "X", "W", "R", *(n if on else "" for n, on in optional.items())]
     while rnn_inputs[-1] == "":
         rnn_inputs.pop()
     outputs = [value("Y", TensorProto.FLOAT, ["time", d, "batch", hidden])]
-    outputs += [value(n, TensorProto.FLOAT, [d, "batch", hidden]) for n in ("Y_h", "Y_c")[: 2 if op == "LSTM" else 1]]
+    outputs += [value(n, TensorProto.FLOAT, [d, "batch", hidden]) for n in ["Y_h", "Y_c"][: len(states)]]
     node_attrs = {"hidden_size": hidden, "direction": direction}
     node_attrs.update({"GRU": {"linear_before_reset": 1}, "RNN": {"activations": [activation] * d}}.get(op, {}))
     node_attrs.update(attrs or {})
@@ -101,10 +103,13 @@ def recurrent_onnx(op: str, *, direction: str = "forward", activation: str = "Ta
     return onnx_bytes(nodes, inputs, outputs, initializers, opset)
 
 
-def onnx_bytes(nodes: list, inputs: list, outputs: list, initializers: list, opset: int = 17) -> bytes:
+def onnx_bytes(nodes: list, inputs: list, outputs: list, initializers: list, opset: int = 17,
+               check: bool = True) -> bytes:
+    """The serialized model; `check=False` allows outputs of unknown shape."""
     graph = helper.make_graph(nodes, "test", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     return model.SerializeToString()
 
 

@@ -13,7 +13,7 @@ from cellserve.errors import ModelLoadError, UnsupportedOperator
 from cellserve.graph.model import InputSemantics
 from cellserve.graph.onnx_import import load_onnx
 
-from .helpers import BACKENDS, assert_outputs_match, onnx_bytes, ort_outputs, recurrent_onnx, serve
+from .helpers import BACKENDS, HIDDEN, X_SIZE, assert_outputs_match, onnx_bytes, ort_outputs, recurrent_onnx, serve
 
 CELLS = [("LSTM", "Tanh"), ("GRU", "Tanh"), ("RNN", "Tanh"), ("RNN", "Relu")]
 DIRECTIONS = ["forward", "reverse", "bidirectional"]
@@ -21,28 +21,30 @@ DIRECTIONS = ["forward", "reverse", "bidirectional"]
 VARIANTS = {
     "plain": (dict(), 17),
     "seq_lens": (dict(seq_lens=True), 14),
-    "initial_state": (dict(initial_state=True), 17),
+    "initial_state+no_bias": (dict(initial_state=True, bias=False), 17),
     "seq_lens+initial_state": (dict(seq_lens=True, initial_state=True), 17),
     "batch_first+seq_lens+initial_state": (dict(batch_first=True, seq_lens=True, initial_state=True), 14),
 }
-# (time, batch) of the requests in flight together; a batch of 3 with sequence_lens gets 3 lengths
-SHAPES = [(6, 3), (1, 3), (4, 3), (3, 3)]
-SHAPES_ANY_BATCH = [(6, 2), (1, 1), (4, 3), (3, 1)]
+# requests in flight together: (time, batch) without sequence_lens, (time, sequence_lens) with them
+SHAPES = [(6, 2), (1, 1), (4, 3), (3, 1)]
+LENGTHS = [(6, [6, 3, 1]), (1, [1, 1, 1]), (4, [2, 3, 1]), (3, [1, 3, 2])]
 
 
-def recurrent_requests(op: str, features: dict, hidden: int = 5, input_size: int = 3, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    d = 2 if features.get("direction") == "bidirectional" else 1
+def recurrent_requests(op: str, direction: str, features: dict) -> list[dict]:
+    """Inputs for recurrent_onnx(op, direction=direction, **features)."""
+    seq_lens, initial_state = features.get("seq_lens", False), features.get("initial_state", False)
+    rng = np.random.default_rng(0)
+    d = 2 if direction == "bidirectional" else 1
     requests = []
-    for time, batch in SHAPES if features.get("seq_lens") else SHAPES_ANY_BATCH:
-        x = rng.standard_normal((time, batch, input_size)).astype(np.float32)
-        inputs = {"X": x.transpose(1, 0, 2).copy() if features.get("batch_first") else x}
-        if features.get("seq_lens"):
-            inputs["sequence_lens"] = np.array([time, rng.integers(1, time + 1), 1], np.int32)
-        if features.get("initial_state"):
-            inputs["initial_h"] = rng.standard_normal((d, batch, hidden)).astype(np.float32)
-            if op == "LSTM":
-                inputs["initial_c"] = rng.standard_normal((d, batch, hidden)).astype(np.float32)
+    for time, lens in LENGTHS if seq_lens else SHAPES:
+        batch = len(lens) if seq_lens else lens
+        x = rng.standard_normal((time, batch, X_SIZE)).astype(np.float32)
+        inputs = {"X": np.ascontiguousarray(x.transpose(1, 0, 2)) if features.get("batch_first") else x}
+        if seq_lens:
+            inputs["sequence_lens"] = np.array(lens, np.int32)
+        if initial_state:
+            for name in ("initial_h", "initial_c")[: 2 if op == "LSTM" else 1]:
+                inputs[name] = rng.standard_normal((d, batch, HIDDEN)).astype(np.float32)
         requests.append(inputs)
     return requests
 
@@ -54,7 +56,7 @@ def recurrent_requests(op: str, features: dict, hidden: int = 5, input_size: int
 def test_recurrent_node_matches_onnxruntime_for_concurrent_requests(op, activation, direction, variant, backend):
     features, opset = VARIANTS[variant]
     data = recurrent_onnx(op, direction=direction, activation=activation, opset=opset, **features)
-    requests = recurrent_requests(op, {**features, "direction": direction})
+    requests = recurrent_requests(op, direction, features)
     got = serve(load_onnx(data, "rnn"), requests, EngineConfig(backend=backend))
     for i, (inputs, outputs) in enumerate(zip(requests, got)):
         assert_outputs_match(outputs, ort_outputs(data, inputs), where=f"request {i}")
@@ -62,7 +64,7 @@ def test_recurrent_node_matches_onnxruntime_for_concurrent_requests(op, activati
 
 def test_sequence_lens_zero_the_outputs_past_each_sequence_end():
     data = recurrent_onnx("LSTM", direction="bidirectional", seq_lens=True)
-    x = np.random.default_rng(1).standard_normal((5, 3, 3)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((5, 3, X_SIZE)).astype(np.float32)
     inputs = {"X": x, "sequence_lens": np.array([5, 2, 1], np.int32)}
     (got,) = serve(load_onnx(data, "rnn"), [inputs])
     assert not got["Y"][2:, :, 1].any() and not got["Y"][1:, :, 2].any()
@@ -94,15 +96,55 @@ def test_embedding_lookup_gives_the_token_input_its_vocabulary():
         assert_outputs_match(outputs, ort_outputs(data, inputs))
 
 
+# ---- the plain ops exporters put around recurrent layers ----
+
+INT64_MIN = int(np.iinfo(np.int64).min)
+# name -> (output type, chain of (op, constant inputs after the first, attributes)) applied to an
+# LSTM's Y [time, 1, batch, 5]
+GLUE = {
+    "Shape_start_end": (TensorProto.INT64, [("Shape", [], {"start": 1, "end": -1})]),
+    "Flatten_axis_2": (TensorProto.FLOAT, [("Flatten", [], {"axis": 2})]),
+    "Flatten_axis_equal_to_rank": (TensorProto.FLOAT, [("Flatten", [], {"axis": 4})]),
+    "Slice_reversed_time": (TensorProto.FLOAT, [("Slice", [[-1], [INT64_MIN], [0], [-1]], {})]),
+    "Gather_negative_index": (TensorProto.FLOAT, [("Gather", [[-1]], {"axis": 0})]),
+    "Reshape_keep_dim_0": (TensorProto.FLOAT, [("Reshape", [[0, -1]], {})]),
+    "Squeeze_Unsqueeze": (TensorProto.FLOAT, [("Squeeze", [[1]], {}), ("Unsqueeze", [[-1]], {})]),
+    "Softmax_axis_0": (TensorProto.FLOAT, [("Softmax", [], {"axis": 0})]),
+    "ArgMax_last_index": (TensorProto.INT64, [("ArgMax", [], {"axis": -1, "keepdims": 0, "select_last_index": 1})]),
+    "Div_negative_integers": (TensorProto.INT64, [("Mul", [[50.0]], {}), ("Cast", [], {"to": TensorProto.INT64}),
+                                                  ("Div", [[4]], {})]),
+}
+
+
+@pytest.mark.parametrize("glue", GLUE)
+def test_plain_ops_after_a_recurrent_layer_match_onnxruntime(glue):
+    out_type, chain = GLUE[glue]
+    lstm = onnx.load_from_string(recurrent_onnx("LSTM")).graph
+    nodes, inits, x = list(lstm.node), list(lstm.initializer), "Y"
+    for k, (op, consts, attrs) in enumerate(chain):
+        names = [f"c{k}_{j}" for j in range(len(consts))]
+        inits += [numpy_helper.from_array(np.array(c, np.float32 if isinstance(c[0], float) else np.int64), n)
+                  for n, c in zip(names, consts)]
+        y = "out" if k == len(chain) - 1 else f"glue{k}"
+        nodes.append(helper.make_node(op, [x, *names], [y], name=f"glue{k}", **attrs))
+        x = y
+    out = helper.make_tensor_value_info("out", out_type, None)
+    data = onnx_bytes(nodes, list(lstm.input), [out], inits, check=False)
+    rng = np.random.default_rng(0)
+    requests = [{"X": rng.standard_normal((t, b, X_SIZE)).astype(np.float32)} for t, b in [(4, 2), (1, 3), (6, 1)]]
+    for inputs, got in zip(requests, serve(load_onnx(data, "glue"), requests)):
+        assert_outputs_match(got, ort_outputs(data, inputs))
+
+
 # ---- refusals at load time ----
 
-def _single_node_model(op: str, opset: int = 17, **attrs) -> bytes:
+def _single_node_model(op: str) -> bytes:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, None])
     weights = {"Conv": [np.ones((2, 2, 3), np.float32)], "LayerNormalization": [np.ones(4, np.float32)]}[op]
     inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
-    node = helper.make_node(op, ["x", *(i.name for i in inits)], ["y"], name=f"my_{op.lower()}", **attrs)
-    return onnx_bytes([node], [x], [y], inits, opset)
+    node = helper.make_node(op, ["x", *(i.name for i in inits)], ["y"], name=f"my_{op.lower()}")
+    return onnx_bytes([node], [x], [y], inits)
 
 
 @pytest.mark.parametrize("op", ["Conv", "LayerNormalization"])
@@ -111,7 +153,7 @@ def test_unsupported_operator_is_refused_naming_operator_and_node(op):
         load_onnx(_single_node_model(op), "bad")
 
 
-@pytest.mark.parametrize("attrs", [{"linear_before_reset": 0}, {}], ids=["explicit", "default"])
+@pytest.mark.parametrize("attrs", [{"linear_before_reset": 0}, {}], ids=["explicit_0", "absent"])
 def test_gru_with_linear_before_reset_0_is_refused(attrs):
     data = recurrent_onnx("GRU", attrs=attrs)
     if not attrs:
@@ -128,6 +170,27 @@ def test_lstm_with_peephole_weights_is_refused():
         load_onnx(recurrent_onnx("LSTM", peephole=True), "bad")
 
 
+@pytest.mark.parametrize("op, attrs, detail", [
+    ("LSTM", {"clip": 1.0}, "clip"),
+    ("LSTM", {"input_forget": 1}, "input_forget"),
+    ("LSTM", {"layout": 1}, "layout"),
+    ("RNN", {"activations": ["LeakyRelu"]}, "activations"),
+    ("GRU", {"activations": ["HardSigmoid", "Tanh"]}, "activations"),
+], ids=["clip", "input_forget", "layout", "RNN_LeakyRelu", "GRU_HardSigmoid"])
+def test_recurrent_attributes_it_cannot_run_are_refused(op, attrs, detail):
+    with pytest.raises(UnsupportedOperator, match=f"'{op}'.*'rnn'.*{detail}"):
+        load_onnx(recurrent_onnx(op, attrs=attrs), "bad")
+
+
+def test_recurrent_weights_that_are_graph_inputs_are_refused():
+    proto = onnx.load_from_string(recurrent_onnx("GRU"))
+    w = next(i for i in proto.graph.initializer if i.name == "W")
+    proto.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(w.dims)))
+    proto.graph.initializer.remove(w)
+    with pytest.raises(UnsupportedOperator, match="'GRU'.*'rnn'.*'W'.*constant"):
+        load_onnx(proto, "bad")
+
+
 @pytest.mark.parametrize("data", [b"", b"this is not an ONNX model", bytes(range(256)) * 4],
                          ids=["empty", "text", "binary"])
 def test_non_onnx_bytes_raise_model_load_error(data):
@@ -142,9 +205,9 @@ def test_truncated_model_raises_model_load_error():
             load_onnx(data[:end], "bad")
 
 
-def test_non_onnx_file_and_missing_file_raise_model_load_error(tmp_path):
-    text = tmp_path / "notes.onnx"
-    text.write_text("just some notes\n" * 20)
-    for path in (text, tmp_path / "missing.onnx"):
+def test_non_onnx_empty_and_missing_files_raise_model_load_error(tmp_path):
+    (tmp_path / "notes.onnx").write_text("just some notes\n" * 20)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for path in (tmp_path / "notes.onnx", tmp_path / "empty.onnx", tmp_path / "missing.onnx"):
         with pytest.raises(ModelLoadError):
             load_onnx(path, "bad")
