@@ -1,9 +1,10 @@
 """Replays a trace open-loop against a running Engine, as a server would see it.
 
-The engine runs its worker loop in one thread; a feeder thread submits each request at its
-arrival time, whatever the engine is doing (open loop: a slow engine does not slow the
-offered load). Latency runs from the scheduled arrival, so any delay in noticing a request
-counts against the engine.
+A feeder thread submits each request at its arrival time, whatever the engine is doing (open
+loop: a slow engine does not slow the offered load), while the engine runs its worker loop
+in the calling thread (see Engine.serve_forever on why that should be the main thread).
+Latency runs from the scheduled arrival, so any delay in noticing a request counts against
+the engine.
 """
 
 from __future__ import annotations
@@ -36,23 +37,29 @@ def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest
             if len(responses) == len(trace):
                 done.set()
 
-    stop = threading.Event()
-    worker = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
-    worker.start()
-    start = engine.clock.now()
+    start = engine.clock.now() + 0.01  # the feeder's first arrival comes after the loop started
     ids = {}
+    requests = []
     for item in sorted(trace, key=lambda r: r.arrival_s):
-        due = start + item.arrival_s
-        delay = due - engine.clock.now()
-        if delay > 0:
-            time.sleep(delay)
         request = Request(model, {input_name: item.tokens.reshape(1, -1)}, on_done=on_done,
-                          timeout_s=timeout_s, arrival=due)
+                          timeout_s=timeout_s, arrival=start + item.arrival_s)
         ids[request.request_id] = item
-        engine.submit(request)
-    done.wait(timeout=drain_s + (trace[-1].arrival_s if trace else 0))
-    stop.set()
-    worker.join()
+        requests.append(request)
+
+    def feed() -> None:
+        for request in requests:
+            delay = request.arrival - engine.clock.now()
+            if delay > 0:
+                time.sleep(delay)
+            engine.submit(request)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    deadline = threading.Timer(drain_s + (trace[-1].arrival_s if trace else 0), done.set)
+    deadline.start()
+    engine.serve_forever(done)
+    deadline.cancel()
+    feeder.join()
     engine.abort_all("benchmark run ended before this request finished")
     outcomes = []
     with lock:

@@ -249,7 +249,12 @@ class Engine:
                     time.sleep(max(0.0, min(wake - self.clock.now(), 0.01)))
 
     def serve_forever(self, stop: threading.Event) -> None:
-        """The worker loop of a server: step while there is work, sleep when there is none."""
+        """The worker loop of a server: step while there is work, sleep when there is none.
+
+        Run it in the process's main thread, and submit from others: libgomp (torch's OpenMP,
+        which the CPU kernels use) cuts its spin-waiting when more OpenMP threads exist than
+        cores, and a second thread that runs parallel regions makes that so; measured here,
+        an empty parallel region took 0.5 us from the main thread and 8.8 us from another."""
         while not stop.is_set():
             if self.step():
                 continue
