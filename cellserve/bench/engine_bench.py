@@ -32,8 +32,8 @@ from cellserve.graph.zoo.modules import RNNClassifier
 
 POLICIES = ("cellular", "padded", "none", "ort", "ort-padded")
 ALTERNATIVES = ("cellular-edf",)  # other cellular policies, measured in full runs
-LOAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.85, 1.0, 1.2, 1.5)
-QUICK_LOAD_FRACTIONS = (0.1, 0.5, 0.85, 1.0, 1.3)
+LOAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.6)
+QUICK_LOAD_FRACTIONS = (0.1, 0.4, 0.7, 1.0, 1.3)
 # Pause between runs: thread pools (OpenMP's, ONNX Runtime's) spin for tens of milliseconds
 # after their last task and would slow whichever policy runs next.
 _SETTLE_S = 0.3
@@ -66,7 +66,8 @@ def run(cfg: BenchConfig, log=print) -> dict:
     roofline = measure_roofline(cfg.quick)  # before any engine limits numpy's BLAS threads
     roofline["engine_shapes"] = engine_shape_gflops([1, 8, 32, 64, 128], 512, 2048)
     engines = _engines(model, cfg)
-    capacity = _capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed)
+    # the first burst warms caches and thread pools up; the best of two more is the estimate
+    capacity = max(_capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed + i) for i in range(3))
     log(f"cellular capacity estimate (closed loop, all requests at once): {capacity:.0f} req/s")
     fractions = QUICK_LOAD_FRACTIONS if cfg.quick else LOAD_FRACTIONS
     rates = [round(capacity * f, 1) for f in fractions]

@@ -5,9 +5,11 @@ measured steps, seeded by a profile at start-up, and read back by interpolating 
 measured buckets: step time is far from linear in the batch at small batches (BLAS switches
 kernels), so a straight-line fit mispredicted by up to 6x here.
 
-Prediction: a request's current layer advances one step per *round*; in a round, every cell
-type with lanes runs once (see scheduler.CellularPolicy), so a round costs the request's own
-cell types at their load plus every other loaded cell type at its load.
+Prediction: a request advances one step per *round*, in which every cell type with lanes
+runs once (see scheduler.CellularPolicy). The engine prices a round at the load *committed*
+to each cell type: the lanes of every admitted request that has yet to leave it, not just the
+lanes there now, since requests in earlier layers arrive before a request admitted now leaves.
+That errs on the slow side, which keeps admitted requests from being dropped later.
 """
 
 from __future__ import annotations
@@ -65,14 +67,6 @@ class CostModel:
         full, rest = divmod(lanes, self.max_batch)
         return full * cost(self.max_batch) + (cost(rest) if rest else 0.0)
 
-    def predict(self, layers: list[tuple[list[str], int]], load: dict[str, int], own_lanes: int) -> float:
-        """Predicted seconds for work given as (cell types, steps) per layer, run one layer
-        after another, with `own_lanes` lanes per cell type, while `load` lanes (not
-        counting the request's own) occupy each cell type."""
-        busy = {t: n for t, n in load.items() if n > 0}
-        others = sum(self.type_time(t, n) for t, n in busy.items())
-        total = 0.0
-        for types, steps in layers:
-            own = sum(self.type_time(t, busy.get(t, 0) + own_lanes) - self.type_time(t, busy.get(t, 0)) for t in types)
-            total += steps * (others + own)
-        return total
+    def round_time(self, load: dict[str, int]) -> float:
+        """Seconds for one round with `load[type]` lanes in each cell type."""
+        return sum(self.type_time(t, n) for t, n in load.items())

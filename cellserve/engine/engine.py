@@ -90,6 +90,7 @@ class _Run:
     rounds_plan: list[int]  # expected steps of each recurrent step of the program
     batch: int  # sequences in the request: lanes per cell type
     pc: int = 0
+    layer: int = 0  # recurrent steps of the program completed
     lanes: dict[int, _LaneRef] = field(default_factory=dict)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)  # of the current recurrent step
     responded: bool = False
@@ -108,6 +109,7 @@ class Engine:
         self.kernels: dict[str, CellKernel | DecoderKernel] = {}
         self._step_spec: dict[str, RecurrentLayer | AttentionDecoder] = {}
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
+        self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
         for model in models:
             self.add_model(model)
         order = {name: m.cell_types() for name, m in self.models.items()}
@@ -142,6 +144,7 @@ class Engine:
                 self.kernels[layer[0]] = DecoderKernel(step, self.device)
             for cell_type in layer:
                 self._step_spec[cell_type] = step
+                self._committed[cell_type] = 0
             self._layer_types[model.name].append(layer)
 
     def _profile(self) -> None:
@@ -206,9 +209,10 @@ class Engine:
         rows = np.array(batch.rows, np.int64)
         strides = np.array(batch.strides, np.int64)
         while True:
-            steps = self._lone_lane_steps(batch)
+            lone_steps = self._lone_lane_steps(batch)
+            steps = lone_steps or 1
             try:
-                ended = self._execute(batch, slots, rows, steps)
+                ended = self._execute(batch, slots, rows, lone_steps)
             except Exception as exc:  # the kernel failed: fail this batch's requests, not the engine
                 log.exception("cell step of %s failed", batch.cell_type)
                 self._fail_batch(batch, f"internal error in cell {batch.cell_type}: {type(exc).__name__}: {exc}")
@@ -227,15 +231,15 @@ class Engine:
             t_start, self._compute_s = now, 0.0
 
     def _lone_lane_steps(self, batch: StepBatch) -> int:
-        """How many steps to run at once: a lane alone in its batch, on a kernel that can,
-        runs up to LONE_LANE_CHUNK steps in one call (arrivals wait at most that long to
-        join); anything else runs one step."""
+        """How many steps a lane alone in its batch runs in one call of its kernel's
+        run_lane (up to LONE_LANE_CHUNK: arrivals wait at most that long to join); 0 when
+        the batch is not one such lane and takes the batched step."""
         if batch.size != 1 or not getattr(self.kernels[batch.cell_type], "can_run_lane", False):
-            return 1
+            return 0
         lane = self.policy.lane(batch.lane_ids[0])
         if lane is None or lane.length is None:
-            return 1
-        return max(1, min(LONE_LANE_CHUNK, lane.length - lane.step))
+            return 0
+        return min(LONE_LANE_CHUNK, lane.length - lane.step)
 
     def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Step until every submitted request has responded (for tests and scripts)."""
@@ -291,12 +295,16 @@ class Engine:
         run = _Run(request, model, {**model.constants, **inputs}, deadline,
                    self._rounds_plan(model, inputs), self._batch_size(model, inputs))
         if self.config.admission and deadline < math.inf:
-            predicted = self._predict(run)
+            load = dict(self._committed)
+            for t in run.model.cell_types():
+                load[t] += run.batch
+            predicted = sum(run.rounds_plan) * self.costs.round_time(load)
             if now + predicted > deadline:
                 self._respond_early(request, Status.REJECTED,
                                     f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
                                     f"({(deadline - now) * 1e3:.1f} ms left)")
                 return
+        self._commit(run, +1)
         self._runs[request.request_id] = run
         self._advance(run)
 
@@ -314,25 +322,24 @@ class Engine:
                 return inputs[name].shape[sem.batch_axis]
         return 1
 
-    def _predict(self, run: _Run) -> float:
-        """Predicted seconds until `run` finishes, from measured step costs and current load."""
-        layer_types = self._layer_types[run.model.name]
-        done = sum(1 for step in run.model.program[: run.pc] if not isinstance(step, DenseNode))
-        plan = [(layer_types[k], run.rounds_plan[k]) for k in range(done, len(layer_types))]
-        load = {t: self.policy.lanes_of(t) for t in self.kernels}
-        if run.lanes and plan:  # inside a layer: its steps left; its lanes are already in the load
-            lanes = [self.policy.lane(i) for i in run.lanes]
-            lanes = [lane for lane in lanes if lane is not None]
-            for lane in lanes:
-                load[lane.cell_type] -= 1
-            left = [lane.length - lane.step if lane.length else plan[0][1] - lane.step for lane in lanes]
-            plan[0] = (plan[0][0], max(left, default=0))
-        return self.costs.predict(plan, load, run.batch)
+    def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
+        """Add (+1) or take back (-1) a run's lanes in the cell types of its layers."""
+        for types in self._layer_types[run.model.name][layers or slice(run.layer, None)]:
+            for t in types:
+                self._committed[t] += sign * run.batch
+
+    def _rounds_left(self, run: _Run) -> int:
+        rounds = sum(run.rounds_plan[run.layer + 1:])
+        steps = [self.policy.lane(i) for i in run.lanes]
+        current = [(lane.length or run.rounds_plan[run.layer]) - lane.step for lane in steps if lane is not None]
+        return rounds + max(current, default=run.rounds_plan[run.layer] if run.layer < len(run.rounds_plan) else 0)
 
     def _drop_late(self, now: float) -> None:
+        """Drop admitted requests that can no longer finish in time: their work is wasted."""
         self._next_drop_check = now + _DROP_CHECK_S
-        for run in list(self._runs.values()):
-            if run.deadline < math.inf and now + self._predict(run) > run.deadline:
+        round_s = self.costs.round_time(self._committed)
+        for run in [r for r in self._runs.values() if r.deadline < math.inf]:
+            if now + self._rounds_left(run) * round_s > run.deadline:
                 self._finish_run(run, Status.DROPPED,
                                  f"dropped: can no longer finish before its deadline "
                                  f"({(run.deadline - now) * 1e3:.1f} ms left)")
@@ -408,7 +415,9 @@ class Engine:
 
     # ---- executing a batch and taking its results back ----
 
-    def _execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, steps: int) -> frozenset[int]:
+    def _execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, lone_steps: int) -> frozenset[int]:
+        """Run one batched step, or `lone_steps` steps of a lone lane (see _lone_lane_steps)."""
+        steps = lone_steps or 1
         kernel = self.kernels[batch.cell_type]
         t0 = self.clock.now()
         ended: frozenset[int] = frozenset()
@@ -417,7 +426,7 @@ class Engine:
             tokens = kernel.step(slots, rows)
             ended = frozenset(self._record_tokens(batch, tokens, spec))
             flops = sum(spec.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
-        elif steps > 1:
+        elif lone_steps:
             kernel.run_lane(batch.slots[0], int(rows[0]), batch.strides[0], steps)
             flops = steps * spec.flops_per_step()
         else:
@@ -467,6 +476,8 @@ class Engine:
         self._compute_s += self.clock.now() - t0
         if not run.lanes:
             self._store_outputs(run)
+            self._commit(run, -1, slice(run.layer, run.layer + 1))
+            run.layer += 1
             run.pc += 1
             self._advance(run)
 
@@ -491,7 +502,8 @@ class Engine:
             self.policy.remove(lane_id)
             ref.kernel.release(ref.storage)
         run.lanes.clear()
-        self._runs.pop(run.request.request_id, None)
+        if self._runs.pop(run.request.request_id, None) is not None:
+            self._commit(run, -1)
         if run.responded:
             raise RuntimeError(f"request {run.request.request_id} answered twice")
         run.responded = True

@@ -219,17 +219,17 @@ done:
 CLONES static void dot_rows(const float *restrict W, const float *restrict v, float *restrict y,
                             Py_ssize_t rows, Py_ssize_t H) {
     Py_ssize_t r = 0;
-    for (; r + 4 <= rows; r += 4) {  /* four rows share each load of v */
-        const float *w0 = W + r * H, *w1 = w0 + H, *w2 = w1 + H, *w3 = w2 + H;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (; r + 8 <= rows; r += 8) {  /* eight rows share each load of v: 8 independent FMA chains */
+        const float *w = W + r * H;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
         for (Py_ssize_t k = 0; k < H; k++) {
-            s0 += w0[k] * v[k];
-            s1 += w1[k] * v[k];
-            s2 += w2[k] * v[k];
-            s3 += w3[k] * v[k];
+            const float x = v[k];
+            s0 += w[k] * x, s1 += w[H + k] * x, s2 += w[2 * H + k] * x, s3 += w[3 * H + k] * x;
+            s4 += w[4 * H + k] * x, s5 += w[5 * H + k] * x, s6 += w[6 * H + k] * x, s7 += w[7 * H + k] * x;
         }
         y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+        y[r + 4] = s4, y[r + 5] = s5, y[r + 6] = s6, y[r + 7] = s7;
     }
     for (; r < rows; r++) {
         const float *w = W + r * H;
