@@ -54,6 +54,7 @@ class EngineConfig:
     device: str = "cpu"
     backend: str | None = None  # cell step implementation: blas | torch | None (best for device)
     admission: bool = True  # refuse a request whose predicted finish misses its deadline
+    admission_headroom: float = 0.8  # admit only if predicted to finish within this share of its time
     drop_late: bool = True  # drop an admitted request that can no longer make its deadline
     default_timeout_s: float | None = None  # deadline for requests that set none
     max_active: int = 4096  # requests in the engine at once; more are refused
@@ -96,7 +97,7 @@ class _Run:
     responded: bool = False
 
 
-_DROP_CHECK_S = 0.005
+_DROP_CHECK_S = 0.01
 LONE_LANE_CHUNK = 8
 
 
@@ -122,6 +123,10 @@ class Engine:
         self._lane_ids = itertools.count(1)
         self._next_drop_check = 0.0
         self._compute_s = 0.0
+        # Wall time of busy steps over the modelled time of their kernels: what projections,
+        # plain ops, admission and bookkeeping add on top of the cell steps (>= 1).
+        self.overhead_factor = 1.0
+        self._busy_wall = self._busy_modelled = 0.0
         if self.config.profile:
             self._profile()
 
@@ -222,6 +227,7 @@ class Engine:
                 self._lane_finished(lane)
             now = self.clock.now()
             self.stats.overhead_s.append(max(now - t_start - self._compute_s, 0.0))
+            self._learn_overhead(now - t_start, batch, steps)
             # While no lane finished and nothing arrived, a stable policy's next batch is this
             # one again (see StepBatch): run it without asking.
             if finished or self._inbox or not self.policy.stable or (
@@ -229,6 +235,20 @@ class Engine:
                 return True
             rows += strides * steps
             t_start, self._compute_s = now, 0.0
+
+    def _learn_overhead(self, wall: float, batch: StepBatch, steps: int) -> None:
+        cost = self.costs.costs.get(batch.cell_type)
+        if cost is None:
+            return
+        self._busy_wall += wall
+        self._busy_modelled += steps * cost(batch.size)
+        if self._busy_wall > 0.05 and self._busy_modelled > 0:
+            ratio = max(1.0, self._busy_wall / self._busy_modelled)
+            self.overhead_factor += 0.3 * (ratio - self.overhead_factor)
+            self._busy_wall = self._busy_modelled = 0.0
+
+    def _round_time(self, load: dict[str, int]) -> float:
+        return self.costs.round_time(load) * self.overhead_factor
 
     def _lone_lane_steps(self, batch: StepBatch) -> int:
         """How many steps a lane alone in its batch runs in one call of its kernel's
@@ -298,8 +318,9 @@ class Engine:
             load = dict(self._committed)
             for t in run.model.cell_types():
                 load[t] += run.batch
-            predicted = sum(run.rounds_plan) * self.costs.round_time(load)
-            if now + predicted > deadline:
+            predicted = sum(run.rounds_plan) * self._round_time(load)
+            # Headroom: requests admitted later slow this one down too.
+            if predicted > self.config.admission_headroom * (deadline - now):
                 self._respond_early(request, Status.REJECTED,
                                     f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
                                     f"({(deadline - now) * 1e3:.1f} ms left)")
@@ -335,9 +356,11 @@ class Engine:
         return rounds + max(current, default=run.rounds_plan[run.layer] if run.layer < len(run.rounds_plan) else 0)
 
     def _drop_late(self, now: float) -> None:
-        """Drop admitted requests that can no longer finish in time: their work is wasted."""
+        """Drop admitted requests that can no longer finish in time: their work is wasted.
+        Priced at the lanes running now (admission prices the committed load: a request is
+        refused on the slow estimate but dropped only on the fast one)."""
         self._next_drop_check = now + _DROP_CHECK_S
-        round_s = self.costs.round_time(self._committed)
+        round_s = self._round_time({t: self.policy.lanes_of(t) for t in self.kernels})
         for run in [r for r in self._runs.values() if r.deadline < math.inf]:
             if now + self._rounds_left(run) * round_s > run.deadline:
                 self._finish_run(run, Status.DROPPED,
@@ -380,18 +403,18 @@ class Engine:
             if lens.shape != (batch,) or lens.min() < 1 or lens.max() > time_len:
                 raise InvalidInput(f"sequence lengths {lens.tolist()} must be {batch} values in [1, {time_len}]")
         ndir, hidden = len(layer.directions), layer.hidden
-        h0 = run.env[layer.initial_h] if layer.initial_h else np.zeros((ndir, batch, hidden), np.float32)
-        c0 = run.env[layer.initial_c] if layer.initial_c else np.zeros((ndir, batch, hidden), np.float32)
+        h0 = run.env[layer.initial_h] if layer.initial_h else None
+        c0 = run.env[layer.initial_c] if layer.initial_c else None
         run.outputs = {"y": np.zeros((time_len, ndir, batch, hidden), np.float32),
-                       "h": np.zeros((ndir, batch, hidden), np.float32),
-                       "c": np.zeros((ndir, batch, hidden), np.float32)}
+                       "h": np.empty((ndir, batch, hidden), np.float32),
+                       "c": np.empty((ndir, batch, hidden), np.float32)}
         cell_types = [f"{run.model.name}/{layer.name}/{d}" for d in range(ndir)]
         for d, cell_type in enumerate(cell_types):
             kernel = self.kernels[cell_type]
             reverse = layer.is_reverse(d)
             for b in range(batch):
                 n = int(lens[b])
-                storage = kernel.start(x[:n, b], h0[d, b], c0[d, b])
+                storage = kernel.start(x[:n, b], None if h0 is None else h0[d, b], None if c0 is None else c0[d, b])
                 self.stats.executed_flops += n * layer.flops_per_token_projection()
                 row0, stride = (storage.base + n - 1, -1) if reverse else (storage.base, 1)
                 self._add_lane(run, cell_type, n, storage, row0, stride, _LaneRef(run, kernel, storage, d, b))

@@ -139,16 +139,21 @@ class CellKernel:
         length = int(x.shape[0])
         lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
         self._fit_capacity()
-        if self.projected_table is None:
-            projection = self.project(x)
-        elif self.backend == "torch":
-            projection = self.projected_table[torch.as_tensor(x, device=self.device)]
+        rows = slice(lane.base, lane.base + length)
+        if self.backend == "torch":
+            ids = torch.as_tensor(x, device=self.device) if self.projected_table is not None else None
+            self.x[rows] = self.projected_table[ids] if ids is not None else self.project(x)
+            self.h[lane.slot] = 0.0 if h0 is None else torch.as_tensor(h0, device=self.device)
+            if self.c is not None:
+                self.c[lane.slot] = 0.0 if c0 is None else torch.as_tensor(c0, device=self.device)
+            return lane
+        if self.projected_table is not None:
+            np.take(self.projected_table, x, axis=0, out=self.x[rows])
         else:
-            projection = self.projected_table[x]
-        self._write(self.x, slice(lane.base, lane.base + length), projection)
-        self._write(self.h, lane.slot, h0 if h0 is not None else 0.0)
+            self.x[rows] = self.project(x)
+        self.h[lane.slot] = 0.0 if h0 is None else h0
         if self.c is not None:
-            self._write(self.c, lane.slot, c0 if c0 is not None else 0.0)
+            self.c[lane.slot] = 0.0 if c0 is None else c0
         return lane
 
     def finish(self, lane: LaneStorage) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -225,12 +230,6 @@ class CellKernel:
         bigger = np.zeros((n, a.shape[1]), np.float32) if isinstance(a, np.ndarray) else a.new_zeros((n, a.shape[1]))
         bigger[: a.shape[0]] = a
         return bigger
-
-    def _write(self, arena, index, value) -> None:
-        if isinstance(arena, np.ndarray) or isinstance(value, (float, torch.Tensor)):
-            arena[index] = value
-        else:
-            arena[index] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
 
     @staticmethod
     def _read(a) -> np.ndarray:
