@@ -25,7 +25,7 @@ import torch
 
 from cellserve.engine.cost_model import CostModel
 from cellserve.engine.request import Request, Response, Status
-from cellserve.engine.scheduler import Lane, StepBatch, make_policy
+from cellserve.engine.scheduler import POLICIES, Lane, StepBatch, make_policy
 from cellserve.engine.validation import validate_inputs
 from cellserve.errors import CellserveError, InvalidInput, UnknownModel
 from cellserve.graph import dense_ops
@@ -52,13 +52,32 @@ class EngineConfig:
     max_batch: int | None = None  # per cell type; policy default when None
     batch_timeout_s: float = 0.005  # padded: wait this long after the oldest request
     device: str = "cpu"
-    backend: str | None = None  # cell step implementation: blas | torch | None (best for device)
+    backend: str | None = None  # cell step: onednn | blas | torch | None (the best for the device)
     admission: bool = True  # refuse a request whose predicted finish misses its deadline
     admission_headroom: float = 0.8  # admit only if predicted to finish within this share of its time
     drop_late: bool = True  # drop an admitted request that can no longer make its deadline
     default_timeout_s: float | None = None  # deadline for requests that set none
     max_active: int = 4096  # requests in the engine at once; more are refused
     profile: bool = True  # measure step costs at start-up to seed the cost model
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.policy not in POLICIES:
+            problems.append(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.max_batch is not None and self.max_batch < 1:
+            problems.append(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.batch_timeout_s < 0:
+            problems.append(f"batch_timeout_s must be >= 0, got {self.batch_timeout_s}")
+        if self.backend not in (None, "onednn", "blas", "torch"):
+            problems.append(f"backend {self.backend!r} is not one of onednn, blas, torch")
+        if not 0 < self.admission_headroom <= 1:
+            problems.append(f"admission_headroom must be in (0, 1], got {self.admission_headroom}")
+        if self.default_timeout_s is not None and self.default_timeout_s <= 0:
+            problems.append(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
+        if self.max_active < 1:
+            problems.append(f"max_active must be >= 1, got {self.max_active}")
+        if problems:
+            raise ValueError("invalid EngineConfig: " + "; ".join(problems))
 
 
 @dataclass
@@ -72,7 +91,8 @@ class EngineStats:
 
 @dataclass(eq=False)
 class _LaneRef:
-    run: "_Run"
+    """Where one of a request's lanes lives, and where its results go."""
+
     kernel: CellKernel | DecoderKernel
     storage: LaneStorage
     direction: int
@@ -112,7 +132,7 @@ class Engine:
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
         for model in models:
-            self.add_model(model)
+            self._add_model(model)
         order = {name: m.cell_types() for name, m in self.models.items()}
         self.policy = make_policy(self.config.policy, order, self.config.max_batch, self.config.batch_timeout_s)
         self.costs = CostModel(self.policy.max_batch)
@@ -132,7 +152,7 @@ class Engine:
 
     # ---- models and kernels ----
 
-    def add_model(self, model: Model) -> None:
+    def _add_model(self, model: Model) -> None:
         if "/" in model.name or not model.name:
             raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/'")
         self.models[model.name] = model
@@ -310,6 +330,9 @@ class Engine:
         if len(self._runs) >= self.config.max_active:
             self._respond_early(request, Status.REJECTED, f"queue full: {len(self._runs)} requests in flight")
             return
+        if request.timeout_s is not None and not request.timeout_s > 0:
+            self._respond_early(request, Status.INVALID, f"timeout must be > 0 seconds, got {request.timeout_s}")
+            return
         timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
         deadline = request.arrival + timeout if timeout is not None else math.inf
         run = _Run(request, model, {**model.constants, **inputs}, deadline,
@@ -417,7 +440,7 @@ class Engine:
                 storage = kernel.start(x[:n, b], None if h0 is None else h0[d, b], None if c0 is None else c0[d, b])
                 self.stats.executed_flops += n * layer.flops_per_token_projection()
                 row0, stride = (storage.base + n - 1, -1) if reverse else (storage.base, 1)
-                self._add_lane(run, cell_type, n, storage, row0, stride, _LaneRef(run, kernel, storage, d, b))
+                self._add_lane(run, cell_type, n, storage, row0, stride, _LaneRef(kernel, storage, d, b))
 
     def _start_decoder(self, run: _Run, dec: AttentionDecoder) -> None:
         memory, h0, c0 = run.env[dec.memory], run.env[dec.initial_h], run.env[dec.initial_c]
@@ -427,7 +450,7 @@ class Engine:
         for b in range(memory.shape[1]):
             storage = kernel.start(memory[:, b], h0[b], c0[b])
             self._add_lane(run, cell_type, None, storage, storage.base, 0,
-                           _LaneRef(run, kernel, storage, 0, b, tokens=[]))
+                           _LaneRef(kernel, storage, 0, b, tokens=[]))
 
     def _add_lane(self, run: _Run, cell_type: str, length: int | None, storage: LaneStorage,
                   row0: int, stride: int, ref: _LaneRef) -> None:
