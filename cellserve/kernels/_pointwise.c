@@ -195,6 +195,9 @@ static PyObject *step(PyObject *self, PyObject *args) {
     float *h = b[4].view.buf, *c = b[5].held ? b[5].view.buf : NULL;
     float *out = b[7].held ? b[7].view.buf : NULL;
     Py_BEGIN_ALLOW_THREADS
+    /* lanes are independent (distinct slots and rows; padding lanes share the scratch slot and
+     * row, whose contents are garbage by design); split big batches over the cores */
+#pragma omp parallel for schedule(static) if (B * H >= 8192)
     for (Py_ssize_t i = 0; i < B; i++) {
         const float *gi = g + i * G, *xi = x + xr[i] * G;
         float *hi = h + sl[i] * H, *oi = out ? out + orr[i] * H : NULL;
