@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--bursty", action="store_true", help="bursty (two-state MMPP) arrivals instead of Poisson")
     eng.add_argument("--max-batch", type=int, default=64, help="cellular's batch cap per cell type (default: 64)")
     eng.add_argument("--seed", type=int, default=0)
+    eng.add_argument("--repeats", type=int, default=None,
+                     help="runs of each policy at each rate, best kept (default: 1 with --quick, else 2)")
     eng.add_argument("--json", type=Path, default=Path("bench-results/engine.json"), help="where to write results")
     eng.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
 
@@ -41,20 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args)
     if args.command == "bench" and args.bench_command == "engine":
-        return _bench_engine(args.model, args.slo_ms, args.quick, args.bursty, args.max_batch, args.seed, args.json, args.plot)
+        return _bench_engine(args.model, args.slo_ms, args.quick, args.bursty, args.max_batch, args.seed,
+                             args.json, args.plot, args.repeats)
     parser.error("unknown command")
     return 2
 
 
-def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot) -> int:
+def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot, repeats=None) -> int:
     from cellserve.bench import engine_bench
     from cellserve.errors import CellserveError
 
-    if slo_ms <= 0 or max_batch < 1:
-        print("error: --slo-ms must be > 0 and --max-batch >= 1", file=sys.stderr)
+    if slo_ms <= 0 or max_batch < 1 or (repeats is not None and repeats < 1):
+        print("error: --slo-ms must be > 0, --max-batch and --repeats >= 1", file=sys.stderr)
         return 2
     cfg = engine_bench.BenchConfig(model=model, slo_ms=slo_ms, quick=quick, bursty=bursty, seed=seed,
-                                   max_batch=max_batch, json_path=json_path, plot_path=plot)
+                                   max_batch=max_batch, json_path=json_path, plot_path=plot, repeats=repeats)
     try:
         report = engine_bench.run(cfg)
     except CellserveError as exc:

@@ -30,7 +30,6 @@ from cellserve.engine.request import Request
 from cellserve.graph import zoo
 from cellserve.graph.zoo.modules import RNNClassifier
 
-POLICIES = ("cellular", "padded", "none", "ort", "ort-padded")
 ALTERNATIVES = ("cellular-edf",)  # other cellular policies, measured in full runs
 # Fine steps at low rates too: the baselines saturate there, and their best goodput is read
 # off this grid.
@@ -53,10 +52,15 @@ class BenchConfig:
     padded_timeout_ms: float = 5.0
     json_path: Path = Path("bench-results/engine.json")
     plot_path: Path | None = None
+    repeats: int | None = None  # runs of each policy at each rate (the best counts); 1 quick, 2 full
 
     @property
     def run_seconds(self) -> float:
-        return 2.0 if self.quick else 6.0
+        return 2.0 if self.quick else 5.0
+
+    @property
+    def runs_per_point(self) -> int:
+        return self.repeats or (1 if self.quick else 2)
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
@@ -88,8 +92,14 @@ def run(cfg: BenchConfig, log=print) -> dict:
                 if policy in collapsed:
                     bar.update()
                     continue
-                time.sleep(_SETTLE_S)
-                summary = summarize(runner(traces[rate], rate), slo_s)
+                # Each policy gets its best of a few runs: on a shared machine one stall can
+                # build a backlog that an open-loop run never drains, whichever the policy.
+                tries = []
+                for _ in range(cfg.runs_per_point):
+                    time.sleep(_SETTLE_S)
+                    tries.append(summarize(runner(traces[rate], rate), slo_s))
+                summary = max(tries, key=lambda t: t["goodput_rps"])
+                summary["goodput_rps_of_each_run"] = [t["goodput_rps"] for t in tries]
                 results[policy].append(summary)
                 best = max(r["goodput_rps"] for r in results[policy])
                 if summary["goodput_rps"] < 0.5 * best:
@@ -169,6 +179,7 @@ def _report(cfg: BenchConfig, roofline: dict, capacity: float, rates: list[float
         "model": cfg.model,
         "slo_ms": cfg.slo_ms,
         "quick": cfg.quick,
+        "runs_per_point": cfg.runs_per_point,
         "bursty": cfg.bursty,
         "machine": {"cpus": _cpus(), "platform": platform.platform(), "processor": platform.processor()},
         "roofline_gflops": roofline["roofline_gflops"],

@@ -23,6 +23,7 @@ Policies:
 from __future__ import annotations
 
 import heapq
+from abc import ABC, abstractmethod
 from itertools import islice
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -109,7 +110,7 @@ class _TypeQueue:
         return heapq.nsmallest(n, self.lanes.values(), key=_key)
 
 
-class Policy:
+class Policy(ABC):
     """Common lane bookkeeping; subclasses decide what runs next."""
 
     name = "base"
@@ -152,8 +153,9 @@ class Policy:
         """Whether the last batch is also the next one while no lane finishes or arrives."""
         return False
 
+    @abstractmethod
     def next_batch(self, now: float) -> StepBatch | None:
-        raise NotImplementedError("a policy chooses its batches")
+        """The batch to run now, or None when nothing is ready."""
 
     def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset(), steps: int = 1) -> list[Lane]:
         """Advance the lanes of a batch that ran `steps` steps; return those that finished
