@@ -53,10 +53,12 @@ class BenchConfig:
     json_path: Path = Path("bench-results/engine.json")
     plot_path: Path | None = None
     repeats: int | None = None  # runs of each policy at each rate (the best counts); 1 quick, 2 full
+    load_fractions: tuple[float, ...] | None = None  # of the capacity estimate; None: by quick
+    seconds_per_run: float | None = None  # None: by quick
 
     @property
     def run_seconds(self) -> float:
-        return 2.0 if self.quick else 5.0
+        return self.seconds_per_run or (2.0 if self.quick else 5.0)
 
     @property
     def runs_per_point(self) -> int:
@@ -75,7 +77,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
     # the first burst warms caches and thread pools up; the best of two more is the estimate
     capacity = max(_capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed + i) for i in range(3))
     log(f"cellular capacity estimate (closed loop, all requests at once): {capacity:.0f} req/s")
-    fractions = QUICK_LOAD_FRACTIONS if cfg.quick else LOAD_FRACTIONS
+    fractions = cfg.load_fractions or (QUICK_LOAD_FRACTIONS if cfg.quick else LOAD_FRACTIONS)
     rates = [round(capacity * f, 1) for f in fractions]
     runners = {name: _policy_runner(name, engines, model.name, input_name, slo_s) for name in engines}
     runners.update(_ort_runners(cfg, model.name))
