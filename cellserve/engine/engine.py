@@ -87,6 +87,8 @@ class EngineStats:
     executed_flops: float = 0.0
     busy_s: float = 0.0
     overhead_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    steps_by_type: dict[str, int] = field(default_factory=dict)  # batched executions per cell type
+    lanes_by_type: dict[str, int] = field(default_factory=dict)  # lane-steps per cell type
 
 
 @dataclass(eq=False)
@@ -114,6 +116,8 @@ class _Run:
     layer: int = 0  # recurrent steps of the program completed
     lanes: dict[int, _LaneRef] = field(default_factory=dict)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)  # of the current recurrent step
+    state: dict = field(default_factory=dict)  # final (h, c) per layer, when the request asks
+    admitted: float | None = None
     responded: bool = False
 
 
@@ -349,6 +353,7 @@ class Engine:
                                     f"({(deadline - now) * 1e3:.1f} ms left)")
                 return
         self._commit(run, +1)
+        run.admitted = now
         self._runs[request.request_id] = run
         self._advance(run)
 
@@ -428,6 +433,12 @@ class Engine:
         ndir, hidden = len(layer.directions), layer.hidden
         h0 = run.env[layer.initial_h] if layer.initial_h else None
         c0 = run.env[layer.initial_c] if layer.initial_c else None
+        carried = (run.request.initial_state or {}).get(layer.name)
+        if carried is not None:  # a stream's next chunk goes on from where the last one ended
+            h0, c0 = carried
+            if h0.shape != (len(layer.directions), batch, layer.hidden):
+                raise InvalidInput(f"carried state of layer {layer.name!r} has shape {list(h0.shape)}, "
+                                   f"the input needs {[len(layer.directions), batch, layer.hidden]}")
         run.outputs = {"y": np.zeros((time_len, ndir, batch, hidden), np.float32),
                        "h": np.empty((ndir, batch, hidden), np.float32),
                        "c": np.empty((ndir, batch, hidden), np.float32)}
@@ -484,6 +495,8 @@ class Engine:
         s = self.stats
         s.cell_steps += steps
         s.batch_size_sum += batch.size * steps
+        s.steps_by_type[batch.cell_type] = s.steps_by_type.get(batch.cell_type, 0) + steps
+        s.lanes_by_type[batch.cell_type] = s.lanes_by_type.get(batch.cell_type, 0) + batch.size * steps
         s.executed_flops += flops
         s.busy_s += dt
         return ended
@@ -533,6 +546,8 @@ class Engine:
             for name, key in ((step.y, "y"), (step.y_h, "h"), (step.y_c, "c")):
                 if name:
                     run.env[name] = run.outputs[key]
+            if run.request.return_state:
+                run.state[step.name] = (run.outputs["h"], run.outputs["c"] if step.kind == "lstm" else None)
         else:
             rows = [run.outputs[b] for b in sorted(run.outputs)]
             width = max(1, max(len(r) for r in rows))
@@ -554,7 +569,8 @@ class Engine:
             raise RuntimeError(f"request {run.request.request_id} answered twice")
         run.responded = True
         self._deliver(run.request, Response(run.request.request_id, status, outputs or {}, reason,
-                                            run.request.arrival, self.clock.now()))
+                                            run.request.arrival, self.clock.now(), run.admitted,
+                                            run.state if status is Status.OK else {}))
 
     def _fail_request(self, request: Request, reason: str) -> None:
         run = self._runs.get(request.request_id)

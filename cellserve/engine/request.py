@@ -31,6 +31,11 @@ class Request:
     priority: int = 0
     arrival: float | None = None  # clock time; the engine stamps it at submit if None
     request_id: int = field(default_factory=lambda: next(_ids))
+    # Implicit state of a stream (see `Response.state`): each recurrent layer named here
+    # starts from these (h, c) arrays, shaped [directions, batch, hidden] (c is None but for
+    # LSTMs), instead of its initial-state inputs.
+    initial_state: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None
+    return_state: bool = False  # put every recurrent layer's final (h, c) in the response
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Response:
     reason: str = ""
     arrival: float = 0.0
     finish: float = 0.0
+    admitted: float | None = None  # when the engine took it in (None: answered at admission)
+    state: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
     @property
     def latency_s(self) -> float:

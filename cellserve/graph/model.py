@@ -149,6 +149,16 @@ class Model:
     def recurrent_steps(self) -> list[RecurrentLayer | AttentionDecoder]:
         return [s for s in self.program if not isinstance(s, DenseNode)]
 
+    def why_not_streamable(self) -> str | None:
+        """Why this model cannot take a sequence in chunks carrying state between them (None
+        when it can): only forward recurrences can go on from a saved state."""
+        for step in self.recurrent_steps():
+            if isinstance(step, AttentionDecoder):
+                return f"it decodes with {step.name!r}, which needs the whole input first"
+            if any(step.is_reverse(d) for d in range(len(step.directions))):
+                return f"layer {step.name!r} runs backwards in time, which needs the whole input first"
+        return None
+
     def cell_types(self) -> list[str]:
         """Names of this model's cell types, in program order."""
         names = []
