@@ -1,0 +1,255 @@
+"""What both protocol frontends (HTTP and gRPC) call: health, metadata and inference.
+
+The engine runs in the process's main thread; the frontends run on one asyncio loop in
+another. `Core.infer` hands a request to the engine and awaits its one response, which the
+engine thread passes back through `call_soon_threadsafe`. Sequences, parameters, deadlines
+and metrics are handled here, once, for both protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cellserve import __version__
+from cellserve.engine.engine import Engine
+from cellserve.engine.request import Request, Response, Status
+from cellserve.server.codec import datatype_of
+from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Overloaded, SequenceError,
+                                     ServerError, Unavailable)
+from cellserve.server.metrics import Metrics
+from cellserve.server.repository import ServedModel
+from cellserve.server.sequences import SequenceStore
+
+EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout"]
+# the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
+_UINT64_MAX = (1 << 64) - 1
+
+
+@dataclass
+class InferInput:
+    """A decoded inference request, whichever protocol it came by."""
+
+    model: str
+    version: str  # "" for the default (highest) version
+    inputs: dict[str, np.ndarray]
+    request_id: str = ""
+    parameters: dict = field(default_factory=dict)
+    outputs: list[str] | None = None  # requested output names; None for all
+
+
+@dataclass
+class InferOutput:
+    model: str
+    version: str
+    request_id: str
+    outputs: dict[str, np.ndarray]
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """The protocol's request parameters, checked."""
+
+    sequence_id: int | str | None = None
+    sequence_start: bool = False
+    sequence_end: bool = False
+    priority: int = 0
+    timeout_us: int | None = None
+
+    @classmethod
+    def parse(cls, params: dict) -> "RequestOptions":
+        if not isinstance(params, dict):
+            raise BadRequest(f"parameters must be an object, got {type(params).__name__}")
+        seq = params.get("sequence_id")
+        if seq is not None:
+            if isinstance(seq, bool) or not isinstance(seq, (int, str)) or (isinstance(seq, int) and not
+                                                                           0 <= seq <= _UINT64_MAX):
+                raise BadRequest(f"parameter 'sequence_id' must be a non-negative integer or a string, got {seq!r}")
+            if seq in (0, ""):
+                seq = None  # tritonclient's "not a sequence"
+        flags = {}
+        for name in ("sequence_start", "sequence_end"):
+            value = params.get(name, False)
+            if not isinstance(value, bool):
+                raise BadRequest(f"parameter {name!r} must be a boolean, got {value!r}")
+            flags[name] = value
+        if seq is None and (flags["sequence_start"] or flags["sequence_end"]):
+            raise BadRequest("parameters 'sequence_start'/'sequence_end' need a 'sequence_id'")
+        ints = {}
+        for name in ("priority", "timeout"):
+            value = params.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= _UINT64_MAX):
+                raise BadRequest(f"parameter {name!r} must be a non-negative integer, got {value!r}")
+            ints[name] = value
+        return cls(seq, flags["sequence_start"], flags["sequence_end"], ints["priority"] or 0,
+                   ints["timeout"] or None)
+
+
+class Core:
+    def __init__(self, served: list[ServedModel], engine: Engine, metrics: Metrics,
+                 sequence_idle_s: float = 60.0, max_sequences: int = 100_000):
+        self.engine = engine
+        self.metrics = metrics
+        self.sequence_idle_s = sequence_idle_s
+        self.sequences = SequenceStore(max_sequences)
+        self._models: dict[str, dict[str, ServedModel]] = {}
+        for entry in served:
+            self._models.setdefault(entry.name, {})[entry.version] = entry
+        self.accepting = True  # False once shutdown began: new inference is refused
+
+    # ---- health and metadata ----
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.accepting
+
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def model(self, name: str, version: str = "") -> ServedModel:
+        versions = self._models.get(name)
+        if versions is None:
+            raise NotFound(f"unknown model {name!r}; this server serves {', '.join(self.model_names())}")
+        if not version:
+            return versions[max(versions, key=int)]
+        entry = versions.get(version)
+        if entry is None:
+            raise NotFound(f"unknown version {version!r} of model {name!r}; it has version(s) "
+                           f"{', '.join(sorted(versions, key=int))}")
+        return entry
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        self.model(name, version)
+        return self.accepting
+
+    def server_metadata(self) -> dict:
+        return {"name": "cellserve", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        entry = self.model(name, version)
+
+        def tensors(specs):
+            return [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)} for s in specs]
+
+        versions = [entry.version] if version else sorted(self._models[name], key=int)
+        return {"name": name, "versions": versions, "platform": entry.platform,
+                "inputs": tensors(entry.model.inputs), "outputs": tensors(entry.model.outputs)}
+
+    # ---- inference ----
+
+    async def infer(self, request: InferInput) -> InferOutput:
+        received = time.perf_counter()
+        entry = self.model(request.model, request.version)
+        labels = {"model": entry.name, "version": entry.version}
+        self.metrics.pending.labels(**labels).inc()
+        try:
+            result = await self._infer(entry, request, received)
+        except ServerError as exc:
+            self.metrics.failure.labels(**labels, reason=_reason(exc)).inc()
+            raise
+        finally:
+            self.metrics.pending.labels(**labels).dec()
+        self.metrics.success.labels(**labels).inc()
+        self.metrics.request_us.labels(**labels).inc((time.perf_counter() - received) * 1e6)
+        return result
+
+    async def _infer(self, entry: ServedModel, request: InferInput, received: float) -> InferOutput:
+        if not self.accepting:
+            raise Unavailable("the server is shutting down")
+        options = RequestOptions.parse(request.parameters)
+        if request.outputs is not None:
+            known = {s.name for s in entry.model.outputs}
+            unknown = [o for o in request.outputs if o not in known]
+            if unknown:
+                raise BadRequest(f"unknown output(s) {unknown} of model {entry.name!r}; it has {sorted(known)}")
+        timeout_s = options.timeout_us / 1e6 if options.timeout_us else entry.settings.default_timeout_s
+        priority = options.priority or entry.settings.default_priority or (1 << 31)
+        if options.sequence_id is None:
+            response = await self._submit(entry, request.inputs, timeout_s, priority, received)
+        else:
+            response = await self._sequence_step(entry, request, options, timeout_s, priority, received)
+        outputs = response.outputs
+        if request.outputs is not None:
+            outputs = {name: outputs[name] for name in request.outputs}
+        parameters = {}
+        if options.sequence_id is not None:
+            parameters = {"sequence_id": options.sequence_id, "sequence_start": options.sequence_start,
+                          "sequence_end": options.sequence_end}
+        return InferOutput(entry.name, entry.version, request.request_id, outputs, parameters)
+
+    async def _sequence_step(self, entry: ServedModel, request: InferInput, options: RequestOptions,
+                             timeout_s, priority, received) -> Response:
+        why = entry.model.why_not_streamable()
+        if why is not None:
+            raise SequenceError(f"model {entry.name!r} cannot serve sequences: {why}")
+        idle_s = entry.settings.sequence_idle_s or self.sequence_idle_s
+        key = (entry.name, entry.version, options.sequence_id)
+        sequence = self.sequences.get(key, options.sequence_start, idle_s)
+        sequence.users += 1
+        try:
+            async with sequence.lock:  # chunks of one sequence run one after another
+                if options.sequence_start:
+                    sequence.state = None
+                elif self.sequences.get(key, False, idle_s) is not sequence:
+                    raise SequenceError(f"{sequence.describe()} was restarted while this request waited")
+                response = await self._submit(entry, request.inputs, timeout_s, priority, received,
+                                              initial_state=sequence.state, return_state=True)
+                # a failed chunk raised above: the state stays where the last good chunk left it
+                sequence.state = response.state
+                if options.sequence_end:
+                    self.sequences.end(sequence, "ended by sequence_end")
+        finally:
+            sequence.users -= 1
+            sequence.last_used = time.monotonic()
+            self.metrics.sequences.labels(model=entry.name).set(self.sequences.count(entry.name))
+        return response
+
+    async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
+                      initial_state=None, return_state=False) -> Response:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def on_done(response: Response) -> None:  # the engine thread
+            loop.call_soon_threadsafe(_resolve, done, response)
+
+        self.engine.submit(Request(entry.engine_name, inputs, on_done=on_done, timeout_s=timeout_s,
+                                   priority=priority, initial_state=initial_state, return_state=return_state))
+        response = await done
+        labels = {"model": entry.name, "version": entry.version}
+        if response.admitted is not None:
+            self.metrics.queue_us.labels(**labels).inc(max(response.admitted - response.arrival, 0) * 1e6)
+            self.metrics.compute_us.labels(**labels).inc(max(response.finish - response.admitted, 0) * 1e6)
+        if response.status is Status.OK:
+            if timeout_s is not None and response.finish - received > timeout_s:
+                self.metrics.slo_miss.labels(**labels).inc()
+            self.metrics.inference_count.labels(**labels).inc(_batch_of(entry, inputs))
+            return response
+        raise _ERRORS[response.status](f"{response.reason}")
+
+
+def _resolve(future: asyncio.Future, response: Response) -> None:
+    if not future.done():
+        future.set_result(response)
+
+
+def _batch_of(entry: ServedModel, inputs: dict) -> int:
+    for name, sem in entry.model.semantics.items():
+        if sem.batch_axis is not None and name in inputs:
+            return int(np.shape(inputs[name])[sem.batch_axis])
+    return 1
+
+
+_ERRORS = {Status.INVALID: BadRequest, Status.REJECTED: Overloaded, Status.DROPPED: DeadlineExceeded,
+           Status.ERROR: ServerError}
+
+
+def _reason(exc: ServerError) -> str:
+    return {BadRequest: "invalid", NotFound: "invalid", SequenceError: "sequence", Overloaded: "rejected",
+            DeadlineExceeded: "dropped", Unavailable: "unavailable"}.get(type(exc), "error")

@@ -1,0 +1,82 @@
+"""Prometheus metrics, with Triton's meanings under a `cellserve_` prefix, plus what cellular
+batching adds. Durations are cumulative microseconds, as Triton's are.
+
+Triton-like, per model and version:
+  cellserve_inference_request_success, cellserve_inference_request_failure{reason}
+  cellserve_inference_count        inferences done (a request of batch B counts B)
+  cellserve_inference_exec_count   batched cell steps run for the model: with the line
+                                   above, inferences per step tell how well batching works
+  cellserve_inference_request_duration_us, ..._queue_duration_us, ..._compute_duration_us
+  cellserve_inference_pending_request_count
+Cellular batching:
+  cellserve_cell_steps_total{cell_type}, cellserve_cell_lanes_total{cell_type}: mean batch
+                                   occupancy of a cell type is lanes / steps
+  cellserve_slo_miss_total         answered, but after the deadline
+  cellserve_sequences_active
+Failure reasons: invalid, rejected (refused at admission), dropped (deadline missed while
+queued or running), sequence (a sequence error), error (the server failed).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+LABELS = ("model", "version")
+
+
+class Metrics:
+    def __init__(self, engine=None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.success = Counter("cellserve_inference_request_success", "Successful inference requests", LABELS,
+                               registry=r)
+        self.failure = Counter("cellserve_inference_request_failure", "Failed inference requests",
+                               (*LABELS, "reason"), registry=r)
+        self.inference_count = Counter("cellserve_inference_count", "Inferences performed (batch counts)", LABELS,
+                                       registry=r)
+        self.request_us = Counter("cellserve_inference_request_duration_us",
+                                  "Cumulative end-to-end inference request time", LABELS, registry=r)
+        self.queue_us = Counter("cellserve_inference_queue_duration_us",
+                                "Cumulative time requests waited before the engine admitted them", LABELS, registry=r)
+        self.compute_us = Counter("cellserve_inference_compute_duration_us",
+                                  "Cumulative time from admission to the answer", LABELS, registry=r)
+        self.pending = Gauge("cellserve_inference_pending_request_count", "Requests received, not yet answered",
+                             LABELS, registry=r)
+        self.slo_miss = Counter("cellserve_slo_miss", "Requests answered after their deadline", LABELS, registry=r)
+        self.sequences = Gauge("cellserve_sequences_active", "Active stateful sequences", ("model",), registry=r)
+        if engine is not None:
+            r.register(_EngineCollector(engine))
+
+    def for_model(self, model: str, version: str) -> dict:
+        return {"model": model, "version": version}
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Reads the engine's step counters at scrape time (plain ints, updated by the engine thread)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats
+        steps = CounterMetricFamily("cellserve_cell_steps", "Batched executions of a cell type", labels=["cell_type"])
+        lanes = CounterMetricFamily("cellserve_cell_lanes", "Lane-steps run of a cell type (sum of batch sizes)",
+                                    labels=["cell_type"])
+        execs = CounterMetricFamily("cellserve_inference_exec_count", "Batched cell steps run for a model",
+                                    labels=list(LABELS))
+        by_model: dict[str, int] = {}
+        for cell_type, count in list(stats.steps_by_type.items()):
+            steps.add_metric([cell_type], count)
+            lanes.add_metric([cell_type], stats.lanes_by_type.get(cell_type, 0))
+            engine_model = cell_type.split("/", 1)[0]
+            by_model[engine_model] = by_model.get(engine_model, 0) + count
+        for engine_model, count in by_model.items():
+            name, _, version = engine_model.rpartition(":")
+            execs.add_metric([name, version], count)
+        yield steps
+        yield lanes
+        yield execs

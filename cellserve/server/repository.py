@@ -1,0 +1,175 @@
+"""The models a server serves: a Triton-style model repository, or the zoo.
+
+Layout, as Triton lays it out:
+
+    <repository>/<model>/config.pbtxt          optional, Triton's ModelConfig in text format
+    <repository>/<model>/<version>/model.onnx  versions are positive integers
+
+Without a config the inputs and outputs come from the ONNX graph. Of the config, cellserve
+reads: `name`, `platform`/`backend` (must be ONNX Runtime's, if set), `version_policy`,
+`default_model_filename`, `input`/`output` (names and data types are checked against the
+graph), `sequence_batching.max_sequence_idle_microseconds`,
+`dynamic_batching.default_priority_level`, and `parameters` `slo_ms` (the model's default
+deadline for requests that send no `timeout`). See the README for an example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from cellserve.errors import ModelLoadError
+from cellserve.graph.model import Model
+
+ONNX_PLATFORMS = {"", "onnxruntime_onnx"}
+ONNX_BACKENDS = {"", "onnxruntime"}
+
+
+@dataclass
+class ModelSettings:
+    default_timeout_s: float | None = None  # deadline of requests that send no timeout
+    sequence_idle_s: float | None = None  # None: the server's --sequence-idle-timeout
+    default_priority: int = 0  # 0: after every explicit priority level
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: str
+    model: Model  # its name is "<name>:<version>", unique in the engine
+    platform: str
+    settings: ModelSettings
+
+    @property
+    def engine_name(self) -> str:
+        return self.model.name
+
+
+def load_zoo(names: list[str] | None = None, slo_ms: float | None = None) -> list[ServedModel]:
+    from cellserve.graph import zoo
+
+    served = []
+    for name in names or zoo.names():
+        model = zoo.load(name)
+        model.name = f"{name}:1"
+        settings = ModelSettings(default_timeout_s=slo_ms / 1e3 if slo_ms else None)
+        served.append(ServedModel(name, "1", model, "cellserve_zoo", settings))
+    return served
+
+
+def load_repository(root: Path) -> list[ServedModel]:
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelLoadError(f"model repository {str(root)!r} is not a directory")
+    served = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        served += _load_model_dir(model_dir)
+    if not served:
+        raise ModelLoadError(f"model repository {str(root)!r} holds no models "
+                             "(expected <model>/<version>/model.onnx)")
+    return served
+
+
+def _load_model_dir(model_dir: Path) -> list[ServedModel]:
+    from cellserve.graph.onnx_import import load_onnx
+
+    name = model_dir.name
+    if ":" in name or not name:
+        raise ModelLoadError(f"model directory name {name!r} must not contain ':'")
+    config = _read_config(model_dir)
+    where = f"model {name!r}"
+    if config.name and config.name != name:
+        raise ModelLoadError(f"{where}: config.pbtxt names it {config.name!r}; it must match the directory")
+    if config.platform not in ONNX_PLATFORMS or config.backend not in ONNX_BACKENDS:
+        raise ModelLoadError(f"{where}: platform {config.platform!r} / backend {config.backend!r} is not served; "
+                             "cellserve serves ONNX models (platform onnxruntime_onnx)")
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    chosen = _choose_versions(config, versions, where)
+    filename = config.default_model_filename or "model.onnx"
+    settings = _settings(config, where)
+    served = []
+    for version in chosen:
+        path = model_dir / str(version) / filename
+        if not path.is_file():
+            raise ModelLoadError(f"{where} version {version}: no {filename} in {str(path.parent)!r}")
+        try:
+            model = load_onnx(path, f"{name}:{version}")
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{where} version {version} ({path}): {exc}") from exc
+        except Exception as exc:  # a corrupt file: protobuf, onnx checker, ...
+            raise ModelLoadError(f"{where} version {version} ({path}): cannot load: {type(exc).__name__}: {exc}") from exc
+        _check_declared_tensors(config, model, f"{where} version {version}")
+        served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings))
+    return served
+
+
+def _read_config(model_dir: Path) -> mc.ModelConfig:
+    config = mc.ModelConfig()
+    path = model_dir / "config.pbtxt"
+    if path.is_file():
+        try:
+            text_format.Parse(path.read_text(), config)
+        except (text_format.ParseError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path}: not a valid Triton model config: {exc}") from exc
+    return config
+
+
+def _choose_versions(config: mc.ModelConfig, versions: list[int], where: str) -> list[int]:
+    if not versions:
+        raise ModelLoadError(f"{where}: no version directories (positive integers) found")
+    policy = config.version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return versions
+    if kind == "specific":
+        missing = sorted(set(policy.specific.versions) - set(versions))
+        if missing:
+            raise ModelLoadError(f"{where}: version_policy asks for version(s) {missing}, found {versions}")
+        return sorted(set(policy.specific.versions))
+    count = policy.latest.num_versions if kind == "latest" else 1
+    return versions[-max(count, 1):]
+
+
+def _settings(config: mc.ModelConfig, where: str) -> ModelSettings:
+    settings = ModelSettings()
+    slo = config.parameters.get("slo_ms")
+    if slo is not None:
+        try:
+            value = float(slo.string_value)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ModelLoadError(f"{where}: parameter slo_ms must be a positive number, got {slo.string_value!r}")
+        settings.default_timeout_s = value / 1e3
+    idle = config.sequence_batching.max_sequence_idle_microseconds
+    if config.HasField("sequence_batching") and idle > 0:
+        settings.sequence_idle_s = idle / 1e6
+    if config.HasField("dynamic_batching"):
+        settings.default_priority = config.dynamic_batching.default_priority_level
+    return settings
+
+
+_CONFIG_TYPES = {getattr(mc, f"TYPE_{t}"): t for t in
+                 ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                  "FP16", "FP32", "FP64")}
+
+
+def _check_declared_tensors(config: mc.ModelConfig, model: Model, where: str) -> None:
+    from cellserve.server.codec import datatype_of
+
+    for declared, actual, kind in ((config.input, model.inputs, "input"), (config.output, model.outputs, "output")):
+        by_name = {spec.name: spec for spec in actual}
+        for tensor in declared:
+            spec = by_name.get(tensor.name)
+            if spec is None:
+                raise ModelLoadError(f"{where}: config declares {kind} {tensor.name!r}; "
+                                     f"the model's {kind}s are {sorted(by_name)}")
+            want = _CONFIG_TYPES.get(tensor.data_type)
+            have = datatype_of(np.dtype(spec.dtype))
+            if want is not None and want != have:
+                raise ModelLoadError(f"{where}: config declares {kind} {tensor.name!r} as TYPE_{want}; "
+                                     f"the model has {have}")

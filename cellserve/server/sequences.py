@@ -1,0 +1,80 @@
+"""Stateful sequences (Triton's sequence extension with implicit state).
+
+A sequence holds no engine slot between its requests: only its recurrent layers' final
+(h, c), on the host. Each chunk joins the cellular batch like any request, starting from that
+state, so any number of sequences share the batch. Chunks of one sequence run one at a time,
+in the order they arrived. A sequence idle for longer than its timeout is released, and a
+later request on it is told so; it is never silently restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from cellserve.server.errors import Overloaded, SequenceError
+
+SequenceKey = tuple[str, str, object]  # (model, version, sequence id)
+_REMEMBER_ENDED = 10_000  # released sequences remembered, to explain a late request on one
+
+
+@dataclass(eq=False)
+class Sequence:
+    key: SequenceKey
+    idle_timeout_s: float
+    state: dict | None = None  # layer -> (h, c) after the last completed chunk
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # chunks holding or waiting for the lock
+
+    def describe(self) -> str:
+        return f"sequence {self.key[2]!r} of model {self.key[0]!r}"
+
+
+class SequenceStore:
+    """Active sequences of every model. Used from the server's event loop only."""
+
+    def __init__(self, max_sequences: int = 100_000):
+        self.max_sequences = max_sequences
+        self._active: dict[SequenceKey, Sequence] = {}
+        self._ended: OrderedDict[SequenceKey, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def count(self, model: str) -> int:
+        return sum(1 for key in self._active if key[0] == model)
+
+    def get(self, key: SequenceKey, start: bool, idle_timeout_s: float) -> Sequence:
+        """The sequence a chunk belongs to: a new one when `start`, else the active one."""
+        sequence = self._active.get(key)
+        if sequence is None:
+            if not start:
+                why = self._ended.get(key)
+                name = f"sequence {key[2]!r} of model {key[0]!r}"
+                if why is not None:
+                    raise SequenceError(f"{name} was {why}; start a new one with sequence_start")
+                raise SequenceError(f"{name} is not active: its first request must set sequence_start")
+            if len(self._active) >= self.max_sequences:
+                raise Overloaded(f"too many active sequences ({self.max_sequences}); end or let some expire")
+            sequence = self._active[key] = Sequence(key, idle_timeout_s)
+            self._ended.pop(key, None)
+        sequence.last_used = time.monotonic()
+        return sequence
+
+    def end(self, sequence: Sequence, why: str) -> None:
+        if self._active.get(sequence.key) is sequence:
+            del self._active[sequence.key]
+            self._ended[sequence.key] = why
+            while len(self._ended) > _REMEMBER_ENDED:
+                self._ended.popitem(last=False)
+
+    def expire(self, now: float | None = None) -> int:
+        """Release sequences idle past their timeout (none with a chunk in flight)."""
+        now = time.monotonic() if now is None else now
+        idle = [s for s in self._active.values() if s.users == 0 and now - s.last_used > s.idle_timeout_s]
+        for sequence in idle:
+            self.end(sequence, f"released after {sequence.idle_timeout_s:g} s idle")
+        return len(idle)
