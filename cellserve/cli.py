@@ -33,6 +33,42 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--json", type=Path, default=Path("bench-results/engine.json"), help="where to write results")
     eng.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
 
+    srv = sub.add_parser("serve", help="serve models over the Open Inference Protocol (HTTP, gRPC) with metrics",
+                         description="Serve a Triton-style model repository, or the zoo when none is given.")
+    srv.add_argument("--model-repository", type=Path, default=None,
+                     help="<repo>/<model>/<version>/model.onnx (+ optional config.pbtxt); default: the zoo")
+    srv.add_argument("--model", action="append", default=[], dest="zoo_models", metavar="NAME",
+                     help="serve only this zoo model (repeatable; without --model-repository)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    srv.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0: any free; -1: off)")
+    srv.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: any free; -1: off)")
+    srv.add_argument("--metrics-port", type=int, default=8002,
+                     help="Prometheus metrics port (default 8002; 0: any free; -1: off)")
+    srv.add_argument("--device", default="cpu", help="torch device for the cells: cpu, cuda, cuda:1, ... (default cpu)")
+    srv.add_argument("--policy", default="cellular", help="batching policy: cellular, cellular-edf, padded, none")
+    srv.add_argument("--max-batch", type=int, default=None, help="batch cap per cell type (default: the policy's)")
+    srv.add_argument("--max-queue", type=int, default=4096, help="requests in the engine at once; more get 429")
+    srv.add_argument("--slo-ms", type=float, default=None,
+                     help="default deadline of zoo models' requests that send no timeout")
+    srv.add_argument("--max-request-size", type=int, default=64 << 20, help="largest request body in bytes")
+    srv.add_argument("--sequence-idle-timeout", type=float, default=60.0,
+                     help="seconds before an idle sequence is released (a model's config may override)")
+    srv.add_argument("--max-sequences", type=int, default=100_000, help="active sequences at once")
+    srv.add_argument("--grace-period", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM/SIGINT")
+
+    inf = sub.add_parser("infer", help="send one inference request to a running server and print the answer")
+    inf.add_argument("model", help="model name, e.g. seq2seq-reverse or lstm-512")
+    inf.add_argument("text", nargs="?", default=None,
+                     help="input as text: digits for seq2seq-reverse, words for the token models")
+    inf.add_argument("--json", dest="json_input", default=None,
+                     help='inputs as JSON instead: {"INPUT": nested list, ...}')
+    inf.add_argument("--url", default=None, help="server address host:port (default: localhost:8000, "
+                                                 "or localhost:8001 with --protocol grpc)")
+    inf.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    inf.add_argument("--model-version", default="", help="version to ask for (default: the server's choice)")
+    inf.add_argument("--timeout-ms", type=float, default=None, help="request deadline")
+
     args = parser.parse_args(argv)
     if args.command == "models":
         from cellserve.graph import zoo
@@ -42,11 +78,46 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         return _demo(args)
+    if args.command == "serve":
+        return _serve(args, parser)
+    if args.command == "infer":
+        from cellserve.client import infer_command
+
+        return infer_command(args)
     if args.command == "bench" and args.bench_command == "engine":
         return _bench_engine(args.model, args.slo_ms, args.quick, args.bursty, args.max_batch, args.seed,
                              args.json, args.plot, args.repeats)
     parser.error("unknown command")
     return 2
+
+
+def _serve(args, parser) -> int:
+    from cellserve.server.app import ServerSettings, serve
+
+    for flag, value in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),
+                        ("--metrics-port", args.metrics_port)):
+        if not -1 <= value <= 65535:
+            parser.error(f"{flag} must be a port number, 0 (any free port) or -1 (off), got {value}")
+    positive = {"--max-queue": args.max_queue, "--max-request-size": args.max_request_size,
+                "--sequence-idle-timeout": args.sequence_idle_timeout, "--max-sequences": args.max_sequences}
+    if args.slo_ms is not None:
+        positive["--slo-ms"] = args.slo_ms
+    if args.max_batch is not None:
+        positive["--max-batch"] = args.max_batch
+    for flag, value in positive.items():
+        if not value > 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    if args.grace_period < 0:
+        parser.error(f"--grace-period must be >= 0, got {args.grace_period}")
+    if args.model_repository is not None and args.zoo_models:
+        parser.error("--model picks zoo models; it cannot be combined with --model-repository")
+    settings = ServerSettings(model_repository=args.model_repository, zoo_models=args.zoo_models, host=args.host,
+                              http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                              device=args.device, policy=args.policy, max_batch=args.max_batch,
+                              max_queue=args.max_queue, default_slo_ms=args.slo_ms,
+                              max_request_bytes=args.max_request_size, sequence_idle_s=args.sequence_idle_timeout,
+                              max_sequences=args.max_sequences, grace_s=args.grace_period)
+    return serve(settings)
 
 
 def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot, repeats=None) -> int:

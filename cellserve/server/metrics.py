@@ -19,10 +19,11 @@ queued or running), sequence (a sequence error), error (the server failed).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 LABELS = ("model", "version")
+disable_created_metrics()  # Triton exports no *_created series either
 
 
 class Metrics:

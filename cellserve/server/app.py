@@ -1,0 +1,215 @@
+"""`cellserve serve`: load the models, bind the ports, run the engine in the main thread and
+the protocol frontends (HTTP, gRPC, metrics) on an asyncio loop in a second thread.
+
+Lifecycle: on SIGTERM or SIGINT the server stops accepting (readiness turns false, new
+inference gets 503), lets in-flight requests finish within the grace period, answers whatever
+is left with an error, and exits 0. A start-up failure (a broken model, a port in use) prints
+one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from cellserve.engine.engine import Engine, EngineConfig
+from cellserve.errors import CellserveError
+from cellserve.server.core import Core
+from cellserve.server.http_frontend import build_app, build_metrics_app
+from cellserve.server.metrics import Metrics
+from cellserve.server.repository import ServedModel, load_repository, load_zoo
+
+log = logging.getLogger("cellserve.server")
+
+
+@dataclass
+class ServerSettings:
+    model_repository: Path | None = None  # None: serve the zoo
+    zoo_models: list[str] = field(default_factory=list)  # a subset of the zoo (empty: all)
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001  # -1 turns the protocol off
+    metrics_port: int = 8002
+    device: str = "cpu"
+    policy: str = "cellular"
+    max_batch: int | None = None
+    max_queue: int = 4096  # requests in the engine at once
+    default_slo_ms: float | None = None  # zoo models' default deadline
+    max_request_bytes: int = 64 << 20
+    sequence_idle_s: float = 60.0
+    max_sequences: int = 100_000
+    grace_s: float = 30.0
+
+
+class StartupError(Exception):
+    pass
+
+
+def serve(settings: ServerSettings) -> int:
+    try:
+        served = _load_models(settings)
+        sockets = _bind(settings)
+        engine = Engine([s.model for s in served],
+                        EngineConfig(policy=settings.policy, max_batch=settings.max_batch, device=settings.device,
+                                     max_active=settings.max_queue))
+    except (CellserveError, StartupError, ValueError, RuntimeError) as exc:
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    metrics = Metrics(engine)
+    core = Core(served, engine, metrics, settings.sequence_idle_s, settings.max_sequences)
+    frontends = Frontends(core, settings, sockets)
+    try:
+        ports = frontends.start()
+    except StartupError as exc:
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+    engine_stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if not core.accepting:  # a second signal: stop now
+            engine_stop.set()
+            return
+        print(f"cellserve: {signal.Signals(signum).name}: stopping, {settings.grace_s:g} s grace", flush=True)
+        core.accepting = False
+        frontends.stop(on_stopped=engine_stop.set)
+        threading.Timer(settings.grace_s, engine_stop.set).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    models = ", ".join(f"{s.name} (v{s.version})" for s in served)
+    print(f"cellserve: serving {models}", flush=True)
+    print(f"cellserve: ready: http={ports['http']} grpc={ports['grpc']} metrics={ports['metrics']}", flush=True)
+    engine.serve_forever(engine_stop)  # the main thread: see Engine.serve_forever
+    engine.abort_all("the server is shutting down")
+    frontends.join(timeout=5.0)
+    print("cellserve: stopped", flush=True)
+    return 0
+
+
+def _load_models(settings: ServerSettings) -> list[ServedModel]:
+    if settings.model_repository is not None:
+        return load_repository(settings.model_repository)
+    return load_zoo(settings.zoo_models or None, settings.default_slo_ms)
+
+
+def _bind(settings: ServerSettings) -> dict[str, socket.socket]:
+    """Bind the HTTP ports before anything else starts, so that a port in use is one clear error."""
+    sockets = {}
+    for name, port in (("http", settings.http_port), ("metrics", settings.metrics_port)):
+        if port < 0:
+            continue
+        sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.host, port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen for {name} on {settings.host}:{port}: {exc.strerror}") from exc
+        sock.listen(2048)
+        sockets[name] = sock
+    return sockets
+
+
+class Frontends:
+    """The asyncio side: uvicorn for HTTP and metrics, grpc.aio for gRPC, the sequence sweeper."""
+
+    def __init__(self, core: Core, settings: ServerSettings, sockets: dict[str, socket.socket]):
+        self.core, self.settings, self.sockets = core, settings, sockets
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="cellserve-frontends", daemon=True)
+        self._started = threading.Event()
+        self._ports: dict[str, str] = {}
+        self._error: str | None = None
+        self._uvicorn: list[uvicorn.Server] = []
+        self._grpc = None
+        self._stopping: asyncio.Event | None = None
+        self._on_stopped = lambda: None
+
+    def start(self) -> dict[str, str]:
+        self._thread.start()
+        self._started.wait()
+        if self._error:
+            raise StartupError(self._error)
+        return self._ports
+
+    def stop(self, on_stopped) -> None:
+        """Stop accepting and wind down (from any thread); call on_stopped once all is closed."""
+        self._on_stopped = on_stopped
+        self.loop.call_soon_threadsafe(self._stopping.set)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.close()
+
+    async def _main(self) -> None:
+        self._stopping = asyncio.Event()
+        try:
+            tasks = await self._start_all()
+        except Exception as exc:  # noqa: BLE001 - reported as the one start-up line
+            self._error = str(exc)
+            self._started.set()
+            return
+        self._started.set()
+        sweeper = asyncio.create_task(self._sweep_sequences())
+        await self._stopping.wait()
+        sweeper.cancel()
+        for server in self._uvicorn:
+            server.should_exit = True  # stop accepting; in-flight requests finish
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.grace_s)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._on_stopped()
+
+    async def _start_all(self) -> list[asyncio.Task]:
+        s = self.settings
+        tasks = []
+        apps = {"http": build_app(self.core, s.max_request_bytes), "metrics": build_metrics_app(self.core.metrics)}
+        for name, sock in self.sockets.items():
+            config = uvicorn.Config(apps[name], log_level="warning", access_log=False, lifespan="off",
+                                    timeout_graceful_shutdown=s.grace_s, http="httptools",
+                                    limit_concurrency=None, backlog=2048)
+            server = uvicorn.Server(config)
+            self._uvicorn.append(server)
+            tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
+            host, port = sock.getsockname()[:2]
+            self._ports[name] = f"{_url_host(host)}:{port}"
+        self._ports.setdefault("http", "off")
+        self._ports.setdefault("metrics", "off")
+        self._ports["grpc"] = "off"
+        if s.grpc_port >= 0:
+            from cellserve.server.grpc_frontend import start_grpc
+
+            self._grpc, port = await start_grpc(self.core, s.host, s.grpc_port, s.max_request_bytes)
+            self._ports["grpc"] = f"{_url_host(s.host)}:{port}"
+        while not all(server.started for server in self._uvicorn):
+            failed = [t for t in tasks if t.done()]
+            if failed:
+                raise StartupError(f"the HTTP frontend failed to start: {failed[0].exception()!r}")
+            await asyncio.sleep(0.01)
+        return tasks
+
+    async def _sweep_sequences(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self.core.sequences.expire():
+                for name in self.core.model_names():
+                    self.core.metrics.sequences.labels(model=name).set(self.core.sequences.count(name))
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
