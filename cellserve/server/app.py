@@ -81,7 +81,9 @@ def serve(settings: ServerSettings) -> int:
         print(f"cellserve: {signal.Signals(signum).name}: stopping, {settings.grace_s:g} s grace", flush=True)
         core.accepting = False
         frontends.stop(on_stopped=engine_stop.set)
-        threading.Timer(settings.grace_s, engine_stop.set).start()
+        deadline = threading.Timer(settings.grace_s, engine_stop.set)
+        deadline.daemon = True  # must not keep the process alive once everything stopped
+        deadline.start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
