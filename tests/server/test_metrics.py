@@ -1,0 +1,63 @@
+"""The Prometheus endpoint: Triton's counters under cellserve_, and the cellular ones."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+
+def scrape(server) -> dict[tuple, float]:
+    text = urllib.request.urlopen(f"http://{server.metrics}/metrics").read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def infer(client, tokens, **kw):
+    tensor = httpclient.InferInput("tokens", list(tokens.shape), "INT64")
+    tensor.set_data_from_numpy(tokens)
+    return client.infer("lstm-512", [tensor], **kw)
+
+
+def test_counters_follow_requests(zoo_server):
+    m = {"model": "lstm-512", "version": "1"}
+    before = scrape(zoo_server)
+    with httpclient.InferenceServerClient(zoo_server.http) as client:
+        infer(client, np.ones((2, 10), np.int64))
+        infer(client, np.ones((1, 5), np.int64))
+        with pytest.raises(InferenceServerException):
+            infer(client, np.full((1, 3), 10**6, np.int64))
+        with pytest.raises(InferenceServerException):
+            infer(client, np.ones((1, 400), np.int64), timeout=1)
+        infer(client, np.ones((1, 3), np.int64), sequence_id=77, sequence_start=True)
+        after = scrape(zoo_server)
+        infer(client, np.ones((1, 3), np.int64), sequence_id=77, sequence_end=True)
+    gained = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert gained("cellserve_inference_request_success_total", **m) == 3
+    assert gained("cellserve_inference_request_failure_total", **m, reason="invalid") == 1
+    assert gained("cellserve_inference_request_failure_total", **m, reason="rejected") == 1
+    assert gained("cellserve_inference_count_total", **m) == 4  # a batch of 2 counts 2
+    # every token of every layer ran in some batched step of the model's cell types
+    assert gained("cellserve_inference_exec_count_total", **m) > 0
+    lanes = sum(v - value(before, n, **dict(k)) for (n, k), v in after.items() if n == "cellserve_cell_lanes_total"
+                and dict(k)["cell_type"].startswith("lstm-512:1/"))
+    assert lanes >= 2 * (2 * 10 + 5 + 3)  # two layers; runs of lone lanes count each step
+    for name in ("request_duration_us", "queue_duration_us", "compute_duration_us"):
+        assert gained(f"cellserve_inference_{name}_total", **m) > 0
+    assert value(after, "cellserve_inference_pending_request_count", **m) == 0
+    assert value(after, "cellserve_sequences_active", model="lstm-512") == 1
+    assert value(scrape(zoo_server), "cellserve_sequences_active", model="lstm-512") == 0
+
+
+def test_unknown_paths_on_the_metrics_port_are_json_404(zoo_server):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://{zoo_server.metrics}/nope")
+    assert err.value.code == 404 and b'"error"' in err.value.read()
