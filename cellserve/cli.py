@@ -33,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--json", type=Path, default=Path("bench-results/engine.json"), help="where to write results")
     eng.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
 
+    sb = bench_sub.add_parser("server", help="the engine in-process vs the same engine behind HTTP (tritonclient)")
+    sb.add_argument("--model", default="lstm-512", help="zoo model (default: lstm-512)")
+    sb.add_argument("--slo-ms", type=float, default=200.0, help="latency SLO for goodput (default: 200)")
+    sb.add_argument("--quick", action="store_true", help="a shorter sweep")
+    sb.add_argument("--seed", type=int, default=0)
+    sb.add_argument("--repeats", type=int, default=None, help="runs per rate and side, best kept")
+    sb.add_argument("--json", type=Path, default=Path("bench-results/server.json"), help="where to write results")
+    sb.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
+
     srv = sub.add_parser("serve", help="serve models over the Open Inference Protocol (HTTP, gRPC) with metrics",
                          description="Serve a Triton-style model repository, or the zoo when none is given.")
     srv.add_argument("--model-repository", type=Path, default=None,
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench" and args.bench_command == "engine":
         return _bench_engine(args.model, args.slo_ms, args.quick, args.bursty, args.max_batch, args.seed,
                              args.json, args.plot, args.repeats)
+    if args.command == "bench" and args.bench_command == "server":
+        return _bench_server(args)
     parser.error("unknown command")
     return 2
 
@@ -135,6 +146,20 @@ def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(engine_bench.table(report))
+    print(f"wrote {cfg.json_path} and {cfg.plot_path or cfg.json_path.with_suffix('.png')}")
+    return 0
+
+
+def _bench_server(args) -> int:
+    from cellserve.bench import server_bench
+
+    if args.slo_ms <= 0 or (args.repeats is not None and args.repeats < 1):
+        print("error: --slo-ms must be > 0 and --repeats >= 1", file=sys.stderr)
+        return 2
+    cfg = server_bench.ServerBenchConfig(model=args.model, slo_ms=args.slo_ms, quick=args.quick, seed=args.seed,
+                                         repeats=args.repeats, json_path=args.json, plot_path=args.plot)
+    report = server_bench.run(cfg)
+    print(server_bench.table(report))
     print(f"wrote {cfg.json_path} and {cfg.plot_path or cfg.json_path.with_suffix('.png')}")
     return 0
 

@@ -75,7 +75,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
     roofline["engine_shapes"] = engine_shape_gflops([1, 8, 32, 64, 128], 512, 2048)
     engines = _engines(model, cfg)
     # the first burst warms caches and thread pools up; the best of two more is the estimate
-    capacity = max(_capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed + i) for i in range(3))
+    capacity = max(closed_loop_capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed + i) for i in range(3))
     log(f"cellular capacity estimate (closed loop, all requests at once): {capacity:.0f} req/s")
     fractions = cfg.load_fractions or (QUICK_LOAD_FRACTIONS if cfg.quick else LOAD_FRACTIONS)
     rates = [round(capacity * f, 1) for f in fractions]
@@ -150,7 +150,7 @@ def _ort_runners(cfg: BenchConfig, model_name: str) -> dict:
     return {"ort": runner(ort), "ort-padded": runner(ort_padded)}
 
 
-def _capacity(engine: Engine, model: str, input_name: str, vocab: int, seed: int, n: int = 300) -> float:
+def closed_loop_capacity(engine: Engine, model: str, input_name: str, vocab: int, seed: int, n: int = 300) -> float:
     """Requests per second when `n` requests arrive at once and nothing has a deadline."""
     rng = np.random.default_rng(seed + 1)
     trace = make_trace(rng, 1.0, n, vocab)
@@ -183,7 +183,7 @@ def _report(cfg: BenchConfig, roofline: dict, capacity: float, rates: list[float
         "quick": cfg.quick,
         "runs_per_point": cfg.runs_per_point,
         "bursty": cfg.bursty,
-        "machine": {"cpus": _cpus(), "platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"cpus": cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "roofline_gflops": roofline["roofline_gflops"],
         "sgemm": roofline["sgemm"],
         "engine_shape_sgemm_gflops": {str(b): g for b, g in roofline["engine_shapes"].items()},
@@ -193,7 +193,7 @@ def _report(cfg: BenchConfig, roofline: dict, capacity: float, rates: list[float
     }
 
 
-def _cpus() -> int:
+def cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -204,7 +204,7 @@ def _write(cfg: BenchConfig, report: dict) -> None:
     cfg.json_path.write_text(json.dumps(report, indent=2, default=float))
     plot = cfg.plot_path or cfg.json_path.with_suffix(".png")
     rows = {p: [(r["rate_rps"], r["p99_ms"]) for r in d["runs"]] for p, d in report["policies"].items()}
-    plot_p99_vs_load(rows, cfg.slo_ms, plot, f"{cfg.model}: p99 latency vs offered load ({_cpus()} cores)")
+    plot_p99_vs_load(rows, cfg.slo_ms, plot, f"{cfg.model}: p99 latency vs offered load ({cpu_count()} cores)")
 
 
 def table(report: dict) -> str:

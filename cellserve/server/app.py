@@ -109,7 +109,10 @@ def _bind(settings: ServerSettings) -> dict[str, socket.socket]:
     for name, port in (("http", settings.http_port), ("metrics", settings.metrics_port)):
         if port < 0:
             continue
-        sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+        # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
+        # proto says TCP, and with Nagle on, a keep-alive response waits 40 ms for a delayed ACK.
+        sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM,
+                             socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((settings.host, port))
