@@ -10,10 +10,15 @@ runs once (see scheduler.CellularPolicy). The engine prices a round at the load 
 to each cell type: the lanes of every admitted request that has yet to leave it, not just the
 lanes there now, since requests in earlier layers arrive before a request admitted now leaves.
 That errs on the slow side, which keeps admitted requests from being dropped later.
+
+Costs learn only from steps that run, so after a slow spell (another process took the CPU)
+an engine that refuses everything would never see that steps got fast again. The start-up
+profile is kept as a floor for that case: an idle engine prices a request at the floor.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 _ALPHA = 0.05  # weight of a new sample in a bucket's moving average
@@ -52,6 +57,11 @@ class CostModel:
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
         self.costs: dict[str, StepCost] = {}
+        self.floor: dict[str, StepCost] = {}
+
+    def keep_as_floor(self) -> None:
+        """Keep the costs measured so far (the start-up profile) for `round_time(floor=True)`."""
+        self.floor = copy.deepcopy(self.costs)
 
     def observe(self, cell_type: str, batch: int, seconds: float) -> None:
         cost = self.costs.get(cell_type)
@@ -59,14 +69,15 @@ class CostModel:
             cost = self.costs[cell_type] = StepCost()
         cost.observe(batch, seconds)
 
-    def type_time(self, cell_type: str, lanes: int) -> float:
+    def type_time(self, cell_type: str, lanes: int, floor: bool = False) -> float:
         """Seconds for `lanes` lanes of one cell type to advance one step each."""
-        cost = self.costs.get(cell_type)
+        cost = (self.floor if floor else self.costs).get(cell_type)
         if lanes <= 0 or cost is None:
             return 0.0
         full, rest = divmod(lanes, self.max_batch)
         return full * cost(self.max_batch) + (cost(rest) if rest else 0.0)
 
-    def round_time(self, load: dict[str, int]) -> float:
-        """Seconds for one round with `load[type]` lanes in each cell type."""
-        return sum(self.type_time(t, n) for t, n in load.items())
+    def round_time(self, load: dict[str, int], floor: bool = False) -> float:
+        """Seconds for one round with `load[type]` lanes in each cell type (at the start-up
+        profile's costs with `floor`)."""
+        return sum(self.type_time(t, n, floor) for t, n in load.items())

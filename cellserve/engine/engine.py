@@ -153,6 +153,7 @@ class Engine:
         self._busy_wall = self._busy_modelled = 0.0
         if self.config.profile:
             self._profile()
+            self.costs.keep_as_floor()
 
     # ---- models and kernels ----
 
@@ -345,7 +346,10 @@ class Engine:
             load = dict(self._committed)
             for t in run.model.cell_types():
                 load[t] += run.batch
-            predicted = sum(run.rounds_plan) * self._round_time(load)
+            # An idle engine has nothing running to learn from: price at the start-up profile,
+            # or one slow spell would make it refuse everything from then on.
+            round_s = self._round_time(load) if self._runs else self.costs.round_time(load, floor=True)
+            predicted = sum(run.rounds_plan) * round_s
             # Headroom: requests admitted later slow this one down too.
             if predicted > self.config.admission_headroom * (deadline - now):
                 self._respond_early(request, Status.REJECTED,

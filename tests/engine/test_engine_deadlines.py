@@ -20,6 +20,7 @@ def make_engine(models, clock, **config) -> Engine:
     engine = Engine([models.models["lstm"]], EngineConfig(profile=False, **config), clock=clock)
     for cell_type in engine.kernels:  # a known step cost: one tick per step, whatever the batch
         engine.costs.observe(cell_type, 1, TICK)
+    engine.costs.keep_as_floor()  # as the start-up profile does
     return engine
 
 
@@ -65,6 +66,20 @@ def test_admission_with_profiled_step_costs_rejects_an_impossible_deadline(model
     engine.run_until_idle(timeout_s=10)
     assert responses.one(0).status is Status.REJECTED and "deadline" in responses.one(0).reason
     check_ok(models, responses, [1])
+
+
+def test_an_idle_engine_prices_at_the_profile_after_a_slow_spell(models):
+    """Steps measured slow (another process had the CPU) must not lock the engine into
+    refusing everything: with nothing running it prices a request at the start-up profile."""
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=True, drop_late=False)
+    for cell_type in engine.kernels:
+        for _ in range(200):
+            engine.costs.observe(cell_type, 1, 100 * TICK)
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=1.0))
+    engine.run_until_idle(timeout_s=10)
+    check_ok(models, responses, [0])
 
 
 @pytest.mark.parametrize("policy", ["cellular", "padded"])
