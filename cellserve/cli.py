@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,8 +14,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("models", help="list the built-in models (the zoo)")
 
-    demo = sub.add_parser("demo", help="the trained encoder-decoder answering, then a short engine benchmark")
-    demo.add_argument("--skip-bench", action="store_true", help="only the encoder-decoder answers")
+    demo = sub.add_parser("demo", help="the server on the zoo answering real requests, then a short engine benchmark")
+    demo.add_argument("--skip-bench", action="store_true", help="only the server part")
     demo.add_argument("--json", type=Path, default=Path("bench-results/demo-engine.json"))
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -165,27 +164,11 @@ def _bench_server(args) -> int:
 
 
 def _demo(args) -> int:
-    from cellserve.engine.engine import Engine
-    from cellserve.engine.request import Request, Status
-    from cellserve.graph import zoo
-    from cellserve.graph.zoo.seq2seq import decode_digits, encode_digits
+    from cellserve import demo
 
-    model = zoo.load("seq2seq-reverse")
-    engine = Engine([model])
-    inputs = ["12345", "907", "31415926535", "2026", "8"]
-    answers = {}
-    for text in inputs:
-        ids = np.array([encode_digits(text)], np.int64)
-        engine.submit(Request(model.name, {"digits": ids}, on_done=lambda r, t=text: answers.__setitem__(t, r)))
-    engine.run_until_idle()
-    print("seq2seq-reverse (trained LSTM encoder-decoder with attention), all requests batched cell by cell:")
-    for text in inputs:
-        r = answers[text]
-        out = decode_digits(r.outputs["reversed"][0]) if r.status is Status.OK else f"[{r.reason}]"
-        mark = "ok" if out == text[::-1] else "WRONG"
-        print(f"  {text:>12} -> {out:<12} {mark}")
-    if args.skip_bench:
-        return 0
+    code = demo.run()
+    if code or args.skip_bench:
+        return code
     print("\nshort engine benchmark (lstm-512, SLO 200 ms):")
     return _bench_engine("lstm-512", 200.0, True, False, 64, 0, args.json, None)
 

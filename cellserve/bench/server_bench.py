@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from cellserve.bench.results import RunStats, span_s, summarize
 from cellserve.bench.traces import make_trace
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.graph import zoo
+from cellserve.server.launch import ServerProcess
 
 LOAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3)
 QUICK_LOAD_FRACTIONS = (0.1, 0.5, 0.85, 1.15)
@@ -63,12 +62,13 @@ def run(cfg: ServerBenchConfig, log=print) -> dict:
     seeds = np.random.SeedSequence(cfg.seed).spawn(len(rates))
     traces = {rate: make_trace(np.random.default_rng(s), rate, max(40, int(rate * cfg.run_seconds)), vocab)
               for rate, s in zip(rates, seeds)}
-    server = ServerProcess(cfg.model, cfg.max_batch)
+    server = ServerProcess("--model", cfg.model, "--grpc-port", "-1", "--metrics-port", "-1",
+                           "--max-batch", str(cfg.max_batch))
     try:
-        _warm_up(server.address, cfg.model, input_name, vocab)
+        _warm_up(server.http, cfg.model, input_name, vocab)
         sides = {
             "engine": lambda trace, rate: replay(engine, model.name, input_name, trace, "engine", rate, slo_s),
-            "server": lambda trace, rate: _server_run(server.address, cfg.model, input_name, trace, rate, cfg.slo_ms),
+            "server": lambda trace, rate: _server_run(server.http, cfg.model, input_name, trace, rate, cfg.slo_ms),
         }
         results: dict[str, list[dict]] = {side: [] for side in sides}
         with tqdm(total=len(rates) * len(sides), desc="bench server", unit="run") as bar:
@@ -96,29 +96,6 @@ def _server_run(address: str, model: str, input_name: str, trace, rate: float, s
 def _warm_up(address: str, model: str, input_name: str, vocab: int) -> None:
     trace = make_trace(np.random.default_rng(99), 200.0, 100, vocab)
     open_loop(address, model, trace, input_name=input_name)
-
-
-class ServerProcess:
-    """A `cellserve serve` process for one zoo model, HTTP only, on a free port."""
-
-    def __init__(self, model: str, max_batch: int):
-        cmd = [sys.executable, "-m", "cellserve.cli", "serve", "--model", model, "--http-port", "0",
-               "--grpc-port", "-1", "--metrics-port", "-1", "--max-batch", str(max_batch)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seen = []
-        for line in self.proc.stdout:
-            seen.append(line)
-            if line.startswith("cellserve: ready:"):
-                self.address = line.split("http=")[1].split()[0]
-                return
-        raise RuntimeError("cellserve serve exited before it was ready:\n" + "".join(seen))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def _report(cfg: ServerBenchConfig, capacity: float, rates: list[float], results: dict) -> dict:
