@@ -231,7 +231,9 @@ class Core:
                 self.metrics.slo_miss.labels(**labels).inc()
             self.metrics.inference_count.labels(**labels).inc(_batch_of(entry, inputs))
             return response
-        raise _ERRORS[response.status](f"{response.reason}")
+        if response.status is Status.ERROR and not self.accepting:
+            raise Unavailable(response.reason)  # answered by the shutdown, not failed
+        raise _ERRORS[response.status](response.reason)
 
 
 def _resolve(future: asyncio.Future, response: Response) -> None:
