@@ -55,13 +55,17 @@ class StartupError(Exception):
 
 def serve(settings: ServerSettings) -> int:
     try:
+        _check_device(settings.device)
         served = _load_models(settings)
         sockets = _bind(settings)
         engine = Engine([s.model for s in served],
                         EngineConfig(policy=settings.policy, max_batch=settings.max_batch, device=settings.device,
                                      max_active=settings.max_queue))
-    except (CellserveError, StartupError, ValueError, RuntimeError) as exc:
+    except (CellserveError, StartupError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - whatever failed, start-up ends with one line
+        print(f"cellserve: error: start-up failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
     metrics = Metrics(engine)
     core = Core(served, engine, metrics, settings.sequence_idle_s, settings.max_sequences)
@@ -95,6 +99,20 @@ def serve(settings: ServerSettings) -> int:
     frontends.join(timeout=5.0)
     print("cellserve: stopped", flush=True)
     return 0
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise StartupError(f"--device {device!r} is not a torch device: {exc}") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise StartupError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                           f"{'built with' if torch.backends.cuda.is_built() else 'a build without'} CUDA)")
+    if kind not in ("cpu", "cuda"):
+        raise StartupError(f"--device {device}: cellserve runs cells on cpu or cuda")
 
 
 def _load_models(settings: ServerSettings) -> list[ServedModel]:
