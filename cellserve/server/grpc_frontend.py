@@ -1,0 +1,246 @@
+"""The Open Inference Protocol over gRPC (KServe v2 / Triton `inference.GRPCInferenceService`).
+
+Uses the message and service stubs that ship with tritonclient, on grpc.aio so the handlers
+run on the same asyncio loop as the core. Every failure is answered with a status code and
+a message: a ServerError with its own code, anything else with INTERNAL (and a log entry),
+never with a stack trace. RPCs not implemented here answer UNIMPLEMENTED (the base class).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from cellserve.server import codec
+from cellserve.server.core import Core, InferInput, InferOutput
+from cellserve.server.errors import BadRequest, ServerError
+
+log = logging.getLogger(__name__)
+
+# gRPC carries the message in a trailer; a huge one (a megabyte-long model name quoted back)
+# would break the trailer itself, so messages are cut to this length.
+MAX_MESSAGE_CHARS = 2000
+_INT64_MAX = (1 << 63) - 1
+
+# which typed InferTensorContents field carries each datatype (FP16 has none: raw only)
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+_ALL_CONTENTS_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
+                        "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
+# tensor parameters that ask for features this server does not have: refused, not ignored,
+# so that a client never reads an answer it did not ask for
+_UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
+                              "classification")
+
+
+async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+    """Create, bind and start the gRPC server; return it and the port actually bound (port 0
+    picks a free one). Raises OSError if the port cannot be bound."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default, which would let a second server bind a port in
+        # use without any error; a port in use must fail the start instead
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind" (older versions returned 0 instead)
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}: the address is in use or not available")
+    await server.start()
+    return server, bound
+
+
+def _answers_errors(handler):
+    """Turn exceptions from an RPC handler into gRPC status codes with a message."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except ServerError as exc:
+            await context.abort(exc.grpc_code, _cut(exc.message))
+        except Exception as exc:  # noqa: BLE001 - a bug must answer INTERNAL, not kill the RPC silently
+            log.exception("internal error in gRPC %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, _cut(f"internal error: {type(exc).__name__}: {exc}"))
+
+    return wrapper
+
+
+def _cut(message: str) -> str:
+    message = message or "error"  # a status without a message tells the client nothing
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: Core):
+        self.core = core
+
+    @_answers_errors
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=self.core.live())
+
+    @_answers_errors
+    async def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.core.ready())
+
+    @_answers_errors
+    async def ModelReady(self, request, context):
+        return service_pb2.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
+
+    @_answers_errors
+    async def ServerMetadata(self, request, context):
+        meta = self.core.server_metadata()
+        return service_pb2.ServerMetadataResponse(name=meta["name"], version=meta["version"],
+                                                  extensions=meta["extensions"])
+
+    @_answers_errors
+    async def ModelMetadata(self, request, context):
+        meta = self.core.model_metadata(request.name, request.version)
+
+        def tensors(specs):
+            return [service_pb2.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"],
+                                                                     shape=t["shape"]) for t in specs]
+
+        return service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],
+                                                 platform=meta["platform"], inputs=tensors(meta["inputs"]),
+                                                 outputs=tensors(meta["outputs"]))
+
+    @_answers_errors
+    async def ModelInfer(self, request, context):
+        self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
+        result = await self.core.infer(parse_infer_request(request))
+        return encode_infer_response(result)
+
+
+# ---- request ----
+
+def parse_infer_request(request: service_pb2.ModelInferRequest) -> InferInput:
+    """Decode a ModelInferRequest into the core's InferInput, or raise BadRequest."""
+    if not request.inputs:
+        raise BadRequest("the request has no inputs")
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != len(request.inputs):
+            raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+                             "send one per input, in order")
+        typed = [t.name for t in request.inputs if _has_contents(t)]
+        if typed:
+            raise BadRequest(f"input(s) {typed} have typed contents while raw_input_contents is used; "
+                             "send all inputs one way")
+    inputs = {}
+    for i, tensor in enumerate(request.inputs):
+        if not tensor.name:
+            raise BadRequest(f"inputs[{i}] needs a name")
+        where = f"input {tensor.name!r}"
+        if tensor.name in inputs:
+            raise BadRequest(f"{where} is given twice")
+        _no_unsupported_params(tensor.parameters, where)
+        dtype = codec.dtype_of(tensor.datatype, where)
+        shape = codec.check_shape(list(tensor.shape), where)
+        if raw:
+            inputs[tensor.name] = codec.from_raw(raw[i], shape, dtype, where)
+        else:
+            inputs[tensor.name] = _from_contents(tensor, shape, dtype, where)
+
+    outputs = None
+    if request.outputs:
+        outputs = []
+        for i, out in enumerate(request.outputs):
+            if not out.name:
+                raise BadRequest(f"outputs[{i}] needs a name")
+            if out.name in outputs:
+                raise BadRequest(f"output {out.name!r} is requested twice")
+            _no_unsupported_params(out.parameters, f"output {out.name!r}")
+            outputs.append(out.name)
+    return InferInput(request.model_name, request.model_version, inputs, request.id,
+                      _parameters(request.parameters), outputs)
+
+
+def _has_contents(tensor) -> bool:
+    return any(len(getattr(tensor.contents, f)) for f in _ALL_CONTENTS_FIELDS)
+
+
+def _from_contents(tensor, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
+    """A tensor from the typed InferTensorContents field its datatype uses."""
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise BadRequest(f"{where}: {tensor.datatype} data can only be sent in raw_input_contents")
+    wrong = [f for f in _ALL_CONTENTS_FIELDS if f != field and len(getattr(tensor.contents, f))]
+    if wrong:
+        raise BadRequest(f"{where}: {tensor.datatype} data goes in contents.{field}, got {', '.join(wrong)}")
+    values = getattr(tensor.contents, field)
+    if not values:
+        raise BadRequest(f"{where}: no data (use raw_input_contents or contents.{field})")
+    expected = math.prod(shape)
+    if len(values) != expected:
+        raise BadRequest(f"{where}: shape {list(shape)} needs {expected} values, got {len(values)}")
+    if dtype.kind in "iu":  # int_contents and uint_contents are 32-bit: INT8/16 and UINT8/16 must fit
+        array = np.array(values, np.int64 if dtype.kind == "i" else np.uint64)
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise BadRequest(f"{where}: a value does not fit {tensor.datatype}")
+        return array.astype(dtype).reshape(shape)
+    return np.array(values, dtype).reshape(shape)
+
+
+def _no_unsupported_params(parameters, where: str) -> None:
+    unsupported = sorted(set(parameters) & set(_UNSUPPORTED_TENSOR_PARAMS))
+    if unsupported:
+        raise BadRequest(f"{where}: parameter(s) {unsupported} are not supported by this server "
+                         "(no shared memory, no classification)")
+
+
+def _parameters(parameters) -> dict:
+    """The request's InferParameter map as {name: python value}, which the core checks."""
+    out = {}
+    for name, param in parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if kind is None:
+            raise BadRequest(f"parameter {name!r} has no value")
+        out[name] = getattr(param, kind)
+    return out
+
+
+# ---- response ----
+
+def encode_infer_response(result: InferOutput) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse(model_name=result.model, model_version=result.version,
+                                              id=result.request_id)
+    for name, array in result.outputs.items():
+        array = np.asarray(array)
+        response.outputs.add(name=name, datatype=codec.datatype_of(array.dtype), shape=list(array.shape))
+        response.raw_output_contents.append(codec.to_raw(array))  # tritonclient reads raw contents
+    for name, value in result.parameters.items():
+        _set_parameter(response.parameters[name], value)
+    return response
+
+
+def _set_parameter(param, value) -> None:
+    if isinstance(value, bool):  # before int: bool is an int in Python
+        param.bool_param = value
+    elif isinstance(value, int):
+        if value > _INT64_MAX:  # a uint64 sequence id
+            param.uint64_param = value
+        else:
+            param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
