@@ -200,6 +200,12 @@ class Frontends:
 
     async def _start_all(self) -> list[asyncio.Task]:
         s = self.settings
+        self._ports = {"http": "off", "grpc": "off", "metrics": "off"}
+        if s.grpc_port >= 0:  # first: a port in use then fails before anything else runs
+            from cellserve.server.grpc_frontend import start_grpc
+
+            self._grpc, port = await start_grpc(self.core, s.host, s.grpc_port, s.max_request_bytes)
+            self._ports["grpc"] = f"{_url_host(s.host)}:{port}"
         tasks = []
         apps = {"http": build_app(self.core, s.max_request_bytes), "metrics": build_metrics_app(self.core.metrics)}
         for name, sock in self.sockets.items():
@@ -211,14 +217,6 @@ class Frontends:
             tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
             host, port = sock.getsockname()[:2]
             self._ports[name] = f"{_url_host(host)}:{port}"
-        self._ports.setdefault("http", "off")
-        self._ports.setdefault("metrics", "off")
-        self._ports["grpc"] = "off"
-        if s.grpc_port >= 0:
-            from cellserve.server.grpc_frontend import start_grpc
-
-            self._grpc, port = await start_grpc(self.core, s.host, s.grpc_port, s.max_request_bytes)
-            self._ports["grpc"] = f"{_url_host(s.host)}:{port}"
         while not all(server.started for server in self._uvicorn):
             failed = [t for t in tasks if t.done()]
             if failed:
