@@ -147,17 +147,17 @@ class Core:
     async def infer(self, request: InferInput) -> InferOutput:
         received = time.perf_counter()
         entry = self.model(request.model, request.version)
-        labels = {"model": entry.name, "version": entry.version}
-        self.metrics.pending.labels(**labels).inc()
+        metrics = self.metrics.model(entry.name, entry.version)
+        metrics.pending.inc()
         try:
             result = await self._infer(entry, request, received)
         except ServerError as exc:
-            self.metrics.failure.labels(**labels, reason=_reason(exc)).inc()
+            metrics.failure(_reason(exc)).inc()
             raise
         finally:
-            self.metrics.pending.labels(**labels).dec()
-        self.metrics.success.labels(**labels).inc()
-        self.metrics.request_us.labels(**labels).inc((time.perf_counter() - received) * 1e6)
+            metrics.pending.dec()
+        metrics.success.inc()
+        metrics.request_us.inc((time.perf_counter() - received) * 1e6)
         return result
 
     async def _infer(self, entry: ServedModel, request: InferInput, received: float) -> InferOutput:
@@ -208,7 +208,7 @@ class Core:
         finally:
             sequence.users -= 1
             sequence.last_used = time.monotonic()
-            self.metrics.sequences.labels(model=entry.name).set(self.sequences.count(entry.name))
+            self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
         return response
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
@@ -222,14 +222,14 @@ class Core:
         self.engine.submit(Request(entry.engine_name, inputs, on_done=on_done, timeout_s=timeout_s,
                                    priority=priority, initial_state=initial_state, return_state=return_state))
         response = await done
-        labels = {"model": entry.name, "version": entry.version}
+        metrics = self.metrics.model(entry.name, entry.version)
         if response.admitted is not None:
-            self.metrics.queue_us.labels(**labels).inc(max(response.admitted - response.arrival, 0) * 1e6)
-            self.metrics.compute_us.labels(**labels).inc(max(response.finish - response.admitted, 0) * 1e6)
+            metrics.queue_us.inc(max(response.admitted - response.arrival, 0) * 1e6)
+            metrics.compute_us.inc(max(response.finish - response.admitted, 0) * 1e6)
         if response.status is Status.OK:
             if timeout_s is not None and response.finish - received > timeout_s:
-                self.metrics.slo_miss.labels(**labels).inc()
-            self.metrics.inference_count.labels(**labels).inc(_batch_of(entry, inputs))
+                metrics.slo_miss.inc()
+            metrics.inference_count.inc(_batch_of(entry, inputs))
             return response
         if response.status is Status.ERROR and not self.accepting:
             raise Unavailable(response.reason)  # answered by the shutdown, not failed

@@ -60,7 +60,9 @@ def build_app(core: Core, max_request_bytes: int) -> Starlette:
         document = resources.files("cellserve.server").joinpath("openapi.json").read_bytes()
         return Response(document, media_type="application/json")
 
-    routes = [
+    routes = [  # inference first: routes are tried in order, and it is the hot one
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2", server_metadata),
@@ -68,8 +70,6 @@ def build_app(core: Core, max_request_bytes: int) -> Starlette:
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/openapi.json", openapi_document),
     ]
     handlers = {ServerError: _server_error, HTTPException: _http_error, Exception: _internal_error}

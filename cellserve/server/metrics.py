@@ -49,11 +49,35 @@ class Metrics:
         if engine is not None:
             r.register(_EngineCollector(engine))
 
-    def for_model(self, model: str, version: str) -> dict:
-        return {"model": model, "version": version}
+        self._models: dict[tuple[str, str], ModelMetrics] = {}
+
+    def model(self, name: str, version: str) -> "ModelMetrics":
+        """One model version's series (looked up once: labels() is slow on the request path)."""
+        key = (name, version)
+        if key not in self._models:
+            self._models[key] = ModelMetrics(self, name, version)
+        return self._models[key]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ModelMetrics:
+    def __init__(self, metrics: Metrics, name: str, version: str):
+        labels = {"model": name, "version": version}
+        self.success = metrics.success.labels(**labels)
+        self.inference_count = metrics.inference_count.labels(**labels)
+        self.request_us = metrics.request_us.labels(**labels)
+        self.queue_us = metrics.queue_us.labels(**labels)
+        self.compute_us = metrics.compute_us.labels(**labels)
+        self.pending = metrics.pending.labels(**labels)
+        self.slo_miss = metrics.slo_miss.labels(**labels)
+        self.sequences = metrics.sequences.labels(model=name)
+        self._failure = metrics.failure
+        self._labels = labels
+
+    def failure(self, reason: str):
+        return self._failure.labels(**self._labels, reason=reason)
 
 
 class _EngineCollector:
