@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--metrics-port", type=int, default=8002,
                      help="Prometheus metrics port (default 8002; 0: any free; -1: off)")
     srv.add_argument("--device", default="cpu", help="torch device for the cells: cpu, cuda, cuda:1, ... (default cpu)")
+    srv.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for the cell kernels (default: torch's, one per core)")
     srv.add_argument("--policy", default="cellular", help="batching policy: cellular, cellular-edf, padded, none")
     srv.add_argument("--max-batch", type=int, default=None, help="batch cap per cell type (default: the policy's)")
     srv.add_argument("--max-queue", type=int, default=4096, help="requests in the engine at once; more get 429")
@@ -114,6 +116,8 @@ def _serve(args, parser) -> int:
         positive["--slo-ms"] = args.slo_ms
     if args.max_batch is not None:
         positive["--max-batch"] = args.max_batch
+    if args.threads is not None:
+        positive["--threads"] = args.threads
     for flag, value in positive.items():
         if not value > 0:
             parser.error(f"{flag} must be positive, got {value}")
@@ -126,7 +130,7 @@ def _serve(args, parser) -> int:
                               device=args.device, policy=args.policy, max_batch=args.max_batch,
                               max_queue=args.max_queue, default_slo_ms=args.slo_ms,
                               max_request_bytes=args.max_request_size, sequence_idle_s=args.sequence_idle_timeout,
-                              max_sequences=args.max_sequences, grace_s=args.grace_period)
+                              max_sequences=args.max_sequences, grace_s=args.grace_period, threads=args.threads)
     return serve(settings)
 
 

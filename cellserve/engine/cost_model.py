@@ -22,6 +22,10 @@ import copy
 import math
 
 _ALPHA = 0.05  # weight of a new sample in a bucket's moving average
+# A sample counts as at most this many times the bucket's mean: one stall (a page fault, the
+# OS running something else) must not poison a bucket that later steps rarely visit, while a
+# lasting slowdown is still learnt, 1.15x per sample.
+_MAX_JUMP = 4.0
 
 
 def _bucket(batch: int) -> int:
@@ -35,7 +39,10 @@ class StepCost:
     def observe(self, batch: int, seconds: float) -> None:
         b = _bucket(batch)
         old = self._mean.get(b)
-        self._mean[b] = seconds if old is None else old + _ALPHA * (seconds - old)
+        if old is None:
+            self._mean[b] = seconds
+        else:
+            self._mean[b] = old + _ALPHA * (min(seconds, _MAX_JUMP * old) - old)
 
     def __call__(self, batch: int) -> float:
         if not self._mean:

@@ -182,14 +182,19 @@ class Engine:
         step costs before the first real request."""
         for cell_type, kernel in self.kernels.items():
             spec = self._step_spec[cell_type]
-            for b in sorted({1, 4, 16, self.policy.max_batch}):
+            # every power-of-two bucket: a bucket first measured under load would start from
+            # whatever that one step took
+            sizes = {min(2 ** k, self.policy.max_batch) for k in range(self.policy.max_batch.bit_length())}
+            for b in sorted(sizes | {self.policy.max_batch}):
                 storages = [self._dummy_lane(kernel, spec) for _ in range(b)]
                 slots = np.array([s.slot for s in storages], np.int64)
                 rows = np.array([s.base for s in storages], np.int64)
-                for _ in range(3):
+                samples = []
+                for _ in range(3):  # the median: the first run of a size is often a cold one
                     t0 = time.perf_counter()
                     kernel.step(slots, rows) if isinstance(kernel, DecoderKernel) else kernel.step(slots, rows, rows)
-                    self.costs.observe(cell_type, b, time.perf_counter() - t0)
+                    samples.append(time.perf_counter() - t0)
+                self.costs.observe(cell_type, b, sorted(samples)[1])
                 for s in storages:
                     kernel.release(s)
 

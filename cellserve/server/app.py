@@ -47,6 +47,7 @@ class ServerSettings:
     sequence_idle_s: float = 60.0
     max_sequences: int = 100_000
     grace_s: float = 30.0
+    threads: int | None = None  # CPU threads of the cell kernels (None: torch's default)
 
 
 class StartupError(Exception):
@@ -54,6 +55,10 @@ class StartupError(Exception):
 
 
 def serve(settings: ServerSettings) -> int:
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     try:
         _check_device(settings.device)
         served = _load_models(settings)

@@ -35,3 +35,13 @@ def test_round_time_counts_one_batch_per_max_batch_lanes_of_each_type():
     model.observe("b", 1, 0.5)
     assert model.round_time({"a": 8, "b": 1}) == pytest.approx(2 * 1.0 + 0.5)
     assert model.round_time({"a": 0, "b": 0}) == 0.0
+
+
+def test_one_stall_barely_moves_a_step_cost_but_a_lasting_slowdown_is_learnt():
+    cost = StepCost()
+    cost.observe(8, 100e-6)
+    cost.observe(8, 50e-3)  # one 50 ms stall: counted as 4x the mean at most
+    assert cost(8) < 120e-6
+    for _ in range(60):  # steps really got 3x slower
+        cost.observe(8, 300e-6)
+    assert cost(8) == pytest.approx(300e-6, rel=0.1)
