@@ -11,21 +11,20 @@ to each cell type: the lanes of every admitted request that has yet to leave it,
 lanes there now, since requests in earlier layers arrive before a request admitted now leaves.
 That errs on the slow side, which keeps admitted requests from being dropped later.
 
-Costs learn only from steps that run, so after a slow spell (another process took the CPU)
-an engine that refuses everything would never see that steps got fast again. The start-up
-profile is kept as a floor for that case: an idle engine prices a request at the floor.
+Costs learn only from steps that run, and admission decides which steps run: a bucket that
+measured slow once (another process had the CPU, the start-up profile ran on a busy machine)
+could keep the engine from ever admitting enough work to measure it again. Three guards:
+a sample counts as at most 4x the bucket's mean; a batch is never priced above a smaller
+measured batch scaled linearly (batching does not make a lane dearer); and an idle engine
+prices at the fastest step ever measured per bucket.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 _ALPHA = 0.05  # weight of a new sample in a bucket's moving average
-# A sample counts as at most this many times the bucket's mean: one stall (a page fault, the
-# OS running something else) must not poison a bucket that later steps rarely visit, while a
-# lasting slowdown is still learnt, 1.15x per sample.
-_MAX_JUMP = 4.0
+_MAX_JUMP = 4.0  # a lasting slowdown is still learnt, 1.15x per sample
 
 
 def _bucket(batch: int) -> int:
@@ -34,41 +33,39 @@ def _bucket(batch: int) -> int:
 
 class StepCost:
     def __init__(self) -> None:
-        self._mean: dict[int, float] = {}  # bucket -> seconds per step
+        self._mean: dict[int, float] = {}  # bucket -> seconds per step, moving average
+        self._best: dict[int, float] = {}  # bucket -> fastest step measured
 
     def observe(self, batch: int, seconds: float) -> None:
         b = _bucket(batch)
         old = self._mean.get(b)
-        if old is None:
-            self._mean[b] = seconds
-        else:
-            self._mean[b] = old + _ALPHA * (min(seconds, _MAX_JUMP * old) - old)
+        self._mean[b] = seconds if old is None else old + _ALPHA * (min(seconds, _MAX_JUMP * old) - old)
+        self._best[b] = min(seconds, self._best.get(b, math.inf))
 
-    def __call__(self, batch: int) -> float:
-        if not self._mean:
+    def __call__(self, batch: int, best: bool = False) -> float:
+        table = self._best if best else self._mean
+        if not table:
             return 0.0
         b = _bucket(batch)
-        if b in self._mean:
-            return self._mean[b]
-        lower = [k for k in self._mean if k < b]
-        upper = [k for k in self._mean if k > b]
-        if lower and upper:
-            lo, hi = max(lower), min(upper)
-            frac = (batch - 2 ** lo) / (2 ** hi - 2 ** lo)
-            return self._mean[lo] + frac * (self._mean[hi] - self._mean[lo])
-        nearest = max(lower) if lower else min(upper)
-        return self._mean[nearest] * max(batch / 2 ** nearest, 1.0)
+        lower = [k for k in table if k < b]
+        if b in table:
+            estimate = table[b]
+        else:
+            upper = [k for k in table if k > b]
+            if lower and upper:
+                lo, hi = max(lower), min(upper)
+                frac = (batch - 2 ** lo) / (2 ** hi - 2 ** lo)
+                estimate = table[lo] + frac * (table[hi] - table[lo])
+            else:
+                nearest = max(lower) if lower else min(upper)
+                estimate = table[nearest] * max(batch / 2 ** nearest, 1.0)
+        return min([estimate] + [table[k] * batch / 2 ** k for k in lower])
 
 
 class CostModel:
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
         self.costs: dict[str, StepCost] = {}
-        self.floor: dict[str, StepCost] = {}
-
-    def keep_as_floor(self) -> None:
-        """Keep the costs measured so far (the start-up profile) for `round_time(floor=True)`."""
-        self.floor = copy.deepcopy(self.costs)
 
     def observe(self, cell_type: str, batch: int, seconds: float) -> None:
         cost = self.costs.get(cell_type)
@@ -76,15 +73,15 @@ class CostModel:
             cost = self.costs[cell_type] = StepCost()
         cost.observe(batch, seconds)
 
-    def type_time(self, cell_type: str, lanes: int, floor: bool = False) -> float:
+    def type_time(self, cell_type: str, lanes: int, best: bool = False) -> float:
         """Seconds for `lanes` lanes of one cell type to advance one step each."""
-        cost = (self.floor if floor else self.costs).get(cell_type)
+        cost = self.costs.get(cell_type)
         if lanes <= 0 or cost is None:
             return 0.0
         full, rest = divmod(lanes, self.max_batch)
-        return full * cost(self.max_batch) + (cost(rest) if rest else 0.0)
+        return full * cost(self.max_batch, best) + (cost(rest, best) if rest else 0.0)
 
-    def round_time(self, load: dict[str, int], floor: bool = False) -> float:
-        """Seconds for one round with `load[type]` lanes in each cell type (at the start-up
-        profile's costs with `floor`)."""
-        return sum(self.type_time(t, n, floor) for t, n in load.items())
+    def round_time(self, load: dict[str, int], best: bool = False) -> float:
+        """Seconds for one round with `load[type]` lanes in each cell type (at the fastest
+        steps measured, with `best`)."""
+        return sum(self.type_time(t, n, best) for t, n in load.items())

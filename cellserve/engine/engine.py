@@ -153,7 +153,6 @@ class Engine:
         self._busy_wall = self._busy_modelled = 0.0
         if self.config.profile:
             self._profile()
-            self.costs.keep_as_floor()
 
     # ---- models and kernels ----
 
@@ -351,15 +350,15 @@ class Engine:
             load = dict(self._committed)
             for t in run.model.cell_types():
                 load[t] += run.batch
-            # An idle engine has nothing running to learn from: price at the start-up profile,
-            # or one slow spell would make it refuse everything from then on.
-            round_s = self._round_time(load) if self._runs else self.costs.round_time(load, floor=True)
+            # An idle engine has nothing running to learn from: price at the fastest steps seen,
+            # or one slow spell could make it refuse everything from then on.
+            round_s = self._round_time(load) if self._runs else self.costs.round_time(load, best=True)
             predicted = sum(run.rounds_plan) * round_s
             # Headroom: requests admitted later slow this one down too.
             if predicted > self.config.admission_headroom * (deadline - now):
                 self._respond_early(request, Status.REJECTED,
                                     f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
-                                    f"({(deadline - now) * 1e3:.1f} ms left)")
+                                    f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)")
                 return
         self._commit(run, +1)
         run.admitted = now
@@ -402,7 +401,7 @@ class Engine:
             if now + self._rounds_left(run) * round_s > run.deadline:
                 self._finish_run(run, Status.DROPPED,
                                  f"dropped: can no longer finish before its deadline "
-                                 f"({(run.deadline - now) * 1e3:.1f} ms left)")
+                                 f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
 
     # ---- a request's walk through its program ----
 

@@ -231,9 +231,11 @@ class Core:
                 metrics.slo_miss.inc()
             metrics.inference_count.inc(_batch_of(entry, inputs))
             return response
+        # the engine knows the model as "name:version": say it as the client does
+        reason = response.reason.replace(repr(entry.engine_name), repr(entry.name))
         if response.status is Status.ERROR and not self.accepting:
-            raise Unavailable(response.reason)  # answered by the shutdown, not failed
-        raise _ERRORS[response.status](response.reason)
+            raise Unavailable(reason)  # answered by the shutdown, not failed
+        raise _ERRORS[response.status](reason)
 
 
 def _resolve(future: asyncio.Future, response: Response) -> None:

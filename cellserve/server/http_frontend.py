@@ -133,7 +133,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
     """Decode an inference request (JSON, or JSON then binary tensors). Returns it and, per
     output to return, whether it goes back as binary."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not header_length.isdigit() or len(header_length) > 18 or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} {header_length!r} must be an integer no larger than the body "
                              f"({len(body)} bytes)")
         split = int(header_length)
@@ -142,7 +142,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
         header, binary = body, memoryview(b"")
     try:
         doc = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also: nesting too deep, integers too long
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(doc).__name__}")

@@ -13,6 +13,7 @@ Cellular batching:
                                    occupancy of a cell type is lanes / steps
   cellserve_slo_miss_total         answered, but after the deadline
   cellserve_sequences_active
+  cellserve_engine_overhead_factor  wall time of busy steps over their modelled kernel time
 Failure reasons: invalid, rejected (refused at admission), dropped (deadline missed while
 queued or running), sequence (a sequence error), error (the server failed).
 """
@@ -20,7 +21,7 @@ queued or running), sequence (a sequence error), error (the server failed).
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LABELS = ("model", "version")
 disable_created_metrics()  # Triton exports no *_created series either
@@ -105,3 +106,6 @@ class _EngineCollector:
         yield steps
         yield lanes
         yield execs
+        yield GaugeMetricFamily("cellserve_engine_overhead_factor",
+                                "Busy wall time over modelled kernel time, as admission prices requests",
+                                value=self.engine.overhead_factor)
