@@ -45,3 +45,11 @@ def test_one_stall_barely_moves_a_step_cost_but_a_lasting_slowdown_is_learnt():
     for _ in range(60):  # steps really got 3x slower
         cost.observe(8, 300e-6)
     assert cost(8) == pytest.approx(300e-6, rel=0.1)
+
+
+def test_a_stale_slow_bucket_is_capped_by_a_smaller_batch_scaled_up():
+    cost = StepCost()
+    cost.observe(4, 100e-6)
+    cost.observe(32, 50e-3)  # measured once during a stall, never since
+    assert cost(32) <= 8 * 100e-6
+    assert cost(32, best=True) <= 8 * 100e-6
