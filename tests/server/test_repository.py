@@ -1,0 +1,358 @@
+"""The model repository (cellserve/server/repository.py): which versions are served, what the
+config may say and what it may not, and a repository of exported PyTorch models served end to
+end over HTTP (JSON and binary tensors) and gRPC, checked against onnxruntime on the same files."""
+
+from __future__ import annotations
+
+import functools
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from torch import nn
+from tritonclient.utils import InferenceServerException
+
+from cellserve.errors import ModelLoadError
+from cellserve.graph.torch_import import export_onnx_bytes
+from cellserve.graph.zoo.modules import RNNClassifier, seeded
+from cellserve.server.repository import load_repository
+from serverproc import start_server
+
+LSTM_VOCAB, GRU_VOCAB, CLASSES = 50, 40, 3
+
+
+# ---- the models: small, seeded, exported by PyTorch's TorchScript exporter ----
+
+class SeqFirstGRU(nn.Module):
+    """tokens [time, batch] -> (step_scores [time, batch, 3], probabilities [batch, 3])."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(GRU_VOCAB, 6)
+        self.rnn = nn.GRU(6, 7)  # seq-first: no Transpose in the graph
+        self.head = nn.Linear(7, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, h_n = self.rnn(self.embedding(tokens))
+        return self.head(y), torch.softmax(self.head(h_n[-1]), dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def lstm_onnx(seed: int) -> bytes:
+    """A batch-first 2-layer LSTM classifier (the exporter puts a Transpose before the LSTMs):
+    tokens [batch, time] -> (probabilities [batch, 3], label [batch])."""
+    module = seeded(RNNClassifier("lstm", LSTM_VOCAB, 8, 8, 2, classes=CLASSES), seed)
+    return export_onnx_bytes(module, (torch.zeros((1, 3), dtype=torch.long),), ["tokens"], ["probabilities", "label"],
+                             {"tokens": {0: "batch", 1: "time"}, "probabilities": {0: "batch"}, "label": {0: "batch"}})
+
+
+@functools.lru_cache(maxsize=None)
+def gru_onnx(seed: int) -> bytes:
+    module = seeded(SeqFirstGRU(), seed)
+    return export_onnx_bytes(module, (torch.zeros((3, 2), dtype=torch.long),), ["tokens"],
+                             ["step_scores", "probabilities"],
+                             {"tokens": {0: "time", 1: "batch"}, "step_scores": {0: "time", 1: "batch"},
+                              "probabilities": {0: "batch"}})
+
+
+def add_model(root: Path, name: str, versions: dict[int, bytes], config: str | None = None,
+              filename: str = "model.onnx") -> Path:
+    for version, data in versions.items():
+        (root / name / str(version)).mkdir(parents=True, exist_ok=True)
+        (root / name / str(version) / filename).write_bytes(data)
+    if config is not None:
+        (root / name / "config.pbtxt").write_text(config)
+    return root / name
+
+
+def served_versions(root: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for entry in load_repository(root):
+        out.setdefault(entry.name, []).append(entry.version)
+    return out
+
+
+# ---- unit tests of load_repository ----
+
+def test_highest_version_by_default(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0), 2: gru_onnx(1), 10: gru_onnx(2)})
+    (tmp_path / "m" / "0").mkdir()  # not a version: versions are positive
+    (tmp_path / "m" / "latest").mkdir()  # not a version either
+    (tmp_path / ".hidden").mkdir()  # not a model
+    (served,) = load_repository(tmp_path)
+    assert (served.name, served.version, served.engine_name) == ("m", "10", "m:10")  # 10 > 2: numeric order
+    assert served.platform == "onnxruntime_onnx"
+    assert [s.name for s in served.model.inputs] == ["tokens"]
+
+
+@pytest.mark.parametrize("policy, want", [
+    ("all: {}", ["1", "2", "10"]),
+    ("latest: { num_versions: 2 }", ["2", "10"]),
+    ("latest: { num_versions: 5 }", ["1", "2", "10"]),
+    ("specific: { versions: [1, 10] }", ["1", "10"]),
+    ("specific: { versions: [2] }", ["2"]),
+])
+def test_version_policy(tmp_path, policy, want):
+    add_model(tmp_path, "m", {1: gru_onnx(0), 2: gru_onnx(1), 10: gru_onnx(2)}, f"version_policy: {{ {policy} }}\n")
+    assert served_versions(tmp_path) == {"m": want}
+
+
+def test_specific_version_that_is_not_there(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, "version_policy: { specific: { versions: [1, 3] } }\n")
+    with pytest.raises(ModelLoadError, match=r"'m'.*\[3\]"):
+        load_repository(tmp_path)
+
+
+def test_models_are_independent(tmp_path):
+    add_model(tmp_path, "a", {1: gru_onnx(0), 2: gru_onnx(1)}, 'name: "a"\nversion_policy: { all: {} }\n')
+    add_model(tmp_path, "b", {3: lstm_onnx(0), 4: lstm_onnx(1)})
+    assert served_versions(tmp_path) == {"a": ["1", "2"], "b": ["4"]}
+
+
+def test_config_name_must_match_the_directory(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, 'name: "other"\n')
+    with pytest.raises(ModelLoadError, match=r"'other'.*directory"):
+        load_repository(tmp_path)
+
+
+def test_declared_tensors_are_checked_against_the_graph(tmp_path):
+    ok = ('input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1, -1 ] } ]\n'
+          'output [ { name: "probabilities" data_type: TYPE_FP32 dims: [ -1, 3 ] } ]\n')
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, ok)
+    assert served_versions(tmp_path) == {"m": ["1"]}
+
+    (tmp_path / "m" / "config.pbtxt").write_text('input [ { name: "tokens" data_type: TYPE_FP32 dims: [ -1, -1 ] } ]')
+    with pytest.raises(ModelLoadError, match=r"input 'tokens' as TYPE_FP32; the model has INT64"):
+        load_repository(tmp_path)
+    (tmp_path / "m" / "config.pbtxt").write_text('output [ { name: "probabilities" data_type: TYPE_INT32 } ]')
+    with pytest.raises(ModelLoadError, match=r"output 'probabilities' as TYPE_INT32; the model has FP32"):
+        load_repository(tmp_path)
+    (tmp_path / "m" / "config.pbtxt").write_text('input [ { name: "words" data_type: TYPE_INT64 } ]')
+    with pytest.raises(ModelLoadError, match=r"input 'words'.*\['tokens'\]"):
+        load_repository(tmp_path)
+
+
+def test_settings_from_the_config(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)},
+              'platform: "onnxruntime_onnx"\n'
+              'sequence_batching { max_sequence_idle_microseconds: 5000000 }\n'
+              'parameters { key: "slo_ms" value: { string_value: "250" } }\n')
+    (served,) = load_repository(tmp_path)
+    assert served.settings.default_timeout_s == pytest.approx(0.25)
+    assert served.settings.sequence_idle_s == pytest.approx(5.0)
+    assert served.settings.default_priority == 0
+    # dynamic_batching and sequence_batching are one oneof in Triton's ModelConfig: one or the other
+    (tmp_path / "m" / "config.pbtxt").write_text('dynamic_batching { default_priority_level: 2 }\n'
+                                                 'parameters { key: "slo_ms" value: { string_value: "12.5" } }\n')
+    (served,) = load_repository(tmp_path)
+    assert served.settings.default_priority == 2
+    assert served.settings.default_timeout_s == pytest.approx(0.0125)
+    assert served.settings.sequence_idle_s is None
+
+
+def test_both_batching_sections_are_refused(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, 'sequence_batching { }\ndynamic_batching { }\n')
+    with pytest.raises(ModelLoadError, match=r"config.pbtxt: not a valid Triton model config"):
+        load_repository(tmp_path)
+
+
+def test_settings_default_without_a_config(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)})
+    (served,) = load_repository(tmp_path)
+    assert served.settings.default_timeout_s is None  # no deadline
+    assert served.settings.sequence_idle_s is None  # the server's --sequence-idle-timeout
+    assert served.settings.default_priority == 0  # after every explicit level
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "fast", ""])
+def test_bad_slo_ms(tmp_path, value):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, f'parameters {{ key: "slo_ms" value: {{ string_value: "{value}" }} }}')
+    with pytest.raises(ModelLoadError, match=r"slo_ms must be a positive number"):
+        load_repository(tmp_path)
+
+
+def test_default_model_filename(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, 'default_model_filename: "net.onnx"\n', filename="net.onnx")
+    assert served_versions(tmp_path) == {"m": ["1"]}
+    (tmp_path / "m" / "config.pbtxt").write_text("")  # model.onnx by default: not there
+    with pytest.raises(ModelLoadError, match=r"version 1: no model.onnx"):
+        load_repository(tmp_path)
+
+
+@pytest.mark.parametrize("config", ['platform: "pytorch_libtorch"', 'backend: "python"'])
+def test_other_platforms_are_refused(tmp_path, config):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, config)
+    with pytest.raises(ModelLoadError, match=r"ONNX"):
+        load_repository(tmp_path)
+
+
+def test_repository_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        load_repository(tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="holds no models"):
+        load_repository(tmp_path)
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelLoadError, match=r"'m': no version directories"):
+        load_repository(tmp_path)
+    add_model(tmp_path, "m", {1: b"not onnx"})
+    with pytest.raises(ModelLoadError, match=r"'m' version 1"):
+        load_repository(tmp_path)
+
+
+# ---- served end to end ----
+
+LSTM_VERSIONS = {1: 0, 2: 1}  # version -> seed: different weights, so the answering version shows
+GRU_VERSIONS = {1: 2, 3: 3}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    add_model(root, "lstm_clf", {v: lstm_onnx(s) for v, s in LSTM_VERSIONS.items()},
+              'name: "lstm_clf"\nplatform: "onnxruntime_onnx"\nversion_policy: { all: {} }\n'
+              'input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1, -1 ] } ]\n')
+    add_model(root, "gru_seq", {v: gru_onnx(s) for v, s in GRU_VERSIONS.items()})  # no config: version 3 only
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    proc = start_server("--model-repository", str(repo))
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpclient.InferenceServerClient(server.http) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    with grpcclient.InferenceServerClient(server.grpc) as client:
+        yield client
+
+
+def ort_reference(path: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"tokens": tokens})))
+
+
+def requests_for(model: str) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    if model == "lstm_clf":
+        return rng.integers(0, LSTM_VOCAB, (3, 7)).astype(np.int64)  # [batch, time]
+    return rng.integers(0, GRU_VOCAB, (6, 2)).astype(np.int64)  # [time, batch]: seq-first
+
+
+def infer(kind: str, http, grpc, model: str, version: str, tokens: np.ndarray):
+    """(outputs by name, the version that answered)"""
+    if kind == "grpc":
+        tensor = grpcclient.InferInput("tokens", list(tokens.shape), "INT64")
+        tensor.set_data_from_numpy(tokens)
+        result = grpc.infer(model, [tensor], model_version=version)
+        response = result.get_response(as_json=True)
+        return {o["name"]: result.as_numpy(o["name"]) for o in response["outputs"]}, response["model_version"]
+    binary = kind == "http-binary"
+    tensor = httpclient.InferInput("tokens", list(tokens.shape), "INT64")
+    tensor.set_data_from_numpy(tokens, binary_data=binary)
+    names = ["probabilities", "label"] if model == "lstm_clf" else ["step_scores", "probabilities"]
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in names]
+    result = http.infer(model, [tensor], model_version=version, outputs=outputs)
+    response = result.get_response()
+    return {o["name"]: result.as_numpy(o["name"]) for o in response["outputs"]}, response["model_version"]
+
+
+@pytest.mark.parametrize("kind", ["http-json", "http-binary", "grpc"])
+@pytest.mark.parametrize("model, version, answering", [
+    ("lstm_clf", "1", "1"), ("lstm_clf", "2", "2"), ("lstm_clf", "", "2"),
+    ("gru_seq", "3", "3"), ("gru_seq", "", "3"),
+])
+def test_outputs_match_onnxruntime(repo, http, grpc, kind, model, version, answering):
+    tokens = requests_for(model)
+    got, answered = infer(kind, http, grpc, model, version, tokens)
+    assert answered == answering
+    want = ort_reference(repo / model / answering / "model.onnx", tokens)
+    assert set(got) == set(want)
+    for name, expected in want.items():
+        assert got[name].shape == expected.shape, name
+        if expected.dtype.kind == "f":
+            np.testing.assert_allclose(got[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], expected, err_msg=name)
+
+
+def test_versions_really_differ(repo):
+    tokens = requests_for("lstm_clf")
+    v1 = ort_reference(repo / "lstm_clf" / "1" / "model.onnx", tokens)["probabilities"]
+    v2 = ort_reference(repo / "lstm_clf" / "2" / "model.onnx", tokens)["probabilities"]
+    assert not np.allclose(v1, v2, rtol=1e-3)
+
+
+LSTM_META = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [-1, -1]}],
+             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, CLASSES]},
+                         {"name": "label", "datatype": "INT64", "shape": [-1]}]}
+GRU_META = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [-1, -1]}],
+            "outputs": [{"name": "step_scores", "datatype": "FP32", "shape": [-1, -1, CLASSES]},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, CLASSES]}]}
+
+
+def grpc_metadata(grpc, model: str, version: str = "") -> dict:
+    meta = grpc.get_model_metadata(model, version, as_json=True)
+    for tensor in meta["inputs"] + meta["outputs"]:
+        tensor["shape"] = [int(d) for d in tensor["shape"]]
+    return meta
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_metadata_lists_the_onnx_names_with_dynamic_dims(http, grpc, protocol):
+    metadata = http.get_model_metadata if protocol == "http" else functools.partial(grpc_metadata, grpc)
+    for model, want, versions in (("lstm_clf", LSTM_META, ["1", "2"]), ("gru_seq", GRU_META, ["3"])):
+        meta = metadata(model)
+        assert meta["name"] == model and meta["versions"] == versions and meta["platform"] == "onnxruntime_onnx"
+        assert {k: meta[k] for k in ("inputs", "outputs")} == want
+        for version in versions:
+            one = metadata(model, version)
+            assert one["versions"] == [version] and {k: one[k] for k in ("inputs", "outputs")} == want
+
+
+def get(server, path: str) -> tuple[int, dict | None]:
+    try:
+        with urllib.request.urlopen(f"http://{server.http}{path}", timeout=10) as response:
+            body = response.read()
+            return response.status, json.loads(body) if body else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_versioned_routes(server):
+    assert get(server, "/v2/models/lstm_clf/versions/1")[1]["versions"] == ["1"]
+    assert get(server, "/v2/models/lstm_clf/versions/2")[1]["versions"] == ["2"]
+    assert get(server, "/v2/models/lstm_clf")[1]["versions"] == ["1", "2"]
+    for path in ("/v2/models/lstm_clf/versions/1/ready", "/v2/models/lstm_clf/versions/2/ready",
+                 "/v2/models/gru_seq/versions/3/ready", "/v2/models/gru_seq/ready"):
+        assert get(server, path)[0] == 200, path
+    # gru_seq has a version 1 on disk, but without a config only the highest is served
+    status, body = get(server, "/v2/models/gru_seq/versions/1")
+    assert status == 404 and "'1'" in body["error"] and "gru_seq" in body["error"]
+    assert get(server, "/v2/models/gru_seq/versions/1/ready")[0] == 404
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unserved_version_is_not_found(http, grpc, protocol):
+    tokens = requests_for("gru_seq")
+    with pytest.raises(InferenceServerException) as info:
+        infer("http-binary" if protocol == "http" else "grpc", http, grpc, "gru_seq", "1", tokens)
+    assert str(info.value.status()) in ("404", "StatusCode.NOT_FOUND")
+    assert "version '1'" in info.value.message() and "3" in info.value.message()
