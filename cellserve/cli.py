@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args, parser) -> int:
+    import os
+
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # start-up failures are our one line, not gRPC core's log
     from cellserve.server.app import ServerSettings, serve
 
     for flag, value in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),

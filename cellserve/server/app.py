@@ -199,7 +199,7 @@ class Frontends:
         for server in self._uvicorn:
             server.should_exit = True  # stop accepting; in-flight requests finish
         if self._grpc is not None:
-            await self._grpc.stop(self.settings.grace_s)
+            await self._grpc.stop(self.settings.grace_s + 5)  # the engine answers what is left at grace_s
         await asyncio.gather(*tasks, return_exceptions=True)
         self._on_stopped()
 
@@ -215,7 +215,7 @@ class Frontends:
         apps = {"http": build_app(self.core, s.max_request_bytes), "metrics": build_metrics_app(self.core.metrics)}
         for name, sock in self.sockets.items():
             config = uvicorn.Config(apps[name], log_level="warning", access_log=False, lifespan="off",
-                                    timeout_graceful_shutdown=s.grace_s, http="httptools",
+                                    timeout_graceful_shutdown=s.grace_s + 5, http="httptools",
                                     limit_concurrency=None, backlog=2048)
             server = uvicorn.Server(config)
             self._uvicorn.append(server)

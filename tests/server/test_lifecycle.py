@@ -169,13 +169,6 @@ def test_sigint_exits_0_after_requests_in_flight():
     assert "SIGINT: stopping" in server.output() and "Traceback" not in server.output(), server.output()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: when the grace period runs out, uvicorn's own graceful-shutdown timeout (set to the same "
-    "grace_s) cancels the HTTP handlers first: they are answered 500 'Internal Server Error' (text/plain), "
-    "not the 503 'the server is shutting down' of engine.abort_all, and the engine's abort then hits the "
-    "closed loop: 'on_done callback of request N failed ... RuntimeError: Event loop is closed' on stderr, "
-    "once per request (for gRPC requests too). A race: uvicorn won it in every run here with 20 requests "
-    "of 4x1000 tokens; the engine won it in a run with 8"))
 def test_requests_cut_off_by_the_grace_period_get_503():
     server = start_server("--model", MODEL, "--grace-period", "0")
     try:
@@ -302,10 +295,7 @@ def test_missing_repository(tmp_path):
 
 @pytest.mark.parametrize("flag", [
     "--http-port",
-    pytest.param("--grpc-port", marks=pytest.mark.xfail(strict=True, reason=(
-        "server bug: a gRPC port in use prints two lines on stderr: gRPC core's own log line "
-        "('E... add_port.cc:83] Failed to add port to server: ... Address already in use') before "
-        "cellserve's 'cannot bind gRPC to 127.0.0.1:PORT: the address is in use or not available'"))),
+    "--grpc-port",
     "--metrics-port",
 ])
 def test_port_in_use(tmp_path, flag):
