@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -79,7 +80,8 @@ def serve(settings: ServerSettings) -> int:
         ports = frontends.start()
     except StartupError as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        # exit now: a gRPC server that failed to bind aborts the interpreter's normal teardown
+        os._exit(1)
 
     engine_stop = threading.Event()
 
