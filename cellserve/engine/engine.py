@@ -345,7 +345,7 @@ class Engine:
         timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
         deadline = request.arrival + timeout if timeout is not None else math.inf
         run = _Run(request, model, {**model.constants, **inputs}, deadline,
-                   self._rounds_plan(model, inputs), self._batch_size(model, inputs))
+                   self._rounds_plan(model, inputs), model.batch_size(inputs))
         if self.config.admission and deadline < math.inf:
             load = dict(self._committed)
             for t in run.model.cell_types():
@@ -371,13 +371,6 @@ class Engine:
             if sem.time_axis is not None:
                 length = max(length, inputs[name].shape[sem.time_axis])
         return [length + (1 if isinstance(s, AttentionDecoder) else 0) for s in model.recurrent_steps()]
-
-    @staticmethod
-    def _batch_size(model: Model, inputs: dict) -> int:
-        for name, sem in model.semantics.items():
-            if sem.batch_axis is not None:
-                return inputs[name].shape[sem.batch_axis]
-        return 1
 
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
         """Add (+1) or take back (-1) a run's lanes in the cell types of its layers."""

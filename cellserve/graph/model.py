@@ -149,6 +149,13 @@ class Model:
     def recurrent_steps(self) -> list[RecurrentLayer | AttentionDecoder]:
         return [s for s in self.program if not isinstance(s, DenseNode)]
 
+    def batch_size(self, inputs: dict) -> int:
+        """Sequences in a request: the batch axis of its first input that has one (else 1)."""
+        for name, sem in self.semantics.items():
+            if sem.batch_axis is not None and name in inputs:
+                return int(np.shape(inputs[name])[sem.batch_axis])
+        return 1
+
     def why_not_streamable(self) -> str | None:
         """Why this model cannot take a sequence in chunks carrying state between them (None
         when it can): only forward recurrences can go on from a saved state."""

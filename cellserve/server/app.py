@@ -236,7 +236,8 @@ class Frontends:
             await asyncio.sleep(0.5)
             if self.core.sequences.expire():
                 for name in self.core.model_names():
-                    self.core.metrics.sequences.labels(model=name).set(self.core.sequences.count(name))
+                    entry = self.core.model(name)
+                    self.core.metrics.model(name, entry.version).sequences.set(self.core.sequences.count(name))
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

@@ -229,7 +229,7 @@ class Core:
         if response.status is Status.OK:
             if timeout_s is not None and response.finish - received > timeout_s:
                 metrics.slo_miss.inc()
-            metrics.inference_count.inc(_batch_of(entry, inputs))
+            metrics.inference_count.inc(entry.model.batch_size(inputs))
             return response
         # the engine knows the model as "name:version": say it as the client does
         reason = response.reason.replace(repr(entry.engine_name), repr(entry.name))
@@ -241,13 +241,6 @@ class Core:
 def _resolve(future: asyncio.Future, response: Response) -> None:
     if not future.done():
         future.set_result(response)
-
-
-def _batch_of(entry: ServedModel, inputs: dict) -> int:
-    for name, sem in entry.model.semantics.items():
-        if sem.batch_axis is not None and name in inputs:
-            return int(np.shape(inputs[name])[sem.batch_axis])
-    return 1
 
 
 _ERRORS = {Status.INVALID: BadRequest, Status.REJECTED: Overloaded, Status.DROPPED: DeadlineExceeded,

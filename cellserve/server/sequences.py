@@ -30,7 +30,7 @@ class Sequence:
     users: int = 0  # chunks holding or waiting for the lock
 
     def describe(self) -> str:
-        return f"sequence {self.key[2]!r} of model {self.key[0]!r}"
+        return _describe(self.key)
 
 
 class SequenceStore:
@@ -53,7 +53,7 @@ class SequenceStore:
         if sequence is None:
             if not start:
                 why = self._ended.get(key)
-                name = f"sequence {key[2]!r} of model {key[0]!r}"
+                name = _describe(key)
                 if why is not None:
                     raise SequenceError(f"{name} was {why}; start a new one with sequence_start")
                 raise SequenceError(f"{name} is not active: its first request must set sequence_start")
@@ -78,3 +78,7 @@ class SequenceStore:
         for sequence in idle:
             self.end(sequence, f"released after {sequence.idle_timeout_s:g} s idle")
         return len(idle)
+
+
+def _describe(key: SequenceKey) -> str:
+    return f"sequence {key[2]!r} of model {key[0]!r}"
