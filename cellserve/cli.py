@@ -41,6 +41,37 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--json", type=Path, default=Path("bench-results/server.json"), help="where to write results")
     sb.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
 
+    ld = bench_sub.add_parser("load", help="open-loop load against any Open Inference Protocol server",
+                              description="Offer open-loop load (Poisson or bursty) to an OIP server over HTTP "
+                                          "or gRPC, at fixed rates or a ramp, and report throughput, goodput "
+                                          "and latency per rate. Without --url it starts `cellserve serve` on "
+                                          "the zoo model and loads that.")
+    ld.add_argument("--url", default=None, help="server address host:port (default: start cellserve on --model)")
+    ld.add_argument("--model", default="lstm-512", help="model name (default: lstm-512)")
+    ld.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    ld.add_argument("--input", default="tokens", help="the model's token input (default: tokens)")
+    ld.add_argument("--vocab", type=int, default=10000, help="token ids are drawn from [0, vocab)")
+    ld.add_argument("--rates", default=None,
+                    help="comma-separated requests/s to offer, e.g. 50,100,200 (default: a ramp)")
+    ld.add_argument("--start-rps", type=float, default=20.0, help="the ramp's first rate (default: 20)")
+    ld.add_argument("--factor", type=float, default=1.5, help="the ramp's step factor (default: 1.5)")
+    ld.add_argument("--max-rps", type=float, default=5000.0, help="the ramp stops past this rate")
+    ld.add_argument("--seconds", type=float, default=5.0, help="seconds of arrivals per rate (default: 5)")
+    ld.add_argument("--arrivals", choices=["poisson", "bursty"], default="poisson",
+                    help="Poisson, or a two-state Markov-modulated Poisson process (bursts of 4x)")
+    ld.add_argument("--slo-ms", type=float, action="append", default=None,
+                    help="latency SLO for goodput; repeat for several (default: 200)")
+    ld.add_argument("--deadline", action="store_true",
+                    help="send the (first) SLO as each request's timeout parameter")
+    ld.add_argument("--pad-to-buckets", action="store_true",
+                    help="pad tokens to length buckets and send `lengths` (for batchers that need equal shapes)")
+    ld.add_argument("--json-tensors", action="store_true", help="JSON tensors instead of binary (HTTP)")
+    ld.add_argument("--ceiling", action="store_true",
+                    help="also measure this generator's own ceiling against a trivial endpoint")
+    ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--json", type=Path, default=Path("bench-results/load.json"), help="where to write results")
+    ld.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
+
     srv = sub.add_parser("serve", help="serve models over the Open Inference Protocol (HTTP, gRPC) with metrics",
                          description="Serve a Triton-style model repository, or the zoo when none is given.")
     srv.add_argument("--model-repository", type=Path, default=None,
@@ -99,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                              args.json, args.plot, args.repeats)
     if args.command == "bench" and args.bench_command == "server":
         return _bench_server(args)
+    if args.command == "bench" and args.bench_command == "load":
+        from cellserve.bench.load_cli import bench_load
+
+        return bench_load(args, parser)
     parser.error("unknown command")
     return 2
 

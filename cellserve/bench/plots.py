@@ -28,3 +28,29 @@ def plot_p99_vs_load(rows: dict[str, list[tuple[float, float]]], slo_ms: float, 
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=120)
+
+
+def plot_load_sweep(series: dict[str, list[dict]], slo_ms: float, path: str | Path, title: str,
+                    slo_key: str | None = None) -> None:
+    """Two panels against offered load, one line per server: p99 latency (log scale, with the
+    SLO) and goodput at the SLO. Each row is a `cellserve bench load` summary."""
+    key = slo_key or f"{slo_ms:g}"
+    figure = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(figure)
+    p99_axes, good_axes = figure.subplots(1, 2)
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["offered_rps"])
+        offered = [r["offered_rps"] for r in rows]
+        p99_axes.plot(offered, [r["p99_ms"] for r in rows], marker="o", label=name)
+        good_axes.plot(offered, [r["goodput_rps"][key] for r in rows], marker="o", label=name)
+    p99_axes.axhline(slo_ms, color="black", linestyle="--", linewidth=1, label=f"SLO {slo_ms:g} ms")
+    p99_axes.set_yscale("log")
+    p99_axes.set_ylabel("p99 latency (ms)")
+    good_axes.set_ylabel(f"goodput within {slo_ms:g} ms (requests/s)")
+    for axes in (p99_axes, good_axes):
+        axes.set_xlabel("offered load (requests/s)")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)

@@ -64,7 +64,7 @@ def summarize(stats: RunStats, slo_s: float) -> dict:
     latencies = np.array([o.finish_s - o.arrival_s for o in stats.outcomes
                           if o.status == "ok" and o.finish_s is not None])
     good = int(np.sum(latencies <= slo_s))
-    p50, p99 = np.percentile(latencies, [50, 99]) * 1e3 if latencies.size else (np.nan, np.nan)
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99]) * 1e3 if latencies.size else (np.nan,) * 3
     counts = {status: sum(o.status == status for o in stats.outcomes) for status in STATUSES}
     return {
         "policy": stats.policy,
@@ -74,6 +74,7 @@ def summarize(stats: RunStats, slo_s: float) -> dict:
         "goodput_rps": _per_second(good, stats.duration_s),
         "slo_misses": len(stats.outcomes) - good,
         "p50_ms": float(p50),
+        "p90_ms": float(p90),
         "p99_ms": float(p99),
         "mean_batch": stats.batch_size_sum / stats.cell_steps if stats.cell_steps else 0.0,
         "gflops": _per_second(stats.executed_flops, stats.duration_s) / 1e9,

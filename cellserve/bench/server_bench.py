@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cellserve.bench.engine_bench import closed_loop_capacity, cpu_count
 from cellserve.bench.engine_runner import replay
-from cellserve.bench.loadgen import open_loop
+from cellserve.bench.loadgen import RequestFormat, open_loop
 from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.results import RunStats, span_s, summarize
 from cellserve.bench.traces import make_trace
@@ -89,13 +89,13 @@ def run(cfg: ServerBenchConfig, log=print) -> dict:
 
 
 def _server_run(address: str, model: str, input_name: str, trace, rate: float, slo_ms: float) -> RunStats:
-    outcomes, _ = open_loop(address, model, trace, input_name=input_name, timeout_ms=slo_ms)
+    outcomes = open_loop(address, model, trace, fmt=RequestFormat(input_name, deadline_ms=slo_ms)).outcomes
     return RunStats(policy="server", rate_rps=rate, duration_s=span_s(outcomes), outcomes=outcomes)
 
 
 def _warm_up(address: str, model: str, input_name: str, vocab: int) -> None:
     trace = make_trace(np.random.default_rng(99), 200.0, 100, vocab)
-    open_loop(address, model, trace, input_name=input_name)
+    open_loop(address, model, trace, fmt=RequestFormat(input_name))
 
 
 def _report(cfg: ServerBenchConfig, capacity: float, rates: list[float], results: dict) -> dict:

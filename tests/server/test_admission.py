@@ -12,7 +12,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from cellserve.bench.loadgen import open_loop
+from cellserve.bench.loadgen import RequestFormat, open_loop
 from cellserve.bench.traces import TraceRequest, make_trace
 from serverproc import start_server
 
@@ -81,12 +81,13 @@ def test_overload_keeps_goodput_and_health():
     try:
         rng = np.random.default_rng(0)
         burst = [TraceRequest(r.request_id, 0.0, r.tokens) for r in make_trace(rng, 1.0, 300, 10000)]
-        outcomes, _ = open_loop(server.http, "gru-256", burst)
+        outcomes = open_loop(server.http, "gru-256", burst).outcomes
         assert all(o.status == "ok" for o in outcomes)
         capacity = len(outcomes) / max(o.finish_s for o in outcomes)
 
         trace = make_trace(rng, 3 * capacity, int(3 * capacity * 3), 10000)  # 3 seconds
-        outcomes, health = open_loop(server.http, "gru-256", trace, timeout_ms=250, health_every_s=0.1)
+        run = open_loop(server.http, "gru-256", trace, fmt=RequestFormat(deadline_ms=250), health_every_s=0.1)
+        outcomes, health = run.outcomes, run.health_latencies_s
         assert len(outcomes) == len(trace)
         statuses = {o.status for o in outcomes}
         assert statuses <= {"ok", "rejected", "dropped"}, [o.reason for o in outcomes if o.status == "error"][:3]

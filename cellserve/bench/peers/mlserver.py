@@ -1,0 +1,70 @@
+"""Seldon's MLServer with its adaptive batcher, serving the model through a small custom
+runtime (servers/mlserver_runtime.py) on ONNX Runtime, in its own virtual environment (its
+pins clash with ours).
+
+MLServer's batcher merges requests by concatenating their data along the first axis and
+keeps the first request's shape (mlserver/batching/requests.py), so it cannot batch ragged
+sentences by itself: clients pad to LENGTH_BUCKETS and send `lengths`, and the runtime
+re-pads a batch that mixes buckets. Its HTTP endpoint reads JSON tensors only, not Triton's
+binary extension.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from cellserve.bench.peers.base import (LENGTH_BUCKETS, Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning,
+                                        free_port, make_venv, peers_root, spawn, venv_ready)
+
+RUNTIME = Path(__file__).parent / "servers" / "mlserver_runtime.py"
+PACKAGES = ["mlserver==1.7.1", "onnxruntime", "numpy"]
+# 0 runs predict() in the server's own process; 1 would ship every merged batch to a worker
+# process and back, which costs more than it frees on 2 cores.
+PARALLEL_WORKERS = 0
+
+
+def _venv() -> Path:
+    return peers_root() / "mlserver" / "venv"
+
+
+class MLServerPeer(Peer):
+    name = "mlserver"
+    pads_on_client = True
+    tuning_grid = (Tuning(8, 2.0), Tuning(32, 2.0), Tuning(8, 10.0), Tuning(32, 10.0))
+
+    def missing(self) -> str | None:
+        if not venv_ready(_venv()):
+            return f"not installed (no {_venv()}); run its install first"
+        return None
+
+    def install(self, log=print) -> None:
+        log(f"installing {', '.join(PACKAGES)} into {_venv()}")
+        make_venv(_venv(), sys.executable or "/usr/bin/python3.11", PACKAGES,
+                  peers_root() / "mlserver" / "install.log")
+
+    def start(self, model: PeerModel, workdir: Path, threads: int, tuning: Tuning) -> RunningPeer:
+        reason = self.missing()
+        if reason:
+            raise PeerUnavailable(reason)
+        root = Path(workdir) / "mlserver"
+        model_dir = root / model.name  # MLServer warns when the folder is not named after the model
+        shutil.rmtree(root, ignore_errors=True)
+        model_dir.mkdir(parents=True)
+        shutil.copy(RUNTIME, model_dir / RUNTIME.name)
+        port = free_port()
+        settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(),  # gRPC cannot be turned off
+                    "metrics_endpoint": None, "parallel_workers": PARALLEL_WORKERS, "debug": False,
+                    "environments_dir": str(root / ".envs"), "metrics_dir": str(root / ".metrics")}
+        model_settings = {"name": model.name, "implementation": f"{RUNTIME.stem}.OnnxClassifier",
+                          "max_batch_size": tuning.max_batch, "max_batch_time": tuning.max_wait_ms / 1000,
+                          "parameters": {"extra": {"onnx_path": str(Path(model.onnx_path).resolve()),
+                                                   "threads": threads, "buckets": list(LENGTH_BUCKETS)}}}
+        (root / "settings.json").write_text(json.dumps(settings, indent=2))
+        (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
+        peer = spawn(self.name, [str(_venv() / "bin" / "mlserver"), "start", str(root)],
+                     f"127.0.0.1:{port}", Path(workdir) / "mlserver.log", cwd=root)
+        peer.wait_ready(120)
+        return peer

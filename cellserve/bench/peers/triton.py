@@ -1,0 +1,123 @@
+"""NVIDIA Triton Inference Server: the Python backend running the ONNX graph with ONNX
+Runtime, behind Triton's dynamic batcher.
+
+Triton comes from the nvidia-pytriton wheel, which carries the `tritonserver` binary, its
+libraries and the Python backend. We run that binary directly: PyTriton's own Python proxy
+in front of it caps even a no-op model at ~174 req/s, the binary serves ~2,000. The venv is
+made from Debian's /usr/bin/python3.11 because the backend stub we use links the system
+libpython3.11; any other interpreter's packages fail to load in it (an RLock
+`_recursion_count` error).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from cellserve.bench.peers.base import (Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning, free_port,
+                                        make_venv, peers_root, spawn, venv_ready)
+
+MODEL_FILE = Path(__file__).parent / "servers" / "triton_model.py"
+PYTHON = "/usr/bin/python3.11"
+PY_VERSION = "3.11"  # the stub to use, matching PYTHON
+
+CONFIG = """\
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch}
+input [
+  {{ name: "tokens", data_type: TYPE_INT64, dims: [ -1 ] }},
+  {{ name: "lengths", data_type: TYPE_INT32, dims: [ 1 ] }}
+]
+output [
+  {{ name: "probabilities", data_type: TYPE_FP32, dims: [ {classes} ] }},
+  {{ name: "label", data_type: TYPE_INT64, dims: [ ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: {wait_us} }}
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+parameters [
+  {{ key: "onnx_path", value: {{ string_value: "{onnx_path}" }} }},
+  {{ key: "threads", value: {{ string_value: "{threads}" }} }}
+]
+"""
+
+
+def venv_dir() -> Path:
+    return peers_root() / "triton" / "venv"
+
+
+def site_packages() -> Path:
+    return venv_dir() / "lib" / f"python{PY_VERSION}" / "site-packages"
+
+
+def dist_dir() -> Path:
+    """The Triton distribution inside the nvidia-pytriton wheel."""
+    return site_packages() / "pytriton" / "tritonserver"
+
+
+class TritonPeer(Peer):
+    name = "triton"
+    pads_on_client = True  # the dynamic batcher only joins requests of one shape
+    tuning_grid = (Tuning(8, 2.0), Tuning(32, 2.0), Tuning(8, 10.0), Tuning(32, 10.0))
+
+    def missing(self) -> str | None:
+        if not venv_ready(venv_dir()):
+            return f"not installed (no finished venv at {venv_dir()})"
+        for path in (dist_dir() / "bin" / "tritonserver",
+                     dist_dir() / "python_backend_stubs" / PY_VERSION / "triton_python_backend_stub"):
+            if not path.exists():
+                return f"{path} is missing from the nvidia-pytriton wheel"
+        return None
+
+    def install(self, log=print) -> None:
+        log(f"installing nvidia-pytriton and onnxruntime into {venv_dir()}")
+        make_venv(venv_dir(), PYTHON, ["nvidia-pytriton", "onnxruntime", "numpy"],
+                  peers_root() / "triton" / "install.log")
+
+    def start(self, model: PeerModel, workdir: Path, threads: int, tuning: Tuning) -> RunningPeer:
+        reason = self.missing()
+        if reason:
+            raise PeerUnavailable(reason)
+        workdir = Path(workdir).resolve()
+        repo = workdir / "repo"
+        shutil.rmtree(repo, ignore_errors=True)
+        version = repo / model.name / "1"
+        version.mkdir(parents=True)
+        shutil.copy(MODEL_FILE, version / "model.py")
+        (repo / model.name / "config.pbtxt").write_text(CONFIG.format(
+            name=model.name, max_batch=tuning.max_batch, classes=model.classes,
+            wait_us=int(tuning.max_wait_ms * 1000), onnx_path=Path(model.onnx_path).resolve(), threads=threads))
+
+        # The wheel ships the Python backend without a stub (PyTriton copies in the one for
+        # its interpreter at start-up), so assemble a backend directory that has it.
+        backend = workdir / "backends" / "python"
+        shutil.rmtree(backend, ignore_errors=True)
+        backend.mkdir(parents=True)
+        for src in (dist_dir() / "backends" / "python" / "libtriton_python.so",
+                    dist_dir() / "backends" / "python" / "triton_python_backend_utils.py",
+                    dist_dir() / "python_backend_stubs" / PY_VERSION / "triton_python_backend_stub"):
+            shutil.copy2(src, backend / src.name)
+
+        port = free_port()
+        cmd = [str(dist_dir() / "bin" / "tritonserver"),
+               "--model-repository", str(repo),
+               "--backend-directory", str(workdir / "backends"),
+               "--http-address", "127.0.0.1", "--http-port", str(port),
+               "--allow-grpc", "false", "--allow-metrics", "false",
+               # Shared-memory names are global: a prefix per server lets several run at once.
+               f"--backend-config=python,shm-region-prefix-name=cellserve-triton-{port}-",
+               "--log-verbose", "0"]
+        env = {
+            # The copied backend and stub find Triton's bundled libraries by a relative
+            # RPATH that no longer holds.
+            "LD_LIBRARY_PATH": str(site_packages() / "nvidia_pytriton.libs"),
+            # The stub's embedded Python takes its prefix from the first `python3` on PATH:
+            # the venv's, so it gets Debian's standard library and the venv's onnxruntime and
+            # numpy, not those of whatever environment launched us. Empty means unset here.
+            "PATH": f"{venv_dir() / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "PYTHONPATH": "", "PYTHONHOME": "",
+        }
+        peer = spawn(self.name, cmd, f"127.0.0.1:{port}", workdir / "triton.log", env=env)
+        peer.wait_ready(120)
+        return peer

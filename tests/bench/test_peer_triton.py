@@ -1,0 +1,8 @@
+"""The Triton peer: installs (or skips with the reason), serves the exported model through
+its Python backend and answers as ONNX Runtime does."""
+
+from peer_check import check_peer
+
+
+def test_triton_peer_answers_like_onnx_runtime(tmp_path):
+    check_peer("triton", tmp_path)
