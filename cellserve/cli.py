@@ -6,6 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+# The comparison's peers, by name (cellserve.bench.peers.PEERS; repeated here so --help
+# does not import the benchmark).
+PEER_NAMES = ("triton", "mlserver", "ray-serve", "torchserve", "unbatched")
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--json", type=Path, default=Path("bench-results/load.json"), help="where to write results")
     ld.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
 
+    cmp = bench_sub.add_parser("compare", help="cellserve and peer servers (Triton, MLServer, Ray Serve, "
+                                               "TorchServe, unbatched) side by side on the same traces",
+                               description="Install (once, into their own environments) and start each peer on "
+                                           "the same exported model and thread count, tune its batching over a "
+                                           "small grid, ramp the same open-loop load against every server, and "
+                                           "write a JSON report, a markdown table and plots.")
+    cmp.add_argument("--model", default="lstm-512", help="zoo classifier (default: lstm-512)")
+    cmp.add_argument("--slo-ms", type=float, nargs=2, default=[50.0, 200.0], metavar=("TIGHT", "LOOSE"),
+                     help="the two SLOs (default: 50 200)")
+    cmp.add_argument("--peers", default=",".join(PEER_NAMES),
+                     help=f"comma-separated peers (default: all: {','.join(PEER_NAMES)}; empty: none)")
+    cmp.add_argument("--threads", type=int, default=None, help="compute threads of every server (default: cores)")
+    cmp.add_argument("--quick", action="store_true", help="shorter runs and a coarser ramp (under ten minutes "
+                                                          "once the peers are installed)")
+    cmp.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--json", type=Path, default=Path("bench-results/compare.json"),
+                     help="where to write results (the table and plots go next to it)")
+
     srv = sub.add_parser("serve", help="serve models over the Open Inference Protocol (HTTP, gRPC) with metrics",
                          description="Serve a Triton-style model repository, or the zoo when none is given.")
     srv.add_argument("--model-repository", type=Path, default=None,
@@ -130,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                              args.json, args.plot, args.repeats)
     if args.command == "bench" and args.bench_command == "server":
         return _bench_server(args)
+    if args.command == "bench" and args.bench_command == "compare":
+        return _bench_compare(args, parser)
     if args.command == "bench" and args.bench_command == "load":
         from cellserve.bench.load_cli import bench_load
 
@@ -202,6 +227,28 @@ def _bench_server(args) -> int:
     report = server_bench.run(cfg)
     print(server_bench.table(report))
     print(f"wrote {cfg.json_path} and {cfg.plot_path or cfg.json_path.with_suffix('.png')}")
+    return 0
+
+
+def _bench_compare(args, parser) -> int:
+    from cellserve.bench import compare
+
+    peers = tuple(p for p in args.peers.split(",") if p.strip())
+    unknown = [p for p in peers if p not in PEER_NAMES]
+    if unknown:
+        parser.error(f"unknown peer(s) {', '.join(unknown)}; known: {', '.join(PEER_NAMES)}")
+    tight, loose = args.slo_ms
+    if not 0 < tight < loose:
+        parser.error(f"--slo-ms needs 0 < TIGHT < LOOSE, got {tight:g} {loose:g}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    cfg = compare.CompareConfig(model=args.model, slos_ms=(tight, loose), peers=peers, quick=args.quick,
+                                install=not args.no_install, seed=args.seed, json_path=args.json)
+    if args.threads:
+        cfg.threads = args.threads
+    report = compare.run(cfg)
+    print(compare.markdown_table(report))
+    print(f"wrote {args.json}, {args.json.with_suffix('.md')} and the plots next to them")
     return 0
 
 

@@ -6,6 +6,7 @@ The dataclasses hold only JSON types, so a run can be saved and re-summarised la
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -83,3 +84,18 @@ def summarize(stats: RunStats, slo_s: float) -> dict:
                                  if stats.overhead_us_per_step else float("nan")),
         "counts": counts,
     }
+
+
+def json_safe(value):
+    """`value` with NaN and infinities as None, numpy scalars as Python numbers: strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value

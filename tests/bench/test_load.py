@@ -72,7 +72,7 @@ def test_a_slow_server_does_not_slow_the_offered_load(fake_server):
     trace = _trace(n, 150.0, np.full(n, 150), np.full(n, 9))
     run = open_loop(fake_server, "fake", trace, fmt=RequestFormat(binary=False))
     assert all(o.status == "ok" for o in run.outcomes)
-    assert np.percentile(run.send_lag_s, 99) < 0.02
+    assert np.percentile(run.send_lag_s, 99) < 0.05  # a closed loop would lag by seconds
     latencies = [o.finish_s - o.arrival_s for o in run.outcomes]
     assert min(latencies) >= 0.298  # an event-loop timer may fire up to ~1 ms early
     # ~1 s of arrivals, each answered 0.3 s later: far from the 45 s it would take one at a time

@@ -20,7 +20,9 @@ from cellserve.bench.peers.base import (LENGTH_BUCKETS, Peer, PeerModel, PeerUna
                                         free_port, make_venv, peers_root, spawn, venv_ready)
 
 RUNTIME = Path(__file__).parent / "servers" / "mlserver_runtime.py"
-PACKAGES = ["mlserver==1.7.1", "onnxruntime", "numpy"]
+# uvloop 0.22+ raises in asyncio.get_event_loop() without a running loop, which kills
+# MLServer 1.7.1's parallel workers at start.
+PACKAGES = ["mlserver==1.7.1", "uvloop<0.22", "onnxruntime", "numpy"]
 # 0 runs predict() in the server's own process; 1 would ship every merged batch to a worker
 # process and back, which costs more than it frees on 2 cores.
 PARALLEL_WORKERS = 0
@@ -64,7 +66,16 @@ class MLServerPeer(Peer):
                                                    "threads": threads, "buckets": list(LENGTH_BUCKETS)}}}
         (root / "settings.json").write_text(json.dumps(settings, indent=2))
         (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
+        log_path = Path(workdir) / "mlserver.log"
         peer = spawn(self.name, [str(_venv() / "bin" / "mlserver"), "start", str(root)],
-                     f"127.0.0.1:{port}", Path(workdir) / "mlserver.log", cwd=root)
-        peer.wait_ready(120)
+                     f"127.0.0.1:{port}", log_path, cwd=root,
+                     # The server stays up and says ready when the model fails to load: ask the model.
+                     ready_path=f"/v2/models/{model.name}/ready")
+        try:
+            peer.wait_ready(120)
+        except PeerUnavailable as exc:
+            # The log's tail is the shutdown after the timeout; the cause is further up.
+            lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+            causes = [line for line in lines if "ERROR" in line or "Error" in line or "Couldn't" in line]
+            raise PeerUnavailable(f"{exc}\ncauses in {log_path}:\n" + "\n".join(causes[-8:])) from None
         return peer

@@ -14,6 +14,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from cellserve.bench.peers.base import (Peer, PeerModel, PeerUnavailable, Runnin
 
 HANDLER = Path(__file__).parent / "servers" / "torchserve_handler.py"
 PACKAGES = ["torch==2.13.0",  # the CPU build on this machine's disk; TorchServe's worker imports torch
-            "torchserve==0.12.0", "torch-model-archiver==0.12.0", "onnxruntime", "numpy"]
+            "torchserve==0.12.0", "torch-model-archiver==0.12.0",
+            "pyyaml",  # imported by TorchServe's worker, not declared by the package
+            "onnxruntime", "numpy"]
 
 
 def venv_dir() -> Path:
@@ -75,11 +78,11 @@ class TorchServePeer(Peer):
         if len(str(tmp)) > 80:  # a worker socket's path must stay under 108 bytes
             tmp = Path(tempfile.mkdtemp(prefix="cellserve-ts-"))
         tmp.mkdir(exist_ok=True)
-        port = free_port()
+        port, management = free_port(), free_port()
         config = workdir / "config.properties"
         config.write_text("\n".join([
             f"inference_address=http://127.0.0.1:{port}",
-            f"management_address=http://127.0.0.1:{free_port()}",
+            f"management_address=http://127.0.0.1:{management}",
             f"metrics_address=http://127.0.0.1:{free_port()}",
             "grpc_inference_address=127.0.0.1", f"grpc_inference_port={free_port()}",
             "grpc_management_address=127.0.0.1", f"grpc_management_port={free_port()}",
@@ -92,16 +95,58 @@ class TorchServePeer(Peer):
         ]) + "\n")
         env = {"TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(workdir / "logs"),
                "METRICS_LOCATION": str(workdir / "logs")}
-        peer = spawn(self.name, [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs",
-                                 "--disable-token-auth", "--model-store", str(store),
-                                 "--models", f"{model.name}={model.name}", "--ts-config", str(config)],
-                     f"127.0.0.1:{port}", workdir / "torchserve.log", env=env, cwd=workdir,
-                     ready_path="/ping")  # 200 only once the model's worker is up
-        peer.wait_ready(180)
-        try:  # the OIP paths are what the load generator needs
-            urllib.request.urlopen(f"http://{peer.address}/v2/health/ready", timeout=5).close()
-        except OSError as exc:
-            peer.stop()
-            raise PeerUnavailable(f"TorchServe does not answer /v2/health/ready: {exc}\n"
-                                  f"{tail(peer.log_path)}") from exc
+        launcher = spawn(self.name, [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs",
+                                     "--disable-token-auth", "--model-store", str(store),
+                                     "--models", f"{model.name}={model.name}", "--ts-config", str(config)],
+                         f"127.0.0.1:{port}", workdir / "torchserve.log", env=env, cwd=workdir,
+                         ready_path="/v2/health/ready")  # the frontend is up (it says ready at once)
+        peer = TorchServeProcess(self.name, launcher.proc, launcher.address, launcher.log_path, launcher.ready_path)
+        peer.wait_ready(120)
+        wait_for_worker(peer, f"http://127.0.0.1:{management}/models/{model.name}", 180)
         return peer
+
+
+class TorchServeProcess(RunningPeer):
+    """`torchserve --foreground` is a Python launcher whose child is the Java frontend, whose
+    children are the Python workers, all in the launcher's process group. The group signals
+    reach them all, but the launcher exits first: stop() also waits until the rest are gone."""
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        super().stop(timeout_s)
+        deadline = time.monotonic() + 10
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_alive(self.proc.pid):
+            raise RuntimeError(f"TorchServe's processes (group {self.proc.pid}) outlived SIGKILL")
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group `pgid` still has a running thread. A dying JVM's main thread shows
+    as a zombie while its other threads still hold its sockets, so every thread counts."""
+    for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def wait_for_worker(peer: RunningPeer, describe_url: str, timeout_s: float) -> None:
+    """Poll the management API until the model's worker is READY (it loads the model after
+    the frontend already answers); PeerUnavailable with the log's tail otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if peer.proc.poll() is not None:
+            raise PeerUnavailable(f"torchserve exited with {peer.proc.returncode}:\n{tail(peer.log_path)}")
+        try:
+            with urllib.request.urlopen(describe_url, timeout=5) as reply:
+                workers = [w for m in json.load(reply) for w in m.get("workers", [])]
+            if any(w.get("status") == "READY" for w in workers):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    peer.stop()
+    raise PeerUnavailable(f"TorchServe's worker was not ready after {timeout_s:.0f} s:\n{tail(peer.log_path, 25)}")

@@ -32,7 +32,7 @@ input [
 ]
 output [
   {{ name: "probabilities", data_type: TYPE_FP32, dims: [ {classes} ] }},
-  {{ name: "label", data_type: TYPE_INT64, dims: [ ] }}
+  {{ name: "label", data_type: TYPE_INT64, dims: [ 1 ] }}  # sent as [n]: the Python backend answers the shape it is given
 ]
 dynamic_batching {{ max_queue_delay_microseconds: {wait_us} }}
 instance_group [ {{ count: 1, kind: KIND_CPU }} ]
@@ -100,13 +100,18 @@ class TritonPeer(Peer):
             shutil.copy2(src, backend / src.name)
 
         port = free_port()
+        shm_prefix = f"cellserve-triton-{port}-"
         cmd = [str(dist_dir() / "bin" / "tritonserver"),
                "--model-repository", str(repo),
                "--backend-directory", str(workdir / "backends"),
                "--http-address", "127.0.0.1", "--http-port", str(port),
                "--allow-grpc", "false", "--allow-metrics", "false",
                # Shared-memory names are global: a prefix per server lets several run at once.
-               f"--backend-config=python,shm-region-prefix-name=cellserve-triton-{port}-",
+               f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+               # Triton waits this long for clients' idle keep-alive connections to close
+               # before it exits (default 30 s, longer than stop() waits before SIGKILL,
+               # which leaves the backend's shared memory behind).
+               "--exit-timeout-secs", "3",
                "--log-verbose", "0"]
         env = {
             # The copied backend and stub find Triton's bundled libraries by a relative
@@ -118,6 +123,21 @@ class TritonPeer(Peer):
             "PATH": f"{venv_dir() / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "PYTHONPATH": "", "PYTHONHOME": "",
         }
-        peer = spawn(self.name, cmd, f"127.0.0.1:{port}", workdir / "triton.log", env=env)
+        peer = TritonProcess(spawn(self.name, cmd, f"127.0.0.1:{port}", workdir / "triton.log", env=env),
+                             shm_prefix)
         peer.wait_ready(120)
         return peer
+
+
+class TritonProcess(RunningPeer):
+    """A running tritonserver whose stop() also removes the Python backend's shared memory:
+    Triton skips that cleanup when it exits on its exit timeout or is killed."""
+
+    def __init__(self, spawned: RunningPeer, shm_prefix: str):
+        super().__init__(spawned.name, spawned.proc, spawned.address, spawned.log_path, spawned.ready_path)
+        self.shm_prefix = shm_prefix
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        super().stop(timeout_s)
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
