@@ -1,30 +1,31 @@
-"""An open-loop load generator for any Open Inference Protocol server, over HTTP or gRPC, with
-tritonclient's asyncio clients (the clients users of Triton run).
+"""An open-loop load generator for any Open Inference Protocol server: over HTTP with a lean
+keep-alive client (`http_pool.py`), over gRPC with tritonclient's asyncio client.
 
 Open loop: each request is sent at its trace time whether or not earlier ones were answered,
 so a slow server cannot slow the offered load down. Latency counts from the scheduled
 arrival, so a generator that falls behind its schedule shows up in the latencies (and in
-`send_lag_s`) instead of hiding them. Request tensors are built before the clock starts.
+`send_lag_s`) instead of hiding them. Request bytes and tensors are built before the clock
+starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpc_aio
-import tritonclient.http as httpclient
-import tritonclient.http.aio as http_aio
 from tritonclient.utils import InferenceServerException
 
+from cellserve.bench.http_pool import HttpPool, error_message
 from cellserve.bench.peers.base import pad_to_bucket
 from cellserve.bench.results import RequestOutcome
 from cellserve.bench.traces import TraceRequest
 
-# Error statuses that are the server's refusals rather than failures, over HTTP and gRPC.
+# Answers that are the server's refusals rather than failures, over HTTP and gRPC.
 _STATUS = {"429": "rejected", "StatusCode.RESOURCE_EXHAUSTED": "rejected",
            "504": "dropped", "StatusCode.DEADLINE_EXCEEDED": "dropped"}
 PROTOCOLS = ("http", "grpc")
@@ -53,31 +54,85 @@ class LoadRun:
     health_latencies_s: list[float] = field(default_factory=list)
 
 
-def _tensor(module, name: str, array: np.ndarray, datatype: str, binary: bool):
-    tensor = module.InferInput(name, list(array.shape), datatype)
-    if module is httpclient:
-        tensor.set_data_from_numpy(array, binary_data=binary)
-    else:
-        tensor.set_data_from_numpy(array)
-    return tensor
-
-
-def request_inputs(tokens: np.ndarray, fmt: RequestFormat, protocol: str = "http") -> list:
-    """One token sequence (batch 1) as tritonclient inputs."""
-    module = httpclient if protocol == "http" else grpcclient
+def _tensors(tokens: np.ndarray, fmt: RequestFormat) -> list[tuple[str, str, np.ndarray]]:
+    """(name, datatype, array) of one request's inputs: batch 1, padded where asked."""
     sent = pad_to_bucket(tokens) if fmt.pad_to_buckets else tokens.astype(np.int64)
-    inputs = [_tensor(module, fmt.input_name, sent.reshape(1, -1), "INT64", fmt.binary)]
+    tensors = [(fmt.input_name, "INT64", sent.reshape(1, -1))]
     if fmt.pad_to_buckets:
-        inputs.append(_tensor(module, "lengths", np.array([[tokens.size]], dtype=np.int32), "INT32", fmt.binary))
+        tensors.append(("lengths", "INT32", np.array([[tokens.size]], dtype=np.int32)))
+    return tensors
+
+
+def http_request(pool: HttpPool, model: str, tokens: np.ndarray, fmt: RequestFormat) -> bytes:
+    """The bytes of one inference request: JSON tensors, or Triton's binary extension."""
+    inputs, raw = [], []
+    for name, datatype, array in _tensors(tokens, fmt):
+        tensor = {"name": name, "shape": list(array.shape), "datatype": datatype}
+        if fmt.binary:
+            data = array.astype(array.dtype.newbyteorder("<")).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(data)}
+            raw.append(data)
+        else:
+            tensor["data"] = array.reshape(-1).tolist()
+        inputs.append(tensor)
+    request = {"inputs": inputs}
+    if fmt.deadline_ms:
+        request["parameters"] = {"timeout": int(fmt.deadline_ms * 1e3)}
+    header = json.dumps(request, separators=(",", ":")).encode()
+    path = f"/v2/models/{model}/infer"
+    if not fmt.binary:
+        return pool.post(path, header)
+    return pool.post(path, header + b"".join(raw), {"Content-Type": "application/octet-stream",
+                                                    "Inference-Header-Content-Length": str(len(header))})
+
+
+def grpc_inputs(tokens: np.ndarray, fmt: RequestFormat) -> list:
+    inputs = []
+    for name, datatype, array in _tensors(tokens, fmt):
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
     return inputs
 
 
-def _client(protocol: str, address: str):
-    if protocol == "http":
-        return http_aio.InferenceServerClient(address, conn_limit=4096)
-    if protocol == "grpc":
-        return grpc_aio.InferenceServerClient(address)
-    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+class _HttpSender:
+    def __init__(self, address: str, model: str, trace: list[TraceRequest], fmt: RequestFormat):
+        self.pool = HttpPool(address)
+        self.requests = [http_request(self.pool, model, r.tokens, fmt) for r in trace]
+        self.ready = self.pool.get("/v2/health/ready")
+
+    async def send(self, i: int) -> tuple[str, str]:
+        status, body = await self.pool.request(self.requests[i])
+        if status == 200:
+            return "ok", ""
+        return _STATUS.get(str(status), "error"), f"{status}: {error_message(body)}"
+
+    async def probe(self) -> None:
+        await self.pool.request(self.ready)
+
+    async def close(self) -> None:
+        self.pool.close()
+
+
+class _GrpcSender:
+    def __init__(self, address: str, model: str, trace: list[TraceRequest], fmt: RequestFormat):
+        self.client = grpc_aio.InferenceServerClient(address)
+        self.model = model
+        self.inputs = [grpc_inputs(r.tokens, fmt) for r in trace]
+        self.timeout_us = int(fmt.deadline_ms * 1e3) if fmt.deadline_ms else None
+
+    async def send(self, i: int) -> tuple[str, str]:
+        try:
+            await self.client.infer(self.model, self.inputs[i], timeout=self.timeout_us)
+            return "ok", ""
+        except InferenceServerException as exc:
+            return _STATUS.get(str(exc.status()), "error"), f"{exc.status()}: {exc.message()}"
+
+    async def probe(self) -> None:
+        await self.client.is_server_ready()
+
+    async def close(self) -> None:
+        await self.client.close()
 
 
 async def run_open_loop(address: str, model: str, trace: list[TraceRequest], fmt: RequestFormat = RequestFormat(),
@@ -85,11 +140,11 @@ async def run_open_loop(address: str, model: str, trace: list[TraceRequest], fmt
                         health_every_s: float | None = None) -> LoadRun:
     """Send the trace to the server at `address` (host:port). Every request gets an outcome:
     one not answered within `client_timeout_s` counts as an error, never as lost."""
-    timeout_us = int(fmt.deadline_ms * 1e3) if fmt.deadline_ms else None
-    inputs = [request_inputs(r.tokens, fmt, protocol) for r in trace]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    sender = (_HttpSender if protocol == "http" else _GrpcSender)(address, model, trace, fmt)
     outcomes: list[RequestOutcome | None] = [None] * len(trace)
     run = LoadRun(outcomes=[], send_lag_s=[0.0] * len(trace))
-    client = _client(protocol, address)
     try:
         start = time.perf_counter()
 
@@ -97,10 +152,7 @@ async def run_open_loop(address: str, model: str, trace: list[TraceRequest], fmt
             sent = time.perf_counter() - start
             run.send_lag_s[i] = sent - trace[i].arrival_s
             try:
-                await asyncio.wait_for(client.infer(model, inputs[i], timeout=timeout_us), client_timeout_s)
-                status, reason = "ok", ""
-            except InferenceServerException as exc:
-                status, reason = _STATUS.get(str(exc.status()), "error"), f"{exc.status()}: {exc.message()}"
+                status, reason = await asyncio.wait_for(sender.send(i), client_timeout_s)
             except asyncio.TimeoutError:
                 status, reason = "error", f"no answer within {client_timeout_s:g} s"
             except Exception as exc:  # connection failures: counted, never lost
@@ -112,7 +164,7 @@ async def run_open_loop(address: str, model: str, trace: list[TraceRequest], fmt
         async def probe() -> None:
             while True:
                 t0 = time.perf_counter()
-                await client.is_server_ready()
+                await sender.probe()
                 run.health_latencies_s.append(time.perf_counter() - t0)
                 await asyncio.sleep(health_every_s)
 
@@ -127,14 +179,14 @@ async def run_open_loop(address: str, model: str, trace: list[TraceRequest], fmt
         if prober is not None:
             prober.cancel()
     finally:
-        await client.close()
+        await sender.close()
     run.outcomes = [o for o in outcomes if o is not None]
     return run
 
 
 def open_loop(address: str, model: str, trace: list[TraceRequest], **kw) -> LoadRun:
-    """run_open_loop on a fresh event loop (uvloop where installed: it halves the client's CPU
-    per request, 250 vs 450 us here)."""
+    """run_open_loop on a fresh event loop (uvloop where installed: it halves tritonclient's
+    CPU per request, 250 vs 450 us here)."""
     try:
         import uvloop
     except ImportError:

@@ -26,9 +26,9 @@ class TritonPythonModel:
     def execute(self, requests):
         tokens = [pb_utils.get_input_tensor_by_name(r, "tokens").as_numpy() for r in requests]
         lengths = [pb_utils.get_input_tensor_by_name(r, "lengths").as_numpy().reshape(-1) for r in requests]
-        # With allow_ragged_batch the dynamic batcher joins different buckets: pad to the longest,
-        # so a mixed batch is still right: padding never changes an answer (the graph reads
-        # each row's state at its own length).
+        # With allow_ragged_batch the dynamic batcher joins different buckets: pad to the
+        # longest. Padding never changes an answer (the graph reads each row's state at its
+        # own length).
         width = max(t.shape[1] for t in tokens)
         batch = np.zeros((sum(t.shape[0] for t in tokens), width), dtype=np.int64)
         row = 0
