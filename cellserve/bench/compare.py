@@ -124,7 +124,7 @@ def _peer(name: str, cfg: CompareConfig, model, sweep: Sweep, workdir: Path, log
         raise PeerUnavailable(reason)
     fmt = RequestFormat(binary=False, pad_to_buckets=peer.pads_on_client)
     sweeps = {}
-    for tuning in peer.tuning_grid:
+    for tuning in peer.quick_tuning_grid if cfg.quick else peer.tuning_grid:
         log(f"{name}: {tuning.label()}")
         with peer.start(model, workdir / name, cfg.threads, tuning) as running:
             target = Target(running.address, model.name, fmt=fmt)

@@ -24,7 +24,7 @@ from cellserve.bench.results import RunStats, json_safe, span_s, summarize
 from cellserve.bench.traces import make_trace
 
 TRIVIAL_SERVER = Path(__file__).parent / "peers" / "servers" / "trivial_server.py"
-_LAG_LIMIT_MS = 5.0  # a generator whose p99 send lag passes this is behind its schedule
+_LAG_LIMIT_MS = 10.0  # a generator whose p99 send lag passes this is behind its schedule
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def generator_ceiling(protocol: str = "http", workdir: Path | None = None, secon
                       start_rps: float = 200.0, factor: float = 1.3) -> dict:
     """The highest rate this generator offers on time and sees answered, against an endpoint
     that does no work: ramp until throughput falls under 95% of the offer or the send lag's
-    p99 passes 5 ms."""
+    p99 passes 10 ms (on both of two tries)."""
     import tempfile
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cellserve-ceiling-"))
@@ -148,10 +148,15 @@ def generator_ceiling(protocol: str = "http", workdir: Path | None = None, secon
         run_rate(target, sweep, start_rps)  # warm-up
         best, rows, rate = 0.0, [], start_rps
         while rate < 100_000:
-            row = run_rate(target, sweep, rate)
-            rows.append({k: row[k] for k in ("offered_rps", "realized_rps", "throughput_rps", "send_lag_p99_ms",
-                                             "p99_ms")})
-            if row["throughput_rps"] < 0.95 * row["realized_rps"] or row["send_lag_p99_ms"] > _LAG_LIMIT_MS:
+            kept = False
+            for _ in range(2):  # a rate passes on either of two tries: one stall is not a ceiling
+                row = run_rate(target, sweep, rate)
+                rows.append({k: row[k] for k in ("offered_rps", "realized_rps", "throughput_rps",
+                                                 "send_lag_p99_ms", "p99_ms")})
+                kept = row["throughput_rps"] >= 0.95 * row["realized_rps"] and row["send_lag_p99_ms"] <= _LAG_LIMIT_MS
+                if kept:
+                    break
+            if not kept:
                 break
             best, rate = rate, round(rate * factor)
         return {"protocol": protocol, "ceiling_rps": best, "runs": rows}

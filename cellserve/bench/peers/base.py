@@ -197,7 +197,13 @@ class Peer(ABC):
 
     name: str = ""
     pads_on_client: bool = False
-    tuning_grid: tuple[Tuning, ...] = (Tuning(8, 5.0), Tuning(32, 5.0), Tuning(8, 20.0), Tuning(32, 20.0))
+    tuning_grid: tuple[Tuning, ...] = (Tuning(8, 2.0), Tuning(32, 2.0), Tuning(8, 10.0), Tuning(32, 10.0))
+
+    @property
+    def quick_tuning_grid(self) -> tuple[Tuning, ...]:
+        """The grid of a --quick comparison: the middle of the full one (batch 32 / 2 ms and
+        batch 8 / 10 ms in the peers' grids, where every peer had its best so far)."""
+        return self.tuning_grid[1:3] or self.tuning_grid
 
     @abstractmethod
     def missing(self) -> str | None:

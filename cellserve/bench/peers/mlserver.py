@@ -36,7 +36,6 @@ def _venv() -> Path:
 class MLServerPeer(Peer):
     name = "mlserver"
     pads_on_client = True
-    tuning_grid = (Tuning(8, 2.0), Tuning(32, 2.0), Tuning(8, 10.0), Tuning(32, 10.0))
 
     def missing(self) -> str | None:
         if not venv_ready(_venv()):

@@ -29,7 +29,6 @@ def venv_dir() -> Path:
 class RayServePeer(Peer):
     name = "ray-serve"
     pads_on_client = False  # the batch function pads to the batch's longest row itself
-    tuning_grid = (Tuning(8, 2.0), Tuning(32, 2.0), Tuning(8, 10.0), Tuning(32, 10.0))
 
     def missing(self) -> str | None:
         if not venv_ready(venv_dir()):

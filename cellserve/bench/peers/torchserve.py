@@ -35,7 +35,6 @@ def venv_dir() -> Path:
 class TorchServePeer(Peer):
     name = "torchserve"
     pads_on_client = False  # the handler pads each batch itself
-    tuning_grid = (Tuning(8, 2.0), Tuning(32, 2.0), Tuning(8, 10.0), Tuning(32, 10.0))
 
     def missing(self) -> str | None:
         if not venv_ready(venv_dir()):

@@ -61,7 +61,6 @@ def dist_dir() -> Path:
 class TritonPeer(Peer):
     name = "triton"
     pads_on_client = True  # the dynamic batcher only joins requests of one shape
-    tuning_grid = (Tuning(8, 2.0), Tuning(32, 2.0), Tuning(8, 10.0), Tuning(32, 10.0))
 
     def missing(self) -> str | None:
         if not venv_ready(venv_dir()):
