@@ -59,10 +59,6 @@ class EngineConfig:
     default_timeout_s: float | None = None  # deadline for requests that set none
     max_active: int = 4096  # requests in the engine at once; more are refused
     profile: bool = True  # measure step costs at start-up to seed the cost model
-    # CPU threads while at most one request is in flight (None: always torch's count). One
-    # thread then: waking an idle core's OpenMP worker cost 2 ms on average and up to 12 ms
-    # per parallel region on this VM, far more than a lone lane gains from a second core.
-    light_load_threads: int | None = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,8 +76,6 @@ class EngineConfig:
             problems.append(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
         if self.max_active < 1:
             problems.append(f"max_active must be >= 1, got {self.max_active}")
-        if self.light_load_threads is not None and self.light_load_threads < 1:
-            problems.append(f"light_load_threads must be >= 1 or None, got {self.light_load_threads}")
         if problems:
             raise ValueError("invalid EngineConfig: " + "; ".join(problems))
 
@@ -136,7 +130,6 @@ class Engine:
         self.config = config or EngineConfig()
         self.clock = clock or MonotonicClock()
         self.device = torch.device(self.config.device)
-        self._all_threads: int | None = None  # torch's thread count, read at the first step
         self.models = {}
         self.kernels: dict[str, CellKernel | DecoderKernel] = {}
         self._step_spec: dict[str, RecurrentLayer | AttentionDecoder] = {}
@@ -246,7 +239,6 @@ class Engine:
         batch = self.policy.next_batch(t_start)
         if batch is None:
             return False
-        self._set_threads()
         slots = np.array(batch.slots, np.int64)
         rows = np.array(batch.rows, np.int64)
         strides = np.array(batch.strides, np.int64)
@@ -272,18 +264,6 @@ class Engine:
                 return True
             rows += strides * steps
             t_start, self._compute_s = now, 0.0
-
-    def _set_threads(self) -> None:
-        """Light load (one request in flight) computes on `light_load_threads`, anything more
-        on all of torch's threads; torch's count is changed only when the mode changes."""
-        light = self.config.light_load_threads
-        if light is None or self.device.type != "cpu":
-            return
-        if self._all_threads is None:
-            self._all_threads = torch.get_num_threads()
-        want = min(light, self._all_threads) if len(self._runs) <= 1 else self._all_threads
-        if want != torch.get_num_threads():
-            torch.set_num_threads(want)
 
     def _learn_overhead(self, wall: float, batch: StepBatch, steps: int) -> None:
         cost = self.costs.costs.get(batch.cell_type)

@@ -1,13 +1,9 @@
 """EngineConfig refuses bad settings at construction, naming each one."""
 
-import numpy as np
 import pytest
-import torch
 
 from cellserve.engine.cost_model import CostModel, StepCost
-from cellserve.engine.engine import Engine, EngineConfig
-from cellserve.engine.request import Request
-from cellserve.graph import zoo
+from cellserve.engine.engine import EngineConfig
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -18,7 +14,6 @@ from cellserve.graph import zoo
     ("admission_headroom", 1.5, "admission_headroom"),
     ("default_timeout_s", 0.0, "default_timeout_s"),
     ("max_active", 0, "max_active"),
-    ("light_load_threads", 0, "light_load_threads"),
 ])
 def test_a_bad_setting_is_refused_with_its_name(field, value, words):
     with pytest.raises(ValueError, match=words):
@@ -58,21 +53,3 @@ def test_a_stale_slow_bucket_is_capped_by_a_smaller_batch_scaled_up():
     cost.observe(32, 50e-3)  # measured once during a stall, never since
     assert cost(32) <= 8 * 100e-6
     assert cost(32, best=True) <= 8 * 100e-6
-
-
-def test_one_request_in_flight_computes_on_the_light_load_threads_and_more_on_all():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        model = zoo.load("gru-256")
-        engine = Engine([model], EngineConfig(light_load_threads=1, profile=False))
-        tokens = np.arange(1, 40).reshape(1, -1)
-        engine.submit(Request(model=model.name, inputs={"tokens": tokens}))
-        assert engine.step()
-        assert torch.get_num_threads() == 1
-        engine.submit(Request(model=model.name, inputs={"tokens": tokens}))
-        assert engine.step()
-        assert torch.get_num_threads() == 2
-        engine.run_until_idle()
-    finally:
-        torch.set_num_threads(before)
