@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cellserve.bench.engine_bench import cpu_count
 from cellserve.bench.load import Sweep, Target, generator_ceiling, max_goodput, run_rate, sweep_rates, warm_up
 from cellserve.bench.loadgen import RequestFormat
 from cellserve.bench.peers import PEERS, export_model, load_peer
@@ -39,7 +39,7 @@ class CompareConfig:
     peers: tuple[str, ...] = tuple(PEERS)
     quick: bool = False
     install: bool = True
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = field(default_factory=cpu_count)
     light_rps: float = 10.0
     light_requests: int | None = None  # default: 100 quick, 300 full
     seconds_per_rate: float | None = None  # default: 2 quick, 5 full
@@ -156,7 +156,7 @@ def _machine() -> dict:
                           if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpus": os.cpu_count(), "cpu": model_name or platform.processor(), "python": platform.python_version()}
+    return {"cpus": cpu_count(), "cpu": model_name or platform.processor(), "python": platform.python_version()}
 
 
 def markdown_table(report: dict) -> str:

@@ -196,6 +196,8 @@ class Peer(ABC):
     """
 
     name: str = ""
+    python: str = sys.executable  # the interpreter its venv is made from
+    packages: tuple[str, ...] = ()  # what install() puts into its venv; none: runs in ours
     pads_on_client: bool = False
     tuning_grid: tuple[Tuning, ...] = (Tuning(8, 2.0), Tuning(32, 2.0), Tuning(8, 10.0), Tuning(32, 10.0))
 
@@ -205,23 +207,24 @@ class Peer(ABC):
         batch 8 / 10 ms in the peers' grids, where every peer had its best so far)."""
         return self.tuning_grid[1:3] or self.tuning_grid
 
-    @abstractmethod
+    @property
+    def venv(self) -> Path:
+        return peers_root() / self.name / "venv"
+
     def missing(self) -> str | None:
         """Why the peer cannot start now (not installed, no Java, ...), or None when it can."""
+        if self.packages and not venv_ready(self.venv):
+            return f"not installed (no finished venv at {self.venv})"
+        return None
 
-    @abstractmethod
     def install(self, log=print) -> None:
         """Install the peer (idempotent); PeerUnavailable with the reason when it cannot be."""
+        if self.packages:
+            log(f"installing {', '.join(self.packages)} into {self.venv}")
+            make_venv(self.venv, self.python, list(self.packages), peers_root() / self.name / "install.log")
 
     @abstractmethod
     def start(self, model: PeerModel, workdir: Path, threads: int, tuning: Tuning) -> RunningPeer:
         """Start serving `model` with `threads` compute threads and `tuning`, files under
         `workdir`; return once it answers readiness (PeerUnavailable otherwise)."""
 
-
-def python_of(venv: Path) -> str:
-    return str(venv / "bin" / "python")
-
-
-def this_python() -> str:
-    return sys.executable

@@ -13,39 +13,25 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from cellserve.bench.peers.base import (LENGTH_BUCKETS, Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning,
-                                        free_port, make_venv, peers_root, spawn, venv_ready)
+                                        free_port, spawn)
 
 RUNTIME = Path(__file__).parent / "servers" / "mlserver_runtime.py"
 # uvloop 0.22+ raises in asyncio.get_event_loop() without a running loop, which kills
 # MLServer 1.7.1's parallel workers at start.
-PACKAGES = ["mlserver==1.7.1", "uvloop<0.22", "onnxruntime", "numpy"]
+PACKAGES = ("mlserver==1.7.1", "uvloop<0.22", "onnxruntime", "numpy")
 # 1 runs predict() in one worker process, apart from the HTTP/JSON work and the batcher: on
 # 2 cores it sustained more than 0 (all in the server's process) in 7 of 8 paired runs, about
 # 138 vs 119 req/s at batch 8 / 2 ms (16 closed-loop clients, threads=2, a shared machine).
 PARALLEL_WORKERS = 1
 
 
-def _venv() -> Path:
-    return peers_root() / "mlserver" / "venv"
-
-
 class MLServerPeer(Peer):
     name = "mlserver"
+    packages = PACKAGES
     pads_on_client = True
-
-    def missing(self) -> str | None:
-        if not venv_ready(_venv()):
-            return f"not installed (no {_venv()}); run its install first"
-        return None
-
-    def install(self, log=print) -> None:
-        log(f"installing {', '.join(PACKAGES)} into {_venv()}")
-        make_venv(_venv(), sys.executable or "/usr/bin/python3.11", PACKAGES,
-                  peers_root() / "mlserver" / "install.log")
 
     def start(self, model: PeerModel, workdir: Path, threads: int, tuning: Tuning) -> RunningPeer:
         reason = self.missing()
@@ -67,7 +53,7 @@ class MLServerPeer(Peer):
         (root / "settings.json").write_text(json.dumps(settings, indent=2))
         (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
         log_path = Path(workdir) / "mlserver.log"
-        peer = spawn(self.name, [str(_venv() / "bin" / "mlserver"), "start", str(root)],
+        peer = spawn(self.name, [str(self.venv / "bin" / "mlserver"), "start", str(root)],
                      f"127.0.0.1:{port}", log_path, cwd=root,
                      # The server stays up and says ready when the model fails to load: ask the model.
                      ready_path=f"/v2/models/{model.name}/ready")

@@ -13,32 +13,20 @@ import time
 from pathlib import Path
 
 from cellserve.bench.peers.base import (Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning, free_port,
-                                        make_venv, peers_root, python_of, spawn, venv_ready)
+                                        spawn)
 
 SERVER = Path(__file__).parent / "servers" / "ray_serve_app.py"
-PACKAGES = ["ray[serve]==2.60.0", "onnxruntime==1.32.0", "numpy==2.4.6"]
+PACKAGES = ("ray[serve]==2.60.0", "onnxruntime==1.32.0", "numpy==2.4.6")
 # Ray puts Unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store (about 70
 # characters below <temp>) and a socket path may not exceed 107 characters.
 MAX_TEMP_DIR_CHARS = 35
 
 
-def venv_dir() -> Path:
-    return peers_root() / "ray-serve" / "venv"
-
-
 class RayServePeer(Peer):
     name = "ray-serve"
+    python = "/usr/bin/python3.11" if Path("/usr/bin/python3.11").exists() else sys.executable
+    packages = PACKAGES
     pads_on_client = False  # the batch function pads to the batch's longest row itself
-
-    def missing(self) -> str | None:
-        if not venv_ready(venv_dir()):
-            return f"not installed (no venv at {venv_dir()}; run install)"
-        return None
-
-    def install(self, log=print) -> None:
-        python = "/usr/bin/python3.11" if Path("/usr/bin/python3.11").exists() else sys.executable
-        log(f"installing {', '.join(PACKAGES)} into {venv_dir()}")
-        make_venv(venv_dir(), python, PACKAGES, peers_root() / "ray-serve" / "install.log")
 
     def start(self, model: PeerModel, workdir: Path, threads: int, tuning: Tuning) -> RunningPeer:
         workdir = Path(workdir).resolve()
@@ -47,7 +35,7 @@ class RayServePeer(Peer):
         if len(str(temp_dir)) > MAX_TEMP_DIR_CHARS:
             temp_dir = Path(tempfile.mkdtemp(prefix="cs-ray-", dir="/tmp"))
         port = free_port()
-        cmd = [python_of(venv_dir()), str(SERVER), "--model-path", str(model.onnx_path),
+        cmd = [str(self.venv / "bin" / "python"), str(SERVER), "--model-path", str(model.onnx_path),
                "--model-name", model.name, "--port", str(port), "--threads", str(threads),
                "--max-batch", str(tuning.max_batch), "--max-wait-ms", str(tuning.max_wait_ms),
                "--temp-dir", str(temp_dir)]

@@ -12,47 +12,37 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from cellserve.bench.peers.base import (Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning, free_port,
-                                        make_venv, peers_root, run_logged, spawn, tail, venv_ready)
+                                        run_logged, spawn, tail)
 
 HANDLER = Path(__file__).parent / "servers" / "torchserve_handler.py"
-PACKAGES = ["torch==2.13.0",  # the CPU build on this machine's disk; TorchServe's worker imports torch
+PACKAGES = ("torch==2.13.0",  # the CPU build on this machine's disk; TorchServe's worker imports torch
             "torchserve==0.12.0", "torch-model-archiver==0.12.0",
             "pyyaml",  # imported by TorchServe's worker, not declared by the package
-            "onnxruntime", "numpy"]
-
-
-def venv_dir() -> Path:
-    return peers_root() / "torchserve" / "venv"
+            "onnxruntime", "numpy")
 
 
 class TorchServePeer(Peer):
     name = "torchserve"
+    packages = PACKAGES
     pads_on_client = False  # the handler pads each batch itself
 
     def missing(self) -> str | None:
-        if not venv_ready(venv_dir()):
-            return f"TorchServe is not installed (no finished venv at {venv_dir()})"
         if not shutil.which("java"):
             return "TorchServe's frontend needs Java 11 or newer, and `java` is not on PATH"
-        return None
-
-    def install(self, log=print) -> None:
-        log(f"installing TorchServe into {venv_dir()} ...")
-        make_venv(venv_dir(), sys.executable, PACKAGES, peers_root() / "torchserve" / "install.log")
+        return super().missing()
 
     def start(self, model: PeerModel, workdir: Path, threads: int, tuning: Tuning) -> RunningPeer:
         reason = self.missing()
         if reason:
             raise PeerUnavailable(reason)
         workdir = Path(workdir).resolve()
-        bin_dir = venv_dir() / "bin"
+        bin_dir = self.venv / "bin"
         store, source = workdir / "model-store", workdir / "archive-source"
         shutil.rmtree(store, ignore_errors=True)
         store.mkdir(parents=True)

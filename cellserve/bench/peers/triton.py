@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from cellserve.bench.peers.base import (Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning, free_port,
-                                        make_venv, peers_root, spawn, venv_ready)
+                                        spawn)
 
 MODEL_FILE = Path(__file__).parent / "servers" / "triton_model.py"
 PYTHON = "/usr/bin/python3.11"
@@ -45,36 +45,30 @@ parameters [
 """
 
 
-def venv_dir() -> Path:
-    return peers_root() / "triton" / "venv"
-
-
-def site_packages() -> Path:
-    return venv_dir() / "lib" / f"python{PY_VERSION}" / "site-packages"
-
-
-def dist_dir() -> Path:
-    """The Triton distribution inside the nvidia-pytriton wheel."""
-    return site_packages() / "pytriton" / "tritonserver"
-
-
 class TritonPeer(Peer):
     name = "triton"
-    pads_on_client = True  # the dynamic batcher only joins requests of one shape
+    python = PYTHON
+    packages = ("nvidia-pytriton", "onnxruntime", "numpy")
+    pads_on_client = True  # as Triton users do; ragged batching then joins different buckets
+
+    @property
+    def site_packages(self) -> Path:
+        return self.venv / "lib" / f"python{PY_VERSION}" / "site-packages"
+
+    @property
+    def dist_dir(self) -> Path:
+        """The Triton distribution inside the nvidia-pytriton wheel."""
+        return self.site_packages / "pytriton" / "tritonserver"
 
     def missing(self) -> str | None:
-        if not venv_ready(venv_dir()):
-            return f"not installed (no finished venv at {venv_dir()})"
-        for path in (dist_dir() / "bin" / "tritonserver",
-                     dist_dir() / "python_backend_stubs" / PY_VERSION / "triton_python_backend_stub"):
+        reason = super().missing()
+        if reason:
+            return reason
+        for path in (self.dist_dir / "bin" / "tritonserver",
+                     self.dist_dir / "python_backend_stubs" / PY_VERSION / "triton_python_backend_stub"):
             if not path.exists():
                 return f"{path} is missing from the nvidia-pytriton wheel"
         return None
-
-    def install(self, log=print) -> None:
-        log(f"installing nvidia-pytriton and onnxruntime into {venv_dir()}")
-        make_venv(venv_dir(), PYTHON, ["nvidia-pytriton", "onnxruntime", "numpy"],
-                  peers_root() / "triton" / "install.log")
 
     def start(self, model: PeerModel, workdir: Path, threads: int, tuning: Tuning) -> RunningPeer:
         reason = self.missing()
@@ -95,14 +89,14 @@ class TritonPeer(Peer):
         backend = workdir / "backends" / "python"
         shutil.rmtree(backend, ignore_errors=True)
         backend.mkdir(parents=True)
-        for src in (dist_dir() / "backends" / "python" / "libtriton_python.so",
-                    dist_dir() / "backends" / "python" / "triton_python_backend_utils.py",
-                    dist_dir() / "python_backend_stubs" / PY_VERSION / "triton_python_backend_stub"):
+        for src in (self.dist_dir / "backends" / "python" / "libtriton_python.so",
+                    self.dist_dir / "backends" / "python" / "triton_python_backend_utils.py",
+                    self.dist_dir / "python_backend_stubs" / PY_VERSION / "triton_python_backend_stub"):
             shutil.copy2(src, backend / src.name)
 
         port = free_port()
         shm_prefix = f"cellserve-triton-{port}-"
-        cmd = [str(dist_dir() / "bin" / "tritonserver"),
+        cmd = [str(self.dist_dir / "bin" / "tritonserver"),
                "--model-repository", str(repo),
                "--backend-directory", str(workdir / "backends"),
                "--http-address", "127.0.0.1", "--http-port", str(port),
@@ -117,11 +111,11 @@ class TritonPeer(Peer):
         env = {
             # The copied backend and stub find Triton's bundled libraries by a relative
             # RPATH that no longer holds.
-            "LD_LIBRARY_PATH": str(site_packages() / "nvidia_pytriton.libs"),
+            "LD_LIBRARY_PATH": str(self.site_packages / "nvidia_pytriton.libs"),
             # The stub's embedded Python takes its prefix from the first `python3` on PATH:
             # the venv's, so it gets Debian's standard library and the venv's onnxruntime and
             # numpy, not those of whatever environment launched us. Empty means unset here.
-            "PATH": f"{venv_dir() / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "PATH": f"{self.venv / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "PYTHONPATH": "", "PYTHONHOME": "",
         }
         peer = TritonProcess(spawn(self.name, cmd, f"127.0.0.1:{port}", workdir / "triton.log", env=env),

@@ -15,12 +15,6 @@ class UnbatchedPeer(Peer):
     name = "unbatched"
     tuning_grid = (Tuning(1, 0.0),)  # nothing to tune: one request per run
 
-    def missing(self) -> str | None:
-        return None
-
-    def install(self, log=print) -> None:
-        return None
-
     def start(self, model: PeerModel, workdir: Path, threads: int, tuning: Tuning) -> RunningPeer:
         port = free_port()
         peer = spawn(self.name, [sys.executable, str(SERVER), "--model-path", str(model.onnx_path),
