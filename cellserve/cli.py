@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--device", default="cpu", help="torch device for the cells: cpu, cuda, cuda:1, ... (default cpu)")
     srv.add_argument("--threads", type=int, default=None,
                      help="CPU threads for the cell kernels (default: torch's, one per core)")
+    srv.add_argument("--pin-threads", action=argparse.BooleanOptionalAction, default=True,
+                     help="pin the kernel threads to one core each (default: on; off when OMP_PROC_BIND, "
+                          "OMP_PLACES or GOMP_CPU_AFFINITY is set)")
     srv.add_argument("--policy", default="cellular", help="batching policy: cellular, cellular-edf, padded, none")
     srv.add_argument("--max-batch", type=int, default=None, help="batch cap per cell type (default: the policy's)")
     srv.add_argument("--max-queue", type=int, default=4096, help="requests in the engine at once; more get 429")
@@ -193,7 +196,8 @@ def _serve(args, parser) -> int:
                               device=args.device, policy=args.policy, max_batch=args.max_batch,
                               max_queue=args.max_queue, default_slo_ms=args.slo_ms,
                               max_request_bytes=args.max_request_size, sequence_idle_s=args.sequence_idle_timeout,
-                              max_sequences=args.max_sequences, grace_s=args.grace_period, threads=args.threads)
+                              max_sequences=args.max_sequences, grace_s=args.grace_period, threads=args.threads,
+                              pin_threads=args.pin_threads)
     return serve(settings)
 
 

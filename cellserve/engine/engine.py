@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from cellserve.engine.validation import validate_inputs
 from cellserve.errors import CellserveError, InvalidInput, UnknownModel
 from cellserve.graph import dense_ops
 from cellserve.graph.model import AttentionDecoder, DenseNode, Model, RecurrentLayer
+from cellserve.kernels import affinity
 from cellserve.kernels.cell import CellKernel, LaneStorage
 from cellserve.kernels.decoder import DecoderKernel
 
@@ -59,6 +61,7 @@ class EngineConfig:
     default_timeout_s: float | None = None  # deadline for requests that set none
     max_active: int = 4096  # requests in the engine at once; more are refused
     profile: bool = True  # measure step costs at start-up to seed the cost model
+    pin_threads: bool = True  # serve_forever pins the kernels' OpenMP threads, one per core
 
     def __post_init__(self) -> None:
         problems = []
@@ -307,14 +310,26 @@ class Engine:
         Run it in the process's main thread, and submit from others: libgomp (torch's OpenMP,
         which the CPU kernels use) cuts its spin-waiting when more OpenMP threads exist than
         cores, and a second thread that runs parallel regions makes that so; measured here,
-        an empty parallel region took 0.5 us from the main thread and 8.8 us from another."""
-        while not stop.is_set():
-            if self.step():
-                continue
-            now = self.clock.now()
-            wake = self.policy.wake_at(now)
-            self._wake.wait(timeout=0.05 if wake is None else max(0.0, min(wake - now, 0.05)))
-            self._wake.clear()
+        an empty parallel region took 0.5 us from the main thread and 8.8 us from another.
+
+        Start the threads that submit (front ends) before: with `pin_threads`, this thread
+        and its OpenMP workers are pinned to one core each while the loop runs (see
+        kernels/affinity.py), and threads started from here would inherit its core."""
+        cores = sorted(os.sched_getaffinity(0))
+        pinned = affinity.pin_openmp_threads() if self.config.pin_threads else None
+        if pinned:
+            log.info("kernel threads pinned to cores %s", pinned)
+        try:
+            while not stop.is_set():
+                if self.step():
+                    continue
+                now = self.clock.now()
+                wake = self.policy.wake_at(now)
+                self._wake.wait(timeout=0.05 if wake is None else max(0.0, min(wake - now, 0.05)))
+                self._wake.clear()
+        finally:
+            if pinned:
+                affinity.unpin(cores)
 
     def abort_all(self, reason: str) -> None:
         """Answer every queued and in-flight request with an error (call from the worker
