@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--threads", type=int, default=None,
                      help="CPU threads for the cell kernels (default: torch's, one per core)")
     srv.add_argument("--pin-threads", action=argparse.BooleanOptionalAction, default=True,
-                     help="pin the kernel threads to one core each (default: on; off when OMP_PROC_BIND, "
-                          "OMP_PLACES or GOMP_CPU_AFFINITY is set)")
+                     help="pin the kernel threads to one core each when they match the cores this process "
+                          "may use (default: on; off when OMP_PROC_BIND, OMP_PLACES or GOMP_CPU_AFFINITY is set)")
     srv.add_argument("--policy", default="cellular", help="batching policy: cellular, cellular-edf, padded, none")
     srv.add_argument("--max-batch", type=int, default=None, help="batch cap per cell type (default: the policy's)")
     srv.add_argument("--max-queue", type=int, default=4096, help="requests in the engine at once; more get 429")

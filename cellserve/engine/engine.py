@@ -61,7 +61,7 @@ class EngineConfig:
     default_timeout_s: float | None = None  # deadline for requests that set none
     max_active: int = 4096  # requests in the engine at once; more are refused
     profile: bool = True  # measure step costs at start-up to seed the cost model
-    pin_threads: bool = True  # serve_forever pins the kernels' OpenMP threads, one per core
+    pin_threads: bool = True  # serve_forever pins the kernels' OpenMP threads, one per core (see kernels/affinity.py)
 
     def __post_init__(self) -> None:
         problems = []

@@ -38,13 +38,16 @@ def _torch_libgomp() -> ctypes.CDLL | None:
 def pin_openmp_threads() -> list[int] | None:
     """Pin the calling thread (the OpenMP master, which runs the kernels) and its team's
     workers to one core each; returns those cores, or None when nothing was pinned: one
-    thread, fewer cores than threads, no libgomp, or placement set by the user.
+    thread, a thread count other than the cores this process may use, no libgomp, or
+    placement set by the user. (A process with fewer threads than its cores shares them with
+    others, and pinning each such process to the same first cores would stack them; give
+    each its own cores with taskset and --threads to match.)
 
     Call it from the thread that runs the kernels, after the threads that should float
     (front ends) were started: threads started later from this one inherit its one core."""
     threads = torch.get_num_threads()
     cores = sorted(os.sched_getaffinity(0))
-    if threads < 2 or len(cores) < threads or any(v in os.environ for v in _USER_PLACEMENT):
+    if threads < 2 or len(cores) != threads or any(v in os.environ for v in _USER_PLACEMENT):
         return None
     libgomp = _torch_libgomp()
     if libgomp is None:
