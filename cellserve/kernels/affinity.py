@@ -10,8 +10,9 @@ series of such pauses.
 
 How: libgomp's own entry point GOMP_parallel runs a callback on every thread of the
 calling thread's team (the same pool torch's parallel regions use), and each thread pins
-itself. OMP_PROC_BIND or GOMP_CPU_AFFINITY, when set, mean the user placed the threads:
-then nothing is done.
+itself. Only when the threads match the cores the process may use; OMP_PROC_BIND,
+OMP_PLACES or GOMP_CPU_AFFINITY, when set, mean the user placed the threads: then nothing
+is done.
 """
 
 from __future__ import annotations
