@@ -58,7 +58,10 @@ def pin_openmp_threads() -> list[int] | None:
     @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     def pin(_unused):
         i = libgomp.omp_get_thread_num()
-        os.sched_setaffinity(0, {cores[i]})
+        try:
+            os.sched_setaffinity(0, {cores[i]})
+        except OSError:  # refused (a container's policy, say): this thread stays where it was
+            return
         pinned[i] = cores[i]
 
     libgomp.GOMP_parallel(pin, None, threads, 0)
