@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -315,11 +314,9 @@ class Engine:
         Start the threads that submit (front ends) before: with `pin_threads`, this thread
         and its OpenMP workers are pinned to one core each while the loop runs (see
         kernels/affinity.py), and threads started from here would inherit its core."""
-        cores = sorted(os.sched_getaffinity(0))
-        pinned = affinity.pin_openmp_threads() if self.config.pin_threads else None
-        if pinned:
-            log.info("kernel threads pinned to cores %s", pinned)
-        try:
+        with affinity.openmp_threads_pinned(self.config.pin_threads) as pinned:
+            if pinned:
+                log.info("kernel threads pinned to cores %s", pinned)
             while not stop.is_set():
                 if self.step():
                     continue
@@ -327,9 +324,6 @@ class Engine:
                 wake = self.policy.wake_at(now)
                 self._wake.wait(timeout=0.05 if wake is None else max(0.0, min(wake - now, 0.05)))
                 self._wake.clear()
-        finally:
-            if pinned:
-                affinity.unpin(cores)
 
     def abort_all(self, reason: str) -> None:
         """Answer every queued and in-flight request with an error (call from the worker

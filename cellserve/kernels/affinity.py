@@ -17,9 +17,11 @@ is done.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,10 +32,8 @@ _USER_PLACEMENT = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
 @functools.cache
 def _torch_libgomp() -> ctypes.CDLL | None:
     """torch's own libgomp (already loaded with torch), or None if torch uses another OpenMP."""
-    lib_dir = Path(torch.__file__).parent / "lib"
-    for path in sorted(lib_dir.glob("libgomp*.so*")):
-        return ctypes.CDLL(str(path))
-    return None
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return ctypes.CDLL(str(found[0])) if found else None
 
 
 def pin_openmp_threads() -> list[int] | None:
@@ -68,6 +68,14 @@ def pin_openmp_threads() -> list[int] | None:
     return [pinned[i] for i in sorted(pinned)]
 
 
-def unpin(cores: list[int]) -> None:
-    """Let the calling thread run on `cores` again (e.g. when its kernel loop ends)."""
-    os.sched_setaffinity(0, cores)
+@contextlib.contextmanager
+def openmp_threads_pinned(enabled: bool = True) -> Iterator[list[int] | None]:
+    """Pin as pin_openmp_threads does (when `enabled`) for the duration of the block, then give
+    the calling thread back the cores it had; yields the pinned cores, or None."""
+    cores = os.sched_getaffinity(0)
+    pinned = pin_openmp_threads() if enabled else None
+    try:
+        yield pinned
+    finally:
+        if pinned:
+            os.sched_setaffinity(0, cores)
