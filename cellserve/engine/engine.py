@@ -29,10 +29,12 @@ from cellserve.engine.scheduler import POLICIES, Lane, StepBatch, make_policy
 from cellserve.engine.validation import validate_inputs
 from cellserve.errors import CellserveError, InvalidInput, UnknownModel
 from cellserve.graph import dense_ops
-from cellserve.graph.model import AttentionDecoder, DenseNode, Model, RecurrentLayer
+from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, Model, RecurrentLayer
+from cellserve.graph.stacking import stack_layers
 from cellserve.kernels import affinity
 from cellserve.kernels.cell import CellKernel, LaneStorage
 from cellserve.kernels.decoder import DecoderKernel
+from cellserve.kernels.stack import StackKernel
 
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class EngineConfig:
     max_active: int = 4096  # requests in the engine at once; more are refused
     profile: bool = True  # measure step costs at start-up to seed the cost model
     pin_threads: bool = True  # serve_forever pins the kernels' OpenMP threads, one per core (see kernels/affinity.py)
+    stack_layers: bool = True  # step layers that feed each other as one cell type (see graph/stacking.py)
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,7 +100,7 @@ class EngineStats:
 class _LaneRef:
     """Where one of a request's lanes lives, and where its results go."""
 
-    kernel: CellKernel | DecoderKernel
+    kernel: CellKernel | StackKernel | DecoderKernel
     storage: LaneStorage
     direction: int
     batch_index: int
@@ -117,7 +120,7 @@ class _Run:
     pc: int = 0
     layer: int = 0  # recurrent steps of the program completed
     lanes: dict[int, _LaneRef] = field(default_factory=dict)
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # of the current recurrent step
+    outputs: dict = field(default_factory=dict)  # of the current recurrent step: per layer name, or per decoder row
     state: dict = field(default_factory=dict)  # final (h, c) per layer, when the request asks
     admitted: float | None = None
     responded: bool = False
@@ -127,14 +130,18 @@ _DROP_CHECK_S = 0.01
 LONE_LANE_CHUNK = 8
 
 
+def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
+    return step.layers if isinstance(step, LayerStack) else [step]
+
+
 class Engine:
     def __init__(self, models: list[Model], config: EngineConfig | None = None, clock: Clock | None = None):
         self.config = config or EngineConfig()
         self.clock = clock or MonotonicClock()
         self.device = torch.device(self.config.device)
         self.models = {}
-        self.kernels: dict[str, CellKernel | DecoderKernel] = {}
-        self._step_spec: dict[str, RecurrentLayer | AttentionDecoder] = {}
+        self.kernels: dict[str, CellKernel | StackKernel | DecoderKernel] = {}
+        self._step_spec: dict[str, RecurrentLayer | LayerStack | AttentionDecoder] = {}
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
         for model in models:
@@ -161,6 +168,8 @@ class Engine:
     def _add_model(self, model: Model) -> None:
         if "/" in model.name or not model.name:
             raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/'")
+        if self.config.stack_layers:
+            model = stack_layers(model)
         self.models[model.name] = model
         types = iter(model.cell_types())
         self._layer_types[model.name] = []
@@ -170,6 +179,9 @@ class Engine:
                 for cell_type, w in zip(layer, step.directions):
                     self.kernels[cell_type] = CellKernel(step.kind, step.hidden, w, self.device,
                                                          step.token_table, self.config.backend)
+            elif isinstance(step, LayerStack):
+                layer = [next(types)]
+                self.kernels[layer[0]] = StackKernel(step, self.device, self.config.backend)
             else:
                 layer = [next(types)]
                 self.kernels[layer[0]] = DecoderKernel(step, self.device)
@@ -201,11 +213,11 @@ class Engine:
 
     @staticmethod
     def _dummy_lane(kernel, spec) -> LaneStorage:
-        h = np.zeros(spec.hidden, np.float32)
         if isinstance(kernel, DecoderKernel):
+            h = np.zeros(spec.hidden, np.float32)
             return kernel.start(np.zeros((8, spec.hidden), np.float32), h, h)
         x = np.zeros(4, np.int64) if spec.token_table is not None else np.zeros((4, spec.input_size), np.float32)
-        return kernel.start(x, h, h)
+        return kernel.start(x)
 
     # ---- the outside: submit from any thread ----
 
@@ -245,7 +257,7 @@ class Engine:
         rows = np.array(batch.rows, np.int64)
         strides = np.array(batch.strides, np.int64)
         while True:
-            lone_steps = self._lone_lane_steps(batch)
+            lone_steps = self._lone_steps(batch)
             steps = lone_steps or 1
             try:
                 ended = self._execute(batch, slots, rows, lone_steps)
@@ -281,16 +293,21 @@ class Engine:
     def _round_time(self, load: dict[str, int]) -> float:
         return self.costs.round_time(load) * self.overhead_factor
 
-    def _lone_lane_steps(self, batch: StepBatch) -> int:
-        """How many steps a lane alone in its batch runs in one call of its kernel's
-        run_lane (up to LONE_LANE_CHUNK: arrivals wait at most that long to join); 0 when
-        the batch is not one such lane and takes the batched step."""
-        if batch.size != 1 or not getattr(self.kernels[batch.cell_type], "can_run_lane", False):
+    def _lone_steps(self, batch: StepBatch) -> int:
+        """How many steps each lane of a small batch runs alone, one lane after the other, in
+        one call of its kernel's run_lane (up to LONE_LANE_CHUNK: arrivals wait at most that
+        long to join); 0 when the batch takes the batched step. Small means up to the
+        kernel's `lone_lanes`."""
+        kernel = self.kernels[batch.cell_type]
+        if batch.size > getattr(kernel, "lone_lanes", 0):
             return 0
-        lane = self.policy.lane(batch.lane_ids[0])
-        if lane is None or lane.length is None:
-            return 0
-        return min(LONE_LANE_CHUNK, lane.length - lane.step)
+        steps = LONE_LANE_CHUNK
+        for lane_id in batch.lane_ids:
+            lane = self.policy.lane(lane_id)
+            if lane is None or lane.length is None:
+                return 0
+            steps = min(steps, lane.length - lane.step)
+        return steps
 
     def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Step until every submitted request has responded (for tests and scripts)."""
@@ -417,7 +434,7 @@ class Engine:
                 if isinstance(step, DenseNode):
                     dense_ops.run(step, run.env)
                     run.pc += 1
-                elif isinstance(step, RecurrentLayer):
+                elif isinstance(step, (RecurrentLayer, LayerStack)):
                     self._start_layer(run, step)
                     return
                 else:
@@ -432,28 +449,32 @@ class Engine:
         finally:
             self._compute_s += self.clock.now() - t0
 
-    def _start_layer(self, run: _Run, layer: RecurrentLayer) -> None:
-        x = run.env[layer.x]
+    def _start_layer(self, run: _Run, step: RecurrentLayer | LayerStack) -> None:
+        layers = _layers(step)
+        x = run.env[layers[0].x]
         time_len, batch = x.shape[:2]
         lens = np.full(batch, time_len, np.int64)
-        if layer.seq_lens:
-            lens = np.asarray(run.env[layer.seq_lens]).astype(np.int64).reshape(-1)
+        if layers[0].seq_lens:  # never in a stack
+            lens = np.asarray(run.env[layers[0].seq_lens]).astype(np.int64).reshape(-1)
             if lens.shape != (batch,) or lens.min() < 1 or lens.max() > time_len:
                 raise InvalidInput(f"sequence lengths {lens.tolist()} must be {batch} values in [1, {time_len}]")
-        ndir, hidden = len(layer.directions), layer.hidden
-        h0 = run.env[layer.initial_h] if layer.initial_h else None
-        c0 = run.env[layer.initial_c] if layer.initial_c else None
-        carried = (run.request.initial_state or {}).get(layer.name)
-        if carried is not None:  # a stream's next chunk goes on from where the last one ended
-            h0, c0 = carried
-            if h0.shape != (len(layer.directions), batch, layer.hidden):
-                raise InvalidInput(f"carried state of layer {layer.name!r} has shape {list(h0.shape)}, "
-                                   f"the input needs {[len(layer.directions), batch, layer.hidden]}")
-        run.outputs = {"y": np.zeros((time_len, ndir, batch, hidden), np.float32),
-                       "h": np.empty((ndir, batch, hidden), np.float32),
-                       "c": np.empty((ndir, batch, hidden), np.float32)}
-        cell_types = [f"{run.model.name}/{layer.name}/{d}" for d in range(ndir)]
-        for d, cell_type in enumerate(cell_types):
+        states = [self._initial_state(run, layer, batch) for layer in layers]
+        run.outputs = {layer.name: {"y": np.zeros((time_len, len(layer.directions), batch, layer.hidden), np.float32),
+                                    "h": np.empty((len(layer.directions), batch, layer.hidden), np.float32),
+                                    "c": np.empty((len(layer.directions), batch, layer.hidden), np.float32)}
+                       for layer in layers}
+        if isinstance(step, LayerStack):  # one lane per sequence through every layer
+            cell_type = f"{run.model.name}/{step.name}"
+            kernel = self.kernels[cell_type]
+            for b in range(batch):
+                row_states = [(None if h0 is None else h0[0, b], None if c0 is None else c0[0, b]) for h0, c0 in states]
+                storage = kernel.start(x[:, b], row_states)
+                self.stats.executed_flops += time_len * step.flops_per_token_projection()
+                self._add_lane(run, cell_type, time_len, storage, storage.base, 1, _LaneRef(kernel, storage, 0, b))
+            return
+        layer, (h0, c0) = step, states[0]
+        for d in range(len(layer.directions)):
+            cell_type = f"{run.model.name}/{layer.name}/{d}"
             kernel = self.kernels[cell_type]
             reverse = layer.is_reverse(d)
             for b in range(batch):
@@ -462,6 +483,20 @@ class Engine:
                 self.stats.executed_flops += n * layer.flops_per_token_projection()
                 row0, stride = (storage.base + n - 1, -1) if reverse else (storage.base, 1)
                 self._add_lane(run, cell_type, n, storage, row0, stride, _LaneRef(kernel, storage, d, b))
+
+    @staticmethod
+    def _initial_state(run: _Run, layer: RecurrentLayer, batch: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """A layer's (h0, c0), [directions, batch, hidden] each or None: a stream's carried
+        state, else the graph's initial-state inputs."""
+        carried = (run.request.initial_state or {}).get(layer.name)
+        if carried is None:
+            return (run.env[layer.initial_h] if layer.initial_h else None,
+                    run.env[layer.initial_c] if layer.initial_c else None)
+        h0, c0 = carried  # a stream's next chunk goes on from where the last one ended
+        if h0.shape != (len(layer.directions), batch, layer.hidden):
+            raise InvalidInput(f"carried state of layer {layer.name!r} has shape {list(h0.shape)}, "
+                               f"the input needs {[len(layer.directions), batch, layer.hidden]}")
+        return h0, c0
 
     def _start_decoder(self, run: _Run, dec: AttentionDecoder) -> None:
         memory, h0, c0 = run.env[dec.memory], run.env[dec.initial_h], run.env[dec.initial_c]
@@ -483,7 +518,7 @@ class Engine:
     # ---- executing a batch and taking its results back ----
 
     def _execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, lone_steps: int) -> frozenset[int]:
-        """Run one batched step, or `lone_steps` steps of a lone lane (see _lone_lane_steps)."""
+        """Run one batched step, or `lone_steps` steps of each lane alone (see _lone_steps)."""
         steps = lone_steps or 1
         kernel = self.kernels[batch.cell_type]
         t0 = self.clock.now()
@@ -494,8 +529,9 @@ class Engine:
             ended = frozenset(self._record_tokens(batch, tokens, spec))
             flops = sum(spec.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
         elif lone_steps:
-            kernel.run_lane(batch.slots[0], int(rows[0]), batch.strides[0], steps)
-            flops = steps * spec.flops_per_step()
+            for slot, row, stride in zip(batch.slots, rows.tolist(), batch.strides):
+                kernel.run_lane(slot, row, stride, steps)
+            flops = batch.size * steps * spec.flops_per_step()
         else:
             kernel.step(slots, rows, rows)
             flops = batch.size * spec.flops_per_step()
@@ -536,12 +572,15 @@ class Engine:
             ref.kernel.release(ref.storage)
             run.outputs[ref.batch_index] = ref.tokens
         else:
-            y, h, c = ref.kernel.finish(ref.storage)
-            n = ref.storage.length
-            run.outputs["y"][:n, ref.direction, ref.batch_index] = y
-            run.outputs["h"][ref.direction, ref.batch_index] = h
-            if c is not None:
-                run.outputs["c"][ref.direction, ref.batch_index] = c
+            results = ref.kernel.finish(ref.storage)
+            layers = _layers(run.model.program[run.pc])
+            n, d, b = ref.storage.length, ref.direction, ref.batch_index
+            for layer, (y, h, c) in zip(layers, results if isinstance(ref.kernel, StackKernel) else [results]):
+                outputs = run.outputs[layer.name]
+                outputs["y"][:n, d, b] = y
+                outputs["h"][d, b] = h
+                if c is not None:
+                    outputs["c"][d, b] = c
         self._compute_s += self.clock.now() - t0
         if not run.lanes:
             self._store_outputs(run)
@@ -552,12 +591,14 @@ class Engine:
 
     def _store_outputs(self, run: _Run) -> None:
         step = run.model.program[run.pc]
-        if isinstance(step, RecurrentLayer):
-            for name, key in ((step.y, "y"), (step.y_h, "h"), (step.y_c, "c")):
-                if name:
-                    run.env[name] = run.outputs[key]
-            if run.request.return_state:
-                run.state[step.name] = (run.outputs["h"], run.outputs["c"] if step.kind == "lstm" else None)
+        if isinstance(step, (RecurrentLayer, LayerStack)):
+            for layer in _layers(step):
+                outputs = run.outputs[layer.name]
+                for name, key in ((layer.y, "y"), (layer.y_h, "h"), (layer.y_c, "c")):
+                    if name:
+                        run.env[name] = outputs[key]
+                if run.request.return_state:
+                    run.state[layer.name] = (outputs["h"], outputs["c"] if layer.kind == "lstm" else None)
         else:
             rows = [run.outputs[b] for b in sorted(run.outputs)]
             width = max(1, max(len(r) for r in rows))

@@ -5,8 +5,9 @@ A request's tensors flow through `Model.program` in order. `DenseNode`s are ordi
 (ONNX semantics) that run once per request. A `RecurrentLayer` (one ONNX LSTM/GRU/RNN
 node: one layer, one or two directions) unfolds into one *lane* per sequence per direction;
 each lane is a chain of cell invocations, and invocations of the same cell type from any
-lanes at any step position are what the engine batches. An `AttentionDecoder` unfolds the
-same way, with a length known only when it emits EOS.
+lanes at any step position are what the engine batches. A `LayerStack` (made by the engine
+from stacked forward layers) is one lane per sequence through all its layers. An
+`AttentionDecoder` unfolds the same way, with a length known only when it emits EOS.
 """
 
 from __future__ import annotations
@@ -91,6 +92,34 @@ class RecurrentLayer:
 
 
 @dataclass
+class LayerStack:
+    """Forward one-direction layers where each one's outputs are the next one's inputs,
+    stepped as one cell type: a lane's step t runs step t of every layer, the lower first.
+    L layers then take T rounds for T tokens instead of L * T (a wavefront across the
+    layers). Each layer keeps its own weights, state and names; the input projection of
+    every layer but the first is computed step by step. See graph/stacking.py for when
+    layers are stacked."""
+
+    name: str
+    layers: list[RecurrentLayer]
+
+    @property
+    def token_table(self) -> np.ndarray | None:
+        return self.layers[0].token_table
+
+    @property
+    def input_size(self) -> int:
+        return self.layers[0].input_size
+
+    def flops_per_step(self) -> float:
+        upper = sum(layer.flops_per_token_projection() for layer in self.layers[1:])
+        return sum(layer.flops_per_step() for layer in self.layers) + upper
+
+    def flops_per_token_projection(self) -> float:
+        return self.layers[0].flops_per_token_projection()
+
+
+@dataclass
 class AttentionDecoder:
     """A greedy LSTM decoder with Luong dot attention over a recurrent layer's outputs.
 
@@ -123,7 +152,7 @@ class AttentionDecoder:
         return 2.0 * (4 * h * h + 2 * memory_len * h + 2 * h * h + v * h)
 
 
-Step = DenseNode | RecurrentLayer | AttentionDecoder
+Step = DenseNode | RecurrentLayer | LayerStack | AttentionDecoder
 
 
 @dataclass
@@ -146,7 +175,7 @@ class Model:
     semantics: dict[str, InputSemantics] = field(default_factory=dict)
     max_sequence_length: int = 1024
 
-    def recurrent_steps(self) -> list[RecurrentLayer | AttentionDecoder]:
+    def recurrent_steps(self) -> list[RecurrentLayer | LayerStack | AttentionDecoder]:
         return [s for s in self.program if not isinstance(s, DenseNode)]
 
     def batch_size(self, inputs: dict) -> int:
@@ -162,8 +191,9 @@ class Model:
         for step in self.recurrent_steps():
             if isinstance(step, AttentionDecoder):
                 return f"it decodes with {step.name!r}, which needs the whole input first"
-            if any(step.is_reverse(d) for d in range(len(step.directions))):
-                return f"layer {step.name!r} runs backwards in time, which needs the whole input first"
+            for layer in step.layers if isinstance(step, LayerStack) else [step]:
+                if any(layer.is_reverse(d) for d in range(len(layer.directions))):
+                    return f"layer {layer.name!r} runs backwards in time, which needs the whole input first"
         return None
 
     def cell_types(self) -> list[str]:
@@ -172,6 +202,6 @@ class Model:
         for step in self.recurrent_steps():
             if isinstance(step, RecurrentLayer):
                 names += [f"{self.name}/{step.name}/{d}" for d in range(len(step.directions))]
-            else:
+            else:  # a stack or a decoder: one cell type
                 names.append(f"{self.name}/{step.name}")
         return names

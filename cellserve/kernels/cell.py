@@ -81,7 +81,11 @@ class _Linear:
             self.w = torch.as_tensor(weight.T.copy(), device=device)
             self.b = None if bias is None else torch.as_tensor(bias, device=device)
 
-    def __call__(self, x: np.ndarray):
+    def __call__(self, x):
+        """x: a numpy array, or for the torch backend also a tensor on its device."""
+        if isinstance(x, torch.Tensor):
+            y = x @ self.w
+            return y if self.b is None else y.add_(self.b)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not x.flags.writeable:  # torch.from_numpy wants writable memory
             x = x.copy()
@@ -98,7 +102,10 @@ class _Linear:
 
 class CellKernel:
     def __init__(self, kind: str, hidden: int, weights: DirectionWeights, device: torch.device,
-                 token_table: np.ndarray | None = None, backend: str | None = None):
+                 token_table: np.ndarray | None = None, backend: str | None = None,
+                 pools: tuple[SlotPool, RowPool] | None = None):
+        """`pools`: slot and row pools shared with other kernels (a stack's layers), so that
+        a lane has the same slot and rows in each; by default the kernel has its own."""
         self.kind, self.hidden, self.device = kind, hidden, device
         self.backend = backend or default_backend(device)
         if self.backend in ("blas", "onednn") and (device.type != "cpu" or _pointwise is None):
@@ -113,7 +120,7 @@ class CellKernel:
         self.project = _Linear(weights.w_ih, x_bias, self.backend, device)
         # A layer fed by an embedding looks its projections up: table @ W_ih^T + bias, once.
         self.projected_table = None if token_table is None else self.project(token_table)
-        self.slots, self.rows = SlotPool(), RowPool()
+        self.slots, self.rows = pools or (SlotPool(), RowPool())
         if self.backend in ("blas", "onednn"):
             self.recurrent = _Linear(weights.w_hh, None, self.backend, device)
             self.bias_vec = self.h_bias
@@ -138,30 +145,42 @@ class CellKernel:
         """Admit a lane. x: [T, I] float inputs, or [T] token ids if the layer has a table."""
         length = int(x.shape[0])
         lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
+        self.load(lane, x, h0, c0)
+        return lane
+
+    def load(self, lane: LaneStorage, x: np.ndarray | None, h0: np.ndarray | None = None,
+             c0: np.ndarray | None = None) -> None:
+        """Fill a lane's initial state, and its input projections unless x is None (a stack's
+        upper layer gets them step by step, see step_from)."""
         self._fit_capacity()
-        rows = slice(lane.base, lane.base + length)
+        rows = slice(lane.base, lane.base + lane.length)
         if self.backend == "torch":
-            ids = torch.as_tensor(x, device=self.device) if self.projected_table is not None else None
-            self.x[rows] = self.projected_table[ids] if ids is not None else self.project(x)
+            if x is not None:
+                ids = torch.as_tensor(x, device=self.device) if self.projected_table is not None else None
+                self.x[rows] = self.projected_table[ids] if ids is not None else self.project(x)
             self.h[lane.slot] = 0.0 if h0 is None else torch.as_tensor(h0, device=self.device)
             if self.c is not None:
                 self.c[lane.slot] = 0.0 if c0 is None else torch.as_tensor(c0, device=self.device)
-            return lane
-        if self.projected_table is not None:
+            return
+        if x is not None and self.projected_table is not None:
             np.take(self.projected_table, x, axis=0, out=self.x[rows])
-        else:
+        elif x is not None:
             self.x[rows] = self.project(x)
         self.h[lane.slot] = 0.0 if h0 is None else h0
         if self.c is not None:
             self.c[lane.slot] = 0.0 if c0 is None else c0
-        return lane
 
     def finish(self, lane: LaneStorage) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Read a lane's outputs [T, H], final h [H] and c [H] (or None), and free it."""
+        result = self.read(lane)
+        self.release(lane)
+        return result
+
+    def read(self, lane: LaneStorage) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Copies of a lane's outputs [T, H], h [H] and c [H] (or None)."""
         rows = slice(lane.base, lane.base + lane.length)
         y, h = self._read(self.out[rows]), self._read(self.h[lane.slot])
         c = self._read(self.c[lane.slot]) if self.c is not None else None
-        self.release(lane)
         return y, h, c
 
     def release(self, lane: LaneStorage) -> None:
@@ -173,14 +192,22 @@ class CellKernel:
     def step(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
         """Advance a batch of lanes one step: lane i reads input row xrows[i], updates state
         slot slots[i] and writes its output to row orows[i] (int64 arrays)."""
+        self.step_from(self.x, slots, xrows, orows)
+
+    def step_from(self, x, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
+        """`step`, with the input projections (bias included) read from rows of x instead of
+        the kernel's own: a numpy array for the CPU backends, a tensor on the device for torch."""
         if self.backend == "torch":
-            self._step_torch(slots, xrows, orows)
+            self._step_torch(x, slots, xrows, orows)
         else:
-            self._step_cpu(slots, xrows, orows)
+            self._step_cpu(x, slots, xrows, orows)
 
     @property
-    def can_run_lane(self) -> bool:
-        return self.backend != "torch"
+    def lone_lanes(self) -> int:
+        """Batches of up to this many lanes run each lane alone with run_lane (CPU backends):
+        one lane's run_lane step takes half the time of a batched step of one lane (at
+        lstm-512 here, 33 against 62 us), two lanes' break even."""
+        return 0 if self.backend == "torch" else 1
 
     def run_lane(self, slot: int, row: int, stride: int, steps: int) -> None:
         """Advance one lane `steps` steps in one call (CPU backends): its rows are
@@ -188,21 +215,21 @@ class CellKernel:
         _pointwise.run_lane(_KIND_CODE[self.kind], self.hidden, self.w_hh, self._g, self.x, row, stride, steps,
                             slot, self.h, self.c, self.bias_vec, self.out)
 
-    def _step_cpu(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
+    def _step_cpu(self, x: np.ndarray, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
         n = len(slots)
         if n > len(self._hbuf):
             self._hbuf = np.zeros((2 * n, self.hidden), np.float32)
         hb = self._hbuf[:n]
         np.take(self.h, slots, axis=0, out=hb)
         gb = self.recurrent(hb)
-        _pointwise.step(_KIND_CODE[self.kind], self.hidden, gb, self.x, xrows, slots,
+        _pointwise.step(_KIND_CODE[self.kind], self.hidden, gb, x, xrows, slots,
                         self.h, self.c, self.bias_vec, self.out, orows)
 
-    def _step_torch(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
+    def _step_torch(self, x_all: torch.Tensor, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
         dev = self.device
         s, xr, orr = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (slots, xrows, orows))
         g = self.h.index_select(0, s) @ self.w_hh_t
-        x = self.x.index_select(0, xr)
+        x = x_all.index_select(0, xr)
         if self.kind == "lstm":
             h, c = lstm_pointwise(x + g, self.c.index_select(0, s))
             self.c.index_copy_(0, s, c)

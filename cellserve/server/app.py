@@ -50,6 +50,7 @@ class ServerSettings:
     grace_s: float = 30.0
     threads: int | None = None  # CPU threads of the cell kernels (None: torch's default)
     pin_threads: bool = True  # pin the kernel threads to one core each (see kernels/affinity.py)
+    stack_layers: bool = True  # step stacked layers as one cell type (see graph/stacking.py)
 
 
 class StartupError(Exception):
@@ -67,7 +68,8 @@ def serve(settings: ServerSettings) -> int:
         sockets = _bind(settings)
         engine = Engine([s.model for s in served],
                         EngineConfig(policy=settings.policy, max_batch=settings.max_batch, device=settings.device,
-                                     max_active=settings.max_queue, pin_threads=settings.pin_threads))
+                                     max_active=settings.max_queue, pin_threads=settings.pin_threads,
+                                     stack_layers=settings.stack_layers))
     except (CellserveError, StartupError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1

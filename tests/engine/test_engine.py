@@ -114,11 +114,14 @@ def test_abort_all_answers_every_queued_and_running_request_once(models):
     responses = Responses()
     for i in range(3):
         engine.submit(make_request(responses, i, "lstm", {"tokens": np.array([[1, 2, 3, 4, 5]])}))
-    engine.step()  # admits all three and runs a batch
-    engine.submit(make_request(responses, 3, "lstm", {"tokens": np.array([[1]])}))  # still queued
+    engine.submit(make_request(responses, 3, "lstm", {"tokens": np.array([[1]])}))
+    engine.step()  # admits all four and steps them until the one-token request is done
+    assert responses.one(3).status is Status.OK
+    assert engine.active_requests == 3
+    engine.submit(make_request(responses, 4, "lstm", {"tokens": np.array([[1]])}))  # still queued
     engine.abort_all("shutting down")
     assert engine.idle()
-    for i in range(4):
+    for i in (0, 1, 2, 4):
         assert responses.one(i).status is Status.ERROR and "shutting down" in responses.one(i).reason
 
 

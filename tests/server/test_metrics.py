@@ -47,9 +47,11 @@ def test_counters_follow_requests(zoo_server):
     assert gained("cellserve_inference_count_total", **m) == 4  # a batch of 2 counts 2
     # every token of every layer ran in some batched step of the model's cell types
     assert gained("cellserve_inference_exec_count_total", **m) > 0
-    lanes = sum(v - value(before, n, **dict(k)) for (n, k), v in after.items() if n == "cellserve_cell_lanes_total"
-                and dict(k)["cell_type"].startswith("lstm-512:1/"))
-    assert lanes >= 2 * (2 * 10 + 5 + 3)  # two layers; runs of lone lanes count each step
+    lanes = {dict(k)["cell_type"]: v - value(before, n, **dict(k)) for (n, k), v in after.items()
+             if n == "cellserve_cell_lanes_total" and dict(k)["cell_type"].startswith("lstm-512:1/")}
+    # its two layers step as one stacked cell type; runs of lone lanes count each step
+    assert list(lanes) == ["lstm-512:1/rnn.LSTM+rnn.LSTM_1"]
+    assert lanes["lstm-512:1/rnn.LSTM+rnn.LSTM_1"] >= 2 * 10 + 5 + 3
     for name in ("request_duration_us", "queue_duration_us", "compute_duration_us"):
         assert gained(f"cellserve_inference_{name}_total", **m) > 0
     assert value(after, "cellserve_inference_pending_request_count", **m) == 0
@@ -64,3 +66,22 @@ def test_unknown_paths_on_the_metrics_port_are_json_404(zoo_server):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://{zoo_server.metrics}/nope")
     assert err.value.code == 404 and b'"error"' in err.value.read()
+
+
+def test_no_stack_layers_steps_each_layer_as_its_own_cell_type_with_the_same_answer(zoo_server):
+    from serverproc import start_server
+
+    tokens = np.arange(1, 13, dtype=np.int64).reshape(1, 12)
+    with httpclient.InferenceServerClient(zoo_server.http) as client:
+        stacked = infer(client, tokens).as_numpy("probabilities")
+    server = start_server("--model", "lstm-512", "--no-stack-layers", "--grpc-port", "-1")
+    try:
+        with httpclient.InferenceServerClient(server.http) as client:
+            layered = infer(client, tokens).as_numpy("probabilities")
+        samples = scrape(server)
+        steps = {dict(k)["cell_type"]: v for (n, k), v in samples.items() if n == "cellserve_cell_steps_total"}
+        assert sorted(steps) == ["lstm-512:1/rnn.LSTM/0", "lstm-512:1/rnn.LSTM_1/0"], server.output()
+        assert all(v > 0 for v in steps.values())
+    finally:
+        assert server.stop() == 0
+    np.testing.assert_allclose(layered, stacked, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,129 @@
+"""StackKernel: stacked layers stepped together give what PyTorch's multi-layer RNN gives, on
+every backend, whether lanes step batched (joining mid-way) or alone with run_lane."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellserve.graph.model import DirectionWeights, LayerStack, RecurrentLayer
+from cellserve.graph.zoo.modules import make_rnn
+from cellserve.kernels.stack import StackKernel
+
+CPU = torch.device("cpu")
+BACKENDS = ["blas", "torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
+RUN_LANE_BACKENDS = [b for b in BACKENDS if b != "torch"]
+INPUT, HIDDEN, LAYERS = 5, 6, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def torch_rnn(kind: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    rnn = make_rnn(kind, INPUT, HIDDEN, LAYERS, False).eval()
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.uniform_(-0.6, 0.6)
+    return rnn
+
+
+def stack_of(kind: str, rnn) -> LayerStack:
+    def weights(layer: int) -> DirectionWeights:
+        get = lambda n: getattr(rnn, f"{n}_l{layer}").detach().numpy().astype(np.float32)  # noqa: E731
+        return DirectionWeights(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))
+    return LayerStack("stack", [RecurrentLayer(f"l{i}", kind, HIDDEN, [weights(i)]) for i in range(LAYERS)])
+
+
+def reference(rnn, kind: str, x: np.ndarray, states) -> list[tuple]:
+    """PyTorch's (outputs of the top layer, h and c of each layer) for one sequence."""
+    h0 = torch.as_tensor(np.stack([h for h, _ in states]))[:, None]
+    state = (h0, torch.as_tensor(np.stack([c for _, c in states]))[:, None]) if kind == "lstm" else h0
+    with torch.no_grad():
+        y, final = rnn(torch.as_tensor(x)[None], state)
+    h = final[0] if kind == "lstm" else final
+    return y[0].numpy(), [(h[i, 0].numpy(), final[1][i, 0].numpy() if kind == "lstm" else None)
+                          for i in range(LAYERS)]
+
+
+def random_lanes(kind: str, count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 12, count)
+    xs = [rng.standard_normal((int(n), INPUT)).astype(np.float32) for n in lengths]
+    states = [[(rng.standard_normal(HIDDEN).astype(np.float32) * 0.5,
+                rng.standard_normal(HIDDEN).astype(np.float32) * 0.5 if kind == "lstm" else None)
+               for _ in range(LAYERS)] for _ in lengths]
+    return xs, states
+
+
+def check(results, rnn, kind, xs, states, where):
+    for lane, (x, state) in enumerate(zip(xs, states)):
+        y_ref, finals_ref = reference(rnn, kind, x, state)
+        got = results[lane]
+        np.testing.assert_allclose(got[-1][0], y_ref, atol=1e-5, err_msg=f"{where} lane {lane}: top outputs")
+        for layer, ((_, h, c), (h_ref, c_ref)) in enumerate(zip(got, finals_ref)):
+            np.testing.assert_allclose(h, h_ref, atol=1e-5, err_msg=f"{where} lane {lane} layer {layer}: h")
+            assert (c is None) == (kind != "lstm")
+            if c is not None:
+                np.testing.assert_allclose(c, c_ref, atol=1e-5, err_msg=f"{where} lane {lane} layer {layer}: c")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_batched_steps_with_lanes_joining_mid_way_equal_pytorch(kind, backend):
+    rnn = torch_rnn(kind, seed=3)
+    kernel = StackKernel(stack_of(kind, rnn), CPU, backend)
+    xs, states = random_lanes(kind, 6, seed=4)
+    joins = [0, 0, 1, 3, 3, 6]  # lanes join while others are mid-sequence
+    active, results, t = {}, {}, 0
+    while len(results) < len(xs):
+        for lane, when in enumerate(joins):
+            if when == t:
+                active[lane] = [kernel.start(xs[lane], states[lane]), 0]
+        if active:
+            lanes = sorted(active)
+            slots = np.array([active[i][0].slot for i in lanes], np.int64)
+            rows = np.array([active[i][0].base + active[i][1] for i in lanes], np.int64)
+            kernel.step(slots, rows, rows)
+            for i in lanes:
+                active[i][1] += 1
+                if active[i][1] == active[i][0].length:
+                    results[i] = kernel.finish(active.pop(i)[0])
+        t += 1
+    check(results, rnn, kind, xs, states, backend)
+    assert kernel.slots.in_use == 0
+
+
+@pytest.mark.parametrize("backend", RUN_LANE_BACKENDS)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_run_lane_in_chunks_mixed_with_batched_steps_equals_pytorch(kind, backend):
+    rnn = torch_rnn(kind, seed=5)
+    kernel = StackKernel(stack_of(kind, rnn), CPU, backend)
+    assert kernel.lone_lanes == 2
+    xs, states = random_lanes(kind, 4, seed=6)
+    results = {}
+    for lane, (x, state) in enumerate(zip(xs, states)):
+        storage, done = kernel.start(x, state), 0
+        while done < storage.length:
+            chunk = min(1 + (done + lane) % 4, storage.length - done)
+            if chunk == 1 and lane % 2:  # some single steps go through the batched path
+                row = np.array([storage.base + done], np.int64)
+                kernel.step(np.array([storage.slot], np.int64), row, row)
+            else:
+                kernel.run_lane(storage.slot, storage.base + done, 1, chunk)
+            done += chunk
+        results[lane] = kernel.finish(storage)
+    check(results, rnn, kind, xs, states, backend)
+
+
+def test_lanes_that_start_without_state_start_from_zeros():
+    rnn = torch_rnn("lstm", seed=7)
+    kernel = StackKernel(stack_of("lstm", rnn), CPU, "blas")
+    x = np.random.default_rng(8).standard_normal((4, INPUT)).astype(np.float32)
+    storage = kernel.start(x)
+    kernel.run_lane(storage.slot, storage.base, 1, 4)
+    zeros = [(np.zeros(HIDDEN, np.float32), np.zeros(HIDDEN, np.float32))] * LAYERS
+    check({0: kernel.finish(storage)}, rnn, "lstm", [x], [zeros], "zero state")
