@@ -77,7 +77,8 @@ def test_layers_stay_apart_when_something_else_reads_between_them():
     model, lower, squeeze, upper = two_layer_model()
     reads_y = dataclasses.replace(model, program=[*model.program, DenseNode("Relu", "peek", [lower.y], ["peeked"])])
     assert stack_layers(reads_y) is reads_y
-    squeezed_out = dataclasses.replace(model, outputs=[*model.outputs, TensorSpec(squeeze.outputs[0], "float32", (-1,))])
+    output = TensorSpec(squeeze.outputs[0], "float32", (-1,))
+    squeezed_out = dataclasses.replace(model, outputs=[*model.outputs, output])
     assert stack_layers(squeezed_out) is squeezed_out
 
 
