@@ -14,6 +14,8 @@ from cellserve.kernels.stack import StackKernel
 CPU = torch.device("cpu")
 BACKENDS = ["blas", "torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
 RUN_LANE_BACKENDS = [b for b in BACKENDS if b != "torch"]
+# (backend, device) of the batched step: the torch backend on a GPU too, where there is one
+STEPPERS = [(b, "cpu") for b in BACKENDS] + ([("torch", "cuda")] if torch.cuda.is_available() else [])
 INPUT, HIDDEN, LAYERS = 5, 6, 3
 
 
@@ -71,11 +73,11 @@ def check(results, rnn, kind, xs, states, where):
                 np.testing.assert_allclose(c, c_ref, atol=1e-5, err_msg=f"{where} lane {lane} layer {layer}: c")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", STEPPERS)
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
-def test_batched_steps_with_lanes_joining_mid_way_equal_pytorch(kind, backend):
+def test_batched_steps_with_lanes_joining_mid_way_equal_pytorch(kind, backend, device):
     rnn = torch_rnn(kind, seed=3)
-    kernel = StackKernel(stack_of(kind, rnn), CPU, backend)
+    kernel = StackKernel(stack_of(kind, rnn), torch.device(device), backend)
     xs, states = random_lanes(kind, 6, seed=4)
     joins = [0, 0, 1, 3, 3, 6]  # lanes join while others are mid-sequence
     active, results, t = {}, {}, 0
@@ -93,7 +95,7 @@ def test_batched_steps_with_lanes_joining_mid_way_equal_pytorch(kind, backend):
                 if active[i][1] == active[i][0].length:
                     results[i] = kernel.finish(active.pop(i)[0])
         t += 1
-    check(results, rnn, kind, xs, states, backend)
+    check(results, rnn, kind, xs, states, f"{backend} on {device}")
     assert kernel.slots.in_use == 0
 
 
