@@ -19,7 +19,8 @@ still does (the plain ops of a model) works on tiny matrices.
 
 Input projections x @ W_ih^T + b for all of a lane's steps are computed when it starts, as
 one GEMM (or, for a layer fed by an embedding, as row lookups in a table projected once at
-load), and kept in the lane's row block.
+load), and kept in the lane's row block; a stack's upper layers get theirs step by step
+instead (see stack.py and step_from).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from cellserve.engine.request import Status
 from helpers_engine import FakeClock, Responses, assert_same_outputs, make_request, seq2seq_reference
 
 TICK = 1e-3  # every clock reading advances the fake clock by this much
-TOKENS = np.array([[5, 4, 3, 2, 1, 0, 9, 8, 7, 6, 5, 4]], np.int64)  # 12 steps per layer
+TOKENS = np.array([[5, 4, 3, 2, 1, 0, 9, 8, 7, 6, 5, 4]], np.int64)  # 12 steps (the two layers step together)
 
 
 def make_engine(models, clock, **config) -> Engine:
@@ -88,7 +88,7 @@ def test_drop_late_drops_an_admitted_request_that_falls_behind(models, policy):
     responses = Responses()
     for i in range(1, 9):  # background load with no deadline
         engine.submit(make_request(responses, i, "lstm", {"tokens": TOKENS}))
-    # 24 steps at several clock readings each cannot fit in 30 ms of a 1 ms-per-reading clock
+    # 12 steps at several clock readings each cannot fit in 30 ms of a 1 ms-per-reading clock
     engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=0.03))
     engine.run_until_idle(timeout_s=10)
     dropped = responses.one(0)
