@@ -22,7 +22,8 @@ def core():
     engine = Engine([s.model for s in served], EngineConfig(profile=False, pin_threads=False))
     seen = []
     submit = engine.submit
-    engine.submit = lambda request: (seen.append((engine.clock.now(), request)), submit(request))  # records, then submits
+    # a spy: records each request with the engine's time, then hands it to the real engine
+    engine.submit = lambda request: (seen.append((engine.clock.now(), request)), submit(request))
     stop = threading.Event()
     worker = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
     worker.start()
