@@ -108,6 +108,10 @@ def serve(settings: ServerSettings) -> int:
     engine.abort_all("the server is shutting down")
     frontends.join(timeout=5.0)
     print("cellserve: stopped", flush=True)
+    # A signal that lands in the interpreter's teardown would meet the default handler and
+    # end the process with a failure status: it is stopping already.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 
