@@ -27,7 +27,7 @@ from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, Model
 def stack_layers(model: Model) -> Model:
     """The model with every stackable chain of layers made into a `LayerStack` (the same
     model when there is none)."""
-    program, changed = [], False
+    program = []
     i = 0
     while i < len(model.program):
         step = model.program[i]
@@ -37,11 +37,10 @@ def stack_layers(model: Model) -> Model:
             i += 2
         if len(layers) > 1:
             program.append(LayerStack("+".join(layer.name for layer in layers), layers))
-            changed = True
         else:
             program.append(step)
         i += 1
-    return dataclasses.replace(model, program=program) if changed else model
+    return dataclasses.replace(model, program=program) if len(program) < len(model.program) else model
 
 
 def _plain_forward(step) -> bool:

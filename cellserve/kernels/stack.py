@@ -48,8 +48,7 @@ class StackKernel:
         return results
 
     def release(self, lane: LaneStorage) -> None:
-        self.slots.give(lane.slot)
-        self.rows.give(lane.base, lane.length)
+        self.layers[0].release(lane)  # the pools are shared: one give frees the lane everywhere
 
     def step(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
         """Advance a batch of lanes one step through every layer (as CellKernel.step)."""
