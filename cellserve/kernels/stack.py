@@ -2,9 +2,9 @@
 
 A `StackKernel` holds one `CellKernel` per layer, all sharing one slot pool and one row pool:
 a lane has the same slot and rows in every layer, so one batch's slots and rows serve each.
-A batched step runs the first layer's step, projects the output rows it wrote through the
-next layer's W_ih (one GEMM for the batch), runs that layer's step on the result, and so on
-up. A lane alone runs k steps of each layer in turn, with one [k, H] projection between.
+A batched step runs the first layer's step, then the next layer's step on the output rows it
+wrote (projection and recurrence in one GEMM, see CellKernel.step_rows), and so on up. A lane
+alone runs k steps of each layer in turn, with one [k, H] projection between.
 
 Tried and dropped: letting each layer run a few steps behind the one below, so that
 projections run a chunk of rows at a time. It saves GEMM calls only for batches of one or
@@ -26,10 +26,9 @@ class StackKernel:
     def __init__(self, stack: LayerStack, device: torch.device, backend: str | None = None):
         self.slots, self.rows = SlotPool(), RowPool()
         self.layers = [CellKernel(layer.kind, layer.hidden, layer.directions[0], device, layer.token_table,
-                                  backend, pools=(self.slots, self.rows))
-                       for layer in stack.layers]
+                                  backend, pools=(self.slots, self.rows), fed_by_rows=i > 0)
+                       for i, layer in enumerate(stack.layers)]
         self.device, self.backend = device, self.layers[0].backend
-        self._batch_rows = np.arange(64, dtype=np.int64)  # a projected batch's rows: lane i reads row i
 
     def start(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
         """Admit a lane. x: the first layer's inputs (as CellKernel.start); states: (h0, c0)
@@ -54,15 +53,8 @@ class StackKernel:
         """Advance a batch of lanes one step through every layer (as CellKernel.step)."""
         below = self.layers[0]
         below.step(slots, xrows, orows)
-        if len(slots) > len(self._batch_rows):
-            self._batch_rows = np.arange(2 * len(slots), dtype=np.int64)
-        batch_rows = self._batch_rows[: len(slots)]
         for layer in self.layers[1:]:
-            if self.backend == "torch":
-                fresh = below.out.index_select(0, torch.from_numpy(orows).to(self.device))
-            else:
-                fresh = below.out[orows]
-            layer.step_from(layer.project(fresh), slots, batch_rows, orows)
+            layer.step_rows(below.out, orows, slots, orows)
             below = layer
 
     @property

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zlib
 from importlib import resources
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -27,6 +28,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 _REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs"}
 _INPUT_FIELDS = {"name", "shape", "datatype", "parameters", "data"}
 _OUTPUT_FIELDS = {"name", "parameters"}
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
 def build_app(core: Core, max_request_bytes: int) -> Starlette:
@@ -47,19 +49,11 @@ def build_app(core: Core, max_request_bytes: int) -> Starlette:
         p = request.path_params
         return Response(status_code=200 if core.model_ready(p["model"], p.get("version", "")) else 503)
 
-    async def infer(request: Request) -> Response:
-        p = request.path_params
-        core.model(p["model"], p.get("version", ""))  # 404 before reading a body for nobody
-        body = await _read_body(request, max_request_bytes)
-        infer_input, binary_outputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH),
-                                                          p["model"], p.get("version", ""))
-        result = await core.infer(infer_input)
-        return encode_infer_response(result, binary_outputs)
-
     async def openapi_document(request: Request) -> Response:
         document = resources.files("cellserve.server").joinpath("openapi.json").read_bytes()
         return Response(document, media_type="application/json")
 
+    infer = InferEndpoint(core, max_request_bytes)
     routes = [  # inference first: routes are tried in order, and it is the hot one
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
@@ -73,7 +67,52 @@ def build_app(core: Core, max_request_bytes: int) -> Starlette:
         Route("/openapi.json", openapi_document),
     ]
     handlers = {ServerError: _server_error, HTTPException: _http_error, Exception: _internal_error}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    app = Starlette(routes=routes, exception_handlers=handlers)
+
+    async def fast_path(scope, receive, send) -> None:
+        """Inference requests skip Starlette's middleware and routing: a third of the
+        frontend's Python time per request here, time it would hold the GIL the engine
+        thread needs between its kernel calls."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["path_params"] = {"model": match[1], "version": match[2] or ""}
+                await infer(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return fast_path
+
+
+class InferEndpoint:
+    """POST /v2/models/{model}[/versions/{version}]/infer as a bare ASGI app, errors included
+    (answered as the Starlette app's handlers answer them)."""
+
+    def __init__(self, core: Core, max_request_bytes: int):
+        self.core, self.max_request_bytes = core, max_request_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            response = await self._infer(scope, receive)
+        except ClientDisconnect:
+            return  # no one to answer
+        except ServerError as exc:
+            response = JSONResponse({"error": exc.message}, status_code=exc.http_status)
+        except Exception as exc:  # noqa: BLE001 - a 500 that says what failed
+            log.exception("internal error on POST %s", scope["path"])
+            response = JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        await response(scope, receive, send)
+
+    async def _infer(self, scope, receive) -> Response:
+        model, version = scope["path_params"]["model"], scope["path_params"].get("version", "")
+        self.core.model(model, version)  # 404 before reading a body for nobody
+        headers = {}
+        for key, value in scope["headers"]:  # the first of repeated headers counts, as in Starlette
+            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+        body = await _read_body(headers, receive, self.max_request_bytes)
+        infer_input, binary_outputs = parse_infer_request(body, headers.get(HEADER_LENGTH.lower()), model, version)
+        result = await self.core.infer(infer_input)
+        return encode_infer_response(result, binary_outputs)
 
 
 def build_metrics_app(metrics) -> Starlette:
@@ -103,18 +142,23 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 # ---- request body ----
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def _read_body(headers: dict[str, str], receive, limit: int) -> bytes:
+    """The body of an ASGI request; `headers` by lower-case name."""
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    encoding = headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
         inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
         try:
