@@ -22,7 +22,7 @@ one GEMM (or, for a layer fed by an embedding, as row lookups in a table project
 load), and kept in the lane's row block. A stack's upper layers take their inputs row by row
 from the layer below instead (see stack.py and step_rows): for LSTM and Elman RNN on the CPU
 backends the projection and the recurrence of such a step are one GEMM, [x, h] @ [W_ih, W_hh]^T,
-which at lstm-512 here took 205 us for a batch of 10 against 2 x 148 us for the two halves.
+which at lstm-512 here took 212 us for a batch of 10 against 2 x 118 us for the two halves.
 GRU keeps them apart: its candidate gate multiplies only the recurrent part by r.
 """
 

@@ -31,7 +31,8 @@ _OUTPUT_FIELDS = {"name", "parameters"}
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
-def build_app(core: Core, max_request_bytes: int) -> Starlette:
+def build_app(core: Core, max_request_bytes: int):
+    """The HTTP frontend, an ASGI app."""
     async def live(request: Request) -> Response:
         return Response(status_code=200 if core.live() else 503)
 
@@ -97,10 +98,9 @@ class InferEndpoint:
         except ClientDisconnect:
             return  # no one to answer
         except ServerError as exc:
-            response = JSONResponse({"error": exc.message}, status_code=exc.http_status)
+            response = _server_error_response(exc)
         except Exception as exc:  # noqa: BLE001 - a 500 that says what failed
-            log.exception("internal error on POST %s", scope["path"])
-            response = JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+            response = _internal_error_response(exc, "POST", scope["path"])
         await response(scope, receive, send)
 
     async def _infer(self, scope, receive) -> Response:
@@ -126,6 +126,10 @@ def build_metrics_app(metrics) -> Starlette:
 # ---- errors ----
 
 async def _server_error(request: Request, exc: ServerError) -> Response:
+    return _server_error_response(exc)
+
+
+def _server_error_response(exc: ServerError) -> Response:
     return JSONResponse({"error": exc.message}, status_code=exc.http_status)
 
 
@@ -136,7 +140,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("internal error on %s %s", request.method, request.url.path)
+    return _internal_error_response(exc, request.method, request.url.path)
+
+
+def _internal_error_response(exc: Exception, method: str, path: str) -> Response:
+    log.exception("internal error on %s %s", method, path)
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
