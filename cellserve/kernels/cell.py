@@ -220,9 +220,9 @@ class CellKernel:
         for the CPU backends, a tensor on the device for torch): the output rows of the layer
         below, in a stack."""
         n = len(slots)
-        if len(self._arange) < n:
-            self._arange = np.arange(2 * n, dtype=np.int64)
-        if self.joint is None:
+        if self.joint is None:  # project the batch, then step on its rows: lane i reads row i
+            if len(self._arange) < n:
+                self._arange = np.arange(2 * n, dtype=np.int64)
             if self.backend == "torch":
                 fresh = source.index_select(0, torch.from_numpy(rows).to(self.device))
             else:

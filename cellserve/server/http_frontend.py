@@ -55,7 +55,9 @@ def build_app(core: Core, max_request_bytes: int):
         return Response(document, media_type="application/json")
 
     infer = InferEndpoint(core, max_request_bytes)
-    routes = [  # inference first: routes are tried in order, and it is the hot one
+    # POST inference never reaches these two routes (fast_path takes it first); they answer
+    # other methods on the same paths with 405, as any route does
+    routes = [
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/health/live", live),
