@@ -127,7 +127,9 @@ class _Run:
 
 
 _DROP_CHECK_S = 0.01
-LONE_LANE_CHUNK = 8
+# Steps a lone lane runs per call of its kernel's run_lane; an arrival stops the call early
+# (see _arrived), so this bounds only how long deadlines go unchecked (64 x ~80 us at lstm-512).
+LONE_LANE_CHUNK = 64
 
 
 def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
@@ -152,6 +154,9 @@ class Engine:
         self.stats = EngineStats()
         self._inbox: deque[Request] = deque()
         self._wake = threading.Event()
+        # Set by submit, read by a lone lane's run_lane between its steps (GIL released): a
+        # request that arrives then joins after the step in progress, not after the whole run.
+        self._arrived = np.zeros(1, np.int64)
         self._runs: dict[int, _Run] = {}
         self._lane_ids = itertools.count(1)
         self._next_drop_check = 0.0
@@ -225,6 +230,7 @@ class Engine:
         if request.arrival is None:
             request.arrival = self.clock.now()
         self._inbox.append(request)
+        self._arrived[0] = 1
         self._wake.set()
 
     @property
@@ -241,6 +247,7 @@ class Engine:
         batch ran."""
         t_start = self.clock.now()
         self._compute_s = 0.0
+        self._arrived[0] = 0  # before taking the inbox: a later submit sets it again
         while self._inbox:
             request = self._inbox.popleft()
             try:
@@ -257,10 +264,8 @@ class Engine:
         rows = np.array(batch.rows, np.int64)
         strides = np.array(batch.strides, np.int64)
         while True:
-            lone_steps = self._lone_steps(batch)
-            steps = lone_steps or 1
             try:
-                ended = self._execute(batch, slots, rows, lone_steps)
+                ended, steps = self._execute(batch, slots, rows, self._lone_steps(batch))
             except Exception as exc:  # the kernel failed: fail this batch's requests, not the engine
                 log.exception("cell step of %s failed", batch.cell_type)
                 self._fail_batch(batch, f"internal error in cell {batch.cell_type}: {type(exc).__name__}: {exc}")
@@ -294,10 +299,9 @@ class Engine:
         return self.costs.round_time(load) * self.overhead_factor
 
     def _lone_steps(self, batch: StepBatch) -> int:
-        """How many steps each lane of a small batch runs alone, one lane after the other, in
-        one call of its kernel's run_lane (up to LONE_LANE_CHUNK: arrivals wait at most that
-        long to join); 0 when the batch takes the batched step. Small means up to the
-        kernel's `lone_lanes`."""
+        """How many steps each lane of a small batch may run alone, one lane after the other,
+        in one call of its kernel's run_lane (up to LONE_LANE_CHUNK); 0 when the batch takes
+        the batched step. Small means up to the kernel's `lone_lanes`."""
         kernel = self.kernels[batch.cell_type]
         if batch.size > getattr(kernel, "lone_lanes", 0):
             return 0
@@ -517,9 +521,12 @@ class Engine:
 
     # ---- executing a batch and taking its results back ----
 
-    def _execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, lone_steps: int) -> frozenset[int]:
-        """Run one batched step, or `lone_steps` steps of each lane alone (see _lone_steps)."""
-        steps = lone_steps or 1
+    def _execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray,
+                 lone_steps: int) -> tuple[frozenset[int], int]:
+        """Run one batched step, or up to `lone_steps` steps of each lane alone (see
+        _lone_steps). Returns the lanes that ended and the steps run: a lone run stops early
+        when a request arrives, and the other lanes then run as many as the first."""
+        steps = 1
         kernel = self.kernels[batch.cell_type]
         t0 = self.clock.now()
         ended: frozenset[int] = frozenset()
@@ -529,7 +536,10 @@ class Engine:
             ended = frozenset(self._record_tokens(batch, tokens, spec))
             flops = sum(spec.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
         elif lone_steps:
-            for slot, row, stride in zip(batch.slots, rows.tolist(), batch.strides):
+            lanes = list(zip(batch.slots, rows.tolist(), batch.strides))
+            slot, row, stride = lanes[0]
+            steps = kernel.run_lane(slot, row, stride, lone_steps, self._arrived)
+            for slot, row, stride in lanes[1:]:
                 kernel.run_lane(slot, row, stride, steps)
             flops = batch.size * steps * spec.flops_per_step()
         else:
@@ -545,7 +555,7 @@ class Engine:
         s.lanes_by_type[batch.cell_type] = s.lanes_by_type.get(batch.cell_type, 0) + batch.size * steps
         s.executed_flops += flops
         s.busy_s += dt
-        return ended
+        return ended, steps
 
     def _record_tokens(self, batch: StepBatch, tokens: np.ndarray, dec: AttentionDecoder) -> list[int]:
         ended = []

@@ -252,27 +252,30 @@ static void gemv(const float *W, const float *v, float *y, Py_ssize_t G, Py_ssiz
     }
 }
 
-/* run_lane(kind, H, w, g, x, row, stride, nsteps, slot, h, c, bias, out)
+/* run_lane(kind, H, w, g, x, row, stride, nsteps, slot, h, c, bias, out, stop=None) -> steps run
  *   w [G, H]: W_hh row-major; g [G]: scratch; step k reads x row `row + k * stride`, writes
- *   out at the same row, and updates state slot `slot` of h [S, H] (and c for lstm). */
+ *   out at the same row, and updates state slot `slot` of h [S, H] (and c for lstm).
+ *   stop: an int64 flag that another thread may set while this runs (the GIL is released);
+ *   once it is nonzero, the call returns after the step in progress, so that a request that
+ *   arrives need not wait for the whole run. The first step always runs. */
 static PyObject *run_lane(PyObject *self, PyObject *args) {
     int kind;
     Py_ssize_t H, row, stride, nsteps, slot;
-    PyObject *ow, *og, *ox, *oh, *oc, *ob, *oo;
-    if (!PyArg_ParseTuple(args, "inOOOnnnnOOOO", &kind, &H, &ow, &og, &ox, &row, &stride, &nsteps,
-                          &slot, &oh, &oc, &ob, &oo))
+    PyObject *ow, *og, *ox, *oh, *oc, *ob, *oo, *os = Py_None;
+    if (!PyArg_ParseTuple(args, "inOOOnnnnOOOO|O", &kind, &H, &ow, &og, &ox, &row, &stride, &nsteps,
+                          &slot, &oh, &oc, &ob, &oo, &os))
         return NULL;
     if (kind < 0 || kind > 3 || H <= 0 || nsteps < 0) {
         PyErr_SetString(PyExc_ValueError, "run_lane: bad kind, hidden size or step count");
         return NULL;
     }
     const Py_ssize_t G = (kind == 0 ? 4 : kind == 1 ? 3 : 1) * H;
-    Buf b[7];
+    Buf b[8];
     memset(b, 0, sizeof(b));
     PyObject *result = NULL;
     if (get_buf(ow, 0, 0, &b[0], "w") || get_buf(og, 1, 0, &b[1], "g") || get_buf(ox, 0, 0, &b[2], "x") ||
         get_buf(oh, 1, 0, &b[3], "h") || get_buf(oc, 1, 0, &b[4], "c") || get_buf(ob, 0, 0, &b[5], "bias") ||
-        get_buf(oo, 1, 0, &b[6], "out"))
+        get_buf(oo, 1, 0, &b[6], "out") || get_buf(os, 0, 1, &b[7], "stop"))
         goto done;
     if (!b[0].held || !b[1].held || !b[2].held || !b[3].held || !b[6].held || (kind == 0) != b[4].held ||
         (kind == 1) != b[5].held) {
@@ -289,6 +292,10 @@ static PyObject *run_lane(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_IndexError, "run_lane: rows %zd..%zd are outside x or out", row, last);
         goto done;
     }
+    if (b[7].held && b[7].view.len < (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "run_lane: stop holds no flag");
+        goto done;
+    }
     if (slot < 0 || slot >= nrows(&b[3], H) || (kind == 0 && slot >= nrows(&b[4], H))) {
         PyErr_Format(PyExc_IndexError, "run_lane: slot %zd is outside h or c", slot);
         goto done;
@@ -296,8 +303,11 @@ static PyObject *run_lane(PyObject *self, PyObject *args) {
     const float *w = b[0].view.buf, *x = b[2].view.buf, *bias = b[5].held ? b[5].view.buf : NULL;
     float *g = b[1].view.buf, *hs = (float *)b[3].view.buf + slot * H, *out = b[6].view.buf;
     float *cs = b[4].held ? (float *)b[4].view.buf + slot * H : NULL;
+    const volatile int64_t *stop = b[7].held ? b[7].view.buf : NULL;
+    Py_ssize_t k = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t k = 0; k < nsteps; k++, row += stride) {
+    for (; k < nsteps; k++, row += stride) {
+        if (k > 0 && stop && *stop) break;
         gemv(w, hs, g, G, H);
         const float *xi = x + row * G;
         float *oi = out + row * H;
@@ -306,10 +316,9 @@ static PyObject *run_lane(PyObject *self, PyObject *args) {
         else rnn_lane(g, xi, hs, oi, H, kind == 3);
     }
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = PyLong_FromSsize_t(k);
 done:
-    release(b, 7);
+    release(b, 8);
     return result;
 }
 

@@ -247,11 +247,12 @@ class CellKernel:
         lstm-512 here, 33 against 62 us), two lanes' break even."""
         return 0 if self.backend == "torch" else 1
 
-    def run_lane(self, slot: int, row: int, stride: int, steps: int) -> None:
-        """Advance one lane `steps` steps in one call (CPU backends): its rows are
-        row, row + stride, ... (see _pointwise.run_lane)."""
-        _pointwise.run_lane(_KIND_CODE[self.kind], self.hidden, self.w_hh, self._g, self.x, row, stride, steps,
-                            slot, self.h, self.c, self.bias_vec, self.out)
+    def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:
+        """Advance one lane up to `steps` steps in one call (CPU backends): its rows are
+        row, row + stride, ... Returns the steps run: fewer once another thread sets the
+        int64 flag `stop` (see _pointwise.run_lane); at least one."""
+        return _pointwise.run_lane(_KIND_CODE[self.kind], self.hidden, self.w_hh, self._g, self.x, row, stride,
+                                   steps, slot, self.h, self.c, self.bias_vec, self.out, stop)
 
     def _step_cpu(self, x: np.ndarray, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
         n = len(slots)

@@ -184,6 +184,17 @@ def test_finish_returns_copies_that_a_later_lane_reusing_the_storage_does_not_ov
         np.testing.assert_array_equal(got, want, err_msg=f"{backend}: a finished lane's result changed")
 
 
+def test_run_lane_refuses_a_stop_flag_that_is_not_one_int64():
+    layer = torch_layer("lstm", 3, 4, seed=6)
+    kernel = CellKernel("lstm", 4, weights_of(layer), CPU, backend="blas")
+    lane = kernel.start(np.zeros((3, 3), np.float32))
+    with pytest.raises(TypeError, match="stop must hold int64"):
+        kernel.run_lane(lane.slot, lane.base, 1, 3, np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="stop holds no flag"):
+        kernel.run_lane(lane.slot, lane.base, 1, 3, np.zeros(0, np.int64))
+    assert kernel.run_lane(lane.slot, lane.base, 1, 3, np.zeros(1, np.int64)) == 3
+
+
 def test_cell_kernel_rejects_an_unknown_backend():
     layer = torch_layer("gru", 3, 4, seed=0)
     with pytest.raises(ValueError, match="backend"):

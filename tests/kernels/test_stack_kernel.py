@@ -9,7 +9,7 @@ import torch
 
 from cellserve.graph.model import DirectionWeights, LayerStack, RecurrentLayer
 from cellserve.graph.zoo.modules import make_rnn
-from cellserve.kernels.stack import StackKernel
+from cellserve.kernels.stack import LANE_PIECE, StackKernel
 
 CPU = torch.device("cpu")
 BACKENDS = ["blas", "torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
@@ -119,6 +119,27 @@ def test_run_lane_in_chunks_mixed_with_batched_steps_equals_pytorch(kind, backen
             done += chunk
         results[lane] = kernel.finish(storage)
     check(results, rnn, kind, xs, states, backend)
+
+
+@pytest.mark.parametrize("backend", RUN_LANE_BACKENDS)
+def test_run_lane_runs_long_lanes_in_pieces_and_stops_early_when_asked(backend):
+    rnn = torch_rnn("lstm", seed=9)
+    kernel = StackKernel(stack_of("lstm", rnn), CPU, backend)
+    rng = np.random.default_rng(10)
+    length = 2 * LANE_PIECE + 5
+    xs = [rng.standard_normal((length, INPUT)).astype(np.float32) for _ in range(2)]
+    zeros = [(np.zeros(HIDDEN, np.float32), np.zeros(HIDDEN, np.float32))] * LAYERS
+    results = {}
+    whole = kernel.start(xs[0])
+    assert kernel.run_lane(whole.slot, whole.base, 1, length, np.zeros(1, np.int64)) == length
+    results[0] = kernel.finish(whole)
+    # a raised flag (a request arrived) lets each call run one step of every layer, no more
+    stopped, done = kernel.start(xs[1]), 0
+    while done < length:
+        assert kernel.run_lane(stopped.slot, stopped.base + done, 1, length - done, np.ones(1, np.int64)) == 1
+        done += 1
+    results[1] = kernel.finish(stopped)
+    check(results, rnn, "lstm", xs, [zeros, zeros], backend)
 
 
 def test_lanes_that_start_without_state_start_from_zeros():
