@@ -4,8 +4,8 @@ A `StackKernel` holds one `CellKernel` per layer, all sharing one slot pool and 
 a lane has the same slot and rows in every layer, so one batch's slots and rows serve each.
 A batched step runs the first layer's step, then the next layer's step on the output rows it
 wrote (projection and recurrence in one GEMM, see CellKernel.step_rows), and so on up. A lane
-alone runs up to LANE_PIECE steps of each layer in turn, with one projection of those rows
-between, and again (see run_lane).
+alone runs piece by piece: up to LANE_PIECE steps of each layer in turn, with one projection
+of those rows between (see run_lane).
 
 Tried and dropped: letting each layer run a few steps behind the one below, so that
 projections run a chunk of rows at a time. It saves GEMM calls only for batches of one or
