@@ -536,10 +536,9 @@ class Engine:
             ended = frozenset(self._record_tokens(batch, tokens, spec))
             flops = sum(spec.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
         elif lone_steps:
-            lanes = list(zip(batch.slots, rows.tolist(), batch.strides))
-            slot, row, stride = lanes[0]
-            steps = kernel.run_lane(slot, row, stride, lone_steps, self._arrived)
-            for slot, row, stride in lanes[1:]:
+            first, *others = zip(batch.slots, rows.tolist(), batch.strides)
+            steps = kernel.run_lane(*first, lone_steps, self._arrived)
+            for slot, row, stride in others:
                 kernel.run_lane(slot, row, stride, steps)
             flops = batch.size * steps * spec.flops_per_step()
         else:
