@@ -55,7 +55,7 @@ class EngineConfig:
     max_batch: int | None = None  # per cell type; policy default when None
     batch_timeout_s: float = 0.005  # padded: wait this long after the oldest request
     device: str = "cpu"
-    backend: str | None = None  # cell step: onednn | blas | torch | None (the best for the device)
+    backend: str | None = None  # cell step: fused | onednn | blas | torch | None (the best for the device)
     admission: bool = True  # refuse a request whose predicted finish misses its deadline
     admission_headroom: float = 0.8  # admit only if predicted to finish within this share of its time
     drop_late: bool = True  # drop an admitted request that can no longer make its deadline
@@ -73,8 +73,8 @@ class EngineConfig:
             problems.append(f"max_batch must be >= 1, got {self.max_batch}")
         if self.batch_timeout_s < 0:
             problems.append(f"batch_timeout_s must be >= 0, got {self.batch_timeout_s}")
-        if self.backend not in (None, "onednn", "blas", "torch"):
-            problems.append(f"backend {self.backend!r} is not one of onednn, blas, torch")
+        if self.backend not in (None, "fused", "onednn", "blas", "torch"):
+            problems.append(f"backend {self.backend!r} is not one of fused, onednn, blas, torch")
         if not 0 < self.admission_headroom <= 1:
             problems.append(f"admission_headroom must be in (0, 1], got {self.admission_headroom}")
         if self.default_timeout_s is not None and self.default_timeout_s <= 0:

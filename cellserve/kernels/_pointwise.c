@@ -44,47 +44,60 @@ static inline float tanh_approx(float x) {
 
 static inline float sigmoid_approx(float x) { return 0.5f * tanh_approx(0.5f * x) + 0.5f; }
 
-/* One LSTM lane. g: 4H pre-activations from h @ W_hh^T; x: 4H input projection (both
- * biases folded in). Gate order i, f, g, o (PyTorch's). */
-CLONES static void lstm_lane(const float *restrict g, const float *restrict x, float *restrict h,
-                             float *restrict c, float *restrict out, Py_ssize_t H) {
-    for (Py_ssize_t j = 0; j < H; j++) {
+/* The gate math of one lane for n hidden units, j = 0 .. n-1: gate q of unit j is g[q * gs + j]
+ * in the GEMM's output and x[q * xs + j] in the input projection. A whole lane is n = gs =
+ * xs = H; the fused step's panels pass a slice of units (gs: the panel's units, xs: H). */
+
+/* LSTM. x: the input projection with both biases folded in. Gate order i, f, g, o (PyTorch's). */
+CLONES static void lstm_units(const float *restrict g, Py_ssize_t gs, const float *restrict x, Py_ssize_t xs,
+                              float *restrict h, float *restrict c, float *restrict out, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n; j++) {
         float i = sigmoid_approx(g[j] + x[j]);
-        float f = sigmoid_approx(g[H + j] + x[H + j]);
-        float n = tanh_approx(g[2 * H + j] + x[2 * H + j]);
-        float o = sigmoid_approx(g[3 * H + j] + x[3 * H + j]);
-        float cn = f * c[j] + i * n;
+        float f = sigmoid_approx(g[gs + j] + x[xs + j]);
+        float m = tanh_approx(g[2 * gs + j] + x[2 * xs + j]);
+        float o = sigmoid_approx(g[3 * gs + j] + x[3 * xs + j]);
+        float cn = f * c[j] + i * m;
         c[j] = cn;
         h[j] = o * tanh_approx(cn);
     }
-    if (out) memcpy(out, h, (size_t)H * sizeof(float));
+    if (out) memcpy(out, h, (size_t)n * sizeof(float));
 }
 
-/* One GRU lane (linear_before_reset, PyTorch's form). g: 3H from h @ W_hh^T without bias;
- * b: b_hh (3H); x: 3H input projection with b_ih. Gate order r, z, n. */
-CLONES static void gru_lane(const float *restrict g, const float *restrict b, const float *restrict x,
-                            float *restrict h, float *restrict out, Py_ssize_t H) {
-    for (Py_ssize_t j = 0; j < H; j++) {
+/* GRU (linear_before_reset, PyTorch's form). g: from h @ W_hh^T without bias; b: b_hh, laid
+ * out as x; x: the input projection with b_ih. Gate order r, z, n. */
+CLONES static void gru_units(const float *restrict g, Py_ssize_t gs, const float *restrict b,
+                             const float *restrict x, Py_ssize_t xs, float *restrict h, float *restrict out,
+                             Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n; j++) {
         float r = sigmoid_approx(x[j] + g[j] + b[j]);
-        float z = sigmoid_approx(x[H + j] + g[H + j] + b[H + j]);
-        float n = tanh_approx(x[2 * H + j] + r * (g[2 * H + j] + b[2 * H + j]));
-        h[j] = (1.0f - z) * n + z * h[j];
+        float z = sigmoid_approx(x[xs + j] + g[gs + j] + b[xs + j]);
+        float m = tanh_approx(x[2 * xs + j] + r * (g[2 * gs + j] + b[2 * xs + j]));
+        h[j] = (1.0f - z) * m + z * h[j];
     }
-    if (out) memcpy(out, h, (size_t)H * sizeof(float));
+    if (out) memcpy(out, h, (size_t)n * sizeof(float));
 }
 
-/* One Elman RNN lane: h = act(x + g), both biases folded into x. */
-CLONES static void rnn_lane(const float *restrict g, const float *restrict x, float *restrict h,
-                            float *restrict out, Py_ssize_t H, int relu) {
+/* Elman RNN: h = act(x + g), both biases folded into x. */
+CLONES static void rnn_units(const float *restrict g, const float *restrict x, float *restrict h,
+                             float *restrict out, Py_ssize_t n, int relu) {
     if (relu) {
-        for (Py_ssize_t j = 0; j < H; j++) {
+        for (Py_ssize_t j = 0; j < n; j++) {
             float v = g[j] + x[j];
             h[j] = v > 0.0f ? v : 0.0f;
         }
     } else {
-        for (Py_ssize_t j = 0; j < H; j++) h[j] = tanh_approx(g[j] + x[j]);
+        for (Py_ssize_t j = 0; j < n; j++) h[j] = tanh_approx(g[j] + x[j]);
     }
-    if (out) memcpy(out, h, (size_t)H * sizeof(float));
+    if (out) memcpy(out, h, (size_t)n * sizeof(float));
+}
+
+/* One lane's gates for units [0, n): dispatches on the cell kind (0 lstm, 1 gru, 2 rnn_tanh,
+ * 3 rnn_relu); c is for lstm, b for gru. */
+static inline void lane_units(int kind, const float *g, Py_ssize_t gs, const float *b, const float *x,
+                              Py_ssize_t xs, float *h, float *c, float *out, Py_ssize_t n) {
+    if (kind == 0) lstm_units(g, gs, x, xs, h, c, out, n);
+    else if (kind == 1) gru_units(g, gs, b, x, xs, h, out, n);
+    else rnn_units(g, x, h, out, n, kind == 3);
 }
 
 /* ---- argument handling: every buffer is checked for size and every index for range, so a
@@ -199,11 +212,8 @@ static PyObject *step(PyObject *self, PyObject *args) {
      * row, whose contents are garbage by design); split big batches over the cores */
 #pragma omp parallel for schedule(static) if (B * H >= 8192)
     for (Py_ssize_t i = 0; i < B; i++) {
-        const float *gi = g + i * G, *xi = x + xr[i] * G;
-        float *hi = h + sl[i] * H, *oi = out ? out + orr[i] * H : NULL;
-        if (kind == 0) lstm_lane(gi, xi, hi, c + sl[i] * H, oi, H);
-        else if (kind == 1) gru_lane(gi, bias, xi, hi, oi, H);
-        else rnn_lane(gi, xi, hi, oi, H, kind == 3);
+        lane_units(kind, g + i * G, H, bias, x + xr[i] * G, H, h + sl[i] * H, c ? c + sl[i] * H : NULL,
+                   out ? out + orr[i] * H : NULL, H);
     }
     Py_END_ALLOW_THREADS
     result = Py_None;
@@ -309,17 +319,187 @@ static PyObject *run_lane(PyObject *self, PyObject *args) {
     for (; k < nsteps; k++, row += stride) {
         if (k > 0 && stop && *stop) break;
         gemv(w, hs, g, G, H);
-        const float *xi = x + row * G;
-        float *oi = out + row * H;
-        if (kind == 0) lstm_lane(g, xi, hs, cs, oi, H);
-        else if (kind == 1) gru_lane(g, bias, xi, hs, oi, H);
-        else rnn_lane(g, xi, hs, oi, H, kind == 3);
+        lane_units(kind, g, H, bias, x + row * G, H, hs, cs, out + row * H, H);
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(k);
 done:
     release(b, 8);
     return result;
+}
+
+/* ---- the fused step: a whole batched step, GEMM included, in one call ----
+ *
+ * step() above takes the GEMM's output from oneDNN, whose threads split the work evenly up
+ * front: when another thread of the machine (the HTTP front end, the network stack) holds
+ * one core for a while, the other core finishes its half and waits. Here the weights are
+ * packed once into panels of U hidden units with all their gates, and the threads take
+ * panels one at a time from a shared counter, so a core that is held up leaves its panels
+ * to the other. A panel's GEMM is followed at once by the gates of its units, which no
+ * other panel touches: one parallel region does the whole step.
+ *
+ * Packed layout (CellKernel packs it): panel p is K rows of NR = gates * U floats; row k,
+ * column q * U + u holds the weight of input k for gate q of hidden unit p * U + u (zero
+ * past H). The GEMM's rows are [input row, h] for a stack's upper layer, else h alone. */
+
+#define TILE_M 6 /* lanes per register tile: 6 x 4 vectors of 16 accumulators, 4 for weights */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+/* C[m][0, 16 nv) = A[m] . P for m < mr: each packed row of P is loaded once per tile and
+ * used by all of its lanes. */
+static inline __attribute__((always_inline)) void tile(const int mr, const int nv, Py_ssize_t K,
+                                                       const float *A, const float *P, float *C) {
+    v16 acc[TILE_M][4];
+    for (int m = 0; m < mr; m++)
+        for (int j = 0; j < nv; j++) acc[m][j] = (v16){0};
+    for (Py_ssize_t k = 0; k < K; k++) {
+        v16 w[4];
+        for (int j = 0; j < nv; j++) w[j] = *(const v16 *)(P + (k * nv + j) * 16);
+        for (int m = 0; m < mr; m++) {
+            const float a = A[m * K + k];
+            for (int j = 0; j < nv; j++) acc[m][j] += w[j] * a;
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int j = 0; j < nv; j++) *(v16 *)(C + (m * nv + j) * 16) = acc[m][j];
+}
+
+typedef struct {
+    int kind, nv; /* nv: 16-float vectors in a panel row */
+    Py_ssize_t H, U, K, G, B;
+    const float *P, *A, *x, *bias;
+    const int64_t *xr, *sl, *orr;
+    float *h, *c, *out;
+} Fused;
+
+#define TILES(nv)                                                          \
+    switch (mr) {                                                          \
+        case 1: tile(1, nv, f->K, A, P, gates); break;                     \
+        case 2: tile(2, nv, f->K, A, P, gates); break;                     \
+        case 3: tile(3, nv, f->K, A, P, gates); break;                     \
+        case 4: tile(4, nv, f->K, A, P, gates); break;                     \
+        case 5: tile(5, nv, f->K, A, P, gates); break;                     \
+        default: tile(TILE_M, nv, f->K, A, P, gates); break;               \
+    }
+
+CLONES static void fused_panel(const Fused *f, Py_ssize_t p) {
+    float gates[TILE_M * 64];
+    const Py_ssize_t NR = 16 * f->nv, base = p * f->U, H = f->H;
+    const Py_ssize_t n = H - base < f->U ? H - base : f->U;
+    const float *P = f->P + p * f->K * NR;
+    for (Py_ssize_t m0 = 0; m0 < f->B; m0 += TILE_M) {
+        const int mr = f->B - m0 < TILE_M ? (int)(f->B - m0) : TILE_M;
+        const float *A = f->A + m0 * f->K;
+        if (f->nv == 4) TILES(4) else TILES(3)
+        for (int m = 0; m < mr; m++) {
+            const Py_ssize_t i = m0 + m, s = f->sl[i];
+            lane_units(f->kind, gates + m * NR, f->U, f->bias ? f->bias + base : NULL, f->x + f->xr[i] * f->G + base,
+                       H, f->h + s * H + base, f->c ? f->c + s * H + base : NULL,
+                       f->out ? f->out + f->orr[i] * H + base : NULL, n);
+        }
+    }
+}
+
+static void fused_run(const Fused *f, int panels) {
+    int next = 0;
+#pragma omp parallel if (panels > 1 && f->B * f->K * f->G >= 65536)
+    for (;;) {
+        int p;
+#pragma omp atomic capture
+        p = next++;
+        if (p >= panels) break;
+        fused_panel(f, p);
+    }
+}
+
+/* fused_step(kind, H, U, packed, src, srows, slots, h, c, x, xrows, bias, out, orows)
+ *   packed: the weights, panels of U units (see above); K = its size / (panels * NR).
+ *   src [R, K - H] and srows [B]: lane i's input row (a stack's upper layer), or both None
+ *   when K = H; slots [B]: state rows of h [S, H] and c (lstm, else None); x [R2, G] and
+ *   xrows [B]: what to add to the gates (input projection and biases; one bias row for
+ *   an upper layer); bias [G]: b_hh (gru only); out [R3, H], orows [B]: outputs, or None. */
+static PyObject *fused_step(PyObject *self, PyObject *args) {
+    int kind;
+    Py_ssize_t H, U;
+    PyObject *op, *osrc, *osr, *osl, *oh, *oc, *ox, *oxr, *ob, *oo, *oor;
+    if (!PyArg_ParseTuple(args, "innOOOOOOOOOOO", &kind, &H, &U, &op, &osrc, &osr, &osl, &oh, &oc, &ox, &oxr, &ob,
+                          &oo, &oor))
+        return NULL;
+    const Py_ssize_t ngates = kind == 0 ? 4 : kind == 1 ? 3 : 1, G = ngates * H, NR = ngates * U;
+    if (kind < 0 || kind > 3 || H <= 0 || U <= 0 || NR % 16 || (NR != 48 && NR != 64)) {
+        PyErr_SetString(PyExc_ValueError, "fused_step: bad kind or hidden size, or U does not make panels "
+                                          "of 48 or 64 columns");
+        return NULL;
+    }
+    Buf b[11];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    float *A = NULL;
+    if (get_buf(op, 0, 0, &b[0], "packed") || get_buf(osrc, 0, 0, &b[1], "src") ||
+        get_buf(osr, 0, 1, &b[2], "srows") || get_buf(osl, 0, 1, &b[3], "slots") ||
+        get_buf(oh, 1, 0, &b[4], "h") || get_buf(oc, 1, 0, &b[5], "c") || get_buf(ox, 0, 0, &b[6], "x") ||
+        get_buf(oxr, 0, 1, &b[7], "xrows") || get_buf(ob, 0, 0, &b[8], "bias") ||
+        get_buf(oo, 1, 0, &b[9], "out") || get_buf(oor, 0, 1, &b[10], "orows"))
+        goto done;
+    if (!b[0].held || !b[3].held || !b[4].held || !b[6].held || !b[7].held) {
+        PyErr_SetString(PyExc_TypeError, "fused_step: packed, slots, h, x and xrows are required");
+        goto done;
+    }
+    if ((kind == 0) != b[5].held || (kind == 1) != b[8].held || b[9].held != b[10].held ||
+        b[1].held != b[2].held || (kind == 1 && b[1].held)) {
+        PyErr_SetString(PyExc_TypeError, "fused_step: c is for lstm, bias for gru, out needs orows, src needs "
+                                         "srows (and a gru takes no src: its candidate gate keeps the halves apart)");
+        goto done;
+    }
+    const Py_ssize_t panels = (H + U - 1) / U, floats = b[0].view.len / (Py_ssize_t)sizeof(float);
+    const Py_ssize_t K = floats / (panels * NR), Kx = K - H;
+    if (floats != K * panels * NR || Kx < 0 || (Kx > 0) != b[1].held) {
+        PyErr_Format(PyExc_ValueError, "fused_step: packed holds %zd floats, not %zd panels of K x %zd with K = H%s",
+                     floats, panels, NR, b[1].held ? " + the width of src" : "");
+        goto done;
+    }
+    const Py_ssize_t B = b[3].view.len / (Py_ssize_t)sizeof(int64_t), S = nrows(&b[4], H);
+    if (check_rows(&b[3], B, S, "slots") || check_rows(&b[7], B, nrows(&b[6], G), "xrows") ||
+        (b[1].held && check_rows(&b[2], B, nrows(&b[1], Kx), "srows")) ||
+        (b[9].held && check_rows(&b[10], B, nrows(&b[9], H), "orows")))
+        goto done;
+    if ((kind == 0 && nrows(&b[5], H) < S) || (kind == 1 && b[8].view.len < G * (Py_ssize_t)sizeof(float))) {
+        PyErr_SetString(PyExc_ValueError, "fused_step: c has fewer slots than h, or bias is shorter than the gates");
+        goto done;
+    }
+    if (B > 0 && !(A = malloc((size_t)(B * K) * sizeof(float)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const float *src = b[1].held ? b[1].view.buf : NULL;
+    const int64_t *sr = b[2].held ? b[2].view.buf : NULL;
+    Fused f = {kind, (int)(NR / 16), H, U, K, G, B, b[0].view.buf, A, b[6].view.buf,
+               b[8].held ? b[8].view.buf : NULL, b[7].view.buf, b[3].view.buf, b[10].held ? b[10].view.buf : NULL,
+               b[4].view.buf, b[5].held ? b[5].view.buf : NULL, b[9].held ? b[9].view.buf : NULL};
+    Py_BEGIN_ALLOW_THREADS
+    /* gather first: the panels overwrite h in place */
+    for (Py_ssize_t i = 0; i < B; i++) {
+        if (src) memcpy(A + i * K, src + sr[i] * Kx, (size_t)Kx * sizeof(float));
+        memcpy(A + i * K + Kx, f.h + f.sl[i] * H, (size_t)H * sizeof(float));
+    }
+    if (B > 0) fused_run(&f, (int)panels);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(A);
+    release(b, 11);
+    return result;
+}
+
+/* Whether this CPU runs the fused step's AVX-512 build (elsewhere it works, more slowly). */
+static PyObject *has_avx512(PyObject *self, PyObject *noargs) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return PyBool_FromLong(__builtin_cpu_supports("avx512f"));
+#else
+    Py_RETURN_FALSE;
+#endif
 }
 
 /* tanh(x) with the same approximation, for testing its accuracy. */
@@ -332,6 +512,8 @@ static PyObject *tanh_test(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"step", step, METH_VARARGS, "Fused pointwise half of a batched recurrent cell step."},
     {"run_lane", run_lane, METH_VARARGS, "Several whole steps of one lane (GEMV and pointwise)."},
+    {"fused_step", fused_step, METH_VARARGS, "A whole batched step: GEMM on packed weights and gates."},
+    {"has_avx512", has_avx512, METH_NOARGS, "Whether the CPU has AVX-512 (the fused step's fast build)."},
     {"tanh", tanh_test, METH_O, "The kernel's float tanh approximation, for tests."},
     {NULL, NULL, 0, NULL},
 };

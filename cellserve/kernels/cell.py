@@ -60,10 +60,38 @@ def _single_threaded_numpy_blas() -> None:
     threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
+CPU_BACKENDS = ("fused", "onednn", "blas")
+# Hidden units per panel of the fused step's packed weights: panels of 64 (or GRU's 48) columns
+PANEL_UNITS = {"lstm": 16, "gru": 16, "rnn_tanh": 64, "rnn_relu": 64}
+
+
 def default_backend(device: torch.device) -> str:
     if device.type != "cpu" or _pointwise is None:
         return "torch"
+    if _pointwise.has_avx512():
+        return "fused"
+    return _gemm_backend()
+
+
+def _gemm_backend() -> str:
+    """Where a CPU kernel's other GEMMs (input projections) run."""
     return "onednn" if torch.backends.mkldnn.is_available() else "blas"
+
+
+def pack_panels(w: np.ndarray, gates: int, units: int) -> np.ndarray:
+    """W [gates * H, K] (PyTorch's layout) packed for the fused step (see _pointwise.c): panel
+    p holds, for each input k, gate q of hidden units p * units ... in column q * units + u,
+    zeros past H; 64-byte aligned, so that each packed row starts a cache line."""
+    hidden, k = w.shape[0] // gates, w.shape[1]
+    panels = -(-hidden // units)
+    padded = np.zeros((gates, panels * units, k), np.float32)
+    padded[:, :hidden] = w.reshape(gates, hidden, k)
+    flat = padded.reshape(gates, panels, units, k).transpose(1, 3, 0, 2).reshape(-1)
+    buf = np.empty(flat.size + 16, np.float32)
+    start = (-buf.ctypes.data % 64) // 4
+    packed = buf[start:start + flat.size]
+    packed[:] = flat
+    return packed
 
 
 class _Linear:
@@ -114,21 +142,25 @@ class CellKernel:
         upper layer), which then projects and recurs in one GEMM where it can."""
         self.kind, self.hidden, self.device = kind, hidden, device
         self.backend = backend or default_backend(device)
-        if self.backend in ("blas", "onednn") and (device.type != "cpu" or _pointwise is None):
+        if self.backend in CPU_BACKENDS and (device.type != "cpu" or _pointwise is None):
             raise ValueError(f"the {self.backend} backend needs the CPU and the built _pointwise extension")
-        if self.backend not in ("blas", "onednn", "torch"):
-            raise ValueError(f"unknown backend {self.backend!r}; choose onednn, blas or torch")
+        if self.backend not in CPU_BACKENDS + ("torch",):
+            raise ValueError(f"unknown backend {self.backend!r}; choose fused, onednn, blas or torch")
+        gemm = _gemm_backend() if self.backend == "fused" else self.backend
         self.gates = GATES[kind] * hidden
         # Biases that only add to the input projection are folded into it; GRU's b_hn sits
         # inside r * (...) and stays separate.
         x_bias = weights.b_ih if kind == "gru" else weights.b_ih + weights.b_hh
         self.h_bias = weights.b_hh.astype(np.float32) if kind == "gru" else None
-        self.project = _Linear(weights.w_ih, x_bias, self.backend, device)
+        self.project = _Linear(weights.w_ih, x_bias, gemm, device)
         # A layer fed by an embedding looks its projections up: table @ W_ih^T + bias, once.
         self.projected_table = None if token_table is None else self.project(token_table)
         self.slots, self.rows = pools or (SlotPool(), RowPool())
-        if self.backend in ("blas", "onednn"):
-            self.recurrent = _Linear(weights.w_hh, None, self.backend, device)
+        if self.backend == "fused":
+            self.units = PANEL_UNITS[kind]
+            self.packed = pack_panels(weights.w_hh, GATES[kind], self.units)
+        if self.backend in CPU_BACKENDS:
+            self.recurrent = _Linear(weights.w_hh, None, gemm, device)
             self.bias_vec = self.h_bias
             self.w_hh = np.ascontiguousarray(weights.w_hh, dtype=np.float32)  # for run_lane
             self._g = np.zeros(self.gates, np.float32)
@@ -139,12 +171,16 @@ class CellKernel:
             self._hbuf = np.zeros((64, hidden), np.float32)
         self._arange = np.arange(64, dtype=np.int64)
         self.joint = None
-        if fed_by_rows and self.backend in ("blas", "onednn") and kind != "gru":
-            self.joint = _Linear(np.concatenate([weights.w_ih, weights.w_hh], axis=1), x_bias, self.backend, device)
+        if fed_by_rows and self.backend in CPU_BACKENDS and kind != "gru":
+            w_joint = np.concatenate([weights.w_ih, weights.w_hh], axis=1)
+            self.joint = _Linear(w_joint, x_bias, gemm, device)
+            if self.backend == "fused":
+                self.packed_joint = pack_panels(w_joint, GATES[kind], self.units)
+                self._joint_bias = x_bias.astype(np.float32).reshape(1, -1)
             self._xh = np.zeros((64, weights.w_ih.shape[1] + hidden), np.float32)
             # the joint GEMM's gates need nothing added: every lane reads this zero row
             self._no_x, self._no_x_rows = np.zeros((1, self.gates), np.float32), np.zeros(64, np.int64)
-        if self.backend not in ("blas", "onednn"):
+        if self.backend not in CPU_BACKENDS:
             self.w_hh_t = torch.as_tensor(np.ascontiguousarray(weights.w_hh.T, dtype=np.float32), device=device)
             self.bias_vec = None if self.h_bias is None else torch.as_tensor(self.h_bias, device=device)
             self.h = torch.zeros((self.slots.capacity, hidden), device=device)
@@ -232,6 +268,10 @@ class CellKernel:
         if len(self._xh) < n:
             self._xh = np.zeros((2 * n, self._xh.shape[1]), np.float32)
             self._no_x_rows = np.zeros(2 * n, np.int64)
+        if self.backend == "fused":  # gathers [input, h] itself; the bias is the row every lane adds
+            _pointwise.fused_step(_KIND_CODE[self.kind], self.hidden, self.units, self.packed_joint, source, rows,
+                                  slots, self.h, self.c, self._joint_bias, self._no_x_rows[:n], None, self.out, orows)
+            return
         xh = self._xh[:n]
         width = source.shape[1]
         np.take(source, rows, axis=0, out=xh[:, :width])
@@ -255,6 +295,10 @@ class CellKernel:
                                    steps, slot, self.h, self.c, self.bias_vec, self.out, stop)
 
     def _step_cpu(self, x: np.ndarray, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
+        if self.backend == "fused":
+            _pointwise.fused_step(_KIND_CODE[self.kind], self.hidden, self.units, self.packed, None, None, slots,
+                                  self.h, self.c, x, xrows, self.bias_vec, self.out, orows)
+            return
         n = len(slots)
         if n > len(self._hbuf):
             self._hbuf = np.zeros((2 * n, self.hidden), np.float32)

@@ -65,10 +65,14 @@ class StackKernel:
 
     @property
     def lone_lanes(self) -> int:
-        """Up to two lanes run alone, one after the other (CPU backends): a batched step of
-        two lanes projects two rows per step, which reads as much of W_ih as a projection of
-        a whole chunk (at lstm-512 here, 190 us a step against 2 x 80 us run alone)."""
-        return 2 * self.layers[0].lone_lanes
+        """Batches of up to this many lanes run each lane alone (CPU backends). One lane: its
+        run_lane goes many steps per call. Two: with oneDNN or BLAS a batched step of two
+        projects two rows per step, which reads as much of W_ih as a projection of a whole
+        piece (at lstm-512 here, 190 us a step against 2 x 80 us alone); the fused step reads
+        each weight once for both lanes (118-128 us a step against 2 x 110 us alone)."""
+        if not self.layers[0].lone_lanes:
+            return 0
+        return 1 if self.backend == "fused" else 2
 
     def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:
         """Advance one lane up to `steps` steps (CPU backends; stride is 1, a stack runs

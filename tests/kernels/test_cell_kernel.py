@@ -10,13 +10,13 @@ import torch
 from cellserve.graph.model import GATES, DirectionWeights
 from cellserve.graph.zoo.modules import make_rnn
 from cellserve.kernels import _pointwise
-from cellserve.kernels.cell import CellKernel
+from cellserve.kernels.cell import CellKernel, LaneStorage, pack_panels
 
 CPU = torch.device("cpu")
 KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KIND_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 # blas and torch everywhere; onednn (the CPU default) where torch has it
-BACKENDS = ["blas", "torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
+BACKENDS = ["fused", "blas", "torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -193,6 +193,67 @@ def test_run_lane_refuses_a_stop_flag_that_is_not_one_int64():
     with pytest.raises(ValueError, match="stop holds no flag"):
         kernel.run_lane(lane.slot, lane.base, 1, 3, np.zeros(0, np.int64))
     assert kernel.run_lane(lane.slot, lane.base, 1, 3, np.zeros(1, np.int64)) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_step_on_two_threads_matches_blas_at_sizes_that_split_panels_and_tiles(kind):
+    """Big enough for the parallel region (threads taking panels in turn); H = 72 leaves the
+    last panel part empty (16 units a panel, 64 for Elman); 13 lanes are register tiles of
+    6, 6 and 1. An upper layer's step (inputs gathered from rows below) is checked too."""
+    input_size, hidden, lanes, steps = 40, 72, 13, 4
+    layer = torch_layer(kind, input_size, hidden, seed=11)
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((steps, input_size)).astype(np.float32) for _ in range(lanes)]
+    below = rng.standard_normal((lanes * steps + 3, input_size)).astype(np.float32)  # a layer below's rows
+    results = {}
+    torch.set_num_threads(2)
+    try:
+        for backend in ("blas", "fused"):
+            for fed_by_rows in (False, True):
+                kernel = CellKernel(kind, hidden, weights_of(layer), CPU, backend=backend, fed_by_rows=fed_by_rows)
+                stored = [_upper_lane(kernel, steps) if fed_by_rows else kernel.start(x) for x in xs]
+                slots = np.array([s.slot for s in stored], np.int64)
+                for t in range(steps):
+                    rows = np.array([s.base + t for s in stored], np.int64)
+                    if fed_by_rows:
+                        kernel.step_rows(below, np.arange(lanes, dtype=np.int64) * steps + t, slots, rows)
+                    else:
+                        kernel.step(slots, rows, rows)
+                results[backend, fed_by_rows] = [kernel.finish(s) for s in stored]
+    finally:
+        torch.set_num_threads(1)
+    for fed_by_rows in (False, True):
+        for lane, (want, got) in enumerate(zip(results["blas", fed_by_rows], results["fused", fed_by_rows])):
+            for name, a, b in zip(("outputs", "h", "c"), want, got):
+                if a is not None:
+                    np.testing.assert_allclose(b, a, atol=2e-5, err_msg=f"{kind} lane {lane} {name}, "
+                                               f"{'upper layer' if fed_by_rows else 'first layer'}")
+
+
+def _upper_lane(kernel: CellKernel, length: int):
+    """A lane of a stack's upper layer: state only, its inputs come step by step."""
+    lane = LaneStorage(kernel.slots.take(), kernel.rows.take(length), length)
+    kernel.load(lane, None)
+    return lane
+
+
+def test_fused_step_refuses_weights_packed_for_another_shape_and_a_gru_given_input_rows():
+    hidden = 20
+    w = np.zeros((4 * hidden, hidden), np.float32)
+    packed = pack_panels(w, 4, 16)
+    h, c = np.zeros((3, hidden), np.float32), np.zeros((3, hidden), np.float32)
+    x, one = np.zeros((2, 4 * hidden), np.float32), np.zeros(1, np.int64)
+    _pointwise.fused_step(0, hidden, 16, packed, None, None, one, h, c, x, one, None, None, None)
+    with pytest.raises(ValueError, match="packed holds"):
+        _pointwise.fused_step(0, hidden, 16, packed[:-1], None, None, one, h, c, x, one, None, None, None)
+    with pytest.raises(ValueError, match="panels of 48 or 64"):
+        _pointwise.fused_step(0, hidden, 8, packed, None, None, one, h, c, x, one, None, None, None)
+    with pytest.raises(IndexError, match="slots"):
+        _pointwise.fused_step(0, hidden, 16, packed, None, None, one + 3, h, c, x, one, None, None, None)
+    gru = pack_panels(np.zeros((3 * hidden, 2 * hidden), np.float32), 3, 16)
+    with pytest.raises(TypeError, match="gru takes no src"):
+        _pointwise.fused_step(1, hidden, 16, gru, h, one, one, h, None, x, one, np.zeros(3 * hidden, np.float32),
+                              None, None)
 
 
 def test_cell_kernel_rejects_an_unknown_backend():
