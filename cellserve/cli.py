@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--stack-layers", action=argparse.BooleanOptionalAction, default=True,
                      help="step stacked forward layers (LSTM -> LSTM) as one cell type, one round per token "
                           "for all of them (default: on)")
+    srv.add_argument("--backend", choices=["fused", "onednn", "blas", "torch"], default=None,
+                     help="how cell steps run: fused (one C call per step; the default on CPUs with AVX-512), "
+                          "onednn (the default on other CPUs), blas, or torch (any device; the default off the CPU)")
     srv.add_argument("--policy", default="cellular", help="batching policy: cellular, cellular-edf, padded, none")
     srv.add_argument("--max-batch", type=int, default=None, help="batch cap per cell type (default: the policy's)")
     srv.add_argument("--max-queue", type=int, default=4096, help="requests in the engine at once; more get 429")
@@ -200,7 +203,7 @@ def _serve(args, parser) -> int:
                               max_queue=args.max_queue, default_slo_ms=args.slo_ms,
                               max_request_bytes=args.max_request_size, sequence_idle_s=args.sequence_idle_timeout,
                               max_sequences=args.max_sequences, grace_s=args.grace_period, threads=args.threads,
-                              pin_threads=args.pin_threads, stack_layers=args.stack_layers)
+                              pin_threads=args.pin_threads, stack_layers=args.stack_layers, backend=args.backend)
     return serve(settings)
 
 

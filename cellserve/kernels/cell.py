@@ -4,8 +4,12 @@ A `CellKernel` owns one direction of one recurrent layer: its weights, the state
 row blocks of the lanes running through it, and `step()`, which advances any set of its
 lanes by one time step each, whatever their positions. Implementations of the step:
 
-- "onednn" (CPU, the default where torch has oneDNN): gather h, then the GEMM h @ W_hh^T by
-  oneDNN with W_hh reordered once into its blocked layout (measured here at [B, 512] x
+- "fused" (CPU, the default where the CPU has AVX-512): the whole step in one C call, GEMM
+  included, on weights packed once into panels of hidden units (see _pointwise.c): threads take
+  panels from a shared counter, so a core that another process holds up leaves its share to
+  the other, where oneDNN's even split waits for it.
+- "onednn" (CPU, the default elsewhere where torch has oneDNN): gather h, then the GEMM
+  h @ W_hh^T by oneDNN with W_hh reordered once into its blocked layout (measured here at [B, 512] x
   [512, 2048]: 150-200 GFLOP/s from B = 8, where OpenBLAS reached 55-150 and torch.mm 35-90),
   then the C kernel in `_pointwise.c` adds the input projections, applies the gates, and
   updates the state and output rows in place, in one pass.

@@ -51,6 +51,7 @@ class ServerSettings:
     threads: int | None = None  # CPU threads of the cell kernels (None: torch's default)
     pin_threads: bool = True  # pin the kernel threads to one core each (see kernels/affinity.py)
     stack_layers: bool = True  # step stacked layers as one cell type (see graph/stacking.py)
+    backend: str | None = None  # how cell steps run (see EngineConfig.backend); None: the best for the device
 
 
 class StartupError(Exception):
@@ -69,7 +70,7 @@ def serve(settings: ServerSettings) -> int:
         engine = Engine([s.model for s in served],
                         EngineConfig(policy=settings.policy, max_batch=settings.max_batch, device=settings.device,
                                      max_active=settings.max_queue, pin_threads=settings.pin_threads,
-                                     stack_layers=settings.stack_layers))
+                                     stack_layers=settings.stack_layers, backend=settings.backend))
     except (CellserveError, StartupError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
