@@ -248,13 +248,18 @@ class Engine:
         t_start = self.clock.now()
         self._compute_s = 0.0
         self._arrived[0] = 0  # before taking the inbox: a later submit sets it again
-        while self._inbox:
+        # Only the requests already here: those that arrive meanwhile wait for the next step.
+        # Under a flood (the frontend holding the GIL while each admission waits for it) an
+        # open-ended drain admitted for seconds and never stepped, and every request missed.
+        for _ in range(len(self._inbox)):
             request = self._inbox.popleft()
             try:
                 self._admit(request, t_start)
             except Exception as exc:  # a bug on one request's path must not stop the loop
                 log.exception("admitting request %s failed", request.request_id)
                 self._fail_request(request, f"internal error admitting the request: {type(exc).__name__}: {exc}")
+        if self._inbox:
+            self._arrived[0] = 1  # a lone lane runs one step before they are admitted
         if self.config.drop_late and t_start >= self._next_drop_check:
             self._drop_late(t_start)
         batch = self.policy.next_batch(t_start)

@@ -17,10 +17,11 @@ from helpers_engine import (VOCAB, FakeClock, Responses, assert_same_outputs, ma
 
 SERVED = ["lstm", "gru", "tagger", "seq2seq-reverse"]
 
-# (policy, backend, max_batch): default backend is the best for the CPU (onednn or blas)
+# (policy, backend, max_batch): default backend is the best for the CPU (fused with AVX-512, else onednn or blas)
 CONFIGS = [
     ("cellular", None, None),
     ("cellular", None, 2),
+    ("cellular", "onednn", 3),
     ("cellular", "torch", None),
     ("cellular-edf", None, 3),
     ("padded", None, None),
@@ -123,6 +124,24 @@ def test_abort_all_answers_every_queued_and_running_request_once(models):
     assert engine.idle()
     for i in (0, 1, 2, 4):
         assert responses.one(i).status is Status.ERROR and "shutting down" in responses.one(i).reason
+
+
+def test_a_step_admits_only_the_requests_waiting_when_it_began_so_a_flood_cannot_stall_it(models):
+    engine = Engine([models.models["lstm"]], EngineConfig(profile=False))
+    responses = Responses()
+    arrivals = iter(range(3, 1000))
+    admit = engine._admit
+
+    def admit_then_another_arrives(request, now):  # arrivals as fast as admissions: a flood
+        admit(request, now)
+        engine.submit(make_request(responses, next(arrivals), "lstm", {"tokens": np.array([[1, 2]])}))
+
+    engine._admit = admit_then_another_arrives
+    for i in range(3):
+        engine.submit(make_request(responses, i, "lstm", {"tokens": np.array([[1, 2, 3]])}))
+    assert engine.step()  # returns, having run a batch of the three
+    assert engine.active_requests == 3 and len(engine._inbox) == 3
+    assert engine.stats.cell_steps >= 1
 
 
 def test_a_failing_on_done_callback_does_not_stop_the_engine(models):
