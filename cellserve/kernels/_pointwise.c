@@ -223,111 +223,6 @@ done:
     return result;
 }
 
-/* ---- a lone lane, several steps per call ----
- * When one lane runs alone (light load), a step is a GEMV that BLAS libraries do no faster
- * than a plain loop, plus Python's per-step cost, which this path removes: run_lane does
- * `nsteps` whole steps in C. Its OpenMP threads are torch's (the extension links libgomp.so.1,
- * which torch loaded first), so they do not fight torch's pool for the cores. */
-
-CLONES static void dot_rows(const float *restrict W, const float *restrict v, float *restrict y,
-                            Py_ssize_t rows, Py_ssize_t H) {
-    Py_ssize_t r = 0;
-    for (; r + 8 <= rows; r += 8) {  /* eight rows share each load of v: 8 independent FMA chains */
-        const float *w = W + r * H;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
-        for (Py_ssize_t k = 0; k < H; k++) {
-            const float x = v[k];
-            s0 += w[k] * x, s1 += w[H + k] * x, s2 += w[2 * H + k] * x, s3 += w[3 * H + k] * x;
-            s4 += w[4 * H + k] * x, s5 += w[5 * H + k] * x, s6 += w[6 * H + k] * x, s7 += w[7 * H + k] * x;
-        }
-        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
-        y[r + 4] = s4, y[r + 5] = s5, y[r + 6] = s6, y[r + 7] = s7;
-    }
-    for (; r < rows; r++) {
-        const float *w = W + r * H;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (Py_ssize_t k = 0; k < H; k++) s += w[k] * v[k];
-        y[r] = s;
-    }
-}
-
-static void gemv(const float *W, const float *v, float *y, Py_ssize_t G, Py_ssize_t H) {
-#pragma omp parallel
-    {
-        Py_ssize_t n = omp_get_num_threads(), t = omp_get_thread_num();
-        Py_ssize_t chunk = (G + n - 1) / n, lo = t * chunk, hi = lo + chunk < G ? lo + chunk : G;
-        if (lo < hi) dot_rows(W + lo * H, v, y + lo, hi - lo, H);
-    }
-}
-
-/* run_lane(kind, H, w, g, x, row, stride, nsteps, slot, h, c, bias, out, stop=None) -> steps run
- *   w [G, H]: W_hh row-major; g [G]: scratch; step k reads x row `row + k * stride`, writes
- *   out at the same row, and updates state slot `slot` of h [S, H] (and c for lstm).
- *   stop: an int64 flag that another thread may set while this runs (the GIL is released);
- *   once it is nonzero, the call returns after the step in progress, so that a request that
- *   arrives need not wait for the whole run. The first step always runs. */
-static PyObject *run_lane(PyObject *self, PyObject *args) {
-    int kind;
-    Py_ssize_t H, row, stride, nsteps, slot;
-    PyObject *ow, *og, *ox, *oh, *oc, *ob, *oo, *os = Py_None;
-    if (!PyArg_ParseTuple(args, "inOOOnnnnOOOO|O", &kind, &H, &ow, &og, &ox, &row, &stride, &nsteps,
-                          &slot, &oh, &oc, &ob, &oo, &os))
-        return NULL;
-    if (kind < 0 || kind > 3 || H <= 0 || nsteps < 0) {
-        PyErr_SetString(PyExc_ValueError, "run_lane: bad kind, hidden size or step count");
-        return NULL;
-    }
-    const Py_ssize_t G = (kind == 0 ? 4 : kind == 1 ? 3 : 1) * H;
-    Buf b[8];
-    memset(b, 0, sizeof(b));
-    PyObject *result = NULL;
-    if (get_buf(ow, 0, 0, &b[0], "w") || get_buf(og, 1, 0, &b[1], "g") || get_buf(ox, 0, 0, &b[2], "x") ||
-        get_buf(oh, 1, 0, &b[3], "h") || get_buf(oc, 1, 0, &b[4], "c") || get_buf(ob, 0, 0, &b[5], "bias") ||
-        get_buf(oo, 1, 0, &b[6], "out") || get_buf(os, 0, 1, &b[7], "stop"))
-        goto done;
-    if (!b[0].held || !b[1].held || !b[2].held || !b[3].held || !b[6].held || (kind == 0) != b[4].held ||
-        (kind == 1) != b[5].held) {
-        PyErr_SetString(PyExc_TypeError, "run_lane: w, g, x, h, out are required; c is for lstm, bias for gru");
-        goto done;
-    }
-    const Py_ssize_t last = row + (nsteps - 1) * stride;
-    if (nrows(&b[0], H) < G || nrows(&b[1], G) < 1 || (kind == 1 && nrows(&b[5], G) < 1)) {
-        PyErr_SetString(PyExc_ValueError, "run_lane: w, g or bias is smaller than the gates");
-        goto done;
-    }
-    if (nsteps > 0 && (row < 0 || last < 0 || row >= nrows(&b[2], G) || last >= nrows(&b[2], G) ||
-                       row >= nrows(&b[6], H) || last >= nrows(&b[6], H))) {
-        PyErr_Format(PyExc_IndexError, "run_lane: rows %zd..%zd are outside x or out", row, last);
-        goto done;
-    }
-    if (b[7].held && b[7].view.len < (Py_ssize_t)sizeof(int64_t)) {
-        PyErr_SetString(PyExc_ValueError, "run_lane: stop holds no flag");
-        goto done;
-    }
-    if (slot < 0 || slot >= nrows(&b[3], H) || (kind == 0 && slot >= nrows(&b[4], H))) {
-        PyErr_Format(PyExc_IndexError, "run_lane: slot %zd is outside h or c", slot);
-        goto done;
-    }
-    const float *w = b[0].view.buf, *x = b[2].view.buf, *bias = b[5].held ? b[5].view.buf : NULL;
-    float *g = b[1].view.buf, *hs = (float *)b[3].view.buf + slot * H, *out = b[6].view.buf;
-    float *cs = b[4].held ? (float *)b[4].view.buf + slot * H : NULL;
-    const volatile int64_t *stop = b[7].held ? b[7].view.buf : NULL;
-    Py_ssize_t k = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (; k < nsteps; k++, row += stride) {
-        if (k > 0 && stop && *stop) break;
-        gemv(w, hs, g, G, H);
-        lane_units(kind, g, H, bias, x + row * G, H, hs, cs, out + row * H, H);
-    }
-    Py_END_ALLOW_THREADS
-    result = PyLong_FromSsize_t(k);
-done:
-    release(b, 8);
-    return result;
-}
-
 /* ---- the fused step: a whole batched step, GEMM included, in one call ----
  *
  * step() above takes the GEMM's output from oneDNN, whose threads split the work evenly up
@@ -489,6 +384,136 @@ static PyObject *fused_step(PyObject *self, PyObject *args) {
 done:
     free(A);
     release(b, 11);
+    return result;
+}
+
+/* ---- a lone lane, several steps per call ----
+ * When one lane runs alone (light load), a step is a GEMV that BLAS libraries do no faster
+ * than a plain loop, plus Python's per-step cost, which this path removes: run_lane does
+ * `nsteps` whole steps in C. Its OpenMP threads are torch's (the extension links libgomp.so.1,
+ * which torch loaded first), so they do not fight torch's pool for the cores. */
+
+CLONES static void dot_rows(const float *restrict W, const float *restrict v, float *restrict y,
+                            Py_ssize_t rows, Py_ssize_t H) {
+    Py_ssize_t r = 0;
+    for (; r + 8 <= rows; r += 8) {  /* eight rows share each load of v: 8 independent FMA chains */
+        const float *w = W + r * H;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+        for (Py_ssize_t k = 0; k < H; k++) {
+            const float x = v[k];
+            s0 += w[k] * x, s1 += w[H + k] * x, s2 += w[2 * H + k] * x, s3 += w[3 * H + k] * x;
+            s4 += w[4 * H + k] * x, s5 += w[5 * H + k] * x, s6 += w[6 * H + k] * x, s7 += w[7 * H + k] * x;
+        }
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+        y[r + 4] = s4, y[r + 5] = s5, y[r + 6] = s6, y[r + 7] = s7;
+    }
+    for (; r < rows; r++) {
+        const float *w = W + r * H;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (Py_ssize_t k = 0; k < H; k++) s += w[k] * v[k];
+        y[r] = s;
+    }
+}
+
+static void gemv(const float *W, const float *v, float *y, Py_ssize_t G, Py_ssize_t H) {
+#pragma omp parallel
+    {
+        Py_ssize_t n = omp_get_num_threads(), t = omp_get_thread_num();
+        Py_ssize_t chunk = (G + n - 1) / n, lo = t * chunk, hi = lo + chunk < G ? lo + chunk : G;
+        if (lo < hi) dot_rows(W + lo * H, v, y + lo, hi - lo, H);
+    }
+}
+
+/* run_lane(kind, H, w, g, x, row, stride, nsteps, slot, h, c, bias, out, stop=None, units=0) -> steps run
+ *   w [G, H]: W_hh row-major, or with units > 0 W_hh packed in panels of `units` hidden units
+ *   (see the fused step), whose threads take panels as they come: a worker still waking
+ *   after an idle spell leaves its share to the other thread instead of holding up each step;
+ *   g [G]: scratch; step k reads x row `row + k * stride`, writes out at the same row, and
+ *   updates state slot `slot` of h [S, H] (and c for lstm).
+ *   stop: an int64 flag that another thread may set while this runs (the GIL is released);
+ *   once it is nonzero, the call returns after the step in progress, so that a request that
+ *   arrives need not wait for the whole run. The first step always runs. */
+static PyObject *run_lane(PyObject *self, PyObject *args) {
+    int kind;
+    Py_ssize_t H, row, stride, nsteps, slot, units = 0;
+    PyObject *ow, *og, *ox, *oh, *oc, *ob, *oo, *os = Py_None;
+    if (!PyArg_ParseTuple(args, "inOOOnnnnOOOO|On", &kind, &H, &ow, &og, &ox, &row, &stride, &nsteps,
+                          &slot, &oh, &oc, &ob, &oo, &os, &units))
+        return NULL;
+    if (kind < 0 || kind > 3 || H <= 0 || nsteps < 0) {
+        PyErr_SetString(PyExc_ValueError, "run_lane: bad kind, hidden size or step count");
+        return NULL;
+    }
+    const Py_ssize_t G = (kind == 0 ? 4 : kind == 1 ? 3 : 1) * H;
+    Buf b[8];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    if (get_buf(ow, 0, 0, &b[0], "w") || get_buf(og, 1, 0, &b[1], "g") || get_buf(ox, 0, 0, &b[2], "x") ||
+        get_buf(oh, 1, 0, &b[3], "h") || get_buf(oc, 1, 0, &b[4], "c") || get_buf(ob, 0, 0, &b[5], "bias") ||
+        get_buf(oo, 1, 0, &b[6], "out") || get_buf(os, 0, 1, &b[7], "stop"))
+        goto done;
+    if (!b[0].held || !b[1].held || !b[2].held || !b[3].held || !b[6].held || (kind == 0) != b[4].held ||
+        (kind == 1) != b[5].held) {
+        PyErr_SetString(PyExc_TypeError, "run_lane: w, g, x, h, out are required; c is for lstm, bias for gru");
+        goto done;
+    }
+    const Py_ssize_t last = row + (nsteps - 1) * stride;
+    const Py_ssize_t NR = (G / H) * units, panels = units > 0 ? (H + units - 1) / units : 0;
+    if (units < 0 || (units > 0 && NR != 48 && NR != 64)) {
+        PyErr_SetString(PyExc_ValueError, "run_lane: units must make panels of 48 or 64 columns");
+        goto done;
+    }
+    if ((units ? b[0].view.len / (Py_ssize_t)sizeof(float) != panels * H * NR : nrows(&b[0], H) < G) ||
+        nrows(&b[1], G) < 1 || (kind == 1 && nrows(&b[5], G) < 1)) {
+        PyErr_SetString(PyExc_ValueError, units ? "run_lane: w is not W_hh packed in panels of these units"
+                                                : "run_lane: w, g or bias is smaller than the gates");
+        goto done;
+    }
+    if (nsteps > 0 && (row < 0 || last < 0 || row >= nrows(&b[2], G) || last >= nrows(&b[2], G) ||
+                       row >= nrows(&b[6], H) || last >= nrows(&b[6], H))) {
+        PyErr_Format(PyExc_IndexError, "run_lane: rows %zd..%zd are outside x or out", row, last);
+        goto done;
+    }
+    if (b[7].held && b[7].view.len < (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "run_lane: stop holds no flag");
+        goto done;
+    }
+    if (slot < 0 || slot >= nrows(&b[3], H) || (kind == 0 && slot >= nrows(&b[4], H))) {
+        PyErr_Format(PyExc_IndexError, "run_lane: slot %zd is outside h or c", slot);
+        goto done;
+    }
+    const float *w = b[0].view.buf, *x = b[2].view.buf, *bias = b[5].held ? b[5].view.buf : NULL;
+    float *g = b[1].view.buf, *hs = (float *)b[3].view.buf + slot * H, *out = b[6].view.buf;
+    float *cs = b[4].held ? (float *)b[4].view.buf + slot * H : NULL;
+    const volatile int64_t *stop = b[7].held ? b[7].view.buf : NULL;
+    Py_ssize_t k = 0;
+    int64_t at = row, slot_at = slot; /* the packed path's one-lane batch: its row and slot */
+    float *hcopy = units ? malloc((size_t)H * sizeof(float)) : NULL;
+    if (units && !hcopy) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Fused f = {kind, (int)(NR / 16), H, units, H, G, 1, w, hcopy, x, bias, &at, &slot_at, &at,
+               b[3].view.buf, b[4].held ? b[4].view.buf : NULL, out};
+    Py_BEGIN_ALLOW_THREADS
+    for (; k < nsteps; k++, row += stride) {
+        if (k > 0 && stop && *stop) break;
+        if (units) { /* the panels overwrite h in place: they read a copy */
+            memcpy(hcopy, hs, (size_t)H * sizeof(float));
+            at = row;
+            fused_run(&f, (int)panels);
+        } else {
+            gemv(w, hs, g, G, H);
+            lane_units(kind, g, H, bias, x + row * G, H, hs, cs, out + row * H, H);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(hcopy);
+    result = PyLong_FromSsize_t(k);
+done:
+    release(b, 8);
     return result;
 }
 

@@ -163,27 +163,30 @@ class CellKernel:
         if self.backend == "fused":
             self.units = PANEL_UNITS[kind]
             self.packed = pack_panels(weights.w_hh, GATES[kind], self.units)
-        if self.backend in CPU_BACKENDS:
+        elif self.backend in CPU_BACKENDS:
             self.recurrent = _Linear(weights.w_hh, None, gemm, device)
-            self.bias_vec = self.h_bias
+            self._hbuf = np.zeros((64, hidden), np.float32)
             self.w_hh = np.ascontiguousarray(weights.w_hh, dtype=np.float32)  # for run_lane
+        if self.backend in CPU_BACKENDS:
+            self.bias_vec = self.h_bias
             self._g = np.zeros(self.gates, np.float32)
             self.h = np.zeros((self.slots.capacity, hidden), np.float32)
             self.c = np.zeros_like(self.h) if kind == "lstm" else None
             self.x = np.zeros((self.rows.capacity, self.gates), np.float32)
             self.out = np.zeros((self.rows.capacity, hidden), np.float32)
-            self._hbuf = np.zeros((64, hidden), np.float32)
         self._arange = np.arange(64, dtype=np.int64)
-        self.joint = None
+        self.joint = self.packed_joint = None  # [W_ih, W_hh] for one GEMM of [x, h] (see step_rows)
         if fed_by_rows and self.backend in CPU_BACKENDS and kind != "gru":
             w_joint = np.concatenate([weights.w_ih, weights.w_hh], axis=1)
-            self.joint = _Linear(w_joint, x_bias, gemm, device)
             if self.backend == "fused":
                 self.packed_joint = pack_panels(w_joint, GATES[kind], self.units)
-                self._joint_bias = x_bias.astype(np.float32).reshape(1, -1)
-            self._xh = np.zeros((64, weights.w_ih.shape[1] + hidden), np.float32)
-            # the joint GEMM's gates need nothing added: every lane reads this zero row
-            self._no_x, self._no_x_rows = np.zeros((1, self.gates), np.float32), np.zeros(64, np.int64)
+                self._joint_bias = x_bias.astype(np.float32).reshape(1, -1)  # the row every lane adds
+            else:
+                self.joint = _Linear(w_joint, x_bias, gemm, device)
+                self._xh = np.zeros((64, weights.w_ih.shape[1] + hidden), np.float32)
+                # the joint GEMM's gates need nothing added: every lane reads this zero row
+                self._no_x = np.zeros((1, self.gates), np.float32)
+            self._no_x_rows = np.zeros(64, np.int64)
         if self.backend not in CPU_BACKENDS:
             self.w_hh_t = torch.as_tensor(np.ascontiguousarray(weights.w_hh.T, dtype=np.float32), device=device)
             self.bias_vec = None if self.h_bias is None else torch.as_tensor(self.h_bias, device=device)
@@ -260,6 +263,12 @@ class CellKernel:
         for the CPU backends, a tensor on the device for torch): the output rows of the layer
         below, in a stack."""
         n = len(slots)
+        if self.packed_joint is not None:  # gathers [input, h] itself
+            if len(self._no_x_rows) < n:
+                self._no_x_rows = np.zeros(2 * n, np.int64)
+            _pointwise.fused_step(_KIND_CODE[self.kind], self.hidden, self.units, self.packed_joint, source, rows,
+                                  slots, self.h, self.c, self._joint_bias, self._no_x_rows[:n], None, self.out, orows)
+            return
         if self.joint is None:  # project the batch, then step on its rows: lane i reads row i
             if len(self._arange) < n:
                 self._arange = np.arange(2 * n, dtype=np.int64)
@@ -272,10 +281,6 @@ class CellKernel:
         if len(self._xh) < n:
             self._xh = np.zeros((2 * n, self._xh.shape[1]), np.float32)
             self._no_x_rows = np.zeros(2 * n, np.int64)
-        if self.backend == "fused":  # gathers [input, h] itself; the bias is the row every lane adds
-            _pointwise.fused_step(_KIND_CODE[self.kind], self.hidden, self.units, self.packed_joint, source, rows,
-                                  slots, self.h, self.c, self._joint_bias, self._no_x_rows[:n], None, self.out, orows)
-            return
         xh = self._xh[:n]
         width = source.shape[1]
         np.take(source, rows, axis=0, out=xh[:, :width])
@@ -295,6 +300,9 @@ class CellKernel:
         """Advance one lane up to `steps` steps in one call (CPU backends): its rows are
         row, row + stride, ... Returns the steps run: fewer once another thread sets the
         int64 flag `stop` (see _pointwise.run_lane); at least one."""
+        if self.backend == "fused":  # the panels, which a worker still waking after an idle spell cannot hold up
+            return _pointwise.run_lane(_KIND_CODE[self.kind], self.hidden, self.packed, self._g, self.x, row, stride,
+                                       steps, slot, self.h, self.c, self.bias_vec, self.out, stop, self.units)
         return _pointwise.run_lane(_KIND_CODE[self.kind], self.hidden, self.w_hh, self._g, self.x, row, stride,
                                    steps, slot, self.h, self.c, self.bias_vec, self.out, stop)
 

@@ -237,7 +237,7 @@ def _upper_lane(kernel: CellKernel, length: int):
     return lane
 
 
-def test_fused_step_refuses_weights_packed_for_another_shape_and_a_gru_given_input_rows():
+def test_fused_kernels_refuse_weights_packed_for_another_shape_and_a_gru_given_input_rows():
     hidden = 20
     w = np.zeros((4 * hidden, hidden), np.float32)
     packed = pack_panels(w, 4, 16)
@@ -250,6 +250,10 @@ def test_fused_step_refuses_weights_packed_for_another_shape_and_a_gru_given_inp
         _pointwise.fused_step(0, hidden, 8, packed, None, None, one, h, c, x, one, None, None, None)
     with pytest.raises(IndexError, match="slots"):
         _pointwise.fused_step(0, hidden, 16, packed, None, None, one + 3, h, c, x, one, None, None, None)
+    g = np.zeros(4 * hidden, np.float32)
+    with pytest.raises(ValueError, match="not W_hh packed"):
+        _pointwise.run_lane(0, hidden, packed[:-16], g, x, 0, 1, 1, 0, h, c, None, h, None, 16)
+    assert _pointwise.run_lane(0, hidden, packed, g, x, 0, 1, 2, 0, h, c, None, h, None, 16) == 2
     gru = pack_panels(np.zeros((3 * hidden, 2 * hidden), np.float32), 3, 16)
     with pytest.raises(TypeError, match="gru takes no src"):
         _pointwise.fused_step(1, hidden, 16, gru, h, one, one, h, None, x, one, np.zeros(3 * hidden, np.float32),
