@@ -1,9 +1,11 @@
-/* Fused pointwise halves of batched recurrent cells, for the CPU.
+/* Batched recurrent cell steps for the CPU.
  *
- * The GEMM of a cell step (h @ W_hh^T) runs in BLAS; everything after it runs here in one
+ * step(): the pointwise half of a step whose GEMM (h @ W_hh^T) ran in oneDNN or BLAS, in one
  * pass per lane: add the lane's precomputed input projection row, apply the gate
  * nonlinearities, update the lane's state slot in place and write its output row.  Doing
  * this in a dozen separate tensor ops costs more than the GEMM itself at small batches.
+ * fused_step(): the whole step, GEMM included, on weights packed in panels (see below).
+ * run_lane(): many steps of one lane per call, for light load.
  *
  * tanh is a rational approximation (the one Eigen uses for float; max error ~1e-7 over the
  * whole line), written as plain arithmetic so that the compiler vectorises the loops;
