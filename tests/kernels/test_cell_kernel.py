@@ -15,7 +15,8 @@ from cellserve.kernels.cell import CellKernel, LaneStorage, pack_panels
 CPU = torch.device("cpu")
 KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KIND_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-# blas and torch everywhere; onednn (the CPU default) where torch has it
+# fused (the default with AVX-512; elsewhere its portable build runs), blas and torch everywhere; onednn where
+# torch has it
 BACKENDS = ["fused", "blas", "torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
 
 
@@ -250,10 +251,10 @@ def test_fused_kernels_refuse_weights_packed_for_another_shape_and_a_gru_given_i
         _pointwise.fused_step(0, hidden, 8, packed, None, None, one, h, c, x, one, None, None, None)
     with pytest.raises(IndexError, match="slots"):
         _pointwise.fused_step(0, hidden, 16, packed, None, None, one + 3, h, c, x, one, None, None, None)
-    g = np.zeros(4 * hidden, np.float32)
+    g, out = np.zeros(4 * hidden, np.float32), np.zeros((2, hidden), np.float32)
     with pytest.raises(ValueError, match="not W_hh packed"):
-        _pointwise.run_lane(0, hidden, packed[:-16], g, x, 0, 1, 1, 0, h, c, None, h, None, 16)
-    assert _pointwise.run_lane(0, hidden, packed, g, x, 0, 1, 2, 0, h, c, None, h, None, 16) == 2
+        _pointwise.run_lane(0, hidden, packed[:-16], g, x, 0, 1, 1, 0, h, c, None, out, None, 16)
+    assert _pointwise.run_lane(0, hidden, packed, g, x, 0, 1, 2, 0, h, c, None, out, None, 16) == 2
     gru = pack_panels(np.zeros((3 * hidden, 2 * hidden), np.float32), 3, 16)
     with pytest.raises(TypeError, match="gru takes no src"):
         _pointwise.fused_step(1, hidden, 16, gru, h, one, one, h, None, x, one, np.zeros(3 * hidden, np.float32),
