@@ -9,6 +9,8 @@ from pathlib import Path
 # The comparison's peers, by name (cellserve.bench.peers.PEERS; repeated here so --help
 # does not import the benchmark).
 PEER_NAMES = ("triton", "mlserver", "ray-serve", "torchserve", "unbatched")
+# How cell steps run (cellserve.kernels.cell.BACKENDS; repeated so that --help does not import torch).
+BACKEND_NAMES = ("fused", "onednn", "blas", "torch")
 
 
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--stack-layers", action=argparse.BooleanOptionalAction, default=True,
                      help="step stacked forward layers (LSTM -> LSTM) as one cell type, one round per token "
                           "for all of them (default: on)")
-    srv.add_argument("--backend", choices=["fused", "onednn", "blas", "torch"], default=None,
+    srv.add_argument("--backend", choices=BACKEND_NAMES, default=None,
                      help="how cell steps run: fused (one C call per step; the default on CPUs with AVX-512), "
                           "onednn (the default on other CPUs), blas, or torch (any device; the default off the CPU)")
     srv.add_argument("--policy", default="cellular", help="batching policy: cellular, cellular-edf, padded, none")

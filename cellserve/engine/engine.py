@@ -32,7 +32,7 @@ from cellserve.graph import dense_ops
 from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, Model, RecurrentLayer
 from cellserve.graph.stacking import stack_layers
 from cellserve.kernels import affinity
-from cellserve.kernels.cell import CellKernel, LaneStorage
+from cellserve.kernels.cell import BACKENDS, CellKernel, LaneStorage
 from cellserve.kernels.decoder import DecoderKernel
 from cellserve.kernels.stack import StackKernel
 
@@ -73,8 +73,8 @@ class EngineConfig:
             problems.append(f"max_batch must be >= 1, got {self.max_batch}")
         if self.batch_timeout_s < 0:
             problems.append(f"batch_timeout_s must be >= 0, got {self.batch_timeout_s}")
-        if self.backend not in (None, "fused", "onednn", "blas", "torch"):
-            problems.append(f"backend {self.backend!r} is not one of fused, onednn, blas, torch")
+        if self.backend not in (None,) + BACKENDS:
+            problems.append(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if not 0 < self.admission_headroom <= 1:
             problems.append(f"admission_headroom must be in (0, 1], got {self.admission_headroom}")
         if self.default_timeout_s is not None and self.default_timeout_s <= 0:

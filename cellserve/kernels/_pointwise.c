@@ -290,8 +290,8 @@ CLONES static void fused_panel(const Fused *f, Py_ssize_t p) {
         if (f->nv == 4) TILES(4) else TILES(3)
         for (int m = 0; m < mr; m++) {
             const Py_ssize_t i = m0 + m, s = f->sl[i];
-            lane_units(f->kind, gates + m * NR, f->U, f->bias ? f->bias + base : NULL, f->x + f->xr[i] * f->G + base,
-                       H, f->h + s * H + base, f->c ? f->c + s * H + base : NULL,
+            const float *x = f->x + (f->xr ? f->xr[i] : 0) * f->G + base;
+            lane_units(f->kind, gates + m * NR, f->U, f->bias ? f->bias + base : NULL, x, H, f->h + s * H + base, f->c ? f->c + s * H + base : NULL,
                        f->out ? f->out + f->orr[i] * H + base : NULL, n);
         }
     }
@@ -313,8 +313,9 @@ static void fused_run(const Fused *f, int panels) {
  *   packed: the weights, panels of U units (see above); K = its size / (panels * NR).
  *   src [R, K - H] and srows [B]: lane i's input row (a stack's upper layer), or both None
  *   when K = H; slots [B]: state rows of h [S, H] and c (lstm, else None); x [R2, G] and
- *   xrows [B]: what to add to the gates (input projection and biases; one bias row for
- *   an upper layer); bias [G]: b_hh (gru only); out [R3, H], orows [B]: outputs, or None. */
+ *   xrows [B]: what to add to the gates (input projection and biases), or xrows None: every
+ *   lane adds row 0 (an upper layer's biases); bias [G]: b_hh (gru only); out [R3, H],
+ *   orows [B]: outputs, or None. */
 static PyObject *fused_step(PyObject *self, PyObject *args) {
     int kind;
     Py_ssize_t H, U;
@@ -338,8 +339,8 @@ static PyObject *fused_step(PyObject *self, PyObject *args) {
         get_buf(oxr, 0, 1, &b[7], "xrows") || get_buf(ob, 0, 0, &b[8], "bias") ||
         get_buf(oo, 1, 0, &b[9], "out") || get_buf(oor, 0, 1, &b[10], "orows"))
         goto done;
-    if (!b[0].held || !b[3].held || !b[4].held || !b[6].held || !b[7].held) {
-        PyErr_SetString(PyExc_TypeError, "fused_step: packed, slots, h, x and xrows are required");
+    if (!b[0].held || !b[3].held || !b[4].held || !b[6].held) {
+        PyErr_SetString(PyExc_TypeError, "fused_step: packed, slots, h and x are required");
         goto done;
     }
     if ((kind == 0) != b[5].held || (kind == 1) != b[8].held || b[9].held != b[10].held ||
@@ -356,7 +357,11 @@ static PyObject *fused_step(PyObject *self, PyObject *args) {
         goto done;
     }
     const Py_ssize_t B = b[3].view.len / (Py_ssize_t)sizeof(int64_t), S = nrows(&b[4], H);
-    if (check_rows(&b[3], B, S, "slots") || check_rows(&b[7], B, nrows(&b[6], G), "xrows") ||
+    if (!b[7].held && nrows(&b[6], G) < 1) {
+        PyErr_SetString(PyExc_ValueError, "fused_step: without xrows, x needs a row of the gates' width");
+        goto done;
+    }
+    if (check_rows(&b[3], B, S, "slots") || (b[7].held && check_rows(&b[7], B, nrows(&b[6], G), "xrows")) ||
         (b[1].held && check_rows(&b[2], B, nrows(&b[1], Kx), "srows")) ||
         (b[9].held && check_rows(&b[10], B, nrows(&b[9], H), "orows")))
         goto done;
@@ -371,7 +376,7 @@ static PyObject *fused_step(PyObject *self, PyObject *args) {
     const float *src = b[1].held ? b[1].view.buf : NULL;
     const int64_t *sr = b[2].held ? b[2].view.buf : NULL;
     Fused f = {kind, (int)(NR / 16), H, U, K, G, B, b[0].view.buf, A, b[6].view.buf,
-               b[8].held ? b[8].view.buf : NULL, b[7].view.buf, b[3].view.buf, b[10].held ? b[10].view.buf : NULL,
+               b[8].held ? b[8].view.buf : NULL, b[7].held ? b[7].view.buf : NULL, b[3].view.buf, b[10].held ? b[10].view.buf : NULL,
                b[4].view.buf, b[5].held ? b[5].view.buf : NULL, b[9].held ? b[9].view.buf : NULL};
     Py_BEGIN_ALLOW_THREADS
     /* gather first: the panels overwrite h in place */

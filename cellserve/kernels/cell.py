@@ -65,6 +65,7 @@ def _single_threaded_numpy_blas() -> None:
 
 
 CPU_BACKENDS = ("fused", "onednn", "blas")
+BACKENDS = CPU_BACKENDS + ("torch",)
 # Hidden units per panel of the fused step's packed weights: panels of 64 (or GRU's 48) columns
 PANEL_UNITS = {"lstm": 16, "gru": 16, "rnn_tanh": 64, "rnn_relu": 64}
 
@@ -148,7 +149,7 @@ class CellKernel:
         self.backend = backend or default_backend(device)
         if self.backend in CPU_BACKENDS and (device.type != "cpu" or _pointwise is None):
             raise ValueError(f"the {self.backend} backend needs the CPU and the built _pointwise extension")
-        if self.backend not in CPU_BACKENDS + ("torch",):
+        if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose fused, onednn, blas or torch")
         gemm = _gemm_backend() if self.backend == "fused" else self.backend
         self.gates = GATES[kind] * hidden
@@ -185,8 +186,7 @@ class CellKernel:
                 self.joint = _Linear(w_joint, x_bias, gemm, device)
                 self._xh = np.zeros((64, weights.w_ih.shape[1] + hidden), np.float32)
                 # the joint GEMM's gates need nothing added: every lane reads this zero row
-                self._no_x = np.zeros((1, self.gates), np.float32)
-            self._no_x_rows = np.zeros(64, np.int64)
+                self._no_x, self._no_x_rows = np.zeros((1, self.gates), np.float32), np.zeros(64, np.int64)
         if self.backend not in CPU_BACKENDS:
             self.w_hh_t = torch.as_tensor(np.ascontiguousarray(weights.w_hh.T, dtype=np.float32), device=device)
             self.bias_vec = None if self.h_bias is None else torch.as_tensor(self.h_bias, device=device)
@@ -263,11 +263,9 @@ class CellKernel:
         for the CPU backends, a tensor on the device for torch): the output rows of the layer
         below, in a stack."""
         n = len(slots)
-        if self.packed_joint is not None:  # gathers [input, h] itself
-            if len(self._no_x_rows) < n:
-                self._no_x_rows = np.zeros(2 * n, np.int64)
+        if self.packed_joint is not None:  # gathers [input, h] itself; no xrows: every lane adds the bias row
             _pointwise.fused_step(_KIND_CODE[self.kind], self.hidden, self.units, self.packed_joint, source, rows,
-                                  slots, self.h, self.c, self._joint_bias, self._no_x_rows[:n], None, self.out, orows)
+                                  slots, self.h, self.c, self._joint_bias, None, None, self.out, orows)
             return
         if self.joint is None:  # project the batch, then step on its rows: lane i reads row i
             if len(self._arange) < n:

@@ -249,6 +249,8 @@ def test_fused_kernels_refuse_weights_packed_for_another_shape_and_a_gru_given_i
         _pointwise.fused_step(0, hidden, 16, packed[:-1], None, None, one, h, c, x, one, None, None, None)
     with pytest.raises(ValueError, match="panels of 48 or 64"):
         _pointwise.fused_step(0, hidden, 8, packed, None, None, one, h, c, x, one, None, None, None)
+    with pytest.raises(ValueError, match="without xrows"):
+        _pointwise.fused_step(0, hidden, 16, packed, None, None, one, h, c, x[:0], None, None, None, None)
     with pytest.raises(IndexError, match="slots"):
         _pointwise.fused_step(0, hidden, 16, packed, None, None, one + 3, h, c, x, one, None, None, None)
     g, out = np.zeros(4 * hidden, np.float32), np.zeros((2, hidden), np.float32)
