@@ -5,6 +5,10 @@ A sequence holds no engine slot between its requests: only its recurrent layers'
 state, so any number of sequences share the batch. Chunks of one sequence run one at a time,
 in the order they arrived. A sequence idle for longer than its timeout is released, and a
 later request on it is told so; it is never silently restarted.
+
+Time enters through a clock (anything with `now()`, see cellserve.engine.clock): the store
+stamps each use with it and `expire` compares against it, so tests drive idle expiry with a
+fake clock instead of sleeping against the server's sweeper.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from cellserve.engine.clock import Clock
 from cellserve.server.errors import Overloaded, SequenceError
 
 SequenceKey = tuple[str, str, object]  # (model, version, sequence id)
@@ -25,7 +30,7 @@ class Sequence:
     key: SequenceKey
     idle_timeout_s: float
     state: dict | None = None  # layer -> (h, c) after the last completed chunk
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float = 0.0  # the store's clock at the last use (set by the store)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # chunks holding or waiting for the lock
 
@@ -33,11 +38,19 @@ class Sequence:
         return _describe(self.key)
 
 
+class _MonotonicClock:
+    """The default: time.monotonic, what the server core stamps `last_used` with today."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
 class SequenceStore:
     """Active sequences of every model. Used from the server's event loop only."""
 
-    def __init__(self, max_sequences: int = 100_000):
+    def __init__(self, max_sequences: int = 100_000, clock: Clock | None = None):
         self.max_sequences = max_sequences
+        self.clock = clock if clock is not None else _MonotonicClock()
         self._active: dict[SequenceKey, Sequence] = {}
         self._ended: OrderedDict[SequenceKey, str] = OrderedDict()
 
@@ -61,8 +74,12 @@ class SequenceStore:
                 raise Overloaded(f"too many active sequences ({self.max_sequences}); end or let some expire")
             sequence = self._active[key] = Sequence(key, idle_timeout_s)
             self._ended.pop(key, None)
-        sequence.last_used = time.monotonic()
+        self.touch(sequence)
         return sequence
+
+    def touch(self, sequence: Sequence) -> None:
+        """Mark `sequence` used now: its idle time starts again."""
+        sequence.last_used = self.clock.now()
 
     def end(self, sequence: Sequence, why: str) -> None:
         if self._active.get(sequence.key) is sequence:
@@ -72,8 +89,8 @@ class SequenceStore:
                 self._ended.popitem(last=False)
 
     def expire(self, now: float | None = None) -> int:
-        """Release sequences idle past their timeout (none with a chunk in flight)."""
-        now = time.monotonic() if now is None else now
+        """Release sequences idle past their timeout (none with a chunk in flight); how many."""
+        now = self.clock.now() if now is None else now
         idle = [s for s in self._active.values() if s.users == 0 and now - s.last_used > s.idle_timeout_s]
         for sequence in idle:
             self.end(sequence, f"released after {sequence.idle_timeout_s:g} s idle")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 READY = re.compile(r"cellserve: ready: http=(\S+) grpc=(\S+) metrics=(\S+)")
@@ -68,3 +69,23 @@ def start_server(*args: str, timeout: float = 120.0) -> ServerProcess:
         proc.wait(5)
         raise AssertionError(f"server exited with {proc.returncode} before it was ready:\n{server.output()}")
     return server
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """The sum of metric `name` over its series whose labels include `labels` (0 if none)."""
+    text = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=30).read().decode()
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        series = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(series.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def wait_until(condition, what: str, timeout: float = 60.0, poll: float = 0.02) -> None:
+    """Poll `condition()` until it holds. `timeout` only bounds a hang: it is no part of what
+    a test asserts, so it is generous (a loaded machine may take many times the usual)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        time.sleep(poll)

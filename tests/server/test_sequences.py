@@ -1,10 +1,12 @@
 """Stateful sequences over HTTP (tritonclient's sequence_id / sequence_start / sequence_end):
 a stream sent in chunks answers as the whole sequence would, the state lives between chunks
-and is released at the end or after the idle timeout, with a clear error afterwards."""
+and is released at the end or after the idle timeout, with a clear error afterwards.
+
+The idle timeout's rules are tested on the SequenceStore with a clock the tests move; the
+server test only checks that a real server applies them, waiting on its gauge, not a timer."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,8 +14,108 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from serverproc import start_server
+from cellserve.server.errors import Overloaded, SequenceError
+from cellserve.server.sequences import SequenceStore
+from serverproc import metric, start_server, wait_until
 from zoo_reference import token_reference
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+# ---- the store's rules, on a fake clock ----
+
+KEY = ("gru-256", "1", 7)
+
+
+def test_an_idle_sequence_is_released_past_its_timeout_not_before():
+    clock = FakeClock()
+    store = SequenceStore(clock=clock)
+    store.get(KEY, start=True, idle_timeout_s=0.5)
+    clock.advance(0.5)
+    assert store.expire() == 0 and len(store) == 1  # exactly the timeout: still held
+    clock.advance(0.001)
+    assert store.expire() == 1 and len(store) == 0
+    with pytest.raises(SequenceError, match="released after 0.5 s idle; start a new one with sequence_start"):
+        store.get(KEY, start=False, idle_timeout_s=0.5)
+
+
+def test_each_use_restarts_the_idle_time():
+    clock = FakeClock()
+    store = SequenceStore(clock=clock)
+    first = store.get(KEY, start=True, idle_timeout_s=1.0)
+    for _ in range(5):  # 4 s in all, never 1 s idle
+        clock.advance(0.8)
+        assert store.expire() == 0
+        assert store.get(KEY, start=False, idle_timeout_s=1.0) is first
+    sequence = store.get(KEY, start=False, idle_timeout_s=1.0)
+    clock.advance(0.8)
+    store.touch(sequence)  # what the core does when a chunk finishes
+    clock.advance(0.8)
+    assert store.expire() == 0
+    clock.advance(0.3)
+    assert store.expire() == 1
+
+
+def test_a_sequence_with_a_chunk_in_flight_is_not_released():
+    clock = FakeClock()
+    store = SequenceStore(clock=clock)
+    sequence = store.get(KEY, start=True, idle_timeout_s=0.5)
+    sequence.users = 1  # a chunk holds or awaits its lock
+    clock.advance(60)
+    assert store.expire() == 0 and store.get(KEY, start=False, idle_timeout_s=0.5) is sequence
+    sequence.users = 0
+    clock.advance(0.6)
+    assert store.expire() == 1
+
+
+def test_each_sequence_keeps_its_own_timeout():
+    clock = FakeClock()
+    store = SequenceStore(clock=clock)
+    store.get(("a", "1", 1), start=True, idle_timeout_s=1.0)
+    store.get(("b", "1", 1), start=True, idle_timeout_s=5.0)
+    clock.advance(2.0)
+    assert store.expire() == 1
+    assert store.count("a") == 0 and store.count("b") == 1
+    clock.advance(3.5)
+    assert store.expire() == 1 and len(store) == 0
+
+
+def test_a_released_sequence_starts_again_fresh():
+    clock = FakeClock()
+    store = SequenceStore(clock=clock)
+    old = store.get(KEY, start=True, idle_timeout_s=0.5)
+    old.state = {"layer": "h, c"}
+    clock.advance(1.0)
+    assert store.expire() == 1
+    new = store.get(KEY, start=True, idle_timeout_s=0.5)
+    assert new is not old and new.state is None
+    assert store.get(KEY, start=False, idle_timeout_s=0.5) is new  # active again, no "released" error
+
+
+def test_the_store_refuses_more_than_max_sequences_until_one_expires():
+    clock = FakeClock()
+    store = SequenceStore(max_sequences=2, clock=clock)
+    store.get(("m", "1", 1), start=True, idle_timeout_s=1.0)
+    clock.advance(0.5)
+    store.get(("m", "1", 2), start=True, idle_timeout_s=1.0)
+    with pytest.raises(Overloaded, match="too many active sequences"):
+        store.get(("m", "1", 3), start=True, idle_timeout_s=1.0)
+    clock.advance(0.6)  # the first has been idle 1.1 s, the second 0.6 s
+    assert store.expire() == 1
+    store.get(("m", "1", 3), start=True, idle_timeout_s=1.0)
+    assert len(store) == 2
+
+
+# ---- over HTTP, on the zoo server ----
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +194,16 @@ def test_models_that_need_the_whole_input_refuse_sequences(client):
     assert err.value.status() == "400" and "backwards" in err.value.message()
 
 
-def test_idle_sequences_are_released_with_a_clear_error():
+@pytest.mark.slow
+def test_the_server_releases_idle_sequences_with_a_clear_error():
+    """The server's sweeper applies the idle timeout: once the sequence gauge drops to 0, a
+    late chunk is told why, and the sequence may start again from a fresh state."""
     server = start_server("--model", "gru-256", "--grpc-port", "-1", "--sequence-idle-timeout", "0.5")
     try:
         with httpclient.InferenceServerClient(server.http) as client:
             send(client, "gru-256", np.array([[1, 2]]), sequence_id=1, sequence_start=True)
-            send(client, "gru-256", np.array([[3]]), sequence_id=1)  # in time: goes on
-            time.sleep(1.6)
+            wait_until(lambda: metric(server, "cellserve_sequences_active", model="gru-256") == 0,
+                       "the idle sequence released (cellserve_sequences_active back to 0)")
             with pytest.raises(InferenceServerException) as err:
                 send(client, "gru-256", np.array([[4]]), sequence_id=1)
             assert err.value.status() == "400" and "released after 0.5 s idle" in err.value.message()
