@@ -99,3 +99,15 @@ def json_safe(value):
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+MIN_GOOD_FRACTION = 0.9
+
+
+def meets_slo(summary: dict, slo_ms: float, min_good_fraction: float = MIN_GOOD_FRACTION) -> bool:
+    """Whether a `summarize` result kept up at its rate: p99 within the SLO (NaN, nothing
+    answered, is not) and at least `min_good_fraction` of requests answered within it (a
+    server that refuses what it cannot serve keeps its p99 down however far it is overloaded)."""
+    requests = summary["requests"]
+    good = requests - summary["slo_misses"]
+    return requests > 0 and summary["p99_ms"] <= slo_ms and good >= min_good_fraction * requests
