@@ -4,6 +4,13 @@ Policies: the engine's `cellular`, `padded` and `none`, and ONNX Runtime on the 
 exported to ONNX, one request at a time (`ort`) and in padded batches (`ort-padded`). For each
 offered rate: throughput, goodput within the SLO, p50/p99 latency, mean batch, achieved
 GFLOP/s and per-step overhead; plus the machine's SGEMM roofline, measured in the same run.
+
+Each policy ramps on its own (`ramp.py`) from the same light load, a tenth of cellular's
+closed-loop capacity, until a rate fails the SLO, then refines between its last passing and
+first failing rate; the policies take turns, one run each, so a drifting machine slows all
+alike, and a rate any two policies reach gets the same trace. Every max goodput carries its
+bracket: a failing rate above it, else it is marked as a lower bound (or, when the light load
+already failed, as below the ramp's start).
 """
 
 from __future__ import annotations
@@ -22,19 +29,21 @@ from tqdm import tqdm
 from cellserve.bench.engine_runner import replay
 from cellserve.bench.ort_runners import OrtRunner, export_classifier_onnx
 from cellserve.bench.plots import plot_p99_vs_load
-from cellserve.bench.results import summarize
+from cellserve.bench.ramp import Bracket, RampPlan, RampResult, RampSearch, footnotes
+from cellserve.bench.results import meets_slo, summarize
 from cellserve.bench.roofline import engine_shape_gflops, measure_roofline
-from cellserve.bench.traces import make_trace
+from cellserve.bench.traces import make_trace, trace_at_rate
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.engine.request import Request
 from cellserve.graph import zoo
 from cellserve.graph.zoo.modules import RNNClassifier
 
 ALTERNATIVES = ("cellular-edf",)  # other cellular policies, measured in full runs
-# Fine steps at low rates too: the baselines saturate there, and their best goodput is read
-# off this grid.
-LOAD_FRACTIONS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.15, 1.3, 1.6)
-QUICK_LOAD_FRACTIONS = (0.1, 0.4, 0.7, 1.0, 1.3)
+LIGHT_FRACTION = 0.1  # of cellular's capacity estimate: every ramp's first rate, the light load
+MAX_RATE_FRACTION = 3.0  # of the estimate: the ramps end here, failing or not
+# Coarse ramp factors; three refinements then bracket each capacity within 1.5 ** (1/8), about
+# 5%, quick, and 1.25 ** (1/8), about 3%, full: so quick and full runs agree within noise.
+QUICK_FACTOR, FULL_FACTOR, REFINE_STEPS = 1.5, 1.25, 3
 # Pause between runs: thread pools (OpenMP's, ONNX Runtime's) spin for tens of milliseconds
 # after their last task and would slow whichever policy runs next.
 _SETTLE_S = 0.3
@@ -52,9 +61,11 @@ class BenchConfig:
     padded_timeout_ms: float = 5.0
     json_path: Path = Path("bench-results/engine.json")
     plot_path: Path | None = None
-    repeats: int | None = None  # runs of each policy at each rate (the best counts); 1 quick, 2 full
-    load_fractions: tuple[float, ...] | None = None  # of the capacity estimate; None: by quick
+    repeats: int | None = None  # runs at a failing rate before it counts as failed (2); any pass passes
+    load_fractions: tuple[float, ...] | None = None  # fixed rates (of the estimate) instead of ramps
     seconds_per_run: float | None = None  # None: by quick
+    ramp_factor: float | None = None  # None: by quick
+    refine_steps: int = REFINE_STEPS
 
     @property
     def run_seconds(self) -> float:
@@ -62,7 +73,17 @@ class BenchConfig:
 
     @property
     def runs_per_point(self) -> int:
-        return self.repeats or (1 if self.quick else 2)
+        return self.repeats or 2
+
+    def plan(self, capacity_rps: float) -> RampPlan:
+        """Every policy's ramp, from the capacity estimate."""
+        if self.load_fractions:
+            return RampPlan(rates=tuple(round(capacity_rps * f, 1) for f in self.load_fractions),
+                            tries=self.runs_per_point)
+        return RampPlan(start_rps=round(capacity_rps * LIGHT_FRACTION, 1),
+                        factor=self.ramp_factor or (QUICK_FACTOR if self.quick else FULL_FACTOR),
+                        refine_steps=self.refine_steps, max_rps=round(capacity_rps * MAX_RATE_FRACTION, 1),
+                        tries=self.runs_per_point)
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
@@ -77,37 +98,26 @@ def run(cfg: BenchConfig, log=print) -> dict:
     # the first burst warms caches and thread pools up; the best of two more is the estimate
     capacity = max(closed_loop_capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed + i) for i in range(3))
     log(f"cellular capacity estimate (closed loop, all requests at once): {capacity:.0f} req/s")
-    fractions = cfg.load_fractions or (QUICK_LOAD_FRACTIONS if cfg.quick else LOAD_FRACTIONS)
-    rates = [round(capacity * f, 1) for f in fractions]
+    plan = cfg.plan(capacity)
     runners = {name: _policy_runner(name, engines, model.name, input_name, slo_s) for name in engines}
     runners.update(_ort_runners(cfg, model.name))
-    results: dict[str, list[dict]] = {p: [] for p in runners}
-    rng_seed = np.random.SeedSequence(cfg.seed)
-    traces = {rate: make_trace(np.random.default_rng(rng_seed.spawn(1)[0]), rate,
-                               max(40, int(rate * cfg.run_seconds)), vocab, bursty=cfg.bursty)
-              for rate in rates}
-    collapsed: set[str] = set()
-    with tqdm(total=len(rates) * len(runners), desc="bench engine", unit="run") as bar:
-        for rate in rates:
-            for policy, runner in runners.items():
+    traces: dict[float, list] = {}
+
+    def trace(rate: float) -> list:
+        if rate not in traces:
+            traces[rate] = trace_at_rate(cfg.seed, rate, cfg.run_seconds, vocab, bursty=cfg.bursty)
+        return traces[rate]
+
+    searches = {policy: RampSearch(plan, lambda s: meets_slo(s, cfg.slo_ms)) for policy in runners}
+    with tqdm(desc="bench engine", unit="run") as bar:
+        while pending := [(p, s) for p, s in searches.items() if s.next_rate() is not None]:
+            for policy, search in pending:  # one run each in turn
+                rate = search.next_rate()
                 bar.set_postfix_str(f"{policy} @ {rate:.0f} req/s")
-                if policy in collapsed:
-                    bar.update()
-                    continue
-                # Each policy gets its best of a few runs: on a shared machine one stall can
-                # build a backlog that an open-loop run never drains, whichever the policy.
-                tries = []
-                for _ in range(cfg.runs_per_point):
-                    time.sleep(_SETTLE_S)
-                    tries.append(summarize(runner(traces[rate], rate), slo_s))
-                summary = max(tries, key=lambda t: t["goodput_rps"])
-                summary["goodput_rps_of_each_run"] = [t["goodput_rps"] for t in tries]
-                results[policy].append(summary)
-                best = max(r["goodput_rps"] for r in results[policy])
-                if summary["goodput_rps"] < 0.5 * best:
-                    collapsed.add(policy)  # past its saturation: higher rates only take longer
+                time.sleep(_SETTLE_S)
+                search.record(summarize(runners[policy](trace(rate), rate), slo_s))
                 bar.update()
-    report = _report(cfg, roofline, capacity, rates, results)
+    report = _report(cfg, roofline, capacity, plan, {p: s.result() for p, s in searches.items()})
     _write(cfg, report)
     return report
 
@@ -165,12 +175,21 @@ def closed_loop_capacity(engine: Engine, model: str, input_name: str, vocab: int
     return n / elapsed
 
 
-def _report(cfg: BenchConfig, roofline: dict, capacity: float, rates: list[float], results: dict) -> dict:
+def ramp_runs(result: RampResult) -> list[dict]:
+    """The kept run of each rate, by rate, with its verdict and every try's goodput."""
+    return [{**p.summary, "passed": p.passed, "goodput_rps_of_each_run": p.goodput_of_each_try}
+            for p in result.by_rate()]
+
+
+def _report(cfg: BenchConfig, roofline: dict, capacity: float, plan: RampPlan,
+            results: dict[str, RampResult]) -> dict:
     policies = {}
-    for policy, runs in results.items():
+    for policy, result in results.items():
+        runs = ramp_runs(result)
         light = runs[0] if runs else {}
         policies[policy] = {
-            "max_goodput_rps": max((r["goodput_rps"] for r in runs), default=0.0),
+            "max_goodput_rps": result.bracket.max_goodput_rps,
+            **result.bracket.to_dict(),
             "light_load_p50_ms": light.get("p50_ms", math.nan),
             "light_load_p99_ms": light.get("p99_ms", math.nan),
             "saturation_gflops": max((r["gflops"] for r in runs), default=0.0),
@@ -188,7 +207,8 @@ def _report(cfg: BenchConfig, roofline: dict, capacity: float, rates: list[float
         "sgemm": roofline["sgemm"],
         "engine_shape_sgemm_gflops": {str(b): g for b, g in roofline["engine_shapes"].items()},
         "capacity_estimate_rps": capacity,
-        "rates_rps": rates,
+        "rates_rps": sorted({r for result in results.values() for r in result.rates_rps}),
+        "ramp": plan.to_dict(),
         "policies": policies,
     }
 
@@ -208,10 +228,14 @@ def _write(cfg: BenchConfig, report: dict) -> None:
 
 
 def table(report: dict) -> str:
-    """The summary as a plain-text table."""
-    head = f"{'policy':<11} {'max goodput':>12} {'light p50':>10} {'light p99':>10} {'sat. GFLOP/s':>12} {'overhead/step':>14}"
+    """The summary as a plain-text table, each max goodput with the rates that bracket it."""
+    head = (f"{'policy':<12} {'max goodput':>13} {'capacity in':>12} {'light p50':>10} {'light p99':>10} "
+            f"{'sat. GFLOP/s':>12} {'overhead/step':>14}")
     lines = [f"{report['model']}, SLO {report['slo_ms']:.0f} ms, roofline {report['roofline_gflops']:.0f} GFLOP/s", head]
     for policy, d in report["policies"].items():
-        lines.append(f"{policy:<11} {d['max_goodput_rps']:>8.0f} r/s {d['light_load_p50_ms']:>7.2f} ms "
-                     f"{d['light_load_p99_ms']:>7.2f} ms {d['saturation_gflops']:>12.1f} {d['overhead_us_per_step']:>11.1f} us")
-    return "\n".join(lines)
+        b = Bracket.from_dict(d)
+        lines.append(f"{policy:<12} {b.marker:>3}{d['max_goodput_rps']:>6.0f} r/s {b.describe() + ' r/s':>12} "
+                     f"{d['light_load_p50_ms']:>7.2f} ms {d['light_load_p99_ms']:>7.2f} ms "
+                     f"{d['saturation_gflops']:>12.1f} {d['overhead_us_per_step']:>11.1f} us")
+    return "\n".join(lines + footnotes(Bracket.from_dict(d) for d in report["policies"].values()))
+

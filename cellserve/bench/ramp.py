@@ -96,6 +96,13 @@ class Bracket:
                 "capacity_bracket_rps": [self.highest_pass_rps, self.lowest_fail_rps],
                 "max_goodput_at_rps": self.at_rate_rps}
 
+    @classmethod
+    def from_dict(cls, figures: Mapping) -> Bracket:
+        """The Bracket of a report's figures: `max_goodput_rps` and the fields of to_dict."""
+        low, high = figures["capacity_bracket_rps"]
+        return cls(figures["max_goodput_rps"], figures.get("max_goodput_at_rps"), low, high,
+                   figures["capacity_below_start"], figures["bracketed"])
+
     def describe(self) -> str:
         """Where the capacity lies, in a few characters: '812-893', '>1400', '<89'."""
         if self.below_start:
@@ -118,6 +125,18 @@ def bracket(points: Iterable[Point]) -> Bracket:
     return Bracket(max_goodput_rps=best.goodput_rps, at_rate_rps=best.rate_rps, highest_pass_rps=highest_pass,
                    lowest_fail_rps=lowest_fail, below_start=below_start,
                    bracketed=not below_start and highest_pass is not None and lowest_fail is not None)
+
+
+def footnotes(brackets: Iterable[Bracket]) -> list[str]:
+    """The lines a table adds under figures marked with Bracket.marker: one per marker used."""
+    markers = {b.marker for b in brackets}
+    notes = []
+    if ">=" in markers:
+        notes.append(">= no rate above it failed (the ramp ended first): a lower bound, the capacity is higher")
+    if "*" in markers:
+        notes.append("*  the lowest rate offered already failed: the capacity is below the ramp's start, "
+                     "and the figure is no maximum")
+    return notes
 
 
 @dataclass

@@ -83,3 +83,11 @@ def make_trace(rng: np.random.Generator, rate_rps: float, n: int, vocab: int,
     return [TraceRequest(request_id=i, arrival_s=float(arrivals[i]),
                          tokens=rng.integers(0, vocab, size=int(lengths[i]), dtype=np.int64))
             for i in range(n)]
+
+
+def trace_at_rate(seed: int, rate_rps: float, seconds: float, vocab: int, bursty: bool = False,
+                  min_requests: int = 40) -> list[TraceRequest]:
+    """`seconds` of requests at `rate_rps` (at least `min_requests`), drawn from (seed, rate)
+    alone: whichever ramp brings a system to a rate, it gets the same requests there."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, int(round(rate_rps * 1000))]))
+    return make_trace(rng, rate_rps, max(min_requests, int(rate_rps * seconds)), vocab, bursty=bursty)
