@@ -1,12 +1,11 @@
 """How requests run: admission, the step loop, and each request's walk through its model.
 
-`Engine.step()` is the whole loop body: admit what arrived, ask the policy for a batch,
-execute it on its kernel, and hand finished lanes back to their requests, which run their
-plain ops and start their next recurrent layer or respond. The policy reads time only from
-the injected clock and never runs a kernel; the engine is the only caller of kernels.
-
-Invariant: every submitted request gets exactly one Response (ok, invalid, rejected,
-dropped or error), and a failure in one request's work never touches another's lanes.
+`Engine.step()` is schedule -> execute -> update: admit what arrived and ask the policy for
+a batch; run it on the executor its cell type is placed on; advance its lanes and hand the
+finished ones back to their requests, which run their plain ops and start their next
+recurrent step or respond. The engine decides and keeps the books; executors (real kernels,
+or the simulator's priced costs) only run what they are given, so the same engine runs in
+production and in virtual time. Time comes only from the injected clock.
 """
 
 from __future__ import annotations
@@ -15,29 +14,28 @@ import itertools
 import logging
 import math
 import threading
-import time
 from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+
 import numpy as np
-import torch
 
 from cellserve.engine.clock import Clock, MonotonicClock
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.cost_model import CostModel
 from cellserve.engine.request import Request, Response, Status
-from cellserve.engine.scheduler import Lane, StepBatch, make_policy
+from cellserve.engine.scheduler import Lane, make_policy
 from cellserve.engine.validation import validate_inputs
 from cellserve.errors import CellserveError, InvalidInput, UnknownModel
-from cellserve.graph import dense_ops
+from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
+from cellserve.executor.batch import StepBatch
 from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, Model, RecurrentLayer
 from cellserve.graph.stacking import stack_layers
-from cellserve.kernels import affinity
-from cellserve.kernels.cell import CellKernel, LaneStorage
-from cellserve.kernels.decoder import DecoderKernel
-from cellserve.kernels.stack import StackKernel
-
+from cellserve.kernels.cell import LaneStorage
 
 log = logging.getLogger(__name__)
+
+DEFAULT_EXECUTOR = "default"
 
 
 @dataclass
@@ -45,17 +43,22 @@ class EngineStats:
     cell_steps: int = 0
     batch_size_sum: int = 0
     executed_flops: float = 0.0
-    busy_s: float = 0.0
-    overhead_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    busy_s: float = 0.0  # device seconds of cell steps
+    overhead_s: deque = field(default_factory=lambda: deque(maxlen=100_000))  # per step: time not on a device
+    overhead_batch: deque = field(default_factory=lambda: deque(maxlen=100_000))  # the batch of each of those steps
     steps_by_type: dict[str, int] = field(default_factory=dict)  # batched executions per cell type
     lanes_by_type: dict[str, int] = field(default_factory=dict)  # lane-steps per cell type
+    lanes_started: int = 0
+    lanes_finished: int = 0
+    requests_answered: int = 0
 
 
 @dataclass(eq=False)
 class _LaneRef:
     """Where one of a request's lanes lives, and where its results go."""
 
-    kernel: CellKernel | StackKernel | DecoderKernel
+    cell_type: str
+    executor: Executor
     storage: LaneStorage
     direction: int
     batch_index: int
@@ -81,103 +84,125 @@ class _Run:
     responded: bool = False
 
 
+@dataclass(eq=False)
+class _Work:
+    """A batch being run: the scheduler's StepBatch and where its lanes are now."""
+
+    batch: StepBatch
+    slots: np.ndarray
+    rows: np.ndarray
+    strides: np.ndarray
+    started: float  # clock time the step began
+    lone_steps: int = 0
+
+
 _DROP_CHECK_S = 0.01
-# Steps a lone lane runs per call of its kernel's run_lane; an arrival stops the call early
-# (see _arrived), so this bounds only how long deadlines go unchecked (64 x ~80 us at lstm-512).
-LONE_LANE_CHUNK = 64
 
 
 def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
     return step.layers if isinstance(step, LayerStack) else [step]
 
 
+def plain_ops_key(model: str) -> str:
+    """The placement key of a model's plain ops."""
+    return f"{model}:plain"
+
+
 class Engine:
-    def __init__(self, models: list[Model], config: EngineConfig | None = None, clock: Clock | None = None):
+    """One engine: many models, one step loop, cell types placed on executors.
+
+    `executors` maps names to executors (default: one real executor for `config.device`
+    named "default"); `placement` maps a cell type (see Model.cell_types) or a model's plain
+    ops (`plain_ops_key(model)`) to an executor's name; what it leaves out runs on the first
+    executor.
+
+    Invariant: every submitted request gets exactly one Response (ok, invalid, rejected,
+    dropped or error), through `_respond`, and a failure in one request's work never
+    touches another's lanes.
+    """
+
+    def __init__(self, models: list[Model], config: EngineConfig | None = None, clock: Clock | None = None,
+                 executors: dict[str, Executor] | None = None, placement: dict[str, str] | None = None):
         self.config = config or EngineConfig()
         self.clock = clock or MonotonicClock()
-        self.device = torch.device(self.config.device)
-        self.models = {}
-        self.kernels: dict[str, CellKernel | StackKernel | DecoderKernel] = {}
-        self._step_spec: dict[str, RecurrentLayer | LayerStack | AttentionDecoder] = {}
+        if executors is None:
+            from cellserve.executor.kernel import executor_for  # real kernels only when none are given
+            executors = {DEFAULT_EXECUTOR: executor_for(self.config.device, self.config.backend)}
+        if not executors:
+            raise ValueError("an engine needs at least one executor")
+        self.executors = dict(executors)
+        self.placement = dict(placement or {})
+        unknown = sorted(set(self.placement.values()) - set(self.executors))
+        if unknown:
+            raise ValueError(f"placement names executors {unknown} that are not among {sorted(self.executors)}")
+        self._default = next(iter(self.executors.values()))
+        self.models: dict[str, Model] = {}
+        self._placed: dict[str, Executor] = {}  # cell type -> executor
+        self._plain: dict[str, Executor] = {}  # model -> executor of its plain ops
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
         for model in models:
             self._add_model(model)
+        cell_types = {t for types in self._layer_types.values() for layer in types for t in layer}
+        stray = sorted(k for k in self.placement if k not in cell_types
+                       and k not in {plain_ops_key(m) for m in self.models})
+        if stray:
+            raise ValueError(f"placement names {stray}, which are neither cell types nor plain-op groups "
+                             f"of the models served")
         order = {name: m.cell_types() for name, m in self.models.items()}
         self.policy = make_policy(self.config.policy, order, self.config.max_batch, self.config.batch_timeout_s)
         self.costs = CostModel(self.policy.max_batch)
         self.stats = EngineStats()
         self._inbox: deque[Request] = deque()
         self._wake = threading.Event()
-        # Set by submit, read by a lone lane's run_lane between its steps (GIL released): a
+        # Set by submit, read by a lone lane's run between its steps (GIL released): a
         # request that arrives then joins after the step in progress, not after the whole run.
         self._arrived = np.zeros(1, np.int64)
         self._runs: dict[int, _Run] = {}
         self._lane_ids = itertools.count(1)
         self._next_drop_check = 0.0
-        self._compute_s = 0.0
-        # Wall time of busy steps over the modelled time of their kernels: what projections,
-        # plain ops, admission and bookkeeping add on top of the cell steps (>= 1).
+        self._device_s = 0.0  # device seconds inside the current step (the rest is overhead)
+        # Elapsed time of busy steps over the modelled time of their cell steps: what
+        # projections, plain ops, admission and bookkeeping add on top (>= 1).
         self.overhead_factor = 1.0
-        self._busy_wall = self._busy_modelled = 0.0
+        self._busy_elapsed = self._busy_modelled = 0.0
         if self.config.profile:
-            self._profile()
+            self._seed_costs()
 
-    # ---- models and kernels ----
+    # ---- models and placement ----
 
     def _add_model(self, model: Model) -> None:
-        if "/" in model.name or not model.name:
-            raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/'")
+        if "/" in model.name or ":" in model.name or not model.name:
+            raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/' or ':'")
         if self.config.stack_layers:
             model = stack_layers(model)
         self.models[model.name] = model
+        self._plain[model.name] = self._executor_for(plain_ops_key(model.name))
         types = iter(model.cell_types())
         self._layer_types[model.name] = []
         for step in model.recurrent_steps():
-            if isinstance(step, RecurrentLayer):
-                layer = [next(types) for _ in step.directions]
-                for cell_type, w in zip(layer, step.directions):
-                    self.kernels[cell_type] = CellKernel(step.kind, step.hidden, w, self.device,
-                                                         step.token_table, self.config.backend)
-            elif isinstance(step, LayerStack):
-                layer = [next(types)]
-                self.kernels[layer[0]] = StackKernel(step, self.device, self.config.backend)
-            else:
-                layer = [next(types)]
-                self.kernels[layer[0]] = DecoderKernel(step, self.device)
-            for cell_type in layer:
-                self._step_spec[cell_type] = step
+            directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
+            layer = [next(types) for _ in range(directions)]
+            for d, cell_type in enumerate(layer):
+                executor = self._executor_for(cell_type)
+                executor.add_cell_type(CellTypeSpec(cell_type, step, d))
+                self._placed[cell_type] = executor
                 self._committed[cell_type] = 0
             self._layer_types[model.name].append(layer)
 
-    def _profile(self) -> None:
-        """Time each cell type at a few batch sizes on dummy lanes, so that admission has
-        step costs before the first real request."""
-        for cell_type, kernel in self.kernels.items():
-            spec = self._step_spec[cell_type]
-            # every power-of-two bucket: a bucket first measured under load would start from
-            # whatever that one step took
-            sizes = {min(2 ** k, self.policy.max_batch) for k in range(self.policy.max_batch.bit_length())}
-            for b in sorted(sizes | {self.policy.max_batch}):
-                storages = [self._dummy_lane(kernel, spec) for _ in range(b)]
-                slots = np.array([s.slot for s in storages], np.int64)
-                rows = np.array([s.base for s in storages], np.int64)
-                samples = []
-                for _ in range(3):  # the median: the first run of a size is often a cold one
-                    t0 = time.perf_counter()
-                    kernel.step(slots, rows) if isinstance(kernel, DecoderKernel) else kernel.step(slots, rows, rows)
-                    samples.append(time.perf_counter() - t0)
-                self.costs.observe(cell_type, b, sorted(samples)[1])
-                for s in storages:
-                    kernel.release(s)
+    def _executor_for(self, key: str) -> Executor:
+        name = self.placement.get(key)
+        return self._default if name is None else self.executors[name]
 
-    @staticmethod
-    def _dummy_lane(kernel, spec) -> LaneStorage:
-        if isinstance(kernel, DecoderKernel):
-            h = np.zeros(spec.hidden, np.float32)
-            return kernel.start(np.zeros((8, spec.hidden), np.float32), h, h)
-        x = np.zeros(4, np.int64) if spec.token_table is not None else np.zeros((4, spec.input_size), np.float32)
-        return kernel.start(x)
+    def _seed_costs(self) -> None:
+        """Step costs of every power-of-two batch (and the cap) before the first request, so
+        that admission can price work from the start: a bucket first measured under load
+        would start from whatever that one step took."""
+        cap = self.policy.max_batch
+        sizes = sorted({min(2 ** k, cap) for k in range(cap.bit_length())} | {cap})
+        for cell_type, executor in self._placed.items():
+            for b, seconds in executor.startup_costs(cell_type, sizes).items():
+                self.costs.observe(cell_type, b, seconds)
 
     # ---- the outside: submit from any thread ----
 
@@ -192,16 +217,39 @@ class Engine:
     def active_requests(self) -> int:
         return len(self._runs)
 
+    @property
+    def queued_requests(self) -> int:
+        return len(self._inbox)
+
     def idle(self) -> bool:
         return not self._inbox and not self._runs
+
+    @property
+    def cell_types(self) -> list[str]:
+        """Every cell type of the models served, each placed on one executor."""
+        return list(self._placed)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Weight bytes per executor."""
+        return {name: ex.memory_bytes() for name, ex in self.executors.items()}
 
     # ---- the loop ----
 
     def step(self) -> bool:
-        """One iteration: admit arrivals, run one batch, hand results back. Returns whether a
-        batch ran."""
-        t_start = self.clock.now()
-        self._compute_s = 0.0
+        """One iteration: schedule -> execute -> update. Returns whether a batch ran."""
+        work = self._schedule()
+        if work is None:
+            return False
+        while work is not None:
+            result = self._execute(work)
+            work = self._update(work, result)
+        return True
+
+    def _schedule(self) -> _Work | None:
+        """Admit the requests that arrived, drop those that can no longer make it, and ask
+        the policy for the next batch (None: nothing to run)."""
+        now = self.clock.now()
+        self._device_s = 0.0
         self._arrived[0] = 0  # before taking the inbox: a later submit sets it again
         # Only the requests already here: those that arrive meanwhile wait for the next step.
         # Under a flood (the frontend holding the GIL while each admission waits for it) an
@@ -209,61 +257,88 @@ class Engine:
         for _ in range(len(self._inbox)):
             request = self._inbox.popleft()
             try:
-                self._admit(request, t_start)
+                self._admit(request, now)
             except Exception as exc:  # a bug on one request's path must not stop the loop
                 log.exception("admitting request %s failed", request.request_id)
                 self._fail_request(request, f"internal error admitting the request: {type(exc).__name__}: {exc}")
         if self._inbox:
             self._arrived[0] = 1  # a lone lane runs one step before they are admitted
-        if self.config.drop_late and t_start >= self._next_drop_check:
-            self._drop_late(t_start)
-        batch = self.policy.next_batch(t_start)
+        if self.config.drop_late and now >= self._next_drop_check:
+            self._drop_late(now)
+        batch = self.policy.next_batch(now)
         if batch is None:
-            return False
-        slots = np.array(batch.slots, np.int64)
-        rows = np.array(batch.rows, np.int64)
-        strides = np.array(batch.strides, np.int64)
-        while True:
-            try:
-                ended, steps = self._execute(batch, slots, rows, self._lone_steps(batch))
-            except Exception as exc:  # the kernel failed: fail this batch's requests, not the engine
-                log.exception("cell step of %s failed", batch.cell_type)
-                self._fail_batch(batch, f"internal error in cell {batch.cell_type}: {type(exc).__name__}: {exc}")
-                return True
-            finished = self.policy.complete(batch, ended, steps)
-            for lane in finished:
-                self._lane_finished(lane)
-            now = self.clock.now()
-            self.stats.overhead_s.append(max(now - t_start - self._compute_s, 0.0))
-            self._learn_overhead(now - t_start, batch, steps)
-            # While no lane finished and nothing arrived, a stable policy's next batch is this
-            # one again (see StepBatch): run it without asking.
-            if finished or self._inbox or not self.policy.stable or (
-                    self.config.drop_late and now >= self._next_drop_check):
-                return True
-            rows += strides * steps
-            t_start, self._compute_s = now, 0.0
+            return None
+        work = _Work(batch, np.array(batch.slots, np.int64), np.array(batch.rows, np.int64),
+                     np.array(batch.strides, np.int64), now)
+        work.lone_steps = self._lone_steps(batch)
+        return work
 
-    def _learn_overhead(self, wall: float, batch: StepBatch, steps: int) -> None:
+    def _execute(self, work: _Work) -> StepResult | None:
+        """Run the batch on its executor. On failure, answer its requests with an error
+        (the engine goes on) and return None."""
+        batch = work.batch
+        try:
+            result = self._placed[batch.cell_type].execute(batch, work.slots, work.rows, work.lone_steps,
+                                                           self._arrived)
+        except Exception as exc:  # the kernel failed: fail this batch's requests, not the engine
+            log.exception("cell step of %s failed", batch.cell_type)
+            self._fail_batch(batch, f"internal error in cell {batch.cell_type}: {type(exc).__name__}: {exc}")
+            return None
+        self._device_s += result.busy_s
+        if result.steps:
+            self.costs.observe(batch.cell_type, batch.size, result.busy_s / result.steps)
+        s = self.stats
+        s.cell_steps += result.steps
+        s.batch_size_sum += batch.size * result.steps
+        s.steps_by_type[batch.cell_type] = s.steps_by_type.get(batch.cell_type, 0) + result.steps
+        s.lanes_by_type[batch.cell_type] = s.lanes_by_type.get(batch.cell_type, 0) + batch.size * result.steps
+        s.executed_flops += result.flops
+        s.busy_s += result.busy_s
+        return result
+
+    def _update(self, work: _Work, result: StepResult | None) -> _Work | None:
+        """Advance the batch's lanes and hand finished ones back to their requests. Returns
+        the batch to run again at once (a stable policy's next batch, while no lane
+        finished, nothing arrived and no drop check is due), else None."""
+        if result is None:
+            return None
+        batch = work.batch
+        ended = self._record_tokens(batch, result.tokens) if result.tokens is not None else frozenset()
+        finished = self.policy.complete(batch, ended, result.steps)
+        for lane in finished:
+            self._lane_finished(lane)
+        now = self.clock.now()
+        overhead = max(now - work.started - self._device_s, 0.0)
+        self.stats.overhead_s.append(overhead)
+        self.stats.overhead_batch.append(batch.size)
+        self._learn_overhead(now - work.started, batch, result.steps)
+        if finished or self._inbox or not self.policy.stable or (
+                self.config.drop_late and now >= self._next_drop_check):
+            return None
+        work.rows += work.strides * result.steps
+        work.started, self._device_s = now, 0.0
+        work.lone_steps = self._lone_steps(batch)
+        return work
+
+    def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int) -> None:
         cost = self.costs.costs.get(batch.cell_type)
         if cost is None:
             return
-        self._busy_wall += wall
+        self._busy_elapsed += elapsed
         self._busy_modelled += steps * cost(batch.size)
-        if self._busy_wall > 0.05 and self._busy_modelled > 0:
-            ratio = max(1.0, self._busy_wall / self._busy_modelled)
+        if self._busy_elapsed > 0.05 and self._busy_modelled > 0:
+            ratio = max(1.0, self._busy_elapsed / self._busy_modelled)
             self.overhead_factor += 0.3 * (ratio - self.overhead_factor)
-            self._busy_wall = self._busy_modelled = 0.0
+            self._busy_elapsed = self._busy_modelled = 0.0
 
     def _round_time(self, load: dict[str, int]) -> float:
         return self.costs.round_time(load) * self.overhead_factor
 
     def _lone_steps(self, batch: StepBatch) -> int:
         """How many steps each lane of a small batch may run alone, one lane after the other,
-        in one call of its kernel's run_lane (up to LONE_LANE_CHUNK); 0 when the batch takes
-        the batched step. Small means up to the kernel's `lone_lanes`."""
-        kernel = self.kernels[batch.cell_type]
-        if batch.size > getattr(kernel, "lone_lanes", 0):
+        in one execute (up to LONE_LANE_CHUNK); 0 when the batch takes the batched step.
+        Small means up to the executor's `lone_lanes` for the cell type."""
+        if batch.size > self._placed[batch.cell_type].lone_lanes(batch.cell_type):
             return 0
         steps = LONE_LANE_CHUNK
         for lane_id in batch.lane_ids:
@@ -274,30 +349,39 @@ class Engine:
         return steps
 
     def run_until_idle(self, timeout_s: float = 60.0) -> None:
-        """Step until every submitted request has responded (for tests and scripts)."""
-        end = time.monotonic() + timeout_s
+        """Step until every submitted request has responded (for tests and scripts). Waits
+        for batch timeouts on the clock (`clock.sleep`); raises TimeoutError after
+        `timeout_s` of clock time, or at once when nothing can run and nothing will wake."""
+        end = self.clock.now() + timeout_s
         while not self.idle():
-            if time.monotonic() > end:
-                raise TimeoutError("engine did not drain in time")
-            if not self.step():
-                wake = self.policy.wake_at(self.clock.now())
-                if wake is not None:
-                    time.sleep(max(0.0, min(wake - self.clock.now(), 0.01)))
+            if self.clock.now() > end:
+                raise TimeoutError(f"engine did not drain within {timeout_s} s")
+            if self.step():
+                continue
+            now = self.clock.now()
+            wake = self.policy.wake_at(now)
+            if wake is None:
+                if self.idle() or self._inbox:
+                    continue
+                raise RuntimeError(f"engine stuck: {len(self._runs)} requests in flight and no batch to run")
+            self.clock.sleep(max(0.0, min(wake - now, 0.01)))
 
     def serve_forever(self, stop: threading.Event) -> None:
-        """The worker loop of a server: step while there is work, sleep when there is none.
+        """The worker loop of a server: step while there is work, wait when there is none.
 
         Run it in the process's main thread, and submit from others: libgomp (torch's OpenMP,
         which the CPU kernels use) cuts its spin-waiting when more OpenMP threads exist than
-        cores, and a second thread that runs parallel regions makes that so; measured here,
-        an empty parallel region took 0.5 us from the main thread and 8.8 us from another.
+        cores, and a second thread that runs parallel regions makes that so (an empty
+        parallel region is far slower from another thread; see docs/performance.md).
 
         Start the threads that submit (front ends) before: with `pin_threads`, this thread
         and its OpenMP workers are pinned to one core each while the loop runs (see
         kernels/affinity.py), and threads started from here would inherit its core."""
-        with affinity.openmp_threads_pinned(self.config.pin_threads) as pinned:
-            if pinned:
-                log.info("kernel threads pinned to cores %s", pinned)
+        with ExitStack() as pins:
+            for executor in self.executors.values():
+                pinned = pins.enter_context(executor.pinned(self.config.pin_threads))
+                if pinned:
+                    log.info("kernel threads of executor %s pinned to cores %s", executor.name, pinned)
             while not stop.is_set():
                 if self.step():
                     continue
@@ -379,7 +463,7 @@ class Engine:
         Priced at the lanes running now (admission prices the committed load: a request is
         refused on the slow estimate but dropped only on the fast one)."""
         self._next_drop_check = now + _DROP_CHECK_S
-        round_s = self._round_time({t: self.policy.lanes_of(t) for t in self.kernels})
+        round_s = self._round_time({t: self.policy.lanes_of(t) for t in self._placed})
         for run in [r for r in self._runs.values() if r.deadline < math.inf]:
             if now + self._rounds_left(run) * round_s > run.deadline:
                 self._finish_run(run, Status.DROPPED,
@@ -390,13 +474,12 @@ class Engine:
 
     def _advance(self, run: _Run) -> None:
         """Run plain ops until the next recurrent step starts (or the program ends)."""
-        t0 = self.clock.now()
         try:
             program = run.model.program
             while run.pc < len(program):
                 step = program[run.pc]
                 if isinstance(step, DenseNode):
-                    dense_ops.run(step, run.env)
+                    self._device_s += self._plain[run.model.name].run_plain(run.model.name, step, run.env)
                     run.pc += 1
                 elif isinstance(step, (RecurrentLayer, LayerStack)):
                     self._start_layer(run, step)
@@ -410,8 +493,6 @@ class Engine:
             self._finish_run(run, Status.INVALID if isinstance(exc, InvalidInput) else Status.ERROR, str(exc))
         except Exception as exc:  # a model op failing on this request's data: this request only
             self._finish_run(run, Status.ERROR, f"{type(exc).__name__}: {exc}")
-        finally:
-            self._compute_s += self.clock.now() - t0
 
     def _start_layer(self, run: _Run, step: RecurrentLayer | LayerStack) -> None:
         layers = _layers(step)
@@ -429,24 +510,28 @@ class Engine:
                        for layer in layers}
         if isinstance(step, LayerStack):  # one lane per sequence through every layer
             cell_type = f"{run.model.name}/{step.name}"
-            kernel = self.kernels[cell_type]
             for b in range(batch):
                 row_states = [(None if h0 is None else h0[0, b], None if c0 is None else c0[0, b]) for h0, c0 in states]
-                storage = kernel.start(x[:, b], row_states)
-                self.stats.executed_flops += time_len * step.flops_per_token_projection()
-                self._add_lane(run, cell_type, time_len, storage, storage.base, 1, _LaneRef(kernel, storage, 0, b))
+                self._start_lane(run, cell_type, x[:, b], row_states, 0, b, forward=True)
             return
         layer, (h0, c0) = step, states[0]
         for d in range(len(layer.directions)):
             cell_type = f"{run.model.name}/{layer.name}/{d}"
-            kernel = self.kernels[cell_type]
-            reverse = layer.is_reverse(d)
             for b in range(batch):
                 n = int(lens[b])
-                storage = kernel.start(x[:n, b], None if h0 is None else h0[d, b], None if c0 is None else c0[d, b])
-                self.stats.executed_flops += n * layer.flops_per_token_projection()
-                row0, stride = (storage.base + n - 1, -1) if reverse else (storage.base, 1)
-                self._add_lane(run, cell_type, n, storage, row0, stride, _LaneRef(kernel, storage, d, b))
+                row_states = [(None if h0 is None else h0[d, b], None if c0 is None else c0[d, b])]
+                self._start_lane(run, cell_type, x[:n, b], row_states, d, b, forward=not layer.is_reverse(d))
+
+    def _start_lane(self, run: _Run, cell_type: str, x: np.ndarray, states: list[tuple], direction: int,
+                    batch_index: int, forward: bool) -> None:
+        executor = self._placed[cell_type]
+        started = executor.start_lane(cell_type, x, states)
+        self._device_s += started.busy_s
+        self.stats.executed_flops += started.flops
+        storage = started.storage
+        row0, stride = (storage.base, 1) if forward else (storage.base + storage.length - 1, -1)
+        self._add_lane(run, cell_type, storage.length, storage, row0, stride,
+                       _LaneRef(cell_type, executor, storage, direction, batch_index))
 
     @staticmethod
     def _initial_state(run: _Run, layer: RecurrentLayer, batch: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -465,12 +550,14 @@ class Engine:
     def _start_decoder(self, run: _Run, dec: AttentionDecoder) -> None:
         memory, h0, c0 = run.env[dec.memory], run.env[dec.initial_h], run.env[dec.initial_c]
         cell_type = f"{run.model.name}/{dec.name}"
-        kernel = self.kernels[cell_type]
+        executor = self._placed[cell_type]
         run.outputs = {}
         for b in range(memory.shape[1]):
-            storage = kernel.start(memory[:, b], h0[b], c0[b])
+            started = executor.start_lane(cell_type, memory[:, b], [(h0[b], c0[b])])
+            self._device_s += started.busy_s
+            storage = started.storage
             self._add_lane(run, cell_type, None, storage, storage.base, 0,
-                           _LaneRef(kernel, storage, 0, b, tokens=[]))
+                           _LaneRef(cell_type, executor, storage, 0, b, tokens=[]))
 
     def _add_lane(self, run: _Run, cell_type: str, length: int | None, storage: LaneStorage,
                   row0: int, stride: int, ref: _LaneRef) -> None:
@@ -478,45 +565,13 @@ class Engine:
                     run.request.priority, run.request.arrival, storage.slot, row0, stride)
         run.lanes[lane.lane_id] = ref
         self.policy.add(lane)
+        self.stats.lanes_started += 1
 
-    # ---- executing a batch and taking its results back ----
+    # ---- taking a batch's results back ----
 
-    def _execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray,
-                 lone_steps: int) -> tuple[frozenset[int], int]:
-        """Run one batched step, or up to `lone_steps` steps of each lane alone (see
-        _lone_steps). Returns the lanes that ended and the steps run: a lone run stops early
-        when a request arrives, and the other lanes then run as many as the first."""
-        steps = 1
-        kernel = self.kernels[batch.cell_type]
-        t0 = self.clock.now()
-        ended: frozenset[int] = frozenset()
-        spec = self._step_spec[batch.cell_type]
-        if isinstance(kernel, DecoderKernel):
-            tokens = kernel.step(slots, rows)
-            ended = frozenset(self._record_tokens(batch, tokens, spec))
-            flops = sum(spec.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
-        elif lone_steps:
-            first, *others = zip(batch.slots, rows.tolist(), batch.strides)
-            steps = kernel.run_lane(*first, lone_steps, self._arrived)
-            for slot, row, stride in others:
-                kernel.run_lane(slot, row, stride, steps)
-            flops = batch.size * steps * spec.flops_per_step()
-        else:
-            kernel.step(slots, rows, rows)
-            flops = batch.size * spec.flops_per_step()
-        dt = self.clock.now() - t0
-        self._compute_s += dt
-        self.costs.observe(batch.cell_type, batch.size, dt / steps)
-        s = self.stats
-        s.cell_steps += steps
-        s.batch_size_sum += batch.size * steps
-        s.steps_by_type[batch.cell_type] = s.steps_by_type.get(batch.cell_type, 0) + steps
-        s.lanes_by_type[batch.cell_type] = s.lanes_by_type.get(batch.cell_type, 0) + batch.size * steps
-        s.executed_flops += flops
-        s.busy_s += dt
-        return ended, steps
-
-    def _record_tokens(self, batch: StepBatch, tokens: np.ndarray, dec: AttentionDecoder) -> list[int]:
+    def _record_tokens(self, batch: StepBatch, tokens: np.ndarray) -> frozenset[int]:
+        """Append each decoder lane's token; return the lanes that ended (EOS or max length)."""
+        dec = self._decoder_spec(batch.cell_type)
         ended = []
         for lane_id, token in zip(batch.lane_ids, tokens.tolist()):
             lane = self.policy.lane(lane_id)
@@ -529,28 +584,32 @@ class Engine:
             ref.tokens.append(token)
             if len(ref.tokens) >= dec.max_len:
                 ended.append(lane_id)
-        return ended
+        return frozenset(ended)
+
+    def _decoder_spec(self, cell_type: str) -> AttentionDecoder:
+        model = self.models[cell_type.split("/", 1)[0]]
+        name = cell_type.split("/", 1)[1]
+        return next(s for s in model.recurrent_steps() if s.name == name)
 
     def _lane_finished(self, lane: Lane) -> None:
         run = self._runs.get(lane.request_id)
         if run is None:
             return
-        t0 = self.clock.now()
         ref = run.lanes.pop(lane.lane_id)
-        if isinstance(ref.kernel, DecoderKernel):
-            ref.kernel.release(ref.storage)
+        finished = ref.executor.finish_lane(ref.cell_type, ref.storage)
+        self._device_s += finished.busy_s
+        self.stats.lanes_finished += 1
+        if ref.tokens is not None:
             run.outputs[ref.batch_index] = ref.tokens
         else:
-            results = ref.kernel.finish(ref.storage)
             layers = _layers(run.model.program[run.pc])
             n, d, b = ref.storage.length, ref.direction, ref.batch_index
-            for layer, (y, h, c) in zip(layers, results if isinstance(ref.kernel, StackKernel) else [results]):
+            for layer, (y, h, c) in zip(layers, finished.layers):
                 outputs = run.outputs[layer.name]
                 outputs["y"][:n, d, b] = y
                 outputs["h"][d, b] = h
                 if c is not None:
                     outputs["c"][d, b] = c
-        self._compute_s += self.clock.now() - t0
         if not run.lanes:
             self._store_outputs(run)
             self._commit(run, -1, slice(run.layer, run.layer + 1))
@@ -581,14 +640,14 @@ class Engine:
     def _finish_run(self, run: _Run, status: Status, reason: str = "", outputs: dict | None = None) -> None:
         for lane_id, ref in run.lanes.items():
             self.policy.remove(lane_id)
-            ref.kernel.release(ref.storage)
+            ref.executor.release_lane(ref.cell_type, ref.storage)
         run.lanes.clear()
         if self._runs.pop(run.request.request_id, None) is not None:
             self._commit(run, -1)
         if run.responded:
             raise RuntimeError(f"request {run.request.request_id} answered twice")
         run.responded = True
-        self._deliver(run.request, Response(run.request.request_id, status, outputs or {}, reason,
+        self._respond(run.request, Response(run.request.request_id, status, outputs or {}, reason,
                                             run.request.arrival, self.clock.now(), run.admitted,
                                             run.state if status is Status.OK else {}))
 
@@ -607,10 +666,14 @@ class Engine:
                 self._finish_run(run, Status.ERROR, reason)
 
     def _respond_early(self, request: Request, status: Status, reason: str) -> None:
-        self._deliver(request, Response(request.request_id, status, {}, reason, request.arrival, self.clock.now()))
+        """Answer a request that never ran (refused or invalid at admission)."""
+        self._respond(request, Response(request.request_id, status, {}, reason, request.arrival, self.clock.now()))
 
-    @staticmethod
-    def _deliver(request: Request, response: Response) -> None:
+    def _respond(self, request: Request, response: Response) -> None:
+        """The one place a request is answered. Every path that takes a request out of the
+        inbox or out of `_runs` ends here exactly once: admission answers the requests it
+        refuses, `_finish_run` the ones that ran (and raises if a run were answered twice)."""
+        self.stats.requests_answered += 1
         if request.on_done is not None:
             try:
                 request.on_done(response)

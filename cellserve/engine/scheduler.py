@@ -28,6 +28,8 @@ from itertools import islice
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+from cellserve.executor.batch import StepBatch
+
 SCRATCH = 0  # slot and row reserved in every kernel for padding lanes
 
 
@@ -52,27 +54,6 @@ class Lane:
 
 _slot, _row, _stride = attrgetter("slot"), attrgetter("row"), attrgetter("stride")
 _key, _id = attrgetter("key"), attrgetter("lane_id")
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    """One batched kernel call: lane i uses state slot slots[i] and row rows[i], and its
-    row moves by strides[i] per step. Entries with lane id -1 are padding: they compute
-    into the scratch slot and row.
-
-    When a policy says it is `stable`, its next batch will be the same lanes one step
-    further on, unless a lane finishes or one is added; the engine then runs the batch
-    again without asking (see Engine.step)."""
-
-    cell_type: str
-    lane_ids: tuple[int, ...]
-    slots: tuple[int, ...]
-    rows: tuple[int, ...]
-    strides: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return len(self.lane_ids)
 
 
 @dataclass

@@ -338,6 +338,26 @@ class CellKernel:
         self.h.index_copy_(0, s, h)
         self.out.index_copy_(0, orr, h)
 
+    # ---- the RecurrentKernel protocol (see protocol.py) ----
+
+    def start_lane(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
+        h0, c0 = states[0] if states else (None, None)
+        return self.start(x, h0, c0)
+
+    def step_batch(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.step(slots, rows, rows)
+
+    def finish_lane(self, lane: LaneStorage) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        return [self.finish(lane)]
+
+    def weight_bytes(self) -> int:
+        names = ("packed", "packed_joint", "w_hh", "w_hh_t", "projected_table", "_joint_bias")
+        arrays = [getattr(self, n, None) for n in names] + [self.project.w, self.project.b]
+        for linear in (getattr(self, "recurrent", None), self.joint):
+            if linear is not None:
+                arrays += [linear.w, linear.b]
+        return sum(_nbytes(a) for a in arrays if a is not None)
+
     # ---- storage helpers: numpy arrays for "blas", tensors for "torch" ----
 
     def _fit_capacity(self) -> None:
@@ -354,6 +374,15 @@ class CellKernel:
     @staticmethod
     def _read(a) -> np.ndarray:
         return a.copy() if isinstance(a, np.ndarray) else a.detach().cpu().numpy().copy()
+
+
+def _nbytes(a) -> int:
+    if isinstance(a, torch.Tensor):
+        try:
+            return a.numel() * a.element_size()
+        except RuntimeError:  # an opaque (oneDNN-reordered) weight: report its plain size
+            return 0
+    return int(np.asarray(a).nbytes)
 
 
 def lstm_pointwise(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

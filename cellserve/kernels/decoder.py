@@ -73,6 +73,28 @@ class DecoderKernel:
         self.prev.index_copy_(0, s, tokens)
         return tokens.cpu().numpy()
 
+    # ---- the RecurrentKernel protocol (see protocol.py) ----
+
+    lone_lanes = 0  # a decoder's lanes always take the batched step
+
+    def start_lane(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
+        (h0, c0), = states
+        return self.start(x, h0, c0)
+
+    def step_batch(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return self.step(slots, rows)
+
+    def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:
+        raise NotImplementedError("a decoder has no lone-lane run (lone_lanes is 0)")
+
+    def finish_lane(self, lane: LaneStorage) -> list:
+        self.release(lane)
+        return []
+
+    def weight_bytes(self) -> int:
+        tensors = (self.projected_table, self.w_hh_t, self.combine_w_t, self.combine_b, self.out_w_t, self.out_b)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def _fit_capacity(self) -> None:
         n = self.slots.capacity
         if self.h.shape[0] < n:

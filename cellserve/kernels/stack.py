@@ -63,6 +63,20 @@ class StackKernel:
             layer.step_rows(below.out, orows, slots, orows)
             below = layer
 
+    # ---- the RecurrentKernel protocol (see protocol.py) ----
+
+    def start_lane(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
+        return self.start(x, states)
+
+    def step_batch(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.step(slots, rows, rows)
+
+    def finish_lane(self, lane: LaneStorage) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        return self.finish(lane)
+
+    def weight_bytes(self) -> int:
+        return sum(layer.weight_bytes() for layer in self.layers)
+
     @property
     def lone_lanes(self) -> int:
         """Batches of up to this many lanes run each lane alone (CPU backends). One lane: its

@@ -33,6 +33,8 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.t += seconds
 
+    sleep = advance
+
 
 class FloatGRU(nn.Module):
     """features [batch, time, 4] float -> scores [batch, 2]: a model whose input is not tokens."""

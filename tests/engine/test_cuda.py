@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 def test_mixed_requests_on_cuda_match_the_cpu(models, policy):
     rng = np.random.default_rng(0)
     engine = Engine(list(models.models.values()), EngineConfig(device="cuda", policy=policy))
-    assert engine.device.type == "cuda"
+    assert engine.executors["default"].device.type == "cuda"
     requests = []
     for i in range(30):
         name = ["lstm", "gru", "tagger", "floatgru", "seq2seq-reverse"][i % 5]

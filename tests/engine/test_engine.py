@@ -165,7 +165,7 @@ def test_kernel_storage_is_released_after_every_request(models, policy):
     for i, n in enumerate([3, 1, 5, 2]):
         engine.submit(make_request(responses, i, "tagger", {"tokens": np.ones((2, n), np.int64)}))
     engine.run_until_idle(timeout_s=10)
-    for kernel in engine.kernels.values():
+    for kernel in engine.executors["default"].kernels.values():
         assert kernel.slots.in_use == 0
         assert kernel.rows._starts == [1] and kernel.rows._lengths == [kernel.rows.capacity - 1]
 

@@ -18,7 +18,7 @@ TOKENS = np.array([[5, 4, 3, 2, 1, 0, 9, 8, 7, 6, 5, 4]], np.int64)  # 12 steps 
 
 def make_engine(models, clock, **config) -> Engine:
     engine = Engine([models.models["lstm"]], EngineConfig(profile=False, **config), clock=clock)
-    for cell_type in engine.kernels:  # a known step cost: one tick per step, whatever the batch
+    for cell_type in engine.cell_types:  # a known step cost: one tick per step, whatever the batch
         engine.costs.observe(cell_type, 1, TICK)
     return engine
 
@@ -72,7 +72,7 @@ def test_an_idle_engine_prices_at_the_fastest_steps_after_a_slow_spell(models):
     refusing everything: with nothing running it prices a request at the fastest steps seen."""
     clock = FakeClock(tick=TICK)
     engine = make_engine(models, clock, admission=True, drop_late=False)
-    for cell_type in engine.kernels:
+    for cell_type in engine.cell_types:
         for _ in range(200):
             engine.costs.observe(cell_type, 1, 100 * TICK)
     responses = Responses()
@@ -96,7 +96,7 @@ def test_drop_late_drops_an_admitted_request_that_falls_behind(models, policy):
     assert "deadline" in dropped.reason and dropped.outputs == {}
     check_ok(models, responses, range(1, 9))
     assert engine.idle()
-    for kernel in engine.kernels.values():
+    for kernel in engine.executors["default"].kernels.values():
         assert kernel.slots.in_use == 0  # the dropped request's lanes were released
 
 
@@ -162,7 +162,7 @@ def test_under_deadline_pressure_every_request_gets_exactly_one_response_and_ok_
     clock = FakeClock(tick=TICK)
     engine = Engine([models.models[n] for n in MIX], EngineConfig(policy=policy, admission=admission, drop_late=True,
                                                                  batch_timeout_s=0.0, profile=False), clock=clock)
-    for cell_type in engine.kernels:
+    for cell_type in engine.cell_types:
         engine.costs.observe(cell_type, 1, TICK)
     responses = Responses()
     for i, (name, inputs, timeout, steps_before) in enumerate(specs):
@@ -184,5 +184,5 @@ def test_under_deadline_pressure_every_request_gets_exactly_one_response_and_ok_
                 assert_same_outputs(response.outputs, models.reference(name, inputs), name)
         else:
             assert "deadline" in response.reason and response.outputs == {}
-    for kernel in engine.kernels.values():
+    for kernel in engine.executors["default"].kernels.values():
         assert kernel.slots.in_use == 0

@@ -1,0 +1,1 @@
+"""Executors: the devices that run what the engine schedules (see base.py for the contract)."""

@@ -1,0 +1,126 @@
+"""The executor boundary: what the engine asks of a device, and the typed answers it gets.
+
+An executor owns one device (a CPU core group, a CUDA device, or a simulated device) and the
+kernels of the cell types placed on it. The engine decides what runs (admission, scheduling,
+each request's walk through its model); an executor only runs it and says how long the device
+was busy. Costs the engine learns come from those figures, never from a clock read around a
+call, so the same engine learns the same way from a real device and from a simulated one.
+
+Contract for every implementation:
+- `start_lane` admits one lane of a cell type (its input projection included) and returns
+  where it lives; `execute` advances a `StepBatch`'s lanes, one batched step, or up to
+  `lone_steps` steps of each lane alone when the engine asks for that; `finish_lane` reads a
+  lane that ran to its end and frees it; `release_lane` frees one without reading it.
+- `run_plain` runs one plain op of a request (embedding lookups, heads, glue) on the
+  request's tensors in place.
+- Every call returns the seconds the device was busy for it. An executor never calls back
+  into the engine and never touches a request other than through what it is given.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellserve.executor.batch import StepBatch
+from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, RecurrentLayer
+from cellserve.kernels.cell import LaneStorage
+from cellserve.kernels.protocol import LayerResult
+
+RecurrentStep = RecurrentLayer | LayerStack | AttentionDecoder
+
+# How many steps a lone lane may run per `execute` (see Engine._lone_steps): an arrival stops
+# the run early, so this bounds only how long the engine goes without checking deadlines.
+LONE_LANE_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class CellTypeSpec:
+    """One cell type to place on an executor: a direction of a layer, a stack or a decoder."""
+
+    cell_type: str
+    step: RecurrentStep
+    direction: int = 0
+
+    @property
+    def is_decoder(self) -> bool:
+        return isinstance(self.step, AttentionDecoder)
+
+
+@dataclass(frozen=True)
+class LaneStarted:
+    storage: LaneStorage  # slot and rows; opaque to the engine but for the scheduler's ints
+    busy_s: float  # the input projection
+    flops: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one `execute` did."""
+
+    steps: int  # steps every lane of the batch advanced
+    busy_s: float  # device seconds, all steps together
+    flops: float
+    tokens: np.ndarray | None = None  # decoders: the token each batch entry emitted (one step)
+
+
+@dataclass(frozen=True)
+class LaneFinished:
+    layers: list[LayerResult]  # per layer of the cell type; empty for a decoder
+    busy_s: float
+
+
+class Executor(ABC):
+    """Runs cell types and plain ops on one device (see the module docstring)."""
+
+    name: str = "executor"
+
+    @abstractmethod
+    def add_cell_type(self, spec: CellTypeSpec) -> None:
+        """Build (or price) the cell type's kernel; called once per cell type at start."""
+
+    @abstractmethod
+    def lone_lanes(self, cell_type: str) -> int:
+        """Batches of up to this many lanes may run each lane alone (0: never)."""
+
+    @abstractmethod
+    def start_lane(self, cell_type: str, x: np.ndarray, states: list[tuple] | None) -> LaneStarted:
+        """Admit a lane: x its inputs ([T, I] floats or [T] token ids; a decoder's [T, H]
+        memory), states (h0, c0) per layer (None entries: zeros)."""
+
+    @abstractmethod
+    def execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, lone_steps: int,
+                stop: np.ndarray) -> StepResult:
+        """Run `batch` (slots and rows as int64 arrays, rows where each lane is now): one
+        batched step, or with `lone_steps` > 0 up to that many steps of each lane alone, the
+        first lane stopping early once `stop[0]` is set (an arrival) and the others then
+        running as many steps as it did."""
+
+    @abstractmethod
+    def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:
+        """Read a lane that ran to its end, and free it."""
+
+    @abstractmethod
+    def release_lane(self, cell_type: str, storage: LaneStorage) -> None:
+        """Free a lane without reading it (its request failed or was dropped)."""
+
+    @abstractmethod
+    def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
+        """Run one plain op on a request's tensors (`env`, updated in place); busy seconds."""
+
+    @abstractmethod
+    def startup_costs(self, cell_type: str, sizes: list[int]) -> dict[int, float]:
+        """Seconds per batched step at each batch size, to seed the engine's cost model
+        before the first request (measured on dummy lanes, or read from a profile)."""
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Bytes of weights the executor keeps on its device."""
+
+    def pinned(self, enabled: bool):
+        """A context manager around a worker loop that pins the executor's threads (real
+        CPU executors); a no-op elsewhere."""
+        from contextlib import nullcontext
+        return nullcontext(())

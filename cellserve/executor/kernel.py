@@ -1,0 +1,157 @@
+"""Executors that run real kernels: `KernelExecutor` on the CPU (the fused, oneDNN, BLAS or
+torch step, with pinned OpenMP threads) and `CudaExecutor` (the torch step on a CUDA device,
+timed with the device synchronised).
+
+Busy time is measured here, around each kernel call, by the executor's own timer: it is the
+device's time, not the engine's clock, which in a test or the simulator is not wall time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from cellserve.executor.base import CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
+from cellserve.executor.batch import StepBatch
+from cellserve.graph import dense_ops
+from cellserve.graph.model import DenseNode, LayerStack
+from cellserve.kernels import affinity
+from cellserve.kernels.cell import CellKernel, LaneStorage
+from cellserve.kernels.decoder import DecoderKernel
+from cellserve.kernels.protocol import RecurrentKernel
+from cellserve.kernels.stack import StackKernel
+
+
+class KernelExecutor(Executor):
+    """Real kernels on one torch device, with the given backend (None: the device's best)."""
+
+    def __init__(self, device: str | torch.device = "cpu", backend: str | None = None, name: str | None = None):
+        self.device = torch.device(device)
+        self.backend = backend
+        self.name = name or str(self.device)
+        self.kernels: dict[str, RecurrentKernel] = {}
+        self._specs: dict[str, CellTypeSpec] = {}
+
+    # ---- cell types ----
+
+    def add_cell_type(self, spec: CellTypeSpec) -> None:
+        step = spec.step
+        if spec.is_decoder:
+            kernel = DecoderKernel(step, self.device)
+        elif isinstance(step, LayerStack):
+            kernel = StackKernel(step, self.device, self.backend)
+        else:
+            kernel = CellKernel(step.kind, step.hidden, step.directions[spec.direction], self.device,
+                                step.token_table, self.backend)
+        self.kernels[spec.cell_type] = kernel
+        self._specs[spec.cell_type] = spec
+
+    def lone_lanes(self, cell_type: str) -> int:
+        return self.kernels[cell_type].lone_lanes
+
+    def memory_bytes(self) -> int:
+        return sum(k.weight_bytes() for k in self.kernels.values())
+
+    def pinned(self, enabled: bool):
+        if self.device.type != "cpu":
+            return super().pinned(enabled)
+        return affinity.openmp_threads_pinned(enabled)
+
+    # ---- lanes ----
+
+    def start_lane(self, cell_type: str, x: np.ndarray, states: list[tuple] | None) -> LaneStarted:
+        spec = self._specs[cell_type]
+        t0 = time.perf_counter()
+        storage = self.kernels[cell_type].start_lane(x, states)
+        busy = self._since(t0)
+        flops = 0.0 if spec.is_decoder else storage.length * spec.step.flops_per_token_projection()
+        return LaneStarted(storage, busy, flops)
+
+    def execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, lone_steps: int,
+                stop: np.ndarray) -> StepResult:
+        kernel = self.kernels[batch.cell_type]
+        spec = self._specs[batch.cell_type]
+        tokens, steps = None, 1
+        t0 = time.perf_counter()
+        if lone_steps:
+            first, *others = zip(batch.slots, rows.tolist(), batch.strides)
+            steps = kernel.run_lane(*first, lone_steps, stop)
+            for slot, row, stride in others:
+                kernel.run_lane(slot, row, stride, steps)
+        else:
+            tokens = kernel.step_batch(slots, rows)
+        busy = self._since(t0)
+        if spec.is_decoder:
+            flops = sum(spec.step.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
+        else:
+            flops = batch.size * steps * spec.step.flops_per_step()
+        return StepResult(steps, busy, flops, tokens)
+
+    def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:
+        t0 = time.perf_counter()
+        layers = self.kernels[cell_type].finish_lane(storage)
+        return LaneFinished(layers, self._since(t0))
+
+    def release_lane(self, cell_type: str, storage: LaneStorage) -> None:
+        self.kernels[cell_type].release(storage)
+
+    def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
+        t0 = time.perf_counter()
+        dense_ops.run(node, env)
+        return time.perf_counter() - t0
+
+    # ---- start-up costs ----
+
+    def startup_costs(self, cell_type: str, sizes: list[int]) -> dict[int, float]:
+        """The median of three batched steps at each size, on dummy lanes (the first run of
+        a size is often a cold one)."""
+        kernel, spec = self.kernels[cell_type], self._specs[cell_type]
+        costs = {}
+        for b in sizes:
+            lanes = [self.dummy_lane(cell_type) for _ in range(b)]
+            slots = np.array([s.slot for s in lanes], np.int64)
+            rows = np.array([s.base for s in lanes], np.int64)
+            samples = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                kernel.step_batch(slots, rows)
+                samples.append(self._since(t0))
+            costs[b] = sorted(samples)[1]
+            for s in lanes:
+                kernel.release(s)
+        return costs
+
+    def dummy_lane(self, cell_type: str, length: int = 4) -> LaneStorage:
+        """A lane of zeros, for timing."""
+        step = self._specs[cell_type].step
+        if self._specs[cell_type].is_decoder:
+            h = np.zeros(step.hidden, np.float32)
+            return self.kernels[cell_type].start_lane(np.zeros((length, step.hidden), np.float32), [(h, h)])
+        if step.token_table is not None:
+            x = np.zeros(length, np.int64)
+        else:
+            x = np.zeros((length, step.input_size), np.float32)
+        return self.kernels[cell_type].start_lane(x, None)
+
+    def _since(self, t0: float) -> float:
+        return time.perf_counter() - t0
+
+
+class CudaExecutor(KernelExecutor):
+    """Kernels on a CUDA device: busy time waits for the device to finish the work."""
+
+    def __init__(self, device: str | torch.device = "cuda", backend: str | None = None, name: str | None = None):
+        super().__init__(device, backend, name)
+        if self.device.type != "cuda":
+            raise ValueError(f"CudaExecutor needs a CUDA device, got {self.device}")
+
+    def _since(self, t0: float) -> float:
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+
+def executor_for(device: str, backend: str | None = None) -> KernelExecutor:
+    """The real executor for a torch device name ("cpu", "cuda", "cuda:1", ...)."""
+    return CudaExecutor(device, backend) if torch.device(device).type == "cuda" else KernelExecutor(device, backend)
