@@ -9,23 +9,53 @@ from pathlib import Path
 # The comparison's peers, by name (cellserve.bench.peers.PEERS; repeated here so --help
 # does not import the benchmark).
 PEER_NAMES = ("triton", "mlserver", "ray-serve", "torchserve", "unbatched")
-# How cell steps run (cellserve.kernels.cell.BACKENDS; repeated so that --help does not import torch).
-BACKEND_NAMES = ("fused", "onednn", "blas", "torch")
-
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.run(args, parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `cellserve` parser: each subcommand is added by a function of its own (COMMANDS), which
+    sets `run(args, parser)` as the subcommand's handler; `bench` subcommands likewise
+    (BENCH_COMMANDS). Building it imports no torch."""
     parser = argparse.ArgumentParser(prog="cellserve", description="Inference server for recurrent neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
 
-    sub.add_parser("models", help="list the built-in models (the zoo)")
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the built-in models (the zoo)")
+    p.set_defaults(run=_models)
+
+
+def _models(args, parser) -> int:
+    from cellserve.graph import zoo
+
+    for name, entry in zoo.ZOO.items():
+        print(f"{name:<16} {entry.description}")
+    return 0
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the server on the zoo answering real requests, then a short engine benchmark")
     demo.add_argument("--skip-bench", action="store_true", help="only the server part")
     demo.add_argument("--json", type=Path, default=Path("bench-results/demo-engine.json"))
+    demo.set_defaults(run=lambda args, parser: _demo(args))
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for add in BENCH_COMMANDS:
+        add(bench_sub)
+
+
+def _add_bench_engine(bench_sub) -> None:
     eng = bench_sub.add_parser("engine", help="all engine policies and ONNX Runtime on one open-loop trace")
     eng.add_argument("--model", default="lstm-512", help="zoo model (default: lstm-512)")
     eng.add_argument("--slo-ms", type=float, default=200.0, help="latency SLO for goodput (default: 200)")
@@ -37,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="runs of each policy at each rate, best kept (default: 1 with --quick, else 2)")
     eng.add_argument("--json", type=Path, default=Path("bench-results/engine.json"), help="where to write results")
     eng.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
+    eng.set_defaults(run=lambda args, parser: _bench_engine(args.model, args.slo_ms, args.quick, args.bursty,
+                                                            args.max_batch, args.seed, args.json, args.plot,
+                                                            args.repeats))
 
+
+def _add_bench_server(bench_sub) -> None:
     sb = bench_sub.add_parser("server", help="the engine in-process vs the same engine behind HTTP (tritonclient)")
     sb.add_argument("--model", default="lstm-512", help="zoo model (default: lstm-512)")
     sb.add_argument("--slo-ms", type=float, default=200.0, help="latency SLO for goodput (default: 200)")
@@ -46,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--repeats", type=int, default=None, help="runs per rate and side, best kept")
     sb.add_argument("--json", type=Path, default=Path("bench-results/server.json"), help="where to write results")
     sb.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
+    sb.set_defaults(run=lambda args, parser: _bench_server(args))
 
+
+def _add_bench_load(bench_sub) -> None:
     ld = bench_sub.add_parser("load", help="open-loop load against any Open Inference Protocol server",
                               description="Offer open-loop load (Poisson or bursty) to an OIP server over HTTP "
                                           "or gRPC, at fixed rates or a ramp, and report throughput, goodput "
@@ -77,7 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--seed", type=int, default=0)
     ld.add_argument("--json", type=Path, default=Path("bench-results/load.json"), help="where to write results")
     ld.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
+    ld.set_defaults(run=_bench_load)
 
+
+def _bench_load(args, parser) -> int:
+    from cellserve.bench.load_cli import bench_load
+
+    return bench_load(args, parser)
+
+
+def _add_bench_compare(bench_sub) -> None:
     cmp = bench_sub.add_parser("compare", help="cellserve and peer servers (Triton, MLServer, Ray Serve, "
                                                "TorchServe, unbatched) side by side on the same traces",
                                description="Install (once, into their own environments) and start each peer on "
@@ -96,42 +143,40 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--json", type=Path, default=Path("bench-results/compare.json"),
                      help="where to write results (the table and plots go next to it)")
+    cmp.set_defaults(run=_bench_compare)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, without breaking lines inside --flag-names."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+def _add_serve(sub) -> None:
+    from cellserve.config_args import add_flags
+    from cellserve.server.settings import GROUPS, ServerSettings
 
     srv = sub.add_parser("serve", help="serve models over the Open Inference Protocol (HTTP, gRPC) with metrics",
-                         description="Serve a Triton-style model repository, or the zoo when none is given.")
-    srv.add_argument("--model-repository", type=Path, default=None,
-                     help="<repo>/<model>/<version>/model.onnx (+ optional config.pbtxt); default: the zoo")
-    srv.add_argument("--model", action="append", default=[], dest="zoo_models", metavar="NAME",
-                     help="serve only this zoo model (repeatable; without --model-repository)")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    srv.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0: any free; -1: off)")
-    srv.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: any free; -1: off)")
-    srv.add_argument("--metrics-port", type=int, default=8002,
-                     help="Prometheus metrics port (default 8002; 0: any free; -1: off)")
-    srv.add_argument("--device", default="cpu", help="torch device for the cells: cpu, cuda, cuda:1, ... (default cpu)")
-    srv.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for the cell kernels (default: torch's, one per core)")
-    srv.add_argument("--pin-threads", action=argparse.BooleanOptionalAction, default=True,
-                     help="pin the kernel threads to one core each when they match the cores this process "
-                          "may use (default: on; off when OMP_PROC_BIND, OMP_PLACES or GOMP_CPU_AFFINITY is set)")
-    srv.add_argument("--stack-layers", action=argparse.BooleanOptionalAction, default=True,
-                     help="step stacked forward layers (LSTM -> LSTM) as one cell type, one round per token "
-                          "for all of them (default: on)")
-    srv.add_argument("--backend", choices=BACKEND_NAMES, default=None,
-                     help="how cell steps run: fused (one C call per step; the default on CPUs with AVX-512), "
-                          "onednn (the default on other CPUs), blas, or torch (any device; the default off the CPU)")
-    srv.add_argument("--policy", default="cellular", help="batching policy: cellular, cellular-edf, padded, none")
-    srv.add_argument("--max-batch", type=int, default=None, help="batch cap per cell type (default: the policy's)")
-    srv.add_argument("--max-queue", type=int, default=4096, help="requests in the engine at once; more get 429")
-    srv.add_argument("--slo-ms", type=float, default=None,
-                     help="default deadline of zoo models' requests that send no timeout")
-    srv.add_argument("--max-request-size", type=int, default=64 << 20, help="largest request body in bytes")
-    srv.add_argument("--sequence-idle-timeout", type=float, default=60.0,
-                     help="seconds before an idle sequence is released (a model's config may override)")
-    srv.add_argument("--max-sequences", type=int, default=100_000, help="active sequences at once")
-    srv.add_argument("--grace-period", type=float, default=30.0,
-                     help="seconds in-flight requests get to finish after SIGTERM/SIGINT")
+                         formatter_class=_HelpFormatter,
+                         description="Serve a Triton-style model repository, or the zoo when none is given. "
+                                     "Every setting is a flag below and a key of the --config file (the "
+                                     "engine's in its [engine] table); flags override the file.",
+                         epilog="An annotated config file: docs/examples/serve.toml. "
+                                "--print-config prints the effective settings in that form.")
+    cfg = srv.add_argument_group("configuration")
+    cfg.add_argument("--config", type=Path, default=None, metavar="FILE",
+                     help="read settings from this TOML file first (keys as --print-config prints them; "
+                          "relative paths in it are relative to the file); flags given too override it")
+    cfg.add_argument("--print-config", action="store_true",
+                     help="print the effective settings (defaults, --config file, flags) as TOML and exit")
+    add_flags(srv, ServerSettings, GROUPS)
+    srv.set_defaults(run=lambda args, parser: _serve(args, srv))
 
+
+def _add_infer(sub) -> None:
     inf = sub.add_parser("infer", help="send one inference request to a running server and print the answer")
     inf.add_argument("model", help="model name, e.g. seq2seq-reverse or lstm-512")
     inf.add_argument("text", nargs="?", default=None,
@@ -143,69 +188,35 @@ def main(argv: list[str] | None = None) -> int:
     inf.add_argument("--protocol", choices=["http", "grpc"], default="http")
     inf.add_argument("--model-version", default="", help="version to ask for (default: the server's choice)")
     inf.add_argument("--timeout-ms", type=float, default=None, help="request deadline")
-
-    args = parser.parse_args(argv)
-    if args.command == "models":
-        from cellserve.graph import zoo
-
-        for name, entry in zoo.ZOO.items():
-            print(f"{name:<16} {entry.description}")
-        return 0
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "serve":
-        return _serve(args, parser)
-    if args.command == "infer":
-        from cellserve.client import infer_command
-
-        return infer_command(args)
-    if args.command == "bench" and args.bench_command == "engine":
-        return _bench_engine(args.model, args.slo_ms, args.quick, args.bursty, args.max_batch, args.seed,
-                             args.json, args.plot, args.repeats)
-    if args.command == "bench" and args.bench_command == "server":
-        return _bench_server(args)
-    if args.command == "bench" and args.bench_command == "compare":
-        return _bench_compare(args, parser)
-    if args.command == "bench" and args.bench_command == "load":
-        from cellserve.bench.load_cli import bench_load
-
-        return bench_load(args, parser)
-    parser.error("unknown command")
-    return 2
+    inf.set_defaults(run=_infer)
 
 
-def _serve(args, parser) -> int:
+def _infer(args, parser) -> int:
+    from cellserve.client import infer_command
+
+    return infer_command(args)
+
+
+def _serve(args, parser: argparse.ArgumentParser) -> int:
+    """Settings from defaults, then the --config file, then the flags; a bad one exits 2 naming
+    the flag or the file's key."""
     import os
 
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # start-up failures are our one line, not gRPC core's log
-    from cellserve.server.app import ServerSettings, serve
+    from cellserve.config_args import resolve
+    from cellserve.server.settings import ServerSettings
 
-    for flag, value in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),
-                        ("--metrics-port", args.metrics_port)):
-        if not -1 <= value <= 65535:
-            parser.error(f"{flag} must be a port number, 0 (any free port) or -1 (off), got {value}")
-    positive = {"--max-queue": args.max_queue, "--max-request-size": args.max_request_size,
-                "--sequence-idle-timeout": args.sequence_idle_timeout, "--max-sequences": args.max_sequences}
-    if args.slo_ms is not None:
-        positive["--slo-ms"] = args.slo_ms
-    if args.max_batch is not None:
-        positive["--max-batch"] = args.max_batch
-    if args.threads is not None:
-        positive["--threads"] = args.threads
-    for flag, value in positive.items():
-        if not value > 0:
-            parser.error(f"{flag} must be positive, got {value}")
-    if args.grace_period < 0:
-        parser.error(f"--grace-period must be >= 0, got {args.grace_period}")
-    if args.model_repository is not None and args.zoo_models:
-        parser.error("--model picks zoo models; it cannot be combined with --model-repository")
-    settings = ServerSettings(model_repository=args.model_repository, zoo_models=args.zoo_models, host=args.host,
-                              http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                              device=args.device, policy=args.policy, max_batch=args.max_batch,
-                              max_queue=args.max_queue, default_slo_ms=args.slo_ms,
-                              max_request_bytes=args.max_request_size, sequence_idle_s=args.sequence_idle_timeout,
-                              max_sequences=args.max_sequences, grace_s=args.grace_period, threads=args.threads,
-                              pin_threads=args.pin_threads, stack_layers=args.stack_layers, backend=args.backend)
+    try:
+        settings = resolve(ServerSettings, args, args.config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.print_config:
+        from cellserve.config import to_toml
+
+        print(to_toml(settings), end="")
+        return 0
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # start-up failures are our one line, not gRPC core's log
+    from cellserve.server.app import serve
+
     return serve(settings)
 
 
@@ -272,6 +283,11 @@ def _demo(args) -> int:
         return code
     print("\nshort engine benchmark (lstm-512, SLO 200 ms):")
     return _bench_engine("lstm-512", 200.0, True, False, 64, 0, args.json, None)
+
+
+# Subcommands, in --help's order: each adds its parser to the subparsers it is given.
+COMMANDS = (_add_models, _add_demo, _add_bench, _add_serve, _add_infer)
+BENCH_COMMANDS = (_add_bench_engine, _add_bench_server, _add_bench_load, _add_bench_compare)
 
 
 if __name__ == "__main__":

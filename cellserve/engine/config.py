@@ -1,44 +1,59 @@
-"""The engine's configuration: typed, validated once when built."""
+"""The engine's configuration: typed, validated once when built.
+
+Each field is declared with `setting(...)` (cellserve/config.py): its help, bounds and flag
+name are what `cellserve serve` offers as a flag, a key of the config file's [engine] table,
+and a line of `--print-config`. A field added here is reachable from all three.
+
+Importing this module imports no torch (`cellserve --help` stays fast): the names of the
+policies and backends are repeated here, and tests/test_config.py checks that they agree with
+cellserve.engine.scheduler.POLICIES and cellserve.kernels.cell.BACKENDS.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cellserve.engine.scheduler import POLICIES
-from cellserve.kernels.cell import BACKENDS
+from cellserve.config import check, setting
+
+# cellserve.engine.scheduler.POLICIES and cellserve.kernels.cell.BACKENDS (see above)
+POLICY_NAMES = ("cellular", "cellular-edf", "padded", "none")
+BACKEND_NAMES = ("fused", "onednn", "blas", "torch")
+
+_BATCHING = "batching and admission"
+_COMPUTE = "compute"
 
 
 @dataclass
 class EngineConfig:
-    policy: str = "cellular"  # cellular | cellular-edf | padded | none
-    max_batch: int | None = None  # per cell type; policy default when None
-    batch_timeout_s: float = 0.005  # padded: wait this long after the oldest request
-    device: str = "cpu"
-    backend: str | None = None  # cell step: fused | onednn | blas | torch | None (the best for the device)
-    admission: bool = True  # refuse a request whose predicted finish misses its deadline
-    admission_headroom: float = 0.8  # admit only if predicted to finish within this share of its time
-    drop_late: bool = True  # drop an admitted request that can no longer make its deadline
-    default_timeout_s: float | None = None  # deadline for requests that set none
-    max_active: int = 4096  # requests in the engine at once; more are refused
-    profile: bool = True  # measure step costs at start-up to seed the cost model
-    pin_threads: bool = True  # serve_forever pins the kernels' OpenMP threads, one per core (see kernels/affinity.py)
-    stack_layers: bool = True  # step layers that feed each other as one cell type (see graph/stacking.py)
+    policy: str = setting("cellular", "batching policy", choices=POLICY_NAMES, group=_BATCHING)
+    max_batch: int | None = setting(None, "batch cap per cell type", ge=1, unset="the policy's", group=_BATCHING,
+                                    metavar="N")
+    batch_timeout_s: float = setting(0.005, "padded policy: seconds a batch waits after its oldest request",
+                                     ge=0, flag="--batch-timeout", group=_BATCHING, metavar="SECONDS")
+    device: str = setting("cpu", "torch device for the cells: cpu, cuda, cuda:1, ...", group=_COMPUTE)
+    backend: str | None = setting(None, "how cell steps run: fused (one C call per step; the default on CPUs "
+                                        "with AVX-512), onednn (the default on other CPUs), blas, or torch "
+                                        "(any device; the default off the CPU)",
+                                  choices=BACKEND_NAMES, unset="the best for the device", group=_COMPUTE)
+    admission: bool = setting(True, "refuse a request whose predicted finish misses its deadline",
+                              group=_BATCHING)
+    admission_headroom: float = setting(0.8, "admit a request only if predicted to finish within this share of "
+                                             "its time to deadline", gt=0, le=1, group=_BATCHING, metavar="SHARE")
+    drop_late: bool = setting(True, "drop an admitted request that can no longer make its deadline",
+                              group=_BATCHING)
+    default_timeout_s: float | None = setting(None, "deadline in seconds of requests (of any model) that send no "
+                                                    "timeout and whose model sets none",
+                                              gt=0, flag="--default-timeout", unset="none", group=_BATCHING,
+                                              metavar="SECONDS")
+    max_active: int = setting(4096, "requests in flight in the engine at once; more are refused (HTTP 429)",
+                              ge=1, flag="--max-inflight", aliases=("--max-queue",), group=_BATCHING, metavar="N")
+    profile: bool = setting(True, "measure step costs at start-up to seed the cost model",
+                            flag="--startup-profile", group=_COMPUTE)
+    pin_threads: bool = setting(True, "pin the kernel threads to one core each when they match the cores this "
+                                      "process may use (off anyway when OMP_PROC_BIND, OMP_PLACES or "
+                                      "GOMP_CPU_AFFINITY is set; see kernels/affinity.py)", group=_COMPUTE)
+    stack_layers: bool = setting(True, "step stacked forward layers (LSTM -> LSTM) as one cell type, one round "
+                                       "per token for all of them (see graph/stacking.py)", group=_COMPUTE)
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.policy not in POLICIES:
-            problems.append(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
-        if self.max_batch is not None and self.max_batch < 1:
-            problems.append(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.batch_timeout_s < 0:
-            problems.append(f"batch_timeout_s must be >= 0, got {self.batch_timeout_s}")
-        if self.backend not in (None,) + BACKENDS:
-            problems.append(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if not 0 < self.admission_headroom <= 1:
-            problems.append(f"admission_headroom must be in (0, 1], got {self.admission_headroom}")
-        if self.default_timeout_s is not None and self.default_timeout_s <= 0:
-            problems.append(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
-        if self.max_active < 1:
-            problems.append(f"max_active must be >= 1, got {self.max_active}")
-        if problems:
-            raise ValueError("invalid EngineConfig: " + "; ".join(problems))
+        check(self)  # ConfigError (a ValueError) naming each bad field

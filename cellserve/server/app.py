@@ -16,42 +16,23 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import uvicorn
 
-from cellserve.engine.engine import Engine, EngineConfig
+from cellserve.engine.engine import Engine
 from cellserve.errors import CellserveError
 from cellserve.server.core import Core
 from cellserve.server.http_frontend import build_app, build_metrics_app
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import ServedModel, load_repository, load_zoo
+from cellserve.server.settings import ServerSettings
 
 log = logging.getLogger("cellserve.server")
 
 
-@dataclass
-class ServerSettings:
-    model_repository: Path | None = None  # None: serve the zoo
-    zoo_models: list[str] = field(default_factory=list)  # a subset of the zoo (empty: all)
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001  # -1 turns the protocol off
-    metrics_port: int = 8002
-    device: str = "cpu"
-    policy: str = "cellular"
-    max_batch: int | None = None
-    max_queue: int = 4096  # requests in the engine at once
-    default_slo_ms: float | None = None  # zoo models' default deadline
-    max_request_bytes: int = 64 << 20
-    sequence_idle_s: float = 60.0
-    max_sequences: int = 100_000
-    grace_s: float = 30.0
-    threads: int | None = None  # CPU threads of the cell kernels (None: torch's default)
-    pin_threads: bool = True  # pin the kernel threads to one core each (see kernels/affinity.py)
-    stack_layers: bool = True  # step stacked layers as one cell type (see graph/stacking.py)
-    backend: str | None = None  # how cell steps run (see EngineConfig.backend); None: the best for the device
+# ServerSettings lives in cellserve/server/settings.py (no torch there, so that `cellserve serve
+# --help` stays fast); it is re-exported here. A setting added there, with setting(...), is a
+# flag and a config file key with nothing else to write.
 
 
 class StartupError(Exception):
@@ -59,18 +40,17 @@ class StartupError(Exception):
 
 
 def serve(settings: ServerSettings) -> int:
+    """Run a server with these (validated) settings until SIGTERM/SIGINT; the exit status: 0
+    after a clean stop, 1 when start-up failed (one line on stderr)."""
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
     try:
-        _check_device(settings.device)
+        _check_device(settings.engine.device)
         served = _load_models(settings)
         sockets = _bind(settings)
-        engine = Engine([s.model for s in served],
-                        EngineConfig(policy=settings.policy, max_batch=settings.max_batch, device=settings.device,
-                                     max_active=settings.max_queue, pin_threads=settings.pin_threads,
-                                     stack_layers=settings.stack_layers, backend=settings.backend))
+        engine = Engine([s.model for s in served], settings.engine)
     except (CellserveError, StartupError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
