@@ -234,7 +234,7 @@ def table(report: dict) -> str:
     lines = [f"{report['model']}, SLO {report['slo_ms']:.0f} ms, roofline {report['roofline_gflops']:.0f} GFLOP/s", head]
     for policy, d in report["policies"].items():
         b = Bracket.from_dict(d)
-        lines.append(f"{policy:<12} {b.marker:>3}{d['max_goodput_rps']:>6.0f} r/s {b.describe() + ' r/s':>12} "
+        lines.append(f"{policy:<12} {b.figure():>13} {b.describe() + ' r/s':>12} "
                      f"{d['light_load_p50_ms']:>7.2f} ms {d['light_load_p99_ms']:>7.2f} ms "
                      f"{d['saturation_gflops']:>12.1f} {d['overhead_us_per_step']:>11.1f} us")
     return "\n".join(lines + footnotes(Bracket.from_dict(d) for d in report["policies"].values()))

@@ -96,6 +96,10 @@ class Bracket:
                 "capacity_bracket_rps": [self.highest_pass_rps, self.lowest_fail_rps],
                 "max_goodput_at_rps": self.at_rate_rps}
 
+    def figure(self, unit: str = "r/s") -> str:
+        """The max goodput with its marker: '892 r/s', '>= 1400 r/s', '* 19 r/s'."""
+        return f"{self.marker} {self.max_goodput_rps:.0f} {unit}".lstrip()
+
     @classmethod
     def from_dict(cls, figures: Mapping) -> Bracket:
         """The Bracket of a report's figures: `max_goodput_rps` and the fields of to_dict."""

@@ -1,6 +1,9 @@
 """`cellserve bench server`: what the protocol costs. The same open-loop traces go to the
 engine in-process and, through HTTP with tritonclient on loopback, to a `cellserve serve`
 process running the same engine; the report puts their p50/p99 and goodput side by side.
+
+Each side ramps on its own (`ramp.py`, the plan of `bench engine`) from a tenth of the engine's
+closed-loop capacity, the two taking turns, and each max goodput carries its bracket.
 """
 
 from __future__ import annotations
@@ -14,18 +17,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cellserve.bench.engine_bench import closed_loop_capacity, cpu_count
+from cellserve.bench.engine_bench import (FULL_FACTOR, LIGHT_FRACTION, MAX_RATE_FRACTION, QUICK_FACTOR,
+                                          REFINE_STEPS, closed_loop_capacity, cpu_count, ramp_runs)
 from cellserve.bench.engine_runner import replay
 from cellserve.bench.loadgen import RequestFormat, open_loop
 from cellserve.bench.plots import plot_p99_vs_load
-from cellserve.bench.results import RunStats, span_s, summarize
-from cellserve.bench.traces import make_trace
+from cellserve.bench.ramp import Bracket, RampPlan, RampResult, RampSearch, footnotes
+from cellserve.bench.results import RunStats, meets_slo, span_s, summarize
+from cellserve.bench.traces import make_trace, trace_at_rate
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.graph import zoo
 from cellserve.server.launch import ServerProcess
 
-LOAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3)
-QUICK_LOAD_FRACTIONS = (0.1, 0.5, 0.85, 1.15)
 _SETTLE_S = 0.3
 
 
@@ -38,8 +41,10 @@ class ServerBenchConfig:
     max_batch: int = 64
     json_path: Path = Path("bench-results/server.json")
     plot_path: Path | None = None
-    repeats: int | None = None  # runs per rate and side, the best kept; 1 quick, 2 full
+    repeats: int | None = None  # runs at a failing rate before it counts as failed (2); any pass passes
     seconds_per_run: float | None = None
+    ramp_factor: float | None = None  # None: by quick
+    refine_steps: int = REFINE_STEPS
 
     @property
     def run_seconds(self) -> float:
@@ -47,7 +52,13 @@ class ServerBenchConfig:
 
     @property
     def runs_per_point(self) -> int:
-        return self.repeats or (1 if self.quick else 2)
+        return self.repeats or 2
+
+    def plan(self, capacity_rps: float) -> RampPlan:
+        return RampPlan(start_rps=round(capacity_rps * LIGHT_FRACTION, 1),
+                        factor=self.ramp_factor or (QUICK_FACTOR if self.quick else FULL_FACTOR),
+                        refine_steps=self.refine_steps, max_rps=round(capacity_rps * MAX_RATE_FRACTION, 1),
+                        tries=self.runs_per_point)
 
 
 def run(cfg: ServerBenchConfig, log=print) -> dict:
@@ -58,10 +69,14 @@ def run(cfg: ServerBenchConfig, log=print) -> dict:
     engine = Engine([model], EngineConfig(policy="cellular", max_batch=cfg.max_batch))
     capacity = max(closed_loop_capacity(engine, model.name, input_name, vocab, cfg.seed + i) for i in range(3))
     log(f"engine capacity estimate (closed loop): {capacity:.0f} req/s")
-    rates = [round(capacity * f, 1) for f in (QUICK_LOAD_FRACTIONS if cfg.quick else LOAD_FRACTIONS)]
-    seeds = np.random.SeedSequence(cfg.seed).spawn(len(rates))
-    traces = {rate: make_trace(np.random.default_rng(s), rate, max(40, int(rate * cfg.run_seconds)), vocab)
-              for rate, s in zip(rates, seeds)}
+    plan = cfg.plan(capacity)
+    traces: dict[float, list] = {}
+
+    def trace(rate: float) -> list:
+        if rate not in traces:
+            traces[rate] = trace_at_rate(cfg.seed, rate, cfg.run_seconds, vocab)
+        return traces[rate]
+
     server = ServerProcess("--model", cfg.model, "--grpc-port", "-1", "--metrics-port", "-1",
                            "--max-batch", str(cfg.max_batch))
     try:
@@ -70,20 +85,18 @@ def run(cfg: ServerBenchConfig, log=print) -> dict:
             "engine": lambda trace, rate: replay(engine, model.name, input_name, trace, "engine", rate, slo_s),
             "server": lambda trace, rate: _server_run(server.http, cfg.model, input_name, trace, rate, cfg.slo_ms),
         }
-        results: dict[str, list[dict]] = {side: [] for side in sides}
-        with tqdm(total=len(rates) * len(sides), desc="bench server", unit="run") as bar:
-            for rate in rates:
-                for side, runner in sides.items():
+        searches = {side: RampSearch(plan, lambda s: meets_slo(s, cfg.slo_ms)) for side in sides}
+        with tqdm(desc="bench server", unit="run") as bar:
+            while pending := [(side, s) for side, s in searches.items() if s.next_rate() is not None]:
+                for side, search in pending:  # one run each in turn
+                    rate = search.next_rate()
                     bar.set_postfix_str(f"{side} @ {rate:.0f} req/s")
-                    tries = []
-                    for _ in range(cfg.runs_per_point):
-                        time.sleep(_SETTLE_S)
-                        tries.append(summarize(runner(traces[rate], rate), slo_s))
-                    results[side].append(max(tries, key=lambda t: t["goodput_rps"]))
+                    time.sleep(_SETTLE_S)
+                    search.record(summarize(sides[side](trace(rate), rate), slo_s))
                     bar.update()
     finally:
         server.stop()
-    report = _report(cfg, capacity, rates, results)
+    report = _report(cfg, capacity, plan, {side: s.result() for side, s in searches.items()})
     _write(cfg, report)
     return report
 
@@ -98,20 +111,24 @@ def _warm_up(address: str, model: str, input_name: str, vocab: int) -> None:
     open_loop(address, model, trace, fmt=RequestFormat(input_name))
 
 
-def _report(cfg: ServerBenchConfig, capacity: float, rates: list[float], results: dict) -> dict:
+def _report(cfg: ServerBenchConfig, capacity: float, plan: RampPlan, results: dict[str, RampResult]) -> dict:
     sides = {}
-    for side, runs in results.items():
-        sides[side] = {"max_goodput_rps": max(r["goodput_rps"] for r in runs),
+    for side, result in results.items():
+        runs = ramp_runs(result)
+        sides[side] = {"max_goodput_rps": result.bracket.max_goodput_rps, **result.bracket.to_dict(),
                        "light_load_p50_ms": runs[0]["p50_ms"], "light_load_p99_ms": runs[0]["p99_ms"],
                        "runs": runs}
     engine, server = sides["engine"], sides["server"]
     return {
         "model": cfg.model, "slo_ms": cfg.slo_ms, "quick": cfg.quick, "runs_per_point": cfg.runs_per_point,
-        "machine": {"cpus": cpu_count()}, "capacity_estimate_rps": capacity, "rates_rps": rates,
+        "machine": {"cpus": cpu_count()}, "capacity_estimate_rps": capacity,
+        "rates_rps": sorted({r for result in results.values() for r in result.rates_rps}), "ramp": plan.to_dict(),
         "engine": engine, "server": server,
         "light_load_p50_added_ms": server["light_load_p50_ms"] - engine["light_load_p50_ms"],
         "goodput_ratio": (server["max_goodput_rps"] / engine["max_goodput_rps"]
                           if engine["max_goodput_rps"] else math.nan),
+        # a ratio of two measured maxima; with either a bound, so is the ratio
+        "goodput_ratio_bracketed": engine["bracketed"] and server["bracketed"],
     }
 
 
@@ -125,11 +142,15 @@ def _write(cfg: ServerBenchConfig, report: dict) -> None:
 
 def table(report: dict) -> str:
     lines = [f"{report['model']}, SLO {report['slo_ms']:.0f} ms",
-             f"{'':<7} {'max goodput':>12} {'light p50':>10} {'light p99':>10}"]
-    for side in ("engine", "server"):
+             f"{'':<7} {'max goodput':>13} {'capacity in':>12} {'light p50':>10} {'light p99':>10}"]
+    brackets = {side: Bracket.from_dict(report[side]) for side in ("engine", "server")}
+    for side, b in brackets.items():
         d = report[side]
-        lines.append(f"{side:<7} {d['max_goodput_rps']:>8.0f} r/s {d['light_load_p50_ms']:>7.2f} ms "
-                     f"{d['light_load_p99_ms']:>7.2f} ms")
+        lines.append(f"{side:<7} {b.figure():>13} {b.describe() + ' r/s':>12} "
+                     f"{d['light_load_p50_ms']:>7.2f} ms {d['light_load_p99_ms']:>7.2f} ms")
+    ratio = f"{100 * report['goodput_ratio']:.0f}%"
+    if not report.get("goodput_ratio_bracketed", True):
+        ratio += " (not bracketed: a max goodput above is a bound, so is this)"
     lines.append(f"HTTP adds {report['light_load_p50_added_ms']:.2f} ms at light load (p50); the server "
-                 f"keeps {100 * report['goodput_ratio']:.0f}% of the engine's max goodput")
-    return "\n".join(lines)
+                 f"keeps {ratio} of the engine's max goodput")
+    return "\n".join(lines + footnotes(brackets.values()))

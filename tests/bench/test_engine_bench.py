@@ -5,10 +5,13 @@ policy with the documented fields, each max goodput with its bracket, and the pl
 import json
 import math
 
+import pytest
+
 from cellserve.bench import engine_bench
 from cellserve.bench.ramp import Bracket
 
 
+@pytest.mark.slow  # every policy really served, for seconds
 def test_engine_bench_ramps_every_policy_and_brackets_its_max_goodput(tmp_path):
     cfg = engine_bench.BenchConfig(model="gru-256", slo_ms=200, quick=True, json_path=tmp_path / "out.json",
                                    seconds_per_run=0.4, ramp_factor=4.0, refine_steps=1, repeats=1)
