@@ -22,7 +22,7 @@ import uvicorn
 from cellserve.engine.engine import Engine
 from cellserve.errors import CellserveError
 from cellserve.server.core import Core
-from cellserve.server.http_frontend import build_app, build_metrics_app
+from cellserve.server.http_frontend import ConnectionLimits, build_app, build_metrics_app, guarded_protocol
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import ServedModel, load_repository, load_zoo
 from cellserve.server.settings import ServerSettings
@@ -138,10 +138,17 @@ def _bind(settings: ServerSettings) -> dict[str, socket.socket]:
 
 
 class Frontends:
-    """The asyncio side: uvicorn for HTTP and metrics, grpc.aio for gRPC, the sequence sweeper."""
+    """The asyncio side: uvicorn for HTTP and metrics, grpc.aio for gRPC, the sequence sweeper.
+
+    Inference admission is bounded in the frontends, before requests are decoded, at most
+    the engine's max_active (--max-inflight) in flight; HTTP connections are bounded and
+    timed by GuardedHttpProtocol, gRPC's by gRPC core (the same three settings)."""
 
     def __init__(self, core: Core, settings: ServerSettings, sockets: dict[str, socket.socket]):
         self.core, self.settings, self.sockets = core, settings, sockets
+        core.admission.configure(ceiling=settings.engine.max_active)
+        self.limits = ConnectionLimits(settings.max_connections, settings.idle_timeout_s, settings.read_timeout_s)
+        core.metrics.watch_frontends(core.admission, self.limits)
         self.loop = _new_event_loop()
         self._thread = threading.Thread(target=self._run, name="cellserve-frontends", daemon=True)
         self._started = threading.Event()
@@ -199,14 +206,16 @@ class Frontends:
         if s.grpc_port >= 0:  # first: a port in use then fails before anything else runs
             from cellserve.server.grpc_frontend import start_grpc
 
-            self._grpc, port = await start_grpc(self.core, s.host, s.grpc_port, s.max_request_bytes)
+            self._grpc, port = await start_grpc(self.core, s.host, s.grpc_port, s.max_request_bytes,
+                                                s.max_connections, s.idle_timeout_s, s.read_timeout_s)
             self._ports["grpc"] = f"{_url_host(s.host)}:{port}"
         tasks = []
         apps = {"http": build_app(self.core, s.max_request_bytes), "metrics": build_metrics_app(self.core.metrics)}
+        protocols = {"http": guarded_protocol(self.core, self.limits), "metrics": "httptools"}
         for name, sock in self.sockets.items():
             config = uvicorn.Config(apps[name], log_level="warning", access_log=False, lifespan="off",
-                                    timeout_graceful_shutdown=s.grace_s + 5, http="httptools",
-                                    limit_concurrency=None, backlog=2048,
+                                    timeout_graceful_shutdown=s.grace_s + 5, http=protocols[name],
+                                    limit_concurrency=None, backlog=2048, timeout_keep_alive=s.idle_timeout_s,
                                     # nothing per request that no one asked for: no proxy-header
                                     # rewriting middleware, no Server header
                                     proxy_headers=False, server_header=False)

@@ -2,8 +2,12 @@
 
 The engine runs in the process's main thread; the frontends run on one asyncio loop in
 another. `Core.infer` hands a request to the engine and awaits its one response, which the
-engine thread passes back through `call_soon_threadsafe`. Sequences, parameters, deadlines
-and metrics are handled here, once, for both protocols.
+engine thread passes back through `call_soon_threadsafe`. Sequences, parameters, deadlines,
+admission and metrics are handled here, once, for both protocols.
+
+A request's timeout is a promise, kept from its arrival at the server to its answer being
+written: one the engine has not answered by its deadline, or whose encoded answer is ready
+only after it, is answered DeadlineExceeded (504 / DEADLINE_EXCEEDED), never a late success.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cellserve import __version__
+from cellserve.engine.clock import Clock
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Response, Status
 from cellserve.server.codec import datatype_of
@@ -27,6 +32,8 @@ from cellserve.server.sequences import SequenceStore
 EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout"]
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
+_EXPIRED = object()  # what a request's deadline timer resolves its engine future with
+_VERDICT_GRACE_S = 0.005  # see Core._submit
 
 
 @dataclass
@@ -90,11 +97,87 @@ class RequestOptions:
                    ints["timeout"] or None)
 
 
+class Admission:
+    """The bound on inference requests in flight, from when a request's headers arrive
+    (before its body is read or decoded) until its answer is written; both frontends share it.
+
+    Contract: `full()` is the cheap check a transport makes before it builds anything for a
+    request; `enter()` takes a place (a ticket) or raises Overloaded; each ticket is handed
+    back exactly once with `leave(ticket, outcome)`.
+
+    The limit adapts between `floor` and `ceiling` (the --max-queue bound) so that refusals
+    happen here, where they cost a canned answer, instead of in the engine after a decode:
+    - CONGESTED (the engine refused or dropped a request, or its deadline passed) while at
+      least half the limit was in use cuts the limit to 90% of what is in flight; only a
+      request that entered after the last cut can cut again, so one burst of refusals
+      caused by the old limit cuts once, as TCP cuts once per window;
+    - OK while the limit is three-quarters used grows it by GROWTH / limit, so GROWTH places
+      per limit's worth of answers.
+    Without congestion (requests without deadlines) it stays at the ceiling.
+    """
+
+    OK, CONGESTED, OTHER = "ok", "congested", "other"
+    GROWTH = 4.0
+
+    def __init__(self, ceiling: int = 4096, floor: int = 8):
+        self.ceiling, self.floor = ceiling, min(floor, ceiling)
+        self.limit = float(ceiling)
+        self.in_flight = 0
+        self.shed = 0  # refused here, by enter() or by a transport that saw full()
+        self.cuts = 0
+        self._issued = 0  # tickets handed out
+        self._cut_after = 0  # tickets up to this one entered before the last cut
+
+    def configure(self, ceiling: int) -> None:
+        self.ceiling, self.floor = ceiling, min(self.floor, ceiling)
+        self.limit = min(self.limit, float(ceiling)) if self.cuts else float(ceiling)
+
+    def full(self) -> bool:
+        return self.in_flight >= int(self.limit)
+
+    def refusal(self) -> str:
+        """The message of a refusal here: what is full, and by which bound."""
+        return (f"queue full: {self.in_flight} requests in flight, at the server's limit of {int(self.limit)} "
+                f"(adapted to what the engine keeps up with; at most {self.ceiling}, --max-queue); retry later")
+
+    def enter(self) -> int:
+        if self.in_flight >= int(self.limit):
+            self.shed += 1
+            raise Overloaded(self.refusal())
+        self.in_flight += 1
+        self._issued += 1
+        return self._issued
+
+    def leave(self, ticket: int, outcome: str) -> None:
+        in_flight = self.in_flight
+        self.in_flight -= 1
+        if outcome == self.CONGESTED:
+            if ticket > self._cut_after and in_flight >= self.limit / 2:
+                self.limit = max(float(self.floor), 0.9 * min(self.limit, in_flight))
+                self._cut_after = self._issued
+                self.cuts += 1
+        elif outcome == self.OK and in_flight >= 0.75 * self.limit:
+            self.limit = min(float(self.ceiling), self.limit + self.GROWTH / self.limit)
+
+    @staticmethod
+    def outcome(exc: BaseException | None) -> str:
+        """How an inference that ended with `exc` (None: answered) counts for the limit."""
+        if exc is None:
+            return Admission.OK
+        if isinstance(exc, (Overloaded, DeadlineExceeded)):
+            return Admission.CONGESTED
+        return Admission.OTHER
+
+
 class Core:
     def __init__(self, served: list[ServedModel], engine: Engine, metrics: Metrics,
-                 sequence_idle_s: float = 60.0, max_sequences: int = 100_000):
+                 sequence_idle_s: float = 60.0, max_sequences: int = 100_000, clock: Clock | None = None):
         self.engine = engine
         self.metrics = metrics
+        # where the server reads time (deadlines, arrivals); the engine's clock unless a test
+        # injects another
+        self.clock = clock or engine.clock
+        self.admission = Admission()
         self.sequence_idle_s = sequence_idle_s
         self.sequences = SequenceStore(max_sequences)
         self._models: dict[str, dict[str, ServedModel]] = {}
@@ -148,23 +231,34 @@ class Core:
 
     # ---- inference ----
 
-    async def infer(self, request: InferInput) -> InferOutput:
-        received = time.perf_counter()
+    async def infer(self, request: InferInput, received: float | None = None, encode=None):
+        """Answer one request: its InferOutput, or `encode(output)` where given (the frontend's
+        response, so that the deadline covers the encoding too). `received`: when it reached
+        the server, on `self.clock` (default: now). Raises a ServerError to answer instead;
+        DeadlineExceeded when its deadline passes before the answer is ready."""
+        if received is None:
+            received = self.clock.now()
         entry = self.model(request.model, request.version)
         metrics = self.metrics.model(entry.name, entry.version)
         metrics.pending.inc()
         try:
-            result = await self._infer(entry, request, received)
+            result, timeout_s = await self._infer(entry, request, received)
+            answer = result if encode is None else encode(result)
+            if timeout_s is not None and self.clock.now() - received > timeout_s:
+                metrics.slo_miss.inc()
+                raise DeadlineExceeded(f"the answer was ready {(self.clock.now() - received) * 1e3:.1f} ms after "
+                                       f"the request arrived, past its deadline of {timeout_s * 1e3:g} ms")
         except ServerError as exc:
             metrics.failure(_reason(exc)).inc()
             raise
         finally:
             metrics.pending.dec()
         metrics.success.inc()
-        metrics.request_us.inc((time.perf_counter() - received) * 1e6)
-        return result
+        metrics.request_us.inc((self.clock.now() - received) * 1e6)
+        return answer
 
-    async def _infer(self, entry: ServedModel, request: InferInput, received: float) -> InferOutput:
+    async def _infer(self, entry: ServedModel, request: InferInput,
+                     received: float) -> tuple[InferOutput, float | None]:
         if not self.accepting:
             raise Unavailable("the server is shutting down")
         options = RequestOptions.parse(request.parameters)
@@ -186,7 +280,7 @@ class Core:
         if options.sequence_id is not None:
             parameters = {"sequence_id": options.sequence_id, "sequence_start": options.sequence_start,
                           "sequence_end": options.sequence_end}
-        return InferOutput(entry.name, entry.version, request.request_id, outputs, parameters)
+        return InferOutput(entry.name, entry.version, request.request_id, outputs, parameters), timeout_s
 
     async def _sequence_step(self, entry: ServedModel, request: InferInput, options: RequestOptions,
                              timeout_s, priority, received) -> Response:
@@ -226,11 +320,28 @@ class Core:
         margin = self._handback_s + 4 * self._handback_dev_s
         engine_timeout = None if timeout_s is None else max(timeout_s - margin, timeout_s / 2)
         # the deadline runs from when the request reached the server, not the engine
-        arrival = self.engine.clock.now() - (time.perf_counter() - received)
+        arrival = self.engine.clock.now() - (self.clock.now() - received)
         self.engine.submit(Request(entry.engine_name, inputs, on_done=on_done, timeout_s=engine_timeout,
                                    priority=priority, arrival=arrival, initial_state=initial_state,
                                    return_state=return_state))
-        response = await done
+        # Whatever the engine does (a GIL-starved step, an answer stuck behind others in the
+        # hand-back), the client hears soon after its deadline; the engine's later answer is
+        # ignored. The wait runs past the deadline by the hand-back margin (at least
+        # _VERDICT_GRACE_S), so that the engine's refusal of a deadline too short to meet is
+        # still answered as one (429, with its reason); a success that late is a 504 anyway.
+        timer = None
+        if timeout_s is not None:
+            wait = received + timeout_s + max(margin, _VERDICT_GRACE_S) - self.clock.now()
+            timer = loop.call_later(max(wait, 0.0), _resolve, done, _EXPIRED)
+        try:
+            response = await done
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if response is _EXPIRED:
+            self.metrics.model(entry.name, entry.version).slo_miss.inc()
+            raise DeadlineExceeded(f"the engine had not answered when the deadline of {timeout_s * 1e3:g} ms "
+                                   "passed (counted from the request's arrival at the server)")
         handback = max(self.engine.clock.now() - response.finish, 0.0)
         self._handback_dev_s += 0.25 * (abs(handback - self._handback_s) - self._handback_dev_s)
         self._handback_s += 0.125 * (handback - self._handback_s)
@@ -239,8 +350,6 @@ class Core:
             metrics.queue_us.inc(max(response.admitted - response.arrival, 0) * 1e6)
             metrics.compute_us.inc(max(response.finish - response.admitted, 0) * 1e6)
         if response.status is Status.OK:
-            if timeout_s is not None and response.finish - received > timeout_s:
-                metrics.slo_miss.inc()
             metrics.inference_count.inc(entry.model.batch_size(inputs))
             return response
         # the engine knows the model as "name:version": say it as the client does
@@ -250,7 +359,7 @@ class Core:
         raise _ERRORS[response.status](reason)
 
 
-def _resolve(future: asyncio.Future, response: Response) -> None:
+def _resolve(future: asyncio.Future, response) -> None:
     if not future.done():
         future.set_result(response)
 

@@ -4,6 +4,11 @@ Uses the message and service stubs that ship with tritonclient, on grpc.aio so t
 run on the same asyncio loop as the core. Every failure is answered with a status code and
 a message: a ServerError with its own code, anything else with INTERNAL (and a log entry),
 never with a stack trace. RPCs not implemented here answer UNIMPLEMENTED (the base class).
+
+ModelInfer takes its request as bytes: a request that arrives while the core's admission
+bound is full is refused RESOURCE_EXHAUSTED before its message is parsed. Connections are
+bounded by gRPC core itself (--max-connections, --idle-timeout, and --read-timeout for the
+HTTP/2 handshake).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from cellserve.server import codec
-from cellserve.server.core import Core, InferInput, InferOutput
+from google.protobuf.message import DecodeError
+
+from cellserve.server.core import Admission, Core, InferInput, InferOutput
 from cellserve.server.errors import BadRequest, ServerError
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,11 @@ _UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size",
                               "classification")
 
 
-async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+_SERVICE = "inference.GRPCInferenceService"
+
+
+async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int, max_connections: int = 4096,
+                     idle_timeout_s: float = 5.0, read_timeout_s: float = 10.0) -> tuple[grpc.aio.Server, int]:
     """Create, bind and start the gRPC server; return it and the port actually bound (port 0
     picks a free one). Raises OSError if the port cannot be bound."""
     options = [
@@ -53,9 +64,21 @@ async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int) -
         # gRPC sets SO_REUSEPORT by default, which would let a second server bind a port in
         # use without any error; a port in use must fail the start instead
         ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        # a connection with no RPC in flight this long gets GOAWAY (clients reconnect at will)
+        ("grpc.max_connection_idle_ms", int(idle_timeout_s * 1000)),
+        # a client must finish the HTTP/2 handshake this soon (slowloris, gRPC's way)
+        ("grpc.server_handshake_timeout_ms", int(read_timeout_s * 1000)),
     ]
     server = grpc.aio.server(options=options)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
+    servicer = InferenceServicer(core)
+    handlers = _method_handlers(servicer)
+    # ModelInfer gets the request's bytes: admission is checked before they are parsed
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInferBytes, request_deserializer=None,
+        response_serializer=service_pb2.ModelInferResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -65,6 +88,25 @@ async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int) -
         raise OSError(f"cannot bind gRPC to {host}:{port}: the address is in use or not available")
     await server.start()
     return server, bound
+
+
+def _method_handlers(servicer) -> dict:
+    """The service's method handlers as the generated stub registers them."""
+
+    class Capture:
+        handlers: dict = {}
+
+        def add_generic_rpc_handlers(self, generic_handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service, handlers) -> None:
+            self.handlers = dict(handlers)
+
+    capture = Capture()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    if "ModelInfer" not in capture.handlers:
+        raise RuntimeError("tritonclient's generated gRPC stub registered no ModelInfer handler")
+    return capture.handlers
 
 
 def _answers_errors(handler):
@@ -125,8 +167,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_answers_errors
     async def ModelInfer(self, request, context):
         self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
-        result = await self.core.infer(parse_infer_request(request))
-        return encode_infer_response(result)
+        return await self.core.infer(parse_infer_request(request), encode=encode_infer_response)
+
+    @_answers_errors
+    async def ModelInferBytes(self, data: bytes, context):
+        """ModelInfer, registered in its place, from the request's serialized bytes."""
+        received = self.core.clock.now()
+        admission = self.core.admission
+        ticket = admission.enter()  # RESOURCE_EXHAUSTED before a byte is parsed
+        failure = None
+        try:
+            try:
+                request = service_pb2.ModelInferRequest.FromString(data)
+            except DecodeError as exc:
+                raise BadRequest(f"the request is not a valid ModelInferRequest message: {exc}") from exc
+            self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding tensors
+            return await self.core.infer(parse_infer_request(request), received, encode=encode_infer_response)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            admission.leave(ticket, Admission.outcome(failure))
 
 
 # ---- request ----

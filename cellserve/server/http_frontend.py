@@ -2,6 +2,13 @@
 
 Every error is answered as `{"error": "..."}` with the status of its ServerError class; the
 request body is read with a size limit before anything is parsed.
+
+Overload and slow clients are met in the transport (`GuardedHttpProtocol`, uvicorn's httptools
+protocol with guards), before any ASGI work: an inference request that arrives while the
+admission bound is full is answered 429 from a canned response when its headers are parsed,
+its body skipped unread; connections past --max-connections are answered 503 and closed; a
+connection idle past --idle-timeout is closed, and one whose request headers take longer than
+--read-timeout, or whose body stalls that long, is answered 408 and closed.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import json
 import logging
 import re
 import zlib
+from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
@@ -18,26 +26,33 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cellserve.server import codec
-from cellserve.server.core import Core, InferInput, InferOutput
-from cellserve.server.errors import BadRequest, ServerError, TooLarge
+from cellserve.server.core import Admission, Core, InferInput, InferOutput
+from cellserve.server.errors import BadRequest, Overloaded, ServerError, TooLarge
 
 log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
-_REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs"}
+# model_name and model_version: what the protocol's reference client (kserve) sends beside the URL
+_REQUEST_FIELDS = {"id", "model_name", "model_version", "parameters", "inputs", "outputs"}
 _INPUT_FIELDS = {"name", "shape", "datatype", "parameters", "data"}
 _OUTPUT_FIELDS = {"name", "parameters"}
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+RECEIVED = "cellserve.received"  # scope key: when the request's first byte was parsed (core.clock)
 
 
 def build_app(core: Core, max_request_bytes: int):
     """The HTTP frontend, an ASGI app."""
+    # The bodies are the protocol's ({"live": bool}, {"ready": bool}); the status codes stay
+    # 200 / 503, which tritonclient and Kubernetes probes read
     async def live(request: Request) -> Response:
-        return Response(status_code=200 if core.live() else 503)
+        live = core.live()
+        return JSONResponse({"live": live}, status_code=200 if live else 503)
 
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if core.ready() else 503)
+        ready = core.ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     async def server_metadata(request: Request) -> Response:
         return JSONResponse(core.server_metadata())
@@ -48,7 +63,8 @@ def build_app(core: Core, max_request_bytes: int):
 
     async def model_ready(request: Request) -> Response:
         p = request.path_params
-        return Response(status_code=200 if core.model_ready(p["model"], p.get("version", "")) else 503)
+        ready = core.model_ready(p["model"], p.get("version", ""))
+        return JSONResponse({"name": p["model"], "ready": ready}, status_code=200 if ready else 503)
 
     async def openapi_document(request: Request) -> Response:
         document = resources.files("cellserve.server").joinpath("openapi.json").read_bytes()
@@ -89,23 +105,37 @@ def build_app(core: Core, max_request_bytes: int):
 
 class InferEndpoint:
     """POST /v2/models/{model}[/versions/{version}]/infer as a bare ASGI app, errors included
-    (answered as the Starlette app's handlers answer them)."""
+    (answered as the Starlette app's handlers answer them). Each request holds a place in the
+    core's admission bound from before its body is read until its answer is written."""
 
     def __init__(self, core: Core, max_request_bytes: int):
         self.core, self.max_request_bytes = core, max_request_bytes
 
     async def __call__(self, scope, receive, send) -> None:
+        received = scope.get(RECEIVED)
+        if received is None:  # served without GuardedHttpProtocol (another server, a test client)
+            received = self.core.clock.now()
+        admission = self.core.admission
         try:
-            response = await self._infer(scope, receive)
-        except ClientDisconnect:
-            return  # no one to answer
-        except ServerError as exc:
-            response = _server_error_response(exc)
-        except Exception as exc:  # noqa: BLE001 - a 500 that says what failed
-            response = _internal_error_response(exc, "POST", scope["path"])
-        await response(scope, receive, send)
+            ticket = admission.enter()
+        except Overloaded as exc:
+            await _server_error_response(exc)(scope, receive, send)
+            return
+        failure = None
+        try:
+            try:
+                response = await self._infer(scope, receive, received)
+            except ClientDisconnect:
+                return  # no one to answer
+            except ServerError as exc:
+                failure, response = exc, _server_error_response(exc)
+            except Exception as exc:  # noqa: BLE001 - a 500 that says what failed
+                failure, response = exc, _internal_error_response(exc, "POST", scope["path"])
+            await response(scope, receive, send)
+        finally:
+            admission.leave(ticket, Admission.outcome(failure))
 
-    async def _infer(self, scope, receive) -> Response:
+    async def _infer(self, scope, receive, received: float) -> Response:
         model, version = scope["path_params"]["model"], scope["path_params"].get("version", "")
         self.core.model(model, version)  # 404 before reading a body for nobody
         headers = {}
@@ -113,8 +143,8 @@ class InferEndpoint:
             headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
         body = await _read_body(headers, receive, self.max_request_bytes)
         infer_input, binary_outputs = parse_infer_request(body, headers.get(HEADER_LENGTH.lower()), model, version)
-        result = await self.core.infer(infer_input)
-        return encode_infer_response(result, binary_outputs)
+        return await self.core.infer(infer_input, received,
+                                     encode=lambda result: encode_infer_response(result, binary_outputs))
 
 
 def build_metrics_app(metrics) -> Starlette:
@@ -201,6 +231,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
     if not isinstance(doc, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(doc).__name__}")
     _no_unknown_fields(doc, _REQUEST_FIELDS, "request")
+    version = _check_url_fields(doc, model, version)
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
         raise BadRequest(f"'id' must be a string, got {request_id!r}")
@@ -238,6 +269,27 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
             binary_outputs[name] = as_binary
     return InferInput(model, version, inputs, request_id, parameters, outputs), \
         binary_outputs or {"*": binary_default}
+
+
+def _check_url_fields(doc: dict, model: str, version: str) -> str:
+    """The body's model_name and model_version (sent by clients such as kserve's) must agree
+    with the URL; a model_version where the URL names none picks that version. Returns the
+    version to serve."""
+    name = doc.get("model_name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise BadRequest(f"'model_name' must be a string, got {name!r}")
+        if name != model:
+            raise BadRequest(f"'model_name' {name!r} in the body contradicts the model {model!r} in the URL")
+    body_version = doc.get("model_version")
+    if body_version is not None:
+        if not isinstance(body_version, str):
+            raise BadRequest(f"'model_version' must be a string, got {body_version!r}")
+        if body_version and version and body_version != version:
+            raise BadRequest(f"'model_version' {body_version!r} in the body contradicts version {version!r} "
+                             "in the URL")
+        version = version or body_version
+    return version
 
 
 def _parse_input(tensor: object, index: int, binary: memoryview) -> tuple[np.ndarray, int]:
@@ -311,3 +363,181 @@ def encode_infer_response(result: InferOutput, binary_outputs: dict[str, bool]) 
         return Response(header, media_type="application/json")
     return Response(header + b"".join(blobs), media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(len(header))})
+
+
+# ---- transport: admission at the headers, connection limits, slow clients ----
+
+@dataclass
+class ConnectionLimits:
+    """What GuardedHttpProtocol enforces, and what it counts (read by the metrics)."""
+
+    max_connections: int = 4096
+    idle_timeout_s: float = 5.0  # between requests (and before the first)
+    read_timeout_s: float = 10.0  # a request's headers, in all; its body, between two reads
+    refused: int = 0  # connections over max_connections
+    timed_out: int = 0  # requests too slow to arrive (408)
+    open: int = 0
+
+
+def guarded_protocol(core: Core, limits: ConnectionLimits) -> type:
+    """GuardedHttpProtocol bound to a core and its limits, for uvicorn.Config(http=...)."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"core": core, "limits": limits})
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, guarded (see the module docstring).
+
+    Per connection, what the client owes and by when: "idle" (a next request, within the idle
+    timeout), "headers" (from a request's first byte, within the read timeout), "body" (more
+    of it, within the read timeout of the last bytes) or nothing while the server works on a
+    request. One timer per connection checks it, re-armed only when it fires early, so a
+    request's progress costs a float store, not a timer.
+
+    Relies on uvicorn's HttpToolsProtocol callbacks (on_message_begin, on_headers_complete,
+    on_body, on_message_complete, on_response_complete) and its `cycle` and `pipeline`; the
+    tests in tests/server/test_overload.py pin the behaviour.
+    """
+
+    core: Core
+    limits: ConnectionLimits
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._owed: str | None = None
+        self._deadline = 0.0
+        self._timer = None
+        self._timer_at = 0.0
+        self._began = 0.0
+        self._shed = False  # the request being parsed was answered 429 at its headers
+
+    # -- connections --
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.limits.open += 1
+        if len(self.connections) > self.limits.max_connections:
+            self.limits.refused += 1
+            self._answer_and_close(503, f"too many open connections: this server's limit is "
+                                        f"{self.limits.max_connections} (--max-connections); retry later")
+            return
+        self._expect("idle", self.limits.idle_timeout_s)
+
+    def connection_lost(self, exc) -> None:
+        self.limits.open -= 1
+        self._owed = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._owed == "idle":  # any byte starts a request: its headers are now owed
+            self._expect("headers", self.limits.read_timeout_s)
+        elif self._owed == "body":  # progress: the body's clock starts again
+            self._deadline = self.loop.time() + self.limits.read_timeout_s
+        super().data_received(data)
+
+    # -- parser callbacks --
+
+    def on_message_begin(self) -> None:
+        self._began = self.core.clock.now()
+        if self._owed != "headers":
+            self._expect("headers", self.limits.read_timeout_s)
+        super().on_message_begin()
+        self.scope[RECEIVED] = self._began
+
+    def on_headers_complete(self) -> None:
+        self._expect("body", self.limits.read_timeout_s)
+        if self.core.admission.full() and self._is_infer() and not self._busy():
+            self._shed_request()
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._shed:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._shed:
+            self._shed = False
+            self._expect("idle", self.limits.idle_timeout_s)
+            return
+        super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete:  # answered before its body was read
+            self._expect("idle", self.limits.idle_timeout_s)
+        else:
+            self._owed = None  # the server's turn
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if self._owed is None and not pipelined:
+            self._expect("idle", self.limits.idle_timeout_s)
+
+    # -- shedding --
+
+    def _is_infer(self) -> bool:
+        if self.parser.get_method() != b"POST":
+            return False
+        url = self.url
+        query = url.find(b"?")
+        return (url if query < 0 else url[:query]).endswith(b"/infer")
+
+    def _busy(self) -> bool:
+        """A response is still owed on this connection: a canned one would overtake it."""
+        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
+
+    def _shed_request(self) -> None:
+        admission = self.core.admission
+        admission.shed += 1
+        # A client that waits for 100-continue may never send the body the parser would skip
+        keep = self.parser.should_keep_alive() and not self.expect_100_continue
+        self._shed = True  # its body, in this read or later ones, is skipped
+        self._write(429, admission.refusal(), close=not keep)
+
+    # -- timeouts --
+
+    def _expect(self, owed: str, seconds: float) -> None:
+        self._owed = owed
+        self._deadline = self.loop.time() + seconds
+        if self._timer is None or self._timer_at > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._owed is None or self.transport.is_closing():
+            return
+        if self.loop.time() < self._deadline:
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._check)
+            return
+        owed, self._owed = self._owed, None
+        if owed == "idle":
+            self.transport.close()
+            return
+        self.limits.timed_out += 1
+        seconds = self.limits.read_timeout_s
+        if owed == "headers":
+            message = f"the request's headers did not arrive within {seconds:g} s (--read-timeout)"
+        else:
+            message = f"the request's body stalled: no bytes for {seconds:g} s (--read-timeout)"
+        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
+            self.transport.close()  # a response is half written: nothing more can be said
+        else:
+            self._answer_and_close(408, message)
+
+    def _answer_and_close(self, status: int, message: str) -> None:
+        self._owed = None
+        self._write(status, message, close=True)
+
+    def _write(self, status: int, message: str, close: bool) -> None:
+        body = json.dumps({"error": message}).encode()
+        reason = {408: b"Request Timeout", 429: b"Too Many Requests", 503: b"Service Unavailable"}[status]
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n" % (
+            status, reason, len(body), b"connection: close\r\n" if close else b"")
+        self.transport.write(head + body)
+        if close:
+            self.transport.close()

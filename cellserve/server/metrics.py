@@ -11,9 +11,15 @@ Triton-like, per model and version:
 Cellular batching:
   cellserve_cell_steps_total{cell_type}, cellserve_cell_lanes_total{cell_type}: mean batch
                                    occupancy of a cell type is lanes / steps
-  cellserve_slo_miss_total         answered, but after the deadline
+  cellserve_slo_miss_total         the deadline passed before the answer was ready (answered 504)
   cellserve_sequences_active
   cellserve_engine_overhead_factor  wall time of busy steps over their modelled kernel time
+Admission and connections (the frontends, before any decoding; not per model):
+  cellserve_requests_shed_total    inference refused (429) by the frontends' bound, at the headers
+  cellserve_admission_limit, cellserve_admission_in_flight   the bound now, and what it holds
+  cellserve_admission_cuts_total   times the bound was cut because the engine refused or dropped
+  cellserve_http_connections_open, cellserve_http_connections_refused_total (over the limit),
+  cellserve_http_requests_timed_out_total (408: headers or body too slow)
 Failure reasons: invalid, rejected (refused at admission), dropped (deadline missed while
 queued or running), sequence (a sequence error), error (the server failed).
 """
@@ -45,7 +51,8 @@ class Metrics:
                                   "Cumulative time from admission to the answer", LABELS, registry=r)
         self.pending = Gauge("cellserve_inference_pending_request_count", "Requests received, not yet answered",
                              LABELS, registry=r)
-        self.slo_miss = Counter("cellserve_slo_miss", "Requests answered after their deadline", LABELS, registry=r)
+        self.slo_miss = Counter("cellserve_slo_miss", "Requests whose deadline passed before their answer was ready",
+                                LABELS, registry=r)
         self.sequences = Gauge("cellserve_sequences_active", "Active stateful sequences", ("model",), registry=r)
         if engine is not None:
             r.register(_EngineCollector(engine))
@@ -58,6 +65,10 @@ class Metrics:
         if key not in self._models:
             self._models[key] = ModelMetrics(self, name, version)
         return self._models[key]
+
+    def watch_frontends(self, admission, limits) -> None:
+        """Export the frontends' admission bound and HTTP connection counts (read at scrape time)."""
+        self.registry.register(_FrontendCollector(admission, limits))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -109,3 +120,27 @@ class _EngineCollector:
         yield GaugeMetricFamily("cellserve_engine_overhead_factor",
                                 "Busy wall time over modelled kernel time, as admission prices requests",
                                 value=self.engine.overhead_factor)
+
+
+class _FrontendCollector:
+    """Reads the admission bound and the connection counters at scrape time (plain numbers
+    the frontends update on their loop: nothing on the request path)."""
+
+    def __init__(self, admission, limits):
+        self.admission, self.limits = admission, limits
+
+    def collect(self):
+        a, c = self.admission, self.limits
+        yield CounterMetricFamily("cellserve_requests_shed", "Inference requests refused (429) by the frontends' "
+                                  "admission bound before their body was decoded", value=a.shed)
+        yield GaugeMetricFamily("cellserve_admission_limit", "Inference requests the frontends admit at once now",
+                                value=int(a.limit))
+        yield GaugeMetricFamily("cellserve_admission_in_flight", "Inference requests admitted, not yet answered",
+                                value=a.in_flight)
+        yield CounterMetricFamily("cellserve_admission_cuts", "Times the admission bound was cut because the "
+                                  "engine refused or dropped requests", value=a.cuts)
+        yield GaugeMetricFamily("cellserve_http_connections_open", "Open HTTP client connections", value=c.open)
+        yield CounterMetricFamily("cellserve_http_connections_refused", "HTTP connections closed at once: over "
+                                  "--max-connections", value=c.refused)
+        yield CounterMetricFamily("cellserve_http_requests_timed_out", "HTTP requests answered 408: headers or "
+                                  "body slower than --read-timeout", value=c.timed_out)

@@ -66,6 +66,14 @@ class ServerSettings:
     threads: int | None = setting(None, "CPU threads for the cell kernels", ge=1, unset="torch's, one per core",
                                   group=_COMPUTE, metavar="N")
     engine: EngineConfig = setting(help="the engine's settings", default_factory=EngineConfig)
+    # issue 15: bounds on connections and slow clients (HTTP and gRPC)
+    max_connections: int = setting(4096, "open client connections per protocol; past it a new HTTP connection is "
+                                         "answered 503 and closed", ge=1, group=_NETWORK, metavar="N")
+    idle_timeout_s: float = setting(5.0, "seconds a client connection may stay idle between requests",
+                                    gt=0, flag="--idle-timeout", group=_NETWORK, metavar="SECONDS")
+    read_timeout_s: float = setting(10.0, "seconds a client may take to send a request's headers, or leave its "
+                                          "body stalled, before a 408 and close (slowloris)",
+                                    gt=0, flag="--read-timeout", group=_NETWORK, metavar="SECONDS")
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field
