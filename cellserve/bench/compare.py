@@ -7,6 +7,10 @@ restarted for each; per SLO the entry with the most goodput is kept, and the lig
 latencies are the best any entry gave. cellserve gets the SLO as each request's deadline
 (its users send one) and so runs one ramp per SLO; the peers have no deadline scheduling and
 one ramp serves both SLOs. Peers that cannot be installed or started are listed with the reason.
+
+Every max goodput carries its bracket (`ramp.bracket`): the highest rate that kept up at that
+SLO and the lowest above it that did not; without the latter it is marked as a lower bound,
+and when the ramp's first rate already failed, as below the ramp's start.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cellserve.bench.engine_bench import cpu_count
-from cellserve.bench.load import Sweep, Target, generator_ceiling, max_goodput, run_rate, sweep_rates, warm_up
+from cellserve.bench.load import (Sweep, Target, generator_ceiling, max_goodput, run_rate, saturated, sweep_rates,
+                                  warm_up)
 from cellserve.bench.loadgen import RequestFormat
 from cellserve.bench.peers import PEERS, export_model, load_peer
 from cellserve.bench.peers.base import PeerUnavailable
 from cellserve.bench.plots import plot_load_sweep
+from cellserve.bench.ramp import Bracket, Point, bracket, footnotes
 from cellserve.bench.results import json_safe
 
 CELLSERVE = "cellserve"
@@ -104,10 +110,11 @@ def _cellserve(cfg: CompareConfig, sweep: Sweep, log) -> tuple[dict, dict]:
             light = _light(target, cfg, sweep)
             with tqdm(desc=f"cellserve, deadline {slo:g} ms", unit="rate", leave=False) as bar:
                 rows = sweep_rates(target, replace(sweep, slos_ms=(slo,)), bar)
-            results[f"{slo:g}"] = {"max_goodput_rps": max_goodput(rows, slo), "light_load_p50_ms": light["p50_ms"],
-                                   "light_load_p99_ms": light["p99_ms"], "tuning": "default (cellular)"}
+            results[f"{slo:g}"] = {"max_goodput_rps": max_goodput(rows, slo), **sweep_bracket(rows, slo).to_dict(),
+                                   "light_load_p50_ms": light["p50_ms"], "light_load_p99_ms": light["p99_ms"],
+                                   "tuning": "default (cellular)"}
             sweeps[f"deadline {slo:g} ms"] = {"light": light, "rates": rows}
-            log(f"cellserve @ {slo:g} ms: {results[f'{slo:g}']['max_goodput_rps']:.0f} req/s, "
+            log(f"cellserve @ {slo:g} ms: {_figure(results[f'{slo:g}'])}, "
                 f"light p99 {light['p99_ms']:.1f} ms")
     finally:
         server.stop()
@@ -138,11 +145,27 @@ def _peer(name: str, cfg: CompareConfig, model, sweep: Sweep, workdir: Path, log
     for slo in cfg.slos_ms:
         label, best = max(sweeps.items(), key=lambda item: max_goodput(item[1]["rates"], slo))
         results[f"{slo:g}"] = {"max_goodput_rps": max_goodput(best["rates"], slo),
+                               **sweep_bracket(best["rates"], slo).to_dict(),
                                "light_load_p50_ms": best_light["p50_ms"], "light_load_p99_ms": best_light["p99_ms"],
                                "tuning": label}
-        log(f"{name} @ {slo:g} ms: {results[f'{slo:g}']['max_goodput_rps']:.0f} req/s ({label}), "
+        log(f"{name} @ {slo:g} ms: {_figure(results[f'{slo:g}'])} ({label}), "
             f"light p99 {best_light['p99_ms']:.1f} ms")
     return results, sweeps
+
+
+def sweep_bracket(rows: list[dict], slo_ms: float) -> Bracket:
+    """The bracket of a `bench load` sweep at one SLO: a rate passes when the server was not
+    saturated there (load.saturated), and only rates whose p99 met the SLO count towards the
+    max goodput (as in load.max_goodput)."""
+    key = f"{slo_ms:g}"
+    return bracket(Point(r["offered_rps"], r["goodput_rps"][key] if r["p99_ms"] <= slo_ms else 0.0,
+                         not saturated(r, slo_ms), r) for r in rows)
+
+
+def _figure(figures: dict) -> str:
+    """A max goodput as logged: its marker, and the rates that bracket it."""
+    b = Bracket.from_dict(figures)
+    return f"{b.figure('req/s')} (capacity {b.describe()} req/s)"
 
 
 def _or_inf(value: float) -> float:
@@ -164,14 +187,19 @@ def markdown_table(report: dict) -> str:
     head = ("| server | " + " | ".join(f"max goodput, p99 ≤ {s} ms" for s in slos)
             + " | light-load p50 | light-load p99 | best tuning |")
     lines = [head, "|" + "---|" * (len(slos) + 4)]
+    brackets = []
     for name, per_slo in report["servers"].items():
         first = per_slo[slos[0]]
         tunings = sorted({per_slo[s]["tuning"] for s in slos})
-        lines.append(f"| {name} | " + " | ".join(f"{per_slo[s]['max_goodput_rps']:.0f} req/s" for s in slos)
+        figures = [Bracket.from_dict(per_slo[s]) for s in slos]
+        brackets += figures
+        lines.append(f"| {name} | " + " | ".join(b.figure("req/s") for b in figures)
                      + f" | {first['light_load_p50_ms']:.1f} ms | {first['light_load_p99_ms']:.1f} ms"
                      + f" | {'; '.join(tunings)} |")
     for name, reason in report["skipped"].items():
         lines.append(f"| {name} | " + " | ".join("—" for _ in slos) + f" | — | — | skipped: {reason.splitlines()[0]} |")
+    for note in footnotes(brackets, markdown=True):
+        lines += ["", note]
     return "\n".join(lines)
 
 

@@ -131,16 +131,14 @@ def bracket(points: Iterable[Point]) -> Bracket:
                    bracketed=not below_start and highest_pass is not None and lowest_fail is not None)
 
 
-def footnotes(brackets: Iterable[Bracket]) -> list[str]:
-    """The lines a table adds under figures marked with Bracket.marker: one per marker used."""
+def footnotes(brackets: Iterable[Bracket], markdown: bool = False) -> list[str]:
+    """The lines a table adds under figures marked with Bracket.marker: one per marker used
+    (in markdown, the marker in backticks: a line may not start with '>')."""
     markers = {b.marker for b in brackets}
-    notes = []
-    if ">=" in markers:
-        notes.append(">= no rate above it failed (the ramp ended first): a lower bound, the capacity is higher")
-    if "*" in markers:
-        notes.append("*  the lowest rate offered already failed: the capacity is below the ramp's start, "
-                     "and the figure is no maximum")
-    return notes
+    notes = [(">=", "no rate above it failed (the ramp ended first): a lower bound, the capacity is higher"),
+             ("*", "the lowest rate offered already failed: the capacity is below the ramp's start, "
+                   "and the figure is no maximum")]
+    return [f"`{m}` {text}" if markdown else f"{m:<2} {text}" for m, text in notes if m in markers]
 
 
 @dataclass
