@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from cellserve import cli
 from cellserve.bench import compare
 from cellserve.bench.peers import PEERS
@@ -16,6 +18,7 @@ def test_cli_knows_every_peer():
     assert cli.PEER_NAMES == tuple(PEERS)
 
 
+@pytest.mark.slow  # cellserve and the unbatched peer really served and ramped: a minute
 def test_compare_writes_the_table_json_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLSERVE_PEERS_DIR", str(tmp_path / "no-peers-here"))
     cfg = compare.CompareConfig(peers=("unbatched", "triton"), install=False, quick=True, threads=1,
@@ -50,6 +53,7 @@ def test_compare_writes_the_table_json_and_plots(tmp_path, monkeypatch):
         assert compare.plot_path(cfg, slo).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a `cellserve` process: seconds of imports
 def test_unknown_peer_is_refused_with_the_known_names():
     done = subprocess.run([sys.executable, "-m", "cellserve.cli", "bench", "compare", "--peers", "tritonx"],
                           capture_output=True, text=True)

@@ -12,7 +12,8 @@ from cellserve.engine.request import Status
 
 from helpers_engine import VOCAB, Responses, assert_same_outputs, make_request, run_alone, seq2seq_reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")]
 
 
 @pytest.mark.parametrize("policy", ["cellular", "padded", "none"])
