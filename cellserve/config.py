@@ -233,7 +233,8 @@ def value_problems(leaf: Leaf, value: Any) -> list[Problem]:
         ok = ((meta.get("ge") is None or value >= meta["ge"]) and (meta.get("gt") is None or value > meta["gt"])
               and (meta.get("le") is None or value <= meta["le"]) and not math.isnan(value))
         if not ok:
-            return [Problem(leaf.key, f"{{name}} {_bounds_text(meta)}, got {value:g}")]
+            shown = value if leaf.base is int else f"{value:g}"
+            return [Problem(leaf.key, f"{{name}} {_bounds_text(meta)}, got {shown}")]
     if meta.get("check") is not None:
         text = meta["check"](value)
         if text:
@@ -363,7 +364,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int,)):
         return str(value)
     if isinstance(value, float):
-        return "inf" if value == math.inf else "-inf" if value == -math.inf else "nan" if value != value else repr(value)
+        if math.isinf(value) or math.isnan(value):
+            return ("-" if value < 0 else "") + ("inf" if math.isinf(value) else "nan")
+        return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's

@@ -50,9 +50,6 @@ class _Bool(argparse.BooleanOptionalAction):
         super().__call__(parser, namespace, values, option_string)
         _record(namespace, self.dest, option_string)
 
-    def format_usage(self):
-        return " | ".join(self.option_strings)
-
 
 class _Deprecated(argparse.Action):
     """A hidden old name of a flag: warns on stderr, then sets what the new name sets."""

@@ -149,3 +149,16 @@ def test_the_example_config_file_loads():
     # every setting of the example is a real key, and it sets nothing to what a flag could not
     data = tomllib.loads(EXAMPLE.read_text())
     assert from_mapping(ServerSettings, data)[1] == []
+
+
+def test_the_example_config_file_shows_every_setting():
+    """Set or commented out: a setting added to ServerSettings belongs in the example too."""
+    text = EXAMPLE.read_text()
+    table = ""
+    keys = set()
+    for line in text.splitlines():
+        if line.startswith("["):
+            table = line.strip("[]") + "."
+        elif " = " in line and not line.startswith("#     "):
+            keys.add(table + line.lstrip("# ").split(" =")[0])
+    assert {leaf.key for leaf in leaves(ServerSettings)} - keys == set()
