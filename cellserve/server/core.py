@@ -105,7 +105,7 @@ class Admission:
     request; `enter()` takes a place (a ticket) or raises Overloaded; each ticket is handed
     back exactly once with `leave(ticket, outcome)`.
 
-    The limit adapts between `floor` and `ceiling` (the --max-queue bound) so that refusals
+    The limit adapts between `floor` and `ceiling` (the --max-inflight bound) so that refusals
     happen here, where they cost a canned answer, instead of in the engine after a decode:
     - CONGESTED (the engine refused or dropped a request, or its deadline passed) while at
       least half the limit was in use cuts the limit to 90% of what is in flight; only a
@@ -138,7 +138,7 @@ class Admission:
     def refusal(self) -> str:
         """The message of a refusal here: what is full, and by which bound."""
         return (f"queue full: {self.in_flight} requests in flight, at the server's limit of {int(self.limit)} "
-                f"(adapted to what the engine keeps up with; at most {self.ceiling}, --max-queue); retry later")
+                f"(adapted to what the engine keeps up with; at most {self.ceiling}, --max-inflight); retry later")
 
     def enter(self) -> int:
         if self.in_flight >= int(self.limit):

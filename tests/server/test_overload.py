@@ -1,0 +1,321 @@
+"""Overload and slow clients: the admission bound refuses at the headers (429 before the body
+is read, RESOURCE_EXHAUSTED over gRPC), connections are bounded and slow ones timed out, and a
+request's deadline is kept to its answer (504, never a late success)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from cellserve.engine.engine import Engine, EngineConfig
+from cellserve.server.core import Admission, Core, InferInput
+from cellserve.server.errors import DeadlineExceeded, Overloaded
+from cellserve.server.metrics import Metrics
+from cellserve.server.repository import load_zoo
+from serverproc import start_server
+
+MODEL = "gru-256"
+BODY = json.dumps({"inputs": [{"name": "tokens", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]}]}).encode()
+
+
+def connect(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    return sock
+
+
+def head(length: int = len(BODY), path: str = f"/v2/models/{MODEL}/infer") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """One HTTP response: (status, headers, body); reads exactly its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a whole response; got {data!r}")
+        data += chunk
+    header, _, rest = data.partition(b"\r\n\r\n")
+    lines = header.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    length = int(headers.get("content-length", 0))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed inside a response body")
+        rest += chunk
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in the metrics")
+
+
+# ---- admission at the headers, over a real server ----
+
+@pytest.fixture(scope="module")
+def bounded():
+    server = start_server("--model", MODEL, "--max-inflight", "2", "--max-connections", "6", "--idle-timeout", "60")
+    yield server
+    assert server.stop() == 0
+
+
+def hold_places(server, n: int) -> list[socket.socket]:
+    """n inference requests whose headers arrived and whose bodies have not: each holds a
+    place in the admission bound until its body comes."""
+    held = []
+    for _ in range(n):
+        sock = connect(server.http)
+        sock.sendall(head() + BODY[:5])
+        held.append(sock)
+    return held
+
+
+def wait_in_flight(server, n: int) -> None:
+    for _ in range(300):  # the server takes the places as it parses the headers
+        if metric(server, "cellserve_admission_in_flight") == n:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"the server never held {n} requests in flight")
+
+
+def test_a_full_bound_answers_429_at_the_headers_and_skips_the_body(bounded):
+    held = hold_places(bounded, 2)
+    wait_in_flight(bounded, 2)
+    shed_before = metric(bounded, "cellserve_requests_shed_total")
+    sock = connect(bounded.http)
+    sock.sendall(head())  # headers only: the answer must not wait for the body
+    status, _, body = read_response(sock)
+    assert status == 429
+    assert "queue full: 2 requests in flight" in json.loads(body)["error"]
+    assert metric(bounded, "cellserve_requests_shed_total") == shed_before + 1
+    # the body, sent late, is skipped: the connection serves its next request
+    sock.sendall(BODY + b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(sock)[0] == 200
+    # the held requests, once their bodies arrive, are served; then there is room again
+    for h in held:
+        h.sendall(BODY[5:])
+    assert [read_response(h)[0] for h in held] == [200, 200]
+    sock.sendall(head() + BODY)
+    assert read_response(sock)[0] == 200
+    for s in (sock, *held):
+        s.close()
+
+
+def test_grpc_is_refused_by_the_same_bound(bounded):
+    held = hold_places(bounded, 2)
+    wait_in_flight(bounded, 2)
+    with grpcclient.InferenceServerClient(bounded.grpc) as client:
+        tensor = grpcclient.InferInput("tokens", [1, 3], "INT64")
+        tensor.set_data_from_numpy(np.array([[1, 2, 3]], np.int64))
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(MODEL, [tensor])
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "queue full: 2 requests in flight" in refused.value.message()
+        for h in held:
+            h.sendall(BODY[5:])
+            assert read_response(h)[0] == 200
+            h.close()
+        assert client.infer(MODEL, [tensor]).as_numpy("label").shape == (1,)
+
+
+def test_connections_past_the_limit_are_answered_503_and_closed(bounded):
+    wait_in_flight(bounded, 0)
+    open_ = [connect(bounded.http) for _ in range(6)]
+    for sock in open_:  # each is served: the server has taken all six
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+    extra = connect(bounded.http)
+    status, _, body = read_response(extra)
+    assert status == 503 and "too many open connections" in json.loads(body)["error"]
+    assert closed_by_server(extra)
+    open_.pop().close()
+    for _ in range(300):  # the server sees the close, then takes a new one
+        again = connect(bounded.http)
+        again.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        status = read_response(again)[0]
+        again.close()
+        if status == 200:
+            break
+        threading.Event().wait(0.05)
+    assert status == 200
+    for sock in open_:
+        sock.close()
+
+
+# ---- slow clients ----
+
+@pytest.fixture(scope="module")
+def impatient():
+    server = start_server("--model", MODEL, "--grpc-port", "-1", "--read-timeout", "0.5", "--idle-timeout", "0.5")
+    yield server
+    assert server.stop() == 0
+
+
+def test_half_a_header_is_answered_408_and_closed(impatient):
+    sock = connect(impatient.http)
+    sock.sendall(b"POST /v2/models/gru-256/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
+    status, _, body = read_response(sock)  # blocks until the server's read timeout
+    assert status == 408 and "headers did not arrive within 0.5 s" in json.loads(body)["error"]
+    assert closed_by_server(sock)
+    assert metric(impatient, "cellserve_http_requests_timed_out_total") >= 1
+
+
+def test_a_stalled_body_is_answered_408_and_closed(impatient):
+    sock = connect(impatient.http)
+    sock.sendall(head() + BODY[:5])
+    status, _, body = read_response(sock)
+    assert status == 408 and "body stalled" in json.loads(body)["error"]
+    assert closed_by_server(sock)
+    assert metric(impatient, "cellserve_admission_in_flight") == 0  # its place was given back
+
+
+def test_an_idle_connection_is_closed(impatient):
+    sock = connect(impatient.http)
+    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(sock)[0] == 200
+    assert closed_by_server(sock)  # idle past --idle-timeout: closed without a word
+
+
+# ---- deadlines, in the core ----
+
+class SteppedClock:
+    """The server's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def engine():
+    served = load_zoo([MODEL])
+    engine = Engine([s.model for s in served], EngineConfig(profile=False, pin_threads=False))
+    yield served, engine
+
+
+def tokens_request(timeout_us: int | None) -> InferInput:
+    params = {} if timeout_us is None else {"timeout": timeout_us}
+    return InferInput(MODEL, "", {"tokens": np.arange(1, 6, dtype=np.int64).reshape(1, 5)}, parameters=params)
+
+
+def serving(engine):
+    stop = threading.Event()
+    worker = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    worker.start()
+    return stop, worker
+
+
+def test_an_answer_ready_after_the_deadline_is_a_504_not_a_late_success(engine):
+    served, eng = engine
+    clock = SteppedClock()
+    core = Core(served, eng, Metrics(eng), clock=clock)
+    stop, worker = serving(eng)
+    try:
+        def slow_encoding(result):  # the encoding took 300 ms on the server's clock
+            clock.t += 0.3
+            return result
+
+        assert asyncio.run(core.infer(tokens_request(10_000_000), encode=slow_encoding)).outputs  # 10 s: in time
+        with pytest.raises(DeadlineExceeded, match="past its deadline of 200 ms"):
+            asyncio.run(core.infer(tokens_request(200_000), encode=slow_encoding))
+    finally:
+        stop.set()
+        worker.join(10)
+
+
+def test_an_engine_that_never_answers_is_a_504_by_the_deadline(engine):
+    served, eng = engine  # not serving: nothing will answer
+    core = Core(served, eng, Metrics(eng))
+    with pytest.raises(DeadlineExceeded, match="engine had not answered when the deadline of 20 ms passed"):
+        asyncio.run(core.infer(tokens_request(20_000)))
+
+
+# ---- the admission bound's rules ----
+
+def fill(admission: Admission, n: int) -> list[int]:
+    return [admission.enter() for _ in range(n)]
+
+
+def test_the_bound_refuses_past_its_limit_and_says_so():
+    admission = Admission(ceiling=3)
+    tickets = fill(admission, 3)
+    assert admission.full()
+    with pytest.raises(Overloaded, match=r"queue full: 3 requests in flight, at the server's limit of 3"):
+        admission.enter()
+    assert admission.shed == 1
+    admission.leave(tickets[0], Admission.OTHER)
+    assert not admission.full() and admission.in_flight == 2
+
+
+def test_congestion_cuts_once_per_window_to_90_percent_of_what_is_in_flight():
+    admission = Admission(ceiling=100)
+    tickets = fill(admission, 60)
+    admission.leave(tickets[0], Admission.CONGESTED)  # 60 in flight: cut to 54
+    assert admission.limit == pytest.approx(54) and admission.cuts == 1
+    admission.leave(tickets[1], Admission.CONGESTED)  # entered before the cut: no second cut
+    assert admission.limit == pytest.approx(54) and admission.cuts == 1
+    for t in tickets[2:10]:
+        admission.leave(t, Admission.OTHER)
+    later = fill(admission, 2)  # 52 in flight
+    admission.leave(later[0], Admission.CONGESTED)  # entered after the cut: cuts again, to 90% of 52
+    assert admission.limit == pytest.approx(0.9 * 52) and admission.cuts == 2
+
+
+def test_a_refusal_with_the_bound_mostly_unused_is_not_congestion():
+    admission = Admission(ceiling=100)
+    (ticket,) = fill(admission, 1)
+    admission.leave(ticket, Admission.CONGESTED)  # one request alone: its own deadline, not load
+    assert admission.limit == 100 and admission.cuts == 0
+
+
+def test_answers_in_time_grow_a_used_limit_back_to_the_ceiling_and_no_further():
+    admission = Admission(ceiling=40, floor=8)
+    tickets = fill(admission, 40)
+    admission.leave(tickets.pop(), Admission.CONGESTED)
+    cut = admission.limit
+    assert cut == pytest.approx(36)
+    for _ in range(3):  # down to the new limit
+        admission.leave(tickets.pop(), Admission.OTHER)
+    for _ in range(2000):  # keep it used: one leaves, one enters
+        admission.leave(tickets.pop(0), Admission.OK)
+        tickets.append(admission.enter())
+    assert admission.limit == 40
+    idle = Admission(ceiling=40)
+    (t,) = fill(idle, 1)
+    idle.limit = 20.0
+    idle.leave(t, Admission.OK)  # unused: no evidence the engine takes more
+    assert idle.limit == 20.0
+
+
+def test_the_limit_never_falls_under_its_floor():
+    admission = Admission(ceiling=10, floor=8)
+    for _ in range(5):
+        tickets = fill(admission, int(admission.limit))
+        admission.leave(tickets[0], Admission.CONGESTED)
+        for t in tickets[1:]:
+            admission.leave(t, Admission.OTHER)
+    assert admission.limit == 8
