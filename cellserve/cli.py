@@ -286,8 +286,10 @@ def _demo(args) -> int:
 
 
 # Subcommands, in --help's order: each adds its parser to the subparsers it is given.
-COMMANDS = (_add_models, _add_demo, _add_bench, _add_serve, _add_infer)
-BENCH_COMMANDS = (_add_bench_engine, _add_bench_server, _add_bench_load, _add_bench_compare)
+from cellserve import cli_sim  # noqa: E402  (parsers only; imports nothing heavy)
+
+COMMANDS = (_add_models, _add_demo, _add_bench, _add_serve, _add_infer, cli_sim.add_profile, cli_sim.add_simulate)
+BENCH_COMMANDS = (_add_bench_engine, _add_bench_server, _add_bench_load, _add_bench_compare, cli_sim.add_bench_sim)
 
 
 if __name__ == "__main__":

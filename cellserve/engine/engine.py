@@ -45,7 +45,9 @@ class EngineStats:
     executed_flops: float = 0.0
     busy_s: float = 0.0  # device seconds of cell steps
     overhead_s: deque = field(default_factory=lambda: deque(maxlen=100_000))  # per step: time not on a device
-    overhead_batch: deque = field(default_factory=lambda: deque(maxlen=100_000))  # the batch of each of those steps
+    # per step: (time not on a device, batch size, lanes started, lanes finished); what a profile's
+    # HostProfile is fitted to (see bench/profiler.py)
+    step_records: deque = field(default_factory=lambda: deque(maxlen=100_000))
     steps_by_type: dict[str, int] = field(default_factory=dict)  # batched executions per cell type
     lanes_by_type: dict[str, int] = field(default_factory=dict)  # lane-steps per cell type
     lanes_started: int = 0
@@ -93,6 +95,8 @@ class _Work:
     rows: np.ndarray
     strides: np.ndarray
     started: float  # clock time the step began
+    lanes_started: int  # the engine's counts of lanes started and finished when it began
+    lanes_finished: int
     lone_steps: int = 0
 
 
@@ -104,8 +108,9 @@ def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
 
 
 def plain_ops_key(model: str) -> str:
-    """The placement key of a model's plain ops."""
-    return f"{model}:plain"
+    """The placement key of a model's plain ops (a model whose cell type had this name is
+    refused at load)."""
+    return f"{model}/#plain"
 
 
 class Engine:
@@ -172,12 +177,15 @@ class Engine:
     # ---- models and placement ----
 
     def _add_model(self, model: Model) -> None:
-        if "/" in model.name or ":" in model.name or not model.name:
-            raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/' or ':'")
+        if "/" in model.name or not model.name:
+            raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/'")
         if self.config.stack_layers:
             model = stack_layers(model)
         self.models[model.name] = model
         self._plain[model.name] = self._executor_for(plain_ops_key(model.name))
+        if plain_ops_key(model.name) in model.cell_types():
+            raise ValueError(f"model {model.name!r} has a cell type named {plain_ops_key(model.name)!r}, "
+                             "the name of its plain ops")
         types = iter(model.cell_types())
         self._layer_types[model.name] = []
         for step in model.recurrent_steps():
@@ -250,6 +258,7 @@ class Engine:
         the policy for the next batch (None: nothing to run)."""
         now = self.clock.now()
         self._device_s = 0.0
+        started, finished = self.stats.lanes_started, self.stats.lanes_finished
         self._arrived[0] = 0  # before taking the inbox: a later submit sets it again
         # Only the requests already here: those that arrive meanwhile wait for the next step.
         # Under a flood (the frontend holding the GIL while each admission waits for it) an
@@ -269,7 +278,7 @@ class Engine:
         if batch is None:
             return None
         work = _Work(batch, np.array(batch.slots, np.int64), np.array(batch.rows, np.int64),
-                     np.array(batch.strides, np.int64), now)
+                     np.array(batch.strides, np.int64), now, started, finished)
         work.lone_steps = self._lone_steps(batch)
         return work
 
@@ -309,14 +318,17 @@ class Engine:
             self._lane_finished(lane)
         now = self.clock.now()
         overhead = max(now - work.started - self._device_s, 0.0)
-        self.stats.overhead_s.append(overhead)
-        self.stats.overhead_batch.append(batch.size)
+        s = self.stats
+        s.overhead_s.append(overhead)
+        s.step_records.append((overhead, batch.size, s.lanes_started - work.lanes_started,
+                               s.lanes_finished - work.lanes_finished))
         self._learn_overhead(now - work.started, batch, result.steps)
-        if finished or self._inbox or not self.policy.stable or (
+        if finished or self._inbox or self._arrived[0] or not self.policy.stable or (
                 self.config.drop_late and now >= self._next_drop_check):
             return None
         work.rows += work.strides * result.steps
         work.started, self._device_s = now, 0.0
+        work.lanes_started, work.lanes_finished = s.lanes_started, s.lanes_finished
         work.lone_steps = self._lone_steps(batch)
         return work
 
@@ -421,13 +433,7 @@ class Engine:
         run = _Run(request, model, {**model.constants, **inputs}, deadline,
                    self._rounds_plan(model, inputs), model.batch_size(inputs))
         if self.config.admission and deadline < math.inf:
-            load = dict(self._committed)
-            for t in run.model.cell_types():
-                load[t] += run.batch
-            # An idle engine has nothing running to learn from: price at the fastest steps seen,
-            # or one slow spell could make it refuse everything from then on.
-            round_s = self._round_time(load) if self._runs else self.costs.round_time(load, best=True)
-            predicted = sum(run.rounds_plan) * round_s
+            predicted = self._predicted_latency(model, run.rounds_plan, run.batch)
             # Headroom: requests admitted later slow this one down too.
             if predicted > self.config.admission_headroom * (deadline - now):
                 self._respond_early(request, Status.REJECTED,
@@ -439,11 +445,36 @@ class Engine:
         self._runs[request.request_id] = run
         self._advance(run)
 
+    def predicted_latency(self, request: Request) -> float:
+        """Seconds this engine would now take to run `request` (a router's question; the
+        request is not checked: an invalid one gets a rough figure). Infinite for a model
+        the engine does not serve."""
+        model = self.models.get(request.model)
+        if model is None:
+            return math.inf
+        return self._predicted_latency(model, self._rounds_plan(model, request.inputs), model.batch_size(request.inputs))
+
+    def _predicted_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
+        """Rounds of the request's program, each priced at the load committed to the engine
+        with the request's lanes added (see cost_model.py)."""
+        load = dict(self._committed)
+        for t in model.cell_types():
+            load[t] += batch
+        # An idle engine has nothing running to learn from: price at the fastest steps seen,
+        # or one slow spell could make it refuse everything from then on.
+        round_s = self._round_time(load) if self._runs else self.costs.round_time(load, best=True)
+        return sum(rounds_plan) * round_s
+
+    def wake_at(self, now: float) -> float | None:
+        """When an engine with nothing to run should step again though nothing arrives (a
+        padded batch's timeout), or None."""
+        return self.policy.wake_at(now)
+
     def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
         length = 1
         for name, sem in model.semantics.items():
-            if sem.time_axis is not None:
-                length = max(length, inputs[name].shape[sem.time_axis])
+            if sem.time_axis is not None and sem.time_axis < np.ndim(inputs.get(name)):
+                length = max(length, np.shape(inputs[name])[sem.time_axis])
         return [length + (1 if isinstance(s, AttentionDecoder) else 0) for s in model.recurrent_steps()]
 
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:

@@ -1,0 +1,237 @@
+"""`cellserve profile`: measure what each piece of a model's work costs on this machine.
+
+The kernels are timed alone, on dummy lanes: every cell type's batched step at each batch
+size from 1 to the engine's cap, a lone lane's step, a lane's start (its input projection)
+and finish, per token. The engine's own time around them (HostProfile), the plain ops and a
+decoder's steps per lane are measured in the real engine serving the benchmarks' traces,
+open loop, at a light and a heavy rate: the host cost is fitted to every step's time off the
+device against its batch size and the lanes it started and finished.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from cellserve.bench.engine_runner import replay
+from cellserve.bench.traces import TraceRequest, trace_at_rate
+from cellserve.engine.config import EngineConfig
+from cellserve.engine.engine import Engine
+from cellserve.executor.base import LaneStarted, StepResult
+from cellserve.executor.batch import StepBatch
+from cellserve.executor.kernel import KernelExecutor
+from cellserve.graph.model import DenseNode, Model
+from cellserve.plan.profile import CellTypeProfile, HostProfile, Machine, ModelProfile, Timing
+
+_DECODER_MEMORY = 16  # source length of a decoder's dummy lanes
+
+
+class RecordingExecutor(KernelExecutor):
+    """A KernelExecutor that also keeps what the profile needs from real serving: each plain
+    op's times, and each decoder lane's source length and steps."""
+
+    def __init__(self, device: str = "cpu", backend: str | None = None):
+        super().__init__(device, backend)
+        self.plain: dict[str, list[float]] = {}
+        self.decode_steps: dict[str, list[tuple[int, int]]] = {}
+        self._decoding: dict[tuple[str, int], list[int]] = {}  # (cell type, slot) -> [memory, steps]
+
+    def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
+        seconds = super().run_plain(model, node, env)
+        self.plain.setdefault(node.name, []).append(seconds)
+        return seconds
+
+    def start_lane(self, cell_type, x, states) -> LaneStarted:
+        started = super().start_lane(cell_type, x, states)
+        if self._specs[cell_type].is_decoder:
+            self._decoding[(cell_type, started.storage.slot)] = [started.storage.length, 0]
+        return started
+
+    def execute(self, batch: StepBatch, slots, rows, lone_steps, stop) -> StepResult:
+        result = super().execute(batch, slots, rows, lone_steps, stop)
+        if self._specs[batch.cell_type].is_decoder:
+            for slot in batch.slots:
+                entry = self._decoding.get((batch.cell_type, slot))
+                if entry is not None:
+                    entry[1] += result.steps
+        return result
+
+    def finish_lane(self, cell_type, storage):
+        entry = self._decoding.pop((cell_type, storage.slot), None)
+        if entry is not None:
+            self.decode_steps.setdefault(cell_type, []).append((entry[0], entry[1]))
+        return super().finish_lane(cell_type, storage)
+
+    def release_lane(self, cell_type, storage) -> None:
+        self._decoding.pop((cell_type, storage.slot), None)
+        super().release_lane(cell_type, storage)
+
+
+def model_trace(model: Model, seed: int, rate_rps: float, seconds: float, bursty: bool = False,
+                min_requests: int = 40) -> list[TraceRequest]:
+    """The benchmarks' trace (bench/traces.py) for any token model: WMT-like lengths cut at
+    the model's longest sequence, ids in its vocabulary."""
+    name = model.inputs[0].name
+    vocab = model.semantics[name].vocab if name in model.semantics else None
+    if not vocab or model.inputs[0].dtype != "int64":
+        raise ValueError(f"model {model.name!r} takes {name!r} as {model.inputs[0].dtype}; the benchmark traces "
+                         "are token sequences (a model whose first input is token ids)")
+    trace = trace_at_rate(seed, rate_rps, seconds, vocab, bursty=bursty, min_requests=min_requests)
+    return [replace(r, tokens=r.tokens[: model.max_sequence_length]) for r in trace]
+
+
+def profile_model(model: Model, config: EngineConfig, threads: int | None = None, quick: bool = False,
+                  seed: int = 0, log=print) -> ModelProfile:
+    """Measure `model` served by an engine with `config` (its backend, cap and stacking)."""
+    if threads:
+        torch.set_num_threads(threads)
+    executor = RecordingExecutor(config.device, config.backend)
+    engine = Engine([model], replace(config, profile=True, pin_threads=False), executors={"cpu": executor})
+    served = engine.models[model.name]
+    reps = 10 if quick else 30
+    cells = {}
+    for cell_type in engine.cell_types:
+        log(f"timing {cell_type} at batch 1..{engine.policy.max_batch}")
+        cells[cell_type] = _profile_cell(executor, cell_type, engine.policy.max_batch, reps)
+    log("serving the benchmark trace, light and heavy, for the engine's own costs")
+    host, capacity = _serve_and_fit(engine, served, seed, quick)
+    log(f"  closed-loop capacity {capacity:.0f} req/s; host cost per step {host.step_s * 1e6:.1f} us "
+        f"+ {host.step_s_per_lane * 1e6:.2f} us/lane, per lane started {host.lane_start_s * 1e6:.1f} us, "
+        f"finished {host.lane_finish_s * 1e6:.1f} us")
+    return ModelProfile(
+        model=model.name, machine=_machine(executor), max_batch=engine.policy.max_batch,
+        stack_layers=config.stack_layers, cell_types=cells,
+        plain_ops_s={name: Timing.of(xs) for name, xs in executor.plain.items()},
+        host=host, hand_back_s=_hand_back(200 if quick else 1000),
+        weight_bytes={str(executor.device): executor.memory_bytes()},
+        decode_steps=dict(executor.decode_steps))
+
+
+def _profile_cell(executor: KernelExecutor, cell_type: str, max_batch: int, reps: int) -> CellTypeProfile:
+    kernel, spec = executor.kernels[cell_type], executor._specs[cell_type]
+    length = _DECODER_MEMORY if spec.is_decoder else 32
+    steps = {}
+    for b in range(1, max_batch + 1):
+        lanes = [executor.dummy_lane(cell_type, length) for _ in range(b)]
+        slots = np.array([s.slot for s in lanes], np.int64)
+        rows = np.array([s.base for s in lanes], np.int64)
+        samples = []
+        for i in range(reps + 2):  # two warm-up steps
+            t0 = time.perf_counter()
+            kernel.step_batch(slots, rows)
+            if i >= 2:
+                samples.append(executor._since(t0))
+        steps[b] = Timing.of(samples)
+        for lane in lanes:
+            kernel.release(lane)
+    lone = None
+    if kernel.lone_lanes:
+        samples = []
+        for _ in range(reps):
+            lane = executor.dummy_lane(cell_type, 64)
+            t0 = time.perf_counter()
+            ran = kernel.run_lane(lane.slot, lane.base, 1, 32)
+            samples.append(executor._since(t0) / ran)
+            kernel.release(lane)
+        lone = Timing.of(samples)
+    start, finish = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        lane = executor.dummy_lane(cell_type, length)
+        start.append(executor._since(t0) / length)
+        t0 = time.perf_counter()
+        kernel.finish_lane(lane)
+        finish.append(executor._since(t0) / length)
+    kind = "decoder" if spec.is_decoder else "stack" if hasattr(spec.step, "layers") else "layer"
+    return CellTypeProfile(kind, kernel.lone_lanes, steps, lone, float(np.median(start)), float(np.median(finish)))
+
+
+def _serve_and_fit(engine: Engine, model: Model, seed: int, quick: bool) -> tuple[HostProfile, float]:
+    """Serve the trace at 20% and 70% of the closed-loop capacity; fit the host cost."""
+    name = model.inputs[0].name
+    burst = model_trace(model, seed + 7, 1.0, 1.0, min_requests=150)
+    t0 = time.perf_counter()
+    for item in burst:
+        engine.submit(_request(model, name, item))
+    engine.run_until_idle(timeout_s=300)
+    capacity = len(burst) / (time.perf_counter() - t0)
+    seconds = 1.5 if quick else 4.0
+    records = []
+    for share in (0.2, 0.7):
+        rate = max(capacity * share, 1.0)
+        replay(engine, model.name, name, model_trace(model, seed, rate, seconds), "profile", rate, None)
+        records += engine.stats.step_records  # replay starts each run with fresh stats
+    return _fit_host(np.array(records, dtype=np.float64)), capacity
+
+
+def _request(model: Model, name: str, item: TraceRequest):
+    from cellserve.engine.request import Request
+    return Request(model.name, {name: item.tokens.reshape(1, -1)})
+
+
+def _fit_host(records: np.ndarray) -> HostProfile:
+    """Least squares of time off the device against [1, batch, lanes started, lanes
+    finished] per step, with no coefficient below zero (a negative one is dropped and the
+    rest refitted). Steps whose time off the device is far past the rest (the feeder thread
+    or another process held the CPU) are left out: the fit is of the engine's own work."""
+    y = records[:, 0]
+    keep = y <= np.percentile(y, 99)
+    x = np.column_stack([np.ones(len(records)), records[:, 1:4]])[keep]
+    y = y[keep]
+    active = [0, 1, 2, 3]
+    while True:
+        coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if (coef >= 0).all() or len(active) == 1:
+            break
+        active.pop(int(np.argmin(coef)))
+    full = np.zeros(4)
+    full[active] = np.maximum(coef, 0.0)
+    return HostProfile(*map(float, full))
+
+
+def _hand_back(n: int) -> Timing:
+    """A response passed to another thread: set an event, time until the waiter runs."""
+    ready, done = threading.Event(), threading.Event()
+    stamps: list[float] = []
+
+    def waiter() -> None:
+        for _ in range(n):
+            ready.wait()
+            ready.clear()
+            stamps.append(time.perf_counter())
+            done.set()
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    samples = []
+    for _ in range(n):
+        done.clear()
+        t0 = time.perf_counter()
+        ready.set()
+        done.wait()
+        samples.append(stamps[-1] - t0)
+    thread.join()
+    return Timing.of(samples)
+
+
+def _machine(executor: KernelExecutor) -> Machine:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    if executor.device.type == "cuda":
+        name = torch.cuda.get_device_name(executor.device)
+    backends = [getattr(k, "backend", None) for k in executor.kernels.values()]
+    backend = next((b for b in backends if b), executor.backend)
+    return Machine(device=str(executor.device), name=name, threads=torch.get_num_threads(),
+                   backend=backend or "torch",
+                   versions={"python": platform.python_version(), "torch": torch.__version__,
+                             "numpy": np.__version__})

@@ -1,0 +1,192 @@
+"""`cellserve bench sim`: is the simulator right? The real engine and the simulated one on
+the same traces at the same rates.
+
+It profiles the model on this machine (bench/profiler.py), then for each policy (cellular,
+padded, none) ramps the real engine past its capacity as `bench engine` does (ramp.py) and,
+at every rate the real ramp offers, simulates one engine with that profile on the same trace.
+Errors are relative, |sim - real| / real: of the max goodput over the ramp, and the largest
+over the rates up to 80% of the policy's real capacity for p50 and p99 (past capacity, latency
+is a queue's length, which no model of service times predicts to a few percent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cellserve.bench.engine_runner import replay
+from cellserve.bench.plots import plot_p99_vs_load
+from cellserve.bench.profiler import model_trace, profile_model
+from cellserve.bench.ramp import RampPlan, RampSearch
+from cellserve.bench.results import json_safe, meets_slo, summarize
+from cellserve.engine.config import EngineConfig
+from cellserve.engine.engine import Engine
+from cellserve.graph.model import Model
+from cellserve.sim.run import simulate_replay
+
+POLICIES = ("cellular", "padded", "none")
+CAPACITY_SHARE = 0.8  # p50 and p99 errors count at rates up to this share of the real capacity
+_SETTLE_S = 0.3  # between real runs: thread pools spin for a while after their last task
+
+
+@dataclass
+class SimBenchConfig:
+    model: str = "lstm-512"
+    model_repository: Path | None = None
+    slo_ms: float = 200.0
+    bursty: bool = False
+    quick: bool = False
+    seed: int = 0
+    max_batch: int = 64
+    json_path: Path = Path("bench-results/sim.json")
+    plot_path: Path | None = None
+
+    @property
+    def run_seconds(self) -> float:
+        return 2.0 if self.quick else 5.0
+
+
+def policy_config(policy: str, max_batch: int) -> EngineConfig:
+    """Each policy as `bench engine` runs it: cellular refuses and drops what cannot make its
+    deadline; the baselines serve everything in arrival order (padded: batches of 8, 5 ms wait)."""
+    if policy.startswith("cellular"):
+        return EngineConfig(policy=policy, max_batch=max_batch)
+    if policy == "padded":
+        return EngineConfig(policy="padded", max_batch=8, batch_timeout_s=0.005, admission=False, drop_late=False)
+    return EngineConfig(policy=policy, admission=False, drop_late=False)
+
+
+def load_model(name: str, repository: Path | None) -> Model:
+    if repository is not None:
+        from cellserve.server.repository import load_repository
+        served = {s.name: s.model for s in load_repository(repository)}
+        if name not in served:
+            raise ValueError(f"--model {name!r} is not in the model repository (it has {sorted(served)})")
+        model = served[name]
+        model.name = name  # the engine's name for it, as the profile records it
+        return model
+    from cellserve.graph import zoo
+    if name not in zoo.names():
+        raise ValueError(f"--model {name!r} is not a zoo model ({', '.join(zoo.names())}); "
+                         "give --model-repository for your own")
+    return zoo.load(name)
+
+
+def relative_error(sim: float, real: float) -> float | None:
+    if real is None or sim is None or not (math.isfinite(real) and math.isfinite(sim)) or real == 0:
+        return None
+    return abs(sim - real) / real
+
+
+def run(cfg: SimBenchConfig, log=print) -> dict:
+    model = load_model(cfg.model, cfg.model_repository)
+    log(f"profiling {model.name} on this machine ({'quick' if cfg.quick else 'full'})")
+    profile = profile_model(model, EngineConfig(max_batch=cfg.max_batch, pin_threads=False), quick=cfg.quick,
+                            seed=cfg.seed, log=log)
+    profile_path = cfg.json_path.with_name(cfg.json_path.stem + "-profile.json")
+    profile.to_json(profile_path)
+    capacity = _capacity(model, cfg)
+    log(f"real closed-loop capacity (cellular): {capacity:.0f} req/s")
+    slo_s = cfg.slo_ms / 1e3
+    plan = RampPlan(start_rps=round(capacity * 0.1, 1), factor=1.5 if cfg.quick else 1.25,
+                    refine_steps=2 if cfg.quick else 3, max_rps=round(capacity * 3, 1), tries=1)
+    engines = {p: Engine([model], policy_config(p, cfg.max_batch)) for p in POLICIES}
+    searches = {p: RampSearch(plan, lambda s: meets_slo(s, cfg.slo_ms)) for p in POLICIES}
+    rows: dict[str, list[dict]] = {p: [] for p in POLICIES}
+    speed: dict[str, tuple[float, float]] = {}
+    with tqdm(desc="bench sim", unit="rate") as bar:
+        while pending := [(p, s) for p, s in searches.items() if s.next_rate() is not None]:
+            for policy, search in pending:
+                rate = search.next_rate()
+                bar.set_postfix_str(f"{policy} @ {rate:.0f} req/s")
+                trace = model_trace(model, cfg.seed, rate, cfg.run_seconds, cfg.bursty)
+                timeout = slo_s if policy.startswith("cellular") else None
+                time.sleep(_SETTLE_S)
+                real = summarize(replay(engines[policy], model.name, model.inputs[0].name, trace, policy, rate,
+                                        timeout), slo_s)
+                simulated = simulate_replay(model, profile, replace(policy_config(policy, cfg.max_batch),
+                                                                    pin_threads=False),
+                                            trace, policy, rate, timeout, seed=cfg.seed)
+                sim = summarize(simulated.stats, slo_s)
+                search.record(real)
+                rows[policy].append({"rate_rps": rate, "real": _figures(real), "sim": _figures(sim),
+                                     "real_passed": meets_slo(real, cfg.slo_ms), "sim_passed": meets_slo(sim, cfg.slo_ms),
+                                     "sim_speedup": simulated.speedup})
+                if policy not in speed or rate >= speed[policy][0]:
+                    speed[policy] = (rate, simulated.speedup)
+                bar.update()
+    report = {"model": model.name, "simulated_and_real": True, "slo_ms": cfg.slo_ms,
+              "arrivals": "bursty" if cfg.bursty else "poisson", "quick": cfg.quick,
+              "profile": profile.to_dict(), "profile_path": str(profile_path),
+              "sim_speedup": speed.get("cellular", (0, None))[1],
+              "policies": {p: _errors(rows[p], searches[p].result(), cfg.slo_ms) for p in POLICIES}}
+    cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg.json_path.write_text(json.dumps(json_safe(report), indent=1) + "\n")
+    plot = cfg.plot_path or cfg.json_path.with_suffix(".png")
+    lines = {}
+    for p in POLICIES:
+        ordered = sorted(rows[p], key=lambda r: r["rate_rps"])
+        lines[f"{p} real"] = [(r["rate_rps"], r["real"]["p99_ms"]) for r in ordered]
+        lines[f"{p} simulated"] = [(r["rate_rps"], r["sim"]["p99_ms"]) for r in ordered]
+    plot_p99_vs_load(lines, cfg.slo_ms, plot, f"{model.name}: real and simulated engine "
+                                              f"({report['arrivals']}, SLO {cfg.slo_ms:g} ms)")
+    log(table(report))
+    log(f"wrote {cfg.json_path}, {profile_path} and {plot}")
+    return report
+
+
+def _capacity(model: Model, cfg: SimBenchConfig) -> float:
+    from cellserve.engine.request import Request
+    engine = Engine([model], replace(policy_config("cellular", cfg.max_batch), admission=False, drop_late=False))
+    best = 0.0
+    for i in range(2):  # the first burst warms caches and thread pools
+        burst = model_trace(model, cfg.seed + 11 + i, 1.0, 1.0, min_requests=300)
+        t0 = time.perf_counter()
+        for item in burst:
+            engine.submit(Request(model.name, {model.inputs[0].name: item.tokens.reshape(1, -1)}))
+        engine.run_until_idle(timeout_s=600)
+        best = max(best, len(burst) / (time.perf_counter() - t0))
+    return best
+
+
+def _figures(summary: dict) -> dict:
+    return {k: summary[k] for k in ("goodput_rps", "p50_ms", "p99_ms", "throughput_rps", "mean_batch", "counts")}
+
+
+def _errors(rows: list[dict], real_ramp, slo_ms: float) -> dict:
+    real_bracket = real_ramp.bracket
+    sim_max = max((r["sim"]["goodput_rps"] for r in rows), default=0.0)
+    capacity = real_bracket.max_goodput_rps
+    light = [r for r in rows if r["rate_rps"] <= CAPACITY_SHARE * capacity]
+
+    def worst(key: str) -> float | None:
+        errors = [relative_error(r["sim"][key], r["real"][key]) for r in light]
+        errors = [e for e in errors if e is not None]
+        return max(errors) if errors else None
+
+    return {"rates": sorted(rows, key=lambda r: r["rate_rps"]),
+            "real_max_goodput_rps": capacity, "sim_max_goodput_rps": sim_max,
+            "real_bracket": real_bracket.to_dict(),
+            "max_goodput_error": relative_error(sim_max, capacity),
+            "p50_error": worst("p50_ms"), "p99_error": worst("p99_ms"),
+            "rates_compared_for_latency": [r["rate_rps"] for r in light]}
+
+
+def table(report: dict) -> str:
+    def pct(x):
+        return "   -" if x is None else f"{100 * x:4.0f}%"
+
+    lines = [f"{report['model']} ({report['arrivals']}, SLO {report['slo_ms']:g} ms): real engine against the "
+             f"simulated one (simulated figures from a profile of this machine)",
+             f"{'policy':10} {'real max goodput':>17} {'sim max goodput':>16} {'error':>6} {'p50 err':>8} {'p99 err':>8}"]
+    for p, r in report["policies"].items():
+        lines.append(f"{p:10} {r['real_max_goodput_rps']:13.0f} r/s {r['sim_max_goodput_rps']:12.0f} r/s "
+                     f"{pct(r['max_goodput_error']):>6} {pct(r['p50_error']):>8} {pct(r['p99_error']):>8}")
+    lines.append(f"simulated seconds per wall second at cellular's highest rate: {report['sim_speedup']:.1f}"
+                 if report["sim_speedup"] else "")
+    return "\n".join(lines)

@@ -1,0 +1,262 @@
+"""A model's profile on one device: what each piece of its work costs, as plain data.
+
+`cellserve profile` measures one (see bench/profiler.py); `modelled_gpu_profile` predicts one
+for a GPU this machine lacks. The simulator prices every executor call from a profile, and
+the planners read them. A profile round-trips through JSON (`to_json` / `from_json`) with a
+schema version, and `from_json` refuses anything broken with an error naming the field.
+
+Cell types are named as the engine names them (see Model.cell_types): the profile of a model
+served with stacked layers has the stacks' cell types, so `stack_layers` is recorded too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+CELL_KINDS = ("layer", "stack", "decoder")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds: mean, standard deviation and 99th percentile of `n` samples."""
+
+    mean: float
+    std: float
+    p99: float
+    n: int
+
+    @classmethod
+    def of(cls, samples) -> "Timing":
+        xs = sorted(float(x) for x in samples)
+        if not xs:
+            raise ValueError("no samples")
+        mean = sum(xs) / len(xs)
+        var = sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1)
+        return cls(mean, math.sqrt(var), xs[min(len(xs) - 1, math.ceil(0.99 * len(xs)) - 1)], len(xs))
+
+    @classmethod
+    def fixed(cls, seconds: float) -> "Timing":
+        return cls(seconds, 0.0, seconds, 1)
+
+
+@dataclass(frozen=True)
+class CellTypeProfile:
+    kind: str  # layer | stack | decoder
+    lone_lanes: int  # batches of up to this many lanes run each lane alone (see Engine._lone_steps)
+    step_s: dict[int, Timing]  # batch size (1 .. max_batch) -> one batched step
+    lone_step_s: Timing | None  # one step of a lane running alone (None when lone_lanes is 0)
+    start_s_per_token: float  # admitting a lane: its input projection, per input token
+    finish_s_per_token: float  # reading a finished lane's outputs, per token
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """The engine's own time around the device's (Python: admission, scheduling, lanes'
+    bookkeeping, responses), fitted per step as
+    step_s + step_s_per_lane * batch + lane_start_s * lanes started + lane_finish_s * lanes finished."""
+
+    step_s: float
+    step_s_per_lane: float
+    lane_start_s: float
+    lane_finish_s: float
+
+
+@dataclass(frozen=True)
+class Machine:
+    device: str  # "cpu", "cuda:0", or a modelled GPU class
+    name: str  # CPU model or GPU name
+    threads: int
+    backend: str
+    versions: dict[str, str] = field(default_factory=dict)  # python, torch, numpy
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    model: str
+    machine: Machine
+    max_batch: int
+    stack_layers: bool
+    cell_types: dict[str, CellTypeProfile]
+    plain_ops_s: dict[str, Timing]  # plain op (DenseNode name) -> one run for one request
+    host: HostProfile
+    hand_back_s: Timing  # a response passed from the engine's thread to another
+    weight_bytes: dict[str, int]  # device -> bytes of the model's weights kept there
+    decode_steps: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # decoder -> (memory length, steps) seen
+    modelled: bool = False  # predicted, not measured
+    schema_version: int = SCHEMA_VERSION
+
+    # ---- JSON ----
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for cell in d["cell_types"].values():
+            cell["step_s"] = {str(b): t for b, t in cell["step_s"].items()}
+        d["decode_steps"] = {k: [list(p) for p in v] for k, v in d["decode_steps"].items()}
+        return d
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: object) -> "ModelProfile":
+        return _parse_profile(d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelProfile":
+        try:
+            d = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile {str(path)!r}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"profile {str(path)!r} is not JSON: {exc}") from None
+        try:
+            return _parse_profile(d)
+        except ProfileError as exc:
+            raise ProfileError(f"profile {str(path)!r}: {exc}") from None
+
+    # ---- questions the simulator asks ----
+
+    def cell(self, cell_type: str) -> CellTypeProfile:
+        found = self.cell_types.get(cell_type)
+        if found is None:
+            raise ProfileError(f"profile of model {self.model!r} has no cell type {cell_type!r} in "
+                               f"cell_types (it has {sorted(self.cell_types)}); was it made with "
+                               f"stack_layers={not self.stack_layers}?")
+        return found
+
+    def label(self) -> str:
+        return f"{self.model} on {self.machine.name} ({self.machine.backend})" + (" [modelled]" if self.modelled else "")
+
+
+# ---- parsing with errors that name the field ----
+
+def _get(d: dict, key: str, where: str):
+    if key not in d:
+        raise ProfileError(f"{where}.{key} is missing")
+    return d[key]
+
+
+def _obj(x: object, where: str) -> dict:
+    if not isinstance(x, dict):
+        raise ProfileError(f"{where} must be an object, got {type(x).__name__}")
+    return x
+
+
+def _num(x: object, where: str, positive: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ProfileError(f"{where} must be a finite number, got {x!r}")
+    if x < 0 or (positive and x == 0):
+        raise ProfileError(f"{where} must be {'> 0' if positive else '>= 0'}, got {x!r}")
+    return float(x)
+
+
+def _int(x: object, where: str, minimum: int = 0) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
+        raise ProfileError(f"{where} must be an integer >= {minimum}, got {x!r}")
+    return x
+
+
+def _str(x: object, where: str) -> str:
+    if not isinstance(x, str) or not x:
+        raise ProfileError(f"{where} must be a non-empty string, got {x!r}")
+    return x
+
+
+def _timing(x: object, where: str) -> Timing:
+    d = _obj(x, where)
+    return Timing(_num(_get(d, "mean", where), f"{where}.mean"), _num(_get(d, "std", where), f"{where}.std"),
+                  _num(_get(d, "p99", where), f"{where}.p99"), _int(_get(d, "n", where), f"{where}.n", 1))
+
+
+def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
+    d = _obj(x, where)
+    kind = _get(d, "kind", where)
+    if kind not in CELL_KINDS:
+        raise ProfileError(f"{where}.kind must be one of {', '.join(CELL_KINDS)}, got {kind!r}")
+    lone = _int(_get(d, "lone_lanes", where), f"{where}.lone_lanes")
+    steps = _obj(_get(d, "step_s", where), f"{where}.step_s")
+    parsed = {}
+    for key, t in steps.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
+            raise ProfileError(f"{where}.step_s has key {key!r}; keys are batch sizes 1, 2, ...")
+        parsed[int(key)] = _timing(t, f"{where}.step_s[{key}]")
+    missing = [b for b in range(1, max_batch + 1) if b not in parsed]
+    if missing:
+        raise ProfileError(f"{where}.step_s lacks batch sizes {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                           f"(it must hold every batch size from 1 to max_batch={max_batch})")
+    lone_step = d.get("lone_step_s")
+    if lone and lone_step is None:
+        raise ProfileError(f"{where}.lone_step_s is missing (lone_lanes is {lone})")
+    return CellTypeProfile(kind, lone, dict(sorted(parsed.items())),
+                           None if lone_step is None else _timing(lone_step, f"{where}.lone_step_s"),
+                           _num(_get(d, "start_s_per_token", where), f"{where}.start_s_per_token"),
+                           _num(_get(d, "finish_s_per_token", where), f"{where}.finish_s_per_token"))
+
+
+def _parse_profile(x: object) -> ModelProfile:
+    d = _obj(x, "profile")
+    version = _get(d, "schema_version", "profile")
+    if version != SCHEMA_VERSION:
+        raise ProfileError(f"profile.schema_version is {version!r}; this cellserve reads version {SCHEMA_VERSION} "
+                           "(make the profile again with `cellserve profile`)")
+    m = _obj(_get(d, "machine", "profile"), "profile.machine")
+    versions = _obj(m.get("versions", {}), "profile.machine.versions")
+    machine = Machine(_str(_get(m, "device", "profile.machine"), "profile.machine.device"),
+                      _str(_get(m, "name", "profile.machine"), "profile.machine.name"),
+                      _int(_get(m, "threads", "profile.machine"), "profile.machine.threads", 1),
+                      _str(_get(m, "backend", "profile.machine"), "profile.machine.backend"),
+                      {str(k): str(v) for k, v in versions.items()})
+    max_batch = _int(_get(d, "max_batch", "profile"), "profile.max_batch", 1)
+    stack = _get(d, "stack_layers", "profile")
+    if not isinstance(stack, bool):
+        raise ProfileError(f"profile.stack_layers must be true or false, got {stack!r}")
+    cells = _obj(_get(d, "cell_types", "profile"), "profile.cell_types")
+    if not cells:
+        raise ProfileError("profile.cell_types is empty")
+    cell_types = {_str(k, "profile.cell_types key"): _cell(v, f"profile.cell_types[{k!r}]", max_batch)
+                  for k, v in cells.items()}
+    plain = _obj(_get(d, "plain_ops_s", "profile"), "profile.plain_ops_s")
+    h = _obj(_get(d, "host", "profile"), "profile.host")
+    host = HostProfile(*(_num(_get(h, k, "profile.host"), f"profile.host.{k}")
+                         for k in ("step_s", "step_s_per_lane", "lane_start_s", "lane_finish_s")))
+    weights = _obj(_get(d, "weight_bytes", "profile"), "profile.weight_bytes")
+    decode = _obj(d.get("decode_steps", {}), "profile.decode_steps")
+    decode_steps = {}
+    for k, pairs in decode.items():
+        where = f"profile.decode_steps[{k!r}]"
+        if k not in cell_types or cell_types[k].kind != "decoder":
+            raise ProfileError(f"{where} names no decoder cell type of the profile")
+        if not isinstance(pairs, list) or not pairs:
+            raise ProfileError(f"{where} must be a non-empty list of [memory length, steps] pairs")
+        decode_steps[k] = [(_int(p[0], f"{where}[{i}][0]", 1), _int(p[1], f"{where}[{i}][1]", 1))
+                           if isinstance(p, list) and len(p) == 2 else _bad_pair(where, i, p)
+                           for i, p in enumerate(pairs)]
+    missing = [k for k, c in cell_types.items() if c.kind == "decoder" and k not in decode_steps]
+    if missing:
+        raise ProfileError(f"profile.decode_steps lacks decoders {missing}: the simulator ends a decoder's lanes "
+                           "by the steps seen when profiling")
+    modelled = d.get("modelled", False)
+    if not isinstance(modelled, bool):
+        raise ProfileError(f"profile.modelled must be true or false, got {modelled!r}")
+    return ModelProfile(
+        model=_str(_get(d, "model", "profile"), "profile.model"), machine=machine, max_batch=max_batch,
+        stack_layers=stack, cell_types=cell_types,
+        plain_ops_s={_str(k, "profile.plain_ops_s key"): _timing(v, f"profile.plain_ops_s[{k!r}]")
+                     for k, v in plain.items()},
+        host=host, hand_back_s=_timing(_get(d, "hand_back_s", "profile"), "profile.hand_back_s"),
+        weight_bytes={_str(k, "profile.weight_bytes key"): _int(v, f"profile.weight_bytes[{k!r}]")
+                      for k, v in weights.items()},
+        decode_steps=decode_steps, modelled=modelled)
+
+
+def _bad_pair(where: str, i: int, p: object):
+    raise ProfileError(f"{where}[{i}] must be a [memory length, steps] pair, got {p!r}")

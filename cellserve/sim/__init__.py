@@ -1,0 +1,1 @@
+"""The simulator: the real engine in virtual time, its executors priced from profiles."""

@@ -1,0 +1,213 @@
+"""`SimExecutor`: an executor that computes nothing and charges virtual time from profiles.
+
+It stands where a real executor stands, so the engine above it (admission, scheduling, each
+request's walk) runs unchanged. Each call advances the engine's virtual clock by the device
+time the profile gives (sampled around the mean with the measured spread, from a seeded
+generator) plus the engine's own time around it (the profile's HostProfile, which the real
+engine spends in Python and the simulation would otherwise get for free). Outputs have the
+right shapes and are zeros; plain ops run for real (they are small, and the model's heads
+need their inputs' shapes), priced from the profile. Decoder lanes end after as many steps as
+a lane of the same source length took when the model was profiled.
+
+Nothing is made up: a cell type, batch size or plain op the profile lacks is a ProfileError.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Callable
+
+import numpy as np
+
+from cellserve.executor.base import CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
+from cellserve.executor.batch import StepBatch
+from cellserve.graph import dense_ops
+from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack
+from cellserve.kernels.cell import LaneStorage
+from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing
+from cellserve.sim.clock import VirtualClock
+
+_KIND = {"decoder": AttentionDecoder, "stack": LayerStack}
+
+
+def _never() -> float:
+    return math.inf
+
+
+class SimExecutor(Executor):
+    """`profiles`: one per model the engine serves (keyed by model name, as the engine names
+    it). `next_event` returns the virtual time of the next thing the event loop has to do
+    (an arrival, another engine's step): a lone lane's run stops at the first step after the
+    next arrival, and after any call that ends past `next_event` the executor raises the
+    engine's stop flag so that the engine returns to the loop (see sim/loop.py)."""
+
+    def __init__(self, profiles: dict[str, ModelProfile], clock: VirtualClock, rng: np.random.Generator,
+                 name: str = "sim", next_event: Callable[[], float] = _never,
+                 next_arrival: Callable[[], float] = _never):
+        if not profiles:
+            raise ValueError("a SimExecutor needs at least one profile")
+        self.profiles, self.clock, self.rng, self.name = profiles, clock, rng, name
+        self.next_event, self.next_arrival = next_event, next_arrival
+        self._cells: dict[str, CellTypeProfile] = {}
+        self._specs: dict[str, CellTypeSpec] = {}
+        self._host = {}
+        self._slots = iter(range(1, 1 << 62))
+        self._decoding: dict[int, list[int]] = {}  # slot -> [steps to run, steps run, memory length]
+        self._decode_table: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
+        self._zeros = np.zeros((0, 0), np.float32)
+
+    # ---- cell types ----
+
+    def _profile(self, model: str) -> ModelProfile:
+        profile = self.profiles.get(model)
+        if profile is None:
+            raise ProfileError(f"no profile for model {model!r} on executor {self.name!r} "
+                               f"(profiles: {sorted(self.profiles)})")
+        return profile
+
+    def add_cell_type(self, spec: CellTypeSpec) -> None:
+        model = spec.cell_type.split("/", 1)[0]
+        profile = self._profile(model)
+        cell = profile.cell(spec.cell_type)
+        expected = _KIND.get(cell.kind)
+        if (expected is None and isinstance(spec.step, (AttentionDecoder, LayerStack))) or (
+                expected is not None and not isinstance(spec.step, expected)):
+            raise ProfileError(f"profile.cell_types[{spec.cell_type!r}].kind is {cell.kind!r}, but the model's "
+                               f"cell type is a {type(spec.step).__name__}")
+        self._cells[spec.cell_type] = cell
+        self._specs[spec.cell_type] = spec
+        self._host[spec.cell_type] = profile.host
+        if cell.kind == "decoder":
+            table: dict[int, list[int]] = {}
+            for memory, steps in profile.decode_steps[spec.cell_type]:
+                table.setdefault(memory, []).append(steps)
+            self._decode_table[spec.cell_type] = (sorted(table), table)
+
+    def lone_lanes(self, cell_type: str) -> int:
+        return self._cells[cell_type].lone_lanes
+
+    def memory_bytes(self) -> int:
+        models = {t.split("/", 1)[0] for t in self._cells}
+        return sum(max(self.profiles[m].weight_bytes.values(), default=0) for m in models)
+
+    # ---- pricing ----
+
+    def _sample(self, t: Timing, n: int = 1) -> float:
+        """n samples' sum, drawn from a gamma with the timing's mean and spread (positive,
+        right-skewed like step times)."""
+        if t.std <= 0 or t.mean <= 0:
+            return n * t.mean
+        shape = n * (t.mean / t.std) ** 2
+        return float(self.rng.gamma(shape, t.std ** 2 / t.mean))
+
+    def _charge(self, busy: float, host: float) -> None:
+        self.clock.advance(busy + host)
+
+    # ---- lanes ----
+
+    def start_lane(self, cell_type: str, x: np.ndarray, states: list[tuple] | None) -> LaneStarted:
+        cell, spec = self._cells[cell_type], self._specs[cell_type]
+        length = int(x.shape[0])
+        slot = next(self._slots)
+        if cell.kind == "decoder":
+            self._decoding[slot] = [self._decode_steps(cell_type, length), 0, length]
+        busy = cell.start_s_per_token * length
+        self._charge(busy, self._host[cell_type].lane_start_s)
+        flops = 0.0 if cell.kind == "decoder" else length * spec.step.flops_per_token_projection()
+        return LaneStarted(LaneStorage(slot, 0, length), busy, flops)
+
+    def _decode_steps(self, cell_type: str, memory: int) -> int:
+        keys, table = self._decode_table[cell_type]
+        if memory in table:
+            choices = table[memory]
+            return choices[int(self.rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+        i = bisect.bisect_left(keys, memory)
+        near = min(keys[max(i - 1, 0): i + 1], key=lambda k: abs(k - memory))
+        steps = table[near][int(self.rng.integers(len(table[near])))]
+        return max(1, round(steps * memory / near))
+
+    def execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, lone_steps: int,
+                stop: np.ndarray) -> StepResult:
+        cell, spec = self._cells[batch.cell_type], self._specs[batch.cell_type]
+        host = self._host[batch.cell_type]
+        size = batch.size
+        tokens = None
+        if lone_steps:
+            per_step = cell.lone_step_s
+            if stop[0]:
+                steps = 1
+            else:
+                wait = self.next_arrival() - self.clock.now()
+                steps = lone_steps if wait == math.inf else min(lone_steps, max(1, math.floor(wait / per_step.mean) + 1))
+            busy = self._sample(per_step, steps * size)
+        else:
+            steps = 1
+            timing = cell.step_s.get(size)
+            if timing is None:
+                raise ProfileError(f"profile of {batch.cell_type!r} has no step_s[{size}] "
+                                   f"(max_batch {max(cell.step_s)})")
+            busy = self._sample(timing)
+            if cell.kind == "decoder":
+                tokens = self._decode(spec.step, batch.slots)
+        self._charge(busy, host.step_s + host.step_s_per_lane * size)
+        if self.clock.now() >= self.next_event():
+            stop[0] = 1  # let the event loop catch up before the engine goes on
+        if cell.kind == "decoder":
+            flops = sum(spec.step.flops_per_step(self._decoding[s][2]) for s in batch.slots if s in self._decoding)
+        else:
+            flops = size * steps * spec.step.flops_per_step()
+        return StepResult(steps, busy, flops, tokens)
+
+    def _decode(self, dec: AttentionDecoder, slots: tuple[int, ...]) -> np.ndarray:
+        filler = (dec.eos + 1) % dec.out_w.shape[0]
+        tokens = np.full(len(slots), filler, np.int64)
+        for i, slot in enumerate(slots):
+            state = self._decoding.get(slot)
+            if state is None:
+                continue  # padding
+            state[1] += 1
+            if state[1] >= state[0]:
+                tokens[i] = dec.eos
+        return tokens
+
+    def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:
+        cell, spec = self._cells[cell_type], self._specs[cell_type]
+        self._decoding.pop(storage.slot, None)
+        busy = cell.finish_s_per_token * storage.length
+        self._charge(busy, self._host[cell_type].lane_finish_s)
+        if cell.kind == "decoder":
+            return LaneFinished([], busy)
+        layers = spec.step.layers if isinstance(spec.step, LayerStack) else [spec.step]
+        results = []
+        for layer in layers:
+            y = self._zero_rows(storage.length, layer.hidden)
+            results.append((y, y[0] if len(y) else np.zeros(layer.hidden, np.float32),
+                            (y[0] if len(y) else np.zeros(layer.hidden, np.float32)) if layer.kind == "lstm" else None))
+        return LaneFinished(results, busy)
+
+    def _zero_rows(self, rows: int, width: int) -> np.ndarray:
+        if self._zeros.shape[0] < max(rows, 1) or self._zeros.shape[1] < width:
+            self._zeros = np.zeros((max(rows, 1, self._zeros.shape[0]) * 2, max(width, self._zeros.shape[1])),
+                                   np.float32)
+            self._zeros.flags.writeable = False
+        return self._zeros[:rows, :width]
+
+    def release_lane(self, cell_type: str, storage: LaneStorage) -> None:
+        self._decoding.pop(storage.slot, None)
+
+    def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
+        timing = self._profile(model).plain_ops_s.get(node.name)
+        if timing is None:
+            raise ProfileError(f"profile of model {model!r} has no plain_ops_s[{node.name!r}]")
+        dense_ops.run(node, env)
+        self.clock.advance(timing.mean)
+        return timing.mean
+
+    def startup_costs(self, cell_type: str, sizes: list[int]) -> dict[int, float]:
+        cell = self._cells[cell_type]
+        too_big = [b for b in sizes if b not in cell.step_s]
+        if too_big:
+            raise ProfileError(f"the engine batches {cell_type!r} up to {max(sizes)} lanes, but its profile's "
+                               f"step_s stops at {max(cell.step_s)} (profile.max_batch)")
+        return {b: cell.step_s[b].mean for b in sizes}

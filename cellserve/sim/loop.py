@@ -1,0 +1,196 @@
+"""The discrete-event loop: many engines, one virtual time, requests routed among them.
+
+Each engine is a real `Engine` whose executor is a `SimExecutor` and whose clock is a
+`VirtualClock`. The loop keeps two kinds of events: arrivals (from the trace, in time order)
+and engine steps (a heap). An arrival is routed and submitted, and wakes its engine if idle;
+an engine's step moves its clock to the event's time and calls `Engine.step()`, during which
+the executor advances the clock by what each call costs. An engine that ran goes again at
+the time its clock reached; one that waits for a batch timeout goes again at that time; an
+idle one waits for an arrival.
+
+A step is not cut short by events that fall inside it, as in the real engine, which admits
+only between steps; after each executor call that ends past the next event, the executor
+raises the engine's stop flag, so the engine returns here and the loop handles that event
+before this engine goes on (its requests then join at the next step, as a real arrival
+would). A lone lane's run stops at the first step after the next arrival of any engine
+(the real run stops at the next arrival of its own; the extra stops cost only host time).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellserve.engine.config import EngineConfig
+from cellserve.engine.engine import Engine
+from cellserve.engine.request import Request, Response, Status
+from cellserve.graph.model import Model
+from cellserve.plan.profile import ModelProfile, ProfileError
+from cellserve.sim.clock import VirtualClock
+from cellserve.sim.executor import SimExecutor
+from cellserve.sim.router import RoundRobin, Router
+
+
+@dataclass(frozen=True)
+class SimArrival:
+    """One request of a trace: when it arrives (virtual seconds), to which model, with what."""
+
+    time_s: float
+    model: str
+    inputs: dict[str, np.ndarray]
+    timeout_s: float | None = None
+    priority: int = 0
+    tag: int = 0  # the trace's id for it
+
+
+@dataclass(frozen=True)
+class SimOutcome:
+    tag: int
+    model: str
+    engine: str
+    status: Status
+    arrival_s: float
+    finish_s: float
+    reason: str = ""
+
+
+@dataclass(eq=False)
+class SimEngine:
+    name: str
+    engine: Engine
+    clock: VirtualClock
+    models: frozenset[str]
+    scheduled: bool = False
+    steps: int = 0
+
+    @property
+    def busy_until(self) -> float:
+        return self.clock.now()
+
+
+@dataclass
+class SimStats:
+    events: int = 0
+    engine_steps: int = 0
+    virtual_s: float = 0.0
+
+
+class Simulation:
+    """Engines (each with its models, profiles and engine configuration) behind a router.
+    Build with `add_engine`, then `run` a trace once."""
+
+    def __init__(self, router: Router | None = None, seed: int = 0):
+        self.router = router or RoundRobin()
+        self.engines: list[SimEngine] = []
+        self.stats = SimStats()
+        self._seeds = np.random.SeedSequence(seed)
+        self._heap: list[tuple[float, int, SimEngine]] = []
+        self._seq = itertools.count()
+        self._arrivals: list[SimArrival] = []
+        self._next_arrival = 0
+        self._by_model: dict[str, list[SimEngine]] = {}
+
+    def add_engine(self, models: list[Model], profiles: dict[str, ModelProfile], config: EngineConfig,
+                   name: str | None = None) -> SimEngine:
+        """An engine serving `models`, priced by `profiles` (one per model, by model name)."""
+        missing = [m.name for m in models if m.name not in profiles]
+        if missing:
+            raise ProfileError(f"no profile for models {missing} (profiles: {sorted(profiles)})")
+        for m in models:
+            if profiles[m.name].stack_layers != config.stack_layers:
+                raise ProfileError(f"profile of {m.name!r} has stack_layers={profiles[m.name].stack_layers}, "
+                                   f"the engine stack_layers={config.stack_layers}")
+        clock = VirtualClock()
+        rng = np.random.default_rng(self._seeds.spawn(1)[0])
+        executor = SimExecutor({m.name: profiles[m.name] for m in models}, clock, rng,
+                               next_event=self._next_event_time, next_arrival=self._next_arrival_time)
+        engine = Engine(models, config, clock, executors={"sim": executor})
+        limit = min(p.max_batch for p in profiles.values())
+        if engine.policy.max_batch > limit:
+            raise ProfileError(f"the engine batches up to {engine.policy.max_batch} lanes, but the profiles' "
+                               f"max_batch is {limit}")
+        sim_engine = SimEngine(name or f"engine-{len(self.engines)}", engine, clock,
+                               frozenset(m.name for m in models))
+        self.engines.append(sim_engine)
+        for m in models:
+            self._by_model.setdefault(m.name, []).append(sim_engine)
+        return sim_engine
+
+    # ---- what the executors ask ----
+
+    def _next_arrival_time(self) -> float:
+        i = self._next_arrival
+        return self._arrivals[i].time_s if i < len(self._arrivals) else math.inf
+
+    def _next_event_time(self) -> float:
+        return min(self._next_arrival_time(), self._heap[0][0] if self._heap else math.inf)
+
+    # ---- the loop ----
+
+    def run(self, arrivals: list[SimArrival], drain_s: float = 30.0) -> list[SimOutcome]:
+        """Serve `arrivals`; return one outcome per arrival, in completion order. Requests
+        still unanswered `drain_s` after the last arrival are aborted (status error)."""
+        if not self.engines:
+            raise ValueError("a simulation needs at least one engine")
+        unknown = sorted({a.model for a in arrivals} - set(self._by_model))
+        if unknown:
+            raise ValueError(f"the trace asks for models {unknown} that no engine serves")
+        self._arrivals = sorted(arrivals, key=lambda a: a.time_s)
+        self._next_arrival = 0
+        outcomes: list[SimOutcome] = []
+        end = (self._arrivals[-1].time_s if self._arrivals else 0.0) + drain_s
+        while True:
+            t_arrival = self._next_arrival_time()
+            t_step = self._heap[0][0] if self._heap else math.inf
+            if min(t_arrival, t_step) > end:
+                break
+            self.stats.events += 1
+            if t_arrival <= t_step:
+                self._arrive(self._arrivals[self._next_arrival], outcomes)
+                self._next_arrival += 1
+            else:
+                t, _, sim_engine = heapq.heappop(self._heap)
+                sim_engine.scheduled = False
+                self._step(sim_engine, t)
+        for sim_engine in self.engines:  # past the drain: answer what is left
+            sim_engine.engine.abort_all("simulation ended before this request finished")
+        first = self._arrivals[0].time_s if self._arrivals else 0.0
+        last = self._arrivals[-1].time_s if self._arrivals else 0.0
+        self.stats.virtual_s = max([last] + [e.clock.now() for e in self.engines]) - first
+        return outcomes
+
+    def _arrive(self, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
+        candidates = self._by_model[arrival.model]
+        request = Request(arrival.model, arrival.inputs, timeout_s=arrival.timeout_s, priority=arrival.priority,
+                          arrival=arrival.time_s)
+        chosen = candidates[0] if len(candidates) == 1 else self.router.choose(request, candidates, arrival.time_s)
+
+        def on_done(response: Response) -> None:
+            outcomes.append(SimOutcome(arrival.tag, arrival.model, chosen.name, response.status,
+                                       response.arrival, response.finish, response.reason))
+
+        request.on_done = on_done
+        chosen.engine.submit(request)
+        if not chosen.scheduled:
+            self._schedule(chosen, max(arrival.time_s, chosen.clock.now()))
+
+    def _schedule(self, sim_engine: SimEngine, t: float) -> None:
+        sim_engine.scheduled = True
+        heapq.heappush(self._heap, (t, next(self._seq), sim_engine))
+
+    def _step(self, sim_engine: SimEngine, t: float) -> None:
+        clock, engine = sim_engine.clock, sim_engine.engine
+        clock.move_to(t)
+        ran = engine.step()
+        sim_engine.steps += 1
+        self.stats.engine_steps += 1
+        if ran or engine.queued_requests:
+            self._schedule(sim_engine, clock.now())
+        elif not engine.idle():
+            wake = engine.wake_at(clock.now())
+            if wake is not None:
+                self._schedule(sim_engine, max(wake, clock.now()))

@@ -1,0 +1,205 @@
+"""Running simulations: one engine on a benchmark trace (what `bench sim` compares with the
+real engine), and `cellserve simulate`: many engines behind a router, at given rates or at a
+share of their capacity. Every figure written here is simulated and says so."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cellserve.bench.plots import plot_p99_vs_load
+from cellserve.bench.results import RequestOutcome, RunStats, json_safe, span_s, summarize
+from cellserve.bench.traces import TraceRequest
+from cellserve.engine.config import EngineConfig
+from cellserve.engine.engine import EngineStats
+from cellserve.engine.request import Status
+from cellserve.graph.model import Model
+from cellserve.plan.profile import ModelProfile, ProfileError
+from cellserve.sim.loop import SimArrival, SimOutcome, Simulation
+from cellserve.sim.router import make_router
+
+_STATUS = {Status.OK: "ok", Status.REJECTED: "rejected", Status.DROPPED: "dropped",
+           Status.INVALID: "error", Status.ERROR: "error"}
+SIMULATED = "simulated"
+
+
+def arrivals(trace: list[TraceRequest], model: str, input_name: str, timeout_s: float | None,
+             start_s: float = 0.0) -> list[SimArrival]:
+    return [SimArrival(start_s + r.arrival_s, model, {input_name: r.tokens.reshape(1, -1)}, timeout_s, 0, r.request_id)
+            for r in trace]
+
+
+def run_stats(outcomes: list[SimOutcome], stats: list[EngineStats], policy: str, rate_rps: float,
+              start_s: float = 0.0) -> RunStats:
+    """The benchmark's record of a simulated run (times relative to `start_s`)."""
+    records = [RequestOutcome(o.tag, o.arrival_s - start_s, o.finish_s - start_s, _STATUS[o.status], o.reason)
+               for o in outcomes]
+    return RunStats(policy=policy, rate_rps=rate_rps, duration_s=span_s(records), outcomes=records,
+                    executed_flops=sum(s.executed_flops for s in stats), busy_s=sum(s.busy_s for s in stats),
+                    cell_steps=sum(s.cell_steps for s in stats), batch_size_sum=sum(s.batch_size_sum for s in stats),
+                    overhead_us_per_step=[x * 1e6 for s in stats for x in s.overhead_s])
+
+
+@dataclass
+class ReplayResult:
+    stats: RunStats
+    virtual_s: float
+    wall_s: float
+
+    @property
+    def speedup(self) -> float:
+        """Simulated seconds per wall second."""
+        return self.virtual_s / self.wall_s if self.wall_s > 0 else float("inf")
+
+
+def simulate_replay(model: Model, profile: ModelProfile, config: EngineConfig, trace: list[TraceRequest],
+                    policy: str, rate_rps: float, timeout_s: float | None, seed: int = 0,
+                    drain_s: float = 30.0) -> ReplayResult:
+    """`trace` on one simulated engine, as bench/engine_runner.replay serves it on a real one."""
+    sim = Simulation(seed=seed)
+    engine = sim.add_engine([model], {model.name: profile}, config).engine
+    t0 = time.perf_counter()
+    outcomes = sim.run(arrivals(trace, model.name, model.inputs[0].name, timeout_s), drain_s=drain_s)
+    wall = time.perf_counter() - t0
+    virtual = max((o.finish_s for o in outcomes), default=0.0) - min((o.arrival_s for o in outcomes), default=0.0)
+    return ReplayResult(run_stats(outcomes, [engine.stats], policy, rate_rps), virtual, wall)
+
+
+# ---- cellserve simulate ----
+
+@dataclass
+class SimulateConfig:
+    profiles: list[Path]
+    engines: int = 1
+    router: str = "least-finish"
+    policy: str = "cellular"
+    max_batch: int | None = None
+    slo_ms: float = 200.0
+    rates: list[float] | None = None  # total offered rates, requests/s
+    load: float | None = None  # or: shares of the engines' simulated capacity
+    seconds: float = 10.0
+    bursty: bool = False
+    seed: int = 0
+    model_repository: Path | None = None
+    json_path: Path = Path("bench-results/simulate.json")
+    plot_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.profiles:
+            problems.append("--profile: give at least one")
+        if self.engines < 1:
+            problems.append(f"--engines must be >= 1, got {self.engines}")
+        if (self.rates is None) == (self.load is None):
+            problems.append("give exactly one of --rates and --load")
+        if self.rates is not None and any(r <= 0 for r in self.rates):
+            problems.append(f"--rates must be > 0, got {self.rates}")
+        if self.load is not None and self.load <= 0:
+            problems.append(f"--load must be > 0, got {self.load}")
+        if self.seconds <= 0:
+            problems.append(f"--seconds must be > 0, got {self.seconds}")
+        if self.slo_ms <= 0:
+            problems.append(f"--slo-ms must be > 0, got {self.slo_ms}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def load_models(profiles: list[ModelProfile], repository: Path | None) -> list[Model]:
+    """The models the profiles were made of: from the zoo by name, else from the repository."""
+    from cellserve.graph import zoo
+    models, by_name = [], {}
+    if repository is not None:
+        from cellserve.server.repository import load_repository
+        by_name = {s.model.name: s.model for s in load_repository(repository)}
+    for p in profiles:
+        if p.model in by_name:
+            models.append(by_name[p.model])
+        elif p.model in zoo.names():
+            models.append(zoo.load(p.model))
+        else:
+            raise ProfileError(f"profile.model {p.model!r} is neither a zoo model nor in the model repository "
+                               f"({'none given' if repository is None else str(repository)})")
+    return models
+
+
+def simulate(cfg: SimulateConfig, log=print) -> dict:
+    from cellserve.bench.profiler import model_trace
+
+    profiles = [ModelProfile.from_json(p) for p in cfg.profiles]
+    names = [p.model for p in profiles]
+    if len(set(names)) != len(names):
+        raise ProfileError(f"two profiles of one model: {names}")
+    models = load_models(profiles, cfg.model_repository)
+    by_name = {p.model: p for p in profiles}
+    engine_config = EngineConfig(policy=cfg.policy, max_batch=cfg.max_batch, profile=True,
+                                 stack_layers=profiles[0].stack_layers, pin_threads=False)
+    make_router(cfg.router)  # an unknown router fails before any work
+
+    def build() -> Simulation:
+        sim = Simulation(make_router(cfg.router), seed=cfg.seed)
+        for i in range(cfg.engines):
+            sim.add_engine(models, by_name, engine_config, name=f"engine-{i}")
+        return sim
+
+    if cfg.rates is not None:
+        rates = list(cfg.rates)
+        capacity = None
+    else:
+        capacity = cfg.engines * _one_engine_capacity(models, by_name, engine_config, cfg.seed, model_trace)
+        rates = [round(cfg.load * capacity, 1)]
+        log(f"simulated capacity of {cfg.engines} engine(s): {capacity:.0f} req/s; offering {rates[0]:.0f} req/s")
+    runs = []
+    for rate in rates:
+        trace = []
+        for i, model in enumerate(models):  # each model an equal share of the rate
+            share = model_trace(model, cfg.seed + i, rate / len(models), cfg.seconds, cfg.bursty)
+            trace += arrivals(share, model.name, model.inputs[0].name, cfg.slo_ms / 1e3)
+        trace = [SimArrival(a.time_s, a.model, a.inputs, a.timeout_s, a.priority, n) for n, a in enumerate(trace)]
+        sim = build()
+        t0 = time.perf_counter()
+        outcomes = sim.run(trace)
+        wall = time.perf_counter() - t0
+        stats = run_stats(outcomes, [e.engine.stats for e in sim.engines], cfg.policy, rate)
+        summary = summarize(stats, cfg.slo_ms / 1e3)
+        per_model = {m.name: summarize(run_stats([o for o in outcomes if o.model == m.name], [], cfg.policy, rate),
+                                       cfg.slo_ms / 1e3) for m in models}
+        virtual = sim.stats.virtual_s
+        runs.append({**summary, "per_model": per_model, "wall_s": wall, "virtual_s": virtual,
+                     "sim_speedup": virtual / wall if wall else None, "events": sim.stats.events,
+                     "engine_steps": sim.stats.engine_steps})
+        log(f"{rate:8.0f} req/s offered (simulated): goodput {summary['goodput_rps']:.0f} req/s, "
+            f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; {virtual:.1f} simulated s "
+            f"in {wall:.1f} wall s")
+    report = {"simulated": True, "label": SIMULATED, "engines": cfg.engines, "router": cfg.router,
+              "policy": cfg.policy, "slo_ms": cfg.slo_ms, "arrivals": "bursty" if cfg.bursty else "poisson",
+              "seconds": cfg.seconds, "capacity_rps": capacity, "load": cfg.load,
+              "profiles": [{"model": p.model, "machine": p.machine.name, "backend": p.machine.backend,
+                            "modelled": p.modelled} for p in profiles],
+              "runs": runs}
+    cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg.json_path.write_text(json.dumps(json_safe(report), indent=1) + "\n")
+    plot = cfg.plot_path or cfg.json_path.with_suffix(".png")
+    plot_p99_vs_load({f"{cfg.policy} (simulated)": [(r["rate_rps"], r["p99_ms"]) for r in runs]}, cfg.slo_ms, plot,
+                     f"simulated: {cfg.engines} engine(s), {', '.join(names)}, router {cfg.router}")
+    log(f"wrote {cfg.json_path} and {plot}")
+    return report
+
+
+def _one_engine_capacity(models, profiles, config, seed, model_trace) -> float:
+    """Requests per second one simulated engine serves when a burst of the mix arrives at
+    once with no deadlines (as bench engine's closed-loop estimate)."""
+    sim = Simulation(seed=seed)
+    sim.add_engine(models, profiles, config)
+    burst = []
+    for i, model in enumerate(models):
+        share = model_trace(model, seed + 100 + i, 1.0, 1.0, min_requests=max(50, 300 // len(models)))
+        burst += [SimArrival(0.0, model.name, {model.inputs[0].name: r.tokens.reshape(1, -1)}, None, 0, len(burst) + j)
+                  for j, r in enumerate(share)]
+    outcomes = sim.run(burst, drain_s=3600.0)
+    makespan = max(o.finish_s for o in outcomes)
+    return len(outcomes) / makespan if makespan > 0 else float("inf")
