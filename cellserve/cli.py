@@ -289,7 +289,10 @@ def _demo(args) -> int:
 from cellserve import cli_sim  # noqa: E402  (parsers only; imports nothing heavy)
 
 COMMANDS = (_add_models, _add_demo, _add_bench, _add_serve, _add_infer, cli_sim.add_profile, cli_sim.add_simulate)
-BENCH_COMMANDS = (_add_bench_engine, _add_bench_server, _add_bench_load, _add_bench_compare, cli_sim.add_bench_sim)
+from cellserve.bench import soak as bench_soak  # noqa: E402  (its parser imports nothing heavy)
+
+BENCH_COMMANDS = (_add_bench_engine, _add_bench_server, _add_bench_load, _add_bench_compare, cli_sim.add_bench_sim,
+                  bench_soak.add_parser)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,288 @@
+"""`cellserve bench soak`: a long run at a steady share of capacity, with a mix of models,
+stateful sequences and bad requests, watching the server for what only time shows.
+
+It starts `cellserve serve` on the chosen zoo models, finds the capacity with a closed burst
+(unless --rps is given), then offers Poisson arrivals at --load of it (70% by default) for
+--minutes. Each arrival is, by --mix, a plain request to one of the models, a whole sequence
+(start, middle chunks, end, each sent when the last is answered) or a bad request (an unknown
+input, a wrong datatype, unparseable JSON) that must be answered 400. Every --sample-s it reads
+the server's RSS and open file descriptors (/proc), its active sequences (metrics) and a
+health check's latency.
+
+Verdict (exit status 0 when all hold): no failure beyond the bad requests (which must all be
+400s; a 429 or 504 at this load counts as a failure), every request answered exactly once, RSS
+growth after warm-up (the first fifth) under --max-rss-growth, file descriptors back where they
+were after warm-up (within --fd-slack), no sequence left active, health checks under 100 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MODELS = ("gru-256", "lstm-512")
+_BAD = ("unknown input", "wrong datatype", "unparseable JSON")
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    models: tuple[str, ...] = MODELS
+    minutes: float = 10.0
+    load: float = 0.7  # share of the measured capacity offered
+    rps: float | None = None  # offered rate; None: load x the measured capacity
+    mix: tuple[float, float, float] = (0.85, 0.10, 0.05)  # plain, sequence, bad
+    sequence_chunks: int = 4
+    deadline_ms: float | None = 1000.0  # sent as each plain request's timeout; None: none
+    sample_s: float = 5.0
+    max_rss_growth: float = 0.05
+    fd_slack: int = 8
+    seed: int = 0
+    server_args: tuple[str, ...] = ()
+
+
+@dataclass
+class SoakReport:
+    config: dict
+    offered_rps: float
+    capacity_rps: float | None
+    counts: dict = field(default_factory=dict)  # outcome -> requests
+    first_failures: list[str] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)  # t_s, rss_bytes, fds, sequences, health_ms
+    checks: dict = field(default_factory=dict)  # name -> {"ok": bool, "detail": str}
+
+    @property
+    def passed(self) -> bool:
+        return all(c["ok"] for c in self.checks.values())
+
+
+def _tokens_body(rng, length: int, params: dict) -> bytes:
+    tokens = rng.integers(0, 10000, length).tolist()
+    doc = {"inputs": [{"name": "tokens", "shape": [1, length], "datatype": "INT64", "data": tokens}]}
+    if params:
+        doc["parameters"] = params
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _bad_body(kind: str) -> bytes:
+    if kind == "unknown input":
+        return json.dumps({"inputs": [{"name": "no-such-input", "shape": [1, 2], "datatype": "INT64",
+                                       "data": [1, 2]}]}).encode()
+    if kind == "wrong datatype":
+        return json.dumps({"inputs": [{"name": "tokens", "shape": [1, 2], "datatype": "BYTES",
+                                       "data": ["a", "b"]}]}).encode()
+    return b'{"inputs": [{"name": "tokens", '
+
+
+class _Soak:
+    def __init__(self, cfg: SoakConfig, address: str, rate: float):
+        import numpy as np
+
+        from cellserve.bench.http_pool import HttpPool
+
+        self.cfg, self.rate = cfg, rate
+        self.pool = HttpPool(address)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.counts: dict[str, int] = {}
+        self.failures: list[str] = []
+        self.sequence_ids = iter(range(1, 1 << 62))
+        self.sent = self.answered = 0
+
+    def _count(self, outcome: str, detail: str = "") -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if outcome.startswith("failed") and len(self.failures) < 10:
+            self.failures.append(detail)
+
+    async def _post(self, model: str, body: bytes) -> tuple[int, bytes]:
+        self.sent += 1
+        try:
+            status, answer = await asyncio.wait_for(self.pool.request(self.pool.post(f"/v2/models/{model}/infer",
+                                                                                     body)), 60)
+        except (asyncio.TimeoutError, OSError, ConnectionError) as exc:
+            return -1, f"{type(exc).__name__}: {exc}".encode()
+        self.answered += 1
+        return status, answer
+
+    async def plain(self) -> None:
+        model = self.cfg.models[int(self.rng.integers(len(self.cfg.models)))]
+        params = {} if self.cfg.deadline_ms is None else {"timeout": int(self.cfg.deadline_ms * 1e3)}
+        body = _tokens_body(self.rng, int(self.rng.integers(5, 60)), params)
+        status, answer = await self._post(model, body)
+        self._count("ok" if status == 200 else "failed", f"{model}: {status} {answer[:200]!r}")
+
+    async def sequence(self) -> None:
+        model = self.cfg.models[int(self.rng.integers(len(self.cfg.models)))]
+        sid = next(self.sequence_ids)
+        n = self.cfg.sequence_chunks
+        for i in range(n):
+            params = {"sequence_id": sid, "sequence_start": i == 0, "sequence_end": i == n - 1}
+            status, answer = await self._post(model, _tokens_body(self.rng, int(self.rng.integers(3, 20)), params))
+            if status != 200:
+                self._count("failed sequence", f"{model} sequence {sid} chunk {i}: {status} {answer[:200]!r}")
+                if i < n - 1:  # end it, so that a failure is not also a leak
+                    await self._post(model, _tokens_body(self.rng, 3, {"sequence_id": sid, "sequence_end": True}))
+                return
+        self._count("ok sequence")
+
+    async def bad(self) -> None:
+        kind = _BAD[int(self.rng.integers(len(_BAD)))]
+        status, answer = await self._post(self.cfg.models[0], _bad_body(kind))
+        self._count("bad, answered 400" if status == 400 else "failed bad request",
+                    f"{kind}: {status} {answer[:200]!r}")
+
+    async def run(self, seconds: float, sample) -> None:
+        tasks, start, next_sample = set(), time.perf_counter(), 0.0
+        t = 0.0
+        plain_p, seq_p, _ = self.cfg.mix
+        while t < seconds:
+            t += float(self.rng.exponential(1.0 / self.rate))
+            now = time.perf_counter() - start
+            if t > now:
+                await asyncio.sleep(t - now)
+            if now >= next_sample:
+                tasks.add(asyncio.create_task(sample(now)))
+                next_sample += self.cfg.sample_s
+            u = self.rng.random()
+            coro = self.plain() if u < plain_p else self.sequence() if u < plain_p + seq_p else self.bad()
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        self.pool.close()
+
+
+def _proc(pid: int) -> tuple[int, int]:
+    """(RSS bytes, open file descriptors) of a process, from /proc."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _sequences_active(metrics_address: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as response:
+        return sum(float(line.split()[-1]) for line in response.read().decode().splitlines()
+                   if line.startswith("cellserve_sequences_active{"))
+
+
+def _health_ms(http_address: str) -> float:
+    import urllib.request
+
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(f"http://{http_address}/v2/health/ready", timeout=10) as response:
+        response.read()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_capacity(address: str, models: tuple[str, ...], n: int = 300, seed: int = 0) -> float:
+    """Requests/s answered when a burst of n arrives at once (as tests/server/test_admission does)."""
+    import numpy as np
+
+    from cellserve.bench.loadgen import open_loop
+    from cellserve.bench.traces import TraceRequest, make_trace
+
+    rng = np.random.default_rng(seed)
+    burst = [TraceRequest(r.request_id, 0.0, r.tokens) for r in make_trace(rng, 1.0, n, 10000)]
+    outcomes = open_loop(address, models[0], burst).outcomes
+    ok = [o for o in outcomes if o.status == "ok"]
+    return len(ok) / max(o.finish_s for o in outcomes)
+
+
+def run_soak(cfg: SoakConfig, progress=print) -> SoakReport:
+    from cellserve.server.launch import ServerProcess
+
+    args = [a for m in cfg.models for a in ("--model", m)]
+    server = ServerProcess(*args, "--grpc-port", "-1", *cfg.server_args)
+    pid = server.proc.pid
+    try:
+        capacity = None
+        if cfg.rps is None:
+            capacity = measure_capacity(server.http, cfg.models, seed=cfg.seed)
+            rate = cfg.load * capacity
+        else:
+            rate = cfg.rps
+        progress(f"soak: {rate:.0f} req/s for {cfg.minutes:g} min"
+                 + (f" ({cfg.load:.0%} of a measured {capacity:.0f} req/s)" if capacity else ""))
+        report = SoakReport(asdict(cfg), rate, capacity)
+        soak = _Soak(cfg, server.http, rate)
+        loop_health: list[float] = []
+
+        async def sample(t: float) -> None:
+            rss, fds = _proc(pid)
+            health = await asyncio.to_thread(_health_ms, server.http)
+            loop_health.append(health)
+            sequences = await asyncio.to_thread(_sequences_active, server.metrics)
+            report.samples.append({"t_s": round(t, 1), "rss_bytes": rss, "fds": fds, "sequences": sequences,
+                                   "health_ms": round(health, 2)})
+
+        asyncio.run(soak.run(cfg.minutes * 60, sample))
+        time.sleep(1.0)  # let the last answers' connections and sequences settle
+        rss, fds = _proc(pid)
+        report.samples.append({"t_s": cfg.minutes * 60, "rss_bytes": rss, "fds": fds,
+                               "sequences": _sequences_active(server.metrics), "health_ms": _health_ms(server.http)})
+        report.counts, report.first_failures = dict(soak.counts), soak.failures
+        report.counts["sent"], report.counts["answered"] = soak.sent, soak.answered
+        _judge(report, cfg)
+        return report
+    finally:
+        server.stop()
+
+
+def _judge(report: SoakReport, cfg: SoakConfig) -> None:
+    c, samples = report.counts, report.samples
+    failed = sum(v for k, v in c.items() if k.startswith("failed"))
+    warm = [s for s in samples if s["t_s"] >= cfg.minutes * 60 / 5] or samples[-1:]
+    rss0, rss1 = warm[0]["rss_bytes"], samples[-1]["rss_bytes"]
+    fd0, fd1 = warm[0]["fds"], samples[-1]["fds"]
+    health = max(s["health_ms"] for s in samples)
+    report.checks = {
+        "no failures beyond the bad requests": {"ok": failed == 0, "detail": f"{failed} failed"},
+        "every request answered once": {"ok": c["sent"] == c["answered"],
+                                        "detail": f"{c['answered']} of {c['sent']} answered"},
+        "RSS growth after warm-up": {"ok": rss1 <= rss0 * (1 + cfg.max_rss_growth),
+                                     "detail": f"{rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB "
+                                               f"({(rss1 / rss0 - 1) * 100:+.1f}%)"},
+        "no leaked file descriptors": {"ok": fd1 <= fd0 + cfg.fd_slack, "detail": f"{fd0} -> {fd1}"},
+        "no leaked sequences": {"ok": samples[-1]["sequences"] == 0,
+                                "detail": f"{samples[-1]['sequences']:g} active at the end"},
+        "health under 100 ms": {"ok": health < 100.0, "detail": f"slowest {health:.1f} ms"},
+    }
+
+
+def add_parser(bench_sub) -> None:
+    """`cellserve bench soak`'s flags (imports nothing heavy: --help stays fast)."""
+    sk = bench_sub.add_parser("soak", help="a long run at 70% of capacity with a mix of models, sequences and "
+                                           "bad requests; checks errors, RSS, file descriptors, sequences",
+                              description=__doc__.split("\n\n", 1)[1])
+    sk.add_argument("--model", action="append", default=None, help=f"zoo model, repeatable (default: {MODELS})")
+    sk.add_argument("--minutes", type=float, default=10.0, help="length of the run (default: 10)")
+    sk.add_argument("--load", type=float, default=0.7, help="share of the measured capacity offered (default 0.7)")
+    sk.add_argument("--rps", type=float, default=None, help="offer this rate instead of measuring capacity")
+    sk.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples (default: 5)")
+    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--json", type=Path, default=Path("bench-results/soak.json"), help="where to write the report")
+    sk.set_defaults(run=bench_soak)
+
+
+def bench_soak(args, parser) -> int:
+    for flag, value in (("--minutes", args.minutes), ("--load", args.load), ("--sample-s", args.sample_s)):
+        if not value > 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    if args.rps is not None and not args.rps > 0:
+        parser.error(f"--rps must be positive, got {args.rps}")
+    cfg = SoakConfig(models=tuple(args.model or MODELS), minutes=args.minutes, load=args.load, rps=args.rps,
+                     sample_s=args.sample_s, seed=args.seed)
+    report = run_soak(cfg)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({**asdict(report), "passed": report.passed}, indent=2))
+    for name, check in report.checks.items():
+        print(f"{'ok  ' if check['ok'] else 'FAIL'} {name}: {check['detail']}")
+    print(f"counts: {report.counts}")
+    print(f"wrote {args.json}")
+    return 0 if report.passed else 1
