@@ -260,3 +260,37 @@ def _parse_profile(x: object) -> ModelProfile:
 
 def _bad_pair(where: str, i: int, p: object):
     raise ProfileError(f"{where}[{i}] must be a [memory length, steps] pair, got {p!r}")
+
+
+def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, lone_step_s: float = 0.0,
+                      start_s_per_token: float = 0.0, finish_s_per_token: float = 0.0, plain_op_s: float = 0.0,
+                      host: HostProfile | None = None, decode_steps: int | None = None,
+                      stack_layers: bool = True) -> ModelProfile:
+    """A profile given rather than measured: every cell type of `model` (served with
+    `stack_layers` as the engine's setting) steps in `step_s(batch)` seconds (a number for a
+    constant), every plain op in `plain_op_s`, the engine's own work in `host` (none by
+    default). Decoder lanes run `decode_steps` steps (default: the source length plus one).
+    For planning with costs from elsewhere and for tests with exact figures."""
+    from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, RecurrentLayer
+    from cellserve.graph.stacking import stack_layers as stacked
+
+    model = stacked(model) if stack_layers else model
+    cost = step_s if callable(step_s) else (lambda b: float(step_s))
+    cells, types = {}, iter(model.cell_types())
+    for step in model.recurrent_steps():
+        directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
+        kind = "decoder" if isinstance(step, AttentionDecoder) else "stack" if isinstance(step, LayerStack) else "layer"
+        for _ in range(directions):
+            cells[next(types)] = CellTypeProfile(
+                kind, 0 if kind == "decoder" else lone_lanes,
+                {b: Timing.fixed(cost(b)) for b in range(1, max_batch + 1)},
+                Timing.fixed(lone_step_s) if lone_lanes and kind != "decoder" else None,
+                start_s_per_token, finish_s_per_token)
+    decodes = {t: [(n, decode_steps or n + 1) for n in range(1, model.max_sequence_length + 1)]
+               for t, c in cells.items() if c.kind == "decoder"}
+    return ModelProfile(
+        model=model.name, machine=Machine("synthetic", "given costs", 1, "none"), max_batch=max_batch,
+        stack_layers=stack_layers, cell_types=cells,
+        plain_ops_s={s.name: Timing.fixed(plain_op_s) for s in model.program if isinstance(s, DenseNode)},
+        host=host or HostProfile(0.0, 0.0, 0.0, 0.0), hand_back_s=Timing.fixed(0.0), weight_bytes={},
+        decode_steps=decodes, modelled=True)

@@ -92,6 +92,7 @@ class Simulation:
         self._seq = itertools.count()
         self._arrivals: list[SimArrival] = []
         self._next_arrival = 0
+        self._end = math.inf
         self._by_model: dict[str, list[SimEngine]] = {}
 
     def add_engine(self, models: list[Model], profiles: dict[str, ModelProfile], config: EngineConfig,
@@ -127,7 +128,7 @@ class Simulation:
         return self._arrivals[i].time_s if i < len(self._arrivals) else math.inf
 
     def _next_event_time(self) -> float:
-        return min(self._next_arrival_time(), self._heap[0][0] if self._heap else math.inf)
+        return min(self._next_arrival_time(), self._heap[0][0] if self._heap else math.inf, self._end)
 
     # ---- the loop ----
 
@@ -142,7 +143,7 @@ class Simulation:
         self._arrivals = sorted(arrivals, key=lambda a: a.time_s)
         self._next_arrival = 0
         outcomes: list[SimOutcome] = []
-        end = (self._arrivals[-1].time_s if self._arrivals else 0.0) + drain_s
+        end = self._end = (self._arrivals[-1].time_s if self._arrivals else 0.0) + drain_s
         while True:
             t_arrival = self._next_arrival_time()
             t_step = self._heap[0][0] if self._heap else math.inf

@@ -1,0 +1,82 @@
+"""`cellserve simulate` and `cellserve profile` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cellserve.graph import zoo
+from cellserve.plan.profile import ModelProfile, synthetic_profile
+
+
+def cellserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cellserve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def gru_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profiles") / "gru-256.json"
+    synthetic_profile(zoo.load("gru-256"), lambda b: 2e-4 + 2e-5 * b, lone_lanes=1, lone_step_s=1e-4).to_json(path)
+    return path
+
+
+def test_simulate_writes_results_labelled_simulated(gru_profile, tmp_path):
+    out = tmp_path / "sim.json"
+    done = cellserve("simulate", "--profile", str(gru_profile), "--engines", "3", "--rates", "60,600",
+                     "--seconds", "2", "--router", "round-robin", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "(simulated)" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["simulated"] is True and report["label"] == "simulated"
+    assert [r["rate_rps"] for r in report["runs"]] == [60.0, 600.0]
+    light = report["runs"][0]
+    assert light["counts"]["ok"] == light["requests"] > 0  # 60 req/s over three engines: all answered
+    assert report["profiles"][0]["modelled"] is True  # a given profile is not a measurement
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engines", "0", "--rates", "10"], "--engines must be >= 1"),
+    (["--rates", "10,x"], "--rates must be numbers"),
+    (["--rates", "10", "--router", "random"], "unknown router 'random'"),
+])
+def test_simulate_refuses_bad_arguments_naming_them(gru_profile, tmp_path, args, message):
+    done = cellserve("simulate", "--profile", str(gru_profile), *args, "--json", str(tmp_path / "x.json"))
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_simulate_refuses_a_broken_profile_naming_the_field(gru_profile, tmp_path):
+    d = json.loads(gru_profile.read_text())
+    d["host"]["step_s"] = -1
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(d))
+    done = cellserve("simulate", "--profile", str(broken), "--rates", "10", "--json", str(tmp_path / "x.json"))
+    assert done.returncode == 2 and "profile.host.step_s must be >= 0" in done.stderr
+
+
+@pytest.mark.slow
+def test_profile_measures_a_zoo_model_and_models_a_gpu(tmp_path):
+    out = tmp_path / "gru.json"
+    done = cellserve("profile", "--model", "gru-256", "--quick", "--max-batch", "4", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    profile = ModelProfile.from_json(out)
+    assert profile.model == "gru-256" and profile.max_batch == 4 and not profile.modelled
+    (cell,) = profile.cell_types.values()  # two GRU layers stepped as one stack
+    assert cell.kind == "stack" and sorted(cell.step_s) == [1, 2, 3, 4]
+    assert all(t.mean > 0 and t.p99 >= t.mean for t in cell.step_s.values())
+    assert profile.plain_ops_s and profile.weight_bytes["cpu"] > 0
+    gpu = tmp_path / "gru-h100.json"
+    done = cellserve("profile", "--model", "gru-256", "--max-batch", "4", "--gpu", "h100", "--json", str(gpu))
+    assert done.returncode == 0, done.stderr
+    modelled = ModelProfile.from_json(gpu)
+    assert modelled.modelled and "modelled" in modelled.machine.name
+    assert modelled.host == ModelProfile.from_json(gpu).host  # host costs come from this machine
+
+
+def test_profile_refuses_an_unknown_model(tmp_path):
+    done = cellserve("profile", "--model", "nope", "--json", str(tmp_path / "p.json"))
+    assert done.returncode == 2 and "'nope' is not a zoo model" in done.stderr

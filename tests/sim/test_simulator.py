@@ -1,0 +1,151 @@
+"""The simulator against hand-computed cases: one engine or a few, costs fixed by a given
+profile, so every finish time is exact; and what it must refuse."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cellserve.engine.config import EngineConfig
+from cellserve.engine.request import Status
+from cellserve.plan.profile import HostProfile, ModelProfile, ProfileError, Timing, synthetic_profile
+from cellserve.sim.loop import SimArrival, Simulation
+from cellserve.sim.router import LeastPredictedFinish, RoundRobin
+
+MS = 1e-3
+CONFIG = EngineConfig(policy="cellular", admission=False, drop_late=False, pin_threads=False, profile=False)
+CONFIG_PRICED = replace(CONFIG, profile=True)  # costs seeded from the profile, as a router needs
+
+
+def tokens(n: int) -> dict:
+    return {"tokens": np.arange(1, n + 1, dtype=np.int64).reshape(1, -1) % 40 + 1}
+
+
+def one_engine(models, profile, config=CONFIG, router=None, engines=1, seed=0) -> Simulation:
+    sim = Simulation(router or RoundRobin(), seed=seed)
+    for _ in range(engines):
+        sim.add_engine([models.models["gru"]], {"gru": profile}, config)
+    return sim
+
+
+def finishes(outcomes) -> dict[int, float]:
+    return {o.tag: round(o.finish_s, 9) for o in outcomes}
+
+
+def test_batched_steps_at_a_fixed_cost_give_exact_finish_times(models):
+    # A (3 tokens) runs alone from 0; B (2 tokens) arrives at 1.5 ms, mid-step, and joins at
+    # the step boundary at 2 ms. Every step costs 1 ms whatever its batch:
+    # 0-1 A, 1-2 A, 2-3 A+B (A done at 3), 3-4 B (done at 4).
+    sim = one_engine(models, synthetic_profile(models.models["gru"], 1 * MS))
+    out = sim.run([SimArrival(0.0, "gru", tokens(3), tag=0), SimArrival(1.5 * MS, "gru", tokens(2), tag=1)])
+    assert [o.status for o in out] == [Status.OK, Status.OK]
+    assert finishes(out) == {0: 0.003, 1: 0.004}
+
+
+def test_a_lone_lane_stops_at_the_first_step_after_an_arrival(models):
+    # Lone steps of 1 ms: A (10 tokens) runs alone, stops after its third step (B arrived at
+    # 2.5 ms), runs two batched steps (2 ms each) with B (2 tokens, done at 7 ms), then its
+    # last 5 steps alone: 7 + 5 = 12 ms.
+    profile = synthetic_profile(models.models["gru"], 2 * MS, lone_lanes=1, lone_step_s=1 * MS)
+    sim = one_engine(models, profile)
+    out = sim.run([SimArrival(0.0, "gru", tokens(10), tag=0), SimArrival(2.5 * MS, "gru", tokens(2), tag=1)])
+    assert finishes(out) == {0: 0.012, 1: 0.007}
+
+
+def test_host_costs_and_plain_ops_are_charged(models):
+    # One 2-token request: its plain ops (gru's stacked program has several, 0.1 ms each), a
+    # lane start (0.2 ms host + 2 x 0.05 ms projection), two steps (1 ms + 0.3 ms host + 0.01 ms
+    # per lane each) and the lane's finish (0.4 ms host + 2 x 0.025 ms).
+    model = models.models["gru"]
+    host = HostProfile(step_s=0.3 * MS, step_s_per_lane=0.01 * MS, lane_start_s=0.2 * MS, lane_finish_s=0.4 * MS)
+    profile = synthetic_profile(model, 1 * MS, plain_op_s=0.1 * MS, start_s_per_token=0.05 * MS,
+                                finish_s_per_token=0.025 * MS, host=host)
+    sim = one_engine(models, profile)
+    (out,) = sim.run([SimArrival(0.0, "gru", tokens(2))])
+    plain = len(profile.plain_ops_s) * 0.1 * MS
+    want = plain + 0.2 * MS + 0.1 * MS + 2 * (1 * MS + 0.3 * MS + 0.01 * MS) + 0.4 * MS + 0.05 * MS
+    assert out.finish_s == pytest.approx(want, abs=1e-12)
+
+
+def test_round_robin_alternates_and_least_finish_picks_the_idle_engine(models):
+    profile = synthetic_profile(models.models["gru"], 1 * MS)
+    trace = [SimArrival(0.0, "gru", tokens(20), tag=i) for i in range(4)]
+    out = one_engine(models, profile, engines=2, router=RoundRobin()).run(trace)
+    assert sorted(o.engine for o in out) == ["engine-0", "engine-0", "engine-1", "engine-1"]
+    # least-finish, steps priced by their batch: a short request joining the long one's engine
+    # would pay for two lanes a step, so it goes to the idle one
+    by_batch = synthetic_profile(models.models["gru"], lambda b: b * MS)
+    trace = [SimArrival(0.0, "gru", tokens(60), tag=0), SimArrival(1 * MS, "gru", tokens(2), tag=1)]
+    out = one_engine(models, by_batch, CONFIG_PRICED, engines=2, router=LeastPredictedFinish()).run(trace)
+    where = {o.tag: o.engine for o in out}
+    assert where == {0: "engine-0", 1: "engine-1"}
+
+
+def test_a_simulation_is_deterministic_for_a_seed(models):
+    spread = synthetic_profile(models.models["gru"], 1 * MS)
+    spread = replace(spread, cell_types={t: replace(c, step_s={b: Timing(1 * MS, 0.3 * MS, 2 * MS, 30)
+                                                               for b in c.step_s})
+                                         for t, c in spread.cell_types.items()})
+    rng = np.random.default_rng(1)
+    trace = [SimArrival(float(t), "gru", tokens(int(n)), tag=i)
+             for i, (t, n) in enumerate(zip(np.cumsum(rng.exponential(2 * MS, 60)), rng.integers(1, 30, 60)))]
+    runs = [finishes(one_engine(models, spread, seed=s).run(trace)) for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]  # the seed does reach the sampled step costs
+
+
+def test_every_request_is_answered_once_even_past_the_drain(models):
+    sim = one_engine(models, synthetic_profile(models.models["gru"], 10 * MS))
+    trace = [SimArrival(0.0, "gru", tokens(50), tag=i) for i in range(5)]  # 50 steps x 10 ms: 0.5 s
+    out = sim.run(trace, drain_s=0.1)
+    assert sorted(o.tag for o in out) == list(range(5))
+    assert {o.status for o in out} == {Status.ERROR}
+    assert all("simulation ended" in o.reason for o in out)
+
+
+# ---- what is refused ----
+
+def test_a_profile_round_trips_through_json(models, tmp_path):
+    profile = synthetic_profile(models.models["seq2seq-reverse"], lambda b: 1e-4 * b, max_batch=8)
+    profile.to_json(tmp_path / "p.json")
+    assert ModelProfile.from_json(tmp_path / "p.json") == profile
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(schema_version=99), "profile.schema_version is 99"),
+    (lambda d: next(iter(d["cell_types"].values()))["step_s"]["3"].update(mean=-1.0), "step_s[3].mean must be >= 0"),
+    (lambda d: next(iter(d["cell_types"].values()))["step_s"].pop("5"), "lacks batch sizes [5]"),
+    (lambda d: d["host"].pop("lane_start_s"), "profile.host.lane_start_s is missing"),
+    (lambda d: d.update(max_batch=0), "profile.max_batch must be an integer >= 1"),
+    (lambda d: next(iter(d["cell_types"].values())).update(kind="lstm"), "kind must be one of layer, stack, decoder"),
+    (lambda d: d.update(decode_steps={}), "profile.decode_steps lacks decoders"),
+])
+def test_a_broken_profile_is_refused_naming_the_field(models, edit, message):
+    d = synthetic_profile(models.models["seq2seq-reverse"], 1 * MS, max_batch=8).to_dict()
+    edit(d)
+    with pytest.raises(ProfileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ModelProfile.from_dict(d)
+
+
+def test_a_profile_of_another_model_or_too_small_a_batch_is_refused(models):
+    lstm = synthetic_profile(models.models["lstm"], 1 * MS)
+    with pytest.raises(ProfileError, match="no profile for models"):
+        Simulation().add_engine([models.models["gru"]], {"lstm": lstm}, CONFIG)
+    renamed = replace(lstm, model="gru")  # the right name, another model's cell types
+    with pytest.raises(ProfileError, match="has no cell type 'gru/"):
+        Simulation().add_engine([models.models["gru"]], {"gru": renamed}, CONFIG)
+    small = synthetic_profile(models.models["gru"], 1 * MS, max_batch=8)
+    with pytest.raises(ProfileError, match="up to 64 lanes, but its profile's step_s stops at 8"):
+        Simulation().add_engine([models.models["gru"]], {"gru": small}, CONFIG_PRICED)
+    unstacked = synthetic_profile(models.models["gru"], 1 * MS, stack_layers=False)
+    with pytest.raises(ProfileError, match="stack_layers"):
+        Simulation().add_engine([models.models["gru"]], {"gru": unstacked}, CONFIG)
+
+
+def test_a_plain_op_missing_from_the_profile_fails_loudly(models):
+    profile = synthetic_profile(models.models["gru"], 1 * MS)
+    profile = replace(profile, plain_ops_s=dict(list(profile.plain_ops_s.items())[1:]))
+    (out,) = one_engine(models, profile).run([SimArrival(0.0, "gru", tokens(3))])
+    assert out.status is Status.ERROR and "has no plain_ops_s" in out.reason
