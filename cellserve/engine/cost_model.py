@@ -28,18 +28,24 @@ _MAX_JUMP = 4.0  # a lasting slowdown is still learnt, 1.15x per sample
 
 
 def _bucket(batch: int) -> int:
-    return max(0, math.ceil(math.log2(max(batch, 1))))
+    """ceil(log2(batch)), 0 for a batch of 1 (or less)."""
+    return (max(batch, 1) - 1).bit_length()
 
 
 class StepCost:
     def __init__(self) -> None:
         self._mean: dict[int, float] = {}  # bucket -> seconds per step, moving average
         self._best: dict[int, float] = {}  # bucket -> fastest step measured
+        self._buckets: list[int] = []  # measured buckets, ascending (both tables have the same)
 
     def observe(self, batch: int, seconds: float) -> None:
         b = _bucket(batch)
         old = self._mean.get(b)
-        self._mean[b] = seconds if old is None else old + _ALPHA * (min(seconds, _MAX_JUMP * old) - old)
+        if old is None:
+            self._mean[b] = seconds
+            self._buckets = sorted(self._mean)
+        else:
+            self._mean[b] = old + _ALPHA * (min(seconds, _MAX_JUMP * old) - old)
         self._best[b] = min(seconds, self._best.get(b, math.inf))
 
     def __call__(self, batch: int, best: bool = False) -> float:
@@ -47,19 +53,25 @@ class StepCost:
         if not table:
             return 0.0
         b = _bucket(batch)
-        lower = [k for k in table if k < b]
-        if b in table:
-            estimate = table[b]
-        else:
-            upper = [k for k in table if k > b]
-            if lower and upper:
-                lo, hi = max(lower), min(upper)
-                frac = (batch - 2 ** lo) / (2 ** hi - 2 ** lo)
-                estimate = table[lo] + frac * (table[hi] - table[lo])
+        buckets = self._buckets
+        lower = upper = None
+        cap = math.inf  # batching does not make a lane dearer: no more than a smaller batch, scaled
+        for k in buckets:
+            if k < b:
+                lower = k
+                cap = min(cap, table[k] * batch / (1 << k))
+            elif k > b:
+                upper = k
+                break
+        estimate = table.get(b)
+        if estimate is None:
+            if lower is not None and upper is not None:
+                frac = (batch - (1 << lower)) / ((1 << upper) - (1 << lower))
+                estimate = table[lower] + frac * (table[upper] - table[lower])
             else:
-                nearest = max(lower) if lower else min(upper)
-                estimate = table[nearest] * max(batch / 2 ** nearest, 1.0)
-        return min([estimate] + [table[k] * batch / 2 ** k for k in lower])
+                nearest = lower if lower is not None else upper
+                estimate = table[nearest] * max(batch / (1 << nearest), 1.0)
+        return min(estimate, cap)
 
 
 class CostModel:

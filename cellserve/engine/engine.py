@@ -84,6 +84,7 @@ class _Run:
     state: dict = field(default_factory=dict)  # final (h, c) per layer, when the request asks
     admitted: float | None = None
     responded: bool = False
+    probe: bool = False  # admitted by an idle engine against its estimate, to measure (see _admit)
 
 
 @dataclass(eq=False)
@@ -101,6 +102,9 @@ class _Work:
 
 
 _DROP_CHECK_S = 0.01
+# A busy engine's predictions stay within this factor of the fastest steps it has measured
+# (see _predicted_latency): room for contention and overhead, not for a stale slow spell.
+PREDICTION_BOUND = 4.0
 
 
 def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
@@ -145,6 +149,8 @@ class Engine:
         self._placed: dict[str, Executor] = {}  # cell type -> executor
         self._plain: dict[str, Executor] = {}  # model -> executor of its plain ops
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
+        self._extra_rounds: dict[str, list[int]] = {}  # model -> per recurrent step, 1 for a decoder's end step
+        self._decoders: dict[str, AttentionDecoder] = {}  # cell type -> its decoder
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
         for model in models:
             self._add_model(model)
@@ -188,7 +194,9 @@ class Engine:
                              "the name of its plain ops")
         types = iter(model.cell_types())
         self._layer_types[model.name] = []
-        for step in model.recurrent_steps():
+        steps = model.recurrent_steps()
+        self._extra_rounds[model.name] = [1 if isinstance(s, AttentionDecoder) else 0 for s in steps]
+        for step in steps:
             directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
             layer = [next(types) for _ in range(directions)]
             for d, cell_type in enumerate(layer):
@@ -196,6 +204,8 @@ class Engine:
                 executor.add_cell_type(CellTypeSpec(cell_type, step, d))
                 self._placed[cell_type] = executor
                 self._committed[cell_type] = 0
+                if isinstance(step, AttentionDecoder):
+                    self._decoders[cell_type] = step
             self._layer_types[model.name].append(layer)
 
     def _executor_for(self, key: str) -> Executor:
@@ -434,12 +444,17 @@ class Engine:
                    self._rounds_plan(model, inputs), model.batch_size(inputs))
         if self.config.admission and deadline < math.inf:
             predicted = self._predicted_latency(model, run.rounds_plan, run.batch)
-            # Headroom: requests admitted later slow this one down too.
+            # Headroom: requests admitted later slow this one down too. An idle engine admits
+            # whatever has time left, to measure: refusing on an estimate it cannot check
+            # would keep it from ever learning better (the server still answers 504 when the
+            # request does miss its deadline).
             if predicted > self.config.admission_headroom * (deadline - now):
-                self._respond_early(request, Status.REJECTED,
-                                    f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
-                                    f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)")
-                return
+                if self._runs or deadline <= now:
+                    self._respond_early(request, Status.REJECTED,
+                                        f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
+                                        f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)")
+                    return
+                run.probe = True
         self._commit(run, +1)
         run.admitted = now
         self._runs[request.request_id] = run
@@ -461,9 +476,15 @@ class Engine:
         for t in model.cell_types():
             load[t] += batch
         # An idle engine has nothing running to learn from: price at the fastest steps seen,
-        # or one slow spell could make it refuse everything from then on.
-        round_s = self._round_time(load) if self._runs else self.costs.round_time(load, best=True)
+        # or one slow spell could make it refuse everything from then on. A busy one prices
+        # at the moving averages, but never above PREDICTION_BOUND times the fastest steps
+        # seen: averages learnt on a loaded machine (a noisy neighbour, a start-up profile
+        # taken under load) must not price work beyond what the device has shown it does.
+        round_s = self._bounded_round_time(load) if self._runs else self.costs.round_time(load, best=True)
         return sum(rounds_plan) * round_s
+
+    def _bounded_round_time(self, load: dict[str, int]) -> float:
+        return min(self._round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
 
     def wake_at(self, now: float) -> float | None:
         """When an engine with nothing to run should step again though nothing arrives (a
@@ -475,7 +496,7 @@ class Engine:
         for name, sem in model.semantics.items():
             if sem.time_axis is not None and sem.time_axis < np.ndim(inputs.get(name)):
                 length = max(length, np.shape(inputs[name])[sem.time_axis])
-        return [length + (1 if isinstance(s, AttentionDecoder) else 0) for s in model.recurrent_steps()]
+        return [length + extra for extra in self._extra_rounds[model.name]]
 
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
         """Add (+1) or take back (-1) a run's lanes in the cell types of its layers."""
@@ -492,10 +513,11 @@ class Engine:
     def _drop_late(self, now: float) -> None:
         """Drop admitted requests that can no longer finish in time: their work is wasted.
         Priced at the lanes running now (admission prices the committed load: a request is
-        refused on the slow estimate but dropped only on the fast one)."""
+        refused on the slow estimate but dropped only on the fast one), within the same bound
+        as admission; a request admitted to measure (see _admit) is never dropped: it runs."""
         self._next_drop_check = now + _DROP_CHECK_S
-        round_s = self._round_time({t: self.policy.lanes_of(t) for t in self._placed})
-        for run in [r for r in self._runs.values() if r.deadline < math.inf]:
+        round_s = self._bounded_round_time({t: self.policy.lanes_of(t) for t in self._placed})
+        for run in [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]:
             if now + self._rounds_left(run) * round_s > run.deadline:
                 self._finish_run(run, Status.DROPPED,
                                  f"dropped: can no longer finish before its deadline "
@@ -602,7 +624,7 @@ class Engine:
 
     def _record_tokens(self, batch: StepBatch, tokens: np.ndarray) -> frozenset[int]:
         """Append each decoder lane's token; return the lanes that ended (EOS or max length)."""
-        dec = self._decoder_spec(batch.cell_type)
+        dec = self._decoders[batch.cell_type]
         ended = []
         for lane_id, token in zip(batch.lane_ids, tokens.tolist()):
             lane = self.policy.lane(lane_id)
@@ -616,11 +638,6 @@ class Engine:
             if len(ref.tokens) >= dec.max_len:
                 ended.append(lane_id)
         return frozenset(ended)
-
-    def _decoder_spec(self, cell_type: str) -> AttentionDecoder:
-        model = self.models[cell_type.split("/", 1)[0]]
-        name = cell_type.split("/", 1)[1]
-        return next(s for s in model.recurrent_steps() if s.name == name)
 
     def _lane_finished(self, lane: Lane) -> None:
         run = self._runs.get(lane.request_id)
