@@ -13,7 +13,6 @@ only after it, is answered DeadlineExceeded (504 / DEADLINE_EXCEEDED), never a l
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -179,7 +178,7 @@ class Core:
         self.clock = clock or engine.clock
         self.admission = Admission()
         self.sequence_idle_s = sequence_idle_s
-        self.sequences = SequenceStore(max_sequences)
+        self.sequences = SequenceStore(max_sequences, clock=self.clock)
         self._models: dict[str, dict[str, ServedModel]] = {}
         for entry in served:
             self._models.setdefault(entry.name, {})[entry.version] = entry
@@ -305,7 +304,7 @@ class Core:
                     self.sequences.end(sequence, "ended by sequence_end")
         finally:
             sequence.users -= 1
-            sequence.last_used = time.monotonic()
+            sequence.last_used = self.sequences.clock.now()
             self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
         return response
 

@@ -14,11 +14,10 @@ fake clock instead of sleeping against the server's sweeper.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from cellserve.engine.clock import Clock
+from cellserve.engine.clock import Clock, MonotonicClock
 from cellserve.server.errors import Overloaded, SequenceError
 
 SequenceKey = tuple[str, str, object]  # (model, version, sequence id)
@@ -38,19 +37,12 @@ class Sequence:
         return _describe(self.key)
 
 
-class _MonotonicClock:
-    """The default: time.monotonic, what the server core stamps `last_used` with today."""
-
-    def now(self) -> float:
-        return time.monotonic()
-
-
 class SequenceStore:
     """Active sequences of every model. Used from the server's event loop only."""
 
     def __init__(self, max_sequences: int = 100_000, clock: Clock | None = None):
         self.max_sequences = max_sequences
-        self.clock = clock if clock is not None else _MonotonicClock()
+        self.clock = clock if clock is not None else MonotonicClock()
         self._active: dict[SequenceKey, Sequence] = {}
         self._ended: OrderedDict[SequenceKey, str] = OrderedDict()
 
