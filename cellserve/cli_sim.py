@@ -82,7 +82,8 @@ def add_simulate(sub) -> None:
                    help="a profile from `cellserve profile` (repeatable: one per model)")
     s.add_argument("--model-repository", type=Path, default=None, help="where profiled non-zoo models live")
     s.add_argument("--engines", type=int, default=1, help="engines, each serving every model (default: 1)")
-    s.add_argument("--router", default="least-finish", help="round-robin or least-finish (default)")
+    s.add_argument("--router", default="least-finish", help="round-robin, least-finish (ask every engine; the default) or two-choices "
+                        "(ask two at random: for many engines)")
     s.add_argument("--policy", default="cellular", help="the engines' batching policy (default: cellular)")
     s.add_argument("--max-batch", type=int, default=None, help="batch cap per cell type (default: the policy's)")
     s.add_argument("--slo-ms", type=float, default=200.0, help="every request's deadline (default: 200)")

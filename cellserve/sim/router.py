@@ -3,6 +3,7 @@ into; the simulator's event loop calls `choose` at each arrival, in virtual time
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from typing import Protocol
 
@@ -53,7 +54,23 @@ class LeastPredictedFinish(Router):
         return min(candidates, key=lambda e: max(e.busy_until - now, 0.0) + e.engine.predicted_latency(request))
 
 
-ROUTERS = {RoundRobin.name: RoundRobin, LeastPredictedFinish.name: LeastPredictedFinish}
+class TwoChoices(LeastPredictedFinish):
+    """Least predicted finish between two engines drawn at random (the power of two
+    choices): nearly as balanced as asking every engine, at a constant cost per request
+    however many engines there are."""
+
+    name = "two-choices"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
+        if len(candidates) > 2:
+            candidates = self._rng.sample(candidates, 2)
+        return super().choose(request, candidates, now)
+
+
+ROUTERS = {r.name: r for r in (RoundRobin, LeastPredictedFinish, TwoChoices)}
 
 
 def make_router(name: str) -> Router:

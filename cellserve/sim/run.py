@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.results import RequestOutcome, RunStats, json_safe, span_s, summarize
@@ -87,7 +85,6 @@ class SimulateConfig:
     model_repository: Path | None = None
     json_path: Path = Path("bench-results/simulate.json")
     plot_path: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []

@@ -149,3 +149,12 @@ def test_a_plain_op_missing_from_the_profile_fails_loudly(models):
     profile = replace(profile, plain_ops_s=dict(list(profile.plain_ops_s.items())[1:]))
     (out,) = one_engine(models, profile).run([SimArrival(0.0, "gru", tokens(3))])
     assert out.status is Status.ERROR and "has no plain_ops_s" in out.reason
+
+
+def test_two_choices_spreads_a_burst_over_many_engines(models):
+    from cellserve.sim.router import TwoChoices
+    profile = synthetic_profile(models.models["gru"], lambda b: b * MS)
+    sim = one_engine(models, profile, CONFIG_PRICED, engines=8, router=TwoChoices(seed=3))
+    out = sim.run([SimArrival(i * 0.1 * MS, "gru", tokens(30), tag=i) for i in range(32)])
+    per_engine = [sum(o.engine == e.name for o in out) for e in sim.engines]
+    assert sum(per_engine) == 32 and max(per_engine) <= 8  # no engine takes a quarter of the burst
