@@ -10,7 +10,6 @@ device against its batch size and the lanes it started and finished.
 
 from __future__ import annotations
 
-import math
 import platform
 import threading
 import time

@@ -108,7 +108,7 @@ class KernelExecutor(Executor):
         """The fastest of five batched steps at each size, on dummy lanes: the first run of a
         size is often a cold one, and a noisy neighbour slows some runs but speeds up none
         (serving then learns the costs as they are)."""
-        kernel, spec = self.kernels[cell_type], self._specs[cell_type]
+        kernel = self.kernels[cell_type]
         costs = {}
         for b in sizes:
             lanes = [self.dummy_lane(cell_type) for _ in range(b)]

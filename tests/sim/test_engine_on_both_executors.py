@@ -12,7 +12,6 @@ from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Status
 from cellserve.executor.kernel import KernelExecutor
-from cellserve.graph.stacking import stack_layers
 from cellserve.plan.profile import synthetic_profile
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
