@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -11,6 +12,9 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.http as httpclient
 
 READY = re.compile(r"cellserve: ready: http=(\S+) grpc=(\S+) metrics=(\S+)")
 
@@ -71,15 +75,31 @@ def start_server(*args: str, timeout: float = 120.0) -> ServerProcess:
     return server
 
 
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """The sum of metric `name` over its series whose labels include `labels` (0 if none)."""
-    text = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=30).read().decode()
+def scrape(server: ServerProcess) -> str:
+    return urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=30).read().decode()
+
+
+def metric(server: ServerProcess, name: str, text: str | None = None, **labels: str) -> float:
+    """The sum of metric `name` over its series whose labels include `labels` (0 if none),
+    from `text` (one scrape) or a scrape made now."""
+    text = scrape(server) if text is None else text
     total = 0.0
     for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
         series = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
         if all(series.get(k) == v for k, v in labels.items()):
             total += float(match.group(2))
     return total
+
+
+def arrived(server: ServerProcess, model: str) -> int:
+    """Inference requests for `model` that reached the server so far: answered, refused or
+    still pending. Unlike the pending gauge it never falls, so a wait on it cannot miss a
+    request that was answered before the next look."""
+    text = scrape(server)  # success and failure are exposed before pending: a request answered
+    # while this is written is counted once or not at all, never twice
+    return int(sum(metric(server, name, text, model=model) for name in (
+        "cellserve_inference_request_success_total", "cellserve_inference_request_failure_total",
+        "cellserve_inference_pending_request_count")))
 
 
 def wait_until(condition, what: str, timeout: float = 60.0, poll: float = 0.02) -> None:
@@ -89,3 +109,23 @@ def wait_until(condition, what: str, timeout: float = 60.0, poll: float = 0.02) 
     while not condition():
         assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
         time.sleep(poll)
+
+
+def sized_shape(server: ServerProcess, model: str, base: tuple[int, int], alone_s: float = 1.5,
+                max_rows: int = 512) -> tuple[int, int]:
+    """`base` (sentences, tokens) with its sentences multiplied until one request alone
+    takes `alone_s` or more on this machine (the tokens stay: models cap the length).
+
+    For requests that must still be in flight when a test acts: a fixed size finishes first
+    on a machine fast enough. A request takes no less when others share the engine, so one
+    that takes `alone_s` alone stays in flight at least that long. The timing only sizes the
+    work (on a slow machine, `base` as it is); no assertion uses it."""
+    tokens = np.random.default_rng(0).integers(1, 10000, base).astype(np.int64)
+    with httpclient.InferenceServerClient(server.http, network_timeout=300) as client:
+        tensor = httpclient.InferInput("tokens", list(base), "INT64")
+        tensor.set_data_from_numpy(tokens, binary_data=True)
+        client.infer(model, [tensor])  # warm-up: the first request pays for lazy start-up
+        start = time.perf_counter()
+        client.infer(model, [tensor])
+        took = time.perf_counter() - start
+    return min(base[0] * max(math.ceil(alone_s / took), 1), max(max_rows, base[0])), base[1]
