@@ -82,6 +82,7 @@ def _dynamo_export(spec: NetSpec, time_dynamic: bool) -> tuple[torch.nn.Module, 
 @pytest.mark.parametrize("backend", BACKENDS, ids=["default", "torch"])
 @pytest.mark.parametrize("spec, time_dynamic", DYNAMO_NETS,
                          ids=[f"{s}-{'dynamic' if d else 'fixed'}_time" for s, d in DYNAMO_NETS])
+@pytest.mark.slow  # torch.onnx.export(dynamo=True): seconds per net
 def test_dynamo_export_matches_module_and_onnxruntime(spec, time_dynamic, backend):
     module, data = _dynamo_export(spec, time_dynamic)
     shapes = MIX if time_dynamic else [(1, DYNAMO_TIME), (3, DYNAMO_TIME), (2, DYNAMO_TIME)]

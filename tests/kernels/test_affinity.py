@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs Python processes to read their threads' placement: seconds each
+
 CORES = len(os.sched_getaffinity(0))
 needs_two_cores = pytest.mark.skipif(CORES < 2, reason=f"pinning two threads needs two cores; this machine has {CORES}")
 

@@ -288,6 +288,7 @@ def test_shared_memory_and_classification_are_refused(client):
 
 # ---- the server's own limits ----
 
+@pytest.mark.slow  # starts servers of its own
 def test_message_size_limit_and_port_in_use():
     server = start_server("--model", "gru-256", "--max-request-size", "4096")
     try:

@@ -11,10 +11,13 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 from schemathesis.generation import GenerationMode
+
+pytestmark = pytest.mark.slow  # hundreds of generated requests: over ten seconds
 
 DOCUMENT = Path(str(resources.files("cellserve.server").joinpath("openapi.json")))
 

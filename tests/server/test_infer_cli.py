@@ -16,6 +16,8 @@ import pytest
 from cellserve.client import TOKEN_ID_BOUND, token_ids
 from zoo_reference import token_reference
 
+pytestmark = pytest.mark.slow  # each test runs the `cellserve infer` CLI as a process: seconds each
+
 PROTOCOLS = ["http", "grpc"]
 
 

@@ -27,6 +27,8 @@ from tritonclient.utils import InferenceServerException
 
 from serverproc import ServerProcess, arrived, sized_shape, start_server, wait_until
 
+pytestmark = pytest.mark.slow  # each test starts `cellserve serve` (requests in flight, or start-up failures)
+
 MODEL = "lstm-512"
 LONG = (4, 500)  # 4 sentences (more on a fast machine) of 500 tokens: seconds of work when 20 run at once
 

@@ -68,6 +68,7 @@ def test_unknown_paths_on_the_metrics_port_are_json_404(zoo_server):
     assert err.value.code == 404 and b'"error"' in err.value.read()
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_no_stack_layers_steps_each_layer_as_its_own_cell_type_with_the_same_answer(zoo_server):
     from serverproc import start_server
 

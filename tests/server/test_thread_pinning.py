@@ -12,6 +12,8 @@ import tritonclient.http as httpclient
 
 from serverproc import start_server
 
+pytestmark = pytest.mark.slow  # each test starts its own server
+
 CORES = len(os.sched_getaffinity(0))
 
 
