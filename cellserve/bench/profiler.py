@@ -1,11 +1,19 @@
 """`cellserve profile`: measure what each piece of a model's work costs on this machine.
 
-The kernels are timed alone, on dummy lanes: every cell type's batched step at each batch
-size from 1 to the engine's cap, a lone lane's step, a lane's start (its input projection)
-and finish, per token. The engine's own time around them (HostProfile), the plain ops and a
-decoder's steps per lane are measured in the real engine serving the benchmarks' traces,
-open loop, at a light and a heavy rate: the host cost is fitted to every step's time off the
-device against its batch size and the lanes it started and finished.
+Costs are measured where they occur: in the real engine serving the benchmarks' trace, open
+loop, at a light and a heavy rate (a fifth and seven tenths of its closed-loop capacity).
+There each executor call is timed as the engine makes it, with the caches and threads as
+serving leaves them, which is slower than the same call repeated in a tight loop (a lane's
+weights are not in cache after another request's plain ops ran). From those runs come: each
+batch size's step and a lone lane's step, a lane's start and finish per token, each plain op,
+a decoder's steps per lane, an idle engine's wake-up, and the engine's own time around the
+device's (HostProfile, fitted to every step's time off the device against its batch size
+and the lanes it started and finished).
+
+Serving does not reach every batch size, so every cell type is also timed alone on dummy
+lanes at each size from 1 to the cap; a size serving did not show (at least
+`_MIN_SAMPLES` times) takes that figure scaled by the median ratio, serving over alone, of the
+sizes it did.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from cellserve.graph.model import DenseNode, Model
 from cellserve.plan.profile import CellTypeProfile, HostProfile, Machine, ModelProfile, Timing
 
 _DECODER_MEMORY = 16  # source length of a decoder's dummy lanes
+_MIN_SAMPLES = 5  # serving's samples of a batch size before they replace the timing alone
 
 
 class RecordingExecutor(KernelExecutor):
@@ -37,23 +46,36 @@ class RecordingExecutor(KernelExecutor):
 
     def __init__(self, device: str = "cpu", backend: str | None = None):
         super().__init__(device, backend)
+        self.recording = False
         self.plain: dict[str, list[float]] = {}
         self.decode_steps: dict[str, list[tuple[int, int]]] = {}
+        self.steps: dict[str, dict[int, list[float]]] = {}  # cell type -> batch -> seconds per batched step
+        self.lone: dict[str, list[float]] = {}  # cell type -> seconds per lane-step of lone runs
+        self.starts: dict[str, list[float]] = {}  # cell type -> seconds per token of a lane's start
+        self.finishes: dict[str, list[float]] = {}
         self._decoding: dict[tuple[str, int], list[int]] = {}  # (cell type, slot) -> [memory, steps]
 
     def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
         seconds = super().run_plain(model, node, env)
-        self.plain.setdefault(node.name, []).append(seconds)
+        if self.recording:
+            self.plain.setdefault(node.name, []).append(seconds)
         return seconds
 
     def start_lane(self, cell_type, x, states) -> LaneStarted:
         started = super().start_lane(cell_type, x, states)
+        if self.recording:
+            self.starts.setdefault(cell_type, []).append(started.busy_s / max(started.storage.length, 1))
         if self._specs[cell_type].is_decoder:
             self._decoding[(cell_type, started.storage.slot)] = [started.storage.length, 0]
         return started
 
     def execute(self, batch: StepBatch, slots, rows, lone_steps, stop) -> StepResult:
         result = super().execute(batch, slots, rows, lone_steps, stop)
+        if self.recording:
+            if lone_steps:
+                self.lone.setdefault(batch.cell_type, []).append(result.busy_s / (result.steps * batch.size))
+            else:
+                self.steps.setdefault(batch.cell_type, {}).setdefault(batch.size, []).append(result.busy_s)
         if self._specs[batch.cell_type].is_decoder:
             for slot in batch.slots:
                 entry = self._decoding.get((batch.cell_type, slot))
@@ -63,9 +85,12 @@ class RecordingExecutor(KernelExecutor):
 
     def finish_lane(self, cell_type, storage):
         entry = self._decoding.pop((cell_type, storage.slot), None)
-        if entry is not None:
+        if entry is not None and self.recording:
             self.decode_steps.setdefault(cell_type, []).append((entry[0], entry[1]))
-        return super().finish_lane(cell_type, storage)
+        finished = super().finish_lane(cell_type, storage)
+        if self.recording:
+            self.finishes.setdefault(cell_type, []).append(finished.busy_s / max(storage.length, 1))
+        return finished
 
     def release_lane(self, cell_type, storage) -> None:
         self._decoding.pop((cell_type, storage.slot), None)
@@ -94,22 +119,45 @@ def profile_model(model: Model, config: EngineConfig, threads: int | None = None
     engine = Engine([model], replace(config, profile=True, pin_threads=False), executors={"cpu": executor})
     served = engine.models[model.name]
     reps = 10 if quick else 30
-    cells = {}
+    alone = {}
     for cell_type in engine.cell_types:
-        log(f"timing {cell_type} at batch 1..{engine.policy.max_batch}")
-        cells[cell_type] = _profile_cell(executor, cell_type, engine.policy.max_batch, reps)
-    log("serving the benchmark trace, light and heavy, for the engine's own costs")
-    host, capacity = _serve_and_fit(engine, served, seed, quick)
+        log(f"timing {cell_type} alone at batch 1..{engine.policy.max_batch}")
+        alone[cell_type] = _profile_cell(executor, cell_type, engine.policy.max_batch, reps)
+    log("serving the benchmark trace, light and heavy, to time every call in place")
+    host, wake, capacity = _serve_and_fit(engine, executor, served, seed, quick)
     log(f"  closed-loop capacity {capacity:.0f} req/s; host cost per step {host.step_s * 1e6:.1f} us "
         f"+ {host.step_s_per_lane * 1e6:.2f} us/lane, per lane started {host.lane_start_s * 1e6:.1f} us, "
-        f"finished {host.lane_finish_s * 1e6:.1f} us")
+        f"finished {host.lane_finish_s * 1e6:.1f} us; wake-up {wake.mean * 1e6:.0f} us")
+    cells = {t: _in_place(alone[t], executor, t, log) for t in engine.cell_types}
     return ModelProfile(
         model=model.name, machine=_machine(executor), max_batch=engine.policy.max_batch,
         stack_layers=config.stack_layers, cell_types=cells,
         plain_ops_s={name: Timing.of(xs) for name, xs in executor.plain.items()},
-        host=host, hand_back_s=_hand_back(200 if quick else 1000),
+        host=host, hand_back_s=_hand_back(200 if quick else 1000), wake_s=wake,
         weight_bytes={str(executor.device): executor.memory_bytes()},
         decode_steps=dict(executor.decode_steps))
+
+
+def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: str, log) -> CellTypeProfile:
+    """The cell type's costs as serving showed them (see the module docstring)."""
+    seen = {b: xs for b, xs in executor.steps.get(cell_type, {}).items() if len(xs) >= _MIN_SAMPLES}
+    ratios = [float(np.mean(xs)) / alone.step_s[b].mean for b, xs in seen.items() if b in alone.step_s]
+    scale = float(np.median(ratios)) if ratios else 1.0
+    steps = {b: Timing.of(seen[b]) if b in seen else _scaled(t, scale) for b, t in alone.step_s.items()}
+    lone = alone.lone_step_s
+    if lone is not None:
+        samples = executor.lone.get(cell_type, [])
+        lone = Timing.of(samples) if len(samples) >= _MIN_SAMPLES else _scaled(lone, scale)
+    starts, finishes = executor.starts.get(cell_type), executor.finishes.get(cell_type)
+    log(f"  {cell_type}: serving showed batch sizes {sorted(seen)[:12]}{' ...' if len(seen) > 12 else ''}; "
+        f"others scaled by {scale:.2f}x the timing alone")
+    return replace(alone, step_s=steps, lone_step_s=lone,
+                   start_s_per_token=float(np.median(starts)) if starts else alone.start_s_per_token,
+                   finish_s_per_token=float(np.median(finishes)) if finishes else alone.finish_s_per_token)
+
+
+def _scaled(t: Timing, factor: float) -> Timing:
+    return Timing(t.mean * factor, t.std * factor, t.p99 * factor, t.n)
 
 
 def _profile_cell(executor: KernelExecutor, cell_type: str, max_batch: int, reps: int) -> CellTypeProfile:
@@ -151,8 +199,11 @@ def _profile_cell(executor: KernelExecutor, cell_type: str, max_batch: int, reps
     return CellTypeProfile(kind, kernel.lone_lanes, steps, lone, float(np.median(start)), float(np.median(finish)))
 
 
-def _serve_and_fit(engine: Engine, model: Model, seed: int, quick: bool) -> tuple[HostProfile, float]:
-    """Serve the trace at 20% and 70% of the closed-loop capacity; fit the host cost."""
+def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, seed: int,
+                   quick: bool) -> tuple[HostProfile, Timing, float]:
+    """Serve the trace at 20% and 70% of the closed-loop capacity, recording every call; fit
+    the host cost and the wake-up. The trace's seed differs from the benchmarks' (a profile
+    is not fitted to the runs it is checked against)."""
     name = model.inputs[0].name
     burst = model_trace(model, seed + 7, 1.0, 1.0, min_requests=150)
     t0 = time.perf_counter()
@@ -160,13 +211,16 @@ def _serve_and_fit(engine: Engine, model: Model, seed: int, quick: bool) -> tupl
         engine.submit(_request(model, name, item))
     engine.run_until_idle(timeout_s=300)
     capacity = len(burst) / (time.perf_counter() - t0)
-    seconds = 1.5 if quick else 4.0
-    records = []
+    seconds = 2.0 if quick else 5.0
+    records, wakes = [], []
+    executor.recording = True
     for share in (0.2, 0.7):
         rate = max(capacity * share, 1.0)
-        replay(engine, model.name, name, model_trace(model, seed, rate, seconds), "profile", rate, None)
+        replay(engine, model.name, name, model_trace(model, seed + 1000, rate, seconds), "profile", rate, None)
         records += engine.stats.step_records  # replay starts each run with fresh stats
-    return _fit_host(np.array(records, dtype=np.float64)), capacity
+        wakes += engine.stats.wake_delays
+    executor.recording = False
+    return _fit_host(np.array(records, dtype=np.float64)), Timing.of(wakes or [0.0]), capacity
 
 
 def _request(model: Model, name: str, item: TraceRequest):

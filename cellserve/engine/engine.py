@@ -50,6 +50,8 @@ class EngineStats:
     step_records: deque = field(default_factory=lambda: deque(maxlen=100_000))
     steps_by_type: dict[str, int] = field(default_factory=dict)  # batched executions per cell type
     lanes_by_type: dict[str, int] = field(default_factory=dict)  # lane-steps per cell type
+    # per wake-up of an idle engine: how long its first request waited for the step to begin
+    wake_delays: deque = field(default_factory=lambda: deque(maxlen=100_000))
     lanes_started: int = 0
     lanes_finished: int = 0
     requests_answered: int = 0
@@ -269,6 +271,8 @@ class Engine:
         now = self.clock.now()
         self._device_s = 0.0
         started, finished = self.stats.lanes_started, self.stats.lanes_finished
+        if self._inbox and not self._runs:
+            self.stats.wake_delays.append(max(now - self._inbox[0].arrival, 0.0))
         self._arrived[0] = 0  # before taking the inbox: a later submit sets it again
         # Only the requests already here: those that arrive meanwhile wait for the next step.
         # Under a flood (the frontend holding the GIL while each admission waits for it) an

@@ -88,6 +88,7 @@ class ModelProfile:
     plain_ops_s: dict[str, Timing]  # plain op (DenseNode name) -> one run for one request
     host: HostProfile
     hand_back_s: Timing  # a response passed from the engine's thread to another
+    wake_s: Timing  # from a request's arrival at an idle engine to the engine's step beginning
     weight_bytes: dict[str, int]  # device -> bytes of the model's weights kept there
     decode_steps: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # decoder -> (memory length, steps) seen
     modelled: bool = False  # predicted, not measured
@@ -253,6 +254,7 @@ def _parse_profile(x: object) -> ModelProfile:
         plain_ops_s={_str(k, "profile.plain_ops_s key"): _timing(v, f"profile.plain_ops_s[{k!r}]")
                      for k, v in plain.items()},
         host=host, hand_back_s=_timing(_get(d, "hand_back_s", "profile"), "profile.hand_back_s"),
+        wake_s=_timing(_get(d, "wake_s", "profile"), "profile.wake_s"),
         weight_bytes={_str(k, "profile.weight_bytes key"): _int(v, f"profile.weight_bytes[{k!r}]")
                       for k, v in weights.items()},
         decode_steps=decode_steps, modelled=modelled)
@@ -265,11 +267,12 @@ def _bad_pair(where: str, i: int, p: object):
 def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, lone_step_s: float = 0.0,
                       start_s_per_token: float = 0.0, finish_s_per_token: float = 0.0, plain_op_s: float = 0.0,
                       host: HostProfile | None = None, decode_steps: int | None = None,
-                      stack_layers: bool = True) -> ModelProfile:
+                      stack_layers: bool = True, wake_s: float = 0.0) -> ModelProfile:
     """A profile given rather than measured: every cell type of `model` (served with
     `stack_layers` as the engine's setting) steps in `step_s(batch)` seconds (a number for a
     constant), every plain op in `plain_op_s`, the engine's own work in `host` (none by
-    default). Decoder lanes run `decode_steps` steps (default: the source length plus one).
+    default), an idle engine's wake-up in `wake_s`. Decoder lanes run `decode_steps` steps
+    (default: the source length plus one).
     For planning with costs from elsewhere and for tests with exact figures."""
     from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, RecurrentLayer
     from cellserve.graph.stacking import stack_layers as stacked
@@ -292,5 +295,6 @@ def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, l
         model=model.name, machine=Machine("synthetic", "given costs", 1, "none"), max_batch=max_batch,
         stack_layers=stack_layers, cell_types=cells,
         plain_ops_s={s.name: Timing.fixed(plain_op_s) for s in model.program if isinstance(s, DenseNode)},
-        host=host or HostProfile(0.0, 0.0, 0.0, 0.0), hand_back_s=Timing.fixed(0.0), weight_bytes={},
+        host=host or HostProfile(0.0, 0.0, 0.0, 0.0), hand_back_s=Timing.fixed(0.0), wake_s=Timing.fixed(wake_s),
+        weight_bytes={},
         decode_steps=decodes, modelled=True)

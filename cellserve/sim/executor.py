@@ -93,7 +93,7 @@ class SimExecutor(Executor):
 
     # ---- pricing ----
 
-    def _sample(self, t: Timing, n: int = 1) -> float:
+    def sample(self, t: Timing, n: int = 1) -> float:
         """n samples' sum, drawn from a gamma with the timing's mean and spread (positive,
         right-skewed like step times)."""
         if t.std <= 0 or t.mean <= 0:
@@ -140,14 +140,14 @@ class SimExecutor(Executor):
             else:
                 wait = self.next_arrival() - self.clock.now()
                 steps = lone_steps if wait == math.inf else min(lone_steps, max(1, math.floor(wait / per_step.mean) + 1))
-            busy = self._sample(per_step, steps * size)
+            busy = self.sample(per_step, steps * size)
         else:
             steps = 1
             timing = cell.step_s.get(size)
             if timing is None:
                 raise ProfileError(f"profile of {batch.cell_type!r} has no step_s[{size}] "
                                    f"(max_batch {max(cell.step_s)})")
-            busy = self._sample(timing)
+            busy = self.sample(timing)
             if cell.kind == "decoder":
                 tokens = self._decode(spec.step, batch.slots)
         self._charge(busy, host.step_s + host.step_s_per_lane * size)

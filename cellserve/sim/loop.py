@@ -29,7 +29,7 @@ from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Response, Status
 from cellserve.graph.model import Model
-from cellserve.plan.profile import ModelProfile, ProfileError
+from cellserve.plan.profile import ModelProfile, ProfileError, Timing
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
 from cellserve.sim.router import RoundRobin, Router
@@ -64,6 +64,7 @@ class SimEngine:
     engine: Engine
     clock: VirtualClock
     models: frozenset[str]
+    wake: Timing = Timing.fixed(0.0)  # an idle engine's wake-up (see ModelProfile.wake_s)
     scheduled: bool = False
     steps: int = 0
 
@@ -94,6 +95,7 @@ class Simulation:
         self._next_arrival = 0
         self._end = math.inf
         self._by_model: dict[str, list[SimEngine]] = {}
+        self._executors: dict[str, SimExecutor] = {}
 
     def add_engine(self, models: list[Model], profiles: dict[str, ModelProfile], config: EngineConfig,
                    name: str | None = None) -> SimEngine:
@@ -114,8 +116,10 @@ class Simulation:
         if engine.policy.max_batch > limit:
             raise ProfileError(f"the engine batches up to {engine.policy.max_batch} lanes, but the profiles' "
                                f"max_batch is {limit}")
+        wake = max((profiles[m.name].wake_s for m in models), key=lambda t: t.mean)
         sim_engine = SimEngine(name or f"engine-{len(self.engines)}", engine, clock,
-                               frozenset(m.name for m in models))
+                               frozenset(m.name for m in models), wake)
+        self._executors[sim_engine.name] = executor
         self.engines.append(sim_engine)
         for m in models:
             self._by_model.setdefault(m.name, []).append(sim_engine)
@@ -175,9 +179,13 @@ class Simulation:
                                        response.arrival, response.finish, response.reason))
 
         request.on_done = on_done
+        idle = chosen.engine.idle()
         chosen.engine.submit(request)
         if not chosen.scheduled:
-            self._schedule(chosen, max(arrival.time_s, chosen.clock.now()))
+            # an engine that was waiting for work takes a while to notice it (a real one
+            # wakes from a wait on an event)
+            wake = self._executors[chosen.name].sample(chosen.wake) if idle else 0.0
+            self._schedule(chosen, max(arrival.time_s, chosen.clock.now()) + wake)
 
     def _schedule(self, sim_engine: SimEngine, t: float) -> None:
         sim_engine.scheduled = True
