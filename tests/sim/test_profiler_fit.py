@@ -1,0 +1,52 @@
+"""The profiler's arithmetic, on given samples (no timing): the host-cost fit and how
+serving's samples replace or scale the timings alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellserve.bench.profiler import _fit_host, _in_place
+from cellserve.plan.profile import CellTypeProfile, Timing
+
+
+def test_the_host_fit_recovers_the_costs_that_made_the_samples():
+    rng = np.random.default_rng(0)
+    batch, started, finished = rng.integers(1, 64, 500), rng.integers(0, 4, 500), rng.integers(0, 4, 500)
+    y = 20e-6 + 1.5e-6 * batch + 80e-6 * started + 30e-6 * finished
+    host = _fit_host(np.column_stack([y, batch, started, finished]).astype(float))
+    assert host.step_s == pytest.approx(20e-6, rel=1e-6)
+    assert host.step_s_per_lane == pytest.approx(1.5e-6, rel=1e-6)
+    assert host.lane_start_s == pytest.approx(80e-6, rel=1e-6)
+    assert host.lane_finish_s == pytest.approx(30e-6, rel=1e-6)
+
+
+def test_the_host_fit_never_gives_a_negative_cost():
+    rng = np.random.default_rng(1)
+    batch = rng.integers(1, 64, 400)
+    y = 50e-6 - 0.5e-6 * batch + rng.normal(0, 1e-7, 400)  # a falling trend: no cost per lane
+    host = _fit_host(np.column_stack([y, batch, np.zeros(400), np.zeros(400)]))
+    assert min(host.step_s, host.step_s_per_lane, host.lane_start_s, host.lane_finish_s) >= 0.0
+
+
+class Recorded:
+    """What a RecordingExecutor holds after serving."""
+
+    def __init__(self, steps, lone=(), starts=(), finishes=()):
+        self.steps = {"m/c": steps}
+        self.lone = {"m/c": list(lone)}
+        self.starts = {"m/c": list(starts)}
+        self.finishes = {"m/c": list(finishes)}
+
+
+def test_sizes_serving_showed_replace_the_timing_alone_and_the_rest_are_scaled():
+    alone = CellTypeProfile("stack", 1, {b: Timing.fixed(b * 1e-4) for b in range(1, 9)}, Timing.fixed(1e-5),
+                            1e-6, 2e-6)
+    seen = {2: [4e-4] * 6, 4: [8e-4] * 6, 8: [9e-4] * 2}  # 2x the timing alone; batch 8 too rarely to count
+    cell = _in_place(alone, Recorded(seen, lone=[3e-5] * 6, starts=[5e-6] * 3), "m/c", lambda *_: None)
+    assert cell.step_s[2].mean == pytest.approx(4e-4) and cell.step_s[4].mean == pytest.approx(8e-4)
+    assert cell.step_s[8].mean == pytest.approx(2 * 8e-4)  # scaled by the median ratio, 2
+    assert cell.step_s[1].mean == pytest.approx(2e-4)
+    assert cell.lone_step_s.mean == pytest.approx(3e-5)  # seen in serving
+    assert cell.start_s_per_token == pytest.approx(5e-6)
+    assert cell.finish_s_per_token == pytest.approx(2e-6)  # nothing seen: the timing alone
