@@ -104,9 +104,13 @@ class _Work:
 
 
 _DROP_CHECK_S = 0.01
-# A busy engine's predictions stay within this factor of the fastest steps it has measured
-# (see _predicted_latency): room for contention and overhead, not for a stale slow spell.
-PREDICTION_BOUND = 4.0
+# An idle engine that has run no step for this long admits one request its estimates would
+# refuse, to measure them again (see _admit).
+PROBE_AFTER_S = 5.0
+# A busy engine prices a step at no more than this factor times the fastest it has measured
+# (see _predicted_latency; the engine's overhead factor comes on top): room for what
+# contention adds under overload, not for estimates gone stale in a slow spell.
+PREDICTION_BOUND = 16.0
 
 
 def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
@@ -174,6 +178,7 @@ class Engine:
         self._runs: dict[int, _Run] = {}
         self._lane_ids = itertools.count(1)
         self._next_drop_check = 0.0
+        self._last_step = -math.inf  # clock time of the last batch executed
         self._device_s = 0.0  # device seconds inside the current step (the rest is overhead)
         # Elapsed time of busy steps over the modelled time of their cell steps: what
         # projections, plain ops, admission and bookkeeping add on top (>= 1).
@@ -308,6 +313,7 @@ class Engine:
             self._fail_batch(batch, f"internal error in cell {batch.cell_type}: {type(exc).__name__}: {exc}")
             return None
         self._device_s += result.busy_s
+        self._last_step = work.started
         if result.steps:
             self.costs.observe(batch.cell_type, batch.size, result.busy_s / result.steps)
         s = self.stats
@@ -448,12 +454,13 @@ class Engine:
                    self._rounds_plan(model, inputs), model.batch_size(inputs))
         if self.config.admission and deadline < math.inf:
             predicted = self._predicted_latency(model, run.rounds_plan, run.batch)
-            # Headroom: requests admitted later slow this one down too. An idle engine admits
-            # whatever has time left, to measure: refusing on an estimate it cannot check
-            # would keep it from ever learning better (the server still answers 504 when the
-            # request does miss its deadline).
+            # Headroom: requests admitted later slow this one down too. An idle engine whose
+            # estimates no step has confirmed lately admits whatever has time left, to measure:
+            # refusing on an estimate it cannot check would keep it from ever learning better
+            # (the server still answers 504 when the request does miss its deadline).
             if predicted > self.config.admission_headroom * (deadline - now):
-                if self._runs or deadline <= now:
+                unconfirmed = not self._runs and now - self._last_step > PROBE_AFTER_S
+                if not unconfirmed or deadline <= now:
                     self._respond_early(request, Status.REJECTED,
                                         f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
                                         f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)")
@@ -482,13 +489,14 @@ class Engine:
         # An idle engine has nothing running to learn from: price at the fastest steps seen,
         # or one slow spell could make it refuse everything from then on. A busy one prices
         # at the moving averages, but never above PREDICTION_BOUND times the fastest steps
-        # seen: averages learnt on a loaded machine (a noisy neighbour, a start-up profile
-        # taken under load) must not price work beyond what the device has shown it does.
+        # seen: averages learnt beside a noisy neighbour must not price work far beyond what
+        # the device has shown it does.
         round_s = self._bounded_round_time(load) if self._runs else self.costs.round_time(load, best=True)
         return sum(rounds_plan) * round_s
 
     def _bounded_round_time(self, load: dict[str, int]) -> float:
-        return min(self._round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
+        steps = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
+        return steps * self.overhead_factor
 
     def wake_at(self, now: float) -> float | None:
         """When an engine with nothing to run should step again though nothing arrives (a
@@ -518,14 +526,35 @@ class Engine:
         """Drop admitted requests that can no longer finish in time: their work is wasted.
         Priced at the lanes running now (admission prices the committed load: a request is
         refused on the slow estimate but dropped only on the fast one), within the same bound
-        as admission; a request admitted to measure (see _admit) is never dropped: it runs."""
+        as admission; a request admitted to measure (see _admit) is never dropped: it runs.
+
+        When a cell type has more lanes than a batch holds and the policy runs the most
+        urgent first, a request waits in its own cell type only for the lanes at least as
+        urgent as its own (in the others, for a batch per turn): pricing every lane would
+        drop an urgent request that is in fact served every turn."""
         self._next_drop_check = now + _DROP_CHECK_S
-        round_s = self._bounded_round_time({t: self.policy.lanes_of(t) for t in self._placed})
-        for run in [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]:
-            if now + self._rounds_left(run) * round_s > run.deadline:
-                self._finish_run(run, Status.DROPPED,
-                                 f"dropped: can no longer finish before its deadline "
-                                 f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
+        lanes = {t: self.policy.lanes_of(t) for t in self._placed}
+        cap = self.policy.max_batch
+        runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
+        if not runs:
+            return
+        if not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
+            round_s = self._bounded_round_time(lanes)
+            late = [r for r in runs if now + self._rounds_left(r) * round_s > r.deadline]
+        else:
+            turn = {t: min(n, cap) for t, n in lanes.items()}  # every type's batch, each turn
+            ahead = dict.fromkeys(lanes, 0)
+            late = []
+            for run in sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival)):
+                for ref in run.lanes.values():
+                    ahead[ref.cell_type] += 1
+                load = {t: max(ahead[t], turn[t]) for t in lanes}
+                if now + self._rounds_left(run) * self._bounded_round_time(load) > run.deadline:
+                    late.append(run)
+        for run in late:
+            self._finish_run(run, Status.DROPPED,
+                             f"dropped: can no longer finish before its deadline "
+                             f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
 
     # ---- a request's walk through its program ----
 

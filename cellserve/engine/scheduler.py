@@ -95,6 +95,9 @@ class Policy(ABC):
     """Common lane bookkeeping; subclasses decide what runs next."""
 
     name = "base"
+    # Each turn of a cell type runs its most urgent lanes (up to max_batch): a lane waits
+    # only for lanes at least as urgent as it
+    urgent_first = False
 
     def __init__(self, max_batch: int = 64):
         if max_batch < 1:
@@ -169,6 +172,7 @@ class CellularPolicy(Policy):
     urgent lanes."""
 
     name = "cellular"
+    urgent_first = True
 
     def __init__(self, max_batch: int = 64):
         super().__init__(max_batch)

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from cellserve.bench.loadgen import RequestFormat, open_loop
 from cellserve.bench.traces import TraceRequest, make_trace
-from serverproc import arrived, sized_shape, start_server, wait_until
+from serverproc import arrived, metric, sized_shape, start_server, wait_until
 
 pytestmark = pytest.mark.slow  # each test starts a server or loads one for seconds
 
@@ -43,16 +43,19 @@ def server():
 
 
 def test_a_deadline_that_cannot_be_met_is_refused_at_admission(server):
-    """A busy engine predicts a request's finish and refuses one that would miss its deadline
-    (an idle one admits it, to measure). 1,000 steps (~20 ms on 2 cores) cannot finish in 5 ms;
-    5 ms, not 1, leaves a loaded machine time to hand the request to the engine and its refusal
-    back before the deadline passes (that would be a 504)."""
+    """A busy engine predicts a request's finish and refuses one that would miss its deadline.
+    1,000 steps, one lane a step among the busy request's lanes, cannot finish in 100 ms; 100 ms
+    leaves a loaded machine time to hand the request to the engine and its refusal back before
+    the deadline passes (that would be a 504)."""
     tokens = np.ones(sized_shape(server, "gru-256", (1, 300)), np.int64)
-    base = arrived(server, "gru-256")
+    steps = metric(server, "cellserve_cell_steps_total")
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(send, server.http, tokens)
-        wait_until(lambda: arrived(server, "gru-256") > base, "a request keeping the engine busy")
-        status, message = send(server.http, np.ones((1, 1000), np.int64), timeout=5_000)
+        # stepping, not just arrived: admitting a request this large takes the engine a while
+        # (its arenas grow), and a request sent meanwhile would wait out its deadline there
+        wait_until(lambda: metric(server, "cellserve_cell_steps_total") > steps + 100,
+                   "the engine stepping a request that keeps it busy")
+        status, message = send(server.http, np.ones((1, 1000), np.int64), timeout=100_000)
         assert status == "429" and "predicted finish" in message and "misses the deadline" in message, (status, message)
         assert busy.result() == ("ok", "")
     assert send(server.http, np.ones((1, 400), np.int64), timeout=5_000_000)[0] == "ok"
