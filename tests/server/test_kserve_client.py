@@ -1,50 +1,44 @@
 """The zoo served to the Open Inference Protocol's reference Python client, KServe's SDK:
 `InferenceRESTClient` (protocol v2) and `InferenceGRPCClient`, for health, readiness and
 inference, checked against PyTorch; and the REST fields that client sends (`model_name` in
-the body) checked against the URL."""
+the body) checked against the URL. The SDK runs in a process of its own (kserve_driver.py:
+its gRPC stubs and tritonclient's cannot share one)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from zoo_reference import token_reference
 
 MODEL = "gru-256"
+DRIVER = Path(__file__).with_name("kserve_driver.py")
 
 
-def run(coro):
-    return asyncio.run(coro)
+def kserve(command: str, **args):
+    """What KServe's SDK got, run by kserve_driver.py."""
+    done = subprocess.run([sys.executable, str(DRIVER), json.dumps({"command": command, "model": MODEL, **args})],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
-def request(tokens: np.ndarray, binary: bool, **kw) -> InferRequest:
-    tensor = InferInput("tokens", list(tokens.shape), "INT64")
-    tensor.set_data_from_numpy(tokens, binary_data=binary)
-    return InferRequest(model_name=MODEL, infer_inputs=[tensor], **kw)
-
-
-def check_against_pytorch(response, tokens: np.ndarray) -> None:
-    outputs = {o.name: o.as_numpy() for o in response.outputs}
+def check_against_pytorch(outputs: dict, tokens: np.ndarray) -> None:
     want = token_reference(MODEL, tokens)
-    np.testing.assert_allclose(outputs["probabilities"], want["probabilities"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(outputs["label"], want["label"])
+    np.testing.assert_allclose(np.array(outputs["probabilities"]), want["probabilities"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.array(outputs["label"]), want["label"])
 
 
+@pytest.mark.slow  # KServe's SDK starts in a process of its own
 def test_rest_health_and_readiness(zoo_server):
-    async def go():
-        async with InferenceRESTClient(RESTConfig(protocol="v2")) as client:
-            return (await client.is_server_live(zoo_server.http_url), await client.is_server_ready(zoo_server.http_url),
-                    await client.is_model_ready(zoo_server.http_url, MODEL),
-                    await client.is_model_ready(zoo_server.http_url, "no-such-model"))
-
-    assert run(go()) == (True, True, True, False)
+    assert kserve("rest_health", url=zoo_server.http_url) == [True, True, True, False]
 
 
 def test_health_bodies_are_the_protocols(zoo_server):
@@ -54,36 +48,22 @@ def test_health_bodies_are_the_protocols(zoo_server):
             assert response.status == 200 and json.loads(response.read()) == body, path
 
 
+@pytest.mark.slow  # KServe's SDK starts in a process of its own
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_rest_inference_matches_pytorch(zoo_server, binary):
     tokens = np.random.default_rng(1).integers(0, 5000, (2, 11))
-
-    async def go():
-        async with InferenceRESTClient(RESTConfig(protocol="v2")) as client:
-            return await client.infer(zoo_server.http_url, request(tokens, binary, request_id="k-1"),
-                                      model_name=MODEL)
-
-    response = run(go())
-    assert response.model_name == MODEL and response.id == "k-1"
-    check_against_pytorch(response, tokens)
+    got = kserve("rest_infer", url=zoo_server.http_url, tokens=tokens.tolist(), binary=binary, request_id="k-1")
+    assert got["model_name"] == MODEL and got["id"] == "k-1"
+    check_against_pytorch(got["outputs"], tokens)
 
 
+@pytest.mark.slow  # KServe's SDK starts in a process of its own
 def test_grpc_health_readiness_and_inference(zoo_server):
     tokens = np.random.default_rng(2).integers(0, 5000, (3, 7))
-
-    async def go():
-        client = InferenceGRPCClient(zoo_server.grpc)
-        try:
-            health = (await client.is_server_live(), await client.is_server_ready(),
-                      await client.is_model_ready(MODEL))
-            return health, await client.infer(request(tokens, True))
-        finally:
-            await client.close()
-
-    health, response = run(go())
-    assert health == (True, True, True)
-    assert response.model_name == MODEL
-    check_against_pytorch(response, tokens)
+    got = kserve("grpc", address=zoo_server.grpc, tokens=tokens.tolist())
+    assert got["health"] == [True, True, True]
+    assert got["model_name"] == MODEL
+    check_against_pytorch(got["outputs"], tokens)
 
 
 def post(zoo_server, path: str, doc: dict) -> tuple[int, dict]:
@@ -118,11 +98,8 @@ def test_body_fields_that_contradict_the_url_are_400(zoo_server, doc, says):
     assert status == 400 and says in body["error"]
 
 
+@pytest.mark.slow  # KServe's SDK starts in a process of its own
 def test_rest_client_sees_a_contradiction_as_an_error(zoo_server):
     """kserve's client names the model twice (URL and body); a mismatch is a 400 it raises."""
-    async def go():
-        async with InferenceRESTClient(RESTConfig(protocol="v2")) as client:
-            await client.infer(zoo_server.http_url, request(np.ones((1, 3), np.int64), False), model_name="lstm-512")
-
-    with pytest.raises(httpx.HTTPStatusError, match="contradicts"):
-        run(go())
+    got = kserve("rest_infer", url=zoo_server.http_url, tokens=[[1, 1, 1]], binary=False, url_model="lstm-512")
+    assert got.get("raised") == "HTTPStatusError" and "contradicts" in got["message"]
