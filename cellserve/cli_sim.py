@@ -54,7 +54,7 @@ def _profile(args, parser) -> int:
     try:
         model = load_model(args.model, args.model_repository)
         config = EngineConfig(max_batch=args.max_batch, backend=args.backend, device=args.device,
-                              stack_layers=args.stack_layers, pin_threads=False)
+                              stack_layers=args.stack_layers)
         if args.gpu:
             from cellserve.plan.gpu_model import gpu_class, modelled_gpu_profile
             gpu = gpu_class(args.gpu)

@@ -1,7 +1,8 @@
 """`cellserve profile`: measure what each piece of a model's work costs on this machine.
 
 Costs are measured where they occur: in the real engine serving the benchmarks' trace, open
-loop, at a light and a heavy rate (a fifth and seven tenths of its closed-loop capacity).
+loop, at a light, a busy and a near-saturated rate (SERVING_SHARES of its closed-loop
+capacity), with the kernel threads pinned as a server pins them.
 There each executor call is timed as the engine makes it, with the caches and threads as
 serving leaves them, which is slower than the same call repeated in a tight loop (a lane's
 weights are not in cache after another request's plain ops ran). From those runs come: each
@@ -38,6 +39,7 @@ from cellserve.plan.profile import CellTypeProfile, HostProfile, Machine, ModelP
 
 _DECODER_MEMORY = 16  # source length of a decoder's dummy lanes
 _MIN_SAMPLES = 5  # serving's samples of a batch size before they replace the timing alone
+SERVING_SHARES = (0.2, 0.6, 0.9)  # of the closed-loop capacity: light, busy and near saturation
 
 
 class RecordingExecutor(KernelExecutor):
@@ -50,7 +52,7 @@ class RecordingExecutor(KernelExecutor):
         self.plain: dict[str, list[float]] = {}
         self.decode_steps: dict[str, list[tuple[int, int]]] = {}
         self.steps: dict[str, dict[int, list[float]]] = {}  # cell type -> batch -> seconds per batched step
-        self.lone: dict[str, list[float]] = {}  # cell type -> seconds per lane-step of lone runs
+        self.lone: dict[str, list[tuple[int, float]]] = {}  # cell type -> (lane-steps, seconds) of lone runs
         self.starts: dict[str, list[float]] = {}  # cell type -> seconds per token of a lane's start
         self.finishes: dict[str, list[float]] = {}
         self._decoding: dict[tuple[str, int], list[int]] = {}  # (cell type, slot) -> [memory, steps]
@@ -73,7 +75,7 @@ class RecordingExecutor(KernelExecutor):
         result = super().execute(batch, slots, rows, lone_steps, stop)
         if self.recording:
             if lone_steps:
-                self.lone.setdefault(batch.cell_type, []).append(result.busy_s / (result.steps * batch.size))
+                self.lone.setdefault(batch.cell_type, []).append((result.steps * batch.size, result.busy_s))
             else:
                 self.steps.setdefault(batch.cell_type, {}).setdefault(batch.size, []).append(result.busy_s)
         if self._specs[batch.cell_type].is_decoder:
@@ -116,7 +118,13 @@ def profile_model(model: Model, config: EngineConfig, threads: int | None = None
     if threads:
         torch.set_num_threads(threads)
     executor = RecordingExecutor(config.device, config.backend)
-    engine = Engine([model], replace(config, profile=True, pin_threads=False), executors={"cpu": executor})
+    engine = Engine([model], replace(config, profile=True), executors={"cpu": executor})
+    with executor.pinned(config.pin_threads):  # as serving runs the kernels (Engine.serve_forever)
+        return _measure(model, config, engine, executor, quick, seed, log)
+
+
+def _measure(model: Model, config: EngineConfig, engine: Engine, executor: RecordingExecutor, quick: bool,
+             seed: int, log) -> ModelProfile:
     served = engine.models[model.name]
     reps = 10 if quick else 30
     alone = {}
@@ -144,16 +152,33 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
     ratios = [float(np.mean(xs)) / alone.step_s[b].mean for b, xs in seen.items() if b in alone.step_s]
     scale = float(np.median(ratios)) if ratios else 1.0
     steps = {b: Timing.of(seen[b]) if b in seen else _scaled(t, scale) for b, t in alone.step_s.items()}
-    lone = alone.lone_step_s
+    lone, call = alone.lone_step_s, 0.0
     if lone is not None:
-        samples = executor.lone.get(cell_type, [])
-        lone = Timing.of(samples) if len(samples) >= _MIN_SAMPLES else _scaled(lone, scale)
+        runs = executor.lone.get(cell_type, [])
+        if len(runs) >= _MIN_SAMPLES:
+            lone, call = _fit_lone(runs)
+        else:
+            lone = _scaled(lone, scale)
     starts, finishes = executor.starts.get(cell_type), executor.finishes.get(cell_type)
     log(f"  {cell_type}: serving showed batch sizes {sorted(seen)[:12]}{' ...' if len(seen) > 12 else ''}; "
         f"others scaled by {scale:.2f}x the timing alone")
-    return replace(alone, step_s=steps, lone_step_s=lone,
+    return replace(alone, step_s=steps, lone_step_s=lone, lone_call_s=call,
                    start_s_per_token=float(np.median(starts)) if starts else alone.start_s_per_token,
                    finish_s_per_token=float(np.median(finishes)) if finishes else alone.finish_s_per_token)
+
+
+def _fit_lone(runs: list[tuple[int, float]]) -> tuple[Timing, float]:
+    """A lone run's cost as a cost per call plus one per step, fitted to serving's runs (the
+    first step after other work is the dear one: a run of many steps costs less per step);
+    the per-step spread from what the fit leaves."""
+    steps, busy = np.array(runs, dtype=np.float64).T
+    x = np.column_stack([np.ones(len(steps)), steps])
+    (call, per_step), *_ = np.linalg.lstsq(x, busy, rcond=None)
+    if per_step <= 0 or call < 0:  # no usable trend: all of it per step
+        call, per_step = 0.0, float(np.sum(busy) / np.sum(steps))
+    residual = (busy - call - per_step * steps) / steps
+    return Timing(float(per_step), float(np.std(residual)), float(per_step + np.percentile(np.abs(residual), 99)),
+                  len(runs)), float(call)
 
 
 def _scaled(t: Timing, factor: float) -> Timing:
@@ -201,20 +226,22 @@ def _profile_cell(executor: KernelExecutor, cell_type: str, max_batch: int, reps
 
 def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, seed: int,
                    quick: bool) -> tuple[HostProfile, Timing, float]:
-    """Serve the trace at 20% and 70% of the closed-loop capacity, recording every call; fit
+    """Serve the trace at SERVING_SHARES of the closed-loop capacity, recording every call; fit
     the host cost and the wake-up. The trace's seed differs from the benchmarks' (a profile
     is not fitted to the runs it is checked against)."""
     name = model.inputs[0].name
-    burst = model_trace(model, seed + 7, 1.0, 1.0, min_requests=150)
-    t0 = time.perf_counter()
-    for item in burst:
-        engine.submit(_request(model, name, item))
-    engine.run_until_idle(timeout_s=300)
-    capacity = len(burst) / (time.perf_counter() - t0)
-    seconds = 2.0 if quick else 5.0
+    capacity = 0.0
+    for i in range(2):  # the first burst warms caches and thread pools: the best of two
+        burst = model_trace(model, seed + 7 + i, 1.0, 1.0, min_requests=300)
+        t0 = time.perf_counter()
+        for item in burst:
+            engine.submit(_request(model, name, item))
+        engine.run_until_idle(timeout_s=300)
+        capacity = max(capacity, len(burst) / (time.perf_counter() - t0))
+    seconds = 2.0 if quick else 4.0
     records, wakes = [], []
     executor.recording = True
-    for share in (0.2, 0.7):
+    for share in SERVING_SHARES:
         rate = max(capacity * share, 1.0)
         replay(engine, model.name, name, model_trace(model, seed + 1000, rate, seconds), "profile", rate, None)
         records += engine.stats.step_records  # replay starts each run with fresh stats

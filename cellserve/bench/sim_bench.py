@@ -86,7 +86,7 @@ def relative_error(sim: float, real: float) -> float | None:
 def run(cfg: SimBenchConfig, log=print) -> dict:
     model = load_model(cfg.model, cfg.model_repository)
     log(f"profiling {model.name} on this machine ({'quick' if cfg.quick else 'full'})")
-    profile = profile_model(model, EngineConfig(max_batch=cfg.max_batch, pin_threads=False), quick=cfg.quick,
+    profile = profile_model(model, EngineConfig(max_batch=cfg.max_batch), quick=cfg.quick,
                             seed=cfg.seed, log=log)
     profile_path = cfg.json_path.with_name(cfg.json_path.stem + "-profile.json")
     profile.to_json(profile_path)

@@ -55,6 +55,7 @@ class CellTypeProfile:
     lone_step_s: Timing | None  # one step of a lane running alone (None when lone_lanes is 0)
     start_s_per_token: float  # admitting a lane: its input projection, per input token
     finish_s_per_token: float  # reading a finished lane's outputs, per token
+    lone_call_s: float = 0.0  # a lone lane's run costs this once per call on top of its steps
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
     return CellTypeProfile(kind, lone, dict(sorted(parsed.items())),
                            None if lone_step is None else _timing(lone_step, f"{where}.lone_step_s"),
                            _num(_get(d, "start_s_per_token", where), f"{where}.start_s_per_token"),
-                           _num(_get(d, "finish_s_per_token", where), f"{where}.finish_s_per_token"))
+                           _num(_get(d, "finish_s_per_token", where), f"{where}.finish_s_per_token"),
+                           _num(d.get("lone_call_s", 0.0), f"{where}.lone_call_s"))
 
 
 def _parse_profile(x: object) -> ModelProfile:

@@ -140,7 +140,7 @@ class SimExecutor(Executor):
             else:
                 wait = self.next_arrival() - self.clock.now()
                 steps = lone_steps if wait == math.inf else min(lone_steps, max(1, math.floor(wait / per_step.mean) + 1))
-            busy = self.sample(per_step, steps * size)
+            busy = size * cell.lone_call_s + self.sample(per_step, steps * size)
         else:
             steps = 1
             timing = cell.step_s.get(size)

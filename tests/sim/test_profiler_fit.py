@@ -43,10 +43,11 @@ def test_sizes_serving_showed_replace_the_timing_alone_and_the_rest_are_scaled()
     alone = CellTypeProfile("stack", 1, {b: Timing.fixed(b * 1e-4) for b in range(1, 9)}, Timing.fixed(1e-5),
                             1e-6, 2e-6)
     seen = {2: [4e-4] * 6, 4: [8e-4] * 6, 8: [9e-4] * 2}  # 2x the timing alone; batch 8 too rarely to count
-    cell = _in_place(alone, Recorded(seen, lone=[3e-5] * 6, starts=[5e-6] * 3), "m/c", lambda *_: None)
+    lone = [(n, 2e-5 + 3e-5 * n) for n in (1, 4, 16, 64, 8, 2)]  # 20 us a call, 30 us a step
+    cell = _in_place(alone, Recorded(seen, lone=lone, starts=[5e-6] * 3), "m/c", lambda *_: None)
     assert cell.step_s[2].mean == pytest.approx(4e-4) and cell.step_s[4].mean == pytest.approx(8e-4)
     assert cell.step_s[8].mean == pytest.approx(2 * 8e-4)  # scaled by the median ratio, 2
     assert cell.step_s[1].mean == pytest.approx(2e-4)
-    assert cell.lone_step_s.mean == pytest.approx(3e-5)  # seen in serving
+    assert cell.lone_step_s.mean == pytest.approx(3e-5) and cell.lone_call_s == pytest.approx(2e-5)
     assert cell.start_s_per_token == pytest.approx(5e-6)
     assert cell.finish_s_per_token == pytest.approx(2e-6)  # nothing seen: the timing alone
