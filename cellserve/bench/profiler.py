@@ -140,7 +140,7 @@ def _measure(model: Model, config: EngineConfig, engine: Engine, executor: Recor
     return ModelProfile(
         model=model.name, machine=_machine(executor), max_batch=engine.policy.max_batch,
         stack_layers=config.stack_layers, cell_types=cells,
-        plain_ops_s={name: Timing.of(xs) for name, xs in executor.plain.items()},
+        plain_ops_s={name: Timing.of(xs, trim=True) for name, xs in executor.plain.items()},
         host=host, hand_back_s=_hand_back(200 if quick else 1000), wake_s=wake,
         weight_bytes={str(executor.device): executor.memory_bytes()},
         decode_steps=dict(executor.decode_steps))
@@ -151,7 +151,7 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
     seen = {b: xs for b, xs in executor.steps.get(cell_type, {}).items() if len(xs) >= _MIN_SAMPLES}
     ratios = [float(np.mean(xs)) / alone.step_s[b].mean for b, xs in seen.items() if b in alone.step_s]
     scale = float(np.median(ratios)) if ratios else 1.0
-    steps = {b: Timing.of(seen[b]) if b in seen else _scaled(t, scale) for b, t in alone.step_s.items()}
+    steps = {b: Timing.of(seen[b], trim=True) if b in seen else _scaled(t, scale) for b, t in alone.step_s.items()}
     lone, call = alone.lone_step_s, 0.0
     if lone is not None:
         runs = executor.lone.get(cell_type, [])
@@ -170,15 +170,15 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
 def _fit_lone(runs: list[tuple[int, float]]) -> tuple[Timing, float]:
     """A lone run's cost as a cost per call plus one per step, fitted to serving's runs (the
     first step after other work is the dear one: a run of many steps costs less per step);
-    the per-step spread from what the fit leaves."""
+    the per-step spread from what the fit leaves, but for its top 1% (stalls of the machine)."""
     steps, busy = np.array(runs, dtype=np.float64).T
     x = np.column_stack([np.ones(len(steps)), steps])
     (call, per_step), *_ = np.linalg.lstsq(x, busy, rcond=None)
     if per_step <= 0 or call < 0:  # no usable trend: all of it per step
         call, per_step = 0.0, float(np.sum(busy) / np.sum(steps))
-    residual = (busy - call - per_step * steps) / steps
-    return Timing(float(per_step), float(np.std(residual)), float(per_step + np.percentile(np.abs(residual), 99)),
-                  len(runs)), float(call)
+    residual = np.abs(busy - call - per_step * steps) / steps
+    p99 = float(np.percentile(residual, 99))
+    return Timing(float(per_step), float(np.std(residual[residual <= p99])), float(per_step + p99), len(runs)), float(call)
 
 
 def _scaled(t: Timing, factor: float) -> Timing:
@@ -247,7 +247,7 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
         records += engine.stats.step_records  # replay starts each run with fresh stats
         wakes += engine.stats.wake_delays
     executor.recording = False
-    return _fit_host(np.array(records, dtype=np.float64)), Timing.of(wakes or [0.0]), capacity
+    return _fit_host(np.array(records, dtype=np.float64)), Timing.of(wakes or [0.0], trim=True), capacity
 
 
 def _request(model: Model, name: str, item: TraceRequest):

@@ -34,13 +34,17 @@ class Timing:
     n: int
 
     @classmethod
-    def of(cls, samples) -> "Timing":
+    def of(cls, samples, trim: bool = False) -> "Timing":
+        """Of `samples`; with `trim`, the mean and spread of those up to the 99th percentile
+        (a stall of the machine while measuring is no part of the cost; p99 keeps it)."""
         xs = sorted(float(x) for x in samples)
         if not xs:
             raise ValueError("no samples")
-        mean = sum(xs) / len(xs)
-        var = sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1)
-        return cls(mean, math.sqrt(var), xs[min(len(xs) - 1, math.ceil(0.99 * len(xs)) - 1)], len(xs))
+        p99 = xs[min(len(xs) - 1, math.ceil(0.99 * len(xs)) - 1)]
+        body = [x for x in xs if x <= p99] if trim else xs
+        mean = sum(body) / len(body)
+        var = sum((x - mean) ** 2 for x in body) / max(len(body) - 1, 1)
+        return cls(mean, math.sqrt(var), p99, len(xs))
 
     @classmethod
     def fixed(cls, seconds: float) -> "Timing":

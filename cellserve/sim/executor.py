@@ -5,8 +5,8 @@ request's walk) runs unchanged. Each call advances the engine's virtual clock by
 time the profile gives (sampled around the mean with the measured spread, from a seeded
 generator) plus the engine's own time around it (the profile's HostProfile, which the real
 engine spends in Python and the simulation would otherwise get for free). Outputs have the
-right shapes and are zeros; plain ops run for real (they are small, and the model's heads
-need their inputs' shapes), priced from the profile. Decoder lanes end after as many steps as
+right shapes and are zeros; plain ops run for real once per input shapes (the model's heads
+need their inputs' shapes) and are reused after, priced from the profile. Decoder lanes end after as many steps as
 a lane of the same source length took when the model was profiled.
 
 Nothing is made up: a cell type, batch size or plain op the profile lacks is a ProfileError.
@@ -56,6 +56,7 @@ class SimExecutor(Executor):
         self._decoding: dict[int, list[int]] = {}  # slot -> [steps to run, steps run, memory length]
         self._decode_table: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._zeros = np.zeros((0, 0), np.float32)
+        self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
 
     # ---- cell types ----
 
@@ -197,10 +198,22 @@ class SimExecutor(Executor):
         self._decoding.pop(storage.slot, None)
 
     def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
+        """The op's outputs, priced from the profile. Computed once per model, op and input
+        shapes, then reused: what the simulation needs of them is their shapes, and the values
+        that feed a later op's shape (Shape's, a Reshape's target) follow from input shapes."""
         timing = self._profile(model).plain_ops_s.get(node.name)
         if timing is None:
             raise ProfileError(f"profile of model {model!r} has no plain_ops_s[{node.name!r}]")
-        dense_ops.run(node, env)
+        args = [env.get(name) if name else None for name in node.inputs]
+        key = (model, node.name, tuple(None if a is None else (np.shape(a), np.asarray(a).dtype.str) for a in args))
+        outputs = self._plain_outputs.get(key)
+        if outputs is None:
+            dense_ops.run(node, env)
+            outputs = self._plain_outputs[key] = [env.get(name) if name else None for name in node.outputs]
+        else:
+            for name, value in zip(node.outputs, outputs):
+                if name:
+                    env[name] = value
         self.clock.advance(timing.mean)
         return timing.mean
 
