@@ -51,19 +51,24 @@ class RecordingExecutor(KernelExecutor):
         self.recording = False
         self.plain: dict[str, list[float]] = {}
         self.decode_steps: dict[str, list[tuple[int, int]]] = {}
-        self.steps: dict[str, dict[int, list[float]]] = {}  # cell type -> batch -> seconds per batched step
-        self.lone: dict[str, list[tuple[int, float]]] = {}  # cell type -> (lane-steps, seconds) of lone runs
+        # cell type -> batch -> seconds of batched steps that followed a step of the same type
+        self.steps: dict[str, dict[int, list[float]]] = {}
+        self.cold_steps: dict[str, dict[int, list[float]]] = {}  # ... that followed other work
+        self.lone: dict[str, list[tuple[int, float, bool]]] = {}  # cell type -> (lane-steps, seconds, cold)
+        self._previous: str | None = None  # cell type of the last call, when it was a step
         self.starts: dict[str, list[float]] = {}  # cell type -> seconds per token of a lane's start
         self.finishes: dict[str, list[float]] = {}
         self._decoding: dict[tuple[str, int], list[int]] = {}  # (cell type, slot) -> [memory, steps]
 
     def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
+        self._previous = None
         seconds = super().run_plain(model, node, env)
         if self.recording:
             self.plain.setdefault(node.name, []).append(seconds)
         return seconds
 
     def start_lane(self, cell_type, x, states) -> LaneStarted:
+        self._previous = None
         started = super().start_lane(cell_type, x, states)
         if self.recording:
             self.starts.setdefault(cell_type, []).append(started.busy_s / max(started.storage.length, 1))
@@ -73,11 +78,14 @@ class RecordingExecutor(KernelExecutor):
 
     def execute(self, batch: StepBatch, slots, rows, lone_steps, stop) -> StepResult:
         result = super().execute(batch, slots, rows, lone_steps, stop)
+        cold = self._previous != batch.cell_type
+        self._previous = batch.cell_type
         if self.recording:
             if lone_steps:
-                self.lone.setdefault(batch.cell_type, []).append((result.steps * batch.size, result.busy_s))
+                self.lone.setdefault(batch.cell_type, []).append((result.steps * batch.size, result.busy_s, cold))
             else:
-                self.steps.setdefault(batch.cell_type, {}).setdefault(batch.size, []).append(result.busy_s)
+                table = self.cold_steps if cold else self.steps
+                table.setdefault(batch.cell_type, {}).setdefault(batch.size, []).append(result.busy_s)
         if self._specs[batch.cell_type].is_decoder:
             for slot in batch.slots:
                 entry = self._decoding.get((batch.cell_type, slot))
@@ -86,6 +94,7 @@ class RecordingExecutor(KernelExecutor):
         return result
 
     def finish_lane(self, cell_type, storage):
+        self._previous = None
         entry = self._decoding.pop((cell_type, storage.slot), None)
         if entry is not None and self.recording:
             self.decode_steps.setdefault(cell_type, []).append((entry[0], entry[1]))
@@ -95,6 +104,7 @@ class RecordingExecutor(KernelExecutor):
         return finished
 
     def release_lane(self, cell_type, storage) -> None:
+        self._previous = None
         self._decoding.pop((cell_type, storage.slot), None)
         super().release_lane(cell_type, storage)
 
@@ -147,38 +157,51 @@ def _measure(model: Model, config: EngineConfig, engine: Engine, executor: Recor
 
 
 def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: str, log) -> CellTypeProfile:
-    """The cell type's costs as serving showed them (see the module docstring)."""
+    """The cell type's costs as serving showed them (see the module docstring): a step that
+    followed a step of its own type (warm), and what one that followed other work costs more."""
     seen = {b: xs for b, xs in executor.steps.get(cell_type, {}).items() if len(xs) >= _MIN_SAMPLES}
     ratios = [float(np.mean(xs)) / alone.step_s[b].mean for b, xs in seen.items() if b in alone.step_s]
     scale = float(np.median(ratios)) if ratios else 1.0
     steps = {b: Timing.of(seen[b], trim=True) if b in seen else _scaled(t, scale) for b, t in alone.step_s.items()}
-    lone, call = alone.lone_step_s, 0.0
+    extra = [x - steps[b].mean for b, xs in executor.cold_steps.get(cell_type, {}).items() if b in steps for x in xs]
+    cold = max(float(np.median(extra)), 0.0) if len(extra) >= _MIN_SAMPLES else 0.0
+    lone, call, lone_cold = alone.lone_step_s, 0.0, 0.0
     if lone is not None:
         runs = executor.lone.get(cell_type, [])
         if len(runs) >= _MIN_SAMPLES:
-            lone, call = _fit_lone(runs)
+            lone, call, lone_cold = _fit_lone(runs)
         else:
             lone = _scaled(lone, scale)
     starts, finishes = executor.starts.get(cell_type), executor.finishes.get(cell_type)
-    log(f"  {cell_type}: serving showed batch sizes {sorted(seen)[:12]}{' ...' if len(seen) > 12 else ''}; "
-        f"others scaled by {scale:.2f}x the timing alone")
-    return replace(alone, step_s=steps, lone_step_s=lone, lone_call_s=call,
+    log(f"  {cell_type}: serving showed batch sizes {sorted(seen)[:12]}{' ...' if len(seen) > 12 else ''} "
+        f"(others: {scale:.2f}x the timing alone); a step after other work costs {cold * 1e6:.0f} us more, "
+        f"a lone run {lone_cold * 1e6:.0f} us")
+    return replace(alone, step_s=steps, lone_step_s=lone, lone_call_s=call, cold_s=cold, lone_cold_s=lone_cold,
                    start_s_per_token=float(np.median(starts)) if starts else alone.start_s_per_token,
                    finish_s_per_token=float(np.median(finishes)) if finishes else alone.finish_s_per_token)
 
 
-def _fit_lone(runs: list[tuple[int, float]]) -> tuple[Timing, float]:
-    """A lone run's cost as a cost per call plus one per step, fitted to serving's runs (the
-    first step after other work is the dear one: a run of many steps costs less per step);
-    the per-step spread from what the fit leaves, but for its top 1% (stalls of the machine)."""
-    steps, busy = np.array(runs, dtype=np.float64).T
-    x = np.column_stack([np.ones(len(steps)), steps])
-    (call, per_step), *_ = np.linalg.lstsq(x, busy, rcond=None)
-    if per_step <= 0 or call < 0:  # no usable trend: all of it per step
-        call, per_step = 0.0, float(np.sum(busy) / np.sum(steps))
-    residual = np.abs(busy - call - per_step * steps) / steps
+def _fit_lone(runs: list[tuple[int, float, bool]]) -> tuple[Timing, float, float]:
+    """A lone run's cost as one per step, one per call and one more when it follows other work
+    (see CellTypeProfile.cold_s), fitted to serving's runs with no negative term; the
+    per-step spread from what the fit leaves, but for its top 1% (stalls of the machine)."""
+    steps, busy, cold = np.array(runs, dtype=np.float64).T
+    x = np.column_stack([steps, np.ones(len(steps)), cold])
+    active = [0, 1, 2]
+    while True:
+        coef, *_ = np.linalg.lstsq(x[:, active], busy, rcond=None)
+        if (coef >= 0).all() or len(active) == 1:
+            break
+        active.pop(int(np.argmin(coef)))
+    full = np.zeros(3)
+    full[active] = np.maximum(coef, 0.0)
+    per_step, call, cold_extra = full
+    if per_step <= 0:  # no usable trend: all of it per step
+        per_step, call, cold_extra = float(np.sum(busy) / np.sum(steps)), 0.0, 0.0
+    residual = np.abs(busy - x @ np.array([per_step, call, cold_extra])) / steps
     p99 = float(np.percentile(residual, 99))
-    return Timing(float(per_step), float(np.std(residual[residual <= p99])), float(per_step + p99), len(runs)), float(call)
+    return (Timing(float(per_step), float(np.std(residual[residual <= p99])), float(per_step + p99), len(runs)),
+            float(call), float(cold_extra))
 
 
 def _scaled(t: Timing, factor: float) -> Timing:

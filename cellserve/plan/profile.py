@@ -60,6 +60,11 @@ class CellTypeProfile:
     start_s_per_token: float  # admitting a lane: its input projection, per input token
     finish_s_per_token: float  # reading a finished lane's outputs, per token
     lone_call_s: float = 0.0  # a lone lane's run costs this once per call on top of its steps
+    # A step that follows other work (a lane's start or finish, a plain op, another cell
+    # type's step) finds its weights out of cache: it costs this much more than one that
+    # follows a step of the same cell type (step_s and lone_step_s are the latter)
+    cold_s: float = 0.0
+    lone_cold_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -206,7 +211,9 @@ def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
                            None if lone_step is None else _timing(lone_step, f"{where}.lone_step_s"),
                            _num(_get(d, "start_s_per_token", where), f"{where}.start_s_per_token"),
                            _num(_get(d, "finish_s_per_token", where), f"{where}.finish_s_per_token"),
-                           _num(d.get("lone_call_s", 0.0), f"{where}.lone_call_s"))
+                           _num(d.get("lone_call_s", 0.0), f"{where}.lone_call_s"),
+                           _num(d.get("cold_s", 0.0), f"{where}.cold_s"),
+                           _num(d.get("lone_cold_s", 0.0), f"{where}.lone_cold_s"))
 
 
 def _parse_profile(x: object) -> ModelProfile:

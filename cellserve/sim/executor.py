@@ -57,6 +57,7 @@ class SimExecutor(Executor):
         self._decode_table: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._zeros = np.zeros((0, 0), np.float32)
         self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
+        self._previous: str | None = None  # cell type of the last call, when it was a step
 
     # ---- cell types ----
 
@@ -109,6 +110,7 @@ class SimExecutor(Executor):
 
     def start_lane(self, cell_type: str, x: np.ndarray, states: list[tuple] | None) -> LaneStarted:
         cell, spec = self._cells[cell_type], self._specs[cell_type]
+        self._previous = None
         length = int(x.shape[0])
         slot = next(self._slots)
         if cell.kind == "decoder":
@@ -134,6 +136,8 @@ class SimExecutor(Executor):
         host = self._host[batch.cell_type]
         size = batch.size
         tokens = None
+        cold = self._previous != batch.cell_type
+        self._previous = batch.cell_type
         if lone_steps:
             per_step = cell.lone_step_s
             if stop[0]:
@@ -141,14 +145,14 @@ class SimExecutor(Executor):
             else:
                 wait = self.next_arrival() - self.clock.now()
                 steps = lone_steps if wait == math.inf else min(lone_steps, max(1, math.floor(wait / per_step.mean) + 1))
-            busy = size * cell.lone_call_s + self.sample(per_step, steps * size)
+            busy = size * cell.lone_call_s + self.sample(per_step, steps * size) + (cell.lone_cold_s if cold else 0.0)
         else:
             steps = 1
             timing = cell.step_s.get(size)
             if timing is None:
                 raise ProfileError(f"profile of {batch.cell_type!r} has no step_s[{size}] "
                                    f"(max_batch {max(cell.step_s)})")
-            busy = self.sample(timing)
+            busy = self.sample(timing) + (cell.cold_s if cold else 0.0)
             if cell.kind == "decoder":
                 tokens = self._decode(spec.step, batch.slots)
         self._charge(busy, host.step_s + host.step_s_per_lane * size)
@@ -174,6 +178,7 @@ class SimExecutor(Executor):
 
     def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:
         cell, spec = self._cells[cell_type], self._specs[cell_type]
+        self._previous = None
         self._decoding.pop(storage.slot, None)
         busy = cell.finish_s_per_token * storage.length
         self._charge(busy, self._host[cell_type].lane_finish_s)
@@ -204,6 +209,7 @@ class SimExecutor(Executor):
         timing = self._profile(model).plain_ops_s.get(node.name)
         if timing is None:
             raise ProfileError(f"profile of model {model!r} has no plain_ops_s[{node.name!r}]")
+        self._previous = None
         args = [env.get(name) if name else None for name in node.inputs]
         key = (model, node.name, tuple(None if a is None else (np.shape(a), np.asarray(a).dtype.str) for a in args))
         outputs = self._plain_outputs.get(key)

@@ -32,8 +32,9 @@ def test_the_host_fit_never_gives_a_negative_cost():
 class Recorded:
     """What a RecordingExecutor holds after serving."""
 
-    def __init__(self, steps, lone=(), starts=(), finishes=()):
+    def __init__(self, steps, lone=(), starts=(), finishes=(), cold_steps=None):
         self.steps = {"m/c": steps}
+        self.cold_steps = {"m/c": cold_steps or {}}
         self.lone = {"m/c": list(lone)}
         self.starts = {"m/c": list(starts)}
         self.finishes = {"m/c": list(finishes)}
@@ -43,11 +44,14 @@ def test_sizes_serving_showed_replace_the_timing_alone_and_the_rest_are_scaled()
     alone = CellTypeProfile("stack", 1, {b: Timing.fixed(b * 1e-4) for b in range(1, 9)}, Timing.fixed(1e-5),
                             1e-6, 2e-6)
     seen = {2: [4e-4] * 6, 4: [8e-4] * 6, 8: [9e-4] * 2}  # 2x the timing alone; batch 8 too rarely to count
-    lone = [(n, 2e-5 + 3e-5 * n) for n in (1, 4, 16, 64, 8, 2)]  # 20 us a call, 30 us a step
-    cell = _in_place(alone, Recorded(seen, lone=lone, starts=[5e-6] * 3), "m/c", lambda *_: None)
+    # 20 us a call, 30 us a step, 50 us more after other work
+    lone = [(n, 2e-5 + 3e-5 * n + 5e-5 * c, c) for n in (1, 4, 16, 64, 8, 2) for c in (False, True)]
+    cold = {2: [4e-4 + 1e-4] * 6}  # batched steps after other work: 100 us more
+    cell = _in_place(alone, Recorded(seen, lone=lone, starts=[5e-6] * 3, cold_steps=cold), "m/c", lambda *_: None)
     assert cell.step_s[2].mean == pytest.approx(4e-4) and cell.step_s[4].mean == pytest.approx(8e-4)
     assert cell.step_s[8].mean == pytest.approx(2 * 8e-4)  # scaled by the median ratio, 2
     assert cell.step_s[1].mean == pytest.approx(2e-4)
     assert cell.lone_step_s.mean == pytest.approx(3e-5) and cell.lone_call_s == pytest.approx(2e-5)
+    assert cell.lone_cold_s == pytest.approx(5e-5) and cell.cold_s == pytest.approx(1e-4)
     assert cell.start_s_per_token == pytest.approx(5e-6)
     assert cell.finish_s_per_token == pytest.approx(2e-6)  # nothing seen: the timing alone

@@ -158,3 +158,12 @@ def test_two_choices_spreads_a_burst_over_many_engines(models):
     out = sim.run([SimArrival(i * 0.1 * MS, "gru", tokens(30), tag=i) for i in range(32)])
     per_engine = [sum(o.engine == e.name for o in out) for e in sim.engines]
     assert sum(per_engine) == 32 and max(per_engine) <= 8  # no engine takes a quarter of the burst
+
+
+def test_a_step_after_other_work_pays_the_cold_surcharge(models):
+    # A (3 tokens) alone: its first step follows its lane's start (cold: 1 + 0.5 ms), the next
+    # two follow steps of the same cell type (1 ms each): done at 3.5 ms.
+    profile = synthetic_profile(models.models["gru"], 1 * MS)
+    profile = replace(profile, cell_types={t: replace(c, cold_s=0.5 * MS) for t, c in profile.cell_types.items()})
+    (out,) = one_engine(models, profile).run([SimArrival(0.0, "gru", tokens(3))])
+    assert out.finish_s == pytest.approx(0.0035, abs=1e-12)
