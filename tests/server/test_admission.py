@@ -55,8 +55,15 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_admission(server):
         # (its arenas grow), and a request sent meanwhile would wait out its deadline there
         wait_until(lambda: metric(server, "cellserve_cell_steps_total") > steps + 100,
                    "the engine stepping a request that keeps it busy")
-        status, message = send(server.http, np.ones((1, 1000), np.int64), timeout=100_000)
-        assert status == "429" and "predicted finish" in message and "misses the deadline" in message, (status, message)
+        # up to three tries: on a loaded machine one may reach the engine only after its
+        # deadline (then it is a 504, a deadline kept, never a late success)
+        answers = []
+        for _ in range(3):
+            answers.append(send(server.http, np.ones((1, 1000), np.int64), timeout=100_000))
+            if answers[-1][0] != "504":
+                break
+        status, message = answers[-1]
+        assert status == "429" and "predicted finish" in message and "misses the deadline" in message, answers
         assert busy.result() == ("ok", "")
     assert send(server.http, np.ones((1, 400), np.int64), timeout=5_000_000)[0] == "ok"
 
