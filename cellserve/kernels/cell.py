@@ -9,15 +9,14 @@ lanes by one time step each, whatever their positions. Implementations of the st
   panels from a shared counter, so a core that another process holds up leaves its share to
   the other, where oneDNN's even split waits for it.
 - "onednn" (CPU, the default elsewhere where torch has oneDNN): gather h, then the GEMM
-  h @ W_hh^T by oneDNN with W_hh reordered once into its blocked layout (measured here at [B, 512] x
-  [512, 2048]: 150-200 GFLOP/s from B = 8, where OpenBLAS reached 55-150 and torch.mm 35-90),
-  then the C kernel in `_pointwise.c` adds the input projections, applies the gates, and
+  h @ W_hh^T by oneDNN with W_hh reordered once into its blocked layout (faster at these
+  shapes than OpenBLAS or torch.mm; figures in docs/performance.md), then the C kernel in `_pointwise.c` adds the input projections, applies the gates, and
   updates the state and output rows in place, in one pass.
 - "blas" (CPU): the same, with the GEMM in numpy's BLAS.
 - "torch" (any torch device, CUDA included): the same math in torch ops.
 
 Never mix "onednn" and "blas" in one process: OpenMP's and OpenBLAS's thread pools each spin
-waiting for work and starve the other (a step took 8 ms instead of 0.1 ms here). So the first
+waiting for work and starve the other (a step ran about 80x slower). So the first
 "onednn" kernel limits numpy's BLAS to one thread for the rest of the process; what numpy
 still does (the plain ops of a model) works on tiny matrices.
 
@@ -26,7 +25,7 @@ one GEMM (or, for a layer fed by an embedding, as row lookups in a table project
 load), and kept in the lane's row block. A stack's upper layers take their inputs row by row
 from the layer below instead (see stack.py and step_rows): for LSTM and Elman RNN on the CPU
 backends the projection and the recurrence of such a step are one GEMM, [x, h] @ [W_ih, W_hh]^T,
-which at lstm-512 here took 212 us for a batch of 10 against 2 x 118 us for the two halves.
+cheaper than the two halves (docs/performance.md, "Kernels").
 GRU keeps them apart: its candidate gate multiplies only the recurrent part by r.
 """
 
@@ -290,8 +289,8 @@ class CellKernel:
     @property
     def lone_lanes(self) -> int:
         """Batches of up to this many lanes run each lane alone with run_lane (CPU backends):
-        one lane's run_lane step takes half the time of a batched step of one lane (at
-        lstm-512 here, 33 against 62 us), two lanes' break even."""
+        one lane's run_lane step takes about half the time of a batched step of one lane,
+        two lanes' break even (docs/performance.md, "Kernels")."""
         return 0 if self.backend == "torch" else 1
 
     def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:

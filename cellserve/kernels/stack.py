@@ -23,8 +23,8 @@ from cellserve.kernels.arena import RowPool, SlotPool
 from cellserve.kernels.cell import CellKernel, LaneStorage
 
 # Steps of a lone lane's run per layer between projections: 16 rows amortise the read of
-# W_ih (at lstm-512 here a projection of 8 rows took 104 us, of 100 rows 939 us) and keep
-# an arrival's wait for the layers above short (16 x ~40 us).
+# W_ih (a projection of 8 rows costs nearly what one of 16 does) and keep an arrival's wait
+# for the layers above short (16 steps of each).
 LANE_PIECE = 16
 
 
@@ -82,8 +82,8 @@ class StackKernel:
         """Batches of up to this many lanes run each lane alone (CPU backends). One lane: its
         run_lane goes many steps per call. Two: with oneDNN or BLAS a batched step of two
         projects two rows per step, which reads as much of W_ih as a projection of a whole
-        piece (at lstm-512 here, 190 us a step against 2 x 80 us alone); the fused step reads
-        each weight once for both lanes (118-128 us a step against 2 x 110 us alone)."""
+        piece, and costs more than the two lanes alone; the fused step reads each weight once
+        for both lanes, and costs less (docs/performance.md, "Kernels")."""
         if not self.layers[0].lone_lanes:
             return 0
         return 1 if self.backend == "fused" else 2
