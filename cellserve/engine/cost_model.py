@@ -3,7 +3,7 @@
 A cell type's step time is kept per batch-size bucket (powers of two) as a moving average of
 measured steps, seeded by a profile at start-up, and read back by interpolating between
 measured buckets: step time is far from linear in the batch at small batches (BLAS switches
-kernels), so a straight-line fit mispredicted by up to 6x here.
+kernels), so a straight-line fit mispredicts badly (docs/performance.md, "Kernels").
 
 Prediction: a request advances one step per *round*, in which every cell type with lanes
 runs once (see scheduler.CellularPolicy). The engine prices a round at the load *committed*
