@@ -13,6 +13,7 @@ connection idle past --idle-timeout is closed, and one whose request headers tak
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -30,7 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cellserve.server import codec
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
-from cellserve.server.errors import BadRequest, Overloaded, ServerError, TooLarge
+from cellserve.server.errors import BadRequest, Overloaded, ServerError, TooLarge, Unavailable
 
 log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -127,6 +128,13 @@ class InferEndpoint:
                 response = await self._infer(scope, receive, received)
             except ClientDisconnect:
                 return  # no one to answer
+            except asyncio.CancelledError:
+                # uvicorn cancels what is still in flight when its graceful shutdown runs out:
+                # answer as the protocol promises (503), not with uvicorn's plain-text 500
+                if self.core.accepting:
+                    raise
+                await _server_error_response(Unavailable("the server is shutting down"))(scope, receive, send)
+                raise
             except ServerError as exc:
                 failure, response = exc, _server_error_response(exc)
             except Exception as exc:  # noqa: BLE001 - a 500 that says what failed
