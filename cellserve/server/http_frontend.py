@@ -130,11 +130,13 @@ class InferEndpoint:
                 return  # no one to answer
             except asyncio.CancelledError:
                 # uvicorn cancels what is still in flight when its graceful shutdown runs out:
-                # answer as the protocol promises (503), not with uvicorn's plain-text 500
+                # answer as the protocol promises (503), not with uvicorn's plain-text 500, and
+                # end the task here (re-raised, uvicorn would log it as a failure)
                 if self.core.accepting:
                     raise
-                await _server_error_response(Unavailable("the server is shutting down"))(scope, receive, send)
-                raise
+                failure = Unavailable("the server is shutting down")
+                await _server_error_response(failure)(scope, receive, send)
+                return
             except ServerError as exc:
                 failure, response = exc, _server_error_response(exc)
             except Exception as exc:  # noqa: BLE001 - a 500 that says what failed
