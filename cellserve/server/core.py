@@ -314,7 +314,12 @@ class Core:
         done: asyncio.Future = loop.create_future()
 
         def on_done(response: Response) -> None:  # the engine thread
-            loop.call_soon_threadsafe(_resolve, done, response)
+            if loop.is_closed():
+                return  # the frontends stopped first: their shutdown answered this request (503)
+            try:
+                loop.call_soon_threadsafe(_resolve, done, response)
+            except RuntimeError:  # closed between the check and the call
+                pass
 
         margin = self._handback_s + 4 * self._handback_dev_s
         engine_timeout = None if timeout_s is None else max(timeout_s - margin, timeout_s / 2)
