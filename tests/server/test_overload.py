@@ -15,6 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from cellserve.bench.loadgen import open_loop
+from cellserve.bench.traces import TraceRequest
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.server.core import Admission, Core, InferInput
 from cellserve.server.errors import DeadlineExceeded, Overloaded
@@ -138,6 +140,23 @@ def test_grpc_is_refused_by_the_same_bound(bounded):
             assert read_response(h)[0] == 200
             h.close()
         assert client.infer(MODEL, [tensor]).as_numpy("label").shape == (1,)
+
+
+def test_the_load_generators_grpc_client_counts_refusals_and_answers(bounded):
+    """`bench load`'s lean gRPC client (prebuilt request bytes, answers not parsed) tells a
+    RESOURCE_EXHAUSTED refusal from an answer."""
+    trace = [TraceRequest(i, 0.0, np.array([1, 2, 3], np.int64)) for i in range(3)]
+    held = hold_places(bounded, 2)
+    wait_in_flight(bounded, 2)
+    refused = open_loop(bounded.grpc, MODEL, trace, protocol="grpc").outcomes
+    assert [o.status for o in refused] == ["rejected"] * 3
+    assert "queue full: 2 requests in flight" in refused[0].reason
+    for h in held:
+        h.sendall(BODY[5:])
+        assert read_response(h)[0] == 200
+        h.close()
+    answered = open_loop(bounded.grpc, MODEL, trace[:2], protocol="grpc").outcomes
+    assert [o.status for o in answered] == ["ok", "ok"]
 
 
 def test_connections_past_the_limit_are_answered_503_and_closed(bounded):
