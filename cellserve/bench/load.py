@@ -53,6 +53,9 @@ class Sweep:
     vocab: int = 10000
     seed: int = 0
     client_timeout_s: float = 30.0
+    # a readiness check this often during each rate (None: none), its latency reported beside
+    # the load's: an overloaded server must still answer its health checks
+    health_every_s: float | None = 0.1
 
 
 def trace_for(sweep: Sweep, rate: float) -> list:
@@ -64,7 +67,8 @@ def trace_for(sweep: Sweep, rate: float) -> list:
 
 def summarize_load(run: LoadRun, offered_rps: float, slos_ms: tuple[float, ...]) -> dict:
     """One rate's figures: throughput, goodput at each SLO, p50/p90/p99 (answered requests),
-    counts by outcome (ok, rejected, dropped, error), the generator's send lag."""
+    counts by outcome (ok, rejected, dropped, error), the generator's send lag, and the
+    readiness checks' latency during the load (`health`, when checks ran)."""
     stats = RunStats(policy="load", rate_rps=offered_rps, duration_s=span_s(run.outcomes), outcomes=run.outcomes)
     at_slo = {f"{slo:g}": summarize(stats, slo / 1e3) for slo in slos_ms}
     any_slo = next(iter(at_slo.values()))  # all but goodput is the same at every SLO
@@ -76,6 +80,10 @@ def summarize_load(run: LoadRun, offered_rps: float, slos_ms: tuple[float, ...])
     row["goodput_rps"] = {key: s["goodput_rps"] for key, s in at_slo.items()}
     row["within_slo"] = {key: s["requests"] - s["slo_misses"] for key, s in at_slo.items()}  # answered in time
     row["send_lag_p99_ms"] = float(np.percentile(run.send_lag_s, 99) * 1e3) if run.send_lag_s else 0.0
+    if run.health_latencies_s:
+        health_ms = np.asarray(run.health_latencies_s) * 1e3
+        row["health"] = {"checks": int(health_ms.size), "p50_ms": float(np.percentile(health_ms, 50)),
+                         "p99_ms": float(np.percentile(health_ms, 99)), "max_ms": float(health_ms.max())}
     errors = [o.reason for o in run.outcomes if o.status == "error"]
     if errors:
         row["first_error"] = errors[0]
@@ -84,7 +92,8 @@ def summarize_load(run: LoadRun, offered_rps: float, slos_ms: tuple[float, ...])
 
 def run_rate(target: Target, sweep: Sweep, rate: float) -> dict:
     run = open_loop(target.address, target.model, trace_for(sweep, rate), fmt=target.fmt,
-                    protocol=target.protocol, client_timeout_s=sweep.client_timeout_s)
+                    protocol=target.protocol, client_timeout_s=sweep.client_timeout_s,
+                    health_every_s=sweep.health_every_s)
     return summarize_load(run, rate, sweep.slos_ms)
 
 
@@ -144,7 +153,7 @@ def generator_ceiling(protocol: str = "http", workdir: Path | None = None, secon
     try:
         server.wait_ready(30)
         target = Target(address, "trivial", protocol, RequestFormat(binary=False))
-        sweep = Sweep(seconds_per_rate=seconds, min_requests=200)
+        sweep = Sweep(seconds_per_rate=seconds, min_requests=200, health_every_s=None)
         run_rate(target, sweep, start_rps)  # warm-up
         best, rows, rate = 0.0, [], start_rps
         while rate < 100_000:
@@ -191,14 +200,16 @@ def write_report(report: LoadReport, json_path: Path, plot_path: Path | None = N
 def table(report: LoadReport) -> str:
     slos = report.sweep.slos_ms
     head = (f"{'offered':>8} {'thru':>7} " + " ".join(f"{'good@' + format(s, 'g'):>9}" for s in slos)
-            + f" {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'rejected':>8} {'dropped':>8} {'errors':>7}")
+            + f" {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'rejected':>8} {'dropped':>8} {'errors':>7}"
+            + f" {'health max ms':>13}")
     lines = [head]
     for r in report.rows:
         c = r["counts"]
         lines.append(f"{r['offered_rps']:>8.1f} {r['throughput_rps']:>7.1f} "
                      + " ".join(f"{r['goodput_rps'][f'{s:g}']:>9.1f}" for s in slos)
                      + f" {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f}"
-                     f" {c['rejected']:>8} {c['dropped']:>8} {c['error']:>7}")
+                     f" {c['rejected']:>8} {c['dropped']:>8} {c['error']:>7}"
+                     f" {r['health']['max_ms'] if 'health' in r else float('nan'):>13.1f}")
     if report.ceiling:
         lines.append(f"generator ceiling ({report.ceiling['protocol']}, trivial endpoint): "
                      f"{report.ceiling['ceiling_rps']:.0f} req/s")

@@ -174,11 +174,20 @@ async def run_open_loop(address: str, model: str, trace: list[TraceRequest], fmt
             outcomes[i] = RequestOutcome(trace[i].request_id, max(trace[i].arrival_s, sent), finish, status, reason)
 
         async def probe() -> None:
-            while True:
-                t0 = time.perf_counter()
-                await sender.probe()
-                run.health_latencies_s.append(time.perf_counter() - t0)
-                await asyncio.sleep(health_every_s)
+            t0 = None
+            try:
+                while True:
+                    t0 = time.perf_counter()
+                    await sender.probe()
+                    run.health_latencies_s.append(time.perf_counter() - t0)
+                    t0 = None
+                    await asyncio.sleep(health_every_s)
+            except asyncio.CancelledError:
+                # a check still unanswered when the load ends counts with what it has waited,
+                # so a server that hangs its health checks cannot show none
+                if t0 is not None:
+                    run.health_latencies_s.append(time.perf_counter() - t0)
+                raise
 
         prober = asyncio.create_task(probe()) if health_every_s else None
         tasks = []

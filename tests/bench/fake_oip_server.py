@@ -1,7 +1,8 @@
 """A fake Open Inference Protocol server with known behaviour, for testing the load
 generator's statistics: each request to .../infer is answered after `--ms-per-token` times
 its token count milliseconds (concurrently, so nothing queues), and by its first token id:
-1 -> 429 (rejected), 2 -> 500 (error), 3 -> 504 (dropped), anything else -> 200."""
+1 -> 429 (rejected), 2 -> 500 (error), 3 -> 504 (dropped), anything else -> 200. Any other
+request (a health check) is answered 200 after `--health-ms`."""
 
 import argparse
 import asyncio
@@ -12,7 +13,7 @@ import uvicorn
 _STATUS = {1: 429, 2: 500, 3: 504}
 
 
-def make_app(ms_per_token: float):
+def make_app(ms_per_token: float, health_ms: float = 0.0):
     async def app(scope, receive, send):
         if scope["type"] != "http":
             return
@@ -22,7 +23,9 @@ def make_app(ms_per_token: float):
             body += message.get("body", b"")
             more = message.get("more_body", False)
         status, answer = 200, {"ready": True}
-        if scope["method"] == "POST":
+        if scope["method"] != "POST":
+            await asyncio.sleep(health_ms / 1e3)
+        else:
             tokens = json.loads(body)["inputs"][0]["data"]
             await asyncio.sleep(ms_per_token * len(tokens) / 1e3)
             status = _STATUS.get(tokens[0], 200)
@@ -42,6 +45,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ms-per-token", type=float, default=1.0)
+    parser.add_argument("--health-ms", type=float, default=0.0)
     args = parser.parse_args()
-    uvicorn.run(make_app(args.ms_per_token), host="127.0.0.1", port=args.port, log_level="warning",
+    uvicorn.run(make_app(args.ms_per_token, args.health_ms), host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)

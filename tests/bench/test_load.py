@@ -48,14 +48,45 @@ def test_summary_of_a_run_with_given_times():
     assert row["send_lag_p99_ms"] == pytest.approx(float(np.percentile(run.send_lag_s, 99)) * 1e3)
 
 
+def _start_fake(tmp_path_factory, *extra: str):
+    port = free_port()
+    server = spawn("fake", [sys.executable, str(FAKE), "--port", str(port), "--ms-per-token", str(MS_PER_TOKEN),
+                            *extra], f"127.0.0.1:{port}", tmp_path_factory.mktemp("fake") / "fake.log")
+    server.wait_ready(30)
+    return server
+
+
 @pytest.fixture(scope="module")
 def fake_server(tmp_path_factory):
-    port = free_port()
-    server = spawn("fake", [sys.executable, str(FAKE), "--port", str(port), "--ms-per-token", str(MS_PER_TOKEN)],
-                   f"127.0.0.1:{port}", tmp_path_factory.mktemp("fake") / "fake.log")
-    server.wait_ready(30)
+    server = _start_fake(tmp_path_factory)
     yield server.address
     server.stop()
+
+
+def test_health_checks_are_summarised_beside_the_load():
+    outcomes = [RequestOutcome(0, 0.0, 0.01, "ok")]
+    run = LoadRun(outcomes=outcomes, send_lag_s=[0.0], health_latencies_s=[0.002, 0.004, 0.250])
+    health = summarize_load(run, 1.0, (100.0,))["health"]
+    assert health["checks"] == 3
+    assert health["p50_ms"] == pytest.approx(4.0)
+    assert health["max_ms"] == pytest.approx(250.0)
+    assert "health" not in summarize_load(LoadRun(outcomes=outcomes, send_lag_s=[0.0]), 1.0, (100.0,))
+
+
+@pytest.mark.slow  # a real load for a second
+def test_a_slow_health_check_shows_in_the_load_report(tmp_path_factory):
+    """Health answered after 300 ms, checked every 100 ms: each check waits its 300 ms, and one
+    still unanswered when the load ends counts with what it had waited."""
+    server = _start_fake(tmp_path_factory, "--health-ms", "300")
+    try:
+        trace = _trace(20, 20.0, np.full(20, 5), np.full(20, 9))
+        run = open_loop(server.address, "fake", trace, fmt=RequestFormat(binary=False), health_every_s=0.1)
+    finally:
+        server.stop()
+    assert all(o.status == "ok" for o in run.outcomes)
+    finished = run.health_latencies_s[:-1]  # the last may be the one cut short
+    assert len(finished) >= 1
+    assert min(finished) >= 0.298  # an event-loop timer may fire up to ~1 ms early
 
 
 def _trace(n: int, rate: float, lengths: np.ndarray, first_tokens: np.ndarray) -> list[TraceRequest]:
