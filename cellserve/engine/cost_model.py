@@ -17,6 +17,9 @@ could keep the engine from ever admitting enough work to measure it again. Three
 a sample counts as at most 4x the bucket's mean; a batch is never priced above a smaller
 measured batch scaled linearly (batching does not make a lane dearer); and an idle engine
 prices at the fastest step ever measured per bucket.
+
+Admission, the drop check and a router ask for the same few batch sizes many times between
+two observations, so each table's estimates are kept until the table next changes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class StepCost:
         self._mean: dict[int, float] = {}  # bucket -> seconds per step, moving average
         self._best: dict[int, float] = {}  # bucket -> fastest step measured
         self._buckets: list[int] = []  # measured buckets, ascending (both tables have the same)
+        # estimates by batch size, of the mean table and of the best one, until it changes
+        self._memo: tuple[dict[int, float], dict[int, float]] = ({}, {})
 
     def observe(self, batch: int, seconds: float) -> None:
         b = _bucket(batch)
@@ -46,10 +51,19 @@ class StepCost:
             self._buckets = sorted(self._mean)
         else:
             self._mean[b] = old + _ALPHA * (min(seconds, _MAX_JUMP * old) - old)
-        self._best[b] = min(seconds, self._best.get(b, math.inf))
+        self._memo[0].clear()
+        if b not in self._best or seconds < self._best[b]:
+            self._best[b] = seconds
+            self._memo[1].clear()
 
     def __call__(self, batch: int, best: bool = False) -> float:
-        table = self._best if best else self._mean
+        memo = self._memo[best]
+        estimate = memo.get(batch)
+        if estimate is None:
+            estimate = memo[batch] = self._estimate(batch, self._best if best else self._mean)
+        return estimate
+
+    def _estimate(self, batch: int, table: dict[int, float]) -> float:
         if not table:
             return 0.0
         b = _bucket(batch)
@@ -96,4 +110,12 @@ class CostModel:
     def round_time(self, load: dict[str, int], best: bool = False) -> float:
         """Seconds for one round with `load[type]` lanes in each cell type (at the fastest
         steps measured, with `best`)."""
-        return sum(self.type_time(t, n, best) for t, n in load.items())
+        total = 0.0  # type_time's sum, inlined: admission, routing and the drop check call it often
+        costs, cap = self.costs, self.max_batch
+        for t, n in load.items():
+            if n > 0:
+                cost = costs.get(t)
+                if cost is not None:
+                    full, rest = divmod(n, cap)
+                    total += full * cost(cap, best) + (cost(rest, best) if rest else 0.0)
+        return total

@@ -155,6 +155,7 @@ class Engine:
         self._placed: dict[str, Executor] = {}  # cell type -> executor
         self._plain: dict[str, Executor] = {}  # model -> executor of its plain ops
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
+        self._model_types: dict[str, list[str]] = {}  # model -> its cell types (Model.cell_types)
         self._extra_rounds: dict[str, list[int]] = {}  # model -> per recurrent step, 1 for a decoder's end step
         self._decoders: dict[str, AttentionDecoder] = {}  # cell type -> its decoder
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
@@ -199,7 +200,8 @@ class Engine:
         if plain_ops_key(model.name) in model.cell_types():
             raise ValueError(f"model {model.name!r} has a cell type named {plain_ops_key(model.name)!r}, "
                              "the name of its plain ops")
-        types = iter(model.cell_types())
+        self._model_types[model.name] = model.cell_types()
+        types = iter(self._model_types[model.name])
         self._layer_types[model.name] = []
         steps = model.recurrent_steps()
         self._extra_rounds[model.name] = [1 if isinstance(s, AttentionDecoder) else 0 for s in steps]
@@ -483,8 +485,8 @@ class Engine:
     def _predicted_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
         """Rounds of the request's program, each priced at the load committed to the engine
         with the request's lanes added (see cost_model.py)."""
-        load = dict(self._committed)
-        for t in model.cell_types():
+        load = self._committed.copy()
+        for t in self._model_types[model.name]:
             load[t] += batch
         # An idle engine has nothing running to learn from: price at the fastest steps seen,
         # or one slow spell could make it refuse everything from then on. A busy one prices
@@ -545,11 +547,15 @@ class Engine:
             turn = {t: min(n, cap) for t, n in lanes.items()}  # every type's batch, each turn
             ahead = dict.fromkeys(lanes, 0)
             late = []
+            priced: dict[tuple, float] = {}  # load -> round time: the first runs all see the same
             for run in sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival)):
                 for ref in run.lanes.values():
                     ahead[ref.cell_type] += 1
-                load = {t: max(ahead[t], turn[t]) for t in lanes}
-                if now + self._rounds_left(run) * self._bounded_round_time(load) > run.deadline:
+                load = tuple([max(ahead[t], turn[t]) for t in lanes])
+                round_s = priced.get(load)
+                if round_s is None:
+                    round_s = priced[load] = self._bounded_round_time(dict(zip(lanes, load)))
+                if now + self._rounds_left(run) * round_s > run.deadline:
                     late.append(run)
         for run in late:
             self._finish_run(run, Status.DROPPED,
