@@ -35,6 +35,16 @@ def _never() -> float:
     return math.inf
 
 
+def _shape_key(a) -> tuple | None:
+    """What a plain op's output depends on, of one input, in the simulation: shape and dtype."""
+    if a is None:
+        return None
+    if type(a) is np.ndarray:
+        return a.shape, a.dtype
+    a = np.asarray(a)
+    return a.shape, a.dtype
+
+
 class SimExecutor(Executor):
     """`profiles`: one per model the engine serves (keyed by model name, as the engine names
     it). `next_event` returns the virtual time of the next thing the event loop has to do
@@ -57,7 +67,9 @@ class SimExecutor(Executor):
         self._decode_table: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._zeros = np.zeros((0, 0), np.float32)
         self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
+        self._plain_timing: dict[tuple[str, str], Timing] = {}  # (model, op) -> its profile's timing
         self._previous: str | None = None  # cell type of the last call, when it was a step
+        self._flops: dict = {}  # cell type -> flops of one lane's step; (decoder, memory length) -> ...
 
     # ---- cell types ----
 
@@ -80,6 +92,8 @@ class SimExecutor(Executor):
         self._cells[spec.cell_type] = cell
         self._specs[spec.cell_type] = spec
         self._host[spec.cell_type] = profile.host
+        if cell.kind != "decoder":
+            self._flops[spec.cell_type] = spec.step.flops_per_step()
         if cell.kind == "decoder":
             table: dict[int, list[int]] = {}
             for memory, steps in profile.decode_steps[spec.cell_type]:
@@ -159,10 +173,18 @@ class SimExecutor(Executor):
         if self.clock.now() >= self.next_event():
             stop[0] = 1  # let the event loop catch up before the engine goes on
         if cell.kind == "decoder":
-            flops = sum(spec.step.flops_per_step(self._decoding[s][2]) for s in batch.slots if s in self._decoding)
+            flops = sum(self._decoder_flops(batch.cell_type, spec.step, self._decoding[s][2])
+                        for s in batch.slots if s in self._decoding)
         else:
-            flops = size * steps * spec.step.flops_per_step()
+            flops = size * steps * self._flops[batch.cell_type]
         return StepResult(steps, busy, flops, tokens)
+
+    def _decoder_flops(self, cell_type: str, dec: AttentionDecoder, memory: int) -> float:
+        key = (cell_type, memory)
+        flops = self._flops.get(key)
+        if flops is None:
+            flops = self._flops[key] = dec.flops_per_step(memory)
+        return flops
 
     def _decode(self, dec: AttentionDecoder, slots: tuple[int, ...]) -> np.ndarray:
         filler = (dec.eos + 1) % dec.out_w.shape[0]
@@ -206,12 +228,14 @@ class SimExecutor(Executor):
         """The op's outputs, priced from the profile. Computed once per model, op and input
         shapes, then reused: what the simulation needs of them is their shapes, and the values
         that feed a later op's shape (Shape's, a Reshape's target) follow from input shapes."""
-        timing = self._profile(model).plain_ops_s.get(node.name)
+        timing = self._plain_timing.get((model, node.name))
         if timing is None:
-            raise ProfileError(f"profile of model {model!r} has no plain_ops_s[{node.name!r}]")
+            timing = self._profile(model).plain_ops_s.get(node.name)
+            if timing is None:
+                raise ProfileError(f"profile of model {model!r} has no plain_ops_s[{node.name!r}]")
+            self._plain_timing[(model, node.name)] = timing
         self._previous = None
-        args = [env.get(name) if name else None for name in node.inputs]
-        key = (model, node.name, tuple(None if a is None else (np.shape(a), np.asarray(a).dtype.str) for a in args))
+        key = (model, node.name, *map(_shape_key, [env.get(name) if name else None for name in node.inputs]))
         outputs = self._plain_outputs.get(key)
         if outputs is None:
             dense_ops.run(node, env)

@@ -132,7 +132,9 @@ class Simulation:
         return self._arrivals[i].time_s if i < len(self._arrivals) else math.inf
 
     def _next_event_time(self) -> float:
-        return min(self._next_arrival_time(), self._heap[0][0] if self._heap else math.inf, self._end)
+        # Only an arrival (or the end) can change what an engine does: the other engines'
+        # steps touch nothing of it, so it need not stop for them.
+        return min(self._next_arrival_time(), self._end)
 
     # ---- the loop ----
 
