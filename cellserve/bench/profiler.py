@@ -50,7 +50,7 @@ class RecordingExecutor(KernelExecutor):
         super().__init__(device, backend)
         self.recording = False
         self.plain: dict[str, list[float]] = {}
-        self.decode_steps: dict[str, list[tuple[int, int]]] = {}
+        self.decode_steps: dict[str, dict[int, dict[int, int]]] = {}  # decoder -> memory -> steps -> lanes
         # cell type -> batch -> seconds of batched steps that followed a step of the same type
         self.steps: dict[str, dict[int, list[float]]] = {}
         self.cold_steps: dict[str, dict[int, list[float]]] = {}  # ... that followed other work
@@ -97,7 +97,8 @@ class RecordingExecutor(KernelExecutor):
         self._previous = None
         entry = self._decoding.pop((cell_type, storage.slot), None)
         if entry is not None and self.recording:
-            self.decode_steps.setdefault(cell_type, []).append((entry[0], entry[1]))
+            hist = self.decode_steps.setdefault(cell_type, {}).setdefault(entry[0], {})
+            hist[entry[1]] = hist.get(entry[1], 0) + 1
         finished = super().finish_lane(cell_type, storage)
         if self.recording:
             self.finishes.setdefault(cell_type, []).append(finished.busy_s / max(storage.length, 1))
@@ -153,7 +154,8 @@ def _measure(model: Model, config: EngineConfig, engine: Engine, executor: Recor
         plain_ops_s={name: Timing.of(xs, trim=True) for name, xs in executor.plain.items()},
         host=host, hand_back_s=_hand_back(200 if quick else 1000), wake_s=wake,
         weight_bytes={str(executor.device): executor.memory_bytes()},
-        decode_steps=dict(executor.decode_steps))
+        decode_steps={t: {m: dict(sorted(h.items())) for m, h in sorted(by_memory.items())}
+                      for t, by_memory in executor.decode_steps.items()})
 
 
 def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: str, log) -> CellTypeProfile:

@@ -16,7 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+# 2: decode_steps is a histogram per source length (version 1 listed every lane's pair)
+SCHEMA_VERSION = 2
 CELL_KINDS = ("layer", "stack", "decoder")
 
 
@@ -100,7 +101,8 @@ class ModelProfile:
     hand_back_s: Timing  # a response passed from the engine's thread to another
     wake_s: Timing  # from a request's arrival at an idle engine to the engine's step beginning
     weight_bytes: dict[str, int]  # device -> bytes of the model's weights kept there
-    decode_steps: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # decoder -> (memory length, steps) seen
+    # decoder -> memory (source) length -> steps a lane ran -> how many lanes did, as profiled
+    decode_steps: dict[str, dict[int, dict[int, int]]] = field(default_factory=dict)
     modelled: bool = False  # predicted, not measured
     schema_version: int = SCHEMA_VERSION
 
@@ -110,7 +112,8 @@ class ModelProfile:
         d = asdict(self)
         for cell in d["cell_types"].values():
             cell["step_s"] = {str(b): t for b, t in cell["step_s"].items()}
-        d["decode_steps"] = {k: [list(p) for p in v] for k, v in d["decode_steps"].items()}
+        d["decode_steps"] = {k: {str(m): {str(n): c for n, c in h.items()} for m, h in v.items()}
+                             for k, v in d["decode_steps"].items()}
         return d
 
     def to_json(self, path: str | Path) -> None:
@@ -219,9 +222,13 @@ def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
 def _parse_profile(x: object) -> ModelProfile:
     d = _obj(x, "profile")
     version = _get(d, "schema_version", "profile")
+    if version == 1:
+        raise ProfileError(f"profile.schema_version is 1, whose profile.decode_steps lists every decoder lane's "
+                           f"[memory length, steps] pair; this cellserve reads version {SCHEMA_VERSION}, a histogram "
+                           "per memory length: make the profile again with `cellserve profile --model M --json PATH`")
     if version != SCHEMA_VERSION:
         raise ProfileError(f"profile.schema_version is {version!r}; this cellserve reads version {SCHEMA_VERSION} "
-                           "(make the profile again with `cellserve profile`)")
+                           "(make the profile again with `cellserve profile --model M --json PATH`)")
     m = _obj(_get(d, "machine", "profile"), "profile.machine")
     versions = _obj(m.get("versions", {}), "profile.machine.versions")
     machine = Machine(_str(_get(m, "device", "profile.machine"), "profile.machine.device"),
@@ -245,15 +252,11 @@ def _parse_profile(x: object) -> ModelProfile:
     weights = _obj(_get(d, "weight_bytes", "profile"), "profile.weight_bytes")
     decode = _obj(d.get("decode_steps", {}), "profile.decode_steps")
     decode_steps = {}
-    for k, pairs in decode.items():
+    for k, by_memory in decode.items():
         where = f"profile.decode_steps[{k!r}]"
         if k not in cell_types or cell_types[k].kind != "decoder":
             raise ProfileError(f"{where} names no decoder cell type of the profile")
-        if not isinstance(pairs, list) or not pairs:
-            raise ProfileError(f"{where} must be a non-empty list of [memory length, steps] pairs")
-        decode_steps[k] = [(_int(p[0], f"{where}[{i}][0]", 1), _int(p[1], f"{where}[{i}][1]", 1))
-                           if isinstance(p, list) and len(p) == 2 else _bad_pair(where, i, p)
-                           for i, p in enumerate(pairs)]
+        decode_steps[k] = _histograms(by_memory, where)
     missing = [k for k, c in cell_types.items() if c.kind == "decoder" and k not in decode_steps]
     if missing:
         raise ProfileError(f"profile.decode_steps lacks decoders {missing}: the simulator ends a decoder's lanes "
@@ -273,8 +276,26 @@ def _parse_profile(x: object) -> ModelProfile:
         decode_steps=decode_steps, modelled=modelled)
 
 
-def _bad_pair(where: str, i: int, p: object):
-    raise ProfileError(f"{where}[{i}] must be a [memory length, steps] pair, got {p!r}")
+def _count_key(key: object, where: str, what: str) -> int:
+    if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
+        raise ProfileError(f"{where} has key {key!r}; keys are {what} 1, 2, ...")
+    return int(key)
+
+
+def _histograms(x: object, where: str) -> dict[int, dict[int, int]]:
+    """{memory length: {steps: lanes}}, every key and count >= 1, sorted by key."""
+    by_memory = _obj(x, where)
+    if not by_memory:
+        raise ProfileError(f"{where} must be a non-empty object of memory length -> {{steps: lanes}}")
+    out = {}
+    for m, hist in by_memory.items():
+        memory = _count_key(m, where, "memory lengths")
+        h = _obj(hist, f"{where}[{m!r}]")
+        if not h:
+            raise ProfileError(f"{where}[{m!r}] must be a non-empty object of steps -> lanes")
+        out[memory] = dict(sorted((_count_key(n, f"{where}[{m!r}]", "step counts"),
+                                   _int(c, f"{where}[{m!r}][{n!r}]", 1)) for n, c in h.items()))
+    return dict(sorted(out.items()))
 
 
 def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, lone_step_s: float = 0.0,
@@ -302,7 +323,7 @@ def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, l
                 {b: Timing.fixed(cost(b)) for b in range(1, max_batch + 1)},
                 Timing.fixed(lone_step_s) if lone_lanes and kind != "decoder" else None,
                 start_s_per_token, finish_s_per_token)
-    decodes = {t: [(n, decode_steps or n + 1) for n in range(1, model.max_sequence_length + 1)]
+    decodes = {t: {n: {decode_steps or n + 1: 1} for n in range(1, model.max_sequence_length + 1)}
                for t, c in cells.items() if c.kind == "decoder"}
     return ModelProfile(
         model=model.name, machine=Machine("synthetic", "given costs", 1, "none"), max_batch=max_batch,

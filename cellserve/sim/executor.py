@@ -15,6 +15,7 @@ Nothing is made up: a cell type, batch size or plain op the profile lacks is a P
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from typing import Callable
 
@@ -64,7 +65,9 @@ class SimExecutor(Executor):
         self._host = {}
         self._slots = iter(range(1, 1 << 62))
         self._decoding: dict[int, list[int]] = {}  # slot -> [steps to run, steps run, memory length]
-        self._decode_table: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
+        # decoder -> (memory lengths profiled, ascending; per length: steps seen and their
+        # cumulative lane counts), to draw a lane's steps from the profile's histogram
+        self._decode_table: dict[str, tuple[list[int], dict[int, tuple[list[int], list[int]]]]] = {}
         self._zeros = np.zeros((0, 0), np.float32)
         self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
         self._plain_timing: dict[tuple[str, str], Timing] = {}  # (model, op) -> its profile's timing
@@ -95,9 +98,8 @@ class SimExecutor(Executor):
         if cell.kind != "decoder":
             self._flops[spec.cell_type] = spec.step.flops_per_step()
         if cell.kind == "decoder":
-            table: dict[int, list[int]] = {}
-            for memory, steps in profile.decode_steps[spec.cell_type]:
-                table.setdefault(memory, []).append(steps)
+            table = {memory: (list(hist), list(itertools.accumulate(hist.values())))
+                     for memory, hist in profile.decode_steps[spec.cell_type].items()}
             self._decode_table[spec.cell_type] = (sorted(table), table)
 
     def lone_lanes(self, cell_type: str) -> int:
@@ -135,14 +137,19 @@ class SimExecutor(Executor):
         return LaneStarted(LaneStorage(slot, 0, length), busy, flops)
 
     def _decode_steps(self, cell_type: str, memory: int) -> int:
+        """A lane's steps, drawn from those profiled at its memory length; at a length not
+        profiled, from the nearest one, scaled by the ratio of lengths."""
         keys, table = self._decode_table[cell_type]
         if memory in table:
-            choices = table[memory]
-            return choices[int(self.rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+            return self._draw(*table[memory])
         i = bisect.bisect_left(keys, memory)
         near = min(keys[max(i - 1, 0): i + 1], key=lambda k: abs(k - memory))
-        steps = table[near][int(self.rng.integers(len(table[near])))]
-        return max(1, round(steps * memory / near))
+        return max(1, round(self._draw(*table[near]) * memory / near))
+
+    def _draw(self, steps: list[int], cumulative: list[int]) -> int:
+        if len(steps) == 1:
+            return steps[0]
+        return steps[bisect.bisect_right(cumulative, int(self.rng.integers(cumulative[-1])))]
 
     def execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, lone_steps: int,
                 stop: np.ndarray) -> StepResult:

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from cellserve.engine.config import EngineConfig
+from cellserve.engine.engine import Engine
 from cellserve.engine.request import Status
 from cellserve.plan.profile import HostProfile, ModelProfile, ProfileError, Timing, synthetic_profile
+from cellserve.sim.clock import VirtualClock
+from cellserve.sim.executor import SimExecutor
 from cellserve.sim.loop import SimArrival, Simulation
 from cellserve.sim.router import LeastPredictedFinish, RoundRobin
 
@@ -121,6 +124,10 @@ def test_a_profile_round_trips_through_json(models, tmp_path):
     (lambda d: d.update(max_batch=0), "profile.max_batch must be an integer >= 1"),
     (lambda d: next(iter(d["cell_types"].values())).update(kind="lstm"), "kind must be one of layer, stack, decoder"),
     (lambda d: d.update(decode_steps={}), "profile.decode_steps lacks decoders"),
+    (lambda d: d.update(schema_version=1), "profile.schema_version is 1, whose profile.decode_steps"),
+    (lambda d: next(iter(d["decode_steps"].values())).update({"3": {"4": 0}}), "['3']['4'] must be an integer >= 1"),
+    (lambda d: next(iter(d["decode_steps"].values())).update({"x": {"4": 1}}), "has key 'x'; keys are memory lengths"),
+    (lambda d: next(iter(d["decode_steps"].values())).update({"3": {}}), "['3'] must be a non-empty object"),
 ])
 def test_a_broken_profile_is_refused_naming_the_field(models, edit, message):
     d = synthetic_profile(models.models["seq2seq-reverse"], 1 * MS, max_batch=8).to_dict()
@@ -167,3 +174,16 @@ def test_a_step_after_other_work_pays_the_cold_surcharge(models):
     profile = replace(profile, cell_types={t: replace(c, cold_s=0.5 * MS) for t, c in profile.cell_types.items()})
     (out,) = one_engine(models, profile).run([SimArrival(0.0, "gru", tokens(3))])
     assert out.finish_s == pytest.approx(0.0035, abs=1e-12)
+
+
+def test_decoder_lanes_draw_their_steps_from_the_profiles_histogram(models):
+    model = models.models["seq2seq-reverse"]
+    profile = synthetic_profile(model, 1 * MS, max_batch=8)
+    (decoder,) = profile.decode_steps
+    hist = {n: ({2: 1, 9: 3} if n == 4 else {n + 1: 1}) for n in profile.decode_steps[decoder]}
+    profile = replace(profile, decode_steps={decoder: hist})
+    executor = SimExecutor({model.name: profile}, VirtualClock(), np.random.default_rng(0))
+    Engine([model], replace(CONFIG, max_batch=8), executor.clock, executors={"sim": executor})  # places its cell types
+    drawn = [executor._decode_steps(decoder, 4) for _ in range(2000)]
+    assert set(drawn) == {2, 9}
+    assert 0.2 < drawn.count(2) / len(drawn) < 0.3  # one lane in four
