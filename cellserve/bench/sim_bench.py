@@ -1,9 +1,11 @@
 """`cellserve bench sim`: is the simulator right? The real engine and the simulated one on
 the same traces at the same rates.
 
-It profiles the model on this machine (bench/profiler.py), then for each policy (cellular,
-padded, none) ramps the real engine past its capacity as `bench engine` does (ramp.py) and,
-at every rate the real ramp offers, simulates one engine with that profile on the same trace.
+It profiles the model on this machine (bench/profiler.py) and writes the profile next to the
+JSON (PATH's stem + "-profile.json"; the report's "profile" names it and summarises it), then
+for each policy (cellular, padded, none) ramps the real engine past its capacity as `bench
+engine` does (ramp.py) and, at every rate the real ramp offers, simulates one engine with that
+profile on the same trace.
 Errors are relative, |sim - real| / real: of the max goodput over the ramp, and the largest
 over the rates up to 80% of the policy's real capacity for p50 and p99 (past capacity, latency
 is a queue's length, which no model of service times predicts to a few percent).
@@ -122,7 +124,7 @@ def run(cfg: SimBenchConfig, log=print) -> dict:
                 bar.update()
     report = {"model": model.name, "simulated_and_real": True, "slo_ms": cfg.slo_ms,
               "arrivals": "bursty" if cfg.bursty else "poisson", "quick": cfg.quick,
-              "profile": profile.to_dict(), "profile_path": str(profile_path),
+              "profile": {"path": str(profile_path), **profile.summary()},  # the whole profile is at path
               "sim_speedup": speed.get("cellular", (0, None))[1],
               "policies": {p: _errors(rows[p], searches[p].result(), cfg.slo_ms) for p in POLICIES}}
     cfg.json_path.parent.mkdir(parents=True, exist_ok=True)

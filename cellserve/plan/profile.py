@@ -147,6 +147,16 @@ class ModelProfile:
                                f"stack_layers={not self.stack_layers}?")
         return found
 
+    def summary(self) -> dict:
+        """A few lines of it for a report that points at the whole: the machine, and per cell
+        type its kind and the mean step at batch 1 and at the cap."""
+        return {"model": self.model, "modelled": self.modelled, "max_batch": self.max_batch,
+                "machine": asdict(self.machine),
+                "cell_types": {name: {"kind": c.kind, "step_1_s": c.step_s[min(c.step_s)].mean,
+                                      f"step_{max(c.step_s)}_s": c.step_s[max(c.step_s)].mean}
+                               for name, c in self.cell_types.items()},
+                "host_step_s": self.host.step_s}
+
     def label(self) -> str:
         return f"{self.model} on {self.machine.name} ({self.machine.backend})" + (" [modelled]" if self.modelled else "")
 

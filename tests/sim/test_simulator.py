@@ -187,3 +187,10 @@ def test_decoder_lanes_draw_their_steps_from_the_profiles_histogram(models):
     drawn = [executor._decode_steps(decoder, 4) for _ in range(2000)]
     assert set(drawn) == {2, 9}
     assert 0.2 < drawn.count(2) / len(drawn) < 0.3  # one lane in four
+
+
+def test_a_profiles_summary_is_small_and_names_its_machine(models):
+    import json
+    profile = synthetic_profile(models.models["seq2seq-reverse"], lambda b: 1e-4 * b)
+    summary = json.dumps(profile.summary())
+    assert len(summary) < 2000 and '"machine"' in summary and "seq2seq-reverse/decoder" in summary
