@@ -189,15 +189,7 @@ def _fit_lone(runs: list[tuple[int, float, bool]]) -> tuple[Timing, float, float
     per-step spread from what the fit leaves, but for its top 1% (stalls of the machine)."""
     steps, busy, cold = np.array(runs, dtype=np.float64).T
     x = np.column_stack([steps, np.ones(len(steps)), cold])
-    active = [0, 1, 2]
-    while True:
-        coef, *_ = np.linalg.lstsq(x[:, active], busy, rcond=None)
-        if (coef >= 0).all() or len(active) == 1:
-            break
-        active.pop(int(np.argmin(coef)))
-    full = np.zeros(3)
-    full[active] = np.maximum(coef, 0.0)
-    per_step, call, cold_extra = full
+    per_step, call, cold_extra = _nonnegative_lstsq(x, busy)
     if per_step <= 0:  # no usable trend: all of it per step
         per_step, call, cold_extra = float(np.sum(busy) / np.sum(steps)), 0.0, 0.0
     residual = np.abs(busy - x @ np.array([per_step, call, cold_extra])) / steps
@@ -282,22 +274,29 @@ def _request(model: Model, name: str, item: TraceRequest):
 
 def _fit_host(records: np.ndarray) -> HostProfile:
     """Least squares of time off the device against [1, batch, lanes started, lanes
-    finished] per step, with no coefficient below zero (a negative one is dropped and the
-    rest refitted). Steps whose time off the device is far past the rest (the feeder thread
-    or another process held the CPU) are left out: the fit is of the engine's own work."""
+    finished] per step, with no coefficient below zero (see _nonnegative_lstsq). Steps whose
+    time off the device is far past the rest (the feeder thread or another process held the
+    CPU) are left out: the fit is of the engine's own work."""
     y = records[:, 0]
     keep = y <= np.percentile(y, 99)
     x = np.column_stack([np.ones(len(records)), records[:, 1:4]])[keep]
-    y = y[keep]
-    active = [0, 1, 2, 3]
+    return HostProfile(*map(float, _nonnegative_lstsq(x, y[keep])))
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares of y against x's columns with no coefficient below zero: while one is
+    negative, the most negative column is dropped (its coefficient 0) and the rest refitted.
+    A cost the samples show no sign of is zero, never a negative figure that the others make
+    up for."""
+    active = list(range(x.shape[1]))
     while True:
         coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
         if (coef >= 0).all() or len(active) == 1:
             break
         active.pop(int(np.argmin(coef)))
-    full = np.zeros(4)
+    full = np.zeros(x.shape[1])
     full[active] = np.maximum(coef, 0.0)
-    return HostProfile(*map(float, full))
+    return full
 
 
 def _hand_back(n: int) -> Timing:

@@ -55,3 +55,13 @@ def test_sizes_serving_showed_replace_the_timing_alone_and_the_rest_are_scaled()
     assert cell.lone_cold_s == pytest.approx(5e-5) and cell.cold_s == pytest.approx(1e-4)
     assert cell.start_s_per_token == pytest.approx(5e-6)
     assert cell.finish_s_per_token == pytest.approx(2e-6)  # nothing seen: the timing alone
+
+
+def test_the_nonnegative_fit_drops_a_column_the_samples_run_against():
+    from cellserve.bench.profiler import _nonnegative_lstsq
+    rng = np.random.default_rng(2)
+    x = np.column_stack([np.ones(200), rng.uniform(0, 10, 200), rng.uniform(0, 10, 200)])
+    y = 3.0 + 2.0 * x[:, 1] - 0.5 * x[:, 2]
+    coef = _nonnegative_lstsq(x, y)
+    assert coef[2] == 0.0 and (coef >= 0).all()
+    assert _nonnegative_lstsq(x[:, :2], 3.0 + 2.0 * x[:, 1]) == pytest.approx([3.0, 2.0])
