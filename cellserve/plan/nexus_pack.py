@@ -19,8 +19,9 @@ makes the next epoch's, moving as few sessions as it can. Both pass through the 
    re-derives every batch from its rate and checks feasibility (nexus.device_load). No device
    fits: a new one. Then merging whole devices: the emptiest shared device is dissolved into
    the others when all its parts fit there (fresh plans only: it moves sessions).
-6. Budget: beyond `max_devices`, the devices carrying the least rate are left out and what
-   they carried is listed as unserved with the reason. Nothing is dropped silently: every
+6. Budget: beyond `max_devices`, the devices carrying the least rate are left out, what
+   they carried is offered to the kept devices' spare room (best fit), and the rest is listed
+   as unserved with the reason. Nothing is dropped silently: every
    demand's rate is on devices or under `unserved`.
 
 A re-plan first keeps what it can: a unit's whole devices stay whole devices (more added, or
@@ -178,6 +179,25 @@ class _Packer:
                 dev.parts.append(part)
                 dev.load = load
 
+    def keep_budget(self, max_devices: int) -> list[Unserved]:
+        """Keep the `max_devices` devices carrying the most rate; offer what the others carried
+        to the kept devices' spare room (best fit); list the rest as unserved."""
+        if len(self.devs) <= max_devices:
+            return []
+        served = sorted(self.devs.values(), key=lambda d: (-sum(r for _, r in d.entries()), d.id))
+        self.devs = {d.id: d for d in served[:max_devices]}
+        left: list[Part] = [p for d in served[max_devices:] for p in d.parts]
+        unserved = []
+        for part in left:
+            fit = self.best_fit(part)
+            if fit is None:
+                unserved += _left_out(part, max_devices)
+            else:
+                dev, load = fit
+                dev.parts.append(part)
+                dev.load = load
+        return unserved
+
     def merge_devices(self) -> None:
         """Dissolve the emptiest shared devices into others where all their parts fit."""
         for dev in sorted((d for d in self.devs.values() if not d.saturated), key=lambda d: d.load.occupancy):
@@ -316,13 +336,8 @@ def replan(previous: Plan | None, workload: Workload, profiles: Profiles, grid: 
     packer.pack(to_pack)
     if previous is None:
         packer.merge_devices()
+    unserved += packer.keep_budget(workload.max_devices)
     devs = sorted(packer.devs.values(), key=lambda d: d.id)
-    if len(devs) > workload.max_devices:
-        served = sorted(devs, key=lambda d: (-sum(r for _, r in d.entries()), d.id))
-        for dev in served[workload.max_devices:]:
-            for part in dev.parts:
-                unserved += _left_out(part, workload.max_devices)
-        devs = sorted(served[:workload.max_devices], key=lambda d: d.id)
     return Plan(workload.device_type, tuple(_device(d, workload.device_type) for d in devs), tuple(splits),
                 tuple(_merge_unserved(unserved)))
 
