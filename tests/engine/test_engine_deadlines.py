@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.engine.request import Status
 from helpers_engine import FakeClock, Responses, assert_same_outputs, make_request, seq2seq_reference
+from strategies_engine import MIX, timed_requests
 
 TICK = 1e-3  # every clock reading advances the fake clock by this much
 TOKENS = np.array([[5, 4, 3, 2, 1, 0, 9, 8, 7, 6, 5, 4]], np.int64)  # 12 steps (the two layers step together)
@@ -139,19 +140,6 @@ def test_max_active_rejects_with_queue_full_and_accepts_again_once_there_is_room
     engine.submit(make_request(responses, 3, "lstm", {"tokens": TOKENS}))
     engine.run_until_idle(timeout_s=10)
     check_ok(models, responses, [0, 3])
-
-
-MIX = ["lstm", "gru", "tagger", "seq2seq-reverse"]
-
-
-@st.composite
-def timed_requests(draw):
-    name = draw(st.sampled_from(MIX))
-    rows, length = draw(st.integers(1, 2)), draw(st.integers(1, 10))
-    low, high, key = (3, 12, "digits") if name == "seq2seq-reverse" else (0, 49, "tokens")
-    ids = np.array(draw(st.lists(st.integers(low, high), min_size=rows * length, max_size=rows * length)))
-    timeout = draw(st.one_of(st.none(), st.floats(1e-4, 0.5)))
-    return name, {key: ids.reshape(rows, length)}, timeout, draw(st.integers(0, 2))
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

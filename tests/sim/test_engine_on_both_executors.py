@@ -15,8 +15,8 @@ from cellserve.executor.kernel import KernelExecutor
 from cellserve.plan.profile import synthetic_profile
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
+from strategies_engine import MIX, timed_requests  # tests/engine (see conftest.py)
 
-MIX = ["lstm", "gru", "tagger", "seq2seq-reverse"]
 TICK = 1e-3
 
 
@@ -43,21 +43,11 @@ def make_engine(models, kind: str, config: EngineConfig) -> tuple[Engine, object
     return engine, executor
 
 
-@st.composite
-def timed_requests(draw):
-    name = draw(st.sampled_from(MIX))
-    rows, length = draw(st.integers(1, 2)), draw(st.integers(1, 10))
-    low, high, key = (3, 12, "digits") if name == "seq2seq-reverse" else (0, 49, "tokens")
-    ids = np.array(draw(st.lists(st.integers(low, high), min_size=rows * length, max_size=rows * length)))
-    timeout = draw(st.one_of(st.none(), st.floats(1e-3, 0.5)))
-    return name, {key: ids.reshape(rows, length)}, timeout, draw(st.integers(0, 2))
-
-
 @pytest.mark.parametrize("kind", ["kernels", "sim"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(policy=st.sampled_from(["cellular", "cellular-edf", "padded", "none"]), admission=st.booleans(),
-       specs=st.lists(timed_requests(), min_size=1, max_size=8))
+       specs=st.lists(timed_requests(min_timeout_s=1e-3), min_size=1, max_size=8))
 def test_every_request_gets_exactly_one_response_on_either_executor(models, kind, policy, admission, specs):
     config = EngineConfig(policy=policy, admission=admission, drop_late=True, batch_timeout_s=0.001, profile=False,
                           pin_threads=False)
