@@ -8,6 +8,7 @@ profile parser's (plan/profile.py), so both files read alike.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -32,6 +33,20 @@ def _load(path: str | Path, what: str, parse, *args):
         return parse(d, *args)
     except ProfileError as exc:
         raise NexusError(f"{what} {str(path)!r}: {exc}") from None
+
+
+def _nexus_errors(parse):
+    """The profile parser's helpers raise ProfileError; a parser here raises NexusError (a
+    ProfileError too), whatever found the fault."""
+    @functools.wraps(parse)
+    def wrapped(*args):
+        try:
+            return parse(*args)
+        except NexusError:
+            raise
+        except ProfileError as exc:
+            raise NexusError(str(exc)) from None
+    return wrapped
 
 
 def _version(d: dict, where: str) -> None:
@@ -65,6 +80,7 @@ def _latency(x: object, where: str) -> LatencyProfile:
     return LatencyProfile(tuple(points))
 
 
+@_nexus_errors
 def parse_profiles(x: object) -> Profiles:
     d = _obj(x, "profiles")
     _version(d, "profiles")
@@ -124,6 +140,7 @@ def _node(x: object, where: str) -> QueryNode:
                      tuple(_node(c, f"{where}.children[{i}]") for i, c in enumerate(children)))
 
 
+@_nexus_errors
 def parse_workload(x: object, profiles: Profiles | None = None) -> Workload:
     """The sessions file; with `profiles`, also checked against them (device type and models known)."""
     d = _obj(x, "sessions file")
@@ -208,6 +225,7 @@ def _assignment(x: object, where: str) -> Assignment:
                       None if prefix is None else _str(prefix, f"{where}.prefix"))
 
 
+@_nexus_errors
 def parse_plan(x: object) -> Plan:
     d = _obj(x, "plan")
     _version(d, "plan")
