@@ -48,10 +48,11 @@ def _shape_key(a) -> tuple | None:
 
 class SimExecutor(Executor):
     """`profiles`: one per model the engine serves (keyed by model name, as the engine names
-    it). `next_event` returns the virtual time of the next thing the event loop has to do
-    (an arrival, another engine's step): a lone lane's run stops at the first step after the
-    next arrival, and after any call that ends past `next_event` the executor raises the
-    engine's stop flag so that the engine returns to the loop (see sim/loop.py)."""
+    it). `next_arrival` returns the virtual time of the next arrival that may go to this
+    engine, `next_event` that or the end of the run if sooner (see sim/loop.py): a lone
+    lane's run stops at the first step after the next arrival, and after any call that ends
+    past `next_event` the executor raises the engine's stop flag so that the engine returns
+    to the loop."""
 
     def __init__(self, profiles: dict[str, ModelProfile], clock: VirtualClock, rng: np.random.Generator,
                  name: str = "sim", next_event: Callable[[], float] = _never,

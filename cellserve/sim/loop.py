@@ -9,11 +9,14 @@ the time its clock reached; one that waits for a batch timeout goes again at tha
 idle one waits for an arrival.
 
 A step is not cut short by events that fall inside it, as in the real engine, which admits
-only between steps; after each executor call that ends past the next event, the executor
-raises the engine's stop flag, so the engine returns here and the loop handles that event
-before this engine goes on (its requests then join at the next step, as a real arrival
-would). A lone lane's run stops at the first step after the next arrival of any engine
-(the real run stops at the next arrival of its own; the extra stops cost only host time).
+only between steps; after each executor call that ends past the next arrival that may go to
+this engine, the executor raises the engine's stop flag, so the engine returns here and the
+loop handles that arrival before this engine goes on (its requests then join at the next
+step, as a real arrival would). A lone lane's run stops at the first step after that
+arrival, as a real run stops at the next arrival of its own. Which arrivals may go to an
+engine is the router's shortlist of each (see router.py), drawn ahead of the arrival: an
+engine on none runs past it (other engines' steps, and arrivals it cannot receive, touch
+nothing of it), so that a router that asks two engines does not stop all the others.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -67,6 +71,7 @@ class SimEngine:
     wake: Timing = Timing.fixed(0.0)  # an idle engine's wake-up (see ModelProfile.wake_s)
     scheduled: bool = False
     steps: int = 0
+    upcoming: deque = field(default_factory=deque)  # indices of the arrivals shortlisted for it, in order
 
     @property
     def busy_until(self) -> float:
@@ -93,6 +98,8 @@ class Simulation:
         self._seq = itertools.count()
         self._arrivals: list[SimArrival] = []
         self._next_arrival = 0
+        self._shortlists: deque[list[SimEngine]] = deque()  # of arrivals _next_arrival .. _listed - 1
+        self._listed = 0
         self._end = math.inf
         self._by_model: dict[str, list[SimEngine]] = {}
         self._executors: dict[str, SimExecutor] = {}
@@ -109,8 +116,7 @@ class Simulation:
                                    f"the engine stack_layers={config.stack_layers}")
         clock = VirtualClock()
         rng = np.random.default_rng(self._seeds.spawn(1)[0])
-        executor = SimExecutor({m.name: profiles[m.name] for m in models}, clock, rng,
-                               next_event=self._next_event_time, next_arrival=self._next_arrival_time)
+        executor = SimExecutor({m.name: profiles[m.name] for m in models}, clock, rng)
         engine = Engine(models, config, clock, executors={"sim": executor})
         limit = min(p.max_batch for p in profiles.values())
         if engine.policy.max_batch > limit:
@@ -119,6 +125,8 @@ class Simulation:
         wake = max((profiles[m.name].wake_s for m in models), key=lambda t: t.mean)
         sim_engine = SimEngine(name or f"engine-{len(self.engines)}", engine, clock,
                                frozenset(m.name for m in models), wake)
+        executor.next_arrival = lambda: self._next_arrival_for(sim_engine)
+        executor.next_event = lambda: min(self._next_arrival_for(sim_engine), self._end)
         self._executors[sim_engine.name] = executor
         self.engines.append(sim_engine)
         for m in models:
@@ -131,10 +139,23 @@ class Simulation:
         i = self._next_arrival
         return self._arrivals[i].time_s if i < len(self._arrivals) else math.inf
 
-    def _next_event_time(self) -> float:
-        # Only an arrival (or the end) can change what an engine does: the other engines'
-        # steps touch nothing of it, so it need not stop for them.
-        return min(self._next_arrival_time(), self._end)
+    def _next_arrival_for(self, sim_engine: SimEngine) -> float:
+        """When the next arrival that may go to `sim_engine` comes (inf: none will)."""
+        upcoming = sim_engine.upcoming
+        while not upcoming and self._listed < len(self._arrivals):
+            self._list_next()
+        return self._arrivals[upcoming[0]].time_s if upcoming else math.inf
+
+    def _list_next(self) -> None:
+        """Ask the router for the shortlist of the first arrival not yet listed."""
+        i = self._listed
+        model = self._arrivals[i].model
+        candidates = self._by_model[model]
+        shortlist = candidates if len(candidates) == 1 else self.router.shortlist(model, candidates)
+        self._shortlists.append(shortlist)
+        for sim_engine in shortlist:
+            sim_engine.upcoming.append(i)
+        self._listed += 1
 
     # ---- the loop ----
 
@@ -147,7 +168,10 @@ class Simulation:
         if unknown:
             raise ValueError(f"the trace asks for models {unknown} that no engine serves")
         self._arrivals = sorted(arrivals, key=lambda a: a.time_s)
-        self._next_arrival = 0
+        self._next_arrival = self._listed = 0
+        self._shortlists.clear()
+        for sim_engine in self.engines:
+            sim_engine.upcoming.clear()
         outcomes: list[SimOutcome] = []
         end = self._end = (self._arrivals[-1].time_s if self._arrivals else 0.0) + drain_s
         while True:
@@ -171,10 +195,14 @@ class Simulation:
         return outcomes
 
     def _arrive(self, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
-        candidates = self._by_model[arrival.model]
+        if self._listed == self._next_arrival:
+            self._list_next()
+        shortlist = self._shortlists.popleft()
+        for sim_engine in shortlist:
+            sim_engine.upcoming.popleft()
         request = Request(arrival.model, arrival.inputs, timeout_s=arrival.timeout_s, priority=arrival.priority,
                           arrival=arrival.time_s)
-        chosen = candidates[0] if len(candidates) == 1 else self.router.choose(request, candidates, arrival.time_s)
+        chosen = shortlist[0] if len(shortlist) == 1 else self.router.choose(request, shortlist, arrival.time_s)
 
         def on_done(response: Response) -> None:
             outcomes.append(SimOutcome(arrival.tag, arrival.model, chosen.name, response.status,

@@ -1,5 +1,11 @@
 """Routers: which engine takes a request. The interface the cluster and planner policies plug
-into; the simulator's event loop calls `choose` at each arrival, in virtual time."""
+into; the simulator's event loop calls it at each arrival, in virtual time.
+
+A router decides in two parts. `shortlist` names the engines a request may go to, from the
+request's model alone and never from an engine's state, so the loop can ask it ahead of the
+arrival: an engine on no shortlist of an arrival cannot receive it, and runs on past it
+without stopping (see loop.py). `choose` then picks one of the shortlist at the arrival, and
+may look at those engines' state."""
 
 from __future__ import annotations
 
@@ -25,9 +31,15 @@ class RoutedEngine(Protocol):
 class Router(ABC):
     name = "router"
 
+    def shortlist(self, model: str, candidates: list[RoutedEngine]) -> list[RoutedEngine]:
+        """The engines among `candidates` (those serving `model`, never empty) that the next
+        request of `model` may go to. Called once per request, in arrival order, possibly
+        before it arrives; it must not read the engines' state. Default: all of them."""
+        return candidates
+
     @abstractmethod
     def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
-        """One of `candidates` (the engines that serve the request's model, never empty)."""
+        """One of `candidates`, the request's shortlist (never empty), at its arrival."""
 
 
 class RoundRobin(Router):
@@ -38,10 +50,13 @@ class RoundRobin(Router):
     def __init__(self) -> None:
         self._next: dict[str, int] = {}
 
+    def shortlist(self, model: str, candidates: list[RoutedEngine]) -> list[RoutedEngine]:
+        i = self._next.get(model, 0)
+        self._next[model] = i + 1
+        return [candidates[i % len(candidates)]]
+
     def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
-        i = self._next.get(request.model, 0)
-        self._next[request.model] = i + 1
-        return candidates[i % len(candidates)]
+        return candidates[0]  # the shortlist holds the one whose turn it is
 
 
 class LeastPredictedFinish(Router):
@@ -64,10 +79,8 @@ class TwoChoices(LeastPredictedFinish):
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
-        if len(candidates) > 2:
-            candidates = self._rng.sample(candidates, 2)
-        return super().choose(request, candidates, now)
+    def shortlist(self, model: str, candidates: list[RoutedEngine]) -> list[RoutedEngine]:
+        return self._rng.sample(candidates, 2) if len(candidates) > 2 else candidates
 
 
 ROUTERS = {r.name: r for r in (RoundRobin, LeastPredictedFinish, TwoChoices)}
