@@ -39,7 +39,8 @@ def _plan_nexus(args, parser) -> int:
     from cellserve.plan.nexus import NexusError
     from cellserve.plan.nexus_check import check_plan
     from cellserve.plan.nexus_io import load_plan, load_profiles, load_workload, plan_to_dict, write_json
-    from cellserve.plan.nexus_pack import moved_sessions, plan, replan
+    from cellserve.plan.nexus_epochs import moved_sessions
+    from cellserve.plan.nexus_pack import plan, replan
 
     try:
         profiles = load_profiles(args.profiles)

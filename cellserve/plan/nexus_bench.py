@@ -18,7 +18,8 @@ import time
 from cellserve.plan.nexus import (DeviceProfiles, LatencyProfile, ModelEntry, Profiles, Query, QueryNode, Session,
                                   Workload, max_batch_for_slo)
 from cellserve.plan.nexus_check import check_plan
-from cellserve.plan.nexus_pack import moved_sessions, plan, replan
+from cellserve.plan.nexus_epochs import moved_sessions
+from cellserve.plan.nexus_pack import plan, replan
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DEVICE_TYPE = "gpu"

@@ -12,7 +12,8 @@ from helpers_nexus import linear, profiles, workload
 
 from cellserve.plan.nexus_check import check_plan
 from cellserve.plan.nexus_io import parse_plan, parse_profiles, parse_workload
-from cellserve.plan.nexus_pack import moved_sessions, plan, planned_rates, replan, replan_due
+from cellserve.plan.nexus_epochs import moved_sessions, planned_rates, replan_due
+from cellserve.plan.nexus_pack import plan, replan
 
 L = linear(10.0, 5.0)  # l(b) = 10 + 5b
 

@@ -17,7 +17,8 @@ from cellserve.plan.nexus import (DeviceProfiles, LatencyProfile, ModelEntry, Pr
 from cellserve.plan.nexus_check import check_plan
 from cellserve.plan.nexus_io import (parse_plan, parse_profiles, parse_workload, plan_to_dict, profiles_to_dict,
                                      workload_to_dict)
-from cellserve.plan.nexus_pack import moved_sessions, plan, replan
+from cellserve.plan.nexus_epochs import moved_sessions
+from cellserve.plan.nexus_pack import plan, replan
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("NEXUS_EXAMPLES", 120)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
