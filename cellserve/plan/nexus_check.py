@@ -54,10 +54,14 @@ def check_plan(plan: Plan, profiles: Profiles, workload: Workload) -> list[str]:
     splits = {q.id: q for q in plan.queries}
     for q in workload.queries:
         split = splits.get(q.id)
-        if split is None:
+        if split is None:  # unserved as a whole: no node may be on a device
             for node in q.root.walk():
                 asked[q.node_id(node)] = (node.model, None, node.rate_rps)
             continue
+        models = {n.model for n in q.root.walk()}
+        if set(split.split_ms) != models or split.slo_ms != q.slo_ms:
+            problems.append(f"query {q.id!r}: split {split.split_ms} at {split.slo_ms:g} ms, asked models "
+                            f"{sorted(models)} at {q.slo_ms:g} ms")
         for path in q.paths():
             total = sum(split.split_ms.get(n.model, float("inf")) for n in path)
             if total > q.slo_ms + TOL_MS:
@@ -77,7 +81,9 @@ def check_plan(plan: Plan, profiles: Profiles, workload: Workload) -> list[str]:
             if want is None:
                 problems.append(f"{where}: session {a.id!r} is in no workload")
                 continue
-            if a.model != want[0] or (want[1] is not None and abs(a.slo_ms - want[1]) > TOL_MS):
+            if want[1] is None:
+                problems.append(f"{where}: session {a.id!r} is a node of a query the plan has no split for")
+            elif a.model != want[0] or abs(a.slo_ms - want[1]) > TOL_MS:
                 problems.append(f"{where}: session {a.id!r} is model {a.model!r} at SLO {a.slo_ms:g}, "
                                 f"asked {want[0]!r} at {want[1]}")
             if a.batch < a.rate_rps * d / 1000.0 - 1e-6:
@@ -100,6 +106,9 @@ def check_plan(plan: Plan, profiles: Profiles, workload: Workload) -> list[str]:
                 continue
             busy += ms
             for a in members:
+                if abs(a.latency_ms - ms) > TOL_MS or abs(a.worst_case_ms - (d + ms)) > TOL_MS:
+                    problems.append(f"{where}: session {a.id!r} states latency {a.latency_ms:g} and worst case "
+                                    f"{a.worst_case_ms:g} ms, computed {ms:g} and {d + ms:g}")
                 if d + ms > a.slo_ms + TOL_MS:
                     problems.append(f"{where}: session {a.id!r} worst case {d:g} + {ms:g} ms over its SLO {a.slo_ms:g}")
         if busy > d + TOL_MS:

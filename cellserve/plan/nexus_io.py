@@ -17,6 +17,8 @@ from cellserve.plan.nexus import (SCHEMA_VERSION, Assignment, Device, DeviceProf
                                   Workload)
 from cellserve.plan.profile import ProfileError, _get, _int, _num, _obj, _str
 
+MAX_BATCH = 65536  # the planner tabulates every batch size up to the largest profiled
+
 
 def _read(path: str | Path, what: str) -> object:
     try:
@@ -74,8 +76,8 @@ def _latency(x: object, where: str) -> LatencyProfile:
         raise NexusError(f"{where} is empty; it maps batch sizes to milliseconds")
     points = []
     for key, ms in d.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
-            raise NexusError(f"{where} has key {key!r}; keys are batch sizes 1, 2, ...")
+        if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_BATCH):
+            raise NexusError(f"{where} has key {key!r}; keys are batch sizes 1, 2, ... {MAX_BATCH}")
         points.append((int(key), _positive(ms, f"{where}[{key!r}]")))
     return LatencyProfile(tuple(points))
 
