@@ -77,12 +77,12 @@ def add_bench_planner(bench_sub) -> None:
 
 def _bench_planner(args, parser) -> int:
     from cellserve.plan.nexus_bench import run
-
-    report = run(args.devices, args.sessions, args.seed)
     from cellserve.plan.nexus_io import write_json
 
+    report = run(args.devices, args.sessions, args.seed)
     write_json(report, args.json)
     print(f"planned {report['sessions']} sessions onto {report['devices_used']} devices "
-          f"(max {report['max_devices']}) in {report['plan_s']:.3f} s; replan after a rate change "
-          f"{report['replan_s']:.3f} s, {report['replan_moved']} sessions moved; wrote {args.json}")
+          f"(max {report['max_devices']}) in {report['plan_s']:.3f} s ({report['plan_cpu_s']:.3f} s CPU); "
+          f"replan after a rate change {report['replan_s']:.3f} s ({report['replan_cpu_s']:.3f} s CPU), "
+          f"{report['replan_moved']} sessions moved; wrote {args.json}")
     return 0 if report["feasible"] else 1

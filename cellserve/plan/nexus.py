@@ -4,9 +4,9 @@ What is planned: sessions (a model, an SLO, a request rate) and queries (a tree 
 sharing one end-to-end SLO) onto devices of one type, from each model's latency profile
 (batch size -> milliseconds). The result is a `Plan`: per device a duty cycle and, per session
 on it, a batch and a rate. This module holds the data and the rules every part of the planner
-keeps; packing is in nexus_pack.py, the query split in nexus_query.py, JSON in nexus_io.py,
-profiles of cellular engines in nexus_cellular.py, an independent feasibility check in
-nexus_check.py. docs/planning.md describes the files and the rules.
+keeps; packing and re-planning are in nexus_pack.py, epochs in nexus_epochs.py, the query
+split in nexus_query.py, JSON in nexus_io.py, profiles of cellular engines in
+nexus_cellular.py, an independent feasibility check in nexus_check.py. docs/planning.md describes the files and the rules.
 
 Units: latencies and duty cycles in milliseconds, rates in requests per second, so a session
 at rate r collects r * d / 1000 requests per duty cycle of d ms.

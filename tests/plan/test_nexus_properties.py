@@ -7,6 +7,7 @@ no change moves none."""
 from __future__ import annotations
 
 import math
+import os
 
 from helpers_nexus import DT
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,8 @@ from cellserve.plan.nexus_io import (parse_plan, parse_profiles, parse_workload,
 from cellserve.plan.nexus_epochs import moved_sessions
 from cellserve.plan.nexus_pack import plan, replan
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("NEXUS_EXAMPLES", 120)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# NEXUS_EXAMPLES=2000 for a longer search
+SETTINGS = settings(max_examples=int(os.environ.get("NEXUS_EXAMPLES", 120)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
