@@ -70,7 +70,7 @@ def case(draw, prefixes: bool = True, queries: bool = True):
             kids = tuple(QueryNode(m, draw(rates)) for m in chosen[1:])
             qs.append(Query(f"q{qi}", draw(st.sampled_from([100.0, 300.0, 600.0])),
                             QueryNode(chosen[0], draw(rates), kids)))
-    max_devices = draw(st.sampled_from([1, 3, 10, 10_000]))
+    max_devices = draw(st.sampled_from([0, 1, 3, 10, 10_000]))
     return Profiles({DT: dp}), Workload(DT, max_devices, sessions, tuple(qs))
 
 
