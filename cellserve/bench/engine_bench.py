@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cellserve import heap
 from cellserve.bench.engine_runner import replay
 from cellserve.bench.ort_runners import OrtRunner, export_classifier_onnx
 from cellserve.bench.plots import plot_p99_vs_load
@@ -101,6 +102,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
     plan = cfg.plan(capacity)
     runners = {name: _policy_runner(name, engines, model.name, input_name, slo_s) for name in engines}
     runners.update(_ort_runners(cfg, model.name))
+    heap.settle()  # as the server does once started (see heap.py)
     traces: dict[float, list] = {}
 
     def trace(rate: float) -> list:

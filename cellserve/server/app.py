@@ -19,6 +19,7 @@ import threading
 
 import uvicorn
 
+from cellserve import heap
 from cellserve.engine.engine import Engine
 from cellserve.errors import CellserveError
 from cellserve.server.core import Core
@@ -82,6 +83,7 @@ def serve(settings: ServerSettings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    heap.settle()  # start-up's objects out of the collector's full passes (see heap.py)
     models = ", ".join(f"{s.name} (v{s.version})" for s in served)
     print(f"cellserve: serving {models}", flush=True)
     print(f"cellserve: ready: http={ports['http']} grpc={ports['grpc']} metrics={ports['metrics']}", flush=True)
