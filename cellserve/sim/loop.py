@@ -21,10 +21,12 @@ nothing of it), so that a router that asks two engines does not stop all the oth
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +39,22 @@ from cellserve.plan.profile import ModelProfile, ProfileError, Timing
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
 from cellserve.sim.router import RoundRobin, Router
+
+
+@contextmanager
+def _long_lived_heap():
+    """Python's cycle collector, made to leave alone what lives for the whole run (the trace,
+    the engines: gc.freeze) and to run less often. The requests' objects go by reference
+    counting; with millions of arrivals held, each full collection walked all of them, which
+    cost more than the simulation itself at 100 engines (docs/performance.md)."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(threshold[0], 50_000), *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 @dataclass(frozen=True)
@@ -172,6 +190,10 @@ class Simulation:
         self._shortlists.clear()
         for sim_engine in self.engines:
             sim_engine.upcoming.clear()
+        with _long_lived_heap():
+            return self._run(drain_s)
+
+    def _run(self, drain_s: float) -> list[SimOutcome]:
         outcomes: list[SimOutcome] = []
         end = self._end = (self._arrivals[-1].time_s if self._arrivals else 0.0) + drain_s
         while True:
