@@ -146,6 +146,7 @@ class _Packer:
     def __init__(self, costs: Costs, next_id: int) -> None:
         self.costs = costs
         self.devs: dict[int, _Dev] = {}
+        self.shared: dict[int, _Dev] = {}  # the devices not saturated: where best fit looks
         self.next_id = next_id
 
     def new(self, parts: list[Part], saturated: bool, dev_id: int | None = None) -> None:
@@ -153,13 +154,28 @@ class _Packer:
         assert load is not None, "a part alone is feasible at its own duty cycle"
         if dev_id is None:
             dev_id, self.next_id = self.next_id, self.next_id + 1
-        self.devs[dev_id] = _Dev(dev_id, parts, load, saturated)
+        self.put(_Dev(dev_id, parts, load, saturated))
+
+    def put(self, dev: _Dev) -> None:
+        self.devs[dev.id] = dev
+        if not dev.saturated:
+            self.shared[dev.id] = dev
+
+    def drop(self, dev_id: int) -> None:
+        del self.devs[dev_id]
+        self.shared.pop(dev_id, None)
 
     def best_fit(self, part: Part, exclude: int | None = None) -> tuple[_Dev, DeviceLoad] | None:
         """The shared device whose occupancy after merging `part` is highest, and that load."""
         best = None
-        for dev in self.devs.values():
-            if dev.saturated or dev.id == exclude or dev.load.occupancy + 1e-12 >= 1.0:
+        # A part without a prefix adds at least its models' batch-1 latencies; on a device whose
+        # duty cycle the merge keeps, the others' batches stay as they are, so a device without
+        # that much spare time cannot take it (skipping it saves most feasibility checks)
+        floor_ms = 0.0 if part.unit.members[0].prefix else sum(self.costs.table(m.model)[1] for m in part.unit.members)
+        for dev in self.shared.values():
+            if dev.id == exclude or dev.load.occupancy + 1e-12 >= 1.0:
+                continue
+            if part.own_duty >= dev.load.duty_ms and dev.load.busy_ms + floor_ms > dev.load.duty_ms + 1e-9:
                 continue
             load = _settle(self.costs, dev.parts + [part])
             if load is not None and (best is None or load.occupancy > best[1].occupancy):
@@ -185,7 +201,8 @@ class _Packer:
         if len(self.devs) <= max_devices:
             return []
         served = sorted(self.devs.values(), key=lambda d: (-sum(r for _, r in d.entries()), d.id))
-        self.devs = {d.id: d for d in served[:max_devices]}
+        for dev in served[max_devices:]:
+            self.drop(dev.id)
         left: list[Part] = [p for d in served[max_devices:] for p in d.parts]
         unserved = []
         for part in left:
@@ -200,10 +217,10 @@ class _Packer:
 
     def merge_devices(self) -> None:
         """Dissolve the emptiest shared devices into others where all their parts fit."""
-        for dev in sorted((d for d in self.devs.values() if not d.saturated), key=lambda d: d.load.occupancy):
+        for dev in sorted(self.shared.values(), key=lambda d: d.load.occupancy):
             if dev.id not in self.devs or len(self.devs) < 2:
                 continue
-            del self.devs[dev.id]
+            self.drop(dev.id)
             undo = []
             for part in dev.parts:
                 fit = self.best_fit(part)
@@ -218,7 +235,7 @@ class _Packer:
             for target, load in reversed(undo):  # one part did not fit: put everything back
                 target.parts.pop()
                 target.load = load
-            self.devs[dev.id] = dev
+            self.put(dev)
 
 
 # ---- demands and units ----
@@ -304,6 +321,11 @@ def replan(previous: Plan | None, workload: Workload, profiles: Profiles, grid: 
     packer = _Packer(costs, 1 + max((d.id for d in old_devs), default=-1))
     old_ids = {d.id: {a.id for a in d.sessions} for d in old_devs}
     old_rates = {(d.id, a.id): a.rate_rps for d in old_devs for a in d.sessions}
+    order = {d.id: k for k, d in enumerate(old_devs)}
+    devices_of: dict[str, list[int]] = {}  # session id -> its previous devices
+    for d in old_devs:
+        for a in d.sessions:
+            devices_of.setdefault(a.id, []).append(d.id)
     pending: dict[int, list[Part]] = {}
     to_pack: list[Part] = []
     claimed: set[int] = set()
@@ -313,8 +335,10 @@ def replan(previous: Plan | None, workload: Workload, profiles: Profiles, grid: 
             unserved += _left_out(Part(unit, tuple(r * (n - workload.max_devices) for r in full.rates), 0.0),
                                   workload.max_devices)
             n = workload.max_devices
-        mine = [d.id for d in old_devs if old_ids[d.id] <= unit.key and d.id not in claimed]
-        shared = [d.id for d in old_devs if old_ids[d.id] & unit.key and not old_ids[d.id] <= unit.key]
+        touched = {i for m in unit.members for i in devices_of.get(m.id, ())}
+        near = sorted(touched, key=order.__getitem__)  # in old_devs' order: fullest first
+        mine = [i for i in near if old_ids[i] <= unit.key and i not in claimed]
+        shared = [i for i in near if not old_ids[i] <= unit.key]
         for k in range(n):
             packer.new([full], saturated=True, dev_id=mine[k] if k < len(mine) else None)
         claimed.update(mine[:n])
@@ -355,7 +379,7 @@ def _keep_what_fits(packer: _Packer, dev_id: int, parts: list[Part], old_duty: f
     while order:
         load = _settle(packer.costs, order, (old_duty,))
         if load is not None:
-            packer.devs[dev_id] = _Dev(dev_id, order, load, saturated=False)
+            packer.put(_Dev(dev_id, order, load, saturated=False))
             break
         shed.append(order.pop(0))
     return shed
