@@ -30,6 +30,7 @@ from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, 
 from cellserve.sim.clock import VirtualClock
 
 _KIND = {"decoder": AttentionDecoder, "stack": LayerStack}
+_BLOCK = 1024  # samples drawn at once per timing (see SimExecutor.sample)
 
 
 def _never() -> float:
@@ -73,6 +74,7 @@ class SimExecutor(Executor):
         self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
         self._plain_timing: dict[tuple[str, str], Timing] = {}  # (model, op) -> its profile's timing
         self._previous: str | None = None  # cell type of the last call, when it was a step
+        self._blocks: dict[int, list] = {}  # id of a Timing -> [it (kept alive), next index, samples]
         self._flops: dict = {}  # cell type -> flops of one lane's step; (decoder, memory length) -> ...
 
     # ---- cell types ----
@@ -113,12 +115,22 @@ class SimExecutor(Executor):
     # ---- pricing ----
 
     def sample(self, t: Timing, n: int = 1) -> float:
-        """n samples' sum, drawn from a gamma with the timing's mean and spread (positive,
-        right-skewed like step times)."""
+        """n samples' sum, each drawn from a gamma with the timing's mean and spread
+        (positive, right-skewed like step times), from the seeded generator. Single samples
+        (a batched step's) are drawn _BLOCK at a time per timing: a draw per call cost about
+        as much as the rest of the executor's work for a step. A sum is one draw of a gamma
+        with n times the shape."""
         if t.std <= 0 or t.mean <= 0:
             return n * t.mean
-        shape = n * (t.mean / t.std) ** 2
-        return float(self.rng.gamma(shape, t.std ** 2 / t.mean))
+        if n > 1:
+            return float(self.rng.gamma(n * (t.mean / t.std) ** 2, t.std ** 2 / t.mean))
+        entry = self._blocks.get(id(t))
+        if entry is None or entry[1] == _BLOCK:
+            shape, scale = (t.mean / t.std) ** 2, t.std ** 2 / t.mean
+            entry = self._blocks[id(t)] = [t, 0, (self.rng.standard_gamma(shape, _BLOCK) * scale).tolist()]
+        i = entry[1]
+        entry[1] = i + 1
+        return entry[2][i]
 
     def _charge(self, busy: float, host: float) -> None:
         self.clock.advance(busy + host)
