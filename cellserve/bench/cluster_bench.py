@@ -1,0 +1,242 @@
+"""`cellserve bench cluster`: the highest total request rate each system serves with at least
+99% of requests within their SLO, on the same number of simulated devices (Nexus's metric).
+
+One *point* is one system at one total rate: a fresh deployment (cluster/systems.py), the
+workload's bursty trace at that rate (cluster/workload.py) for `seconds`, and the share of
+requests arriving after `warmup_s` that were answered OK within their session's SLO
+(rejected, dropped, unanswered and unplaced requests are misses).
+
+The search (`search`) brackets the highest passing rate: from a start it multiplies by
+`grow` until a rate fails (or divides until one passes), then bisects (geometrically)
+`bisections` times; it returns the highest rate that passed and the lowest that failed above
+it. The metric need not be monotone in the rate (bursts differ between traces); the bracket
+is what was measured. All figures are simulated and labelled so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cellserve.cluster import systems as sysmod
+from cellserve.cluster.workload import DEFAULT_SESSIONS, Catalogue, load_catalogue, session_arrivals
+
+TARGET = 0.99
+
+
+@dataclass
+class Point:
+    rate_rps: float
+    slo_attainment: float
+    requests: int
+    devices_used: int
+    wall_s: float
+    per_session: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.slo_attainment >= TARGET
+
+
+def run_point(system: str, catalogue: Catalogue, devices: int, total_rps: float, seconds: float,
+              warmup_s: float = 0.0, options: sysmod.Options | None = None) -> Point:
+    """One system at one total rate (see the module's docstring)."""
+    from cellserve.engine.request import Status
+
+    options = options or sysmod.Options()
+    deployment = sysmod.build(system, catalogue, devices, total_rps, options)
+    trace = session_arrivals(catalogue, total_rps, seconds, options.seed)
+    t0 = time.perf_counter()
+    # a request unanswered past the loosest SLO after the last arrival has missed anyway
+    drain_s = max(slo_s for slo_s in catalogue.slo_s.values())
+    outcomes = deployment.simulation.run(deployment.arrivals(trace), drain_s=drain_s)
+    wall = time.perf_counter() - t0
+    slo = catalogue.slo_s
+    by_tag = {o.tag: o for o in outcomes}
+    met: dict[str, list[int]] = {s.name: [0, 0] for s in catalogue.sessions}
+    for a in trace:
+        if a.time_s < warmup_s:
+            continue
+        o = by_tag.get(a.tag)
+        ok = o is not None and o.status is Status.OK and o.finish_s - o.arrival_s <= slo[a.model]
+        met[a.model][0] += ok
+        met[a.model][1] += 1
+    counted = sum(n for _, n in met.values())
+    attainment = sum(k for k, _ in met.values()) / counted if counted else 0.0
+    return Point(total_rps, attainment, counted, deployment.devices_used, wall,
+                 {m: (k / n if n else 1.0) for m, (k, n) in met.items()})
+
+
+@dataclass
+class SearchResult:
+    passed: Point | None  # the highest passing rate found
+    failed: Point | None  # the lowest failing rate above it
+    points: list[Point]
+
+
+def search(evaluate, start_rps: float, grow: float = 1.5, bisections: int = 3, max_expand: int = 8) -> SearchResult:
+    """Bracket the highest rate at which `evaluate(rate) -> Point` passes (module docstring)."""
+    points: list[Point] = []
+
+    def at(rate: float) -> Point:
+        p = evaluate(rate)
+        points.append(p)
+        return p
+
+    lo = hi = None
+    p = at(start_rps)
+    if p.passed:
+        lo = p
+        for _ in range(max_expand):
+            p = at(lo.rate_rps * grow)
+            if not p.passed:
+                hi = p
+                break
+            lo = p
+    else:
+        hi = p
+        for _ in range(max_expand):
+            p = at(hi.rate_rps / grow)
+            if p.passed:
+                lo = p
+                break
+            hi = p
+    if lo is not None and hi is not None:
+        for _ in range(bisections):
+            p = at(math.sqrt(lo.rate_rps * hi.rate_rps))
+            if p.passed:
+                lo = p
+            else:
+                hi = p
+    return SearchResult(lo, hi, points)
+
+
+@dataclass
+class ClusterConfig:
+    devices: list[int]
+    json_path: Path
+    quick: bool = False
+    systems: tuple[str, ...] = sysmod.SYSTEMS
+    seconds: float | None = None
+    warmup_s: float | None = None
+    bisections: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seconds is None:
+            self.seconds = 3.0 if self.quick else 6.0
+        if self.warmup_s is None:
+            self.warmup_s = 0.5 if self.quick else 1.0
+        if self.bisections is None:
+            self.bisections = 1 if self.quick else 3
+        problems = []
+        if not self.devices or any(n < 1 for n in self.devices):
+            problems.append(f"--devices must be positive integers, got {self.devices}")
+        unknown = [s for s in self.systems if s not in sysmod.SYSTEMS]
+        if unknown:
+            problems.append(f"unknown systems {unknown}; choose from {', '.join(sysmod.SYSTEMS)}")
+        if self.seconds <= self.warmup_s:
+            problems.append(f"--seconds ({self.seconds}) must exceed the warm-up ({self.warmup_s})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> dict:
+    """The whole benchmark; writes cfg.json_path and a PNG beside it; returns the report."""
+    catalogue = catalogue or load_catalogue(DEFAULT_SESSIONS)
+    options = sysmod.Options(seed=cfg.seed)
+    report: dict = {"simulated": True, "label": "simulated", "date": time.strftime("%Y-%m-%d"),
+                    "target_attainment": TARGET, "seconds": cfg.seconds, "warmup_s": cfg.warmup_s,
+                    "quick": cfg.quick, "device": _device(catalogue), "workload": _workload(catalogue),
+                    "systems": _systems(options), "devices": {}}
+    for n in cfg.devices:
+        start = sysmod.planned_capacity(catalogue, n, options.nexus_margin)
+        log(f"{n} devices: the Nexus plan fits up to {start:.0f} req/s; searching from there (simulated)")
+        row = {}
+        for system in cfg.systems:
+            def evaluate(rate: float, system=system) -> Point:
+                p = run_point(system, catalogue, n, rate, cfg.seconds, cfg.warmup_s, options)
+                log(f"  {system:9s} {rate:9.1f} req/s: {100 * p.slo_attainment:6.2f}% within SLO "
+                    f"({p.requests} requests, {p.devices_used} devices, {p.wall_s:.1f} wall s)")
+                return p
+            found = search(evaluate, start, bisections=cfg.bisections)
+            row[system] = _entry(found)
+        best = max((row[s]["max_rate_rps"] for s in row if s != "nexus"), default=0.0)
+        if "nexus" in row and best > 0:
+            row["nexus"]["vs_best_baseline"] = row["nexus"]["max_rate_rps"] / best
+        report["devices"][str(n)] = row
+        log("  " + ", ".join(f"{s} {row[s]['max_rate_rps']:.0f}" for s in row) + " req/s at >= 99% (simulated)")
+    cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg.json_path.write_text(json.dumps(report, indent=1) + "\n")
+    plot = cfg.json_path.with_suffix(".png")
+    plot_cluster(report, plot)
+    log(f"wrote {cfg.json_path} and {plot}")
+    return report
+
+
+def _entry(found: SearchResult) -> dict:
+    lo, hi = found.passed, found.failed
+    return {"max_rate_rps": lo.rate_rps if lo else 0.0,
+            "slo_attainment": lo.slo_attainment if lo else (hi.slo_attainment if hi else 0.0),
+            "devices_used": lo.devices_used if lo else (hi.devices_used if hi else 0),
+            "bracket": {"pass_rps": lo.rate_rps if lo else None, "pass_attainment": lo.slo_attainment if lo else None,
+                        "fail_rps": hi.rate_rps if hi else None, "fail_attainment": hi.slo_attainment if hi else None},
+            "per_session_at_max": lo.per_session if lo else {},
+            "points": [{"rate_rps": p.rate_rps, "slo_attainment": p.slo_attainment, "requests": p.requests,
+                        "devices_used": p.devices_used, "wall_s": round(p.wall_s, 2)} for p in found.points]}
+
+
+def _device(catalogue: Catalogue) -> dict:
+    p = next(iter(catalogue.profiles.values()))
+    return {"type": sysmod.DEVICE_TYPE, "profiles": "measured on this machine (docs/results/sim/*-profile.json)",
+            "machine": p.machine.name, "backend": p.machine.backend, "threads": p.machine.threads,
+            "modelled": any(q.modelled for q in catalogue.profiles.values())}
+
+
+def _workload(catalogue: Catalogue) -> dict:
+    from cellserve.cluster import workload as w
+    return {"sessions": [asdict(s) for s in catalogue.sessions],
+            "arrivals": {"kind": "bursty (two-state MMPP per session)", "burst_factor": w.BURST_FACTOR,
+                         "mean_burst_s": w.MEAN_BURST_S, "mean_calm_s": w.MEAN_CALM_S},
+            "lengths": "WMT-like (bench/traces.py), mean 25 tokens"}
+
+
+def _systems(options: sysmod.Options) -> dict:
+    from cellserve.cluster import ray_serve as r
+    return {"nexus": "Nexus plan (plan/nexus_pack.py) on cellular engines, least predicted finish, early drop",
+            "static": f"devices split by load, padded batch {sysmod.STATIC_MAX_BATCH} / "
+                      f"{sysmod.STATIC_BATCH_WAIT_S * 1e3:g} ms, two-choices routing",
+            "clipper": f"devices split by load, padded, AIMD batch (+1, -10%), {sysmod.CLIPPER_BATCH_WAIT_S * 1e3:g} ms "
+                       "wait, two-choices routing",
+            "ray-serve": f"autoscaling target {r.RAY_TARGET_ONGOING:g} ongoing/replica from 1 replica each, delays x "
+                         f"{options.ray_time_scale:.4g} (up {r.RAY_UPSCALE_DELAY_S * options.ray_time_scale:g} s, "
+                         f"down {r.RAY_DOWNSCALE_DELAY_S * options.ray_time_scale:g} s), power of two on queue "
+                         f"length, padded batch {r.RAY_MAX_BATCH} / {r.RAY_BATCH_WAIT_S * 1e3:g} ms"}
+
+
+def plot_cluster(report: dict, path: Path) -> None:
+    """Grouped bars: per device count, each system's highest rate at >= 99% within SLO."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    counts = list(report["devices"])
+    systems = [s for s in sysmod.SYSTEMS if any(s in report["devices"][n] for n in counts)]
+    width = 0.8 / max(len(systems), 1)
+    for j, system in enumerate(systems):
+        xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(counts))]
+        ys = [report["devices"][n].get(system, {}).get("max_rate_rps", 0.0) for n in counts]
+        bars = axes.bar(xs, ys, width, label=system)
+        axes.bar_label(bars, fmt="%.0f", fontsize="x-small")
+    axes.set_xticks(range(len(counts)), [f"{n} devices" for n in counts])
+    axes.set_ylabel("max total rate with >= 99% within SLO (req/s)")
+    axes.set_title("simulated: Nexus planning vs baselines, bursty multi-model workload")
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)

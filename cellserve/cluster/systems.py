@@ -1,0 +1,236 @@
+"""The four systems `bench cluster` compares, each a deployment of the workload's sessions over
+N simulated devices (one `Engine` with a `SimExecutor` per device, all in one `Simulation`):
+
+- `nexus`: the Nexus planner (plan/nexus_pack.py) places sessions on devices and sets their
+  batches from latency profiles derived from the devices' profiles (plan/nexus_cellular.py);
+  the plan is made for the highest total rate whose plan fits the N devices (at least the
+  offered rate), so devices the offered rate leaves spare carry every session's share of
+  headroom for bursts rather than idling; each device is a cellular engine serving the sessions the plan gave it, batch cap the largest
+  batch planned on it, with cellserve's admission and early drop (Nexus drops early too); a
+  model's requests go to the least predicted finish among the devices the plan gave it.
+  The planner is given the session rates (as Nexus's epochs measure them).
+- `static`: what TF Serving / Triton users deploy: one model per device group, the devices
+  split by load (rate x per-request cost, largest remainders, at least one each), padded
+  batches of at most STATIC_MAX_BATCH with a STATIC_BATCH_WAIT_S timeout, no admission
+  control; power-of-two-choices routing within a group.
+- `clipper`: the same groups and padded engines, each replica's batch cap set by Clipper's
+  AIMD (clipper.py).
+- `ray-serve`: Ray Serve's defaults (ray_serve.py): a deployment per model over the shared
+  pool, queue-length autoscaling (target 2 ongoing requests per replica, delays compressed by
+  `ray_time_scale`), power-of-two routing on ongoing requests, `@serve.batch` (10, 10 ms) as
+  padded batches; starting at one replica per deployment (Ray's min_replicas default).
+
+A deployment is built fresh for each rate (`build`), so nothing carries over between runs.
+`Deployment.arrivals(trace)` drops the requests of sessions a plan could not place at all
+(counted as misses by the caller: `Deployment.unplaced`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from cellserve.cluster.clipper import Aimd, attach_aimd
+from cellserve.cluster.workload import Catalogue, rates
+
+SYSTEMS = ("nexus", "static", "clipper", "ray-serve")
+DEVICE_TYPE = "cpu-1core"
+STATIC_MAX_BATCH = 16
+STATIC_BATCH_WAIT_S = 0.005
+CLIPPER_BATCH_WAIT_S = 0.005
+MEAN_TOKENS = 25.0  # the traces' mean sentence length (bench/traces.py)
+RAY_TIME_SCALE = 1.0 / 60.0  # Ray's 30 s upscale delay -> 0.5 s, 600 s downscale -> 10 s
+
+
+@dataclass
+class Options:
+    ray_time_scale: float = RAY_TIME_SCALE
+    nexus_margin: float = 1.0  # scales the derived l(b) the planner sees (Nexus's code: 1.15)
+    seed: int = 0
+
+
+@dataclass
+class Deployment:
+    system: str
+    simulation: object  # cellserve.sim.loop.Simulation
+    devices: int
+    unplaced: frozenset[str] = frozenset()  # sessions with no device at all
+    info: dict = field(default_factory=dict)
+    router: object = None
+
+    @property
+    def devices_used(self) -> int:
+        if self.system == "ray-serve":
+            return self.router.peak_replicas
+        return self.devices
+
+    def arrivals(self, trace: list) -> list:
+        return [a for a in trace if a.model not in self.unplaced]
+
+
+# ---- profiles the planners see ----
+
+def _plannable(profile):
+    """A profile whose decoder step counts `cellular_latency` can read: it reads pairs of
+    (source length, steps), the profile (schema 2) holds histograms; give it the mean steps per
+    length. A workaround on this side (plan/nexus_cellular.py is not ours to change)."""
+    if not profile.decode_steps or all(isinstance(v, list) for v in profile.decode_steps.values()):
+        return profile
+    pairs = {c: [(m, sum(s * n for s, n in h.items()) / sum(h.values())) for m, h in sorted(hist.items())]
+             for c, hist in profile.decode_steps.items()}
+    return replace(profile, decode_steps=pairs)
+
+
+def latency_profiles(catalogue: Catalogue, margin: float = 1.0):
+    """Nexus latency profiles (batch -> ms) of every session's model on the device type."""
+    from cellserve.plan.nexus import DeviceProfiles, ModelEntry, Profiles
+    from cellserve.plan.nexus_cellular import cellular_latency
+
+    entries = {}
+    for s in catalogue.sessions:
+        model = catalogue.models[s.name]
+        tokens = min(MEAN_TOKENS, model.max_sequence_length)
+        entries[s.name] = ModelEntry(cellular_latency(_plannable(catalogue.profiles[s.name]), tokens, margin=margin))
+    return Profiles({DEVICE_TYPE: DeviceProfiles(entries)})
+
+
+def nexus_plan(catalogue: Catalogue, devices: int, total_rps: float, margin: float = 1.0):
+    from cellserve.plan.nexus import Session, Workload
+    from cellserve.plan.nexus_pack import plan
+
+    session_rates = rates(catalogue.sessions, total_rps)
+    workload = Workload(DEVICE_TYPE, devices, tuple(Session(s.name, s.name, s.slo_ms, session_rates[s.name])
+                                                   for s in catalogue.sessions))
+    return plan(workload, latency_profiles(catalogue, margin))
+
+
+_CAPACITY: dict[tuple, float] = {}
+
+
+def planned_capacity(catalogue: Catalogue, devices: int, margin: float = 1.0) -> float:
+    """The highest total rate (within 0.1%) whose Nexus plan fits `devices` with nothing
+    unserved: bisection on the planner alone, no simulation. Cached per workload."""
+    key = (tuple(catalogue.sessions), devices, margin)
+    if key not in _CAPACITY:
+        def fits(rate: float) -> bool:
+            return not nexus_plan(catalogue, devices, rate, margin).unserved
+
+        lo, hi = 1.0, 2.0
+        while fits(hi):
+            lo, hi = hi, hi * 2
+        while hi / lo > 1.001:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        _CAPACITY[key] = lo
+    return _CAPACITY[key]
+
+
+def split_by_load(catalogue: Catalogue, devices: int) -> dict[str, int]:
+    """Devices per session, in proportion to rate x per-request cost (at the static batch),
+    at least one each, largest remainders; sums to `devices`."""
+    sessions = catalogue.sessions
+    if devices < len(sessions):
+        raise ValueError(f"{devices} devices cannot give each of {len(sessions)} sessions its own")
+    profiles = latency_profiles(catalogue)
+    entries = profiles.device_types[DEVICE_TYPE].models
+    load = {s.name: s.weight * entries[s.name].latency.ms(STATIC_MAX_BATCH) / STATIC_MAX_BATCH for s in sessions}
+    spare = devices - len(sessions)
+    total = sum(load.values())
+    exact = {k: spare * v / total for k, v in load.items()}
+    count = {k: 1 + math.floor(x) for k, x in exact.items()}
+    left = devices - sum(count.values())
+    for k in sorted(exact, key=lambda k: exact[k] - math.floor(exact[k]), reverse=True)[:left]:
+        count[k] += 1
+    return count
+
+
+# ---- building each system ----
+
+def _config(catalogue: Catalogue, **kw):
+    from cellserve.engine.config import EngineConfig
+
+    stack = next(iter(catalogue.profiles.values())).stack_layers
+    return EngineConfig(profile=True, pin_threads=False, stack_layers=stack, **kw)
+
+
+def _padded(catalogue: Catalogue, max_batch: int, wait_s: float):
+    return _config(catalogue, policy="padded", max_batch=max_batch, batch_timeout_s=wait_s, admission=False,
+                   drop_late=False)
+
+
+def build(system: str, catalogue: Catalogue, devices: int, total_rps: float, options: Options | None = None
+          ) -> Deployment:
+    """`system` deployed on `devices` simulated devices for the workload at `total_rps`."""
+    options = options or Options()
+    if system == "nexus":
+        return _nexus(catalogue, devices, total_rps, options)
+    if system in ("static", "clipper"):
+        return _grouped(system, catalogue, devices, options)
+    if system == "ray-serve":
+        return _ray_serve(catalogue, devices, options)
+    raise ValueError(f"unknown system {system!r}; choose one of {', '.join(SYSTEMS)}")
+
+
+def _nexus(catalogue: Catalogue, devices: int, total_rps: float, options: Options) -> Deployment:
+    from cellserve.sim.loop import Simulation
+    from cellserve.sim.router import LeastPredictedFinish
+
+    planned_rps = max(total_rps, planned_capacity(catalogue, devices, options.nexus_margin))
+    plan = nexus_plan(catalogue, devices, planned_rps, options.nexus_margin)
+    sim = Simulation(LeastPredictedFinish(), seed=options.seed)
+    cap = min(p.max_batch for p in catalogue.profiles.values())
+    for device in plan.devices:
+        names = sorted({a.model for a in device.sessions})
+        batch = min(cap, max(a.batch for a in device.sessions))
+        sim.add_engine([catalogue.models[n] for n in names], {n: catalogue.profiles[n] for n in names},
+                       _config(catalogue, policy="cellular", max_batch=batch), name=f"device-{device.id}")
+    placed = {a.model for d in plan.devices for a in d.sessions}
+    unplaced = frozenset(s.name for s in catalogue.sessions) - placed
+    info = {"planned_rps": planned_rps, "plan_devices": plan.devices_used, "unserved_rps": sum(u.rate_rps for u in plan.unserved),
+            "batches": {f"device-{d.id}": {a.model: a.batch for a in d.sessions} for d in plan.devices}}
+    return Deployment("nexus", sim, plan.devices_used, unplaced, info)
+
+
+def _grouped(system: str, catalogue: Catalogue, devices: int, options: Options) -> Deployment:
+    from cellserve.sim.loop import Simulation
+    from cellserve.sim.router import TwoChoices
+
+    split = split_by_load(catalogue, devices)
+    sim = Simulation(TwoChoices(seed=options.seed), seed=options.seed)
+    cap = min(p.max_batch for p in catalogue.profiles.values())
+    controllers: dict[str, Aimd] = {}
+    for s in catalogue.sessions:
+        for i in range(split[s.name]):
+            if system == "static":
+                config = _padded(catalogue, STATIC_MAX_BATCH, STATIC_BATCH_WAIT_S)
+            else:
+                config = _padded(catalogue, 1, CLIPPER_BATCH_WAIT_S)
+            name = f"{s.name}-{i}"
+            engine = sim.add_engine([catalogue.models[s.name]], {s.name: catalogue.profiles[s.name]}, config,
+                                    name=name).engine
+            if system == "clipper":
+                controllers[name] = Aimd(cap=1, max_cap=cap)
+                attach_aimd(engine, controllers[name], s.slo_ms / 1e3)
+    info = {"split": split}
+    deployment = Deployment(system, sim, devices, frozenset(), info)
+    if controllers:
+        deployment.info["aimd"] = controllers
+    return deployment
+
+
+def _ray_serve(catalogue: Catalogue, devices: int, options: Options) -> Deployment:
+    from cellserve.cluster.ray_serve import RAY_BATCH_WAIT_S, RAY_MAX_BATCH, AutoscalingConfig, RayServeRouter
+    from cellserve.sim.loop import Simulation
+
+    names = [s.name for s in catalogue.sessions]
+    if devices < len(names):
+        raise ValueError(f"{devices} devices cannot give each of {len(names)} deployments a replica")
+    sim = Simulation(seed=options.seed)
+    engines = [sim.add_engine([catalogue.models[n] for n in names], catalogue.profiles,
+                              _padded(catalogue, RAY_MAX_BATCH, RAY_BATCH_WAIT_S), name=f"device-{i}")
+               for i in range(devices)]
+    initial = {n: [f"device-{i}"] for i, n in enumerate(names)}
+    config = AutoscalingConfig().compressed(options.ray_time_scale)
+    router = RayServeRouter(names, engines, initial, config, seed=options.seed)
+    sim.router = router
+    return Deployment("ray-serve", sim, devices, frozenset(), {"autoscaling": config.__dict__}, router)

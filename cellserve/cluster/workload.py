@@ -1,0 +1,130 @@
+"""The multi-model workload of `bench cluster`: sessions (a model, an SLO, a share of the
+total rate), each a model of its own name, and their bursty traces as simulator arrivals.
+
+A *variant* is a zoo model served under another name (the same weights and profile, another
+SLO), as Nexus plans a (model, SLO) pair as one session: the simulator routes by model name,
+so two sessions of one model with different SLOs are two names. `rename_model` and
+`rename_profile` make the copy; the profile's cell-type keys carry the model name, so they are
+renamed with it.
+
+Contract of `session_arrivals`: for a (seed, session index, rate) the trace is always the same,
+so every system meets the same requests at a given rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from cellserve.bench.traces import bursty_arrivals, sentence_lengths
+from cellserve.plan.profile import ModelProfile
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "docs" / "results" / "sim"
+PROFILE_FILE = "{model}-poisson-profile.json"  # this machine's measured profiles (docs/results/sim)
+
+# Bursts: a two-state MMPP per session, short sojourns so that a run of a few simulated
+# seconds holds several bursts (bench/traces.py's defaults, 1 s and 4 s, need minutes).
+BURST_FACTOR = 3.0
+MEAN_BURST_S = 0.25
+MEAN_CALM_S = 1.0
+
+
+@dataclass(frozen=True)
+class ClusterSession:
+    """One session: `name` is the model name it is served under (a zoo model's, or a variant's),
+    `base` the zoo model, `weight` its share of the total rate (relative)."""
+
+    name: str
+    base: str
+    slo_ms: float
+    weight: float
+
+
+# Six sessions of three zoo models: SLOs 50-500 ms, rates 1:20.
+DEFAULT_SESSIONS: tuple[ClusterSession, ...] = (
+    ClusterSession("gru-256", "gru-256", 50.0, 20.0),
+    ClusterSession("gru-256-slo200", "gru-256", 200.0, 5.0),
+    ClusterSession("lstm-512", "lstm-512", 100.0, 8.0),
+    ClusterSession("lstm-512-slo500", "lstm-512", 500.0, 2.0),
+    ClusterSession("seq2seq-reverse", "seq2seq-reverse", 300.0, 3.0),
+    ClusterSession("seq2seq-reverse-slo150", "seq2seq-reverse", 150.0, 1.0),
+)
+
+
+def rates(sessions: tuple[ClusterSession, ...], total_rps: float) -> dict[str, float]:
+    """Each session's rate when the total is `total_rps` (shares by weight)."""
+    total_weight = sum(s.weight for s in sessions)
+    return {s.name: total_rps * s.weight / total_weight for s in sessions}
+
+
+def rename_model(model, name: str):
+    """The same model (weights, program) served under `name`."""
+    return model if model.name == name else replace(model, name=name)
+
+
+def rename_profile(profile: ModelProfile, name: str) -> ModelProfile:
+    """`profile` for the model renamed `name`: cell types are keyed `MODEL/...`."""
+    if profile.model == name:
+        return profile
+
+    def key(k: str) -> str:
+        return name + k[len(profile.model):] if k.startswith(profile.model + "/") else k
+
+    return replace(profile, model=name, cell_types={key(k): v for k, v in profile.cell_types.items()},
+                   decode_steps={key(k): v for k, v in profile.decode_steps.items()})
+
+
+@dataclass
+class Catalogue:
+    """The sessions' models and profiles, by session name."""
+
+    sessions: tuple[ClusterSession, ...]
+    models: dict[str, object]  # name -> cellserve.graph.model.Model
+    profiles: dict[str, ModelProfile]
+
+    @property
+    def slo_s(self) -> dict[str, float]:
+        return {s.name: s.slo_ms / 1e3 for s in self.sessions}
+
+
+def load_catalogue(sessions: tuple[ClusterSession, ...] = DEFAULT_SESSIONS,
+                   profile_dir: Path = PROFILE_DIR) -> Catalogue:
+    """Zoo models and their measured profiles, renamed per session."""
+    from cellserve.graph import zoo
+
+    bases: dict[str, tuple[object, ModelProfile]] = {}
+    models, profiles = {}, {}
+    for s in sessions:
+        if s.base not in bases:
+            bases[s.base] = (zoo.load(s.base), ModelProfile.from_json(profile_dir / PROFILE_FILE.format(model=s.base)))
+        model, profile = bases[s.base]
+        models[s.name] = rename_model(model, s.name)
+        profiles[s.name] = rename_profile(profile, s.name)
+    return Catalogue(tuple(sessions), models, profiles)
+
+
+def session_arrivals(catalogue: Catalogue, total_rps: float, seconds: float, seed: int = 0) -> list:
+    """`seconds` of bursty arrivals of every session at `total_rps` in all, as SimArrivals with
+    the session's SLO as timeout, tagged 0..n-1 in time order."""
+    from cellserve.sim.loop import SimArrival
+
+    out = []
+    for i, (s, rate) in enumerate(zip(catalogue.sessions, rates(catalogue.sessions, total_rps).values())):
+        model = catalogue.models[s.name]
+        rng = np.random.default_rng(np.random.SeedSequence([seed, i, int(round(rate * 1000))]))
+        n = max(1, int(math.ceil(rate * seconds)))
+        times = bursty_arrivals(rng, rate, n, BURST_FACTOR, MEAN_BURST_S, MEAN_CALM_S)
+        times = times + rng.exponential(1.0 / rate)  # sessions do not all start at 0
+        lengths = np.minimum(sentence_lengths(rng, n), model.max_sequence_length)
+        name = model.inputs[0].name
+        vocab = model.semantics[name].vocab
+        for t, length in zip(times, lengths):
+            if t >= seconds:
+                break
+            tokens = rng.integers(0, vocab, size=(1, int(length)), dtype=np.int64)
+            out.append(SimArrival(float(t), s.name, {name: tokens}, s.slo_ms / 1e3))
+    out.sort(key=lambda a: a.time_s)
+    return [replace(a, tag=n) for n, a in enumerate(out)]
