@@ -508,8 +508,11 @@ class Engine:
     def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
         length = 1
         for name, sem in model.semantics.items():
-            if sem.time_axis is not None and sem.time_axis < np.ndim(inputs.get(name)):
-                length = max(length, np.shape(inputs[name])[sem.time_axis])
+            if sem.time_axis is not None:
+                x = inputs.get(name)
+                shape = x.shape if type(x) is np.ndarray else np.shape(x)
+                if sem.time_axis < len(shape):
+                    length = max(length, shape[sem.time_axis])
         return [length + extra for extra in self._extra_rounds[model.name]]
 
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
@@ -590,7 +593,7 @@ class Engine:
         layers = _layers(step)
         x = run.env[layers[0].x]
         time_len, batch = x.shape[:2]
-        lens = np.full(batch, time_len, np.int64)
+        lens = None  # every sequence runs time_len steps
         if layers[0].seq_lens:  # never in a stack
             lens = np.asarray(run.env[layers[0].seq_lens]).astype(np.int64).reshape(-1)
             if lens.shape != (batch,) or lens.min() < 1 or lens.max() > time_len:
@@ -610,7 +613,7 @@ class Engine:
         for d in range(len(layer.directions)):
             cell_type = f"{run.model.name}/{layer.name}/{d}"
             for b in range(batch):
-                n = int(lens[b])
+                n = time_len if lens is None else int(lens[b])
                 row_states = [(None if h0 is None else h0[d, b], None if c0 is None else c0[d, b])]
                 self._start_lane(run, cell_type, x[:n, b], row_states, d, b, forward=not layer.is_reverse(d))
 
