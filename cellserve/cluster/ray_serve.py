@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cellserve.sim.router import Router
 
@@ -50,12 +50,13 @@ class AutoscalingConfig:
     look_back_s: float = RAY_LOOK_BACK_S
     interval_s: float = RAY_CONTROL_INTERVAL_S
     min_replicas: int = 1
+    max_replicas: int = 1 << 30
 
     def compressed(self, time_scale: float) -> "AutoscalingConfig":
         """The delays and look-back times `time_scale` (the control interval kept)."""
         return AutoscalingConfig(self.target_ongoing, self.upscale_delay_s * time_scale,
                                  self.downscale_delay_s * time_scale, self.look_back_s * time_scale,
-                                 self.interval_s, self.min_replicas)
+                                 self.interval_s, self.min_replicas, self.max_replicas)
 
 
 @dataclass
@@ -70,11 +71,13 @@ class Autoscaler:
     _direction: int = 0
 
     def desired(self, replicas: int) -> int:
-        """What the averaged load asks for: ceil(replicas * per_replica / target), at least min."""
+        """What the averaged load asks for: ceil(replicas * per_replica / target), within
+        [min_replicas, max_replicas]."""
         if not self._samples:
             return replicas
         per_replica = sum(x for _, x in self._samples) / len(self._samples)
-        return max(self.config.min_replicas, math.ceil(replicas * per_replica / self.config.target_ongoing))
+        want = math.ceil(replicas * per_replica / self.config.target_ongoing)
+        return min(self.config.max_replicas, max(self.config.min_replicas, want))
 
     def tick(self, now: float, ongoing: float, replicas: int) -> int:
         self._samples.append((now, ongoing / max(replicas, 1)))
@@ -101,12 +104,14 @@ def ongoing(engine) -> int:
 
 class RayServeRouter(Router):
     """Deployments (one per model) over a shared pool of the simulation's engines; see the
-    module's docstring. `initial` maps each model to its first replicas (engine names)."""
+    module's docstring. `initial` maps each model to its first replicas (engine names), which
+    are also its min_replicas; `max_replicas` caps a model's replicas. Free devices wanted by several deployments at one tick are
+    handed out one at a time to the one furthest below its wish."""
 
     name = "ray-serve"
 
     def __init__(self, models: list[str], engines: list, initial: dict[str, list[str]],
-                 config: AutoscalingConfig, seed: int = 0) -> None:
+                 config: AutoscalingConfig, seed: int = 0, max_replicas: dict[str, int] | None = None) -> None:
         self.config = config
         self._rng = random.Random(seed)
         by_name = {e.name: e for e in engines}
@@ -114,7 +119,10 @@ class RayServeRouter(Router):
         taken = {e.name for reps in self.active.values() for e in reps}
         self.free: list = [e for e in engines if e.name not in taken]
         self.draining: list = []
-        self.autoscalers = {m: Autoscaler(config) for m in models}
+        limits = max_replicas or {}
+        self.autoscalers = {m: Autoscaler(replace(config, min_replicas=max(1, len(self.active[m])),
+                                                  max_replicas=limits.get(m, config.max_replicas)))
+                            for m in models}
         self._next_tick = 0.0
         self.peak_replicas = len(taken)
         self.history: list[tuple[float, dict[str, int]]] = []  # (time, replicas per model) at each change
@@ -150,17 +158,21 @@ class RayServeRouter(Router):
     def _tick(self, now: float) -> None:
         self.draining = [e for e in self.draining if not e.engine.idle() or self._park(e)]
         changed = False
+        wants = {}
         for model, scaler in self.autoscalers.items():
             reps = self.active[model]
-            want = scaler.tick(now, sum(ongoing(e.engine) for e in reps), len(reps))
-            while want < len(reps) and len(reps) > self.config.min_replicas:
+            wants[model] = want = scaler.tick(now, sum(ongoing(e.engine) for e in reps), len(reps))
+            while want < len(reps) and len(reps) > scaler.config.min_replicas:
                 victim = min(reps, key=lambda e: ongoing(e.engine))
                 reps.remove(victim)
                 self.draining.append(victim)
                 changed = True
-            while want > len(reps) and self.free:
-                reps.append(self.free.pop(0))
-                changed = True
+        while self.free:
+            short = max(wants, key=lambda m: wants[m] - len(self.active[m]))
+            if wants[short] <= len(self.active[short]):
+                break
+            self.active[short].append(self.free.pop(0))
+            changed = True
         if changed:
             self.history.append((now, self.replicas()))
             in_use = sum(len(r) for r in self.active.values()) + len(self.draining)

@@ -10,7 +10,8 @@ N simulated devices (one `Engine` with a `SimExecutor` per device, all in one `S
   model's requests go to the least predicted finish among the devices the plan gave it.
   The planner is given the session rates (as Nexus's epochs measure them).
 - `static`: what TF Serving / Triton users deploy: one model per device group, the devices
-  split by load (rate x per-request cost, largest remainders, at least one each), padded
+  split by load (rate / one device's capacity with that engine, measured in the simulator;
+  largest remainders, at least one each), padded
   batches of at most STATIC_MAX_BATCH with a STATIC_BATCH_WAIT_S timeout, no admission
   control; power-of-two-choices routing within a group.
 - `clipper`: the same groups and padded engines, each replica's batch cap set by Clipper's
@@ -18,7 +19,11 @@ N simulated devices (one `Engine` with a `SimExecutor` per device, all in one `S
 - `ray-serve`: Ray Serve's defaults (ray_serve.py): a deployment per model over the shared
   pool, queue-length autoscaling (target 2 ongoing requests per replica, delays compressed by
   `ray_time_scale`), power-of-two routing on ongoing requests, `@serve.batch` (10, 10 ms) as
-  padded batches; starting at one replica per deployment (Ray's min_replicas default).
+  padded batches. Ray's default min_replicas (1) let the first deployment to scale take the
+  whole pool and starve the others (replicas pending resources), so each deployment's
+  min_replicas (and initial replicas) is its load share of half the pool and its
+  max_replicas its load share of the whole pool plus one, as a user who knows the rates would
+  set them; the autoscaler moves each deployment between the two.
 
 A deployment is built fresh for each rate (`build`), so nothing carries over between runs.
 `Deployment.arrivals(trace)` drops the requests of sessions a plan could not place at all
@@ -40,6 +45,7 @@ STATIC_BATCH_WAIT_S = 0.005
 CLIPPER_BATCH_WAIT_S = 0.005
 MEAN_TOKENS = 25.0  # the traces' mean sentence length (bench/traces.py)
 RAY_TIME_SCALE = 1.0 / 60.0  # Ray's 30 s upscale delay -> 0.5 s, 600 s downscale -> 10 s
+RAY_MIN_SHARE = 0.5  # each deployment's min (and initial) replicas: this share of the pool, split by load
 
 
 @dataclass
@@ -125,20 +131,45 @@ def planned_capacity(catalogue: Catalogue, devices: int, margin: float = 1.0) ->
     return _CAPACITY[key]
 
 
-def split_by_load(catalogue: Catalogue, devices: int) -> dict[str, int]:
-    """Devices per session, in proportion to rate x per-request cost (at the static batch),
-    at least one each, largest remainders; sums to `devices`."""
+_ENGINE_CAPACITY: dict[tuple, float] = {}
+CAPACITY_REQUESTS = 200
+
+
+def engine_capacity(catalogue: Catalogue, name: str, config) -> float:
+    """Requests/s one simulated device with engine `config` serves of session `name`'s model
+    when a burst of its requests (the traces' lengths, no deadlines) arrives at once: a
+    closed-loop capacity, as an operator would measure one replica before sizing groups.
+    Cached per (base model, config)."""
+    from cellserve.cluster.workload import session_arrivals
+    from cellserve.sim.loop import Simulation
+
+    session = next(s for s in catalogue.sessions if s.name == name)
+    key = (session.base, repr(config))
+    if key not in _ENGINE_CAPACITY:
+        one = Catalogue((replace(session, weight=1.0),), {name: catalogue.models[name]},
+                        {name: catalogue.profiles[name]})
+        burst = [replace(a, time_s=0.0, timeout_s=None)
+                 for a in session_arrivals(one, CAPACITY_REQUESTS, 1.0, seed=7)]
+        sim = Simulation(seed=7)
+        sim.add_engine([catalogue.models[name]], {name: catalogue.profiles[name]}, config)
+        outcomes = sim.run(burst, drain_s=3600.0)
+        _ENGINE_CAPACITY[key] = len(outcomes) / max(o.finish_s for o in outcomes)
+    return _ENGINE_CAPACITY[key]
+
+
+def split_by_load(catalogue: Catalogue, devices: int, config, share: float = 1.0) -> dict[str, int]:
+    """Devices per session in proportion to its load (rate / one device's capacity with engine
+    `config`), `share` of `devices` in all, at least one each, largest remainders."""
     sessions = catalogue.sessions
+    total_devices = max(len(sessions), round(devices * share))
     if devices < len(sessions):
         raise ValueError(f"{devices} devices cannot give each of {len(sessions)} sessions its own")
-    profiles = latency_profiles(catalogue)
-    entries = profiles.device_types[DEVICE_TYPE].models
-    load = {s.name: s.weight * entries[s.name].latency.ms(STATIC_MAX_BATCH) / STATIC_MAX_BATCH for s in sessions}
-    spare = devices - len(sessions)
+    load = {s.name: s.weight / engine_capacity(catalogue, s.name, config) for s in sessions}
+    spare = total_devices - len(sessions)
     total = sum(load.values())
     exact = {k: spare * v / total for k, v in load.items()}
     count = {k: 1 + math.floor(x) for k, x in exact.items()}
-    left = devices - sum(count.values())
+    left = total_devices - sum(count.values())
     for k in sorted(exact, key=lambda k: exact[k] - math.floor(exact[k]), reverse=True)[:left]:
         count[k] += 1
     return count
@@ -195,7 +226,8 @@ def _grouped(system: str, catalogue: Catalogue, devices: int, options: Options) 
     from cellserve.sim.loop import Simulation
     from cellserve.sim.router import TwoChoices
 
-    split = split_by_load(catalogue, devices)
+    # Clipper's groups are sized as static's: an operator sizes replicas before AIMD runs
+    split = split_by_load(catalogue, devices, _padded(catalogue, STATIC_MAX_BATCH, STATIC_BATCH_WAIT_S))
     sim = Simulation(TwoChoices(seed=options.seed), seed=options.seed)
     cap = min(p.max_batch for p in catalogue.profiles.values())
     controllers: dict[str, Aimd] = {}
@@ -225,12 +257,19 @@ def _ray_serve(catalogue: Catalogue, devices: int, options: Options) -> Deployme
     names = [s.name for s in catalogue.sessions]
     if devices < len(names):
         raise ValueError(f"{devices} devices cannot give each of {len(names)} deployments a replica")
+    config = _padded(catalogue, RAY_MAX_BATCH, RAY_BATCH_WAIT_S)
+    split = split_by_load(catalogue, devices, config, share=RAY_MIN_SHARE)
     sim = Simulation(seed=options.seed)
-    engines = [sim.add_engine([catalogue.models[n] for n in names], catalogue.profiles,
-                              _padded(catalogue, RAY_MAX_BATCH, RAY_BATCH_WAIT_S), name=f"device-{i}")
+    engines = [sim.add_engine([catalogue.models[n] for n in names], catalogue.profiles, config, name=f"device-{i}")
                for i in range(devices)]
-    initial = {n: [f"device-{i}"] for i, n in enumerate(names)}
-    config = AutoscalingConfig().compressed(options.ray_time_scale)
-    router = RayServeRouter(names, engines, initial, config, seed=options.seed)
+    initial, i = {}, 0
+    for n in names:
+        initial[n] = [f"device-{j}" for j in range(i, i + split[n])]
+        i += split[n]
+    autoscaling = AutoscalingConfig().compressed(options.ray_time_scale)
+    maximum = {n: c + 1 for n, c in split_by_load(catalogue, devices, config).items()}
+    router = RayServeRouter(names, engines, initial, autoscaling, seed=options.seed, max_replicas=maximum)
     sim.router = router
-    return Deployment("ray-serve", sim, devices, frozenset(), {"autoscaling": config.__dict__}, router)
+    return Deployment("ray-serve", sim, devices, frozenset(), {"autoscaling": autoscaling.__dict__, "min_replicas": split,
+                                                        "max_replicas": maximum},
+                      router)

@@ -1,0 +1,60 @@
+"""The `cellserve bench cluster` subcommand (added to the parser by cli.py); parsing only: the
+work is in bench/cluster_bench.py. Building the parser imports nothing heavy (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SYSTEM_NAMES = ("nexus", "static", "clipper", "ray-serve")  # cluster/systems.py SYSTEMS (tests check)
+
+
+def _device_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not counts or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"must be positive integers, got {text!r}")
+    return counts
+
+
+def _systems(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in SYSTEM_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SYSTEM_NAMES)}, got {text!r}")
+    return names
+
+
+def add_bench_cluster(bench_sub) -> None:
+    b = bench_sub.add_parser(
+        "cluster", help="simulated: Nexus planning vs static, Clipper and Ray Serve on N devices",
+        description="On N simulated devices (this machine's measured profiles), find for each system the highest "
+                    "total rate of a bursty six-session workload (SLOs 50-500 ms, rates 1:20) at which at least "
+                    "99%% of requests finish within their SLO, by a bracketed search. Writes JSON and a PNG "
+                    "beside it. Every figure is simulated.")
+    b.add_argument("--devices", type=_device_counts, default=[16, 100], metavar="N[,N...]",
+                   help="device counts (default: 16,100)")
+    b.add_argument("--json", type=Path, default=Path("bench-results/cluster.json"), help="where to write results")
+    b.add_argument("--quick", action="store_true", help="shorter runs (2 simulated s) and one bisection")
+    b.add_argument("--systems", type=_systems, default=SYSTEM_NAMES, metavar="S[,S...]",
+                   help=f"systems to run (default: all: {','.join(SYSTEM_NAMES)})")
+    b.add_argument("--seconds", type=float, default=None, help="simulated seconds per rate (default: 4, quick: 2)")
+    b.add_argument("--warmup", type=float, default=None, metavar="SECONDS",
+                   help="requests arriving before this are not counted (default: 1, quick: 0.5)")
+    b.add_argument("--bisections", type=int, default=None, help="bisection steps after bracketing (default: 2, quick: 1)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(run=_bench_cluster)
+
+
+def _bench_cluster(args, parser) -> int:
+    from cellserve.bench.cluster_bench import ClusterConfig, run
+
+    try:
+        cfg = ClusterConfig(devices=args.devices, json_path=args.json, quick=args.quick, systems=args.systems,
+                            seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    run(cfg)
+    return 0

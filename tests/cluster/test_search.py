@@ -1,0 +1,42 @@
+"""The bracketed search: the rate it reports as passing passed, the one above failed."""
+
+from __future__ import annotations
+
+from cellserve.bench.cluster_bench import TARGET, Point, run_point, search
+from cellserve.cluster import systems
+
+
+def threshold(limit):
+    calls = []
+
+    def evaluate(rate):
+        calls.append(rate)
+        return Point(rate, 1.0 if rate <= limit else 0.5, 100, 1, 0.0)
+    return evaluate, calls
+
+
+def test_brackets_from_below_and_above():
+    for start in (10.0, 1000.0):
+        evaluate, calls = threshold(123.0)
+        found = search(evaluate, start, grow=1.5, bisections=4)
+        assert found.passed.rate_rps <= 123.0 < found.failed.rate_rps
+        assert found.failed.rate_rps / found.passed.rate_rps < 1.5  # bisection narrowed it
+        assert [p.rate_rps for p in found.points] == calls
+
+
+def test_no_passing_rate_reports_none():
+    evaluate, _ = threshold(0.0)
+    found = search(evaluate, 100.0, max_expand=3)
+    assert found.passed is None and found.failed.rate_rps < 100.0
+
+
+def test_brackets_a_real_simulation(tiny):
+    """Nexus on two devices, a short trace: the pass end met 99%, the fail end did not."""
+    start = 0.5 * systems.planned_capacity(tiny, 3)
+
+    def evaluate(rate):
+        return run_point("nexus", tiny, 3, rate, seconds=0.6, warmup_s=0.1)
+    found = search(evaluate, start, grow=2.0, bisections=1)
+    assert found.passed is not None and found.failed is not None
+    assert found.passed.slo_attainment >= TARGET > found.failed.slo_attainment
+    assert found.passed.rate_rps < found.failed.rate_rps
