@@ -45,6 +45,8 @@ def add_bench_cluster(bench_sub) -> None:
                    help="requests arriving before this are not counted (default: 1, quick: 0.5)")
     b.add_argument("--bisections", type=int, default=None, help="bisection steps after bracketing (default: 2, quick: 1)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--start-from", type=Path, default=None, metavar="REPORT.json",
+                   help="start each search at a previous report's figure for the system, scaled by devices")
     b.set_defaults(run=_bench_cluster)
 
 
@@ -53,7 +55,8 @@ def _bench_cluster(args, parser) -> int:
 
     try:
         cfg = ClusterConfig(devices=args.devices, json_path=args.json, quick=args.quick, systems=args.systems,
-                            seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed)
+                            seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed,
+                            start_from=args.start_from)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     run(cfg)

@@ -6,7 +6,9 @@ workload's bursty trace at that rate (cluster/workload.py) for `seconds`, and th
 requests arriving after `warmup_s` that were answered OK within their session's SLO
 (rejected, dropped, unanswered and unplaced requests are misses).
 
-The search (`search`) brackets the highest passing rate: from a start it multiplies by
+Every search starts at half the highest rate the Nexus plan fits on the devices or, once a
+figure for the system is known (an earlier device count of the run, or `start_from`), at that
+figure scaled by devices. The search (`search`) brackets the highest passing rate: from a start it multiplies by
 `grow` until a rate fails (or divides until one passes), then bisects (geometrically)
 `bisections` times; it returns the highest rate that passed and the lowest that failed above
 it. The metric need not be monotone in the rate (bursts differ between traces); the bracket
@@ -127,6 +129,7 @@ class ClusterConfig:
     warmup_s: float | None = None
     bisections: int | None = None
     seed: int = 0
+    start_from: Path | None = None  # a previous report: searches start at its figures, scaled
 
     def __post_init__(self) -> None:
         if self.seconds is None:
@@ -155,13 +158,14 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
                     "target_attainment": TARGET, "seconds": cfg.seconds, "warmup_s": cfg.warmup_s,
                     "quick": cfg.quick, "device": _device(catalogue), "workload": _workload(catalogue),
                     "systems": _systems(options), "devices": {}}
+    prior = _prior(cfg.start_from)
     for n in cfg.devices:
         planned = sysmod.planned_capacity(catalogue, n, options.nexus_margin)
-        start = START_SHARE * planned
-        log(f"{n} devices: the Nexus plan fits up to {planned:.0f} req/s; every search starts at {start:.0f} "
-            "(simulated)")
+        log(f"{n} devices: the Nexus plan fits up to {planned:.0f} req/s (simulated)")
         row = {}
         for system in cfg.systems:
+            start = _start(prior, system, n, START_SHARE * planned)
+            log(f"  {system}: the search starts at {start:.0f} req/s")
             def evaluate(rate: float, system=system) -> Point:
                 p = run_point(system, catalogue, n, rate, cfg.seconds, cfg.warmup_s, options)
                 log(f"  {system:9s} {rate:9.1f} req/s: {100 * p.slo_attainment:6.2f}% within SLO "
@@ -174,6 +178,9 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
             row["nexus"]["vs_best_baseline"] = row["nexus"]["max_rate_rps"] / best
         report["devices"][str(n)] = row
         report.setdefault("nexus_planned_rps", {})[str(n)] = planned
+        for system, entry in row.items():
+            if entry["max_rate_rps"] > 0:
+                prior.setdefault(system, {})[n] = entry["max_rate_rps"]
         log("  " + ", ".join(f"{s} {row[s]['max_rate_rps']:.0f}" for s in row) + " req/s at >= 99% (simulated)")
     cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
     cfg.json_path.write_text(json.dumps(report, indent=1) + "\n")
@@ -181,6 +188,28 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
     plot_cluster(report, plot)
     log(f"wrote {cfg.json_path} and {plot}")
     return report
+
+
+def _prior(path: Path | None) -> dict[str, dict[int, float]]:
+    """system -> device count -> max rate found, from a previous report (or none)."""
+    prior: dict[str, dict[int, float]] = {}
+    if path is not None:
+        for n, row in json.loads(Path(path).read_text())["devices"].items():
+            for system, entry in row.items():
+                if entry.get("max_rate_rps", 0) > 0:
+                    prior.setdefault(system, {})[int(n)] = entry["max_rate_rps"]
+    return prior
+
+
+def _start(prior: dict[str, dict[int, float]], system: str, devices: int, default: float) -> float:
+    """Where a search starts: the system's figure at the nearest device count already found,
+    scaled by devices (so a search begins near its edge, not deep in overload, where a
+    simulation costs the most), else `default`."""
+    known = prior.get(system)
+    if not known:
+        return default
+    nearest = min(known, key=lambda k: abs(math.log(k / devices)))
+    return known[nearest] * devices / nearest
 
 
 def _entry(found: SearchResult) -> dict:

@@ -40,3 +40,16 @@ def test_brackets_a_real_simulation(tiny):
     assert found.passed is not None and found.failed is not None
     assert found.passed.slo_attainment >= TARGET > found.failed.slo_attainment
     assert found.passed.rate_rps < found.failed.rate_rps
+
+
+def test_a_search_starts_from_a_known_figure_scaled_by_devices(tmp_path):
+    import json
+
+    from cellserve.bench.cluster_bench import _prior, _start
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"devices": {"16": {"static": {"max_rate_rps": 800.0}, "nexus": {"max_rate_rps": 0}}}}))
+    prior = _prior(path)
+    assert _start(prior, "static", 100, 1.0) == 5000.0  # 800 * 100 / 16
+    assert _start(prior, "nexus", 100, 7.0) == 7.0  # no passing figure: the default
+    assert _start(_prior(None), "static", 16, 3.0) == 3.0
