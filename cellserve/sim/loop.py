@@ -45,8 +45,8 @@ from cellserve.sim.router import RoundRobin, Router
 def _long_lived_heap():
     """Python's cycle collector, made to leave alone what lives for the whole run (the trace,
     the engines: gc.freeze) and to run less often. The requests' objects go by reference
-    counting; with millions of arrivals held, each full collection walked all of them, which
-    cost more than the simulation itself at 100 engines (docs/performance.md)."""
+    counting; a collection walks every tracked object, and a run holds its whole trace (the
+    share of a 100-engine run's time: docs/performance.md)."""
     threshold = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(max(threshold[0], 50_000), *threshold[1:])
