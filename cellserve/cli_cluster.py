@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 SYSTEM_NAMES = ("nexus", "static", "clipper", "ray-serve")  # cluster/systems.py SYSTEMS (tests check)
+ABLATION_NAMES = ("static-cellular",)  # cluster/systems.py ABLATIONS: only when asked for
 
 
 def _device_counts(text: str) -> list[int]:
@@ -21,9 +22,9 @@ def _device_counts(text: str) -> list[int]:
 
 def _systems(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = [n for n in names if n not in SYSTEM_NAMES]
+    unknown = [n for n in names if n not in SYSTEM_NAMES + ABLATION_NAMES]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(SYSTEM_NAMES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SYSTEM_NAMES + ABLATION_NAMES)}, got {text!r}")
     return names
 
 
@@ -39,7 +40,8 @@ def add_bench_cluster(bench_sub) -> None:
     b.add_argument("--json", type=Path, default=Path("bench-results/cluster.json"), help="where to write results")
     b.add_argument("--quick", action="store_true", help="shorter runs (2 simulated s) and one bisection")
     b.add_argument("--systems", type=_systems, default=SYSTEM_NAMES, metavar="S[,S...]",
-                   help=f"systems to run (default: all: {','.join(SYSTEM_NAMES)})")
+                   help=f"systems to run (default: {','.join(SYSTEM_NAMES)}; also {','.join(ABLATION_NAMES)}, an "
+                        "ablation: static's groups on nexus's cellular engines)")
     b.add_argument("--seconds", type=float, default=None, help="simulated seconds per rate (default: 4, quick: 2)")
     b.add_argument("--warmup", type=float, default=None, metavar="SECONDS",
                    help="requests arriving before this are not counted (default: 1, quick: 0.5)")

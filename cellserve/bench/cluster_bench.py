@@ -141,9 +141,9 @@ class ClusterConfig:
         problems = []
         if not self.devices or any(n < 1 for n in self.devices):
             problems.append(f"--devices must be positive integers, got {self.devices}")
-        unknown = [s for s in self.systems if s not in sysmod.SYSTEMS]
+        unknown = [s for s in self.systems if s not in sysmod.SYSTEMS + sysmod.ABLATIONS]
         if unknown:
-            problems.append(f"unknown systems {unknown}; choose from {', '.join(sysmod.SYSTEMS)}")
+            problems.append(f"unknown systems {unknown}; choose from {', '.join(sysmod.SYSTEMS + sysmod.ABLATIONS)}")
         if self.seconds <= self.warmup_s:
             problems.append(f"--seconds ({self.seconds}) must exceed the warm-up ({self.warmup_s})")
         if problems:
@@ -173,7 +173,7 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
                 return p
             found = search(evaluate, start, bisections=cfg.bisections)
             row[system] = _entry(found)
-        best = max((row[s]["max_rate_rps"] for s in row if s != "nexus"), default=0.0)
+        best = max((row[s]["max_rate_rps"] for s in row if s in sysmod.SYSTEMS and s != "nexus"), default=0.0)
         if "nexus" in row and best > 0:
             row["nexus"]["vs_best_baseline"] = row["nexus"]["max_rate_rps"] / best
         report["devices"][str(n)] = row
@@ -246,6 +246,8 @@ def _systems(options: sysmod.Options) -> dict:
                       f"{sysmod.STATIC_BATCH_WAIT_S * 1e3:g} ms, two-choices routing",
             "clipper": f"devices split by load, padded, AIMD batch (+1, -10%), {sysmod.CLIPPER_BATCH_WAIT_S * 1e3:g} ms "
                        "wait, two-choices routing",
+            "static-cellular": "ablation: static's groups (sized by cellular capacity) on nexus's cellular engines, "
+                               "two-choices routing",
             "ray-serve": f"autoscaling target {r.RAY_TARGET_ONGOING:g} ongoing/replica from 1 replica each, delays x "
                          f"{options.ray_time_scale:.4g} (up {r.RAY_UPSCALE_DELAY_S * options.ray_time_scale:g} s, "
                          f"down {r.RAY_DOWNSCALE_DELAY_S * options.ray_time_scale:g} s), power of two on queue "
@@ -261,7 +263,7 @@ def plot_cluster(report: dict, path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     counts = list(report["devices"])
-    systems = [s for s in sysmod.SYSTEMS if any(s in report["devices"][n] for n in counts)]
+    systems = [s for s in sysmod.SYSTEMS + sysmod.ABLATIONS if any(s in report["devices"][n] for n in counts)]
     width = 0.8 / max(len(systems), 1)
     for j, system in enumerate(systems):
         xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(counts))]

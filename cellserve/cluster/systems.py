@@ -39,6 +39,9 @@ from cellserve.cluster.clipper import Aimd, attach_aimd
 from cellserve.cluster.workload import Catalogue, rates
 
 SYSTEMS = ("nexus", "static", "clipper", "ray-serve")
+# An ablation, run only when asked for: static's groups on nexus's engines (cellular, admission
+# and early drop), so that what the plan adds is told apart from what cellular batching adds.
+ABLATIONS = ("static-cellular",)
 DEVICE_TYPE = "cpu-1core"
 STATIC_MAX_BATCH = 16
 STATIC_BATCH_WAIT_S = 0.005
@@ -195,11 +198,11 @@ def build(system: str, catalogue: Catalogue, devices: int, total_rps: float, opt
     options = options or Options()
     if system == "nexus":
         return _nexus(catalogue, devices, total_rps, options)
-    if system in ("static", "clipper"):
+    if system in ("static", "clipper", "static-cellular"):
         return _grouped(system, catalogue, devices, options)
     if system == "ray-serve":
         return _ray_serve(catalogue, devices, options)
-    raise ValueError(f"unknown system {system!r}; choose one of {', '.join(SYSTEMS)}")
+    raise ValueError(f"unknown system {system!r}; choose one of {', '.join(SYSTEMS + ABLATIONS)}")
 
 
 def _nexus(catalogue: Catalogue, devices: int, total_rps: float, options: Options) -> Deployment:
@@ -226,15 +229,19 @@ def _grouped(system: str, catalogue: Catalogue, devices: int, options: Options) 
     from cellserve.sim.loop import Simulation
     from cellserve.sim.router import TwoChoices
 
-    # Clipper's groups are sized as static's: an operator sizes replicas before AIMD runs
-    split = split_by_load(catalogue, devices, _padded(catalogue, STATIC_MAX_BATCH, STATIC_BATCH_WAIT_S))
-    sim = Simulation(TwoChoices(seed=options.seed), seed=options.seed)
     cap = min(p.max_batch for p in catalogue.profiles.values())
+    # Clipper's groups are sized as static's: an operator sizes replicas before AIMD runs
+    cellular = _config(catalogue, policy="cellular", max_batch=cap)
+    sized_by = cellular if system == "static-cellular" else _padded(catalogue, STATIC_MAX_BATCH, STATIC_BATCH_WAIT_S)
+    split = split_by_load(catalogue, devices, sized_by)
+    sim = Simulation(TwoChoices(seed=options.seed), seed=options.seed)
     controllers: dict[str, Aimd] = {}
     for s in catalogue.sessions:
         for i in range(split[s.name]):
             if system == "static":
                 config = _padded(catalogue, STATIC_MAX_BATCH, STATIC_BATCH_WAIT_S)
+            elif system == "static-cellular":
+                config = cellular
             else:
                 config = _padded(catalogue, 1, CLIPPER_BATCH_WAIT_S)
             name = f"{s.name}-{i}"

@@ -48,4 +48,4 @@ def test_parser_imports_no_torch_and_names_the_systems():
     code = ("import sys; from cellserve.cli import build_parser; build_parser(); "
             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
-    assert cli_cluster.SYSTEM_NAMES == systems.SYSTEMS
+    assert cli_cluster.SYSTEM_NAMES == systems.SYSTEMS and cli_cluster.ABLATION_NAMES == systems.ABLATIONS

@@ -12,7 +12,7 @@ DEVICES = 5
 RATE = 600.0  # req/s in all: light for five devices, so every system answers in time
 
 
-@pytest.mark.parametrize("system", systems.SYSTEMS)
+@pytest.mark.parametrize("system", systems.SYSTEMS + systems.ABLATIONS)
 def test_every_request_reaches_a_device_of_its_model_once(tiny, system):
     deployment = systems.build(system, tiny, DEVICES, RATE)
     sim = deployment.simulation
