@@ -173,6 +173,8 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
                 return p
             found = search(evaluate, start, bisections=cfg.bisections)
             row[system] = _entry(found)
+            report["devices"][str(n)] = row
+            _write(report, cfg.json_path)  # what is done survives a run cut short
         best = max((row[s]["max_rate_rps"] for s in row if s in sysmod.SYSTEMS and s != "nexus"), default=0.0)
         if "nexus" in row and best > 0:
             row["nexus"]["vs_best_baseline"] = row["nexus"]["max_rate_rps"] / best
@@ -182,12 +184,16 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
             if entry["max_rate_rps"] > 0:
                 prior.setdefault(system, {})[n] = entry["max_rate_rps"]
         log("  " + ", ".join(f"{s} {row[s]['max_rate_rps']:.0f}" for s in row) + " req/s at >= 99% (simulated)")
-    cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg.json_path.write_text(json.dumps(report, indent=1) + "\n")
+    _write(report, cfg.json_path)
     plot = cfg.json_path.with_suffix(".png")
     plot_cluster(report, plot)
     log(f"wrote {cfg.json_path} and {plot}")
     return report
+
+
+def _write(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _prior(path: Path | None) -> dict[str, dict[int, float]]:
