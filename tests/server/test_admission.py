@@ -129,9 +129,13 @@ def test_overload_keeps_goodput_and_health():
     try:
         rng = np.random.default_rng(0)
         burst = [TraceRequest(r.request_id, 0.0, r.tokens) for r in make_trace(rng, 1.0, 300, 10000)]
-        outcomes = open_loop(server.http, "gru-256", burst).outcomes
-        assert all(o.status == "ok" for o in outcomes)
-        capacity = len(outcomes) / max(o.finish_s for o in outcomes)
+
+        def burst_capacity() -> float:
+            outcomes = open_loop(server.http, "gru-256", burst).outcomes
+            assert all(o.status == "ok" for o in outcomes)
+            return len(outcomes) / max(o.finish_s for o in outcomes)
+
+        capacity = burst_capacity()
 
         # 3x capacity, but at most 1,500 req/s: past that, on 2 cores, the load generator and
         # the HTTP frontend take the CPU themselves (with stacked layers the burst capacity
@@ -146,6 +150,9 @@ def test_overload_keeps_goodput_and_health():
         assert "rejected" in statuses
         span = max(o.finish_s for o in outcomes) - min(o.arrival_s for o in outcomes)
         good = sum(o.status == "ok" and o.finish_s - o.arrival_s <= 0.25 for o in outcomes)
+        # what the machine gave the server may change during the test (a neighbour starting
+        # up): the capacity it is judged against is the lower of a burst before and one after
+        capacity = min(capacity, burst_capacity())
         # Not collapsing: without admission, goodput falls to ~0 here (the peers in `bench
         # compare` keep 10-30% of their peak). 40%, not more: on 2 cores, offering and refusing
         # 2x capacity costs the generator and the frontend CPU the engine would use (a CI run
