@@ -254,7 +254,8 @@ def _systems(options: sysmod.Options) -> dict:
                        "wait, two-choices routing",
             "static-cellular": "ablation: static's groups (sized by cellular capacity) on nexus's cellular engines, "
                                "two-choices routing",
-            "ray-serve": f"autoscaling target {r.RAY_TARGET_ONGOING:g} ongoing/replica from 1 replica each, delays x "
+            "ray-serve": f"autoscaling target {r.RAY_TARGET_ONGOING:g} ongoing/replica between min replicas (load "
+                         f"share of {sysmod.RAY_MIN_SHARE:g} of the pool) and max (load share of the pool + 1), delays x "
                          f"{options.ray_time_scale:.4g} (up {r.RAY_UPSCALE_DELAY_S * options.ray_time_scale:g} s, "
                          f"down {r.RAY_DOWNSCALE_DELAY_S * options.ray_time_scale:g} s), power of two on queue "
                          f"length, padded batch {r.RAY_MAX_BATCH} / {r.RAY_BATCH_WAIT_S * 1e3:g} ms"}
