@@ -40,6 +40,10 @@ class KernelExecutor(Executor):
         step = spec.step
         if spec.is_decoder:
             kernel = DecoderKernel(step, self.device)
+        elif self.backend == "triton":  # the persistent GPU kernel (kernels/triton_rnn.py); imports triton
+            from cellserve.kernels.triton_rnn import triton_kernel
+
+            kernel = triton_kernel(step, spec.direction, self.device)
         elif isinstance(step, LayerStack):
             kernel = StackKernel(step, self.device, self.backend)
         else:
