@@ -8,6 +8,9 @@ Three parts, each labelled in the report:
 - "modelled" (always): the tiling model's chosen configuration and predicted step time for
   lstm-512 and gru-256 at batch 1..64 on each modelled GPU class, beside the torch backend's
   step as plan/gpu_model.py models it. Predictions, not measurements.
+- "compiled" (unless --no-compile): each tile the model chose for the A100 (sm_80) and H100
+  (sm_90) compiled here by Triton's ptxas, no GPU needed: registers per thread as allocated
+  against the model's, spills, and the barrier's release/acquire (kernels/triton_compile.py).
 - "gpu" (only with a CUDA device visible and not interpreting): per-step times of the Triton
   kernel (launches of STEPS_PER_LAUNCH steps), the torch backend's step, and cuDNN
   (torch.nn.LSTM / GRU over the same steps), with CUDA events. Without one it says why.
@@ -118,6 +121,33 @@ def check_in_this_process(hidden: int = 17, lengths=(5, 3, 4)) -> dict:
                     "barrier is not exercised"}
 
 
+def compiled_check(batches=BATCHES) -> dict:
+    """The chosen tiles of the A100 and H100 classes, compiled for their architectures."""
+    if os.environ.get("TRITON_INTERPRET", "") == "1":
+        return {"ok": False, "reason": "TRITON_INTERPRET=1 is set in this process: nothing is compiled"}
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
+    from cellserve.kernels.triton_compile import compile_tile
+    from cellserve.kernels.triton_tiling import regs_per_thread
+
+    rows = []
+    for key, arch in (("a100", 80), ("h100", 90)):
+        chip = CHIPS[key]
+        for cell in SHAPES:
+            chosen: dict = {}
+            for b in batches:
+                chosen.setdefault(choose(chip, cell, b).config, []).append(b)
+            for config, at in chosen.items():
+                c = compile_tile(cell, config, arch)
+                rows.append({"chip": chip.name, "arch": f"sm_{arch}", "shape": f"{cell.kind}-{cell.hidden}",
+                             "batches": at, "units": config.units, "warps": config.warps,
+                             "lane_block": config.lane_block, "resident": config.resident,
+                             "registers_modelled": regs_per_thread(cell, config), "registers_ptxas": c.registers,
+                             "spill_bytes": c.spill_bytes,
+                             "barrier_release_acquire": c.barrier_release and c.barrier_acquire})
+    ok = all(r["barrier_release_acquire"] for r in rows)
+    return {"ok": ok, "rows": rows}
+
+
 def gpu_timings(batches=BATCHES, repeats: int = 20) -> dict:
     """Per-step microseconds on the visible CUDA device: Triton (launches of STEPS_PER_LAUNCH
     steps), the torch backend (one step_batch per step), cuDNN (torch.nn.LSTM/GRU over the
@@ -202,12 +232,14 @@ def gpu_status() -> str | None:
     return None
 
 
-def run(json_path: Path, plot_path: Path | None, command: str) -> dict:
+def run(json_path: Path, plot_path: Path | None, command: str, compile_tiles: bool = True) -> dict:
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": command,
               "interpreter_check": interpreter_check(),
               "modelled": {"note": "predictions of kernels/triton_tiling.py from datasheet figures, not "
                                    "measurements; torch_backend_step_us is plan/gpu_model.py's roofline",
                            "steps_per_launch": STEPS_PER_LAUNCH, "chips": modelled()}}
+    if compile_tiles:
+        report["compiled"] = compiled_check()
     reason = gpu_status()
     report["gpu"] = {"available": False, "reason": reason} if reason else {"available": True, **gpu_timings()}
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +266,16 @@ def summary(report: dict) -> str:
                      f"{'R' if r['resident'] else 'S'} {r['step_us']:.1f} [{r['torch_backend_step_us']:.0f}]"
                      for r in rows]
             lines.append(f"  {chip} {shape}: " + "  ".join(cells))
+    compiled = report.get("compiled")
+    if compiled and "rows" in compiled:
+        lines.append("compiled here for the GPU (Triton's ptxas, no GPU): registers per thread, ptxas / modelled")
+        for r in compiled["rows"]:
+            lines.append(f"  {r['arch']} {r['shape']} {r['units']}u/{r['warps']}w/{r['lane_block']}l"
+                         f"{'R' if r['resident'] else 'S'} (batch {','.join(map(str, r['batches']))}): "
+                         f"{r['registers_ptxas']} / {r['registers_modelled']}, spills {r['spill_bytes']} B, "
+                         f"barrier release/acquire {'yes' if r['barrier_release_acquire'] else 'NO'}")
+    elif compiled:
+        lines.append(f"compiled: skipped ({compiled['reason']})")
     gpu = report["gpu"]
     if gpu["available"]:
         lines.append(f"GPU ({gpu['device']}), measured us/step: triton / torch backend / cuDNN")

@@ -26,7 +26,9 @@ A step of the launch is priced as
   what makes wider lane blocks pay at larger batches, against their registers.
 
 Feasibility (pruned, never ranked): registers per thread at most 255 and at least one program
-per SM; for the grid barrier, all programs co-resident (programs <= SMs x programs per SM).
+per SM; for the grid barrier, all programs co-resident (programs <= SMs x programs per SM):
+a resident grid has one program per tile, a streaming grid is capped at what fits and its
+programs loop over the tiles.
 A resident tile whose weights need more than 255 registers per thread would spill: it is kept
 but priced as streaming plus the spill traffic, so it ranks below any tile that fits.
 
@@ -113,13 +115,13 @@ def _pow2(n: int) -> int:
 
 
 def regs_per_thread(cell: CellShape, config: TileConfig) -> int:
-    """Registers one thread needs: its share of the weight tile (if resident), of the lane
-    block's h [LB, H], and of the [LB, BU, H] product before its reduction."""
+    """Registers one thread needs: its share of the weight tile [G, BU, H], of the lane
+    block's h [LB, H], and of the [LB, BU, H] product before its reduction. A streaming tile
+    holds its weights too, for the step it loaded them for (ptxas agrees: lstm-512 at 8 units,
+    4 warps, 1 lane takes 205 registers resident and 208 streaming)."""
     bh = _pow2(cell.hidden)
     threads = 32 * config.warps
-    floats = config.lane_block * bh + config.lane_block * config.units * bh
-    if config.resident:
-        floats += cell.gates * config.units * bh
+    floats = config.lane_block * bh + config.lane_block * config.units * bh + cell.gates * config.units * bh
     return REGS_OVERHEAD + -(-floats // threads)
 
 
@@ -130,25 +132,28 @@ def predict(chip: GpuChip, cell: CellShape, batch: int, config: TileConfig,
     if batch < 1 or config.lane_block > _pow2(batch) and config.lane_block > 1:
         return None  # a lane block wider than the padded batch only wastes work
     h, g = cell.hidden, cell.gates
-    programs = config.programs(h)
+    tiles = config.programs(h)
     regs = regs_per_thread(cell, config)
     spill = regs > MAX_REGS_PER_THREAD
     if spill and not config.resident:
         return None  # not even the working set fits
     regs_used = min(regs, MAX_REGS_PER_THREAD) * 32 * config.warps
     per_sm = chip.regs_per_sm // regs_used
-    if per_sm < 1 or programs > chip.sms * per_sm:
+    if per_sm < 1 or config.resident and tiles > chip.sms * per_sm:
         return None  # the grid barrier needs every program resident at once
+    # a streaming grid is capped at what can be resident; its programs loop over the tiles
+    programs = tiles if config.resident else min(tiles, chip.sms * per_sm)
+    tiles_each = -(-tiles // programs)
     on_chip = config.resident and not spill
     # compute: FMAs of one program, padded to whole lane blocks, at its share of an SM
     padded = -(-batch // config.lane_block) * config.lane_block
-    fmas = g * config.units * _pow2(h) * padded
+    fmas = g * config.units * _pow2(h) * padded * tiles_each
     sharing = -(-programs // chip.sms)  # programs per SM, spread evenly
     program_lanes = min(32 * config.warps, chip.fp32_lanes_per_sm)
     sm_fma_rate = chip.gpu.peak_flops / 2 / chip.sms
     compute = fmas * sharing / (sm_fma_rate * program_lanes / chip.fp32_lanes_per_sm)
     # every program reads all of h from L2 each step
-    h_exchange = sharing * batch * h * 4 / (chip.l2_bandwidth / chip.sms)
+    h_exchange = sharing * tiles_each * batch * h * 4 / (chip.l2_bandwidth / chip.sms)
     weight_bytes = 4 * g * h * h
     weight_bw = chip.l2_bandwidth if weight_bytes <= chip.l2_bytes else chip.gpu.memory_bandwidth
     stream = 0.0 if on_chip else weight_bytes / weight_bw
@@ -157,7 +162,7 @@ def predict(chip: GpuChip, cell: CellShape, batch: int, config: TileConfig,
     load_once = weight_bytes / chip.gpu.memory_bandwidth if on_chip else 0.0
     launch = (chip.launch_s + load_once) / steps_per_launch
     barrier = chip.barrier_s + programs * chip.barrier_per_program_s
-    blocks = -(-batch // config.lane_block) * chip.block_s
+    blocks = -(-batch // config.lane_block) * tiles_each * chip.block_s
     terms = {"launch": launch, "barrier": barrier, "latency": chip.l2_latency_s, "blocks": blocks,
              "compute": compute, "h_exchange": h_exchange, "weight_stream": stream}
     step = launch + barrier + chip.l2_latency_s + blocks + max(compute, h_exchange, stream)

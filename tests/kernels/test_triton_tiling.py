@@ -17,8 +17,8 @@ def test_registers_per_thread_by_hand():
     # over 32 threads = 21, plus the fixed overhead
     cell = CellShape("lstm", 32)
     assert regs_per_thread(cell, TileConfig(4, 1, 1, True)) == tiling.REGS_OVERHEAD + 21
-    # streaming keeps no weights: 160 floats / 32 = 5
-    assert regs_per_thread(cell, TileConfig(4, 1, 1, False)) == tiling.REGS_OVERHEAD + 5
+    # streaming holds the weights it loaded for the step as well: the same count
+    assert regs_per_thread(cell, TileConfig(4, 1, 1, False)) == tiling.REGS_OVERHEAD + 21
     # an odd hidden size pads to the next power of two (33 -> 64): twice the floats of 32
     assert regs_per_thread(CellShape("lstm", 33), TileConfig(4, 1, 1, True)) == tiling.REGS_OVERHEAD + 42
 
@@ -45,6 +45,9 @@ def test_a_grid_that_cannot_be_resident_at_once_is_never_ranked():
     config = TileConfig(1, 8, 1, True)
     assert predict(chip, cell, 1, config) is None
     assert all(p.programs <= chip.sms * p.programs_per_sm for p in rank(chip, cell, 1))
+    # streamed, the same tiles run on a grid capped at what fits, each program looping over tiles
+    streamed = predict(chip, cell, 1, TileConfig(1, 8, 1, False))
+    assert streamed.programs == chip.sms * streamed.programs_per_sm < 4096
 
 
 @pytest.mark.parametrize("chip_name", ["t4", "a100", "h100"])
