@@ -5,15 +5,16 @@ N simulated devices (one `Engine` with a `SimExecutor` per device, all in one `S
   batches from latency profiles derived from the devices' profiles (plan/nexus_cellular.py);
   the plan is made for the highest total rate whose plan fits the N devices (at least the
   offered rate), so devices the offered rate leaves spare carry every session's share of
-  headroom for bursts rather than idling; each device is a cellular engine serving the sessions the plan gave it, batch cap the largest
-  batch planned on it, with cellserve's admission and early drop (Nexus drops early too); a
-  model's requests go to the least predicted finish among the devices the plan gave it.
-  The planner is given the session rates (as Nexus's epochs measure them).
+  headroom for bursts rather than idling; each device is a cellular engine serving the
+  sessions the plan gave it, batch cap the largest batch planned on it, with cellserve's
+  admission and early drop (Nexus drops early too); a model's requests go to the least
+  predicted finish among the devices the plan gave it. The planner is given the session
+  rates (as Nexus's epochs measure them).
 - `static`: what TF Serving / Triton users deploy: one model per device group, the devices
   split by load (rate / one device's capacity with that engine, measured in the simulator;
-  largest remainders, at least one each), padded
-  batches of at most STATIC_MAX_BATCH with a STATIC_BATCH_WAIT_S timeout, no admission
-  control; power-of-two-choices routing within a group.
+  largest remainders, at least one each), padded batches of at most STATIC_MAX_BATCH with a
+  STATIC_BATCH_WAIT_S timeout, no admission control; power-of-two-choices routing within a
+  group.
 - `clipper`: the same groups and padded engines, each replica's batch cap set by Clipper's
   AIMD (clipper.py).
 - `ray-serve`: Ray Serve's defaults (ray_serve.py): a deployment per model over the shared
@@ -42,7 +43,7 @@ SYSTEMS = ("nexus", "static", "clipper", "ray-serve")
 # An ablation, run only when asked for: static's groups on nexus's engines (cellular, admission
 # and early drop), so that what the plan adds is told apart from what cellular batching adds.
 ABLATIONS = ("static-cellular",)
-DEVICE_TYPE = "cpu-1core"
+DEVICE_TYPE = "cpu"  # one engine on this machine's CPU, as profiled
 STATIC_MAX_BATCH = 16
 STATIC_BATCH_WAIT_S = 0.005
 CLIPPER_BATCH_WAIT_S = 0.005
