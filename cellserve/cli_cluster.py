@@ -33,11 +33,12 @@ def add_bench_cluster(bench_sub) -> None:
         "cluster", help="simulated: Nexus planning vs static, Clipper and Ray Serve on N devices",
         description="On N simulated devices (this machine's measured profiles), find for each system the highest "
                     "total rate of a bursty six-session workload (SLOs 50-500 ms, rates 1:20) at which at least "
-                    "99%% of requests finish within their SLO, by a bracketed search. Writes JSON and a PNG "
+                    "99% of requests finish within their SLO, by a bracketed search. Writes JSON and a PNG "
                     "beside it. Every figure is simulated.")
     b.add_argument("--devices", type=_device_counts, default=[16, 100], metavar="N[,N...]",
                    help="device counts (default: 16,100)")
-    b.add_argument("--json", type=Path, default=Path("bench-results/cluster.json"), help="where to write results")
+    b.add_argument("--json", type=Path, default=Path("bench-results/cluster.json"),
+                   help="where to write results (default: bench-results/cluster.json; the PNG beside it)")
     b.add_argument("--quick", action="store_true", help="shorter runs (2 simulated s) and one bisection")
     b.add_argument("--systems", type=_systems, default=SYSTEM_NAMES, metavar="S[,S...]",
                    help=f"systems to run (default: {','.join(SYSTEM_NAMES)}; also {','.join(ABLATION_NAMES)}, an "
