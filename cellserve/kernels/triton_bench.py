@@ -3,15 +3,15 @@ GPU is visible, how fast they are.
 
 Three parts, each labelled in the report:
 - "interpreter_check" (always): every cell type through TritonCellKernel under
-  TRITON_INTERPRET=1 on the CPU, against PyTorch's layers, with the max abs error. It runs in a
-  child process, since triton reads TRITON_INTERPRET when the kernel is defined.
+  TRITON_INTERPRET=1 on the CPU, against PyTorch's layers, with the max abs error (in a child
+  process, so that the check's cost and memory stay out of the timings).
 - "modelled" (always): the tiling model's chosen configuration and predicted step time for
   lstm-512 and gru-256 at batch 1..64 on each modelled GPU class, beside the torch backend's
   step as plan/gpu_model.py models it. Predictions, not measurements.
 - "compiled" (unless --no-compile): each tile the model chose for the A100 (sm_80) and H100
   (sm_90) compiled here by Triton's ptxas, no GPU needed: registers per thread as allocated
   against the model's, spills, and the barrier's release/acquire (kernels/triton_compile.py).
-- "gpu" (only with a CUDA device visible and not interpreting): per-step times of the Triton
+- "gpu" (only with a CUDA device visible): per-step times of the Triton
   kernel (launches of STEPS_PER_LAUNCH steps), the torch backend's step, and cuDNN
   (torch.nn.LSTM / GRU over the same steps), with CUDA events. Without one it says why.
 """
@@ -52,7 +52,8 @@ def modelled(batches=BATCHES) -> dict:
                 rows.append({
                     "batch": b, "units": best.config.units, "warps": best.config.warps,
                     "lane_block": best.config.lane_block, "resident": best.config.resident,
-                    "programs": best.programs, "regs_per_thread": best.regs_per_thread,
+                    "tiles": best.config.tiles(h), "programs": best.programs,
+                    "regs_per_thread": best.regs_per_thread,
                     "step_us": round(best.step_s * 1e6, 3),
                     "terms_us": {k: round(v * 1e6, 3) for k, v in best.terms.items()},
                     "runner_up": None if len(ranked) < 2 else {
@@ -123,8 +124,6 @@ def check_in_this_process(hidden: int = 17, lengths=(5, 3, 4)) -> dict:
 
 def compiled_check(batches=BATCHES) -> dict:
     """The chosen tiles of the A100 and H100 classes, compiled for their architectures."""
-    if os.environ.get("TRITON_INTERPRET", "") == "1":
-        return {"ok": False, "reason": "TRITON_INTERPRET=1 is set in this process: nothing is compiled"}
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
     from cellserve.kernels.triton_compile import compile_tile
     from cellserve.kernels.triton_tiling import regs_per_thread
@@ -219,8 +218,6 @@ def gpu_timings(batches=BATCHES, repeats: int = 20) -> dict:
 
 def gpu_status() -> str | None:
     """Why no GPU timing runs here; None when it can."""
-    if os.environ.get("TRITON_INTERPRET", "") == "1":
-        return "TRITON_INTERPRET=1 is set in this process: timings would be of the interpreter"
     import torch
 
     if not torch.cuda.is_available():

@@ -67,8 +67,14 @@ def _load_gate(w_ptr, stride_wr, stride_wc, q, units, umask, cols, cmask, H):
 
 @triton.jit
 def _matvec(h, w):
-    """h [LB, BH] @ w[BU, BH]^T -> [LB, BU]."""
-    return tl.sum(h[:, None, :] * w[None, :, :], axis=2)
+    """h [LB, BH] @ w[BU, BH]^T -> [LB, BU].
+
+    tl.sum's own body, written out: tl.sum is itself a @triton.jit function of Triton's, decorated
+    in whichever mode triton was imported in, while tl.reduce is a builtin that both modes
+    provide (the interpreter sums with numpy when it is given tl.standard._sum_combine). So this
+    module works interpreted and compiled in one process whatever imported triton first (see
+    kernels/triton_loader.py)."""
+    return tl.reduce(h[:, None, :] * w[None, :, :], 2, tl.standard._sum_combine)
 
 
 @triton.jit

@@ -39,7 +39,10 @@ def compile_tile(cell: CellShape, config: TileConfig, arch: int = 90) -> Compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from cellserve.kernels.triton_cells import KIND_CODE, recurrent_steps
+    from cellserve.kernels.triton_loader import triton_cells
+
+    cells = triton_cells(interpret=False)
+    KIND_CODE, recurrent_steps = cells.KIND_CODE, cells.recurrent_steps  # noqa: N806
 
     names = recurrent_steps.arg_names
     signature = {}

@@ -85,9 +85,9 @@ class TritonCellKernel(CellKernel):
         if reason:
             raise RuntimeError(reason)
         super().__init__(kind, hidden, weights, device, token_table, backend="torch", pools=pools)
-        from cellserve.kernels import triton_cells  # after the check: importing triton reads TRITON_INTERPRET
+        from cellserve.kernels.triton_loader import triton_cells  # after the check: it imports triton
 
-        self._cells = triton_cells
+        self._cells = triton_cells(interpret=device.type == "cpu")
         self.step_backend = TRITON_BACKEND
         self.tile, self.steps_per_launch = tile, steps_per_launch
         self._chip = chip_of(device) if device.type == "cuda" else None
@@ -124,7 +124,10 @@ class TritonCellKernel(CellKernel):
             programs = 1
             if cfg.resident and tiles > 1:
                 raise ValueError(f"under the interpreter a resident tile must cover all {self.hidden} units")
-        else:
+        else:  # every program resident at once, or the grid barrier never opens (triton_tiling.py)
+            if cfg.resident and tiles > self._chip.sms:
+                raise ValueError(f"{tiles} resident programs exceed the {self._chip.sms} SMs: the grid barrier "
+                                 "needs every program resident; use more units per tile or a streaming tile")
             programs = tiles if cfg.resident else min(tiles, self._chip.sms)
         dev = self.device
         lane = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int64)).to(dev)  # noqa: E731

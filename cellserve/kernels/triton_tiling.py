@@ -26,9 +26,12 @@ A step of the launch is priced as
   what makes wider lane blocks pay at larger batches, against their registers.
 
 Feasibility (pruned, never ranked): registers per thread at most 255 and at least one program
-per SM; for the grid barrier, all programs co-resident (programs <= SMs x programs per SM):
-a resident grid has one program per tile, a streaming grid is capped at what fits and its
-programs loop over the tiles.
+per SM; for the grid barrier, all programs co-resident. The grid is kept within the SM
+count (one program per SM, as persistent RNNs and cuDNN's persistent modes do) rather than
+SMs x programs per SM from the register estimate: ptxas allocates up to a third more registers
+than the estimate at wide lane blocks, and a grid one program too large never passes its
+first barrier. A resident grid has one program per tile; a streaming grid is capped at the SM
+count and its programs loop over the tiles.
 A resident tile whose weights need more than 255 registers per thread would spill: it is kept
 but priced as streaming plus the spill traffic, so it ranks below any tile that fits.
 
@@ -95,7 +98,7 @@ class TileConfig:
     lane_block: int  # LB: lanes per inner block (a power of two)
     resident: bool  # W_hh's slice kept on chip for the launch
 
-    def programs(self, hidden: int) -> int:
+    def tiles(self, hidden: int) -> int:
         return -(-hidden // self.units)
 
 
@@ -132,17 +135,17 @@ def predict(chip: GpuChip, cell: CellShape, batch: int, config: TileConfig,
     if batch < 1 or config.lane_block > _pow2(batch) and config.lane_block > 1:
         return None  # a lane block wider than the padded batch only wastes work
     h, g = cell.hidden, cell.gates
-    tiles = config.programs(h)
+    tiles = config.tiles(h)
     regs = regs_per_thread(cell, config)
     spill = regs > MAX_REGS_PER_THREAD
     if spill and not config.resident:
         return None  # not even the working set fits
     regs_used = min(regs, MAX_REGS_PER_THREAD) * 32 * config.warps
     per_sm = chip.regs_per_sm // regs_used
-    if per_sm < 1 or config.resident and tiles > chip.sms * per_sm:
+    if per_sm < 1 or config.resident and tiles > chip.sms:
         return None  # the grid barrier needs every program resident at once
-    # a streaming grid is capped at what can be resident; its programs loop over the tiles
-    programs = tiles if config.resident else min(tiles, chip.sms * per_sm)
+    # a streaming grid is capped likewise; its programs loop over the tiles
+    programs = tiles if config.resident else min(tiles, chip.sms)
     tiles_each = -(-tiles // programs)
     on_chip = config.resident and not spill
     # compute: FMAs of one program, padded to whole lane blocks, at its share of an SM

@@ -41,7 +41,8 @@ def test_bench_kernels_writes_the_check_the_modelled_tiles_and_the_gpu_status(tm
         for shape, rows in shapes.items():
             hidden = int(shape.split("-")[1])
             assert [r["batch"] for r in rows] == [1, 2, 4, 8, 16, 32, 64]
-            assert all(hidden <= r["programs"] * r["units"] < hidden + r["units"] for r in rows)  # tiles cover H
+            assert all(hidden <= r["tiles"] * r["units"] < hidden + r["units"] for r in rows)  # tiles cover H
+            assert all(r["programs"] == r["tiles"] for r in rows if r["resident"])
             steps = [r["step_us"] for r in rows]
             assert steps == sorted(steps)  # a bigger batch never predicted faster
     assert (tmp_path / "kernels.png").stat().st_size > 0

@@ -7,13 +7,9 @@ here; tests/kernels/test_triton_gpu.py covers it where a GPU is visible."""
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its jit reads it then
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'cellserve[gpu]')")
 
@@ -35,6 +31,12 @@ ATOL = 2e-5
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """What makes the triton backend selectable on the CPU (kernels/triton_rnn.py)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def torch_layer(kind: str, input_size: int, hidden: int, seed: int) -> torch.nn.Module:
@@ -244,7 +246,7 @@ def test_an_executor_with_the_triton_backend_runs_a_layer():
 
 
 def test_the_backend_says_why_it_cannot_run(monkeypatch):
-    assert triton_unavailable(CPU) is None  # the interpreter, as set above
+    assert triton_unavailable(CPU) is None  # the interpreter, as the fixture set it
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET=1" in triton_unavailable(CPU)
     if not torch.cuda.is_available():
