@@ -12,8 +12,9 @@ def add_bench_kernels(bench_sub) -> None:
         "kernels", help="the Triton GPU kernels: interpreter check, modelled tiles, GPU timings where a GPU is",
         description="Checks the Triton kernels under TRITON_INTERPRET=1 against PyTorch (always), writes the "
                     "tiling model's chosen tiles for lstm-512 and gru-256 at batch 1-64 on the modelled GPU "
-                    "classes (labelled modelled), compiles those tiles for sm_80/sm_90 here (registers, barrier), and times the kernels against the torch backend and cuDNN "
-                    "only when a CUDA device is visible.")
+                    "classes (labelled modelled), compiles those tiles for sm_80/sm_90 here (registers, "
+                    "barrier), and times the kernels against the torch backend and cuDNN only when a CUDA device "
+                    "is visible.")
     p.add_argument("--json", type=Path, default=Path("bench-results/kernels.json"), help="where to write results")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
     p.add_argument("--no-compile", action="store_true",

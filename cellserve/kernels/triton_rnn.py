@@ -130,7 +130,9 @@ class TritonCellKernel(CellKernel):
                                  "needs every program resident; use more units per tile or a streaming tile")
             programs = tiles if cfg.resident else min(tiles, self._chip.sms)
         dev = self.device
-        lane = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int64)).to(dev)  # noqa: E731
+        # the lanes' slots, first rows, strides and steps: one host-to-device copy per launch
+        lanes = torch.from_numpy(np.stack([np.asarray(a, dtype=np.int64) for a in (slots, rows, strides, steps)]))
+        lanes = lanes.to(dev, non_blocking=True)
         hbuf = torch.empty((2, n, self.hidden), dtype=torch.float32, device=dev)
         self._counter.zero_()
         gates = self.x.shape[1] // self.hidden
@@ -138,7 +140,7 @@ class TritonCellKernel(CellKernel):
         hb = self.bias_vec if self.bias_vec is not None else self.h
         self._cells.recurrent_steps[(programs,)](
             self.x, self.out, self.h, c, hb, self.w_hh_t, *self._w_strides, hbuf, self._counter,
-            lane(slots), lane(rows), lane(strides), lane(steps), n, n_steps, self.hidden, tiles,
+            lanes[0], lanes[1], lanes[2], lanes[3], n, n_steps, self.hidden, tiles,
             KIND=self._cells.KIND_CODE[self.kind], G=gates, BU=cfg.units, BH=_pow2(self.hidden),
             LB=cfg.lane_block, RESIDENT=cfg.resident, num_warps=cfg.warps)
 
