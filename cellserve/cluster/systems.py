@@ -80,17 +80,6 @@ class Deployment:
 
 # ---- profiles the planners see ----
 
-def _plannable(profile):
-    """A profile whose decoder step counts `cellular_latency` can read: it reads pairs of
-    (source length, steps), the profile (schema 2) holds histograms; give it the mean steps per
-    length. A workaround on this side (plan/nexus_cellular.py is not ours to change)."""
-    if not profile.decode_steps or all(isinstance(v, list) for v in profile.decode_steps.values()):
-        return profile
-    pairs = {c: [(m, sum(s * n for s, n in h.items()) / sum(h.values())) for m, h in sorted(hist.items())]
-             for c, hist in profile.decode_steps.items()}
-    return replace(profile, decode_steps=pairs)
-
-
 def latency_profiles(catalogue: Catalogue, margin: float = 1.0):
     """Nexus latency profiles (batch -> ms) of every session's model on the device type."""
     from cellserve.plan.nexus import DeviceProfiles, ModelEntry, Profiles
@@ -100,7 +89,7 @@ def latency_profiles(catalogue: Catalogue, margin: float = 1.0):
     for s in catalogue.sessions:
         model = catalogue.models[s.name]
         tokens = min(MEAN_TOKENS, model.max_sequence_length)
-        entries[s.name] = ModelEntry(cellular_latency(_plannable(catalogue.profiles[s.name]), tokens, margin=margin))
+        entries[s.name] = ModelEntry(cellular_latency(catalogue.profiles[s.name], tokens, margin=margin))
     return Profiles({DEVICE_TYPE: DeviceProfiles(entries)})
 
 

@@ -42,10 +42,12 @@ def _steps(profile: ModelProfile, cell_type: str, mean_tokens: float) -> float:
     """Steps one request takes through a cell type."""
     if profile.cell(cell_type).kind != "decoder":
         return mean_tokens
-    pairs = profile.decode_steps.get(cell_type) or []
-    if not pairs:
+    histogram = profile.decode_steps.get(cell_type) or {}  # source length -> {steps: lanes}
+    lanes = sum(n for by_steps in histogram.values() for n in by_steps.values())
+    if not lanes:
         return mean_tokens + 1.0
-    ratio = sum(steps / length for length, steps in pairs) / len(pairs)
+    # the mean over the profiled lanes of steps per source token, scaled to the mean length
+    ratio = sum(steps / length * n for length, by_steps in histogram.items() for steps, n in by_steps.items()) / lanes
     return ratio * mean_tokens
 
 

@@ -6,6 +6,7 @@ comments from the rules in docs/planning.md."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from helpers_nexus import chain, linear, profiles, workload
@@ -252,3 +253,17 @@ def test_cellular_latency_of_two_cell_types_and_of_a_prefix():
     assert side_by_side.ms(3) == pytest.approx(20 * 2 * (1.1 + 0.3) + 3 * 0.6)
     with pytest.raises(ValueError, match="no cell type 'nope'"):
         cellular_latency(prof, 20.0, cell_types=["nope"])
+
+
+def test_a_decoders_steps_come_from_the_profiles_histogram():
+    """Decoder lanes profiled: 3 lanes of 10 source tokens that ran 20 steps, 1 lane of 5 that
+    ran 5 (steps per source token: 2, 2, 2, 1; mean 1.75): a 20-token request takes 35 decoder
+    rounds on top of the encoder's 20."""
+    step = lambda b: 1e-3  # noqa: E731
+    prof = _model_profile({"enc": _cell("stack", step), "dec": _cell("decoder", step)})
+    prof = replace(prof, decode_steps={"dec": {10: {20: 3}, 5: {5: 1}}})
+    rounds = cellular_latency(prof, 20.0, rounds_per_request=None)
+    one_rounds = cellular_latency(prof, 20.0, rounds_per_request=1)
+    # l(1) = rounds * round time + per-request work; the difference of the two isolates rounds
+    round_ms = 2 * (1.0 + 0.1)  # two cell types' steps + host steps per round
+    assert rounds.ms(1) - one_rounds.ms(1) == pytest.approx((20 + 35 - 1) * round_ms)
