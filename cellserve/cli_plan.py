@@ -4,16 +4,10 @@ parsers imports nothing heavy (no torch)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+from cellserve.cli_types import positive
 
 
 def add_plan(sub) -> None:
@@ -30,7 +24,7 @@ def add_plan(sub) -> None:
     n.add_argument("--json", type=Path, required=True, metavar="PLAN.json", help="where to write the plan")
     n.add_argument("--previous", type=Path, default=None, metavar="PLAN.json",
                    help="re-plan from this plan (the next epoch): keep sessions where they still fit")
-    n.add_argument("--grid", type=_positive_int, default=100,
+    n.add_argument("--grid", type=positive(int), default=100,
                    help="steps a query's SLO is cut into for its split (default: 100)")
     n.set_defaults(run=_plan_nexus)
 
@@ -68,8 +62,8 @@ def add_bench_planner(bench_sub) -> None:
     b = bench_sub.add_parser("planner", help="the Nexus planner's speed on a random (seeded) workload",
                              description="Generate models, sessions and queries sized to need about --devices "
                                          "devices, plan them, check the plan, and write the wall time as JSON.")
-    b.add_argument("--devices", type=_positive_int, default=1000, help="devices the workload needs (default: 1000)")
-    b.add_argument("--sessions", type=_positive_int, default=200, help="sessions, query nodes included (default: 200)")
+    b.add_argument("--devices", type=positive(int), default=1000, help="devices the workload needs (default: 1000)")
+    b.add_argument("--sessions", type=positive(int), default=200, help="sessions, query nodes included (default: 200)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", type=Path, default=Path("bench-results/planner.json"), help="where to write results")
     b.set_defaults(run=_bench_planner)

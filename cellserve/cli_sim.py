@@ -4,20 +4,12 @@ bench/sim_bench.py."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from cellserve.cli_types import positive
+
 BACKEND_NAMES = ("fused", "onednn", "blas", "torch")  # kernels.cell.BACKENDS, without importing torch
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
 
 
 def add_profile(sub) -> None:
@@ -33,8 +25,8 @@ def add_profile(sub) -> None:
     p.add_argument("--model-repository", type=Path, default=None, help="where to find a model not in the zoo")
     p.add_argument("--backend", choices=BACKEND_NAMES, default=None, help="cell step backend (default: the best)")
     p.add_argument("--device", default="cpu", help="torch device to measure on (default: cpu)")
-    p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads of the kernels")
-    p.add_argument("--max-batch", type=_positive(int), default=64, help="largest batch measured (default: 64)")
+    p.add_argument("--threads", type=positive(int), default=None, help="CPU threads of the kernels")
+    p.add_argument("--max-batch", type=positive(int), default=64, help="largest batch measured (default: 64)")
     p.add_argument("--no-stack-layers", dest="stack_layers", action="store_false",
                    help="profile the model with each layer a cell type of its own")
     p.add_argument("--gpu", default=None, metavar="CLASS",
@@ -123,10 +115,10 @@ def add_bench_sim(bench_sub) -> None:
                                          "cellular, padded and none")
     b.add_argument("--model", default="lstm-512", help="zoo model, or a model of --model-repository")
     b.add_argument("--model-repository", type=Path, default=None)
-    b.add_argument("--slo-ms", type=_positive(float), default=200.0, help="latency SLO (default: 200)")
+    b.add_argument("--slo-ms", type=positive(float), default=200.0, help="latency SLO (default: 200)")
     b.add_argument("--arrivals", choices=["poisson", "bursty"], default="poisson")
     b.add_argument("--quick", action="store_true", help="shorter runs and a coarser ramp")
-    b.add_argument("--max-batch", type=_positive(int), default=64, help="cellular's batch cap (default: 64)")
+    b.add_argument("--max-batch", type=positive(int), default=64, help="cellular's batch cap (default: 64)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", type=Path, default=Path("bench-results/sim.json"))
     b.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")

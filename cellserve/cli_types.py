@@ -1,0 +1,22 @@
+"""Argument types the subcommands share (argparse `type=` callables): each turns bad text into
+an error that argparse prints beside the flag's name."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive(kind=float):
+    """A number of `kind` (int or float) that must be > 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
