@@ -24,3 +24,23 @@ def test_settle_freezes_what_is_alive_and_leaves_later_garbage_collectable():
         assert gc.collect() >= 1
     finally:
         gc.unfreeze()
+
+
+def test_long_lived_freezes_for_the_run_and_restores_the_collector_after():
+    threshold = gc.get_threshold()
+    held = [[i] for i in range(1000)]
+    with heap.long_lived(gen0_threshold=threshold[0] + 1000):
+        assert gc.get_freeze_count() >= len(held)
+        assert gc.get_threshold()[0] == threshold[0] + 1000
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == threshold
+
+
+def test_long_lived_inside_a_settled_process_unfreezes_nothing():
+    try:
+        heap.settle()
+        with heap.long_lived():
+            pass
+        assert gc.get_freeze_count() > 0  # what settle() froze stays frozen
+    finally:
+        gc.unfreeze()

@@ -21,16 +21,15 @@ nothing of it), so that a router that asks two engines does not stop all the oth
 
 from __future__ import annotations
 
-import gc
 import heapq
 import itertools
 import math
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from cellserve import heap
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Response, Status
@@ -39,22 +38,6 @@ from cellserve.plan.profile import ModelProfile, ProfileError, Timing
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
 from cellserve.sim.router import RoundRobin, Router
-
-
-@contextmanager
-def _long_lived_heap():
-    """Python's cycle collector, made to leave alone what lives for the whole run (the trace,
-    the engines: gc.freeze) and to run less often. The requests' objects go by reference
-    counting; a collection walks every tracked object, and a run holds its whole trace (the
-    share of a 100-engine run's time: docs/performance.md)."""
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(threshold[0], 50_000), *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
 
 
 @dataclass(frozen=True)
@@ -190,7 +173,9 @@ class Simulation:
         self._shortlists.clear()
         for sim_engine in self.engines:
             sim_engine.upcoming.clear()
-        with _long_lived_heap():
+        # the trace and the engines live for the whole run: out of the collector's passes
+        # (a collection walks every tracked object; see heap.py and docs/performance.md)
+        with heap.long_lived():
             return self._run(drain_s)
 
     def _run(self, drain_s: float) -> list[SimOutcome]:
