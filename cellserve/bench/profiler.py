@@ -27,6 +27,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from cellserve import heap
 from cellserve.bench.engine_runner import replay
 from cellserve.bench.traces import TraceRequest, trace_at_rate
 from cellserve.engine.config import EngineConfig
@@ -130,6 +131,7 @@ def profile_model(model: Model, config: EngineConfig, threads: int | None = None
         torch.set_num_threads(threads)
     executor = RecordingExecutor(config.device, config.backend)
     engine = Engine([model], replace(config, profile=True), executors={"cpu": executor})
+    heap.settle()  # as the server does once started (see heap.py): no collector pass over start-up's objects
     with executor.pinned(config.pin_threads):  # as serving runs the kernels (Engine.serve_forever)
         return _measure(model, config, engine, executor, quick, seed, log)
 

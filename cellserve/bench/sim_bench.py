@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cellserve import heap
 from cellserve.bench.engine_runner import replay
 from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.profiler import model_trace, profile_model
@@ -98,6 +99,7 @@ def run(cfg: SimBenchConfig, log=print) -> dict:
     plan = RampPlan(start_rps=round(capacity * 0.1, 1), factor=1.5 if cfg.quick else 1.25,
                     refine_steps=2 if cfg.quick else 3, max_rps=round(capacity * 3, 1), tries=1)
     engines = {p: Engine([model], policy_config(p, cfg.max_batch)) for p in POLICIES}
+    heap.settle()  # the real runs as the server runs (see heap.py)
     searches = {p: RampSearch(plan, lambda s: meets_slo(s, cfg.slo_ms)) for p in POLICIES}
     rows: dict[str, list[dict]] = {p: [] for p in POLICIES}
     speed: dict[str, tuple[float, float]] = {}
