@@ -91,11 +91,24 @@ def _grid_barrier(counter_ptr, target):
 
 
 @triton.jit
+def _x_gate(q, x_ptr, row, live, units, umask, H, GH, below, wi, xb_ptr, FED: tl.constexpr):
+    """Gate q's input part for the tile's units: the lane's precomputed projection row, or (FED,
+    an upper layer of a stack) the layer below's output this step @ W_ih^T + bias."""
+    if FED:
+        return _matvec(below, wi) + tl.load(xb_ptr + q * H + units, mask=umask, other=0.0)[None, :]
+    else:
+        return tl.load(x_ptr + row[:, None] * GH + q * H + units[None, :], mask=live, other=0.0)
+
+
+@triton.jit
 def _tile_step(t, units, umask, cols, cmask, w0, w1, w2, w3,
                x_ptr, out_ptr, h_ptr, c_ptr, hb_ptr, hbuf_ptr,
                slot_ptr, row_ptr, stride_ptr, steps_ptr, n_lanes, H,
-               KIND: tl.constexpr, G: tl.constexpr, LB: tl.constexpr):
-    """Step t of every lane for one tile of units."""
+               KIND: tl.constexpr, G: tl.constexpr, LB: tl.constexpr,
+               below_ptr=None, wi0=None, wi1=None, wi2=None, wi3=None, xb_ptr=None, FED: tl.constexpr = False):
+    """Step t of every lane for one tile of units. FED: the inputs come from the rows of
+    below_ptr (the layer below's outputs, written this step by every program) through W_ih's
+    gate tiles wi0..wi3 and the bias xb_ptr, instead of from x_ptr's projections."""
     GH = G * H
     prev_buf = hbuf_ptr + ((t + 1) % 2) * n_lanes * H  # written by step t - 1
     next_buf = hbuf_ptr + (t % 2) * n_lanes * H
@@ -117,13 +130,16 @@ def _tile_step(t, units, umask, cols, cmask, w0, w1, w2, w3,
             + tl.load(prev_buf + lanes[:, None] * H + units[None, :], mask=own & later, other=0.0,
                       cache_modifier=".cg")
         live = active[:, None] & umask[None, :]
-        xrow = x_ptr + row[:, None] * GH + units[None, :]
-        x0 = tl.load(xrow, mask=live, other=0.0)
+        below = hp
+        if FED:
+            below = tl.load(below_ptr + row[:, None] * H + cols[None, :], mask=active[:, None] & cmask[None, :],
+                            other=0.0, cache_modifier=".cg")
+        x0 = _x_gate(0, x_ptr, row, live, units, umask, H, GH, below, wi0, xb_ptr, FED)
         g0 = _matvec(hp, w0)
         if KIND == 0:  # LSTM, gates i, f, g, o
-            x1 = tl.load(xrow + H, mask=live, other=0.0)
-            x2 = tl.load(xrow + 2 * H, mask=live, other=0.0)
-            x3 = tl.load(xrow + 3 * H, mask=live, other=0.0)
+            x1 = _x_gate(1, x_ptr, row, live, units, umask, H, GH, below, wi1, xb_ptr, FED)
+            x2 = _x_gate(2, x_ptr, row, live, units, umask, H, GH, below, wi2, xb_ptr, FED)
+            x3 = _x_gate(3, x_ptr, row, live, units, umask, H, GH, below, wi3, xb_ptr, FED)
             cptrs = c_ptr + slot[:, None] * H + units[None, :]
             c_old = tl.load(cptrs, mask=own, other=0.0)
             i = _sigmoid(x0 + g0)
@@ -134,8 +150,8 @@ def _tile_step(t, units, umask, cols, cmask, w0, w1, w2, w3,
             h_new = o * _tanh(c_new)
             tl.store(cptrs, c_new, mask=live)
         elif KIND == 1:  # GRU, gates r, z, n; linear_before_reset: r scales (W_hn h + b_hn)
-            x1 = tl.load(xrow + H, mask=live, other=0.0)
-            x2 = tl.load(xrow + 2 * H, mask=live, other=0.0)
+            x1 = _x_gate(1, x_ptr, row, live, units, umask, H, GH, below, wi1, xb_ptr, FED)
+            x2 = _x_gate(2, x_ptr, row, live, units, umask, H, GH, below, wi2, xb_ptr, FED)
             b0_ = tl.load(hb_ptr + units, mask=umask, other=0.0)
             b1_ = tl.load(hb_ptr + H + units, mask=umask, other=0.0)
             b2_ = tl.load(hb_ptr + 2 * H + units, mask=umask, other=0.0)
@@ -213,3 +229,74 @@ def recurrent_steps(x_ptr, out_ptr, h_ptr, c_ptr, hb_ptr, w_ptr, stride_wr, stri
             units = tile * BU + tl.arange(0, BU)
             _write_back(units, units < H, hbuf_ptr + ((n_steps - 1) % 2) * n_lanes * H, h_ptr, slot_ptr, n_lanes,
                         H, LB)
+
+
+@triton.jit
+def _stack_layer_step(t, cols, cmask, whh_ptr, wih_ptr, x_ptr, out_ptr, below_ptr, h_ptr, c_ptr, hb_ptr, xb_ptr,
+                      hbuf_ptr, slot_ptr, row_ptr, stride_ptr, steps_ptr, n_lanes, H, n_tiles,
+                      KIND: tl.constexpr, G: tl.constexpr, BU: tl.constexpr, LB: tl.constexpr,
+                      FED: tl.constexpr):
+    """Step t of one layer of a stack, this program's tiles (streaming: weights loaded here)."""
+    GH = G * H
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        units = tile * BU + tl.arange(0, BU)
+        umask = units < H
+        w0 = _load_gate(whh_ptr, 1, GH, 0, units, umask, cols, cmask, H)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        wi0 = w0
+        wi1 = w0
+        wi2 = w0
+        wi3 = w0
+        if G > 1:
+            w1 = _load_gate(whh_ptr, 1, GH, 1, units, umask, cols, cmask, H)
+            w2 = _load_gate(whh_ptr, 1, GH, 2, units, umask, cols, cmask, H)
+        if G > 3:
+            w3 = _load_gate(whh_ptr, 1, GH, 3, units, umask, cols, cmask, H)
+        if FED:
+            wi0 = _load_gate(wih_ptr, 1, GH, 0, units, umask, cols, cmask, H)
+            if G > 1:
+                wi1 = _load_gate(wih_ptr, 1, GH, 1, units, umask, cols, cmask, H)
+                wi2 = _load_gate(wih_ptr, 1, GH, 2, units, umask, cols, cmask, H)
+            if G > 3:
+                wi3 = _load_gate(wih_ptr, 1, GH, 3, units, umask, cols, cmask, H)
+        _tile_step(t, units, umask, cols, cmask, w0, w1, w2, w3, x_ptr, out_ptr, h_ptr, c_ptr, hb_ptr,
+                   hbuf_ptr, slot_ptr, row_ptr, stride_ptr, steps_ptr, n_lanes, H, KIND, G, LB,
+                   below_ptr, wi0, wi1, wi2, wi3, xb_ptr, FED)
+
+
+@triton.jit
+def stack_steps(x_ptr, out_ptr, h_ptr, c_ptr, hb_ptr, xb_ptr, whh_ptr, wih_ptr, hbuf_ptr, counter_ptr,
+                slot_ptr, row_ptr, stride_ptr, steps_ptr, n_lanes, n_steps, H, n_tiles, n_layers, slot_cap, row_cap,
+                KIND: tl.constexpr, G: tl.constexpr, BU: tl.constexpr, BH: tl.constexpr, LB: tl.constexpr):
+    """A stack of L layers of one kind and hidden size H (each upper layer's input is the output
+    of the one below), many steps in one launch: step t runs layer 0, then 1, ... (a wavefront:
+    L x T layer steps, one grid barrier after each). Lanes, masks and the h exchange as in
+    recurrent_steps, per layer. Storage is per layer along a leading axis: h and c
+    [L, slot_cap, H], out [L, row_cap, H], W_hh^T and W_ih^T [L, H, G*H] (layer 0's W_ih^T is
+    unused: its projections are x's rows), the upper layers' folded input bias xb [L, G*H], GRU's
+    recurrent bias hb [L, G*H], hbuf [L, 2, lanes, H]. Weights stream (reloaded every step): a
+    program holding 2L-1 weight slices at once would rarely fit in registers."""
+    cols = tl.arange(0, BH)
+    cmask = cols < H
+    GH = G * H
+    n_programs = tl.num_programs(0)
+    for t in range(0, n_steps):
+        _stack_layer_step(t, cols, cmask, whh_ptr, wih_ptr, x_ptr, out_ptr, out_ptr, h_ptr, c_ptr, hb_ptr, xb_ptr,
+                          hbuf_ptr, slot_ptr, row_ptr, stride_ptr, steps_ptr, n_lanes, H, n_tiles,
+                          KIND, G, BU, LB, False)
+        _grid_barrier(counter_ptr, (t * n_layers + 1) * n_programs)
+        for layer in range(1, n_layers):
+            _stack_layer_step(t, cols, cmask, whh_ptr + layer * H * GH, wih_ptr + layer * H * GH, x_ptr,
+                              out_ptr + layer * row_cap * H, out_ptr + (layer - 1) * row_cap * H,
+                              h_ptr + layer * slot_cap * H, c_ptr + layer * slot_cap * H, hb_ptr + layer * GH,
+                              xb_ptr + layer * GH, hbuf_ptr + layer * 2 * n_lanes * H, slot_ptr, row_ptr,
+                              stride_ptr, steps_ptr, n_lanes, H, n_tiles, KIND, G, BU, LB, True)
+            _grid_barrier(counter_ptr, (t * n_layers + layer + 1) * n_programs)
+    last = (n_steps - 1) % 2
+    for layer in range(0, n_layers):
+        for tile in range(tl.program_id(0), n_tiles, n_programs):
+            units = tile * BU + tl.arange(0, BU)
+            _write_back(units, units < H, hbuf_ptr + (layer * 2 + last) * n_lanes * H,
+                        h_ptr + layer * slot_cap * H, slot_ptr, n_lanes, H, LB)

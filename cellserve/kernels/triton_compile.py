@@ -33,8 +33,10 @@ class Compiled:
 
 
 @functools.cache
-def compile_tile(cell: CellShape, config: TileConfig, arch: int = 90) -> Compiled:
-    """Compile recurrent_steps for `cell` and `config` for sm_<arch>; raises on a compile error."""
+def compile_tile(cell: CellShape, config: TileConfig, arch: int = 90, stack: bool = False) -> Compiled:
+    """Compile recurrent_steps (stack: stack_steps, the wavefront over a stack's layers, which
+    always streams its weights) for `cell` and `config` for sm_<arch>; raises on a compile
+    error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,9 +44,8 @@ def compile_tile(cell: CellShape, config: TileConfig, arch: int = 90) -> Compile
     from cellserve.kernels.triton_loader import triton_cells
 
     cells = triton_cells(interpret=False)
-    KIND_CODE, recurrent_steps = cells.KIND_CODE, cells.recurrent_steps  # noqa: N806
-
-    names = recurrent_steps.arg_names
+    fn = cells.stack_steps if stack else cells.recurrent_steps
+    names = fn.arg_names
     signature = {}
     for name in names:
         if name in _CONSTEXPRS:
@@ -58,9 +59,11 @@ def compile_tile(cell: CellShape, config: TileConfig, arch: int = 90) -> Compile
         else:
             signature[name] = "i32"
     hidden_pow2 = 1 << max(0, (cell.hidden - 1).bit_length())
-    values = {"KIND": KIND_CODE[cell.kind], "G": GATES[cell.kind], "BU": config.units, "BH": hidden_pow2,
+    values = {"KIND": cells.KIND_CODE[cell.kind], "G": GATES[cell.kind], "BU": config.units, "BH": hidden_pow2,
               "LB": config.lane_block, "RESIDENT": config.resident}
-    source = ASTSource(fn=recurrent_steps, signature=signature,
+    if stack:
+        del values["RESIDENT"]
+    source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(k),): v for k, v in values.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config.warps})
     registers, spill = _resource_usage(kernel.asm["cubin"])

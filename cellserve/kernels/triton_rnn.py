@@ -18,8 +18,9 @@ Where it runs: on a CUDA device (grid = the model's programs, the barrier needs 
 resident: the model guarantees it), or on the CPU under TRITON_INTERPRET=1, for tests, where
 one program runs the whole grid's tiles (see triton_cells.py: a spin barrier would wait forever
 for a program the interpreter has not started). `triton_unavailable(device)` says why not,
-elsewhere. Stacks (`TritonStackKernel`) step layer after layer, each in its own launch, with a
-torch GEMM projecting the rows between; a single launch running every layer is not written yet.
+elsewhere. Stacks (`TritonStackKernel`) whose layers share kind and hidden size run as one
+wavefront launch (every layer of step t, then of step t + 1, ...); other stacks step layer after
+layer, each in its own launches, with a torch GEMM projecting the rows between.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import torch
 
 from cellserve.graph.model import DirectionWeights, LayerStack
 from cellserve.kernels.arena import RowPool, SlotPool
-from cellserve.kernels.cell import CellKernel
+from cellserve.kernels.cell import CellKernel, LaneStorage
 from cellserve.kernels.stack import StackKernel
-from cellserve.kernels.triton_tiling import CHIPS, STEPS_PER_LAUNCH, CellShape, GpuChip, TileConfig, choose
+from cellserve.kernels.triton_tiling import (CHIPS, MAX_REGS_PER_THREAD, STEPS_PER_LAUNCH, CellShape, GpuChip,
+                                             TileConfig, choose, rank)
 
 TRITON_BACKEND = "triton"
 
@@ -182,7 +184,14 @@ class TritonCellKernel(CellKernel):
 
 
 class TritonStackKernel(StackKernel):
-    """A stack whose layers are TritonCellKernels sharing one slot pool and one row pool."""
+    """A stack whose layers are TritonCellKernels sharing one slot pool and one row pool.
+
+    Where every layer has the same kind and hidden size (each upper layer's input is the output
+    of the one below), a launch runs the whole stack as a wavefront (`stack_steps` in
+    triton_cells.py: per step, layer 0, then 1, ..., one grid barrier after each), and the
+    layers' h, c and output arenas are slices of one tensor each, [layers, rows or slots, H],
+    so that one kernel reaches them all. Otherwise each layer runs in its own launches, with a
+    torch GEMM projecting the rows between (StackKernel's steps on TritonCellKernels)."""
 
     def __init__(self, stack: LayerStack, device: torch.device, tile: TileConfig | None = None):
         self.slots, self.rows = SlotPool(), RowPool()
@@ -190,10 +199,104 @@ class TritonStackKernel(StackKernel):
                                         tile=tile, pools=(self.slots, self.rows))
                        for layer in stack.layers]
         self.device, self.backend = device, TRITON_BACKEND
+        first = self.layers[0]
+        self.wavefront = all(k.kind == first.kind and k.hidden == first.hidden for k in self.layers) and all(
+            layer.input_size == first.hidden for layer in stack.layers[1:])
+        self._combined: dict[str, torch.Tensor] = {}
+        self._chosen: dict[int, TileConfig] = {}
+        if self.wavefront:
+            hidden, gates = first.hidden, first.gates
+            zeros = torch.zeros((hidden, gates), device=device)
+            self._whh = torch.stack([k.w_hh_t for k in self.layers]).contiguous()
+            self._wih = torch.stack([zeros] + [k.project.w for k in self.layers[1:]]).contiguous()
+            no_bias = torch.zeros(gates, device=device)
+            self._xb = torch.stack([no_bias] + [k.project.b for k in self.layers[1:]]).contiguous()
+            self._hb = torch.stack([no_bias if k.bias_vec is None else k.bias_vec for k in self.layers]).contiguous()
+            self._share_arenas()
 
     @property
     def lone_lanes(self) -> int:
         return 1
+
+    def _share_arenas(self) -> None:
+        """Make each layer's h, c and out slices of one [layers, ...] tensor (again after a pool
+        grew, which gives each layer new arenas of its own)."""
+        for name in ("h", "c", "out"):
+            parts = [getattr(k, name) for k in self.layers]
+            if parts[0] is None:
+                continue
+            combined = self._combined.get(name)
+            if combined is not None and all(p.data_ptr() == combined[i].data_ptr() and p.shape == combined[i].shape
+                                            for i, p in enumerate(parts)):
+                continue
+            combined = torch.stack(parts)
+            self._combined[name] = combined
+            for k, view in zip(self.layers, combined):
+                setattr(k, name, view)
+
+    def start(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
+        lane = super().start(x, states)
+        if self.wavefront:
+            self._share_arenas()
+        return lane
+
+    def run_lanes(self, slots: np.ndarray, rows: np.ndarray, strides: np.ndarray, steps: np.ndarray) -> None:
+        """One launch of the whole stack (as TritonCellKernel.run_lanes, every layer)."""
+        n = len(slots)
+        n_steps = int(np.max(steps)) if n else 0
+        if n_steps <= 0:
+            return
+        first = self.layers[0]
+        cfg = self.config_for(n)
+        tiles = -(-first.hidden // cfg.units)
+        programs = 1 if first._chip is None else min(tiles, first._chip.sms)
+        dev, layers = self.device, len(self.layers)
+        lanes = torch.from_numpy(np.stack([np.asarray(a, dtype=np.int64) for a in (slots, rows, strides, steps)]))
+        lanes = lanes.to(dev, non_blocking=True)
+        hbuf = torch.empty((layers, 2, n, first.hidden), dtype=torch.float32, device=dev)
+        first._counter.zero_()
+        h, out = self._combined["h"], self._combined["out"]
+        c = self._combined.get("c", h)  # unused unless LSTM
+        first._cells.stack_steps[(programs,)](
+            first.x, out, h, c, self._hb, self._xb, self._whh, self._wih, hbuf, first._counter,
+            lanes[0], lanes[1], lanes[2], lanes[3], n, n_steps, first.hidden, tiles, layers, h.shape[1], out.shape[1],
+            KIND=first._cells.KIND_CODE[first.kind], G=first.gates // first.hidden, BU=cfg.units,
+            BH=_pow2(first.hidden), LB=cfg.lane_block, num_warps=cfg.warps)
+
+    def config_for(self, lanes: int) -> TileConfig:
+        """The wavefront's tile: on a GPU the model's best streaming tile whose registers still
+        fit with W_ih's slice live beside W_hh's; elsewhere the layers' own."""
+        first = self.layers[0]
+        if first.tile is not None or first._chip is None:
+            return first.config_for(lanes)
+        key = _pow2(lanes)
+        if key not in self._chosen:
+            cell = CellShape(first.kind, first.hidden)
+            fits = [p.config for p in rank(first._chip, cell, key) if not p.config.resident and p.regs_per_thread
+                    + cell.gates * p.config.units * _pow2(cell.hidden) // (32 * p.config.warps) <= MAX_REGS_PER_THREAD]
+            self._chosen[key] = fits[0] if fits else first.config_for(lanes)
+        return self._chosen[key]
+
+    def step(self, slots: np.ndarray, xrows: np.ndarray, orows: np.ndarray) -> None:
+        if not self.wavefront or not np.array_equal(xrows, orows):
+            super().step(slots, xrows, orows)
+            return
+        n = len(slots)
+        self.run_lanes(slots, xrows, np.zeros(n, np.int64), np.ones(n, np.int64))
+
+    def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:
+        """As TritonCellKernel.run_lane, the whole stack per launch (StackKernel's pieces, layer
+        by layer, where the layers differ)."""
+        if not self.wavefront:
+            return super().run_lane(slot, row, stride, steps, stop)
+        done, per_launch = 0, self.layers[0].steps_per_launch
+        while done < steps:
+            chunk = min(per_launch, steps - done)
+            self.run_lanes(np.array([slot]), np.array([row + done * stride]), np.array([stride]), np.array([chunk]))
+            done += chunk
+            if stop is not None and stop[0]:
+                break
+        return done
 
 
 def triton_kernel(step, direction: int, device: torch.device, tile: TileConfig | None = None):

@@ -31,3 +31,10 @@ def test_the_gpu_build_compiles_with_its_barrier_and_the_modelled_registers(cell
     assert compiled.spill_bytes == 0  # the model says this tile fits in registers
     modelled = regs_per_thread(cell, config)
     assert abs(compiled.registers - modelled) <= 0.1 * modelled, (compiled.registers, modelled)
+
+
+@pytest.mark.slow
+def test_the_stack_wavefront_compiles_for_sm90_with_a_barrier_after_each_layer():
+    compiled = compile_tile(CellShape("lstm", 512), TileConfig(4, 8, 4, False), 90, stack=True)
+    assert compiled.barrier_release and compiled.barrier_acquire and compiled.l2_only_loads > 0
+    assert compiled.spill_bytes == 0

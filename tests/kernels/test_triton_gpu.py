@@ -45,6 +45,25 @@ for kind, hidden in (("lstm", 512), ("gru", 256), ("rnn_tanh", 100)):
             y, h, _ = k.read(lane)
             worst = max(worst, float(np.abs(y - y_ref[0].numpy()).max()))
         errors[f"{kind}-{hidden}-{tile}"] = worst
+# a stack of two LSTM layers as one wavefront launch
+from cellserve.graph.model import LayerStack, RecurrentLayer
+from cellserve.kernels.triton_rnn import TritonStackKernel
+torch.manual_seed(1)
+rnn = make_rnn("lstm", 256, 256, 2, False).eval()
+get = lambda n, i: getattr(rnn, f"{n}_l{i}").detach().numpy()
+stack = LayerStack("s", [RecurrentLayer(f"l{i}", "lstm", 256, [DirectionWeights(get("weight_ih", i),
+        get("weight_hh", i), get("bias_ih", i), get("bias_hh", i))]) for i in range(2)])
+k = TritonStackKernel(stack, dev)
+xs = [np.random.default_rng(2).standard_normal((n, 256)).astype(np.float32) for n in (9, 4)]
+lanes = [k.start_lane(x, None) for x in xs]
+k.run_lanes(np.array([l.slot for l in lanes]), np.array([l.base for l in lanes]), np.ones(2, np.int64),
+            np.array([9, 4]))
+worst = 0.0
+for lane, x in zip(lanes, xs):
+    with torch.no_grad():
+        y_ref, _ = rnn(torch.as_tensor(x)[None])
+    worst = max(worst, float(np.abs(k.finish_lane(lane)[-1][0] - y_ref[0].numpy()).max()))
+errors["stack-lstm-256x2"] = worst
 print(json.dumps(errors))
 """
 

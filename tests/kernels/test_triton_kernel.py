@@ -253,3 +253,54 @@ def test_the_backend_says_why_it_cannot_run(monkeypatch):
         assert triton_unavailable(torch.device("cuda")) == "no CUDA device is visible"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         TritonCellKernel("gru", 4, weights_of(torch_layer("gru", 4, 4, 0)), CPU)
+
+
+def stack_of(kind: str, hidden: int, layers: int, seed: int):
+    rnn = make_rnn(kind, 4, hidden, layers, False).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.uniform_(-0.6, 0.6)
+    return rnn, LayerStack("s", [RecurrentLayer(f"l{i}", kind, hidden, [weights_of(rnn, i)]) for i in range(layers)])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_a_stack_in_one_launch_runs_lanes_of_different_lengths_as_pytorch(kind):
+    """Three layers as one wavefront launch: lanes of 3, 1 and 2 steps; every layer's outputs
+    and final state are PyTorch's stacked layer's."""
+    hidden, lengths = 5, [3, 1, 2]
+    rnn, stack = stack_of(kind, hidden, 3, seed=4)
+    kernel = TritonStackKernel(stack, CPU)
+    assert kernel.wavefront
+    xs, _, _ = lanes_for(kind, hidden, lengths, seed=8)
+    lanes = [kernel.start_lane(x, None) for x in xs]
+    kernel.run_lanes(np.array([ln.slot for ln in lanes]), np.array([ln.base for ln in lanes]),
+                     np.ones(3, np.int64), np.array(lengths))
+    for i, (lane, x) in enumerate(zip(lanes, xs)):
+        with torch.no_grad():
+            y_ref, state = rnn(torch.as_tensor(x)[None])
+        h_ref = state[0] if kind == "lstm" else state
+        results = kernel.finish_lane(lane)
+        np.testing.assert_allclose(results[-1][0], y_ref[0].numpy(), atol=ATOL, err_msg=f"lane {i}: top outputs")
+        for layer, (y, h, c) in enumerate(results):
+            np.testing.assert_allclose(h, h_ref[layer, 0].numpy(), atol=ATOL, err_msg=f"lane {i} layer {layer}: h")
+            if kind == "lstm":
+                np.testing.assert_allclose(c, state[1][layer, 0].numpy(), atol=ATOL)
+
+
+def test_a_stack_keeps_its_shared_arenas_when_the_pools_grow():
+    """70 lanes: the slot pool (64) doubles mid-way; the layers' arenas are stacked again, and a
+    lane started before the growth keeps its state."""
+    hidden = 3
+    rnn, stack = stack_of("gru", hidden, 2, seed=1)
+    kernel = TritonStackKernel(stack, CPU)
+    xs, _, _ = lanes_for("gru", hidden, [2] * 70, seed=2)
+    lanes = [kernel.start_lane(x, None) for x in xs]
+    assert kernel.slots.capacity > 64
+    assert all(k.h.data_ptr() == kernel._combined["h"][i].data_ptr() for i, k in enumerate(kernel.layers))
+    kernel.run_lanes(np.array([ln.slot for ln in lanes]), np.array([ln.base for ln in lanes]),
+                     np.ones(70, np.int64), np.full(70, 2))
+    for i in (0, 69):
+        with torch.no_grad():
+            y_ref, _ = rnn(torch.as_tensor(xs[i])[None])
+        np.testing.assert_allclose(kernel.finish_lane(lanes[i])[-1][0], y_ref[0].numpy(), atol=ATOL)
