@@ -36,6 +36,12 @@ another, so a spin that waits for a later program never ends: the host launches 
 there (which then passes every barrier at once). Everything but the multi-program barrier and
 the L2-only loads of hbuf (cache_modifier ".cg", so that no SM reads a stale L1 line of another
 SM's h) is therefore exercised by the interpreter tests; those two need a GPU.
+
+`stack_steps` is the same for a stack of layers of one kind and size in one launch (a wavefront,
+a barrier after each layer's step; see its docstring).
+
+Import this module through kernels/triton_loader.py, which loads a compiled and an interpreted
+copy of it as the device needs.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class TritonCellKernel(CellKernel):
         dev = self.device
         # the lanes' slots, first rows, strides and steps: one host-to-device copy per launch
         lanes = torch.from_numpy(np.stack([np.asarray(a, dtype=np.int64) for a in (slots, rows, strides, steps)]))
-        lanes = lanes.to(dev, non_blocking=True)
+        lanes = lanes.to(dev)
         hbuf = torch.empty((2, n, self.hidden), dtype=torch.float32, device=dev)
         self._counter.zero_()
         gates = self.x.shape[1] // self.hidden
@@ -252,7 +252,7 @@ class TritonStackKernel(StackKernel):
         programs = 1 if first._chip is None else min(tiles, first._chip.sms)
         dev, layers = self.device, len(self.layers)
         lanes = torch.from_numpy(np.stack([np.asarray(a, dtype=np.int64) for a in (slots, rows, strides, steps)]))
-        lanes = lanes.to(dev, non_blocking=True)
+        lanes = lanes.to(dev)
         hbuf = torch.empty((layers, 2, n, first.hidden), dtype=torch.float32, device=dev)
         first._counter.zero_()
         h, out = self._combined["h"], self._combined["out"]
