@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cellserve.cli_types import positive
 
-BACKEND_NAMES = ("fused", "onednn", "blas", "torch")  # kernels.cell.BACKENDS, without importing torch
+from cellserve.engine.config import BACKEND_NAMES  # no torch there
 
 
 def add_profile(sub) -> None:

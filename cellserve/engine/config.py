@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from cellserve.config import check, setting
 
-# cellserve.engine.scheduler.POLICIES and cellserve.kernels.cell.BACKENDS (see above)
+# cellserve.engine.scheduler.POLICIES and cellserve.kernels.cell.BACKENDS (see above), plus
+# "triton": the executor builds that one itself (kernels/triton_rnn.py)
 POLICY_NAMES = ("cellular", "cellular-edf", "padded", "none")
-BACKEND_NAMES = ("fused", "onednn", "blas", "torch")
+BACKEND_NAMES = ("fused", "onednn", "blas", "torch", "triton")
 
 _BATCHING = "batching and admission"
 _COMPUTE = "compute"
@@ -32,8 +33,9 @@ class EngineConfig:
                                      ge=0, flag="--batch-timeout", group=_BATCHING, metavar="SECONDS")
     device: str = setting("cpu", "torch device for the cells: cpu, cuda, cuda:1, ...", group=_COMPUTE)
     backend: str | None = setting(None, "how cell steps run: fused (one C call per step; the default on CPUs "
-                                        "with AVX-512), onednn (the default on other CPUs), blas, or torch "
-                                        "(any device; the default off the CPU)",
+                                        "with AVX-512), onednn (the default on other CPUs), blas, torch "
+                                        "(any device; the default off the CPU), or triton (persistent GPU "
+                                        "kernels; a CUDA device)",
                                   choices=BACKEND_NAMES, unset="the best for the device", group=_COMPUTE)
     admission: bool = setting(True, "refuse a request whose predicted finish misses its deadline",
                               group=_BATCHING)
