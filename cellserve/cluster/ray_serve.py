@@ -105,8 +105,9 @@ def ongoing(engine) -> int:
 class RayServeRouter(Router):
     """Deployments (one per model) over a shared pool of the simulation's engines; see the
     module's docstring. `initial` maps each model to its first replicas (engine names), which
-    are also its min_replicas; `max_replicas` caps a model's replicas. Free devices wanted by several deployments at one tick are
-    handed out one at a time to the one furthest below its wish."""
+    are also its min_replicas; `max_replicas` caps a model's replicas. Free devices wanted by
+    several deployments at one tick are handed out one at a time to the one furthest below its
+    wish."""
 
     name = "ray-serve"
 

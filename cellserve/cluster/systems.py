@@ -210,7 +210,8 @@ def _nexus(catalogue: Catalogue, devices: int, total_rps: float, options: Option
                        _config(catalogue, policy="cellular", max_batch=batch), name=f"device-{device.id}")
     placed = {a.model for d in plan.devices for a in d.sessions}
     unplaced = frozenset(s.name for s in catalogue.sessions) - placed
-    info = {"planned_rps": planned_rps, "plan_devices": plan.devices_used, "unserved_rps": sum(u.rate_rps for u in plan.unserved),
+    info = {"planned_rps": planned_rps, "plan_devices": plan.devices_used,
+            "unserved_rps": sum(u.rate_rps for u in plan.unserved),
             "batches": {f"device-{d.id}": {a.model: a.batch for a in d.sessions} for d in plan.devices}}
     return Deployment("nexus", sim, plan.devices_used, unplaced, info)
 
@@ -267,6 +268,5 @@ def _ray_serve(catalogue: Catalogue, devices: int, options: Options) -> Deployme
     maximum = {n: c + 1 for n, c in split_by_load(catalogue, devices, config).items()}
     router = RayServeRouter(names, engines, initial, autoscaling, seed=options.seed, max_replicas=maximum)
     sim.router = router
-    return Deployment("ray-serve", sim, devices, frozenset(), {"autoscaling": autoscaling.__dict__, "min_replicas": split,
-                                                        "max_replicas": maximum},
-                      router)
+    info = {"autoscaling": autoscaling.__dict__, "min_replicas": split, "max_replicas": maximum}
+    return Deployment("ray-serve", sim, devices, frozenset(), info, router)
