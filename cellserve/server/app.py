@@ -209,7 +209,8 @@ class Frontends:
             from cellserve.server.grpc_frontend import start_grpc
 
             self._grpc, port = await start_grpc(self.core, s.host, s.grpc_port, s.max_request_bytes,
-                                                s.max_connections, s.idle_timeout_s, s.read_timeout_s)
+                                                s.max_connections, s.idle_timeout_s, s.read_timeout_s,
+                                                s.grpc_max_pending)
             self._ports["grpc"] = f"{_url_host(s.host)}:{port}"
         tasks = []
         apps = {"http": build_app(self.core, s.max_request_bytes), "metrics": build_metrics_app(self.core.metrics)}

@@ -8,7 +8,7 @@ never with a stack trace. RPCs not implemented here answer UNIMPLEMENTED (the ba
 ModelInfer takes its request as bytes: a request that arrives while the core's admission
 bound is full is refused RESOURCE_EXHAUSTED before its message is parsed. Connections are
 bounded by gRPC core itself (--max-connections, --idle-timeout, and --read-timeout for the
-HTTP/2 handshake).
+HTTP/2 handshake), and so are calls waiting for the loop (--grpc-max-pending).
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ _SERVICE = "inference.GRPCInferenceService"
 
 
 async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int, max_connections: int = 4096,
-                     idle_timeout_s: float = 5.0, read_timeout_s: float = 10.0) -> tuple[grpc.aio.Server, int]:
+                     idle_timeout_s: float = 5.0, read_timeout_s: float = 10.0,
+                     max_pending: int = 128) -> tuple[grpc.aio.Server, int]:
     """Create, bind and start the gRPC server; return it and the port actually bound (port 0
-    picks a free one). Raises OSError if the port cannot be bound."""
+    picks a free one). Raises OSError if the port cannot be bound. `max_pending`: see
+    _backlog_options."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -69,6 +71,7 @@ async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int, m
         ("grpc.max_connection_idle_ms", int(idle_timeout_s * 1000)),
         # a client must finish the HTTP/2 handshake this soon (slowloris, gRPC's way)
         ("grpc.server_handshake_timeout_ms", int(read_timeout_s * 1000)),
+        *_backlog_options(max_pending),
     ]
     server = grpc.aio.server(options=options)
     servicer = InferenceServicer(core)
@@ -88,6 +91,20 @@ async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int, m
         raise OSError(f"cannot bind gRPC to {host}:{port}: the address is in use or not available")
     await server.start()
     return server, bound
+
+
+def _backlog_options(max_pending: int) -> list[tuple[str, int]]:
+    """gRPC core's bound on calls that arrived but that the asyncio loop has not yet taken.
+
+    Why: a call waits there before any of our code runs, so neither the admission bound nor
+    the deadline sees it; under overload the backlog grew to gRPC core's default of 3,000 calls,
+    seconds of waiting, and the calls taken from it were late or refused at a cost of ~0.25 ms of
+    CPU each (docs/performance.md). Bounded, the excess is refused by gRPC core itself, in C,
+    before it costs the loop anything. Past a quarter of the bound it refuses a growing share of
+    new calls (random early detection), past the bound all of them. gRPC core answers those
+    calls CANCELLED, with no message: its own status, not settable from Python."""
+    return [("grpc.server.max_pending_requests", max(1, max_pending // 4)),
+            ("grpc.server.max_pending_requests_hard_limit", max_pending)]
 
 
 def _method_handlers(servicer) -> dict:

@@ -74,6 +74,10 @@ class ServerSettings:
     read_timeout_s: float = setting(10.0, "seconds a client may take to send a request's headers, or leave its "
                                           "body stalled, before a 408 and close (slowloris)",
                                     gt=0, flag="--read-timeout", group=_NETWORK, metavar="SECONDS")
+    grpc_max_pending: int = setting(128, "gRPC calls waiting for the frontend's loop to take them; past it gRPC core "
+                                         "itself refuses new calls (status CANCELLED), before they cost any Python "
+                                         "work or outwait their deadline in its queue", ge=1, group=_NETWORK,
+                                    metavar="N")
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field

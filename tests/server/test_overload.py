@@ -338,3 +338,58 @@ def test_the_limit_never_falls_under_its_floor():
         for t in tickets[1:]:
             admission.leave(t, Admission.OTHER)
     assert admission.limit == 8
+
+
+def test_grpc_core_refuses_calls_past_its_backlog_while_the_loop_is_busy(engine):
+    """The frontend's loop held up (as by a burst it cannot keep up with): calls past
+    --grpc-max-pending are refused by gRPC core at once, in C, without the loop; those within
+    the bound are served once the loop is free again."""
+    from cellserve.server.grpc_frontend import start_grpc
+
+    served, eng = engine
+    core = Core(served, eng, Metrics(eng))
+    stop, worker = serving(eng)
+    loop = asyncio.new_event_loop()
+    started: dict = {}
+
+    async def start() -> None:
+        started["server"], started["port"] = await start_grpc(core, "127.0.0.1", 0, 1 << 20, max_pending=2)
+
+    loop.run_until_complete(start())
+    frontend = threading.Thread(target=loop.run_forever, daemon=True)
+    frontend.start()
+    release = threading.Event()
+    loop.call_soon_threadsafe(release.wait)  # the loop is busy until released
+    try:
+        tensor = grpcclient.InferInput("tokens", [1, 3], "INT64")
+        tensor.set_data_from_numpy(np.array([[1, 2, 3]], np.int64))
+        results: list = []
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{started['port']}") as client:
+            def call(i: int) -> None:
+                try:
+                    client.infer(MODEL, [tensor], client_timeout=60)
+                    results.append("ok")
+                except InferenceServerException as exc:
+                    results.append(exc.status())
+
+            callers = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+            for c in callers:
+                c.start()
+            # gRPC core answers the calls past the bound while the loop is still held: of 8,
+            # at most 2 wait in the backlog and 1 in the call the loop asked for before it stopped
+            for _ in range(600):
+                if len(results) >= 5:
+                    break
+                threading.Event().wait(0.05)
+            assert len(results) >= 5 and set(results) == {"StatusCode.CANCELLED"}, results
+            release.set()
+            for c in callers:
+                c.join(60)
+        assert results.count("ok") >= 1 and len(results) == 8, results
+    finally:
+        release.set()
+        asyncio.run_coroutine_threadsafe(started["server"].stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        frontend.join(30)
+        stop.set()
+        worker.join(30)
