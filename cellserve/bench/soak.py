@@ -12,7 +12,8 @@ health check's latency.
 Verdict (exit status 0 when all hold): no failure beyond the bad requests (which must all be
 400s; a 429 or 504 at this load counts as a failure), every request answered exactly once, RSS
 growth after warm-up (the first fifth) under --max-rss-growth, file descriptors back where they
-were after warm-up (within --fd-slack), no sequence left active, health checks under 100 ms.
+were after warm-up (within --fd-slack), no sequence left active, health checks under
+--max-health-ms.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cellserve.cli_types import positive
 
 MODELS = ("gru-256", "lstm-512")
 _BAD = ("unknown input", "wrong datatype", "unparseable JSON")
@@ -40,6 +43,7 @@ class SoakConfig:
     sample_s: float = 5.0
     max_rss_growth: float = 0.05
     fd_slack: int = 8
+    max_health_ms: float = 100.0  # the slowest readiness check allowed
     seed: int = 0
     server_args: tuple[str, ...] = ()
 
@@ -251,7 +255,8 @@ def _judge(report: SoakReport, cfg: SoakConfig) -> None:
         "no leaked file descriptors": {"ok": fd1 <= fd0 + cfg.fd_slack, "detail": f"{fd0} -> {fd1}"},
         "no leaked sequences": {"ok": samples[-1]["sequences"] == 0,
                                 "detail": f"{samples[-1]['sequences']:g} active at the end"},
-        "health under 100 ms": {"ok": health < 100.0, "detail": f"slowest {health:.1f} ms"},
+        f"health under {cfg.max_health_ms:g} ms": {"ok": health < cfg.max_health_ms,
+                                                     "detail": f"slowest {health:.1f} ms"},
     }
 
 
@@ -265,6 +270,11 @@ def add_parser(bench_sub) -> None:
     sk.add_argument("--load", type=float, default=0.7, help="share of the measured capacity offered (default 0.7)")
     sk.add_argument("--rps", type=float, default=None, help="offer this rate instead of measuring capacity")
     sk.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples (default: 5)")
+    sk.add_argument("--max-rss-growth", type=positive(float), default=0.05,
+                    help="RSS growth allowed after warm-up, as a share (default: 0.05)")
+    sk.add_argument("--fd-slack", type=int, default=8, help="file descriptors allowed above warm-up's (default: 8)")
+    sk.add_argument("--max-health-ms", type=positive(float), default=100.0,
+                    help="the slowest readiness check allowed (default: 100)")
     sk.add_argument("--seed", type=int, default=0)
     sk.add_argument("--json", type=Path, default=Path("bench-results/soak.json"), help="where to write the report")
     sk.set_defaults(run=bench_soak)
@@ -277,7 +287,8 @@ def bench_soak(args, parser) -> int:
     if args.rps is not None and not args.rps > 0:
         parser.error(f"--rps must be positive, got {args.rps}")
     cfg = SoakConfig(models=tuple(args.model or MODELS), minutes=args.minutes, load=args.load, rps=args.rps,
-                     sample_s=args.sample_s, seed=args.seed)
+                     sample_s=args.sample_s, max_rss_growth=args.max_rss_growth, fd_slack=args.fd_slack,
+                     max_health_ms=args.max_health_ms, seed=args.seed)
     report = run_soak(cfg)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({**asdict(report), "passed": report.passed}, indent=2))
