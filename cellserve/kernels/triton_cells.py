@@ -72,6 +72,21 @@ def _load_gate(w_ptr, stride_wr, stride_wc, q, units, umask, cols, cmask, H):
 
 
 @triton.jit
+def _load_gates(w_ptr, stride_wr, stride_wc, units, umask, cols, cmask, H, G: tl.constexpr):
+    """The G gates' rows of W_hh for `units` (unused gates repeat gate 0, never read)."""
+    w0 = _load_gate(w_ptr, stride_wr, stride_wc, 0, units, umask, cols, cmask, H)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if G > 1:
+        w1 = _load_gate(w_ptr, stride_wr, stride_wc, 1, units, umask, cols, cmask, H)
+        w2 = _load_gate(w_ptr, stride_wr, stride_wc, 2, units, umask, cols, cmask, H)
+    if G > 3:
+        w3 = _load_gate(w_ptr, stride_wr, stride_wc, 3, units, umask, cols, cmask, H)
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _matvec(h, w):
     """h [LB, BH] @ w[BU, BH]^T -> [LB, BU].
 
@@ -200,15 +215,7 @@ def recurrent_steps(x_ptr, out_ptr, h_ptr, c_ptr, hb_ptr, w_ptr, stride_wr, stri
         units = pid * BU + tl.arange(0, BU)
         umask = units < H
         # this program's slice of W_hh, loaded once and kept across the launch's steps
-        w0 = _load_gate(w_ptr, stride_wr, stride_wc, 0, units, umask, cols, cmask, H)
-        w1 = w0
-        w2 = w0
-        w3 = w0
-        if G > 1:
-            w1 = _load_gate(w_ptr, stride_wr, stride_wc, 1, units, umask, cols, cmask, H)
-            w2 = _load_gate(w_ptr, stride_wr, stride_wc, 2, units, umask, cols, cmask, H)
-        if G > 3:
-            w3 = _load_gate(w_ptr, stride_wr, stride_wc, 3, units, umask, cols, cmask, H)
+        w0, w1, w2, w3 = _load_gates(w_ptr, stride_wr, stride_wc, units, umask, cols, cmask, H, G)
         for t in range(0, n_steps):
             _tile_step(t, units, umask, cols, cmask, w0, w1, w2, w3, x_ptr, out_ptr, h_ptr, c_ptr, hb_ptr,
                        hbuf_ptr, slot_ptr, row_ptr, stride_ptr, steps_ptr, n_lanes, H, KIND, G, LB)
@@ -219,15 +226,7 @@ def recurrent_steps(x_ptr, out_ptr, h_ptr, c_ptr, hb_ptr, w_ptr, stride_wr, stri
             for tile in range(pid, n_tiles, n_programs):
                 units = tile * BU + tl.arange(0, BU)
                 umask = units < H
-                w0 = _load_gate(w_ptr, stride_wr, stride_wc, 0, units, umask, cols, cmask, H)
-                w1 = w0
-                w2 = w0
-                w3 = w0
-                if G > 1:
-                    w1 = _load_gate(w_ptr, stride_wr, stride_wc, 1, units, umask, cols, cmask, H)
-                    w2 = _load_gate(w_ptr, stride_wr, stride_wc, 2, units, umask, cols, cmask, H)
-                if G > 3:
-                    w3 = _load_gate(w_ptr, stride_wr, stride_wc, 3, units, umask, cols, cmask, H)
+                w0, w1, w2, w3 = _load_gates(w_ptr, stride_wr, stride_wc, units, umask, cols, cmask, H, G)
                 _tile_step(t, units, umask, cols, cmask, w0, w1, w2, w3, x_ptr, out_ptr, h_ptr, c_ptr, hb_ptr,
                            hbuf_ptr, slot_ptr, row_ptr, stride_ptr, steps_ptr, n_lanes, H, KIND, G, LB)
             _grid_barrier(counter_ptr, (t + 1) * n_programs)
@@ -247,19 +246,11 @@ def _stack_layer_step(t, cols, cmask, whh_ptr, wih_ptr, x_ptr, out_ptr, below_pt
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         units = tile * BU + tl.arange(0, BU)
         umask = units < H
-        w0 = _load_gate(whh_ptr, 1, GH, 0, units, umask, cols, cmask, H)
-        w1 = w0
-        w2 = w0
-        w3 = w0
+        w0, w1, w2, w3 = _load_gates(whh_ptr, 1, GH, units, umask, cols, cmask, H, G)
         wi0 = w0
         wi1 = w0
         wi2 = w0
         wi3 = w0
-        if G > 1:
-            w1 = _load_gate(whh_ptr, 1, GH, 1, units, umask, cols, cmask, H)
-            w2 = _load_gate(whh_ptr, 1, GH, 2, units, umask, cols, cmask, H)
-        if G > 3:
-            w3 = _load_gate(whh_ptr, 1, GH, 3, units, umask, cols, cmask, H)
         if FED:
             wi0 = _load_gate(wih_ptr, 1, GH, 0, units, umask, cols, cmask, H)
             if G > 1:
