@@ -1,0 +1,200 @@
+"""The accuracy-scaling plan as a mixed-integer program, solved exactly by HiGHS (`highspy`).
+
+Formulation (docs/accuracy-scaling.md states it with the same names). Devices of one type are
+interchangeable, so the program counts devices per (type, variant) group instead of choosing a
+variant per device: that removes the symmetry that makes a per-device program slow, and loses
+nothing (a per-device solution maps to counts with the same objective, and counts map back by
+splitting a group's load evenly over its devices). For each type t with N_t devices and each
+variant v that can run on t (capacity c_tv > 0):
+
+    n_tv  integer in [0, N_t]   devices of type t hosting v
+    z_tv  >= 0                  requests/s routed to those devices
+    sum_v n_tv <= N_t                       each device hosts at most one variant
+    z_tv <= (c_tv / h) * n_tv               a device is routed at most capacity / headroom
+    sum_{t, v in f} z_tv = D_f              all of family f's demand is routed
+    maximise sum a_v z_tv                   (/ total demand: the effective accuracy)
+
+No product of a routing share and a placement binary appears (Proteus's code has one and solves
+a non-convex program with a 50% gap): routing is in requests/s, so the program is linear.
+
+The headroom ladder: the program is solved at h = headroom, headroom - 0.05, ..., 1.0, and
+the first feasible one is the plan. If none is, the demand rows become `<= D_f` and, at
+h = 1.0, the program first maximises sum z (the most demand served), then, holding that, the
+accuracy; what is not served is reported per family.
+
+After solving, devices a type has to spare take a copy of that type's most loaded group's
+variant and the group's load is spread over one more device: the accuracy is unchanged and
+no device is busier (Proteus's code, too, puts a variant on every device).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from importlib.metadata import version
+
+from cellserve.plan.accuracy import AccuracyError, AccuracyPlan, AccuracyProblem, effective_accuracy, headroom_ladder
+
+MIP_REL_GAP = 1e-9  # solved to optimality (HiGHS's default gap is 1e-4)
+
+
+@dataclass(frozen=True)
+class _Group:
+    device_type: str
+    family: str
+    variant: str
+    accuracy: float
+    capacity: float  # requests/s per device
+
+
+def _highs():
+    """A silent HiGHS instance. HiGHS prints a copyright banner on stdout when the first
+    instance of a process is made, before any option can turn output off; the CLI's stdout is
+    its report, so that first construction runs with file descriptor 1 pointed at /dev/null."""
+    import highspy
+
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("mip_rel_gap", MIP_REL_GAP)
+    h.setOptionValue("threads", 1)
+    return h
+
+
+def _groups(problem: AccuracyProblem) -> list[_Group]:
+    out = []
+    for t in problem.device_types():
+        for f in problem.families.values():
+            for v in f.variants:
+                c = problem.capacity(t, v.name)
+                if c > 0:
+                    out.append(_Group(t, f.name, v.name, v.accuracy, c))
+    return out
+
+
+def _solve(problem: AccuracyProblem, groups: list[_Group], h: float, mode: str,
+           min_served: float = 0.0) -> tuple[list[int], list[float]] | None:
+    """One program. mode "all": demand rows `= D_f`, maximise accuracy; "most": `<= D_f`,
+    maximise the demand served; "accurate": `<= D_f` and served >= min_served, maximise
+    accuracy. Returns (n, z) per group, or None when infeasible."""
+    import highspy
+    import numpy as np
+
+    if not groups:  # nothing can run anywhere: HiGHS calls an empty model "Empty", not solved
+        return None if mode == "all" and problem.total_demand() > 0 else ([], [])
+    inf = highspy.kHighsInf
+    hs = _highs()
+    counts = problem.device_types()
+    k = len(groups)
+    for g in groups:  # columns 0..k-1: n; k..2k-1: z
+        hs.addVar(0.0, float(counts[g.device_type]))
+    for g in groups:
+        hs.addVar(0.0, inf)
+    for i in range(k):
+        hs.changeColIntegrality(i, highspy.HighsVarType.kInteger)
+        hs.changeColCost(k + i, groups[i].accuracy if mode != "most" else 1.0)
+    hs.changeObjectiveSense(highspy.ObjSense.kMaximize)
+
+    def row(lo: float, hi: float, idx: list[int], vals: list[float]) -> None:
+        hs.addRow(lo, hi, len(idx), np.array(idx, dtype=np.int32), np.array(vals, dtype=np.float64))
+
+    for t, n_t in counts.items():
+        idx = [i for i, g in enumerate(groups) if g.device_type == t]
+        if idx:
+            row(-inf, float(n_t), idx, [1.0] * len(idx))
+    for i, g in enumerate(groups):
+        row(-inf, 0.0, [k + i, i], [1.0, -g.capacity / h])
+    for f in problem.families.values():
+        idx = [k + i for i, g in enumerate(groups) if g.family == f.name]
+        lo = f.demand_rps if mode == "all" else 0.0
+        if not idx:
+            if lo > 0:
+                return None  # no device type can run any of its variants
+            continue
+        row(lo, f.demand_rps, idx, [1.0] * len(idx))
+    if mode == "accurate" and k:
+        row(min_served, inf, list(range(k, 2 * k)), [1.0] * k)
+    hs.run()
+    status = hs.getModelStatus()
+    if status == highspy.HighsModelStatus.kInfeasible:
+        return None
+    if status != highspy.HighsModelStatus.kOptimal:
+        raise AccuracyError(f"HiGHS ended with {hs.modelStatusToString(status)} at headroom {h:g} ({mode})")
+    col = list(hs.getSolution().col_value)
+    n = [int(round(x)) for x in col[:k]]
+    # Polish: the MIP's counts are integral only to within its tolerance (0.9999996 devices
+    # routes 4e-5 req/s less than one device); with the counts fixed at their integers the
+    # routing is an LP, solved again to full precision.
+    for i in range(k):
+        hs.changeColIntegrality(i, highspy.HighsVarType.kContinuous)
+        hs.changeColBounds(i, float(n[i]), float(n[i]))
+    hs.run()
+    if hs.getModelStatus() == highspy.HighsModelStatus.kOptimal:
+        col = list(hs.getSolution().col_value)
+    z = [max(0.0, min(col[k + i], groups[i].capacity * n[i] / h)) for i in range(k)]
+    return n, z
+
+
+def _spread_spares(problem: AccuracyProblem, groups: list[_Group], n: list[int], z: list[float], h: float) -> None:
+    """Release groups that carry nothing, then give each type's idle devices to its most
+    loaded group (load / (its capacity / h)),
+    one at a time; a type with no group in use keeps its idle devices idle."""
+    for i in range(len(groups)):
+        if z[i] <= 0:  # hosting without load: those devices are spare too
+            n[i] = 0
+    for t, n_t in problem.device_types().items():
+        idx = [i for i, g in enumerate(groups) if g.device_type == t and n[i] > 0]
+        for _ in range(n_t - sum(n[i] for i in idx)):
+            if not idx:
+                break
+            busiest = max(idx, key=lambda i: z[i] / (groups[i].capacity * n[i] / h))
+            n[busiest] += 1
+
+
+def _to_plan(problem: AccuracyProblem, groups: list[_Group], n: list[int], z: list[float], h: float,
+             all_routed: bool, solver: str) -> AccuracyPlan:
+    _spread_spares(problem, groups, n, z, h)
+    free = {t: [d.id for d in problem.devices if d.type == t] for t in problem.device_types()}
+    placement: dict[str, str | None] = {d.id: None for d in problem.devices}
+    load: dict[str, dict[str, float]] = {f: {} for f in problem.families}
+    by_variant: dict[str, float] = {}
+    for i, g in enumerate(groups):
+        for _ in range(n[i]):
+            dev = free[g.device_type].pop(0)
+            placement[dev] = g.variant
+            if z[i] > 0:
+                load[g.family][dev] = z[i] / n[i]
+        if z[i] > 0:
+            by_variant[g.variant] = by_variant.get(g.variant, 0.0) + z[i]
+    routing, unserved = {}, {}
+    for name, f in problem.families.items():
+        served = sum(load[name].values())
+        routing[name] = {dev: r / served for dev, r in load[name].items()} if served > 0 else {}
+        short = 0.0 if all_routed else f.demand_rps - served
+        unserved[name] = short if short > 1e-7 * max(1.0, f.demand_rps) else 0.0
+    return AccuracyPlan(placement, routing, effective_accuracy(by_variant, problem), h, unserved, solver)
+
+
+def plan_accuracy(problem: AccuracyProblem) -> AccuracyPlan:
+    """The plan of the highest effective accuracy that routes all demand at the highest
+    headroom of the ladder that allows it; else, at headroom 1.0, the most demand served, the
+    most accurately (the module's docstring states the program)."""
+    groups = _groups(problem)
+    solver = f"highspy {version('highspy')} (MILP, relative gap {MIP_REL_GAP:g})"
+    for h in headroom_ladder(problem.headroom):
+        sol = _solve(problem, groups, h, "all")
+        if sol is not None:
+            return _to_plan(problem, groups, *sol, h, True, solver)
+    most = _solve(problem, groups, 1.0, "most")
+    assert most is not None  # serving nothing is always feasible
+    best = sum(most[1])
+    sol = _solve(problem, groups, 1.0, "accurate", best * (1 - 1e-9) - 1e-9)
+    return _to_plan(problem, groups, *(sol or most), 1.0, False, solver)
