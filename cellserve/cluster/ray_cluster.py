@@ -1,0 +1,232 @@
+"""`cellserve serve --ray [ADDRESS]`: engine workers as Ray actors, the OIP frontends here.
+
+Start-up: load the models here (metadata, and to fail fast on a broken one), read the plan if
+one is given, bind the ports, start or join Ray, reserve one placement-group bundle of
+`--ray-cpus-per-worker` cores per worker (spread over the nodes), start each worker (an
+EngineWorker actor in its bundle, its kernels on that many threads), then the same HTTP,
+gRPC and metrics frontends as a plain `cellserve serve`, over a RayCore. The ready line is
+the same; a line before it says where each worker runs.
+
+Exit status, as `cellserve serve`: 0 after a clean stop, 1 when start-up failed (one line),
+2 for a plan file that cannot be used (naming the field). Without Ray installed: 1, with a
+line naming `pip install cellserve[ray]`.
+
+Ray is imported here only: nothing under server/ imports this module or Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+
+from cellserve.server.settings import ServerSettings
+
+_STARTUP_TIMEOUT_S = 300.0  # placement and model loading on a busy machine
+_POLL_S = 0.5  # how often the driver refreshes each worker's costs and counters
+
+
+def serve_ray(settings: ServerSettings) -> int:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("cellserve: error: --ray needs Ray, which is not installed here: pip install cellserve[ray]",
+              file=sys.stderr, flush=True)
+        return 1
+    from cellserve.errors import CellserveError
+    from cellserve.server.app import StartupError, _bind, _load_models
+
+    try:
+        served = _load_models(settings)
+    except (CellserveError, ValueError) as exc:
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        layout = _layout(settings, served)
+    except ValueError as exc:  # the plan file: NexusError, PlanMismatch, or a plan with no device
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        sockets = _bind(settings)
+        cluster = _Cluster(settings, layout)
+    except (StartupError, CellserveError, ValueError) as exc:
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        return _run(settings, served, layout, sockets, cluster)
+    finally:
+        cluster.close()
+
+
+def _layout(settings: ServerSettings, served):
+    from cellserve.cluster.ray_plan import from_flags, from_plan
+    from cellserve.plan.nexus_io import load_plan
+
+    names = sorted({s.name for s in served})
+    if settings.plan is None:
+        return from_flags(names, settings.ray_workers or 2)
+    plan = load_plan(settings.plan)
+    if not plan.devices:
+        raise ValueError(f"plan file '{settings.plan}' places nothing on any device: there would be no worker")
+    return from_plan(plan, names, settings.plan)
+
+
+class _Cluster:
+    """Ray joined or started, the workers placed and started; `close()` undoes it all."""
+
+    def __init__(self, settings: ServerSettings, layout):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cellserve.cluster.ray_router import WorkerState
+        from cellserve.cluster.ray_worker import EngineWorker, WorkerSpec
+        from cellserve.server.app import StartupError
+
+        self.ray, self.pg, self.actors = ray, None, []
+        address = settings.ray_address
+        try:
+            if address == "local":
+                ray.init(include_dashboard=False, logging_level="WARNING", configure_logging=True)
+            else:
+                ray.init(address=address, logging_level="WARNING")
+        except Exception as exc:  # noqa: BLE001 - whatever Ray says, one line
+            raise StartupError(f"--ray {address}: cannot start or join Ray: {_first_line(exc)}") from exc
+        cpus = settings.ray_cpus_per_worker
+        need = len(layout.workers) * cpus
+        have = ray.cluster_resources().get("CPU", 0)
+        if need > have:
+            raise StartupError(f"{len(layout.workers)} workers of {cpus} cores need {need} CPUs; the Ray cluster "
+                               f"at {address} has {have:g} (--ray-workers, --ray-cpus-per-worker, --plan)")
+        self.pg = placement_group([{"CPU": cpus} for _ in layout.workers], strategy="SPREAD")
+        try:
+            ray.get(self.pg.ready(), timeout=_STARTUP_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001
+            raise StartupError(f"the Ray cluster did not grant {len(layout.workers)} bundles of {cpus} cores "
+                               f"within {_STARTUP_TIMEOUT_S:g} s: {_first_line(exc)}") from exc
+        actor = ray.remote(EngineWorker)
+        for i, models in enumerate(layout.workers):
+            spec = WorkerSpec(f"w{i}", tuple(models), settings.engine, cpus,
+                              None if settings.model_repository is None else str(settings.model_repository.resolve()),
+                              settings.default_slo_ms)
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+            self.actors.append(actor.options(num_cpus=cpus, scheduling_strategy=strategy, max_restarts=0,
+                                             max_task_retries=0).remote(spec))
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=_STARTUP_TIMEOUT_S)
+            snaps = ray.get([a.snapshot.remote() for a in self.actors], timeout=_STARTUP_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a worker that failed to start: its own error, in one line
+            raise StartupError(f"a Ray worker failed to start: {_first_line(exc)}") from exc
+        self.workers = [WorkerState(info, handle) for info, handle in zip(infos, self.actors)]
+        for w, snap in zip(self.workers, snaps):
+            w.snapshot = snap
+
+    def close(self) -> None:
+        ray = self.ray
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster) -> int:
+    from cellserve import heap
+    from cellserve.cluster.ray_core import RayCore, WorkerDied
+    from cellserve.cluster.ray_metrics import ClusterCollector
+    from cellserve.cluster.ray_router import Router
+    from cellserve.server.app import Frontends, StartupError
+    from cellserve.server.metrics import Metrics
+
+    ray = cluster.ray
+    died = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+    async def call(worker, c):
+        try:
+            return await worker.handle.infer.remote(c)
+        except died as exc:
+            raise WorkerDied(_first_line(exc)) from None
+
+    router = Router(cluster.workers)
+    for w in cluster.workers:
+        router.update_costs(w, w.snapshot["costs"], w.snapshot["overhead_factor"])
+    metrics = Metrics(None)
+    core = RayCore(served, router, call, metrics, settings.sequence_idle_s, settings.max_sequences,
+                   layout.gates, layout.unplanned, settings.engine.admission_headroom)
+    metrics.registry.register(ClusterCollector(core))
+    frontends = Frontends(core, settings, sockets)
+    try:
+        ports = frontends.start()
+    except StartupError as exc:
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    asyncio.run_coroutine_threadsafe(_poll(core, died), frontends.loop)
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if not core.accepting:
+            stop.set()
+            return
+        print(f"cellserve: {signal.Signals(signum).name}: stopping, {settings.grace_s:g} s grace", flush=True)
+        core.accepting = False
+        frontends.stop(on_stopped=stop.set)
+        timer = threading.Timer(settings.grace_s, stop.set)
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    heap.settle()
+    for w in cluster.workers:
+        print(f"cellserve: ray: {w.describe()}, pid {w.info.pid}: {', '.join(w.info.models)}", flush=True)
+    models = ", ".join(f"{s.name} (v{s.version})" for s in served)
+    print(f"cellserve: serving {models}", flush=True)
+    print(f"cellserve: ready: http={ports['http']} grpc={ports['grpc']} metrics={ports['metrics']}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    frontends.join(timeout=5.0)  # the poller ends with the loop (it stops once not accepting)
+    print("cellserve: stopped", flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return 0
+
+
+async def _poll(core, died) -> None:
+    """Refresh each live worker's cost tables and counters; a worker whose poll finds it dead
+    leaves routing at once (requests in flight there find out from their own calls)."""
+    while core.accepting:
+        for w in core.router.live():
+            try:
+                snap = await asyncio.wait_for(_await(w.handle.snapshot.remote()), timeout=5.0)
+            except died as exc:
+                if core.router.mark_dead(w, _first_line(exc)):
+                    core.deaths.append(f"{w.describe()}: {_first_line(exc)}")
+                    print(f"cellserve: ray: {w.describe()} died: {_first_line(exc)}", flush=True)
+                continue
+            except asyncio.TimeoutError:
+                continue  # busy; its last tables stand
+            w.snapshot = snap
+            core.router.update_costs(w, snap["costs"], snap["overhead_factor"])
+        await asyncio.sleep(_POLL_S)
+
+
+async def _await(ref):
+    return await ref
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = next((t.strip() for t in text if t.strip()), type(exc).__name__)
+    return line if len(line) <= 300 else line[:297] + "..."
+

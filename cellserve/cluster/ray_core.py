@@ -1,0 +1,262 @@
+"""The frontends' Core, backed by engine workers on Ray instead of an engine in the process.
+
+The HTTP and gRPC frontends call a RayCore exactly as they call a Core (server/core.py):
+health, metadata, parameters, deadlines, admission, sequences and metrics are Core's; only
+the hand-off to an engine differs. A request goes to the live worker serving its model with
+the least predicted finish (ray_router.Router), as one direct actor call; a sequence's chunks
+go to the worker that holds its state (sticky), chosen at its first chunk.
+
+Contracts (each request still gets exactly one answer):
+- Shedding before anything queues: with a plan, a model's arrivals beyond the rate the plan
+  serves for it are refused 429 at the driver (ray_router.RateGate); a request with a deadline
+  that every worker serving its model, all busy, predicts to miss is refused 429 here too
+  (an idle worker gets it: its engine decides, as a lone engine does).
+- A worker that dies: a request that holds no sequence state on it is sent once more, to the
+  best other live worker serving the model; if that one dies too, or there is none, it is
+  answered 503 naming both. A sequence whose state was on it is ended, and its chunk (and any
+  later one) answered with a SequenceError naming the sequence and the worker.
+- While shutting down, a worker's death answers 503 (nothing is retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from cellserve.cluster.ray_router import RateGate, Router, WorkerState, time_length
+from cellserve.cluster.ray_worker import Call, Reply
+from cellserve.engine.clock import MonotonicClock
+from cellserve.engine.request import Status
+from cellserve.server.core import _ERRORS, Core  # _ERRORS: the one mapping of engine statuses to errors
+from cellserve.server.errors import DeadlineExceeded, Overloaded, SequenceError, Unavailable
+from cellserve.server.metrics import Metrics
+from cellserve.server.repository import ServedModel
+from cellserve.server.sequences import Sequence, SequenceStore
+
+_EXPIRED = object()
+_VERDICT_GRACE_S = 0.005  # as Core's: a worker's refusal that lands just after the deadline is still a 429
+
+
+class WorkerDied(Exception):
+    """The actor is gone (its process or its node died); `why` is Ray's account."""
+
+
+class _Held:
+    """Where a sequence's state lives: the worker and its key there."""
+
+    __slots__ = ("worker", "key")
+
+    def __init__(self, worker: WorkerState, key: str):
+        self.worker, self.key = worker, key
+
+
+class _ReleasingStore(SequenceStore):
+    """A SequenceStore that tells the worker holding an ended sequence's state to drop it."""
+
+    def __init__(self, max_sequences, clock, release):
+        super().__init__(max_sequences, clock)
+        self._release = release
+
+    def end(self, sequence: Sequence, why: str) -> None:
+        held, sequence.state = sequence.state, None
+        super().end(sequence, why)
+        if isinstance(held, _Held) and held.worker.alive:
+            self._release(held.worker, held.key)
+
+
+class RayCore(Core):
+    def __init__(self, served: list[ServedModel], router: Router, call, metrics: Metrics,
+                 sequence_idle_s: float = 60.0, max_sequences: int = 100_000,
+                 gates: dict[str, RateGate] | None = None, unplanned: dict[str, str] | None = None,
+                 admission_headroom: float = 0.8):
+        """`call(worker, Call)` sends one call and returns an awaitable of its Reply, raising
+        WorkerDied when the worker is gone (ray_cluster.py's, over Ray). `gates`: per model,
+        the rate a plan serves; `unplanned`: models the plan gives no worker, with why."""
+        super().__init__(served, None, metrics, sequence_idle_s, max_sequences, clock=MonotonicClock())
+        self.router, self._call = router, call
+        self.sequences = _ReleasingStore(max_sequences, self.clock, self._release)
+        self.gates = gates or {}
+        self.unplanned = unplanned or {}
+        self.headroom = admission_headroom
+        self.retries = 0  # requests sent again after their worker died
+        self.deaths: list[str] = []  # each dead worker, once, with why
+        self.shed: dict[tuple[str, str], int] = {}  # (model, why) -> refused at the driver
+        self._keys = itertools.count(1)
+
+    # ---- sequences: sticky to the worker holding the state ----
+
+    async def _sequence_step(self, entry: ServedModel, request, options, timeout_s, priority, received):
+        why = entry.model.why_not_streamable()
+        if why is not None:
+            raise SequenceError(f"model {entry.name!r} cannot serve sequences: {why}")
+        idle_s = entry.settings.sequence_idle_s or self.sequence_idle_s
+        key = (entry.name, entry.version, options.sequence_id)
+        sequence = self.sequences.get(key, options.sequence_start, idle_s)
+        sequence.users += 1
+        try:
+            async with sequence.lock:  # chunks of one sequence run one after another
+                if options.sequence_start:
+                    held = sequence.state
+                    if isinstance(held, _Held) and held.worker.alive:
+                        self._release(held.worker, held.key)
+                    sequence.state = None
+                elif self.sequences.get(key, False, idle_s) is not sequence:
+                    raise SequenceError(f"{sequence.describe()} was restarted while this request waited")
+                held = sequence.state
+                state_key = held.key if held is not None else f"{entry.engine_name}/{next(self._keys)}"
+                try:
+                    worker, reply = await self._dispatch(entry, request.inputs, timeout_s, priority, received,
+                                                         held, state_key, options)
+                except WorkerDied as exc:  # the worker holding the state died: the sequence is gone
+                    lost = f"lost when {held.worker.describe()} died ({exc})"
+                    sequence.state = None
+                    self.sequences.end(sequence, lost)
+                    raise SequenceError(f"{sequence.describe()} was {lost}; start a new one with "
+                                        "sequence_start") from None
+                if options.sequence_end:
+                    sequence.state = None  # the worker dropped it with the chunk
+                    self.sequences.end(sequence, "ended by sequence_end")
+                else:
+                    sequence.state = _Held(worker, state_key)
+        finally:
+            sequence.users -= 1
+            sequence.last_used = self.sequences.clock.now()
+            self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
+        return reply
+
+    def _release(self, worker: WorkerState, key: str) -> None:
+        try:
+            worker.handle.release.remote([key])
+        except Exception:  # noqa: BLE001 - a dead worker's states went with it
+            pass
+
+    # ---- plain requests ----
+
+    async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
+                      initial_state=None, return_state=False):
+        return (await self._dispatch(entry, inputs, timeout_s, priority, received, None, None, None))[1]
+
+    async def _dispatch(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
+                        held: _Held | None, state_key: str | None, options):
+        """Send one request to a worker; (the worker, the answer as a Response-like Reply).
+        `held`: the sequence's state is on that worker (sticky; no retry: WorkerDied raised)."""
+        name = entry.name
+        self._gate(name)
+        length = time_length(entry.model, inputs)
+        lanes = entry.model.batch_size(inputs)
+        tried: list[WorkerState] = []
+        while True:
+            if held is not None:
+                worker = held.worker
+                if not worker.alive:
+                    raise WorkerDied(worker.death)
+            else:
+                worker = self._choose(entry, length, lanes, timeout_s, received, tried)
+            call = Call(entry.engine_name, inputs, None, priority, state_key,
+                        options is not None and options.sequence_start, options is not None and options.sequence_end)
+            try:
+                reply = await self._send(entry, worker, call, lanes, timeout_s, received)
+            except WorkerDied as exc:
+                if self.router.mark_dead(worker, str(exc)):
+                    self.deaths.append(f"{worker.describe()}: {exc}")
+                if not self.accepting:
+                    raise Unavailable(f"the server is shutting down ({worker.describe()} stopped)") from None
+                if held is not None:
+                    raise
+                tried.append(worker)
+                if len(tried) > 1:
+                    raise Unavailable(f"{tried[0].describe()} died with this request, and so did "
+                                      f"{tried[1].describe()}, where it was sent again") from None
+                self.retries += 1
+                continue
+            return worker, self._answer(entry, inputs, reply)
+
+    def _gate(self, model: str) -> None:
+        why = self.unplanned.get(model)
+        if why is not None:
+            self._count_shed(model, "unplanned")
+            raise Overloaded(f"the plan serves no rate of model {model!r} ({why})")
+        gate = self.gates.get(model)
+        if gate is not None and not gate.admit(self.clock.now()):
+            self._count_shed(model, "plan")
+            raise Overloaded(f"model {model!r} is over the rate the plan serves ({gate.rate:g} requests/s); "
+                             "retry later")
+
+    def _choose(self, entry: ServedModel, length: int, lanes: int, timeout_s, received,
+                tried: list[WorkerState]) -> WorkerState:
+        name = entry.name
+        candidates = self.router.serving(name)
+        picked = None
+        if candidates:
+            rounds = self.router.rounds(candidates[0], name, length)
+            picked = self.router.pick(name, rounds, lanes, exclude=tuple(w.id for w in tried))
+        if picked is None:
+            if tried:
+                raise Unavailable(f"{tried[0].describe()} died with this request, and no other live worker "
+                                  f"serves model {name!r}")
+            dead = self.router.serving(name, live_only=False)
+            raise Unavailable(f"no live worker serves model {name!r}"
+                              + (f" ({'; '.join(w.describe() + ' died: ' + w.death for w in dead)})" if dead else ""))
+        worker, predicted = picked
+        if timeout_s is not None and worker.outstanding > 0 and not tried:
+            left = received + timeout_s - self.clock.now()
+            if predicted > self.headroom * left:
+                self._count_shed(name, "deadline")
+                raise Overloaded(f"every worker serving model {name!r} is busy: the least predicted finish, "
+                                 f"{predicted * 1e3:.1f} ms on {worker.describe()}, misses the deadline "
+                                 f"({max(left, 0.0) * 1e3:.1f} ms left)")
+        return worker
+
+    def _count_shed(self, model: str, why: str) -> None:
+        self.shed[(model, why)] = self.shed.get((model, why), 0) + 1
+
+    async def _send(self, entry: ServedModel, worker: WorkerState, call: Call, lanes: int, timeout_s,
+                    received) -> Reply:
+        margin = self._handback_s + 4 * self._handback_dev_s
+        sent = self.clock.now()
+        if timeout_s is not None:
+            left = received + timeout_s - sent
+            call.timeout_s = max(left - margin, left / 2) if left > 0 else 1e-6  # the worker refuses it
+        self.router.started(worker, entry.name, lanes)
+        try:
+            pending = asyncio.ensure_future(self._call(worker, call))
+            if timeout_s is None:
+                reply = await pending
+            else:
+                wait = received + timeout_s + max(margin, _VERDICT_GRACE_S) - self.clock.now()
+                done, _ = await asyncio.wait({pending}, timeout=max(wait, 0.0))
+                if not done:
+                    pending.add_done_callback(_quiet)  # its late answer (or death) is nobody's now
+                    self.metrics.model(entry.name, entry.version).slo_miss.inc()
+                    raise DeadlineExceeded(f"{worker.describe()} had not answered when the deadline of "
+                                           f"{timeout_s * 1e3:g} ms passed (counted from the request's "
+                                           "arrival at the server)")
+                reply = pending.result()
+        finally:
+            self.router.finished(worker, entry.name, lanes)
+        hop = max(self.clock.now() - sent - reply.engine_s, 0.0)
+        self._handback_dev_s += 0.25 * (abs(hop - self._handback_s) - self._handback_dev_s)
+        self._handback_s += 0.125 * (hop - self._handback_s)
+        return reply
+
+    def _answer(self, entry: ServedModel, inputs: dict, reply: Reply) -> Reply:
+        metrics = self.metrics.model(entry.name, entry.version)
+        if reply.queue_s is not None:
+            metrics.queue_us.inc(reply.queue_s * 1e6)
+            metrics.compute_us.inc((reply.compute_s or 0.0) * 1e6)
+        if reply.status == Status.OK.value:
+            metrics.inference_count.inc(entry.model.batch_size(inputs))
+            return reply
+        if reply.status == "sequence":
+            raise SequenceError(reply.reason)
+        reason = reply.reason.replace(repr(entry.engine_name), repr(entry.name))
+        status = Status(reply.status)
+        if status is Status.ERROR and not self.accepting:
+            raise Unavailable(reason)
+        raise _ERRORS[status](reason)
+
+
+def _quiet(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception never retrieved" warning
+

@@ -1,0 +1,76 @@
+"""The cluster's Prometheus series: every worker's engine counters, labelled by worker and node.
+
+The driver's metrics endpoint serves the frontends' series (server/metrics.py: per model,
+counted where each request is answered) and these, read at scrape time from the workers'
+last snapshots (polled by ray_cluster.Poller; nothing on the request path, no call to a
+worker during a scrape). Series:
+
+  cellserve_cell_steps_total{worker,node,cell_type}, cellserve_cell_lanes_total{...}
+  cellserve_inference_exec_count_total{model,version,worker,node}
+  cellserve_engine_overhead_factor{worker,node}
+  cellserve_worker_up{worker,node}                1 while live, 0 once dead
+  cellserve_worker_requests_total{worker,node,outcome}   (ok, failed) answered by its engine
+  cellserve_worker_active_requests{worker,node}, cellserve_worker_sequences{worker,node}
+  cellserve_worker_outstanding{worker,node}       sent by the driver, not yet answered
+  cellserve_cluster_retries_total                 requests sent again after their worker died
+  cellserve_cluster_shed_total{model,reason}      refused 429 at the driver: plan (over the
+                                                  plan's rate), unplanned, deadline (every
+                                                  worker busy and predicted to miss it)
+
+A dead worker's counters stay at their last polled values (counters never go back).
+"""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class ClusterCollector:
+    def __init__(self, core):
+        self.core = core  # a RayCore: its router's workers and its driver-side counters
+
+    def collect(self):
+        wn = ["worker", "node"]
+        steps = CounterMetricFamily("cellserve_cell_steps", "Batched executions of a cell type", labels=[*wn, "cell_type"])
+        lanes = CounterMetricFamily("cellserve_cell_lanes", "Lane-steps run of a cell type (sum of batch sizes)",
+                                    labels=[*wn, "cell_type"])
+        execs = CounterMetricFamily("cellserve_inference_exec_count", "Batched cell steps run for a model",
+                                    labels=["model", "version", *wn])
+        overhead = GaugeMetricFamily("cellserve_engine_overhead_factor",
+                                     "Busy wall time over modelled kernel time, per worker", labels=wn)
+        up = GaugeMetricFamily("cellserve_worker_up", "1 while the worker is live, 0 once it died", labels=wn)
+        served = CounterMetricFamily("cellserve_worker_requests", "Requests a worker's engine answered",
+                                     labels=[*wn, "outcome"])
+        active = GaugeMetricFamily("cellserve_worker_active_requests", "Requests in a worker's engine", labels=wn)
+        seqs = GaugeMetricFamily("cellserve_worker_sequences", "Sequence states a worker holds", labels=wn)
+        outstanding = GaugeMetricFamily("cellserve_worker_outstanding", "Requests the driver sent a worker, "
+                                        "not yet answered", labels=wn)
+        for w in list(self.core.router.workers.values()):
+            labels = [w.id, w.info.node_id]
+            snap = w.snapshot
+            up.add_metric(labels, 1 if w.alive else 0)
+            outstanding.add_metric(labels, w.outstanding)
+            if not snap:
+                continue
+            by_model: dict[str, int] = {}
+            for cell_type, count in snap["steps"].items():
+                steps.add_metric([*labels, cell_type], count)
+                lanes.add_metric([*labels, cell_type], snap["lanes"].get(cell_type, 0))
+                engine_model = cell_type.split("/", 1)[0]
+                by_model[engine_model] = by_model.get(engine_model, 0) + count
+            for engine_model, count in by_model.items():
+                name, _, version = engine_model.rpartition(":")
+                execs.add_metric([name, version, *labels], count)
+            overhead.add_metric(labels, snap["overhead_factor"])
+            for outcome, count in snap["served"].items():
+                served.add_metric([*labels, outcome], count)
+            active.add_metric(labels, snap["active"] + snap["queued"])
+            seqs.add_metric(labels, snap["sequences"])
+        yield from (steps, lanes, execs, overhead, up, served, active, seqs, outstanding)
+        yield CounterMetricFamily("cellserve_cluster_retries", "Requests sent again after their worker died",
+                                  value=self.core.retries)
+        shed = CounterMetricFamily("cellserve_cluster_shed", "Requests refused (429) at the driver before any "
+                                   "worker queued them", labels=["model", "reason"])
+        for (model, why), count in sorted(self.core.shed.items()):
+            shed.add_metric([model, why], count)
+        yield shed

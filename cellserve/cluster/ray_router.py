@@ -1,0 +1,193 @@
+"""Which engine worker gets a request: the driver's view of its Ray workers (`serve --ray`).
+
+Pure Python, no Ray: the driver feeds it what the workers report and what it sends them.
+
+Contract:
+- A worker is *live* until `mark_dead`; a dead worker is never picked again (it does not
+  come back: a restarted actor would be a new worker).
+- `pick(model, rounds, lanes)` returns the live worker serving `model` whose predicted finish
+  for the request is the least (ties: fewest requests outstanding, then the lowest id), or
+  None when no live worker serves it.
+- The prediction is the engine's own (Engine._predicted_latency): the request's rounds, each
+  priced by the worker's cost model (its step-cost tables, reported by the worker and
+  refreshed by the driver's poller) at the load the driver has outstanding on that worker
+  plus this request's lanes. The driver sees every request it sends, so it knows that load
+  without asking: routing costs no extra hop. A worker with nothing outstanding is priced at
+  its fastest steps, a busy one at its moving averages (bounded), as the engine prices.
+- `started`/`finished` bracket each call to a worker: they keep the outstanding load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from cellserve.engine.cost_model import CostModel, StepCost
+
+# Engine._bounded_round_time's bound (engine.PREDICTION_BOUND), repeated so that this module
+# needs no engine (and no torch); tests/cluster/test_ray_router.py checks they agree.
+PREDICTION_BOUND = 16.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker reports once its engine is up (plain data: crosses Ray as it is)."""
+
+    worker_id: str  # "w0", "w1", ...: the `worker` label of its metrics
+    node_id: str  # the Ray node it runs on: the `node` label
+    models: tuple[str, ...]  # client-facing model names it serves
+    cell_types: dict[str, list[str]]  # model -> the engine's cell types of it (after stacking)
+    extra_rounds: dict[str, list[int]]  # model -> per recurrent step, 1 for a decoder's end step
+    max_batch: int  # the engine's batch cap per cell type
+    pid: int = 0
+
+
+@dataclass
+class WorkerState:
+    """The driver's view of one worker. `handle` is whatever the driver calls (a Ray actor)."""
+
+    info: WorkerInfo
+    handle: object = None
+    alive: bool = True
+    death: str = ""  # why it is dead
+    outstanding: int = 0  # requests sent, not answered
+    load: dict[str, int] = field(default_factory=dict)  # cell type -> lanes outstanding
+    costs: CostModel | None = None
+    overhead_factor: float = 1.0
+    snapshot: dict = field(default_factory=dict)  # the last poll (metrics)
+
+    @property
+    def id(self) -> str:
+        return self.info.worker_id
+
+    def describe(self) -> str:
+        return f"worker {self.id} (node {self.info.node_id[:12]})"
+
+
+def cost_snapshot(costs: CostModel) -> dict:
+    """A worker's step-cost tables as plain data: {cell type: {"mean": {bucket: s}, "best": ...}}.
+
+    Reads StepCost's tables directly: the engine keeps them private and exports nothing, and
+    the router must price exactly as the engine does (cost_model_from is the inverse)."""
+    return {t: {"mean": dict(c._mean), "best": dict(c._best)} for t, c in costs.costs.items()}
+
+
+def cost_model_from(snapshot: dict, max_batch: int) -> CostModel:
+    """The inverse of cost_snapshot: a CostModel that prices as the worker's did when it reported."""
+    model = CostModel(max_batch)
+    for cell_type, tables in snapshot.items():
+        cost = StepCost()
+        cost._mean = {int(b): float(s) for b, s in tables["mean"].items()}
+        cost._best = {int(b): float(s) for b, s in tables["best"].items()}
+        cost._buckets = sorted(cost._mean)
+        model.costs[cell_type] = cost
+    return model
+
+
+class Router:
+    def __init__(self, workers: list[WorkerState]):
+        ids = [w.id for w in workers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"worker ids repeat: {ids}")
+        self.workers = {w.id: w for w in workers}
+        self._serving: dict[str, list[WorkerState]] = {}
+        for w in workers:
+            for model in w.info.models:
+                self._serving.setdefault(model, []).append(w)
+
+    def serving(self, model: str, live_only: bool = True) -> list[WorkerState]:
+        return [w for w in self._serving.get(model, []) if w.alive or not live_only]
+
+    def live(self) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.alive]
+
+    def update_costs(self, worker: WorkerState, snapshot: dict, overhead_factor: float) -> None:
+        worker.costs = cost_model_from(snapshot, worker.info.max_batch)
+        worker.overhead_factor = max(float(overhead_factor), 1.0)
+
+    def predict(self, worker: WorkerState, model: str, rounds: int, lanes: int) -> float:
+        """Seconds `worker` would take to run a request of `rounds` rounds and `lanes` lanes
+        of `model`, at the load outstanding there (0.0 until it reported its costs)."""
+        if worker.costs is None:
+            return 0.0
+        load = dict(worker.load)
+        for t in worker.info.cell_types.get(model, ()):
+            load[t] = load.get(t, 0) + lanes
+        best = worker.costs.round_time(load, best=True)
+        if worker.outstanding == 0:
+            return rounds * best
+        mean = worker.costs.round_time(load)
+        return rounds * min(mean, PREDICTION_BOUND * best) * worker.overhead_factor
+
+    def pick(self, model: str, rounds: int, lanes: int,
+             exclude: tuple[str, ...] = ()) -> tuple[WorkerState, float] | None:
+        """The live worker serving `model` (not in `exclude`) with the least predicted finish,
+        and that prediction in seconds; None when there is none."""
+        best: tuple[float, int, str] | None = None
+        chosen = None
+        for w in self._serving.get(model, ()):
+            if not w.alive or w.id in exclude:
+                continue
+            key = (self.predict(w, model, rounds, lanes), w.outstanding, w.id)
+            if best is None or key < best:
+                best, chosen = key, w
+        return None if chosen is None else (chosen, best[0])
+
+    def rounds(self, worker: WorkerState, model: str, length: int) -> int:
+        """Rounds a request whose longest input has `length` steps takes on `worker`'s engine
+        (Engine._rounds_plan, summed)."""
+        extra = worker.info.extra_rounds.get(model, [0])
+        return sum(length + e for e in extra)
+
+    def started(self, worker: WorkerState, model: str, lanes: int) -> None:
+        worker.outstanding += 1
+        for t in worker.info.cell_types.get(model, ()):
+            worker.load[t] = worker.load.get(t, 0) + lanes
+
+    def finished(self, worker: WorkerState, model: str, lanes: int) -> None:
+        worker.outstanding -= 1
+        for t in worker.info.cell_types.get(model, ()):
+            worker.load[t] = worker.load.get(t, 0) - lanes
+
+    def mark_dead(self, worker: WorkerState, why: str) -> bool:
+        """Take `worker` out of routing; True the first time (the caller reports it once)."""
+        if not worker.alive:
+            return False
+        worker.alive, worker.death = False, why
+        return True
+
+
+def time_length(model, inputs: dict) -> int:
+    """The longest time axis among a request's inputs (1 without one): what the engine counts
+    rounds from (Engine._rounds_plan). `model` is the graph Model (its input semantics)."""
+    length = 1
+    for name, sem in model.semantics.items():
+        if sem.time_axis is not None:
+            x = inputs.get(name)
+            shape = getattr(x, "shape", None)
+            if shape is not None and sem.time_axis < len(shape):
+                length = max(length, int(shape[sem.time_axis]))
+    return length
+
+
+class RateGate:
+    """A token bucket: the rate a plan serves for one model. `admit(now)` spends a token or
+    says no. Capacity is what arrives at the planned rate over `burst_s` (at least one
+    request): a burst that drains within the model's SLO, no more, may queue."""
+
+    def __init__(self, rate_rps: float, burst_s: float):
+        if not rate_rps > 0 or not burst_s > 0:
+            raise ValueError(f"a rate gate needs rate_rps > 0 and burst_s > 0, got {rate_rps}, {burst_s}")
+        self.rate = rate_rps
+        self.capacity = max(1.0, rate_rps * burst_s)
+        self.tokens = self.capacity
+        self.last = -math.inf
+
+    def admit(self, now: float) -> bool:
+        if self.last > -math.inf:
+            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False

@@ -1,0 +1,167 @@
+"""An engine worker: one Ray actor holding one Engine over the models it serves (`serve --ray`).
+
+The driver (cluster/ray_core.py) sends each request as one direct actor call, `infer(call)`,
+with its tensors as numpy arrays (Ray pickles them out of band; small ones travel inside the
+call), and gets back one `Reply`. The engine's step loop runs in a thread of its own; the
+actor's asyncio loop only hands requests in and answers out, as the frontends' loop does in a
+plain `cellserve serve`.
+
+Contracts:
+- Every `infer` call returns exactly one Reply (the engine answers every request once).
+- Sequences keep their state here, between chunks, under the driver's `state_key`: a chunk
+  with `start` begins from the model's initial state, one without it from the state the last
+  good chunk left (a failed chunk leaves it as it was); `end` releases it, as does
+  `release(keys)` (the driver expired the sequence). A chunk whose state is not here is
+  answered `status="sequence"`, never run from a fresh state.
+- `snapshot()` is cheap (plain numbers): the cost tables the driver routes by and the
+  counters the driver's metrics export, labelled with this worker and its node.
+
+This module imports Ray only for the node id, and only inside the actor; the class is made a
+Ray actor by the driver (ray.remote(EngineWorker)), so that it is importable without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cellserve.cluster.ray_router import WorkerInfo, cost_snapshot
+from cellserve.engine.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker serves and how (plain data: the driver builds it from flags or a plan)."""
+
+    worker_id: str
+    models: tuple[str, ...]  # client-facing names; every version of each (repository) or zoo name
+    engine: EngineConfig
+    threads: int  # torch threads for its kernels: its device group's cores
+    model_repository: str | None = None  # the same path on every node; None: the zoo
+    default_slo_ms: float | None = None
+
+
+@dataclass
+class Call:
+    """One request as it crosses to a worker."""
+
+    engine_model: str  # "name:version"
+    inputs: dict  # name -> numpy array
+    timeout_s: float | None  # time left to the deadline when sent, less the hop's margin
+    priority: int
+    state_key: str | None = None  # a sequence chunk: where its state is kept here
+    start: bool = False
+    end: bool = False
+
+
+@dataclass
+class Reply:
+    status: str  # an engine Status value ("ok", "invalid", "rejected", "dropped", "error"), or "sequence"
+    reason: str = ""
+    outputs: dict = field(default_factory=dict)
+    queue_s: float | None = None  # arrival to admission (None: answered at admission)
+    compute_s: float | None = None  # admission to answer
+    engine_s: float = 0.0  # arrival at this worker to answer: the driver learns the hop from it
+
+
+class EngineWorker:
+    def __init__(self, spec: WorkerSpec):
+        import torch
+
+        from cellserve.engine.engine import Engine
+        from cellserve.server.repository import load_repository, load_zoo
+
+        torch.set_num_threads(spec.threads)
+        if spec.model_repository is not None:
+            served = [s for s in load_repository(Path(spec.model_repository)) if s.name in spec.models]
+        else:
+            served = load_zoo(list(spec.models), spec.default_slo_ms)
+        missing = sorted(set(spec.models) - {s.name for s in served})
+        if missing:
+            raise ValueError(f"worker {spec.worker_id}: models {missing} are not in its model repository")
+        self.spec = spec
+        self.engine = Engine([s.model for s in served], spec.engine)
+        self._names = {s.engine_name: s.name for s in served}
+        self.states: dict[str, dict] = {}
+        self.served = {"ok": 0, "failed": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"cellserve-engine-{spec.worker_id}", daemon=True)
+        self._thread.start()
+        self._node = _node_id()
+
+    def _loop(self) -> None:
+        self.engine.serve_forever(self._stop)
+        self.engine.abort_all(f"worker {self.spec.worker_id} is stopping")
+
+    def info(self) -> WorkerInfo:
+        e = self.engine
+        models = {}
+        for engine_name, name in self._names.items():
+            models.setdefault(name, engine_name)  # one version's layout stands for the model's
+        return WorkerInfo(self.spec.worker_id, self._node, tuple(sorted(models)),
+                          {name: list(e._model_types[en]) for name, en in models.items()},
+                          {name: list(e._extra_rounds[en]) for name, en in models.items()},
+                          e.policy.max_batch, os.getpid())
+
+    async def infer(self, call: Call) -> Reply:
+        from cellserve.engine.request import Request, Status
+
+        initial = None
+        if call.state_key is not None and not call.start:
+            initial = self.states.get(call.state_key)
+            if initial is None:
+                return Reply("sequence", f"worker {self.spec.worker_id} holds no state for this sequence")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_done(response) -> None:  # the engine thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, done, response)
+
+        self.engine.submit(Request(call.engine_model, call.inputs, on_done=on_done, timeout_s=call.timeout_s,
+                                   priority=call.priority, initial_state=initial,
+                                   return_state=call.state_key is not None))
+        r = await done
+        ok = r.status is Status.OK
+        self.served["ok" if ok else "failed"] += 1
+        if ok and call.state_key is not None:
+            if call.end:
+                self.states.pop(call.state_key, None)
+            else:
+                self.states[call.state_key] = r.state
+        queue = compute = None
+        if r.admitted is not None:
+            queue, compute = max(r.admitted - r.arrival, 0.0), max(r.finish - r.admitted, 0.0)
+        return Reply(r.status.value, r.reason, r.outputs if ok else {}, queue, compute, max(r.finish - r.arrival, 0.0))
+
+    def release(self, keys: list[str]) -> int:
+        """Forget these sequences' states (expired at the driver); how many were here."""
+        return sum(self.states.pop(k, None) is not None for k in keys)
+
+    def snapshot(self) -> dict:
+        e = self.engine
+        return {"costs": cost_snapshot(e.costs), "overhead_factor": e.overhead_factor,
+                "steps": dict(e.stats.steps_by_type), "lanes": dict(e.stats.lanes_by_type),
+                "active": e.active_requests, "queued": e.queued_requests, "sequences": len(self.states),
+                "served": dict(self.served)}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (tests call the class directly): no node
+        return "local"
