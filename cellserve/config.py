@@ -39,18 +39,19 @@ def setting(default: Any = _NO_DEFAULT, help: str = "", *, default_factory: Call
             flag: str | None = None, aliases: tuple[str, ...] = (), group: str | None = None,
             unset: str | None = None, ge: float | None = None, gt: float | None = None, le: float | None = None,
             choices: tuple[str, ...] | None = None, check: Callable[[Any], str | None] | None = None,
-            metavar: str | None = None) -> Any:
+            metavar: str | None = None, const: Any = None) -> Any:
     """A dataclass field with what the CLI, the config file and validation need to know.
 
     help: one line for --help and the printed TOML. flag: the option's name (default
     `--field-name`). aliases: deprecated option names, still accepted with a warning. group:
     the --help section. unset: what None means, for the help's "(default: ...)". ge/gt/le,
     choices: bounds checked on every non-None value. check: value -> None, or the text after the
-    name of what is wrong ("must be ..., got ...").
+    name of what is wrong ("must be ..., got ..."). const: the flag's value may be left out, and is
+    then this (`--ray` alone means `--ray local`).
     """
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "group": group, "unset": unset, "ge": ge,
             "gt": gt, "le": le, "choices": tuple(choices) if choices is not None else None, "check": check,
-            "metavar": metavar}
+            "metavar": metavar, "const": const}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

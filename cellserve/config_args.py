@@ -105,6 +105,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, group_order: tuple[str
             metavar = leaf.meta.get("metavar") or leaf.key.rsplit(".", 1)[-1].upper()
             kwargs = dict(common, type=_parse_type(leaf), metavar=metavar,
                           action=_Append if leaf.is_list else _Store)
+            if leaf.meta.get("const") is not None:  # the value may be left out: `--ray` alone
+                kwargs.update(nargs="?", const=leaf.meta["const"])
             if leaf.meta.get("choices"):
                 kwargs["choices"] = leaf.meta["choices"]
                 kwargs["metavar"] = "{" + ",".join(leaf.meta["choices"]) + "}"

@@ -29,7 +29,8 @@ _NETWORK = "network"
 _BATCHING = "batching and admission"
 _COMPUTE = "compute"
 _LIFECYCLE = "sequences and lifecycle"
-GROUPS = (_MODELS, _NETWORK, _BATCHING, _COMPUTE, _LIFECYCLE)  # --help's sections, in order
+_RAY = "Ray cluster (docs/ray.md)"
+GROUPS = (_MODELS, _NETWORK, _BATCHING, _COMPUTE, _LIFECYCLE, _RAY)  # --help's sections, in order
 
 
 def _port(value: int) -> str | None:
@@ -78,12 +79,32 @@ class ServerSettings:
                                          "itself refuses new calls (status CANCELLED), before they cost any Python "
                                          "work or outwait their deadline in its queue", ge=1, group=_NETWORK,
                                     metavar="N")
+    # issue 16: the engines as Ray actors (cellserve/cluster/ray_cluster.py)
+    ray_address: str | None = setting(None, "run the engines as workers on Ray: --ray alone starts a local Ray, "
+                                            "--ray ADDRESS joins a running cluster (auto, HOST:6379, "
+                                            "ray://HOST:10001); needs pip install cellserve[ray]",
+                                      flag="--ray", const="local", unset="off: one engine in this process",
+                                      group=_RAY, metavar="ADDRESS")
+    ray_workers: int | None = setting(None, "engine workers (Ray actors), each serving every model", ge=1,
+                                      unset="2, or one per device of --plan", group=_RAY, metavar="N")
+    ray_cpus_per_worker: int = setting(1, "cores of each worker's device group (its Ray placement-group "
+                                          "bundle and its kernel threads)", ge=1, group=_RAY, metavar="N")
+    plan: Path | None = setting(None, "a Nexus plan (cellserve plan nexus): one worker per device, serving its "
+                                      "sessions' models; each model's rate beyond the plan's is refused (429)",
+                                unset="none", group=_RAY, metavar="PLAN.json")
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field
 
     def _problems(self) -> list[Problem]:
+        problems = []
         if self.model_repository is not None and self.zoo_models:
-            return [Problem("zoo_models", "{name} picks zoo models; it cannot be combined with {0}",
-                            ("model_repository",))]
-        return []
+            problems.append(Problem("zoo_models", "{name} picks zoo models; it cannot be combined with {0}",
+                                    ("model_repository",)))
+        for key in ("ray_workers", "plan"):
+            if getattr(self, key) is not None and self.ray_address is None:
+                problems.append(Problem(key, "{name} is for the Ray workers: it needs --ray (ray_address)"))
+        if self.plan is not None and self.ray_workers is not None:
+            problems.append(Problem("ray_workers", "{name} cannot be combined with {0}, which says how many "
+                                    "workers (one per device)", ("plan",)))
+        return problems
