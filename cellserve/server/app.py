@@ -43,6 +43,10 @@ class StartupError(Exception):
 def serve(settings: ServerSettings) -> int:
     """Run a server with these (validated) settings until SIGTERM/SIGINT; the exit status: 0
     after a clean stop, 1 when start-up failed (one line on stderr)."""
+    if settings.ray_address is not None:  # the engines as Ray actors; Ray is imported only there
+        from cellserve.cluster.ray_cluster import serve_ray
+
+        return serve_ray(settings)
     if settings.threads:
         import torch
 
