@@ -47,13 +47,10 @@ class Evaluator:
         self.preds: dict[str, list[tuple[str, float]]] = {n: [] for n in self.ids}  # (src, mb)
         for e in graph.edges:
             self.preds[e.dst].append((e.src, e.mb))
+        self.succ: dict[str, list[str]] = {n: [] for n in self.ids}
+        for e in graph.edges:
+            self.succ[e.src].append(e.dst)
         self.links = graph.links
-
-    def arrival(self, src: str, mb: float, src_dev: str, dst_dev: str, finish: float) -> float:
-        if src_dev == dst_dev:
-            return finish
-        link = self.links[(src_dev, dst_dev)]
-        return finish + link.latency_ms + mb * link.ms_per_mb
 
     def run(self, assignment: dict[str, str], order: dict[str, list[str]]) -> Schedule:
         """The schedule of a complete partition. Raises PartitionError when a node is on a
@@ -76,30 +73,41 @@ class Evaluator:
                 raise PartitionError(f"node {n!r} is assigned to {dev!r} but ordered on {placed.get(n)!r}")
         if len(placed) != len(self.ids):
             raise PartitionError(f"the order lists unknown nodes {sorted(set(placed) - set(self.ids))}")
+        # a node runs once its inputs are done and it heads its device's queue: count the
+        # inputs each still waits for, and look at a device again whenever its head may run
+        waiting = {n: len(self.preds[n]) for n in self.ids}
+        succ, links, cost = self.succ, self.links, self.cost
         start: dict[str, float] = {}
         finish: dict[str, float] = {}
         heads = {d: 0 for d in order}
         free = {d: 0.0 for d in order}
-        remaining = len(self.ids)
-        while remaining:
-            progressed = False
-            for dev, nodes in order.items():
-                while heads[dev] < len(nodes):
-                    n = nodes[heads[dev]]
-                    if any(p not in finish for p, _ in self.preds[n]):
-                        break
-                    t = free[dev]
-                    for p, mb in self.preds[n]:
-                        t = max(t, self.arrival(p, mb, assignment[p], dev, finish[p]))
-                    start[n] = t
-                    finish[n] = free[dev] = t + self.cost[n][dev]
-                    heads[dev] += 1
-                    remaining -= 1
-                    progressed = True
-            if not progressed:
-                stuck = {d: nodes[heads[d]] for d, nodes in order.items() if heads[d] < len(nodes)}
-                raise PartitionError(f"the order contradicts the edges: each device's next node waits for an "
-                                     f"input queued behind another ({stuck})")
+        look = list(order)
+        while look:
+            dev = look.pop()
+            nodes = order[dev]
+            while heads[dev] < len(nodes) and waiting[nodes[heads[dev]]] == 0:
+                n = nodes[heads[dev]]
+                t = free[dev]
+                for p, mb in self.preds[n]:
+                    a = assignment[p]
+                    if a == dev:
+                        ready = finish[p]
+                    else:
+                        link = links[(a, dev)]
+                        ready = finish[p] + link.latency_ms + mb * link.ms_per_mb
+                    if ready > t:
+                        t = ready
+                start[n] = t
+                finish[n] = free[dev] = t + cost[n][dev]
+                heads[dev] += 1
+                for m in succ[n]:
+                    waiting[m] -= 1
+                    if waiting[m] == 0 and assignment[m] != dev:
+                        look.append(assignment[m])
+        if len(finish) < len(self.ids):
+            stuck = {d: nodes[heads[d]] for d, nodes in order.items() if heads[d] < len(nodes)}
+            raise PartitionError(f"the order contradicts the edges: each device's next node waits for an "
+                                 f"input queued behind another ({stuck})")
         busy = {d: sum(self.cost[n][d] for n in order.get(d, [])) for d in g.devices}
         memory = {d: sum(self.mem[n].get(d, 0.0) for n in order.get(d, [])) for d in g.devices}
         link = {pair: 0.0 for pair in g.links}

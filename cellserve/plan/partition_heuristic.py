@@ -7,10 +7,11 @@ solver's first incumbent).
    devices whose memory budget it still fits.
 2. Starts besides HEFT: every single device that every node allows, and for memory mode every
    node on its cheapest device other than the one whose memory is minimised.
-3. Local search from each start: move one node to another device, re-derive the order by list
-   scheduling with the assignment's own upward ranks, keep the move when the plan's key
-   (constraint violation, the mode's objective, makespan) falls; passes over the nodes until a
-   pass changes nothing or `max_passes` is spent.
+3. Local search from each start (beyond SMALL nodes: from the best start only): move one node
+   to another device, re-derive the order by list scheduling (the better of upward-rank and
+   earliest-start order), keep the move when the plan's key (constraint violation, the mode's
+   objective, makespan) falls; passes over the nodes until a pass changes nothing or the pass
+   limit (8, beyond SMALL nodes 3) is spent.
 The best plan over all starts is returned, so it is never worse (by that key) than any start,
 single devices included. Deterministic: no clocks, no randomness.
 """
@@ -22,6 +23,7 @@ import heapq
 from cellserve.plan.partition_eval import Evaluator, Schedule, primary, violation
 from cellserve.plan.partition_graph import Problem
 
+SMALL = 60  # nodes: up to this many, every start gets a full local search
 Assignment = dict[str, str]
 Order = dict[str, list[str]]
 
@@ -79,21 +81,26 @@ class Heuristic:
         first on its device (the higher upward rank on a tie)."""
         indeg = {n: len(self.ev.preds[n]) for n in self.ids}
         free = {d: 0.0 for d in self.g.devices}
-        finish: dict[str, float] = {}
         arrive = {n: 0.0 for n in self.ids}
-        ready = {n for n in self.ids if indeg[n] == 0}
+        # a heap of (earliest start when pushed, ...): a start only grows (its device gets
+        # busier), so a popped entry whose start grew is pushed again with the new one
+        heap = [(0.0, -rank[n], self.position[n], n) for n in self.ids if indeg[n] == 0]
+        heapq.heapify(heap)
         order: Order = {d: [] for d in self.g.devices}
-        while ready:
-            n = min(ready, key=lambda k: (max(free[assignment[k]], arrive[k]), -rank[k], self.position[k]))
-            ready.discard(n)
+        while heap:
+            est, r, pos, n = heapq.heappop(heap)
             d = assignment[n]
-            finish[n] = free[d] = max(free[d], arrive[n]) + self.ev.cost[n][d]
+            now = max(free[d], arrive[n])
+            if now > est:
+                heapq.heappush(heap, (now, r, pos, n))
+                continue
+            free[d] = now + self.ev.cost[n][d]
             order[d].append(n)
             for m, mb in self.succ[n]:
-                arrive[m] = max(arrive[m], finish[n] + self._transfer(mb, d, assignment[m]))
+                arrive[m] = max(arrive[m], free[d] + self._transfer(mb, d, assignment[m]))
                 indeg[m] -= 1
                 if indeg[m] == 0:
-                    ready.add(m)
+                    heapq.heappush(heap, (max(free[assignment[m]], arrive[m]), -rank[m], self.position[m], m))
         return order
 
     def schedule(self, assignment: Assignment) -> tuple[Order, Schedule]:
@@ -178,15 +185,27 @@ class Heuristic:
                 break
         return assignment, order, best
 
-    def solve(self, max_passes: int = 8) -> tuple[Assignment, Order, Schedule]:
-        """The best plan over every start after local search (see the module's docstring)."""
-        best = None
-        seen = []
+    def solve(self) -> tuple[Assignment, Order, Schedule]:
+        """The best plan over every start after local search (see the module's docstring).
+        Up to SMALL nodes every start is searched (up to 8 passes); beyond, every start is
+        scheduled but only the best is searched, for 3 passes: a move costs a list schedule
+        (O(nodes log nodes + edges)) and a pass tries every node, so this bounds the time at
+        about 6 x nodes schedules."""
+        small = len(self.ids) <= SMALL
+        scheduled = []
         for start in self.starts():
-            if start in seen:
-                continue
-            seen.append(start)
-            found = self.improve(start, max_passes)
+            if all(start != s[0] for s in scheduled):
+                order, sched = self.schedule(start)
+                scheduled.append((start, order, sched))
+        if not small:
+            best = scheduled[0]
+            for cand in scheduled[1:]:
+                if better(self.key(cand[2]), self.key(best[2])):
+                    best = cand
+            scheduled = [best]
+        best = None
+        for start, order, sched in scheduled:
+            found = self.improve(start, 8 if small else 3)
             if best is None or better(self.key(found[2]), self.key(best[2])):
                 best = found
         return best
