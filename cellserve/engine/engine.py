@@ -445,7 +445,8 @@ class Engine:
             self._respond_early(request, Status.INVALID, str(exc))
             return
         if len(self._runs) >= self.config.max_active:
-            self._respond_early(request, Status.REJECTED, f"queue full: {len(self._runs)} requests in flight")
+            self._respond_early(request, Status.REJECTED, f"queue full: {len(self._runs)} requests in flight",
+                                congestion=True)
             return
         if request.timeout_s is not None and not request.timeout_s > 0:
             self._respond_early(request, Status.INVALID, f"timeout must be > 0 seconds, got {request.timeout_s}")
@@ -463,9 +464,11 @@ class Engine:
             if predicted > self.config.admission_headroom * (deadline - now):
                 unconfirmed = not self._runs and now - self._last_step > PROBE_AFTER_S
                 if not unconfirmed or deadline <= now:
+                    alone = self._alone_latency(model, run.rounds_plan, run.batch)
                     self._respond_early(request, Status.REJECTED,
                                         f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
-                                        f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)")
+                                        f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)",
+                                        congestion=alone <= self.config.admission_headroom * (deadline - now))
                     return
                 run.probe = True
         self._commit(run, +1)
@@ -495,6 +498,10 @@ class Engine:
         # the device has shown it does.
         round_s = self._bounded_round_time(load) if self._runs else self.costs.round_time(load, best=True)
         return sum(rounds_plan) * round_s
+
+    def _alone_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
+        """Seconds the request would take on an idle engine, at the fastest steps seen."""
+        return sum(rounds_plan) * self.costs.round_time({t: batch for t in self._model_types[model.name]}, best=True)
 
     def _bounded_round_time(self, load: dict[str, int]) -> float:
         steps = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
@@ -739,7 +746,8 @@ class Engine:
         run.responded = True
         self._respond(run.request, Response(run.request.request_id, status, outputs or {}, reason,
                                             run.request.arrival, self.clock.now(), run.admitted,
-                                            run.state if status is Status.OK else {}))
+                                            run.state if status is Status.OK else {},
+                                            congestion=status is Status.DROPPED))
 
     def _fail_request(self, request: Request, reason: str) -> None:
         run = self._runs.get(request.request_id)
@@ -755,9 +763,10 @@ class Engine:
             if run is not None:
                 self._finish_run(run, Status.ERROR, reason)
 
-    def _respond_early(self, request: Request, status: Status, reason: str) -> None:
+    def _respond_early(self, request: Request, status: Status, reason: str, congestion: bool = False) -> None:
         """Answer a request that never ran (refused or invalid at admission)."""
-        self._respond(request, Response(request.request_id, status, {}, reason, request.arrival, self.clock.now()))
+        self._respond(request, Response(request.request_id, status, {}, reason, request.arrival, self.clock.now(),
+                                        congestion=congestion))
 
     def _respond(self, request: Request, response: Response) -> None:
         """The one place a request is answered. Every path that takes a request out of the

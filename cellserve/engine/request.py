@@ -48,6 +48,11 @@ class Response:
     finish: float = 0.0
     admitted: float | None = None  # when the engine took it in (None: answered at admission)
     state: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    # A refusal that other requests' work caused (the request alone would have met its
+    # deadline, or the bound on requests in flight was reached), as against one whose deadline
+    # is too short for it even on an idle engine. A server's admission bound learns from the
+    # first kind only; drops (DROPPED) are always of the first kind.
+    congestion: bool = False
 
     @property
     def latency_s(self) -> float:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cellserve import __version__
-from cellserve.engine.clock import Clock
+from cellserve.engine.clock import Clock, MonotonicClock
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Response, Status
 from cellserve.server.codec import datatype_of
@@ -106,19 +106,27 @@ class Admission:
 
     The limit adapts between `floor` and `ceiling` (the --max-inflight bound) so that refusals
     happen here, where they cost a canned answer, instead of in the engine after a decode:
-    - CONGESTED (the engine refused or dropped a request, or its deadline passed) while at
-      least half the limit was in use cuts the limit to 90% of what is in flight; only a
-      request that entered after the last cut can cut again, so one burst of refusals
-      caused by the old limit cuts once, as TCP cuts once per window;
+    - CONGESTED (the engine refused a request because of the work it already had, or dropped
+      one, or its deadline passed) with more than `floor` requests in flight cuts the limit to
+      90% of what is in flight, however far under the limit that is: what was in flight is
+      what the engine could hold within deadlines. Only a request that entered after the last
+      cut can cut again, so one burst of refusals caused by the old limit cuts once, as TCP
+      cuts once per window. A refusal of a deadline too short even for an idle engine is not
+      congestion (`Overloaded.congestion`), nor is one request alone missing its deadline;
     - OK while the limit is three-quarters used grows it by GROWTH / limit, so GROWTH places
-      per limit's worth of answers.
+      per limit's worth of answers;
+    - QUIET_S without any congestion doubles it (checked when requests arrive), so that a
+      limit cut in an overload that has ended stops refusing within a few QUIET_S, even
+      requests that come all at once or carry no deadline. In a lasting overload the engine
+      keeps refusing some of what the limit lets in, and the limit stays down.
     Without congestion (requests without deadlines) it stays at the ceiling.
     """
 
     OK, CONGESTED, OTHER = "ok", "congested", "other"
     GROWTH = 4.0
+    QUIET_S = 0.5
 
-    def __init__(self, ceiling: int = 4096, floor: int = 8):
+    def __init__(self, ceiling: int = 4096, floor: int = 8, clock: Clock | None = None):
         self.ceiling, self.floor = ceiling, min(floor, ceiling)
         self.limit = float(ceiling)
         self.in_flight = 0
@@ -126,13 +134,34 @@ class Admission:
         self.cuts = 0
         self._issued = 0  # tickets handed out
         self._cut_after = 0  # tickets up to this one entered before the last cut
+        self._clock = clock or MonotonicClock()
+        self._quiet_since = 0.0  # the last congestion, or the last doubling since
 
     def configure(self, ceiling: int) -> None:
         self.ceiling, self.floor = ceiling, min(self.floor, ceiling)
         self.limit = min(self.limit, float(ceiling)) if self.cuts else float(ceiling)
 
     def full(self) -> bool:
+        if self.in_flight >= int(self.limit):
+            self.recover()
         return self.in_flight >= int(self.limit)
+
+    def recover(self) -> None:
+        """Apply the doublings owed for quiet time since the last congestion (the frontends'
+        loop only: it changes the bound)."""
+        self.limit, self._quiet_since = self._owed()
+
+    def limit_now(self) -> float:
+        """The limit with the doublings owed so far (read-only: for a scrape from any thread)."""
+        return self._owed()[0]
+
+    def _owed(self) -> tuple[float, float]:
+        if self.limit >= self.ceiling:
+            return self.limit, self._quiet_since
+        quiet = int((self._clock.now() - self._quiet_since) / self.QUIET_S)
+        if quiet <= 0:
+            return self.limit, self._quiet_since
+        return min(float(self.ceiling), self.limit * 2.0 ** min(quiet, 64)), self._quiet_since + quiet * self.QUIET_S
 
     def refusal(self) -> str:
         """The message of a refusal here: what is full, and by which bound."""
@@ -140,7 +169,7 @@ class Admission:
                 f"(adapted to what the engine keeps up with; at most {self.ceiling}, --max-inflight); retry later")
 
     def enter(self) -> int:
-        if self.in_flight >= int(self.limit):
+        if self.full():
             self.shed += 1
             raise Overloaded(self.refusal())
         self.in_flight += 1
@@ -151,7 +180,8 @@ class Admission:
         in_flight = self.in_flight
         self.in_flight -= 1
         if outcome == self.CONGESTED:
-            if ticket > self._cut_after and in_flight >= self.limit / 2:
+            self._quiet_since = self._clock.now()
+            if ticket > self._cut_after and in_flight > self.floor:
                 self.limit = max(float(self.floor), 0.9 * min(self.limit, in_flight))
                 self._cut_after = self._issued
                 self.cuts += 1
@@ -163,7 +193,7 @@ class Admission:
         """How an inference that ended with `exc` (None: answered) counts for the limit."""
         if exc is None:
             return Admission.OK
-        if isinstance(exc, (Overloaded, DeadlineExceeded)):
+        if isinstance(exc, DeadlineExceeded) or (isinstance(exc, Overloaded) and exc.congestion):
             return Admission.CONGESTED
         return Admission.OTHER
 
@@ -176,7 +206,7 @@ class Core:
         # where the server reads time (deadlines, arrivals); the engine's clock unless a test
         # injects another
         self.clock = clock or engine.clock
-        self.admission = Admission()
+        self.admission = Admission(clock=self.clock)
         self.sequence_idle_s = sequence_idle_s
         self.sequences = SequenceStore(max_sequences, clock=self.clock)
         self._models: dict[str, dict[str, ServedModel]] = {}
@@ -360,6 +390,8 @@ class Core:
         reason = response.reason.replace(repr(entry.engine_name), repr(entry.name))
         if response.status is Status.ERROR and not self.accepting:
             raise Unavailable(reason)  # answered by the shutdown, not failed
+        if response.status is Status.REJECTED:
+            raise Overloaded(reason, congestion=response.congestion)
         raise _ERRORS[response.status](reason)
 
 

@@ -41,10 +41,16 @@ class Unavailable(ServerError):
 
 
 class Overloaded(ServerError):
-    """Refused at once: the deadline cannot be met, or a bounded queue is full."""
+    """Refused at once: the deadline cannot be met, or a bounded queue is full. `congestion`:
+    other requests' work caused it (False: the deadline is too short for the request even
+    alone), which is what the admission bound learns from."""
 
     http_status = 429
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, congestion: bool = True):
+        super().__init__(message)
+        self.congestion = congestion
 
 
 class DeadlineExceeded(ServerError):

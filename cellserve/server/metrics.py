@@ -134,7 +134,7 @@ class _FrontendCollector:
         yield CounterMetricFamily("cellserve_requests_shed", "Inference requests refused (429) by the frontends' "
                                   "admission bound before their body was decoded", value=a.shed)
         yield GaugeMetricFamily("cellserve_admission_limit", "Inference requests the frontends admit at once now",
-                                value=int(a.limit))
+                                value=int(a.limit_now()))
         yield GaugeMetricFamily("cellserve_admission_in_flight", "Inference requests admitted, not yet answered",
                                 value=a.in_flight)
         yield CounterMetricFamily("cellserve_admission_cuts", "Times the admission bound was cut because the "

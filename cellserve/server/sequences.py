@@ -63,7 +63,8 @@ class SequenceStore:
                     raise SequenceError(f"{name} was {why}; start a new one with sequence_start")
                 raise SequenceError(f"{name} is not active: its first request must set sequence_start")
             if len(self._active) >= self.max_sequences:
-                raise Overloaded(f"too many active sequences ({self.max_sequences}); end or let some expire")
+                raise Overloaded(f"too many active sequences ({self.max_sequences}); end or let some expire",
+                                 congestion=False)
             sequence = self._active[key] = Sequence(key, idle_timeout_s)
             self._ended.pop(key, None)
         self.touch(sequence)

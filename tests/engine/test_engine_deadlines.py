@@ -47,6 +47,26 @@ def test_admission_rejects_a_request_whose_timeout_is_far_below_its_predicted_ti
     check_ok(models, responses, [1, 2])
 
 
+def test_a_refusal_says_whether_other_requests_work_caused_it(models):
+    """The server's admission bound learns only from refusals that load caused: a deadline
+    the request alone would meet, refused because ten requests are ahead of it, is marked
+    congestion; one too short even for an idle engine is not."""
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=True, drop_late=False, max_batch=1)
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=1e-4))
+    engine.run_until_idle(timeout_s=10)
+    for i in range(1, 11):
+        engine.submit(make_request(responses, i, "lstm", {"tokens": TOKENS}, timeout_s=1000.0))
+    # alone: 12 rounds of one tick, well within 40 ms; behind ten lanes stepped one at a time: not
+    engine.submit(make_request(responses, 11, "lstm", {"tokens": TOKENS}, timeout_s=40 * TICK))
+    engine.run_until_idle(timeout_s=10)
+    alone, loaded = responses.one(0), responses.one(11)
+    assert alone.status is Status.REJECTED and not alone.congestion
+    assert loaded.status is Status.REJECTED and loaded.congestion, loaded.reason
+    check_ok(models, responses, range(1, 11))
+
+
 def test_admission_uses_the_configured_default_timeout_for_requests_that_set_none(models):
     clock = FakeClock(tick=TICK)
     engine = make_engine(models, clock, admission=True, drop_late=False, default_timeout_s=1e-4)
