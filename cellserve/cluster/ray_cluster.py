@@ -37,16 +37,16 @@ def serve_ray(settings: ServerSettings) -> int:
     from cellserve.errors import CellserveError
     from cellserve.server.app import StartupError, _bind, _load_models
 
+    try:  # the plan first: a file that cannot be used is told at once, before any model loads
+        layout = _layout(settings, _model_names(settings))
+    except ValueError as exc:  # NexusError, PlanMismatch, or a plan with no device
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         served = _load_models(settings)
     except (CellserveError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
-    try:
-        layout = _layout(settings, served)
-    except ValueError as exc:  # the plan file: NexusError, PlanMismatch, or a plan with no device
-        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
-        return 2
     try:
         sockets = _bind(settings)
         cluster = _Cluster(settings, layout)
@@ -59,11 +59,21 @@ def serve_ray(settings: ServerSettings) -> int:
         cluster.close()
 
 
-def _layout(settings: ServerSettings, served):
+def _model_names(settings: ServerSettings) -> list[str]:
+    """The names of the models the server will serve, without loading them."""
+    if settings.model_repository is not None:
+        root = settings.model_repository
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []
+    from cellserve.graph import zoo
+
+    return sorted(settings.zoo_models or zoo.names())
+
+
+def _layout(settings: ServerSettings, names: list[str]):
     from cellserve.cluster.ray_plan import from_flags, from_plan
     from cellserve.plan.nexus_io import load_plan
 
-    names = sorted({s.name for s in served})
     if settings.plan is None:
         return from_flags(names, settings.ray_workers or 2)
     plan = load_plan(settings.plan)
