@@ -137,8 +137,9 @@ def _plan_partition(args, parser) -> int:
         return 1
     write_json(plan_to_dict(plan), args.json)
     on = {d: len(v) for d, v in plan.order.items()}
+    objective = "" if plan.mode == "latency" else f"{plan.objective} {plan.objective_value:.4g}, "
     print(f"wrote {args.json}: {plan.mode} mode, makespan {plan.makespan_ms:.4g} ms, "
-          f"{plan.objective} {plan.objective_value:.4g}, nodes per device {on}, {plan.solver} "
+          f"{objective}nodes per device {on}, {plan.solver} "
           f"(gap {plan.gap:.3g}) in {plan.solve_s:.3f} s")
     return 0
 
