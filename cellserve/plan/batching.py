@@ -173,9 +173,9 @@ def wait_tables(chain: Chain, pi0: np.ndarray, pmf: np.ndarray, timeout_ms: floa
     return np.linspace(0.0, timeout_ms, K + 1), H
 
 
-def latency_quantile(chain: Chain, pi0: np.ndarray, pmf: np.ndarray, service: Service, timeout_ms: float,
-                     p: float, steps: int = STEPS) -> float:
-    """The smallest x (ms) with F(x) >= p, F the request latency's distribution, by bisection."""
+def request_latency_cdf(chain: Chain, pi0: np.ndarray, pmf: np.ndarray, service: Service, timeout_ms: float,
+                        steps: int = STEPS):
+    """F(x) = P(a request's latency <= x ms), x a float (module docstring)."""
     grid, H = wait_tables(chain, pi0, pmf, timeout_ms, steps)
     B, K = chain.B, steps
     h = timeout_ms / K
@@ -193,7 +193,15 @@ def latency_quantile(chain: Chain, pi0: np.ndarray, pmf: np.ndarray, service: Se
         vals = np.where(w < 0, 0.0, np.where(w >= timeout_ms, total, inside))
         return float(vals.sum()) / mean
 
-    lo, hi = float(s.min()), float(s.max()) + timeout_ms
+    return cdf
+
+
+def latency_quantile(chain: Chain, pi0: np.ndarray, pmf: np.ndarray, service: Service, timeout_ms: float,
+                     p: float, steps: int = STEPS) -> float:
+    """The smallest x (ms) with F(x) >= p, F the request latency's distribution, by bisection."""
+    cdf = request_latency_cdf(chain, pi0, pmf, service, timeout_ms, steps)
+    s = [service.ms(k) for k in range(1, chain.B + 1)]
+    lo, hi = min(s), max(s) + timeout_ms
     if cdf(lo) >= p:
         return lo
     for _ in range(60):

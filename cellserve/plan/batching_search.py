@@ -2,7 +2,7 @@
 
 Cheapest = the least device time per request, E[s(N)] / E[N] (what BATCH minimises: a
 serverless bill is service time x memory per request; with one device type the memory is
-fixed); ties go to the larger mean batch, then the lower percentile. With s(n) = a + b n this
+fixed); ties go to the larger mean batch, then the smaller B and T. With s(n) = a + b n this
 is the largest mean batch, i.e. the fewest dispatches per request.
 
 The grid: B = 1 .. the service profile's largest size (at most `max_b`), T = j * SLO / `t_steps`
@@ -69,7 +69,9 @@ def candidates(arrivals: Map, service: Service, slo_ms: float, t_steps: int = T_
             pmf = chain.pmf(pi0 @ a, pi0 @ ma)
             mean, per_request = cost(pmf, service)
             out.append(Candidate(per_request, mean, B, j * dt, pmf))
-    out.sort(key=lambda c: (c.device_ms_per_request, -c.mean_batch, c.B, c.timeout_ms))
+    # costs equal to 9 digits are ties (a B far above what T lets arrive differs only in rounding):
+    # the larger mean batch, then the smaller B and T, win
+    out.sort(key=lambda c: (float(f"{c.device_ms_per_request:.9g}"), -float(f"{c.mean_batch:.9g}"), c.B, c.timeout_ms))
     return out
 
 
