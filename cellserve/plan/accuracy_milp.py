@@ -22,9 +22,11 @@ the first feasible one is the plan. If none is, the demand rows become `<= D_f` 
 h = 1.0, the program first maximises sum z (the most demand served), then, holding that, the
 accuracy; what is not served is reported per family.
 
-After solving, devices a type has to spare take a copy of that type's most loaded group's
-variant and the group's load is spread over one more device: the accuracy is unchanged and
-no device is busier (Proteus's code, too, puts a variant on every device).
+After solving, a variant's load is shared by the devices hosting it in proportion to their
+capacities, and idle devices (those the program left spare, or gave a variant without load)
+each take a copy of the most utilised variant that runs on them, which then shares its load
+too: the accuracy is unchanged and no device is busier, so a burst before the next re-plan
+meets the most spare room (Proteus's code, too, puts a variant on every device).
 """
 
 from __future__ import annotations
@@ -143,58 +145,78 @@ def _solve(problem: AccuracyProblem, groups: list[_Group], h: float, mode: str,
     return n, z
 
 
-def _spread_spares(problem: AccuracyProblem, groups: list[_Group], n: list[int], z: list[float], h: float) -> None:
-    """Release groups that carry nothing, then give each type's idle devices to its most
-    loaded group (load / (its capacity / h)),
-    one at a time; a type with no group in use keeps its idle devices idle."""
-    for i in range(len(groups)):
-        if z[i] <= 0:  # hosting without load: those devices are spare too
-            n[i] = 0
-    for t, n_t in problem.device_types().items():
-        idx = [i for i, g in enumerate(groups) if g.device_type == t and n[i] > 0]
-        for _ in range(n_t - sum(n[i] for i in idx)):
-            if not idx:
-                break
-            busiest = max(idx, key=lambda i: z[i] / (groups[i].capacity * n[i] / h))
-            n[busiest] += 1
-
-
 def _to_plan(problem: AccuracyProblem, groups: list[_Group], n: list[int], z: list[float], h: float,
-             all_routed: bool, solver: str) -> AccuracyPlan:
-    _spread_spares(problem, groups, n, z, h)
-    free = {t: [d.id for d in problem.devices if d.type == t] for t in problem.device_types()}
+             all_routed: bool, solver: str, previous: dict[str, str | None]) -> AccuracyPlan:
+    """Devices from the counts, then spares spread (see the module's docstring): each variant's
+    load is shared by the devices hosting it in proportion to their capacities (one
+    utilisation per variant, at most 1 / h since the program keeps z <= capacity / h), and
+    each idle device, in the problem's order, hosts the variant with load that runs on it and
+    has the highest utilisation; a device no such variant runs on stays idle.
+
+    Which device of a type takes which variant is free (the program counts devices), so the
+    devices that hosted a variant in `previous` keep it where the counts allow, and an idle
+    device keeps its previous variant when that one has load and is at least 80% as utilised
+    as the most utilised: a re-plan then switches few devices (a switch stops a device while
+    the new variant loads)."""
+    types = {d.id: d.type for d in problem.devices}
     placement: dict[str, str | None] = {d.id: None for d in problem.devices}
-    load: dict[str, dict[str, float]] = {f: {} for f in problem.families}
+    hosts: dict[str, list[str]] = {}
     by_variant: dict[str, float] = {}
+    want = [n[i] if z[i] > 0 else 0 for i in range(len(groups))]  # hosting without load: spare
     for i, g in enumerate(groups):
-        for _ in range(n[i]):
-            dev = free[g.device_type].pop(0)
-            placement[dev] = g.variant
-            if z[i] > 0:
-                load[g.family][dev] = z[i] / n[i]
         if z[i] > 0:
             by_variant[g.variant] = by_variant.get(g.variant, 0.0) + z[i]
+            hosts.setdefault(g.variant, [])
+    for keep in (True, False):  # first the devices that hosted the variant before, then any
+        for i, g in enumerate(groups):
+            for d in problem.devices:
+                if want[i] == 0:
+                    break
+                if d.type == g.device_type and placement[d.id] is None and \
+                        (not keep or previous.get(d.id) == g.variant):
+                    placement[d.id] = g.variant
+                    hosts[g.variant].append(d.id)
+                    want[i] -= 1
+
+    def room(v: str) -> float:
+        return sum(problem.capacity(types[d], v) for d in hosts[v])
+
+    for dev in [d.id for d in problem.devices if placement[d.id] is None]:
+        runs = [v for v in hosts if problem.capacity(types[dev], v) > 0]
+        if runs:
+            v = max(runs, key=lambda v: by_variant[v] / room(v))
+            before = previous.get(dev)
+            if before in runs and by_variant[before] / room(before) >= 0.8 * by_variant[v] / room(v):
+                v = before
+            placement[dev] = v
+            hosts[v].append(dev)
     routing, unserved = {}, {}
     for name, f in problem.families.items():
-        served = sum(load[name].values())
-        routing[name] = {dev: r / served for dev, r in load[name].items()} if served > 0 else {}
+        load = {}
+        for v in (v.name for v in f.variants if v.name in hosts):
+            total = room(v)
+            load.update({d: by_variant[v] * problem.capacity(types[d], v) / total for d in hosts[v]})
+        served = sum(load.values())
+        routing[name] = {dev: r / served for dev, r in load.items()} if served > 0 else {}
         short = 0.0 if all_routed else f.demand_rps - served
         unserved[name] = short if short > 1e-7 * max(1.0, f.demand_rps) else 0.0
     return AccuracyPlan(placement, routing, effective_accuracy(by_variant, problem), h, unserved, solver)
 
 
-def plan_accuracy(problem: AccuracyProblem) -> AccuracyPlan:
+def plan_accuracy(problem: AccuracyProblem, previous: AccuracyPlan | None = None) -> AccuracyPlan:
     """The plan of the highest effective accuracy that routes all demand at the highest
     headroom of the ladder that allows it; else, at headroom 1.0, the most demand served, the
-    most accurately (the module's docstring states the program)."""
+    most accurately (the module's docstring states the program). `previous` (the last
+    period's plan) changes only which device hosts what, never the objective."""
+    before = {} if previous is None else dict(previous.placement)
     groups = _groups(problem)
     solver = f"highspy {version('highspy')} (MILP, relative gap {MIP_REL_GAP:g})"
     for h in headroom_ladder(problem.headroom):
         sol = _solve(problem, groups, h, "all")
         if sol is not None:
-            return _to_plan(problem, groups, *sol, h, True, solver)
+            return _to_plan(problem, groups, *sol, h, True, solver, before)
     most = _solve(problem, groups, 1.0, "most")
     assert most is not None  # serving nothing is always feasible
     best = sum(most[1])
     sol = _solve(problem, groups, 1.0, "accurate", best * (1 - 1e-9) - 1e-9)
-    return _to_plan(problem, groups, *(sol or most), 1.0, False, solver)
+    return _to_plan(problem, groups, *(sol or most), 1.0, False, solver, before)
