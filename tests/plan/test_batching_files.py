@@ -92,6 +92,7 @@ def test_evaluate_a_point_round_trip(tmp_path):
     assert plan["slo_ms"] is None and plan["arrivals"]["rate_rps"] == pytest.approx(400.0)
 
 
+@pytest.mark.slow
 def test_slo_search_round_trip_meets_the_slo(tmp_path):
     rc, out = _run(tmp_path, {"map": {"D0": [[-1220, 20], [5, -105]], "D1": [[1200, 0], [0, 100]]}}, SERVICE,
                    "--slo-ms", "25")
