@@ -14,12 +14,11 @@ arrived, a batch finished, a timer fired), what to do with its queue. The rule (
 3. Whenever a batch would make the head late, run the largest allowed batch that still meets
    the head's deadline instead (one exists after step 1).
 
-Two departures from Proteus's code, both measured in the simulated evaluation: its code runs
-a full largest batch without the check of step 3, and with the lazy wait that batch often
-finishes after the head's deadline (most of the lowest-accuracy baseline's violations); and
-at the end of a wait it runs the largest allowed size <= the queue, leaving the rest, whose
-deadlines are then often too near to run even alone (at light load, 1-2% of requests dropped
-on devices with plenty of room). Running the whole queue as one batch avoids both.
+Two departures from Proteus's code: its code runs a full largest batch without the check of
+step 3, and with the lazy wait that batch often finishes after the head's deadline; and at
+the end of a wait it runs the largest allowed size <= the queue, leaving the rest, whose
+deadlines are then often too near to run even alone. Running the whole queue as one batch
+avoids both (figures: docs/accuracy-scaling.md).
 
 The allowed batch sizes are those a latency profile gives, up to the variant's capacity batch
 (the best batch under half the SLO). Requests are in queue order with non-decreasing deadlines
