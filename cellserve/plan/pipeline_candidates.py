@@ -9,6 +9,10 @@ chooses the counts. One pipeline per shape suffices: two pipelines of one shape 
 one (counts added) have at least the sum of their throughputs and so still meet the SLO.
 
 Removed, each exactly (no optimal value is lost):
+- shapes with two adjacent stages on one device type: the shape with the two made one stage
+  dominates it. That stage serves c = 1 / (1/c1 + 1/c2) per device, so throughput T needs
+  ceil(T/c) = ceil(T/c1 + T/c2) <= ceil(T/c1) + ceil(T/c2) devices, and it saves a transfer
+  (T_min no higher);
 - shapes whose F exceeds the SLO (or reaches it at b > 1), or whose T_min the whole pools
   could not give (sum over its stages on a type of ceil(T_min / c_s) > that pool);
 - shapes *dominated* by another of the same model: S dominates S' when T_min(S) <= T_min(S')
@@ -48,13 +52,15 @@ class Shape:
         return self.batch * 1000.0 / self.latencies_ms[s]
 
 
-def _prefix_sums(model: ModelBlocks, dt: str, batch: int) -> list[float]:
-    """cum[i] = blocks 0..i-1 on dt at batch; inf from the first block that lacks it."""
-    cum = [0.0]
+def _prefix_sums(model: ModelBlocks, dt: str, batch: int) -> tuple[list[float], list[int]]:
+    """cum[i] = latency of blocks 0..i-1 on dt at batch (a missing one counted 0), and
+    lacking[i] = how many of them lack that batch: stage first..last runs iff none lacks it."""
+    cum, lacking = [0.0], [0]
     for blk in model.blocks:
         ms = blk.ms(dt, batch)
-        cum.append(math.inf if ms is None else cum[-1] + ms)
-    return cum
+        cum.append(cum[-1] + (0.0 if ms is None else ms))
+        lacking.append(lacking[-1] + (ms is None))
+    return cum, lacking
 
 
 def model_shapes(name: str, model: ModelBlocks, pools: Pools, max_stages: int) -> list[Shape]:
@@ -66,9 +72,11 @@ def model_shapes(name: str, model: ModelBlocks, pools: Pools, max_stages: int) -
         cum = {dt: _prefix_sums(model, dt, batch) for dt in types}
         for cuts in cuts_all:
             transfers = sum(transfer_ms(model, last, batch, pools.link) for _, last in cuts[:-1])
-            per_stage = [[(dt, cum[dt][last + 1] - cum[dt][first]) for dt in types
-                          if math.isfinite(cum[dt][last + 1])] for first, last in cuts]
+            per_stage = [[(dt, cum[dt][0][last + 1] - cum[dt][0][first]) for dt in types
+                          if cum[dt][1][last + 1] == cum[dt][1][first]] for first, last in cuts]
             for choice in itertools.product(*per_stage):
+                if any(choice[s][0] == choice[s + 1][0] for s in range(len(choice) - 1)):
+                    continue  # two adjacent stages on one type: the one stage they make dominates
                 lat = tuple(ms for _, ms in choice)
                 fixed = sum(lat) + transfers
                 t_min = min_throughput_rps(fixed, batch, model.slo_ms)
@@ -122,3 +130,28 @@ def all_shapes(blocks: Blocks, pools: Pools, max_stages: int, prune: bool = True
         shapes = model_shapes(name, model, pools, max_stages)
         out[name] = undominated(shapes, types, max_stages) if prune else shapes
     return out
+
+
+def shape_options(shape: Shape, pools: Pools) -> list[tuple[tuple[int, ...], float]]:
+    """The device counts worth running a pipeline of `shape` with, and its throughput at each:
+    for every stage s and count n that the pools allow, throughput n * c_s with every other
+    stage given the fewest devices that keep up (ceil(n * c_s / c_j)); those fitting the pools
+    and meeting T_min. Any other counts serve no more with no fewer devices per stage than one
+    of these (trim each stage to what the slowest needs), so the list loses nothing."""
+    caps = [shape.capacity(s) for s in range(len(shape.types))]
+    seen: dict[tuple[int, ...], float] = {}
+    for s, dt in enumerate(shape.types):
+        for n in range(1, pools.pools[dt] + 1):
+            target = n * caps[s]
+            counts = tuple(n if j == s else max(1, math.ceil(target / caps[j] - 1e-9)) for j in range(len(caps)))
+            if counts in seen:
+                continue
+            need: dict[str, int] = {}
+            for c, t in zip(counts, shape.types):
+                need[t] = need.get(t, 0) + c
+            if any(v > pools.pools[t] for t, v in need.items()):
+                continue
+            rps = min(c * cap for c, cap in zip(counts, caps))
+            if rps >= shape.min_rps:
+                seen[counts] = rps
+    return list(seen.items())

@@ -37,9 +37,9 @@ from cellserve.plan.pipeline_candidates import Shape, all_shapes
 
 @dataclass(frozen=True)
 class Options:
-    max_stages: int = 3
+    max_stages: int = 2  # 3 and more widen the search a lot (docs/pipelines.md, Measured)
     mip_gap: float = 1e-4  # relative; 0 asks for a proven optimum
-    time_limit_s: float = 60.0  # per solve
+    time_limit_s: float = 10.0  # the whole plan's: the baseline's solve may take 20%, the maximin's 60%, the rest the fill
     fill: bool = True
     prune: bool = True  # drop dominated shapes (exact; False is for tests that check that claim)
 
@@ -67,6 +67,39 @@ def _csc(rows: list[int], cols: list[int], vals: list[float], num_col: int):
     start = np.zeros(num_col + 1, dtype=np.int32)
     np.add.at(start, cols_a + 1, 1)
     return np.cumsum(start).astype(np.int32), rows_a[order], vals_a[order]
+
+
+def _highs() -> highspy.Highs:
+    """A silent solver. HiGHS prints a banner to the process's stdout (fd 1, from C++) when the
+    first one is made, which would land in a CLI's output: fd 1 is pointed at /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    h.silent()
+    return h
+
+
+def _csc(rows: list[int], cols: list[int], vals: list[float], num_col: int):
+    """Triplets as compressed columns (start, index, value)."""
+    rows_a, cols_a, vals_a = np.array(rows, dtype=np.int32), np.array(cols, dtype=np.int32), np.array(vals)
+    order = np.lexsort((rows_a, cols_a))
+    start = np.zeros(num_col + 1, dtype=np.int32)
+    np.add.at(start, cols_a + 1, 1)
+    return np.cumsum(start).astype(np.int32), rows_a[order], vals_a[order]
+
+
+def _max_rps(sh: Shape, pools: Pools) -> float:
+    """The most a pipeline of shape `sh` could serve with whole pools (fractional devices)."""
+    per_device: dict[str, float] = {}
+    for s, dt in enumerate(sh.types):
+        per_device[dt] = per_device.get(dt, 0.0) + 1.0 / sh.capacity(s)
+    return min(pools.pools[dt] / load for dt, load in per_device.items())
 
 
 @dataclass
@@ -118,6 +151,10 @@ class _Model:
                     row([(n, 1.0), (y, -float(pools.pools[sh.types[s]]))], -math.inf, 0.0)
             if y is not None:
                 row([(t, 1.0), (y, -sh.min_rps)], 0.0, math.inf)
+                # tightenings (implied by the rows above with y integer; they cut the LP relaxation)
+                row([(t, 1.0), (y, -_max_rps(sh, pools))], -math.inf, 0.0)
+                for n in ns:
+                    row([(n, 1.0), (y, -1.0)], 0.0, math.inf)
             by_model[sh.model].append(t)
         for name, ts in by_model.items():
             row([(t, 1.0) for t in ts] + [(0, -blocks.models[name].weight)], 0.0, math.inf)
@@ -136,11 +173,13 @@ class _Model:
         lp.sense_ = highspy.ObjSense.kMaximize
         self.lp = lp
         self.num_col = len(col_lo)
+        self.solve_s: list[float] = []  # seconds of each solve, for stats
 
-    def solve(self, options: Options, start: np.ndarray | None = None, fill_from: float | None = None) -> _Solved:
+    def solve(self, options: Options, seconds: float, start: np.ndarray | None = None,
+              fill_from: float | None = None) -> _Solved:
         h = _highs()
         h.setOptionValue("mip_rel_gap", float(options.mip_gap))
-        h.setOptionValue("time_limit", float(options.time_limit_s))
+        h.setOptionValue("time_limit", max(0.05, float(seconds)))
         h.setOptionValue("threads", 1)
         h.setOptionValue("mip_feasibility_tolerance", 1e-9)
         h.setOptionValue("primal_feasibility_tolerance", 1e-9)
@@ -159,7 +198,9 @@ class _Model:
             sol.col_value = list(start)
             sol.value_valid = True
             h.setSolution(sol)
+        t0 = time.perf_counter()
         h.run()
+        self.solve_s.append(round(time.perf_counter() - t0, 3))
         status = h.modelStatusToString(h.getModelStatus())
         info = h.getInfo()
         if info.primal_solution_status != 2:  # kSolutionStatusFeasible: no incumbent
@@ -199,9 +240,11 @@ def plan(blocks: Blocks, pools: Pools, options: Options = Options()) -> Pipeline
     t_shapes = time.perf_counter() - t0
     full = _Model(blocks, pools, shapes)
     base = _Model(blocks, pools, {m: [sh for sh in s if len(sh.types) == 1] for m, s in shapes.items()})
-    base_solved = base.solve(options)
+    budget = options.time_limit_s
+    left = lambda: budget - (time.perf_counter() - t0)  # noqa: E731
+    base_solved = base.solve(options, 0.1 * budget)
     if options.fill and base_solved.values is not None:
-        base_solved = _refill(base, base_solved, options)
+        base_solved = _refill(base, base_solved, options, 0.1 * budget)
     base_plan = _plan_of(base, base_solved, blocks)
     start = np.zeros(full.num_col)  # the baseline's solution, in the full model's columns
     if base_solved.values is not None:
@@ -214,9 +257,9 @@ def plan(blocks: Blocks, pools: Pools, options: Options = Options()) -> Pipeline
                 start[a] = base_solved.values[b]
             if y is not None:
                 start[full.y_col[k]] = base_solved.values[y]
-    solved = full.solve(options, start)
+    solved = full.solve(options, max(0.05, left() - 0.2 * budget), start)
     if options.fill and solved.values is not None:
-        solved = _refill(full, solved, options)
+        solved = _refill(full, solved, options, left())
     models = _plan_of(full, solved, blocks)
     baseline_objective = _objective(base_plan, blocks)
     objective = _objective(models, blocks)
@@ -225,14 +268,15 @@ def plan(blocks: Blocks, pools: Pools, options: Options = Options()) -> Pipeline
     elapsed = time.perf_counter() - t0
     stats = {"candidates": len(full.shapes), "baseline_candidates": len(base.shapes),
              "max_stages": options.max_stages, "shapes_s": round(t_shapes, 4), "plan_s": round(elapsed, 4),
-             "status": solved.status, "baseline_status": base_solved.status}
+             "status": solved.status, "baseline_status": base_solved.status,
+             "solve_s": full.solve_s, "baseline_solve_s": base.solve_s}
     return PipelinePlan(models, objective, baseline_objective, f"HiGHS {_highs().version()} MILP",
                         solved.gap if math.isfinite(solved.gap) else 1.0, stats=stats)
 
 
-def _refill(model: _Model, solved: _Solved, options: Options) -> _Solved:
+def _refill(model: _Model, solved: _Solved, options: Options, seconds: float) -> _Solved:
     """The second phase (see the module's docstring); keeps the first's gap (the maximin's)."""
-    again = model.solve(options, solved.values, fill_from=solved.objective * (1 - 1e-9))
+    again = model.solve(options, seconds, solved.values, fill_from=solved.objective * (1 - 1e-9))
     if again.values is None:
         return solved
     return _Solved(solved.objective, again.values, solved.status, solved.gap)
