@@ -65,17 +65,22 @@ class WorkerState:
 
 
 def cost_snapshot(costs: CostModel) -> dict:
-    """A worker's step-cost tables as plain data: {cell type: {"mean": {bucket: s}, "best": ...}}.
+    """A worker's step-cost tables as plain data: {"tables": {cell type: {"mean": {bucket: s},
+    "best": ...}}, "group_of": the cell types' executor groups, or None}.
 
     Reads StepCost's tables directly: the engine keeps them private and exports nothing, and
     the router must price exactly as the engine does (cost_model_from is the inverse)."""
-    return {t: {"mean": dict(c._mean), "best": dict(c._best)} for t, c in costs.costs.items()}
+    group_of = getattr(costs, "group_of", None)
+    return {"tables": {t: {"mean": dict(c._mean), "best": dict(c._best)} for t, c in costs.costs.items()},
+            "group_of": None if group_of is None else dict(group_of)}
 
 
 def cost_model_from(snapshot: dict, max_batch: int) -> CostModel:
     """The inverse of cost_snapshot: a CostModel that prices as the worker's did when it reported."""
     model = CostModel(max_batch)
-    for cell_type, tables in snapshot.items():
+    if snapshot.get("group_of") is not None:  # executors that run at once (engine/cost_model.py)
+        model.group_of = dict(snapshot["group_of"])
+    for cell_type, tables in snapshot["tables"].items():
         cost = StepCost()
         cost._mean = {int(b): float(s) for b, s in tables["mean"].items()}
         cost._best = {int(b): float(s) for b, s in tables["best"].items()}
