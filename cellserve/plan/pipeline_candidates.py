@@ -131,27 +131,3 @@ def all_shapes(blocks: Blocks, pools: Pools, max_stages: int, prune: bool = True
         out[name] = undominated(shapes, types, max_stages) if prune else shapes
     return out
 
-
-def shape_options(shape: Shape, pools: Pools) -> list[tuple[tuple[int, ...], float]]:
-    """The device counts worth running a pipeline of `shape` with, and its throughput at each:
-    for every stage s and count n that the pools allow, throughput n * c_s with every other
-    stage given the fewest devices that keep up (ceil(n * c_s / c_j)); those fitting the pools
-    and meeting T_min. Any other counts serve no more with no fewer devices per stage than one
-    of these (trim each stage to what the slowest needs), so the list loses nothing."""
-    caps = [shape.capacity(s) for s in range(len(shape.types))]
-    seen: dict[tuple[int, ...], float] = {}
-    for s, dt in enumerate(shape.types):
-        for n in range(1, pools.pools[dt] + 1):
-            target = n * caps[s]
-            counts = tuple(n if j == s else max(1, math.ceil(target / caps[j] - 1e-9)) for j in range(len(caps)))
-            if counts in seen:
-                continue
-            need: dict[str, int] = {}
-            for c, t in zip(counts, shape.types):
-                need[t] = need.get(t, 0) + c
-            if any(v > pools.pools[t] for t, v in need.items()):
-                continue
-            rps = min(c * cap for c, cap in zip(counts, caps))
-            if rps >= shape.min_rps:
-                seen[counts] = rps
-    return list(seen.items())

@@ -206,7 +206,17 @@ class _Model:
         if info.primal_solution_status != 2:  # kSolutionStatusFeasible: no incumbent
             return _Solved(0.0, None, status, math.inf)
         values = np.array(h.getSolution().col_value)
-        return _Solved(float(values[0]), values, status, max(0.0, float(info.mip_gap)))
+        return _Solved(float(values[0]), values, status, _gap(float(values[0]), float(info.mip_dual_bound)))
+
+
+def _gap(objective: float, bound: float) -> float:
+    """(bound - incumbent) / incumbent, the relative gap HiGHS reports, with 0/0 read as 0 (a
+    proven objective of zero: some model no pipeline can serve)."""
+    if not math.isfinite(bound):
+        return math.inf
+    if objective <= 1e-12:
+        return 0.0 if bound <= 1e-9 else math.inf
+    return max(0.0, (bound - objective) / objective)
 
 
 def _plan_of(model: _Model, solved: _Solved, blocks: Blocks) -> dict[str, ModelPlan]:
