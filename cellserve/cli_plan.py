@@ -27,6 +27,7 @@ def add_plan(sub) -> None:
     n.add_argument("--grid", type=positive(int), default=100,
                    help="steps a query's SLO is cut into for its split (default: 100)")
     n.set_defaults(run=_plan_nexus)
+    from cellserve.cli_pipeline import add_pipeline; add_pipeline(plan_sub)  # noqa: E702  (plan pipeline)
     from cellserve.cli_batching import add_batching; add_batching(plan_sub)  # noqa: E702  (plan batching)
     from cellserve.cli_partition import add_partition; add_partition(plan_sub)  # noqa: E702  (plan partition)
     from cellserve.cli_accuracy import add_accuracy; add_accuracy(plan_sub)  # noqa: E702  (plan accuracy)
