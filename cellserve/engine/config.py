@@ -24,6 +24,16 @@ _BATCHING = "batching and admission"
 _COMPUTE = "compute"
 
 
+def _core_groups_problem(items: list[str]) -> str | None:
+    from cellserve.engine.placement_devices import parse_core_groups
+
+    try:
+        parse_core_groups(items)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 @dataclass
 class EngineConfig:
     policy: str = setting("cellular", "batching policy", choices=POLICY_NAMES, group=_BATCHING)
@@ -56,6 +66,26 @@ class EngineConfig:
                                       "GOMP_CPU_AFFINITY is set; see kernels/affinity.py)", group=_COMPUTE)
     stack_layers: bool = setting(True, "step stacked forward layers (LSTM -> LSTM) as one cell type, one round "
                                        "per token for all of them (see graph/stacking.py)", group=_COMPUTE)
+    # issue 17: a partition of the models' cell types over several executors (docs/partition.md)
+    placement: str | None = setting(None, "serve with a partition: a plan from `cellserve plan partition` (its "
+                                          "devices: cpu, cpu0, cpu1, ... core groups; gpu, cuda, cuda:N) or auto "
+                                          "(planned at start over --placement-groups core groups)",
+                                    unset="one executor for every cell type", group=_COMPUTE,
+                                    metavar="PLAN.json|auto")
+    placement_cores: list[str] = setting(help="the cores of a placement's CPU core group, DEVICE=CORES (cpu0=0, "
+                                              "cpu1=1-3,6; repeat the flag for each group)",
+                                         default_factory=list, unset="the process's cores split evenly among "
+                                         "cpu0, cpu1, ...", check=_core_groups_problem, group=_COMPUTE,
+                                         metavar="DEV=CORES")
+    placement_groups: int | None = setting(None, "--placement auto: CPU core groups to plan over (cpu0, cpu1, ...)",
+                                           ge=1, unset="2 where the process has 2 cores or more, else 1",
+                                           group=_COMPUTE, metavar="N")
+    placement_mode: str = setting("latency", "--placement auto: the partition planner's mode (latency: one "
+                                             "request's makespan; throughput: requests per second)",
+                                  choices=("latency", "throughput"), group=_COMPUTE)
+    placement_profiles: list[str] = setting(help="--placement auto: profile files (cellserve profile) to plan "
+                                                 "from, one per model; a model without one is timed at start",
+                                            default_factory=list, unset="none", group=_COMPUTE, metavar="P.json")
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field

@@ -92,6 +92,9 @@ class CostModel:
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
         self.costs: dict[str, StepCost] = {}
+        # cell type -> index of its executor, when several executors run at once (see
+        # round_time); None: one executor runs every cell type, one after another
+        self.group_of: dict[str, int] | None = None
 
     def observe(self, cell_type: str, batch: int, seconds: float) -> None:
         cost = self.costs.get(cell_type)
@@ -109,7 +112,10 @@ class CostModel:
 
     def round_time(self, load: dict[str, int], best: bool = False) -> float:
         """Seconds for one round with `load[type]` lanes in each cell type (at the fastest
-        steps measured, with `best`)."""
+        steps measured, with `best`). With executors running at once (`group_of`), a round
+        takes as long as its busiest executor's cell types, one after another."""
+        if self.group_of is not None:
+            return self._concurrent_round_time(load, best)
         total = 0.0  # type_time's sum, inlined: admission, routing and the drop check call it often
         costs, cap = self.costs, self.max_batch
         for t, n in load.items():
@@ -119,3 +125,12 @@ class CostModel:
                     full, rest = divmod(n, cap)
                     total += full * cost(cap, best) + (cost(rest, best) if rest else 0.0)
         return total
+
+    def _concurrent_round_time(self, load: dict[str, int], best: bool) -> float:
+        per_group: dict[int, float] = {}
+        group_of = self.group_of
+        for t, n in load.items():
+            if n > 0:
+                g = group_of.get(t, -1)
+                per_group[g] = per_group.get(g, 0.0) + self.type_time(t, n, best)
+        return max(per_group.values(), default=0.0)

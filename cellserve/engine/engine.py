@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cellserve.engine.clock import Clock, MonotonicClock
+from cellserve.engine.concurrent import ConcurrentSteps
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.cost_model import CostModel
 from cellserve.engine.request import Request, Response, Status
@@ -55,6 +56,17 @@ class EngineStats:
     lanes_started: int = 0
     lanes_finished: int = 0
     requests_answered: int = 0
+    # tensors that crossed from one executor to another (see Engine._note_reads):
+    # (from executor, to executor) -> [transfers, bytes]
+    transfers: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    @property
+    def transfer_count(self) -> int:
+        return sum(n for n, _ in self.transfers.values())
+
+    @property
+    def transfer_bytes(self) -> int:
+        return sum(b for _, b in self.transfers.values())
 
 
 @dataclass(eq=False)
@@ -87,6 +99,11 @@ class _Run:
     admitted: float | None = None
     responded: bool = False
     probe: bool = False  # admitted by an idle engine against its estimate, to measure (see _admit)
+    waiting: int = 0  # lanes of the current recurrent step waiting for their busy executor to start them
+    # with several executors: tensor name -> executors that computed it (none: the request's
+    # inputs and the model's constants, on the host), and the (tensor, executor) moves counted
+    producers: dict = field(default_factory=dict)
+    moved: set = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -118,18 +135,43 @@ def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
 
 
 def plain_ops_key(model: str) -> str:
-    """The placement key of a model's plain ops (a model whose cell type had this name is
-    refused at load)."""
+    """The placement key of all of a model's plain ops (a model whose cell type had this name
+    is refused at load); `plain_group_key` places one group of them."""
     return f"{model}/#plain"
 
 
-class Engine:
+def plain_group_key(model: str, k: int) -> str:
+    """The placement key of a model's k-th group of plain ops: a run of consecutive plain ops
+    in program order, numbered from 0 (the node ids of plan/partition_model.py)."""
+    return f"{model}/ops/{k}"
+
+
+def plain_groups(model: Model) -> list[list[int]]:
+    """The program positions of each group of consecutive plain ops, in order."""
+    groups: list[list[int]] = []
+    open_group = False
+    for pc, step in enumerate(model.program):
+        if isinstance(step, DenseNode):
+            if not open_group:
+                groups.append([])
+                open_group = True
+            groups[-1].append(pc)
+        else:
+            open_group = False
+    return groups
+
+
+class Engine(ConcurrentSteps):
     """One engine: many models, one step loop, cell types placed on executors.
 
     `executors` maps names to executors (default: one real executor for `config.device`
-    named "default"); `placement` maps a cell type (see Model.cell_types) or a model's plain
-    ops (`plain_ops_key(model)`) to an executor's name; what it leaves out runs on the first
-    executor.
+    named "default"); `placement` maps a cell type (see Model.cell_types), a model's plain
+    ops (`plain_ops_key(model)`) or one group of them (`plain_group_key(model, k)`, before
+    the model's key) to an executor's name; what it leaves out runs on the first executor.
+
+    `concurrent`: run the executors at once, each on its own worker thread (engine/
+    concurrent.py); None (the default) does so when there are several executors and each
+    can (`Executor.concurrent`). With one executor, the loop runs every batch itself.
 
     Invariant: every submitted request gets exactly one Response (ok, invalid, rejected,
     dropped or error), through `_respond`, and a failure in one request's work never
@@ -137,7 +179,8 @@ class Engine:
     """
 
     def __init__(self, models: list[Model], config: EngineConfig | None = None, clock: Clock | None = None,
-                 executors: dict[str, Executor] | None = None, placement: dict[str, str] | None = None):
+                 executors: dict[str, Executor] | None = None, placement: dict[str, str] | None = None,
+                 concurrent: bool | None = None):
         self.config = config or EngineConfig()
         self.clock = clock or MonotonicClock()
         if executors is None:
@@ -153,7 +196,8 @@ class Engine:
         self._default = next(iter(self.executors.values()))
         self.models: dict[str, Model] = {}
         self._placed: dict[str, Executor] = {}  # cell type -> executor
-        self._plain: dict[str, Executor] = {}  # model -> executor of its plain ops
+        self._plain: dict[str, list[Executor | None]] = {}  # model -> per program position, the executor of its plain op
+        self._group_keys: set[str] = set()  # placement keys of every plain-op group
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._model_types: dict[str, list[str]] = {}  # model -> its cell types (Model.cell_types)
         self._extra_rounds: dict[str, list[int]] = {}  # model -> per recurrent step, 1 for a decoder's end step
@@ -162,7 +206,7 @@ class Engine:
         for model in models:
             self._add_model(model)
         cell_types = {t for types in self._layer_types.values() for layer in types for t in layer}
-        stray = sorted(k for k in self.placement if k not in cell_types
+        stray = sorted(k for k in self.placement if k not in cell_types and k not in self._group_keys
                        and k not in {plain_ops_key(m) for m in self.models})
         if stray:
             raise ValueError(f"placement names {stray}, which are neither cell types nor plain-op groups "
@@ -185,6 +229,8 @@ class Engine:
         # projections, plain ops, admission and bookkeeping add on top (>= 1).
         self.overhead_factor = 1.0
         self._busy_elapsed = self._busy_modelled = 0.0
+        self._multi = len(self.executors) > 1  # track the tensors crossing executors
+        self._init_concurrency(concurrent)
         if self.config.profile:
             self._seed_costs()
 
@@ -196,7 +242,14 @@ class Engine:
         if self.config.stack_layers:
             model = stack_layers(model)
         self.models[model.name] = model
-        self._plain[model.name] = self._executor_for(plain_ops_key(model.name))
+        model_plain = self._executor_for(plain_ops_key(model.name))
+        self._plain[model.name] = plain = [None] * len(model.program)
+        for k, pcs in enumerate(plain_groups(model)):
+            key = plain_group_key(model.name, k)
+            self._group_keys.add(key)
+            name = self.placement.get(key)
+            for pc in pcs:
+                plain[pc] = model_plain if name is None else self.executors[name]
         if plain_ops_key(model.name) in model.cell_types():
             raise ValueError(f"model {model.name!r} has a cell type named {plain_ops_key(model.name)!r}, "
                              "the name of its plain ops")
@@ -238,6 +291,8 @@ class Engine:
             request.arrival = self.clock.now()
         self._inbox.append(request)
         self._arrived[0] = 1
+        for flag in self._stop_flags:  # concurrent executors' lone runs stop for it too
+            flag[0] = 1
         self._wake.set()
 
     @property
@@ -278,6 +333,17 @@ class Engine:
         now = self.clock.now()
         self._device_s = 0.0
         started, finished = self.stats.lanes_started, self.stats.lanes_finished
+        self._take_arrivals(now)
+        batch = self.policy.next_batch(now)
+        if batch is None:
+            return None
+        work = _Work(batch, np.array(batch.slots, np.int64), np.array(batch.rows, np.int64),
+                     np.array(batch.strides, np.int64), now, started, finished)
+        work.lone_steps = self._lone_steps(batch)
+        return work
+
+    def _take_arrivals(self, now: float) -> None:
+        """Admit the requests waiting now, and drop what can no longer make it when due."""
         if self._inbox and not self._runs:
             self.stats.wake_delays.append(max(now - self._inbox[0].arrival, 0.0))
         self._arrived[0] = 0  # before taking the inbox: a later submit sets it again
@@ -295,13 +361,6 @@ class Engine:
             self._arrived[0] = 1  # a lone lane runs one step before they are admitted
         if self.config.drop_late and now >= self._next_drop_check:
             self._drop_late(now)
-        batch = self.policy.next_batch(now)
-        if batch is None:
-            return None
-        work = _Work(batch, np.array(batch.slots, np.int64), np.array(batch.rows, np.int64),
-                     np.array(batch.strides, np.int64), now, started, finished)
-        work.lone_steps = self._lone_steps(batch)
-        return work
 
     def _execute(self, work: _Work) -> StepResult | None:
         """Run the batch on its executor. On failure, answer its requests with an error
@@ -314,6 +373,12 @@ class Engine:
             log.exception("cell step of %s failed", batch.cell_type)
             self._fail_batch(batch, f"internal error in cell {batch.cell_type}: {type(exc).__name__}: {exc}")
             return None
+        self._account(work, result)
+        return result
+
+    def _account(self, work: _Work, result: StepResult) -> None:
+        """What an executed batch teaches the cost model, and the counts it adds to."""
+        batch = work.batch
         self._device_s += result.busy_s
         self._last_step = work.started
         if result.steps:
@@ -325,7 +390,6 @@ class Engine:
         s.lanes_by_type[batch.cell_type] = s.lanes_by_type.get(batch.cell_type, 0) + batch.size * result.steps
         s.executed_flops += result.flops
         s.busy_s += result.busy_s
-        return result
 
     def _update(self, work: _Work, result: StepResult | None) -> _Work | None:
         """Advance the batch's lanes and hand finished ones back to their requests. Returns
@@ -334,10 +398,7 @@ class Engine:
         if result is None:
             return None
         batch = work.batch
-        ended = self._record_tokens(batch, result.tokens) if result.tokens is not None else frozenset()
-        finished = self.policy.complete(batch, ended, result.steps)
-        for lane in finished:
-            self._lane_finished(lane)
+        finished = self._complete(work, result)
         now = self.clock.now()
         overhead = max(now - work.started - self._device_s, 0.0)
         s = self.stats
@@ -353,6 +414,15 @@ class Engine:
         work.lanes_started, work.lanes_finished = s.lanes_started, s.lanes_finished
         work.lone_steps = self._lone_steps(batch)
         return work
+
+    def _complete(self, work: _Work, result: StepResult) -> list[Lane]:
+        """Advance the batch's lanes; hand the finished ones back to their requests."""
+        batch = work.batch
+        ended = self._record_tokens(batch, result.tokens) if result.tokens is not None else frozenset()
+        finished = self.policy.complete(batch, ended, result.steps)
+        for lane in finished:
+            self._lane_finished(lane)
+        return finished
 
     def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int) -> None:
         cost = self.costs.costs.get(batch.cell_type)
@@ -386,6 +456,8 @@ class Engine:
         """Step until every submitted request has responded (for tests and scripts). Waits
         for batch timeouts on the clock (`clock.sleep`); raises TimeoutError after
         `timeout_s` of clock time, or at once when nothing can run and nothing will wake."""
+        if self._concurrent:
+            return self._run_until_idle_concurrent(timeout_s)
         end = self.clock.now() + timeout_s
         while not self.idle():
             if self.clock.now() > end:
@@ -410,7 +482,10 @@ class Engine:
 
         Start the threads that submit (front ends) before: with `pin_threads`, this thread
         and its OpenMP workers are pinned to one core each while the loop runs (see
-        kernels/affinity.py), and threads started from here would inherit its core."""
+        kernels/affinity.py), and threads started from here would inherit its core. With
+        executors running at once, each pins its own worker thread instead (concurrent.py)."""
+        if self._concurrent:
+            return self._serve_forever_concurrent(stop)
         with ExitStack() as pins:
             for executor in self.executors.values():
                 pinned = pins.enter_context(executor.pinned(self.config.pin_threads))
@@ -578,10 +653,15 @@ class Engine:
         """Run plain ops until the next recurrent step starts (or the program ends)."""
         try:
             program = run.model.program
+            plain = self._plain[run.model.name]
             while run.pc < len(program):
                 step = program[run.pc]
                 if isinstance(step, DenseNode):
-                    self._device_s += self._plain[run.model.name].run_plain(run.model.name, step, run.env)
+                    executor = plain[run.pc]
+                    if self._multi:
+                        self._note_reads(run, executor, step.inputs)
+                        run.producers.update(dict.fromkeys(step.outputs, (executor,)))
+                    self._device_s += executor.run_plain(run.model.name, step, run.env)
                     run.pc += 1
                 elif isinstance(step, (RecurrentLayer, LayerStack)):
                     self._start_layer(run, step)
@@ -627,6 +707,11 @@ class Engine:
     def _start_lane(self, run: _Run, cell_type: str, x: np.ndarray, states: list[tuple], direction: int,
                     batch_index: int, forward: bool) -> None:
         executor = self._placed[cell_type]
+        if self._busy and executor in self._busy:  # it runs a batch: start the lane once it is done
+            self._defer_start(run, executor, self._start_lane, cell_type, x, states, direction, batch_index, forward)
+            return
+        if self._multi:
+            self._note_reads(run, executor, [_layers(run.model.program[run.pc])[0].x])
         started = executor.start_lane(cell_type, x, states)
         self._device_s += started.busy_s
         self.stats.executed_flops += started.flops
@@ -652,14 +737,24 @@ class Engine:
     def _start_decoder(self, run: _Run, dec: AttentionDecoder) -> None:
         memory, h0, c0 = run.env[dec.memory], run.env[dec.initial_h], run.env[dec.initial_c]
         cell_type = f"{run.model.name}/{dec.name}"
-        executor = self._placed[cell_type]
         run.outputs = {}
         for b in range(memory.shape[1]):
-            started = executor.start_lane(cell_type, memory[:, b], [(h0[b], c0[b])])
-            self._device_s += started.busy_s
-            storage = started.storage
-            self._add_lane(run, cell_type, None, storage, storage.base, 0,
-                           _LaneRef(cell_type, executor, storage, 0, b, tokens=[]))
+            self._start_decoder_lane(run, cell_type, memory[:, b], h0[b], c0[b], b)
+
+    def _start_decoder_lane(self, run: _Run, cell_type: str, memory: np.ndarray, h0: np.ndarray, c0: np.ndarray,
+                            b: int) -> None:
+        executor = self._placed[cell_type]
+        if self._busy and executor in self._busy:
+            self._defer_start(run, executor, self._start_decoder_lane, cell_type, memory, h0, c0, b)
+            return
+        if self._multi:
+            dec = run.model.program[run.pc]
+            self._note_reads(run, executor, [dec.memory, dec.initial_h, dec.initial_c])
+        started = executor.start_lane(cell_type, memory, [(h0, c0)])
+        self._device_s += started.busy_s
+        storage = started.storage
+        self._add_lane(run, cell_type, None, storage, storage.base, 0,
+                       _LaneRef(cell_type, executor, storage, 0, b, tokens=[]))
 
     def _add_lane(self, run: _Run, cell_type: str, length: int | None, storage: LaneStorage,
                   row0: int, stride: int, ref: _LaneRef) -> None:
@@ -707,7 +802,7 @@ class Engine:
                 outputs["h"][d, b] = h
                 if c is not None:
                     outputs["c"][d, b] = c
-        if not run.lanes:
+        if not run.lanes and not run.waiting:
             self._store_outputs(run)
             self._commit(run, -1, slice(run.layer, run.layer + 1))
             run.layer += 1
@@ -722,6 +817,8 @@ class Engine:
                 for name, key in ((layer.y, "y"), (layer.y_h, "h"), (layer.y_c, "c")):
                     if name:
                         run.env[name] = outputs[key]
+                        if self._multi:
+                            run.producers[name] = self._step_executors(run)
                 if run.request.return_state:
                     run.state[layer.name] = (outputs["h"], outputs["c"] if layer.kind == "lstm" else None)
         else:
@@ -731,13 +828,18 @@ class Engine:
             for b, r in enumerate(rows):
                 tokens[b, : len(r)] = r
             run.env[step.output] = tokens
+            if self._multi:
+                run.producers[step.output] = self._step_executors(run)
 
     # ---- responses ----
 
     def _finish_run(self, run: _Run, status: Status, reason: str = "", outputs: dict | None = None) -> None:
         for lane_id, ref in run.lanes.items():
             self.policy.remove(lane_id)
-            ref.executor.release_lane(ref.cell_type, ref.storage)
+            if self._busy and ref.executor in self._busy:  # its batch may hold the lane: free it after
+                self._defer(ref.executor, ref.executor.release_lane, ref.cell_type, ref.storage)
+            else:
+                ref.executor.release_lane(ref.cell_type, ref.storage)
         run.lanes.clear()
         if self._runs.pop(run.request.request_id, None) is not None:
             self._commit(run, -1)

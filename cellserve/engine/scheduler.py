@@ -138,8 +138,9 @@ class Policy(ABC):
         return False
 
     @abstractmethod
-    def next_batch(self, now: float) -> StepBatch | None:
-        """The batch to run now, or None when nothing is ready."""
+    def next_batch(self, now: float, only: frozenset[str] | None = None) -> StepBatch | None:
+        """The batch to run now, or None when nothing is ready. `only`: the cell types the
+        batch may be of (an idle executor's, when several run at once; None: any)."""
 
     def complete(self, batch: StepBatch, ended: frozenset[int] = frozenset(), steps: int = 1) -> list[Lane]:
         """Advance the lanes of a batch that ran `steps` steps; return those that finished
@@ -182,17 +183,19 @@ class CellularPolicy(Policy):
     def stable(self) -> bool:
         return sum(1 for q in self._types.values() if q.lanes) == 1
 
-    def next_batch(self, now: float) -> StepBatch | None:
-        cell_type = self._choose_type()
+    def next_batch(self, now: float, only: frozenset[str] | None = None) -> StepBatch | None:
+        cell_type = self._choose_type(only)
         if cell_type is None:
             return None
         return self._batch(cell_type, self._types[cell_type].most_urgent_lanes(self.max_batch))
 
-    def _choose_type(self) -> str | None:
+    def _choose_type(self, only: frozenset[str] | None = None) -> str | None:
+        # One turn pointer for every executor: each choice moves it past the type chosen, so
+        # no type of an executor waits more than one turn of that executor's other types.
         types = list(self._types)
         for i in range(len(types)):
             cell_type = types[(self._turn + i) % len(types)]
-            if self._types[cell_type].lanes:
+            if self._types[cell_type].lanes and (only is None or cell_type in only):
                 self._turn = (self._turn + i + 1) % len(types)
                 return cell_type
         return None
@@ -207,10 +210,10 @@ class EarliestDeadlineTypePolicy(CellularPolicy):
     def stable(self) -> bool:
         return True  # keys never change, so the same type stays the most urgent
 
-    def _choose_type(self) -> str | None:
+    def _choose_type(self, only: frozenset[str] | None = None) -> str | None:
         best_type, best_key = None, None
         for cell_type, q in self._types.items():
-            if q.lanes:
+            if q.lanes and (only is None or cell_type in only):
                 k = q.most_urgent()
                 if best_key is None or k < best_key:
                     best_type, best_key = cell_type, k
@@ -251,7 +254,7 @@ class PaddedPolicy(Policy):
             return None
         return min(a for a, _ in self._waiting.values()) + self.batch_timeout_s
 
-    def next_batch(self, now: float) -> StepBatch | None:
+    def next_batch(self, now: float, only: frozenset[str] | None = None) -> StepBatch | None:
         if not self._cohort and not self._form_cohort(now):
             return None
         order = self.cell_order[self._model]
@@ -259,6 +262,8 @@ class PaddedPolicy(Policy):
             cell_type = order[self._type_index]
             live = [l for l in self._types.get(cell_type, _TypeQueue()).lanes.values() if l.request_id in self._cohort]
             if live:
+                if only is not None and cell_type not in only:
+                    return None  # the cohort's cell type is another executor's: it runs there
                 self._width = max(self._width, len(live) + self._padding)
                 batch = self._batch(cell_type, live)
                 pad = self._width - len(live)
@@ -267,7 +272,7 @@ class PaddedPolicy(Policy):
             self._type_index += 1
             self._width = self._padding = 0
         self._cohort.clear()
-        return self.next_batch(now) if self._waiting else None
+        return self.next_batch(now, only) if self._waiting else None
 
     @property
     def stable(self) -> bool:

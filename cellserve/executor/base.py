@@ -15,6 +15,9 @@ Contract for every implementation:
   request's tensors in place.
 - Every call returns the seconds the device was busy for it. An executor never calls back
   into the engine and never touches a request other than through what it is given.
+- With several executors running at once, `execute` runs on the executor's worker thread
+  and every other call on the engine's thread, never while a batch of the same executor is
+  in flight; `run_plain` alone may be called while one is (it must not touch the kernels).
 """
 
 from __future__ import annotations
@@ -76,6 +79,13 @@ class Executor(ABC):
     """Runs cell types and plain ops on one device (see the module docstring)."""
 
     name: str = "executor"
+    # Whether the engine may run this executor's batches on a worker thread at once with
+    # other executors' (executor/workers.py): the real devices can; the simulator's, which
+    # advances one virtual clock per call, cannot.
+    concurrent: bool = False
+    # The CPU cores its kernel threads run on (a core group), or None: wherever the engine
+    # thread's do (one executor) or anywhere (a GPU's).
+    cores: tuple[int, ...] | None = None
 
     @abstractmethod
     def add_cell_type(self, spec: CellTypeSpec) -> None:

@@ -27,10 +27,18 @@ from cellserve.kernels.stack import StackKernel
 class KernelExecutor(Executor):
     """Real kernels on one torch device, with the given backend (None: the device's best)."""
 
-    def __init__(self, device: str | torch.device = "cpu", backend: str | None = None, name: str | None = None):
+    concurrent = True
+
+    def __init__(self, device: str | torch.device = "cpu", backend: str | None = None, name: str | None = None,
+                 cores: list[int] | tuple[int, ...] | None = None):
+        """`cores`: the core group its kernel threads run on when it runs at once with other
+        executors (one thread per core, pinned; see executor/workers.py); None: all of them."""
         self.device = torch.device(device)
         self.backend = backend
         self.name = name or str(self.device)
+        if cores is not None and not cores:
+            raise ValueError(f"executor {self.name}: a core group needs at least one core")
+        self.cores = None if cores is None else tuple(cores)
         self.kernels: dict[str, RecurrentKernel] = {}
         self._specs: dict[str, CellTypeSpec] = {}
 
@@ -147,8 +155,9 @@ class KernelExecutor(Executor):
 class CudaExecutor(KernelExecutor):
     """Kernels on a CUDA device: busy time waits for the device to finish the work."""
 
-    def __init__(self, device: str | torch.device = "cuda", backend: str | None = None, name: str | None = None):
-        super().__init__(device, backend, name)
+    def __init__(self, device: str | torch.device = "cuda", backend: str | None = None, name: str | None = None,
+                 cores: list[int] | tuple[int, ...] | None = None):
+        super().__init__(device, backend, name, cores)
         if self.device.type != "cuda":
             raise ValueError(f"CudaExecutor needs a CUDA device, got {self.device}")
 
@@ -157,6 +166,8 @@ class CudaExecutor(KernelExecutor):
         return time.perf_counter() - t0
 
 
-def executor_for(device: str, backend: str | None = None) -> KernelExecutor:
+def executor_for(device: str, backend: str | None = None, name: str | None = None,
+                 cores: list[int] | None = None) -> KernelExecutor:
     """The real executor for a torch device name ("cpu", "cuda", "cuda:1", ...)."""
-    return CudaExecutor(device, backend) if torch.device(device).type == "cuda" else KernelExecutor(device, backend)
+    kind = CudaExecutor if torch.device(device).type == "cuda" else KernelExecutor
+    return kind(device, backend, name, cores)

@@ -79,3 +79,64 @@ def openmp_threads_pinned(enabled: bool = True) -> Iterator[list[int] | None]:
     finally:
         if pinned:
             os.sched_setaffinity(0, cores)
+
+
+def _set_team_size(libgomp: ctypes.CDLL | None, n: int) -> None:
+    """The calling thread's OpenMP team size (its own ICV: other threads keep theirs). Torch's
+    CPU ops, oneDNN and the C kernels' parallel regions all read it from the calling thread."""
+    if libgomp is not None:
+        libgomp.omp_set_num_threads(ctypes.c_int(n))
+
+
+def pin_core_group(cores: list[int], pin: bool = True) -> list[int] | None:
+    """Make the calling thread an OpenMP master of len(cores) threads (its team: itself and
+    len(cores) - 1 workers) and, with `pin`, pin thread i of the team to cores[i]; returns
+    the cores pinned, or None when nothing was pinned (pin off, no libgomp for a team of
+    several, or the user placed the threads: OMP_PROC_BIND, OMP_PLACES, GOMP_CPU_AFFINITY).
+
+    For an executor of a core group (executor/workers.py): each executor's worker thread
+    calls this once, so that two executors on two core groups each run their kernels on their
+    own cores, with their own OpenMP pool (libgomp keeps one per master thread)."""
+    if not cores:
+        raise ValueError("a core group needs at least one core")
+    libgomp = _torch_libgomp()
+    _set_team_size(libgomp, len(cores))
+    if not pin or any(v in os.environ for v in _USER_PLACEMENT):
+        return None
+    if len(cores) == 1:  # no team to start: the thread pins itself
+        try:
+            os.sched_setaffinity(0, {cores[0]})
+        except OSError:
+            return None
+        return list(cores)
+    if libgomp is None:
+        return None
+    pinned: dict[int, int] = {}
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    def pin_one(_unused):
+        i = libgomp.omp_get_thread_num()
+        try:
+            os.sched_setaffinity(0, {cores[i]})
+        except OSError:
+            return
+        pinned[i] = cores[i]
+
+    libgomp.GOMP_parallel(pin_one, None, len(cores), 0)
+    return [pinned[i] for i in sorted(pinned)]
+
+
+@contextlib.contextmanager
+def openmp_team_size(n: int) -> Iterator[None]:
+    """The calling thread's OpenMP team size is `n` for the block, then what it was.
+
+    Why: with several executors the engine's own thread (the projections of lanes it starts,
+    plain ops) should not start a team of one thread per core, whose workers spin after each
+    region on the cores the executors' pinned threads run on."""
+    libgomp = _torch_libgomp()
+    before = torch.get_num_threads()
+    _set_team_size(libgomp, n)
+    try:
+        yield
+    finally:
+        _set_team_size(libgomp, before)
