@@ -51,11 +51,33 @@ def serve(settings: ServerSettings) -> int:
         import torch
 
         torch.set_num_threads(settings.threads)
+    placement = settings.engine.placement
+    try:  # a plan file that cannot be read is told at once (exit 2), before any model loads
+        if placement not in (None, "auto"):
+            from cellserve.engine.placement import read_plan
+
+            read_plan(placement)
+    except ValueError as exc:
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         _check_device(settings.engine.device)
         served = _load_models(settings)
+        executors = plan = None
+        if placement is not None:  # the engine's executors and placement map (docs/partition.md)
+            from cellserve.engine.placement import PlacementError, engine_placement
+
+            try:
+                executors, plan = engine_placement([s.model for s in served], settings.engine)
+            except PlacementError as exc:
+                print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+                return 2
         sockets = _bind(settings)
-        engine = Engine([s.model for s in served], settings.engine)
+        engine = Engine([s.model for s in served], settings.engine, executors=executors, placement=plan)
+        if placement is not None:
+            groups = ", ".join(f"{n} (cores {','.join(map(str, ex.cores))})" if ex.cores else n
+                               for n, ex in executors.items())
+            print(f"cellserve: placement {placement}: executors {groups}", flush=True)
     except (CellserveError, StartupError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -104,6 +104,9 @@ class ServerSettings:
         for key in ("ray_workers", "plan"):
             if getattr(self, key) is not None and self.ray_address is None:
                 problems.append(Problem(key, "{name} is for the Ray workers: it needs --ray (ray_address)"))
+        if self.engine.placement is not None and self.ray_address is not None:
+            problems.append(Problem("engine.placement", "{name} partitions one engine's cell types; it cannot be "
+                                    "combined with {0}", ("ray_address",)))
         if self.plan is not None and self.ray_workers is not None:
             problems.append(Problem("ray_workers", "{name} cannot be combined with {0}, which says how many "
                                     "workers (one per device)", ("plan",)))
