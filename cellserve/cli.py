@@ -286,7 +286,7 @@ def _demo(args) -> int:
 
 
 # Subcommands, in --help's order: each adds its parser to the subparsers it is given.
-from cellserve import cli_cluster, cli_kernels, cli_partition, cli_plan, cli_sim  # noqa: E402  (parsers only; imports nothing heavy)
+from cellserve import cli_bench_plan, cli_cluster, cli_kernels, cli_partition, cli_plan, cli_sim  # noqa: E402  (parsers only)
 
 COMMANDS = (_add_models, _add_demo, _add_bench, _add_serve, _add_infer, cli_sim.add_profile, cli_sim.add_simulate,
             cli_plan.add_plan)
@@ -294,7 +294,7 @@ from cellserve.bench import soak as bench_soak  # noqa: E402  (its parser import
 
 BENCH_COMMANDS = (_add_bench_engine, _add_bench_server, _add_bench_load, _add_bench_compare, cli_sim.add_bench_sim,
                   bench_soak.add_parser, cli_plan.add_bench_planner, cli_cluster.add_bench_cluster,
-                  cli_kernels.add_bench_kernels, cli_partition.add_bench_partition)
+                  cli_kernels.add_bench_kernels, cli_partition.add_bench_partition, cli_bench_plan.add_bench_plan)
 
 
 if __name__ == "__main__":
