@@ -31,12 +31,11 @@ meets the most spare room (Proteus's code, too, puts a variant on every device).
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 
 from cellserve.plan.accuracy import AccuracyError, AccuracyPlan, AccuracyProblem, effective_accuracy, headroom_ladder
+from cellserve.plan.highs import silent_highs
 
 MIP_REL_GAP = 1e-9  # solved to optimality (HiGHS's default gap is 1e-4)
 
@@ -48,27 +47,6 @@ class _Group:
     variant: str
     accuracy: float
     capacity: float  # requests/s per device
-
-
-def _highs():
-    """A silent HiGHS instance. HiGHS prints a copyright banner on stdout when the first
-    instance of a process is made, before any option can turn output off; the CLI's stdout is
-    its report, so that first construction runs with file descriptor 1 pointed at /dev/null."""
-    import highspy
-
-    sys.stdout.flush()
-    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        h = highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(null)
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("mip_rel_gap", MIP_REL_GAP)
-    h.setOptionValue("threads", 1)
-    return h
 
 
 def _groups(problem: AccuracyProblem) -> list[_Group]:
@@ -93,7 +71,8 @@ def _solve(problem: AccuracyProblem, groups: list[_Group], h: float, mode: str,
     if not groups:  # nothing can run anywhere: HiGHS calls an empty model "Empty", not solved
         return None if mode == "all" and problem.total_demand() > 0 else ([], [])
     inf = highspy.kHighsInf
-    hs = _highs()
+    hs = silent_highs()
+    hs.setOptionValue("mip_rel_gap", MIP_REL_GAP)
     counts = problem.device_types()
     k = len(groups)
     for g in groups:  # columns 0..k-1: n; k..2k-1: z

@@ -24,14 +24,13 @@ starts of that order, never later than the program's).
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 
 import highspy
 import numpy as np
 
 from cellserve.plan.partition_graph import Problem
+from cellserve.plan.highs import silent_highs
 
 INF = highspy.kHighsInf
 
@@ -87,22 +86,6 @@ class _Model:
         lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
                            for i in self.integer]
         return lp
-
-
-def _highs() -> highspy.Highs:
-    """A quiet HiGHS. Its first construction in a process prints a banner from C++ to stdout,
-    which would land in the CLI's output: fd 1 is pointed at /dev/null meanwhile."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            h = highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-    h.setOptionValue("output_flag", False)
-    return h
 
 
 def _ancestors(problem: Problem) -> dict[str, set[str]]:
@@ -192,7 +175,7 @@ def solve(problem: Problem, incumbent: tuple[dict, dict] | None, time_limit_s: f
     for c, v in primary.items():
         m.cost[c] = v
 
-    h = _highs()
+    h = silent_highs()
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", 1e-7)
     h.setOptionValue("mip_abs_gap", 1e-9)

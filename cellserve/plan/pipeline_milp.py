@@ -22,8 +22,6 @@ cut by `max_stages` (PPipe also bounds stages); within it the answer is exact up
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -33,6 +31,7 @@ import numpy as np
 from cellserve.plan.pipeline import (Blocks, ModelPlan, Pipeline, PipelineError, PipelinePlan, Pools, Stage,
                                      end_to_end_ms)
 from cellserve.plan.pipeline_candidates import Shape, all_shapes
+from cellserve.plan.highs import silent_highs
 
 
 @dataclass(frozen=True)
@@ -42,47 +41,6 @@ class Options:
     time_limit_s: float = 10.0  # the whole plan's: the baseline's solve may take 20%, the maximin's 60%, the rest the fill
     fill: bool = True
     prune: bool = True  # drop dominated shapes (exact; False is for tests that check that claim)
-
-
-def _highs() -> highspy.Highs:
-    """A silent solver. HiGHS prints a banner to the process's stdout (fd 1, from C++) when the
-    first one is made, which would land in a CLI's output: fd 1 is pointed at /dev/null meanwhile."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            h = highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-    h.silent()
-    return h
-
-
-def _csc(rows: list[int], cols: list[int], vals: list[float], num_col: int):
-    """Triplets as compressed columns (start, index, value)."""
-    rows_a, cols_a, vals_a = np.array(rows, dtype=np.int32), np.array(cols, dtype=np.int32), np.array(vals)
-    order = np.lexsort((rows_a, cols_a))
-    start = np.zeros(num_col + 1, dtype=np.int32)
-    np.add.at(start, cols_a + 1, 1)
-    return np.cumsum(start).astype(np.int32), rows_a[order], vals_a[order]
-
-
-def _highs() -> highspy.Highs:
-    """A silent solver. HiGHS prints a banner to the process's stdout (fd 1, from C++) when the
-    first one is made, which would land in a CLI's output: fd 1 is pointed at /dev/null meanwhile."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            h = highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-    h.silent()
-    return h
 
 
 def _csc(rows: list[int], cols: list[int], vals: list[float], num_col: int):
@@ -177,10 +135,9 @@ class _Model:
 
     def solve(self, options: Options, seconds: float, start: np.ndarray | None = None,
               fill_from: float | None = None) -> _Solved:
-        h = _highs()
+        h = silent_highs()
         h.setOptionValue("mip_rel_gap", float(options.mip_gap))
         h.setOptionValue("time_limit", max(0.05, float(seconds)))
-        h.setOptionValue("threads", 1)
         h.setOptionValue("mip_feasibility_tolerance", 1e-9)
         h.setOptionValue("primal_feasibility_tolerance", 1e-9)
         if fill_from is not None:  # second phase: z held at its optimum, the weighted sum maximised
@@ -280,7 +237,7 @@ def plan(blocks: Blocks, pools: Pools, options: Options = Options()) -> Pipeline
              "max_stages": options.max_stages, "shapes_s": round(t_shapes, 4), "plan_s": round(elapsed, 4),
              "status": solved.status, "baseline_status": base_solved.status,
              "solve_s": full.solve_s, "baseline_solve_s": base.solve_s}
-    return PipelinePlan(models, objective, baseline_objective, f"HiGHS {_highs().version()} MILP",
+    return PipelinePlan(models, objective, baseline_objective, f"HiGHS {silent_highs().version()} MILP",
                         solved.gap if math.isfinite(solved.gap) else 1.0, stats=stats)
 
 
