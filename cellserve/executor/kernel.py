@@ -15,7 +15,6 @@ import torch
 
 from cellserve.executor.base import CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
-from cellserve.executor.team import TeamGovernor, call_key
 from cellserve.graph import dense_ops
 from cellserve.graph.model import DenseNode, LayerStack
 from cellserve.kernels import affinity
@@ -42,10 +41,6 @@ class KernelExecutor(Executor):
         self.cores = None if cores is None else tuple(cores)
         self.kernels: dict[str, RecurrentKernel] = {}
         self._specs: dict[str, CellTypeSpec] = {}
-        # the team size of each kernel call, all threads or one by measured speed (team.py);
-        # made at the first call, in the thread that runs the kernels (the team is its own)
-        self._team: TeamGovernor | None = None
-        self._team_now = 0
 
     # ---- cell types ----
 
@@ -91,8 +86,6 @@ class KernelExecutor(Executor):
         kernel = self.kernels[batch.cell_type]
         spec = self._specs[batch.cell_type]
         tokens, steps = None, 1
-        key = call_key(batch.cell_type, bool(lone_steps), batch.size)
-        team = self._choose_team(key)
         t0 = time.perf_counter()
         if lone_steps:
             first, *others = zip(batch.slots, rows.tolist(), batch.strides)
@@ -102,26 +95,11 @@ class KernelExecutor(Executor):
         else:
             tokens = kernel.step_batch(slots, rows)
         busy = self._since(t0)
-        if self._team is not None:
-            self._team.observe(key, team, busy, steps * batch.size if lone_steps else steps)
         if spec.is_decoder:
             flops = sum(spec.step.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
         else:
             flops = batch.size * steps * spec.step.flops_per_step()
         return StepResult(steps, busy, flops, tokens)
-
-    def _choose_team(self, key) -> int:
-        """The OpenMP team size for this call, set on the calling thread when it changes."""
-        if self.device.type != "cpu":
-            return 0
-        if self._team is None:
-            self._team_now = affinity.team_size()
-            self._team = TeamGovernor(full=self._team_now)
-        team = self._team.choose(key)
-        if team != self._team_now:
-            affinity.set_team_size(team)
-            self._team_now = team
-        return team
 
     def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:
         t0 = time.perf_counter()

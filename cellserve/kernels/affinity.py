@@ -81,17 +81,6 @@ def openmp_threads_pinned(enabled: bool = True) -> Iterator[list[int] | None]:
             os.sched_setaffinity(0, cores)
 
 
-def team_size() -> int:
-    """The calling thread's OpenMP team size (torch's thread count where torch has no libgomp)."""
-    libgomp = _torch_libgomp()
-    return int(libgomp.omp_get_max_threads()) if libgomp is not None else torch.get_num_threads()
-
-
-def set_team_size(n: int) -> None:
-    """Set the calling thread's OpenMP team size (see _set_team_size)."""
-    _set_team_size(_torch_libgomp(), n)
-
-
 def _set_team_size(libgomp: ctypes.CDLL | None, n: int) -> None:
     """The calling thread's OpenMP team size (its own ICV: other threads keep theirs). Torch's
     CPU ops, oneDNN and the C kernels' parallel regions all read it from the calling thread."""
