@@ -107,24 +107,30 @@ class Admission:
     The limit adapts between `floor` and `ceiling` (the --max-inflight bound) so that refusals
     happen here, where they cost a canned answer, instead of in the engine after a decode:
     - CONGESTED (the engine refused a request because of the work it already had, or dropped
-      one, or its deadline passed) with more than `floor` requests in flight cuts the limit to
-      90% of what is in flight, however far under the limit that is: what was in flight is
-      what the engine could hold within deadlines. Only a request that entered after the last
-      cut can cut again, so one burst of refusals caused by the old limit cuts once, as TCP
-      cuts once per window. A refusal of a deadline too short even for an idle engine is not
-      congestion (`Overloaded.congestion`), nor is one request alone missing its deadline;
+      one, or its deadline passed), while at least CUT_SHARE of the recent answers (a moving
+      average over about 1 / SHARE_WEIGHT of them) were congested and more than `floor`
+      requests are in flight, cuts the limit to 90% of what is in flight, however far under
+      the limit that is: what was in flight is what the engine could hold within deadlines.
+      Only a request that entered after the last cut can cut again, so one burst of refusals
+      caused by the old limit cuts once, as TCP cuts once per window. A few refusals among
+      many answers (an engine whose estimates spiked for a moment) do not cut: the bound is
+      for an engine that refuses much of what reaches it. A refusal of a deadline too short
+      even for an idle engine is not congestion (`Overloaded.congestion`), nor is one request
+      alone missing its deadline;
     - OK while the limit is three-quarters used grows it by GROWTH / limit, so GROWTH places
       per limit's worth of answers;
-    - QUIET_S without any congestion doubles it (checked when requests arrive), so that a
-      limit cut in an overload that has ended stops refusing within a few QUIET_S, even
+    - QUIET_S without congestion at CUT_SHARE doubles it (checked when requests arrive), so
+      that a limit cut in an overload that has ended stops refusing within a few QUIET_S, even
       requests that come all at once or carry no deadline. In a lasting overload the engine
-      keeps refusing some of what the limit lets in, and the limit stays down.
+      keeps refusing much of what the limit lets in, and the limit stays down.
     Without congestion (requests without deadlines) it stays at the ceiling.
     """
 
     OK, CONGESTED, OTHER = "ok", "congested", "other"
     GROWTH = 4.0
     QUIET_S = 0.5
+    CUT_SHARE = 0.25
+    SHARE_WEIGHT = 1 / 32
 
     def __init__(self, ceiling: int = 4096, floor: int = 8, clock: Clock | None = None):
         self.ceiling, self.floor = ceiling, min(floor, ceiling)
@@ -136,6 +142,7 @@ class Admission:
         self._cut_after = 0  # tickets up to this one entered before the last cut
         self._clock = clock or MonotonicClock()
         self._quiet_since = 0.0  # the last congestion, or the last doubling since
+        self.congested_share = 0.0  # moving average of answers that were CONGESTED (OK: 0)
 
     def configure(self, ceiling: int) -> None:
         self.ceiling, self.floor = ceiling, min(self.floor, ceiling)
@@ -179,7 +186,9 @@ class Admission:
     def leave(self, ticket: int, outcome: str) -> None:
         in_flight = self.in_flight
         self.in_flight -= 1
-        if outcome == self.CONGESTED:
+        if outcome != self.OTHER:
+            self.congested_share += self.SHARE_WEIGHT * ((outcome == self.CONGESTED) - self.congested_share)
+        if outcome == self.CONGESTED and self.congested_share >= self.CUT_SHARE:
             self._quiet_since = self._clock.now()
             if ticket > self._cut_after and in_flight > self.floor:
                 self.limit = max(float(self.floor), 0.9 * min(self.limit, in_flight))

@@ -281,6 +281,24 @@ def fill(admission: Admission, n: int) -> list[int]:
     return [admission.enter() for _ in range(n)]
 
 
+def refusing(admission: Admission) -> Admission:
+    """The bound of a server whose engine has lately refused most of what reached it (the
+    share of congested answers past CUT_SHARE), as in an overload."""
+    admission.congested_share = 1.0
+    return admission
+
+
+def test_a_few_refusals_among_many_answers_do_not_cut_and_a_refusing_engine_does():
+    admission = Admission(ceiling=4096, clock=SteppedClock())
+    tickets = fill(admission, 200)
+    for i, t in enumerate(tickets[:100]):  # one answer in ten refused: a moment's misestimate
+        admission.leave(t, Admission.CONGESTED if i % 10 == 0 else Admission.OK)
+    assert admission.cuts == 0 and admission.limit == 4096
+    for t in tickets[100:112]:  # then the engine refuses all: the share passes CUT_SHARE within a dozen
+        admission.leave(t, Admission.CONGESTED)
+    assert admission.cuts == 1 and admission.limit < 100
+
+
 def test_the_bound_refuses_past_its_limit_and_says_so():
     admission = Admission(ceiling=3, clock=SteppedClock())
     tickets = fill(admission, 3)
@@ -293,7 +311,7 @@ def test_the_bound_refuses_past_its_limit_and_says_so():
 
 
 def test_congestion_cuts_once_per_window_to_90_percent_of_what_is_in_flight():
-    admission = Admission(ceiling=100, clock=SteppedClock())
+    admission = refusing(Admission(ceiling=100, clock=SteppedClock()))
     tickets = fill(admission, 60)
     admission.leave(tickets[0], Admission.CONGESTED)  # 60 in flight: cut to 54
     assert admission.limit == pytest.approx(54) and admission.cuts == 1
@@ -307,7 +325,7 @@ def test_congestion_cuts_once_per_window_to_90_percent_of_what_is_in_flight():
 
 
 def test_one_request_alone_missing_its_deadline_is_not_congestion():
-    admission = Admission(ceiling=100, floor=8, clock=SteppedClock())
+    admission = refusing(Admission(ceiling=100, floor=8, clock=SteppedClock()))
     tickets = fill(admission, 8)
     admission.leave(tickets[0], Admission.CONGESTED)  # no more in flight than the floor: not load
     assert admission.limit == 100 and admission.cuts == 0
@@ -316,7 +334,7 @@ def test_one_request_alone_missing_its_deadline_is_not_congestion():
 def test_congestion_far_under_the_limit_cuts_to_what_was_in_flight():
     """Refusals the engine makes quickly never fill a large limit: what was in flight when
     the engine said it was full is what it holds, however far under the limit."""
-    admission = Admission(ceiling=4096, clock=SteppedClock())
+    admission = refusing(Admission(ceiling=4096, clock=SteppedClock()))
     tickets = fill(admission, 200)
     admission.leave(tickets[0], Admission.CONGESTED)
     assert admission.limit == pytest.approx(180) and admission.cuts == 1
@@ -327,7 +345,7 @@ def test_quiet_time_doubles_a_cut_limit_back_to_the_ceiling_and_congestion_holds
     doubles the limit (applied when requests find it full, or read by a scrape); while the
     engine keeps refusing, the limit stays where the cuts put it."""
     clock = SteppedClock()
-    admission = Admission(ceiling=4096, clock=clock)
+    admission = refusing(Admission(ceiling=4096, clock=clock))
     tickets = fill(admission, 100)
     admission.leave(tickets.pop(), Admission.CONGESTED)  # cut to 90
     assert admission.limit == pytest.approx(90)
@@ -353,7 +371,7 @@ def test_a_deadline_too_short_for_an_idle_engine_is_not_congestion():
 
 
 def test_answers_in_time_grow_a_used_limit_back_to_the_ceiling_and_no_further():
-    admission = Admission(ceiling=40, floor=8, clock=SteppedClock())
+    admission = refusing(Admission(ceiling=40, floor=8, clock=SteppedClock()))
     tickets = fill(admission, 40)
     admission.leave(tickets.pop(), Admission.CONGESTED)
     cut = admission.limit
@@ -372,7 +390,7 @@ def test_answers_in_time_grow_a_used_limit_back_to_the_ceiling_and_no_further():
 
 
 def test_the_limit_never_falls_under_its_floor():
-    admission = Admission(ceiling=10, floor=8, clock=SteppedClock())
+    admission = refusing(Admission(ceiling=10, floor=8, clock=SteppedClock()))
     for _ in range(5):
         tickets = fill(admission, int(admission.limit))
         admission.leave(tickets[0], Admission.CONGESTED)
