@@ -24,11 +24,14 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.body: list[bytes] = []
         self.open = False
+        self.answered = 0  # requests answered on this connection
+        self.heard = False  # any byte of the current request's answer
 
     def connection_made(self, transport) -> None:
         self.transport, self.open = transport, True
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -40,6 +43,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         status, body = self.parser.get_status_code(), b"".join(self.body)
         self.body = []
+        self.answered += 1
         if not self.parser.should_keep_alive():
             self.open = False
             self.transport.close()
@@ -59,6 +63,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(exc)
 
     def send(self, data: bytes) -> asyncio.Future:
+        self.heard = False
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.waiter
@@ -72,6 +77,7 @@ class HttpPool:
         self.port = int(port)
         self._idle: list[_Connection] = []
         self._all: list[_Connection] = []
+        self.resent = 0  # requests sent again after a reused connection closed under them
 
     async def _connection(self) -> _Connection:
         while self._idle:
@@ -83,16 +89,29 @@ class HttpPool:
         return conn
 
     async def request(self, data: bytes) -> tuple[int, bytes]:
-        """Send one prepared request; (status, body) of its answer."""
-        conn = await self._connection()
-        try:
-            answer = await conn.send(data)
-        except BaseException:
-            conn._fail(ConnectionError("request abandoned"))  # a half-read answer poisons the connection
-            raise
-        if conn.open:
-            self._idle.append(conn)
-        return answer
+        """Send one prepared request; (status, body) of its answer.
+
+        A kept-alive connection the server closes as idle may take a request in the moment
+        its close is on the wire: the server never read it. As HTTP clients do, such a request
+        (on a reused connection, closed before any byte of an answer) is sent once more on a
+        new connection; any other failure is raised."""
+        for attempt in (0, 1):
+            conn = await self._connection()
+            reused = conn.answered > 0
+            try:
+                answer = await conn.send(data)
+            except ConnectionError:
+                if attempt == 0 and reused and not conn.heard:
+                    self.resent += 1
+                    continue
+                raise
+            except BaseException:
+                conn._fail(ConnectionError("request abandoned"))  # a half-read answer poisons the connection
+                raise
+            if conn.open:
+                self._idle.append(conn)
+            return answer
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         for conn in self._all:

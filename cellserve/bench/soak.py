@@ -55,6 +55,7 @@ class SoakReport:
     capacity_rps: float | None
     counts: dict = field(default_factory=dict)  # outcome -> requests
     first_failures: list[str] = field(default_factory=list)
+    unanswered: list[str] = field(default_factory=list)  # the first requests with no answer, and why
     samples: list[dict] = field(default_factory=list)  # t_s, rss_bytes, fds, sequences, health_ms
     checks: dict = field(default_factory=dict)  # name -> {"ok": bool, "detail": str}
 
@@ -94,6 +95,7 @@ class _Soak:
         self.failures: list[str] = []
         self.sequence_ids = iter(range(1, 1 << 62))
         self.sent = self.answered = 0
+        self.unanswered: list[str] = []
 
     def _count(self, outcome: str, detail: str = "") -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
@@ -106,6 +108,8 @@ class _Soak:
             status, answer = await asyncio.wait_for(self.pool.request(self.pool.post(f"/v2/models/{model}/infer",
                                                                                      body)), 60)
         except (asyncio.TimeoutError, OSError, ConnectionError) as exc:
+            if len(self.unanswered) < 10:
+                self.unanswered.append(f"{model}: {type(exc).__name__}: {exc}")
             return -1, f"{type(exc).__name__}: {exc}".encode()
         self.answered += 1
         return status, answer
@@ -232,6 +236,8 @@ def run_soak(cfg: SoakConfig, progress=print) -> SoakReport:
                                "sequences": _sequences_active(server.metrics), "health_ms": _health_ms(server.http)})
         report.counts, report.first_failures = dict(soak.counts), soak.failures
         report.counts["sent"], report.counts["answered"] = soak.sent, soak.answered
+        report.counts["sent again on a new connection"] = soak.pool.resent
+        report.unanswered = soak.unanswered
         _judge(report, cfg)
         return report
     finally:
@@ -248,7 +254,8 @@ def _judge(report: SoakReport, cfg: SoakConfig) -> None:
     report.checks = {
         "no failures beyond the bad requests": {"ok": failed == 0, "detail": f"{failed} failed"},
         "every request answered once": {"ok": c["sent"] == c["answered"],
-                                        "detail": f"{c['answered']} of {c['sent']} answered"},
+                                        "detail": f"{c['answered']} of {c['sent']} answered"
+                                                  + (f" (first: {report.unanswered[0]})" if report.unanswered else "")},
         "RSS growth after warm-up": {"ok": rss1 <= rss0 * (1 + cfg.max_rss_growth),
                                      "detail": f"{rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB "
                                                f"({(rss1 / rss0 - 1) * 100:+.1f}%)"},
