@@ -9,23 +9,18 @@ Unknown fields are ignored, so fields may be added.
 
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 
 from cellserve.plan.accuracy import (DEFAULT_HEADROOM, SCHEMA_VERSION, AccuracyError, AccuracyPlan, AccuracyProblem,
                                      Device, Family, LatencyPoints, Variant)
 from cellserve.plan.profile import ProfileError, _get, _num, _obj, _str
+from cellserve.plan.json_io import check_version, read_json, write_json  # noqa: F401 (write_json: this module's API)
+
+_read = functools.partial(read_json, error=AccuracyError)
+_version = functools.partial(check_version, version=SCHEMA_VERSION, error=AccuracyError)
 
 MAX_BATCH = 65536
-
-
-def _read(path: str | Path, what: str) -> object:
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise AccuracyError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise AccuracyError(f"{what} {str(path)!r} is not JSON: {exc}") from None
 
 
 def _parse(parse, x: object, *args):
@@ -36,12 +31,6 @@ def _parse(parse, x: object, *args):
         raise
     except ProfileError as exc:
         raise AccuracyError(str(exc)) from None
-
-
-def _version(d: dict, where: str) -> None:
-    version = d.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise AccuracyError(f"{where}.schema_version is {version!r}; this cellserve reads version {SCHEMA_VERSION}")
 
 
 # ---- PROBLEM ----
@@ -218,7 +207,3 @@ def plan_to_dict(plan: AccuracyPlan) -> dict:
             "unserved_rps": dict(plan.unserved_rps), "solver": plan.solver}
 
 
-def write_json(doc: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -7,6 +7,7 @@ Each `load_*` refuses a broken file with a BatchingError naming the file and the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -14,23 +15,12 @@ from pathlib import Path
 from cellserve.plan.batching import SCHEMA_VERSION, Service
 from cellserve.plan.batching_map import BatchingError, Map, fit_mmpp2
 from cellserve.plan.profile import ProfileError, _get, _num, _obj
+from cellserve.plan.json_io import check_version, read_json, write_json  # noqa: F401 (write_json: this module's API)
+
+_read_json = functools.partial(read_json, error=BatchingError)
+_version = functools.partial(check_version, version=SCHEMA_VERSION, error=BatchingError)
 
 MAX_SIZE = 65536
-
-
-def _read_json(path: Path, what: str) -> object:
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise BatchingError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BatchingError(f"{what} {str(path)!r} is not JSON: {exc}") from None
-
-
-def _version(d: dict, where: str) -> None:
-    version = d.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise BatchingError(f"{where}.schema_version is {version!r}; this cellserve reads version {SCHEMA_VERSION}")
 
 
 def load_arrivals(path: str | Path) -> Map:
@@ -110,12 +100,6 @@ def load_service(path: str | Path) -> Service:
         return Service(tuple(points))
     except ProfileError as exc:
         raise BatchingError(f"service file {str(path)!r}: {exc}") from None
-
-
-def write_json(d: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(d, indent=1) + "\n")
 
 
 def plan_to_dict(ev, arrivals: Map, slo_ms: float | None = None, search: dict | None = None) -> dict:

@@ -9,24 +9,19 @@ profile parser's (plan/profile.py), so both files read alike.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 from cellserve.plan.nexus import (SCHEMA_VERSION, Assignment, Device, DeviceProfiles, LatencyProfile, ModelEntry,
                                   NexusError, Plan, Profiles, Query, QueryNode, QuerySplit, Session, Unserved,
                                   Workload)
 from cellserve.plan.profile import ProfileError, _get, _int, _num, _obj, _str
+from cellserve.plan.json_io import as_list, check_version, read_json, write_json  # noqa: F401 (write_json: this module's API)
+
+_read = functools.partial(read_json, error=NexusError)
+_version = functools.partial(check_version, version=SCHEMA_VERSION, error=NexusError)
+_list = functools.partial(as_list, error=NexusError)
 
 MAX_BATCH = 65536  # the planner tabulates every batch size up to the largest profiled
-
-
-def _read(path: str | Path, what: str) -> object:
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise NexusError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise NexusError(f"{what} {str(path)!r} is not JSON: {exc}") from None
 
 
 def _load(path: str | Path, what: str, parse, *args):
@@ -49,19 +44,6 @@ def _nexus_errors(parse):
         except ProfileError as exc:
             raise NexusError(str(exc)) from None
     return wrapped
-
-
-def _version(d: dict, where: str) -> None:
-    """A file may omit schema_version (it is then this version); another version is refused."""
-    version = d.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise NexusError(f"{where}.schema_version is {version!r}; this cellserve reads version {SCHEMA_VERSION}")
-
-
-def _list(x: object, where: str) -> list:
-    if not isinstance(x, list):
-        raise NexusError(f"{where} must be a list, got {type(x).__name__}")
-    return x
 
 
 def _positive(x: object, where: str) -> float:
@@ -287,6 +269,3 @@ def plan_to_dict(plan: Plan) -> dict:
                          for u in plan.unserved]}
 
 
-def write_json(d: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(d, indent=1) + "\n")

@@ -8,13 +8,18 @@ parser's (plan/profile.py), so every planner file reads alike.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 
 from cellserve.plan.partition_graph import (MODES, SCHEMA_VERSION, SOLVERS, Edge, Graph, Link, Node, PartitionError,
                                             Plan)
 from cellserve.plan.profile import ProfileError, _get, _num, _obj, _str
+from cellserve.plan import json_io
+
+read_json = functools.partial(json_io.read_json, error=PartitionError)
+write_json = json_io.write_json
+_version = functools.partial(json_io.check_version, version=SCHEMA_VERSION, error=PartitionError)
+_list = functools.partial(json_io.as_list, error=PartitionError)
 
 
 def _errors(parse):
@@ -26,32 +31,6 @@ def _errors(parse):
         except ProfileError as exc:
             raise PartitionError(str(exc)) from None
     return wrapped
-
-
-def read_json(path: str | Path, what: str) -> object:
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise PartitionError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise PartitionError(f"{what} {str(path)!r} is not JSON: {exc}") from None
-
-
-def write_json(d: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(d, indent=1) + "\n")
-
-
-def _version(d: dict, where: str) -> None:
-    version = d.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise PartitionError(f"{where}.schema_version is {version!r}; this cellserve reads version {SCHEMA_VERSION}")
-
-
-def _list(x: object, where: str) -> list:
-    if not isinstance(x, list):
-        raise PartitionError(f"{where} must be a list, got {type(x).__name__}")
-    return x
 
 
 def _per_device(x: object, where: str, devices, positive: bool = False) -> dict[str, float]:

@@ -8,12 +8,17 @@ may omit schema_version (it is then version 1); unknown fields are ignored.
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 from pathlib import Path
 
 from cellserve.plan.pipeline import (SCHEMA_VERSION, Block, Blocks, Link, ModelBlocks, ModelPlan, Pipeline,
                                      PipelineError, PipelinePlan, Pools, Stage)
+from cellserve.plan.json_io import as_list, check_version, read_json, write_json  # noqa: F401 (write_json: this module's API)
+
+_read = functools.partial(read_json, error=PipelineError)
+_version = functools.partial(check_version, version=SCHEMA_VERSION, error=PipelineError)
+_list = functools.partial(as_list, error=PipelineError)
 
 MAX_BATCH = 65536
 
@@ -48,28 +53,6 @@ def _str(x: object, where: str) -> str:
     if not isinstance(x, str) or not x:
         raise PipelineError(f"{where} must be a non-empty string, got {x!r}")
     return x
-
-
-def _list(x: object, where: str) -> list:
-    if not isinstance(x, list):
-        raise PipelineError(f"{where} must be a list, got {type(x).__name__}")
-    return x
-
-
-def _version(d: dict, where: str) -> int:
-    version = d.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise PipelineError(f"{where}.schema_version is {version!r}; this cellserve reads version {SCHEMA_VERSION}")
-    return version
-
-
-def _read(path: str | Path, what: str) -> object:
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise PipelineError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{what} {str(path)!r} is not JSON: {exc}") from None
 
 
 def _load(path: str | Path, what: str, parse):
@@ -224,6 +207,3 @@ def plan_to_dict(plan: PipelinePlan) -> dict:
     return out
 
 
-def write_json(d: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(d, indent=1) + "\n")

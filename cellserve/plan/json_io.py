@@ -1,0 +1,40 @@
+"""The file handling every planner shares: reading a JSON file, its schema version, a list
+field, writing a plan. Each planner raises its own error type (NexusError, PartitionError, ...),
+passed in, so that its CLI reports every bad file the same way: the file, the field, the value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_json(path: str | Path, what: str, error: type[Exception]) -> object:
+    """The JSON document at `path`; `error` naming the file (`what` says which) if it cannot be
+    read or is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise error(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {str(path)!r} is not JSON: {exc}") from None
+
+
+def check_version(d: dict, where: str, version: int, error: type[Exception]) -> int:
+    """A file may omit schema_version (it is then `version`); another version is refused."""
+    found = d.get("schema_version", version)
+    if found != version:
+        raise error(f"{where}.schema_version is {found!r}; this cellserve reads version {version}")
+    return found
+
+
+def as_list(x: object, where: str, error: type[Exception]) -> list:
+    if not isinstance(x, list):
+        raise error(f"{where} must be a list, got {type(x).__name__}")
+    return x
+
+
+def write_json(d: dict, path: str | Path) -> None:
+    """Write a plan (or any result), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d, indent=1) + "\n")
