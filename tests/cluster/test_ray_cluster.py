@@ -14,7 +14,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +24,7 @@ ray_utils = pytest.importorskip("ray.cluster_utils")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
-from serverproc import scrape, start_server  # noqa: E402
+from serverproc import scrape, start_server, wait_until  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 from zoo_reference import token_reference  # noqa: E402
 
@@ -100,7 +99,8 @@ def test_a_sequence_streams_on_the_worker_holding_its_state(server):
     tokens = np.random.default_rng(2).integers(0, 10000, (1, 20))
     with httpclient.InferenceServerClient(server.http) as client:
         send(client, tokens[:, :7], sequence_id=11, sequence_start=True)
-        time.sleep(1.2)  # the driver polls the workers' counters twice a second
+        # the driver polls the workers' counters (twice a second): wait until it has seen the state
+        wait_until(lambda: sum(holders(server).values()) >= 1, "a worker reported holding the state", poll=0.1)
         held = {w: n for w, n in holders(server).items() if n}
         assert list(held.values()) == [1]  # on exactly one worker
         got = send(client, tokens[:, 7:], sequence_id=11, sequence_end=True)
@@ -122,17 +122,26 @@ def test_a_worker_and_a_node_die_under_load_and_every_request_gets_one_answer(se
     seq_tokens = rng.integers(0, 10000, (1, 12))
     with httpclient.InferenceServerClient(server.http) as client:
         send(client, seq_tokens[:, :4], sequence_id="doomed", sequence_start=True)
-    time.sleep(1.2)
+    wait_until(lambda: any(holders(server).values()), "a worker reported holding the state", poll=0.1)
     holder = next(w for w, n in holders(server).items() if n)
     answers: list[tuple[int, object]] = []
     lock = threading.Lock()
-    stop_at = time.monotonic() + 12.0
+    stop = threading.Event()
+
+    def answered() -> int:
+        with lock:
+            return len(answers)
+
+    def more_answers(n: int, what: str) -> None:
+        """Wait for n more answers: the faults come under load, judged by answers, not seconds."""
+        target = answered() + n
+        wait_until(lambda: answered() >= target, what, timeout=180, poll=0.05)
 
     def load(k: int) -> None:
         r = np.random.default_rng(100 + k)
         with httpclient.InferenceServerClient(server.http) as client:
             i = 0
-            while time.monotonic() < stop_at:
+            while not stop.is_set():
                 x = r.integers(0, 10000, (1, int(r.integers(5, 40))))
                 try:
                     out = send(client, x)
@@ -146,14 +155,18 @@ def test_a_worker_and_a_node_die_under_load_and_every_request_gets_one_answer(se
 
     with ThreadPoolExecutor(6) as pool:
         running = [pool.submit(load, k) for k in range(6)]
-        time.sleep(3.0)
-        os.kill(server.workers[holder][1], signal.SIGKILL)  # the worker holding the sequence's state
-        time.sleep(2.0)
-        holder_node = server.workers[holder][0]
-        doomed = next(n for n in nodes if n.node_id[:12] != holder_node)  # a node with a live worker
-        c.remove_node(doomed, allow_graceful=False)
-        for f in running:
-            f.result()
+        try:
+            more_answers(30, "30 answers under load before the kill")
+            os.kill(server.workers[holder][1], signal.SIGKILL)  # the worker holding the sequence's state
+            more_answers(30, "30 answers after the worker was killed")
+            holder_node = server.workers[holder][0]
+            doomed = next(n for n in nodes if n.node_id[:12] != holder_node)  # a node with a live worker
+            c.remove_node(doomed, allow_graceful=False)
+            more_answers(30, "30 answers after the node was removed")
+        finally:
+            stop.set()
+            for f in running:
+                f.result()
     ids = [i for i, _ in answers]
     assert len(ids) == len(set(ids)) and len(ids) > 20  # one answer per request, and a real load
     failures = [r for _, r in answers if r != "ok"]
