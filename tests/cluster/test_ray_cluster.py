@@ -171,6 +171,9 @@ def test_a_worker_and_a_node_die_under_load_and_every_request_gets_one_answer(se
     assert len(ids) == len(set(ids)) and len(ids) > 20  # one answer per request, and a real load
     failures = [r for _, r in answers if r != "ok"]
     assert failures == [], failures[:5]
+    # the driver marks a worker down when a call or its counters' poll (twice a second) fails
+    wait_until(lambda: len(re.findall(r"cellserve_worker_up\{[^}]*\} 0.0", scrape(server))) >= 2,
+               "the driver to mark both dead workers down", poll=0.1)
     text = scrape(server)
     assert len(re.findall(r"cellserve_worker_up\{[^}]*\} 0.0", text)) == 2
     retries = float(re.search(r"^cellserve_cluster_retries_total (\S+)", text, re.M).group(1))
