@@ -50,6 +50,12 @@ class _Held:
         self.worker, self.key = worker, key
 
 
+def _let_go(held, release) -> None:
+    """Tell the live worker holding a sequence's state (if any) to drop it."""
+    if isinstance(held, _Held) and held.worker.alive:
+        release(held.worker, held.key)
+
+
 class _ReleasingStore(SequenceStore):
     """A SequenceStore that tells the worker holding an ended sequence's state to drop it."""
 
@@ -60,8 +66,7 @@ class _ReleasingStore(SequenceStore):
     def end(self, sequence: Sequence, why: str) -> None:
         held, sequence.state = sequence.state, None
         super().end(sequence, why)
-        if isinstance(held, _Held) and held.worker.alive:
-            self._release(held.worker, held.key)
+        _let_go(held, self._release)
 
 
 class RayCore(Core):
@@ -85,44 +90,23 @@ class RayCore(Core):
 
     # ---- sequences: sticky to the worker holding the state ----
 
-    async def _sequence_step(self, entry: ServedModel, request, options, timeout_s, priority, received):
-        why = entry.model.why_not_streamable()
-        if why is not None:
-            raise SequenceError(f"model {entry.name!r} cannot serve sequences: {why}")
-        idle_s = entry.settings.sequence_idle_s or self.sequence_idle_s
-        key = (entry.name, entry.version, options.sequence_id)
-        sequence = self.sequences.get(key, options.sequence_start, idle_s)
-        sequence.users += 1
+    async def _sequence_chunk(self, entry: ServedModel, request, options, sequence, timeout_s, priority, received):
+        held = sequence.state
+        state_key = held.key if held is not None else f"{entry.engine_name}/{next(self._keys)}"
         try:
-            async with sequence.lock:  # chunks of one sequence run one after another
-                if options.sequence_start:
-                    held = sequence.state
-                    if isinstance(held, _Held) and held.worker.alive:
-                        self._release(held.worker, held.key)
-                    sequence.state = None
-                elif self.sequences.get(key, False, idle_s) is not sequence:
-                    raise SequenceError(f"{sequence.describe()} was restarted while this request waited")
-                held = sequence.state
-                state_key = held.key if held is not None else f"{entry.engine_name}/{next(self._keys)}"
-                try:
-                    worker, reply = await self._dispatch(entry, request.inputs, timeout_s, priority, received,
-                                                         held, state_key, options)
-                except WorkerDied as exc:  # the worker holding the state died: the sequence is gone
-                    lost = f"lost when {held.worker.describe()} died ({exc})"
-                    sequence.state = None
-                    self.sequences.end(sequence, lost)
-                    raise SequenceError(f"{sequence.describe()} was {lost}; start a new one with "
-                                        "sequence_start") from None
-                if options.sequence_end:
-                    sequence.state = None  # the worker dropped it with the chunk
-                    self.sequences.end(sequence, "ended by sequence_end")
-                else:
-                    sequence.state = _Held(worker, state_key)
-        finally:
-            sequence.users -= 1
-            sequence.last_used = self.sequences.clock.now()
-            self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
+            worker, reply = await self._dispatch(entry, request.inputs, timeout_s, priority, received,
+                                                 held, state_key, options)
+        except WorkerDied as exc:  # the worker holding the state died: the sequence is gone
+            lost = f"lost when {held.worker.describe()} died ({exc})"
+            sequence.state = None
+            self.sequences.end(sequence, lost)
+            raise SequenceError(f"{sequence.describe()} was {lost}; start a new one with sequence_start") from None
+        # with sequence_end the worker dropped the state with the chunk (and the sequence ends)
+        sequence.state = None if options.sequence_end else _Held(worker, state_key)
         return reply
+
+    def _drop_state(self, state) -> None:
+        _let_go(state, self._release)
 
     def _release(self, worker: WorkerState, key: str) -> None:
         try:

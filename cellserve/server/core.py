@@ -332,20 +332,33 @@ class Core:
         try:
             async with sequence.lock:  # chunks of one sequence run one after another
                 if options.sequence_start:
+                    self._drop_state(sequence.state)
                     sequence.state = None
                 elif self.sequences.get(key, False, idle_s) is not sequence:
                     raise SequenceError(f"{sequence.describe()} was restarted while this request waited")
-                response = await self._submit(entry, request.inputs, timeout_s, priority, received,
-                                              initial_state=sequence.state, return_state=True)
-                # a failed chunk raised above: the state stays where the last good chunk left it
-                sequence.state = response.state
+                response = await self._sequence_chunk(entry, request, options, sequence, timeout_s, priority,
+                                                      received)
                 if options.sequence_end:
+                    sequence.state = None
                     self.sequences.end(sequence, "ended by sequence_end")
         finally:
             sequence.users -= 1
             sequence.last_used = self.sequences.clock.now()
             self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
         return response
+
+    async def _sequence_chunk(self, entry: ServedModel, request: InferInput, options: RequestOptions, sequence,
+                              timeout_s, priority, received) -> Response:
+        """Run one chunk from the sequence's state and keep the state it ends in (under the
+        sequence's lock; `_sequence_step` keeps the sequence's life). A failed chunk raises: the
+        state stays where the last good chunk left it."""
+        response = await self._submit(entry, request.inputs, timeout_s, priority, received,
+                                      initial_state=sequence.state, return_state=True)
+        sequence.state = response.state
+        return response
+
+    def _drop_state(self, state) -> None:
+        """A restarted sequence's old state is let go (here, on the host: nothing to do)."""
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
                       initial_state=None, return_state=False) -> Response:
