@@ -221,13 +221,7 @@ class ConcurrentSteps:
                 if self._busy:
                     self._wake.wait(0.05)
                     continue
-                now = self.clock.now()
-                wake = self.policy.wake_at(now)
-                if wake is None:
-                    if self.idle() or self._inbox:
-                        continue
-                    raise RuntimeError(f"engine stuck: {len(self._runs)} requests in flight and no batch to run")
-                self.clock.sleep(max(0.0, min(wake - now, 0.01)))
+                self._sleep_until_wake()
 
     @staticmethod
     def _error_status(exc: Exception):

@@ -464,13 +464,18 @@ class Engine(ConcurrentSteps):
                 raise TimeoutError(f"engine did not drain within {timeout_s} s")
             if self.step():
                 continue
-            now = self.clock.now()
-            wake = self.policy.wake_at(now)
-            if wake is None:
-                if self.idle() or self._inbox:
-                    continue
-                raise RuntimeError(f"engine stuck: {len(self._runs)} requests in flight and no batch to run")
-            self.clock.sleep(max(0.0, min(wake - now, 0.01)))
+            self._sleep_until_wake()
+
+    def _sleep_until_wake(self) -> None:
+        """Nothing ran: sleep on the clock until the policy's next wake-up (at most 10 ms);
+        raise when requests are in flight and nothing will ever wake (run_until_idle's rule)."""
+        now = self.clock.now()
+        wake = self.policy.wake_at(now)
+        if wake is None:
+            if self.idle() or self._inbox:
+                return
+            raise RuntimeError(f"engine stuck: {len(self._runs)} requests in flight and no batch to run")
+        self.clock.sleep(max(0.0, min(wake - now, 0.01)))
 
     def serve_forever(self, stop: threading.Event) -> None:
         """The worker loop of a server: step while there is work, wait when there is none.
