@@ -169,7 +169,7 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster) -
 
     router = Router(cluster.workers)
     for w in cluster.workers:
-        router.update_costs(w, w.snapshot["costs"], w.snapshot["overhead_factor"])
+        router.update_costs(w, w.snapshot["costs"], w.snapshot["step_overhead_s"])
     metrics = Metrics(None)
     core = RayCore(served, router, call, metrics, settings.sequence_idle_s, settings.max_sequences,
                    layout.gates, layout.unplanned, settings.engine.admission_headroom)
@@ -227,7 +227,7 @@ async def _poll(core, died) -> None:
             except asyncio.TimeoutError:
                 continue  # busy; its last tables stand
             w.snapshot = snap
-            core.router.update_costs(w, snap["costs"], snap["overhead_factor"])
+            core.router.update_costs(w, snap["costs"], snap["step_overhead_s"])
         await asyncio.sleep(_POLL_S)
 
 

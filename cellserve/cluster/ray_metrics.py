@@ -7,7 +7,7 @@ worker during a scrape). Series:
 
   cellserve_cell_steps_total{worker,node,cell_type}, cellserve_cell_lanes_total{...}
   cellserve_inference_exec_count_total{model,version,worker,node}
-  cellserve_engine_overhead_factor{worker,node}
+  cellserve_engine_step_overhead_seconds{worker,node}
   cellserve_worker_up{worker,node}                1 while live, 0 once dead
   cellserve_worker_requests_total{worker,node,outcome}   (ok, failed) answered by its engine
   cellserve_worker_active_requests{worker,node}, cellserve_worker_sequences{worker,node}
@@ -36,8 +36,8 @@ class ClusterCollector:
                                     labels=[*wn, "cell_type"])
         execs = CounterMetricFamily("cellserve_inference_exec_count", "Batched cell steps run for a model",
                                     labels=["model", "version", *wn])
-        overhead = GaugeMetricFamily("cellserve_engine_overhead_factor",
-                                     "Busy wall time over modelled kernel time, per worker", labels=wn)
+        overhead = GaugeMetricFamily("cellserve_engine_step_overhead_seconds",
+                                     "Seconds a busy step spends off its device, per worker", labels=wn)
         up = GaugeMetricFamily("cellserve_worker_up", "1 while the worker is live, 0 once it died", labels=wn)
         served = CounterMetricFamily("cellserve_worker_requests", "Requests a worker's engine answered",
                                      labels=[*wn, "outcome"])
@@ -61,7 +61,7 @@ class ClusterCollector:
             for engine_model, count in by_model.items():
                 name, _, version = engine_model.rpartition(":")
                 execs.add_metric([name, version, *labels], count)
-            overhead.add_metric(labels, snap["overhead_factor"])
+            overhead.add_metric(labels, snap["step_overhead_s"])
             for outcome, count in snap["served"].items():
                 served.add_metric([*labels, outcome], count)
             active.add_metric(labels, snap["active"] + snap["queued"])

@@ -53,7 +53,7 @@ class WorkerState:
     outstanding: int = 0  # requests sent, not answered
     load: dict[str, int] = field(default_factory=dict)  # cell type -> lanes outstanding
     costs: CostModel | None = None
-    overhead_factor: float = 1.0
+    step_overhead_s: float = 0.0  # seconds per batch off the device (the engine's own)
     snapshot: dict = field(default_factory=dict)  # the last poll (metrics)
 
     @property
@@ -106,9 +106,9 @@ class Router:
     def live(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.alive]
 
-    def update_costs(self, worker: WorkerState, snapshot: dict, overhead_factor: float) -> None:
+    def update_costs(self, worker: WorkerState, snapshot: dict, step_overhead_s: float) -> None:
         worker.costs = cost_model_from(snapshot, worker.info.max_batch)
-        worker.overhead_factor = max(float(overhead_factor), 1.0)
+        worker.step_overhead_s = max(float(step_overhead_s), 0.0)
 
     def predict(self, worker: WorkerState, model: str, rounds: int, lanes: int) -> float:
         """Seconds `worker` would take to run a request of `rounds` rounds and `lanes` lanes
@@ -122,7 +122,7 @@ class Router:
         if worker.outstanding == 0:
             return rounds * best
         mean = worker.costs.round_time(load)
-        return rounds * min(mean, PREDICTION_BOUND * best) * worker.overhead_factor
+        return rounds * (min(mean, PREDICTION_BOUND * best) + worker.step_overhead_s * worker.costs.batches(load))
 
     def pick(self, model: str, rounds: int, lanes: int,
              exclude: tuple[str, ...] = ()) -> tuple[WorkerState, float] | None:

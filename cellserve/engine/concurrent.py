@@ -22,7 +22,8 @@ what a partition moves, not a copy made. The request's inputs and the model's co
 on the host and are not counted.
 
 Cost model: a round takes as long as its busiest executor (`CostModel.group_of`), and the
-overhead factor is learnt per batch from the time between handing it out and taking it back.
+per-step overhead is learnt per batch from the time between handing it out and taking it
+back, less its device time.
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ class ConcurrentSteps:
             else:
                 self._account(work, result)
                 self._complete(work, result)
-                if result.steps:
-                    self._learn_overhead(self.clock.now() - work.started, work.batch, result.steps)
+                elapsed = self.clock.now() - work.started
+                self._learn_overhead(elapsed, max(elapsed - result.busy_s, 0.0), result.steps)
             self._run_deferred(executor)
 
     def _dispatch(self, now: float) -> bool:

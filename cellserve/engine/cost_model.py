@@ -110,6 +110,19 @@ class CostModel:
         full, rest = divmod(lanes, self.max_batch)
         return full * cost(self.max_batch, best) + (cost(rest, best) if rest else 0.0)
 
+    def batches(self, load: dict[str, int]) -> int:
+        """Batches one round of `load` runs (a batch holds at most max_batch lanes of one cell
+        type); with executors running at once, those of the executor that runs the most."""
+        cap = self.max_batch
+        if self.group_of is None:
+            return sum(-(-n // cap) for n in load.values() if n > 0)
+        per_group: dict[int, int] = {}
+        for t, n in load.items():
+            if n > 0:
+                g = self.group_of.get(t, -1)
+                per_group[g] = per_group.get(g, 0) + -(-n // cap)
+        return max(per_group.values(), default=0)
+
     def round_time(self, load: dict[str, int], best: bool = False) -> float:
         """Seconds for one round with `load[type]` lanes in each cell type (at the fastest
         steps measured, with `best`). With executors running at once (`group_of`), a round

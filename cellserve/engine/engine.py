@@ -125,7 +125,7 @@ _DROP_CHECK_S = 0.01
 # refuse, to measure them again (see _admit).
 PROBE_AFTER_S = 5.0
 # A busy engine prices a step at no more than this factor times the fastest it has measured
-# (see _predicted_latency; the engine's overhead factor comes on top): room for what
+# (see _predicted_latency; the engine's per-step overhead comes on top): room for what
 # contention adds under overload, not for estimates gone stale in a slow spell.
 PREDICTION_BOUND = 16.0
 
@@ -225,10 +225,14 @@ class Engine(ConcurrentSteps):
         self._next_drop_check = 0.0
         self._last_step = -math.inf  # clock time of the last batch executed
         self._device_s = 0.0  # device seconds inside the current step (the rest is overhead)
-        # Elapsed time of busy steps over the modelled time of their cell steps: what
-        # projections, plain ops, admission and bookkeeping add on top (>= 1).
-        self.overhead_factor = 1.0
-        self._busy_elapsed = self._busy_modelled = 0.0
+        # Seconds per step a batch spends off its device: projections' Python, plain ops'
+        # dispatch, admission, bookkeeping, waiting for the GIL. Learnt over busy spells of
+        # at least 50 ms; admission adds it to every batch of a priced round (see
+        # _bounded_round_time). A per-step cost, not a factor on kernel time: learnt at small
+        # batches (mostly Python), a factor overstated large batches' steps several times over.
+        self.step_overhead_s = 0.0
+        self._busy_elapsed = self._busy_off_device = 0.0
+        self._busy_steps = 0
         self._multi = len(self.executors) > 1  # track the tensors crossing executors
         self._init_concurrency(concurrent)
         if self.config.profile:
@@ -405,7 +409,7 @@ class Engine(ConcurrentSteps):
         s.overhead_s.append(overhead)
         s.step_records.append((overhead, batch.size, s.lanes_started - work.lanes_started,
                                s.lanes_finished - work.lanes_finished))
-        self._learn_overhead(now - work.started, batch, result.steps)
+        self._learn_overhead(now - work.started, overhead, result.steps)
         if finished or self._inbox or self._arrived[0] or not self.policy.stable or (
                 self.config.drop_late and now >= self._next_drop_check):
             return None
@@ -424,19 +428,20 @@ class Engine(ConcurrentSteps):
             self._lane_finished(lane)
         return finished
 
-    def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int) -> None:
-        cost = self.costs.costs.get(batch.cell_type)
-        if cost is None:
+    def _learn_overhead(self, elapsed: float, off_device: float, steps: int) -> None:
+        """Fold one executed batch (`elapsed` seconds from its start to its update, of which
+        `off_device` not on a device, for `steps` steps) into the per-step overhead, once
+        the spell since the last update has run for 50 ms."""
+        if steps <= 0:
             return
         self._busy_elapsed += elapsed
-        self._busy_modelled += steps * cost(batch.size)
-        if self._busy_elapsed > 0.05 and self._busy_modelled > 0:
-            ratio = max(1.0, self._busy_elapsed / self._busy_modelled)
-            self.overhead_factor += 0.3 * (ratio - self.overhead_factor)
-            self._busy_elapsed = self._busy_modelled = 0.0
-
-    def _round_time(self, load: dict[str, int]) -> float:
-        return self.costs.round_time(load) * self.overhead_factor
+        self._busy_off_device += off_device
+        self._busy_steps += steps
+        if self._busy_elapsed > 0.05:
+            per_step = self._busy_off_device / self._busy_steps
+            self.step_overhead_s += 0.3 * (per_step - self.step_overhead_s)
+            self._busy_elapsed = self._busy_off_device = 0.0
+            self._busy_steps = 0
 
     def _lone_steps(self, batch: StepBatch) -> int:
         """How many steps each lane of a small batch may run alone, one lane after the other,
@@ -584,8 +589,8 @@ class Engine(ConcurrentSteps):
         return sum(rounds_plan) * self.costs.round_time({t: batch for t in self._model_types[model.name]}, best=True)
 
     def _bounded_round_time(self, load: dict[str, int]) -> float:
-        steps = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
-        return steps * self.overhead_factor
+        kernels = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
+        return kernels + self.step_overhead_s * self.costs.batches(load)
 
     def wake_at(self, now: float) -> float | None:
         """When an engine with nothing to run should step again though nothing arrives (a

@@ -53,4 +53,4 @@ def test_a_busy_engine_prices_within_a_bound_of_the_fastest_steps_seen(models):
     fast = 10 * engine.costs.round_time({cell_type: 2}, best=True)
     assert slow > 100 * PREDICTION_BOUND * fast
     assert engine.predicted_latency(Request("gru", {"tokens": np.ones((1, 10), np.int64)})) == \
-        pytest.approx(PREDICTION_BOUND * fast * engine.overhead_factor)
+        pytest.approx(PREDICTION_BOUND * fast + 10 * engine.step_overhead_s)
