@@ -216,6 +216,7 @@ class Engine(ConcurrentSteps):
         self.costs = CostModel(self.policy.max_batch)
         self.stats = EngineStats()
         self._inbox: deque[Request] = deque()
+        self._cancels: deque[Request] = deque()  # Engine.cancel's, taken at the next step
         self._wake = threading.Event()
         # Set by submit, read by a lone lane's run between its steps (GIL released): a
         # request that arrives then joins after the step in progress, not after the whole run.
@@ -299,6 +300,17 @@ class Engine(ConcurrentSteps):
             flag[0] = 1
         self._wake.set()
 
+    def cancel(self, request: Request) -> None:
+        """Cancel a submitted request, from any thread (its client went away). At the next
+        step its lanes are released and it is answered CANCELLED, unless it was answered
+        already (then nothing happens); one not yet admitted is answered CANCELLED there."""
+        request.cancelled = True
+        self._cancels.append(request)
+        self._arrived[0] = 1  # a lone lane's run stops after its step in progress
+        for flag in self._stop_flags:
+            flag[0] = 1
+        self._wake.set()
+
     @property
     def active_requests(self) -> int:
         return len(self._runs)
@@ -350,6 +362,10 @@ class Engine(ConcurrentSteps):
         """Admit the requests waiting now, and drop what can no longer make it when due."""
         if self._inbox and not self._runs:
             self.stats.wake_delays.append(max(now - self._inbox[0].arrival, 0.0))
+        while self._cancels:  # a cancelled request's lanes go before anything else runs
+            run = self._runs.get(self._cancels.popleft().request_id)
+            if run is not None:
+                self._finish_run(run, Status.CANCELLED, "cancelled: the client went away")
         self._arrived[0] = 0  # before taking the inbox: a later submit sets it again
         # Only the requests already here: those that arrive meanwhile wait for the next step.
         # Under a flood (the frontend holding the GIL while each admission waits for it) an
@@ -520,6 +536,9 @@ class Engine(ConcurrentSteps):
     # ---- admission ----
 
     def _admit(self, request: Request, now: float) -> None:
+        if request.cancelled:
+            self._respond_early(request, Status.CANCELLED, "cancelled: the client went away")
+            return
         model = self.models.get(request.model)
         if model is None:
             self._respond_early(request, Status.INVALID, f"{UnknownModel.__name__}: unknown model {request.model!r}")
@@ -784,14 +803,24 @@ class Engine(ConcurrentSteps):
             lane = self.policy.lane(lane_id)
             if lane is None:
                 continue  # padding
-            ref = self._runs[lane.request_id].lanes[lane_id]
+            run = self._runs[lane.request_id]
+            ref = run.lanes[lane_id]
             if token == dec.eos:
                 ended.append(lane_id)
                 continue
             ref.tokens.append(token)
+            if run.request.on_tokens is not None:
+                self._emit_token(run.request, ref.batch_index, token)
             if len(ref.tokens) >= dec.max_len:
                 ended.append(lane_id)
         return frozenset(ended)
+
+    @staticmethod
+    def _emit_token(request: Request, batch_index: int, token: int) -> None:
+        try:
+            request.on_tokens(batch_index, token)
+        except Exception:  # a client's callback must not stop the engine
+            log.exception("on_tokens callback of request %s failed", request.request_id)
 
     def _lane_finished(self, lane: Lane) -> None:
         run = self._runs.get(lane.request_id)

@@ -18,6 +18,7 @@ class Status(enum.Enum):
     REJECTED = "rejected"  # refused at admission (deadline cannot be met, queue full)
     DROPPED = "dropped"  # admitted, then could no longer meet its deadline
     ERROR = "error"  # the engine failed on it
+    CANCELLED = "cancelled"  # its client went away (Engine.cancel): its lanes were released
 
 
 @dataclass
@@ -36,6 +37,11 @@ class Request:
     # LSTMs), instead of its initial-state inputs.
     initial_state: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None
     return_state: bool = False  # put every recurrent layer's final (h, c) in the response
+    # Called on the engine thread with (batch index, token) for each token a decoder lane
+    # emits (end-of-sequence excluded), in order, before the request's one Response; it must
+    # be quick and must not raise (an exception is logged and ignored).
+    on_tokens: Callable[[int, int], None] | None = None
+    cancelled: bool = False  # set by Engine.cancel (any thread); read by the engine thread
 
 
 @dataclass(frozen=True)
