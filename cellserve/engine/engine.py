@@ -30,7 +30,7 @@ from cellserve.engine.validation import validate_inputs
 from cellserve.errors import CellserveError, InvalidInput, UnknownModel
 from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
 from cellserve.executor.batch import StepBatch
-from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import DECODERS, AttentionDecoder, DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
 from cellserve.graph.stacking import stack_layers
 from cellserve.kernels.cell import LaneStorage
 
@@ -79,6 +79,7 @@ class _LaneRef:
     direction: int
     batch_index: int
     tokens: list[int] | None = None  # a decoder lane's output so far
+    max_tokens: int = 0  # a decoder lane's most tokens (its spec's limit at its source length)
 
 
 @dataclass(eq=False)
@@ -201,7 +202,7 @@ class Engine(ConcurrentSteps):
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._model_types: dict[str, list[str]] = {}  # model -> its cell types (Model.cell_types)
         self._extra_rounds: dict[str, list[int]] = {}  # model -> per recurrent step, 1 for a decoder's end step
-        self._decoders: dict[str, AttentionDecoder] = {}  # cell type -> its decoder
+        self._decoders: dict[str, AttentionDecoder | GraphDecoder] = {}  # cell type -> its decoder
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
         for model in models:
             self._add_model(model)
@@ -262,7 +263,7 @@ class Engine(ConcurrentSteps):
         types = iter(self._model_types[model.name])
         self._layer_types[model.name] = []
         steps = model.recurrent_steps()
-        self._extra_rounds[model.name] = [1 if isinstance(s, AttentionDecoder) else 0 for s in steps]
+        self._extra_rounds[model.name] = [1 if isinstance(s, DECODERS) else 0 for s in steps]
         for step in steps:
             directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
             layer = [next(types) for _ in range(directions)]
@@ -271,7 +272,7 @@ class Engine(ConcurrentSteps):
                 executor.add_cell_type(CellTypeSpec(cell_type, step, d))
                 self._placed[cell_type] = executor
                 self._committed[cell_type] = 0
-                if isinstance(step, AttentionDecoder):
+                if isinstance(step, DECODERS):
                     self._decoders[cell_type] = step
             self._layer_types[model.name].append(layer)
 
@@ -763,27 +764,48 @@ class Engine(ConcurrentSteps):
                                f"the input needs {[len(layer.directions), batch, layer.hidden]}")
         return h0, c0
 
-    def _start_decoder(self, run: _Run, dec: AttentionDecoder) -> None:
-        memory, h0, c0 = run.env[dec.memory], run.env[dec.initial_h], run.env[dec.initial_c]
+    def _start_decoder(self, run: _Run, dec: AttentionDecoder | GraphDecoder) -> None:
+        """One decoder lane per sequence. A GraphDecoder's memory is batch-first [B, S, M]
+        (each row's S from the spec's memory_length, else S), its states one [B, D] tensor
+        each (zeros where the spec names no init); an AttentionDecoder's is [T, B, H]."""
         cell_type = f"{run.model.name}/{dec.name}"
         run.outputs = {}
-        for b in range(memory.shape[1]):
-            self._start_decoder_lane(run, cell_type, memory[:, b], h0[b], c0[b], b)
+        if isinstance(dec, AttentionDecoder):
+            memory, h0, c0 = run.env[dec.memory], run.env[dec.initial_h], run.env[dec.initial_c]
+            for b in range(memory.shape[1]):
+                self._start_decoder_lane(run, cell_type, memory[:, b], [(h0[b], c0[b])], b, dec.max_len)
+            return
+        spec = dec.spec
+        memory = np.asarray(run.env[spec.memory])
+        batch, width = memory.shape[0], memory.shape[1]
+        lengths = np.full(batch, width, np.int64)
+        if spec.memory_length:
+            lengths = np.asarray(run.env[spec.memory_length]).astype(np.int64).reshape(-1)
+            if lengths.shape != (batch,) or lengths.min() < 1 or lengths.max() > width:
+                raise InvalidInput(f"{spec.memory_length!r} {lengths.tolist()} must be {batch} source lengths "
+                                   f"in [1, {width}]")
+        inits = [run.env[spec.init_of(s)] if spec.init_of(s) else None for s in spec.state_inputs]
+        for b in range(batch):
+            n = int(lengths[b])
+            states = [(None if v is None else v[b],) for v in inits]
+            self._start_decoder_lane(run, cell_type, memory[b, :n], states, b, dec.max_tokens(n))
 
-    def _start_decoder_lane(self, run: _Run, cell_type: str, memory: np.ndarray, h0: np.ndarray, c0: np.ndarray,
-                            b: int) -> None:
+    def _start_decoder_lane(self, run: _Run, cell_type: str, memory: np.ndarray, states: list[tuple], b: int,
+                            max_tokens: int) -> None:
         executor = self._placed[cell_type]
         if self._busy and executor in self._busy:
-            self._defer_start(run, executor, self._start_decoder_lane, cell_type, memory, h0, c0, b)
+            self._defer_start(run, executor, self._start_decoder_lane, cell_type, memory, states, b, max_tokens)
             return
         if self._multi:
             dec = run.model.program[run.pc]
-            self._note_reads(run, executor, [dec.memory, dec.initial_h, dec.initial_c])
-        started = executor.start_lane(cell_type, memory, [(h0, c0)])
+            reads = ([dec.memory, dec.initial_h, dec.initial_c] if isinstance(dec, AttentionDecoder) else
+                     [dec.memory, dec.spec.memory_length] + [e for _, e in dec.spec.init])
+            self._note_reads(run, executor, [r for r in reads if r])
+        started = executor.start_lane(cell_type, memory, states)
         self._device_s += started.busy_s
         storage = started.storage
         self._add_lane(run, cell_type, None, storage, storage.base, 0,
-                       _LaneRef(cell_type, executor, storage, 0, b, tokens=[]))
+                       _LaneRef(cell_type, executor, storage, 0, b, tokens=[], max_tokens=max_tokens))
 
     def _add_lane(self, run: _Run, cell_type: str, length: int | None, storage: LaneStorage,
                   row0: int, stride: int, ref: _LaneRef) -> None:
@@ -811,7 +833,7 @@ class Engine(ConcurrentSteps):
             ref.tokens.append(token)
             if run.request.on_tokens is not None:
                 self._emit_token(run.request, ref.batch_index, token)
-            if len(ref.tokens) >= dec.max_len:
+            if len(ref.tokens) >= ref.max_tokens:
                 ended.append(lane_id)
         return frozenset(ended)
 

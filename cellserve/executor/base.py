@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellserve.executor.batch import StepBatch
-from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, RecurrentLayer
+from cellserve.graph.model import DECODERS, AttentionDecoder, DenseNode, GraphDecoder, LayerStack, RecurrentLayer
 from cellserve.kernels.cell import LaneStorage
 from cellserve.kernels.protocol import LayerResult
 
-RecurrentStep = RecurrentLayer | LayerStack | AttentionDecoder
+RecurrentStep = RecurrentLayer | LayerStack | AttentionDecoder | GraphDecoder
 
 # How many steps a lone lane may run per `execute` (see Engine._lone_steps): an arrival stops
 # the run early, so this bounds only how long the engine goes without checking deadlines.
@@ -49,7 +49,7 @@ class CellTypeSpec:
 
     @property
     def is_decoder(self) -> bool:
-        return isinstance(self.step, AttentionDecoder)
+        return isinstance(self.step, DECODERS)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,13 @@ from stacked forward layers) is one lane per sequence through all its layers. An
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # decoder_graph imports this module
+    from cellserve.graph.decode_spec import DecodeSpec
+    from cellserve.graph.decoder_graph import DecoderStepGraph
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
@@ -152,7 +157,67 @@ class AttentionDecoder:
         return 2.0 * (4 * h * h + 2 * memory_len * h + 2 * h * h + v * h)
 
 
-Step = DenseNode | RecurrentLayer | LayerStack | AttentionDecoder
+    @property
+    def vocab(self) -> int:
+        return int(self.out_w.shape[0])
+
+    def max_tokens(self, source_length: int) -> int:
+        return self.max_len
+
+
+@dataclass
+class GraphDecoder:
+    """A decoder whose step is a graph (graph/decoder_graph.py) and whose wiring is a
+    `DecodeSpec`: one lane per sequence, started from the encoder's memory [S, M] (its own S)
+    and initial states, stepping until EOS or `spec.max_length` tokens, greedily (argmax).
+    The engine reads the memory, lengths and initial states from the request's tensors
+    named by the spec and writes the tokens [B, L] (padded with `pad`) to `spec.output`.
+
+    vocab, state_sizes, memory_width and the FLOPs are found by the importer
+    (graph/seq2seq_import.py) from a run of the graph on probe shapes: a step costs
+    `flops_fixed + flops_per_position * S` for a memory of S positions.
+    """
+
+    name: str
+    graph: DecoderStepGraph
+    spec: DecodeSpec
+    vocab: int
+    state_sizes: list[int]
+    memory_width: int
+    flops_fixed: float = 0.0
+    flops_per_position: float = 0.0
+
+    @property
+    def memory(self) -> str:
+        return self.spec.memory
+
+    @property
+    def output(self) -> str:
+        return self.spec.output
+
+    @property
+    def bos(self) -> int:
+        return self.spec.bos
+
+    @property
+    def eos(self) -> int:
+        return self.spec.eos
+
+    @property
+    def pad(self) -> int:
+        return self.spec.pad
+
+    def max_tokens(self, source_length: int) -> int:
+        """The most tokens a lane with a memory of `source_length` positions emits."""
+        return self.spec.max_length.limit(source_length)
+
+    def flops_per_step(self, memory_len: int) -> float:
+        return self.flops_fixed + self.flops_per_position * memory_len
+
+
+DECODERS = (AttentionDecoder, GraphDecoder)  # the step types that decode (isinstance checks)
+
+Step = DenseNode | RecurrentLayer | LayerStack | AttentionDecoder | GraphDecoder
 
 
 @dataclass
@@ -175,7 +240,7 @@ class Model:
     semantics: dict[str, InputSemantics] = field(default_factory=dict)
     max_sequence_length: int = 1024
 
-    def recurrent_steps(self) -> list[RecurrentLayer | LayerStack | AttentionDecoder]:
+    def recurrent_steps(self) -> list[RecurrentLayer | LayerStack | AttentionDecoder | GraphDecoder]:
         return [s for s in self.program if not isinstance(s, DenseNode)]
 
     def batch_size(self, inputs: dict) -> int:
@@ -189,7 +254,7 @@ class Model:
         """Why this model cannot take a sequence in chunks carrying state between them (None
         when it can): only forward recurrences can go on from a saved state."""
         for step in self.recurrent_steps():
-            if isinstance(step, AttentionDecoder):
+            if isinstance(step, DECODERS):
                 return f"it decodes with {step.name!r}, which needs the whole input first"
             for layer in step.layers if isinstance(step, LayerStack) else [step]:
                 if any(layer.is_reverse(d) for d in range(len(layer.directions))):

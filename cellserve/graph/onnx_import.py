@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from cellserve.errors import ModelLoadError, UnsupportedOperator
 from cellserve.graph import dense_ops
 from cellserve.graph.model import (
-    AttentionDecoder,
+    DECODERS,
     DenseNode,
     DirectionWeights,
     InputSemantics,
@@ -266,8 +266,8 @@ def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
             if isinstance(step, DenseNode):
                 dense_ops.run(step, env)
                 continue
-            if isinstance(step, AttentionDecoder):
-                env[step.output] = np.zeros((env[step.memory].shape[1], 1), np.int64)
+            if isinstance(step, DECODERS):
+                _zero_tokens(step, env)
                 continue
             time, batch = env[step.x].shape[:2]
             for spec in model.inputs:
@@ -286,6 +286,31 @@ def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
             if step.inputs[1] in result and result[step.inputs[1]].vocab is None:
                 result[step.inputs[1]].vocab = model.constants[step.inputs[0]].shape[step.attrs.get("axis", 0)]
     return result
+
+
+def _zero_tokens(decoder, env: dict) -> None:
+    """A decoder's output on probe inputs: one zero token per sequence. An AttentionDecoder's
+    memory is time-major [T, B, H], a GraphDecoder's batch-first [B, S, M]."""
+    batch_axis = 0 if hasattr(decoder, "spec") else 1
+    env[decoder.output] = np.zeros((env[decoder.memory].shape[batch_axis], 1), np.int64)
+
+
+def probe_tensors(model: Model, probe_sizes: list[int]) -> dict[str, np.ndarray]:
+    """Every tensor of the model's program on zero inputs whose dynamic dimensions take
+    `probe_sizes` in order (recurrent layers and decoders give zeros of the right shape):
+    what an importer checks shapes against."""
+    sizes = iter(probe_sizes)
+    env = dict(model.constants)
+    for spec in model.inputs:
+        env[spec.name] = np.zeros([next(sizes, 3) if d == -1 else d for d in spec.shape], dtype=spec.dtype)
+    for step in model.program:
+        if isinstance(step, DenseNode):
+            dense_ops.run(step, env)
+        elif isinstance(step, DECODERS):
+            _zero_tokens(step, env)
+        else:
+            _zero_outputs(step, env, *env[step.x].shape[:2])
+    return env
 
 
 def _zero_outputs(layer: RecurrentLayer, env: dict, time: int, batch: int) -> None:

@@ -104,3 +104,111 @@ class DecoderKernel:
         if self.memory.shape[0] < self.rows.capacity:
             extra = self.memory.new_zeros((self.rows.capacity - self.memory.shape[0], self.hidden))
             self.memory = torch.cat([self.memory, extra])
+
+
+class GraphDecoderKernel:
+    """The batched greedy step of a `GraphDecoder` (a decoder-step graph; see
+    graph/decoder_graph.py), implementing the RecurrentKernel protocol.
+
+    Each lane keeps its attention memory in a row block of a memory arena [rows, M], each of
+    its states in a slot row of that state's arena [slots, D_i], and the token it emitted
+    last. A step gathers its lanes' memories padded to the longest in the batch, with the
+    mask 1.0 at real positions and 0.0 at padding (the graph masks padding itself, so a
+    lane's tokens do not depend on its batch), runs the graph once for the batch and
+    scatters the new states back. States live in slot rows so that a step may later gather
+    any slots (a beam search reordering its hypotheses gathers rows, not whole states).
+    """
+
+    lone_lanes = 0  # a decoder's lanes always take the batched step
+
+    def __init__(self, step, device: torch.device):
+        from cellserve.graph.decoder_graph import device_constants
+        from cellserve.graph.step_ops import torch_dtype
+
+        self.step, self.spec, self.device = step, step.spec, device
+        self.constants = device_constants(step.graph, device)
+        graph = step.graph
+        self._mask_dtype = torch_dtype(np.dtype(graph.input(self.spec.mask_input).dtype))
+        self._token_dtype = torch_dtype(np.dtype(graph.input(self.spec.token_input).dtype))
+        self._dtypes = [torch_dtype(np.dtype(graph.input(name).dtype)) for name in self.spec.state_inputs]
+        memory_dtype = torch_dtype(np.dtype(graph.input(self.spec.memory_input).dtype))
+        self.slots, self.rows = SlotPool(), RowPool(1024)
+        n = self.slots.capacity
+        self.states = [torch.zeros((n, d), dtype=dt, device=device) for d, dt in zip(step.state_sizes, self._dtypes)]
+        self.prev = torch.zeros(n, dtype=torch.long, device=device)
+        self.memory = torch.zeros((self.rows.capacity, step.memory_width), dtype=memory_dtype, device=device)
+        self.memory_len = np.zeros(n, np.int64)
+        self.memory_len[0] = 1  # the scratch slot (padding lanes) attends to the scratch row
+
+    def start_lane(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
+        """x: the lane's memory [S, M]; states: one (initial value [D_i] or None for zeros,)
+        per state, in the spec's order."""
+        length = int(x.shape[0])
+        if length < 1:
+            raise ValueError("a decoder lane needs a memory of at least one position")
+        lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
+        self._fit_capacity()
+        self.memory[lane.base: lane.base + length] = torch.as_tensor(np.asarray(x), device=self.device)
+        for arena, (value, *_) in zip(self.states, states or [(None,)] * len(self.states)):
+            if value is None:
+                arena[lane.slot].zero_()
+            else:
+                arena[lane.slot] = torch.as_tensor(np.asarray(value), device=self.device)
+        self.prev[lane.slot] = self.spec.bos
+        self.memory_len[lane.slot] = length
+        return lane
+
+    def dummy_lane(self, length: int = 4) -> LaneStorage:
+        """A lane with a memory of zeros and states at zeros, for timing."""
+        return self.start_lane(np.zeros((length, self.memory.shape[1]), np.float32), None)
+
+    def step_batch(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """One step of the lanes in state slots `slots` whose memories start at `rows`;
+        returns the token each emitted (argmax of its logits)."""
+        from cellserve.graph.decoder_graph import run_step_graph
+
+        dev, spec = self.device, self.spec
+        s = torch.from_numpy(np.ascontiguousarray(slots, np.int64)).to(dev)
+        lengths = self.memory_len[slots]
+        width = int(lengths.max())
+        offsets = np.arange(width)
+        valid = offsets[None, :] < lengths[:, None]
+        index = np.where(valid, rows[:, None] + offsets[None, :], rows[:, None])
+        feeds = {
+            spec.token_input: self.prev.index_select(0, s).to(self._token_dtype),
+            spec.memory_input: self.memory[torch.from_numpy(index).to(dev)],  # [B, W, M]
+            spec.mask_input: torch.from_numpy(valid).to(dev, self._mask_dtype),
+        }
+        for name, arena in zip(spec.state_inputs, self.states):
+            feeds[name] = arena.index_select(0, s)
+        out = run_step_graph(self.step.graph, feeds, self.constants)
+        for name, arena in zip(spec.state_outputs, self.states):
+            arena.index_copy_(0, s, out[name].to(arena.dtype))
+        tokens = torch.argmax(out[spec.logits_output], dim=1)
+        self.prev.index_copy_(0, s, tokens)
+        return tokens.cpu().numpy()
+
+    def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:
+        raise NotImplementedError("a decoder has no lone-lane run (lone_lanes is 0)")
+
+    def finish_lane(self, lane: LaneStorage) -> list:
+        self.release(lane)
+        return []
+
+    def release(self, lane: LaneStorage) -> None:
+        self.slots.give(lane.slot)
+        self.rows.give(lane.base, lane.length)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.constants.values())
+
+    def _fit_capacity(self) -> None:
+        n = self.slots.capacity
+        if self.prev.shape[0] < n:
+            grow = lambda a: torch.cat([a, a.new_zeros((n - a.shape[0],) + tuple(a.shape[1:]))])  # noqa: E731
+            self.states = [grow(a) for a in self.states]
+            self.prev = grow(self.prev)
+            self.memory_len = np.concatenate([self.memory_len, np.zeros(n - len(self.memory_len), np.int64)])
+        if self.memory.shape[0] < self.rows.capacity:
+            extra = self.memory.new_zeros((self.rows.capacity - self.memory.shape[0], self.memory.shape[1]))
+            self.memory = torch.cat([self.memory, extra])

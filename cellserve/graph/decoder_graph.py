@@ -1,0 +1,142 @@
+"""A decoder step given as a graph of plain ops: one output position for a batch of lanes.
+
+`load_decoder_step` reads an ONNX decoder-step graph (a file, bytes or a ModelProto) into a
+`DecoderStepGraph`: plain data (nodes with ONNX semantics, constant initializers as numpy,
+the graph's inputs and outputs). At load, every operator is checked against
+`graph.step_ops.SUPPORTED` (anything else is refused naming the operator and the node), ops
+whose inputs are all constant are folded, and ops no output needs are dropped.
+`run_step_graph` evaluates it batched in torch; the kernel (kernels/decoder.py) calls it with
+its constants on its device, the importer on the CPU to check shapes and count FLOPs.
+
+The graph's interface is the decoder-step contract (docs/decoders.md): inputs token int64
+[B], memory float [B, S, M], memory_mask float [B, S] and one float [B, D_i] per state;
+outputs logits [B, V] and the next value of each state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from cellserve.errors import ModelLoadError, UnsupportedOperator
+from cellserve.graph import step_ops
+from cellserve.graph.model import DenseNode, TensorSpec
+from cellserve.graph.onnx_import import _attrs, _spec
+
+
+@dataclass
+class DecoderStepGraph:
+    """A decoder-step graph: `nodes` run in order over the feeds and `constants`."""
+
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    nodes: list[DenseNode] = field(default_factory=list)
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.outputs if s.name == name), None)
+
+    def ops(self) -> list[str]:
+        return sorted({n.op for n in self.nodes})
+
+
+def load_decoder_step(source: str | Path | bytes | onnx.ModelProto, name: str = "decoder_step") -> DecoderStepGraph:
+    """Read and check a decoder-step graph (see the module docstring). Raises
+    ModelLoadError (UnsupportedOperator for an op that cannot run) naming what is wrong."""
+    try:
+        if isinstance(source, onnx.ModelProto):
+            proto = source
+        elif isinstance(source, bytes):
+            proto = onnx.load_from_string(source)
+        else:
+            proto = onnx.load(str(source))
+    except Exception as exc:  # onnx raises several unrelated types for a broken file
+        raise ModelLoadError(f"cannot read decoder-step graph {name!r}: {exc}") from exc
+    graph = proto.graph
+    if not graph.output:
+        raise ModelLoadError(f"decoder-step graph {name!r} has no outputs (is it an ONNX file?)")
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    inputs = [_spec(v) for v in graph.input if v.name not in constants]
+    outputs = [_spec(v) for v in graph.output]
+    nodes = [_convert(node, i) for i, node in enumerate(graph.node)]
+    nodes = _fold_constants(nodes, constants, name)
+    nodes = _drop_unused(nodes, {o.name for o in outputs})
+    return DecoderStepGraph(name, inputs, outputs, constants, nodes)
+
+
+def _convert(node: onnx.NodeProto, index: int) -> DenseNode:
+    name = node.name.strip("/").replace("/", ".") or f"{node.op_type}_{index}"
+    if node.domain not in ("", "ai.onnx"):
+        raise UnsupportedOperator(f"{node.domain}.{node.op_type}", name, "not an ONNX standard operator")
+    if node.op_type not in step_ops.SUPPORTED:
+        raise UnsupportedOperator(node.op_type, name, "a decoder-step graph may use "
+                                  + ", ".join(sorted(step_ops.SUPPORTED)))
+    return DenseNode(node.op_type, name, list(node.input), list(node.output), _attrs(node))
+
+
+def _fold_constants(nodes: list[DenseNode], constants: dict, graph: str) -> list[DenseNode]:
+    """Evaluate the nodes whose inputs are all constants now (weights transposed or cast,
+    shape constants), keeping the rest."""
+    env = {}
+    kept = []
+    for node in nodes:
+        if all(not i or i in constants for i in node.inputs):
+            for i in node.inputs:
+                if i and i not in env:
+                    env[i] = torch.from_numpy(np.array(constants[i]))
+            try:
+                step_ops.run(node, env)
+            except Exception as exc:
+                raise ModelLoadError(f"decoder-step graph {graph!r}: node {node.name!r} ({node.op}) fails on "
+                                     f"its constant inputs: {exc}") from exc
+            for o in node.outputs:
+                if o:
+                    constants[o] = env[o].numpy()
+            continue
+        kept.append(node)
+    return kept
+
+
+def _drop_unused(nodes: list[DenseNode], wanted: set[str]) -> list[DenseNode]:
+    needed, kept = set(wanted), []
+    for node in reversed(nodes):
+        if needed.intersection(node.outputs):
+            kept.append(node)
+            needed.update(i for i in node.inputs if i)
+    return kept[::-1]
+
+
+def device_constants(graph: DecoderStepGraph, device: torch.device) -> dict[str, torch.Tensor]:
+    """The graph's constants as tensors on `device` (float64 weights stay float64: the graph
+    says what it computes in)."""
+    return {k: torch.as_tensor(np.array(v), device=device) for k, v in graph.constants.items()}
+
+
+def run_step_graph(graph: DecoderStepGraph, feeds: dict[str, torch.Tensor],
+                   constants: dict[str, torch.Tensor], keep: bool = False) -> dict[str, torch.Tensor]:
+    """Evaluate the graph on `feeds` (every graph input by name). Returns the graph's outputs
+    by name, or with `keep` every tensor computed (for counting FLOPs)."""
+    env = dict(constants)
+    env.update(feeds)
+    for node in graph.nodes:
+        try:
+            step_ops.run(node, env)
+        except Exception as exc:
+            raise RuntimeError(f"decoder-step graph {graph.name!r}: node {node.name!r} ({node.op}) failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    return env if keep else {o.name: env[o.name] for o in graph.outputs}
+
+
+def step_flops(graph: DecoderStepGraph, env: dict[str, torch.Tensor], batch: int) -> float:
+    """FLOPs of one lane's step: the graph's MatMul and Gemm multiply-adds x2, from an
+    evaluation kept with `run_step_graph(..., keep=True)` on `batch` lanes."""
+    return sum(step_ops.matmul_flops(n, env) for n in graph.nodes) / batch
