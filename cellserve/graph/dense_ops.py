@@ -117,6 +117,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * np.tanh(0.5 * x) + 0.5).astype(x.dtype, copy=False)
 
 
+def _reduce_sum(node: DenseNode, a: Args) -> list[np.ndarray]:
+    axes = _axes(node, a, 1)
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        return [a[0]]
+    axis = tuple(axes) if axes else None
+    return [np.sum(a[0], axis=axis, keepdims=bool(node.attrs.get("keepdims", 1))).astype(a[0].dtype, copy=False)]
+
+
 def _elementwise(fn: Callable) -> Callable:
     return lambda node, a: [fn(*a)]
 
@@ -148,6 +156,13 @@ OPS: dict[str, Callable[[DenseNode, Args], list[np.ndarray]]] = {
     "Gather": _gather,
     "Cast": _cast,
     "Flatten": _flatten,
+    "Equal": _elementwise(np.equal),
+    "Greater": _elementwise(np.greater),
+    "Less": _elementwise(np.less),
+    "Not": _elementwise(np.logical_not),
+    "Where": _elementwise(lambda c, x, y: np.where(c, x, y)),
+    "ReduceSum": _reduce_sum,
+    "Range": lambda node, a: [np.arange(a[0].item(), a[1].item(), a[2].item(), dtype=a[0].dtype)],
 }
 
 SUPPORTED = frozenset(OPS)

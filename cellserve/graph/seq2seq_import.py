@@ -43,11 +43,12 @@ def load_seq2seq(encoder: Source | Model, decoder_step: Source | DecoderStepGrap
     env = probe_tensors(enc, [7, 5, 11, 13, 17, 19, 23])
     batch = enc.batch_size(env) if enc.semantics else None
     memory_width, sizes = _check_encoder_shapes(enc, step, spec, env, batch, where)
-    vocab, fixed, per_position = _probe_step(step, spec, memory_width, sizes, where)
+    vocab, fixed, per_position = _probe_step(step, spec, memory_width, sizes, where, token=0)
     for key in ("bos", "eos"):
         if getattr(spec, key) >= vocab:
             raise ModelLoadError(f"{where}: decode spec {key} {getattr(spec, key)} is outside the vocabulary "
                                  f"[0, {vocab}) of logits output {spec.logits_output!r}")
+    _probe_step(step, spec, memory_width, sizes, f"{where} (token bos = {spec.bos})", token=spec.bos)
     decoder = GraphDecoder(DECODER_STEP_NAME, step, spec, vocab, sizes, memory_width, fixed, per_position)
     wanted = {spec.memory, spec.memory_length} | {e for _, e in spec.init}
     program = _drop_unused(list(enc.program), {w for w in wanted if w}) + [decoder]
@@ -138,14 +139,14 @@ def _check_encoder_shapes(enc: Model, step: DecoderStepGraph, spec: DecodeSpec, 
 
 
 def _probe_step(step: DecoderStepGraph, spec: DecodeSpec, width: int, sizes: list[int],
-                where: str) -> tuple[int, float, float]:
-    """Run the step on probe lanes: check the outputs' shapes; return the vocabulary and
-    the FLOPs of one lane's step (fixed, per memory position)."""
+                where: str, token: int) -> tuple[int, float, float]:
+    """Run the step on probe lanes fed `token`: check the outputs' shapes; return the
+    vocabulary and the FLOPs of one lane's step (fixed, per memory position)."""
     constants = {k: torch.as_tensor(np.array(v)) for k, v in step.constants.items()}
     flops = []
     for batch, length in ((3, 4), (3, 8)):
         feeds = {
-            spec.token_input: torch.full((batch,), spec.bos, dtype=torch_dtype(np.dtype(step.input(spec.token_input).dtype))),
+            spec.token_input: torch.full((batch,), token, dtype=torch_dtype(np.dtype(step.input(spec.token_input).dtype))),
             spec.memory_input: torch.zeros((batch, length, width), dtype=torch_dtype(np.dtype(step.input(spec.memory_input).dtype))),
             spec.mask_input: torch.ones((batch, length), dtype=torch_dtype(np.dtype(step.input(spec.mask_input).dtype))),
         }
