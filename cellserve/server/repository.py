@@ -11,6 +11,13 @@ reads: `name`, `platform`/`backend` (must be ONNX Runtime's, if set), `version_p
 graph), `sequence_batching.max_sequence_idle_microseconds`,
 `dynamic_batching.default_priority_level`, and `parameters` `slo_ms` (the model's default
 deadline for requests that send no `timeout`). See the README for an example.
+
+An encoder-decoder is a version directory holding `encoder.onnx` and `decoder_step.onnx`
+instead of a model file, with its decode specification in the config's `parameters` as
+`decode.*` keys (graph/decode_spec.py; docs/decoders.md):
+
+    <repository>/<model>/<version>/encoder.onnx
+    <repository>/<model>/<version>/decoder_step.onnx
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cellserve.errors import ModelLoadError
+from cellserve.graph.decode_spec import PARAMETER_PREFIX, DecodeSpec
 from cellserve.graph.model import Model
 
 ONNX_PLATFORMS = {"", "onnxruntime_onnx"}
 ONNX_BACKENDS = {"", "onnxruntime"}
+ENCODER_FILE, DECODER_STEP_FILE = "encoder.onnx", "decoder_step.onnx"
 
 
 @dataclass
@@ -91,9 +100,16 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     chosen = _choose_versions(config, versions, where)
     filename = config.default_model_filename or "model.onnx"
     settings = _settings(config, where)
+    decode = {k: p.string_value for k, p in config.parameters.items() if k.startswith(PARAMETER_PREFIX)}
     served = []
     for version in chosen:
-        path = model_dir / str(version) / filename
+        version_dir = model_dir / str(version)
+        if decode or (version_dir / ENCODER_FILE).is_file() or (version_dir / DECODER_STEP_FILE).is_file():
+            model = _load_seq2seq(version_dir, decode, f"{name}:{version}", f"{where} version {version}")
+            _check_declared_tensors(config, model, f"{where} version {version}")
+            served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings))
+            continue
+        path = version_dir / filename
         if not path.is_file():
             raise ModelLoadError(f"{where} version {version}: no {filename} in {str(path.parent)!r}")
         try:
@@ -105,6 +121,26 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         _check_declared_tensors(config, model, f"{where} version {version}")
         served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings))
     return served
+
+
+def _load_seq2seq(version_dir: Path, decode: dict[str, str], engine_name: str, where: str) -> Model:
+    """An encoder-decoder version: both graphs present and a decode spec in the config."""
+    from cellserve.graph.seq2seq_import import load_seq2seq
+
+    for filename in (ENCODER_FILE, DECODER_STEP_FILE):
+        if not (version_dir / filename).is_file():
+            raise ModelLoadError(f"{where}: an encoder-decoder needs {ENCODER_FILE} and {DECODER_STEP_FILE}; "
+                                 f"no {filename} in {str(version_dir)!r}")
+    if not decode:
+        raise ModelLoadError(f"{where}: {str(version_dir)!r} holds {ENCODER_FILE} and {DECODER_STEP_FILE} but "
+                             f"config.pbtxt has no {PARAMETER_PREFIX}* parameters (the decode spec; see docs/decoders.md)")
+    try:
+        spec = DecodeSpec.from_parameters(decode, f"{where}: config.pbtxt")
+        return load_seq2seq(version_dir / ENCODER_FILE, version_dir / DECODER_STEP_FILE, spec, engine_name)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{where} ({version_dir}): {exc}") from exc
+    except Exception as exc:  # a corrupt file: protobuf, onnx checker, ...
+        raise ModelLoadError(f"{where} ({version_dir}): cannot load: {type(exc).__name__}: {exc}") from exc
 
 
 def _read_config(model_dir: Path) -> mc.ModelConfig:
