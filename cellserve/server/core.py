@@ -28,7 +28,7 @@ from cellserve.server.metrics import Metrics
 from cellserve.server.repository import ServedModel
 from cellserve.server.sequences import SequenceStore
 
-EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout"]
+EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate"]  # generate: docs/streaming.md
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
@@ -269,18 +269,22 @@ class Core:
 
     # ---- inference ----
 
-    async def infer(self, request: InferInput, received: float | None = None, encode=None):
+    async def infer(self, request: InferInput, received: float | None = None, encode=None, on_tokens=None):
         """Answer one request: its InferOutput, or `encode(output)` where given (the frontend's
         response, so that the deadline covers the encoding too). `received`: when it reached
         the server, on `self.clock` (default: now). Raises a ServerError to answer instead;
-        DeadlineExceeded when its deadline passes before the answer is ready."""
+        DeadlineExceeded when its deadline passes before the answer is ready.
+
+        `on_tokens(batch_index, token)`: called on this loop for each token a decoder emits,
+        in order and before this returns (see streams_tokens). Cancelled (the client went
+        away), the request is cancelled in the engine too: its lanes go at the next step."""
         if received is None:
             received = self.clock.now()
         entry = self.model(request.model, request.version)
         metrics = self.metrics.model(entry.name, entry.version)
         metrics.pending.inc()
         try:
-            result, timeout_s = await self._infer(entry, request, received)
+            result, timeout_s = await self._infer(entry, request, received, on_tokens)
             answer = result if encode is None else encode(result)
             if timeout_s is not None and self.clock.now() - received > timeout_s:
                 metrics.slo_miss.inc()
@@ -295,8 +299,14 @@ class Core:
         metrics.request_us.inc((self.clock.now() - received) * 1e6)
         return answer
 
-    async def _infer(self, entry: ServedModel, request: InferInput,
-                     received: float) -> tuple[InferOutput, float | None]:
+    @property
+    def streams_tokens(self) -> bool:
+        """Whether `infer`'s on_tokens is called: a core that submits elsewhere (RayCore's
+        own _submit) gives only final answers unless it says otherwise."""
+        return type(self)._submit is Core._submit
+
+    async def _infer(self, entry: ServedModel, request: InferInput, received: float,
+                     on_tokens=None) -> tuple[InferOutput, float | None]:
         if not self.accepting:
             raise Unavailable("the server is shutting down")
         options = RequestOptions.parse(request.parameters)
@@ -308,7 +318,8 @@ class Core:
         timeout_s = options.timeout_us / 1e6 if options.timeout_us else entry.settings.default_timeout_s
         priority = options.priority or entry.settings.default_priority or (1 << 31)
         if options.sequence_id is None:
-            response = await self._submit(entry, request.inputs, timeout_s, priority, received)
+            streaming = {"on_tokens": on_tokens} if on_tokens is not None and self.streams_tokens else {}
+            response = await self._submit(entry, request.inputs, timeout_s, priority, received, **streaming)
         else:
             response = await self._sequence_step(entry, request, options, timeout_s, priority, received)
         outputs = response.outputs
@@ -361,9 +372,18 @@ class Core:
         """A restarted sequence's old state is let go (here, on the host: nothing to do)."""
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
-                      initial_state=None, return_state=False) -> Response:
+                      initial_state=None, return_state=False, on_tokens=None) -> Response:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
+        engine_tokens = None
+        if on_tokens is not None:
+            def engine_tokens(batch_index: int, token: int) -> None:  # the engine thread
+                # the same hand-back as on_done's, so every token is called before the answer
+                if not loop.is_closed():
+                    try:
+                        loop.call_soon_threadsafe(_call_if_pending, done, on_tokens, batch_index, token)
+                    except RuntimeError:  # closed between the check and the call
+                        pass
 
         def on_done(response: Response) -> None:  # the engine thread
             if loop.is_closed():
@@ -377,9 +397,10 @@ class Core:
         engine_timeout = None if timeout_s is None else max(timeout_s - margin, timeout_s / 2)
         # the deadline runs from when the request reached the server, not the engine
         arrival = self.engine.clock.now() - (self.clock.now() - received)
-        self.engine.submit(Request(entry.engine_name, inputs, on_done=on_done, timeout_s=engine_timeout,
-                                   priority=priority, arrival=arrival, initial_state=initial_state,
-                                   return_state=return_state))
+        request = Request(entry.engine_name, inputs, on_done=on_done, timeout_s=engine_timeout,
+                          priority=priority, arrival=arrival, initial_state=initial_state,
+                          return_state=return_state, on_tokens=engine_tokens)
+        self.engine.submit(request)
         # Whatever the engine does (a GIL-starved step, an answer stuck behind others in the
         # hand-back), the client hears soon after its deadline; the engine's later answer is
         # ignored. The wait runs past the deadline by the hand-back margin (at least
@@ -391,10 +412,14 @@ class Core:
             timer = loop.call_later(max(wait, 0.0), _resolve, done, _EXPIRED)
         try:
             response = await done
+        except asyncio.CancelledError:  # the client went away: its lanes go at the engine's next step
+            self.engine.cancel(request)
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
         if response is _EXPIRED:
+            self.engine.cancel(request)  # no one waits for it any more: free its lanes
             self.metrics.model(entry.name, entry.version).slo_miss.inc()
             raise DeadlineExceeded(f"the engine had not answered when the deadline of {timeout_s * 1e3:g} ms "
                                    "passed (counted from the request's arrival at the server)")
@@ -422,8 +447,14 @@ def _resolve(future: asyncio.Future, response) -> None:
         future.set_result(response)
 
 
+def _call_if_pending(future: asyncio.Future, callback, *args) -> None:
+    """A token for a request still awaited (none after its deadline passed or it was cancelled)."""
+    if not future.done():
+        callback(*args)
+
+
 _ERRORS = {Status.INVALID: BadRequest, Status.REJECTED: Overloaded, Status.DROPPED: DeadlineExceeded,
-           Status.ERROR: ServerError}
+           Status.ERROR: ServerError, Status.CANCELLED: ServerError}
 
 
 def _reason(exc: ServerError) -> str:

@@ -4,6 +4,8 @@ Uses the message and service stubs that ship with tritonclient, on grpc.aio so t
 run on the same asyncio loop as the core. Every failure is answered with a status code and
 a message: a ServerError with its own code, anything else with INTERNAL (and a log entry),
 never with a stack trace. RPCs not implemented here answer UNIMPLEMENTED (the base class).
+ModelStreamInfer (Triton's decoupled streaming: tokens as a decoder emits them) is in
+streaming_grpc.py.
 
 ModelInfer takes its request as bytes: a request that arrives while the core's admission
 bound is full is refused RESOURCE_EXHAUSTED before its message is parsed. Connections are
@@ -185,6 +187,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
         return await self.core.infer(parse_infer_request(request), encode=encode_infer_response)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Triton's decoupled streaming: tokens as a decoder emits them, then each request's
+        answer; errors per request in the stream (streaming_grpc.py)."""
+        from cellserve.server.streaming_grpc import model_stream_infer  # it imports this module
+
+        await model_stream_infer(self.core, request_iterator, context)
 
     @_answers_errors
     async def ModelInferBytes(self, data: bytes, context):

@@ -1,4 +1,5 @@
-"""The Open Inference Protocol over HTTP/REST (KServe v2), with Triton's binary tensor extension.
+"""The Open Inference Protocol over HTTP/REST (KServe v2), with Triton's binary tensor extension
+(and Triton's generate extension, in streaming_http.py).
 
 Every error is answered as `{"error": "..."}` with the status of its ServerError class; the
 request body is read with a size limit before anything is parsed.
@@ -40,6 +41,7 @@ _REQUEST_FIELDS = {"id", "model_name", "model_version", "parameters", "inputs", 
 _INPUT_FIELDS = {"name", "shape", "datatype", "parameters", "data"}
 _OUTPUT_FIELDS = {"name", "parameters"}
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+_GENERATE_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/generate(_stream)?")
 RECEIVED = "cellserve.received"  # scope key: when the request's first byte was parsed (core.clock)
 
 
@@ -71,12 +73,19 @@ def build_app(core: Core, max_request_bytes: int):
         document = resources.files("cellserve.server").joinpath("openapi.json").read_bytes()
         return Response(document, media_type="application/json")
 
+    from cellserve.server.streaming_http import GenerateEndpoint  # it imports this module
+
     infer = InferEndpoint(core, max_request_bytes)
-    # POST inference never reaches these two routes (fast_path takes it first); they answer
-    # other methods on the same paths with 405, as any route does
+    # Triton's generate extension (docs/streaming.md)
+    generate = {False: GenerateEndpoint(core, max_request_bytes, stream=False),
+                True: GenerateEndpoint(core, max_request_bytes, stream=True)}
+    # POST inference and generate never reach these routes (fast_path takes them first); they
+    # answer other methods on the same paths with 405, as any route does
     routes = [
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        *[Route(f"/v2/models/{{model}}{versions}/{kind}", generate[kind == "generate_stream"], methods=["POST"])
+          for versions in ("", "/versions/{version}") for kind in ("generate", "generate_stream")],
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2", server_metadata),
@@ -98,6 +107,11 @@ def build_app(core: Core, max_request_bytes: int):
             if match is not None:
                 scope["path_params"] = {"model": match[1], "version": match[2] or ""}
                 await infer(scope, receive, send)
+                return
+            match = _GENERATE_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["path_params"] = {"model": match[1], "version": match[2] or ""}
+                await generate[match[3] is not None](scope, receive, send)
                 return
         await app(scope, receive, send)
 
