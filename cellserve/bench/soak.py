@@ -56,7 +56,7 @@ class SoakReport:
     counts: dict = field(default_factory=dict)  # outcome -> requests
     first_failures: list[str] = field(default_factory=list)
     unanswered: list[str] = field(default_factory=list)  # the first requests with no answer, and why
-    samples: list[dict] = field(default_factory=list)  # t_s, rss_bytes, fds, sequences, health_ms
+    samples: list[dict] = field(default_factory=list)  # t_s, rss_bytes, fds, the _GAUGES, health_ms
     checks: dict = field(default_factory=dict)  # name -> {"ok": bool, "detail": str}
 
     @property
@@ -171,12 +171,24 @@ def _proc(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _sequences_active(metrics_address: str) -> float:
+# Gauges sampled beside RSS and fds, by metric name (summed over labels): what the server's
+# admission saw when an episode began.
+_GAUGES = {"sequences": "cellserve_sequences_active", "step_overhead_us": "cellserve_engine_step_overhead_seconds",
+           "admission_limit": "cellserve_admission_limit", "in_flight": "cellserve_admission_in_flight"}
+
+
+def _gauges(metrics_address: str) -> dict[str, float]:
     import urllib.request
 
     with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as response:
-        return sum(float(line.split()[-1]) for line in response.read().decode().splitlines()
-                   if line.startswith("cellserve_sequences_active{"))
+        lines = response.read().decode().splitlines()
+    values = dict.fromkeys(_GAUGES, 0.0)
+    for key, metric in _GAUGES.items():
+        for line in lines:
+            if line.startswith(metric) and line[len(metric)] in "{ ":
+                values[key] += float(line.split()[-1])
+    values["step_overhead_us"] = round(values["step_overhead_us"] * 1e6, 1)
+    return values
 
 
 def _health_ms(http_address: str) -> float:
@@ -225,15 +237,15 @@ def run_soak(cfg: SoakConfig, progress=print) -> SoakReport:
             rss, fds = _proc(pid)
             health = await asyncio.to_thread(_health_ms, server.http)
             loop_health.append(health)
-            sequences = await asyncio.to_thread(_sequences_active, server.metrics)
-            report.samples.append({"t_s": round(t, 1), "rss_bytes": rss, "fds": fds, "sequences": sequences,
+            gauges = await asyncio.to_thread(_gauges, server.metrics)
+            report.samples.append({"t_s": round(t, 1), "rss_bytes": rss, "fds": fds, **gauges,
                                    "health_ms": round(health, 2)})
 
         asyncio.run(soak.run(cfg.minutes * 60, sample))
         time.sleep(1.0)  # let the last answers' connections and sequences settle
         rss, fds = _proc(pid)
-        report.samples.append({"t_s": cfg.minutes * 60, "rss_bytes": rss, "fds": fds,
-                               "sequences": _sequences_active(server.metrics), "health_ms": _health_ms(server.http)})
+        report.samples.append({"t_s": cfg.minutes * 60, "rss_bytes": rss, "fds": fds, **_gauges(server.metrics),
+                               "health_ms": _health_ms(server.http)})
         report.counts, report.first_failures = dict(soak.counts), soak.failures
         report.counts["sent"], report.counts["answered"] = soak.sent, soak.answered
         report.counts["sent again on a new connection"] = soak.pool.resent

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import statistics
 import threading
 from collections import deque
 from contextlib import ExitStack
@@ -129,6 +130,8 @@ PROBE_AFTER_S = 5.0
 # (see _predicted_latency; the engine's per-step overhead comes on top): room for what
 # contention adds under overload, not for estimates gone stale in a slow spell.
 PREDICTION_BOUND = 16.0
+# The per-step overhead is the median of this many busy spells of 50 ms (see _learn_overhead).
+OVERHEAD_SPELLS = 9
 
 
 def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
@@ -232,7 +235,10 @@ class Engine(ConcurrentSteps):
         # at least 50 ms; admission adds it to every batch of a priced round (see
         # _bounded_round_time). A per-step cost, not a factor on kernel time: learnt at small
         # batches (mostly Python), a factor overstated large batches' steps several times over.
+        # The median of the last spells' figures: one spell holding a collector pass or a
+        # convoy on the GIL must not price every request that arrives in the next second.
         self.step_overhead_s = 0.0
+        self._overhead_spells: deque[float] = deque(maxlen=OVERHEAD_SPELLS)
         self._busy_elapsed = self._busy_off_device = 0.0
         self._busy_steps = 0
         self._multi = len(self.executors) > 1  # track the tensors crossing executors
@@ -447,16 +453,17 @@ class Engine(ConcurrentSteps):
 
     def _learn_overhead(self, elapsed: float, off_device: float, steps: int) -> None:
         """Fold one executed batch (`elapsed` seconds from its start to its update, of which
-        `off_device` not on a device, for `steps` steps) into the per-step overhead, once
-        the spell since the last update has run for 50 ms."""
+        `off_device` not on a device, for `steps` steps) into the current spell; once it has
+        run for 50 ms, its off-device seconds per step join the last OVERHEAD_SPELLS and the
+        per-step overhead becomes their median."""
         if steps <= 0:
             return
         self._busy_elapsed += elapsed
         self._busy_off_device += off_device
         self._busy_steps += steps
         if self._busy_elapsed > 0.05:
-            per_step = self._busy_off_device / self._busy_steps
-            self.step_overhead_s += 0.3 * (per_step - self.step_overhead_s)
+            self._overhead_spells.append(self._busy_off_device / self._busy_steps)
+            self.step_overhead_s = statistics.median(self._overhead_spells)
             self._busy_elapsed = self._busy_off_device = 0.0
             self._busy_steps = 0
 

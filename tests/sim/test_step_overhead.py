@@ -57,3 +57,15 @@ def test_a_burst_that_fills_a_batch_is_priced_at_kernel_time_plus_overhead_and_a
     outcomes = sim.run(burst)
     assert [o.status for o in outcomes] == [Status.OK] * 64
     assert max(o.finish_s - o.arrival_s for o in outcomes) < 0.05
+
+
+def test_one_slow_spell_does_not_move_the_overhead_but_a_lasting_change_does(models):
+    _, engine = _engine(models)
+    for _ in range(20):  # steady: 100 us off the device per step, in spells of 60 ms
+        engine._learn_overhead(0.06, 100 * 1e-6 * 300, 300)
+    assert engine.step_overhead_s == pytest.approx(100e-6)
+    engine._learn_overhead(0.06, 0.05, 10)  # a collector pass: 5 ms per step for one spell
+    assert engine.step_overhead_s == pytest.approx(100e-6)
+    for _ in range(5):  # the machine got busier for good
+        engine._learn_overhead(0.06, 300 * 1e-6 * 100, 100)
+    assert engine.step_overhead_s == pytest.approx(300e-6)
