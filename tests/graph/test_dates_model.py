@@ -202,11 +202,36 @@ def test_onnx_export_uses_plain_ops_and_matches_torch(model, tmp_path):
 
 
 def test_decode_spec_names_the_exported_tensors():
-    assert DECODE_SPEC["memory"] in dates.ENCODER_OUTPUTS
-    assert set(DECODE_SPEC["init"].values()) <= set(dates.ENCODER_OUTPUTS)
-    assert [s for s, _ in DECODE_SPEC["states"]] == dates.STEP_INPUTS[3:]
-    assert [o for _, o in DECODE_SPEC["states"]] == dates.STEP_OUTPUTS[1:]
-    assert (DECODE_SPEC["token_input"], DECODE_SPEC["memory_input"], DECODE_SPEC["mask_input"]) == \
-        tuple(dates.STEP_INPUTS[:3])
-    assert DECODE_SPEC["logits_output"] == dates.STEP_OUTPUTS[0]
-    assert 0 <= DECODE_SPEC["eos"] < TARGET_VOCAB and 0 <= DECODE_SPEC["bos"] < TARGET_VOCAB
+    assert DECODE_SPEC.memory in dates.ENCODER_OUTPUTS
+    assert {e for _, e in DECODE_SPEC.init} <= set(dates.ENCODER_OUTPUTS)
+    assert DECODE_SPEC.state_inputs == dates.STEP_INPUTS[3:]
+    assert DECODE_SPEC.state_outputs == dates.STEP_OUTPUTS[1:]
+    assert (DECODE_SPEC.token_input, DECODE_SPEC.memory_input, DECODE_SPEC.mask_input) == tuple(dates.STEP_INPUTS[:3])
+    assert DECODE_SPEC.logits_output == dates.STEP_OUTPUTS[0]
+    assert 0 <= DECODE_SPEC.eos < TARGET_VOCAB and 0 <= DECODE_SPEC.bos < TARGET_VOCAB
+    assert DECODE_SPEC.max_length.limit(5) == dates.MAX_OUTPUT_STEPS
+    assert type(DECODE_SPEC).from_dict(DECODE_SPEC.to_dict()) == DECODE_SPEC
+
+
+def test_engine_serves_it_greedily_as_the_reference_decodes(model):
+    """Through the decoder-step path (load_torch_seq2seq, GraphDecoder): 40 requests of mixed
+    lengths in one engine answer token for token as the reference greedy search."""
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.engine.request import Request
+    from cellserve.graph.seq2seq_import import load_torch_seq2seq
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        served = load_torch_seq2seq(model.encoder, model.step, DECODE_SPEC, "dates",
+                                    example=(torch.tensor([encode_source("3 March 1998")]),),
+                                    encoder_inputs=dates.ENCODER_INPUTS, encoder_outputs=dates.ENCODER_OUTPUTS)
+    srcs, _ = date_task(np.random.default_rng(99), 40)
+    engine, answers = Engine([served], EngineConfig()), collections.defaultdict(list)
+    for i, text in enumerate(srcs):
+        engine.submit(Request("dates", {"source": np.array([encode_source(text)])},
+                              on_done=lambda r, i=i: answers[i].append(r)))
+    engine.run_until_idle(timeout_s=60)
+    for i, text in enumerate(srcs):
+        assert len(answers[i]) == 1
+        tokens = [int(t) for t in np.asarray(answers[i][0].outputs["date"]).reshape(-1) if int(t) != dates.PAD]
+        assert tokens == list(normalise(model, text)[1].best.tokens), text

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cellserve.graph.zoo.reference_decode import (Hypothesis, beam_search, decode, greedy, length_penalty,
-                                                  resolve_max_length)
+from cellserve.graph.decode_spec import DecodeSpec
+from cellserve.graph.zoo.reference_decode import Hypothesis, beam_search, decode, greedy, length_penalty
 
 V, BOS, EOS, MAX_LEN = 4, 0, 1, 3
 
@@ -139,30 +139,35 @@ def test_equal_scores_keep_ending_order():
     assert [h.ended for h in got.beams] == [True, True, True, False]
 
 
+def spec(**overrides) -> DecodeSpec:
+    fields = {"memory": "mem", "init": {"h": "h0"}, "states": [["h", "h_next"]], "bos": BOS, "eos": EOS,
+              "max_length_ratio": 0.5, "max_length_constant": 1, "max_beam_width": 4, "length_penalty": 0.6,
+              "output": "tokens"}
+    return DecodeSpec.from_dict({**fields, **overrides})
+
+
 def test_decode_maps_encoder_outputs_by_spec_names():
     step = TinyStep(3)
-    memory, states = inputs(3, s=4)
+    memory, states = inputs(3, s=3)
 
     class Encoder(nn.Module):
         def forward(self, source):  # outputs deliberately not in the step's order
             return states[0], memory[None]
 
-    spec = {"memory": "mem", "init": {"h": "h0"}, "states": [("h", "h_next")], "bos": BOS, "eos": EOS,
-            "max_length": (0.5, 1), "beam_width": 2, "length_penalty": 0.6}
-    got = decode(Encoder(), step, torch.zeros(1, 4, dtype=torch.long), spec, ["h0", "mem"])
+    source = torch.zeros(1, 3, dtype=torch.long)
+    got = decode(Encoder(), step, source, spec(), ["h0", "mem"], beam_width=2)
+    # max length ceil(0.5 * 3 + 1) = 3 steps, the spec's length penalty.
     assert got == beam_search(step, memory, states, bos=BOS, eos=EOS, max_length=3, beam_width=2, alpha=0.6)
+    assert decode(Encoder(), step, source, spec(beam_width=1), ["h0", "mem"]).beams == \
+        greedy(step, memory, states, bos=BOS, eos=EOS, max_length=3).beams
+    assert decode(Encoder(), step, source, spec(max_length_ratio=0.0, max_length_constant=1),
+                  ["h0", "mem"]).best.steps == 1
     with pytest.raises(ValueError, match="'mem'.*outputs are \\['h0', 'memory'\\]"):
-        decode(Encoder(), step, torch.zeros(1, 4, dtype=torch.long), spec, ["h0", "memory"])
-
-
-def test_resolve_max_length():
-    assert resolve_max_length(7, 100) == 7
-    assert resolve_max_length((1.0, 1), 12) == 13
-    assert resolve_max_length((0.5, 2), 5) == 4  # floor(4.5)
-    for bad, msg in [((0.0, 0), "gives 0 steps"), ("12", "int or \\(ratio, constant\\)"), (True, "int or"),
-                     ((1, 2, 3), "int or")]:
-        with pytest.raises(ValueError, match=msg):
-            resolve_max_length(bad, 5)
+        decode(Encoder(), step, source, spec(), ["h0", "memory"])
+    with pytest.raises(ValueError, match="does not initialise state 'h'"):
+        decode(Encoder(), step, source, spec(init={}), ["h0", "mem"])
+    with pytest.raises(ValueError, match="encoder returned 2 outputs, encoder_outputs names 1"):
+        decode(Encoder(), step, source, spec(), ["mem"])
 
 
 def test_bad_arguments_are_named():

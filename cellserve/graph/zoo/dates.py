@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from cellserve.graph.decode_spec import DecodeSpec
 from cellserve.graph.zoo.date_formats import FORMATS, add_typo, write_date
 from cellserve.graph.zoo.reference_decode import DecodeResult, decode
 
@@ -52,18 +53,15 @@ ENCODER_INPUTS, ENCODER_OUTPUTS = ["source"], ["memory", "init_h", "init_att"]
 STEP_INPUTS = ["token", "memory", "memory_mask", "h", "att"]
 STEP_OUTPUTS = ["logits", "h_next", "att_next"]
 
-# The decode specification in the contract's shape (graph/'s DecodeSpec, once it lands, takes
-# these fields). max_length counts decoder steps, the EOS step included.
-DECODE_SPEC: dict = {
-    "memory": "memory", "memory_length": None,
-    "init": {"h": "init_h", "att": "init_att"},
+# How the engine decodes it (graph/decode_spec.py). max_length counts decoder steps, the EOS
+# step included. Beam widths up to 8 are meant; the engine serves greedy until beam search lands.
+DECODE_SPEC = DecodeSpec.from_dict({
+    "memory": "memory", "init": {"h": "init_h", "att": "init_att"},
     "token_input": "token", "memory_input": "memory", "mask_input": "memory_mask",
-    "logits_output": "logits",
-    "states": [("h", "h_next"), ("att", "att_next")],
+    "logits_output": "logits", "states": [["h", "h_next"], ["att", "att_next"]],
     "bos": BOS, "eos": EOS, "pad": PAD, "max_length": MAX_OUTPUT_STEPS,
-    "beam_width": 1, "max_beam_width": 8, "length_penalty": 0.6,
-    "output": "date", "scores_output": "scores",
-}
+    "beam_width": 1, "max_beam_width": 8, "length_penalty": 0.6, "output": "date",
+})
 
 _SOURCE_IDS = {ch: i + 1 for i, ch in enumerate(SOURCE_CHARS)}
 

@@ -19,18 +19,21 @@ rule is spelled out:
   counts the EOS step of an ended hypothesis), highest first; ties keep the order in which the
   hypotheses ended (earlier step first, then rank within the step). `best` is the first.
 - Greedy is beam width 1: each step takes the argmax (lowest id among equal maxima) until EOS.
+- max_length counts decoder steps, the EOS step included (as the engine's GraphDecoder does);
+  `decode` takes it from the spec's MaxLength for the request's memory length.
 
 The live beams of one request run through the step module as one batch, in rank order.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from cellserve.graph.decode_spec import DecodeSpec
 
 
 @dataclass(frozen=True)
@@ -54,21 +57,6 @@ class DecodeResult:
 def length_penalty(steps: int, alpha: float) -> float:
     """GNMT's ((5 + steps) / 6) ** alpha."""
     return ((5.0 + steps) / 6.0) ** alpha
-
-
-def resolve_max_length(max_length, source_length: int) -> int:
-    """An int stands for itself; (ratio, constant) means floor(ratio * S + constant). Raises
-    ValueError naming the value when the result is below 1 or the form is neither."""
-    if isinstance(max_length, (int, np.integer)) and not isinstance(max_length, bool):
-        steps = int(max_length)
-    elif isinstance(max_length, (tuple, list)) and len(max_length) == 2:
-        ratio, constant = max_length
-        steps = math.floor(float(ratio) * source_length + float(constant))
-    else:
-        raise ValueError(f"max_length must be an int or (ratio, constant), got {max_length!r}")
-    if steps < 1:
-        raise ValueError(f"max_length {max_length!r} gives {steps} steps for source length {source_length}")
-    return steps
 
 
 @torch.no_grad()
@@ -129,28 +117,31 @@ def greedy(step: torch.nn.Module, memory: torch.Tensor, states: Sequence[torch.T
 
 
 @torch.no_grad()
-def decode(encoder: torch.nn.Module, step: torch.nn.Module, source: torch.Tensor, spec: dict,
+def decode(encoder: torch.nn.Module, step: torch.nn.Module, source: torch.Tensor, spec: DecodeSpec,
            encoder_outputs: Sequence[str], beam_width: int | None = None) -> DecodeResult:
-    """Encode one request (source: the encoder's single input, batch of 1) and beam-search it.
-
-    spec is the decode specification (a dict with the DecodeSpec fields: memory, init, states,
-    bos, eos, max_length, beam_width, length_penalty); encoder_outputs names the encoder
-    module's outputs in order, so that spec's names find them. The step module takes
-    (token, memory, memory_mask, *states in spec["states"] order). Raises ValueError naming a
-    spec name that the encoder's outputs lack.
+    """Encode one request (source: the encoder's single input, batch of 1) and beam-search it
+    under spec (graph/decode_spec.py): its memory, init, states, bos, eos, max_length (steps,
+    the EOS step included: MaxLength.limit of the memory's length), beam_width (unless given
+    here) and length_penalty. encoder_outputs names the encoder module's outputs in order, so
+    that the spec's names find them; the step module takes (token, memory, memory_mask,
+    *states in spec.states order). Raises ValueError naming a spec name the encoder's outputs
+    lack, or a state the spec does not initialise (the reference does not guess state sizes).
     """
     outputs = encoder(source)
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     if len(outputs) != len(encoder_outputs):
         raise ValueError(f"encoder returned {len(outputs)} outputs, encoder_outputs names {len(encoder_outputs)}")
     named = dict(zip(encoder_outputs, outputs))
-    wanted = [spec["memory"]] + [spec["init"][name] for name, _ in spec["states"]]
+    for state in spec.state_inputs:
+        if not spec.init_of(state):
+            raise ValueError(f"decode spec does not initialise state {state!r}; the reference needs every state's init")
+    wanted = [spec.memory] + [spec.init_of(state) for state in spec.state_inputs]
     for name in wanted:
         if name not in named:
             raise ValueError(f"decode spec names encoder output {name!r}; the encoder's outputs are {list(named)}")
-    memory = named[spec["memory"]]
-    states = [named[spec["init"][name]] for name, _ in spec["states"]]
-    return beam_search(step, memory, states, bos=spec["bos"], eos=spec["eos"],
-                       max_length=resolve_max_length(spec["max_length"], memory.shape[-2]),
-                       beam_width=beam_width or spec.get("beam_width", 1),
-                       alpha=spec.get("length_penalty", 0.0))
+    memory = named[spec.memory]
+    states = [named[spec.init_of(state)] for state in spec.state_inputs]
+    return beam_search(step, memory, states, bos=spec.bos, eos=spec.eos,
+                       max_length=spec.max_length.limit(memory.shape[-2]),
+                       beam_width=spec.beam_width if beam_width is None else beam_width,
+                       alpha=spec.length_penalty)
