@@ -15,10 +15,8 @@ import time
 from cellserve.bench.results import RequestOutcome, RunStats, span_s
 from cellserve.bench.traces import TraceRequest
 from cellserve.engine.engine import Engine, EngineStats
-from cellserve.engine.request import Request, Response, Status
+from cellserve.engine.request import Request, Response
 
-_STATUS = {Status.OK: "ok", Status.REJECTED: "rejected", Status.DROPPED: "dropped",
-           Status.INVALID: "error", Status.ERROR: "error"}
 
 
 def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest], policy: str,
@@ -66,7 +64,7 @@ def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest
         for request_id, item in ids.items():
             r = responses[request_id]
             outcomes.append(RequestOutcome(item.request_id, item.arrival_s, r.finish - start,
-                                           _STATUS[r.status], r.reason))
+                                           RequestOutcome.status_of(r.status), r.reason))
     s = engine.stats
     return RunStats(policy=policy, rate_rps=rate_rps, duration_s=span_s(outcomes), outcomes=outcomes,
                     executed_flops=s.executed_flops, busy_s=s.busy_s, cell_steps=s.cell_steps,

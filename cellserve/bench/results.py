@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellserve.engine.request import Status
+
 STATUSES = ("ok", "rejected", "dropped", "error")
 
 
@@ -20,6 +22,12 @@ class RequestOutcome:
     finish_s: float | None  # None when the request never finished
     status: str  # "ok" | "rejected" | "dropped" | "error"
     reason: str = ""
+
+    @staticmethod
+    def status_of(status: "Status") -> str:
+        """A bench record's status for an engine response's (a cancelled request, whose
+        client went away, counts as an error: a benchmark's client never goes away)."""
+        return "error" if status in (Status.INVALID, Status.ERROR, Status.CANCELLED) else status.value
 
 
 @dataclass

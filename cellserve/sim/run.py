@@ -14,14 +14,11 @@ from cellserve.bench.results import RequestOutcome, RunStats, json_safe, span_s,
 from cellserve.bench.traces import TraceRequest
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import EngineStats
-from cellserve.engine.request import Status
 from cellserve.graph.model import Model
 from cellserve.plan.profile import ModelProfile, ProfileError
 from cellserve.sim.loop import SimArrival, SimOutcome, Simulation
 from cellserve.sim.router import make_router
 
-_STATUS = {Status.OK: "ok", Status.REJECTED: "rejected", Status.DROPPED: "dropped",
-           Status.INVALID: "error", Status.ERROR: "error"}
 SIMULATED = "simulated"
 
 
@@ -34,7 +31,7 @@ def arrivals(trace: list[TraceRequest], model: str, input_name: str, timeout_s: 
 def run_stats(outcomes: list[SimOutcome], stats: list[EngineStats], policy: str, rate_rps: float,
               start_s: float = 0.0) -> RunStats:
     """The benchmark's record of a simulated run (times relative to `start_s`)."""
-    records = [RequestOutcome(o.tag, o.arrival_s - start_s, o.finish_s - start_s, _STATUS[o.status], o.reason)
+    records = [RequestOutcome(o.tag, o.arrival_s - start_s, o.finish_s - start_s, RequestOutcome.status_of(o.status), o.reason)
                for o in outcomes]
     return RunStats(policy=policy, rate_rps=rate_rps, duration_s=span_s(records), outcomes=records,
                     executed_flops=sum(s.executed_flops for s in stats), busy_s=sum(s.busy_s for s in stats),
