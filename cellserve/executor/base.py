@@ -30,6 +30,7 @@ import numpy as np
 from cellserve.executor.batch import StepBatch
 from cellserve.graph.model import DECODERS, AttentionDecoder, DenseNode, GraphDecoder, LayerStack, RecurrentLayer
 from cellserve.kernels.cell import LaneStorage
+from cellserve.kernels.decoder import BeamCandidates
 from cellserve.kernels.protocol import LayerResult
 
 RecurrentStep = RecurrentLayer | LayerStack | AttentionDecoder | GraphDecoder
@@ -60,6 +61,12 @@ class LaneStarted:
 
 
 @dataclass(frozen=True)
+class BeamStarted:
+    storages: list[LaneStorage]  # the row's slots over one memory block; the first is live
+    busy_s: float
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What one `execute` did."""
 
@@ -67,6 +74,8 @@ class StepResult:
     busy_s: float  # device seconds, all steps together
     flops: float
     tokens: np.ndarray | None = None  # decoders: the token each batch entry emitted (one step)
+    # a graph decoder's batch holding beam lanes: each entry's best next tokens (kernels/decoder.py)
+    candidates: BeamCandidates | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,17 @@ class Executor(ABC):
         batched step, or with `lone_steps` > 0 up to that many steps of each lane alone, the
         first lane stopping early once `stop[0]` is set (an arrival) and the others then
         running as many steps as it did."""
+
+    def start_beam(self, cell_type: str, x: np.ndarray, states: list[tuple] | None,
+                   width: int) -> BeamStarted:
+        """Admit a beam-search row of a graph decoder: `width` slots over one memory x [S, M],
+        the first live (see GraphDecoderKernel.start_beam)."""
+        raise NotImplementedError(f"executor {self.name} does not run beam search")
+
+    def reorder_beams(self, cell_type: str, dst: np.ndarray, src: np.ndarray, tokens: np.ndarray) -> float:
+        """Between steps of beam rows: slots dst take the states of slots src and the next
+        tokens `tokens` (see GraphDecoderKernel.reorder); busy seconds."""
+        raise NotImplementedError(f"executor {self.name} does not run beam search")
 
     @abstractmethod
     def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from cellserve.executor.base import CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
+from cellserve.executor.base import BeamStarted, CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.graph import dense_ops
 from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack
@@ -95,11 +95,22 @@ class KernelExecutor(Executor):
         else:
             tokens = kernel.step_batch(slots, rows)
         busy = self._since(t0)
+        candidates = kernel.candidates if isinstance(kernel, GraphDecoderKernel) and not lone_steps else None
         if spec.is_decoder:
             flops = sum(spec.step.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
         else:
             flops = batch.size * steps * spec.step.flops_per_step()
-        return StepResult(steps, busy, flops, tokens)
+        return StepResult(steps, busy, flops, tokens, candidates)
+
+    def start_beam(self, cell_type: str, x: np.ndarray, states: list[tuple] | None, width: int) -> BeamStarted:
+        t0 = time.perf_counter()
+        storages = self.kernels[cell_type].start_beam(x, states, width)
+        return BeamStarted(storages, self._since(t0))
+
+    def reorder_beams(self, cell_type: str, dst: np.ndarray, src: np.ndarray, tokens: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        self.kernels[cell_type].reorder(dst, src, tokens)
+        return self._since(t0)
 
     def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:
         t0 = time.perf_counter()

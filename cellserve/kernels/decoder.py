@@ -8,6 +8,8 @@ and masked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -117,6 +119,14 @@ class GraphDecoderKernel:
     lane's tokens do not depend on its batch), runs the graph once for the batch and
     scatters the new states back. States live in slot rows so that a step may later gather
     any slots (a beam search reordering its hypotheses gathers rows, not whole states).
+
+    Beam search (engine/beam.py decides, this kernel moves the rows): `start_beam` reserves a
+    request row's `width` slots over ONE memory block (its beams share it); a step whose batch
+    holds beam lanes also leaves in `candidates` each lane's best K tokens and float64
+    log-probabilities (K the widest beam in the batch), exactly ordered; `reorder` then
+    gathers the surviving hypotheses' state rows from their parents' slots and sets their
+    tokens. A row's memory block and slots go back once its last live lane is released.
+    Greedy lanes (width 1, `start_lane`) take the argmax path alone, as before.
     """
 
     lone_lanes = 0  # a decoder's lanes always take the batched step
@@ -139,6 +149,39 @@ class GraphDecoderKernel:
         self.memory = torch.zeros((self.rows.capacity, step.memory_width), dtype=memory_dtype, device=device)
         self.memory_len = np.zeros(n, np.int64)
         self.memory_len[0] = 1  # the scratch slot (padding lanes) attends to the scratch row
+        self.beam_k = np.zeros(n, np.int64)  # per slot: its row's beam width (0: a greedy lane)
+        self._groups: dict[int, _BeamGroup] = {}  # slot -> the beam row it belongs to
+        self.candidates: BeamCandidates | None = None  # of the last step_batch (None: no beam lane)
+
+    def start_beam(self, x: np.ndarray, states: list[tuple] | None, width: int) -> list[LaneStorage]:
+        """A beam row of `width` slots sharing one memory block (x [S, M]); the first slot
+        starts as start_lane's lane does and is the row's one live lane; the others are
+        spares that `reorder` brings to life. Returns the width storages, first slot first."""
+        first = self.start_lane(x, states)
+        slots = [first.slot] + [self.slots.take() for _ in range(width - 1)]
+        self._fit_capacity()
+        self.memory_len[slots] = first.length
+        self.beam_k[slots] = width
+        group = _BeamGroup(slots, first.base, first.length, {first.slot})
+        for s in slots:
+            self._groups[s] = group
+        return [LaneStorage(s, first.base, first.length) for s in slots]
+
+    def reorder(self, dst: np.ndarray, src: np.ndarray, tokens: np.ndarray) -> None:
+        """Beam rows between steps: the state rows of slots `src` (the parents, as the last
+        step left them) go to slots `dst`, whose next input token is `tokens`. Gathered
+        before scattered, so a slot may be both a parent and a destination."""
+        dev = self.device
+        d = torch.from_numpy(np.ascontiguousarray(dst, np.int64)).to(dev)
+        moved = dst != src
+        if moved.any():
+            dm = torch.from_numpy(np.ascontiguousarray(dst[moved], np.int64)).to(dev)
+            sm = torch.from_numpy(np.ascontiguousarray(src[moved], np.int64)).to(dev)
+            for arena in self.states:
+                arena.index_copy_(0, dm, arena.index_select(0, sm))
+        self.prev.index_copy_(0, d, torch.from_numpy(np.ascontiguousarray(tokens, np.int64)).to(dev))
+        for s in dst.tolist():
+            self._groups[s].live.add(s)
 
     def start_lane(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
         """x: the lane's memory [S, M]; states: one (initial value [D_i] or None for zeros,)
@@ -184,8 +227,11 @@ class GraphDecoderKernel:
         out = run_step_graph(self.step.graph, feeds, self.constants)
         for name, arena in zip(spec.state_outputs, self.states):
             arena.index_copy_(0, s, out[name].to(arena.dtype))
-        tokens = torch.argmax(out[spec.logits_output], dim=1)
-        self.prev.index_copy_(0, s, tokens)
+        logits = out[spec.logits_output]
+        tokens = torch.argmax(logits, dim=1)
+        self.prev.index_copy_(0, s, tokens)  # a beam lane's token is set again by reorder
+        widths = self.beam_k[slots]
+        self.candidates = _top_candidates(logits, int(widths.max())) if widths.any() else None
         return tokens.cpu().numpy()
 
     def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:
@@ -196,8 +242,20 @@ class GraphDecoderKernel:
         return []
 
     def release(self, lane: LaneStorage) -> None:
-        self.slots.give(lane.slot)
-        self.rows.give(lane.base, lane.length)
+        """Free a lane; a beam lane frees its row's slots and memory with its row's last live lane."""
+        group = self._groups.get(lane.slot)
+        if group is None:
+            self.slots.give(lane.slot)
+            self.rows.give(lane.base, lane.length)
+            return
+        group.live.discard(lane.slot)
+        if group.live:
+            return
+        for s in group.slots:
+            del self._groups[s]
+            self.beam_k[s] = 0
+            self.slots.give(s)
+        self.rows.give(group.base, group.length)
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.constants.values())
@@ -209,6 +267,44 @@ class GraphDecoderKernel:
             self.states = [grow(a) for a in self.states]
             self.prev = grow(self.prev)
             self.memory_len = np.concatenate([self.memory_len, np.zeros(n - len(self.memory_len), np.int64)])
+            self.beam_k = np.concatenate([self.beam_k, np.zeros(n - len(self.beam_k), np.int64)])
         if self.memory.shape[0] < self.rows.capacity:
             extra = self.memory.new_zeros((self.rows.capacity - self.memory.shape[0], self.memory.shape[1]))
             self.memory = torch.cat([self.memory, extra])
+
+
+@dataclass(eq=False)
+class _BeamGroup:
+    """A beam row's reserved slots, its shared memory block, and which slots are live lanes."""
+
+    slots: list[int]
+    base: int
+    length: int
+    live: set[int]
+
+
+@dataclass(frozen=True)
+class BeamCandidates:
+    """Per batch entry, its best K next tokens [B, K] int64 and their log-probabilities
+    [B, K] float64 (log_softmax of the float32 logits in float64), sorted by log-probability
+    descending, ties by token id ascending. K is the widest beam in the batch (at most V)."""
+
+    tokens: np.ndarray
+    logp: np.ndarray
+
+
+def _top_candidates(logits: torch.Tensor, k: int) -> BeamCandidates:
+    """The exact best k per row (see BeamCandidates): topk of k + 1 finds the set unless the
+    k-th and (k+1)-th tie, when that row is sorted whole (stable: ties to the lower id)."""
+    logp = torch.log_softmax(logits.double(), dim=1)
+    vocab = logp.shape[1]
+    k = min(k, vocab)
+    values, index = torch.topk(logp, min(k + 1, vocab), dim=1)
+    values, index = values.cpu().numpy(), index.cpu().numpy()
+    if k < vocab:
+        for r in np.flatnonzero(values[:, k - 1] == values[:, k]).tolist():  # a tie across the cut
+            order = torch.sort(logp[r], descending=True, stable=True).indices[: k + 1].cpu().numpy()
+            index[r], values[r] = order, logp[r, order].cpu().numpy()
+    values, index = values[:, :k], index[:, :k]
+    order = np.lexsort((index, -values), axis=1)  # within the set: log-prob down, then id up
+    return BeamCandidates(np.take_along_axis(index, order, 1), np.take_along_axis(values, order, 1))
