@@ -1,8 +1,8 @@
 """`cellserve bench soak`: a long run at a steady share of capacity, with a mix of models,
 stateful sequences and bad requests, watching the server for what only time shows.
 
-It starts `cellserve serve` on the chosen zoo models, finds the capacity with a closed burst
-(unless --rps is given), then offers Poisson arrivals at --load of it (70% by default) for
+It starts `cellserve serve` on the chosen zoo models, finds the capacity with a burst of its
+own plain requests (both models, their lengths) arriving at once (unless --rps is given), then offers Poisson arrivals at --load of it (70% by default) for
 --minutes. Each arrival is, by --mix, a plain request to one of the models, a whole sequence
 (start, middle chunks, end, each sent when the last is answered) or a bad request (an unknown
 input, a wrong datatype, unparseable JSON) that must be answered 400. Every --sample-s it reads
@@ -114,10 +114,14 @@ class _Soak:
         self.answered += 1
         return status, answer
 
-    async def plain(self) -> None:
+    def plain_request(self, deadline: bool = True) -> tuple[str, bytes]:
+        """A plain request's model and body: one of the models, 5-59 tokens, the deadline."""
         model = self.cfg.models[int(self.rng.integers(len(self.cfg.models)))]
-        params = {} if self.cfg.deadline_ms is None else {"timeout": int(self.cfg.deadline_ms * 1e3)}
-        body = _tokens_body(self.rng, int(self.rng.integers(5, 60)), params)
+        params = {} if self.cfg.deadline_ms is None or not deadline else {"timeout": int(self.cfg.deadline_ms * 1e3)}
+        return model, _tokens_body(self.rng, int(self.rng.integers(5, 60)), params)
+
+    async def plain(self) -> None:
+        model, body = self.plain_request()
         status, answer = await self._post(model, body)
         self._count("ok" if status == 200 else "failed", f"{model}: {status} {answer[:200]!r}")
 
@@ -200,18 +204,22 @@ def _health_ms(http_address: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure_capacity(address: str, models: tuple[str, ...], n: int = 300, seed: int = 0) -> float:
-    """Requests/s answered when a burst of n arrives at once (as tests/server/test_admission does)."""
-    import numpy as np
+def measure_capacity(address: str, cfg: SoakConfig, n: int = 300) -> float:
+    """Requests/s answered when a burst of n of the soak's own plain requests (its models,
+    lengths and mix of models; no deadline) arrives at once: the capacity the soak's load is a
+    share of. A sequence's four chunks carry about as many tokens as one plain request, so
+    this is also its capacity in arrivals per second."""
+    soak = _Soak(cfg, address, rate=1.0)
 
-    from cellserve.bench.loadgen import open_loop
-    from cellserve.bench.traces import TraceRequest, make_trace
+    async def burst() -> float:
+        start = time.perf_counter()
+        bodies = [soak.plain_request(deadline=False) for _ in range(n)]
+        answers = await asyncio.gather(*(soak._post(model, body) for model, body in bodies))
+        elapsed = time.perf_counter() - start
+        soak.pool.close()
+        return sum(status == 200 for status, _ in answers) / elapsed
 
-    rng = np.random.default_rng(seed)
-    burst = [TraceRequest(r.request_id, 0.0, r.tokens) for r in make_trace(rng, 1.0, n, 10000)]
-    outcomes = open_loop(address, models[0], burst).outcomes
-    ok = [o for o in outcomes if o.status == "ok"]
-    return len(ok) / max(o.finish_s for o in outcomes)
+    return asyncio.run(burst())
 
 
 def run_soak(cfg: SoakConfig, progress=print) -> SoakReport:
@@ -223,7 +231,7 @@ def run_soak(cfg: SoakConfig, progress=print) -> SoakReport:
     try:
         capacity = None
         if cfg.rps is None:
-            capacity = measure_capacity(server.http, cfg.models, seed=cfg.seed)
+            capacity = measure_capacity(server.http, cfg)
             rate = cfg.load * capacity
         else:
             rate = cfg.rps
