@@ -1,10 +1,15 @@
 """One batched decoder step: the zoo digit reverser's hand-written `DecoderKernel` against the
-same decoder exported as a decoder-step graph and run by `GraphDecoderKernel`.
+same decoder exported as a decoder-step graph and run by `GraphDecoderKernel`, compiled
+(graph/step_compile.py, what serving runs) and interpreted node by node.
 
     python -m cellserve.bench.decoder_step_bench [--out decoder_step.json] [--threads 1]
+                                                 [--rounds 30] [--steps 20]
 
 Times `step_batch` on the same lanes (memories of 1-12 positions, seeded) at batch 1, 8 and
-32: the median of 300 steps after 20 warm-up steps, per kernel. Writes JSON and prints a table.
+32. The kernels are interleaved: each of `rounds` rounds runs `steps` timed steps of every
+kernel in turn (after warm-up), so that load from other processes falls on all of them
+alike; the figure is the median (and p90) over all timed steps. Writes JSON and prints a
+table with each graph kernel's ratio to the hand-written one.
 """
 
 from __future__ import annotations
@@ -17,64 +22,89 @@ import time
 import numpy as np
 import torch
 
-from cellserve.graph import zoo
 from cellserve.graph.decode_spec import MaxLength
+from cellserve.graph.decoder_graph import device_constants
 from cellserve.graph.seq2seq_examples import ReverserEncoder, ReverserStep, additive_spec
 from cellserve.graph.seq2seq_import import load_torch_seq2seq
 from cellserve.graph.zoo import seq2seq
-from cellserve.kernels.decoder import DecoderKernel, GraphDecoderKernel
+from cellserve.kernels.decoder import GraphDecoderKernel
 
 BATCHES = (1, 8, 32)
 
 
-def _kernels(device: torch.device):
+def _kernels(device: torch.device) -> tuple[int, dict]:
+    """{label: (kernel, start(memory) -> lane)} for the kernels compared."""
     m = seq2seq.load_trained()
     spec = dataclasses.replace(additive_spec(MaxLength(absolute=seq2seq.MAX_INPUT_DIGITS + 1)), bos=seq2seq.BOS,
                                eos=seq2seq.EOS, output="reversed", states=(("h", "h_next"), ("c", "c_next")),
                                init=(("h", "h0"), ("c", "c0")))
     graph = load_torch_seq2seq(ReverserEncoder(m), ReverserStep(m), spec, "rev",
                                (torch.zeros((1, 3), dtype=torch.long),), ["digits"], ["memory", "h0", "c0"])
-    hand = DecoderKernel(zoo.load("seq2seq-reverse").program[-1], device)
-    zeros = np.zeros(m.hidden, np.float32)
-    return m.hidden, {"DecoderKernel": (hand, lambda mem: hand.start(mem, zeros, zeros)),
-                      "GraphDecoderKernel": (k := GraphDecoderKernel(graph.program[-1], device),
-                                             lambda mem: k.start_lane(mem, None))}
+    kernels = {}
+    try:  # the hand-written kernel, while it exists (the zoo's reverser moves onto the graph path)
+        from cellserve.graph import zoo
+        from cellserve.kernels.decoder import DecoderKernel
+
+        hand = DecoderKernel(zoo.load("seq2seq-reverse").program[-1], device)
+        zeros = np.zeros(m.hidden, np.float32)
+        kernels["DecoderKernel"] = (hand, lambda mem: hand.start(mem, zeros, zeros))
+    except (ImportError, AttributeError, TypeError):
+        pass
+    compiled = GraphDecoderKernel(graph.program[-1], device)
+    interpreted = GraphDecoderKernel(graph.program[-1], device)
+    interpreted.constants = device_constants(graph.program[-1].graph, device, compiled=False)
+    kernels["GraphDecoderKernel"] = (compiled, lambda mem: compiled.start_lane(mem, None))
+    kernels["GraphDecoderKernel (interpreted)"] = (interpreted, lambda mem: interpreted.start_lane(mem, None))
+    return m.hidden, kernels
 
 
-def run(threads: int = 1) -> dict:
+def run(threads: int = 1, rounds: int = 30, steps: int = 20) -> dict:
     torch.set_num_threads(threads)
     hidden, kernels = _kernels(torch.device("cpu"))
-    results = {}
-    for label, (kernel, start) in kernels.items():
-        for b in BATCHES:
-            rng = np.random.default_rng(0)
+    results: dict = {label: {} for label in kernels}
+    for b in BATCHES:
+        placed = {}
+        for label, (kernel, start) in kernels.items():
+            rng = np.random.default_rng(b)  # the same memories for every kernel
             lanes = [start(rng.standard_normal((int(n), hidden)).astype(np.float32)) for n in rng.integers(1, 13, b)]
-            slots = np.array([lane.slot for lane in lanes], np.int64)
-            rows = np.array([lane.base for lane in lanes], np.int64)
+            placed[label] = (lanes, np.array([lane.slot for lane in lanes], np.int64),
+                             np.array([lane.base for lane in lanes], np.int64))
             for _ in range(20):
-                kernel.step_batch(slots, rows)
-            samples = []
-            for _ in range(300):
-                t0 = time.perf_counter()
-                kernel.step_batch(slots, rows)
-                samples.append(time.perf_counter() - t0)
-            results.setdefault(label, {})[str(b)] = {"median_us": float(np.median(samples) * 1e6),
-                                                     "p90_us": float(np.percentile(samples, 90) * 1e6)}
-            for lane in lanes:
+                kernel.step_batch(*placed[label][1:])
+        samples: dict = {label: [] for label in kernels}
+        for _ in range(rounds):
+            for label, (kernel, _) in kernels.items():
+                slots, rows = placed[label][1:]
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    kernel.step_batch(slots, rows)
+                    samples[label].append(time.perf_counter() - t0)
+        for label, (kernel, _) in kernels.items():
+            results[label][str(b)] = {"median_us": float(np.median(samples[label]) * 1e6),
+                                      "p90_us": float(np.percentile(samples[label], 90) * 1e6)}
+            for lane in placed[label][0]:
                 kernel.release(lane)
-    return {"threads": threads, "batches": list(BATCHES), "step": results}
+    return {"threads": threads, "rounds": rounds, "steps_per_round": steps, "batches": list(BATCHES),
+            "step": results}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="decoder_step.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    result = run(args.threads)
+    result = run(args.threads, args.rounds, args.steps)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    hand = result["step"].get("DecoderKernel")
     for label, by_batch in result["step"].items():
-        print(label, " ".join(f"b{b}: {v['median_us']:.0f} us" for b, v in by_batch.items()))
+        cells = []
+        for b, v in by_batch.items():
+            ratio = f" ({v['median_us'] / hand[b]['median_us']:.2f}x)" if hand and label != "DecoderKernel" else ""
+            cells.append(f"b{b}: {v['median_us']:.0f} us{ratio}")
+        print(f"{label:34s}", "  ".join(cells))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ the graph's inputs and outputs). At load, every operator is checked against
 `graph.step_ops.SUPPORTED` (anything else is refused naming the operator and the node), ops
 whose inputs are all constant are folded, and ops no output needs are dropped.
 `run_step_graph` evaluates it batched in torch; the kernel (kernels/decoder.py) calls it with
-its constants on its device, the importer on the CPU to check shapes and count FLOPs.
+its constants on its device (`device_constants`, which also compiles the graph for that
+device: graph/step_compile.py), the importer on the CPU to check shapes and count FLOPs.
 
 The graph's interface is the decoder-step contract (docs/decoders.md): inputs token int64
 [B], memory float [B, S, M], memory_mask float [B, S] and one float [B, D_i] per state;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -27,6 +29,9 @@ from cellserve.errors import ModelLoadError, UnsupportedOperator
 from cellserve.graph import step_ops
 from cellserve.graph.model import DenseNode, TensorSpec
 from cellserve.graph.onnx_import import _attrs, _spec
+
+if TYPE_CHECKING:
+    from cellserve.graph.step_compile import CompiledStep
 
 
 @dataclass
@@ -115,16 +120,41 @@ def _drop_unused(nodes: list[DenseNode], wanted: set[str]) -> list[DenseNode]:
     return kept[::-1]
 
 
-def device_constants(graph: DecoderStepGraph, device: torch.device) -> dict[str, torch.Tensor]:
+class DeviceConstants(dict):
+    """A graph's constants on one device (name -> tensor), with the graph compiled for that
+    device (`compiled`, see graph/step_compile.py): what a kernel holds for its step."""
+
+    compiled: "CompiledStep | None" = None
+
+
+def device_constants(graph: DecoderStepGraph, device: torch.device, compiled: bool = True) -> DeviceConstants:
     """The graph's constants as tensors on `device` (float64 weights stay float64: the graph
-    says what it computes in)."""
-    return {k: torch.as_tensor(np.array(v), device=device) for k, v in graph.constants.items()}
+    says what it computes in), and unless `compiled` is False the graph compiled for that
+    device, which `run_step_graph` then runs instead of interpreting the nodes."""
+    from cellserve.graph.step_compile import compile_step
+
+    constants = DeviceConstants({k: torch.as_tensor(np.array(v), device=device) for k, v in graph.constants.items()})
+    if compiled:
+        constants.compiled = compile_step(graph, device, lambda feeds: interpret_step_graph(graph, feeds, constants))
+    return constants
 
 
 def run_step_graph(graph: DecoderStepGraph, feeds: dict[str, torch.Tensor],
                    constants: dict[str, torch.Tensor], keep: bool = False) -> dict[str, torch.Tensor]:
     """Evaluate the graph on `feeds` (every graph input by name). Returns the graph's outputs
-    by name, or with `keep` every tensor computed (for counting FLOPs)."""
+    by name, or with `keep` every tensor computed (for counting FLOPs). Constants from
+    `device_constants` carry the compiled graph, which runs unless `keep` asks for every
+    intermediate value (the compiled form has different ones)."""
+    compiled = getattr(constants, "compiled", None)
+    if compiled is not None and not keep:
+        return compiled(feeds)
+    return interpret_step_graph(graph, feeds, constants, keep)
+
+
+def interpret_step_graph(graph: DecoderStepGraph, feeds: dict[str, torch.Tensor],
+                         constants: dict[str, torch.Tensor], keep: bool = False) -> dict[str, torch.Tensor]:
+    """`run_step_graph` node by node through `step_ops` (the reference the compiled form is
+    tested against); a failing node raises RuntimeError naming it."""
     env = dict(constants)
     env.update(feeds)
     for node in graph.nodes:
