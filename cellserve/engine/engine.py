@@ -226,6 +226,7 @@ class Engine(ConcurrentSteps):
         # request that arrives then joins after the step in progress, not after the whole run.
         self._arrived = np.zeros(1, np.int64)
         self._runs: dict[int, _Run] = {}
+        self._first_step: list[_Run] = []  # traced runs whose first step is yet to start (docs/tracing.md)
         self._lane_ids = itertools.count(1)
         self._next_drop_check = 0.0
         self._last_step = -math.inf  # clock time of the last batch executed
@@ -393,6 +394,8 @@ class Engine(ConcurrentSteps):
         """Run the batch on its executor. On failure, answer its requests with an error
         (the engine goes on) and return None."""
         batch = work.batch
+        if self._first_step:  # empty unless a traced request waits for its first step
+            self._stamp_first_steps(batch)
         try:
             result = self._placed[batch.cell_type].execute(batch, work.slots, work.rows, work.lone_steps,
                                                            self._arrived)
@@ -402,6 +405,20 @@ class Engine(ConcurrentSteps):
             return None
         self._account(work, result)
         return result
+
+    def _stamp_first_steps(self, batch: StepBatch) -> None:
+        """FIRST_STEP_START of the traced runs with a lane in this batch (runs only while some
+        traced run waits for its first step, so untraced work never pays for it)."""
+        ids = set(batch.lane_ids)
+        waiting = []
+        for run in self._first_step:
+            if run.responded:
+                continue
+            if ids.isdisjoint(run.lanes):
+                waiting.append(run)
+            else:
+                run.request.trace.stamp("FIRST_STEP_START")
+        self._first_step = waiting
 
     def _account(self, work: _Work, result: StepResult) -> None:
         """What an executed batch teaches the cost model, and the counts it adds to."""
@@ -544,6 +561,8 @@ class Engine(ConcurrentSteps):
     # ---- admission ----
 
     def _admit(self, request: Request, now: float) -> None:
+        if request.trace is not None:
+            request.trace.stamp("ENGINE_ADMIT")  # the hand-off and wake-up end
         if request.cancelled:
             self._respond_early(request, Status.CANCELLED, "cancelled: the client went away")
             return
@@ -585,6 +604,8 @@ class Engine(ConcurrentSteps):
                 run.probe = True
         self._commit(run, +1)
         run.admitted = now
+        if request.trace is not None:
+            request.trace.stamp("COMPUTE_START")
         self._runs[request.request_id] = run
         self._advance(run)
 
@@ -700,12 +721,20 @@ class Engine(ConcurrentSteps):
                         run.producers.update(dict.fromkeys(step.outputs, (executor,)))
                     self._device_s += executor.run_plain(run.model.name, step, run.env)
                     run.pc += 1
-                elif isinstance(step, (RecurrentLayer, LayerStack)):
-                    self._start_layer(run, step)
-                    return
                 else:
-                    self._start_decoder(run, step)
+                    trace = run.request.trace if run.layer == 0 else None
+                    if trace is not None:
+                        trace.stamp("COMPUTE_INPUT_END")
+                    if isinstance(step, (RecurrentLayer, LayerStack)):
+                        self._start_layer(run, step)
+                    else:
+                        self._start_decoder(run, step)
+                    if trace is not None:
+                        trace.stamp("PROJECTION_END")
+                        self._first_step.append(run)
                     return
+            if run.request.trace is not None:
+                run.request.trace.stamp("PLAIN_OPS_END")
             outputs = {spec.name: run.env[spec.name] for spec in run.model.outputs}
             self._finish_run(run, Status.OK, outputs=outputs)
         except CellserveError as exc:
@@ -855,6 +884,8 @@ class Engine(ConcurrentSteps):
         run = self._runs.get(lane.request_id)
         if run is None:
             return
+        if run.request.trace is not None:  # the last lane's, of the last recurrent step, stays
+            run.request.trace.stamp("LAST_STEP_END")
         ref = run.lanes.pop(lane.lane_id)
         finished = ref.executor.finish_lane(ref.cell_type, ref.storage)
         self._device_s += finished.busy_s
@@ -875,6 +906,8 @@ class Engine(ConcurrentSteps):
             self._commit(run, -1, slice(run.layer, run.layer + 1))
             run.layer += 1
             run.pc += 1
+            if run.request.trace is not None:  # outputs read back; the plain ops after it start
+                run.request.trace.stamp("COMPUTE_OUTPUT_START")
             self._advance(run)
 
     def _store_outputs(self, run: _Run) -> None:
@@ -943,6 +976,8 @@ class Engine(ConcurrentSteps):
         inbox or out of `_runs` ends here exactly once: admission answers the requests it
         refuses, `_finish_run` the ones that ran (and raises if a run were answered twice)."""
         self.stats.requests_answered += 1
+        if request.trace is not None:
+            request.trace.stamp("COMPUTE_END")
         if request.on_done is not None:
             try:
                 request.on_done(response)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -19,6 +19,15 @@ class Status(enum.Enum):
     DROPPED = "dropped"  # admitted, then could no longer meet its deadline
     ERROR = "error"  # the engine failed on it
     CANCELLED = "cancelled"  # its client went away (Engine.cancel): its lanes were released
+
+
+class TraceStamps(Protocol):
+    """Where a traced request's timestamps go (cellserve/server/tracing.py's Trace): the engine
+    stamps its own points (docs/tracing.md) on its thread."""
+
+    def stamp(self, name: str) -> None: ...
+
+    def stamp_first(self, name: str) -> None: ...
 
 
 @dataclass
@@ -42,6 +51,9 @@ class Request:
     # be quick and must not raise (an exception is logged and ignored).
     on_tokens: Callable[[int, int], None] | None = None
     cancelled: bool = False  # set by Engine.cancel (any thread); read by the engine thread
+    # Triton-style tracing: None (the rule) costs the engine one test per stamp site, never
+    # work per step; a trace gets ENGINE_ADMIT ... COMPUTE_END (docs/tracing.md)
+    trace: TraceStamps | None = None
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,10 @@ def serve(settings: ServerSettings) -> int:
         print(f"cellserve: error: start-up failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
     metrics = Metrics(engine)
-    core = Core(served, engine, metrics, settings.sequence_idle_s, settings.max_sequences)
+    from cellserve.server.tracing import Tracer, parse_trace_config  # validated with the settings
+
+    core = Core(served, engine, metrics, settings.sequence_idle_s, settings.max_sequences,
+                tracer=Tracer(parse_trace_config(settings.trace_config)))
     frontends = Frontends(core, settings, sockets)
     try:
         ports = frontends.start()
@@ -116,6 +119,10 @@ def serve(settings: ServerSettings) -> int:
     engine.serve_forever(engine_stop)  # the main thread: see Engine.serve_forever
     engine.abort_all("the server is shutting down")
     frontends.join(timeout=5.0)
+    try:
+        core.tracer.close()  # the traces not yet written (docs/tracing.md)
+    except OSError as exc:
+        print(f"cellserve: error: cannot write the trace file: {exc}", file=sys.stderr, flush=True)
     print("cellserve: stopped", flush=True)
     # A signal that lands in the interpreter's teardown would meet the default handler and
     # end the process with a failure status: it is stopping already.

@@ -27,8 +27,10 @@ from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Ove
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import ServedModel
 from cellserve.server.sequences import SequenceStore
+from cellserve.server.tracing import Trace, Tracer
 
-EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate"]  # generate: docs/streaming.md
+# generate: docs/streaming.md; trace: docs/tracing.md
+EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate", "trace"]
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
@@ -45,6 +47,7 @@ class InferInput:
     request_id: str = ""
     parameters: dict = field(default_factory=dict)
     outputs: list[str] | None = None  # requested output names; None for all
+    trace: Trace | None = None  # this request's timestamps, when the tracer sampled it (tracing.py)
 
 
 @dataclass
@@ -209,8 +212,10 @@ class Admission:
 
 class Core:
     def __init__(self, served: list[ServedModel], engine: Engine, metrics: Metrics,
-                 sequence_idle_s: float = 60.0, max_sequences: int = 100_000, clock: Clock | None = None):
+                 sequence_idle_s: float = 60.0, max_sequences: int = 100_000, clock: Clock | None = None,
+                 tracer: Tracer | None = None):
         self.engine = engine
+        self.tracer = tracer or Tracer()  # Triton's trace extension; off unless configured
         self.metrics = metrics
         # where the server reads time (deadlines, arrivals); the engine's clock unless a test
         # injects another
@@ -280,12 +285,17 @@ class Core:
         away), the request is cancelled in the engine too: its lanes go at the next step."""
         if received is None:
             received = self.clock.now()
+        trace = request.trace
+        if trace is not None:
+            trace.stamp("REQUEST_START")
         entry = self.model(request.model, request.version)
         metrics = self.metrics.model(entry.name, entry.version)
         metrics.pending.inc()
         try:
             result, timeout_s = await self._infer(entry, request, received, on_tokens)
             answer = result if encode is None else encode(result)
+            if trace is not None:
+                trace.stamp("REQUEST_END")
             if timeout_s is not None and self.clock.now() - received > timeout_s:
                 metrics.slo_miss.inc()
                 raise DeadlineExceeded(f"the answer was ready {(self.clock.now() - received) * 1e3:.1f} ms after "
@@ -319,6 +329,8 @@ class Core:
         priority = options.priority or entry.settings.default_priority or (1 << 31)
         if options.sequence_id is None:
             streaming = {"on_tokens": on_tokens} if on_tokens is not None and self.streams_tokens else {}
+            if request.trace is not None and self.streams_tokens:  # a core that submits here: stamped
+                streaming["trace"] = request.trace
             response = await self._submit(entry, request.inputs, timeout_s, priority, received, **streaming)
         else:
             response = await self._sequence_step(entry, request, options, timeout_s, priority, received)
@@ -363,8 +375,9 @@ class Core:
         """Run one chunk from the sequence's state and keep the state it ends in (under the
         sequence's lock; `_sequence_step` keeps the sequence's life). A failed chunk raises: the
         state stays where the last good chunk left it."""
+        traced = {"trace": request.trace} if request.trace is not None and self.streams_tokens else {}
         response = await self._submit(entry, request.inputs, timeout_s, priority, received,
-                                      initial_state=sequence.state, return_state=True)
+                                      initial_state=sequence.state, return_state=True, **traced)
         sequence.state = response.state
         return response
 
@@ -372,7 +385,7 @@ class Core:
         """A restarted sequence's old state is let go (here, on the host: nothing to do)."""
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
-                      initial_state=None, return_state=False, on_tokens=None) -> Response:
+                      initial_state=None, return_state=False, on_tokens=None, trace: Trace | None = None) -> Response:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         engine_tokens = None
@@ -399,7 +412,9 @@ class Core:
         arrival = self.engine.clock.now() - (self.clock.now() - received)
         request = Request(entry.engine_name, inputs, on_done=on_done, timeout_s=engine_timeout,
                           priority=priority, arrival=arrival, initial_state=initial_state,
-                          return_state=return_state, on_tokens=engine_tokens)
+                          return_state=return_state, on_tokens=engine_tokens, trace=trace)
+        if trace is not None:
+            trace.stamp("QUEUE_START")
         self.engine.submit(request)
         # Whatever the engine does (a GIL-starved step, an answer stuck behind others in the
         # hand-back), the client hears soon after its deadline; the engine's later answer is
@@ -418,6 +433,8 @@ class Core:
         finally:
             if timer is not None:
                 timer.cancel()
+        if trace is not None:
+            trace.stamp("RESPONSE_ON_LOOP")  # the hand-back ends: this coroutine runs again
         if response is _EXPIRED:
             self.engine.cancel(request)  # no one waits for it any more: free its lanes
             self.metrics.model(entry.name, entry.version).slo_miss.inc()

@@ -207,13 +207,56 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 request = service_pb2.ModelInferRequest.FromString(data)
             except DecodeError as exc:
                 raise BadRequest(f"the request is not a valid ModelInferRequest message: {exc}") from exc
-            self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding tensors
-            return await self.core.infer(parse_infer_request(request), received, encode=encode_infer_response)
+            entry = self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding tensors
+            tracer = self.core.tracer
+            trace = tracer.start(entry.name, entry.version, request.id) if tracer.on else None
+            if trace is None:
+                return await self.core.infer(parse_infer_request(request), received, encode=encode_infer_response)
+            return await self._traced_infer(request, received, trace, context)
         except BaseException as exc:
             failure = exc
             raise
         finally:
             admission.leave(ticket, Admission.outcome(failure))
+
+
+    async def _traced_infer(self, request, received: float, trace, context):
+        """ModelInfer of a sampled request: its stamps (docs/tracing.md); the trace is kept
+        when gRPC reports the call done (GRPC_SEND_END), failed calls included. gRPC core reads
+        the message before any Python runs, so the first stamp is GRPC_WAITREAD_END."""
+        tracer = self.core.tracer
+        trace.stamp_s("GRPC_WAITREAD_END", received)
+
+        def done(_context) -> None:
+            trace.stamp("GRPC_SEND_END")
+            tracer.finish(trace)
+
+        context.add_done_callback(done)
+        infer_input = parse_infer_request(request)
+        infer_input.trace = trace
+        response = await self.core.infer(infer_input, received, encode=encode_infer_response)
+        trace.stamp("GRPC_SEND_START")
+        return response
+
+    @_answers_errors
+    async def TraceSetting(self, request, context):
+        """Triton's trace extension: the settings of the server, or of request.model_name
+        (a setting sent with no value clears a model's own); INVALID_ARGUMENT names a bad one."""
+        from cellserve.server.tracing import TraceSettingError
+
+        model = request.model_name or None
+        if model is not None:
+            self.core.model(model)  # NOT_FOUND for a model this server does not serve
+        changes = {key: (list(value.value) if len(value.value) != 1 else value.value[0]) if value.value else None
+                   for key, value in request.settings.items()}
+        try:
+            settings = self.core.tracer.update(changes, model) if changes else self.core.tracer.get(model)
+        except TraceSettingError as exc:
+            raise BadRequest(str(exc)) from exc
+        response = service_pb2.TraceSettingResponse()
+        for key, value in settings.items():
+            response.settings[key].value.extend(value if isinstance(value, list) else [value])
+        return response
 
 
 # ---- request ----

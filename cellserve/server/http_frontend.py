@@ -43,6 +43,7 @@ _OUTPUT_FIELDS = {"name", "parameters"}
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 _GENERATE_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/generate(_stream)?")
 RECEIVED = "cellserve.received"  # scope key: when the request's first byte was parsed (core.clock)
+TRACE = "cellserve.trace"  # scope key: the request's trace, when the tracer sampled it (tracing.py)
 
 
 def build_app(core: Core, max_request_bytes: int):
@@ -69,6 +70,25 @@ def build_app(core: Core, max_request_bytes: int):
         ready = core.model_ready(p["model"], p.get("version", ""))
         return JSONResponse({"name": p["model"], "ready": ready}, status_code=200 if ready else 503)
 
+    async def trace_setting(request: Request) -> Response:
+        """Triton's trace extension: GET/POST v2[/models/{model}]/trace/setting (docs/tracing.md)."""
+        from cellserve.server.tracing import TraceSettingError
+
+        model = request.path_params.get("model")
+        if model is not None:
+            core.model(model)  # 404 for a model this server does not serve
+        if request.method == "GET":
+            return JSONResponse(core.tracer.get(model))
+        body = await request.body()
+        try:
+            changes = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            raise BadRequest(f"the trace setting request is not valid JSON: {exc}") from exc
+        try:
+            return JSONResponse(core.tracer.update(changes, model))
+        except TraceSettingError as exc:
+            raise BadRequest(str(exc)) from exc
+
     async def openapi_document(request: Request) -> Response:
         document = resources.files("cellserve.server").joinpath("openapi.json").read_bytes()
         return Response(document, media_type="application/json")
@@ -93,6 +113,8 @@ def build_app(core: Core, max_request_bytes: int):
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/trace/setting", trace_setting, methods=["GET", "POST"]),
+        Route("/v2/models/{model}/trace/setting", trace_setting, methods=["GET", "POST"]),
         Route("/openapi.json", openapi_document),
     ]
     handlers = {ServerError: _server_error, HTTPException: _http_error, Exception: _internal_error}
@@ -137,9 +159,10 @@ class InferEndpoint:
             await _server_error_response(exc)(scope, receive, send)
             return
         failure = None
+        traced = self.core.tracer.on  # off: nothing more per request
         try:
             try:
-                response = await self._infer(scope, receive, received)
+                response = await self._infer(scope, receive, received, traced)
             except ClientDisconnect:
                 return  # no one to answer
             except asyncio.CancelledError:
@@ -155,18 +178,36 @@ class InferEndpoint:
                 failure, response = exc, _server_error_response(exc)
             except Exception as exc:  # noqa: BLE001 - a 500 that says what failed
                 failure, response = exc, _internal_error_response(exc, "POST", scope["path"])
-            await response(scope, receive, send)
+            trace = scope.get(TRACE) if traced else None
+            if trace is None:
+                await response(scope, receive, send)
+            else:
+                trace.stamp("HTTP_SEND_START")
+                await response(scope, receive, send)
+                trace.stamp("HTTP_SEND_END")
+                self.core.tracer.finish(trace)
         finally:
             admission.leave(ticket, Admission.outcome(failure))
 
-    async def _infer(self, scope, receive, received: float) -> Response:
+    async def _infer(self, scope, receive, received: float, traced: bool = False) -> Response:
         model, version = scope["path_params"]["model"], scope["path_params"].get("version", "")
-        self.core.model(model, version)  # 404 before reading a body for nobody
+        entry = self.core.model(model, version)  # 404 before reading a body for nobody
+        trace = None
+        if traced:
+            trace = self.core.tracer.start(entry.name, entry.version)
+            if trace is not None:
+                scope[TRACE] = trace
+                trace.stamp_s("HTTP_RECV_START", received)
         headers = {}
         for key, value in scope["headers"]:  # the first of repeated headers counts, as in Starlette
             headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
         body = await _read_body(headers, receive, self.max_request_bytes)
+        if trace is not None:
+            trace.stamp("HTTP_RECV_END")
         infer_input, binary_outputs = parse_infer_request(body, headers.get(HEADER_LENGTH.lower()), model, version)
+        if trace is not None:
+            trace.request_id = infer_input.request_id
+            infer_input.trace = trace
         return await self.core.infer(infer_input, received,
                                      encode=lambda result: encode_infer_response(result, binary_outputs))
 

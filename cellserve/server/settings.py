@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cellserve.config import Problem, check, setting
 from cellserve.engine.config import EngineConfig
+from cellserve.server.tracing import check_trace_config
 
 _MODELS = "models"
 _NETWORK = "network"
@@ -30,7 +31,8 @@ _BATCHING = "batching and admission"
 _COMPUTE = "compute"
 _LIFECYCLE = "sequences and lifecycle"
 _RAY = "Ray cluster (docs/ray.md)"
-GROUPS = (_MODELS, _NETWORK, _BATCHING, _COMPUTE, _LIFECYCLE, _RAY)  # --help's sections, in order
+_TRACING = "tracing (docs/tracing.md)"
+GROUPS = (_MODELS, _NETWORK, _BATCHING, _COMPUTE, _LIFECYCLE, _RAY, _TRACING)  # --help's sections, in order
 
 
 def _port(value: int) -> str | None:
@@ -92,6 +94,12 @@ class ServerSettings:
     plan: Path | None = setting(None, "a Nexus plan (cellserve plan nexus): one worker per device, serving its "
                                       "sessions' models; each model's rate beyond the plan's is refused (429)",
                                 unset="none", group=_RAY, metavar="PLAN.json")
+    # issue 21: Triton's trace extension (cellserve/server/tracing.py)
+    trace_config: list[str] = setting(help="a trace setting, as Triton's (repeat the flag): level=TIMESTAMPS, "
+                                           "rate=N (every N-th request), count=N (-1: no limit), mode=triton, "
+                                           "triton,file=PATH, triton,log-frequency=N",
+                                      default_factory=list, flag="--trace-config", unset="tracing off",
+                                      check=check_trace_config, group=_TRACING, metavar="SETTING=VALUE")
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field
