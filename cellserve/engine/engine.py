@@ -31,6 +31,9 @@ from cellserve.engine.validation import validate_inputs
 from cellserve.errors import CellserveError, InvalidInput, UnknownModel
 from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
 from cellserve.executor.batch import StepBatch
+from cellserve.engine.beam import (BeamLanes, BeamRow, beam_output_names, beam_outputs, check_beam_request,
+                                  request_beam_width)
+from cellserve.kernels.decoder import BeamCandidates
 from cellserve.graph.model import DECODERS, AttentionDecoder, DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
 from cellserve.graph.stacking import stack_layers
 from cellserve.kernels.cell import LaneStorage
@@ -81,6 +84,7 @@ class _LaneRef:
     batch_index: int
     tokens: list[int] | None = None  # a decoder lane's output so far
     max_tokens: int = 0  # a decoder lane's most tokens (its spec's limit at its source length)
+    beam: BeamLanes | None = None  # a beam-search lane: its row (engine/beam.py)
 
 
 @dataclass(eq=False)
@@ -106,6 +110,7 @@ class _Run:
     # inputs and the model's constants, on the host), and the (tensor, executor) moves counted
     producers: dict = field(default_factory=dict)
     moved: set = field(default_factory=set)
+    extra_outputs: dict = field(default_factory=dict)  # response tensors beyond the model's (beam search)
 
 
 @dataclass(eq=False)
@@ -225,6 +230,7 @@ class Engine(ConcurrentSteps):
         # Set by submit, read by a lone lane's run between its steps (GIL released): a
         # request that arrives then joins after the step in progress, not after the whole run.
         self._arrived = np.zeros(1, np.int64)
+        self._beam_lanes_moved = False  # a beam row's lanes changed in the last step (see _record_tokens)
         self._runs: dict[int, _Run] = {}
         self._first_step: list[_Run] = []  # traced runs whose first step is yet to start (docs/tracing.md)
         self._lane_ids = itertools.count(1)
@@ -450,7 +456,7 @@ class Engine(ConcurrentSteps):
         s.step_records.append((overhead, batch.size, s.lanes_started - work.lanes_started,
                                s.lanes_finished - work.lanes_finished))
         self._learn_overhead(now - work.started, overhead, result.steps)
-        if finished or self._inbox or self._arrived[0] or not self.policy.stable or (
+        if finished or self._beam_lanes_moved or self._inbox or self._arrived[0] or not self.policy.stable or (
                 self.config.drop_late and now >= self._next_drop_check):
             return None
         work.rows += work.strides * result.steps
@@ -462,7 +468,8 @@ class Engine(ConcurrentSteps):
     def _complete(self, work: _Work, result: StepResult) -> list[Lane]:
         """Advance the batch's lanes; hand the finished ones back to their requests."""
         batch = work.batch
-        ended = self._record_tokens(batch, result.tokens) if result.tokens is not None else frozenset()
+        ended = (self._record_tokens(batch, result.tokens, result.candidates) if result.tokens is not None
+                 else frozenset())
         finished = self.policy.complete(batch, ended, result.steps)
         for lane in finished:
             self._lane_finished(lane)
@@ -572,6 +579,7 @@ class Engine(ConcurrentSteps):
             return
         try:
             inputs = validate_inputs(model, request.inputs)
+            check_beam_request(model, request)
         except InvalidInput as exc:
             self._respond_early(request, Status.INVALID, str(exc))
             return
@@ -736,7 +744,7 @@ class Engine(ConcurrentSteps):
             if run.request.trace is not None:
                 run.request.trace.stamp("PLAIN_OPS_END")
             outputs = {spec.name: run.env[spec.name] for spec in run.model.outputs}
-            self._finish_run(run, Status.OK, outputs=outputs)
+            self._finish_run(run, Status.OK, outputs={**outputs, **run.extra_outputs})
         except CellserveError as exc:
             self._finish_run(run, Status.INVALID if isinstance(exc, InvalidInput) else Status.ERROR, str(exc))
         except Exception as exc:  # a model op failing on this request's data: this request only
@@ -821,10 +829,36 @@ class Engine(ConcurrentSteps):
                 raise InvalidInput(f"{spec.memory_length!r} {lengths.tolist()} must be {batch} source lengths "
                                    f"in [1, {width}]")
         inits = [run.env[spec.init_of(s)] if spec.init_of(s) else None for s in spec.state_inputs]
+        width = request_beam_width(spec, run.request.beam_width, run.model.name)
+        searched = width > 1 or run.request.return_beams or bool(spec.scores_output)
         for b in range(batch):
             n = int(lengths[b])
             states = [(None if v is None else v[b],) for v in inits]
-            self._start_decoder_lane(run, cell_type, memory[b, :n], states, b, dec.max_tokens(n))
+            if searched:  # a beam row (width 1 too, when scores are asked for)
+                self._start_beam_row(run, cell_type, memory[b, :n], states, b, BeamRow(width, spec.eos, dec.max_tokens(n),
+                                                                                       spec.length_penalty))
+            else:  # greedy: one lane, argmax tokens, streamed
+                self._start_decoder_lane(run, cell_type, memory[b, :n], states, b, dec.max_tokens(n))
+
+    def _start_beam_row(self, run: _Run, cell_type: str, memory: np.ndarray, states: list[tuple], b: int,
+                        row: BeamRow) -> None:
+        """A beam row: `row.width` slots over one memory block, one live lane (BOS) to start;
+        the row's lanes come and go as its hypotheses do (see _prune_beams)."""
+        executor = self._placed[cell_type]
+        if self._busy and executor in self._busy:
+            self._defer_start(run, executor, self._start_beam_row, cell_type, memory, states, b, row)
+            return
+        if self._multi:
+            dec = run.model.program[run.pc]
+            self._note_reads(run, executor, [r for r in [dec.memory, dec.spec.memory_length] +
+                                             [e for _, e in dec.spec.init] if r])
+        started = executor.start_beam(cell_type, memory, states, row.width)
+        self._device_s += started.busy_s
+        first, *spare = started.storages
+        beam = BeamLanes(row, cell_type, [], spare)
+        self._add_lane(run, cell_type, None, first, first.base, 0,
+                       _LaneRef(cell_type, executor, first, 0, b, tokens=[], beam=beam))
+        beam.lanes.append(next(reversed(run.lanes)))
 
     def _start_decoder_lane(self, run: _Run, cell_type: str, memory: np.ndarray, states: list[tuple], b: int,
                             max_tokens: int) -> None:
@@ -853,16 +887,25 @@ class Engine(ConcurrentSteps):
 
     # ---- taking a batch's results back ----
 
-    def _record_tokens(self, batch: StepBatch, tokens: np.ndarray) -> frozenset[int]:
-        """Append each decoder lane's token; return the lanes that ended (EOS or max length)."""
+    def _record_tokens(self, batch: StepBatch, tokens: np.ndarray,
+                       candidates: BeamCandidates | None = None) -> frozenset[int]:
+        """Append each decoder lane's token; return the lanes that ended (EOS or max length).
+        A beam lane's candidates wait for the rest of its row, whose step then prunes and
+        reorders the row (_prune_beams); beam lanes stream nothing."""
         dec = self._decoders[batch.cell_type]
         ended = []
-        for lane_id, token in zip(batch.lane_ids, tokens.tolist()):
+        self._beam_lanes_moved = False
+        rows: dict[int, tuple[_Run, BeamLanes]] = {}
+        for i, (lane_id, token) in enumerate(zip(batch.lane_ids, tokens.tolist())):
             lane = self.policy.lane(lane_id)
             if lane is None:
                 continue  # padding
             run = self._runs[lane.request_id]
             ref = run.lanes[lane_id]
+            if ref.beam is not None:
+                ref.beam.pending[lane_id] = (candidates.tokens[i], candidates.logp[i])
+                rows[id(ref.beam)] = (run, ref.beam)
+                continue
             if token == dec.eos:
                 ended.append(lane_id)
                 continue
@@ -871,7 +914,67 @@ class Engine(ConcurrentSteps):
                 self._emit_token(run.request, ref.batch_index, token)
             if len(ref.tokens) >= ref.max_tokens:
                 ended.append(lane_id)
+        for run, beam in rows.values():
+            if beam.ready:
+                ended.extend(self._prune_beams(run, beam))
+            else:  # others of the row have not stepped yet: these wait out of the scheduler
+                for lane_id in beam.pending:
+                    if lane_id not in beam.held:
+                        beam.held[lane_id] = self.policy.lane(lane_id)
+                        self.policy.remove(lane_id)
+                self._beam_lanes_moved = True
         return frozenset(ended)
+
+    def _prune_beams(self, run: _Run, beam: BeamLanes) -> list[int]:
+        """A beam row's step is complete: choose the surviving hypotheses (BeamRow.expand),
+        give each a lane (its parent's, when free: no state moves), gather the others' state
+        rows from their parents' slots (one kernel call), start lanes on spare slots and end
+        the lanes no hypothesis kept. Returns the lanes of this batch that end."""
+        refs = [run.lanes[i] for i in beam.lanes]
+        expansion = beam.row.expand([beam.pending[i][0] for i in beam.lanes], [beam.pending[i][1] for i in beam.lanes])
+        beam.pending.clear()
+        keep: dict[int, int] = {}  # new rank -> old rank whose lane it takes
+        for j, (parent, _) in enumerate(expansion.live):
+            if parent not in keep.values():
+                keep[j] = parent
+        unclaimed = [r for r in range(len(refs)) if r not in keep.values()]
+        for j in range(len(expansion.live)):
+            if j not in keep and unclaimed:
+                keep[j] = unclaimed.pop(0)
+        ending = [beam.lanes[r] for r in unclaimed] if not expansion.done else list(beam.lanes)
+        new_lanes: list[int] = []
+        dst, src, toks = [], [], []
+        for j, (parent, token) in enumerate(expansion.live):
+            if j in keep:
+                lane_id = beam.lanes[keep[j]]
+                storage = refs[keep[j]].storage
+            else:
+                storage = beam.free.pop()
+                self._add_lane(run, beam.cell_type, None, storage, storage.base, 0,
+                               _LaneRef(beam.cell_type, refs[0].executor, storage, 0, refs[0].batch_index,
+                                        tokens=[], beam=beam))
+                lane_id = next(reversed(run.lanes))
+            new_lanes.append(lane_id)
+            dst.append(storage.slot)
+            src.append(refs[parent].storage.slot)
+            toks.append(token)
+        if dst:
+            self._device_s += refs[0].executor.reorder_beams(beam.cell_type, np.array(dst, np.int64),
+                                                             np.array(src, np.int64), np.array(toks, np.int64))
+        beam.free.extend(run.lanes[i].storage for i in ending)
+        beam.lanes = new_lanes
+        held, beam.held = beam.held, {}
+        for lane_id, lane in held.items():
+            if lane_id in new_lanes:
+                self.policy.add(lane)
+        self._beam_lanes_moved = True
+        in_batch = []
+        for lane_id in ending:
+            if lane_id in held:
+                self._lane_finished(held[lane_id])
+            else:
+                in_batch.append(lane_id)
+        return in_batch
 
     @staticmethod
     def _emit_token(request: Request, batch_index: int, token: int) -> None:
@@ -890,7 +993,9 @@ class Engine(ConcurrentSteps):
         finished = ref.executor.finish_lane(ref.cell_type, ref.storage)
         self._device_s += finished.busy_s
         self.stats.lanes_finished += 1
-        if ref.tokens is not None:
+        if ref.beam is not None:
+            run.outputs[ref.batch_index] = ref.beam.row
+        elif ref.tokens is not None:
             run.outputs[ref.batch_index] = ref.tokens
         else:
             layers = _layers(run.model.program[run.pc])
@@ -922,6 +1027,8 @@ class Engine(ConcurrentSteps):
                             run.producers[name] = self._step_executors(run)
                 if run.request.return_state:
                     run.state[layer.name] = (outputs["h"], outputs["c"] if layer.kind == "lstm" else None)
+        elif isinstance(run.outputs[0], BeamRow):
+            self._store_beams(run, step)
         else:
             rows = [run.outputs[b] for b in sorted(run.outputs)]
             width = max(1, max(len(r) for r in rows))
@@ -931,6 +1038,21 @@ class Engine(ConcurrentSteps):
             run.env[step.output] = tokens
             if self._multi:
                 run.producers[step.output] = self._step_executors(run)
+
+    def _store_beams(self, run: _Run, step: GraphDecoder) -> None:
+        """A beam-searched decoder's answer: the best hypothesis of each row in the spec's
+        output; the best scores in its scores_output if it names one; the k best and their
+        scores (`<output>_beams`, `<output>_beam_scores`) if the request asks."""
+        rows = [run.outputs[b] for b in sorted(run.outputs)]
+        best, beams, scores = beam_outputs(rows, rows[0].width, step.pad)
+        run.env[step.output] = best
+        if step.spec.scores_output:
+            run.extra_outputs[step.spec.scores_output] = scores[:, 0].copy()
+        if run.request.return_beams:
+            names = beam_output_names(step.output)
+            run.extra_outputs.update({names[0]: beams, names[1]: scores})
+        if self._multi:
+            run.producers[step.output] = self._step_executors(run)
 
     # ---- responses ----
 

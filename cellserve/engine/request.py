@@ -54,6 +54,12 @@ class Request:
     # Triton-style tracing: None (the rule) costs the engine one test per stamp site, never
     # work per step; a trace gets ENGINE_ADMIT ... COMPUTE_END (docs/tracing.md)
     trace: TraceStamps | None = None
+    # A graph decoder's search (docs/decoders.md, "Beam search"): the beam width, 1 to the
+    # spec's max_beam_width (None: the spec's beam_width); return_beams adds the k best
+    # hypotheses and their scores (`<output>_beams`, `<output>_beam_scores`) to the response.
+    # Beam lanes stream nothing through on_tokens: their answer comes whole, at the end.
+    beam_width: int | None = None
+    return_beams: bool = False
 
 
 @dataclass(frozen=True)

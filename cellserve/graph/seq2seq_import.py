@@ -35,9 +35,6 @@ def load_seq2seq(encoder: Source | Model, decoder_step: Source | DecoderStepGrap
     docstring). Raises ModelLoadError naming what does not fit."""
     if not isinstance(spec, DecodeSpec):
         raise ModelLoadError(f"model {name!r}: spec must be a DecodeSpec, got {type(spec).__name__}")
-    if spec.beam_width > 1:  # the engine decodes greedily; beam search is issue 20 section 2
-        raise ModelLoadError(f"model {name!r}: decode spec beam_width {spec.beam_width}: only greedy decoding "
-                             "(beam_width 1) is served yet")
     enc = encoder if isinstance(encoder, Model) else load_onnx(encoder, name=name)
     step = decoder_step if isinstance(decoder_step, DecoderStepGraph) else load_decoder_step(
         decoder_step, f"{name}/decoder_step")

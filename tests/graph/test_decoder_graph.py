@@ -97,7 +97,6 @@ def test_an_unsupported_operator_is_refused_naming_the_operator_and_the_node():
     ({"logits_output": "scores"}, r"logits_output 'scores' is not an output"),
     ({"eos": 20}, r"eos 20 is outside the vocabulary \[0, 20\)"),
     ({"bos": 25}, r"bos 25 is outside the vocabulary \[0, 20\)"),
-    ({"beam_width": 2, "max_beam_width": 4}, r"beam_width 2: only greedy decoding"),
 ])
 def test_a_spec_naming_what_the_graphs_lack_is_refused_naming_it(change, message):
     m = _seeded()
