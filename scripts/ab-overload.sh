@@ -25,7 +25,7 @@ for i in $(seq 1 "$pairs"); do
     .venv/bin/cellserve bench load --url $url --protocol "$protocol" --model "$model" --slo-ms 250 --deadline \
         --rates "$rates" --seconds 3 --json $out/$model-$protocol-$side-$i.json | grep -E "^ +[0-9]|offered"
     echo "== $side ($tree) run $i: $(curl -s localhost:18102/metrics | grep -E \
-        '^cellserve_(requests_shed_total|admission_limit|admission_cuts_total|engine_overhead_factor) ' | tr '\n' ' ')"
+        '^cellserve_(requests_shed_total|admission_limit|admission_cuts_total|engine_step_overhead_seconds) ' | tr '\n' ' ')"
     kill $server
     wait $server 2>/dev/null || true
   done
