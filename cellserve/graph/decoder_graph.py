@@ -167,6 +167,19 @@ def interpret_step_graph(graph: DecoderStepGraph, feeds: dict[str, torch.Tensor]
 
 
 def step_flops(graph: DecoderStepGraph, env: dict[str, torch.Tensor], batch: int) -> float:
-    """FLOPs of one lane's step: the graph's MatMul and Gemm multiply-adds x2, from an
-    evaluation kept with `run_step_graph(..., keep=True)` on `batch` lanes."""
-    return sum(step_ops.matmul_flops(n, env) for n in graph.nodes) / batch
+    """FLOPs of one lane's step as compiled: the MatMul and Gemm multiply-adds x2 of the graph
+    after the compiler's folds (graph/step_rewrite.py: an embedding's projection is a table
+    lookup, not a GEMM), from an evaluation kept with `run_step_graph(..., keep=True)` on
+    `batch` lanes (a folded Gemm keeps its output's name, so its M and N are read there)."""
+    from cellserve.graph.step_rewrite import fold
+
+    constants = dict(graph.constants)
+    total = 0.0
+    for node in fold(graph.nodes, constants, {o.name for o in graph.outputs}):
+        if node.op == "Gemm" and node.inputs[1] in constants and node.outputs[0] in env:
+            b = np.shape(constants[node.inputs[1]])
+            rows, cols = env[node.outputs[0]].shape
+            total += 2.0 * rows * cols * b[1 if node.attrs.get("transB", 0) else 0]
+        elif all(not i or i in env for i in node.inputs):
+            total += step_ops.matmul_flops(node, env)
+    return total / batch

@@ -214,6 +214,34 @@ class GraphDecoder:
     def flops_per_step(self, memory_len: int) -> float:
         return self.flops_fixed + self.flops_per_position * memory_len
 
+    # ---- what the planners and the GPU model read (plan/partition_model.py, gpu_model.py) ----
+
+    @property
+    def hidden(self) -> int:
+        """The widest decoder state (an LSTM's or GRU's h): the planners' measure of what a
+        lane carries per step, as a recurrent layer's hidden size is."""
+        return max(self.state_sizes, default=self.memory_width)
+
+    def reads(self) -> list[str]:
+        """The request tensors a lane starts from: memory, its lengths, the initial states."""
+        return [t for t in (self.spec.memory, self.spec.memory_length, *(e for _, e in self.spec.init)) if t]
+
+    def weight_bytes(self) -> int:
+        """Bytes of the step graph's constants (all of its weights, as loaded)."""
+        return int(sum(np.asarray(a).nbytes for a in self.graph.constants.values()))
+
+    def step_weight_bytes(self) -> int:
+        """Bytes of the weights one batched step reads: the matrices of its MatMul and Gemm
+        nodes once the compiler's folds are applied (graph/step_rewrite.py), so a token
+        embedding and its input projection count as the table rows looked up, not as a GEMM."""
+        from cellserve.graph.step_rewrite import fold
+
+        constants = dict(self.graph.constants)
+        nodes = fold(self.graph.nodes, constants, {o.name for o in self.graph.outputs})
+        mats = {n.inputs[1] for n in nodes if n.op in ("MatMul", "Gemm") and n.inputs[1] in constants}
+        mats |= {n.inputs[0] for n in nodes if n.op == "MatMul" and n.inputs[0] in constants}
+        return int(sum(np.asarray(constants[m]).nbytes for m in mats if np.ndim(constants[m]) >= 2))
+
 
 DECODERS = (AttentionDecoder, GraphDecoder)  # the step types that decode (isinstance checks)
 

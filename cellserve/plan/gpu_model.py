@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from cellserve.graph.model import GATES, AttentionDecoder, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import GATES, GraphDecoder, LayerStack, Model, RecurrentLayer
 from cellserve.plan.profile import CellTypeProfile, Machine, ModelProfile, ProfileError, Timing
 
 _LAUNCHES_PER_LAYER = 10  # torch backend: index_select x2, mm, add, 4-6 pointwise, index_copy x2
@@ -67,10 +67,10 @@ def modelled_gpu_profile(model: Model, host_profile: ModelProfile, gpu: GpuClass
                 seconds = launches * gpu.launch_s + max((fixed_flops + b * lane_flops) / gpu.peak_flops,
                                                         (step_bytes + b * lane_bytes) / gpu.memory_bandwidth)
                 table[b] = Timing.fixed(seconds)
-            proj = 0.0 if isinstance(step, AttentionDecoder) else step.flops_per_token_projection()
+            proj = 0.0 if isinstance(step, GraphDecoder) else step.flops_per_token_projection()
             hidden = step.hidden if not isinstance(step, LayerStack) else sum(l.hidden for l in step.layers)
             cells[cell_type] = CellTypeProfile(
-                kind="decoder" if isinstance(step, AttentionDecoder) else "stack" if isinstance(step, LayerStack)
+                kind="decoder" if isinstance(step, GraphDecoder) else "stack" if isinstance(step, LayerStack)
                 else "layer",
                 lone_lanes=0, step_s=table, lone_step_s=None,
                 start_s_per_token=proj / gpu.peak_flops + _LAUNCHES_START * gpu.launch_s / 25,
@@ -89,10 +89,11 @@ def modelled_gpu_profile(model: Model, host_profile: ModelProfile, gpu: GpuClass
 def _step_shape(step) -> tuple[int, float, float, float, int]:
     """(weight bytes read per step, FLOPs per step whatever the batch, FLOPs per lane,
     bytes per lane, launches) of one batched step."""
-    if isinstance(step, AttentionDecoder):
-        h, v, mem = step.hidden, step.out_w.shape[0], 25  # a typical source length; attention reads it per lane
-        weight = 4 * (step.cell.w_hh.size + step.combine_w.size + step.out_w.size)
-        return weight, 0.0, step.flops_per_step(mem), 4 * (mem * h + 4 * h + v), _LAUNCHES_DECODER
+    if isinstance(step, GraphDecoder):
+        mem = 25  # a typical source length; attention reads it per lane
+        # per lane: its memory, its states read and written, its logits
+        lane_bytes = 4 * (mem * step.memory_width + 2 * sum(step.state_sizes) + step.vocab)
+        return step.step_weight_bytes(), 0.0, step.flops_per_step(mem), lane_bytes, _LAUNCHES_DECODER
     layers = step.layers if isinstance(step, LayerStack) else [step]
     weight = sum(4 * (l.directions[0].w_hh.size + (l.directions[0].w_ih.size if i else 0)) for i, l in enumerate(layers))
     lane_bytes = sum(4 * (GATES[l.kind] * l.hidden + 3 * l.hidden) for l in layers)

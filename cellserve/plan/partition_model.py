@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 
 from cellserve.graph import dense_ops
-from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
 from cellserve.plan.gpu_model import GpuClass
 from cellserve.plan.partition_graph import Edge, Graph, Link, Node, PartitionError
 from cellserve.plan.profile import CellTypeProfile, ModelProfile
@@ -67,10 +67,8 @@ def _decode_steps(profile: ModelProfile, cell_type: str, length: int) -> float:
 
 
 def _weights(step) -> int:
-    if isinstance(step, AttentionDecoder):
-        c = step.cell
-        return sum(a.nbytes for a in (step.embedding, c.w_ih, c.w_hh, c.b_ih, c.b_hh, step.combine_w, step.combine_b,
-                                      step.out_w, step.out_b))
+    if isinstance(step, GraphDecoder):
+        return step.weight_bytes()
     layers = step.layers if isinstance(step, LayerStack) else [step]
     total = 0
     for layer in layers:
@@ -92,7 +90,7 @@ def _shapes(model: Model, length: int, decode: dict[str, float]) -> dict[str, in
     for step in model.program:
         if isinstance(step, DenseNode):
             dense_ops.run(step, env)
-        elif isinstance(step, AttentionDecoder):
+        elif isinstance(step, GraphDecoder):
             env[step.output] = np.zeros((1, int(round(decode[step.name]))), np.int64)
         else:
             for layer in step.layers if isinstance(step, LayerStack) else [step]:
@@ -106,8 +104,8 @@ def _shapes(model: Model, length: int, decode: dict[str, float]) -> dict[str, in
 def _reads(step) -> list[str]:
     if isinstance(step, DenseNode):
         return [i for i in step.inputs if i]
-    if isinstance(step, AttentionDecoder):
-        return [t for t in (step.memory, step.initial_h, step.initial_c) if t]
+    if isinstance(step, GraphDecoder):
+        return step.reads()
     first = step.layers[0] if isinstance(step, LayerStack) else step
     return [t for t in (first.x, first.seq_lens, first.initial_h, first.initial_c) if t]
 
@@ -115,7 +113,7 @@ def _reads(step) -> list[str]:
 def _writes(step) -> list[str]:
     if isinstance(step, DenseNode):
         return list(step.outputs)
-    if isinstance(step, AttentionDecoder):
+    if isinstance(step, GraphDecoder):
         return [step.output]
     layers = step.layers if isinstance(step, LayerStack) else [step]
     return [t for layer in layers for t in (layer.y, layer.y_h, layer.y_c) if t]
@@ -140,7 +138,7 @@ def build_graph(model: Model, profiles: dict[str, ModelProfile], length: int, gp
         model = stack_layers(model)
     name = model.name
     decode = {s.name: _decode_steps(first, f"{name}/{s.name}", length)
-              for s in model.recurrent_steps() if isinstance(s, AttentionDecoder)}
+              for s in model.recurrent_steps() if isinstance(s, GraphDecoder)}
     sizes = _shapes(model, length, decode)
     nodes: list[Node] = [Node(f"{name}/input", {"cpu": 0.0}, {})]
     producers: dict[str, list[str]] = {spec.name: [f"{name}/input"] for spec in model.inputs}
@@ -173,7 +171,7 @@ def build_graph(model: Model, profiles: dict[str, ModelProfile], length: int, gp
         directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
         ids = [next(types) for _ in range(directions)]
         for cid in ids:
-            steps = decode[step.name] if isinstance(step, AttentionDecoder) else float(length)
+            steps = decode[step.name] if isinstance(step, GraphDecoder) else float(length)
             cost = {d: _cell_ms(p.cell(cid), p, steps, length) for d, p in profiles.items()}
             nodes.append(Node(cid, cost, {d: _weights(step) / MB for d in profiles}))
             consumers.append((cid, _reads(step)))

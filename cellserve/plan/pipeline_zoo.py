@@ -16,7 +16,7 @@ blocks are plain data; building them needs the model (graph/), never the engine 
 
 from __future__ import annotations
 
-from cellserve.graph.model import AttentionDecoder, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import GraphDecoder, LayerStack, Model, RecurrentLayer
 from cellserve.plan.nexus_cellular import cellular_latency
 from cellserve.plan.pipeline import Block, ModelBlocks, PipelineError
 from cellserve.plan.profile import ModelProfile
@@ -31,7 +31,7 @@ def _steps(model: Model) -> list[tuple[str, list[str], float]]:
             raise PipelineError(f"model {model.name!r} is stacked; cut it into blocks unstacked "
                                 "(profiles made with --no-stack-layers)")
         n = len(step.directions) if isinstance(step, RecurrentLayer) else 1
-        kind = "decoder" if isinstance(step, AttentionDecoder) else f"layer{i}"
+        kind = "decoder" if isinstance(step, GraphDecoder) else f"layer{i}"
         out.append((kind, [next(types) for _ in range(n)], float(step.hidden * n)))
     return out
 

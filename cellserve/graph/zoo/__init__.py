@@ -6,15 +6,17 @@ Classifiers and the tagger have seeded random weights (they exist to be served a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from cellserve.errors import UnknownModel
-from cellserve.graph.model import AttentionDecoder, DenseNode, DirectionWeights, Model, RecurrentLayer, TensorSpec
-from cellserve.graph.onnx_import import find_semantics
+from cellserve.graph.decode_spec import DecodeSpec, MaxLength
+from cellserve.graph.model import Model, RecurrentLayer
+from cellserve.graph.seq2seq_examples import ReverserEncoder, ReverserStep
+from cellserve.graph.seq2seq_import import load_torch_seq2seq
 from cellserve.graph.torch_import import load_torch
 from cellserve.graph.zoo import seq2seq
 from cellserve.graph.zoo.modules import RNNClassifier, RNNTagger, seeded
@@ -76,28 +78,18 @@ def _entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
-def _weights(cell: torch.nn.Module, suffix: str = "") -> DirectionWeights:
-    get = lambda n: getattr(cell, n + suffix).detach().numpy().astype(np.float32)  # noqa: E731
-    return DirectionWeights(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))
-
-
 def _seq2seq_model(name: str, m: seq2seq.Seq2SeqAttention) -> Model:
-    """Build the encoder-decoder's cell graph from the trained module's weights."""
-    hidden = m.encoder.hidden_size
-    np_ = lambda t: t.detach().numpy().astype(np.float32)  # noqa: E731
-    program = [
-        DenseNode("Transpose", "time_major", ["digits"], ["ids"], {"perm": [1, 0]}),
-        RecurrentLayer("encoder", "lstm", hidden, [_weights(m.encoder, "_l0")], x="ids",
-                       y="enc_y", y_h="enc_h", y_c="enc_c", token_table=np_(m.src_embedding.weight)),
-        DenseNode("Squeeze", "memory", ["enc_y"], ["memory"], {"axes": [1]}),
-        DenseNode("Squeeze", "h0", ["enc_h"], ["h0"], {"axes": [0]}),
-        DenseNode("Squeeze", "c0", ["enc_c"], ["c0"], {"axes": [0]}),
-        AttentionDecoder("decoder", hidden, np_(m.tgt_embedding.weight), _weights(m.decoder),
-                         np_(m.combine.weight), np_(m.combine.bias), np_(m.out.weight), np_(m.out.bias),
-                         bos=seq2seq.BOS, eos=seq2seq.EOS, pad=seq2seq.PAD, max_len=seq2seq.MAX_INPUT_DIGITS + 1,
-                         memory="memory", initial_h="h0", initial_c="c0", output="reversed"),
-    ]
-    model = Model(name, [TensorSpec("digits", "int64", (-1, -1))], [TensorSpec("reversed", "int64", (-1, -1))],
-                  {}, program, max_sequence_length=seq2seq.MAX_INPUT_DIGITS)
-    model.semantics = find_semantics(model)
+    """The trained digit reverser served through the decoder-step path (docs/decoders.md):
+    its encoder and its decoder step exported from PyTorch in memory, wired by a decode spec
+    (greedy, at most MAX_INPUT_DIGITS + 1 tokens, EOS ends a row, rows padded with PAD)."""
+    spec = DecodeSpec(memory="memory", states=(("h", "h_next"), ("c", "c_next")), init=(("h", "h0"), ("c", "c0")),
+                      bos=seq2seq.BOS, eos=seq2seq.EOS, pad=seq2seq.PAD,
+                      max_length=MaxLength(absolute=seq2seq.MAX_INPUT_DIGITS + 1), output="reversed")
+    model = load_torch_seq2seq(ReverserEncoder(m), ReverserStep(m), spec, name, (torch.zeros((1, 3), dtype=torch.long),),
+                               ["digits"], ["memory", "h0", "c0"])
+    model.max_sequence_length = seq2seq.MAX_INPUT_DIGITS
+    # the exporter names the encoder's layer after its ONNX node; keep the zoo's cell type names
+    # (seq2seq-reverse/encoder/0, seq2seq-reverse/decoder) that placements and plans refer to
+    model.program = [dataclasses.replace(s, name="encoder") if isinstance(s, RecurrentLayer) else s
+                     for s in model.program]
     return model
