@@ -1,6 +1,6 @@
-"""One batched decoder step: the zoo digit reverser's hand-written `DecoderKernel` against the
-same decoder exported as a decoder-step graph and run by `GraphDecoderKernel`, compiled
-(graph/step_compile.py, what serving runs) and interpreted node by node.
+"""One batched decoder step of the zoo digit reverser (a decoder-step graph run by
+`GraphDecoderKernel`): compiled (graph/step_compile.py, what serving runs) against the same
+graph interpreted node by node (graph/decoder_graph.interpret_step_graph).
 
     python -m cellserve.bench.decoder_step_bench [--out decoder_step.json] [--threads 1]
                                                  [--rounds 30] [--steps 20]
@@ -9,7 +9,8 @@ Times `step_batch` on the same lanes (memories of 1-12 positions, seeded) at bat
 32. The kernels are interleaved: each of `rounds` rounds runs `steps` timed steps of every
 kernel in turn (after warm-up), so that load from other processes falls on all of them
 alike; the figure is the median (and p90) over all timed steps. Writes JSON and prints a
-table with each graph kernel's ratio to the hand-written one.
+table with the compiled step's speed-up over the interpreted one. (Until 2026-12 the zoo's
+reverser had a hand-written kernel too; docs/decoders.md keeps the figures against it.)
 """
 
 from __future__ import annotations
@@ -41,15 +42,6 @@ def _kernels(device: torch.device) -> tuple[int, dict]:
     graph = load_torch_seq2seq(ReverserEncoder(m), ReverserStep(m), spec, "rev",
                                (torch.zeros((1, 3), dtype=torch.long),), ["digits"], ["memory", "h0", "c0"])
     kernels = {}
-    try:  # the hand-written kernel, while it exists (the zoo's reverser moves onto the graph path)
-        from cellserve.graph import zoo
-        from cellserve.kernels.decoder import DecoderKernel
-
-        hand = DecoderKernel(zoo.load("seq2seq-reverse").program[-1], device)
-        zeros = np.zeros(m.hidden, np.float32)
-        kernels["DecoderKernel"] = (hand, lambda mem: hand.start(mem, zeros, zeros))
-    except (ImportError, AttributeError, TypeError):
-        pass
     compiled = GraphDecoderKernel(graph.program[-1], device)
     interpreted = GraphDecoderKernel(graph.program[-1], device)
     interpreted.constants = device_constants(graph.program[-1].graph, device, compiled=False)
@@ -98,11 +90,11 @@ def main() -> None:
     result = run(args.threads, args.rounds, args.steps)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    hand = result["step"].get("DecoderKernel")
+    base = result["step"]["GraphDecoderKernel (interpreted)"]
     for label, by_batch in result["step"].items():
         cells = []
         for b, v in by_batch.items():
-            ratio = f" ({v['median_us'] / hand[b]['median_us']:.2f}x)" if hand and label != "DecoderKernel" else ""
+            ratio = f" ({v['median_us'] / base[b]['median_us']:.2f}x interpreted)" if label == "GraphDecoderKernel" else ""
             cells.append(f"b{b}: {v['median_us']:.0f} us{ratio}")
         print(f"{label:34s}", "  ".join(cells))
 

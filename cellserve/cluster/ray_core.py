@@ -16,6 +16,9 @@ Contracts (each request still gets exactly one answer):
   answered 503 naming both. A sequence whose state was on it is ended, and its chunk (and any
   later one) answered with a SequenceError naming the sequence and the worker.
 - While shutting down, a worker's death answers 503 (nothing is retried).
+- With `--replan-every`, every request (and sequence chunk) is counted for its model in
+  `meter` as it enters, before any shedding; the planner loop (ray_replan_loop.py) replaces
+  `gates`, `unplanned` and the router's routes when it applies a plan (all on this loop).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class RayCore(Core):
         self.deaths: list[str] = []  # each dead worker, once, with why
         self.shed: dict[tuple[str, str], int] = {}  # (model, why) -> refused at the driver
         self._keys = itertools.count(1)
+        self.meter = None  # a ray_replan.RateMeter with --replan-every: arrivals per model
+        self.replanner = None  # a ray_replan_loop.Replanner with --replan-every (its state for the metrics)
 
     # ---- sequences: sticky to the worker holding the state ----
 
@@ -125,8 +130,10 @@ class RayCore(Core):
         """Send one request to a worker; (the worker, the answer as a Response-like Reply).
         `held`: the sequence's state is on that worker (sticky; no retry: WorkerDied raised)."""
         name = entry.name
-        self._gate(name)
         length = time_length(entry.model, inputs)
+        if self.meter is not None:  # what is offered, before shedding: the planner's measured rate
+            self.meter.arrived(name, length)
+        self._gate(name)
         lanes = entry.model.batch_size(inputs)
         tried: list[WorkerState] = []
         while True:

@@ -17,6 +17,13 @@ worker during a scrape). Series:
                                                   plan's rate), unplanned, deadline (every
                                                   worker busy and predicted to miss it)
 
+With --replan-every (the planner in the cluster, ray_replan_loop.py):
+  cellserve_cluster_plan_epoch                    plans applied so far (a --plan given counts as 1)
+  cellserve_cluster_sessions_moved_total          sessions the re-plans moved (nexus_epochs.moved_sessions)
+  cellserve_cluster_model_rate_rps{model}         the measured arrival rate (EWMA over an epoch)
+  cellserve_cluster_model_workers{model}          workers taking the model's new requests
+  cellserve_worker_model_changes_total{worker,node,action}   models loaded / unloaded (load, unload)
+
 A dead worker's counters stay at their last polled values (counters never go back).
 """
 
@@ -74,3 +81,29 @@ class ClusterCollector:
         for (model, why), count in sorted(self.core.shed.items()):
             shed.add_metric([model, why], count)
         yield shed
+        replanner = getattr(self.core, "replanner", None)
+        if replanner is not None:
+            yield from _replan_series(replanner, self.core.router)
+
+
+def _replan_series(replanner, router):
+    yield GaugeMetricFamily("cellserve_cluster_plan_epoch", "Plans applied by the planner in the cluster",
+                            value=replanner.epoch)
+    yield CounterMetricFamily("cellserve_cluster_sessions_moved", "Sessions the re-plans moved between workers",
+                              value=replanner.moved_total)
+    rates = GaugeMetricFamily("cellserve_cluster_model_rate_rps", "Measured arrival rate per model (EWMA over an "
+                              "epoch, counted before shedding)", labels=["model"])
+    for model, rate in sorted(replanner.meter.rates().items()):
+        rates.add_metric([model], rate)
+    yield rates
+    workers = GaugeMetricFamily("cellserve_cluster_model_workers", "Live workers taking a model's new requests",
+                                labels=["model"])
+    for model in sorted(replanner.models):
+        workers.add_metric([model], len(router.serving(model)))
+    yield workers
+    changes = CounterMetricFamily("cellserve_worker_model_changes", "Models loaded into or unloaded from a "
+                                  "worker's running engine", labels=["worker", "node", "action"])
+    for w in list(router.workers.values()):
+        for action, count in sorted(w.snapshot.get("changes", {}).items()):
+            changes.add_metric([w.id, w.info.node_id, action], count)
+    yield changes

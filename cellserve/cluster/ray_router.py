@@ -51,6 +51,7 @@ class WorkerState:
     alive: bool = True
     death: str = ""  # why it is dead
     outstanding: int = 0  # requests sent, not answered
+    by_model: dict[str, int] = field(default_factory=dict)  # model -> of those, its requests (drains wait on it)
     load: dict[str, int] = field(default_factory=dict)  # cell type -> lanes outstanding
     costs: CostModel | None = None
     step_overhead_s: float = 0.0  # seconds per batch off the device (the engine's own)
@@ -71,7 +72,8 @@ def cost_snapshot(costs: CostModel) -> dict:
     Reads StepCost's tables directly: the engine keeps them private and exports nothing, and
     the router must price exactly as the engine does (cost_model_from is the inverse)."""
     group_of = getattr(costs, "group_of", None)
-    return {"tables": {t: {"mean": dict(c._mean), "best": dict(c._best)} for t, c in costs.costs.items()},
+    # list(): a copy taken at once (the engine thread may add a model's tables meanwhile)
+    return {"tables": {t: {"mean": dict(c._mean), "best": dict(c._best)} for t, c in list(costs.costs.items())},
             "group_of": None if group_of is None else dict(group_of)}
 
 
@@ -99,6 +101,24 @@ class Router:
         for w in workers:
             for model in w.info.models:
                 self._serving.setdefault(model, []).append(w)
+
+    def set_routes(self, routes: dict[str, set[str]]) -> None:
+        """Which models each worker (by id) takes new requests of, from now on (a new plan).
+        A sequence's chunks still go where its state is; a model leaving a worker is not
+        unloaded here (ray_replan.Drains)."""
+        serving: dict[str, list[WorkerState]] = {}
+        for w in self.workers.values():
+            for model in sorted(routes.get(w.id, ())):
+                serving.setdefault(model, []).append(w)
+        self._serving = serving
+
+    def routes(self) -> dict[str, set[str]]:
+        """Worker id -> the models it takes new requests of."""
+        out: dict[str, set[str]] = {w: set() for w in self.workers}
+        for model, ws in self._serving.items():
+            for w in ws:
+                out[w.id].add(model)
+        return out
 
     def serving(self, model: str, live_only: bool = True) -> list[WorkerState]:
         return [w for w in self._serving.get(model, []) if w.alive or not live_only]
@@ -146,11 +166,13 @@ class Router:
 
     def started(self, worker: WorkerState, model: str, lanes: int) -> None:
         worker.outstanding += 1
+        worker.by_model[model] = worker.by_model.get(model, 0) + 1
         for t in worker.info.cell_types.get(model, ()):
             worker.load[t] = worker.load.get(t, 0) + lanes
 
     def finished(self, worker: WorkerState, model: str, lanes: int) -> None:
         worker.outstanding -= 1
+        worker.by_model[model] -= 1
         for t in worker.info.cell_types.get(model, ()):
             worker.load[t] = worker.load.get(t, 0) - lanes
 

@@ -15,6 +15,12 @@ Contracts:
   answered `status="sequence"`, never run from a fresh state.
 - `snapshot()` is cheap (plain numbers): the cost tables the driver routes by and the
   counters the driver's metrics export, labelled with this worker and its node.
+- `load(models)` adds models to the running engine (`--replan-every`: a new plan placed them
+  here) and returns the new WorkerInfo; `unload(models)` removes those with nothing queued or
+  in flight in the engine and no sequence state held here, and says why for the others (the
+  driver stops routing to them first and asks again later: a drain drops nothing). Both run
+  on the engine's own thread between two steps (the step loop pauses for them: the engine
+  is not safe to change while it steps), so requests in flight carry on where they were.
 
 This module imports Ray only for the node id, and only inside the actor; the class is made a
 Ray actor by the driver (ray.remote(EngineWorker)), so that it is importable without Ray.
@@ -23,8 +29,10 @@ Ray actor by the driver (ray.remote(EngineWorker)), so that it is importable wit
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,14 +95,88 @@ class EngineWorker:
         self._names = {s.engine_name: s.name for s in served}
         self.states: dict[str, dict] = {}
         self.served = {"ok": 0, "failed": 0}
+        self.changes = {"load": 0, "unload": 0}  # models added to / removed from the running engine
         self._stop = threading.Event()
+        self._pause = threading.Event()  # set: the step loop returns to run the tasks queued
+        self._tasks: deque = deque()  # (fn, concurrent.futures.Future), run on the engine's thread
         self._thread = threading.Thread(target=self._loop, name=f"cellserve-engine-{spec.worker_id}", daemon=True)
         self._thread.start()
         self._node = _node_id()
 
     def _loop(self) -> None:
-        self.engine.serve_forever(self._stop)
+        while True:
+            self.engine.serve_forever(self._pause)  # returns between two steps once paused
+            self._pause.clear()
+            while self._tasks:
+                fn, future = self._tasks.popleft()
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - the caller gets it
+                    future.set_exception(exc)
+            if self._stop.is_set():
+                break
         self.engine.abort_all(f"worker {self.spec.worker_id} is stopping")
+
+    async def _on_engine_thread(self, fn):
+        """Run fn() on the engine's thread between two steps; its result."""
+        future = concurrent.futures.Future()
+        self._tasks.append((fn, future))
+        self._pause.set()  # after the append: the loop drains the queue after clearing it
+        return await asyncio.wrap_future(future)
+
+    async def load(self, models: list[str]) -> WorkerInfo:
+        """Add these models (every version of each) to the running engine; the new info."""
+        new = sorted(set(models) - set(self._names.values()))
+        if new:
+            loop = asyncio.get_running_loop()
+            served = await loop.run_in_executor(None, self._read_models, new)
+
+            def add() -> None:
+                for s in served:
+                    self.engine.add_model(s.model)
+                    self._names[s.engine_name] = s.name
+            await self._on_engine_thread(add)
+            self.changes["load"] += len(new)
+        return self.info()
+
+    def _read_models(self, names: list[str]) -> list:
+        from cellserve.server.repository import load_repository, load_zoo
+
+        spec = self.spec
+        if spec.model_repository is not None:
+            served = [s for s in load_repository(Path(spec.model_repository)) if s.name in names]
+        else:
+            served = load_zoo(list(names), spec.default_slo_ms)
+        missing = sorted(set(names) - {s.name for s in served})
+        if missing:
+            raise ValueError(f"worker {spec.worker_id}: models {missing} are not in its model repository")
+        return served
+
+    async def unload(self, models: list[str]) -> dict:
+        """Remove these models where nothing of them is left here: {"unloaded": [...],
+        "busy": {model: why}, "info": WorkerInfo}."""
+        busy: dict[str, str] = {}
+        gone: list[str] = []
+
+        def remove() -> None:
+            for name in models:
+                versions = [en for en, n in self._names.items() if n == name]
+                held = sum(k.split("/", 1)[0] in versions for k in self.states)
+                if held:
+                    busy[name] = f"holds the state of {held} sequences"
+                    continue
+                for en in versions:
+                    try:
+                        self.engine.remove_model(en)
+                    except ValueError as exc:  # requests of it still queued or in flight
+                        busy[name] = str(exc)
+                        continue
+                    del self._names[en]
+                if name not in self._names.values() and name not in busy:
+                    gone.append(name)
+        await self._on_engine_thread(remove)
+        self.changes["unload"] += len(gone)
+        return {"unloaded": gone, "busy": busy, "info": self.info()}
 
     def info(self) -> WorkerInfo:
         e = self.engine
@@ -146,10 +228,11 @@ class EngineWorker:
         return {"costs": cost_snapshot(e.costs), "step_overhead_s": e.step_overhead_s,
                 "steps": dict(e.stats.steps_by_type), "lanes": dict(e.stats.lanes_by_type),
                 "active": e.active_requests, "queued": e.queued_requests, "sequences": len(self.states),
-                "served": dict(self.served)}
+                "served": dict(self.served), "changes": dict(self.changes)}
 
     def stop(self) -> None:
         self._stop.set()
+        self._pause.set()
         self._thread.join(10.0)
 
 

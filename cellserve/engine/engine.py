@@ -34,7 +34,7 @@ from cellserve.executor.batch import StepBatch
 from cellserve.engine.beam import (BeamLanes, BeamRow, beam_output_names, beam_outputs, check_beam_request,
                                   request_beam_width)
 from cellserve.kernels.decoder import BeamCandidates
-from cellserve.graph.model import DECODERS, AttentionDecoder, DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
 from cellserve.graph.stacking import stack_layers
 from cellserve.kernels.cell import LaneStorage
 
@@ -276,7 +276,7 @@ class Engine(ConcurrentSteps):
         types = iter(self._model_types[model.name])
         self._layer_types[model.name] = []
         steps = model.recurrent_steps()
-        self._extra_rounds[model.name] = [1 if isinstance(s, DECODERS) else 0 for s in steps]
+        self._extra_rounds[model.name] = [1 if isinstance(s, GraphDecoder) else 0 for s in steps]
         for step in steps:
             directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
             layer = [next(types) for _ in range(directions)]
@@ -285,7 +285,7 @@ class Engine(ConcurrentSteps):
                 executor.add_cell_type(CellTypeSpec(cell_type, step, d))
                 self._placed[cell_type] = executor
                 self._committed[cell_type] = 0
-                if isinstance(step, DECODERS):
+                if isinstance(step, GraphDecoder):
                     self._decoders[cell_type] = step
             self._layer_types[model.name].append(layer)
 
@@ -302,6 +302,58 @@ class Engine(ConcurrentSteps):
         for cell_type, executor in self._placed.items():
             for b, seconds in executor.startup_costs(cell_type, sizes).items():
                 self.costs.observe(cell_type, b, seconds)
+
+    # ---- models added and removed while serving (cluster/ray_worker.py applies plans) ----
+
+    def add_model(self, model: Model) -> None:
+        """Serve one more model. Call it from the thread that steps the engine, between steps
+        (serve_forever stopped, or before it runs): nothing here is safe against a step in
+        progress. One executor only (the Ray workers' engines): with several, where the new
+        cell types go and which run at once was decided at construction. Its cell types' step
+        costs are measured now (with `config.profile`) unless a table for them is kept from
+        an earlier `remove_model`."""
+        if len(self.executors) > 1:
+            raise ValueError("add_model needs an engine with one executor; this one has "
+                             + ", ".join(sorted(self.executors)))
+        if model.name in self.models:
+            raise ValueError(f"model {model.name!r} is already served")
+        self._add_model(model)
+        types = self._model_types[model.name]
+        if hasattr(self.policy, "cell_order"):  # padded policies run a cohort's cell types in order
+            self.policy.cell_order[model.name] = list(types)
+        self._types_on = {self._default: frozenset(self._placed)}
+        if self.config.profile:
+            cap = self.policy.max_batch
+            sizes = sorted({min(2 ** k, cap) for k in range(cap.bit_length())} | {cap})
+            for cell_type in types:
+                if cell_type not in self.costs.costs:
+                    for b, seconds in self._placed[cell_type].startup_costs(cell_type, sizes).items():
+                        self.costs.observe(cell_type, b, seconds)
+
+    def remove_model(self, name: str) -> None:
+        """Stop serving a model with no request queued or in flight (ValueError otherwise:
+        drain first), from the stepping thread as add_model. Its kernels are released; its
+        learnt step costs are kept (a model added again starts from them)."""
+        if name not in self.models:
+            raise ValueError(f"model {name!r} is not served")
+        busy = sum(r.request.model == name for r in self._runs.values()) + sum(r.model == name for r in self._inbox)
+        if busy:
+            raise ValueError(f"model {name!r} has {busy} requests queued or in flight: drain it first")
+        del self.models[name]
+        self._plain.pop(name, None)
+        ops = plain_group_key(name, 0).rsplit("/", 1)[0] + "/"  # "<model>/ops/": its groups' keys
+        self._group_keys = {k for k in self._group_keys if not k.startswith(ops)}
+        self._extra_rounds.pop(name, None)
+        self._layer_types.pop(name, None)
+        for cell_type in self._model_types.pop(name, ()):
+            executor = self._placed.pop(cell_type, None)
+            self._committed.pop(cell_type, None)
+            self._decoders.pop(cell_type, None)
+            if executor is not None:
+                executor.remove_cell_type(cell_type)
+        if hasattr(self.policy, "cell_order"):
+            self.policy.cell_order.pop(name, None)
+        self._types_on = {self._default: frozenset(self._placed)}
 
     # ---- the outside: submit from any thread ----
 
@@ -808,17 +860,12 @@ class Engine(ConcurrentSteps):
                                f"the input needs {[len(layer.directions), batch, layer.hidden]}")
         return h0, c0
 
-    def _start_decoder(self, run: _Run, dec: AttentionDecoder | GraphDecoder) -> None:
-        """One decoder lane per sequence. A GraphDecoder's memory is batch-first [B, S, M]
-        (each row's S from the spec's memory_length, else S), its states one [B, D] tensor
-        each (zeros where the spec names no init); an AttentionDecoder's is [T, B, H]."""
+    def _start_decoder(self, run: _Run, dec: GraphDecoder) -> None:
+        """One decoder lane per sequence. The memory is batch-first [B, S, M] (each row's S
+        from the spec's memory_length, else S), the states one [B, D] tensor each (zeros
+        where the spec names no init)."""
         cell_type = f"{run.model.name}/{dec.name}"
         run.outputs = {}
-        if isinstance(dec, AttentionDecoder):
-            memory, h0, c0 = run.env[dec.memory], run.env[dec.initial_h], run.env[dec.initial_c]
-            for b in range(memory.shape[1]):
-                self._start_decoder_lane(run, cell_type, memory[:, b], [(h0[b], c0[b])], b, dec.max_len)
-            return
         spec = dec.spec
         memory = np.asarray(run.env[spec.memory])
         batch, width = memory.shape[0], memory.shape[1]
@@ -868,9 +915,7 @@ class Engine(ConcurrentSteps):
             return
         if self._multi:
             dec = run.model.program[run.pc]
-            reads = ([dec.memory, dec.initial_h, dec.initial_c] if isinstance(dec, AttentionDecoder) else
-                     [dec.memory, dec.spec.memory_length] + [e for _, e in dec.spec.init])
-            self._note_reads(run, executor, [r for r in reads if r])
+            self._note_reads(run, executor, dec.reads())
         started = executor.start_lane(cell_type, memory, states)
         self._device_s += started.busy_s
         storage = started.storage

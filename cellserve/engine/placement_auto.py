@@ -115,7 +115,7 @@ def timed_profile(model: Model, config: EngineConfig):
     """A profile of `model` from its kernels timed here (see the module docstring)."""
     from cellserve.executor.base import CellTypeSpec
     from cellserve.executor.kernel import KernelExecutor
-    from cellserve.graph.model import DECODERS, RecurrentLayer
+    from cellserve.graph.model import GraphDecoder, RecurrentLayer
     from cellserve.graph.stacking import stack_layers
     from cellserve.plan.profile import Timing, synthetic_profile
 
@@ -129,7 +129,7 @@ def timed_profile(model: Model, config: EngineConfig):
             cell_type = next(types)
             executor.add_cell_type(CellTypeSpec(cell_type, step, d))
             step_s[cell_type] = executor.startup_costs(cell_type, [1])[1]
-            if not isinstance(step, DECODERS) and executor.lone_lanes(cell_type) >= 1:
+            if not isinstance(step, GraphDecoder) and executor.lone_lanes(cell_type) >= 1:
                 lone_s[cell_type] = _lone_step(executor, cell_type)
     base = synthetic_profile(model, 0.0, max_batch=1, lone_lanes=1, lone_step_s=0.0,
                              plain_op_s=NOMINAL_PLAIN_OP_S, stack_layers=config.stack_layers)

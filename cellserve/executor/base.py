@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellserve.executor.batch import StepBatch
-from cellserve.graph.model import DECODERS, AttentionDecoder, DenseNode, GraphDecoder, LayerStack, RecurrentLayer
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, RecurrentLayer
 from cellserve.kernels.cell import LaneStorage
 from cellserve.kernels.decoder import BeamCandidates
 from cellserve.kernels.protocol import LayerResult
 
-RecurrentStep = RecurrentLayer | LayerStack | AttentionDecoder | GraphDecoder
+RecurrentStep = RecurrentLayer | LayerStack | GraphDecoder
 
 # How many steps a lone lane may run per `execute` (see Engine._lone_steps): an arrival stops
 # the run early, so this bounds only how long the engine goes without checking deadlines.
@@ -50,7 +50,7 @@ class CellTypeSpec:
 
     @property
     def is_decoder(self) -> bool:
-        return isinstance(self.step, DECODERS)
+        return isinstance(self.step, GraphDecoder)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,12 @@ class Executor(ABC):
 
     @abstractmethod
     def add_cell_type(self, spec: CellTypeSpec) -> None:
-        """Build (or price) the cell type's kernel; called once per cell type at start."""
+        """Build (or price) the cell type's kernel; called once per cell type at start (or
+        when Engine.add_model adds a model)."""
+
+    def remove_cell_type(self, cell_type: str) -> None:
+        """Release the cell type's kernel (Engine.remove_model; no lane of it is left). An
+        executor that keeps nothing per cell type has nothing to do."""
 
     @abstractmethod
     def lone_lanes(self, cell_type: str) -> int:

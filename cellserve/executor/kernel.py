@@ -16,10 +16,10 @@ import torch
 from cellserve.executor.base import BeamStarted, CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.graph import dense_ops
-from cellserve.graph.model import AttentionDecoder, DenseNode, LayerStack
+from cellserve.graph.model import DenseNode, LayerStack
 from cellserve.kernels import affinity
 from cellserve.kernels.cell import CellKernel, LaneStorage
-from cellserve.kernels.decoder import DecoderKernel, GraphDecoderKernel
+from cellserve.kernels.decoder import GraphDecoderKernel
 from cellserve.kernels.protocol import RecurrentKernel
 from cellserve.kernels.stack import StackKernel
 
@@ -47,7 +47,7 @@ class KernelExecutor(Executor):
     def add_cell_type(self, spec: CellTypeSpec) -> None:
         step = spec.step
         if spec.is_decoder:
-            kernel = (DecoderKernel if isinstance(step, AttentionDecoder) else GraphDecoderKernel)(step, self.device)
+            kernel = GraphDecoderKernel(step, self.device)
         elif self.backend == "triton":  # the persistent GPU kernel (kernels/triton_rnn.py); imports triton
             from cellserve.kernels.triton_rnn import triton_kernel
 
@@ -59,6 +59,10 @@ class KernelExecutor(Executor):
                                 step.token_table, self.backend)
         self.kernels[spec.cell_type] = kernel
         self._specs[spec.cell_type] = spec
+
+    def remove_cell_type(self, cell_type: str) -> None:
+        self.kernels.pop(cell_type, None)  # its weights and lane storage go with the kernel
+        self._specs.pop(cell_type, None)
 
     def lone_lanes(self, cell_type: str) -> int:
         return self.kernels[cell_type].lone_lanes
@@ -150,11 +154,8 @@ class KernelExecutor(Executor):
     def dummy_lane(self, cell_type: str, length: int = 4) -> LaneStorage:
         """A lane of zeros, for timing."""
         step = self._specs[cell_type].step
-        if isinstance(self.kernels[cell_type], GraphDecoderKernel):
-            return self.kernels[cell_type].dummy_lane(length)
         if self._specs[cell_type].is_decoder:
-            h = np.zeros(step.hidden, np.float32)
-            return self.kernels[cell_type].start_lane(np.zeros((length, step.hidden), np.float32), [(h, h)])
+            return self.kernels[cell_type].dummy_lane(length)
         if step.token_table is not None:
             x = np.zeros(length, np.int64)
         else:

@@ -6,8 +6,9 @@ A request's tensors flow through `Model.program` in order. `DenseNode`s are ordi
 node: one layer, one or two directions) unfolds into one *lane* per sequence per direction;
 each lane is a chain of cell invocations, and invocations of the same cell type from any
 lanes at any step position are what the engine batches. A `LayerStack` (made by the engine
-from stacked forward layers) is one lane per sequence through all its layers. An
-`AttentionDecoder` unfolds the same way, with a length known only when it emits EOS.
+from stacked forward layers) is one lane per sequence through all its layers. A
+`GraphDecoder` (a decoder step given as a graph) unfolds the same way, with a length known
+only when it emits EOS.
 """
 
 from __future__ import annotations
@@ -125,47 +126,6 @@ class LayerStack:
 
 
 @dataclass
-class AttentionDecoder:
-    """A greedy LSTM decoder with Luong dot attention over a recurrent layer's outputs.
-
-    Per step: h, c = LSTMCell(embed(prev), (h, c)); a = softmax(memory . h);
-    ctx = a . memory; logits = out(tanh(combine([ctx, h]))); next = argmax(logits).
-    Starts from `bos` with the encoder's final state; stops at `eos` or `max_len` tokens.
-    memory: [T, B, H] encoder outputs; initial_h / initial_c: [B, H]; output: tokens [B, L]
-    (rows shorter than L padded with `pad`).
-    """
-
-    name: str
-    hidden: int
-    embedding: np.ndarray  # [V, E]
-    cell: DirectionWeights  # LSTM cell, input size E
-    combine_w: np.ndarray  # [H, 2H]
-    combine_b: np.ndarray
-    out_w: np.ndarray  # [V, H]
-    out_b: np.ndarray
-    bos: int
-    eos: int
-    pad: int
-    max_len: int
-    memory: str = ""
-    initial_h: str = ""
-    initial_c: str = ""
-    output: str = ""
-
-    def flops_per_step(self, memory_len: int) -> float:
-        h, v = self.hidden, self.out_w.shape[0]
-        return 2.0 * (4 * h * h + 2 * memory_len * h + 2 * h * h + v * h)
-
-
-    @property
-    def vocab(self) -> int:
-        return int(self.out_w.shape[0])
-
-    def max_tokens(self, source_length: int) -> int:
-        return self.max_len
-
-
-@dataclass
 class GraphDecoder:
     """A decoder whose step is a graph (graph/decoder_graph.py) and whose wiring is a
     `DecodeSpec`: one lane per sequence, started from the encoder's memory [S, M] (its own S)
@@ -243,9 +203,7 @@ class GraphDecoder:
         return int(sum(np.asarray(constants[m]).nbytes for m in mats if np.ndim(constants[m]) >= 2))
 
 
-DECODERS = (AttentionDecoder, GraphDecoder)  # the step types that decode (isinstance checks)
-
-Step = DenseNode | RecurrentLayer | LayerStack | AttentionDecoder | GraphDecoder
+Step = DenseNode | RecurrentLayer | LayerStack | GraphDecoder
 
 
 @dataclass
@@ -268,7 +226,7 @@ class Model:
     semantics: dict[str, InputSemantics] = field(default_factory=dict)
     max_sequence_length: int = 1024
 
-    def recurrent_steps(self) -> list[RecurrentLayer | LayerStack | AttentionDecoder | GraphDecoder]:
+    def recurrent_steps(self) -> list[RecurrentLayer | LayerStack | GraphDecoder]:
         return [s for s in self.program if not isinstance(s, DenseNode)]
 
     def batch_size(self, inputs: dict) -> int:
@@ -282,7 +240,7 @@ class Model:
         """Why this model cannot take a sequence in chunks carrying state between them (None
         when it can): only forward recurrences can go on from a saved state."""
         for step in self.recurrent_steps():
-            if isinstance(step, DECODERS):
+            if isinstance(step, GraphDecoder):
                 return f"it decodes with {step.name!r}, which needs the whole input first"
             for layer in step.layers if isinstance(step, LayerStack) else [step]:
                 if any(layer.is_reverse(d) for d in range(len(layer.directions))):

@@ -18,9 +18,9 @@ from onnx import helper, numpy_helper
 from cellserve.errors import ModelLoadError, UnsupportedOperator
 from cellserve.graph import dense_ops
 from cellserve.graph.model import (
-    DECODERS,
     DenseNode,
     DirectionWeights,
+    GraphDecoder,
     InputSemantics,
     Model,
     RecurrentLayer,
@@ -266,7 +266,7 @@ def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
             if isinstance(step, DenseNode):
                 dense_ops.run(step, env)
                 continue
-            if isinstance(step, DECODERS):
+            if isinstance(step, GraphDecoder):
                 _zero_tokens(step, env)
                 continue
             time, batch = env[step.x].shape[:2]
@@ -288,11 +288,10 @@ def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
     return result
 
 
-def _zero_tokens(decoder, env: dict) -> None:
-    """A decoder's output on probe inputs: one zero token per sequence. An AttentionDecoder's
-    memory is time-major [T, B, H], a GraphDecoder's batch-first [B, S, M]."""
-    batch_axis = 0 if hasattr(decoder, "spec") else 1
-    env[decoder.output] = np.zeros((env[decoder.memory].shape[batch_axis], 1), np.int64)
+def _zero_tokens(decoder: GraphDecoder, env: dict) -> None:
+    """A decoder's output on probe inputs: one zero token per sequence (its memory is
+    batch-first, [B, S, M])."""
+    env[decoder.output] = np.zeros((env[decoder.memory].shape[0], 1), np.int64)
 
 
 def probe_tensors(model: Model, probe_sizes: list[int]) -> dict[str, np.ndarray]:
@@ -306,7 +305,7 @@ def probe_tensors(model: Model, probe_sizes: list[int]) -> dict[str, np.ndarray]
     for step in model.program:
         if isinstance(step, DenseNode):
             dense_ops.run(step, env)
-        elif isinstance(step, DECODERS):
+        elif isinstance(step, GraphDecoder):
             _zero_tokens(step, env)
         else:
             _zero_outputs(step, env, *env[step.x].shape[:2])

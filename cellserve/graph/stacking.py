@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from cellserve.graph.model import AttentionDecoder, DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
 
 
 def stack_layers(model: Model) -> Model:
@@ -77,10 +77,8 @@ def _read_elsewhere(model: Model, names: set[str], squeeze: DenseNode, upper: Re
             read = step.inputs
         elif isinstance(step, RecurrentLayer):
             read = [step.x, step.seq_lens, step.initial_h, step.initial_c]
-        elif isinstance(step, AttentionDecoder):
-            read = [step.memory, step.initial_h, step.initial_c]
         elif isinstance(step, GraphDecoder):
-            read = [step.memory, step.spec.memory_length] + [e for _, e in step.spec.init]
+            read = step.reads()
         else:
             read = []
         if names & set(read):

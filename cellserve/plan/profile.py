@@ -318,7 +318,7 @@ def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, l
     default), an idle engine's wake-up in `wake_s`. Decoder lanes run `decode_steps` steps
     (default: the source length plus one).
     For planning with costs from elsewhere and for tests with exact figures."""
-    from cellserve.graph.model import DECODERS, DenseNode, LayerStack, RecurrentLayer
+    from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, RecurrentLayer
     from cellserve.graph.stacking import stack_layers as stacked
 
     model = stacked(model) if stack_layers else model
@@ -326,7 +326,7 @@ def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, l
     cells, types = {}, iter(model.cell_types())
     for step in model.recurrent_steps():
         directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
-        kind = "decoder" if isinstance(step, DECODERS) else "stack" if isinstance(step, LayerStack) else "layer"
+        kind = "decoder" if isinstance(step, GraphDecoder) else "stack" if isinstance(step, LayerStack) else "layer"
         for _ in range(directions):
             cells[next(types)] = CellTypeProfile(
                 kind, 0 if kind == "decoder" else lone_lanes,

@@ -24,12 +24,12 @@ import numpy as np
 from cellserve.executor.base import CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.graph import dense_ops
-from cellserve.graph.model import DECODERS, AttentionDecoder, DenseNode, LayerStack
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack
 from cellserve.kernels.cell import LaneStorage
 from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing
 from cellserve.sim.clock import VirtualClock
 
-_KIND = {"decoder": DECODERS, "stack": LayerStack}
+_KIND = {"decoder": GraphDecoder, "stack": LayerStack}
 _BLOCK = 1024  # samples drawn at once per timing (see SimExecutor.sample)
 
 
@@ -91,7 +91,7 @@ class SimExecutor(Executor):
         profile = self._profile(model)
         cell = profile.cell(spec.cell_type)
         expected = _KIND.get(cell.kind)
-        if (expected is None and isinstance(spec.step, (*DECODERS, LayerStack))) or (
+        if (expected is None and isinstance(spec.step, (GraphDecoder, LayerStack))) or (
                 expected is not None and not isinstance(spec.step, expected)):
             raise ProfileError(f"profile.cell_types[{spec.cell_type!r}].kind is {cell.kind!r}, but the model's "
                                f"cell type is a {type(spec.step).__name__}")
@@ -199,14 +199,14 @@ class SimExecutor(Executor):
             flops = size * steps * self._flops[batch.cell_type]
         return StepResult(steps, busy, flops, tokens)
 
-    def _decoder_flops(self, cell_type: str, dec: AttentionDecoder, memory: int) -> float:
+    def _decoder_flops(self, cell_type: str, dec: GraphDecoder, memory: int) -> float:
         key = (cell_type, memory)
         flops = self._flops.get(key)
         if flops is None:
             flops = self._flops[key] = dec.flops_per_step(memory)
         return flops
 
-    def _decode(self, dec: AttentionDecoder, slots: tuple[int, ...]) -> np.ndarray:
+    def _decode(self, dec: GraphDecoder, slots: tuple[int, ...]) -> np.ndarray:
         filler = (dec.eos + 1) % dec.vocab
         tokens = np.full(len(slots), filler, np.int64)
         for i, slot in enumerate(slots):
