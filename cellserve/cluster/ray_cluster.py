@@ -8,7 +8,8 @@ gRPC and metrics frontends as a plain `cellserve serve`, over a RayCore. The rea
 the same; a line before it says where each worker runs.
 
 Exit status, as `cellserve serve`: 0 after a clean stop, 1 when start-up failed (one line),
-2 for a plan file that cannot be used (naming the field). Without Ray installed: 1, with a
+2 for a plan file that cannot be used (naming the field), or with `--replan-every` a model
+without an SLO. With `--replan-every` the planner runs in the cluster (ray_replan_loop.py). Without Ray installed: 1, with a
 line naming `pip install cellserve[ray]`.
 
 Ray is imported here only: nothing under server/ imports this module or Ray.
@@ -173,6 +174,23 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster) -
     metrics = Metrics(None)
     core = RayCore(served, router, call, metrics, settings.sequence_idle_s, settings.max_sequences,
                    layout.gates, layout.unplanned, settings.engine.admission_headroom)
+    if settings.replan_every_s is not None:
+        from cellserve.cluster.ray_replan_loop import Replanner
+
+        plan = None
+        if settings.plan is not None:  # the plan the workers started with is the first epoch's
+            from cellserve.plan.nexus_io import load_plan
+
+            plan = load_plan(settings.plan)
+        try:
+            core.replanner = Replanner(core, served, settings.replan_every_s, settings.engine.stack_layers, died,
+                                       _first_line, plan,
+                                       None if plan is None else {d.id: w.id for d, w in zip(plan.devices,
+                                                                                                cluster.workers)},
+                                       log=lambda line: print(line, flush=True))
+        except ValueError as exc:  # a model without an SLO
+            print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+            return 2
     metrics.registry.register(ClusterCollector(core))
     frontends = Frontends(core, settings, sockets)
     try:
@@ -181,6 +199,8 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster) -
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
     asyncio.run_coroutine_threadsafe(_poll(core, died), frontends.loop)
+    if core.replanner is not None:
+        asyncio.run_coroutine_threadsafe(core.replanner.run(), frontends.loop)
 
     stop = threading.Event()
 

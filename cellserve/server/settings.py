@@ -94,6 +94,12 @@ class ServerSettings:
     plan: Path | None = setting(None, "a Nexus plan (cellserve plan nexus): one worker per device, serving its "
                                       "sessions' models; each model's rate beyond the plan's is refused (429)",
                                 unset="none", group=_RAY, metavar="PLAN.json")
+    replan_every_s: float | None = setting(None, "run the Nexus planner in the cluster: re-plan every SECONDS (and "
+                                                 "early when a model's measured rate leaves its plan's band, or at "
+                                                 "once when a worker dies), loading and unloading models on the "
+                                                 "workers; each model's SLO is its slo_ms", gt=0,
+                                           flag="--replan-every", unset="off: the workers serve what they "
+                                           "started with", group=_RAY, metavar="SECONDS")
     # issue 21: Triton's trace extension (cellserve/server/tracing.py)
     trace_config: list[str] = setting(help="a trace setting, as Triton's (repeat the flag): level=TIMESTAMPS, "
                                            "rate=N (every N-th request), count=N (-1: no limit), mode=triton, "
@@ -109,7 +115,7 @@ class ServerSettings:
         if self.model_repository is not None and self.zoo_models:
             problems.append(Problem("zoo_models", "{name} picks zoo models; it cannot be combined with {0}",
                                     ("model_repository",)))
-        for key in ("ray_workers", "plan"):
+        for key in ("ray_workers", "plan", "replan_every_s"):
             if getattr(self, key) is not None and self.ray_address is None:
                 problems.append(Problem(key, "{name} is for the Ray workers: it needs --ray (ray_address)"))
         if self.engine.placement is not None and self.ray_address is not None:
