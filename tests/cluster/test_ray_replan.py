@@ -267,3 +267,71 @@ def test_a_model_without_an_slo_is_refused_naming_it():
     served[1] = ServedModel("b", "1", served[1].model, "test", ModelSettings())
     with pytest.raises(ValueError, match=r"models \['b'\] have none \(set slo_ms"):
         Replanner(core, served, 4.0, True, (RuntimeError,), str)
+
+
+# ---- the real thing: a local Ray, two workers (slow) ----
+
+@pytest.mark.slow
+def test_on_ray_the_planner_loads_and_unloads_models_and_plans_around_a_killed_worker():
+    """Two workers start serving both models; the first plan (one device carries this light
+    load) leaves one worker serving both and the other unloading both, with every request
+    answered once; killing the worker that serves them re-plans at once and the survivor loads
+    and serves both models."""
+    pytest.importorskip("ray")
+    import os
+    import re
+    import signal
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+    import tritonclient.http as httpclient
+    from serverproc import metric, scrape, start_server, wait_until
+    from tritonclient.utils import InferenceServerException
+
+    server = start_server("--ray", "--ray-workers", "2", "--model", "gru-256", "--model", "lstm-512",
+                          "--slo-ms", "500", "--replan-every", "2", timeout=300)
+    pids = {m.group(1): int(m.group(2)) for line in server.lines
+            for m in [re.search(r"cellserve: ray: worker (w\d) \(node \w+\), pid (\d+)", line)] if m}
+    codes: dict[str, list[str]] = {"gru-256": [], "lstm-512": []}
+    stop = threading.Event()
+
+    def client(model):
+        tensor = httpclient.InferInput("tokens", [1, 12], "INT64")
+        tensor.set_data_from_numpy(np.arange(1, 13, dtype=np.int64)[None, :])
+        with httpclient.InferenceServerClient(server.http) as c:
+            while not stop.is_set():
+                try:
+                    c.infer(model, [tensor])
+                    codes[model].append("200")
+                except InferenceServerException as exc:
+                    codes[model].append(f"{exc.status()} {exc.message()}")
+    threads = [threading.Thread(target=client, args=(m,), daemon=True) for m in codes]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: metric(server, "cellserve_cluster_plan_epoch") >= 1, "the first plan", timeout=60)
+        plan_line = next(line for line in server.lines if "plan epoch 1 (first plan" in line)
+        serving = re.findall(r"(w\d): ([^;]+)", plan_line)
+        holder = next(w for w, ms in serving if "gru-256" in ms)
+        wait_until(lambda: metric(server, "cellserve_worker_model_changes_total", action="unload") > 0,
+                   "a model no longer routed to a worker unloaded there", timeout=30)
+        seen = {m: len(c) for m, c in codes.items()}
+        wait_until(lambda: all(len(codes[m]) > seen[m] + 5 for m in codes), "answers after the plan", timeout=30)
+        os.kill(pids[holder], signal.SIGKILL)
+        wait_until(lambda: any("died: re-planned without it" in line for line in server.lines),
+                   "the re-plan without the dead worker", timeout=30)
+        survivor = next(w for w in pids if w != holder)
+        seen = {m: codes[m].count("200") for m in codes}
+        wait_until(lambda: all(codes[m].count("200") > seen[m] + 5 for m in codes),
+                   f"both models answered by {survivor}", timeout=60)
+        text = scrape(server)
+        assert metric(server, "cellserve_cluster_model_workers", text, model="lstm-512") == 1
+        assert metric(server, "cellserve_worker_up", text, worker=holder) == 0
+        assert metric(server, "cellserve_cluster_plan_epoch", text) >= 2
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        print("\n".join(line for line in server.lines if "plan epoch" in line or "died" in line))  # with -s
+        assert server.stop() == 0
+    for model, got in codes.items():  # every request answered: OK, or refused/unavailable naming why
+        assert got and all(c == "200" or c[:3] in ("429", "503") for c in got), (model, got[-5:])
