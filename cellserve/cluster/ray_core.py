@@ -122,11 +122,12 @@ class RayCore(Core):
     # ---- plain requests ----
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
-                      initial_state=None, return_state=False):
-        return (await self._dispatch(entry, inputs, timeout_s, priority, received, None, None, None))[1]
+                      initial_state=None, return_state=False, beam_width=None, return_beams=False):
+        return (await self._dispatch(entry, inputs, timeout_s, priority, received, None, None, None,
+                                     beam_width, return_beams))[1]
 
     async def _dispatch(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
-                        held: _Held | None, state_key: str | None, options):
+                        held: _Held | None, state_key: str | None, options, beam_width=None, return_beams=False):
         """Send one request to a worker; (the worker, the answer as a Response-like Reply).
         `held`: the sequence's state is on that worker (sticky; no retry: WorkerDied raised)."""
         name = entry.name
@@ -144,7 +145,8 @@ class RayCore(Core):
             else:
                 worker = self._choose(entry, length, lanes, timeout_s, received, tried)
             call = Call(entry.engine_name, inputs, None, priority, state_key,
-                        options is not None and options.sequence_start, options is not None and options.sequence_end)
+                        options is not None and options.sequence_start, options is not None and options.sequence_end,
+                        beam_width, return_beams)
             try:
                 reply = await self._send(entry, worker, call, lanes, timeout_s, received)
             except WorkerDied as exc:

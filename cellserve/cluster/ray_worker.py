@@ -63,6 +63,8 @@ class Call:
     state_key: str | None = None  # a sequence chunk: where its state is kept here
     start: bool = False
     end: bool = False
+    beam_width: int | None = None  # an encoder-decoder's beam width (None: its spec's)
+    return_beams: bool = False
 
 
 @dataclass
@@ -205,7 +207,8 @@ class EngineWorker:
 
         self.engine.submit(Request(call.engine_model, call.inputs, on_done=on_done, timeout_s=call.timeout_s,
                                    priority=call.priority, initial_state=initial,
-                                   return_state=call.state_key is not None))
+                                   return_state=call.state_key is not None, beam_width=call.beam_width,
+                                   return_beams=call.return_beams))
         r = await done
         ok = r.status is Status.OK
         self.served["ok" if ok else "failed"] += 1

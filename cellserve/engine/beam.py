@@ -116,6 +116,20 @@ def beam_output_names(output: str) -> tuple[str, str]:
     return f"{output}_beams", f"{output}_beam_scores"
 
 
+def optional_outputs(model) -> set[str]:
+    """Outputs a request of `model` may ask for by name beyond the model's own: a graph
+    decoder's k best (with return_beams) and its spec's scores output."""
+    from cellserve.graph.model import GraphDecoder
+
+    names: set[str] = set()
+    for step in model.program:
+        if isinstance(step, GraphDecoder):
+            names.update(beam_output_names(step.spec.output))
+            if step.spec.scores_output:
+                names.add(step.spec.scores_output)
+    return names
+
+
 def request_beam_width(spec, beam_width: int | None, model: str) -> int:
     """The width a request decodes with: its own (1 to the spec's max_beam_width) or the
     spec's default. Raises InvalidInput naming both numbers."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from cellserve import __version__
 from cellserve.engine.clock import Clock, MonotonicClock
+from cellserve.engine.beam import optional_outputs
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Response, Status
 from cellserve.server.codec import datatype_of
@@ -68,6 +69,8 @@ class RequestOptions:
     sequence_end: bool = False
     priority: int = 0
     timeout_us: int | None = None
+    beam_width: int | None = None  # an encoder-decoder's beam width (None: its spec's)
+    return_beams: bool = False  # the k best hypotheses and their scores as extra outputs
 
     @classmethod
     def parse(cls, params: dict) -> "RequestOptions":
@@ -95,8 +98,15 @@ class RequestOptions:
                                       or not 0 <= value <= _UINT64_MAX):
                 raise BadRequest(f"parameter {name!r} must be a non-negative integer, got {value!r}")
             ints[name] = value
+        beam_width = params.get("beam_width")
+        if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int)
+                                       or beam_width < 1):
+            raise BadRequest(f"parameter 'beam_width' must be an integer >= 1, got {beam_width!r}")
+        return_beams = params.get("return_beams", False)
+        if not isinstance(return_beams, bool):
+            raise BadRequest(f"parameter 'return_beams' must be a boolean, got {return_beams!r}")
         return cls(seq, flags["sequence_start"], flags["sequence_end"], ints["priority"] or 0,
-                   ints["timeout"] or None)
+                   ints["timeout"] or None, beam_width, return_beams)
 
 
 class Admission:
@@ -321,7 +331,7 @@ class Core:
             raise Unavailable("the server is shutting down")
         options = RequestOptions.parse(request.parameters)
         if request.outputs is not None:
-            known = {s.name for s in entry.model.outputs}
+            known = {s.name for s in entry.model.outputs} | optional_outputs(entry.model)
             unknown = [o for o in request.outputs if o not in known]
             if unknown:
                 raise BadRequest(f"unknown output(s) {unknown} of model {entry.name!r}; it has {sorted(known)}")
@@ -331,6 +341,8 @@ class Core:
             streaming = {"on_tokens": on_tokens} if on_tokens is not None and self.streams_tokens else {}
             if request.trace is not None and self.streams_tokens:  # a core that submits here: stamped
                 streaming["trace"] = request.trace
+            if options.beam_width is not None or options.return_beams:
+                streaming.update(beam_width=options.beam_width, return_beams=options.return_beams)
             response = await self._submit(entry, request.inputs, timeout_s, priority, received, **streaming)
         else:
             response = await self._sequence_step(entry, request, options, timeout_s, priority, received)
@@ -385,7 +397,8 @@ class Core:
         """A restarted sequence's old state is let go (here, on the host: nothing to do)."""
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
-                      initial_state=None, return_state=False, on_tokens=None, trace: Trace | None = None) -> Response:
+                      initial_state=None, return_state=False, on_tokens=None, trace: Trace | None = None,
+                      beam_width: int | None = None, return_beams: bool = False) -> Response:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         engine_tokens = None
@@ -412,7 +425,8 @@ class Core:
         arrival = self.engine.clock.now() - (self.clock.now() - received)
         request = Request(entry.engine_name, inputs, on_done=on_done, timeout_s=engine_timeout,
                           priority=priority, arrival=arrival, initial_state=initial_state,
-                          return_state=return_state, on_tokens=engine_tokens, trace=trace)
+                          return_state=return_state, on_tokens=engine_tokens, trace=trace,
+                          beam_width=beam_width, return_beams=return_beams)
         if trace is not None:
             trace.stamp("QUEUE_START")
         self.engine.submit(request)
