@@ -210,7 +210,7 @@ class Engine(ConcurrentSteps):
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._model_types: dict[str, list[str]] = {}  # model -> its cell types (Model.cell_types)
         self._extra_rounds: dict[str, list[int]] = {}  # model -> per recurrent step, 1 for a decoder's end step
-        self._decoders: dict[str, AttentionDecoder | GraphDecoder] = {}  # cell type -> its decoder
+        self._decoders: dict[str, GraphDecoder] = {}  # cell type -> its decoder
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
         for model in models:
             self._add_model(model)
