@@ -27,11 +27,15 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A model input or output as clients see it; -1 marks a dynamic dimension."""
+    """A model input or output as clients see it; -1 marks a dynamic dimension.
+    `dim_names` (from ONNX's dim_param, "" where a dimension has none; empty when unknown)
+    say which dynamic dimensions are the same size: the importer's probes give equal names
+    equal sizes (`source [b, s]` and `lengths [b]`)."""
 
     name: str
     dtype: str  # numpy dtype name: "int64", "float32", ...
     shape: tuple[int, ...]
+    dim_names: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass

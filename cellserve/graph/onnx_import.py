@@ -65,7 +65,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     t = value.type.tensor_type
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-    return TensorSpec(value.name, dtype, shape)
+    return TensorSpec(value.name, dtype, shape, tuple(d.dim_param for d in t.shape.dim))
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -252,11 +252,33 @@ def find_semantics(model: Model) -> dict[str, InputSemantics]:
     return result
 
 
+def probe_shapes(inputs: list[TensorSpec], probe_sizes: list[int]) -> dict[str, list[int]]:
+    """Each input's shape on a probe: fixed dimensions as they are, dynamic ones the next of
+    `probe_sizes` (3 when they run out), except that dynamic dimensions sharing an ONNX
+    dim_param name share one size (a batch axis named `b` in both `source [b, s]` and
+    `lengths [b]` must agree, or the encoder cannot run on the probe at all)."""
+    sizes, named, shapes = iter(probe_sizes), {}, {}
+    for spec in inputs:
+        shape = []
+        for axis, d in enumerate(spec.shape):
+            name = spec.dim_names[axis] if axis < len(spec.dim_names) else ""
+            if d != -1:
+                shape.append(d)
+            elif name:
+                if name not in named:
+                    named[name] = next(sizes, 3)
+                shape.append(named[name])
+            else:
+                shape.append(next(sizes, 3))
+        shapes[spec.name] = shape
+    return shapes
+
+
 def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
-    sizes = iter(probe_sizes)
+    shapes = probe_shapes(model.inputs, probe_sizes)
     env, marks = dict(model.constants), {}
     for spec in model.inputs:
-        shape = [next(sizes, 3) if d == -1 else d for d in spec.shape]
+        shape = shapes[spec.name]
         marks[spec.name] = {s: axis for axis, (s, d) in enumerate(zip(shape, spec.shape)) if d == -1}
         env[spec.name] = np.zeros(shape, dtype=spec.dtype)
     result = {spec.name: InputSemantics(None, None) for spec in model.inputs}
@@ -296,12 +318,12 @@ def _zero_tokens(decoder: GraphDecoder, env: dict) -> None:
 
 def probe_tensors(model: Model, probe_sizes: list[int]) -> dict[str, np.ndarray]:
     """Every tensor of the model's program on zero inputs whose dynamic dimensions take
-    `probe_sizes` in order (recurrent layers and decoders give zeros of the right shape):
-    what an importer checks shapes against."""
-    sizes = iter(probe_sizes)
+    `probe_sizes` in order, one per dim_param name (`probe_shapes`; recurrent layers and
+    decoders give zeros of the right shape): what an importer checks shapes against."""
+    shapes = probe_shapes(model.inputs, probe_sizes)
     env = dict(model.constants)
     for spec in model.inputs:
-        env[spec.name] = np.zeros([next(sizes, 3) if d == -1 else d for d in spec.shape], dtype=spec.dtype)
+        env[spec.name] = np.zeros(shapes[spec.name], dtype=spec.dtype)
     for step in model.program:
         if isinstance(step, DenseNode):
             dense_ops.run(step, env)
