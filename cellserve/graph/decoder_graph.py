@@ -135,7 +135,8 @@ def device_constants(graph: DecoderStepGraph, device: torch.device, compiled: bo
 
     constants = DeviceConstants({k: torch.as_tensor(np.array(v), device=device) for k, v in graph.constants.items()})
     if compiled:
-        constants.compiled = compile_step(graph, device, lambda feeds: interpret_step_graph(graph, feeds, constants))
+        constants.compiled = compile_step(graph, device, lambda feeds: interpret_step_graph(graph, feeds, constants),
+                                          constants)
     return constants
 
 

@@ -11,8 +11,9 @@ instead
 2. drops nodes that compute nothing (Identity, a Cast to the dtype a value already has);
 3. writes one Python function with a line per remaining node: a direct torch call with its
    attributes and constant integer arguments (axes, split sizes, permutations, shapes)
-   written in as literals, weights pre-transposed and contiguous on the device
-   (`torch.addmm(bias, x, w_t)` for a Gemm), values in local variables.
+   written in as literals, weights used where the kernel placed them (a Gemm's W^T is a
+   view: `torch.addmm(bias, x, w.t())` costs what a contiguous copy would), values in
+   local variables.
 
 A node with no specialised form (Shape, Slice, Range, ...; or one whose integer arguments
 are computed at run time) becomes a call of its `step_ops` implementation, so every graph
@@ -66,14 +67,17 @@ class CompiledStep:
             raise  # the interpreter did not fail: the compiled form is at fault, say where
 
 
-def compile_step(graph: "DecoderStepGraph", device: torch.device,
-                 interpret: Callable[[dict], dict]) -> CompiledStep:
+def compile_step(graph: "DecoderStepGraph", device: torch.device, interpret: Callable[[dict], dict],
+                 placed: dict[str, torch.Tensor] | None = None) -> CompiledStep:
     """Compile `graph` for `device` (see the module docstring). `interpret(feeds)` runs the
-    same step uncompiled; it is called only to name the node of an error."""
+    same step uncompiled; it is called only to name the node of an error. `placed`: the
+    graph's constants already on `device` (by name), which the compiled step uses as they
+    are (a Gemm's transposed weight is a view, not a copy), so that only the tables the folds
+    make take more device memory."""
     constants = dict(graph.constants)
     nodes = step_rewrite.fold(graph.nodes, constants, {o.name for o in graph.outputs})
     gen = _Gen(constants, device, {s.name: np.dtype(s.dtype) for s in graph.inputs},
-               {s.name: len(s.shape) for s in graph.inputs if s.shape is not None})
+               {s.name: len(s.shape) for s in graph.inputs if s.shape is not None}, placed or {})
     gen.lines.append("def step(F):")
     for spec in graph.inputs:
         gen.lines.append(f"    {gen.bind(spec.name)} = F[{spec.name!r}]")
@@ -92,8 +96,8 @@ class _Gen:
     """The generator's state: Python names of values, constants placed on the device, lines."""
 
     def __init__(self, constants: dict[str, np.ndarray], device: torch.device, dtypes: dict[str, np.dtype],
-                 ranks: dict[str, int]):
-        self.constants, self.device = constants, device
+                 ranks: dict[str, int], placed: dict[str, torch.Tensor]):
+        self.constants, self.device, self.placed = constants, device, placed
         self.dtypes: dict[str, np.dtype | None] = dict(dtypes)
         self.dtypes.update({k: np.asarray(v).dtype for k, v in constants.items()})
         self.ranks: dict[str, int | None] = dict(ranks)
@@ -107,10 +111,20 @@ class _Gen:
         self.names[value] = name
         return name
 
-    def place(self, array: np.ndarray) -> str:
+    def place(self, array: np.ndarray | torch.Tensor) -> str:
+        """A global name for a constant: a tensor already on the device as it is, an array copied there."""
         name = f"k{sum(1 for k in self.globals if k.startswith('k'))}"
-        self.globals[name] = torch.as_tensor(np.ascontiguousarray(array), device=self.device)
+        self.globals[name] = (array if isinstance(array, torch.Tensor)
+                              else torch.as_tensor(np.ascontiguousarray(array), device=self.device))
         return name
+
+    def constant(self, value: str, transpose: bool = False) -> str:
+        """A global name for the constant `value` (optionally transposed): the placed tensor
+        (a view) where there is one, else a copy of the array made for this step."""
+        if value in self.placed:
+            return self.place(self.placed[value].t() if transpose else self.placed[value])
+        array = np.asarray(self.constants[value])
+        return self.place(array.T if transpose else array)
 
     def ref(self, value: str) -> str:
         if not value:
@@ -118,7 +132,7 @@ class _Gen:
         if value not in self.names:
             if value not in self.constants:
                 raise KeyError(f"value {value!r} is neither computed before use nor a constant")
-            self.names[value] = self.place(np.array(self.constants[value]))
+            self.names[value] = self.constant(value)
         return self.names[value]
 
     def ints(self, value: str | None) -> list[int] | None:
@@ -241,13 +255,12 @@ def _is_float(gen: _Gen, value: str) -> bool:
 
 
 def _gemm(gen: _Gen, node: DenseNode) -> str | None:
-    """Gemm with a constant B: B' placed transposed and contiguous, C as addmm's first argument."""
+    """Gemm with a constant B: B' (a view when transposed), C as addmm's first argument."""
     a, at = node.inputs, node.attrs
     alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
     if at.get("transA", 0) or a[1] not in gen.constants or np.ndim(gen.constants[a[1]]) != 2:
         return None
-    b = np.asarray(gen.constants[a[1]])
-    w = gen.place(b.T if at.get("transB", 0) else b)
+    w = gen.constant(a[1], transpose=bool(at.get("transB", 0)))  # addmm reads a transposed view as fast
     x = gen.ref(a[0])
     scale = "" if alpha == 1.0 else f", alpha={alpha!r}"
     if len(a) < 3 or not a[2]:

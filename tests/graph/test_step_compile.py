@@ -87,6 +87,16 @@ def test_the_reverser_step_folds_its_embedding_and_bias_and_drops_its_casts():
     assert step.source.count("torch.addmm(") == 3 and "torch.bmm(" in step.source
 
 
+def test_the_compiled_step_shares_the_placed_weights_instead_of_copying_them():
+    graph, _, _ = _reverser_graph()
+    placed = device_constants(graph, CPU)
+    tensors = [v for v in placed.compiled.fn.__globals__.values() if isinstance(v, torch.Tensor)]
+    shared = {t.data_ptr() for t in tensors} & {t.data_ptr() for t in placed.values()}
+    assert {placed[n].data_ptr() for n in ("model.out.weight", "model.combine.weight", "model.decoder.weight_hh")} <= shared
+    made = [t for t in tensors if t.data_ptr() not in shared]
+    assert sum(t.numel() for t in made) <= 13 * 256  # the folded table, nothing else
+
+
 def test_the_input_feeding_concat_is_split_between_the_table_and_the_gemm():
     graph, _, _ = _additive_graph()
     step = device_constants(graph, CPU).compiled
