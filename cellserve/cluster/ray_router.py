@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from cellserve.engine.cost_model import CostModel, StepCost
 
-# Engine._bounded_round_time's bound (engine.PREDICTION_BOUND), repeated so that this module
+# Engine._bounded_round_time's bound (engine/admission.py PREDICTION_BOUND), repeated so that this module
 # needs no engine (and no torch); tests/cluster/test_ray_router.py checks they agree.
 PREDICTION_BOUND = 16.0
 

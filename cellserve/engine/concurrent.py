@@ -33,6 +33,8 @@ from queue import Empty, SimpleQueue
 
 import numpy as np
 
+from cellserve.engine.runs import _Work
+
 log = logging.getLogger(__name__)
 
 
@@ -160,8 +162,6 @@ class ConcurrentSteps:
 
     def _dispatch(self, now: float) -> bool:
         """Hand each idle executor its next batch; whether any got one."""
-        from cellserve.engine.engine import _Work  # the engine's type (engine.py imports this module)
-
         gave = False
         for executor, types in self._types_on.items():
             if executor in self._busy:

@@ -6,6 +6,9 @@ finished ones back to their requests, which run their plain ops and start their 
 recurrent step or respond. The engine decides and keeps the books; executors (real kernels,
 or the simulator's priced costs) only run what they are given, so the same engine runs in
 production and in virtual time. Time comes only from the injected clock.
+
+Admission and the drop check (admission.py), the decoders' lanes (decoding.py) and executors
+running at once (concurrent.py) are mixins of Engine; runs.py holds the records they share.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import statistics
 import threading
 from collections import deque
 from contextlib import ExitStack
@@ -21,19 +23,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cellserve.engine.admission import OVERHEAD_SPELLS, Admission
+from cellserve.engine.beam import BeamRow
 from cellserve.engine.clock import Clock, MonotonicClock
 from cellserve.engine.concurrent import ConcurrentSteps
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.cost_model import CostModel
+from cellserve.engine.decoding import Decoding
 from cellserve.engine.request import Request, Response, Status
+from cellserve.engine.runs import _LaneRef, _Run, _Work
 from cellserve.engine.scheduler import Lane, make_policy
-from cellserve.engine.validation import validate_inputs
-from cellserve.errors import CellserveError, InvalidInput, UnknownModel
+from cellserve.errors import CellserveError, InvalidInput
 from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
 from cellserve.executor.batch import StepBatch
-from cellserve.engine.beam import (BeamLanes, BeamRow, beam_output_names, beam_outputs, check_beam_request,
-                                  request_beam_width)
-from cellserve.kernels.decoder import BeamCandidates
 from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
 from cellserve.graph.stacking import stack_layers
 from cellserve.kernels.cell import LaneStorage
@@ -73,72 +75,6 @@ class EngineStats:
         return sum(b for _, b in self.transfers.values())
 
 
-@dataclass(eq=False)
-class _LaneRef:
-    """Where one of a request's lanes lives, and where its results go."""
-
-    cell_type: str
-    executor: Executor
-    storage: LaneStorage
-    direction: int
-    batch_index: int
-    tokens: list[int] | None = None  # a decoder lane's output so far
-    max_tokens: int = 0  # a decoder lane's most tokens (its spec's limit at its source length)
-    beam: BeamLanes | None = None  # a beam-search lane: its row (engine/beam.py)
-
-
-@dataclass(eq=False)
-class _Run:
-    """A request in flight: its tensors, where it is in the program, its running lanes."""
-
-    request: Request
-    model: Model
-    env: dict
-    deadline: float
-    rounds_plan: list[int]  # expected steps of each recurrent step of the program
-    batch: int  # sequences in the request: lanes per cell type
-    pc: int = 0
-    layer: int = 0  # recurrent steps of the program completed
-    lanes: dict[int, _LaneRef] = field(default_factory=dict)
-    outputs: dict = field(default_factory=dict)  # of the current recurrent step: per layer name, or per decoder row
-    state: dict = field(default_factory=dict)  # final (h, c) per layer, when the request asks
-    admitted: float | None = None
-    responded: bool = False
-    probe: bool = False  # admitted by an idle engine against its estimate, to measure (see _admit)
-    waiting: int = 0  # lanes of the current recurrent step waiting for their busy executor to start them
-    # with several executors: tensor name -> executors that computed it (none: the request's
-    # inputs and the model's constants, on the host), and the (tensor, executor) moves counted
-    producers: dict = field(default_factory=dict)
-    moved: set = field(default_factory=set)
-    extra_outputs: dict = field(default_factory=dict)  # response tensors beyond the model's (beam search)
-
-
-@dataclass(eq=False)
-class _Work:
-    """A batch being run: the scheduler's StepBatch and where its lanes are now."""
-
-    batch: StepBatch
-    slots: np.ndarray
-    rows: np.ndarray
-    strides: np.ndarray
-    started: float  # clock time the step began
-    lanes_started: int  # the engine's counts of lanes started and finished when it began
-    lanes_finished: int
-    lone_steps: int = 0
-
-
-_DROP_CHECK_S = 0.01
-# An idle engine that has run no step for this long admits one request its estimates would
-# refuse, to measure them again (see _admit).
-PROBE_AFTER_S = 5.0
-# A busy engine prices a step at no more than this factor times the fastest it has measured
-# (see _predicted_latency; the engine's per-step overhead comes on top): room for what
-# contention adds under overload, not for estimates gone stale in a slow spell.
-PREDICTION_BOUND = 16.0
-# The per-step overhead is the median of this many busy spells of 50 ms (see _learn_overhead).
-OVERHEAD_SPELLS = 9
-
-
 def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
     return step.layers if isinstance(step, LayerStack) else [step]
 
@@ -170,7 +106,7 @@ def plain_groups(model: Model) -> list[list[int]]:
     return groups
 
 
-class Engine(ConcurrentSteps):
+class Engine(Admission, Decoding, ConcurrentSteps):
     """One engine: many models, one step loop, cell types placed on executors.
 
     `executors` maps names to executors (default: one real executor for `config.device`
@@ -527,22 +463,6 @@ class Engine(ConcurrentSteps):
             self._lane_finished(lane)
         return finished
 
-    def _learn_overhead(self, elapsed: float, off_device: float, steps: int) -> None:
-        """Fold one executed batch (`elapsed` seconds from its start to its update, of which
-        `off_device` not on a device, for `steps` steps) into the current spell; once it has
-        run for 50 ms, its off-device seconds per step join the last OVERHEAD_SPELLS and the
-        per-step overhead becomes their median."""
-        if steps <= 0:
-            return
-        self._busy_elapsed += elapsed
-        self._busy_off_device += off_device
-        self._busy_steps += steps
-        if self._busy_elapsed > 0.05:
-            self._overhead_spells.append(self._busy_off_device / self._busy_steps)
-            self.step_overhead_s = statistics.median(self._overhead_spells)
-            self._busy_elapsed = self._busy_off_device = 0.0
-            self._busy_steps = 0
-
     def _lone_steps(self, batch: StepBatch) -> int:
         """How many steps each lane of a small batch may run alone, one lane after the other,
         in one execute (up to LONE_LANE_CHUNK); 0 when the batch takes the batched step.
@@ -556,6 +476,11 @@ class Engine(ConcurrentSteps):
                 return 0
             steps = min(steps, lane.length - lane.step)
         return steps
+
+    def wake_at(self, now: float) -> float | None:
+        """When an engine with nothing to run should step again though nothing arrives (a
+        padded batch's timeout), or None."""
+        return self.policy.wake_at(now)
 
     def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Step until every submitted request has responded (for tests and scripts). Waits
@@ -616,154 +541,6 @@ class Engine(ConcurrentSteps):
             self._respond_early(self._inbox.popleft(), Status.ERROR, reason)
         for run in list(self._runs.values()):
             self._finish_run(run, Status.ERROR, reason)
-
-    # ---- admission ----
-
-    def _admit(self, request: Request, now: float) -> None:
-        if request.trace is not None:
-            request.trace.stamp("ENGINE_ADMIT")  # the hand-off and wake-up end
-        if request.cancelled:
-            self._respond_early(request, Status.CANCELLED, "cancelled: the client went away")
-            return
-        model = self.models.get(request.model)
-        if model is None:
-            self._respond_early(request, Status.INVALID, f"{UnknownModel.__name__}: unknown model {request.model!r}")
-            return
-        try:
-            inputs = validate_inputs(model, request.inputs)
-            check_beam_request(model, request)
-        except InvalidInput as exc:
-            self._respond_early(request, Status.INVALID, str(exc))
-            return
-        if len(self._runs) >= self.config.max_active:
-            self._respond_early(request, Status.REJECTED, f"queue full: {len(self._runs)} requests in flight",
-                                congestion=True)
-            return
-        if request.timeout_s is not None and not request.timeout_s > 0:
-            self._respond_early(request, Status.INVALID, f"timeout must be > 0 seconds, got {request.timeout_s}")
-            return
-        timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
-        deadline = request.arrival + timeout if timeout is not None else math.inf
-        run = _Run(request, model, {**model.constants, **inputs}, deadline,
-                   self._rounds_plan(model, inputs), model.batch_size(inputs))
-        if self.config.admission and deadline < math.inf:
-            predicted = self._predicted_latency(model, run.rounds_plan, run.batch)
-            # Headroom: requests admitted later slow this one down too. An idle engine whose
-            # estimates no step has confirmed lately admits whatever has time left, to measure:
-            # refusing on an estimate it cannot check would keep it from ever learning better
-            # (the server still answers 504 when the request does miss its deadline).
-            if predicted > self.config.admission_headroom * (deadline - now):
-                unconfirmed = not self._runs and now - self._last_step > PROBE_AFTER_S
-                if not unconfirmed or deadline <= now:
-                    alone = self._alone_latency(model, run.rounds_plan, run.batch)
-                    self._respond_early(request, Status.REJECTED,
-                                        f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
-                                        f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)",
-                                        congestion=alone <= self.config.admission_headroom * (deadline - now))
-                    return
-                run.probe = True
-        self._commit(run, +1)
-        run.admitted = now
-        if request.trace is not None:
-            request.trace.stamp("COMPUTE_START")
-        self._runs[request.request_id] = run
-        self._advance(run)
-
-    def predicted_latency(self, request: Request) -> float:
-        """Seconds this engine would now take to run `request` (a router's question; the
-        request is not checked: an invalid one gets a rough figure). Infinite for a model
-        the engine does not serve."""
-        model = self.models.get(request.model)
-        if model is None:
-            return math.inf
-        return self._predicted_latency(model, self._rounds_plan(model, request.inputs), model.batch_size(request.inputs))
-
-    def _predicted_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
-        """Rounds of the request's program, each priced at the load committed to the engine
-        with the request's lanes added (see cost_model.py)."""
-        load = self._committed.copy()
-        for t in self._model_types[model.name]:
-            load[t] += batch
-        # An idle engine has nothing running to learn from: price at the fastest steps seen,
-        # or one slow spell could make it refuse everything from then on. A busy one prices
-        # at the moving averages, but never above PREDICTION_BOUND times the fastest steps
-        # seen: averages learnt beside a noisy neighbour must not price work far beyond what
-        # the device has shown it does.
-        round_s = self._bounded_round_time(load) if self._runs else self.costs.round_time(load, best=True)
-        return sum(rounds_plan) * round_s
-
-    def _alone_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
-        """Seconds the request would take on an idle engine, at the fastest steps seen."""
-        return sum(rounds_plan) * self.costs.round_time({t: batch for t in self._model_types[model.name]}, best=True)
-
-    def _bounded_round_time(self, load: dict[str, int]) -> float:
-        kernels = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
-        return kernels + self.step_overhead_s * self.costs.batches(load)
-
-    def wake_at(self, now: float) -> float | None:
-        """When an engine with nothing to run should step again though nothing arrives (a
-        padded batch's timeout), or None."""
-        return self.policy.wake_at(now)
-
-    def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
-        length = 1
-        for name, sem in model.semantics.items():
-            if sem.time_axis is not None:
-                x = inputs.get(name)
-                shape = x.shape if type(x) is np.ndarray else np.shape(x)
-                if sem.time_axis < len(shape):
-                    length = max(length, shape[sem.time_axis])
-        return [length + extra for extra in self._extra_rounds[model.name]]
-
-    def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
-        """Add (+1) or take back (-1) a run's lanes in the cell types of its layers."""
-        for types in self._layer_types[run.model.name][layers or slice(run.layer, None)]:
-            for t in types:
-                self._committed[t] += sign * run.batch
-
-    def _rounds_left(self, run: _Run) -> int:
-        rounds = sum(run.rounds_plan[run.layer + 1:])
-        steps = [self.policy.lane(i) for i in run.lanes]
-        current = [(lane.length or run.rounds_plan[run.layer]) - lane.step for lane in steps if lane is not None]
-        return rounds + max(current, default=run.rounds_plan[run.layer] if run.layer < len(run.rounds_plan) else 0)
-
-    def _drop_late(self, now: float) -> None:
-        """Drop admitted requests that can no longer finish in time: their work is wasted.
-        Priced at the lanes running now (admission prices the committed load: a request is
-        refused on the slow estimate but dropped only on the fast one), within the same bound
-        as admission; a request admitted to measure (see _admit) is never dropped: it runs.
-
-        When a cell type has more lanes than a batch holds and the policy runs the most
-        urgent first, a request waits in its own cell type only for the lanes at least as
-        urgent as its own (in the others, for a batch per turn): pricing every lane would
-        drop an urgent request that is in fact served every turn."""
-        self._next_drop_check = now + _DROP_CHECK_S
-        lanes = {t: self.policy.lanes_of(t) for t in self._placed}
-        cap = self.policy.max_batch
-        runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
-        if not runs:
-            return
-        if not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
-            round_s = self._bounded_round_time(lanes)
-            late = [r for r in runs if now + self._rounds_left(r) * round_s > r.deadline]
-        else:
-            turn = {t: min(n, cap) for t, n in lanes.items()}  # every type's batch, each turn
-            ahead = dict.fromkeys(lanes, 0)
-            late = []
-            priced: dict[tuple, float] = {}  # load -> round time: the first runs all see the same
-            for run in sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival)):
-                for ref in run.lanes.values():
-                    ahead[ref.cell_type] += 1
-                load = tuple([max(ahead[t], turn[t]) for t in lanes])
-                round_s = priced.get(load)
-                if round_s is None:
-                    round_s = priced[load] = self._bounded_round_time(dict(zip(lanes, load)))
-                if now + self._rounds_left(run) * round_s > run.deadline:
-                    late.append(run)
-        for run in late:
-            self._finish_run(run, Status.DROPPED,
-                             f"dropped: can no longer finish before its deadline "
-                             f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
 
     # ---- a request's walk through its program ----
 
@@ -860,68 +637,6 @@ class Engine(ConcurrentSteps):
                                f"the input needs {[len(layer.directions), batch, layer.hidden]}")
         return h0, c0
 
-    def _start_decoder(self, run: _Run, dec: GraphDecoder) -> None:
-        """One decoder lane per sequence. The memory is batch-first [B, S, M] (each row's S
-        from the spec's memory_length, else S), the states one [B, D] tensor each (zeros
-        where the spec names no init)."""
-        cell_type = f"{run.model.name}/{dec.name}"
-        run.outputs = {}
-        spec = dec.spec
-        memory = np.asarray(run.env[spec.memory])
-        batch, width = memory.shape[0], memory.shape[1]
-        lengths = np.full(batch, width, np.int64)
-        if spec.memory_length:
-            lengths = np.asarray(run.env[spec.memory_length]).astype(np.int64).reshape(-1)
-            if lengths.shape != (batch,) or lengths.min() < 1 or lengths.max() > width:
-                raise InvalidInput(f"{spec.memory_length!r} {lengths.tolist()} must be {batch} source lengths "
-                                   f"in [1, {width}]")
-        inits = [run.env[spec.init_of(s)] if spec.init_of(s) else None for s in spec.state_inputs]
-        width = request_beam_width(spec, run.request.beam_width, run.model.name)
-        searched = width > 1 or run.request.return_beams or bool(spec.scores_output)
-        for b in range(batch):
-            n = int(lengths[b])
-            states = [(None if v is None else v[b],) for v in inits]
-            if searched:  # a beam row (width 1 too, when scores are asked for)
-                self._start_beam_row(run, cell_type, memory[b, :n], states, b, BeamRow(width, spec.eos, dec.max_tokens(n),
-                                                                                       spec.length_penalty))
-            else:  # greedy: one lane, argmax tokens, streamed
-                self._start_decoder_lane(run, cell_type, memory[b, :n], states, b, dec.max_tokens(n))
-
-    def _start_beam_row(self, run: _Run, cell_type: str, memory: np.ndarray, states: list[tuple], b: int,
-                        row: BeamRow) -> None:
-        """A beam row: `row.width` slots over one memory block, one live lane (BOS) to start;
-        the row's lanes come and go as its hypotheses do (see _prune_beams)."""
-        executor = self._placed[cell_type]
-        if self._busy and executor in self._busy:
-            self._defer_start(run, executor, self._start_beam_row, cell_type, memory, states, b, row)
-            return
-        if self._multi:
-            dec = run.model.program[run.pc]
-            self._note_reads(run, executor, [r for r in [dec.memory, dec.spec.memory_length] +
-                                             [e for _, e in dec.spec.init] if r])
-        started = executor.start_beam(cell_type, memory, states, row.width)
-        self._device_s += started.busy_s
-        first, *spare = started.storages
-        beam = BeamLanes(row, cell_type, [], spare)
-        self._add_lane(run, cell_type, None, first, first.base, 0,
-                       _LaneRef(cell_type, executor, first, 0, b, tokens=[], beam=beam))
-        beam.lanes.append(next(reversed(run.lanes)))
-
-    def _start_decoder_lane(self, run: _Run, cell_type: str, memory: np.ndarray, states: list[tuple], b: int,
-                            max_tokens: int) -> None:
-        executor = self._placed[cell_type]
-        if self._busy and executor in self._busy:
-            self._defer_start(run, executor, self._start_decoder_lane, cell_type, memory, states, b, max_tokens)
-            return
-        if self._multi:
-            dec = run.model.program[run.pc]
-            self._note_reads(run, executor, dec.reads())
-        started = executor.start_lane(cell_type, memory, states)
-        self._device_s += started.busy_s
-        storage = started.storage
-        self._add_lane(run, cell_type, None, storage, storage.base, 0,
-                       _LaneRef(cell_type, executor, storage, 0, b, tokens=[], max_tokens=max_tokens))
-
     def _add_lane(self, run: _Run, cell_type: str, length: int | None, storage: LaneStorage,
                   row0: int, stride: int, ref: _LaneRef) -> None:
         lane = Lane(next(self._lane_ids), run.request.request_id, cell_type, length, run.deadline,
@@ -931,102 +646,6 @@ class Engine(ConcurrentSteps):
         self.stats.lanes_started += 1
 
     # ---- taking a batch's results back ----
-
-    def _record_tokens(self, batch: StepBatch, tokens: np.ndarray,
-                       candidates: BeamCandidates | None = None) -> frozenset[int]:
-        """Append each decoder lane's token; return the lanes that ended (EOS or max length).
-        A beam lane's candidates wait for the rest of its row, whose step then prunes and
-        reorders the row (_prune_beams); beam lanes stream nothing."""
-        dec = self._decoders[batch.cell_type]
-        ended = []
-        self._beam_lanes_moved = False
-        rows: dict[int, tuple[_Run, BeamLanes]] = {}
-        for i, (lane_id, token) in enumerate(zip(batch.lane_ids, tokens.tolist())):
-            lane = self.policy.lane(lane_id)
-            if lane is None:
-                continue  # padding
-            run = self._runs[lane.request_id]
-            ref = run.lanes[lane_id]
-            if ref.beam is not None:
-                ref.beam.pending[lane_id] = (candidates.tokens[i], candidates.logp[i])
-                rows[id(ref.beam)] = (run, ref.beam)
-                continue
-            if token == dec.eos:
-                ended.append(lane_id)
-                continue
-            ref.tokens.append(token)
-            if run.request.on_tokens is not None:
-                self._emit_token(run.request, ref.batch_index, token)
-            if len(ref.tokens) >= ref.max_tokens:
-                ended.append(lane_id)
-        for run, beam in rows.values():
-            if beam.ready:
-                ended.extend(self._prune_beams(run, beam))
-            else:  # others of the row have not stepped yet: these wait out of the scheduler
-                for lane_id in beam.pending:
-                    if lane_id not in beam.held:
-                        beam.held[lane_id] = self.policy.lane(lane_id)
-                        self.policy.remove(lane_id)
-                self._beam_lanes_moved = True
-        return frozenset(ended)
-
-    def _prune_beams(self, run: _Run, beam: BeamLanes) -> list[int]:
-        """A beam row's step is complete: choose the surviving hypotheses (BeamRow.expand),
-        give each a lane (its parent's, when free: no state moves), gather the others' state
-        rows from their parents' slots (one kernel call), start lanes on spare slots and end
-        the lanes no hypothesis kept. Returns the lanes of this batch that end."""
-        refs = [run.lanes[i] for i in beam.lanes]
-        expansion = beam.row.expand([beam.pending[i][0] for i in beam.lanes], [beam.pending[i][1] for i in beam.lanes])
-        beam.pending.clear()
-        keep: dict[int, int] = {}  # new rank -> old rank whose lane it takes
-        for j, (parent, _) in enumerate(expansion.live):
-            if parent not in keep.values():
-                keep[j] = parent
-        unclaimed = [r for r in range(len(refs)) if r not in keep.values()]
-        for j in range(len(expansion.live)):
-            if j not in keep and unclaimed:
-                keep[j] = unclaimed.pop(0)
-        ending = [beam.lanes[r] for r in unclaimed] if not expansion.done else list(beam.lanes)
-        new_lanes: list[int] = []
-        dst, src, toks = [], [], []
-        for j, (parent, token) in enumerate(expansion.live):
-            if j in keep:
-                lane_id = beam.lanes[keep[j]]
-                storage = refs[keep[j]].storage
-            else:
-                storage = beam.free.pop()
-                self._add_lane(run, beam.cell_type, None, storage, storage.base, 0,
-                               _LaneRef(beam.cell_type, refs[0].executor, storage, 0, refs[0].batch_index,
-                                        tokens=[], beam=beam))
-                lane_id = next(reversed(run.lanes))
-            new_lanes.append(lane_id)
-            dst.append(storage.slot)
-            src.append(refs[parent].storage.slot)
-            toks.append(token)
-        if dst:
-            self._device_s += refs[0].executor.reorder_beams(beam.cell_type, np.array(dst, np.int64),
-                                                             np.array(src, np.int64), np.array(toks, np.int64))
-        beam.free.extend(run.lanes[i].storage for i in ending)
-        beam.lanes = new_lanes
-        held, beam.held = beam.held, {}
-        for lane_id, lane in held.items():
-            if lane_id in new_lanes:
-                self.policy.add(lane)
-        self._beam_lanes_moved = True
-        in_batch = []
-        for lane_id in ending:
-            if lane_id in held:
-                self._lane_finished(held[lane_id])
-            else:
-                in_batch.append(lane_id)
-        return in_batch
-
-    @staticmethod
-    def _emit_token(request: Request, batch_index: int, token: int) -> None:
-        try:
-            request.on_tokens(batch_index, token)
-        except Exception:  # a client's callback must not stop the engine
-            log.exception("on_tokens callback of request %s failed", request.request_id)
 
     def _lane_finished(self, lane: Lane) -> None:
         run = self._runs.get(lane.request_id)
@@ -1083,21 +702,6 @@ class Engine(ConcurrentSteps):
             run.env[step.output] = tokens
             if self._multi:
                 run.producers[step.output] = self._step_executors(run)
-
-    def _store_beams(self, run: _Run, step: GraphDecoder) -> None:
-        """A beam-searched decoder's answer: the best hypothesis of each row in the spec's
-        output; the best scores in its scores_output if it names one; the k best and their
-        scores (`<output>_beams`, `<output>_beam_scores`) if the request asks."""
-        rows = [run.outputs[b] for b in sorted(run.outputs)]
-        best, beams, scores = beam_outputs(rows, rows[0].width, step.pad)
-        run.env[step.output] = best
-        if step.spec.scores_output:
-            run.extra_outputs[step.spec.scores_output] = scores[:, 0].copy()
-        if run.request.return_beams:
-            names = beam_output_names(step.output)
-            run.extra_outputs.update({names[0]: beams, names[1]: scores})
-        if self._multi:
-            run.producers[step.output] = self._step_executors(run)
 
     # ---- responses ----
 

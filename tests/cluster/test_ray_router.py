@@ -12,7 +12,7 @@ from cellserve.cluster.ray_plan import PlanMismatch, from_flags, from_plan
 from cellserve.cluster.ray_router import (PREDICTION_BOUND, RateGate, Router, WorkerInfo, WorkerState, cost_model_from,
                                           cost_snapshot, time_length)
 from cellserve.config_args import add_flags, resolve
-from cellserve.engine import engine as engine_module
+from cellserve.engine import admission as engine_admission
 from cellserve.engine.cost_model import CostModel
 from cellserve.plan.nexus_io import parse_plan
 from cellserve.server.settings import ServerSettings
@@ -31,7 +31,7 @@ def worker(wid: str, step_s: float, models=("m",)) -> WorkerState:
 
 
 def test_the_bound_is_the_engines():
-    assert PREDICTION_BOUND == engine_module.PREDICTION_BOUND
+    assert PREDICTION_BOUND == engine_admission.PREDICTION_BOUND
 
 
 def test_a_snapshot_prices_exactly_as_the_cost_model_it_came_from():

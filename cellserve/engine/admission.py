@@ -1,0 +1,195 @@
+"""Admission and the drop check: what the engine prices a request at, and what it does with
+the price (a mixin of Engine, which holds the state these methods read: the cost model, the
+load committed to each cell type, the runs in flight, the per-step overhead).
+
+A request is priced at its rounds times the cost of a round at the load committed to every
+cell type with its own lanes added (cost_model.py), plus the engine's own time per batch off
+the device (learnt here, _learn_overhead). With admission on, one that would miss its deadline
+is refused at once; with drop_late, an admitted one that no longer can is dropped (_drop_late).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+
+from cellserve.engine.beam import check_beam_request
+from cellserve.engine.request import Request, Status
+from cellserve.engine.runs import _Run
+from cellserve.engine.validation import validate_inputs
+from cellserve.errors import InvalidInput, UnknownModel
+from cellserve.graph.model import Model
+
+_DROP_CHECK_S = 0.01
+# An idle engine that has run no step for this long admits one request its estimates would
+# refuse, to measure them again (see _admit).
+PROBE_AFTER_S = 5.0
+# A busy engine prices a step at no more than this factor times the fastest it has measured
+# (see _predicted_latency; the engine's per-step overhead comes on top): room for what
+# contention adds under overload, not for estimates gone stale in a slow spell.
+PREDICTION_BOUND = 16.0
+# The per-step overhead is the median of this many busy spells of 50 ms (see _learn_overhead).
+OVERHEAD_SPELLS = 9
+
+
+class Admission:
+    """Engine's admission, pricing and drop check (see the module docstring)."""
+
+    def _admit(self, request: Request, now: float) -> None:
+        if request.trace is not None:
+            request.trace.stamp("ENGINE_ADMIT")  # the hand-off and wake-up end
+        if request.cancelled:
+            self._respond_early(request, Status.CANCELLED, "cancelled: the client went away")
+            return
+        model = self.models.get(request.model)
+        if model is None:
+            self._respond_early(request, Status.INVALID, f"{UnknownModel.__name__}: unknown model {request.model!r}")
+            return
+        try:
+            inputs = validate_inputs(model, request.inputs)
+            check_beam_request(model, request)
+        except InvalidInput as exc:
+            self._respond_early(request, Status.INVALID, str(exc))
+            return
+        if len(self._runs) >= self.config.max_active:
+            self._respond_early(request, Status.REJECTED, f"queue full: {len(self._runs)} requests in flight",
+                                congestion=True)
+            return
+        if request.timeout_s is not None and not request.timeout_s > 0:
+            self._respond_early(request, Status.INVALID, f"timeout must be > 0 seconds, got {request.timeout_s}")
+            return
+        timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
+        deadline = request.arrival + timeout if timeout is not None else math.inf
+        run = _Run(request, model, {**model.constants, **inputs}, deadline,
+                   self._rounds_plan(model, inputs), model.batch_size(inputs))
+        if self.config.admission and deadline < math.inf:
+            predicted = self._predicted_latency(model, run.rounds_plan, run.batch)
+            # Headroom: requests admitted later slow this one down too. An idle engine whose
+            # estimates no step has confirmed lately admits whatever has time left, to measure:
+            # refusing on an estimate it cannot check would keep it from ever learning better
+            # (the server still answers 504 when the request does miss its deadline).
+            if predicted > self.config.admission_headroom * (deadline - now):
+                unconfirmed = not self._runs and now - self._last_step > PROBE_AFTER_S
+                if not unconfirmed or deadline <= now:
+                    alone = self._alone_latency(model, run.rounds_plan, run.batch)
+                    self._respond_early(request, Status.REJECTED,
+                                        f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
+                                        f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)",
+                                        congestion=alone <= self.config.admission_headroom * (deadline - now))
+                    return
+                run.probe = True
+        self._commit(run, +1)
+        run.admitted = now
+        if request.trace is not None:
+            request.trace.stamp("COMPUTE_START")
+        self._runs[request.request_id] = run
+        self._advance(run)
+
+    def predicted_latency(self, request: Request) -> float:
+        """Seconds this engine would now take to run `request` (a router's question; the
+        request is not checked: an invalid one gets a rough figure). Infinite for a model
+        the engine does not serve."""
+        model = self.models.get(request.model)
+        if model is None:
+            return math.inf
+        return self._predicted_latency(model, self._rounds_plan(model, request.inputs), model.batch_size(request.inputs))
+
+    def _predicted_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
+        """Rounds of the request's program, each priced at the load committed to the engine
+        with the request's lanes added (see cost_model.py)."""
+        load = self._committed.copy()
+        for t in self._model_types[model.name]:
+            load[t] += batch
+        # An idle engine has nothing running to learn from: price at the fastest steps seen,
+        # or one slow spell could make it refuse everything from then on. A busy one prices
+        # at the moving averages, but never above PREDICTION_BOUND times the fastest steps
+        # seen: averages learnt beside a noisy neighbour must not price work far beyond what
+        # the device has shown it does.
+        round_s = self._bounded_round_time(load) if self._runs else self.costs.round_time(load, best=True)
+        return sum(rounds_plan) * round_s
+
+    def _alone_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
+        """Seconds the request would take on an idle engine, at the fastest steps seen."""
+        return sum(rounds_plan) * self.costs.round_time({t: batch for t in self._model_types[model.name]}, best=True)
+
+    def _bounded_round_time(self, load: dict[str, int]) -> float:
+        kernels = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
+        return kernels + self.step_overhead_s * self.costs.batches(load)
+
+    def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
+        length = 1
+        for name, sem in model.semantics.items():
+            if sem.time_axis is not None:
+                x = inputs.get(name)
+                shape = x.shape if type(x) is np.ndarray else np.shape(x)
+                if sem.time_axis < len(shape):
+                    length = max(length, shape[sem.time_axis])
+        return [length + extra for extra in self._extra_rounds[model.name]]
+
+    def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
+        """Add (+1) or take back (-1) a run's lanes in the cell types of its layers."""
+        for types in self._layer_types[run.model.name][layers or slice(run.layer, None)]:
+            for t in types:
+                self._committed[t] += sign * run.batch
+
+    def _rounds_left(self, run: _Run) -> int:
+        rounds = sum(run.rounds_plan[run.layer + 1:])
+        steps = [self.policy.lane(i) for i in run.lanes]
+        current = [(lane.length or run.rounds_plan[run.layer]) - lane.step for lane in steps if lane is not None]
+        return rounds + max(current, default=run.rounds_plan[run.layer] if run.layer < len(run.rounds_plan) else 0)
+
+    def _drop_late(self, now: float) -> None:
+        """Drop admitted requests that can no longer finish in time: their work is wasted.
+        Priced at the lanes running now (admission prices the committed load: a request is
+        refused on the slow estimate but dropped only on the fast one), within the same bound
+        as admission; a request admitted to measure (see _admit) is never dropped: it runs.
+
+        When a cell type has more lanes than a batch holds and the policy runs the most
+        urgent first, a request waits in its own cell type only for the lanes at least as
+        urgent as its own (in the others, for a batch per turn): pricing every lane would
+        drop an urgent request that is in fact served every turn."""
+        self._next_drop_check = now + _DROP_CHECK_S
+        lanes = {t: self.policy.lanes_of(t) for t in self._placed}
+        cap = self.policy.max_batch
+        runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
+        if not runs:
+            return
+        if not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
+            round_s = self._bounded_round_time(lanes)
+            late = [r for r in runs if now + self._rounds_left(r) * round_s > r.deadline]
+        else:
+            turn = {t: min(n, cap) for t, n in lanes.items()}  # every type's batch, each turn
+            ahead = dict.fromkeys(lanes, 0)
+            late = []
+            priced: dict[tuple, float] = {}  # load -> round time: the first runs all see the same
+            for run in sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival)):
+                for ref in run.lanes.values():
+                    ahead[ref.cell_type] += 1
+                load = tuple([max(ahead[t], turn[t]) for t in lanes])
+                round_s = priced.get(load)
+                if round_s is None:
+                    round_s = priced[load] = self._bounded_round_time(dict(zip(lanes, load)))
+                if now + self._rounds_left(run) * round_s > run.deadline:
+                    late.append(run)
+        for run in late:
+            self._finish_run(run, Status.DROPPED,
+                             f"dropped: can no longer finish before its deadline "
+                             f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
+
+    def _learn_overhead(self, elapsed: float, off_device: float, steps: int) -> None:
+        """Fold one executed batch (`elapsed` seconds from its start to its update, of which
+        `off_device` not on a device, for `steps` steps) into the current spell; once it has
+        run for 50 ms, its off-device seconds per step join the last OVERHEAD_SPELLS and the
+        per-step overhead becomes their median."""
+        if steps <= 0:
+            return
+        self._busy_elapsed += elapsed
+        self._busy_off_device += off_device
+        self._busy_steps += steps
+        if self._busy_elapsed > 0.05:
+            self._overhead_spells.append(self._busy_off_device / self._busy_steps)
+            self.step_overhead_s = statistics.median(self._overhead_spells)
+            self._busy_elapsed = self._busy_off_device = 0.0
+            self._busy_steps = 0

@@ -1,0 +1,70 @@
+"""The engine's books on work in flight: a request being run (_Run), where each of its lanes
+lives (_LaneRef), and a batch being executed (_Work). Plain records, shared by the step loop
+(engine.py), admission (admission.py) and the decoders' walk (decoding.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cellserve.engine.beam import BeamLanes
+from cellserve.engine.request import Request
+from cellserve.executor.base import Executor
+from cellserve.executor.batch import StepBatch
+from cellserve.graph.model import Model
+from cellserve.kernels.cell import LaneStorage
+
+
+@dataclass(eq=False)
+class _LaneRef:
+    """Where one of a request's lanes lives, and where its results go."""
+
+    cell_type: str
+    executor: Executor
+    storage: LaneStorage
+    direction: int
+    batch_index: int
+    tokens: list[int] | None = None  # a decoder lane's output so far
+    max_tokens: int = 0  # a decoder lane's most tokens (its spec's limit at its source length)
+    beam: BeamLanes | None = None  # a beam-search lane: its row (engine/beam.py)
+
+
+@dataclass(eq=False)
+class _Run:
+    """A request in flight: its tensors, where it is in the program, its running lanes."""
+
+    request: Request
+    model: Model
+    env: dict
+    deadline: float
+    rounds_plan: list[int]  # expected steps of each recurrent step of the program
+    batch: int  # sequences in the request: lanes per cell type
+    pc: int = 0
+    layer: int = 0  # recurrent steps of the program completed
+    lanes: dict[int, _LaneRef] = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)  # of the current recurrent step: per layer name, or per decoder row
+    state: dict = field(default_factory=dict)  # final (h, c) per layer, when the request asks
+    admitted: float | None = None
+    responded: bool = False
+    probe: bool = False  # admitted by an idle engine against its estimate, to measure (see _admit)
+    waiting: int = 0  # lanes of the current recurrent step waiting for their busy executor to start them
+    # with several executors: tensor name -> executors that computed it (none: the request's
+    # inputs and the model's constants, on the host), and the (tensor, executor) moves counted
+    producers: dict = field(default_factory=dict)
+    moved: set = field(default_factory=set)
+    extra_outputs: dict = field(default_factory=dict)  # response tensors beyond the model's (beam search)
+
+
+@dataclass(eq=False)
+class _Work:
+    """A batch being run: the scheduler's StepBatch and where its lanes are now."""
+
+    batch: StepBatch
+    slots: np.ndarray
+    rows: np.ndarray
+    strides: np.ndarray
+    started: float  # clock time the step began
+    lanes_started: int  # the engine's counts of lanes started and finished when it began
+    lanes_finished: int
+    lone_steps: int = 0
