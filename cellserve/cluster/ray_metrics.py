@@ -44,7 +44,7 @@ class ClusterCollector:
         execs = CounterMetricFamily("cellserve_inference_exec_count", "Batched cell steps run for a model",
                                     labels=["model", "version", *wn])
         overhead = GaugeMetricFamily("cellserve_engine_step_overhead_seconds",
-                                     "Seconds a busy step spends off its device, per worker", labels=wn)
+                                     "Seconds a busy step takes beyond the cost model's price, per worker", labels=wn)
         up = GaugeMetricFamily("cellserve_worker_up", "1 while the worker is live, 0 once it died", labels=wn)
         served = CounterMetricFamily("cellserve_worker_requests", "Requests a worker's engine answered",
                                      labels=[*wn, "outcome"])

@@ -54,7 +54,7 @@ class WorkerState:
     by_model: dict[str, int] = field(default_factory=dict)  # model -> of those, its requests (drains wait on it)
     load: dict[str, int] = field(default_factory=dict)  # cell type -> lanes outstanding
     costs: CostModel | None = None
-    step_overhead_s: float = 0.0  # seconds per batch off the device (the engine's own)
+    step_overhead_s: float = 0.0  # seconds per batch beyond the cost model's price (the engine's own)
     snapshot: dict = field(default_factory=dict)  # the last poll (metrics)
 
     @property

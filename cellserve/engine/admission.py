@@ -19,6 +19,7 @@ from cellserve.engine.beam import check_beam_request
 from cellserve.engine.request import Request, Status
 from cellserve.engine.runs import _Run
 from cellserve.engine.validation import validate_inputs
+from cellserve.executor.batch import StepBatch
 from cellserve.errors import InvalidInput, UnknownModel
 from cellserve.graph.model import Model
 
@@ -178,18 +179,21 @@ class Admission:
                              f"dropped: can no longer finish before its deadline "
                              f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
 
-    def _learn_overhead(self, elapsed: float, off_device: float, steps: int) -> None:
-        """Fold one executed batch (`elapsed` seconds from its start to its update, of which
-        `off_device` not on a device, for `steps` steps) into the current spell; once it has
-        run for 50 ms, its off-device seconds per step join the last OVERHEAD_SPELLS and the
-        per-step overhead becomes their median."""
-        if steps <= 0:
+    def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int) -> None:
+        """Fold one executed batch (`elapsed` seconds from its start to its update, for
+        `steps` steps) into the current spell: what it took beyond the cost model's price of
+        its steps. Once the spell has run for 50 ms, its excess per step joins the last
+        OVERHEAD_SPELLS and the per-step overhead becomes their median. Measured against the
+        model's price, not the device's time, so that the price plus the overhead is what a
+        step took, whatever the model's table lags."""
+        cost = self.costs.costs.get(batch.cell_type)
+        if steps <= 0 or cost is None:
             return
         self._busy_elapsed += elapsed
-        self._busy_off_device += off_device
+        self._busy_excess += max(elapsed - steps * cost(batch.size), 0.0)
         self._busy_steps += steps
         if self._busy_elapsed > 0.05:
-            self._overhead_spells.append(self._busy_off_device / self._busy_steps)
+            self._overhead_spells.append(self._busy_excess / self._busy_steps)
             self.step_overhead_s = statistics.median(self._overhead_spells)
-            self._busy_elapsed = self._busy_off_device = 0.0
+            self._busy_elapsed = self._busy_excess = 0.0
             self._busy_steps = 0

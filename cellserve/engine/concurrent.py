@@ -23,7 +23,7 @@ on the host and are not counted.
 
 Cost model: a round takes as long as its busiest executor (`CostModel.group_of`), and the
 per-step overhead is learnt per batch from the time between handing it out and taking it
-back, less its device time.
+back, beyond the cost model's price of its steps.
 """
 
 from __future__ import annotations
@@ -156,8 +156,7 @@ class ConcurrentSteps:
             else:
                 self._account(work, result)
                 self._complete(work, result)
-                elapsed = self.clock.now() - work.started
-                self._learn_overhead(elapsed, max(elapsed - result.busy_s, 0.0), result.steps)
+                self._learn_overhead(self.clock.now() - work.started, work.batch, result.steps)
             self._run_deferred(executor)
 
     def _dispatch(self, now: float) -> bool:

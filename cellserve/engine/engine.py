@@ -172,17 +172,17 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         self._lane_ids = itertools.count(1)
         self._next_drop_check = 0.0
         self._last_step = -math.inf  # clock time of the last batch executed
-        self._device_s = 0.0  # device seconds inside the current step (the rest is overhead)
-        # Seconds per step a batch spends off its device: projections' Python, plain ops'
+        self._device_s = 0.0  # device seconds inside the current step (stats: the rest is overhead)
+        # Seconds per step beyond the cost model's price: projections' Python, plain ops'
         # dispatch, admission, bookkeeping, waiting for the GIL. Learnt over busy spells of
-        # at least 50 ms; admission adds it to every batch of a priced round (see
-        # _bounded_round_time). A per-step cost, not a factor on kernel time: learnt at small
+        # at least 50 ms (admission.py _learn_overhead); admission adds it to every batch of
+        # a priced round (_bounded_round_time). A per-step cost, not a factor on kernel time: learnt at small
         # batches (mostly Python), a factor overstated large batches' steps several times over.
         # The median of the last spells' figures: one spell holding a collector pass or a
         # convoy on the GIL must not price every request that arrives in the next second.
         self.step_overhead_s = 0.0
         self._overhead_spells: deque[float] = deque(maxlen=OVERHEAD_SPELLS)
-        self._busy_elapsed = self._busy_off_device = 0.0
+        self._busy_elapsed = self._busy_excess = 0.0
         self._busy_steps = 0
         self._multi = len(self.executors) > 1  # track the tensors crossing executors
         self._init_concurrency(concurrent)
@@ -443,7 +443,7 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         s.overhead_s.append(overhead)
         s.step_records.append((overhead, batch.size, s.lanes_started - work.lanes_started,
                                s.lanes_finished - work.lanes_finished))
-        self._learn_overhead(now - work.started, overhead, result.steps)
+        self._learn_overhead(now - work.started, batch, result.steps)
         if finished or self._beam_lanes_moved or self._inbox or self._arrived[0] or not self.policy.stable or (
                 self.config.drop_late and now >= self._next_drop_check):
             return None

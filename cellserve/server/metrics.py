@@ -13,7 +13,7 @@ Cellular batching:
                                    occupancy of a cell type is lanes / steps
   cellserve_slo_miss_total         the deadline passed before the answer was ready (answered 504)
   cellserve_sequences_active
-  cellserve_engine_step_overhead_seconds  seconds a step spends off its device, as admission prices it
+  cellserve_engine_step_overhead_seconds  seconds a step takes beyond the cost model's price (added per batch)
 Admission and connections (the frontends, before any decoding; not per model):
   cellserve_requests_shed_total    inference refused (429) by the frontends' bound, at the headers
   cellserve_admission_limit, cellserve_admission_in_flight   the bound now, and what it holds
@@ -118,7 +118,7 @@ class _EngineCollector:
         yield lanes
         yield execs
         yield GaugeMetricFamily("cellserve_engine_step_overhead_seconds",
-                                "Seconds a busy step spends off its device, added per batch as admission prices requests",
+                                "Seconds a busy step takes beyond the cost model's price, added per batch as admission prices requests",
                                 value=self.engine.step_overhead_s)
 
 

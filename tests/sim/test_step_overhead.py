@@ -11,6 +11,7 @@ import pytest
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.cost_model import CostModel
 from cellserve.engine.request import Status
+from cellserve.executor.batch import StepBatch
 from cellserve.plan.profile import HostProfile, synthetic_profile
 from cellserve.sim.loop import SimArrival, Simulation
 
@@ -61,11 +62,19 @@ def test_a_burst_that_fills_a_batch_is_priced_at_kernel_time_plus_overhead_and_a
 
 def test_one_slow_spell_does_not_move_the_overhead_but_a_lasting_change_does(models):
     _, engine = _engine(models)
-    for _ in range(20):  # steady: 100 us off the device per step, in spells of 60 ms
-        engine._learn_overhead(0.06, 100 * 1e-6 * 300, 300)
+    (cell_type,) = engine.cell_types
+    batch = StepBatch(cell_type, tuple(range(1, 9)), tuple(range(1, 9)), (1,) * 8, (1,) * 8)
+    price = KERNEL_S(8)  # what the cost model prices a step of this batch at
+
+    def spell(per_step_s: float, steps: int = 300) -> None:  # one spell of 60 ms at least
+        for _ in range(steps):
+            engine._learn_overhead(price + per_step_s, batch, 1)
+
+    for _ in range(20):  # steady: 100 us beyond the price per step
+        spell(100e-6)
     assert engine.step_overhead_s == pytest.approx(100e-6)
-    engine._learn_overhead(0.06, 0.05, 10)  # a collector pass: 5 ms per step for one spell
+    spell(5e-3, 12)  # a collector pass: 5 ms per step for one spell
     assert engine.step_overhead_s == pytest.approx(100e-6)
     for _ in range(5):  # the machine got busier for good
-        engine._learn_overhead(0.06, 300 * 1e-6 * 100, 100)
+        spell(300e-6, 200)
     assert engine.step_overhead_s == pytest.approx(300e-6)
