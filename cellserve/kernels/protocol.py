@@ -3,8 +3,8 @@
 A kernel owns one cell type on one device: its weights, the state slots and row blocks of
 the lanes running through it, and a batched step over any set of those lanes. CellKernel
 (one direction of one layer), StackKernel (stacked layers stepped together) and
-DecoderKernel (an attention decoder) all implement it, so an executor never asks which one
-it holds.
+GraphDecoderKernel (a decoder step given as a graph) all implement it, so an executor never
+asks which one it holds.
 """
 
 from __future__ import annotations
