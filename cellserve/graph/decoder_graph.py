@@ -28,7 +28,7 @@ from onnx import numpy_helper
 from cellserve.errors import ModelLoadError, UnsupportedOperator
 from cellserve.graph import step_ops
 from cellserve.graph.model import DenseNode, TensorSpec
-from cellserve.graph.onnx_import import _attrs, _spec
+from cellserve.graph.onnx_import import _attrs, _spec, read_onnx
 
 if TYPE_CHECKING:
     from cellserve.graph.step_compile import CompiledStep
@@ -57,18 +57,7 @@ class DecoderStepGraph:
 def load_decoder_step(source: str | Path | bytes | onnx.ModelProto, name: str = "decoder_step") -> DecoderStepGraph:
     """Read and check a decoder-step graph (see the module docstring). Raises
     ModelLoadError (UnsupportedOperator for an op that cannot run) naming what is wrong."""
-    try:
-        if isinstance(source, onnx.ModelProto):
-            proto = source
-        elif isinstance(source, bytes):
-            proto = onnx.load_from_string(source)
-        else:
-            proto = onnx.load(str(source))
-    except Exception as exc:  # onnx raises several unrelated types for a broken file
-        raise ModelLoadError(f"cannot read decoder-step graph {name!r}: {exc}") from exc
-    graph = proto.graph
-    if not graph.output:
-        raise ModelLoadError(f"decoder-step graph {name!r} has no outputs (is it an ONNX file?)")
+    graph = read_onnx(source, f"decoder-step graph {name!r}")
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     inputs = [_spec(v) for v in graph.input if v.name not in constants]
     outputs = [_spec(v) for v in graph.output]

@@ -33,8 +33,9 @@ _LSTM_ONNX_TO_OURS = [0, 2, 3, 1]  # ONNX i,o,f,c -> i,f,c,o
 _GRU_ONNX_TO_OURS = [1, 0, 2]  # ONNX z,r,h -> r,z,h
 
 
-def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model") -> Model:
-    """Load from a path, serialized bytes or a ModelProto."""
+def read_onnx(source: str | Path | bytes | onnx.ModelProto, what: str) -> onnx.GraphProto:
+    """The graph of an ONNX model given as a path, serialized bytes or a ModelProto; `what`
+    names it in the ModelLoadError raised for a file that cannot be read or has no outputs."""
     try:
         if isinstance(source, onnx.ModelProto):
             proto = source
@@ -43,10 +44,15 @@ def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model")
         else:
             proto = onnx.load(str(source))
     except Exception as exc:  # onnx raises several unrelated types for a broken file
-        raise ModelLoadError(f"cannot read ONNX model {name!r}: {exc}") from exc
-    graph = proto.graph
-    if not graph.output:
-        raise ModelLoadError(f"cannot read ONNX model {name!r}: it has no graph outputs (is it an ONNX file?)")
+        raise ModelLoadError(f"cannot read {what}: {exc}") from exc
+    if not proto.graph.output:
+        raise ModelLoadError(f"cannot read {what}: it has no graph outputs (is it an ONNX file?)")
+    return proto.graph
+
+
+def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model") -> Model:
+    """Load from a path, serialized bytes or a ModelProto."""
+    graph = read_onnx(source, f"ONNX model {name!r}")
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     inputs = [_spec(v) for v in graph.input if v.name not in constants]
     outputs = [_spec(v) for v in graph.output]

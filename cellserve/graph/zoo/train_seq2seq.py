@@ -18,21 +18,12 @@ from torch import nn
 from cellserve.graph.zoo.seq2seq import (BOS, EOS, MAX_INPUT_DIGITS, PAD, Seq2SeqAttention,
                                          encode_digits, decode_digits, greedy_decode,
                                          reverse_task, save_weights)
+from cellserve.graph.zoo.teacher_forcing import teacher_forcing_batch
 
 
 def make_batch(srcs: list[str], tgts: list[str]):
     """-> src [B, S], src_lens [B], tgt_in [B, T] = BOS + target, tgt_out [B, T] = target + EOS."""
-    src_ids = [encode_digits(s) for s in srcs]
-    tgt_ids = [encode_digits(t) for t in tgts]
-    S, T = max(map(len, src_ids)), max(map(len, tgt_ids)) + 1
-    src = torch.full((len(srcs), S), PAD, dtype=torch.long)
-    tgt_in = torch.full((len(srcs), T), PAD, dtype=torch.long)
-    tgt_out = torch.full((len(srcs), T), PAD, dtype=torch.long)
-    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
-        src[i, :len(s)] = torch.tensor(s)
-        tgt_in[i, :len(t) + 1] = torch.tensor([BOS] + t)
-        tgt_out[i, :len(t) + 1] = torch.tensor(t + [EOS])
-    return src, torch.tensor([len(s) for s in src_ids]), tgt_in, tgt_out
+    return teacher_forcing_batch([encode_digits(s) for s in srcs], [encode_digits(t) for t in tgts], PAD, BOS, EOS)
 
 
 def exact_match(model: Seq2SeqAttention, srcs: list[str], tgts: list[str]) -> float:
