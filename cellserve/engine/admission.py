@@ -15,7 +15,7 @@ import statistics
 
 import numpy as np
 
-from cellserve.engine.beam import check_beam_request
+from cellserve.engine.beam import decode_width
 from cellserve.engine.request import Request, Status
 from cellserve.engine.runs import _Run
 from cellserve.engine.validation import validate_inputs
@@ -50,7 +50,7 @@ class Admission:
             return
         try:
             inputs = validate_inputs(model, request.inputs)
-            check_beam_request(model, request)
+            width = decode_width(model, request)
         except InvalidInput as exc:
             self._respond_early(request, Status.INVALID, str(exc))
             return
@@ -64,9 +64,9 @@ class Admission:
         timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
         deadline = request.arrival + timeout if timeout is not None else math.inf
         run = _Run(request, model, {**model.constants, **inputs}, deadline,
-                   self._rounds_plan(model, inputs), model.batch_size(inputs))
+                   self._rounds_plan(model, inputs), model.batch_size(inputs), width=width)
         if self.config.admission and deadline < math.inf:
-            predicted = self._predicted_latency(model, run.rounds_plan, run.batch)
+            predicted = self._predicted_latency(model, run.rounds_plan, run.batch, width)
             # Headroom: requests admitted later slow this one down too. An idle engine whose
             # estimates no step has confirmed lately admits whatever has time left, to measure:
             # refusing on an estimate it cannot check would keep it from ever learning better
@@ -74,7 +74,7 @@ class Admission:
             if predicted > self.config.admission_headroom * (deadline - now):
                 unconfirmed = not self._runs and now - self._last_step > PROBE_AFTER_S
                 if not unconfirmed or deadline <= now:
-                    alone = self._alone_latency(model, run.rounds_plan, run.batch)
+                    alone = self._alone_latency(model, run.rounds_plan, run.batch, width)
                     self._respond_early(request, Status.REJECTED,
                                         f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
                                         f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)",
@@ -95,14 +95,24 @@ class Admission:
         model = self.models.get(request.model)
         if model is None:
             return math.inf
-        return self._predicted_latency(model, self._rounds_plan(model, request.inputs), model.batch_size(request.inputs))
+        try:
+            width = decode_width(model, request)
+        except InvalidInput:
+            width = 1
+        return self._predicted_latency(model, self._rounds_plan(model, request.inputs), model.batch_size(request.inputs),
+                                       width)
 
-    def _predicted_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
+    def _lanes(self, model: Model, batch: int, width: int) -> dict[str, int]:
+        """The lanes a request of `batch` rows adds to each of the model's cell types: a beam
+        row's `width` hypotheses each in a lane of the decoder's type, one per row elsewhere."""
+        return {t: batch * width if t in self._decoders else batch for t in self._model_types[model.name]}
+
+    def _predicted_latency(self, model: Model, rounds_plan: list[int], batch: int, width: int = 1) -> float:
         """Rounds of the request's program, each priced at the load committed to the engine
         with the request's lanes added (see cost_model.py)."""
         load = self._committed.copy()
-        for t in self._model_types[model.name]:
-            load[t] += batch
+        for t, n in self._lanes(model, batch, width).items():
+            load[t] += n
         # An idle engine has nothing running to learn from: price at the fastest steps seen,
         # or one slow spell could make it refuse everything from then on. A busy one prices
         # at the moving averages, but never above PREDICTION_BOUND times the fastest steps
@@ -111,9 +121,9 @@ class Admission:
         round_s = self._bounded_round_time(load) if self._runs else self.costs.round_time(load, best=True)
         return sum(rounds_plan) * round_s
 
-    def _alone_latency(self, model: Model, rounds_plan: list[int], batch: int) -> float:
+    def _alone_latency(self, model: Model, rounds_plan: list[int], batch: int, width: int = 1) -> float:
         """Seconds the request would take on an idle engine, at the fastest steps seen."""
-        return sum(rounds_plan) * self.costs.round_time({t: batch for t in self._model_types[model.name]}, best=True)
+        return sum(rounds_plan) * self.costs.round_time(self._lanes(model, batch, width), best=True)
 
     def _bounded_round_time(self, load: dict[str, int]) -> float:
         kernels = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
@@ -130,10 +140,11 @@ class Admission:
         return [length + extra for extra in self._extra_rounds[model.name]]
 
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
-        """Add (+1) or take back (-1) a run's lanes in the cell types of its layers."""
+        """Add (+1) or take back (-1) a run's lanes in the cell types of its layers (a beam
+        row's hypotheses each a lane of its decoder's type)."""
         for types in self._layer_types[run.model.name][layers or slice(run.layer, None)]:
             for t in types:
-                self._committed[t] += sign * run.batch
+                self._committed[t] += sign * (run.batch * run.width if t in self._decoders else run.batch)
 
     def _rounds_left(self, run: _Run) -> int:
         rounds = sum(run.rounds_plan[run.layer + 1:])

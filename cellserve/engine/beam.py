@@ -162,15 +162,16 @@ class BeamLanes:
         return len(self.pending) == len(self.lanes)
 
 
-def check_beam_request(model, request) -> None:
-    """At admission: a request's beam_width / return_beams need a graph decoder, and the
-    width must fit its spec (InvalidInput, a 400, naming both numbers)."""
-    if request.beam_width is None and not request.return_beams:
-        return
+def decode_width(model, request) -> int:
+    """At admission: the lanes per row the request's decoder will run (its beam width; 1 for
+    greedy and for models without a graph decoder). Its beam_width / return_beams need a graph
+    decoder, and the width must fit the spec: InvalidInput (a 400) naming both numbers."""
     from cellserve.graph.model import GraphDecoder
 
     decoders = [step for step in model.program if isinstance(step, GraphDecoder)]
     if not decoders:
+        if request.beam_width is None and not request.return_beams:
+            return 1
         raise InvalidInput(f"parameters 'beam_width'/'return_beams' need an encoder-decoder; model {model.name!r} "
                            "has no decoder-step graph")
-    request_beam_width(decoders[0].spec, request.beam_width, model.name)
+    return request_beam_width(decoders[0].spec, request.beam_width, model.name)

@@ -39,7 +39,7 @@ class _Run:
     env: dict
     deadline: float
     rounds_plan: list[int]  # expected steps of each recurrent step of the program
-    batch: int  # sequences in the request: lanes per cell type
+    batch: int  # sequences in the request: lanes per cell type (per row, a decoder's beam width)
     pc: int = 0
     layer: int = 0  # recurrent steps of the program completed
     lanes: dict[int, _LaneRef] = field(default_factory=dict)
@@ -54,6 +54,7 @@ class _Run:
     producers: dict = field(default_factory=dict)
     moved: set = field(default_factory=set)
     extra_outputs: dict = field(default_factory=dict)  # response tensors beyond the model's (beam search)
+    width: int = 1  # a decoder's lanes per row: the beam width it decodes with (engine/beam.py)
 
 
 @dataclass(eq=False)
