@@ -30,5 +30,10 @@ class DeadlineMissed(CellserveError):
     """Dropped while running: the request can no longer finish before its deadline."""
 
 
+class NotOnThisExecutor(CellserveError):
+    """An executor was asked for work it does not do (beam search on the simulator's). The
+    engine checks the executor's capabilities at admission, so a request never gets here."""
+
+
 class UnknownModel(CellserveError):
     """No model of that name (or version) is loaded."""

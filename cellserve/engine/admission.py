@@ -51,6 +51,7 @@ class Admission:
         try:
             inputs = validate_inputs(model, request.inputs)
             width = decode_width(model, request)
+            self._check_beam_executors(model, request, width)
         except InvalidInput as exc:
             self._respond_early(request, Status.INVALID, str(exc))
             return

@@ -23,6 +23,19 @@ log = logging.getLogger(__name__)
 class Decoding:
     """Engine's decoder lanes and beam rows (see the module docstring)."""
 
+    def _check_beam_executors(self, model, request: Request, width: int) -> None:
+        """At admission: a request whose decoder will beam-search (a width above 1, the k best
+        asked for, or a spec with a scores output; see _start_decoder) needs an executor that
+        runs beam search there. InvalidInput (a 400) naming the executor otherwise."""
+        for cell_type in self._model_types[model.name]:
+            dec = self._decoders.get(cell_type)
+            if dec is None or not (width > 1 or request.return_beams or dec.spec.scores_output):
+                continue
+            executor = self._placed[cell_type]
+            if not executor.beam_search:
+                raise InvalidInput(f"model {model.name!r} decodes with beam search here, and executor "
+                                   f"{executor.name!r} (which runs {cell_type!r}) does not run beam search")
+
     def _start_decoder(self, run: _Run, dec: GraphDecoder) -> None:
         """One decoder lane per sequence. The memory is batch-first [B, S, M] (each row's S
         from the spec's memory_length, else S), the states one [B, D] tensor each (zeros

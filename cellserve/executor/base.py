@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellserve.errors import NotOnThisExecutor
 from cellserve.executor.batch import StepBatch
 from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, RecurrentLayer
 from cellserve.kernels.cell import LaneStorage
@@ -122,16 +123,21 @@ class Executor(ABC):
         first lane stopping early once `stop[0]` is set (an arrival) and the others then
         running as many steps as it did."""
 
+    # Whether start_beam and reorder_beams run here (the real kernels' executor: yes; the
+    # simulator's: no). The engine refuses a beam request at admission when its decoder's
+    # executor says no, so the two methods below are never called on such an executor.
+    beam_search: bool = False
+
     def start_beam(self, cell_type: str, x: np.ndarray, states: list[tuple] | None,
                    width: int) -> BeamStarted:
         """Admit a beam-search row of a graph decoder: `width` slots over one memory x [S, M],
-        the first live (see GraphDecoderKernel.start_beam)."""
-        raise NotImplementedError(f"executor {self.name} does not run beam search")
+        the first live (see GraphDecoderKernel.start_beam). Only when `beam_search`."""
+        raise NotOnThisExecutor(f"executor {self.name!r} does not run beam search")
 
     def reorder_beams(self, cell_type: str, dst: np.ndarray, src: np.ndarray, tokens: np.ndarray) -> float:
         """Between steps of beam rows: slots dst take the states of slots src and the next
-        tokens `tokens` (see GraphDecoderKernel.reorder); busy seconds."""
-        raise NotImplementedError(f"executor {self.name} does not run beam search")
+        tokens `tokens` (see GraphDecoderKernel.reorder); busy seconds. Only when `beam_search`."""
+        raise NotOnThisExecutor(f"executor {self.name!r} does not run beam search")
 
     @abstractmethod
     def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:

@@ -28,6 +28,7 @@ class KernelExecutor(Executor):
     """Real kernels on one torch device, with the given backend (None: the device's best)."""
 
     concurrent = True
+    beam_search = True
 
     def __init__(self, device: str | torch.device = "cpu", backend: str | None = None, name: str | None = None,
                  cores: list[int] | tuple[int, ...] | None = None):

@@ -93,12 +93,15 @@ def _slice(node: DenseNode, a: Args) -> list[torch.Tensor]:
     steps = _ints(a[4]) if len(a) > 4 and a[4] is not None else [1] * len(starts)
     index = [slice(None)] * x.dim()
     for s, e, ax, st in zip(starts, ends, axes, steps):
-        if st < 0:  # torch slices do not step backwards: flip, then slice forwards
-            raise NotImplementedError(f"Slice with a negative step on axis {ax}")
         dim = x.shape[ax]
-        s = min(max(s + dim if s < 0 else s, 0), dim)
-        e = min(max(e + dim if e < 0 else e, 0), dim)
-        index[ax] = slice(s, e, st)
+        s, e = s + dim if s < 0 else s, e + dim if e < 0 else e
+        if st > 0:
+            index[ax] = slice(min(max(s, 0), dim), min(max(e, 0), dim), st)
+        elif st < 0:  # torch slices do not step backwards: gather the positions, ONNX's clamping
+            kept = range(min(max(s, 0), dim - 1), min(max(e, -1), dim - 1), st)
+            x = x.index_select(ax, torch.tensor(list(kept), dtype=torch.long, device=x.device))
+        else:
+            raise ValueError(f"Slice {node.name!r}: step 0 on axis {ax}")
     return [x[tuple(index)]]
 
 
@@ -130,9 +133,9 @@ def _reduce_max(x: torch.Tensor, axes: tuple, keep: bool) -> torch.Tensor:
 
 
 def _argmax(node: DenseNode, a: Args) -> list[torch.Tensor]:
-    if node.attrs.get("select_last_index", 0):
-        raise NotImplementedError("ArgMax select_last_index=1")
     axis, keep = int(node.attrs.get("axis", 0)), bool(node.attrs.get("keepdims", 1))
+    if node.attrs.get("select_last_index", 0):  # ties go to the last: the first of the flipped tensor
+        return [a[0].shape[axis] - 1 - torch.argmax(a[0].flip(axis), dim=axis, keepdim=keep)]
     return [torch.argmax(a[0], dim=axis, keepdim=keep)]
 
 
