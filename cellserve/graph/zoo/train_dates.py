@@ -16,11 +16,10 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from cellserve.graph.zoo.dates import (BOS, EOS, PAD, DatesModel, accuracy, date_task, encode_source,
                                        encode_target, save_weights)
-from cellserve.graph.zoo.teacher_forcing import teacher_forcing_batch
+from cellserve.graph.zoo.teacher_forcing import teacher_forcing_batch, train
 
 
 def make_batch(srcs: list[str], tgts: list[str]):
@@ -51,26 +50,16 @@ def main(argv: list[str] | None = None) -> None:
     heldout_rng = np.random.default_rng([args.seed, 1])  # a different stream than training's
 
     model = DatesModel()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / args.steps)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD)
-
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        src, src_lens, tgt_in, tgt_out = make_batch(*date_task(rng, args.batch))
-        logits = model(src, src_lens, tgt_in)
-        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == args.steps:
-            model.eval()
-            acc = accuracy(model, *date_task(heldout_rng, 200), beam_width=1)
-            model.train()
-            print(f"step {step:5d}  loss {loss.item():.4f}  greedy exact-match(200) {acc:.3f}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+
+    def report(step: int, loss: float) -> None:
+        model.eval()
+        acc = accuracy(model, *date_task(heldout_rng, 200), beam_width=1)
+        model.train()
+        print(f"step {step:5d}  loss {loss:.4f}  greedy exact-match(200) {acc:.3f}  "
+              f"{time.perf_counter() - start:.0f}s", flush=True)
+
+    train(model, lambda: make_batch(*date_task(rng, args.batch)), args.steps, args.lr, PAD, 250, report)
     train_s = time.perf_counter() - start
     save_weights(model, args.out)
     print(f"wrote {args.out}  ({sum(p.numel() for p in model.parameters())} parameters, "

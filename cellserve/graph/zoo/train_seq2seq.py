@@ -13,12 +13,11 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from cellserve.graph.zoo.seq2seq import (BOS, EOS, MAX_INPUT_DIGITS, PAD, Seq2SeqAttention,
                                          encode_digits, decode_digits, greedy_decode,
                                          reverse_task, save_weights)
-from cellserve.graph.zoo.teacher_forcing import teacher_forcing_batch
+from cellserve.graph.zoo.teacher_forcing import teacher_forcing_batch, train
 
 
 def make_batch(srcs: list[str], tgts: list[str]):
@@ -54,25 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     heldout_rng = np.random.default_rng([args.seed, 1])
 
     model = Seq2SeqAttention(args.embed, args.hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # Linear decay to 0: a high rate learns the alignment fast, the low tail polishes it.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / args.steps)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD)
-
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        src, src_lens, tgt_in, tgt_out = make_batch(*reverse_task(rng, args.batch))
-        logits = model(src, src_lens, tgt_in)
-        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # LSTMs occasionally spike early on
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == args.steps:
-            acc = exact_match(model, *reverse_task(heldout_rng, 200))
-            print(f"step {step:5d}  loss {loss.item():.4f}  exact-match(200) {acc:.3f}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+
+    def report(step: int, loss: float) -> None:
+        acc = exact_match(model, *reverse_task(heldout_rng, 200))
+        print(f"step {step:5d}  loss {loss:.4f}  exact-match(200) {acc:.3f}  "
+              f"{time.perf_counter() - start:.0f}s", flush=True)
+
+    train(model, lambda: make_batch(*reverse_task(rng, args.batch)), args.steps, args.lr, PAD, 200, report)
 
     acc = exact_match(model, *reverse_task(heldout_rng, args.eval))
     print(f"final exact-match accuracy on {args.eval} fresh held-out inputs: {acc:.4f}")
