@@ -140,6 +140,20 @@ def build_app(core: Core, max_request_bytes: int):
     return fast_path
 
 
+async def enter_admission(core: Core, scope, receive, send) -> tuple[float, object] | None:
+    """An inference request's first step: when it reached the server (core.clock) and its
+    place in the admission bound, handed back with `core.admission.leave` once answered;
+    None when the bound is full (answered 429 here, before the body is read)."""
+    received = scope.get(RECEIVED)
+    if received is None:  # served without GuardedHttpProtocol (another server, a test client)
+        received = core.clock.now()
+    try:
+        return received, core.admission.enter()
+    except Overloaded as exc:
+        await _server_error_response(exc)(scope, receive, send)
+        return None
+
+
 class InferEndpoint:
     """POST /v2/models/{model}[/versions/{version}]/infer as a bare ASGI app, errors included
     (answered as the Starlette app's handlers answer them). Each request holds a place in the
@@ -149,15 +163,11 @@ class InferEndpoint:
         self.core, self.max_request_bytes = core, max_request_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        received = scope.get(RECEIVED)
-        if received is None:  # served without GuardedHttpProtocol (another server, a test client)
-            received = self.core.clock.now()
-        admission = self.core.admission
-        try:
-            ticket = admission.enter()
-        except Overloaded as exc:
-            await _server_error_response(exc)(scope, receive, send)
+        entered = await enter_admission(self.core, scope, receive, send)
+        if entered is None:
             return
+        received, ticket = entered
+        admission = self.core.admission
         failure = None
         traced = self.core.tracer.on  # off: nothing more per request
         try:

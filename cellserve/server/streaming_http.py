@@ -26,9 +26,9 @@ import numpy as np
 
 from cellserve.server import codec
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
-from cellserve.server.errors import BadRequest, Overloaded, ServerError, Unavailable
-from cellserve.server.http_frontend import (RECEIVED, _internal_error_response, _read_body,
-                                            _server_error_response)
+from cellserve.server.errors import BadRequest, ServerError, Unavailable
+from cellserve.server.http_frontend import (_internal_error_response, _read_body, _server_error_response,
+                                            enter_admission)
 from cellserve.server.streaming import StreamClosed, Token, TokenStream
 
 # request parameters that may stand beside the inputs (Triton passes non-input fields as
@@ -45,15 +45,11 @@ class GenerateEndpoint:
         self.core, self.max_request_bytes, self.stream = core, max_request_bytes, stream
 
     async def __call__(self, scope, receive, send) -> None:
-        received = scope.get(RECEIVED)
-        if received is None:
-            received = self.core.clock.now()
-        admission = self.core.admission
-        try:
-            ticket = admission.enter()
-        except Overloaded as exc:
-            await _server_error_response(exc)(scope, receive, send)
+        entered = await enter_admission(self.core, scope, receive, send)
+        if entered is None:
             return
+        received, ticket = entered
+        admission = self.core.admission
         failure = None
         try:
             await self._serve(scope, receive, send, received)
