@@ -403,6 +403,8 @@ def _merge_unserved(items: list[Unserved]) -> list[Unserved]:
 
 def _device(dev: _Dev, device_type: str) -> Device:
     load = dev.load
-    sessions = tuple(Assignment(m.id, m.model, m.slo_ms, b, r, ms, load.duty_ms + ms, m.prefix)
-                     for (m, r), b, ms in zip(dev.entries(), load.batches, load.latencies))
-    return Device(dev.id, device_type, load.duty_ms, load.occupancy, sessions)
+    sessions = [Assignment(m.id, m.model, m.slo_ms, b, r, ms, load.duty_ms + ms, m.prefix)
+                for (m, r), b, ms in zip(dev.entries(), load.batches, load.latencies)]
+    # by id: a device's sessions are a set, and a re-plan of an unchanged workload must give
+    # the same plan whatever order it packed them in
+    return Device(dev.id, device_type, load.duty_ms, load.occupancy, tuple(sorted(sessions, key=lambda a: a.id)))
