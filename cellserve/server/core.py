@@ -300,6 +300,9 @@ class Core:
             trace.stamp("REQUEST_START")
         entry = self.model(request.model, request.version)
         metrics = self.metrics.model(entry.name, entry.version)
+        if not self.accepting:  # before it counts as pending: one the metrics show arrived is served
+            metrics.failure("unavailable").inc()
+            raise Unavailable("the server is shutting down")
         metrics.pending.inc()
         try:
             result, timeout_s = await self._infer(entry, request, received, on_tokens)
@@ -327,8 +330,6 @@ class Core:
 
     async def _infer(self, entry: ServedModel, request: InferInput, received: float,
                      on_tokens=None) -> tuple[InferOutput, float | None]:
-        if not self.accepting:
-            raise Unavailable("the server is shutting down")
         options = RequestOptions.parse(request.parameters)
         if request.outputs is not None:
             known = {s.name for s in entry.model.outputs} | optional_outputs(entry.model)
