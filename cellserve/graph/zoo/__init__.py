@@ -1,7 +1,12 @@
 """The zoo: built-in models that work offline.
 
 Classifiers and the tagger have seeded random weights (they exist to be served and measured);
-`seq2seq-reverse` is a real trained model (see seq2seq.py and train_seq2seq.py).
+`seq2seq-reverse` (seq2seq.py, train_seq2seq.py) and `dates` (dates.py, train_dates.py,
+dates_served.py) are real trained encoder-decoders, served through the decoder-step path.
+
+`parameters(name)` is what the server publishes in a model's config (Triton's model
+configuration `parameters`): for `dates`, its text vocabularies (cellserve/text_vocab.py) and
+its decode spec.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from cellserve.graph.model import Model, RecurrentLayer
 from cellserve.graph.seq2seq_examples import ReverserEncoder, ReverserStep
 from cellserve.graph.seq2seq_import import load_torch_seq2seq
 from cellserve.graph.torch_import import load_torch
-from cellserve.graph.zoo import seq2seq
+from cellserve.graph.zoo import dates, dates_served, seq2seq
 from cellserve.graph.zoo.modules import RNNClassifier, RNNTagger, seeded
 
 TOKENS_AXES = {"tokens": {0: "batch", 1: "time"}}
@@ -27,9 +32,13 @@ TOKENS_AXES = {"tokens": {0: "batch", 1: "time"}}
 @dataclass(frozen=True)
 class ZooEntry:
     description: str
-    module: Callable[[], torch.nn.Module] | None  # the PyTorch reference, when there is one
+    module: Callable[[], torch.nn.Module] | None  # the PyTorch reference of a one-graph model
     outputs: tuple[str, ...]
     time_output_axes: dict[str, dict[int, str]]
+    # an encoder-decoder: its served model (decoder-step path), trained module, and published parameters
+    served: Callable[[str], Model] | None = None
+    trained: Callable[[], torch.nn.Module] | None = None
+    parameters: Callable[[], dict[str, str]] | None = None
 
 
 def _classifier(kind: str, vocab: int, width: int, layers: int, seed: int) -> Callable[[], torch.nn.Module]:
@@ -48,7 +57,13 @@ ZOO: dict[str, ZooEntry] = {
                               ("tag_probabilities", "tags"),
                               {"tag_probabilities": {0: "batch", 1: "time"}, "tags": {0: "batch", 1: "time"}}),
     "seq2seq-reverse": ZooEntry("trained LSTM encoder-decoder with attention that reverses digit strings "
-                                "(greedy decoding)", None, ("reversed",), {}),
+                                "(greedy decoding)", None, ("reversed",), {},
+                                served=lambda name: _seq2seq_model(name, seq2seq.load_trained()),
+                                trained=seq2seq.load_trained),
+    "dates": ZooEntry("trained GRU encoder-decoder with additive attention: written dates ('3rd of March 1998') "
+                      "to ISO 2021-03-03, text in and out; beam search up to 8", None, ("date",), {},
+                      served=lambda name: dates_served.load(name), trained=dates.load_trained,
+                      parameters=dates_served.parameters),
 }
 
 
@@ -57,14 +72,21 @@ def names() -> list[str]:
 
 
 def reference_module(name: str) -> torch.nn.Module:
+    """The PyTorch module a zoo model is served from (an encoder-decoder: its trained model)."""
     entry = _entry(name)
-    return entry.module() if entry.module else seq2seq.load_trained()
+    return entry.module() if entry.module else entry.trained()
+
+
+def parameters(name: str) -> dict[str, str]:
+    """The parameters the server publishes in the model's config ({} for most models)."""
+    entry = _entry(name)
+    return entry.parameters() if entry.parameters else {}
 
 
 def load(name: str) -> Model:
     entry = _entry(name)
-    if entry.module is None:
-        return _seq2seq_model(name, seq2seq.load_trained())
+    if entry.served is not None:
+        return entry.served(name)
     example = (torch.zeros((1, 3), dtype=torch.long),)
     model = load_torch(entry.module(), name, example, ["tokens"], list(entry.outputs),
                        {**TOKENS_AXES, **entry.time_output_axes})

@@ -54,7 +54,8 @@ STEP_INPUTS = ["token", "memory", "memory_mask", "h", "att"]
 STEP_OUTPUTS = ["logits", "h_next", "att_next"]
 
 # How the engine decodes it (graph/decode_spec.py). max_length counts decoder steps, the EOS
-# step included. Beam widths up to 8 are meant; the engine serves greedy until beam search lands.
+# step included. Greedy by default; a request may ask for a beam of up to 8 (zoo `dates`,
+# dates_served.py).
 DECODE_SPEC = DecodeSpec.from_dict({
     "memory": "memory", "init": {"h": "init_h", "att": "init_att"},
     "token_input": "token", "memory_input": "memory", "mask_input": "memory_mask",
