@@ -11,6 +11,12 @@ first failing rate; the policies take turns, one run each, so a drifting machine
 alike, and a rate any two policies reach gets the same trace. Every max goodput carries its
 bracket: a failing rate above it, else it is marked as a lower bound (or, when the light load
 already failed, as below the ramp's start).
+
+Encoder-decoders (a model with a decoder-step graph): requests are drawn from the model's own
+task inputs (bench/decoder_inputs.py), so output lengths vary as in use, and every request
+asks `beam_width` (1: greedy). The policies are cellular, padded and none; ONNX Runtime is
+skipped (the bench has no single ONNX export of an encoder-decoder), and the JSON's
+`skipped_policies` says so, as it does for any model the ONNX Runtime runners cannot take.
 """
 
 from __future__ import annotations
@@ -27,15 +33,17 @@ import numpy as np
 from tqdm import tqdm
 
 from cellserve import heap
+from cellserve.bench.decoder_workload import decoder_of, lengths, workload
 from cellserve.bench.engine_runner import replay
 from cellserve.bench.ort_runners import OrtRunner, export_classifier_onnx
 from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.ramp import Bracket, RampPlan, RampResult, RampSearch, footnotes
 from cellserve.bench.results import meets_slo, summarize
 from cellserve.bench.roofline import engine_shape_gflops, measure_roofline
-from cellserve.bench.traces import make_trace, trace_at_rate
+from cellserve.bench.traces import InputSampler, make_trace, trace_at_rate
 from cellserve.engine.engine import Engine, EngineConfig
-from cellserve.engine.request import Request
+from cellserve.engine.request import Request, Response, Status
+from cellserve.errors import InvalidInput
 from cellserve.graph import zoo
 from cellserve.graph.zoo.modules import RNNClassifier
 
@@ -67,6 +75,9 @@ class BenchConfig:
     seconds_per_run: float | None = None  # None: by quick
     ramp_factor: float | None = None  # None: by quick
     refine_steps: int = REFINE_STEPS
+    beam_width: int = 1  # every request's (an encoder-decoder's); other models take only 1
+    capacity_requests: int = 300  # the closed-loop bursts' size (the capacity estimate)
+    min_requests: int = 40  # of each run, however low its rate
 
     @property
     def run_seconds(self) -> float:
@@ -92,22 +103,37 @@ def run(cfg: BenchConfig, log=print) -> dict:
     input_name = model.inputs[0].name
     vocab = model.semantics[input_name].vocab or 2
     slo_s = cfg.slo_ms / 1e3
+    work = workload(model, cfg.beam_width)
+    if work.decoder is not None:
+        log(f"encoder-decoder, beam width {cfg.beam_width}; inputs: {work.decoder['inputs']}")
+        if work.decoder["max_beam_width_configured"] < cfg.beam_width:
+            log(f"the model's decode spec allows beam width up to {work.decoder['max_beam_width_configured']}; "
+                f"served here with max_beam_width {cfg.beam_width}")
     log(f"measuring this machine's SGEMM roofline ({'quick' if cfg.quick else 'full'})...")
     roofline = measure_roofline(cfg.quick)  # before any engine limits numpy's BLAS threads
     roofline["engine_shapes"] = engine_shape_gflops([1, 8, 32, 64, 128], 512, 2048)
     engines = _engines(model, cfg)
     # the first burst warms caches and thread pools up; the best of two more is the estimate
-    capacity = max(closed_loop_capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed + i) for i in range(3))
+    answers: list[Response] = []
+    capacity = max(closed_loop_capacity(engines["cellular"], model.name, input_name, vocab, cfg.seed + i,
+                                        n=cfg.capacity_requests, inputs=work.inputs, beam_width=work.beam_width,
+                                        responses=answers)
+                   for i in range(3))
     log(f"cellular capacity estimate (closed loop, all requests at once): {capacity:.0f} req/s")
     plan = cfg.plan(capacity)
-    runners = {name: _policy_runner(name, engines, model.name, input_name, slo_s) for name in engines}
-    runners.update(_ort_runners(cfg, model.name))
+    runners = {name: _policy_runner(name, engines, model.name, input_name, slo_s, work.beam_width)
+               for name in engines}
+    ort, skipped = _ort_runners(cfg, model)
+    runners.update(ort)
+    for policy, why in skipped.items():
+        log(f"{policy}: skipped ({why})")
     heap.settle()  # as the server does once started (see heap.py)
     traces: dict[float, list] = {}
 
     def trace(rate: float) -> list:
         if rate not in traces:
-            traces[rate] = trace_at_rate(cfg.seed, rate, cfg.run_seconds, vocab, bursty=cfg.bursty)
+            traces[rate] = trace_at_rate(cfg.seed, rate, cfg.run_seconds, vocab, bursty=cfg.bursty,
+                                         min_requests=cfg.min_requests, inputs=work.inputs)
         return traces[rate]
 
     searches = {policy: RampSearch(plan, lambda s: meets_slo(s, cfg.slo_ms)) for policy in runners}
@@ -120,6 +146,10 @@ def run(cfg: BenchConfig, log=print) -> dict:
                 search.record(summarize(runners[policy](trace(rate), rate), slo_s))
                 bar.update()
     report = _report(cfg, roofline, capacity, plan, {p: s.result() for p, s in searches.items()})
+    report["skipped_policies"] = skipped
+    if work.decoder is not None:
+        light = trace(plan.rates[0] if plan.rates else plan.start_rps)
+        report["decoder"] = {**work.decoder, **lengths(model, answers, light)}
     _write(cfg, report)
     return report
 
@@ -138,15 +168,27 @@ def _engines(model, cfg: BenchConfig) -> dict[str, Engine]:
     }
 
 
-def _policy_runner(policy: str, engines: dict, model: str, input_name: str, slo_s: float):
+def _policy_runner(policy: str, engines: dict, model: str, input_name: str, slo_s: float,
+                   beam_width: int | None = None):
     timeout = slo_s if policy.startswith("cellular") else None
-    return lambda trace, rate: replay(engines[policy], model, input_name, trace, policy, rate, timeout)
+    return lambda trace, rate: replay(engines[policy], model, input_name, trace, policy, rate, timeout,
+                                      beam_width=beam_width)
 
 
-def _ort_runners(cfg: BenchConfig, model_name: str) -> dict:
+ORT_POLICIES = ("ort", "ort-padded")
+
+
+def _ort_runners(cfg: BenchConfig, model) -> tuple[dict, dict[str, str]]:
+    """ONNX Runtime's runners for `model`, and the policies skipped with the reason why."""
+    model_name = model.name
+    if decoder_of(model) is not None:
+        why = ("an encoder-decoder: the bench has no single ONNX export of its encoder and decoder loop for "
+               "ONNX Runtime to run")
+        return {}, dict.fromkeys(ORT_POLICIES, why)
     module = zoo.reference_module(model_name)
     if not isinstance(module, RNNClassifier) or module.directions != 1:
-        return {}  # the ONNX Runtime reference is built for unidirectional classifiers
+        # the ONNX Runtime reference is built for unidirectional classifiers
+        return {}, dict.fromkeys(ORT_POLICIES, "the ONNX Runtime runners take unidirectional classifiers only")
     path = Path(tempfile.mkdtemp(prefix="cellserve-ort-")) / f"{model_name}.onnx"
     export_classifier_onnx(module, path)
     ort = OrtRunner(path, padded=False)
@@ -159,21 +201,36 @@ def _ort_runners(cfg: BenchConfig, model_name: str) -> dict:
             return stats
         return go
 
-    return {"ort": runner(ort), "ort-padded": runner(ort_padded)}
+    return {"ort": runner(ort), "ort-padded": runner(ort_padded)}, {}
 
 
-def closed_loop_capacity(engine: Engine, model: str, input_name: str, vocab: int, seed: int, n: int = 300) -> float:
-    """Requests per second when `n` requests arrive at once and nothing has a deadline."""
+def closed_loop_capacity(engine: Engine, model: str, input_name: str, vocab: int, seed: int, n: int = 300,
+                         inputs: InputSampler | None = None, beam_width: int | None = None,
+                         responses: list | None = None) -> float:
+    """Requests per second when `n` requests arrive at once and nothing has a deadline.
+    `inputs`, `beam_width`: as the runs' (make_trace, replay); `responses` gets the answers.
+    A burst in which a request fails is no capacity: InvalidInput (a request the model
+    refused: its reason) or RuntimeError (any other failure)."""
     rng = np.random.default_rng(seed + 1)
-    trace = make_trace(rng, 1.0, n, vocab)
+    trace = make_trace(rng, 1.0, n, vocab, inputs=inputs)
     saved = engine.config.admission, engine.config.drop_late
     engine.config.admission = engine.config.drop_late = False
+    answers: list[Response] = []
     start = time.perf_counter()
     for item in trace:
-        engine.submit(Request(model, {input_name: item.tokens.reshape(1, -1)}))
+        engine.submit(Request(model, {input_name: item.tokens.reshape(1, -1)}, on_done=answers.append,
+                              beam_width=beam_width))
     engine.run_until_idle(timeout_s=120)
     elapsed = time.perf_counter() - start
     engine.config.admission, engine.config.drop_late = saved
+    failed = [r for r in answers if r.status is not Status.OK]
+    if failed or len(answers) != n:
+        error = InvalidInput if failed and failed[0].status is Status.INVALID else RuntimeError
+        first = f"; the first: {failed[0].status.value}: {failed[0].reason}" if failed else ""
+        raise error(f"bench engine: model {model!r}: {len(failed)} of {n} requests failed and "
+                    f"{n - len(answers)} went unanswered in the capacity burst{first}")
+    if responses is not None:
+        responses.extend(answers)
     return n / elapsed
 
 
@@ -204,6 +261,7 @@ def _report(cfg: BenchConfig, roofline: dict, capacity: float, plan: RampPlan,
         "quick": cfg.quick,
         "runs_per_point": cfg.runs_per_point,
         "bursty": cfg.bursty,
+        "beam_width": cfg.beam_width,
         "machine": {"cpus": cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "roofline_gflops": roofline["roofline_gflops"],
         "sgemm": roofline["sgemm"],
@@ -233,11 +291,14 @@ def table(report: dict) -> str:
     """The summary as a plain-text table, each max goodput with the rates that bracket it."""
     head = (f"{'policy':<12} {'max goodput':>13} {'capacity in':>12} {'light p50':>10} {'light p99':>10} "
             f"{'sat. GFLOP/s':>12} {'overhead/step':>14}")
-    lines = [f"{report['model']}, SLO {report['slo_ms']:.0f} ms, roofline {report['roofline_gflops']:.0f} GFLOP/s", head]
+    beam = f", beam {report['beam_width']}" if "decoder" in report else ""
+    lines = [f"{report['model']}{beam}, SLO {report['slo_ms']:.0f} ms, roofline {report['roofline_gflops']:.0f} GFLOP/s",
+             head]
     for policy, d in report["policies"].items():
         b = Bracket.from_dict(d)
         lines.append(f"{policy:<12} {b.figure():>13} {b.describe() + ' r/s':>12} "
                      f"{d['light_load_p50_ms']:>7.2f} ms {d['light_load_p99_ms']:>7.2f} ms "
                      f"{d['saturation_gflops']:>12.1f} {d['overhead_us_per_step']:>11.1f} us")
-    return "\n".join(lines + footnotes(Bracket.from_dict(d) for d in report["policies"].values()))
+    skipped = [f"{policy}: skipped ({why})" for policy, why in report.get("skipped_policies", {}).items()]
+    return "\n".join(lines + footnotes(Bracket.from_dict(d) for d in report["policies"].values()) + skipped)
 

@@ -18,12 +18,13 @@ from cellserve.engine.engine import Engine, EngineStats
 from cellserve.engine.request import Request, Response
 
 
-
 def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest], policy: str,
-           rate_rps: float, timeout_s: float | None, drain_s: float = 30.0) -> RunStats:
+           rate_rps: float, timeout_s: float | None, drain_s: float = 30.0,
+           beam_width: int | None = None) -> RunStats:
     """Serve `trace` on `engine`; requests carry `timeout_s` as their deadline (None: none).
     Requests still unanswered `drain_s` after the last arrival are aborted (reported as
-    errors), so the engine is empty for the next run."""
+    errors), so the engine is empty for the next run. `beam_width`: every request asks it
+    (an encoder-decoder's search width; None: the model's default, and no parameter sent)."""
     engine.stats = EngineStats()
     responses: dict[int, Response] = {}
     done = threading.Event()
@@ -40,7 +41,7 @@ def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest
     requests = []
     for item in sorted(trace, key=lambda r: r.arrival_s):
         request = Request(model, {input_name: item.tokens.reshape(1, -1)}, on_done=on_done,
-                          timeout_s=timeout_s, arrival=start + item.arrival_s)
+                          timeout_s=timeout_s, arrival=start + item.arrival_s, beam_width=beam_width)
         ids[request.request_id] = item
         requests.append(request)
 

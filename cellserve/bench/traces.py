@@ -1,10 +1,13 @@
 """Synthetic request traces: WMT-like sentence lengths and Poisson or bursty arrivals.
 
 Every generator takes a `numpy.random.Generator`, so a trace is reproducible from its seed.
+An `InputSampler` replaces the WMT-like token rows with another distribution (a decoder
+model's own task inputs: bench/decoder_inputs.py); without one, traces are drawn as before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,10 @@ MAX_SENTENCE_TOKENS = 100
 # percentile ~= 84, about 0.5% of draws above 100 (those are clipped to 100).
 _LOG_MEAN = float(np.log(25.0) - 0.6**2 / 2)
 _LOG_SIGMA = 0.6
+
+
+# (rng, n) -> n token rows (int64, shape [T] each, T >= 1), drawn from `rng` alone
+InputSampler = Callable[[np.random.Generator, int], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,16 @@ def bursty_arrivals(rng: np.random.Generator, rate_rps: float, n: int, burst_fac
 
 
 def make_trace(rng: np.random.Generator, rate_rps: float, n: int, vocab: int,
-               bursty: bool = False) -> list[TraceRequest]:
-    """`n` requests with WMT-like lengths, token ids uniform in [0, vocab), ordered by arrival."""
+               bursty: bool = False, inputs: InputSampler | None = None) -> list[TraceRequest]:
+    """`n` requests with WMT-like lengths, token ids uniform in [0, vocab), ordered by arrival;
+    with `inputs`, their token rows are `inputs(rng, n)` instead (and `vocab` is unused)."""
     arrivals = (bursty_arrivals if bursty else poisson_arrivals)(rng, rate_rps, n)
+    if inputs is not None:
+        rows = inputs(rng, n)
+        if len(rows) != n:
+            raise ValueError(f"the input sampler gave {len(rows)} rows for {n} requests")
+        return [TraceRequest(request_id=i, arrival_s=float(arrivals[i]), tokens=np.asarray(rows[i], np.int64))
+                for i in range(n)]
     lengths = sentence_lengths(rng, n)
     return [TraceRequest(request_id=i, arrival_s=float(arrivals[i]),
                          tokens=rng.integers(0, vocab, size=int(lengths[i]), dtype=np.int64))
@@ -86,8 +100,10 @@ def make_trace(rng: np.random.Generator, rate_rps: float, n: int, vocab: int,
 
 
 def trace_at_rate(seed: int, rate_rps: float, seconds: float, vocab: int, bursty: bool = False,
-                  min_requests: int = 40) -> list[TraceRequest]:
+                  min_requests: int = 40, inputs: InputSampler | None = None) -> list[TraceRequest]:
     """`seconds` of requests at `rate_rps` (at least `min_requests`), drawn from (seed, rate)
-    alone: whichever ramp brings a system to a rate, it gets the same requests there."""
+    alone: whichever ramp brings a system to a rate, it gets the same requests there.
+    `inputs`: as for make_trace."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, int(round(rate_rps * 1000))]))
-    return make_trace(rng, rate_rps, max(min_requests, int(rate_rps * seconds)), vocab, bursty=bursty)
+    return make_trace(rng, rate_rps, max(min_requests, int(rate_rps * seconds)), vocab, bursty=bursty,
+                      inputs=inputs)
