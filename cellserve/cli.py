@@ -67,9 +67,12 @@ def _add_bench_engine(bench_sub) -> None:
                      help="runs at a rate that fails before it counts as failed; any pass passes (default 2)")
     eng.add_argument("--json", type=Path, default=Path("bench-results/engine.json"), help="where to write results")
     eng.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
+    eng.add_argument("--beam-width", type=int, default=1,
+                     help="an encoder-decoder's beam width, asked by every request (default: 1, greedy); "
+                          "other models take only 1")
     eng.set_defaults(run=lambda args, parser: _bench_engine(args.model, args.slo_ms, args.quick, args.bursty,
                                                             args.max_batch, args.seed, args.json, args.plot,
-                                                            args.repeats))
+                                                            args.repeats, args.beam_width))
 
 
 def _add_bench_server(bench_sub) -> None:
@@ -220,15 +223,20 @@ def _serve(args, parser: argparse.ArgumentParser) -> int:
     return serve(settings)
 
 
-def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot, repeats=None) -> int:
+def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot, repeats=None,
+                  beam_width=1) -> int:
     from cellserve.bench import engine_bench
     from cellserve.errors import CellserveError
 
     if slo_ms <= 0 or max_batch < 1 or (repeats is not None and repeats < 1):
         print("error: --slo-ms must be > 0, --max-batch and --repeats >= 1", file=sys.stderr)
         return 2
+    if beam_width < 1:
+        print(f"error: --beam-width must be >= 1, got {beam_width}", file=sys.stderr)
+        return 2
     cfg = engine_bench.BenchConfig(model=model, slo_ms=slo_ms, quick=quick, bursty=bursty, seed=seed,
-                                   max_batch=max_batch, json_path=json_path, plot_path=plot, repeats=repeats)
+                                   max_batch=max_batch, json_path=json_path, plot_path=plot, repeats=repeats,
+                                   beam_width=beam_width)
     try:
         report = engine_bench.run(cfg)
     except CellserveError as exc:
