@@ -181,11 +181,20 @@ def _add_serve(sub) -> None:
 
 def _add_infer(sub) -> None:
     inf = sub.add_parser("infer", help="send one inference request to a running server and print the answer")
-    inf.add_argument("model", help="model name, e.g. seq2seq-reverse or lstm-512")
+    inf.add_argument("model", nargs="?", default=None, help="model name, e.g. dates, seq2seq-reverse or lstm-512")
     inf.add_argument("text", nargs="?", default=None,
-                     help="input as text: digits for seq2seq-reverse, words for the token models")
-    inf.add_argument("--json", dest="json_input", default=None,
+                     help="input as text: encoded with the vocabulary the model publishes (dates), else digits "
+                          "for seq2seq-reverse, words for the token models")
+    inf.add_argument("--model", dest="model_flag", metavar="MODEL", default=None,
+                     help="the model, as a flag (instead of MODEL)")
+    inf.add_argument("--text", dest="text_flag", metavar="TEXT", default=None,
+                     help="the text, as a flag (instead of TEXT)")
+    inf.add_argument("--json", dest="json_input", metavar="JSON", default=None,
                      help='inputs as JSON instead: {"INPUT": nested list, ...}')
+    inf.add_argument("--beam-width", type=int, metavar="K", default=None,
+                     help="an encoder-decoder's beam width (request parameter beam_width; default: the model's)")
+    inf.add_argument("--return-beams", action="store_true",
+                     help="print every beam and its score (request parameter return_beams)")
     inf.add_argument("--url", default=None, help="server address host:port (default: localhost:8000, "
                                                  "or localhost:8001 with --protocol grpc)")
     inf.add_argument("--protocol", choices=["http", "grpc"], default="http")

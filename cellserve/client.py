@@ -1,10 +1,14 @@
 """`cellserve infer`: one inference request to a running server, with tritonclient as the client.
 
-It asks the server for the model's metadata, builds the input from text (digits for a model
-whose input is named "digits", such as seq2seq-reverse; words hashed to token ids for the
-token models) or from `--json`, sends it over HTTP or gRPC, and prints the answer readably.
-Every failure is one line on stderr: exit 1 for what the server or the network said, 2 for
-a usage error (no input, a bad --json, text the model cannot take).
+It asks the server for the model's metadata, builds the input from text or from `--json`,
+sends it over HTTP or gRPC, and prints the answer readably. Text: a model that publishes a
+text vocabulary in its configuration (text_vocab.py; the zoo's `dates`) gets the text encoded
+with it, fetched from the server, and its answer is printed as text (client_text.py);
+otherwise digits for a model whose input is named "digits", such as seq2seq-reverse, and
+words hashed to token ids for the token models. `--beam-width`/`--return-beams` are sent as
+the request parameters of the same names. Every failure is one line on stderr: exit 1 for
+what the server or the network said, 2 for a usage error (no input, a bad --json, text the
+model cannot take, a character outside the vocabulary: named before anything is sent).
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ import sys
 import zlib
 
 import numpy as np
+
+from cellserve.client_text import PublishedVocabularyError, format_text, published_vocabulary, text_inputs
+from cellserve.client_transport import Client, ClientError
+from cellserve.text_vocab import VocabularyError
 
 # Token ids made from words: the vocabulary size is not in the model metadata, so ids are
 # kept in [1, TOKEN_ID_BOUND), which every zoo model accepts (their vocabularies are 5000 and
@@ -25,10 +33,6 @@ _INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32"
 
 class UsageError(Exception):
     """The request cannot be built from what was given (exit 2)."""
-
-
-class ClientError(Exception):
-    """The server or the network refused (exit 1)."""
 
 
 def infer_command(args) -> int:
@@ -54,14 +58,38 @@ def token_ids(text: str) -> list[int]:
 # ---- arguments ----
 
 def _check_args(args) -> None:
+    _resolve_model_and_text(args)
     if args.text is None and args.json_input is None:
-        raise UsageError("give the input as text (e.g. `cellserve infer seq2seq-reverse 12345`) or with --json")
+        raise UsageError("give the input as text (e.g. `cellserve infer seq2seq-reverse 12345`, "
+                         "`cellserve infer --model dates --text '3 March 2021'`) or with --json")
     if args.text is not None and args.json_input is not None:
         raise UsageError("give the input as text or with --json, not both")
     if args.timeout_ms is not None and not args.timeout_ms > 0:
         raise UsageError(f"--timeout-ms must be positive, got {args.timeout_ms:g}")
     if args.model_version and not str(args.model_version).isdigit():
         raise UsageError(f"--model-version must be a version number, got {args.model_version!r}")
+    beam_width = getattr(args, "beam_width", None)
+    if beam_width is not None and beam_width < 1:
+        raise UsageError(f"--beam-width must be at least 1, got {beam_width}")
+
+
+def _resolve_model_and_text(args) -> None:
+    """`infer MODEL [TEXT]` or `infer --model MODEL [--text TEXT | TEXT]`: args.model and
+    args.text set from whichever was given; each at most once."""
+    model_flag, text_flag = getattr(args, "model_flag", None), getattr(args, "text_flag", None)
+    if model_flag is not None:
+        if args.text is not None:  # `infer --model M A B`: two positionals besides --model
+            raise UsageError(f"the model is given by --model {model_flag!r}; extra arguments "
+                             f"{args.model!r} {args.text!r}")
+        if args.model is not None:  # `infer --model M TEXT`: argparse put TEXT first
+            args.text = args.model
+        args.model = model_flag
+    if text_flag is not None:
+        if args.text is not None:
+            raise UsageError(f"give the text once: --text {text_flag!r} and {args.text!r}")
+        args.text = text_flag
+    if not args.model:
+        raise UsageError("give the model: `cellserve infer MODEL TEXT` or `cellserve infer --model MODEL --text TEXT`")
 
 
 def _url(args) -> str:
@@ -76,17 +104,50 @@ def _url(args) -> str:
 
 def _run(args) -> int:
     url = _url(args)
-    client = _Client(args.protocol, url, args.timeout_ms)
+    client = Client(args.protocol, url, args.timeout_ms)
+    return_beams = bool(getattr(args, "return_beams", False))
+    parameters = {"beam_width": args.beam_width} if getattr(args, "beam_width", None) is not None else {}
+    if return_beams:
+        parameters["return_beams"] = True
     try:
         metadata = client.metadata(args.model, args.model_version)
-        inputs = _inputs_from_json(args.json_input, metadata) if args.json_input is not None \
-            else _inputs_from_text(args.text, metadata)
-        outputs = client.infer(args.model, args.model_version, inputs, metadata, args.timeout_ms)
+        vocab = None
+        if args.json_input is not None:
+            inputs = _inputs_from_json(args.json_input, metadata)
+        else:
+            vocab = _published(client.config(args.model, args.model_version), metadata)
+            inputs = _inputs_from_vocabulary(vocab, args.text, metadata) if vocab is not None \
+                else _inputs_from_text(args.text, metadata)
+        # the beams are outputs beyond the metadata's: ask for all outputs to get them
+        outputs = client.infer(args.model, args.model_version, inputs, metadata, args.timeout_ms, parameters,
+                               all_outputs=return_beams)
+        lines = _text_lines(vocab, outputs) if vocab is not None else format_outputs(metadata, outputs)
     finally:
         client.close()
-    for line in format_outputs(metadata, outputs):
+    for line in lines:
         print(line)
     return 0
+
+
+def _published(config: dict | None, metadata: dict):
+    try:
+        return published_vocabulary(config, metadata)
+    except PublishedVocabularyError as exc:
+        raise ClientError(str(exc)) from None
+
+
+def _inputs_from_vocabulary(vocab, text: str, metadata: dict) -> dict[str, np.ndarray]:
+    try:
+        return text_inputs(vocab, text, metadata, _np_dtype)
+    except VocabularyError as exc:
+        raise UsageError(f"model {metadata['name']!r}: {exc}; nothing was sent") from None
+
+
+def _text_lines(vocab, outputs: dict[str, np.ndarray]) -> list[str]:
+    try:
+        return format_text(vocab, outputs)
+    except PublishedVocabularyError as exc:
+        raise ClientError(str(exc)) from None
 
 
 def _inputs_from_text(text: str, metadata: dict) -> dict[str, np.ndarray]:
@@ -223,94 +284,3 @@ def _generic(metadata: dict, outputs: dict[str, np.ndarray]) -> list[str]:
         lines.append(f"{name} {types.get(name, str(value.dtype))} shape {list(value.shape)}:")
         lines += ["  " + line for line in text.splitlines()]
     return lines
-
-
-# ---- tritonclient over either protocol ----
-
-class _Client:
-    def __init__(self, protocol: str, url: str, timeout_ms: float | None):
-        self.protocol, self.url = protocol, url
-        # the network timeout outlasts the request's own deadline, so the server's answer is seen
-        self.network_timeout_s = max(60.0, (timeout_ms or 0) / 1e3 + 10.0)
-        try:
-            if protocol == "grpc":
-                import tritonclient.grpc as module
-                self.client = module.InferenceServerClient(url)
-            else:
-                import tritonclient.http as module
-                self.client = module.InferenceServerClient(url, connection_timeout=10.0,
-                                                           network_timeout=self.network_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a malformed URL
-            raise ClientError(f"cannot use server address {url!r}: {_describe(exc)}") from None
-        self.module = module
-
-    def close(self) -> None:
-        try:
-            self.client.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-    def metadata(self, model: str, version: str) -> dict:
-        if self.protocol == "grpc":
-            meta = self._call(lambda: self.client.get_model_metadata(model, version, as_json=True,
-                                                                     client_timeout=self.network_timeout_s))
-            for tensor in meta.get("inputs", []) + meta.get("outputs", []):
-                tensor["shape"] = [int(d) for d in tensor.get("shape", [])]
-            meta.setdefault("outputs", [])
-            return meta
-        return self._call(lambda: self.client.get_model_metadata(model, version))
-
-    def infer(self, model: str, version: str, inputs: dict[str, np.ndarray], metadata: dict,
-              timeout_ms: float | None) -> dict[str, np.ndarray]:
-        specs = {t["name"]: t for t in metadata["inputs"]}
-        tensors = []
-        for name, array in inputs.items():
-            tensor = self.module.InferInput(name, list(array.shape), specs[name]["datatype"])
-            if self.protocol == "grpc":
-                tensor.set_data_from_numpy(array)
-            else:
-                tensor.set_data_from_numpy(array, binary_data=True)
-            tensors.append(tensor)
-        names = [t["name"] for t in metadata.get("outputs", [])]
-        if self.protocol == "grpc":
-            requested = [self.module.InferRequestedOutput(n) for n in names] or None
-        else:
-            requested = [self.module.InferRequestedOutput(n, binary_data=True) for n in names] or None
-        kwargs = {}
-        if timeout_ms is not None:
-            kwargs["timeout"] = max(int(round(timeout_ms * 1e3)), 1)  # microseconds, the protocol's unit
-        if self.protocol == "grpc":
-            kwargs["client_timeout"] = self.network_timeout_s
-        result = self._call(lambda: self.client.infer(model, tensors, model_version=version, outputs=requested,
-                                                      **kwargs))
-        response = result.get_response(as_json=True) if self.protocol == "grpc" else result.get_response()
-        return {o["name"]: result.as_numpy(o["name"]) for o in response.get("outputs", [])}
-
-    def _call(self, fn):
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            return fn()
-        except InferenceServerException as exc:
-            status = exc.status()
-            message = exc.message() or str(exc)
-            if "UNAVAILABLE" in str(status) and _unreachable(message):
-                raise ClientError(f"cannot reach the server at {self.url} ({self.protocol}): {message}") from None
-            if status is None:
-                raise ClientError(f"request to {self.url} ({self.protocol}) failed: {message}") from None
-            where = f"HTTP {status}" if self.protocol == "http" else str(status).replace("StatusCode.", "")
-            raise ClientError(f"{message} ({where})") from None
-        except (OSError, TimeoutError) as exc:  # refused, unknown host, network timeout
-            raise ClientError(f"cannot reach the server at {self.url} ({self.protocol}): {_describe(exc)}") from None
-        except Exception as exc:  # noqa: BLE001 - e.g. a reply that is not the protocol
-            raise ClientError(f"request to {self.url} ({self.protocol}) failed: {_describe(exc)}") from None
-
-
-def _unreachable(message: str) -> bool:
-    return any(s in message for s in ("failed to connect", "errors resolving", "Connection refused",
-                                      "DNS resolution failed", "Socket closed"))
-
-
-def _describe(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"

@@ -26,12 +26,13 @@ from cellserve.server.codec import datatype_of
 from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Overloaded, SequenceError,
                                      ServerError, Unavailable)
 from cellserve.server.metrics import Metrics
+from cellserve.server.model_config import model_config
 from cellserve.server.repository import ServedModel
 from cellserve.server.sequences import SequenceStore
 from cellserve.server.tracing import Trace, Tracer
 
-# generate: docs/streaming.md; trace: docs/tracing.md
-EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate", "trace"]
+# generate: docs/streaming.md; trace: docs/tracing.md; model_configuration: server/model_config.py
+EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate", "trace", "model_configuration"]
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
@@ -281,6 +282,11 @@ class Core:
         versions = [entry.version] if version else sorted(self._models[name], key=int)
         return {"name": name, "versions": versions, "platform": entry.platform,
                 "inputs": tensors(entry.model.inputs), "outputs": tensors(entry.model.outputs)}
+
+    def model_config(self, name: str, version: str = "") -> dict:
+        """Triton's ModelConfig as JSON (server/model_config.py), with the model's published parameters."""
+        entry = self.model(name, version)
+        return model_config(name, entry.platform, entry.model, entry.parameters)
 
     # ---- inference ----
 

@@ -27,6 +27,7 @@ from cellserve.server import codec
 from google.protobuf.message import DecodeError
 
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
+from cellserve.server.model_config import model_config_message
 from cellserve.server.errors import BadRequest, ServerError
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],
                                                  platform=meta["platform"], inputs=tensors(meta["inputs"]),
                                                  outputs=tensors(meta["outputs"]))
+
+    @_answers_errors
+    async def ModelConfig(self, request, context):
+        config = model_config_message(self.core.model_config(request.name, request.version))
+        return service_pb2.ModelConfigResponse(config=config)
 
     @_answers_errors
     async def ModelInfer(self, request, context):

@@ -65,6 +65,10 @@ def build_app(core: Core, max_request_bytes: int):
         p = request.path_params
         return JSONResponse(core.model_metadata(p["model"], p.get("version", "")))
 
+    async def model_config(request: Request) -> Response:
+        p = request.path_params
+        return JSONResponse(core.model_config(p["model"], p.get("version", "")))
+
     async def model_ready(request: Request) -> Response:
         p = request.path_params
         ready = core.model_ready(p["model"], p.get("version", ""))
@@ -111,6 +115,8 @@ def build_app(core: Core, max_request_bytes: int):
         Route("/v2", server_metadata),
         Route("/v2/models/{model}", model_metadata),
         Route("/v2/models/{model}/versions/{version}", model_metadata),
+        Route("/v2/models/{model}/config", model_config),
+        Route("/v2/models/{model}/versions/{version}/config", model_config),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/trace/setting", trace_setting, methods=["GET", "POST"]),

@@ -10,7 +10,9 @@ reads: `name`, `platform`/`backend` (must be ONNX Runtime's, if set), `version_p
 `default_model_filename`, `input`/`output` (names and data types are checked against the
 graph), `sequence_batching.max_sequence_idle_microseconds`,
 `dynamic_batching.default_priority_level`, and `parameters` `slo_ms` (the model's default
-deadline for requests that send no `timeout`). See the README for an example.
+deadline for requests that send no `timeout`). See the README for an example. The config's
+`parameters` are published as they are (server/model_config.py); `text.*` keys must make a
+text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
 
 An encoder-decoder is a version directory holding `encoder.onnx` and `decoder_step.onnx`
 instead of a model file, with its decode specification in the config's `parameters` as
@@ -22,7 +24,7 @@ instead of a model file, with its decode specification in the config's `paramete
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,8 @@ class ServedModel:
     model: Model  # its name is "<name>:<version>", unique in the engine
     platform: str
     settings: ModelSettings
+    # published in the model's config (server/model_config.py): a config.pbtxt's parameters, or the zoo's
+    parameters: dict[str, str] = field(default_factory=dict)
 
     @property
     def engine_name(self) -> str:
@@ -60,13 +64,16 @@ class ServedModel:
 
 def load_zoo(names: list[str] | None = None, slo_ms: float | None = None) -> list[ServedModel]:
     from cellserve.graph import zoo
+    from cellserve.server.model_config import check_parameters
 
     served = []
     for name in names or zoo.names():
         model = zoo.load(name)
         model.name = f"{name}:1"
         settings = ModelSettings(default_timeout_s=slo_ms / 1e3 if slo_ms else None)
-        served.append(ServedModel(name, "1", model, "cellserve_zoo", settings))
+        parameters = zoo.parameters(name)
+        check_parameters(parameters, model, f"zoo model {name!r}")
+        served.append(ServedModel(name, "1", model, "cellserve_zoo", settings, parameters))
     return served
 
 
@@ -85,6 +92,7 @@ def load_repository(root: Path) -> list[ServedModel]:
 
 def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     from cellserve.graph.onnx_import import load_onnx
+    from cellserve.server.model_config import check_parameters
 
     name = model_dir.name
     if ":" in name or not name:
@@ -101,13 +109,15 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     filename = config.default_model_filename or "model.onnx"
     settings = _settings(config, where)
     decode = {k: p.string_value for k, p in config.parameters.items() if k.startswith(PARAMETER_PREFIX)}
+    parameters = {k: p.string_value for k, p in config.parameters.items()}
     served = []
     for version in chosen:
         version_dir = model_dir / str(version)
         if decode or (version_dir / ENCODER_FILE).is_file() or (version_dir / DECODER_STEP_FILE).is_file():
             model = _load_seq2seq(version_dir, decode, f"{name}:{version}", f"{where} version {version}")
             _check_declared_tensors(config, model, f"{where} version {version}")
-            served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings))
+            check_parameters(parameters, model, f"{where} version {version}")
+            served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters))
             continue
         path = version_dir / filename
         if not path.is_file():
@@ -119,7 +129,8 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         except Exception as exc:  # a corrupt file: protobuf, onnx checker, ...
             raise ModelLoadError(f"{where} version {version} ({path}): cannot load: {type(exc).__name__}: {exc}") from exc
         _check_declared_tensors(config, model, f"{where} version {version}")
-        served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings))
+        check_parameters(parameters, model, f"{where} version {version}")
+        served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters))
     return served
 
 

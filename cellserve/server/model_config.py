@@ -1,0 +1,61 @@
+"""Triton's model configuration extension: a served model's configuration as Triton's
+ModelConfig, over HTTP (`GET /v2/models/{m}[/versions/{v}]/config`, the JSON form) and gRPC
+(`ModelConfig`, the message), as tritonclient's `get_model_config` reads it.
+
+What it holds: `name`, `platform`, `max_batch_size: 0` (the dims below are whole shapes, the
+batch axis included, -1 for a dynamic size), `input` and `output` (names, `data_type`,
+`dims`), and `parameters`, `{key: {"string_value": value}}`: a repository model's config.pbtxt
+parameters as written, a zoo model's from `zoo.parameters` (the `dates` model's text
+vocabularies, cellserve/text_vocab.py, and its decode spec).
+
+`check_parameters` is run at load: published text.* keys must make a vocabulary whose input
+and output are tensors the model has, so that a client never fetches one it cannot use.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from cellserve.errors import ModelLoadError
+from cellserve.graph.model import Model
+from cellserve.server.codec import datatype_of
+from cellserve.text_vocab import TextVocabulary, VocabularyError
+
+EXTENSION = "model_configuration"
+
+
+def model_config(name: str, platform: str, model: Model, parameters: dict[str, str]) -> dict:
+    """The ModelConfig of one served model version, as JSON (Triton's field names)."""
+
+    def tensors(specs):
+        return [{"name": s.name, "data_type": _config_type(datatype_of(s.dtype)), "dims": list(s.shape)}
+                for s in specs]
+
+    return {"name": name, "platform": platform, "max_batch_size": 0, "input": tensors(model.inputs),
+            "output": tensors(model.outputs),
+            "parameters": {k: {"string_value": v} for k, v in sorted(parameters.items())}}
+
+
+def model_config_message(config: dict) -> mc.ModelConfig:
+    """The JSON form as the protobuf message gRPC's ModelConfigResponse carries."""
+    return json_format.ParseDict(config, mc.ModelConfig())
+
+
+def check_parameters(parameters: dict[str, str], model: Model, where: str) -> None:
+    """Raise ModelLoadError naming the key when the published text vocabulary is unusable."""
+    try:
+        vocab = TextVocabulary.from_parameters(parameters)
+    except VocabularyError as exc:
+        raise ModelLoadError(f"{where}: parameters: {exc}") from None
+    if vocab is None:
+        return
+    for key, name, specs in (("text.input", vocab.input, model.inputs), ("text.output", vocab.output, model.outputs)):
+        names = [s.name for s in specs]
+        if name not in names:
+            raise ModelLoadError(f"{where}: parameter {key} names {name!r}, which is not one of the model's "
+                                 f"{key.split('.')[1]}s {names}")
+
+
+def _config_type(datatype: str) -> str:
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
