@@ -39,12 +39,19 @@ def serve_ray(settings: ServerSettings) -> int:
     from cellserve.server.app import StartupError, _bind, _load_models
 
     try:  # the plan first: a file that cannot be used is told at once, before any model loads
-        layout = _layout(settings, _model_names(settings))
-    except ValueError as exc:  # NexusError, PlanMismatch, or a plan with no device
+        fams = _families(settings)  # --accuracy-scaling: family -> variants (else None)
+        layout = _layout(settings, _model_names(settings) if fams is None else
+                         [v for vs in fams.values() for v in vs])
+    except ValueError as exc:  # NexusError, PlanMismatch, a plan with no device, or models that form no family
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
-        served = _load_models(settings)
+        if fams is None:
+            served = _load_models(settings)
+        else:
+            from cellserve.cluster.ray_accuracy import served_families
+
+            served = served_families(fams, settings.default_slo_ms)
     except (CellserveError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -55,7 +62,7 @@ def serve_ray(settings: ServerSettings) -> int:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
     try:
-        return _run(settings, served, layout, sockets, cluster)
+        return _run(settings, served, layout, sockets, cluster, fams)
     finally:
         cluster.close()
 
@@ -69,6 +76,16 @@ def _model_names(settings: ServerSettings) -> list[str]:
     from cellserve.graph import zoo
 
     return sorted(settings.zoo_models or zoo.names())
+
+
+def _families(settings: ServerSettings) -> dict[str, list[str]] | None:
+    """With --accuracy-scaling, the variant families served (AccuracyScalingError, a
+    ValueError, naming a --model that is in no family); else None."""
+    if not settings.accuracy_scaling:
+        return None
+    from cellserve.cluster.ray_accuracy import resolve_families
+
+    return resolve_families(list(settings.zoo_models or []))
 
 
 def _layout(settings: ServerSettings, names: list[str]):
@@ -116,7 +133,10 @@ class _Cluster:
         except Exception as exc:  # noqa: BLE001
             raise StartupError(f"the Ray cluster did not grant {len(layout.workers)} bundles of {cpus} cores "
                                f"within {_STARTUP_TIMEOUT_S:g} s: {_first_line(exc)}") from exc
-        actor = ray.remote(EngineWorker)
+        worker_class = EngineWorker
+        if settings.accuracy_scaling:  # workers whose models are the zoo's family variants
+            from cellserve.cluster.ray_accuracy_worker import AccuracyWorker as worker_class
+        actor = ray.remote(worker_class)
         for i, models in enumerate(layout.workers):
             spec = WorkerSpec(f"w{i}", tuple(models), settings.engine, cpus,
                               None if settings.model_repository is None else str(settings.model_repository.resolve()),
@@ -151,7 +171,7 @@ class _Cluster:
             ray.shutdown()
 
 
-def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster) -> int:
+def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, fams=None) -> int:
     from cellserve import heap
     from cellserve.cluster.ray_core import RayCore, WorkerDied
     from cellserve.cluster.ray_metrics import ClusterCollector
@@ -172,9 +192,15 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster) -
     for w in cluster.workers:
         router.update_costs(w, w.snapshot["costs"], w.snapshot["step_overhead_s"])
     metrics = Metrics(None)
-    core = RayCore(served, router, call, metrics, settings.sequence_idle_s, settings.max_sequences,
-                   layout.gates, layout.unplanned, settings.engine.admission_headroom)
-    if settings.replan_every_s is not None:
+    if fams is not None:  # --accuracy-scaling: families served by variants (ray_accuracy_loop.py)
+        from cellserve.cluster.ray_accuracy_loop import accuracy_core
+
+        core = accuracy_core(settings, served, fams, router, call, metrics, died, _first_line,
+                             log=lambda line: print(line, flush=True))
+    else:
+        core = RayCore(served, router, call, metrics, settings.sequence_idle_s, settings.max_sequences,
+                       layout.gates, layout.unplanned, settings.engine.admission_headroom)
+    if settings.replan_every_s is not None and fams is None:
         from cellserve.cluster.ray_replan_loop import Replanner
 
         plan = None

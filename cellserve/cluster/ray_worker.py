@@ -82,17 +82,10 @@ class EngineWorker:
         import torch
 
         from cellserve.engine.engine import Engine
-        from cellserve.server.repository import load_repository, load_zoo
 
         torch.set_num_threads(spec.threads)
-        if spec.model_repository is not None:
-            served = [s for s in load_repository(Path(spec.model_repository)) if s.name in spec.models]
-        else:
-            served = load_zoo(list(spec.models), spec.default_slo_ms)
-        missing = sorted(set(spec.models) - {s.name for s in served})
-        if missing:
-            raise ValueError(f"worker {spec.worker_id}: models {missing} are not in its model repository")
         self.spec = spec
+        served = self._read_models(list(spec.models))
         self.engine = Engine([s.model for s in served], spec.engine)
         self._names = {s.engine_name: s.name for s in served}
         self.states: dict[str, dict] = {}
@@ -142,6 +135,8 @@ class EngineWorker:
         return self.info()
 
     def _read_models(self, names: list[str]) -> list:
+        """The ServedModels of these names (at start and on `load`; ray_accuracy_worker's
+        subclass reads the zoo's variant families instead)."""
         from cellserve.server.repository import load_repository, load_zoo
 
         spec = self.spec

@@ -100,6 +100,12 @@ class ServerSettings:
                                                  "workers; each model's SLO is its slo_ms", gt=0,
                                            flag="--replan-every", unset="off: the workers serve what they "
                                            "started with", group=_RAY, metavar="SECONDS")
+    # issue 18: accuracy scaling (Proteus) on the Ray workers (cellserve/cluster/ray_accuracy*.py)
+    accuracy_scaling: bool = setting(False, "serve the zoo's variant families by accuracy scaling: clients send to a "
+                                            "family, each Ray worker hosts one variant, Proteus's plan re-solved "
+                                            "every period (--replan-every, default 10 s) on the measured demand "
+                                            "(docs/accuracy-scaling.md); needs --ray and --slo-ms",
+                                     group=_RAY)
     # issue 21: Triton's trace extension (cellserve/server/tracing.py)
     trace_config: list[str] = setting(help="a trace setting, as Triton's (repeat the flag): level=TIMESTAMPS, "
                                            "rate=N (every N-th request), count=N (-1: no limit), mode=triton, "
@@ -118,6 +124,17 @@ class ServerSettings:
         for key in ("ray_workers", "plan", "replan_every_s"):
             if getattr(self, key) is not None and self.ray_address is None:
                 problems.append(Problem(key, "{name} is for the Ray workers: it needs --ray (ray_address)"))
+        if self.accuracy_scaling:
+            if self.ray_address is None:
+                problems.append(Problem("accuracy_scaling", "{name} places variants on the Ray workers: it needs "
+                                        "--ray (ray_address)"))
+            if self.default_slo_ms is None:
+                problems.append(Problem("accuracy_scaling", "{name} plans each family's capacity by its SLO: it "
+                                        "needs --slo-ms (default_slo_ms)"))
+            for key in ("plan", "model_repository"):
+                if getattr(self, key) is not None:
+                    problems.append(Problem("accuracy_scaling", "{name} serves the zoo's variant families; it "
+                                            "cannot be combined with {0}", (key,)))
         if self.engine.placement is not None and self.ray_address is not None:
             problems.append(Problem("engine.placement", "{name} partitions one engine's cell types; it cannot be "
                                     "combined with {0}", ("ray_address",)))
