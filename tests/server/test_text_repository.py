@@ -54,7 +54,8 @@ def test_config_parameters_are_published_as_written(tmp_path, onnx_files):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"text.input": "tokens"}, "parameter text.input names 'tokens', which is not one of the model's inputs ['source']"),
+    ({"text.input": "tokens"},
+     "parameter text.input names 'tokens', which is not one of the model's inputs ['source']"),
     ({"text.output": "label"}, "parameter text.output names 'label', which is not one of the model's outputs ['date']"),
     ({"text.input_vocabulary": "[null, "}, "parameters: text.input_vocabulary is not valid JSON"),
 ])
