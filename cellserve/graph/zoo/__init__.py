@@ -61,7 +61,7 @@ ZOO: dict[str, ZooEntry] = {
                                 served=lambda name: _seq2seq_model(name, seq2seq.load_trained()),
                                 trained=seq2seq.load_trained),
     "dates": ZooEntry("trained GRU encoder-decoder with additive attention: written dates ('3rd of March 1998') "
-                      "to ISO 2021-03-03, text in and out; beam search up to 8", None, ("date",), {},
+                      "to ISO (1998-03-03), text in and out; beam search up to 8", None, ("date",), {},
                       served=lambda name: dates_served.load(name), trained=dates.load_trained,
                       parameters=dates_served.parameters),
 }
