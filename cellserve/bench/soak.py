@@ -56,7 +56,9 @@ class SoakReport:
     counts: dict = field(default_factory=dict)  # outcome -> requests
     first_failures: list[str] = field(default_factory=list)
     unanswered: list[str] = field(default_factory=list)  # the first requests with no answer, and why
-    samples: list[dict] = field(default_factory=list)  # t_s, rss_bytes, fds, the _GAUGES, health_ms
+    # t_s, rss_bytes, fds, the _GAUGES, health_ms, and `window`: since the sample before, the
+    # failures and the plain requests' p50_ms / p99_ms / max_ms (answered 200)
+    samples: list[dict] = field(default_factory=list)
     checks: dict = field(default_factory=dict)  # name -> {"ok": bool, "detail": str}
 
     @property
@@ -96,11 +98,17 @@ class _Soak:
         self.sequence_ids = iter(range(1, 1 << 62))
         self.sent = self.answered = 0
         self.unanswered: list[str] = []
+        # Since the last sample: plain requests' latencies (answered 200) and failures, so
+        # that an episode of refusals can be set beside what answered requests took then.
+        self.window_ms: list[float] = []
+        self.window_failed = 0
 
     def _count(self, outcome: str, detail: str = "") -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         if outcome.startswith("failed") and len(self.failures) < 10:
             self.failures.append(detail)
+        if outcome.startswith("failed"):
+            self.window_failed += 1
 
     async def _post(self, model: str, body: bytes) -> tuple[int, bytes]:
         self.sent += 1
@@ -118,7 +126,10 @@ class _Soak:
         model = self.cfg.models[int(self.rng.integers(len(self.cfg.models)))]
         params = {} if self.cfg.deadline_ms is None else {"timeout": int(self.cfg.deadline_ms * 1e3)}
         body = _tokens_body(self.rng, int(self.rng.integers(5, 60)), params)
+        t0 = time.perf_counter()
         status, answer = await self._post(model, body)
+        if status == 200:
+            self.window_ms.append((time.perf_counter() - t0) * 1e3)
         self._count("ok" if status == 200 else "failed", f"{model}: {status} {answer[:200]!r}")
 
     async def sequence(self) -> None:
@@ -140,6 +151,18 @@ class _Soak:
         status, answer = await self._post(self.cfg.models[0], _bad_body(kind))
         self._count("bad, answered 400" if status == 400 else "failed bad request",
                     f"{kind}: {status} {answer[:200]!r}")
+
+    def take_window(self) -> dict:
+        """The plain requests' latency (p50, p99, max ms) and the failures since the last call."""
+        import numpy as np
+
+        ms, self.window_ms = self.window_ms, []
+        failed, self.window_failed = self.window_failed, 0
+        if not ms:
+            return {"failed": failed}
+        p50, p99 = np.percentile(ms, [50, 99])
+        return {"failed": failed, "p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2),
+                "max_ms": round(max(ms), 2)}
 
     def arrival(self):
         """One arrival of the mix: a plain request, a whole sequence or a bad request."""
@@ -248,7 +271,7 @@ def run_soak(cfg: SoakConfig, progress=print) -> SoakReport:
             loop_health.append(health)
             gauges = await asyncio.to_thread(_gauges, server.metrics)
             report.samples.append({"t_s": round(t, 1), "rss_bytes": rss, "fds": fds, **gauges,
-                                   "health_ms": round(health, 2)})
+                                   "health_ms": round(health, 2), "window": soak.take_window()})
 
         asyncio.run(soak.run(cfg.minutes * 60, sample))
         time.sleep(1.0)  # let the last answers' connections and sequences settle

@@ -21,3 +21,8 @@ def test_a_short_soak_passes_every_check():
     assert counts.get("ok", 0) > 0 and counts.get("ok sequence", 0) > 0 and counts.get("bad, answered 400", 0) > 0
     failed = {name: check["detail"] for name, check in report.checks.items() if not check["ok"]}
     assert not failed, (failed, report.first_failures)
+    # each sample's window: the failures since the last, and the answered requests' latency
+    windows = [s["window"] for s in report.samples if "window" in s]
+    assert windows and sum(w["failed"] for w in windows) == 0
+    timed = [w for w in windows if "p99_ms" in w]
+    assert timed and all(0 < w["p50_ms"] <= w["p99_ms"] <= w["max_ms"] for w in timed), timed
