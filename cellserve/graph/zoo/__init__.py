@@ -1,8 +1,9 @@
 """The zoo: built-in models that work offline.
 
 Classifiers and the tagger have seeded random weights (they exist to be served and measured);
-`seq2seq-reverse` (seq2seq.py, train_seq2seq.py) and `dates` (dates.py, train_dates.py,
-dates_served.py) are real trained encoder-decoders, served through the decoder-step path.
+`seq2seq-reverse` (seq2seq.py, train_seq2seq.py), `dates` (dates.py, train_dates.py,
+dates_served.py) and the `reverse` family's variants (families.py) are real trained
+encoder-decoders, served through the decoder-step path.
 
 `parameters(name)` is what the server publishes in a model's config (Triton's model
 configuration `parameters`): for `dates`, its text vocabularies (cellserve/text_vocab.py) and
@@ -23,7 +24,7 @@ from cellserve.graph.model import Model, RecurrentLayer
 from cellserve.graph.seq2seq_examples import ReverserEncoder, ReverserStep
 from cellserve.graph.seq2seq_import import load_torch_seq2seq
 from cellserve.graph.torch_import import load_torch
-from cellserve.graph.zoo import dates, dates_served, seq2seq
+from cellserve.graph.zoo import dates, dates_served, families, seq2seq
 from cellserve.graph.zoo.modules import RNNClassifier, RNNTagger, seeded
 
 TOKENS_AXES = {"tokens": {0: "batch", 1: "time"}}
@@ -65,6 +66,13 @@ ZOO: dict[str, ZooEntry] = {
                       served=lambda name: dates_served.load(name), trained=dates.load_trained,
                       parameters=dates_served.parameters),
 }
+
+# The variant families (families.py): the digit reverser at several widths, for accuracy
+# scaling (docs/accuracy-scaling.md); each variant is also a model of its own.
+ZOO.update({v.name: ZooEntry(f"trained digit reverser, hidden {v.hidden}: variant of family {v.family!r}, "
+                             f"exact match {v.accuracy:.3f}", None, ("reversed",), {},
+                             served=families.load, trained=lambda v=v: families.load_reference(v.name))
+            for v in families.VARIANTS.values()})
 
 
 def names() -> list[str]:
