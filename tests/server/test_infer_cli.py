@@ -120,12 +120,16 @@ def test_server_rejection_carries_its_message(zoo_server, protocol):
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_timeout_is_sent_as_the_request_deadline(zoo_server, protocol):
-    # 1 us cannot be met: the server's admission refuses it at once (429 / RESOURCE_EXHAUSTED)
+    # 1 us cannot be met: the server's admission refuses it at once (429 / RESOURCE_EXHAUSTED),
+    # or, on a machine loaded enough that the engine does not get to it within the server's
+    # few milliseconds past the deadline, the server answers that the deadline passed (504 /
+    # DEADLINE_EXCEEDED): either way the deadline reached the server
     result = cellserve_infer("lstm-512", "a few words", "--timeout-ms", "0.001", *url_args(zoo_server, protocol))
     assert result.returncode == 1
     line = one_error_line(result)
     assert "deadline" in line
-    assert ("429" if protocol == "http" else "RESOURCE_EXHAUSTED") in line
+    expected = ("429", "504") if protocol == "http" else ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
+    assert any(status in line for status in expected), line
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
