@@ -62,6 +62,11 @@ class GraphDecoderKernel:
         self.beam_k = np.zeros(n, np.int64)  # per slot: its row's beam width (0: a greedy lane)
         self._groups: dict[int, _BeamGroup] = {}  # slot -> the beam row it belongs to
         self.candidates: BeamCandidates | None = None  # of the last step_batch (None: no beam lane)
+        # Read once: the spec's name lists are properties that build a list per call, and
+        # each step reads them (the step is dispatch-bound at serving batch sizes).
+        self._state_inputs, self._state_outputs = list(self.spec.state_inputs), list(self.spec.state_outputs)
+        self._cpu = device.type == "cpu"  # `.to(device)` and `.cpu()` are no-ops there, but not free
+        self._host_views()
 
     def start_beam(self, x: np.ndarray, states: list[tuple] | None, width: int) -> list[LaneStorage]:
         """A beam row of `width` slots sharing one memory block (x [S, M]); the first slot
@@ -101,13 +106,21 @@ class GraphDecoderKernel:
             raise ValueError("a decoder lane needs a memory of at least one position")
         lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
         self._fit_capacity()
-        self.memory[lane.base: lane.base + length] = torch.as_tensor(np.asarray(x), device=self.device)
-        for arena, (value, *_) in zip(self.states, states or [(None,)] * len(self.states)):
-            if value is None:
-                arena[lane.slot].zero_()
-            else:
-                arena[lane.slot] = torch.as_tensor(np.asarray(value), device=self.device)
-        self.prev[lane.slot] = self.spec.bos
+        host = self._host
+        if host is not None:  # the same copies through numpy views of the arenas: a torch
+            memory, arenas, prev = host  # setitem costs several microseconds of dispatch each
+            memory[lane.base: lane.base + length] = x
+            for arena, (value, *_) in zip(arenas, states or [(None,)] * len(arenas)):
+                arena[lane.slot] = 0 if value is None else value
+            prev[lane.slot] = self.spec.bos
+        else:
+            self.memory[lane.base: lane.base + length] = torch.as_tensor(np.asarray(x), device=self.device)
+            for arena, (value, *_) in zip(self.states, states or [(None,)] * len(self.states)):
+                if value is None:
+                    arena[lane.slot].zero_()
+                else:
+                    arena[lane.slot] = torch.as_tensor(np.asarray(value), device=self.device)
+            self.prev[lane.slot] = self.spec.bos
         self.memory_len[lane.slot] = length
         return lane
 
@@ -117,32 +130,54 @@ class GraphDecoderKernel:
 
     def step_batch(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """One step of the lanes in state slots `slots` whose memories start at `rows`;
-        returns the token each emitted (argmax of its logits)."""
-        from cellserve.graph.decoder_graph import run_step_graph
+        returns the token each emitted (argmax of its logits).
 
+        At serving batch sizes this step is bound by dispatch, not arithmetic (about 25 torch
+        calls in the digit reverser's graph, each a few microseconds), so the host side here
+        keeps to as few calls as it can: one gather of the memories' rows, no device moves
+        on the CPU, no beam bookkeeping while no beam row exists."""
         dev, spec = self.device, self.spec
-        s = torch.from_numpy(np.ascontiguousarray(slots, np.int64)).to(dev)
+        slots = np.ascontiguousarray(slots, np.int64)
+        s = torch.from_numpy(slots)
+        if not self._cpu:
+            s = s.to(dev)
         lengths = self.memory_len[slots]
         width = int(lengths.max())
         offsets = np.arange(width)
-        valid = offsets[None, :] < lengths[:, None]
-        index = np.where(valid, rows[:, None] + offsets[None, :], rows[:, None])
+        valid = offsets < lengths[:, None]
+        # A lane's rows, each padding position pointing at its first row (the mask hides it)
+        index = np.ascontiguousarray(rows, np.int64)[:, None] + offsets * valid
+        flat = torch.from_numpy(index.reshape(-1))
+        memory = self.memory.index_select(0, flat if self._cpu else flat.to(dev))
+        token = self.prev.index_select(0, s)
+        if token.dtype != self._token_dtype:
+            token = token.to(self._token_dtype)
         feeds = {
-            spec.token_input: self.prev.index_select(0, s).to(self._token_dtype),
-            spec.memory_input: self.memory[torch.from_numpy(index).to(dev)],  # [B, W, M]
+            spec.token_input: token,
+            spec.memory_input: memory.view(len(slots), width, memory.shape[1]),  # [B, W, M]
             spec.mask_input: torch.from_numpy(valid).to(dev, self._mask_dtype),
         }
-        for name, arena in zip(spec.state_inputs, self.states):
+        for name, arena in zip(self._state_inputs, self.states):
             feeds[name] = arena.index_select(0, s)
-        out = run_step_graph(self.step.graph, feeds, self.constants)
-        for name, arena in zip(spec.state_outputs, self.states):
-            arena.index_copy_(0, s, out[name].to(arena.dtype))
+        compiled = self.constants.compiled  # what run_step_graph would call, without its two calls
+        if compiled is None:
+            from cellserve.graph.decoder_graph import run_step_graph
+
+            out = run_step_graph(self.step.graph, feeds, self.constants)
+        else:
+            out = compiled(feeds)
+        for name, arena in zip(self._state_outputs, self.states):
+            value = out[name]
+            arena.index_copy_(0, s, value if value.dtype == arena.dtype else value.to(arena.dtype))
         logits = out[spec.logits_output]
         tokens = torch.argmax(logits, dim=1)
         self.prev.index_copy_(0, s, tokens)  # a beam lane's token is set again by reorder
-        widths = self.beam_k[slots]
-        self.candidates = _top_candidates(logits, int(widths.max())) if widths.any() else None
-        return tokens.cpu().numpy()
+        self.candidates = None
+        if self._groups:  # beam rows exist (only they set beam_k)
+            widths = self.beam_k[slots]
+            if widths.any():
+                self.candidates = _top_candidates(logits, int(widths.max()))
+        return tokens.numpy() if self._cpu else tokens.cpu().numpy()
 
     def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:
         raise NotImplementedError("a decoder has no lone-lane run (lone_lanes is 0)")
@@ -181,6 +216,20 @@ class GraphDecoderKernel:
         if self.memory.shape[0] < self.rows.capacity:
             extra = self.memory.new_zeros((self.rows.capacity - self.memory.shape[0], self.memory.shape[1]))
             self.memory = torch.cat([self.memory, extra])
+        host = self._host
+        if host is not None and (host[2].shape[0] != self.prev.shape[0] or host[0].shape[0] != self.memory.shape[0]):
+            self._host_views()  # the arenas were replaced: the views must follow
+
+    def _host_views(self) -> None:
+        """numpy views of the memory, state and token arenas (sharing their storage), through
+        which a lane's start writes them on the CPU; None elsewhere, or where a dtype has no
+        numpy twin (bfloat16)."""
+        self._host = None
+        if self._cpu:
+            try:
+                self._host = (self.memory.numpy(), [a.numpy() for a in self.states], self.prev.numpy())
+            except TypeError:
+                pass
 
 
 @dataclass(eq=False)
