@@ -14,9 +14,9 @@ ray_accuracy_core.py; this module holds what they share:
   of its first variant under the family's name: every variant has the same inputs and
   outputs) and the workers' (one per variant, named as the variant).
 - `build_problem`: the AccuracyProblem of a period: the live workers as devices, each
-  variant's latency profile on a worker l(b) from the workers' engine cost tables (what
-  ray_replan.latency_from_costs derives for Nexus), so capacity is Proteus's rule: the best
-  batch whose latency is at most half the family's SLO.
+  variant's latency profile on a worker l(b) the fixed one of ray_accuracy_profile.py
+  (measured alone at start, or from --profiles files), so capacity is Proteus's rule: the
+  best batch whose latency is at most half the family's SLO.
 """
 
 from __future__ import annotations
@@ -99,9 +99,3 @@ def build_problem(fams: dict[str, list[str]], accuracy: dict[str, float], demand
     latency = {DEVICE_TYPE: {v: LatencyPoints(tuple(pts)) for v, pts in profiles.items() if pts}}
     return AccuracyProblem(families_, tuple(Device(w, DEVICE_TYPE) for w in sorted(workers)),
                            latency_ms=latency, headroom=headroom)
-
-
-def profile_points(profile, batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> list[tuple[int, float]]:
-    """A Nexus LatencyProfile (ms per batch size) at the batch sizes a worker's engine measured
-    (its cost tables' power-of-two buckets, up to the profile's largest batch)."""
-    return [(b, profile.ms(b)) for b in batches if b <= profile.max_batch]

@@ -2,7 +2,8 @@
 
 Contracts (each request still gets exactly one answer, as RayCore's):
 - A request names a family. It is counted for the family's measured demand (the
-  controller's `observe`, and the driver's RateMeter for the mean request length), then
+  controller's `observe`, once per row: a request of k rows is k lanes of work, and
+  capacities count lanes; and the driver's RateMeter), then
   routed to a worker by weighted random choice from the applied plan's shares
   (`VariantRoutes.pick`), and sent there as a request of the variant that worker hosts.
 - A plan's routes take effect only once applied (ray_accuracy_loop.py: after the chosen
@@ -49,7 +50,7 @@ class AccuracyCore(RayCore):
         self.variants, self.family_of, self.accuracy = variants, family_of, accuracy
         self.rng = rng or random.Random()
         self.routes = VariantRoutes({}, None)
-        self.controller = None  # the AccuracyController, once ray_accuracy_loop made it: observe() per request
+        self.controller = None  # the AccuracyController, once ray_accuracy_loop made it: observe() per row
         self.answered: dict[str, int] = {}  # variant -> requests it answered (metrics and tests)
 
     async def _infer(self, entry, request, received, on_tokens=None):
@@ -68,9 +69,10 @@ class AccuracyCore(RayCore):
         family = entry.name
         if self.meter is not None:
             self.meter.arrived(family, time_length(entry.model, inputs))
-        if self.controller is not None:
-            self.controller.observe(family)
         lanes = entry.model.batch_size(inputs)
+        if self.controller is not None:
+            for _ in range(max(lanes, 1)):
+                self.controller.observe(family)
         tried: list = []
         while True:
             worker, variant = self._choose_variant(family, tried)

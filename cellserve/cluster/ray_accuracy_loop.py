@@ -8,16 +8,21 @@ models on the workers and its handling of dead workers are the Replanner's own. 
 2. at the first tick, make the AccuracyController (plan/accuracy_control.py) on a nominal
    demand (one request per period per family: nothing measured yet, so the most accurate
    plan that fits) and apply its plan; after that, every tick sets the controller's problem
-   (the live workers as devices, each variant's latency profile from the workers' engine
-   cost tables: ray_replan.latency_from_costs at the family's measured mean length; the
-   workers measured every variant at start, as every worker starts with all of them
-   loaded, and an engine keeps a model's cost tables after unloading it) and calls its
-   `tick()`, which re-plans once a period (`--replan-every`, default 10 s) has passed, on the
-   peak 1-second demand measured since the last plan; a dead worker re-plans at once;
+   (the live workers as devices, each variant's latency profile the fixed one taken at
+   start, below) and calls its `tick()`, which re-plans once a period (`--replan-every`,
+   default 10 s) has passed, on the peak 1-second demand measured since the last plan,
+   counted in rows (a request of k rows is k lanes of work, as capacities count lanes); a
+   dead worker re-plans at once;
 3. a new plan must pass plan/accuracy_check.check_plan (else it is logged and the last one
    kept); applying it: each worker loads the variant the plan places on it (awaited), then
    routes switch at once (AccuracyCore.routes: the plan's placement and weighted shares) and
    variants a worker no longer hosts drain and are unloaded (Replanner.drain).
+
+Capacities are fixed at start (ray_accuracy_profile.py has the definitions): each variant's
+l(b) is the mean over the workers of the profile each measured alone before serving (the
+start-up snapshot's "variant_profiles"), or, given `--profiles`, derived from those files;
+never the engines' moving cost averages, which rise with the very load being planned for.
+A worker the plan leaves idle keeps the variant it hosts (a fallback: see `apply`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import random
 import time
 from dataclasses import dataclass
 
-from cellserve.cluster.ray_accuracy import DEVICE_TYPE, build_problem, profile_points
+from cellserve.cluster.ray_accuracy import DEVICE_TYPE, build_problem
 from cellserve.cluster.ray_accuracy_core import VariantRoutes
-from cellserve.cluster.ray_replan import latency_from_costs, mean_profile, routes
-from cellserve.cluster.ray_replan_loop import DEFAULT_TOKENS, Replanner
+from cellserve.cluster.ray_accuracy_profile import mean_points
+from cellserve.cluster.ray_replan import routes
+from cellserve.cluster.ray_replan_loop import Replanner
 from cellserve.plan.accuracy import DEFAULT_HEADROOM, AccuracyPlan
 from cellserve.plan.accuracy_check import check_plan
 from cellserve.plan.accuracy_control import PERIOD_S, AccuracyController, WeightedRouter
@@ -53,10 +59,13 @@ class AccuracyApplied:
 class AccuracyReplanner(Replanner):
     def __init__(self, core, fams: dict[str, list[str]], variant_served, accuracy: dict[str, float],
                  slo_ms: float, period_s: float | None, stack_layers: bool, died: tuple, first_line,
-                 planner=None, headroom: float = DEFAULT_HEADROOM, log=print, rng: random.Random | None = None):
+                 planner=None, headroom: float = DEFAULT_HEADROOM, log=print, rng: random.Random | None = None,
+                 profiles: dict[str, list[tuple[int, float]]] | None = None):
         """`core`: the AccuracyCore; `fams`: family -> its served variants; `variant_served`:
         the variants' ServedModels (what the workers run; their SLO is the families'); `planner`:
-        Proteus's MILP unless given (any accuracy_control.Planner)."""
+        Proteus's MILP unless given (any accuracy_control.Planner); `profiles`: variant ->
+        (batch, ms) points to plan with (from --profiles files), else the workers' start-up
+        profiles (their snapshots' "variant_profiles", read now: the snapshot taken at start)."""
         if planner is None:
             from cellserve.plan.accuracy_milp import plan_accuracy as planner
         super().__init__(core, variant_served, period_s or PERIOD_S, stack_layers, died, first_line, log=log)
@@ -68,6 +77,11 @@ class AccuracyReplanner(Replanner):
         self.applied: list[AccuracyApplied] = []
         self.planned_for: dict[str, float] = {}  # family -> the demand the last plan made was for
         self.capacity_rps: dict[str, float] = {}  # variant -> requests/s one worker serves (the last problem's)
+        self.fixed_points = dict(profiles) if profiles is not None else self.startup_points()
+        self.profile_source = "--profiles files" if profiles is not None else "measured by each worker alone at start"
+        lacking = sorted(set(self.models) - set(self.fixed_points))
+        if lacking:
+            self.log(f"cellserve: ray: no profile of {', '.join(lacking)}: never placed")
 
     async def tick(self) -> None:
         now = time.monotonic()
@@ -101,17 +115,21 @@ class AccuracyReplanner(Replanner):
         return build_problem(self.fams, self.accuracy, demand, self.family_slo_ms, live, self.variant_profiles(),
                              self.headroom)
 
-    def variant_profiles(self) -> dict[str, list[tuple[int, float]]]:
-        """Variant -> (batch, ms) on a worker: the live workers' mean (kept when none reports one)."""
-        live = self.router.live()
-        for v, model in self.models.items():
-            tokens = self.meter.mean_tokens(self.family_of[v]) or DEFAULT_TOKENS
-            got = [p for w in live if w.snapshot
-                   for p in [latency_from_costs(model, w.snapshot["costs"], w.snapshot["step_overhead_s"],
-                                                w.info.max_batch, tokens, self.stack_layers)] if p is not None]
+    def startup_points(self) -> dict[str, list[tuple[int, float]]]:
+        """Variant -> (batch, ms): the mean over the workers of the profiles in their start-up
+        snapshots (a worker without one is left out; a variant none profiled has none)."""
+        out = {}
+        for v in self.models:
+            got = [[(int(b), float(ms)) for b, ms in w.snapshot["variant_profiles"][v]]
+                   for w in self.router.workers.values()
+                   if w.snapshot and v in w.snapshot.get("variant_profiles", {})]
             if got:
-                self.profiles[v] = mean_profile(got)
-        return {v: profile_points(p) for v, p in self.profiles.items()}
+                out[v] = mean_points(got)
+        return out
+
+    def variant_profiles(self) -> dict[str, list[tuple[int, float]]]:
+        """Variant -> (batch, ms) on a worker: fixed for the server's life (module docstring)."""
+        return self.fixed_points
 
     def _checked(self, problem, previous: AccuracyPlan | None) -> AccuracyPlan:
         """The planner's plan if it passes the independent check, else the previous one (logged).
