@@ -135,7 +135,14 @@ class GraphDecoderKernel:
         At serving batch sizes this step is bound by dispatch, not arithmetic (about 25 torch
         calls in the digit reverser's graph, each a few microseconds), so the host side here
         keeps to as few calls as it can: one gather of the memories' rows, no device moves
-        on the CPU, no beam bookkeeping while no beam row exists."""
+        on the CPU, no beam bookkeeping while no beam row exists; and it runs in inference
+        mode, which skips autograd's layer of every call (the same kernels compute the same
+        values). Only in-place writes to the arenas outlive it, and those stay normal tensors:
+        inference mode makes new tensors, never converts old ones."""
+        with torch.inference_mode():
+            return self._step_batch(slots, rows)
+
+    def _step_batch(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
         dev, spec = self.device, self.spec
         slots = np.ascontiguousarray(slots, np.int64)
         s = torch.from_numpy(slots)
@@ -206,7 +213,11 @@ class GraphDecoderKernel:
         return sum(t.numel() * t.element_size() for t in self.constants.values())
 
     def _fit_capacity(self) -> None:
+        """Grow the arenas to the pools' capacities (called at every lane start: the usual
+        case, nothing to grow, is one comparison of two ints each)."""
         n = self.slots.capacity
+        if n == self._fit[0] and self.rows.capacity == self._fit[1]:
+            return
         if self.prev.shape[0] < n:
             grow = lambda a: torch.cat([a, a.new_zeros((n - a.shape[0],) + tuple(a.shape[1:]))])  # noqa: E731
             self.states = [grow(a) for a in self.states]
@@ -216,14 +227,13 @@ class GraphDecoderKernel:
         if self.memory.shape[0] < self.rows.capacity:
             extra = self.memory.new_zeros((self.rows.capacity - self.memory.shape[0], self.memory.shape[1]))
             self.memory = torch.cat([self.memory, extra])
-        host = self._host
-        if host is not None and (host[2].shape[0] != self.prev.shape[0] or host[0].shape[0] != self.memory.shape[0]):
-            self._host_views()  # the arenas were replaced: the views must follow
+        self._host_views()  # the arenas may have been replaced: the views must follow
 
     def _host_views(self) -> None:
         """numpy views of the memory, state and token arenas (sharing their storage), through
         which a lane's start writes them on the CPU; None elsewhere, or where a dtype has no
-        numpy twin (bfloat16)."""
+        numpy twin (bfloat16). Also notes the capacities the arenas fit (_fit_capacity)."""
+        self._fit = (self.prev.shape[0], self.memory.shape[0])
         self._host = None
         if self._cpu:
             try:
