@@ -162,9 +162,10 @@ class ServerProcess:
             ready.set()
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(ready_timeout_s) or self.address is None:
-            self.stop()
-            raise RuntimeError(f"`cellserve serve {' '.join(args)}` not ready within {ready_timeout_s:g} s:\n"
-                               + "\n".join(self.lines[-40:]))
+            code = self.stop()
+            why = f"exited with {code}" if self.address is None and ready.is_set() else \
+                f"not ready within {ready_timeout_s:g} s"
+            raise RuntimeError(f"`cellserve serve {' '.join(args)}` {why}:\n" + "\n".join(self.lines[-40:]))
 
     def plans(self) -> list[PlanLine]:
         return plans(list(self.lines))
