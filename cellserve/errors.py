@@ -31,7 +31,7 @@ class DeadlineMissed(CellserveError):
 
 
 class NotOnThisExecutor(CellserveError):
-    """An executor was asked for work it does not do (beam search on the simulator's). The
+    """An executor was asked for work it does not do (beam search on one that does not). The
     engine checks the executor's capabilities at admission, so a request never gets here."""
 
 

@@ -123,8 +123,8 @@ class Executor(ABC):
         first lane stopping early once `stop[0]` is set (an arrival) and the others then
         running as many steps as it did."""
 
-    # Whether start_beam and reorder_beams run here (the real kernels' executor: yes; the
-    # simulator's: no). The engine refuses a beam request at admission when its decoder's
+    # Whether start_beam and reorder_beams run here (the real kernels' executor and the
+    # simulator's: yes). The engine refuses a beam request at admission when its decoder's
     # executor says no, so the two methods below are never called on such an executor.
     beam_search: bool = False
 

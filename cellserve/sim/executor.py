@@ -21,11 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from cellserve.executor.base import CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
+from cellserve.executor.base import BeamStarted, CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.graph import dense_ops
 from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack
 from cellserve.kernels.cell import LaneStorage
+from cellserve.kernels.decoder import BeamCandidates
 from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing
 from cellserve.sim.clock import VirtualClock
 
@@ -67,6 +68,9 @@ class SimExecutor(Executor):
         self._host = {}
         self._slots = iter(range(1, 1 << 62))
         self._decoding: dict[int, list[int]] = {}  # slot -> [steps to run, steps run, memory length]
+        # a beam row's slots: slot -> (its row's width, the row's slots, the row's live slots),
+        # live as GraphDecoderKernel keeps them (start_beam's first, reorder's destinations)
+        self._beams: dict[int, tuple[int, list[int], set[int]]] = {}
         # decoder -> (memory lengths profiled, ascending; per length: steps seen and their
         # cumulative lane counts), to draw a lane's steps from the profile's histogram
         self._decode_table: dict[str, tuple[list[int], dict[int, tuple[list[int], list[int]]]]] = {}
@@ -149,6 +153,65 @@ class SimExecutor(Executor):
         flops = 0.0 if cell.kind == "decoder" else length * spec.step.flops_per_token_projection()
         return LaneStarted(LaneStorage(slot, 0, length), busy, flops)
 
+    # Beam search, priced: the steps of a row's hypotheses are the decoder's batched steps
+    # (their lanes fill batches as greedy lanes do, so a width-k row costs about k lanes);
+    # a row's length is drawn from the profile as a greedy lane's is, and every hypothesis
+    # ends with it (the profile measures greedy decodes: the lengths beams would pick are not
+    # in it). Reordering state rows between steps is priced at nothing: the profile does not
+    # measure it (the real kernel's gather is one index_copy per state per row).
+    beam_search = True
+
+    def start_beam(self, cell_type: str, x: np.ndarray, states: list[tuple] | None,
+                   width: int) -> BeamStarted:
+        first = self.start_lane(cell_type, x, states)
+        slots = [first.storage.slot] + [next(self._slots) for _ in range(width - 1)]
+        steps = self._decoding[first.storage.slot]
+        row = (width, slots, {first.storage.slot})
+        for slot in slots:
+            self._decoding[slot] = list(steps)
+            self._beams[slot] = row
+        length = first.storage.length
+        return BeamStarted([LaneStorage(slot, 0, length) for slot in slots], first.busy_s)
+
+    def reorder_beams(self, cell_type: str, dst: np.ndarray, src: np.ndarray, tokens: np.ndarray) -> float:
+        moved = [(d, list(self._decoding[s])) for d, s in zip(dst.tolist(), src.tolist())]
+        for d, state in moved:  # gathered before scattered, as the kernel does
+            self._decoding[d] = state
+            self._beams[d][2].add(d)
+        return 0.0
+
+    def _candidates(self, dec: GraphDecoder, slots: tuple[int, ...]) -> BeamCandidates | None:
+        """Each beam lane's best k next tokens: EOS first once its row's drawn length is
+        reached, else k other tokens (the first far likelier than the rest, so that the
+        search keeps one line and its hypotheses end together); padding and greedy lanes
+        get filler rows the engine does not read."""
+        k = max((self._beams[s][0] for s in slots if s in self._beams), default=0)
+        if not k:
+            return None
+        k = min(k, dec.vocab)
+        # the greedy lane's filler first (see _decode): a row's best hypothesis is what greedy gives
+        others = [t for t in ((dec.eos + 1 + j) % dec.vocab for j in range(dec.vocab)) if t != dec.eos][:k]
+        going = np.array(others + [dec.eos] * (k - len(others)), np.int64)
+        ending = np.array([dec.eos] + others[:k - 1], np.int64)
+        tokens = np.empty((len(slots), k), np.int64)
+        logp = np.empty((len(slots), k), np.float64)
+        logp[:] = -np.arange(k, dtype=np.float64) * 4.0 - 0.01
+        for i, slot in enumerate(slots):
+            state = self._decoding.get(slot)
+            tokens[i] = ending if state is not None and state[1] >= state[0] else going
+        return BeamCandidates(tokens, logp)
+
+    def _release_slot(self, slot: int) -> None:
+        row = self._beams.get(slot)
+        if row is None:
+            self._decoding.pop(slot, None)
+            return
+        row[2].discard(slot)
+        if not row[2]:  # the row's last live lane: its slots go (as the kernel frees them)
+            for s in row[1]:
+                self._beams.pop(s, None)
+                self._decoding.pop(s, None)
+
     def _decode_steps(self, cell_type: str, memory: int) -> int:
         """A lane's steps, drawn from those profiled at its memory length; at a length not
         profiled, from the nearest one, scaled by the ratio of lengths."""
@@ -169,7 +232,7 @@ class SimExecutor(Executor):
         cell, spec = self._cells[batch.cell_type], self._specs[batch.cell_type]
         host = self._host[batch.cell_type]
         size = batch.size
-        tokens = None
+        tokens = candidates = None
         cold = self._previous != batch.cell_type
         self._previous = batch.cell_type
         if lone_steps:
@@ -189,6 +252,8 @@ class SimExecutor(Executor):
             busy = self.sample(timing) + (cell.cold_s if cold else 0.0)
             if cell.kind == "decoder":
                 tokens = self._decode(spec.step, batch.slots)
+                if self._beams:
+                    candidates = self._candidates(spec.step, batch.slots)
         self._charge(busy, host.step_s + host.step_s_per_lane * size)
         if self.clock.now() >= self.next_event():
             stop[0] = 1  # let the event loop catch up before the engine goes on
@@ -197,7 +262,7 @@ class SimExecutor(Executor):
                         for s in batch.slots if s in self._decoding)
         else:
             flops = size * steps * self._flops[batch.cell_type]
-        return StepResult(steps, busy, flops, tokens)
+        return StepResult(steps, busy, flops, tokens, candidates)
 
     def _decoder_flops(self, cell_type: str, dec: GraphDecoder, memory: int) -> float:
         key = (cell_type, memory)
@@ -221,7 +286,7 @@ class SimExecutor(Executor):
     def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:
         cell, spec = self._cells[cell_type], self._specs[cell_type]
         self._previous = None
-        self._decoding.pop(storage.slot, None)
+        self._release_slot(storage.slot)
         busy = cell.finish_s_per_token * storage.length
         self._charge(busy, self._host[cell_type].lane_finish_s)
         if cell.kind == "decoder":
@@ -242,7 +307,7 @@ class SimExecutor(Executor):
         return self._zeros[:rows, :width]
 
     def release_lane(self, cell_type: str, storage: LaneStorage) -> None:
-        self._decoding.pop(storage.slot, None)
+        self._release_slot(storage.slot)
 
     def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
         """The op's outputs, priced from the profile. Computed once per model, op and input
