@@ -200,6 +200,7 @@ def _proc(pid: int) -> tuple[int, int]:
 # Gauges sampled beside RSS and fds, by metric name (summed over labels): what the server's
 # admission saw when an episode began.
 _GAUGES = {"sequences": "cellserve_sequences_active", "step_overhead_us": "cellserve_engine_step_overhead_seconds",
+           "admitting_share": "cellserve_engine_admitting_share",
            "admission_limit": "cellserve_admission_limit", "in_flight": "cellserve_admission_in_flight"}
 
 

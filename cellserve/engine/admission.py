@@ -4,7 +4,8 @@ load committed to each cell type, the runs in flight, the per-step overhead).
 
 A request is priced at its rounds times the cost of a round at the load committed to every
 cell type with its own lanes added (cost_model.py), plus the engine's own time per batch off
-the device (learnt here, _learn_overhead). With admission on, one that would miss its deadline
+the device, stretched by the share of its time the engine spends admitting arrivals (both
+learnt here, _learn_overhead). With admission on, one that would miss its deadline
 is refused at once; with drop_late, an admitted one that no longer can is dropped (_drop_late).
 """
 
@@ -33,6 +34,9 @@ PROBE_AFTER_S = 5.0
 PREDICTION_BOUND = 16.0
 # The per-step overhead is the median of this many busy spells of 50 ms (see _learn_overhead).
 OVERHEAD_SPELLS = 9
+# The share of its time an engine is priced to spend admitting, at most (see _bounded_round_time):
+# beyond it the engine is refusing a flood, and each refusal is cheap.
+MAX_ADMITTING_SHARE = 0.5
 
 
 class Admission:
@@ -127,8 +131,12 @@ class Admission:
         return sum(rounds_plan) * self.costs.round_time(self._lanes(model, batch, width), best=True)
 
     def _bounded_round_time(self, load: dict[str, int]) -> float:
+        """A busy engine's round of `load`: its kernels (bounded, see _predicted_latency) and
+        the per-step overhead of each batch, stretched by the share of the engine's time that
+        admitting arrivals takes (no step runs meanwhile)."""
         kernels = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
-        return kernels + self.step_overhead_s * self.costs.batches(load)
+        stepping = kernels + self.step_overhead_s * self.costs.batches(load)
+        return stepping / (1.0 - min(self.admitting_share, MAX_ADMITTING_SHARE))
 
     def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
         length = 1
@@ -191,21 +199,26 @@ class Admission:
                              f"dropped: can no longer finish before its deadline "
                              f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
 
-    def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int) -> None:
+    def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int, admitting: float = 0.0) -> None:
         """Fold one executed batch (`elapsed` seconds from its start to its update, for
-        `steps` steps) into the current spell: what it took beyond the cost model's price of
-        its steps. Once the spell has run for 50 ms, its excess per step joins the last
-        OVERHEAD_SPELLS and the per-step overhead becomes their median. Measured against the
-        model's price, not the device's time, so that the price plus the overhead is what a
-        step took, whatever the model's table lags."""
+        `steps` steps, of which `admitting` went to admitting arrivals before it ran) into the
+        current spell: what its steps took beyond the cost model's price, and the time spent
+        admitting. Once the spell has run for 50 ms, its excess per step and its share of
+        admitting join the last OVERHEAD_SPELLS, and the per-step overhead and the admitting
+        share become their medians. Measured against the model's price, not the device's
+        time, so that the price plus the overhead is what a step took, whatever the model's
+        table lags."""
         cost = self.costs.costs.get(batch.cell_type)
         if steps <= 0 or cost is None:
             return
         self._busy_elapsed += elapsed
-        self._busy_excess += max(elapsed - steps * cost(batch.size), 0.0)
+        self._busy_admitting += admitting
+        self._busy_excess += max(elapsed - admitting - steps * cost(batch.size), 0.0)
         self._busy_steps += steps
         if self._busy_elapsed > 0.05:
             self._overhead_spells.append(self._busy_excess / self._busy_steps)
             self.step_overhead_s = statistics.median(self._overhead_spells)
-            self._busy_elapsed = self._busy_excess = 0.0
+            self._admitting_spells.append(self._busy_admitting / self._busy_elapsed)
+            self.admitting_share = statistics.median(self._admitting_spells)
+            self._busy_elapsed = self._busy_excess = self._busy_admitting = 0.0
             self._busy_steps = 0

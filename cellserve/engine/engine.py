@@ -182,8 +182,15 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         # convoy on the GIL must not price every request that arrives in the next second.
         self.step_overhead_s = 0.0
         self._overhead_spells: deque[float] = deque(maxlen=OVERHEAD_SPELLS)
-        self._busy_elapsed = self._busy_excess = 0.0
+        self._busy_elapsed = self._busy_excess = self._busy_admitting = 0.0
         self._busy_steps = 0
+        # The share of the engine's busy time spent admitting arrivals (and refusing them, and
+        # the drop check), learnt over the same spells: the steps of a request's life advance
+        # only in the rest. Kept apart from the per-step overhead: counted per step, the work
+        # of refusing a flood landed on the few steps still running and priced every round
+        # of the next request at it, so that refusals bred refusals.
+        self.admitting_share = 0.0
+        self._admitting_spells: deque[float] = deque(maxlen=OVERHEAD_SPELLS)
         self._multi = len(self.executors) > 1  # track the tensors crossing executors
         self._init_concurrency(concurrent)
         if self.config.profile:
@@ -352,12 +359,14 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         self._device_s = 0.0
         started, finished = self.stats.lanes_started, self.stats.lanes_finished
         self._take_arrivals(now)
+        admitted = self.clock.now()
         batch = self.policy.next_batch(now)
         if batch is None:
             return None
         work = _Work(batch, np.array(batch.slots, np.int64), np.array(batch.rows, np.int64),
                      np.array(batch.strides, np.int64), now, started, finished)
         work.lone_steps = self._lone_steps(batch)
+        work.admitting_s = admitted - now
         return work
 
     def _take_arrivals(self, now: float) -> None:
@@ -443,12 +452,12 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         s.overhead_s.append(overhead)
         s.step_records.append((overhead, batch.size, s.lanes_started - work.lanes_started,
                                s.lanes_finished - work.lanes_finished))
-        self._learn_overhead(now - work.started, batch, result.steps)
+        self._learn_overhead(now - work.started, batch, result.steps, work.admitting_s)
         if finished or self._beam_lanes_moved or self._inbox or self._arrived[0] or not self.policy.stable or (
                 self.config.drop_late and now >= self._next_drop_check):
             return None
         work.rows += work.strides * result.steps
-        work.started, self._device_s = now, 0.0
+        work.started, self._device_s, work.admitting_s = now, 0.0, 0.0
         work.lanes_started, work.lanes_finished = s.lanes_started, s.lanes_finished
         work.lone_steps = self._lone_steps(batch)
         return work

@@ -69,3 +69,6 @@ class _Work:
     lanes_started: int  # the engine's counts of lanes started and finished when it began
     lanes_finished: int
     lone_steps: int = 0
+    # of the time since `started`, the part spent admitting arrivals (and the drop check)
+    # before the batch ran: per-request work, priced apart from the per-step overhead
+    admitting_s: float = 0.0

@@ -14,6 +14,7 @@ Cellular batching:
   cellserve_slo_miss_total         the deadline passed before the answer was ready (answered 504)
   cellserve_sequences_active
   cellserve_engine_step_overhead_seconds  seconds a step takes beyond the cost model's price (added per batch)
+  cellserve_engine_admitting_share  share of the engine's busy time spent admitting arrivals (stretches priced rounds)
 Admission and connections (the frontends, before any decoding; not per model):
   cellserve_requests_shed_total    inference refused (429) by the frontends' bound, at the headers
   cellserve_admission_limit, cellserve_admission_in_flight   the bound now, and what it holds
@@ -120,6 +121,10 @@ class _EngineCollector:
         yield GaugeMetricFamily("cellserve_engine_step_overhead_seconds",
                                 "Seconds a busy step takes beyond the cost model's price, added per batch as admission prices requests",
                                 value=self.engine.step_overhead_s)
+        yield GaugeMetricFamily("cellserve_engine_admitting_share",
+                                "Share of the engine's busy time spent admitting (and refusing) arrivals, "
+                                "which admission prices as time no step runs",
+                                value=self.engine.admitting_share)
 
 
 class _FrontendCollector:
