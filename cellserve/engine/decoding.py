@@ -103,21 +103,22 @@ class Decoding:
         """Append each decoder lane's token; return the lanes that ended (EOS or max length).
         A beam lane's candidates wait for the rest of its row, whose step then prunes and
         reorders the row (_prune_beams); beam lanes stream nothing."""
-        dec = self._decoders[batch.cell_type]
+        eos = self._decoders[batch.cell_type].eos
         ended = []
         self._beam_lanes_moved = False
         rows: dict[int, tuple[_Run, BeamLanes]] = {}
+        lane_of, runs = self.policy.lane, self._runs  # once, not per lane: this loop runs every step
         for i, (lane_id, token) in enumerate(zip(batch.lane_ids, tokens.tolist())):
-            lane = self.policy.lane(lane_id)
+            lane = lane_of(lane_id)
             if lane is None:
                 continue  # padding
-            run = self._runs[lane.request_id]
+            run = runs[lane.request_id]
             ref = run.lanes[lane_id]
             if ref.beam is not None:
                 ref.beam.pending[lane_id] = (candidates.tokens[i], candidates.logp[i])
                 rows[id(ref.beam)] = (run, ref.beam)
                 continue
-            if token == dec.eos:
+            if token == eos:
                 ended.append(lane_id)
                 continue
             ref.tokens.append(token)

@@ -101,8 +101,9 @@ class KernelExecutor(Executor):
             tokens = kernel.step_batch(slots, rows)
         busy = self._since(t0)
         candidates = kernel.candidates if isinstance(kernel, GraphDecoderKernel) and not lone_steps else None
-        if spec.is_decoder:
-            flops = sum(spec.step.flops_per_step(int(kernel.memory_len[s])) for s in batch.slots)
+        if spec.is_decoder:  # GraphDecoder.flops_per_step summed over the lanes, without a call per lane
+            step = spec.step
+            flops = batch.size * step.flops_fixed + step.flops_per_position * float(kernel.memory_len[slots].sum())
         else:
             flops = batch.size * steps * spec.step.flops_per_step()
         return StepResult(steps, busy, flops, tokens, candidates)
