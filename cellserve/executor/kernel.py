@@ -42,6 +42,7 @@ class KernelExecutor(Executor):
         self.cores = None if cores is None else tuple(cores)
         self.kernels: dict[str, RecurrentKernel] = {}
         self._specs: dict[str, CellTypeSpec] = {}
+        self._flops: dict[str, tuple[float, float]] = {}  # recurrent cell type -> (per step, per token projected)
 
     # ---- cell types ----
 
@@ -60,10 +61,13 @@ class KernelExecutor(Executor):
                                 step.token_table, self.backend)
         self.kernels[spec.cell_type] = kernel
         self._specs[spec.cell_type] = spec
+        if not spec.is_decoder:  # FLOPs per lane-step and per projected token, read at every call
+            self._flops[spec.cell_type] = (step.flops_per_step(), step.flops_per_token_projection())
 
     def remove_cell_type(self, cell_type: str) -> None:
         self.kernels.pop(cell_type, None)  # its weights and lane storage go with the kernel
         self._specs.pop(cell_type, None)
+        self._flops.pop(cell_type, None)
 
     def lone_lanes(self, cell_type: str) -> int:
         return self.kernels[cell_type].lone_lanes
@@ -83,7 +87,7 @@ class KernelExecutor(Executor):
         t0 = time.perf_counter()
         storage = self.kernels[cell_type].start_lane(x, states)
         busy = self._since(t0)
-        flops = 0.0 if spec.is_decoder else storage.length * spec.step.flops_per_token_projection()
+        flops = 0.0 if spec.is_decoder else storage.length * self._flops[cell_type][1]
         return LaneStarted(storage, busy, flops)
 
     def execute(self, batch: StepBatch, slots: np.ndarray, rows: np.ndarray, lone_steps: int,
@@ -105,7 +109,7 @@ class KernelExecutor(Executor):
             step = spec.step
             flops = batch.size * step.flops_fixed + step.flops_per_position * float(kernel.memory_len[slots].sum())
         else:
-            flops = batch.size * steps * spec.step.flops_per_step()
+            flops = batch.size * steps * self._flops[batch.cell_type][0]
         return StepResult(steps, busy, flops, tokens, candidates)
 
     def start_beam(self, cell_type: str, x: np.ndarray, states: list[tuple] | None, width: int) -> BeamStarted:
