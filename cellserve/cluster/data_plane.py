@@ -37,6 +37,7 @@ import asyncio
 import json
 import logging
 import math
+import socket
 import struct
 
 import numpy as np
@@ -207,8 +208,15 @@ class Connection:
     async def _open(self) -> None:
         a = self.address
         try:
-            if "unix" in a:
-                reader, writer = await asyncio.open_unix_connection(a["unix"])
+            if "unix" in a:  # connected here: uvloop's open_unix_connection refuses abstract names
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(a["unix"])  # a local listener: at once
+                except OSError:
+                    sock.close()
+                    raise
+                sock.setblocking(False)
+                reader, writer = await asyncio.open_unix_connection(sock=sock)
             else:
                 reader, writer = await asyncio.open_connection(a["host"], a["port"])
             writer.writelines(encode({"hello": a["token"]}, {}))
@@ -280,8 +288,11 @@ class DataPlaneServer:
     async def start(self, host: str | None = None, unix: str | None = None) -> dict:
         """Listen on a Unix socket path (a Linux abstract one when it starts with NUL) or on
         host, port 0; the address for Connection (with the token)."""
-        if unix is not None:
-            self._server = await asyncio.start_unix_server(self._serve, unix)
+        if unix is not None:  # bound here, for the same reason as Connection's connect
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(unix)
+            sock.setblocking(False)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
             return {"unix": unix, "token": self._token}
         self._server = await asyncio.start_server(self._serve, host)
         port = self._server.sockets[0].getsockname()[1]

@@ -2,10 +2,13 @@
 plain `cellserve serve --threads 1` and to `cellserve serve --ray --ray-workers 2` (workers of
 one core), both on this machine; and Ray's own actor-call round trip, alone, for scale.
 
-    python -m cellserve.cluster.ray_bench --requests 400 --json docs/results/ray/light-load.json
+    python -m cellserve.cluster.ray_bench --requests 400 --json docs/results/ray/light-load-socket.json
+    python -m cellserve.cluster.ray_bench --requests 400 --data-plane ray --json docs/results/ray/light-load.json
 
-Writes {"plain": {p50_ms, p90_ms, mean_ms, n}, "ray": {...}, "added_p50_ms",
-"paired_median_added_ms", "ray_actor_call_p50_ms"}. Measured, not modelled.
+`--data-plane` is the Ray server's `--ray-data-plane` (socket: the direct data plane, the
+default; ray: an actor call per request). Writes {"data_plane", "plain": {p50_ms, p90_ms,
+mean_ms, n}, "ray": {...}, "added_p50_ms", "paired_median_added_ms", "ray_actor_call_p50_ms"}
+("ray" is the `serve --ray` server, whichever its data plane). Measured, not modelled.
 """
 
 from __future__ import annotations
@@ -71,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cellserve.cluster.ray_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=400, help="requests to each server (default: 400)")
     p.add_argument("--json", type=Path, required=True, help="where to write the figures")
+    p.add_argument("--data-plane", choices=("socket", "ray"), default="socket",
+                   help="the Ray server's --ray-data-plane (default: socket)")
+    p.add_argument("--no-actor-call", action="store_true", help="skip timing Ray's bare actor call")
     args = p.parse_args(argv)
     plain = ServerProcess("--threads", "1", "--model", "lstm-512")
-    ray_server = ServerProcess("--ray", "--ray-workers", "2", "--model", "lstm-512")
+    ray_server = ServerProcess("--ray", "--ray-workers", "2", "--ray-data-plane", args.data_plane,
+                               "--model", "lstm-512")
     try:
         lat = _latencies({"plain": plain.http, "ray": ray_server.http}, args.requests)
     finally:
@@ -81,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         ray_server.stop()
     out = {k: {"p50_ms": float(np.percentile(v, 50) * 1e3), "p90_ms": float(np.percentile(v, 90) * 1e3),
                "mean_ms": float(np.mean(v) * 1e3), "n": len(v)} for k, v in lat.items()}
+    out = {"data_plane": args.data_plane, **out}
     out["added_p50_ms"] = out["ray"]["p50_ms"] - out["plain"]["p50_ms"]
     out["paired_median_added_ms"] = float(np.median(np.subtract(lat["ray"], lat["plain"])) * 1e3)
-    out["ray_actor_call_p50_ms"] = _actor_call_p50_ms()
+    out["ray_actor_call_p50_ms"] = None if args.no_actor_call else _actor_call_p50_ms()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))

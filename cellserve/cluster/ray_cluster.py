@@ -4,8 +4,11 @@ Start-up: load the models here (metadata, and to fail fast on a broken one), rea
 one is given, bind the ports, start or join Ray, reserve one placement-group bundle of
 `--ray-cpus-per-worker` cores per worker (spread over the nodes), start each worker (an
 EngineWorker actor in its bundle, its kernels on that many threads), then the same HTTP,
-gRPC and metrics frontends as a plain `cellserve serve`, over a RayCore. The ready line is
-the same; a line before it says where each worker runs.
+gRPC and metrics frontends as a plain `cellserve serve`, over a RayCore. With
+`--ray-data-plane socket` (the default) each worker opens a socket (data_plane.py) and the
+driver connects to every one before the ready line: requests go over those streams, Ray
+keeps placement, load/unload, snapshots and death detection. The ready line is the same;
+lines before it say where each worker runs and which data plane carries the requests.
 
 Exit status, as `cellserve serve`: 0 after a clean stop, 1 when start-up failed (one line),
 2 for a plan file that cannot be used (naming the field), or with `--replan-every` a model
@@ -152,6 +155,17 @@ class _Cluster:
         self.workers = [WorkerState(info, handle) for info, handle in zip(infos, self.actors)]
         for w, snap in zip(self.workers, snaps):
             w.snapshot = snap
+        self.addresses = None  # worker id -> its data-plane socket (--ray-data-plane socket)
+        if settings.ray_data_plane == "socket":
+            try:
+                here = ray.get_runtime_context().get_node_id()
+            except Exception:  # noqa: BLE001 - a Ray Client driver is on no node: TCP to every worker
+                here = None
+            try:
+                found = ray.get([a.data_address.remote(here) for a in self.actors], timeout=_STARTUP_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001
+                raise StartupError(f"a Ray worker could not open its data-plane socket: {_first_line(exc)}") from exc
+            self.addresses = {w.id: a for w, a in zip(self.workers, found)}
 
     def close(self) -> None:
         ray = self.ray
@@ -182,11 +196,18 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
     ray = cluster.ray
     died = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
-    async def call(worker, c):
+    async def ray_call(worker, c):
         try:
             return await worker.handle.infer.remote(c)
         except died as exc:
             raise WorkerDied(_first_line(exc)) from None
+
+    call, conns = ray_call, {}
+    if cluster.addresses is not None:  # the direct data plane: a stream per worker (data_plane.py)
+        from cellserve.cluster.data_plane import Connection
+
+        conns = {w.id: Connection(cluster.addresses[w.id], w.describe()) for w in cluster.workers}
+        call = socket_call(conns, ray_call)
 
     router = Router(cluster.workers)
     for w in cluster.workers:
@@ -224,7 +245,13 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
     except StartupError as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
-    asyncio.run_coroutine_threadsafe(_poll(core, died), frontends.loop)
+    if conns:  # connected before the ready line (a call meanwhile waits for its connection)
+        try:
+            asyncio.run_coroutine_threadsafe(_open_all(conns), frontends.loop).result(_STARTUP_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - ConnectionLost naming the worker and address, or a timeout
+            print(f"cellserve: error: the data plane: {_first_line(exc)}", file=sys.stderr, flush=True)
+            return 1
+    asyncio.run_coroutine_threadsafe(_poll(core, died, conns), frontends.loop)
     if core.replanner is not None:
         asyncio.run_coroutine_threadsafe(core.replanner.run(), frontends.loop)
 
@@ -246,6 +273,8 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
     heap.settle()
     for w in cluster.workers:
         print(f"cellserve: ray: {w.describe()}, pid {w.info.pid}: {', '.join(w.info.models)}", flush=True)
+    print(f"cellserve: ray: data plane: {settings.ray_data_plane}"
+          + (f" ({', '.join(f'{k} at {c.where()}' for k, c in conns.items())})" if conns else ""), flush=True)
     models = ", ".join(f"{s.name} (v{s.version})" for s in served)
     print(f"cellserve: serving {models}", flush=True)
     print(f"cellserve: ready: http={ports['http']} grpc={ports['grpc']} metrics={ports['metrics']}", flush=True)
@@ -258,10 +287,39 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
     return 0
 
 
-async def _poll(core, died) -> None:
+def socket_call(conns: dict, fallback):
+    """RayCore's `call` over the direct data plane: `conns` maps worker id -> data_plane.
+    Connection. A lost connection is the worker's death (WorkerDied: RayCore retries once);
+    a call whose inputs frames cannot carry (no model's dtype today) goes by `fallback`."""
+    from cellserve.cluster.data_plane import ConnectionLost, FrameError
+    from cellserve.cluster.ray_core import WorkerDied
+
+    async def call(worker, c):
+        try:
+            return await conns[worker.id].call(c)
+        except ConnectionLost as exc:
+            raise WorkerDied(str(exc)) from None
+        except FrameError:
+            return await fallback(worker, c)
+    return call
+
+
+async def _open_all(conns: dict) -> None:
+    await asyncio.gather(*(c.open() for c in conns.values()))
+    lost = [c.lost for c in conns.values() if c.lost is not None]
+    if lost:
+        raise ConnectionError(lost[0])
+
+
+async def _poll(core, died, conns: dict) -> None:
     """Refresh each live worker's cost tables and counters; a worker whose poll finds it dead
-    leaves routing at once (requests in flight there find out from their own calls)."""
+    leaves routing at once (requests in flight there find out from their own calls). A dead
+    worker's data-plane connection is closed, failing what is pending on it (a node lost
+    without its sockets closing: its calls end here, not never)."""
     while core.accepting:
+        for w in core.router.workers.values():
+            if not w.alive and w.id in conns and conns[w.id].lost is None:
+                conns[w.id].lose(f"{w.describe()} died: {w.death}")
         for w in core.router.live():
             try:
                 snap = await asyncio.wait_for(_await(w.handle.snapshot.remote()), timeout=5.0)

@@ -3,8 +3,10 @@
 The HTTP and gRPC frontends call a RayCore exactly as they call a Core (server/core.py):
 health, metadata, parameters, deadlines, admission, sequences and metrics are Core's; only
 the hand-off to an engine differs. A request goes to the live worker serving its model with
-the least predicted finish (ray_router.Router), as one direct actor call; a sequence's chunks
-go to the worker that holds its state (sticky), chosen at its first chunk.
+the least predicted finish (ray_router.Router), as one call: over the direct data plane (a
+socket to the worker, data_plane.py) by default, or one Ray actor call (`--ray-data-plane
+ray`); the `call` given (ray_cluster.py's) hides which. A sequence's chunks go to the worker
+that holds its state (sticky), chosen at its first chunk.
 
 Contracts (each request still gets exactly one answer):
 - Shedding before anything queues: with a plan, a model's arrivals beyond the rate the plan
@@ -41,7 +43,8 @@ _VERDICT_GRACE_S = 0.005  # as Core's: a worker's refusal that lands just after 
 
 
 class WorkerDied(Exception):
-    """The actor is gone (its process or its node died); `why` is Ray's account."""
+    """The worker is gone (its process or its node died): Ray's account, or how its data-plane
+    connection broke (EOF, reset; or closed by the driver once Ray found the worker dead)."""
 
 
 class _Held:

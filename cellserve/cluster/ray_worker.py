@@ -1,13 +1,16 @@
 """An engine worker: one Ray actor holding one Engine over the models it serves (`serve --ray`).
 
-The driver (cluster/ray_core.py) sends each request as one direct actor call, `infer(call)`,
-with its tensors as numpy arrays (Ray pickles them out of band; small ones travel inside the
-call), and gets back one `Reply`. The engine's step loop runs in a thread of its own; the
-actor's asyncio loop only hands requests in and answers out, as the frontends' loop does in a
-plain `cellserve serve`.
+The driver (cluster/ray_core.py) sends each request as one `Call` and gets back one `Reply`,
+by default over the direct data plane (data_plane.py: a socket this worker opens on its
+event loop when the driver asks `data_address()`; Ray stays out of the request path), or,
+with `--ray-data-plane ray`, as one actor call `infer(call)` (Ray pickles the arrays). Both
+go through `_begin`, the one submit path. The engine's step loop runs in a thread of its own;
+the actor's asyncio loop only hands requests in and answers out, as the frontends' loop does
+in a plain `cellserve serve`.
 
 Contracts:
-- Every `infer` call returns exactly one Reply (the engine answers every request once).
+- Every call (`infer`, or a call frame on the socket) gets exactly one Reply (the engine
+  answers every request once).
 - Sequences keep their state here, between chunks, under the driver's `state_key`: a chunk
   with `start` begins from the model's initial state, one without it from the state the last
   good chunk left (a failed chunk leaves it as it was); `end` releases it, as does
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -97,6 +101,8 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._loop, name=f"cellserve-engine-{spec.worker_id}", daemon=True)
         self._thread.start()
         self._node = _node_id()
+        self._plane = None  # the socket of the direct data plane, once data_address started it
+        self._plane_address: dict | None = None
 
     def _loop(self) -> None:
         while True:
@@ -186,25 +192,37 @@ class EngineWorker:
                           e.policy.max_batch, os.getpid())
 
     async def infer(self, call: Call) -> Reply:
-        from cellserve.engine.request import Request, Status
+        """One call over Ray (`--ray-data-plane ray`): its one Reply."""
+        done = asyncio.get_running_loop().create_future()
+        self._begin(call, lambda reply: done.done() or done.set_result(reply))
+        return await done
+
+    def _begin(self, call: Call, deliver) -> None:
+        """Submit one call to the engine; `deliver(Reply)` is called exactly once, on this
+        actor's event loop (the thread that called this). The one submit path of both data
+        planes: `infer` over Ray, and the socket's DataPlaneServer (data_plane.py)."""
+        from cellserve.engine.request import Request
 
         initial = None
         if call.state_key is not None and not call.start:
             initial = self.states.get(call.state_key)
             if initial is None:
-                return Reply("sequence", f"worker {self.spec.worker_id} holds no state for this sequence")
+                deliver(Reply("sequence", f"worker {self.spec.worker_id} holds no state for this sequence"))
+                return
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
 
-        def on_done(response) -> None:  # the engine thread
+        def on_done(response) -> None:  # the engine thread: back to the loop, which owns the states
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_resolve, done, response)
+                loop.call_soon_threadsafe(self._finish, call, response, deliver)
 
         self.engine.submit(Request(call.engine_model, call.inputs, on_done=on_done, timeout_s=call.timeout_s,
                                    priority=call.priority, initial_state=initial,
                                    return_state=call.state_key is not None, beam_width=call.beam_width,
                                    return_beams=call.return_beams))
-        r = await done
+
+    def _finish(self, call: Call, r, deliver) -> None:
+        from cellserve.engine.request import Status
+
         ok = r.status is Status.OK
         self.served["ok" if ok else "failed"] += 1
         if ok and call.state_key is not None:
@@ -215,7 +233,26 @@ class EngineWorker:
         queue = compute = None
         if r.admitted is not None:
             queue, compute = max(r.admitted - r.arrival, 0.0), max(r.finish - r.admitted, 0.0)
-        return Reply(r.status.value, r.reason, r.outputs if ok else {}, queue, compute, max(r.finish - r.arrival, 0.0))
+        deliver(Reply(r.status.value, r.reason, r.outputs if ok else {}, queue, compute,
+                      max(r.finish - r.arrival, 0.0)))
+
+    async def data_address(self, driver_node: str | None = None) -> dict:
+        """Start (once) this worker's socket for the direct data plane (data_plane.py) on this
+        actor's event loop, and say where it is: a Linux abstract Unix socket when the driver
+        runs on this node (`driver_node` is this worker's node id), else TCP on this node's IP,
+        a free port. The address carries the token the driver's hello must show."""
+        if self._plane_address is None:
+            import secrets
+
+            from cellserve.cluster.data_plane import DataPlaneServer
+
+            token = secrets.token_hex(16)
+            self._plane = DataPlaneServer(self._begin, token, f"worker {self.spec.worker_id}")
+            if driver_node == self._node and sys.platform.startswith("linux"):
+                self._plane_address = await self._plane.start(unix=f"\0cellserve-{os.getpid()}-{token[:12]}")
+            else:
+                self._plane_address = await self._plane.start(host=_node_ip())
+        return self._plane_address
 
     def release(self, keys: list[str]) -> int:
         """Forget these sequences' states (expired at the driver); how many were here."""
@@ -229,20 +266,28 @@ class EngineWorker:
                 "served": dict(self.served), "changes": dict(self.changes)}
 
     def stop(self) -> None:
+        if self._plane is not None:
+            self._plane.close()
         self._stop.set()
         self._pause.set()
         self._thread.join(10.0)
 
 
-def _resolve(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
+def _ray():
+    """Ray, when this process is part of a Ray cluster (an actor); else None. Checked first:
+    outside one, ray.get_runtime_context() would start a local Ray of its own."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray if ray.is_initialized() else None
+
+
+def _node_ip() -> str:
+    ray = _ray()
+    return "127.0.0.1" if ray is None else ray.util.get_node_ip_address()
 
 
 def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside Ray (tests call the class directly): no node
-        return "local"
+    ray = _ray()  # outside Ray (tests call the class directly): no node
+    return "local" if ray is None else ray.get_runtime_context().get_node_id()

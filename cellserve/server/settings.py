@@ -100,6 +100,9 @@ class ServerSettings:
                                                  "workers; each model's SLO is its slo_ms", gt=0,
                                            flag="--replan-every", unset="off: the workers serve what they "
                                            "started with", group=_RAY, metavar="SECONDS")
+    ray_data_plane: str = setting("socket", "how requests reach the Ray workers: socket (a direct stream to each "
+                                            "worker; Ray only places and watches them) or ray (one actor call "
+                                            "each)", choices=("socket", "ray"), group=_RAY)
     # issue 18: accuracy scaling (Proteus) on the Ray workers (cellserve/cluster/ray_accuracy*.py)
     accuracy_scaling: bool = setting(False, "serve the zoo's variant families by accuracy scaling: clients send to a "
                                             "family, each Ray worker hosts one variant, Proteus's plan re-solved "
@@ -124,6 +127,8 @@ class ServerSettings:
         for key in ("ray_workers", "plan", "replan_every_s"):
             if getattr(self, key) is not None and self.ray_address is None:
                 problems.append(Problem(key, "{name} is for the Ray workers: it needs --ray (ray_address)"))
+        if self.ray_data_plane != "socket" and self.ray_address is None:
+            problems.append(Problem("ray_data_plane", "{name} is for the Ray workers: it needs --ray (ray_address)"))
         if self.accuracy_scaling:
             if self.ray_address is None:
                 problems.append(Problem("accuracy_scaling", "{name} places variants on the Ray workers: it needs "
