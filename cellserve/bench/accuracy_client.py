@@ -11,7 +11,8 @@ Contracts:
   reason, never lost). Latency counts from the scheduled send. Each run closes its
   connections when it ends (a client is run once, on one event loop).
 - `ServerProcess` starts `cellserve serve` with the given flags on a free port, collects its
-  output lines, and returns once it says ready (RuntimeError with the output otherwise).
+  output lines, and returns once /v2/health/ready answers 200 (RuntimeError with the output
+  otherwise).
 - `plans(lines)` parses the accuracy plans' log lines (ray_accuracy_loop.plan_applied's
   format): placement, demand and the capacity per worker of each variant.
 """
@@ -23,17 +24,18 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 
 from cellserve.bench.http_pool import HttpPool, error_message
 
-_READY = re.compile(r"cellserve: ready: http=(\S+)")
 _PLAN = re.compile(r"accuracy plan (\d+) \(([^)]*)\): (.*?); demand (.*?); effective accuracy ([0-9.]+); "
                    r"capacity per worker (.*?)(?:; unserved .*)?$")
 
@@ -59,14 +61,20 @@ class PlanLine:
 
 
 def plans(lines: list[str]) -> list[PlanLine]:
+    """The plan lines among `lines`, in order (a line another process's output broke into is
+    skipped: Ray forwards its workers' output to the same stream)."""
     out = []
     for line in lines:
         m = _PLAN.search(line)
         if m is None:
             continue
-        placement = {w: (None if v == "-" else v) for w, v in (p.split(": ") for p in m.group(3).split("; "))}
-        demand = {f: float(r.rstrip("/s")) for f, r in (d.rsplit(" ", 1) for d in m.group(4).split(", "))}
-        capacity = {v: float(c.rstrip("/s")) for v, c in (d.rsplit(" ", 1) for d in m.group(6).split(", "))}
+        try:
+            placement = {w: (None if v == "-" else v) for w, v in (p.split(": ") for p in m.group(3).split("; "))}
+            demand = {f: float(r.removesuffix("/s")) for f, r in (d.rsplit(" ", 1) for d in m.group(4).split(", "))}
+            capacity = {v: float(c.removesuffix("/s"))
+                        for v, c in (d.rsplit(" ", 1) for d in m.group(6).split(", "))}
+        except ValueError:
+            continue
         out.append(PlanLine(int(m.group(1)), m.group(2), placement, demand, float(m.group(5)), capacity))
     return out
 
@@ -144,28 +152,38 @@ class FamilyClient:
 
 class ServerProcess:
     def __init__(self, args: list[str], ready_timeout_s: float = 300.0):
-        cmd = [sys.executable, "-m", "cellserve.cli", "serve", "--http-port", "0", "--grpc-port", "-1",
+        # A port picked here and polled for readiness, rather than port 0 and the ready line:
+        # Ray forwards its workers' output into the same stream, and a line of it can land in
+        # the middle of the server's (print writes the text and the newline separately).
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "cellserve.cli", "serve", "--http-port", str(port), "--grpc-port", "-1",
                "--metrics-port", "-1", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
-        self.address: str | None = None
-        ready = threading.Event()
 
         def read() -> None:
             for line in self.proc.stdout:
                 self.lines.append(line.rstrip("\n"))
-                m = _READY.search(line)
-                if m:
-                    self.address = m.group(1)
-                    ready.set()
-            ready.set()
         threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(ready_timeout_s) or self.address is None:
-            code = self.stop()
-            why = f"exited with {code}" if self.address is None and ready.is_set() else \
-                f"not ready within {ready_timeout_s:g} s"
-            raise RuntimeError(f"`cellserve serve {' '.join(args)}` {why}:\n" + "\n".join(self.lines[-40:]))
+        deadline = time.monotonic() + ready_timeout_s
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                code = self.stop()
+                why = f"exited with {code}" if time.monotonic() <= deadline else \
+                    f"not ready within {ready_timeout_s:g} s"
+                raise RuntimeError(f"`cellserve serve {' '.join(args)}` {why}:\n" + "\n".join(self.lines[-40:]))
+            time.sleep(0.2)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def plans(self) -> list[PlanLine]:
         return plans(list(self.lines))
