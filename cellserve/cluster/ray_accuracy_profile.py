@@ -10,9 +10,10 @@ of the variant and the device, not of how contended the device is this second.
 
 Definitions (the contract):
 - The family's *typical request* (`typical_rows`): a row of the family's mean input length
-  (rounded; the mean over 4096 rows drawn from the zoo task's own input distribution,
-  bench/decoder_workload.decoder_inputs, seed 0), its tokens drawn from that distribution.
-  For the digit reverser: 7 digits (strings of 1-12 uniform digits).
+  (rounded up: the mean over 4096 rows drawn from the zoo task's own input distribution,
+  bench/decoder_workload.decoder_inputs, seed 0; up, so that a mean of 6.5 drawn as 6.49
+  or 6.51 gives the same length), its tokens drawn from that distribution. For the digit
+  reverser: 7 digits (strings of 1-12 uniform digits, mean 6.5).
 - l(b), the latency of a batch of b (`measure_points`): b typical requests (b one-row
   requests, as b clients send them) submitted together to the worker's idle engine, timed
   from the submit to the last answer; the fastest of `repeats` runs after one warm-up run,
@@ -33,6 +34,7 @@ Definitions (the contract):
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -58,7 +60,7 @@ def typical_rows(model, n: int, seed: int = 0) -> tuple[int, list[np.ndarray]]:
     draw = decoder_inputs(model).draw
     rng = np.random.default_rng(seed)
     lengths = [len(r) for r in draw(rng, _TYPICAL_DRAWS)]
-    length = max(1, int(round(sum(lengths) / len(lengths))))
+    length = max(1, math.ceil(sum(lengths) / len(lengths)))
     rows: list[np.ndarray] = []
     for _ in range(50):  # rows of exactly that length, from the task's own distribution
         rows += [np.asarray(r, np.int64) for r in draw(rng, max(n, 64)) if len(r) == length]
