@@ -64,8 +64,9 @@ class AccuracyReplanner(Replanner):
         """`core`: the AccuracyCore; `fams`: family -> its served variants; `variant_served`:
         the variants' ServedModels (what the workers run; their SLO is the families'); `planner`:
         Proteus's MILP unless given (any accuracy_control.Planner); `profiles`: variant ->
-        (batch, ms) points to plan with (from --profiles files), else the workers' start-up
-        profiles (their snapshots' "variant_profiles", read now: the snapshot taken at start)."""
+        (batch, ms) points to plan with (from --profiles files: ray_accuracy_profile.load_profiles);
+        the variants without one take the workers' start-up profiles (their snapshots'
+        "variant_profiles", read now: the snapshot taken at start)."""
         if planner is None:
             from cellserve.plan.accuracy_milp import plan_accuracy as planner
         super().__init__(core, variant_served, period_s or PERIOD_S, stack_layers, died, first_line, log=log)
@@ -77,8 +78,10 @@ class AccuracyReplanner(Replanner):
         self.applied: list[AccuracyApplied] = []
         self.planned_for: dict[str, float] = {}  # family -> the demand the last plan made was for
         self.capacity_rps: dict[str, float] = {}  # variant -> requests/s one worker serves (the last problem's)
-        self.fixed_points = dict(profiles) if profiles is not None else self.startup_points()
-        self.profile_source = "--profiles files" if profiles is not None else "measured by each worker alone at start"
+        # variants with a --profiles file take it; the others the workers' start-up measurement
+        self.fixed_points = {**self.startup_points(), **(profiles or {})}
+        self.profile_source = {v: ("--profiles file" if v in (profiles or {}) else "measured by the workers at start")
+                               for v in self.fixed_points}
         lacking = sorted(set(self.models) - set(self.fixed_points))
         if lacking:
             self.log(f"cellserve: ray: no profile of {', '.join(lacking)}: never placed")
@@ -202,7 +205,13 @@ def accuracy_core(settings, served, fams: dict[str, list[str]], router, call, me
     core = AccuracyCore(served, variants, family_of, accuracy, router, call, metrics,
                         sequence_idle_s=settings.sequence_idle_s, max_sequences=settings.max_sequences,
                         admission_headroom=settings.engine.admission_headroom)
+    profiles = None
+    paths = getattr(settings, "accuracy_profiles", None)  # --profiles, once the setting exists (see the docs)
+    if paths:
+        from cellserve.cluster.ray_accuracy_profile import load_profiles
+
+        profiles = load_profiles([str(p) for p in paths], names, settings.engine.stack_layers)
     core.replanner = AccuracyReplanner(core, fams, list(variants.values()), accuracy, settings.default_slo_ms,
                                        settings.replan_every_s, settings.engine.stack_layers, died, first_line,
-                                       log=log)
+                                       log=log, profiles=profiles)
     return core

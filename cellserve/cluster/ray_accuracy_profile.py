@@ -128,3 +128,25 @@ def mean_points(per_worker: list[list[tuple[int, float]]]) -> list[tuple[int, fl
     """The per-batch mean of several workers' points (over the batch sizes all of them have)."""
     common = set.intersection(*(set(b for b, _ in pts) for pts in per_worker)) if per_worker else set()
     return [(b, sum(dict(pts)[b] for pts in per_worker) / len(per_worker)) for b in sorted(common)]
+
+
+def load_profiles(paths: list[str], variants: list[str], stack_layers: bool = True) -> dict[str, list[tuple[int, float]]]:
+    """Variant -> [(b, ms)] from `--profiles` files (one per variant, each naming its model;
+    variants without a file keep the workers' start-up measurement). ProfileError naming the
+    file for one that cannot be read, names no served variant, or repeats a variant."""
+    from cellserve.graph.zoo import families
+    from cellserve.plan.profile import ModelProfile, ProfileError
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    source: dict[str, str] = {}
+    for path in paths:
+        name = ModelProfile.from_json(path).model.split(":")[0]
+        if name not in variants:
+            raise ProfileError(f"profile {str(path)!r}: model is {name!r}, which is no variant served here "
+                               f"({', '.join(variants)})")
+        if name in out:
+            raise ProfileError(f"profile {str(path)!r}: a second profile of {name!r} (the first: {source[name]!r})")
+        model = families.load(name)
+        length, _ = typical_rows(model, 1)
+        out[name], source[name] = points_from_profile(str(path), model, length, stack_layers=stack_layers), str(path)
+    return out

@@ -179,10 +179,13 @@ def test_given_profiles_are_planned_with_and_a_variant_without_one_is_never_plac
     monkeypatch.setattr("cellserve.cluster.ray_accuracy_loop.time.monotonic", lambda: clock["t"])
     accuracy = {v: families.variant(v).accuracy for v in SCALE}
     logs = []
-    given = {v: fake_points(v) for v in ("reverse-h16", "reverse-h32")}
+    for state in core.router.workers.values():  # the workers profiled h16 and h32 at start, not h128
+        state.snapshot["variant_profiles"].pop("reverse-h128")
+    given = {"reverse-h32": [(b, 0.5 * ms) for b, ms in fake_points("reverse-h32")]}
     r = AccuracyReplanner(core, {"reverse": list(SCALE)}, list(variant_models.values()), accuracy, SLO_MS, 2.0,
                           True, (RuntimeError,), str, log=logs.append, profiles=given)
-    assert r.variant_profiles() == given and r.profile_source == "--profiles files"
+    assert r.variant_profiles() == {"reverse-h16": fake_points("reverse-h16"), **given}
+    assert r.profile_source == {"reverse-h16": "measured by the workers at start", "reverse-h32": "--profiles file"}
     assert any("no profile of reverse-h128: never placed" in line for line in logs)
     offer(r, clock, 100, 1.0)
     assert set(r.applied[-1].placement.values()) == {"reverse-h32"}  # the most accurate with a capacity

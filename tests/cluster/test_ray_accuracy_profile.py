@@ -75,6 +75,21 @@ def test_points_from_a_profile_file_and_its_refusals(tmp_path):
         points_from_profile(str(tmp_path / "missing.json"), model, 7)
 
 
+def test_profile_files_load_per_variant_and_bad_sets_are_refused_naming_the_file(tmp_path):
+    from cellserve.cluster.ray_accuracy_profile import load_profiles
+
+    paths = {}
+    for v in ("reverse-h16", "reverse-h128"):
+        paths[v] = tmp_path / f"{v}.json"
+        synthetic_profile(families.load(v), 1e-4, max_batch=8).to_json(paths[v])
+    got = load_profiles([str(paths["reverse-h16"]), str(paths["reverse-h128"])], ["reverse-h16", "reverse-h128"])
+    assert set(got) == {"reverse-h16", "reverse-h128"} and [b for b, _ in got["reverse-h16"]] == [1, 2, 4, 8]
+    with pytest.raises(ProfileError, match=r"h128.json': model is 'reverse-h128', which is no variant served here"):
+        load_profiles([str(paths["reverse-h128"])], ["reverse-h16"])
+    with pytest.raises(ProfileError, match="a second profile of 'reverse-h16'"):
+        load_profiles([str(paths["reverse-h16"])] * 2, ["reverse-h16"])
+
+
 def test_mean_points_over_workers_keeps_the_batches_all_have():
     assert mean_points([[(1, 2.0), (2, 4.0), (4, 8.0)], [(1, 4.0), (2, 6.0)]]) == [(1, 3.0), (2, 5.0)]
 
