@@ -28,8 +28,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 FAMILY = "reverse"
 BURST_FACTOR, MEAN_BURST_S, MEAN_CALM_S = 4.0, 4.0, 8.0
 
@@ -85,6 +83,8 @@ def summarise(outcomes, slo_ms: float, accuracy: dict[str, float]) -> dict:
 
 def trace_times(capacity: dict[str, float], cfg: AccuracyServeConfig) -> tuple[list[float], dict]:
     """Send times (s) of the trace's requests, and its description."""
+    import numpy as np
+
     from cellserve.bench.traces import bursty_arrivals
 
     burst_rows = cfg.burst * cfg.workers * capacity["reverse-h128"]
