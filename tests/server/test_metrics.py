@@ -43,7 +43,10 @@ def test_counters_follow_requests(zoo_server):
     gained = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
     assert gained("cellserve_inference_request_success_total", **m) == 3
     assert gained("cellserve_inference_request_failure_total", **m, reason="invalid") == 1
-    assert gained("cellserve_inference_request_failure_total", **m, reason="rejected") == 1
+    # the 1 us deadline: refused by admission, or, when a loaded machine's engine does not
+    # reach it within the server's few milliseconds past the deadline, answered as dropped
+    assert (gained("cellserve_inference_request_failure_total", **m, reason="rejected")
+            + gained("cellserve_inference_request_failure_total", **m, reason="dropped")) == 1
     assert gained("cellserve_inference_count_total", **m) == 4  # a batch of 2 counts 2
     # every token of every layer ran in some batched step of the model's cell types
     assert gained("cellserve_inference_exec_count_total", **m) > 0
