@@ -50,6 +50,7 @@ PREFIX = struct.Struct("!IQ")  # header length, payload length
 ALIGN = 16  # each array's bytes start at a multiple of this within the payload
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 32  # 4 GiB: far above --max-request-size; a length beyond it is garbage
+CONNECT_TIMEOUT_S = 10.0
 _KINDS = "biuf"  # bool, signed, unsigned, float: what the models take and give
 
 
@@ -217,11 +218,12 @@ class Connection:
                     raise
                 sock.setblocking(False)
                 reader, writer = await asyncio.open_unix_connection(sock=sock)
-            else:
-                reader, writer = await asyncio.open_connection(a["host"], a["port"])
+            else:  # bounded: an unreachable host would otherwise take the kernel's SYN retries (minutes)
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(a["host"], a["port"]),
+                                                        CONNECT_TIMEOUT_S)
             writer.writelines(encode({"hello": a["token"]}, {}))
-        except OSError as exc:
-            self.lose(f"cannot connect to {self.name} at {self.where()}: {exc}")
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.lose(f"cannot connect to {self.name} at {self.where()}: {exc or type(exc).__name__}")
             raise ConnectionLost(self.lost) from None
         self._writer = writer
         asyncio.ensure_future(self._read(reader))
@@ -261,6 +263,9 @@ class Connection:
             why = f"sent a bad frame ({exc})"
         except OSError as exc:
             why = f"connection failed ({exc})"
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave calls waiting forever
+            log.exception("%s: data plane: reading replies failed", self.name)
+            why = f"reading replies failed ({type(exc).__name__}: {exc})"
         self.lose(f"{self.name} {why} at {self.where()}")
 
     def lose(self, why: str) -> None:
@@ -318,6 +323,8 @@ class DataPlaneServer:
             log.warning("%s: data plane: closing the connection from %s: %s", self.name, peer, exc)
         except OSError as exc:
             log.warning("%s: data plane: the connection from %s failed: %s", self.name, peer, exc)
+        except Exception:  # noqa: BLE001 - this connection ends; the worker and its others carry on
+            log.exception("%s: data plane: closing the connection from %s", self.name, peer)
         finally:
             writer.close()
 

@@ -316,9 +316,15 @@ async def _poll(core, died, conns: dict) -> None:
     leaves routing at once (requests in flight there find out from their own calls). A dead
     worker's data-plane connection is closed, failing what is pending on it (a node lost
     without its sockets closing: its calls end here, not never)."""
+    seen: set[str] = set()  # dead workers handled here
     while core.accepting:
         for w in core.router.workers.values():
-            if not w.alive and w.id in conns and conns[w.id].lost is None:
+            if w.alive or w.id in seen or w.id not in conns:
+                continue
+            seen.add(w.id)
+            if conns[w.id].lost is not None:  # its socket broke first: the poll never sees it die, so say it here
+                print(f"cellserve: ray: {w.describe()} died: {w.death}", flush=True)
+            else:  # found dead through Ray (this poll, the planner): fail what waits on its socket
                 conns[w.id].lose(f"{w.describe()} died: {w.death}")
         for w in core.router.live():
             try:
