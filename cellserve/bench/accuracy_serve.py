@@ -147,11 +147,13 @@ def run(cfg: AccuracyServeConfig, log=print) -> dict:
         log(f"{system}: {table_row(system, stats)}")
     runs = report["runs"]
     ours, high, low = runs["accuracy-scaling"], runs["highest-only"], runs["lowest-only"]
-    v_ratio = high["violations"] / ours["violations"] if ours["violations"] else float("inf")
-    d_ratio = (low["accuracy_drop"] / ours["accuracy_drop"] if ours["accuracy_drop"] else float("inf")) \
-        if low["accuracy_drop"] is not None and ours["accuracy_drop"] is not None else None
+    # a ratio over zero is None (JSON has no infinity); the goal is then met if the other side is above zero
+    v_ratio = high["violations"] / ours["violations"] if ours["violations"] else None
+    d_ours, d_low = ours["accuracy_drop"], low["accuracy_drop"]
+    d_ratio = d_low / d_ours if d_ours and d_low is not None else None
     report["goals"] = {"violations_vs_highest_only": v_ratio, "accuracy_drop_vs_lowest_only": d_ratio,
-                       "fewer_violations_met": v_ratio >= 2.0, "less_drop_met": d_ratio is not None and d_ratio >= 2.0}
+                       "fewer_violations_met": v_ratio >= 2.0 if v_ratio is not None else high["violations"] > 0,
+                       "less_drop_met": d_ratio >= 2.0 if d_ratio is not None else d_ours == 0 and bool(d_low)}
     report["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                          "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     return report
@@ -168,9 +170,11 @@ def table(report: dict) -> str:
              "| switches |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [table_row(name, s) for name, s in report["runs"].items()]
     g = report["goals"]
-    lines.append(f"violations: highest-only / accuracy-scaling = {g['violations_vs_highest_only']:.2f}x; "
-                 f"accuracy drop: lowest-only / accuracy-scaling = "
-                 + ("n/a" if g["accuracy_drop_vs_lowest_only"] is None else f"{g['accuracy_drop_vs_lowest_only']:.2f}x"))
+    def ratio(x):
+        return "n/a (a zero below)" if x is None else f"{x:.2f}x"
+    lines.append(f"violations: highest-only / accuracy-scaling = {ratio(g['violations_vs_highest_only'])} "
+                 f"(goal >= 2: {g['fewer_violations_met']}); accuracy drop: lowest-only / accuracy-scaling = "
+                 f"{ratio(g['accuracy_drop_vs_lowest_only'])} (goal >= 2: {g['less_drop_met']})")
     return "\n".join(lines)
 
 
@@ -203,7 +207,7 @@ def _main(args, parser) -> int:
         parser.error("; ".join(problems))  # exit 2, naming the flag and the value
     report = run(cfg)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    args.json.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     print(table(report))
     print(f"wrote {args.json}")
     return 0
