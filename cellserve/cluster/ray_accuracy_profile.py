@@ -130,7 +130,8 @@ def mean_points(per_worker: list[list[tuple[int, float]]]) -> list[tuple[int, fl
     return [(b, sum(dict(pts)[b] for pts in per_worker) / len(per_worker)) for b in sorted(common)]
 
 
-def load_profiles(paths: list[str], variants: list[str], stack_layers: bool = True) -> dict[str, list[tuple[int, float]]]:
+def load_profiles(paths: list[str], variants: list[str],
+                  stack_layers: bool = True) -> dict[str, list[tuple[int, float]]]:
     """Variant -> [(b, ms)] from `--profiles` files (one per variant, each naming its model;
     variants without a file keep the workers' start-up measurement). ProfileError naming the
     file for one that cannot be read, names no served variant, or repeats a variant."""

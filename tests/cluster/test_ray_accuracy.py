@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from cellserve.cluster.ray_accuracy import AccuracyScalingError, resolve_families, served_variants
