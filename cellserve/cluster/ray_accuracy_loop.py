@@ -154,10 +154,11 @@ class AccuracyReplanner(Replanner):
     async def apply(self, plan: AccuracyPlan, reason: str, now: float) -> None:
         live = self.router.live()
         want = {w.id: plan.placement.get(w.id) for w in live}
-        # A worker the plan leaves idle (its variants have no capacity under half the SLO as
-        # measured now, e.g. in an overload) keeps the variant it hosts: it takes the family's
-        # requests the plan's shares do not route (AccuracyCore's fallback) instead of
-        # unloading and leaving them nowhere to go.
+        # A fallback, not Proteus: a worker the plan leaves idle keeps the variant it hosts and
+        # takes the family's requests the plan's shares do not route (AccuracyCore's fallback)
+        # instead of unloading and leaving them nowhere to go. With the fixed profiles this
+        # arises only when no variant has a batch under half the SLO (an SLO too tight for
+        # the family on this machine); the plan itself gives spare devices copies.
         kept = self.core.routes.placement
         want = {w: (v if v is not None else kept.get(w)) for w, v in want.items()}
         loaded = {w.id: set(w.info.models) for w in live}
