@@ -15,7 +15,7 @@ ray_accuracy_core.py; this module holds what they share:
   outputs) and the workers' (one per variant, named as the variant).
 - `build_problem`: the AccuracyProblem of a period: the live workers as devices, each
   variant's latency profile on a worker l(b) the fixed one of ray_accuracy_profile.py
-  (measured alone at start, or from --profiles files), so capacity is Proteus's rule: the
+  (measured alone at start, or from --accuracy-profiles files), so capacity is Proteus's rule: the
   best batch whose latency is at most half the family's SLO.
 """
 

@@ -20,7 +20,7 @@ models on the workers and its handling of dead workers are the Replanner's own. 
 
 Capacities are fixed at start (ray_accuracy_profile.py has the definitions): each variant's
 l(b) is the mean over the workers of the profile each measured alone before serving (the
-start-up snapshot's "variant_profiles"), or, given `--profiles`, derived from those files;
+start-up snapshot's "variant_profiles"), or, given `--accuracy-profiles`, derived from those files;
 never the engines' moving cost averages, which rise with the very load being planned for.
 A worker the plan leaves idle keeps the variant it hosts (a fallback: see `apply`).
 """
@@ -64,7 +64,7 @@ class AccuracyReplanner(Replanner):
         """`core`: the AccuracyCore; `fams`: family -> its served variants; `variant_served`:
         the variants' ServedModels (what the workers run; their SLO is the families'); `planner`:
         Proteus's MILP unless given (any accuracy_control.Planner); `profiles`: variant ->
-        (batch, ms) points to plan with (from --profiles files: ray_accuracy_profile.load_profiles);
+        (batch, ms) points to plan with (from --accuracy-profiles files: ray_accuracy_profile.load_profiles);
         the variants without one take the workers' start-up profiles (their snapshots'
         "variant_profiles", read now: the snapshot taken at start)."""
         if planner is None:
@@ -78,9 +78,9 @@ class AccuracyReplanner(Replanner):
         self.applied: list[AccuracyApplied] = []
         self.planned_for: dict[str, float] = {}  # family -> the demand the last plan made was for
         self.capacity_rps: dict[str, float] = {}  # variant -> requests/s one worker serves (the last problem's)
-        # variants with a --profiles file take it; the others the workers' start-up measurement
+        # variants with an --accuracy-profiles file take it; the others the workers' start-up measurement
         self.fixed_points = {**self.startup_points(), **(profiles or {})}
-        self.profile_source = {v: ("--profiles file" if v in (profiles or {}) else "measured by the workers at start")
+        self.profile_source = {v: ("--accuracy-profiles file" if v in (profiles or {}) else "measured by the workers at start")
                                for v in self.fixed_points}
         lacking = sorted(set(self.models) - set(self.fixed_points))
         if lacking:
@@ -207,7 +207,7 @@ def accuracy_core(settings, served, fams: dict[str, list[str]], router, call, me
                         sequence_idle_s=settings.sequence_idle_s, max_sequences=settings.max_sequences,
                         admission_headroom=settings.engine.admission_headroom)
     profiles = None
-    paths = getattr(settings, "accuracy_profiles", None)  # --profiles, once the setting exists (see the docs)
+    paths = settings.accuracy_profiles  # --accuracy-profiles
     if paths:
         from cellserve.cluster.ray_accuracy_profile import load_profiles
 

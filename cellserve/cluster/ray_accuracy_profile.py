@@ -24,7 +24,7 @@ Definitions (the contract):
   batch b for that request (the encoder's steps, then one decoder step per output token),
   plus the engine's own per-step and per-request work (admission, lanes started and
   finished, answers): all of what the engine spends, none of the Ray hop or HTTP.
-- With `--profiles` files (`cellserve profile --model VARIANT --json P.json`, one per
+- With `--accuracy-profiles` files (`cellserve profile --model VARIANT --json P.json`, one per
   variant), l(b) is instead plan/nexus_cellular.cellular_latency of that profile at the
   typical request's length: the same quantity, modelled from the file's measured steps
   (`points_from_profile`).
@@ -132,7 +132,7 @@ def mean_points(per_worker: list[list[tuple[int, float]]]) -> list[tuple[int, fl
 
 def load_profiles(paths: list[str], variants: list[str],
                   stack_layers: bool = True) -> dict[str, list[tuple[int, float]]]:
-    """Variant -> [(b, ms)] from `--profiles` files (one per variant, each naming its model;
+    """Variant -> [(b, ms)] from `--accuracy-profiles` files (one per variant, each naming its model;
     variants without a file keep the workers' start-up measurement). ProfileError naming the
     file for one that cannot be read, names no served variant, or repeats a variant."""
     from cellserve.graph.zoo import families

@@ -83,12 +83,19 @@ def _model_names(settings: ServerSettings) -> list[str]:
 
 def _families(settings: ServerSettings) -> dict[str, list[str]] | None:
     """With --accuracy-scaling, the variant families served (AccuracyScalingError, a
-    ValueError, naming a --model that is in no family); else None."""
+    ValueError, naming a --model that is in no family; ProfileError, one, naming an
+    --accuracy-profiles file that cannot be used); else None."""
     if not settings.accuracy_scaling:
         return None
     from cellserve.cluster.ray_accuracy import resolve_families
 
-    return resolve_families(list(settings.zoo_models or []))
+    fams = resolve_families(list(settings.zoo_models or []))
+    if settings.accuracy_profiles:  # read now, so that a file that cannot be used is told before Ray starts
+        from cellserve.cluster.ray_accuracy_profile import load_profiles
+
+        load_profiles(list(settings.accuracy_profiles), [v for vs in fams.values() for v in vs],
+                      settings.engine.stack_layers)
+    return fams
 
 
 def _layout(settings: ServerSettings, names: list[str]):

@@ -109,6 +109,12 @@ class ServerSettings:
                                             "every period (--replan-every, default 10 s) on the measured demand "
                                             "(docs/accuracy-scaling.md); needs --ray and --slo-ms",
                                      group=_RAY)
+    accuracy_profiles: list[str] = setting(help="with --accuracy-scaling: a variant's profile file (cellserve "
+                                                "profile --model VARIANT --json FILE; repeat the flag for several), "
+                                                "whose step costs plan that variant's capacity",
+                                           default_factory=list, flag="--accuracy-profiles",
+                                           unset="each worker times every variant alone at start", group=_RAY,
+                                           metavar="PROFILE.json")
     # issue 21: Triton's trace extension (cellserve/server/tracing.py)
     trace_config: list[str] = setting(help="a trace setting, as Triton's (repeat the flag): level=TIMESTAMPS, "
                                            "rate=N (every N-th request), count=N (-1: no limit), mode=triton, "
@@ -129,6 +135,9 @@ class ServerSettings:
                 problems.append(Problem(key, "{name} is for the Ray workers: it needs --ray (ray_address)"))
         if self.ray_data_plane != "socket" and self.ray_address is None:
             problems.append(Problem("ray_data_plane", "{name} is for the Ray workers: it needs --ray (ray_address)"))
+        if self.accuracy_profiles and not self.accuracy_scaling:
+            problems.append(Problem("accuracy_profiles", "{name} gives the variants' capacities: it needs "
+                                    "--accuracy-scaling"))
         if self.accuracy_scaling:
             if self.ray_address is None:
                 problems.append(Problem("accuracy_scaling", "{name} places variants on the Ray workers: it needs "

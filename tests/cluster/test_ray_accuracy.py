@@ -184,7 +184,7 @@ def test_given_profiles_are_planned_with_and_a_variant_without_one_is_never_plac
     r = AccuracyReplanner(core, {"reverse": list(SCALE)}, list(variant_models.values()), accuracy, SLO_MS, 2.0,
                           True, (RuntimeError,), str, log=logs.append, profiles=given)
     assert r.variant_profiles() == {"reverse-h16": fake_points("reverse-h16"), **given}
-    assert r.profile_source == {"reverse-h16": "measured by the workers at start", "reverse-h32": "--profiles file"}
+    assert r.profile_source == {"reverse-h16": "measured by the workers at start", "reverse-h32": "--accuracy-profiles file"}
     assert any("no profile of reverse-h128: never placed" in line for line in logs)
     offer(r, clock, 100, 1.0)
     assert set(r.applied[-1].placement.values()) == {"reverse-h32"}  # the most accurate with a capacity
@@ -243,6 +243,10 @@ def test_routing_follows_the_plans_shares_and_falls_back_where_the_choice_cannot
     (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--plan", "p.json"], "cannot be combined with --plan"),
     (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--model", "lstm-512"],
      "--model 'lstm-512' is neither a family nor a variant of one"),
+    (["--accuracy-profiles", "p.json"], "--accuracy-profiles gives the variants' capacities: it needs "
+                                        "--accuracy-scaling"),
+    (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--accuracy-profiles", "no-such-profile.json"],
+     "no-such-profile.json"),
 ])
 def test_bad_flags_exit_2_naming_what_is_wrong(args, why):
     done = subprocess.run([sys.executable, "-m", "cellserve.cli", "serve", "--http-port", "0", *args],
