@@ -164,10 +164,12 @@ class _Cluster:
             w.snapshot = snap
         self.addresses = None  # worker id -> its data-plane socket (--ray-data-plane socket)
         if settings.ray_data_plane == "socket":
-            try:
-                here = ray.get_runtime_context().get_node_id()
-            except Exception:  # noqa: BLE001 - a Ray Client driver is on no node: TCP to every worker
-                here = None
+            here = None  # behind Ray Client (ray://) this process is on no node: TCP to every worker
+            if not address.startswith("ray://"):
+                try:
+                    here = ray.get_runtime_context().get_node_id()
+                except Exception:  # noqa: BLE001 - no node known: TCP to every worker
+                    pass
             try:
                 found = ray.get([a.data_address.remote(here) for a in self.actors], timeout=_STARTUP_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001
