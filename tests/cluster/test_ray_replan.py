@@ -333,5 +333,8 @@ def test_on_ray_the_planner_loads_and_unloads_models_and_plans_around_a_killed_w
             t.join(30)
         print("\n".join(line for line in server.lines if "plan epoch" in line or "died" in line))  # with -s
         assert server.stop() == 0
-    for model, got in codes.items():  # every request answered: OK, or refused/unavailable naming why
-        assert got and all(c == "200" or c[:3] in ("429", "503") for c in got), (model, got[-5:])
+    # every request answered: OK, or refused, unavailable or past its deadline (a CPU-starved
+    # machine may miss the 500 ms SLO) naming why; never lost, never a 500
+    for model, got in codes.items():
+        odd = [c for c in got if c != "200" and c[:3] not in ("429", "503", "504")]
+        assert got and not odd, (model, odd[:5])
