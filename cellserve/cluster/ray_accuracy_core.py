@@ -81,15 +81,7 @@ class AccuracyCore(RayCore):
             try:
                 reply = await self._send(ventry, worker, call, lanes, timeout_s, received)
             except WorkerDied as exc:
-                if self.router.mark_dead(worker, str(exc)):
-                    self.deaths.append(f"{worker.describe()}: {exc}")
-                if not self.accepting:
-                    raise Unavailable(f"the server is shutting down ({worker.describe()} stopped)") from None
-                tried.append(worker)
-                if len(tried) > 1:
-                    raise Unavailable(f"{tried[0].describe()} died with this request, and so did "
-                                      f"{tried[1].describe()}, where it was sent again") from None
-                self.retries += 1
+                self._after_death(worker, exc, tried)
                 continue
             answer = self._answer(entry, inputs, reply)
             _ANSWERED_BY.set(variant)

@@ -88,11 +88,7 @@ class AccuracyReplanner(Replanner):
 
     async def tick(self) -> None:
         now = time.monotonic()
-        self.meter.fold(now)
-        dead = {w.id for w in self.router.workers.values() if not w.alive} - self.dead
-        self.dead |= dead
-        for w in dead:
-            self.drains.forget_worker(w)
+        dead = self._fold(now)
         if not self.router.live():
             return
         if self.controller is None:

@@ -153,19 +153,26 @@ class RayCore(Core):
             try:
                 reply = await self._send(entry, worker, call, lanes, timeout_s, received)
             except WorkerDied as exc:
-                if self.router.mark_dead(worker, str(exc)):
-                    self.deaths.append(f"{worker.describe()}: {exc}")
-                if not self.accepting:
-                    raise Unavailable(f"the server is shutting down ({worker.describe()} stopped)") from None
-                if held is not None:
-                    raise
-                tried.append(worker)
-                if len(tried) > 1:
-                    raise Unavailable(f"{tried[0].describe()} died with this request, and so did "
-                                      f"{tried[1].describe()}, where it was sent again") from None
-                self.retries += 1
+                self._after_death(worker, exc, tried, sticky=held is not None)
                 continue
             return worker, self._answer(entry, inputs, reply)
+
+    def _after_death(self, worker: WorkerState, exc: WorkerDied, tried: list, sticky: bool = False) -> None:
+        """`worker` died with a request on it: mark it down, then raise what the client gets
+        (the server is shutting down; with `sticky`, the sequence's state died with it; a
+        second death, after the one retry), or note the retry (`tried` gains the worker) and
+        return, for the caller to send the request once more elsewhere."""
+        if self.router.mark_dead(worker, str(exc)):
+            self.deaths.append(f"{worker.describe()}: {exc}")
+        if not self.accepting:
+            raise Unavailable(f"the server is shutting down ({worker.describe()} stopped)") from None
+        if sticky:
+            raise exc
+        tried.append(worker)
+        if len(tried) > 1:
+            raise Unavailable(f"{tried[0].describe()} died with this request, and so did "
+                              f"{tried[1].describe()}, where it was sent again") from None
+        self.retries += 1
 
     def _gate(self, model: str) -> None:
         why = self.unplanned.get(model)

@@ -100,13 +100,19 @@ class Replanner:
                 self.log(f"cellserve: ray: re-planning failed: {type(exc).__name__}: {exc}")
             await asyncio.sleep(TICK_S)
 
-    async def tick(self) -> None:
-        now = time.monotonic()
+    def _fold(self, now: float) -> set[str]:
+        """Fold the rates measured until `now`; the workers found dead since the last call
+        (their drains forgotten)."""
         self.meter.fold(now)
         dead = {w.id for w in self.router.workers.values() if not w.alive} - self.dead
         self.dead |= dead
         for w in dead:
             self.drains.forget_worker(w)
+        return dead
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        dead = self._fold(now)
         reason = None
         if dead:
             reason = f"{', '.join(sorted(dead))} died: re-planned without it"
