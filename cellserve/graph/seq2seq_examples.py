@@ -77,6 +77,15 @@ def additive_spec(max_length: MaxLength = MaxLength(ratio=2.0, constant=3), bos:
                       output="tokens")
 
 
+def load_additive(model: AdditiveSeq2Seq, spec: DecodeSpec | None = None, name: str = "add"):
+    """`model` served through the decoder-step path (load_torch_seq2seq): its encoder and
+    step exported in memory, wired by `spec` (default additive_spec())."""
+    from cellserve.graph.seq2seq_import import load_torch_seq2seq
+
+    return load_torch_seq2seq(AdditiveEncoder(model), AdditiveStep(model), spec or additive_spec(), name,
+                              (torch.zeros((1, 3), dtype=torch.long),), ["source"], ["memory", "h0", "feed0"])
+
+
 class ReverserEncoder(nn.Module):
     """The zoo digit reverser's encoder: digits [B, S] -> memory [B, S, H], h0, c0 [B, H]
     (every row of a request has S digits)."""

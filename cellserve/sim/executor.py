@@ -190,7 +190,7 @@ class SimExecutor(Executor):
             return None
         k = min(k, dec.vocab)
         # the greedy lane's filler first (see _decode): a row's best hypothesis is what greedy gives
-        others = [t for t in ((dec.eos + 1 + j) % dec.vocab for j in range(dec.vocab)) if t != dec.eos][:k]
+        others = [(dec.eos + 1 + j) % dec.vocab for j in range(min(k, dec.vocab - 1))]  # none is EOS
         going = np.array(others + [dec.eos] * (k - len(others)), np.int64)
         ending = np.array([dec.eos] + others[:k - 1], np.int64)
         tokens = np.empty((len(slots), k), np.int64)

@@ -25,6 +25,7 @@ from cellserve.graph.zoo import families
 from cellserve.plan.accuracy import AccuracyPlan
 from cellserve.plan.accuracy_control import WeightedRouter
 from cellserve.server.errors import Unavailable
+from helpers_cluster import RemoteMethod
 
 SLO_MS = 100.0
 # a variant's latency at batch b, as its start-up profile: h128 3x, h32 1.2x the smallest's
@@ -49,16 +50,6 @@ def test_families_from_model_names():
 
 # ---- the loop over fake workers ----
 
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        async def call():
-            return self.fn(*args)
-        return call()
-
-
 @pytest.fixture(scope="module")
 def variant_models():
     return {s.name: s for s in served_variants(list(SCALE), SLO_MS)}
@@ -74,7 +65,7 @@ class FakeWorker:
             for t in stack_layers(s.model).cell_types():
                 cost = {k: SCALE[name] * 1e-4 * (1 + (1 << k) / 8) for k in range(7)}
                 self.tables[t] = {"mean": cost, "best": cost}
-        self.load, self.unload = _Method(self._load), _Method(self._unload)
+        self.load, self.unload = RemoteMethod(self._load), RemoteMethod(self._unload)
         self.unloaded: list[str] = []
 
     def info(self):

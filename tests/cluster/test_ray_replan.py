@@ -24,6 +24,7 @@ from cellserve.graph.stacking import stack_layers
 from cellserve.graph.torch_import import load_torch
 from cellserve.graph.zoo.modules import RNNClassifier, seeded
 from cellserve.server.repository import ModelSettings, ServedModel
+from helpers_cluster import RemoteMethod
 
 
 def tiny(name: str, seed: int, kind: str = "gru"):
@@ -157,16 +158,6 @@ def test_an_engine_adds_a_model_between_steps_and_removes_one_only_once_drained(
 
 # ---- the re-plan loop over fake workers (no Ray) ----
 
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        async def call():
-            return self.fn(*args)
-        return call()
-
-
 class FakeWorker:
     """What the driver calls on an EngineWorker: load and unload, answering at once."""
 
@@ -175,8 +166,8 @@ class FakeWorker:
         self.costs = {"tables": {}, "group_of": None}
         for name, m in model_objs.items():
             self.costs["tables"].update(tables_for(m, step_s[name])["tables"])  # measured before (kept tables)
-        self.load = _Method(self._load)
-        self.unload = _Method(self._unload)
+        self.load = RemoteMethod(self._load)
+        self.unload = RemoteMethod(self._unload)
         self.unload_calls: list = []
 
     def info(self):

@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cellserve.graph.decode_spec import MaxLength
 from cellserve.graph.decoder_graph import device_constants, interpret_step_graph, load_decoder_step
-from cellserve.graph.seq2seq_examples import (AdditiveEncoder, AdditiveSeq2Seq, AdditiveStep, ReverserEncoder,
-                                              ReverserStep, additive_spec)
+from cellserve.graph.seq2seq_examples import (AdditiveSeq2Seq, ReverserEncoder, ReverserStep, additive_spec,
+                                              load_additive)
 from cellserve.graph.seq2seq_import import load_torch_seq2seq
 from cellserve.graph.zoo import seq2seq
 
@@ -39,8 +39,7 @@ def _reverser_graph():
 def _additive_graph():
     torch.manual_seed(3)
     m = AdditiveSeq2Seq(vocab=20, embed=16, hidden=32).eval()
-    model = load_torch_seq2seq(AdditiveEncoder(m), AdditiveStep(m), additive_spec(), "add",
-                               (torch.zeros((1, 3), dtype=torch.long),), ["source"], ["memory", "h0", "feed0"])
+    model = load_additive(m)
     return model.program[-1].graph, 32, 20
 
 

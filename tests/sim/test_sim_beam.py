@@ -14,8 +14,7 @@ from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Status
 from cellserve.graph.decode_spec import MaxLength
-from cellserve.graph.seq2seq_examples import AdditiveEncoder, AdditiveSeq2Seq, AdditiveStep, additive_spec
-from cellserve.graph.seq2seq_import import load_torch_seq2seq
+from cellserve.graph.seq2seq_examples import AdditiveSeq2Seq, additive_spec, load_additive
 from cellserve.plan.profile import synthetic_profile
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
@@ -26,8 +25,7 @@ def model():
     torch.manual_seed(5)
     module = AdditiveSeq2Seq(vocab=12, hidden=16).eval()
     spec = dataclasses.replace(additive_spec(MaxLength(ratio=1.0, constant=3)), max_beam_width=4)
-    return load_torch_seq2seq(AdditiveEncoder(module), AdditiveStep(module), spec, "beam",
-                              (torch.zeros((1, 3), dtype=torch.long),), ["source"], ["memory", "h0", "feed0"])
+    return load_additive(module, spec, "beam")
 
 
 def _serve(model, requests: list[dict]):
