@@ -52,12 +52,16 @@ class CompareConfig:
     max_rps: float = 5000.0
     seed: int = 0
     json_path: Path = Path("bench-results/compare.json")
+    # smaller only in tests (no flag): the same code path, run for less time; the command keeps these
+    min_requests: int = 40  # of each rate of a sweep, however low the rate
+    ceiling_seconds: float = 2.0  # of each rate of the generator's ceiling ramp (load.generator_ceiling)
+    ceiling_max_rps: float = 100_000  # where that ramp stops if the generator still keeps up
 
     def sweep(self, vocab: int) -> Sweep:
         seconds = self.seconds_per_rate or (2.0 if self.quick else 5.0)
         return Sweep(slos_ms=self.slos_ms, start_rps=2 * self.light_rps, factor=1.5 if self.quick else 1.3,
-                     max_rps=self.max_rps, seconds_per_rate=seconds, min_requests=40, vocab=vocab, seed=self.seed,
-                     health_every_s=None)  # peers' health endpoints differ; not what is compared
+                     max_rps=self.max_rps, seconds_per_rate=seconds, min_requests=self.min_requests, vocab=vocab,
+                     seed=self.seed, health_every_s=None)  # peers' health endpoints differ; not what is compared
 
     @property
     def light_count(self) -> int:
@@ -70,7 +74,8 @@ def run(cfg: CompareConfig, log=print) -> dict:
     model = export_model(cfg.model, workdir / "model")
     sweep = cfg.sweep(model.vocab)
     log("measuring the load generator's ceiling against a trivial endpoint ...")
-    ceiling = generator_ceiling("http", workdir)
+    ceiling = generator_ceiling("http", workdir, seconds=cfg.ceiling_seconds,
+                                 max_rps=cfg.ceiling_max_rps)
     log(f"generator ceiling: {ceiling['ceiling_rps']:.0f} req/s")
     servers, skipped, sweeps = {}, {}, {}
     servers[CELLSERVE], sweeps[CELLSERVE] = _cellserve(cfg, sweep, log)

@@ -139,10 +139,11 @@ def max_goodput(rows: list[dict], slo_ms: float) -> float:
 
 
 def generator_ceiling(protocol: str = "http", workdir: Path | None = None, seconds: float = 2.0,
-                      start_rps: float = 200.0, factor: float = 1.3) -> dict:
+                      start_rps: float = 200.0, factor: float = 1.3, max_rps: float = 100_000) -> dict:
     """The highest rate this generator offers on time and sees answered, against an endpoint
     that does no work: ramp until throughput falls under 95% of the offer or the send lag's
-    p99 passes 10 ms (on both of two tries)."""
+    p99 passes 10 ms (on both of two tries), or the rate reaches `max_rps` (then the ceiling
+    is a lower bound: the last rate kept up)."""
     import tempfile
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cellserve-ceiling-"))
@@ -156,7 +157,7 @@ def generator_ceiling(protocol: str = "http", workdir: Path | None = None, secon
         sweep = Sweep(seconds_per_rate=seconds, min_requests=200, health_every_s=None)
         run_rate(target, sweep, start_rps)  # warm-up
         best, rows, rate = 0.0, [], start_rps
-        while rate < 100_000:
+        while rate < max_rps:
             kept = False
             for _ in range(2):  # a rate passes on either of two tries: one stall is not a ceiling
                 row = run_rate(target, sweep, rate)

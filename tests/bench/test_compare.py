@@ -23,6 +23,7 @@ def test_compare_writes_the_table_json_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLSERVE_PEERS_DIR", str(tmp_path / "no-peers-here"))
     cfg = compare.CompareConfig(peers=("unbatched", "triton"), install=False, quick=True, threads=1,
                                 light_requests=20, seconds_per_rate=0.5, max_rps=45,
+                                min_requests=20, ceiling_seconds=0.5, ceiling_max_rps=1000,  # short: the same paths
                                 json_path=tmp_path / "out" / "compare.json")
     in_memory = compare.run(cfg, log=lambda *a: None)
     verdict_keys = ("bracketed", "capacity_below_start", "capacity_bracket_rps", "max_goodput_at_rps")
