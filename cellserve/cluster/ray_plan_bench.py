@@ -1,0 +1,216 @@
+"""The plan's predicted goodput against the measured one, through Ray (issue 16, "How good").
+
+    python -m cellserve.cluster.ray_plan_bench --json docs/results/ray/plan-goodput.json [--quick]
+
+1. Profiles: `cellserve profile --model M --threads 1` of each model of the mix (one kernel
+   thread: a worker's device is one core), read from `--profiles DIR` (DIR/M.json) where there,
+   else measured on this machine and written there.
+2. Plan (predicted, modelled by the planner): Nexus for `--devices` devices of one core and the
+   mix (ray_plan_capacity.BENCH_SESSIONS: SLOs 50-200 ms, rates 1:4:1), at the highest total
+   rate whose plan leaves nothing unserved (bisection). Its goodput is what its devices carry.
+3. Serve (measured): `cellserve serve --ray --plan PLAN.json` (one worker of one CPU per
+   device, a local Ray), then open-loop Poisson traffic of the three models at once through the
+   HTTP frontend (ray_plan_load.py, bench/loadgen's client), deadlines = SLOs, at a ramp of total
+   rates around the predicted one. The plan served has its rates (the rate gates) scaled to the
+   top of the ramp, so the ramp finds what the layout serves rather than where the gates shed.
+4. Report: JSON {"predicted_goodput_rps", "measured_max_goodput_rps",
+   "measured_max_rate_99_rps", "error", "rates": [...], "plan", "served_plan", "profiles",
+   "sessions", "machine", "loadavg", "command"}, a PNG beside it, and a table saying of every
+   figure whether it is predicted or measured. `error` = measured max goodput / predicted - 1
+   (negative: the plan promised more than was served within SLO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from cellserve.cluster import ray_plan_capacity as cap
+
+# from far below the prediction: on this shared 2-core machine the ramp must find where SLOs hold
+FULL_FACTORS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.25)
+QUICK_FACTORS = (0.05, 0.1, 0.2, 0.4, 1.0)
+TARGET_ATTAINMENT = 0.99
+
+
+def load_or_profile(models: list[str], directory: Path, max_batch: int, quick: bool, log=print) -> dict:
+    """Each model's one-thread profile, from DIRECTORY/MODEL.json or measured here (and written)."""
+    from cellserve.plan.profile import ModelProfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for m in models:
+        path = directory / f"{m}.json"
+        if not path.exists():
+            log(f"profiling {m} (one thread) -> {path}")
+            cmd = [sys.executable, "-m", "cellserve.cli", "profile", "--model", m, "--threads", "1",
+                   "--max-batch", str(max_batch), "--json", str(path)] + (["--quick"] if quick else [])
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        out[m] = ModelProfile.from_json(path)
+    return out
+
+
+def planning(profiles: dict, sessions: tuple[cap.BenchSession, ...], devices: int) -> dict:
+    """The planning part (no Ray): the plan at the highest rate it fits, and its prediction."""
+    from cellserve.plan.nexus_io import plan_to_dict, profiles_to_dict
+
+    nexus = cap.nexus_profiles(profiles)
+    total, plan = cap.capacity(nexus, sessions, devices)
+    return {"predicted_goodput_rps": cap.planned_goodput(plan), "planned_total_rps": total,
+            "devices": devices, "device_type": cap.DEVICE_TYPE,
+            "sessions": [asdict(s) for s in sessions],
+            "mean_tokens": {m: cap.mean_tokens(m) for m in profiles},
+            "nexus_profiles": profiles_to_dict(nexus), "plan": plan_to_dict(plan), "_plan": plan}
+
+
+def _machine() -> dict:
+    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(), "gpu": None}
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def measure(plan_path: Path, models: list[str], rates_of, slos: dict, factors, predicted: float,
+            seconds: float, log=print) -> list[dict]:
+    """Serve the plan on a local Ray and offer each factor x predicted in turn (measured)."""
+    from cellserve.cluster.ray_plan_load import CpuMeter, run_mix
+    from cellserve.server.launch import ServerProcess
+
+    args = ["--ray", "--plan", str(plan_path), "--ray-cpus-per-worker", "1"]
+    for m in models:
+        args += ["--model", m]
+    server = ServerProcess(*args)
+    rows = []
+    try:
+        run_mix(server.http, rates_of(predicted * factors[0] / 2), slos, 3.0, seed=1)  # warm-up, dropped
+        for f in factors:
+            meter = CpuMeter(server.proc.pid)
+            row = run_mix(server.http, rates_of(predicted * f), slos, seconds)
+            row["cpu"] = meter.stop(row["requests"])
+            row["factor"] = f
+            rows.append(row)
+            log(f"  {f:>4g} x: offered {row['offered_rps']:7.1f} r/s, goodput {row['goodput_rps']:7.1f} r/s, "
+                f"within SLO {100 * row['attainment']:5.1f}%")
+    finally:
+        server.stop()
+    return rows
+
+
+def results(report: dict, rows: list[dict]) -> dict:
+    """The measured figures of a ramp, next to the prediction."""
+    ok = [r for r in rows if r["attainment"] >= TARGET_ATTAINMENT]
+    best = max((r["goodput_rps"] for r in rows), default=0.0)
+    predicted = report["predicted_goodput_rps"]
+    return {"measured_max_goodput_rps": best,
+            "measured_max_rate_99_rps": max((r["offered_rps"] for r in ok), default=None),
+            "measured_goodput_at_rate_99_rps": max((r["goodput_rps"] for r in ok), default=None),
+            "error": best / predicted - 1.0 if predicted else None, "rates": rows}
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def table(out: dict) -> str:
+    lines = [f"predicted (modelled by the planner): {out['predicted_goodput_rps']:.1f} req/s on "
+             f"{out['devices']} devices of one core",
+             f"{'factor':>6} {'offered':>9} {'goodput':>9} {'in SLO':>7} " +
+             " ".join(f"{m[:14]:>14}" for m in out["plan_models"]) + f" {'driver CPU':>10} {'busy':>6}",
+             f"{'':>6} {'(r/s)':>9} {'measured':>9} {'meas.':>7} " +
+             " ".join(f"{'p99 ms meas.':>14}" for _ in out["plan_models"]) + f" {'ms/req':>10} {'cores':>6}"]
+    for r in out["rates"]:
+        p99 = [r["models"][m]["p99_ms"] for m in out["plan_models"]]
+        lines.append(f"{r['factor']:>6g} {r['offered_rps']:>9.1f} {r['goodput_rps']:>9.1f} "
+                     f"{100 * r['attainment']:>6.1f}% " + " ".join(
+                         f"{x:>14.1f}" if x is not None else f"{'-':>14}" for x in p99)
+                     + f" {_num(r['cpu'].get('driver_cpu_ms_per_request')):>10} {_num(r['cpu'].get('machine_busy_cores')):>6}")
+    rate99 = out["measured_max_rate_99_rps"]
+    lines.append(f"measured max goodput: {out['measured_max_goodput_rps']:.1f} req/s; highest rate with >= 99% "
+                 f"within SLO (measured): {'none' if rate99 is None else f'{rate99:.1f} req/s'}; "
+                 f"error vs predicted: {100 * out['error']:+.1f}%")
+    return "\n".join(lines)
+
+
+def plot(out: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    offered = [r["offered_rps"] for r in out["rates"]]
+    axes.plot(offered, [r["goodput_rps"] for r in out["rates"]], marker="o", label="goodput (measured)")
+    axes.plot(offered, offered, color="grey", linestyle=":", linewidth=1, label="offered")
+    axes.axhline(out["predicted_goodput_rps"], color="black", linestyle="--", linewidth=1,
+                 label=f"plan's predicted goodput {out['predicted_goodput_rps']:.0f} r/s")
+    axes.set_xlabel("offered load, three models (requests/s)")
+    axes.set_ylabel("answered within SLO (requests/s)")
+    axes.set_title(f"Nexus plan on {out['devices']} Ray workers of one core")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cellserve.plan.nexus_io import plan_to_dict, write_json
+
+    p = argparse.ArgumentParser(prog="python -m cellserve.cluster.ray_plan_bench",
+                                description="A Nexus plan's predicted goodput against the goodput measured "
+                                            "serving it on Ray (2 workers of one core, 3 zoo models).")
+    p.add_argument("--json", type=Path, required=True, help="where to write the figures (a PNG beside it)")
+    p.add_argument("--quick", action="store_true", help="5 rates of 5 s instead of 10 of 10 s")
+    p.add_argument("--profiles", type=Path, default=None, metavar="DIR",
+                   help="one-thread profiles DIR/MODEL.json, measured and written there when missing "
+                        "(default: a folder beside --json)")
+    p.add_argument("--devices", type=int, default=2, help="devices (Ray workers of one CPU) to plan for (default 2)")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per rate (default 10, quick 5)")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch profiled (default 32)")
+    args = p.parse_args(argv)
+    for flag, value in (("--devices", args.devices), ("--max-batch", args.max_batch), ("--seconds", args.seconds)):
+        if value is not None and not value > 0:
+            p.error(f"{flag} must be > 0, got {value}")
+    if args.profiles is not None and args.profiles.exists() and not args.profiles.is_dir():
+        p.error(f"--profiles must be a folder, got the file '{args.profiles}'")
+    start, load_start = time.time(), _loadavg()
+    sessions = cap.BENCH_SESSIONS
+    models = [s.model for s in sessions]
+    profile_dir = args.profiles or args.json.parent / "profiles-1thread"
+    report = planning(load_or_profile(models, profile_dir, args.max_batch, args.quick), sessions, args.devices)
+    plan = report.pop("_plan")
+    factors = QUICK_FACTORS if args.quick else FULL_FACTORS
+    served = cap.scaled(plan, max(factors))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    plan_path = args.json.with_suffix(".plan.json")
+    write_json(plan_to_dict(served), plan_path)
+    print(f"plan (predicted): {report['predicted_goodput_rps']:.1f} req/s; serving {plan_path} (gates x{max(factors):g})")
+    slos = {s.model: s.slo_ms for s in sessions}
+    rows = measure(plan_path, models, lambda total: cap.session_rates(sessions, total), slos, factors,
+                   report["predicted_goodput_rps"], args.seconds or (5.0 if args.quick else 10.0))
+    out = {**report, "served_plan": plan_to_dict(served), "served_plan_rate_scale": max(factors),
+           "plan_models": models, **results(report, rows),
+           "profiles_dir": str(profile_dir), "machine": _machine(),
+           "loadavg": {"start": load_start, "end": _loadavg()}, "wall_s": time.time() - start,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
+           "command": "python -m cellserve.cluster.ray_plan_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "figures": "predicted_* and plan: modelled by the planner; measured_*, error and rates: measured"}
+    args.json.write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, args.json.with_suffix(".png"))
+    print(table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

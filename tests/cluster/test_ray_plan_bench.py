@@ -1,0 +1,93 @@
+"""`python -m cellserve.cluster.ray_plan_bench`: the planning part on the committed one-thread
+profiles (fast, no Ray), the measured figures of a ramp, the flags' checks, and (slow) the whole
+command end to end on a local Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cellserve.cluster import ray_plan_bench as bench
+from cellserve.cluster import ray_plan_capacity as cap
+from cellserve.plan.nexus import Session, Workload
+from cellserve.plan.nexus_check import check_plan
+from cellserve.plan.nexus_io import parse_plan
+
+PROFILES = Path(__file__).resolve().parents[2] / "docs" / "results" / "ray" / "profiles-1thread"
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    models = [s.model for s in cap.BENCH_SESSIONS]
+    assert all((PROFILES / f"{m}.json").exists() for m in models)  # committed: nothing is measured here
+    return bench.load_or_profile(models, PROFILES, 32, quick=True, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def report(profiles):
+    return bench.planning(profiles, cap.BENCH_SESSIONS, 2)
+
+
+def test_the_prediction_is_what_the_plans_sessions_sum_to(report):
+    plan = parse_plan(report["plan"])  # the JSON form round-trips
+    assert plan == report["_plan"]
+    carried = sum(a["rate_rps"] for d in report["plan"]["devices"] for a in d["sessions"])
+    assert report["predicted_goodput_rps"] == pytest.approx(carried)
+    assert report["predicted_goodput_rps"] == pytest.approx(report["planned_total_rps"])  # nothing unserved
+    assert report["plan"]["unserved"] == [] and report["plan"]["devices_used"] <= 2
+    assert set(report) >= {"predicted_goodput_rps", "plan", "sessions", "nexus_profiles", "mean_tokens"}
+    json.dumps({k: v for k, v in report.items() if k != "_plan"})  # plain data
+
+
+def test_the_plan_is_feasible_and_a_little_more_rate_is_not_served(profiles, report):
+    nexus = cap.nexus_profiles(profiles)
+    total = report["planned_total_rps"]
+    rates = cap.session_rates(cap.BENCH_SESSIONS, total)
+    workload = Workload(cap.DEVICE_TYPE, 2, tuple(Session(s.model, s.model, s.slo_ms, rates[s.model])
+                                                  for s in cap.BENCH_SESSIONS))
+    assert check_plan(report["_plan"], nexus, workload) == []
+    assert cap.plan_at(total * 1.01, nexus, cap.BENCH_SESSIONS, 2).unserved  # the bisection found the edge
+
+
+def test_the_served_plan_scales_only_the_rates(report):
+    plan = report["_plan"]
+    served = cap.scaled(plan, 1.25)
+    assert cap.planned_goodput(served) == pytest.approx(1.25 * cap.planned_goodput(plan))
+    assert [[a.model for a in d.sessions] for d in served.devices] == [[a.model for a in d.sessions]
+                                                                       for d in plan.devices]
+
+
+def test_the_measured_figures_of_a_ramp():
+    rows = [{"offered_rps": 50.0, "goodput_rps": 50.0, "attainment": 1.0},
+            {"offered_rps": 100.0, "goodput_rps": 99.2, "attainment": 0.992},
+            {"offered_rps": 200.0, "goodput_rps": 150.0, "attainment": 0.75}]
+    out = bench.results({"predicted_goodput_rps": 120.0}, rows)
+    assert out["measured_max_goodput_rps"] == 150.0
+    assert out["measured_max_rate_99_rps"] == 100.0 and out["measured_goodput_at_rate_99_rps"] == 99.2
+    assert out["error"] == pytest.approx(150.0 / 120.0 - 1)
+    assert bench.results({"predicted_goodput_rps": 120.0}, rows[2:])["measured_max_rate_99_rps"] is None
+
+
+@pytest.mark.parametrize("flags, message", [(["--devices", "0"], "--devices must be > 0, got 0"),
+                                            (["--seconds", "-1"], "--seconds must be > 0, got -1.0")])
+def test_bad_flags_exit_2_naming_them(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--json", str(tmp_path / "x.json"), *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_end_to_end_on_a_local_ray(tmp_path):
+    pytest.importorskip("ray")
+    path = tmp_path / "plan-goodput.json"
+    assert bench.main(["--json", str(path), "--quick", "--seconds", "2", "--profiles", str(PROFILES)]) == 0
+    out = json.loads(path.read_text())
+    assert [r["factor"] for r in out["rates"]] == list(bench.QUICK_FACTORS)
+    for key in ("predicted_goodput_rps", "measured_max_goodput_rps", "error", "rates", "plan", "machine"):
+        assert key in out
+    assert out["measured_max_goodput_rps"] == max(r["goodput_rps"] for r in out["rates"])
+    for r in out["rates"]:  # every request offered has an outcome, per model and in all
+        assert r["requests"] == sum(sum(m["counts"].values()) for m in r["models"].values()) > 0
+    assert path.with_suffix(".png").stat().st_size > 0
