@@ -146,7 +146,10 @@ class Admission:
                 shape = x.shape if type(x) is np.ndarray else np.shape(x)
                 if sem.time_axis < len(shape):
                     length = max(length, shape[sem.time_axis])
-        return [length + extra for extra in self._extra_rounds[model.name]]
+        # a decoder's rounds: the steps its lanes have taken at this length (output_length.py)
+        return [length + extra if dec is None else
+                self._output_lengths[dec].steps(length, self._decoders[dec].max_tokens(length) + 1)
+                for extra, dec in zip(self._extra_rounds[model.name], self._step_decoders[model.name])]
 
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
         """Add (+1) or take back (-1) a run's lanes in the cell types of its layers (a beam
@@ -158,7 +161,8 @@ class Admission:
     def _rounds_left(self, run: _Run) -> int:
         rounds = sum(run.rounds_plan[run.layer + 1:])
         steps = [self.policy.lane(i) for i in run.lanes]
-        current = [(lane.length or run.rounds_plan[run.layer]) - lane.step for lane in steps if lane is not None]
+        # a decoder lane past its priced steps (output_length.py prices the usual length) has one left at least
+        current = [max((lane.length or run.rounds_plan[run.layer]) - lane.step, 1) for lane in steps if lane is not None]
         return rounds + max(current, default=run.rounds_plan[run.layer] if run.layer < len(run.rounds_plan) else 0)
 
     def _drop_late(self, now: float) -> None:

@@ -96,7 +96,8 @@ class Decoding:
         self._device_s += started.busy_s
         storage = started.storage
         self._add_lane(run, cell_type, None, storage, storage.base, 0,
-                       _LaneRef(cell_type, executor, storage, 0, b, tokens=[], max_tokens=max_tokens))
+                       _LaneRef(cell_type, executor, storage, 0, b, tokens=[], max_tokens=max_tokens,
+                                source_length=len(memory)))
 
     def _record_tokens(self, batch: StepBatch, tokens: np.ndarray,
                        candidates: BeamCandidates | None = None) -> frozenset[int]:
@@ -104,6 +105,7 @@ class Decoding:
         A beam lane's candidates wait for the rest of its row, whose step then prunes and
         reorders the row (_prune_beams); beam lanes stream nothing."""
         eos = self._decoders[batch.cell_type].eos
+        lengths = self._output_lengths[batch.cell_type]
         ended = []
         self._beam_lanes_moved = False
         rows: dict[int, tuple[_Run, BeamLanes]] = {}
@@ -120,12 +122,14 @@ class Decoding:
                 continue
             if token == eos:
                 ended.append(lane_id)
+                lengths.observe(ref.source_length, len(ref.tokens) + 1)
                 continue
             ref.tokens.append(token)
             if run.request.on_tokens is not None:
                 self._emit_token(run.request, ref.batch_index, token)
             if len(ref.tokens) >= ref.max_tokens:
                 ended.append(lane_id)
+                lengths.observe(ref.source_length, len(ref.tokens))
         for run, beam in rows.values():
             if beam.ready:
                 ended.extend(self._prune_beams(run, beam))

@@ -30,6 +30,7 @@ from cellserve.engine.concurrent import ConcurrentSteps
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.cost_model import CostModel
 from cellserve.engine.decoding import Decoding
+from cellserve.engine.output_length import OutputLength
 from cellserve.engine.request import Request, Response, Status
 from cellserve.engine.runs import _LaneRef, _Run, _Work
 from cellserve.engine.scheduler import Lane, make_policy
@@ -146,6 +147,8 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._model_types: dict[str, list[str]] = {}  # model -> its cell types (Model.cell_types)
         self._extra_rounds: dict[str, list[int]] = {}  # model -> per recurrent step, 1 for a decoder's end step
+        self._step_decoders: dict[str, list[str | None]] = {}  # model -> per recurrent step, its decoder's cell type
+        self._output_lengths: dict[str, OutputLength] = {}  # decoder cell type -> its lanes' steps, learnt
         self._decoders: dict[str, GraphDecoder] = {}  # cell type -> its decoder
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
         for model in models:
@@ -220,6 +223,7 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         self._layer_types[model.name] = []
         steps = model.recurrent_steps()
         self._extra_rounds[model.name] = [1 if isinstance(s, GraphDecoder) else 0 for s in steps]
+        self._step_decoders[model.name] = []
         for step in steps:
             directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
             layer = [next(types) for _ in range(directions)]
@@ -230,7 +234,9 @@ class Engine(Admission, Decoding, ConcurrentSteps):
                 self._committed[cell_type] = 0
                 if isinstance(step, GraphDecoder):
                     self._decoders[cell_type] = step
+                    self._output_lengths.setdefault(cell_type, OutputLength())  # kept, as costs are
             self._layer_types[model.name].append(layer)
+            self._step_decoders[model.name].append(layer[0] if isinstance(step, GraphDecoder) else None)
 
     def _executor_for(self, key: str) -> Executor:
         name = self.placement.get(key)
@@ -287,6 +293,7 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         ops = plain_group_key(name, 0).rsplit("/", 1)[0] + "/"  # "<model>/ops/": its groups' keys
         self._group_keys = {k for k in self._group_keys if not k.startswith(ops)}
         self._extra_rounds.pop(name, None)
+        self._step_decoders.pop(name, None)
         self._layer_types.pop(name, None)
         for cell_type in self._model_types.pop(name, ()):
             executor = self._placed.pop(cell_type, None)

@@ -27,6 +27,7 @@ class _LaneRef:
     batch_index: int
     tokens: list[int] | None = None  # a decoder lane's output so far
     max_tokens: int = 0  # a decoder lane's most tokens (its spec's limit at its source length)
+    source_length: int = 0  # a decoder lane's memory positions
     beam: BeamLanes | None = None  # a beam-search lane: its row (engine/beam.py)
 
 
