@@ -2,6 +2,10 @@
 answered, nothing new accepted, exit 0), and start-up failures (exit non-zero with one line on
 stderr naming the problem).
 
+Most start-up failures run in this process through cli.main, the entry point the `cellserve`
+script runs (a process would spend seconds importing to fail at once); a garbage model file and
+the ports in use fail in a real process (a gRPC port that cannot be bound ends the process).
+
 The requests in flight must outlast the checks made while they run, on a fast machine as on
 a loaded one: their length is sized to the machine (serverproc.sized_shape), not fixed."""
 
@@ -25,9 +29,11 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
+from cellserve import cli
 from serverproc import ServerProcess, arrived, sized_shape, start_server, wait_until
 
-pytestmark = pytest.mark.slow  # each test starts `cellserve serve` (requests in flight, or start-up failures)
+# each test marked slow starts `cellserve serve` (requests in flight, or a start-up failure); the
+# start-up failures run in this process are not
 
 MODEL = "lstm-512"
 LONG = (4, 500)  # 4 sentences (more on a fast machine) of 500 tokens: seconds of work when 20 run at once
@@ -125,6 +131,7 @@ def new_grpc_request(server: ServerProcess) -> tuple:
         return ("error", str(exc.status()), exc.message())
 
 
+@pytest.mark.slow
 def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones():
     # a grace period no loaded machine runs out of: on CI's, with its suite beside it, the 30 s
     # default did, and the engine rightly answered the unfinished requests 503
@@ -155,6 +162,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones():
     assert "Traceback" not in server.output(), server.output()
 
 
+@pytest.mark.slow
 def test_sigint_exits_0_after_requests_in_flight():
     server = start_server("--model", MODEL, "--grace-period", "600")  # as above: not what is tested
     try:
@@ -169,6 +177,7 @@ def test_sigint_exits_0_after_requests_in_flight():
     assert "SIGINT: stopping" in server.output() and "Traceback" not in server.output(), server.output()
 
 
+@pytest.mark.slow
 def test_requests_cut_off_by_the_grace_period_get_503():
     server = start_server("--model", MODEL, "--grace-period", "0")
     try:
@@ -196,6 +205,15 @@ def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     ports = [x for i in range(0, len(ports), 2) if ports[i] not in given for x in ports[i:i + 2]]
     return subprocess.run([sys.executable, "-m", "cellserve.cli", "serve", *ports, *args], capture_output=True,
                           text=True, timeout=timeout)
+
+
+def serve_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`serve` run in this process through cli.main: its exit status and what it printed. Only
+    for failures before any port is bound (a gRPC bind failure ends the process: `serve` for it)."""
+    capsys.readouterr()  # what came before is not this run's
+    code = cli.main(["serve", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["cellserve", "serve", *args], code, out, err)
 
 
 def assert_failed_with(result: subprocess.CompletedProcess, *words: str) -> str:
@@ -245,6 +263,7 @@ def repository(root: Path, model_bytes: bytes, config: str | None = None) -> Pat
     return root
 
 
+@pytest.mark.slow
 def test_a_valid_repository_starts(tmp_path):
     """The control for the failures below: the same layout with a good model serves."""
     server = start_server("--model-repository", str(repository(tmp_path, gru_onnx())))
@@ -254,14 +273,15 @@ def test_a_valid_repository_starts(tmp_path):
         assert server.stop(signal.SIGTERM) == 0
 
 
+@pytest.mark.slow
 def test_garbage_model_file(tmp_path):
     repo = repository(tmp_path, b"\x08\xff\xfe this is not a protobuf \x00" * 20)
     assert_failed_with(serve("--model-repository", str(repo)), "'m'", "model.onnx")
 
 
-def test_unsupported_operator(tmp_path):
+def test_unsupported_operator(tmp_path, capsys):
     repo = repository(tmp_path, erf_onnx())
-    assert_failed_with(serve("--model-repository", str(repo)), "'m'", "Erf", "gelu_erf")
+    assert_failed_with(serve_here(capsys, "--model-repository", str(repo)), "'m'", "Erf", "gelu_erf")
 
 
 @pytest.mark.parametrize("config, words", [
@@ -275,25 +295,26 @@ def test_unsupported_operator(tmp_path):
     ('parameters { key: "slo_ms" value: { string_value: "fast" } }\n', ["slo_ms", "fast"]),
 ], ids=["unknown-field", "truncated", "name-mismatch", "platform", "unknown-input", "wrong-type",
         "missing-version", "bad-slo"])
-def test_bad_config(tmp_path, config, words):
+def test_bad_config(tmp_path, capsys, config, words):
     repo = repository(tmp_path, gru_onnx(), config)
-    assert_failed_with(serve("--model-repository", str(repo)), *words)
+    assert_failed_with(serve_here(capsys, "--model-repository", str(repo)), *words)
 
 
-def test_empty_repository(tmp_path):
-    assert_failed_with(serve("--model-repository", str(tmp_path)), str(tmp_path), "no models")
+def test_empty_repository(tmp_path, capsys):
+    assert_failed_with(serve_here(capsys, "--model-repository", str(tmp_path)), str(tmp_path), "no models")
 
 
-def test_model_without_versions(tmp_path):
+def test_model_without_versions(tmp_path, capsys):
     (tmp_path / "m").mkdir()
-    assert_failed_with(serve("--model-repository", str(tmp_path)), "'m'", "version")
+    assert_failed_with(serve_here(capsys, "--model-repository", str(tmp_path)), "'m'", "version")
 
 
-def test_missing_repository(tmp_path):
+def test_missing_repository(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    assert_failed_with(serve("--model-repository", str(missing)), str(missing), "not a directory")
+    assert_failed_with(serve_here(capsys, "--model-repository", str(missing)), str(missing), "not a directory")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [
     "--http-port",
     "--grpc-port",
