@@ -16,7 +16,6 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import replace
 from functools import lru_cache
 
@@ -96,51 +95,3 @@ def run_mix(address: str, rates: dict[str, float], slos_ms: dict[str, float], se
             "attainment": within / len(every) if every else 0.0,
             "send_lag_p99_ms": float(np.percentile(lag, 99) * 1e3) if lag else 0.0, "models": models}
 
-
-def process_cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) process `pid` has used, from /proc (None where unreadable)."""
-    import os
-
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
-def machine_busy_s() -> float | None:
-    """CPU seconds every core of this machine has spent busy (not idle or iowait), from /proc/stat."""
-    import os
-
-    try:
-        values = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    except OSError:
-        return None
-    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuMeter:
-    """CPU seconds over a run: the driver (`pid`, the `serve --ray` process: HTTP frontend,
-    routing, data plane), this process (the load generator) and the whole machine (the rest
-    is the workers, Ray's daemons and whatever else runs). Measured."""
-
-    def __init__(self, driver_pid: int):
-        self.pid = driver_pid
-        self.start = self._read()
-
-    def _read(self) -> tuple:
-        return process_cpu_s(self.pid), time.process_time(), machine_busy_s(), time.perf_counter()
-
-    def stop(self, requests: int) -> dict:
-        end = self._read()
-        d = [None if a is None or b is None else b - a for a, b in zip(self.start, end)]
-        wall = d[3]
-        out = {"wall_s": wall, "driver_cpu_s": d[0], "generator_cpu_s": d[1], "machine_busy_cpu_s": d[2]}
-        if d[2] is not None and d[0] is not None:
-            out["rest_cpu_s"] = d[2] - d[0] - d[1]  # workers, Ray's daemons, other work on the machine
-        for k in ("driver_cpu_s", "generator_cpu_s", "rest_cpu_s"):
-            if out.get(k) is not None and requests:
-                out[k.replace("_cpu_s", "_cpu_ms_per_request")] = 1e3 * out[k] / requests
-        if d[2] is not None and wall:
-            out["machine_busy_cores"] = d[2] / wall
-        return out

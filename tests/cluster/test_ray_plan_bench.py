@@ -91,3 +91,36 @@ def test_quick_end_to_end_on_a_local_ray(tmp_path):
     for r in out["rates"]:  # every request offered has an outcome, per model and in all
         assert r["requests"] == sum(sum(m["counts"].values()) for m in r["models"].values()) > 0
     assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_cpu_meter_splits_a_process_tree(tmp_path):
+    """A driver process whose child is named like a Ray worker and spins: its CPU is the
+    workers', not the driver's, and every group and the machine's busy time are counted."""
+    import subprocess
+    import sys
+    import time
+
+    from cellserve.cluster.ray_plan_cpu import CpuMeter
+
+    spin = "import time\nend = time.time() + 20\nwhile time.time() < end: pass\n"
+    driver = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {spin!r}, 'EngineWorker'])\n"
+                               "time.sleep(20)\n"])
+    try:
+        time.sleep(1.0)  # the child has started
+        meter = CpuMeter(driver.pid)
+        end = time.process_time() + 0.2
+        while time.process_time() < end:  # the generator's share: this process
+            pass
+        time.sleep(0.5)
+        out = meter.stop(requests=10)
+    finally:
+        subprocess.run(["pkill", "-P", str(driver.pid)], check=False)  # the spinner: its child, by parent id
+        driver.kill()
+        driver.wait()
+    cores = out["cores"]
+    assert set(cores) >= {"driver", "workers", "ray_daemons", "generator"}
+    assert cores["workers"] > 0 and cores["workers"] > cores["driver"]
+    assert cores["generator"] > 0
+    assert out["cpu_ms_per_request"]["workers"] == pytest.approx(1e3 * cores["workers"] * out["wall_s"] / 10)
