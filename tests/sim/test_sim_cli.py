@@ -1,4 +1,6 @@
-"""`cellserve simulate` and `cellserve profile` as a user runs them."""
+"""`cellserve simulate` and `cellserve profile` as a user runs them: each command once in a
+real process, its refusals (and profile's second run) in this process through cli.main, the
+entry point the `cellserve` script runs (a process spends seconds on imports)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import sys
 
 import pytest
 
+from cellserve import cli
 from cellserve.graph import zoo
 from cellserve.plan.profile import ModelProfile, synthetic_profile
 
@@ -15,6 +18,17 @@ from cellserve.plan.profile import ModelProfile, synthetic_profile
 def cellserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cellserve.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def cellserve_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """cli.main(args) in this process: its exit status (argparse's exit too) and what it printed."""
+    capsys.readouterr()  # what came before is not this run's
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["cellserve", *args], code, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +58,22 @@ def test_simulate_writes_results_labelled_simulated(gru_profile, tmp_path):
     (["--rates", "10,x"], "--rates must be numbers"),
     (["--rates", "10", "--router", "random"], "unknown router 'random'"),
 ])
-def test_simulate_refuses_bad_arguments_naming_them(gru_profile, tmp_path, args, message):
-    done = cellserve("simulate", "--profile", str(gru_profile), *args, "--json", str(tmp_path / "x.json"))
+def test_simulate_refuses_bad_arguments_naming_them(gru_profile, tmp_path, capsys, args, message):
+    done = cellserve_here(capsys, "simulate", "--profile", str(gru_profile), *args, "--json", str(tmp_path / "x.json"))
     assert done.returncode == 2 and message in done.stderr
 
 
-def test_simulate_refuses_a_broken_profile_naming_the_field(gru_profile, tmp_path):
+def test_simulate_refuses_a_broken_profile_naming_the_field(gru_profile, tmp_path, capsys):
     d = json.loads(gru_profile.read_text())
     d["host"]["step_s"] = -1
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(d))
-    done = cellserve("simulate", "--profile", str(broken), "--rates", "10", "--json", str(tmp_path / "x.json"))
+    done = cellserve_here(capsys, "simulate", "--profile", str(broken), "--rates", "10", "--json", str(tmp_path / "x.json"))
     assert done.returncode == 2 and "profile.host.step_s must be >= 0" in done.stderr
 
 
 @pytest.mark.slow
-def test_profile_measures_a_zoo_model_and_models_a_gpu(tmp_path):
+def test_profile_measures_a_zoo_model_and_models_a_gpu(tmp_path, capsys):
     out = tmp_path / "gru.json"
     done = cellserve("profile", "--model", "gru-256", "--quick", "--max-batch", "4", "--json", str(out))
     assert done.returncode == 0, done.stderr
@@ -70,13 +84,13 @@ def test_profile_measures_a_zoo_model_and_models_a_gpu(tmp_path):
     assert all(t.mean > 0 and t.p99 >= t.mean for t in cell.step_s.values())
     assert profile.plain_ops_s and profile.weight_bytes["cpu"] > 0
     gpu = tmp_path / "gru-h100.json"
-    done = cellserve("profile", "--model", "gru-256", "--max-batch", "4", "--gpu", "h100", "--json", str(gpu))
+    done = cellserve_here(capsys, "profile", "--model", "gru-256", "--max-batch", "4", "--gpu", "h100", "--json", str(gpu))
     assert done.returncode == 0, done.stderr
     modelled = ModelProfile.from_json(gpu)
     assert modelled.modelled and "modelled" in modelled.machine.name
     assert modelled.host == ModelProfile.from_json(gpu).host  # host costs come from this machine
 
 
-def test_profile_refuses_an_unknown_model(tmp_path):
-    done = cellserve("profile", "--model", "nope", "--json", str(tmp_path / "p.json"))
+def test_profile_refuses_an_unknown_model(tmp_path, capsys):
+    done = cellserve_here(capsys, "profile", "--model", "nope", "--json", str(tmp_path / "p.json"))
     assert done.returncode == 2 and "'nope' is not a zoo model" in done.stderr
