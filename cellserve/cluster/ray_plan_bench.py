@@ -57,13 +57,18 @@ def load_or_profile(models: list[str], directory: Path, max_batch: int, quick: b
     return out
 
 
-def planning(profiles: dict, sessions: tuple[cap.BenchSession, ...], devices: int) -> dict:
-    """The planning part (no Ray): the plan at the highest rate it fits, and its prediction."""
+def planning(profiles: dict, sessions: tuple[cap.BenchSession, ...], devices: int, margin: float = 1.0) -> dict:
+    """The planning part (no Ray): the plan at the highest rate it fits, and its prediction.
+    `planned_device_ms_per_request`: the device time the plan spends per request (its devices'
+    occupancies, in ms per second, over the rate they carry): what a worker's core would
+    spend per request if the latency model held."""
     from cellserve.plan.nexus_io import plan_to_dict, profiles_to_dict
 
-    nexus = cap.nexus_profiles(profiles)
+    nexus = cap.nexus_profiles(profiles, margin)
     total, plan = cap.capacity(nexus, sessions, devices)
-    return {"predicted_goodput_rps": cap.planned_goodput(plan), "planned_total_rps": total,
+    predicted = cap.planned_goodput(plan)
+    return {"predicted_goodput_rps": predicted, "planned_total_rps": total, "margin": margin,
+            "planned_device_ms_per_request": 1e3 * sum(d.occupancy for d in plan.devices) / predicted,
             "devices": devices, "device_type": cap.DEVICE_TYPE,
             "sessions": [asdict(s) for s in sessions],
             "mean_tokens": {m: cap.mean_tokens(m) for m in profiles},
@@ -100,6 +105,9 @@ def measure(plan_path: Path, models: list[str], rates_of, slos: dict, factors, p
             meter = CpuMeter(server.proc.pid)
             row = run_mix(server.http, rates_of(predicted * f), slos, seconds)
             row["cpu"] = meter.stop(row["requests"])
+            answered = sum(m["counts"]["ok"] for m in row["models"].values())
+            row["cpu"]["worker_ms_per_answered"] = (1e3 * row["cpu"]["cores"]["workers"] * row["cpu"]["wall_s"] / answered
+                                                    if answered else None)
             row["factor"] = f
             rows.append(row)
             log(f"  {f:>4g} x: offered {row['offered_rps']:7.1f} r/s, goodput {row['goodput_rps']:7.1f} r/s, "
@@ -123,8 +131,12 @@ def results(report: dict, rows: list[dict]) -> dict:
         c = top["cpu"]["cores"]
         free = top["cpu"]["machine_cores"] - sum(v for k, v in c.items() if k != "workers")
     devices = report.get("devices", 2)
+    cost = top["cpu"].get("worker_ms_per_answered") if top is not None and "cpu" in top else None
     return {"worker_cores_free_at_max": free,
             "predicted_on_free_cores_rps": None if free is None else predicted * min(1.0, free / devices),
+            # the same free cores at the workers' measured CPU per answered request
+            "worker_ms_per_answered_at_max": cost,
+            "free_cores_over_measured_cost_rps": None if free is None or not cost else 1e3 * free / cost,
             "measured_max_goodput_rps": best,
             "measured_max_rate_99_rps": max((r["offered_rps"] for r in ok), default=None),
             "measured_goodput_at_rate_99_rps": max((r["goodput_rps"] for r in ok), default=None),
@@ -157,6 +169,10 @@ def table(out: dict) -> str:
         lines.append(f"cores the workers had free at that rate (measured): {out['worker_cores_free_at_max']:.2f} of "
                      f"{out['devices']} planned; the prediction scaled to them (modelled): "
                      f"{out['predicted_on_free_cores_rps']:.1f} req/s")
+    if out.get("free_cores_over_measured_cost_rps") is not None:
+        lines.append(f"workers' CPU per answered request there (measured): {out['worker_ms_per_answered_at_max']:.2f} ms, "
+                     f"the plan's device time per request (modelled): {out['planned_device_ms_per_request']:.2f} ms; "
+                     f"free cores / measured cost: {out['free_cores_over_measured_cost_rps']:.1f} req/s")
     return "\n".join(lines)
 
 
@@ -195,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=2, help="devices (Ray workers of one CPU) to plan for (default 2)")
     p.add_argument("--seconds", type=float, default=None, help="seconds per rate (default 10, quick 5)")
     p.add_argument("--max-batch", type=int, default=32, help="largest batch profiled (default 32)")
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="scale the planner's l(b) by this (Nexus's code plans with 1.15; default 1)")
     args = p.parse_args(argv)
-    for flag, value in (("--devices", args.devices), ("--max-batch", args.max_batch), ("--seconds", args.seconds)):
+    for flag, value in (("--devices", args.devices), ("--max-batch", args.max_batch), ("--seconds", args.seconds),
+                        ("--margin", args.margin)):
         if value is not None and not value > 0:
             p.error(f"{flag} must be > 0, got {value}")
     if args.profiles is not None and args.profiles.exists() and not args.profiles.is_dir():
@@ -205,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     sessions = cap.BENCH_SESSIONS
     models = [s.model for s in sessions]
     profile_dir = args.profiles or args.json.parent / "profiles-1thread"
-    report = planning(load_or_profile(models, profile_dir, args.max_batch, args.quick), sessions, args.devices)
+    report = planning(load_or_profile(models, profile_dir, args.max_batch, args.quick), sessions, args.devices,
+                      args.margin)
     plan = report.pop("_plan")
     factors = QUICK_FACTORS if args.quick else FULL_FACTORS
     served = cap.scaled(plan, max(factors))
