@@ -129,3 +129,20 @@ def sized_shape(server: ServerProcess, model: str, base: tuple[int, int], alone_
         client.infer(model, [tensor])
         took = time.perf_counter() - start
     return min(base[0] * max(math.ceil(alone_s / took), 1), max(max_rows, base[0])), base[1]
+
+
+def serve_here(capsys, monkeypatch, *args: str) -> subprocess.CompletedProcess:
+    """`cellserve serve ARGS` run in this process through cli.main (the entry point the script
+    runs), for start-up failures only: its exit status (argparse's too) and what it printed.
+    A process would spend seconds on imports to fail at once. Not for a failure after ports
+    are bound: a gRPC port that cannot be bound ends the process (os._exit)."""
+    from cellserve import cli
+
+    monkeypatch.setenv("GRPC_VERBOSITY", "NONE")  # serve sets it for itself; restored after the test
+    capsys.readouterr()  # what came before is not this run's
+    try:
+        code = cli.main(["serve", *args])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["cellserve", "serve", *args], code, out, err)

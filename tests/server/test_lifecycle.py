@@ -29,7 +29,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from cellserve import cli
+import serverproc
 from serverproc import ServerProcess, arrived, sized_shape, start_server, wait_until
 
 # each test marked slow starts `cellserve serve` (requests in flight, or a start-up failure); the
@@ -207,13 +207,10 @@ def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def serve_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """`serve` run in this process through cli.main: its exit status and what it printed. Only
-    for failures before any port is bound (a gRPC bind failure ends the process: `serve` for it)."""
-    capsys.readouterr()  # what came before is not this run's
-    code = cli.main(["serve", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["cellserve", "serve", *args], code, out, err)
+def serve_here(capsys, monkeypatch, *args: str) -> subprocess.CompletedProcess:
+    """serverproc.serve_here on ports 0: a start-up failure in this process."""
+    return serverproc.serve_here(capsys, monkeypatch, "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+                                 *args)
 
 
 def assert_failed_with(result: subprocess.CompletedProcess, *words: str) -> str:
@@ -279,9 +276,9 @@ def test_garbage_model_file(tmp_path):
     assert_failed_with(serve("--model-repository", str(repo)), "'m'", "model.onnx")
 
 
-def test_unsupported_operator(tmp_path, capsys):
+def test_unsupported_operator(tmp_path, capsys, monkeypatch):
     repo = repository(tmp_path, erf_onnx())
-    assert_failed_with(serve_here(capsys, "--model-repository", str(repo)), "'m'", "Erf", "gelu_erf")
+    assert_failed_with(serve_here(capsys, monkeypatch, "--model-repository", str(repo)), "'m'", "Erf", "gelu_erf")
 
 
 @pytest.mark.parametrize("config, words", [
@@ -295,23 +292,24 @@ def test_unsupported_operator(tmp_path, capsys):
     ('parameters { key: "slo_ms" value: { string_value: "fast" } }\n', ["slo_ms", "fast"]),
 ], ids=["unknown-field", "truncated", "name-mismatch", "platform", "unknown-input", "wrong-type",
         "missing-version", "bad-slo"])
-def test_bad_config(tmp_path, capsys, config, words):
+def test_bad_config(tmp_path, capsys, monkeypatch, config, words):
     repo = repository(tmp_path, gru_onnx(), config)
-    assert_failed_with(serve_here(capsys, "--model-repository", str(repo)), *words)
+    assert_failed_with(serve_here(capsys, monkeypatch, "--model-repository", str(repo)), *words)
 
 
-def test_empty_repository(tmp_path, capsys):
-    assert_failed_with(serve_here(capsys, "--model-repository", str(tmp_path)), str(tmp_path), "no models")
+def test_empty_repository(tmp_path, capsys, monkeypatch):
+    assert_failed_with(serve_here(capsys, monkeypatch, "--model-repository", str(tmp_path)), str(tmp_path), "no models")
 
 
-def test_model_without_versions(tmp_path, capsys):
+def test_model_without_versions(tmp_path, capsys, monkeypatch):
     (tmp_path / "m").mkdir()
-    assert_failed_with(serve_here(capsys, "--model-repository", str(tmp_path)), "'m'", "version")
+    assert_failed_with(serve_here(capsys, monkeypatch, "--model-repository", str(tmp_path)), "'m'", "version")
 
 
-def test_missing_repository(tmp_path, capsys):
+def test_missing_repository(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "nowhere"
-    assert_failed_with(serve_here(capsys, "--model-repository", str(missing)), str(missing), "not a directory")
+    assert_failed_with(serve_here(capsys, monkeypatch, "--model-repository", str(missing)), str(missing),
+                       "not a directory")
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """`cellserve serve --placement`: a plan file (or auto) served by real executors in a real
-server process; plans that cannot be served exit 2 with an error naming what is wrong."""
+server process; plans that cannot be served exit 2 with an error naming what is wrong (one such
+refusal in a real process, the others in this process through cli.main: serverproc.serve_here)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from serverproc import start_server
+from serverproc import serve_here, start_server
 from zoo_reference import digits, reversed_texts, token_reference
 
 TAGGER = ["bilstm-tagger/rnn.LSTM/0", "bilstm-tagger/rnn.LSTM/1", "bilstm-tagger/rnn.LSTM_1/0",
@@ -38,6 +39,14 @@ def serve(*args: str, models: tuple[str, ...] = ("--model", "bilstm-tagger")) ->
                           capture_output=True, text=True, timeout=300)
 
 
+def serve_in_process(capsys, monkeypatch, *args: str,
+                     models: tuple[str, ...] = ("--model", "bilstm-tagger")) -> subprocess.CompletedProcess:
+    """`serve` as above, in this process (it fails before binding a port)."""
+    return serve_here(capsys, monkeypatch, *models, "--http-port", "0", "--grpc-port", "-1", "--metrics-port", "-1",
+                      *args)
+
+
+@pytest.mark.slow  # a `cellserve serve` process: seconds of imports
 def test_a_plan_naming_an_unknown_node_exits_2_naming_it(tmp_path):
     plan = write_plan(tmp_path / "p.json", {**split(), "bilstm-tagger/rnn.LSTM_9/0": "cpu0"})
     done = serve("--placement", plan)
@@ -45,18 +54,19 @@ def test_a_plan_naming_an_unknown_node_exits_2_naming_it(tmp_path):
     assert "'bilstm-tagger/rnn.LSTM_9/0'" in done.stderr and "p.json" in done.stderr
 
 
-def test_a_plan_naming_an_unknown_device_exits_2_naming_it(tmp_path):
+def test_a_plan_naming_an_unknown_device_exits_2_naming_it(tmp_path, capsys, monkeypatch):
     plan = write_plan(tmp_path / "p.json", {**split(), "bilstm-tagger/ops/2": "npu"})
-    done = serve("--placement", plan)
+    done = serve_in_process(capsys, monkeypatch, "--placement", plan)
     assert done.returncode == 2, done.stderr
     assert "device 'npu'" in done.stderr
 
 
-def test_a_plan_file_that_cannot_be_read_exits_2_before_any_model_loads(tmp_path):
+def test_a_plan_file_that_cannot_be_read_exits_2_before_any_model_loads(tmp_path, capsys, monkeypatch):
     (tmp_path / "p.json").write_text("{not json")
-    done = serve("--placement", str(tmp_path / "p.json"), models=("--model-repository", str(tmp_path / "nowhere")))
+    done = serve_in_process(capsys, monkeypatch, "--placement", str(tmp_path / "p.json"),
+                            models=("--model-repository", str(tmp_path / "nowhere")))
     assert done.returncode == 2 and "is not JSON" in done.stderr  # not the repository's error: read first
-    done = serve("--placement", "auto", "--placement-cores", "gpu=0")
+    done = serve_in_process(capsys, monkeypatch, "--placement", "auto", "--placement-cores", "gpu=0")
     assert done.returncode == 2 and "must be cpuN=CORES" in done.stderr
 
 
