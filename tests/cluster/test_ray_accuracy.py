@@ -228,20 +228,32 @@ def test_routing_follows_the_plans_shares_and_falls_back_where_the_choice_cannot
 
 # ---- bad flags ----
 
-@pytest.mark.parametrize("args, why", [
-    (["--accuracy-scaling", "--slo-ms", "100"], "--accuracy-scaling places variants on the Ray workers: it needs --ray"),
-    (["--accuracy-scaling", "--ray"], "needs --slo-ms"),
-    (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--plan", "p.json"], "cannot be combined with --plan"),
+# the settings' own checks run in this process through cli.main (argparse exits 2 before any
+# server code; a process would spend seconds on imports); the two refused by `serve --ray`
+# itself, before Ray starts, run in a real process (were they not refused, Ray would start)
+@pytest.mark.parametrize("args, why, in_process", [
+    (["--accuracy-scaling", "--slo-ms", "100"], "--accuracy-scaling places variants on the Ray workers: it needs --ray",
+     True),
+    (["--accuracy-scaling", "--ray"], "needs --slo-ms", True),
+    (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--plan", "p.json"], "cannot be combined with --plan", True),
     (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--model", "lstm-512"],
-     "--model 'lstm-512' is neither a family nor a variant of one"),
+     "--model 'lstm-512' is neither a family nor a variant of one", False),
     (["--accuracy-profiles", "p.json"], "--accuracy-profiles gives the variants' capacities: it needs "
-                                        "--accuracy-scaling"),
+                                        "--accuracy-scaling", True),
     (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--accuracy-profiles", "no-such-profile.json"],
-     "no-such-profile.json"),
+     "no-such-profile.json", False),
 ])
-def test_bad_flags_exit_2_naming_what_is_wrong(args, why):
-    done = subprocess.run([sys.executable, "-m", "cellserve.cli", "serve", "--http-port", "0", *args],
-                          capture_output=True, text=True, timeout=120)
+def test_bad_flags_exit_2_naming_what_is_wrong(args, why, in_process, capsys):
+    argv = ["serve", "--http-port", "0", *args]
+    if in_process:
+        from cellserve import cli
+
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2
+        assert why in capsys.readouterr().err
+        return
+    done = subprocess.run([sys.executable, "-m", "cellserve.cli", *argv], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert why in done.stderr
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,19 +11,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 import tritonclient.http as httpclient  # noqa: E402
-from serverproc import start_server  # noqa: E402
+from serverproc import serve_here, start_server  # noqa: E402
 from zoo_reference import token_reference  # noqa: E402
 
 
-def serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cellserve.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_the_setting_needs_ray_and_is_socket_or_ray():
-    done = serve("--ray-data-plane", "ray", "--model", "gru-256")
+def test_the_setting_needs_ray_and_is_socket_or_ray(capsys, monkeypatch):
+    # in this process through cli.main: the flags' checks exit 2 before any server code runs
+    done = serve_here(capsys, monkeypatch, "--ray-data-plane", "ray", "--model", "gru-256")
     assert done.returncode == 2 and "--ray-data-plane is for the Ray workers: it needs --ray" in done.stderr
-    done = serve("--ray", "--ray-data-plane", "tcp")
+    done = serve_here(capsys, monkeypatch, "--ray", "--ray-data-plane", "tcp")
     assert done.returncode == 2 and "invalid choice: 'tcp' (choose from 'socket', 'ray')" in done.stderr
 
 
