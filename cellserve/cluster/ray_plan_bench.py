@@ -57,17 +57,27 @@ def load_or_profile(models: list[str], directory: Path, max_batch: int, quick: b
     return out
 
 
-def planning(profiles: dict, sessions: tuple[cap.BenchSession, ...], devices: int, margin: float = 1.0) -> dict:
+def planning(profiles: dict, sessions: tuple[cap.BenchSession, ...], devices: int, margin: float = 1.0,
+             shared: cap.SharedCores | None = None) -> dict:
     """The planning part (no Ray): the plan at the highest rate it fits, and its prediction.
     `planned_device_ms_per_request`: the device time the plan spends per request (its devices'
     occupancies, in ms per second, over the rate they carry): what a worker's core would
-    spend per request if the latency model held."""
+    spend per request if the latency model held. With `shared` the planner's inputs are
+    corrected for what the profile misses (cap.SharedCores); the uncorrected prediction is
+    kept beside it as `uncorrected_predicted_goodput_rps`."""
     from cellserve.plan.nexus_io import plan_to_dict, profiles_to_dict
 
     nexus = cap.nexus_profiles(profiles, margin)
     total, plan = cap.capacity(nexus, sessions, devices)
+    extra = {}
+    if shared is not None:
+        extra = {"uncorrected_predicted_goodput_rps": cap.planned_goodput(plan), "corrections": asdict(shared)}
+        total, plan = cap.capacity(lambda rate: cap.nexus_profiles(profiles, margin, shared.worker_ms,
+                                                                   shared.share(rate, devices)), sessions, devices)
+        extra["corrections"]["core_share"] = shared.share(total, devices)
+        nexus = cap.nexus_profiles(profiles, margin, shared.worker_ms, shared.share(total, devices))
     predicted = cap.planned_goodput(plan)
-    return {"predicted_goodput_rps": predicted, "planned_total_rps": total, "margin": margin,
+    return {"predicted_goodput_rps": predicted, "planned_total_rps": total, "margin": margin, **extra,
             "planned_device_ms_per_request": 1e3 * sum(d.occupancy for d in plan.devices) / predicted,
             "devices": devices, "device_type": cap.DEVICE_TYPE,
             "sessions": [asdict(s) for s in sessions],
@@ -213,11 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=32, help="largest batch profiled (default 32)")
     p.add_argument("--margin", type=float, default=1.0,
                    help="scale the planner's l(b) by this (Nexus's code plans with 1.15; default 1)")
+    p.add_argument("--worker-ms", type=float, default=None, metavar="MS",
+                   help="correction: CPU a worker spends per request beyond its engine's profile (measured)")
+    p.add_argument("--frontend-ms", type=float, default=None, metavar="MS",
+                   help="correction: CPU per request of the driver, generator and Ray's daemons on the "
+                        "workers' cores (measured); the workers share what is left of --cores")
+    p.add_argument("--cores", type=float, default=None, help="cores of the machine (default: all, with --frontend-ms)")
     args = p.parse_args(argv)
     for flag, value in (("--devices", args.devices), ("--max-batch", args.max_batch), ("--seconds", args.seconds),
-                        ("--margin", args.margin)):
+                        ("--margin", args.margin), ("--cores", args.cores)):
         if value is not None and not value > 0:
             p.error(f"{flag} must be > 0, got {value}")
+    for flag, value in (("--worker-ms", args.worker_ms), ("--frontend-ms", args.frontend_ms)):
+        if value is not None and not value >= 0:
+            p.error(f"{flag} must be >= 0, got {value}")
+    shared = None
+    if args.worker_ms is not None or args.frontend_ms is not None:
+        shared = cap.SharedCores(args.cores or float(os.cpu_count() or 1), args.frontend_ms or 0.0, args.worker_ms or 0.0)
     if args.profiles is not None and args.profiles.exists() and not args.profiles.is_dir():
         p.error(f"--profiles must be a folder, got the file '{args.profiles}'")
     start, load_start = time.time(), _loadavg()
@@ -225,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [s.model for s in sessions]
     profile_dir = args.profiles or args.json.parent / "profiles-1thread"
     report = planning(load_or_profile(models, profile_dir, args.max_batch, args.quick), sessions, args.devices,
-                      args.margin)
+                      args.margin, shared)
     plan = report.pop("_plan")
     factors = QUICK_FACTORS if args.quick else FULL_FACTORS
     served = cap.scaled(plan, max(factors))

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from cellserve.plan.nexus import DeviceProfiles, ModelEntry, Plan, Profiles, Session, Workload
+from cellserve.plan.nexus import DeviceProfiles, LatencyProfile, ModelEntry, Plan, Profiles, Session, Workload
 from cellserve.plan.profile import ModelProfile
 
 DEVICE_TYPE = "cpu-1core"  # one Ray worker: a bundle of one CPU, one kernel thread
@@ -58,6 +58,7 @@ def max_length(model: str) -> int:
     return zoo.load(model).max_sequence_length
 
 
+@lru_cache(maxsize=None)
 def mean_tokens(model: str, samples: int = 20000) -> float:
     """The mean length of the requests the benchmark offers `model` (a fixed sample of the
     traces' length distribution, cut as the traces are)."""
@@ -67,12 +68,38 @@ def mean_tokens(model: str, samples: int = 20000) -> float:
     return float(np.minimum(lengths, max_length(model)).mean())
 
 
-def nexus_profiles(profiles: dict[str, ModelProfile], margin: float = 1.0) -> Profiles:
-    """Nexus latency profiles (batch -> ms) of each model on a one-core device."""
+def nexus_profiles(profiles: dict[str, ModelProfile], margin: float = 1.0, worker_ms: float = 0.0,
+                   core_share: float = 1.0) -> Profiles:
+    """Nexus latency profiles (batch -> ms) of each model on a one-core device. Corrections
+    (all off by default): `worker_ms`, CPU a worker spends per request beyond the engine's
+    profile (its data plane, measured), adds b * worker_ms to l(b); `core_share`, the part of
+    a core the worker gets, divides l(b) (a worker on half a core takes twice as long)."""
     from cellserve.plan.nexus_cellular import cellular_latency
 
-    entries = {m: ModelEntry(cellular_latency(p, mean_tokens(m), margin=margin)) for m, p in profiles.items()}
+    if not (worker_ms >= 0 and 0 < core_share <= 1):
+        raise ValueError(f"worker_ms must be >= 0 and core_share in (0, 1], got {worker_ms}, {core_share}")
+    entries = {}
+    for m, p in profiles.items():
+        base = cellular_latency(p, mean_tokens(m), margin=margin)
+        entries[m] = ModelEntry(base if worker_ms == 0 and core_share == 1 else
+                                LatencyProfile(tuple((b, (ms + b * worker_ms) / core_share) for b, ms in base.points)))
     return Profiles({DEVICE_TYPE: DeviceProfiles(entries)})
+
+
+@dataclass(frozen=True)
+class SharedCores:
+    """The devices' cores are shared with the serving path outside the workers (the driver,
+    the load generator, Ray's daemons): `frontend_ms` of CPU per request, measured, on a
+    machine of `cores` cores. At a total rate R the workers share what is left, each
+    min(1, (cores - R * frontend_ms / 1000) / devices) of a core; `worker_ms` as in
+    nexus_profiles."""
+
+    cores: float
+    frontend_ms: float = 0.0
+    worker_ms: float = 0.0
+
+    def share(self, total_rps: float, devices: int) -> float:
+        return min(1.0, (self.cores - total_rps * self.frontend_ms / 1e3) / devices)
 
 
 def plan_at(total_rps: float, profiles: Profiles, sessions: tuple[BenchSession, ...], devices: int) -> Plan:
@@ -89,11 +116,18 @@ def planned_goodput(plan: Plan) -> float:
     return sum(a.rate_rps for d in plan.devices for a in d.sessions)
 
 
-def capacity(profiles: Profiles, sessions: tuple[BenchSession, ...], devices: int,
+def capacity(profiles, sessions: tuple[BenchSession, ...], devices: int,
              tolerance: float = 0.002) -> tuple[float, Plan]:
-    """The highest total rate whose plan leaves nothing unserved on `devices`, and its plan."""
+    """The highest total rate whose plan leaves nothing unserved on `devices`, and its plan.
+    `profiles`: Profiles, or a function of the total rate giving them (when the devices'
+    share of a core depends on the rate: SharedCores); either way the plan's rate must fit."""
+    at = profiles if callable(profiles) else (lambda _rate: profiles)
+
     def fits(rate: float) -> Plan | None:
-        p = plan_at(rate, profiles, sessions, devices)
+        try:
+            p = plan_at(rate, at(rate), sessions, devices)
+        except ValueError:  # no share of a core left at this rate
+            return None
         return None if p.unserved else p
 
     lo, hi = 1.0, 2.0

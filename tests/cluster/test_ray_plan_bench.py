@@ -51,6 +51,25 @@ def test_the_plan_is_feasible_and_a_little_more_rate_is_not_served(profiles, rep
     assert cap.plan_at(total * 1.01, nexus, cap.BENCH_SESSIONS, 2).unserved  # the bisection found the edge
 
 
+def test_corrections_for_shared_cores_lower_the_prediction_as_the_model_says(profiles, report):
+    none = bench.planning(profiles, cap.BENCH_SESSIONS, 2, shared=cap.SharedCores(2.0))
+    assert none["predicted_goodput_rps"] == pytest.approx(report["predicted_goodput_rps"])
+    worker = bench.planning(profiles, cap.BENCH_SESSIONS, 2, shared=cap.SharedCores(2.0, worker_ms=0.5))
+    both = bench.planning(profiles, cap.BENCH_SESSIONS, 2, shared=cap.SharedCores(2.0, frontend_ms=0.5, worker_ms=0.5))
+    assert both["predicted_goodput_rps"] < worker["predicted_goodput_rps"] < report["predicted_goodput_rps"]
+    assert both["uncorrected_predicted_goodput_rps"] == pytest.approx(report["predicted_goodput_rps"])
+    # the share recorded is what is left at the predicted rate: cores less the frontend's CPU
+    share = both["corrections"]["core_share"]
+    assert share == pytest.approx((2.0 - both["planned_total_rps"] * 0.5e-3) / 2)
+    # l(b) of a corrected device: (l(b) + b * worker_ms) / share, at every batch derived
+    plain = dict(cap.nexus_profiles(profiles).device_types[cap.DEVICE_TYPE].models["lstm-512"].latency.points)
+    fixed = cap.nexus_profiles(profiles, worker_ms=0.5, core_share=share).device_types[cap.DEVICE_TYPE]
+    points = dict(fixed.models["lstm-512"].latency.points)
+    assert set(points) == set(plain)
+    for b, ms in plain.items():
+        assert points[b] == pytest.approx((ms + 0.5 * b) / share)
+
+
 def test_the_served_plan_scales_only_the_rates(report):
     plan = report["_plan"]
     served = cap.scaled(plan, 1.25)
@@ -71,7 +90,8 @@ def test_the_measured_figures_of_a_ramp():
 
 
 @pytest.mark.parametrize("flags, message", [(["--devices", "0"], "--devices must be > 0, got 0"),
-                                            (["--seconds", "-1"], "--seconds must be > 0, got -1.0")])
+                                            (["--seconds", "-1"], "--seconds must be > 0, got -1.0"),
+                                            (["--worker-ms", "-0.5"], "--worker-ms must be >= 0, got -0.5")])
 def test_bad_flags_exit_2_naming_them(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--json", str(tmp_path / "x.json"), *flags])
