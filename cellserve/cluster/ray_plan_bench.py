@@ -35,7 +35,7 @@ from pathlib import Path
 from cellserve.cluster import ray_plan_capacity as cap
 
 # from far below the prediction: on this shared 2-core machine the ramp must find where SLOs hold
-FULL_FACTORS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.25)
+FULL_FACTORS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5)
 QUICK_FACTORS = (0.05, 0.1, 0.2, 0.4, 1.0)
 TARGET_ATTAINMENT = 0.99
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="A Nexus plan's predicted goodput against the goodput measured "
                                             "serving it on Ray (2 workers of one core, 3 zoo models).")
     p.add_argument("--json", type=Path, required=True, help="where to write the figures (a PNG beside it)")
-    p.add_argument("--quick", action="store_true", help="5 rates of 5 s instead of 10 of 10 s")
+    p.add_argument("--quick", action="store_true", help="5 rates of 5 s instead of 11 of 10 s")
     p.add_argument("--profiles", type=Path, default=None, metavar="DIR",
                    help="one-thread profiles DIR/MODEL.json, measured and written there when missing "
                         "(default: a folder beside --json)")
