@@ -68,7 +68,8 @@ def test_simulate_refuses_a_broken_profile_naming_the_field(gru_profile, tmp_pat
     d["host"]["step_s"] = -1
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(d))
-    done = cellserve_here(capsys, "simulate", "--profile", str(broken), "--rates", "10", "--json", str(tmp_path / "x.json"))
+    done = cellserve_here(capsys, "simulate", "--profile", str(broken), "--rates", "10",
+                          "--json", str(tmp_path / "x.json"))
     assert done.returncode == 2 and "profile.host.step_s must be >= 0" in done.stderr
 
 
@@ -84,7 +85,8 @@ def test_profile_measures_a_zoo_model_and_models_a_gpu(tmp_path, capsys):
     assert all(t.mean > 0 and t.p99 >= t.mean for t in cell.step_s.values())
     assert profile.plain_ops_s and profile.weight_bytes["cpu"] > 0
     gpu = tmp_path / "gru-h100.json"
-    done = cellserve_here(capsys, "profile", "--model", "gru-256", "--max-batch", "4", "--gpu", "h100", "--json", str(gpu))
+    done = cellserve_here(capsys, "profile", "--model", "gru-256", "--max-batch", "4", "--gpu", "h100",
+                          "--json", str(gpu))
     assert done.returncode == 0, done.stderr
     modelled = ModelProfile.from_json(gpu)
     assert modelled.modelled and "modelled" in modelled.machine.name
