@@ -55,9 +55,13 @@ def _reshape(node: DenseNode, a: Args) -> list[np.ndarray]:
 
 def _slice(node: DenseNode, a: Args) -> list[np.ndarray]:
     x = a[0]
-    starts, ends = a[1], a[2]
-    axes = a[3] if len(a) > 3 and a[3] is not None else range(len(starts))
-    steps = a[4] if len(a) > 4 and a[4] is not None else [1] * len(starts)
+    if len(a) == 1:  # opset 1-9: starts, ends and axes are attributes, steps are 1
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes, steps = node.attrs.get("axes", range(len(starts))), [1] * len(starts)
+    else:
+        starts, ends = a[1], a[2]
+        axes = a[3] if len(a) > 3 and a[3] is not None else range(len(starts))
+        steps = a[4] if len(a) > 4 and a[4] is not None else [1] * len(starts)
     index = [slice(None)] * x.ndim
     for s, e, ax, st in zip(starts, ends, axes, steps):
         # ONNX clamps out-of-range bounds (INT64_MAX means "to the end"), as Python slices do.

@@ -289,6 +289,7 @@ def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
         env[spec.name] = np.zeros(shape, dtype=spec.dtype)
     result = {spec.name: InputSemantics(None, None) for spec in model.inputs}
     seen = set()
+    step = None
     try:
         for step in model.program:
             if isinstance(step, DenseNode):
@@ -308,7 +309,9 @@ def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
                         sem.vocab = step.token_table.shape[0]
             _zero_outputs(step, env, time, batch)
     except Exception as exc:
-        raise ModelLoadError(f"model {model.name!r} does not run on probe inputs: {exc}") from exc
+        at = f" at {step.op} node {step.name!r}" if isinstance(step, DenseNode) else ""
+        raise ModelLoadError(f"model {model.name!r} does not run on probe inputs{at}: "
+                             f"{type(exc).__name__}: {exc}") from exc
     for step in model.program:  # token inputs read by a plain Gather of a constant table
         if isinstance(step, DenseNode) and step.op == "Gather" and step.inputs[0] in model.constants:
             if step.inputs[1] in result and result[step.inputs[1]].vocab is None:

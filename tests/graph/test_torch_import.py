@@ -6,6 +6,7 @@ reference modules."""
 from __future__ import annotations
 
 import functools
+import io
 
 import numpy as np
 import pytest
@@ -57,6 +58,38 @@ def test_torchscript_export_matches_module_and_onnxruntime(spec, backend):
     module = spec.module()
     data = export_torchscript(module, spec, opset=14 if spec.layers == 2 else 17)
     _check(load_onnx(data, "net"), module, spec, _requests(spec), backend, data)
+
+
+class _LastStateClassifier(torch.nn.Module):
+    """Embedding, a 2-layer recurrent stack, a head on the last layer's final state (h[-1]:
+    the exporter's Slice and Squeeze)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(7)
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.rnn = getattr(torch.nn, kind)(8, 16, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        _, h = self.rnn(self.embed(tokens))
+        return self.head((h[0] if isinstance(h, tuple) else h)[-1])
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_older_opsets_of_the_torchscript_exporter_load_and_answer_as_the_module(kind, opset):
+    """Up to opset 9 Slice's bounds are attributes, up to 12 Squeeze's and Unsqueeze's axes."""
+    module = _LastStateClassifier(kind).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (torch.zeros(1, 5, dtype=torch.long),), buffer, dynamo=False, opset_version=opset,
+                      input_names=["tokens"], output_names=["logits"],
+                      dynamic_axes={"tokens": {0: "batch", 1: "time"}, "logits": {0: "batch"}})
+    requests = [{"tokens": np.random.default_rng(i).integers(0, VOCAB, size=(b, t))} for i, (b, t) in enumerate(MIX)]
+    for inputs, got in zip(requests, serve(load_onnx(buffer.getvalue(), "net"), requests)):
+        with torch.no_grad():
+            want = module(torch.from_numpy(inputs["tokens"])).numpy()
+        assert_outputs_match(got, {"logits": want}, where=f"opset {opset}")
 
 
 # ---- torch.onnx.export, dynamo exporter ----
