@@ -25,6 +25,7 @@ from cellserve.errors import InvalidInput, UnknownModel
 from cellserve.graph.model import Model
 
 _DROP_CHECK_S = 0.01
+MAX_DROP_CHECK_SHARE = 0.1  # of the engine's time the drop check may take (see _drop_late)
 # An idle engine that has run no step for this long admits one request its estimates would
 # refuse, to measure them again (see _admit).
 PROBE_AFTER_S = 5.0
@@ -175,7 +176,16 @@ class Admission:
         urgent first, a request waits in its own cell type only for the lanes at least as
         urgent as its own (in the others, for a batch per turn): pricing every lane would
         drop an urgent request that is in fact served every turn."""
-        self._next_drop_check = now + _DROP_CHECK_S
+        started = self.clock.now()
+        try:
+            self._find_late(now)
+        finally:
+            # A check walks every run in flight, so under a backlog it grew to a fifth of the
+            # engine's time, the capacity the backlog needed to drain: checks come no closer
+            # than MAX_DROP_CHECK_SHARE of the engine's time allows.
+            self._next_drop_check = now + max(_DROP_CHECK_S, (self.clock.now() - started) / MAX_DROP_CHECK_SHARE)
+
+    def _find_late(self, now: float) -> None:
         lanes = {t: self.policy.lanes_of(t) for t in self._placed}
         cap = self.policy.max_batch
         runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]

@@ -108,3 +108,18 @@ def test_admitting_is_a_share_of_the_engines_time_not_an_overhead_of_the_steps_l
         engine._learn_overhead(price + 100e-6 + 20e-3, batch, 1, admitting=20e-3)
     assert engine.step_overhead_s == pytest.approx(100e-6)
     assert engine._bounded_round_time(load) == pytest.approx(quiet_round / (1 - MAX_ADMITTING_SHARE))
+
+
+def test_the_drop_check_takes_at_most_its_share_of_the_engines_time(models):
+    """A check walks every run in flight: one that took 5 ms is not repeated for 50 ms
+    (MAX_DROP_CHECK_SHARE 0.1), a cheap one comes again after the usual 10 ms."""
+    from cellserve.engine import admission
+
+    _, engine = _engine(models)
+    clock = engine.clock
+    walk = engine._find_late
+    for took_s, next_after_s in ((5 * MS, 5 * MS / admission.MAX_DROP_CHECK_SHARE), (0.0, admission._DROP_CHECK_S)):
+        engine._find_late = lambda now, took_s=took_s: (walk(now), clock.advance(took_s))
+        now = clock.now()
+        engine._drop_late(now)
+        assert engine._next_drop_check == pytest.approx(now + next_after_s)
