@@ -180,9 +180,9 @@ class Admission:
         try:
             self._find_late(now)
         finally:
-            # A check walks every run in flight, so under a backlog it grew to a fifth of the
-            # engine's time, the capacity the backlog needed to drain: checks come no closer
-            # than MAX_DROP_CHECK_SHARE of the engine's time allows.
+            # A check walks every run in flight, so under a backlog it took a large share of the
+            # engine's time, the capacity the backlog needed to drain (docs/performance.md,
+            # "Decoders"): checks come no closer than MAX_DROP_CHECK_SHARE of its time allows.
             self._next_drop_check = now + max(_DROP_CHECK_S, (self.clock.now() - started) / MAX_DROP_CHECK_SHARE)
 
     def _find_late(self, now: float) -> None:
