@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from cellserve import cli, cli_cluster
 from cellserve.bench import cluster_bench
 from cellserve.cluster import systems
@@ -13,6 +15,7 @@ from cellserve.cluster import systems
 from conftest import TINY_SESSIONS
 
 
+@pytest.mark.slow  # a simulated cluster bench end to end: seconds
 def test_bench_cluster_quick_writes_the_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cluster_bench, "DEFAULT_SESSIONS", TINY_SESSIONS)
     out = tmp_path / "cluster.json"

@@ -236,12 +236,12 @@ def test_routing_follows_the_plans_shares_and_falls_back_where_the_choice_cannot
      True),
     (["--accuracy-scaling", "--ray"], "needs --slo-ms", True),
     (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--plan", "p.json"], "cannot be combined with --plan", True),
-    (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--model", "lstm-512"],
-     "--model 'lstm-512' is neither a family nor a variant of one", False),
+    pytest.param(["--accuracy-scaling", "--ray", "--slo-ms", "100", "--model", "lstm-512"],
+                 "--model 'lstm-512' is neither a family nor a variant of one", False, marks=pytest.mark.slow),
     (["--accuracy-profiles", "p.json"], "--accuracy-profiles gives the variants' capacities: it needs "
                                         "--accuracy-scaling", True),
-    (["--accuracy-scaling", "--ray", "--slo-ms", "100", "--accuracy-profiles", "no-such-profile.json"],
-     "no-such-profile.json", False),
+    pytest.param(["--accuracy-scaling", "--ray", "--slo-ms", "100", "--accuracy-profiles", "no-such-profile.json"],
+                 "no-such-profile.json", False, marks=pytest.mark.slow),  # a real process
 ])
 def test_bad_flags_exit_2_naming_what_is_wrong(args, why, in_process, capsys):
     argv = ["serve", "--http-port", "0", *args]

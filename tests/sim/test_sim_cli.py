@@ -38,6 +38,7 @@ def gru_profile(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a real process
 def test_simulate_writes_results_labelled_simulated(gru_profile, tmp_path):
     out = tmp_path / "sim.json"
     done = cellserve("simulate", "--profile", str(gru_profile), "--engines", "3", "--rates", "60,600",
