@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 
 from cellserve.bench.loadgen import RequestFormat, run_open_loop
-from cellserve.bench.results import span_s
+from cellserve.bench.results import RunStats, json_safe, span_s, summarize
 from cellserve.bench.traces import make_trace
 
 
@@ -48,15 +48,12 @@ def traces(rates: dict[str, float], seconds: float, seed: int = 0) -> dict[str, 
 
 
 def _summary(outcomes: list, slo_ms: float) -> dict:
-    latencies = np.array([(o.finish_s - o.arrival_s) * 1e3 for o in outcomes if o.status == "ok"])
-    within = int(np.sum(latencies <= slo_ms)) if latencies.size else 0
-    counts = {k: sum(o.status == k for o in outcomes) for k in ("ok", "rejected", "dropped", "error")}
-    span = span_s(outcomes)
-    row = {"requests": len(outcomes), "within_slo": within, "counts": counts,
-           "goodput_rps": within / span if span > 0 else 0.0,
-           "attainment": within / len(outcomes) if outcomes else 0.0,
-           "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
-           "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None}
+    """One model's row: bench.results.summarize's figures, with the requests within the SLO
+    and their share (attainment) beside them."""
+    s = json_safe(summarize(RunStats("ray", 0.0, span_s(outcomes), outcomes), slo_ms / 1e3))
+    within = s["requests"] - s["slo_misses"]
+    row = {"requests": s["requests"], "within_slo": within, "counts": s["counts"], "goodput_rps": s["goodput_rps"],
+           "attainment": within / s["requests"] if s["requests"] else 0.0, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"]}
     errors = [o.reason for o in outcomes if o.status == "error"]
     if errors:
         row["first_error"] = errors[0]

@@ -159,8 +159,10 @@ class Router:
         return None if chosen is None else (chosen, best[0])
 
     def rounds(self, worker: WorkerState, model: str, length: int) -> int:
-        """Rounds a request whose longest input has `length` steps takes on `worker`'s engine
-        (Engine._rounds_plan, summed)."""
+        """Rounds a request whose longest input has `length` steps takes on `worker`'s engine:
+        each recurrent step `length`, a decoder's one more (its end step). The engine itself
+        prices a decoder at its lanes' learnt output length (engine/output_length.py); the
+        router does not have that yet."""
         extra = worker.info.extra_rounds.get(model, [0])
         return sum(length + e for e in extra)
 

@@ -188,7 +188,8 @@ class EngineWorker:
             models.setdefault(name, engine_name)  # one version's layout stands for the model's
         return WorkerInfo(self.spec.worker_id, self._node, tuple(sorted(models)),
                           {name: list(e._model_types[en]) for name, en in models.items()},
-                          {name: list(e._extra_rounds[en]) for name, en in models.items()},
+                          {name: [0 if dec is None else 1 for dec in e._step_decoders[en]]  # a decoder's end step
+                           for name, en in models.items()},
                           e.policy.max_batch, os.getpid())
 
     async def infer(self, call: Call) -> Reply:

@@ -148,9 +148,9 @@ class Admission:
                 if sem.time_axis < len(shape):
                     length = max(length, shape[sem.time_axis])
         # a decoder's rounds: the steps its lanes have taken at this length (output_length.py)
-        return [length + extra if dec is None else
+        return [length if dec is None else
                 self._output_lengths[dec].steps(length, self._decoders[dec].max_tokens(length) + 1)
-                for extra, dec in zip(self._extra_rounds[model.name], self._step_decoders[model.name])]
+                for dec in self._step_decoders[model.name]]
 
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
         """Add (+1) or take back (-1) a run's lanes in the cell types of its layers (a beam

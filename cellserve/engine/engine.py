@@ -146,7 +146,6 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         self._group_keys: set[str] = set()  # placement keys of every plain-op group
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._model_types: dict[str, list[str]] = {}  # model -> its cell types (Model.cell_types)
-        self._extra_rounds: dict[str, list[int]] = {}  # model -> per recurrent step, 1 for a decoder's end step
         self._step_decoders: dict[str, list[str | None]] = {}  # model -> per recurrent step, its decoder's cell type
         self._output_lengths: dict[str, OutputLength] = {}  # decoder cell type -> its lanes' steps, learnt
         self._decoders: dict[str, GraphDecoder] = {}  # cell type -> its decoder
@@ -222,7 +221,6 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         types = iter(self._model_types[model.name])
         self._layer_types[model.name] = []
         steps = model.recurrent_steps()
-        self._extra_rounds[model.name] = [1 if isinstance(s, GraphDecoder) else 0 for s in steps]
         self._step_decoders[model.name] = []
         for step in steps:
             directions = len(step.directions) if isinstance(step, RecurrentLayer) else 1
@@ -292,7 +290,6 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         self._plain.pop(name, None)
         ops = plain_group_key(name, 0).rsplit("/", 1)[0] + "/"  # "<model>/ops/": its groups' keys
         self._group_keys = {k for k in self._group_keys if not k.startswith(ops)}
-        self._extra_rounds.pop(name, None)
         self._step_decoders.pop(name, None)
         self._layer_types.pop(name, None)
         for cell_type in self._model_types.pop(name, ()):

@@ -113,6 +113,18 @@ def test_quick_end_to_end_on_a_local_ray(tmp_path):
     assert path.with_suffix(".png").stat().st_size > 0
 
 
+def _wait_for(condition, what: str, limit_s: float = 60.0):
+    """Poll until `condition()` is truthy (its value is returned); a generous limit, so that a
+    loaded machine only makes the test slower."""
+    import time
+
+    end = time.monotonic() + limit_s
+    while not (value := condition()):
+        assert time.monotonic() < end, f"waited {limit_s} s for {what}"
+        time.sleep(0.01)
+    return value
+
+
 def test_the_cpu_meter_splits_a_process_tree(tmp_path):
     """A driver process whose child is named like a Ray worker and spins: its CPU is the
     workers', not the driver's, and every group and the machine's busy time are counted."""
@@ -120,20 +132,26 @@ def test_the_cpu_meter_splits_a_process_tree(tmp_path):
     import sys
     import time
 
+    from cellserve.cluster import ray_plan_cpu
     from cellserve.cluster.ray_plan_cpu import CpuMeter
 
-    spin = "import time\nend = time.time() + 20\nwhile time.time() < end: pass\n"
+    spin = "while True: pass\n"
     driver = subprocess.Popen([sys.executable, "-c",
                                "import subprocess, sys, time\n"
                                f"subprocess.Popen([sys.executable, '-c', {spin!r}, 'EngineWorker'])\n"
-                               "time.sleep(20)\n"])
+                               "time.sleep(3600)\n"])
     try:
-        time.sleep(1.0)  # the child has started
+        def worker_pid():
+            tree = ray_plan_cpu._tree(driver.pid)
+            return next((pid for pid, (group, _) in tree.items() if group == "workers"), None)
+
+        worker = _wait_for(worker_pid, "the spinning child to start")
         meter = CpuMeter(driver.pid)
+        spun = ray_plan_cpu._stat(worker)[1]
         end = time.process_time() + 0.2
         while time.process_time() < end:  # the generator's share: this process
             pass
-        time.sleep(0.5)
+        _wait_for(lambda: ray_plan_cpu._stat(worker)[1] - spun >= 0.3, "the child to spin 0.3 CPU s")
         out = meter.stop(requests=10)
     finally:
         subprocess.run(["pkill", "-P", str(driver.pid)], check=False)  # the spinner: its child, by parent id
