@@ -115,7 +115,10 @@ def test_a_model_default_slo_applies_to_requests_without_timeout():
     server = start_server("--model", "gru-256", "--grpc-port", "-1", "--slo-ms", "0.01")
     try:
         status, message = send(server.http, np.ones((1, 50), np.int64))
-        assert status == "429" and "misses the deadline" in message
+        # 10 us cannot be met: admission refuses it (429), or, where the engine does not get to
+        # it within the server's few milliseconds past the deadline, the server answers that the
+        # deadline passed (504); either way the model's default deadline applied
+        assert status in ("429", "504") and "deadline" in message, (status, message)
         assert send(server.http, np.ones((1, 50), np.int64), timeout=10_000_000)[0] == "ok"
     finally:
         assert server.stop() == 0
