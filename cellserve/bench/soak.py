@@ -201,7 +201,9 @@ def _proc(pid: int) -> tuple[int, int]:
 # admission saw when an episode began.
 _GAUGES = {"sequences": "cellserve_sequences_active", "step_overhead_us": "cellserve_engine_step_overhead_seconds",
            "admitting_share": "cellserve_engine_admitting_share",
-           "admission_limit": "cellserve_admission_limit", "in_flight": "cellserve_admission_in_flight"}
+           "admission_limit": "cellserve_admission_limit", "in_flight": "cellserve_admission_in_flight",
+           "price_ratio_p50": 'cellserve_admission_price_ratio{quantile="0.5"}',
+           "price_ratio_p90": 'cellserve_admission_price_ratio{quantile="0.9"}'}
 
 
 def _gauges(metrics_address: str) -> dict[str, float]:

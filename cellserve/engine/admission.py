@@ -72,7 +72,7 @@ class Admission:
         run = _Run(request, model, {**model.constants, **inputs}, deadline,
                    self._rounds_plan(model, inputs), model.batch_size(inputs), width=width)
         if self.config.admission and deadline < math.inf:
-            predicted = self._predicted_latency(model, run.rounds_plan, run.batch, width)
+            predicted = run.priced_s = self._predicted_latency(model, run.rounds_plan, run.batch, width)
             # Headroom: requests admitted later slow this one down too. An idle engine whose
             # estimates no step has confirmed lately admits whatever has time left, to measure:
             # refusing on an estimate it cannot check would keep it from ever learning better

@@ -63,6 +63,9 @@ class EngineStats:
     lanes_started: int = 0
     lanes_finished: int = 0
     requests_answered: int = 0
+    # per request answered OK that admission priced: its latency from admission to answer over
+    # the price (below 1: priced too high, so admission refused too early)
+    price_ratios: deque = field(default_factory=lambda: deque(maxlen=1000))
     # tensors that crossed from one executor to another (see Engine._note_reads):
     # (from executor, to executor) -> [transfers, bytes]
     transfers: dict[tuple[str, str], list[int]] = field(default_factory=dict)
@@ -731,6 +734,8 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         if run.responded:
             raise RuntimeError(f"request {run.request.request_id} answered twice")
         run.responded = True
+        if status is Status.OK and run.priced_s:
+            self.stats.price_ratios.append((self.clock.now() - run.admitted) / run.priced_s)
         self._respond(run.request, Response(run.request.request_id, status, outputs or {}, reason,
                                             run.request.arrival, self.clock.now(), run.admitted,
                                             run.state if status is Status.OK else {},

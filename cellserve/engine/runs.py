@@ -49,6 +49,7 @@ class _Run:
     admitted: float | None = None
     responded: bool = False
     probe: bool = False  # admitted by an idle engine against its estimate, to measure (see _admit)
+    priced_s: float | None = None  # admission's predicted latency, when it priced the request
     waiting: int = 0  # lanes of the current recurrent step waiting for their busy executor to start them
     # with several executors: tensor name -> executors that computed it (none: the request's
     # inputs and the model's constants, on the host), and the (tensor, executor) moves counted

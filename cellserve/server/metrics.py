@@ -15,6 +15,9 @@ Cellular batching:
   cellserve_sequences_active
   cellserve_engine_step_overhead_seconds  seconds a step takes beyond the cost model's price (added per batch)
   cellserve_engine_admitting_share  share of the engine's busy time spent admitting arrivals (stretches priced rounds)
+  cellserve_admission_price_ratio{quantile}  over the last 1,000 answered requests admission priced:
+                                   latency from admission to answer over the price (below 1:
+                                   priced high, so refusals came early; above 1: priced low)
 Admission and connections (the frontends, before any decoding; not per model):
   cellserve_requests_shed_total    inference refused (429) by the frontends' bound, at the headers
   cellserve_admission_limit, cellserve_admission_in_flight   the bound now, and what it holds
@@ -125,6 +128,14 @@ class _EngineCollector:
                                 "Share of the engine's busy time spent admitting (and refusing) arrivals, "
                                 "which admission prices as time no step runs",
                                 value=self.engine.admitting_share)
+        ratios = sorted(stats.price_ratios)
+        if ratios:
+            price = GaugeMetricFamily("cellserve_admission_price_ratio",
+                                      "Over the last 1,000 answered requests admission priced: latency from "
+                                      "admission to answer over the predicted latency", labels=["quantile"])
+            for q in ("0.1", "0.5", "0.9"):
+                price.add_metric([q], ratios[min(int(float(q) * len(ratios)), len(ratios) - 1)])
+            yield price
 
 
 class _FrontendCollector:

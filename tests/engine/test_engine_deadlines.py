@@ -194,3 +194,21 @@ def test_under_deadline_pressure_every_request_gets_exactly_one_response_and_ok_
             assert "deadline" in response.reason and response.outputs == {}
     for kernel in engine.executors["default"].kernels.values():
         assert kernel.slots.in_use == 0
+
+
+def test_each_answered_request_admission_priced_records_its_latency_over_the_price(models):
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=True, drop_late=False)
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=1000.0))
+    engine.submit(make_request(responses, 1, "lstm", {"tokens": TOKENS}))  # no deadline: not priced
+    engine.submit(make_request(responses, 2, "lstm", {"tokens": TOKENS}, timeout_s=1e-4))  # refused
+    engine.run_until_idle(timeout_s=10)
+    assert responses.one(2).status is Status.REJECTED
+    [ratio] = engine.stats.price_ratios  # only the priced request that was answered OK
+    answered = responses.one(0)
+    # an idle engine prices at the fastest steps: 12 rounds of one lane in each cell type
+    priced = len(TOKENS[0]) * engine.costs.round_time({t: 1 for t in engine.cell_types}, best=True)
+    took = ratio * priced  # from admission to the answer (the fake clock ticks at each reading)
+    assert answered.finish - 2 * TICK <= answered.admitted + took <= answered.finish
+    assert ratio > 1  # the ticks of every reading make it slower than the price

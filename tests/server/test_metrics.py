@@ -89,3 +89,12 @@ def test_no_stack_layers_steps_each_layer_as_its_own_cell_type_with_the_same_ans
     finally:
         assert server.stop() == 0
     np.testing.assert_allclose(layered, stacked, rtol=1e-4, atol=1e-6)
+
+
+def test_admissions_price_accuracy_is_exported_as_quantiles(zoo_server):
+    with httpclient.InferenceServerClient(zoo_server.http) as client:
+        for n in (4, 8, 16):  # a 10 s deadline: admission prices each, and each is answered
+            infer(client, np.ones((1, n), np.int64), timeout=10_000_000)
+    after = scrape(zoo_server)
+    q = [value(after, "cellserve_admission_price_ratio", quantile=k) for k in ("0.1", "0.5", "0.9")]
+    assert 0 < q[0] <= q[1] <= q[2]
