@@ -47,32 +47,102 @@ class ServerProcess:
 
 def start_server(*args: str, timeout: float = 120.0) -> ServerProcess:
     """Run `cellserve serve ARGS` on port 0 for every protocol; return once it says ready."""
-    cmd = [sys.executable, "-m", "cellserve.cli", "serve", "--http-port", "0", "--grpc-port", "0",
-           "--metrics-port", "0", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    server = ServerProcess(proc)
-    ready = threading.Event()
+    return launch_server(*args).wait_ready(timeout)
 
-    def read() -> None:
-        for line in proc.stdout:
-            server.lines.append(line.rstrip("\n"))
+
+class PendingServer:
+    """A `cellserve serve` process started, not yet waited for: its start-up (imports,
+    profiling) runs in its own process while the caller goes on."""
+
+    def __init__(self, *args: str):
+        cmd = [sys.executable, "-m", "cellserve.cli", "serve", "--http-port", "0", "--grpc-port", "0",
+               "--metrics-port", "0", *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.server = ServerProcess(self.proc)
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.server.lines.append(line.rstrip("\n"))
             match = READY.search(line)
             if match:
-                server.http, server.grpc, server.metrics = match.groups()
-                ready.set()
-        ready.set()  # it exited
+                self.server.http, self.server.grpc, self.server.metrics = match.groups()
+                self.ready.set()
+        self.ready.set()  # it exited
 
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not ready.wait(0.1):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"server not ready within {timeout} s:\n{server.output()}")
-    if not server.http:
-        proc.wait(5)
-        raise AssertionError(f"server exited with {proc.returncode} before it was ready:\n{server.output()}")
-    return server
+    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+        """The server, once it says ready; an AssertionError with its output if it exits first
+        or takes longer than `timeout` seconds from now."""
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.1):
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"server not ready within {timeout} s:\n{self.server.output()}")
+        if not self.server.http:
+            self.proc.wait(5)
+            raise AssertionError(f"server exited with {self.proc.returncode} before it was ready:\n"
+                                 f"{self.server.output()}")
+        return self.server
+
+
+def launch_server(*args: str) -> PendingServer:
+    """Start `cellserve serve ARGS` on port 0 for every protocol without waiting for it."""
+    return PendingServer(*args)
+
+
+# Servers a test module's fixture will start, declared at import (`early_server`) so that the
+# session can start them ahead of the module's tests (tests/server/conftest.py), one at a time
+# in the order their modules run: each one's start-up (imports, the start-up profile) then
+# runs in its own process beside the tests before it, on a core the tests leave idle.
+_declared: dict[str, tuple[str, ...]] = {}  # "module.fixture" -> serve arguments
+_launched: dict[str, PendingServer] = {}
+_launch_lock = threading.Lock()
+
+
+def early_server(module: str, fixture: str, *args: str) -> str:
+    """Declare that fixture `fixture` of test module `module` (its __name__) serves with ARGS;
+    returns the key `take_server` takes it by."""
+    key = f"{module}.{fixture}"
+    _declared[key] = args
+    return key
+
+
+def declared_for(module: str, fixtures) -> list[str]:
+    """The declared keys a test of `module` that uses `fixtures` needs."""
+    return [f"{module}.{f}" for f in fixtures if f"{module}.{f}" in _declared]
+
+
+def launch_declared(keys: list[str]) -> None:
+    """Start the declared servers `keys`, one after another, each once the one before is ready
+    (a daemon thread; a key already taken by its fixture is skipped)."""
+    def run() -> None:
+        for key in keys:
+            with _launch_lock:
+                if key in _launched:
+                    continue
+                pending = _launched[key] = launch_server(*_declared[key])
+            pending.ready.wait(120)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def take_server(key: str, timeout: float = 120.0) -> ServerProcess:
+    """The declared server `key`, ready: the one started ahead of time, or one started now."""
+    with _launch_lock:
+        pending = _launched.get(key)
+        if pending is None:
+            pending = _launched[key] = launch_server(*_declared[key])
+    return pending.wait_ready(timeout)
+
+
+def stop_untaken() -> None:
+    """Stop servers started ahead whose fixture never ran (the session ended before)."""
+    with _launch_lock:
+        for pending in _launched.values():
+            if pending.proc.poll() is None:
+                pending.server.stop()
 
 
 def scrape(server: ServerProcess) -> str:

@@ -22,18 +22,19 @@ import tritonclient.http as httpclient
 
 from cellserve.graph.zoo import dates
 from cellserve.text_vocab import TextVocabulary
-from serverproc import start_server
+from serverproc import early_server, take_server
 
 pytestmark = pytest.mark.slow  # its own server (seconds to start) and CLI processes
 
 PROTOCOLS = ["http", "grpc"]
+DATES = early_server(__name__, "server", "--model", "dates")
 TEXTS = ["3 March 2021", "the third of march, nineteen ninety-eight", "Tue 3 Mar 98", "19980303",
          "March 3rd, 1998", "31/12/49", "1 Jan. '50", "the twenty-ninth of february, two thousand"]
 
 
 @pytest.fixture(scope="module")
 def server():
-    proc = start_server("--model", "dates")
+    proc = take_server(DATES)
     yield proc
     proc.stop()
 

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from serverproc import start_server
+from serverproc import early_server, take_server
 
 GOOD = {"inputs": [{"name": "tokens", "shape": [2, 3], "datatype": "INT64", "data": [[1, 2, 3], [4, 5, 6]]}]}
 
@@ -379,9 +379,12 @@ def test_unsupported_content_encoding(server):
 LIMIT = 1024
 
 
+SMALL = early_server(__name__, "small_server", "--max-request-size", str(LIMIT), "--model", "lstm-512")
+
+
 @pytest.fixture(scope="module")
 def small_server():
-    server = start_server("--max-request-size", str(LIMIT), "--model", "lstm-512")
+    server = take_server(SMALL)
     yield server.http
     assert_good(server.http)  # still serving after every refusal
     server.stop()

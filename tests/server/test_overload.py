@@ -22,7 +22,7 @@ from cellserve.server.core import Admission, Core, InferInput
 from cellserve.server.errors import DeadlineExceeded, Overloaded
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import load_zoo
-from serverproc import start_server
+from serverproc import early_server, take_server
 
 MODEL = "gru-256"
 BODY = json.dumps({"inputs": [{"name": "tokens", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]}]}).encode()
@@ -76,9 +76,13 @@ def metric(server, name: str) -> float:
 
 # ---- admission at the headers, over a real server ----
 
+BOUNDED = early_server(__name__, "bounded", "--model", MODEL, "--max-inflight", "2", "--max-connections", "6",
+                       "--idle-timeout", "60")
+
+
 @pytest.fixture(scope="module")
 def bounded():
-    server = start_server("--model", MODEL, "--max-inflight", "2", "--max-connections", "6", "--idle-timeout", "60")
+    server = take_server(BOUNDED)
     yield server
     assert server.stop() == 0
 
@@ -185,9 +189,13 @@ def test_connections_past_the_limit_are_answered_503_and_closed(bounded):
 
 # ---- slow clients ----
 
+IMPATIENT = early_server(__name__, "impatient", "--model", MODEL, "--grpc-port", "-1", "--read-timeout", "0.5",
+                         "--idle-timeout", "0.5")
+
+
 @pytest.fixture(scope="module")
 def impatient():
-    server = start_server("--model", MODEL, "--grpc-port", "-1", "--read-timeout", "0.5", "--idle-timeout", "0.5")
+    server = take_server(IMPATIENT)
     yield server
     assert server.stop() == 0
 
