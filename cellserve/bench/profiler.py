@@ -19,6 +19,7 @@ sizes it did.
 
 from __future__ import annotations
 
+import math
 import platform
 import threading
 import time
@@ -40,6 +41,11 @@ from cellserve.plan.profile import CellTypeProfile, HostProfile, Machine, ModelP
 
 _DECODER_MEMORY = 16  # source length of a decoder's dummy lanes
 _MIN_SAMPLES = 5  # serving's samples of a batch size before they replace the timing alone
+# A step that follows its executor's previous step by more than this came after an idle
+# spell: it is left out of the warm costs and priced by CellTypeProfile.idle_extra_s, in
+# buckets of that spell's length up to these bounds (seconds; the last one takes the rest)
+_IDLE_AFTER_S = 0.00025
+_IDLE_BOUNDS_S = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, math.inf)
 SERVING_SHARES = (0.2, 0.6, 0.9)  # of the closed-loop capacity: light, busy and near saturation
 
 
@@ -56,7 +62,11 @@ class RecordingExecutor(KernelExecutor):
         self.steps: dict[str, dict[int, list[float]]] = {}
         self.cold_steps: dict[str, dict[int, list[float]]] = {}  # ... that followed other work
         self.lone: dict[str, list[tuple[int, float, bool]]] = {}  # cell type -> (lane-steps, seconds, cold)
+        # cell type -> steps that came after an idle spell (see _IDLE_AFTER_S):
+        # (spell seconds, lone run?, batch size, lane-steps, cold, seconds)
+        self.after_idle: dict[str, list[tuple[float, bool, int, int, bool, float]]] = {}
         self._previous: str | None = None  # cell type of the last call, when it was a step
+        self._last_step_end = -math.inf  # perf_counter when the last step (of any cell type) returned
         self.starts: dict[str, list[float]] = {}  # cell type -> seconds per token of a lane's start
         self.finishes: dict[str, list[float]] = {}
         self._decoding: dict[tuple[str, int], list[int]] = {}  # (cell type, slot) -> [memory, steps]
@@ -78,11 +88,16 @@ class RecordingExecutor(KernelExecutor):
         return started
 
     def execute(self, batch: StepBatch, slots, rows, lone_steps, stop) -> StepResult:
+        t0 = time.perf_counter()
         result = super().execute(batch, slots, rows, lone_steps, stop)
+        spell, self._last_step_end = t0 - self._last_step_end, time.perf_counter()
         cold = self._previous != batch.cell_type
         self._previous = batch.cell_type
         if self.recording:
-            if lone_steps:
+            if spell > _IDLE_AFTER_S:
+                self.after_idle.setdefault(batch.cell_type, []).append(
+                    (spell, bool(lone_steps), batch.size, result.steps * batch.size, cold, result.busy_s))
+            elif lone_steps:
                 self.lone.setdefault(batch.cell_type, []).append((result.steps * batch.size, result.busy_s, cold))
             else:
                 table = self.cold_steps if cold else self.steps
@@ -170,19 +185,58 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
     extra = [x - steps[b].mean for b, xs in executor.cold_steps.get(cell_type, {}).items() if b in steps for x in xs]
     cold = max(float(np.median(extra)), 0.0) if len(extra) >= _MIN_SAMPLES else 0.0
     lone, call, lone_cold = alone.lone_step_s, 0.0, 0.0
+    after_idle = executor.after_idle.get(cell_type, [])
     if lone is not None:
         runs = executor.lone.get(cell_type, [])
+        if len(runs) < _MIN_SAMPLES:  # too few runs but after idle spells: fit them all (no idle extra then)
+            runs = runs + [(lanes, busy, c) for _, is_lone, _, lanes, c, busy in after_idle if is_lone]
+            after_idle = [a for a in after_idle if not a[1]]
         if len(runs) >= _MIN_SAMPLES:
             lone, call, lone_cold = _fit_lone(runs)
         else:
             lone = _scaled(lone, scale)
+    fitted = replace(alone, step_s=steps, lone_step_s=lone, lone_call_s=call, cold_s=cold, lone_cold_s=lone_cold)
+    idle = _idle_buckets(fitted, after_idle)
     starts, finishes = executor.starts.get(cell_type), executor.finishes.get(cell_type)
     log(f"  {cell_type}: serving showed batch sizes {sorted(seen)[:12]}{' ...' if len(seen) > 12 else ''} "
         f"(others: {scale:.2f}x the timing alone); a step after other work costs {cold * 1e6:.0f} us more, "
-        f"a lone run {lone_cold * 1e6:.0f} us")
-    return replace(alone, step_s=steps, lone_step_s=lone, lone_call_s=call, cold_s=cold, lone_cold_s=lone_cold,
+        f"a lone run {lone_cold * 1e6:.0f} us; after an idle spell " + (", ".join(
+            f"<= {b * 1e3:.2g} ms: +{x * 1e6:.0f} us" for b, x in idle[1:]) if idle else "(none seen)"))
+    return replace(fitted, idle_extra_s=idle,
                    start_s_per_token=float(np.median(starts)) if starts else alone.start_s_per_token,
                    finish_s_per_token=float(np.median(finishes)) if finishes else alone.finish_s_per_token)
+
+
+def _idle_buckets(cell: CellTypeProfile, after_idle: list[tuple[float, bool, int, int, bool, float]]
+                  ) -> tuple[tuple[float, float], ...]:
+    """CellTypeProfile.idle_extra_s from the steps serving ran after idle spells: per bucket
+    of spell length (_IDLE_BOUNDS_S; one with fewer than _MIN_SAMPLES steps joins the next
+    longer one, the last one the one before), the mean of what each step took over what the
+    warm costs price it at (its top 1% left out, as stalls of the machine), never below zero.
+    The first bucket, up to _IDLE_AFTER_S, is the warm steps' own: nothing extra."""
+    groups: list[list[float]] = [[] for _ in _IDLE_BOUNDS_S]
+    spells: list[float] = [0.0 for _ in _IDLE_BOUNDS_S]
+    for spell, is_lone, size, lanes, cold, busy in after_idle:
+        if is_lone:
+            priced = size * cell.lone_call_s + lanes * cell.lone_step_s.mean + (cell.lone_cold_s if cold else 0.0)
+        else:
+            priced = cell.step_s[size].mean + (cell.cold_s if cold else 0.0)
+        i = next(i for i, bound in enumerate(_IDLE_BOUNDS_S) if spell <= bound)
+        groups[i].append(busy - priced)
+        spells[i] = max(spells[i], spell)
+    buckets: list[tuple[float, list[float]]] = []
+    pending: list[float] = []
+    for bound, spell, xs in zip(_IDLE_BOUNDS_S, spells, groups):
+        pending += xs
+        if len(pending) >= _MIN_SAMPLES:
+            buckets.append((bound if math.isfinite(bound) else spell, pending))
+            pending = []
+    if pending and buckets:
+        bound, xs = buckets.pop()
+        buckets.append((max(bound, max(spells)), xs + pending))
+    if not buckets:
+        return ()
+    return ((_IDLE_AFTER_S, 0.0),) + tuple((bound, max(Timing.of(xs, trim=True).mean, 0.0)) for bound, xs in buckets)
 
 
 def _fit_lone(runs: list[tuple[int, float, bool]]) -> tuple[Timing, float, float]:

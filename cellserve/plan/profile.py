@@ -66,6 +66,19 @@ class CellTypeProfile:
     # follows a step of the same cell type (step_s and lone_step_s are the latter)
     cold_s: float = 0.0
     lone_cold_s: float = 0.0
+    # A step (batched or a lone run) that comes after its executor ran no step for a while
+    # costs more again (on a CPU: the kernel's threads went to sleep and are woken, caches
+    # went cold): (up_to_s, extra_s) buckets, ascending; a step whose executor's previous
+    # step ended `gap` seconds before costs the extra of the first bucket with gap <= up_to_s,
+    # the last bucket's beyond it. Empty: no such cost measured.
+    idle_extra_s: tuple[tuple[float, float], ...] = ()
+
+    def idle_extra(self, gap_s: float) -> float:
+        """What a step costs on top after its executor ran no step for `gap_s` seconds."""
+        for up_to, extra in self.idle_extra_s:
+            if gap_s <= up_to:
+                return extra
+        return self.idle_extra_s[-1][1] if self.idle_extra_s else 0.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,7 @@ class ModelProfile:
         d = asdict(self)
         for cell in d["cell_types"].values():
             cell["step_s"] = {str(b): t for b, t in cell["step_s"].items()}
+            cell["idle_extra_s"] = [list(pair) for pair in cell["idle_extra_s"]]
         d["decode_steps"] = {k: {str(m): {str(n): c for n, c in h.items()} for m, h in v.items()}
                              for k, v in d["decode_steps"].items()}
         return d
@@ -226,7 +240,24 @@ def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
                            _num(_get(d, "finish_s_per_token", where), f"{where}.finish_s_per_token"),
                            _num(d.get("lone_call_s", 0.0), f"{where}.lone_call_s"),
                            _num(d.get("cold_s", 0.0), f"{where}.cold_s"),
-                           _num(d.get("lone_cold_s", 0.0), f"{where}.lone_cold_s"))
+                           _num(d.get("lone_cold_s", 0.0), f"{where}.lone_cold_s"),
+                           _idle_buckets(d.get("idle_extra_s", []), f"{where}.idle_extra_s"))
+
+
+def _idle_buckets(x: object, where: str) -> tuple[tuple[float, float], ...]:
+    """[[up_to_s, extra_s], ...]: bounds > 0 and strictly ascending, extras >= 0."""
+    if not isinstance(x, list):
+        raise ProfileError(f"{where} must be a list of [up_to_s, extra_s] pairs, got {type(x).__name__}")
+    out = []
+    for i, pair in enumerate(x):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ProfileError(f"{where}[{i}] must be a pair [up_to_s, extra_s], got {pair!r}")
+        up_to = _num(pair[0], f"{where}[{i}][0] (up_to_s)", positive=True)
+        if out and up_to <= out[-1][0]:
+            raise ProfileError(f"{where}[{i}][0] (up_to_s) is {up_to!r}, not above the bucket before it "
+                               f"({out[-1][0]!r}): the buckets must ascend")
+        out.append((up_to, _num(pair[1], f"{where}[{i}][1] (extra_s)")))
+    return tuple(out)
 
 
 def _parse_profile(x: object) -> ModelProfile:

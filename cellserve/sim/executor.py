@@ -4,7 +4,8 @@ It stands where a real executor stands, so the engine above it (admission, sched
 request's walk) runs unchanged. Each call advances the engine's virtual clock by the device
 time the profile gives (sampled around the mean with the measured spread, from a seeded
 generator) plus the engine's own time around it (the profile's HostProfile, which the real
-engine spends in Python and the simulation would otherwise get for free). Outputs have the
+engine spends in Python and the simulation would otherwise get for free); a step after a spell
+with no step costs more, as measured (CellTypeProfile.idle_extra_s). Outputs have the
 right shapes and are zeros; plain ops run for real once per input shapes (the model's heads
 need their inputs' shapes) and are reused after, priced from the profile. Decoder lanes end after as many steps as
 a lane of the same source length took when the model was profiled.
@@ -78,6 +79,7 @@ class SimExecutor(Executor):
         self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
         self._plain_timing: dict[tuple[str, str], Timing] = {}  # (model, op) -> its profile's timing
         self._previous: str | None = None  # cell type of the last call, when it was a step
+        self._last_step_end = -math.inf  # virtual time the last step (of any cell type) ended
         self._blocks: dict[int, list] = {}  # id of a Timing -> [it (kept alive), next index, samples]
         self._flops: dict = {}  # cell type -> flops of one lane's step; (decoder, memory length) -> ...
 
@@ -235,6 +237,8 @@ class SimExecutor(Executor):
         tokens = candidates = None
         cold = self._previous != batch.cell_type
         self._previous = batch.cell_type
+        # after a spell with no step the executor wakes slower (CellTypeProfile.idle_extra_s)
+        idle = cell.idle_extra(self.clock.now() - self._last_step_end) if cell.idle_extra_s else 0.0
         if lone_steps:
             per_step = cell.lone_step_s
             if stop[0]:
@@ -242,19 +246,22 @@ class SimExecutor(Executor):
             else:
                 wait = self.next_arrival() - self.clock.now()
                 steps = lone_steps if wait == math.inf else min(lone_steps, max(1, math.floor(wait / per_step.mean) + 1))
-            busy = size * cell.lone_call_s + self.sample(per_step, steps * size) + (cell.lone_cold_s if cold else 0.0)
+            busy = (size * cell.lone_call_s + self.sample(per_step, steps * size) + (cell.lone_cold_s if cold else 0.0)
+                    + idle)
         else:
             steps = 1
             timing = cell.step_s.get(size)
             if timing is None:
                 raise ProfileError(f"profile of {batch.cell_type!r} has no step_s[{size}] "
                                    f"(max_batch {max(cell.step_s)})")
-            busy = self.sample(timing) + (cell.cold_s if cold else 0.0)
+            busy = self.sample(timing) + (cell.cold_s if cold else 0.0) + idle
             if cell.kind == "decoder":
                 tokens = self._decode(spec.step, batch.slots)
                 if self._beams:
                     candidates = self._candidates(spec.step, batch.slots)
-        self._charge(busy, host.step_s + host.step_s_per_lane * size)
+        host_s = host.step_s + host.step_s_per_lane * size
+        self._charge(busy, host_s)
+        self._last_step_end = self.clock.now() - host_s  # as the real executor's call returns
         if self.clock.now() >= self.next_event():
             stop[0] = 1  # let the event loop catch up before the engine goes on
         if cell.kind == "decoder":

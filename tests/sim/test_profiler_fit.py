@@ -32,7 +32,8 @@ def test_the_host_fit_never_gives_a_negative_cost():
 class Recorded:
     """What a RecordingExecutor holds after serving."""
 
-    def __init__(self, steps, lone=(), starts=(), finishes=(), cold_steps=None):
+    def __init__(self, steps, lone=(), starts=(), finishes=(), cold_steps=None, after_idle=()):
+        self.after_idle = {"m/c": list(after_idle)}
         self.steps = {"m/c": steps}
         self.cold_steps = {"m/c": cold_steps or {}}
         self.lone = {"m/c": list(lone)}
@@ -55,6 +56,27 @@ def test_sizes_serving_showed_replace_the_timing_alone_and_the_rest_are_scaled()
     assert cell.lone_cold_s == pytest.approx(5e-5) and cell.cold_s == pytest.approx(1e-4)
     assert cell.start_s_per_token == pytest.approx(5e-6)
     assert cell.finish_s_per_token == pytest.approx(2e-6)  # nothing seen: the timing alone
+
+
+def test_steps_after_idle_spells_give_buckets_of_extra_cost_over_the_warm_fit():
+    alone = CellTypeProfile("stack", 1, {b: Timing.fixed(b * 1e-4) for b in range(1, 9)}, Timing.fixed(1e-5),
+                            1e-6, 2e-6)
+    seen = {2: [4e-4] * 6}
+    lone = [(n, 2e-5 + 3e-5 * n + 5e-5 * c, c) for n in (1, 4, 16, 64, 8, 2) for c in (False, True)]
+    # after idle spells: lone runs (cold, 10 lane-steps) and batched steps of 2 lanes (warm),
+    # 100 us over the warm fit after 0.3-0.5 ms, 400 us after 3 ms; 2 steps after 40 ms and 1
+    # after 100 ms (too few alone: they join the 3 ms bucket, the last, bounded by the longest)
+    priced_lone, priced_2 = 2e-5 + 3e-5 * 10 + 5e-5, 4e-4
+    after = ([(3e-4, True, 1, 10, True, priced_lone + 1e-4)] * 3 + [(4.5e-4, False, 2, 2, False, priced_2 + 1e-4)] * 3
+             + [(3e-3, True, 1, 10, True, priced_lone + 4e-4)] * 5 + [(0.04, False, 2, 2, False, priced_2 + 4e-4)] * 2
+             + [(0.1, False, 2, 2, False, priced_2 + 4e-4)])
+    cell = _in_place(alone, Recorded(seen, lone=lone, after_idle=after), "m/c", lambda *_: None)
+    assert cell.lone_step_s.mean == pytest.approx(3e-5)  # the warm fit is the runs' without idle spells
+    assert [b for b, _ in cell.idle_extra_s] == [2.5e-4, 5e-4, 0.1]
+    assert [x for _, x in cell.idle_extra_s] == pytest.approx([0.0, 1e-4, 4e-4])
+    assert cell.idle_extra(1e-4) == 0.0 and cell.idle_extra(1e-3) == pytest.approx(4e-4)
+    assert cell.idle_extra(5.0) == pytest.approx(4e-4)  # beyond the last bound: the last bucket's
+    assert _in_place(alone, Recorded(seen, lone=lone), "m/c", lambda *_: None).idle_extra_s == ()
 
 
 def test_the_nonnegative_fit_drops_a_column_the_samples_run_against():

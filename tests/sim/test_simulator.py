@@ -3,6 +3,7 @@ profile, so every finish time is exact; and what it must refuse."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -112,6 +113,8 @@ def test_every_request_is_answered_once_even_past_the_drain(models):
 
 def test_a_profile_round_trips_through_json(models, tmp_path):
     profile = synthetic_profile(models.models["seq2seq-reverse"], lambda b: 1e-4 * b, max_batch=8)
+    profile = replace(profile, cell_types={t: replace(c, idle_extra_s=((2.5e-4, 0.0), (1e-3, 1e-4), (0.05, 3e-4)))
+                                           for t, c in profile.cell_types.items()})
     profile.to_json(tmp_path / "p.json")
     assert ModelProfile.from_json(tmp_path / "p.json") == profile
 
@@ -128,11 +131,17 @@ def test_a_profile_round_trips_through_json(models, tmp_path):
     (lambda d: next(iter(d["decode_steps"].values())).update({"3": {"4": 0}}), "['3']['4'] must be an integer >= 1"),
     (lambda d: next(iter(d["decode_steps"].values())).update({"x": {"4": 1}}), "has key 'x'; keys are memory lengths"),
     (lambda d: next(iter(d["decode_steps"].values())).update({"3": {}}), "['3'] must be a non-empty object"),
+    (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[[1e-3, 1e-4], [5e-4, 2e-4]]),
+     "idle_extra_s[1][0] (up_to_s) is 0.0005, not above the bucket before it"),
+    (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[[1e-3, -1e-4]]),
+     "idle_extra_s[0][1] (extra_s) must be >= 0"),
+    (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[1e-3]),
+     "idle_extra_s[0] must be a pair [up_to_s, extra_s]"),
 ])
 def test_a_broken_profile_is_refused_naming_the_field(models, edit, message):
     d = synthetic_profile(models.models["seq2seq-reverse"], 1 * MS, max_batch=8).to_dict()
     edit(d)
-    with pytest.raises(ProfileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ProfileError, match=re.escape(message)):
         ModelProfile.from_dict(d)
 
 
@@ -174,6 +183,20 @@ def test_a_step_after_other_work_pays_the_cold_surcharge(models):
     profile = replace(profile, cell_types={t: replace(c, cold_s=0.5 * MS) for t, c in profile.cell_types.items()})
     (out,) = one_engine(models, profile).run([SimArrival(0.0, "gru", tokens(3))])
     assert out.finish_s == pytest.approx(0.0035, abs=1e-12)
+
+
+def test_a_step_after_an_idle_spell_pays_that_spells_extra(models):
+    # Steps of 1 ms; a step whose executor's last step ended over 0.25 ms before costs 0.3 ms
+    # more up to 2 ms of idle, 0.7 ms beyond. A (2 tokens) arrives at an engine that never
+    # stepped (idle forever: +0.7): 0-1.7, 1.7-2.7. B (2 tokens) arrives at 3.7 ms, 1 ms after
+    # A's last step ended (+0.3): 3.7-5.0, 5.0-6.0. C (1 token) at 9 ms, 3 ms idle (+0.7): 9-10.7.
+    profile = synthetic_profile(models.models["gru"], 1 * MS)
+    buckets = ((0.25 * MS, 0.0), (2 * MS, 0.3 * MS), (8 * MS, 0.7 * MS))
+    profile = replace(profile, cell_types={t: replace(c, idle_extra_s=buckets) for t, c in profile.cell_types.items()})
+    out = one_engine(models, profile).run([SimArrival(0.0, "gru", tokens(2), tag=0),
+                                           SimArrival(3.7 * MS, "gru", tokens(2), tag=1),
+                                           SimArrival(9 * MS, "gru", tokens(1), tag=2)])
+    assert finishes(out) == pytest.approx({0: 0.0027, 1: 0.006, 2: 0.0107}, abs=1e-12)
 
 
 def test_decoder_lanes_draw_their_steps_from_the_profiles_histogram(models):
