@@ -120,6 +120,8 @@ def add_bench_sim(bench_sub) -> None:
     b.add_argument("--quick", action="store_true", help="shorter runs and a coarser ramp")
     b.add_argument("--max-batch", type=positive(int), default=64, help="cellular's batch cap (default: 64)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--repeats", type=positive(int), default=2,
+                   help="real runs per rate, back to back; the report gives how far apart they were (default: 2)")
     b.add_argument("--json", type=Path, default=Path("bench-results/sim.json"))
     b.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
     b.set_defaults(run=_bench_sim)
@@ -130,7 +132,8 @@ def _bench_sim(args, parser) -> int:
 
     cfg = sim_bench.SimBenchConfig(model=args.model, model_repository=args.model_repository, slo_ms=args.slo_ms,
                                    bursty=args.arrivals == "bursty", quick=args.quick, seed=args.seed,
-                                   max_batch=args.max_batch, json_path=args.json, plot_path=args.plot)
+                                   max_batch=args.max_batch, json_path=args.json, plot_path=args.plot,
+                                   repeats=args.repeats)
     try:
         sim_bench.run(cfg)
     except ValueError as exc:

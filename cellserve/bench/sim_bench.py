@@ -9,6 +9,12 @@ profile on the same trace.
 Errors are relative, |sim - real| / real: of the max goodput over the ramp, and the largest
 over the rates up to 80% of the policy's real capacity for p50 and p99 (past capacity, latency
 is a queue's length, which no model of service times predicts to a few percent).
+
+Each real rate runs `repeats` times back to back on the same trace (default 2); the report's
+real figures are the runs' mean, and each policy's `real_spread` says how far the real runs
+stood from that mean (goodput: the runs' max goodputs; p50 and p99: the largest over the same
+rates as the errors). That is the floor under every error: a machine whose own runs disagree
+by 30% cannot check a model to 10%.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from cellserve import heap
@@ -48,6 +55,11 @@ class SimBenchConfig:
     max_batch: int = 64
     json_path: Path = Path("bench-results/sim.json")
     plot_path: Path | None = None
+    repeats: int = 2  # real runs per rate (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
 
     @property
     def run_seconds(self) -> float:
@@ -110,15 +122,19 @@ def run(cfg: SimBenchConfig, log=print) -> dict:
                 bar.set_postfix_str(f"{policy} @ {rate:.0f} req/s")
                 trace = model_trace(model, cfg.seed, rate, cfg.run_seconds, cfg.bursty)
                 timeout = slo_s if policy.startswith("cellular") else None
-                time.sleep(_SETTLE_S)
-                real = summarize(replay(engines[policy], model.name, model.inputs[0].name, trace, policy, rate,
-                                        timeout), slo_s)
+                runs = []
+                for _ in range(cfg.repeats):
+                    time.sleep(_SETTLE_S)
+                    runs.append(summarize(replay(engines[policy], model.name, model.inputs[0].name, trace, policy,
+                                                 rate, timeout), slo_s))
+                real = pooled(runs)
                 simulated = simulate_replay(model, profile, replace(policy_config(policy, cfg.max_batch),
                                                                     pin_threads=False),
                                             trace, policy, rate, timeout, seed=cfg.seed)
                 sim = summarize(simulated.stats, slo_s)
                 search.record(real)
                 rows[policy].append({"rate_rps": rate, "real": _figures(real), "sim": _figures(sim),
+                                     "real_runs": [_figures(r) for r in runs],
                                      "real_passed": meets_slo(real, cfg.slo_ms), "sim_passed": meets_slo(sim, cfg.slo_ms),
                                      "sim_speedup": simulated.speedup})
                 if policy not in speed or rate >= speed[policy][0]:
@@ -158,6 +174,31 @@ def _capacity(model: Model, cfg: SimBenchConfig) -> float:
     return best
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One summary of repeated runs of one rate: rates, latencies and the engine's figures
+    averaged, requests and counts summed (so that meets_slo judges them all)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if key in ("requests", "slo_misses"):
+            out[key] = sum(r[key] for r in runs)
+        elif key == "counts":
+            out[key] = {status: sum(r[key][status] for r in runs) for status in value}
+        elif isinstance(value, float):
+            out[key] = float(np.mean([r[key] for r in runs]))
+    return out
+
+
+def _spread(values: list[float]) -> float | None:
+    """How far the furthest of repeated figures stands from their mean, relative to it."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if len(values) < 2 or not np.mean(values):
+        return None
+    mean = float(np.mean(values))
+    return max(abs(v - mean) for v in values) / mean
+
+
 def _figures(summary: dict) -> dict:
     return {k: summary[k] for k in ("goodput_rps", "p50_ms", "p99_ms", "throughput_rps", "mean_batch", "counts")}
 
@@ -173,11 +214,20 @@ def _errors(rows: list[dict], real_ramp, slo_ms: float) -> dict:
         errors = [e for e in errors if e is not None]
         return max(errors) if errors else None
 
+    def widest(key: str) -> float | None:
+        spreads = [_spread([run[key] for run in r["real_runs"]]) for r in light]
+        spreads = [x for x in spreads if x is not None]
+        return max(spreads) if spreads else None
+
+    repeats = min((len(r["real_runs"]) for r in rows), default=0)
+    best = [max(r["real_runs"][i]["goodput_rps"] for r in rows) for i in range(repeats)]
+
     return {"rates": sorted(rows, key=lambda r: r["rate_rps"]),
             "real_max_goodput_rps": capacity, "sim_max_goodput_rps": sim_max,
             "real_bracket": real_bracket.to_dict(),
             "max_goodput_error": relative_error(sim_max, capacity),
             "p50_error": worst("p50_ms"), "p99_error": worst("p99_ms"),
+            "real_spread": {"max_goodput": _spread(best), "p50": widest("p50_ms"), "p99": widest("p99_ms")},
             "rates_compared_for_latency": [r["rate_rps"] for r in light]}
 
 
@@ -187,10 +237,13 @@ def table(report: dict) -> str:
 
     lines = [f"{report['model']} ({report['arrivals']}, SLO {report['slo_ms']:g} ms): real engine against the "
              f"simulated one (simulated figures from a profile of this machine)",
-             f"{'policy':10} {'real max goodput':>17} {'sim max goodput':>16} {'error':>6} {'p50 err':>8} {'p99 err':>8}"]
+             f"{'policy':10} {'real max goodput':>17} {'sim max goodput':>16} {'error':>6} {'p50 err':>8} {'p99 err':>8}"
+             f"   real runs apart: {'goodput':>7} {'p50':>5} {'p99':>5}"]
     for p, r in report["policies"].items():
+        spread = r.get("real_spread", {})
         lines.append(f"{p:10} {r['real_max_goodput_rps']:13.0f} r/s {r['sim_max_goodput_rps']:12.0f} r/s "
-                     f"{pct(r['max_goodput_error']):>6} {pct(r['p50_error']):>8} {pct(r['p99_error']):>8}")
+                     f"{pct(r['max_goodput_error']):>6} {pct(r['p50_error']):>8} {pct(r['p99_error']):>8}"
+                     f"{'':19}{pct(spread.get('max_goodput')):>7} {pct(spread.get('p50')):>5} {pct(spread.get('p99')):>5}")
     lines.append(f"simulated seconds per wall second at cellular's highest rate: {report['sim_speedup']:.1f}"
                  if report["sim_speedup"] else "")
     return "\n".join(lines)
