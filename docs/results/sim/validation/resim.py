@@ -1,0 +1,35 @@
+"""(docs/performance.md, "A step after an idle spell") Re-simulate a `bench sim` report's rates with its profile, with and without the idle
+extra, against the report's stored real figures. Usage: python docs/results/sim/validation/resim.py docs/results/sim/validation/M-A.json"""
+import json, sys
+from dataclasses import replace
+from cellserve.bench.profiler import model_trace
+from cellserve.bench.sim_bench import load_model, policy_config, relative_error
+from cellserve.bench.results import summarize
+from cellserve.plan.profile import ModelProfile
+from cellserve.sim.run import simulate_replay
+
+rep = json.load(open(sys.argv[1]))
+model = load_model(rep["model"], None)
+prof = ModelProfile.from_json(rep["profile"]["path"])
+variants = {"with idle": prof,
+            "without": replace(prof, cell_types={t: replace(c, idle_extra_s=()) for t, c in prof.cell_types.items()})}
+slo_s = rep["slo_ms"] / 1e3
+seconds = 2.0 if rep["quick"] else 5.0
+for policy, pv in rep["policies"].items():
+    light = set(pv["rates_compared_for_latency"])
+    res = {k: {"p50": [], "p99": [], "gp": []} for k in variants}
+    for r in pv["rates"]:
+        trace = model_trace(model, 0, r["rate_rps"], seconds, rep["arrivals"] == "bursty")
+        timeout = slo_s if policy.startswith("cellular") else None
+        for k, p in variants.items():
+            sim = summarize(simulate_replay(model, p, replace(policy_config(policy, 64), pin_threads=False), trace,
+                                            policy, r["rate_rps"], timeout, seed=0).stats, slo_s)
+            res[k]["gp"].append(sim["goodput_rps"])
+            if r["rate_rps"] in light:
+                res[k]["p50"].append(relative_error(sim["p50_ms"], r["real"]["p50_ms"]))
+                res[k]["p99"].append(relative_error(sim["p99_ms"], r["real"]["p99_ms"]))
+    for k, v in res.items():
+        gp = relative_error(max(v["gp"]), pv["real_max_goodput_rps"])
+        print(f"{rep['model']:16} {rep['arrivals']:8} {policy:9} {k:10} goodput {gp:5.0%}  p50 max {max(v['p50'], default=0):5.0%} "
+              f"median {sorted(v['p50'])[len(v['p50'])//2] if v['p50'] else 0:5.0%}  p99 max {max(v['p99'], default=0):5.0%} "
+              f"median {sorted(v['p99'])[len(v['p99'])//2] if v['p99'] else 0:5.0%}")
