@@ -14,7 +14,9 @@ Each real rate runs `repeats` times back to back on the same trace (default 2); 
 real figures are the runs' mean, and each policy's `real_spread` says how far the real runs
 stood from that mean (goodput: the runs' max goodputs; p50 and p99: the largest over the same
 rates as the errors). That is the floor under every error: a machine whose own runs disagree
-by 30% cannot check a model to 10%.
+by 30% cannot check a model to 10%. `capacity_rps` is the real engine's closed-loop capacity
+(cellular, a burst) before the ramps and after them: how far the machine itself moved
+between the profile and the last real run.
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def run(cfg: SimBenchConfig, log=print) -> dict:
               "arrivals": "bursty" if cfg.bursty else "poisson", "quick": cfg.quick,
               "profile": {"path": str(profile_path), **profile.summary()},  # the whole profile is at path
               "sim_speedup": speed.get("cellular", (0, None))[1],
+              # the machine's own drift over the run: the same closed-loop burst before and after
+              "capacity_rps": {"before": capacity, "after": _capacity(model, cfg)},
               "policies": {p: _errors(rows[p], searches[p].result(), cfg.slo_ms) for p in POLICIES}}
     cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
     cfg.json_path.write_text(json.dumps(json_safe(report), indent=1) + "\n")
@@ -246,4 +250,8 @@ def table(report: dict) -> str:
                      f"{'':19}{pct(spread.get('max_goodput')):>7} {pct(spread.get('p50')):>5} {pct(spread.get('p99')):>5}")
     lines.append(f"simulated seconds per wall second at cellular's highest rate: {report['sim_speedup']:.1f}"
                  if report["sim_speedup"] else "")
+    drift = report.get("capacity_rps")
+    if drift:
+        lines.append(f"the machine over the run: real closed-loop capacity {drift['before']:.0f} req/s before the "
+                     f"ramps, {drift['after']:.0f} after ({drift['after'] / drift['before'] - 1:+.0%})")
     return "\n".join(lines)

@@ -40,8 +40,9 @@ def test_the_report_gives_how_far_the_real_runs_stood_apart_beside_the_errors():
     assert report["real_spread"]["p99"] == pytest.approx(0.0)
     assert report["real_spread"]["max_goodput"] == pytest.approx(0.05)  # max goodputs 190 and 210
     text = table({"model": "m", "arrivals": "poisson", "slo_ms": 200.0, "sim_speedup": 3.0,
-                  "policies": {"cellular": report}})
+                  "capacity_rps": {"before": 2000.0, "after": 1500.0}, "policies": {"cellular": report}})
     assert "real runs apart" in text and "20%" in text
+    assert "capacity 2000 req/s before the ramps, 1500 after (-25%)" in text
 
 
 def test_repeats_must_be_at_least_one(capsys):
