@@ -25,7 +25,7 @@ import numpy as np
 from cellserve.executor.base import BeamStarted, CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.graph import dense_ops
-from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model
 from cellserve.kernels.cell import LaneStorage
 from cellserve.kernels.decoder import BeamCandidates
 from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing
@@ -110,6 +110,18 @@ class SimExecutor(Executor):
             table = {memory: (list(hist), list(itertools.accumulate(hist.values())))
                      for memory, hist in profile.decode_steps[spec.cell_type].items()}
             self._decode_table[spec.cell_type] = (sorted(table), table)
+
+    def check_plain_ops(self, model: Model) -> None:
+        """Refuse `model` (as the engine serves it) when its profile lacks a plain op the
+        model runs: found at start, not at the first request, so that a profile of another
+        version of the model stops a run instead of failing every request."""
+        profile = self._profile(model.name)
+        missing = [s.name for s in model.program if isinstance(s, DenseNode) and s.name not in profile.plain_ops_s]
+        if missing:
+            raise ProfileError(f"profile of model {model.name!r} has no plain_ops_s[{missing[0]!r}] "
+                               f"({len(missing)} of the model's plain ops missing; the profile has "
+                               f"{sorted(profile.plain_ops_s)}): was it made from another version of the "
+                               f"model? Profile it again (cellserve profile)")
 
     def lone_lanes(self, cell_type: str) -> int:
         return self._cells[cell_type].lone_lanes

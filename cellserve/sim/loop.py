@@ -119,6 +119,8 @@ class Simulation:
         rng = np.random.default_rng(self._seeds.spawn(1)[0])
         executor = SimExecutor({m.name: profiles[m.name] for m in models}, clock, rng)
         engine = Engine(models, config, clock, executors={"sim": executor})
+        for model in engine.models.values():  # as served: stacking may have folded plain ops away
+            executor.check_plain_ops(model)
         limit = min(p.max_batch for p in profiles.values())
         if engine.policy.max_batch > limit:
             raise ProfileError(f"the engine batches up to {engine.policy.max_batch} lanes, but the profiles' "

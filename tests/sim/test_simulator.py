@@ -160,11 +160,12 @@ def test_a_profile_of_another_model_or_too_small_a_batch_is_refused(models):
         Simulation().add_engine([models.models["gru"]], {"gru": unstacked}, CONFIG)
 
 
-def test_a_plain_op_missing_from_the_profile_fails_loudly(models):
+def test_a_plain_op_missing_from_the_profile_is_refused_at_start(models):
     profile = synthetic_profile(models.models["gru"], 1 * MS)
+    first = next(iter(profile.plain_ops_s))
     profile = replace(profile, plain_ops_s=dict(list(profile.plain_ops_s.items())[1:]))
-    (out,) = one_engine(models, profile).run([SimArrival(0.0, "gru", tokens(3))])
-    assert out.status is Status.ERROR and "has no plain_ops_s" in out.reason
+    with pytest.raises(ProfileError, match=re.escape(f"profile of model 'gru' has no plain_ops_s[{first!r}]")):
+        one_engine(models, profile)
 
 
 def test_two_choices_spreads_a_burst_over_many_engines(models):
