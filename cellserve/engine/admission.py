@@ -160,11 +160,21 @@ class Admission:
                 self._committed[t] += sign * (run.batch * run.width if t in self._decoders else run.batch)
 
     def _rounds_left(self, run: _Run) -> int:
-        rounds = sum(run.rounds_plan[run.layer + 1:])
-        steps = [self.policy.lane(i) for i in run.lanes]
-        # a decoder lane past its priced steps (output_length.py prices the usual length) has one left at least
-        current = [max((lane.length or run.rounds_plan[run.layer]) - lane.step, 1) for lane in steps if lane is not None]
-        return rounds + max(current, default=run.rounds_plan[run.layer] if run.layer < len(run.rounds_plan) else 0)
+        """Rounds until `run` ends: its current step's longest lane, then its later steps."""
+        plan, layer = run.rounds_plan, run.layer
+        lane_of = self.policy.lane
+        longest = None
+        for lane_id in run.lanes:
+            lane = lane_of(lane_id)
+            if lane is not None:
+                # a decoder lane past its priced steps (output_length.py prices the usual length) has one left at least
+                left = (lane.length or plan[layer]) - lane.step
+                if longest is None or left > longest:
+                    longest = left
+        later = sum(plan[layer + 1:])
+        if longest is None:  # no lane running (yet): the step's planned rounds
+            return later + (plan[layer] if layer < len(plan) else 0)
+        return later + max(longest, 1)
 
     def _drop_late(self, now: float) -> None:
         """Drop admitted requests that can no longer finish in time: their work is wasted.
@@ -195,23 +205,51 @@ class Admission:
             round_s = self._bounded_round_time(lanes)
             late = [r for r in runs if now + self._rounds_left(r) * round_s > r.deadline]
         else:
-            turn = {t: min(n, cap) for t, n in lanes.items()}  # every type's batch, each turn
-            ahead = dict.fromkeys(lanes, 0)
-            late = []
-            priced: dict[tuple, float] = {}  # load -> round time: the first runs all see the same
-            for run in sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival)):
-                for ref in run.lanes.values():
-                    ahead[ref.cell_type] += 1
-                load = tuple([max(ahead[t], turn[t]) for t in lanes])
-                round_s = priced.get(load)
-                if round_s is None:
-                    round_s = priced[load] = self._bounded_round_time(dict(zip(lanes, load)))
-                if now + self._rounds_left(run) * round_s > run.deadline:
-                    late.append(run)
+            late = self._late_in_urgency_order(runs, lanes, now)
         for run in late:
             self._finish_run(run, Status.DROPPED,
                              f"dropped: can no longer finish before its deadline "
                              f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
+
+    def _late_in_urgency_order(self, runs: list[_Run], lanes: dict[str, int], now: float) -> list[_Run]:
+        """The runs that would miss their deadlines, each priced at a round of the lanes at least
+        as urgent as its own (at least a full batch per cell type: every type's batch runs each
+        turn), as _bounded_round_time prices that load. Priced for every run at once, in
+        arrays: the check walks every run in flight, and pricing each load apart was most of
+        its cost. The arithmetic is round_time's, term for term, so the figures are the same."""
+        order = sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival))
+        types = list(lanes)
+        column = {t: j for j, t in enumerate(types)}
+        rows, columns, left = [], [], []
+        for i, run in enumerate(order):
+            for ref in run.lanes.values():
+                rows.append(i)
+                columns.append(column[ref.cell_type])
+            left.append(self._rounds_left(run))
+        added = np.zeros((len(order), len(types)), np.int64)
+        np.add.at(added, (rows, columns), 1)
+        cap = self.policy.max_batch
+        load = np.maximum(np.cumsum(added, axis=0), [min(lanes[t], cap) for t in types])
+        if self.costs.group_of is not None:  # a round is its busiest executor's: priced whole
+            round_s = np.array([self._bounded_round_time(dict(zip(types, map(int, row)))) for row in load])
+        else:
+            full, rest = np.divmod(load, cap)
+            mean = np.zeros(len(order))
+            best = np.zeros(len(order))
+            table = np.zeros(cap + 1)  # batch size -> step time (0 lanes: 0.0, as round_time adds nothing)
+            for j, t in enumerate(types):  # in round_time's order, so the same sums
+                cost = self.costs.costs.get(t)
+                if cost is None:
+                    continue
+                sizes = np.unique(rest[:, j]).tolist() + [cap]
+                for total, fastest in ((mean, False), (best, True)):
+                    table[sizes] = [cost(b, fastest) if b else 0.0 for b in sizes]
+                    total += full[:, j] * table[cap] + table[rest[:, j]]
+            batches = (-(-load // cap)).sum(axis=1)
+            stretch = 1.0 - min(self.admitting_share, MAX_ADMITTING_SHARE)
+            round_s = (np.minimum(mean, PREDICTION_BOUND * best) + self.step_overhead_s * batches) / stretch
+        deadlines = np.array([run.deadline for run in order])
+        return [order[i] for i in np.flatnonzero(now + np.array(left) * round_s > deadlines)]
 
     def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int, admitting: float = 0.0) -> None:
         """Fold one executed batch (`elapsed` seconds from its start to its update, for
