@@ -32,6 +32,10 @@ def add_profile(sub) -> None:
     p.add_argument("--gpu", default=None, metavar="CLASS",
                    help="write a modelled profile for this GPU class (t4, l4, a100, h100, h200) instead")
     p.add_argument("--quick", action="store_true", help="fewer samples per batch size")
+    p.add_argument("--slo-ms", type=positive(float), default=None,
+                   help="deadline of the requests served while profiling, so that the engine refuses and drops "
+                        "past capacity as it will when serving (default: 200 ms, or ten times a lightly "
+                        "loaded request's latency if longer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, required=True, help="where to write the profile")
     p.set_defaults(run=_profile)
@@ -43,6 +47,7 @@ def _profile(args, parser) -> int:
     from cellserve.engine.config import EngineConfig
     from cellserve.plan.profile import ProfileError
 
+    deadline = args.slo_ms / 1e3 if args.slo_ms else None
     try:
         model = load_model(args.model, args.model_repository)
         config = EngineConfig(max_batch=args.max_batch, backend=args.backend, device=args.device,
@@ -50,12 +55,13 @@ def _profile(args, parser) -> int:
         if args.gpu:
             from cellserve.plan.gpu_model import gpu_class, modelled_gpu_profile
             gpu = gpu_class(args.gpu)
-            host = profile_model(model, config, args.threads, quick=True, seed=args.seed)
+            host = profile_model(model, config, args.threads, quick=True, seed=args.seed, deadline_s=deadline)
             from cellserve.graph.stacking import stack_layers
             served = stack_layers(model) if args.stack_layers else model
             profile = modelled_gpu_profile(served, host, gpu)
         else:
-            profile = profile_model(model, config, args.threads, quick=args.quick, seed=args.seed)
+            profile = profile_model(model, config, args.threads, quick=args.quick, seed=args.seed,
+                                    deadline_s=deadline)
     except (ValueError, ProfileError) as exc:
         parser.exit(2, f"error: {exc}\n")
     profile.to_json(args.json)

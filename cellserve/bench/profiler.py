@@ -1,15 +1,15 @@
 """`cellserve profile`: measure what each piece of a model's work costs on this machine.
 
 Costs are measured where they occur: in the real engine serving the benchmarks' trace, open
-loop, at a light, a busy and a near-saturated rate (SERVING_SHARES of its closed-loop
-capacity), with the kernel threads pinned as a server pins them.
+loop, at a light, a busy, a near-saturated and an overloaded rate (SERVING_SHARES of its
+closed-loop capacity), with the kernel threads pinned as a server pins them.
 There each executor call is timed as the engine makes it, with the caches and threads as
 serving leaves them, which is slower than the same call repeated in a tight loop (a lane's
 weights are not in cache after another request's plain ops ran). From those runs come: each
 batch size's step and a lone lane's step, a lane's start and finish per token, each plain op,
 a decoder's steps per lane, an idle engine's wake-up, and the engine's own time around the
-device's (HostProfile, fitted to every step's time off the device against its batch size
-and the lanes it started and finished).
+device's (HostProfile, fitted to every step's time off the device against its batch size,
+the lanes it started and finished, the requests it took in and the runs its drop check priced).
 
 Serving does not reach every batch size, so every cell type is also timed alone on dummy
 lanes at each size from 1 to the cap; a size serving did not show (at least
@@ -46,7 +46,11 @@ _MIN_SAMPLES = 5  # serving's samples of a batch size before they replace the ti
 # buckets of that spell's length up to these bounds (seconds; the last one takes the rest)
 _IDLE_AFTER_S = 0.00025
 _IDLE_BOUNDS_S = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, math.inf)
-SERVING_SHARES = (0.2, 0.6, 0.9)  # of the closed-loop capacity: light, busy and near saturation
+# of the closed-loop capacity: light, busy, near saturation and past it (where refusals and
+# backlogs show what arrivals and drop checks cost the engine: HostProfile.request_s, check_s_per_run)
+SERVING_SHARES = (0.2, 0.6, 0.9, 1.3)
+DEFAULT_DEADLINE_S = 0.2  # the serving runs' deadline (see _serve_and_fit): the benchmarks' SLO
+DEADLINE_LATENCIES = 10  # ... or this many times a lightly loaded request's latency, if longer
 
 
 class RecordingExecutor(KernelExecutor):
@@ -140,19 +144,23 @@ def model_trace(model: Model, seed: int, rate_rps: float, seconds: float, bursty
 
 
 def profile_model(model: Model, config: EngineConfig, threads: int | None = None, quick: bool = False,
-                  seed: int = 0, log=print) -> ModelProfile:
-    """Measure `model` served by an engine with `config` (its backend, cap and stacking)."""
+                  seed: int = 0, log=print, deadline_s: float | None = None) -> ModelProfile:
+    """Measure `model` served by an engine with `config` (its backend, cap and stacking).
+    `deadline_s`: the deadline the serving runs' requests carry, past the light one (see
+    _serve_and_fit; None: DEFAULT_DEADLINE_S, or more for a slow model)."""
+    if deadline_s is not None and not deadline_s > 0:
+        raise ValueError(f"the profiling runs' deadline must be > 0 seconds, got {deadline_s}")
     if threads:
         torch.set_num_threads(threads)
     executor = RecordingExecutor(config.device, config.backend)
     engine = Engine([model], replace(config, profile=True), executors={"cpu": executor})
     heap.settle()  # as the server does once started (see heap.py): no collector pass over start-up's objects
     with executor.pinned(config.pin_threads):  # as serving runs the kernels (Engine.serve_forever)
-        return _measure(model, config, engine, executor, quick, seed, log)
+        return _measure(model, config, engine, executor, quick, seed, log, deadline_s)
 
 
 def _measure(model: Model, config: EngineConfig, engine: Engine, executor: RecordingExecutor, quick: bool,
-             seed: int, log) -> ModelProfile:
+             seed: int, log, deadline_s: float | None) -> ModelProfile:
     served = engine.models[model.name]
     reps = 10 if quick else 30
     alone = {}
@@ -160,10 +168,11 @@ def _measure(model: Model, config: EngineConfig, engine: Engine, executor: Recor
         log(f"timing {cell_type} alone at batch 1..{engine.policy.max_batch}")
         alone[cell_type] = _profile_cell(executor, cell_type, engine.policy.max_batch, reps)
     log("serving the benchmark trace, light and heavy, to time every call in place")
-    host, wake, capacity = _serve_and_fit(engine, executor, served, seed, quick)
+    host, wake, capacity = _serve_and_fit(engine, executor, served, seed, quick, deadline_s, log)
     log(f"  closed-loop capacity {capacity:.0f} req/s; host cost per step {host.step_s * 1e6:.1f} us "
         f"+ {host.step_s_per_lane * 1e6:.2f} us/lane, per lane started {host.lane_start_s * 1e6:.1f} us, "
-        f"finished {host.lane_finish_s * 1e6:.1f} us; wake-up {wake.mean * 1e6:.0f} us")
+        f"finished {host.lane_finish_s * 1e6:.1f} us, per request taken in {host.request_s * 1e6:.1f} us, "
+        f"per run a drop check prices {host.check_s_per_run * 1e6:.2f} us; wake-up {wake.mean * 1e6:.0f} us")
     cells = {t: _in_place(alone[t], executor, t, log) for t in engine.cell_types}
     return ModelProfile(
         model=model.name, machine=_machine(executor), max_batch=engine.policy.max_batch,
@@ -297,11 +306,15 @@ def _profile_cell(executor: KernelExecutor, cell_type: str, max_batch: int, reps
     return CellTypeProfile(kind, kernel.lone_lanes, steps, lone, float(np.median(start)), float(np.median(finish)))
 
 
-def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, seed: int,
-                   quick: bool) -> tuple[HostProfile, Timing, float]:
+def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, seed: int, quick: bool,
+                   deadline_s: float | None, log) -> tuple[HostProfile, Timing, float]:
     """Serve the trace at SERVING_SHARES of the closed-loop capacity, recording every call; fit
     the host cost and the wake-up. The trace's seed differs from the benchmarks' (a profile
-    is not fitted to the runs it is checked against)."""
+    is not fitted to the runs it is checked against).
+    The first (light) run's requests carry no deadline; the others carry `deadline_s`, so
+    that the engine refuses and drops past capacity as it does when serving (and the fit
+    sees what those cost). None: DEFAULT_DEADLINE_S, or DEADLINE_LATENCIES times the light
+    run's median latency if that is longer (a slow model's every request would be refused)."""
     name = model.inputs[0].name
     capacity = 0.0
     for i in range(2):  # the first burst warms caches and thread pools: the best of two
@@ -314,11 +327,17 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
     seconds = 2.0 if quick else 4.0
     records, wakes = [], []
     executor.recording = True
+    deadline = None
     for share in SERVING_SHARES:
         rate = max(capacity * share, 1.0)
-        replay(engine, model.name, name, model_trace(model, seed + 1000, rate, seconds), "profile", rate, None)
+        run = replay(engine, model.name, name, model_trace(model, seed + 1000, rate, seconds), "profile", rate,
+                     deadline)
         records += engine.stats.step_records  # replay starts each run with fresh stats
         wakes += engine.stats.wake_delays
+        if deadline is None:
+            latencies = [o.finish_s - o.arrival_s for o in run.outcomes if o.status == "ok"]
+            deadline = deadline_s or max(DEFAULT_DEADLINE_S, DEADLINE_LATENCIES * float(np.median(latencies or [0.0])))
+            log(f"  serving at {SERVING_SHARES[1:]} of capacity with a deadline of {deadline * 1e3:.0f} ms")
     executor.recording = False
     return _fit_host(np.array(records, dtype=np.float64)), Timing.of(wakes or [0.0], trim=True), capacity
 
@@ -330,12 +349,13 @@ def _request(model: Model, name: str, item: TraceRequest):
 
 def _fit_host(records: np.ndarray) -> HostProfile:
     """Least squares of time off the device against [1, batch, lanes started, lanes
-    finished] per step, with no coefficient below zero (see _nonnegative_lstsq). Steps whose
+    finished, requests taken in, runs the drop check priced] per step (EngineStats.step_records),
+    with no coefficient below zero (see _nonnegative_lstsq). Steps whose
     time off the device is far past the rest (the feeder thread or another process held the
     CPU) are left out: the fit is of the engine's own work."""
     y = records[:, 0]
     keep = y <= np.percentile(y, 99)
-    x = np.column_stack([np.ones(len(records)), records[:, 1:4]])[keep]
+    x = np.column_stack([np.ones(len(records)), records[:, 1:6]])[keep]
     return HostProfile(*map(float, _nonnegative_lstsq(x, y[keep])))
 
 

@@ -104,7 +104,7 @@ def run(cfg: SimBenchConfig, log=print) -> dict:
     model = load_model(cfg.model, cfg.model_repository)
     log(f"profiling {model.name} on this machine ({'quick' if cfg.quick else 'full'})")
     profile = profile_model(model, EngineConfig(max_batch=cfg.max_batch), quick=cfg.quick,
-                            seed=cfg.seed, log=log)
+                            seed=cfg.seed, log=log, deadline_s=cfg.slo_ms / 1e3)
     profile_path = cfg.json_path.with_name(cfg.json_path.stem + "-profile.json")
     profile.to_json(profile_path)
     capacity = _capacity(model, cfg)

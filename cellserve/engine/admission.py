@@ -206,6 +206,8 @@ class Admission:
             late = [r for r in runs if now + self._rounds_left(r) * round_s > r.deadline]
         else:
             late = self._late_in_urgency_order(runs, lanes, now)
+        self.stats.runs_checked += len(runs)
+        self._default.engine_work(runs_checked=len(runs))
         for run in late:
             self._finish_run(run, Status.DROPPED,
                              f"dropped: can no longer finish before its deadline "

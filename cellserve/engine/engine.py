@@ -53,8 +53,8 @@ class EngineStats:
     executed_flops: float = 0.0
     busy_s: float = 0.0  # device seconds of cell steps
     overhead_s: deque = field(default_factory=lambda: deque(maxlen=100_000))  # per step: time not on a device
-    # per step: (time not on a device, batch size, lanes started, lanes finished); what a profile's
-    # HostProfile is fitted to (see bench/profiler.py)
+    # per step: (time not on a device, batch size, lanes started, lanes finished, requests taken
+    # in, runs the drop check priced); what a profile's HostProfile is fitted to (bench/profiler.py)
     step_records: deque = field(default_factory=lambda: deque(maxlen=100_000))
     steps_by_type: dict[str, int] = field(default_factory=dict)  # batched executions per cell type
     lanes_by_type: dict[str, int] = field(default_factory=dict)  # lane-steps per cell type
@@ -62,6 +62,8 @@ class EngineStats:
     wake_delays: deque = field(default_factory=lambda: deque(maxlen=100_000))
     lanes_started: int = 0
     lanes_finished: int = 0
+    requests_taken: int = 0  # taken in from the inbox: admitted, refused or answered at once
+    runs_checked: int = 0  # runs the drop checks priced, summed over the checks
     requests_answered: int = 0
     # per request answered OK that admission priced: its latency from admission to answer over
     # the price (below 1: priced too high, so admission refused too early)
@@ -364,14 +366,15 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         the policy for the next batch (None: nothing to run)."""
         now = self.clock.now()
         self._device_s = 0.0
-        started, finished = self.stats.lanes_started, self.stats.lanes_finished
+        s = self.stats
+        counts = (s.lanes_started, s.lanes_finished, s.requests_taken, s.runs_checked)
         self._take_arrivals(now)
         admitted = self.clock.now()
         batch = self.policy.next_batch(now)
         if batch is None:
             return None
         work = _Work(batch, np.array(batch.slots, np.int64), np.array(batch.rows, np.int64),
-                     np.array(batch.strides, np.int64), now, started, finished)
+                     np.array(batch.strides, np.int64), now, *counts)
         work.lone_steps = self._lone_steps(batch)
         work.admitting_s = admitted - now
         return work
@@ -388,13 +391,17 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         # Only the requests already here: those that arrive meanwhile wait for the next step.
         # Under a flood (the frontend holding the GIL while each admission waits for it) an
         # open-ended drain admitted for seconds and never stepped, and every request missed.
-        for _ in range(len(self._inbox)):
+        taken = len(self._inbox)
+        for _ in range(taken):
             request = self._inbox.popleft()
             try:
                 self._admit(request, now)
             except Exception as exc:  # a bug on one request's path must not stop the loop
                 log.exception("admitting request %s failed", request.request_id)
                 self._fail_request(request, f"internal error admitting the request: {type(exc).__name__}: {exc}")
+        if taken:
+            self.stats.requests_taken += taken
+            self._default.engine_work(requests_taken=taken)
         if self._inbox:
             self._arrived[0] = 1  # a lone lane runs one step before they are admitted
         if self.config.drop_late and now >= self._next_drop_check:
@@ -458,7 +465,8 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         s = self.stats
         s.overhead_s.append(overhead)
         s.step_records.append((overhead, batch.size, s.lanes_started - work.lanes_started,
-                               s.lanes_finished - work.lanes_finished))
+                               s.lanes_finished - work.lanes_finished, s.requests_taken - work.requests_taken,
+                               s.runs_checked - work.runs_checked))
         self._learn_overhead(now - work.started, batch, result.steps, work.admitting_s)
         if finished or self._beam_lanes_moved or self._inbox or self._arrived[0] or not self.policy.stable or (
                 self.config.drop_late and now >= self._next_drop_check):
@@ -466,6 +474,7 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         work.rows += work.strides * result.steps
         work.started, self._device_s, work.admitting_s = now, 0.0, 0.0
         work.lanes_started, work.lanes_finished = s.lanes_started, s.lanes_finished
+        work.requests_taken, work.runs_checked = s.requests_taken, s.runs_checked
         work.lone_steps = self._lone_steps(batch)
         return work
 

@@ -68,8 +68,10 @@ class _Work:
     rows: np.ndarray
     strides: np.ndarray
     started: float  # clock time the step began
-    lanes_started: int  # the engine's counts of lanes started and finished when it began
-    lanes_finished: int
+    lanes_started: int  # the engine's counts (EngineStats) when it began: lanes started and finished,
+    lanes_finished: int  # requests taken in and runs the drop check priced
+    requests_taken: int = 0
+    runs_checked: int = 0
     lone_steps: int = 0
     # of the time since `started`, the part spent admitting arrivals (and the drop check)
     # before the batch ran: per-request work, priced apart from the per-step overhead

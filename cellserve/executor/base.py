@@ -160,6 +160,13 @@ class Executor(ABC):
     def memory_bytes(self) -> int:
         """Bytes of weights the executor keeps on its device."""
 
+    def engine_work(self, requests_taken: int = 0, runs_checked: int = 0) -> None:
+        """The engine's own work that just ran on its thread, beside no call of this
+        executor's: `requests_taken` requests taken in (admitted, refused or answered at
+        once), a drop check that priced `runs_checked` runs. A real executor has nothing to
+        do (that time passed on the real clock); the simulator's charges it to the virtual
+        one, as its profile prices it (SimExecutor)."""
+
     def pinned(self, enabled: bool):
         """A context manager around a worker loop that pins the executor's threads (real
         CPU executors); a no-op elsewhere."""

@@ -18,7 +18,8 @@ runs each cell type once with the lanes ready in it. The two meet in steady stat
   lone_step_s, their per-call cost shared over the steps), rounds = the steps one request
   takes through the cell types in turn (the mean length for layers and stacks, a decoder's
   mean steps at that source length), and per_request = the lane's start and finish per token,
-  the plain ops, the engine's own per-lane start and finish, and the hand-back.
+  the plain ops, the engine's own per-lane start and finish and its taking the request in
+  (host.request_s), and the hand-back.
   Then b / l(b) is the engine's throughput at that load, as a Nexus profile's is.
 
 `rounds` counts cell types one after another, which is exact for one cell type (the default
@@ -67,7 +68,8 @@ def cellular_latency(profile: ModelProfile, mean_tokens: float, rounds_per_reque
     per_request = sum(mean_tokens * profile.cell(c).start_s_per_token + steps[c] * profile.cell(c).finish_s_per_token
                       + host.lane_start_s + host.lane_finish_s for c in types)
     if whole:
-        per_request += sum(t.mean for t in profile.plain_ops_s.values()) + profile.hand_back_s.mean
+        per_request += (sum(t.mean for t in profile.plain_ops_s.values()) + profile.hand_back_s.mean
+                        + host.request_s)
     points = []
     for b in range(1, profile.max_batch + 1):
         round_s = 0.0

@@ -10,8 +10,9 @@ Nodes (ids are the engine's names, so a placement can name them):
   profile saw at that source length (the nearest profiled length);
 - each run of consecutive plain ops in program order, `MODEL/ops/K`: cost = the sum of the
   profile's `plain_ops_s` (ops listed in `source.groups`);
-- `MODEL/input` and `MODEL/output`, CPU only and free: the request arrives and its answer
-  leaves on the host, so a plan that computes on the GPU pays those transfers.
+- `MODEL/input` and `MODEL/output`, CPU only: the request arrives and its answer leaves on
+  the host, so a plan that computes on the GPU pays those transfers; the input costs the
+  engine's taking the request in (the CPU profile's `host.request_s`), the output nothing.
 Memory per node: the bytes of the weights and constants it reads (the same on every device).
 Edges: the tensors one node's outputs hand to another's inputs, sized by running the model's
 plain ops on zeros of one request of `length` tokens (a layer's output is split evenly
@@ -140,7 +141,8 @@ def build_graph(model: Model, profiles: dict[str, ModelProfile], length: int, gp
     decode = {s.name: _decode_steps(first, f"{name}/{s.name}", length)
               for s in model.recurrent_steps() if isinstance(s, GraphDecoder)}
     sizes = _shapes(model, length, decode)
-    nodes: list[Node] = [Node(f"{name}/input", {"cpu": 0.0}, {})]
+    taking_in = profiles["cpu"].host.request_s if "cpu" in profiles else 0.0
+    nodes: list[Node] = [Node(f"{name}/input", {"cpu": 1000.0 * taking_in}, {})]
     producers: dict[str, list[str]] = {spec.name: [f"{name}/input"] for spec in model.inputs}
     consumers: list[tuple[str, list[str]]] = []  # (node, tensors it reads)
     groups: dict[str, list[str]] = {}

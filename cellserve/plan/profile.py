@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # 2: decode_steps is a histogram per source length (version 1 listed every lane's pair)
-SCHEMA_VERSION = 2
+# 3: host.request_s and host.check_s_per_run (version 2 lacks them: read as 0, with a warning)
+SCHEMA_VERSION = 3
 CELL_KINDS = ("layer", "stack", "decoder")
 
 
 class ProfileError(ValueError):
     """A profile that cannot be used; the message names the field."""
+
+
+class ProfileWarning(UserWarning):
+    """A profile that can be used but prices less than a current one would."""
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,19 @@ class CellTypeProfile:
 class HostProfile:
     """The engine's own time around the device's (Python: admission, scheduling, lanes'
     bookkeeping, responses), fitted per step as
-    step_s + step_s_per_lane * batch + lane_start_s * lanes started + lane_finish_s * lanes finished."""
+    step_s + step_s_per_lane * batch + lane_start_s * lanes started + lane_finish_s * lanes finished
+    + request_s * requests taken in + check_s_per_run * runs the drop check priced.
+    The last two are what a step pays for arrivals whatever becomes of them (a refusal is
+    priced and answered, and starts no lane) and for the drop check, which walks every run
+    in flight: past capacity, where refusals and backlogs are, they are most of the
+    difference (schema version 3; a version 2 profile lacks them, read as 0)."""
 
     step_s: float
     step_s_per_lane: float
     lane_start_s: float
     lane_finish_s: float
+    request_s: float = 0.0
+    check_s_per_run: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -267,8 +280,8 @@ def _parse_profile(x: object) -> ModelProfile:
         raise ProfileError(f"profile.schema_version is 1, whose profile.decode_steps lists every decoder lane's "
                            f"[memory length, steps] pair; this cellserve reads version {SCHEMA_VERSION}, a histogram "
                            "per memory length: make the profile again with `cellserve profile --model M --json PATH`")
-    if version != SCHEMA_VERSION:
-        raise ProfileError(f"profile.schema_version is {version!r}; this cellserve reads version {SCHEMA_VERSION} "
+    if version not in (2, SCHEMA_VERSION):
+        raise ProfileError(f"profile.schema_version is {version!r}; this cellserve reads versions 2 and {SCHEMA_VERSION} "
                            "(make the profile again with `cellserve profile --model M --json PATH`)")
     m = _obj(_get(d, "machine", "profile"), "profile.machine")
     versions = _obj(m.get("versions", {}), "profile.machine.versions")
@@ -288,8 +301,15 @@ def _parse_profile(x: object) -> ModelProfile:
                   for k, v in cells.items()}
     plain = _obj(_get(d, "plain_ops_s", "profile"), "profile.plain_ops_s")
     h = _obj(_get(d, "host", "profile"), "profile.host")
-    host = HostProfile(*(_num(_get(h, k, "profile.host"), f"profile.host.{k}")
-                         for k in ("step_s", "step_s_per_lane", "lane_start_s", "lane_finish_s")))
+    terms = ["step_s", "step_s_per_lane", "lane_start_s", "lane_finish_s"]
+    if version == 2:
+        warnings.warn(f"profile of {d.get('model')!r} is schema version 2: it has no host.request_s or "
+                      "host.check_s_per_run, so a simulation charges nothing for requests taken in (a refusal "
+                      "costs no time) or for drop checks, and past capacity runs faster than the engine did. "
+                      "Make it again with `cellserve profile` to measure them", ProfileWarning, stacklevel=3)
+    else:
+        terms += ["request_s", "check_s_per_run"]
+    host = HostProfile(*(_num(_get(h, k, "profile.host"), f"profile.host.{k}") for k in terms))
     weights = _obj(_get(d, "weight_bytes", "profile"), "profile.weight_bytes")
     decode = _obj(d.get("decode_steps", {}), "profile.decode_steps")
     decode_steps = {}
@@ -314,7 +334,7 @@ def _parse_profile(x: object) -> ModelProfile:
         wake_s=_timing(_get(d, "wake_s", "profile"), "profile.wake_s"),
         weight_bytes={_str(k, "profile.weight_bytes key"): _int(v, f"profile.weight_bytes[{k!r}]")
                       for k, v in weights.items()},
-        decode_steps=decode_steps, modelled=modelled)
+        decode_steps=decode_steps, modelled=modelled, schema_version=version)
 
 
 def _count_key(key: object, where: str, what: str) -> int:

@@ -4,7 +4,9 @@ It stands where a real executor stands, so the engine above it (admission, sched
 request's walk) runs unchanged. Each call advances the engine's virtual clock by the device
 time the profile gives (sampled around the mean with the measured spread, from a seeded
 generator) plus the engine's own time around it (the profile's HostProfile, which the real
-engine spends in Python and the simulation would otherwise get for free); a step after a spell
+engine spends in Python and the simulation would otherwise get for free; what the engine does
+beside any executor call, taking arrivals in and checking for late runs, it reports through
+`engine_work`, charged the same way); a step after a spell
 with no step costs more, as measured (CellTypeProfile.idle_extra_s). Outputs have the
 right shapes and are zeros; plain ops run for real once per input shapes (the model's heads
 need their inputs' shapes) and are reused after, priced from the profile. Decoder lanes end after as many steps as
@@ -67,6 +69,7 @@ class SimExecutor(Executor):
         self._cells: dict[str, CellTypeProfile] = {}
         self._specs: dict[str, CellTypeSpec] = {}
         self._host = {}
+        self._engine_host = None  # see engine_work
         self._slots = iter(range(1, 1 << 62))
         self._decoding: dict[int, list[int]] = {}  # slot -> [steps to run, steps run, memory length]
         # a beam row's slots: slot -> (its row's width, the row's slots, the row's live slots),
@@ -327,6 +330,15 @@ class SimExecutor(Executor):
 
     def release_lane(self, cell_type: str, storage: LaneStorage) -> None:
         self._release_slot(storage.slot)
+
+    def engine_work(self, requests_taken: int = 0, runs_checked: int = 0) -> None:
+        """The engine's own time for arrivals and drop checks, at its profile's HostProfile
+        (with several models served, the dearest profile's: the engine's code is the same)."""
+        host = self._engine_host
+        if host is None:
+            host = self._engine_host = max((p.host for p in self.profiles.values()),
+                                           key=lambda h: (h.request_s, h.check_s_per_run))
+        self._charge(0.0, requests_taken * host.request_s + runs_checked * host.check_s_per_run)
 
     def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
         """The op's outputs, priced from the profile. Computed once per model, op and input

@@ -13,20 +13,25 @@ from cellserve.plan.profile import CellTypeProfile, Timing
 def test_the_host_fit_recovers_the_costs_that_made_the_samples():
     rng = np.random.default_rng(0)
     batch, started, finished = rng.integers(1, 64, 500), rng.integers(0, 4, 500), rng.integers(0, 4, 500)
-    y = 20e-6 + 1.5e-6 * batch + 80e-6 * started + 30e-6 * finished
-    host = _fit_host(np.column_stack([y, batch, started, finished]).astype(float))
+    taken = started + rng.integers(0, 3, 500)  # refusals: taken in, no lane started
+    checked = rng.integers(0, 200, 500) * (rng.random(500) < 0.1)  # a drop check every tenth step
+    y = 20e-6 + 1.5e-6 * batch + 80e-6 * started + 30e-6 * finished + 40e-6 * taken + 3e-6 * checked
+    host = _fit_host(np.column_stack([y, batch, started, finished, taken, checked]).astype(float))
     assert host.step_s == pytest.approx(20e-6, rel=1e-6)
     assert host.step_s_per_lane == pytest.approx(1.5e-6, rel=1e-6)
     assert host.lane_start_s == pytest.approx(80e-6, rel=1e-6)
     assert host.lane_finish_s == pytest.approx(30e-6, rel=1e-6)
+    assert host.request_s == pytest.approx(40e-6, rel=1e-6)
+    assert host.check_s_per_run == pytest.approx(3e-6, rel=1e-6)
 
 
 def test_the_host_fit_never_gives_a_negative_cost():
     rng = np.random.default_rng(1)
     batch = rng.integers(1, 64, 400)
     y = 50e-6 - 0.5e-6 * batch + rng.normal(0, 1e-7, 400)  # a falling trend: no cost per lane
-    host = _fit_host(np.column_stack([y, batch, np.zeros(400), np.zeros(400)]))
-    assert min(host.step_s, host.step_s_per_lane, host.lane_start_s, host.lane_finish_s) >= 0.0
+    host = _fit_host(np.column_stack([y, batch] + [np.zeros(400)] * 4))
+    assert min(host.step_s, host.step_s_per_lane, host.lane_start_s, host.lane_finish_s, host.request_s,
+               host.check_s_per_run) >= 0.0
 
 
 class Recorded:

@@ -97,3 +97,8 @@ def test_profile_measures_a_zoo_model_and_models_a_gpu(tmp_path, capsys):
 def test_profile_refuses_an_unknown_model(tmp_path, capsys):
     done = cellserve_here(capsys, "profile", "--model", "nope", "--json", str(tmp_path / "p.json"))
     assert done.returncode == 2 and "'nope' is not a zoo model" in done.stderr
+
+
+def test_profile_refuses_a_deadline_that_is_not_positive(tmp_path, capsys):
+    done = cellserve_here(capsys, "profile", "--model", "gru-256", "--slo-ms", "0", "--json", str(tmp_path / "p.json"))
+    assert done.returncode == 2 and "--slo-ms" in done.stderr and not (tmp_path / "p.json").exists()

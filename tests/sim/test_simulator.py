@@ -12,7 +12,8 @@ import pytest
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Status
-from cellserve.plan.profile import HostProfile, ModelProfile, ProfileError, Timing, synthetic_profile
+from cellserve.plan.profile import (HostProfile, ModelProfile, ProfileError, ProfileWarning, Timing,
+                                    synthetic_profile)
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
 from cellserve.sim.loop import SimArrival, Simulation
@@ -71,6 +72,22 @@ def test_host_costs_and_plain_ops_are_charged(models):
     plain = len(profile.plain_ops_s) * 0.1 * MS
     want = plain + 0.2 * MS + 0.1 * MS + 2 * (1 * MS + 0.3 * MS + 0.01 * MS) + 0.4 * MS + 0.05 * MS
     assert out.finish_s == pytest.approx(want, abs=1e-12)
+
+
+def test_requests_taken_in_and_drop_checks_are_charged_as_the_profile_prices_them(models):
+    # Four 2-token requests at 0 to an idle engine that holds 3 at once: its first step takes
+    # all four in (0.5 ms each; the fourth is refused, queue full, and costs as much) and
+    # checks the three admitted for lateness (0.2 ms a run), 2.6 ms in all; then two steps of
+    # 1 ms: done at 4.6 ms. The engine counts what it charged.
+    host = HostProfile(0.0, 0.0, 0.0, 0.0, request_s=0.5 * MS, check_s_per_run=0.2 * MS)
+    sim = one_engine(models, synthetic_profile(models.models["gru"], 1 * MS, host=host),
+                     replace(CONFIG, drop_late=True, max_active=3))
+    out = sim.run([SimArrival(0.0, "gru", tokens(2), timeout_s=1.0, tag=i) for i in range(4)])
+    assert {o.tag: o.status for o in out} == {0: Status.OK, 1: Status.OK, 2: Status.OK, 3: Status.REJECTED}
+    assert {t: f for t, f in finishes(out).items() if t != 3} == {0: 0.0046, 1: 0.0046, 2: 0.0046}
+    stats = sim.engines[0].engine.stats
+    assert (stats.requests_taken, stats.runs_checked) == (4, 3)
+    assert stats.step_records[0][4:] == (4, 3)  # the first step's record: what its time off the device paid for
 
 
 def test_round_robin_alternates_and_least_finish_picks_the_idle_engine(models):
@@ -142,6 +159,19 @@ def test_a_broken_profile_is_refused_naming_the_field(models, edit, message):
     d = synthetic_profile(models.models["seq2seq-reverse"], 1 * MS, max_batch=8).to_dict()
     edit(d)
     with pytest.raises(ProfileError, match=re.escape(message)):
+        ModelProfile.from_dict(d)
+
+
+def test_a_version_2_profile_is_read_with_a_warning_and_no_charge_for_arrivals_or_drop_checks(models):
+    d = synthetic_profile(models.models["gru"], 1 * MS, host=HostProfile(1e-5, 0.0, 0.0, 0.0, 3e-5, 1e-6)).to_dict()
+    d["schema_version"] = 2
+    for key in ("request_s", "check_s_per_run"):
+        d["host"].pop(key)
+    with pytest.warns(ProfileWarning, match="schema version 2: it has no host.request_s"):
+        profile = ModelProfile.from_dict(d)
+    assert (profile.host.request_s, profile.host.check_s_per_run, profile.schema_version) == (0.0, 0.0, 2)
+    d["schema_version"] = 3  # a current profile must have them
+    with pytest.raises(ProfileError, match=re.escape("profile.host.request_s is missing")):
         ModelProfile.from_dict(d)
 
 
