@@ -304,8 +304,8 @@ def _parse_profile(x: object) -> ModelProfile:
     terms = ["step_s", "step_s_per_lane", "lane_start_s", "lane_finish_s"]
     if version == 2:
         warnings.warn(f"profile of {d.get('model')!r} is schema version 2: it has no host.request_s or "
-                      "host.check_s_per_run, so a simulation charges nothing for requests taken in (a refusal "
-                      "costs no time) or for drop checks, and past capacity runs faster than the engine did. "
+                      "host.check_s_per_run, so requests taken in (a refusal too) and drop checks are priced at "
+                      "nothing, and a simulation past capacity runs faster than the engine did. "
                       "Make it again with `cellserve profile` to measure them", ProfileWarning, stacklevel=3)
     else:
         terms += ["request_s", "check_s_per_run"]
