@@ -39,6 +39,17 @@ def test_the_report_gives_how_far_the_real_runs_stood_apart_beside_the_errors():
     assert report["real_spread"]["p50"] == pytest.approx(0.2)
     assert report["real_spread"]["p99"] == pytest.approx(0.0)
     assert report["real_spread"]["max_goodput"] == pytest.approx(0.05)  # max goodputs 190 and 210
+    assert report["real_spread"]["goodput_at_a_rate"] == pytest.approx(0.05)
+    # one run collapsing at a rate past capacity (956 and 84 req/s: each 84% from their mean)
+    # leaves the runs' maxima equal, and shows at that rate
+    collapsed = [figures(300.0, 50.0, 99.0), figures(300.0, 50.0, 99.0)]
+    rows.append({"rate_rps": 1000.0, "real": pooled([figures(956.0, 9.0, 90.0), figures(84.0, 900.0, 990.0)]),
+                 "real_runs": [figures(956.0, 9.0, 90.0), figures(84.0, 900.0, 990.0)], "sim": collapsed[0]})
+    rows.append({"rate_rps": 1100.0, "real": pooled([figures(84.0, 9.0, 90.0), figures(956.0, 900.0, 990.0)]),
+                 "real_runs": [figures(84.0, 9.0, 90.0), figures(956.0, 900.0, 990.0)], "sim": collapsed[1]})
+    both = _errors(rows, search.result(), 200.0)["real_spread"]
+    assert both["max_goodput"] == pytest.approx(0.0) and both["goodput_at_a_rate"] == pytest.approx(436 / 520)
+    rows[2:] = []
     text = table({"model": "m", "arrivals": "poisson", "slo_ms": 200.0, "sim_speedup": 3.0,
                   "capacity_rps": {"before": 2000.0, "after": 1500.0}, "policies": {"cellular": report}})
     assert "real runs apart" in text and "20%" in text
