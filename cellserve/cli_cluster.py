@@ -50,17 +50,21 @@ def add_bench_cluster(bench_sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--start-from", type=Path, default=None, metavar="REPORT.json",
                    help="start each search at a previous report's figure for the system, scaled by devices")
+    b.add_argument("--profiles-dir", type=Path, default=None, metavar="DIR",
+                   help="where the models' profiles are, as MODEL-poisson-profile.json for lstm-512, gru-256 and "
+                        "seq2seq-reverse (default: the ones measured for this project, docs/results/sim)")
     b.set_defaults(run=_bench_cluster)
 
 
 def _bench_cluster(args, parser) -> int:
-    from cellserve.bench.cluster_bench import ClusterConfig, run
+    from cellserve.bench.cluster_bench import ClusterConfig, catalogue_for, run
 
     try:
         cfg = ClusterConfig(devices=args.devices, json_path=args.json, quick=args.quick, systems=args.systems,
                             seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed,
-                            start_from=args.start_from)
+                            start_from=args.start_from, profile_dir=args.profiles_dir)
+        catalogue = catalogue_for(cfg)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
-    run(cfg)
+    run(cfg, catalogue)
     return 0

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cellserve.cluster import systems as sysmod
-from cellserve.cluster.workload import DEFAULT_SESSIONS, Catalogue, load_catalogue, session_arrivals
+from cellserve.cluster.workload import (DEFAULT_SESSIONS, PROFILE_DIR, PROFILE_FILE, Catalogue, load_catalogue,
+                                        session_arrivals)
 
 TARGET = 0.99
 # Where every system's search starts: this share of the highest rate the Nexus plan fits
@@ -130,6 +131,7 @@ class ClusterConfig:
     bisections: int | None = None
     seed: int = 0
     start_from: Path | None = None  # a previous report: searches start at its figures, scaled
+    profile_dir: Path | None = None  # where MODEL-poisson-profile.json are (None: workload.PROFILE_DIR)
 
     def __post_init__(self) -> None:
         if self.seconds is None:
@@ -150,13 +152,20 @@ class ClusterConfig:
             raise ValueError("; ".join(problems))
 
 
+def catalogue_for(cfg: ClusterConfig) -> Catalogue:
+    """The workload's models and their profiles from cfg.profile_dir (a ProfileError, a
+    ValueError, names a missing or broken one)."""
+    return load_catalogue(DEFAULT_SESSIONS, cfg.profile_dir or PROFILE_DIR)
+
+
 def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> dict:
     """The whole benchmark; writes cfg.json_path and a PNG beside it; returns the report."""
-    catalogue = catalogue or load_catalogue(DEFAULT_SESSIONS)
+    catalogue = catalogue or catalogue_for(cfg)
     options = sysmod.Options(seed=cfg.seed)
     report: dict = {"simulated": True, "label": "simulated", "date": time.strftime("%Y-%m-%d"),
                     "target_attainment": TARGET, "seconds": cfg.seconds, "warmup_s": cfg.warmup_s,
-                    "quick": cfg.quick, "device": _device(catalogue), "workload": _workload(catalogue),
+                    "quick": cfg.quick, "device": _device(catalogue, cfg.profile_dir or PROFILE_DIR),
+                    "workload": _workload(catalogue),
                     "systems": _systems(options), "devices": {}}
     prior = _prior(cfg.start_from)
     for n in cfg.devices:
@@ -230,9 +239,9 @@ def _entry(found: SearchResult) -> dict:
                         "devices_used": p.devices_used, "wall_s": round(p.wall_s, 2)} for p in found.points]}
 
 
-def _device(catalogue: Catalogue) -> dict:
+def _device(catalogue: Catalogue, profile_dir: Path) -> dict:
     p = next(iter(catalogue.profiles.values()))
-    return {"type": sysmod.DEVICE_TYPE, "profiles": "measured on this machine (docs/results/sim/*-profile.json)",
+    return {"type": sysmod.DEVICE_TYPE, "profiles": f"{profile_dir}/{PROFILE_FILE.format(model='MODEL')}",
             "machine": p.machine.name, "backend": p.machine.backend, "threads": p.machine.threads,
             "modelled": any(q.modelled for q in catalogue.profiles.values())}
 

@@ -60,7 +60,8 @@ class RecordingExecutor(KernelExecutor):
     def __init__(self, device: str = "cpu", backend: str | None = None):
         super().__init__(device, backend)
         self.recording = False
-        self.plain: dict[str, list[float]] = {}
+        self.plain: dict[str, list[tuple[float, float]]] = {}  # plain op -> (spell since its last run, seconds)
+        self._plain_end: dict[str, float] = {}  # plain op -> perf_counter when its last run returned
         self.decode_steps: dict[str, dict[int, dict[int, int]]] = {}  # decoder -> memory -> steps -> lanes
         # cell type -> batch -> seconds of batched steps that followed a step of the same type
         self.steps: dict[str, dict[int, list[float]]] = {}
@@ -77,9 +78,12 @@ class RecordingExecutor(KernelExecutor):
 
     def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
         self._previous = None
+        t0 = time.perf_counter()
         seconds = super().run_plain(model, node, env)
-        if self.recording:
-            self.plain.setdefault(node.name, []).append(seconds)
+        if self.recording:  # with the spell since this op's last run ended (ModelProfile.plain_idle_extra_s)
+            spell = t0 - self._plain_end.get(node.name, -math.inf)
+            self.plain.setdefault(node.name, []).append((spell, seconds))
+        self._plain_end[node.name] = time.perf_counter()
         return seconds
 
     def start_lane(self, cell_type, x, states) -> LaneStarted:
@@ -177,7 +181,8 @@ def _measure(model: Model, config: EngineConfig, engine: Engine, executor: Recor
     return ModelProfile(
         model=model.name, machine=_machine(executor), max_batch=engine.policy.max_batch,
         stack_layers=config.stack_layers, cell_types=cells,
-        plain_ops_s={name: Timing.of(xs, trim=True) for name, xs in executor.plain.items()},
+        plain_ops_s={name: _plain_op(calls)[0] for name, calls in executor.plain.items()},
+        plain_idle_extra_s={name: b for name, b in ((n, _plain_op(c)[1]) for n, c in executor.plain.items()) if b},
         host=host, hand_back_s=_hand_back(200 if quick else 1000), wake_s=wake,
         weight_bytes={str(executor.device): executor.memory_bytes()},
         decode_steps={t: {m: dict(sorted(h.items())) for m, h in sorted(by_memory.items())}
@@ -211,9 +216,23 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
         f"(others: {scale:.2f}x the timing alone); a step after other work costs {cold * 1e6:.0f} us more, "
         f"a lone run {lone_cold * 1e6:.0f} us; after an idle spell " + (", ".join(
             f"<= {b * 1e3:.2g} ms: +{x * 1e6:.0f} us" for b, x in idle[1:]) if idle else "(none seen)"))
+    # the means (but for the top 1%, stalls of the machine), not the medians: a lane's start
+    # and finish are right-skewed (slower after idle spells), and the simulator charges each one
     return replace(fitted, idle_extra_s=idle,
-                   start_s_per_token=float(np.median(starts)) if starts else alone.start_s_per_token,
-                   finish_s_per_token=float(np.median(finishes)) if finishes else alone.finish_s_per_token)
+                   start_s_per_token=Timing.of(starts, trim=True).mean if starts else alone.start_s_per_token,
+                   finish_s_per_token=Timing.of(finishes, trim=True).mean if finishes else alone.finish_s_per_token)
+
+
+def _plain_op(calls: list[tuple[float, float]]) -> tuple[Timing, tuple[tuple[float, float], ...]]:
+    """A plain op's warm timing (the runs that followed its previous run within _IDLE_AFTER_S)
+    and, over it, what runs after longer spells cost more (ModelProfile.plain_idle_extra_s);
+    with too few warm runs, all of them and no buckets."""
+    warm = [x for spell, x in calls if spell <= _IDLE_AFTER_S]
+    if len(warm) < _MIN_SAMPLES:
+        return Timing.of([x for _, x in calls], trim=True), ()
+    timing = Timing.of(warm, trim=True)
+    return timing, _buckets([(spell, x - timing.mean) for spell, x in calls
+                             if _IDLE_AFTER_S < spell < math.inf])  # inf: its first run
 
 
 def _idle_buckets(cell: CellTypeProfile, after_idle: list[tuple[float, bool, int, int, bool, float]]
@@ -223,15 +242,24 @@ def _idle_buckets(cell: CellTypeProfile, after_idle: list[tuple[float, bool, int
     longer one, the last one the one before), the mean of what each step took over what the
     warm costs price it at (its top 1% left out, as stalls of the machine), never below zero.
     The first bucket, up to _IDLE_AFTER_S, is the warm steps' own: nothing extra."""
-    groups: list[list[float]] = [[] for _ in _IDLE_BOUNDS_S]
-    spells: list[float] = [0.0 for _ in _IDLE_BOUNDS_S]
+    extras = []
     for spell, is_lone, size, lanes, cold, busy in after_idle:
         if is_lone:
             priced = size * cell.lone_call_s + lanes * cell.lone_step_s.mean + (cell.lone_cold_s if cold else 0.0)
         else:
             priced = cell.step_s[size].mean + (cell.cold_s if cold else 0.0)
+        extras.append((spell, busy - priced))
+    return _buckets(extras)
+
+
+def _buckets(extras: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """(up_to_s, extra_s) buckets of (spell, seconds over the warm price) pairs, as
+    _idle_buckets describes, led by (_IDLE_AFTER_S, 0.0); () when there are too few."""
+    groups: list[list[float]] = [[] for _ in _IDLE_BOUNDS_S]
+    spells: list[float] = [0.0 for _ in _IDLE_BOUNDS_S]
+    for spell, extra in extras:
         i = next(i for i, bound in enumerate(_IDLE_BOUNDS_S) if spell <= bound)
-        groups[i].append(busy - priced)
+        groups[i].append(extra)
         spells[i] = max(spells[i], spell)
     buckets: list[tuple[float, list[float]]] = []
     pending: list[float] = []

@@ -81,10 +81,16 @@ class CellTypeProfile:
 
     def idle_extra(self, gap_s: float) -> float:
         """What a step costs on top after its executor ran no step for `gap_s` seconds."""
-        for up_to, extra in self.idle_extra_s:
-            if gap_s <= up_to:
-                return extra
-        return self.idle_extra_s[-1][1] if self.idle_extra_s else 0.0
+        return bucket_extra(self.idle_extra_s, gap_s)
+
+
+def bucket_extra(buckets: tuple[tuple[float, float], ...], gap_s: float) -> float:
+    """The extra of the first (up_to_s, extra_s) bucket with gap_s <= up_to_s; past the last
+    bound, the last bucket's; no buckets: nothing."""
+    for up_to, extra in buckets:
+        if gap_s <= up_to:
+            return extra
+    return buckets[-1][1] if buckets else 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,11 @@ class ModelProfile:
     weight_bytes: dict[str, int]  # device -> bytes of the model's weights kept there
     # decoder -> memory (source) length -> steps a lane ran -> how many lanes did, as profiled
     decode_steps: dict[str, dict[int, dict[int, int]]] = field(default_factory=dict)
+    # plain op -> what a run costs on top of plain_ops_s after that op last ran `gap` seconds
+    # before, in (up_to_s, extra_s) buckets as CellTypeProfile.idle_extra_s: an op that runs
+    # once per request (an embedding, a head) finds its weights out of cache at light load
+    # and in cache under a flood. Missing: no such cost measured.
+    plain_idle_extra_s: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
     modelled: bool = False  # predicted, not measured
     schema_version: int = SCHEMA_VERSION
 
@@ -139,6 +150,7 @@ class ModelProfile:
         for cell in d["cell_types"].values():
             cell["step_s"] = {str(b): t for b, t in cell["step_s"].items()}
             cell["idle_extra_s"] = [list(pair) for pair in cell["idle_extra_s"]]
+        d["plain_idle_extra_s"] = {op: [list(pair) for pair in b] for op, b in d["plain_idle_extra_s"].items()}
         d["decode_steps"] = {k: {str(m): {str(n): c for n, c in h.items()} for m, h in v.items()}
                              for k, v in d["decode_steps"].items()}
         return d
@@ -322,6 +334,10 @@ def _parse_profile(x: object) -> ModelProfile:
     if missing:
         raise ProfileError(f"profile.decode_steps lacks decoders {missing}: the simulator ends a decoder's lanes "
                            "by the steps seen when profiling")
+    plain_idle = _obj(d.get("plain_idle_extra_s", {}), "profile.plain_idle_extra_s")
+    unknown = sorted(set(plain_idle) - set(plain))
+    if unknown:
+        raise ProfileError(f"profile.plain_idle_extra_s names {unknown[0]!r}, which is not in profile.plain_ops_s")
     modelled = d.get("modelled", False)
     if not isinstance(modelled, bool):
         raise ProfileError(f"profile.modelled must be true or false, got {modelled!r}")
@@ -334,7 +350,8 @@ def _parse_profile(x: object) -> ModelProfile:
         wake_s=_timing(_get(d, "wake_s", "profile"), "profile.wake_s"),
         weight_bytes={_str(k, "profile.weight_bytes key"): _int(v, f"profile.weight_bytes[{k!r}]")
                       for k, v in weights.items()},
-        decode_steps=decode_steps, modelled=modelled, schema_version=version)
+        decode_steps=decode_steps, modelled=modelled, schema_version=version,
+        plain_idle_extra_s={op: _idle_buckets(b, f"profile.plain_idle_extra_s[{op!r}]") for op, b in plain_idle.items()})
 
 
 def _count_key(key: object, where: str, what: str) -> int:

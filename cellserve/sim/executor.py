@@ -30,7 +30,7 @@ from cellserve.graph import dense_ops
 from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model
 from cellserve.kernels.cell import LaneStorage
 from cellserve.kernels.decoder import BeamCandidates
-from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing
+from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing, bucket_extra
 from cellserve.sim.clock import VirtualClock
 
 _KIND = {"decoder": GraphDecoder, "stack": LayerStack}
@@ -81,6 +81,7 @@ class SimExecutor(Executor):
         self._zeros = np.zeros((0, 0), np.float32)
         self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
         self._plain_timing: dict[tuple[str, str], Timing] = {}  # (model, op) -> its profile's timing
+        self._plain_last: dict[tuple[str, str], float] = {}  # (model, op) -> virtual time its last run ended
         self._previous: str | None = None  # cell type of the last call, when it was a step
         self._last_step_end = -math.inf  # virtual time the last step (of any cell type) ended
         self._blocks: dict[int, list] = {}  # id of a Timing -> [it (kept alive), next index, samples]
@@ -360,8 +361,14 @@ class SimExecutor(Executor):
             for name, value in zip(node.outputs, outputs):
                 if name:
                     env[name] = value
-        self.clock.advance(timing.mean)
-        return timing.mean
+        # an op that last ran a while ago costs more (ModelProfile.plain_idle_extra_s)
+        op = (model, node.name)
+        buckets = self.profiles[model].plain_idle_extra_s.get(node.name)
+        seconds = timing.mean + (bucket_extra(buckets, self.clock.now() - self._plain_last.get(op, -math.inf))
+                                 if buckets else 0.0)
+        self.clock.advance(seconds)
+        self._plain_last[op] = self.clock.now()
+        return seconds
 
     def startup_costs(self, cell_type: str, sizes: list[int]) -> dict[int, float]:
         cell = self._cells[cell_type]

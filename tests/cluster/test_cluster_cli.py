@@ -47,6 +47,13 @@ def test_bad_arguments_exit_2(capsys):
             raise AssertionError(f"{args} accepted")
 
 
+def test_a_missing_profiles_dir_exits_2_naming_the_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "cluster", "--devices", "3", "--profiles-dir", str(tmp_path), "--json", str(tmp_path / "c.json")])
+    assert exc.value.code == 2
+    assert f"cannot read profile '{tmp_path}/" in capsys.readouterr().err and not (tmp_path / "c.json").exists()
+
+
 def test_parser_imports_no_torch_and_names_the_systems():
     code = ("import sys; from cellserve.cli import build_parser; build_parser(); "
             "print('torch' in sys.modules)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellserve.bench.profiler import _fit_host, _in_place
+from cellserve.bench.profiler import _fit_host, _in_place, _plain_op
 from cellserve.plan.profile import CellTypeProfile, Timing
 
 
@@ -92,3 +92,15 @@ def test_the_nonnegative_fit_drops_a_column_the_samples_run_against():
     coef = _nonnegative_lstsq(x, y)
     assert coef[2] == 0.0 and (coef >= 0).all()
     assert _nonnegative_lstsq(x[:, :2], 3.0 + 2.0 * x[:, 1]) == pytest.approx([3.0, 2.0])
+
+
+def test_a_plain_op_is_priced_warm_with_buckets_for_its_runs_after_a_spell():
+    # warm runs (within 0.25 ms of the op's last run) of 10 us; after 1-2 ms, 14 us; after
+    # 50 ms, 40 us; the op's first run (no spell: infinite) counts in no bucket
+    calls = [(1e-4, 10e-6)] * 20 + [(1.5e-3, 14e-6)] * 10 + [(5e-2, 40e-6)] * 10 + [(float("inf"), 1e-3)]
+    timing, buckets = _plain_op(calls)
+    assert timing.mean == pytest.approx(10e-6)
+    assert buckets[0] == (2.5e-4, 0.0)
+    assert [b for b, _ in buckets[1:]] == [0.002, 0.064] and [x for _, x in buckets[1:]] == pytest.approx([4e-6, 30e-6])
+    # too few warm runs: all of them, no buckets
+    assert _plain_op([(1e-2, 20e-6)] * 10) == (Timing(20e-6, 0.0, 20e-6, 10), ())

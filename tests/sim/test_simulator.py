@@ -131,7 +131,8 @@ def test_every_request_is_answered_once_even_past_the_drain(models):
 def test_a_profile_round_trips_through_json(models, tmp_path):
     profile = synthetic_profile(models.models["seq2seq-reverse"], lambda b: 1e-4 * b, max_batch=8)
     profile = replace(profile, cell_types={t: replace(c, idle_extra_s=((2.5e-4, 0.0), (1e-3, 1e-4), (0.05, 3e-4)))
-                                           for t, c in profile.cell_types.items()})
+                                           for t, c in profile.cell_types.items()},
+                      plain_idle_extra_s={next(iter(profile.plain_ops_s)): ((2.5e-4, 0.0), (0.01, 2e-5))})
     profile.to_json(tmp_path / "p.json")
     assert ModelProfile.from_json(tmp_path / "p.json") == profile
 
@@ -154,6 +155,10 @@ def test_a_profile_round_trips_through_json(models, tmp_path):
      "idle_extra_s[0][1] (extra_s) must be >= 0"),
     (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[1e-3]),
      "idle_extra_s[0] must be a pair [up_to_s, extra_s]"),
+    (lambda d: d.update(plain_idle_extra_s={"no-such-op": [[1e-3, 1e-5]]}),
+     "profile.plain_idle_extra_s names 'no-such-op', which is not in profile.plain_ops_s"),
+    (lambda d: d.update(plain_idle_extra_s={next(iter(d["plain_ops_s"])): [[1e-3, -1e-5]]}),
+     "plain_idle_extra_s['"),
 ])
 def test_a_broken_profile_is_refused_naming_the_field(models, edit, message):
     d = synthetic_profile(models.models["seq2seq-reverse"], 1 * MS, max_batch=8).to_dict()
@@ -228,6 +233,18 @@ def test_a_step_after_an_idle_spell_pays_that_spells_extra(models):
                                            SimArrival(3.7 * MS, "gru", tokens(2), tag=1),
                                            SimArrival(9 * MS, "gru", tokens(1), tag=2)])
     assert finishes(out) == pytest.approx({0: 0.0027, 1: 0.006, 2: 0.0107}, abs=1e-12)
+
+
+def test_a_plain_op_that_last_ran_a_while_ago_pays_its_buckets_extra(models):
+    # Plain ops of 0.1 ms; one that last ran over 0.25 ms before costs 0.05 ms more (its first
+    # run too: it never ran). A at 0 and B at 0.5 s each run every op once, long after its last
+    # run: each finishes n_ops x 0.05 ms later than with no buckets, and nothing else moves.
+    plain = synthetic_profile(models.models["gru"], 1 * MS, plain_op_s=0.1 * MS)
+    extra = replace(plain, plain_idle_extra_s={op: ((0.25 * MS, 0.0), (1.0, 0.05 * MS)) for op in plain.plain_ops_s})
+    trace = [SimArrival(0.0, "gru", tokens(3), tag=0), SimArrival(0.5, "gru", tokens(3), tag=1)]
+    before, after = finishes(one_engine(models, plain).run(trace)), finishes(one_engine(models, extra).run(trace))
+    n_ops = len(plain.plain_ops_s)
+    assert after == pytest.approx({t: f + n_ops * 0.05 * MS for t, f in before.items()}, abs=1e-12)
 
 
 def test_decoder_lanes_draw_their_steps_from_the_profiles_histogram(models):
