@@ -58,11 +58,12 @@ def add_bench_cluster(bench_sub) -> None:
 
 def _bench_cluster(args, parser) -> int:
     from cellserve.bench.cluster_bench import ClusterConfig, catalogue_for, run
+    from cellserve.cluster.workload import PROFILE_DIR
 
     try:
         cfg = ClusterConfig(devices=args.devices, json_path=args.json, quick=args.quick, systems=args.systems,
                             seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed,
-                            start_from=args.start_from, profile_dir=args.profiles_dir)
+                            start_from=args.start_from, profile_dir=args.profiles_dir or PROFILE_DIR)
         catalogue = catalogue_for(cfg)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")

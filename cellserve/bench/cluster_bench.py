@@ -131,7 +131,7 @@ class ClusterConfig:
     bisections: int | None = None
     seed: int = 0
     start_from: Path | None = None  # a previous report: searches start at its figures, scaled
-    profile_dir: Path | None = None  # where MODEL-poisson-profile.json are (None: workload.PROFILE_DIR)
+    profile_dir: Path = PROFILE_DIR  # where the models' MODEL-poisson-profile.json are
 
     def __post_init__(self) -> None:
         if self.seconds is None:
@@ -155,7 +155,7 @@ class ClusterConfig:
 def catalogue_for(cfg: ClusterConfig) -> Catalogue:
     """The workload's models and their profiles from cfg.profile_dir (a ProfileError, a
     ValueError, names a missing or broken one)."""
-    return load_catalogue(DEFAULT_SESSIONS, cfg.profile_dir or PROFILE_DIR)
+    return load_catalogue(DEFAULT_SESSIONS, cfg.profile_dir)
 
 
 def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> dict:
@@ -164,7 +164,7 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
     options = sysmod.Options(seed=cfg.seed)
     report: dict = {"simulated": True, "label": "simulated", "date": time.strftime("%Y-%m-%d"),
                     "target_attainment": TARGET, "seconds": cfg.seconds, "warmup_s": cfg.warmup_s,
-                    "quick": cfg.quick, "device": _device(catalogue, cfg.profile_dir or PROFILE_DIR),
+                    "quick": cfg.quick, "device": _device(catalogue, cfg.profile_dir),
                     "workload": _workload(catalogue),
                     "systems": _systems(options), "devices": {}}
     prior = _prior(cfg.start_from)

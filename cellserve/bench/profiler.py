@@ -178,11 +178,12 @@ def _measure(model: Model, config: EngineConfig, engine: Engine, executor: Recor
         f"finished {host.lane_finish_s * 1e6:.1f} us, per request taken in {host.request_s * 1e6:.1f} us, "
         f"per run a drop check prices {host.check_s_per_run * 1e6:.2f} us; wake-up {wake.mean * 1e6:.0f} us")
     cells = {t: _in_place(alone[t], executor, t, log) for t in engine.cell_types}
+    plain = {name: _plain_op(calls) for name, calls in executor.plain.items()}  # name -> (warm timing, buckets)
     return ModelProfile(
         model=model.name, machine=_machine(executor), max_batch=engine.policy.max_batch,
         stack_layers=config.stack_layers, cell_types=cells,
-        plain_ops_s={name: _plain_op(calls)[0] for name, calls in executor.plain.items()},
-        plain_idle_extra_s={name: b for name, b in ((n, _plain_op(c)[1]) for n, c in executor.plain.items()) if b},
+        plain_ops_s={name: timing for name, (timing, _) in plain.items()},
+        plain_idle_extra_s={name: buckets for name, (_, buckets) in plain.items() if buckets},
         host=host, hand_back_s=_hand_back(200 if quick else 1000), wake_s=wake,
         weight_bytes={str(executor.device): executor.memory_bytes()},
         decode_steps={t: {m: dict(sorted(h.items())) for m, h in sorted(by_memory.items())}

@@ -13,8 +13,8 @@ is a queue's length, which no model of service times predicts to a few percent).
 Each real rate runs `repeats` times back to back on the same trace (default 2); the report's
 real figures are the runs' mean, and each policy's `real_spread` says how far the real runs
 stood from that mean (goodput: the runs' max goodputs, and the widest at any one rate of the
-ramp; p50 and p99: the largest over the same rates as the errors). That is the floor under every error: a machine whose own runs disagree
-by 30% cannot check a model to 10%. `capacity_rps` is the real engine's closed-loop capacity
+ramp; p50 and p99: the largest over the same rates as the errors). That is the floor under
+every error: a machine whose own runs disagree by 30% cannot check a model to 10%. `capacity_rps` is the real engine's closed-loop capacity
 (cellular, a burst) before the ramps and after them: how far the machine itself moved
 between the profile and the last real run.
 """

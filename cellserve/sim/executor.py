@@ -69,7 +69,9 @@ class SimExecutor(Executor):
         self._cells: dict[str, CellTypeProfile] = {}
         self._specs: dict[str, CellTypeSpec] = {}
         self._host = {}
-        self._engine_host = None  # see engine_work
+        # the engine's own time for arrivals and drop checks (engine_work): with several models
+        # served, the dearest profile's (the engine's code is the same for all)
+        self._engine_host = max((p.host for p in profiles.values()), key=lambda h: (h.request_s, h.check_s_per_run))
         self._slots = iter(range(1, 1 << 62))
         self._decoding: dict[int, list[int]] = {}  # slot -> [steps to run, steps run, memory length]
         # a beam row's slots: slot -> (its row's width, the row's slots, the row's live slots),
@@ -80,7 +82,8 @@ class SimExecutor(Executor):
         self._decode_table: dict[str, tuple[list[int], dict[int, tuple[list[int], list[int]]]]] = {}
         self._zeros = np.zeros((0, 0), np.float32)
         self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
-        self._plain_timing: dict[tuple[str, str], Timing] = {}  # (model, op) -> its profile's timing
+        # (model, op) -> its profile's timing and idle buckets (ModelProfile.plain_idle_extra_s)
+        self._plain_timing: dict[tuple[str, str], tuple[Timing, tuple | None]] = {}
         self._plain_last: dict[tuple[str, str], float] = {}  # (model, op) -> virtual time its last run ended
         self._previous: str | None = None  # cell type of the last call, when it was a step
         self._last_step_end = -math.inf  # virtual time the last step (of any cell type) ended
@@ -333,24 +336,23 @@ class SimExecutor(Executor):
         self._release_slot(storage.slot)
 
     def engine_work(self, requests_taken: int = 0, runs_checked: int = 0) -> None:
-        """The engine's own time for arrivals and drop checks, at its profile's HostProfile
-        (with several models served, the dearest profile's: the engine's code is the same)."""
+        """The engine's own time for arrivals and drop checks, as its profile prices them."""
         host = self._engine_host
-        if host is None:
-            host = self._engine_host = max((p.host for p in self.profiles.values()),
-                                           key=lambda h: (h.request_s, h.check_s_per_run))
         self._charge(0.0, requests_taken * host.request_s + runs_checked * host.check_s_per_run)
 
     def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
         """The op's outputs, priced from the profile. Computed once per model, op and input
         shapes, then reused: what the simulation needs of them is their shapes, and the values
         that feed a later op's shape (Shape's, a Reshape's target) follow from input shapes."""
-        timing = self._plain_timing.get((model, node.name))
-        if timing is None:
-            timing = self._profile(model).plain_ops_s.get(node.name)
+        op = (model, node.name)
+        priced = self._plain_timing.get(op)
+        if priced is None:
+            profile = self._profile(model)
+            timing = profile.plain_ops_s.get(node.name)
             if timing is None:
                 raise ProfileError(f"profile of model {model!r} has no plain_ops_s[{node.name!r}]")
-            self._plain_timing[(model, node.name)] = timing
+            priced = self._plain_timing[op] = (timing, profile.plain_idle_extra_s.get(node.name))
+        timing, buckets = priced
         self._previous = None
         key = (model, node.name, *map(_shape_key, [env.get(name) if name else None for name in node.inputs]))
         outputs = self._plain_outputs.get(key)
@@ -362,8 +364,6 @@ class SimExecutor(Executor):
                 if name:
                     env[name] = value
         # an op that last ran a while ago costs more (ModelProfile.plain_idle_extra_s)
-        op = (model, node.name)
-        buckets = self.profiles[model].plain_idle_extra_s.get(node.name)
         seconds = timing.mean + (bucket_extra(buckets, self.clock.now() - self._plain_last.get(op, -math.inf))
                                  if buckets else 0.0)
         self.clock.advance(seconds)
