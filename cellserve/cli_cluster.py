@@ -47,7 +47,11 @@ def add_bench_cluster(bench_sub) -> None:
     b.add_argument("--warmup", type=float, default=None, metavar="SECONDS",
                    help="requests arriving before this are not counted (default: 1, quick: 0.5)")
     b.add_argument("--bisections", type=int, default=None, help="bisection steps after bracketing (default: 2, quick: 1)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="the first trace's seed (default: 0)")
+    b.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="traces per rate, seeds SEED..SEED+K-1, their requests pooled: each trace is one draw of "
+                        "the sessions' bursts, so more seeds make each rate's attainment less a matter of the draw "
+                        "(default: 1; the run takes K times as long)")
     b.add_argument("--start-from", type=Path, default=None, metavar="REPORT.json",
                    help="start each search at a previous report's figure for the system, scaled by devices")
     b.add_argument("--profiles-dir", type=Path, default=None, metavar="DIR",
@@ -63,6 +67,7 @@ def _bench_cluster(args, parser) -> int:
     try:
         cfg = ClusterConfig(devices=args.devices, json_path=args.json, quick=args.quick, systems=args.systems,
                             seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed,
+                            seeds=args.seeds,
                             start_from=args.start_from, profile_dir=args.profiles_dir or PROFILE_DIR)
         catalogue = catalogue_for(cfg)
     except ValueError as exc:

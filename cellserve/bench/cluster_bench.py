@@ -1,18 +1,21 @@
 """`cellserve bench cluster`: the highest total request rate each system serves with at least
 99% of requests within their SLO, on the same number of simulated devices (Nexus's metric).
 
-One *point* is one system at one total rate: a fresh deployment (cluster/systems.py), the
-workload's bursty trace at that rate (cluster/workload.py) for `seconds`, and the share of
-requests arriving after `warmup_s` that were answered OK within their session's SLO
-(rejected, dropped, unanswered and unplaced requests are misses).
+One *point* is one system at one total rate: for each of `seeds` traces, a fresh deployment
+(cluster/systems.py) and the workload's bursty trace at that rate (cluster/workload.py) for
+`seconds`; the point's figure is the share of requests arriving after `warmup_s`, pooled over
+the traces, that were answered OK within their session's SLO (rejected, dropped, unanswered
+and unplaced requests are misses). A trace's bursts depend on its seed, not on the rate, so
+every rate of a search meets the same bursts; a seed's bursts can still make its trace
+heavier or lighter than the nominal rate over a few seconds, which `realised_rps` shows.
 
 Every search starts at half the highest rate the Nexus plan fits on the devices or, once a
 figure for the system is known (an earlier device count of the run, or `start_from`), at that
 figure scaled by devices. The search (`search`) brackets the highest passing rate: from a start it multiplies by
 `grow` until a rate fails (or divides until one passes), then bisects (geometrically)
 `bisections` times; it returns the highest rate that passed and the lowest that failed above
-it. The metric need not be monotone in the rate (bursts differ between traces); the bracket
-is what was measured. All figures are simulated and labelled so.
+it. The metric need not be monotone in the rate (a system's routing and admission respond to
+the load), though the traces are; the bracket is what was measured. All figures are simulated and labelled so.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cellserve.cluster import systems as sysmod
@@ -41,6 +44,7 @@ class Point:
     devices_used: int
     wall_s: float
     per_session: dict[str, float] = field(default_factory=dict)
+    realised_rps: float = 0.0  # requests counted per counted second and trace: the load the traces carried
 
     @property
     def passed(self) -> bool:
@@ -48,32 +52,41 @@ class Point:
 
 
 def run_point(system: str, catalogue: Catalogue, devices: int, total_rps: float, seconds: float,
-              warmup_s: float = 0.0, options: sysmod.Options | None = None) -> Point:
-    """One system at one total rate (see the module's docstring)."""
+              warmup_s: float = 0.0, options: sysmod.Options | None = None, seeds: int = 1) -> Point:
+    """One system at one total rate (see the module's docstring), over `seeds` traces (seeds
+    options.seed, options.seed + 1, ...; a fresh deployment each) whose requests are pooled."""
     from cellserve.engine.request import Status
 
     options = options or sysmod.Options()
-    deployment = sysmod.build(system, catalogue, devices, total_rps, options)
-    trace = session_arrivals(catalogue, total_rps, seconds, options.seed)
-    t0 = time.perf_counter()
-    # a request unanswered past the loosest SLO after the last arrival has missed anyway
-    drain_s = max(slo_s for slo_s in catalogue.slo_s.values())
-    outcomes = deployment.simulation.run(deployment.arrivals(trace), drain_s=drain_s)
-    wall = time.perf_counter() - t0
+    if seeds < 1:
+        raise ValueError(f"a point needs at least one trace, got seeds={seeds}")
     slo = catalogue.slo_s
-    by_tag = {o.tag: o for o in outcomes}
+    # a request unanswered past the loosest SLO after the last arrival has missed anyway
+    drain_s = max(slo.values())
     met: dict[str, list[int]] = {s.name: [0, 0] for s in catalogue.sessions}
-    for a in trace:
-        if a.time_s < warmup_s:
-            continue
-        o = by_tag.get(a.tag)
-        ok = o is not None and o.status is Status.OK and o.finish_s - o.arrival_s <= slo[a.model]
-        met[a.model][0] += ok
-        met[a.model][1] += 1
+    wall = 0.0
+    devices_used = 0
+    for k in range(seeds):
+        run_options = replace(options, seed=options.seed + k)
+        deployment = sysmod.build(system, catalogue, devices, total_rps, run_options)
+        trace = session_arrivals(catalogue, total_rps, seconds, run_options.seed)
+        t0 = time.perf_counter()
+        outcomes = deployment.simulation.run(deployment.arrivals(trace), drain_s=drain_s)
+        wall += time.perf_counter() - t0
+        devices_used = max(devices_used, deployment.devices_used)
+        by_tag = {o.tag: o for o in outcomes}
+        for a in trace:
+            if a.time_s < warmup_s:
+                continue
+            o = by_tag.get(a.tag)
+            ok = o is not None and o.status is Status.OK and o.finish_s - o.arrival_s <= slo[a.model]
+            met[a.model][0] += ok
+            met[a.model][1] += 1
     counted = sum(n for _, n in met.values())
     attainment = sum(k for k, _ in met.values()) / counted if counted else 0.0
-    return Point(total_rps, attainment, counted, deployment.devices_used, wall,
-                 {m: (k / n if n else 1.0) for m, (k, n) in met.items()})
+    return Point(total_rps, attainment, counted, devices_used, wall,
+                 {m: (k / n if n else 1.0) for m, (k, n) in met.items()},
+                 counted / ((seconds - warmup_s) * seeds))
 
 
 @dataclass
@@ -130,6 +143,7 @@ class ClusterConfig:
     warmup_s: float | None = None
     bisections: int | None = None
     seed: int = 0
+    seeds: int = 1  # traces per rate (seed, seed + 1, ...), their requests pooled
     start_from: Path | None = None  # a previous report: searches start at its figures, scaled
     profile_dir: Path = PROFILE_DIR  # where the models' MODEL-poisson-profile.json are
 
@@ -146,6 +160,8 @@ class ClusterConfig:
         unknown = [s for s in self.systems if s not in sysmod.SYSTEMS + sysmod.ABLATIONS]
         if unknown:
             problems.append(f"unknown systems {unknown}; choose from {', '.join(sysmod.SYSTEMS + sysmod.ABLATIONS)}")
+        if self.seeds < 1:
+            problems.append(f"--seeds must be at least 1, got {self.seeds}")
         if self.seconds <= self.warmup_s:
             problems.append(f"--seconds ({self.seconds}) must exceed the warm-up ({self.warmup_s})")
         if problems:
@@ -164,6 +180,7 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
     options = sysmod.Options(seed=cfg.seed)
     report: dict = {"simulated": True, "label": "simulated", "date": time.strftime("%Y-%m-%d"),
                     "target_attainment": TARGET, "seconds": cfg.seconds, "warmup_s": cfg.warmup_s,
+                    "seed": cfg.seed, "seeds": cfg.seeds,
                     "quick": cfg.quick, "device": _device(catalogue, cfg.profile_dir),
                     "workload": _workload(catalogue),
                     "systems": _systems(options), "devices": {}}
@@ -176,9 +193,10 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
             start = _start(prior, system, n, START_SHARE * planned)
             log(f"  {system}: the search starts at {start:.0f} req/s")
             def evaluate(rate: float, system=system) -> Point:
-                p = run_point(system, catalogue, n, rate, cfg.seconds, cfg.warmup_s, options)
+                p = run_point(system, catalogue, n, rate, cfg.seconds, cfg.warmup_s, options, cfg.seeds)
                 log(f"  {system:9s} {rate:9.1f} req/s: {100 * p.slo_attainment:6.2f}% within SLO "
-                    f"({p.requests} requests, {p.devices_used} devices, {p.wall_s:.1f} wall s)")
+                    f"({p.requests} requests, {p.realised_rps:.0f} req/s in the traces, {p.devices_used} devices, "
+                    f"{p.wall_s:.1f} wall s)")
                 return p
             found = search(evaluate, start, bisections=cfg.bisections)
             row[system] = _entry(found)
@@ -236,7 +254,7 @@ def _entry(found: SearchResult) -> dict:
                         "fail_rps": hi.rate_rps if hi else None, "fail_attainment": hi.slo_attainment if hi else None},
             "per_session_at_max": lo.per_session if lo else {},
             "points": [{"rate_rps": p.rate_rps, "slo_attainment": p.slo_attainment, "requests": p.requests,
-                        "devices_used": p.devices_used, "wall_s": round(p.wall_s, 2)} for p in found.points]}
+                        "realised_rps": round(p.realised_rps, 1), "devices_used": p.devices_used, "wall_s": round(p.wall_s, 2)} for p in found.points]}
 
 
 def _device(catalogue: Catalogue, profile_dir: Path) -> dict:

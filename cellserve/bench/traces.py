@@ -82,6 +82,54 @@ def bursty_arrivals(rng: np.random.Generator, rate_rps: float, n: int, burst_fac
     return arrivals - arrivals[0]
 
 
+def burst_path(rng: np.random.Generator, seconds: float, burst_factor: float, mean_burst_s: float,
+               mean_calm_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The modulating path of a two-state MMPP over [0, seconds]: the segments' edges (from 0 to
+    `seconds`, one more than segments) and each segment's rate multiplier. Sojourns are
+    exponential (means `mean_burst_s`, `mean_calm_s`), the first state is drawn from the
+    stationary distribution, and the multipliers (calm 1 / (1 + p (b - 1)), burst b times that,
+    p the long-run share of time in bursts) average 1 over the long run."""
+    if seconds <= 0:
+        raise ValueError(f"a burst path needs seconds > 0, got {seconds}")
+    p_burst = mean_burst_s / (mean_burst_s + mean_calm_s)
+    calm = 1.0 / (1.0 + p_burst * (burst_factor - 1.0))
+    in_burst = bool(rng.random() < p_burst)
+    edges, multipliers, t = [0.0], [], 0.0
+    while t < seconds:
+        t = min(seconds, t + rng.exponential(mean_burst_s if in_burst else mean_calm_s))
+        edges.append(t)
+        multipliers.append(calm * (burst_factor if in_burst else 1.0))
+        in_burst = not in_burst
+    return np.asarray(edges), np.asarray(multipliers)
+
+
+UNIT_CHUNK = 4096  # unit-rate points are drawn in chunks of this size, so point k is one draw
+
+
+def modulated_arrivals(rng: np.random.Generator, rate_rps: float, edges: np.ndarray,
+                       multipliers: np.ndarray) -> np.ndarray:
+    """Arrival times in [0, edges[-1]) of the Poisson process of intensity `rate_rps` x the
+    path's multiplier (burst_path): the points of a unit-rate Poisson process drawn from `rng`,
+    mapped through the inverse of the cumulative intensity.
+
+    Common random numbers: for one `rng` seed and path, point k maps to the same place in the
+    path at every rate, so a higher rate brings every arrival earlier and adds arrivals at the
+    end; two rates meet the same bursts and differ by the rate alone, not by the draw."""
+    if rate_rps <= 0:
+        raise ValueError(f"an arrival rate must be > 0 req/s, got {rate_rps}")
+    cumulative = np.concatenate(([0.0], np.cumsum(multipliers * np.diff(edges))))
+    horizon = rate_rps * cumulative[-1]  # expected arrivals over the path
+    points: list[np.ndarray] = []
+    last = 0.0
+    while last < horizon:
+        chunk = last + np.cumsum(rng.exponential(1.0, size=UNIT_CHUNK))
+        points.append(chunk)
+        last = float(chunk[-1])
+    units = np.concatenate(points)
+    units = units[units < horizon]
+    return np.interp(units / rate_rps, cumulative, edges)
+
+
 def make_trace(rng: np.random.Generator, rate_rps: float, n: int, vocab: int,
                bursty: bool = False, inputs: InputSampler | None = None) -> list[TraceRequest]:
     """`n` requests with WMT-like lengths, token ids uniform in [0, vocab), ordered by arrival;

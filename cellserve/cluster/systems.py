@@ -103,14 +103,11 @@ def nexus_plan(catalogue: Catalogue, devices: int, total_rps: float, margin: flo
     return plan(workload, latency_profiles(catalogue, margin))
 
 
-_CAPACITY: dict[tuple, float] = {}
-
-
 def planned_capacity(catalogue: Catalogue, devices: int, margin: float = 1.0) -> float:
     """The highest total rate (within 0.1%) whose Nexus plan fits `devices` with nothing
-    unserved: bisection on the planner alone, no simulation. Cached per workload."""
-    key = (tuple(catalogue.sessions), devices, margin)
-    if key not in _CAPACITY:
+    unserved: bisection on the planner alone, no simulation. Kept in the catalogue's memo."""
+    key = ("planned_capacity", devices, margin)
+    if key not in catalogue.memo:
         def fits(rate: float) -> bool:
             return not nexus_plan(catalogue, devices, rate, margin).unserved
 
@@ -120,11 +117,10 @@ def planned_capacity(catalogue: Catalogue, devices: int, margin: float = 1.0) ->
         while hi / lo > 1.001:
             mid = math.sqrt(lo * hi)
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        _CAPACITY[key] = lo
-    return _CAPACITY[key]
+        catalogue.memo[key] = lo
+    return catalogue.memo[key]
 
 
-_ENGINE_CAPACITY: dict[tuple, float] = {}
 CAPACITY_REQUESTS = 200
 
 
@@ -132,13 +128,13 @@ def engine_capacity(catalogue: Catalogue, name: str, config) -> float:
     """Requests/s one simulated device with engine `config` serves of session `name`'s model
     when a burst of its requests (the traces' lengths, no deadlines) arrives at once: a
     closed-loop capacity, as an operator would measure one replica before sizing groups.
-    Cached per (base model, config)."""
+    Kept in the catalogue's memo per (base model, config)."""
     from cellserve.cluster.workload import session_arrivals
     from cellserve.sim.loop import Simulation
 
     session = next(s for s in catalogue.sessions if s.name == name)
-    key = (session.base, repr(config))
-    if key not in _ENGINE_CAPACITY:
+    key = ("engine_capacity", session.base, repr(config))
+    if key not in catalogue.memo:
         one = Catalogue((replace(session, weight=1.0),), {name: catalogue.models[name]},
                         {name: catalogue.profiles[name]})
         burst = [replace(a, time_s=0.0, timeout_s=None)
@@ -146,8 +142,8 @@ def engine_capacity(catalogue: Catalogue, name: str, config) -> float:
         sim = Simulation(seed=7)
         sim.add_engine([catalogue.models[name]], {name: catalogue.profiles[name]}, config)
         outcomes = sim.run(burst, drain_s=3600.0)
-        _ENGINE_CAPACITY[key] = len(outcomes) / max(o.finish_s for o in outcomes)
-    return _ENGINE_CAPACITY[key]
+        catalogue.memo[key] = len(outcomes) / max(o.finish_s for o in outcomes)
+    return catalogue.memo[key]
 
 
 def split_by_load(catalogue: Catalogue, devices: int, config, share: float = 1.0) -> dict[str, int]:

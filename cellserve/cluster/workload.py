@@ -8,18 +8,22 @@ so two sessions of one model with different SLOs are two names. `rename_model` a
 renamed with it.
 
 Contract of `session_arrivals`: for a (seed, session index, rate) the trace is always the same,
-so every system meets the same requests at a given rate.
+so every system meets the same requests at a given rate; and the rate only scales one draw
+(common random numbers): at every rate a session meets the same bursts, and its k-th request
+is the same sentence, arriving earlier the higher the rate. So a search over rates measures
+the rate, not which bursts one trace happened to draw. (Drawing each rate's trace afresh, as
+this did before 2026-12-04, moved a 2 s trace's realised rate between 0.74x and 1.02x of the
+nominal one, and with it the systems' measured capacities by tens of %.)
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from cellserve.bench.traces import bursty_arrivals, sentence_lengths
+from cellserve.bench.traces import UNIT_CHUNK, burst_path, modulated_arrivals, sentence_lengths
 from cellserve.plan.profile import ModelProfile
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "docs" / "results" / "sim"
@@ -84,6 +88,9 @@ class Catalogue:
     sessions: tuple[ClusterSession, ...]
     models: dict[str, object]  # name -> cellserve.graph.model.Model
     profiles: dict[str, ModelProfile]
+    # figures derived from these models and profiles (cluster/systems.py's planned and engine
+    # capacities), kept with them so that another catalogue never reads them
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def slo_s(self) -> dict[str, float]:
@@ -108,23 +115,25 @@ def load_catalogue(sessions: tuple[ClusterSession, ...] = DEFAULT_SESSIONS,
 
 def session_arrivals(catalogue: Catalogue, total_rps: float, seconds: float, seed: int = 0) -> list:
     """`seconds` of bursty arrivals of every session at `total_rps` in all, as SimArrivals with
-    the session's SLO as timeout, tagged 0..n-1 in time order."""
+    the session's SLO as timeout, tagged 0..n-1 in time order. Each session's bursts (its MMPP
+    path), its arrivals' places in that path and its k-th request's tokens come from (seed,
+    session index) alone (bench/traces.modulated_arrivals), so the rate scales one draw."""
     from cellserve.sim.loop import SimArrival
 
     out = []
     for i, (s, rate) in enumerate(zip(catalogue.sessions, rates(catalogue.sessions, total_rps).values())):
         model = catalogue.models[s.name]
-        rng = np.random.default_rng(np.random.SeedSequence([seed, i, int(round(rate * 1000))]))
-        n = max(1, int(math.ceil(rate * seconds)))
-        times = bursty_arrivals(rng, rate, n, BURST_FACTOR, MEAN_BURST_S, MEAN_CALM_S)
-        times = times + rng.exponential(1.0 / rate)  # sessions do not all start at 0
-        lengths = np.minimum(sentence_lengths(rng, n), model.max_sequence_length)
+        path_rng, point_rng, length_rng, token_rng = (
+            np.random.default_rng(np.random.SeedSequence([seed, i, stream])) for stream in range(4))
+        edges, multipliers = burst_path(path_rng, seconds, BURST_FACTOR, MEAN_BURST_S, MEAN_CALM_S)
+        times = modulated_arrivals(point_rng, rate, edges, multipliers)
+        chunks = -(-times.size // UNIT_CHUNK)  # lengths drawn in fixed chunks: the k-th is one draw
+        lengths = np.concatenate([sentence_lengths(length_rng, UNIT_CHUNK) for _ in range(max(1, chunks))])
+        lengths = np.minimum(lengths[:times.size], model.max_sequence_length)
         name = model.inputs[0].name
         vocab = model.semantics[name].vocab
         for t, length in zip(times, lengths):
-            if t >= seconds:
-                break
-            tokens = rng.integers(0, vocab, size=(1, int(length)), dtype=np.int64)
+            tokens = token_rng.integers(0, vocab, size=(1, int(length)), dtype=np.int64)
             out.append(SimArrival(float(t), s.name, {name: tokens}, s.slo_ms / 1e3))
     out.sort(key=lambda a: a.time_s)
     return [replace(a, tag=n) for n, a in enumerate(out)]

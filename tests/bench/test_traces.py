@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 
-from cellserve.bench.traces import (TraceRequest, bursty_arrivals, make_trace, poisson_arrivals,
-                                    sentence_lengths)
+from cellserve.bench.traces import (TraceRequest, burst_path, bursty_arrivals, make_trace, modulated_arrivals,
+                                    poisson_arrivals, sentence_lengths)
 
 
 def _index_of_dispersion(arrivals: np.ndarray, window_s: float) -> float:
@@ -67,3 +68,37 @@ def test_make_trace_is_reproducible_from_the_seed_in_both_modes():
         b = make_trace(np.random.default_rng(7), 20.0, 100, vocab=10, bursty=bursty)
         assert [r.arrival_s for r in a] == [r.arrival_s for r in b]
         assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b))
+
+
+def test_burst_path_covers_the_window_and_averages_one():
+    edges, multipliers = burst_path(np.random.default_rng(8), 2_000.0, 3.0, 0.25, 1.0)
+    assert edges[0] == 0.0 and edges[-1] == 2_000.0 and np.all(np.diff(edges) > 0)
+    assert multipliers.size == edges.size - 1
+    calm = 1.0 / (1.0 + 0.2 * 2.0)
+    assert set(np.round(multipliers, 12)) == {round(calm, 12), round(3.0 * calm, 12)}
+    assert np.all(multipliers[1:] != multipliers[:-1])  # the states alternate
+    mean = float(np.sum(multipliers * np.diff(edges)) / edges[-1])
+    assert abs(mean - 1.0) < 0.05  # ~1,600 cycles: the time-weighted mean is within a few %
+
+
+def test_modulated_arrivals_follow_the_path_at_the_rate():
+    edges, multipliers = burst_path(np.random.default_rng(9), 500.0, 3.0, 0.25, 1.0)
+    arrivals = modulated_arrivals(np.random.default_rng(10), 200.0, edges, multipliers)
+    assert arrivals.min() >= 0.0 and arrivals.max() < 500.0 and np.all(np.diff(arrivals) >= 0)
+    expected = 200.0 * float(np.sum(multipliers * np.diff(edges)))
+    assert abs(arrivals.size - expected) < 4 * np.sqrt(expected)
+    segment = np.searchsorted(edges, arrivals, side="right") - 1
+    burst = multipliers[segment] > 1.0
+    burst_time = float(np.sum(np.diff(edges)[multipliers > 1.0]))
+    calm_time = 500.0 - burst_time
+    assert abs((burst.sum() / burst_time) / ((~burst).sum() / calm_time) - 3.0) < 0.2
+
+
+def test_modulated_arrivals_at_a_higher_rate_scale_one_draw():
+    edges, multipliers = burst_path(np.random.default_rng(11), 3.0, 3.0, 0.25, 1.0)
+    slow = modulated_arrivals(np.random.default_rng(12), 1_000.0, edges, multipliers)
+    fast = modulated_arrivals(np.random.default_rng(12), 2_500.0, edges, multipliers)
+    assert fast.size > 2 * slow.size  # crosses a chunk of unit points, so later draws matter too
+    assert np.all(fast[:slow.size] < slow)  # the same arrivals, each earlier
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        modulated_arrivals(np.random.default_rng(12), 0.0, edges, multipliers)

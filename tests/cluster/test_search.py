@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cellserve.bench.cluster_bench import TARGET, Point, run_point, search
 from cellserve.cluster import systems
 
@@ -53,3 +55,22 @@ def test_a_search_starts_from_a_known_figure_scaled_by_devices(tmp_path):
     assert _start(prior, "static", 100, 1.0) == 5000.0  # 800 * 100 / 16
     assert _start(prior, "nexus", 100, 7.0) == 7.0  # no passing figure: the default
     assert _start(_prior(None), "static", 16, 3.0) == 3.0
+
+
+def test_a_point_over_several_seeds_pools_their_requests(tiny):
+    one = [run_point("static", tiny, 3, 400.0, seconds=0.4, warmup_s=0.1, options=systems.Options(seed=s))
+           for s in (5, 6)]
+    both = run_point("static", tiny, 3, 400.0, seconds=0.4, warmup_s=0.1, options=systems.Options(seed=5), seeds=2)
+    assert both.requests == one[0].requests + one[1].requests
+    assert both.realised_rps == pytest.approx(both.requests / (0.3 * 2))
+    met = sum(p.slo_attainment * p.requests for p in one)
+    assert both.slo_attainment == pytest.approx(met / both.requests)
+    with pytest.raises(ValueError, match="at least one trace"):
+        run_point("static", tiny, 3, 400.0, seconds=0.4, seeds=0)
+
+
+def test_the_config_refuses_no_seeds(tmp_path):
+    from cellserve.bench.cluster_bench import ClusterConfig
+
+    with pytest.raises(ValueError, match="--seeds must be at least 1"):
+        ClusterConfig(devices=[4], json_path=tmp_path / "r.json", seeds=0)
