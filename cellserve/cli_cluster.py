@@ -32,9 +32,9 @@ def add_bench_cluster(bench_sub) -> None:
     b = bench_sub.add_parser(
         "cluster", help="simulated: Nexus planning vs static, Clipper and Ray Serve on N devices",
         description="On N simulated devices (this machine's measured profiles), find for each system the highest "
-                    "total rate of a bursty six-session workload (SLOs 50-500 ms, rates 1:20) at which at least "
-                    "99% of requests finish within their SLO, by a bracketed search. Writes JSON and a PNG "
-                    "beside it. Every figure is simulated.")
+                    "total rate of a bursty multi-model workload (by default six sessions of three zoo models, "
+                    "SLOs 50-500 ms, rates 1:20; or --sessions) at which at least 99% of requests finish within "
+                    "their SLO, by a bracketed search. Writes JSON and a PNG beside it. Every figure is simulated.")
     b.add_argument("--devices", type=_device_counts, default=[16, 100], metavar="N[,N...]",
                    help="device counts (default: 16,100)")
     b.add_argument("--json", type=Path, default=Path("bench-results/cluster.json"),
@@ -54,9 +54,18 @@ def add_bench_cluster(bench_sub) -> None:
                         "(default: 1; the run takes K times as long)")
     b.add_argument("--start-from", type=Path, default=None, metavar="REPORT.json",
                    help="start each search at a previous report's figure for the system, scaled by devices")
+    b.add_argument("--sessions", type=Path, default=None, metavar="SESSIONS.json",
+                   help='the workload: {"sessions": [{"id": NAME, "model": MODEL, "slo_ms": MS, "weight": W}, ...]}, '
+                        "each session's share of the total rate its weight (or rate_rps, so a `plan nexus` sessions "
+                        "file serves); id defaults to the model (default: six sessions of lstm-512, gru-256 and "
+                        "seq2seq-reverse)")
+    b.add_argument("--model-repository", type=Path, default=None, metavar="DIR",
+                   help="where the sessions' models not in the zoo are (a model repository, as `serve` reads)")
     b.add_argument("--profiles-dir", type=Path, default=None, metavar="DIR",
-                   help="where the models' profiles are, as MODEL-poisson-profile.json for lstm-512, gru-256 and "
-                        "seq2seq-reverse (default: the ones measured for this project, docs/results/sim)")
+                   help="where the models' profiles are, as MODEL-poisson-profile.json for each model of the "
+                        "sessions (`cellserve profile --model MODEL --json DIR/MODEL-poisson-profile.json`; "
+                        "default: the ones measured for this project, docs/results/sim, for the zoo's lstm-512, "
+                        "gru-256 and seq2seq-reverse)")
     b.set_defaults(run=_bench_cluster)
 
 
@@ -67,8 +76,9 @@ def _bench_cluster(args, parser) -> int:
     try:
         cfg = ClusterConfig(devices=args.devices, json_path=args.json, quick=args.quick, systems=args.systems,
                             seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed,
-                            seeds=args.seeds,
-                            start_from=args.start_from, profile_dir=args.profiles_dir or PROFILE_DIR)
+                            seeds=args.seeds, start_from=args.start_from,
+                            profile_dir=args.profiles_dir or PROFILE_DIR, sessions_path=args.sessions,
+                            model_repository=args.model_repository)
         catalogue = catalogue_for(cfg)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -75,7 +75,7 @@ def add_partition(plan_sub) -> None:
 
 
 def _graph_from_model(args):
-    from cellserve.bench.sim_bench import load_model
+    from cellserve.server.repository import load_model
     from cellserve.graph.stacking import stack_layers
     from cellserve.plan.gpu_model import gpu_class, modelled_gpu_profile
     from cellserve.plan.partition_graph import PartitionError
@@ -185,7 +185,7 @@ def _bench_partition(args, parser) -> int:
 def _bench_profiles(models, directory):
     """{model: (Model, CPU ModelProfile)}: read from `directory` where there, else measured."""
     from cellserve.bench.profiler import profile_model
-    from cellserve.bench.sim_bench import load_model
+    from cellserve.server.repository import load_model
     from cellserve.engine.config import EngineConfig
     from cellserve.graph import zoo
     from cellserve.plan.profile import ModelProfile

@@ -43,9 +43,9 @@ def add_profile(sub) -> None:
 
 def _profile(args, parser) -> int:
     from cellserve.bench.profiler import profile_model
-    from cellserve.bench.sim_bench import load_model
     from cellserve.engine.config import EngineConfig
     from cellserve.plan.profile import ProfileError
+    from cellserve.server.repository import load_model
 
     deadline = args.slo_ms / 1e3 if args.slo_ms else None
     try:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cellserve.cluster import systems as sysmod
 from cellserve.cluster.workload import (DEFAULT_SESSIONS, PROFILE_DIR, PROFILE_FILE, Catalogue, load_catalogue,
-                                        session_arrivals)
+                                        load_sessions, session_arrivals)
 
 TARGET = 0.99
 # Where every system's search starts: this share of the highest rate the Nexus plan fits
@@ -146,6 +146,8 @@ class ClusterConfig:
     seeds: int = 1  # traces per rate (seed, seed + 1, ...), their requests pooled
     start_from: Path | None = None  # a previous report: searches start at its figures, scaled
     profile_dir: Path = PROFILE_DIR  # where the models' MODEL-poisson-profile.json are
+    sessions_path: Path | None = None  # a sessions file (cluster/workload.parse_sessions); None: DEFAULT_SESSIONS
+    model_repository: Path | None = None  # where models not in the zoo are
 
     def __post_init__(self) -> None:
         if self.seconds is None:
@@ -169,9 +171,11 @@ class ClusterConfig:
 
 
 def catalogue_for(cfg: ClusterConfig) -> Catalogue:
-    """The workload's models and their profiles from cfg.profile_dir (a ProfileError, a
-    ValueError, names a missing or broken one)."""
-    return load_catalogue(DEFAULT_SESSIONS, cfg.profile_dir)
+    """The workload's sessions (cfg.sessions_path, else DEFAULT_SESSIONS), their models and
+    their profiles from cfg.profile_dir (a ValueError, or a ProfileError, names a missing or
+    broken file, field or model)."""
+    sessions = load_sessions(cfg.sessions_path) if cfg.sessions_path is not None else DEFAULT_SESSIONS
+    return load_catalogue(sessions, cfg.profile_dir, cfg.model_repository)
 
 
 def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> dict:
@@ -183,7 +187,7 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
                     "seed": cfg.seed, "seeds": cfg.seeds,
                     "quick": cfg.quick, "device": _device(catalogue, cfg.profile_dir),
                     "workload": _workload(catalogue),
-                    "systems": _systems(options), "devices": {}}
+                    "systems": _systems(options, catalogue), "devices": {}}
     prior = _prior(cfg.start_from)
     for n in cfg.devices:
         planned = sysmod.planned_capacity(catalogue, n, options.nexus_margin)
@@ -272,10 +276,12 @@ def _workload(catalogue: Catalogue) -> dict:
             "lengths": "WMT-like (bench/traces.py), mean 25 tokens"}
 
 
-def _systems(options: sysmod.Options) -> dict:
+def _systems(options: sysmod.Options, catalogue: Catalogue) -> dict:
     from cellserve.cluster import ray_serve as r
+    static_batch = sysmod.profiled_batch(catalogue, sysmod.STATIC_MAX_BATCH)
+    ray_batch = sysmod.profiled_batch(catalogue, r.RAY_MAX_BATCH)
     return {"nexus": "Nexus plan (plan/nexus_pack.py) on cellular engines, least predicted finish, early drop",
-            "static": f"devices split by load, padded batch {sysmod.STATIC_MAX_BATCH} / "
+            "static": f"devices split by load, padded batch {static_batch} / "
                       f"{sysmod.STATIC_BATCH_WAIT_S * 1e3:g} ms, two-choices routing",
             "clipper": f"devices split by load, padded, AIMD batch (+1, -10%), {sysmod.CLIPPER_BATCH_WAIT_S * 1e3:g} ms "
                        "wait, two-choices routing",
@@ -285,7 +291,7 @@ def _systems(options: sysmod.Options) -> dict:
                          f"share of {sysmod.RAY_MIN_SHARE:g} of the pool) and max (load share of the pool + 1), delays x "
                          f"{options.ray_time_scale:.4g} (up {r.RAY_UPSCALE_DELAY_S * options.ray_time_scale:g} s, "
                          f"down {r.RAY_DOWNSCALE_DELAY_S * options.ray_time_scale:g} s), power of two on queue "
-                         f"length, padded batch {r.RAY_MAX_BATCH} / {r.RAY_BATCH_WAIT_S * 1e3:g} ms"}
+                         f"length, padded batch {ray_batch} / {r.RAY_BATCH_WAIT_S * 1e3:g} ms"}
 
 
 def plot_cluster(report: dict, path: Path) -> None:

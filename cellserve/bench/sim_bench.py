@@ -39,6 +39,7 @@ from cellserve.bench.results import json_safe, meets_slo, summarize
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.graph.model import Model
+from cellserve.server.repository import load_model  # also imported from here by docs/results' scripts
 from cellserve.sim.run import simulate_replay
 
 POLICIES = ("cellular", "padded", "none")
@@ -76,22 +77,6 @@ def policy_config(policy: str, max_batch: int) -> EngineConfig:
     if policy == "padded":
         return EngineConfig(policy="padded", max_batch=8, batch_timeout_s=0.005, admission=False, drop_late=False)
     return EngineConfig(policy=policy, admission=False, drop_late=False)
-
-
-def load_model(name: str, repository: Path | None) -> Model:
-    if repository is not None:
-        from cellserve.server.repository import load_repository
-        served = {s.name: s.model for s in load_repository(repository)}
-        if name not in served:
-            raise ValueError(f"--model {name!r} is not in the model repository (it has {sorted(served)})")
-        model = served[name]
-        model.name = name  # the engine's name for it, as the profile records it
-        return model
-    from cellserve.graph import zoo
-    if name not in zoo.names():
-        raise ValueError(f"--model {name!r} is not a zoo model ({', '.join(zoo.names())}); "
-                         "give --model-repository for your own")
-    return zoo.load(name)
 
 
 def relative_error(sim: float, real: float) -> float | None:

@@ -14,7 +14,8 @@ N simulated devices (one `Engine` with a `SimExecutor` per device, all in one `S
   split by load (rate / one device's capacity with that engine, measured in the simulator;
   largest remainders, at least one each), padded batches of at most STATIC_MAX_BATCH with a
   STATIC_BATCH_WAIT_S timeout, no admission control; power-of-two-choices routing within a
-  group.
+  group. (Every batch cap here is cut to the largest batch the profiles cover:
+  `profiled_batch`.)
 - `clipper`: the same groups and padded engines, each replica's batch cap set by Clipper's
   AIMD (clipper.py).
 - `ray-serve`: Ray Serve's defaults (ray_serve.py): a deployment per model over the shared
@@ -173,9 +174,15 @@ def _config(catalogue: Catalogue, **kw):
     return EngineConfig(profile=True, pin_threads=False, stack_layers=stack, **kw)
 
 
+def profiled_batch(catalogue: Catalogue, batch: int) -> int:
+    """`batch`, or the largest batch every model's profile covers if that is smaller (a
+    profile measured with `--max-batch 8` prices no batch of 16: the system batches 8)."""
+    return min(batch, min(p.max_batch for p in catalogue.profiles.values()))
+
+
 def _padded(catalogue: Catalogue, max_batch: int, wait_s: float):
-    return _config(catalogue, policy="padded", max_batch=max_batch, batch_timeout_s=wait_s, admission=False,
-                   drop_late=False)
+    return _config(catalogue, policy="padded", max_batch=profiled_batch(catalogue, max_batch), batch_timeout_s=wait_s,
+                   admission=False, drop_late=False)
 
 
 def build(system: str, catalogue: Catalogue, devices: int, total_rps: float, options: Options | None = None

@@ -18,6 +18,7 @@ nominal one, and with it the systems' measured capacities by tens of %.)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -97,16 +98,111 @@ class Catalogue:
         return {s.name: s.slo_ms / 1e3 for s in self.sessions}
 
 
-def load_catalogue(sessions: tuple[ClusterSession, ...] = DEFAULT_SESSIONS,
-                   profile_dir: Path = PROFILE_DIR) -> Catalogue:
-    """Zoo models and their measured profiles, renamed per session."""
-    from cellserve.graph import zoo
+def parse_sessions(x: object, where: str = "sessions file") -> tuple[ClusterSession, ...]:
+    """A workload's sessions from JSON: `{"sessions": [{"id": NAME, "model": MODEL, "slo_ms": MS,
+    "weight": W}, ...]}` (`schema_version` 1 if given). A session's share of the total rate is
+    its weight over the sum of weights; `rate_rps` stands for the weight, so that a `cellserve
+    plan nexus` sessions file serves as it is (its device_type and max_devices are not read
+    here; queries are refused). `id`, the
+    name the session is served under, defaults to the model's name; two sessions of one model
+    (with different SLOs) need ids of their own. A ValueError names the field at fault."""
+    from cellserve.plan.json_io import as_list, check_version
 
+    if not isinstance(x, dict):
+        raise ValueError(f"{where} must be a JSON object with a \"sessions\" list, got {type(x).__name__}")
+    check_version(x, where, 1, ValueError)
+    if x.get("queries"):
+        raise ValueError(f"{where}: queries are not simulated here; give sessions only")
+    entries = as_list(x.get("sessions"), f"{where}: sessions", ValueError)
+    if not entries:
+        raise ValueError(f"{where}: sessions is empty; give at least one")
+    sessions, seen = [], set()
+    for i, e in enumerate(entries):
+        at = f"{where}: sessions[{i}]"
+        if not isinstance(e, dict):
+            raise ValueError(f"{at} must be an object, got {type(e).__name__}")
+        model = e.get("model")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"{at}.model must be a model's name, got {model!r}")
+        name = e.get("id", model)
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"{at}.id must be a name without '/', got {name!r}")
+        if name in seen:
+            raise ValueError(f"{at}.id {name!r} is taken by an earlier session; give each session of one model "
+                             "an id of its own")
+        seen.add(name)
+        key = "weight" if "weight" in e else "rate_rps"
+        if key not in e:
+            raise ValueError(f"{at} has no weight (or rate_rps): its share of the total rate")
+        slo_ms, weight = _positive(e.get("slo_ms"), f"{at}.slo_ms"), _positive(e[key], f"{at}.{key}")
+        sessions.append(ClusterSession(name, model, slo_ms, weight))
+    return tuple(sessions)
+
+
+def _positive(v: object, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{where} must be a number > 0, got {v!r}")
+    return float(v)
+
+
+def load_sessions(path: Path) -> tuple[ClusterSession, ...]:
+    """The sessions file at `path` (parse_sessions); a ValueError names the file and the field."""
+    from cellserve.plan.json_io import read_json
+
+    return parse_sessions(read_json(path, "sessions file", ValueError), f"sessions file {str(path)!r}")
+
+
+def _repository_models(repository: Path | None) -> dict:
+    """name -> Model of a model repository (none: {}); a bad repository is a ValueError."""
+    if repository is None:
+        return {}
+    from cellserve.errors import ModelLoadError
+    from cellserve.server.repository import load_repository
+
+    try:
+        return {s.name: s.model for s in load_repository(repository)}
+    except ModelLoadError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _token_model(name: str, repository_models: dict):
+    """Model `name` of the repository if it has one, else of the zoo (server/repository.py's
+    load_model, whose error names the zoo's models); its first input must be token ids (the
+    traces are sentences)."""
+    from cellserve.server.repository import load_model
+
+    model = repository_models.get(name)
+    if model is not None:
+        model.name = name  # the engine's name for it, as the profile records it
+    else:
+        model = load_model(name)
+    first = model.inputs[0]
+    semantics = model.semantics.get(first.name)
+    if first.dtype != "int64" or semantics is None or not semantics.vocab:
+        raise ValueError(f"model {name!r} takes {first.name!r} as {first.dtype}; the cluster's traces are token "
+                         "sequences (a model whose first input is token ids)")
+    return model
+
+
+def load_catalogue(sessions: tuple[ClusterSession, ...] = DEFAULT_SESSIONS, profile_dir: Path = PROFILE_DIR,
+                   model_repository: Path | None = None) -> Catalogue:
+    """The sessions' models (of `model_repository` where it has them, else of the zoo) and their
+    measured profiles (`profile_dir/MODEL-poisson-profile.json`), renamed per session. A
+    ValueError (a ProfileError for a profile) names what is missing or broken."""
+    from cellserve.plan.profile import ProfileError
+
+    repository_models = _repository_models(model_repository)
     bases: dict[str, tuple[object, ModelProfile]] = {}
     models, profiles = {}, {}
     for s in sessions:
         if s.base not in bases:
-            bases[s.base] = (zoo.load(s.base), ModelProfile.from_json(profile_dir / PROFILE_FILE.format(model=s.base)))
+            model = _token_model(s.base, repository_models)
+            path = Path(profile_dir) / PROFILE_FILE.format(model=s.base)
+            if not path.exists():
+                hint = f" --model-repository {model_repository}" if model_repository is not None else ""
+                raise ProfileError(f"cannot read profile {str(path)!r}: no such file; measure it with `cellserve "
+                                   f"profile --model {s.base}{hint} --json {path}`")
+            bases[s.base] = (model, ModelProfile.from_json(path))
         model, profile = bases[s.base]
         models[s.name] = rename_model(model, s.name)
         profiles[s.name] = rename_profile(profile, s.name)

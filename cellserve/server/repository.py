@@ -90,6 +90,30 @@ def load_repository(root: Path) -> list[ServedModel]:
     return served
 
 
+def load_model(name: str, repository: Path | None = None) -> Model:
+    """One model by name, for the tools that take `--model NAME [--model-repository DIR]`
+    (profile, simulate, bench sim and cluster, plan partition): of `repository` when one is
+    given (its engine name is `name`, as a profile records it), else of the zoo. A ValueError
+    names the model and what there is instead."""
+    if repository is not None:
+        try:
+            served = {s.name: s.model for s in load_repository(repository)}
+        except ModelLoadError as exc:  # these tools report a bad file as a bad argument
+            raise ValueError(str(exc)) from exc
+        if name not in served:
+            raise ValueError(f"model {name!r} is not in the model repository {str(repository)!r} "
+                             f"(it has {sorted(served)})")
+        model = served[name]
+        model.name = name
+        return model
+    from cellserve.graph import zoo
+
+    if name not in zoo.names():
+        raise ValueError(f"model {name!r} is not a zoo model ({', '.join(zoo.names())}); "
+                         "give --model-repository for your own")
+    return zoo.load(name)
+
+
 def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     from cellserve.graph.onnx_import import load_onnx
     from cellserve.server.model_config import check_parameters

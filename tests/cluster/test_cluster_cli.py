@@ -5,25 +5,30 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cellserve import cli, cli_cluster
 from cellserve.bench import cluster_bench
 from cellserve.cluster import systems
+from cellserve.cluster.workload import PROFILE_DIR, PROFILE_FILE
 
 from conftest import TINY_SESSIONS
 
 
 @pytest.mark.slow  # a simulated cluster bench end to end: seconds
-def test_bench_cluster_quick_writes_the_report(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cluster_bench, "DEFAULT_SESSIONS", TINY_SESSIONS)
+def test_bench_cluster_quick_writes_the_report(tmp_path, capsys):
+    sessions = tmp_path / "sessions.json"
+    sessions.write_text(json.dumps({"sessions": [{"id": s.name, "model": s.base, "slo_ms": s.slo_ms,
+                                                  "weight": s.weight} for s in TINY_SESSIONS]}))
     out = tmp_path / "cluster.json"
-    rc = cli.main(["bench", "cluster", "--devices", "3", "--quick", "--json", str(out),
+    rc = cli.main(["bench", "cluster", "--devices", "3", "--quick", "--json", str(out), "--sessions", str(sessions),
                    "--seconds", "0.3", "--warmup", "0.1", "--bisections", "0"])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["simulated"] is True
+    assert [s["name"] for s in report["workload"]["sessions"]] == [s.name for s in TINY_SESSIONS]
     assert set(report["devices"]) == {"3"}
     row = report["devices"]["3"]
     assert set(row) == set(systems.SYSTEMS)
@@ -54,8 +59,63 @@ def test_a_missing_profiles_dir_exits_2_naming_the_file(tmp_path, capsys):
     assert f"cannot read profile '{tmp_path}/" in capsys.readouterr().err and not (tmp_path / "c.json").exists()
 
 
+def test_a_bad_sessions_file_or_model_exits_2_naming_it(tmp_path, capsys):
+    sessions = tmp_path / "s.json"
+    for body, message in (({"sessions": [{"model": "gru-256", "slo_ms": 0, "weight": 1}]},
+                           "sessions[0].slo_ms must be a number > 0, got 0"),
+                          ({"sessions": [{"model": "nope", "slo_ms": 50, "weight": 1}]},
+                           "model 'nope' is not a zoo model")):
+        sessions.write_text(json.dumps(body))
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["bench", "cluster", "--devices", "3", "--sessions", str(sessions),
+                      "--json", str(tmp_path / "c.json")])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "c.json").exists()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "cluster", "--devices", "3", "--model-repository", str(tmp_path / "none"),
+                  "--json", str(tmp_path / "c.json")])
+    assert exc.value.code == 2 and "is not a directory" in capsys.readouterr().err
+
+
 def test_parser_imports_no_torch_and_names_the_systems():
     code = ("import sys; from cellserve.cli import build_parser; build_parser(); "
             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     assert cli_cluster.SYSTEM_NAMES == systems.SYSTEMS and cli_cluster.ABLATION_NAMES == systems.ABLATIONS
+
+
+@pytest.mark.slow  # profiles a model of a repository, then simulates it beside a zoo model: about a minute
+def test_bench_cluster_serves_a_repository_model_beside_a_zoo_one(tmp_path):
+    import shutil
+
+    import torch
+
+    from cellserve.graph.torch_import import export_onnx_bytes
+    from cellserve.graph.zoo.modules import RNNClassifier, seeded
+
+    # a batch-first 2-layer LSTM classifier of the user's, exported as a repository holds it
+    module = seeded(RNNClassifier("lstm", 50, 8, 8, 2, classes=3), 0)
+    onnx = export_onnx_bytes(module, (torch.zeros((1, 3), dtype=torch.long),), ["tokens"], ["probabilities", "label"],
+                             {"tokens": {0: "batch", 1: "time"}, "probabilities": {0: "batch"}, "label": {0: "batch"}})
+    repository, profiles = tmp_path / "models", tmp_path / "profiles"
+    (repository / "tagger" / "1").mkdir(parents=True)
+    (repository / "tagger" / "1" / "model.onnx").write_bytes(onnx)
+    profiles.mkdir()
+    shutil.copy(PROFILE_DIR / PROFILE_FILE.format(model="gru-256"), profiles)
+    rc = cli.main(["profile", "--model", "tagger", "--model-repository", str(repository), "--quick",
+                   "--max-batch", "8", "--json", str(profiles / PROFILE_FILE.format(model="tagger"))])
+    assert rc == 0
+    sessions = tmp_path / "sessions.json"
+    sessions.write_text(json.dumps({"sessions": [{"model": "tagger", "slo_ms": 100, "weight": 2},
+                                                 {"model": "gru-256", "slo_ms": 50, "weight": 1}]}))
+    out = tmp_path / "cluster.json"
+    rc = cli.main(["bench", "cluster", "--devices", "2", "--quick", "--json", str(out), "--sessions", str(sessions),
+                   "--model-repository", str(repository), "--profiles-dir", str(profiles), "--seconds", "0.3",
+                   "--warmup", "0.1", "--bisections", "0", "--systems", "nexus,static"])
+    assert rc == 0
+    row = json.loads(out.read_text())["devices"]["2"]
+    assert set(row) == {"nexus", "static"}
+    for entry in row.values():
+        passed = [p for p in entry["points"] if p["slo_attainment"] >= 0.99]
+        assert passed, entry  # both systems serve the light end of their search
+        assert all(p["requests"] > 0 and p["realised_rps"] > 0 for p in entry["points"])
