@@ -52,6 +52,9 @@ def add_bench_cluster(bench_sub) -> None:
                    help="traces per rate, seeds SEED..SEED+K-1, their requests pooled: each trace is one draw of "
                         "the sessions' bursts, so more seeds make each rate's attainment less a matter of the draw "
                         "(default: 1; the run takes K times as long)")
+    b.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="search up to N systems at once, each in a process of its own (default: 1; the figures "
+                        "do not depend on it)")
     b.add_argument("--start-from", type=Path, default=None, metavar="REPORT.json",
                    help="start each search at a previous report's figure for the system, scaled by devices")
     b.add_argument("--sessions", type=Path, default=None, metavar="SESSIONS.json",
@@ -78,7 +81,7 @@ def _bench_cluster(args, parser) -> int:
                             seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed,
                             seeds=args.seeds, start_from=args.start_from,
                             profile_dir=args.profiles_dir or PROFILE_DIR, sessions_path=args.sessions,
-                            model_repository=args.model_repository)
+                            model_repository=args.model_repository, jobs=args.jobs)
         catalogue = catalogue_for(cfg)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -148,6 +148,7 @@ class ClusterConfig:
     profile_dir: Path = PROFILE_DIR  # where the models' MODEL-poisson-profile.json are
     sessions_path: Path | None = None  # a sessions file (cluster/workload.parse_sessions); None: DEFAULT_SESSIONS
     model_repository: Path | None = None  # where models not in the zoo are
+    jobs: int = 1  # systems searched at once, each in a process of its own
 
     def __post_init__(self) -> None:
         if self.seconds is None:
@@ -162,6 +163,8 @@ class ClusterConfig:
         unknown = [s for s in self.systems if s not in sysmod.SYSTEMS + sysmod.ABLATIONS]
         if unknown:
             problems.append(f"unknown systems {unknown}; choose from {', '.join(sysmod.SYSTEMS + sysmod.ABLATIONS)}")
+        if self.jobs < 1:
+            problems.append(f"--jobs must be at least 1, got {self.jobs}")
         if self.seeds < 1:
             problems.append(f"--seeds must be at least 1, got {self.seeds}")
         if self.seconds <= self.warmup_s:
@@ -192,20 +195,13 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
     for n in cfg.devices:
         planned = sysmod.planned_capacity(catalogue, n, options.nexus_margin)
         log(f"{n} devices: the Nexus plan fits up to {planned:.0f} req/s (simulated)")
-        row = {}
-        for system in cfg.systems:
-            start = _start(prior, system, n, START_SHARE * planned)
-            log(f"  {system}: the search starts at {start:.0f} req/s")
-            def evaluate(rate: float, system=system) -> Point:
-                p = run_point(system, catalogue, n, rate, cfg.seconds, cfg.warmup_s, options, cfg.seeds)
-                log(f"  {system:9s} {rate:9.1f} req/s: {100 * p.slo_attainment:6.2f}% within SLO "
-                    f"({p.requests} requests, {p.realised_rps:.0f} req/s in the traces, {p.devices_used} devices, "
-                    f"{p.wall_s:.1f} wall s)")
-                return p
-            found = search(evaluate, start, bisections=cfg.bisections)
-            row[system] = _entry(found)
-            report["devices"][str(n)] = row
+        row: dict = {}
+        starts = {system: _start(prior, system, n, START_SHARE * planned) for system in cfg.systems}
+        for system, entry in _searches(cfg, catalogue, n, starts, log):
+            row[system] = entry
+            report["devices"][str(n)] = {s: row[s] for s in cfg.systems if s in row}
             _write(report, cfg.json_path)  # what is done survives a run cut short
+        row = {s: row[s] for s in cfg.systems}
         best = max((row[s]["max_rate_rps"] for s in row if s in sysmod.SYSTEMS and s != "nexus"), default=0.0)
         if "nexus" in row and best > 0:
             row["nexus"]["vs_best_baseline"] = row["nexus"]["max_rate_rps"] / best
@@ -220,6 +216,40 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
     plot_cluster(report, plot)
     log(f"wrote {cfg.json_path} and {plot}")
     return report
+
+
+def search_system(cfg: ClusterConfig, catalogue: Catalogue, system: str, devices: int, start: float,
+                  log=print) -> dict:
+    """One system's bracketed search on `devices` devices from `start` req/s: its report entry."""
+    options = sysmod.Options(seed=cfg.seed)
+    log(f"  {system}: the search starts at {start:.0f} req/s")
+
+    def evaluate(rate: float) -> Point:
+        p = run_point(system, catalogue, devices, rate, cfg.seconds, cfg.warmup_s, options, cfg.seeds)
+        log(f"  {system:9s} {rate:9.1f} req/s: {100 * p.slo_attainment:6.2f}% within SLO "
+            f"({p.requests} requests, {p.realised_rps:.0f} req/s in the traces, {p.devices_used} devices, "
+            f"{p.wall_s:.1f} wall s)")
+        return p
+    return _entry(search(evaluate, start, bisections=cfg.bisections))
+
+
+def _searches(cfg: ClusterConfig, catalogue: Catalogue, devices: int, starts: dict[str, float], log):
+    """(system, entry) of every system's search, as each ends: one after another, or with
+    cfg.jobs > 1 in that many processes at once (the searches share nothing; each process
+    logs its own lines as print does)."""
+    if cfg.jobs <= 1 or len(starts) <= 1:
+        for system, start in starts.items():
+            yield system, search_system(cfg, catalogue, system, devices, start, log)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: a forked child of a process that ran OpenMP regions can hang in them
+    with ProcessPoolExecutor(min(cfg.jobs, len(starts)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(search_system, cfg, catalogue, system, devices, start): system
+                   for system, start in starts.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 def _write(report: dict, path: Path) -> None:

@@ -43,7 +43,8 @@ def test_bench_cluster_quick_writes_the_report(tmp_path, capsys):
 
 
 def test_bad_arguments_exit_2(capsys):
-    for args in (["--devices", "0"], ["--devices", "x"], ["--systems", "tfserving"]):
+    for args in (["--devices", "0"], ["--devices", "x"], ["--systems", "tfserving"], ["--jobs", "0"],
+                 ["--seeds", "0"]):
         try:
             cli.main(["bench", "cluster", *args])
         except SystemExit as exc:
@@ -119,3 +120,19 @@ def test_bench_cluster_serves_a_repository_model_beside_a_zoo_one(tmp_path):
         passed = [p for p in entry["points"] if p["slo_attainment"] >= 0.99]
         assert passed, entry  # both systems serve the light end of their search
         assert all(p["requests"] > 0 and p["realised_rps"] > 0 for p in entry["points"])
+
+
+@pytest.mark.slow  # two processes spawned, each importing cellserve: seconds
+def test_searches_in_processes_find_what_one_process_finds(tiny, tmp_path):
+    def rows(jobs):
+        cfg = cluster_bench.ClusterConfig(devices=[3], json_path=tmp_path / f"j{jobs}.json", quick=True,
+                                          systems=("nexus", "static"), seconds=0.3, warmup_s=0.1, bisections=0,
+                                          jobs=jobs)
+        report = cluster_bench.run(cfg, tiny, log=lambda line: None)
+        for entry in report["devices"]["3"].values():
+            for p in entry["points"]:
+                p.pop("wall_s")
+        return report["devices"]["3"]
+
+    one, two = rows(1), rows(2)
+    assert list(two) == ["nexus", "static"] and two == one
