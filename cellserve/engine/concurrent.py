@@ -4,11 +4,20 @@ two directions on two core groups, an encoder and its decoder apart).
 The step stays schedule -> execute -> update, per executor: the loop admits arrivals, hands
 each idle executor a batch of the cell types placed on it (cellular batching per executor:
 `policy.next_batch(now, only=its cell types)`), and takes back each finished batch from the
-completion queue, advancing its lanes and the requests they finish. Executors compute on
-their worker threads (executor/workers.py) while this thread does the bookkeeping.
+completion queue, advancing its lanes and the requests they finish.
+
+Threads: the first executor (the host's, `Engine._default`) runs on this thread, which pins
+itself to that executor's cores and leads its OpenMP team; every other executor runs on a
+worker thread of its own (executor/workers.py). So two single-core executors use two threads,
+not three: a third thread doing only bookkeeping was time-sliced against the two computing
+ones on their cores, and each of its batches paid a hand-off both ways. The first executor's
+batch runs last in a round, after the workers got theirs; a lone-lane run there stops after
+its step in progress when a worker's batch comes back or a request arrives (`_host_stop`),
+so the workers are not left idle behind it.
 
 Invariant (no kernel is changed under a running step): every executor call but `execute`
-runs on this thread while that executor has no batch in flight. A lane to start, or to free,
+runs on this thread while that executor has no batch in flight (the first executor's batches
+run on this thread, so it never has one in flight between calls). A lane to start, or to free,
 on a busy executor waits in the executor's deferred list, run as soon as its batch comes
 back and before it gets the next one; the worker's stop flag is raised, so a lone lane's run
 gives way after the step in progress. A request whose lanes wait counts them (`_Run.waiting`):
@@ -28,7 +37,9 @@ back, beyond the cost model's price of its steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from queue import Empty, SimpleQueue
 
 import numpy as np
@@ -53,7 +64,8 @@ class ConcurrentSteps:
         self._busy: set = set()  # executors with a batch in flight (always empty with one loop)
         self._deferred: dict = {}  # executor -> calls waiting for its batch to come back
         self._workers: dict = {}  # executor -> ExecutorWorker, started on the first step
-        self._stop_flags: list[np.ndarray] = []  # the workers' flags, raised by submit
+        self._stop_flags: list[np.ndarray] = []  # the workers' flags and _host_stop, raised by submit
+        self._host_stop = np.zeros(1, np.int64)  # the first executor's lone runs stop for it
         self._done: SimpleQueue = SimpleQueue()
         self._types_on: dict = {}  # executor -> frozenset of its cell types
         for cell_type, ex in self._placed.items():
@@ -114,17 +126,20 @@ class ConcurrentSteps:
     # ---- the loop ----
 
     def _start_workers(self) -> None:
+        """A worker thread for every executor but the first (which runs on this thread)."""
         if self._workers:
             return
         from cellserve.executor.workers import ExecutorWorker
 
         for ex in self.executors.values():
-            worker = ExecutorWorker(ex, self._done, self._wake, self.config.pin_threads)
+            if ex is self._default:
+                continue
+            worker = ExecutorWorker(ex, self._done, self._wake, self.config.pin_threads, self._host_stop)
             worker.start()
             if worker.pinned:
                 log.info("kernel threads of executor %s pinned to cores %s", ex.name, worker.pinned)
             self._workers[ex] = worker
-        self._stop_flags = [w.stop for w in self._workers.values()]
+        self._stop_flags = [w.stop for w in self._workers.values()] + [self._host_stop]
 
     def close(self) -> None:
         """Take back the batches in flight and stop the executors' threads (a later step
@@ -147,21 +162,27 @@ class ConcurrentSteps:
             except Empty:
                 return took
             took = True
-            executor = worker.executor
-            self._busy.discard(executor)
-            if error is not None:
-                log.error("cell step of %s failed", work.batch.cell_type, exc_info=error)
-                self._fail_batch(work.batch, f"internal error in cell {work.batch.cell_type}: "
-                                             f"{type(error).__name__}: {error}")
-            else:
-                self._account(work, result)
-                self._complete(work, result)
-                self._learn_overhead(self.clock.now() - work.started, work.batch, result.steps)
-            self._run_deferred(executor)
+            self._busy.discard(worker.executor)
+            self._batch_back(worker.executor, work, result, error)
+
+    def _batch_back(self, executor, work: _Work, result, error: Exception | None) -> None:
+        """Update the engine with one executor's finished batch (or fail its requests), then
+        run that executor's deferred calls."""
+        if error is not None:
+            log.error("cell step of %s failed", work.batch.cell_type, exc_info=error)
+            self._fail_batch(work.batch, f"internal error in cell {work.batch.cell_type}: "
+                                         f"{type(error).__name__}: {error}")
+        else:
+            self._account(work, result)
+            self._complete(work, result)
+            self._learn_overhead(self.clock.now() - work.started, work.batch, result.steps)
+        self._run_deferred(executor)
 
     def _dispatch(self, now: float) -> bool:
-        """Hand each idle executor its next batch; whether any got one."""
+        """Hand each idle worker its next batch, then run the first executor's on this thread;
+        whether any executor got one."""
         gave = False
+        host_work = None
         for executor, types in self._types_on.items():
             if executor in self._busy:
                 continue
@@ -171,14 +192,32 @@ class ConcurrentSteps:
             work = _Work(batch, np.array(batch.slots, np.int64), np.array(batch.rows, np.int64),
                          np.array(batch.strides, np.int64), now, 0, 0)
             work.lone_steps = self._lone_steps(batch)
+            gave = True
+            if executor is self._default:
+                host_work = work
+                continue
             worker = self._workers[executor]
             worker.stop[0] = 0
             if self._inbox:  # after clearing it: a submit in between sets it again
                 worker.stop[0] = 1
             self._busy.add(executor)
             worker.run(work)
-            gave = True
+        if host_work is not None:
+            self._run_host(host_work)
         return gave
+
+    def _run_host(self, work: _Work) -> None:
+        """Run a batch of the first executor on this thread and take it back at once."""
+        stop = self._host_stop
+        stop[0] = 0
+        if self._inbox or not self._done.empty():  # after clearing it: see ExecutorWorker
+            stop[0] = 1
+        try:
+            result = self._default.execute(work.batch, work.slots, work.rows, work.lone_steps, stop)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - the engine fails this batch's requests
+            result, error = None, exc
+        self._batch_back(self._default, work, result, error)
 
     def _step_concurrent(self) -> bool:
         """Take back finished batches, admit arrivals, hand out batches. Whether anything
@@ -193,9 +232,7 @@ class ConcurrentSteps:
         return took or arrived or gave
 
     def _serve_forever_concurrent(self, stop) -> None:
-        from cellserve.kernels.affinity import openmp_team_size
-
-        with openmp_team_size(1):  # see openmp_team_size: the executors own the cores
+        with self._host_placed():
             try:
                 while not stop.is_set():
                     self._wake.clear()
@@ -208,10 +245,8 @@ class ConcurrentSteps:
                 self.close()
 
     def _run_until_idle_concurrent(self, timeout_s: float) -> None:
-        from cellserve.kernels.affinity import openmp_team_size
-
         end = self.clock.now() + timeout_s
-        with openmp_team_size(1):
+        with self._host_placed():
             while not self.idle() or self._busy:
                 if self.clock.now() > end:
                     raise TimeoutError(f"engine did not drain within {timeout_s} s")
@@ -222,6 +257,28 @@ class ConcurrentSteps:
                     self._wake.wait(0.05)
                     continue
                 self._sleep_until_wake()
+
+    @contextlib.contextmanager
+    def _host_placed(self):
+        """For the loop's duration, this thread is the first executor's OpenMP master: with a
+        core group, a team of one thread per core of the group, pinned there with
+        `pin_threads`, and its cores given back after; without one (the CPU executor on every
+        core, a CUDA executor), the team this thread already has."""
+        from cellserve.kernels.affinity import openmp_team_size, pin_core_group
+
+        cores = getattr(self._default, "cores", None)
+        if not cores:
+            yield
+            return
+        affinity = os.sched_getaffinity(0)
+        with openmp_team_size(len(cores)):
+            try:
+                pinned = pin_core_group(list(cores), self.config.pin_threads)
+                if pinned:
+                    log.info("kernel threads of executor %s pinned to cores %s", self._default.name, pinned)
+                yield
+            finally:
+                os.sched_setaffinity(0, affinity)
 
     @staticmethod
     def _error_status(exc: Exception):

@@ -1,8 +1,9 @@
 """A worker thread per executor, so that several executors run batches at once.
 
-The engine's loop hands each idle executor one batch at a time (`ExecutorWorker.run`); the
-worker runs `executor.execute` on its own thread and posts `(worker, work, result, error)` to
-the engine's completion queue, then sets the engine's wake-up event. The kernels release the
+The engine's loop hands each idle executor but the first (which it runs on its own thread)
+one batch at a time (`ExecutorWorker.run`); the worker runs `executor.execute` on its own
+thread and posts `(worker, work, result, error)` to the engine's completion queue, raises the
+engine thread's stop flag (its lone-lane run there gives way) and sets its wake-up event. The kernels release the
 GIL (the C extension and torch), so two workers on two core groups compute at once while the
 engine's thread does its bookkeeping.
 
@@ -35,11 +36,13 @@ class ExecutorWorker:
     """One executor's thread. `stop` is the int64 flag its lone-lane runs read between steps:
     the engine sets it when a request arrives or a lane waits to start on this executor."""
 
-    def __init__(self, executor: Executor, done: SimpleQueue, wake: threading.Event, pin: bool = True):
+    def __init__(self, executor: Executor, done: SimpleQueue, wake: threading.Event, pin: bool = True,
+                 host_stop: np.ndarray | None = None):
         self.executor = executor
         self.stop = np.zeros(1, np.int64)
         self.pinned: list[int] | None = None  # the cores its threads were pinned to
         self._done, self._wake, self._pin = done, wake, pin
+        self._host_stop = host_stop  # raised with each result: the engine thread's lone run gives way
         self._jobs: SimpleQueue = SimpleQueue()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"cellserve-executor-{executor.name}", daemon=True)
@@ -80,4 +83,6 @@ class ExecutorWorker:
             except Exception as exc:  # noqa: BLE001 - the engine fails this batch's requests
                 result, error = None, exc
             self._done.put((self, work, result, error))
+            if self._host_stop is not None:
+                self._host_stop[0] = 1
             self._wake.set()

@@ -130,9 +130,9 @@ def pin_core_group(cores: list[int], pin: bool = True) -> list[int] | None:
 def openmp_team_size(n: int) -> Iterator[None]:
     """The calling thread's OpenMP team size is `n` for the block, then what it was.
 
-    Why: with several executors the engine's own thread (the projections of lanes it starts,
-    plain ops) should not start a team of one thread per core, whose workers spin after each
-    region on the cores the executors' pinned threads run on."""
+    Why: with several executors the engine's own thread leads the first executor's team (the
+    size of its core group, engine/concurrent.py), not a team of one thread per core whose
+    workers would spin after each region on the cores the other executors' threads run on."""
     libgomp = _torch_libgomp()
     before = torch.get_num_threads()
     _set_team_size(libgomp, n)

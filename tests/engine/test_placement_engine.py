@@ -101,6 +101,36 @@ def test_bidirectional_directions_on_two_executors_answer_as_one(tagger):
         engine.close()
 
 
+class ThreadNoting(KernelExecutor):
+    """A real CPU executor that notes the thread each batch ran on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads: set[str] = set()
+
+    def execute(self, *args, **kwargs):
+        self.threads.add(threading.current_thread().name)
+        return super().execute(*args, **kwargs)
+
+
+def test_the_first_executor_runs_on_the_engine_thread_and_the_others_on_workers(tagger):
+    """Two single-core executors take two threads: the engine's own runs the first executor's
+    batches (no hand-off, no third thread on the cores); the engine thread's cores are its
+    own again once the loop ends."""
+    executors = {"cpu0": ThreadNoting("cpu", name="cpu0", cores=[CORES[0]]),
+                 "cpu1": ThreadNoting("cpu", name="cpu1", cores=[CORES[-1]])}
+    engine = Engine([tagger], CONFIG, executors=executors, placement=split_directions(tagger))
+    affinity = os.sched_getaffinity(0)
+    try:
+        answers = answer(engine, "bilstm-tagger", tagger_requests(20, seed=4))
+        assert all(a.status is Status.OK for a in answers)
+        assert executors["cpu0"].threads == {threading.current_thread().name}
+        assert executors["cpu1"].threads == {"cellserve-executor-cpu1"}
+        assert os.sched_getaffinity(0) == affinity
+    finally:
+        engine.close()
+
+
 def test_encoder_and_decoder_on_two_executors_answer_as_one(seq2seq):
     inputs = digit_requests(80, seed=2)
     reference = answer(Engine([seq2seq], CONFIG), "seq2seq-reverse", inputs)
