@@ -6,14 +6,13 @@ each idle executor a batch of the cell types placed on it (cellular batching per
 `policy.next_batch(now, only=its cell types)`), and takes back each finished batch from the
 completion queue, advancing its lanes and the requests they finish.
 
-Threads: the first executor (the host's, `Engine._default`) runs on this thread, which pins
-itself to that executor's cores and leads its OpenMP team; every other executor runs on a
-worker thread of its own (executor/workers.py). So two single-core executors use two threads,
-not three: a third thread doing only bookkeeping was time-sliced against the two computing
-ones on their cores, and each of its batches paid a hand-off both ways. The first executor's
-batch runs last in a round, after the workers got theirs; a lone-lane run there stops after
-its step in progress when a worker's batch comes back or a request arrives (`_host_stop`),
-so the workers are not left idle behind it.
+Threads: the first executor (`Engine._default`, which runs what the placement leaves
+unnamed) runs on this thread, which pins itself to that executor's cores and leads its
+OpenMP team; every other executor runs on a worker thread of its own (executor/workers.py).
+So two single-core executors use two threads, not three, and the first executor's batches
+pay no hand-off. Its batch runs last in a round, after the workers got theirs; a lone-lane
+run there stops after its step in progress when a worker's batch comes back or a request
+arrives (`_host_stop`), so the workers are not left idle behind it.
 
 Invariant (no kernel is changed under a running step): every executor call but `execute`
 runs on this thread while that executor has no batch in flight (the first executor's batches
