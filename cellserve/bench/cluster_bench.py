@@ -288,7 +288,9 @@ def _entry(found: SearchResult) -> dict:
                         "fail_rps": hi.rate_rps if hi else None, "fail_attainment": hi.slo_attainment if hi else None},
             "per_session_at_max": lo.per_session if lo else {},
             "points": [{"rate_rps": p.rate_rps, "slo_attainment": p.slo_attainment, "requests": p.requests,
-                        "realised_rps": round(p.realised_rps, 1), "devices_used": p.devices_used, "wall_s": round(p.wall_s, 2)} for p in found.points]}
+                        "realised_rps": round(p.realised_rps, 1), "devices_used": p.devices_used,
+                        "per_session": {k: round(v, 5) for k, v in p.per_session.items()},
+                        "wall_s": round(p.wall_s, 2)} for p in found.points]}
 
 
 def _device(catalogue: Catalogue, profile_dir: Path) -> dict:

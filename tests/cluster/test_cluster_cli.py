@@ -120,6 +120,10 @@ def test_bench_cluster_serves_a_repository_model_beside_a_zoo_one(tmp_path):
         passed = [p for p in entry["points"] if p["slo_attainment"] >= 0.99]
         assert passed, entry  # both systems serve the light end of their search
         assert all(p["requests"] > 0 and p["realised_rps"] > 0 for p in entry["points"])
+        # each point says which session missed: the overall figure is their requests' mean
+        assert all(set(p["per_session"]) == {"tagger", "gru-256"} for p in entry["points"])
+        assert all(min(p["per_session"].values()) <= p["slo_attainment"] <= max(p["per_session"].values())
+                   for p in entry["points"])
 
 
 @pytest.mark.slow  # two processes spawned, each importing cellserve: seconds
