@@ -3,9 +3,9 @@
 The engine's loop hands each idle executor but the first (which it runs on its own thread)
 one batch at a time (`ExecutorWorker.run`); the worker runs `executor.execute` on its own
 thread and posts `(worker, work, result, error)` to the engine's completion queue, raises the
-engine thread's stop flag (its lone-lane run there gives way) and sets its wake-up event. The kernels release the
-GIL (the C extension and torch), so two workers on two core groups compute at once while the
-engine's thread does its bookkeeping.
+engine thread's stop flag (a lone-lane run there gives way) and sets its wake-up event. The
+kernels release the GIL (the C extension and torch), so executors on different core groups
+compute at once.
 
 Contract: a worker runs only `execute`, one batch at a time, and only what it is handed; it
 never touches the engine. The engine calls the executor's other methods (lane starts and
