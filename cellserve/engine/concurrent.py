@@ -12,7 +12,8 @@ OpenMP team; every other executor runs on a worker thread of its own (executor/w
 So two single-core executors use two threads, not three, and the first executor's batches
 pay no hand-off. Its batch runs last in a round, after the workers got theirs; a lone-lane
 run there stops after its step in progress when a worker's batch comes back or a request
-arrives (`_host_stop`), so the workers are not left idle behind it.
+arrives (the engine's `_arrived` flag, which the workers raise too), so the workers are not
+left idle behind it.
 
 Invariant (no kernel is changed under a running step): every executor call but `execute`
 runs on this thread while that executor has no batch in flight (the first executor's batches
@@ -63,8 +64,7 @@ class ConcurrentSteps:
         self._busy: set = set()  # executors with a batch in flight (always empty with one loop)
         self._deferred: dict = {}  # executor -> calls waiting for its batch to come back
         self._workers: dict = {}  # executor -> ExecutorWorker, started on the first step
-        self._stop_flags: list[np.ndarray] = []  # the workers' flags and _host_stop, raised by submit
-        self._host_stop = np.zeros(1, np.int64)  # the first executor's lone runs stop for it
+        self._stop_flags: list[np.ndarray] = []  # the workers' flags, raised by submit
         self._done: SimpleQueue = SimpleQueue()
         self._types_on: dict = {}  # executor -> frozenset of its cell types
         for cell_type, ex in self._placed.items():
@@ -133,12 +133,12 @@ class ConcurrentSteps:
         for ex in self.executors.values():
             if ex is self._default:
                 continue
-            worker = ExecutorWorker(ex, self._done, self._wake, self.config.pin_threads, self._host_stop)
+            worker = ExecutorWorker(ex, self._done, self._wake, self.config.pin_threads, self._arrived)
             worker.start()
             if worker.pinned:
                 log.info("kernel threads of executor %s pinned to cores %s", ex.name, worker.pinned)
             self._workers[ex] = worker
-        self._stop_flags = [w.stop for w in self._workers.values()] + [self._host_stop]
+        self._stop_flags = [w.stop for w in self._workers.values()]
 
     def close(self) -> None:
         """Take back the batches in flight and stop the executors' threads (a later step
@@ -161,21 +161,21 @@ class ConcurrentSteps:
             except Empty:
                 return took
             took = True
-            self._busy.discard(worker.executor)
-            self._batch_back(worker.executor, work, result, error)
+            executor = worker.executor
+            self._busy.discard(executor)
+            if error is not None:
+                log.error("cell step of %s failed", work.batch.cell_type, exc_info=error)
+                self._fail_batch(work.batch, f"internal error in cell {work.batch.cell_type}: "
+                                             f"{type(error).__name__}: {error}")
+            else:
+                self._account(work, result)
+                self._batch_back(work, result)
+            self._run_deferred(executor)
 
-    def _batch_back(self, executor, work: _Work, result, error: Exception | None) -> None:
-        """Update the engine with one executor's finished batch (or fail its requests), then
-        run that executor's deferred calls."""
-        if error is not None:
-            log.error("cell step of %s failed", work.batch.cell_type, exc_info=error)
-            self._fail_batch(work.batch, f"internal error in cell {work.batch.cell_type}: "
-                                         f"{type(error).__name__}: {error}")
-        else:
-            self._account(work, result)
-            self._complete(work, result)
-            self._learn_overhead(self.clock.now() - work.started, work.batch, result.steps)
-        self._run_deferred(executor)
+    def _batch_back(self, work: _Work, result) -> None:
+        """Advance a finished batch's lanes and learn the time it took, hand-out to now."""
+        self._complete(work, result)
+        self._learn_overhead(self.clock.now() - work.started, work.batch, result.steps)
 
     def _dispatch(self, now: float) -> bool:
         """Hand each idle worker its next batch, then run the first executor's on this thread;
@@ -206,17 +206,14 @@ class ConcurrentSteps:
         return gave
 
     def _run_host(self, work: _Work) -> None:
-        """Run a batch of the first executor on this thread and take it back at once."""
-        stop = self._host_stop
-        stop[0] = 0
-        if self._inbox or not self._done.empty():  # after clearing it: see ExecutorWorker
-            stop[0] = 1
-        try:
-            result = self._default.execute(work.batch, work.slots, work.rows, work.lone_steps, stop)
-            error = None
-        except Exception as exc:  # noqa: BLE001 - the engine fails this batch's requests
-            result, error = None, exc
-        self._batch_back(self._default, work, result, error)
+        """Run a batch of the first executor on this thread, as the single loop runs one
+        (`Engine._execute`, its lone runs stopped by `_arrived`), and take it back at once."""
+        if not self._done.empty():  # a worker's batch came back since _take_arrivals cleared the flag
+            self._arrived[0] = 1
+        result = self._execute(work)
+        if result is not None:
+            self._batch_back(work, result)
+        self._run_deferred(self._default)
 
     def _step_concurrent(self) -> bool:
         """Take back finished batches, admit arrivals, hand out batches. Whether anything

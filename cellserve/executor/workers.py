@@ -42,7 +42,7 @@ class ExecutorWorker:
         self.stop = np.zeros(1, np.int64)
         self.pinned: list[int] | None = None  # the cores its threads were pinned to
         self._done, self._wake, self._pin = done, wake, pin
-        self._host_stop = host_stop  # raised with each result: the engine thread's lone run gives way
+        self._host_stop = host_stop  # the engine's `_arrived`, raised with each result: its lone run gives way
         self._jobs: SimpleQueue = SimpleQueue()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"cellserve-executor-{executor.name}", daemon=True)
