@@ -13,6 +13,9 @@
    HTTP frontend (ray_plan_load.py, bench/loadgen's client), deadlines = SLOs, at a ramp of total
    rates around the predicted one. The plan served has its rates (the rate gates) scaled to the
    top of the ramp, so the ramp finds what the layout serves rather than where the gates shed.
+   With `--calibrate` the planner's inputs are first corrected by a calibration run: the
+   uncorrected plan served at CALIBRATION_FACTOR x its own prediction, its CPU per request
+   measured (`corrections_from`); the ramp then serves the corrected plan on a fresh server.
 4. Report: JSON {"predicted_goodput_rps", "measured_max_goodput_rps",
    "measured_max_rate_99_rps", "error", "rates": [...], "plan", "served_plan", "profiles",
    "sessions", "machine", "loadavg", "command"}, a PNG beside it, and a table saying of every
@@ -38,6 +41,11 @@ from cellserve.cluster import ray_plan_capacity as cap
 FULL_FACTORS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5)
 QUICK_FACTORS = (0.05, 0.1, 0.2, 0.4, 1.0)
 TARGET_ATTAINMENT = 0.99
+# --calibrate measures the corrections serving the uncorrected plan at this factor of its own
+# prediction: past what two shared cores serve, so the workers run the large batches of the
+# ramp's top (their CPU per request falls with load), as the hand calibration of 2026-12-02 did
+# at its runs' rates of the most goodput.
+CALIBRATION_FACTOR = 1.0
 
 
 def load_or_profile(models: list[str], directory: Path, max_batch: int, quick: bool, log=print) -> dict:
@@ -125,6 +133,20 @@ def measure(plan_path: Path, models: list[str], rates_of, slos: dict, factors, p
     finally:
         server.stop()
     return rows
+
+
+def corrections_from(row: dict, device_ms_per_request: float, cores: float) -> cap.SharedCores:
+    """The planner's corrections from one measured rate (`measure`'s row): `frontend_ms`, the
+    CPU the driver, the generator and Ray's daemons spent per offered request; `worker_ms`, the
+    workers' CPU per answered request beyond the plan's device time per request (not below 0:
+    a worker cheaper than its profile is not credited)."""
+    per_request = row["cpu"]["cpu_ms_per_request"]
+    worker = row["cpu"].get("worker_ms_per_answered")
+    if not per_request or worker is None:
+        raise ValueError(f"the calibration run at {row.get('offered_rps', 0):.1f} req/s answered nothing: "
+                         f"no CPU per request to correct the plan with")
+    frontend = per_request["driver"] + per_request["generator"] + per_request["ray_daemons"]
+    return cap.SharedCores(cores, frontend, max(0.0, worker - device_ms_per_request))
 
 
 def results(report: dict, rows: list[dict]) -> dict:
@@ -229,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="correction: CPU per request of the driver, generator and Ray's daemons on the "
                         "workers' cores (measured); the workers share what is left of --cores")
     p.add_argument("--cores", type=float, default=None, help="cores of the machine (default: all, with --frontend-ms)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure --worker-ms and --frontend-ms first: serve the uncorrected plan at "
+                        f"{CALIBRATION_FACTOR:g} x its prediction for --seconds and take its CPU per request")
     args = p.parse_args(argv)
     for flag, value in (("--devices", args.devices), ("--max-batch", args.max_batch), ("--seconds", args.seconds),
                         ("--margin", args.margin), ("--cores", args.cores)):
@@ -237,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--worker-ms", args.worker_ms), ("--frontend-ms", args.frontend_ms)):
         if value is not None and not value >= 0:
             p.error(f"{flag} must be >= 0, got {value}")
+    if args.calibrate and (args.worker_ms is not None or args.frontend_ms is not None):
+        p.error("--calibrate measures --worker-ms and --frontend-ms: give either, not both")
     shared = None
     if args.worker_ms is not None or args.frontend_ms is not None:
         shared = cap.SharedCores(args.cores or float(os.cpu_count() or 1), args.frontend_ms or 0.0, args.worker_ms or 0.0)
@@ -246,19 +273,35 @@ def main(argv: list[str] | None = None) -> int:
     sessions = cap.BENCH_SESSIONS
     models = [s.model for s in sessions]
     profile_dir = args.profiles or args.json.parent / "profiles-1thread"
-    report = planning(load_or_profile(models, profile_dir, args.max_batch, args.quick), sessions, args.devices,
-                      args.margin, shared)
-    plan = report.pop("_plan")
+    profiles = load_or_profile(models, profile_dir, args.max_batch, args.quick)
     factors = QUICK_FACTORS if args.quick else FULL_FACTORS
-    served = cap.scaled(plan, max(factors))
+    seconds = args.seconds or (5.0 if args.quick else 10.0)
+    slos = {s.model: s.slo_ms for s in sessions}
+    rates_of = lambda total: cap.session_rates(sessions, total)  # noqa: E731
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    calibration = {}
+    if args.calibrate:
+        first = planning(profiles, sessions, args.devices, args.margin)
+        first_path = args.json.with_name(args.json.stem + ".calibration-plan.json")
+        write_json(plan_to_dict(cap.scaled(first.pop("_plan"), max(factors))), first_path)
+        print(f"calibrating: the uncorrected plan (predicted {first['predicted_goodput_rps']:.1f} req/s) "
+              f"at {CALIBRATION_FACTOR:g} x")
+        row, = measure(first_path, models, rates_of, slos, (CALIBRATION_FACTOR,), first["predicted_goodput_rps"],
+                       seconds)
+        shared = corrections_from(row, first["planned_device_ms_per_request"], args.cores or float(os.cpu_count() or 1))
+        calibration = {"calibration": {"factor": CALIBRATION_FACTOR, "plan": first["plan"],
+                                       "predicted_goodput_rps": first["predicted_goodput_rps"],
+                                       "planned_device_ms_per_request": first["planned_device_ms_per_request"],
+                                       "worker_ms": shared.worker_ms, "frontend_ms": shared.frontend_ms, "row": row}}
+        print(f"calibrated (measured): worker_ms {shared.worker_ms:.2f}, frontend_ms {shared.frontend_ms:.2f}")
+    report = planning(profiles, sessions, args.devices, args.margin, shared)
+    plan = report.pop("_plan")
+    served = cap.scaled(plan, max(factors))
     plan_path = args.json.with_suffix(".plan.json")
     write_json(plan_to_dict(served), plan_path)
     print(f"plan (predicted): {report['predicted_goodput_rps']:.1f} req/s; serving {plan_path} (gates x{max(factors):g})")
-    slos = {s.model: s.slo_ms for s in sessions}
-    rows = measure(plan_path, models, lambda total: cap.session_rates(sessions, total), slos, factors,
-                   report["predicted_goodput_rps"], args.seconds or (5.0 if args.quick else 10.0))
-    out = {**report, "served_plan": plan_to_dict(served), "served_plan_rate_scale": max(factors),
+    rows = measure(plan_path, models, rates_of, slos, factors, report["predicted_goodput_rps"], seconds)
+    out = {**report, **calibration, "served_plan": plan_to_dict(served), "served_plan_rate_scale": max(factors),
            "plan_models": models, **results(report, rows),
            "profiles_dir": str(profile_dir), "machine": _machine(),
            "loadavg": {"start": load_start, "end": _loadavg()}, "wall_s": time.time() - start,

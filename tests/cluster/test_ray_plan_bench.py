@@ -89,9 +89,31 @@ def test_the_measured_figures_of_a_ramp():
     assert bench.results({"predicted_goodput_rps": 120.0}, rows[2:])["measured_max_rate_99_rps"] is None
 
 
+def _calibration_row(answered: int, requests: int = 1000, wall_s: float = 10.0) -> dict:
+    """A measured rate as `measure` gives it: 1.2 worker cores, driver 0.3, generator 0.1, daemons 0.05."""
+    cores = {"driver": 0.3, "workers": 1.2, "ray_daemons": 0.05, "generator": 0.1}
+    return {"offered_rps": requests / wall_s,
+            "cpu": {"wall_s": wall_s, "cores": cores,
+                    "cpu_ms_per_request": {k: 1e3 * v * wall_s / requests for k, v in cores.items()},
+                    "worker_ms_per_answered": 1e3 * 1.2 * wall_s / answered if answered else None}}
+
+
+def test_calibration_takes_the_frontends_cpu_per_offered_and_the_workers_beyond_the_plan_per_answered():
+    shared = bench.corrections_from(_calibration_row(answered=600), device_ms_per_request=1.5, cores=2.0)
+    assert shared.frontend_ms == pytest.approx(1e3 * (0.3 + 0.1 + 0.05) * 10.0 / 1000)  # 4.5 ms over 1,000 offered
+    assert shared.worker_ms == pytest.approx(1e3 * 1.2 * 10.0 / 600 - 1.5)  # 20 ms over 600 answered, less 1.5
+    assert shared.cores == 2.0
+    # a worker measured cheaper than the plan's device time is not credited
+    assert bench.corrections_from(_calibration_row(answered=600), device_ms_per_request=50.0, cores=2.0).worker_ms == 0.0
+    with pytest.raises(ValueError, match="answered nothing"):
+        bench.corrections_from(_calibration_row(answered=0), device_ms_per_request=1.5, cores=2.0)
+
+
 @pytest.mark.parametrize("flags, message", [(["--devices", "0"], "--devices must be > 0, got 0"),
                                             (["--seconds", "-1"], "--seconds must be > 0, got -1.0"),
-                                            (["--worker-ms", "-0.5"], "--worker-ms must be >= 0, got -0.5")])
+                                            (["--worker-ms", "-0.5"], "--worker-ms must be >= 0, got -0.5"),
+                                            (["--calibrate", "--frontend-ms", "0.5"],
+                                             "--calibrate measures --worker-ms and --frontend-ms")])
 def test_bad_flags_exit_2_naming_them(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--json", str(tmp_path / "x.json"), *flags])
@@ -99,12 +121,20 @@ def test_bad_flags_exit_2_naming_them(tmp_path, capsys, flags, message):
 
 
 @pytest.mark.slow
-def test_quick_end_to_end_on_a_local_ray(tmp_path):
+def test_quick_calibrated_end_to_end_on_a_local_ray(tmp_path):
     pytest.importorskip("ray")
     path = tmp_path / "plan-goodput.json"
-    assert bench.main(["--json", str(path), "--quick", "--seconds", "2", "--profiles", str(PROFILES)]) == 0
+    assert bench.main(["--json", str(path), "--quick", "--seconds", "2", "--profiles", str(PROFILES),
+                       "--calibrate"]) == 0
     out = json.loads(path.read_text())
     assert [r["factor"] for r in out["rates"]] == list(bench.QUICK_FACTORS)
+    # calibrated: the uncorrected plan served first, its measured CPU the corrections planned with
+    calibration = out["calibration"]
+    assert calibration["row"]["factor"] == bench.CALIBRATION_FACTOR and calibration["row"]["requests"] > 0
+    assert out["corrections"]["worker_ms"] == calibration["worker_ms"] >= 0
+    assert out["corrections"]["frontend_ms"] == calibration["frontend_ms"] > 0
+    assert out["uncorrected_predicted_goodput_rps"] == pytest.approx(calibration["predicted_goodput_rps"])
+    assert out["predicted_goodput_rps"] < calibration["predicted_goodput_rps"]
     for key in ("predicted_goodput_rps", "measured_max_goodput_rps", "error", "rates", "plan", "machine"):
         assert key in out
     assert out["measured_max_goodput_rps"] == max(r["goodput_rps"] for r in out["rates"])
