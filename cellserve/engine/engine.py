@@ -85,6 +85,29 @@ def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
     return step.layers if isinstance(step, LayerStack) else [step]
 
 
+def _layer_outputs(layer: RecurrentLayer, parts: dict, steps: int) -> tuple:
+    """A layer's outputs from its lanes' results (y [n, hidden], h, c or None) keyed by
+    (direction, row): y [steps, directions, rows, hidden] (after a lane's own n steps, zeros),
+    h and c [directions, rows, hidden] (c None but for an LSTM). One lane of every step, the
+    usual request, is used as it is: its results are already the lane's own copies."""
+    hidden, directions = layer.hidden, len(layer.directions)
+    if len(parts) == 1 and directions == 1:
+        (y, h, c), = parts.values()
+        if len(y) == steps and y.dtype == np.float32:
+            return (y.reshape(steps, 1, 1, hidden), h.reshape(1, 1, hidden),
+                    c.reshape(1, 1, hidden) if layer.kind == "lstm" else None)
+    rows = len(parts) // directions
+    y_all = np.zeros((steps, directions, rows, hidden), np.float32)
+    h_all = np.empty((directions, rows, hidden), np.float32)
+    c_all = np.empty((directions, rows, hidden), np.float32) if layer.kind == "lstm" else None
+    for (d, b), (y, h, c) in parts.items():
+        y_all[:len(y), d, b] = y
+        h_all[d, b] = h
+        if c_all is not None:
+            c_all[d, b] = c
+    return y_all, h_all, c_all
+
+
 def plain_ops_key(model: str) -> str:
     """The placement key of all of a model's plain ops (a model whose cell type had this name
     is refused at load); `plain_group_key` places one group of them."""
@@ -614,10 +637,9 @@ class Engine(Admission, Decoding, ConcurrentSteps):
             if lens.shape != (batch,) or lens.min() < 1 or lens.max() > time_len:
                 raise InvalidInput(f"sequence lengths {lens.tolist()} must be {batch} values in [1, {time_len}]")
         states = [self._initial_state(run, layer, batch) for layer in layers]
-        run.outputs = {layer.name: {"y": np.zeros((time_len, len(layer.directions), batch, layer.hidden), np.float32),
-                                    "h": np.empty((len(layer.directions), batch, layer.hidden), np.float32),
-                                    "c": np.empty((len(layer.directions), batch, layer.hidden), np.float32)}
-                       for layer in layers}
+        # each layer's lanes' results by (direction, row), put together once the last is back
+        run.outputs = {layer.name: {} for layer in layers}
+        run.steps = time_len
         if isinstance(step, LayerStack):  # one lane per sequence through every layer
             cell_type = f"{run.model.name}/{step.name}"
             for b in range(batch):
@@ -687,14 +709,8 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         elif ref.tokens is not None:
             run.outputs[ref.batch_index] = ref.tokens
         else:
-            layers = _layers(run.model.program[run.pc])
-            n, d, b = ref.storage.length, ref.direction, ref.batch_index
-            for layer, (y, h, c) in zip(layers, finished.layers):
-                outputs = run.outputs[layer.name]
-                outputs["y"][:n, d, b] = y
-                outputs["h"][d, b] = h
-                if c is not None:
-                    outputs["c"][d, b] = c
+            for layer, result in zip(_layers(run.model.program[run.pc]), finished.layers):
+                run.outputs[layer.name][ref.direction, ref.batch_index] = result
         if not run.lanes and not run.waiting:
             self._store_outputs(run)
             self._commit(run, -1, slice(run.layer, run.layer + 1))
@@ -708,14 +724,14 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         step = run.model.program[run.pc]
         if isinstance(step, (RecurrentLayer, LayerStack)):
             for layer in _layers(step):
-                outputs = run.outputs[layer.name]
-                for name, key in ((layer.y, "y"), (layer.y_h, "h"), (layer.y_c, "c")):
+                y, h, c = _layer_outputs(layer, run.outputs[layer.name], run.steps)
+                for name, value in ((layer.y, y), (layer.y_h, h), (layer.y_c, c)):
                     if name:
-                        run.env[name] = outputs[key]
+                        run.env[name] = value
                         if self._multi:
                             run.producers[name] = self._step_executors(run)
                 if run.request.return_state:
-                    run.state[layer.name] = (outputs["h"], outputs["c"] if layer.kind == "lstm" else None)
+                    run.state[layer.name] = (h, c if layer.kind == "lstm" else None)
         elif isinstance(run.outputs[0], BeamRow):
             self._store_beams(run, step)
         else:
