@@ -12,12 +12,11 @@ from cellserve.graph.model import Model
 def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Return the inputs as arrays of the model's dtypes, or raise InvalidInput."""
     expected = {spec.name: spec for spec in model.inputs}
-    unknown = sorted(set(inputs) - set(expected))
-    if unknown:
-        raise InvalidInput(f"unknown input(s) {unknown} for model {model.name!r}; expected {sorted(expected)}")
-    missing = sorted(set(expected) - set(inputs))
-    if missing:
-        raise InvalidInput(f"missing input(s) {missing} for model {model.name!r}")
+    if inputs.keys() != expected.keys():
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise InvalidInput(f"unknown input(s) {unknown} for model {model.name!r}; expected {sorted(expected)}")
+        raise InvalidInput(f"missing input(s) {sorted(set(expected) - set(inputs))} for model {model.name!r}")
     out = {}
     for name, spec in expected.items():
         where = f"input {name!r}"
@@ -38,15 +37,22 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
             length = value.shape[semantics.time_axis]
             if length > model.max_sequence_length:
                 raise InvalidInput(f"{where}: sequence length {length} exceeds the model's limit of {model.max_sequence_length}")
-        if semantics is not None and semantics.vocab is not None:
+        if semantics is not None and semantics.vocab is not None and _out_of_range(value, semantics.vocab):
             low, high = int(value.min()), int(value.max())
-            if low < 0 or high >= semantics.vocab:
-                bad = low if low < 0 else high
-                raise InvalidInput(f"{where}: token id {bad} is out of range [0, {semantics.vocab})")
+            bad = low if low < 0 else high
+            raise InvalidInput(f"{where}: token id {bad} is out of range [0, {semantics.vocab})")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise InvalidInput(f"{where}: contains NaN or infinity")
         out[name] = value
     return out
+
+
+def _out_of_range(value: np.ndarray, vocab: int) -> bool:
+    """Whether any token id lies outside [0, vocab): for signed integers one pass, their bits
+    read as unsigned (a negative id reads as more than any vocabulary)."""
+    if value.dtype.kind == "i":
+        return bool(np.maximum.reduce(value.view(f"u{value.itemsize}"), axis=None) >= vocab)
+    return bool(np.minimum.reduce(value, axis=None) < 0 or np.maximum.reduce(value, axis=None) >= vocab)
 
 
 def _convert_dtype(where: str, value: np.ndarray, want: np.dtype) -> np.ndarray:
