@@ -49,29 +49,12 @@ class StepCost:
         if old is None:
             self._mean[b] = seconds
             self._buckets = sorted(self._mean)
-            self._memo[0].clear()
         else:
             self._mean[b] = old + _ALPHA * (min(seconds, _MAX_JUMP * old) - old)
-            self._forget(self._memo[0], b)
+        self._memo[0].clear()
         if b not in self._best or seconds < self._best[b]:
-            new_bucket = b not in self._best
             self._best[b] = seconds
-            if new_bucket:
-                self._memo[1].clear()
-            else:
-                self._forget(self._memo[1], b)
-
-    def _forget(self, memo: dict[int, float], changed: int) -> None:
-        """Drop the estimates that read bucket `changed` of a table: a batch's estimate reads
-        its own bucket and the buckets below it (the cap), and, when its own bucket is not
-        measured, the next one above; with every bucket up to the largest measured (as after
-        a profile), only the batches in `changed` and above."""
-        if changed == 0 or len(self._buckets) != self._buckets[-1] + 1:  # a gap: estimates read from above too
-            memo.clear()
-            return
-        low = 1 << (changed - 1)  # batches of bucket `changed` are (low, 2 * low]
-        for batch in [k for k in memo if k > low]:
-            del memo[batch]
+            self._memo[1].clear()
 
     def __call__(self, batch: int, best: bool = False) -> float:
         memo = self._memo[best]

@@ -47,11 +47,14 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
     return out
 
 
+_UNSIGNED = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
+
+
 def _out_of_range(value: np.ndarray, vocab: int) -> bool:
     """Whether any token id lies outside [0, vocab): for signed integers one pass, their bits
     read as unsigned (a negative id reads as more than any vocabulary)."""
     if value.dtype.kind == "i":
-        return bool(np.maximum.reduce(value.view(f"u{value.itemsize}"), axis=None) >= vocab)
+        return bool(np.maximum.reduce(value.view(_UNSIGNED[value.itemsize]), axis=None) >= vocab)
     return bool(np.minimum.reduce(value, axis=None) < 0 or np.maximum.reduce(value, axis=None) >= vocab)
 
 
