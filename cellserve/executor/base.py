@@ -141,7 +141,9 @@ class Executor(ABC):
 
     @abstractmethod
     def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:
-        """Read a lane that ran to its end, and free it."""
+        """Read a lane that ran to its end, and free it. The arrays returned are the caller's
+        (copies, or arrays never written again): the engine passes them on as the request's
+        outputs without copying."""
 
     @abstractmethod
     def release_lane(self, cell_type: str, storage: LaneStorage) -> None:

@@ -39,7 +39,8 @@ class RecurrentKernel(Protocol):
 
     def finish_lane(self, lane) -> list[LayerResult]:
         """Each layer's results for a lane that ran to its end (empty for a decoder, whose
-        tokens the engine kept), and free the lane."""
+        tokens the engine kept), and free the lane. The arrays are the caller's to keep: not
+        views of storage a later lane reuses."""
 
     def release(self, lane) -> None:
         """Free a lane without reading it."""
