@@ -1,0 +1,15 @@
+"""Single points at 100 devices on the common-random-number traces (seed 0), --quick settings."""
+import json, sys, time
+from dataclasses import asdict
+from cellserve.bench.cluster_bench import run_point, catalogue_for
+from cellserve.bench.cluster_bench import ClusterConfig
+out = sys.argv[1]
+cat = catalogue_for(ClusterConfig(devices=(100,), json_path=None))
+for spec in sys.argv[2:]:
+    system, rate = spec.split("@")
+    t0 = time.time()
+    p = run_point(system, cat, 100, float(rate), 2.0, 0.5)
+    rec = {"system": system, "devices": 100, "seed": 0, **asdict(p), "passed": p.passed}
+    print(json.dumps(rec), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
