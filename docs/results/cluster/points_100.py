@@ -1,4 +1,5 @@
-"""Single points at 100 devices on the common-random-number traces (seed 0), --quick settings."""
+"""Single points at 100 devices on the common-random-number traces (seed 0), --quick settings (2 simulated s,
+0.5 s not counted), each appended to OUT as a JSON line. Usage: python points_100.py OUT.jsonl SYSTEM@RATE ..."""
 import json, sys, time
 from dataclasses import asdict
 from cellserve.bench.cluster_bench import run_point, catalogue_for
