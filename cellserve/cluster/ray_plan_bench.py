@@ -264,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} must be >= 0, got {value}")
     if args.calibrate and (args.worker_ms is not None or args.frontend_ms is not None):
         p.error("--calibrate measures --worker-ms and --frontend-ms: give either, not both")
+    cores = args.cores or float(os.cpu_count() or 1)
     shared = None
     if args.worker_ms is not None or args.frontend_ms is not None:
-        shared = cap.SharedCores(args.cores or float(os.cpu_count() or 1), args.frontend_ms or 0.0, args.worker_ms or 0.0)
+        shared = cap.SharedCores(cores, args.frontend_ms or 0.0, args.worker_ms or 0.0)
     if args.profiles is not None and args.profiles.exists() and not args.profiles.is_dir():
         p.error(f"--profiles must be a folder, got the file '{args.profiles}'")
     start, load_start = time.time(), _loadavg()
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               f"at {CALIBRATION_FACTOR:g} x")
         row, = measure(first_path, models, rates_of, slos, (CALIBRATION_FACTOR,), first["predicted_goodput_rps"],
                        seconds)
-        shared = corrections_from(row, first["planned_device_ms_per_request"], args.cores or float(os.cpu_count() or 1))
+        shared = corrections_from(row, first["planned_device_ms_per_request"], cores)
         calibration = {"calibration": {"factor": CALIBRATION_FACTOR, "plan": first["plan"],
                                        "predicted_goodput_rps": first["predicted_goodput_rps"],
                                        "planned_device_ms_per_request": first["planned_device_ms_per_request"],

@@ -639,7 +639,6 @@ class Engine(Admission, Decoding, ConcurrentSteps):
         states = [self._initial_state(run, layer, batch) for layer in layers]
         # each layer's lanes' results by (direction, row), put together once the last is back
         run.outputs = {layer.name: {} for layer in layers}
-        run.steps = time_len
         if isinstance(step, LayerStack):  # one lane per sequence through every layer
             cell_type = f"{run.model.name}/{step.name}"
             for b in range(batch):
@@ -723,8 +722,10 @@ class Engine(Admission, Decoding, ConcurrentSteps):
     def _store_outputs(self, run: _Run) -> None:
         step = run.model.program[run.pc]
         if isinstance(step, (RecurrentLayer, LayerStack)):
-            for layer in _layers(step):
-                y, h, c = _layer_outputs(layer, run.outputs[layer.name], run.steps)
+            layers = _layers(step)
+            steps = run.env[layers[0].x].shape[0]  # the input's time axis
+            for layer in layers:
+                y, h, c = _layer_outputs(layer, run.outputs[layer.name], steps)
                 for name, value in ((layer.y, y), (layer.y_h, h), (layer.y_c, c)):
                     if name:
                         run.env[name] = value

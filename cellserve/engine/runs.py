@@ -45,7 +45,6 @@ class _Run:
     layer: int = 0  # recurrent steps of the program completed
     lanes: dict[int, _LaneRef] = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)  # of the current recurrent step: per layer name, or per decoder row
-    steps: int = 0  # of the current recurrent layer: its input's time axis
     state: dict = field(default_factory=dict)  # final (h, c) per layer, when the request asks
     admitted: float | None = None
     responded: bool = False
