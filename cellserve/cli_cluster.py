@@ -20,6 +20,16 @@ def _device_counts(text: str) -> list[int]:
     return counts
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers (req/s), got {text!r}") from None
+    if not rates or any(not (r > 0 and r < float("inf")) for r in rates):
+        raise argparse.ArgumentTypeError(f"must be positive rates in req/s, got {text!r}")
+    return rates
+
+
 def _systems(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(",") if x.strip())
     unknown = [n for n in names if n not in SYSTEM_NAMES + ABLATION_NAMES]
@@ -47,6 +57,10 @@ def add_bench_cluster(bench_sub) -> None:
     b.add_argument("--warmup", type=float, default=None, metavar="SECONDS",
                    help="requests arriving before this are not counted (default: 1, quick: 0.5)")
     b.add_argument("--bisections", type=int, default=None, help="bisection steps after bracketing (default: 2, quick: 1)")
+    b.add_argument("--rates", type=_rates, default=None, metavar="R[,R...]",
+                   help="run each system at exactly these total rates (req/s) instead of searching, to re-check "
+                        "or narrow a bracket: each system's figure is the highest rate that passed, its bracket "
+                        "that and the lowest failing rate above it (not with --start-from or --bisections)")
     b.add_argument("--seed", type=int, default=0, help="the first trace's seed (default: 0)")
     b.add_argument("--seeds", type=int, default=1, metavar="K",
                    help="traces per rate, seeds SEED..SEED+K-1, their requests pooled: each trace is one draw of "
@@ -81,7 +95,7 @@ def _bench_cluster(args, parser) -> int:
                             seconds=args.seconds, warmup_s=args.warmup, bisections=args.bisections, seed=args.seed,
                             seeds=args.seeds, start_from=args.start_from,
                             profile_dir=args.profiles_dir or PROFILE_DIR, sessions_path=args.sessions,
-                            model_repository=args.model_repository, jobs=args.jobs)
+                            model_repository=args.model_repository, jobs=args.jobs, rates=args.rates)
         catalogue = catalogue_for(cfg)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -15,7 +15,10 @@ figure scaled by devices. The search (`search`) brackets the highest passing rat
 `grow` until a rate fails (or divides until one passes), then bisects (geometrically)
 `bisections` times; it returns the highest rate that passed and the lowest that failed above
 it. The metric need not be monotone in the rate (a system's routing and admission respond to
-the load), though the traces are; the bracket is what was measured. All figures are simulated and labelled so.
+the load), though the traces are; the bracket is what was measured. With `rates` given
+(`--rates`) no search runs: each system is measured at exactly those rates (`at_rates`), to
+re-check a bracket or narrow one by hand, and its entry is read from those points the same
+way. All figures are simulated and labelled so.
 """
 
 from __future__ import annotations
@@ -133,6 +136,17 @@ def search(evaluate, start_rps: float, grow: float = 1.5, bisections: int = 3, m
     return SearchResult(lo, hi, points)
 
 
+def at_rates(evaluate, rates: list[float]) -> SearchResult:
+    """`evaluate` at each of `rates`, in order, without a search: the highest rate that
+    passed, and the lowest that failed above it (None where there is none)."""
+    points = [evaluate(rate) for rate in rates]
+    passed = [p for p in points if p.passed]
+    lo = max(passed, key=lambda p: p.rate_rps) if passed else None
+    above = [p for p in points if not p.passed and (lo is None or p.rate_rps > lo.rate_rps)]
+    hi = min(above, key=lambda p: p.rate_rps) if above else None
+    return SearchResult(lo, hi, points)
+
+
 @dataclass
 class ClusterConfig:
     devices: list[int]
@@ -149,8 +163,10 @@ class ClusterConfig:
     sessions_path: Path | None = None  # a sessions file (cluster/workload.parse_sessions); None: DEFAULT_SESSIONS
     model_repository: Path | None = None  # where models not in the zoo are
     jobs: int = 1  # systems searched at once, each in a process of its own
+    rates: tuple[float, ...] | None = None  # total rates to run each system at, instead of a search
 
     def __post_init__(self) -> None:
+        bisections_given = self.bisections is not None
         if self.seconds is None:
             self.seconds = 2.0 if self.quick else 4.0
         if self.warmup_s is None:
@@ -167,6 +183,13 @@ class ClusterConfig:
             problems.append(f"--jobs must be at least 1, got {self.jobs}")
         if self.seeds < 1:
             problems.append(f"--seeds must be at least 1, got {self.seeds}")
+        if self.rates is not None:
+            if not self.rates or any(not (r > 0 and math.isfinite(r)) for r in self.rates):
+                problems.append(f"--rates must be positive numbers, got {list(self.rates)}")
+            if self.start_from is not None:
+                problems.append("--rates runs no search, so --start-from has nothing to start")
+            if bisections_given:
+                problems.append("--rates runs no search, so --bisections has nothing to narrow")
         if self.seconds <= self.warmup_s:
             problems.append(f"--seconds ({self.seconds}) must exceed the warm-up ({self.warmup_s})")
         if problems:
@@ -187,7 +210,7 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
     options = sysmod.Options(seed=cfg.seed)
     report: dict = {"simulated": True, "label": "simulated", "date": time.strftime("%Y-%m-%d"),
                     "target_attainment": TARGET, "seconds": cfg.seconds, "warmup_s": cfg.warmup_s,
-                    "seed": cfg.seed, "seeds": cfg.seeds,
+                    "seed": cfg.seed, "seeds": cfg.seeds, "rates": list(cfg.rates) if cfg.rates is not None else None,
                     "quick": cfg.quick, "device": _device(catalogue, cfg.profile_dir),
                     "workload": _workload(catalogue),
                     "systems": _systems(options, catalogue), "devices": {}}
@@ -220,9 +243,11 @@ def run(cfg: ClusterConfig, catalogue: Catalogue | None = None, log=print) -> di
 
 def search_system(cfg: ClusterConfig, catalogue: Catalogue, system: str, devices: int, start: float,
                   log=print) -> dict:
-    """One system's bracketed search on `devices` devices from `start` req/s: its report entry."""
+    """One system's bracketed search on `devices` devices from `start` req/s (with cfg.rates,
+    its points at those rates instead): its report entry."""
     options = sysmod.Options(seed=cfg.seed)
-    log(f"  {system}: the search starts at {start:.0f} req/s")
+    if cfg.rates is None:
+        log(f"  {system}: the search starts at {start:.0f} req/s")
 
     def evaluate(rate: float) -> Point:
         p = run_point(system, catalogue, devices, rate, cfg.seconds, cfg.warmup_s, options, cfg.seeds)
@@ -230,6 +255,8 @@ def search_system(cfg: ClusterConfig, catalogue: Catalogue, system: str, devices
             f"({p.requests} requests, {p.realised_rps:.0f} req/s in the traces, {p.devices_used} devices, "
             f"{p.wall_s:.1f} wall s)")
         return p
+    if cfg.rates is not None:
+        return _entry(at_rates(evaluate, list(cfg.rates)))
     return _entry(search(evaluate, start, bisections=cfg.bisections))
 
 

@@ -42,9 +42,31 @@ def test_bench_cluster_quick_writes_the_report(tmp_path, capsys):
     assert "simulated" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a simulated cluster bench at two given rates: seconds
+def test_bench_cluster_at_given_rates_runs_only_those(tmp_path, tiny):
+    sessions = tmp_path / "sessions.json"
+    sessions.write_text(json.dumps({"sessions": [{"id": s.name, "model": s.base, "slo_ms": s.slo_ms,
+                                                  "weight": s.weight} for s in TINY_SESSIONS]}))
+    planned = systems.planned_capacity(tiny, 3)
+    rates = [round(3 * planned, 1), round(0.2 * planned, 1)]  # far above the plan's capacity, far below
+    out = tmp_path / "cluster.json"
+    rc = cli.main(["bench", "cluster", "--devices", "3", "--quick", "--json", str(out), "--sessions", str(sessions),
+                   "--seconds", "0.3", "--warmup", "0.1", "--systems", "nexus,static",
+                   "--rates", ",".join(map(str, rates))])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["rates"] == rates
+    for entry in report["devices"]["3"].values():
+        assert [p["rate_rps"] for p in entry["points"]] == rates
+        assert [p["slo_attainment"] >= 0.99 for p in entry["points"]] == [False, True]
+        assert entry["max_rate_rps"] == entry["bracket"]["pass_rps"] == rates[1]
+        assert entry["bracket"]["fail_rps"] == rates[0]
+
+
 def test_bad_arguments_exit_2(capsys):
     for args in (["--devices", "0"], ["--devices", "x"], ["--systems", "tfserving"], ["--jobs", "0"],
-                 ["--seeds", "0"]):
+                 ["--seeds", "0"], ["--rates", "0"], ["--rates", "x"], ["--rates", "100,inf"],
+                 ["--rates", "100", "--bisections", "1"]):
         try:
             cli.main(["bench", "cluster", *args])
         except SystemExit as exc:

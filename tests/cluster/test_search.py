@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cellserve.bench.cluster_bench import TARGET, Point, run_point, search
+from cellserve.bench.cluster_bench import TARGET, Point, at_rates, run_point, search
 from cellserve.cluster import systems
 
 
@@ -74,3 +74,39 @@ def test_the_config_refuses_no_seeds(tmp_path):
 
     with pytest.raises(ValueError, match="--seeds must be at least 1"):
         ClusterConfig(devices=[4], json_path=tmp_path / "r.json", seeds=0)
+
+
+def test_given_rates_are_run_as_given_and_bracketed_from_their_points():
+    evaluate, calls = threshold(123.0)
+    found = at_rates(evaluate, [200.0, 100.0, 120.0, 130.0])
+    assert calls == [200.0, 100.0, 120.0, 130.0]  # every rate, in order, nothing else
+    assert found.passed.rate_rps == 120.0 and found.failed.rate_rps == 130.0
+
+
+def test_given_rates_name_no_pass_or_no_fail_when_there_is_none():
+    evaluate, _ = threshold(123.0)
+    assert at_rates(evaluate, [50.0, 60.0]).failed is None
+    assert at_rates(evaluate, [150.0]).passed is None
+
+
+def test_given_rates_keep_a_failure_below_the_highest_pass():
+    """Attainment need not be monotone in the rate: the figure is the highest pass, its bracket
+    the lowest failure above it, and a failure below it stays among the points."""
+    def evaluate(rate):
+        return Point(rate, 0.5 if rate == 110.0 else (1.0 if rate <= 123.0 else 0.5), 100, 1, 0.0)
+    found = at_rates(evaluate, [110.0, 120.0, 140.0, 130.0])
+    assert found.passed.rate_rps == 120.0 and found.failed.rate_rps == 130.0
+    assert [p.rate_rps for p in found.points if not p.passed] == [110.0, 140.0, 130.0]
+
+
+def test_the_config_refuses_rates_it_cannot_run(tmp_path):
+    from cellserve.bench.cluster_bench import ClusterConfig
+
+    path = tmp_path / "r.json"
+    for kwargs, message in (({"rates": (100.0, -1.0)}, "--rates must be positive"),
+                            ({"rates": ()}, "--rates must be positive"),
+                            ({"rates": (100.0,), "start_from": path}, "--start-from has nothing to start"),
+                            ({"rates": (100.0,), "bisections": 1}, "--bisections has nothing to narrow")):
+        with pytest.raises(ValueError, match=message):
+            ClusterConfig(devices=[4], json_path=path, **kwargs)
+    assert ClusterConfig(devices=[4], json_path=path, rates=(100.0,), quick=True).rates == (100.0,)
