@@ -98,6 +98,26 @@ def pack_panels(w: np.ndarray, gates: int, units: int) -> np.ndarray:
     return packed
 
 
+_UNSIGNED = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
+
+
+def _look_up(table: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = table[ids[i]], an IndexError naming the id when one is outside the table.
+    Why not np.take's own check: with `out` given, its default mode ('raise') gathers into a
+    temporary and copies that into `out`; the range is checked here in one reduction (signed
+    ids read as unsigned: a negative one reads as more than any row), then gathered straight
+    into `out`."""
+    ids = np.asarray(ids)
+    if ids.size and ids.dtype.kind in "iu":
+        wide = ids.view(_UNSIGNED[ids.itemsize]) if ids.dtype.kind == "i" else ids
+        if np.maximum.reduce(wide, axis=None) >= len(table):
+            bad = next(int(i) for i in ids.ravel() if not 0 <= i < len(table))
+            raise IndexError(f"token id {bad} is outside the projection table's {len(table)} rows")
+        np.take(table, ids, axis=0, out=out, mode="clip")  # every id checked above: clip never clips
+    else:
+        np.take(table, ids, axis=0, out=out)
+
+
 class _Linear:
     """y = x @ W^T (+ b) for float32 x [N, in]: by oneDNN with W prepacked (numpy in and
     out), by numpy's BLAS, or by torch on the backend's device (tensor out)."""
@@ -200,7 +220,11 @@ class CellKernel:
         """Admit a lane. x: [T, I] float inputs, or [T] token ids if the layer has a table."""
         length = int(x.shape[0])
         lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
-        self.load(lane, x, h0, c0)
+        try:
+            self.load(lane, x, h0, c0)
+        except BaseException:
+            self.release(lane)  # a lane that could not start holds no slot or rows
+            raise
         return lane
 
     def load(self, lane: LaneStorage, x: np.ndarray | None, h0: np.ndarray | None = None,
@@ -218,7 +242,7 @@ class CellKernel:
                 self.c[lane.slot] = 0.0 if c0 is None else torch.as_tensor(c0, device=self.device)
             return
         if x is not None and self.projected_table is not None:
-            np.take(self.projected_table, x, axis=0, out=self.x[rows])
+            _look_up(self.projected_table, x, self.x[rows])
         elif x is not None:
             self.x[rows] = self.project(x)
         self.h[lane.slot] = 0.0 if h0 is None else h0

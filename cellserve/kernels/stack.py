@@ -41,9 +41,13 @@ class StackKernel:
         per layer, each None for zeros."""
         length = int(x.shape[0])
         lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
-        for i, layer in enumerate(self.layers):
-            h0, c0 = states[i] if states else (None, None)
-            layer.load(lane, x if i == 0 else None, h0, c0)
+        try:
+            for i, layer in enumerate(self.layers):
+                h0, c0 = states[i] if states else (None, None)
+                layer.load(lane, x if i == 0 else None, h0, c0)
+        except BaseException:
+            self.release(lane)  # a lane that could not start holds no slot or rows
+            raise
         return lane
 
     def finish(self, lane: LaneStorage) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:

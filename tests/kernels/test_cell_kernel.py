@@ -166,6 +166,22 @@ def test_backends_agree_for_token_table_layers_and_survive_arena_growth(kind):
         np.testing.assert_allclose(finals["blas"][i][0], y_ref[0].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_a_token_id_outside_the_table_is_refused_naming_it_and_frees_the_lane(backend):
+    hidden, embed, vocab = 6, 4, 11
+    layer = torch_layer("gru", embed, hidden, seed=7)
+    table = np.random.default_rng(2).standard_normal((vocab, embed)).astype(np.float32)
+    kernel = CellKernel("gru", hidden, weights_of(layer), CPU, token_table=table, backend=backend)
+    for bad, ids in ((11, np.array([0, 11, 3])), (-1, np.array([2, -1], np.int32)), (300, np.array([300], np.uint16))):
+        with pytest.raises(IndexError, match=f"token id {bad} is outside the projection table's 11 rows"):
+            kernel.start(ids)
+        assert kernel.slots.in_use == 0  # nothing held by the lane that did not start
+    for dtype in (np.int64, np.int32, np.uint8):  # the rows of the table, whatever the ids' integer type
+        lane = kernel.start(np.array([10, 0, 4], dtype))
+        np.testing.assert_array_equal(kernel.x[lane.base:lane.base + 3], kernel.projected_table[[10, 0, 4]])
+        kernel.release(lane)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_finish_returns_copies_that_a_later_lane_reusing_the_storage_does_not_overwrite(kind, backend):
