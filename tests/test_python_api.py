@@ -47,3 +47,11 @@ def test_the_packages_import_their_loaders_on_first_use_only():
 def test_a_name_the_packages_do_not_have_is_an_import_error_naming_it(package, name):
     with pytest.raises(ImportError, match=name):
         exec(f"from {package} import {name}")
+
+
+def test_the_readme_stays_a_front_door_under_12000_characters():
+    """Issue 15: the README under 12,000 characters, the rest of the manual in docs/."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    assert len(text) < 12_000, f"README.md has {len(text)} characters: move detail into docs/"
