@@ -12,7 +12,10 @@ def test_settle_freezes_what_is_alive_and_leaves_later_garbage_collectable():
     built_at_startup = [[i] for i in range(10_000)]  # tracked objects start-up made
     try:
         frozen = heap.settle()
-        assert frozen == gc.get_freeze_count() >= len(built_at_startup)
+        # Frozen objects leave the permanent generation only when freed, which threads left
+        # by earlier tests may do at any moment (a CI run saw 974,144 then 974,142): the count
+        # settle() returned bounds what is frozen a moment later, never the other way.
+        assert frozen >= gc.get_freeze_count() >= len(built_at_startup)
         # a full pass now walks none of them
         walked = gc.get_objects(generation=2)
         assert not any(o is built_at_startup for o in walked)
