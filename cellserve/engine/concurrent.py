@@ -74,7 +74,7 @@ class ConcurrentSteps:
             index = {ex: i for i, ex in enumerate(self._types_on)}
             self.costs.group_of = {t: index[ex] for t, ex in self._placed.items()}
 
-    # ---- helpers the engine's request walk calls (engine.py) ----
+    # ---- helpers the engine's request walk calls (walk.py) ----
 
     def _defer(self, executor, fn, *args) -> None:
         """Call fn(*args) once `executor`'s batch in flight is back (see the module docstring)."""

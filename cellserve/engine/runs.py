@@ -1,6 +1,7 @@
 """The engine's books on work in flight: a request being run (_Run), where each of its lanes
 lives (_LaneRef), and a batch being executed (_Work). Plain records, shared by the step loop
-(engine.py), admission (admission.py) and the decoders' walk (decoding.py)."""
+(engine.py), admission (admission.py), the request's walk (walk.py) and the decoders' walk
+(decoding.py)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cellserve.engine.config import EngineConfig
-from cellserve.engine.engine import Engine, plain_group_key, plain_groups
+from cellserve.engine.engine import Engine
+from cellserve.engine.placement import plain_group_key, plain_groups
 from cellserve.engine.request import Request, Status
 from cellserve.executor.kernel import KernelExecutor
 from cellserve.graph import zoo
