@@ -31,14 +31,14 @@ from cellserve.engine.config import EngineConfig
 from cellserve.engine.cost_model import CostModel
 from cellserve.engine.decoding import Decoding
 from cellserve.engine.output_length import OutputLength
-from cellserve.engine.placement import plain_group_key, plain_groups, plain_ops_key
+from cellserve.engine.placement import plain_ops_key
 from cellserve.engine.request import Request, Response, Status
 from cellserve.engine.runs import _Run, _Work
 from cellserve.engine.scheduler import Lane, make_policy
 from cellserve.engine.walk import ModelWalk
 from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
 from cellserve.executor.batch import StepBatch
-from cellserve.graph.model import GraphDecoder, Model, RecurrentLayer
+from cellserve.graph.model import GraphDecoder, Model, RecurrentLayer, plain_group_key, plain_groups
 from cellserve.graph.stacking import stack_layers
 
 log = logging.getLogger(__name__)

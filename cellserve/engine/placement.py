@@ -3,7 +3,7 @@ placement_auto.py) becomes the engine's executors and placement map.
 
 A plan's `assignment` maps nodes to devices. Nodes are the engine's names: cell types
 (`Model.cell_types()` of the model as served, stacked or not), plain-op groups `MODEL/ops/K`
-(`plain_group_key`), and `MODEL/input` / `MODEL/output` (the host; nothing to place).
+(`graph.model.plain_group_key`), and `MODEL/input` / `MODEL/output` (the host; nothing to place).
 Devices become executors as placement_devices.py says. Refused, each naming what is wrong:
 a node that is no cell type or group of the models served, a model the plan covers only in
 part (made with another --stack-layers setting?), a device that is none of cpu, cpuN, gpu,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.placement_devices import ExecutorSpec, device_specs, parse_core_groups
-from cellserve.graph.model import DenseNode, Model
+from cellserve.graph.model import Model, plain_group_key, plain_groups
 
 
 def plain_ops_key(model: str) -> str:
@@ -27,26 +27,6 @@ def plain_ops_key(model: str) -> str:
     is refused at load); `plain_group_key` places one group of them."""
     return f"{model}/#plain"
 
-
-def plain_group_key(model: str, k: int) -> str:
-    """The placement key of a model's k-th group of plain ops: a run of consecutive plain ops
-    in program order, numbered from 0 (the node ids of plan/partition_model.py)."""
-    return f"{model}/ops/{k}"
-
-
-def plain_groups(model: Model) -> list[list[int]]:
-    """The program positions of each group of consecutive plain ops, in order."""
-    groups: list[list[int]] = []
-    open_group = False
-    for pc, step in enumerate(model.program):
-        if isinstance(step, DenseNode):
-            if not open_group:
-                groups.append([])
-                open_group = True
-            groups[-1].append(pc)
-        else:
-            open_group = False
-    return groups
 
 
 class PlacementError(ValueError):

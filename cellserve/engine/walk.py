@@ -16,12 +16,8 @@ from cellserve.engine.request import Status
 from cellserve.engine.runs import _LaneRef, _Run
 from cellserve.engine.scheduler import Lane
 from cellserve.errors import CellserveError, InvalidInput
-from cellserve.graph.model import DenseNode, LayerStack, RecurrentLayer
+from cellserve.graph.model import DenseNode, LayerStack, RecurrentLayer, layers_of
 from cellserve.kernels.cell import LaneStorage
-
-
-def _layers(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
-    return step.layers if isinstance(step, LayerStack) else [step]
 
 
 def _layer_outputs(layer: RecurrentLayer, parts: dict, steps: int) -> tuple:
@@ -86,7 +82,7 @@ class ModelWalk:
             self._finish_run(run, Status.ERROR, f"{type(exc).__name__}: {exc}")
 
     def _start_layer(self, run: _Run, step: RecurrentLayer | LayerStack) -> None:
-        layers = _layers(step)
+        layers = layers_of(step)
         x = run.env[layers[0].x]
         time_len, batch = x.shape[:2]
         lens = None  # every sequence runs time_len steps
@@ -118,7 +114,7 @@ class ModelWalk:
             self._defer_start(run, executor, self._start_lane, cell_type, x, states, direction, batch_index, forward)
             return
         if self._multi:
-            self._note_reads(run, executor, [_layers(run.model.program[run.pc])[0].x])
+            self._note_reads(run, executor, [layers_of(run.model.program[run.pc])[0].x])
         started = executor.start_lane(cell_type, x, states)
         self._device_s += started.busy_s
         self.stats.executed_flops += started.flops
@@ -166,7 +162,7 @@ class ModelWalk:
         elif ref.tokens is not None:
             run.outputs[ref.batch_index] = ref.tokens
         else:
-            for layer, result in zip(_layers(run.model.program[run.pc]), finished.layers):
+            for layer, result in zip(layers_of(run.model.program[run.pc]), finished.layers):
                 run.outputs[layer.name][ref.direction, ref.batch_index] = result
         if not run.lanes and not run.waiting:
             self._store_outputs(run)
@@ -180,7 +176,7 @@ class ModelWalk:
     def _store_outputs(self, run: _Run) -> None:
         step = run.model.program[run.pc]
         if isinstance(step, (RecurrentLayer, LayerStack)):
-            layers = _layers(step)
+            layers = layers_of(step)
             steps = run.env[layers[0].x].shape[0]  # the input's time axis
             for layer in layers:
                 y, h, c = _layer_outputs(layer, run.outputs[layer.name], steps)

@@ -129,6 +129,18 @@ class LayerStack:
         return self.layers[0].flops_per_token_projection()
 
 
+def layers_of(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
+    """The layers a recurrent step runs: a stack's, or the layer itself."""
+    return step.layers if isinstance(step, LayerStack) else [step]
+
+
+def plain_group_key(model: str, k: int) -> str:
+    """The name of a model's k-th group of plain ops: a run of consecutive plain ops in
+    program order, numbered from 0 (a node of a partition plan, a key of the engine's
+    placement map)."""
+    return f"{model}/ops/{k}"
+
+
 @dataclass
 class GraphDecoder:
     """A decoder whose step is a graph (graph/decoder_graph.py) and whose wiring is a
@@ -246,7 +258,7 @@ class Model:
         for step in self.recurrent_steps():
             if isinstance(step, GraphDecoder):
                 return f"it decodes with {step.name!r}, which needs the whole input first"
-            for layer in step.layers if isinstance(step, LayerStack) else [step]:
+            for layer in layers_of(step):
                 if any(layer.is_reverse(d) for d in range(len(layer.directions))):
                     return f"layer {layer.name!r} runs backwards in time, which needs the whole input first"
         return None
@@ -260,3 +272,18 @@ class Model:
             else:  # a stack or a decoder: one cell type
                 names.append(f"{self.name}/{step.name}")
         return names
+
+
+def plain_groups(model: Model) -> list[list[int]]:
+    """The program positions of each group of consecutive plain ops, in order."""
+    groups: list[list[int]] = []
+    open_group = False
+    for pc, step in enumerate(model.program):
+        if isinstance(step, DenseNode):
+            if not open_group:
+                groups.append([])
+                open_group = True
+            groups[-1].append(pc)
+        else:
+            open_group = False
+    return groups

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from cellserve.graph.model import GATES, GraphDecoder, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import GATES, GraphDecoder, LayerStack, Model, RecurrentLayer, layers_of
 from cellserve.plan.profile import CellTypeProfile, Machine, ModelProfile, ProfileError, Timing
 
 _LAUNCHES_PER_LAYER = 10  # torch backend: index_select x2, mm, add, 4-6 pointwise, index_copy x2
@@ -94,7 +94,7 @@ def _step_shape(step) -> tuple[int, float, float, float, int]:
         # per lane: its memory, its states read and written, its logits
         lane_bytes = 4 * (mem * step.memory_width + 2 * sum(step.state_sizes) + step.vocab)
         return step.step_weight_bytes(), 0.0, step.flops_per_step(mem), lane_bytes, _LAUNCHES_DECODER
-    layers = step.layers if isinstance(step, LayerStack) else [step]
+    layers = layers_of(step)
     weight = sum(4 * (l.directions[0].w_hh.size + (l.directions[0].w_ih.size if i else 0)) for i, l in enumerate(layers))
     lane_bytes = sum(4 * (GATES[l.kind] * l.hidden + 3 * l.hidden) for l in layers)
     return weight, 0.0, step.flops_per_step(), lane_bytes, _LAUNCHES_PER_LAYER * len(layers)

@@ -27,7 +27,7 @@ from dataclasses import replace
 import numpy as np
 
 from cellserve.graph import dense_ops
-from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer, layers_of, plain_group_key
 from cellserve.plan.gpu_model import GpuClass
 from cellserve.plan.partition_graph import Edge, Graph, Link, Node, PartitionError
 from cellserve.plan.profile import CellTypeProfile, ModelProfile
@@ -70,7 +70,7 @@ def _decode_steps(profile: ModelProfile, cell_type: str, length: int) -> float:
 def _weights(step) -> int:
     if isinstance(step, GraphDecoder):
         return step.weight_bytes()
-    layers = step.layers if isinstance(step, LayerStack) else [step]
+    layers = layers_of(step)
     total = 0
     for layer in layers:
         d = layer.directions[0]
@@ -94,7 +94,7 @@ def _shapes(model: Model, length: int, decode: dict[str, float]) -> dict[str, in
         elif isinstance(step, GraphDecoder):
             env[step.output] = np.zeros((1, int(round(decode[step.name]))), np.int64)
         else:
-            for layer in step.layers if isinstance(step, LayerStack) else [step]:
+            for layer in layers_of(step):
                 d, h = len(layer.directions), layer.hidden
                 for name, shape in ((layer.y, (length, d, 1, h)), (layer.y_h, (d, 1, h)), (layer.y_c, (d, 1, h))):
                     if name:
@@ -116,7 +116,7 @@ def _writes(step) -> list[str]:
         return list(step.outputs)
     if isinstance(step, GraphDecoder):
         return [step.output]
-    layers = step.layers if isinstance(step, LayerStack) else [step]
+    layers = layers_of(step)
     return [t for layer in layers for t in (layer.y, layer.y_h, layer.y_c) if t]
 
 
@@ -151,7 +151,7 @@ def build_graph(model: Model, profiles: dict[str, ModelProfile], length: int, gp
     def close_group():
         if not group:
             return
-        gid = f"{name}/ops/{len(groups)}"
+        gid = plain_group_key(name, len(groups))
         groups[gid] = [op.name for op in group]
         cost = {d: 1000.0 * sum(p.plain_ops_s[o.name].mean for o in group if o.name in p.plain_ops_s)
                 for d, p in profiles.items()}

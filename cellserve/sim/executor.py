@@ -27,7 +27,7 @@ import numpy as np
 from cellserve.executor.base import BeamStarted, CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.graph import dense_ops
-from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, layers_of
 from cellserve.kernels.cell import LaneStorage
 from cellserve.kernels.decoder import BeamCandidates
 from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing, bucket_extra
@@ -317,7 +317,7 @@ class SimExecutor(Executor):
         self._charge(busy, self._host[cell_type].lane_finish_s)
         if cell.kind == "decoder":
             return LaneFinished([], busy)
-        layers = spec.step.layers if isinstance(spec.step, LayerStack) else [spec.step]
+        layers = layers_of(spec.step)
         results = []
         for layer in layers:
             y = self._zero_rows(storage.length, layer.hidden)

@@ -13,7 +13,7 @@ import pytest
 
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
-from cellserve.engine.placement import plain_group_key, plain_groups
+from cellserve.graph.model import plain_group_key, plain_groups
 from cellserve.engine.request import Request, Status
 from cellserve.executor.kernel import KernelExecutor
 from cellserve.graph import zoo
