@@ -203,18 +203,20 @@ class Admission:
             return
         if not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
             round_s = self._bounded_round_time(lanes)
-            late = [r for r in runs if now + self._rounds_left(r) * round_s > r.deadline]
+            late = [(r, left * round_s) for r in runs
+                    if now + (left := self._rounds_left(r)) * round_s > r.deadline]
         else:
             late = self._late_in_urgency_order(runs, lanes, now)
         self.stats.runs_checked += len(runs)
         self._default.engine_work(runs_checked=len(runs))
-        for run in late:
+        for run, needed in late:
             self._finish_run(run, Status.DROPPED,
-                             f"dropped: can no longer finish before its deadline "
-                             f"({max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
+                             f"dropped: can no longer finish before its deadline (predicted to need "
+                             f"{needed * 1e3:.1f} ms more, {max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
 
-    def _late_in_urgency_order(self, runs: list[_Run], lanes: dict[str, int], now: float) -> list[_Run]:
-        """The runs that would miss their deadlines, each priced at a round of the lanes at least
+    def _late_in_urgency_order(self, runs: list[_Run], lanes: dict[str, int],
+                               now: float) -> list[tuple[_Run, float]]:
+        """The runs that would miss their deadlines, with the seconds each still needs, each priced at a round of the lanes at least
         as urgent as its own (at least a full batch per cell type: every type's batch runs each
         turn), as _bounded_round_time prices that load. Priced for every run at once, in
         arrays: the check walks every run in flight, and pricing each load apart was most of
@@ -251,7 +253,8 @@ class Admission:
             stretch = 1.0 - min(self.admitting_share, MAX_ADMITTING_SHARE)
             round_s = (np.minimum(mean, PREDICTION_BOUND * best) + self.step_overhead_s * batches) / stretch
         deadlines = np.array([run.deadline for run in order])
-        return [order[i] for i in np.flatnonzero(now + np.array(left) * round_s > deadlines)]
+        needed = np.array(left) * round_s
+        return [(order[i], float(needed[i])) for i in np.flatnonzero(now + needed > deadlines)]
 
     def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int, admitting: float = 0.0) -> None:
         """Fold one executed batch (`elapsed` seconds from its start to its update, for

@@ -3,6 +3,8 @@ exactly one response. Time comes from a fake clock, so nothing here depends on m
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -115,6 +117,9 @@ def test_drop_late_drops_an_admitted_request_that_falls_behind(models, policy):
     dropped = responses.one(0)
     assert dropped.status is Status.DROPPED
     assert "deadline" in dropped.reason and dropped.outputs == {}
+    # the reason gives what the drop was decided on: the time still needed against the time left
+    needed, left = map(float, re.search(r"need ([\d.]+) ms more, ([\d.]+) ms left", dropped.reason).groups())
+    assert needed > left >= 0.0, dropped.reason
     check_ok(models, responses, range(1, 9))
     assert engine.idle()
     for kernel in engine.executors["default"].kernels.values():

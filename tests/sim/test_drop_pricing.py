@@ -1,5 +1,5 @@
 """The drop check prices all runs in flight at once (admission._late_in_urgency_order): each
-run at a round of the lanes at least as urgent as its own, as _bounded_round_time prices that
+run (and the time it still needs) at a round of the lanes at least as urgent as its own, as _bounded_round_time prices that
 load. Checked against that definition written out run by run, on a backlog of several cell
 types (three of two models), priorities and deadlines, at many instants."""
 
@@ -29,8 +29,9 @@ def _one_run_at_a_time(engine, now: float) -> list:
         for ref in run.lanes.values():
             ahead[ref.cell_type] += 1
         round_s = engine._bounded_round_time({t: max(ahead[t], min(n, cap)) for t, n in lanes.items()})
-        if now + engine._rounds_left(run) * round_s > run.deadline:
-            late.append(run)
+        needed = engine._rounds_left(run) * round_s
+        if now + needed > run.deadline:
+            late.append((run, needed))
     return late
 
 
@@ -61,6 +62,7 @@ def test_the_drop_checks_pricing_equals_pricing_each_run_apart(models, executors
     for now in engine.clock.now() + np.linspace(0, 60 * MS, 61):
         got = engine._late_in_urgency_order(runs, lanes, float(now))
         want = _one_run_at_a_time(engine, float(now))
-        assert [r.request.request_id for r in got] == [r.request.request_id for r in want]
+        assert [r.request.request_id for r, _ in got] == [r.request.request_id for r, _ in want]
+        assert [needed for _, needed in got] == pytest.approx([needed for _, needed in want], rel=1e-12)
         seen.add(len(got))
     assert min(seen) < len(runs) // 2 and max(seen) == len(runs)  # instants with few late and with all
