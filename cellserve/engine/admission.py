@@ -33,8 +33,11 @@ PROBE_AFTER_S = 5.0
 # (see _predicted_latency; the engine's per-step overhead comes on top): room for what
 # contention adds under overload, not for estimates gone stale in a slow spell.
 PREDICTION_BOUND = 16.0
-# The per-step overhead is the median of this many busy spells of 50 ms (see _learn_overhead).
+# The per-step overhead is the median of this many spells, each ending at 50 ms of busy time
+# or SPELL_SPAN_S of wall time, whichever comes first (see _learn_overhead).
 OVERHEAD_SPELLS = 9
+SPELL_BUSY_S = 0.05
+SPELL_SPAN_S = 0.25
 # The share of its time an engine is priced to spend admitting, at most (see _bounded_round_time):
 # beyond it the engine is refusing a flood, and each refusal is cheap.
 MAX_ADMITTING_SHARE = 0.5
@@ -201,7 +204,14 @@ class Admission:
         runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
         if not runs:
             return
-        if not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
+        if len(self._runs) == 1:
+            # Alone, a run is priced as admission prices a request on an idle engine (the
+            # fastest steps measured): dropping it frees nothing another request needs, and
+            # the overhead and averages learnt under an earlier load must not drop at light
+            # load what admission just let in.
+            round_s = self.costs.round_time(lanes, best=True)
+            late = [(r, left * round_s) for r in runs if now + (left := self._rounds_left(r)) * round_s > r.deadline]
+        elif not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
             round_s = self._bounded_round_time(lanes)
             late = [(r, left * round_s) for r in runs
                     if now + (left := self._rounds_left(r)) * round_s > r.deadline]
@@ -260,22 +270,30 @@ class Admission:
         """Fold one executed batch (`elapsed` seconds from its start to its update, for
         `steps` steps, of which `admitting` went to admitting arrivals before it ran) into the
         current spell: what its steps took beyond the cost model's price, and the time spent
-        admitting. Once the spell has run for 50 ms, its excess per step and its share of
-        admitting join the last OVERHEAD_SPELLS, and the per-step overhead and the admitting
-        share become their medians. Measured against the model's price, not the device's
-        time, so that the price plus the overhead is what a step took, whatever the model's
-        table lags."""
+        admitting. Once the spell holds SPELL_BUSY_S of busy time, or SPELL_SPAN_S of wall
+        time has passed since its first batch, its excess per step and its share of admitting
+        join the last OVERHEAD_SPELLS, and the per-step overhead and the admitting share
+        become their medians. Measured against the model's price, not the device's time, so
+        that the price plus the overhead is what a step took, whatever the model's table lags.
+
+        The wall-time end is what lets the figures follow the load: the excess is mostly the
+        lanes' starts and finishes spread over the steps, so it grows with the arrivals per
+        step, and spells of busy time alone took seconds each at light load, pricing it for
+        seconds at what a burst before it had cost."""
         cost = self.costs.costs.get(batch.cell_type)
         if steps <= 0 or cost is None:
             return
+        now = self.clock.now()
+        if self._busy_steps == 0:
+            self._spell_started = now - elapsed
         self._busy_elapsed += elapsed
         self._busy_admitting += admitting
         self._busy_excess += max(elapsed - admitting - steps * cost(batch.size), 0.0)
         self._busy_steps += steps
-        if self._busy_elapsed > 0.05:
+        if self._busy_elapsed > SPELL_BUSY_S or now - self._spell_started > SPELL_SPAN_S:
             self._overhead_spells.append(self._busy_excess / self._busy_steps)
             self.step_overhead_s = statistics.median(self._overhead_spells)
-            self._admitting_spells.append(self._busy_admitting / self._busy_elapsed)
+            self._admitting_spells.append(self._busy_admitting / self._busy_elapsed if self._busy_elapsed > 0 else 0.0)
             self.admitting_share = statistics.median(self._admitting_spells)
             self._busy_elapsed = self._busy_excess = self._busy_admitting = 0.0
             self._busy_steps = 0

@@ -150,16 +150,18 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         self._last_step = -math.inf  # clock time of the last batch executed
         self._device_s = 0.0  # device seconds inside the current step (stats: the rest is overhead)
         # Seconds per step beyond the cost model's price: projections' Python, plain ops'
-        # dispatch, admission, bookkeeping, waiting for the GIL. Learnt over busy spells of
-        # at least 50 ms (admission.py _learn_overhead); admission adds it to every batch of
-        # a priced round (_bounded_round_time). A per-step cost, not a factor on kernel time: learnt at small
-        # batches (mostly Python), a factor overstated large batches' steps several times over.
+        # dispatch, admission, bookkeeping, waiting for the GIL. Learnt over spells of 50 ms
+        # of busy time or 0.25 s of wall time (admission.py _learn_overhead); admission adds
+        # it to every batch of a priced round (_bounded_round_time). A per-step cost, not a
+        # factor on kernel time: learnt at small batches (mostly Python), a factor overstated
+        # large batches' steps several times over.
         # The median of the last spells' figures: one spell holding a collector pass or a
         # convoy on the GIL must not price every request that arrives in the next second.
         self.step_overhead_s = 0.0
         self._overhead_spells: deque[float] = deque(maxlen=OVERHEAD_SPELLS)
         self._busy_elapsed = self._busy_excess = self._busy_admitting = 0.0
         self._busy_steps = 0
+        self._spell_started = 0.0  # clock time the current spell's first batch started
         # The share of the engine's busy time spent admitting arrivals (and refusing them, and
         # the drop check), learnt over the same spells: the steps of a request's life advance
         # only in the rest. Kept apart from the per-step overhead: counted per step, the work

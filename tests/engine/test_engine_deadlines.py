@@ -126,6 +126,20 @@ def test_drop_late_drops_an_admitted_request_that_falls_behind(models, policy):
         assert kernel.slots.in_use == 0  # the dropped request's lanes were released
 
 
+def test_drop_late_drops_a_lone_request_that_cannot_finish_even_at_its_fastest_steps(models):
+    # alone, a run is priced at the fastest steps measured (as on an idle engine's admission):
+    # still dropped once even they cannot finish it in time
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=False, drop_late=True)
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": TOKENS}, timeout_s=0.005))
+    engine.run_until_idle(timeout_s=10)
+    dropped = responses.one(0)
+    assert dropped.status is Status.DROPPED, dropped.reason
+    assert "predicted to need" in dropped.reason
+    assert engine.idle()
+
+
 def test_drop_late_drops_a_request_still_running_at_its_deadline(models, clock):
     engine = make_engine(models, clock, admission=False, drop_late=True)
     responses = Responses()

@@ -80,6 +80,43 @@ def test_one_slow_spell_does_not_move_the_overhead_but_a_lasting_change_does(mod
     assert engine.step_overhead_s == pytest.approx(300e-6)
 
 
+def test_the_overhead_follows_a_fall_in_load_within_two_seconds_of_light_load(models):
+    # A burst's lane starts spread over its steps price each step high; lone requests at
+    # light load cost far less per step. Spells of 50 ms of busy time took seconds each at
+    # light load, so the burst's figure priced every request for seconds after it: the 2 s of
+    # light load below hold 40 ms of busy time, not one spell's. A spell also ends after
+    # SPELL_SPAN_S of wall time.
+    _, engine = _engine(models)
+    clock = engine.clock
+    (cell_type,) = engine.cell_types
+    full = StepBatch(cell_type, tuple(range(1, 65)), tuple(range(1, 65)), (1,) * 64, (1,) * 64)
+    lone = StepBatch(cell_type, (1,), (1,), (1,), (1,))
+    for _ in range(20 * 100):  # a burst: 500 us beyond the price on every step, back to back
+        step_s = KERNEL_S(64) + 500e-6
+        clock.advance(step_s)
+        engine._learn_overhead(step_s, full, 1)
+    assert engine.step_overhead_s == pytest.approx(500e-6)
+    for _ in range(20):  # 2 s of lone 25-step requests, 10 a second, 20 us beyond the price a step
+        for _ in range(25):
+            step_s = KERNEL_S(1) + 20e-6
+            clock.advance(step_s)
+            engine._learn_overhead(step_s, lone, 1)
+        clock.advance(0.1)
+    assert engine.step_overhead_s == pytest.approx(20e-6)
+
+
+def test_a_lone_request_is_not_dropped_on_an_overhead_learnt_under_earlier_load(models):
+    # Admission prices a request on an idle engine at the fastest steps measured; the drop
+    # check prices a lone run the same way, so an overhead left by a burst (here 20 ms a
+    # step, 600 ms for the request's 30 steps) does not drop what admission just let in.
+    sim, engine = _engine(models)
+    engine.step_overhead_s = 20 * MS
+    tokens = {"tokens": np.ones((1, 30), np.int64)}
+    (outcome,) = sim.run([SimArrival(0.0, "gru", tokens, timeout_s=50 * MS, tag=0)])
+    assert outcome.status is Status.OK, outcome.reason
+    assert outcome.finish_s - outcome.arrival_s < 50 * MS
+
+
 def test_admitting_is_a_share_of_the_engines_time_not_an_overhead_of_the_steps_left(models):
     # A flood refused while few lanes run: admitting (refusing) takes most of each batch's
     # time. Counted per step, that work landed on the few steps still running, the priced
