@@ -215,7 +215,7 @@ class RayCore(Core):
 
     async def _send(self, entry: ServedModel, worker: WorkerState, call: Call, lanes: int, timeout_s,
                     received) -> Reply:
-        margin = self._handback_s + 4 * self._handback_dev_s
+        margin = self.handback_margin_s
         sent = self.clock.now()
         if timeout_s is not None:
             left = received + timeout_s - sent

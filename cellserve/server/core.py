@@ -242,6 +242,13 @@ class Core:
         # TCP learns round trips (a smoothed mean and mean deviation): the engine gets each
         # timeout less mean + 4 deviations, so that an answer in time there is in time here.
         self._handback_s = self._handback_dev_s = 0.0
+        metrics.watch_deadline_margin(lambda: self.handback_margin_s)
+
+    @property
+    def handback_margin_s(self) -> float:
+        """Seconds taken off each request's timeout before the engine schedules against it:
+        the hand-back's smoothed mean plus four mean deviations (at most half the timeout)."""
+        return self._handback_s + 4 * self._handback_dev_s
 
     # ---- health and metadata ----
 
@@ -426,7 +433,7 @@ class Core:
             except RuntimeError:  # closed between the check and the call
                 pass
 
-        margin = self._handback_s + 4 * self._handback_dev_s
+        margin = self.handback_margin_s
         engine_timeout = None if timeout_s is None else max(timeout_s - margin, timeout_s / 2)
         # the deadline runs from when the request reached the server, not the engine
         arrival = self.engine.clock.now() - (self.clock.now() - received)

@@ -15,6 +15,7 @@ Cellular batching:
   cellserve_sequences_active
   cellserve_engine_step_overhead_seconds  seconds a step takes beyond the cost model's price (added per batch)
   cellserve_engine_admitting_share  share of the engine's busy time spent admitting arrivals (stretches priced rounds)
+  cellserve_deadline_margin_seconds  taken off each timeout for the answer's hand-back to the frontend
   cellserve_admission_price_ratio{quantile}  over the last 1,000 answered requests admission priced:
                                    latency from admission to answer over the price (below 1:
                                    priced high, so refusals came early; above 1: priced low)
@@ -69,6 +70,13 @@ class Metrics:
         if key not in self._models:
             self._models[key] = ModelMetrics(self, name, version)
         return self._models[key]
+
+    def watch_deadline_margin(self, margin_s) -> None:
+        """Export the server's deadline margin (the callable `margin_s`, read at scrape time)."""
+        Gauge("cellserve_deadline_margin_seconds",
+              "Seconds taken off each request's timeout for handing its answer back from the engine "
+              "(a smoothed mean plus four mean deviations; at most half the timeout)",
+              registry=self.registry).set_function(margin_s)
 
     def watch_frontends(self, admission, limits) -> None:
         """Export the frontends' admission bound and HTTP connection counts (read at scrape time)."""

@@ -47,10 +47,14 @@ def test_the_engine_deadline_runs_from_receipt_less_the_learned_hand_back(core):
     for _ in range(20):
         infer(core, 10_000_000)
     learned = core._handback_s + 4 * core._handback_dev_s
-    assert learned > 0
+    assert learned > 0 and core.handback_margin_s == learned
     _, last = seen[-1]
     assert last.timeout_s == pytest.approx(10.0 - learned, abs=1e-3)
     assert 10.0 - last.timeout_s < 0.5  # a hand-back takes microseconds to milliseconds, not seconds
+    # operators see it: the metrics endpoint exports the margin as it stands
+    exported = [line for line in core.metrics.exposition().decode().splitlines()
+                if line.startswith("cellserve_deadline_margin_seconds ")]
+    assert exported and float(exported[0].split()[1]) == pytest.approx(core.handback_margin_s)
 
 
 def test_the_margin_never_takes_more_than_half_the_timeout(core):
