@@ -46,6 +46,22 @@ TARGET_ATTAINMENT = 0.99
 # ramp's top (their CPU per request falls with load), as the hand calibration of 2026-12-02 did
 # at its runs' rates of the most goodput.
 CALIBRATION_FACTOR = 1.0
+# Past the planned factors the ramp goes on in steps of EXTEND_STEP while its last rate gave
+# more goodput than any before it (the layout's maximum not yet passed), up to MAX_FACTOR.
+EXTEND_STEP = 1.25
+MAX_FACTOR = 3.0
+
+
+def next_factor(rows: list[dict], planned: tuple[float, ...], extend: bool = True) -> float | None:
+    """The ramp's next factor of the prediction: the planned ones in turn; then, with
+    `extend`, the last one x EXTEND_STEP while the last rate gave more goodput than every
+    rate before it and that stays within MAX_FACTOR; None when the ramp is done."""
+    if len(rows) < len(planned):
+        return planned[len(rows)]
+    if not extend or not rows or any(r["goodput_rps"] >= rows[-1]["goodput_rps"] for r in rows[:-1]):
+        return None
+    factor = round(rows[-1]["factor"] * EXTEND_STEP, 4)
+    return factor if factor <= MAX_FACTOR else None
 
 
 def load_or_profile(models: list[str], directory: Path, max_batch: int, quick: bool, log=print) -> dict:
@@ -106,8 +122,9 @@ def _loadavg() -> list[float]:
 
 
 def measure(plan_path: Path, models: list[str], rates_of, slos: dict, factors, predicted: float,
-            seconds: float, log=print) -> list[dict]:
-    """Serve the plan on a local Ray and offer each factor x predicted in turn (measured)."""
+            seconds: float, log=print, extend: bool = False) -> list[dict]:
+    """Serve the plan on a local Ray and offer each factor x predicted in turn (measured);
+    with `extend`, further factors while goodput still rises (next_factor)."""
     from cellserve.cluster.ray_plan_cpu import CpuMeter
     from cellserve.cluster.ray_plan_load import run_mix
     from cellserve.server.launch import ServerProcess
@@ -119,7 +136,7 @@ def measure(plan_path: Path, models: list[str], rates_of, slos: dict, factors, p
     rows = []
     try:
         run_mix(server.http, rates_of(predicted * factors[0] / 2), slos, 3.0, seed=1)  # warm-up, dropped
-        for f in factors:
+        while (f := next_factor(rows, tuple(factors), extend)) is not None:
             meter = CpuMeter(server.proc.pid)
             row = run_mix(server.http, rates_of(predicted * f), slos, seconds)
             row["cpu"] = meter.stop(row["requests"])
@@ -297,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"calibrated (measured): worker_ms {shared.worker_ms:.2f}, frontend_ms {shared.frontend_ms:.2f}")
     report = planning(profiles, sessions, args.devices, args.margin, shared)
     plan = report.pop("_plan")
-    served = cap.scaled(plan, max(factors))
+    served = cap.scaled(plan, MAX_FACTOR)  # the gates as wide as the ramp may go
     plan_path = args.json.with_suffix(".plan.json")
     write_json(plan_to_dict(served), plan_path)
-    print(f"plan (predicted): {report['predicted_goodput_rps']:.1f} req/s; serving {plan_path} (gates x{max(factors):g})")
-    rows = measure(plan_path, models, rates_of, slos, factors, report["predicted_goodput_rps"], seconds)
-    out = {**report, **calibration, "served_plan": plan_to_dict(served), "served_plan_rate_scale": max(factors),
+    print(f"plan (predicted): {report['predicted_goodput_rps']:.1f} req/s; serving {plan_path} (gates x{MAX_FACTOR:g})")
+    rows = measure(plan_path, models, rates_of, slos, factors, report["predicted_goodput_rps"], seconds, extend=True)
+    out = {**report, **calibration, "served_plan": plan_to_dict(served), "served_plan_rate_scale": MAX_FACTOR,
            "plan_models": models, **results(report, rows),
            "profiles_dir": str(profile_dir), "machine": _machine(),
            "loadavg": {"start": load_start, "end": _loadavg()}, "wall_s": time.time() - start,

@@ -89,6 +89,26 @@ def test_the_measured_figures_of_a_ramp():
     assert bench.results({"predicted_goodput_rps": 120.0}, rows[2:])["measured_max_rate_99_rps"] is None
 
 
+def test_the_ramp_goes_on_past_its_planned_rates_while_goodput_still_rises():
+    planned = (0.5, 1.0)
+    rows = []
+
+    def ramp(goodput_at):  # the factors a ramp offers, the goodput at each given by goodput_at
+        rows.clear()
+        while (f := bench.next_factor(rows, planned)) is not None:
+            rows.append({"factor": f, "goodput_rps": goodput_at(f)})
+        return [r["factor"] for r in rows]
+
+    assert ramp(lambda f: 100 * min(f, 1.0) - 5 * (f > 1)) == [0.5, 1.0, 1.25]  # the maximum was passed at 1.0
+    peak = lambda f: 100 * f if f <= 1.6 else 160 - 100 * (f - 1.6)  # noqa: E731
+    assert ramp(peak) == [0.5, 1.0, 1.25, 1.5625, 1.9531]  # still rising at 1.56, not at 1.95
+    assert ramp(lambda f: 100 * min(f, 1.0)) == [0.5, 1.0, 1.25]  # a plateau is not a rise
+    assert ramp(lambda f: 100 * f) == [0.5, 1.0, 1.25, 1.5625, 1.9531, 2.4414]  # rising throughout: stops at MAX_FACTOR
+    assert bench.MAX_FACTOR < 2.4414 * bench.EXTEND_STEP
+    rows[:] = [{"factor": 0.5, "goodput_rps": 50.0}, {"factor": 1.0, "goodput_rps": 90.0}]
+    assert bench.next_factor(rows, planned, extend=False) is None  # the calibration: only what it asks for
+
+
 def _calibration_row(answered: int, requests: int = 1000, wall_s: float = 10.0) -> dict:
     """A measured rate as `measure` gives it: 1.2 worker cores, driver 0.3, generator 0.1, daemons 0.05."""
     cores = {"driver": 0.3, "workers": 1.2, "ray_daemons": 0.05, "generator": 0.1}
@@ -127,7 +147,12 @@ def test_quick_calibrated_end_to_end_on_a_local_ray(tmp_path):
     assert bench.main(["--json", str(path), "--quick", "--seconds", "2", "--profiles", str(PROFILES),
                        "--calibrate"]) == 0
     out = json.loads(path.read_text())
-    assert [r["factor"] for r in out["rates"]] == list(bench.QUICK_FACTORS)
+    factors = [r["factor"] for r in out["rates"]]
+    assert factors[:len(bench.QUICK_FACTORS)] == list(bench.QUICK_FACTORS)
+    for k in range(len(bench.QUICK_FACTORS), len(factors)):  # past the planned rates only while goodput rose
+        assert all(r["goodput_rps"] < out["rates"][k - 1]["goodput_rps"] for r in out["rates"][:k - 1])
+        assert factors[k] == pytest.approx(factors[k - 1] * bench.EXTEND_STEP, abs=1e-3)
+        assert factors[k] <= bench.MAX_FACTOR
     # calibrated: the uncorrected plan served first, its measured CPU the corrections planned with
     calibration = out["calibration"]
     assert calibration["row"]["factor"] == bench.CALIBRATION_FACTOR and calibration["row"]["requests"] > 0
