@@ -113,6 +113,13 @@ GLUE = {
     "ArgMax_last_index": (TensorProto.INT64, [("ArgMax", [], {"axis": -1, "keepdims": 0, "select_last_index": 1})]),
     "Div_negative_integers": (TensorProto.INT64, [("Mul", [[50.0]], {}), ("Cast", [], {"to": TensorProto.INT64}),
                                                   ("Div", [[4]], {})]),
+    # a head as exporters write one: Gemm with B transposed and a bias, and with alpha, beta and C broadcast
+    "Gemm_head": (TensorProto.FLOAT, [("Flatten", [], {"axis": 3}),
+                                      ("Gemm", [np.linspace(-1, 1, 15).reshape(3, 5).tolist(), [0.5, -0.25, 1.0]],
+                                       {"transB": 1}), ("Softmax", [], {"axis": -1})]),
+    "Gemm_alpha_beta": (TensorProto.FLOAT, [("Flatten", [], {"axis": 3}),
+                                            ("Gemm", [np.linspace(-1, 1, 15).reshape(5, 3).tolist(), [[0.5, -0.25, 1.0]]],
+                                             {"alpha": 0.5, "beta": 2.0})]),
 }
 
 
@@ -123,7 +130,7 @@ def test_plain_ops_after_a_recurrent_layer_match_onnxruntime(glue):
     nodes, inits, x = list(lstm.node), list(lstm.initializer), "Y"
     for k, (op, consts, attrs) in enumerate(chain):
         names = [f"c{k}_{j}" for j in range(len(consts))]
-        inits += [numpy_helper.from_array(np.array(c, np.float32 if isinstance(c[0], float) else np.int64), n)
+        inits += [numpy_helper.from_array(np.array(c, np.float32 if np.asarray(c).dtype.kind == "f" else np.int64), n)
                   for n, c in zip(names, consts)]
         y = "out" if k == len(chain) - 1 else f"glue{k}"
         nodes.append(helper.make_node(op, [x, *names], [y], name=f"glue{k}", **attrs))
