@@ -183,7 +183,9 @@ class Admission:
         """Drop admitted requests that can no longer finish in time: their work is wasted.
         Priced at the lanes running now (admission prices the committed load: a request is
         refused on the slow estimate but dropped only on the fast one), within the same bound
-        as admission; a request admitted to measure (see _admit) is never dropped: it runs.
+        as admission; a request admitted to measure (see _admit) is never dropped: it runs. A
+        run alone in the engine is priced at the fastest steps measured, as admission prices
+        one on an idle engine.
 
         When a cell type has more lanes than a batch holds and the policy runs the most
         urgent first, a request waits in its own cell type only for the lanes at least as
@@ -204,15 +206,13 @@ class Admission:
         runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
         if not runs:
             return
-        if len(self._runs) == 1:
+        alone = len(self._runs) == 1
+        if alone or not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
             # Alone, a run is priced as admission prices a request on an idle engine (the
             # fastest steps measured): dropping it frees nothing another request needs, and
             # the overhead and averages learnt under an earlier load must not drop at light
             # load what admission just let in.
-            round_s = self.costs.round_time(lanes, best=True)
-            late = [(r, left * round_s) for r in runs if now + (left := self._rounds_left(r)) * round_s > r.deadline]
-        elif not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
-            round_s = self._bounded_round_time(lanes)
+            round_s = self.costs.round_time(lanes, best=True) if alone else self._bounded_round_time(lanes)
             late = [(r, left * round_s) for r in runs
                     if now + (left := self._rounds_left(r)) * round_s > r.deadline]
         else:
@@ -226,11 +226,12 @@ class Admission:
 
     def _late_in_urgency_order(self, runs: list[_Run], lanes: dict[str, int],
                                now: float) -> list[tuple[_Run, float]]:
-        """The runs that would miss their deadlines, with the seconds each still needs, each priced at a round of the lanes at least
-        as urgent as its own (at least a full batch per cell type: every type's batch runs each
-        turn), as _bounded_round_time prices that load. Priced for every run at once, in
-        arrays: the check walks every run in flight, and pricing each load apart was most of
-        its cost. The arithmetic is round_time's, term for term, so the figures are the same."""
+        """The runs that would miss their deadlines, with the seconds each still needs, each
+        priced at a round of the lanes at least as urgent as its own (at least a full batch per
+        cell type: every type's batch runs each turn), as _bounded_round_time prices that load.
+        Priced for every run at once, in arrays: the check walks every run in flight, and
+        pricing each load apart was most of its cost. The arithmetic is round_time's, term for
+        term, so the figures are the same."""
         order = sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival))
         types = list(lanes)
         column = {t: j for j, t in enumerate(types)}
@@ -293,7 +294,8 @@ class Admission:
         if self._busy_elapsed > SPELL_BUSY_S or now - self._spell_started > SPELL_SPAN_S:
             self._overhead_spells.append(self._busy_excess / self._busy_steps)
             self.step_overhead_s = statistics.median(self._overhead_spells)
-            self._admitting_spells.append(self._busy_admitting / self._busy_elapsed if self._busy_elapsed > 0 else 0.0)
+            busy = self._busy_elapsed
+            self._admitting_spells.append(self._busy_admitting / busy if busy > 0 else 0.0)
             self.admitting_share = statistics.median(self._admitting_spells)
             self._busy_elapsed = self._busy_excess = self._busy_admitting = 0.0
             self._busy_steps = 0
