@@ -25,6 +25,7 @@ from cellserve.bench.traces import make_trace
 
 TRIVIAL_SERVER = Path(__file__).parent / "peers" / "servers" / "trivial_server.py"
 _LAG_LIMIT_MS = 10.0  # a generator whose p99 send lag passes this is behind its schedule
+_REASONS_KEPT = 5  # of each of rejected and dropped, per rate
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,10 @@ def trace_for(sweep: Sweep, rate: float) -> list:
 
 def summarize_load(run: LoadRun, offered_rps: float, slos_ms: tuple[float, ...]) -> dict:
     """One rate's figures: throughput, goodput at each SLO, p50/p90/p99 (answered requests),
-    counts by outcome (ok, rejected, dropped, error), the generator's send lag, and the
-    readiness checks' latency during the load (`health`, when checks ran)."""
+    counts by outcome (ok, rejected, dropped, error), the generator's send lag, the
+    readiness checks' latency during the load (`health`, when checks ran), the first error
+    and the first few reasons given for refusals and drops (`rejected_reasons`,
+    `dropped_reasons`, when there were any)."""
     stats = RunStats(policy="load", rate_rps=offered_rps, duration_s=span_s(run.outcomes), outcomes=run.outcomes)
     at_slo = {f"{slo:g}": summarize(stats, slo / 1e3) for slo in slos_ms}
     any_slo = next(iter(at_slo.values()))  # all but goodput is the same at every SLO
@@ -87,6 +90,12 @@ def summarize_load(run: LoadRun, offered_rps: float, slos_ms: tuple[float, ...])
     errors = [o.reason for o in run.outcomes if o.status == "error"]
     if errors:
         row["first_error"] = errors[0]
+    # why requests were turned away, in the server's words (the first few of each kind): a
+    # refusal or a drop at light load is otherwise a bare count in the report
+    for status in ("rejected", "dropped"):
+        reasons = [o.reason for o in run.outcomes if o.status == status][:_REASONS_KEPT]
+        if reasons:
+            row[f"{status}_reasons"] = reasons
     return row
 
 

@@ -38,6 +38,8 @@ def test_summary_of_a_run_with_given_times():
     assert row["requests"] == 14
     assert row["counts"] == {"ok": 10, "rejected": 1, "dropped": 1, "error": 2}
     assert row["first_error"] == "no answer within 1 s"
+    assert row["rejected_reasons"] == ["429: queue full"] and row["dropped_reasons"] == ["504: late"]
+    assert "rejected_reasons" not in summarize_load(LoadRun(outcomes=outcomes[:10], send_lag_s=[0.0]), 10.0, (45.0,))
     assert row["p50_ms"] == pytest.approx(55.0)
     assert row["p90_ms"] == pytest.approx(91.0)
     assert row["p99_ms"] == pytest.approx(99.1)
