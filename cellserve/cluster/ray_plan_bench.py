@@ -136,7 +136,8 @@ def measure(plan_path: Path, models: list[str], rates_of, slos: dict, factors, p
     rows = []
     try:
         run_mix(server.http, rates_of(predicted * factors[0] / 2), slos, 3.0, seed=1)  # warm-up, dropped
-        while (f := next_factor(rows, tuple(factors), extend)) is not None:
+        planned = tuple(factors)
+        while (f := next_factor(rows, planned, extend)) is not None:
             meter = CpuMeter(server.proc.pid)
             row = run_mix(server.http, rates_of(predicted * f), slos, seconds)
             row["cpu"] = meter.stop(row["requests"])

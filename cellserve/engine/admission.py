@@ -122,13 +122,17 @@ class Admission:
         load = self._committed.copy()
         for t, n in self._lanes(model, batch, width).items():
             load[t] += n
-        # An idle engine has nothing running to learn from: price at the fastest steps seen,
-        # or one slow spell could make it refuse everything from then on. A busy one prices
-        # at the moving averages, but never above PREDICTION_BOUND times the fastest steps
-        # seen: averages learnt beside a noisy neighbour must not price work far beyond what
-        # the device has shown it does.
-        round_s = self._bounded_round_time(load) if self._runs else self.costs.round_time(load, best=True)
-        return sum(rounds_plan) * round_s
+        return sum(rounds_plan) * self._round_time(load, shared=bool(self._runs))
+
+    def _round_time(self, load: dict[str, int], shared: bool) -> float:
+        """A round of `load` as admission and the drop check price it. Shared with other
+        requests in flight: at the moving averages, never above PREDICTION_BOUND times the
+        fastest steps seen (averages learnt beside a noisy neighbour must not price work far
+        beyond what the device has shown it does), plus the overhead (_bounded_round_time).
+        Alone: at the fastest steps seen. An idle engine has nothing running to learn from,
+        and one slow spell, or the overhead of a burst before, must not refuse or drop a lone
+        request the engine serves in time (dropping it would free nothing another needs)."""
+        return self._bounded_round_time(load) if shared else self.costs.round_time(load, best=True)
 
     def _alone_latency(self, model: Model, rounds_plan: list[int], batch: int, width: int = 1) -> float:
         """Seconds the request would take on an idle engine, at the fastest steps seen."""
@@ -206,13 +210,9 @@ class Admission:
         runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
         if not runs:
             return
-        alone = len(self._runs) == 1
-        if alone or not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
-            # Alone, a run is priced as admission prices a request on an idle engine (the
-            # fastest steps measured): dropping it frees nothing another request needs, and
-            # the overhead and averages learnt under an earlier load must not drop at light
-            # load what admission just let in.
-            round_s = self.costs.round_time(lanes, best=True) if alone else self._bounded_round_time(lanes)
+        shared = len(self._runs) > 1
+        if not shared or not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
+            round_s = self._round_time(lanes, shared)
             late = [(r, left * round_s) for r in runs
                     if now + (left := self._rounds_left(r)) * round_s > r.deadline]
         else:
@@ -267,9 +267,11 @@ class Admission:
         needed = np.array(left) * round_s
         return [(order[i], float(needed[i])) for i in np.flatnonzero(now + needed > deadlines)]
 
-    def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int, admitting: float = 0.0) -> None:
-        """Fold one executed batch (`elapsed` seconds from its start to its update, for
-        `steps` steps, of which `admitting` went to admitting arrivals before it ran) into the
+    def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int, admitting: float = 0.0,
+                        now: float | None = None) -> None:
+        """Fold one executed batch (`elapsed` seconds from its start to its update at `now`, the
+        clock's reading unless given, for `steps` steps, of which `admitting` went to
+        admitting arrivals before it ran) into the
         current spell: what its steps took beyond the cost model's price, and the time spent
         admitting. Once the spell holds SPELL_BUSY_S of busy time, or SPELL_SPAN_S of wall
         time has passed since its first batch, its excess per step and its share of admitting
@@ -284,7 +286,8 @@ class Admission:
         cost = self.costs.costs.get(batch.cell_type)
         if steps <= 0 or cost is None:
             return
-        now = self.clock.now()
+        if now is None:
+            now = self.clock.now()
         if self._busy_steps == 0:
             self._spell_started = now - elapsed
         self._busy_elapsed += elapsed

@@ -175,7 +175,8 @@ class ConcurrentSteps:
     def _batch_back(self, work: _Work, result) -> None:
         """Advance a finished batch's lanes and learn the time it took, hand-out to now."""
         self._complete(work, result)
-        self._learn_overhead(self.clock.now() - work.started, work.batch, result.steps)
+        now = self.clock.now()
+        self._learn_overhead(now - work.started, work.batch, result.steps, now=now)
 
     def _dispatch(self, now: float) -> bool:
         """Hand each idle worker its next batch, then run the first executor's on this thread;

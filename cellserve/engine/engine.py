@@ -438,7 +438,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         s.step_records.append((overhead, batch.size, s.lanes_started - work.lanes_started,
                                s.lanes_finished - work.lanes_finished, s.requests_taken - work.requests_taken,
                                s.runs_checked - work.runs_checked))
-        self._learn_overhead(now - work.started, batch, result.steps, work.admitting_s)
+        self._learn_overhead(now - work.started, batch, result.steps, work.admitting_s, now)
         if finished or self._beam_lanes_moved or self._inbox or self._arrived[0] or not self.policy.stable or (
                 self.config.drop_late and now >= self._next_drop_check):
             return None

@@ -246,8 +246,9 @@ class Core:
 
     @property
     def handback_margin_s(self) -> float:
-        """Seconds taken off each request's timeout before the engine schedules against it:
-        the hand-back's smoothed mean plus four mean deviations (at most half the timeout)."""
+        """Seconds to take off each request's timeout before the engine schedules against it:
+        the hand-back's smoothed mean plus four mean deviations (where a request is submitted,
+        the engine still gets at least half its timeout)."""
         return self._handback_s + 4 * self._handback_dev_s
 
     # ---- health and metadata ----
