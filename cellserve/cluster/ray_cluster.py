@@ -220,7 +220,8 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
 
     router = Router(cluster.workers)
     for w in cluster.workers:
-        router.update_costs(w, w.snapshot["costs"], w.snapshot["step_overhead_s"])
+        router.update_costs(w, w.snapshot["costs"], w.snapshot["step_overhead_s"],
+                            w.snapshot.get("admitting_share", 0.0))
     metrics = Metrics(None)
     if fams is not None:  # --accuracy-scaling: families served by variants (ray_accuracy_loop.py)
         from cellserve.cluster.ray_accuracy_loop import accuracy_core
@@ -346,7 +347,7 @@ async def _poll(core, died, conns: dict) -> None:
             except asyncio.TimeoutError:
                 continue  # busy; its last tables stand
             w.snapshot = snap
-            core.router.update_costs(w, snap["costs"], snap["step_overhead_s"])
+            core.router.update_costs(w, snap["costs"], snap["step_overhead_s"], snap.get("admitting_share", 0.0))
         await asyncio.sleep(_POLL_S)
 
 

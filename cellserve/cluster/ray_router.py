@@ -13,7 +13,8 @@ Contract:
   refreshed by the driver's poller) at the load the driver has outstanding on that worker
   plus this request's lanes. The driver sees every request it sends, so it knows that load
   without asking: routing costs no extra hop. A worker with nothing outstanding is priced at
-  its fastest steps, a busy one at its moving averages (bounded), as the engine prices.
+  its fastest steps, a busy one at its moving averages (bounded) plus its per-batch overhead,
+  by the engine's own rule (CostModel.priced_round).
 - `started`/`finished` bracket each call to a worker: they keep the outstanding load.
 """
 
@@ -23,10 +24,6 @@ import math
 from dataclasses import dataclass, field
 
 from cellserve.engine.cost_model import CostModel, StepCost
-
-# Engine._bounded_round_time's bound (engine/admission.py PREDICTION_BOUND), repeated so that this module
-# needs no engine (and no torch); tests/cluster/test_ray_router.py checks they agree.
-PREDICTION_BOUND = 16.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +52,7 @@ class WorkerState:
     load: dict[str, int] = field(default_factory=dict)  # cell type -> lanes outstanding
     costs: CostModel | None = None
     step_overhead_s: float = 0.0  # seconds per batch beyond the cost model's price (the engine's own)
+    admitting_share: float = 0.0  # share of the engine's time spent admitting (stretches a priced round)
     snapshot: dict = field(default_factory=dict)  # the last poll (metrics)
 
     @property
@@ -126,9 +124,11 @@ class Router:
     def live(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.alive]
 
-    def update_costs(self, worker: WorkerState, snapshot: dict, step_overhead_s: float) -> None:
+    def update_costs(self, worker: WorkerState, snapshot: dict, step_overhead_s: float,
+                     admitting_share: float = 0.0) -> None:
         worker.costs = cost_model_from(snapshot, worker.info.max_batch)
         worker.step_overhead_s = max(float(step_overhead_s), 0.0)
+        worker.admitting_share = min(max(float(admitting_share), 0.0), 1.0)
 
     def predict(self, worker: WorkerState, model: str, rounds: int, lanes: int) -> float:
         """Seconds `worker` would take to run a request of `rounds` rounds and `lanes` lanes
@@ -138,11 +138,8 @@ class Router:
         load = dict(worker.load)
         for t in worker.info.cell_types.get(model, ()):
             load[t] = load.get(t, 0) + lanes
-        best = worker.costs.round_time(load, best=True)
-        if worker.outstanding == 0:
-            return rounds * best
-        mean = worker.costs.round_time(load)
-        return rounds * (min(mean, PREDICTION_BOUND * best) + worker.step_overhead_s * worker.costs.batches(load))
+        return rounds * worker.costs.priced_round(load, worker.outstanding > 0, worker.step_overhead_s,
+                                                  worker.admitting_share)
 
     def pick(self, model: str, rounds: int, lanes: int,
              exclude: tuple[str, ...] = ()) -> tuple[WorkerState, float] | None:

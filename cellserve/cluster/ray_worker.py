@@ -262,6 +262,7 @@ class EngineWorker:
     def snapshot(self) -> dict:
         e = self.engine
         return {"costs": cost_snapshot(e.costs), "step_overhead_s": e.step_overhead_s,
+                "admitting_share": e.admitting_share,
                 "steps": dict(e.stats.steps_by_type), "lanes": dict(e.stats.lanes_by_type),
                 "active": e.active_requests, "queued": e.queued_requests, "sequences": len(self.states),
                 "served": dict(self.served), "changes": dict(self.changes)}

@@ -17,6 +17,7 @@ import statistics
 import numpy as np
 
 from cellserve.engine.beam import decode_width
+from cellserve.engine.cost_model import MAX_ADMITTING_SHARE, PREDICTION_BOUND
 from cellserve.engine.request import Request, Status
 from cellserve.engine.runs import _Run
 from cellserve.engine.validation import validate_inputs
@@ -29,18 +30,11 @@ MAX_DROP_CHECK_SHARE = 0.1  # of the engine's time the drop check may take (see 
 # An idle engine that has run no step for this long admits one request its estimates would
 # refuse, to measure them again (see _admit).
 PROBE_AFTER_S = 5.0
-# A busy engine prices a step at no more than this factor times the fastest it has measured
-# (see _predicted_latency; the engine's per-step overhead comes on top): room for what
-# contention adds under overload, not for estimates gone stale in a slow spell.
-PREDICTION_BOUND = 16.0
 # The per-step overhead is the median of this many spells, each ending at 50 ms of busy time
 # or SPELL_SPAN_S of wall time, whichever comes first (see _learn_overhead).
 OVERHEAD_SPELLS = 9
 SPELL_BUSY_S = 0.05
 SPELL_SPAN_S = 0.25
-# The share of its time an engine is priced to spend admitting, at most (see _bounded_round_time):
-# beyond it the engine is refusing a flood, and each refusal is cheap.
-MAX_ADMITTING_SHARE = 0.5
 
 
 class Admission:
@@ -125,26 +119,13 @@ class Admission:
         return sum(rounds_plan) * self._round_time(load, shared=bool(self._runs))
 
     def _round_time(self, load: dict[str, int], shared: bool) -> float:
-        """A round of `load` as admission and the drop check price it. Shared with other
-        requests in flight: at the moving averages, never above PREDICTION_BOUND times the
-        fastest steps seen (averages learnt beside a noisy neighbour must not price work far
-        beyond what the device has shown it does), plus the overhead (_bounded_round_time).
-        Alone: at the fastest steps seen. An idle engine has nothing running to learn from,
-        and one slow spell, or the overhead of a burst before, must not refuse or drop a lone
-        request the engine serves in time (dropping it would free nothing another needs)."""
-        return self._bounded_round_time(load) if shared else self.costs.round_time(load, best=True)
+        """A round of `load` as admission and the drop check price it (CostModel.priced_round,
+        with the overhead and admitting share learnt here)."""
+        return self.costs.priced_round(load, shared, self.step_overhead_s, self.admitting_share)
 
     def _alone_latency(self, model: Model, rounds_plan: list[int], batch: int, width: int = 1) -> float:
         """Seconds the request would take on an idle engine, at the fastest steps seen."""
         return sum(rounds_plan) * self.costs.round_time(self._lanes(model, batch, width), best=True)
-
-    def _bounded_round_time(self, load: dict[str, int]) -> float:
-        """A busy engine's round of `load`: its kernels (bounded, see _predicted_latency) and
-        the per-step overhead of each batch, stretched by the share of the engine's time that
-        admitting arrivals takes (no step runs meanwhile)."""
-        kernels = min(self.costs.round_time(load), PREDICTION_BOUND * self.costs.round_time(load, best=True))
-        stepping = kernels + self.step_overhead_s * self.costs.batches(load)
-        return stepping / (1.0 - min(self.admitting_share, MAX_ADMITTING_SHARE))
 
     def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
         length = 1
@@ -228,7 +209,7 @@ class Admission:
                                now: float) -> list[tuple[_Run, float]]:
         """The runs that would miss their deadlines, with the seconds each still needs, each
         priced at a round of the lanes at least as urgent as its own (at least a full batch per
-        cell type: every type's batch runs each turn), as _bounded_round_time prices that load.
+        cell type: every type's batch runs each turn), as _round_time prices that load when shared.
         Priced for every run at once, in arrays: the check walks every run in flight, and
         pricing each load apart was most of its cost. The arithmetic is round_time's, term for
         term, so the figures are the same."""
@@ -246,7 +227,7 @@ class Admission:
         cap = self.policy.max_batch
         load = np.maximum(np.cumsum(added, axis=0), [min(lanes[t], cap) for t in types])
         if self.costs.group_of is not None:  # a round is its busiest executor's: priced whole
-            round_s = np.array([self._bounded_round_time(dict(zip(types, map(int, row)))) for row in load])
+            round_s = np.array([self._round_time(dict(zip(types, map(int, row))), True) for row in load])
         else:
             full, rest = np.divmod(load, cap)
             mean = np.zeros(len(order))

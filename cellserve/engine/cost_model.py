@@ -28,6 +28,13 @@ import math
 
 _ALPHA = 0.05  # weight of a new sample in a bucket's moving average
 _MAX_JUMP = 4.0  # a lasting slowdown is still learnt, 1.15x per sample
+# A busy engine prices a step at no more than this factor times the fastest it has measured
+# (see CostModel.priced_round; the per-step overhead comes on top): room for what contention
+# adds under overload, not for estimates gone stale in a slow spell.
+PREDICTION_BOUND = 16.0
+# The share of its time an engine is priced to spend admitting, at most (see priced_round):
+# beyond it the engine is refusing a flood, and each refusal is cheap.
+MAX_ADMITTING_SHARE = 0.5
 
 
 def _bucket(batch: int) -> int:
@@ -138,6 +145,22 @@ class CostModel:
                     full, rest = divmod(n, cap)
                     total += full * cost(cap, best) + (cost(rest, best) if rest else 0.0)
         return total
+
+    def priced_round(self, load: dict[str, int], shared: bool, step_overhead_s: float = 0.0,
+                     admitting_share: float = 0.0) -> float:
+        """A round of `load` as the engine prices it for admission and the drop check, and a
+        router for picking an engine. Shared with other requests in flight: at the moving
+        averages, never above PREDICTION_BOUND times the fastest steps (averages learnt beside a
+        noisy neighbour must not price work far beyond what the device has shown it does),
+        plus `step_overhead_s` per batch, stretched by the share of the engine's time that
+        admitting arrivals takes (no step runs meanwhile). Alone: at the fastest steps. An idle
+        engine has nothing running to learn from, and one slow spell, or the overhead of a
+        burst before, must not refuse or drop a lone request the engine serves in time."""
+        best = self.round_time(load, best=True)
+        if not shared:
+            return best
+        stepping = min(self.round_time(load), PREDICTION_BOUND * best) + step_overhead_s * self.batches(load)
+        return stepping / (1.0 - min(admitting_share, MAX_ADMITTING_SHARE))
 
     def _concurrent_round_time(self, load: dict[str, int], best: bool) -> float:
         per_group: dict[int, float] = {}

@@ -152,7 +152,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         # Seconds per step beyond the cost model's price: projections' Python, plain ops'
         # dispatch, admission, bookkeeping, waiting for the GIL. Learnt over spells of 50 ms
         # of busy time or 0.25 s of wall time (admission.py _learn_overhead); admission adds
-        # it to every batch of a priced round (_bounded_round_time). A per-step cost, not a
+        # it to every batch of a priced round (CostModel.priced_round). A per-step cost, not a
         # factor on kernel time: learnt at small batches (mostly Python), a factor overstated
         # large batches' steps several times over.
         # The median of the last spells' figures: one spell holding a collector pass or a

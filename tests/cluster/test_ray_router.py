@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from cellserve.cluster.ray_plan import PlanMismatch, from_flags, from_plan
-from cellserve.cluster.ray_router import (PREDICTION_BOUND, RateGate, Router, WorkerInfo, WorkerState, cost_model_from,
+from cellserve.cluster.ray_router import (RateGate, Router, WorkerInfo, WorkerState, cost_model_from,
                                           cost_snapshot, time_length)
 from cellserve.config_args import add_flags, resolve
-from cellserve.engine import admission as engine_admission
-from cellserve.engine.cost_model import CostModel
+from cellserve.engine.cost_model import MAX_ADMITTING_SHARE, PREDICTION_BOUND, CostModel
 from cellserve.plan.nexus_io import parse_plan
 from cellserve.server.settings import ServerSettings
 
@@ -30,8 +29,20 @@ def worker(wid: str, step_s: float, models=("m",)) -> WorkerState:
     return w
 
 
-def test_the_bound_is_the_engines():
-    assert PREDICTION_BOUND == engine_admission.PREDICTION_BOUND
+def test_a_busy_worker_is_priced_by_the_engines_rule_with_its_overhead_and_admitting_share():
+    w = worker("w0", 1e-3)
+    for _ in range(200):  # a slow spell: the moving averages go far past the fastest steps
+        for b in (1, 2):
+            w.costs.observe(CELL, b, 1.0)
+    router = Router([w])
+    router.update_costs(w, cost_snapshot(w.costs), step_overhead_s=2e-4, admitting_share=0.2)
+    assert router.predict(w, "m", 10, 1) == pytest.approx(10 * 1.1e-3)  # idle: the fastest step of 1 lane
+    router.started(w, "m", 1)
+    # busy, 2 lanes: the bound, plus the overhead of one batch, stretched by the admitting share
+    assert router.predict(w, "m", 10, 1) == pytest.approx(10 * (PREDICTION_BOUND * 1.2e-3 + 2e-4) / 0.8)
+    router.update_costs(w, cost_snapshot(w.costs), step_overhead_s=2e-4, admitting_share=0.9)
+    assert router.predict(w, "m", 10, 1) == pytest.approx(
+        10 * (PREDICTION_BOUND * 1.2e-3 + 2e-4) / (1 - MAX_ADMITTING_SHARE))
 
 
 def test_a_snapshot_prices_exactly_as_the_cost_model_it_came_from():

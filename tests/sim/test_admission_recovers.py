@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cellserve.engine.config import EngineConfig
-from cellserve.engine.admission import PREDICTION_BOUND
+from cellserve.engine.cost_model import PREDICTION_BOUND
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Status
 from cellserve.plan.profile import synthetic_profile

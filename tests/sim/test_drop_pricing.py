@@ -1,5 +1,5 @@
 """The drop check prices all runs in flight at once (admission._late_in_urgency_order): each
-run (and the time it still needs) at a round of the lanes at least as urgent as its own, as _bounded_round_time prices that
+run (and the time it still needs) at a round of the lanes at least as urgent as its own, as _round_time prices that
 load. Checked against that definition written out run by run, on a backlog of several cell
 types (three of two models), priorities and deadlines, at many instants."""
 
@@ -28,7 +28,7 @@ def _one_run_at_a_time(engine, now: float) -> list:
     for run in sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival)):
         for ref in run.lanes.values():
             ahead[ref.cell_type] += 1
-        round_s = engine._bounded_round_time({t: max(ahead[t], min(n, cap)) for t, n in lanes.items()})
+        round_s = engine._round_time({t: max(ahead[t], min(n, cap)) for t, n in lanes.items()}, shared=True)
         needed = engine._rounds_left(run) * round_s
         if now + needed > run.deadline:
             late.append((run, needed))

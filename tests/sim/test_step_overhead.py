@@ -122,7 +122,7 @@ def test_admitting_is_a_share_of_the_engines_time_not_an_overhead_of_the_steps_l
     # time. Counted per step, that work landed on the few steps still running, the priced
     # round grew with it, and the next arrivals were refused too. As a share of the engine's
     # time it stretches a round by at most 1 / (1 - MAX_ADMITTING_SHARE).
-    from cellserve.engine.admission import MAX_ADMITTING_SHARE
+    from cellserve.engine.cost_model import MAX_ADMITTING_SHARE
 
     _, engine = _engine(models)
     (cell_type,) = engine.cell_types
@@ -131,7 +131,7 @@ def test_admitting_is_a_share_of_the_engines_time_not_an_overhead_of_the_steps_l
     load = {cell_type: 1}
     for _ in range(20 * 400):  # steady and quiet: 100 us beyond the price per step, nothing admitted
         engine._learn_overhead(price + 100e-6, batch, 1)
-    quiet_round = engine._bounded_round_time(load)
+    quiet_round = engine._round_time(load, shared=True)
     assert engine.admitting_share == 0.0
     assert quiet_round == pytest.approx(price + 100e-6)
 
@@ -139,12 +139,12 @@ def test_admitting_is_a_share_of_the_engines_time_not_an_overhead_of_the_steps_l
         engine._learn_overhead(price + 100e-6 + 0.1e-3, batch, 1, admitting=0.1e-3)
     assert engine.step_overhead_s == pytest.approx(100e-6)  # the steps themselves did not slow
     assert engine.admitting_share == pytest.approx(0.1e-3 / (price + 0.2e-3))
-    assert engine._bounded_round_time(load) == pytest.approx(quiet_round / (1 - engine.admitting_share))
+    assert engine._round_time(load, shared=True) == pytest.approx(quiet_round / (1 - engine.admitting_share))
 
     for _ in range(20 * 10):  # refusing a flood: 20 ms of admitting before each step
         engine._learn_overhead(price + 100e-6 + 20e-3, batch, 1, admitting=20e-3)
     assert engine.step_overhead_s == pytest.approx(100e-6)
-    assert engine._bounded_round_time(load) == pytest.approx(quiet_round / (1 - MAX_ADMITTING_SHARE))
+    assert engine._round_time(load, shared=True) == pytest.approx(quiet_round / (1 - MAX_ADMITTING_SHARE))
 
 
 def test_the_drop_check_takes_at_most_its_share_of_the_engines_time(models):
