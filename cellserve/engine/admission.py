@@ -66,10 +66,10 @@ class Admission:
             return
         timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
         deadline = request.arrival + timeout if timeout is not None else math.inf
-        run = _Run(request, model, {**model.constants, **inputs}, deadline,
-                   self._rounds_plan(model, inputs), model.batch_size(inputs), width=width)
+        rounds_plan, batch = self._rounds_plan(model, inputs), model.batch_size(inputs)
+        predicted, probe = None, False
         if self.config.admission and deadline < math.inf:
-            predicted = run.priced_s = self._predicted_latency(model, run.rounds_plan, run.batch, width)
+            predicted = self._predicted_latency(model, rounds_plan, batch, width)
             # Headroom: requests admitted later slow this one down too. An idle engine whose
             # estimates no step has confirmed lately admits whatever has time left, to measure:
             # refusing on an estimate it cannot check would keep it from ever learning better
@@ -77,13 +77,15 @@ class Admission:
             if predicted > self.config.admission_headroom * (deadline - now):
                 unconfirmed = not self._runs and now - self._last_step > PROBE_AFTER_S
                 if not unconfirmed or deadline <= now:
-                    alone = self._alone_latency(model, run.rounds_plan, run.batch, width)
+                    alone = self._alone_latency(model, rounds_plan, batch, width)
                     self._respond_early(request, Status.REJECTED,
                                         f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
                                         f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)",
                                         congestion=alone <= self.config.admission_headroom * (deadline - now))
                     return
-                run.probe = True
+                probe = True
+        run = _Run(request, model, {**model.constants, **inputs}, deadline, rounds_plan, batch, width=width,
+                   probe=probe, priced_s=predicted)
         self._commit(run, +1)
         run.admitted = now
         if request.trace is not None:

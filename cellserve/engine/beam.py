@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cellserve.errors import InvalidInput
+from cellserve.graph.model import GraphDecoder
 
 
 @dataclass(frozen=True)
@@ -166,12 +167,10 @@ def decode_width(model, request) -> int:
     """At admission: the lanes per row the request's decoder will run (its beam width; 1 for
     greedy and for models without a graph decoder). Its beam_width / return_beams need a graph
     decoder, and the width must fit the spec: InvalidInput (a 400) naming both numbers."""
-    from cellserve.graph.model import GraphDecoder
-
-    decoders = [step for step in model.program if isinstance(step, GraphDecoder)]
-    if not decoders:
+    decoder = next((step for step in model.program if isinstance(step, GraphDecoder)), None)
+    if decoder is None:
         if request.beam_width is None and not request.return_beams:
             return 1
         raise InvalidInput(f"parameters 'beam_width'/'return_beams' need an encoder-decoder; model {model.name!r} "
                            "has no decoder-step graph")
-    return request_beam_width(decoders[0].spec, request.beam_width, model.name)
+    return request_beam_width(decoder.spec, request.beam_width, model.name)

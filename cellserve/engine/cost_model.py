@@ -156,10 +156,27 @@ class CostModel:
         admitting arrivals takes (no step runs meanwhile). Alone: at the fastest steps. An idle
         engine has nothing running to learn from, and one slow spell, or the overhead of a
         burst before, must not refuse or drop a lone request the engine serves in time."""
-        best = self.round_time(load, best=True)
-        if not shared:
-            return best
-        stepping = min(self.round_time(load), PREDICTION_BOUND * best) + step_overhead_s * self.batches(load)
+        if self.group_of is not None:
+            best = self._concurrent_round_time(load, True)
+            if not shared:
+                return best
+            mean, batches = self._concurrent_round_time(load, False), self.batches(load)
+        else:  # round_time twice and batches, in one pass: admission and the drop check call it often
+            best = mean = 0.0
+            batches = 0
+            costs, cap = self.costs, self.max_batch
+            for t, n in load.items():
+                if n > 0:
+                    full, rest = divmod(n, cap)
+                    batches += full + (rest > 0)
+                    cost = costs.get(t)
+                    if cost is not None:
+                        best += full * cost(cap, True) + (cost(rest, True) if rest else 0.0)
+                        if shared:
+                            mean += full * cost(cap) + (cost(rest) if rest else 0.0)
+            if not shared:
+                return best
+        stepping = min(mean, PREDICTION_BOUND * best) + step_overhead_s * batches
         return stepping / (1.0 - min(admitting_share, MAX_ADMITTING_SHARE))
 
     def _concurrent_round_time(self, load: dict[str, int], best: bool) -> float:
