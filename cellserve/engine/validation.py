@@ -44,7 +44,39 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise InvalidInput(f"{where}: contains NaN or infinity")
         out[name] = value
+    if len(out) > 1:
+        _check_shared_dimensions(model, out)
     return out
+
+
+def _check_shared_dimensions(model: Model, inputs: dict[str, np.ndarray]) -> None:
+    """A request's inputs must agree on its batch size: those whose batch axis the importer
+    found, and any axis the model names (ONNX dim_param) as one of those batch axes (a
+    context vector, a lengths input). Otherwise a later op fails on the mismatch, or worse,
+    broadcasts it. Only the batch: other named dimensions (a time axis two inputs share a
+    name for) are the model's own business."""
+    batch: tuple[str, int] | None = None  # the first input with a batch axis, and its size
+    names: set[str] = set()
+    for spec in model.inputs:
+        sem = model.semantics.get(spec.name)
+        if sem is None or sem.batch_axis is None:
+            continue
+        size = inputs[spec.name].shape[sem.batch_axis]
+        if batch is None:
+            batch = (spec.name, size)
+        elif size != batch[1]:
+            raise InvalidInput(f"inputs {batch[0]!r} and {spec.name!r} hold different batch sizes ({batch[1]} and "
+                               f"{size}): each input of a request must hold the same sequences")
+        if sem.batch_axis < len(spec.dim_names) and spec.dim_names[sem.batch_axis]:
+            names.add(spec.dim_names[sem.batch_axis])
+    if batch is None or not names:
+        return
+    for spec in model.inputs:
+        shape = inputs[spec.name].shape
+        for axis, dim in enumerate(spec.dim_names[:len(shape)]):
+            if dim in names and shape[axis] != batch[1]:
+                raise InvalidInput(f"input {spec.name!r}: dimension {axis} ({dim!r}, the batch) is {shape[axis]}, "
+                                   f"but input {batch[0]!r} holds {batch[1]} sequences")
 
 
 _UNSIGNED = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}

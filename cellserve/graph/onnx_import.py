@@ -290,24 +290,31 @@ def _probe(model: Model, probe_sizes: list[int]) -> dict[str, InputSemantics]:
     result = {spec.name: InputSemantics(None, None) for spec in model.inputs}
     seen = set()
     step = None
+    def mark(tensor: str, time: int, batch: int, vocab: int | None) -> None:
+        """The inputs `tensor` depends on, not yet marked: their axes of these probe sizes."""
+        for spec in model.inputs:
+            if spec.name not in seen and _depends_on(model, tensor, spec.name):
+                seen.add(spec.name)
+                sem = result[spec.name]
+                sem.time_axis = marks[spec.name].get(time)
+                sem.batch_axis = marks[spec.name].get(batch)
+                if vocab is not None:
+                    sem.vocab = vocab
+
     try:
-        for step in model.program:
-            if isinstance(step, DenseNode):
-                dense_ops.run(step, env)
-                continue
-            if isinstance(step, GraphDecoder):
-                _zero_tokens(step, env)
-                continue
-            time, batch = env[step.x].shape[:2]
-            for spec in model.inputs:
-                if spec.name not in seen and _depends_on(model, step.x, spec.name):
-                    seen.add(spec.name)
-                    sem = result[spec.name]
-                    sem.time_axis = marks[spec.name].get(time)
-                    sem.batch_axis = marks[spec.name].get(batch)
-                    if step.token_table is not None:
-                        sem.vocab = step.token_table.shape[0]
-            _zero_outputs(step, env, time, batch)
+        with np.errstate(all="ignore"):  # zeros make 0 / 0 and the like: the shapes are what counts
+            for step in model.program:
+                if isinstance(step, DenseNode):
+                    dense_ops.run(step, env)
+                    continue
+                if isinstance(step, GraphDecoder):  # its memory is [batch, source, width]
+                    memory = env[step.memory]
+                    mark(step.memory, memory.shape[1], memory.shape[0], None)
+                    _zero_tokens(step, env)
+                    continue
+                time, batch = env[step.x].shape[:2]
+                mark(step.x, time, batch, None if step.token_table is None else step.token_table.shape[0])
+                _zero_outputs(step, env, time, batch)
     except Exception as exc:
         at = f" at {step.op} node {step.name!r}" if isinstance(step, DenseNode) else ""
         raise ModelLoadError(f"model {model.name!r} does not run on probe inputs{at}: "
@@ -333,13 +340,14 @@ def probe_tensors(model: Model, probe_sizes: list[int]) -> dict[str, np.ndarray]
     env = dict(model.constants)
     for spec in model.inputs:
         env[spec.name] = np.zeros(shapes[spec.name], dtype=spec.dtype)
-    for step in model.program:
-        if isinstance(step, DenseNode):
-            dense_ops.run(step, env)
-        elif isinstance(step, GraphDecoder):
-            _zero_tokens(step, env)
-        else:
-            _zero_outputs(step, env, *env[step.x].shape[:2])
+    with np.errstate(all="ignore"):  # zeros make 0 / 0 and the like: the shapes are what counts
+        for step in model.program:
+            if isinstance(step, DenseNode):
+                dense_ops.run(step, env)
+            elif isinstance(step, GraphDecoder):
+                _zero_tokens(step, env)
+            else:
+                _zero_outputs(step, env, *env[step.x].shape[:2])
     return env
 
 

@@ -41,7 +41,9 @@ def load_seq2seq(encoder: Source | Model, decoder_step: Source | DecoderStepGrap
     where = f"model {name!r}"
     _check_names(enc, step, spec, where)
     env = probe_tensors(enc, [7, 5, 11, 13, 17, 19, 23])
-    batch = enc.batch_size(env) if enc.semantics else None
+    # the probe's batch, where the encoder's importer found a batch axis (an encoder of plain
+    # ops only has no recurrent layer to find it by: then the memory says it, below)
+    batch = enc.batch_size(env) if any(s.batch_axis is not None for s in enc.semantics.values()) else None
     memory_width, sizes = _check_encoder_shapes(enc, step, spec, env, batch, where)
     vocab, fixed, per_position = _probe_step(step, spec, memory_width, sizes, where, token=0)
     for key in ("bos", "eos"):
