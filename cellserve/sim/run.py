@@ -109,10 +109,14 @@ def load_models(profiles: list[ModelProfile], repository: Path | None) -> list[M
     models, by_name = [], {}
     if repository is not None:
         from cellserve.server.repository import load_repository
-        by_name = {s.model.name: s.model for s in load_repository(repository)}
+        # a profile names a repository model as `cellserve profile --model NAME` did: by its
+        # client-facing name (the engine's is NAME:VERSION)
+        by_name = {s.name: s.model for s in load_repository(repository)}
     for p in profiles:
         if p.model in by_name:
-            models.append(by_name[p.model])
+            model = by_name[p.model]
+            model.name = p.model
+            models.append(model)
         elif p.model in zoo.names():
             models.append(zoo.load(p.model))
         else:

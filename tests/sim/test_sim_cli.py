@@ -102,3 +102,42 @@ def test_profile_refuses_an_unknown_model(tmp_path, capsys):
 def test_profile_refuses_a_deadline_that_is_not_positive(tmp_path, capsys):
     done = cellserve_here(capsys, "profile", "--model", "gru-256", "--slo-ms", "0", "--json", str(tmp_path / "p.json"))
     assert done.returncode == 2 and "--slo-ms" in done.stderr and not (tmp_path / "p.json").exists()
+
+
+def _export_tagger(path, batch_first: bool) -> None:
+    """A small token model (embedding, GRU, a head per position) as a user would export it."""
+    import torch
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(30, 8)
+            self.rnn = torch.nn.GRU(8, 8, batch_first=batch_first)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            return self.head(self.rnn(self.embedding(tokens))[0])
+
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True)
+    axes = {0: "batch", 1: "time"} if batch_first else {0: "time", 1: "batch"}
+    torch.onnx.export(Tagger().eval(), (torch.randint(0, 30, (1, 5) if batch_first else (5, 1)),), str(path),
+                      input_names=["tokens"], output_names=["tags"], opset_version=17, dynamo=False,
+                      dynamic_axes={"tokens": axes, "tags": axes})
+
+
+def test_simulate_runs_a_profile_of_a_repository_model(tmp_path, capsys):
+    """A profile of a repository model names it as `cellserve profile --model NAME` did (the
+    engine calls it NAME:VERSION): simulate finds it there."""
+    from cellserve.server.repository import load_model
+
+    _export_tagger(tmp_path / "repo" / "tiny" / "1" / "model.onnx", batch_first=True)
+    model = load_model("tiny", tmp_path / "repo")
+    profile = tmp_path / "tiny.json"
+    synthetic_profile(model, lambda b: 1e-4 + 1e-6 * b).to_json(profile)
+    assert ModelProfile.from_json(profile).model == "tiny"
+    done = cellserve_here(capsys, "simulate", "--profile", str(profile), "--model-repository", str(tmp_path / "repo"),
+                          "--rates", "100", "--seconds", "1", "--json", str(tmp_path / "sim.json"))
+    assert done.returncode == 0, done.stderr
+    run = json.loads((tmp_path / "sim.json").read_text())["runs"][0]
+    assert run["counts"]["ok"] == run["requests"] > 0
