@@ -113,6 +113,9 @@ def _add_bench_load(bench_sub) -> None:
     ld.add_argument("--pad-to-buckets", action="store_true",
                     help="pad tokens to length buckets and send `lengths` (for batchers that need equal shapes)")
     ld.add_argument("--json-tensors", action="store_true", help="JSON tensors instead of binary (HTTP)")
+    ld.add_argument("--time-major", action="store_true",
+                    help="send each sequence as [time, 1] (a model whose token input is [time, batch]); "
+                         "default [1, time]")
     ld.add_argument("--ceiling", action="store_true",
                     help="also measure this generator's own ceiling against a trivial endpoint")
     ld.add_argument("--seed", type=int, default=0)

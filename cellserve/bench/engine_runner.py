@@ -13,7 +13,7 @@ import threading
 import time
 
 from cellserve.bench.results import RequestOutcome, RunStats, span_s
-from cellserve.bench.traces import TraceRequest
+from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence
 from cellserve.engine.engine import Engine, EngineStats
 from cellserve.engine.request import Request, Response
 
@@ -38,8 +38,9 @@ def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest
 
     ids = {}
     requests = []
+    time_major = is_time_major(engine.models[model], input_name)
     for item in sorted(trace, key=lambda r: r.arrival_s):
-        request = Request(model, {input_name: item.tokens.reshape(1, -1)}, on_done=on_done,
+        request = Request(model, {input_name: one_sequence(item.tokens, time_major)}, on_done=on_done,
                           timeout_s=timeout_s, arrival=item.arrival_s, beam_width=beam_width)
         ids[request.request_id] = item
         requests.append(request)

@@ -34,7 +34,7 @@ def bench_load(args, parser) -> int:
                   max_rps=args.max_rps, seconds_per_rate=args.seconds, bursty=args.arrivals == "bursty",
                   vocab=args.vocab, seed=args.seed)
     fmt = RequestFormat(args.input, binary=not args.json_tensors, pad_to_buckets=args.pad_to_buckets,
-                        deadline_ms=slos[0] if args.deadline else None)
+                        deadline_ms=slos[0] if args.deadline else None, time_major=args.time_major)
     server = None
     address = args.url
     if address is None:

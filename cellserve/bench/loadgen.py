@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2
 from cellserve.bench.http_pool import HttpPool, error_message
 from cellserve.bench.peers.base import pad_to_bucket
 from cellserve.bench.results import RequestOutcome
-from cellserve.bench.traces import TraceRequest
+from cellserve.bench.traces import TraceRequest, one_sequence
 
 # Answers that are the server's refusals rather than failures, over HTTP and gRPC.
 _STATUS = {"429": "rejected", "StatusCode.RESOURCE_EXHAUSTED": "rejected",
@@ -43,12 +43,14 @@ class RequestFormat:
     pad_to_buckets: pad to LENGTH_BUCKETS and add `lengths`, for batchers that need equal shapes.
     deadline_ms: sent as the request's `timeout` parameter (microseconds), for servers that
     schedule by deadline; None sends none.
+    time_major: each sequence as [T, 1] (a model whose token input is [time, batch]), not [1, T].
     """
 
     input_name: str = "tokens"
     binary: bool = True
     pad_to_buckets: bool = False
     deadline_ms: float | None = None
+    time_major: bool = False
 
 
 @dataclass
@@ -61,7 +63,7 @@ class LoadRun:
 def _tensors(tokens: np.ndarray, fmt: RequestFormat) -> list[tuple[str, str, np.ndarray]]:
     """(name, datatype, array) of one request's inputs: batch 1, padded where asked."""
     sent = pad_to_bucket(tokens) if fmt.pad_to_buckets else tokens.astype(np.int64)
-    tensors = [(fmt.input_name, "INT64", sent.reshape(1, -1))]
+    tensors = [(fmt.input_name, "INT64", one_sequence(sent, fmt.time_major))]
     if fmt.pad_to_buckets:
         tensors.append(("lengths", "INT32", np.array([[tokens.size]], dtype=np.int32)))
     return tensors

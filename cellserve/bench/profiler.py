@@ -30,7 +30,7 @@ import torch
 
 from cellserve import heap
 from cellserve.bench.engine_runner import replay
-from cellserve.bench.traces import TraceRequest, trace_at_rate
+from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence, token_input, trace_at_rate
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.executor.base import LaneStarted, StepResult
@@ -138,11 +138,7 @@ def model_trace(model: Model, seed: int, rate_rps: float, seconds: float, bursty
                 min_requests: int = 40) -> list[TraceRequest]:
     """The benchmarks' trace (bench/traces.py) for any token model: WMT-like lengths cut at
     the model's longest sequence, ids in its vocabulary."""
-    name = model.inputs[0].name
-    vocab = model.semantics[name].vocab if name in model.semantics else None
-    if not vocab or model.inputs[0].dtype != "int64":
-        raise ValueError(f"model {model.name!r} takes {name!r} as {model.inputs[0].dtype}; the benchmark traces "
-                         "are token sequences (a model whose first input is token ids)")
+    _, vocab, _ = token_input(model)
     trace = trace_at_rate(seed, rate_rps, seconds, vocab, bursty=bursty, min_requests=min_requests)
     return [replace(r, tokens=r.tokens[: model.max_sequence_length]) for r in trace]
 
@@ -154,6 +150,7 @@ def profile_model(model: Model, config: EngineConfig, threads: int | None = None
     _serve_and_fit; None: DEFAULT_DEADLINE_S, or more for a slow model)."""
     if deadline_s is not None and not deadline_s > 0:
         raise ValueError(f"the profiling runs' deadline must be > 0 seconds, got {deadline_s}")
+    token_input(model)  # the serving runs drive it with token traces: refuse now, not after the kernels' timing
     if threads:
         torch.set_num_threads(threads)
     executor = RecordingExecutor(config.device, config.backend)
@@ -373,7 +370,7 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
 
 def _request(model: Model, name: str, item: TraceRequest):
     from cellserve.engine.request import Request
-    return Request(model.name, {name: item.tokens.reshape(1, -1)})
+    return Request(model.name, {name: one_sequence(item.tokens, is_time_major(model, name))})
 
 
 def _fit_host(records: np.ndarray) -> HostProfile:

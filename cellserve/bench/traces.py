@@ -31,6 +31,39 @@ class TraceRequest:
     tokens: np.ndarray  # int64, shape [T]
 
 
+def token_input(model) -> tuple[str, int, bool]:
+    """How the benchmarks drive `model` (a graph Model): the name of its token input, its
+    vocabulary, and whether it is time-major ([time, batch]; else [batch, time]). Raises
+    ValueError naming what does not fit: the traces are one token sequence per request, so
+    the model must take exactly one input, of integer token ids, whose batch and time axes
+    the importer found."""
+    if len(model.inputs) != 1:
+        raise ValueError(f"model {model.name!r} takes {len(model.inputs)} inputs "
+                         f"({', '.join(repr(s.name) for s in model.inputs)}); the benchmarks send one token "
+                         "sequence per request, to a model whose only input is token ids")
+    spec = model.inputs[0]
+    sem = model.semantics.get(spec.name)
+    if np.dtype(spec.dtype).kind not in "iu" or sem is None or not sem.vocab:
+        raise ValueError(f"model {model.name!r} takes {spec.name!r} as {spec.dtype}; the benchmark traces are "
+                         "token sequences (a model whose input is token ids)")
+    if len(spec.shape) != 2 or {sem.batch_axis, sem.time_axis} != {0, 1}:
+        raise ValueError(f"model {model.name!r}: input {spec.name!r} of shape {list(spec.shape)} is not "
+                         "[batch, time] or [time, batch] (the importer found batch axis "
+                         f"{sem.batch_axis}, time axis {sem.time_axis})")
+    return spec.name, int(sem.vocab), sem.time_axis == 0
+
+
+def is_time_major(model, input_name: str) -> bool:
+    """Whether `model` takes `input_name` as [time, batch] (its importer's finding)."""
+    sem = model.semantics.get(input_name)
+    return sem is not None and sem.time_axis == 0 and sem.batch_axis == 1
+
+
+def one_sequence(tokens: np.ndarray, time_major: bool = False) -> np.ndarray:
+    """One token sequence as a request's batch of one: [1, T], or [T, 1] for a time-major model."""
+    return tokens.reshape(-1, 1) if time_major else tokens.reshape(1, -1)
+
+
 def sentence_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
     """Draw `n` sentence lengths in tokens, integers in [1, 100].
 

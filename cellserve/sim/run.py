@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.results import RequestOutcome, RunStats, json_safe, span_s, summarize
-from cellserve.bench.traces import TraceRequest
+from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import EngineStats
 from cellserve.graph.model import Model
@@ -22,10 +22,13 @@ from cellserve.sim.router import make_router
 SIMULATED = "simulated"
 
 
-def arrivals(trace: list[TraceRequest], model: str, input_name: str, timeout_s: float | None,
+def arrivals(trace: list[TraceRequest], model: Model, timeout_s: float | None,
              start_s: float = 0.0) -> list[SimArrival]:
-    return [SimArrival(start_s + r.arrival_s, model, {input_name: r.tokens.reshape(1, -1)}, timeout_s, 0, r.request_id)
-            for r in trace]
+    """The trace's requests to `model`, each one token sequence in its token input."""
+    name = model.inputs[0].name
+    time_major = is_time_major(model, name)
+    return [SimArrival(start_s + r.arrival_s, model.name, {name: one_sequence(r.tokens, time_major)}, timeout_s, 0,
+                       r.request_id) for r in trace]
 
 
 def run_stats(outcomes: list[SimOutcome], stats: list[EngineStats], policy: str, rate_rps: float,
@@ -58,7 +61,7 @@ def simulate_replay(model: Model, profile: ModelProfile, config: EngineConfig, t
     sim = Simulation(seed=seed)
     engine = sim.add_engine([model], {model.name: profile}, config).engine
     t0 = time.perf_counter()
-    outcomes = sim.run(arrivals(trace, model.name, model.inputs[0].name, timeout_s), drain_s=drain_s)
+    outcomes = sim.run(arrivals(trace, model, timeout_s), drain_s=drain_s)
     wall = time.perf_counter() - t0
     virtual = max((o.finish_s for o in outcomes), default=0.0) - min((o.arrival_s for o in outcomes), default=0.0)
     return ReplayResult(run_stats(outcomes, [engine.stats], policy, rate_rps), virtual, wall)
@@ -156,7 +159,7 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
         trace = []
         for i, model in enumerate(models):  # each model an equal share of the rate
             share = model_trace(model, cfg.seed + i, rate / len(models), cfg.seconds, cfg.bursty)
-            trace += arrivals(share, model.name, model.inputs[0].name, cfg.slo_ms / 1e3)
+            trace += arrivals(share, model, cfg.slo_ms / 1e3)
         trace = [SimArrival(a.time_s, a.model, a.inputs, a.timeout_s, a.priority, n) for n, a in enumerate(trace)]
         sim = build()
         t0 = time.perf_counter()
@@ -196,8 +199,8 @@ def _one_engine_capacity(models, profiles, config, seed, model_trace) -> float:
     burst = []
     for i, model in enumerate(models):
         share = model_trace(model, seed + 100 + i, 1.0, 1.0, min_requests=max(50, 300 // len(models)))
-        burst += [SimArrival(0.0, model.name, {model.inputs[0].name: r.tokens.reshape(1, -1)}, None, 0, len(burst) + j)
-                  for j, r in enumerate(share)]
+        burst += [replace(a, time_s=0.0, tag=len(burst) + j)
+                  for j, a in enumerate(arrivals(share, model, None))]
     outcomes = sim.run(burst, drain_s=3600.0)
     makespan = max(o.finish_s for o in outcomes)
     return len(outcomes) / makespan if makespan > 0 else float("inf")

@@ -141,3 +141,39 @@ def test_simulate_runs_a_profile_of_a_repository_model(tmp_path, capsys):
     assert done.returncode == 0, done.stderr
     run = json.loads((tmp_path / "sim.json").read_text())["runs"][0]
     assert run["counts"]["ok"] == run["requests"] > 0
+
+
+def test_a_time_major_models_traces_are_one_sequence_per_request(tmp_path, capsys):
+    """The benchmarks send a time-major model ([time, batch]) each sequence as [T, 1]: one
+    lane per request, not T sequences of one token; and `profile` refuses a model the traces
+    cannot drive before it times anything."""
+    from cellserve.bench.engine_runner import replay
+    from cellserve.bench.profiler import model_trace
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.server.repository import load_model
+    from cellserve.sim.run import arrivals
+
+    _export_tagger(tmp_path / "repo" / "tm" / "1" / "model.onnx", batch_first=False)
+    model = load_model("tm", tmp_path / "repo")
+    assert (model.semantics["tokens"].time_axis, model.semantics["tokens"].batch_axis) == (0, 1)
+    trace = model_trace(model, 0, 50.0, 0.5)
+    assert all(a.inputs["tokens"].shape == (len(r.tokens), 1) for a, r in zip(arrivals(trace, model, None), trace))
+    engine = Engine([model], EngineConfig())
+    stats = replay(engine, "tm", "tokens", trace, "cellular", 50.0, None)
+    assert [o.status for o in stats.outcomes] == ["ok"] * len(trace)
+    assert engine.stats.lanes_started == len(trace)  # one sequence each
+
+    (tmp_path / "repo" / "two" / "1").mkdir(parents=True)
+    import torch
+
+    class TwoInputs(torch.nn.Module):
+        def forward(self, tokens, scale):
+            return tokens.float() * scale
+
+    torch.onnx.export(TwoInputs(), (torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3)),
+                      str(tmp_path / "repo" / "two" / "1" / "model.onnx"), input_names=["tokens", "scale"],
+                      output_names=["y"], opset_version=17, dynamo=False)
+    done = cellserve_here(capsys, "profile", "--model", "two", "--model-repository", str(tmp_path / "repo"),
+                          "--json", str(tmp_path / "two.json"))
+    assert done.returncode != 0
+    assert "takes 2 inputs ('tokens', 'scale')" in done.stderr and "timing" not in done.stdout
