@@ -36,7 +36,7 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
         if semantics is not None and semantics.time_axis is not None:
             length = value.shape[semantics.time_axis]
             if length > model.max_sequence_length:
-                raise InvalidInput(f"{where}: sequence length {length} exceeds the model's limit of {model.max_sequence_length}")
+                raise InvalidInput(f"{where}: sequence length {length} exceeds the model's limit of {model.max_sequence_length} (a repository model's max_sequence_length parameter sets it)")
         if semantics is not None and semantics.vocab is not None and _out_of_range(value, semantics.vocab):
             low, high = int(value.min()), int(value.max())
             bad = low if low < 0 else high

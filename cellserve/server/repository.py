@@ -10,7 +10,8 @@ reads: `name`, `platform`/`backend` (must be ONNX Runtime's, if set), `version_p
 `default_model_filename`, `input`/`output` (names and data types are checked against the
 graph), `sequence_batching.max_sequence_idle_microseconds`,
 `dynamic_batching.default_priority_level`, and `parameters` `slo_ms` (the model's default
-deadline for requests that send no `timeout`). See the README for an example. The config's
+deadline for requests that send no `timeout`) and `max_sequence_length` (the longest input
+sequence a request may send, in steps; default 1024). See the README for an example. The config's
 `parameters` are published as they are (server/model_config.py); `text.*` keys must make a
 text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
 
@@ -132,6 +133,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     chosen = _choose_versions(config, versions, where)
     filename = config.default_model_filename or "model.onnx"
     settings = _settings(config, where)
+    max_length = _max_sequence_length(config, where)
     decode = {k: p.string_value for k, p in config.parameters.items() if k.startswith(PARAMETER_PREFIX)}
     parameters = {k: p.string_value for k, p in config.parameters.items()}
     served = []
@@ -139,6 +141,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         version_dir = model_dir / str(version)
         if decode or (version_dir / ENCODER_FILE).is_file() or (version_dir / DECODER_STEP_FILE).is_file():
             model = _load_seq2seq(version_dir, decode, f"{name}:{version}", f"{where} version {version}")
+            model.max_sequence_length = max_length or model.max_sequence_length
             _check_declared_tensors(config, model, f"{where} version {version}")
             check_parameters(parameters, model, f"{where} version {version}")
             served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters))
@@ -152,10 +155,23 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
             raise ModelLoadError(f"{where} version {version} ({path}): {exc}") from exc
         except Exception as exc:  # a corrupt file: protobuf, onnx checker, ...
             raise ModelLoadError(f"{where} version {version} ({path}): cannot load: {type(exc).__name__}: {exc}") from exc
+        model.max_sequence_length = max_length or model.max_sequence_length
         _check_declared_tensors(config, model, f"{where} version {version}")
         check_parameters(parameters, model, f"{where} version {version}")
         served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters))
     return served
+
+
+def _max_sequence_length(config: mc.ModelConfig, where: str) -> int | None:
+    """The config's `max_sequence_length` parameter (None when it gives none)."""
+    given = config.parameters.get("max_sequence_length")
+    if given is None:
+        return None
+    text = given.string_value.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ModelLoadError(f"{where}: parameter max_sequence_length must be a positive integer (steps), "
+                             f"got {given.string_value!r}")
+    return int(text)
 
 
 def _load_seq2seq(version_dir: Path, decode: dict[str, str], engine_name: str, where: str) -> Model:

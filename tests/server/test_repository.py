@@ -178,6 +178,34 @@ def test_bad_slo_ms(tmp_path, value):
         load_repository(tmp_path)
 
 
+def test_max_sequence_length_from_the_config(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)})
+    (served,) = load_repository(tmp_path)
+    assert served.model.max_sequence_length == 1024  # the default
+    (tmp_path / "m" / "config.pbtxt").write_text('parameters { key: "max_sequence_length" value: { string_value: "5000" } }')
+    (served,) = load_repository(tmp_path)
+    assert served.model.max_sequence_length == 5000
+
+
+def test_the_readmes_example_config_loads(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("### Model repository", 1)[1].split("```", 2)[1]
+    add_model(tmp_path, "tagger", {1: lstm_onnx(0), 2: lstm_onnx(1)}, block)
+    served = load_repository(tmp_path)
+    assert [s.version for s in served] == ["1", "2"]  # version_policy all
+    assert served[0].settings.sequence_idle_s == pytest.approx(5.0)
+    assert served[0].settings.default_timeout_s == pytest.approx(0.2)
+    assert served[0].model.max_sequence_length == 4096
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "long", "", "2.5"])
+def test_bad_max_sequence_length(tmp_path, value):
+    add_model(tmp_path, "m", {1: gru_onnx(0)},
+              f'parameters {{ key: "max_sequence_length" value: {{ string_value: "{value}" }} }}')
+    with pytest.raises(ModelLoadError, match=r"model 'm': parameter max_sequence_length must be a positive integer"):
+        load_repository(tmp_path)
+
+
 def test_default_model_filename(tmp_path):
     add_model(tmp_path, "m", {1: gru_onnx(0)}, 'default_model_filename: "net.onnx"\n', filename="net.onnx")
     assert served_versions(tmp_path) == {"m": ["1"]}
