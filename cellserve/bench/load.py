@@ -220,6 +220,9 @@ def table(report: LoadReport) -> str:
                      + f" {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f}"
                      f" {c['rejected']:>8} {c['dropped']:>8} {c['error']:>7}"
                      f" {r['health']['max_ms'] if 'health' in r else float('nan'):>13.1f}")
+    errors = [r for r in report.rows if r.get("first_error")]
+    if errors:  # what the errors were, not only how many: the first of the first rate that had some
+        lines.append(f"first error (at {errors[0]['offered_rps']:.1f} req/s): {errors[0]['first_error']}")
     if report.ceiling:
         lines.append(f"generator ceiling ({report.ceiling['protocol']}, trivial endpoint): "
                      f"{report.ceiling['ceiling_rps']:.0f} req/s")

@@ -100,5 +100,10 @@ def _convert_dtype(where: str, value: np.ndarray, want: np.dtype) -> np.ndarray:
             raise InvalidInput(f"{where}: values do not fit {want.name}")
         return value.astype(want)
     if want.kind == "f" and value.dtype.kind == "f":
-        return value.astype(want)
+        with np.errstate(over="ignore"):  # a value past the narrower type's range: said below
+            out = value.astype(want)
+        if want.itemsize < value.dtype.itemsize and (np.isinf(out) & np.isfinite(value)).any():
+            raise InvalidInput(f"{where}: values do not fit {want.name} (largest magnitude "
+                               f"{float(np.abs(value[np.isfinite(value)]).max()):g})")
+        return out
     raise InvalidInput(f"{where}: expected dtype {want.name}, got {value.dtype.name}")

@@ -375,5 +375,6 @@ class SimExecutor(Executor):
         too_big = [b for b in sizes if b not in cell.step_s]
         if too_big:
             raise ProfileError(f"the engine batches {cell_type!r} up to {max(sizes)} lanes, but its profile's "
-                               f"step_s stops at {max(cell.step_s)} (profile.max_batch)")
+                               f"step_s stops at {max(cell.step_s)} (profile.max_batch): simulate with a batch cap of at "
+                               f"most {max(cell.step_s)} (--max-batch), or profile up to {max(sizes)}")
         return {b: cell.step_s[b].mean for b in sizes}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellserve.bench.load import Sweep, Target, max_goodput, summarize_load, sweep_rates
+from cellserve.bench.load import LoadReport, Sweep, Target, max_goodput, summarize_load, sweep_rates, table
 from cellserve.bench.loadgen import LoadRun, RequestFormat, open_loop
 from cellserve.bench.peers.base import free_port, spawn
 from cellserve.bench.results import RequestOutcome
@@ -40,6 +40,8 @@ def test_summary_of_a_run_with_given_times():
     assert row["first_error"] == "no answer within 1 s"
     assert row["rejected_reasons"] == ["429: queue full"] and row["dropped_reasons"] == ["504: late"]
     assert "rejected_reasons" not in summarize_load(LoadRun(outcomes=outcomes[:10], send_lag_s=[0.0]), 10.0, (45.0,))
+    shown = table(LoadReport(Target("h:1", "m"), Sweep(slos_ms=(45.0, 1000.0)), [row]))
+    assert shown.splitlines()[-1] == "first error (at 10.0 req/s): no answer within 1 s"  # what, not only how many
     assert row["p50_ms"] == pytest.approx(55.0)
     assert row["p90_ms"] == pytest.approx(91.0)
     assert row["p99_ms"] == pytest.approx(99.1)

@@ -45,6 +45,8 @@ BAD = [
     ("wrong fixed dimension", "floatgru", {"features": np.zeros((1, 3, 5), np.float32)},
      r"'features'.*dimension 2 must be 4"),
     ("int for float input", "floatgru", {"features": np.zeros((1, 3, 4), np.int64)}, r"'features'.*dtype float32"),
+    ("float64 past float32's range", "floatgru", {"features": np.full((1, 3, 4), 1e300)},
+     r"^input 'features': values do not fit float32 \(largest magnitude 1e\+300\)$"),
     ("unknown model", "no-such-model", {"tokens": GOOD_TOKENS}, r"unknown model 'no-such-model'"),
     ("ragged nested list", "lstm", {"tokens": [[1, 2, 3], [4]]}, r"'tokens'"),
 ]

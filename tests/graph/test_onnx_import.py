@@ -3,6 +3,8 @@ give onnxruntime's outputs for every request, and what cannot be run is refused 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -69,6 +71,25 @@ def test_sequence_lens_zero_the_outputs_past_each_sequence_end():
     (got,) = serve(load_onnx(data, "rnn"), [inputs])
     assert not got["Y"][2:, :, 1].any() and not got["Y"][1:, :, 2].any()
     assert_outputs_match(got, ort_outputs(data, inputs))
+
+
+@pytest.mark.parametrize("lengths, reason", [
+    ([7, 1, 1], r"^sequence lengths 'sequence_lens' \[7, 1, 1\] must be 3 values in \[1, 5\]"),
+    ([0, 1, 1], r"^sequence lengths 'sequence_lens' \[0, 1, 1\] must be 3 values in \[1, 5\]"),
+    ([5, 1], r"^input 'sequence_lens': dimension 0 \('batch', the batch\) is 2, but input 'X' holds 3 sequences$"),
+])
+def test_bad_sequence_lengths_are_refused_naming_the_input(lengths, reason):
+    from cellserve.engine.engine import Engine
+    from cellserve.engine.request import Request, Status
+
+    engine = Engine([load_onnx(recurrent_onnx("GRU", seq_lens=True), "rnn")], EngineConfig())
+    got = []
+    x = np.zeros((5, 3, X_SIZE), np.float32)
+    engine.submit(Request("rnn", {"X": x, "sequence_lens": np.array(lengths, np.int32)}, on_done=got.append))
+    engine.submit(Request("rnn", {"X": x, "sequence_lens": np.array([5, 2, 1], np.int32)}, on_done=got.append))
+    engine.run_until_idle()
+    assert got[0].status is Status.INVALID and re.search(reason, got[0].reason), got[0].reason
+    assert got[1].status is Status.OK
 
 
 # ---- what the importer works out about the inputs ----
