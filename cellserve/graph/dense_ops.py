@@ -121,12 +121,18 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * np.tanh(0.5 * x) + 0.5).astype(x.dtype, copy=False)
 
 
-def _reduce_sum(node: DenseNode, a: Args) -> list[np.ndarray]:
-    axes = _axes(node, a, 1)
-    if not axes and node.attrs.get("noop_with_empty_axes", 0):
-        return [a[0]]
-    axis = tuple(axes) if axes else None
-    return [np.sum(a[0], axis=axis, keepdims=bool(node.attrs.get("keepdims", 1))).astype(a[0].dtype, copy=False)]
+def _reduce(fn: Callable) -> Callable:
+    """An ONNX Reduce* op: axes from the attribute (before opset 18) or the second input, all
+    of them when none are given (unless noop_with_empty_axes), keepdims by default; the
+    result in the input's dtype (ONNX's: a mean of integers is an integer)."""
+    def run(node: DenseNode, a: Args) -> list[np.ndarray]:
+        axes = _axes(node, a, 1)
+        if not axes and node.attrs.get("noop_with_empty_axes", 0):
+            return [a[0]]
+        axis = tuple(int(x) for x in axes) if axes else None
+        return [np.asarray(fn(a[0], axis=axis, keepdims=bool(node.attrs.get("keepdims", 1)))).astype(a[0].dtype,
+                                                                                                copy=False)]
+    return run
 
 
 def _elementwise(fn: Callable) -> Callable:
@@ -165,7 +171,10 @@ OPS: dict[str, Callable[[DenseNode, Args], list[np.ndarray]]] = {
     "Less": _elementwise(np.less),
     "Not": _elementwise(np.logical_not),
     "Where": _elementwise(lambda c, x, y: np.where(c, x, y)),
-    "ReduceSum": _reduce_sum,
+    "ReduceSum": _reduce(np.sum),
+    "ReduceMean": _reduce(np.mean),  # pooling heads: the mean or the max over time
+    "ReduceMax": _reduce(np.max),
+    "ReduceMin": _reduce(np.min),
     "Range": lambda node, a: [np.arange(a[0].item(), a[1].item(), a[2].item(), dtype=a[0].dtype)],
 }
 

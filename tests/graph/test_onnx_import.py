@@ -92,6 +92,44 @@ def test_bad_sequence_lengths_are_refused_naming_the_input(lengths, reason):
     assert got[1].status is Status.OK
 
 
+class _PooledClassifier:
+    """An embedding, a batch-first GRU and a pooling head over time (mean, max or min), as
+    users write classifiers: the head's Reduce* ops run as plain ops."""
+
+    @staticmethod
+    def onnx(pool: str, opset: int) -> bytes:
+        import torch
+
+        from cellserve.graph.torch_import import export_onnx_bytes
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embedding, self.rnn = torch.nn.Embedding(40, 8), torch.nn.GRU(8, 12, batch_first=True)
+                self.head = torch.nn.Linear(12, 4)
+
+            def forward(self, tokens):
+                y = self.rnn(self.embedding(tokens))[0]
+                pooled = {"mean": y.mean(1), "max": y.amax(1), "min": y.amin(1)}[pool]
+                return self.head(pooled).softmax(-1)
+
+        torch.manual_seed(2)
+        return export_onnx_bytes(Net(), (torch.zeros((1, 3), dtype=torch.long),), ["tokens"], ["probs"],
+                                 {"tokens": {0: "batch", 1: "time"}, "probs": {0: "batch"}}, opset=opset)
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # 18 moves the axes from an attribute to an input
+@pytest.mark.parametrize("pool", ["mean", "max", "min"])
+def test_pooling_heads_over_time_load_and_match_onnxruntime(pool, opset):
+    data = _PooledClassifier.onnx(pool, opset)
+    assert {"mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}[pool] in {
+        n.op_type for n in onnx.load_from_string(data).graph.node}
+    rng = np.random.default_rng(3)
+    requests = [{"tokens": rng.integers(0, 40, (b, t))} for b, t in ((1, 1), (2, 5), (3, 17))]
+    for got, inputs in zip(serve(load_onnx(data, "pooled"), requests), requests):
+        assert_outputs_match(got, ort_outputs(data, inputs))
+
+
 # ---- what the importer works out about the inputs ----
 
 def test_seq_first_float_input_has_time_axis_0_and_batch_axis_1():
