@@ -57,7 +57,9 @@ def _add_bench(sub) -> None:
 
 def _add_bench_engine(bench_sub) -> None:
     eng = bench_sub.add_parser("engine", help="all engine policies and ONNX Runtime on one open-loop trace")
-    eng.add_argument("--model", default="lstm-512", help="zoo model (default: lstm-512)")
+    eng.add_argument("--model", default="lstm-512", help="zoo model, or one of --model-repository (default: lstm-512)")
+    eng.add_argument("--model-repository", type=Path, default=None,
+                     help="a model repository holding --model (your own model; ONNX Runtime's runners are skipped)")
     eng.add_argument("--slo-ms", type=float, default=200.0, help="latency SLO for goodput (default: 200)")
     eng.add_argument("--quick", action="store_true", help="a coarser ramp and shorter runs (a few minutes)")
     eng.add_argument("--bursty", action="store_true", help="bursty (two-state MMPP) arrivals instead of Poisson")
@@ -72,7 +74,7 @@ def _add_bench_engine(bench_sub) -> None:
                           "other models take only 1")
     eng.set_defaults(run=lambda args, parser: _bench_engine(args.model, args.slo_ms, args.quick, args.bursty,
                                                             args.max_batch, args.seed, args.json, args.plot,
-                                                            args.repeats, args.beam_width))
+                                                            args.repeats, args.beam_width, args.model_repository))
 
 
 def _add_bench_server(bench_sub) -> None:
@@ -236,7 +238,7 @@ def _serve(args, parser: argparse.ArgumentParser) -> int:
 
 
 def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot, repeats=None,
-                  beam_width=1) -> int:
+                  beam_width=1, model_repository=None) -> int:
     from cellserve.bench import engine_bench
     from cellserve.errors import CellserveError
 
@@ -248,10 +250,10 @@ def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot
         return 2
     cfg = engine_bench.BenchConfig(model=model, slo_ms=slo_ms, quick=quick, bursty=bursty, seed=seed,
                                    max_batch=max_batch, json_path=json_path, plot_path=plot, repeats=repeats,
-                                   beam_width=beam_width)
+                                   beam_width=beam_width, model_repository=model_repository)
     try:
         report = engine_bench.run(cfg)
-    except CellserveError as exc:
+    except (CellserveError, ValueError) as exc:  # ValueError: a model the bench cannot load or drive
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(engine_bench.table(report))

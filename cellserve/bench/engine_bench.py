@@ -40,12 +40,13 @@ from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.ramp import Bracket, RampPlan, RampResult, RampSearch, footnotes
 from cellserve.bench.results import meets_slo, summarize
 from cellserve.bench.roofline import engine_shape_gflops, measure_roofline
-from cellserve.bench.traces import InputSampler, is_time_major, make_trace, one_sequence, trace_at_rate
+from cellserve.bench.traces import InputSampler, is_time_major, make_trace, one_sequence, token_input, trace_at_rate
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.engine.request import Request, Response, Status
 from cellserve.errors import InvalidInput
 from cellserve.graph import zoo
 from cellserve.graph.zoo.modules import RNNClassifier
+from cellserve.server.repository import load_model
 
 ALTERNATIVES = ("cellular-edf",)  # other cellular policies, measured in full runs
 LIGHT_FRACTION = 0.1  # of cellular's capacity estimate: every ramp's first rate, the light load
@@ -61,6 +62,7 @@ _SETTLE_S = 0.3
 @dataclass
 class BenchConfig:
     model: str = "lstm-512"
+    model_repository: Path | None = None  # None: a zoo model
     slo_ms: float = 200.0
     quick: bool = False
     bursty: bool = False
@@ -99,7 +101,9 @@ class BenchConfig:
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
-    model = zoo.load(cfg.model)
+    model = load_model(cfg.model, cfg.model_repository)
+    if decoder_of(model) is None:
+        token_input(model)  # one token sequence per request: refuse a model it cannot drive, naming why
     input_name = model.inputs[0].name
     vocab = model.semantics[input_name].vocab or 2
     slo_s = cfg.slo_ms / 1e3
@@ -181,6 +185,9 @@ ORT_POLICIES = ("ort", "ort-padded")
 def _ort_runners(cfg: BenchConfig, model) -> tuple[dict, dict[str, str]]:
     """ONNX Runtime's runners for `model`, and the policies skipped with the reason why."""
     model_name = model.name
+    if cfg.model_repository is not None:
+        why = "a repository model: the ONNX Runtime runners are built from the zoo's own classifiers"
+        return {}, dict.fromkeys(ORT_POLICIES, why)
     if decoder_of(model) is not None:
         why = ("an encoder-decoder: the bench has no single ONNX export of its encoder and decoder loop for "
                "ONNX Runtime to run")

@@ -52,3 +52,50 @@ def test_fixed_rates_are_bracketed_too(tmp_path):
     assert plan.rates == (100.0, 500.0) and plan.tries == 1
     full = engine_bench.BenchConfig(model="gru-256").plan(1000.0)
     assert (full.start_rps, full.factor, full.refine_steps, full.max_rps, full.tries) == (100.0, 1.25, 3, 3000.0, 2)
+
+
+def _repository(root, time_major: bool, two_inputs: bool = False):
+    """A user's model repository: an embedding, a GRU and a head, exported as users do."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.rnn = torch.nn.Embedding(60, 16), torch.nn.GRU(16, 16, batch_first=not time_major)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, tokens, *extra):
+            y = self.head(self.rnn(self.embedding(tokens))[0])
+            return y * extra[0] if extra else y
+
+    torch.manual_seed(0)
+    axes = {0: "time", 1: "batch"} if time_major else {0: "batch", 1: "time"}
+    names = ["tokens", "scale"] if two_inputs else ["tokens"]
+    example = (torch.zeros((3, 1) if time_major else (1, 3), dtype=torch.long),) + ((torch.ones(1),) if two_inputs else ())
+    (root / "mine" / "1").mkdir(parents=True)
+    torch.onnx.export(Net().eval(), example, str(root / "mine" / "1" / "model.onnx"), input_names=names,
+                      output_names=["y"], dynamic_axes={"tokens": axes, "y": axes}, opset_version=17, dynamo=False)
+    return root
+
+
+@pytest.mark.slow  # every policy really served, for seconds
+def test_engine_bench_runs_a_repository_model_laid_out_time_major(tmp_path):
+    repo = _repository(tmp_path / "repo", time_major=True)
+    cfg = engine_bench.BenchConfig(model="mine", model_repository=repo, slo_ms=200, quick=True,
+                                   json_path=tmp_path / "out.json", seconds_per_run=0.4, ramp_factor=4.0,
+                                   refine_steps=1, repeats=1)
+    report = engine_bench.run(cfg, log=lambda *_: None)
+    assert set(report["policies"]) == {"cellular", "padded", "none"}
+    assert set(report["skipped_policies"]) == {"ort", "ort-padded"}
+    light = report["policies"]["cellular"]["runs"][0]
+    assert light["counts"]["ok"] == light["requests"] > 0 and report["policies"]["cellular"]["max_goodput_rps"] > 0
+
+
+def test_engine_bench_refuses_a_model_its_traces_cannot_drive(tmp_path, capsys):
+    from cellserve import cli
+
+    repo = _repository(tmp_path / "repo", time_major=False, two_inputs=True)
+    code = cli.main(["bench", "engine", "--model", "mine", "--model-repository", str(repo), "--quick",
+                     "--json", str(tmp_path / "out.json")])
+    assert code == 2
+    assert "takes 2 inputs ('tokens', 'scale')" in capsys.readouterr().err
