@@ -7,8 +7,10 @@ Layout, as Triton lays it out:
 
 Without a config the inputs and outputs come from the ONNX graph. Of the config, cellserve
 reads: `name`, `platform`/`backend` (must be ONNX Runtime's, if set), `version_policy`,
-`default_model_filename`, `input`/`output` (names and data types are checked against the
-graph), `sequence_batching.max_sequence_idle_microseconds`,
+`default_model_filename`, `input`/`output` (names, data types and dims are checked against
+the graph; dims as Triton reads them, without the batch dimension when `max_batch_size` > 0;
+a fixed size where the graph has a dynamic one holds requests to it),
+`sequence_batching.max_sequence_idle_microseconds`,
 `dynamic_batching.default_priority_level`, and `parameters` `slo_ms` (the model's default
 deadline for requests that send no `timeout`) and `max_sequence_length` (the longest input
 sequence a request may send, in steps; default 1024). See the README for an example. The config's
@@ -25,7 +27,7 @@ instead of a model file, with its decode specification in the config's `paramete
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +262,22 @@ def _check_declared_tensors(config: mc.ModelConfig, model: Model, where: str) ->
             if want is not None and want != have:
                 raise ModelLoadError(f"{where}: config declares {kind} {tensor.name!r} as TYPE_{want}; "
                                      f"the model has {have}")
+            if tensor.dims:
+                narrowed = _declared_shape(config, tensor, spec, kind, where)
+                if kind == "input" and narrowed != spec.shape:  # requests are held to it, as Triton holds them
+                    model.inputs[model.inputs.index(spec)] = replace(spec, shape=narrowed)
+
+
+def _declared_shape(config: mc.ModelConfig, tensor, spec, kind: str, where: str) -> tuple[int, ...]:
+    """A config's dims against the graph's shape, as Triton reads them: with max_batch_size > 0
+    the dims leave out a leading batch dimension. Each fixed size must be the graph's where the
+    graph fixes it; where the graph leaves a dimension dynamic, the config may fix it. Returns
+    the shape requests are held to."""
+    dims = [-1] * (config.max_batch_size > 0) + [int(d) for d in tensor.dims]
+    shape = list(spec.shape)
+    if len(dims) != len(shape) or any(g != -1 and d != -1 and g != d for g, d in zip(shape, dims)):
+        batch = (f" (with max_batch_size {config.max_batch_size}, a leading batch dimension: {dims})"
+                 if config.max_batch_size > 0 else "")
+        raise ModelLoadError(f"{where}: config declares {kind} {tensor.name!r} with dims {list(tensor.dims)}{batch}; "
+                             f"the graph's shape is {shape} (-1: dynamic)")
+    return tuple(g if d == -1 else d for g, d in zip(shape, dims))

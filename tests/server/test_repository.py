@@ -139,6 +139,42 @@ def test_declared_tensors_are_checked_against_the_graph(tmp_path):
         load_repository(tmp_path)
 
 
+@pytest.mark.parametrize("config, message", [
+    ('input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] } ]',
+     r"input 'tokens' with dims \[-1\]; the graph's shape is \[-1, -1\]"),
+    ('output [ { name: "probabilities" data_type: TYPE_FP32 dims: [ -1, 5 ] } ]',
+     r"output 'probabilities' with dims \[-1, 5\]; the graph's shape is \[-1, 3\]"),
+    ('max_batch_size: 8\ninput [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1, -1 ] } ]',
+     r"with max_batch_size 8, a leading batch dimension: \[-1, -1, -1\]"),
+])
+def test_declared_dims_that_contradict_the_graph_are_refused(tmp_path, config, message):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, config)
+    with pytest.raises(ModelLoadError, match=message):
+        load_repository(tmp_path)
+
+
+def test_declared_dims_as_triton_reads_them_and_requests_held_to_them(tmp_path):
+    # Triton's form: max_batch_size > 0 and the dims without the leading batch dimension
+    add_model(tmp_path, "m", {1: lstm_onnx(0)}, 'max_batch_size: 8\n'
+              'input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] } ]\n'
+              'output [ { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] } ]\n')
+    (served,) = load_repository(tmp_path)
+    assert served.model.inputs[0].shape == (-1, -1)
+    # a config may fix what the graph leaves dynamic: requests are then held to it
+    (tmp_path / "m" / "config.pbtxt").write_text('input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1, 5 ] } ]')
+    (served,) = load_repository(tmp_path)
+    assert served.model.inputs[0].shape == (-1, 5)
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.engine.request import Request, Status
+
+    engine, got = Engine([served.model], EngineConfig()), []
+    for length in (3, 5):
+        engine.submit(Request(served.model.name, {"tokens": np.ones((1, length), np.int64)}, on_done=got.append))
+    engine.run_until_idle()
+    assert got[0].status is Status.INVALID and "dimension 1 must be 5" in got[0].reason
+    assert got[1].status is Status.OK
+
+
 def test_settings_from_the_config(tmp_path):
     add_model(tmp_path, "m", {1: gru_onnx(0)},
               'platform: "onnxruntime_onnx"\n'
