@@ -19,6 +19,7 @@ import zlib
 
 import numpy as np
 
+from cellserve.decimal_text import ascii_int
 from cellserve.client_text import PublishedVocabularyError, format_text, published_vocabulary, text_inputs
 from cellserve.client_transport import Client, ClientError
 from cellserve.text_vocab import VocabularyError
@@ -66,7 +67,7 @@ def _check_args(args) -> None:
         raise UsageError("give the input as text or with --json, not both")
     if args.timeout_ms is not None and not args.timeout_ms > 0:
         raise UsageError(f"--timeout-ms must be positive, got {args.timeout_ms:g}")
-    if args.model_version and not str(args.model_version).isdigit():
+    if args.model_version and ascii_int(str(args.model_version)) is None:
         raise UsageError(f"--model-version must be a version number, got {args.model_version!r}")
     beam_width = getattr(args, "beam_width", None)
     if beam_width is not None and beam_width < 1:

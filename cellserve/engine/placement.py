@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cellserve.decimal_text import ascii_int
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.placement_devices import ExecutorSpec, device_specs, parse_core_groups
 from cellserve.graph.model import Model, plain_group_key, plain_groups
@@ -111,7 +112,7 @@ def _device_order(dev: str) -> tuple:
     """CPU executors first (the default executor), core groups by number, then CUDA."""
     if dev == "cpu":
         return (0, 0, dev)
-    if dev.startswith("cpu") and dev[3:].isdigit():
+    if dev.startswith("cpu") and ascii_int(dev[3:]) is not None:
         return (0, int(dev[3:]), dev)
     return (1, 0, dev)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from cellserve.decimal_text import positive_key
 from cellserve.plan.accuracy import (DEFAULT_HEADROOM, SCHEMA_VERSION, AccuracyError, AccuracyPlan, AccuracyProblem,
                                      Device, Family, LatencyPoints, Variant)
 from cellserve.plan.profile import ProfileError, _get, _num, _obj, _str
@@ -102,9 +103,9 @@ def _latency(x: object, where: str) -> LatencyPoints:
         raise AccuracyError(f"{where} is empty; it maps batch sizes to milliseconds")
     points = []
     for key, ms in d.items():
-        if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_BATCH):
+        if positive_key(key) is None or positive_key(key) > MAX_BATCH:
             raise AccuracyError(f"{where} has key {key!r}; keys are batch sizes 1, 2, ... {MAX_BATCH}")
-        points.append((int(key), _num(ms, f"{where}[{key!r}]", positive=True)))
+        points.append((positive_key(key), _num(ms, f"{where}[{key!r}]", positive=True)))
     return LatencyPoints(tuple(sorted(points)))
 
 

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from cellserve.decimal_text import positive_key
 from cellserve.plan.batching import SCHEMA_VERSION, Service
 from cellserve.plan.batching_map import BatchingError, Map, fit_mmpp2
 from cellserve.plan.profile import ProfileError, _get, _num, _obj
@@ -94,9 +95,9 @@ def load_service(path: str | Path) -> Service:
             raise BatchingError("service.latency_ms is empty; it maps batch sizes to milliseconds")
         points = []
         for key, ms in lat.items():
-            if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_SIZE):
+            if positive_key(key) is None or positive_key(key) > MAX_SIZE:
                 raise BatchingError(f"service.latency_ms has key {key!r}; keys are batch sizes 1, 2, ... {MAX_SIZE}")
-            points.append((int(key), _num(ms, f"service.latency_ms[{key!r}]", positive=True)))
+            points.append((positive_key(key), _num(ms, f"service.latency_ms[{key!r}]", positive=True)))
         return Service(tuple(points))
     except ProfileError as exc:
         raise BatchingError(f"service file {str(path)!r}: {exc}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from cellserve.decimal_text import positive_key
 from cellserve.plan.nexus import (SCHEMA_VERSION, Assignment, Device, DeviceProfiles, LatencyProfile, ModelEntry,
                                   NexusError, Plan, Profiles, Query, QueryNode, QuerySplit, Session, Unserved,
                                   Workload)
@@ -58,9 +59,9 @@ def _latency(x: object, where: str) -> LatencyProfile:
         raise NexusError(f"{where} is empty; it maps batch sizes to milliseconds")
     points = []
     for key, ms in d.items():
-        if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_BATCH):
+        if positive_key(key) is None or positive_key(key) > MAX_BATCH:
             raise NexusError(f"{where} has key {key!r}; keys are batch sizes 1, 2, ... {MAX_BATCH}")
-        points.append((int(key), _positive(ms, f"{where}[{key!r}]")))
+        points.append((positive_key(key), _positive(ms, f"{where}[{key!r}]")))
     return LatencyProfile(tuple(points))
 
 

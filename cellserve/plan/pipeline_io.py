@@ -12,6 +12,7 @@ import functools
 import math
 from pathlib import Path
 
+from cellserve.decimal_text import positive_key
 from cellserve.plan.pipeline import (SCHEMA_VERSION, Block, Blocks, Link, ModelBlocks, ModelPlan, Pipeline,
                                      PipelineError, PipelinePlan, Pools, Stage)
 from cellserve.plan.json_io import as_list, check_version, read_json, write_json  # noqa: F401 (write_json: this module's API)
@@ -78,9 +79,9 @@ def _block(x: object, where: str) -> Block:
             raise PipelineError(f"{w} is empty; it maps batch sizes to milliseconds")
         row = {}
         for key, ms in by_batch.items():
-            if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_BATCH):
+            if positive_key(key) is None or positive_key(key) > MAX_BATCH:
                 raise PipelineError(f"{w} has key {key!r}; keys are batch sizes 1, 2, ... {MAX_BATCH}")
-            row[int(key)] = _num(ms, f"{w}[{key!r}]", positive=True)
+            row[positive_key(key)] = _num(ms, f"{w}[{key!r}]", positive=True)
         latency[_str(dt, f"{where}.latency_ms key")] = dict(sorted(row.items()))
     name = d.get("name", "")
     if name != "":

@@ -17,6 +17,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cellserve.decimal_text import positive_key
+
 # 2: decode_steps is a histogram per source length (version 1 listed every lane's pair)
 # 3: host.request_s and host.check_s_per_run (version 2 lacks them: read as 0, with a warning)
 SCHEMA_VERSION = 3
@@ -249,9 +251,9 @@ def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
     steps = _obj(_get(d, "step_s", where), f"{where}.step_s")
     parsed = {}
     for key, t in steps.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
+        if positive_key(key) is None:
             raise ProfileError(f"{where}.step_s has key {key!r}; keys are batch sizes 1, 2, ...")
-        parsed[int(key)] = _timing(t, f"{where}.step_s[{key}]")
+        parsed[positive_key(key)] = _timing(t, f"{where}.step_s[{key}]")
     missing = [b for b in range(1, max_batch + 1) if b not in parsed]
     if missing:
         raise ProfileError(f"{where}.step_s lacks batch sizes {missing[:8]}{' ...' if len(missing) > 8 else ''} "
@@ -355,9 +357,9 @@ def _parse_profile(x: object) -> ModelProfile:
 
 
 def _count_key(key: object, where: str, what: str) -> int:
-    if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
+    if positive_key(key) is None:
         raise ProfileError(f"{where} has key {key!r}; keys are {what} 1, 2, ...")
-    return int(key)
+    return positive_key(key)
 
 
 def _histograms(x: object, where: str) -> dict[int, dict[int, int]]:

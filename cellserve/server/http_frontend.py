@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from cellserve.decimal_text import ascii_int
 from cellserve.server import codec
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
 from cellserve.server.errors import BadRequest, Overloaded, ServerError, TooLarge, Unavailable
@@ -266,7 +267,7 @@ def _internal_error_response(exc: Exception, method: str, path: str) -> Response
 async def _read_body(headers: dict[str, str], receive, limit: int) -> bytes:
     """The body of an ASGI request; `headers` by lower-case name."""
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if (ascii_int(declared) or 0) > limit:
         raise TooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
     chunks, size, more = [], 0, True
     while more:
@@ -298,7 +299,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
     """Decode an inference request (JSON, or JSON then binary tensors). Returns it and, per
     output to return, whether it goes back as binary."""
     if header_length is not None:
-        if not header_length.isdigit() or len(header_length) > 18 or int(header_length) > len(body):
+        if ascii_int(header_length) is None or len(header_length) > 18 or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} {header_length!r} must be an integer no larger than the body "
                              f"({len(body)} bytes)")
         split = int(header_length)

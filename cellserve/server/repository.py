@@ -34,6 +34,7 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from cellserve.decimal_text import ascii_int
 from cellserve.errors import ModelLoadError
 from cellserve.graph.decode_spec import PARAMETER_PREFIX, DecodeSpec
 from cellserve.graph.model import Model
@@ -131,7 +132,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     if config.platform not in ONNX_PLATFORMS or config.backend not in ONNX_BACKENDS:
         raise ModelLoadError(f"{where}: platform {config.platform!r} / backend {config.backend!r} is not served; "
                              "cellserve serves ONNX models (platform onnxruntime_onnx)")
-    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and (ascii_int(p.name) or 0) > 0)
     chosen = _choose_versions(config, versions, where)
     filename = config.default_model_filename or "model.onnx"
     settings = _settings(config, where)
@@ -170,7 +171,7 @@ def _max_sequence_length(config: mc.ModelConfig, where: str) -> int | None:
     if given is None:
         return None
     text = given.string_value.strip()
-    if not text.isdigit() or int(text) < 1:
+    if (ascii_int(text) or 0) < 1:
         raise ModelLoadError(f"{where}: parameter max_sequence_length must be a positive integer (steps), "
                              f"got {given.string_value!r}")
     return int(text)

@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cellserve.decimal_text import ascii_int
+
 # Every timestamp a trace may hold, in the order they happen (docs/tracing.md says what each
 # marks). Triton's names where they mean the same; the others are cellserve's.
 STAMPS = ("HTTP_RECV_START", "HTTP_RECV_END", "GRPC_WAITREAD_END", "REQUEST_START", "QUEUE_START",
@@ -166,7 +168,8 @@ class Trace:
         self.stamps[name] = int(seconds * 1e9)
 
     def to_json(self) -> dict:
-        version = int(self.model_version) if self.model_version.isdigit() else -1
+        version = ascii_int(self.model_version)
+        version = -1 if version is None else version
         ordered = sorted(self.stamps.items(), key=lambda kv: (_ORDER.get(kv[0], len(STAMPS)), kv[1]))
         return {"id": self.id, "model_name": self.model_name, "model_version": version,
                 "request_id": self.request_id, "timestamps": [{"name": n, "ns": ns} for n, ns in ordered]}

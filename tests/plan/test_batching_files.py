@@ -52,6 +52,8 @@ def test_bad_arrivals_files_exit_2_naming_the_field(tmp_path, capsys, arrivals, 
     ({"latency_ms": {}}, "service.latency_ms is empty"),
     ({"latency_ms": {"0": 1.0}}, "service.latency_ms has key '0'"),
     ({"latency_ms": {"two": 1.0}}, "service.latency_ms has key 'two'"),
+    ({"latency_ms": {"1": 1.0, "01": 2.0}}, "service.latency_ms has key '01'"),
+    ({"latency_ms": {"²": 1.0}}, "service.latency_ms has key '²'"),
     ({"latency_ms": {"1": -1.0}}, "service.latency_ms\\['1'\\] must be > 0"),
     ({"latency_ms": {"1": "fast"}}, "service.latency_ms\\['1'\\] must be a finite number"),
 ])

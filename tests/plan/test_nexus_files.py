@@ -47,6 +47,10 @@ def _broken(doc: dict, path: list, value) -> dict:
     (["device_types"], KeyError, "profiles.device_types is missing"),
     (["device_types"], {}, "profiles.device_types is empty"),
     (["device_types", "gpu", "models", "lstm", "latency_ms"], {"0": 3}, "models['lstm'].latency_ms has key '0'"),
+    # one batch size written two ways, and digits int() does not read
+    (["device_types", "gpu", "models", "lstm", "latency_ms"], {"1": 3, "01": 1}, "latency_ms has key '01'"),
+    (["device_types", "gpu", "models", "lstm", "latency_ms"], {"1": 3, "²": 1}, "latency_ms has key '²'"),
+    (["device_types", "gpu", "models", "lstm", "latency_ms"], {"١": 3}, "latency_ms has key '١'"),
     (["device_types", "gpu", "models", "lstm", "latency_ms"], {"1": -3},
      "models['lstm'].latency_ms['1'] must be > 0"),
     (["device_types", "gpu", "models", "lstm", "latency_ms"], {}, "models['lstm'].latency_ms is empty"),
