@@ -14,7 +14,13 @@ PEER_NAMES = ("triton", "mlserver", "ray-serve", "torchserve", "unbatched")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args, parser)
+    from cellserve.plan.json_io import OutputError
+
+    try:
+        return args.run(args, parser)
+    except OutputError as exc:  # a --json path that cannot be written: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,8 +33,16 @@ def as_list(x: object, where: str, error: type[Exception]) -> list:
     return x
 
 
+class OutputError(OSError):
+    """A result that cannot be written where asked; the message names the path and why."""
+
+
 def write_json(d: dict, path: str | Path) -> None:
-    """Write a plan (or any result), creating its folder."""
+    """Write a plan (or any result), creating its folder. Raises OutputError naming the path
+    when it cannot (a directory there, no permission, a read-only file system)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(d, indent=1) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(d, indent=1) + "\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None

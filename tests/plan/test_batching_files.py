@@ -134,3 +134,12 @@ def test_service_loads_sorted():
         p.write_text(json.dumps({"latency_ms": {"8": 7.8, "1": 3.6}}))
         s = load_service(p)
     assert s.points == ((1, 3.6), (8, 7.8)) and s.max_batch == 8
+
+
+def test_a_json_path_that_cannot_be_written_is_one_line_exit_2(tmp_path, capsys):
+    a, s = _write(tmp_path, "a.json", {"poisson_rps": 50}), _write(tmp_path, "s.json", SERVICE)
+    (tmp_path / "taken").mkdir()
+    code = main(["plan", "batching", "--arrivals", str(a), "--service", str(s), "--slo-ms", "30",
+                 "--json", str(tmp_path / "taken")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"error: cannot write {str(tmp_path / 'taken')!r}: Is a directory"
