@@ -44,9 +44,17 @@ class AutoPlan:
 
 
 def groups_for(config: EngineConfig) -> int:
+    """The core groups --placement auto plans over: --placement-groups, at most one per core
+    this process may use (a PlacementError otherwise), or two when there are two cores."""
+    cores = len(os.sched_getaffinity(0))
     if config.placement_groups is not None:
+        if config.placement_groups > cores:
+            from cellserve.engine.placement import PlacementError
+
+            raise PlacementError(f"--placement-groups {config.placement_groups}: more core groups than the "
+                                 f"{cores} core(s) this process may use")
         return config.placement_groups
-    return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+    return 2 if cores >= 2 else 1
 
 
 def auto_plan(models: list[Model], config: EngineConfig) -> AutoPlan:

@@ -155,3 +155,9 @@ def test_auto_splits_a_bidirectional_layers_directions_over_two_groups(tagger):
     # one group: everything on it, and one executor (the engine's usual loop)
     one = auto_plan([tagger], EngineConfig(placement="auto", placement_groups=1))
     assert set(one.assignment.values()) == {"cpu0"}
+
+
+def test_auto_refuses_more_core_groups_than_cores(tagger):
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(PlacementError, match=rf"--placement-groups {cores + 1}: more core groups than the {cores} core"):
+        auto_plan([tagger], EngineConfig(placement="auto", placement_groups=cores + 1))
