@@ -94,6 +94,19 @@ def _level(values: list[str], what: str) -> str:
     return "TIMESTAMPS" if "TIMESTAMPS" in levels else "OFF"
 
 
+def _check_writable(path: str) -> None:
+    """A trace file is written when the server stops (or every log-frequency traces): one
+    that cannot be is refused at start, not found out at shutdown with the traces lost."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ValueError(f"file {path!r} is a directory")
+    if not folder.is_dir():
+        raise ValueError(f"file {path!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"file {path!r}: folder {str(folder)!r} is not writable")
+
+
 def parse_trace_config(entries: list[str]) -> TraceSettings:
     """The server's settings from --trace-config entries (Triton's forms: `SETTING=VALUE` for
     level, rate, count, mode; `triton,file=PATH`, `triton,log-frequency=N`). ValueError names the
@@ -123,6 +136,7 @@ def parse_trace_config(entries: list[str]) -> TraceSettings:
                 if key == "file":
                     if not value:
                         raise ValueError("file must be a path")
+                    _check_writable(value)
                     settings = replace(settings, file=value)
                 elif key == "log-frequency":
                     settings = replace(settings, log_frequency=_int(value, "log-frequency", 0))

@@ -41,6 +41,9 @@ def test_trace_config_reads_tritons_forms():
     (["mode=opentelemetry"], "'opentelemetry' is not supported"), (["bogus=1"], "unknown setting 'bogus'"),
     (["triton,bogus=1"], "unknown triton setting 'bogus'"), (["rate"], "expected SETTING=VALUE"),
     (["level=TIMESTAMPS"], "needs a file"), (["opentelemetry,url=x"], "mode 'opentelemetry'"),
+    # a file the server could not write when it stops is refused when it starts
+    (["level=TIMESTAMPS", "triton,file=/no/such/folder/t.json"], "folder '/no/such/folder' does not exist"),
+    (["level=TIMESTAMPS", "triton,file=/"], "file '/' is a directory"),
 ])
 def test_trace_config_errors_name_the_entry(entries, named):
     with pytest.raises(ValueError, match=named):
