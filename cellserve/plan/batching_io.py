@@ -46,8 +46,8 @@ def load_arrivals(path: str | Path) -> Map:
             raise BatchingError(f"arrivals.trace must be a non-empty path, got {trace!r}")
         trace_path = path.parent / trace
         return fit_mmpp2(read_trace(trace_path), f"arrivals.trace {str(trace_path)!r}")
-    except ProfileError as exc:
-        raise BatchingError(f"{what}: {exc}") from None
+    except ProfileError as exc:  # named once: a file that does not read names itself already
+        raise BatchingError(str(exc) if str(exc).startswith(what) else f"{what}: {exc}") from None
 
 
 def read_trace(path: Path) -> list[float]:
@@ -100,7 +100,8 @@ def load_service(path: str | Path) -> Service:
             points.append((positive_key(key), _num(ms, f"service.latency_ms[{key!r}]", positive=True)))
         return Service(tuple(points))
     except ProfileError as exc:
-        raise BatchingError(f"service file {str(path)!r}: {exc}") from None
+        what = f"service file {str(path)!r}"
+        raise BatchingError(str(exc) if str(exc).startswith(what) else f"{what}: {exc}") from None
 
 
 def plan_to_dict(ev, arrivals: Map, slo_ms: float | None = None, search: dict | None = None) -> dict:

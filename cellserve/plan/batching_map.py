@@ -68,10 +68,10 @@ class Map:
         for i in range(m):
             for j in range(m):
                 if d1[i, j] < 0:
-                    raise BatchingError(f"{where}.D1[{i}][{j}] must be >= 0 (a rate), got {d1[i, j]!r}")
+                    raise BatchingError(f"{where}.D1[{i}][{j}] must be >= 0 (a rate), got {float(d1[i, j])!r}")
                 if i != j and d0[i, j] < 0:
                     raise BatchingError(f"{where}.D0[{i}][{j}] must be >= 0 (a rate off the diagonal), "
-                                        f"got {d0[i, j]!r}")
+                                        f"got {float(d0[i, j])!r}")
             total = d0[i].sum() + d1[i].sum()
             if abs(total) > 1e-9 * scale:
                 raise BatchingError(f"{where}: row {i} of D0 + D1 must sum to 0 (a generator), sums to {total:g}")

@@ -36,7 +36,8 @@ def _run(tmp_path, arrivals, service=SERVICE, *flags):
     ({"map": {"D0": [[-1.0]], "D1": [[2.0]]}}, "arrivals.map: row 0 of D0 \\+ D1 must sum to 0"),
     ({"trace": "missing.txt"}, "cannot read trace"),
     ({"poisson_rps": 5, "schema_version": 2}, "arrivals.schema_version is 2"),
-    ("[1, 2", "is not JSON"),
+    ("[1, 2", "^error: arrivals file '[^']*a.json' is not JSON"),  # the file named once
+    ({"map": {"D0": [[-2.0]], "D1": [[-3.0]]}}, r"map.D1\[0\]\[0\] must be >= 0 \(a rate\), got -3.0$"),
 ])
 def test_bad_arrivals_files_exit_2_naming_the_field(tmp_path, capsys, arrivals, message):
     with pytest.raises(SystemExit) as exc:
