@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cellserve.cli_types import positive
+from cellserve.cli_types import int_in, positive
 
 
 def add_plan(sub) -> None:
@@ -24,8 +24,9 @@ def add_plan(sub) -> None:
     n.add_argument("--json", type=Path, required=True, metavar="PLAN.json", help="where to write the plan")
     n.add_argument("--previous", type=Path, default=None, metavar="PLAN.json",
                    help="re-plan from this plan (the next epoch): keep sessions where they still fit")
-    n.add_argument("--grid", type=positive(int), default=100,
-                   help="steps a query's SLO is cut into for its split (default: 100)")
+    # the split's search grows with the square of the grid; a coarse one cannot split the SLO
+    n.add_argument("--grid", type=int_in(10, 10_000), default=100,
+                   help="steps a query's SLO is cut into for its split, 10 to 10000 (default: 100)")
     n.set_defaults(run=_plan_nexus)
     from cellserve.cli_pipeline import add_pipeline; add_pipeline(plan_sub)  # noqa: E702  (plan pipeline)
     from cellserve.cli_batching import add_batching; add_batching(plan_sub)  # noqa: E702  (plan batching)

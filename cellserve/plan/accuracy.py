@@ -27,6 +27,9 @@ from cellserve.plan.profile import ProfileError
 SCHEMA_VERSION = 1
 DEFAULT_HEADROOM = 1.05
 HEADROOM_STEP = 0.05
+# the most headroom a problem may ask (a tenth of each device's capacity routed): the ladder
+# solves one MILP per step down from it, so an unbounded one would run without end
+MAX_HEADROOM = 10.0
 
 
 class AccuracyError(ProfileError):

@@ -13,7 +13,7 @@ import functools
 from pathlib import Path
 
 from cellserve.decimal_text import positive_key
-from cellserve.plan.accuracy import (DEFAULT_HEADROOM, SCHEMA_VERSION, AccuracyError, AccuracyPlan, AccuracyProblem,
+from cellserve.plan.accuracy import (DEFAULT_HEADROOM, MAX_HEADROOM, SCHEMA_VERSION, AccuracyError, AccuracyPlan, AccuracyProblem,
                                      Device, Family, LatencyPoints, Variant)
 from cellserve.plan.profile import ProfileError, _get, _num, _obj, _str
 from cellserve.plan.json_io import check_version, read_json, write_json  # noqa: F401 (write_json: this module's API)
@@ -136,8 +136,9 @@ def _parse_problem(x: object) -> AccuracyProblem:
                                     "from the SLO (the best batch under half of it)")
             latency[dt][v] = _latency(prof, where)
     headroom = _num(d.get("headroom", DEFAULT_HEADROOM), "problem.headroom")
-    if headroom < 1.0:
-        raise AccuracyError(f"problem.headroom must be >= 1.0 (routed demand x headroom <= capacity), got {headroom!r}")
+    if not 1.0 <= headroom <= MAX_HEADROOM:
+        raise AccuracyError(f"problem.headroom must be in [1.0, {MAX_HEADROOM:g}] (routed demand x headroom <= "
+                            f"capacity), got {headroom!r}")
     return AccuracyProblem(families, devices, capacity, latency, headroom)
 
 

@@ -61,7 +61,8 @@ def _broken(doc: dict, path: list, value) -> dict:
     (["capacity_rps", "cpu", "rev-64"], 50, "problem.capacity_rps['cpu']['rev-64'] gives this capacity already"),
     (["latency_ms", "cpu", "rev-64"], {"0": 5}, "problem.latency_ms['cpu']['rev-64'] has key '0'"),
     (["latency_ms", "cpu", "rev-64", "4"], -1, "problem.latency_ms['cpu']['rev-64']['4'] must be > 0, got -1"),
-    (["headroom"], 0.9, "problem.headroom must be >= 1.0"),
+    (["headroom"], 0.9, "problem.headroom must be in [1.0, 10]"),
+    (["headroom"], 1e9, "problem.headroom must be in [1.0, 10]"),  # its ladder would never end
     (["schema_version"], 2, "problem.schema_version is 2"),
 ])
 def test_a_broken_problem_is_refused_naming_the_field(path, value, message):
@@ -84,7 +85,7 @@ def test_files_name_themselves_in_errors(tmp_path):
     with pytest.raises(AccuracyError, match="cannot read problem"):
         load_problem(tmp_path / "absent.json")
     bad.write_text(json.dumps(_broken(PROBLEM, ["headroom"], 0.5)))
-    with pytest.raises(AccuracyError, match=r"problem '.*p.json': problem.headroom must be >= 1.0"):
+    with pytest.raises(AccuracyError, match=r"problem '.*p.json': problem.headroom must be in \[1.0, 10\]"):
         load_problem(bad)
     bad.write_text(json.dumps({"placement": {}}))
     with pytest.raises(AccuracyError, match=r"plan '.*p.json': plan.routing is missing"):

@@ -201,3 +201,9 @@ def test_plan_parsers_import_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("grid", ["1", "9", "10001", "x"])
+def test_a_grid_outside_10_to_10000_is_refused(tmp_path, capsys, grid):
+    code, _ = _run(tmp_path, SESSIONS, "--grid", grid)
+    assert code == 2 and "argument --grid: must be" in capsys.readouterr().err
