@@ -330,6 +330,9 @@ class Core:
         except ServerError as exc:
             metrics.failure(_reason(exc)).inc()
             raise
+        except asyncio.CancelledError:  # the client went away (a stream cancelled, a connection closed)
+            metrics.failure("cancelled").inc()
+            raise
         finally:
             metrics.pending.dec()
         metrics.success.inc()

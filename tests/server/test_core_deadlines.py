@@ -63,3 +63,29 @@ def test_the_margin_never_takes_more_than_half_the_timeout(core):
     infer(core, 100_000)
     assert seen[-1][1].timeout_s == pytest.approx(0.05)
     core._handback_s = core._handback_dev_s = 0.0
+
+
+def test_a_request_whose_client_goes_away_counts_as_a_cancelled_failure(core):
+    core, _ = core
+
+    def failures() -> float:
+        for line in core.metrics.exposition().decode().splitlines():
+            if line.startswith("cellserve_inference_request_failure_total{") and 'reason="cancelled"' in line:
+                return float(line.split()[-1])
+        return 0.0
+
+    before = failures()
+    request = InferInput("lstm-512", "", {"tokens": np.ones((1, 400), np.int64)})
+
+    async def go_away() -> None:
+        task = asyncio.ensure_future(core.infer(request))
+        await asyncio.sleep(0)  # submitted; the client goes away before the answer
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go_away())
+    assert failures() == before + 1
+    pending = [line for line in core.metrics.exposition().decode().splitlines()
+               if line.startswith("cellserve_inference_pending_request_count{")]
+    assert pending and all(float(line.split()[-1]) == 0 for line in pending)
