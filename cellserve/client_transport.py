@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cellserve.decimal_text import ascii_int
+
 
 class ClientError(Exception):
     """The server or the network refused (exit 1)."""
@@ -16,6 +18,10 @@ class Client:
         self.protocol, self.url = protocol, url
         # the network timeout outlasts the request's own deadline, so the server's answer is seen
         self.network_timeout_s = max(60.0, (timeout_ms or 0) / 1e3 + 10.0)
+        _, colon, port = url.rpartition(":")
+        if colon and "]" not in port and not 1 <= (ascii_int(port) or 0) <= 65535:  # checked here: tritonclient's
+            # own check leaves a half-made client whose __del__ prints a traceback
+            raise ClientError(f"cannot use server address {url!r}: port {port!r} is not 1 to 65535")
         try:
             if protocol == "grpc":
                 import tritonclient.grpc as module

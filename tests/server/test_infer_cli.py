@@ -143,6 +143,14 @@ def test_unreachable_server(protocol):
     assert "cannot reach the server" in line and str(port) in line
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:99999", "127.0.0.1:x"])
+def test_a_bad_port_is_one_error_line(url):
+    result = cellserve_infer("lstm-512", "hello", "--url", url)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"cellserve infer: error: cannot use server address {url!r}: port {url.rpartition(':')[2]!r} is not 1 to 65535"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["lstm-512"], "give the input"),
     (["lstm-512", "words", "--json", '{"tokens": [[1]]}'], "not both"),
