@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cellserve.config import check, setting
+from cellserve.config import Problem, check, setting
 
 # cellserve.engine.scheduler.POLICIES and cellserve.kernels.cell.BACKENDS (see above), plus
 # "triton": the executor builds that one itself (kernels/triton_rnn.py)
@@ -89,3 +89,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field
+
+    def _problems(self) -> list[Problem]:
+        """Settings of --placement auto given without it would be silently ignored."""
+        if self.placement == "auto":
+            return []
+        given = [k for k in ("placement_groups", "placement_profiles") if getattr(self, k)]
+        given += ["placement_mode"] if self.placement_mode != "latency" else []
+        return [Problem(k, "{name} plans --placement auto: it needs --placement auto (placement)") for k in given]

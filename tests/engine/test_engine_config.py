@@ -53,3 +53,13 @@ def test_a_stale_slow_bucket_is_capped_by_a_smaller_batch_scaled_up():
     cost.observe(32, 50e-3)  # measured once during a stall, never since
     assert cost(32) <= 8 * 100e-6
     assert cost(32, best=True) <= 8 * 100e-6
+
+
+@pytest.mark.parametrize("given", [dict(placement_groups=2), dict(placement_profiles=["p.json"]),
+                                   dict(placement_mode="throughput"),
+                                   dict(placement="plan.json", placement_groups=2)])
+def test_placement_auto_settings_without_placement_auto_are_refused(given):
+    key = next(iter(k for k in given if k != "placement"))
+    with pytest.raises(ValueError, match=rf"{key}.*needs --placement auto"):
+        EngineConfig(**given)
+    EngineConfig(**{**given, "placement": "auto"})  # with it they are fine
