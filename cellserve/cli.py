@@ -50,7 +50,9 @@ def _models(args, parser) -> int:
 def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the server on the zoo answering real requests, then a short engine benchmark")
     demo.add_argument("--skip-bench", action="store_true", help="only the server part")
-    demo.add_argument("--json", type=Path, default=Path("bench-results/demo-engine.json"))
+    demo.add_argument("--json", type=Path, default=Path("bench-results/demo-engine.json"),
+                      help="where the benchmark's results go (default: bench-results/demo-engine.json; "
+                           "nothing is written with --skip-bench)")
     demo.set_defaults(run=lambda args, parser: _demo(args))
 
 

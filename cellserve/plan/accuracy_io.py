@@ -69,6 +69,8 @@ def _families(x: object) -> dict[str, Family]:
 def _devices(x: object) -> tuple[Device, ...]:
     if not isinstance(x, list):
         raise AccuracyError(f"problem.devices must be a list, got {type(x).__name__}")
+    if not x:
+        raise AccuracyError("problem.devices is empty: a plan needs at least one device")
     out, seen = [], {}
     for i, body in enumerate(x):
         where = f"problem.devices[{i}]"

@@ -62,6 +62,7 @@ def _broken(doc: dict, path: list, value) -> dict:
     (["latency_ms", "cpu", "rev-64"], {"0": 5}, "problem.latency_ms['cpu']['rev-64'] has key '0'"),
     (["latency_ms", "cpu", "rev-64", "4"], -1, "problem.latency_ms['cpu']['rev-64']['4'] must be > 0, got -1"),
     (["headroom"], 0.9, "problem.headroom must be in [1.0, 10]"),
+    (["devices"], [], "problem.devices is empty"),
     (["headroom"], 1e9, "problem.headroom must be in [1.0, 10]"),  # its ladder would never end
     (["schema_version"], 2, "problem.schema_version is 2"),
 ])
