@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 # The comparison's peers, by name (cellserve.bench.peers.PEERS; repeated here so --help
@@ -11,7 +12,17 @@ from pathlib import Path
 PEER_NAMES = ("triton", "mlserver", "ray-serve", "torchserve", "unbatched")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """cellserve's own warnings (a stale profile, ...) as one line a user reads, not Python's
+    file, line number and source line; any other warning as Python shows it."""
+    if category.__module__.startswith("cellserve"):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     from cellserve.plan.json_io import OutputError

@@ -156,3 +156,16 @@ def test_a_bad_config_file_exits_2_naming_the_key(capsys, tmp_path, text, messag
 def test_a_missing_config_file_exits_2(capsys, tmp_path):
     code, _, err = run(capsys, "serve", "--config", str(tmp_path / "nope.toml"))
     assert code == 2 and f"--config {tmp_path / 'nope.toml'}: No such file or directory" in err
+
+
+def test_cellserves_own_warnings_are_one_line(capsys):
+    import warnings
+
+    from cellserve.plan.profile import ProfileWarning
+
+    cli._show_warning("profile made by an older cellserve", ProfileWarning, "x.py", 3)
+    cli._show_warning("not ours", UserWarning, "x.py", 3)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: profile made by an older cellserve\n")
+    assert "x.py:3: UserWarning: not ours" in err
+    assert warnings.showwarning is not None
