@@ -12,13 +12,12 @@ from pathlib import Path
 PEER_NAMES = ("triton", "mlserver", "ray-serve", "torchserve", "unbatched")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+def _show_warning(message, category, filename, lineno, file=None, line=None):
     """cellserve's own warnings (a stale profile, ...) as one line a user reads, not Python's
     file, line number and source line; any other warning as Python shows it."""
-    if category.__module__.startswith("cellserve"):
-        print(f"warning: {message}", file=file or sys.stderr)
-    else:
-        _default(message, category, filename, lineno, file, line)
+    text = (f"warning: {message}\n" if category.__module__.startswith("cellserve")
+            else warnings.formatwarning(message, category, filename, lineno, line))
+    (file or sys.stderr).write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
