@@ -12,7 +12,6 @@ import io
 import warnings
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
