@@ -64,6 +64,11 @@ def auto_plan(models: list[Model], config: EngineConfig) -> AutoPlan:
     from cellserve.plan.partition_model import build_graph
 
     profiles = _given_profiles(config)
+    served = {m.name for m in models} | {m.name.rpartition(":")[0] for m in models}
+    strays = sorted(set(profiles) - served)
+    if strays:  # a profile that plans nothing is a mistake, not a default
+        raise PlacementError(f"--placement-profiles: a profile of model(s) {strays}, which this server does not "
+                             f"serve (it serves {sorted(m.name for m in models)})")
     devices = [f"cpu{i}" for i in range(groups_for(config))]
     assignment: dict[str, str] = {}
     plans = {}

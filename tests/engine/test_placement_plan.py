@@ -161,3 +161,14 @@ def test_auto_refuses_more_core_groups_than_cores(tagger):
     cores = len(os.sched_getaffinity(0))
     with pytest.raises(PlacementError, match=rf"--placement-groups {cores + 1}: more core groups than the {cores} core"):
         auto_plan([tagger], EngineConfig(placement="auto", placement_groups=cores + 1))
+
+
+def test_auto_refuses_a_profile_of_a_model_not_served(tagger, tmp_path):
+    from dataclasses import replace
+
+    from cellserve.plan.profile import synthetic_profile
+
+    profile = synthetic_profile(zoo.load("gru-256"), 1e-4)
+    replace(profile, machine=replace(profile.machine, device="cpu")).to_json(tmp_path / "gru.json")
+    with pytest.raises(PlacementError, match=r"a profile of model\(s\) \['gru-256'\], which this server does not serve"):
+        auto_plan([tagger], EngineConfig(placement="auto", placement_profiles=[str(tmp_path / "gru.json")]))
