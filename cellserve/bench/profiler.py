@@ -30,7 +30,7 @@ import torch
 
 from cellserve import heap
 from cellserve.bench.engine_runner import replay
-from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence, token_input, trace_at_rate
+from cellserve.bench.traces import TraceRequest, one_sequence, token_input, trace_at_rate
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.executor.base import LaneStarted, StepResult
@@ -341,13 +341,13 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
     that the engine refuses and drops past capacity as it does when serving (and the fit
     sees what those cost). None: DEFAULT_DEADLINE_S, or DEADLINE_LATENCIES times the light
     run's median latency if that is longer (a slow model's every request would be refused)."""
-    name = model.inputs[0].name
+    name, _, time_major = token_input(model)
     capacity = 0.0
     for i in range(2):  # the first burst warms caches and thread pools: the best of two
         burst = model_trace(model, seed + 7 + i, 1.0, 1.0, min_requests=300)
         t0 = time.perf_counter()
         for item in burst:
-            engine.submit(_request(model, name, item))
+            engine.submit(_request(model, name, item, time_major))
         engine.run_until_idle(timeout_s=300)
         capacity = max(capacity, len(burst) / (time.perf_counter() - t0))
     seconds = 2.0 if quick else 4.0
@@ -368,9 +368,9 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
     return _fit_host(np.array(records, dtype=np.float64)), Timing.of(wakes or [0.0], trim=True), capacity
 
 
-def _request(model: Model, name: str, item: TraceRequest):
+def _request(model: Model, name: str, item: TraceRequest, time_major: bool):
     from cellserve.engine.request import Request
-    return Request(model.name, {name: one_sequence(item.tokens, is_time_major(model, name))})
+    return Request(model.name, {name: one_sequence(item.tokens, time_major)})
 
 
 def _fit_host(records: np.ndarray) -> HostProfile:

@@ -50,7 +50,7 @@ def token_input(model) -> tuple[str, int, bool]:
         raise ValueError(f"model {model.name!r}: input {spec.name!r} of shape {list(spec.shape)} is not "
                          "[batch, time] or [time, batch] (the importer found batch axis "
                          f"{sem.batch_axis}, time axis {sem.time_axis})")
-    return spec.name, int(sem.vocab), sem.time_axis == 0
+    return spec.name, int(sem.vocab), is_time_major(model, spec.name)
 
 
 def is_time_major(model, input_name: str) -> bool:

@@ -127,7 +127,7 @@ class Admission:
 
     def _alone_latency(self, model: Model, rounds_plan: list[int], batch: int, width: int = 1) -> float:
         """Seconds the request would take on an idle engine, at the fastest steps seen."""
-        return sum(rounds_plan) * self.costs.round_time(self._lanes(model, batch, width), best=True)
+        return sum(rounds_plan) * self._round_time(self._lanes(model, batch, width), shared=False)
 
     def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
         length = 1

@@ -105,9 +105,9 @@ def _latency(x: object, where: str) -> LatencyPoints:
         raise AccuracyError(f"{where} is empty; it maps batch sizes to milliseconds")
     points = []
     for key, ms in d.items():
-        if positive_key(key) is None or positive_key(key) > MAX_BATCH:
+        if (batch := positive_key(key)) is None or batch > MAX_BATCH:
             raise AccuracyError(f"{where} has key {key!r}; keys are batch sizes 1, 2, ... {MAX_BATCH}")
-        points.append((positive_key(key), _num(ms, f"{where}[{key!r}]", positive=True)))
+        points.append((batch, _num(ms, f"{where}[{key!r}]", positive=True)))
     return LatencyPoints(tuple(sorted(points)))
 
 

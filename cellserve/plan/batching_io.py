@@ -95,9 +95,9 @@ def load_service(path: str | Path) -> Service:
             raise BatchingError("service.latency_ms is empty; it maps batch sizes to milliseconds")
         points = []
         for key, ms in lat.items():
-            if positive_key(key) is None or positive_key(key) > MAX_SIZE:
+            if (batch := positive_key(key)) is None or batch > MAX_SIZE:
                 raise BatchingError(f"service.latency_ms has key {key!r}; keys are batch sizes 1, 2, ... {MAX_SIZE}")
-            points.append((positive_key(key), _num(ms, f"service.latency_ms[{key!r}]", positive=True)))
+            points.append((batch, _num(ms, f"service.latency_ms[{key!r}]", positive=True)))
         return Service(tuple(points))
     except ProfileError as exc:
         what = f"service file {str(path)!r}"

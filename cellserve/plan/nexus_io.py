@@ -59,9 +59,9 @@ def _latency(x: object, where: str) -> LatencyProfile:
         raise NexusError(f"{where} is empty; it maps batch sizes to milliseconds")
     points = []
     for key, ms in d.items():
-        if positive_key(key) is None or positive_key(key) > MAX_BATCH:
+        if (batch := positive_key(key)) is None or batch > MAX_BATCH:
             raise NexusError(f"{where} has key {key!r}; keys are batch sizes 1, 2, ... {MAX_BATCH}")
-        points.append((positive_key(key), _positive(ms, f"{where}[{key!r}]")))
+        points.append((batch, _positive(ms, f"{where}[{key!r}]")))
     return LatencyProfile(tuple(points))
 
 

@@ -79,9 +79,9 @@ def _block(x: object, where: str) -> Block:
             raise PipelineError(f"{w} is empty; it maps batch sizes to milliseconds")
         row = {}
         for key, ms in by_batch.items():
-            if positive_key(key) is None or positive_key(key) > MAX_BATCH:
+            if (batch := positive_key(key)) is None or batch > MAX_BATCH:
                 raise PipelineError(f"{w} has key {key!r}; keys are batch sizes 1, 2, ... {MAX_BATCH}")
-            row[positive_key(key)] = _num(ms, f"{w}[{key!r}]", positive=True)
+            row[batch] = _num(ms, f"{w}[{key!r}]", positive=True)
         latency[_str(dt, f"{where}.latency_ms key")] = dict(sorted(row.items()))
     name = d.get("name", "")
     if name != "":

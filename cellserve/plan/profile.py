@@ -251,9 +251,9 @@ def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
     steps = _obj(_get(d, "step_s", where), f"{where}.step_s")
     parsed = {}
     for key, t in steps.items():
-        if positive_key(key) is None:
+        if (batch := positive_key(key)) is None:
             raise ProfileError(f"{where}.step_s has key {key!r}; keys are batch sizes 1, 2, ...")
-        parsed[positive_key(key)] = _timing(t, f"{where}.step_s[{key}]")
+        parsed[batch] = _timing(t, f"{where}.step_s[{key}]")
     missing = [b for b in range(1, max_batch + 1) if b not in parsed]
     if missing:
         raise ProfileError(f"{where}.step_s lacks batch sizes {missing[:8]}{' ...' if len(missing) > 8 else ''} "
@@ -357,9 +357,9 @@ def _parse_profile(x: object) -> ModelProfile:
 
 
 def _count_key(key: object, where: str, what: str) -> int:
-    if positive_key(key) is None:
+    if (count := positive_key(key)) is None:
         raise ProfileError(f"{where} has key {key!r}; keys are {what} 1, 2, ...")
-    return positive_key(key)
+    return count
 
 
 def _histograms(x: object, where: str) -> dict[int, dict[int, int]]:

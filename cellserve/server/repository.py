@@ -119,7 +119,6 @@ def load_model(name: str, repository: Path | None = None) -> Model:
 
 
 def _load_model_dir(model_dir: Path) -> list[ServedModel]:
-    from cellserve.graph.onnx_import import load_onnx
     from cellserve.server.model_config import check_parameters
 
     name = model_dir.name
@@ -144,25 +143,27 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         version_dir = model_dir / str(version)
         if decode or (version_dir / ENCODER_FILE).is_file() or (version_dir / DECODER_STEP_FILE).is_file():
             model = _load_seq2seq(version_dir, decode, f"{name}:{version}", f"{where} version {version}")
-            model.max_sequence_length = max_length or model.max_sequence_length
-            _check_declared_tensors(config, model, f"{where} version {version}")
-            check_parameters(parameters, model, f"{where} version {version}")
-            served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters))
-            continue
-        path = version_dir / filename
-        if not path.is_file():
-            raise ModelLoadError(f"{where} version {version}: no {filename} in {str(path.parent)!r}")
-        try:
-            model = load_onnx(path, f"{name}:{version}")
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"{where} version {version} ({path}): {exc}") from exc
-        except Exception as exc:  # a corrupt file: protobuf, onnx checker, ...
-            raise ModelLoadError(f"{where} version {version} ({path}): cannot load: {type(exc).__name__}: {exc}") from exc
+        else:
+            model = _load_version(version_dir / filename, f"{name}:{version}", f"{where} version {version}")
         model.max_sequence_length = max_length or model.max_sequence_length
         _check_declared_tensors(config, model, f"{where} version {version}")
         check_parameters(parameters, model, f"{where} version {version}")
         served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters))
     return served
+
+
+def _load_version(path: Path, engine_name: str, where: str) -> Model:
+    """A version's ONNX model file; ModelLoadError naming the version and file when it fails."""
+    from cellserve.graph.onnx_import import load_onnx
+
+    if not path.is_file():
+        raise ModelLoadError(f"{where}: no {path.name} in {str(path.parent)!r}")
+    try:
+        return load_onnx(path, engine_name)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{where} ({path}): {exc}") from exc
+    except Exception as exc:  # a corrupt file: protobuf, onnx checker, ...
+        raise ModelLoadError(f"{where} ({path}): cannot load: {type(exc).__name__}: {exc}") from exc
 
 
 def _max_sequence_length(config: mc.ModelConfig, where: str) -> int | None:

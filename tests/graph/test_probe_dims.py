@@ -52,12 +52,16 @@ class _LengthsEncoder(nn.Module):
         return memory, h0, torch.zeros_like(h0)
 
 
+# an encoder taking (source, lengths) whose outputs start the additive decoder's two states
+LENGTHS_SPEC = DecodeSpec(memory="memory", memory_length="lengths", states=(("h", "h_next"), ("feed", "feed_next")),
+                          init=(("h", "h0"), ("feed", "feed0")), bos=1, eos=2,
+                          max_length=MaxLength(ratio=1.0, constant=2), output="tokens")
+
+
 def test_a_two_input_encoder_loads_and_each_row_answers_as_alone():
     torch.manual_seed(4)
     m = AdditiveSeq2Seq(vocab=20, embed=16, hidden=32).eval()
-    spec = DecodeSpec(memory="memory", memory_length="lengths", states=(("h", "h_next"), ("feed", "feed_next")),
-                      init=(("h", "h0"), ("feed", "feed0")), bos=1, eos=2,
-                      max_length=MaxLength(ratio=1.0, constant=2), output="tokens")
+    spec = LENGTHS_SPEC
     example = (torch.tensor([[5, 6, 7]]), torch.tensor([3]))
     model = load_torch_seq2seq(_LengthsEncoder(m), AdditiveStep(m), spec, "lens", example, ["source", "lengths"],
                                ["memory", "h0", "feed0"],
@@ -99,9 +103,7 @@ class _PlainEncoder(nn.Module):
 def _plain_encoder_model():
     torch.manual_seed(5)
     m = AdditiveSeq2Seq(vocab=20, embed=16, hidden=32).eval()
-    spec = DecodeSpec(memory="memory", memory_length="lengths", states=(("h", "h_next"), ("feed", "feed_next")),
-                      init=(("h", "h0"), ("feed", "feed0")), bos=1, eos=2,
-                      max_length=MaxLength(ratio=1.0, constant=2), output="tokens")
+    spec = LENGTHS_SPEC
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the probe's 0 / 0 stays quiet
         model = load_torch_seq2seq(_PlainEncoder(m), AdditiveStep(m), spec, "plain", (torch.tensor([[5, 6, 7]]),
