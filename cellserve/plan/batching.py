@@ -19,6 +19,11 @@ cheapest (B, T) meeting an SLO is `plan/batching_search.py`. The maths (docs/bat
   alpha_j = pi0 exp(G t_j), M(t) = integral_0^t alpha, d the rates into a full dispatch.
   Between grid points H_n is interpolated linearly; the percentile is the smallest x with
   F(x) >= p, found by bisection.
+- a timeout far beyond the time a batch takes to fill would leave the whole wait in the grid's
+  first cell: the percentile is then computed for the shortest T' = T / 2^j by which a cycle is
+  still filling with probability under `FILLING_TAIL` x (1 - p) / B. The two batchers act alike
+  on every other cycle, so at most that share of requests, a millionth of the percentile's
+  slack, can differ (`quantile_horizon`).
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cellserve.plan.batching_chain import Chain
+from cellserve.plan.batching_chain import Chain, step_rows
 from cellserve.plan.batching_map import BatchingError, Map
 
 STEPS = 256  # grid points over [0, T] for the latency distribution
 SCHEMA_VERSION = 1
+FILLING_TAIL = 1e-6  # `quantile_horizon`: the share of (1 - p) the truncated cycles may hold
 
 
 @dataclass(frozen=True)
@@ -130,8 +136,31 @@ def evaluate(arrivals: Map, service: Service, B: int, timeout_ms: float, percent
         return _result(B, timeout_ms, pmf, service, service.ms(1), percentile)
     chain = Chain.build(arrivals.D0 / 1000.0, arrivals.D1 / 1000.0, B)
     pmf, pi0 = pmf_and_start(chain, timeout_ms)
-    x = latency_quantile(chain, pi0, pmf, service, timeout_ms, percentile / 100.0, steps)
+    p = percentile / 100.0
+    horizon = quantile_horizon(chain, pi0, timeout_ms, FILLING_TAIL * (1.0 - p) / B)
+    if horizon < timeout_ms:
+        pmf_h, pi0_h = pmf_and_start(chain, horizon)
+        x = latency_quantile(chain, pi0_h, pmf_h, service, horizon, p, steps)
+    else:
+        x = latency_quantile(chain, pi0, pmf, service, timeout_ms, p, steps)
     return _result(B, timeout_ms, pmf, service, x, percentile)
+
+
+def still_filling(chain: Chain, pi0: np.ndarray, t_ms: float) -> float:
+    """P(a cycle that starts in phase law `pi0` has not dispatched a full batch by `t_ms`)."""
+    blocks, _ = step_rows(chain.d0, chain.d1, chain.B - 1, t_ms)
+    return float(pi0 @ blocks.sum(axis=(0, 2)))
+
+
+def quantile_horizon(chain: Chain, pi0: np.ndarray, timeout_ms: float, tail: float) -> float:
+    """The shortest T / 2^j (j >= 0) by which a cycle is still filling with probability < `tail`,
+    halving while the half still qualifies; T itself when its half does not (module docstring)."""
+    t = timeout_ms
+    for _ in range(64):
+        if still_filling(chain, pi0, t / 2) >= tail:
+            break
+        t /= 2
+    return t
 
 
 def _result(B, timeout_ms, pmf, service, x, percentile) -> Evaluation:

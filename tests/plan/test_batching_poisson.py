@@ -69,6 +69,32 @@ def test_b2_latency_percentile_matches_its_closed_form(p):
     assert ev.latency_percentile_ms == pytest.approx(hi, abs=1e-3)
 
 
+def _erlang_cdf(k: int, lam: float, w: float) -> float:
+    """P(the sum of k Exp(lam) <= w); k = 0 is 0 surely."""
+    if w < 0:
+        return 0.0
+    return 1.0 - sum(math.exp(-lam * w) * (lam * w) ** i / math.factorial(i) for i in range(k))
+
+
+@pytest.mark.parametrize("T", [1_000.0, 1e6, 1e9])
+@pytest.mark.parametrize("p", [50.0, 95.0, 99.9])
+def test_a_timeout_far_beyond_the_fill_time_gives_the_full_batch_percentile(T, p):
+    """Every batch fills (Poisson 400 req/s, B = 8, T >= 1 s): the request k-th in its batch
+    waits an Erlang(B - k) and then s(B); the grid over [0, T] must not blur that wait."""
+    from cellserve.plan.batching_map import Map
+    lam, B = 0.4, 8
+    ev = evaluate(Map.poisson(lam * 1000), SERVICE, B, T, p)
+
+    def cdf(x):
+        return sum(_erlang_cdf(B - k, lam, x - SERVICE.ms(B)) for k in range(1, B + 1)) / B
+    lo, hi = 0.0, 200.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cdf(mid) >= p / 100 else (mid, hi)
+    assert ev.mean_batch == pytest.approx(8.0, abs=1e-9)
+    assert ev.latency_percentile_ms == pytest.approx(hi, rel=1e-3)
+
+
 def test_toeplitz_step_equals_the_dense_uniformization():
     d0 = np.array([[-1.22, 0.02], [0.005, -0.105]])
     d1 = np.array([[1.2, 0.0], [0.0, 0.1]])
