@@ -22,12 +22,17 @@ Removed, each exactly (no optimal value is lost):
   compares both shapes' per-stage capacities sorted ascending, missing stages counted as
   infinitely fast; identical shapes keep the first. One-stage shapes are never removed (they
   are the no-pipelining baseline, which seeds the full solve).
+
+The dominance test compares every pair of a model's shapes; with a `deadline` it stops there
+and keeps the shapes it has not yet tested (keeping a dominated shape costs the MILP time,
+never a plan), so a large instance keeps the planner's time limit.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,11 +100,13 @@ def _fits(shape: Shape, pools: Pools) -> bool:
     return all(n <= pools.pools[dt] for dt, n in need.items())
 
 
-def undominated(shapes: list[Shape], device_types: list[str], max_stages: int) -> list[Shape]:
-    """`shapes` (of one model) less those another dominates (see the module's docstring)."""
+def undominated(shapes: list[Shape], device_types: list[str], max_stages: int,
+                deadline: float = math.inf) -> tuple[list[Shape], bool]:
+    """(`shapes` (of one model) less those another dominates, whether every shape was tested):
+    shapes not tested by `deadline` (a `time.perf_counter()` time) are kept (module docstring)."""
     n = len(shapes)
     if n <= 1:
-        return shapes
+        return shapes, True
     k = max_stages
     vec = np.full((n, len(device_types) * k + 1), np.inf)
     for i, sh in enumerate(shapes):
@@ -110,7 +117,11 @@ def undominated(shapes: list[Shape], device_types: list[str], max_stages: int) -
     keep = np.ones(n, dtype=bool)
     single = np.array([len(sh.types) == 1 for sh in shapes])
     chunk = max(1, 4_000_000 // (n * vec.shape[1]))
+    complete = True
     for start in range(0, n, chunk):
+        if time.perf_counter() > deadline:
+            complete = False
+            break
         rows = vec[start:start + chunk]  # candidates to be dominated
         ge = (vec[None, :, :] >= rows[:, None, :]).all(axis=2)  # ge[i, j]: j is at least as good as i everywhere
         gt = (vec[None, :, :] > rows[:, None, :]).any(axis=2)
@@ -119,15 +130,20 @@ def undominated(shapes: list[Shape], device_types: list[str], max_stages: int) -
         dominated = (ge & (gt | earlier)).any(axis=1)
         keep[start:start + len(rows)] &= ~dominated
     keep |= single
-    return [sh for sh, kept in zip(shapes, keep) if kept]
+    return [sh for sh, kept in zip(shapes, keep) if kept], complete
 
 
-def all_shapes(blocks: Blocks, pools: Pools, max_stages: int, prune: bool = True) -> dict[str, list[Shape]]:
-    """Per model, its candidate shapes (dominated ones removed unless `prune` is False)."""
+def all_shapes(blocks: Blocks, pools: Pools, max_stages: int, prune: bool = True,
+               deadline: float = math.inf) -> tuple[dict[str, list[Shape]], bool]:
+    """(per model, its candidate shapes, dominated ones removed unless `prune` is False; whether
+    the pruning finished by `deadline`, a `time.perf_counter()` time)."""
     types = sorted(pools.pools)
-    out = {}
+    out, complete = {}, True
     for name, model in blocks.models.items():
         shapes = model_shapes(name, model, pools, max_stages)
-        out[name] = undominated(shapes, types, max_stages) if prune else shapes
-    return out
+        if prune:
+            shapes, done = undominated(shapes, types, max_stages, deadline)
+            complete = complete and done
+        out[name] = shapes
+    return out, complete
 

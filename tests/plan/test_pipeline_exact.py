@@ -44,6 +44,18 @@ def test_larger_instances_pruned_or_not_reach_the_optimum(seed):
     assert check_plan(pruned, blocks, pools) == [] and check_plan(whole, blocks, pools) == []
 
 
+def test_pruning_stopped_by_its_deadline_keeps_every_untested_shape():
+    from cellserve.plan.pipeline_candidates import all_shapes
+    blocks, pools = random_instance(random.Random(1001), max_models=3, max_blocks=4, max_pool=4)  # 12 shapes, 3 dominated
+    whole, _ = all_shapes(blocks, pools, 4, prune=False)
+    pruned, complete = all_shapes(blocks, pools, 4)
+    stopped, stopped_complete = all_shapes(blocks, pools, 4, deadline=0.0)  # long past
+    assert complete and not stopped_complete
+    assert stopped == whole and sum(map(len, pruned.values())) < sum(map(len, whole.values()))
+    result = plan(blocks, pools, Options(max_stages=4, mip_gap=0.0, time_limit_s=60.0))
+    assert result.stats["pruning_complete"] is True and result.stats["build_s"] >= 0
+
+
 def test_max_stages_bounds_the_stages():
     blocks, pools = random_instance(random.Random(7), max_models=2, max_blocks=4, max_pool=4)
     for k in (1, 2):
