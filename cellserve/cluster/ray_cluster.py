@@ -323,26 +323,26 @@ async def _open_all(conns: dict) -> None:
 
 async def _poll(core, died, conns: dict) -> None:
     """Refresh each live worker's cost tables and counters; a worker whose poll finds it dead
-    leaves routing at once (requests in flight there find out from their own calls). A dead
-    worker's data-plane connection is closed, failing what is pending on it (a node lost
-    without its sockets closing: its calls end here, not never)."""
-    seen: set[str] = set()  # dead workers handled here
+    leaves routing at once (requests in flight there find out from their own calls). Each dead
+    worker is logged here, once, however it was found (a request's call, its socket, this
+    poll, the planner), and its data-plane connection closed, failing what is pending on it (a
+    node lost without its sockets closing: its calls end here, not never)."""
+    seen: set[str] = set()  # dead workers reported here, once each, whoever found them dead
     while core.accepting:
         for w in core.router.workers.values():
-            if w.alive or w.id in seen or w.id not in conns:
+            if w.alive or w.id in seen:
                 continue
             seen.add(w.id)
-            if conns[w.id].lost is not None:  # its socket broke first: the poll never sees it die, so say it here
-                print(f"cellserve: ray: {w.describe()} died: {w.death}", flush=True)
-            else:  # found dead through Ray (this poll, the planner): fail what waits on its socket
-                conns[w.id].lose(f"{w.describe()} died: {w.death}")
+            print(f"cellserve: ray: {w.describe()} died: {w.death}", flush=True)
+            conn = conns.get(w.id)
+            if conn is not None and conn.lost is None:  # found dead through Ray: fail what waits on its socket
+                conn.lose(f"{w.describe()} died: {w.death}")
         for w in core.router.live():
             try:
                 snap = await asyncio.wait_for(_await(w.handle.snapshot.remote()), timeout=5.0)
             except died as exc:
                 if core.router.mark_dead(w, _first_line(exc)):
                     core.deaths.append(f"{w.describe()}: {_first_line(exc)}")
-                    print(f"cellserve: ray: {w.describe()} died: {_first_line(exc)}", flush=True)
                 continue
             except asyncio.TimeoutError:
                 continue  # busy; its last tables stand

@@ -239,5 +239,4 @@ class Replanner:
 
     def _died(self, worker, exc) -> None:
         if self.router.mark_dead(worker, self.first_line(exc)):
-            self.core.deaths.append(f"{worker.describe()}: {self.first_line(exc)}")
-            self.log(f"cellserve: ray: {worker.describe()} died: {self.first_line(exc)}")
+            self.core.deaths.append(f"{worker.describe()}: {self.first_line(exc)}")  # logged by the poll

@@ -149,11 +149,11 @@ def parse_problem(x: object) -> AccuracyProblem:
 
 
 def load_problem(path: str | Path) -> AccuracyProblem:
-    d = _read(path, "problem")
+    d = _read(path, "problem file")
     try:
         return parse_problem(d)
     except AccuracyError as exc:
-        raise AccuracyError(f"problem {str(path)!r}: {exc}") from None
+        raise AccuracyError(f"problem file {str(path)!r}: {exc}") from None
 
 
 def problem_to_dict(p: AccuracyProblem) -> dict:
@@ -197,11 +197,11 @@ def parse_plan(x: object) -> AccuracyPlan:
 
 
 def load_plan(path: str | Path) -> AccuracyPlan:
-    d = _read(path, "plan")
+    d = _read(path, "plan file")
     try:
         return parse_plan(d)
     except AccuracyError as exc:
-        raise AccuracyError(f"plan {str(path)!r}: {exc}") from None
+        raise AccuracyError(f"plan file {str(path)!r}: {exc}") from None
 
 
 def plan_to_dict(plan: AccuracyPlan) -> dict:

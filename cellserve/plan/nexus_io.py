@@ -253,7 +253,7 @@ def parse_plan(x: object) -> Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    return _load(path, "plan", parse_plan)
+    return _load(path, "plan file", parse_plan)
 
 
 def plan_to_dict(plan: Plan) -> dict:

@@ -190,7 +190,7 @@ def parse_plan(x: object) -> PipelinePlan:
 
 
 def load_plan(path: str | Path) -> PipelinePlan:
-    return _load(path, "plan", parse_plan)
+    return _load(path, "plan file", parse_plan)
 
 
 def plan_to_dict(plan: PipelinePlan) -> dict:

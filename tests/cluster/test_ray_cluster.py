@@ -51,6 +51,10 @@ def server(cluster):
     s.stop()
 
 
+def death_lines(server) -> list[str]:
+    return [line for line in server.lines if re.match(r"cellserve: ray: worker \S+ \(node \S+\) died: ", line)]
+
+
 def tokens_input(module, tokens):
     tensor = module.InferInput("tokens", list(tokens.shape), "INT64")
     tensor.set_data_from_numpy(tokens)
@@ -176,6 +180,9 @@ def test_a_worker_and_a_node_die_under_load_and_every_request_gets_one_answer(se
                "the driver to mark both dead workers down", poll=0.1)
     text = scrape(server)
     assert len(re.findall(r"cellserve_worker_up\{[^}]*\} 0.0", text)) == 2
+    # each death logged once, whoever found it (a call, its socket, the poll)
+    wait_until(lambda: len(death_lines(server)) >= 2, "both deaths in the log", poll=0.1)
+    assert len(death_lines(server)) == 2, death_lines(server)
     retries = float(re.search(r"^cellserve_cluster_retries_total (\S+)", text, re.M).group(1))
     success = float(re.search(r'cellserve_inference_request_success_total\{model="lstm-512",version="1"\} (\S+)',
                               text).group(1))

@@ -310,6 +310,10 @@ def test_on_ray_the_planner_loads_and_unloads_models_and_plans_around_a_killed_w
         os.kill(pids[holder], signal.SIGKILL)
         wait_until(lambda: any("died: re-planned without it" in line for line in server.lines),
                    "the re-plan without the dead worker", timeout=120)
+        def deaths():
+            return [line for line in server.lines if line.startswith(f"cellserve: ray: worker {holder} ") and "died" in line]
+        wait_until(lambda: deaths(), "the death in the log", timeout=120)
+        assert len(deaths()) == 1, deaths()  # logged once, though the planner, the poll and its socket all saw it
         survivor = next(w for w in pids if w != holder)
         seen = {m: codes[m].count("200") for m in codes}
         wait_until(lambda: all(codes[m].count("200") > seen[m] + 5 for m in codes),

@@ -81,15 +81,15 @@ def test_a_problem_needs_some_capacity():
 def test_files_name_themselves_in_errors(tmp_path):
     bad = tmp_path / "p.json"
     bad.write_text("{nope")
-    with pytest.raises(AccuracyError, match="problem '.*p.json' is not JSON"):
+    with pytest.raises(AccuracyError, match="problem file '.*p.json' is not JSON"):
         load_problem(bad)
     with pytest.raises(AccuracyError, match="cannot read problem"):
         load_problem(tmp_path / "absent.json")
     bad.write_text(json.dumps(_broken(PROBLEM, ["headroom"], 0.5)))
-    with pytest.raises(AccuracyError, match=r"problem '.*p.json': problem.headroom must be in \[1.0, 10\]"):
+    with pytest.raises(AccuracyError, match=r"problem file '.*p.json': problem.headroom must be in \[1.0, 10\]"):
         load_problem(bad)
     bad.write_text(json.dumps({"placement": {}}))
-    with pytest.raises(AccuracyError, match=r"plan '.*p.json': plan.routing is missing"):
+    with pytest.raises(AccuracyError, match=r"plan file '.*p.json': plan.routing is missing"):
         load_plan(bad)
 
 

@@ -117,7 +117,7 @@ def test_files_that_are_not_json_or_missing(tmp_path):
     with pytest.raises(NexusError, match="cannot read sessions file"):
         load_workload(tmp_path / "absent.json")
     bad.write_text(json.dumps({"devices": []}))
-    with pytest.raises(NexusError, match=r"plan '.*p.json': plan.devices_used is missing"):
+    with pytest.raises(NexusError, match=r"plan file '.*p.json': plan.devices_used is missing"):
         load_plan(bad)
 
 
