@@ -203,7 +203,7 @@ def load_torch_seq2seq(encoder: torch.nn.Module, decoder_step: torch.nn.Module, 
     if memory.dim() != 3:
         raise ModelLoadError(f"model {name!r}: encoder output {spec.memory!r} must be [batch, source, width], "
                              f"got shape {list(memory.shape)}")
-    batch, length = memory.shape[0], memory.shape[1]
+    batch = memory.shape[0]
     states = []
     for state in spec.state_inputs:
         source = spec.init_of(state)
