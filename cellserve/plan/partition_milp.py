@@ -11,6 +11,8 @@ standing for "edge e crosses a->b". With p_n = sum_d cost[n,d] x[n,d]:
     s[j] >= s[i] + p_i - M (1 - y) - M (2 - x[i,d] - x[j,d])   } one device runs one node at a
     s[i] >= s[j] + p_j - M y     - M (2 - x[i,d] - x[j,d])     } time, either order
     C >= s[n] + p_n;   C <= SLO;   sum_n mem[n,d] x[n,d] <= budget[d]
+    C >= sum_n cost[n,d] x[n,d] (each d: implied by the rows above for integer x, it tightens
+                                 the relaxation, whose big-M rows say little)
     throughput: B >= sum_n cost[n,d] x[n,d] (each d);  z[e,a,b] >= x[i,a] + x[j,b] - 1;
                 B >= sum_e mb_e ms_per_mb[a,b] z[e,a,b] (each link)
 
@@ -24,6 +26,7 @@ starts of that order, never later than the program's).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import highspy
@@ -101,7 +104,8 @@ def _ancestors(problem: Problem) -> dict[str, set[str]]:
 
 def solve(problem: Problem, incumbent: tuple[dict, dict] | None, time_limit_s: float,
           horizon_ms: float) -> MilpResult:
-    """Solve `problem` exactly (to HiGHS's 1e-7 relative gap) within `time_limit_s`.
+    """Solve `problem` exactly (to HiGHS's 1e-7 relative gap) within `time_limit_s`, both
+    solves of a lexicographic mode together.
     `incumbent` (assignment, order), if given, starts the search; `horizon_ms` bounds every
     finish (the caller's big-M: see the module's docstring)."""
     g, mode = problem.graph, problem.mode
@@ -146,6 +150,10 @@ def solve(problem: Problem, incumbent: tuple[dict, dict] | None, time_limit_s: f
                 m.row({s[j]: 1.0, s[i]: -1.0, yc: -M}, neg(p(i)), {x[(i, d)]: -M}, {x[(j, d)]: -M}, lower=-3 * M)
                 # s_i - s_j - p_j + M y - M x_id - M x_jd >= -2M   (j before i when y = 0)
                 m.row({s[i]: 1.0, s[j]: -1.0, yc: M}, neg(p(j)), {x[(i, d)]: -M}, {x[(j, d)]: -M}, lower=-2 * M)
+    for d in g.devices:  # a device runs one node at a time: C >= its busy time (a cut; the rows above imply it)
+        busy = {x[(n.id, d)]: -n.cost_ms[d] for n in g.nodes if d in n.cost_ms}
+        if busy:
+            m.row({C: 1.0}, busy, lower=0.0)
     if problem.slo_ms is not None:
         m.upper[C] = min(m.upper[C], problem.slo_ms)
     for d, limit in problem.memory_budget_mb.items():
@@ -175,6 +183,7 @@ def solve(problem: Problem, incumbent: tuple[dict, dict] | None, time_limit_s: f
     for c, v in primary.items():
         m.cost[c] = v
 
+    began = time.perf_counter()
     h = silent_highs()
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", 1e-7)
@@ -197,6 +206,8 @@ def solve(problem: Problem, incumbent: tuple[dict, dict] | None, time_limit_s: f
         h.changeColsCost(len(m.cost), np.arange(len(m.cost), dtype=np.int32),
                          np.array([1.0 if c == C else 0.0 for c in range(len(m.cost))]))
         h.setSolution(_solution(values))
+        # one limit for both solves (HiGHS times each run on its own): the second gets what is left
+        h.setOptionValue("time_limit", max(0.01, float(time_limit_s) - (time.perf_counter() - began)))
         h.run()
         if h.getInfo().primal_solution_status == 2:
             values = np.array(h.getSolution().col_value)
