@@ -341,8 +341,7 @@ async def _poll(core, died, conns: dict) -> None:
             try:
                 snap = await asyncio.wait_for(_await(w.handle.snapshot.remote()), timeout=5.0)
             except died as exc:
-                if core.router.mark_dead(w, _first_line(exc)):
-                    core.deaths.append(f"{w.describe()}: {_first_line(exc)}")
+                core.mark_dead(w, _first_line(exc))
                 continue
             except asyncio.TimeoutError:
                 continue  # busy; its last tables stand

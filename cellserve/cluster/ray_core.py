@@ -157,13 +157,17 @@ class RayCore(Core):
                 continue
             return worker, self._answer(entry, inputs, reply)
 
+    def mark_dead(self, worker: WorkerState, why: str) -> None:
+        """Take `worker` out of routing and record its death, once (the poll logs it)."""
+        if self.router.mark_dead(worker, why):
+            self.deaths.append(f"{worker.describe()}: {why}")
+
     def _after_death(self, worker: WorkerState, exc: WorkerDied, tried: list, sticky: bool = False) -> None:
         """`worker` died with a request on it: mark it down, then raise what the client gets
         (the server is shutting down; with `sticky`, the sequence's state died with it; a
         second death, after the one retry), or note the retry (`tried` gains the worker) and
         return, for the caller to send the request once more elsewhere."""
-        if self.router.mark_dead(worker, str(exc)):
-            self.deaths.append(f"{worker.describe()}: {exc}")
+        self.mark_dead(worker, str(exc))
         if not self.accepting:
             raise Unavailable(f"the server is shutting down ({worker.describe()} stopped)") from None
         if sticky:

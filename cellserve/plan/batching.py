@@ -138,11 +138,8 @@ def evaluate(arrivals: Map, service: Service, B: int, timeout_ms: float, percent
     pmf, pi0 = pmf_and_start(chain, timeout_ms)
     p = percentile / 100.0
     horizon = quantile_horizon(chain, pi0, timeout_ms, FILLING_TAIL * (1.0 - p) / B)
-    if horizon < timeout_ms:
-        pmf_h, pi0_h = pmf_and_start(chain, horizon)
-        x = latency_quantile(chain, pi0_h, pmf_h, service, horizon, p, steps)
-    else:
-        x = latency_quantile(chain, pi0, pmf, service, timeout_ms, p, steps)
+    pmf_h, pi0_h = (pmf, pi0) if horizon == timeout_ms else pmf_and_start(chain, horizon)
+    x = latency_quantile(chain, pi0_h, pmf_h, service, horizon, p, steps)
     return _result(B, timeout_ms, pmf, service, x, percentile)
 
 
