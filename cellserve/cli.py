@@ -250,9 +250,13 @@ def _serve(args, parser: argparse.ArgumentParser) -> int:
         print(to_toml(settings), end="")
         return 0
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # start-up failures are our one line, not gRPC core's log
-    from cellserve.server.app import serve
+    try:
+        from cellserve.server.app import serve
 
-    return serve(settings)
+        return serve(settings)
+    except KeyboardInterrupt:  # Ctrl-C before the server took its signals (loading models, binding)
+        print("cellserve: interrupted during start-up", file=sys.stderr, flush=True)
+        return 130
 
 
 def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot, repeats=None,

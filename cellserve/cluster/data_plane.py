@@ -12,8 +12,8 @@ in the order the header's "arrays" lists them ([name, numpy dtype string, shape]
 padded to a multiple of 16 bytes (so that every array starts aligned). Three kinds:
 - hello (driver -> worker, first frame): {"hello": TOKEN}. The worker hands the token out
   through its Ray actor method only: a stranger reaching the port is closed at once.
-- call (driver -> worker): {"id", "model", "timeout_s", "priority", "state_key", "start",
-  "end", "beam_width", "return_beams", "arrays"} - ray_worker.Call's fields.
+- call (driver -> worker): {"id", "model", "timeout_s", "priority", "state_key", "save_key",
+  "drop", "beam_width", "return_beams", "arrays"} - ray_worker.Call's fields.
 - reply (worker -> driver): {"id", "status", "reason", "queue_s", "compute_s", "engine_s",
   "arrays"} - ray_worker.Reply's fields.
 
@@ -150,7 +150,8 @@ _INT, _NUM, _OPT_NUM = (int,), (int, float), (int, float, type(None))
 
 def call_frame(request_id: int, call: Call) -> list:
     return encode({"id": request_id, "model": call.engine_model, "timeout_s": call.timeout_s,
-                   "priority": call.priority, "state_key": call.state_key, "start": call.start, "end": call.end,
+                   "priority": call.priority, "state_key": call.state_key, "save_key": call.save_key,
+                   "drop": list(call.drop),
                    "beam_width": call.beam_width, "return_beams": call.return_beams}, call.inputs)
 
 
@@ -159,10 +160,18 @@ def call_from(header: dict, arrays: dict) -> tuple[int, Call]:
         _field(header, "model", (str,), "a string"), arrays,
         _field(header, "timeout_s", _OPT_NUM, "a number or null"),
         _field(header, "priority", _INT, "an integer"),
-        _field(header, "state_key", (str, type(None)), "a string or null"),
-        _field(header, "start", (bool,), "a boolean"), _field(header, "end", (bool,), "a boolean"),
-        _field(header, "beam_width", (int, type(None)), "an integer or null"),
-        _field(header, "return_beams", (bool,), "a boolean"))
+        state_key=_field(header, "state_key", (str, type(None)), "a string or null"),
+        save_key=_field(header, "save_key", (str, type(None)), "a string or null"),
+        drop=_keys(header, "drop"),
+        beam_width=_field(header, "beam_width", (int, type(None)), "an integer or null"),
+        return_beams=_field(header, "return_beams", (bool,), "a boolean"))
+
+
+def _keys(header: dict, name: str) -> list[str]:
+    value = _field(header, name, (list,), "a list of strings")
+    if not all(isinstance(key, str) for key in value):
+        raise FrameError(f"header field {name!r} must be a list of strings, got {value!r:.100}")
+    return value
 
 
 def reply_frame(request_id: int, reply: Reply) -> list:

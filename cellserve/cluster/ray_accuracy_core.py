@@ -53,16 +53,18 @@ class AccuracyCore(RayCore):
         self.controller = None  # the AccuracyController, once ray_accuracy_loop made it: observe() per row
         self.answered: dict[str, int] = {}  # variant -> requests it answered (metrics and tests)
 
-    async def _infer(self, entry, request, received, on_tokens=None):
+    async def _infer(self, entry, request, received, on_tokens, finish):
+        def labelled(result, timeout_s):  # the answer names the variant that gave it
+            variant = _ANSWERED_BY.get()
+            if variant is not None:
+                result.parameters = {**result.parameters, "variant": variant}
+            return finish(result, timeout_s)
+
         token = _ANSWERED_BY.set(None)
         try:
-            result, timeout_s = await super()._infer(entry, request, received, on_tokens)
-            variant = _ANSWERED_BY.get()
+            return await super()._infer(entry, request, received, on_tokens, labelled)
         finally:
             _ANSWERED_BY.reset(token)
-        if variant is not None:
-            result.parameters = {**result.parameters, "variant": variant}
-        return result, timeout_s
 
     async def _submit(self, entry, inputs: dict, timeout_s, priority, received, initial_state=None,
                       return_state=False, beam_width=None, return_beams=False):
@@ -77,7 +79,7 @@ class AccuracyCore(RayCore):
         while True:
             worker, variant = self._choose_variant(family, tried)
             ventry = self.variants[variant]
-            call = Call(ventry.engine_name, inputs, None, priority, None, False, False, beam_width, return_beams)
+            call = Call(ventry.engine_name, inputs, None, priority, beam_width=beam_width, return_beams=return_beams)
             try:
                 reply = await self._send(ventry, worker, call, lanes, timeout_s, received)
             except WorkerDied as exc:
@@ -87,6 +89,10 @@ class AccuracyCore(RayCore):
             _ANSWERED_BY.set(variant)
             self.answered[variant] = self.answered.get(variant, 0) + 1
             return answer
+
+    def _served_live(self, family: str) -> bool:
+        return any(w.alive and any(self.family_of.get(v) == family for v in w.info.models)
+                   for w in self.router.workers.values())
 
     def _choose_variant(self, family: str, tried: list):
         """(worker, variant): the plan's weighted choice, else the fallback (module docstring)."""

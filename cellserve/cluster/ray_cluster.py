@@ -135,14 +135,15 @@ class _Cluster:
         need = len(layout.workers) * cpus
         have = ray.cluster_resources().get("CPU", 0)
         if need > have:
-            raise StartupError(f"{len(layout.workers)} workers of {cpus} cores need {need} CPUs; the Ray cluster "
-                               f"at {address} has {have:g} (--ray-workers, --ray-cpus-per-worker, --plan)")
+            raise StartupError(f"{_count(len(layout.workers), 'worker')} of {_count(cpus, 'core')} need {need} "
+                               f"CPUs; the Ray cluster at {address} has {have:g} (--ray-workers, "
+                               "--ray-cpus-per-worker, --plan)")
         self.pg = placement_group([{"CPU": cpus} for _ in layout.workers], strategy="SPREAD")
         try:
             ray.get(self.pg.ready(), timeout=_STARTUP_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001
-            raise StartupError(f"the Ray cluster did not grant {len(layout.workers)} bundles of {cpus} cores "
-                               f"within {_STARTUP_TIMEOUT_S:g} s: {_first_line(exc)}") from exc
+            raise StartupError(f"the Ray cluster did not grant {_count(len(layout.workers), 'bundle')} of "
+                               f"{_count(cpus, 'core')} within {_STARTUP_TIMEOUT_S:g} s: {_first_line(exc)}") from exc
         worker_class = EngineWorker
         if settings.accuracy_scaling:  # workers whose models are the zoo's family variants
             from cellserve.cluster.ray_accuracy_worker import AccuracyWorker as worker_class
@@ -352,6 +353,10 @@ async def _poll(core, died, conns: dict) -> None:
 
 async def _await(ref):
     return await ref
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,7 +6,10 @@ the hand-off to an engine differs. A request goes to the live worker serving its
 the least predicted finish (ray_router.Router), as one call: over the direct data plane (a
 socket to the worker, data_plane.py) by default, or one Ray actor call (`--ray-data-plane
 ray`); the `call` given (ray_cluster.py's) hides which. A sequence's chunks go to the worker
-that holds its state (sticky), chosen at its first chunk.
+that holds its state (sticky), chosen at its first chunk. Each chunk keeps the state it ends
+in under a key of its own on that worker (ray_worker.py), so the sequence's state changes
+only when Core counts the chunk (its answer was sent in time); the keys it no longer needs
+are dropped with its next call, or released when it ends.
 
 Contracts (each request still gets exactly one answer):
 - Shedding before anything queues: with a plan, a model's arrivals beyond the rate the plan
@@ -48,18 +51,23 @@ class WorkerDied(Exception):
 
 
 class _Held:
-    """Where a sequence's state lives: the worker and its key there."""
+    """Where a sequence's state lives: the worker, its key there ("ENGINE/SEQUENCE/CHUNK"), and
+    the keys of states on that worker it no longer needs (sent as the next call's `drop`)."""
 
-    __slots__ = ("worker", "key")
+    __slots__ = ("worker", "key", "stale")
 
-    def __init__(self, worker: WorkerState, key: str):
-        self.worker, self.key = worker, key
+    def __init__(self, worker: WorkerState, key: str, stale: list[str] | None = None):
+        self.worker, self.key, self.stale = worker, key, stale or []
+
+    @property
+    def sequence(self) -> str:
+        return self.key.rsplit("/", 1)[0]
 
 
 def _let_go(held, release) -> None:
-    """Tell the live worker holding a sequence's state (if any) to drop it."""
+    """Tell the live worker holding a sequence's state (if any) to drop it, and what it left."""
     if isinstance(held, _Held) and held.worker.alive:
-        release(held.worker, held.key)
+        release(held.worker, [held.key, *held.stale])
 
 
 class _ReleasingStore(SequenceStore):
@@ -96,29 +104,59 @@ class RayCore(Core):
         self.meter = None  # a ray_replan.RateMeter with --replan-every: arrivals per model
         self.replanner = None  # a ray_replan_loop.Replanner with --replan-every (its state for the metrics)
 
+    # ---- readiness: a live worker to answer ----
+
+    def ready(self) -> bool:
+        """Ready while accepting and some worker is alive (with all dead, inference gets 503)."""
+        return super().ready() and bool(self.router.live())
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Ready while accepting and a live worker takes new requests of the model."""
+        return super().model_ready(name, version) and self._served_live(name)
+
+    def _served_live(self, name: str) -> bool:
+        return bool(self.router.serving(name))
+
     # ---- sequences: sticky to the worker holding the state ----
 
-    async def _sequence_chunk(self, entry: ServedModel, request, options, sequence, timeout_s, priority, received):
-        held = sequence.state
-        state_key = held.key if held is not None else f"{entry.engine_name}/{next(self._keys)}"
+    async def _sequence_chunk(self, entry: ServedModel, request, options, sequence, state, timeout_s, priority,
+                              received):
+        held: _Held | None = state
+        base = held.sequence if held is not None else f"{entry.engine_name}/{next(self._keys)}"
+        save_key = None if options.sequence_end else f"{base}/{next(self._keys)}"
+        sent: list[WorkerState] = []
         try:
-            worker, reply = await self._dispatch(entry, request.inputs, timeout_s, priority, received,
-                                                 held, state_key, options)
+            worker, reply = await self._dispatch(entry, request.inputs, timeout_s, priority, received, held,
+                                                 save_key, sent)
         except WorkerDied as exc:  # the worker holding the state died: the sequence is gone
             lost = f"lost when {held.worker.describe()} died ({exc})"
             sequence.state = None
             self.sequences.end(sequence, lost)
             raise SequenceError(f"{sequence.describe()} was {lost}; start a new one with sequence_start") from None
-        # with sequence_end the worker dropped the state with the chunk (and the sequence ends)
-        sequence.state = None if options.sequence_end else _Held(worker, state_key)
-        return reply
+        except BaseException:
+            if held is not None and sent:  # the call carried the stale keys to the worker
+                held.stale = []
+            if save_key is not None:  # the chunk may yet finish there: its state is not to be kept
+                for worker in sent:
+                    self._drop_state(_Held(worker, save_key), kept=held)
+            raise
+        if held is not None:
+            held.stale = []  # the call carried them to the worker
+        return reply, None if save_key is None else _Held(worker, save_key)
 
-    def _drop_state(self, state) -> None:
-        _let_go(state, self._release)
+    def _drop_state(self, state, kept) -> None:
+        """Let `state` go: with the next call when the sequence's kept state is on the same
+        worker, else at once."""
+        if not isinstance(state, _Held):
+            return
+        if isinstance(kept, _Held) and kept.worker is state.worker:
+            kept.stale += [state.key, *state.stale]
+        else:
+            _let_go(state, self._release)
 
-    def _release(self, worker: WorkerState, key: str) -> None:
+    def _release(self, worker: WorkerState, keys: list[str]) -> None:
         try:
-            worker.handle.release.remote([key])
+            worker.handle.release.remote(keys)
         except Exception:  # noqa: BLE001 - a dead worker's states went with it
             pass
 
@@ -126,13 +164,16 @@ class RayCore(Core):
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
                       initial_state=None, return_state=False, beam_width=None, return_beams=False):
-        return (await self._dispatch(entry, inputs, timeout_s, priority, received, None, None, None,
-                                     beam_width, return_beams))[1]
+        return (await self._dispatch(entry, inputs, timeout_s, priority, received, beam_width=beam_width,
+                                     return_beams=return_beams))[1]
 
     async def _dispatch(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
-                        held: _Held | None, state_key: str | None, options, beam_width=None, return_beams=False):
+                        held: _Held | None = None, save_key: str | None = None, sent: list | None = None,
+                        beam_width=None, return_beams=False):
         """Send one request to a worker; (the worker, the answer as a Response-like Reply).
-        `held`: the sequence's state is on that worker (sticky; no retry: WorkerDied raised)."""
+        `held`: the sequence's state is on that worker (sticky; no retry: WorkerDied raised);
+        `save_key`: where the worker keeps the state the chunk ends in; `sent` gains each
+        worker the request is sent to."""
         name = entry.name
         length = time_length(entry.model, inputs)
         if self.meter is not None:  # what is offered, before shedding: the planner's measured rate
@@ -147,9 +188,11 @@ class RayCore(Core):
                     raise WorkerDied(worker.death)
             else:
                 worker = self._choose(entry, length, lanes, timeout_s, received, tried)
-            call = Call(entry.engine_name, inputs, None, priority, state_key,
-                        options is not None and options.sequence_start, options is not None and options.sequence_end,
-                        beam_width, return_beams)
+            call = Call(entry.engine_name, inputs, None, priority, state_key=held.key if held else None,
+                        save_key=save_key, drop=list(held.stale) if held else [], beam_width=beam_width,
+                        return_beams=return_beams)
+            if sent is not None:
+                sent.append(worker)
             try:
                 reply = await self._send(entry, worker, call, lanes, timeout_s, received)
             except WorkerDied as exc:

@@ -11,11 +11,15 @@ in a plain `cellserve serve`.
 Contracts:
 - Every call (`infer`, or a call frame on the socket) gets exactly one Reply (the engine
   answers every request once).
-- Sequences keep their state here, between chunks, under the driver's `state_key`: a chunk
-  with `start` begins from the model's initial state, one without it from the state the last
-  good chunk left (a failed chunk leaves it as it was); `end` releases it, as does
-  `release(keys)` (the driver expired the sequence). A chunk whose state is not here is
-  answered `status="sequence"`, never run from a fresh state.
+- Sequences keep their states here, between chunks, under keys the driver names
+  ("ENGINE_MODEL/SEQUENCE/CHUNK"): a chunk starts from the state under its `state_key` (None:
+  the model's initial state) and, answered OK, keeps the state it ends in under its
+  `save_key`; neither is ever changed in place. So a chunk the driver does not count (its
+  answer came too late) leaves the state the sequence had, and the driver picks which to
+  keep: it names the keys it no longer needs in a later call's `drop`, or in
+  `release(keys)`. A key dropped before its chunk's state arrived is remembered, and that
+  state is not kept. A chunk whose state is not here is answered `status="sequence"`, never
+  run from a fresh state.
 - `snapshot()` is cheap (plain numbers): the cost tables the driver routes by and the
   counters the driver's metrics export, labelled with this worker and its node.
 - `load(models)` adds models to the running engine (`--replan-every`: a new plan placed them
@@ -36,12 +40,14 @@ import concurrent.futures
 import os
 import sys
 import threading
-from collections import deque
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from cellserve.cluster.ray_router import WorkerInfo, cost_snapshot
 from cellserve.engine.config import EngineConfig
+
+_REMEMBER_DROPPED = 10_000  # keys dropped before their chunk's state arrived
 
 
 @dataclass(frozen=True)
@@ -64,9 +70,10 @@ class Call:
     inputs: dict  # name -> numpy array
     timeout_s: float | None  # time left to the deadline when sent, less the hop's margin
     priority: int
-    state_key: str | None = None  # a sequence chunk: where its state is kept here
-    start: bool = False
-    end: bool = False
+    _: KW_ONLY  # the rest by name: several share a type, and a positional slip would pass unseen
+    state_key: str | None = None  # a sequence chunk: the state it starts from (None: the initial state)
+    save_key: str | None = None  # a sequence chunk: where to keep the state it ends in (None: not kept)
+    drop: list[str] = field(default_factory=list)  # states the driver no longer needs, dropped first
     beam_width: int | None = None  # an encoder-decoder's beam width (None: its spec's)
     return_beams: bool = False
 
@@ -92,7 +99,8 @@ class EngineWorker:
         served = self._read_models(list(spec.models))
         self.engine = Engine([s.model for s in served], spec.engine)
         self._names = {s.engine_name: s.name for s in served}
-        self.states: dict[str, dict] = {}
+        self.states: dict[str, dict] = {}  # the driver's key -> a sequence's state
+        self._dropped: OrderedDict[str, None] = OrderedDict()  # keys dropped before their state came
         self.served = {"ok": 0, "failed": 0}
         self.changes = {"load": 0, "unload": 0}  # models added to / removed from the running engine
         self._stop = threading.Event()
@@ -164,7 +172,7 @@ class EngineWorker:
         def remove() -> None:
             for name in models:
                 versions = [en for en, n in self._names.items() if n == name]
-                held = sum(k.split("/", 1)[0] in versions for k in self.states)
+                held = sum(key.split("/", 1)[0] in versions for key in self._sequences())
                 if held:
                     busy[name] = f"holds the state of {held} sequences"
                     continue
@@ -204,8 +212,10 @@ class EngineWorker:
         planes: `infer` over Ray, and the socket's DataPlaneServer (data_plane.py)."""
         from cellserve.engine.request import Request
 
+        for key in call.drop:
+            self._forget(key)
         initial = None
-        if call.state_key is not None and not call.start:
+        if call.state_key is not None:
             initial = self.states.get(call.state_key)
             if initial is None:
                 deliver(Reply("sequence", f"worker {self.spec.worker_id} holds no state for this sequence"))
@@ -218,7 +228,7 @@ class EngineWorker:
 
         self.engine.submit(Request(call.engine_model, call.inputs, on_done=on_done, timeout_s=call.timeout_s,
                                    priority=call.priority, initial_state=initial,
-                                   return_state=call.state_key is not None, beam_width=call.beam_width,
+                                   return_state=call.save_key is not None, beam_width=call.beam_width,
                                    return_beams=call.return_beams))
 
     def _finish(self, call: Call, r, deliver) -> None:
@@ -226,11 +236,11 @@ class EngineWorker:
 
         ok = r.status is Status.OK
         self.served["ok" if ok else "failed"] += 1
-        if ok and call.state_key is not None:
-            if call.end:
-                self.states.pop(call.state_key, None)
+        if ok and call.save_key is not None:
+            if call.save_key in self._dropped:  # the driver gave up on this chunk before it finished
+                del self._dropped[call.save_key]
             else:
-                self.states[call.state_key] = r.state
+                self.states[call.save_key] = r.state
         queue = compute = None
         if r.admitted is not None:
             queue, compute = max(r.admitted - r.arrival, 0.0), max(r.finish - r.admitted, 0.0)
@@ -256,15 +266,30 @@ class EngineWorker:
         return self._plane_address
 
     def release(self, keys: list[str]) -> int:
-        """Forget these sequences' states (expired at the driver); how many were here."""
-        return sum(self.states.pop(k, None) is not None for k in keys)
+        """Forget these states (their sequences ended or expired at the driver); how many were here."""
+        return sum(self._forget(key) for key in keys)
+
+    def _forget(self, key: str) -> bool:
+        """Drop the state under `key`; one not here yet is remembered (a late chunk's) so that it
+        is not kept when it comes. Whether it was here."""
+        if self.states.pop(key, None) is not None:
+            return True
+        self._dropped[key] = None
+        while len(self._dropped) > _REMEMBER_DROPPED:
+            self._dropped.popitem(last=False)
+        return False
+
+    def _sequences(self) -> set[str]:
+        """The sequences whose states are here (a sequence may briefly have two: its last chunk's
+        and the one before, until the driver drops it)."""
+        return {key.rsplit("/", 1)[0] for key in self.states}
 
     def snapshot(self) -> dict:
         e = self.engine
         return {"costs": cost_snapshot(e.costs), "step_overhead_s": e.step_overhead_s,
                 "admitting_share": e.admitting_share,
                 "steps": dict(e.stats.steps_by_type), "lanes": dict(e.stats.lanes_by_type),
-                "active": e.active_requests, "queued": e.queued_requests, "sequences": len(self.states),
+                "active": e.active_requests, "queued": e.queued_requests, "sequences": len(self._sequences()),
                 "served": dict(self.served), "changes": dict(self.changes)}
 
     def stop(self) -> None:

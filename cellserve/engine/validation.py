@@ -26,13 +26,19 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
             raise InvalidInput(f"{where}: not a rectangular array ({exc})") from exc
         if value.ndim != len(spec.shape):
             raise InvalidInput(f"{where}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), got shape {list(value.shape)}")
+        semantics = model.semantics.get(name)
+        if semantics is not None and semantics.batch_axis is not None:
+            rows = value.shape[semantics.batch_axis]
+            if rows > model.max_request_rows:
+                raise InvalidInput(f"{where}: {rows} sequences (dimension {semantics.batch_axis}) exceed the model's "
+                                   f"limit of {model.max_request_rows} per request (a repository model's "
+                                   "max_request_rows parameter sets it); split the batch")
         for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
             if want != -1 and want != got:
                 raise InvalidInput(f"{where}: dimension {axis} must be {want}, got {got} (shape {list(value.shape)})")
             if got == 0:
                 raise InvalidInput(f"{where}: dimension {axis} is empty (shape {list(value.shape)})")
         value = _convert_dtype(where, value, np.dtype(spec.dtype))
-        semantics = model.semantics.get(name)
         if semantics is not None and semantics.time_axis is not None:
             length = value.shape[semantics.time_axis]
             if length > model.max_sequence_length:

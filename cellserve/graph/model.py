@@ -241,6 +241,7 @@ class Model:
     program: list[Step]
     semantics: dict[str, InputSemantics] = field(default_factory=dict)
     max_sequence_length: int = 1024
+    max_request_rows: int = 1024  # sequences one request may hold (each costs the engine lanes and state)
 
     def recurrent_steps(self) -> list[RecurrentLayer | LayerStack | GraphDecoder]:
         return [s for s in self.program if not isinstance(s, DenseNode)]

@@ -22,6 +22,20 @@ _BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
 MAX_ELEMENTS = 1 << 26  # a shape asking for more is refused before anything is allocated
 
 
+# tensor parameters that ask for features this server does not have: refused, not ignored,
+# so that a client never reads an answer it did not ask for
+UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
+                             "classification")
+
+
+def no_unsupported_params(parameters, where: str) -> None:
+    """BadRequest naming any tensor parameter of UNSUPPORTED_TENSOR_PARAMS (both protocols)."""
+    unsupported = sorted(set(parameters) & set(UNSUPPORTED_TENSOR_PARAMS))
+    if unsupported:
+        raise BadRequest(f"{where}: parameter(s) {unsupported} are not supported by this server "
+                         "(no shared memory, no classification)")
+
+
 def datatype_of(dtype: np.dtype | str) -> str:
     dtype = np.dtype(dtype)
     if dtype not in _BY_DTYPE:

@@ -81,7 +81,8 @@ class RequestOptions:
         if seq is not None:
             if isinstance(seq, bool) or not isinstance(seq, (int, str)) or (isinstance(seq, int) and not
                                                                            0 <= seq <= _UINT64_MAX):
-                raise BadRequest(f"parameter 'sequence_id' must be a non-negative integer or a string, got {seq!r}")
+                raise BadRequest(f"parameter 'sequence_id' must be an integer in [0, 2**64 - 1] or a string, "
+                                 f"got {seq!r}")
             if seq in (0, ""):
                 seq = None  # tritonclient's "not a sequence"
         flags = {}
@@ -97,7 +98,7 @@ class RequestOptions:
             value = params.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= _UINT64_MAX):
-                raise BadRequest(f"parameter {name!r} must be a non-negative integer, got {value!r}")
+                raise BadRequest(f"parameter {name!r} must be an integer in [0, 2**64 - 1], got {value!r}")
             ints[name] = value
         beam_width = params.get("beam_width")
         if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int)
@@ -318,8 +319,9 @@ class Core:
             metrics.failure("unavailable").inc()
             raise Unavailable("the server is shutting down")
         metrics.pending.inc()
-        try:
-            result, timeout_s = await self._infer(entry, request, received, on_tokens)
+
+        def finish(result: InferOutput, timeout_s: float | None):
+            """The answer to send, or DeadlineExceeded: a sequence's state is kept only when this returns."""
             answer = result if encode is None else encode(result)
             if trace is not None:
                 trace.stamp("REQUEST_END")
@@ -327,6 +329,10 @@ class Core:
                 metrics.slo_miss.inc()
                 raise DeadlineExceeded(f"the answer was ready {(self.clock.now() - received) * 1e3:.1f} ms after "
                                        f"the request arrived, past its deadline of {timeout_s * 1e3:g} ms")
+            return answer
+
+        try:
+            answer = await self._infer(entry, request, received, on_tokens, finish)
         except ServerError as exc:
             metrics.failure(_reason(exc)).inc()
             raise
@@ -345,8 +351,9 @@ class Core:
         own _submit) gives only final answers unless it says otherwise."""
         return type(self)._submit is Core._submit
 
-    async def _infer(self, entry: ServedModel, request: InferInput, received: float,
-                     on_tokens=None) -> tuple[InferOutput, float | None]:
+    async def _infer(self, entry: ServedModel, request: InferInput, received: float, on_tokens, finish):
+        """Run the request and return `finish(InferOutput, timeout_s)`, which encodes the
+        answer and raises DeadlineExceeded when it is late."""
         options = RequestOptions.parse(request.parameters)
         if request.outputs is not None:
             known = {s.name for s in entry.model.outputs} | optional_outputs(entry.model)
@@ -355,15 +362,21 @@ class Core:
                 raise BadRequest(f"unknown output(s) {unknown} of model {entry.name!r}; it has {sorted(known)}")
         timeout_s = options.timeout_us / 1e6 if options.timeout_us else entry.settings.default_timeout_s
         priority = options.priority or entry.settings.default_priority or (1 << 31)
-        if options.sequence_id is None:
-            streaming = {"on_tokens": on_tokens} if on_tokens is not None and self.streams_tokens else {}
-            if request.trace is not None and self.streams_tokens:  # a core that submits here: stamped
-                streaming["trace"] = request.trace
-            if options.beam_width is not None or options.return_beams:
-                streaming.update(beam_width=options.beam_width, return_beams=options.return_beams)
-            response = await self._submit(entry, request.inputs, timeout_s, priority, received, **streaming)
-        else:
-            response = await self._sequence_step(entry, request, options, timeout_s, priority, received)
+
+        def output(response: Response):
+            return finish(self._output(entry, request, options, response), timeout_s)
+
+        if options.sequence_id is not None:
+            return await self._sequence_step(entry, request, options, timeout_s, priority, received, output)
+        streaming = {"on_tokens": on_tokens} if on_tokens is not None and self.streams_tokens else {}
+        if request.trace is not None and self.streams_tokens:  # a core that submits here: stamped
+            streaming["trace"] = request.trace
+        if options.beam_width is not None or options.return_beams:
+            streaming.update(beam_width=options.beam_width, return_beams=options.return_beams)
+        return output(await self._submit(entry, request.inputs, timeout_s, priority, received, **streaming))
+
+    @staticmethod
+    def _output(entry: ServedModel, request: InferInput, options: RequestOptions, response) -> InferOutput:
         outputs = response.outputs
         if request.outputs is not None:
             outputs = {name: outputs[name] for name in request.outputs}
@@ -371,10 +384,14 @@ class Core:
         if options.sequence_id is not None:
             parameters = {"sequence_id": options.sequence_id, "sequence_start": options.sequence_start,
                           "sequence_end": options.sequence_end}
-        return InferOutput(entry.name, entry.version, request.request_id, outputs, parameters), timeout_s
+        return InferOutput(entry.name, entry.version, request.request_id, outputs, parameters)
 
     async def _sequence_step(self, entry: ServedModel, request: InferInput, options: RequestOptions,
-                             timeout_s, priority, received) -> Response:
+                             timeout_s, priority, received, output):
+        """One chunk of a sequence, under its lock: `output(response)` (the answer, or it
+        raises) decides whether the chunk counts. Only a chunk whose answer is sent changes
+        the sequence: its state, its start (a failed first chunk leaves no sequence behind;
+        a failed restart leaves the old one as it was) and its end."""
         why = entry.model.why_not_streamable()
         if why is not None:
             raise SequenceError(f"model {entry.name!r} cannot serve sequences: {why}")
@@ -384,35 +401,46 @@ class Core:
         sequence.users += 1
         try:
             async with sequence.lock:  # chunks of one sequence run one after another
-                if options.sequence_start:
-                    self._drop_state(sequence.state)
-                    sequence.state = None
-                elif self.sequences.get(key, False, idle_s) is not sequence:
+                if not self.sequences.holds(sequence):  # it ended while this chunk waited: say how
+                    self.sequences.get(key, False, idle_s)
                     raise SequenceError(f"{sequence.describe()} was restarted while this request waited")
-                response = await self._sequence_chunk(entry, request, options, sequence, timeout_s, priority,
-                                                      received)
+                if not options.sequence_start and not sequence.started:
+                    raise SequenceError(f"{sequence.describe()} is not active: its first request must set "
+                                        "sequence_start (and succeed)")
+                start_from = None if options.sequence_start else sequence.state
+                response, state = await self._sequence_chunk(entry, request, options, sequence, start_from,
+                                                             timeout_s, priority, received)
+                try:
+                    answer = output(response)
+                except BaseException:
+                    self._drop_state(state, kept=sequence.state)
+                    raise
+                old, sequence.state = sequence.state, None if options.sequence_end else state
+                sequence.started = True
+                self._drop_state(old, kept=sequence.state)
                 if options.sequence_end:
-                    sequence.state = None
                     self.sequences.end(sequence, "ended by sequence_end")
+                return answer
         finally:
             sequence.users -= 1
             sequence.last_used = self.sequences.clock.now()
+            if sequence.users == 0 and not sequence.started:
+                self.sequences.forget(sequence)  # never started: as if it had not been asked for
             self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
-        return response
 
     async def _sequence_chunk(self, entry: ServedModel, request: InferInput, options: RequestOptions, sequence,
-                              timeout_s, priority, received) -> Response:
-        """Run one chunk from the sequence's state and keep the state it ends in (under the
-        sequence's lock; `_sequence_step` keeps the sequence's life). A failed chunk raises: the
-        state stays where the last good chunk left it."""
+                              state, timeout_s, priority, received) -> tuple[Response, object]:
+        """Run one chunk of `sequence` from `state` (None: the model's initial state): its
+        answer and the state it ends in, which `_sequence_step` keeps only if the answer is
+        sent. A failed chunk raises."""
         traced = {"trace": request.trace} if request.trace is not None and self.streams_tokens else {}
         response = await self._submit(entry, request.inputs, timeout_s, priority, received,
-                                      initial_state=sequence.state, return_state=True, **traced)
-        sequence.state = response.state
-        return response
+                                      initial_state=state, return_state=True, **traced)
+        return response, response.state
 
-    def _drop_state(self, state) -> None:
-        """A restarted sequence's old state is let go (here, on the host: nothing to do)."""
+    def _drop_state(self, state, kept) -> None:
+        """A state the sequence no longer needs (replaced, or the result of a chunk that did
+        not count) is let go; `kept` is the one it holds now (here, on the host: nothing to do)."""
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
                       initial_state=None, return_state=False, on_tokens=None, trace: Trace | None = None,

@@ -48,10 +48,6 @@ _CONTENTS_FIELD = {
 }
 _ALL_CONTENTS_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
                         "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
-# tensor parameters that ask for features this server does not have: refused, not ignored,
-# so that a client never reads an answer it did not ask for
-_UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
-                              "classification")
 
 
 _SERVICE = "inference.GRPCInferenceService"
@@ -294,7 +290,7 @@ def parse_infer_request(request: service_pb2.ModelInferRequest) -> InferInput:
         where = f"input {tensor.name!r}"
         if tensor.name in inputs:
             raise BadRequest(f"{where} is given twice")
-        _no_unsupported_params(tensor.parameters, where)
+        codec.no_unsupported_params(tensor.parameters, where)
         dtype = codec.dtype_of(tensor.datatype, where)
         shape = codec.check_shape(list(tensor.shape), where)
         if raw:
@@ -310,7 +306,7 @@ def parse_infer_request(request: service_pb2.ModelInferRequest) -> InferInput:
                 raise BadRequest(f"outputs[{i}] needs a name")
             if out.name in outputs:
                 raise BadRequest(f"output {out.name!r} is requested twice")
-            _no_unsupported_params(out.parameters, f"output {out.name!r}")
+            codec.no_unsupported_params(out.parameters, f"output {out.name!r}")
             outputs.append(out.name)
     return InferInput(request.model_name, request.model_version, inputs, request.id,
                       _parameters(request.parameters), outputs)
@@ -341,13 +337,6 @@ def _from_contents(tensor, shape: tuple[int, ...], dtype: np.dtype, where: str) 
             raise BadRequest(f"{where}: a value does not fit {tensor.datatype}")
         return array.astype(dtype).reshape(shape)
     return np.array(values, dtype).reshape(shape)
-
-
-def _no_unsupported_params(parameters, where: str) -> None:
-    unsupported = sorted(set(parameters) & set(_UNSUPPORTED_TENSOR_PARAMS))
-    if unsupported:
-        raise BadRequest(f"{where}: parameter(s) {unsupported} are not supported by this server "
-                         "(no shared memory, no classification)")
 
 
 def _parameters(parameters) -> dict:

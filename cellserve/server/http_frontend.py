@@ -289,6 +289,8 @@ async def _read_body(headers: dict[str, str], receive, limit: int) -> bytes:
             raise BadRequest(f"request body is not valid {encoding} data: {exc}") from exc
         if len(body) > limit or inflater.unconsumed_tail:
             raise TooLarge(f"decompressed request body is over the limit of {limit} bytes")
+        if not inflater.eof:
+            raise BadRequest(f"request body is cut short: its {encoding} data does not end")
     elif encoding != "identity":
         raise BadRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
     return body
@@ -342,7 +344,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
         raw_outputs = doc["outputs"]
         if not isinstance(raw_outputs, list):
             raise BadRequest(f"'outputs' must be a list, got {type(raw_outputs).__name__}")
-        outputs = []
+        outputs = [] if raw_outputs else None  # none named: all of them, as over gRPC
         for i, out in enumerate(raw_outputs):
             name, as_binary = _parse_output(out, i, binary_default)
             if name in binary_outputs:
@@ -387,6 +389,7 @@ def _parse_input(tensor: object, index: int, binary: memoryview) -> tuple[np.nda
     params = tensor.get("parameters", {})
     if not isinstance(params, dict):
         raise BadRequest(f"{where}: 'parameters' must be an object")
+    codec.no_unsupported_params(params, where)
     size = params.get("binary_data_size")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -409,6 +412,7 @@ def _parse_output(out: object, index: int, binary_default: bool) -> tuple[str, b
     params = out.get("parameters", {})
     if not isinstance(params, dict):
         raise BadRequest(f"output {out['name']!r}: 'parameters' must be an object")
+    codec.no_unsupported_params(params, f"output {out['name']!r}")
     as_binary = params.get("binary_data", binary_default)
     if not isinstance(as_binary, bool):
         raise BadRequest(f"output {out['name']!r}: binary_data must be a boolean, got {as_binary!r}")

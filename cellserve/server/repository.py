@@ -12,8 +12,10 @@ the graph; dims as Triton reads them, without the batch dimension when `max_batc
 a fixed size where the graph has a dynamic one holds requests to it),
 `sequence_batching.max_sequence_idle_microseconds`,
 `dynamic_batching.default_priority_level`, and `parameters` `slo_ms` (the model's default
-deadline for requests that send no `timeout`) and `max_sequence_length` (the longest input
-sequence a request may send, in steps; default 1024). See the README for an example. The config's
+deadline for requests that send no `timeout`), `max_sequence_length` (the longest input
+sequence a request may send, in steps; default 1024) and `max_request_rows` (the most
+sequences one request may hold; else `max_batch_size` when > 0, as Triton reads it; default
+1024). See the README for an example. The config's
 `parameters` are published as they are (server/model_config.py); `text.*` keys must make a
 text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
 
@@ -135,7 +137,8 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     chosen = _choose_versions(config, versions, where)
     filename = config.default_model_filename or "model.onnx"
     settings = _settings(config, where)
-    max_length = _max_sequence_length(config, where)
+    max_length = _positive_parameter(config, "max_sequence_length", "steps", where)
+    max_rows = _positive_parameter(config, "max_request_rows", "sequences", where) or config.max_batch_size or None
     decode = {k: p.string_value for k, p in config.parameters.items() if k.startswith(PARAMETER_PREFIX)}
     parameters = {k: p.string_value for k, p in config.parameters.items()}
     served = []
@@ -146,6 +149,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         else:
             model = _load_version(version_dir / filename, f"{name}:{version}", f"{where} version {version}")
         model.max_sequence_length = max_length or model.max_sequence_length
+        model.max_request_rows = max_rows or model.max_request_rows
         _check_declared_tensors(config, model, f"{where} version {version}")
         check_parameters(parameters, model, f"{where} version {version}")
         served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters))
@@ -166,14 +170,14 @@ def _load_version(path: Path, engine_name: str, where: str) -> Model:
         raise ModelLoadError(f"{where} ({path}): cannot load: {type(exc).__name__}: {exc}") from exc
 
 
-def _max_sequence_length(config: mc.ModelConfig, where: str) -> int | None:
-    """The config's `max_sequence_length` parameter (None when it gives none)."""
-    given = config.parameters.get("max_sequence_length")
+def _positive_parameter(config: mc.ModelConfig, name: str, unit: str, where: str) -> int | None:
+    """The config's parameter `name`, a positive integer of `unit` (None when it gives none)."""
+    given = config.parameters.get(name)
     if given is None:
         return None
     text = given.string_value.strip()
     if (ascii_int(text) or 0) < 1:
-        raise ModelLoadError(f"{where}: parameter max_sequence_length must be a positive integer (steps), "
+        raise ModelLoadError(f"{where}: parameter {name} must be a positive integer ({unit}), "
                              f"got {given.string_value!r}")
     return int(text)
 

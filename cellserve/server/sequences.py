@@ -28,7 +28,8 @@ _REMEMBER_ENDED = 10_000  # released sequences remembered, to explain a late req
 class Sequence:
     key: SequenceKey
     idle_timeout_s: float
-    state: dict | None = None  # layer -> (h, c) after the last completed chunk
+    state: dict | None = None  # layer -> (h, c) after the last chunk answered
+    started: bool = False  # a chunk with sequence_start was answered (until then, no chunk may continue it)
     last_used: float = 0.0  # the store's clock at the last use (set by the store)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # chunks holding or waiting for the lock
@@ -69,6 +70,15 @@ class SequenceStore:
             self._ended.pop(key, None)
         self.touch(sequence)
         return sequence
+
+    def holds(self, sequence: Sequence) -> bool:
+        """Whether `sequence` is still the active one of its key (not ended meanwhile)."""
+        return self._active.get(sequence.key) is sequence
+
+    def forget(self, sequence: Sequence) -> None:
+        """Remove a sequence whose start was never answered, as if it had not been asked for."""
+        if self.holds(sequence):
+            del self._active[sequence.key]
 
     def touch(self, sequence: Sequence) -> None:
         """Mark `sequence` used now: its idle time starts again."""

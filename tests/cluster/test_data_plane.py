@@ -69,15 +69,16 @@ def test_any_numeric_arrays_round_trip(arrays):
 
 
 def test_a_call_and_a_reply_keep_every_field():
-    call = Call("lstm-512:1", {"tokens": np.arange(25, dtype=np.int64)[None]}, 0.125, 2, "lstm-512:1/7", True, False,
-                4, True)
+    call = Call("lstm-512:1", {"tokens": np.arange(25, dtype=np.int64)[None]}, 0.125, 2, state_key="lstm-512:1/7/8",
+                save_key="lstm-512:1/7/9", drop=["lstm-512:1/7/6", "lstm-512:1/7/5"], beam_width=4, return_beams=True)
 
     async def go():
         return call_from(*await read_frame(feed(call_frame(9, call))))
     rid, got = asyncio.run(go())
     assert rid == 9 and np.array_equal(got.inputs["tokens"], call.inputs["tokens"])
-    assert (got.engine_model, got.timeout_s, got.priority, got.state_key, got.start, got.end, got.beam_width,
-            got.return_beams) == ("lstm-512:1", 0.125, 2, "lstm-512:1/7", True, False, 4, True)
+    assert (got.engine_model, got.timeout_s, got.priority, got.state_key, got.save_key, got.drop, got.beam_width,
+            got.return_beams) == ("lstm-512:1", 0.125, 2, "lstm-512:1/7/8", "lstm-512:1/7/9",
+                                  ["lstm-512:1/7/6", "lstm-512:1/7/5"], 4, True)
     reply = Reply("ok", "", {"probabilities": np.ones((1, 8), np.float32)}, None, 0.002, 0.0031)
 
     async def back():
@@ -115,8 +116,11 @@ def test_a_bad_frame_is_refused_naming_what_is_wrong(frame, says):
 
 def test_a_call_header_with_a_bad_field_is_refused_naming_it():
     with pytest.raises(FrameError, match="header field 'priority' must be an integer, got '1'"):
-        call_from({"id": 1, "model": "m", "timeout_s": None, "priority": "1", "state_key": None, "start": False,
-                   "end": False, "beam_width": None, "return_beams": False}, {})
+        call_from({"id": 1, "model": "m", "timeout_s": None, "priority": "1", "state_key": None, "save_key": None,
+                   "drop": [], "beam_width": None, "return_beams": False}, {})
+    with pytest.raises(FrameError, match="header field 'drop' must be a list of strings, got \\['a', 3\\]"):
+        call_from({"id": 1, "model": "m", "timeout_s": None, "priority": 1, "state_key": None, "save_key": None,
+                   "drop": ["a", 3], "beam_width": None, "return_beams": False}, {})
     with pytest.raises(FrameError, match="header field 'model' is missing"):
         call_from({"id": 1}, {})
     with pytest.raises(FrameError, match="only bool, integer and float arrays travel"):

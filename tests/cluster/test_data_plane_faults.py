@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,8 +21,11 @@ import pytest
 
 from cellserve.cluster.data_plane import Connection
 from cellserve.cluster.ray_cluster import socket_call
-from cellserve.cluster.ray_core import RayCore, WorkerDied, _Held
+from cellserve.cluster.ray_core import RayCore
 from cellserve.cluster.ray_router import Router, WorkerInfo, WorkerState
+from cellserve.engine.clock import MonotonicClock
+from cellserve.server.core import InferInput
+from cellserve.server.errors import DeadlineExceeded, SequenceError
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import load_zoo
 
@@ -105,30 +109,45 @@ def test_a_killed_workers_in_flight_socket_calls_are_retried_once_on_the_other(w
     assert conns["w0"].lost is not None and conns["w1"].lost is None
 
 
+class SkippingClock(MonotonicClock):
+    """The monotonic clock, plus however far a test has skipped it ahead."""
+
+    skipped = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.skipped
+
+
 def test_a_sequence_stays_on_its_worker_over_the_socket_and_is_lost_with_it(workers):
+    """Chunks go to the worker holding the state; one answered past its deadline (its
+    encoding moves the driver's clock on) leaves the state as it was, so its retry counts
+    once; the worker's death loses the sequence, and says so."""
     procs, found = workers
     core, entry, _ = driver(found)
+    core.clock = SkippingClock()
     x = np.random.default_rng(6).integers(0, 10000, (1, 12))
 
-    class Options:
-        sequence_start, sequence_end = True, False
+    def chunk(tokens, late=False, **flags):
+        request = InferInput("gru-256", "", {"tokens": tokens},
+                             parameters={"sequence_id": 9, "timeout": 10_000_000, **flags})
+
+        def encode(output):
+            core.clock.skipped += 11.0 if late else 0.0
+            return output.outputs["probabilities"]
+        return core.infer(request, encode=encode)
 
     async def go():
-        held = None
-        worker, first = await core._dispatch(entry, {"tokens": x[:, :6]}, None, 0, core.clock.now(), held,
-                                             "gru-256:1/1", Options)
-        Options.sequence_start = False
-        held = _Held(worker, "gru-256:1/1")
-        again, second = await core._dispatch(entry, {"tokens": x[:, 6:]}, None, 0, core.clock.now(), held,
-                                             "gru-256:1/1", Options)
-        assert again is worker
+        await chunk(x[:, :4], sequence_start=True)
+        worker = core.sequences._active[("gru-256", "1", 9)].state.worker
+        with pytest.raises(DeadlineExceeded):
+            await chunk(x[:, 4:8], late=True)
+        middle = await chunk(x[:, 4:8])
+        last = await chunk(x[:, 8:])
         os.kill(procs[int(worker.id[1:])].pid, signal.SIGKILL)
-        with pytest.raises(WorkerDied):
-            await core._dispatch(entry, {"tokens": x[:, 6:]}, None, 0, core.clock.now(), held, "gru-256:1/1",
-                                 Options)
-        return first, second
-    first, second = asyncio.run(go())
-    assert first.status == second.status == "ok"
-    # the two chunks answer as the whole sequence sent at once
-    np.testing.assert_allclose(second.outputs["probabilities"], token_reference("gru-256", x)["probabilities"],
-                               rtol=1e-4, atol=1e-6)
+        lost = f"sequence 9 of model 'gru-256' was lost when {worker.describe()} died"
+        with pytest.raises(SequenceError, match=re.escape(lost)):
+            await chunk(x[:, 8:])
+        return middle, last
+    middle, last = asyncio.run(go())
+    np.testing.assert_allclose(middle, token_reference("gru-256", x[:, :8])["probabilities"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(last, token_reference("gru-256", x)["probabilities"], rtol=1e-4, atol=1e-6)

@@ -107,7 +107,10 @@ def test_a_sequence_streams_on_the_worker_holding_its_state(server):
         wait_until(lambda: sum(holders(server).values()) >= 1, "a worker reported holding the state", poll=0.1)
         held = {w: n for w, n in holders(server).items() if n}
         assert list(held.values()) == [1]  # on exactly one worker
-        got = send(client, tokens[:, 7:], sequence_id=11, sequence_end=True)
+        send(client, tokens[:, 7:12], sequence_id=11)
+        got = send(client, tokens[:, 12:], sequence_id=11, sequence_end=True)
+        # every state the chunks left there (each keeps its own until the next) goes at the end
+        wait_until(lambda: sum(holders(server).values()) == 0, "the worker let the states go", poll=0.1)
     np.testing.assert_allclose(got, token_reference("lstm-512", tokens)["probabilities"], rtol=1e-4, atol=1e-6)
 
 

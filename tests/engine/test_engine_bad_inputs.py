@@ -38,6 +38,8 @@ BAD = [
     ("empty sequence", "lstm", {"tokens": np.zeros((1, 0), np.int64)}, r"'tokens'.*dimension 1 is empty"),
     ("empty batch", "lstm", {"tokens": np.zeros((0, 3), np.int64)}, r"'tokens'.*dimension 0 is empty"),
     ("over-long sequence", "lstm", {"tokens": np.ones((1, 17), np.int64)}, r"'tokens'.*length 17 exceeds.*16"),
+    ("too many sequences", "lstm", {"tokens": np.ones((1025, 2), np.int64)},
+     r"^input 'tokens': 1025 sequences \(dimension 0\) exceed the model's limit of 1024 per request"),
     ("over-long digits", "seq2seq-reverse", {"digits": np.full((1, 13), 5)}, r"'digits'.*length 13 exceeds.*12"),
     ("digit id out of range", "seq2seq-reverse", {"digits": np.array([[3, 13]])}, r"'digits'.*token id 13"),
     ("NaN in float input", "floatgru", {"features": with_nan}, r"'features'.*NaN"),
@@ -97,6 +99,16 @@ def test_other_integer_widths_are_accepted_for_int64_tokens(models, engine_facto
     for i in range(3):
         assert responses.one(i).status is Status.OK, responses.one(i).reason
         assert_same_outputs(responses.one(i).outputs, want)
+
+
+def test_a_request_at_the_row_limit_is_served(models, engine_factory):
+    engine = engine_factory()
+    responses = Responses()
+    tokens = np.arange(1024 * 3, dtype=np.int64).reshape(1024, 3) % VOCAB
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": tokens}))
+    engine.run_until_idle(timeout_s=30)
+    assert responses.one(0).status is Status.OK
+    assert_same_outputs(responses.one(0).outputs, models.reference("lstm", {"tokens": tokens}))
 
 
 def test_a_sequence_at_the_length_limit_is_served(models, engine_factory):

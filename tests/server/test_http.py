@@ -104,3 +104,33 @@ def test_bad_request_names_the_problem_and_others_are_served(client):
         infer(client, "lstm-512", "words", np.array([[1, 2]]), False)
     assert err.value.status() == "400" and "'words'" in err.value.message()
     assert infer(client, "lstm-512", "tokens", np.array([[1, 2]]), True).as_numpy("label").shape == (1,)
+
+
+def test_shared_memory_and_classification_are_refused_as_over_grpc(client):
+    shm = httpclient.InferInput("tokens", [1, 1], "INT64")
+    shm.set_shared_memory("region", 8)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("gru-256", [shm])
+    assert err.value.status() == "400" and "['shared_memory_byte_size', 'shared_memory_region']" in err.value.message()
+    tokens = httpclient.InferInput("tokens", [1, 1], "INT64")
+    tokens.set_data_from_numpy(np.array([[1]]))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("gru-256", [tokens], outputs=[httpclient.InferRequestedOutput("probabilities", class_count=3)])
+    assert err.value.status() == "400" and "output 'probabilities'" in err.value.message()
+    assert "['classification'] are not supported" in err.value.message()
+
+
+def test_an_empty_outputs_list_asks_for_all_of_them(zoo_server):
+    body = json.dumps({"inputs": [{"name": "tokens", "shape": [1, 2], "datatype": "INT64", "data": [3, 4]}],
+                       "outputs": []}).encode()
+    request = urllib.request.Request(f"{zoo_server.http_url}/v2/models/gru-256/infer", body,
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as answer:
+        assert {o["name"] for o in json.loads(answer.read())["outputs"]} == {"probabilities", "label"}
+
+
+def test_a_request_over_the_models_row_limit_is_refused_naming_it(client):
+    with pytest.raises(InferenceServerException) as err:
+        infer(client, "gru-256", "tokens", np.ones((1025, 1), np.int64), True)
+    assert err.value.status() == "400"
+    assert "1025 sequences (dimension 0) exceed the model's limit of 1024 per request" in err.value.message()

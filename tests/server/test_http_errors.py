@@ -370,6 +370,14 @@ def test_corrupt_gzip(server):
     error_of(*infer(server, b"\x1f\x8b not gzip at all", headers={"Content-Encoding": "gzip"}), 400, "gzip")
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_body_cut_short_is_refused(server, encoding):
+    whole = json.dumps(GOOD).encode()
+    packed = gzip.compress(whole) if encoding == "gzip" else zlib.compress(whole)
+    error_of(*infer(server, packed[:-6], headers={"Content-Encoding": encoding}), 400,
+             f"cut short: its {encoding} data does not end")
+
+
 def test_unsupported_content_encoding(server):
     error_of(*infer(server, GOOD, headers={"Content-Encoding": "br"}), 400, "Content-Encoding", "'br'")
 

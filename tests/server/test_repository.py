@@ -223,6 +223,23 @@ def test_max_sequence_length_from_the_config(tmp_path):
     assert served.model.max_sequence_length == 5000
 
 
+def test_max_request_rows_from_the_config_or_its_max_batch_size(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)})
+    (served,) = load_repository(tmp_path)
+    assert served.model.max_request_rows == 1024  # the default
+    (tmp_path / "m" / "config.pbtxt").write_text("max_batch_size: 8")  # Triton's bound on a request's batch
+    (served,) = load_repository(tmp_path)
+    assert served.model.max_request_rows == 8
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        'max_batch_size: 8\nparameters { key: "max_request_rows" value: { string_value: "20000" } }')
+    (served,) = load_repository(tmp_path)
+    assert served.model.max_request_rows == 20000  # the parameter, where both are given
+    (tmp_path / "m" / "config.pbtxt").write_text('parameters { key: "max_request_rows" value: { string_value: "0" } }')
+    with pytest.raises(ModelLoadError, match=r"model 'm': parameter max_request_rows must be a positive integer "
+                                             r"\(sequences\), got '0'"):
+        load_repository(tmp_path)
+
+
 def test_the_readmes_example_config_loads(tmp_path):
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = readme.split("### Model repository", 1)[1].split("```", 2)[1]
