@@ -249,6 +249,7 @@ def test_the_readmes_example_config_loads(tmp_path):
     assert served[0].settings.sequence_idle_s == pytest.approx(5.0)
     assert served[0].settings.default_timeout_s == pytest.approx(0.2)
     assert served[0].model.max_sequence_length == 4096
+    assert served[0].model.max_request_rows == 64
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "long", "", "2.5"])
