@@ -295,7 +295,8 @@ class Core:
     def model_config(self, name: str, version: str = "") -> dict:
         """Triton's ModelConfig as JSON (server/model_config.py), with the model's published parameters."""
         entry = self.model(name, version)
-        return model_config(name, entry.platform, entry.model, entry.parameters)
+        return model_config(name, entry.platform, entry.model, entry.parameters,
+                            entry.settings.sequence_idle_s or self.sequence_idle_s)
 
     # ---- inference ----
 

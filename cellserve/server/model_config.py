@@ -4,9 +4,10 @@ ModelConfig, over HTTP (`GET /v2/models/{m}[/versions/{v}]/config`, the JSON for
 
 What it holds: `name`, `platform`, `max_batch_size: 0` (the dims below are whole shapes, the
 batch axis included, -1 for a dynamic size), `input` and `output` (names, `data_type`,
-`dims`), and `parameters`, `{key: {"string_value": value}}`: a repository model's config.pbtxt
-parameters as written, a zoo model's from `zoo.parameters` (the `dates` model's text
-vocabularies, cellserve/text_vocab.py, and its decode spec).
+`dims`), `sequence_batching` with the idle timeout for a model that takes sequences (one
+whose recurrences all run forwards), and `parameters`, `{key: {"string_value": value}}`: a
+repository model's config.pbtxt parameters as written, a zoo model's from `zoo.parameters`
+(the `dates` model's text vocabularies, cellserve/text_vocab.py, and its decode spec).
 
 `check_parameters` is run at load: published text.* keys must make a vocabulary whose input
 and output are tensors the model has, so that a client never fetches one it cannot use.
@@ -25,16 +26,20 @@ from cellserve.text_vocab import TextVocabulary, VocabularyError
 EXTENSION = "model_configuration"
 
 
-def model_config(name: str, platform: str, model: Model, parameters: dict[str, str]) -> dict:
+def model_config(name: str, platform: str, model: Model, parameters: dict[str, str],
+                 sequence_idle_s: float) -> dict:
     """The ModelConfig of one served model version, as JSON (Triton's field names)."""
 
     def tensors(specs):
         return [{"name": s.name, "data_type": _config_type(datatype_of(s.dtype)), "dims": list(s.shape)}
                 for s in specs]
 
-    return {"name": name, "platform": platform, "max_batch_size": 0, "input": tensors(model.inputs),
-            "output": tensors(model.outputs),
-            "parameters": {k: {"string_value": v} for k, v in sorted(parameters.items())}}
+    config = {"name": name, "platform": platform, "max_batch_size": 0, "input": tensors(model.inputs),
+              "output": tensors(model.outputs),
+              "parameters": {k: {"string_value": v} for k, v in sorted(parameters.items())}}
+    if model.why_not_streamable() is None:  # int64 fields are strings in protobuf's JSON
+        config["sequence_batching"] = {"max_sequence_idle_microseconds": str(round(sequence_idle_s * 1e6))}
+    return config
 
 
 def model_config_message(config: dict) -> mc.ModelConfig:

@@ -213,3 +213,18 @@ def test_the_server_releases_idle_sequences_with_a_clear_error():
                                        rtol=1e-4, atol=1e-6)
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_config_tells_which_models_take_sequences_and_their_idle_timeout(zoo_server, protocol):
+    import tritonclient.grpc as grpcclient
+
+    if protocol == "grpc":
+        with grpcclient.InferenceServerClient(zoo_server.grpc) as c:
+            configs = {m: c.get_model_config(m, as_json=True)["config"] for m in ("gru-256", "bilstm-tagger")}
+    else:
+        with httpclient.InferenceServerClient(zoo_server.http) as c:
+            configs = {m: c.get_model_config(m) for m in ("gru-256", "bilstm-tagger")}
+    # the zoo server runs with --sequence-idle-timeout 30
+    assert configs["gru-256"]["sequence_batching"] == {"max_sequence_idle_microseconds": "30000000"}
+    assert "sequence_batching" not in configs["bilstm-tagger"]  # runs backwards: refuses sequence_id
