@@ -80,6 +80,8 @@ class _ReleasingStore(SequenceStore):
     def end(self, sequence: Sequence, why: str) -> None:
         held, sequence.state = sequence.state, None
         super().end(sequence, why)
+        if isinstance(held, _Held):
+            held.worker.sequences -= 1
         _let_go(held, self._release)
 
 
@@ -130,7 +132,6 @@ class RayCore(Core):
                                                  save_key, sent)
         except WorkerDied as exc:  # the worker holding the state died: the sequence is gone
             lost = f"lost when {held.worker.describe()} died ({exc})"
-            sequence.state = None
             self.sequences.end(sequence, lost)
             raise SequenceError(f"{sequence.describe()} was {lost}; start a new one with sequence_start") from None
         except BaseException:
@@ -143,6 +144,15 @@ class RayCore(Core):
         if held is not None:
             held.stale = []  # the call carried them to the worker
         return reply, None if save_key is None else _Held(worker, save_key)
+
+    def _replace_state(self, old, new) -> None:
+        """Count the sequence on the worker holding its state now (new sequences go where
+        fewest are), and let the old state go."""
+        if isinstance(new, _Held):
+            new.worker.sequences += 1
+        if isinstance(old, _Held):
+            old.worker.sequences -= 1
+        self._drop_state(old, kept=new)
 
     def _drop_state(self, state, kept) -> None:
         """Let `state` go: with the next call when the sequence's kept state is on the same
@@ -186,8 +196,9 @@ class RayCore(Core):
                 worker = held.worker
                 if not worker.alive:
                     raise WorkerDied(worker.death)
-            else:
-                worker = self._choose(entry, length, lanes, timeout_s, received, tried)
+            else:  # a sequence's first chunk goes where the fewest sequences are kept
+                worker = self._choose(entry, length, lanes, timeout_s, received, tried,
+                                      by_sequences=save_key is not None)
             call = Call(entry.engine_name, inputs, None, priority, state_key=held.key if held else None,
                         save_key=save_key, drop=list(held.stale) if held else [], beam_width=beam_width,
                         return_beams=return_beams)
@@ -233,13 +244,14 @@ class RayCore(Core):
                              "retry later")
 
     def _choose(self, entry: ServedModel, length: int, lanes: int, timeout_s, received,
-                tried: list[WorkerState]) -> WorkerState:
+                tried: list[WorkerState], by_sequences: bool = False) -> WorkerState:
         name = entry.name
         candidates = self.router.serving(name)
         picked = None
         if candidates:
             rounds = self.router.rounds(candidates[0], name, length)
-            picked = self.router.pick(name, rounds, lanes, exclude=tuple(w.id for w in tried))
+            picked = self.router.pick(name, rounds, lanes, exclude=tuple(w.id for w in tried),
+                                      by_sequences=by_sequences)
         if picked is None:
             if tried:
                 raise Unavailable(f"{tried[0].describe()} died with this request, and no other live worker "

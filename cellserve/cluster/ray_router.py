@@ -7,7 +7,9 @@ Contract:
   come back: a restarted actor would be a new worker).
 - `pick(model, rounds, lanes)` returns the live worker serving `model` whose predicted finish
   for the request is the least (ties: fewest requests outstanding, then the lowest id), or
-  None when no live worker serves it.
+  None when no live worker serves it. A sequence's first chunk goes to the worker keeping
+  the fewest sequences first (`WorkerState.sequences`, kept by the driver), its predicted
+  finish breaking ties: an idle sequence adds no load, so load alone would stack them.
 - The prediction is the engine's own (Engine._predicted_latency): the request's rounds, each
   priced by the worker's cost model (its step-cost tables, reported by the worker and
   refreshed by the driver's poller) at the load the driver has outstanding on that worker
@@ -54,6 +56,7 @@ class WorkerState:
     step_overhead_s: float = 0.0  # seconds per batch beyond the cost model's price (the engine's own)
     admitting_share: float = 0.0  # share of the engine's time spent admitting (stretches a priced round)
     snapshot: dict = field(default_factory=dict)  # the last poll (metrics)
+    sequences: int = 0  # sequences whose state the driver keeps here
 
     @property
     def id(self) -> str:
@@ -141,19 +144,21 @@ class Router:
         return rounds * worker.costs.priced_round(load, worker.outstanding > 0, worker.step_overhead_s,
                                                   worker.admitting_share)
 
-    def pick(self, model: str, rounds: int, lanes: int,
-             exclude: tuple[str, ...] = ()) -> tuple[WorkerState, float] | None:
+    def pick(self, model: str, rounds: int, lanes: int, exclude: tuple[str, ...] = (),
+             by_sequences: bool = False) -> tuple[WorkerState, float] | None:
         """The live worker serving `model` (not in `exclude`) with the least predicted finish,
-        and that prediction in seconds; None when there is none."""
-        best: tuple[float, int, str] | None = None
+        and that prediction in seconds; None when there is none. `by_sequences` (a sequence's
+        first chunk): the one keeping the fewest sequences first, the finish breaking ties, so
+        that sequences, idle between chunks and so invisible in the load, spread over workers."""
+        best: tuple | None = None
         chosen = None
         for w in self._serving.get(model, ()):
             if not w.alive or w.id in exclude:
                 continue
-            key = (self.predict(w, model, rounds, lanes), w.outstanding, w.id)
+            key = (w.sequences if by_sequences else 0, self.predict(w, model, rounds, lanes), w.outstanding, w.id)
             if best is None or key < best:
                 best, chosen = key, w
-        return None if chosen is None else (chosen, best[0])
+        return None if chosen is None else (chosen, best[1])
 
     def rounds(self, worker: WorkerState, model: str, length: int) -> int:
         """Rounds a request whose longest input has `length` steps takes on `worker`'s engine:

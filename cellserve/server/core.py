@@ -418,7 +418,7 @@ class Core:
                     raise
                 old, sequence.state = sequence.state, None if options.sequence_end else state
                 sequence.started = True
-                self._drop_state(old, kept=sequence.state)
+                self._replace_state(old, sequence.state)
                 if options.sequence_end:
                     self.sequences.end(sequence, "ended by sequence_end")
                 return answer
@@ -439,9 +439,13 @@ class Core:
                                       initial_state=state, return_state=True, **traced)
         return response, response.state
 
+    def _replace_state(self, old, new) -> None:
+        """A sequence's state moved on from `old` to `new` (None: it ended); `old` is let go
+        (here, on the host: nothing to do)."""
+
     def _drop_state(self, state, kept) -> None:
-        """A state the sequence no longer needs (replaced, or the result of a chunk that did
-        not count) is let go; `kept` is the one it holds now (here, on the host: nothing to do)."""
+        """The state of a chunk that did not count is let go; `kept` is the sequence's (here,
+        on the host: nothing to do)."""
 
     async def _submit(self, entry: ServedModel, inputs: dict, timeout_s, priority, received,
                       initial_state=None, return_state=False, on_tokens=None, trace: Trace | None = None,

@@ -151,3 +151,29 @@ def test_a_sequence_stays_on_its_worker_over_the_socket_and_is_lost_with_it(work
     middle, last = asyncio.run(go())
     np.testing.assert_allclose(middle, token_reference("gru-256", x[:, :8])["probabilities"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(last, token_reference("gru-256", x)["probabilities"], rtol=1e-4, atol=1e-6)
+
+
+def test_sequences_spread_over_the_workers_and_are_uncounted_when_they_end(workers):
+    """Idle sequences add no load, so each first chunk goes where the fewest are kept; the
+    count follows each sequence's state and drops when it ends (or is lost)."""
+    _, found = workers
+    core, _, _ = driver(found)
+    x = np.random.default_rng(8).integers(0, 10000, (1, 6))
+
+    def chunk(sequence_id, tokens, **flags):
+        request = InferInput("gru-256", "", {"tokens": tokens}, parameters={"sequence_id": sequence_id, **flags})
+        return core.infer(request)
+
+    async def go():
+        for s in range(1, 7):
+            await chunk(s, x[:, :3], sequence_start=True)
+        counts = sorted(w.sequences for w in core.router.workers.values())
+        for s in range(1, 7):
+            await chunk(s, x[:, 3:])  # later chunks stay where their state is
+        same = sorted(w.sequences for w in core.router.workers.values())
+        for s in range(1, 7):
+            await chunk(s, x[:, 3:], sequence_end=True)
+        return counts, same
+    counts, same = asyncio.run(go())
+    assert counts == same == [3, 3]
+    assert [w.sequences for w in core.router.workers.values()] == [0, 0]

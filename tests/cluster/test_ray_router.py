@@ -136,3 +136,15 @@ def test_the_ray_flags():
         parse("--ray", "--plan", "p.json", "--ray-workers", "2")
     with pytest.raises(ValueError, match="--ray-cpus-per-worker must be >= 1, got 0"):
         parse("--ray", "--ray-cpus-per-worker", "0")
+
+
+def test_a_sequences_first_chunk_goes_where_the_fewest_sequences_are_kept():
+    fast, slow = worker("w0", 1e-3), worker("w1", 2e-3)
+    router = Router([fast, slow])
+    assert router.pick("m", 10, 1)[0] is fast
+    fast.sequences = 3  # idle sequences: no load, so the prediction does not see them
+    assert router.pick("m", 10, 1)[0] is fast
+    chosen, predicted = router.pick("m", 10, 1, by_sequences=True)
+    assert chosen is slow and predicted == pytest.approx(router.predict(slow, "m", 10, 1))
+    slow.sequences = 3  # equal counts: the predicted finish decides
+    assert router.pick("m", 10, 1, by_sequences=True)[0] is fast
