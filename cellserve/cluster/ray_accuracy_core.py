@@ -90,6 +90,15 @@ class AccuracyCore(RayCore):
             self.answered[variant] = self.answered.get(variant, 0) + 1
             return answer
 
+    def _executions(self) -> dict[str, int]:
+        """A family's batched cell steps: its variants' (profiling at start-up included)."""
+        by_variant = super()._executions()
+        out: dict[str, int] = {}
+        for variant, ventry in self.variants.items():
+            family = self.model(self.family_of[variant]).engine_name
+            out[family] = out.get(family, 0) + by_variant.get(ventry.engine_name, 0)
+        return out
+
     def _served_live(self, family: str) -> bool:
         return any(w.alive and any(self.family_of.get(v) == family for v in w.info.models)
                    for w in self.router.workers.values())

@@ -37,7 +37,7 @@ from cellserve.engine.clock import MonotonicClock
 from cellserve.engine.request import Status
 from cellserve.server.core import _ERRORS, Core  # _ERRORS: the one mapping of engine statuses to errors
 from cellserve.server.errors import DeadlineExceeded, Overloaded, SequenceError, Unavailable
-from cellserve.server.metrics import Metrics
+from cellserve.server.metrics import Metrics, executions_by_model
 from cellserve.server.repository import ServedModel
 from cellserve.server.sequences import Sequence, SequenceStore
 
@@ -105,6 +105,13 @@ class RayCore(Core):
         self._keys = itertools.count(1)
         self.meter = None  # a ray_replan.RateMeter with --replan-every: arrivals per model
         self.replanner = None  # a ray_replan_loop.Replanner with --replan-every (its state for the metrics)
+
+    def _executions(self) -> dict[str, int]:
+        """Batched cell steps per engine model, summed over the workers' last reports."""
+        out: dict[str, int] = {}
+        for worker in self.router.workers.values():
+            executions_by_model(worker.snapshot.get("steps", {}), into=out)
+        return out
 
     # ---- readiness: a live worker to answer ----
 
@@ -304,10 +311,9 @@ class RayCore(Core):
     def _answer(self, entry: ServedModel, inputs: dict, reply: Reply) -> Reply:
         metrics = self.metrics.model(entry.name, entry.version)
         if reply.queue_s is not None:
-            metrics.queue_us.inc(reply.queue_s * 1e6)
-            metrics.compute_us.inc((reply.compute_s or 0.0) * 1e6)
+            metrics.executed(reply.queue_s, reply.compute_s or 0.0)
         if reply.status == Status.OK.value:
-            metrics.inference_count.inc(entry.model.batch_size(inputs))
+            metrics.inferred(entry.model.batch_size(inputs))
             return reply
         if reply.status == "sequence":
             raise SequenceError(reply.reason)

@@ -25,14 +25,15 @@ from cellserve.engine.request import Request, Response, Status
 from cellserve.server.codec import datatype_of
 from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Overloaded, SequenceError,
                                      ServerError, Unavailable)
-from cellserve.server.metrics import Metrics
+from cellserve.server.metrics import Metrics, executions_by_model
 from cellserve.server.model_config import model_config
 from cellserve.server.repository import ServedModel
 from cellserve.server.sequences import SequenceStore
 from cellserve.server.tracing import Trace, Tracer
 
 # generate: docs/streaming.md; trace: docs/tracing.md; model_configuration: server/model_config.py
-EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate", "trace", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate", "trace", "model_configuration",
+              "statistics"]
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
@@ -279,6 +280,24 @@ class Core:
         self.model(name, version)
         return self.accepting
 
+    def model_statistics(self, name: str = "", version: str = "") -> dict:
+        """Triton's statistics extension (server/statistics.py): every version of every model,
+        or of `name`, or that one version."""
+        from cellserve.server.statistics import statistics
+
+        if not name:
+            entries = [self._models[n][v] for n in self.model_names() for v in sorted(self._models[n], key=int)]
+        elif version:
+            entries = [self.model(name, version)]
+        else:
+            self.model(name)  # NotFound for a model not served
+            entries = [self._models[name][v] for v in sorted(self._models[name], key=int)]
+        return statistics(entries, self.metrics, self._executions())
+
+    def _executions(self) -> dict[str, int]:
+        """Batched cell steps run per engine model ("name:version")."""
+        return executions_by_model(self.engine.stats.steps_by_type)
+
     def server_metadata(self) -> dict:
         return {"name": "cellserve", "version": __version__, "extensions": EXTENSIONS}
 
@@ -317,7 +336,7 @@ class Core:
         entry = self.model(request.model, request.version)
         metrics = self.metrics.model(entry.name, entry.version)
         if not self.accepting:  # before it counts as pending: one the metrics show arrived is served
-            metrics.failure("unavailable").inc()
+            metrics.failed("unavailable", self.clock.now() - received)
             raise Unavailable("the server is shutting down")
         metrics.pending.inc()
 
@@ -335,15 +354,14 @@ class Core:
         try:
             answer = await self._infer(entry, request, received, on_tokens, finish)
         except ServerError as exc:
-            metrics.failure(_reason(exc)).inc()
+            metrics.failed(_reason(exc), self.clock.now() - received)
             raise
         except asyncio.CancelledError:  # the client went away (a stream cancelled, a connection closed)
-            metrics.failure("cancelled").inc()
+            metrics.failed("cancelled", self.clock.now() - received)
             raise
         finally:
             metrics.pending.dec()
-        metrics.success.inc()
-        metrics.request_us.inc((self.clock.now() - received) * 1e6)
+        metrics.answered(self.clock.now() - received)
         return answer
 
     @property
@@ -510,10 +528,9 @@ class Core:
         self._handback_s += 0.125 * (handback - self._handback_s)
         metrics = self.metrics.model(entry.name, entry.version)
         if response.admitted is not None:
-            metrics.queue_us.inc(max(response.admitted - response.arrival, 0) * 1e6)
-            metrics.compute_us.inc(max(response.finish - response.admitted, 0) * 1e6)
+            metrics.executed(max(response.admitted - response.arrival, 0), max(response.finish - response.admitted, 0))
         if response.status is Status.OK:
-            metrics.inference_count.inc(entry.model.batch_size(inputs))
+            metrics.inferred(entry.model.batch_size(inputs))
             return response
         # the engine knows the model as "name:version": say it as the client does
         reason = response.reason.replace(repr(entry.engine_name), repr(entry.name))

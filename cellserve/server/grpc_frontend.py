@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
 from cellserve.server.model_config import model_config_message
+from cellserve.server.statistics import statistics_message
 from cellserve.server.errors import BadRequest, ServerError
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         config = model_config_message(self.core.model_config(request.name, request.version))
         return service_pb2.ModelConfigResponse(config=config)
+
+    @_answers_errors
+    async def ModelStatistics(self, request, context):
+        return statistics_message(self.core.model_statistics(request.name, request.version))
 
     @_answers_errors
     async def ModelInfer(self, request, context):

@@ -70,6 +70,10 @@ def build_app(core: Core, max_request_bytes: int):
         p = request.path_params
         return JSONResponse(core.model_config(p["model"], p.get("version", "")))
 
+    async def model_statistics(request: Request) -> Response:
+        p = request.path_params
+        return JSONResponse(core.model_statistics(p.get("model", ""), p.get("version", "")))
+
     async def model_ready(request: Request) -> Response:
         p = request.path_params
         ready = core.model_ready(p["model"], p.get("version", ""))
@@ -114,6 +118,9 @@ def build_app(core: Core, max_request_bytes: int):
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2", server_metadata),
+        Route("/v2/models/stats", model_statistics),  # before /v2/models/{model}, which would take it
+        Route("/v2/models/{model}/stats", model_statistics),
+        Route("/v2/models/{model}/versions/{version}/stats", model_statistics),
         Route("/v2/models/{model}", model_metadata),
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/config", model_config),

@@ -28,9 +28,15 @@ Admission and connections (the frontends, before any decoding; not per model):
 Failure reasons: invalid, rejected (refused at admission), dropped (deadline missed while
 queued or running), sequence (a sequence error), cancelled (the client went away before its
 answer), error (the server failed).
+
+The same counts, per model version, also feed Triton's statistics extension
+(`ModelMetrics.statistics`, served by server/statistics.py): a request is counted through
+`answered` / `failed` / `executed`, which update both.
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -87,9 +93,31 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class Duration:
+    """Triton's StatisticDuration: how many, and their total nanoseconds."""
+
+    __slots__ = ("count", "ns")
+
+    def __init__(self):
+        self.count = self.ns = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += max(int(seconds * 1e9), 0)
+
+    def as_json(self) -> dict:
+        return {"count": self.count, "ns": self.ns}
+
+
 class ModelMetrics:
     def __init__(self, metrics: Metrics, name: str, version: str):
         labels = {"model": name, "version": version}
+        # Triton's statistics (plain numbers, on the server's loop): requests answered and
+        # failed with their end-to-end times, queue and compute of those the engine ran
+        self.success_time, self.fail_time = Duration(), Duration()
+        self.queue_time, self.compute_time = Duration(), Duration()
+        self.rows = 0  # inferences: a request of batch B counts B
+        self.last_inference_ms = 0  # wall-clock milliseconds since the epoch of the last answer or failure
         self.success = metrics.success.labels(**labels)
         self.inference_count = metrics.inference_count.labels(**labels)
         self.request_us = metrics.request_us.labels(**labels)
@@ -103,6 +131,41 @@ class ModelMetrics:
 
     def failure(self, reason: str):
         return self._failure.labels(**self._labels, reason=reason)
+
+    def answered(self, seconds: float) -> None:
+        """A request answered, `seconds` after it arrived."""
+        self.success.inc()
+        self.request_us.inc(seconds * 1e6)
+        self.success_time.add(seconds)
+        self.last_inference_ms = int(time.time() * 1e3)
+
+    def failed(self, reason: str, seconds: float) -> None:
+        """A request answered with an error (`reason`, see the module), `seconds` after it arrived."""
+        self.failure(reason).inc()
+        self.fail_time.add(seconds)
+        self.last_inference_ms = int(time.time() * 1e3)
+
+    def executed(self, queue_s: float, compute_s: float) -> None:
+        """The engine ran a request: `queue_s` from arrival to admission, `compute_s` after."""
+        self.queue_us.inc(queue_s * 1e6)
+        self.compute_us.inc(compute_s * 1e6)
+        self.queue_time.add(queue_s)
+        self.compute_time.add(compute_s)
+
+    def inferred(self, rows: int) -> None:
+        """A request of `rows` sequences answered by the engine."""
+        self.inference_count.inc(rows)
+        self.rows += rows
+
+
+def executions_by_model(steps_by_type, into: dict[str, int] | None = None) -> dict[str, int]:
+    """Batched cell steps per engine model ("name:version"), from steps per cell type (whose
+    keys start "name:version/"), added to `into` when given."""
+    out = {} if into is None else into
+    for cell_type, count in list(steps_by_type.items()):
+        engine_model = cell_type.split("/", 1)[0]
+        out[engine_model] = out.get(engine_model, 0) + count
+    return out
 
 
 class _EngineCollector:
@@ -118,13 +181,10 @@ class _EngineCollector:
                                     labels=["cell_type"])
         execs = CounterMetricFamily("cellserve_inference_exec_count", "Batched cell steps run for a model",
                                     labels=list(LABELS))
-        by_model: dict[str, int] = {}
         for cell_type, count in list(stats.steps_by_type.items()):
             steps.add_metric([cell_type], count)
             lanes.add_metric([cell_type], stats.lanes_by_type.get(cell_type, 0))
-            engine_model = cell_type.split("/", 1)[0]
-            by_model[engine_model] = by_model.get(engine_model, 0) + count
-        for engine_model, count in by_model.items():
+        for engine_model, count in executions_by_model(stats.steps_by_type).items():
             name, _, version = engine_model.rpartition(":")
             execs.add_metric([name, version], count)
         yield steps

@@ -79,6 +79,19 @@ def test_answers_over_http_and_grpc_are_the_models(server):
     assert client.is_server_ready() and client.get_model_metadata("gru-256").name == "gru-256"
 
 
+def test_statistics_count_the_drivers_answers_and_the_workers_steps(server):
+    tokens = np.random.default_rng(4).integers(0, 10000, (3, 9))
+    with httpclient.InferenceServerClient(server.http) as client:
+        client.infer("gru-256", [tokens_input(httpclient, tokens)])
+
+        def stats():
+            (found,) = client.get_inference_statistics("gru-256")["model_stats"]
+            return found
+        assert stats()["inference_stats"]["success"]["count"] >= 1 and stats()["inference_count"] >= 3
+        # the workers' step counts reach the driver with its poll (twice a second)
+        wait_until(lambda: stats()["execution_count"] >= 9, "the workers' steps in the statistics", poll=0.1)
+
+
 def test_errors_are_a_plain_servers(server):
     with httpclient.InferenceServerClient(server.http) as client:
         with pytest.raises(InferenceServerException) as err:

@@ -268,7 +268,8 @@ def test_known_version_works(server):
 
 def test_unknown_route_and_wrong_method(server):
     error_of(*request(server, "GET", "/v2/models/lstm-512/infer"), 405, "GET")
-    error_of(*request(server, "POST", "/v2/models/lstm-512/stats"), 404, "no route")
+    error_of(*request(server, "POST", "/v2/models/lstm-512/statistics"), 404, "no route")
+    error_of(*request(server, "POST", "/v2/models/lstm-512/stats"), 405, "POST")
 
 
 # ---- the binary tensor extension ----

@@ -46,9 +46,10 @@ def test_config_parameters_are_published_as_written(tmp_path, onnx_files):
     params = {**dates_served.parameters(), "slo_ms": "500"}
     [served] = load_repository(write_repository(tmp_path, onnx_files, params))
     assert served.parameters == params
-    config = model_config(served.name, served.platform, served.model, served.parameters)
+    config = model_config(served.name, served.platform, served.model, served.parameters, sequence_idle_s=60.0)
     assert config["input"] == [{"name": "source", "data_type": "TYPE_INT64", "dims": [-1, -1]}]
     assert config["parameters"]["text.output"] == {"string_value": "date"}
+    assert "sequence_batching" not in config  # an encoder-decoder needs the whole input first
     message = model_config_message(config)  # what gRPC's ModelConfig carries
     assert message.parameters["text.input_vocabulary"].string_value == params["text.input_vocabulary"]
 
