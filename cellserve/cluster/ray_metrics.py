@@ -24,12 +24,15 @@ With --replan-every (the planner in the cluster, ray_replan_loop.py):
   cellserve_cluster_model_workers{model}          workers taking the model's new requests
   cellserve_worker_model_changes_total{worker,node,action}   models loaded / unloaded (load, unload)
 
-A dead worker's counters stay at their last polled values (counters never go back).
+A dead worker's counters stay at their last polled values (counters never go back); its
+gauges drop to 0 (active requests, sequences: they died with it) or go (step overhead).
 """
 
 from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from cellserve.server.metrics import executions_by_model
 
 
 class ClusterCollector:
@@ -59,20 +62,21 @@ class ClusterCollector:
             outstanding.add_metric(labels, w.outstanding)
             if not snap:
                 continue
-            by_model: dict[str, int] = {}
-            for cell_type, count in snap["steps"].items():
+            for cell_type, count in snap["steps"].items():  # counters: a dead worker's keep their last values
                 steps.add_metric([*labels, cell_type], count)
                 lanes.add_metric([*labels, cell_type], snap["lanes"].get(cell_type, 0))
-                engine_model = cell_type.split("/", 1)[0]
-                by_model[engine_model] = by_model.get(engine_model, 0) + count
-            for engine_model, count in by_model.items():
+            for engine_model, count in executions_by_model(snap["steps"]).items():
                 name, _, version = engine_model.rpartition(":")
                 execs.add_metric([name, version, *labels], count)
-            overhead.add_metric(labels, snap["step_overhead_s"])
             for outcome, count in snap["served"].items():
                 served.add_metric([*labels, outcome], count)
-            active.add_metric(labels, snap["active"] + snap["queued"])
-            seqs.add_metric(labels, snap["sequences"])
+            if w.alive:  # gauges: what a dead worker held went with it
+                overhead.add_metric(labels, snap["step_overhead_s"])
+                active.add_metric(labels, snap["active"] + snap["queued"])
+                seqs.add_metric(labels, snap["sequences"])
+            else:
+                active.add_metric(labels, 0)
+                seqs.add_metric(labels, 0)
         yield from (steps, lanes, execs, overhead, up, served, active, seqs, outstanding)
         yield CounterMetricFamily("cellserve_cluster_retries", "Requests sent again after their worker died",
                                   value=self.core.retries)

@@ -196,6 +196,10 @@ def test_a_worker_and_a_node_die_under_load_and_every_request_gets_one_answer(se
                "the driver to mark both dead workers down", poll=0.1)
     text = scrape(server)
     assert len(re.findall(r"cellserve_worker_up\{[^}]*\} 0.0", text)) == 2
+    dead = re.findall(r'cellserve_worker_up\{node="\w+",worker="(w\d)"\} 0.0', text)
+    for worker in dead:  # what a dead worker held went with it: its gauges say so
+        assert re.search(rf'cellserve_worker_active_requests\{{node="\w+",worker="{worker}"\}} 0.0', text), worker
+        assert re.search(rf'cellserve_worker_sequences\{{node="\w+",worker="{worker}"\}} 0.0', text), worker
     # each death logged once, whoever found it (a call, its socket, the poll)
     wait_until(lambda: len(death_lines(server)) >= 2, "both deaths in the log", poll=0.1)
     assert len(death_lines(server)) == 2, death_lines(server)
