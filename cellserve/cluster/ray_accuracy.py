@@ -42,6 +42,12 @@ def resolve_families(names: list[str]) -> dict[str, list[str]]:
 
     if not names:
         return {f.name: f.variant_names() for f in families.FAMILIES.values()}
+    whole = [n for n in names if n in families.FAMILIES]
+    for name in names:
+        if name in families.VARIANTS and families.variant(name).family in whole:
+            fam = families.variant(name).family
+            raise AccuracyScalingError(f"--model {name!r} is a variant of family {fam!r}, which --model {fam!r} "
+                                       "serves whole: name the family, or the variants to serve, not both")
     out: dict[str, list[str]] = {}
     for name in names:
         if name in families.FAMILIES:

@@ -46,6 +46,9 @@ def test_families_from_model_names():
     with pytest.raises(AccuracyScalingError, match=r"--model 'lstm-512' is neither a family nor a variant of one "
                                                    r"\(the families: reverse: reverse-h16"):
         resolve_families(["reverse", "lstm-512"])
+    with pytest.raises(AccuracyScalingError, match=r"--model 'reverse-h16' is a variant of family 'reverse', which "
+                                                   r"--model 'reverse' serves whole"):
+        resolve_families(["reverse", "reverse-h16"])
 
 
 # ---- the loop over fake workers ----
