@@ -126,6 +126,13 @@ class RayCore(Core):
     def _served_live(self, name: str) -> bool:
         return bool(self.router.serving(name))
 
+    def _why_unavailable(self, name: str) -> str:
+        if not self.accepting:
+            return super()._why_unavailable(name)
+        if name in self.unplanned:
+            return f"the plan serves no rate of it ({self.unplanned[name]})"
+        return f"no live worker serves model {name!r}"
+
     # ---- sequences: sticky to the worker holding the state ----
 
     async def _sequence_chunk(self, entry: ServedModel, request, options, sequence, state, timeout_s, priority,

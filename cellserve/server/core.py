@@ -33,7 +33,7 @@ from cellserve.server.tracing import Trace, Tracer
 
 # generate: docs/streaming.md; trace: docs/tracing.md; model_configuration: server/model_config.py
 EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate", "trace", "model_configuration",
-              "statistics"]
+              "statistics", "model_repository"]
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
@@ -279,6 +279,28 @@ class Core:
     def model_ready(self, name: str, version: str = "") -> bool:
         self.model(name, version)
         return self.accepting
+
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        """Triton's model repository extension, its index: every version served, READY or
+        UNAVAILABLE (with why); `ready_only`: the READY ones."""
+        index = []
+        for name in self.model_names():
+            for version in sorted(self._models[name], key=int):
+                ready = self.model_ready(name, version)
+                if ready or not ready_only:
+                    index.append({"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE",
+                                  "reason": "" if ready else self._why_unavailable(name)})
+        return index
+
+    def _why_unavailable(self, name: str) -> str:
+        return "the server is shutting down"
+
+    def load_model(self, name: str, unload: bool = False) -> None:
+        """Triton's repository load/unload: refused, naming why (the models are those the server
+        started with, as Triton's model control mode NONE)."""
+        action = "unload" if unload else "load"
+        raise BadRequest(f"cannot {action} model {name!r}: this server serves the models it started with "
+                         "(as Triton's model control mode NONE); restart it to change them")
 
     def model_statistics(self, name: str = "", version: str = "") -> dict:
         """Triton's statistics extension (server/statistics.py): every version of every model,

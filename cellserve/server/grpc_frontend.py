@@ -194,6 +194,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelConfigResponse(config=config)
 
     @_answers_errors
+    async def RepositoryIndex(self, request, context):
+        index = self.core.repository_index(request.ready)
+        return service_pb2.RepositoryIndexResponse(models=[service_pb2.RepositoryIndexResponse.ModelIndex(**m)
+                                                           for m in index])
+
+    @_answers_errors
+    async def RepositoryModelLoad(self, request, context):
+        self.core.load_model(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    @_answers_errors
+    async def RepositoryModelUnload(self, request, context):
+        self.core.load_model(request.model_name, unload=True)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    @_answers_errors
     async def ModelStatistics(self, request, context):
         return statistics_message(self.core.model_statistics(request.name, request.version))
 

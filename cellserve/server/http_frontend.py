@@ -74,6 +74,21 @@ def build_app(core: Core, max_request_bytes: int):
         p = request.path_params
         return JSONResponse(core.model_statistics(p.get("model", ""), p.get("version", "")))
 
+    async def repository_index(request: Request) -> Response:
+        """Triton's model repository extension: POST v2/repository/index, body {} or {"ready": bool}."""
+        body = await request.body()
+        try:
+            doc = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            raise BadRequest(f"the repository index request is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
+            raise BadRequest('the repository index request must be an object, {"ready": true|false} at most')
+        return JSONResponse(core.repository_index(doc.get("ready", False)))
+
+    async def repository_load(request: Request) -> Response:
+        core.load_model(request.path_params["model"], unload=request.url.path.endswith("/unload"))
+        return JSONResponse({})
+
     async def model_ready(request: Request) -> Response:
         p = request.path_params
         ready = core.model_ready(p["model"], p.get("version", ""))
@@ -127,6 +142,9 @@ def build_app(core: Core, max_request_bytes: int):
         Route("/v2/models/{model}/versions/{version}/config", model_config),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_load, methods=["POST"]),
         Route("/v2/trace/setting", trace_setting, methods=["GET", "POST"]),
         Route("/v2/models/{model}/trace/setting", trace_setting, methods=["GET", "POST"]),
         Route("/openapi.json", openapi_document),

@@ -1,7 +1,7 @@
 """`serve --ray`'s readiness follows its workers: the server is ready while some worker lives,
 a model (or an accuracy-scaled family) while a live worker takes its requests, so that a
 load balancer stops sending what would only be answered 503. Without Ray: the driver's
-cores over a Router of WorkerStates."""
+cores over a Router of WorkerStates. The repository index says the same, with why."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def test_ready_while_a_worker_lives_and_a_model_while_a_live_worker_serves_it():
     core.mark_dead(states[1], "killed")
     assert core.ready() and core.model_ready("gru-256", "1")
     assert not core.model_ready("lstm-512")  # its only worker is gone
+    assert core.repository_index() == [
+        {"name": "gru-256", "version": "1", "state": "READY", "reason": ""},
+        {"name": "lstm-512", "version": "1", "state": "UNAVAILABLE", "reason": "no live worker serves model 'lstm-512'"}]
+    assert [m["name"] for m in core.repository_index(ready_only=True)] == ["gru-256"]
     core.mark_dead(states[0], "killed")
     assert not core.ready() and not core.model_ready("gru-256")
     with pytest.raises(NotFound, match="unknown model 'nope'"):

@@ -107,7 +107,7 @@ def test_unknown_model_or_version_is_not_found(client, version):
 
 
 def test_unimplemented_rpcs_say_so(client):
-    assert status_of(client.get_model_repository_index).status() == "StatusCode.UNIMPLEMENTED"
+    assert status_of(client.get_system_shared_memory_status).status() == "StatusCode.UNIMPLEMENTED"
 
 
 # ---- inference ----

@@ -62,8 +62,8 @@ SEQUENCES: dict[tuple[str, str, object], bool] = {}
 
 
 def note_sequence(case, response) -> None:
-    if case.method != "POST" or response.status_code != 200:
-        return
+    if case.method != "POST" or response.status_code != 200 or not case.path.startswith("/v2/models/"):
+        return  # only inference answers carry sequences
     content = response.content
     length = response.headers.get("inference-header-content-length")
     if length:

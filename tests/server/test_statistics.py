@@ -1,7 +1,8 @@
 """Triton's statistics extension over HTTP and gRPC, read by tritonclient's
 get_inference_statistics: the counts move by what the test sent (the zoo server is shared
 with other tests, so each check is a difference), unknown models and versions are 404 /
-NOT_FOUND, and the server lists the extension."""
+NOT_FOUND, and the server lists the extension. And the model repository extension: its index
+(get_model_repository_index), and load/unload refused saying why."""
 
 from __future__ import annotations
 
@@ -84,3 +85,46 @@ def test_an_unknown_model_or_version_is_not_found(zoo_server, protocol):
 def test_the_server_lists_the_extension(zoo_server):
     with httpclient.InferenceServerClient(zoo_server.http) as c:
         assert "statistics" in c.get_server_metadata()["extensions"]
+
+
+# ---- the model repository extension: its index; load and unload are refused ----
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_repository_index_lists_every_version_ready(zoo_server, protocol):
+    if protocol == "grpc":
+        with grpcclient.InferenceServerClient(zoo_server.grpc) as c:
+            index = c.get_model_repository_index(as_json=True)["models"]
+    else:
+        with httpclient.InferenceServerClient(zoo_server.http) as c:
+            index = c.get_model_repository_index()
+    assert sorted((m["name"], m["version"], m["state"]) for m in index) == \
+        sorted((name, "1", "READY") for name in zoo.names())
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_load_and_unload_are_refused_saying_why(zoo_server, protocol):
+    module = grpcclient if protocol == "grpc" else httpclient
+    with module.InferenceServerClient(zoo_server.grpc if protocol == "grpc" else zoo_server.http) as c:
+        for call, verb in ((c.load_model, "load"), (c.unload_model, "unload")):
+            with pytest.raises(InferenceServerException) as err:
+                call("gru-256")
+            assert err.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
+            assert f"cannot {verb} model 'gru-256'" in err.value.message()
+            assert "model control mode NONE" in err.value.message()
+        assert c.is_model_ready("gru-256")  # nothing changed
+
+
+def test_a_bad_index_request_is_refused(zoo_server):
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{zoo_server.http_url}/v2/repository/index", b'{"ready": "yes"}',
+                                     {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request)
+    assert err.value.code == 400 and '"ready": true|false' in json.loads(err.value.read())["error"]
+    ready_only = urllib.request.Request(f"{zoo_server.http_url}/v2/repository/index", b'{"ready": true}',
+                                        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(ready_only) as answer:
+        assert {m["name"] for m in json.loads(answer.read())} == set(zoo.names())
