@@ -285,6 +285,7 @@ def local():
     config = EngineConfig(profile=False, pin_threads=False, admission=False, drop_late=False)
     settings = ServerSettings(zoo_models=[S2S], http_port=0, grpc_port=0, metrics_port=-1, engine=config)
     served = load_zoo([S2S])
+    served[0].model.max_request_rows = BIG  # the cancellation tests' requests are this big
     engine = Engine([s.model for s in served], config)
     submitted = []
     submit = engine.submit
