@@ -438,36 +438,39 @@ class Core:
             raise SequenceError(f"model {entry.name!r} cannot serve sequences: {why}")
         idle_s = entry.settings.sequence_idle_s or self.sequence_idle_s
         key = (entry.name, entry.version, options.sequence_id)
-        sequence = self.sequences.get(key, options.sequence_start, idle_s)
-        sequence.users += 1
-        try:
-            async with sequence.lock:  # chunks of one sequence run one after another
-                if not self.sequences.holds(sequence):  # it ended while this chunk waited: say how
-                    self.sequences.get(key, False, idle_s)
-                    raise SequenceError(f"{sequence.describe()} was restarted while this request waited")
-                if not options.sequence_start and not sequence.started:
-                    raise SequenceError(f"{sequence.describe()} is not active: its first request must set "
-                                        "sequence_start (and succeed)")
-                start_from = None if options.sequence_start else sequence.state
-                response, state = await self._sequence_chunk(entry, request, options, sequence, start_from,
-                                                             timeout_s, priority, received)
-                try:
-                    answer = output(response)
-                except BaseException:
-                    self._drop_state(state, kept=sequence.state)
-                    raise
-                old, sequence.state = sequence.state, None if options.sequence_end else state
-                sequence.started = True
-                self._replace_state(old, sequence.state)
-                if options.sequence_end:
-                    self.sequences.end(sequence, "ended by sequence_end")
-                return answer
-        finally:
-            sequence.users -= 1
-            sequence.last_used = self.sequences.clock.now()
-            if sequence.users == 0 and not sequence.started:
-                self.sequences.forget(sequence)  # never started: as if it had not been asked for
-            self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
+        while True:  # a start that waited behind its id's previous sequence ending starts a new one
+            sequence = self.sequences.get(key, options.sequence_start, idle_s)
+            sequence.users += 1
+            try:
+                async with sequence.lock:  # chunks of one sequence run one after another
+                    if not self.sequences.holds(sequence):  # it ended while this chunk waited
+                        if options.sequence_start:
+                            continue  # a fresh sequence under the same id
+                        self.sequences.get(key, False, idle_s)  # raises, saying how it ended
+                        raise SequenceError(f"{sequence.describe()} was restarted while this request waited")
+                    if not options.sequence_start and not sequence.started:
+                        raise SequenceError(f"{sequence.describe()} is not active: its first request must set "
+                                            "sequence_start (and succeed)")
+                    start_from = None if options.sequence_start else sequence.state
+                    response, state = await self._sequence_chunk(entry, request, options, sequence, start_from,
+                                                                 timeout_s, priority, received)
+                    try:
+                        answer = output(response)
+                    except BaseException:
+                        self._drop_state(state, kept=sequence.state)
+                        raise
+                    old, sequence.state = sequence.state, None if options.sequence_end else state
+                    sequence.started = True
+                    self._replace_state(old, sequence.state)
+                    if options.sequence_end:
+                        self.sequences.end(sequence, "ended by sequence_end")
+                    return answer
+            finally:
+                sequence.users -= 1
+                sequence.last_used = self.sequences.clock.now()
+                if sequence.users == 0 and not sequence.started:
+                    self.sequences.forget(sequence)  # never started: as if it had not been asked for
+                self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
 
     async def _sequence_chunk(self, entry: ServedModel, request: InferInput, options: RequestOptions, sequence,
                               state, timeout_s, priority, received) -> tuple[Response, object]:

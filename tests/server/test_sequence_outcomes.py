@@ -123,3 +123,20 @@ def test_a_chunk_queued_behind_a_failing_start_does_not_run_from_a_fresh_state(c
         assert isinstance(outcomes[1], SequenceError) and "must set sequence_start" in str(outcomes[1])
         assert len(core.sequences) == 0  # and nothing is left to count against --max-sequences
     asyncio.run(go())
+
+
+def test_a_start_queued_behind_its_ids_ending_sequence_starts_a_new_one(core):
+    """As a client pipelining sequences over one stream sends them: [start, end] then a new
+    start with the same id while the end still runs."""
+    async def go():
+        await chunk(core, TOKENS[:, :4], sequence_start=True)
+        ending = asyncio.ensure_future(chunk(core, TOKENS[:, 4:], sequence_end=True))
+        await asyncio.sleep(0)  # the end holds the sequence's lock: the new start waits behind it
+        fresh = asyncio.ensure_future(chunk(core, TOKENS[:, :5], sequence_start=True))
+        whole, first = await asyncio.gather(ending, fresh)
+        np.testing.assert_allclose(whole, reference(TOKENS), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(first, reference(TOKENS[:, :5]), rtol=1e-4, atol=1e-6)  # from zero
+        rest = await chunk(core, TOKENS[:, 5:], sequence_end=True)
+        np.testing.assert_allclose(rest, reference(TOKENS), rtol=1e-4, atol=1e-6)
+        assert len(core.sequences) == 0
+    asyncio.run(go())
