@@ -32,7 +32,7 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
             if rows > model.max_request_rows:
                 raise InvalidInput(f"{where}: {rows} sequences (dimension {semantics.batch_axis}) exceed the model's "
                                    f"limit of {model.max_request_rows} per request (a repository model's "
-                                   "max_request_rows parameter sets it); split the batch")
+                                   "max_request_rows parameter, else its max_batch_size, sets it); split the batch")
         for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
             if want != -1 and want != got:
                 raise InvalidInput(f"{where}: dimension {axis} must be {want}, got {got} (shape {list(value.shape)})")
