@@ -284,13 +284,25 @@ class Core:
         """Triton's model repository extension, its index: every version served, READY or
         UNAVAILABLE (with why); `ready_only`: the READY ones."""
         index = []
-        for name in self.model_names():
-            for version in sorted(self._models[name], key=int):
-                ready = self.model_ready(name, version)
-                if ready or not ready_only:
-                    index.append({"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE",
-                                  "reason": "" if ready else self._why_unavailable(name)})
+        for entry in self._entries():
+            ready = self.model_ready(entry.name, entry.version)
+            if ready or not ready_only:
+                index.append({"name": entry.name, "version": entry.version,
+                              "state": "READY" if ready else "UNAVAILABLE",
+                              "reason": "" if ready else self._why_unavailable(entry.name)})
         return index
+
+    def _entries(self, name: str = "") -> list[ServedModel]:
+        """Every version served of `name` (of every model when empty), in version order;
+        NotFound for a model not served."""
+        if name:
+            self.model(name)
+        return [self._models[n][v] for n in ([name] if name else self.model_names())
+                for v in sorted(self._models[n], key=int)]
+
+    def _idle_s(self, entry: ServedModel) -> float:
+        """Seconds a sequence of the model may stay idle: its config's, else the server's."""
+        return entry.settings.sequence_idle_s or self.sequence_idle_s
 
     def _why_unavailable(self, name: str) -> str:
         return "the server is shutting down"
@@ -307,13 +319,7 @@ class Core:
         or of `name`, or that one version."""
         from cellserve.server.statistics import statistics
 
-        if not name:
-            entries = [self._models[n][v] for n in self.model_names() for v in sorted(self._models[n], key=int)]
-        elif version:
-            entries = [self.model(name, version)]
-        else:
-            self.model(name)  # NotFound for a model not served
-            entries = [self._models[name][v] for v in sorted(self._models[name], key=int)]
+        entries = [self.model(name, version)] if name and version else self._entries(name)
         return statistics(entries, self.metrics, self._executions())
 
     def _executions(self) -> dict[str, int]:
@@ -329,7 +335,7 @@ class Core:
         def tensors(specs):
             return [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)} for s in specs]
 
-        versions = [entry.version] if version else sorted(self._models[name], key=int)
+        versions = [entry.version] if version else [e.version for e in self._entries(name)]
         return {"name": name, "versions": versions, "platform": entry.platform,
                 "inputs": tensors(entry.model.inputs), "outputs": tensors(entry.model.outputs)}
 
@@ -337,7 +343,7 @@ class Core:
         """Triton's ModelConfig as JSON (server/model_config.py), with the model's published parameters."""
         entry = self.model(name, version)
         return model_config(name, entry.platform, entry.model, entry.parameters,
-                            entry.settings.sequence_idle_s or self.sequence_idle_s)
+                            self._idle_s(entry))
 
     # ---- inference ----
 
@@ -436,7 +442,7 @@ class Core:
         why = entry.model.why_not_streamable()
         if why is not None:
             raise SequenceError(f"model {entry.name!r} cannot serve sequences: {why}")
-        idle_s = entry.settings.sequence_idle_s or self.sequence_idle_s
+        idle_s = self._idle_s(entry)
         key = (entry.name, entry.version, options.sequence_id)
         while True:  # a start that waited behind its id's previous sequence ending starts a new one
             sequence = self.sequences.get(key, options.sequence_start, idle_s)

@@ -30,8 +30,8 @@ queued or running), sequence (a sequence error), cancelled (the client went away
 answer), error (the server failed).
 
 The same counts, per model version, also feed Triton's statistics extension
-(`ModelMetrics.statistics`, served by server/statistics.py): a request is counted through
-`answered` / `failed` / `executed`, which update both.
+(server/statistics.py reads ModelMetrics' plain numbers): a request is counted through
+`answered` / `failed` / `executed` / `inferred`, which update both.
 """
 
 from __future__ import annotations
