@@ -15,6 +15,7 @@ connection idle past --idle-timeout is closed, and one whose request headers tak
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -205,7 +206,8 @@ class InferEndpoint:
         try:
             try:
                 response = await self._infer(scope, receive, received, traced)
-            except ClientDisconnect:
+            except ClientDisconnect as exc:
+                failure = exc  # neither a success nor congestion, for the admission bound
                 return  # no one to answer
             except asyncio.CancelledError:
                 # uvicorn cancels what is still in flight when its graceful shutdown runs out:
@@ -250,8 +252,38 @@ class InferEndpoint:
         if trace is not None:
             trace.request_id = infer_input.request_id
             infer_input.trace = trace
-        return await self.core.infer(infer_input, received,
-                                     encode=lambda result: encode_infer_response(result, binary_outputs))
+        with _cancelled_when_client_leaves(receive):
+            return await self.core.infer(infer_input, received,
+                                         encode=lambda result: encode_infer_response(result, binary_outputs))
+
+
+@contextlib.contextmanager
+def _cancelled_when_client_leaves(receive):
+    """Within this block, the client closing its connection cancels the running task (the
+    core then cancels the request in the engine, and a sequence's chunk does not count),
+    and the block raises ClientDisconnect. Enter it only once the request's body is read:
+    the next message uvicorn gives is then the client going away."""
+    task = asyncio.current_task()
+    watching = True
+
+    def left(watcher: asyncio.Future) -> None:
+        nonlocal watching
+        if watching and not watcher.cancelled():
+            watching = False
+            task.cancel()
+
+    watcher = asyncio.ensure_future(receive())
+    watcher.add_done_callback(left)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if watching:  # cancelled from elsewhere (uvicorn's shutdown): not ours to handle
+            raise
+        task.uncancel()
+        raise ClientDisconnect() from None
+    finally:
+        watching = False  # a disconnect noticed from here on is the answer's send's concern
+        watcher.cancel()
 
 
 def build_metrics_app(metrics) -> Starlette:

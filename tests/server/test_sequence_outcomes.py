@@ -1,13 +1,18 @@
 """Only a chunk whose answer is sent changes its sequence: a chunk answered with an error,
-including one whose answer was ready after its deadline, leaves the state, the start and the
-end as they were, so a client that retries it gets what one good chunk gives.
+including one whose answer was ready after its deadline, or one whose client closed its
+connection, leaves the state, the start and the end as they were, so a client that retries it
+gets what one good chunk gives.
 
 In process, on a real engine: lateness enters through the core's clock, which the answer's
-encoding moves past the deadline (as a slow encoding, or a slow loop, would), not a sleep."""
+encoding moves past the deadline (as a slow encoding, or a slow loop, would), not a sleep; a
+disconnect is a real HTTP client's, while the engine is held before its first step."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
+import socket
 import threading
 
 import numpy as np
@@ -15,10 +20,13 @@ import pytest
 
 from cellserve.engine.clock import MonotonicClock
 from cellserve.engine.engine import Engine, EngineConfig
+from cellserve.server.app import Frontends, _bind
 from cellserve.server.core import Core, InferInput
 from cellserve.server.errors import BadRequest, DeadlineExceeded, SequenceError
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import load_zoo
+from cellserve.server.settings import ServerSettings
+from serverproc import wait_until
 from zoo_reference import token_reference
 
 MODEL = "gru-256"
@@ -140,3 +148,86 @@ def test_a_start_queued_behind_its_ids_ending_sequence_starts_a_new_one(core):
         np.testing.assert_allclose(rest, reference(TOKENS), rtol=1e-4, atol=1e-6)
         assert len(core.sequences) == 0
     asyncio.run(go())
+
+
+# ---- over HTTP: a client that closes its connection while its chunk runs ----
+
+class PausableEngine:
+    """An engine's worker thread that a test stops between steps and starts again."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.stop, self.worker = engine, threading.Event(), None
+
+    def start(self) -> None:
+        self.stop = threading.Event()
+        self.worker = threading.Thread(target=self.engine.serve_forever, args=(self.stop,), daemon=True)
+        self.worker.start()
+
+    def pause(self) -> None:
+        self.stop.set()
+        self.worker.join(30)
+        assert not self.worker.is_alive()
+
+
+@pytest.fixture
+def served_over_http():
+    """Real HTTP frontends in this process, their engine's worker (pausable) and the
+    requests submitted to the engine."""
+    config = EngineConfig(profile=False, pin_threads=False)
+    settings = ServerSettings(zoo_models=[MODEL], http_port=0, grpc_port=-1, metrics_port=-1, engine=config)
+    served = load_zoo([MODEL])
+    engine = Engine([s.model for s in served], config)
+    submitted = []
+    submit = engine.submit
+    engine.submit = lambda request: (submitted.append(request), submit(request))  # a spy
+    core = Core(served, engine, Metrics(engine))
+    frontends = Frontends(core, settings, _bind(settings))
+    port = frontends.start()["http"]
+    worker = PausableEngine(engine)
+    worker.start()
+    yield port, core, submitted, worker
+    core.accepting = False
+    stopped = threading.Event()
+    frontends.stop(on_stopped=stopped.set)
+    stopped.wait(30)
+    worker.stop.set()
+
+
+def _chunk_body(tokens, **flags) -> bytes:
+    tokens = np.asarray(tokens, np.int64)
+    return json.dumps({"inputs": [{"name": "tokens", "shape": list(tokens.shape), "datatype": "INT64",
+                                   "data": tokens.ravel().tolist()}],
+                       "outputs": [{"name": "probabilities"}],
+                       "parameters": {"sequence_id": 9, **flags}}).encode()
+
+
+def _post(address: str, body: bytes) -> np.ndarray:
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", f"/v2/models/{MODEL}/infer", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    doc = json.loads(response.read())
+    assert response.status == 200, doc
+    [output] = doc["outputs"]
+    return np.asarray(output["data"], np.float32).reshape(output["shape"])
+
+
+def test_an_http_chunk_whose_client_left_is_cancelled_and_its_retry_counts_once(served_over_http):
+    address, core, submitted, worker = served_over_http
+    _post(address, _chunk_body(TOKENS[:, :4], sequence_start=True))
+    worker.pause()  # the next chunk waits in the engine's inbox until the test goes on
+    host, port = address.rsplit(":", 1)
+    client = socket.create_connection((host, int(port)), timeout=60)
+    body = _chunk_body(TOKENS[:, 4:8])
+    client.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: test\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    wait_until(lambda: len(submitted) == 2, "the second chunk reaches the engine")
+    client.close()
+    wait_until(lambda: submitted[1].cancelled, "the chunk whose client left is cancelled in the engine")
+    worker.start()
+    again = _post(address, _chunk_body(TOKENS[:, 4:8]))  # the retry: as if the first try had not run
+    np.testing.assert_allclose(again, reference(TOKENS[:, :8]), rtol=1e-4, atol=1e-6)
+    last = _post(address, _chunk_body(TOKENS[:, 8:], sequence_end=True))
+    np.testing.assert_allclose(last, reference(TOKENS), rtol=1e-4, atol=1e-6)
+    stats = core.model_statistics(MODEL)["model_stats"][0]["inference_stats"]
+    assert stats["success"]["count"] == 3 and stats["fail"]["count"] == 1
