@@ -121,8 +121,8 @@ async def _answer(core: Core, request, put) -> None:
     except ServerError as exc:
         failure = exc
         put(_error(request, exc))
-    except asyncio.CancelledError:
-        failure = None
+    except asyncio.CancelledError as exc:
+        failure = exc  # the client went away: neither a success nor congestion, for the bound
         raise
     except Exception as exc:  # noqa: BLE001 - a bug answers this request, not the stream
         log.exception("internal error in a ModelStreamInfer request")

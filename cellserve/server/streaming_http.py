@@ -53,7 +53,8 @@ class GenerateEndpoint:
         failure = None
         try:
             await self._serve(scope, receive, send, received)
-        except StreamClosed:
+        except StreamClosed as exc:
+            failure = exc  # neither a success nor congestion, for the admission bound
             return  # the client went away: no one to answer
         except asyncio.CancelledError:
             if self.core.accepting:
