@@ -85,7 +85,7 @@ class AccuracyCore(RayCore):
             except WorkerDied as exc:
                 self._after_death(worker, exc, tried)
                 continue
-            answer = self._answer(entry, inputs, reply)
+            answer = self._answer(entry, reply)
             _ANSWERED_BY.set(variant)
             self.answered[variant] = self.answered.get(variant, 0) + 1
             return answer

@@ -223,7 +223,7 @@ class RayCore(Core):
             except WorkerDied as exc:
                 self._after_death(worker, exc, tried, sticky=held is not None)
                 continue
-            return worker, self._answer(entry, inputs, reply)
+            return worker, self._answer(entry, reply)
 
     def mark_dead(self, worker: WorkerState, why: str) -> None:
         """Take `worker` out of routing and record its death, once (the poll logs it)."""
@@ -315,12 +315,8 @@ class RayCore(Core):
         self._handback_s += 0.125 * (hop - self._handback_s)
         return reply
 
-    def _answer(self, entry: ServedModel, inputs: dict, reply: Reply) -> Reply:
-        metrics = self.metrics.model(entry.name, entry.version)
-        if reply.queue_s is not None:
-            metrics.executed(reply.queue_s, reply.compute_s or 0.0)
+    def _answer(self, entry: ServedModel, reply: Reply) -> Reply:
         if reply.status == Status.OK.value:
-            metrics.inferred(entry.model.batch_size(inputs))
             return reply
         if reply.status == "sequence":
             raise SequenceError(reply.reason)

@@ -81,3 +81,13 @@ class Response:
     @property
     def latency_s(self) -> float:
         return self.finish - self.arrival
+
+    @property
+    def queue_s(self) -> float | None:
+        """Arrival to admission (None: answered at admission)."""
+        return None if self.admitted is None else max(self.admitted - self.arrival, 0.0)
+
+    @property
+    def compute_s(self) -> float | None:
+        """Admission to answer (None: answered at admission)."""
+        return None if self.admitted is None else max(self.finish - self.admitted, 0.0)

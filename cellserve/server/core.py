@@ -411,7 +411,11 @@ class Core:
         priority = options.priority or entry.settings.default_priority or (1 << 31)
 
         def output(response: Response):
-            return finish(self._output(entry, request, options, response), timeout_s)
+            answer = finish(self._output(entry, request, options, response), timeout_s)
+            # answered in time: its figures count (nothing between here and the answer can fail)
+            self.metrics.model(entry.name, entry.version).inferred(
+                entry.model.batch_size(request.inputs), response.queue_s, response.compute_s)
+            return answer
 
         if options.sequence_id is not None:
             return await self._sequence_step(entry, request, options, timeout_s, priority, received, output)
@@ -557,11 +561,7 @@ class Core:
         handback = max(self.engine.clock.now() - response.finish, 0.0)
         self._handback_dev_s += 0.25 * (abs(handback - self._handback_s) - self._handback_dev_s)
         self._handback_s += 0.125 * (handback - self._handback_s)
-        metrics = self.metrics.model(entry.name, entry.version)
-        if response.admitted is not None:
-            metrics.executed(max(response.admitted - response.arrival, 0), max(response.finish - response.admitted, 0))
         if response.status is Status.OK:
-            metrics.inferred(entry.model.batch_size(inputs))
             return response
         # the engine knows the model as "name:version": say it as the client does
         reason = response.reason.replace(repr(entry.engine_name), repr(entry.name))

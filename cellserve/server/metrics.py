@@ -1,7 +1,7 @@
 """Prometheus metrics, with Triton's meanings under a `cellserve_` prefix, plus what cellular
 batching adds. Durations are cumulative microseconds, as Triton's are.
 
-Triton-like, per model and version:
+Triton-like, per model and version (counts, queue and compute times are of successes only):
   cellserve_inference_request_success, cellserve_inference_request_failure{reason}
   cellserve_inference_count        inferences done (a request of batch B counts B)
   cellserve_inference_exec_count   batched cell steps run for the model: with the line
@@ -53,14 +53,14 @@ class Metrics:
                                registry=r)
         self.failure = Counter("cellserve_inference_request_failure", "Failed inference requests",
                                (*LABELS, "reason"), registry=r)
-        self.inference_count = Counter("cellserve_inference_count", "Inferences performed (batch counts)", LABELS,
+        self.inference_count = Counter("cellserve_inference_count", "Inferences answered (batch counts)", LABELS,
                                        registry=r)
         self.request_us = Counter("cellserve_inference_request_duration_us",
                                   "Cumulative end-to-end inference request time", LABELS, registry=r)
         self.queue_us = Counter("cellserve_inference_queue_duration_us",
-                                "Cumulative time requests waited before the engine admitted them", LABELS, registry=r)
+                                "Cumulative time answered requests waited before the engine admitted them", LABELS, registry=r)
         self.compute_us = Counter("cellserve_inference_compute_duration_us",
-                                  "Cumulative time from admission to the answer", LABELS, registry=r)
+                                  "Cumulative time answered requests took from admission to the answer", LABELS, registry=r)
         self.pending = Gauge("cellserve_inference_pending_request_count", "Requests received, not yet answered",
                              LABELS, registry=r)
         self.slo_miss = Counter("cellserve_slo_miss", "Requests whose deadline passed before their answer was ready",
@@ -145,17 +145,17 @@ class ModelMetrics:
         self.fail_time.add(seconds)
         self.last_inference_ms = int(time.time() * 1e3)
 
-    def executed(self, queue_s: float, compute_s: float) -> None:
-        """The engine ran a request: `queue_s` from arrival to admission, `compute_s` after."""
-        self.queue_us.inc(queue_s * 1e6)
-        self.compute_us.inc(compute_s * 1e6)
-        self.queue_time.add(queue_s)
-        self.compute_time.add(compute_s)
-
-    def inferred(self, rows: int) -> None:
-        """A request of `rows` sequences answered by the engine."""
+    def inferred(self, rows: int, queue_s: float | None, compute_s: float | None) -> None:
+        """A request of `rows` sequences answered in time (as Triton, only those count): it
+        waited `queue_s` from arrival to admission, then ran `compute_s` (None: not known)."""
         self.inference_count.inc(rows)
         self.rows += rows
+        if queue_s is not None:
+            self.queue_us.inc(queue_s * 1e6)
+            self.queue_time.add(queue_s)
+        if compute_s is not None:
+            self.compute_us.inc(compute_s * 1e6)
+            self.compute_time.add(compute_s)
 
 
 def executions_by_model(steps_by_type, into: dict[str, int] | None = None) -> dict[str, int]:

@@ -4,12 +4,13 @@ over HTTP (`GET /v2/models[/{m}[/versions/{v}]]/stats`, the JSON form) and gRPC
 
 No model named: every version of every model; a model without a version: all its versions.
 Per version (ModelMetrics' plain counts, kept with the Prometheus series):
-- `inference_count`: sequences answered by the engine (a request of batch B counts B);
+- `inference_count`: sequences answered in time (a request of batch B counts B);
   `execution_count`: batched cell steps run for the model (cellular batching runs a request
   over many steps, each shared with others: the ratio tells how well batching works);
 - `inference_stats.success` / `.fail`: requests answered / answered with an error, and their
-  end-to-end time from arrival at the server; `.queue`: of the requests the engine ran, the
-  time from arrival to admission; `.compute_infer`: from admission to answer. cellserve has
+  end-to-end time from arrival at the server; `.queue`: of the requests answered (as Triton,
+  successes only: not one the engine ran but answered 504), the time from arrival to
+  admission; `.compute_infer`: from admission to answer. cellserve has
   no separate input and output phases: `compute_input` and `compute_output` are zero.
 - `last_inference`: wall-clock milliseconds since the epoch of the last answer (0: none).
 - `batch_stats` is empty: batches are formed per cell step, not per request.

@@ -150,6 +150,39 @@ def test_a_start_queued_behind_its_ids_ending_sequence_starts_a_new_one(core):
     asyncio.run(go())
 
 
+def test_statistics_count_only_answers_sent_in_time(core):
+    """Triton's inference_count, queue and compute figures are of successes: a request whose
+    answer was ready past its deadline (the engine ran it) is a failure, and only that."""
+    def stats() -> dict:
+        found = core.model_statistics(MODEL)["model_stats"][0]
+        figures = found["inference_stats"]
+        return {"inferences": found["inference_count"],
+                **{kind: figures[kind]["count"] for kind in ("success", "fail", "queue", "compute_infer")}}
+
+    async def plain(late: bool):
+        request = InferInput(MODEL, "", {"tokens": np.asarray(TOKENS, np.int64)}, parameters={"timeout": 10_000_000})
+
+        def encode(output):
+            if late:
+                core.clock.skipped += 11.0
+            return output
+        return await core.infer(request, encode=encode)
+
+    async def go():
+        before = stats()
+        with pytest.raises(DeadlineExceeded):
+            await plain(late=True)
+        with pytest.raises(DeadlineExceeded):
+            await chunk(core, TOKENS[:, :4], late=True, sequence_start=True)
+        after_late = stats()
+        assert after_late == {**before, "fail": before["fail"] + 2}
+        await plain(late=False)
+        await chunk(core, TOKENS[:, :4], sequence_start=True, sequence_end=True)
+        assert stats() == {**after_late, "inferences": before["inferences"] + 2,
+                           **{kind: after_late[kind] + 2 for kind in ("success", "queue", "compute_infer")}}
+    asyncio.run(go())
+
+
 # ---- over HTTP: a client that closes its connection while its chunk runs ----
 
 class PausableEngine:
