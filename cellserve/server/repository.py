@@ -15,7 +15,8 @@ a fixed size where the graph has a dynamic one holds requests to it),
 deadline for requests that send no `timeout`), `max_sequence_length` (the longest input
 sequence a request may send, in steps; default 1024) and `max_request_rows` (the most
 sequences one request may hold; else `max_batch_size` when > 0, as Triton reads it; default
-1024). See the README for an example. The config's
+1024; not more than a max_batch_size > 0). `max_batch_size` > 0 needs a batch-first model and
+is published as given (the published dims then leave the batch out). See the README for an example. The config's
 `parameters` are published as they are (server/model_config.py); `text.*` keys must make a
 text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
 
@@ -62,6 +63,9 @@ class ServedModel:
     settings: ModelSettings
     # published in the model's config (server/model_config.py): a config.pbtxt's parameters, or the zoo's
     parameters: dict[str, str] = field(default_factory=dict)
+    # a config.pbtxt's max_batch_size, published as given: > 0 says every tensor's first
+    # dimension is the batch (at most this many rows), and the published dims leave it out
+    max_batch_size: int = 0
 
     @property
     def engine_name(self) -> str:
@@ -138,7 +142,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     filename = config.default_model_filename or "model.onnx"
     settings = _settings(config, where)
     max_length = _positive_parameter(config, "max_sequence_length", "steps", where)
-    max_rows = _positive_parameter(config, "max_request_rows", "sequences", where) or config.max_batch_size or None
+    max_rows = _row_limit(config, where)
     decode = {k: p.string_value for k, p in config.parameters.items() if k.startswith(PARAMETER_PREFIX)}
     parameters = {k: p.string_value for k, p in config.parameters.items()}
     served = []
@@ -151,8 +155,10 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         model.max_sequence_length = max_length or model.max_sequence_length
         model.max_request_rows = max_rows or model.max_request_rows
         _check_declared_tensors(config, model, f"{where} version {version}")
+        _check_batch_first(config, model, f"{where} version {version}")
         check_parameters(parameters, model, f"{where} version {version}")
-        served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters))
+        served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters,
+                                  config.max_batch_size))
     return served
 
 
@@ -168,6 +174,33 @@ def _load_version(path: Path, engine_name: str, where: str) -> Model:
         raise ModelLoadError(f"{where} ({path}): {exc}") from exc
     except Exception as exc:  # a corrupt file: protobuf, onnx checker, ...
         raise ModelLoadError(f"{where} ({path}): cannot load: {type(exc).__name__}: {exc}") from exc
+
+
+def _row_limit(config: mc.ModelConfig, where: str) -> int | None:
+    """The most sequences one request may hold: the parameter max_request_rows, else the
+    config's max_batch_size (None: neither gives one). The parameter may be the smaller of
+    the two, not the larger: Triton's clients read max_batch_size as the limit."""
+    rows = _positive_parameter(config, "max_request_rows", "sequences", where)
+    if config.max_batch_size < 0:
+        raise ModelLoadError(f"{where}: max_batch_size must be 0 or more, got {config.max_batch_size}")
+    if rows is not None and 0 < config.max_batch_size < rows:
+        raise ModelLoadError(f"{where}: parameter max_request_rows {rows} is more than max_batch_size "
+                             f"{config.max_batch_size}, which clients read as the most rows a request may hold; "
+                             "raise max_batch_size, or set max_batch_size: 0 and limit rows by max_request_rows alone")
+    return rows or config.max_batch_size or None
+
+
+def _check_batch_first(config: mc.ModelConfig, model: Model, where: str) -> None:
+    """max_batch_size > 0 says, as Triton reads it, that every tensor's first dimension is the
+    batch: refused for a model whose batch is elsewhere (time-major inputs)."""
+    if config.max_batch_size <= 0:
+        return
+    for name, semantics in model.semantics.items():
+        if semantics.batch_axis not in (None, 0):
+            raise ModelLoadError(f"{where}: max_batch_size {config.max_batch_size} says every tensor's first "
+                                 f"dimension is the batch, but input {name!r} holds its batch in dimension "
+                                 f"{semantics.batch_axis}; set max_batch_size: 0 (dims are then whole shapes) and "
+                                 "limit rows with the parameter max_request_rows")
 
 
 def _positive_parameter(config: mc.ModelConfig, name: str, unit: str, where: str) -> int | None:

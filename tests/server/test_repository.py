@@ -224,19 +224,32 @@ def test_max_sequence_length_from_the_config(tmp_path):
 
 
 def test_max_request_rows_from_the_config_or_its_max_batch_size(tmp_path):
-    add_model(tmp_path, "m", {1: gru_onnx(0)})
+    add_model(tmp_path, "m", {1: lstm_onnx(0)})
     (served,) = load_repository(tmp_path)
     assert served.model.max_request_rows == 1024  # the default
     (tmp_path / "m" / "config.pbtxt").write_text("max_batch_size: 8")  # Triton's bound on a request's batch
     (served,) = load_repository(tmp_path)
     assert served.model.max_request_rows == 8
     (tmp_path / "m" / "config.pbtxt").write_text(
-        'max_batch_size: 8\nparameters { key: "max_request_rows" value: { string_value: "20000" } }')
+        'max_batch_size: 8\nparameters { key: "max_request_rows" value: { string_value: "5" } }')
     (served,) = load_repository(tmp_path)
-    assert served.model.max_request_rows == 20000  # the parameter, where both are given
+    assert served.model.max_request_rows == 5  # the parameter, where both are given
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        'max_batch_size: 8\nparameters { key: "max_request_rows" value: { string_value: "20000" } }')
+    with pytest.raises(ModelLoadError, match=r"model 'm': parameter max_request_rows 20000 is more than "
+                                             r"max_batch_size 8, which clients read as the most rows"):
+        load_repository(tmp_path)  # not silently more than clients are told
     (tmp_path / "m" / "config.pbtxt").write_text('parameters { key: "max_request_rows" value: { string_value: "0" } }')
     with pytest.raises(ModelLoadError, match=r"model 'm': parameter max_request_rows must be a positive integer "
                                              r"\(sequences\), got '0'"):
+        load_repository(tmp_path)
+
+
+def test_max_batch_size_is_refused_for_a_model_whose_batch_is_not_first(tmp_path):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, "max_batch_size: 8")  # tokens [time, batch]
+    with pytest.raises(ModelLoadError, match=r"model 'm' version 1: max_batch_size 8 says every tensor's first "
+                                             r"dimension is the batch, but input 'tokens' holds its batch in "
+                                             r"dimension 1; set max_batch_size: 0"):
         load_repository(tmp_path)
 
 
@@ -298,8 +311,8 @@ GRU_VERSIONS = {1: 2, 3: 3}
 def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repository")
     add_model(root, "lstm_clf", {v: lstm_onnx(s) for v, s in LSTM_VERSIONS.items()},
-              'name: "lstm_clf"\nplatform: "onnxruntime_onnx"\nversion_policy: { all: {} }\n'
-              'input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1, -1 ] } ]\n')
+              'name: "lstm_clf"\nplatform: "onnxruntime_onnx"\nversion_policy: { all: {} }\nmax_batch_size: 8\n'
+              'input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] } ]\n')
     add_model(root, "gru_seq", {v: gru_onnx(s) for v, s in GRU_VERSIONS.items()})  # no config: version 3 only
     return root
 
@@ -407,6 +420,27 @@ def test_metadata_lists_the_onnx_names_with_dynamic_dims(http, grpc, protocol):
         for version in versions:
             one = metadata(model, version)
             assert one["versions"] == [version] and {k: one[k] for k in ("inputs", "outputs")} == want
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_published_config_says_max_batch_size_as_the_config_gave_it(http, grpc, protocol):
+    """Triton's reading: max_batch_size > 0 and dims without the batch, or 0 and whole shapes."""
+    def config(model):
+        if protocol == "http":
+            return http.get_model_config(model)
+        found = grpc.get_model_config(model, as_json=True)["config"]
+        for tensor in found["input"] + found["output"]:
+            tensor["dims"] = [int(d) for d in tensor.get("dims", [])]  # protobuf's JSON leaves out []
+        return found
+    lstm, gru = config("lstm_clf"), config("gru_seq")
+    assert lstm["max_batch_size"] == 8
+    assert [(t["name"], t["dims"]) for t in lstm["input"] + lstm["output"]] == [
+        ("tokens", [-1]), ("probabilities", [3]), ("label", [])]
+    assert gru.get("max_batch_size", 0) == 0  # protobuf's JSON leaves out a zero
+    assert [(t["name"], t["dims"]) for t in gru["input"]] == [("tokens", [-1, -1])]
+    bigger = np.ones((9, 4), np.int64)  # more rows than max_batch_size
+    with pytest.raises(InferenceServerException, match="9 sequences"):
+        infer("http-binary" if protocol == "http" else "grpc", http, grpc, "lstm_clf", "", bigger)
 
 
 def get(server, path: str) -> tuple[int, dict | None]:
