@@ -470,7 +470,7 @@ class Core:
                         self._drop_state(state, kept=sequence.state)
                         raise
                     old, sequence.state = sequence.state, None if options.sequence_end else state
-                    sequence.started = True
+                    self.sequences.started(sequence)
                     self._replace_state(old, sequence.state)
                     if options.sequence_end:
                         self.sequences.end(sequence, "ended by sequence_end")

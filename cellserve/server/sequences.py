@@ -67,9 +67,14 @@ class SequenceStore:
                 raise Overloaded(f"too many active sequences ({self.max_sequences}); end or let some expire",
                                  congestion=False)
             sequence = self._active[key] = Sequence(key, idle_timeout_s)
-            self._ended.pop(key, None)
         self.touch(sequence)
         return sequence
+
+    def started(self, sequence: Sequence) -> None:
+        """Its start was answered: it may be continued, and how its id's last one ended is
+        forgotten (kept until now, so that a failed restart leaves that explanation)."""
+        sequence.started = True
+        self._ended.pop(sequence.key, None)
 
     def holds(self, sequence: Sequence) -> bool:
         """Whether `sequence` is still the active one of its key (not ended meanwhile)."""

@@ -121,6 +121,17 @@ def test_a_failed_restart_keeps_the_sequence_it_would_have_replaced(core):
     asyncio.run(go())
 
 
+def test_a_failed_restart_of_an_ended_id_still_says_how_it_ended(core):
+    async def go():
+        await chunk(core, TOKENS[:, :4], sequence_id=8, sequence_start=True, sequence_end=True)
+        with pytest.raises(BadRequest, match="out of range"):
+            await chunk(core, [[1, 99999]], sequence_id=8, sequence_start=True)
+        with pytest.raises(SequenceError, match="sequence 8 of model 'gru-256' was ended by sequence_end; "
+                                                "start a new one with sequence_start"):
+            await chunk(core, TOKENS[:, 4:], sequence_id=8)
+    asyncio.run(go())
+
+
 def test_a_chunk_queued_behind_a_failing_start_does_not_run_from_a_fresh_state(core):
     async def go():
         start = asyncio.ensure_future(chunk(core, [[1, 99999]], sequence_start=True))
