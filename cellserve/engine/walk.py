@@ -133,6 +133,10 @@ class ModelWalk:
             return (run.env[layer.initial_h] if layer.initial_h else None,
                     run.env[layer.initial_c] if layer.initial_c else None)
         h0, c0 = carried  # a stream's next chunk goes on from where the last one ended
+        if h0.ndim == 3 and h0.shape[1] != batch:  # the one way a client can get it wrong
+            raise InvalidInput(f"this request goes on from a sequence of {h0.shape[1]} row(s) (as its first "
+                               f"request held) but holds {batch}: every request of a sequence must hold as many "
+                               "rows as its first")
         if h0.shape != (len(layer.directions), batch, layer.hidden):
             raise InvalidInput(f"carried state of layer {layer.name!r} has shape {list(h0.shape)}, "
                                f"the input needs {[len(layer.directions), batch, layer.hidden]}")

@@ -62,7 +62,9 @@ def test_state_of_wrong_batch_is_an_error_for_that_request_only(models):
     engine.submit(make_request(responses, 2, "lstm", {"tokens": np.array([[1, 2]])}, initial_state=state))
     engine.run_until_idle()
     bad = responses.one(1)
-    assert bad.status is Status.INVALID and "carried state" in bad.reason
+    assert bad.status is Status.INVALID and bad.reason.endswith(
+        "goes on from a sequence of 1 row(s) (as its first request held) but holds 2: every request of a "
+        "sequence must hold as many rows as its first")
     assert responses.one(2).status is Status.OK
 
 
