@@ -339,18 +339,36 @@ async def _read_body(headers: dict[str, str], receive, limit: int) -> bytes:
     body = b"".join(chunks)
     encoding = headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
+        return _inflate(body, encoding, limit)
+    if encoding != "identity":
+        raise BadRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+    return body
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _inflate(packed: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip (one member or several, as gzip itself may write them) or zlib-wrapped deflate
+    body, inflated to at most `limit` bytes; anything after its end is refused."""
+    parts, size = [], 0
+    while True:
         inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
         try:
-            body = inflater.decompress(body, limit + 1)
+            part = inflater.decompress(packed, limit + 1 - size)
         except zlib.error as exc:
             raise BadRequest(f"request body is not valid {encoding} data: {exc}") from exc
-        if len(body) > limit or inflater.unconsumed_tail:
+        size += len(part)
+        if size > limit or inflater.unconsumed_tail:
             raise TooLarge(f"decompressed request body is over the limit of {limit} bytes")
         if not inflater.eof:
             raise BadRequest(f"request body is cut short: its {encoding} data does not end")
-    elif encoding != "identity":
-        raise BadRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
-    return body
+        parts.append(part)
+        packed = inflater.unused_data
+        if not packed:
+            return b"".join(parts)
+        if encoding != "gzip" or not packed.startswith(_GZIP_MAGIC):
+            raise BadRequest(f"request body has {len(packed)} byte(s) after the end of its {encoding} data")
 
 
 def parse_infer_request(body: bytes, header_length: str | None, model: str,

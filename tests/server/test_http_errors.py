@@ -379,6 +379,22 @@ def test_a_compressed_body_cut_short_is_refused(server, encoding):
              f"cut short: its {encoding} data does not end")
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_bytes_after_the_compressed_data_are_refused(server, encoding):
+    whole = json.dumps(GOOD).encode()
+    packed = gzip.compress(whole) if encoding == "gzip" else zlib.compress(whole)
+    error_of(*infer(server, packed + b"garbage", headers={"Content-Encoding": encoding}), 400,
+             f"7 byte(s) after the end of its {encoding} data")
+
+
+def test_a_gzip_body_of_several_members_is_served(server):
+    """gzip may write a stream as members one after another (gzip -c a b): one body."""
+    whole = json.dumps(GOOD).encode()
+    packed = gzip.compress(whole[:20]) + gzip.compress(whole[20:])
+    status, _, body = infer(server, packed, headers={"Content-Encoding": "gzip"})
+    assert status == 200, body
+
+
 def test_unsupported_content_encoding(server):
     error_of(*infer(server, GOOD, headers={"Content-Encoding": "br"}), 400, "Content-Encoding", "'br'")
 
