@@ -3,7 +3,7 @@ batching adds. Durations are cumulative microseconds, as Triton's are.
 
 Triton-like, per model and version (counts, queue and compute times are of successes only):
   cellserve_inference_request_success, cellserve_inference_request_failure{reason}
-  cellserve_inference_count        inferences done (a request of batch B counts B)
+  cellserve_inference_count        inferences answered (a request of batch B counts B)
   cellserve_inference_exec_count   batched cell steps run for the model: with the line
                                    above, inferences per step tell how well batching works
   cellserve_inference_request_duration_us, ..._queue_duration_us, ..._compute_duration_us

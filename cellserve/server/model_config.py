@@ -5,8 +5,8 @@ ModelConfig, over HTTP (`GET /v2/models/{m}[/versions/{v}]/config`, the JSON for
 What it holds: `name`, `platform`, `max_batch_size` (0, and the dims below are whole shapes,
 the batch axis included, -1 for a dynamic size; or a repository config's max_batch_size > 0,
 and the dims leave out the leading batch dimension, as Triton's do), `input` and `output`
-(names, `data_type`, `dims`), `sequence_batching` with the idle timeout for a model that takes sequences (one
-whose recurrences all run forwards), and `parameters`, `{key: {"string_value": value}}`: a
+(names, `data_type`, `dims`), `sequence_batching` with the idle timeout for a model that
+takes sequences (one whose recurrences all run forwards), and `parameters`, `{key: {"string_value": value}}`: a
 repository model's config.pbtxt parameters as written, a zoo model's from `zoo.parameters`
 (the `dates` model's text vocabularies, cellserve/text_vocab.py, and its decode spec).
 

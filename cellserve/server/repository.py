@@ -15,9 +15,9 @@ a fixed size where the graph has a dynamic one holds requests to it),
 deadline for requests that send no `timeout`), `max_sequence_length` (the longest input
 sequence a request may send, in steps; default 1024) and `max_request_rows` (the most
 sequences one request may hold; else `max_batch_size` when > 0, as Triton reads it; default
-1024; not more than a max_batch_size > 0). `max_batch_size` > 0 needs a batch-first model and
-is published as given (the published dims then leave the batch out). See the README for an example. The config's
-`parameters` are published as they are (server/model_config.py); `text.*` keys must make a
+1024; not more than a max_batch_size > 0). `max_batch_size` > 0 needs a batch-first model
+and is published as given (the published dims then leave the batch out). See the README for
+an example. The config's `parameters` are published as they are (server/model_config.py); `text.*` keys must make a
 text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
 
 An encoder-decoder is a version directory holding `encoder.onnx` and `decoder_step.onnx`
