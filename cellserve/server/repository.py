@@ -17,8 +17,8 @@ sequence a request may send, in steps; default 1024) and `max_request_rows` (the
 sequences one request may hold; else `max_batch_size` when > 0, as Triton reads it; default
 1024; not more than a max_batch_size > 0). `max_batch_size` > 0 needs a batch-first model
 and is published as given (the published dims then leave the batch out). See the README for
-an example. The config's `parameters` are published as they are (server/model_config.py); `text.*` keys must make a
-text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
+an example. The config's `parameters` are published as they are (server/model_config.py);
+`text.*` keys must make a text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
 
 An encoder-decoder is a version directory holding `encoder.onnx` and `decoder_step.onnx`
 instead of a model file, with its decode specification in the config's `parameters` as
