@@ -9,7 +9,8 @@ import numpy as np
 
 from cellserve.server.errors import BadRequest
 
-# Open Inference Protocol datatype <-> numpy dtype (BYTES is not used by any model here).
+# Open Inference Protocol datatype <-> numpy dtype. BYTES (an object array of bytes) is only
+# ever an output here: classification's answers (classification.py); no model takes it.
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
@@ -19,21 +20,23 @@ DATATYPES: dict[str, np.dtype] = {
     "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
 }
 _BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
+_BY_DTYPE[np.dtype(object)] = "BYTES"
 MAX_ELEMENTS = 1 << 26  # a shape asking for more is refused before anything is allocated
 
 
 # tensor parameters that ask for features this server does not have: refused, not ignored,
 # so that a client never reads an answer it did not ask for
-UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
-                             "classification")
+UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
-def no_unsupported_params(parameters, where: str) -> None:
-    """BadRequest naming any tensor parameter of UNSUPPORTED_TENSOR_PARAMS (both protocols)."""
+def no_unsupported_params(parameters, where: str, output: bool = False) -> None:
+    """BadRequest naming any tensor parameter of UNSUPPORTED_TENSOR_PARAMS (both protocols),
+    or `classification` on an input (`output` False): it is a request for an output."""
     unsupported = sorted(set(parameters) & set(UNSUPPORTED_TENSOR_PARAMS))
     if unsupported:
-        raise BadRequest(f"{where}: parameter(s) {unsupported} are not supported by this server "
-                         "(no shared memory, no classification)")
+        raise BadRequest(f"{where}: parameter(s) {unsupported} are not supported by this server (no shared memory)")
+    if not output and "classification" in parameters:
+        raise BadRequest(f"{where}: parameter 'classification' belongs to a requested output, not an input")
 
 
 def datatype_of(dtype: np.dtype | str) -> str:
@@ -96,12 +99,20 @@ def from_raw(raw: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype, w
 
 
 def to_raw(array: np.ndarray) -> bytes:
+    """Little-endian row-major bytes; BYTES as the protocol lays them out: each element's
+    length as 4 little-endian bytes, then the element."""
     array = np.asarray(array)
+    if array.dtype == object:
+        return b"".join(len(item).to_bytes(4, "little") + item for item in array.reshape(-1).tolist())
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
 def to_json_data(array: np.ndarray) -> list:
-    return np.asarray(array).reshape(-1).tolist()
+    """Row-major values; BYTES as strings (UTF-8)."""
+    array = np.asarray(array)
+    if array.dtype == object:
+        return [item.decode() for item in array.reshape(-1).tolist()]
+    return array.reshape(-1).tolist()
 
 
 def _flatten(data: list, where: str) -> list:

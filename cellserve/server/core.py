@@ -22,6 +22,7 @@ from cellserve.engine.clock import Clock, MonotonicClock
 from cellserve.engine.beam import optional_outputs
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Response, Status
+from cellserve.server.classification import check_classifiable, top_classes
 from cellserve.server.codec import datatype_of
 from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Overloaded, SequenceError,
                                      ServerError, Unavailable)
@@ -32,8 +33,8 @@ from cellserve.server.sequences import SequenceStore
 from cellserve.server.tracing import Trace, Tracer
 
 # generate: docs/streaming.md; trace: docs/tracing.md; model_configuration: server/model_config.py
-EXTENSIONS = ["binary_tensor_data", "sequence", "priority", "timeout", "generate", "trace", "model_configuration",
-              "statistics", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "sequence", "priority", "timeout", "generate", "trace",
+              "model_configuration", "statistics", "model_repository"]
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
@@ -50,6 +51,7 @@ class InferInput:
     request_id: str = ""
     parameters: dict = field(default_factory=dict)
     outputs: list[str] | None = None  # requested output names; None for all
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top classes asked (classification.py)
     trace: Trace | None = None  # this request's timestamps, when the tracer sampled it (tracing.py)
 
 
@@ -407,6 +409,9 @@ class Core:
             unknown = [o for o in request.outputs if o not in known]
             if unknown:
                 raise BadRequest(f"unknown output(s) {unknown} of model {entry.name!r}; it has {sorted(known)}")
+        for name in request.classification:
+            spec = next((s for s in entry.model.outputs if s.name == name), None)
+            check_classifiable(spec, name, entry.name)
         timeout_s = options.timeout_us / 1e6 if options.timeout_us else entry.settings.default_timeout_s
         priority = options.priority or entry.settings.default_priority or (1 << 31)
 
@@ -431,6 +436,8 @@ class Core:
         outputs = response.outputs
         if request.outputs is not None:
             outputs = {name: outputs[name] for name in request.outputs}
+        for name, k in request.classification.items():
+            outputs[name] = top_classes(outputs[name], k, entry.labels.get(name))
         parameters = {}
         if options.sequence_id is not None:
             parameters = {"sequence_id": options.sequence_id, "sequence_start": options.sequence_start,

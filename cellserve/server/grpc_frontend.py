@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from cellserve.server import codec
+from cellserve.server import classification, codec
 from google.protobuf.message import DecodeError
 
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
@@ -319,18 +319,23 @@ def parse_infer_request(request: service_pb2.ModelInferRequest) -> InferInput:
         else:
             inputs[tensor.name] = _from_contents(tensor, shape, dtype, where)
 
-    outputs = None
+    outputs, classes = None, {}
     if request.outputs:
         outputs = []
         for i, out in enumerate(request.outputs):
             if not out.name:
                 raise BadRequest(f"outputs[{i}] needs a name")
+            where = f"output {out.name!r}"
             if out.name in outputs:
-                raise BadRequest(f"output {out.name!r} is requested twice")
-            codec.no_unsupported_params(out.parameters, f"output {out.name!r}")
+                raise BadRequest(f"{where} is requested twice")
+            codec.no_unsupported_params(out.parameters, where, output=True)
             outputs.append(out.name)
+            asked = out.parameters.get(classification.PARAMETER)
+            if asked is not None:
+                classes[out.name] = classification.class_count(_parameter_value(asked, classification.PARAMETER),
+                                                               where)
     return InferInput(request.model_name, request.model_version, inputs, request.id,
-                      _parameters(request.parameters), outputs)
+                      _parameters(request.parameters), outputs, classes)
 
 
 def _has_contents(tensor) -> bool:
@@ -362,13 +367,14 @@ def _from_contents(tensor, shape: tuple[int, ...], dtype: np.dtype, where: str) 
 
 def _parameters(parameters) -> dict:
     """The request's InferParameter map as {name: python value}, which the core checks."""
-    out = {}
-    for name, param in parameters.items():
-        kind = param.WhichOneof("parameter_choice")
-        if kind is None:
-            raise BadRequest(f"parameter {name!r} has no value")
-        out[name] = getattr(param, kind)
-    return out
+    return {name: _parameter_value(param, name) for name, param in parameters.items()}
+
+
+def _parameter_value(param, name: str):
+    kind = param.WhichOneof("parameter_choice")
+    if kind is None:
+        raise BadRequest(f"parameter {name!r} has no value")
+    return getattr(param, kind)
 
 
 # ---- response ----

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cellserve.decimal_text import ascii_int
-from cellserve.server import codec
+from cellserve.server import classification, codec
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
 from cellserve.server.errors import BadRequest, Overloaded, ServerError, TooLarge, Unavailable
 
@@ -414,19 +414,21 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input")
 
-    outputs, binary_outputs = None, {}
+    outputs, binary_outputs, classification = None, {}, {}
     if "outputs" in doc:
         raw_outputs = doc["outputs"]
         if not isinstance(raw_outputs, list):
             raise BadRequest(f"'outputs' must be a list, got {type(raw_outputs).__name__}")
         outputs = [] if raw_outputs else None  # none named: all of them, as over gRPC
         for i, out in enumerate(raw_outputs):
-            name, as_binary = _parse_output(out, i, binary_default)
+            name, as_binary, classes = _parse_output(out, i, binary_default)
             if name in binary_outputs:
                 raise BadRequest(f"output {name!r} is requested twice")
             outputs.append(name)
             binary_outputs[name] = as_binary
-    return InferInput(model, version, inputs, request_id, parameters, outputs), \
+            if classes is not None:
+                classification[name] = classes
+    return InferInput(model, version, inputs, request_id, parameters, outputs, classification), \
         binary_outputs or {"*": binary_default}
 
 
@@ -480,18 +482,21 @@ def _parse_input(tensor: object, index: int, binary: memoryview) -> tuple[np.nda
     return codec.from_json_data(tensor["data"], shape, dtype, where), 0
 
 
-def _parse_output(out: object, index: int, binary_default: bool) -> tuple[str, bool]:
+def _parse_output(out: object, index: int, binary_default: bool) -> tuple[str, bool, int | None]:
+    """(name, whether it goes back as binary, the top classes asked for or None)."""
     if not isinstance(out, dict) or not isinstance(out.get("name"), str):
         raise BadRequest(f"outputs[{index}] must be an object with a 'name' string")
-    _no_unknown_fields(out, _OUTPUT_FIELDS, f"output {out['name']!r}")
+    where = f"output {out['name']!r}"
+    _no_unknown_fields(out, _OUTPUT_FIELDS, where)
     params = out.get("parameters", {})
     if not isinstance(params, dict):
-        raise BadRequest(f"output {out['name']!r}: 'parameters' must be an object")
-    codec.no_unsupported_params(params, f"output {out['name']!r}")
+        raise BadRequest(f"{where}: 'parameters' must be an object")
+    codec.no_unsupported_params(params, where, output=True)
     as_binary = params.get("binary_data", binary_default)
     if not isinstance(as_binary, bool):
-        raise BadRequest(f"output {out['name']!r}: binary_data must be a boolean, got {as_binary!r}")
-    return out["name"], as_binary
+        raise BadRequest(f"{where}: binary_data must be a boolean, got {as_binary!r}")
+    classes = params.get(classification.PARAMETER)
+    return out["name"], as_binary, None if classes is None else classification.class_count(classes, where)
 
 
 def _no_unknown_fields(obj: dict, allowed: set[str], where: str) -> None:

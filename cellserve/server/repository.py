@@ -11,7 +11,8 @@ reads: `name`, `platform`/`backend` (must be ONNX Runtime's, if set), `version_p
 the graph; dims as Triton reads them, without the batch dimension when `max_batch_size` > 0;
 a fixed size where the graph has a dynamic one holds requests to it),
 `sequence_batching.max_sequence_idle_microseconds`,
-`dynamic_batching.default_priority_level`, and `parameters` `slo_ms` (the model's default
+`dynamic_batching.default_priority_level`, an output's `label_filename` (its classes' labels
+for classification, server/classification.py), and `parameters` `slo_ms` (the model's default
 deadline for requests that send no `timeout`), `max_sequence_length` (the longest input
 sequence a request may send, in steps; default 1024) and `max_request_rows` (the most
 sequences one request may hold; else `max_batch_size` when > 0, as Triton reads it; default
@@ -66,6 +67,8 @@ class ServedModel:
     # a config.pbtxt's max_batch_size, published as given: > 0 says every tensor's first
     # dimension is the batch (at most this many rows), and the published dims leave it out
     max_batch_size: int = 0
+    # output -> its classes' labels (a config output's label_filename), for classification
+    labels: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def engine_name(self) -> str:
@@ -143,6 +146,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     settings = _settings(config, where)
     max_length = _positive_parameter(config, "max_sequence_length", "steps", where)
     max_rows = _row_limit(config, where)
+    labels = _labels(config, model_dir, where)
     decode = {k: p.string_value for k, p in config.parameters.items() if k.startswith(PARAMETER_PREFIX)}
     parameters = {k: p.string_value for k, p in config.parameters.items()}
     served = []
@@ -158,7 +162,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         _check_batch_first(config, model, f"{where} version {version}")
         check_parameters(parameters, model, f"{where} version {version}")
         served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters,
-                                  config.max_batch_size))
+                                  config.max_batch_size, labels))
     return served
 
 
@@ -188,6 +192,26 @@ def _row_limit(config: mc.ModelConfig, where: str) -> int | None:
                              f"{config.max_batch_size}, which clients read as the most rows a request may hold; "
                              "raise max_batch_size, or set max_batch_size: 0 and limit rows by max_request_rows alone")
     return rows or config.max_batch_size or None
+
+
+def _labels(config: mc.ModelConfig, model_dir: Path, where: str) -> dict[str, list[str]]:
+    """Each config output's `label_filename` read: a file beside config.pbtxt, one label per
+    line (line i names class i), as Triton reads it for classification."""
+    labels = {}
+    for output in config.output:
+        if not output.label_filename:
+            continue
+        path = model_dir / output.label_filename
+        if Path(output.label_filename).is_absolute() or ".." in Path(output.label_filename).parts \
+                or not path.is_file():
+            raise ModelLoadError(f"{where}: output {output.name!r}: label_filename {output.label_filename!r} "
+                                 f"is not a file in {model_dir}")
+        try:
+            labels[output.name] = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{where}: output {output.name!r}: cannot read label_filename "
+                                 f"{output.label_filename!r}: {exc}") from None
+    return labels
 
 
 def _check_batch_first(config: mc.ModelConfig, model: Model, where: str) -> None:

@@ -277,13 +277,10 @@ def test_malformed_messages_from_the_raw_stub(client, stub):
     bad(client, call(flag), "'sequence_start' must be a boolean")
 
 
-def test_shared_memory_and_classification_are_refused(client):
+def test_shared_memory_is_refused(client):
     shm = tensor("tokens", np.array([[1]]))
     shm.set_shared_memory("region", 8)
     bad(client, lambda: client.infer("gru-256", [shm]), "shared_memory")
-    out = grpcclient.InferRequestedOutput("probabilities", class_count=3)
-    bad(client, lambda: client.infer("gru-256", [tensor("tokens", np.array([[1]]))], outputs=[out]),
-        "classification")
 
 
 # ---- the server's own limits ----

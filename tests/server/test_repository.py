@@ -303,7 +303,8 @@ def test_repository_errors(tmp_path):
 
 # ---- served end to end ----
 
-LSTM_VERSIONS = {1: 0, 2: 1}  # version -> seed: different weights, so the answering version shows
+LSTM_VERSIONS = {1: 0, 2: 1}
+LABELS = ["negative", "neutral", "positive"]  # lstm_clf's classes, for classification  # version -> seed: different weights, so the answering version shows
 GRU_VERSIONS = {1: 2, 3: 3}
 
 
@@ -312,7 +313,9 @@ def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repository")
     add_model(root, "lstm_clf", {v: lstm_onnx(s) for v, s in LSTM_VERSIONS.items()},
               'name: "lstm_clf"\nplatform: "onnxruntime_onnx"\nversion_policy: { all: {} }\nmax_batch_size: 8\n'
-              'input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] } ]\n')
+              'input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1 ] } ]\n'
+              'output [ { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt" } ]\n')
+    (root / "lstm_clf" / "labels.txt").write_text("\n".join(LABELS) + "\n")
     add_model(root, "gru_seq", {v: gru_onnx(s) for v, s in GRU_VERSIONS.items()})  # no config: version 3 only
     return root
 
@@ -441,6 +444,26 @@ def test_the_published_config_says_max_batch_size_as_the_config_gave_it(http, gr
     bigger = np.ones((9, 4), np.int64)  # more rows than max_batch_size
     with pytest.raises(InferenceServerException, match="9 sequences"):
         infer("http-binary" if protocol == "http" else "grpc", http, grpc, "lstm_clf", "", bigger)
+
+
+def test_classification_names_the_classes_from_the_config_s_label_file(http, grpc):
+    tokens = requests_for("lstm_clf")
+    probabilities, _ = infer("http-json", http, grpc, "lstm_clf", "2", tokens)
+    tensor = grpcclient.InferInput("tokens", list(tokens.shape), "INT64")
+    tensor.set_data_from_numpy(tokens)
+    result = grpc.infer("lstm_clf", [tensor], model_version="2",
+                        outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)])
+    for row, classes in zip(probabilities["probabilities"], result.as_numpy("probabilities")):
+        best = np.argsort(-row, kind="stable")[:2]
+        assert [c.decode().split(":", 1)[1] for c in classes] == [f"{i}:{LABELS[i]}" for i in best]
+
+
+def test_a_label_file_that_is_not_there_is_refused(tmp_path):
+    add_model(tmp_path, "m", {1: lstm_onnx(0)},
+              'output [ { name: "probabilities" data_type: TYPE_FP32 label_filename: "nope.txt" } ]')
+    with pytest.raises(ModelLoadError, match=r"model 'm': output 'probabilities': label_filename 'nope.txt' is "
+                                             r"not a file in"):
+        load_repository(tmp_path)
 
 
 def get(server, path: str) -> tuple[int, dict | None]:
