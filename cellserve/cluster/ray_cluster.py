@@ -31,7 +31,9 @@ _STARTUP_TIMEOUT_S = 300.0  # placement and model loading on a busy machine
 _POLL_S = 0.5  # how often the driver refreshes each worker's costs and counters
 
 
-def serve_ray(settings: ServerSettings) -> int:
+def serve_ray(settings: ServerSettings, server_log=None) -> int:
+    """`cellserve serve --ray`: the engines as Ray actors behind this process's frontends;
+    `server_log` (server/log_settings.py) is the driver's log, as app.serve started it."""
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -65,7 +67,7 @@ def serve_ray(settings: ServerSettings) -> int:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
     try:
-        return _run(settings, served, layout, sockets, cluster, fams)
+        return _run(settings, served, layout, sockets, cluster, fams, server_log)
     finally:
         cluster.close()
 
@@ -195,7 +197,8 @@ class _Cluster:
             ray.shutdown()
 
 
-def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, fams=None) -> int:
+def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, fams=None,
+         server_log=None) -> int:
     from cellserve import heap
     from cellserve.cluster.ray_core import RayCore, WorkerDied
     from cellserve.cluster.ray_metrics import ClusterCollector
@@ -232,6 +235,8 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
     else:
         core = RayCore(served, router, call, metrics, settings.sequence_idle_s, settings.max_sequences,
                        layout.gates, layout.unplanned, settings.engine.admission_headroom)
+    if server_log is not None:
+        core.log = server_log
     if settings.replan_every_s is not None and fams is None:
         from cellserve.cluster.ray_replan_loop import Replanner
 

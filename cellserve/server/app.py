@@ -24,6 +24,7 @@ from cellserve.engine.engine import Engine
 from cellserve.errors import CellserveError
 from cellserve.server.core import Core
 from cellserve.server.http_frontend import ConnectionLimits, build_app, build_metrics_app, guarded_protocol
+from cellserve.server.log_settings import LogSettingError, ServerLog
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import ServedModel, load_repository, load_zoo
 from cellserve.server.settings import ServerSettings
@@ -40,13 +41,28 @@ class StartupError(Exception):
     pass
 
 
+def start_log(settings: ServerSettings) -> ServerLog | None:
+    """The server's log, written as its --log-* settings say from now on; None (after one
+    line on stderr) when its file cannot be opened."""
+    server_log = ServerLog.from_settings(settings)
+    try:
+        server_log.install()
+    except LogSettingError as exc:
+        print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+        return None
+    return server_log
+
+
 def serve(settings: ServerSettings) -> int:
     """Run a server with these (validated) settings until SIGTERM/SIGINT; the exit status: 0
     after a clean stop, 1 when start-up failed (one line on stderr)."""
+    server_log = start_log(settings)
+    if server_log is None:
+        return 2
     if settings.ray_address is not None:  # the engines as Ray actors; Ray is imported only there
         from cellserve.cluster.ray_cluster import serve_ray
 
-        return serve_ray(settings)
+        return serve_ray(settings, server_log)
     if settings.threads:
         import torch
 
@@ -88,7 +104,7 @@ def serve(settings: ServerSettings) -> int:
     from cellserve.server.tracing import Tracer, parse_trace_config  # validated with the settings
 
     core = Core(served, engine, metrics, settings.sequence_idle_s, settings.max_sequences,
-                tracer=Tracer(parse_trace_config(settings.trace_config)))
+                tracer=Tracer(parse_trace_config(settings.trace_config)), log=server_log)
     frontends = Frontends(core, settings, sockets)
     try:
         ports = frontends.start()

@@ -13,6 +13,7 @@ only after it, is answered DeadlineExceeded (504 / DEADLINE_EXCEEDED), never a l
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,15 +27,18 @@ from cellserve.server.classification import check_classifiable, top_classes
 from cellserve.server.codec import datatype_of
 from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Overloaded, SequenceError,
                                      ServerError, Unavailable)
+from cellserve.server.log_settings import ServerLog
 from cellserve.server.metrics import Metrics, executions_by_model
 from cellserve.server.model_config import model_config
 from cellserve.server.repository import ServedModel
 from cellserve.server.sequences import SequenceStore
 from cellserve.server.tracing import Trace, Tracer
 
+log = logging.getLogger(__name__)
+
 # generate: docs/streaming.md; trace: docs/tracing.md; model_configuration: server/model_config.py
 EXTENSIONS = ["binary_tensor_data", "classification", "sequence", "priority", "timeout", "generate", "trace",
-              "model_configuration", "statistics", "model_repository"]
+              "model_configuration", "statistics", "model_repository", "logging"]
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
@@ -228,9 +232,10 @@ class Admission:
 class Core:
     def __init__(self, served: list[ServedModel], engine: Engine, metrics: Metrics,
                  sequence_idle_s: float = 60.0, max_sequences: int = 100_000, clock: Clock | None = None,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, log: ServerLog | None = None):
         self.engine = engine
         self.tracer = tracer or Tracer()  # Triton's trace extension; off unless configured
+        self.log = log or ServerLog()  # Triton's logging extension (log_settings.py)
         self.metrics = metrics
         # where the server reads time (deadlines, arrivals); the engine's clock unless a test
         # injects another
@@ -385,14 +390,25 @@ class Core:
             answer = await self._infer(entry, request, received, on_tokens, finish)
         except ServerError as exc:
             metrics.failed(_reason(exc), self.clock.now() - received)
+            if self.log.verbose:
+                self._log_request(entry, request, received, f"{_reason(exc)}: {exc.message}")
             raise
         except asyncio.CancelledError:  # the client went away (a stream cancelled, a connection closed)
             metrics.failed("cancelled", self.clock.now() - received)
+            if self.log.verbose:
+                self._log_request(entry, request, received, "cancelled: the client went away")
             raise
         finally:
             metrics.pending.dec()
         metrics.answered(self.clock.now() - received)
+        if self.log.verbose:
+            self._log_request(entry, request, received, "ok")
         return answer
+
+    def _log_request(self, entry: ServedModel, request: InferInput, received: float, outcome: str) -> None:
+        """The verbose log's line for one request (log_verbose_level >= 1)."""
+        log.debug("infer %s version %s id %r: %s, %.3f ms in the server", entry.name, entry.version,
+                  request.request_id, outcome, (self.clock.now() - received) * 1e3)
 
     @property
     def streams_tokens(self) -> bool:

@@ -27,6 +27,7 @@ from cellserve.server import classification, codec
 from google.protobuf.message import DecodeError
 
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
+from cellserve.server.log_settings import LogSettingError
 from cellserve.server.model_config import model_config_message
 from cellserve.server.statistics import statistics_message
 from cellserve.server.errors import BadRequest, ServerError
@@ -286,6 +287,30 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         response = service_pb2.TraceSettingResponse()
         for key, value in settings.items():
             response.settings[key].value.extend(value if isinstance(value, list) else [value])
+        return response
+
+    @_answers_errors
+    async def LogSettings(self, request, context):
+        """Triton's logging extension: the settings after applying the request's (none: as
+        they are); INVALID_ARGUMENT names a bad one (server/log_settings.py)."""
+        changes = {}
+        for key, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            if kind is None:
+                raise BadRequest(f"log setting {key!r} has no value")
+            changes[key] = getattr(value, kind)
+        try:
+            settings = self.core.log.update(changes) if changes else self.core.log.get()
+        except LogSettingError as exc:
+            raise BadRequest(str(exc)) from exc
+        response = service_pb2.LogSettingsResponse()
+        for key, value in settings.items():
+            if isinstance(value, bool):
+                response.settings[key].bool_param = value
+            elif isinstance(value, int):
+                response.settings[key].uint32_param = value
+            else:
+                response.settings[key].string_param = value
         return response
 
 

@@ -35,6 +35,7 @@ from cellserve.decimal_text import ascii_int
 from cellserve.server import classification, codec
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
 from cellserve.server.errors import BadRequest, Overloaded, ServerError, TooLarge, Unavailable
+from cellserve.server.log_settings import LogSettingError
 
 log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -114,6 +115,20 @@ def build_app(core: Core, max_request_bytes: int):
         except TraceSettingError as exc:
             raise BadRequest(str(exc)) from exc
 
+    async def log_settings(request: Request) -> Response:
+        """Triton's logging extension: GET/POST v2/logging (server/log_settings.py)."""
+        if request.method == "GET":
+            return JSONResponse(core.log.get())
+        body = await request.body()
+        try:
+            changes = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            raise BadRequest(f"the log settings request is not valid JSON: {exc}") from exc
+        try:
+            return JSONResponse(core.log.update(changes))
+        except LogSettingError as exc:
+            raise BadRequest(str(exc)) from exc
+
     async def openapi_document(request: Request) -> Response:
         document = resources.files("cellserve.server").joinpath("openapi.json").read_bytes()
         return Response(document, media_type="application/json")
@@ -147,6 +162,7 @@ def build_app(core: Core, max_request_bytes: int):
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_load, methods=["POST"]),
         Route("/v2/trace/setting", trace_setting, methods=["GET", "POST"]),
+        Route("/v2/logging", log_settings, methods=["GET", "POST"]),
         Route("/v2/models/{model}/trace/setting", trace_setting, methods=["GET", "POST"]),
         Route("/openapi.json", openapi_document),
     ]

@@ -32,7 +32,8 @@ _COMPUTE = "compute"
 _LIFECYCLE = "sequences and lifecycle"
 _RAY = "Ray cluster (docs/ray.md)"
 _TRACING = "tracing (docs/tracing.md)"
-GROUPS = (_MODELS, _NETWORK, _BATCHING, _COMPUTE, _LIFECYCLE, _RAY, _TRACING)  # --help's sections, in order
+_LOGGING = "logging (changeable while serving: /v2/logging)"
+GROUPS = (_MODELS, _NETWORK, _BATCHING, _COMPUTE, _LIFECYCLE, _RAY, _TRACING, _LOGGING)  # --help's sections
 
 
 def _port(value: int) -> str | None:
@@ -121,6 +122,17 @@ class ServerSettings:
                                            "triton,file=PATH, triton,log-frequency=N",
                                       default_factory=list, flag="--trace-config", unset="tracing off",
                                       check=check_trace_config, group=_TRACING, metavar="SETTING=VALUE")
+
+    # Triton's logging extension (cellserve/server/log_settings.py)
+    log_file: Path | None = setting(None, "append the server's log to this file", unset="standard error",
+                                    group=_LOGGING, metavar="FILE")
+    log_info: bool = setting(False, "log information messages", group=_LOGGING)
+    log_warning: bool = setting(True, "log warnings", group=_LOGGING)
+    log_error: bool = setting(True, "log errors", group=_LOGGING)
+    log_verbose: int = setting(0, "verbose level: 1 and up adds a line per inference request", ge=0,
+                               group=_LOGGING, metavar="LEVEL")
+    log_format: str = setting("default", "the log's line format: default (glog's, as Triton's) or ISO8601",
+                              choices=("default", "ISO8601"), group=_LOGGING)
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field
