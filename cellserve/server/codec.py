@@ -24,17 +24,9 @@ _BY_DTYPE[np.dtype(object)] = "BYTES"
 MAX_ELEMENTS = 1 << 26  # a shape asking for more is refused before anything is allocated
 
 
-# tensor parameters that ask for features this server does not have: refused, not ignored,
-# so that a client never reads an answer it did not ask for
-UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-
-
-def no_unsupported_params(parameters, where: str, output: bool = False) -> None:
-    """BadRequest naming any tensor parameter of UNSUPPORTED_TENSOR_PARAMS (both protocols),
-    or `classification` on an input (`output` False): it is a request for an output."""
-    unsupported = sorted(set(parameters) & set(UNSUPPORTED_TENSOR_PARAMS))
-    if unsupported:
-        raise BadRequest(f"{where}: parameter(s) {unsupported} are not supported by this server (no shared memory)")
+def no_misplaced_params(parameters, where: str, output: bool = False) -> None:
+    """BadRequest for `classification` on an input (`output` False): it asks for an output
+    (both protocols)."""
     if not output and "classification" in parameters:
         raise BadRequest(f"{where}: parameter 'classification' belongs to a requested output, not an input")
 

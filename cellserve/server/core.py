@@ -24,7 +24,7 @@ from cellserve.engine.beam import optional_outputs
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Response, Status
 from cellserve.server.classification import check_classifiable, top_classes
-from cellserve.server.codec import datatype_of
+from cellserve.server.codec import datatype_of, to_raw
 from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Overloaded, SequenceError,
                                      ServerError, Unavailable)
 from cellserve.server.log_settings import ServerLog
@@ -32,13 +32,14 @@ from cellserve.server.metrics import Metrics, executions_by_model
 from cellserve.server.model_config import model_config
 from cellserve.server.repository import ServedModel
 from cellserve.server.sequences import SequenceStore
+from cellserve.server.shared_memory import InSharedMemory, SystemSharedMemory, TensorPlace
 from cellserve.server.tracing import Trace, Tracer
 
 log = logging.getLogger(__name__)
 
 # generate: docs/streaming.md; trace: docs/tracing.md; model_configuration: server/model_config.py
 EXTENSIONS = ["binary_tensor_data", "classification", "sequence", "priority", "timeout", "generate", "trace",
-              "model_configuration", "statistics", "model_repository", "logging"]
+              "model_configuration", "statistics", "model_repository", "logging", "system_shared_memory"]
 # the largest unsigned 64-bit value: what the protocol's uint64 parameters may hold
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
@@ -56,6 +57,7 @@ class InferInput:
     parameters: dict = field(default_factory=dict)
     outputs: list[str] | None = None  # requested output names; None for all
     classification: dict[str, int] = field(default_factory=dict)  # output -> top classes asked (classification.py)
+    output_places: dict[str, TensorPlace] = field(default_factory=dict)  # outputs to shared memory (shared_memory.py)
     trace: Trace | None = None  # this request's timestamps, when the tracer sampled it (tracing.py)
 
 
@@ -236,6 +238,7 @@ class Core:
         self.engine = engine
         self.tracer = tracer or Tracer()  # Triton's trace extension; off unless configured
         self.log = log or ServerLog()  # Triton's logging extension (log_settings.py)
+        self.shared_memory = SystemSharedMemory()  # regions clients registered (shared_memory.py)
         self.metrics = metrics
         # where the server reads time (deadlines, arrivals); the engine's clock unless a test
         # injects another
@@ -447,13 +450,17 @@ class Core:
             streaming.update(beam_width=options.beam_width, return_beams=options.return_beams)
         return output(await self._submit(entry, request.inputs, timeout_s, priority, received, **streaming))
 
-    @staticmethod
-    def _output(entry: ServedModel, request: InferInput, options: RequestOptions, response) -> InferOutput:
+    def _output(self, entry: ServedModel, request: InferInput, options: RequestOptions, response) -> InferOutput:
         outputs = response.outputs
         if request.outputs is not None:
             outputs = {name: outputs[name] for name in request.outputs}
         for name, k in request.classification.items():
             outputs[name] = top_classes(outputs[name], k, entry.labels.get(name))
+        for name, place in request.output_places.items():  # written where the client asked
+            array = np.asarray(outputs[name])
+            data = to_raw(array)
+            self.shared_memory.write(place, data, f"output {name!r}")
+            outputs[name] = InSharedMemory(datatype_of(array.dtype), array.shape, place, len(data))
         parameters = {}
         if options.sequence_id is not None:
             parameters = {"sequence_id": options.sequence_id, "sequence_start": options.sequence_start,

@@ -28,9 +28,10 @@ from google.protobuf.message import DecodeError
 
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
 from cellserve.server.log_settings import LogSettingError
+from cellserve.server.shared_memory import InSharedMemory, SystemSharedMemory, tensor_place
 from cellserve.server.model_config import model_config_message
 from cellserve.server.statistics import statistics_message
-from cellserve.server.errors import BadRequest, ServerError
+from cellserve.server.errors import BadRequest, NotFound, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_answers_errors
     async def ModelInfer(self, request, context):
         self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
-        return await self.core.infer(parse_infer_request(request), encode=encode_infer_response)
+        infer_input = parse_infer_request(request, self.core.shared_memory)
+        return await self.core.infer(infer_input, encode=encode_infer_response)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's decoupled streaming: tokens as a decoder emits them, then each request's
@@ -242,7 +244,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             tracer = self.core.tracer
             trace = tracer.start(entry.name, entry.version, request.id) if tracer.on else None
             if trace is None:
-                return await self.core.infer(parse_infer_request(request), received, encode=encode_infer_response)
+                infer_input = parse_infer_request(request, self.core.shared_memory)
+                return await self.core.infer(infer_input, received, encode=encode_infer_response)
             return await self._traced_infer(request, received, trace, context)
         except BaseException as exc:
             failure = exc
@@ -263,7 +266,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             tracer.finish(trace)
 
         context.add_done_callback(done)
-        infer_input = parse_infer_request(request)
+        infer_input = parse_infer_request(request, self.core.shared_memory)
         infer_input.trace = trace
         response = await self.core.infer(infer_input, received, encode=encode_infer_response)
         trace.stamp("GRPC_SEND_START")
@@ -313,38 +316,84 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 response.settings[key].string_param = value
         return response
 
+    # ---- Triton's shared memory extensions (shared_memory.py) ----
+
+    @_answers_errors
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.core.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return service_pb2.SystemSharedMemoryRegisterResponse()
+
+    @_answers_errors
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = service_pb2.SystemSharedMemoryStatusResponse()
+        for region in self.core.shared_memory.status(request.name):
+            response.regions[region["name"]].CopyFrom(
+                service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
+    @_answers_errors
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.core.shared_memory.unregister(request.name)
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+    @_answers_errors
+    async def CudaSharedMemoryRegister(self, request, context):
+        raise BadRequest("CUDA shared memory is not supported: this server has no GPU memory to share; "
+                         "use system shared memory (SystemSharedMemoryRegister)")
+
+    @_answers_errors
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            raise NotFound(f"no CUDA shared memory region {request.name!r} is registered")
+        return service_pb2.CudaSharedMemoryStatusResponse()
+
+    @_answers_errors
+    async def CudaSharedMemoryUnregister(self, request, context):
+        if request.name:
+            raise NotFound(f"no CUDA shared memory region {request.name!r} is registered")
+        return service_pb2.CudaSharedMemoryUnregisterResponse()
+
 
 # ---- request ----
 
-def parse_infer_request(request: service_pb2.ModelInferRequest) -> InferInput:
-    """Decode a ModelInferRequest into the core's InferInput, or raise BadRequest."""
+def parse_infer_request(request: service_pb2.ModelInferRequest,
+                        shared_memory: SystemSharedMemory | None = None) -> InferInput:
+    """Decode a ModelInferRequest into the core's InferInput, or raise BadRequest. Inputs in
+    `shared_memory`'s regions are read from there; raw_input_contents holds the others'."""
     if not request.inputs:
         raise BadRequest("the request has no inputs")
-    raw = request.raw_input_contents
+    shared_memory = shared_memory or SystemSharedMemory()
+    places = [tensor_place(_parameters(t.parameters), f"input {t.name!r}") for t in request.inputs]
+    raw = list(request.raw_input_contents)
     if raw:
-        if len(raw) != len(request.inputs):
-            raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+        sent = sum(place is None for place in places)
+        if len(raw) != sent:
+            raise BadRequest(f"raw_input_contents has {len(raw)} entries for {sent} inputs not in shared memory; "
                              "send one per input, in order")
         typed = [t.name for t in request.inputs if _has_contents(t)]
         if typed:
             raise BadRequest(f"input(s) {typed} have typed contents while raw_input_contents is used; "
                              "send all inputs one way")
     inputs = {}
-    for i, tensor in enumerate(request.inputs):
+    for i, (tensor, place) in enumerate(zip(request.inputs, places)):
         if not tensor.name:
             raise BadRequest(f"inputs[{i}] needs a name")
         where = f"input {tensor.name!r}"
         if tensor.name in inputs:
             raise BadRequest(f"{where} is given twice")
-        codec.no_unsupported_params(tensor.parameters, where)
+        codec.no_misplaced_params(tensor.parameters, where)
         dtype = codec.dtype_of(tensor.datatype, where)
         shape = codec.check_shape(list(tensor.shape), where)
-        if raw:
-            inputs[tensor.name] = codec.from_raw(raw[i], shape, dtype, where)
+        if place is not None:
+            if _has_contents(tensor):
+                raise BadRequest(f"{where}: is in shared memory, and has contents too")
+            inputs[tensor.name] = codec.from_raw(shared_memory.read(place, where), shape, dtype, where)
+        elif raw:
+            inputs[tensor.name] = codec.from_raw(raw.pop(0), shape, dtype, where)
         else:
             inputs[tensor.name] = _from_contents(tensor, shape, dtype, where)
 
-    outputs, classes = None, {}
+    outputs, classes, output_places = None, {}, {}
     if request.outputs:
         outputs = []
         for i, out in enumerate(request.outputs):
@@ -353,14 +402,17 @@ def parse_infer_request(request: service_pb2.ModelInferRequest) -> InferInput:
             where = f"output {out.name!r}"
             if out.name in outputs:
                 raise BadRequest(f"{where} is requested twice")
-            codec.no_unsupported_params(out.parameters, where, output=True)
+            codec.no_misplaced_params(out.parameters, where, output=True)
             outputs.append(out.name)
-            asked = out.parameters.get(classification.PARAMETER)
-            if asked is not None:
-                classes[out.name] = classification.class_count(_parameter_value(asked, classification.PARAMETER),
-                                                               where)
+            params = _parameters(out.parameters)
+            if classification.PARAMETER in params:
+                classes[out.name] = classification.class_count(params[classification.PARAMETER], where)
+            place = tensor_place(params, where)
+            if place is not None:
+                shared_memory.check(place, where)
+                output_places[out.name] = place
     return InferInput(request.model_name, request.model_version, inputs, request.id,
-                      _parameters(request.parameters), outputs, classes)
+                      _parameters(request.parameters), outputs, classes, output_places)
 
 
 def _has_contents(tensor) -> bool:
@@ -392,14 +444,13 @@ def _from_contents(tensor, shape: tuple[int, ...], dtype: np.dtype, where: str) 
 
 def _parameters(parameters) -> dict:
     """The request's InferParameter map as {name: python value}, which the core checks."""
-    return {name: _parameter_value(param, name) for name, param in parameters.items()}
-
-
-def _parameter_value(param, name: str):
-    kind = param.WhichOneof("parameter_choice")
-    if kind is None:
-        raise BadRequest(f"parameter {name!r} has no value")
-    return getattr(param, kind)
+    out = {}
+    for name, param in parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if kind is None:
+            raise BadRequest(f"parameter {name!r} has no value")
+        out[name] = getattr(param, kind)
+    return out
 
 
 # ---- response ----
@@ -408,6 +459,16 @@ def encode_infer_response(result: InferOutput) -> service_pb2.ModelInferResponse
     response = service_pb2.ModelInferResponse(model_name=result.model, model_version=result.version,
                                               id=result.request_id)
     for name, array in result.outputs.items():
+        if isinstance(array, InSharedMemory):  # written there: the answer says where
+            tensor = response.outputs.add(name=name, datatype=array.datatype, shape=list(array.shape))
+            for key, value in array.parameters().items():
+                if isinstance(value, str):
+                    tensor.parameters[key].string_param = value
+                else:
+                    tensor.parameters[key].int64_param = value
+            # tritonclient finds an output's raw contents by its position among the outputs
+            response.raw_output_contents.append(b"")
+            continue
         array = np.asarray(array)
         response.outputs.add(name=name, datatype=codec.datatype_of(array.dtype), shape=list(array.shape))
         response.raw_output_contents.append(codec.to_raw(array))  # tritonclient reads raw contents

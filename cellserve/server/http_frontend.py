@@ -34,8 +34,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from cellserve.decimal_text import ascii_int
 from cellserve.server import classification, codec
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
-from cellserve.server.errors import BadRequest, Overloaded, ServerError, TooLarge, Unavailable
+from cellserve.server.errors import BadRequest, NotFound, Overloaded, ServerError, TooLarge, Unavailable
 from cellserve.server.log_settings import LogSettingError
+from cellserve.server.shared_memory import InSharedMemory, SystemSharedMemory, TensorPlace, tensor_place
 
 log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -129,6 +130,39 @@ def build_app(core: Core, max_request_bytes: int):
         except LogSettingError as exc:
             raise BadRequest(str(exc)) from exc
 
+    async def system_shared_memory(request: Request) -> Response:
+        """Triton's system shared memory extension: POST .../region/{region}/register,
+        GET [.../region/{region}]/status, POST [.../region/{region}]/unregister (shared_memory.py)."""
+        region = request.path_params.get("region", "")
+        action = request.url.path.rsplit("/", 1)[1]
+        if action == "status":
+            return JSONResponse(core.shared_memory.status(region))
+        if action == "unregister":
+            core.shared_memory.unregister(region)
+            return JSONResponse({})
+        body = await request.body()
+        try:
+            doc = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            raise BadRequest(f"the register request is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise BadRequest(f"the register request must be an object, got {type(doc).__name__}")
+        _no_unknown_fields(doc, {"key", "offset", "byte_size"}, "the register request")
+        core.shared_memory.register(region, doc.get("key"), doc.get("offset", 0), doc.get("byte_size"))
+        return JSONResponse({})
+
+    async def cuda_shared_memory(request: Request) -> Response:
+        """Triton's CUDA shared memory extension: nothing is ever registered (no GPU memory
+        to share here): status lists none, unregistering all does nothing, the rest is refused."""
+        region = request.path_params.get("region", "")
+        action = request.url.path.rsplit("/", 1)[1]
+        if action == "register":
+            raise BadRequest("CUDA shared memory is not supported: this server has no GPU memory to share; "
+                             "use system shared memory (/v2/systemsharedmemory)")
+        if region:
+            raise NotFound(f"no CUDA shared memory region {region!r} is registered")
+        return JSONResponse([] if action == "status" else {})
+
     async def openapi_document(request: Request) -> Response:
         document = resources.files("cellserve.server").joinpath("openapi.json").read_bytes()
         return Response(document, media_type="application/json")
@@ -163,6 +197,16 @@ def build_app(core: Core, max_request_bytes: int):
         Route("/v2/repository/models/{model}/unload", repository_load, methods=["POST"]),
         Route("/v2/trace/setting", trace_setting, methods=["GET", "POST"]),
         Route("/v2/logging", log_settings, methods=["GET", "POST"]),
+        Route("/v2/systemsharedmemory/status", system_shared_memory),
+        Route("/v2/systemsharedmemory/unregister", system_shared_memory, methods=["POST"]),
+        Route("/v2/systemsharedmemory/region/{region}/status", system_shared_memory),
+        Route("/v2/systemsharedmemory/region/{region}/register", system_shared_memory, methods=["POST"]),
+        Route("/v2/systemsharedmemory/region/{region}/unregister", system_shared_memory, methods=["POST"]),
+        Route("/v2/cudasharedmemory/status", cuda_shared_memory),
+        Route("/v2/cudasharedmemory/unregister", cuda_shared_memory, methods=["POST"]),
+        Route("/v2/cudasharedmemory/region/{region}/status", cuda_shared_memory),
+        Route("/v2/cudasharedmemory/region/{region}/register", cuda_shared_memory, methods=["POST"]),
+        Route("/v2/cudasharedmemory/region/{region}/unregister", cuda_shared_memory, methods=["POST"]),
         Route("/v2/models/{model}/trace/setting", trace_setting, methods=["GET", "POST"]),
         Route("/openapi.json", openapi_document),
     ]
@@ -264,7 +308,8 @@ class InferEndpoint:
         body = await _read_body(headers, receive, self.max_request_bytes)
         if trace is not None:
             trace.stamp("HTTP_RECV_END")
-        infer_input, binary_outputs = parse_infer_request(body, headers.get(HEADER_LENGTH.lower()), model, version)
+        infer_input, binary_outputs = parse_infer_request(body, headers.get(HEADER_LENGTH.lower()), model, version,
+                                                          self.core.shared_memory)
         if trace is not None:
             trace.request_id = infer_input.request_id
             infer_input.trace = trace
@@ -387,10 +432,12 @@ def _inflate(packed: bytes, encoding: str, limit: int) -> bytes:
             raise BadRequest(f"request body has {len(packed)} byte(s) after the end of its {encoding} data")
 
 
-def parse_infer_request(body: bytes, header_length: str | None, model: str,
-                        version: str) -> tuple[InferInput, dict[str, bool]]:
-    """Decode an inference request (JSON, or JSON then binary tensors). Returns it and, per
-    output to return, whether it goes back as binary."""
+def parse_infer_request(body: bytes, header_length: str | None, model: str, version: str,
+                        shared_memory: SystemSharedMemory | None = None) -> tuple[InferInput, dict[str, bool]]:
+    """Decode an inference request (JSON, or JSON then binary tensors, or tensors in
+    `shared_memory`'s regions). Returns it and, per output to return, whether it goes back
+    as binary."""
+    shared_memory = shared_memory or SystemSharedMemory()
     if header_length is not None:
         if ascii_int(header_length) is None or len(header_length) > 18 or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} {header_length!r} must be an integer no larger than the body "
@@ -422,7 +469,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
         raise BadRequest("'inputs' must be a non-empty list of input tensors")
     inputs, offset = {}, 0
     for i, tensor in enumerate(raw_inputs):
-        array, used = _parse_input(tensor, i, binary[offset:])
+        array, used = _parse_input(tensor, i, binary[offset:], shared_memory)
         if tensor["name"] in inputs:
             raise BadRequest(f"input {tensor['name']!r} is given twice")
         offset += used
@@ -430,21 +477,23 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str,
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input")
 
-    outputs, binary_outputs, classification = None, {}, {}
+    outputs, binary_outputs, classification, places = None, {}, {}, {}
     if "outputs" in doc:
         raw_outputs = doc["outputs"]
         if not isinstance(raw_outputs, list):
             raise BadRequest(f"'outputs' must be a list, got {type(raw_outputs).__name__}")
         outputs = [] if raw_outputs else None  # none named: all of them, as over gRPC
         for i, out in enumerate(raw_outputs):
-            name, as_binary, classes = _parse_output(out, i, binary_default)
+            name, as_binary, classes, place = _parse_output(out, i, binary_default, shared_memory)
             if name in binary_outputs:
                 raise BadRequest(f"output {name!r} is requested twice")
             outputs.append(name)
             binary_outputs[name] = as_binary
             if classes is not None:
                 classification[name] = classes
-    return InferInput(model, version, inputs, request_id, parameters, outputs, classification), \
+            if place is not None:
+                places[name] = place
+    return InferInput(model, version, inputs, request_id, parameters, outputs, classification, places), \
         binary_outputs or {"*": binary_default}
 
 
@@ -469,7 +518,8 @@ def _check_url_fields(doc: dict, model: str, version: str) -> str:
     return version
 
 
-def _parse_input(tensor: object, index: int, binary: memoryview) -> tuple[np.ndarray, int]:
+def _parse_input(tensor: object, index: int, binary: memoryview,
+                 shared_memory: SystemSharedMemory) -> tuple[np.ndarray, int]:
     if not isinstance(tensor, dict):
         raise BadRequest(f"inputs[{index}] must be an object, got {type(tensor).__name__}")
     name = tensor.get("name")
@@ -482,7 +532,12 @@ def _parse_input(tensor: object, index: int, binary: memoryview) -> tuple[np.nda
     params = tensor.get("parameters", {})
     if not isinstance(params, dict):
         raise BadRequest(f"{where}: 'parameters' must be an object")
-    codec.no_unsupported_params(params, where)
+    codec.no_misplaced_params(params, where)
+    place = tensor_place(params, where)
+    if place is not None:
+        if "data" in tensor or "binary_data_size" in params:
+            raise BadRequest(f"{where}: is in shared memory, and has 'data' or binary_data_size too")
+        return codec.from_raw(shared_memory.read(place, where), shape, dtype, where), 0
     size = params.get("binary_data_size")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -498,8 +553,10 @@ def _parse_input(tensor: object, index: int, binary: memoryview) -> tuple[np.nda
     return codec.from_json_data(tensor["data"], shape, dtype, where), 0
 
 
-def _parse_output(out: object, index: int, binary_default: bool) -> tuple[str, bool, int | None]:
-    """(name, whether it goes back as binary, the top classes asked for or None)."""
+def _parse_output(out: object, index: int, binary_default: bool,
+                  shared_memory: SystemSharedMemory) -> tuple[str, bool, int | None, TensorPlace | None]:
+    """(name, whether it goes back as binary, the top classes asked for or None, where in
+    shared memory it goes or None)."""
     if not isinstance(out, dict) or not isinstance(out.get("name"), str):
         raise BadRequest(f"outputs[{index}] must be an object with a 'name' string")
     where = f"output {out['name']!r}"
@@ -507,12 +564,16 @@ def _parse_output(out: object, index: int, binary_default: bool) -> tuple[str, b
     params = out.get("parameters", {})
     if not isinstance(params, dict):
         raise BadRequest(f"{where}: 'parameters' must be an object")
-    codec.no_unsupported_params(params, where, output=True)
+    codec.no_misplaced_params(params, where, output=True)
     as_binary = params.get("binary_data", binary_default)
     if not isinstance(as_binary, bool):
         raise BadRequest(f"{where}: binary_data must be a boolean, got {as_binary!r}")
     classes = params.get(classification.PARAMETER)
-    return out["name"], as_binary, None if classes is None else classification.class_count(classes, where)
+    place = tensor_place(params, where)
+    if place is not None:
+        shared_memory.check(place, where)
+    return (out["name"], as_binary, None if classes is None else classification.class_count(classes, where),
+            place)
 
 
 def _no_unknown_fields(obj: dict, allowed: set[str], where: str) -> None:
@@ -531,6 +592,10 @@ def encode_infer_response(result: InferOutput, binary_outputs: dict[str, bool]) 
         doc["parameters"] = result.parameters
     blobs = []
     for name, array in result.outputs.items():
+        if isinstance(array, InSharedMemory):  # written there: the answer says where
+            doc["outputs"].append({"name": name, "datatype": array.datatype, "shape": list(array.shape),
+                                   "parameters": array.parameters()})
+            continue
         array = np.asarray(array)
         tensor = {"name": name, "datatype": codec.datatype_of(array.dtype), "shape": list(array.shape)}
         if binary_outputs.get(name, binary_outputs.get("*", False)):

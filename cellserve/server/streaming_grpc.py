@@ -112,7 +112,8 @@ async def _answer(core: Core, request, put) -> None:
         return
     try:
         core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding tensors
-        stream = TokenStream(core, parse_infer_request(request), received, encode=encode_infer_response)
+        stream = TokenStream(core, parse_infer_request(request, core.shared_memory), received,
+                             encode=encode_infer_response)
         async for event in stream:
             if isinstance(event, Token):
                 put(_token(request, event))

@@ -106,10 +106,6 @@ def test_unknown_model_or_version_is_not_found(client, version):
         assert (f"version '{version}'" if version else "'no-such-model'") in err.message()
 
 
-def test_unimplemented_rpcs_say_so(client):
-    assert status_of(client.get_system_shared_memory_status).status() == "StatusCode.UNIMPLEMENTED"
-
-
 # ---- inference ----
 
 @pytest.mark.parametrize("model", list(TOKEN_MODELS))
@@ -275,12 +271,6 @@ def test_malformed_messages_from_the_raw_stub(client, stub):
     flag.inputs.add(name="tokens", datatype="INT64", shape=[1, 1])
     flag.parameters["sequence_start"].string_param = "yes"
     bad(client, call(flag), "'sequence_start' must be a boolean")
-
-
-def test_shared_memory_is_refused(client):
-    shm = tensor("tokens", np.array([[1]]))
-    shm.set_shared_memory("region", 8)
-    bad(client, lambda: client.infer("gru-256", [shm]), "shared_memory")
 
 
 # ---- the server's own limits ----

@@ -106,14 +106,6 @@ def test_bad_request_names_the_problem_and_others_are_served(client):
     assert infer(client, "lstm-512", "tokens", np.array([[1, 2]]), True).as_numpy("label").shape == (1,)
 
 
-def test_shared_memory_is_refused_as_over_grpc(client):
-    shm = httpclient.InferInput("tokens", [1, 1], "INT64")
-    shm.set_shared_memory("region", 8)
-    with pytest.raises(InferenceServerException) as err:
-        client.infer("gru-256", [shm])
-    assert err.value.status() == "400" and "['shared_memory_byte_size', 'shared_memory_region']" in err.value.message()
-
-
 def test_an_empty_outputs_list_asks_for_all_of_them(zoo_server):
     body = json.dumps({"inputs": [{"name": "tokens", "shape": [1, 2], "datatype": "INT64", "data": [3, 4]}],
                        "outputs": []}).encode()
