@@ -300,7 +300,12 @@ def test_on_ray_the_planner_loads_and_unloads_models_and_plans_around_a_killed_w
         for t in threads:
             t.start()
         wait_until(lambda: metric(server, "cellserve_cluster_plan_epoch") >= 1, "the first plan", timeout=120)
-        plan_line = next(line for line in server.lines if "plan epoch 1 (first plan" in line)
+        # the epoch is counted before its line is printed, and the line is read by another thread
+
+        def first_plan_line():
+            return next((line for line in list(server.lines) if "plan epoch 1 (first plan" in line), None)
+        wait_until(lambda: first_plan_line() is not None, "the first plan's line", timeout=30)
+        plan_line = first_plan_line()
         serving = re.findall(r"(w\d): ([^;]+)", plan_line)
         holder = next(w for w, ms in serving if "gru-256" in ms)
         wait_until(lambda: metric(server, "cellserve_worker_model_changes_total", action="unload") > 0,
