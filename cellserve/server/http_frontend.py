@@ -641,8 +641,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     request's progress costs a float store, not a timer.
 
     Relies on uvicorn's HttpToolsProtocol callbacks (on_message_begin, on_headers_complete,
-    on_body, on_message_complete, on_response_complete) and its `cycle` and `pipeline`; the
-    tests in tests/server/test_overload.py pin the behaviour.
+    on_body, on_message_complete, on_response_complete, _start_asgi_task) and its `cycle` and
+    `pipeline`; the tests in tests/server/test_overload.py pin the behaviour.
     """
 
     core: Core
@@ -656,6 +656,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._timer_at = 0.0
         self._began = 0.0
         self._shed = False  # the request being parsed was answered 429 at its headers
+        self._running = None  # the cycle of the request being answered
 
     # -- connections --
 
@@ -676,6 +677,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._timer.cancel()
             self._timer = None
         super().connection_lost(exc)
+        # uvicorn tells only the last request parsed that the client went away; with requests
+        # pipelined the one being answered is an earlier one: it would go on (not cancelled)
+        # and write its answer to the closed transport (an error in the log)
+        running = self._running
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
         if self._owed == "idle":  # any byte starts a request: its headers are now owed

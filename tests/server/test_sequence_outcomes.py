@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import socket
 import threading
 
@@ -275,3 +276,25 @@ def test_an_http_chunk_whose_client_left_is_cancelled_and_its_retry_counts_once(
     np.testing.assert_allclose(last, reference(TOKENS), rtol=1e-4, atol=1e-6)
     stats = core.model_statistics(MODEL)["model_stats"][0]["inference_stats"]
     assert stats["success"]["count"] == 3 and stats["fail"]["count"] == 1
+
+
+def test_a_pipelined_request_whose_client_left_is_cancelled_too(served_over_http, caplog):
+    """Requests pipelined on one connection: uvicorn tells only the last one parsed that the
+    client left; the one being answered is told too, and nothing is written to the closed
+    connection (an error in the log)."""
+    address, core, submitted, worker = served_over_http
+    worker.pause()
+    host, port = address.rsplit(":", 1)
+    client = socket.create_connection((host, int(port)), timeout=60)
+    plain = json.dumps({"inputs": [{"name": "tokens", "shape": [1, 4], "datatype": "INT64",
+                                    "data": TOKENS[0, :4].tolist()}]}).encode()
+    one = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(plain)}\r\n\r\n").encode() + plain
+    client.sendall(one * 3)
+    wait_until(lambda: len(submitted) == 1, "the first request reaches the engine (the others wait behind it)")
+    client.close()
+    wait_until(lambda: submitted[0].cancelled, "the request being answered is cancelled")
+    worker.start()
+    _post(address, _chunk_body(TOKENS[:, :4], sequence_start=True, sequence_end=True))  # still serving
+    assert len(submitted) == 2  # the pipelined ones behind it never ran
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
