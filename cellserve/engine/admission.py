@@ -78,9 +78,14 @@ class Admission:
                 unconfirmed = not self._runs and now - self._last_step > PROBE_AFTER_S
                 if not unconfirmed or deadline <= now:
                     alone = self._alone_latency(model, rounds_plan, batch, width)
+                    left = max(deadline - now, 0.0)
+                    headroom = self.config.admission_headroom
                     self._respond_early(request, Status.REJECTED,
                                         f"predicted finish in {predicted * 1e3:.1f} ms misses the deadline "
-                                        f"({max(deadline - now, 0.0) * 1e3:.1f} ms left)",
+                                        f"({left * 1e3:.1f} ms left" + (
+                                            f"; admission keeps {1 - headroom:.0%} of it spare for requests "
+                                            f"admitted later: --admission-headroom {headroom:g})"
+                                            if headroom < 1 and predicted <= left else ")"),
                                         congestion=alone <= self.config.admission_headroom * (deadline - now))
                     return
                 probe = True

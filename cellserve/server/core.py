@@ -94,6 +94,9 @@ class RequestOptions:
                                  f"got {seq!r}")
             if seq in (0, ""):
                 seq = None  # tritonclient's "not a sequence"
+                if params.get("sequence_start") is True or params.get("sequence_end") is True:
+                    raise BadRequest(f"parameter 'sequence_id' {params['sequence_id']!r} means no sequence (as "
+                                     "Triton reads it); give a sequence its own non-zero id")
         flags = {}
         for name in ("sequence_start", "sequence_end"):
             value = params.get(name, False)

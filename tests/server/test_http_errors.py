@@ -228,6 +228,8 @@ def test_token_id_out_of_range(server, model, name, bad, vocab):
                                               ({"sequence_id": -1}, "'sequence_id'"),
                                               ({"sequence_id": 5, "sequence_start": "yes"}, "'sequence_start'"),
                                               ({"sequence_start": True}, "sequence_id"),
+                                              ({"sequence_id": 0, "sequence_start": True},
+                                               "'sequence_id' 0 means no sequence (as Triton reads it)"),
                                               ({"binary_data_output": 1}, "binary_data_output")])
 def test_bad_parameters(server, params, fragment):
     error_of(*infer(server, {**GOOD, "parameters": params}), 400, fragment)
