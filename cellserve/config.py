@@ -283,9 +283,17 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> tuple[
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
+            named = _keys_by_flag(fields.values()).get(str(key))
+            if named is not None:  # the flag's name written as a key
+                hint = f" (the key of {_flag_of(fields[named])} is {prefix}{named})"
             for name, sub in sections(cls).items():
-                if key in {f.name for f in dataclasses.fields(sub)}:
+                sub_fields = dataclasses.fields(sub)
+                if key in {f.name for f in sub_fields}:
                     hint = f" here (it belongs in the [{prefix}{name}] table)"
+                elif str(key) in _keys_by_flag(sub_fields):
+                    named = _keys_by_flag(sub_fields)[str(key)]
+                    flag = _flag_of(next(f for f in sub_fields if f.name == named))
+                    hint = f" (the key of {flag} is {named}, in the [{prefix}{name}] table)"
             found.append(Problem(dotted, "{name}: unknown key" + hint))
             continue
         tp = hints[key]
@@ -328,6 +336,21 @@ def build(cls: type, values: Mapping[str, Any]) -> Any:
     return obj
 
 
+def _flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _keys_by_flag(fields) -> dict[str, str]:
+    """A setting's key by its flag's name written as a key (--max-inflight: max_inflight), for
+    the settings whose flag is named otherwise than their key."""
+    out = {}
+    for f in fields:
+        as_key = _flag_of(f).lstrip("-").replace("-", "_")
+        if as_key != f.name:
+            out[as_key] = f.name
+    return out
+
+
 def to_toml(obj: Any) -> str:
     """obj's settings as a TOML document that `from_mapping` reads back to the same settings.
 
@@ -347,8 +370,7 @@ def _toml_table(obj: Any, lines: list[str], prefix: str = "") -> None:
         if is_section(hints[f.name]):
             later.append((f.name, value))
             continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        lines.append(f"# {f.metadata.get('help') or '(undocumented)'} ({flag})")
+        lines.append(f"# {f.metadata.get('help') or '(undocumented)'} ({_flag_of(f)})")
         if value is None:
             unset = f.metadata.get("unset")
             lines.append(f"# {f.name} =  (unset{': ' + unset if unset else ''})")
@@ -370,6 +392,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Path):  # a file read back takes relative paths from its own directory
+        value = value.absolute()
     return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
 
 

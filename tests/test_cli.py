@@ -137,9 +137,27 @@ def test_config_file_then_flags(capsys, tmp_path):
     assert effective(capsys, "--config", str(again)) == got
 
 
+def test_printed_paths_are_absolute_so_a_printed_config_reads_back_the_same(capsys, tmp_path, monkeypatch):
+    """A file's relative paths are read relative to the file: printed relative, they would
+    move each time the printed config is saved elsewhere and read back."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    first = effective(capsys, "--log-file", "server.log")
+    assert first["log_file"] == str(tmp_path / "server.log")
+    saved = tmp_path / "configs" / "serve.toml"
+    saved.write_text(run(capsys, "serve", "--log-file", "server.log", "--print-config")[1])
+    assert effective(capsys, "--config", str(saved)) == first
+
+
 @pytest.mark.parametrize("text, message", [
     ("max_batch = 4\n", "max_batch: unknown key here (it belongs in the [engine] table)"),
     ("[engine]\nmax_bach = 4\n", "engine.max_bach: unknown key (did you mean engine.max_batch?)"),
+    ("[engine]\nmax_inflight = 4\n", "engine.max_inflight: unknown key (the key of --max-inflight is "
+                                      "engine.max_active)"),
+    ("max_inflight = 4\n", "max_inflight: unknown key (the key of --max-inflight is max_active, in the "
+                           "[engine] table)"),
+    ("max_request_size = 4\n", "max_request_size: unknown key (the key of --max-request-size is "
+                               "max_request_bytes)"),
     ('http_port = "80"\n', "http_port must be an integer, got '80' (a string)"),
     ("[engine]\nadmission = 1\n", "engine.admission must be true or false, got 1 (an integer)"),
     ("[engine]\nmax_batch = 0\n", "engine.max_batch must be >= 1, got 0"),
