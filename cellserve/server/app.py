@@ -114,15 +114,24 @@ def serve(settings: ServerSettings) -> int:
         os._exit(1)
 
     engine_stop = threading.Event()
+    cut_short = []  # why requests still running when the engine stops are answered with an error
+
+    def stop_now(why: str) -> None:
+        if not engine_stop.is_set():
+            cut_short.append(why)
+            engine_stop.set()
 
     def on_signal(signum, frame):
+        name = signal.Signals(signum).name
         if not core.accepting:  # a second signal: stop now
-            engine_stop.set()
+            print(f"cellserve: {name} again: stopping now, requests still running get an error", flush=True)
+            stop_now(f"{name} again stopped it before its grace period ended")
             return
-        print(f"cellserve: {signal.Signals(signum).name}: stopping, {settings.grace_s:g} s grace", flush=True)
+        print(f"cellserve: {name}: stopping, {settings.grace_s:g} s grace", flush=True)
         core.accepting = False
         frontends.stop(on_stopped=engine_stop.set)
-        deadline = threading.Timer(settings.grace_s, engine_stop.set)
+        deadline = threading.Timer(settings.grace_s, stop_now, args=(f"its grace period of {settings.grace_s:g} s "
+                                                                     "(--grace-period) ran out",))
         deadline.daemon = True  # must not keep the process alive once everything stopped
         deadline.start()
 
@@ -133,7 +142,7 @@ def serve(settings: ServerSettings) -> int:
     print(f"cellserve: serving {models}", flush=True)
     print(f"cellserve: ready: http={ports['http']} grpc={ports['grpc']} metrics={ports['metrics']}", flush=True)
     engine.serve_forever(engine_stop)  # the main thread: see Engine.serve_forever
-    engine.abort_all("the server is shutting down")
+    engine.abort_all("the server is shutting down" + (f": {cut_short[0]}" if cut_short else ""))
     frontends.join(timeout=5.0)
     try:
         core.tracer.close()  # the traces not yet written (docs/tracing.md)

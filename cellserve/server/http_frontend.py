@@ -275,7 +275,7 @@ class InferEndpoint:
                 # end the task here (re-raised, uvicorn would log it as a failure)
                 if self.core.accepting:
                     raise
-                failure = Unavailable("the server is shutting down")
+                failure = Unavailable("the server is shutting down: its grace period (--grace-period) ran out")
                 await _server_error_response(failure)(scope, receive, send)
                 return
             except ServerError as exc:

@@ -59,7 +59,7 @@ class GenerateEndpoint:
         except asyncio.CancelledError:
             if self.core.accepting:
                 raise
-            failure = Unavailable("the server is shutting down")  # uvicorn's grace ran out
+            failure = Unavailable("the server is shutting down: its grace period (--grace-period) ran out")
             await _server_error_response(failure)(scope, receive, send)
         except ServerError as exc:
             failure = exc

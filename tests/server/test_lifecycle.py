@@ -190,6 +190,9 @@ def test_requests_cut_off_by_the_grace_period_get_503():
             server.proc.kill()
     for result in results[:16]:  # HTTP
         assert result[0] == "ok" or (result[:2] == ("error", "503") and "shutting down" in result[2]), results
+    # and told why: the grace period ran out
+    assert all("(--grace-period) ran out" in result[2]
+               for result in results[:16] if result[0] == "error"), results
     for result in results[16:]:  # gRPC: grpc.aio's stop cancels what is left with UNAVAILABLE
         assert result[0] == "ok" or result[:2] == ("error", "StatusCode.UNAVAILABLE"), results
     # each request lasts longer alone than the signal takes to arrive: some were cut off
