@@ -18,6 +18,9 @@ class Client:
         self.protocol, self.url = protocol, url
         # the network timeout outlasts the request's own deadline, so the server's answer is seen
         self.network_timeout_s = max(60.0, (timeout_ms or 0) / 1e3 + 10.0)
+        if "://" in url:  # tritonclient takes host:port; its own refusal prints a traceback after ours
+            raise ClientError(f"cannot use server address {url!r}: give host:port, without a scheme "
+                              f"({url.split('://', 1)[0]}://)")
         _, colon, port = url.rpartition(":")
         if colon and "]" not in port and not 1 <= (ascii_int(port) or 0) <= 65535:  # checked here: tritonclient's
             # own check leaves a half-made client whose __del__ prints a traceback

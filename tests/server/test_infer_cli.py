@@ -151,6 +151,14 @@ def test_a_bad_port_is_one_error_line(url):
         f"cellserve infer: error: cannot use server address {url!r}: port {url.rpartition(':')[2]!r} is not 1 to 65535"]
 
 
+def test_a_url_with_a_scheme_is_one_error_line():
+    result = cellserve_infer("lstm-512", "hello", "--url", "https://127.0.0.1:8000")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "cellserve infer: error: cannot use server address 'https://127.0.0.1:8000': give host:port, without a "
+        "scheme (https://)"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["lstm-512"], "give the input"),
     (["lstm-512", "words", "--json", '{"tokens": [[1]]}'], "not both"),
