@@ -78,10 +78,11 @@ class ServerSettings:
     read_timeout_s: float = setting(10.0, "seconds a client may take to send a request's headers, or leave its "
                                           "body stalled, before a 408 and close (slowloris)",
                                     gt=0, flag="--read-timeout", group=_NETWORK, metavar="SECONDS")
-    grpc_max_pending: int = setting(128, "gRPC calls waiting for the frontend's loop to take them; past it gRPC core "
-                                         "itself refuses new calls (status CANCELLED), before they cost any Python "
-                                         "work or outwait their deadline in its queue", ge=1, group=_NETWORK,
-                                    metavar="N")
+    grpc_max_pending: int = setting(128, "gRPC calls waiting for the frontend's loop to take them; past half of it "
+                                         "gRPC core itself refuses a growing share of new calls, past it all (status "
+                                         "CANCELLED), before they cost any Python work or outwait their deadline in "
+                                         "its queue; raise it for clients that send bursts of that many calls at "
+                                         "once", ge=1, group=_NETWORK, metavar="N")
     # issue 16: the engines as Ray actors (cellserve/cluster/ray_cluster.py)
     ray_address: str | None = setting(None, "run the engines as workers on Ray: --ray alone starts a local Ray, "
                                             "--ray ADDRESS joins a running cluster (auto, HOST:6379, "
