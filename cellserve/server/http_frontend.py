@@ -707,6 +707,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._expect("body", self.limits.read_timeout_s)
+        expectation = next((value for name, value in self.headers if name == b"expect"), None)
+        if expectation is not None and expectation.lower() != b"100-continue" and not self._busy():
+            # an expectation this server cannot meet: RFC 9110 says 417 (a client would wait for a
+            # 100 Continue that never comes, until the read timeout)
+            self._shed = True  # what follows of the request is skipped
+            self._answer_and_close(417, f"Expect: {expectation.decode('latin-1')!r} cannot be met; this server "
+                                        "knows only 100-continue")
+            return
         if self.core.admission.full() and self._is_infer() and not self._busy():
             self._shed_request()
             return
@@ -794,7 +802,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _write(self, status: int, message: str, close: bool) -> None:
         body = json.dumps({"error": message}).encode()
-        reason = {408: b"Request Timeout", 429: b"Too Many Requests", 503: b"Service Unavailable"}[status]
+        reason = {408: b"Request Timeout", 417: b"Expectation Failed", 429: b"Too Many Requests",
+                  503: b"Service Unavailable"}[status]
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n" % (
             status, reason, len(body), b"connection: close\r\n" if close else b"")
         self.transport.write(head + body)

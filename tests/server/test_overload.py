@@ -218,6 +218,15 @@ def test_a_stalled_body_is_answered_408_and_closed(impatient):
     assert metric(impatient, "cellserve_admission_in_flight") == 0  # its place was given back
 
 
+def test_an_expectation_other_than_100_continue_is_answered_417_and_closed(impatient):
+    sock = connect(impatient.http)
+    sock.sendall(head().replace(b"Host: x\r\n", b"Host: x\r\nExpect: something-else\r\n") + BODY)
+    status, _, body = read_response(sock)  # at once, not at the read timeout
+    assert status == 417 and json.loads(body)["error"] == ("Expect: 'something-else' cannot be met; this server "
+                                                           "knows only 100-continue")
+    assert closed_by_server(sock)
+
+
 def test_an_idle_connection_is_closed(impatient):
     sock = connect(impatient.http)
     sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
