@@ -217,6 +217,12 @@ def build_app(core: Core, max_request_bytes: int):
         """Inference requests skip Starlette's middleware and routing: a third of the
         frontend's Python time per request here, time it would hold the GIL the engine
         thread needs between its kernel calls."""
+        raw = scope.get("raw_path")
+        if raw is not None and b"%2f" in raw.lower():  # routes match the decoded path: refuse it before
+            path = raw.decode("latin-1")               # 'gru-256%2Finfer' reaches .../gru-256/infer
+            await JSONResponse({"error": f"no route {path!r}: no model name or route holds an encoded '/' "
+                                         "(%2F)"}, status_code=404)(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:

@@ -274,6 +274,15 @@ def test_unknown_route_and_wrong_method(server):
     error_of(*request(server, "POST", "/v2/models/lstm-512/stats"), 405, "POST")
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/v2/models/lstm-512%2Finfer"),
+                                          ("POST", "/v2/models/lstm-512%2fversions%2F1/infer"),
+                                          ("GET", "/v2/models/lstm-512%2Fready")])
+def test_an_encoded_slash_is_no_route(server, method, path):
+    """Decoded, it would reach another route: a model name cannot hold '/' (Triton: 404)."""
+    body = json.dumps(GOOD).encode() if method == "POST" else None
+    error_of(*request(server, method, path, body), 404, "no route", "%2F")
+
+
 # ---- the binary tensor extension ----
 
 def binary_body(json_part: dict, raw: bytes) -> tuple[bytes, int]:
