@@ -56,7 +56,9 @@ class TokenStream:
     def __init__(self, core: Core, request: InferInput, received: float, encode=None, tokens: bool = True):
         entry = core.model(request.model, request.version)  # NotFound before anything runs
         output = token_output(entry.model)
-        wanted = tokens and output is not None and (request.outputs is None or output in request.outputs)
+        # a classified output is answered whole (its classes), not as tokens of another type first
+        wanted = (tokens and output is not None and (request.outputs is None or output in request.outputs)
+                  and output not in request.classification)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._positions: dict[int, int] = {}
         on_tokens = None

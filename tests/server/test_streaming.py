@@ -190,6 +190,19 @@ def test_grpc_stream_answers_a_model_without_a_decoder_once(zoo_server):
     assert stream.results.empty()
 
 
+def test_grpc_stream_of_a_classified_decoder_output_sends_only_the_classes(zoo_server):
+    """Classification answers the output's classes (BYTES): its INT64 tokens are not streamed first."""
+    stream = Stream(zoo_server.grpc)
+    try:
+        stream.send(S2S, "digits", digits(TEXTS[:1]), "k",
+                    outputs=[grpcclient.InferRequestedOutput("reversed", class_count=1)])
+        [(result, error)] = stream.until_final()
+    finally:
+        stream.close()
+    assert error is None and _params(result) == {"triton_final_response": True}
+    assert result.get_output("reversed").datatype == "BYTES"
+
+
 # ---- HTTP generate and generate_stream ----
 
 def post(address: str, path: str, doc) -> http.client.HTTPResponse:
