@@ -86,7 +86,7 @@ class Admission:
                                             f"; admission keeps {1 - headroom:.0%} of it spare for requests "
                                             f"admitted later: --admission-headroom {headroom:g})"
                                             if headroom < 1 and predicted <= left else ")"),
-                                        congestion=alone <= self.config.admission_headroom * (deadline - now))
+                                        congestion=alone <= headroom * (deadline - now))
                     return
                 probe = True
         run = _Run(request, model, {**model.constants, **inputs}, deadline, rounds_plan, batch, width=width,

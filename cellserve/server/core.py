@@ -392,29 +392,25 @@ class Core:
                                        f"the request arrived, past its deadline of {timeout_s * 1e3:g} ms")
             return answer
 
+        outcome = "error"  # for the verbose log: what the answer was
         try:
             answer = await self._infer(entry, request, received, on_tokens, finish)
+            outcome = "ok"
         except ServerError as exc:
             metrics.failed(_reason(exc), self.clock.now() - received)
-            if self.log.verbose:
-                self._log_request(entry, request, received, f"{_reason(exc)}: {exc.message}")
+            outcome = f"{_reason(exc)}: {exc.message}"
             raise
         except asyncio.CancelledError:  # the client went away (a stream cancelled, a connection closed)
             metrics.failed("cancelled", self.clock.now() - received)
-            if self.log.verbose:
-                self._log_request(entry, request, received, "cancelled: the client went away")
+            outcome = "cancelled: the client went away"
             raise
         finally:
             metrics.pending.dec()
+            if self.log.verbose:
+                log.debug("infer %s version %s id %r: %s, %.3f ms in the server", entry.name, entry.version,
+                          request.request_id, outcome, (self.clock.now() - received) * 1e3)
         metrics.answered(self.clock.now() - received)
-        if self.log.verbose:
-            self._log_request(entry, request, received, "ok")
         return answer
-
-    def _log_request(self, entry: ServedModel, request: InferInput, received: float, outcome: str) -> None:
-        """The verbose log's line for one request (log_verbose_level >= 1)."""
-        log.debug("infer %s version %s id %r: %s, %.3f ms in the server", entry.name, entry.version,
-                  request.request_id, outcome, (self.clock.now() - received) * 1e3)
 
     @property
     def streams_tokens(self) -> bool:

@@ -359,14 +359,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 # ---- request ----
 
-def parse_infer_request(request: service_pb2.ModelInferRequest,
-                        shared_memory: SystemSharedMemory | None = None) -> InferInput:
+def parse_infer_request(request: service_pb2.ModelInferRequest, shared_memory: SystemSharedMemory) -> InferInput:
     """Decode a ModelInferRequest into the core's InferInput, or raise BadRequest. Inputs in
     `shared_memory`'s regions are read from there; raw_input_contents holds the others'."""
     if not request.inputs:
         raise BadRequest("the request has no inputs")
-    shared_memory = shared_memory or SystemSharedMemory()
-    places = [tensor_place(_parameters(t.parameters), f"input {t.name!r}") for t in request.inputs]
+    places = [tensor_place(_parameters(t.parameters), f"input {t.name!r}") if t.parameters else None
+              for t in request.inputs]
     raw = list(request.raw_input_contents)
     if raw:
         sent = sum(place is None for place in places)
@@ -407,12 +406,13 @@ def parse_infer_request(request: service_pb2.ModelInferRequest,
                 raise BadRequest(f"{where} is requested twice")
             codec.no_misplaced_params(out.parameters, where, output=True)
             outputs.append(out.name)
+            if not out.parameters:
+                continue
             params = _parameters(out.parameters)
             if classification.PARAMETER in params:
                 classes[out.name] = classification.class_count(params[classification.PARAMETER], where)
-            place = tensor_place(params, where)
+            place = shared_memory.output_place(params, where)
             if place is not None:
-                shared_memory.check(place, where)
                 output_places[out.name] = place
     return InferInput(request.model_name, request.model_version, inputs, request.id,
                       _parameters(request.parameters), outputs, classes, output_places)
@@ -465,10 +465,7 @@ def encode_infer_response(result: InferOutput) -> service_pb2.ModelInferResponse
         if isinstance(array, InSharedMemory):  # written there: the answer says where
             tensor = response.outputs.add(name=name, datatype=array.datatype, shape=list(array.shape))
             for key, value in array.parameters().items():
-                if isinstance(value, str):
-                    tensor.parameters[key].string_param = value
-                else:
-                    tensor.parameters[key].int64_param = value
+                _set_parameter(tensor.parameters[key], value)
             # tritonclient finds an output's raw contents by its position among the outputs
             response.raw_output_contents.append(b"")
             continue

@@ -106,11 +106,7 @@ def build_app(core: Core, max_request_bytes: int):
             core.model(model)  # 404 for a model this server does not serve
         if request.method == "GET":
             return JSONResponse(core.tracer.get(model))
-        body = await request.body()
-        try:
-            changes = json.loads(body) if body.strip() else {}
-        except ValueError as exc:
-            raise BadRequest(f"the trace setting request is not valid JSON: {exc}") from exc
+        changes = await _json_body(request, "the trace setting request")
         try:
             return JSONResponse(core.tracer.update(changes, model))
         except TraceSettingError as exc:
@@ -120,11 +116,7 @@ def build_app(core: Core, max_request_bytes: int):
         """Triton's logging extension: GET/POST v2/logging (server/log_settings.py)."""
         if request.method == "GET":
             return JSONResponse(core.log.get())
-        body = await request.body()
-        try:
-            changes = json.loads(body) if body.strip() else {}
-        except ValueError as exc:
-            raise BadRequest(f"the log settings request is not valid JSON: {exc}") from exc
+        changes = await _json_body(request, "the log settings request")
         try:
             return JSONResponse(core.log.update(changes))
         except LogSettingError as exc:
@@ -140,11 +132,7 @@ def build_app(core: Core, max_request_bytes: int):
         if action == "unregister":
             core.shared_memory.unregister(region)
             return JSONResponse({})
-        body = await request.body()
-        try:
-            doc = json.loads(body) if body.strip() else {}
-        except ValueError as exc:
-            raise BadRequest(f"the register request is not valid JSON: {exc}") from exc
+        doc = await _json_body(request, "the register request")
         if not isinstance(doc, dict):
             raise BadRequest(f"the register request must be an object, got {type(doc).__name__}")
         _no_unknown_fields(doc, {"key", "offset", "byte_size"}, "the register request")
@@ -353,6 +341,15 @@ def _cancelled_when_client_leaves(receive):
         watcher.cancel()
 
 
+async def _json_body(request: Request, what: str):
+    """A settings request's JSON body ({} when empty); BadRequest naming `what` when it is not JSON."""
+    body = await request.body()
+    try:
+        return json.loads(body) if body.strip() else {}
+    except ValueError as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from exc
+
+
 def build_metrics_app(metrics) -> Starlette:
     async def scrape(request: Request) -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -439,11 +436,10 @@ def _inflate(packed: bytes, encoding: str, limit: int) -> bytes:
 
 
 def parse_infer_request(body: bytes, header_length: str | None, model: str, version: str,
-                        shared_memory: SystemSharedMemory | None = None) -> tuple[InferInput, dict[str, bool]]:
+                        shared_memory: SystemSharedMemory) -> tuple[InferInput, dict[str, bool]]:
     """Decode an inference request (JSON, or JSON then binary tensors, or tensors in
     `shared_memory`'s regions). Returns it and, per output to return, whether it goes back
     as binary."""
-    shared_memory = shared_memory or SystemSharedMemory()
     if header_length is not None:
         if ascii_int(header_length) is None or len(header_length) > 18 or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} {header_length!r} must be an integer no larger than the body "
@@ -575,11 +571,8 @@ def _parse_output(out: object, index: int, binary_default: bool,
     if not isinstance(as_binary, bool):
         raise BadRequest(f"{where}: binary_data must be a boolean, got {as_binary!r}")
     classes = params.get(classification.PARAMETER)
-    place = tensor_place(params, where)
-    if place is not None:
-        shared_memory.check(place, where)
     return (out["name"], as_binary, None if classes is None else classification.class_count(classes, where),
-            place)
+            shared_memory.output_place(params, where))
 
 
 def _no_unknown_fields(obj: dict, allowed: set[str], where: str) -> None:

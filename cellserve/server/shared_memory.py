@@ -160,9 +160,13 @@ class SystemSharedMemory:
                            + (f"; registered: {sorted(self._regions)}" if self._regions else ""))
         return region
 
-    def check(self, place: TensorPlace, where: str) -> None:
-        """BadRequest unless `place` lies within a registered region."""
-        self._within(place, where)
+    def output_place(self, parameters, where: str) -> TensorPlace | None:
+        """Where a requested output's parameters ask it written (None: nowhere), checked
+        against the regions now, before the request runs."""
+        place = tensor_place(parameters, where)
+        if place is not None:
+            self._within(place, where)
+        return place
 
     def _within(self, place: TensorPlace, where: str) -> Region:
         region = self._regions.get(place.region)

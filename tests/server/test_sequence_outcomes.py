@@ -21,12 +21,11 @@ import pytest
 
 from cellserve.engine.clock import MonotonicClock
 from cellserve.engine.engine import Engine, EngineConfig
-from cellserve.server.app import Frontends, _bind
 from cellserve.server.core import Core, InferInput
 from cellserve.server.errors import BadRequest, DeadlineExceeded, SequenceError
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import load_zoo
-from cellserve.server.settings import ServerSettings
+from inprocess import serve_in_process
 from serverproc import wait_until
 from zoo_reference import token_reference
 
@@ -218,23 +217,11 @@ class PausableEngine:
 def served_over_http():
     """Real HTTP frontends in this process, their engine's worker (pausable) and the
     requests submitted to the engine."""
-    config = EngineConfig(profile=False, pin_threads=False)
-    settings = ServerSettings(zoo_models=[MODEL], http_port=0, grpc_port=-1, metrics_port=-1, engine=config)
-    served = load_zoo([MODEL])
-    engine = Engine([s.model for s in served], config)
-    submitted = []
-    submit = engine.submit
-    engine.submit = lambda request: (submitted.append(request), submit(request))  # a spy
-    core = Core(served, engine, Metrics(engine))
-    frontends = Frontends(core, settings, _bind(settings))
-    port = frontends.start()["http"]
-    worker = PausableEngine(engine)
+    server = serve_in_process([MODEL], EngineConfig(profile=False, pin_threads=False), grpc=False)
+    worker = PausableEngine(server.engine)
     worker.start()
-    yield port, core, submitted, worker
-    core.accepting = False
-    stopped = threading.Event()
-    frontends.stop(on_stopped=stopped.set)
-    stopped.wait(30)
+    yield server.ports["http"], server.core, server.submitted, worker
+    server.stop()
     worker.stop.set()
 
 

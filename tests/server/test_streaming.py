@@ -18,11 +18,9 @@ import tritonclient.grpc as grpcclient
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.engine.request import Request, Status
 from cellserve.graph.zoo.seq2seq import PAD
-from cellserve.server.app import Frontends, _bind
 from cellserve.server.core import Core
-from cellserve.server.metrics import Metrics
 from cellserve.server.repository import load_zoo
-from cellserve.server.settings import ServerSettings
+from inprocess import serve_in_process
 from serverproc import wait_until
 from zoo_reference import digits
 
@@ -295,25 +293,14 @@ class Local:
 def local():
     """seq2seq-reverse served by real frontends and engine in this process, with admission
     and drops off (a deadline then ends a request when it passes, not earlier)."""
-    config = EngineConfig(profile=False, pin_threads=False, admission=False, drop_late=False)
-    settings = ServerSettings(zoo_models=[S2S], http_port=0, grpc_port=0, metrics_port=-1, engine=config)
-    served = load_zoo([S2S])
-    served[0].model.max_request_rows = BIG  # the cancellation tests' requests are this big
-    engine = Engine([s.model for s in served], config)
-    submitted = []
-    submit = engine.submit
-    engine.submit = lambda request: (submitted.append(request), submit(request))  # a spy
-    core = Core(served, engine, Metrics(engine))
-    frontends = Frontends(core, settings, _bind(settings))
-    ports = frontends.start()
+    server = serve_in_process([S2S], EngineConfig(profile=False, pin_threads=False, admission=False,
+                                                  drop_late=False))
+    server.core.model(S2S).model.max_request_rows = BIG  # the cancellation tests' requests are this big
     stop = threading.Event()
-    worker = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    worker = threading.Thread(target=server.engine.serve_forever, args=(stop,), daemon=True)
     worker.start()
-    yield Local(engine, core, ports, submitted)
-    core.accepting = False
-    stopped = threading.Event()
-    frontends.stop(on_stopped=stopped.set)
-    stopped.wait(30)
+    yield Local(server.engine, server.core, server.ports, server.submitted)
+    server.stop()
     stop.set()
     worker.join(30)
 
