@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from importlib import resources
 
@@ -656,6 +657,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._began = 0.0
         self._shed = False  # the request being parsed was answered 429 at its headers
         self._running = None  # the cycle of the request being answered
+        self._unparsable: str | None = None  # a 400 owed once the requests before it are answered
 
     # -- connections --
 
@@ -689,6 +691,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
+        if self._unparsable is not None:  # the parser stopped at a bad request: nothing after it is read
+            return
         if self._owed == "idle":  # any byte starts a request: its headers are now owed
             self._expect("headers", self.limits.read_timeout_s)
         elif self._owed == "body":  # progress: the body's clock starts again
@@ -737,8 +741,27 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)
         super().on_response_complete()
+        if self._unparsable is not None:  # written now if no other answer is owed before it
+            self.send_400_response(self._unparsable)
+            return
         if self._owed is None and not pipelined:
             self._expect("idle", self.limits.idle_timeout_s)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser cannot read, written once the requests parsed
+        before them are answered: written at once, it overtook their answers and closed the
+        connection under them (a valid request pipelined before a malformed one went
+        unanswered). A request cut off by the bad bytes (its headers read, its body not) is
+        never run."""
+        cut = self.cycle if self.cycle is not None and self.cycle.more_body else None
+        if cut is not None and cut is not self._running:
+            self.pipeline = deque(entry for entry in self.pipeline if entry[0] is not cut)
+        running = self._running
+        if (running is not None and running is not cut and not running.response_complete) or self.pipeline:
+            self._unparsable, self._owed = msg, None
+            return
+        self._unparsable = None
+        super().send_400_response(msg)
 
     # -- shedding --
 

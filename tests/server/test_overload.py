@@ -234,6 +234,47 @@ def test_an_idle_connection_is_closed(impatient):
     assert closed_by_server(sock)  # idle past --idle-timeout: closed without a word
 
 
+def responses_until_closed(sock: socket.socket) -> list[tuple[int, dict, bytes]]:
+    """Every response the server writes before it closes the connection (several may come
+    in one read)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    answers = []
+    while data:
+        header, _, rest = data.partition(b"\r\n\r\n")
+        lines = header.decode().split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        length = int(headers.get("content-length", 0))
+        answers.append((int(lines[0].split()[1]), headers, rest[:length]))
+        data = rest[length:]
+    return answers
+
+
+def test_a_malformed_request_pipelined_behind_valid_ones_is_answered_400_after_them(impatient):
+    """The parser's 400 waits for the answers owed before it: written at once (uvicorn's way),
+    it overtook them and closed the connection under them."""
+    sock = connect(impatient.http)
+    sock.sendall(head() + BODY + head() + BODY + b"NOT HTTP AT ALL\r\n\r\n")
+    answers = responses_until_closed(sock)
+    assert [status for status, _, _ in answers] == [200, 200, 400], answers
+    assert all(json.loads(body)["outputs"] for _, _, body in answers[:2])
+    _, headers, body = answers[2]
+    assert headers["connection"] == "close" and b"Invalid HTTP request" in body
+
+
+def test_a_request_whose_body_cannot_be_parsed_is_not_run_and_is_answered_400(impatient):
+    """Its headers were read (a request waiting behind the one being answered) but its chunked
+    body is malformed: it is dropped from the pipeline, the request before it is answered, then
+    the 400."""
+    sock = connect(impatient.http)
+    chunked = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               "Transfer-Encoding: chunked\r\n\r\nZZ\r\n").encode()
+    sock.sendall(head() + BODY + chunked)
+    # not left waiting for a body that cannot come (the idle timeout would close it unanswered)
+    assert [status for status, _, _ in responses_until_closed(sock)] == [200, 400]
+
+
 # ---- deadlines, in the core ----
 
 class SteppedClock:
