@@ -641,8 +641,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     request's progress costs a float store, not a timer.
 
     Relies on uvicorn's HttpToolsProtocol callbacks (on_message_begin, on_headers_complete,
-    on_body, on_message_complete, on_response_complete, _start_asgi_task) and its `cycle` and
-    `pipeline`; the tests in tests/server/test_overload.py pin the behaviour.
+    on_body, on_message_complete, on_response_complete, _start_asgi_task, send_400_response)
+    and its `cycle` (with `more_body`) and `pipeline`; the tests in tests/server/test_overload.py
+    pin the behaviour.
     """
 
     core: Core
