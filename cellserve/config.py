@@ -39,7 +39,8 @@ def setting(default: Any = _NO_DEFAULT, help: str = "", *, default_factory: Call
             flag: str | None = None, aliases: tuple[str, ...] = (), group: str | None = None,
             unset: str | None = None, ge: float | None = None, gt: float | None = None, le: float | None = None,
             choices: tuple[str, ...] | None = None, check: Callable[[Any], str | None] | None = None,
-            metavar: str | None = None, const: Any = None) -> Any:
+            metavar: str | None = None, const: Any = None,
+            paths: Callable[[Any, Callable[[Path], Path]], Any] | None = None) -> Any:
     """A dataclass field with what the CLI, the config file and validation need to know.
 
     help: one line for --help and the printed TOML. flag: the option's name (default
@@ -47,11 +48,13 @@ def setting(default: Any = _NO_DEFAULT, help: str = "", *, default_factory: Call
     the --help section. unset: what None means, for the help's "(default: ...)". ge/gt/le,
     choices: bounds checked on every non-None value. check: value -> None, or the text after the
     name of what is wrong ("must be ..., got ..."). const: the flag's value may be left out, and is
-    then this (`--ray` alone means `--ray local`).
+    then this (`--ray` alone means `--ray local`). paths: for a setting whose value holds file
+    paths inside it (value, f) -> the value with f applied to each path, so that a config file's
+    relative paths are taken from its folder and printed ones are absolute, as a Path setting's.
     """
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "group": group, "unset": unset, "ge": ge,
             "gt": gt, "le": le, "choices": tuple(choices) if choices is not None else None, "check": check,
-            "metavar": metavar, "const": const}
+            "metavar": metavar, "const": const, "paths": paths}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -375,6 +378,8 @@ def _toml_table(obj: Any, lines: list[str], prefix: str = "") -> None:
             unset = f.metadata.get("unset")
             lines.append(f"# {f.name} =  (unset{': ' + unset if unset else ''})")
         else:
+            if f.metadata.get("paths") is not None:  # read back from the file's folder: absolute
+                value = f.metadata["paths"](value, Path.absolute)
             lines.append(f"{f.name} = {_toml_value(value)}")
     for name, value in later:
         lines += ["", f"[{prefix}{name}]"]

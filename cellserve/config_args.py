@@ -149,10 +149,17 @@ def resolve(cls: type, args: argparse.Namespace, config_file: Path | None = None
         values, found = from_mapping(cls, data)
         if found:
             raise ValueError("; ".join(f"{config_file}: {p.render()}" for p in found))
-        paths = {leaf.key for leaf in leaves(cls) if leaf.base is Path}
-        for key in paths & values.keys():
-            if values[key] is not None and not values[key].is_absolute():
-                values[key] = config_file.parent / values[key]
+        def from_file_folder(path: Path) -> Path:
+            return path if path.is_absolute() else config_file.parent / path
+
+        for leaf in leaves(cls):
+            if values.get(leaf.key) is None:
+                continue
+            if leaf.base is Path:
+                value = values[leaf.key]
+                values[leaf.key] = [*map(from_file_folder, value)] if leaf.is_list else from_file_folder(value)
+            elif leaf.meta.get("paths") is not None:
+                values[leaf.key] = leaf.meta["paths"](values[leaf.key], from_file_folder)
         from_file = set(values)
     flags = flag_names(args)
     values.update(given(args))

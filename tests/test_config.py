@@ -111,6 +111,23 @@ def test_flags_override_the_file_and_name_themselves_in_errors(tmp_path):
         parse(ServerSettings, config=config)
 
 
+def test_a_trace_file_in_a_config_file_is_taken_from_the_files_folder(tmp_path, monkeypatch):
+    """As model_repository is: a config file means the same whatever folder the server starts in;
+    printed back, the path is absolute (the printed file may be read from elsewhere)."""
+    (tmp_path / "conf").mkdir()
+    config = tmp_path / "conf" / "serve.toml"
+    config.write_text('trace_config = ["level=TIMESTAMPS", "triton,file=traces/t.json", "rate=2"]\n')
+    (tmp_path / "conf" / "traces").mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative path read from the working folder would be ./traces: missing
+    settings = parse(ServerSettings, config=config)
+    assert settings.trace_config == ["level=TIMESTAMPS", f"triton,file={tmp_path / 'conf' / 'traces' / 't.json'}",
+                                     "rate=2"]
+    flagged = parse(ServerSettings, "--trace-config", "triton,file=here.json", "--trace-config", "level=TIMESTAMPS")
+    assert flagged.trace_config[0] == "triton,file=here.json"  # a flag's path is the working folder's, as given
+    printed = tomllib.loads(to_toml(flagged))["trace_config"]
+    assert printed == [f"triton,file={tmp_path / 'here.json'}", "level=TIMESTAMPS"]
+
+
 def test_a_field_appended_to_the_settings_gets_its_flag_and_key():
     """What another engineer's new field gets with no other code: with setting() or a plain default."""
     @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cellserve.config import Problem, check, setting
 from cellserve.engine.config import EngineConfig
-from cellserve.server.tracing import check_trace_config
+from cellserve.server.tracing import check_trace_config, trace_config_paths
 
 _MODELS = "models"
 _NETWORK = "network"
@@ -122,7 +122,8 @@ class ServerSettings:
                                            "rate=N (every N-th request), count=N (-1: no limit), mode=triton, "
                                            "triton,file=PATH, triton,log-frequency=N",
                                       default_factory=list, flag="--trace-config", unset="tracing off",
-                                      check=check_trace_config, group=_TRACING, metavar="SETTING=VALUE")
+                                      check=check_trace_config, group=_TRACING, metavar="SETTING=VALUE",
+                                      paths=trace_config_paths)
 
     # Triton's logging extension (cellserve/server/log_settings.py)
     log_file: Path | None = setting(None, "append the server's log to this file", unset="standard error",

@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -149,6 +150,17 @@ def parse_trace_config(entries: list[str]) -> TraceSettings:
     if settings.level == "TIMESTAMPS" and not settings.file:
         raise ValueError("level=TIMESTAMPS needs a file to write the traces to: add triton,file=PATH")
     return settings
+
+
+def trace_config_paths(entries: list[str], f: Callable[[Path], Path]) -> list[str]:
+    """The entries with f applied to the trace file's path (`triton,file=PATH`): ServerSettings'
+    `paths` hook, so that a config file's relative trace file is taken from the file's folder."""
+    out = []
+    for entry in entries:
+        mode, _, rest = entry.rpartition(",")
+        key, eq, value = rest.partition("=")
+        out.append(f"{mode},file={f(Path(value))}" if mode == "triton" and key == "file" and value else entry)
+    return out
 
 
 def check_trace_config(entries: list[str]) -> str | None:
