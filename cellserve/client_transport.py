@@ -16,6 +16,7 @@ class ClientError(Exception):
 class Client:
     def __init__(self, protocol: str, url: str, timeout_ms: float | None):
         self.protocol, self.url = protocol, url
+        self._where = f"{url} ({protocol})"  # how an unreachable server is named
         # the network timeout outlasts the request's own deadline, so the server's answer is seen
         self.network_timeout_s = max(60.0, (timeout_ms or 0) / 1e3 + 10.0)
         if "://" in url:  # tritonclient takes host:port; its own refusal prints a traceback after ours
@@ -25,6 +26,10 @@ class Client:
         if colon and "]" not in port and not 1 <= (ascii_int(port) or 0) <= 65535:  # checked here: tritonclient's
             # own check leaves a half-made client whose __del__ prints a traceback
             raise ClientError(f"cannot use server address {url!r}: port {port!r} is not 1 to 65535")
+        if not colon or "]" in port:  # no port: the protocol's own, which a cellserve server does not use
+            self._where = (f"{url} ({protocol}, port {443 if protocol == 'grpc' else 80}: the address names no "
+                           f"port; cellserve serves {protocol} on {8001 if protocol == 'grpc' else 8000} "
+                           "unless told otherwise)")
         try:
             if protocol == "grpc":
                 import tritonclient.grpc as module
@@ -106,13 +111,13 @@ class Client:
                 return None
             message = exc.message() or str(exc)
             if "UNAVAILABLE" in str(status) and _unreachable(message):
-                raise ClientError(f"cannot reach the server at {self.url} ({self.protocol}): {message}") from None
+                raise ClientError(f"cannot reach the server at {self._where}: {message}") from None
             if status is None:
                 raise ClientError(f"request to {self.url} ({self.protocol}) failed: {message}") from None
             where = f"HTTP {status}" if self.protocol == "http" else str(status).replace("StatusCode.", "")
             raise ClientError(f"{message} ({where})") from None
         except (OSError, TimeoutError) as exc:  # refused, unknown host, network timeout
-            raise ClientError(f"cannot reach the server at {self.url} ({self.protocol}): {_describe(exc)}") from None
+            raise ClientError(f"cannot reach the server at {self._where}: {_describe(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - e.g. a reply that is not the protocol
             raise ClientError(f"request to {self.url} ({self.protocol}) failed: {_describe(exc)}") from None
 

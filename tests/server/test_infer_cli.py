@@ -143,6 +143,17 @@ def test_unreachable_server(protocol):
     assert "cannot reach the server" in line and str(port) in line
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_an_address_without_a_port_names_the_port_it_tried(protocol):
+    """tritonclient goes to the protocol's own port (80, 443), not cellserve's: the error says so."""
+    result = cellserve_infer("lstm-512", "hello", "--url", "127.0.0.1", "--protocol", protocol)
+    assert result.returncode == 1
+    line = one_error_line(result)
+    tried, served = ("443", "8001") if protocol == "grpc" else ("80", "8000")
+    assert f"cannot reach the server at 127.0.0.1 ({protocol}, port {tried}: the address names no port; " \
+           f"cellserve serves {protocol} on {served}" in line, line
+
+
 @pytest.mark.parametrize("url", ["127.0.0.1:99999", "127.0.0.1:x"])
 def test_a_bad_port_is_one_error_line(url):
     result = cellserve_infer("lstm-512", "hello", "--url", url)
