@@ -5,7 +5,8 @@ ModelConfig, over HTTP (`GET /v2/models/{m}[/versions/{v}]/config`, the JSON for
 What it holds: `name`, `platform`, `max_batch_size` (0, and the dims below are whole shapes,
 the batch axis included, -1 for a dynamic size; or a repository config's max_batch_size > 0,
 and the dims leave out the leading batch dimension, as Triton's do), `input` and `output`
-(names, `data_type`, `dims`), `sequence_batching` with the idle timeout for a model that
+(names, `data_type`, `dims`; an output's `label_filename` as its repository config gives it),
+`sequence_batching` with the idle timeout for a model that
 takes sequences (one whose recurrences all run forwards), and `parameters`, `{key: {"string_value": value}}`: a
 repository model's config.pbtxt parameters as written, a zoo model's from `zoo.parameters`
 (the `dates` model's text vocabularies, cellserve/text_vocab.py, and its decode spec).
@@ -28,13 +29,18 @@ EXTENSION = "model_configuration"
 
 
 def model_config(name: str, platform: str, model: Model, parameters: dict[str, str],
-                 sequence_idle_s: float, max_batch_size: int = 0) -> dict:
+                 sequence_idle_s: float, max_batch_size: int = 0, label_files: dict[str, str] | None = None) -> dict:
     """The ModelConfig of one served model version, as JSON (Triton's field names)."""
     batch_dims = 1 if max_batch_size > 0 else 0
+    label_files = label_files or {}
 
     def tensors(specs):
-        return [{"name": s.name, "data_type": _config_type(datatype_of(s.dtype)), "dims": list(s.shape)[batch_dims:]}
-                for s in specs]
+        out = [{"name": s.name, "data_type": _config_type(datatype_of(s.dtype)), "dims": list(s.shape)[batch_dims:]}
+               for s in specs]
+        for tensor in out:
+            if tensor["name"] in label_files:
+                tensor["label_filename"] = label_files[tensor["name"]]
+        return out
 
     config = {"name": name, "platform": platform, "max_batch_size": max_batch_size, "input": tensors(model.inputs),
               "output": tensors(model.outputs),

@@ -69,6 +69,7 @@ class ServedModel:
     max_batch_size: int = 0
     # output -> its classes' labels (a config output's label_filename), for classification
     labels: dict[str, list[str]] = field(default_factory=dict)
+    label_files: dict[str, str] = field(default_factory=dict)  # output -> its label_filename, published as given
 
     @property
     def engine_name(self) -> str:
@@ -162,7 +163,8 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         _check_batch_first(config, model, f"{where} version {version}")
         check_parameters(parameters, model, f"{where} version {version}")
         served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters,
-                                  config.max_batch_size, labels))
+                                  config.max_batch_size, labels,
+                                  {o.name: o.label_filename for o in config.output if o.label_filename}))
     return served
 
 

@@ -439,6 +439,7 @@ def test_the_published_config_says_max_batch_size_as_the_config_gave_it(http, gr
     assert lstm["max_batch_size"] == 8
     assert [(t["name"], t["dims"]) for t in lstm["input"] + lstm["output"]] == [
         ("tokens", [-1]), ("probabilities", [3]), ("label", [])]
+    assert [t.get("label_filename") for t in lstm["output"]] == ["labels.txt", None]  # as Triton publishes it
     assert gru.get("max_batch_size", 0) == 0  # protobuf's JSON leaves out a zero
     assert [(t["name"], t["dims"]) for t in gru["input"]] == [("tokens", [-1, -1])]
     bigger = np.ones((9, 4), np.int64)  # more rows than max_batch_size
