@@ -76,15 +76,19 @@ class RecordingExecutor(KernelExecutor):
         self.finishes: dict[str, list[float]] = {}
         self._decoding: dict[tuple[str, int], list[int]] = {}  # (cell type, slot) -> [memory, steps]
 
-    def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
+    def run_plain(self, model: str, nodes: tuple[DenseNode, ...], env: dict) -> float:
+        """The group's ops one by one, each timed: a profile prices each op (plain_ops_s)."""
         self._previous = None
-        t0 = time.perf_counter()
-        seconds = super().run_plain(model, node, env)
-        if self.recording:  # with the spell since this op's last run ended (ModelProfile.plain_idle_extra_s)
-            spell = t0 - self._plain_end.get(node.name, -math.inf)
-            self.plain.setdefault(node.name, []).append((spell, seconds))
-        self._plain_end[node.name] = time.perf_counter()
-        return seconds
+        total = 0.0
+        for node in nodes:
+            t0 = time.perf_counter()
+            seconds = super().run_plain(model, (node,), env)
+            if self.recording:  # with the spell since this op's last run ended (ModelProfile.plain_idle_extra_s)
+                spell = t0 - self._plain_end.get(node.name, -math.inf)
+                self.plain.setdefault(node.name, []).append((spell, seconds))
+            self._plain_end[node.name] = time.perf_counter()
+            total += seconds
+        return total
 
     def start_lane(self, cell_type, x, states) -> LaneStarted:
         self._previous = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from operator import attrgetter
 
 import numpy as np
 
@@ -35,6 +36,7 @@ PROBE_AFTER_S = 5.0
 OVERHEAD_SPELLS = 9
 SPELL_BUSY_S = 0.05
 SPELL_SPAN_S = 0.25
+_urgency = attrgetter("urgency")
 
 
 class Admission:
@@ -157,6 +159,8 @@ class Admission:
     def _rounds_left(self, run: _Run) -> int:
         """Rounds until `run` ends: its current step's longest lane, then its later steps."""
         plan, layer = run.rounds_plan, run.layer
+        if layer >= len(plan):
+            return 0
         lane_of = self.policy.lane
         longest = None
         for lane_id in run.lanes:
@@ -166,10 +170,9 @@ class Admission:
                 left = (lane.length or plan[layer]) - lane.step
                 if longest is None or left > longest:
                     longest = left
-        later = sum(plan[layer + 1:])
         if longest is None:  # no lane running (yet): the step's planned rounds
-            return later + (plan[layer] if layer < len(plan) else 0)
-        return later + max(longest, 1)
+            return run.rounds_after[layer] + plan[layer]
+        return run.rounds_after[layer] + max(longest, 1)
 
     def _drop_late(self, now: float) -> None:
         """Drop admitted requests that can no longer finish in time: their work is wasted.
@@ -220,17 +223,18 @@ class Admission:
         Priced for every run at once, in arrays: the check walks every run in flight, and
         pricing each load apart was most of its cost. The arithmetic is round_time's, term for
         term, so the figures are the same."""
-        order = sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival))
+        order = sorted(runs, key=_urgency)
         types = list(lanes)
         column = {t: j for j, t in enumerate(types)}
-        rows, columns, left = [], [], []
+        cells, left = [], []  # a lane's cell of `added` (run's row, its type's column); rounds per run
+        rounds_left = self._rounds_left
+        width = len(types)
         for i, run in enumerate(order):
+            base = i * width
             for ref in run.lanes.values():
-                rows.append(i)
-                columns.append(column[ref.cell_type])
-            left.append(self._rounds_left(run))
-        added = np.zeros((len(order), len(types)), np.int64)
-        np.add.at(added, (rows, columns), 1)
+                cells.append(base + column[ref.cell_type])
+            left.append(rounds_left(run))
+        added = np.bincount(cells, minlength=len(order) * width).reshape(len(order), width)
         cap = self.policy.max_batch
         load = np.maximum(np.cumsum(added, axis=0), [min(lanes[t], cap) for t in types])
         if self.costs.group_of is not None:  # a round is its busiest executor's: priced whole

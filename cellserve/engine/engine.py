@@ -38,7 +38,7 @@ from cellserve.engine.scheduler import Lane, make_policy
 from cellserve.engine.walk import ModelWalk
 from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
 from cellserve.executor.batch import StepBatch
-from cellserve.graph.model import GraphDecoder, Model, RecurrentLayer, plain_group_key, plain_groups
+from cellserve.graph.model import DenseNode, GraphDecoder, Model, RecurrentLayer, plain_group_key, plain_groups
 from cellserve.graph.stacking import stack_layers
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,9 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         self._default = next(iter(self.executors.values()))
         self.models: dict[str, Model] = {}
         self._placed: dict[str, Executor] = {}  # cell type -> executor
-        self._plain: dict[str, list[Executor | None]] = {}  # model -> per program position, the executor of its plain op
+        # model -> per program position of a plain op: (its group's executor, the group's ops from
+        # there on, the position after the group); None at a recurrent step
+        self._plain: dict[str, list[tuple[Executor, tuple[DenseNode, ...], int] | None]] = {}
         self._group_keys: set[str] = set()  # placement keys of every plain-op group
         self._layer_types: dict[str, list[list[str]]] = {}  # model -> cell types of each recurrent step
         self._model_types: dict[str, list[str]] = {}  # model -> its cell types (Model.cell_types)
@@ -188,8 +190,10 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
             key = plain_group_key(model.name, k)
             self._group_keys.add(key)
             name = self.placement.get(key)
-            for pc in pcs:
-                plain[pc] = model_plain if name is None else self.executors[name]
+            executor = model_plain if name is None else self.executors[name]
+            nodes = tuple(model.program[pc] for pc in pcs)
+            for i, pc in enumerate(pcs):
+                plain[pc] = (executor, nodes[i:], pcs[-1] + 1)
         if plain_ops_key(model.name) in model.cell_types():
             raise ValueError(f"model {model.name!r} has a cell type named {plain_ops_key(model.name)!r}, "
                              "the name of its plain ops")

@@ -58,6 +58,18 @@ class _Run:
     moved: set = field(default_factory=set)
     extra_outputs: dict = field(default_factory=dict)  # response tensors beyond the model's (beam search)
     width: int = 1  # a decoder's lanes per row: the beam width it decodes with (engine/beam.py)
+    # set from the fields above once made (__post_init__): the drop check reads them for every
+    # run in flight, every check
+    urgency: tuple = ()  # (priority, deadline, arrival): the scheduler's order, most urgent first
+    rounds_after: list[int] = field(default_factory=list)  # per recurrent step k: sum(rounds_plan[k + 1:])
+
+    def __post_init__(self) -> None:
+        self.urgency = (self.request.priority, self.deadline, self.request.arrival)
+        after, total = [], 0
+        for rounds in reversed(self.rounds_plan):
+            after.append(total)
+            total += rounds
+        self.rounds_after = after[::-1]
 
 
 @dataclass(eq=False)

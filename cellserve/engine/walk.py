@@ -16,7 +16,7 @@ from cellserve.engine.request import Status
 from cellserve.engine.runs import _LaneRef, _Run
 from cellserve.engine.scheduler import Lane
 from cellserve.errors import CellserveError, InvalidInput
-from cellserve.graph.model import DenseNode, LayerStack, RecurrentLayer, layers_of
+from cellserve.graph.model import LayerStack, RecurrentLayer, layers_of
 from cellserve.kernels.cell import LaneStorage
 
 
@@ -52,15 +52,17 @@ class ModelWalk:
             program = run.model.program
             plain = self._plain[run.model.name]
             while run.pc < len(program):
-                step = program[run.pc]
-                if isinstance(step, DenseNode):
-                    executor = plain[run.pc]
+                group = plain[run.pc]
+                if group is not None:  # consecutive plain ops on one executor: one call
+                    executor, nodes, end = group
                     if self._multi:
-                        self._note_reads(run, executor, step.inputs)
-                        run.producers.update(dict.fromkeys(step.outputs, (executor,)))
-                    self._device_s += executor.run_plain(run.model.name, step, run.env)
-                    run.pc += 1
+                        for node in nodes:
+                            self._note_reads(run, executor, node.inputs)
+                            run.producers.update(dict.fromkeys(node.outputs, (executor,)))
+                    self._device_s += executor.run_plain(run.model.name, nodes, run.env)
+                    run.pc = end
                 else:
+                    step = program[run.pc]
                     trace = run.request.trace if run.layer == 0 else None
                     if trace is not None:
                         trace.stamp("COMPUTE_INPUT_END")

@@ -11,8 +11,8 @@ Contract for every implementation:
   where it lives; `execute` advances a `StepBatch`'s lanes, one batched step, or up to
   `lone_steps` steps of each lane alone when the engine asks for that; `finish_lane` reads a
   lane that ran to its end and frees it; `release_lane` frees one without reading it.
-- `run_plain` runs one plain op of a request (embedding lookups, heads, glue) on the
-  request's tensors in place.
+- `run_plain` runs a request's consecutive plain ops (embedding lookups, heads, glue: one
+  group of the model's program, or the rest of one) on the request's tensors in place, in order.
 - Every call returns the seconds the device was busy for it. An executor never calls back
   into the engine and never touches a request other than through what it is given.
 - With several executors running at once, `execute` runs on the executor's worker thread
@@ -150,8 +150,10 @@ class Executor(ABC):
         """Free a lane without reading it (its request failed or was dropped)."""
 
     @abstractmethod
-    def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
-        """Run one plain op on a request's tensors (`env`, updated in place); busy seconds."""
+    def run_plain(self, model: str, nodes: tuple[DenseNode, ...], env: dict) -> float:
+        """Run consecutive plain ops of `model`'s program, in order, on a request's tensors
+        (`env`, updated in place); busy seconds. One call per group, not per op: a request's
+        walk crosses into the executor once for all the ops between two recurrent steps."""
 
     @abstractmethod
     def startup_costs(self, cell_type: str, sizes: list[int]) -> dict[int, float]:

@@ -81,9 +81,10 @@ class SimExecutor(Executor):
         # cumulative lane counts), to draw a lane's steps from the profile's histogram
         self._decode_table: dict[str, tuple[list[int], dict[int, tuple[list[int], list[int]]]]] = {}
         self._zeros = np.zeros((0, 0), np.float32)
-        self._plain_outputs: dict[tuple, list] = {}  # (model, op, input shapes) -> outputs
-        # (model, op) -> its profile's timing and idle buckets (ModelProfile.plain_idle_extra_s)
-        self._plain_timing: dict[tuple[str, str], tuple[Timing, tuple | None]] = {}
+        self._plain_outputs: dict[tuple, list] = {}  # (model, first op, ops, input shapes) -> outputs
+        # (model, first op, ops) of a group run by one call -> (the names it reads from outside
+        # itself, each op's (model, op) key, timing and idle-extra buckets)
+        self._plain_groups: dict[tuple[str, str, int], tuple[list[str], list[tuple]]] = {}
         self._plain_last: dict[tuple[str, str], float] = {}  # (model, op) -> virtual time its last run ended
         self._previous: str | None = None  # cell type of the last call, when it was a step
         self._last_step_end = -math.inf  # virtual time the last step (of any cell type) ended
@@ -340,35 +341,50 @@ class SimExecutor(Executor):
         host = self._engine_host
         self._charge(0.0, requests_taken * host.request_s + runs_checked * host.check_s_per_run)
 
-    def run_plain(self, model: str, node: DenseNode, env: dict) -> float:
-        """The op's outputs, priced from the profile. Computed once per model, op and input
-        shapes, then reused: what the simulation needs of them is their shapes, and the values
-        that feed a later op's shape (Shape's, a Reshape's target) follow from input shapes."""
-        op = (model, node.name)
-        priced = self._plain_timing.get(op)
-        if priced is None:
-            profile = self._profile(model)
+    def run_plain(self, model: str, nodes: tuple[DenseNode, ...], env: dict) -> float:
+        """The ops' outputs, each op priced from the profile. Computed once per model, group
+        and input shapes, then reused: what the simulation needs of them is their shapes, and
+        the values that feed a later op's shape (Shape's, a Reshape's target) follow from input
+        shapes."""
+        group_key = (model, nodes[0].name, len(nodes))
+        group = self._plain_groups.get(group_key)
+        if group is None:
+            group = self._plain_groups[group_key] = self._plain_group(model, nodes)
+        reads, priced = group
+        self._previous = None
+        key = (*group_key, *[_shape_key(env.get(name)) for name in reads])
+        outputs = self._plain_outputs.get(key)
+        if outputs is None:
+            for node in nodes:
+                dense_ops.run(node, env)
+            outputs = self._plain_outputs[key] = [(name, env.get(name)) for node in nodes
+                                                  for name in node.outputs if name]
+        else:
+            for name, value in outputs:
+                env[name] = value
+        total = 0.0
+        clock, last = self.clock, self._plain_last
+        for op, timing, buckets in priced:
+            # an op that last ran a while ago costs more (ModelProfile.plain_idle_extra_s)
+            seconds = timing.mean + (bucket_extra(buckets, clock.now() - last.get(op, -math.inf)) if buckets else 0.0)
+            clock.advance(seconds)
+            last[op] = clock.now()
+            total += seconds
+        return total
+
+    def _plain_group(self, model: str, nodes: tuple[DenseNode, ...]) -> tuple[list[str], list[tuple]]:
+        """What run_plain needs of a group: the names its ops read that none of them wrote
+        before, and each op's key, timing and idle buckets (ProfileError naming a missing op)."""
+        profile = self._profile(model)
+        reads, written, priced = [], set(), []
+        for node in nodes:
             timing = profile.plain_ops_s.get(node.name)
             if timing is None:
                 raise ProfileError(f"profile of model {model!r} has no plain_ops_s[{node.name!r}]")
-            priced = self._plain_timing[op] = (timing, profile.plain_idle_extra_s.get(node.name))
-        timing, buckets = priced
-        self._previous = None
-        key = (model, node.name, *map(_shape_key, [env.get(name) if name else None for name in node.inputs]))
-        outputs = self._plain_outputs.get(key)
-        if outputs is None:
-            dense_ops.run(node, env)
-            outputs = self._plain_outputs[key] = [env.get(name) if name else None for name in node.outputs]
-        else:
-            for name, value in zip(node.outputs, outputs):
-                if name:
-                    env[name] = value
-        # an op that last ran a while ago costs more (ModelProfile.plain_idle_extra_s)
-        seconds = timing.mean + (bucket_extra(buckets, self.clock.now() - self._plain_last.get(op, -math.inf))
-                                 if buckets else 0.0)
-        self.clock.advance(seconds)
-        self._plain_last[op] = self.clock.now()
-        return seconds
+            priced.append(((model, node.name), timing, profile.plain_idle_extra_s.get(node.name)))
+            reads += [name for name in node.inputs if name and name not in written and name not in reads]
+            written.update(node.outputs)
+        return reads, priced
 
     def startup_costs(self, cell_type: str, sizes: list[int]) -> dict[int, float]:
         cell = self._cells[cell_type]
