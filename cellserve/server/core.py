@@ -44,6 +44,9 @@ EXTENSIONS = ["binary_tensor_data", "classification", "sequence", "priority", "t
 _UINT64_MAX = (1 << 64) - 1
 _EXPIRED = object()  # what a request's deadline timer resolves its engine future with
 _VERDICT_GRACE_S = 0.005  # see Core._submit
+# gRPC ends a call at the client's deadline; this server's clock, read a moment later or
+# earlier, may put that end a hair before it
+_CLIENT_DEADLINE_SLACK_S = 0.001
 
 
 @dataclass
@@ -59,6 +62,10 @@ class InferInput:
     classification: dict[str, int] = field(default_factory=dict)  # output -> top classes asked (classification.py)
     output_places: dict[str, TensorPlace] = field(default_factory=dict)  # outputs to shared memory (shared_memory.py)
     trace: Trace | None = None  # this request's timestamps, when the tracer sampled it (tracing.py)
+    # the client's own deadline (a gRPC call's), seconds from arrival: the request's deadline when
+    # it is shorter than its timeout parameter (or the model's default), so that admission and the
+    # drop check keep it instead of running work no one will read
+    client_timeout_s: float | None = None
 
 
 @dataclass
@@ -401,8 +408,13 @@ class Core:
             outcome = f"{_reason(exc)}: {exc.message}"
             raise
         except asyncio.CancelledError:  # the client went away (a stream cancelled, a connection closed)
-            metrics.failed("cancelled", self.clock.now() - received)
-            outcome = "cancelled: the client went away"
+            waited = self.clock.now() - received
+            if request.client_timeout_s is not None and waited >= request.client_timeout_s - _CLIENT_DEADLINE_SLACK_S:
+                metrics.failed("dropped", waited)  # gRPC ended the call at the client's deadline: missed
+                outcome = "dropped: the client's deadline passed"
+            else:
+                metrics.failed("cancelled", waited)
+                outcome = "cancelled: the client went away"
             raise
         finally:
             metrics.pending.dec()
@@ -431,6 +443,8 @@ class Core:
             spec = next((s for s in entry.model.outputs if s.name == name), None)
             check_classifiable(spec, name, entry.name)
         timeout_s = options.timeout_us / 1e6 if options.timeout_us else entry.settings.default_timeout_s
+        if request.client_timeout_s is not None and (timeout_s is None or request.client_timeout_s < timeout_s):
+            timeout_s = request.client_timeout_s
         priority = options.priority or entry.settings.default_priority or (1 << 31)
 
         def output(response: Response):

@@ -220,8 +220,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def ModelInfer(self, request, context):
+        client_timeout_s = _client_timeout(context)
         self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
         infer_input = parse_infer_request(request, self.core.shared_memory)
+        infer_input.client_timeout_s = client_timeout_s
         return await self.core.infer(infer_input, encode=encode_infer_response)
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -235,6 +237,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInferBytes(self, data: bytes, context):
         """ModelInfer, registered in its place, from the request's serialized bytes."""
         received = self.core.clock.now()
+        client_timeout_s = _client_timeout(context)
         admission = self.core.admission
         ticket = admission.enter()  # RESOURCE_EXHAUSTED before a byte is parsed
         failure = None
@@ -248,8 +251,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             trace = tracer.start(entry.name, entry.version, request.id) if tracer.on else None
             if trace is None:
                 infer_input = parse_infer_request(request, self.core.shared_memory)
+                infer_input.client_timeout_s = client_timeout_s
                 return await self.core.infer(infer_input, received, encode=encode_infer_response)
-            return await self._traced_infer(request, received, trace, context)
+            return await self._traced_infer(request, received, trace, context, client_timeout_s)
         except BaseException as exc:
             failure = exc
             raise
@@ -257,7 +261,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             admission.leave(ticket, Admission.outcome(failure))
 
 
-    async def _traced_infer(self, request, received: float, trace, context):
+    async def _traced_infer(self, request, received: float, trace, context, client_timeout_s: float | None):
         """ModelInfer of a sampled request: its stamps (docs/tracing.md); the trace is kept
         when gRPC reports the call done (GRPC_SEND_END), failed calls included. gRPC core reads
         the message before any Python runs, so the first stamp is GRPC_WAITREAD_END."""
@@ -271,6 +275,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         context.add_done_callback(done)
         infer_input = parse_infer_request(request, self.core.shared_memory)
         infer_input.trace = trace
+        infer_input.client_timeout_s = client_timeout_s
         response = await self.core.infer(infer_input, received, encode=encode_infer_response)
         trace.stamp("GRPC_SEND_START")
         return response
@@ -489,3 +494,11 @@ def _set_parameter(param, value) -> None:
         param.double_param = value
     else:
         param.string_param = str(value)
+
+
+def _client_timeout(context) -> float | None:
+    """The seconds left of the call's own deadline (a tritonclient `client_timeout`), or None
+    when the client set none: the request's deadline when shorter than its timeout parameter."""
+    remaining = context.time_remaining()
+    # a deadline already past still needs a positive timeout (the engine refuses 0): the call ends now anyway
+    return None if remaining is None or remaining > 1e8 else max(remaining, 1e-6)

@@ -26,7 +26,7 @@ Admission and connections (the frontends, before any decoding; not per model):
   cellserve_http_connections_open, cellserve_http_connections_refused_total (over the limit),
   cellserve_http_requests_timed_out_total (408: headers or body too slow)
 Failure reasons: invalid, rejected (refused at admission), dropped (deadline missed while
-queued or running), sequence (a sequence error), cancelled (the client went away before its
+queued or running, a gRPC call's own deadline included), sequence (a sequence error), cancelled (the client went away before its
 answer), error (the server failed).
 
 The same counts, per model version, also feed Triton's statistics extension

@@ -1,11 +1,13 @@
 """A server's real frontends, core and engine in the test's own process, for tests that
-watch the engine (what was submitted, what was cancelled) or hold its worker."""
+watch the engine (what was submitted, what was cancelled) or hold its worker (PausableEngine),
+or move the core's clock (SkippingClock)."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 
+from cellserve.engine.clock import MonotonicClock
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.engine.request import Request
 from cellserve.server.app import Frontends, _bind
@@ -45,3 +47,31 @@ def serve_in_process(models: list[str], config: EngineConfig, grpc: bool = True)
     core = Core(served, engine, Metrics(engine))
     frontends = Frontends(core, settings, _bind(settings))
     return InProcess(engine, core, frontends, frontends.start(), submitted)
+
+
+class PausableEngine:
+    """An engine's worker thread that a test stops between steps and starts again."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.stop, self.worker = engine, threading.Event(), None
+
+    def start(self) -> None:
+        self.stop = threading.Event()
+        self.worker = threading.Thread(target=self.engine.serve_forever, args=(self.stop,), daemon=True)
+        self.worker.start()
+
+    def pause(self) -> None:
+        self.stop.set()
+        self.worker.join(30)
+        assert not self.worker.is_alive()
+
+
+class SkippingClock(MonotonicClock):
+    """The monotonic clock, plus however far a test has skipped it ahead."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.skipped

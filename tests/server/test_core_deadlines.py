@@ -1,6 +1,7 @@
 """How the server hands a client's timeout to the engine: the deadline runs from when the
 request reached the server, and the engine gets the timeout less the hand-back it has
-learned, so that an answer in time for the engine is in time for the client."""
+learned, so that an answer in time for the engine is in time for the client. A gRPC call's
+own deadline is a timeout too, when it is the shorter one."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import threading
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.server.core import Core, InferInput
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import load_zoo
+from inprocess import PausableEngine, SkippingClock, serve_in_process
+from serverproc import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +37,18 @@ def core():
     worker.join(timeout=10)
 
 
-def infer(core: Core, timeout_us: int) -> None:
+def infer(core: Core, timeout_us: int | None, client_timeout_s: float | None = None) -> None:
     request = InferInput("lstm-512", "", {"tokens": np.arange(1, 6, dtype=np.int64).reshape(1, 5)},
-                         parameters={"timeout": timeout_us})
+                         parameters={} if timeout_us is None else {"timeout": timeout_us},
+                         client_timeout_s=client_timeout_s)
     asyncio.run(core.infer(request))
+
+
+def failures(core: Core, reason: str) -> float:
+    for line in core.metrics.exposition().decode().splitlines():
+        if line.startswith("cellserve_inference_request_failure_total{") and f'reason="{reason}"' in line:
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_the_engine_deadline_runs_from_receipt_less_the_learned_hand_back(core):
@@ -67,14 +80,7 @@ def test_the_margin_never_takes_more_than_half_the_timeout(core):
 
 def test_a_request_whose_client_goes_away_counts_as_a_cancelled_failure(core):
     core, _ = core
-
-    def failures() -> float:
-        for line in core.metrics.exposition().decode().splitlines():
-            if line.startswith("cellserve_inference_request_failure_total{") and 'reason="cancelled"' in line:
-                return float(line.split()[-1])
-        return 0.0
-
-    before = failures()
+    before = failures(core, "cancelled")
     request = InferInput("lstm-512", "", {"tokens": np.ones((1, 400), np.int64)})
 
     async def go_away() -> None:
@@ -85,7 +91,61 @@ def test_a_request_whose_client_goes_away_counts_as_a_cancelled_failure(core):
             await task
 
     asyncio.run(go_away())
-    assert failures() == before + 1
+    assert failures(core, "cancelled") == before + 1
     pending = [line for line in core.metrics.exposition().decode().splitlines()
                if line.startswith("cellserve_inference_pending_request_count{")]
     assert pending and all(float(line.split()[-1]) == 0 for line in pending)
+
+
+def test_a_client_deadline_shorter_than_the_timeout_is_the_engines(core):
+    core, seen = core
+    # the engine gets the shorter, less the learned hand-back (microseconds to milliseconds)
+    infer(core, 10_000_000, client_timeout_s=2.0)
+    assert seen[-1][1].timeout_s == pytest.approx(2.0, abs=0.05)
+    infer(core, 1_000_000, client_timeout_s=2.0)  # the parameter is the shorter
+    assert seen[-1][1].timeout_s == pytest.approx(1.0, abs=0.05)
+    infer(core, None, client_timeout_s=3.0)  # no parameter: the model's default is none
+    assert seen[-1][1].timeout_s == pytest.approx(3.0, abs=0.05)
+
+
+def test_a_call_ended_at_its_client_deadline_counts_as_dropped_not_cancelled():
+    """gRPC ends a call when its deadline passes: that is a deadline missed (reason
+    "dropped", as the engine's own drops), not a client that went away."""
+    served = load_zoo(["lstm-512"])
+    engine = Engine([s.model for s in served], EngineConfig(profile=False, pin_threads=False))
+    core = Core(served, engine, Metrics(engine), clock=SkippingClock())  # its worker never runs: the call waits
+    request = InferInput("lstm-512", "", {"tokens": np.ones((1, 5), np.int64)}, client_timeout_s=2.0)
+
+    async def ended_at_the_deadline() -> None:
+        task = asyncio.ensure_future(core.infer(request))
+        await asyncio.sleep(0)  # submitted
+        core.clock.skipped += 2.0  # the client's deadline comes
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(ended_at_the_deadline())
+    assert (failures(core, "dropped"), failures(core, "cancelled")) == (1, 0)
+    assert engine._inbox[0].cancelled  # and the engine is told to let it go
+
+
+def test_a_grpc_deadline_reaches_the_engine_and_its_end_is_a_missed_deadline():
+    """End to end, with tritonclient's client_timeout: the engine is given the call's deadline
+    (it may refuse or drop the request by it), and a call gRPC ends there counts as dropped."""
+    server = serve_in_process(["lstm-512"], EngineConfig(profile=False, pin_threads=False))
+    worker = PausableEngine(server.engine)  # not started: the request waits in the inbox past its deadline
+    try:
+        client = grpcclient.InferenceServerClient(server.ports["grpc"])
+        tensor = grpcclient.InferInput("tokens", [1, 5], "INT64")
+        tensor.set_data_from_numpy(np.ones((1, 5), np.int64))
+        with pytest.raises(InferenceServerException, match="Deadline"):
+            client.infer("lstm-512", [tensor], client_timeout=0.5)
+        [submitted] = server.submitted
+        assert 0 < submitted.timeout_s <= 0.5
+        wait_until(lambda: failures(server.core, "dropped") == 1, "the call's end counted as a missed deadline")
+        assert failures(server.core, "cancelled") == 0 and submitted.cancelled
+        worker.start()  # the engine lets it go; the server goes on serving
+        client.infer("lstm-512", [tensor], client_timeout=60)
+    finally:
+        server.stop()
+        worker.stop.set()

@@ -155,7 +155,11 @@ def test_concurrent_requests_each_get_their_own_answer(client):
 
 def test_a_client_that_gives_up_does_not_disturb_the_server(client):
     err = status_of(lambda: infer(client, "lstm-512", np.ones((8, 200), np.int64), client_timeout=0.001))
-    assert err.status() == "StatusCode.DEADLINE_EXCEEDED"
+    # the call's deadline is the request's: the server refuses it at once when it sees the 1 ms
+    # cannot be met, unless gRPC's own timer ends the call first
+    assert err.status() in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED"), err
+    if err.status() == "StatusCode.RESOURCE_EXHAUSTED":
+        assert "misses the deadline" in err.message()
     assert_serves_gru(client)
 
 

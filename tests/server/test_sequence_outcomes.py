@@ -19,29 +19,17 @@ import threading
 import numpy as np
 import pytest
 
-from cellserve.engine.clock import MonotonicClock
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.server.core import Core, InferInput
 from cellserve.server.errors import BadRequest, DeadlineExceeded, SequenceError
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import load_zoo
-from inprocess import serve_in_process
+from inprocess import PausableEngine, SkippingClock, serve_in_process
 from serverproc import wait_until
 from zoo_reference import token_reference
 
 MODEL = "gru-256"
 TOKENS = np.random.default_rng(11).integers(0, 10000, (1, 12))
-
-
-class SkippingClock(MonotonicClock):
-    """The monotonic clock, plus however far a test has skipped it ahead."""
-
-    def __init__(self):
-        super().__init__()
-        self.skipped = 0.0
-
-    def now(self) -> float:
-        return super().now() + self.skipped
 
 
 @pytest.fixture(scope="module")
@@ -195,23 +183,6 @@ def test_statistics_count_only_answers_sent_in_time(core):
 
 
 # ---- over HTTP: a client that closes its connection while its chunk runs ----
-
-class PausableEngine:
-    """An engine's worker thread that a test stops between steps and starts again."""
-
-    def __init__(self, engine: Engine):
-        self.engine, self.stop, self.worker = engine, threading.Event(), None
-
-    def start(self) -> None:
-        self.stop = threading.Event()
-        self.worker = threading.Thread(target=self.engine.serve_forever, args=(self.stop,), daemon=True)
-        self.worker.start()
-
-    def pause(self) -> None:
-        self.stop.set()
-        self.worker.join(30)
-        assert not self.worker.is_alive()
-
 
 @pytest.fixture
 def served_over_http():
