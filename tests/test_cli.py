@@ -40,6 +40,28 @@ def test_help_does_not_import_torch():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_every_commands_help_prints(capsys):
+    """`--help` at every level of the command tree formats (a stray % in one subcommand's
+    help broke its parent's: `cellserve bench --help` was a TypeError)."""
+    import argparse
+
+    from cellserve.cli import build_parser
+
+    def walk(parser, path):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from walk(child, path + [name])
+
+    paths = []
+    for path, _ in walk(build_parser(), []):
+        code, out, err = run(capsys, *path, "--help")
+        assert code == 0 and "usage: cellserve" in out, (path, err)
+        paths.append(path)
+    assert ["bench"] in paths and ["bench", "soak"] in paths and ["plan", "nexus"] in paths
+
+
 def test_serve_help_shows_every_setting_with_its_default_in_groups(capsys):
     code, out, _ = run(capsys, "serve", "--help")
     assert code == 0

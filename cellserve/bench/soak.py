@@ -316,7 +316,7 @@ def _judge(report: SoakReport, cfg: SoakConfig) -> None:
 
 def add_parser(bench_sub) -> None:
     """`cellserve bench soak`'s flags (imports nothing heavy: --help stays fast)."""
-    sk = bench_sub.add_parser("soak", help="a long run at 70% of capacity with a mix of models, sequences and "
+    sk = bench_sub.add_parser("soak", help="a long run at 70%% of capacity with a mix of models, sequences and "
                                            "bad requests; checks errors, RSS, file descriptors, sequences",
                               description=__doc__.split("\n\n", 1)[1])
     sk.add_argument("--model", action="append", default=None, help=f"zoo model, repeatable (default: {MODELS})")
