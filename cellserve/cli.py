@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from cellserve.cli_types import positive
+
 # The comparison's peers, by name (cellserve.bench.peers.PEERS; repeated here so --help
 # does not import the benchmark).
 PEER_NAMES = ("triton", "mlserver", "ray-serve", "torchserve", "unbatched")
@@ -78,16 +80,16 @@ def _add_bench_engine(bench_sub) -> None:
     eng.add_argument("--model", default="lstm-512", help="zoo model, or one of --model-repository (default: lstm-512)")
     eng.add_argument("--model-repository", type=Path, default=None,
                      help="a model repository holding --model (your own model; ONNX Runtime's runners are skipped)")
-    eng.add_argument("--slo-ms", type=float, default=200.0, help="latency SLO for goodput (default: 200)")
+    eng.add_argument("--slo-ms", type=positive(float), default=200.0, help="latency SLO for goodput (default: 200)")
     eng.add_argument("--quick", action="store_true", help="a coarser ramp and shorter runs (a few minutes)")
     eng.add_argument("--bursty", action="store_true", help="bursty (two-state MMPP) arrivals instead of Poisson")
-    eng.add_argument("--max-batch", type=int, default=64, help="cellular's batch cap per cell type (default: 64)")
+    eng.add_argument("--max-batch", type=positive(int), default=64, help="cellular's batch cap per cell type (default: 64)")
     eng.add_argument("--seed", type=int, default=0)
-    eng.add_argument("--repeats", type=int, default=None,
+    eng.add_argument("--repeats", type=positive(int), default=None,
                      help="runs at a rate that fails before it counts as failed; any pass passes (default 2)")
     eng.add_argument("--json", type=Path, default=Path("bench-results/engine.json"), help="where to write results")
     eng.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
-    eng.add_argument("--beam-width", type=int, default=1,
+    eng.add_argument("--beam-width", type=positive(int), default=1,
                      help="an encoder-decoder's beam width, asked by every request (default: 1, greedy); "
                           "other models take only 1")
     eng.set_defaults(run=lambda args, parser: _bench_engine(args.model, args.slo_ms, args.quick, args.bursty,
@@ -98,10 +100,10 @@ def _add_bench_engine(bench_sub) -> None:
 def _add_bench_server(bench_sub) -> None:
     sb = bench_sub.add_parser("server", help="the engine in-process vs the same engine behind HTTP (tritonclient)")
     sb.add_argument("--model", default="lstm-512", help="zoo model (default: lstm-512)")
-    sb.add_argument("--slo-ms", type=float, default=200.0, help="latency SLO for goodput (default: 200)")
+    sb.add_argument("--slo-ms", type=positive(float), default=200.0, help="latency SLO for goodput (default: 200)")
     sb.add_argument("--quick", action="store_true", help="a shorter sweep")
     sb.add_argument("--seed", type=int, default=0)
-    sb.add_argument("--repeats", type=int, default=None, help="runs at a rate that fails before it counts as failed; any pass passes (default 2)")
+    sb.add_argument("--repeats", type=positive(int), default=None, help="runs at a rate that fails before it counts as failed; any pass passes (default 2)")
     sb.add_argument("--json", type=Path, default=Path("bench-results/server.json"), help="where to write results")
     sb.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --json)")
     sb.set_defaults(run=lambda args, parser: _bench_server(args))
@@ -264,12 +266,6 @@ def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot
     from cellserve.bench import engine_bench
     from cellserve.errors import CellserveError
 
-    if slo_ms <= 0 or max_batch < 1 or (repeats is not None and repeats < 1):
-        print("error: --slo-ms must be > 0, --max-batch and --repeats >= 1", file=sys.stderr)
-        return 2
-    if beam_width < 1:
-        print(f"error: --beam-width must be >= 1, got {beam_width}", file=sys.stderr)
-        return 2
     cfg = engine_bench.BenchConfig(model=model, slo_ms=slo_ms, quick=quick, bursty=bursty, seed=seed,
                                    max_batch=max_batch, json_path=json_path, plot_path=plot, repeats=repeats,
                                    beam_width=beam_width, model_repository=model_repository)
@@ -285,13 +281,15 @@ def _bench_engine(model, slo_ms, quick, bursty, max_batch, seed, json_path, plot
 
 def _bench_server(args) -> int:
     from cellserve.bench import server_bench
+    from cellserve.errors import CellserveError
 
-    if args.slo_ms <= 0 or (args.repeats is not None and args.repeats < 1):
-        print("error: --slo-ms must be > 0 and --repeats >= 1", file=sys.stderr)
-        return 2
     cfg = server_bench.ServerBenchConfig(model=args.model, slo_ms=args.slo_ms, quick=args.quick, seed=args.seed,
                                          repeats=args.repeats, json_path=args.json, plot_path=args.plot)
-    report = server_bench.run(cfg)
+    try:
+        report = server_bench.run(cfg)
+    except (CellserveError, ValueError) as exc:  # a model the bench cannot load or drive
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(server_bench.table(report))
     print(f"wrote {cfg.json_path} and {cfg.plot_path or cfg.json_path.with_suffix('.png')}")
     return 0

@@ -48,6 +48,11 @@ def _profile(args, parser) -> int:
     from cellserve.server.repository import load_model
 
     deadline = args.slo_ms / 1e3 if args.slo_ms else None
+    from cellserve.executor.kernel import device_problem
+
+    problem = device_problem(args.device, args.backend)
+    if problem:  # one line, as serve says it, not torch's traceback from deep in the profiler
+        parser.exit(2, f"error: {problem}\n")
     try:
         model = load_model(args.model, args.model_repository)
         config = EngineConfig(max_batch=args.max_batch, backend=args.backend, device=args.device,
@@ -84,12 +89,12 @@ def add_simulate(sub) -> None:
                         "(ask two at random: for many engines)")
     s.add_argument("--policy", default="cellular", help="the engines' batching policy (default: cellular)")
     s.add_argument("--max-batch", type=int, default=None, help="batch cap per cell type (default: the policy's)")
-    s.add_argument("--slo-ms", type=float, default=200.0, help="every request's deadline (default: 200)")
+    s.add_argument("--slo-ms", type=positive(float), default=200.0, help="every request's deadline (default: 200)")
     rate = s.add_mutually_exclusive_group(required=True)
     rate.add_argument("--rates", default=None, help="total offered rates, comma-separated, requests/s")
-    rate.add_argument("--load", type=float, default=None,
+    rate.add_argument("--load", type=positive(float), default=None,
                       help="offer this share of the engines' simulated capacity (e.g. 0.5)")
-    s.add_argument("--seconds", type=float, default=10.0, help="simulated seconds of arrivals per rate (default: 10)")
+    s.add_argument("--seconds", type=positive(float), default=10.0, help="simulated seconds of arrivals per rate (default: 10)")
     s.add_argument("--arrivals", choices=["poisson", "bursty"], default="poisson")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", type=Path, default=Path("bench-results/simulate.json"))

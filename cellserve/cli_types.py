@@ -4,18 +4,20 @@ an error that argparse prints beside the flag's name."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive(kind=float):
-    """A number of `kind` (int or float) that must be > 0."""
+    """A number of `kind` (int or float) that must be > 0 and finite."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not 0 < value < math.inf:  # also refuses NaN and infinity
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}" if kind is int else
+                                             f"must be a finite number > 0, got {text}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"

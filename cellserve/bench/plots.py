@@ -7,6 +7,19 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cellserve.plan.json_io import OutputError
+
+
+def _save(figure: Figure, path: str | Path) -> None:
+    """Write the PNG, creating its folder; OutputError naming the path when it cannot (the
+    CLIs print one line, as for a --json path)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, format="png", dpi=120)
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
 
 def plot_p99_vs_load(rows: dict[str, list[tuple[float, float]]], slo_ms: float, path: str | Path,
                      title: str) -> None:
@@ -27,7 +40,7 @@ def plot_p99_vs_load(rows: dict[str, list[tuple[float, float]]], slo_ms: float, 
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, format="png", dpi=120)
+    _save(figure, path)
 
 
 def plot_load_sweep(series: dict[str, list[dict]], slo_ms: float, path: str | Path, title: str,
@@ -53,4 +66,4 @@ def plot_load_sweep(series: dict[str, list[dict]], slo_ms: float, path: str | Pa
         axes.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, format="png", dpi=120)
+    _save(figure, path)

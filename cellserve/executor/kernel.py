@@ -187,6 +187,27 @@ class CudaExecutor(KernelExecutor):
         return time.perf_counter() - t0
 
 
+def device_problem(device: str, backend: str | None = None) -> str | None:
+    """What stops kernels running on `device` with `backend` (the text after the flags' names,
+    for a one-line start-up error); None when they can."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        return f"--device {device!r} is not a torch device: {exc}"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return (f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                f"{'built with' if torch.backends.cuda.is_built() else 'a build without'} CUDA)")
+    if kind not in ("cpu", "cuda"):
+        return f"--device {device}: cellserve runs cells on cpu or cuda"
+    if backend == "triton":
+        from cellserve.kernels.triton_rnn import triton_unavailable
+
+        reason = triton_unavailable(torch.device(device))
+        if reason:
+            return f"--backend triton: {reason}"
+    return None
+
+
 def executor_for(device: str, backend: str | None = None, name: str | None = None,
                  cores: list[int] | None = None) -> KernelExecutor:
     """The real executor for a torch device name ("cpu", "cuda", "cuda:1", ...)."""

@@ -5,6 +5,7 @@ passed in, so that its CLI reports every bad file the same way: the file, the fi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -46,3 +47,16 @@ def write_json(d: dict, path: str | Path) -> None:
         path.write_text(json.dumps(d, indent=1) + "\n")
     except OSError as exc:
         raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def check_output(path: str | Path) -> None:
+    """Before a long run: OutputError naming `path` when its folder cannot be made or written,
+    so that a run is not lost to a bad output path at its end."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise OutputError(f"cannot write {str(path)!r}: " + ("it is a directory" if path.is_dir()
+                                                             else f"folder {str(path.parent)!r} is not writable"))

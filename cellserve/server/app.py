@@ -77,7 +77,7 @@ def serve(settings: ServerSettings) -> int:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
-        _check_device(settings.engine.device)
+        _check_device(settings.engine.device, settings.engine.backend)
         served = _load_models(settings)
         executors = plan = None
         if placement is not None:  # the engine's executors and placement map (docs/partition.md)
@@ -156,18 +156,12 @@ def serve(settings: ServerSettings) -> int:
     return 0
 
 
-def _check_device(device: str) -> None:
-    import torch
+def _check_device(device: str, backend: str | None) -> None:
+    from cellserve.executor.kernel import device_problem
 
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as exc:
-        raise StartupError(f"--device {device!r} is not a torch device: {exc}") from exc
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise StartupError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                           f"{'built with' if torch.backends.cuda.is_built() else 'a build without'} CUDA)")
-    if kind not in ("cpu", "cuda"):
-        raise StartupError(f"--device {device}: cellserve runs cells on cpu or cuda")
+    problem = device_problem(device, backend)
+    if problem:
+        raise StartupError(problem)
 
 
 def _load_models(settings: ServerSettings) -> list[ServedModel]:

@@ -4,7 +4,7 @@ share of their capacity. Every figure written here is simulated and says so."""
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +15,7 @@ from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import EngineStats
 from cellserve.graph.model import Model
+from cellserve.plan.json_io import check_output, write_json
 from cellserve.plan.profile import ModelProfile, ProfileError
 from cellserve.sim.loop import SimArrival, SimOutcome, Simulation
 from cellserve.sim.router import make_router
@@ -94,14 +95,14 @@ class SimulateConfig:
             problems.append(f"--engines must be >= 1, got {self.engines}")
         if (self.rates is None) == (self.load is None):
             problems.append("give exactly one of --rates and --load")
-        if self.rates is not None and any(r <= 0 for r in self.rates):
-            problems.append(f"--rates must be > 0, got {self.rates}")
-        if self.load is not None and self.load <= 0:
-            problems.append(f"--load must be > 0, got {self.load}")
-        if self.seconds <= 0:
-            problems.append(f"--seconds must be > 0, got {self.seconds}")
-        if self.slo_ms <= 0:
-            problems.append(f"--slo-ms must be > 0, got {self.slo_ms}")
+        def bad(x: float) -> bool:  # NaN and infinity too: a rate or a span must be a real number
+            return not 0 < x < math.inf
+
+        if self.rates is not None and any(map(bad, self.rates)):
+            problems.append(f"--rates must be finite numbers > 0, got {self.rates}")
+        for flag, value in (("--load", self.load), ("--seconds", self.seconds), ("--slo-ms", self.slo_ms)):
+            if value is not None and bad(value):
+                problems.append(f"{flag} must be a finite number > 0, got {value}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -131,6 +132,8 @@ def load_models(profiles: list[ModelProfile], repository: Path | None) -> list[M
 def simulate(cfg: SimulateConfig, log=print) -> dict:
     from cellserve.bench.profiler import model_trace
 
+    for path in (cfg.json_path, cfg.plot_path or cfg.json_path.with_suffix(".png")):
+        check_output(path)  # now, not after the run
     profiles = [ModelProfile.from_json(p) for p in cfg.profiles]
     names = [p.model for p in profiles]
     if len(set(names)) != len(names):
@@ -182,8 +185,7 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
               "profiles": [{"model": p.model, "machine": p.machine.name, "backend": p.machine.backend,
                             "modelled": p.modelled} for p in profiles],
               "runs": runs}
-    cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg.json_path.write_text(json.dumps(json_safe(report), indent=1) + "\n")
+    write_json(json_safe(report), cfg.json_path)
     plot = cfg.plot_path or cfg.json_path.with_suffix(".png")
     plot_p99_vs_load({f"{cfg.policy} (simulated)": [(r["rate_rps"], r["p99_ms"]) for r in runs]}, cfg.slo_ms, plot,
                      f"simulated: {cfg.engines} engine(s), {', '.join(names)}, router {cfg.router}")

@@ -98,14 +98,28 @@ def test_a_beam_width_needs_an_encoder_decoder():
 
 
 def _cli(capsys, *argv):
-    code = cli.main(list(argv))
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
     return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["engine", "--slo-ms", "-5"], "argument --slo-ms: must be a finite number > 0, got -5"),
+    (["engine", "--max-batch", "0"], "argument --max-batch: must be > 0, got 0"),
+    (["server", "--repeats", "0"], "argument --repeats: must be > 0, got 0"),
+    (["server", "--model", "nope"], "no zoo model 'nope'"),
+])
+def test_the_bench_cli_names_the_bad_flag_or_model_in_one_line(capsys, tmp_path, argv, message):
+    code, err = _cli(capsys, "bench", *argv, "--quick", "--json", str(tmp_path / "x.json"))
+    assert code == 2 and message in err and "Traceback" not in err, err
 
 
 def test_cli_refuses_a_bad_beam_width_with_exit_2(capsys, tmp_path):
     code, err = _cli(capsys, "bench", "engine", "--model", "seq2seq-reverse", "--beam-width", "0",
                      "--json", str(tmp_path / "x.json"))
-    assert code == 2 and "--beam-width must be >= 1, got 0" in err
+    assert code == 2 and "argument --beam-width: must be > 0, got 0" in err
     code, err = _cli(capsys, "bench", "engine", "--model", "gru-256", "--beam-width", "4",
                      "--json", str(tmp_path / "x.json"))
     assert code == 2 and "needs an encoder-decoder; model 'gru-256'" in err

@@ -58,10 +58,21 @@ def test_simulate_writes_results_labelled_simulated(gru_profile, tmp_path):
     (["--engines", "0", "--rates", "10"], "--engines must be >= 1"),
     (["--rates", "10,x"], "--rates must be numbers"),
     (["--rates", "10", "--router", "random"], "unknown router 'random'"),
+    (["--load", "inf"], "argument --load: must be a finite number > 0, got inf"),
+    (["--load", "nan"], "argument --load: must be a finite number > 0, got nan"),
+    (["--rates", "10,inf"], "--rates must be finite numbers > 0, got [10.0, inf]"),
 ])
 def test_simulate_refuses_bad_arguments_naming_them(gru_profile, tmp_path, capsys, args, message):
     done = cellserve_here(capsys, "simulate", "--profile", str(gru_profile), *args, "--json", str(tmp_path / "x.json"))
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_simulate_refuses_an_unwritable_plot_before_it_runs(gru_profile, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    done = cellserve_here(capsys, "simulate", "--profile", str(gru_profile), "--rates", "10", "--json",
+                          str(tmp_path / "x.json"), "--plot", str(tmp_path / "a-file" / "p.png"))
+    assert done.returncode == 2 and f"cannot write '{tmp_path / 'a-file' / 'p.png'}'" in done.stderr
+    assert "offering" not in done.stdout and not (tmp_path / "x.json").exists()  # refused before the run
 
 
 def test_simulate_refuses_a_broken_profile_naming_the_field(gru_profile, tmp_path, capsys):
@@ -97,6 +108,17 @@ def test_profile_measures_a_zoo_model_and_models_a_gpu(tmp_path, capsys):
 def test_profile_refuses_an_unknown_model(tmp_path, capsys):
     done = cellserve_here(capsys, "profile", "--model", "nope", "--json", str(tmp_path / "p.json"))
     assert done.returncode == 2 and "'nope' is not a zoo model" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cudax"], "--device 'cudax' is not a torch device"),
+    (["--device", "meta"], "--device meta: cellserve runs cells on cpu or cuda"),
+    (["--backend", "triton"], "--backend triton: the triton backend needs a CUDA device"),
+])
+def test_profile_refuses_a_device_or_backend_it_cannot_run_in_one_line(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    done = cellserve_here(capsys, "profile", "--model", "gru-256", *args, "--json", str(tmp_path / "p.json"))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_profile_refuses_a_deadline_that_is_not_positive(tmp_path, capsys):
