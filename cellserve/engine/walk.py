@@ -131,17 +131,23 @@ class ModelWalk:
         """A layer's (h0, c0), [directions, batch, hidden] each or None: a stream's carried
         state, else the graph's initial-state inputs."""
         carried = (run.request.initial_state or {}).get(layer.name)
+        want = (len(layer.directions), batch, layer.hidden)
         if carried is None:
-            return (run.env[layer.initial_h] if layer.initial_h else None,
-                    run.env[layer.initial_c] if layer.initial_c else None)
+            h0 = run.env[layer.initial_h] if layer.initial_h else None
+            c0 = run.env[layer.initial_c] if layer.initial_c else None
+            for name, value in ((layer.initial_h, h0), (layer.initial_c, c0)):
+                if value is not None and np.shape(value) != want:  # a model input of a dynamic shape
+                    raise InvalidInput(f"initial state {name!r} has shape {list(np.shape(value))}; layer "
+                                       f"{layer.name!r} needs {list(want)} (directions, sequences, hidden size)")
+            return h0, c0
         h0, c0 = carried  # a stream's next chunk goes on from where the last one ended
         if h0.ndim == 3 and h0.shape[1] != batch:  # the one way a client can get it wrong
             raise InvalidInput(f"this request goes on from a sequence of {h0.shape[1]} row(s) (as its first "
                                f"request held) but holds {batch}: every request of a sequence must hold as many "
                                "rows as its first")
-        if h0.shape != (len(layer.directions), batch, layer.hidden):
+        if h0.shape != want:
             raise InvalidInput(f"carried state of layer {layer.name!r} has shape {list(h0.shape)}, "
-                               f"the input needs {[len(layer.directions), batch, layer.hidden]}")
+                               f"the input needs {list(want)}")
         return h0, c0
 
     def _add_lane(self, run: _Run, cell_type: str, length: int | None, storage: LaneStorage,

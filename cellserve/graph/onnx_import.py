@@ -36,6 +36,10 @@ _GRU_ONNX_TO_OURS = [1, 0, 2]  # ONNX z,r,h -> r,z,h
 def read_onnx(source: str | Path | bytes | onnx.ModelProto, what: str) -> onnx.GraphProto:
     """The graph of an ONNX model given as a path, serialized bytes or a ModelProto; `what`
     names it in the ModelLoadError raised for a file that cannot be read or has no outputs."""
+    return _read_model(source, what).graph
+
+
+def _read_model(source: str | Path | bytes | onnx.ModelProto, what: str) -> onnx.ModelProto:
     try:
         if isinstance(source, onnx.ModelProto):
             proto = source
@@ -47,24 +51,61 @@ def read_onnx(source: str | Path | bytes | onnx.ModelProto, what: str) -> onnx.G
         raise ModelLoadError(f"cannot read {what}: {exc}") from exc
     if not proto.graph.output:
         raise ModelLoadError(f"cannot read {what}: it has no graph outputs (is it an ONNX file?)")
-    return proto.graph
+    return proto
 
 
 def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model") -> Model:
     """Load from a path, serialized bytes or a ModelProto."""
-    graph = read_onnx(source, f"ONNX model {name!r}")
+    proto = _read_model(source, f"ONNX model {name!r}")
+    graph = proto.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     inputs = [_spec(v) for v in graph.input if v.name not in constants]
     outputs = [_spec(v) for v in graph.output]
     program = [_convert(node, i, constants) for i, node in enumerate(graph.node)]
     program = _fold_constants(program, constants)
+    shapes = _static_shapes(proto)
     for layer in [s for s in program if isinstance(s, RecurrentLayer)]:
+        _check_state_shapes(layer, shapes)
         _fold_embedding(layer, program, constants)
         _drop_zero_initial_state(layer, program, constants)
     program = _drop_unused(program, {o.name for o in outputs})
     model = Model(name=name, inputs=inputs, outputs=outputs, constants=constants, program=program)
     model.semantics = find_semantics(model)
     return model
+
+
+def _static_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Each tensor's shape as ONNX's shape inference finds it (a dimension it cannot fix:
+    None); empty where inference fails (it is a check, not a requirement)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:  # noqa: BLE001 - an op inference does not know, a malformed model: no check
+        return {}
+    shapes = {}
+    for value in [*inferred.value_info, *inferred.input, *inferred.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return shapes
+
+
+def _check_state_shapes(layer: RecurrentLayer, shapes: dict[str, list[int | None]]) -> None:
+    """Refuse a recurrent node whose initial states cannot be its own ([directions, batch,
+    hidden_size]): onnxruntime refuses to run such a model, and serving it anyway would
+    answer for a model other than the one exported (an LSTM with proj_size, exported by
+    torch's dynamo exporter, comes out so)."""
+    directions = len(layer.directions)
+    for what, name in (("initial_h", layer.initial_h), ("initial_c", layer.initial_c)):
+        dims = shapes.get(name) if name else None
+        if not dims:
+            continue
+        if len(dims) != 3:
+            raise ModelLoadError(f"node {layer.name!r}: {what} {name!r} has shape {dims}; it must be "
+                                 f"[directions, batch, hidden_size] ([{directions}, batch, {layer.hidden}])")
+        if dims[2] is not None and dims[2] != layer.hidden or dims[0] is not None and dims[0] != directions:
+            raise ModelLoadError(f"node {layer.name!r}: {what} {name!r} has shape {dims}, but the node runs "
+                                 f"{directions} direction(s) of hidden_size {layer.hidden}: the export is not "
+                                 "consistent (onnxruntime refuses to run it too)")
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -159,7 +200,13 @@ def _recurrent(node: DenseNode, constants: dict) -> RecurrentLayer:
         raise UnsupportedOperator(node.op, node.name, "W and R are required")
     B = _const(node, 3, constants, "B")
     hidden = int(a.get("hidden_size", R.shape[-1]))
-    gates = W.shape[1] // hidden
+    gates = {"lstm": 4, "gru": 3}.get(kind, 1)
+    for what, m, want in (("W", W, (ndir, gates * hidden, None)), ("R", R, (ndir, gates * hidden, hidden)),
+                          ("B", B, (ndir, 2 * gates * hidden))):
+        if m is not None and (m.ndim != len(want) or any(w is not None and w != d for w, d in zip(want, m.shape))):
+            shape = ["input_size" if w is None else w for w in want]
+            raise ModelLoadError(f"node {node.name!r} ({node.op}): {what} has shape {list(m.shape)}; {ndir} "
+                                 f"direction(s) of hidden_size {hidden} need {shape}")
     order = {"lstm": _LSTM_ONNX_TO_OURS, "gru": _GRU_ONNX_TO_OURS}.get(kind, [0])
 
     def reorder(m: np.ndarray) -> np.ndarray:

@@ -257,6 +257,51 @@ def test_recurrent_weights_that_are_graph_inputs_are_refused():
         load_onnx(proto, "bad")
 
 
+def _with_state_width(width: int | str, declared_on: str = "initial_c") -> onnx.ModelProto:
+    """An LSTM whose graph input `declared_on` says its width is `width` (hidden_size is HIDDEN)."""
+    proto = onnx.load_from_string(recurrent_onnx("LSTM", initial_state=True))
+    dim = next(v for v in proto.graph.input if v.name == declared_on).type.tensor_type.shape.dim[2]
+    if isinstance(width, int):
+        dim.dim_value = width
+    else:
+        dim.dim_param = width
+    return proto
+
+
+def test_an_initial_state_wider_than_the_hidden_size_is_refused_at_load():
+    """onnxruntime refuses such a model at run time (torch's dynamo exporter writes one for an
+    LSTM with proj_size); serving it would answer for some other model."""
+    with pytest.raises(ModelLoadError, match=r"node 'rnn': initial_c 'initial_c' has shape \[1, None, 7\], but the "
+                                             rf"node runs 1 direction\(s\) of hidden_size {HIDDEN}"):
+        load_onnx(_with_state_width(7), "bad")
+
+
+def test_recurrent_weights_of_the_wrong_shape_are_refused_at_load():
+    proto = onnx.load_from_string(recurrent_onnx("GRU"))
+    r = next(i for i in proto.graph.initializer if i.name == "R")
+    r.CopyFrom(numpy_helper.from_array(np.zeros((1, 3 * HIDDEN, HIDDEN + 1), np.float32), "R"))
+    with pytest.raises(ModelLoadError, match=rf"node 'rnn' \(GRU\): R has shape \[1, {3 * HIDDEN}, {HIDDEN + 1}\]; "
+                                             rf"1 direction\(s\) of hidden_size {HIDDEN} need \[1, {3 * HIDDEN}, {HIDDEN}\]"):
+        load_onnx(proto, "bad")
+
+
+def test_an_initial_state_of_the_wrong_width_sent_for_a_dynamic_input_is_a_400():
+    from cellserve.engine.engine import Engine
+    from cellserve.engine.request import Request, Status
+
+    engine = Engine([load_onnx(_with_state_width("width", "initial_h"), "rnn")], EngineConfig(profile=False))
+    got = []
+    x = np.zeros((4, 2, X_SIZE), np.float32)
+    for width in (7, HIDDEN):
+        engine.submit(Request("rnn", {"X": x, "initial_h": np.zeros((1, 2, width), np.float32),
+                                      "initial_c": np.zeros((1, 2, HIDDEN), np.float32)}, on_done=got.append))
+    engine.run_until_idle()
+    assert got[0].status is Status.INVALID and got[0].reason == (
+        f"initial state 'initial_h' has shape [1, 2, 7]; layer 'rnn' needs [1, 2, {HIDDEN}] "
+        "(directions, sequences, hidden size)")
+    assert got[1].status is Status.OK
+
+
 @pytest.mark.parametrize("data", [b"", b"this is not an ONNX model", bytes(range(256)) * 4],
                          ids=["empty", "text", "binary"])
 def test_non_onnx_bytes_raise_model_load_error(data):
