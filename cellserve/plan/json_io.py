@@ -21,9 +21,15 @@ def read_json(path: str | Path, what: str, error: type[Exception]) -> object:
 
 
 def check_version(d: dict, where: str, version: int, error: type[Exception]) -> int:
-    """A file may omit schema_version (it is then `version`); another version is refused."""
+    """A file may omit schema_version (it is then `version`); another version is refused, and
+    a model profile (`cellserve profile`'s file, a format of its own) given in place of this
+    file is named as such: its version alone says nothing of what is wrong."""
     found = d.get("schema_version", version)
+    if isinstance(found, bool) or not isinstance(found, int):
+        raise error(f"{where}.schema_version must be an integer, got {found!r}")
     if found != version:
+        if "machine" in d and "cell_types" in d:
+            raise error(f"this file is a model profile (written by `cellserve profile`), not a {where} file")
         raise error(f"{where}.schema_version is {found!r}; this cellserve reads version {version}")
     return found
 

@@ -290,6 +290,8 @@ def _idle_buckets(x: object, where: str) -> tuple[tuple[float, float], ...]:
 def _parse_profile(x: object) -> ModelProfile:
     d = _obj(x, "profile")
     version = _get(d, "schema_version", "profile")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ProfileError(f"profile.schema_version must be an integer, got {version!r}")
     if version == 1:
         raise ProfileError(f"profile.schema_version is 1, whose profile.decode_steps lists every decoder lane's "
                            f"[memory length, steps] pair; this cellserve reads version {SCHEMA_VERSION}, a histogram "

@@ -32,6 +32,8 @@ SESSIONS = {"device_type": "gpu", "max_devices": 20,
 
 
 def _broken(doc: dict, path: list, value) -> dict:
+    if not path:  # another document altogether
+        return value
     doc = copy.deepcopy(doc)
     node = doc
     for key in path[:-1]:
@@ -59,6 +61,10 @@ def _broken(doc: dict, path: list, value) -> dict:
     (["device_types", "gpu", "models", "cls-a", "latency_ms"], {"1": 5, "64": 90},
      "models['cls-a'].latency_ms is below its prefix 'enc'"),
     (["schema_version"], 7, "profiles.schema_version is 7"),
+    (["schema_version"], "1", "profiles.schema_version must be an integer, got '1'"),
+    # `cellserve profile`'s file given here: its version (3) is not what is wrong
+    ([], {"schema_version": 3, "model": "gru-256", "machine": {}, "cell_types": {}},
+     "this file is a model profile (written by `cellserve profile`), not a profiles file"),
 ])
 def test_bad_profiles_are_refused_naming_the_field(path, value, message):
     with pytest.raises(NexusError) as err:

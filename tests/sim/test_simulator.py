@@ -139,6 +139,7 @@ def test_a_profile_round_trips_through_json(models, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(schema_version=99), "profile.schema_version is 99"),
+    (lambda d: d.update(schema_version="3"), "profile.schema_version must be an integer, got '3'"),
     (lambda d: next(iter(d["cell_types"].values()))["step_s"]["3"].update(mean=-1.0), "step_s[3].mean must be >= 0"),
     (lambda d: next(iter(d["cell_types"].values()))["step_s"].pop("5"), "lacks batch sizes [5]"),
     (lambda d: d["host"].pop("lane_start_s"), "profile.host.lane_start_s is missing"),
