@@ -60,8 +60,8 @@ class _Run:
     width: int = 1  # a decoder's lanes per row: the beam width it decodes with (engine/beam.py)
     # set from the fields above once made (__post_init__): the drop check reads them for every
     # run in flight, every check
-    urgency: tuple = ()  # (priority, deadline, arrival): the scheduler's order, most urgent first
-    rounds_after: list[int] = field(default_factory=list)  # per recurrent step k: sum(rounds_plan[k + 1:])
+    urgency: tuple = field(init=False, default=())  # (priority, deadline, arrival): most urgent first
+    rounds_after: list[int] = field(init=False, default_factory=list)  # per recurrent step k: sum(rounds_plan[k + 1:])
 
     def __post_init__(self) -> None:
         self.urgency = (self.request.priority, self.deadline, self.request.arrival)
