@@ -31,6 +31,7 @@ from cellserve.graph.model import DenseNode, TensorSpec
 from cellserve.graph.onnx_import import _attrs, _spec, read_onnx
 
 if TYPE_CHECKING:
+    from cellserve.graph.decode_spec import DecodeSpec
     from cellserve.graph.step_compile import CompiledStep
 
 
@@ -52,6 +53,14 @@ class DecoderStepGraph:
 
     def ops(self) -> list[str]:
         return sorted({n.op for n in self.nodes})
+
+    def attends(self, spec: DecodeSpec) -> bool:
+        """Whether the step attends over the memory (takes the spec's memory_input or
+        mask_input). A step without attention (its state alone carries the source, as the
+        encoder's final state set it) takes neither; the memory then only gives each lane its
+        source length."""
+        names = {i.name for i in self.inputs}
+        return spec.memory_input in names or spec.mask_input in names
 
 
 def load_decoder_step(source: str | Path | bytes | onnx.ModelProto, name: str = "decoder_step") -> DecoderStepGraph:

@@ -74,9 +74,18 @@ def _check_names(enc: Model, step: DecoderStepGraph, spec: DecodeSpec, where: st
         if source not in enc_outputs:
             raise ModelLoadError(f"{where}: decode spec init {state!r} <- {source!r}: {source!r} is not an output "
                                  f"of the encoder (outputs: {sorted(enc_outputs)})")
-    named = {spec.token_input: "token_input", spec.memory_input: "memory_input", spec.mask_input: "mask_input"}
-    named.update({s: "a state input" for s in spec.state_inputs})
     have = {i.name for i in step.inputs}
+    named = {spec.token_input: "token_input"}
+    if step.attends(spec):  # a step without attention takes neither (its exporter drops them as unused)
+        if spec.memory_input not in have or spec.mask_input not in have:
+            given, missing = ((spec.memory_input, spec.mask_input) if spec.memory_input in have
+                              else (spec.mask_input, spec.memory_input))
+            raise ModelLoadError(f"{where}: the decoder-step graph takes {given!r} but not {missing!r}: a step that "
+                                 f"attends over the memory takes both memory_input and mask_input (lanes of "
+                                 f"different source lengths share a batch, the mask hides the padding), one "
+                                 f"without attention neither (inputs: {sorted(have)})")
+        named.update({spec.memory_input: "memory_input", spec.mask_input: "mask_input"})
+    named.update({s: "a state input" for s in spec.state_inputs})
     for tensor, role in named.items():
         if tensor not in have:
             raise ModelLoadError(f"{where}: decode spec {role} {tensor!r} is not an input of the decoder-step graph "
@@ -109,7 +118,7 @@ def _check_encoder_shapes(enc: Model, step: DecoderStepGraph, spec: DecodeSpec, 
         raise ModelLoadError(f"{where}: encoder output {spec.memory!r} (memory) must be batch-first; on probe inputs "
                              f"of batch {batch} it has shape {list(memory.shape)}")
     width = int(memory.shape[2])
-    declared = step.input(spec.memory_input).shape
+    declared = step.input(spec.memory_input).shape if step.attends(spec) else (-1, -1, width)
     if len(declared) != 3 or declared[2] not in (-1, width):
         raise ModelLoadError(f"{where}: decoder-step input {spec.memory_input!r} has shape {list(declared)}; the "
                              f"encoder's memory {spec.memory!r} is [batch, source, {width}]")
@@ -149,9 +158,11 @@ def _probe_step(step: DecoderStepGraph, spec: DecodeSpec, width: int, sizes: lis
     for batch, length in ((3, 4), (3, 8)):
         feeds = {
             spec.token_input: torch.full((batch,), token, dtype=torch_dtype(np.dtype(step.input(spec.token_input).dtype))),
-            spec.memory_input: torch.zeros((batch, length, width), dtype=torch_dtype(np.dtype(step.input(spec.memory_input).dtype))),
-            spec.mask_input: torch.ones((batch, length), dtype=torch_dtype(np.dtype(step.input(spec.mask_input).dtype))),
         }
+        if step.attends(spec):
+            feeds[spec.memory_input] = torch.zeros((batch, length, width),
+                                                   dtype=torch_dtype(np.dtype(step.input(spec.memory_input).dtype)))
+            feeds[spec.mask_input] = torch.ones((batch, length), dtype=torch_dtype(np.dtype(step.input(spec.mask_input).dtype)))
         for name, size in zip(spec.state_inputs, sizes):
             feeds[name] = torch.zeros((batch, size), dtype=torch_dtype(np.dtype(step.input(name).dtype)))
         try:
@@ -183,7 +194,8 @@ def load_torch_seq2seq(encoder: torch.nn.Module, decoder_step: torch.nn.Module, 
     must include spec.memory [B, S, M] and the init sources [B, D]); `dynamic_axes` names
     the encoder's varying dimensions (default: axes 0 and 1 of every input, batch and time).
     decoder_step: forward(token, memory, memory_mask, *states) -> (logits, *next_states),
-    states in spec.states order; it is exported with example inputs shaped from the
+    states in spec.states order (a step without attention ignores memory and memory_mask: the
+    exporter leaves them out, and the step is fed neither); it is exported with example inputs shaped from the
     encoder's outputs on `example` (`state_sizes` gives the size of a state that starts at
     zeros). Both are exported to ONNX in memory and loaded by `load_seq2seq`."""
     from cellserve.graph.torch_import import export_onnx_bytes

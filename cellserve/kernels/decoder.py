@@ -48,10 +48,13 @@ class GraphDecoderKernel:
         self.step, self.spec, self.device = step, step.spec, device
         self.constants = device_constants(step.graph, device)
         graph = step.graph
-        self._mask_dtype = torch_dtype(np.dtype(graph.input(self.spec.mask_input).dtype))
+        # a step without attention is fed no memory: the lane's memory then only sets its length
+        self._attends = graph.attends(self.spec)
+        self._mask_dtype = torch_dtype(np.dtype(graph.input(self.spec.mask_input).dtype)) if self._attends else None
         self._token_dtype = torch_dtype(np.dtype(graph.input(self.spec.token_input).dtype))
         self._dtypes = [torch_dtype(np.dtype(graph.input(name).dtype)) for name in self.spec.state_inputs]
-        memory_dtype = torch_dtype(np.dtype(graph.input(self.spec.memory_input).dtype))
+        memory_dtype = (torch_dtype(np.dtype(graph.input(self.spec.memory_input).dtype)) if self._attends
+                        else torch.float32)
         self.slots, self.rows = SlotPool(), RowPool(1024)
         n = self.slots.capacity
         self.states = [torch.zeros((n, d), dtype=dt, device=device) for d, dt in zip(step.state_sizes, self._dtypes)]
@@ -148,22 +151,21 @@ class GraphDecoderKernel:
         s = torch.from_numpy(slots)
         if not self._cpu:
             s = s.to(dev)
-        lengths = self.memory_len[slots]
-        width = int(lengths.max())
-        offsets = np.arange(width)
-        valid = offsets < lengths[:, None]
-        # A lane's rows, each padding position pointing at its first row (the mask hides it)
-        index = np.ascontiguousarray(rows, np.int64)[:, None] + offsets * valid
-        flat = torch.from_numpy(index.reshape(-1))
-        memory = self.memory.index_select(0, flat if self._cpu else flat.to(dev))
         token = self.prev.index_select(0, s)
         if token.dtype != self._token_dtype:
             token = token.to(self._token_dtype)
-        feeds = {
-            spec.token_input: token,
-            spec.memory_input: memory.view(len(slots), width, memory.shape[1]),  # [B, W, M]
-            spec.mask_input: torch.from_numpy(valid).to(dev, self._mask_dtype),
-        }
+        feeds = {spec.token_input: token}
+        if self._attends:
+            lengths = self.memory_len[slots]
+            width = int(lengths.max())
+            offsets = np.arange(width)
+            valid = offsets < lengths[:, None]
+            # A lane's rows, each padding position pointing at its first row (the mask hides it)
+            index = np.ascontiguousarray(rows, np.int64)[:, None] + offsets * valid
+            flat = torch.from_numpy(index.reshape(-1))
+            memory = self.memory.index_select(0, flat if self._cpu else flat.to(dev))
+            feeds[spec.memory_input] = memory.view(len(slots), width, memory.shape[1])  # [B, W, M]
+            feeds[spec.mask_input] = torch.from_numpy(valid).to(dev, self._mask_dtype)
         for name, arena in zip(self._state_inputs, self.states):
             feeds[name] = arena.index_select(0, s)
         compiled = self.constants.compiled  # what run_step_graph would call, without its two calls

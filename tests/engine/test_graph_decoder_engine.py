@@ -184,3 +184,88 @@ def test_rows_of_one_request_with_their_own_memory_lengths_answer_as_each_row_al
         want = additive.reference(source[b, :n])
         assert got[b][:len(want)] == want
     assert done[1].status is Status.INVALID and "'lengths' [0, 0] must be 2 source lengths" in done[1].reason
+
+
+class _PlainEncoder(nn.Module):
+    """Embedding and GRU: memory [B, S, H] (only its length is used) and the final state."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.gru = nn.Embedding(12, 8), nn.GRU(8, 16, batch_first=True)
+
+    def forward(self, source):
+        memory, h = self.gru(self.embedding(source))
+        return memory, h[0]
+
+
+class _PlainStep(nn.Module):
+    """A decoder without attention (Sutskever et al.'s): the encoder's final state starts a
+    GRU cell that sees only its previous token; memory and memory_mask are ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.cell, self.out = nn.Embedding(12, 8), nn.GRUCell(8, 16), nn.Linear(16, 12)
+
+    def forward(self, token, memory, memory_mask, h):
+        h = self.cell(self.embedding(token), h)
+        return self.out(h), h
+
+
+def test_a_decoder_without_attention_answers_as_its_pytorch_reference():
+    """Its exported step takes neither memory nor mask (the exporter drops them): it is served,
+    greedy and beam-searched, each answer the reference's, whatever shares its batches."""
+    from cellserve.graph.decode_spec import DecodeSpec
+    from cellserve.graph.zoo.reference_decode import decode
+
+    torch.manual_seed(11)
+    encoder, step = _PlainEncoder().eval(), _PlainStep().eval()
+    outputs = ["memory", "h0"]
+    base = DecodeSpec(memory="memory", states=(("h", "h_next"),), init=(("h", "h0"),), bos=1, eos=0,
+                      max_length=MaxLength(ratio=1.0, constant=3), output="tokens", max_beam_width=3)
+    rng = np.random.default_rng(2)
+    sources = [rng.integers(2, 12, size=(rows, length)).astype(np.int64) for rows, length in
+               [(1, 3), (2, 6), (1, 1), (1, 9), (2, 4)]]
+    seen = Counter(t for src in sources for row in src
+                   for t in decode(encoder, step, torch.from_numpy(row[None]), base, outputs, 1).best.tokens)
+    spec = dataclasses.replace(base, eos=max((t for t in seen if t != 1), key=lambda t: (seen[t], -t)))
+    model = load_torch_seq2seq(encoder, step, spec, "plain", EXAMPLE, ["source"], outputs)
+    (decoder,) = [s for s in model.program if hasattr(s, "spec")]
+    assert sorted(i.name for i in decoder.graph.inputs) == ["h", "token"]  # no memory, no mask
+    for width in (1, 3):
+        engine = Engine([model], EngineConfig(max_batch=4, profile=False))
+        done = {}
+        for i, src in enumerate(sources):
+            engine.submit(Request("plain", {"source": src}, beam_width=width,
+                                  on_done=lambda r, i=i: done.__setitem__(i, r)))
+            engine.step()  # later requests join lanes already decoding
+        engine.run_until_idle()
+        for i, src in enumerate(sources):
+            assert done[i].status is Status.OK, done[i].reason
+            for b, row in enumerate(src):
+                want = list(decode(encoder, step, torch.from_numpy(row[None]), spec, outputs, width).best.tokens)
+                got = done[i].outputs["tokens"][b].tolist()
+                assert got[:len(want)] == want and all(t == spec.pad for t in got[len(want):]), (width, i, b)
+
+
+class _UnmaskedStep(_PlainStep):
+    """Attends over the memory (its mean) but ignores the mask: batched lanes of other source
+    lengths would change its answers, so it is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(32, 16)
+
+    def forward(self, token, memory, memory_mask, h):
+        h = self.cell(self.embedding(token), torch.tanh(self.mix(torch.cat([h, memory.mean(1)], dim=1))))
+        return self.out(h), h
+
+
+def test_a_step_that_reads_the_memory_without_its_mask_is_refused_saying_why():
+    from cellserve.errors import ModelLoadError
+    from cellserve.graph.decode_spec import DecodeSpec
+
+    spec = DecodeSpec(memory="memory", states=(("h", "h_next"),), init=(("h", "h0"),), bos=1, eos=0,
+                      max_length=MaxLength(absolute=5), output="tokens")
+    with pytest.raises(ModelLoadError, match="takes 'memory' but not 'memory_mask': a step that attends over the "
+                                             "memory takes both memory_input and mask_input"):
+        load_torch_seq2seq(_PlainEncoder(), _UnmaskedStep(), spec, "unmasked", EXAMPLE, ["source"], ["memory", "h0"])
