@@ -40,6 +40,10 @@ def load_seq2seq(encoder: Source | Model, decoder_step: Source | DecoderStepGrap
         decoder_step, f"{name}/decoder_step")
     where = f"model {name!r}"
     _check_names(enc, step, spec, where)
+    clash = {spec.output, spec.scores_output} & {i.name for i in enc.inputs}
+    if clash:  # a response tensor named as a request's input: a client could not tell them apart
+        raise ModelLoadError(f"{where}: decode spec output {sorted(clash)[0]!r} is also the name of an encoder input: "
+                             "name the answer otherwise")
     env = probe_tensors(enc, [7, 5, 11, 13, 17, 19, 23])
     # the probe's batch, where the encoder's importer found a batch axis (an encoder of plain
     # ops only has no recurrent layer to find it by: then the memory says it, below)

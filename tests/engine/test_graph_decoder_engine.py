@@ -269,3 +269,13 @@ def test_a_step_that_reads_the_memory_without_its_mask_is_refused_saying_why():
     with pytest.raises(ModelLoadError, match="takes 'memory' but not 'memory_mask': a step that attends over the "
                                              "memory takes both memory_input and mask_input"):
         load_torch_seq2seq(_PlainEncoder(), _UnmaskedStep(), spec, "unmasked", EXAMPLE, ["source"], ["memory", "h0"])
+
+
+def test_an_output_named_as_an_input_is_refused():
+    from cellserve.errors import ModelLoadError
+    from cellserve.graph.decode_spec import DecodeSpec
+
+    spec = DecodeSpec(memory="memory", states=(("h", "h_next"),), init=(("h", "h0"),), bos=1, eos=0,
+                      max_length=MaxLength(absolute=5), output="source")
+    with pytest.raises(ModelLoadError, match="decode spec output 'source' is also the name of an encoder input"):
+        load_torch_seq2seq(_PlainEncoder(), _PlainStep(), spec, "clash", EXAMPLE, ["source"], ["memory", "h0"])
