@@ -129,6 +129,9 @@ def test_the_engine_settings_the_cli_could_not_reach_before(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    (["--load-model", "m"], "--load-model loads models while serving: it needs --model-control-mode explicit"),
+    (["--model-control-mode", "explicit"],
+     "--model-control-mode explicit loads models of a repository: it needs --model-repository"),
     (["--http-port", "70000"], "--http-port must be a port number, 0 (any free port) or -1 (off), got 70000"),
     (["--grace-period", "-1"], "--grace-period must be >= 0, got -1"),
     (["--slo-ms", "0"], "--slo-ms must be > 0, got 0"),

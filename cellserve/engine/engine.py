@@ -14,6 +14,7 @@ Engine; runs.py holds the records they share.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import math
@@ -140,6 +141,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         self.stats = EngineStats()
         self._inbox: deque[Request] = deque()
         self._cancels: deque[Request] = deque()  # Engine.cancel's, taken at the next step
+        self._calls: deque[tuple] = deque()  # between_steps' (fn, future), run at the next step
         self._wake = threading.Event()
         # Set by submit, read by a lone lane's run between its steps (GIL released): a
         # request that arrives then joins after the step in progress, not after the whole run.
@@ -293,6 +295,14 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
             flag[0] = 1
         self._wake.set()
 
+    def between_steps(self, fn) -> concurrent.futures.Future:
+        """Run fn() on the stepping thread before the next step, from any thread (what
+        add_model and remove_model need); the future holds its result or its exception."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.append((fn, future))
+        self._wake.set()
+        return future
+
     def cancel(self, request: Request) -> None:
         """Cancel a submitted request, from any thread (its client went away). At the next
         step its lanes are released and it is answered CANCELLED, unless it was answered
@@ -358,6 +368,12 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         """Admit the requests waiting now, and drop what can no longer make it when due."""
         if self._inbox and not self._runs:
             self.stats.wake_delays.append(max(now - self._inbox[0].arrival, 0.0))
+        while self._calls:  # between_steps': models added or removed while serving
+            fn, future = self._calls.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # the caller's to report
+                future.set_exception(exc)
         while self._cancels:  # a cancelled request's lanes go before anything else runs
             run = self._runs.get(self._cancels.popleft().request_id)
             if run is not None:

@@ -26,7 +26,8 @@ from cellserve.server.core import Core
 from cellserve.server.http_frontend import ConnectionLimits, build_app, build_metrics_app, guarded_protocol
 from cellserve.server.log_settings import LogSettingError, ServerLog
 from cellserve.server.metrics import Metrics
-from cellserve.server.repository import ServedModel, load_repository, load_zoo
+from cellserve.server.repository import (ServedModel, load_repository, load_repository_model, load_zoo,
+                                         repository_models)
 from cellserve.server.settings import ServerSettings
 
 log = logging.getLogger("cellserve.server")
@@ -104,7 +105,8 @@ def serve(settings: ServerSettings) -> int:
     from cellserve.server.tracing import Tracer, parse_trace_config  # validated with the settings
 
     core = Core(served, engine, metrics, settings.sequence_idle_s, settings.max_sequences,
-                tracer=Tracer(parse_trace_config(settings.trace_config)), log=server_log)
+                tracer=Tracer(parse_trace_config(settings.trace_config)), log=server_log,
+                repository=settings.model_repository if settings.model_control_mode == "explicit" else None)
     frontends = Frontends(core, settings, sockets)
     try:
         ports = frontends.start()
@@ -165,6 +167,10 @@ def _check_device(device: str, backend: str | None) -> None:
 
 
 def _load_models(settings: ServerSettings) -> list[ServedModel]:
+    if settings.model_control_mode == "explicit":  # only those of --load-model, at start
+        root = settings.model_repository
+        names = repository_models(root) if "*" in settings.load_models else sorted(set(settings.load_models))
+        return [s for name in names for s in load_repository_model(root, name)]
     if settings.model_repository is not None:
         return load_repository(settings.model_repository)
     return load_zoo(settings.zoo_models or None, settings.default_slo_ms)

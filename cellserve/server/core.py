@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +31,8 @@ from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Ove
 from cellserve.server.log_settings import ServerLog
 from cellserve.server.metrics import Metrics, executions_by_model
 from cellserve.server.model_config import model_config
-from cellserve.server.repository import ServedModel
+from cellserve.errors import ModelLoadError
+from cellserve.server.repository import ServedModel, load_repository_model, repository_models
 from cellserve.server.sequences import SequenceStore
 from cellserve.server.shared_memory import InSharedMemory, SystemSharedMemory, TensorPlace
 from cellserve.server.tracing import Trace, Tracer
@@ -47,6 +49,7 @@ _VERDICT_GRACE_S = 0.005  # see Core._submit
 # gRPC ends a call at the client's deadline; this server's clock, read a moment later or
 # earlier, may put that end a hair before it
 _CLIENT_DEADLINE_SLACK_S = 0.001
+_DRAIN_POLL_S = 0.01  # how often an unload looks again whether its model's requests are done
 
 
 @dataclass
@@ -244,8 +247,12 @@ class Admission:
 class Core:
     def __init__(self, served: list[ServedModel], engine: Engine, metrics: Metrics,
                  sequence_idle_s: float = 60.0, max_sequences: int = 100_000, clock: Clock | None = None,
-                 tracer: Tracer | None = None, log: ServerLog | None = None):
+                 tracer: Tracer | None = None, log: ServerLog | None = None, repository: Path | None = None):
         self.engine = engine
+        # Triton's model control mode EXPLICIT when set: the repository whose models load and
+        # unload while serving (load_model); None: the models are those it started with
+        self.repository = repository
+        self._changing: set[str] = set()  # models a load or unload is under way for
         self.tracer = tracer or Tracer()  # Triton's trace extension; off unless configured
         self.log = log or ServerLog()  # Triton's logging extension (log_settings.py)
         self.shared_memory = SystemSharedMemory()  # regions clients registered (shared_memory.py)
@@ -287,7 +294,10 @@ class Core:
     def model(self, name: str, version: str = "") -> ServedModel:
         versions = self._models.get(name)
         if versions is None:
-            raise NotFound(f"unknown model {name!r}; this server serves {', '.join(self.model_names())}")
+            if self.repository is not None and name in repository_models(self.repository):
+                raise NotFound(f"model {name!r} is not loaded (load it: POST v2/repository/models/{name}/load)")
+            raise NotFound(f"unknown model {name!r}; this server serves "
+                           f"{', '.join(self.model_names()) or 'no models'}")
         if not version:
             return versions[max(versions, key=int)]
         entry = versions.get(version)
@@ -310,6 +320,10 @@ class Core:
                 index.append({"name": entry.name, "version": entry.version,
                               "state": "READY" if ready else "UNAVAILABLE",
                               "reason": "" if ready else self._why_unavailable(entry.name)})
+        if self.repository is not None and not ready_only:  # model control: the repository's others too
+            unloaded = [{"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
+                        for name in repository_models(self.repository) if name not in self._models]
+            index = sorted(index + unloaded, key=lambda e: e["name"])
         return index
 
     def _entries(self, name: str = "") -> list[ServedModel]:
@@ -327,12 +341,55 @@ class Core:
     def _why_unavailable(self, name: str) -> str:
         return "the server is shutting down"
 
-    def load_model(self, name: str, unload: bool = False) -> None:
-        """Triton's repository load/unload: refused, naming why (the models are those the server
-        started with, as Triton's model control mode NONE)."""
+    async def load_model(self, name: str, unload: bool = False) -> None:
+        """Triton's repository load/unload. With model control (`repository`, --model-control-mode
+        explicit): a load reads the model's folder now and adds every version to the engine
+        between two steps (a model already served is unloaded first: a reload); an unload
+        takes it out of service at once (a new request is told it is unknown, its sequences
+        end), lets its requests in flight finish, then removes it from the engine. Without:
+        refused, naming why."""
         action = "unload" if unload else "load"
-        raise BadRequest(f"cannot {action} model {name!r}: this server serves the models it started with "
-                         "(as Triton's model control mode NONE); restart it to change them")
+        if self.repository is None:
+            raise BadRequest(f"cannot {action} model {name!r}: this server serves the models it started with "
+                             "(as Triton's model control mode NONE); start it with --model-control-mode explicit "
+                             "to load and unload models while serving")
+        if name in self._changing:
+            raise BadRequest(f"cannot {action} model {name!r}: a load or unload of it is under way")
+        self._changing.add(name)
+        try:
+            await (self._unload(name) if unload else self._load(name))
+        finally:
+            self._changing.discard(name)
+
+    async def _load(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:  # reading and checking ONNX files takes a while: off the event loop
+            served = await loop.run_in_executor(None, load_repository_model, self.repository, name)
+        except ModelLoadError as exc:
+            raise BadRequest(f"cannot load model {name!r}: {exc}") from None
+        await self._unload(name)  # a reload: the old versions go first (nothing to do for a new model)
+
+        def add() -> None:
+            for entry in served:
+                self.engine.add_model(entry.model)
+        await asyncio.wrap_future(self.engine.between_steps(add))
+        self._models[name] = {entry.version: entry for entry in served}
+
+    async def _unload(self, name: str) -> None:
+        versions = self._models.pop(name, None)  # from now on, a request for it is told it is unknown
+        if versions is None:
+            if name not in repository_models(self.repository):
+                raise NotFound(f"cannot unload model {name!r}: it is not in the model repository")
+            return  # not loaded: nothing to do (as Triton answers)
+        self.sequences.end_model(name, "ended: its model was unloaded")
+        for entry in versions.values():
+            while True:  # its requests in flight finish first (the engine refuses to remove it before)
+                try:
+                    await asyncio.wrap_future(self.engine.between_steps(
+                        lambda engine_name=entry.engine_name: self.engine.remove_model(engine_name)))
+                    break
+                except ValueError:  # "has N requests queued or in flight"
+                    await asyncio.sleep(_DRAIN_POLL_S)
 
     def model_statistics(self, name: str = "", version: str = "") -> dict:
         """Triton's statistics extension (server/statistics.py): every version of every model,

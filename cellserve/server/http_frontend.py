@@ -90,7 +90,7 @@ def build_app(core: Core, max_request_bytes: int):
         return JSONResponse(core.repository_index(doc.get("ready", False)))
 
     async def repository_load(request: Request) -> Response:
-        core.load_model(request.path_params["model"], unload=request.url.path.endswith("/unload"))
+        await core.load_model(request.path_params["model"], unload=request.url.path.endswith("/unload"))
         return JSONResponse({})
 
     async def model_ready(request: Request) -> Response:

@@ -96,12 +96,29 @@ def load_repository(root: Path) -> list[ServedModel]:
     if not root.is_dir():
         raise ModelLoadError(f"model repository {str(root)!r} is not a directory")
     served = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        served += _load_model_dir(model_dir)
+    for name in repository_models(root):
+        served += _load_model_dir(root / name)
     if not served:
         raise ModelLoadError(f"model repository {str(root)!r} holds no models "
                              "(expected <model>/<version>/model.onnx)")
     return served
+
+
+def repository_models(root: Path) -> list[str]:
+    """The names of the models a repository holds (its model folders), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelLoadError(f"model repository {str(root)!r} is not a directory")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_repository_model(root: Path, name: str) -> list[ServedModel]:
+    """One model of a repository (every version its config chooses), read now: what model
+    control loads while serving. ModelLoadError names the model and what is wrong."""
+    if name not in repository_models(root):
+        raise ModelLoadError(f"model {name!r} is not in the model repository {str(root)!r} "
+                             f"(it holds {', '.join(repository_models(root)) or 'no models'})")
+    return _load_model_dir(Path(root) / name)
 
 
 def load_model(name: str, repository: Path | None = None) -> Model:

@@ -96,6 +96,14 @@ class SequenceStore:
             while len(self._ended) > _REMEMBER_ENDED:
                 self._ended.popitem(last=False)
 
+    def end_model(self, model: str, why: str) -> int:
+        """End every sequence of `model` (it was unloaded): a later request on one is told
+        `why`. How many."""
+        ended = [s for key, s in self._active.items() if key[0] == model]
+        for sequence in ended:
+            self.end(sequence, why)
+        return len(ended)
+
     def expire(self, now: float | None = None) -> int:
         """Release sequences idle past their timeout (none with a chunk in flight); how many."""
         now = self.clock.now() if now is None else now

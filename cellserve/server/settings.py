@@ -42,6 +42,13 @@ def _port(value: int) -> str | None:
     return None
 
 
+def eval_key(settings: object, key: str) -> object:
+    """The value of a dotted settings key ("engine.placement")."""
+    for part in key.split("."):
+        settings = getattr(settings, part)
+    return settings
+
+
 @dataclass
 class ServerSettings:
     model_repository: Path | None = setting(None, "a Triton-style model repository: "
@@ -51,6 +58,15 @@ class ServerSettings:
                                          "not with a model repository)",
                                     default_factory=list, flag="--model", unset="all", group=_MODELS,
                                     metavar="NAME")
+    model_control_mode: str = setting("none", "none: serve the models found at start; explicit: load and unload "
+                                              "models of --model-repository while serving (Triton's repository "
+                                              "API: POST v2/repository/models/NAME/load, .../unload), starting "
+                                              "with those of --load-model", choices=("none", "explicit"),
+                                      group=_MODELS)
+    load_models: list[str] = setting(help="with --model-control-mode explicit: a model to load at start (repeat "
+                                          "the flag; * for every model of the repository)",
+                                     default_factory=list, flag="--load-model", unset="none", group=_MODELS,
+                                     metavar="NAME")
     host: str = setting("127.0.0.1", "address to bind", group=_NETWORK)
     http_port: int = setting(8000, "HTTP port (0: any free; -1: off)", check=_port, group=_NETWORK, metavar="PORT")
     grpc_port: int = setting(8001, "gRPC port (0: any free; -1: off)", check=_port, group=_NETWORK, metavar="PORT")
@@ -144,6 +160,17 @@ class ServerSettings:
         if self.model_repository is not None and self.zoo_models:
             problems.append(Problem("zoo_models", "{name} picks zoo models; it cannot be combined with {0}",
                                     ("model_repository",)))
+        if self.model_control_mode == "explicit":
+            if self.model_repository is None:
+                problems.append(Problem("model_control_mode", "{name} explicit loads models of a repository: it "
+                                        "needs --model-repository (model_repository)"))
+            for key in ("ray_address", "engine.placement"):
+                if eval_key(self, key) is not None:
+                    problems.append(Problem("model_control_mode", "{name} explicit cannot be combined with {0}",
+                                            (key,)))
+        elif self.load_models:
+            problems.append(Problem("load_models", "{name} loads models while serving: it needs "
+                                    "--model-control-mode explicit"))
         for key in ("ray_workers", "plan", "replan_every_s"):
             if getattr(self, key) is not None and self.ray_address is None:
                 problems.append(Problem(key, "{name} is for the Ray workers: it needs --ray (ray_address)"))

@@ -496,3 +496,96 @@ def test_unserved_version_is_not_found(http, grpc, protocol):
         infer("http-binary" if protocol == "http" else "grpc", http, grpc, "gru_seq", "1", tokens)
     assert str(info.value.status()) in ("404", "StatusCode.NOT_FOUND")
     assert "version '1'" in info.value.message() and "3" in info.value.message()
+
+
+# ---- model control (--model-control-mode explicit) ----
+
+@pytest.fixture(scope="module")
+def controlled(repo):
+    proc = start_server("--model-repository", str(repo), "--model-control-mode", "explicit",
+                        "--load-model", "gru_seq")
+    yield proc
+    assert proc.stop() == 0
+
+
+def _index(client) -> list[tuple[str, str, str, str]]:
+    if isinstance(client, grpcclient.InferenceServerClient):
+        models = client.get_model_repository_index(as_json=True).get("models", [])
+    else:
+        models = client.get_model_repository_index()
+    return sorted((m["name"], m.get("version", ""), m["state"], m.get("reason", "")) for m in models)
+
+
+def test_model_control_loads_and_unloads_while_serving(controlled, repo):
+    """Triton's EXPLICIT mode through tritonclient: what --load-model named is served, the
+    rest of the repository is indexed as unloaded; a load serves every version the config
+    chooses, an unload takes the model out of service."""
+    http = httpclient.InferenceServerClient(controlled.http)
+    grpc = grpcclient.InferenceServerClient(controlled.grpc)
+    assert _index(http) == [("gru_seq", "3", "READY", ""), ("lstm_clf", "", "UNAVAILABLE", "unloaded")]
+    with pytest.raises(InferenceServerException, match="model 'lstm_clf' is not loaded"):
+        infer("http-json", http, grpc, "lstm_clf", "", requests_for("lstm_clf"))
+    http.load_model("lstm_clf")
+    assert http.is_model_ready("lstm_clf", "1") and grpc.is_model_ready("lstm_clf", "2")
+    tokens = requests_for("lstm_clf")
+    for version, seed in LSTM_VERSIONS.items():
+        path = repo / "lstm_clf" / str(version) / "model.onnx"
+        got, _ = infer("grpc", http, grpc, "lstm_clf", str(version), tokens)
+        np.testing.assert_allclose(got["probabilities"], ort_reference(path, tokens)["probabilities"],
+                                   rtol=1e-4, atol=1e-6)
+    grpc.unload_model("gru_seq")
+    assert not http.is_model_ready("gru_seq")
+    assert _index(grpc) == [("gru_seq", "", "UNAVAILABLE", "unloaded"), ("lstm_clf", "1", "READY", ""),
+                            ("lstm_clf", "2", "READY", "")]
+    grpc.load_model("gru_seq")  # and back
+    assert http.is_model_ready("gru_seq")
+    http.load_model("lstm_clf")  # a reload: read again, served again
+    assert http.is_model_ready("lstm_clf", "2")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_model_control_names_a_model_the_repository_lacks(controlled, protocol):
+    module = grpcclient if protocol == "grpc" else httpclient
+    with module.InferenceServerClient(controlled.grpc if protocol == "grpc" else controlled.http) as c:
+        with pytest.raises(InferenceServerException, match="model 'nope' is not in the model repository"):
+            c.load_model("nope")
+        with pytest.raises(InferenceServerException, match="cannot unload model 'nope': it is not in the model "
+                                                           "repository"):
+            c.unload_model("nope")
+
+
+def test_an_unload_waits_for_the_models_requests_in_flight(repo):
+    """In process, the engine held between steps: the unload takes the model out of service at
+    once, but removes it from the engine only once its queued request is answered (OK)."""
+    import asyncio
+
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.server.core import Core, InferInput
+    from cellserve.server.errors import NotFound
+    from cellserve.server.metrics import Metrics
+    from cellserve.server.repository import load_repository_model
+    from inprocess import PausableEngine
+
+    served = load_repository_model(repo, "gru_seq")
+    engine = Engine([s.model for s in served], EngineConfig(profile=False, pin_threads=False))
+    core = Core(served, engine, Metrics(engine), repository=repo)
+    worker = PausableEngine(engine)  # not started yet: the request waits in the inbox
+
+    async def go():
+        request = asyncio.ensure_future(core.infer(InferInput("gru_seq", "", {"tokens": requests_for("gru_seq")})))
+        await asyncio.sleep(0)  # submitted
+        unload = asyncio.ensure_future(core.load_model("gru_seq", unload=True))
+        await asyncio.sleep(0)
+        with pytest.raises(NotFound, match="model 'gru_seq' is not loaded"):
+            core.model("gru_seq")  # out of service at once
+        assert not unload.done() and not request.done()
+        worker.start()
+        answer = await request
+        await unload
+        return answer
+
+    try:
+        answer = asyncio.run(go())
+    finally:
+        worker.stop.set()
+    assert "probabilities" in answer.outputs and "gru_seq:3" not in engine.models

@@ -111,6 +111,7 @@ def test_load_and_unload_are_refused_saying_why(zoo_server, protocol):
             assert err.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
             assert f"cannot {verb} model 'gru-256'" in err.value.message()
             assert "model control mode NONE" in err.value.message()
+            assert "--model-control-mode explicit" in err.value.message()
         assert c.is_model_ready("gru-256")  # nothing changed
 
 
