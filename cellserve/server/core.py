@@ -341,7 +341,7 @@ class Core:
     def _why_unavailable(self, name: str) -> str:
         return "the server is shutting down"
 
-    async def load_model(self, name: str, unload: bool = False) -> None:
+    async def load_model(self, name: str, unload: bool = False, parameters: dict | None = None) -> None:
         """Triton's repository load/unload. With model control (`repository`, --model-control-mode
         explicit): a load reads the model's folder now and adds every version to the engine
         between two steps (a model already served is unloaded first: a reload); an unload
@@ -353,6 +353,12 @@ class Core:
             raise BadRequest(f"cannot {action} model {name!r}: this server serves the models it started with "
                              "(as Triton's model control mode NONE); start it with --model-control-mode explicit "
                              "to load and unload models while serving")
+        # Triton's overrides (config, file:...) are refused, not silently dropped; unload_dependents
+        # (tritonclient sends it with every unload) has nothing to act on: no model here has dependents
+        overrides = sorted(set(parameters or {}) - ({"unload_dependents"} if unload else set()))
+        if overrides:
+            raise BadRequest(f"cannot {action} model {name!r} with parameters {overrides}: this server reads the "
+                             "model from the repository as it is (no config or file overrides)")
         if name in self._changing:
             raise BadRequest(f"cannot {action} model {name!r}: a load or unload of it is under way")
         self._changing.add(name)

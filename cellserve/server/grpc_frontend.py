@@ -206,12 +206,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def RepositoryModelLoad(self, request, context):
-        await self.core.load_model(request.model_name)
+        await self.core.load_model(request.model_name, parameters=dict(request.parameters))
         return service_pb2.RepositoryModelLoadResponse()
 
     @_answers_errors
     async def RepositoryModelUnload(self, request, context):
-        await self.core.load_model(request.model_name, unload=True)
+        await self.core.load_model(request.model_name, unload=True, parameters=dict(request.parameters))
         return service_pb2.RepositoryModelUnloadResponse()
 
     @_answers_errors

@@ -80,17 +80,17 @@ def build_app(core: Core, max_request_bytes: int):
 
     async def repository_index(request: Request) -> Response:
         """Triton's model repository extension: POST v2/repository/index, body {} or {"ready": bool}."""
-        body = await request.body()
-        try:
-            doc = json.loads(body) if body.strip() else {}
-        except ValueError as exc:
-            raise BadRequest(f"the repository index request is not valid JSON: {exc}") from exc
+        doc = await _json_body(request, "the repository index request")
         if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
             raise BadRequest('the repository index request must be an object, {"ready": true|false} at most')
         return JSONResponse(core.repository_index(doc.get("ready", False)))
 
     async def repository_load(request: Request) -> Response:
-        await core.load_model(request.path_params["model"], unload=request.url.path.endswith("/unload"))
+        unload = request.url.path.endswith("/unload")
+        doc = await _json_body(request, f"the {'unload' if unload else 'load'} request")
+        if not isinstance(doc, dict) or not isinstance(doc.get("parameters", {}), dict):
+            raise BadRequest('a load or unload request\'s body must be an object, {"parameters": {...}} at most')
+        await core.load_model(request.path_params["model"], unload=unload, parameters=doc.get("parameters", {}))
         return JSONResponse({})
 
     async def model_ready(request: Request) -> Response:

@@ -547,6 +547,9 @@ def test_model_control_loads_and_unloads_while_serving(controlled, repo):
 def test_model_control_names_a_model_the_repository_lacks(controlled, protocol):
     module = grpcclient if protocol == "grpc" else httpclient
     with module.InferenceServerClient(controlled.grpc if protocol == "grpc" else controlled.http) as c:
+        with pytest.raises(InferenceServerException, match=r"cannot load model 'gru_seq' with parameters \['config'\]"
+                                                           ": this server reads the model from the repository"):
+            c.load_model("gru_seq", config='{"max_batch_size": 4}')  # an override is refused, not ignored
         with pytest.raises(InferenceServerException, match="model 'nope' is not in the model repository"):
             c.load_model("nope")
         with pytest.raises(InferenceServerException, match="cannot unload model 'nope': it is not in the model "
