@@ -27,7 +27,7 @@ from cellserve.engine.request import Request, Response, Status
 from cellserve.server.classification import check_classifiable, top_classes
 from cellserve.server.codec import datatype_of, to_raw
 from cellserve.server.errors import (BadRequest, DeadlineExceeded, NotFound, Overloaded, SequenceError,
-                                     ServerError, Unavailable)
+                                     ServerError, TooLarge, Unavailable)
 from cellserve.server.log_settings import ServerLog
 from cellserve.server.metrics import Metrics, executions_by_model
 from cellserve.server.model_config import model_config
@@ -252,7 +252,8 @@ class Core:
         # Triton's model control mode EXPLICIT when set: the repository whose models load and
         # unload while serving (load_model); None: the models are those it started with
         self.repository = repository
-        self._changing: set[str] = set()  # models a load or unload is under way for
+        self._changing: dict[str, asyncio.Lock] = {}  # per model: its loads and unloads, one at a time
+        self._load_errors: dict[str, str] = {}  # model -> why its last load failed (the index's reason)
         self.tracer = tracer or Tracer()  # Triton's trace extension; off unless configured
         self.log = log or ServerLog()  # Triton's logging extension (log_settings.py)
         self.shared_memory = SystemSharedMemory()  # regions clients registered (shared_memory.py)
@@ -321,7 +322,8 @@ class Core:
                               "state": "READY" if ready else "UNAVAILABLE",
                               "reason": "" if ready else self._why_unavailable(entry.name)})
         if self.repository is not None and not ready_only:  # model control: the repository's others too
-            unloaded = [{"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
+            unloaded = [{"name": name, "version": "", "state": "UNAVAILABLE",
+                         "reason": self._load_errors.get(name, "unloaded")}
                         for name in repository_models(self.repository) if name not in self._models]
             index = sorted(index + unloaded, key=lambda e: e["name"])
         return index
@@ -359,13 +361,15 @@ class Core:
         if overrides:
             raise BadRequest(f"cannot {action} model {name!r} with parameters {overrides}: this server reads the "
                              "model from the repository as it is (no config or file overrides)")
-        if name in self._changing:
-            raise BadRequest(f"cannot {action} model {name!r}: a load or unload of it is under way")
-        self._changing.add(name)
-        try:
-            await (self._unload(name) if unload else self._load(name))
-        finally:
-            self._changing.discard(name)
+        # one at a time per model, in the order asked (as Triton queues them)
+        async with self._changing.setdefault(name, asyncio.Lock()):
+            try:
+                await (self._unload(name) if unload else self._load(name))
+                self._load_errors.pop(name, None)
+            except BadRequest as exc:
+                if not unload:  # the index says why it is not served, until it loads or is unloaded
+                    self._load_errors[name] = exc.message
+                raise
 
     async def _load(self, name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -429,6 +433,11 @@ class Core:
                             self._idle_s(entry), entry.max_batch_size, entry.label_files)
 
     # ---- inference ----
+
+    def failed_before_infer(self, entry: ServedModel, exc: ServerError, received: float) -> None:
+        """Count a request to a served model that failed before `infer` (its body could not be
+        read or parsed: a 400 like infer's own), as infer counts its failures."""
+        self.metrics.model(entry.name, entry.version).failed(_reason(exc), self.clock.now() - received)
 
     async def infer(self, request: InferInput, received: float | None = None, encode=None, on_tokens=None):
         """Answer one request: its InferOutput, or `encode(output)` where given (the frontend's
@@ -694,5 +703,5 @@ _ERRORS = {Status.INVALID: BadRequest, Status.REJECTED: Overloaded, Status.DROPP
 
 
 def _reason(exc: ServerError) -> str:
-    return {BadRequest: "invalid", NotFound: "invalid", SequenceError: "sequence", Overloaded: "rejected",
-            DeadlineExceeded: "dropped", Unavailable: "unavailable"}.get(type(exc), "error")
+    return {BadRequest: "invalid", NotFound: "invalid", TooLarge: "invalid", SequenceError: "sequence",
+            Overloaded: "rejected", DeadlineExceeded: "dropped", Unavailable: "unavailable"}.get(type(exc), "error")

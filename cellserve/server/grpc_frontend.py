@@ -250,7 +250,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             tracer = self.core.tracer
             trace = tracer.start(entry.name, entry.version, request.id) if tracer.on else None
             if trace is None:
-                infer_input = parse_infer_request(request, self.core.shared_memory)
+                try:
+                    infer_input = parse_infer_request(request, self.core.shared_memory)
+                except ServerError as exc:  # counted as the core counts its own 400s
+                    self.core.failed_before_infer(entry, exc, received)
+                    raise
                 infer_input.client_timeout_s = client_timeout_s
                 return await self.core.infer(infer_input, received, encode=encode_infer_response)
             return await self._traced_infer(request, received, trace, context, client_timeout_s)
@@ -273,7 +277,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             tracer.finish(trace)
 
         context.add_done_callback(done)
-        infer_input = parse_infer_request(request, self.core.shared_memory)
+        try:
+            infer_input = parse_infer_request(request, self.core.shared_memory)
+        except ServerError as exc:
+            self.core.failed_before_infer(self.core.model(request.model_name, request.model_version), exc, received)
+            raise
         infer_input.trace = trace
         infer_input.client_timeout_s = client_timeout_s
         response = await self.core.infer(infer_input, received, encode=encode_infer_response)

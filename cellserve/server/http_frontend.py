@@ -300,11 +300,15 @@ class InferEndpoint:
         headers = {}
         for key, value in scope["headers"]:  # the first of repeated headers counts, as in Starlette
             headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
-        body = await _read_body(headers, receive, self.max_request_bytes)
-        if trace is not None:
-            trace.stamp("HTTP_RECV_END")
-        infer_input, binary_outputs = parse_infer_request(body, headers.get(HEADER_LENGTH.lower()), model, version,
-                                                          self.core.shared_memory)
+        try:
+            body = await _read_body(headers, receive, self.max_request_bytes)
+            if trace is not None:
+                trace.stamp("HTTP_RECV_END")
+            infer_input, binary_outputs = parse_infer_request(body, headers.get(HEADER_LENGTH.lower()), model,
+                                                              version, self.core.shared_memory)
+        except ServerError as exc:  # a 400 (or 413) before the core saw it: counted as the core's are
+            self.core.failed_before_infer(entry, exc, received)
+            raise
         if trace is not None:
             trace.request_id = infer_input.request_id
             infer_input.trace = trace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -63,6 +64,37 @@ def test_counters_follow_requests(zoo_server):
     final = scrape(zoo_server)
     assert value(final, "cellserve_sequences_active", model="lstm-512") == value(
         before, "cellserve_sequences_active", model="lstm-512")
+
+
+def test_requests_refused_before_the_core_count_as_invalid_too(zoo_server):
+    """A 400 for a body that cannot be read as a request (over HTTP, or a gRPC message whose
+    tensors do not parse) counts under reason "invalid", as one the engine refuses does."""
+    import json
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    m = {"model": "lstm-512", "version": "1"}
+    before = scrape(zoo_server)
+    url = f"http://{zoo_server.http}/v2/models/lstm-512/infer"
+    bodies = [b"not json", json.dumps({"inputs": []}).encode(),  # no inputs at all
+              json.dumps({"inputs": [{"name": "tokens", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3]}]}).encode()]
+    for body in bodies:
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        assert err.value.code == 400
+    with grpc.insecure_channel(zoo_server.grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        bad = service_pb2.ModelInferRequest(model_name="lstm-512")
+        bad.inputs.add(name="tokens", datatype="INT64", shape=[1, 4])
+        bad.raw_input_contents.append(b"\0" * 24)  # 3 of the 4 int64 values
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(bad, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = scrape(zoo_server)
+    assert (value(after, "cellserve_inference_request_failure_total", **m, reason="invalid")
+            - value(before, "cellserve_inference_request_failure_total", **m, reason="invalid")) == len(bodies) + 1
 
 
 def test_unknown_paths_on_the_metrics_port_are_json_404(zoo_server):

@@ -592,3 +592,38 @@ def test_an_unload_waits_for_the_models_requests_in_flight(repo):
     finally:
         worker.stop.set()
     assert "probabilities" in answer.outputs and "gru_seq:3" not in engine.models
+
+
+def test_a_failed_load_says_why_in_the_index_until_the_model_loads(tmp_path):
+    """In process: a model whose folder does not load is indexed with the load's error (not
+    "unloaded"); once its folder is fixed, it loads and the reason goes."""
+    import asyncio
+
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.server.core import Core
+    from cellserve.server.errors import BadRequest
+    from cellserve.server.metrics import Metrics
+    from inprocess import PausableEngine
+
+    add_model(tmp_path, "gru_seq", {3: b"not onnx"})
+    engine = Engine([], EngineConfig(profile=False, pin_threads=False))
+    core = Core([], engine, Metrics(engine), repository=tmp_path)
+    worker = PausableEngine(engine)
+    worker.start()
+
+    async def go():
+        with pytest.raises(BadRequest, match="cannot load model 'gru_seq': .*version 3"):
+            await core.load_model("gru_seq")
+        [entry] = core.repository_index()
+        assert entry["state"] == "UNAVAILABLE" and "cannot load model 'gru_seq'" in entry["reason"]
+        (tmp_path / "gru_seq" / "3" / "model.onnx").write_bytes(gru_onnx(3))
+        # loads and unloads of one model wait their turn (as Triton queues them), not refused
+        await asyncio.gather(core.load_model("gru_seq"), core.load_model("gru_seq", unload=True),
+                             core.load_model("gru_seq"))
+        return core.repository_index()
+
+    try:
+        index = asyncio.run(go())
+    finally:
+        worker.stop.set()
+    assert index == [{"name": "gru_seq", "version": "3", "state": "READY", "reason": ""}]
