@@ -85,7 +85,8 @@ def _static_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
     for value in [*inferred.value_info, *inferred.input, *inferred.output]:
         t = value.type.tensor_type
         if t.HasField("shape"):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                                  for d in t.shape.dim]
     return shapes
 
 
@@ -102,7 +103,7 @@ def _check_state_shapes(layer: RecurrentLayer, shapes: dict[str, list[int | None
         if len(dims) != 3:
             raise ModelLoadError(f"node {layer.name!r}: {what} {name!r} has shape {dims}; it must be "
                                  f"[directions, batch, hidden_size] ([{directions}, batch, {layer.hidden}])")
-        if dims[2] is not None and dims[2] != layer.hidden or dims[0] is not None and dims[0] != directions:
+        if (dims[2] is not None and dims[2] != layer.hidden) or (dims[0] is not None and dims[0] != directions):
             raise ModelLoadError(f"node {layer.name!r}: {what} {name!r} has shape {dims}, but the node runs "
                                  f"{directions} direction(s) of hidden_size {layer.hidden}: the export is not "
                                  "consistent (onnxruntime refuses to run it too)")
