@@ -239,6 +239,9 @@ def value_problems(leaf: Leaf, value: Any) -> list[Problem]:
         if not ok:
             shown = value if leaf.base is int else f"{value:g}"
             return [Problem(leaf.key, f"{{name}} {_bounds_text(meta)}, got {shown}")]
+        if math.isinf(value) and _bounds_text(meta):  # a bounded setting is a real number: inf is no setting
+            bounds = _bounds_text(meta).removeprefix("must be ")
+            return [Problem(leaf.key, f"{{name}} must be a finite number {bounds}, got {value:g}")]
     if meta.get("check") is not None:
         text = meta["check"](value)
         if text:

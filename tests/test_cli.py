@@ -135,6 +135,7 @@ def test_the_engine_settings_the_cli_could_not_reach_before(capsys):
     (["--http-port", "70000"], "--http-port must be a port number, 0 (any free port) or -1 (off), got 70000"),
     (["--grace-period", "-1"], "--grace-period must be >= 0, got -1"),
     (["--slo-ms", "0"], "--slo-ms must be > 0, got 0"),
+    (["--grace-period", "inf"], "--grace-period must be a finite number >= 0, got inf"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--admission-headroom", "1.5"], "--admission-headroom must be in (0, 1], got 1.5"),
     (["--max-inflight", "0"], "--max-inflight must be >= 1, got 0"),

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 import threading
 
 from cellserve.server.settings import ServerSettings
 
 _STARTUP_TIMEOUT_S = 300.0  # placement and model loading on a busy machine
+_REACH_TIMEOUT_S = 5.0  # a Ray address's port must answer within this (see _unreachable)
 _POLL_S = 0.5  # how often the driver refreshes each worker's costs and counters
 
 
@@ -126,6 +128,10 @@ class _Cluster:
 
         self.ray, self.pg, self.actors = ray, None, []
         address = settings.ray_address
+        unreachable = _unreachable(address)
+        if unreachable:  # Ray itself would retry for minutes, saying nothing a user can act on
+            raise StartupError(f"--ray {address}: cannot join Ray: {unreachable} (start the cluster first, "
+                               "`ray start --head`, or check the address)")
         try:
             if address == "local":
                 ray.init(include_dashboard=False, logging_level="WARNING", configure_logging=True)
@@ -362,6 +368,19 @@ async def _await(ref):
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at a HOST:PORT Ray address (a connection refused or timed out), or
+    None: reachable, or an address Ray resolves itself (local, auto, or no port)."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} ({exc.strerror or exc})"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -138,6 +138,23 @@ def test_the_ray_flags():
         parse("--ray", "--ray-cpus-per-worker", "0")
 
 
+def test_a_ray_address_where_nothing_answers_is_one_line_at_once():
+    """Ray would retry its GCS for minutes, printing only its own warnings: the server says
+    what is wrong and exits 1 instead."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "cellserve.cli", "serve", "--ray", f"127.0.0.1:{port}", "--model",
+                           "gru-256", "--http-port", "0", "--grpc-port", "-1", "--metrics-port", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"cannot join Ray: nothing answers at 127.0.0.1:{port}" in done.stderr, done.stderr
+
+
 def test_a_sequences_first_chunk_goes_where_the_fewest_sequences_are_kept():
     fast, slow = worker("w0", 1e-3), worker("w1", 2e-3)
     router = Router([fast, slow])
