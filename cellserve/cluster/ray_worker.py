@@ -36,11 +36,10 @@ Ray actor by the driver (ray.remote(EngineWorker)), so that it is importable wit
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import sys
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
@@ -104,8 +103,6 @@ class EngineWorker:
         self.served = {"ok": 0, "failed": 0}
         self.changes = {"load": 0, "unload": 0}  # models added to / removed from the running engine
         self._stop = threading.Event()
-        self._pause = threading.Event()  # set: the step loop returns to run the tasks queued
-        self._tasks: deque = deque()  # (fn, concurrent.futures.Future), run on the engine's thread
         self._thread = threading.Thread(target=self._loop, name=f"cellserve-engine-{spec.worker_id}", daemon=True)
         self._thread.start()
         self._node = _node_id()
@@ -113,25 +110,12 @@ class EngineWorker:
         self._plane_address: dict | None = None
 
     def _loop(self) -> None:
-        while True:
-            self.engine.serve_forever(self._pause)  # returns between two steps once paused
-            self._pause.clear()
-            while self._tasks:
-                fn, future = self._tasks.popleft()
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - the caller gets it
-                    future.set_exception(exc)
-            if self._stop.is_set():
-                break
+        self.engine.serve_forever(self._stop)
         self.engine.abort_all(f"worker {self.spec.worker_id} is stopping")
 
     async def _on_engine_thread(self, fn):
-        """Run fn() on the engine's thread between two steps; its result."""
-        future = concurrent.futures.Future()
-        self._tasks.append((fn, future))
-        self._pause.set()  # after the append: the loop drains the queue after clearing it
-        return await asyncio.wrap_future(future)
+        """Run fn() on the engine's thread between two steps (Engine.between_steps); its result."""
+        return await asyncio.wrap_future(self.engine.between_steps(fn))
 
     async def load(self, models: list[str]) -> WorkerInfo:
         """Add these models (every version of each) to the running engine; the new info."""
@@ -296,7 +280,6 @@ class EngineWorker:
         if self._plane is not None:
             self._plane.close()
         self._stop.set()
-        self._pause.set()
         self._thread.join(10.0)
 
 

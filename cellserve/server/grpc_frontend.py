@@ -220,11 +220,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def ModelInfer(self, request, context):
+        received = self.core.clock.now()
         client_timeout_s = _client_timeout(context)
-        self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
-        infer_input = parse_infer_request(request, self.core.shared_memory)
-        infer_input.client_timeout_s = client_timeout_s
-        return await self.core.infer(infer_input, encode=encode_infer_response)
+        entry = self.core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
+        infer_input = self._parse(request, entry, received, client_timeout_s)
+        return await self.core.infer(infer_input, received, encode=encode_infer_response)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's decoupled streaming: tokens as a decoder emits them, then each request's
@@ -250,14 +250,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             tracer = self.core.tracer
             trace = tracer.start(entry.name, entry.version, request.id) if tracer.on else None
             if trace is None:
-                try:
-                    infer_input = parse_infer_request(request, self.core.shared_memory)
-                except ServerError as exc:  # counted as the core counts its own 400s
-                    self.core.failed_before_infer(entry, exc, received)
-                    raise
-                infer_input.client_timeout_s = client_timeout_s
+                infer_input = self._parse(request, entry, received, client_timeout_s)
                 return await self.core.infer(infer_input, received, encode=encode_infer_response)
-            return await self._traced_infer(request, received, trace, context, client_timeout_s)
+            return await self._traced_infer(request, entry, received, client_timeout_s, trace, context)
         except BaseException as exc:
             failure = exc
             raise
@@ -265,7 +260,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             admission.leave(ticket, Admission.outcome(failure))
 
 
-    async def _traced_infer(self, request, received: float, trace, context, client_timeout_s: float | None):
+    def _parse(self, request, entry, received: float, client_timeout_s: float | None) -> InferInput:
+        """The request's InferInput, with the call's own deadline; a bad one is counted as the
+        core counts its own 400s, then raised."""
+        try:
+            infer_input = parse_infer_request(request, self.core.shared_memory)
+        except ServerError as exc:
+            self.core.failed_before_infer(entry, exc, received)
+            raise
+        infer_input.client_timeout_s = client_timeout_s
+        return infer_input
+
+    async def _traced_infer(self, request, entry, received: float, client_timeout_s: float | None, trace, context):
         """ModelInfer of a sampled request: its stamps (docs/tracing.md); the trace is kept
         when gRPC reports the call done (GRPC_SEND_END), failed calls included. gRPC core reads
         the message before any Python runs, so the first stamp is GRPC_WAITREAD_END."""
@@ -277,13 +283,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             tracer.finish(trace)
 
         context.add_done_callback(done)
-        try:
-            infer_input = parse_infer_request(request, self.core.shared_memory)
-        except ServerError as exc:
-            self.core.failed_before_infer(self.core.model(request.model_name, request.model_version), exc, received)
-            raise
+        infer_input = self._parse(request, entry, received, client_timeout_s)
         infer_input.trace = trace
-        infer_input.client_timeout_s = client_timeout_s
         response = await self.core.infer(infer_input, received, encode=encode_infer_response)
         trace.stamp("GRPC_SEND_START")
         return response

@@ -42,13 +42,6 @@ def _port(value: int) -> str | None:
     return None
 
 
-def eval_key(settings: object, key: str) -> object:
-    """The value of a dotted settings key ("engine.placement")."""
-    for part in key.split("."):
-        settings = getattr(settings, part)
-    return settings
-
-
 @dataclass
 class ServerSettings:
     model_repository: Path | None = setting(None, "a Triton-style model repository: "
@@ -164,8 +157,8 @@ class ServerSettings:
             if self.model_repository is None:
                 problems.append(Problem("model_control_mode", "{name} explicit loads models of a repository: it "
                                         "needs --model-repository (model_repository)"))
-            for key in ("ray_address", "engine.placement"):
-                if eval_key(self, key) is not None:
+            for key, value in (("ray_address", self.ray_address), ("engine.placement", self.engine.placement)):
+                if value is not None:
                     problems.append(Problem("model_control_mode", "{name} explicit cannot be combined with {0}",
                                             (key,)))
         elif self.load_models:
