@@ -129,9 +129,16 @@ def test_the_engine_settings_the_cli_could_not_reach_before(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
-    (["--load-model", "m"], "--load-model loads models while serving: it needs --model-control-mode explicit"),
+    (["--load-model", "m"], "--load-model picks the models to load at start: it needs --model-control-mode explicit"),
     (["--model-control-mode", "explicit"],
-     "--model-control-mode explicit loads models of a repository: it needs --model-repository"),
+     "--model-control-mode explicit follows a model repository: it needs --model-repository"),
+    (["--model-control-mode", "poll"], "--model-control-mode poll follows a model repository: it needs --model-repository"),
+    (["--model-control-mode", "poll", "--model-repository", "m", "--load-model", "a"],
+     "--load-model picks the models to load at start: it needs --model-control-mode explicit (poll loads every model"),
+    (["--repository-poll-secs", "5"], "--repository-poll-secs sets how often the repository is polled: it needs "
+                                      "--model-control-mode poll"),
+    (["--model-control-mode", "poll", "--model-repository", "m", "--repository-poll-secs", "0"],
+     "--repository-poll-secs must be > 0, got 0"),
     (["--http-port", "70000"], "--http-port must be a port number, 0 (any free port) or -1 (off), got 70000"),
     (["--grace-period", "-1"], "--grace-period must be >= 0, got -1"),
     (["--slo-ms", "0"], "--slo-ms must be > 0, got 0"),

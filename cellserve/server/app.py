@@ -27,8 +27,8 @@ from cellserve.server.http_frontend import ConnectionLimits, build_app, build_me
 from cellserve.server.log_settings import LogSettingError, ServerLog
 from cellserve.server.metrics import Metrics
 from cellserve.server.repository import (ServedModel, load_repository, load_repository_model, load_zoo,
-                                         repository_models)
-from cellserve.server.settings import ServerSettings
+                                         repository_fingerprints, repository_models)
+from cellserve.server.settings import DEFAULT_POLL_S, ServerSettings
 
 log = logging.getLogger("cellserve.server")
 
@@ -79,6 +79,9 @@ def serve(settings: ServerSettings) -> int:
         return 2
     try:
         _check_device(settings.engine.device, settings.engine.backend)
+        polling = settings.model_control_mode == "poll"
+        # taken before the models are read: a folder changed while they load is reloaded at the first poll
+        fingerprints = repository_fingerprints(settings.model_repository) if polling else {}
         served = _load_models(settings)
         executors = plan = None
         if placement is not None:  # the engine's executors and placement map (docs/partition.md)
@@ -106,7 +109,8 @@ def serve(settings: ServerSettings) -> int:
 
     core = Core(served, engine, metrics, settings.sequence_idle_s, settings.max_sequences,
                 tracer=Tracer(parse_trace_config(settings.trace_config)), log=server_log,
-                repository=settings.model_repository if settings.model_control_mode == "explicit" else None)
+                repository=settings.model_repository if settings.model_control_mode != "none" else None,
+                poll_s=(settings.repository_poll_s or DEFAULT_POLL_S) if polling else None, fingerprints=fingerprints)
     frontends = Frontends(core, settings, sockets)
     try:
         ports = frontends.start()
@@ -250,9 +254,12 @@ class Frontends:
             self._started.set()
             return
         self._started.set()
-        sweeper = asyncio.create_task(self._sweep_sequences())
+        background = [asyncio.create_task(self._sweep_sequences())]
+        if self.core.poll_s is not None:
+            background.append(asyncio.create_task(self._poll_repository()))
         await self._stopping.wait()
-        sweeper.cancel()
+        for task in background:
+            task.cancel()
         for server in self._uvicorn:
             server.should_exit = True  # stop accepting; in-flight requests finish
         if self._grpc is not None:
@@ -291,6 +298,15 @@ class Frontends:
                 raise StartupError(f"the HTTP frontend failed to start: {failed[0].exception()!r}")
             await asyncio.sleep(0.01)
         return tasks
+
+    async def _poll_repository(self) -> None:
+        """Mode POLL: the repository looked at every --repository-poll-secs (Core.poll_repository)."""
+        while True:
+            await asyncio.sleep(self.core.poll_s)
+            try:
+                await self.core.poll_repository()
+            except Exception:  # noqa: BLE001 - a failed poll must not end the polling
+                log.exception("polling the model repository failed")
 
     async def _sweep_sequences(self) -> None:
         while True:

@@ -246,11 +246,16 @@ class Admission:
 class Core(ModelControl):
     def __init__(self, served: list[ServedModel], engine: Engine, metrics: Metrics,
                  sequence_idle_s: float = 60.0, max_sequences: int = 100_000, clock: Clock | None = None,
-                 tracer: Tracer | None = None, log: ServerLog | None = None, repository: Path | None = None):
+                 tracer: Tracer | None = None, log: ServerLog | None = None, repository: Path | None = None,
+                 poll_s: float | None = None, fingerprints: dict[str, tuple] | None = None):
         self.engine = engine
         # Triton's model control mode EXPLICIT when set: the repository whose models load and
         # unload while serving (load_model); None: the models are those it started with
         self.repository = repository
+        # mode POLL when set (with `repository`): seconds between two polls of the repository;
+        # its folders as the last poll (or the start, `fingerprints`) saw them (model_control.py)
+        self.poll_s = poll_s
+        self._fingerprints: dict[str, tuple] = dict(fingerprints or {})
         self._changing: dict[str, asyncio.Lock] = {}  # per model: its loads and unloads, one at a time
         self._load_errors: dict[str, str] = {}  # model -> why its last load failed (the index's reason)
         self.tracer = tracer or Tracer()  # Triton's trace extension; off unless configured
@@ -295,7 +300,10 @@ class Core(ModelControl):
         versions = self._models.get(name)
         if versions is None:
             if self.repository is not None and name in repository_models(self.repository):
-                raise NotFound(f"model {name!r} is not loaded (load it: POST v2/repository/models/{name}/load)")
+                if self.poll_s is None:
+                    raise NotFound(f"model {name!r} is not loaded (load it: POST v2/repository/models/{name}/load)")
+                raise NotFound(f"model {name!r} is not loaded: " + self._load_errors.get(
+                    name, f"its folder is new to the repository, polled every {self.poll_s:g} s"))
             raise NotFound(f"unknown model {name!r}; this server serves "
                            f"{', '.join(self.model_names()) or 'no models'}")
         if not version:

@@ -1,5 +1,6 @@
-"""Triton's model control mode EXPLICIT (a mixin of server.core.Core): the models of a
-repository loaded and unloaded while serving, through the repository API.
+"""Triton's model control modes EXPLICIT and POLL (a mixin of server.core.Core): the models
+of a repository loaded and unloaded while serving, through the repository API (EXPLICIT) or
+as their folders change (POLL: `poll_repository`, called every --repository-poll-secs).
 
 A load reads the model's folder off the event loop and adds every version its config chooses
 to the engine between two steps (`Engine.between_steps`: the engine's tables belong to its
@@ -7,16 +8,25 @@ stepping thread); an unload takes the model out of service at once, ends its seq
 its requests already in the engine finish (`Engine.remove_model` refuses while any are queued
 or in flight) and then removes it. Loads and unloads of one model run one at a time, in the
 order asked. Core holds the state read here: `repository` (None: mode NONE, every load and
-unload refused), `_models`, `engine`, `sequences`, `_changing` and `_load_errors`.
+unload refused), `poll_s` (set: mode POLL, the API's loads and unloads refused),
+`_fingerprints`, `_models`, `engine`, `sequences`, `_changing` and `_load_errors`.
+
+A poll compares each model folder's files (names, sizes, modification times) with what the
+last poll saw: a new folder loads, a changed one reloads (a reload that fails leaves the
+versions served as they were, and says why in the index), a removed one unloads. A folder
+that failed to load is tried again only once it changes again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from cellserve.errors import ModelLoadError
 from cellserve.server.errors import BadRequest, NotFound
-from cellserve.server.repository import load_repository_model, repository_models
+from cellserve.server.repository import load_repository_model, repository_fingerprints, repository_models
+
+log = logging.getLogger(__name__)
 
 _DRAIN_POLL_S = 0.01  # how often an unload looks again whether its model's requests are done
 
@@ -29,19 +39,26 @@ class ModelControl:
         explicit): a load reads the model's folder now and adds every version to the engine
         between two steps (a model already served is unloaded first: a reload); an unload
         takes it out of service at once (a request is told it is not loaded, its sequences
-        end), lets its requests in flight finish, then removes it from the engine. Without:
-        refused, naming why."""
+        end), lets its requests in flight finish, then removes it from the engine. Without
+        model control, or when the server polls its repository (`poll_s`): refused, naming why."""
         action = "unload" if unload else "load"
         if self.repository is None:
             raise BadRequest(f"cannot {action} model {name!r}: this server serves the models it started with "
                              "(as Triton's model control mode NONE); start it with --model-control-mode explicit "
                              "to load and unload models while serving")
+        if self.poll_s is not None:
+            raise BadRequest(f"cannot {action} model {name!r}: this server polls its model repository "
+                             f"(--model-control-mode poll, every {self.poll_s:g} s): add, change or remove the "
+                             "model's folder to load, reload or unload it")
         # Triton's overrides (config, file:...) are refused, not silently dropped; unload_dependents
         # (tritonclient sends it with every unload) has nothing to act on: no model here has dependents
         overrides = sorted(set(parameters or {}) - ({"unload_dependents"} if unload else set()))
         if overrides:
             raise BadRequest(f"cannot {action} model {name!r} with parameters {overrides}: this server reads the "
                              "model from the repository as it is (no config or file overrides)")
+        await self._change(name, unload)
+
+    async def _change(self, name: str, unload: bool) -> None:
         # one at a time per model, in the order asked (as Triton queues them)
         async with self._changing.setdefault(name, asyncio.Lock()):
             try:
@@ -81,3 +98,38 @@ class ModelControl:
                     break
                 except ValueError:  # "has N requests queued or in flight"
                     await asyncio.sleep(_DRAIN_POLL_S)
+
+    async def poll_repository(self) -> list[str]:
+        """One look at the repository (mode POLL): load the models whose folders appeared,
+        reload those that changed, unload those removed, since the last look (the first look
+        is taken at start, `_fingerprints`). Returns what it did, one line per model, each
+        also logged. A repository that cannot be read changes nothing (logged)."""
+        loop = asyncio.get_running_loop()
+        try:  # a folder's listing and its files' times: off the event loop
+            seen = await loop.run_in_executor(None, repository_fingerprints, self.repository)
+        except (ModelLoadError, OSError) as exc:
+            log.error("polling the model repository: %s; the models served stay as they are", exc)
+            return []
+        done = []
+        for name in sorted(set(seen) | set(self._fingerprints)):
+            now, before = seen.get(name), self._fingerprints.get(name)
+            if now == before:
+                continue
+            if now is None:
+                del self._fingerprints[name]
+                if name in self._models:
+                    await self._change(name, unload=True)
+                    done.append(f"unloaded model {name!r}: its folder left the repository")
+                self._load_errors.pop(name, None)
+            else:
+                self._fingerprints[name] = now
+                reload = name in self._models
+                try:
+                    await self._change(name, unload=False)
+                    done.append(f"{'reloaded' if reload else 'loaded'} model {name!r}: its folder "
+                                f"{'changed' if before is not None else 'appeared'}")
+                except BadRequest as exc:
+                    done.append(f"{exc.message}" + ("; the versions loaded before are still served" if reload else ""))
+        for line in done:
+            (log.error if line.startswith("cannot") else log.info)("%s", line)
+        return done

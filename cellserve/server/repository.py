@@ -112,6 +112,25 @@ def repository_models(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def repository_fingerprints(root: Path) -> dict[str, tuple]:
+    """Per model folder of the repository, what is in it now: every file and folder under it
+    with its size and modification time, so that a poll tells a changed model (a file
+    written, added or removed) from one left as it was. ModelLoadError when the repository
+    cannot be read."""
+    root = Path(root)
+    found = {}
+    for name in repository_models(root):
+        entries = []
+        for path in sorted((root / name).rglob("*")):
+            try:
+                st = path.stat()
+            except OSError:  # removed while listed: the next poll sees the folder as it is then
+                continue
+            entries.append((path.relative_to(root / name).as_posix(), st.st_size, st.st_mtime_ns))
+        found[name] = tuple(entries)
+    return found
+
+
 def load_repository_model(root: Path, name: str) -> list[ServedModel]:
     """One model of a repository (every version its config chooses), read now: what model
     control loads while serving. ModelLoadError names the model and what is wrong."""

@@ -26,6 +26,7 @@ from cellserve.engine.config import EngineConfig
 from cellserve.server.tracing import check_trace_config, trace_config_paths
 
 _MODELS = "models"
+DEFAULT_POLL_S = 15.0  # Triton's --repository-poll-secs default
 _NETWORK = "network"
 _BATCHING = "batching and admission"
 _COMPUTE = "compute"
@@ -54,12 +55,17 @@ class ServerSettings:
     model_control_mode: str = setting("none", "none: serve the models found at start; explicit: load and unload "
                                               "models of --model-repository while serving (Triton's repository "
                                               "API: POST v2/repository/models/NAME/load, .../unload), starting "
-                                              "with those of --load-model", choices=("none", "explicit"),
-                                      group=_MODELS)
+                                              "with those of --load-model; poll: serve every model of "
+                                              "--model-repository and follow its changes (a folder added, "
+                                              "changed or removed loads, reloads or unloads its model)",
+                                      choices=("none", "explicit", "poll"), group=_MODELS)
     load_models: list[str] = setting(help="with --model-control-mode explicit: a model to load at start (repeat "
                                           "the flag; * for every model of the repository)",
                                      default_factory=list, flag="--load-model", unset="none", group=_MODELS,
                                      metavar="NAME")
+    repository_poll_s: float | None = setting(None, "with --model-control-mode poll: seconds between two looks at "
+                                                    "the model repository", gt=0, flag="--repository-poll-secs",
+                                              unset=f"{DEFAULT_POLL_S:g}", group=_MODELS, metavar="SECONDS")
     host: str = setting("127.0.0.1", "address to bind", group=_NETWORK)
     http_port: int = setting(8000, "HTTP port (0: any free; -1: off)", check=_port, group=_NETWORK, metavar="PORT")
     grpc_port: int = setting(8001, "gRPC port (0: any free; -1: off)", check=_port, group=_NETWORK, metavar="PORT")
@@ -153,17 +159,22 @@ class ServerSettings:
         if self.model_repository is not None and self.zoo_models:
             problems.append(Problem("zoo_models", "{name} picks zoo models; it cannot be combined with {0}",
                                     ("model_repository",)))
-        if self.model_control_mode == "explicit":
+        mode = self.model_control_mode
+        if mode != "none":
             if self.model_repository is None:
-                problems.append(Problem("model_control_mode", "{name} explicit loads models of a repository: it "
-                                        "needs --model-repository (model_repository)"))
+                problems.append(Problem("model_control_mode", f"{{name}} {mode} follows a model repository: it needs "
+                                        "--model-repository (model_repository)"))
             for key, value in (("ray_address", self.ray_address), ("engine.placement", self.engine.placement)):
                 if value is not None:
-                    problems.append(Problem("model_control_mode", "{name} explicit cannot be combined with {0}",
+                    problems.append(Problem("model_control_mode", f"{{name}} {mode} cannot be combined with {{0}}",
                                             (key,)))
-        elif self.load_models:
-            problems.append(Problem("load_models", "{name} loads models while serving: it needs "
-                                    "--model-control-mode explicit"))
+        if self.load_models and mode != "explicit":
+            problems.append(Problem("load_models", "{name} picks the models to load at start: it needs "
+                                    "--model-control-mode explicit" + (" (poll loads every model of the repository)"
+                                                                       if mode == "poll" else "")))
+        if self.repository_poll_s is not None and mode != "poll":
+            problems.append(Problem("repository_poll_s", "{name} sets how often the repository is polled: it needs "
+                                    "--model-control-mode poll"))
         for key in ("ray_workers", "plan", "replan_every_s"):
             if getattr(self, key) is not None and self.ray_address is None:
                 problems.append(Problem(key, "{name} is for the Ray workers: it needs --ray (ray_address)"))

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -627,3 +630,103 @@ def test_a_failed_load_says_why_in_the_index_until_the_model_loads(tmp_path):
     finally:
         worker.stop.set()
     assert index == [{"name": "gru_seq", "version": "3", "state": "READY", "reason": ""}]
+
+
+# ---- model control (--model-control-mode poll) ----
+
+def _touch_later(path: Path) -> None:
+    """Move a rewritten file's modification time a second on: the kernel's file clock ticks
+    coarsely, and a file written twice within one tick would look unchanged to a poll."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_a_poll_loads_reloads_and_unloads_as_the_folders_change(tmp_path):
+    """In process, each poll called by the test (no timer): a new folder loads, a changed one
+    reloads (its answers are the new file's), a reload that fails keeps the versions served
+    and is not tried again until the folder changes, a removed folder unloads; the API's
+    loads and unloads are refused, naming the mode."""
+    import asyncio
+
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.server.core import Core, InferInput
+    from cellserve.server.errors import BadRequest, NotFound
+    from cellserve.server.metrics import Metrics
+    from cellserve.server.repository import repository_fingerprints
+    from inprocess import PausableEngine
+
+    add_model(tmp_path, "gru_seq", {3: gru_onnx(3)})
+    start = repository_fingerprints(tmp_path)
+    served = load_repository(tmp_path)
+    engine = Engine([s.model for s in served], EngineConfig(profile=False, pin_threads=False))
+    core = Core(served, engine, Metrics(engine), repository=tmp_path, poll_s=15.0, fingerprints=start)
+    worker = PausableEngine(engine)
+    worker.start()
+    gru_file = tmp_path / "gru_seq" / "3" / "model.onnx"
+    lstm_file = tmp_path / "lstm_clf" / "1" / "model.onnx"
+
+    async def answer(model: str) -> np.ndarray:
+        result = await core.infer(InferInput(model, "", {"tokens": requests_for(model)}))
+        return result.outputs["probabilities"]
+
+    async def go():
+        assert await core.poll_repository() == []  # nothing changed since the start
+        add_model(tmp_path, "lstm_clf", {1: lstm_onnx(0)})
+        with pytest.raises(NotFound, match="model 'lstm_clf' is not loaded: its folder is new to the repository"):
+            core.model("lstm_clf")
+        assert await core.poll_repository() == ["loaded model 'lstm_clf': its folder appeared"]
+        np.testing.assert_allclose(await answer("lstm_clf"),
+                                   ort_reference(lstm_file, requests_for("lstm_clf"))["probabilities"], rtol=1e-4)
+        gru_file.write_bytes(gru_onnx(4))  # new weights
+        _touch_later(gru_file)
+        assert await core.poll_repository() == ["reloaded model 'gru_seq': its folder changed"]
+        np.testing.assert_allclose(await answer("gru_seq"),
+                                   ort_reference(gru_file, requests_for("gru_seq"))["probabilities"], rtol=1e-4)
+        before = await answer("lstm_clf")
+        lstm_file.write_bytes(b"half a file")
+        [failed] = await core.poll_repository()
+        assert failed.startswith("cannot load model 'lstm_clf'") and failed.endswith(
+            "; the versions loaded before are still served")
+        np.testing.assert_array_equal(await answer("lstm_clf"), before)
+        assert await core.poll_repository() == []  # not tried again while the folder stays as it is
+        shutil.rmtree(tmp_path / "gru_seq")
+        assert await core.poll_repository() == ["unloaded model 'gru_seq': its folder left the repository"]
+        with pytest.raises(NotFound, match="unknown model 'gru_seq'"):
+            core.model("gru_seq")
+        for unload in (False, True):
+            with pytest.raises(BadRequest, match=r"this server polls its model repository \(--model-control-mode "
+                                                 r"poll, every 15 s\): add, change or remove the model's folder"):
+                await core.load_model("lstm_clf", unload=unload)
+        return core.repository_index()
+
+    try:
+        index = asyncio.run(go())
+    finally:
+        worker.stop.set()
+    assert index == [{"name": "lstm_clf", "version": "1", "state": "READY", "reason": ""}]
+    assert "gru_seq:3" not in engine.models
+
+
+def test_a_server_polling_its_repository_serves_a_model_added_while_it_runs(tmp_path):
+    """A real server in mode POLL, tritonclient's view: what the folder held at start is
+    served, a model folder added later is served once a poll has seen it (waited for, not
+    timed), and the repository API's load is refused naming the mode."""
+    add_model(tmp_path, "gru_seq", {3: gru_onnx(3)})
+    proc = start_server("--model-repository", str(tmp_path), "--model-control-mode", "poll",
+                        "--repository-poll-secs", "0.2")
+    try:
+        http = httpclient.InferenceServerClient(proc.http)
+        assert _index(http) == [("gru_seq", "3", "READY", "")]
+        add_model(tmp_path, "lstm_clf", {1: lstm_onnx(0)})
+        give_up = time.monotonic() + 60
+        while not http.is_model_ready("lstm_clf") and time.monotonic() < give_up:
+            time.sleep(0.1)
+        got, version = infer("http-json", http, None, "lstm_clf", "", requests_for("lstm_clf"))
+        np.testing.assert_allclose(got["probabilities"], ort_reference(tmp_path / "lstm_clf" / "1" / "model.onnx",
+                                                                       requests_for("lstm_clf"))["probabilities"],
+                                   rtol=1e-4, atol=1e-6)
+        with pytest.raises(InferenceServerException, match="cannot load model 'gru_seq': this server polls its "
+                                                           "model repository"):
+            http.load_model("gru_seq")
+    finally:
+        assert proc.stop() == 0
