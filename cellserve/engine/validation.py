@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cellserve.datatypes import protocol_name
 from cellserve.errors import InvalidInput
 from cellserve.graph.model import Model
 
@@ -112,4 +113,4 @@ def _convert_dtype(where: str, value: np.ndarray, want: np.dtype) -> np.ndarray:
             raise InvalidInput(f"{where}: values do not fit {want.name} (largest magnitude "
                                f"{float(np.abs(value[np.isfinite(value)]).max()):g})")
         return out
-    raise InvalidInput(f"{where}: expected dtype {want.name}, got {value.dtype.name}")
+    raise InvalidInput(f"{where}: has datatype {protocol_name(value.dtype)}; the model expects {protocol_name(want)}")

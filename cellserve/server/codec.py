@@ -7,20 +7,10 @@ import math
 
 import numpy as np
 
+from cellserve.datatypes import BY_DTYPE as _BY_DTYPE
+from cellserve.datatypes import DATATYPES
 from cellserve.server.errors import BadRequest
 
-# Open Inference Protocol datatype <-> numpy dtype. BYTES (an object array of bytes) is only
-# ever an output here: classification's answers (classification.py); no model takes it.
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
-_BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
-_BY_DTYPE[np.dtype(object)] = "BYTES"
 MAX_ELEMENTS = 1 << 26  # a shape asking for more is refused before anything is allocated
 
 

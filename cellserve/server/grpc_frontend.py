@@ -173,7 +173,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def ModelReady(self, request, context):
-        return service_pb2.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
+        # an unknown model or version is not ready, not an error: Triton answers ready=false,
+        # so that `if not client.is_model_ready(m)` works over gRPC as over HTTP (a 404 there)
+        try:
+            ready = self.core.model_ready(request.name, request.version)
+        except NotFound:
+            ready = False
+        return service_pb2.ModelReadyResponse(ready=ready)
 
     @_answers_errors
     async def ServerMetadata(self, request, context):

@@ -62,6 +62,10 @@ class SequenceStore:
                 name = _describe(key)
                 if why is not None:
                     raise SequenceError(f"{name} was {why}; start a new one with sequence_start")
+                elsewhere = sorted(k[1] for k in self._active if (k[0], k[2]) == (key[0], key[2]))
+                if elsewhere:  # a sequence belongs to the version its first request ran on
+                    raise SequenceError(f"{name} is not active on version {key[1]}: it runs on version "
+                                        f"{elsewhere[0]}; send its requests to that version")
                 raise SequenceError(f"{name} is not active: its first request must set sequence_start")
             if len(self._active) >= self.max_sequences:
                 raise Overloaded(f"too many active sequences ({self.max_sequences}); end or let some expire",

@@ -8,22 +8,28 @@ named region, then names the region in a tensor's parameters instead of sending 
 - Status: `GET /v2/systemsharedmemory[/region/NAME]/status`, gRPC `SystemSharedMemoryStatus`:
   `[{"name", "key", "offset", "byte_size"}]`.
 - Unregister: `POST /v2/systemsharedmemory[/region/NAME]/unregister`, gRPC
-  `SystemSharedMemoryUnregister` (no name: every region).
+  `SystemSharedMemoryUnregister` (no name: every region). A name not registered is no error
+  (as Triton's: unregistering twice is safe). The name goes at once; a request already
+  holding the region (an output to be written there) keeps it until it is answered, when the
+  mapping goes with the last reference to it, as Triton unregisters a region in use once its
+  requests complete.
 - An input with parameters `shared_memory_region`, `shared_memory_byte_size` (and optionally
   `shared_memory_offset`, from the region's start) is read from the region when the request
   arrives (copied: the client may reuse the region at once). An output requested with them is
-  written there once answered, and answered with those parameters instead of its data.
+  written there once answered, to the region the name meant when the request arrived (a
+  region unregistered or registered anew under the name meanwhile changes nothing for it),
+  and answered with those parameters instead of its data.
 
 CUDA shared memory is refused: this server has no GPU memory to share. Every error names the
-region and what is wrong (HTTP 400, gRPC INVALID_ARGUMENT; an unknown region in a status or
-unregister call: NOT_FOUND as Triton's).
+region and what is wrong (HTTP 400, gRPC INVALID_ARGUMENT; an unknown region in a status call:
+NOT_FOUND as Triton's).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from cellserve.server.errors import BadRequest, NotFound
 
@@ -50,6 +56,8 @@ class TensorPlace:
     region: str
     byte_size: int
     offset: int = 0
+    # an output's region, held from the request's arrival to its answer (see output_place)
+    held: Region | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,12 @@ class SystemSharedMemory:
         return [region.status() for region in self._regions.values()]
 
     def unregister(self, name: str = "") -> None:
-        names = [name] if name else list(self._regions)
-        for one in names:
-            self._region(one).memory.close()
-            del self._regions[one]
+        # not closed here: a request holding the region writes its answer there first, and
+        # the mapping is unmapped with the last reference to it (mmap's own dealloc)
+        if name:
+            self._regions.pop(name, None)
+        else:
+            self._regions.clear()
 
     def read(self, place: TensorPlace, where: str) -> bytes:
         """A copy of the bytes at `place`."""
@@ -142,8 +152,9 @@ class SystemSharedMemory:
         return region.memory[start:start + place.byte_size]
 
     def write(self, place: TensorPlace, data: bytes, where: str) -> None:
-        """Put `data` at `place`, which must hold it."""
-        region = self._within(place, where)
+        """Put `data` at `place`, which must hold it: in the region it holds (output_place's),
+        else in the one registered under its name now."""
+        region = place.held or self._within(place, where)
         if len(data) > place.byte_size:
             raise BadRequest(f"{where}: the answer takes {len(data)} bytes, more than shared_memory_byte_size "
                              f"{place.byte_size}")
@@ -162,10 +173,11 @@ class SystemSharedMemory:
 
     def output_place(self, parameters, where: str) -> TensorPlace | None:
         """Where a requested output's parameters ask it written (None: nowhere), checked
-        against the regions now, before the request runs."""
+        against the regions now, before the request runs, and holding the region named: the
+        answer goes there whatever is registered under the name by then."""
         place = tensor_place(parameters, where)
         if place is not None:
-            self._within(place, where)
+            place = replace(place, held=self._within(place, where))
         return place
 
     def _within(self, place: TensorPlace, where: str) -> Region:

@@ -98,8 +98,8 @@ def test_model_ready_and_metadata(client, model):
 @pytest.mark.parametrize("version", ["", "7"])
 def test_unknown_model_or_version_is_not_found(client, version):
     model = "no-such-model" if version == "" else "gru-256"
-    for call in (lambda: client.is_model_ready(model, version),
-                 lambda: client.get_model_metadata(model, version),
+    assert client.is_model_ready(model, version) is False  # not ready, not an error (as Triton answers)
+    for call in (lambda: client.get_model_metadata(model, version),
                  lambda: infer(client, model, np.array([[1]]), model_version=version)):
         err = status_of(call)
         assert err.status() == "StatusCode.NOT_FOUND"

@@ -197,7 +197,8 @@ def test_unsupported_datatype(server, datatype):
 
 @pytest.mark.parametrize("datatype, data", [("FP32", [1.0, 2.0]), ("FP64", [1, 2]), ("BOOL", [True, False])])
 def test_datatype_the_model_does_not_take(server, datatype, data):
-    error_of(*infer(server, tokens([1, 2], data, datatype=datatype)), 400, "'tokens'", "expected dtype int64")
+    error_of(*infer(server, tokens([1, 2], data, datatype=datatype)), 400, "'tokens'",
+             f"has datatype {datatype}; the model expects INT64")
 
 
 @pytest.mark.parametrize("datatype, value", [("INT8", 300), ("UINT8", -1), ("INT64", 1 << 63), ("UINT64", -5)])

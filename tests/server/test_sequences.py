@@ -89,6 +89,16 @@ def test_each_sequence_keeps_its_own_timeout():
     assert store.expire() == 1 and len(store) == 0
 
 
+def test_a_sequence_continued_on_another_version_is_told_which_it_runs_on():
+    store = SequenceStore(clock=FakeClock())
+    store.get(("cls", "1", 10), start=True, idle_timeout_s=5.0)
+    with pytest.raises(SequenceError, match="sequence 10 of model 'cls' is not active on version 3: it runs on "
+                                            "version 1; send its requests to that version"):
+        store.get(("cls", "3", 10), start=False, idle_timeout_s=5.0)
+    with pytest.raises(SequenceError, match="sequence 11 of model 'cls' is not active: its first request must set"):
+        store.get(("cls", "3", 11), start=False, idle_timeout_s=5.0)
+
+
 def test_a_released_sequence_starts_again_fresh():
     clock = FakeClock()
     store = SequenceStore(clock=clock)

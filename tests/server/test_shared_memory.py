@@ -152,3 +152,29 @@ def test_cuda_shared_memory_is_refused_saying_why(client):
         with pytest.raises(InferenceServerException) as err:
             c.register_cuda_shared_memory("gpu", b"eA==", 0, 8)
         assert err.value.status() == "400" and "CUDA shared memory is not supported" in err.value.message()
+
+
+def test_an_output_goes_to_the_region_its_request_named_whatever_happens_to_the_name_after():
+    """The server's registry itself, on real shared memory objects: an output's region is held
+    from the request's parse to its answer. Unregistered meanwhile, the answer still lands
+    there (the work is not lost); registered anew under the same name on another object, the
+    new object is left alone. Unregistering a name twice is no error (as Triton's)."""
+    from cellserve.server.shared_memory import SystemSharedMemory
+
+    memory = SystemSharedMemory()
+    first = shm.create_shared_memory_region("first", "/cellserve-test-first", 16)
+    second = shm.create_shared_memory_region("second", "/cellserve-test-second", 16)
+    try:
+        shm.set_shared_memory_region(second, [np.full(4, 7.0, np.float32)])
+        memory.register("out", "/cellserve-test-first", 0, 16)
+        place = memory.output_place({"shared_memory_region": "out", "shared_memory_byte_size": 16}, "output 'p'")
+        memory.unregister("out")
+        memory.unregister("out")
+        memory.register("out", "/cellserve-test-second", 0, 16)
+        memory.write(place, np.arange(4, dtype=np.float32).tobytes(), "output 'p'")
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(first, np.float32, [4]), np.arange(4))
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(second, np.float32, [4]), np.full(4, 7.0))
+        memory.close()
+    finally:
+        shm.destroy_shared_memory_region(first)
+        shm.destroy_shared_memory_region(second)
