@@ -259,10 +259,11 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
                     for b, seconds in self._placed[cell_type].startup_costs(cell_type, sizes).items():
                         self.costs.observe(cell_type, b, seconds)
 
-    def remove_model(self, name: str) -> None:
+    def remove_model(self, name: str, forget_costs: bool = False) -> None:
         """Stop serving a model with no request queued or in flight (ValueError otherwise:
         drain first), from the stepping thread as add_model. Its kernels are released; its
-        learnt step costs are kept (a model added again starts from them)."""
+        learnt step costs are kept (a model added again starts from them) unless
+        `forget_costs` (a model that will not come back under this name)."""
         if name not in self.models:
             raise ValueError(f"model {name!r} is not served")
         busy = sum(r.request.model == name for r in self._runs.values()) + sum(r.model == name for r in self._inbox)
@@ -278,6 +279,8 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
             executor = self._placed.pop(cell_type, None)
             self._committed.pop(cell_type, None)
             self._decoders.pop(cell_type, None)
+            if forget_costs:
+                self.costs.costs.pop(cell_type, None)
             if executor is not None:
                 executor.remove_cell_type(cell_type)
         if hasattr(self.policy, "cell_order"):

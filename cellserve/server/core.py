@@ -13,6 +13,7 @@ only after it, is answered DeadlineExceeded (504 / DEADLINE_EXCEEDED), never a l
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +259,7 @@ class Core(ModelControl):
         self._fingerprints: dict[str, tuple] = dict(fingerprints or {})
         self._changing: dict[str, asyncio.Lock] = {}  # per model: its loads and unloads, one at a time
         self._load_errors: dict[str, str] = {}  # model -> why its last load failed (the index's reason)
+        self._reloads = itertools.count(1)  # tags a reload's engine names (model_control.py)
         self.tracer = tracer or Tracer()  # Triton's trace extension; off unless configured
         self.log = log or ServerLog()  # Triton's logging extension (log_settings.py)
         self.shared_memory = SystemSharedMemory()  # regions clients registered (shared_memory.py)

@@ -7,9 +7,12 @@ to the engine between two steps (`Engine.between_steps`: the engine's tables bel
 stepping thread); an unload takes the model out of service at once, ends its sequences, lets
 its requests already in the engine finish (`Engine.remove_model` refuses while any are queued
 or in flight) and then removes it. Loads and unloads of one model run one at a time, in the
-order asked. Core holds the state read here: `repository` (None: mode NONE, every load and
+order asked. A reload serves the new versions as soon as they are added (beside the old
+ones, under engine names of their own) and retires the old ones once their requests in flight
+are answered: no request is told the model is not loaded, as Triton reloads without a loss
+of availability. Core holds the state read here: `repository` (None: mode NONE, every load and
 unload refused), `poll_s` (set: mode POLL, the API's loads and unloads refused),
-`_fingerprints`, `_models`, `engine`, `sequences`, `_changing` and `_load_errors`.
+`_fingerprints`, `_models`, `engine`, `sequences`, `_changing`, `_load_errors` and `_reloads`.
 
 A poll compares each model folder's files (names, sizes, modification times) with what the
 last poll saw: a new folder loads, a changed one reloads (a reload that fails leaves the
@@ -75,13 +78,20 @@ class ModelControl:
             served = await loop.run_in_executor(None, load_repository_model, self.repository, name)
         except ModelLoadError as exc:
             raise BadRequest(f"cannot load model {name!r}: {exc}") from None
-        await self._unload(name)  # a reload: the old versions go first (nothing to do for a new model)
+        old = self._models.get(name)
+        if old is not None:  # a reload: the new versions are added beside the old under engine names of
+            tag = next(self._reloads)  # their own, and take over at once (no request told "not loaded")
+            for entry in served:
+                entry.model.name = f"{entry.model.name}#{tag}"
 
         def add() -> None:
             for entry in served:
                 self.engine.add_model(entry.model)
         await asyncio.wrap_future(self.engine.between_steps(add))
         self._models[name] = {entry.version: entry for entry in served}
+        if old is not None:  # the old versions' requests in flight finish on them; their sequences end
+            self.sequences.end_model(name, "ended: its model was reloaded")
+            await self._retire(old.values(), superseded=True)
 
     async def _unload(self, name: str) -> None:
         versions = self._models.pop(name, None)  # from now on, a request for it is told it is not loaded
@@ -90,11 +100,18 @@ class ModelControl:
                 raise NotFound(f"cannot unload model {name!r}: it is not in the model repository")
             return  # not loaded: nothing to do (as Triton answers)
         self.sequences.end_model(name, "ended: its model was unloaded")
-        for entry in versions.values():
-            while True:  # its requests in flight finish first (the engine refuses to remove it before)
+        await self._retire(versions.values())
+
+    async def _retire(self, entries, superseded: bool = False) -> None:
+        """Remove versions no longer served from the engine once their requests in flight are
+        answered (the engine refuses before). A superseded version's learnt step costs go too:
+        its engine name is never served again."""
+        for entry in entries:
+            while True:
                 try:
                     await asyncio.wrap_future(self.engine.between_steps(
-                        lambda engine_name=entry.engine_name: self.engine.remove_model(engine_name)))
+                        lambda engine_name=entry.engine_name: self.engine.remove_model(
+                            engine_name, forget_costs=superseded)))
                     break
                 except ValueError:  # "has N requests queued or in flight"
                     await asyncio.sleep(_DRAIN_POLL_S)

@@ -730,3 +730,50 @@ def test_a_server_polling_its_repository_serves_a_model_added_while_it_runs(tmp_
             http.load_model("gru_seq")
     finally:
         assert proc.stop() == 0
+
+
+def test_a_reload_serves_the_new_weights_without_a_moment_of_not_loaded(tmp_path):
+    """In process, mode EXPLICIT: while a reload runs the model is never "not loaded" (checked
+    at every turn of the loop until it is done); a request sent before it is answered by the
+    old weights, one sent after by the new; the old version then leaves the engine."""
+    import asyncio
+
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.server.core import Core, InferInput
+    from cellserve.server.metrics import Metrics
+    from inprocess import PausableEngine
+
+    add_model(tmp_path, "gru_seq", {3: gru_onnx(3)})
+    path = tmp_path / "gru_seq" / "3" / "model.onnx"
+    old_want = ort_reference(path, requests_for("gru_seq"))["probabilities"]
+    served = load_repository(tmp_path)
+    engine = Engine([s.model for s in served], EngineConfig(profile=False, pin_threads=False))
+    core = Core(served, engine, Metrics(engine), repository=tmp_path)
+    worker = PausableEngine(engine)
+    worker.start()
+
+    async def answer() -> np.ndarray:
+        result = await core.infer(InferInput("gru_seq", "", {"tokens": requests_for("gru_seq")}))
+        return result.outputs["probabilities"]
+
+    async def go():
+        before = asyncio.ensure_future(answer())
+        await asyncio.sleep(0)  # submitted to the old version
+        path.write_bytes(gru_onnx(4))
+        reload = asyncio.ensure_future(core.load_model("gru_seq"))
+        turns = 0
+        while not reload.done():
+            core.model("gru_seq")  # raises NotFound if the model were ever out of service
+            turns += 1
+            await asyncio.sleep(0)
+        await reload
+        return await before, await answer(), turns
+
+    try:
+        old, new, turns = asyncio.run(go())
+    finally:
+        worker.stop.set()
+    np.testing.assert_allclose(old, old_want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(new, ort_reference(path, requests_for("gru_seq"))["probabilities"],
+                               rtol=1e-4, atol=1e-6)
+    assert turns > 0 and list(engine.models) == ["gru_seq:3#1"]
