@@ -242,6 +242,8 @@ class Model:
     semantics: dict[str, InputSemantics] = field(default_factory=dict)
     max_sequence_length: int = 1024
     max_request_rows: int = 1024  # sequences one request may hold (each costs the engine lanes and state)
+    # why_not_streamable's answer once worked out (a 1-tuple): the check runs the graph
+    _streamable: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def recurrent_steps(self) -> list[RecurrentLayer | LayerStack | GraphDecoder]:
         return [s for s in self.program if not isinstance(s, DenseNode)]
@@ -255,14 +257,23 @@ class Model:
 
     def why_not_streamable(self) -> str | None:
         """Why this model cannot take a sequence in chunks carrying state between them (None
-        when it can): only forward recurrences can go on from a saved state."""
+        when it can): only forward recurrences can go on from a saved state, and only heads
+        that a chunk answers as the whole sequence would (graph/chunking.py). Worked out
+        once (the program is not changed after import, but for its name)."""
+        if self._streamable is None:
+            self._streamable = (self._why_not_streamable(),)
+        return self._streamable[0]
+
+    def _why_not_streamable(self) -> str | None:
+        from cellserve.graph.chunking import chunking_problem
+
         for step in self.recurrent_steps():
             if isinstance(step, GraphDecoder):
                 return f"it decodes with {step.name!r}, which needs the whole input first"
             for layer in layers_of(step):
                 if any(layer.is_reverse(d) for d in range(len(layer.directions))):
                     return f"layer {layer.name!r} runs backwards in time, which needs the whole input first"
-        return None
+        return chunking_problem(self)
 
     def cell_types(self) -> list[str]:
         """Names of this model's cell types, in program order."""
