@@ -197,23 +197,51 @@ class Admission:
 
     def _find_late(self, now: float) -> None:
         lanes = {t: self.policy.lanes_of(t) for t in self._placed}
-        cap = self.policy.max_batch
         runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
         if not runs:
             return
-        shared = len(self._runs) > 1
-        if not shared or not self.policy.urgent_first or all(n <= cap for n in lanes.values()):
-            round_s = self._round_time(lanes, shared)
-            late = [(r, left * round_s) for r in runs
-                    if now + (left := self._rounds_left(r)) * round_s > r.deadline]
-        else:
-            late = self._late_in_urgency_order(runs, lanes, now)
+        late = self._late(runs, lanes, now, shared=len(self._runs) > 1)
+        if len(late) > 1:
+            late = self._fewest_to_drop(runs, lanes, now, late)
         self.stats.runs_checked += len(runs)
         self._default.engine_work(runs_checked=len(runs))
         for run, needed in late:
             self._finish_run(run, Status.DROPPED,
                              f"dropped: can no longer finish before its deadline (predicted to need "
                              f"{needed * 1e3:.1f} ms more, {max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
+
+    def _late(self, runs: list[_Run], lanes: dict[str, int], now: float,
+              shared: bool) -> list[tuple[_Run, float]]:
+        """The runs among `runs` that would miss their deadlines with `lanes` running, with
+        the seconds each still needs."""
+        if not shared or not self.policy.urgent_first or all(n <= self.policy.max_batch for n in lanes.values()):
+            round_s = self._round_time(lanes, shared)
+            return [(r, left * round_s) for r in runs if now + (left := self._rounds_left(r)) * round_s > r.deadline]
+        return self._late_in_urgency_order(runs, lanes, now)
+
+    def _fewest_to_drop(self, runs: list[_Run], lanes: dict[str, int], now: float,
+                        late: list[tuple[_Run, float]]) -> list[tuple[_Run, float]]:
+        """Of the late runs, the least urgent ones whose dropping lets every other run make
+        its deadline: the fewest such, found by bisection (dropping more only lightens the
+        rounds of the rest). A burst admitted together, all late together, would otherwise
+        be dropped whole where most of it could still be served once the rest leave the
+        batch. Never more than the late runs: those on time stay."""
+        order = sorted(late, key=lambda item: item[0].urgency, reverse=True)  # least urgent first
+        lo, hi = 1, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            dropped = {id(run) for run, _ in order[:mid]}
+            kept = [r for r in runs if id(r) not in dropped]
+            fewer = dict(lanes)
+            for run, _ in order[:mid]:
+                for ref in run.lanes.values():
+                    if ref.cell_type in fewer:
+                        fewer[ref.cell_type] -= 1
+            if self._late(kept, fewer, now, shared=len(self._runs) - mid > 1):
+                lo = mid + 1
+            else:
+                hi = mid
+        return order[:lo]
 
     def _late_in_urgency_order(self, runs: list[_Run], lanes: dict[str, int],
                                now: float) -> list[tuple[_Run, float]]:

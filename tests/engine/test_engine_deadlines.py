@@ -249,3 +249,21 @@ def test_each_answered_request_admission_priced_records_its_latency_over_the_pri
     took = ratio * priced  # from admission to the answer (the fake clock ticks at each reading)
     assert answered.finish - 2 * TICK <= answered.admitted + took <= answered.finish
     assert ratio > 1  # the ticks of every reading make it slower than the price
+
+
+def test_a_burst_that_is_late_together_loses_only_its_least_urgent_requests(models):
+    """Eight requests admitted together, each step priced at 10 ms a lane: together every one
+    is late, but once the least urgent (the last to arrive) leave, the rest make their
+    deadline. The drop check drops the fewest such (here four), not the whole burst."""
+    clock = FakeClock(tick=TICK)
+    engine = Engine([models.models["lstm"]], EngineConfig(profile=False, admission=False, drop_late=True), clock=clock)
+    for cell_type in engine.cell_types:  # priced at 10 ms a step per lane it holds
+        for b in (1, 2, 4, 8, 16, 32, 64):
+            engine.costs.observe(cell_type, b, 10e-3 * b)
+    responses = Responses()
+    for i in range(8):  # 12 rounds: 8 lanes need 960 ms, 4 need 480 ms
+        engine.submit(make_request(responses, i, "lstm", {"tokens": TOKENS}, timeout_s=0.5))
+    engine.run_until_idle(timeout_s=10)
+    statuses = [responses.one(i).status for i in range(8)]
+    assert statuses == [Status.OK] * 4 + [Status.DROPPED] * 4, [r.reason for r in map(responses.one, range(8))]
+    check_ok(models, responses, range(4))
