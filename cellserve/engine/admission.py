@@ -21,7 +21,7 @@ from cellserve.engine.beam import decode_width
 from cellserve.engine.cost_model import MAX_ADMITTING_SHARE, PREDICTION_BOUND
 from cellserve.engine.request import Request, Status
 from cellserve.engine.runs import _Run
-from cellserve.engine.validation import validate_inputs
+from cellserve.engine.validation import validate_inputs, validate_request
 from cellserve.executor.batch import StepBatch
 from cellserve.errors import InvalidInput, UnknownModel
 from cellserve.graph.model import Model
@@ -53,6 +53,7 @@ class Admission:
             self._respond_early(request, Status.INVALID, f"{UnknownModel.__name__}: unknown model {request.model!r}")
             return
         try:
+            validate_request(model, request)
             inputs = validate_inputs(model, request.inputs)
             width = decode_width(model, request)
             self._check_beam_executors(model, request, width)

@@ -32,7 +32,11 @@ class TraceStamps(Protocol):
 
 @dataclass
 class Request:
-    """One inference request. `timeout_s` (from now) or the model's default sets the deadline."""
+    """One inference request. `timeout_s` (from now) or the model's default sets the deadline:
+    admission refuses a request that cannot meet it and the drop check drops one that no
+    longer can; one that finishes late anyway is still answered OK, with its finish time in
+    the Response (the server answers it 504). `priority`: an integer >= 0, lower runs first
+    (the server maps the protocol's 0, "the model's default", below every explicit level)."""
 
     model: str
     inputs: dict[str, np.ndarray]

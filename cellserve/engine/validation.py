@@ -7,7 +7,38 @@ import numpy as np
 
 from cellserve.datatypes import protocol_name
 from cellserve.errors import InvalidInput
-from cellserve.graph.model import Model
+from cellserve.graph.model import LayerStack, Model, RecurrentLayer, layers_of
+
+
+def validate_request(model: Model, request) -> None:
+    """A Request's own fields as the Python API takes them (the server's are checked when it
+    parses): InvalidInput naming the field, not an internal error later."""
+    if not isinstance(request.inputs, dict):
+        raise InvalidInput(f"inputs must be a dict of input name -> array, got {type(request.inputs).__name__}")
+    timeout = request.timeout_s
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.number))):
+        raise InvalidInput(f"timeout_s must be a number of seconds or None, got {timeout!r}")
+    priority = request.priority
+    if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)) or priority < 0:
+        raise InvalidInput(f"priority must be an integer >= 0 (lower runs first), got {priority!r}")
+    if request.initial_state is not None:
+        _check_initial_state(model, request.initial_state)
+
+
+def _check_initial_state(model: Model, state) -> None:
+    layers = {layer.name: layer for step in model.recurrent_steps() if isinstance(step, (RecurrentLayer, LayerStack))
+              for layer in layers_of(step)}
+    if not isinstance(state, dict):
+        raise InvalidInput(f"initial_state must be a dict of layer name -> (h, c), got {type(state).__name__}")
+    unknown = sorted(set(state) - set(layers))
+    if unknown:
+        raise InvalidInput(f"initial_state names {unknown}, which are not recurrent layers of model {model.name!r} "
+                           f"(its layers: {sorted(layers)})")
+    for name, value in state.items():
+        if not isinstance(value, (tuple, list)) or len(value) != 2 or value[0] is None:
+            raise InvalidInput(f"initial_state[{name!r}] must be a pair (h, c), h an array and c an array or None")
+        if layers[name].kind == "lstm" and value[1] is None:
+            raise InvalidInput(f"initial_state[{name!r}]: layer {name!r} is an LSTM, so its state needs c as well as h")
 
 
 def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -91,7 +91,9 @@ class ModelWalk:
         if layers[0].seq_lens:  # never in a stack
             lens = np.asarray(run.env[layers[0].seq_lens]).astype(np.int64).reshape(-1)
             if lens.shape != (batch,) or lens.min() < 1 or lens.max() > time_len:
-                raise InvalidInput(f"sequence lengths {layers[0].seq_lens!r} {lens.tolist()} must be {batch} values "
+                source = run.model.input_behind(layers[0].seq_lens)
+                named = f"input {source!r}" if source else repr(layers[0].seq_lens)
+                raise InvalidInput(f"sequence lengths {named} {lens.tolist()} must be {batch} values "
                                    f"in [1, {time_len}] (one per sequence, at most the input's time steps)")
         states = [self._initial_state(run, layer, batch) for layer in layers]
         # each layer's lanes' results by (direction, row), put together once the last is back

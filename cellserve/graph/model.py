@@ -232,6 +232,9 @@ class InputSemantics:
     vocab: int | None = None
 
 
+_PASS_THROUGH = frozenset({"Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten"})  # see input_behind
+
+
 @dataclass
 class Model:
     name: str
@@ -254,6 +257,21 @@ class Model:
             if sem.batch_axis is not None and name in inputs:
                 return int(np.shape(inputs[name])[sem.batch_axis])
         return 1
+
+    def input_behind(self, tensor: str) -> str | None:
+        """The model input a tensor is, through casts and reshapes (an exporter's
+        `Cast(lengths)` feeding an LSTM's sequence_lens), or None: what an error about it
+        should name."""
+        producers = {out: node for node in self.program if isinstance(node, DenseNode) for out in node.outputs}
+        inputs = {spec.name for spec in self.inputs}
+        seen = set()
+        while tensor not in inputs:
+            node = producers.get(tensor)
+            if node is None or tensor in seen or node.op not in _PASS_THROUGH or not node.inputs:
+                return None
+            seen.add(tensor)
+            tensor = node.inputs[0]
+        return tensor
 
     def why_not_streamable(self) -> str | None:
         """Why this model cannot take a sequence in chunks carrying state between them (None

@@ -139,7 +139,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def _convert(node: onnx.NodeProto, index: int, constants: dict) -> DenseNode:
     name = node.name.strip("/").replace("/", ".") or f"{node.op_type}_{index}"
     if node.op_type not in dense_ops.SUPPORTED and node.op_type not in RECURRENT_OPS:
-        raise UnsupportedOperator(node.op_type, name)
+        raise UnsupportedOperator(node.op_type, name, "a model may use " + ", ".join(sorted(RECURRENT_OPS))
+                                  + " and around them " + ", ".join(sorted(dense_ops.SUPPORTED)))
     if node.domain not in ("", "ai.onnx"):
         raise UnsupportedOperator(f"{node.domain}.{node.op_type}", name)
     return DenseNode(node.op_type, name, list(node.input), list(node.output), _attrs(node))

@@ -20,11 +20,21 @@ from cellserve.graph.onnx_import import load_onnx
 
 def export_onnx_bytes(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
                       output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int = 17) -> bytes:
+    # the exporter only warns of a dynamic_axes key that names nothing, and then exports fixed
+    # dimensions: every later request of another length would be refused
+    unknown = sorted(set(dynamic_axes) - set(input_names) - set(output_names))
+    if unknown:
+        raise ValueError(f"dynamic_axes names {unknown}, which are not among the input names {input_names} "
+                         f"or output names {output_names}")
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), example, buffer, dynamo=False, opset_version=opset,
-                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+    training = module.training
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), example, buffer, dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+    finally:
+        module.train(training)  # exported in eval mode; the caller's module left as it was
     return buffer.getvalue()
 
 

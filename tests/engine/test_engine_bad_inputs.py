@@ -119,3 +119,38 @@ def test_a_sequence_at_the_length_limit_is_served(models, engine_factory):
     engine.run_until_idle(timeout_s=10)
     assert responses.one(0).status is Status.OK
     assert_same_outputs(responses.one(0).outputs, models.reference("lstm", {"tokens": tokens}))
+
+
+def _first_layer(models, name: str) -> str:
+    from cellserve.graph.model import layers_of
+
+    return layers_of(models.models[name].recurrent_steps()[0])[0].name
+
+
+# (test id, the Request's fields, a regex the reason must match); the Python API's own misuses
+BAD_FIELDS = [
+    ("inputs not a dict", {"inputs": [GOOD_TOKENS]}, r"^inputs must be a dict of input name -> array, got list$"),
+    ("inputs None", {"inputs": None}, r"^inputs must be a dict .* got NoneType$"),
+    ("timeout a string", {"timeout_s": "1"}, r"^timeout_s must be a number of seconds or None, got '1'$"),
+    ("priority negative", {"priority": -1}, r"^priority must be an integer >= 0 \(lower runs first\), got -1$"),
+    ("priority a float", {"priority": 2.5}, r"^priority must be an integer >= 0 .* got 2.5$"),
+    ("priority a word", {"priority": "high"}, r"^priority must be an integer >= 0 .* got 'high'$"),
+    ("state of an unknown layer", {"initial_state": {"nope": (np.zeros((1, 1, 4)), None)}},
+     r"^initial_state names \['nope'\], which are not recurrent layers of model 'lstm' \(its layers: "),
+    ("an LSTM state without c", "lstm-without-c", r"is an LSTM, so its state needs c as well as h$"),
+]
+
+
+@pytest.mark.parametrize("fields, reason", [b[1:] for b in BAD_FIELDS], ids=[b[0] for b in BAD_FIELDS])
+def test_a_requests_own_fields_are_checked_too(models, engine_factory, fields, reason):
+    if fields == "lstm-without-c":
+        layer = _first_layer(models, "lstm")
+        fields = {"initial_state": {layer: (np.zeros((1, 1, 4), np.float32), None)}}
+    engine = engine_factory()
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", **{"inputs": {"tokens": GOOD_TOKENS}, **fields}))
+    engine.submit(make_request(responses, 1, "lstm", {"tokens": GOOD_TOKENS}))
+    engine.run_until_idle(timeout_s=10)
+    bad = responses.one(0)
+    assert bad.status is Status.INVALID and re.search(reason, bad.reason), bad.reason
+    assert responses.one(1).status is Status.OK

@@ -74,8 +74,8 @@ def test_sequence_lens_zero_the_outputs_past_each_sequence_end():
 
 
 @pytest.mark.parametrize("lengths, reason", [
-    ([7, 1, 1], r"^sequence lengths 'sequence_lens' \[7, 1, 1\] must be 3 values in \[1, 5\]"),
-    ([0, 1, 1], r"^sequence lengths 'sequence_lens' \[0, 1, 1\] must be 3 values in \[1, 5\]"),
+    ([7, 1, 1], r"^sequence lengths input 'sequence_lens' \[7, 1, 1\] must be 3 values in \[1, 5\]"),
+    ([0, 1, 1], r"^sequence lengths input 'sequence_lens' \[0, 1, 1\] must be 3 values in \[1, 5\]"),
     ([5, 1], r"^input 'sequence_lens': dimension 0 \('batch', the batch\) is 2, but input 'X' holds 3 sequences$"),
 ])
 def test_bad_sequence_lengths_are_refused_naming_the_input(lengths, reason):
@@ -90,6 +90,19 @@ def test_bad_sequence_lengths_are_refused_naming_the_input(lengths, reason):
     engine.run_until_idle()
     assert got[0].status is Status.INVALID and re.search(reason, got[0].reason), got[0].reason
     assert got[1].status is Status.OK
+
+
+def test_an_error_about_a_cast_of_an_input_names_the_input():
+    """PyTorch's exporter casts a lengths input before the LSTM's sequence_lens: an error
+    about the cast tensor names the input a client sent."""
+    from cellserve.graph.model import DenseNode, Model, TensorSpec
+
+    model = Model("m", [TensorSpec("lengths", "int64", (-1,))], [], {},
+                  [DenseNode("Cast", "c", ["lengths"], ["/Cast_1_output_0"]),
+                   DenseNode("Squeeze", "s", ["/Cast_1_output_0"], ["/Squeeze_output_0"]),
+                   DenseNode("Add", "a", ["/Squeeze_output_0", "one"], ["/Add_output_0"])])
+    assert model.input_behind("/Squeeze_output_0") == "lengths" and model.input_behind("lengths") == "lengths"
+    assert model.input_behind("/Add_output_0") is None  # not the input as it came
 
 
 class _PooledClassifier:

@@ -226,3 +226,34 @@ def test_concurrent_requests_equal_running_alone_and_the_module(case):
         (alone,) = serve(model, [inputs], EngineConfig(profile=False))
         assert_outputs_match(together, alone, where=f"{spec} request {i}: together vs alone")
         assert_outputs_match(together, torch_outputs(module, spec, inputs), where=f"{spec} request {i} vs PyTorch")
+
+
+def test_load_torch_refuses_dynamic_axes_that_name_nothing_and_leaves_the_module_in_its_mode():
+    """A misspelt dynamic_axes key would have exported fixed dimensions (the exporter only
+    warns); the module is exported in eval mode and handed back in the mode it came in."""
+    from cellserve.errors import ModelLoadError
+
+    module = _LastStateClassifier("GRU").train()
+    with pytest.raises(ModelLoadError, match=r"dynamic_axes names \['toks'\], which are not among the input names "
+                                             r"\['tokens'\] or output names \['logits'\]"):
+        load_torch(module, "net", (torch.zeros(1, 5, dtype=torch.long),), ["tokens"], ["logits"],
+                   {"toks": {0: "batch", 1: "time"}})
+    model = load_torch(module, "net", (torch.zeros(1, 5, dtype=torch.long),), ["tokens"], ["logits"],
+                       {"tokens": {0: "batch", 1: "time"}, "logits": {0: "batch"}})
+    assert module.training and model.inputs[0].shape == (-1, -1)
+
+
+def test_an_unsupported_operator_is_refused_naming_what_a_model_may_use():
+    from cellserve.errors import UnsupportedOperator
+
+    class Normed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.norm = torch.nn.GRU(4, 6), torch.nn.LayerNorm(6)
+
+        def forward(self, x):
+            return self.norm(self.rnn(x)[0])
+
+    with pytest.raises(UnsupportedOperator, match=r"unsupported operator 'LayerNormalization' \(node .*\): a model "
+                                                  r"may use GRU, LSTM, RNN and around them .*Gather.*"):
+        load_torch(Normed(), "net", (torch.zeros(3, 1, 4),), ["x"], ["y"], {"x": {0: "time", 1: "batch"}})
