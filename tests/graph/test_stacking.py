@@ -99,3 +99,38 @@ def test_squeeze_axes_given_as_an_attribute_are_read():
     model, _, squeeze, _ = two_layer_model()
     model = replaced(model, squeeze, dataclasses.replace(squeeze, inputs=[squeeze.inputs[0]], attrs={"axes": [1]}))
     assert isinstance(stack_layers(model).program[1], LayerStack)
+
+
+@pytest.mark.slow  # torch.onnx.export(dynamo=True): seconds
+def test_the_dynamo_exporters_squeeze_between_layers_stacks_them_too():
+    """The dynamo exporter writes the squeeze between two layers as a Transpose and a Reshape
+    to a computed shape: the layers still run as one stack, with the module's outputs."""
+    from .helpers import export_dynamo
+    from cellserve.graph.onnx_import import load_onnx
+
+    spec = NetSpec("lstm", layers=3, batch_first=True, tokens=True, seed=4)
+    module = spec.module()
+    model = load_onnx(export_dynamo(module, spec, True), "net")
+    (stack,) = stack_layers(model).recurrent_steps()
+    assert isinstance(stack, LayerStack) and len(stack.layers) == 3
+    rng = np.random.default_rng(2)
+    requests = [spec.request(rng, batch, time) for batch, time in [(1, 9), (2, 3), (3, 1)]]
+    for i, (inputs, got) in enumerate(zip(requests, serve(model, requests))):
+        assert_outputs_match(got, torch_outputs(module, spec, inputs), where=f"request {i}")
+
+
+def test_layers_stay_apart_when_the_ops_between_them_do_more_than_squeeze():
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.first, self.second = torch.nn.LSTM(4, 6), torch.nn.LSTM(6, 6)
+
+        def forward(self, x):
+            return self.second(2.0 * self.first(x)[0])[0]
+
+    model = load_torch(Scaled().eval(), "net", (torch.zeros(3, 1, 4),), ["x"], ["y"],
+                       {"x": {0: "time", 1: "batch"}, "y": {0: "time", 1: "batch"}})
+    assert stack_layers(model) is model
