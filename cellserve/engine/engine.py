@@ -183,6 +183,8 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
     def _add_model(self, model: Model) -> None:
         if "/" in model.name or not model.name:
             raise ValueError(f"model name {model.name!r} must be non-empty and contain no '/'")
+        if model.name in self.models:  # two models of one name: requests could reach only one
+            raise ValueError(f"model {model.name!r} is already served; give each model its own name")
         if self.config.stack_layers:
             model = stack_layers(model)
         self.models[model.name] = model
@@ -244,8 +246,6 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         if len(self.executors) > 1:
             raise ValueError("add_model needs an engine with one executor; this one has "
                              + ", ".join(sorted(self.executors)))
-        if model.name in self.models:
-            raise ValueError(f"model {model.name!r} is already served")
         self._add_model(model)
         types = self._model_types[model.name]
         if hasattr(self.policy, "cell_order"):  # padded policies run a cohort's cell types in order

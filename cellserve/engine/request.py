@@ -36,7 +36,9 @@ class Request:
     admission refuses a request that cannot meet it and the drop check drops one that no
     longer can; one that finishes late anyway is still answered OK, with its finish time in
     the Response (the server answers it 504). `priority`: an integer >= 0, lower runs first
-    (the server maps the protocol's 0, "the model's default", below every explicit level)."""
+    (the server maps the protocol's 0, "the model's default", below every explicit level).
+    `inputs` are read when the engine admits the request (at its next step), not copied at
+    submit: leave the arrays alone until then."""
 
     model: str
     inputs: dict[str, np.ndarray]

@@ -154,3 +154,8 @@ def test_a_requests_own_fields_are_checked_too(models, engine_factory, fields, r
     bad = responses.one(0)
     assert bad.status is Status.INVALID and re.search(reason, bad.reason), bad.reason
     assert responses.one(1).status is Status.OK
+
+
+def test_two_models_of_one_name_are_refused(models):
+    with pytest.raises(ValueError, match=r"model 'lstm' is already served; give each model its own name"):
+        Engine([models.models["lstm"], models.models["lstm"]], EngineConfig(profile=False))
