@@ -211,7 +211,7 @@ def test_wrong_input_name(client):
 
 def test_wrong_datatype(client):
     bad(client, lambda: client.infer("lstm-512", [tensor("tokens", np.array([[1.0, 2.0]], np.float32), "FP32")]),
-        "'tokens'", "float32")
+        "input 'tokens': has datatype FP32; the model expects INT64")
 
 
 def test_wrong_shape_and_byte_length(client):
