@@ -36,10 +36,12 @@ def chunking_problem(model: Model) -> str | None:
     started = _state_from_the_sequence(model, {spec.name for spec in timed})
     if started is not None:  # the stand-ins ignore initial states: checked on the graph instead
         return started
+    time_names = {spec.dim_names[model.semantics[spec.name].time_axis] for spec in timed
+                  if model.semantics[spec.name].time_axis < len(spec.dim_names)} - {""}
     rng = np.random.default_rng(0)
     for split in _SPLITS:
         whole_len = sum(split)
-        inputs = {spec.name: _made_up(model, spec, whole_len, rng) for spec in model.inputs}
+        inputs = {spec.name: _made_up(model, spec, whole_len, time_names, rng) for spec in model.inputs}
         try:
             whole = _run(model, inputs, whole_len)
             parts, start = [], 0
@@ -76,16 +78,12 @@ def _state_from_the_sequence(model: Model, timed: set[str]) -> str | None:
     return None
 
 
-def _made_up(model: Model, spec, time_len: int, rng: np.random.Generator) -> np.ndarray:
+def _made_up(model: Model, spec, time_len: int, time_names: set[str], rng: np.random.Generator) -> np.ndarray:
     """An input of `time_len` steps and _ROWS sequences: token ids within the vocabulary,
     random floats; an input without a time axis holds the time length (integers: what a
-    lengths input means) or zeros (floats: an initial state)."""
+    lengths input means) or zeros (floats: an initial state). `time_names`: the dimension
+    names of the time axes, so that another input's dimension of that name is as long."""
     sem = model.semantics.get(spec.name)
-    time_names = {model_spec.dim_names[model.semantics[model_spec.name].time_axis]
-                  for model_spec in model.inputs
-                  if model.semantics.get(model_spec.name) is not None
-                  and model.semantics[model_spec.name].time_axis is not None
-                  and len(model_spec.dim_names) > model.semantics[model_spec.name].time_axis} - {""}
     shape = []
     for axis, dim in enumerate(spec.shape):
         if sem is not None and axis == sem.time_axis:
@@ -94,10 +92,9 @@ def _made_up(model: Model, spec, time_len: int, rng: np.random.Generator) -> np.
             shape.append(_ROWS)
         elif dim is not None and dim >= 0:
             shape.append(dim)
-        elif axis < len(spec.dim_names) and spec.dim_names[axis] in time_names:
-            shape.append(time_len)
         else:
-            shape.append(_ROWS)
+            named = spec.dim_names[axis] if axis < len(spec.dim_names) else ""
+            shape.append(time_len if named and named in time_names else _ROWS)
     dtype = np.dtype(spec.dtype)
     if sem is not None and sem.time_axis is not None:
         if dtype.kind in "iu":

@@ -40,7 +40,8 @@ class ModelControl:
     async def load_model(self, name: str, unload: bool = False, parameters: dict | None = None) -> None:
         """Triton's repository load/unload. With model control (`repository`, --model-control-mode
         explicit): a load reads the model's folder now and adds every version to the engine
-        between two steps (a model already served is unloaded first: a reload); an unload
+        between two steps (a model already served is reloaded: its new versions serve at once, the
+        old ones finish their requests in flight); an unload
         takes it out of service at once (a request is told it is not loaded, its sequences
         end), lets its requests in flight finish, then removes it from the engine. Without
         model control, or when the server polls its repository (`poll_s`): refused, naming why."""
@@ -146,7 +147,7 @@ class ModelControl:
                     done.append(f"{'reloaded' if reload else 'loaded'} model {name!r}: its folder "
                                 f"{'changed' if before is not None else 'appeared'}")
                 except BadRequest as exc:
-                    done.append(f"{exc.message}" + ("; the versions loaded before are still served" if reload else ""))
+                    done.append(exc.message + ("; the versions loaded before are still served" if reload else ""))
         for line in done:
             (log.error if line.startswith("cannot") else log.info)("%s", line)
         return done
