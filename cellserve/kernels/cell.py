@@ -67,6 +67,11 @@ CPU_BACKENDS = ("fused", "onednn", "blas")
 BACKENDS = CPU_BACKENDS + ("torch",)
 # Hidden units per panel of the fused step's packed weights: panels of 64 (or GRU's 48) columns
 PANEL_UNITS = {"lstm": 16, "gru": 16, "rnn_tanh": 64, "rnn_relu": 64}
+# A layer fed by an embedding keeps every token's input projection (vocabulary x gates floats)
+# up to this size: a lane's start is then a lookup. Past it (a 100,000-token vocabulary and
+# 1,024 LSTM units would take 1.6 GB, and seconds to compute at load), a lane's start looks up
+# its tokens' embeddings and projects them as any other input.
+MAX_PROJECTED_TABLE_BYTES = 256 << 20
 
 
 def default_backend(device: torch.device) -> str:
@@ -177,8 +182,12 @@ class CellKernel:
         x_bias = weights.b_ih if kind == "gru" else weights.b_ih + weights.b_hh
         self.h_bias = weights.b_hh.astype(np.float32) if kind == "gru" else None
         self.project = _Linear(weights.w_ih, x_bias, gemm, device)
-        # A layer fed by an embedding looks its projections up: table @ W_ih^T + bias, once.
-        self.projected_table = None if token_table is None else self.project(token_table)
+        # A layer fed by an embedding looks its projections up: table @ W_ih^T + bias, once
+        # (unless that table would be too large: then its embeddings, projected per lane).
+        self.token_table = token_table
+        self.projected_table = None
+        if token_table is not None and token_table.shape[0] * self.gates * 4 <= MAX_PROJECTED_TABLE_BYTES:
+            self.projected_table = self.project(token_table)
         self.slots, self.rows = pools or (SlotPool(), RowPool())
         if self.backend == "fused":
             self.units = PANEL_UNITS[kind]
@@ -233,6 +242,8 @@ class CellKernel:
         upper layer gets them step by step, see step_from)."""
         self._fit_capacity()
         rows = slice(lane.base, lane.base + lane.length)
+        if x is not None and self.projected_table is None and self.token_table is not None:
+            x = self.token_table[np.asarray(x, np.int64)]  # token ids: their embeddings, projected below
         if self.backend == "torch":
             if x is not None:
                 ids = torch.as_tensor(x, device=self.device) if self.projected_table is not None else None
