@@ -300,7 +300,8 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
 
     def between_steps(self, fn) -> concurrent.futures.Future:
         """Run fn() on the stepping thread before the next step, from any thread (what
-        add_model and remove_model need); the future holds its result or its exception."""
+        add_model and remove_model need); the future holds its result or its exception. A
+        future cancelled before its turn is not run (one running cannot be cancelled)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._calls.append((fn, future))
         self._wake.set()
@@ -373,10 +374,14 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
             self.stats.wake_delays.append(max(now - self._inbox[0].arrival, 0.0))
         while self._calls:  # between_steps': models added or removed while serving
             fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before its turn: not run
             try:
-                future.set_result(fn())
+                result = fn()
             except Exception as exc:  # the caller's to report
                 future.set_exception(exc)
+            else:
+                future.set_result(result)
         while self._cancels:  # a cancelled request's lanes go before anything else runs
             run = self._runs.get(self._cancels.popleft().request_id)
             if run is not None:

@@ -60,7 +60,10 @@ class ModelControl:
         if overrides:
             raise BadRequest(f"cannot {action} model {name!r} with parameters {overrides}: this server reads the "
                              "model from the repository as it is (no config or file overrides)")
-        await self._change(name, unload)
+        # A client that gives up (its deadline, a closed connection) or a server shutting down
+        # does not cut a load or unload short: half done, the engine and the served models
+        # would disagree. It goes on to its end; only the wait for it is cancelled.
+        await asyncio.shield(self._change(name, unload))
 
     async def _change(self, name: str, unload: bool) -> None:
         # one at a time per model, in the order asked (as Triton queues them)
@@ -136,14 +139,14 @@ class ModelControl:
             if now is None:
                 del self._fingerprints[name]
                 if name in self._models:
-                    await self._change(name, unload=True)
+                    await asyncio.shield(self._change(name, unload=True))  # as load_model: never cut short
                     done.append(f"unloaded model {name!r}: its folder left the repository")
                 self._load_errors.pop(name, None)
             else:
                 self._fingerprints[name] = now
                 reload = name in self._models
                 try:
-                    await self._change(name, unload=False)
+                    await asyncio.shield(self._change(name, unload=False))
                     done.append(f"{'reloaded' if reload else 'loaded'} model {name!r}: its folder "
                                 f"{'changed' if before is not None else 'appeared'}")
                 except BadRequest as exc:

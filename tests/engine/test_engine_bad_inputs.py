@@ -159,3 +159,18 @@ def test_a_requests_own_fields_are_checked_too(models, engine_factory, fields, r
 def test_two_models_of_one_name_are_refused(models):
     with pytest.raises(ValueError, match=r"model 'lstm' is already served; give each model its own name"):
         Engine([models.models["lstm"], models.models["lstm"]], EngineConfig(profile=False))
+
+
+def test_a_call_between_steps_whose_caller_gave_up_is_not_run_and_stops_nothing(models):
+    """between_steps' future cancelled before its turn (a client that gave up on a model
+    load): the engine skips it and steps on; it used to set a result on the cancelled future
+    and the InvalidStateError ended the serving loop."""
+    engine = Engine([models.models["lstm"]], EngineConfig(profile=False))
+    ran = []
+    given_up = engine.between_steps(lambda: ran.append("cancelled one"))
+    assert given_up.cancel()
+    kept = engine.between_steps(lambda: ran.append("kept one") or 7)
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "lstm", {"tokens": GOOD_TOKENS}))
+    engine.run_until_idle(timeout_s=10)
+    assert ran == ["kept one"] and kept.result() == 7 and responses.one(0).status is Status.OK

@@ -777,3 +777,41 @@ def test_a_reload_serves_the_new_weights_without_a_moment_of_not_loaded(tmp_path
     np.testing.assert_allclose(new, ort_reference(path, requests_for("gru_seq"))["probabilities"],
                                rtol=1e-4, atol=1e-6)
     assert turns > 0 and list(engine.models) == ["gru_seq:3#1"]
+
+
+def test_a_load_whose_client_gives_up_still_completes(tmp_path):
+    """In process, mode EXPLICIT: the load's caller is cancelled (a gRPC client's deadline)
+    while the load waits for the engine; the load goes on to its end, the model is served and
+    the engine steps on (a cancelled load used to kill the serving loop)."""
+    import asyncio
+
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.server.core import Core
+    from cellserve.server.metrics import Metrics
+    from inprocess import PausableEngine
+
+    add_model(tmp_path, "gru_seq", {3: gru_onnx(3)})
+    engine = Engine([], EngineConfig(profile=False, pin_threads=False))
+    core = Core([], engine, Metrics(engine), repository=tmp_path)
+    worker = PausableEngine(engine)
+
+    async def go():
+        load = asyncio.ensure_future(core.load_model("gru_seq"))
+        while not engine._calls:  # the load is read and waits for the engine's next step
+            await asyncio.sleep(0.01)
+        load.cancel()
+        worker.start()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        for _ in range(3000):  # the load finishes on its own (bounded: 30 s)
+            if "gru_seq" in core.model_names():
+                break
+            await asyncio.sleep(0.01)
+        assert worker.worker.is_alive()  # the serving loop goes on
+        return core.model("gru_seq")
+
+    try:
+        entry = asyncio.run(go())
+    finally:
+        worker.stop.set()
+    assert entry.engine_name in engine.models
