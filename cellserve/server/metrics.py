@@ -158,12 +158,24 @@ class ModelMetrics:
             self.compute_time.add(compute_s)
 
 
+# A reloaded version runs in the engine as "name:version#N" (model_control.py) beside the one
+# it replaces until that one drains; metrics and statistics count every such generation as
+# "name:version", so that counters never go back and no series is made per reload.
+RELOAD_TAG = "#"
+
+
+def untagged(cell_type: str) -> str:
+    """A cell type's (or an engine model's) name without its reload tag."""
+    model, slash, rest = cell_type.partition("/")
+    return model.split(RELOAD_TAG, 1)[0] + slash + rest
+
+
 def executions_by_model(steps_by_type, into: dict[str, int] | None = None) -> dict[str, int]:
-    """Batched cell steps per engine model ("name:version"), from steps per cell type (whose
-    keys start "name:version/"), added to `into` when given."""
+    """Batched cell steps per served model ("name:version", every reload of it together),
+    from steps per cell type (whose keys start "name:version[#N]/"), added to `into` when given."""
     out = {} if into is None else into
     for cell_type, count in list(steps_by_type.items()):
-        engine_model = cell_type.split("/", 1)[0]
+        engine_model = untagged(cell_type.split("/", 1)[0])
         out[engine_model] = out.get(engine_model, 0) + count
     return out
 
@@ -181,9 +193,14 @@ class _EngineCollector:
                                     labels=["cell_type"])
         execs = CounterMetricFamily("cellserve_inference_exec_count", "Batched cell steps run for a model",
                                     labels=list(LABELS))
+        by_type: dict[str, list[int]] = {}  # every reload of a cell type in one series
         for cell_type, count in list(stats.steps_by_type.items()):
+            totals = by_type.setdefault(untagged(cell_type), [0, 0])
+            totals[0] += count
+            totals[1] += stats.lanes_by_type.get(cell_type, 0)
+        for cell_type, (count, lane_steps) in by_type.items():
             steps.add_metric([cell_type], count)
-            lanes.add_metric([cell_type], stats.lanes_by_type.get(cell_type, 0))
+            lanes.add_metric([cell_type], lane_steps)
         for engine_model, count in executions_by_model(stats.steps_by_type).items():
             name, _, version = engine_model.rpartition(":")
             execs.add_metric([name, version], count)

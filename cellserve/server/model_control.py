@@ -27,6 +27,7 @@ import logging
 
 from cellserve.errors import ModelLoadError
 from cellserve.server.errors import BadRequest, NotFound
+from cellserve.server.metrics import RELOAD_TAG
 from cellserve.server.repository import load_repository_model, repository_fingerprints, repository_models
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class ModelControl:
         if old is not None:  # a reload: the new versions are added beside the old under engine names of
             tag = next(self._reloads)  # their own, and take over at once (no request told "not loaded")
             for entry in served:
-                entry.model.name = f"{entry.model.name}#{tag}"
+                entry.model.name = f"{entry.model.name}{RELOAD_TAG}{tag}"
 
         def add() -> None:
             for entry in served:

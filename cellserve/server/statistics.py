@@ -30,14 +30,14 @@ _ZERO = Duration()
 
 
 def statistics(entries: Iterable, metrics: Metrics, executions: Mapping[str, int]) -> dict:
-    """The statistics response for these ServedModels; `executions`: engine model name
-    ("name:version") -> batched cell steps run for it."""
+    """The statistics response for these ServedModels; `executions`: served model
+    ("name:version") -> batched cell steps run for it (metrics.executions_by_model)."""
     stats = []
     for entry in entries:
         m = metrics.model(entry.name, entry.version)
         stats.append({
             "name": entry.name, "version": entry.version, "last_inference": m.last_inference_ms,
-            "inference_count": m.rows, "execution_count": int(executions.get(entry.engine_name, 0)),
+            "inference_count": m.rows, "execution_count": int(executions.get(f"{entry.name}:{entry.version}", 0)),
             "inference_stats": {"success": m.success_time.as_json(), "fail": m.fail_time.as_json(),
                                 "queue": m.queue_time.as_json(), "compute_input": _ZERO.as_json(),
                                 "compute_infer": m.compute_time.as_json(), "compute_output": _ZERO.as_json(),

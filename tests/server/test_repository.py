@@ -581,7 +581,8 @@ def test_an_unload_waits_for_the_models_requests_in_flight(repo):
         request = asyncio.ensure_future(core.infer(InferInput("gru_seq", "", {"tokens": requests_for("gru_seq")})))
         await asyncio.sleep(0)  # submitted
         unload = asyncio.ensure_future(core.load_model("gru_seq", unload=True))
-        await asyncio.sleep(0)
+        for _ in range(3):  # the unload's own task (shielded from its caller) has begun
+            await asyncio.sleep(0)
         with pytest.raises(NotFound, match="model 'gru_seq' is not loaded"):
             core.model("gru_seq")  # out of service at once
         assert not unload.done() and not request.done()
@@ -757,6 +758,8 @@ def test_a_reload_serves_the_new_weights_without_a_moment_of_not_loaded(tmp_path
         return result.outputs["probabilities"]
 
     async def go():
+        await answer()
+        executions = core.model_statistics("gru_seq")["model_stats"][0]["execution_count"]
         before = asyncio.ensure_future(answer())
         await asyncio.sleep(0)  # submitted to the old version
         path.write_bytes(gru_onnx(4))
@@ -767,7 +770,13 @@ def test_a_reload_serves_the_new_weights_without_a_moment_of_not_loaded(tmp_path
             turns += 1
             await asyncio.sleep(0)
         await reload
-        return await before, await answer(), turns
+        got = await before, await answer(), turns
+        # every reload of a version counted as that version: no counter goes back, no new series
+        assert core.model_statistics("gru_seq")["model_stats"][0]["execution_count"] > executions
+        scraped = core.metrics.exposition().decode()
+        assert 'cellserve_inference_exec_count_total{model="gru_seq",version="3"}' in scraped
+        assert "#1" not in scraped
+        return got
 
     try:
         old, new, turns = asyncio.run(go())
