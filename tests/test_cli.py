@@ -138,7 +138,9 @@ def test_the_engine_settings_the_cli_could_not_reach_before(capsys):
     (["--repository-poll-secs", "5"], "--repository-poll-secs sets how often the repository is polled: it needs "
                                       "--model-control-mode poll"),
     (["--model-control-mode", "poll", "--model-repository", "m", "--repository-poll-secs", "0"],
-     "--repository-poll-secs must be > 0, got 0"),
+     "--repository-poll-secs must be >= 0.1, got 0"),
+    (["--model-control-mode", "poll", "--model-repository", "m", "--repository-poll-secs", "1e-6"],
+     "--repository-poll-secs must be >= 0.1, got 1e-06"),
     (["--http-port", "70000"], "--http-port must be a port number, 0 (any free port) or -1 (off), got 70000"),
     (["--grace-period", "-1"], "--grace-period must be >= 0, got -1"),
     (["--slo-ms", "0"], "--slo-ms must be > 0, got 0"),

@@ -327,12 +327,16 @@ class Core(ModelControl):
         for entry in self._entries():
             ready = self.model_ready(entry.name, entry.version)
             if ready or not ready_only:
+                # a served model whose last reload failed says so: its files on disk are not what it serves
+                failed = self._load_errors.get(entry.name)
                 index.append({"name": entry.name, "version": entry.version,
                               "state": "READY" if ready else "UNAVAILABLE",
-                              "reason": "" if ready else self._why_unavailable(entry.name)})
+                              "reason": (f"{failed}; the versions loaded before are still served" if failed else "")
+                              if ready else self._why_unavailable(entry.name)})
         if self.repository is not None and not ready_only:  # model control: the repository's others too
+            never = "unloaded" if self.poll_s is None else f"not loaded yet (the repository is polled every {self.poll_s:g} s)"
             unloaded = [{"name": name, "version": "", "state": "UNAVAILABLE",
-                         "reason": self._load_errors.get(name, "unloaded")}
+                         "reason": self._load_errors.get(name, never)}
                         for name in repository_models(self.repository) if name not in self._models]
             index = sorted(index + unloaded, key=lambda e: e["name"])
         return index

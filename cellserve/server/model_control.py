@@ -64,15 +64,26 @@ class ModelControl:
         # A client that gives up (its deadline, a closed connection) or a server shutting down
         # does not cut a load or unload short: half done, the engine and the served models
         # would disagree. It goes on to its end; only the wait for it is cancelled.
-        await asyncio.shield(self._change(name, unload))
+        await asyncio.shield(self._change(name, unload, "asked through the repository API"))
 
-    async def _change(self, name: str, unload: bool) -> None:
-        # one at a time per model, in the order asked (as Triton queues them)
+    async def _change(self, name: str, unload: bool, cause: str) -> str:
+        """Load (or reload) or unload `name`, one change of a model at a time, in the order
+        asked (as Triton queues them); logged, with `cause`, and the log line returned. A
+        failed load raises BadRequest (logged too), and the index shows why until the model
+        loads or is unloaded."""
         async with self._changing.setdefault(name, asyncio.Lock()):
+            served = name in self._models
             try:
                 await (self._unload(name) if unload else self._load(name))
                 self._load_errors.pop(name, None)
+                done = ("unloaded" if served else "nothing to unload, not loaded") if unload else (
+                    "reloaded" if served else "loaded")
+                line = f"model {name!r} {done}: {cause}"
+                log.info("%s", line)
+                return line
             except BadRequest as exc:
+                log.error("%s%s (%s)", exc.message, "; the versions loaded before are still served"
+                          if served and not unload else "", cause)
                 if not unload:  # the index says why it is not served, until it loads or is unloaded
                     self._load_errors[name] = exc.message
                 raise
@@ -95,7 +106,7 @@ class ModelControl:
         await asyncio.wrap_future(self.engine.between_steps(add))
         self._models[name] = {entry.version: entry for entry in served}
         if old is not None:  # the old versions' requests in flight finish on them; their sequences end
-            self.sequences.end_model(name, "ended: its model was reloaded")
+            self._end_sequences(name, old, "ended: its model was reloaded")
             await self._retire(old.values(), superseded=True)
 
     async def _unload(self, name: str) -> None:
@@ -104,8 +115,14 @@ class ModelControl:
             if name not in repository_models(self.repository):
                 raise NotFound(f"cannot unload model {name!r}: it is not in the model repository")
             return  # not loaded: nothing to do (as Triton answers)
-        self.sequences.end_model(name, "ended: its model was unloaded")
+        self._end_sequences(name, versions, "ended: its model was unloaded")
         await self._retire(versions.values())
+
+    def _end_sequences(self, name: str, versions, why: str) -> None:
+        """End the model's sequences, and say so in its versions' sequence gauges at once."""
+        self.sequences.end_model(name, why)
+        for version in versions:
+            self.metrics.model(name, version).sequences.set(self.sequences.count(name))
 
     async def _retire(self, entries, superseded: bool = False) -> None:
         """Remove versions no longer served from the engine once their requests in flight are
@@ -124,8 +141,8 @@ class ModelControl:
     async def poll_repository(self) -> list[str]:
         """One look at the repository (mode POLL): load the models whose folders appeared,
         reload those that changed, unload those removed, since the last look (the first look
-        is taken at start, `_fingerprints`). Returns what it did, one line per model, each
-        also logged. A repository that cannot be read changes nothing (logged)."""
+        is taken at start, `_fingerprints`). Returns what it did, one line per model (each
+        logged by _change). A repository that cannot be read changes nothing (logged)."""
         loop = asyncio.get_running_loop()
         try:  # a folder's listing and its files' times: off the event loop
             seen = await loop.run_in_executor(None, repository_fingerprints, self.repository)
@@ -139,19 +156,15 @@ class ModelControl:
                 continue
             if now is None:
                 del self._fingerprints[name]
-                if name in self._models:
-                    await asyncio.shield(self._change(name, unload=True))  # as load_model: never cut short
-                    done.append(f"unloaded model {name!r}: its folder left the repository")
+                if name in self._models:  # shielded as load_model's: never cut short
+                    done.append(await asyncio.shield(self._change(name, True, "its folder left the repository")))
                 self._load_errors.pop(name, None)
             else:
                 self._fingerprints[name] = now
                 reload = name in self._models
                 try:
-                    await asyncio.shield(self._change(name, unload=False))
-                    done.append(f"{'reloaded' if reload else 'loaded'} model {name!r}: its folder "
-                                f"{'changed' if before is not None else 'appeared'}")
+                    done.append(await asyncio.shield(self._change(
+                        name, False, f"its folder {'changed' if before is not None else 'appeared'}")))
                 except BadRequest as exc:
                     done.append(exc.message + ("; the versions loaded before are still served" if reload else ""))
-        for line in done:
-            (log.error if line.startswith("cannot") else log.info)("%s", line)
         return done

@@ -64,7 +64,7 @@ class ServerSettings:
                                      default_factory=list, flag="--load-model", unset="none", group=_MODELS,
                                      metavar="NAME")
     repository_poll_s: float | None = setting(None, "with --model-control-mode poll: seconds between two looks at "
-                                                    "the model repository", gt=0, flag="--repository-poll-secs",
+                                                    "the model repository (at least 0.1)", ge=0.1, flag="--repository-poll-secs",
                                               unset=f"{DEFAULT_POLL_S:g}", group=_MODELS, metavar="SECONDS")
     host: str = setting("127.0.0.1", "address to bind", group=_NETWORK)
     http_port: int = setting(8000, "HTTP port (0: any free; -1: off)", check=_port, group=_NETWORK, metavar="PORT")

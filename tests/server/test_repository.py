@@ -642,7 +642,7 @@ def _touch_later(path: Path) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
 
 
-def test_a_poll_loads_reloads_and_unloads_as_the_folders_change(tmp_path):
+def test_a_poll_loads_reloads_and_unloads_as_the_folders_change(tmp_path, caplog):
     """In process, each poll called by the test (no timer): a new folder loads, a changed one
     reloads (its answers are the new file's), a reload that fails keeps the versions served
     and is not tried again until the folder changes, a removed folder unloads; the API's
@@ -656,6 +656,7 @@ def test_a_poll_loads_reloads_and_unloads_as_the_folders_change(tmp_path):
     from cellserve.server.repository import repository_fingerprints
     from inprocess import PausableEngine
 
+    caplog.set_level("INFO", logger="cellserve.server.model_control")
     add_model(tmp_path, "gru_seq", {3: gru_onnx(3)})
     start = repository_fingerprints(tmp_path)
     served = load_repository(tmp_path)
@@ -675,12 +676,13 @@ def test_a_poll_loads_reloads_and_unloads_as_the_folders_change(tmp_path):
         add_model(tmp_path, "lstm_clf", {1: lstm_onnx(0)})
         with pytest.raises(NotFound, match="model 'lstm_clf' is not loaded: its folder is new to the repository"):
             core.model("lstm_clf")
-        assert await core.poll_repository() == ["loaded model 'lstm_clf': its folder appeared"]
+        assert core.repository_index()[-1]["reason"] == "not loaded yet (the repository is polled every 15 s)"
+        assert await core.poll_repository() == ["model 'lstm_clf' loaded: its folder appeared"]
         np.testing.assert_allclose(await answer("lstm_clf"),
                                    ort_reference(lstm_file, requests_for("lstm_clf"))["probabilities"], rtol=1e-4)
         gru_file.write_bytes(gru_onnx(4))  # new weights
         _touch_later(gru_file)
-        assert await core.poll_repository() == ["reloaded model 'gru_seq': its folder changed"]
+        assert await core.poll_repository() == ["model 'gru_seq' reloaded: its folder changed"]
         np.testing.assert_allclose(await answer("gru_seq"),
                                    ort_reference(gru_file, requests_for("gru_seq"))["probabilities"], rtol=1e-4)
         before = await answer("lstm_clf")
@@ -691,7 +693,7 @@ def test_a_poll_loads_reloads_and_unloads_as_the_folders_change(tmp_path):
         np.testing.assert_array_equal(await answer("lstm_clf"), before)
         assert await core.poll_repository() == []  # not tried again while the folder stays as it is
         shutil.rmtree(tmp_path / "gru_seq")
-        assert await core.poll_repository() == ["unloaded model 'gru_seq': its folder left the repository"]
+        assert await core.poll_repository() == ["model 'gru_seq' unloaded: its folder left the repository"]
         with pytest.raises(NotFound, match="unknown model 'gru_seq'"):
             core.model("gru_seq")
         for unload in (False, True):
@@ -704,8 +706,15 @@ def test_a_poll_loads_reloads_and_unloads_as_the_folders_change(tmp_path):
         index = asyncio.run(go())
     finally:
         worker.stop.set()
-    assert index == [{"name": "lstm_clf", "version": "1", "state": "READY", "reason": ""}]
+    [entry] = index  # served still, and saying its folder's new files did not load
+    assert (entry["name"], entry["version"], entry["state"]) == ("lstm_clf", "1", "READY")
+    assert entry["reason"].startswith("cannot load model 'lstm_clf'") and entry["reason"].endswith(
+        "; the versions loaded before are still served")
     assert "gru_seq:3" not in engine.models
+    logged = [r.getMessage() for r in caplog.records if r.name == "cellserve.server.model_control"]
+    assert "model 'lstm_clf' loaded: its folder appeared" in logged
+    assert any(m.startswith("cannot load model 'lstm_clf'") and m.endswith(
+        "the versions loaded before are still served (its folder changed)") for m in logged), logged
 
 
 def test_a_server_polling_its_repository_serves_a_model_added_while_it_runs(tmp_path):
@@ -824,3 +833,41 @@ def test_a_load_whose_client_gives_up_still_completes(tmp_path):
     finally:
         worker.stop.set()
     assert entry.engine_name in engine.models
+
+
+def test_an_unload_says_at_once_that_its_sequences_ended(tmp_path, caplog):
+    """In process, mode EXPLICIT: a sequence started, then its model unloaded through the
+    API: the sequences gauge reads 0 at once (not at the next sequence), and the unload is
+    logged with its cause."""
+    import asyncio
+
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.server.core import Core, InferInput
+    from cellserve.server.metrics import Metrics
+    from inprocess import PausableEngine
+
+    caplog.set_level("INFO", logger="cellserve.server.model_control")
+    add_model(tmp_path, "gru_seq", {3: gru_onnx(3)})
+    served = load_repository(tmp_path)
+    engine = Engine([s.model for s in served], EngineConfig(profile=False, pin_threads=False))
+    core = Core(served, engine, Metrics(engine), repository=tmp_path)
+    worker = PausableEngine(engine)
+    worker.start()
+
+    def gauge() -> str:
+        return [line for line in core.metrics.exposition().decode().splitlines()
+                if line.startswith('cellserve_sequences_active{model="gru_seq"}')][0]
+
+    async def go():
+        await core.infer(InferInput("gru_seq", "", {"tokens": requests_for("gru_seq")},
+                                    parameters={"sequence_id": 7, "sequence_start": True}))
+        started = gauge()
+        await core.load_model("gru_seq", unload=True)
+        return started, gauge()
+
+    try:
+        started, unloaded = asyncio.run(go())
+    finally:
+        worker.stop.set()
+    assert started.endswith(" 1.0") and unloaded.endswith(" 0.0")
+    assert "model 'gru_seq' unloaded: asked through the repository API" in [r.getMessage() for r in caplog.records]
