@@ -201,6 +201,21 @@ def export_torchscript(module: nn.Module, spec: NetSpec, opset: int = 17) -> byt
     return buffer.getvalue()
 
 
+def export_dynamo_apart(spec: NetSpec, time_dynamic: bool, time: int = 4) -> bytes:
+    """export_dynamo of `spec.module()` (seeded: the caller's has the same weights) in a process
+    of its own: torch's exporter keeps state between exports in one process, and an LSTM
+    exported with a dynamic time after another came out with its time fixed."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_export_module_of, spec, time_dynamic, time).result()
+
+
+def _export_module_of(spec: NetSpec, time_dynamic: bool, time: int) -> bytes:
+    return export_dynamo(spec.module(), spec, time_dynamic, time)
+
+
 def export_dynamo(module: nn.Module, spec: NetSpec, time_dynamic: bool, time: int = 4) -> bytes:
     """torch.onnx.export with the dynamo exporter from an example of `time` steps; batch is
     dynamic, and time too when `time_dynamic`."""

@@ -105,12 +105,12 @@ def test_squeeze_axes_given_as_an_attribute_are_read():
 def test_the_dynamo_exporters_squeeze_between_layers_stacks_them_too():
     """The dynamo exporter writes the squeeze between two layers as a Transpose and a Reshape
     to a computed shape: the layers still run as one stack, with the module's outputs."""
-    from .helpers import export_dynamo
+    from .helpers import export_dynamo_apart
     from cellserve.graph.onnx_import import load_onnx
 
     spec = NetSpec("lstm", layers=3, batch_first=True, tokens=True, seed=4)
     module = spec.module()
-    model = load_onnx(export_dynamo(module, spec, True), "net")
+    model = load_onnx(export_dynamo_apart(spec, True), "net")
     (stack,) = stack_layers(model).recurrent_steps()
     assert isinstance(stack, LayerStack) and len(stack.layers) == 3
     rng = np.random.default_rng(2)
