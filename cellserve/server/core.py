@@ -250,8 +250,8 @@ class Core(ModelControl):
                  tracer: Tracer | None = None, log: ServerLog | None = None, repository: Path | None = None,
                  poll_s: float | None = None, fingerprints: dict[str, tuple] | None = None):
         self.engine = engine
-        # Triton's model control mode EXPLICIT when set: the repository whose models load and
-        # unload while serving (load_model); None: the models are those it started with
+        # Triton's model control mode EXPLICIT (or POLL, with poll_s) when set: the repository
+        # whose models load and unload while serving; None: the models are those it started with
         self.repository = repository
         # mode POLL when set (with `repository`): seconds between two polls of the repository;
         # its folders as the last poll (or the start, `fingerprints`) saw them (model_control.py)
@@ -334,7 +334,8 @@ class Core(ModelControl):
                               "reason": (f"{failed}; the versions loaded before are still served" if failed else "")
                               if ready else self._why_unavailable(entry.name)})
         if self.repository is not None and not ready_only:  # model control: the repository's others too
-            never = "unloaded" if self.poll_s is None else f"not loaded yet (the repository is polled every {self.poll_s:g} s)"
+            never = ("unloaded" if self.poll_s is None
+                     else f"not loaded yet (the repository is polled every {self.poll_s:g} s)")
             unloaded = [{"name": name, "version": "", "state": "UNAVAILABLE",
                          "reason": self._load_errors.get(name, never)}
                         for name in repository_models(self.repository) if name not in self._models]
