@@ -87,6 +87,9 @@ class ModelWalk:
         layers = layers_of(step)
         x = run.env[layers[0].x]
         time_len, batch = x.shape[:2]
+        if time_len < 1:  # the model's own ops made an empty sequence of this request's input
+            raise InvalidInput(f"layer {layers[0].name!r} gets no time steps from this request (its input "
+                               f"{layers[0].x!r} has shape {list(x.shape)}): the model needs a longer sequence")
         lens = None  # every sequence runs time_len steps
         if layers[0].seq_lens:  # never in a stack
             lens = np.asarray(run.env[layers[0].seq_lens]).astype(np.int64).reshape(-1)
