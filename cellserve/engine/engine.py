@@ -15,6 +15,7 @@ Engine; runs.py holds the records they share.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import itertools
 import logging
 import math
@@ -39,7 +40,8 @@ from cellserve.engine.scheduler import Lane, make_policy
 from cellserve.engine.walk import ModelWalk
 from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
 from cellserve.executor.batch import StepBatch
-from cellserve.graph.model import DenseNode, GraphDecoder, Model, RecurrentLayer, plain_group_key, plain_groups
+from cellserve.graph.model import (DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer, plain_group_key,
+                                   plain_groups)
 from cellserve.graph.stacking import stack_layers
 
 log = logging.getLogger(__name__)
@@ -236,13 +238,15 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
 
     # ---- models added and removed while serving (cluster/ray_worker.py applies plans) ----
 
-    def add_model(self, model: Model) -> None:
+    def add_model(self, model: Model, like: str | None = None) -> None:
         """Serve one more model. Call it from the thread that steps the engine, between steps
         (serve_forever stopped, or before it runs): nothing here is safe against a step in
         progress. One executor only (the Ray workers' engines): with several, where the new
         cell types go and which run at once was decided at construction. Its cell types' step
         costs are measured now (with `config.profile`) unless a table for them is kept from
-        an earlier `remove_model`."""
+        an earlier `remove_model`, or `like` names a model served now whose cell types match
+        this one's one for one in kind and shape (a reload of it): their learnt tables are
+        copied, for the measuring runs on the stepping thread and holds up every model."""
         if len(self.executors) > 1:
             raise ValueError("add_model needs an engine with one executor; this one has "
                              + ", ".join(sorted(self.executors)))
@@ -254,10 +258,24 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         if self.config.profile:
             cap = self.policy.max_batch
             sizes = sorted({min(2 ** k, cap) for k in range(cap.bit_length())} | {cap})
+            alike = self._alike_types(like, model.name) if like in self.models else {}
             for cell_type in types:
-                if cell_type not in self.costs.costs:
-                    for b, seconds in self._placed[cell_type].startup_costs(cell_type, sizes).items():
-                        self.costs.observe(cell_type, b, seconds)
+                if cell_type in self.costs.costs:
+                    continue
+                if alike.get(cell_type) in self.costs.costs:
+                    self.costs.costs[cell_type] = copy.deepcopy(self.costs.costs[alike[cell_type]])
+                    continue
+                for b, seconds in self._placed[cell_type].startup_costs(cell_type, sizes).items():
+                    self.costs.observe(cell_type, b, seconds)
+
+    def _alike_types(self, old: str, new: str) -> dict[str, str]:
+        """New cell type -> the old model's cell type of the same place, kind and shape; empty
+        unless every one matches (a reload that changed the model's shape is measured anew)."""
+        old_steps, new_steps = self.models[old].recurrent_steps(), self.models[new].recurrent_steps()
+        if [_shape_of(s) for s in old_steps] != [_shape_of(s) for s in new_steps] or None in map(_shape_of, new_steps):
+            return {}
+        old_types, new_types = self._model_types[old], self._model_types[new]
+        return dict(zip(new_types, old_types)) if len(old_types) == len(new_types) else {}
 
     def remove_model(self, name: str, forget_costs: bool = False) -> None:
         """Stop serving a model with no request queued or in flight (ValueError otherwise:
@@ -619,3 +637,13 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
                 request.on_done(response)
             except Exception:  # a client's callback must not stop the engine
                 log.exception("on_done callback of request %s failed", request.request_id)
+
+
+def _shape_of(step) -> tuple | None:
+    """What a recurrent step's cost depends on: its layers' kinds and sizes (None for a
+    decoder, whose cost its graph sets: never taken as alike)."""
+    if isinstance(step, LayerStack):
+        return tuple(_shape_of(layer) for layer in step.layers)
+    if isinstance(step, RecurrentLayer):
+        return (step.kind, step.hidden, step.input_size, len(step.directions), step.token_table is not None)
+    return None

@@ -101,8 +101,9 @@ class ModelControl:
                 entry.model.name = f"{entry.model.name}{RELOAD_TAG}{tag}"
 
         def add() -> None:
-            for entry in served:
-                self.engine.add_model(entry.model)
+            for entry in served:  # a reloaded version takes its old self's learnt costs, if alike
+                like = old.get(entry.version) if old is not None else None
+                self.engine.add_model(entry.model, like=like.engine_name if like is not None else None)
         await asyncio.wrap_future(self.engine.between_steps(add))
         self._models[name] = {entry.version: entry for entry in served}
         if old is not None:  # the old versions' requests in flight finish on them; their sequences end

@@ -213,3 +213,24 @@ def test_engine_refuses_a_model_name_that_is_empty_or_contains_a_slash(models, n
                           model.max_sequence_length)
     with pytest.raises(ValueError, match="model name"):
         Engine([renamed], EngineConfig(profile=False))
+
+
+def test_a_model_added_like_one_of_its_shape_takes_its_costs_instead_of_measuring_them(models, monkeypatch):
+    """add_model(like=...) for a reload: cell types of the same kinds and sizes start from the
+    served model's learnt tables, with no start-up measuring (which holds up every model's
+    steps); a model of another shape is measured as any other."""
+    import dataclasses
+
+    engine = Engine([models.models["lstm"]], EngineConfig(profile=True, pin_threads=False))
+    measured = []
+    executor = engine.executors["default"]
+    real = executor.startup_costs
+    monkeypatch.setattr(executor, "startup_costs", lambda cell_type, sizes: measured.append(cell_type)
+                        or real(cell_type, sizes))
+    (old_type,) = engine.cell_types
+    engine.add_model(dataclasses.replace(models.models["lstm"], name="lstm#1"), like="lstm")
+    new_type = old_type.replace("lstm/", "lstm#1/", 1)
+    assert measured == [] and engine.costs.costs[new_type](8) == engine.costs.costs[old_type](8)
+    assert engine.costs.costs[new_type] is not engine.costs.costs[old_type]  # its own table from now on
+    engine.add_model(dataclasses.replace(models.models["gru"], name="gru#1"), like="lstm")  # not alike: measured
+    assert measured and all(t.startswith("gru#1/") for t in measured)
