@@ -229,6 +229,7 @@ class ConcurrentSteps:
         return took or arrived or gave
 
     def _serve_forever_concurrent(self, stop) -> None:
+        self._stopping = stop  # as serve_forever's
         with self._host_placed():
             try:
                 while not stop.is_set():

@@ -153,6 +153,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         self._first_step: list[_Run] = []  # traced runs whose first step is yet to start (docs/tracing.md)
         self._lane_ids = itertools.count(1)
         self._next_drop_check = 0.0
+        self._stopping = threading.Event()  # serve_forever's stop: set, a stable batch is not run again
         self._last_step = -math.inf  # clock time of the last batch executed
         self._device_s = 0.0  # device seconds inside the current step (stats: the rest is overhead)
         # Seconds per step beyond the cost model's price: projections' Python, plain ops'
@@ -486,7 +487,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
                                s.runs_checked - work.runs_checked))
         self._learn_overhead(now - work.started, batch, result.steps, work.admitting_s, now)
         if finished or self._beam_lanes_moved or self._inbox or self._arrived[0] or not self.policy.stable or (
-                self.config.drop_late and now >= self._next_drop_check):
+                self.config.drop_late and now >= self._next_drop_check) or self._stopping.is_set():
             return None
         work.rows += work.strides * result.steps
         work.started, self._device_s, work.admitting_s = now, 0.0, 0.0
@@ -568,6 +569,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
                 pinned = pins.enter_context(executor.pinned(self.config.pin_threads))
                 if pinned:
                     log.info("kernel threads of executor %s pinned to cores %s", executor.name, pinned)
+            self._stopping = stop  # a stable batch run again and again gives way to it (_update)
             while not stop.is_set():
                 if self.step():
                     continue
