@@ -209,7 +209,8 @@ def _add_infer(sub) -> None:
     inf.add_argument("model", nargs="?", default=None, help="model name, e.g. dates, seq2seq-reverse or lstm-512")
     inf.add_argument("text", nargs="?", default=None,
                      help="input as text: encoded with the vocabulary the model publishes (dates), else digits "
-                          "for seq2seq-reverse, words for the token models")
+                          "for seq2seq-reverse, token ids ('12 7 93') for a model of token ids, or words for "
+                          "the zoo's classifiers (hashed to ids; another model's words are refused: use ids or --json)")
     inf.add_argument("--model", dest="model_flag", metavar="MODEL", default=None,
                      help="the model, as a flag (instead of MODEL)")
     inf.add_argument("--text", dest="text_flag", metavar="TEXT", default=None,

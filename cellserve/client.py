@@ -4,8 +4,10 @@ It asks the server for the model's metadata, builds the input from text or from 
 sends it over HTTP or gRPC, and prints the answer readably. Text: a model that publishes a
 text vocabulary in its configuration (text_vocab.py; the zoo's `dates`) gets the text encoded
 with it, fetched from the server, and its answer is printed as text (client_text.py);
-otherwise digits for a model whose input is named "digits", such as seq2seq-reverse, and
-words hashed to token ids for the token models. `--beam-width`/`--return-beams` are sent as
+otherwise digits for a model whose input is named "digits", such as seq2seq-reverse; token ids
+given as integers ("12 7 93") for any model of token ids; and, for the zoo's seeded
+classifiers only, words hashed to token ids (another model's words would become ids it never
+learnt: refused). `--beam-width`/`--return-beams` are sent as
 the request parameters of the same names. Every failure is one line on stderr: exit 1 for
 what the server or the network said, 2 for a usage error (no input, a bad --json, text the
 model cannot take, a character outside the vocabulary: named before anything is sent).
@@ -170,9 +172,16 @@ def _inputs_from_text(text: str, metadata: dict) -> dict[str, np.ndarray]:
         if not ids:
             raise UsageError(f"model {name!r} takes a digit string; the text is empty")
     else:
-        ids = token_ids(text)
-        if not ids:
-            raise UsageError(f"model {name!r} takes words; the text is empty")
+        words = text.split()
+        if not words:
+            raise UsageError(f"model {name!r} takes words or token ids; the text is empty")
+        if all(ascii_int(word) is not None for word in words):  # token ids as they are
+            ids = [ascii_int(word) for word in words]
+        elif metadata.get("platform") == "cellserve_zoo":  # the zoo's seeded classifiers: any words do
+            ids = token_ids(text)
+        else:  # hashed words would be ids the model never learnt, with an answer that looks real
+            raise UsageError(f"model {name!r} publishes no text vocabulary, so words cannot be turned into its "
+                             f"token ids: give the ids themselves (cellserve infer {name} '12 7 93') or --json")
     rank = len(spec["shape"])
     if rank not in (1, 2):
         raise UsageError(f"model {name!r} takes input {spec['name']!r} of rank {rank}: give it with --json")
