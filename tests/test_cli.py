@@ -222,3 +222,12 @@ def test_cellserves_own_warnings_are_one_line(capsys):
     assert err.startswith("warning: profile made by an older cellserve\n")
     assert "x.py:3: UserWarning: not ours" in err
     assert warnings.showwarning is not None
+
+
+def test_bench_soaks_mix_is_three_shares(capsys):
+    from cellserve.bench.soak import _mix
+
+    assert _mix("2,1,1") == (0.5, 0.25, 0.25)
+    for bad in ("1,0", "1,-1,2", "0,0,0", "a,b,c", "1,nan,1"):
+        code, _, err = run(capsys, "bench", "soak", "--mix", bad)
+        assert code == 2 and "argument --mix: must be three shares PLAIN,SEQUENCE,BAD" in err, err

@@ -18,8 +18,10 @@ were after warm-up (within --fd-slack), no sequence left active, health checks u
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -329,9 +331,25 @@ def add_parser(bench_sub) -> None:
     sk.add_argument("--fd-slack", type=int, default=8, help="file descriptors allowed above warm-up's (default: 8)")
     sk.add_argument("--max-health-ms", type=positive(float), default=100.0,
                     help="the slowest readiness check allowed (default: 100)")
+    sk.add_argument("--mix", type=_mix, default=(0.85, 0.10, 0.05), metavar="PLAIN,SEQUENCE,BAD",
+                    help="shares of plain requests, whole sequences and bad requests among the arrivals "
+                         "(default: 0.85,0.10,0.05)")
     sk.add_argument("--seed", type=int, default=0)
     sk.add_argument("--json", type=Path, default=Path("bench-results/soak.json"), help="where to write the report")
     sk.set_defaults(run=bench_soak)
+
+
+def _mix(text: str) -> tuple[float, float, float]:
+    """--mix: three shares, each >= 0, not all 0; scaled to sum to 1."""
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        shares = ()
+    if len(shares) != 3 or not all(math.isfinite(x) and x >= 0 for x in shares) or not sum(shares) > 0:
+        raise argparse.ArgumentTypeError(f"must be three shares PLAIN,SEQUENCE,BAD, each >= 0 and not all 0, "
+                                         f"got {text!r}")
+    total = sum(shares)
+    return tuple(x / total for x in shares)
 
 
 def bench_soak(args, parser) -> int:
@@ -342,7 +360,7 @@ def bench_soak(args, parser) -> int:
         parser.error(f"--rps must be positive, got {args.rps}")
     cfg = SoakConfig(models=tuple(args.model or MODELS), minutes=args.minutes, load=args.load, rps=args.rps,
                      sample_s=args.sample_s, max_rss_growth=args.max_rss_growth, fd_slack=args.fd_slack,
-                     max_health_ms=args.max_health_ms, seed=args.seed)
+                     max_health_ms=args.max_health_ms, seed=args.seed, mix=args.mix)
     report = run_soak(cfg)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({**asdict(report), "passed": report.passed}, indent=2))

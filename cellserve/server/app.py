@@ -145,7 +145,7 @@ def serve(settings: ServerSettings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     heap.settle()  # start-up's objects out of the collector's full passes (see heap.py)
     models = ", ".join(f"{s.name} (v{s.version})" for s in served)
-    print(f"cellserve: serving {models}", flush=True)
+    print(f"cellserve: serving {models or 'no model yet (load one: POST v2/repository/models/NAME/load)'}", flush=True)
     print(f"cellserve: ready: http={ports['http']} grpc={ports['grpc']} metrics={ports['metrics']}", flush=True)
     engine.serve_forever(engine_stop)  # the main thread: see Engine.serve_forever
     engine.abort_all("the server is shutting down" + (f": {cut_short[0]}" if cut_short else ""))
