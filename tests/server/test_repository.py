@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import shutil
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +25,7 @@ from cellserve.errors import ModelLoadError
 from cellserve.graph.torch_import import export_onnx_bytes
 from cellserve.graph.zoo.modules import RNNClassifier, seeded
 from cellserve.server.repository import load_repository
-from serverproc import start_server
+from serverproc import start_server, wait_until
 
 LSTM_VOCAB, GRU_VOCAB, CLASSES = 50, 40, 3
 
@@ -728,9 +727,8 @@ def test_a_server_polling_its_repository_serves_a_model_added_while_it_runs(tmp_
         http = httpclient.InferenceServerClient(proc.http)
         assert _index(http) == [("gru_seq", "3", "READY", "")]
         add_model(tmp_path, "lstm_clf", {1: lstm_onnx(0)})
-        give_up = time.monotonic() + 60
-        while not http.is_model_ready("lstm_clf") and time.monotonic() < give_up:
-            time.sleep(0.1)
+        # the real poll is the point here: waited for (no window asserted), as a client would
+        wait_until(lambda: http.is_model_ready("lstm_clf"), "the added model served after a poll")
         got, version = infer("http-json", http, None, "lstm_clf", "", requests_for("lstm_clf"))
         np.testing.assert_allclose(got["probabilities"], ort_reference(tmp_path / "lstm_clf" / "1" / "model.onnx",
                                                                        requests_for("lstm_clf"))["probabilities"],
@@ -814,17 +812,17 @@ def test_a_load_whose_client_gives_up_still_completes(tmp_path):
     worker = PausableEngine(engine)
 
     async def go():
+        queued = asyncio.Event()  # set once the load, read, waits for the engine's next step
+        between_steps = engine.between_steps
+        engine.between_steps = lambda fn: (between_steps(fn), queued.set())[0]
         load = asyncio.ensure_future(core.load_model("gru_seq"))
-        while not engine._calls:  # the load is read and waits for the engine's next step
-            await asyncio.sleep(0.01)
+        await queued.wait()
         load.cancel()
         worker.start()
         with pytest.raises(asyncio.CancelledError):
             await load
-        for _ in range(3000):  # the load finishes on its own (bounded: 30 s)
-            if "gru_seq" in core.model_names():
-                break
-            await asyncio.sleep(0.01)
+        async with core._changing["gru_seq"]:  # held by the load until it has finished on its own
+            pass
         assert worker.worker.is_alive()  # the serving loop goes on
         return core.model("gru_seq")
 
