@@ -175,11 +175,10 @@ def _inputs_from_text(text: str, metadata: dict) -> dict[str, np.ndarray]:
         words = text.split()
         if not words:
             raise UsageError(f"model {name!r} takes words or token ids; the text is empty")
-        if all(ascii_int(word) is not None for word in words):  # token ids as they are
-            ids = [ascii_int(word) for word in words]
-        elif metadata.get("platform") == "cellserve_zoo":  # the zoo's seeded classifiers: any words do
+        ids = [ascii_int(word) for word in words]  # integers: token ids as they are
+        if None in ids and metadata.get("platform") == "cellserve_zoo":  # the zoo's seeded classifiers: any words do
             ids = token_ids(text)
-        else:  # hashed words would be ids the model never learnt, with an answer that looks real
+        elif None in ids:  # hashed words would be ids the model never learnt, with an answer that looks real
             raise UsageError(f"model {name!r} publishes no text vocabulary, so words cannot be turned into its "
                              f"token ids: give the ids themselves (cellserve infer {name} '12 7 93') or --json")
     rank = len(spec["shape"])

@@ -272,8 +272,8 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
     def _alike_types(self, old: str, new: str) -> dict[str, str]:
         """New cell type -> the old model's cell type of the same place, kind and shape; empty
         unless every one matches (a reload that changed the model's shape is measured anew)."""
-        old_steps, new_steps = self.models[old].recurrent_steps(), self.models[new].recurrent_steps()
-        if [_shape_of(s) for s in old_steps] != [_shape_of(s) for s in new_steps] or None in map(_shape_of, new_steps):
+        shapes = [_shape_of(s) for s in self.models[new].recurrent_steps()]
+        if None in shapes or shapes != [_shape_of(s) for s in self.models[old].recurrent_steps()]:
             return {}
         old_types, new_types = self._model_types[old], self._model_types[new]
         return dict(zip(new_types, old_types)) if len(old_types) == len(new_types) else {}

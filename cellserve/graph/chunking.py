@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.graph import dense_ops
-from cellserve.graph.model import DenseNode, LayerStack, Model, RecurrentLayer
+from cellserve.graph.model import DenseNode, LayerStack, Model, RecurrentLayer, layers_of
 
 _ROWS = 3  # sequences in each made-up request
 _SPLITS = ((3, 4), (1, 6))  # chunk lengths: one chunk's answer against the whole's
@@ -91,7 +91,7 @@ def _state_from_the_sequence(model: Model, timed: set[str]) -> str | None:
             if depends.intersection(step.inputs):
                 depends.update(step.outputs)
             continue
-        for layer in getattr(step, "layers", [step]):
+        for layer in layers_of(step):  # a decoder never gets here: why_not_streamable refused it
             for name in (layer.initial_h, layer.initial_c):
                 if name and name in depends:
                     return (f"layer {layer.name!r} starts from a state computed from the sequence ({name!r}): "

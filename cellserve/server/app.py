@@ -313,8 +313,7 @@ class Frontends:
             await asyncio.sleep(0.5)
             if self.core.sequences.expire():
                 for name in self.core.model_names():
-                    entry = self.core.model(name)
-                    self.core.metrics.model(name, entry.version).sequences.set(self.core.sequences.count(name))
+                    self.core.count_sequences(name, self.core.model(name).version)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

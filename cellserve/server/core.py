@@ -328,11 +328,10 @@ class Core(ModelControl):
             ready = self.model_ready(entry.name, entry.version)
             if ready or not ready_only:
                 # a served model whose last reload failed says so: its files on disk are not what it serves
-                failed = self._load_errors.get(entry.name)
                 index.append({"name": entry.name, "version": entry.version,
                               "state": "READY" if ready else "UNAVAILABLE",
-                              "reason": (f"{failed}; the versions loaded before are still served" if failed else "")
-                              if ready else self._why_unavailable(entry.name)})
+                              "reason": self._load_errors.get(entry.name, "") if ready
+                              else self._why_unavailable(entry.name)})
         if self.repository is not None and not ready_only:  # model control: the repository's others too
             never = ("unloaded" if self.poll_s is None
                      else f"not loaded yet (the repository is polled every {self.poll_s:g} s)")
@@ -551,7 +550,12 @@ class Core(ModelControl):
                 sequence.last_used = self.sequences.clock.now()
                 if sequence.users == 0 and not sequence.started:
                     self.sequences.forget(sequence)  # never started: as if it had not been asked for
-                self.metrics.model(entry.name, entry.version).sequences.set(self.sequences.count(entry.name))
+                self.count_sequences(entry.name, entry.version)
+
+    def count_sequences(self, name: str, version: str) -> None:
+        """Set the model's sequences gauge (one per model, whatever the version) to its active
+        sequences now."""
+        self.metrics.model(name, version).sequences.set(self.sequences.count(name))
 
     async def _sequence_chunk(self, entry: ServedModel, request: InferInput, options: RequestOptions, sequence,
                               state, timeout_s, priority, received) -> tuple[Response, object]:

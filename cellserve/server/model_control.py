@@ -12,7 +12,8 @@ ones, under engine names of their own) and retires the old ones once their reque
 are answered: no request is told the model is not loaded, as Triton reloads without a loss
 of availability. Core holds the state read here: `repository` (None: mode NONE, every load and
 unload refused), `poll_s` (set: mode POLL, the API's loads and unloads refused),
-`_fingerprints`, `_models`, `engine`, `sequences`, `_changing`, `_load_errors` and `_reloads`.
+`_fingerprints`, `_models`, `engine`, `sequences`, `_changing`, `_load_errors` and `_reloads`
+(and its `count_sequences`).
 
 A poll compares each model folder's files (names, sizes, modification times) with what the
 last poll saw: a new folder loads, a changed one reloads (a reload that fails leaves the
@@ -82,11 +83,12 @@ class ModelControl:
                 log.info("%s", line)
                 return line
             except BadRequest as exc:
-                log.error("%s%s (%s)", exc.message, "; the versions loaded before are still served"
-                          if served and not unload else "", cause)
-                if not unload:  # the index says why it is not served, until it loads or is unloaded
-                    self._load_errors[name] = exc.message
-                raise
+                if unload:
+                    raise
+                message = exc.message + ("; the versions loaded before are still served" if served else "")
+                log.error("%s (%s)", message, cause)
+                self._load_errors[name] = message  # the index says why, until it loads or is unloaded
+                raise BadRequest(message) from None
 
     async def _load(self, name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -120,10 +122,9 @@ class ModelControl:
         await self._retire(versions.values())
 
     def _end_sequences(self, name: str, versions, why: str) -> None:
-        """End the model's sequences, and say so in its versions' sequence gauges at once."""
+        """End the model's sequences, and say so in its sequences gauge at once."""
         self.sequences.end_model(name, why)
-        for version in versions:
-            self.metrics.model(name, version).sequences.set(self.sequences.count(name))
+        self.count_sequences(name, next(iter(versions)))
 
     async def _retire(self, entries, superseded: bool = False) -> None:
         """Remove versions no longer served from the engine once their requests in flight are
@@ -162,10 +163,9 @@ class ModelControl:
                 self._load_errors.pop(name, None)
             else:
                 self._fingerprints[name] = now
-                reload = name in self._models
                 try:
                     done.append(await asyncio.shield(self._change(
                         name, False, f"its folder {'changed' if before is not None else 'appeared'}")))
                 except BadRequest as exc:
-                    done.append(exc.message + ("; the versions loaded before are still served" if reload else ""))
+                    done.append(exc.message)
         return done
