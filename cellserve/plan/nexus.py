@@ -273,13 +273,13 @@ class Costs:
         pre = self.prefix_table(prefix)
         if total >= len(pre):
             return None
-        ms = pre[total]
+        terms = [pre[total]]
         for m, b in zip(models, batches):
             suffix = self.suffix(m)
             if b >= len(suffix):
                 return None
-            ms += suffix[b]
-        return ms
+            terms.append(suffix[b])
+        return math.fsum(terms)  # exactly: the members in another order give the same figure
 
 
 def batch_for(rate_rps: float, duty_ms: float) -> int:
@@ -319,17 +319,19 @@ def device_load(costs: Costs, entries: list[tuple[Demand, float]], duty_ms: floa
     for i, (demand, _) in enumerate(entries):
         groups.setdefault(demand.prefix if demand.prefix is not None else ("alone", i), []).append(i)
     latencies = [0.0] * len(entries)
-    busy = 0.0
+    groups_ms = []
     for key, members in groups.items():
         ms = costs.group_ms(key if isinstance(key, str) else None, [entries[i][0].model for i in members],
                             [batches[i] for i in members])
         if ms is None:
             return None
-        busy += ms
+        groups_ms.append(ms)
         for i in members:
             if duty_ms + ms > entries[i][0].slo_ms + TOLERANCE_MS:
                 return None
             latencies[i] = ms
+    # summed exactly: the same sessions in another order (a re-plan's) give the same figure
+    busy = math.fsum(groups_ms)
     if busy > duty_ms + TOLERANCE_MS:
         return None
     return DeviceLoad(duty_ms, tuple(batches), tuple(latencies), busy)
