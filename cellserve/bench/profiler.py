@@ -317,10 +317,12 @@ def _profile_cell(executor: KernelExecutor, cell_type: str, max_batch: int, reps
     lone = None
     if kernel.lone_lanes:
         samples = []
+        # a decoder's dummy lane may emit EOS at once: timed for its steps regardless
+        until = {"stop_at_eos": False} if spec.is_decoder else {}
         for _ in range(reps):
-            lane = executor.dummy_lane(cell_type, 64)
+            lane = executor.dummy_lane(cell_type, length if spec.is_decoder else 64)
             t0 = time.perf_counter()
-            ran = kernel.run_lane(lane.slot, lane.base, 1, 32)
+            ran = kernel.run_lane(lane.slot, lane.base, 1, 32, **until)
             samples.append(executor._since(t0) / ran)
             kernel.release(lane)
         lone = Timing.of(samples)

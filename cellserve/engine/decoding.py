@@ -103,14 +103,18 @@ class Decoding:
                        candidates: BeamCandidates | None = None) -> frozenset[int]:
         """Append each decoder lane's token; return the lanes that ended (EOS or max length).
         A beam lane's candidates wait for the rest of its row, whose step then prunes and
-        reorders the row (_prune_beams); beam lanes stream nothing."""
+        reorders the row (_prune_beams); beam lanes stream nothing. `tokens` holds one per
+        lane, or a lone greedy lane's run's tokens, one per step (its run stops at EOS and
+        at its most tokens, so only its last token can end it)."""
         eos = self._decoders[batch.cell_type].eos
         lengths = self._output_lengths[batch.cell_type]
         ended = []
         self._beam_lanes_moved = False
         rows: dict[int, tuple[_Run, BeamLanes]] = {}
         lane_of, runs = self.policy.lane, self._runs  # once, not per lane: this loop runs every step
-        for i, (lane_id, token) in enumerate(zip(batch.lane_ids, tokens.tolist())):
+        emitted = tokens.tolist()
+        lane_ids = batch.lane_ids if len(emitted) == batch.size else batch.lane_ids * len(emitted)
+        for i, (lane_id, token) in enumerate(zip(lane_ids, emitted)):
             lane = lane_of(lane_id)
             if lane is None:
                 continue  # padding

@@ -509,16 +509,29 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
     def _lone_steps(self, batch: StepBatch) -> int:
         """How many steps each lane of a small batch may run alone, one lane after the other,
         in one execute (up to LONE_LANE_CHUNK); 0 when the batch takes the batched step.
-        Small means up to the executor's `lone_lanes` for the cell type."""
+        Small means up to the executor's `lone_lanes` for the cell type. A decoder's lane runs
+        alone only by itself, greedy and not streaming (a streamed token goes out as it is
+        made), for at most the tokens it has left."""
         if batch.size > self._placed[batch.cell_type].lone_lanes(batch.cell_type):
             return 0
         steps = LONE_LANE_CHUNK
         for lane_id in batch.lane_ids:
             lane = self.policy.lane(lane_id)
-            if lane is None or lane.length is None:
+            if lane is None:
                 return 0
+            if lane.length is None:
+                return self._lone_decoder_steps(batch, lane)
             steps = min(steps, lane.length - lane.step)
         return steps
+
+    def _lone_decoder_steps(self, batch: StepBatch, lane: Lane) -> int:
+        run = self._runs.get(lane.request_id)
+        if batch.size != 1 or run is None or run.request.on_tokens is not None:
+            return 0
+        ref = run.lanes[lane.lane_id]
+        if ref.beam is not None:
+            return 0
+        return min(LONE_LANE_CHUNK, ref.max_tokens - len(ref.tokens))
 
     def wake_at(self, now: float) -> float | None:
         """When an engine with nothing to run should step again though nothing arrives (a

@@ -142,8 +142,8 @@ def timed_profile(model: Model, config: EngineConfig):
             cell_type = next(types)
             executor.add_cell_type(CellTypeSpec(cell_type, step, d))
             step_s[cell_type] = executor.startup_costs(cell_type, [1])[1]
-            if not isinstance(step, GraphDecoder) and executor.lone_lanes(cell_type) >= 1:
-                lone_s[cell_type] = _lone_step(executor, cell_type)
+            if executor.lone_lanes(cell_type) >= 1:
+                lone_s[cell_type] = _lone_step(executor, cell_type, isinstance(step, GraphDecoder))
     base = synthetic_profile(model, 0.0, max_batch=1, lone_lanes=1, lone_step_s=0.0,
                              plain_op_s=NOMINAL_PLAIN_OP_S, stack_layers=config.stack_layers)
     cells = {}
@@ -155,14 +155,16 @@ def timed_profile(model: Model, config: EngineConfig):
     return replace(base, cell_types=cells)
 
 
-def _lone_step(executor, cell_type: str) -> float:
-    """Seconds per step of one lane running alone (run_lane), the best of a few runs."""
+def _lone_step(executor, cell_type: str, decoder: bool) -> float:
+    """Seconds per step of one lane running alone (run_lane), the best of a few runs (a
+    decoder's dummy lane timed for its steps whatever it emits)."""
     kernel = executor.kernels[cell_type]
     lane = executor.dummy_lane(cell_type, AUTO_LENGTH)
     best = float("inf")
+    until = {"stop_at_eos": False} if decoder else {}
     for _ in range(_REPEATS):
         t0 = time.perf_counter()
-        kernel.run_lane(lane.slot, lane.base, 1, AUTO_LENGTH, np.zeros(1, np.int64))
+        kernel.run_lane(lane.slot, lane.base, 1, AUTO_LENGTH, np.zeros(1, np.int64), **until)
         best = min(best, (time.perf_counter() - t0) / AUTO_LENGTH)
     kernel.release(lane)
     return best

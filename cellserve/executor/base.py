@@ -74,7 +74,9 @@ class StepResult:
     steps: int  # steps every lane of the batch advanced
     busy_s: float  # device seconds, all steps together
     flops: float
-    tokens: np.ndarray | None = None  # decoders: the token each batch entry emitted (one step)
+    # decoders: the token each batch entry emitted (one step); a lone lane's run (a batch of
+    # one greedy lane, `lone_steps`): the token of each of its `steps`, in order
+    tokens: np.ndarray | None = None
     # a graph decoder's batch holding beam lanes: each entry's best next tokens (kernels/decoder.py)
     candidates: BeamCandidates | None = None
 

@@ -99,15 +99,18 @@ class KernelExecutor(Executor):
         if lone_steps:
             first, *others = zip(batch.slots, rows.tolist(), batch.strides)
             steps = kernel.run_lane(*first, lone_steps, stop)
-            for slot, row, stride in others:
+            for slot, row, stride in others:  # never a decoder's (its lone_lanes is 1)
                 kernel.run_lane(slot, row, stride, steps)
+            if spec.is_decoder:
+                tokens = kernel.lone_tokens
         else:
             tokens = kernel.step_batch(slots, rows)
         busy = self._since(t0)
-        candidates = kernel.candidates if isinstance(kernel, GraphDecoderKernel) and not lone_steps else None
+        candidates = kernel.candidates if spec.is_decoder and not lone_steps else None
         if spec.is_decoder:  # GraphDecoder.flops_per_step summed over the lanes, without a call per lane
             step = spec.step
-            flops = batch.size * step.flops_fixed + step.flops_per_position * float(kernel.memory_len[slots].sum())
+            flops = steps * (batch.size * step.flops_fixed
+                             + step.flops_per_position * float(kernel.memory_len[slots].sum()))
         else:
             flops = batch.size * steps * self._flops[batch.cell_type][0]
         return StepResult(steps, busy, flops, tokens, candidates)

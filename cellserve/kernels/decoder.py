@@ -39,7 +39,9 @@ class GraphDecoderKernel:
     Greedy lanes (width 1, `start_lane`) take the argmax path alone, as before.
     """
 
-    lone_lanes = 0  # a decoder's lanes always take the batched step
+    # A batch of one greedy lane runs several steps in one call (run_lane): the engine's
+    # round trip per token is most of a lone decode's time off the device
+    lone_lanes = 1
 
     def __init__(self, step, device: torch.device):
         from cellserve.graph.decoder_graph import device_constants
@@ -65,6 +67,7 @@ class GraphDecoderKernel:
         self.beam_k = np.zeros(n, np.int64)  # per slot: its row's beam width (0: a greedy lane)
         self._groups: dict[int, _BeamGroup] = {}  # slot -> the beam row it belongs to
         self.candidates: BeamCandidates | None = None  # of the last step_batch (None: no beam lane)
+        self.lone_tokens = np.zeros(0, np.int64)  # of the last run_lane: the token of each step
         # Read once: the spec's name lists are properties that build a list per call, and
         # each step reads them (the step is dispatch-bound at serving batch sizes).
         self._state_inputs, self._state_outputs = list(self.spec.state_inputs), list(self.spec.state_outputs)
@@ -188,8 +191,55 @@ class GraphDecoderKernel:
                 self.candidates = _top_candidates(logits, int(widths.max()))
         return tokens.numpy() if self._cpu else tokens.cpu().numpy()
 
-    def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None) -> int:
-        raise NotImplementedError("a decoder has no lone-lane run (lone_lanes is 0)")
+    def run_lane(self, slot: int, row: int, stride: int, steps: int, stop: np.ndarray | None = None,
+                 stop_at_eos: bool = True) -> int:
+        """Up to `steps` greedy steps of the lane in `slot` (memory from `row`; `stride` is 0
+        for a decoder and unused) in one call: the same steps, bit for bit, as step_batch
+        gives a batch of this one lane, without its per-step gathers (the memory and mask
+        are the lane's own, the states carried from step to step and written back once).
+        Stops after the step that emits EOS (unless `stop_at_eos` is False: for timing), or
+        after any step once `stop[0]` is set. Returns the steps run; `lone_tokens` holds
+        the token of each. Greedy lanes only: a beam row's lanes take step_batch."""
+        if self.beam_k[slot]:
+            raise ValueError(f"slot {slot} is a beam lane: beam rows take the batched step")
+        with torch.inference_mode():
+            return self._run_lane(slot, row, steps, stop, stop_at_eos)
+
+    def _run_lane(self, slot: int, row: int, steps: int, stop: np.ndarray | None, stop_at_eos: bool) -> int:
+        spec, eos = self.spec, self.spec.eos
+        token = self.prev[slot: slot + 1]
+        if token.dtype != self._token_dtype:
+            token = token.to(self._token_dtype)
+        feeds = {}
+        if self._attends:
+            length = int(self.memory_len[slot])
+            feeds[spec.memory_input] = self.memory[row: row + length].unsqueeze(0)  # [1, S, M]
+            feeds[spec.mask_input] = torch.ones((1, length), dtype=self._mask_dtype, device=self.device)
+        states = [arena[slot: slot + 1] for arena in self.states]
+        compiled = self.constants.compiled
+        if compiled is None:
+            from cellserve.graph.decoder_graph import run_step_graph
+
+            compiled = lambda f: run_step_graph(self.step.graph, f, self.constants)  # noqa: E731
+        tokens = []
+        for _ in range(steps):
+            feeds[spec.token_input] = token
+            for name, value in zip(self._state_inputs, states):
+                feeds[name] = value
+            out = compiled(feeds)
+            states = [out[name] if out[name].dtype == arena.dtype else out[name].to(arena.dtype)
+                      for name, arena in zip(self._state_outputs, self.states)]
+            emitted = torch.argmax(out[spec.logits_output], dim=1)
+            tokens.append(int(emitted[0]))
+            token = emitted if emitted.dtype == self._token_dtype else emitted.to(self._token_dtype)
+            if (stop_at_eos and tokens[-1] == eos) or (stop is not None and stop[0]):
+                break
+        for arena, value in zip(self.states, states):
+            arena[slot: slot + 1] = value
+        self.prev[slot] = tokens[-1]
+        self.lone_tokens = np.array(tokens, np.int64)
+        self.candidates = None
+        return len(tokens)
 
     def finish_lane(self, lane: LaneStorage) -> list:
         self.release(lane)

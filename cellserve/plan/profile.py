@@ -401,9 +401,9 @@ def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, l
         kind = "decoder" if isinstance(step, GraphDecoder) else "stack" if isinstance(step, LayerStack) else "layer"
         for _ in range(directions):
             cells[next(types)] = CellTypeProfile(
-                kind, 0 if kind == "decoder" else lone_lanes,
+                kind, min(lone_lanes, 1) if kind == "decoder" else lone_lanes,  # a decoder's lane runs alone by itself
                 {b: Timing.fixed(cost(b)) for b in range(1, max_batch + 1)},
-                Timing.fixed(lone_step_s) if lone_lanes and kind != "decoder" else None,
+                Timing.fixed(lone_step_s) if lone_lanes else None,
                 start_s_per_token, finish_s_per_token)
     decodes = {t: {n: {decode_steps or n + 1: 1} for n in range(1, model.max_sequence_length + 1)}
                for t, c in cells.items() if c.kind == "decoder"}

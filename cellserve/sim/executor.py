@@ -266,6 +266,9 @@ class SimExecutor(Executor):
             else:
                 wait = self.next_arrival() - self.clock.now()
                 steps = lone_steps if wait == math.inf else min(lone_steps, max(1, math.floor(wait / per_step.mean) + 1))
+            if cell.kind == "decoder":  # one greedy lane, which stops at its end (EOS)
+                tokens = self._decode_lone(spec.step, batch.slots[0], steps)
+                steps = len(tokens)
             busy = (size * cell.lone_call_s + self.sample(per_step, steps * size) + (cell.lone_cold_s if cold else 0.0)
                     + idle)
         else:
@@ -285,8 +288,8 @@ class SimExecutor(Executor):
         if self.clock.now() >= self.next_event():
             stop[0] = 1  # let the event loop catch up before the engine goes on
         if cell.kind == "decoder":
-            flops = sum(self._decoder_flops(batch.cell_type, spec.step, self._decoding[s][2])
-                        for s in batch.slots if s in self._decoding)
+            flops = steps * sum(self._decoder_flops(batch.cell_type, spec.step, self._decoding[s][2])
+                                for s in batch.slots if s in self._decoding)
         else:
             flops = size * steps * self._flops[batch.cell_type]
         return StepResult(steps, busy, flops, tokens, candidates)
@@ -308,6 +311,17 @@ class SimExecutor(Executor):
             state[1] += 1
             if state[1] >= state[0]:
                 tokens[i] = dec.eos
+        return tokens
+
+    def _decode_lone(self, dec: GraphDecoder, slot: int, steps: int) -> np.ndarray:
+        """A lone greedy lane's run of up to `steps` steps: the tokens _decode gives it step
+        by step, ending with EOS at its drawn length."""
+        state = self._decoding[slot]
+        steps = max(1, min(steps, state[0] - state[1]))
+        state[1] += steps
+        tokens = np.full(steps, (dec.eos + 1) % dec.vocab, np.int64)
+        if state[1] >= state[0]:
+            tokens[-1] = dec.eos
         return tokens
 
     def finish_lane(self, cell_type: str, storage: LaneStorage) -> LaneFinished:

@@ -279,3 +279,37 @@ def test_an_output_named_as_an_input_is_refused():
                       max_length=MaxLength(absolute=5), output="source")
     with pytest.raises(ModelLoadError, match="decode spec output 'source' is also the name of an encoder input"):
         load_torch_seq2seq(_PlainEncoder(), _PlainStep(), spec, "clash", EXAMPLE, ["source"], ["memory", "h0"])
+
+
+def _decode_alone(model, source: np.ndarray, stream: bool = False):
+    """One request alone on an engine: its answer, the tokens streamed (each with the number
+    of executor calls made when it came) and the engine's executor calls in all."""
+    engine = Engine([model], EngineConfig(profile=False))
+    done, streamed = {}, []
+    on_tokens = (lambda b, t: streamed.append((t, len(engine.stats.step_records)))) if stream else None
+    engine.submit(Request(model.name, {model.inputs[0].name: source}, on_done=lambda r: done.__setitem__(0, r),
+                          on_tokens=on_tokens))
+    engine.run_until_idle()
+    assert done[0].status is Status.OK, done[0].reason
+    return done[0].outputs[model.outputs[0].name], streamed, len(engine.stats.step_records)
+
+
+def test_a_lone_greedy_lane_decodes_several_tokens_per_executor_call(reverser):
+    m, model = reverser
+    digits = "314159265358"
+    got, _, calls = _decode_alone(model, np.array([seq2seq.encode_digits(digits)]))
+    want = seq2seq.greedy_decode(m, seq2seq.encode_digits(digits), seq2seq.MAX_INPUT_DIGITS + 1)
+    assert _rows(got, seq2seq.PAD) == [want]
+    # the encoder's call(s) and the decoder's: far fewer than one per token (13 with EOS)
+    assert calls < len(want) // 2
+
+
+def test_a_streamed_lane_sends_each_token_from_its_own_step(reverser):
+    m, model = reverser
+    source = np.array([seq2seq.encode_digits("27182818")])
+    got, streamed, _ = _decode_alone(model, source, stream=True)
+    plain, _, _ = _decode_alone(model, source)
+    np.testing.assert_array_equal(got, plain)
+    assert [t for t, _ in streamed] == _rows(got, seq2seq.PAD)[0]
+    calls = [c for _, c in streamed]
+    assert calls == sorted(set(calls))  # one executor call per token: none waits for a later one

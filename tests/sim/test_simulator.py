@@ -59,6 +59,30 @@ def test_a_lone_lane_stops_at_the_first_step_after_an_arrival(models):
     assert finishes(out) == {0: 0.012, 1: 0.007}
 
 
+def test_a_lone_decoder_lane_runs_its_tokens_in_one_call_and_stops_for_an_arrival(models):
+    # seq2seq-reverse, lone steps 1 ms, batched 2 ms, nothing else charged; a decoder lane
+    # runs its source length + 1 steps. A (4 digits) alone: the encoder's 4 lone steps, then
+    # its decoder's 5 in one call: done at 9 ms. With B (2 digits) arriving at 5.5 ms, A's
+    # decoder stops after its step in progress (at 6 ms, 2 tokens made), B's encoder runs 2
+    # lone steps (6-8), then A's last 3 decoder steps and B's 3 are batched (8-14).
+    model = models.models["seq2seq-reverse"]
+    profile = synthetic_profile(model, 2 * MS, max_batch=8, lone_lanes=1, lone_step_s=1 * MS)
+    digits = lambda n: {model.inputs[0].name: np.arange(1, n + 1, dtype=np.int64).reshape(1, -1)}  # noqa: E731
+
+    def run(trace):
+        sim = Simulation(RoundRobin())
+        sim.add_engine([model], {model.name: profile}, replace(CONFIG, max_batch=8))
+        out = sim.run(trace)
+        assert all(o.status is Status.OK for o in out), [o.reason for o in out]
+        return finishes(out), sim.stats.engine_steps
+
+    alone, steps = run([SimArrival(0.0, model.name, digits(4), tag=0)])
+    assert alone == {0: 0.009}
+    assert steps <= 3  # the encoder's run and the decoder's, not a step per token
+    assert run([SimArrival(0.0, model.name, digits(4), tag=0),
+                SimArrival(5.5 * MS, model.name, digits(2), tag=1)])[0] == {0: 0.014, 1: 0.014}
+
+
 def test_host_costs_and_plain_ops_are_charged(models):
     # One 2-token request: its plain ops (gru's stacked program has several, 0.1 ms each), a
     # lane start (0.2 ms host + 2 x 0.05 ms projection), two steps (1 ms + 0.3 ms host + 0.01 ms
