@@ -222,7 +222,7 @@ class GraphDecoderKernel:
 
             compiled = lambda f: run_step_graph(self.step.graph, f, self.constants)  # noqa: E731
         tokens = []
-        for _ in range(steps):
+        for _ in range(max(steps, 1)):  # at least one step, as every run_lane
             feeds[spec.token_input] = token
             for name, value in zip(self._state_inputs, states):
                 feeds[name] = value
