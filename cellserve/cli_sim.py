@@ -103,6 +103,7 @@ def add_simulate(sub) -> None:
 
 
 def _simulate(args, parser) -> int:
+    from cellserve.errors import ModelLoadError
     from cellserve.plan.profile import ProfileError
     from cellserve.sim.run import SimulateConfig, simulate
 
@@ -116,7 +117,7 @@ def _simulate(args, parser) -> int:
                              seconds=args.seconds, bursty=args.arrivals == "bursty", seed=args.seed,
                              model_repository=args.model_repository, json_path=args.json, plot_path=args.plot)
         simulate(cfg)
-    except (ValueError, ProfileError) as exc:
+    except (ValueError, ProfileError, ModelLoadError) as exc:
         parser.exit(2, f"error: {exc}\n")
     return 0
 

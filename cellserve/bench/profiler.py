@@ -37,7 +37,7 @@ from cellserve.executor.base import LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.executor.kernel import KernelExecutor
 from cellserve.graph.model import DenseNode, Model
-from cellserve.plan.profile import CellTypeProfile, HostProfile, Machine, ModelProfile, Timing
+from cellserve.plan.profile import CellTypeProfile, HostProfile, Machine, ModelProfile, Timing, step_flops
 
 _DECODER_MEMORY = 16  # source length of a decoder's dummy lanes
 _MIN_SAMPLES = 5  # serving's samples of a batch size before they replace the timing alone
@@ -335,7 +335,8 @@ def _profile_cell(executor: KernelExecutor, cell_type: str, max_batch: int, reps
         kernel.finish_lane(lane)
         finish.append(executor._since(t0) / length)
     kind = "decoder" if spec.is_decoder else "stack" if hasattr(spec.step, "layers") else "layer"
-    return CellTypeProfile(kind, kernel.lone_lanes, steps, lone, float(np.median(start)), float(np.median(finish)))
+    return CellTypeProfile(kind, kernel.lone_lanes, steps, lone, float(np.median(start)), float(np.median(finish)),
+                           flops_per_step=step_flops(spec.step))
 
 
 def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, seed: int, quick: bool,

@@ -202,7 +202,12 @@ def load_catalogue(sessions: tuple[ClusterSession, ...] = DEFAULT_SESSIONS, prof
                 hint = f" --model-repository {model_repository}" if model_repository is not None else ""
                 raise ProfileError(f"cannot read profile {str(path)!r}: no such file; measure it with `cellserve "
                                    f"profile --model {s.base}{hint} --json {path}`")
-            bases[s.base] = (model, ModelProfile.from_json(path))
+            profile = ModelProfile.from_json(path)
+            if profile.model != s.base:
+                raise ProfileError(f"profile {str(path)!r} is of model {profile.model!r}, not {s.base!r} (the file "
+                                   f"session {s.name!r} reads); measure it with `cellserve profile --model {s.base} "
+                                   f"--json {path}`")
+            bases[s.base] = (model, profile)
         model, profile = bases[s.base]
         models[s.name] = rename_model(model, s.name)
         profiles[s.name] = rename_profile(profile, s.name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from cellserve.graph.model import GATES, GraphDecoder, LayerStack, Model, RecurrentLayer, layers_of
-from cellserve.plan.profile import CellTypeProfile, Machine, ModelProfile, ProfileError, Timing
+from cellserve.plan.profile import CellTypeProfile, Machine, ModelProfile, ProfileError, Timing, step_flops
 
 _LAUNCHES_PER_LAYER = 10  # torch backend: index_select x2, mm, add, 4-6 pointwise, index_copy x2
 _LAUNCHES_DECODER = 18  # the LSTM cell's as above, plus attention (gather, bmm x2, softmax, mask), combine, out, argmax
@@ -74,7 +74,8 @@ def modelled_gpu_profile(model: Model, host_profile: ModelProfile, gpu: GpuClass
                 else "layer",
                 lone_lanes=0, step_s=table, lone_step_s=None,
                 start_s_per_token=proj / gpu.peak_flops + _LAUNCHES_START * gpu.launch_s / 25,
-                finish_s_per_token=4 * hidden / gpu.transfer_bandwidth + gpu.launch_s / 25)
+                finish_s_per_token=4 * hidden / gpu.transfer_bandwidth + gpu.launch_s / 25,
+                flops_per_step=step_flops(step))
     if weights > gpu.memory_bytes:
         raise ProfileError(f"model {model.name!r} needs {weights} bytes of weights, more than {gpu.name}'s "
                            f"{gpu.memory_bytes}")

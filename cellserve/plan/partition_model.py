@@ -30,7 +30,7 @@ from cellserve.graph import dense_ops
 from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer, layers_of, plain_group_key
 from cellserve.plan.gpu_model import GpuClass
 from cellserve.plan.partition_graph import Edge, Graph, Link, Node, PartitionError
-from cellserve.plan.profile import CellTypeProfile, ModelProfile
+from cellserve.plan.profile import CellTypeProfile, ModelProfile, check_step
 
 LINK_LATENCY_MS = 0.01  # one host<->device copy's launch and synchronisation
 MB = 1e6
@@ -174,7 +174,7 @@ def build_graph(model: Model, profiles: dict[str, ModelProfile], length: int, gp
         ids = [next(types) for _ in range(directions)]
         for cid in ids:
             steps = decode[step.name] if isinstance(step, GraphDecoder) else float(length)
-            cost = {d: _cell_ms(p.cell(cid), p, steps, length) for d, p in profiles.items()}
+            cost = {d: _cell_ms(check_step(p, cid, step), p, steps, length) for d, p in profiles.items()}
             nodes.append(Node(cid, cost, {d: _weights(step) / MB for d in profiles}))
             consumers.append((cid, _reads(step)))
         for t in _writes(step):

@@ -80,10 +80,33 @@ class CellTypeProfile:
     # step ended `gap` seconds before costs the extra of the first bucket with gap <= up_to_s,
     # the last bucket's beyond it. Empty: no such cost measured.
     idle_extra_s: tuple[tuple[float, float], ...] = ()
+    # The measured cell's FLOPs per step (`step_flops`), so that a profile of another version
+    # of the model (another width) is refused where it meets the model (`check_step`). None:
+    # not recorded (profiles made before it was).
+    flops_per_step: float | None = None
 
     def idle_extra(self, gap_s: float) -> float:
         """What a step costs on top after its executor ran no step for `gap_s` seconds."""
         return bucket_extra(self.idle_extra_s, gap_s)
+
+
+def step_flops(step) -> float:
+    """What CellTypeProfile.flops_per_step records of a model's recurrent step (a layer's
+    direction, a stack, a decoder): one step's FLOPs, a decoder's at a memory of one position."""
+    from cellserve.graph.model import GraphDecoder
+
+    return float(step.flops_per_step(1) if isinstance(step, GraphDecoder) else step.flops_per_step())
+
+
+def check_step(profile: "ModelProfile", cell_type: str, step) -> CellTypeProfile:
+    """The profile's cell type `cell_type`, refused (ProfileError naming it) when it was
+    measured on a cell of another size than the model's `step`."""
+    cell = profile.cell(cell_type)
+    if cell.flops_per_step is not None and not math.isclose(cell.flops_per_step, step_flops(step), rel_tol=1e-6):
+        raise ProfileError(f"profile.cell_types[{cell_type!r}] was measured on a cell of {cell.flops_per_step:.6g} "
+                           f"FLOPs per step, but model {profile.model!r} has {step_flops(step):.6g}: a profile of "
+                           "another version of the model? Profile it again (cellserve profile)")
+    return cell
 
 
 def bucket_extra(buckets: tuple[tuple[float, float], ...], gap_s: float) -> float:
@@ -268,7 +291,9 @@ def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
                            _num(d.get("lone_call_s", 0.0), f"{where}.lone_call_s"),
                            _num(d.get("cold_s", 0.0), f"{where}.cold_s"),
                            _num(d.get("lone_cold_s", 0.0), f"{where}.lone_cold_s"),
-                           _idle_buckets(d.get("idle_extra_s", []), f"{where}.idle_extra_s"))
+                           _idle_buckets(d.get("idle_extra_s", []), f"{where}.idle_extra_s"),
+                           None if d.get("flops_per_step") is None
+                           else _num(d["flops_per_step"], f"{where}.flops_per_step"))
 
 
 def _idle_buckets(x: object, where: str) -> tuple[tuple[float, float], ...]:
@@ -404,7 +429,7 @@ def synthetic_profile(model, step_s, max_batch: int = 64, lone_lanes: int = 0, l
                 kind, min(lone_lanes, 1) if kind == "decoder" else lone_lanes,  # a decoder's lane runs alone by itself
                 {b: Timing.fixed(cost(b)) for b in range(1, max_batch + 1)},
                 Timing.fixed(lone_step_s) if lone_lanes else None,
-                start_s_per_token, finish_s_per_token)
+                start_s_per_token, finish_s_per_token, flops_per_step=step_flops(step))
     decodes = {t: {n: {decode_steps or n + 1: 1} for n in range(1, model.max_sequence_length + 1)}
                for t, c in cells.items() if c.kind == "decoder"}
     return ModelProfile(

@@ -30,7 +30,7 @@ from cellserve.graph import dense_ops
 from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, layers_of
 from cellserve.kernels.cell import LaneStorage
 from cellserve.kernels.decoder import BeamCandidates
-from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing, bucket_extra
+from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing, bucket_extra, check_step
 from cellserve.sim.clock import VirtualClock
 
 _KIND = {"decoder": GraphDecoder, "stack": LayerStack}
@@ -103,7 +103,7 @@ class SimExecutor(Executor):
     def add_cell_type(self, spec: CellTypeSpec) -> None:
         model = spec.cell_type.split("/", 1)[0]
         profile = self._profile(model)
-        cell = profile.cell(spec.cell_type)
+        cell = check_step(profile, spec.cell_type, spec.step)
         expected = _KIND.get(cell.kind)
         if (expected is None and isinstance(spec.step, (GraphDecoder, LayerStack))) or (
                 expected is not None and not isinstance(spec.step, expected)):

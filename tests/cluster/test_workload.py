@@ -97,3 +97,13 @@ def test_a_model_without_a_profile_or_token_input_is_refused(tmp_path):
         load_catalogue((ClusterSession("d", "dates", 100.0, 1.0),), tmp_path)
     with pytest.raises(ValueError, match="'nope' is not a zoo model"):
         load_catalogue((ClusterSession("n", "nope", 100.0, 1.0),), tmp_path)
+
+
+def test_a_profile_file_holding_another_models_profile_is_refused(tmp_path):
+    from cellserve.cluster.workload import PROFILE_DIR, PROFILE_FILE
+
+    (tmp_path / PROFILE_FILE.format(model="gru-256")).write_text(
+        (PROFILE_DIR / PROFILE_FILE.format(model="lstm-512")).read_text())
+    with pytest.raises(ValueError, match=r"-poisson-profile.json' is of model 'lstm-512', not 'gru-256' \(the file "
+                                         r"session 'g' reads\)"):
+        load_catalogue((ClusterSession("g", "gru-256", 100.0, 1.0),), tmp_path)

@@ -205,6 +205,25 @@ def test_a_version_2_profile_is_read_with_a_warning_and_no_charge_for_arrivals_o
         ModelProfile.from_dict(d)
 
 
+def test_a_profile_of_another_width_of_the_model_is_refused_naming_its_cell_type(models):
+    from helpers_engine import EXAMPLE, TOKEN_AXES, VOCAB
+
+    from cellserve.graph.torch_import import load_torch
+    from cellserve.graph.zoo.modules import RNNClassifier, seeded
+
+    wider = load_torch(seeded(RNNClassifier("gru", vocab=VOCAB, embed=8, hidden=16, layers=2, classes=3), 1), "gru",
+                       EXAMPLE, ["tokens"], ["probabilities", "label"], TOKEN_AXES)
+    profile = synthetic_profile(models.models["gru"], 1 * MS)  # of the width-8 model of this name
+    with pytest.raises(ProfileError, match=r"profile.cell_types\['gru/.*'\] was measured on a cell of 1152 FLOPs "
+                                           r"per step, but model 'gru' has 4608: a profile of another version"):
+        Simulation().add_engine([wider], {"gru": profile}, CONFIG)
+    Simulation().add_engine([models.models["gru"]], {"gru": profile}, CONFIG)  # its own model: served
+    old = ModelProfile.from_dict({**profile.to_dict(), "cell_types": {
+        t: {k: v for k, v in c.items() if k != "flops_per_step"} for t, c in profile.to_dict()["cell_types"].items()}})
+    assert all(c.flops_per_step is None for c in old.cell_types.values())  # made before it was recorded: not checked
+    Simulation().add_engine([wider], {"gru": old}, CONFIG)
+
+
 def test_a_profile_of_another_model_or_too_small_a_batch_is_refused(models):
     lstm = synthetic_profile(models.models["lstm"], 1 * MS)
     with pytest.raises(ProfileError, match="no profile for models"):
