@@ -9,6 +9,8 @@ in decoding.py."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from cellserve.engine.beam import BeamRow
@@ -18,6 +20,8 @@ from cellserve.engine.scheduler import Lane
 from cellserve.errors import CellserveError, InvalidInput
 from cellserve.graph.model import LayerStack, RecurrentLayer, layers_of
 from cellserve.kernels.cell import LaneStorage
+
+log = logging.getLogger(__name__)
 
 
 def _layer_outputs(layer: RecurrentLayer, parts: dict, steps: int) -> tuple:
@@ -81,6 +85,7 @@ class ModelWalk:
         except CellserveError as exc:
             self._finish_run(run, Status.INVALID if isinstance(exc, InvalidInput) else Status.ERROR, str(exc))
         except Exception as exc:  # a model op failing on this request's data: this request only
+            log.exception("request %s of model %s failed", run.request.request_id, run.model.name)
             self._finish_run(run, Status.ERROR, f"{type(exc).__name__}: {exc}")
 
     def _start_layer(self, run: _Run, step: RecurrentLayer | LayerStack) -> None:

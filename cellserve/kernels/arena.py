@@ -9,6 +9,7 @@ never handed out: padded batches point their finished lanes there.
 from __future__ import annotations
 
 import bisect
+from contextlib import contextmanager
 
 
 class SlotPool:
@@ -27,6 +28,13 @@ class SlotPool:
 
     def give(self, slot: int) -> None:
         self._free.append(slot)
+
+    def shrink_to(self, capacity: int) -> None:
+        """Back to `capacity` (what growing took it from), if every slot past it is free."""
+        past = [s for s in self._free if s >= capacity]
+        if capacity < self.capacity and len(past) == self.capacity - capacity:
+            self._free = [s for s in self._free if s < capacity]
+            self.capacity = capacity
 
     @property
     def in_use(self) -> int:
@@ -68,7 +76,31 @@ class RowPool:
             self._lengths[i - 1] += self._lengths.pop(i)
             self._starts.pop(i)
 
+    def shrink_to(self, capacity: int) -> None:
+        """Back to `capacity` (what growing took it from), if every row past it is free."""
+        if capacity < self.capacity and self._starts and self._starts[-1] <= capacity and (
+                self._starts[-1] + self._lengths[-1] == self.capacity):
+            self._lengths[-1] = capacity - self._starts[-1]
+            if not self._lengths[-1]:
+                del self._starts[-1], self._lengths[-1]
+            self.capacity = capacity
+
     def _grow(self, extra: int) -> None:
         old = self.capacity
         self.capacity += extra
         self.give(old, extra)
+
+
+@contextmanager
+def growth_undone(*pools):
+    """Pools that grew in the block go back to their sizes before it if the block raises
+    (after the caller freed what it took): a kernel whose arrays could not grow to a pool's
+    new capacity (a MemoryError on a huge request) must not keep a pool that hands out rows
+    past its arrays, which failed every later lane."""
+    before = [pool.capacity for pool in pools]
+    try:
+        yield
+    except BaseException:
+        for pool, capacity in zip(pools, before):
+            pool.shrink_to(capacity)
+        raise

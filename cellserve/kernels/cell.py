@@ -39,7 +39,7 @@ import threadpoolctl
 import torch
 
 from cellserve.graph.model import GATES, DirectionWeights
-from cellserve.kernels.arena import RowPool, SlotPool
+from cellserve.kernels.arena import RowPool, SlotPool, growth_undone
 
 try:
     from cellserve.kernels import _pointwise
@@ -228,12 +228,13 @@ class CellKernel:
     def start(self, x: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None) -> LaneStorage:
         """Admit a lane. x: [T, I] float inputs, or [T] token ids if the layer has a table."""
         length = int(x.shape[0])
-        lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
-        try:
-            self.load(lane, x, h0, c0)
-        except BaseException:
-            self.release(lane)  # a lane that could not start holds no slot or rows
-            raise
+        with growth_undone(self.slots, self.rows):
+            lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
+            try:
+                self.load(lane, x, h0, c0)
+            except BaseException:
+                self.release(lane)  # a lane that could not start holds no slot or rows
+                raise
         return lane
 
     def load(self, lane: LaneStorage, x: np.ndarray | None, h0: np.ndarray | None = None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cellserve.kernels.arena import RowPool, SlotPool
+from cellserve.kernels.arena import RowPool, SlotPool, growth_undone
 from cellserve.kernels.cell import LaneStorage
 
 
@@ -79,8 +79,17 @@ class GraphDecoderKernel:
         starts as start_lane's lane does and is the row's one live lane; the others are
         spares that `reorder` brings to life. Returns the width storages, first slot first."""
         first = self.start_lane(x, states)
-        slots = [first.slot] + [self.slots.take() for _ in range(width - 1)]
-        self._fit_capacity()
+        spares: list[int] = []
+        with growth_undone(self.slots, self.rows):
+            try:
+                spares += [self.slots.take() for _ in range(width - 1)]
+                self._fit_capacity()
+            except BaseException:  # a row that could not start holds nothing
+                for s in spares:
+                    self.slots.give(s)
+                self.release(first)
+                raise
+        slots = [first.slot] + spares
         self.memory_len[slots] = first.length
         self.beam_k[slots] = width
         group = _BeamGroup(slots, first.base, first.length, {first.slot})
@@ -110,7 +119,17 @@ class GraphDecoderKernel:
         length = int(x.shape[0])
         if length < 1:
             raise ValueError("a decoder lane needs a memory of at least one position")
-        lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
+        with growth_undone(self.slots, self.rows):
+            lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
+            try:
+                self._load(lane, x, states)
+            except BaseException:
+                self.release(lane)  # a lane that could not start holds no slot or rows
+                raise
+        return lane
+
+    def _load(self, lane: LaneStorage, x: np.ndarray, states: list[tuple] | None) -> None:
+        length = lane.length
         self._fit_capacity()
         host = self._host
         if host is not None:  # the same copies through numpy views of the arenas: a torch
@@ -128,7 +147,6 @@ class GraphDecoderKernel:
                     arena[lane.slot] = torch.as_tensor(np.asarray(value), device=self.device)
             self.prev[lane.slot] = self.spec.bos
         self.memory_len[lane.slot] = length
-        return lane
 
     def dummy_lane(self, length: int = 4) -> LaneStorage:
         """A lane with a memory of zeros and states at zeros, for timing."""
@@ -270,15 +288,17 @@ class GraphDecoderKernel:
         n = self.slots.capacity
         if n == self._fit[0] and self.rows.capacity == self._fit[1]:
             return
-        if self.prev.shape[0] < n:
+        # every new arena made before any is replaced: an allocation that fails (a MemoryError)
+        # leaves the kernel as it was, its host views on the arenas it still uses
+        states, prev, memory_len, beam_k, memory = self.states, self.prev, self.memory_len, self.beam_k, self.memory
+        if prev.shape[0] < n:
             grow = lambda a: torch.cat([a, a.new_zeros((n - a.shape[0],) + tuple(a.shape[1:]))])  # noqa: E731
-            self.states = [grow(a) for a in self.states]
-            self.prev = grow(self.prev)
-            self.memory_len = np.concatenate([self.memory_len, np.zeros(n - len(self.memory_len), np.int64)])
-            self.beam_k = np.concatenate([self.beam_k, np.zeros(n - len(self.beam_k), np.int64)])
-        if self.memory.shape[0] < self.rows.capacity:
-            extra = self.memory.new_zeros((self.rows.capacity - self.memory.shape[0], self.memory.shape[1]))
-            self.memory = torch.cat([self.memory, extra])
+            states, prev = [grow(a) for a in states], grow(prev)
+            memory_len = np.concatenate([memory_len, np.zeros(n - len(memory_len), np.int64)])
+            beam_k = np.concatenate([beam_k, np.zeros(n - len(beam_k), np.int64)])
+        if memory.shape[0] < self.rows.capacity:
+            memory = torch.cat([memory, memory.new_zeros((self.rows.capacity - memory.shape[0], memory.shape[1]))])
+        self.states, self.prev, self.memory_len, self.beam_k, self.memory = states, prev, memory_len, beam_k, memory
         self._host_views()  # the arenas may have been replaced: the views must follow
 
     def _host_views(self) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cellserve.graph.model import LayerStack
-from cellserve.kernels.arena import RowPool, SlotPool
+from cellserve.kernels.arena import RowPool, SlotPool, growth_undone
 from cellserve.kernels.cell import CellKernel, LaneStorage
 
 # Steps of a lone lane's run per layer between projections: 16 rows amortise the read of
@@ -40,14 +40,15 @@ class StackKernel:
         """Admit a lane. x: the first layer's inputs (as CellKernel.start); states: (h0, c0)
         per layer, each None for zeros."""
         length = int(x.shape[0])
-        lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
-        try:
-            for i, layer in enumerate(self.layers):
-                h0, c0 = states[i] if states else (None, None)
-                layer.load(lane, x if i == 0 else None, h0, c0)
-        except BaseException:
-            self.release(lane)  # a lane that could not start holds no slot or rows
-            raise
+        with growth_undone(self.slots, self.rows):
+            lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
+            try:
+                for i, layer in enumerate(self.layers):
+                    h0, c0 = states[i] if states else (None, None)
+                    layer.load(lane, x if i == 0 else None, h0, c0)
+            except BaseException:
+                self.release(lane)  # a lane that could not start holds no slot or rows
+                raise
         return lane
 
     def finish(self, lane: LaneStorage) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:

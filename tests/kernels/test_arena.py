@@ -99,3 +99,24 @@ def test_slot_pool_never_hands_out_a_slot_twice(capacity, ops):
             pool.give(slot)
         assert pool.in_use == len(held)
     assert pool.capacity >= capacity
+
+
+def test_growth_undone_puts_pools_back_when_the_block_fails_and_keeps_growth_that_held():
+    from cellserve.kernels.arena import growth_undone
+
+    rows, slots = RowPool(16), SlotPool(4)
+    try:
+        with growth_undone(slots, rows):
+            lane = (slots.take(), slots.take(), slots.take(), slots.take(), rows.take(40))
+            assert rows.capacity > 16 and slots.capacity > 4
+            for s in lane[:4]:
+                slots.give(s)
+            rows.give(lane[4], 40)  # what a kernel's start frees when its arrays cannot grow
+            raise MemoryError
+    except MemoryError:
+        pass
+    assert (rows.capacity, slots.capacity) == (16, 4)
+    assert rows.take(15) == 1 and sorted(slots.take() for _ in range(3)) == [1, 2, 3]
+    with growth_undone(rows):
+        rows.take(40)  # the block holds: the pool keeps what it grew to
+    assert rows.capacity > 16
