@@ -12,8 +12,10 @@ is refused at once; with drop_late, an admitted one that no longer can is droppe
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from operator import attrgetter
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +39,23 @@ OVERHEAD_SPELLS = 9
 SPELL_BUSY_S = 0.05
 SPELL_SPAN_S = 0.25
 _urgency = attrgetter("urgency")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def machine_memory_bytes() -> int:
+    """This machine's memory, or the process's cgroup limit where that is lower (a container)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
 
 
 class Admission:
@@ -64,12 +83,17 @@ class Admission:
             self._respond_early(request, Status.REJECTED, f"queue full: {len(self._runs)} requests in flight",
                                 congestion=True)
             return
+        length = self._request_length(model, inputs)
+        lane_bytes = model.batch_size(inputs) * length * self._lane_bytes_per_token[model.name]
+        if lane_bytes + self._lane_bytes_held > self.lane_memory_limit:
+            self._refuse_for_memory(request, model, inputs, length, lane_bytes)
+            return
         if request.timeout_s is not None and not request.timeout_s > 0:
             self._respond_early(request, Status.INVALID, f"timeout must be > 0 seconds, got {request.timeout_s}")
             return
         timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
         deadline = request.arrival + timeout if timeout is not None else math.inf
-        rounds_plan, batch = self._rounds_plan(model, inputs), model.batch_size(inputs)
+        rounds_plan, batch = self._rounds_plan(model, inputs, length), model.batch_size(inputs)
         predicted, probe = None, False
         if self.config.admission and deadline < math.inf:
             predicted = self._predicted_latency(model, rounds_plan, batch, width)
@@ -93,13 +117,29 @@ class Admission:
                     return
                 probe = True
         run = _Run(request, model, {**model.constants, **inputs}, deadline, rounds_plan, batch, width=width,
-                   probe=probe, priced_s=predicted)
+                   probe=probe, priced_s=predicted, lane_bytes=lane_bytes)
         self._commit(run, +1)
+        self._lane_bytes_held += lane_bytes
         run.admitted = now
         if request.trace is not None:
             request.trace.stamp("COMPUTE_START")
         self._runs[request.request_id] = run
         self._advance(run)
+
+    def _refuse_for_memory(self, request: Request, model: Model, inputs: dict, length: int, lane_bytes: int) -> None:
+        """A request whose lanes would take the engine's lane storage past its limit: INVALID
+        when it needs more than all of it (it never fits), else REJECTED (it fits once the
+        requests in flight leave): the arenas only grow, and a request too large for the
+        machine would fail every request of its model, or the process."""
+        limit = self.lane_memory_limit
+        need = f"needs {_size(lane_bytes)} of lane storage ({model.batch_size(inputs)} sequence(s) of {length} steps)"
+        if lane_bytes > limit:
+            self._respond_early(request, Status.INVALID, f"{need}, more than the engine holds for all requests "
+                                f"({_size(limit)}, --max-lane-memory): send fewer or shorter sequences")
+        else:
+            self._respond_early(request, Status.REJECTED, f"{need}; the requests in flight hold "
+                                f"{_size(self._lane_bytes_held)} of the engine's {_size(limit)} (--max-lane-memory)",
+                                congestion=True)
 
     def predicted_latency(self, request: Request) -> float:
         """Seconds this engine would now take to run `request` (a router's question; the
@@ -137,7 +177,9 @@ class Admission:
         """Seconds the request would take on an idle engine, at the fastest steps seen."""
         return sum(rounds_plan) * self._round_time(self._lanes(model, batch, width), shared=False)
 
-    def _rounds_plan(self, model: Model, inputs: dict) -> list[int]:
+    @staticmethod
+    def _request_length(model: Model, inputs: dict) -> int:
+        """A request's time steps: its longest input along that input's time axis (at least 1)."""
         length = 1
         for name, sem in model.semantics.items():
             if sem.time_axis is not None:
@@ -145,6 +187,11 @@ class Admission:
                 shape = x.shape if type(x) is np.ndarray else np.shape(x)
                 if sem.time_axis < len(shape):
                     length = max(length, shape[sem.time_axis])
+        return length
+
+    def _rounds_plan(self, model: Model, inputs: dict, length: int | None = None) -> list[int]:
+        """Rounds of each recurrent step of a request (`length`: its _request_length, if known)."""
+        length = self._request_length(model, inputs) if length is None else length
         # a decoder's rounds: the steps its lanes have taken at this length (output_length.py)
         return [length if dec is None else
                 self._output_lengths[dec].steps(length, self._decoders[dec].max_tokens(length) + 1)

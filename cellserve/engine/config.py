@@ -59,6 +59,13 @@ class EngineConfig:
                                               metavar="SECONDS")
     max_active: int = setting(4096, "requests in flight in the engine at once; more are refused (HTTP 429)",
                               ge=1, flag="--max-inflight", aliases=("--max-queue",), group=_BATCHING, metavar="N")
+    max_lane_memory_mb: float | None = setting(None, "MiB of lane storage (each sequence's rows in the recurrent "
+                                                     "layers and a decoder's memory, per token) held for the "
+                                                     "requests in flight; a request that would take more is refused "
+                                                     "(HTTP 429; 400 when it needs more than all of it alone)",
+                                               gt=0, flag="--max-lane-memory",
+                                               unset="a quarter of the machine's memory (or of the cgroup's limit)",
+                                               group=_BATCHING, metavar="MIB")
     profile: bool = setting(True, "measure step costs at start-up to seed the cost model",
                             flag="--startup-profile", group=_COMPUTE)
     pin_threads: bool = setting(True, "pin the kernel threads to one core each when they match the cores this "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cellserve.engine.admission import OVERHEAD_SPELLS, Admission
+from cellserve.engine.admission import OVERHEAD_SPELLS, Admission, machine_memory_bytes
 from cellserve.engine.clock import Clock, MonotonicClock
 from cellserve.engine.concurrent import ConcurrentSteps
 from cellserve.engine.config import EngineConfig
@@ -129,6 +129,11 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         self._output_lengths: dict[str, OutputLength] = {}  # decoder cell type -> its lanes' steps, learnt
         self._decoders: dict[str, GraphDecoder] = {}  # cell type -> its decoder
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
+        # lane storage: per model, the bytes a sequence's lanes hold per token (admission.py _admit)
+        self._lane_bytes_per_token: dict[str, int] = {}
+        self._lane_bytes_held = 0  # by the requests in flight
+        self.lane_memory_limit = (int(self.config.max_lane_memory_mb * 2**20) if self.config.max_lane_memory_mb
+                                  else machine_memory_bytes() // 4)
         for model in models:
             self._add_model(model)
         cell_types = {t for types in self._layer_types.values() for layer in types for t in layer}
@@ -205,6 +210,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
             raise ValueError(f"model {model.name!r} has a cell type named {plain_ops_key(model.name)!r}, "
                              "the name of its plain ops")
         self._model_types[model.name] = model.cell_types()
+        self._lane_bytes_per_token[model.name] = sum(s.lane_bytes_per_token() for s in model.recurrent_steps())
         types = iter(self._model_types[model.name])
         self._layer_types[model.name] = []
         steps = model.recurrent_steps()
@@ -611,6 +617,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         run.lanes.clear()
         if self._runs.pop(run.request.request_id, None) is not None:
             self._commit(run, -1)
+            self._lane_bytes_held -= run.lane_bytes
         if run.responded:
             raise RuntimeError(f"request {run.request.request_id} answered twice")
         run.responded = True

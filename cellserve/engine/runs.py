@@ -58,6 +58,7 @@ class _Run:
     moved: set = field(default_factory=set)
     extra_outputs: dict = field(default_factory=dict)  # response tensors beyond the model's (beam search)
     width: int = 1  # a decoder's lanes per row: the beam width it decodes with (engine/beam.py)
+    lane_bytes: int = 0  # the lane storage admission counted it for (Engine._lane_bytes_held)
     # set from the fields above once made (__post_init__): the drop check reads them for every
     # run in flight, every check
     urgency: tuple = field(init=False, default=())  # (priority, deadline, arrival): most urgent first

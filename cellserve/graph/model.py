@@ -100,6 +100,11 @@ class RecurrentLayer:
     def flops_per_token_projection(self) -> float:
         return 0.0 if self.token_table is not None else 2.0 * GATES[self.kind] * self.hidden * self.input_size
 
+    def lane_bytes_per_token(self) -> int:
+        """What the kernels hold for each token of a sequence while its lanes run: per
+        direction, its input projection's row and its output's row (float32)."""
+        return len(self.directions) * 4 * (GATES[self.kind] + 1) * self.hidden
+
 
 @dataclass
 class LayerStack:
@@ -127,6 +132,9 @@ class LayerStack:
 
     def flops_per_token_projection(self) -> float:
         return self.layers[0].flops_per_token_projection()
+
+    def lane_bytes_per_token(self) -> int:
+        return sum(layer.lane_bytes_per_token() for layer in self.layers)
 
 
 def layers_of(step: RecurrentLayer | LayerStack) -> list[RecurrentLayer]:
@@ -189,6 +197,11 @@ class GraphDecoder:
 
     def flops_per_step(self, memory_len: int) -> float:
         return self.flops_fixed + self.flops_per_position * memory_len
+
+    def lane_bytes_per_token(self) -> int:
+        """What the kernel holds per source position of a row while it decodes: its attention
+        memory's row (float32; a beam row's hypotheses share it)."""
+        return 4 * self.memory_width
 
     # ---- what the planners and the GPU model read (plan/partition_model.py, gpu_model.py) ----
 

@@ -174,3 +174,32 @@ def test_a_call_between_steps_whose_caller_gave_up_is_not_run_and_stops_nothing(
     engine.submit(make_request(responses, 0, "lstm", {"tokens": GOOD_TOKENS}))
     engine.run_until_idle(timeout_s=10)
     assert ran == ["kept one"] and kept.result() == 7 and responses.one(0).status is Status.OK
+
+
+def test_lane_storage_is_bounded_a_request_too_large_for_all_of_it_is_invalid_and_one_that_fits_later_waits(models):
+    # gru: two stacked GRU layers of width 8, 256 bytes of lane storage per token of a sequence
+    limit_mb = 1200 / 2**20  # 1,200 bytes: four tokens of one sequence
+    engine = Engine([models.models["gru"]], EngineConfig(max_lane_memory_mb=limit_mb, profile=False))
+    responses = Responses()
+    engine.submit(make_request(responses, 0, "gru", {"tokens": np.ones((1, 5), np.int64)}))  # 1,280 bytes
+    engine.submit(make_request(responses, 1, "gru", {"tokens": np.ones((1, 3), np.int64)}))  # 768
+    engine.submit(make_request(responses, 2, "gru", {"tokens": np.ones((2, 2), np.int64)}))  # 1,024: not with 1's
+    engine.run_until_idle()
+    too_big, ok, later = responses.one(0), responses.one(1), responses.one(2)
+    assert too_big.status is Status.INVALID
+    assert re.search(r"needs 1,280 bytes of lane storage \(1 sequence\(s\) of 5 steps\), more than the engine holds "
+                     r"for all requests \(1,200 bytes, --max-lane-memory\)", too_big.reason), too_big.reason
+    assert ok.status is Status.OK
+    assert later.status is Status.REJECTED and later.congestion, later.reason
+    assert "the requests in flight hold" in later.reason
+    for i in range(3, 6):  # what the answered requests held was given back: each fits again
+        engine.submit(make_request(responses, i, "gru", {"tokens": np.ones((2, 2), np.int64)}))
+        engine.run_until_idle()
+        assert responses.one(i).status is Status.OK, responses.one(i).reason
+
+
+def test_the_default_lane_storage_limit_is_a_quarter_of_the_machines_memory(models):
+    from cellserve.engine.admission import machine_memory_bytes
+
+    engine = Engine([models.models["gru"]], EngineConfig(profile=False))
+    assert engine.lane_memory_limit == machine_memory_bytes() // 4 > 0
