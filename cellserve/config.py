@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -60,6 +61,9 @@ def setting(default: Any = _NO_DEFAULT, help: str = "", *, default_factory: Call
     return dataclasses.field(default=default, metadata=meta)
 
 
+_PLACEHOLDER = re.compile(r"\{(name|\d+)\}")
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with one setting.
@@ -74,7 +78,9 @@ class Problem:
     others: tuple[str, ...] = ()
 
     def render(self, namer: Callable[[str], str] = str) -> str:
-        return self.text.format(*(namer(k) for k in self.others), name=namer(self.key))
+        # only these placeholders: the text also quotes the user's value, which may hold braces
+        names = {"name": namer(self.key), **{str(i): namer(k) for i, k in enumerate(self.others)}}
+        return _PLACEHOLDER.sub(lambda m: names.get(m.group(1), m.group(0)), self.text)
 
     def within(self, section: str) -> Problem:
         return Problem(f"{section}.{self.key}", self.text, tuple(f"{section}.{k}" for k in self.others))

@@ -95,6 +95,15 @@ def test_a_file_is_read_strictly_naming_each_key():
     assert problems[0].key == "admission" and "unknown key" in problems[0].render()
 
 
+def test_a_bad_value_holding_braces_is_named_not_a_crash():
+    # the message quotes the value: its braces are not placeholders (they raised KeyError)
+    _, problems = from_mapping(ServerSettings, {"http_port": "{port}", "host": {"a": 1}})
+    assert [p.render() for p in problems] == ["http_port must be an integer, got '{port}' (a string)",
+                                              "host must be a string, got {'a': 1} (a table)"]
+    with pytest.raises(ConfigError, match=r"policy '\{fast\}' is not one of cellular"):
+        EngineConfig(policy="{fast}")
+
+
 def test_flags_override_the_file_and_name_themselves_in_errors(tmp_path):
     config = tmp_path / "serve.toml"
     config.write_text('model_repository = "models"\nhttp_port = 9000\n[engine]\nmax_batch = 4\npolicy = "padded"\n')
