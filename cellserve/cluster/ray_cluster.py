@@ -241,6 +241,7 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
     else:
         core = RayCore(served, router, call, metrics, settings.sequence_idle_s, settings.max_sequences,
                        layout.gates, layout.unplanned, settings.engine.admission_headroom)
+    core.default_timeout_s = settings.engine.default_timeout_s
     if server_log is not None:
         core.log = server_log
     if settings.replan_every_s is not None and fams is None:

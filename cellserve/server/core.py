@@ -250,6 +250,9 @@ class Core(ModelControl):
                  tracer: Tracer | None = None, log: ServerLog | None = None, repository: Path | None = None,
                  poll_s: float | None = None, fingerprints: dict[str, tuple] | None = None):
         self.engine = engine
+        # the deadline of requests that send none and whose model sets none (--default-timeout):
+        # the engine's, which the wait for its answer must keep too (a RayCore's is set by its maker)
+        self.default_timeout_s = engine.config.default_timeout_s if engine is not None else None
         # Triton's model control mode EXPLICIT (or POLL, with poll_s) when set: the repository
         # whose models load and unload while serving; None: the models are those it started with
         self.repository = repository
@@ -469,7 +472,8 @@ class Core(ModelControl):
         for name in request.classification:
             spec = next((s for s in entry.model.outputs if s.name == name), None)
             check_classifiable(spec, name, entry.name)
-        timeout_s = options.timeout_us / 1e6 if options.timeout_us else entry.settings.default_timeout_s
+        timeout_s = options.timeout_us / 1e6 if options.timeout_us else (entry.settings.default_timeout_s
+                                                                          or self.default_timeout_s)
         if request.client_timeout_s is not None and (timeout_s is None or request.client_timeout_s < timeout_s):
             timeout_s = request.client_timeout_s
         priority = options.priority or entry.settings.default_priority or (1 << 31)

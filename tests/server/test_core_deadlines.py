@@ -150,3 +150,28 @@ def test_a_grpc_deadline_reaches_the_engine_and_its_end_is_a_missed_deadline():
     finally:
         server.stop()
         worker.stop.set()
+
+
+def test_the_engines_default_timeout_is_the_deadline_the_server_keeps_too():
+    """--default-timeout (the engine's default for requests that send none and whose model sets
+    none) is the deadline of the server's wait as well: the engine is handed it like a client's
+    timeout, so a late answer is a 504 and a counted miss, never a late success."""
+    served = load_zoo(["lstm-512"])
+    engine = Engine([s.model for s in served], EngineConfig(profile=False, pin_threads=False,
+                                                            default_timeout_s=0.75))
+    seen = []
+    submit = engine.submit
+    engine.submit = lambda request: (seen.append(request), submit(request))
+    stop = threading.Event()
+    worker = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    worker.start()
+    try:
+        core = Core(served, engine, Metrics(engine))
+        assert core.default_timeout_s == 0.75
+        infer(core, None)
+        assert seen[-1].timeout_s == pytest.approx(0.75, abs=0.05)
+        infer(core, 2_000_000)  # a request's own timeout still wins
+        assert seen[-1].timeout_s == pytest.approx(2.0, abs=0.05)
+    finally:
+        stop.set()
+        worker.join(timeout=10)
