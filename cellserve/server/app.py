@@ -279,7 +279,12 @@ class Frontends:
             self._ports["grpc"] = f"{_url_host(s.host)}:{port}"
         tasks = []
         apps = {"http": build_app(self.core, s.max_request_bytes), "metrics": build_metrics_app(self.core.metrics)}
-        protocols = {"http": guarded_protocol(self.core, self.limits), "metrics": "httptools"}
+        # the metrics port is guarded as the inference port is (its own count of connections):
+        # unguarded, clients that sent half a request held their sockets until the process ran
+        # out of file descriptors, and inference with them
+        metrics_limits = ConnectionLimits(s.max_connections, s.idle_timeout_s, s.read_timeout_s)
+        protocols = {"http": guarded_protocol(self.core, self.limits),
+                     "metrics": guarded_protocol(self.core, metrics_limits)}
         for name, sock in self.sockets.items():
             config = uvicorn.Config(apps[name], log_level="warning", access_log=False, lifespan="off",
                                     timeout_graceful_shutdown=s.grace_s + 5, http=protocols[name],

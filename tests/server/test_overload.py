@@ -209,6 +209,21 @@ def test_half_a_header_is_answered_408_and_closed(impatient):
     assert metric(impatient, "cellserve_http_requests_timed_out_total") >= 1
 
 
+def test_the_metrics_port_times_out_half_a_header_too(impatient):
+    """Unguarded, such clients held their sockets on the metrics port until the process ran
+    out of file descriptors, and the inference port with it."""
+    sock = connect(impatient.metrics)
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    status, _, body = read_response(sock)  # blocks until the server's read timeout
+    assert status == 408 and "headers did not arrive within 0.5 s" in json.loads(body)["error"]
+    assert closed_by_server(sock)
+    scrape = connect(impatient.metrics)  # and a whole request is served as before
+    scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = read_response(scrape)
+    assert status == 200 and b"cellserve_inference_request_success_total" in body
+    scrape.close()
+
+
 def test_a_stalled_body_is_answered_408_and_closed(impatient):
     sock = connect(impatient.http)
     sock.sendall(head() + BODY[:5])
