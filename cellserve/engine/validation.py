@@ -59,22 +59,13 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
         if value.ndim != len(spec.shape):
             raise InvalidInput(f"{where}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), got shape {list(value.shape)}")
         semantics = model.semantics.get(name)
-        if semantics is not None and semantics.batch_axis is not None:
-            rows = value.shape[semantics.batch_axis]
-            if rows > model.max_request_rows:
-                raise InvalidInput(f"{where}: {rows} sequences (dimension {semantics.batch_axis}) exceed the model's "
-                                   f"limit of {model.max_request_rows} per request (a repository model's "
-                                   "max_request_rows parameter, else its max_batch_size, sets it); split the batch")
+        check_request_limits(model, name, value.shape, where)
         for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
             if want != -1 and want != got:
                 raise InvalidInput(f"{where}: dimension {axis} must be {want}, got {got} (shape {list(value.shape)})")
             if got == 0:
                 raise InvalidInput(f"{where}: dimension {axis} is empty (shape {list(value.shape)})")
         value = _convert_dtype(where, value, np.dtype(spec.dtype))
-        if semantics is not None and semantics.time_axis is not None:
-            length = value.shape[semantics.time_axis]
-            if length > model.max_sequence_length:
-                raise InvalidInput(f"{where}: sequence length {length} exceeds the model's limit of {model.max_sequence_length} (a repository model's max_sequence_length parameter sets it)")
         if semantics is not None and semantics.vocab is not None and _out_of_range(value, semantics.vocab):
             low, high = int(value.min()), int(value.max())
             bad = low if low < 0 else high
@@ -85,6 +76,25 @@ def validate_inputs(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np
     if len(out) > 1:
         _check_shared_dimensions(model, out)
     return out
+
+
+def check_request_limits(model: Model, name: str, shape: tuple[int, ...], where: str) -> None:
+    """The model's bounds on one input's shape: its sequences per request and their length.
+    The engine checks every request; the frontends check the shape a request declares, before
+    they decode its data (a 60 MB body of one over-long sequence held their loop for seconds)."""
+    semantics = model.semantics.get(name)
+    if semantics is None:
+        return
+    axis = semantics.batch_axis
+    if axis is not None and axis < len(shape) and shape[axis] > model.max_request_rows:
+        raise InvalidInput(f"{where}: {shape[axis]} sequences (dimension {axis}) exceed the model's "
+                           f"limit of {model.max_request_rows} per request (a repository model's "
+                           "max_request_rows parameter, else its max_batch_size, sets it); split the batch")
+    axis = semantics.time_axis
+    if axis is not None and axis < len(shape) and shape[axis] > model.max_sequence_length:
+        raise InvalidInput(f"{where}: sequence length {shape[axis]} exceeds the model's limit of "
+                           f"{model.max_sequence_length} (a repository model's max_sequence_length parameter "
+                           "sets it)")
 
 
 def _check_shared_dimensions(model: Model, inputs: dict[str, np.ndarray]) -> None:

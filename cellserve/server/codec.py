@@ -4,14 +4,34 @@ numpy arrays (and back), with an error that names the tensor for every way it ca
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
 from cellserve.datatypes import BY_DTYPE as _BY_DTYPE
 from cellserve.datatypes import DATATYPES
+from cellserve.engine.validation import check_request_limits
+from cellserve.errors import InvalidInput
 from cellserve.server.errors import BadRequest
 
 MAX_ELEMENTS = 1 << 26  # a shape asking for more is refused before anything is allocated
+# (input name, its declared shape, where) -> None, or BadRequest: a served model's limits on a
+# request's shape, checked before its data is decoded (declared_shape_check)
+ShapeCheck = Callable[[str, tuple[int, ...], str], None]
+
+
+def declared_shape_check(entry) -> ShapeCheck:
+    """The ShapeCheck of a served model (a ServedModel): its sequences per request and their
+    length (engine/validation.py check_request_limits, which the engine applies again)."""
+    model = entry.model
+
+    def check(name: str, shape: tuple[int, ...], where: str) -> None:
+        try:
+            check_request_limits(model, name, shape, where)
+        except InvalidInput as exc:
+            raise BadRequest(str(exc)) from None
+
+    return check
 
 
 def no_misplaced_params(parameters, where: str, output: bool = False) -> None:

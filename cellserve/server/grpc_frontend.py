@@ -24,6 +24,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from cellserve.server import classification, codec
+from cellserve.server.codec import ShapeCheck, declared_shape_check
 from google.protobuf.message import DecodeError
 
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
@@ -270,7 +271,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """The request's InferInput, with the call's own deadline; a bad one is counted as the
         core counts its own 400s, then raised."""
         try:
-            infer_input = parse_infer_request(request, self.core.shared_memory)
+            infer_input = parse_infer_request(request, self.core.shared_memory, declared_shape_check(entry))
         except ServerError as exc:
             self.core.failed_before_infer(entry, exc, received)
             raise
@@ -379,9 +380,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 # ---- request ----
 
-def parse_infer_request(request: service_pb2.ModelInferRequest, shared_memory: SystemSharedMemory) -> InferInput:
+def parse_infer_request(request: service_pb2.ModelInferRequest, shared_memory: SystemSharedMemory,
+                        limits: ShapeCheck | None = None) -> InferInput:
     """Decode a ModelInferRequest into the core's InferInput, or raise BadRequest. Inputs in
-    `shared_memory`'s regions are read from there; raw_input_contents holds the others'."""
+    `shared_memory`'s regions are read from there; raw_input_contents holds the others'.
+    `limits` checks each input's declared shape before its data is decoded."""
     if not request.inputs:
         raise BadRequest("the request has no inputs")
     places = [tensor_place(_parameters(t.parameters), f"input {t.name!r}") if t.parameters else None
@@ -406,6 +409,8 @@ def parse_infer_request(request: service_pb2.ModelInferRequest, shared_memory: S
         codec.no_misplaced_params(tensor.parameters, where)
         dtype = codec.dtype_of(tensor.datatype, where)
         shape = codec.check_shape(list(tensor.shape), where)
+        if limits is not None:
+            limits(tensor.name, shape, where)
         if place is not None:
             if _has_contents(tensor):
                 raise BadRequest(f"{where}: is in shared memory, and has contents too")

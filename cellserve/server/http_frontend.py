@@ -34,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cellserve.decimal_text import ascii_int
 from cellserve.server import classification, codec
+from cellserve.server.codec import ShapeCheck, declared_shape_check
 from cellserve.server.core import Admission, Core, InferInput, InferOutput
 from cellserve.server.errors import BadRequest, NotFound, Overloaded, ServerError, TooLarge, Unavailable
 from cellserve.server.log_settings import LogSettingError
@@ -305,7 +306,8 @@ class InferEndpoint:
             if trace is not None:
                 trace.stamp("HTTP_RECV_END")
             infer_input, binary_outputs = parse_infer_request(body, headers.get(HEADER_LENGTH.lower()), model,
-                                                              version, self.core.shared_memory)
+                                                              version, self.core.shared_memory,
+                                                              declared_shape_check(entry))
         except ServerError as exc:  # a 400 (or 413) before the core saw it: counted as the core's are
             self.core.failed_before_infer(entry, exc, received)
             raise
@@ -441,10 +443,11 @@ def _inflate(packed: bytes, encoding: str, limit: int) -> bytes:
 
 
 def parse_infer_request(body: bytes, header_length: str | None, model: str, version: str,
-                        shared_memory: SystemSharedMemory) -> tuple[InferInput, dict[str, bool]]:
+                        shared_memory: SystemSharedMemory, limits: ShapeCheck | None = None
+                        ) -> tuple[InferInput, dict[str, bool]]:
     """Decode an inference request (JSON, or JSON then binary tensors, or tensors in
     `shared_memory`'s regions). Returns it and, per output to return, whether it goes back
-    as binary."""
+    as binary. `limits` checks each input's declared shape before its data is decoded."""
     if header_length is not None:
         if ascii_int(header_length) is None or len(header_length) > 18 or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} {header_length!r} must be an integer no larger than the body "
@@ -476,7 +479,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str, vers
         raise BadRequest("'inputs' must be a non-empty list of input tensors")
     inputs, offset = {}, 0
     for i, tensor in enumerate(raw_inputs):
-        array, used = _parse_input(tensor, i, binary[offset:], shared_memory)
+        array, used = _parse_input(tensor, i, binary[offset:], shared_memory, limits)
         if tensor["name"] in inputs:
             raise BadRequest(f"input {tensor['name']!r} is given twice")
         offset += used
@@ -525,8 +528,8 @@ def _check_url_fields(doc: dict, model: str, version: str) -> str:
     return version
 
 
-def _parse_input(tensor: object, index: int, binary: memoryview,
-                 shared_memory: SystemSharedMemory) -> tuple[np.ndarray, int]:
+def _parse_input(tensor: object, index: int, binary: memoryview, shared_memory: SystemSharedMemory,
+                 limits: ShapeCheck | None = None) -> tuple[np.ndarray, int]:
     if not isinstance(tensor, dict):
         raise BadRequest(f"inputs[{index}] must be an object, got {type(tensor).__name__}")
     name = tensor.get("name")
@@ -535,6 +538,8 @@ def _parse_input(tensor: object, index: int, binary: memoryview,
     where = f"input {name!r}"
     _no_unknown_fields(tensor, _INPUT_FIELDS, where)
     shape = codec.check_shape(tensor.get("shape"), where)
+    if limits is not None:
+        limits(name, shape, where)
     dtype = codec.dtype_of(tensor.get("datatype"), where)
     params = tensor.get("parameters", {})
     if not isinstance(params, dict):

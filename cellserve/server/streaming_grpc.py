@@ -22,6 +22,7 @@ import logging
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from cellserve.server.codec import declared_shape_check
 from cellserve.server.core import Admission, Core
 from cellserve.server.errors import ServerError
 from cellserve.server.grpc_frontend import _cut, _set_parameter, encode_infer_response, parse_infer_request
@@ -111,8 +112,9 @@ async def _answer(core: Core, request, put) -> None:
         put(_ANSWERED)
         return
     try:
-        core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding tensors
-        stream = TokenStream(core, parse_infer_request(request, core.shared_memory), received,
+        entry = core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding tensors
+        stream = TokenStream(core, parse_infer_request(request, core.shared_memory, declared_shape_check(entry)),
+                             received,
                              encode=encode_infer_response)
         async for event in stream:
             if isinstance(event, Token):

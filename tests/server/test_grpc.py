@@ -224,6 +224,12 @@ def test_wrong_shape_and_byte_length(client):
     bad(client, lambda: client.infer("lstm-512", [negative]), "'tokens'", "positive")
 
 
+def test_a_shape_past_the_models_limits_is_refused_before_its_data_is_read(client):
+    long = tensor("tokens", np.array([[1, 2, 3]]))
+    long.set_shape([1, 30_000_000])  # 24 bytes of data: the declared shape is refused first
+    bad(client, lambda: client.infer("lstm-512", [long]), "sequence length 30000000 exceeds the model's limit")
+
+
 def test_token_id_out_of_range(client):
     bad(client, lambda: infer(client, "lstm-512", np.array([[1, 2, 10_000]])), "token id 10000 is out of range")
     bad(client, lambda: infer(client, "seq2seq-reverse", np.array([[1, -4]]), name="digits"), "token id -4")

@@ -111,6 +111,14 @@ def test_input_of_another_model(server):
     error_of(*infer(server, tokens([1, 2], [4, 5], name="digits")), 400, "unknown input", "digits")
 
 
+@pytest.mark.parametrize("shape, fragment", [([1, 30_000_000], "sequence length 30000000 exceeds the model's limit"),
+                                             ([5000, 2], "5000 sequences (dimension 0) exceed the model's limit")])
+def test_a_shape_past_the_models_limits_is_refused_before_its_data_is_read(server, shape, fragment):
+    # three values for a shape of millions: the limits are checked on the declared shape, so
+    # the answer names them (decoding first took seconds of the loop for such a body)
+    error_of(*infer(server, tokens(shape, [1, 2, 3])), 400, fragment)
+
+
 def test_input_given_twice(server):
     doc = {"inputs": GOOD["inputs"] * 2}
     error_of(*infer(server, doc), 400, "'tokens'", "twice")
