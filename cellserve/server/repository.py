@@ -11,15 +11,17 @@ reads: `name`, `platform`/`backend` (must be ONNX Runtime's, if set), `version_p
 the graph; dims as Triton reads them, without the batch dimension when `max_batch_size` > 0;
 a fixed size where the graph has a dynamic one holds requests to it),
 `sequence_batching.max_sequence_idle_microseconds`,
-`dynamic_batching.default_priority_level`, an output's `label_filename` (its classes' labels
-for classification, server/classification.py), and `parameters` `slo_ms` (the model's default
+`dynamic_batching.default_priority_level` (within `priority_levels`, if set), an output's
+`label_filename` (its classes' labels for classification, server/classification.py), and
+`parameters` `slo_ms` (the model's default
 deadline for requests that send no `timeout`), `max_sequence_length` (the longest input
 sequence a request may send, in steps; default 1024) and `max_request_rows` (the most
 sequences one request may hold; else `max_batch_size` when > 0, as Triton reads it; default
 1024; not more than a max_batch_size > 0). `max_batch_size` > 0 needs a batch-first model
 and is published as given (the published dims then leave the batch out). See the README for
-an example. The config's `parameters` are published as they are (server/model_config.py);
-`text.*` keys must make a text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
+an example. Anything else a config sets (instance groups, queue policies, warm-up, ...) is
+logged at load as not applied. The config's `parameters` are published as they are
+(server/model_config.py); `text.*` keys must make a text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
 
 An encoder-decoder is a version directory holding `encoder.onnx` and `decoder_step.onnx`
 instead of a model file, with its decode specification in the config's `parameters` as
@@ -31,6 +33,7 @@ instead of a model file, with its decode specification in the config's `paramete
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +45,8 @@ from cellserve.decimal_text import ascii_int
 from cellserve.errors import ModelLoadError
 from cellserve.graph.decode_spec import PARAMETER_PREFIX, DecodeSpec
 from cellserve.graph.model import Model
+
+log = logging.getLogger(__name__)
 
 ONNX_PLATFORMS = {"", "onnxruntime_onnx"}
 ONNX_BACKENDS = {"", "onnxruntime"}
@@ -179,6 +184,9 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
                              "cellserve serves ONNX models (platform onnxruntime_onnx)")
     versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and (ascii_int(p.name) or 0) > 0)
     chosen = _choose_versions(config, versions, where)
+    ignored = unapplied_fields(config)
+    if ignored:
+        log.warning("%s: config.pbtxt sets %s, which cellserve does not apply", where, ", ".join(ignored))
     filename = config.default_model_filename or "model.onnx"
     settings = _settings(config, where)
     max_length = _positive_parameter(config, "max_sequence_length", "steps", where)
@@ -316,12 +324,17 @@ def _choose_versions(config: mc.ModelConfig, versions: list[int], where: str) ->
     if kind == "all":
         return versions
     if kind == "specific":
+        if not policy.specific.versions:
+            raise ModelLoadError(f"{where}: version_policy specific names no versions (versions: [N, ...])")
         missing = sorted(set(policy.specific.versions) - set(versions))
         if missing:
             raise ModelLoadError(f"{where}: version_policy asks for version(s) {missing}, found {versions}")
         return sorted(set(policy.specific.versions))
+    if kind == "latest" and policy.latest.num_versions < 1:
+        raise ModelLoadError(f"{where}: version_policy latest needs num_versions of at least 1, "
+                             f"got {policy.latest.num_versions}")
     count = policy.latest.num_versions if kind == "latest" else 1
-    return versions[-max(count, 1):]
+    return versions[-count:]
 
 
 def _settings(config: mc.ModelConfig, where: str) -> ModelSettings:
@@ -339,8 +352,51 @@ def _settings(config: mc.ModelConfig, where: str) -> ModelSettings:
     if config.HasField("sequence_batching") and idle > 0:
         settings.sequence_idle_s = idle / 1e6
     if config.HasField("dynamic_batching"):
-        settings.default_priority = config.dynamic_batching.default_priority_level
+        batching = config.dynamic_batching
+        if batching.priority_levels and not 0 < batching.default_priority_level <= batching.priority_levels:
+            raise ModelLoadError(f"{where}: dynamic_batching.default_priority_level "
+                                 f"{batching.default_priority_level} must be within 1..priority_levels "
+                                 f"({batching.priority_levels})")
+        settings.default_priority = batching.default_priority_level
     return settings
+
+
+# What of a config cellserve applies (see the module docstring): field paths, "[]" for each
+# item of a repeated field. Anything else a config sets is logged as not applied.
+_APPLIED = {"name", "platform", "backend", "version_policy", "max_batch_size", "default_model_filename",
+            "parameters", "input[].name", "input[].data_type", "input[].dims", "output[].name",
+            "output[].data_type", "output[].dims", "output[].label_filename",
+            "sequence_batching.max_sequence_idle_microseconds", "dynamic_batching.default_priority_level",
+            "dynamic_batching.priority_levels"}
+_PARTLY = {"input[]", "output[]", "sequence_batching", "dynamic_batching"}
+
+
+def unapplied_fields(config: mc.ModelConfig) -> list[str]:
+    """The fields `config` sets that cellserve does not apply (Triton's instance groups,
+    queue policies, warm-up, ...), as dotted paths."""
+    found = []
+
+    def walk(message, prefix: str) -> None:
+        for fd, value in message.ListFields():
+            repeated = _is_repeated(fd)
+            path = f"{prefix}{fd.name}" + ("[]" if repeated else "")
+            if path in _APPLIED or path.removesuffix("[]") in _APPLIED:
+                continue
+            if path in _PARTLY:
+                for item in (value if repeated else [value]):
+                    walk(item, path + ".")
+            elif path.replace("[]", "") not in found:
+                found.append(path.replace("[]", ""))
+
+    walk(config, "")
+    return found
+
+
+def _is_repeated(fd) -> bool:
+    flag = getattr(fd, "is_repeated", None)  # protobuf 6 (`label` is deprecated there)
+    if flag is None:
+        return fd.label == fd.LABEL_REPEATED
+    return bool(flag() if callable(flag) else flag)
 
 
 _CONFIG_TYPES = {getattr(mc, f"TYPE_{t}"): t for t in
@@ -358,9 +414,9 @@ def _check_declared_tensors(config: mc.ModelConfig, model: Model, where: str) ->
             if spec is None:
                 raise ModelLoadError(f"{where}: config declares {kind} {tensor.name!r}; "
                                      f"the model's {kind}s are {sorted(by_name)}")
-            want = _CONFIG_TYPES.get(tensor.data_type)
+            want = _CONFIG_TYPES.get(tensor.data_type, mc.DataType.Name(tensor.data_type).removeprefix("TYPE_"))
             have = datatype_of(np.dtype(spec.dtype))
-            if want is not None and want != have:
+            if tensor.data_type != mc.TYPE_INVALID and want != have:  # TYPE_INVALID: none declared
                 raise ModelLoadError(f"{where}: config declares {kind} {tensor.name!r} as TYPE_{want}; "
                                      f"the model has {have}")
             if tensor.dims:

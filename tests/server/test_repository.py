@@ -195,6 +195,41 @@ def test_settings_from_the_config(tmp_path):
     assert served.settings.sequence_idle_s is None
 
 
+@pytest.mark.parametrize("config, message", [
+    ('input [ { name: "tokens" data_type: TYPE_STRING } ]', r"input 'tokens' as TYPE_STRING; the model has INT64"),
+    ('input [ { name: "tokens" data_type: TYPE_BF16 } ]', r"input 'tokens' as TYPE_BF16; the model has INT64"),
+    ('dynamic_batching { default_priority_level: 5 priority_levels: 3 }',
+     r"default_priority_level 5 must be within 1..priority_levels \(3\)"),
+    ('version_policy: { specific: { } }', r"version_policy specific names no versions"),
+    ('version_policy: { latest: { num_versions: 0 } }', r"version_policy latest needs num_versions of at least 1"),
+])
+def test_a_config_triton_would_refuse_is_refused_naming_the_field(tmp_path, config, message):
+    add_model(tmp_path, "m", {1: gru_onnx(0)}, config)
+    with pytest.raises(ModelLoadError, match=message):
+        load_repository(tmp_path)
+
+
+def test_config_fields_cellserve_does_not_apply_are_logged_by_name(tmp_path, caplog):
+    add_model(tmp_path, "m", {1: gru_onnx(0)},
+              'instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n'
+              'dynamic_batching { max_queue_delay_microseconds: 100 default_priority_level: 1 priority_levels: 2 '
+              'default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 100 } }\n'
+              'input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1, -1 ] reshape { shape: [ 1 ] } } ]\n'
+              'model_warmup [ { name: "w" } ]\n')
+    with caplog.at_level("WARNING", logger="cellserve.server.repository"):
+        (served,) = load_repository(tmp_path)
+    assert served.settings.default_priority == 1  # what it does apply, applied
+    (line,) = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
+    assert line == ("model 'm': config.pbtxt sets input.reshape, instance_group, "
+                    "dynamic_batching.max_queue_delay_microseconds, dynamic_batching.default_queue_policy, "
+                    "model_warmup, which cellserve does not apply")
+    caplog.clear()
+    add_model(tmp_path, "plain", {1: gru_onnx(0)}, 'max_batch_size: 0\nversion_policy: { all: { } }\n')
+    with caplog.at_level("WARNING", logger="cellserve.server.repository"):
+        load_repository(tmp_path / ".." / tmp_path.name)
+    assert not [r for r in caplog.records if "'plain'" in r.getMessage()]
+
+
 def test_both_batching_sections_are_refused(tmp_path):
     add_model(tmp_path, "m", {1: gru_onnx(0)}, 'sequence_batching { }\ndynamic_batching { }\n')
     with pytest.raises(ModelLoadError, match=r"config.pbtxt: not a valid Triton model config"):
