@@ -41,7 +41,7 @@ def setting(default: Any = _NO_DEFAULT, help: str = "", *, default_factory: Call
             unset: str | None = None, ge: float | None = None, gt: float | None = None, le: float | None = None,
             choices: tuple[str, ...] | None = None, check: Callable[[Any], str | None] | None = None,
             metavar: str | None = None, const: Any = None,
-            paths: Callable[[Any, Callable[[Path], Path]], Any] | None = None) -> Any:
+            paths: Callable[[Any, Callable[[Path], Path]], Any] | None = None, once: str | None = None) -> Any:
     """A dataclass field with what the CLI, the config file and validation need to know.
 
     help: one line for --help and the printed TOML. flag: the option's name (default
@@ -52,10 +52,12 @@ def setting(default: Any = _NO_DEFAULT, help: str = "", *, default_factory: Call
     then this (`--ray` alone means `--ray local`). paths: for a setting whose value holds file
     paths inside it (value, f) -> the value with f applied to each path, so that a config file's
     relative paths are taken from its folder and printed ones are absolute, as a Path setting's.
+    once: a flag that the command line may give only once (argparse takes the last), with why
+    (Triton's --model-repository is repeatable; here a second one would drop the first).
     """
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "group": group, "unset": unset, "ge": ge,
             "gt": gt, "le": le, "choices": tuple(choices) if choices is not None else None, "check": check,
-            "metavar": metavar, "const": const, "paths": paths}
+            "metavar": metavar, "const": const, "paths": paths, "once": once}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -34,7 +34,12 @@ def _record(namespace: argparse.Namespace, dest: str, option_string: str | None)
 
 
 class _Store(argparse.Action):
+    once: str | None = None  # the setting's `once`: why a second value is refused
+
     def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, argparse.SUPPRESS)
+        if self.once and before is not argparse.SUPPRESS and before != values:
+            parser.error(f"{option_string} given twice ({before} and {values}): {self.once}")
         setattr(namespace, self.dest, values)
         _record(namespace, self.dest, option_string)
 
@@ -111,6 +116,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, group_order: tuple[str
                 kwargs["choices"] = leaf.meta["choices"]
                 kwargs["metavar"] = "{" + ",".join(leaf.meta["choices"]) + "}"
             action = group.add_argument(leaf.flag, **kwargs)
+            action.once = leaf.meta.get("once")
             for alias in leaf.meta.get("aliases", ()):
                 group.add_argument(alias, **dict(kwargs, help=argparse.SUPPRESS, action=_Deprecated,
                                                  new_name=leaf.flag, store=action))

@@ -152,6 +152,9 @@ def test_the_engine_settings_the_cli_could_not_reach_before(capsys):
      "--model picks zoo models; it cannot be combined with --model-repository"),
     (["--policy", "fifo"], "argument --policy: invalid choice: 'fifo'"),
     (["--max-batch", "x"], "argument --max-batch: invalid int value: 'x'"),
+    (["--max-lane-memory", "0"], "--max-lane-memory must be > 0, got 0"),
+    (["--model-repository", "a", "--model-repository", "b"],
+     "--model-repository given twice (a and b): one repository is served (Triton takes several"),
 ])
 def test_a_bad_flag_exits_2_naming_it(capsys, argv, message):
     code, out, err = run(capsys, "serve", *argv)

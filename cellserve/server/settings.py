@@ -47,7 +47,9 @@ def _port(value: int) -> str | None:
 class ServerSettings:
     model_repository: Path | None = setting(None, "a Triton-style model repository: "
                                                   "<repo>/<model>/<version>/model.onnx (+ optional config.pbtxt)",
-                                            unset="the zoo", group=_MODELS, metavar="DIR")
+                                            unset="the zoo", group=_MODELS, metavar="DIR",
+                                            once="one repository is served (Triton takes several; put the models "
+                                                 "in one)")
     zoo_models: list[str] = setting(help="serve only these zoo models (repeat the flag for several; "
                                          "not with a model repository)",
                                     default_factory=list, flag="--model", unset="all", group=_MODELS,
