@@ -50,6 +50,9 @@ def test_simulate_writes_results_labelled_simulated(gru_profile, tmp_path):
     assert [r["rate_rps"] for r in report["runs"]] == [60.0, 600.0]
     light = report["runs"][0]
     assert light["counts"]["ok"] == light["requests"] > 0  # 60 req/s over three engines: all answered
+    # what the 2 s trace offered, beside the rate asked for: its arrivals over their span
+    assert light["realised_rps"] == pytest.approx(light["requests"] / 2.0, rel=0.25)
+    assert "the trace's arrivals" in done.stdout
     assert report["profiles"][0]["modelled"] is True  # a given profile is not a measurement
     assert out.with_suffix(".png").stat().st_size > 0
 
