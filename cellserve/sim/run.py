@@ -180,8 +180,8 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
         runs.append({**summary, "realised_rps": realised, "per_model": per_model, "wall_s": wall, "virtual_s": virtual,
                      "sim_speedup": virtual / wall if wall else None, "events": sim.stats.events,
                      "engine_steps": sim.stats.engine_steps})
-        log(f"{rate:8.0f} req/s offered (simulated; the trace's arrivals "
-            f"{'-' if realised is None else f'{realised:.0f}'} req/s): goodput {summary['goodput_rps']:.0f} req/s, "
+        log(f"{rate:8.0f} req/s offered (simulated), the trace's arrivals "
+            f"{'-' if realised is None else f'{realised:.0f}'} req/s: goodput {summary['goodput_rps']:.0f} req/s, "
             f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; {virtual:.1f} simulated s "
             f"in {wall:.1f} wall s")
     report = {"simulated": True, "label": SIMULATED, "engines": cfg.engines, "router": cfg.router,
