@@ -66,6 +66,11 @@ def setting(default: Any = _NO_DEFAULT, help: str = "", *, default_factory: Call
 _PLACEHOLDER = re.compile(r"\{(name|\d+)\}")
 
 
+def path_list(value: list[str], f: Callable[[Path], Path]) -> list[str]:
+    """`paths` of a setting that is a list of file paths."""
+    return [str(f(Path(v))) for v in value]
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with one setting.

@@ -137,6 +137,22 @@ def test_a_trace_file_in_a_config_file_is_taken_from_the_files_folder(tmp_path, 
     assert printed == [f"triton,file={tmp_path / 'here.json'}", "level=TIMESTAMPS"]
 
 
+def test_every_file_path_in_a_config_file_is_taken_from_the_files_folder(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    config = tmp_path / "conf" / "serve.toml"
+    config.write_text('[engine]\nplacement = "plan.json"\n')
+    monkeypatch.chdir(tmp_path)
+    conf = tmp_path / "conf"
+    assert parse(ServerSettings, config=config).engine.placement == str(conf / "plan.json")
+    config.write_text('[engine]\nplacement = "auto"\nplacement_profiles = ["p/b.json"]\n')
+    settings = parse(ServerSettings, config=config)
+    assert settings.engine.placement == "auto"  # not a path
+    assert settings.engine.placement_profiles == [str(conf / "p" / "b.json")]
+    assert parse(ServerSettings, "--placement", "plan.json").engine.placement == "plan.json"  # a flag's, as given
+    (field,) = [f for f in dataclasses.fields(ServerSettings) if f.name == "accuracy_profiles"]
+    assert field.metadata["paths"](["p/a.json"], lambda p: conf / p) == [str(conf / "p" / "a.json")]
+
+
 def test_a_field_appended_to_the_settings_gets_its_flag_and_key():
     """What another engineer's new field gets with no other code: with setting() or a plain default."""
     @dataclass

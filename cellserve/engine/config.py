@@ -12,8 +12,10 @@ cellserve.engine.scheduler.POLICIES and cellserve.kernels.cell.BACKENDS.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-from cellserve.config import Problem, check, setting
+from cellserve.config import Problem, check, path_list, setting
 
 # cellserve.engine.scheduler.POLICIES and cellserve.kernels.cell.BACKENDS (see above), plus
 # "triton": the executor builds that one itself (kernels/triton_rnn.py)
@@ -22,6 +24,11 @@ BACKEND_NAMES = ("fused", "onednn", "blas", "torch", "triton")
 
 _BATCHING = "batching and admission"
 _COMPUTE = "compute"
+
+
+def _plan_path(value: str, f: Callable[[Path], Path]) -> str:
+    """`paths` of --placement: a plan file's path (a config file's, from the file's folder), or auto."""
+    return value if value == "auto" else str(f(Path(value)))
 
 
 def _core_groups_problem(items: list[str]) -> str | None:
@@ -78,7 +85,7 @@ class EngineConfig:
                                           "devices: cpu, cpu0, cpu1, ... core groups; gpu, cuda, cuda:N) or auto "
                                           "(planned at start over --placement-groups core groups)",
                                     unset="one executor for every cell type", group=_COMPUTE,
-                                    metavar="PLAN.json|auto")
+                                    metavar="PLAN.json|auto", paths=_plan_path)
     placement_cores: list[str] = setting(help="the cores of a placement's CPU core group, DEVICE=CORES (cpu0=0, "
                                               "cpu1=1-3,6; repeat the flag for each group)",
                                          default_factory=list, unset="the process's cores split evenly among "
@@ -92,7 +99,8 @@ class EngineConfig:
                                   choices=("latency", "throughput"), group=_COMPUTE)
     placement_profiles: list[str] = setting(help="--placement auto: profile files (cellserve profile) to plan "
                                                  "from, one per model; a model without one is timed at start",
-                                            default_factory=list, unset="none", group=_COMPUTE, metavar="P.json")
+                                            default_factory=list, unset="none", group=_COMPUTE, metavar="P.json",
+                                            paths=path_list)
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellserve.config import Problem, check, setting
+from cellserve.config import Problem, check, path_list, setting
 from cellserve.engine.config import EngineConfig
 from cellserve.server.tracing import check_trace_config, trace_config_paths
 
@@ -133,7 +133,7 @@ class ServerSettings:
                                                 "whose step costs plan that variant's capacity",
                                            default_factory=list, flag="--accuracy-profiles",
                                            unset="each worker times every variant alone at start", group=_RAY,
-                                           metavar="PROFILE.json")
+                                           metavar="PROFILE.json", paths=path_list)
     # issue 21: Triton's trace extension (cellserve/server/tracing.py)
     trace_config: list[str] = setting(help="a trace setting, as Triton's (repeat the flag): level=TIMESTAMPS, "
                                            "rate=N (every N-th request), count=N (-1: no limit), mode=triton, "
