@@ -98,16 +98,17 @@ def test_the_old_flag_names_set_what_they_set(capsys, tmp_path):
     got = effective(capsys, "--model-repository", str(tmp_path), "--host", "0.0.0.0", "--http-port", "0",
                     "--grpc-port", "-1", "--metrics-port", "9", "--device", "cuda:1", "--threads", "3",
                     "--no-pin-threads", "--no-stack-layers", "--backend", "blas", "--policy", "padded",
-                    "--max-batch", "8", "--slo-ms", "50", "--max-request-size", "1024",
+                    "--max-batch", "8", "--max-request-size", "1024",
                     "--sequence-idle-timeout", "5", "--max-sequences", "7", "--grace-period", "0")
     engine = got.pop("engine")
     expected = {"model_repository": str(tmp_path), "zoo_models": [], "host": "0.0.0.0", "http_port": 0,
-                "grpc_port": -1, "metrics_port": 9, "default_slo_ms": 50.0, "max_request_bytes": 1024,
+                "grpc_port": -1, "metrics_port": 9, "max_request_bytes": 1024,
                 "sequence_idle_s": 5.0, "max_sequences": 7, "grace_s": 0.0, "threads": 3}
     assert {k: got.get(k) for k in expected} == expected
     assert (engine["device"], engine["pin_threads"], engine["stack_layers"], engine["backend"], engine["policy"],
             engine["max_batch"]) == ("cuda:1", False, False, "blas", "padded", 8)
     assert effective(capsys, "--model", "gru-256", "--model", "lstm-512")["zoo_models"] == ["gru-256", "lstm-512"]
+    assert effective(capsys, "--slo-ms", "50")["default_slo_ms"] == 50.0
 
 
 def test_max_queue_is_a_deprecated_name_of_max_inflight(capsys):
@@ -121,10 +122,11 @@ def test_max_queue_is_a_deprecated_name_of_max_inflight(capsys):
 
 
 def test_the_engine_settings_the_cli_could_not_reach_before(capsys):
-    engine = effective(capsys, "--no-admission", "--no-drop-late", "--admission-headroom", "0.5",
+    engine = effective(capsys, "--no-admission", "--no-drop-late", "--policy", "padded",
                        "--batch-timeout", "0.02", "--default-timeout", "1.5", "--no-startup-profile")["engine"]
-    assert (engine["admission"], engine["drop_late"], engine["admission_headroom"], engine["batch_timeout_s"],
-            engine["default_timeout_s"], engine["profile"]) == (False, False, 0.5, 0.02, 1.5, False)
+    assert (engine["admission"], engine["drop_late"], engine["batch_timeout_s"],
+            engine["default_timeout_s"], engine["profile"]) == (False, False, 0.02, 1.5, False)
+    assert effective(capsys, "--admission-headroom", "0.5")["engine"]["admission_headroom"] == 0.5
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -153,6 +155,12 @@ def test_the_engine_settings_the_cli_could_not_reach_before(capsys):
     (["--policy", "fifo"], "argument --policy: invalid choice: 'fifo'"),
     (["--max-batch", "x"], "argument --max-batch: invalid int value: 'x'"),
     (["--max-lane-memory", "0"], "--max-lane-memory must be > 0, got 0"),
+    (["--model-repository", "m", "--slo-ms", "50"],
+     "--slo-ms is the zoo models' default deadline; a repository model's is its config's slo_ms parameter"),
+    (["--policy", "none", "--max-batch", "8"], "--max-batch caps a batch; policy none runs each request alone"),
+    (["--batch-timeout", "0.01"], "--batch-timeout is how long the padded policy waits for a batch; policy "
+                                  "cellular never waits"),
+    (["--no-admission", "--admission-headroom", "0.5"], "--admission-headroom is admission's: it needs --admission"),
     (["--model-repository", "a", "--model-repository", "b"],
      "--model-repository given twice (a and b): one repository is served (Triton takes several"),
 ])

@@ -64,7 +64,7 @@ def test_build_names_a_sections_keys_with_the_section():
 
 
 def test_printed_toml_reads_back_to_the_same_settings():
-    settings = ServerSettings(model_repository=Path("/srv/models"), host="::1", default_slo_ms=50.0, threads=4,
+    settings = ServerSettings(zoo_models=["gru-256"], host="::1", default_slo_ms=50.0, threads=4,
                               engine=EngineConfig(policy="padded", max_batch=8, admission=False, max_active=7,
                                                   backend="torch", default_timeout_s=2.5))
     text = to_toml(settings)

@@ -18,6 +18,7 @@ imports no torch, so that `cellserve serve --help` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,10 +158,14 @@ class ServerSettings:
         check(self)  # ConfigError (a ValueError) naming each bad field
 
     def _problems(self) -> list[Problem]:
-        problems = []
+        problems: list[Problem] = []
         if self.model_repository is not None and self.zoo_models:
             problems.append(Problem("zoo_models", "{name} picks zoo models; it cannot be combined with {0}",
                                     ("model_repository",)))
+        problems += _unused_engine_settings(self.engine)
+        if self.model_repository is not None and self.default_slo_ms is not None:
+            problems.append(Problem("default_slo_ms", "{name} is the zoo models' default deadline; a repository "
+                                    "model's is its config's slo_ms parameter (for every model: --default-timeout)"))
         mode = self.model_control_mode
         if mode != "none":
             if self.model_repository is None:
@@ -203,3 +208,18 @@ class ServerSettings:
             problems.append(Problem("ray_workers", "{name} cannot be combined with {0}, which says how many "
                                     "workers (one per device)", ("plan",)))
         return problems
+
+
+def _unused_engine_settings(engine: EngineConfig) -> list[Problem]:
+    """Engine settings the server's other settings leave without effect, refused rather than
+    silently ignored (the engine itself, built by benchmarks and tests, takes them)."""
+    default = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    problems = []
+    if engine.policy == "none" and engine.max_batch is not None:
+        problems.append(Problem("engine.max_batch", "{name} caps a batch; policy none runs each request alone"))
+    if engine.policy != "padded" and engine.batch_timeout_s != default["batch_timeout_s"]:
+        problems.append(Problem("engine.batch_timeout_s", "{name} is how long the padded policy waits for a batch; "
+                                f"policy {engine.policy} never waits"))
+    if not engine.admission and engine.admission_headroom != default["admission_headroom"]:
+        problems.append(Problem("engine.admission_headroom", "{name} is admission's: it needs --admission"))
+    return problems
