@@ -83,6 +83,11 @@ async def start_grpc(core: Core, host: str, port: int, max_message_bytes: int, m
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInferBytes, request_deserializer=None,
         response_serializer=service_pb2.ModelInferResponse.SerializeToString)
+    # and ModelStreamInfer each request's: one that is not a message is answered in the stream
+    # (a deserializer's error ended the whole stream, and every request still open in it)
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer, request_deserializer=None,
+        response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
     server.add_registered_method_handlers(_SERVICE, handlers)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -20,11 +20,12 @@ import asyncio
 import logging
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from cellserve.server.codec import declared_shape_check
 from cellserve.server.core import Admission, Core
-from cellserve.server.errors import ServerError
+from cellserve.server.errors import BadRequest, ServerError
 from cellserve.server.grpc_frontend import _cut, _set_parameter, encode_infer_response, parse_infer_request
 from cellserve.server.streaming import Token, TokenStream
 
@@ -44,6 +45,14 @@ async def model_stream_infer(core: Core, requests, context) -> None:
         try:
             async for request in requests:
                 out.put_nowait(_OPENED)  # before _READ_ALL can be: the stream waits for its answer
+                if isinstance(request, bytes):  # the server hands the stream's messages undecoded
+                    try:
+                        request = service_pb2.ModelInferRequest.FromString(request)
+                    except DecodeError as exc:  # this request's answer: the stream goes on
+                        out.put_nowait(_error(service_pb2.ModelInferRequest(), BadRequest(
+                            f"a request of the stream is not a valid ModelInferRequest message: {exc}")))
+                        out.put_nowait(_ANSWERED)
+                        continue
                 task = asyncio.ensure_future(_answer(core, request, out.put_nowait))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

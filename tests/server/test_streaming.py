@@ -171,6 +171,25 @@ def test_grpc_stream_answers_a_bad_request_with_its_error_and_goes_on(zoo_server
     assert rows(final.as_numpy("reversed")) == [[int(c) + 3 for c in reversed(TEXTS[0])]]
 
 
+def test_grpc_stream_answers_bytes_that_are_no_message_in_the_stream_and_goes_on(zoo_server):
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    good = service_pb2.ModelInferRequest(model_name=S2S, id="good")
+    x = digits(TEXTS[:1])
+    good.inputs.add(name="digits", datatype="INT64", shape=list(x.shape))
+    good.raw_input_contents.append(x.astype("<i8").tobytes())
+    with grpc.insecure_channel(zoo_server.grpc) as channel:
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                     request_serializer=None,
+                                     response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        answers = list(call(iter([b"\xff\xff not a message", good.SerializeToString()]), timeout=120))
+    assert "INVALID_ARGUMENT" in answers[0].error_message and "not a valid ModelInferRequest" in answers[0].error_message
+    final = answers[-1]
+    assert final.error_message == "" and final.infer_response.id == "good"
+    assert final.infer_response.parameters["triton_final_response"].bool_param
+
+
 def test_grpc_stream_answers_a_model_without_a_decoder_once(zoo_server):
     tokens = np.arange(1, 9, dtype=np.int64).reshape(1, 8)
     with grpcclient.InferenceServerClient(zoo_server.grpc) as client:
