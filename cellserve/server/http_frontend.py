@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import re
@@ -314,9 +315,11 @@ class InferEndpoint:
         if trace is not None:
             trace.request_id = infer_input.request_id
             infer_input.trace = trace
+        coding = accepted_coding(headers.get("accept-encoding"))
         with _cancelled_when_client_leaves(receive):
-            return await self.core.infer(infer_input, received,
-                                         encode=lambda result: encode_infer_response(result, binary_outputs))
+            return await self.core.infer(
+                infer_input, received,
+                encode=lambda result: compressed(encode_infer_response(result, binary_outputs), coding))
 
 
 @contextlib.contextmanager
@@ -619,6 +622,35 @@ def encode_infer_response(result: InferOutput, binary_outputs: dict[str, bool]) 
         return Response(header, media_type="application/json")
     return Response(header + b"".join(blobs), media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(len(header))})
+
+
+def accepted_coding(accept: str | None) -> str | None:
+    """The content coding an Accept-Encoding header asks answers in, of those Triton offers
+    (gzip, then deflate), or None for none."""
+    if not accept:
+        return None
+    weights = {}
+    for item in accept.split(","):
+        name, _, params = item.strip().partition(";")
+        q = 1.0
+        if params.strip().startswith("q="):
+            try:
+                q = float(params.strip()[2:])
+            except ValueError:
+                q = 0.0
+        weights[name.strip().lower()] = q
+    return next((c for c in ("gzip", "deflate") if weights.get(c, 0.0) > 0), None)
+
+
+def compressed(response: Response, coding: str | None) -> Response:
+    """An inference answer in `coding` (as Triton answers a client that asks: tritonclient's
+    response_compression_algorithm); the binary header length stays the uncompressed body's."""
+    if coding is None:
+        return response
+    body = (gzip.compress(response.body, compresslevel=1, mtime=0) if coding == "gzip"
+            else zlib.compress(response.body, 1))
+    headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+    return Response(body, media_type=response.media_type, headers={**headers, "Content-Encoding": coding})
 
 
 # ---- transport: admission at the headers, connection limits, slow clients ----

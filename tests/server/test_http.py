@@ -85,6 +85,42 @@ def test_gzip_request_body(client):
     assert result.as_numpy("label").shape == (1,)
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_an_answer_is_compressed_when_the_client_accepts_it(client, zoo_server, coding):
+    import gzip
+    import http.client
+    import zlib
+
+    tokens = np.array([[9, 8, 7]])
+    want = client.infer("gru-256", [_tokens(tokens)]).as_numpy("probabilities")
+    tensor = _tokens(tokens)  # tritonclient asks with Accept-Encoding and inflates the answer
+    got = client.infer("gru-256", [tensor], response_compression_algorithm=coding).as_numpy("probabilities")
+    np.testing.assert_array_equal(got, want)
+    body = json.dumps({"inputs": [{"name": "tokens", "shape": [1, 3], "datatype": "INT64", "data": [9, 8, 7]}],
+                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]})
+    conn = http.client.HTTPConnection(zoo_server.http, timeout=30)
+    try:
+        conn.request("POST", "/v2/models/gru-256/infer", body, {"Accept-Encoding": f"{coding}, br;q=0.5"})
+        response = conn.getresponse()
+        raw = response.read()
+        assert response.status == 200 and response.getheader("Content-Encoding") == coding
+        plain = gzip.decompress(raw) if coding == "gzip" else zlib.decompress(raw)
+        header = int(response.getheader("Inference-Header-Content-Length"))  # of the inflated body
+        assert json.loads(plain[:header])["outputs"][0]["parameters"]["binary_data_size"] == len(plain) - header
+        conn.request("POST", "/v2/models/gru-256/infer", body, {"Accept-Encoding": f"{coding};q=0"})
+        response = conn.getresponse()
+        response.read()
+        assert response.getheader("Content-Encoding") is None  # refused by its weight: sent as it is
+    finally:
+        conn.close()
+
+
+def _tokens(array: np.ndarray) -> httpclient.InferInput:
+    tensor = httpclient.InferInput("tokens", list(array.shape), "INT64")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
 @pytest.mark.parametrize("version", ["", "1"])
 def test_unknown_model_and_version_are_404(client, zoo_server, version):
     with pytest.raises(InferenceServerException) as err:
