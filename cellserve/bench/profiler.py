@@ -180,7 +180,7 @@ def _measure(model: Model, config: EngineConfig, engine: Engine, executor: Recor
         f"per run a drop check prices {host.check_s_per_run * 1e6:.2f} us; wake-up {wake.mean * 1e6:.0f} us")
     cells = {t: _in_place(alone[t], executor, t, log) for t in engine.cell_types}
     plain = {name: _plain_op(calls) for name, calls in executor.plain.items()}  # name -> (warm timing, buckets)
-    return ModelProfile(
+    profile = ModelProfile(
         model=model.name, machine=_machine(executor), max_batch=engine.policy.max_batch,
         stack_layers=config.stack_layers, cell_types=cells,
         plain_ops_s={name: timing for name, (timing, _) in plain.items()},
@@ -189,6 +189,11 @@ def _measure(model: Model, config: EngineConfig, engine: Engine, executor: Recor
         weight_bytes={str(executor.device): executor.memory_bytes()},
         decode_steps={t: {m: dict(sorted(h.items())) for m, h in sorted(by_memory.items())}
                       for t, by_memory in executor.decode_steps.items()})
+    suspect = profile.suspect()
+    if suspect:
+        log(f"warning: {len(suspect)} figure(s) look like the machine's noise, not the model's cost (profile it "
+            "again on a quiet machine): " + "; ".join(suspect[:6]) + (" ..." if len(suspect) > 6 else ""))
+    return profile
 
 
 def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: str, log) -> CellTypeProfile:

@@ -89,6 +89,22 @@ class CellTypeProfile:
         """What a step costs on top after its executor ran no step for `gap_s` seconds."""
         return bucket_extra(self.idle_extra_s, gap_s)
 
+    def suspect_steps(self) -> list[str]:
+        """What in the batched step table looks like the machine's noise rather than the cell's
+        cost: a batch size whose step is under 70% of a smaller one's (a batch of more lanes
+        does not run faster), or whose spread exceeds its mean. Planners and the simulator take
+        the table as it is: a profile taken on a busy machine misprices them all."""
+        found, cheapest_above = [], None  # the cheapest step of a larger batch: (batch, seconds)
+        for b, t in sorted(self.step_s.items(), reverse=True):
+            if cheapest_above is not None and cheapest_above[1] < 0.7 * t.mean:
+                found.append(f"batch {b} steps in {t.mean * 1e6:.1f} us, more than the {cheapest_above[1] * 1e6:.1f} us "
+                             f"of batch {cheapest_above[0]}, a larger one")
+            if t.std > t.mean > 0:
+                found.append(f"batch {b}'s spread ({t.std * 1e6:.1f} us) exceeds its mean ({t.mean * 1e6:.1f} us)")
+            if cheapest_above is None or t.mean < cheapest_above[1]:
+                cheapest_above = (b, t.mean)
+        return found[::-1]
+
 
 def step_flops(step) -> float:
     """What CellTypeProfile.flops_per_step records of a model's recurrent step (a layer's
@@ -210,6 +226,10 @@ class ModelProfile:
                                f"cell_types (it has {sorted(self.cell_types)}); was it made with "
                                f"stack_layers={not self.stack_layers}?")
         return found
+
+    def suspect(self) -> list[str]:
+        """Each cell type's CellTypeProfile.suspect_steps, named: empty for a clean profile."""
+        return [f"{name}: {line}" for name, cell in self.cell_types.items() for line in cell.suspect_steps()]
 
     def summary(self) -> dict:
         """A few lines of it for a report that points at the whole: the machine, and per cell

@@ -135,6 +135,11 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
     for path in (cfg.json_path, cfg.plot_path or cfg.json_path.with_suffix(".png")):
         check_output(path)  # now, not after the run
     profiles = [ModelProfile.from_json(p) for p in cfg.profiles]
+    for profile in profiles:
+        suspect = profile.suspect()
+        if suspect:
+            log(f"warning: profile of {profile.model!r}: {len(suspect)} figure(s) look like the machine's noise, "
+                f"not the model's cost: {suspect[0]}" + (" ..." if len(suspect) > 1 else ""))
     names = [p.model for p in profiles]
     if len(set(names)) != len(names):
         raise ProfileError(f"two profiles of one model: {names}")

@@ -224,6 +224,18 @@ def test_a_profile_of_another_width_of_the_model_is_refused_naming_its_cell_type
     Simulation().add_engine([wider], {"gru": old}, CONFIG)
 
 
+def test_a_step_table_that_looks_like_noise_is_named(models):
+    clean = synthetic_profile(models.models["gru"], lambda b: (10 + b) * 1e-6, max_batch=8)
+    assert clean.suspect() == []
+    (name, cell), = clean.cell_types.items()
+    steps = dict(cell.step_s)
+    steps[3] = Timing(40e-6, 1e-6, 45e-6, 20)  # a spike: larger batches step in 14-18 us
+    steps[5] = Timing(15e-6, 30e-6, 90e-6, 20)  # a spread beyond its mean
+    noisy = replace(clean, cell_types={name: replace(cell, step_s=steps)})
+    assert noisy.suspect() == [f"{name}: batch 3 steps in 40.0 us, more than the 14.0 us of batch 4, a larger one",
+                               f"{name}: batch 5's spread (30.0 us) exceeds its mean (15.0 us)"]
+
+
 def test_a_profile_of_another_model_or_too_small_a_batch_is_refused(models):
     lstm = synthetic_profile(models.models["lstm"], 1 * MS)
     with pytest.raises(ProfileError, match="no profile for models"):
