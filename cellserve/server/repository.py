@@ -271,6 +271,11 @@ def _check_batch_first(config: mc.ModelConfig, model: Model, where: str) -> None
                                  f"dimension is the batch, but input {name!r} holds its batch in dimension "
                                  f"{semantics.batch_axis}; set max_batch_size: 0 (dims are then whole shapes) and "
                                  "limit rows with the parameter max_request_rows")
+    for spec in model.inputs:  # as Triton's ONNX backend: a batch dimension must be dynamic
+        if spec.shape and spec.shape[0] != -1 and spec.shape[0] < config.max_batch_size:
+            raise ModelLoadError(f"{where}: max_batch_size {config.max_batch_size}, but the graph fixes input "
+                                 f"{spec.name!r}'s first dimension at {spec.shape[0]} (shape {list(spec.shape)}): "
+                                 "export it with a dynamic batch dimension, or set max_batch_size: 0")
 
 
 def _positive_parameter(config: mc.ModelConfig, name: str, unit: str, where: str) -> int | None:

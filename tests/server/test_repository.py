@@ -209,6 +209,18 @@ def test_a_config_triton_would_refuse_is_refused_naming_the_field(tmp_path, conf
         load_repository(tmp_path)
 
 
+def test_max_batch_size_on_a_graph_that_fixes_its_batch_is_refused(tmp_path):
+    fixed = export_onnx_bytes(seeded(RNNClassifier("lstm", LSTM_VOCAB, 8, 8, 2, classes=CLASSES), 0),
+                              (torch.zeros((1, 3), dtype=torch.long),), ["tokens"], ["probabilities", "label"],
+                              {"tokens": {1: "time"}})  # batch fixed at 1
+    add_model(tmp_path, "m", {1: fixed}, "max_batch_size: 8")
+    with pytest.raises(ModelLoadError, match=r"max_batch_size 8, but the graph fixes input 'tokens''s first "
+                                             r"dimension at 1 \(shape \[1, -1\]\)"):
+        load_repository(tmp_path)
+    (tmp_path / "m" / "config.pbtxt").write_text("max_batch_size: 0")
+    assert served_versions(tmp_path) == {"m": ["1"]}
+
+
 def test_config_fields_cellserve_does_not_apply_are_logged_by_name(tmp_path, caplog):
     add_model(tmp_path, "m", {1: gru_onnx(0)},
               'instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n'
