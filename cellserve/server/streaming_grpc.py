@@ -122,9 +122,12 @@ async def _answer(core: Core, request, put) -> None:
         return
     try:
         entry = core.model(request.model_name, request.model_version)  # NOT_FOUND before decoding tensors
-        stream = TokenStream(core, parse_infer_request(request, core.shared_memory, declared_shape_check(entry)),
-                             received,
-                             encode=encode_infer_response)
+        try:
+            parsed = parse_infer_request(request, core.shared_memory, declared_shape_check(entry))
+        except ServerError as exc:  # a 400 before the core saw it: counted as the core's are (as ModelInfer's)
+            core.failed_before_infer(entry, exc, received)
+            raise
+        stream = TokenStream(core, parsed, received, encode=encode_infer_response)
         async for event in stream:
             if isinstance(event, Token):
                 put(_token(request, event))

@@ -78,8 +78,12 @@ class GenerateEndpoint:
         headers = {}
         for key, value in scope["headers"]:
             headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
-        body = await _read_body(headers, receive, self.max_request_bytes)
-        request = parse_generate_request(body, entry.model, model, version)
+        try:
+            body = await _read_body(headers, receive, self.max_request_bytes)
+            request = parse_generate_request(body, entry.model, model, version)
+        except ServerError as exc:  # a 400 (or 413) before the core saw it: counted as infer's are
+            self.core.failed_before_infer(entry, exc, received)
+            raise
         stream = TokenStream(self.core, request, received, tokens=self.stream)
         # The body is read: the next message is the client going away (or our answer ending)
         watcher = asyncio.ensure_future(receive())

@@ -289,6 +289,28 @@ def test_generate_refuses_a_bad_request_naming_what_is_wrong(zoo_server, path, d
     assert all(w in message for w in words), message
 
 
+def test_a_bad_generate_or_stream_request_counts_as_a_failure_as_infers_do(zoo_server):
+    from serverproc import metric
+
+    def invalid() -> float:
+        return metric(zoo_server, "cellserve_inference_request_failure_total", model=S2S, reason="invalid")
+
+    before = invalid()
+    for path in ("generate", "generate_stream"):
+        assert post(zoo_server.http, f"/v2/models/{S2S}/{path}", {"digit": [4, 5]}).status == 400
+    stream = Stream(zoo_server.grpc)
+    try:
+        tensor = grpcclient.InferInput("digits", [1, 2], "INT64")
+        tensor.set_data_from_numpy(np.array([[4, 5]], np.int64))
+        tensor.set_shape([1, 30_000_000])  # refused by the frontend, before the core sees it
+        stream.client.async_stream_infer(S2S, [tensor], request_id="bad", enable_empty_final_response=True)
+        [(_, error)] = stream.until_final()
+        assert "INVALID_ARGUMENT" in str(error)
+    finally:
+        stream.close()
+    wait_until(lambda: invalid() == before + 3, "the three bad requests counted")
+
+
 def test_generate_of_an_unknown_model_is_404_and_the_extension_is_listed(zoo_server):
     response = post(zoo_server.http, "/v2/models/nope/generate_stream", {"x": 1})
     assert response.status == 404 and "nope" in json.loads(response.read())["error"]
