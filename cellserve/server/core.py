@@ -388,7 +388,8 @@ class Core(ModelControl):
         """Triton's ModelConfig as JSON (server/model_config.py), with the model's published parameters."""
         entry = self.model(name, version)
         return model_config(name, entry.platform, entry.model, entry.parameters,
-                            self._idle_s(entry), entry.max_batch_size, entry.label_files)
+                            self._idle_s(entry), entry.max_batch_size, entry.label_files,
+                            entry.dynamic_batching, entry.output_dims)
 
     # ---- inference ----
 

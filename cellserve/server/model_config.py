@@ -5,9 +5,11 @@ ModelConfig, over HTTP (`GET /v2/models/{m}[/versions/{v}]/config`, the JSON for
 What it holds: `name`, `platform`, `max_batch_size` (0, and the dims below are whole shapes,
 the batch axis included, -1 for a dynamic size; or a repository config's max_batch_size > 0,
 and the dims leave out the leading batch dimension, as Triton's do), `input` and `output`
-(names, `data_type`, `dims`; an output's `label_filename` as its repository config gives it),
-`sequence_batching` with the idle timeout for a model that
-takes sequences (one whose recurrences all run forwards), and `parameters`, `{key: {"string_value": value}}`: a
+(names, `data_type`, `dims`, an output's as its repository config declares them; an output's
+`label_filename` as its repository config gives it), the `dynamic_batching` a repository
+config declares (its priority levels), else `sequence_batching` with the idle timeout for a
+model that takes sequences (one whose recurrences all run forwards; it still takes them when
+its config declares dynamic batching), and `parameters`, `{key: {"string_value": value}}`: a
 repository model's config.pbtxt parameters as written, a zoo model's from `zoo.parameters`
 (the `dates` model's text vocabularies, cellserve/text_vocab.py, and its decode spec).
 
@@ -29,23 +31,27 @@ EXTENSION = "model_configuration"
 
 
 def model_config(name: str, platform: str, model: Model, parameters: dict[str, str],
-                 sequence_idle_s: float, max_batch_size: int = 0, label_files: dict[str, str] | None = None) -> dict:
-    """The ModelConfig of one served model version, as JSON (Triton's field names)."""
+                 sequence_idle_s: float, max_batch_size: int = 0, label_files: dict[str, str] | None = None,
+                 dynamic_batching: dict | None = None, output_dims: dict[str, list[int]] | None = None) -> dict:
+    """The ModelConfig of one served model version, as JSON (Triton's field names).
+    `dynamic_batching` and `output_dims`: as a repository config declares them."""
     batch_dims = 1 if max_batch_size > 0 else 0
-    label_files = label_files or {}
+    label_files, output_dims = label_files or {}, output_dims or {}
 
-    def tensors(specs):
-        out = [{"name": s.name, "data_type": _config_type(datatype_of(s.dtype)), "dims": list(s.shape)[batch_dims:]}
-               for s in specs]
+    def tensors(specs, declared=None):
+        out = [{"name": s.name, "data_type": _config_type(datatype_of(s.dtype)),
+                "dims": (declared or {}).get(s.name, list(s.shape)[batch_dims:])} for s in specs]
         for tensor in out:
             if tensor["name"] in label_files:
                 tensor["label_filename"] = label_files[tensor["name"]]
         return out
 
     config = {"name": name, "platform": platform, "max_batch_size": max_batch_size, "input": tensors(model.inputs),
-              "output": tensors(model.outputs),
+              "output": tensors(model.outputs, output_dims),
               "parameters": {k: {"string_value": v} for k, v in sorted(parameters.items())}}
-    if model.why_not_streamable() is None:  # int64 fields are strings in protobuf's JSON
+    if dynamic_batching is not None:  # one or the other, as in Triton's ModelConfig (a oneof)
+        config["dynamic_batching"] = dynamic_batching
+    elif model.why_not_streamable() is None:  # int64 fields are strings in protobuf's JSON
         config["sequence_batching"] = {"max_sequence_idle_microseconds": str(round(sequence_idle_s * 1e6))}
     return config
 

@@ -21,7 +21,8 @@ sequences one request may hold; else `max_batch_size` when > 0, as Triton reads 
 and is published as given (the published dims then leave the batch out). See the README for
 an example. Anything else a config sets (instance groups, queue policies, warm-up, ...) is
 logged at load as not applied. The config's `parameters` are published as they are
-(server/model_config.py); `text.*` keys must make a text vocabulary (cellserve/text_vocab.py) of the model's own tensors.
+(server/model_config.py); `text.*` keys must make a text vocabulary (cellserve/text_vocab.py)
+of the model's own tensors.
 
 An encoder-decoder is a version directory holding `encoder.onnx` and `decoder_step.onnx`
 instead of a model file, with its decode specification in the config's `parameters` as
@@ -75,6 +76,10 @@ class ServedModel:
     # output -> its classes' labels (a config output's label_filename), for classification
     labels: dict[str, list[str]] = field(default_factory=dict)
     label_files: dict[str, str] = field(default_factory=dict)  # output -> its label_filename, published as given
+    # published as a config.pbtxt declares them: its dynamic_batching (what of it applies), and
+    # an output's dims where it fixes what the graph leaves dynamic
+    dynamic_batching: dict | None = None
+    output_dims: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def engine_name(self) -> str:
@@ -206,9 +211,15 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         _check_declared_tensors(config, model, f"{where} version {version}")
         _check_batch_first(config, model, f"{where} version {version}")
         check_parameters(parameters, model, f"{where} version {version}")
+        batching = None
+        if config.HasField("dynamic_batching"):  # what of it applies; int fields as protobuf's JSON writes them
+            declared = config.dynamic_batching
+            batching = {k: str(v) for k, v in (("default_priority_level", declared.default_priority_level),
+                                               ("priority_levels", declared.priority_levels)) if v}
         served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters,
                                   config.max_batch_size, labels,
-                                  {o.name: o.label_filename for o in config.output if o.label_filename}))
+                                  {o.name: o.label_filename for o in config.output if o.label_filename},
+                                  batching, {o.name: [int(d) for d in o.dims] for o in config.output if o.dims}))
     return served
 
 

@@ -496,6 +496,29 @@ def test_the_published_config_says_max_batch_size_as_the_config_gave_it(http, gr
         infer("http-binary" if protocol == "http" else "grpc", http, grpc, "lstm_clf", "", bigger)
 
 
+def test_the_published_config_echoes_a_declared_dynamic_batching_and_output_dims(tmp_path):
+    from cellserve.server.model_config import model_config, model_config_message
+
+    add_model(tmp_path, "m", {1: gru_onnx(0)},
+              'dynamic_batching { default_priority_level: 2 priority_levels: 3 max_queue_delay_microseconds: 5 }\n'
+              'output [ { name: "probabilities" data_type: TYPE_FP32 dims: [ 2, 3 ] } ]\n')  # the graph's [-1, 3]
+    add_model(tmp_path, "plain", {1: gru_onnx(0)})
+    served = {s.name: s for s in load_repository(tmp_path)}
+
+    def published(entry):
+        return model_config(entry.name, entry.platform, entry.model, entry.parameters, 60.0, entry.max_batch_size,
+                            entry.label_files, entry.dynamic_batching, entry.output_dims)
+
+    declared, plain = published(served["m"]), published(served["plain"])
+    assert declared["dynamic_batching"] == {"default_priority_level": "2", "priority_levels": "3"}  # what applies
+    assert "sequence_batching" not in declared  # one or the other, as in Triton's ModelConfig
+    assert "sequence_batching" in plain and "dynamic_batching" not in plain  # it takes sequences
+    assert [t["dims"] for t in declared["output"] if t["name"] == "probabilities"] == [[2, 3]]
+    assert [t["dims"] for t in plain["output"] if t["name"] == "probabilities"] == [[-1, 3]]
+    message = model_config_message(declared)  # and gRPC's message carries it
+    assert (message.dynamic_batching.default_priority_level, message.dynamic_batching.priority_levels) == (2, 3)
+
+
 def test_classification_names_the_classes_from_the_config_s_label_file(http, grpc):
     tokens = requests_for("lstm_clf")
     probabilities, _ = infer("http-json", http, grpc, "lstm_clf", "2", tokens)
