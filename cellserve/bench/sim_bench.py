@@ -236,12 +236,24 @@ def table(report: dict) -> str:
              f"simulated one (simulated figures from a profile of this machine)",
              f"{'policy':10} {'real max goodput':>17} {'sim max goodput':>16} {'error':>6} {'p50 err':>8} {'p99 err':>8}"
              f"   real runs apart: {'goodput':>7} {'at a rate':>9} {'p50':>5} {'p99':>5}"]
+    notes = []
     for p, r in report["policies"].items():
         spread = r.get("real_spread", {})
-        lines.append(f"{p:10} {r['real_max_goodput_rps']:13.0f} r/s {r['sim_max_goodput_rps']:12.0f} r/s "
+        bracket = r.get("real_bracket", {})
+        mark = " "
+        if bracket.get("capacity_below_start"):
+            mark = "!"
+            notes.append(f"! {p}: the real engine missed the SLO at the ramp's first rate: its max goodput and the "
+                         "errors against it are not a capacity")
+        elif bracket and not bracket.get("bracketed"):
+            mark = "+"
+            notes.append(f"+ {p}: no real rate past capacity was tried (the ramp's top still met the SLO): its "
+                         "max goodput is a lower bound")
+        lines.append(f"{p:10} {r['real_max_goodput_rps']:12.0f}{mark}r/s {r['sim_max_goodput_rps']:12.0f} r/s "
                      f"{pct(r['max_goodput_error']):>6} {pct(r['p50_error']):>8} {pct(r['p99_error']):>8}"
                      f"{'':19}{pct(spread.get('max_goodput')):>7} {pct(spread.get('goodput_at_a_rate')):>9} "
                      f"{pct(spread.get('p50')):>5} {pct(spread.get('p99')):>5}")
+    lines += notes
     lines.append(f"simulated seconds per wall second at cellular's highest rate: {report['sim_speedup']:.1f}"
                  if report["sim_speedup"] else "")
     drift = report.get("capacity_rps")

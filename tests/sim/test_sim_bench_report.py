@@ -54,6 +54,8 @@ def test_the_report_gives_how_far_the_real_runs_stood_apart_beside_the_errors():
                   "capacity_rps": {"before": 2000.0, "after": 1500.0}, "policies": {"cellular": report}})
     assert "real runs apart" in text and "20%" in text
     assert "capacity 2000 req/s before the ramps, 1500 after (-25%)" in text
+    # every rate of that ramp met the SLO: its max goodput is marked a lower bound, not printed as a capacity
+    assert "200+r/s" in text and "+ cellular: no real rate past capacity was tried" in text
 
 
 def test_repeats_must_be_at_least_one(capsys):
