@@ -23,6 +23,11 @@ if TYPE_CHECKING:  # decoder_graph imports this module
     from cellserve.graph.decoder_graph import DecoderStepGraph
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# A layer fed by an embedding keeps every token's input projection (vocabulary x gates floats)
+# up to this size: a lane's start is then a lookup. Past it (a 100,000-token vocabulary and
+# 1,024 LSTM units would take 1.6 GB, and seconds to compute at load), a lane's start looks up
+# its tokens' embeddings and projects them as any other input (kernels/cell.py).
+MAX_PROJECTED_TABLE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,14 @@ class RecurrentLayer:
 
     def flops_per_token_projection(self) -> float:
         return 0.0 if self.token_table is not None else 2.0 * GATES[self.kind] * self.hidden * self.input_size
+
+    def projected_table_bytes(self, limit: int = MAX_PROJECTED_TABLE_BYTES) -> int:
+        """Bytes of its embedding table projected through W_ih, per direction, which a kernel
+        keeps when they are at most `limit` (0: no table, or too large to keep)."""
+        if self.token_table is None:
+            return 0
+        size = self.token_table.shape[0] * GATES[self.kind] * self.hidden * 4
+        return size if size <= limit else 0
 
     def lane_bytes_per_token(self) -> int:
         """What the kernels hold for each token of a sequence while its lanes run: per

@@ -39,6 +39,7 @@ import threadpoolctl
 import torch
 
 from cellserve.graph.model import GATES, DirectionWeights
+from cellserve.graph.model import MAX_PROJECTED_TABLE_BYTES as MODEL_PROJECTED_TABLE_BYTES
 from cellserve.kernels.arena import RowPool, SlotPool, growth_undone
 
 try:
@@ -67,11 +68,8 @@ CPU_BACKENDS = ("fused", "onednn", "blas")
 BACKENDS = CPU_BACKENDS + ("torch",)
 # Hidden units per panel of the fused step's packed weights: panels of 64 (or GRU's 48) columns
 PANEL_UNITS = {"lstm": 16, "gru": 16, "rnn_tanh": 64, "rnn_relu": 64}
-# A layer fed by an embedding keeps every token's input projection (vocabulary x gates floats)
-# up to this size: a lane's start is then a lookup. Past it (a 100,000-token vocabulary and
-# 1,024 LSTM units would take 1.6 GB, and seconds to compute at load), a lane's start looks up
-# its tokens' embeddings and projects them as any other input.
-MAX_PROJECTED_TABLE_BYTES = 256 << 20
+# the largest projected embedding table a layer keeps (graph/model.py says why)
+MAX_PROJECTED_TABLE_BYTES = MODEL_PROJECTED_TABLE_BYTES
 
 
 def default_backend(device: torch.device) -> str:

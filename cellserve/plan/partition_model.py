@@ -75,8 +75,8 @@ def _weights(step) -> int:
     for layer in layers:
         d = layer.directions[0]
         total += sum(a.nbytes for a in (d.w_ih, d.w_hh, d.b_ih, d.b_hh))
-        if layer.token_table is not None:
-            total += layer.token_table.nbytes
+        if layer.token_table is not None:  # and the projected table the kernel keeps beside it
+            total += layer.token_table.nbytes + layer.projected_table_bytes()
     return total
 
 

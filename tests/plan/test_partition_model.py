@@ -95,3 +95,17 @@ def test_cli_model_form_needs_a_cpu_profile(tmp_path, capsys):
         cli.main(["plan", "partition", "--model", "gru-256", "--mode", "latency", "--json", str(tmp_path / "p.json")])
     assert exc.value.code == 2
     assert "--model needs --profiles" in capsys.readouterr().err
+
+
+def test_a_layer_fed_by_an_embedding_holds_its_projected_table_too(tagger):
+    """The kernel keeps the embedding table projected through W_ih (vocabulary x gates floats)
+    beside the weights: the node's memory counts it, as the profile's weight_bytes do."""
+    model, cpu, gpu = tagger
+    g = build_graph(model, {"cpu": cpu, "gpu": gpu}, 20, gpu_class("t4"))
+    first = stack_layers(model).recurrent_steps()[0]
+    d = first.directions[0]
+    own = sum(a.nbytes for a in (d.w_ih, d.w_hh, d.b_ih, d.b_hh)) + first.token_table.nbytes
+    projected = first.token_table.shape[0] * 4 * first.hidden * 4  # LSTM: 4 gates, float32
+    assert first.projected_table_bytes() == projected > 0
+    node = next(n for n in g.nodes if n.id == "bilstm-tagger/rnn.LSTM/0")
+    assert node.memory_mb["cpu"] == pytest.approx((own + projected) / 1e6)
