@@ -83,17 +83,17 @@ class Admission:
             self._respond_early(request, Status.REJECTED, f"queue full: {len(self._runs)} requests in flight",
                                 congestion=True)
             return
-        length = self._request_length(model, inputs)
-        lane_bytes = model.batch_size(inputs) * length * self._lane_bytes_per_token[model.name]
+        length, batch = self._request_length(model, inputs), model.batch_size(inputs)
+        lane_bytes = batch * length * self._lane_bytes_per_token[model.name]
         if lane_bytes + self._lane_bytes_held > self.lane_memory_limit:
-            self._refuse_for_memory(request, model, inputs, length, lane_bytes)
+            self._refuse_for_memory(request, batch, length, lane_bytes)
             return
         if request.timeout_s is not None and not request.timeout_s > 0:
             self._respond_early(request, Status.INVALID, f"timeout must be > 0 seconds, got {request.timeout_s}")
             return
         timeout = request.timeout_s if request.timeout_s is not None else self.config.default_timeout_s
         deadline = request.arrival + timeout if timeout is not None else math.inf
-        rounds_plan, batch = self._rounds_plan(model, inputs, length), model.batch_size(inputs)
+        rounds_plan = self._rounds_plan(model, inputs, length)
         predicted, probe = None, False
         if self.config.admission and deadline < math.inf:
             predicted = self._predicted_latency(model, rounds_plan, batch, width)
@@ -126,13 +126,13 @@ class Admission:
         self._runs[request.request_id] = run
         self._advance(run)
 
-    def _refuse_for_memory(self, request: Request, model: Model, inputs: dict, length: int, lane_bytes: int) -> None:
+    def _refuse_for_memory(self, request: Request, batch: int, length: int, lane_bytes: int) -> None:
         """A request whose lanes would take the engine's lane storage past its limit: INVALID
         when it needs more than all of it (it never fits), else REJECTED (it fits once the
         requests in flight leave): the arenas only grow, and a request too large for the
         machine would fail every request of its model, or the process."""
         limit = self.lane_memory_limit
-        need = f"needs {_size(lane_bytes)} of lane storage ({model.batch_size(inputs)} sequence(s) of {length} steps)"
+        need = f"needs {_size(lane_bytes)} of lane storage ({batch} sequence(s) of {length} steps)"
         if lane_bytes > limit:
             self._respond_early(request, Status.INVALID, f"{need}, more than the engine holds for all requests "
                                 f"({_size(limit)}, --max-lane-memory): send fewer or shorter sequences")

@@ -10,6 +10,17 @@ from __future__ import annotations
 
 import bisect
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+
+@dataclass
+class LaneStorage:
+    """Where one lane lives in a kernel's arenas."""
+
+    slot: int
+    base: int  # first row of its block
+    length: int
 
 
 class SlotPool:
@@ -31,10 +42,9 @@ class SlotPool:
 
     def shrink_to(self, capacity: int) -> None:
         """Back to `capacity` (what growing took it from), if every slot past it is free."""
-        past = [s for s in self._free if s >= capacity]
-        if capacity < self.capacity and len(past) == self.capacity - capacity:
-            self._free = [s for s in self._free if s < capacity]
-            self.capacity = capacity
+        kept = [s for s in self._free if s < capacity]
+        if capacity < self.capacity and len(self._free) - len(kept) == self.capacity - capacity:
+            self._free, self.capacity = kept, capacity
 
     @property
     def in_use(self) -> int:
@@ -92,15 +102,19 @@ class RowPool:
 
 
 @contextmanager
-def growth_undone(*pools):
-    """Pools that grew in the block go back to their sizes before it if the block raises
-    (after the caller freed what it took): a kernel whose arrays could not grow to a pool's
-    new capacity (a MemoryError on a huge request) must not keep a pool that hands out rows
-    past its arrays, which failed every later lane."""
-    before = [pool.capacity for pool in pools]
+def new_lane(slots: SlotPool, rows: RowPool, length: int,
+             release: Callable[[LaneStorage], None]) -> Iterator[LaneStorage]:
+    """A lane's slot and block of `length` rows, for the block to fill (its kernel's arenas
+    fitted to the pools first). If the block raises, the lane is released and a pool that
+    grew for it goes back to its size before: a kernel whose arrays could not grow (a
+    MemoryError on a huge request) must not keep a pool that hands out rows past its arrays,
+    which failed every later lane of its model."""
+    before = (slots.capacity, rows.capacity)
+    lane = LaneStorage(slots.take(), rows.take(length), length)
     try:
-        yield
+        yield lane
     except BaseException:
-        for pool, capacity in zip(pools, before):
-            pool.shrink_to(capacity)
+        release(lane)
+        slots.shrink_to(before[0])
+        rows.shrink_to(before[1])
         raise

@@ -32,7 +32,6 @@ GRU keeps them apart: its candidate gate multiplies only the recurrent part by r
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import threadpoolctl
@@ -40,7 +39,7 @@ import torch
 
 from cellserve.graph.model import GATES, DirectionWeights
 from cellserve.graph.model import MAX_PROJECTED_TABLE_BYTES as MODEL_PROJECTED_TABLE_BYTES
-from cellserve.kernels.arena import RowPool, SlotPool, growth_undone
+from cellserve.kernels.arena import LaneStorage, RowPool, SlotPool, new_lane  # noqa: F401 - LaneStorage re-exported
 
 try:
     from cellserve.kernels import _pointwise
@@ -48,15 +47,6 @@ except ImportError:  # not built (e.g. an install without a compiler): the torch
     _pointwise = None
 
 _KIND_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-
-
-@dataclass
-class LaneStorage:
-    """Where one lane lives in a kernel's arenas."""
-
-    slot: int
-    base: int  # first row of its block
-    length: int
 
 
 @functools.cache
@@ -225,14 +215,8 @@ class CellKernel:
 
     def start(self, x: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None) -> LaneStorage:
         """Admit a lane. x: [T, I] float inputs, or [T] token ids if the layer has a table."""
-        length = int(x.shape[0])
-        with growth_undone(self.slots, self.rows):
-            lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
-            try:
-                self.load(lane, x, h0, c0)
-            except BaseException:
-                self.release(lane)  # a lane that could not start holds no slot or rows
-                raise
+        with new_lane(self.slots, self.rows, int(x.shape[0]), self.release) as lane:
+            self.load(lane, x, h0, c0)
         return lane
 
     def load(self, lane: LaneStorage, x: np.ndarray | None, h0: np.ndarray | None = None,

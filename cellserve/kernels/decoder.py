@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cellserve.kernels.arena import RowPool, SlotPool, growth_undone
+from cellserve.kernels.arena import RowPool, SlotPool, new_lane
 from cellserve.kernels.cell import LaneStorage
 
 
@@ -79,16 +79,16 @@ class GraphDecoderKernel:
         starts as start_lane's lane does and is the row's one live lane; the others are
         spares that `reorder` brings to life. Returns the width storages, first slot first."""
         first = self.start_lane(x, states)
-        spares: list[int] = []
-        with growth_undone(self.slots, self.rows):
-            try:
-                spares += [self.slots.take() for _ in range(width - 1)]
-                self._fit_capacity()
-            except BaseException:  # a row that could not start holds nothing
-                for s in spares:
-                    self.slots.give(s)
-                self.release(first)
-                raise
+        capacity = self.slots.capacity
+        spares = [self.slots.take() for _ in range(width - 1)]
+        try:
+            self._fit_capacity()
+        except BaseException:  # a row that could not start holds nothing (as new_lane leaves a lane)
+            for s in spares:
+                self.slots.give(s)
+            self.slots.shrink_to(capacity)
+            self.release(first)
+            raise
         slots = [first.slot] + spares
         self.memory_len[slots] = first.length
         self.beam_k[slots] = width
@@ -119,13 +119,8 @@ class GraphDecoderKernel:
         length = int(x.shape[0])
         if length < 1:
             raise ValueError("a decoder lane needs a memory of at least one position")
-        with growth_undone(self.slots, self.rows):
-            lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
-            try:
-                self._load(lane, x, states)
-            except BaseException:
-                self.release(lane)  # a lane that could not start holds no slot or rows
-                raise
+        with new_lane(self.slots, self.rows, length, self.release) as lane:
+            self._load(lane, x, states)
         return lane
 
     def _load(self, lane: LaneStorage, x: np.ndarray, states: list[tuple] | None) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cellserve.graph.model import LayerStack
-from cellserve.kernels.arena import RowPool, SlotPool, growth_undone
+from cellserve.kernels.arena import RowPool, SlotPool, new_lane
 from cellserve.kernels.cell import CellKernel, LaneStorage
 
 # Steps of a lone lane's run per layer between projections: 16 rows amortise the read of
@@ -39,16 +39,10 @@ class StackKernel:
     def start(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
         """Admit a lane. x: the first layer's inputs (as CellKernel.start); states: (h0, c0)
         per layer, each None for zeros."""
-        length = int(x.shape[0])
-        with growth_undone(self.slots, self.rows):
-            lane = LaneStorage(self.slots.take(), self.rows.take(length), length)
-            try:
-                for i, layer in enumerate(self.layers):
-                    h0, c0 = states[i] if states else (None, None)
-                    layer.load(lane, x if i == 0 else None, h0, c0)
-            except BaseException:
-                self.release(lane)  # a lane that could not start holds no slot or rows
-                raise
+        with new_lane(self.slots, self.rows, int(x.shape[0]), self.release) as lane:
+            for i, layer in enumerate(self.layers):
+                h0, c0 = states[i] if states else (None, None)
+                layer.load(lane, x if i == 0 else None, h0, c0)
         return lane
 
     def finish(self, lane: LaneStorage) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:

@@ -36,8 +36,8 @@ _ANSWERED = object()  # one request got its last response
 
 
 async def model_stream_infer(core: Core, requests, context) -> None:
-    """Serve one ModelStreamInfer call: read `requests` (an async iterator of
-    ModelInferRequest), write ModelStreamInferResponses with `context.write`."""
+    """Serve one ModelStreamInfer call: read `requests` (an async iterator of serialized
+    ModelInferRequests), write ModelStreamInferResponses with `context.write`."""
     out: asyncio.Queue = asyncio.Queue()
     tasks: set[asyncio.Task] = set()
 
@@ -45,14 +45,13 @@ async def model_stream_infer(core: Core, requests, context) -> None:
         try:
             async for request in requests:
                 out.put_nowait(_OPENED)  # before _READ_ALL can be: the stream waits for its answer
-                if isinstance(request, bytes):  # the server hands the stream's messages undecoded
-                    try:
-                        request = service_pb2.ModelInferRequest.FromString(request)
-                    except DecodeError as exc:  # this request's answer: the stream goes on
-                        out.put_nowait(_error(service_pb2.ModelInferRequest(), BadRequest(
-                            f"a request of the stream is not a valid ModelInferRequest message: {exc}")))
-                        out.put_nowait(_ANSWERED)
-                        continue
+                try:  # the server hands the stream's messages undecoded (grpc_frontend.start_grpc)
+                    request = service_pb2.ModelInferRequest.FromString(request)
+                except DecodeError as exc:  # this request's answer: the stream goes on
+                    out.put_nowait(_error(service_pb2.ModelInferRequest(), BadRequest(
+                        f"a request of the stream is not a valid ModelInferRequest message: {exc}")))
+                    out.put_nowait(_ANSWERED)
+                    continue
                 task = asyncio.ensure_future(_answer(core, request, out.put_nowait))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

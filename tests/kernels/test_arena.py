@@ -101,22 +101,25 @@ def test_slot_pool_never_hands_out_a_slot_twice(capacity, ops):
     assert pool.capacity >= capacity
 
 
-def test_growth_undone_puts_pools_back_when_the_block_fails_and_keeps_growth_that_held():
-    from cellserve.kernels.arena import growth_undone
+def test_a_new_lane_whose_block_fails_is_released_and_its_pools_put_back_and_growth_that_held_stays():
+    from cellserve.kernels.arena import new_lane
 
     rows, slots = RowPool(16), SlotPool(4)
+    held = [slots.take() for _ in range(3)]  # the pool is full: the lane's slot grows it
+
+    def release(lane):  # what a kernel's release gives back
+        slots.give(lane.slot)
+        rows.give(lane.base, lane.length)
+
     try:
-        with growth_undone(slots, rows):
-            lane = (slots.take(), slots.take(), slots.take(), slots.take(), rows.take(40))
-            assert rows.capacity > 16 and slots.capacity > 4
-            for s in lane[:4]:
-                slots.give(s)
-            rows.give(lane[4], 40)  # what a kernel's start frees when its arrays cannot grow
-            raise MemoryError
+        with new_lane(slots, rows, 40, release) as lane:
+            assert rows.capacity > 16 and slots.capacity > 4 and lane.length == 40
+            raise MemoryError  # its kernel's arrays cannot grow
     except MemoryError:
         pass
     assert (rows.capacity, slots.capacity) == (16, 4)
-    assert rows.take(15) == 1 and sorted(slots.take() for _ in range(3)) == [1, 2, 3]
-    with growth_undone(rows):
-        rows.take(40)  # the block holds: the pool keeps what it grew to
+    assert rows.take(15) == 1 and slots.in_use == len(held)
+    rows.give(1, 15)
+    with new_lane(slots, rows, 40, release):
+        pass  # the block holds: the pools keep what they grew to
     assert rows.capacity > 16
