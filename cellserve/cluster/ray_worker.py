@@ -45,6 +45,8 @@ from pathlib import Path
 
 from cellserve.cluster.ray_router import WorkerInfo, cost_snapshot
 from cellserve.engine.config import EngineConfig
+from cellserve.errors import ModelLoadError
+from cellserve.server.warmup import warm_up_before_serving, warm_up_while_serving
 
 _REMEMBER_DROPPED = 10_000  # keys dropped before their chunk's state arrived
 
@@ -97,6 +99,8 @@ class EngineWorker:
         self.spec = spec
         served = self._read_models(list(spec.models))
         self.engine = Engine([s.model for s in served], spec.engine)
+        for s in served:  # its config's warm-up samples, before it serves (a failure fails the worker's start)
+            warm_up_before_serving(self.engine, s.engine_name, s.warmup, f"model {s.name!r} version {s.version}")
         self._names = {s.engine_name: s.name for s in served}
         self.states: dict[str, dict] = {}  # the driver's key -> a sequence's state
         self._dropped: OrderedDict[str, None] = OrderedDict()  # keys dropped before their state came
@@ -129,6 +133,17 @@ class EngineWorker:
                     self.engine.add_model(s.model)
                     self._names[s.engine_name] = s.name
             await self._on_engine_thread(add)
+            try:  # served by this worker once its warm-up samples ran; a failed one leaves nothing added
+                for s in served:
+                    await warm_up_while_serving(self.engine, s.engine_name, s.warmup,
+                                                f"model {s.name!r} version {s.version}")
+            except ModelLoadError:
+                def undo() -> None:
+                    for s in served:
+                        self.engine.remove_model(s.engine_name)
+                        self._names.pop(s.engine_name, None)
+                await self._on_engine_thread(undo)
+                raise
             self.changes["load"] += len(new)
         return self.info()
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 import uvicorn
 
@@ -98,6 +99,7 @@ def serve(settings: ServerSettings) -> int:
             groups = ", ".join(f"{n} (cores {','.join(map(str, ex.cores))})" if ex.cores else n
                                for n, ex in executors.items())
             print(f"cellserve: placement {placement}: executors {groups}", flush=True)
+        _warm_up(engine, served)
     except (CellserveError, StartupError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -160,6 +162,20 @@ def serve(settings: ServerSettings) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
+
+
+def _warm_up(engine: Engine, served: list[ServedModel]) -> None:
+    """Each model's config.pbtxt warm-up samples, run before the server says it is ready
+    (server/warmup.py); a sample that fails ends the start (ModelLoadError naming it)."""
+    from cellserve.server.warmup import warm_up_before_serving
+
+    for entry in served:
+        if entry.warmup:
+            started = time.perf_counter()
+            where = f"model {entry.name!r} version {entry.version}"
+            run = warm_up_before_serving(engine, entry.engine_name, entry.warmup, where)
+            print(f"cellserve: {where} warmed up: {run} request(s) of {len(entry.warmup)} model_warmup "
+                  f"sample(s) in {time.perf_counter() - started:.2f} s", flush=True)
 
 
 def _check_device(device: str, backend: str | None) -> None:

@@ -389,7 +389,7 @@ class Core(ModelControl):
         entry = self.model(name, version)
         return model_config(name, entry.platform, entry.model, entry.parameters,
                             self._idle_s(entry), entry.max_batch_size, entry.label_files,
-                            entry.dynamic_batching, entry.output_dims)
+                            entry.dynamic_batching, entry.output_dims, entry.warmup_config)
 
     # ---- inference ----
 

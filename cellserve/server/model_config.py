@@ -9,9 +9,10 @@ and the dims leave out the leading batch dimension, as Triton's do), `input` and
 `label_filename` as its repository config gives it), the `dynamic_batching` a repository
 config declares (its priority levels), else `sequence_batching` with the idle timeout for a
 model that takes sequences (one whose recurrences all run forwards; it still takes them when
-its config declares dynamic batching), and `parameters`, `{key: {"string_value": value}}`: a
-repository model's config.pbtxt parameters as written, a zoo model's from `zoo.parameters`
-(the `dates` model's text vocabularies, cellserve/text_vocab.py, and its decode spec).
+its config declares dynamic batching), a repository config's `model_warmup` as declared, and
+`parameters`, `{key: {"string_value": value}}`: a repository model's config.pbtxt parameters
+as written, a zoo model's from `zoo.parameters` (the `dates` model's text vocabularies,
+cellserve/text_vocab.py, and its decode spec).
 
 `check_parameters` is run at load: published text.* keys must make a vocabulary whose input
 and output are tensors the model has, so that a client never fetches one it cannot use.
@@ -32,9 +33,10 @@ EXTENSION = "model_configuration"
 
 def model_config(name: str, platform: str, model: Model, parameters: dict[str, str],
                  sequence_idle_s: float, max_batch_size: int = 0, label_files: dict[str, str] | None = None,
-                 dynamic_batching: dict | None = None, output_dims: dict[str, list[int]] | None = None) -> dict:
+                 dynamic_batching: dict | None = None, output_dims: dict[str, list[int]] | None = None,
+                 model_warmup: list[dict] | None = None) -> dict:
     """The ModelConfig of one served model version, as JSON (Triton's field names).
-    `dynamic_batching` and `output_dims`: as a repository config declares them."""
+    `dynamic_batching`, `output_dims` and `model_warmup`: as a repository config declares them."""
     batch_dims = 1 if max_batch_size > 0 else 0
     label_files, output_dims = label_files or {}, output_dims or {}
 
@@ -53,6 +55,8 @@ def model_config(name: str, platform: str, model: Model, parameters: dict[str, s
         config["dynamic_batching"] = dynamic_batching
     elif model.why_not_streamable() is None:  # int64 fields are strings in protobuf's JSON
         config["sequence_batching"] = {"max_sequence_idle_microseconds": str(round(sequence_idle_s * 1e6))}
+    if model_warmup:
+        config["model_warmup"] = model_warmup
     return config
 
 

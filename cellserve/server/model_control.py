@@ -2,9 +2,10 @@
 of a repository loaded and unloaded while serving, through the repository API (EXPLICIT) or
 as their folders change (POLL: `poll_repository`, called every --repository-poll-secs).
 
-A load reads the model's folder off the event loop and adds every version its config chooses
+A load reads the model's folder off the event loop, adds every version its config chooses
 to the engine between two steps (`Engine.between_steps`: the engine's tables belong to its
-stepping thread); an unload takes the model out of service at once, ends its sequences, lets
+stepping thread) and runs its config's warm-up samples (server/warmup.py) before serving
+them; an unload takes the model out of service at once, ends its sequences, lets
 its requests already in the engine finish (`Engine.remove_model` refuses while any are queued
 or in flight) and then removes it. Loads and unloads of one model run one at a time, in the
 order asked. A reload serves the new versions as soon as they are added (beside the old
@@ -30,6 +31,7 @@ from cellserve.errors import ModelLoadError
 from cellserve.server.errors import BadRequest, NotFound
 from cellserve.server.metrics import RELOAD_TAG
 from cellserve.server.repository import load_repository_model, repository_fingerprints, repository_models
+from cellserve.server.warmup import warm_up_while_serving
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +109,25 @@ class ModelControl:
                 like = old.get(entry.version) if old is not None else None
                 self.engine.add_model(entry.model, like=like.engine_name if like is not None else None)
         await asyncio.wrap_future(self.engine.between_steps(add))
+        try:
+            await self._warm_up(served)
+        except BadRequest:  # the new versions never served: out of the engine again
+            await self._retire(served, superseded=True)
+            raise
         self._models[name] = {entry.version: entry for entry in served}
         if old is not None:  # the old versions' requests in flight finish on them; their sequences end
             self._end_sequences(name, old, "ended: its model was reloaded")
             await self._retire(old.values(), superseded=True)
+
+    async def _warm_up(self, served) -> None:
+        """The versions' config.pbtxt warm-up samples (server/warmup.py), run before the versions
+        are served; BadRequest naming the sample that failed."""
+        for entry in served:
+            try:
+                await warm_up_while_serving(self.engine, entry.engine_name, entry.warmup,
+                                            f"version {entry.version}")
+            except ModelLoadError as exc:
+                raise BadRequest(f"cannot load model {entry.name!r}: {exc}") from None
 
     async def _unload(self, name: str) -> None:
         versions = self._models.pop(name, None)  # from now on, a request for it is told it is not loaded

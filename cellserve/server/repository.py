@@ -11,7 +11,8 @@ reads: `name`, `platform`/`backend` (must be ONNX Runtime's, if set), `version_p
 the graph; dims as Triton reads them, without the batch dimension when `max_batch_size` > 0;
 a fixed size where the graph has a dynamic one holds requests to it),
 `sequence_batching.max_sequence_idle_microseconds`,
-`dynamic_batching.default_priority_level` (within `priority_levels`, if set), an output's
+`dynamic_batching.default_priority_level` (within `priority_levels`, if set), `model_warmup`
+(samples run before the model is served, server/warmup.py), an output's
 `label_filename` (its classes' labels for classification, server/classification.py), and
 `parameters` `slo_ms` (the model's default
 deadline for requests that send no `timeout`), `max_sequence_length` (the longest input
@@ -19,7 +20,7 @@ sequence a request may send, in steps; default 1024) and `max_request_rows` (the
 sequences one request may hold; else `max_batch_size` when > 0, as Triton reads it; default
 1024; not more than a max_batch_size > 0). `max_batch_size` > 0 needs a batch-first model
 and is published as given (the published dims then leave the batch out). See the README for
-an example. Anything else a config sets (instance groups, queue policies, warm-up, ...) is
+an example. Anything else a config sets (instance groups, queue policies, ...) is
 logged at load as not applied. The config's `parameters` are published as they are
 (server/model_config.py); `text.*` keys must make a text vocabulary (cellserve/text_vocab.py)
 of the model's own tensors.
@@ -80,6 +81,10 @@ class ServedModel:
     # an output's dims where it fixes what the graph leaves dynamic
     dynamic_batching: dict | None = None
     output_dims: dict[str, list[int]] = field(default_factory=dict)
+    # a config.pbtxt's model_warmup: the samples run before the model is served (server/warmup.py),
+    # and the entries as declared, which the published config echoes
+    warmup: list = field(default_factory=list)
+    warmup_config: list[dict] = field(default_factory=list)
 
     @property
     def engine_name(self) -> str:
@@ -176,6 +181,7 @@ def load_model(name: str, repository: Path | None = None) -> Model:
 
 def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     from cellserve.server.model_config import check_parameters
+    from cellserve.server.warmup import published_warmup, warmup_samples
 
     name = model_dir.name
     if ":" in name or not name:
@@ -211,6 +217,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         _check_declared_tensors(config, model, f"{where} version {version}")
         _check_batch_first(config, model, f"{where} version {version}")
         check_parameters(parameters, model, f"{where} version {version}")
+        warmup = warmup_samples(config, model, model_dir, f"{where} version {version}")
         batching = None
         if config.HasField("dynamic_batching"):  # what of it applies; int fields as protobuf's JSON writes them
             declared = config.dynamic_batching
@@ -219,7 +226,8 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
         served.append(ServedModel(name, str(version), model, "onnxruntime_onnx", settings, parameters,
                                   config.max_batch_size, labels,
                                   {o.name: o.label_filename for o in config.output if o.label_filename},
-                                  batching, {o.name: [int(d) for d in o.dims] for o in config.output if o.dims}))
+                                  batching, {o.name: [int(d) for d in o.dims] for o in config.output if o.dims},
+                                  warmup, published_warmup(config)))
     return served
 
 
@@ -383,13 +391,13 @@ _APPLIED = {"name", "platform", "backend", "version_policy", "max_batch_size", "
             "parameters", "input[].name", "input[].data_type", "input[].dims", "output[].name",
             "output[].data_type", "output[].dims", "output[].label_filename",
             "sequence_batching.max_sequence_idle_microseconds", "dynamic_batching.default_priority_level",
-            "dynamic_batching.priority_levels"}
+            "dynamic_batching.priority_levels", "model_warmup"}
 _PARTLY = {"input[]", "output[]", "sequence_batching", "dynamic_batching"}
 
 
 def unapplied_fields(config: mc.ModelConfig) -> list[str]:
     """The fields `config` sets that cellserve does not apply (Triton's instance groups,
-    queue policies, warm-up, ...), as dotted paths."""
+    queue policies, rate limits, ...), as dotted paths."""
     found = []
 
     def walk(message, prefix: str) -> None:

@@ -227,14 +227,14 @@ def test_config_fields_cellserve_does_not_apply_are_logged_by_name(tmp_path, cap
               'dynamic_batching { max_queue_delay_microseconds: 100 default_priority_level: 1 priority_levels: 2 '
               'default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 100 } }\n'
               'input [ { name: "tokens" data_type: TYPE_INT64 dims: [ -1, -1 ] reshape { shape: [ 1 ] } } ]\n'
-              'model_warmup [ { name: "w" } ]\n')
+              'optimization { priority: PRIORITY_MAX }\n')
     with caplog.at_level("WARNING", logger="cellserve.server.repository"):
         (served,) = load_repository(tmp_path)
     assert served.settings.default_priority == 1  # what it does apply, applied
     (line,) = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
     assert line == ("model 'm': config.pbtxt sets input.reshape, instance_group, "
                     "dynamic_batching.max_queue_delay_microseconds, dynamic_batching.default_queue_policy, "
-                    "model_warmup, which cellserve does not apply")
+                    "optimization, which cellserve does not apply")
     caplog.clear()
     add_model(tmp_path, "plain", {1: gru_onnx(0)}, 'max_batch_size: 0\nversion_policy: { all: { } }\n')
     with caplog.at_level("WARNING", logger="cellserve.server.repository"):
@@ -312,6 +312,7 @@ def test_the_readmes_example_config_loads(tmp_path):
     assert served[0].settings.default_timeout_s == pytest.approx(0.2)
     assert served[0].model.max_sequence_length == 4096
     assert served[0].model.max_request_rows == 64
+    assert [(w.name, w.inputs["tokens"].shape) for w in served[0].warmup] == [("burst", (16, 1000))]
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "long", "", "2.5"])
