@@ -58,25 +58,34 @@ _key, _id = attrgetter("key"), attrgetter("lane_id")
 
 @dataclass
 class _TypeQueue:
+    """One cell type's lanes, their urgency order kept cheaply: the dict holds them in the
+    order added, which is urgency order for every lane not in `_late` (each was added with a
+    key above every such lane before it: the usual case, requests of one SLO arriving in
+    turn); `_late` holds those added out of order (a beam's rows, added after its request's
+    first step; a more urgent priority), which are merged in when a batch is chosen, and put
+    back in order once they are many."""
+
     lanes: dict[int, Lane] = field(default_factory=dict)
     _min: tuple | None = None  # cached most urgent key; None when it must be recomputed
-    _in_order: bool = True  # lanes were added in urgency order (the usual case: same SLO)
-    _last: tuple = ()
+    _late: dict[int, Lane] = field(default_factory=dict)
+    _last: tuple = ()  # the largest key of the lanes in order
 
     def add(self, lane: Lane) -> None:
         self.lanes[lane.lane_id] = lane
         if self._min is not None and lane.key < self._min:
             self._min = lane.key
         if lane.key < self._last:
-            self._in_order = False
-        self._last = lane.key
+            self._late[lane.lane_id] = lane
+        else:
+            self._last = lane.key
 
     def remove(self, lane: Lane) -> None:
         del self.lanes[lane.lane_id]
+        self._late.pop(lane.lane_id, None)
         if self._min is not None and lane.key <= self._min:
             self._min = None
         if not self.lanes:
-            self._in_order, self._last = True, ()
+            self._last = ()
 
     def most_urgent(self) -> tuple:
         if self._min is None:
@@ -84,11 +93,18 @@ class _TypeQueue:
         return self._min
 
     def most_urgent_lanes(self, n: int) -> list[Lane]:
+        """The n most urgent lanes, most urgent first."""
         if len(self.lanes) <= n:
             return list(self.lanes.values())
-        if self._in_order:  # dicts keep insertion order, which is urgency order here
+        late = self._late
+        if not late:
             return list(islice(self.lanes.values(), n))
-        return heapq.nsmallest(n, self.lanes.values(), key=_key)
+        if len(late) > max(n, len(self.lanes) // 8):  # many out of order: sort them all, once
+            self.lanes = dict(sorted(self.lanes.items(), key=lambda item: item[1].key))
+            self._late, self._last = {}, next(reversed(self.lanes.values())).key
+            return list(islice(self.lanes.values(), n))
+        in_order = islice((lane for lane in self.lanes.values() if lane.lane_id not in late), n)
+        return heapq.nsmallest(n, [*in_order, *late.values()], key=_key)
 
 
 class Policy(ABC):

@@ -101,15 +101,24 @@ class GraphDecoderKernel:
         """Beam rows between steps: the state rows of slots `src` (the parents, as the last
         step left them) go to slots `dst`, whose next input token is `tokens`. Gathered
         before scattered, so a slot may be both a parent and a destination."""
-        dev = self.device
-        d = torch.from_numpy(np.ascontiguousarray(dst, np.int64)).to(dev)
         moved = dst != src
-        if moved.any():
-            dm = torch.from_numpy(np.ascontiguousarray(dst[moved], np.int64)).to(dev)
-            sm = torch.from_numpy(np.ascontiguousarray(src[moved], np.int64)).to(dev)
-            for arena in self.states:
-                arena.index_copy_(0, dm, arena.index_select(0, sm))
-        self.prev.index_copy_(0, d, torch.from_numpy(np.ascontiguousarray(tokens, np.int64)).to(dev))
+        host = self._host
+        if host is not None:  # numpy views of the CPU arenas: a torch call's dispatch costs more
+            _, arenas, prev = host  # than these few rows' copies (a fancy index gathers first)
+            if moved.any():
+                dm, sm = dst[moved], src[moved]
+                for arena in arenas:
+                    arena[dm] = arena[sm]
+            prev[dst] = tokens
+        else:
+            dev = self.device
+            d = torch.from_numpy(np.ascontiguousarray(dst, np.int64)).to(dev)
+            if moved.any():
+                dm = torch.from_numpy(np.ascontiguousarray(dst[moved], np.int64)).to(dev)
+                sm = torch.from_numpy(np.ascontiguousarray(src[moved], np.int64)).to(dev)
+                for arena in self.states:
+                    arena.index_copy_(0, dm, arena.index_select(0, sm))
+            self.prev.index_copy_(0, d, torch.from_numpy(np.ascontiguousarray(tokens, np.int64)).to(dev))
         for s in dst.tolist():
             self._groups[s].live.add(s)
 

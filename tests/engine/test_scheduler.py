@@ -108,6 +108,27 @@ def test_cellular_respects_max_batch_taking_the_most_urgent_lanes_by_priority_th
     assert set(p.next_batch(0.0).lane_ids) == {1, 4, 5}
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 40)), min_size=1, max_size=300),
+       max_batch=st.integers(1, 12))
+def test_cellular_takes_the_most_urgent_lanes_whatever_order_they_came_and_went_in(ops, max_batch):
+    """Lanes added out of urgency order (a beam's rows after its request's first step, a more
+    urgent priority) and removed at random: each batch is still the max_batch most urgent."""
+    p = CellularPolicy(max_batch=max_batch)
+    held: dict[int, Lane] = {}
+    for i, (adding, priority, arrival) in enumerate(ops):
+        if adding or not held:
+            held[i] = lane(i, i, "t", 1000, priority=priority, arrival=float(arrival))
+            p.add(held[i])
+        else:
+            gone = sorted(held)[arrival % len(held)]
+            p.remove(gone)
+            del held[gone]
+        want = sorted(held.values(), key=lambda x: x.key)[:max_batch]
+        batch = p.next_batch(0.0)
+        assert sorted(batch.lane_ids if batch else []) == sorted(x.lane_id for x in want)
+
+
 def test_cellular_ties_in_priority_and_deadline_go_to_the_earliest_arrival():
     p = CellularPolicy(max_batch=1)
     p.add(lane(1, 1, "t", 2, arrival=3.0))
