@@ -100,3 +100,22 @@ def test_a_malformed_parameter_is_refused_naming_the_key(tmp_path, exported):
     config.write_text(config.read_text().replace('string_value: "2"', 'string_value: "two"', 1))
     with pytest.raises(ModelLoadError, match=r"parameter 'decode\.eos' must be an integer, got 'two'"):
         load_repository(root)
+
+
+def test_a_repository_encoder_decoder_warms_up_from_its_config(tmp_path, exported):
+    """model_warmup on an encoder-decoder: its source tensor made from the config and run
+    through the engine (server/warmup.py), as for any model."""
+    from cellserve.server.warmup import warm_up_before_serving
+
+    spec = additive_spec()
+    root = _write(tmp_path, exported, spec)
+    config = root / "translate" / "config.pbtxt"
+    config.write_text(config.read_text() + '\nmodel_warmup [ { name: "w" batch_size: 1 count: 2 inputs { key: "source" '
+                                             'value { data_type: TYPE_INT64 dims: [ 3, 40 ] random_data: true } } } ]\n')
+    (served,) = load_repository(root)
+    [sample] = served.warmup
+    tokens = sample.inputs["source"]
+    vocab = served.model.semantics["source"].vocab
+    assert tokens.shape == (3, 40) and vocab and 0 <= tokens.min() and tokens.max() < vocab
+    engine = Engine([served.model], EngineConfig(profile=False))
+    assert warm_up_before_serving(engine, served.engine_name, served.warmup, "translate") == 2
