@@ -1,4 +1,4 @@
-"""The pipeline planner's benchmark (pure planner, modelled costs; no simulation): for the lead's
+"""The pipeline planner's benchmark (modelled costs; the data plane simulated): for the lead's
 `cellserve bench plan`. `run(quick)` returns JSON-able results, `table(results)` a text table.
 
 1. **Pipelining vs no pipelining**, zoo models cut into blocks (plan/pipeline_zoo.py) and
@@ -9,6 +9,10 @@
 2. **Planner speed**: 5 random (seeded) models of 10 blocks each (50 blocks) on 30 + 70
    devices of two types, wall time of the whole plan (both solves, both phases, the checker
    outside the timing), with the solver's gap at the time budget.
+3. **The data plane** (plan/pipeline_sim.py, **simulated**): a plan's models run through
+   reservation-based batching in virtual time; per model the highest load, as a multiple of
+   its planned throughput, at which 99% of requests meet the SLO (the fast-head instance; in
+   a full run also the zoo on H100 + T4).
 """
 
 from __future__ import annotations
@@ -61,6 +65,32 @@ def speed_instance(seed: int = 0, n_models: int = 5, n_blocks: int = 10) -> tupl
     return Blocks(models), Pools({"fast": 30, "slow": 70}, Link(0.2, 0.5))
 
 
+def fast_head_instance() -> tuple[Blocks, Pools]:
+    """Two blocks: the head 10x faster on "fast", the tail alike on both; one fast device and
+    eight slow ones. Whole models on either class lose to the fast head feeding slow tails."""
+    head = Block({"fast": {1: 1.0, 8: 2.0}, "slow": {1: 10.0, 8: 20.0}}, 0.01)
+    tail = Block({"fast": {1: 10.0, 8: 20.0}, "slow": {1: 10.0, 8: 20.0}}, 0.01)
+    return Blocks({"m": ModelBlocks(200.0, 1.0, (head, tail))}), Pools({"fast": 1, "slow": 8}, Link(0.5, 1.0))
+
+
+def data_plane(blocks: Blocks, pools: Pools, seconds: float, options: Options) -> dict:
+    """The plan's data plane simulated (plan/pipeline_sim.py): per model the highest load (x
+    its planned throughput) at which 99% of requests meet the SLO. Simulated figures."""
+    from cellserve.plan.pipeline_sim import sustained_load
+
+    result = plan(blocks, pools, options)
+    models = {}
+    for name, mp in sorted(result.models.items()):
+        if mp.throughput_rps <= 0:
+            continue
+        found = sustained_load(blocks.models[name], mp, pools.link, seconds, min(1.0, seconds / 5), steps=6)
+        models[name] = {"planned_rps": mp.throughput_rps, "sustained_load": found.load, "search": found.bound,
+                        "attainment": found.run.attainment, "p99_ms": found.run.p99_ms,
+                        "slo_ms": blocks.models[name].slo_ms, "mean_batch": found.run.mean_batch}
+    ratio = result.objective / result.baseline_objective if result.baseline_objective > 0 else None
+    return {"objective": result.objective, "ratio": ratio, "seconds": seconds, "models": models}
+
+
 def _one(blocks: Blocks, pools: Pools, options: Options) -> dict:
     t0 = time.perf_counter()
     result = plan(blocks, pools, options)
@@ -86,10 +116,17 @@ def run(quick: bool = False) -> dict:
     blocks, pools = speed_instance()
     speed = {f"max_stages={k}": _one(blocks, pools, Options(max_stages=k, time_limit_s=10.0))
              for k in ((2,) if quick else (2, 3))}
-    return {"benchmark": "plan pipeline", "modelled": True, "simulated": False, "quick": quick,
+    seconds = 5.0 if quick else 10.0
+    planes = {"fast head, slow tail": data_plane(*fast_head_instance(), seconds, options)}
+    if not quick:
+        fast, slow, n_fast, n_slow = PAIRS[0]
+        planes[f"zoo {fast}x{n_fast}+{slow}x{n_slow}"] = data_plane(
+            zoo_blocks(fast, slow), Pools({fast: n_fast, slow: n_slow}, LINK), seconds, options)
+    return {"benchmark": "plan pipeline", "modelled": True, "simulated": "data_plane only", "quick": quick,
             "date": datetime.date.today().isoformat(), "machine": platform.node() or platform.machine(),
-            "note": "pure planner on modelled GPU profiles; objective = min over models of planned req/s / weight",
-            "gain": gains, "speed": {"blocks": 50, "devices": 100, **speed}}
+            "note": "planner on modelled GPU profiles; objective = min over models of planned req/s / weight; "
+                    "data_plane: each plan run through reservation batching in virtual time (simulated)",
+            "gain": gains, "speed": {"blocks": 50, "devices": 100, **speed}, "data_plane": planes}
 
 
 def table(results: dict) -> str:
@@ -105,4 +142,10 @@ def table(results: dict) -> str:
             ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
             lines.append(f"{name:<22} {r['objective']:>11.1f} {r['baseline_objective']:>11.1f} {ratio:>6} "
                          f"{r['gap']:>8.2g} {r['plan_s']:>7.2f} {r['feasible']} ({r['stats']['candidates']} shapes)")
+    lines.append("data plane (simulated): the highest load x the plan at which 99% meet the SLO")
+    for name, r in results.get("data_plane", {}).items():
+        for model, m in r["models"].items():
+            bound = {"found": "", "above": ">=", "below": "<"}[m["search"]]
+            lines.append(f"{name + ' ' + model:<40} planned {m['planned_rps']:>10.1f} req/s  sustained "
+                         f"{bound}{m['sustained_load']:.3f}x  p99 {m['p99_ms'] or 0:.1f} / {m['slo_ms']:.1f} ms")
     return "\n".join(lines)

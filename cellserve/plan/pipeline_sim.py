@@ -1,0 +1,303 @@
+"""A pipeline plan's data plane, simulated: PPipe's reservation-based adaptive batching run
+over Poisson arrivals in virtual time, so that a plan's throughput can be checked against
+what its devices sustain within the SLO (docs/pipelines.md, "The data plane").
+
+Each model has one queue in front of its pipelines (the plan gives pipelines their own
+devices, so models never meet). Whenever a request arrives or a timer set below fires, the
+data plane looks at the queue's head:
+
+1. **An offer per pipeline**: a batch of b reserves, stage by stage, the device of that stage
+   that frees first, each stage starting once the previous one ended and the hand-over
+   (link latency + b x out_mb x ms_per_mb) is done; the offer's completion is when its last
+   stage ends. The pipeline chosen is the one whose offer at its planned batch waits least
+   for its devices (the earliest completion breaks ties).
+2. **A head seen for the first time** must fit a batch of at least `shrink` (95%) of the
+   planned one within its deadline; else it is dropped (answered as a miss). Once it passed,
+   it takes the largest batch, down to 1, that completes by its deadline (none: dropped).
+3. **Enough queued** for that batch: the batch is dispatched (its reservations kept) and
+   every request in it completes at the offer's completion, within its deadline by
+   construction. **Too few**: the plane waits for more, until the moment a batch one larger
+   than the queue would miss the head's deadline (a timer), unless arrivals fill it first.
+
+Latencies at a batch the profile does not give (a shrunk batch) are interpolated linearly
+between the nearest batches it gives (at the smallest and largest, theirs). Transfers are
+pure delays: no link is shared or reserved (the planner's model; PPipe's simulator also
+reserves each server's uplink and downlink). Every figure here is **simulated**.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cellserve.plan.pipeline import Block, Link, ModelBlocks, ModelPlan, Pipeline, PipelineError, PipelinePlan
+
+SHRINK = 0.95  # PPipe's: a batch may shrink to 95% of the planned one before the head is dropped
+TARGET = 0.99  # the attainment a plan's throughput is held to
+_TICK_MS = 1e-6  # a timer fires this long after the moment it waits for, so that the moment has passed
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model's simulated run: requests offered (arriving after the warm-up), answered
+    within the SLO, dropped; their latencies; the mean batch dispatched. Simulated figures."""
+
+    rate_rps: float
+    offered: int
+    served: int
+    dropped: int
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_batch: float
+    latencies_ms: tuple[float, ...] = field(default=(), repr=False)  # the served ones', in dispatch order
+
+    @property
+    def attainment(self) -> float:
+        return self.served / self.offered if self.offered else 1.0
+
+    def to_dict(self, seconds: float) -> dict:
+        return {"rate_rps": self.rate_rps, "offered": self.offered, "served": self.served, "dropped": self.dropped,
+                "attainment": self.attainment, "goodput_rps": self.served / seconds if seconds > 0 else 0.0,
+                "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "mean_batch": self.mean_batch}
+
+
+def block_ms(block: Block, device_type: str, batch: int) -> float:
+    """A block's latency at any batch: the profile's, else linear between its neighbours."""
+    table = block.latency_ms.get(device_type)
+    if not table:
+        raise PipelineError(f"a block has no latencies on device type {device_type!r}")
+    if batch in table:
+        return table[batch]
+    sizes = sorted(table)
+    i = bisect.bisect_left(sizes, batch)
+    if i == 0:
+        return table[sizes[0]]
+    if i == len(sizes):
+        return table[sizes[-1]]
+    lo, hi = sizes[i - 1], sizes[i]
+    return table[lo] + (table[hi] - table[lo]) * (batch - lo) / (hi - lo)
+
+
+class _Pipe:
+    """One pipeline's devices (per stage, when each is next free) and its costs by batch."""
+
+    def __init__(self, model: ModelBlocks, pipeline: Pipeline, link: Link):
+        self.batch = pipeline.batch
+        self.free = [[0.0] * stage.devices for stage in pipeline.stages]
+        self._stages = pipeline.stages
+        self._model, self._link = model, link
+        self._costs: dict[int, list[tuple[float, float]]] = {}
+
+    def costs(self, batch: int) -> list[tuple[float, float]]:
+        """Per stage (hand-over before it, its latency) at `batch`, in ms."""
+        found = self._costs.get(batch)
+        if found is None:
+            found = []
+            for i, stage in enumerate(self._stages):
+                before = 0.0
+                if i:
+                    last = self._stages[i - 1].last
+                    before = self._link.latency_ms + batch * self._model.blocks[last].out_mb * self._link.ms_per_mb
+                ms = sum(block_ms(b, stage.device_type, batch) for b in self._model.blocks[stage.first:stage.last + 1])
+                found.append((before, ms))
+            self._costs[batch] = found
+        return found
+
+    def offer(self, batch: int, now: float) -> tuple[float, float, list[tuple[int, float]]]:
+        """(completion, time spent waiting for devices, [(device, its end)] per stage)."""
+        t, work, taken = now, 0.0, []
+        for free, (before, ms) in zip(self.free, self.costs(batch)):
+            t += before
+            device = min(range(len(free)), key=free.__getitem__)
+            t = max(t, free[device]) + ms
+            work += before + ms
+            taken.append((device, t))
+        return t, t - now - work, taken
+
+    def keep(self, taken: list[tuple[int, float]]) -> None:
+        for free, (device, end) in zip(self.free, taken):
+            free[device] = end
+
+
+def simulate_model(model: ModelBlocks, plan: ModelPlan, link: Link, rate_rps: float, seconds: float,
+                   warmup_s: float = 0.0, seed: int = 0, shrink: float = SHRINK,
+                   arrivals_ms: list[float] | None = None) -> ModelRun:
+    """Poisson arrivals at `rate_rps` for `seconds` (or the given `arrivals_ms`, ascending)
+    through the model's pipelines (see the module's docstring); requests arriving before
+    `warmup_s` run but are not counted. The run goes on past `seconds` until every request
+    is answered."""
+    if rate_rps <= 0 or seconds <= 0:
+        raise PipelineError(f"rate ({rate_rps}) and seconds ({seconds}) must be positive")
+    if not plan.pipelines:
+        raise PipelineError("the model's plan has no pipeline")
+    pipes = [_Pipe(model, p, link) for p in plan.pipelines]
+    arrivals = _poisson(rate_rps, seconds * 1000.0, seed) if arrivals_ms is None else list(arrivals_ms)
+    slo = model.slo_ms
+    queue: deque[float] = deque()  # arrival times, in order
+    latencies: list[float] = []
+    dropped = counted_batches = counted_rows = 0
+    warm_ms = warmup_s * 1000.0
+    passed_head: float | None = None  # the head that passed its first look (its arrival)
+    timer: float | None = None  # when the plane looks again though nothing arrives
+
+    def drop() -> None:
+        nonlocal dropped
+        if queue.popleft() >= warm_ms:
+            dropped += 1
+
+    def dispatch(now: float) -> float | None:
+        """Look at the queue until it is empty or waits; returns the next look's time, if any."""
+        nonlocal passed_head, counted_batches, counted_rows
+        while queue:
+            head = queue[0]
+            deadline = head + slo
+            pipe = min(pipes, key=lambda p: _rank(p.offer(p.batch, now)))
+            if passed_head != head:
+                low = max(1, math.ceil(shrink * pipe.batch - 1e-9))
+                if not _largest(pipe, now, deadline, low):
+                    drop()
+                    continue
+                passed_head = head
+            batch = _largest(pipe, now, deadline, 1)
+            if not batch:
+                drop()
+                continue
+            if len(queue) >= batch:
+                completion, _, taken = pipe.offer(batch, now)
+                pipe.keep(taken)
+                rows = [queue.popleft() for _ in range(batch)]
+                if rows[0] >= warm_ms:
+                    counted_batches += 1
+                    counted_rows += batch
+                latencies.extend(completion - a for a in rows if a >= warm_ms)
+                continue
+            # Too few queued: wait until a batch one larger than the queue would miss the head's
+            # deadline. Its completion, as a function of when it starts, is max(t + work, what
+            # the devices' reservations impose), so that moment is the deadline less its work.
+            work = sum(before + ms for before, ms in pipe.costs(len(queue) + 1))
+            return max(now, deadline - work) + _TICK_MS
+        return None
+
+    for arrival in arrivals:
+        while timer is not None and timer <= arrival:
+            timer = dispatch(timer)
+        queue.append(arrival)
+        timer = dispatch(arrival)
+    while queue:
+        if timer is None:
+            raise AssertionError("the data plane stopped with requests queued and no timer")  # a bug here
+        timer = dispatch(timer)
+    offered = sum(1 for a in arrivals if a >= warm_ms)
+    lat = np.array(latencies)
+    return ModelRun(rate_rps, offered, len(latencies), dropped,
+                    float(np.percentile(lat, 50)) if len(lat) else None,
+                    float(np.percentile(lat, 99)) if len(lat) else None,
+                    counted_rows / counted_batches if counted_batches else 0.0, tuple(latencies))
+
+
+def _rank(offer: tuple) -> tuple[float, float]:
+    completion, waiting, _ = offer
+    return waiting, completion
+
+
+def _largest(pipe: _Pipe, now: float, deadline: float, low: int) -> int:
+    """The largest batch in [low, planned] whose offer completes by `deadline`, 0 if none;
+    found by bisection, so on a profile whose latency does not grow with the batch it may
+    find a smaller one than a scan would."""
+    high = pipe.batch
+    if pipe.offer(high, now)[0] <= deadline:
+        return high
+    if low >= high or pipe.offer(low, now)[0] > deadline:
+        return 0
+    while high - low > 1:  # offer(low) meets the deadline, offer(high) does not
+        mid = (low + high) // 2
+        if pipe.offer(mid, now)[0] <= deadline:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _poisson(rate_rps: float, span_ms: float, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    times, t = [], 0.0
+    while True:
+        gaps = np.cumsum(rng.exponential(1000.0 / rate_rps, size=max(16, int(rate_rps * span_ms / 1000.0))))
+        chunk = t + gaps
+        times.extend(chunk[chunk < span_ms].tolist())
+        if chunk[-1] >= span_ms:
+            return times
+        t = float(chunk[-1])
+
+
+def simulate_plan(plan: PipelinePlan, blocks, pools, load: float, seconds: float, warmup_s: float = 0.0,
+                  seed: int = 0, shrink: float = SHRINK) -> dict[str, ModelRun]:
+    """Every model of the plan at `load` x its planned throughput (simulated)."""
+    if load <= 0:
+        raise PipelineError(f"load must be positive, got {load}")
+    return {name: simulate_model(blocks.models[name], mp, pools.link, load * mp.throughput_rps, seconds, warmup_s,
+                                 seed, shrink)
+            for name, mp in sorted(plan.models.items()) if mp.throughput_rps > 0}
+
+
+@dataclass(frozen=True)
+class Sustained:
+    """The highest load factor (x the plan's throughput) found to meet the target, its run,
+    and where the search stopped: "found" (bisected to within a step), "above" (even the
+    highest load tried met it: a lower bound) or "below" (even the lowest missed: `load` is
+    that lowest, an upper bound, and `run` its failing run)."""
+
+    load: float
+    run: ModelRun
+    bound: str = "found"
+
+
+def sustained_load(model: ModelBlocks, plan: ModelPlan, link: Link, seconds: float, warmup_s: float = 0.0,
+                   seed: int = 0, target: float = TARGET, shrink: float = SHRINK, low: float = 0.25,
+                   high: float = 2.0, steps: int = 10) -> Sustained:
+    """The highest load factor at which the simulated model answers at least `target` of its
+    requests within the SLO, by bisection between `low` and `high` (one seed: deterministic)."""
+    def run(x: float) -> ModelRun:
+        return simulate_model(model, plan, link, x * plan.throughput_rps, seconds, warmup_s, seed, shrink)
+
+    best = run(low)
+    if best.attainment < target:
+        return Sustained(low, best, "below")
+    top = run(high)
+    if top.attainment >= target:
+        return Sustained(high, top, "above")
+    for _ in range(steps):
+        mid = (low + high) / 2
+        attempt = run(mid)
+        if attempt.attainment >= target:
+            low, best = mid, attempt
+        else:
+            high = mid
+    return Sustained(low, best)
+
+
+def simulation_report(plan: PipelinePlan, blocks, pools, load: float | None, seconds: float, warmup_s: float,
+                      seed: int, target: float = TARGET) -> dict:
+    """`cellserve plan pipeline-sim`'s JSON: per model its planned throughput and, at `load`
+    (or at the highest load meeting `target`, searched), its simulated run."""
+    models = {}
+    for name, mp in sorted(plan.models.items()):
+        if mp.throughput_rps <= 0 or not mp.pipelines:
+            continue  # a model the plan cannot serve: nothing to offer it
+        model = blocks.models[name]
+        if load is None:
+            found = sustained_load(model, mp, pools.link, seconds, warmup_s, seed, target)
+            run = found.run
+            entry = {"sustained_load": found.load, "sustained_rps": found.load * mp.throughput_rps,
+                     "search": found.bound}
+        else:
+            run = simulate_model(model, mp, pools.link, load * mp.throughput_rps, seconds, warmup_s, seed)
+            entry = {}
+        models[name] = {"planned_rps": mp.throughput_rps, "slo_ms": model.slo_ms, **entry,
+                        "run": run.to_dict(seconds - warmup_s)}
+    return {"schema_version": 1, "simulated": True, "load": load, "target_attainment": target, "seconds": seconds,
+            "warmup_s": warmup_s, "seed": seed, "shrink": SHRINK, "models": models}
