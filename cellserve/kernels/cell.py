@@ -23,10 +23,9 @@ still does (the plain ops of a model) works on tiny matrices.
 Input projections x @ W_ih^T + b for all of a lane's steps are computed when it starts, as
 one GEMM (or, for a layer fed by an embedding, as row lookups in a table projected once at
 load), and kept in the lane's row block. A stack's upper layers take their inputs row by row
-from the layer below instead (see stack.py and step_rows): for LSTM and Elman RNN on the CPU
-backends the projection and the recurrence of such a step are one GEMM, [x, h] @ [W_ih, W_hh]^T,
-cheaper than the two halves (docs/performance.md, "Kernels").
-GRU keeps them apart: its candidate gate multiplies only the recurrent part by r.
+from the layer below instead (see stack.py and step_rows): a batched step projects its rows
+and then steps, as a lane alone does with its piece's rows, so that batching never changes a
+lane's answer, to the last bit.
 """
 
 from __future__ import annotations
@@ -152,11 +151,9 @@ class _Linear:
 class CellKernel:
     def __init__(self, kind: str, hidden: int, weights: DirectionWeights, device: torch.device,
                  token_table: np.ndarray | None = None, backend: str | None = None,
-                 pools: tuple[SlotPool, RowPool] | None = None, fed_by_rows: bool = False):
+                 pools: tuple[SlotPool, RowPool] | None = None):
         """`pools`: slot and row pools shared with other kernels (a stack's layers), so that
-        a lane has the same slot and rows in each; by default the kernel has its own.
-        `fed_by_rows`: the layer gets its inputs step by step through step_rows (a stack's
-        upper layer), which then projects and recurs in one GEMM where it can."""
+        a lane has the same slot and rows in each; by default the kernel has its own."""
         self.kind, self.hidden, self.device = kind, hidden, device
         self.backend = backend or default_backend(device)
         if self.backend in CPU_BACKENDS and (device.type != "cpu" or _pointwise is None):
@@ -192,17 +189,6 @@ class CellKernel:
             self.x = np.zeros((self.rows.capacity, self.gates), np.float32)
             self.out = np.zeros((self.rows.capacity, hidden), np.float32)
         self._arange = np.arange(64, dtype=np.int64)
-        self.joint = self.packed_joint = None  # [W_ih, W_hh] for one GEMM of [x, h] (see step_rows)
-        if fed_by_rows and self.backend in CPU_BACKENDS and kind != "gru":
-            w_joint = np.concatenate([weights.w_ih, weights.w_hh], axis=1)
-            if self.backend == "fused":
-                self.packed_joint = pack_panels(w_joint, GATES[kind], self.units)
-                self._joint_bias = x_bias.astype(np.float32).reshape(1, -1)  # the row every lane adds
-            else:
-                self.joint = _Linear(w_joint, x_bias, gemm, device)
-                self._xh = np.zeros((64, weights.w_ih.shape[1] + hidden), np.float32)
-                # the joint GEMM's gates need nothing added: every lane reads this zero row
-                self._no_x, self._no_x_rows = np.zeros((1, self.gates), np.float32), np.zeros(64, np.int64)
         if self.backend not in CPU_BACKENDS:
             self.w_hh_t = torch.as_tensor(np.ascontiguousarray(weights.w_hh.T, dtype=np.float32), device=device)
             self.bias_vec = None if self.h_bias is None else torch.as_tensor(self.h_bias, device=device)
@@ -278,31 +264,19 @@ class CellKernel:
     def step_rows(self, source, rows: np.ndarray, slots: np.ndarray, orows: np.ndarray) -> None:
         """`step`, with lane i's input (unprojected) in row rows[i] of `source` (a numpy array
         for the CPU backends, a tensor on the device for torch): the output rows of the layer
-        below, in a stack."""
+        below, in a stack. The batch's rows are projected (one GEMM), then stepped on: the
+        same two halves, in the same order, as a lane alone (the stack's run_lane projects
+        its piece's rows, then steps), so that a lane's answer does not depend on whether it
+        ran alone or with others (the projection's rows do not depend on how many there are:
+        tests/kernels/test_stack_kernel.py)."""
         n = len(slots)
-        if self.packed_joint is not None:  # gathers [input, h] itself; no xrows: every lane adds the bias row
-            _pointwise.fused_step(_KIND_CODE[self.kind], self.hidden, self.units, self.packed_joint, source, rows,
-                                  slots, self.h, self.c, self._joint_bias, None, None, self.out, orows)
-            return
-        if self.joint is None:  # project the batch, then step on its rows: lane i reads row i
-            if len(self._arange) < n:
-                self._arange = np.arange(2 * n, dtype=np.int64)
-            if self.backend == "torch":
-                fresh = source.index_select(0, torch.from_numpy(rows).to(self.device))
-            else:
-                fresh = source[rows]
-            self.step_from(self.project(fresh), slots, self._arange[:n], orows)
-            return
-        if len(self._xh) < n:
-            self._xh = np.zeros((2 * n, self._xh.shape[1]), np.float32)
-            self._no_x_rows = np.zeros(2 * n, np.int64)
-        xh = self._xh[:n]
-        width = source.shape[1]
-        np.take(source, rows, axis=0, out=xh[:, :width])
-        np.take(self.h, slots, axis=0, out=xh[:, width:])
-        gb = self.joint(xh)
-        _pointwise.step(_KIND_CODE[self.kind], self.hidden, gb, self._no_x, self._no_x_rows[:n], slots,
-                        self.h, self.c, self.bias_vec, self.out, orows)
+        if len(self._arange) < n:
+            self._arange = np.arange(2 * n, dtype=np.int64)
+        if self.backend == "torch":
+            fresh = source.index_select(0, torch.from_numpy(rows).to(self.device))
+        else:
+            fresh = source[rows]
+        self.step_from(self.project(fresh), slots, self._arange[:n], orows)
 
     @property
     def lone_lanes(self) -> int:
@@ -368,11 +342,11 @@ class CellKernel:
         return [self.finish(lane)]
 
     def weight_bytes(self) -> int:
-        names = ("packed", "packed_joint", "w_hh", "w_hh_t", "projected_table", "_joint_bias")
+        names = ("packed", "w_hh", "w_hh_t", "projected_table")
         arrays = [getattr(self, n, None) for n in names] + [self.project.w, self.project.b]
-        for linear in (getattr(self, "recurrent", None), self.joint):
-            if linear is not None:
-                arrays += [linear.w, linear.b]
+        linear = getattr(self, "recurrent", None)
+        if linear is not None:
+            arrays += [linear.w, linear.b]
         return sum(_nbytes(a) for a in arrays if a is not None)
 
     # ---- storage helpers: numpy arrays for "blas", tensors for "torch" ----

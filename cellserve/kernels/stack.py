@@ -3,9 +3,11 @@
 A `StackKernel` holds one `CellKernel` per layer, all sharing one slot pool and one row pool:
 a lane has the same slot and rows in every layer, so one batch's slots and rows serve each.
 A batched step runs the first layer's step, then the next layer's step on the output rows it
-wrote (projection and recurrence in one GEMM, see CellKernel.step_rows), and so on up. A lane
+wrote (their projection, then the step, see CellKernel.step_rows), and so on up. A lane
 alone runs piece by piece: up to LANE_PIECE steps of each layer in turn, with one projection
-of those rows between (see run_lane).
+of those rows between (see run_lane). Both project before they step, with a GEMM whose rows
+do not depend on how many it projects, so a lane's answer is the same to the last bit
+whichever way its steps ran.
 
 Tried and dropped: letting each layer run a few steps behind the one below, so that
 projections run a chunk of rows at a time. It saves GEMM calls only for batches of one or
@@ -32,8 +34,8 @@ class StackKernel:
     def __init__(self, stack: LayerStack, device: torch.device, backend: str | None = None):
         self.slots, self.rows = SlotPool(), RowPool()
         self.layers = [CellKernel(layer.kind, layer.hidden, layer.directions[0], device, layer.token_table,
-                                  backend, pools=(self.slots, self.rows), fed_by_rows=i > 0)
-                       for i, layer in enumerate(stack.layers)]
+                                  backend, pools=(self.slots, self.rows))
+                       for layer in stack.layers]
         self.device, self.backend = device, self.layers[0].backend
 
     def start(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:

@@ -226,8 +226,8 @@ def test_fused_step_on_two_threads_matches_blas_at_sizes_that_split_panels_and_t
     torch.set_num_threads(2)
     try:
         for backend in ("blas", "fused"):
-            for fed_by_rows in (False, True):
-                kernel = CellKernel(kind, hidden, weights_of(layer), CPU, backend=backend, fed_by_rows=fed_by_rows)
+            for fed_by_rows in (False, True):  # a first layer, or an upper one fed the rows below
+                kernel = CellKernel(kind, hidden, weights_of(layer), CPU, backend=backend)
                 stored = [_upper_lane(kernel, steps) if fed_by_rows else kernel.start(x) for x in xs]
                 slots = np.array([s.slot for s in stored], np.int64)
                 for t in range(steps):
