@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from cellserve.graph.model import DenseNode
+from cellserve.graph.model import SOFTMAX_FLATTENS, DenseNode
 
 Args = list  # list[np.ndarray | None], positional as in ONNX
 
@@ -79,11 +79,15 @@ def _constant_of_shape(node: DenseNode, a: Args) -> list[np.ndarray]:
 
 
 def _softmax(node: DenseNode, a: Args, log: bool = False) -> list[np.ndarray]:
-    axis = node.attrs.get("axis", -1)
-    z = a[0] - a[0].max(axis=axis, keepdims=True)
+    x, axis = a[0], node.attrs.get("axis", -1)
+    shape = x.shape
+    if node.attrs.get(SOFTMAX_FLATTENS) and x.ndim:  # before opset 13: over every axis from `axis` on
+        axis %= x.ndim
+        x, axis = x.reshape(int(np.prod(shape[:axis], dtype=np.int64)), -1), 1
+    z = x - x.max(axis=axis, keepdims=True)
     e = np.exp(z)
     s = e.sum(axis=axis, keepdims=True)
-    return [(z - np.log(s)) if log else (e / s)]
+    return [((z - np.log(s)) if log else (e / s)).reshape(shape)]
 
 
 def _argmax(node: DenseNode, a: Args) -> list[np.ndarray]:

@@ -45,13 +45,20 @@ class TensorSpec:
 
 @dataclass
 class DenseNode:
-    """One plain op with ONNX semantics, run per request by `graph.dense_ops`."""
+    """One plain op with ONNX semantics, run per request by `graph.dense_ops`. Its attrs are
+    the ONNX node's, and SOFTMAX_FLATTENS where a Softmax or LogSoftmax keeps the semantics of
+    opsets before 13 (the importer marks them)."""
 
     op: str
     name: str
     inputs: list[str]
     outputs: list[str]
     attrs: dict = field(default_factory=dict)
+
+
+# A Softmax or LogSoftmax of a model below opset 13: its input is taken as 2-D, the axes before
+# `axis` (default 1) as rows and the rest as one axis, as those opsets define it
+SOFTMAX_FLATTENS = "_flatten_from_axis"
 
 
 @dataclass

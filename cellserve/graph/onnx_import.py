@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 from cellserve.errors import ModelLoadError, UnsupportedOperator
 from cellserve.graph import dense_ops
 from cellserve.graph.model import (
+    SOFTMAX_FLATTENS,
     DenseNode,
     DirectionWeights,
     GraphDecoder,
@@ -51,7 +52,26 @@ def _read_model(source: str | Path | bytes | onnx.ModelProto, what: str) -> onnx
         raise ModelLoadError(f"cannot read {what}: {exc}") from exc
     if not proto.graph.output:
         raise ModelLoadError(f"cannot read {what}: it has no graph outputs (is it an ONNX file?)")
-    return proto
+    return _mark_legacy_softmax(proto)
+
+
+def _mark_legacy_softmax(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Below opset 13 Softmax and LogSoftmax take their input as 2-D around `axis` (default
+    1), from 13 on they act on one axis (default -1): the older nodes get their default axis
+    written and SOFTMAX_FLATTENS set, on a copy of the model (the caller's is left as it was)."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    legacy = [i for i, n in enumerate(proto.graph.node)
+              if opset < 13 and n.op_type in ("Softmax", "LogSoftmax") and n.domain in ("", "ai.onnx")]
+    if not legacy:
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for i in legacy:
+        node = copy.graph.node[i]
+        if not any(a.name == "axis" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("axis", 1))
+        node.attribute.append(helper.make_attribute(SOFTMAX_FLATTENS, 1))
+    return copy
 
 
 def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model") -> Model:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from cellserve.graph import step_ops, step_rewrite
-from cellserve.graph.model import DenseNode
+from cellserve.graph.model import SOFTMAX_FLATTENS, DenseNode
 
 if TYPE_CHECKING:
     from cellserve.graph.decoder_graph import DecoderStepGraph
@@ -217,7 +217,7 @@ def _special(gen: _Gen, node: DenseNode) -> str | None:
         return f"{_UNARY[op]}({r(a[0])})"
     if op == "Where" and gen.dtypes.get(a[0]) == np.dtype(bool):
         return f"torch.where({r(a[0])}, {r(a[1])}, {r(a[2])})"
-    if op in ("Softmax", "LogSoftmax"):
+    if op in ("Softmax", "LogSoftmax") and not at.get(SOFTMAX_FLATTENS):  # the older form: step_ops
         return f"torch.{'log_softmax' if op == 'LogSoftmax' else 'softmax'}({r(a[0])}, {int(at.get('axis', -1))})"
     if op == "Concat":
         return f"torch.cat([{', '.join(r(x) for x in a)}], {int(at['axis'])})"

@@ -10,13 +10,15 @@ Opset 13 and newer (axes as inputs); the attribute form of older opsets is read 
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cellserve.graph.model import DenseNode
+from cellserve.graph.model import SOFTMAX_FLATTENS, DenseNode
 
 Args = list  # list[torch.Tensor | None], positional as in ONNX
 
@@ -50,8 +52,12 @@ def _gemm(node: DenseNode, a: Args) -> list[torch.Tensor]:
 
 
 def _softmax(node: DenseNode, a: Args, log: bool = False) -> list[torch.Tensor]:
-    axis = int(node.attrs.get("axis", -1))
-    return [torch.log_softmax(a[0], axis) if log else torch.softmax(a[0], axis)]
+    x, axis = a[0], int(node.attrs.get("axis", -1))
+    shape = x.shape
+    if node.attrs.get(SOFTMAX_FLATTENS) and x.dim():  # before opset 13: over every axis from `axis` on
+        axis %= x.dim()
+        x, axis = x.reshape(math.prod(shape[:axis]), -1), 1
+    return [(torch.log_softmax(x, axis) if log else torch.softmax(x, axis)).reshape(shape)]
 
 
 def _gather(node: DenseNode, a: Args) -> list[torch.Tensor]:

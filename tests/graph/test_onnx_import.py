@@ -195,6 +195,23 @@ GLUE = {
 }
 
 
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("opset, axis", [(9, None), (11, None), (11, 2), (11, -1), (11, -3), (13, None), (13, 2)])
+def test_softmax_keeps_its_opset_s_meaning_and_matches_onnxruntime(op, opset, axis):
+    """Below opset 13 Softmax and LogSoftmax take their input as 2-D around `axis` (default 1);
+    from 13 on they act on one axis (default -1). On an LSTM's 4-D output [T, 1, N, H] the
+    two differ (a sweep found the older models answered with 13's meaning: 0.26-1.1 off)."""
+    lstm = onnx.load_from_string(recurrent_onnx("LSTM", opset=opset)).graph
+    attrs = {} if axis is None else {"axis": axis}
+    nodes = list(lstm.node) + [helper.make_node(op, ["Y"], ["out"], name="head", **attrs)]
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    data = onnx_bytes(nodes, list(lstm.input), [out], list(lstm.initializer), opset, check=False)
+    rng = np.random.default_rng(1)
+    requests = [{"X": rng.standard_normal((t, b, X_SIZE)).astype(np.float32)} for t, b in [(4, 2), (3, 3)]]
+    for inputs, got in zip(requests, serve(load_onnx(data, "softmax"), requests)):
+        assert_outputs_match(got, ort_outputs(data, inputs))
+
+
 @pytest.mark.parametrize("glue", GLUE)
 def test_plain_ops_after_a_recurrent_layer_match_onnxruntime(glue):
     out_type, chain = GLUE[glue]

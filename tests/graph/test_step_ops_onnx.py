@@ -58,3 +58,27 @@ def test_argmax_gives_ties_to_the_last_index_when_asked(axis, keepdims):
     attrs = {"axis": axis, "keepdims": keepdims, "select_last_index": 1}
     want = _reference(helper.make_node("ArgMax", ["x"], ["y"], **attrs), x)
     np.testing.assert_array_equal(_ours("ArgMax", x, attrs), want)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_an_older_opset_s_softmax_flattens_from_its_axis_as_onnx_did(op, axis):
+    """A decoder step's Softmax below opset 13 (the importer marks it): the axes from `axis` on
+    taken as one, as onnxruntime does at opset 11 (ONNX's reference evaluator gives 13's
+    meaning at every opset); the numpy plain op too."""
+    import onnxruntime as ort
+
+    from cellserve.graph import dense_ops
+    from cellserve.graph.model import SOFTMAX_FLATTENS
+
+    x = {"x": np.random.default_rng(2).standard_normal((2, 3, 4)).astype(np.float32)}
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], axis=axis)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=8)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    attrs = {"axis": axis, SOFTMAX_FLATTENS: 1}
+    np.testing.assert_allclose(_ours(op, x, attrs), want, rtol=1e-5, atol=1e-6)
+    env = dict(x)
+    dense_ops.run(DenseNode(op, "n", ["x"], ["y"], attrs), env)
+    np.testing.assert_allclose(env["y"], want, rtol=1e-5, atol=1e-6)
