@@ -80,7 +80,7 @@ class ModelWalk:
                     return
             if run.request.trace is not None:
                 run.request.trace.stamp("PLAIN_OPS_END")
-            outputs = {spec.name: run.env[spec.name] for spec in run.model.outputs}
+            outputs = {spec.name: _as_declared(run.env[spec.name], spec.dtype) for spec in run.model.outputs}
             self._finish_run(run, Status.OK, outputs={**outputs, **run.extra_outputs})
         except CellserveError as exc:
             self._finish_run(run, Status.INVALID if isinstance(exc, InvalidInput) else Status.ERROR, str(exc))
@@ -221,3 +221,12 @@ class ModelWalk:
             run.env[step.output] = tokens
             if self._multi:
                 run.producers[step.output] = self._step_executors(run)
+
+
+def _as_declared(value: np.ndarray, dtype: str) -> np.ndarray:
+    """An output in the type the model declares for it: the kernels compute in float32 (and
+    the plain ops in ONNX's types), so a float16 or float64 model's output, or an int32 one,
+    is cast back at the end, as onnxruntime answers it and as the metadata says."""
+    want = np.dtype(dtype)
+    value = np.asarray(value)
+    return value.astype(want) if value.dtype != want and value.dtype.kind == want.kind else value

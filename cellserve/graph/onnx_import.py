@@ -84,6 +84,7 @@ def load_onnx(source: str | Path | bytes | onnx.ModelProto, name: str = "model")
     program = [_convert(node, i, constants) for i, node in enumerate(graph.node)]
     program = _fold_constants(program, constants)
     shapes = _static_shapes(proto)
+    outputs = [_inferred_where_undeclared(spec, value, shapes) for spec, value in zip(outputs, graph.output)]
     for layer in [s for s in program if isinstance(s, RecurrentLayer)]:
         _check_state_shapes(layer, shapes)
         _fold_embedding(layer, program, constants)
@@ -108,6 +109,16 @@ def _static_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
             shapes[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                                   for d in t.shape.dim]
     return shapes
+
+
+def _inferred_where_undeclared(spec: TensorSpec, value: onnx.ValueInfoProto,
+                               shapes: dict[str, list[int | None]]) -> TensorSpec:
+    """An output the graph declares without a shape (unknown rank, not a scalar) takes the
+    shape ONNX's inference finds for it, so that the metadata does not publish rank 0."""
+    if value.type.tensor_type.HasField("shape") or spec.name not in shapes:
+        return spec
+    dims = shapes[spec.name]
+    return TensorSpec(spec.name, spec.dtype, tuple(-1 if d is None else d for d in dims), ("",) * len(dims))
 
 
 def _check_state_shapes(layer: RecurrentLayer, shapes: dict[str, list[int | None]]) -> None:

@@ -352,3 +352,38 @@ def test_non_onnx_empty_and_missing_files_raise_model_load_error(tmp_path):
     for path in (tmp_path / "notes.onnx", tmp_path / "empty.onnx", tmp_path / "missing.onnx"):
         with pytest.raises(ModelLoadError):
             load_onnx(path, "bad")
+
+
+@pytest.mark.parametrize("elem, dtype", [(TensorProto.FLOAT16, np.float16), (TensorProto.DOUBLE, np.float64)])
+def test_a_float16_or_float64_model_answers_in_its_declared_type(elem, dtype):
+    """The kernels compute in float32; a model that declares float16 (or float64) tensors gets
+    its outputs back in that type, as onnxruntime gives them and as its metadata says (a
+    sweep found float32 answers under FP16 metadata)."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array((rng.standard_normal((1, 3 * HIDDEN, X_SIZE)) * 0.5).astype(dtype), "W")
+    r = numpy_helper.from_array((rng.standard_normal((1, 3 * HIDDEN, HIDDEN)) * 0.5).astype(dtype), "R")
+    node = helper.make_node("GRU", ["X", "W", "R"], ["Y", "Y_h"], hidden_size=HIDDEN, linear_before_reset=1)
+    x_info = helper.make_tensor_value_info("X", elem, ["T", "N", X_SIZE])
+    outs = [helper.make_tensor_value_info("Y", elem, ["T", 1, "N", HIDDEN]),
+            helper.make_tensor_value_info("Y_h", elem, [1, "N", HIDDEN])]
+    data = onnx_bytes([node], [x_info], outs, [w, r], 14, check=False)
+    model = load_onnx(data, "typed")
+    assert [s.dtype for s in model.outputs] == [np.dtype(dtype).name] * 2
+    inputs = {"X": rng.standard_normal((4, 2, X_SIZE)).astype(dtype)}
+    [got] = serve(model, [inputs])
+    want = ort_outputs(data, inputs) if dtype == np.float16 else None  # onnxruntime has no float64 GRU
+    for name in ("Y", "Y_h"):
+        assert got[name].dtype == dtype, name
+        if want is not None:
+            np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), atol=2e-3)
+
+
+def test_an_output_declared_without_a_shape_takes_the_inferred_one():
+    """A graph output with no shape at all (unknown rank, not a scalar) is published with the
+    rank ONNX's shape inference finds, -1 where a size is not fixed (it was published as [],
+    rank 0)."""
+    lstm = onnx.load_from_string(recurrent_onnx("LSTM")).graph
+    out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    model = load_onnx(onnx_bytes(list(lstm.node), list(lstm.input), [out], list(lstm.initializer), check=False))
+    [spec] = model.outputs
+    assert spec.shape == (-1, 1, -1, HIDDEN)
