@@ -14,10 +14,16 @@ class ModelLoadError(CellserveError):
 
 
 class UnsupportedOperator(ModelLoadError):
-    """The model uses an operator (or an attribute of one) that cellserve cannot run."""
+    """The model uses an operator (or an attribute of one) that cellserve cannot run.
+    `feature`: what of a supported operator is not (an attribute, an input), named as such
+    rather than the operator itself."""
 
-    def __init__(self, op_type: str, node_name: str, detail: str = ""):
+    def __init__(self, op_type: str, node_name: str, detail: str = "", *, feature: str = ""):
         self.op_type, self.node_name = op_type, node_name
+        if feature:
+            msg = f"{op_type!r} node {node_name!r}: {feature} is not supported"
+            super().__init__(f"{msg} ({detail})" if detail else msg)
+            return
         msg = f"unsupported operator {op_type!r} (node {node_name!r})"
         super().__init__(f"{msg}: {detail}" if detail else msg)
 

@@ -206,28 +206,35 @@ def _const(node: DenseNode, position: int, constants: dict, what: str) -> np.nda
 
 def _recurrent(node: DenseNode, constants: dict) -> RecurrentLayer:
     a = node.attrs
-    for unsupported in ("clip",):
-        if unsupported in a:
-            raise UnsupportedOperator(node.op, node.name, f"attribute {unsupported!r}")
+    if "clip" in a:
+        raise UnsupportedOperator(node.op, node.name, f"clip={a['clip']:g}; export without it",
+                                  feature="attribute 'clip' (cell clipping)")
     if a.get("input_forget", 0):
-        raise UnsupportedOperator(node.op, node.name, "input_forget=1")
+        raise UnsupportedOperator(node.op, node.name, feature="input_forget=1 (coupled input and forget gates)")
     if a.get("layout", 0):
-        raise UnsupportedOperator(node.op, node.name, "layout=1 (batch-major); export with the default layout")
+        raise UnsupportedOperator(node.op, node.name, "export with the default layout",
+                                  feature="layout=1 (batch-major)")
     if node.op == "LSTM" and len(node.inputs) > 7 and node.inputs[7]:
-        raise UnsupportedOperator(node.op, node.name, "peephole weights P")
+        raise UnsupportedOperator(node.op, node.name, feature="input P (peephole weights)")
     kind = RECURRENT_OPS[node.op]
     direction = a.get("direction", "forward")
     ndir = 2 if direction == "bidirectional" else 1
     defaults = {"lstm": ["Sigmoid", "Tanh", "Tanh"], "gru": ["Sigmoid", "Tanh"], "rnn": ["Tanh"]}[kind]
     acts = a.get("activations", defaults * ndir)
+    if len(acts) != len(defaults) * ndir:  # ONNX: one list of the op's functions per direction
+        raise ModelLoadError(f"{node.op!r} node {node.name!r}: activations lists {len(acts)} function(s) "
+                             f"({acts}); a {direction} {node.op} takes {len(defaults) * ndir} "
+                             f"({len(defaults)} per direction, as {defaults})")
     if kind == "rnn" and all(x == "Relu" for x in acts):
         kind = "rnn_relu"
     elif kind == "rnn" and all(x == "Tanh" for x in acts):
         kind = "rnn_tanh"
     elif [x.lower() for x in acts] != [x.lower() for x in defaults * ndir]:
-        raise UnsupportedOperator(node.op, node.name, f"activations {acts}")
+        raise UnsupportedOperator(node.op, node.name, f"supported: {defaults} per direction"
+                                  + (", or Relu" if kind == "rnn" else ""), feature=f"activations {acts}")
     if kind == "gru" and not a.get("linear_before_reset", 0):
-        raise UnsupportedOperator(node.op, node.name, "linear_before_reset=0 (PyTorch exports use 1)")
+        raise UnsupportedOperator(node.op, node.name, "PyTorch exports use 1",
+                                  feature="linear_before_reset=0")
     W, R = _const(node, 1, constants, "W"), _const(node, 2, constants, "R")
     if W is None or R is None:
         raise UnsupportedOperator(node.op, node.name, "W and R are required")

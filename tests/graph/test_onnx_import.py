@@ -278,6 +278,17 @@ def test_recurrent_attributes_it_cannot_run_are_refused(op, attrs, detail):
         load_onnx(recurrent_onnx(op, attrs=attrs), "bad")
 
 
+@pytest.mark.parametrize("op, acts", [("LSTM", ["Sigmoid", "Tanh", "Tanh"]), ("RNN", ["Relu"])])
+def test_a_bidirectional_node_with_one_direction_s_activations_is_refused(op, acts):
+    """ONNX lists the functions of each direction: three names for a bidirectional LSTM (or
+    one Relu for a bidirectional RNN) is a malformed node, as onnxruntime says too; it was
+    refused as if the names were unsupported (LSTM), or loaded (RNN)."""
+    data = recurrent_onnx(op, direction="bidirectional", attrs={"activations": acts})
+    with pytest.raises(ModelLoadError, match=f"'{op}' node 'rnn': activations lists {len(acts)} function"
+                                             f".*a bidirectional {op} takes {2 * len(acts)}"):
+        load_onnx(data, "bad")
+
+
 def test_recurrent_weights_that_are_graph_inputs_are_refused():
     proto = onnx.load_from_string(recurrent_onnx("GRU"))
     w = next(i for i in proto.graph.initializer if i.name == "W")
