@@ -98,11 +98,11 @@ class ModelWalk:
         lens = None  # every sequence runs time_len steps
         if layers[0].seq_lens:  # never in a stack
             lens = np.asarray(run.env[layers[0].seq_lens]).astype(np.int64).reshape(-1)
-            if lens.shape != (batch,) or lens.min() < 1 or lens.max() > time_len:
+            if lens.shape != (batch,) or lens.min() < 0 or lens.max() > time_len:
                 source = run.model.input_behind(layers[0].seq_lens)
                 named = f"input {source!r}" if source else repr(layers[0].seq_lens)
                 raise InvalidInput(f"sequence lengths {named} {lens.tolist()} must be {batch} values "
-                                   f"in [1, {time_len}] (one per sequence, at most the input's time steps)")
+                                   f"in [0, {time_len}] (one per sequence, at most the input's time steps)")
         states = [self._initial_state(run, layer, batch) for layer in layers]
         # each layer's lanes' results by (direction, row), put together once the last is back
         run.outputs = {layer.name: {} for layer in layers}
@@ -117,8 +117,15 @@ class ModelWalk:
             cell_type = f"{run.model.name}/{layer.name}/{d}"
             for b in range(batch):
                 n = time_len if lens is None else int(lens[b])
+                if n == 0:  # an empty sequence (ONNX allows it): no lane; its outputs and final
+                    zeros = np.zeros(layer.hidden, np.float32)  # state are zeros, as onnxruntime gives
+                    run.outputs[layer.name][d, b] = (zeros[:0].reshape(0, layer.hidden), zeros,
+                                                     zeros if layer.kind == "lstm" else None)
+                    continue
                 row_states = [(None if h0 is None else h0[d, b], None if c0 is None else c0[d, b])]
                 self._start_lane(run, cell_type, x[:n, b], row_states, d, b, forward=not layer.is_reverse(d))
+        if not run.lanes and not run.waiting:  # every sequence was empty: the layer is done now
+            self._layer_done(run)
 
     def _start_lane(self, run: _Run, cell_type: str, x: np.ndarray, states: list[tuple], direction: int,
                     batch_index: int, forward: bool) -> None:
@@ -188,13 +195,18 @@ class ModelWalk:
             for layer, result in zip(layers_of(run.model.program[run.pc]), finished.layers):
                 run.outputs[layer.name][ref.direction, ref.batch_index] = result
         if not run.lanes and not run.waiting:
-            self._store_outputs(run)
-            self._commit(run, -1, slice(run.layer, run.layer + 1))
-            run.layer += 1
-            run.pc += 1
-            if run.request.trace is not None:  # outputs read back; the plain ops after it start
-                run.request.trace.stamp("COMPUTE_OUTPUT_START")
-            self._advance(run)
+            self._layer_done(run)
+
+    def _layer_done(self, run: _Run) -> None:
+        """The recurrent step's lanes are all back: its outputs go into the request's tensors
+        and its walk goes on."""
+        self._store_outputs(run)
+        self._commit(run, -1, slice(run.layer, run.layer + 1))
+        run.layer += 1
+        run.pc += 1
+        if run.request.trace is not None:  # outputs read back; the plain ops after it start
+            run.request.trace.stamp("COMPUTE_OUTPUT_START")
+        self._advance(run)
 
     def _store_outputs(self, run: _Run) -> None:
         step = run.model.program[run.pc]

@@ -74,8 +74,8 @@ def test_sequence_lens_zero_the_outputs_past_each_sequence_end():
 
 
 @pytest.mark.parametrize("lengths, reason", [
-    ([7, 1, 1], r"^sequence lengths input 'sequence_lens' \[7, 1, 1\] must be 3 values in \[1, 5\]"),
-    ([0, 1, 1], r"^sequence lengths input 'sequence_lens' \[0, 1, 1\] must be 3 values in \[1, 5\]"),
+    ([7, 1, 1], r"^sequence lengths input 'sequence_lens' \[7, 1, 1\] must be 3 values in \[0, 5\]"),
+    ([-1, 1, 1], r"^sequence lengths input 'sequence_lens' \[-1, 1, 1\] must be 3 values in \[0, 5\]"),
     ([5, 1], r"^input 'sequence_lens': dimension 0 \('batch', the batch\) is 2, but input 'X' holds 3 sequences$"),
 ])
 def test_bad_sequence_lengths_are_refused_naming_the_input(lengths, reason):
@@ -398,3 +398,22 @@ def test_an_output_declared_without_a_shape_takes_the_inferred_one():
     model = load_onnx(onnx_bytes(list(lstm.node), list(lstm.input), [out], list(lstm.initializer), check=False))
     [spec] = model.outputs
     assert spec.shape == (-1, 1, -1, HIDDEN)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("lens", [[3, 0, 2], [0, 0]])
+def test_an_empty_sequence_answers_zeros_as_onnxruntime_does(op, lens):
+    """A length of 0 in sequence_lens (ONNX allows it; clients pad batches with empty rows):
+    its outputs and final states are zeros, whatever the initial state, as onnxruntime gives
+    them; a request whose every row is empty is answered too. (It was refused.)"""
+    data = recurrent_onnx(op, direction="bidirectional", seq_lens=True, initial_state=True)
+    rng = np.random.default_rng(4)
+    batch = len(lens)
+    inputs = {"X": rng.standard_normal((3, batch, X_SIZE)).astype(np.float32),
+              "sequence_lens": np.array(lens, np.int32),
+              "initial_h": rng.standard_normal((2, batch, HIDDEN)).astype(np.float32)}
+    if op == "LSTM":
+        inputs["initial_c"] = rng.standard_normal((2, batch, HIDDEN)).astype(np.float32)
+    others = {**inputs, "sequence_lens": np.full(batch, 3, np.int32)}  # batched alongside
+    got, _ = serve(load_onnx(data, "empty"), [inputs, others])
+    assert_outputs_match(got, ort_outputs(data, inputs))
