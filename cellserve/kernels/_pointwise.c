@@ -267,6 +267,7 @@ typedef struct {
     const float *P, *A, *x, *bias;
     const int64_t *xr, *sl, *orr;
     float *h, *c, *out;
+    int project; /* fused_project: write A . P + bias to out's rows [G] and stop there */
 } Fused;
 
 #define TILES(nv)                                                          \
@@ -288,6 +289,16 @@ CLONES static void fused_panel(const Fused *f, Py_ssize_t p) {
         const int mr = f->B - m0 < TILE_M ? (int)(f->B - m0) : TILE_M;
         const float *A = f->A + m0 * f->K;
         if (f->nv == 4) TILES(4) else TILES(3)
+        if (f->project) {
+            const Py_ssize_t ngates = NR / f->U;
+            for (int m = 0; m < mr; m++) {
+                float *o = f->out + f->orr[m0 + m] * f->G + base;
+                for (Py_ssize_t q = 0; q < ngates; q++)
+                    for (Py_ssize_t u = 0; u < n; u++)
+                        o[q * H + u] = gates[m * NR + q * f->U + u] + f->bias[q * H + base + u];
+            }
+            continue;
+        }
         for (int m = 0; m < mr; m++) {
             const Py_ssize_t i = m0 + m, s = f->sl[i];
             const float *x = f->x + (f->xr ? f->xr[i] : 0) * f->G + base;
@@ -391,6 +402,69 @@ static PyObject *fused_step(PyObject *self, PyObject *args) {
 done:
     free(A);
     release(b, 11);
+    return result;
+}
+
+/* fused_project(kind, H, U, packed, src, srows, bias, out, orows)
+ *   The input projection of a stack's upper layer, on W_ih packed in panels as the fused
+ *   step packs W_hh (K = the width of src): out[orows[i]] = src[srows[i]] . W_ih^T + bias,
+ *   bias [G]. Each row's sums run in the same order whatever else is projected with it, so
+ *   a lane's projection is the same to the bit whether its rows were projected in a batch's
+ *   step or in a lone lane's piece. */
+static PyObject *fused_project(PyObject *self, PyObject *args) {
+    int kind;
+    Py_ssize_t H, U;
+    PyObject *op, *osrc, *osr, *ob, *oo, *oor;
+    if (!PyArg_ParseTuple(args, "innOOOOOO", &kind, &H, &U, &op, &osrc, &osr, &ob, &oo, &oor)) return NULL;
+    const Py_ssize_t ngates = kind == 0 ? 4 : kind == 1 ? 3 : 1, G = ngates * H, NR = ngates * U;
+    if (kind < 0 || kind > 3 || H <= 0 || U <= 0 || (NR != 48 && NR != 64)) {
+        PyErr_SetString(PyExc_ValueError, "fused_project: bad kind or hidden size, or U does not make panels "
+                                          "of 48 or 64 columns");
+        return NULL;
+    }
+    Buf b[6];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    float *A = NULL;
+    if (get_buf(op, 0, 0, &b[0], "packed") || get_buf(osrc, 0, 0, &b[1], "src") ||
+        get_buf(osr, 0, 1, &b[2], "srows") || get_buf(ob, 0, 0, &b[3], "bias") ||
+        get_buf(oo, 1, 0, &b[4], "out") || get_buf(oor, 0, 1, &b[5], "orows"))
+        goto done;
+    if (!b[0].held || !b[1].held || !b[2].held || !b[3].held || !b[4].held || !b[5].held) {
+        PyErr_SetString(PyExc_TypeError, "fused_project: every argument is required");
+        goto done;
+    }
+    const Py_ssize_t panels = (H + U - 1) / U, floats = b[0].view.len / (Py_ssize_t)sizeof(float);
+    const Py_ssize_t K = floats / (panels * NR), B = b[2].view.len / (Py_ssize_t)sizeof(int64_t);
+    if (K < 1 || floats != K * panels * NR) {
+        PyErr_Format(PyExc_ValueError, "fused_project: packed holds %zd floats, not %zd panels of K x %zd",
+                     floats, panels, NR);
+        goto done;
+    }
+    if (b[3].view.len < G * (Py_ssize_t)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "fused_project: bias is shorter than the gates");
+        goto done;
+    }
+    if (b[5].view.len / (Py_ssize_t)sizeof(int64_t) != B || check_rows(&b[2], B, nrows(&b[1], K), "srows") ||
+        check_rows(&b[5], B, nrows(&b[4], G), "orows"))
+        goto done;
+    if (B > 0 && !(A = malloc((size_t)(B * K) * sizeof(float)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const float *src = b[1].view.buf;
+    const int64_t *sr = b[2].view.buf;
+    Fused f = {kind, (int)(NR / 16), H, U, K, G, B, b[0].view.buf, A, NULL, b[3].view.buf, NULL, NULL,
+               b[5].view.buf, NULL, NULL, b[4].view.buf, 1};
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < B; i++) memcpy(A + i * K, src + sr[i] * K, (size_t)K * sizeof(float));
+    if (B > 0) fused_run(&f, (int)panels);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(A);
+    release(b, 6);
     return result;
 }
 
@@ -545,6 +619,7 @@ static PyMethodDef methods[] = {
     {"step", step, METH_VARARGS, "Fused pointwise half of a batched recurrent cell step."},
     {"run_lane", run_lane, METH_VARARGS, "Several whole steps of one lane (GEMV and pointwise)."},
     {"fused_step", fused_step, METH_VARARGS, "A whole batched step: GEMM on packed weights and gates."},
+    {"fused_project", fused_project, METH_VARARGS, "Input projections of rows on packed weights, plus bias."},
     {"has_avx512", has_avx512, METH_NOARGS, "Whether the CPU has AVX-512 (the fused step's fast build)."},
     {"tanh", tanh_test, METH_O, "The kernel's float tanh approximation, for tests."},
     {NULL, NULL, 0, NULL},

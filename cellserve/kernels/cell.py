@@ -151,9 +151,11 @@ class _Linear:
 class CellKernel:
     def __init__(self, kind: str, hidden: int, weights: DirectionWeights, device: torch.device,
                  token_table: np.ndarray | None = None, backend: str | None = None,
-                 pools: tuple[SlotPool, RowPool] | None = None):
+                 pools: tuple[SlotPool, RowPool] | None = None, fed_by_rows: bool = False):
         """`pools`: slot and row pools shared with other kernels (a stack's layers), so that
-        a lane has the same slot and rows in each; by default the kernel has its own."""
+        a lane has the same slot and rows in each; by default the kernel has its own.
+        `fed_by_rows`: a stack's upper layer, which projects the rows of the layer below as
+        its lanes reach them (project_rows)."""
         self.kind, self.hidden, self.device = kind, hidden, device
         self.backend = backend or default_backend(device)
         if self.backend in CPU_BACKENDS and (device.type != "cpu" or _pointwise is None):
@@ -174,9 +176,14 @@ class CellKernel:
         if token_table is not None and token_table.shape[0] * self.gates * 4 <= MAX_PROJECTED_TABLE_BYTES:
             self.projected_table = self.project(token_table)
         self.slots, self.rows = pools or (SlotPool(), RowPool())
+        self.packed_ih = None  # W_ih in panels, for an upper layer's projections on the fused backend
         if self.backend == "fused":
             self.units = PANEL_UNITS[kind]
             self.packed = pack_panels(weights.w_hh, GATES[kind], self.units)
+            if fed_by_rows:
+                self.packed_ih = pack_panels(weights.w_ih, GATES[kind], self.units)
+                self._ih_bias = np.ascontiguousarray(x_bias, dtype=np.float32)
+                self._proj = np.zeros((64, self.gates), np.float32)
         elif self.backend in CPU_BACKENDS:
             self.recurrent = _Linear(weights.w_hh, None, gemm, device)
             self._hbuf = np.zeros((64, hidden), np.float32)
@@ -272,11 +279,27 @@ class CellKernel:
         n = len(slots)
         if len(self._arange) < n:
             self._arange = np.arange(2 * n, dtype=np.int64)
+        if self.packed_ih is not None:
+            if len(self._proj) < n:
+                self._proj = np.zeros((2 * n, self.gates), np.float32)
+            self.project_rows(source, rows, self._proj, self._arange[:n])
+            self.step_from(self._proj, slots, self._arange[:n], orows)
+            return
         if self.backend == "torch":
             fresh = source.index_select(0, torch.from_numpy(rows).to(self.device))
         else:
             fresh = source[rows]
         self.step_from(self.project(fresh), slots, self._arange[:n], orows)
+
+    def project_rows(self, source: np.ndarray, rows: np.ndarray, out: np.ndarray, orows: np.ndarray) -> None:
+        """out[orows[i]] = the projection (bias included) of source[rows[i]]: on the packed
+        W_ih of an upper layer on the fused backend (each row summed alike however many are
+        projected), else by the layer's GEMM."""
+        if self.packed_ih is not None:
+            _pointwise.fused_project(_KIND_CODE[self.kind], self.hidden, self.units, self.packed_ih, source, rows,
+                                     self._ih_bias, out, orows)
+        else:
+            out[orows] = self.project(source[rows])
 
     @property
     def lone_lanes(self) -> int:
@@ -342,7 +365,7 @@ class CellKernel:
         return [self.finish(lane)]
 
     def weight_bytes(self) -> int:
-        names = ("packed", "w_hh", "w_hh_t", "projected_table")
+        names = ("packed", "packed_ih", "w_hh", "w_hh_t", "projected_table")
         arrays = [getattr(self, n, None) for n in names] + [self.project.w, self.project.b]
         linear = getattr(self, "recurrent", None)
         if linear is not None:

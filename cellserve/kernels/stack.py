@@ -5,9 +5,10 @@ a lane has the same slot and rows in every layer, so one batch's slots and rows 
 A batched step runs the first layer's step, then the next layer's step on the output rows it
 wrote (their projection, then the step, see CellKernel.step_rows), and so on up. A lane
 alone runs piece by piece: up to LANE_PIECE steps of each layer in turn, with one projection
-of those rows between (see run_lane). Both project before they step, with a GEMM whose rows
-do not depend on how many it projects, so a lane's answer is the same to the last bit
-whichever way its steps ran.
+of those rows between (see run_lane). Both project before they step, the same way
+(CellKernel.project_rows: on the fused backend W_ih in panels, each row summed alike however
+many are projected), so a lane's answer is the same to the last bit whichever way its steps
+ran.
 
 Tried and dropped: letting each layer run a few steps behind the one below, so that
 projections run a chunk of rows at a time. It saves GEMM calls only for batches of one or
@@ -34,8 +35,8 @@ class StackKernel:
     def __init__(self, stack: LayerStack, device: torch.device, backend: str | None = None):
         self.slots, self.rows = SlotPool(), RowPool()
         self.layers = [CellKernel(layer.kind, layer.hidden, layer.directions[0], device, layer.token_table,
-                                  backend, pools=(self.slots, self.rows))
-                       for layer in stack.layers]
+                                  backend, pools=(self.slots, self.rows), fed_by_rows=i > 0)
+                       for i, layer in enumerate(stack.layers)]
         self.device, self.backend = device, self.layers[0].backend
 
     def start(self, x: np.ndarray, states: list[tuple] | None = None) -> LaneStorage:
@@ -100,10 +101,10 @@ class StackKernel:
         while done < steps:
             first = row + done
             ran = self.layers[0].run_lane(slot, first, 1, min(LANE_PIECE, steps - done), stop)
-            rows = slice(first, first + ran)
+            rows = np.arange(first, first + ran, dtype=np.int64)
             below = self.layers[0]
             for layer in self.layers[1:]:
-                layer.x[rows] = layer.project(below.out[rows])
+                layer.project_rows(below.out, rows, layer.x, rows)
                 layer.run_lane(slot, first, 1, ran)
                 below = layer
             done += ran
