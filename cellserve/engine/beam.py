@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cellserve.errors import InvalidInput
+from cellserve.graph.decode_spec import beam_output_names
 from cellserve.graph.model import GraphDecoder
 
 
@@ -112,9 +113,12 @@ def beam_outputs(rows: list[BeamRow], width: int, pad: int) -> tuple[np.ndarray,
     return best, beams, scores
 
 
-def beam_output_names(output: str) -> tuple[str, str]:
-    """The extra response tensors a request asking return_beams gets."""
-    return f"{output}_beams", f"{output}_beam_scores"
+def beams_outputs(model) -> set[str]:
+    """The tensors return_beams adds to an answer of `model` (none but for a graph decoder)."""
+    from cellserve.graph.model import GraphDecoder
+
+    return {name for step in model.program if isinstance(step, GraphDecoder)
+            for name in beam_output_names(step.spec.output)}
 
 
 def optional_outputs(model) -> set[str]:

@@ -111,6 +111,19 @@ class DecodeSpec:
         if not isinstance(self.max_length, MaxLength):
             raise DecodeSpecError(f"decode spec: max_length must be a MaxLength, got {self.max_length!r}")
         self._check_pairs()
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        """The response's tensor names must not meet: a scores output named like the tokens
+        output, or like a return_beams tensor, would overwrite it in the answer."""
+        if not self.scores_output:
+            return
+        if self.scores_output == self.output:
+            raise DecodeSpecError(f"decode spec: scores_output {self.scores_output!r} is also the output's name; "
+                                  "name the scores otherwise")
+        if self.scores_output in beam_output_names(self.output):
+            raise DecodeSpecError(f"decode spec: scores_output {self.scores_output!r} is the name of a tensor "
+                                  f"return_beams adds {list(beam_output_names(self.output))}; name the scores otherwise")
 
     def _check_pairs(self) -> None:
         if not self.states:
@@ -250,3 +263,9 @@ def spec_fields() -> list[str]:
 
 
 __all__ = ["DecodeSpec", "DecodeSpecError", "MaxLength", "PARAMETER_PREFIX", "spec_fields"]
+
+
+def beam_output_names(output: str) -> tuple[str, str]:
+    """The extra response tensors a request asking return_beams gets: the k best token rows
+    and their scores."""
+    return f"{output}_beams", f"{output}_beam_scores"

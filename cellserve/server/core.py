@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from cellserve import __version__
 from cellserve.engine.clock import Clock, MonotonicClock
-from cellserve.engine.beam import optional_outputs
+from cellserve.engine.beam import beams_outputs, optional_outputs
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request, Response, Status
 from cellserve.server.classification import check_classifiable, top_classes
@@ -470,6 +470,8 @@ class Core(ModelControl):
             unknown = [o for o in request.outputs if o not in known]
             if unknown:
                 raise BadRequest(f"unknown output(s) {unknown} of model {entry.name!r}; it has {sorted(known)}")
+            if not options.return_beams and beams_outputs(entry.model) & set(request.outputs):
+                options = replace(options, return_beams=True)  # asking for the k best by name asks for them
         for name in request.classification:
             spec = next((s for s in entry.model.outputs if s.name == name), None)
             check_classifiable(spec, name, entry.name)

@@ -55,6 +55,12 @@ def test_max_length_is_absolute_or_a_multiple_of_the_source_plus_a_constant():
     ({"length_penalty": -1.0}, "length_penalty"),
     ({"token_input": "h"}, "distinct"),
     ({"logits_output": "h_next"}, "logits_output"),
+    # a scores output named like another tensor of the answer would overwrite it (a sweep: token ids
+    # answered as a float score)
+    ({"output": "tokens", "scores_output": "tokens"}, "scores_output 'tokens' is also the output's name"),
+    ({"output": "tokens", "scores_output": "tokens_beams"}, "scores_output 'tokens_beams' is the name of a tensor "
+                                                            "return_beams adds"),
+    ({"output": "tokens", "scores_output": "tokens_beam_scores"}, "return_beams adds"),
 ])
 def test_a_bad_spec_is_refused_naming_the_field(kwargs, field):
     fields = {**additive_spec().__dict__, **kwargs}

@@ -33,6 +33,27 @@ def test_return_beams_gives_the_k_best_and_their_scores_beside_the_answer(zoo_se
     assert np.all(np.isfinite(scores)) and np.all(scores <= 0)  # log-probabilities
 
 
+@pytest.mark.parametrize("outputs", [["reversed_beams"], ["reversed", "reversed_beam_scores"]])
+def test_asking_for_the_k_best_by_name_asks_for_them(zoo_server, outputs):
+    """An output return_beams adds, asked for by name without return_beams, comes back (it
+    was a 500 naming a KeyError, found by a sweep); over gRPC as over HTTP."""
+    import tritonclient.grpc as grpcclient
+
+    result = _infer(zoo_server, {}, outputs=outputs)
+    got = {name: result.as_numpy(name) for name in outputs}
+    with grpcclient.InferenceServerClient(zoo_server.grpc) as client:
+        x = digits(["307", "125"])
+        inp = grpcclient.InferInput("digits", list(x.shape), "INT64")
+        inp.set_data_from_numpy(x)
+        answer = client.infer("seq2seq-reverse", [inp], outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
+    for name in outputs:
+        np.testing.assert_array_equal(answer.as_numpy(name), got[name])
+    if "reversed_beams" in got:
+        assert got["reversed_beams"].shape[:2] == (2, 1)
+    else:
+        assert got["reversed_beam_scores"].shape == (2, 1)
+
+
 @pytest.mark.parametrize("parameters, message", [
     ({"beam_width": 4}, "'beam_width' 4 exceeds model 'seq2seq-reverse''s max_beam_width 1"),
     ({"beam_width": 0}, "'beam_width' must be an integer >= 1"),
