@@ -60,10 +60,10 @@ def warmup_samples(config: mc.ModelConfig, model: Model, model_dir: Path, where:
     request is; ModelLoadError naming the sample and what is wrong."""
     samples = []
     for index, entry in enumerate(config.model_warmup):
-        name = entry.name or f"#{index}"
-        here = f"{where}: model_warmup {name!r}"
         if not entry.name:
             raise ModelLoadError(f"{where}: model_warmup #{index} has no name; give each sample one")
+        name = entry.name
+        here = f"{where}: model_warmup {name!r}"
         batch = entry.batch_size
         if batch < 1:
             raise ModelLoadError(f"{here}: batch_size must be at least 1, got {batch}")
@@ -111,7 +111,7 @@ def _input(tensor, spec, model: Model, rows: int | None, model_dir: Path, rng, w
         raise ModelLoadError(f"{where}: dims {dims} must all be sizes of 1 or more (a sample's shape is fixed)")
     dtype = np.dtype(spec.dtype)
     declared = tensor.data_type
-    want = f"TYPE_{_type_name(dtype)}"
+    want = f"TYPE_{datatype_of(dtype)}"
     if declared == mc.TYPE_INVALID:
         raise ModelLoadError(f"{where}: no data_type; the model's input is {want}")
     if mc.DataType.Name(declared) != want:
@@ -151,12 +151,8 @@ def _from_file(filename: str, dims: list[int], dtype: np.dtype, model_dir: Path,
     need = int(np.prod(dims)) * dtype.itemsize
     if len(data) < need:
         raise ModelLoadError(f"{where}: input_data_file {filename!r} holds {len(data)} bytes; dims {dims} of "
-                             f"{_type_name(dtype)} need {need}")
+                             f"{datatype_of(dtype)} need {need}")
     return np.frombuffer(data[:need], dtype).reshape(dims).copy()
-
-
-def _type_name(dtype: np.dtype) -> str:
-    return datatype_of(dtype)
 
 
 def warm_up_before_serving(engine, engine_name: str, samples: list[WarmupSample], where: str) -> int:
