@@ -141,35 +141,37 @@ def simulate_model(model: ModelBlocks, plan: ModelPlan, link: Link, rate_rps: fl
     latencies: list[float] = []
     dropped = counted_batches = counted_rows = 0
     warm_ms = warmup_s * 1000.0
-    passed_head: float | None = None  # the head that passed its first look (its arrival)
+    taken = 0  # requests that have left the queue: the head is request number `taken`
+    passed_head = -1  # the number of the head that passed its first look
     timer: float | None = None  # when the plane looks again though nothing arrives
 
     def drop() -> None:
-        nonlocal dropped
+        nonlocal dropped, taken
+        taken += 1
         if queue.popleft() >= warm_ms:
             dropped += 1
 
     def dispatch(now: float) -> float | None:
         """Look at the queue until it is empty or waits; returns the next look's time, if any."""
-        nonlocal passed_head, counted_batches, counted_rows
+        nonlocal passed_head, counted_batches, counted_rows, taken
         while queue:
-            head = queue[0]
-            deadline = head + slo
+            deadline = queue[0] + slo
             pipe = min(pipes, key=lambda p: _rank(p.offer(p.batch, now)))
-            if passed_head != head:
+            if passed_head != taken:
                 low = max(1, math.ceil(shrink * pipe.batch - 1e-9))
                 if not _largest(pipe, now, deadline, low):
                     drop()
                     continue
-                passed_head = head
+                passed_head = taken
             batch = _largest(pipe, now, deadline, 1)
             if not batch:
                 drop()
                 continue
             if len(queue) >= batch:
-                completion, _, taken = pipe.offer(batch, now)
-                pipe.keep(taken)
+                completion, _, reserved = pipe.offer(batch, now)
+                pipe.keep(reserved)
                 rows = [queue.popleft() for _ in range(batch)]
+                taken += batch
                 if rows[0] >= warm_ms:
                     counted_batches += 1
                     counted_rows += batch
