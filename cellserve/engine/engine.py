@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 from collections import deque
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -569,6 +569,19 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
             raise RuntimeError(f"engine stuck: {len(self._runs)} requests in flight and no batch to run")
         self.clock.sleep(max(0.0, min(wake - now, 0.01)))
 
+    @contextmanager
+    def kernel_threads_pinned(self, log_cores: bool = False):
+        """This thread and its OpenMP workers pinned as serve_forever pins them (with
+        `pin_threads`), for the block; their cores given back after it. For work run on this
+        thread before serving (a model's warm-up), so that it runs as it will while serving."""
+        with ExitStack() as pins:
+            if not self._concurrent:  # executors running at once pin their own worker threads
+                for executor in self.executors.values():
+                    pinned = pins.enter_context(executor.pinned(self.config.pin_threads))
+                    if pinned and log_cores:
+                        log.info("kernel threads of executor %s pinned to cores %s", executor.name, pinned)
+            yield
+
     def serve_forever(self, stop: threading.Event) -> None:
         """The worker loop of a server: step while there is work, wait when there is none.
 
@@ -583,11 +596,7 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         executors running at once, each pins its own worker thread instead (concurrent.py)."""
         if self._concurrent:
             return self._serve_forever_concurrent(stop)
-        with ExitStack() as pins:
-            for executor in self.executors.values():
-                pinned = pins.enter_context(executor.pinned(self.config.pin_threads))
-                if pinned:
-                    log.info("kernel threads of executor %s pinned to cores %s", executor.name, pinned)
+        with self.kernel_threads_pinned(log_cores=True):
             self._stopping = stop  # a stable batch run again and again gives way to it (_update)
             while not stop.is_set():
                 if self.step():

@@ -123,11 +123,16 @@ class ModelControl:
         """The versions' config.pbtxt warm-up samples (server/warmup.py), run before the versions
         are served; BadRequest naming the sample that failed."""
         for entry in served:
+            if not entry.warmup:
+                continue
+            started = self.clock.now()
             try:
-                await warm_up_while_serving(self.engine, entry.engine_name, entry.warmup,
-                                            f"version {entry.version}")
+                run = await warm_up_while_serving(self.engine, entry.engine_name, entry.warmup,
+                                                  f"version {entry.version}")
             except ModelLoadError as exc:
                 raise BadRequest(f"cannot load model {entry.name!r}: {exc}") from None
+            log.info("model %r version %s warmed up: %d request(s) of %d model_warmup sample(s) in %.2f s",
+                     entry.name, entry.version, run, len(entry.warmup), self.clock.now() - started)
 
     async def _unload(self, name: str) -> None:
         versions = self._models.pop(name, None)  # from now on, a request for it is told it is not loaded

@@ -3,7 +3,8 @@ engine before the model is served, so that its first real requests do not pay fo
 fresh server does once (arenas grown to the sizes asked and their memory first touched, the
 step cost model's first figures, lazily built kernels).
 
-A sample, as Triton's ModelWarmup message gives it:
+A sample, as Triton's ModelWarmup message gives it (a sample of batch_size 0 is skipped, and
+one without a name is called by its place, "#0", as Triton does):
 
     model_warmup [{
       name: "long burst"
@@ -17,17 +18,20 @@ dimension when max_batch_size > 0, as a config's dims are; then one row of data 
 `batch_size` times), filled with zeros (`zero_data`), random values (`random_data`: floats in
 [0, 1), token ids within the input's vocabulary, other integers in [0, 100)) or the raw bytes of
 a file in the model's `warmup/` folder (`input_data_file`, row-major, at least one row's
-bytes; the first row's used). A sample is checked at load as a request would be (shapes,
-limits, token ranges); one that is wrong, or that the engine fails, fails the model's load,
-naming the sample, as in Triton. The samples run one request at a time, before the server
-says it is ready (at start) or before a loaded model is served (a load through the
-repository API or a poll). They are not counted as the model's inferences (its statistics'
+bytes; the first row's used). Inputs a config names as sequence_batching control inputs are
+ignored (cellserve's sequences take no control tensors). A sample's shape is checked against
+the input and the model's limits before its data is made, then the data as a request's
+would be (token ranges, values); one that is wrong, or that the engine fails, fails the
+model's load, naming the sample, as in Triton. `batch_size` N is one request of N rows. The
+samples run one request at a time, before the server says it is ready (at start) or before
+a loaded model is served (a load through the repository API or a poll). They are not counted as the model's inferences (its statistics'
 successes and inference count, its metrics); the engine's executions include their steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +39,12 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cellserve.engine.request import Request, Status
-from cellserve.engine.validation import validate_inputs
+from cellserve.engine.validation import check_request_limits, validate_inputs
 from cellserve.errors import InvalidInput, ModelLoadError
 from cellserve.graph.model import Model
 from cellserve.server.codec import datatype_of
+
+log = logging.getLogger(__name__)
 
 WARMUP_FOLDER = "warmup"  # beside config.pbtxt, as Triton keeps input_data_file's files
 _RANDOM_INT_BOUND = 100  # random_data for an integer input without a vocabulary
@@ -59,30 +65,37 @@ def warmup_samples(config: mc.ModelConfig, model: Model, model_dir: Path, where:
     """The config's warm-up samples for `model` (one version of it), each checked as a
     request is; ModelLoadError naming the sample and what is wrong."""
     samples = []
+    # Triton's sequence control tensors (START, END, ...) feed its sequence batcher, not the
+    # model: a sample may give them, and they are left out here as cellserve sets no such input
+    controls = {c.name for c in config.sequence_batching.control_input}
     for index, entry in enumerate(config.model_warmup):
-        if not entry.name:
-            raise ModelLoadError(f"{where}: model_warmup #{index} has no name; give each sample one")
-        name = entry.name
+        name = entry.name or f"#{index}"
         here = f"{where}: model_warmup {name!r}"
         batch = entry.batch_size
-        if batch < 1:
-            raise ModelLoadError(f"{here}: batch_size must be at least 1, got {batch}")
+        if batch == 0:  # as Triton: a sample of batch 0 is skipped
+            log.warning("%s: batch_size 0, skipped (as Triton skips it)", here)
+            continue
         if config.max_batch_size == 0 and batch != 1:
             raise ModelLoadError(f"{here}: batch_size {batch} needs a model that batches (max_batch_size > 0); "
                                  "with max_batch_size 0 the dims are the whole shape and batch_size must be 1")
         if 0 < config.max_batch_size < batch:
             raise ModelLoadError(f"{here}: batch_size {batch} is more than max_batch_size {config.max_batch_size}")
         specs = {spec.name: spec for spec in model.inputs}
-        unknown = sorted(set(entry.inputs) - set(specs))
+        unknown = sorted(set(entry.inputs) - set(specs) - controls)
         if unknown:
             raise ModelLoadError(f"{here}: inputs {unknown} are not the model's (its inputs: {sorted(specs)})")
         missing = sorted(set(specs) - set(entry.inputs))
         if missing:
             raise ModelLoadError(f"{here}: gives no data for inputs {missing}; a sample gives every input")
         rows = batch if config.max_batch_size > 0 else None
+        for key in sorted(specs):  # the shape first: a sample is only made once it is one a request may have
+            _check_shape(entry.inputs[key], specs[key], model, rows, f"{here}: input {key!r}")
         rng = np.random.default_rng(index)
-        arrays = {key: _input(entry.inputs[key], specs[key], model, rows, model_dir, rng, f"{here}: input {key!r}")
-                  for key in sorted(entry.inputs)}
+        try:
+            arrays = {key: _input(entry.inputs[key], specs[key], model, rows, model_dir, rng,
+                                  f"{here}: input {key!r}") for key in sorted(specs)}
+        except MemoryError:  # an input whose free dimensions the model does not bound
+            raise ModelLoadError(f"{here}: its data does not fit in memory; give it smaller dims") from None
         try:
             arrays = validate_inputs(model, arrays)
         except InvalidInput as exc:
@@ -105,10 +118,25 @@ def published_warmup(config: mc.ModelConfig) -> list[dict]:
     return out
 
 
-def _input(tensor, spec, model: Model, rows: int | None, model_dir: Path, rng, where: str) -> np.ndarray:
+def _check_shape(tensor, spec, model: Model, rows: int | None, where: str) -> None:
+    """A sample's shape against the input's and the model's limits, before any data is made
+    (a sample of 10^11 steps was allocated, 745 GiB, before it was checked)."""
     dims = [int(d) for d in tensor.dims]
     if any(d < 1 for d in dims):
         raise ModelLoadError(f"{where}: dims {dims} must all be sizes of 1 or more (a sample's shape is fixed)")
+    shape = tuple(dims) if rows is None else (rows, *dims)
+    if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)):
+        raise ModelLoadError(f"{where}: shape {list(shape)} (dims {dims}"
+                             + (f" after batch_size {rows}" if rows is not None else "")
+                             + f") does not fit the input's {list(spec.shape)} (-1: any size)")
+    try:
+        check_request_limits(model, spec.name, shape, "its shape")
+    except InvalidInput as exc:
+        raise ModelLoadError(f"{where}: {exc}") from None
+
+
+def _input(tensor, spec, model: Model, rows: int | None, model_dir: Path, rng, where: str) -> np.ndarray:
+    dims = [int(d) for d in tensor.dims]
     dtype = np.dtype(spec.dtype)
     declared = tensor.data_type
     want = f"TYPE_{datatype_of(dtype)}"
@@ -141,6 +169,8 @@ def _random(dims: list[int], dtype: np.dtype, model: Model, name: str, rng) -> n
 def _from_file(filename: str, dims: list[int], dtype: np.dtype, model_dir: Path, where: str) -> np.ndarray:
     folder = model_dir / WARMUP_FOLDER
     path = folder / filename
+    if not filename:
+        raise ModelLoadError(f"{where}: input_data_file is empty; name a file in the model's {WARMUP_FOLDER}/ folder")
     if Path(filename).is_absolute() or ".." in Path(filename).parts:
         raise ModelLoadError(f"{where}: input_data_file {filename!r} must name a file in the model's "
                              f"{WARMUP_FOLDER}/ folder")

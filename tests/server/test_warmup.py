@@ -78,21 +78,33 @@ def test_samples_are_made_as_triton_describes_them(tmp_path):
     (HEAD + warmup(data_type="TYPE_INVALID"), "no data_type"),
     (HEAD + warmup(source=""), "set zero_data, random_data or input_data_file"),
     (HEAD + warmup(dims="-1"), r"dims \[-1\] must all be sizes of 1 or more"),
-    (HEAD + warmup(batch=0), "batch_size must be at least 1"),
     (HEAD + warmup(batch=9), "batch_size 9 is more than max_batch_size 8"),
     (HEAD.replace("max_batch_size: 8", "max_batch_size: 0").replace("[ -1 ]", "[ -1, -1 ]")
      + warmup(dims="2, 5"), "batch_size 4 needs a model that batches"),
     (HEAD + warmup(dims="2000"), "sequence length 2000 exceeds the model's limit of 1024"),
-    (HEAD + warmup(dims="3, 4"), "expected rank 2"),
+    (HEAD + warmup(dims="3, 4"), r"shape \[4, 3, 4\] \(dims \[3, 4\] after batch_size 4\) does not fit the input.s \[-1, -1\]"),
     (HEAD + warmup(source='input_data_file: "nothing.bin"'), "cannot read input_data_file"),
     (HEAD + warmup(source='input_data_file: "../config.pbtxt"'), "must name a file in the model's warmup/ folder"),
-    (HEAD + warmup(name=""), "model_warmup #0 has no name"),
+    (HEAD + warmup(dims="100000000000"), "sequence length 100000000000 exceeds the model's limit of 1024"),
+    (HEAD + warmup(source='input_data_file: ""'), "input_data_file is empty"),
+    (HEAD + warmup(name="", dims="2000"), "model_warmup '#0': .*sequence length 2000"),
 ])
 def test_a_wrong_sample_fails_the_load_naming_it(tmp_path, config, message):
     with pytest.raises(ModelLoadError, match=message) as caught:
         load_repository(repo_with(tmp_path, config))
-    if 'name: ""' not in config:
-        assert "model 'clf' version 1: model_warmup '" in str(caught.value)
+    assert "model 'clf' version 1: model_warmup '" in str(caught.value)
+
+
+def test_as_triton_a_sample_of_batch_0_is_skipped_and_sequence_control_inputs_are_ignored(tmp_path):
+    """Triton skips a sample of batch_size 0, and a sample may give the sequence batcher's
+    control tensors (START, ...), which are no input of the model."""
+    control = ('sequence_batching { control_input [ { name: "START" control [ { kind: CONTROL_SEQUENCE_START '
+               'int32_false_true: [ 0, 1 ] } ] } ] }\n')
+    sample = ('model_warmup [ { name: "seq" batch_size: 1 inputs [ { key: "tokens" value { data_type: TYPE_INT64 '
+              'dims: [ 5 ] zero_data: true } }, { key: "START" value { data_type: TYPE_INT32 dims: [ 1 ] '
+              'zero_data: true } } ] }, { name: "none" batch_size: 0 } ]\n')
+    entry = samples(repo_with(tmp_path, HEAD + control + sample))
+    assert [(w.name, sorted(w.inputs)) for w in entry.warmup] == [("seq", ["tokens"])]
 
 
 def test_a_file_shorter_than_a_row_is_refused_with_the_bytes_it_needs(tmp_path):
