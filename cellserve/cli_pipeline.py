@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cellserve.cli_types import positive
+from cellserve.cli_types import int_in, positive
 
 
 def add_pipeline(plan_sub) -> None:
@@ -46,7 +46,7 @@ def add_pipeline(plan_sub) -> None:
     d.add_argument("--seconds", type=positive(float), default=30.0, help="simulated seconds per run (default: 30)")
     d.add_argument("--warmup", type=float, default=2.0, metavar="SECONDS",
                    help="simulated seconds at the start whose arrivals are not counted (default: 2)")
-    d.add_argument("--seed", type=int, default=0, help="the arrivals' random seed (default: 0)")
+    d.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="the arrivals' random seed (default: 0)")
     d.set_defaults(run=_simulate_pipeline)
 
 
@@ -70,10 +70,12 @@ def _plan_pipeline(args, parser) -> int:
         print("error: the plan fails its feasibility check:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
         return 1
     write_json(plan_to_dict(result), args.json)
-    ratio = result.objective / result.baseline_objective if result.baseline_objective > 0 else float("inf")
+    ratio = (f", {result.objective / result.baseline_objective:.3g}x" if result.baseline_objective > 0 else "")
     pipes = sum(len(m.pipelines) for m in result.models.values())
-    print(f"wrote {args.json}: objective {result.objective:.6g} (no pipelining {result.baseline_objective:.6g}, "
-          f"{ratio:.3g}x), {pipes} pipelines, gap {result.gap:.3g}, {result.solver}")
+    unserved = sorted(name for name, m in result.models.items() if not m.pipelines)
+    print(f"wrote {args.json}: objective {result.objective:.6g} (no pipelining {result.baseline_objective:.6g}"
+          f"{ratio}), {pipes} pipelines, gap {result.gap:.3g}, {result.solver}"
+          + (f"; no pipeline can serve {unserved} within its SLO" if unserved else ""))
     return 0
 
 
@@ -99,6 +101,9 @@ def _simulate_pipeline(args, parser) -> int:
     report = simulation_report(plan, blocks, pools, args.load, args.seconds, args.warmup, args.seed, args.target)
     write_json(report, args.json)
     for name, m in report["models"].items():
+        if "run" not in m:
+            print(f"{name}: not simulated: {m['note']}")
+            continue
         run = m["run"]
         bound = {"found": "", "above": "at least ", "below": "less than "}[m.get("search", "found")]
         what = (f"sustains {bound}{m['sustained_load']:.3g}x the plan ({m['sustained_rps']:.6g} req/s)"

@@ -153,7 +153,7 @@ def simulate_model(model: ModelBlocks, plan: ModelPlan, link: Link, rate_rps: fl
 
     def dispatch(now: float) -> float | None:
         """Look at the queue until it is empty or waits; returns the next look's time, if any."""
-        nonlocal passed_head, counted_batches, counted_rows, taken
+        nonlocal passed_head
         while queue:
             deadline = queue[0] + slo
             pipe = min(pipes, key=lambda p: _rank(p.offer(p.batch, now)))
@@ -168,21 +168,33 @@ def simulate_model(model: ModelBlocks, plan: ModelPlan, link: Link, rate_rps: fl
                 drop()
                 continue
             if len(queue) >= batch:
-                completion, _, reserved = pipe.offer(batch, now)
-                pipe.keep(reserved)
-                rows = [queue.popleft() for _ in range(batch)]
-                taken += batch
-                if rows[0] >= warm_ms:
-                    counted_batches += 1
-                    counted_rows += batch
-                latencies.extend(completion - a for a in rows if a >= warm_ms)
+                send(pipe, batch, now)
                 continue
             # Too few queued: wait until a batch one larger than the queue would miss the head's
             # deadline. Its completion, as a function of when it starts, is max(t + work, what
             # the devices' reservations impose), so that moment is the deadline less its work.
             work = sum(before + ms for before, ms in pipe.costs(len(queue) + 1))
-            return max(now, deadline - work) + _TICK_MS
+            if deadline - work > now:
+                return deadline - work + _TICK_MS
+            # That moment has passed (a latency table that falls with the batch: one more row
+            # costs more than the batch planned): waiting gains nothing, send what is queued
+            batch = next((b for b in range(len(queue), 0, -1) if pipe.offer(b, now)[0] <= deadline), 0)
+            if not batch:
+                drop()
+                continue
+            send(pipe, batch, now)
         return None
+
+    def send(pipe: _Pipe, batch: int, now: float) -> None:
+        nonlocal counted_batches, counted_rows, taken
+        completion, _, reserved = pipe.offer(batch, now)
+        pipe.keep(reserved)
+        rows = [queue.popleft() for _ in range(batch)]
+        taken += batch
+        if rows[0] >= warm_ms:
+            counted_batches += 1
+            counted_rows += batch
+        latencies.extend(completion - a for a in rows if a >= warm_ms)
 
     for arrival in arrivals:
         while timer is not None and timer <= arrival:
@@ -288,8 +300,9 @@ def simulation_report(plan: PipelinePlan, blocks, pools, load: float | None, sec
     (or at the highest load meeting `target`, searched), its simulated run."""
     models = {}
     for name, mp in sorted(plan.models.items()):
-        if mp.throughput_rps <= 0 or not mp.pipelines:
-            continue  # a model the plan cannot serve: nothing to offer it
+        if mp.throughput_rps <= 0 or not mp.pipelines:  # nothing to offer it
+            models[name] = {"planned_rps": mp.throughput_rps, "note": "the plan gives it no pipeline"}
+            continue
         model = blocks.models[name]
         if load is None:
             found = sustained_load(model, mp, pools.link, seconds, warmup_s, seed, target)

@@ -45,6 +45,17 @@ def test_a_head_that_cannot_make_95_percent_of_the_planned_batch_is_dropped_at_o
     assert run.latencies_ms[0] <= 9.6
 
 
+def test_a_table_that_falls_with_the_batch_sends_what_is_queued_instead_of_waiting_in_vain():
+    """Batch 8 planned (6 ms) but 4 rows take 20 ms (a table falling with the batch): two
+    requests at 0 and 1 ms (SLO 30) wait until a batch of three (2 + 18 * 2/3 = 14 ms) would
+    miss the head's deadline, at 16 ms; then waiting gains nothing and the two go (2 rows,
+    8 ms): done at 24. (The plane re-armed its timer a nanosecond ahead, over and over: a
+    sweep's 10-second run took 31 s.)"""
+    model, mp = one_stage({1: 2.0, 4: 20.0, 8: 6.0}, batch=8, slo=30.0)
+    run = simulate_model(model, mp, NO_LINK, 1.0, 1.0, arrivals_ms=[0.0, 1.0])
+    assert run.latencies_ms == pytest.approx((24.0, 23.0), abs=1e-5)
+
+
 def test_stages_are_reserved_in_turn_with_the_hand_over_between_them():
     """Two stages (3 ms then 4 ms at batch 1), a 1 ms link latency and 0.5 MB at 2 ms/MB: a
     lone request is done after 3 + (1 + 1) + 4 = 9 ms; a second arriving at 1 ms waits for the
@@ -113,6 +124,10 @@ def test_the_cli_simulates_a_plan_and_refuses_one_of_other_blocks(tmp_path, caps
     assert out["simulated"] is True and out["load"] == 0.5
     m = out["models"]["m"]
     assert m["run"]["attainment"] == 1.0 and m["run"]["goodput_rps"] == pytest.approx(0.5 * m["planned_rps"], rel=0.1)
+    with pytest.raises(SystemExit) as exit_:  # a seed numpy cannot take: one line, exit 2
+        cli.main(["plan", "pipeline-sim", *paths, "--plan", str(tmp_path / "plan.json"), "--seed", "-1",
+                  "--json", str(tmp_path / "sim3.json")])
+    assert exit_.value.code == 2 and "--seed" in capsys.readouterr().err
     blocks["models"]["other"] = blocks["models"].pop("m")
     (tmp_path / "b.json").write_text(json.dumps(blocks))
     with pytest.raises(SystemExit) as exit_:
