@@ -168,7 +168,9 @@ class CellKernel:
         # inside r * (...) and stays separate.
         x_bias = weights.b_ih if kind == "gru" else weights.b_ih + weights.b_hh
         self.h_bias = weights.b_hh.astype(np.float32) if kind == "gru" else None
-        self.project = _Linear(weights.w_ih, x_bias, gemm, device)
+        # (an upper layer of a stack on the fused backend projects on packed_ih, below, instead)
+        upper_fused = fed_by_rows and self.backend == "fused"
+        self.project = None if upper_fused else _Linear(weights.w_ih, x_bias, gemm, device)
         # A layer fed by an embedding looks its projections up: table @ W_ih^T + bias, once
         # (unless that table would be too large: then its embeddings, projected per lane).
         self.token_table = token_table
@@ -366,7 +368,9 @@ class CellKernel:
 
     def weight_bytes(self) -> int:
         names = ("packed", "packed_ih", "w_hh", "w_hh_t", "projected_table")
-        arrays = [getattr(self, n, None) for n in names] + [self.project.w, self.project.b]
+        arrays = [getattr(self, n, None) for n in names]
+        if self.project is not None:
+            arrays += [self.project.w, self.project.b]
         linear = getattr(self, "recurrent", None)
         if linear is not None:
             arrays += [linear.w, linear.b]
