@@ -237,7 +237,9 @@ done:
  *
  * Packed layout (CellKernel packs it): panel p is K rows of NR = gates * U floats; row k,
  * column q * U + u holds the weight of input k for gate q of hidden unit p * U + u (zero
- * past H). The GEMM's rows are [input row, h] for a stack's upper layer, else h alone. */
+ * past H). The GEMM's rows are h, or [input row, h] given src (a joint step: the kernels no
+ * longer take it, since a stack's upper layer projects with fused_project, then steps, as a
+ * lone lane does, so that a lane sums alike in a batch and alone). */
 
 #define TILE_M 6 /* lanes per register tile: 6 x 4 vectors of 16 accumulators, 4 for weights */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
@@ -322,7 +324,7 @@ static void fused_run(const Fused *f, int panels) {
 
 /* fused_step(kind, H, U, packed, src, srows, slots, h, c, x, xrows, bias, out, orows)
  *   packed: the weights, panels of U units (see above); K = its size / (panels * NR).
- *   src [R, K - H] and srows [B]: lane i's input row (a stack's upper layer), or both None
+ *   src [R, K - H] and srows [B]: lane i's input row (a joint step; unused now), or both None
  *   when K = H; slots [B]: state rows of h [S, H] and c (lstm, else None); x [R2, G] and
  *   xrows [B]: what to add to the gates (input projection and biases), or xrows None: every
  *   lane adds row 0 (an upper layer's biases); bias [G]: b_hh (gru only); out [R3, H],
