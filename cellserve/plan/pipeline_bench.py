@@ -74,21 +74,16 @@ def fast_head_instance() -> tuple[Blocks, Pools]:
 
 
 def data_plane(blocks: Blocks, pools: Pools, seconds: float, options: Options) -> dict:
-    """The plan's data plane simulated (plan/pipeline_sim.py): per model the highest load (x
-    its planned throughput) at which 99% of requests meet the SLO. Simulated figures."""
-    from cellserve.plan.pipeline_sim import sustained_load
+    """The plan's data plane simulated (plan/pipeline_sim.py, as `cellserve plan pipeline-sim`
+    reports it): per model the highest load (x its planned throughput) at which 99% of
+    requests meet the SLO. Simulated figures."""
+    from cellserve.plan.pipeline_sim import simulation_report
 
     result = plan(blocks, pools, options)
-    models = {}
-    for name, mp in sorted(result.models.items()):
-        if mp.throughput_rps <= 0:
-            continue
-        found = sustained_load(blocks.models[name], mp, pools.link, seconds, min(1.0, seconds / 5), steps=6)
-        models[name] = {"planned_rps": mp.throughput_rps, "sustained_load": found.load, "search": found.bound,
-                        "attainment": found.run.attainment, "p99_ms": found.run.p99_ms,
-                        "slo_ms": blocks.models[name].slo_ms, "mean_batch": found.run.mean_batch}
+    report = simulation_report(result, blocks, pools, None, seconds, min(1.0, seconds / 5), 0, steps=6)
     ratio = result.objective / result.baseline_objective if result.baseline_objective > 0 else None
-    return {"objective": result.objective, "ratio": ratio, "seconds": seconds, "models": models}
+    return {"objective": result.objective, "ratio": ratio, "seconds": seconds,
+            "models": {name: m for name, m in report["models"].items() if "run" in m}}
 
 
 def _one(blocks: Blocks, pools: Pools, options: Options) -> dict:
@@ -147,5 +142,5 @@ def table(results: dict) -> str:
         for model, m in r["models"].items():
             bound = {"found": "", "above": ">=", "below": "<"}[m["search"]]
             lines.append(f"{name + ' ' + model:<40} planned {m['planned_rps']:>10.1f} req/s  sustained "
-                         f"{bound}{m['sustained_load']:.3f}x  p99 {m['p99_ms'] or 0:.1f} / {m['slo_ms']:.1f} ms")
+                         f"{bound}{m['sustained_load']:.3f}x  p99 {m['run']['p99_ms'] or 0:.1f} / {m['slo_ms']:.1f} ms")
     return "\n".join(lines)

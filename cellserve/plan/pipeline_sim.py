@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cellserve.plan.pipeline import Block, Link, ModelBlocks, ModelPlan, Pipeline, PipelineError, PipelinePlan
+from cellserve.plan.pipeline import (Block, Link, ModelBlocks, ModelPlan, Pipeline, PipelineError, PipelinePlan,
+                                     transfer_ms)
 
 SHRINK = 0.95  # PPipe's: a batch may shrink to 95% of the planned one before the head is dropped
 TARGET = 0.99  # the attainment a plan's throughput is held to
@@ -98,10 +99,7 @@ class _Pipe:
         if found is None:
             found = []
             for i, stage in enumerate(self._stages):
-                before = 0.0
-                if i:
-                    last = self._stages[i - 1].last
-                    before = self._link.latency_ms + batch * self._model.blocks[last].out_mb * self._link.ms_per_mb
+                before = transfer_ms(self._model, self._stages[i - 1].last, batch, self._link) if i else 0.0
                 ms = sum(block_ms(b, stage.device_type, batch) for b in self._model.blocks[stage.first:stage.last + 1])
                 found.append((before, ms))
             self._costs[batch] = found
@@ -295,9 +293,10 @@ def sustained_load(model: ModelBlocks, plan: ModelPlan, link: Link, seconds: flo
 
 
 def simulation_report(plan: PipelinePlan, blocks, pools, load: float | None, seconds: float, warmup_s: float,
-                      seed: int, target: float = TARGET) -> dict:
-    """`cellserve plan pipeline-sim`'s JSON: per model its planned throughput and, at `load`
-    (or at the highest load meeting `target`, searched), its simulated run."""
+                      seed: int, target: float = TARGET, steps: int = 10) -> dict:
+    """`cellserve plan pipeline-sim`'s JSON (and `bench plan`'s data plane): per model its
+    planned throughput and, at `load` (or at the highest load meeting `target`, searched in
+    `steps` bisections), its simulated run."""
     models = {}
     for name, mp in sorted(plan.models.items()):
         if mp.throughput_rps <= 0 or not mp.pipelines:  # nothing to offer it
@@ -305,7 +304,7 @@ def simulation_report(plan: PipelinePlan, blocks, pools, load: float | None, sec
             continue
         model = blocks.models[name]
         if load is None:
-            found = sustained_load(model, mp, pools.link, seconds, warmup_s, seed, target)
+            found = sustained_load(model, mp, pools.link, seconds, warmup_s, seed, target, steps=steps)
             run = found.run
             entry = {"sustained_load": found.load, "sustained_rps": found.load * mp.throughput_rps,
                      "search": found.bound}

@@ -35,7 +35,7 @@ def test_the_speed_instance_and_the_table():
     row = {"objective": 2.0, "baseline_objective": 1.0, "ratio": 2.0, "gap": 0.0, "plan_s": 0.1, "feasible": True,
            "stats": {"candidates": 3}}
     plane = {"models": {"m": {"planned_rps": 3200.0, "sustained_load": 1.015625, "search": "found",
-                              "p99_ms": 157.1, "slo_ms": 200.0}}}
+                              "run": {"p99_ms": 157.1}, "slo_ms": 200.0}}}
     text = table({"gain": {"a": row}, "speed": {"blocks": 50, "devices": 100, "max_stages=2": row},
                   "data_plane": {"fast head": plane}})
     assert "2.00x" in text and "50 blocks, 100 devices" in text
