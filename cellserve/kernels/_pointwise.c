@@ -322,6 +322,20 @@ static void fused_run(const Fused *f, int panels) {
     }
 }
 
+/* The gates' and a panel's widths for `kind` (0 lstm, 1 gru, 2/3 Elman) and panels of U
+ * units, into *G and *NR; -1 with ValueError naming `fn` for a kind, hidden size or U that
+ * makes no panel of 48 or 64 columns. */
+static int panel_widths(const char *fn, int kind, Py_ssize_t H, Py_ssize_t U, Py_ssize_t *G, Py_ssize_t *NR) {
+    const Py_ssize_t ngates = kind == 0 ? 4 : kind == 1 ? 3 : 1;
+    *G = ngates * H, *NR = ngates * U;
+    if (kind < 0 || kind > 3 || H <= 0 || U <= 0 || (*NR != 48 && *NR != 64)) {
+        PyErr_Format(PyExc_ValueError, "%s: bad kind or hidden size, or U does not make panels of 48 or 64 columns",
+                     fn);
+        return -1;
+    }
+    return 0;
+}
+
 /* fused_step(kind, H, U, packed, src, srows, slots, h, c, x, xrows, bias, out, orows)
  *   packed: the weights, panels of U units (see above); K = its size / (panels * NR).
  *   src [R, K - H] and srows [B]: lane i's input row (a joint step; unused now), or both None
@@ -336,12 +350,8 @@ static PyObject *fused_step(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "innOOOOOOOOOOO", &kind, &H, &U, &op, &osrc, &osr, &osl, &oh, &oc, &ox, &oxr, &ob,
                           &oo, &oor))
         return NULL;
-    const Py_ssize_t ngates = kind == 0 ? 4 : kind == 1 ? 3 : 1, G = ngates * H, NR = ngates * U;
-    if (kind < 0 || kind > 3 || H <= 0 || U <= 0 || NR % 16 || (NR != 48 && NR != 64)) {
-        PyErr_SetString(PyExc_ValueError, "fused_step: bad kind or hidden size, or U does not make panels "
-                                          "of 48 or 64 columns");
-        return NULL;
-    }
+    Py_ssize_t G, NR;
+    if (panel_widths("fused_step", kind, H, U, &G, &NR)) return NULL;
     Buf b[11];
     memset(b, 0, sizeof(b));
     PyObject *result = NULL;
@@ -418,12 +428,8 @@ static PyObject *fused_project(PyObject *self, PyObject *args) {
     Py_ssize_t H, U;
     PyObject *op, *osrc, *osr, *ob, *oo, *oor;
     if (!PyArg_ParseTuple(args, "innOOOOOO", &kind, &H, &U, &op, &osrc, &osr, &ob, &oo, &oor)) return NULL;
-    const Py_ssize_t ngates = kind == 0 ? 4 : kind == 1 ? 3 : 1, G = ngates * H, NR = ngates * U;
-    if (kind < 0 || kind > 3 || H <= 0 || U <= 0 || (NR != 48 && NR != 64)) {
-        PyErr_SetString(PyExc_ValueError, "fused_project: bad kind or hidden size, or U does not make panels "
-                                          "of 48 or 64 columns");
-        return NULL;
-    }
+    Py_ssize_t G, NR;
+    if (panel_widths("fused_project", kind, H, U, &G, &NR)) return NULL;
     Buf b[6];
     memset(b, 0, sizeof(b));
     PyObject *result = NULL;
