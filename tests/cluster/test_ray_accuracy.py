@@ -22,7 +22,7 @@ from cellserve.cluster.ray_accuracy_loop import AccuracyReplanner
 from cellserve.cluster.ray_router import Router, WorkerInfo, WorkerState
 from cellserve.graph.stacking import stack_layers
 from cellserve.graph.zoo import families
-from cellserve.plan.accuracy import AccuracyPlan
+from cellserve.plan.accuracy import DEFAULT_HEADROOM, AccuracyPlan
 from cellserve.plan.accuracy_control import WeightedRouter
 from cellserve.server.errors import Unavailable
 from helpers_cluster import RemoteMethod
@@ -123,7 +123,7 @@ def test_a_demand_rise_switches_a_worker_to_a_faster_variant_and_the_old_one_dra
     assert set(first.placement.values()) == {"reverse-h128"}  # light load: the most accurate everywhere
     assert {f.wid: f.models for f in fakes} == {"w0": {"reverse-h128"}, "w1": {"reverse-h128"}}  # the rest drained
     assert r.capacity_rps["reverse-h128"] < r.capacity_rps["reverse-h16"]
-    high = 2.5 * r.capacity_rps["reverse-h128"]  # past what two workers of h128 carry (1.9x at headroom 1.05)
+    high = 2.5 * r.capacity_rps["reverse-h128"]  # past what two workers of h128 carry (1.6x at headroom 1.25)
     assert high < 1.9 * r.capacity_rps["reverse-h16"]  # and within what two of the fastest carry
     offer(r, clock, high, 6.0)
     last = r.applied[-1]
@@ -263,7 +263,7 @@ def test_bad_flags_exit_2_naming_what_is_wrong(args, why, in_process, capsys):
 
 # ---- the real thing: a local Ray, two workers (slow) ----
 
-def _rates(capacity: dict[str, float], workers: int = 2, headroom: float = 1.05) -> tuple[float, float]:
+def _rates(capacity: dict[str, float], workers: int = 2, headroom: float = DEFAULT_HEADROOM) -> tuple[float, float]:
     """(low, high) rows/s from the measured capacities per worker: low is 0.2x the big
     variant's; high is 1.5x what `workers` of it carry, held below what they carry hosting
     the fastest variant (midway between the two) where that leaves 15% over the big one's;

@@ -143,7 +143,7 @@ def test_capacity_from_a_latency_profile_is_the_best_batch_under_half_the_slo():
     p = AccuracyProblem({"s": fam}, (Device("0", "cpu"),), {}, {"cpu": {"v": lat}})
     assert p.capacity("cpu", "v") == pytest.approx(4000 / 30)
     plan = plan_accuracy(p)
-    assert plan.headroom == 1.05 and check_plan(plan, p) == []  # 133 / 1.05 = 127 >= 100
+    assert plan.headroom == 1.25 and check_plan(plan, p) == []  # the default: 133 / 1.25 = 107 >= 100
 
 
 def test_the_checker_finds_broken_plans():
