@@ -121,52 +121,49 @@ class _Pipe:
             free[device] = end
 
 
-def simulate_model(model: ModelBlocks, plan: ModelPlan, link: Link, rate_rps: float, seconds: float,
-                   warmup_s: float = 0.0, seed: int = 0, shrink: float = SHRINK,
-                   arrivals_ms: list[float] | None = None) -> ModelRun:
-    """Poisson arrivals at `rate_rps` for `seconds` (or the given `arrivals_ms`, ascending)
-    through the model's pipelines (see the module's docstring); requests arriving before
-    `warmup_s` run but are not counted. The run goes on past `seconds` until every request
-    is answered."""
-    if rate_rps <= 0 or seconds <= 0:
-        raise PipelineError(f"rate ({rate_rps}) and seconds ({seconds}) must be positive")
-    if not plan.pipelines:
-        raise PipelineError("the model's plan has no pipeline")
-    pipes = [_Pipe(model, p, link) for p in plan.pipelines]
-    arrivals = _poisson(rate_rps, seconds * 1000.0, seed) if arrivals_ms is None else list(arrivals_ms)
-    slo = model.slo_ms
-    queue: deque[float] = deque()  # arrival times, in order
-    latencies: list[float] = []
-    dropped = counted_batches = counted_rows = 0
-    warm_ms = warmup_s * 1000.0
-    taken = 0  # requests that have left the queue: the head is request number `taken`
-    passed_head = -1  # the number of the head that passed its first look
-    timer: float | None = None  # when the plane looks again though nothing arrives
+class ReservationPlane:
+    """PPipe's reservation-based adaptive batching for one model's queue, as the module's
+    docstring states it, on whatever clock the caller keeps (virtual here, a real one in
+    cluster/pipeline_real.py): `arrive` queues a request, `look(now, send, drop)` dispatches
+    what the rules allow at `now` and returns when to look again though nothing arrives
+    (None: not until the next arrival). Times are in ms.
 
-    def drop() -> None:
-        nonlocal dropped, taken
-        taken += 1
-        if queue.popleft() >= warm_ms:
-            dropped += 1
+    `send(dispatch)` gets each batch as it goes; `drop(arrival, item)` each request dropped.
+    A dispatch's devices are reserved until its predicted stage ends: the plane never learns
+    when a real batch ended (PPipe's reservations are its profile's)."""
 
-    def dispatch(now: float) -> float | None:
-        """Look at the queue until it is empty or waits; returns the next look's time, if any."""
-        nonlocal passed_head
+    def __init__(self, model: ModelBlocks, plan: ModelPlan, link: Link, shrink: float = SHRINK):
+        if not plan.pipelines:
+            raise PipelineError("the model's plan has no pipeline")
+        self.pipes = [_Pipe(model, p, link) for p in plan.pipelines]
+        self.slo_ms, self.shrink = model.slo_ms, shrink
+        self.queue: deque[tuple[float, object]] = deque()  # (arrival, item), in order
+        self._taken = 0  # requests that have left the queue: the head is request number `_taken`
+        self._passed_head = -1  # the number of the head that passed its first look
+
+    def arrive(self, arrival_ms: float, item: object = None) -> None:
+        if self.queue and arrival_ms < self.queue[-1][0]:
+            raise PipelineError(f"arrivals must come in order: {arrival_ms} after {self.queue[-1][0]}")
+        self.queue.append((arrival_ms, item))
+
+    def look(self, now: float, send, drop) -> float | None:
+        """Dispatch until the queue is empty or waits; the next look's time, if any."""
+        queue = self.queue
         while queue:
-            deadline = queue[0] + slo
-            pipe = min(pipes, key=lambda p: _rank(p.offer(p.batch, now)))
-            if passed_head != taken:
-                low = max(1, math.ceil(shrink * pipe.batch - 1e-9))
+            deadline = queue[0][0] + self.slo_ms
+            index, pipe = min(enumerate(self.pipes), key=lambda ip: _rank(ip[1].offer(ip[1].batch, now)))
+            if self._passed_head != self._taken:
+                low = max(1, math.ceil(self.shrink * pipe.batch - 1e-9))
                 if not _largest(pipe, now, deadline, low):
-                    drop()
+                    self._drop(drop)
                     continue
-                passed_head = taken
+                self._passed_head = self._taken
             batch = _largest(pipe, now, deadline, 1)
             if not batch:
-                drop()
+                self._drop(drop)
                 continue
             if len(queue) >= batch:
-                send(pipe, batch, now)
+                self._send(index, batch, now, send)
                 continue
             # Too few queued: wait until a batch one larger than the queue would miss the head's
             # deadline. Its completion, as a function of when it starts, is max(t + work, what
@@ -178,31 +175,76 @@ def simulate_model(model: ModelBlocks, plan: ModelPlan, link: Link, rate_rps: fl
             # costs more than the batch planned): waiting gains nothing, send what is queued
             batch = next((b for b in range(len(queue), 0, -1) if pipe.offer(b, now)[0] <= deadline), 0)
             if not batch:
-                drop()
+                self._drop(drop)
                 continue
-            send(pipe, batch, now)
+            self._send(index, batch, now, send)
         return None
 
-    def send(pipe: _Pipe, batch: int, now: float) -> None:
-        nonlocal counted_batches, counted_rows, taken
+    def _drop(self, drop) -> None:
+        self._taken += 1
+        drop(*self.queue.popleft())
+
+    def _send(self, index: int, batch: int, now: float, send) -> None:
+        pipe = self.pipes[index]
         completion, _, reserved = pipe.offer(batch, now)
         pipe.keep(reserved)
-        rows = [queue.popleft() for _ in range(batch)]
-        taken += batch
-        if rows[0] >= warm_ms:
-            counted_batches += 1
-            counted_rows += batch
-        latencies.extend(completion - a for a in rows if a >= warm_ms)
+        rows = [self.queue.popleft() for _ in range(batch)]
+        self._taken += batch
+        send(Dispatch(index, tuple(device for device, _ in reserved), tuple(a for a, _ in rows),
+                      tuple(item for _, item in rows), now, completion))
 
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A batch leaving the queue: its pipeline (index in the model's plan), the device taken
+    at each stage, its requests' arrivals and items, when it left, and when its last stage
+    is predicted to end (ms)."""
+
+    pipeline: int
+    devices: tuple[int, ...]
+    arrivals: tuple[float, ...]
+    items: tuple
+    sent_ms: float
+    completion_ms: float
+
+
+def simulate_model(model: ModelBlocks, plan: ModelPlan, link: Link, rate_rps: float, seconds: float,
+                   warmup_s: float = 0.0, seed: int = 0, shrink: float = SHRINK,
+                   arrivals_ms: list[float] | None = None) -> ModelRun:
+    """Poisson arrivals at `rate_rps` for `seconds` (or the given `arrivals_ms`, ascending)
+    through the model's pipelines (see the module's docstring); requests arriving before
+    `warmup_s` run but are not counted. The run goes on past `seconds` until every request
+    is answered."""
+    if rate_rps <= 0 or seconds <= 0:
+        raise PipelineError(f"rate ({rate_rps}) and seconds ({seconds}) must be positive")
+    plane = ReservationPlane(model, plan, link, shrink)
+    arrivals = poisson_ms(rate_rps, seconds * 1000.0, seed) if arrivals_ms is None else list(arrivals_ms)
+    latencies: list[float] = []
+    dropped = counted_batches = counted_rows = 0
+    warm_ms = warmup_s * 1000.0
+
+    def drop(arrival: float, _item) -> None:
+        nonlocal dropped
+        if arrival >= warm_ms:
+            dropped += 1
+
+    def send(d: Dispatch) -> None:
+        nonlocal counted_batches, counted_rows
+        if d.arrivals[0] >= warm_ms:
+            counted_batches += 1
+            counted_rows += len(d.arrivals)
+        latencies.extend(d.completion_ms - a for a in d.arrivals if a >= warm_ms)
+
+    timer: float | None = None  # when the plane looks again though nothing arrives
     for arrival in arrivals:
         while timer is not None and timer <= arrival:
-            timer = dispatch(timer)
-        queue.append(arrival)
-        timer = dispatch(arrival)
-    while queue:
+            timer = plane.look(timer, send, drop)
+        plane.arrive(arrival)
+        timer = plane.look(arrival, send, drop)
+    while plane.queue:
         if timer is None:
             raise AssertionError("the data plane stopped with requests queued and no timer")  # a bug here
-        timer = dispatch(timer)
+        timer = plane.look(timer, send, drop)
     offered = sum(1 for a in arrivals if a >= warm_ms)
     lat = np.array(latencies)
     return ModelRun(rate_rps, offered, len(latencies), dropped,
@@ -234,7 +276,8 @@ def _largest(pipe: _Pipe, now: float, deadline: float, low: int) -> int:
     return low
 
 
-def _poisson(rate_rps: float, span_ms: float, seed: int) -> list[float]:
+def poisson_ms(rate_rps: float, span_ms: float, seed: int) -> list[float]:
+    """Poisson arrival times (ms, ascending) at `rate_rps` over [0, span_ms), one seed."""
     rng = np.random.default_rng(seed)
     times, t = [], 0.0
     while True:
