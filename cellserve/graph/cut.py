@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellserve.graph.decode_spec import beam_output_names
-from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer, TensorSpec
+from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, TensorSpec
 
 # two probes with different sizes: a dimension of an intermediate tensor that differs between
 # them is dynamic (batch, time), one that agrees is fixed

@@ -1,0 +1,346 @@
+"""`cellserve bench pipeline`: a real two-stage pipeline on this machine against its plan
+(issue 18, PPipe; docs/pipelines.md, "A real pipeline").
+
+1. A zoo model is cut after one recurrent step (graph/cut.py) into two parts; a worker
+   process per part, each pinned to one core (cluster/pipeline_real.py).
+2. Each part is timed where it runs: batches of 1..64 requests of `tokens` tokens sent
+   through the pipeline alone, one at a time; a stage's latency at b is the median of its
+   compute times, and what the hand-overs cost beyond the stages (driver -> stage 0 -> stage
+   1 -> driver, all charged to the one link between the stages) is fitted as latency_ms +
+   mb x ms_per_mb over the batches.
+3. The planner (`plan pipeline`'s MILP) plans the model over one core per stage: each block
+   is priced only on its own core's type, so the plan is the two-stage pipeline. The plan and
+   the plane keep a margin below the SLO: the p99 of how much later than the plane predicted
+   batches came back in a calibration run (the plan made without a margin, offered 0.7x its
+   throughput), at most half the SLO.
+4. The plan's data plane (the simulator's ReservationPlane) runs on the wall clock over
+   Poisson arrivals, bisecting the load (x the planned throughput) for the highest at which
+   99% of requests are answered within the SLO; the simulator's figure for the same plan is
+   beside it. Then a few requests' answers are compared bit for bit with the whole model's
+   on one engine.
+
+Measured figures (but the simulated column, which says so). The driver and load generator
+share the two cores with the workers: what they take shows in the real figure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cellserve.cli_types import positive
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+TARGET = 0.99
+CALIBRATION_LOAD = 0.7  # x the plan made without a margin
+MAX_MARGIN = 0.5  # of the SLO
+
+
+def add_parser(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "pipeline", help="a real two-stage pipeline (a worker process per stage, one core each) against its plan",
+        description="Cut a zoo model after one recurrent step, serve each part in a worker process pinned to one "
+                    "core, time the parts, plan the pipeline with `plan pipeline`'s MILP, then drive the plan's "
+                    "reservation data plane on the wall clock and find the highest load at which 99%% of requests "
+                    "meet the SLO, against the plan's throughput and the simulator's. Writes JSON and a PNG. "
+                    "docs/pipelines.md, \"A real pipeline\".")
+    p.add_argument("--model", default="lstm-512", help="a zoo model with at least two recurrent steps "
+                                                        "(default: lstm-512)")
+    p.add_argument("--cut", type=int, default=0, metavar="K",
+                   help="cut after recurrent step K, 0-based (default: 0)")
+    p.add_argument("--tokens", type=positive(int), default=16, help="tokens per request (default: 16)")
+    p.add_argument("--slo-ms", type=positive(float), default=100.0,
+                   help="the SLO (default: 100; PPipe's 5x the batch-1 latency, about 18 ms here, leaves less room "
+                        "than this machine's hand-overs vary, docs/pipelines.md)")
+    p.add_argument("--seconds", type=positive(float), default=None,
+                   help="seconds per real run (default: 10; 4 with --quick)")
+    p.add_argument("--quick", action="store_true", help="fewer timings and bisection steps, shorter runs")
+    p.add_argument("--seed", type=int, default=0, help="arrivals' and requests' seed (default: 0)")
+    p.add_argument("--json", type=Path, default=Path("bench-results/pipeline.json"), help="where to write results")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="attainment against offered load, PNG (default: beside --json)")
+    p.set_defaults(run=_run)
+
+
+def _run(args, parser) -> int:
+    from cellserve.cluster.pipeline_real import PipelineRunError
+    from cellserve.errors import CellserveError
+    from cellserve.graph.cut import CutError
+    from cellserve.plan.json_io import OutputError, check_output, write_json
+    from cellserve.plan.pipeline import PipelineError
+
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if len(os.sched_getaffinity(0)) < 2:
+        print("error: a two-stage pipeline needs two cores; this process may use "
+              f"{len(os.sched_getaffinity(0))}")
+        return 2
+    try:
+        check_output(args.json)
+    except OutputError as exc:
+        print(f"error: {exc}")
+        return 2
+    try:
+        report = run(args.model, args.cut, args.tokens, args.slo_ms, args.quick,
+                     args.seconds or (4.0 if args.quick else 10.0), args.seed)
+    except (CutError, PipelineError, PipelineRunError, CellserveError, KeyError) as exc:
+        print(f"error: {exc}")
+        return 2
+    try:
+        write_json(report, args.json)
+        plot = args.plot or args.json.with_suffix(".png")
+        _plot(report, plot)
+    except OutputError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(table(report))
+    print(f"wrote {args.json} and {plot}")
+    return 0
+
+
+def _requests(model, tokens: int, seed: int):
+    spec = model.inputs[0]
+    vocab = model.semantics[spec.name].vocab or 2
+
+    def make(i: int) -> dict:  # request i's inputs, the same on every call
+        rng = np.random.default_rng((seed, i))
+        return {spec.name: rng.integers(0, vocab, size=(1, tokens)).astype(spec.dtype)}
+    return make
+
+
+def _profile(pipe, make, quick: bool) -> dict[int, dict]:
+    """Per batch size: each stage's compute ms (the median of its batches that ran while the
+    other stage worked, as under load: the two cores share their cache and memory), and each
+    hop's and the end-to-end ms of batches sent alone (medians)."""
+    from cellserve.cluster.pipeline_real import PipelineRunError, run_burst
+
+    repeats = 9 if quick else 15
+    for _ in range(3):  # first touches, the kernels' one-time set-up
+        run_burst(pipe, [[make(i) for i in range(8)]])
+    out = {}
+    for b in BATCHES:
+        alone = [run_burst(pipe, [[make(i) for i in range(b)]])[0] for _ in range(repeats)]
+        burst = run_burst(pipe, [[make(i) for i in range(b)] for _ in range(2 * repeats)])
+        for got in (*alone, *burst):
+            bad = [row for row in got.rows if not isinstance(row, dict)]
+            if bad:
+                raise PipelineRunError(f"a timing batch failed: {bad[0]}")
+        stages = []
+        for k in range(len(pipe.workers)):
+            busy = [f.intervals[j] for f in burst for j in range(len(pipe.workers)) if j != k]
+            shared = [f.stage_ms[k] for f in burst if _overlap(f.intervals[k], busy) >= 0.5]
+            stages.append(float(np.median(shared if len(shared) >= 3 else [f.stage_ms[k] for f in burst])))
+        out[b] = {"stage_ms": stages, "stage_alone_ms": [float(np.median(s)) for s in zip(*(f.stage_ms for f in alone))],
+                  "hop_ms": [float(np.median(h)) for h in zip(*(f.hop_ms for f in alone))],
+                  "end_to_end_ms": float(np.median([f.end_to_end_ms for f in alone]))}
+    return out
+
+
+def _overlap(span: tuple[float, float], others: list[tuple[float, float]]) -> float:
+    """The share of `span` during which some interval of `others` ran (they do not overlap
+    one another: one stage's batches run in turn)."""
+    a, b = span
+    covered = sum(max(0.0, min(b, y) - max(a, x)) for x, y in others)
+    return covered / (b - a) if b > a else 0.0
+
+
+def _link(timings: dict[int, dict], out_mb: float):
+    """The hand-overs' cost beyond the stages, fitted as latency + b x out_mb x ms_per_mb
+    (least squares, both kept >= 0)."""
+    from cellserve.plan.pipeline import Link
+
+    xs = np.array([b * out_mb for b in timings])
+    ys = np.array([sum(t["hop_ms"]) for t in timings.values()])
+    slope, intercept = np.polyfit(xs, ys, 1) if len(set(xs)) > 1 else (0.0, float(ys.mean()))
+    if slope < 0:
+        slope, intercept = 0.0, float(ys.mean())
+    if intercept < 0:
+        slope, intercept = max(0.0, float((xs @ ys) / (xs @ xs))), 0.0
+    return Link(float(intercept), float(slope))
+
+
+def run(model_name: str, cut: int, tokens: int, slo_ms: float, quick: bool, seconds: float,
+        seed: int = 0) -> dict:
+    from cellserve.cluster.pipeline_real import RealPipeline, serve_load
+    from cellserve.engine.config import EngineConfig
+    from cellserve.graph import zoo
+    from cellserve.graph.cut import cut_model
+    from cellserve.plan import pipeline_milp
+    from cellserve.plan.pipeline import Block, Blocks, ModelBlocks, Pools
+    from cellserve.plan.pipeline_check import check_plan
+    from cellserve.plan.pipeline_io import blocks_to_dict, plan_to_dict, pools_to_dict
+    from cellserve.plan.pipeline_sim import sustained_load
+
+    model = zoo.load(model_name)
+    if tokens > model.max_sequence_length:
+        raise KeyError(f"--tokens {tokens} is over {model_name!r}'s limit of {model.max_sequence_length}")
+    parts = cut_model(model, [cut])  # refused here, naming the cut, before any worker starts
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    make = _requests(model, tokens, seed)
+    started = time.time()
+    with RealPipeline(model_name, (cut,), [[(cores[0],)], [(cores[1],)]]) as pipe:
+        timings = _profile(pipe, make, quick)
+        sample = make(0)
+        carried = parts.carry(0, {**sample, **_part_outputs(parts, sample)})
+        out_mb = sum(np.asarray(v).nbytes for v in carried.values()) / 1e6
+        link = _link(timings, out_mb)
+        slo = slo_ms
+
+        def planned(margin: float):
+            blocks = Blocks({model_name: ModelBlocks(slo - margin, 1.0, (
+                Block({"core0": {b: t["stage_ms"][0] for b, t in timings.items()}}, out_mb, f"part0 (to step {cut})"),
+                Block({"core1": {b: t["stage_ms"][1] for b, t in timings.items()}}, 0.0, "part1"),
+            ))})
+            plan = pipeline_milp.plan(blocks, pools)
+            problems = check_plan(plan, blocks, pools)
+            if problems:
+                raise AssertionError(f"the plan fails its checker: {problems}")  # a planner bug
+            if not plan.models[model_name].pipelines:
+                raise KeyError(f"no pipeline of {model_name!r} meets {slo - margin:.1f} ms (the SLO less a margin "
+                               f"of {margin:.1f} ms) on these cores")
+            return blocks, plan, blocks.models[model_name], plan.models[model_name]
+
+        pools = Pools({"core0": 1, "core1": 1}, link)
+        # Calibration: the plan run at CALIBRATION_LOAD of its throughput; how much later than the
+        # plane predicted its batches came back (p99) is the margin the plan and plane keep
+        _, _, mblocks, mplan = planned(0.0)
+        calibration = serve_load(pipe, mblocks, mplan, link, make, CALIBRATION_LOAD * mplan.throughput_rps,
+                                 seconds, 1.0, seed + 2)
+        margin = max(0.0, float(np.percentile(calibration.overrun_ms, 99))) if calibration.overrun_ms else 0.0
+        margin = min(margin, MAX_MARGIN * slo)
+        blocks, plan, mblocks, mplan = planned(margin)
+        simulated = sustained_load(mblocks, mplan, link, 30.0, 2.0, seed, TARGET, steps=6)
+        runs, real = _bisect(lambda x: serve_load(pipe, mblocks, mplan, link, make, x * mplan.throughput_rps,
+                                                 seconds, 1.0, seed, slo_ms=slo),
+                             seconds - 1.0, steps=3 if quick else 5)
+        exact = _compare(pipe, model, make, mblocks, mplan, link, seed)
+    planned = mplan.throughput_rps
+    return {"schema_version": 1, "measured": True, "model": model_name, "cut_after_step": cut, "tokens": tokens,
+            "slo_ms": slo, "margin_ms": margin, "calibration": {"load": CALIBRATION_LOAD,
+                                                                **calibration.to_dict(seconds - 1.0)},
+            "quick": quick, "seconds": seconds, "target_attainment": TARGET, "seed": seed,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "load_average": os.getloadavg(), "wall_s": time.time() - started,
+            "timings": {str(b): t for b, t in timings.items()},
+            "blocks": blocks_to_dict(blocks), "pools": pools_to_dict(pools), "plan": plan_to_dict(plan),
+            "planned_rps": planned, "batch": mplan.pipelines[0].batch,
+            "simulated": {"sustained_load": simulated.load, "sustained_rps": simulated.load * planned,
+                          "search": simulated.bound, "run": simulated.run.to_dict(28.0)},
+            "real": {**real, "sustained_rps": real["sustained_load"] * planned, "runs": runs},
+            "real_vs_plan": real["sustained_load"], "within_15pct": abs(real["sustained_load"] - 1.0) <= 0.15,
+            "answers_bit_exact": exact, "engine": EngineConfig().backend or "default"}
+
+
+def _part_outputs(parts, sample: dict) -> dict:
+    """Part 0's outputs for one request, on an engine here (to size what it hands on)."""
+    from cellserve.engine.config import EngineConfig
+    from cellserve.engine.engine import Engine
+    from cellserve.engine.request import Request
+
+    engine = Engine([parts.parts[0]], EngineConfig(admission=False, profile=False))
+    got = []
+    engine.submit(Request(parts.parts[0].name, parts.part_inputs(0, sample), on_done=got.append))
+    engine.run_until_idle(timeout_s=60)
+    return got[0].outputs
+
+
+def _bisect(run_at, counted_s: float, steps: int, low: float = 0.5, high: float = 1.5):
+    """The highest load (x planned) at which a real run meets TARGET, by bisection in
+    [low, high]; every run's figures kept."""
+    runs = []
+
+    def attempt(x: float):
+        result = run_at(x)
+        runs.append({"load": x, **result.to_dict(counted_s)})
+        return result.attainment >= TARGET
+
+    if not attempt(low):
+        return runs, {"sustained_load": low, "search": "below"}
+    if attempt(high):
+        return runs, {"sustained_load": high, "search": "above"}
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if attempt(mid):
+            low = mid
+        else:
+            high = mid
+    return runs, {"sustained_load": low, "search": "found"}
+
+
+def _compare(pipe, model, make, mblocks, mplan, link, seed: int, n: int = 24) -> dict:
+    """n requests through the pipeline at a tenth of the planned load, each answer compared
+    bit for bit with the whole model's (stacking off, as the parts run) on one engine."""
+    from cellserve.cluster.pipeline_real import serve_load
+    from cellserve.engine.config import EngineConfig
+    from cellserve.engine.engine import Engine
+    from cellserve.engine.request import Request
+
+    rate = max(1.0, 0.1 * mplan.throughput_rps)
+    result = serve_load(pipe, mblocks, mplan, link, make, rate, n / rate, 0.0, seed + 1, keep_answers=True)
+    engine = Engine([model], EngineConfig(admission=False, profile=False, stack_layers=False))
+    whole: dict[int, object] = {}
+    for i in result.answers:
+        engine.submit(Request(model.name, make(i), on_done=lambda r, i=i: whole.__setitem__(i, r.outputs)))
+    engine.run_until_idle(timeout_s=120)
+    equal = sum(isinstance(a, dict) and all(np.array_equal(a[k], whole[i][k]) for k in whole[i])
+                for i, a in result.answers.items())
+    return {"requests": len(result.answers), "equal": int(equal)}
+
+
+def table(r: dict) -> str:
+    real, sim = r["real"], r["simulated"]
+    lines = [f"bench pipeline: {r['model']} cut after step {r['cut_after_step']}, {r['tokens']} tokens, "
+             f"SLO {r['slo_ms']:.1f} ms, one core per stage (measured; load average "
+             f"{r['load_average'][0]:.2f} at the end)",
+             "  batch   stage0 ms   stage1 ms   end-to-end ms"]
+    for b, t in r["timings"].items():
+        lines.append(f"  {b:>5}  {t['stage_ms'][0]:>10.2f}  {t['stage_ms'][1]:>10.2f}  {t['end_to_end_ms']:>14.2f}")
+    link = r["pools"]["link"]
+    lines.append(f"  hand-overs: {link['latency_ms']:.3f} ms + {link['ms_per_mb']:.3f} ms/MB (fitted)")
+    cal = r["calibration"]
+    lines.append(f"  calibration at {cal['load']:.2f}x the plan without a margin: batches back "
+                 f"{cal['overrun_ms']['p50']:.1f} / {cal['overrun_ms']['p99']:.1f} ms (p50 / p99) after the plane's "
+                 f"prediction: margin {r['margin_ms']:.1f} ms")
+    lines.append(f"  plan (to the SLO less the margin): batch {r['batch']}, {r['planned_rps']:.0f} req/s")
+    lines.append(f"  simulated: {sim['sustained_load']:.3f}x the plan at {TARGET:.0%} attainment "
+                 f"({sim['search']})  [simulated]")
+    lines.append("  real runs:  load    offered  served  late  dropped  failed  attainment  p50 ms  p99 ms  batch")
+    for run in real["runs"]:
+        p50 = f"{run['p50_ms']:.1f}" if run["p50_ms"] is not None else "-"
+        p99 = f"{run['p99_ms']:.1f}" if run["p99_ms"] is not None else "-"
+        lines.append(f"            {run['load']:>5.3f} {run['offered']:>9} {run['served']:>7} {run['late']:>5} "
+                     f"{run['dropped']:>8} {run['failed']:>7} {run['attainment']:>11.4f} {p50:>7} {p99:>7} "
+                     f"{run['mean_batch']:>6.1f}")
+    lines.append(f"  real: {real['sustained_load']:.3f}x the plan ({real['sustained_rps']:.0f} req/s, "
+                 f"{real['search']}); within 15% of the plan: {'yes' if r['within_15pct'] else 'no'}")
+    ex = r["answers_bit_exact"]
+    lines.append(f"  answers equal to the whole model's, bit for bit: {ex['equal']} of {ex['requests']}")
+    return "\n".join(lines)
+
+
+def _plot(r: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from cellserve.bench.plots import _save
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    runs = sorted(r["real"]["runs"], key=lambda x: x["load"])
+    ax.plot([x["load"] for x in runs], [x["attainment"] for x in runs], "o-", label="real (measured)")
+    sim = r["simulated"]
+    ax.axvline(sim["sustained_load"], linestyle=":", color="gray", label="simulated sustained load")
+    ax.axhline(TARGET, linestyle="--", color="red", label=f"target {TARGET:.0%}")
+    ax.axvline(1.0, color="black", linewidth=0.8, label="the plan's throughput")
+    ax.set_xlabel("offered load (x the plan's throughput)")
+    ax.set_ylabel("requests within the SLO")
+    ax.set_title(f"{r['model']}: two-stage pipeline, one core per stage")
+    ax.legend(fontsize=8)
+    _save(figure, path)
