@@ -192,6 +192,8 @@ class RunResult:
     stage_ms: list[tuple[float, ...]] = field(default_factory=list)  # per batch: each stage's compute
     hop_ms: list[tuple[float, ...]] = field(default_factory=list)  # per batch: driver -> stage 0 -> ... -> driver
     overrun_ms: list[float] = field(default_factory=list)  # per batch: its answer less the plane's prediction
+    wall_s: float = 0.0  # the run, from its first arrival to its last answer
+    driver_cpu_s: float = 0.0  # the driver's CPU time (this process's, its queue threads included)
     answers: dict[int, object] = field(default_factory=dict, repr=False)
 
     @property
@@ -206,6 +208,7 @@ class RunResult:
                 "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
                 "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
                 "mean_batch": self.rows / self.batches if self.batches else 0.0,
+                "driver_core_share": self.driver_cpu_s / self.wall_s if self.wall_s > 0 else None,
                 "overrun_ms": _quantiles(self.overrun_ms),
                 "stage_ms": [_quantiles(list(s)) for s in zip(*self.stage_ms)],
                 "hop_ms": [_quantiles(list(s)) for s in zip(*self.hop_ms)]}
@@ -347,7 +350,7 @@ def serve_load(pipe: RealPipeline, model: ModelBlocks, plan: ModelPlan, link: Li
             result.batches += 1
             result.rows += len(d.items)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
 
     def now_ms() -> float:
         return (time.perf_counter() - t0) * 1000.0
@@ -394,4 +397,5 @@ def serve_load(pipe: RealPipeline, model: ModelBlocks, plan: ModelPlan, link: Li
             else:
                 result.late += 1
                 result.latencies_ms.append(done - arrival)
+    result.wall_s, result.driver_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     return result
