@@ -9,13 +9,15 @@ runs its part on every request of the batch at once (the engine batches them ste
 then hands on, per request, what later parts read (ModelCut.carry) to the device the plane
 reserved for the next stage; the last stage returns the model's outputs to the driver. A
 request's latency is from its arrival (its scheduled time on the driver's clock) to the
-driver receiving its answer. The plane reserves devices by the profile's latencies and never
-learns when a real batch ended (as PPipe): a stage slower than its profile queues batches in
-its inbox, and their requests then miss the SLO, which is counted, never hidden.
+driver receiving its answer. The plane reserves devices by the profile's latencies; it
+learns, as each batch comes back, when it really ended on each stage, and moves the
+reservations made after it to follow (`ReservationPlane(track=True)`): a stage running late
+takes no batch it cannot finish by the head's deadline (the head is dropped rather than served
+late). Requests answered late are counted, never hidden.
 
 Workers are started with the spawn method (a fresh interpreter: no torch state forked) and
-pin themselves before loading anything. Each batch's message records each stage's compute
-time, which `profile_stages` uses to price the blocks.
+pin themselves before loading anything. Each batch's message carries its marks (`Finished`:
+when each stage took it and handed it on), from which the benchmark prices the blocks.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ def _stage_main(spec: StageWorker, inbox, nexts, results, ready, folder: str) ->
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which names the worker
         ready.put((spec.part, f"{type(exc).__name__}: {exc}"))
         return
+    from cellserve import heap
+
+    heap.settle()  # start-up's objects out of the collector's full passes, as a server's (heap.py)
     ready.put((spec.part, None))
     last = spec.part == len(cut.parts) - 1
     with engine.kernel_threads_pinned():
@@ -190,6 +195,7 @@ class RunResult:
     batches: int = 0
     rows: int = 0
     stage_ms: list[tuple[float, ...]] = field(default_factory=list)  # per batch: each stage's compute
+    batch_sizes: list[int] = field(default_factory=list)  # per batch, beside stage_ms
     hop_ms: list[tuple[float, ...]] = field(default_factory=list)  # per batch: driver -> stage 0 -> ... -> driver
     overrun_ms: list[float] = field(default_factory=list)  # per batch: its answer less the plane's prediction
     wall_s: float = 0.0  # the run, from its first arrival to its last answer
@@ -327,7 +333,7 @@ def serve_load(pipe: RealPipeline, model: ModelBlocks, plan: ModelPlan, link: Li
         if stage.devices != len(workers):
             raise ValueError(f"stage {stage.first}..{stage.last} plans {stage.devices} devices; "
                              f"{len(workers)} workers serve it")
-    plane = ReservationPlane(model, plan, link, shrink)
+    plane = ReservationPlane(model, plan, link, shrink, track=True)
     slo = model.slo_ms if slo_ms is None else slo_ms
     arrivals = poisson_ms(rate_rps, seconds * 1000.0, seed)
     inputs = [make_request(i) for i in range(len(arrivals))]
@@ -379,9 +385,12 @@ def serve_load(pipe: RealPipeline, model: ModelBlocks, plan: ModelPlan, link: Li
         last_answer = time.perf_counter()
         done = now_ms()
         d = in_flight.pop(got.batch_id)
+        plane.observe(d, tuple((end - t0) * 1000.0 for _, end in got.intervals))
+        timer = plane.look(done, send, drop)  # its reservations moved: the head's moment may have too
         rows = got.rows
         if counted[d.items[0]]:
             result.stage_ms.append(got.stage_ms)
+            result.batch_sizes.append(len(d.items))
             result.hop_ms.append(got.hop_ms)
             result.overrun_ms.append(done - d.completion_ms)
         for i, arrival, row in zip(d.items, d.arrivals, rows):

@@ -92,6 +92,8 @@ class _Pipe:
         self._stages = pipeline.stages
         self._model, self._link = model, link
         self._costs: dict[int, list[tuple[float, float]]] = {}
+        # tracked batches (ReservationPlane.observe): seq -> per stage [device, ready, end, ms, before]
+        self.outstanding: dict[int, list[list]] = {}
 
     def costs(self, batch: int) -> list[tuple[float, float]]:
         """Per stage (hand-over before it, its latency) at `batch`, in ms."""
@@ -105,20 +107,48 @@ class _Pipe:
             self._costs[batch] = found
         return found
 
-    def offer(self, batch: int, now: float) -> tuple[float, float, list[tuple[int, float]]]:
-        """(completion, time spent waiting for devices, [(device, its end)] per stage)."""
+    def offer(self, batch: int, now: float) -> tuple[float, float, list[tuple[int, float, float]]]:
+        """(completion, time spent waiting for devices, [(device, ready, end)] per stage: when
+        the batch could start there and when it is predicted to end)."""
         t, work, taken = now, 0.0, []
         for free, (before, ms) in zip(self.free, self.costs(batch)):
             t += before
             device = min(range(len(free)), key=free.__getitem__)
+            ready = t
             t = max(t, free[device]) + ms
             work += before + ms
-            taken.append((device, t))
+            taken.append((device, ready, t))
         return t, t - now - work, taken
 
-    def keep(self, taken: list[tuple[int, float]]) -> None:
-        for free, (device, end) in zip(self.free, taken):
+    def keep(self, taken: list[tuple[int, float, float]], batch: int, seq: int | None = None) -> None:
+        for free, (device, _, end) in zip(self.free, taken):
             free[device] = end
+        if seq is not None:  # tracked: its reservations can be moved once a batch's real ends are known
+            self.outstanding[seq] = [[device, ready, end, ms, before] for (device, ready, end), (before, ms)
+                                     in zip(taken, self.costs(batch))]
+
+    def observe(self, seq: int, ends: tuple[float, ...]) -> None:
+        """Batch `seq` ended on its devices at `ends` (per stage): the reservations still
+        outstanding are moved as they now follow (each device runs its batches in the order
+        sent, each taking its predicted time, a stage starting once the previous one ended
+        and handed over), and each device's free time with them."""
+        done = self.outstanding.pop(seq, None)
+        if done is None:
+            return
+        device_end = {(k, entry[0]): end for k, (entry, end) in enumerate(zip(done, ends))}
+        for later, stages in self.outstanding.items():  # in the order sent
+            if later < seq:  # sent before it: ran before it on any device they share
+                continue
+            previous = None
+            for k, entry in enumerate(stages):
+                device, ready, _, ms, before = entry
+                if previous is not None:
+                    ready = previous + before
+                start = max(ready, device_end.get((k, device), ready))
+                entry[1], entry[2] = ready, start + ms
+                device_end[(k, device)] = previous = entry[2]
+        for (k, device), end in device_end.items():
+            self.free[k][device] = end
 
 
 class ReservationPlane:
@@ -129,16 +159,22 @@ class ReservationPlane:
     (None: not until the next arrival). Times are in ms.
 
     `send(dispatch)` gets each batch as it goes; `drop(arrival, item)` each request dropped.
-    A dispatch's devices are reserved until its predicted stage ends: the plane never learns
-    when a real batch ended (PPipe's reservations are its profile's)."""
+    A dispatch's devices are reserved until its predicted stage ends (PPipe's reservations are
+    its profile's). With `track`, `observe(dispatch, ends)` says when a batch really ended on
+    each stage, and the reservations made after it move to follow: a stage running late no
+    longer takes batches it cannot finish in time (their heads are dropped instead of served
+    late), and one running early frees its device sooner. The simulator's batches end as
+    predicted, so it does not track."""
 
-    def __init__(self, model: ModelBlocks, plan: ModelPlan, link: Link, shrink: float = SHRINK):
+    def __init__(self, model: ModelBlocks, plan: ModelPlan, link: Link, shrink: float = SHRINK,
+                 track: bool = False):
         if not plan.pipelines:
             raise PipelineError("the model's plan has no pipeline")
         self.pipes = [_Pipe(model, p, link) for p in plan.pipelines]
         self.slo_ms, self.shrink = model.slo_ms, shrink
         self.queue: deque[tuple[float, object]] = deque()  # (arrival, item), in order
         self._taken = 0  # requests that have left the queue: the head is request number `_taken`
+        self._track, self._seq = track, 0
         self._passed_head = -1  # the number of the head that passed its first look
 
     def arrive(self, arrival_ms: float, item: object = None) -> None:
@@ -180,6 +216,14 @@ class ReservationPlane:
             self._send(index, batch, now, send)
         return None
 
+    def observe(self, dispatch: Dispatch, ends_ms: tuple[float, ...]) -> None:
+        """A tracked batch's real end on each stage (ms, this plane's clock)."""
+        if not self._track:
+            raise PipelineError("observe needs a plane made with track=True")
+        if len(ends_ms) != len(dispatch.devices):
+            raise PipelineError(f"a batch of {len(dispatch.devices)} stages observed with {len(ends_ms)} ends")
+        self.pipes[dispatch.pipeline].observe(dispatch.seq, tuple(ends_ms))
+
     def _drop(self, drop) -> None:
         self._taken += 1
         drop(*self.queue.popleft())
@@ -187,18 +231,19 @@ class ReservationPlane:
     def _send(self, index: int, batch: int, now: float, send) -> None:
         pipe = self.pipes[index]
         completion, _, reserved = pipe.offer(batch, now)
-        pipe.keep(reserved)
+        seq, self._seq = self._seq, self._seq + 1
+        pipe.keep(reserved, batch, seq if self._track else None)
         rows = [self.queue.popleft() for _ in range(batch)]
         self._taken += batch
-        send(Dispatch(index, tuple(device for device, _ in reserved), tuple(a for a, _ in rows),
-                      tuple(item for _, item in rows), now, completion))
+        send(Dispatch(index, tuple(device for device, _, _ in reserved), tuple(a for a, _ in rows),
+                      tuple(item for _, item in rows), now, completion, seq))
 
 
 @dataclass(frozen=True)
 class Dispatch:
     """A batch leaving the queue: its pipeline (index in the model's plan), the device taken
-    at each stage, its requests' arrivals and items, when it left, and when its last stage
-    is predicted to end (ms)."""
+    at each stage, its requests' arrivals and items, when it left, when its last stage is
+    predicted to end (ms), and its number in the plane's order of dispatch."""
 
     pipeline: int
     devices: tuple[int, ...]
@@ -206,6 +251,7 @@ class Dispatch:
     items: tuple
     sent_ms: float
     completion_ms: float
+    seq: int = 0
 
 
 def simulate_model(model: ModelBlocks, plan: ModelPlan, link: Link, rate_rps: float, seconds: float,
