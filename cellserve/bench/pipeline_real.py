@@ -3,21 +3,22 @@
 
 1. A zoo model is cut after one recurrent step (graph/cut.py) into two parts; a worker
    process per part, each pinned to one core (cluster/pipeline_real.py).
-2. Each part is timed where it runs: batches of 1..64 requests of `tokens` tokens sent
-   through the pipeline alone, one at a time; a stage's latency at b is the median of its
-   compute times, and what the hand-overs cost beyond the stages (driver -> stage 0 -> stage
-   1 -> driver, all charged to the one link between the stages) is fitted as latency_ms +
-   mb x ms_per_mb over the batches.
+2. Each part is timed where it runs: batches of 1..64 requests of `tokens` tokens, alone
+   and in bursts (both stages working at once); a stage's latency at b is STAGE_PERCENTILE
+   of its burst times, and what the hand-overs cost beyond the stages (driver -> stage 0 ->
+   stage 1 -> driver, all charged to the one link between the stages) is fitted as
+   latency_ms + mb x ms_per_mb over the batches sent alone.
 3. The planner (`plan pipeline`'s MILP) plans the model over one core per stage: each block
-   is priced only on its own core's type, so the plan is the two-stage pipeline. The plan and
-   the plane keep a margin below the SLO: the p99 of how much later than the plane predicted
-   batches came back in a calibration run (the plan made without a margin, offered 0.7x its
-   throughput), at most half the SLO.
-4. The plan's data plane (the simulator's ReservationPlane) runs on the wall clock over
-   Poisson arrivals, bisecting the load (x the planned throughput) for the highest at which
-   99% of requests are answered within the SLO; the simulator's figure for the same plan is
-   beside it. Then a few requests' answers are compared bit for bit with the whole model's
-   on one engine.
+   is priced only on its own core's type, so the plan is the two-stage pipeline.
+4. Calibration: that plan served at CALIBRATION_LOAD of its throughput; each stage's times
+   there against its timings scale its table, and the p99 of how much later than predicted
+   batches came back (at most MAX_MARGIN of the SLO) is a margin; the plan is made again from
+   the scaled tables to the SLO less the margin.
+5. The plan's data plane (the simulator's ReservationPlane, told when each batch really
+   ended) runs on the wall clock over Poisson arrivals, bisecting the load (x the planned
+   throughput) for the highest at which 99% of requests are answered within the SLO; the
+   simulator's figure for the same plan is beside it. Then a few requests' answers are
+   compared bit for bit with the whole model's on one engine.
 
 Measured figures (but the simulated column, which says so). The driver and load generator
 share the two cores with the workers: what they take shows in the real figure.

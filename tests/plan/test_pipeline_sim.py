@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellserve import cli
-from cellserve.plan.pipeline import Block, Blocks, Link, ModelBlocks, ModelPlan, Pipeline, Pools, Stage
+from cellserve.plan.pipeline import Block, Blocks, Link, ModelBlocks, ModelPlan, Pipeline, PipelineError, Pools, Stage
 from cellserve.plan.pipeline_milp import Options, plan
-from cellserve.plan.pipeline_sim import block_ms, simulate_model, sustained_load
+from cellserve.plan.pipeline_sim import ReservationPlane, block_ms, simulate_model, sustained_load
 
 NO_LINK = Link(0.0, 0.0)
 
@@ -134,3 +134,72 @@ def test_the_cli_simulates_a_plan_and_refuses_one_of_other_blocks(tmp_path, caps
         cli.main(["plan", "pipeline-sim", *paths, "--plan", str(tmp_path / "plan.json"), "--json",
                   str(tmp_path / "sim2.json")])
     assert exit_.value.code == 2 and "does not fit" in capsys.readouterr().err
+
+
+def _two_stages(track: bool = True):
+    """Stage a 3 ms, stage b 4 ms at batch 1, no link; SLO 50 ms."""
+    model = ModelBlocks(50.0, 1.0, (Block({"a": {1: 3.0}}, 0.0), Block({"b": {1: 4.0}}, 0.0)))
+    mp = ModelPlan(100.0, (Pipeline(1, 100.0, (Stage(0, 0, "a", 1), Stage(1, 1, "b", 1))),))
+    return ReservationPlane(model, mp, NO_LINK, track=track)
+
+
+def _send_at(plane, arrival: float, sent: list) -> None:
+    plane.arrive(arrival, len(sent))
+    assert plane.look(arrival, sent.append, lambda *a: pytest.fail("dropped")) is None
+
+
+def test_a_batch_observed_late_moves_the_reservations_made_after_it():
+    """r0 at 0 is reserved a [0, 3], b [3, 7]; r1 at 1: a [3, 6], b [7, 11]. r0 really ended at
+    5 on a and 12 on b: r1 now runs a [5, 8] (its device late) and b [12, 16] (waiting for b), and
+    a new batch at 13 ends at 20, not 17."""
+    plane, sent = _two_stages(), []
+    _send_at(plane, 0.0, sent)
+    _send_at(plane, 1.0, sent)
+    assert [d.completion_ms for d in sent] == [7.0, 11.0] and [d.seq for d in sent] == [0, 1]
+    plane.observe(sent[0], (5.0, 12.0))
+    assert plane.pipes[0].free == [[8.0], [16.0]]
+    assert plane.pipes[0].offer(1, 13.0)[0] == pytest.approx(20.0)
+
+
+def test_a_batch_observed_early_frees_its_devices_sooner():
+    """As above, but r0 ended at 2 on a and 5 on b: r1 runs a [2, 5] (it came at 1), b [5, 9]."""
+    plane, sent = _two_stages(), []
+    _send_at(plane, 0.0, sent)
+    _send_at(plane, 1.0, sent)
+    plane.observe(sent[0], (2.0, 5.0))
+    assert plane.pipes[0].free == [[5.0], [9.0]]
+    plane.observe(sent[1], (5.5, 9.5))  # the last one outstanding: the devices are free from its ends
+    assert plane.pipes[0].free == [[5.5], [9.5]] and plane.pipes[0].outstanding == {}
+
+
+def test_a_plane_that_learns_a_stage_runs_late_drops_a_head_it_would_have_served_late():
+    """One 4 ms stage, SLO 6 ms: r0 at 0 is reserved [0, 4], r1 at 3.5 [4, 8]. r0 really ended at
+    7, so r1 will end at 11; r2 arriving at 7.5 (deadline 13.5) cannot end before 15 and is
+    dropped. A plane that is not told would send r2 to end, it believes, at 12: really at 15."""
+    outcomes = {}
+    for observed in (True, False):
+        model, mp = one_stage({1: 4.0}, batch=1, slo=6.0)
+        plane = ReservationPlane(model, mp, NO_LINK, track=True)
+        sent, dropped = [], []
+        for arrival in (0.0, 3.5):
+            plane.arrive(arrival, arrival)
+            plane.look(arrival, sent.append, lambda a, i: dropped.append(i))
+        if observed:
+            plane.observe(sent[0], (7.0,))
+        plane.arrive(7.5, 7.5)
+        plane.look(7.5, sent.append, lambda a, i: dropped.append(i))
+        outcomes[observed] = ([d.items for d in sent], dropped)
+    assert outcomes[True] == ([(0.0,), (3.5,)], [7.5])
+    assert outcomes[False] == ([(0.0,), (3.5,), (7.5,)], [])
+
+
+def test_only_a_tracking_plane_is_told_when_batches_ended():
+    plane, sent = _two_stages(track=False), []
+    _send_at(plane, 0.0, sent)
+    assert plane.pipes[0].outstanding == {}  # the simulator keeps no bookkeeping it never uses
+    with pytest.raises(PipelineError, match="observe needs a plane made with track=True"):
+        plane.observe(sent[0], (3.0, 7.0))
+    plane = _two_stages()
+    _send_at(plane, 0.0, sent := [])
+    with pytest.raises(PipelineError, match="a batch of 2 stages observed with 1 ends"):
+        plane.observe(sent[0], (3.0,))
