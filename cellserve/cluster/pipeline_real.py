@@ -129,7 +129,10 @@ def _stage_main(spec: StageWorker, inbox, nexts, results, ready, folder: str) ->
                 if isinstance(held, dict):
                     engine.submit(Request(part.name, cut.part_inputs(spec.part, held),
                                           on_done=lambda r, i=i: answers.__setitem__(i, r)))
-            engine.run_until_idle(timeout_s=_ANSWER_TIMEOUT_S)
+            try:
+                engine.run_until_idle(timeout_s=_ANSWER_TIMEOUT_S)
+            except TimeoutError as exc:  # each request still in it answered with why, not lost
+                engine.abort_all(f"stage {spec.part}: {exc}")
             out = []
             for i, held in enumerate(rows):
                 if not isinstance(held, dict):

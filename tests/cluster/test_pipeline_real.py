@@ -87,3 +87,24 @@ def test_bench_pipeline_refuses_what_it_cannot_run_before_starting_workers(tmp_p
     assert done.returncode == 2, done.stdout + done.stderr
     assert why in done.stdout + done.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_stage_is_timed_on_the_batches_that_ran_beside_the_other_stage():
+    from cellserve.bench.pipeline_real import _overlap
+
+    assert _overlap((0.0, 10.0), [(2.0, 4.0), (8.0, 20.0)]) == pytest.approx(0.4)
+    assert _overlap((0.0, 10.0), [(10.0, 12.0)]) == 0.0
+    assert _overlap((5.0, 5.0), [(0.0, 10.0)]) == 0.0  # an empty span shares nothing
+
+
+def test_the_calibration_scales_each_stage_by_its_time_at_the_planned_batch():
+    from cellserve.bench.pipeline_real import _scale
+    from cellserve.cluster.pipeline_real import RunResult
+
+    timings = {8: {"stage_ms": [4.0, 10.0]}, 16: {"stage_ms": [8.0, 20.0]}}
+    run = RunResult(100.0, stage_ms=[(10.0, 20.0)] * 9 + [(100.0, 100.0)], batch_sizes=[16] * 9 + [8])
+    assert _scale(run, 16, timings) == pytest.approx((1.25, 1.0))  # the batch of 8 is not counted
+    few = RunResult(100.0, stage_ms=[(10.0, 20.0)] * 4, batch_sizes=[16] * 4)
+    assert _scale(few, 16, timings) == (1.0, 1.0)  # too few to go by
+    slow = RunResult(100.0, stage_ms=[(80.0, 1.0)] * 9, batch_sizes=[16] * 9)
+    assert _scale(slow, 16, timings) == pytest.approx((2.0, 0.5))  # held within [0.5, 2]
