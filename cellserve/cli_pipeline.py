@@ -1,5 +1,7 @@
-"""The `cellserve plan pipeline` subcommand (added under `plan` by cli_plan.add_plan); parsing
-only: the work is in plan/pipeline_milp.py. Building the parser imports nothing heavy."""
+"""The `cellserve plan pipeline` and `plan pipeline-sim` subcommands (added under `plan` by
+cli_plan.add_plan) and `cellserve bench pipeline`; parsing only: the work is in
+plan/pipeline_milp.py, plan/pipeline_sim.py and bench/pipeline_real.py. Building the parser
+imports nothing heavy."""
 
 from __future__ import annotations
 
@@ -111,4 +113,67 @@ def _simulate_pipeline(args, parser) -> int:
         print(f"{name}: planned {m['planned_rps']:.6g} req/s; simulated, {what}: attainment "
               f"{run['attainment']:.4f}, goodput {run['goodput_rps']:.6g} req/s, mean batch {run['mean_batch']:.3g}")
     print(f"wrote {args.json} (simulated)")
+    return 0
+
+
+def add_bench_pipeline(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "pipeline", help="a real two-stage pipeline (a worker process per stage, one core each) against its plan",
+        description="Cut a zoo model after one recurrent step, serve each part in a worker process pinned to one "
+                    "core, time the parts, plan the pipeline with `plan pipeline`'s MILP, then drive the plan's "
+                    "reservation data plane on the wall clock and find the highest load at which 99%% of requests "
+                    "meet the SLO, against the plan's throughput and the simulator's. Writes JSON and a PNG. "
+                    "docs/pipelines.md, \"A real pipeline\".")
+    p.add_argument("--model", default="lstm-512", help="a zoo model with at least two recurrent steps "
+                                                        "(default: lstm-512)")
+    p.add_argument("--cut", type=int, default=0, metavar="K",
+                   help="cut after recurrent step K, 0-based (default: 0)")
+    p.add_argument("--tokens", type=positive(int), default=16, help="tokens per request (default: 16)")
+    p.add_argument("--slo-ms", type=positive(float), default=100.0,
+                   help="the SLO (default: 100; PPipe's 5x the batch-1 latency, about 18 ms here, leaves less room "
+                        "than this machine's hand-overs vary, docs/pipelines.md)")
+    p.add_argument("--seconds", type=positive(float), default=None,
+                   help="seconds per real run (default: 10; 4 with --quick)")
+    p.add_argument("--quick", action="store_true", help="fewer timings and bisection steps, shorter runs")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="arrivals' and requests' seed (default: 0)")
+    p.add_argument("--json", type=Path, default=Path("bench-results/pipeline.json"), help="where to write results")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="attainment against offered load, PNG (default: beside --json)")
+    p.set_defaults(run=_bench_pipeline)
+
+
+def _bench_pipeline(args, parser) -> int:
+    import os
+
+    from cellserve.bench.pipeline_real import plot, run, table
+    from cellserve.cluster.pipeline_real import PipelineRunError
+    from cellserve.errors import CellserveError
+    from cellserve.graph.cut import CutError
+    from cellserve.plan.json_io import OutputError, check_output, write_json
+    from cellserve.plan.pipeline import PipelineError
+
+    if len(os.sched_getaffinity(0)) < 2:
+        print("error: a two-stage pipeline needs two cores; this process may use "
+              f"{len(os.sched_getaffinity(0))}")
+        return 2
+    try:
+        check_output(args.json)
+    except OutputError as exc:
+        print(f"error: {exc}")
+        return 2
+    try:
+        report = run(args.model, args.cut, args.tokens, args.slo_ms, args.quick,
+                     args.seconds or (4.0 if args.quick else 10.0), args.seed)
+    except (CutError, PipelineError, PipelineRunError, CellserveError, KeyError) as exc:
+        print(f"error: {exc}")
+        return 2
+    try:
+        write_json(report, args.json)
+        png = args.plot or args.json.with_suffix(".png")
+        plot(report, png)
+    except OutputError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(table(report))
+    print(f"wrote {args.json} and {png}")
     return 0

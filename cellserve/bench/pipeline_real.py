@@ -30,11 +30,9 @@ import datetime
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
-from cellserve.cli_types import positive
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 TARGET = 0.99
@@ -44,68 +42,6 @@ TARGET = 0.99
 STAGE_PERCENTILE = 90
 CALIBRATION_LOAD = 0.7  # x the plan made without a margin
 MAX_MARGIN = 0.5  # of the SLO
-
-
-def add_parser(bench_sub) -> None:
-    p = bench_sub.add_parser(
-        "pipeline", help="a real two-stage pipeline (a worker process per stage, one core each) against its plan",
-        description="Cut a zoo model after one recurrent step, serve each part in a worker process pinned to one "
-                    "core, time the parts, plan the pipeline with `plan pipeline`'s MILP, then drive the plan's "
-                    "reservation data plane on the wall clock and find the highest load at which 99%% of requests "
-                    "meet the SLO, against the plan's throughput and the simulator's. Writes JSON and a PNG. "
-                    "docs/pipelines.md, \"A real pipeline\".")
-    p.add_argument("--model", default="lstm-512", help="a zoo model with at least two recurrent steps "
-                                                        "(default: lstm-512)")
-    p.add_argument("--cut", type=int, default=0, metavar="K",
-                   help="cut after recurrent step K, 0-based (default: 0)")
-    p.add_argument("--tokens", type=positive(int), default=16, help="tokens per request (default: 16)")
-    p.add_argument("--slo-ms", type=positive(float), default=100.0,
-                   help="the SLO (default: 100; PPipe's 5x the batch-1 latency, about 18 ms here, leaves less room "
-                        "than this machine's hand-overs vary, docs/pipelines.md)")
-    p.add_argument("--seconds", type=positive(float), default=None,
-                   help="seconds per real run (default: 10; 4 with --quick)")
-    p.add_argument("--quick", action="store_true", help="fewer timings and bisection steps, shorter runs")
-    p.add_argument("--seed", type=int, default=0, help="arrivals' and requests' seed (default: 0)")
-    p.add_argument("--json", type=Path, default=Path("bench-results/pipeline.json"), help="where to write results")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="attainment against offered load, PNG (default: beside --json)")
-    p.set_defaults(run=_run)
-
-
-def _run(args, parser) -> int:
-    from cellserve.cluster.pipeline_real import PipelineRunError
-    from cellserve.errors import CellserveError
-    from cellserve.graph.cut import CutError
-    from cellserve.plan.json_io import OutputError, check_output, write_json
-    from cellserve.plan.pipeline import PipelineError
-
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
-    if len(os.sched_getaffinity(0)) < 2:
-        print("error: a two-stage pipeline needs two cores; this process may use "
-              f"{len(os.sched_getaffinity(0))}")
-        return 2
-    try:
-        check_output(args.json)
-    except OutputError as exc:
-        print(f"error: {exc}")
-        return 2
-    try:
-        report = run(args.model, args.cut, args.tokens, args.slo_ms, args.quick,
-                     args.seconds or (4.0 if args.quick else 10.0), args.seed)
-    except (CutError, PipelineError, PipelineRunError, CellserveError, KeyError) as exc:
-        print(f"error: {exc}")
-        return 2
-    try:
-        write_json(report, args.json)
-        plot = args.plot or args.json.with_suffix(".png")
-        _plot(report, plot)
-    except OutputError as exc:
-        print(f"error: {exc}")
-        return 2
-    print(table(report))
-    print(f"wrote {args.json} and {plot}")
-    return 0
 
 
 def _requests(model, tokens: int, seed: int):
@@ -141,7 +77,8 @@ def _profile(pipe, make, quick: bool) -> dict[int, dict]:
             shared = [f.stage_ms[k] for f in burst if _overlap(f.intervals[k], busy) >= 0.5]
             stages.append(float(np.percentile(shared if len(shared) >= 3 else [f.stage_ms[k] for f in burst],
                                               STAGE_PERCENTILE)))
-        out[b] = {"stage_ms": stages, "stage_alone_ms": [float(np.median(s)) for s in zip(*(f.stage_ms for f in alone))],
+        out[b] = {"stage_ms": stages,
+                  "stage_alone_ms": [float(np.median(s)) for s in zip(*(f.stage_ms for f in alone))],
                   "hop_ms": [float(np.median(h)) for h in zip(*(f.hop_ms for f in alone))],
                   "end_to_end_ms": float(np.median([f.end_to_end_ms for f in alone]))}
     return out
@@ -347,7 +284,9 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(r: dict, path: Path) -> None:
+def plot(r: dict, path) -> None:
+    """Attainment against offered load (the real runs), the simulated sustained load and the
+    target, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -70,7 +70,8 @@ def test_two_workers_answer_every_request_once_as_the_whole_model_does_bit_for_b
 
 @pytest.mark.slow
 def test_a_worker_that_cannot_start_is_named():
-    with pytest.raises(PipelineRunError, match=r"did not start: stage 0: CutError: .*has 2 recurrent steps.*; stage 1: CutError"):
+    why = r"did not start: stage 0: CutError: .*has 2 recurrent steps.*; stage 1: CutError"
+    with pytest.raises(PipelineRunError, match=why):
         with RealPipeline("lstm-512", (5,), [[(0,)], [(0,)]]):
             pass
 
@@ -79,7 +80,7 @@ def test_a_worker_that_cannot_start_is_named():
     (["--tokens", "5000"], "--tokens 5000 is over 'lstm-512''s limit"),
     (["--cut", "1"], "has 2 recurrent steps: a cut is after step 0..0"),
     (["--model", "no-such-model"], "no-such-model"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-1"], "--seed: must be from 0 to 4294967295, got -1"),
 ])
 def test_bench_pipeline_refuses_what_it_cannot_run_before_starting_workers(tmp_path, args, why):
     done = subprocess.run([sys.executable, "-m", "cellserve.cli", "bench", "pipeline", "--json",
