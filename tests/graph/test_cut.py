@@ -9,7 +9,10 @@ from cellserve.engine.engine import Engine
 from cellserve.engine.request import Request
 from cellserve.graph import zoo
 from cellserve.graph.cut import CutError, cut_model
+from cellserve.graph.onnx_import import load_onnx
 from cellserve.graph.stacking import stack_layers
+
+from .helpers import NetSpec, export_torchscript
 
 CONFIG = EngineConfig(stack_layers=False, profile=False, admission=False)
 
@@ -89,3 +92,30 @@ def test_a_model_of_one_recurrent_step_cannot_be_cut():
     model.program = model.program[:model.program.index(model.recurrent_steps()[1])]
     with pytest.raises(CutError, match="has 1 recurrent steps"):
         cut_model(model, [0])
+
+
+@pytest.mark.parametrize("spec, cuts", [
+    (NetSpec("gru", layers=3, batch_first=False, tokens=False), [0]),
+    (NetSpec("gru", layers=3, batch_first=False, tokens=False), [1]),
+    (NetSpec("gru", layers=3, batch_first=False, tokens=False), [0, 1]),
+    (NetSpec("lstm", layers=2, bidirectional=True), [0]),
+    (NetSpec("rnn_tanh", layers=2, tokens=False), [0]),
+])
+def test_a_users_onnx_model_cut_anywhere_answers_as_the_whole(spec, cuts):
+    """A user's exported model whose outputs read every layer (h_n, c_n: the final state of
+    each layer, concatenated at the end): what an earlier part makes is carried to the last."""
+    model = load_onnx(export_torchscript(spec.module(), spec), "user")
+    cut = cut_model(model, cuts)
+    assert len(cut.parts) == len(cuts) + 1
+    rng = np.random.default_rng(1)
+    requests = [spec.request(rng, batch=1 + i % 2, time=2 + i) for i in range(5)]
+    whole = _answers(model, requests)
+    held = [dict(r) for r in requests]
+    for k, part in enumerate(cut.parts):
+        answers = _answers(part, [cut.part_inputs(k, h) for h in held])
+        held = [cut.carry(k, {**h, **a}) for h, a in zip(held, answers)]
+    for w, h in zip(whole, held):
+        got = cut.answer(h)
+        assert list(got) == list(w)
+        for key in w:
+            assert np.array_equal(got[key], w[key]), key
