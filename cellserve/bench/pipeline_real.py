@@ -111,7 +111,6 @@ def run(model_name: str, cut: int, tokens: int, slo_ms: float, quick: bool, seco
         seed: int = 0) -> dict:
     from cellserve import heap
     from cellserve.cluster.pipeline_real import RealPipeline, serve_load
-    from cellserve.engine.config import EngineConfig
     from cellserve.graph import zoo
     from cellserve.graph.cut import cut_model
     from cellserve.plan import pipeline_milp
@@ -183,7 +182,7 @@ def run(model_name: str, cut: int, tokens: int, slo_ms: float, quick: bool, seco
                           "search": simulated.bound, "run": simulated.run.to_dict(28.0)},
             "real": {**real, "sustained_rps": real["sustained_load"] * planned, "runs": runs},
             "real_vs_plan": real["sustained_load"], "within_15pct": abs(real["sustained_load"] - 1.0) <= 0.15,
-            "answers_bit_exact": exact, "engine": EngineConfig().backend or "default"}
+            "answers_bit_exact": exact}
 
 
 def _scale(calibration, batch: int, timings: dict[int, dict]) -> tuple[float, ...]:
