@@ -75,14 +75,13 @@ def _makes(step) -> list[str]:
     return [t for t in (step.y, step.y_h, step.y_c) if t]
 
 
-def _specs(model: Model, names: list[str]) -> list[TensorSpec]:
-    """Specs of the named tensors, from two probe runs of the whole model's plain ops: a
-    dimension that differs between the runs is dynamic, and named after the model input's
-    dimension whose probe size it has (so that a part's probes give a batch axis one size in
-    every input, as the whole model's did)."""
-    from cellserve.graph.onnx_import import probe_shapes, probe_tensors
+def _specs(model: Model, names: list[str], runs: list[dict]) -> list[TensorSpec]:
+    """Specs of the named tensors, from two probe runs of the whole model's plain ops (`runs`,
+    probe_tensors at _PROBES): a dimension that differs between the runs is dynamic, and named
+    after the model input's dimension whose probe size it has (so that a part's probes give a
+    batch axis one size in every input, as the whole model's did)."""
+    from cellserve.graph.onnx_import import probe_shapes
 
-    runs = [probe_tensors(model, sizes) for sizes in _PROBES]
     source: list[dict[int, str]] = []  # per run: probe size -> the input dimension given it
     for sizes in _PROBES:
         found = {}
@@ -130,6 +129,9 @@ def cut_model(model: Model, cuts: list[int] | tuple[int, ...]) -> ModelCut:
     made_by = [set(t for step in prog for t in _makes(step)) for prog in programs]
     read_by = [set(t for step in prog for t in _reads(step)) for prog in programs]
     consts = set(model.constants)
+    from cellserve.graph.onnx_import import find_semantics, probe_tensors
+
+    runs = [probe_tensors(model, sizes) for sizes in _PROBES]
     parts, carried = [], []
     for k, prog in enumerate(programs):
         later_reads = set().union(*read_by[k + 1:], set(outputs))
@@ -139,15 +141,13 @@ def cut_model(model: Model, cuts: list[int] | tuple[int, ...]) -> ModelCut:
         if k < len(programs) - 1 and not part_outputs:
             raise CutError(f"model {model.name!r}: nothing made before cut {cuts[k]} is read after it")
         used = {t for step in prog for t in _reads(step)} & consts
-        part = Model(name=f"{model.name}.part{k}", inputs=_specs(model, inputs),
-                     outputs=_specs(model, part_outputs),
+        part = Model(name=f"{model.name}.part{k}", inputs=_specs(model, inputs, runs),
+                     outputs=_specs(model, part_outputs, runs),
                      constants={c: model.constants[c] for c in used}, program=list(prog),
                      max_sequence_length=model.max_sequence_length, max_request_rows=model.max_request_rows)
         parts.append(part)
         carried.append(frozenset(later_reads - set().union(*made_by[k + 1:]) - consts)
                        if k < len(programs) - 1 else frozenset(outputs))
-    from cellserve.graph.onnx_import import find_semantics
-
     for part in parts:
         semantics = find_semantics(part)
         for spec in part.inputs:  # a model input keeps what the importer found (its vocabulary)
