@@ -323,13 +323,13 @@ def test_on_ray_low_demand_keeps_the_most_accurate_and_demand_past_its_capacity_
         wait_until(lambda: len(measured(began)) >= 2, "two periodic plans under the low demand", timeout=120)
         calm = measured(began)[:2]
         assert all(p.placement == {"w0": "reverse-h128", "w1": "reverse-h128"} for p in calm), calm
-        assert all(p.demand_rps["reverse"] < 2 * first.capacity_rps["reverse-h128"] / 1.05 for p in calm), calm
+        assert all(p.demand_rps["reverse"] < 2 * first.capacity_rps["reverse-h128"] / DEFAULT_HEADROOM for p in calm), calm
         began = len(server.plans())
         offer_rows(high, 64)
         wait_until(lambda: any(set(p.placement.values()) != {"reverse-h128"} for p in measured(began)),
                    "a plan moving a worker to a smaller variant", timeout=120)
         moved = next(p for p in measured(began) if set(p.placement.values()) != {"reverse-h128"})
-        assert moved.demand_rps["reverse"] > 2 * first.capacity_rps["reverse-h128"] / 1.05, moved
+        assert moved.demand_rps["reverse"] > 2 * first.capacity_rps["reverse-h128"] / DEFAULT_HEADROOM, moved
         wait_until(lambda: any(o.variant not in (None, "reverse-h128") for o in list(clients[-1].outcomes)),
                    "answers by the smaller variant", timeout=120)
     finally:
