@@ -195,10 +195,8 @@ class RunResult:
     dropped: int = 0
     failed: int = 0
     latencies_ms: list[float] = field(default_factory=list)
-    batches: int = 0
-    rows: int = 0
-    stage_ms: list[tuple[float, ...]] = field(default_factory=list)  # per batch: each stage's compute
-    batch_sizes: list[int] = field(default_factory=list)  # per batch, beside stage_ms
+    batch_sizes: list[int] = field(default_factory=list)  # per batch whose head is counted
+    stage_ms: list[tuple[float, ...]] = field(default_factory=list)  # per such batch: each stage's compute
     hop_ms: list[tuple[float, ...]] = field(default_factory=list)  # per batch: driver -> stage 0 -> ... -> driver
     overrun_ms: list[float] = field(default_factory=list)  # per batch: its answer less the plane's prediction
     wall_s: float = 0.0  # the run, from its first arrival to its last answer
@@ -208,6 +206,14 @@ class RunResult:
     @property
     def attainment(self) -> float:
         return self.served / self.offered if self.offered else 1.0
+
+    @property
+    def batches(self) -> int:
+        return len(self.batch_sizes)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.batch_sizes)
 
     def to_dict(self, seconds: float) -> dict:
         lat = np.array(self.latencies_ms)
@@ -355,9 +361,6 @@ def serve_load(pipe: RealPipeline, model: ModelBlocks, plan: ModelPlan, link: Li
         in_flight[next_id] = d
         pipe.send(next_id, d.devices, [inputs[i] for i in d.items])
         next_id += 1
-        if counted[d.items[0]]:
-            result.batches += 1
-            result.rows += len(d.items)
 
     t0, cpu0 = time.perf_counter(), time.process_time()
 

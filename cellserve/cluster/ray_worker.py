@@ -99,9 +99,8 @@ class EngineWorker:
         self.spec = spec
         served = self._read_models(list(spec.models))
         self.engine = Engine([s.model for s in served], spec.engine)
-        with self.engine.kernel_threads_pinned():  # its config's warm-up samples, before it serves
-            for s in served:  # (a failure fails the worker's start)
-                warm_up_before_serving(self.engine, s.engine_name, s.warmup, f"model {s.name!r} version {s.version}")
+        for s in served:  # its config's warm-up samples, before it serves (a failure fails the worker's start)
+            warm_up_before_serving(self.engine, s.engine_name, s.warmup, f"model {s.name!r} version {s.version}")
         self._names = {s.engine_name: s.name for s in served}
         self.states: dict[str, dict] = {}  # the driver's key -> a sequence's state
         self._dropped: OrderedDict[str, None] = OrderedDict()  # keys dropped before their state came

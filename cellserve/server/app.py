@@ -173,8 +173,7 @@ def _warm_up(engine: Engine, served: list[ServedModel]) -> None:
         if entry.warmup:
             started = time.perf_counter()
             where = f"model {entry.name!r} version {entry.version}"
-            with engine.kernel_threads_pinned():  # as they will run while serving
-                run = warm_up_before_serving(engine, entry.engine_name, entry.warmup, where)
+            run = warm_up_before_serving(engine, entry.engine_name, entry.warmup, where)
             print(f"cellserve: {where} warmed up: {run} request(s) of {len(entry.warmup)} model_warmup "
                   f"sample(s) in {time.perf_counter() - started:.2f} s", flush=True)
 

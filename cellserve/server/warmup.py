@@ -187,16 +187,18 @@ def _from_file(filename: str, dims: list[int], dtype: np.dtype, model_dir: Path,
 
 def warm_up_before_serving(engine, engine_name: str, samples: list[WarmupSample], where: str) -> int:
     """Run the samples through an engine that is not serving yet (start-up, before the server
-    says it is ready): each request submitted and the engine stepped here until it answers.
+    says it is ready): each request submitted and the engine stepped here until it answers,
+    its kernel threads pinned as serving pins them.
     Returns the requests run; ModelLoadError naming the sample the engine failed."""
     run = 0
-    for sample in samples:
-        for _ in range(sample.count):
-            answers = []
-            engine.submit(Request(engine_name, dict(sample.inputs), on_done=answers.append))
-            engine.run_until_idle(timeout_s=_START_TIMEOUT_S)
-            check_answer(answers[0], sample, where)
-            run += 1
+    with engine.kernel_threads_pinned():  # as they run while serving
+        for sample in samples:
+            for _ in range(sample.count):
+                answers = []
+                engine.submit(Request(engine_name, dict(sample.inputs), on_done=answers.append))
+                engine.run_until_idle(timeout_s=_START_TIMEOUT_S)
+                check_answer(answers[0], sample, where)
+                run += 1
     return run
 
 

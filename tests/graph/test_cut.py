@@ -31,6 +31,16 @@ def _answers(model, inputs: list[dict]) -> list[dict]:
     return out
 
 
+def _through_parts(cut, requests: list[dict]) -> list[dict]:
+    """Each request run through the parts in turn, each on an engine of its own: what the
+    last part holds per request (ModelCut.answer picks the outputs from it)."""
+    held = [dict(r) for r in requests]
+    for k, part in enumerate(cut.parts):
+        answers = _answers(part, [cut.part_inputs(k, h) for h in held])
+        held = [cut.carry(k, {**h, **a}) for h, a in zip(held, answers)]
+    return held
+
+
 def _requests(model, n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     spec = model.inputs[0]
@@ -49,10 +59,7 @@ def test_the_parts_run_in_turn_answer_as_the_whole_model_bit_for_bit(name):
     assert [p.name for p in cut.parts] == [f"{name}.part0", f"{name}.part1"]
     requests = _requests(model, 9)
     whole = _answers(model, requests)
-    held = [dict(r) for r in requests]
-    for k, part in enumerate(cut.parts):
-        answers = _answers(part, [cut.part_inputs(k, h) for h in held])
-        held = [cut.carry(k, {**h, **a}) for h, a in zip(held, answers)]
+    held = _through_parts(cut, requests)
     for w, h in zip(whole, held):
         got = cut.answer(h)
         assert list(got) == list(w)
@@ -110,10 +117,7 @@ def test_a_users_onnx_model_cut_anywhere_answers_as_the_whole(spec, cuts):
     rng = np.random.default_rng(1)
     requests = [spec.request(rng, batch=1 + i % 2, time=2 + i) for i in range(5)]
     whole = _answers(model, requests)
-    held = [dict(r) for r in requests]
-    for k, part in enumerate(cut.parts):
-        answers = _answers(part, [cut.part_inputs(k, h) for h in held])
-        held = [cut.carry(k, {**h, **a}) for h, a in zip(held, answers)]
+    held = _through_parts(cut, requests)
     for w, h in zip(whole, held):
         got = cut.answer(h)
         assert list(got) == list(w)
