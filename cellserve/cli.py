@@ -329,10 +329,11 @@ def _demo(args) -> int:
 
 
 # Subcommands, in --help's order: each adds its parser to the subparsers it is given.
-from cellserve import cli_bench_plan, cli_cluster, cli_kernels, cli_partition, cli_pipeline, cli_plan, cli_sim  # noqa: E402  (parsers only)
+from cellserve import (cli_bench_plan, cli_cluster, cli_kernels, cli_partition, cli_pipeline, cli_plan,  # noqa: E402
+                       cli_sim, cli_tenancy)  # (parsers only)
 
-COMMANDS = (_add_models, _add_demo, _add_bench, _add_serve, _add_infer, cli_sim.add_profile, cli_sim.add_simulate,
-            cli_plan.add_plan)
+COMMANDS = (_add_models, _add_demo, _add_bench, _add_serve, _add_infer, cli_sim.add_profile,
+            cli_tenancy.add_profile_versions, cli_sim.add_simulate, cli_plan.add_plan)
 from cellserve.bench import latency as bench_latency  # noqa: E402  (its parser imports nothing heavy)
 from cellserve.bench import soak as bench_soak  # noqa: E402  (its parser imports nothing heavy)
 from cellserve.bench import accuracy_serve as bench_accuracy_serve  # noqa: E402  (its parser imports nothing heavy)
@@ -340,7 +341,7 @@ from cellserve.bench import accuracy_serve as bench_accuracy_serve  # noqa: E402
 BENCH_COMMANDS = (_add_bench_engine, _add_bench_server, _add_bench_load, _add_bench_compare, cli_sim.add_bench_sim,
                   bench_soak.add_parser, bench_latency.add_parser, cli_plan.add_bench_planner, cli_cluster.add_bench_cluster,
                   cli_kernels.add_bench_kernels, cli_partition.add_bench_partition, cli_bench_plan.add_bench_plan,
-                  bench_accuracy_serve.add_parser, cli_pipeline.add_bench_pipeline)
+                  bench_accuracy_serve.add_parser, cli_pipeline.add_bench_pipeline, cli_tenancy.add_bench_tenancy)
 
 
 if __name__ == "__main__":

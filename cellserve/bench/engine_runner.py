@@ -11,11 +11,23 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 from cellserve.bench.results import RequestOutcome, RunStats, span_s
 from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence
 from cellserve.engine.engine import Engine, EngineStats
 from cellserve.engine.request import Request, Response
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One model's share of a mixed replay: its requests and their deadline (None: none)."""
+
+    model: str
+    input_name: str
+    trace: list[TraceRequest]
+    timeout_s: float | None
+    beam_width: int | None = None
 
 
 def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest], policy: str,
@@ -25,25 +37,40 @@ def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest
     Requests still unanswered `drain_s` after the last arrival are aborted (reported as
     errors), so the engine is empty for the next run. `beam_width`: every request asks it
     (an encoder-decoder's search width; None: the model's default, and no parameter sent)."""
+    (outcomes,) = replay_mix(engine, [Stream(model, input_name, trace, timeout_s, beam_width)], drain_s)
+    s = engine.stats
+    return RunStats(policy=policy, rate_rps=rate_rps, duration_s=span_s(outcomes), outcomes=outcomes,
+                    executed_flops=s.executed_flops, busy_s=s.busy_s, cell_steps=s.cell_steps,
+                    batch_size_sum=s.batch_size_sum, overhead_us_per_step=[x * 1e6 for x in s.overhead_s])
+
+
+def replay_mix(engine: Engine, streams: list[Stream], drain_s: float = 30.0) -> list[list[RequestOutcome]]:
+    """Serve several models' traces at once (arrivals merged in time), as `replay` serves one;
+    each stream's outcomes, in its trace's order of arrival. `engine.stats` holds the run's."""
     engine.stats = EngineStats()
     responses: dict[int, Response] = {}
+    total = sum(len(s.trace) for s in streams)
     done = threading.Event()
     lock = threading.Lock()
 
     def on_done(response: Response) -> None:
         with lock:
             responses[response.request_id] = response
-            if len(responses) == len(trace):
+            if len(responses) == total:
                 done.set()
 
-    ids = {}
+    ids: list[list[tuple[int, TraceRequest]]] = []
     requests = []
-    time_major = is_time_major(engine.models[model], input_name)
-    for item in sorted(trace, key=lambda r: r.arrival_s):
-        request = Request(model, {input_name: one_sequence(item.tokens, time_major)}, on_done=on_done,
-                          timeout_s=timeout_s, arrival=item.arrival_s, beam_width=beam_width)
-        ids[request.request_id] = item
-        requests.append(request)
+    for s in streams:
+        time_major = is_time_major(engine.models[s.model], s.input_name)
+        mine = []
+        for item in sorted(s.trace, key=lambda r: r.arrival_s):
+            request = Request(s.model, {s.input_name: one_sequence(item.tokens, time_major)}, on_done=on_done,
+                              timeout_s=s.timeout_s, arrival=item.arrival_s, beam_width=s.beam_width)
+            mine.append((request.request_id, item))
+            requests.append(request)
+        ids.append(mine)
+    requests.sort(key=lambda r: r.arrival)
     # The clock starts once the requests are built (thousands take milliseconds, which are the
     # harness's, not the engine's: counted, they queued a burst before the first step of every
     # run), and the feeder's first arrival comes after the loop started.
@@ -60,19 +87,20 @@ def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    deadline = threading.Timer(drain_s + (trace[-1].arrival_s if trace else 0), done.set)
+    last = max((s.trace[-1].arrival_s for s in streams if s.trace), default=0.0)
+    deadline = threading.Timer(drain_s + last, done.set)
     deadline.start()
     engine.serve_forever(done)
     deadline.cancel()
     feeder.join()
     engine.abort_all("benchmark run ended before this request finished")
-    outcomes = []
+    out = []
     with lock:
-        for request_id, item in ids.items():
-            r = responses[request_id]
-            outcomes.append(RequestOutcome(item.request_id, item.arrival_s, r.finish - start,
-                                           RequestOutcome.status_of(r.status), r.reason))
-    s = engine.stats
-    return RunStats(policy=policy, rate_rps=rate_rps, duration_s=span_s(outcomes), outcomes=outcomes,
-                    executed_flops=s.executed_flops, busy_s=s.busy_s, cell_steps=s.cell_steps,
-                    batch_size_sum=s.batch_size_sum, overhead_us_per_step=[x * 1e6 for x in s.overhead_s])
+        for mine in ids:
+            outcomes = []
+            for request_id, item in mine:
+                r = responses[request_id]
+                outcomes.append(RequestOutcome(item.request_id, item.arrival_s, r.finish - start,
+                                               RequestOutcome.status_of(r.status), r.reason))
+            out.append(outcomes)
+    return out

@@ -101,6 +101,12 @@ class EngineConfig:
                                                  "from, one per model; a model without one is timed at start",
                                             default_factory=list, unset="none", group=_COMPUTE, metavar="P.json",
                                             paths=path_list)
+    # issue 19 (Veltair): kernel versions chosen by interference (docs/tenancy.md)
+    kernel_versions: list[str] = setting(help="kernel-versions profiles (cellserve profile-versions), one per "
+                                              "model: step each profiled cell type on the thread count that "
+                                              "the interference measured now makes fastest",
+                                         default_factory=list, unset="none: every step on all threads",
+                                         group=_COMPUTE, metavar="V.json", paths=path_list)
 
     def __post_init__(self) -> None:
         check(self)  # ConfigError (a ValueError) naming each bad field

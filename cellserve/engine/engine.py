@@ -39,6 +39,7 @@ from cellserve.engine.runs import _Run, _Work
 from cellserve.engine.scheduler import Lane, make_policy
 from cellserve.engine.walk import ModelWalk
 from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
+from cellserve.errors import NotOnThisExecutor
 from cellserve.executor.batch import StepBatch
 from cellserve.graph.model import (DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer, plain_group_key,
                                    plain_groups)
@@ -183,6 +184,8 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         self._admitting_spells: deque[float] = deque(maxlen=OVERHEAD_SPELLS)
         self._multi = len(self.executors) > 1  # track the tensors crossing executors
         self._init_concurrency(concurrent)
+        if self.config.kernel_versions:
+            self._use_versions()
         if self.config.profile:
             self._seed_costs()
 
@@ -228,6 +231,28 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
                     self._output_lengths.setdefault(cell_type, OutputLength())  # kept, as costs are
             self._layer_types[model.name].append(layer)
             self._step_decoders[model.name].append(layer[0] if isinstance(step, GraphDecoder) else None)
+
+    def _use_versions(self) -> None:
+        """--kernel-versions: the profiles handed to the one executor (executor/versions.py);
+        ValueError naming the file or the mismatch."""
+        from cellserve.plan.versions import VersionProfile, VersionProfileError
+
+        try:
+            profiles = [VersionProfile.from_json(path) for path in self.config.kernel_versions]
+        except VersionProfileError as exc:
+            raise ValueError(f"--kernel-versions: {exc}") from None
+        served = {m.split("#")[0] for m in self.models} | {m.split("#")[0].rpartition(":")[0] for m in self.models}
+        strays = sorted({p.model for p in profiles} - served)
+        if strays:  # a profile that switches nothing is a mistake, not a default
+            raise ValueError(f"--kernel-versions: a profile of model(s) {strays}, which this engine does not serve "
+                             f"(it serves {sorted(self.models)})")
+        if len(self.executors) > 1:
+            raise ValueError("--kernel-versions: kernel versions need one executor; a placement runs "
+                             + ", ".join(sorted(self.executors)))
+        try:
+            self._default.use_versions(profiles)
+        except NotOnThisExecutor as exc:
+            raise ValueError(f"--kernel-versions: {exc}") from None
 
     def _executor_for(self, key: str) -> Executor:
         name = self.placement.get(key)

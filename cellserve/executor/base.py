@@ -173,6 +173,12 @@ class Executor(ABC):
         do (that time passed on the real clock); the simulator's charges it to the virtual
         one, as its profile prices it (SimExecutor)."""
 
+    def use_versions(self, profiles: list) -> None:
+        """Choose each profiled cell type's kernel version (thread count) by the interference
+        measured while serving, from kernel-versions profiles (plan/versions.py). Only the
+        real CPU executor does."""
+        raise NotOnThisExecutor(f"executor {self.name!r} does not switch kernel versions")
+
     def pinned(self, enabled: bool):
         """A context manager around a worker loop that pins the executor's threads (real
         CPU executors); a no-op elsewhere."""

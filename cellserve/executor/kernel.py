@@ -8,20 +8,26 @@ device's time, not the engine's clock, which in a test or the simulator is not w
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import numpy as np
 import torch
 
 from cellserve.executor.base import BeamStarted, CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
+from cellserve.errors import NotOnThisExecutor
 from cellserve.executor.batch import StepBatch
+from cellserve.executor.interference import InterferenceMeter
+from cellserve.executor.versions import PERIOD_S, KernelVersions
 from cellserve.graph import dense_ops
 from cellserve.graph.model import DenseNode, LayerStack
 from cellserve.kernels import affinity
-from cellserve.kernels.cell import CellKernel, LaneStorage
+from cellserve.kernels.cell import CellKernel, LaneStorage, default_backend
 from cellserve.kernels.decoder import GraphDecoderKernel
 from cellserve.kernels.protocol import RecurrentKernel
 from cellserve.kernels.stack import StackKernel
+from cellserve.plan.versions import VersionProfile
 
 
 class KernelExecutor(Executor):
@@ -43,6 +49,7 @@ class KernelExecutor(Executor):
         self.kernels: dict[str, RecurrentKernel] = {}
         self._specs: dict[str, CellTypeSpec] = {}
         self._flops: dict[str, tuple[float, float]] = {}  # recurrent cell type -> (per step, per token projected)
+        self.versions: KernelVersions | None = None  # kernel versions chosen by interference (use_versions)
 
     # ---- cell types ----
 
@@ -78,7 +85,39 @@ class KernelExecutor(Executor):
     def pinned(self, enabled: bool):
         if self.device.type != "cpu":
             return super().pinned(enabled)
-        return affinity.openmp_threads_pinned(enabled)
+        return self._pinned_cpu(enabled)
+
+    @contextlib.contextmanager
+    def _pinned_cpu(self, enabled: bool):
+        if self.versions is not None:  # pin all threads, and build the switch anew after: the master's core changes
+            self.versions.reset()
+        with affinity.openmp_threads_pinned(enabled) as cores:
+            try:
+                yield cores
+            finally:
+                if self.versions is not None:
+                    self.versions.reset()
+
+    # ---- kernel versions (Veltair) ----
+
+    def use_versions(self, profiles: list[VersionProfile], meter: InterferenceMeter | None = None,
+                     period_s: float = PERIOD_S) -> None:
+        """Step the profiled cell types on the thread count the interference now calls for
+        (executor/versions.py), choosing every `period_s` from what `meter` reads (by
+        default /proc's accounting of the executor's cores). Only on the fused CPU step, whose
+        answers do not depend on its thread count, with the profiles' thread count."""
+        backend = self.backend or (default_backend(self.device) if self.device.type == "cpu" else "torch")
+        if self.device.type != "cpu" or backend != "fused":
+            raise NotOnThisExecutor(f"kernel versions switch the thread count of the fused CPU step; executor "
+                                    f"{self.name!r} runs the {backend} step on {self.device}")
+        cores = self.cores or tuple(sorted(os.sched_getaffinity(0)))
+        threads = len(cores) if self.cores else torch.get_num_threads()
+        for p in profiles:
+            if p.backend != "fused" or p.cores != threads:
+                raise NotOnThisExecutor(f"the kernel-versions profile of {p.model!r} was measured on {p.cores} "
+                                        f"threads of the {p.backend} step; executor {self.name!r} runs {threads} "
+                                        f"threads of the fused step (profile it here, with the same --threads)")
+        self.versions = KernelVersions(profiles, cores[:threads] if len(cores) >= threads else cores, meter, period_s)
 
     # ---- lanes ----
 
@@ -96,6 +135,9 @@ class KernelExecutor(Executor):
         spec = self._specs[batch.cell_type]
         tokens, steps = None, 1
         t0 = time.perf_counter()
+        if self.versions is not None:
+            self.versions.prepare(batch.cell_type, batch.size, t0)
+            t0 = time.perf_counter()
         if lone_steps:
             first, *others = zip(batch.slots, rows.tolist(), batch.strides)
             steps = kernel.run_lane(*first, lone_steps, stop)
@@ -106,6 +148,8 @@ class KernelExecutor(Executor):
         else:
             tokens = kernel.step_batch(slots, rows)
         busy = self._since(t0)
+        if self.versions is not None:
+            self.versions.ended(t0 + busy)
         candidates = kernel.candidates if spec.is_decoder and not lone_steps else None
         if spec.is_decoder:  # GraphDecoder.flops_per_step summed over the lanes, without a call per lane
             step = spec.step

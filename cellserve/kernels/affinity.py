@@ -140,3 +140,13 @@ def openmp_team_size(n: int) -> Iterator[None]:
         yield
     finally:
         _set_team_size(libgomp, before)
+
+
+def set_team_size(n: int) -> None:
+    """The calling thread's OpenMP team size (see _set_team_size); torch's setting where torch
+    uses another OpenMP than libgomp."""
+    libgomp = _torch_libgomp()
+    if libgomp is None:
+        torch.set_num_threads(n)
+    else:
+        _set_team_size(libgomp, n)

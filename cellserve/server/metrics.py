@@ -25,6 +25,9 @@ Admission and connections (the frontends, before any decoding; not per model):
   cellserve_admission_cuts_total   times the bound was cut because the engine refused or dropped
   cellserve_http_connections_open, cellserve_http_connections_refused_total (over the limit),
   cellserve_http_requests_timed_out_total (408: headers or body too slow)
+Kernel versions (with --kernel-versions; docs/tenancy.md):
+  cellserve_interference_cores{executor}   others' load on the executor's cores, in cores
+  cellserve_kernel_version_switches_total{executor}, cellserve_kernel_version_steps_total{cell_type,threads}
 Failure reasons: invalid, rejected (refused at admission), dropped (deadline missed while
 queued or running, a gRPC call's own deadline included), sequence (a sequence error), cancelled (the client went away before its
 answer), error (the server failed).
@@ -214,6 +217,7 @@ class _EngineCollector:
                                 "Share of the engine's busy time spent admitting (and refusing) arrivals, "
                                 "which admission prices as time no step runs",
                                 value=self.engine.admitting_share)
+        yield from _version_metrics(self.engine)
         ratios = sorted(stats.price_ratios)
         if ratios:
             price = GaugeMetricFamily("cellserve_admission_price_ratio",
@@ -222,6 +226,33 @@ class _EngineCollector:
             for q in ("0.1", "0.5", "0.9"):
                 price.add_metric([q], ratios[min(int(float(q) * len(ratios)), len(ratios) - 1)])
             yield price
+
+
+def _version_metrics(engine):
+    """--kernel-versions (executor/versions.py): what the interference meter reads and which
+    version each cell type's steps ran; nothing without it."""
+    with_versions = [(name, ex.versions) for name, ex in engine.executors.items()
+                     if getattr(ex, "versions", None) is not None]
+    if not with_versions:
+        return
+    level = GaugeMetricFamily("cellserve_interference_cores", "Others' load on the executor's cores, in cores "
+                              "(busy time of the cores not this process's, smoothed)", labels=["executor"])
+    switches = CounterMetricFamily("cellserve_kernel_version_switches", "Times the executor's step thread count "
+                                   "changed between two steps", labels=["executor"])
+    steps = CounterMetricFamily("cellserve_kernel_version_steps", "Steps of a cell type run on each thread count "
+                                "(kernel version)", labels=["cell_type", "threads"])
+    for name, versions in with_versions:
+        level.add_metric([name], versions.meter.level)
+        switches.add_metric([name], versions.switches)
+        by_type: dict[tuple[str, str], int] = {}
+        for (cell_type, threads), count in list(versions.steps.items()):
+            key = (untagged(cell_type), str(threads))
+            by_type[key] = by_type.get(key, 0) + count
+        for key, count in by_type.items():
+            steps.add_metric(list(key), count)
+    yield level
+    yield switches
+    yield steps
 
 
 class _FrontendCollector:

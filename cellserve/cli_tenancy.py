@@ -1,0 +1,115 @@
+"""`cellserve profile-versions` and `cellserve bench tenancy` (issue 19's CPU half, Veltair);
+parsing only: the work is in bench/version_profiler.py and bench/tenancy.py. Building the
+parser imports nothing heavy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cellserve.cli_types import int_in, positive
+
+
+def _numbers(kind=float):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+    return parse
+
+
+def add_profile_versions(sub) -> None:
+    p = sub.add_parser(
+        "profile-versions", help="time a model's kernel versions (thread counts of the fused step) alone and "
+                                 "beside a process that takes part of a core; write the profile that serve "
+                                 "--kernel-versions chooses from",
+        description="For each recurrent cell type, each batch size 1, 2, 4, .. --max-batch and each thread count "
+                    "1 .. --threads, the mean step time, steady and after a pause, with a burner process taking "
+                    "each of --duties of the last kernel core; the level recorded is the interference meter's "
+                    "reading. Takes about 15 s per cell type (5 s with --quick). docs/tenancy.md.")
+    p.add_argument("--model", required=True, help="zoo model, or a model of --model-repository")
+    p.add_argument("--model-repository", type=Path, default=None, help="where to find a model not in the zoo")
+    p.add_argument("--threads", type=positive(int), default=None,
+                   help="kernel threads, as serve will run them (default: torch's, one per core)")
+    p.add_argument("--duties", type=_numbers(float), default=(0.0, 0.25, 0.5, 1.0),
+                   help="the burner's shares of one core, the first 0 (default: 0,0.25,0.5,1)")
+    p.add_argument("--max-batch", type=positive(int), default=64, help="largest batch timed (default: 64)")
+    p.add_argument("--quick", action="store_true", help="shorter timings")
+    p.add_argument("--json", type=Path, required=True, help="where to write the profile")
+    p.set_defaults(run=_profile_versions)
+
+
+def _profile_versions(args, parser) -> int:
+    import torch
+
+    from cellserve.bench.version_profiler import profile_versions
+    from cellserve.engine.config import EngineConfig
+    from cellserve.plan.json_io import OutputError, check_output
+    from cellserve.server.repository import load_model
+
+    try:
+        check_output(args.json)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = load_model(args.model, args.model_repository)
+        profile = profile_versions(model, EngineConfig(), tuple(args.duties), args.max_batch, args.quick)
+        profile.to_json(args.json)
+    except (ValueError, OutputError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(f"wrote {args.json}: {len(profile.step_s)} cell type(s), threads {list(profile.threads)}, levels "
+          + ", ".join(f"{x:.2f}" for x in profile.levels) + " cores")
+    return 0
+
+
+def add_bench_tenancy(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "tenancy", help="several models on one CPU beside an interfering process: kernel versions chosen by "
+                        "interference against today's engine (Veltair)",
+        description="One engine serves --models (each its own SLO) under bursty arrivals at --load x the mix's "
+                    "capacity measured here, while a burner process takes each of --duties of one kernel core; "
+                    "today's engine (every step on all threads) and one with --kernel-versions (profiled first, "
+                    "unless --profile is given) run the same traces, interleaved. Writes JSON and a PNG of the "
+                    "requests within their SLO. docs/tenancy.md.")
+    p.add_argument("--models", type=lambda s: tuple(x for x in s.split(",") if x), default=("gru-256", "lstm-512"),
+                   help="zoo models, comma-separated (default: gru-256,lstm-512)")
+    p.add_argument("--slo-ms", type=_numbers(float), default=(10.0, 25.0),
+                   help="each model's SLO, comma-separated, in --models' order (default: 10,25)")
+    p.add_argument("--duties", type=_numbers(float), default=(0.0, 0.25, 0.5),
+                   help="the burner's shares of one core, one condition each (default: 0,0.25,0.5)")
+    p.add_argument("--load", type=positive(float), default=0.5,
+                   help="offered load, as a share of the mix's capacity without interference (default: 0.5)")
+    p.add_argument("--seconds", type=positive(float), default=20.0, help="seconds of arrivals per run (default: 20)")
+    p.add_argument("--runs", type=positive(int), default=2, help="runs per engine and duty, interleaved (default: 2)")
+    p.add_argument("--profile", type=Path, action="append", default=[], dest="profiles", metavar="V.json",
+                   help="a kernel-versions profile (profile-versions) to serve with, one per model (default: "
+                        "measured first, written beside --json)")
+    p.add_argument("--quick", action="store_true", help="quick profiles and runs of at most 8 s")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="arrivals' and requests' seed (default: 0)")
+    p.add_argument("--json", type=Path, default=Path("bench-results/tenancy.json"), help="where to write results")
+    p.add_argument("--plot", type=Path, default=None, help="PNG path (default: beside --json)")
+    p.set_defaults(run=_bench_tenancy)
+
+
+def _bench_tenancy(args, parser) -> int:
+    import os
+
+    from cellserve.bench.tenancy import TenancyConfig, run, table
+    from cellserve.plan.json_io import OutputError
+    from cellserve.plan.versions import VersionProfileError
+
+    if len(os.sched_getaffinity(0)) < 2:
+        parser.exit(2, f"error: bench tenancy needs two cores (one shared with the burner); this process may use "
+                       f"{len(os.sched_getaffinity(0))}\n")
+    try:
+        cfg = TenancyConfig(models=args.models, slo_ms=args.slo_ms, duties=args.duties, load=args.load,
+                            seconds=args.seconds, runs=args.runs, seed=args.seed, quick=args.quick,
+                            profiles=[str(p) for p in args.profiles], json=args.json,
+                            plot=args.plot or args.json.with_suffix(".png"))
+        report = run(cfg)
+    except (ValueError, OutputError, VersionProfileError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(table(report))
+    print(f"wrote {cfg.json} and {cfg.plot}")
+    return 0

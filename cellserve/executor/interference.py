@@ -1,0 +1,101 @@
+"""How much of an executor's cores other processes take: interference, measured online.
+
+Read from the kernel's accounting, not from our own step times: a step's slowdown tells how
+much the version running now suffers, not how much another would (one thread barely notices a
+neighbour that stalls two), so after a switch it could no longer see the neighbour leave.
+The meter reads, per sample, the busy time of the executor's cores (/proc/stat: everything
+but idle and iowait, so also the time a hypervisor stole) and this process's own CPU time
+(/proc/self/stat; our threads spinning at a barrier count as ours), and calls the difference
+*others' load*, in cores: 0.5 means other processes (or the hypervisor) held half a core on
+average. Threads of this process that ran on other cores are subtracted too, so the figure
+errs low where the process has threads beyond the executor's cores.
+
+Sampled lazily (at most every `period_s`, when asked) and smoothed; the tick of /proc is
+1/100 s, so a sample spans many. Where /proc cannot be read the level is 0 (no switching).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+PERIOD_S = 0.25  # seconds between two samples at most
+SMOOTHING = 0.5  # weight of a new sample in the smoothed level
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Clock ticks since boot: busy and total of the cores read, and this process's CPU time."""
+
+    busy: int
+    total: int
+    own: int
+
+
+def read_cpu_times(cores: Iterable[int]) -> CpuTimes | None:
+    """Ticks of `cores` (from /proc/stat) and of this process (from /proc/self/stat); None
+    where they cannot be read."""
+    wanted = {f"cpu{c}" for c in cores}
+    busy = total = 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, _, rest = line.partition(" ")
+                if name in wanted:
+                    ticks = [int(x) for x in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
+                    total += sum(ticks)
+                    busy += sum(ticks) - ticks[3] - ticks[4]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        own = int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return CpuTimes(busy, total, own) if total else None
+
+
+def others_load(before: CpuTimes, after: CpuTimes, cores: int) -> float:
+    """Cores' worth of time others took between two readings (0 when no tick passed)."""
+    elapsed = (after.total - before.total) / cores  # ticks per core
+    if elapsed <= 0:
+        return 0.0
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return min(max(others / elapsed, 0.0), float(cores))
+
+
+class InterferenceMeter:
+    """Others' load on `cores`, smoothed (see the module). `read` and `now` are injected for
+    tests; by default /proc and the monotonic clock."""
+
+    def __init__(self, cores: Iterable[int], period_s: float = PERIOD_S, smoothing: float = SMOOTHING,
+                 read: Callable[[tuple[int, ...]], CpuTimes | None] = read_cpu_times,
+                 now: Callable[[], float] = time.monotonic):
+        self.cores = tuple(sorted(cores))
+        if not self.cores:
+            raise ValueError("an interference meter needs at least one core")
+        if not period_s > 0 or not 0 < smoothing <= 1:
+            raise ValueError(f"period_s must be > 0 and smoothing in (0, 1], got {period_s}, {smoothing}")
+        self.period_s, self.smoothing = period_s, smoothing
+        self._read, self._now = read, now
+        self._last = read(self.cores)
+        self._at = now()
+        self.level = 0.0  # smoothed others' load, in cores
+        self.samples = 0
+
+    @classmethod
+    def for_this_process(cls, cores: Iterable[int] | None = None, **kw) -> "InterferenceMeter":
+        return cls(os.sched_getaffinity(0) if cores is None else cores, **kw)
+
+    def read(self) -> float:
+        """The smoothed level, after taking a sample if `period_s` passed since the last."""
+        now = self._now()
+        if now - self._at < self.period_s:
+            return self.level
+        times = self._read(self.cores)
+        if times is not None and self._last is not None:
+            sample = others_load(self._last, times, len(self.cores))
+            self.level = sample if self.samples == 0 else self.level + self.smoothing * (sample - self.level)
+            self.samples += 1
+        self._last, self._at = times, now
+        return self.level
