@@ -1,7 +1,8 @@
 """`cellserve profile-versions`: each kernel version's step time, alone and beside a neighbour.
 
 For every recurrent cell type of a model (decoders have no versions), every batch size of a
-doubling series and every thread count of the fused step, the mean step time, steady (steps
+doubling series and every version of the fused step (plan/versions.py: OpenMP's team of 1 .. N
+threads, the elastic team of N), the mean step time, steady (steps
 STEADY_GAP_S apart, the master busy between them as the engine's own work keeps it) and after a
 pause (PAUSE_GAP_S of sleep before each), at each interference level: a burner process (bench/burner.py) at a set duty on the
 executor's last core (none at level 0). The versions of one batch are timed in turns within a
@@ -27,7 +28,7 @@ from cellserve.executor.interference import others_load, read_cpu_times
 from cellserve.executor.kernel import KernelExecutor
 from cellserve.executor.versions import ThreadSwitch
 from cellserve.graph.model import Model
-from cellserve.plan.versions import AFTER, VersionProfile
+from cellserve.plan.versions import AFTER, VersionProfile, version_name
 
 DUTIES = (0.0, 0.25, 0.5, 1.0)
 ROUNDS = 3  # turns over the versions per (batch, level)
@@ -44,8 +45,8 @@ def batch_sizes(max_batch: int) -> tuple[int, ...]:
 
 def profile_versions(model: Model, config: EngineConfig, duties: tuple[float, ...] = DUTIES, max_batch: int = 64,
                      quick: bool = False, log=print) -> VersionProfile:
-    """Measure `model`'s cell types on the fused step at 1 .. N threads (N: torch's thread
-    count, which should be the cores this process may use) at each burner duty."""
+    """Measure `model`'s cell types on the fused step's versions (N: torch's thread count,
+    which should be the cores this process may use) at each burner duty."""
     if sorted(set(duties)) != list(duties) or duties[0] != 0 or not all(0 <= d <= 1 for d in duties):
         raise ValueError(f"duties must start at 0, ascend and stay within 0..1, got {list(duties)}")
     config = replace(config, profile=False, backend="fused", kernel_versions=[])
@@ -59,7 +60,8 @@ def profile_versions(model: Model, config: EngineConfig, duties: tuple[float, ..
     cell_types = [ct for ct, spec in executor._specs.items() if not spec.is_decoder]
     if not cell_types:
         raise ValueError(f"model {model.name!r} has no recurrent cell type outside a decoder: no versions to profile")
-    versions = tuple(range(1, threads + 1))
+    versions = tuple(version_name("openmp", n) for n in range(1, threads + 1))
+    versions += (version_name("elastic", threads),) if threads > 1 else ()
     batches = batch_sizes(max_batch)
     seconds = 0.03 if quick else 0.1  # of steps per version, batch, level and gap, in ROUNDS turns
     tables = {ct: {t: {a: [] for a in AFTER} for t in versions} for ct in cell_types}
@@ -78,9 +80,9 @@ def profile_versions(model: Model, config: EngineConfig, duties: tuple[float, ..
             level = others_load(before, after, threads) if before and after else duty
             levels.append(round(level, 4))
             log(f"  burner at {duty:.2f} of core {cores[threads - 1]}: others' load read {level:.2f} cores")
-        switch.use(threads)
+        switch.close()
     levels = _ascending(levels)
-    return VersionProfile(model=model.name, backend="fused", cores=threads, threads=versions, batches=batches,
+    return VersionProfile(model=model.name, backend="fused", cores=threads, versions=versions, batches=batches,
                           duties=tuple(duties), levels=tuple(levels),
                           step_s={ct: {t: {a: tuple(rows) for a, rows in by_a.items()} for t, by_a in by_t.items()}
                                   for ct, by_t in tables.items()},
@@ -88,8 +90,8 @@ def profile_versions(model: Model, config: EngineConfig, duties: tuple[float, ..
                                    "python": platform.python_version(), "quick": quick})
 
 
-def _time_versions(executor: KernelExecutor, cell_type: str, switch: ThreadSwitch, versions: tuple[int, ...],
-                   batches: tuple[int, ...], seconds: float, gap_s: float, sleep: bool) -> dict[int, list[float]]:
+def _time_versions(executor: KernelExecutor, cell_type: str, switch: ThreadSwitch, versions: tuple[str, ...],
+                   batches: tuple[int, ...], seconds: float, gap_s: float, sleep: bool) -> dict[str, list[float]]:
     """Mean seconds per step, per version, at each batch size; steps `gap_s` apart (slept, or
     spent busy on this thread)."""
     kernel = executor.kernels[cell_type]

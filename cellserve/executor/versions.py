@@ -1,21 +1,23 @@
 """Kernel versions chosen by interference (Veltair), for the fused CPU step.
 
-`VersionChooser` is the policy, plain Python. The executor's steps run on one OpenMP team, so
-a version is the team's thread count, one for all the profiled cell types at a time (a team
-switched between every two steps would pay for waking its workers each time). Each period it
+`VersionChooser` is the policy, plain Python. A version (plan/versions.py: openmp-N, elastic-N)
+is how the executor's one stepping thread runs its steps, so one is in force for all the
+profiled cell types at a time (a team switched between every two steps would pay for waking
+its workers each time). Each period it
 prices the steps of the recent past (cell type, batch size, whether the step came after a
 pause; older periods weigh half as much) under every version from the profiles
 (plan/versions.py) at the interference level measured now, and moves to the cheapest if it is
 predicted SWITCH_GAIN cheaper than the version in force: hysteresis against noise in the
 profile and in the meter.
 
-`ThreadSwitch` applies a version to the calling thread (the OpenMP master that runs the
-steps): its team size, and where it runs. All threads: the master back on the core it was
-pinned to. Fewer: the master floats over the executor's cores, so that the OS puts the lone
-thread where the other process is not (pinned, it may sit on that process's core).
+`ThreadSwitch` applies a version to the calling thread (the master that runs the steps): its
+OpenMP team size, whether its steps run on its elastic team (started the first time one is
+asked for), and where it runs. All threads: the master on the core it was pinned to. Fewer:
+the master floats over the executor's cores, so that the OS puts the lone thread where the
+other process is not (pinned, it may sit on that process's core).
 
 Cell types without a profile (a decoder's, whose torch ops may round differently on another
-thread count) always step on all threads.
+thread count) always step on the engine's own version, OpenMP's team of all threads.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from collections.abc import Callable
 
 from cellserve.executor.interference import InterferenceMeter
 from cellserve.kernels import affinity
-from cellserve.plan.versions import VersionProfile
+from cellserve.kernels.cell import _pointwise
+from cellserve.plan.versions import VersionProfile, parse_version, version_name
 
 PERIOD_S = 0.25  # seconds between two choices at most
 SWITCH_GAIN = 0.1  # another version must be predicted this share cheaper to replace the one in force
@@ -36,6 +39,10 @@ DECAY = 0.5  # weight of the steps of the period before, at each new period
 # A step that starts this long after the executor's last one ended is priced as after a pause
 # (plan/versions.py): the OpenMP workers spin about this long before they sleep.
 PAUSE_S = 0.0005
+# An elastic team's workers spin this long for the next step, then sleep: short, so that a
+# worker on a core another process wants is mostly asleep and rarely preempted mid-panel
+# (which the master would wait for); OpenMP's spin far longer (docs/tenancy.md).
+ELASTIC_SPIN_US = 100.0
 
 
 def profiled_as(cell_type: str, profiles: list[VersionProfile]) -> tuple[VersionProfile, str] | None:
@@ -57,10 +64,11 @@ class VersionChooser:
     def __init__(self, profiles: list[VersionProfile], level: Callable[[], float], all_threads: int,
                  now: Callable[[], float] = time.monotonic, period_s: float = PERIOD_S):
         self.profiles = list(profiles)
-        self.versions = tuple(sorted({t for p in self.profiles for t in p.threads if t <= all_threads}
-                                     | {all_threads}))
+        self.default = version_name("openmp", all_threads)  # the engine's without versions
+        common = set.intersection(*(set(p.versions) for p in self.profiles)) if self.profiles else set()
+        self.versions = tuple(sorted(v for v in common | {self.default} if parse_version(v)[1] <= all_threads))
         self._level, self._now, self.period_s = level, now, period_s
-        self.threads = all_threads
+        self.version = self.default
         self.level = 0.0  # the level of the last choice
         self._known: dict[str, tuple[VersionProfile, str] | None] = {}
         self._mix: dict[tuple[str, int, bool], float] = {}  # (cell type, batch, paused) -> weighted steps
@@ -73,7 +81,7 @@ class VersionChooser:
             found = self._known[cell_type] = profiled_as(cell_type, self.profiles)
         return found is not None
 
-    def step(self, cell_type: str, batch: int, paused: bool) -> int:
+    def step(self, cell_type: str, batch: int, paused: bool) -> str:
         """The version for a step of `batch` lanes of a profiled cell type (`knows` it), which
         starts after a pause or not; the step is counted in the mix the next choice prices."""
         if not self.knows(cell_type):
@@ -82,15 +90,19 @@ class VersionChooser:
         self._mix[key] = self._mix.get(key, 0.0) + 1.0
         if self._now() - self._chose_at >= self.period_s:
             self._choose()
-        return self.threads
+        return self.version
 
-    def predicted_s(self, threads: int, level: float) -> float:
-        """Seconds the recent mix of steps would take on `threads` threads at `level`."""
+    def predicted_s(self, version: str, level: float) -> float:
+        """Seconds the recent mix of steps would take on `version` at `level` (a version some
+        profile lacks, the default only: priced as the profile's fastest alone, never chosen
+        over one measured)."""
         total = 0.0
         for (cell_type, batch, paused), n in self._mix.items():
             p, name = self._known[cell_type]
-            t = threads if threads in p.threads else max(x for x in p.threads if x <= threads)
-            total += n * p.predict(name, t, batch, level, paused)
+            if version in p.versions:
+                total += n * p.predict(name, version, batch, level, paused)
+            else:
+                total += n * min(p.predict(name, v, batch, 0.0, paused) for v in p.versions)
         return total
 
     def _choose(self) -> None:
@@ -98,10 +110,10 @@ class VersionChooser:
         self.level = level = self._level()
         self.choices += 1
         if self._mix:
-            cost = {t: self.predicted_s(t, level) for t in self.versions}
-            best = min(cost, key=lambda t: (cost[t], -t))  # ties: more threads (as without versions)
-            if cost[best] < (1 - SWITCH_GAIN) * cost[self.threads]:
-                self.threads = best
+            cost = {v: self.predicted_s(v, level) for v in self.versions}
+            best = min(cost, key=lambda v: (cost[v], v != self.default))  # ties: the engine's own
+            if cost[best] < (1 - SWITCH_GAIN) * cost[self.version]:
+                self.version = best
         self._mix = {k: n * DECAY for k, n in self._mix.items() if n * DECAY >= 0.5}
 
 
@@ -114,18 +126,40 @@ class ThreadSwitch:
         self.cores = cores
         here = os.sched_getaffinity(0)
         self._home = set(here) if len(here) == 1 else None  # the core the master was pinned to
-        self.threads = all_threads
+        self.version = version_name("openmp", all_threads)
+        self._team = 0  # threads of this thread's elastic team (0: none started)
 
-    def use(self, threads: int) -> None:
-        if threads == self.threads:
+    def use(self, version: str) -> None:
+        if version == self.version:
             return
-        affinity.set_team_size(threads)
+        kind, threads = parse_version(version)
+        if kind == "elastic" and self._team != threads:
+            self._start_team(threads)
+        affinity.set_team_size(threads if kind == "openmp" else self.all_threads)
+        _pointwise.elastic_use(kind == "elastic")
         if self._home is not None:
             try:
                 os.sched_setaffinity(0, self._home if threads == self.all_threads else set(self.cores))
             except OSError:  # refused (a container's policy): the team size alone changes
                 pass
-        self.threads = threads
+        self.version = version
+
+    def _start_team(self, threads: int) -> None:
+        """This thread's elastic team: the master on its home core, workers pinned to the
+        others (unpinned where the master is not pinned)."""
+        if self._home is None:
+            cores = [-1] * threads
+        else:
+            home = next(iter(self._home))
+            cores = [home] + [c for c in self.cores if c != home][:threads - 1]
+        self._team = _pointwise.elastic_team(cores, ELASTIC_SPIN_US)
+
+    def close(self) -> None:
+        """Back to the engine's own version, the elastic team's workers stopped."""
+        self.use(version_name("openmp", self.all_threads))
+        if self._team:
+            _pointwise.elastic_team(None)
+            self._team = 0
 
 
 class KernelVersions:
@@ -141,33 +175,33 @@ class KernelVersions:
         self.chooser = VersionChooser(profiles, self.meter.read, len(cores), period_s=period_s)
         self._switch: ThreadSwitch | None = None
         self._thread = 0
-        self.steps: dict[tuple[str, int], int] = {}  # (cell type, threads) -> steps run
+        self.steps: dict[tuple[str, str], int] = {}  # (cell type, version) -> steps run
         self.switches = 0
         self.last_end = -math.inf  # time.perf_counter() when the executor's last step ended
 
-    def prepare(self, cell_type: str, batch: int, now: float) -> int:
+    def prepare(self, cell_type: str, batch: int, now: float) -> str:
         """Set the calling thread up for one step of `batch` lanes of `cell_type` starting at
-        `now` (time.perf_counter()); its threads."""
+        `now` (time.perf_counter()); its version."""
         switch = self._switch
         if switch is None or self._thread != threading.get_ident():
             self.reset()
             switch = self._switch = ThreadSwitch(len(self.cores), self.cores)
             self._thread = threading.get_ident()
         if self.chooser.knows(cell_type):
-            threads = self.chooser.step(cell_type, batch, now - self.last_end > PAUSE_S)
+            version = self.chooser.step(cell_type, batch, now - self.last_end > PAUSE_S)
         else:
-            threads = switch.all_threads
-        if threads != switch.threads:
-            switch.use(threads)
+            version = self.chooser.default
+        if version != switch.version:
+            switch.use(version)
             self.switches += 1
-        key = (cell_type, threads)
+        key = (cell_type, version)
         self.steps[key] = self.steps.get(key, 0) + 1
-        return threads
+        return version
 
     def ended(self, now: float) -> None:
         self.last_end = now
 
     def reset(self) -> None:
         if self._switch is not None and self._thread == threading.get_ident():
-            self._switch.use(self._switch.all_threads)
+            self._switch.close()
         self._switch = None

@@ -18,6 +18,16 @@
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#define HAVE_ELASTIC 1
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -310,9 +320,244 @@ CLONES static void fused_panel(const Fused *f, Py_ssize_t p) {
     }
 }
 
+/* ---- the elastic team: panels shared with workers the master never waits to start ----
+ *
+ * An OpenMP region ends at a barrier that every thread of the team must reach, so a step waits
+ * for a worker that another process keeps off its core even when the master took every panel
+ * itself. A calling thread may instead lead an elastic team (elastic_team(cores)): workers
+ * pinned to the other cores, woken per step, taking panels from the same kind of counter. The
+ * master takes panels too and, once none is left, waits only for panels a worker claimed and
+ * is still computing; a worker that wakes after that finds the step over and goes back to
+ * waiting. Each panel is computed whole by one thread, so the answers are the same to the bit
+ * whoever computes what.
+ *
+ * The claim word holds (step generation << 32 | panels << 16 | next panel): a claim is a
+ * compare-and-swap that fails once the step is over or a new one began, so a late worker can
+ * never take a panel of the wrong step, and the master reads the step's job only after it
+ * claimed (the master cannot begin another step while a claimed panel is unfinished). */
+
+#ifdef HAVE_ELASTIC
+
+typedef struct {
+    _Atomic uint64_t claim;
+    _Atomic uint32_t gen;  /* the step generation, what sleeping workers wait on */
+    _Atomic int done;      /* panels finished of this step */
+    _Atomic int sleepers;
+    _Atomic int stop;
+    const void *job;       /* the step's Fused, read after a successful claim */
+    uint32_t seen;         /* the master's last generation */
+    int nworkers;
+    uint64_t spin_ns;      /* a worker spins this long for the next step, then sleeps */
+    pthread_t *threads;
+    int *cores;
+} Team;
+
+static __thread Team *elastic = NULL; /* the calling thread's team, or none */
+static __thread int elastic_on = 0;    /* whether its steps run on it (else OpenMP's team) */
+static pthread_key_t elastic_key;      /* frees a thread's team when the thread ends */
+static pthread_once_t elastic_once = PTHREAD_ONCE_INIT;
+
+static long futex(_Atomic uint32_t *addr, int op, uint32_t val) {
+    return syscall(SYS_futex, (uint32_t *)addr, op, val, NULL, NULL, 0);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Take and compute panels of generation g until none is left; panels computed. */
+static int take_panels(Team *t, uint32_t g) {
+    int taken = 0;
+    for (;;) {
+        uint64_t w = atomic_load_explicit(&t->claim, memory_order_acquire);
+        if ((uint32_t)(w >> 32) != g) return taken;
+        const uint32_t next = (uint32_t)(w & 0xffff), panels = (uint32_t)((w >> 16) & 0xffff);
+        if (next >= panels) return taken;
+        if (!atomic_compare_exchange_weak_explicit(&t->claim, &w, w + 1, memory_order_acq_rel,
+                                                   memory_order_relaxed))
+            continue;
+        fused_panel((const Fused *)t->job, (Py_ssize_t)next);
+        atomic_fetch_add_explicit(&t->done, 1, memory_order_release);
+        taken++;
+    }
+}
+
+typedef struct { Team *team; int index; } WorkerArg;
+
+static void *worker_main(void *arg) {
+    WorkerArg *a = arg;
+    Team *t = a->team;
+    const int core = t->cores[a->index + 1];
+    free(a);
+    if (core >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(core, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof(set), &set); /* refused: it runs where it may */
+    }
+    uint32_t seen = atomic_load_explicit(&t->gen, memory_order_acquire);
+    while (!atomic_load_explicit(&t->stop, memory_order_acquire)) {
+        uint32_t g = atomic_load_explicit(&t->gen, memory_order_acquire);
+        if (g == seen) {
+            const uint64_t until = now_ns() + t->spin_ns;
+            int spins = 0;
+            while ((g = atomic_load_explicit(&t->gen, memory_order_acquire)) == seen &&
+                   !atomic_load_explicit(&t->stop, memory_order_relaxed)) {
+                cpu_relax();
+                if (++spins % 64 == 0 && now_ns() > until) {
+                    atomic_fetch_add(&t->sleepers, 1);
+                    if (atomic_load(&t->gen) == seen && !atomic_load(&t->stop)) futex(&t->gen, FUTEX_WAIT_PRIVATE, seen);
+                    atomic_fetch_sub(&t->sleepers, 1);
+                    spins = 0;
+                }
+            }
+            continue;
+        }
+        seen = g;
+        take_panels(t, g);
+    }
+    return NULL;
+}
+
+static void team_free(Team *t) {
+    if (!t) return;
+    atomic_store(&t->stop, 1);
+    atomic_fetch_add(&t->gen, 1);
+    futex(&t->gen, FUTEX_WAKE_PRIVATE, INT32_MAX);
+    for (int i = 0; i < t->nworkers; i++) pthread_join(t->threads[i], NULL);
+    free(t->threads);
+    free(t->cores);
+    free(t);
+}
+
+static void team_free_at_exit(void *t) { team_free(t); }
+
+/* A forked child has none of the parent's workers: its thread forgets the team (not freed:
+ * its workers cannot be joined there) and steps on OpenMP's. */
+static void forget_team_in_child(void) { elastic = NULL, elastic_on = 0; }
+
+static void elastic_init(void) {
+    pthread_key_create(&elastic_key, team_free_at_exit);
+    pthread_atfork(NULL, NULL, forget_team_in_child);
+}
+
+/* elastic_team(cores, spin_us=100): the calling thread leads an elastic team of len(cores)
+ * threads, worker i pinned to cores[i + 1] (a negative core: unpinned), each spinning spin_us
+ * for the next step before it sleeps; cores[0] is the master's, which the caller pins. Its
+ * steps run on the team while elastic_use(True). elastic_team(None) or fewer than two cores:
+ * no team (workers stopped), steps on OpenMP's. Returns the team's size (1: none). */
+static PyObject *elastic_team(PyObject *self, PyObject *args) {
+    Py_ssize_t n = 0;
+    int *cores = NULL;
+    PyObject *arg;
+    double spin_us = 100.0;
+    if (!PyArg_ParseTuple(args, "O|d", &arg, &spin_us)) return NULL;
+    if (!(spin_us >= 0 && spin_us <= 1e6)) {
+        PyErr_SetString(PyExc_ValueError, "elastic_team: spin_us must be within 0..1e6");
+        return NULL;
+    }
+    if (arg != Py_None) {
+        PyObject *seq = PySequence_Fast(arg, "elastic_team: cores must be a list of ints or None");
+        if (!seq) return NULL;
+        n = PySequence_Fast_GET_SIZE(seq);
+        if (n > 1024) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "elastic_team: at most 1024 threads");
+            return NULL;
+        }
+        cores = malloc((size_t)(n > 0 ? n : 1) * sizeof(int));
+        for (Py_ssize_t i = 0; cores && i < n; i++) {
+            long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (c == -1 && PyErr_Occurred()) {
+                free(cores);
+                Py_DECREF(seq);
+                return NULL;
+            }
+            cores[i] = (int)c;
+        }
+        Py_DECREF(seq);
+        if (!cores) return PyErr_NoMemory();
+    }
+    pthread_once(&elastic_once, elastic_init);
+    Team *old = elastic;
+    elastic = NULL, elastic_on = 0;
+    pthread_setspecific(elastic_key, NULL);
+    Py_BEGIN_ALLOW_THREADS
+    team_free(old);
+    Py_END_ALLOW_THREADS
+    if (n < 2) {
+        free(cores);
+        return PyLong_FromLong(1);
+    }
+    Team *t = calloc(1, sizeof(Team));
+    pthread_t *threads = calloc((size_t)(n - 1), sizeof(pthread_t));
+    if (!t || !threads) {
+        free(t), free(threads), free(cores);
+        return PyErr_NoMemory();
+    }
+    t->threads = threads, t->cores = cores, t->spin_ns = (uint64_t)(spin_us * 1e3);
+    for (int i = 0; i < n - 1; i++) {
+        WorkerArg *a = malloc(sizeof(WorkerArg));
+        if (!a || (a->team = t, a->index = i, pthread_create(&threads[i], NULL, worker_main, a) != 0)) {
+            free(a);
+            t->nworkers = i;
+            team_free(t);
+            PyErr_SetString(PyExc_OSError, "elastic_team: could not start a worker thread");
+            return NULL;
+        }
+        t->nworkers = i + 1;
+    }
+    elastic = t;
+    pthread_setspecific(elastic_key, t);
+    return PyLong_FromSsize_t(n);
+}
+
+/* elastic_use(on): whether the calling thread's steps run on its elastic team (if it has one). */
+static PyObject *elastic_use(PyObject *self, PyObject *arg) {
+    const int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    elastic_on = on && elastic != NULL;
+    return PyBool_FromLong(elastic_on);
+}
+
+static void elastic_run(Team *t, const void *f, int panels) {
+    const uint32_t g = ++t->seen;
+    t->job = f;
+    atomic_store_explicit(&t->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&t->claim, ((uint64_t)g << 32) | ((uint64_t)panels << 16), memory_order_release);
+    atomic_store_explicit(&t->gen, g, memory_order_release);
+    if (atomic_load(&t->sleepers) > 0) futex(&t->gen, FUTEX_WAKE_PRIVATE, INT32_MAX);
+    take_panels(t, g);
+    /* every panel is claimed: wait for those a worker is still computing */
+    while (atomic_load_explicit(&t->done, memory_order_acquire) < panels) cpu_relax();
+}
+#else
+static PyObject *elastic_team(PyObject *self, PyObject *args) {
+    PyErr_SetString(PyExc_OSError, "elastic_team: only on Linux");
+    return NULL;
+}
+
+static PyObject *elastic_use(PyObject *self, PyObject *arg) { Py_RETURN_FALSE; }
+#endif
+
 static void fused_run(const Fused *f, int panels) {
+    const int parallel = panels > 1 && f->B * f->K * f->G >= 65536;
+#ifdef HAVE_ELASTIC
+    if (elastic_on && parallel && panels < 0xffff) {
+        elastic_run(elastic, f, panels);
+        return;
+    }
+#endif
     int next = 0;
-#pragma omp parallel if (panels > 1 && f->B * f->K * f->G >= 65536)
+#pragma omp parallel if (parallel)
     for (;;) {
         int p;
 #pragma omp atomic capture
@@ -628,6 +873,8 @@ static PyMethodDef methods[] = {
     {"run_lane", run_lane, METH_VARARGS, "Several whole steps of one lane (GEMV and pointwise)."},
     {"fused_step", fused_step, METH_VARARGS, "A whole batched step: GEMM on packed weights and gates."},
     {"fused_project", fused_project, METH_VARARGS, "Input projections of rows on packed weights, plus bias."},
+    {"elastic_team", elastic_team, METH_VARARGS, "Lead an elastic team of threads on these cores (None: none)."},
+    {"elastic_use", elastic_use, METH_O, "Whether the calling thread's steps run on its elastic team."},
     {"has_avx512", has_avx512, METH_NOARGS, "Whether the CPU has AVX-512 (the fused step's fast build)."},
     {"tanh", tanh_test, METH_O, "The kernel's float tanh approximation, for tests."},
     {NULL, NULL, 0, NULL},

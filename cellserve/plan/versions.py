@@ -1,13 +1,19 @@
 """Kernel versions profiled under interference (Veltair), as plain data.
 
-A *version* of a cell type's step is the number of threads the fused step runs on (1 .. the
-executor's cores). Its answers do not depend on that number: each panel of hidden units is
-computed whole by one thread (kernels/cell.py), so the engine may switch versions between
-steps without changing a lane's answer by a bit (tests/executor/test_versions.py).
+A *version* of a cell type's step is how the fused step is threaded, named KIND-N:
+- "openmp-N": OpenMP's team of N threads (N the executor's cores: how the engine runs without
+  versions; fewer: the master alone or with fewer workers, floating over the cores);
+- "elastic-N": an elastic team of N (kernels/_pointwise.c): the master never waits for a worker
+  that has not started, so a worker another process holds off its core costs the step nothing
+  but that worker's share of the panels.
+The answers do not depend on the version: each panel of hidden units is computed whole by one
+thread, so the engine may switch versions between steps without changing a lane's answer by a
+bit (tests/executor/test_versions.py).
 
 Which version is fastest depends on the batch and on what other processes do with the cores:
-alone, all threads; with another process taking part of a core, a parallel step waits at its
-barrier for the thread that process preempts, and fewer threads can be faster. So a profile
+alone, OpenMP's team of all threads (its workers spin longer between steps); with another
+process taking part of a core, OpenMP's step waits at its closing barrier for the thread that
+process preempts, and the elastic team or fewer threads are faster. So a profile
 holds, per cell type, the mean step time of each version at each batch size at each of a few
 *interference levels*: others' load on the executor's cores, in cores, as the interference
 meter (executor/interference.py) read it while a burner process (bench/burner.py) ran at a
@@ -30,6 +36,19 @@ from cellserve.plan.json_io import as_list, check_version, read_json, write_json
 SCHEMA_VERSION = 1
 KIND = "kernel-versions"
 AFTER = ("steady", "pause")  # a step among others, or after the executor paused
+KINDS = ("openmp", "elastic")
+
+
+def parse_version(name: str) -> tuple[str, int]:
+    """("openmp" | "elastic", threads) of a version's name; VersionProfileError if it is none."""
+    kind, _, n = name.rpartition("-")
+    if kind not in KINDS or not n.isdigit() or int(n) < 1 or (kind == "elastic" and int(n) < 2):
+        raise VersionProfileError(f"version {name!r} is not openmp-N (N >= 1) or elastic-N (N >= 2)")
+    return kind, int(n)
+
+
+def version_name(kind: str, threads: int) -> str:
+    return f"{kind}-{threads}"
 
 
 class VersionProfileError(ValueError):
@@ -41,12 +60,12 @@ class VersionProfile:
     model: str
     backend: str  # the step implementation whose versions these are ("fused")
     cores: int  # cores of the executor profiled; versions run 1 .. cores threads
-    threads: tuple[int, ...]  # the versions, ascending
+    versions: tuple[str, ...]  # the versions' names (see the module)
     batches: tuple[int, ...]  # batch sizes measured, ascending
     duties: tuple[float, ...]  # the burner's duty at each level (0: none), as set
     levels: tuple[float, ...]  # others' load in cores at each level, as the meter read it, ascending
-    # cell type -> threads -> "steady" | "pause" -> [level][batch] mean seconds per step
-    step_s: dict[str, dict[int, dict[str, tuple[tuple[float, ...], ...]]]]
+    # cell type -> version -> "steady" | "pause" -> [level][batch] mean seconds per step
+    step_s: dict[str, dict[str, dict[str, tuple[tuple[float, ...], ...]]]]
     machine: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,11 +73,11 @@ class VersionProfile:
 
     # ---- predictions ----
 
-    def predict(self, cell_type: str, threads: int, batch: int, level: float, paused: bool = False) -> float:
-        """Mean seconds of one step of `batch` lanes on `threads` threads when others take
-        `level` cores, steady or after a pause: linear between the measured levels and batch
-        sizes, the end values beyond them (a batch past the largest measured scales with it)."""
-        table = self.step_s[cell_type][threads][AFTER[paused]]
+    def predict(self, cell_type: str, version: str, batch: int, level: float, paused: bool = False) -> float:
+        """Mean seconds of one step of `batch` lanes on `version` when others take `level`
+        cores, steady or after a pause: linear between the measured levels and batch sizes,
+        the end values beyond them (a batch past the largest measured scales with it)."""
+        table = self.step_s[cell_type][version][AFTER[paused]]
         i, w = _between(self.levels, level)
         row = [(1 - w) * a + w * b for a, b in zip(table[i], table[min(i + 1, len(table) - 1)])]
         if batch > self.batches[-1]:
@@ -70,11 +89,11 @@ class VersionProfile:
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "kind": KIND, "model": self.model, "backend": self.backend,
-                "cores": self.cores, "threads": list(self.threads), "batches": list(self.batches),
+                "cores": self.cores, "versions": list(self.versions), "batches": list(self.batches),
                 "duties": list(self.duties), "levels": list(self.levels),
-                "cell_types": {ct: {str(t): {a: [list(r) for r in rows] for a, rows in by_after.items()}
-                                    for t, by_after in by_threads.items()}
-                               for ct, by_threads in self.step_s.items()},
+                "cell_types": {ct: {v: {a: [list(r) for r in rows] for a, rows in by_after.items()}
+                                    for v, by_after in by_version.items()}
+                               for ct, by_version in self.step_s.items()},
                 "measured_on": self.machine}
 
     def to_json(self, path: str | Path) -> None:
@@ -88,7 +107,7 @@ class VersionProfile:
         check_version(d, "kernel-versions profile", SCHEMA_VERSION, err)
         if d.get("kind") != KIND:
             raise err(f"kind must be {KIND!r} (a file from `cellserve profile-versions`), got {d.get('kind')!r}")
-        missing = [k for k in ("model", "backend", "cores", "threads", "batches", "duties", "levels", "cell_types")
+        missing = [k for k in ("model", "backend", "cores", "versions", "batches", "duties", "levels", "cell_types")
                    if k not in d]
         if missing:
             raise err(f"kernel-versions profile lacks {', '.join(missing)}")
@@ -96,23 +115,18 @@ class VersionProfile:
         if not isinstance(cell_types, dict):
             raise err(f"cell_types must be an object, got {type(cell_types).__name__}")
         step_s = {}
-        for ct, by_threads in cell_types.items():
-            if not isinstance(by_threads, dict):
-                raise err(f"cell_types[{ct!r}] must be an object of thread counts, got {type(by_threads).__name__}")
+        for ct, by_version in cell_types.items():
+            if not isinstance(by_version, dict):
+                raise err(f"cell_types[{ct!r}] must be an object of versions, got {type(by_version).__name__}")
             table = {}
-            for t, by_after in by_threads.items():
-                try:
-                    threads = int(t)
-                except ValueError:
-                    raise err(f"cell_types[{ct!r}] has key {t!r}, not a thread count") from None
+            for v, by_after in by_version.items():
                 if not isinstance(by_after, dict) or sorted(by_after) != sorted(AFTER):
-                    raise err(f"cell_types[{ct!r}][{t!r}] must be an object of {' and '.join(AFTER)} tables")
-                table[threads] = {a: _rows(rows, f"cell_types[{ct!r}][{t!r}][{a!r}]")
-                                  for a, rows in by_after.items()}
+                    raise err(f"cell_types[{ct!r}][{v!r}] must be an object of {' and '.join(AFTER)} tables")
+                table[v] = {a: _rows(rows, f"cell_types[{ct!r}][{v!r}][{a!r}]") for a, rows in by_after.items()}
             step_s[ct] = table
         machine = d.get("measured_on", {})
         return cls(model=_text(d["model"], "model"), backend=_text(d["backend"], "backend"),
-                   cores=d["cores"], threads=tuple(as_list(d["threads"], "threads", err)),
+                   cores=d["cores"], versions=tuple(as_list(d["versions"], "versions", err)),
                    batches=tuple(as_list(d["batches"], "batches", err)),
                    duties=tuple(_number(x, "duties") for x in as_list(d["duties"], "duties", err)),
                    levels=tuple(_number(x, "levels") for x in as_list(d["levels"], "levels", err)),
@@ -161,10 +175,12 @@ def _check(p: VersionProfile) -> None:
     err = VersionProfileError
     if isinstance(p.cores, bool) or not isinstance(p.cores, int) or p.cores < 1:
         raise err(f"cores must be an integer >= 1, got {p.cores!r}")
-    _ints_ascending(p.threads, "threads")
     _ints_ascending(p.batches, "batches")
-    if p.threads[-1] > p.cores:
-        raise err(f"threads {list(p.threads)} go past the {p.cores} cores profiled")
+    if not p.versions or len(set(p.versions)) != len(p.versions) or not all(isinstance(v, str) for v in p.versions):
+        raise err(f"versions must be a non-empty list of distinct names, got {list(p.versions)}")
+    for v in p.versions:
+        if parse_version(v)[1] > p.cores:
+            raise err(f"version {v!r} runs more threads than the {p.cores} cores profiled")
     if not p.levels or len(p.levels) != len(p.duties):
         raise err(f"levels and duties must be non-empty lists of one length, got {len(p.levels)} and "
                   f"{len(p.duties)}")
@@ -173,13 +189,13 @@ def _check(p: VersionProfile) -> None:
     if not p.step_s:
         raise err("cell_types is empty: nothing was profiled")
     for ct, table in p.step_s.items():
-        if sorted(table) != list(p.threads):
-            raise err(f"cell_types[{ct!r}] has thread counts {sorted(table)}, not the profile's {list(p.threads)}")
-        for t, by_after in table.items():
+        if sorted(table) != sorted(p.versions):
+            raise err(f"cell_types[{ct!r}] has versions {sorted(table)}, not the profile's {sorted(p.versions)}")
+        for v, by_after in table.items():
             if sorted(by_after) != sorted(AFTER):
-                raise err(f"cell_types[{ct!r}][{str(t)!r}] must hold {' and '.join(AFTER)} tables")
+                raise err(f"cell_types[{ct!r}][{v!r}] must hold {' and '.join(AFTER)} tables")
             for a, rows in by_after.items():
-                where = f"cell_types[{ct!r}][{str(t)!r}][{a!r}]"
+                where = f"cell_types[{ct!r}][{v!r}][{a!r}]"
                 if len(rows) != len(p.levels) or any(len(r) != len(p.batches) for r in rows):
                     raise err(f"{where} must hold {len(p.levels)} levels of {len(p.batches)} batch sizes")
                 if any(x <= 0 for r in rows for x in r):

@@ -27,7 +27,7 @@ Admission and connections (the frontends, before any decoding; not per model):
   cellserve_http_requests_timed_out_total (408: headers or body too slow)
 Kernel versions (with --kernel-versions; docs/tenancy.md):
   cellserve_interference_cores{executor}   others' load on the executor's cores, in cores
-  cellserve_kernel_version_switches_total{executor}, cellserve_kernel_version_steps_total{cell_type,threads}
+  cellserve_kernel_version_switches_total{executor}, cellserve_kernel_version_steps_total{cell_type,version}
 Failure reasons: invalid, rejected (refused at admission), dropped (deadline missed while
 queued or running, a gRPC call's own deadline included), sequence (a sequence error), cancelled (the client went away before its
 answer), error (the server failed).
@@ -237,16 +237,16 @@ def _version_metrics(engine):
         return
     level = GaugeMetricFamily("cellserve_interference_cores", "Others' load on the executor's cores, in cores "
                               "(busy time of the cores not this process's, smoothed)", labels=["executor"])
-    switches = CounterMetricFamily("cellserve_kernel_version_switches", "Times the executor's step thread count "
+    switches = CounterMetricFamily("cellserve_kernel_version_switches", "Times the executor's kernel version "
                                    "changed between two steps", labels=["executor"])
-    steps = CounterMetricFamily("cellserve_kernel_version_steps", "Steps of a cell type run on each thread count "
-                                "(kernel version)", labels=["cell_type", "threads"])
+    steps = CounterMetricFamily("cellserve_kernel_version_steps", "Steps of a cell type run on each kernel "
+                                "version (openmp-N, elastic-N)", labels=["cell_type", "version"])
     for name, versions in with_versions:
         level.add_metric([name], versions.meter.level)
         switches.add_metric([name], versions.switches)
         by_type: dict[tuple[str, str], int] = {}
-        for (cell_type, threads), count in list(versions.steps.items()):
-            key = (untagged(cell_type), str(threads))
+        for (cell_type, version), count in list(versions.steps.items()):
+            key = (untagged(cell_type), version)
             by_type[key] = by_type.get(key, 0) + count
         for key, count in by_type.items():
             steps.add_metric(list(key), count)

@@ -24,18 +24,25 @@ from cellserve.plan.versions import VersionProfile, VersionProfileError
 TWO_CORES = len(os.sched_getaffinity(0)) >= 2
 
 
-def profile(model="m", cell_types=("m/a",), one=(100e-6, 100e-6), two=(50e-6, 200e-6), pause_factor=1.0):
-    """Steps of batch 1 and 64 at levels 0 and 1 core: on two threads `two` (level 0, level 1)
-    per lane-step, on one `one`; after a pause `pause_factor` times that."""
-    def rows(per):
-        return tuple((per[i] * 1, per[i] * 64) for i in range(2))
+ONE, TWO, ELASTIC = "openmp-1", "openmp-2", "elastic-2"
+
+
+def profile(model="m", cell_types=("m/a",), one=(100e-6, 100e-6), two=(50e-6, 200e-6), pause_factor=1.0,
+            elastic=None):
+    """Steps of batch 1 and 64 at levels 0 and 1 core: OpenMP's two threads take `two` (level 0,
+    level 1) per lane-step, one thread `one`, the elastic team `elastic` (none: no such
+    version); after a pause `pause_factor` times that."""
+    levels = len(one)
 
     def table(per):
-        steady = rows(per)
+        steady = tuple((per[i] * 1, per[i] * 64) for i in range(levels))
         return {"steady": steady, "pause": tuple(tuple(x * pause_factor for x in r) for r in steady)}
 
-    return VersionProfile(model=model, backend="fused", cores=2, threads=(1, 2), batches=(1, 64), duties=(0.0, 1.0),
-                          levels=(0.0, 1.0), step_s={ct: {1: table(one), 2: table(two)} for ct in cell_types})
+    versions = {ONE: one, TWO: two, **({ELASTIC: elastic} if elastic else {})}
+    return VersionProfile(model=model, backend="fused", cores=2, versions=tuple(versions), batches=(1, 64),
+                          duties=tuple(x / (levels - 1) for x in range(levels)),
+                          levels=tuple(x / (levels - 1) for x in range(levels)),
+                          step_s={ct: {v: table(per) for v, per in versions.items()} for ct in cell_types})
 
 
 class Clock:
@@ -66,14 +73,14 @@ def test_a_profile_round_trips_through_json(tmp_path):
 
 def test_predictions_interpolate_levels_and_batches():
     p = profile()
-    assert p.predict("m/a", 2, 1, 0.0) == pytest.approx(50e-6)
-    assert p.predict("m/a", 2, 1, 1.0) == pytest.approx(200e-6)
-    assert p.predict("m/a", 2, 1, 0.5) == pytest.approx(125e-6)  # halfway between the levels
-    assert p.predict("m/a", 2, 1, 3.0) == pytest.approx(200e-6)  # past the last level: its value
-    # halfway between batch 1 (50 us) and batch 64 (3,200 us) at level 0
-    assert p.predict("m/a", 2, 32, 0.0) == pytest.approx(50e-6 + (31 / 63) * (3200e-6 - 50e-6))
-    assert p.predict("m/a", 2, 128, 0.0) == pytest.approx(2 * 3200e-6)  # past the largest batch: scaled
-    assert profile(pause_factor=3.0).predict("m/a", 1, 1, 0.0, paused=True) == pytest.approx(300e-6)
+    assert p.predict("m/a", TWO, 1, 0.0) == pytest.approx(50e-6)
+    assert p.predict("m/a", TWO, 1, 1.0) == pytest.approx(200e-6)
+    assert p.predict("m/a", TWO, 1, 0.5) == pytest.approx(125e-6)  # halfway between the levels
+    assert p.predict("m/a", TWO, 1, 3.0) == pytest.approx(200e-6)  # past the last level: its value
+    # between batch 1 (50 us) and batch 64 (3,200 us) at level 0
+    assert p.predict("m/a", TWO, 32, 0.0) == pytest.approx(50e-6 + (31 / 63) * (3200e-6 - 50e-6))
+    assert p.predict("m/a", TWO, 128, 0.0) == pytest.approx(2 * 3200e-6)  # past the largest batch: scaled
+    assert profile(pause_factor=3.0).predict("m/a", ONE, 1, 0.0, paused=True) == pytest.approx(300e-6)
 
 
 @pytest.mark.parametrize("edit, says", [
@@ -81,12 +88,14 @@ def test_predictions_interpolate_levels_and_batches():
     (lambda d: d.update(schema_version=9), "schema_version is 9"),
     (lambda d: d.pop("levels"), "lacks levels"),
     (lambda d: d.update(levels=[0.5, 0.1]), "levels must be ascending"),
-    (lambda d: d.update(threads=[1, 2, 3]), "go past the 2 cores"),
-    (lambda d: d["cell_types"]["m/a"].pop("1"), "has thread counts [2]"),
-    (lambda d: d["cell_types"]["m/a"]["1"].pop("pause"), "steady and pause"),
-    (lambda d: d["cell_types"]["m/a"]["1"]["steady"][0].append(1.0), "must hold 2 levels of 2 batch sizes"),
-    (lambda d: d["cell_types"]["m/a"]["2"]["steady"][0].__setitem__(0, -1.0), "finite number >= 0"),
-    (lambda d: d["cell_types"]["m/a"]["2"]["steady"][0].__setitem__(0, 0.0), "step time <= 0"),
+    (lambda d: d.update(versions=["openmp-1", "openmp-3"]), "runs more threads than the 2 cores"),
+    (lambda d: d.update(versions=["openmp-1", "elastic-1"]), "is not openmp-N (N >= 1) or elastic-N (N >= 2)"),
+    (lambda d: d.update(versions=["openmp-1", "threads-2"]), "'threads-2' is not openmp-N"),
+    (lambda d: d["cell_types"]["m/a"].pop(ONE), "has versions ['openmp-2']"),
+    (lambda d: d["cell_types"]["m/a"][ONE].pop("pause"), "steady and pause"),
+    (lambda d: d["cell_types"]["m/a"][ONE]["steady"][0].append(1.0), "must hold 2 levels of 2 batch sizes"),
+    (lambda d: d["cell_types"]["m/a"][TWO]["steady"][0].__setitem__(0, -1.0), "finite number >= 0"),
+    (lambda d: d["cell_types"]["m/a"][TWO]["steady"][0].__setitem__(0, 0.0), "step time <= 0"),
     (lambda d: d.update(cell_types={}), "nothing was profiled"),
 ])
 def test_a_broken_profile_is_refused_naming_the_field(edit, says):
@@ -142,14 +151,14 @@ def test_the_chooser_moves_to_fewer_threads_only_when_the_level_makes_them_cheap
     clock, level = Clock(), [0.0]
     chooser = VersionChooser([profile()], lambda: level[0], all_threads=2, now=clock, period_s=0.25)
     assert chooser.knows("m/a") and not chooser.knows("m/zzz")
-    assert chooser.step("m/a", 1, False) == 2
+    assert chooser.step("m/a", 1, False) == TWO
     level[0] = 1.0  # one thread (100 us) is now far cheaper than two (200 us)
-    assert chooser.step("m/a", 1, False) == 2  # within the period: no new choice
+    assert chooser.step("m/a", 1, False) == TWO  # within the period: no new choice
     clock.t = 0.3
-    assert chooser.step("m/a", 1, False) == 1
+    assert chooser.step("m/a", 1, False) == ONE
     level[0] = 0.0
     clock.t = 0.6
-    assert chooser.step("m/a", 1, False) == 2  # back once the neighbour left
+    assert chooser.step("m/a", 1, False) == TWO  # back once the neighbour left
 
 
 def test_a_version_barely_cheaper_does_not_replace_the_one_in_force():
@@ -159,17 +168,17 @@ def test_a_version_barely_cheaper_does_not_replace_the_one_in_force():
     chooser = VersionChooser([p], lambda: 1.0, all_threads=2, now=clock, period_s=0.25)
     for t in (0.3, 0.6, 0.9):
         clock.t = t
-        assert chooser.step("m/a", 1, False) == 2
+        assert chooser.step("m/a", 1, False) == TWO
 
 
 def test_the_chooser_prices_the_mix_of_recent_steps():
     """With a whole core taken, one thread wins a step of one lane (100 against 200 us) and
     two threads a step of 64 (4.0 against 6.4 ms): the choice follows the batches run lately."""
-    p = VersionProfile(model="m", backend="fused", cores=2, threads=(1, 2), batches=(1, 64), duties=(0.0, 1.0),
+    p = VersionProfile(model="m", backend="fused", cores=2, versions=(ONE, TWO), batches=(1, 64), duties=(0.0, 1.0),
                        levels=(0.0, 1.0),
-                       step_s={"m/a": {1: {"steady": ((100e-6, 6400e-6),) * 2, "pause": ((100e-6, 6400e-6),) * 2},
-                                       2: {"steady": ((50e-6, 3200e-6), (200e-6, 4000e-6)),
-                                           "pause": ((50e-6, 3200e-6), (200e-6, 4000e-6))}}})
+                       step_s={"m/a": {ONE: {"steady": ((100e-6, 6400e-6),) * 2, "pause": ((100e-6, 6400e-6),) * 2},
+                                       TWO: {"steady": ((50e-6, 3200e-6), (200e-6, 4000e-6)),
+                                             "pause": ((50e-6, 3200e-6), (200e-6, 4000e-6))}}})
     clock = Clock()
     small = VersionChooser([p], lambda: 1.0, all_threads=2, now=clock, period_s=0.25)
     large = VersionChooser([p], lambda: 1.0, all_threads=2, now=clock, period_s=0.25)
@@ -177,8 +186,8 @@ def test_the_chooser_prices_the_mix_of_recent_steps():
         small.step("m/a", 1, False)
         large.step("m/a", 64, False)
     clock.t = 0.3
-    assert small.step("m/a", 1, False) == 1  # 100 against 200 us a step
-    assert large.step("m/a", 64, False) == 2  # 4.0 against 6.4 ms a step
+    assert small.step("m/a", 1, False) == ONE  # 100 against 200 us a step
+    assert large.step("m/a", 64, False) == TWO  # 4.0 against 6.4 ms a step
 
 
 # ---- an engine that switches versions ----
@@ -204,15 +213,15 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-class Flipping:
-    """A meter whose level alternates between none and a whole core at every reading."""
+class Cycling:
+    """A meter whose level goes 0, 0.5, 1, 0, ... a core at each reading."""
 
     def __init__(self):
         self.level, self.reads = 0.0, 0
 
     def read(self):
         self.reads += 1
-        self.level = float(self.reads % 2)
+        self.level = (self.reads % 3) / 2
         return self.level
 
 
@@ -227,13 +236,15 @@ def test_switching_versions_between_steps_changes_no_answer_by_a_bit(name, two_t
     executor = KernelExecutor("cpu", "fused")
     engine = Engine([zoo.load(name)], EngineConfig(profile=False, backend="fused"), executors={"default": executor})
     cell_types = list(executor.kernels)
-    # one thread cheaper at level 1, two at level 0: the flipping meter makes it switch at every choice
-    executor.use_versions([profile(model=name, cell_types=cell_types, one=(100e-6, 100e-6), two=(50e-6, 400e-6))],
-                          meter=Flipping(), period_s=0.0)
+    # OpenMP's two threads cheapest at level 0, the elastic team at 0.5, one thread at 1: the
+    # cycling meter makes it switch at every choice, through all three
+    p = profile(model=name, cell_types=cell_types, one=(100e-6, 100e-6, 100e-6), two=(50e-6, 400e-6, 400e-6),
+                elastic=(60e-6, 60e-6, 400e-6))
+    executor.use_versions([p], meter=Cycling(), period_s=0.0)
     got = _answers(engine, name, inputs)
     versions = executor.versions
     assert versions.switches > 10, versions.switches
-    assert {t for _, t in versions.steps} == {1, 2}
+    assert {v for _, v in versions.steps} == {ONE, TWO, ELASTIC}
     for a, b in zip(got, want):
         assert a.keys() == b.keys()
         for k in a:
@@ -252,7 +263,7 @@ def test_the_metrics_say_which_versions_ran(two_threads):
     _answers(engine, "gru-256", _tokens(np.random.default_rng(1), 5, 1000))
     text = Metrics(engine).exposition().decode()
     assert 'cellserve_interference_cores{executor="default"} 1.0' in text
-    assert 'threads="1"' in text and "cellserve_kernel_version_switches_total" in text
+    assert 'version="openmp-1"' in text and "cellserve_kernel_version_switches_total" in text
 
 
 def test_an_engine_refuses_versions_it_cannot_use(tmp_path):
