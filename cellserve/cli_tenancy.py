@@ -44,7 +44,7 @@ def add_profile_versions(sub) -> None:
 def _profile_versions(args, parser) -> int:
     import torch
 
-    from cellserve.bench.version_profiler import profile_versions
+    from cellserve.bench.version_profiler import profile_versions, table
     from cellserve.engine.config import EngineConfig
     from cellserve.plan.json_io import OutputError, check_output
     from cellserve.server.repository import load_model
@@ -58,8 +58,9 @@ def _profile_versions(args, parser) -> int:
         profile.to_json(args.json)
     except (ValueError, OutputError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"wrote {args.json}: {len(profile.step_s)} cell type(s), threads {list(profile.threads)}, levels "
-          + ", ".join(f"{x:.2f}" for x in profile.levels) + " cores")
+    print(table(profile))
+    print(f"wrote {args.json}: {len(profile.step_s)} cell type(s), versions {', '.join(profile.versions)}; "
+          "others' load read at the levels: " + ", ".join(f"{x:.2f}" for x in profile.levels) + " cores")
     return 0
 
 

@@ -148,3 +148,24 @@ def _cpu_name() -> str:
                         platform.machine())
     except OSError:
         return platform.machine()
+
+
+def table(profile: VersionProfile, batches: tuple[int, ...] = (1, 16, 64)) -> str:
+    """Markdown: per cell type, version and interference level, the steady and after-a-pause
+    step times (us) at a few batch sizes."""
+    shown = [b for b in batches if b in profile.batches] or list(profile.batches[:3])
+    lines = []
+    for ct, by_version in profile.step_s.items():
+        lines += [f"{ct} (us per step; steady / after a pause)", "",
+                  "| version | others' load (cores) | " + " | ".join(f"batch {b}" for b in shown) + " |",
+                  "|---|---:|" + "---:|" * len(shown)]
+        for v in profile.versions:
+            for i, level in enumerate(profile.levels):
+                cells = []
+                for b in shown:
+                    j = profile.batches.index(b)
+                    steady, pause = by_version[v]["steady"][i][j], by_version[v]["pause"][i][j]
+                    cells.append(f"{steady * 1e6:.0f} / {pause * 1e6:.0f}")
+                lines.append(f"| {v} | {level:.2f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

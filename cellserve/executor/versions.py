@@ -81,14 +81,19 @@ class VersionChooser:
             found = self._known[cell_type] = profiled_as(cell_type, self.profiles)
         return found is not None
 
-    def step(self, cell_type: str, batch: int, paused: bool) -> str:
+    def step(self, cell_type: str, batch: int, paused: bool, now: float | None = None) -> str:
         """The version for a step of `batch` lanes of a profiled cell type (`knows` it), which
-        starts after a pause or not; the step is counted in the mix the next choice prices."""
-        if not self.knows(cell_type):
-            raise ValueError(f"cell type {cell_type!r} is in no kernel-versions profile")
+        starts after a pause or not (at `now` on the chooser's clock; None: read it); the step
+        is counted in the mix the next choice prices."""
         key = (cell_type, batch, paused)
-        self._mix[key] = self._mix.get(key, 0.0) + 1.0
-        if self._now() - self._chose_at >= self.period_s:
+        mix = self._mix
+        if key in mix:
+            mix[key] += 1.0
+        elif self.knows(cell_type):
+            mix[key] = 1.0
+        else:
+            raise ValueError(f"cell type {cell_type!r} is in no kernel-versions profile")
+        if (self._now() if now is None else now) - self._chose_at >= self.period_s:
             self._choose()
         return self.version
 
@@ -172,7 +177,8 @@ class KernelVersions:
                  period_s: float = PERIOD_S):
         self.cores = cores
         self.meter = meter or InterferenceMeter(cores)
-        self.chooser = VersionChooser(profiles, self.meter.read, len(cores), period_s=period_s)
+        # the chooser keeps time by the steps' perf_counter readings (prepare's `now`)
+        self.chooser = VersionChooser(profiles, self.meter.read, len(cores), now=time.perf_counter, period_s=period_s)
         self._switch: ThreadSwitch | None = None
         self._thread = 0
         self.steps: dict[tuple[str, str], int] = {}  # (cell type, version) -> steps run
@@ -181,21 +187,23 @@ class KernelVersions:
 
     def prepare(self, cell_type: str, batch: int, now: float) -> str:
         """Set the calling thread up for one step of `batch` lanes of `cell_type` starting at
-        `now` (time.perf_counter()); its version."""
+        `now` (time.perf_counter()); its version. On every step: kept to a few dict lookups."""
         switch = self._switch
         if switch is None or self._thread != threading.get_ident():
             self.reset()
             switch = self._switch = ThreadSwitch(len(self.cores), self.cores)
             self._thread = threading.get_ident()
-        if self.chooser.knows(cell_type):
-            version = self.chooser.step(cell_type, batch, now - self.last_end > PAUSE_S)
+        chooser = self.chooser
+        if chooser.knows(cell_type):
+            version = chooser.step(cell_type, batch, now - self.last_end > PAUSE_S, now)
         else:
-            version = self.chooser.default
+            version = chooser.default
         if version != switch.version:
             switch.use(version)
             self.switches += 1
         key = (cell_type, version)
-        self.steps[key] = self.steps.get(key, 0) + 1
+        steps = self.steps
+        steps[key] = steps.get(key, 0) + 1
         return version
 
     def ended(self, now: float) -> None:
