@@ -341,7 +341,8 @@ from cellserve.bench import accuracy_serve as bench_accuracy_serve  # noqa: E402
 BENCH_COMMANDS = (_add_bench_engine, _add_bench_server, _add_bench_load, _add_bench_compare, cli_sim.add_bench_sim,
                   bench_soak.add_parser, bench_latency.add_parser, cli_plan.add_bench_planner, cli_cluster.add_bench_cluster,
                   cli_kernels.add_bench_kernels, cli_partition.add_bench_partition, cli_bench_plan.add_bench_plan,
-                  bench_accuracy_serve.add_parser, cli_pipeline.add_bench_pipeline, cli_tenancy.add_bench_tenancy)
+                  bench_accuracy_serve.add_parser, cli_pipeline.add_bench_pipeline, cli_tenancy.add_bench_tenancy,
+                  cli_tenancy.add_bench_tenancy_sim)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def add_profile_versions(sub) -> None:
     p.add_argument("--duties", type=_numbers(float), default=(0.0, 0.25, 0.5, 1.0),
                    help="the burner's shares of one core, the first 0 (default: 0,0.25,0.5,1)")
     p.add_argument("--max-batch", type=positive(int), default=64, help="largest batch timed (default: 64)")
+    p.add_argument("--no-stack-layers", dest="stack_layers", action="store_false",
+                   help="profile each layer as a cell type of its own (as serve --no-stack-layers runs them; "
+                        "bench tenancy-sim's layer blocks)")
     p.add_argument("--quick", action="store_true", help="shorter timings")
     p.add_argument("--json", type=Path, required=True, help="where to write the profile")
     p.set_defaults(run=_profile_versions)
@@ -54,7 +57,8 @@ def _profile_versions(args, parser) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         model = load_model(args.model, args.model_repository)
-        profile = profile_versions(model, EngineConfig(), tuple(args.duties), args.max_batch, args.quick)
+        profile = profile_versions(model, EngineConfig(stack_layers=args.stack_layers), tuple(args.duties),
+                                   args.max_batch, args.quick)
         profile.to_json(args.json)
     except (ValueError, OutputError) as exc:
         parser.exit(2, f"error: {exc}\n")
@@ -113,4 +117,70 @@ def _bench_tenancy(args, parser) -> int:
         parser.exit(2, f"error: {exc}\n")
     print(table(report))
     print(f"wrote {cfg.json} and {cfg.plot}")
+    return 0
+
+
+def _tenants(text: str) -> tuple:
+    import argparse
+
+    out = []
+    for item in (x for x in text.split(",") if x.strip()):
+        model, sep, slo = item.rpartition(":")
+        try:
+            if not sep or not model:
+                raise ValueError
+            out.append((model, float(slo)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"tenants are MODEL:SLO_MS, comma-separated; got {item!r}") from None
+    return tuple(out)
+
+
+def add_bench_tenancy_sim(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "tenancy-sim", help="many models sharing a large CPU, simulated: cores per layer block (Veltair) against "
+                            "per model and today's round robin",
+        description="In virtual time: tenants (a zoo model and its SLO each) on a CPU of --cores cores, bursty "
+                    "arrivals that move between tenants, cellular batching per block; today's round robin over "
+                    "every block on all cores, cores per model, and cores per layer block (both re-allocated every "
+                    "--period s by measured rates). Step times on c cores modelled from the kernel-versions "
+                    "profiles' 1- and 2-thread steps (Amdahl's law); every figure is simulated. docs/tenancy.md.")
+    p.add_argument("--profile", type=Path, action="append", required=True, dest="profiles", metavar="V.json",
+                   help="a kernel-versions profile (profile-versions) of each model the tenants use")
+    p.add_argument("--tenants", type=_tenants, required=True, metavar="MODEL:SLO_MS,...",
+                   help="the tenants, e.g. gru-256:10,lstm-512:25,gru-256:50 (a model may serve several)")
+    p.add_argument("--model-repository", type=Path, default=None, help="where to find a model not in the zoo")
+    p.add_argument("--cores", type=positive(int), default=32, help="the simulated CPU's cores (default: 32)")
+    p.add_argument("--load", type=positive(float), default=0.6,
+                   help="offered load, a share of the cores' capacity at one thread per step (default: 0.6)")
+    p.add_argument("--seconds", type=positive(float), default=60.0, help="simulated seconds of arrivals (default: 60)")
+    p.add_argument("--period", type=positive(float), default=1.0, dest="period_s",
+                   help="seconds between re-allocations (default: 1)")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="arrivals' seed (default: 0)")
+    p.add_argument("--json", type=Path, default=Path("bench-results/tenancy-sim.json"), help="where to write results")
+    p.set_defaults(run=_bench_tenancy_sim)
+
+
+def _bench_tenancy_sim(args, parser) -> int:
+    from cellserve.bench.tenancy_sim import SimTenancyConfig, panels_of, run, table
+    from cellserve.plan.json_io import OutputError
+    from cellserve.plan.versions import VersionProfile, VersionProfileError
+    from cellserve.server.repository import load_model
+
+    try:
+        config = SimTenancyConfig(tenants=args.tenants, cores=args.cores, load=args.load, seconds=args.seconds,
+                                  period_s=args.period_s, seed=args.seed, json=args.json)
+        profiles = {}
+        for path in args.profiles:
+            p = VersionProfile.from_json(path)
+            if p.model in profiles:
+                raise ValueError(f"two profiles of model {p.model!r}")
+            profiles[p.model] = p
+        panels = {}
+        for p in profiles.values():
+            panels.update(panels_of(load_model(p.model, args.model_repository), p))
+        report = run(config, profiles, panels)
+    except (ValueError, OutputError, VersionProfileError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(table(report))
+    print(f"simulated ({report['modelled']}); wrote {args.json}")
     return 0
