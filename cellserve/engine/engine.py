@@ -38,8 +38,8 @@ from cellserve.engine.request import Request, Response, Status
 from cellserve.engine.runs import _Run, _Work
 from cellserve.engine.scheduler import Lane, make_policy
 from cellserve.engine.walk import ModelWalk
-from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
 from cellserve.errors import NotOnThisExecutor
+from cellserve.executor.base import LONE_LANE_CHUNK, CellTypeSpec, Executor, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.graph.model import (DenseNode, GraphDecoder, LayerStack, Model, RecurrentLayer, plain_group_key,
                                    plain_groups)

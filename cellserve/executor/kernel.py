@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from cellserve.executor.base import BeamStarted, CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.errors import NotOnThisExecutor
+from cellserve.executor.base import BeamStarted, CellTypeSpec, Executor, LaneFinished, LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.executor.interference import InterferenceMeter
 from cellserve.executor.versions import PERIOD_S, KernelVersions
@@ -89,7 +89,7 @@ class KernelExecutor(Executor):
 
     @contextlib.contextmanager
     def _pinned_cpu(self, enabled: bool):
-        if self.versions is not None:  # pin all threads, and build the switch anew after: the master's core changes
+        if self.versions is not None:  # back to all threads before pinning; the switch is built anew after
             self.versions.reset()
         with affinity.openmp_threads_pinned(enabled) as cores:
             try:
@@ -102,13 +102,13 @@ class KernelExecutor(Executor):
 
     def use_versions(self, profiles: list[VersionProfile], meter: InterferenceMeter | None = None,
                      period_s: float = PERIOD_S) -> None:
-        """Step the profiled cell types on the thread count the interference now calls for
-        (executor/versions.py), choosing every `period_s` from what `meter` reads (by
-        default /proc's accounting of the executor's cores). Only on the fused CPU step, whose
-        answers do not depend on its thread count, with the profiles' thread count."""
+        """Step the profiled cell types on the version (openmp-N, elastic-N) the interference
+        now calls for (executor/versions.py), choosing every `period_s` from what `meter`
+        reads (by default /proc's accounting of the executor's cores). Only on the fused CPU
+        step, whose answers do not depend on its threading, profiled on as many threads."""
         backend = self.backend or (default_backend(self.device) if self.device.type == "cpu" else "torch")
         if self.device.type != "cpu" or backend != "fused":
-            raise NotOnThisExecutor(f"kernel versions switch the thread count of the fused CPU step; executor "
+            raise NotOnThisExecutor(f"kernel versions switch how the fused CPU step is threaded; executor "
                                     f"{self.name!r} runs the {backend} step on {self.device}")
         cores = self.cores or tuple(sorted(os.sched_getaffinity(0)))
         threads = len(cores) if self.cores else torch.get_num_threads()
@@ -117,7 +117,7 @@ class KernelExecutor(Executor):
                 raise NotOnThisExecutor(f"the kernel-versions profile of {p.model!r} was measured on {p.cores} "
                                         f"threads of the {p.backend} step; executor {self.name!r} runs {threads} "
                                         f"threads of the fused step (profile it here, with the same --threads)")
-        self.versions = KernelVersions(profiles, cores[:threads] if len(cores) >= threads else cores, meter, period_s)
+        self.versions = KernelVersions(profiles, cores[:threads], meter, period_s)
 
     # ---- lanes ----
 

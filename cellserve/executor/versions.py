@@ -3,12 +3,11 @@
 `VersionChooser` is the policy, plain Python. A version (plan/versions.py: openmp-N, elastic-N)
 is how the executor's one stepping thread runs its steps, so one is in force for all the
 profiled cell types at a time (a team switched between every two steps would pay for waking
-its workers each time). Each period it
-prices the steps of the recent past (cell type, batch size, whether the step came after a
-pause; older periods weigh half as much) under every version from the profiles
-(plan/versions.py) at the interference level measured now, and moves to the cheapest if it is
-predicted SWITCH_GAIN cheaper than the version in force: hysteresis against noise in the
-profile and in the meter.
+its workers each time). Each period it prices the steps of the recent past (cell type, batch
+size, whether the step came after a pause; older periods weigh half as much) under every
+version from the profiles at the interference level measured now, and moves to the cheapest
+if it is predicted SWITCH_GAIN cheaper than the version in force: hysteresis against noise in
+the profile and in the meter.
 
 `ThreadSwitch` applies a version to the calling thread (the master that runs the steps): its
 OpenMP team size, whether its steps run on its elastic team (started the first time one is
@@ -37,7 +36,7 @@ PERIOD_S = 0.25  # seconds between two choices at most
 SWITCH_GAIN = 0.1  # another version must be predicted this share cheaper to replace the one in force
 DECAY = 0.5  # weight of the steps of the period before, at each new period
 # A step that starts this long after the executor's last one ended is priced as after a pause
-# (plan/versions.py): the OpenMP workers spin about this long before they sleep.
+# (plan/versions.py; profile-versions times steady steps 0.1 ms apart, paused ones 1 ms apart)
 PAUSE_S = 0.0005
 # An elastic team's workers spin this long for the next step, then sleep: short, so that a
 # worker on a core another process wants is mostly asleep and rarely preempted mid-panel
@@ -59,7 +58,7 @@ def profiled_as(cell_type: str, profiles: list[VersionProfile]) -> tuple[Version
 
 
 class VersionChooser:
-    """The version (thread count) in force for the profiled cell types; see the module."""
+    """The version (openmp-N or elastic-N) in force for the profiled cell types; see the module."""
 
     def __init__(self, profiles: list[VersionProfile], level: Callable[[], float], all_threads: int,
                  now: Callable[[], float] = time.monotonic, period_s: float = PERIOD_S):
@@ -69,11 +68,9 @@ class VersionChooser:
         self.versions = tuple(sorted(v for v in common | {self.default} if parse_version(v)[1] <= all_threads))
         self._level, self._now, self.period_s = level, now, period_s
         self.version = self.default
-        self.level = 0.0  # the level of the last choice
         self._known: dict[str, tuple[VersionProfile, str] | None] = {}
         self._mix: dict[tuple[str, int, bool], float] = {}  # (cell type, batch, paused) -> weighted steps
         self._chose_at = now()
-        self.choices = 0
 
     def knows(self, cell_type: str) -> bool:
         found = self._known.get(cell_type, False)
@@ -98,9 +95,9 @@ class VersionChooser:
         return self.version
 
     def predicted_s(self, version: str, level: float) -> float:
-        """Seconds the recent mix of steps would take on `version` at `level` (a version some
-        profile lacks, the default only: priced as the profile's fastest alone, never chosen
-        over one measured)."""
+        """Seconds the recent mix of steps would take on `version` at `level`. A version a
+        profile lacks (only the default can be: the others are those every profile has) is
+        priced for its cell types as their fastest version with nothing interfering."""
         total = 0.0
         for (cell_type, batch, paused), n in self._mix.items():
             p, name = self._known[cell_type]
@@ -112,8 +109,7 @@ class VersionChooser:
 
     def _choose(self) -> None:
         self._chose_at = self._now()
-        self.level = level = self._level()
-        self.choices += 1
+        level = self._level()
         if self._mix:
             cost = {v: self.predicted_s(v, level) for v in self.versions}
             best = min(cost, key=lambda v: (cost[v], v != self.default))  # ties: the engine's own

@@ -533,7 +533,9 @@ static void elastic_run(Team *t, const void *f, int panels) {
     t->job = f;
     atomic_store_explicit(&t->done, 0, memory_order_relaxed);
     atomic_store_explicit(&t->claim, ((uint64_t)g << 32) | ((uint64_t)panels << 16), memory_order_release);
-    atomic_store_explicit(&t->gen, g, memory_order_release);
+    /* sequentially consistent, as the workers' count of sleepers and their read of gen: a
+     * worker going to sleep either sees this generation or is counted here and woken */
+    atomic_store(&t->gen, g);
     if (atomic_load(&t->sleepers) > 0) futex(&t->gen, FUTEX_WAKE_PRIVATE, INT32_MAX);
     take_panels(t, g);
     /* every panel is claimed: wait for those a worker is still computing */
