@@ -16,6 +16,7 @@ time). What counts: requests answered within their model's SLO, of those offered
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,8 +66,6 @@ class TenancyConfig:
 
 
 def run(cfg: TenancyConfig, log=print) -> dict:
-    import os
-
     from cellserve.bench.version_profiler import profile_versions
     from cellserve.engine.config import EngineConfig
     from cellserve.engine.engine import Engine

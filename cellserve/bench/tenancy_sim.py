@@ -115,7 +115,6 @@ class _Lane:
 
 @dataclass
 class _Unit:
-    unit: Unit | None  # None: the round-robin unit, every block of every tenant
     members: list[tuple[int, int]]  # (tenant, block) it steps, in turn
     cores: int
     queues: dict[tuple[int, int], deque] = field(default_factory=dict)
@@ -129,14 +128,16 @@ class _Unit:
 def simulate(tenants: list[Tenant], policy: str, cores: int, arrivals: list[np.ndarray], lengths: list[np.ndarray],
              mean_rates: list[float], period_s: float, max_batch: int) -> dict:
     """Run one policy over the given arrivals (seconds) and lengths (tokens) per tenant."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     if policy == "round-robin":
         members = [(i, k) for i, t in enumerate(tenants) for k in range(len(t.blocks))]
-        units = [_Unit(None, members, cores)]
-        unit_units: list[Unit] = []
+        units = [_Unit(members, cores)]
+        allocated: list[Unit] = []
     else:
-        unit_units = units_of(tenants, "model" if policy == "model-wise" else "block")
-        given = allocate(tenants, unit_units, mean_rates, cores)
-        units = [_Unit(u, [(u.tenant, k) for k in u.blocks], c) for u, c in zip(unit_units, given)]
+        allocated = units_of(tenants, "model" if policy == "model-wise" else "block")
+        given = allocate(tenants, allocated, mean_rates, cores)
+        units = [_Unit([(u.tenant, k) for k in u.blocks], c) for u, c in zip(allocated, given)]
     where = {m: u for u in units for m in u.members}
     for u in units:
         u.queues = {m: deque() for m in u.members}
@@ -146,7 +147,7 @@ def simulate(tenants: list[Tenant], policy: str, cores: int, arrivals: list[np.n
         for t, n in zip(times, lens):
             heapq.heappush(events, (float(t), next(seq), "arrive", (i, int(n))))
     horizon = max((float(a[-1]) for a in arrivals if len(a)), default=0.0)
-    if unit_units:
+    if allocated:
         heapq.heappush(events, (period_s, next(seq), "period", None))
     per_tenant = [{"offered": 0, "within_slo": 0, "late": 0, "dropped": 0} for _ in tenants]
     counted = [0] * len(tenants)  # arrivals in the current period
@@ -213,7 +214,7 @@ def simulate(tenants: list[Tenant], policy: str, cores: int, arrivals: list[np.n
             measured = [c / period_s for c in counted]
             rates = [r + RATE_SMOOTHING * (x - r) for r, x in zip(rates, measured)]
             counted = [0] * len(tenants)
-            given = allocate(tenants, unit_units, rates, cores)
+            given = allocate(tenants, allocated, rates, cores)
             for u, c in zip(units, given):
                 u.cores = c
             history.append([int(c) for c in given])
