@@ -234,25 +234,25 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
 
     def _use_versions(self) -> None:
         """--kernel-versions: the profiles handed to the one executor (executor/versions.py);
-        ValueError naming the file or the mismatch."""
+        VersionProfileError (a ValueError) naming the file or the mismatch."""
         from cellserve.plan.versions import VersionProfile, VersionProfileError
 
         try:
             profiles = [VersionProfile.from_json(path) for path in self.config.kernel_versions]
         except VersionProfileError as exc:
-            raise ValueError(f"--kernel-versions: {exc}") from None
+            raise VersionProfileError(f"--kernel-versions: {exc}") from None
         served = {m.split("#")[0] for m in self.models} | {m.split("#")[0].rpartition(":")[0] for m in self.models}
         strays = sorted({p.model for p in profiles} - served)
         if strays:  # a profile that switches nothing is a mistake, not a default
-            raise ValueError(f"--kernel-versions: a profile of model(s) {strays}, which this engine does not serve "
-                             f"(it serves {sorted(self.models)})")
+            raise VersionProfileError(f"--kernel-versions: a profile of model(s) {strays}, which this engine does "
+                                      f"not serve (it serves {sorted(self.models)})")
         if len(self.executors) > 1:
-            raise ValueError("--kernel-versions: kernel versions need one executor; a placement runs "
-                             + ", ".join(sorted(self.executors)))
+            raise VersionProfileError("--kernel-versions: kernel versions need one executor; a placement runs "
+                                      + ", ".join(sorted(self.executors)))
         try:
             self._default.use_versions(profiles)
         except NotOnThisExecutor as exc:
-            raise ValueError(f"--kernel-versions: {exc}") from None
+            raise VersionProfileError(f"--kernel-versions: {exc}") from None
 
     def _executor_for(self, key: str) -> Executor:
         name = self.placement.get(key)

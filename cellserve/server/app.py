@@ -23,6 +23,7 @@ import uvicorn
 from cellserve import heap
 from cellserve.engine.engine import Engine
 from cellserve.errors import CellserveError
+from cellserve.plan.versions import VersionProfile, VersionProfileError
 from cellserve.server.core import Core
 from cellserve.server.http_frontend import ConnectionLimits, build_app, build_metrics_app, guarded_protocol
 from cellserve.server.log_settings import LogSettingError, ServerLog
@@ -70,11 +71,17 @@ def serve(settings: ServerSettings) -> int:
 
         torch.set_num_threads(settings.threads)
     placement = settings.engine.placement
-    try:  # a plan file that cannot be read is told at once (exit 2), before any model loads
+    try:  # a plan or profile file that cannot be read is told at once (exit 2), before any model loads
         if placement not in (None, "auto"):
             from cellserve.engine.placement import read_plan
 
             read_plan(placement)
+        if settings.engine.kernel_versions:
+            for path in settings.engine.kernel_versions:
+                try:
+                    VersionProfile.from_json(path)
+                except VersionProfileError as exc:
+                    raise VersionProfileError(f"--kernel-versions: {exc}") from None
     except ValueError as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -94,7 +101,11 @@ def serve(settings: ServerSettings) -> int:
                 print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
                 return 2
         sockets = _bind(settings)
-        engine = Engine([s.model for s in served], settings.engine, executors=executors, placement=plan)
+        try:
+            engine = Engine([s.model for s in served], settings.engine, executors=executors, placement=plan)
+        except VersionProfileError as exc:  # profiles this server cannot use, as a plan it cannot serve (exit 2)
+            print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+            return 2
         if placement is not None:
             groups = ", ".join(f"{n} (cores {','.join(map(str, ex.cores))})" if ex.cores else n
                                for n, ex in executors.items())
