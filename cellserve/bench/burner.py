@@ -8,6 +8,7 @@ re-imports the caller's main module), so it shares nothing with the process meas
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,13 +16,13 @@ PERIOD_S = 0.01
 
 _PROGRAM = """
 import os, sys, time
-core, duty, period = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+core, duty, period, parent = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 try:
     os.sched_setaffinity(0, {core})
 except OSError:
     pass
 print("ready", flush=True)
-while True:
+while os.getppid() == parent:  # ends with the process that started it, however that one ended
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < duty * period:
         pass
@@ -44,7 +45,7 @@ class Burner:
     def __enter__(self) -> "Burner":
         if self.duty > 0:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _PROGRAM, str(self.core), repr(self.duty), repr(self.period_s)],
+                [sys.executable, "-c", _PROGRAM, str(self.core), repr(self.duty), repr(self.period_s), str(os.getpid())],
                 stdout=subprocess.PIPE, text=True)
             if self._process.stdout.readline().strip() != "ready":
                 self.__exit__()

@@ -33,6 +33,10 @@ from cellserve.kernels.cell import _pointwise
 from cellserve.plan.versions import VersionProfile, parse_version, version_name
 
 PERIOD_S = 0.25  # seconds between two choices at most
+# Others' load under this many cores is taken for none: the meter's tick is 1/100 s per core, and
+# the machine's own daemons and a hypervisor's steal read as a few hundredths of a core; a
+# version chosen on that noise cost the bench's runs without a neighbour a few percent
+NOISE_FLOOR = 0.1
 SWITCH_GAIN = 0.1  # another version must be predicted this share cheaper to replace the one in force
 DECAY = 0.5  # weight of the steps of the period before, at each new period
 # A step that starts this long after the executor's last one ended is priced as after a pause
@@ -110,6 +114,7 @@ class VersionChooser:
     def _choose(self) -> None:
         self._chose_at = self._now()
         level = self._level()
+        level = level if level >= NOISE_FLOOR else 0.0
         if self._mix:
             cost = {v: self.predicted_s(v, level) for v in self.versions}
             best = min(cost, key=lambda v: (cost[v], v != self.default))  # ties: the engine's own

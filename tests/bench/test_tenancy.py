@@ -143,3 +143,24 @@ def test_bench_tenancy_sim_refuses_bad_input_by_name(tmp_path, args, says):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert says in done.stderr
+
+
+@pytest.mark.slow
+def test_a_burner_ends_with_the_process_that_started_it():
+    """A benchmark killed mid-run leaves no burner spinning on its core."""
+    code = ("import os; from cellserve.bench.burner import Burner; b = Burner(0, 0.5).__enter__(); "
+            "print(b._process.pid, flush=True); os._exit(0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    pid = int(done.stdout.strip())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return "gone"

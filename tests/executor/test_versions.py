@@ -278,3 +278,15 @@ def test_an_engine_refuses_versions_it_cannot_use(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match="--kernel-versions: kind must be 'kernel-versions'"):
         Engine([model], EngineConfig(profile=False, backend="fused", kernel_versions=[str(path)]))
+
+
+def test_a_level_under_the_noise_floor_counts_as_none():
+    from cellserve.executor.versions import NOISE_FLOOR
+
+    clock = Clock()
+    # just under the floor one thread would be priced far cheaper (92 against 405 us): it is not chosen
+    chooser = VersionChooser([profile(one=(100e-6, 10e-6), two=(50e-6, 4000e-6))], lambda: NOISE_FLOOR * 0.9,
+                             all_threads=2, now=clock, period_s=0.25)
+    chooser.step("m/a", 1, False)
+    clock.t = 0.3
+    assert chooser.step("m/a", 1, False) == TWO
