@@ -26,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cellserve.bench.engine_bench import cpu_count
+from cellserve.bench.host import cpu_name
 from cellserve.bench.load import (Sweep, Target, generator_ceiling, max_goodput, run_rate, saturated, sweep_rates,
                                   warm_up)
 from cellserve.bench.loadgen import RequestFormat
@@ -179,13 +180,7 @@ def _or_inf(value: float) -> float:
 
 
 def _machine() -> dict:
-    model_name = ""
-    try:
-        model_name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                          if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpus": cpu_count(), "cpu": model_name or platform.processor(), "python": platform.python_version()}
+    return {"cpus": cpu_count(), "cpu": cpu_name(), "python": platform.python_version()}
 
 
 def markdown_table(report: dict) -> str:

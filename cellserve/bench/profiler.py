@@ -30,6 +30,7 @@ import torch
 
 from cellserve import heap
 from cellserve.bench.engine_runner import replay
+from cellserve.bench.host import cpu_name
 from cellserve.bench.traces import TraceRequest, one_sequence, token_input, trace_at_rate
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
@@ -439,12 +440,7 @@ def _hand_back(n: int) -> Timing:
 
 
 def _machine(executor: KernelExecutor) -> Machine:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
+    name = cpu_name()
     if executor.device.type == "cuda":
         name = torch.cuda.get_device_name(executor.device)
     backends = [getattr(k, "backend", None) for k in executor.kernels.values()]

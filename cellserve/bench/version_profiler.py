@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cellserve.bench.burner import Burner
+from cellserve.bench.host import cpu_name
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import DEFAULT_EXECUTOR, Engine
 from cellserve.executor.interference import others_load, read_cpu_times
@@ -86,7 +87,7 @@ def profile_versions(model: Model, config: EngineConfig, duties: tuple[float, ..
                           duties=tuple(duties), levels=tuple(levels),
                           step_s={ct: {t: {a: tuple(rows) for a, rows in by_a.items()} for t, by_a in by_t.items()}
                                   for ct, by_t in tables.items()},
-                          machine={"cpu": _cpu_name(), "cores": list(cores[:threads]), "torch": torch.__version__,
+                          machine={"cpu": cpu_name(), "cores": list(cores[:threads]), "torch": torch.__version__,
                                    "python": platform.python_version(), "quick": quick})
 
 
@@ -140,14 +141,6 @@ def _ascending(levels: list[float]) -> list[float]:
         out.append(x if not out or x > out[-1] else round(out[-1] + 0.01, 4))
     return out
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.machine())
-    except OSError:
-        return platform.machine()
 
 
 def table(profile: VersionProfile, batches: tuple[int, ...] = (1, 16, 64)) -> str:

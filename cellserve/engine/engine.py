@@ -235,14 +235,13 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
     def _use_versions(self) -> None:
         """--kernel-versions: the profiles handed to the one executor (executor/versions.py);
         VersionProfileError (a ValueError) naming the file or the mismatch."""
-        from cellserve.plan.versions import VersionProfile, VersionProfileError
+        from cellserve.plan.versions import VersionProfile, VersionProfileError, profiles_model
 
         try:
             profiles = [VersionProfile.from_json(path) for path in self.config.kernel_versions]
         except VersionProfileError as exc:
             raise VersionProfileError(f"--kernel-versions: {exc}") from None
-        served = {m.split("#")[0] for m in self.models} | {m.split("#")[0].rpartition(":")[0] for m in self.models}
-        strays = sorted({p.model for p in profiles} - served)
+        strays = sorted({p.model for p in profiles if not any(profiles_model(p.model, m) for m in self.models)})
         if strays:  # a profile that switches nothing is a mistake, not a default
             raise VersionProfileError(f"--kernel-versions: a profile of model(s) {strays}, which this engine does "
                                       f"not serve (it serves {sorted(self.models)})")

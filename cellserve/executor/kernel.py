@@ -27,7 +27,7 @@ from cellserve.kernels.cell import CellKernel, LaneStorage, default_backend
 from cellserve.kernels.decoder import GraphDecoderKernel
 from cellserve.kernels.protocol import RecurrentKernel
 from cellserve.kernels.stack import StackKernel
-from cellserve.plan.versions import VersionProfile
+from cellserve.plan.versions import VersionProfile, version_name
 
 
 class KernelExecutor(Executor):
@@ -117,6 +117,9 @@ class KernelExecutor(Executor):
                 raise NotOnThisExecutor(f"the kernel-versions profile of {p.model!r} was measured on {p.cores} "
                                         f"threads of the {p.backend} step; executor {self.name!r} runs {threads} "
                                         f"threads of the fused step (profile it here, with the same --threads)")
+            if version_name("openmp", threads) not in p.versions:  # the version it runs without a neighbour
+                raise NotOnThisExecutor(f"the kernel-versions profile of {p.model!r} does not time "
+                                        f"{version_name('openmp', threads)}, the engine's own version")
         self.versions = KernelVersions(profiles, cores[:threads], meter, period_s)
 
     # ---- lanes ----

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from cellserve.executor.interference import InterferenceMeter
 from cellserve.kernels import affinity
 from cellserve.kernels.cell import _pointwise
-from cellserve.plan.versions import VersionProfile, parse_version, version_name
+from cellserve.plan.versions import VersionProfile, parse_version, profiles_model, version_name
 
 PERIOD_S = 0.25  # seconds between two choices at most
 # Others' load under this many cores is taken for none: the meter's tick is 1/100 s per core, and
@@ -54,7 +54,7 @@ def profiled_as(cell_type: str, profiles: list[VersionProfile]) -> tuple[Version
     "lstm-512:1", and a reload of it as "lstm-512:1#2": the same cell types."""
     served, slash, rest = cell_type.partition("/")
     for p in profiles:
-        if served == p.model or served.startswith((p.model + ":", p.model + "#")):
+        if profiles_model(p.model, served):
             key = p.model + slash + rest
             if key in p.step_s:
                 return p, key
@@ -68,8 +68,10 @@ class VersionChooser:
                  now: Callable[[], float] = time.monotonic, period_s: float = PERIOD_S):
         self.profiles = list(profiles)
         self.default = version_name("openmp", all_threads)  # the engine's without versions
-        common = set.intersection(*(set(p.versions) for p in self.profiles)) if self.profiles else set()
-        self.versions = tuple(sorted(v for v in common | {self.default} if parse_version(v)[1] <= all_threads))
+        if any(self.default not in p.versions for p in self.profiles):
+            raise ValueError(f"every kernel-versions profile must time {self.default}, the engine's own version")
+        common = set.intersection(*(set(p.versions) for p in self.profiles)) if self.profiles else {self.default}
+        self.versions = tuple(sorted(common))
         self._level, self._now, self.period_s = level, now, period_s
         self.version = self.default
         self._known: dict[str, tuple[VersionProfile, str] | None] = {}
@@ -99,16 +101,11 @@ class VersionChooser:
         return self.version
 
     def predicted_s(self, version: str, level: float) -> float:
-        """Seconds the recent mix of steps would take on `version` at `level`. A version a
-        profile lacks (only the default can be: the others are those every profile has) is
-        priced for its cell types as their fastest version with nothing interfering."""
+        """Seconds the recent mix of steps would take on `version` (one every profile has) at `level`."""
         total = 0.0
         for (cell_type, batch, paused), n in self._mix.items():
             p, name = self._known[cell_type]
-            if version in p.versions:
-                total += n * p.predict(name, version, batch, level, paused)
-            else:
-                total += n * min(p.predict(name, v, batch, 0.0, paused) for v in p.versions)
+            total += n * p.predict(name, version, batch, level, paused)
         return total
 
     def _choose(self) -> None:

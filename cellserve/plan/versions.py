@@ -51,6 +51,13 @@ def version_name(kind: str, threads: int) -> str:
     return f"{kind}-{threads}"
 
 
+def profiles_model(profile_model: str, served: str) -> bool:
+    """Whether a profile of `profile_model` (named as `profile-versions` names it) is of the
+    engine model `served`: that model itself, a server's "NAME:VERSION" of it, or a reload
+    "NAME:VERSION#N"."""
+    return served == profile_model or served.startswith((profile_model + ":", profile_model + "#"))
+
+
 class VersionProfileError(ValueError):
     """A kernel-versions profile that cannot be used; the message names the field."""
 

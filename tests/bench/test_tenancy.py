@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -14,7 +15,6 @@ import pytest
 
 from cellserve.bench.burner import Burner
 from cellserve.bench.tenancy import TenancyConfig, _summary, table
-from cellserve.executor.interference import others_load, read_cpu_times
 from cellserve.plan.versions import VersionProfile
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -67,13 +67,22 @@ def test_a_burner_duty_outside_a_core_is_refused():
 
 @pytest.mark.slow
 def test_a_burner_takes_its_core():
-    """A burner spinning without pause shows up in others' load on its core (a busier
-    machine only reads more)."""
-    before = read_cpu_times(CORES[-1:])
-    with Burner(CORES[-1], 1.0):
-        time.sleep(1.0)
-    after = read_cpu_times(CORES[-1:])
-    assert others_load(before, after, 1) > 0.5
+    """A burner spinning without pause runs pinned to its core and spends CPU there: it gets
+    0.3 s of it (a busy machine only delays that; the minute allowed is the real thing's margin)."""
+    with Burner(CORES[-1], 1.0) as burner:
+        pid = burner._process.pid
+        assert os.sched_getaffinity(pid) == {CORES[-1]}
+        ticks = os.sysconf("SC_CLK_TCK")
+        deadline = time.monotonic() + 60
+        while _cpu_ticks(pid) < 0.3 * ticks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _cpu_ticks(pid) >= 0.3 * ticks
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
 
 
 @pytest.mark.slow
@@ -149,18 +158,12 @@ def test_bench_tenancy_sim_refuses_bad_input_by_name(tmp_path, args, says):
 def test_a_burner_ends_with_the_process_that_started_it():
     """A benchmark killed mid-run leaves no burner spinning on its core."""
     code = ("import os; from cellserve.bench.burner import Burner; b = Burner(0, 0.5).__enter__(); "
-            "print(b._process.pid, flush=True); os._exit(0)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    pid = int(done.stdout.strip())
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z"
-
-
-def _state(pid: int) -> str:
+            "print(b._process.pid, flush=True); input(); os._exit(0)")
+    starter = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = int(starter.stdout.readline())
+    exited = os.pidfd_open(pid)  # readable once the burner has exited
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return "gone"
+        starter.communicate("\n", timeout=60)  # the starter dies without stopping its burner
+        assert select.select([exited], [], [], 60)[0] == [exited], "the burner outlived the process that started it"
+    finally:
+        os.close(exited)

@@ -290,3 +290,14 @@ def test_a_level_under_the_noise_floor_counts_as_none():
     chooser.step("m/a", 1, False)
     clock.t = 0.3
     assert chooser.step("m/a", 1, False) == TWO
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="a two-thread profile needs two cores")
+def test_a_profile_without_the_engines_own_version_is_refused(tmp_path, two_threads):
+    no_default = profile(model="gru-256", cell_types=("gru-256/x",)).to_dict()
+    no_default["versions"] = [ONE]
+    del no_default["cell_types"]["gru-256/x"][TWO]
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps(no_default))
+    with pytest.raises(ValueError, match="does not time openmp-2, the engine's own version"):
+        Engine([zoo.load("gru-256")], EngineConfig(profile=False, backend="fused", kernel_versions=[str(path)]))
