@@ -333,8 +333,8 @@ CLONES static void fused_panel(const Fused *f, Py_ssize_t p) {
  *
  * The claim word holds (step generation << 32 | panels << 16 | next panel): a claim is a
  * compare-and-swap that fails once the step is over or a new one began, so a late worker can
- * never take a panel of the wrong step, and the master reads the step's job only after it
- * claimed (the master cannot begin another step while a claimed panel is unfinished). */
+ * never take a panel of the wrong step, and a worker reads the step's job only after its claim
+ * succeeded (the master cannot begin another step while a claimed panel is unfinished). */
 
 #ifdef HAVE_ELASTIC
 
@@ -344,7 +344,7 @@ typedef struct {
     _Atomic int done;      /* panels finished of this step */
     _Atomic int sleepers;
     _Atomic int stop;
-    const void *job;       /* the step's Fused, read after a successful claim */
+    const Fused *job;      /* the step's, read after a successful claim */
     uint32_t seen;         /* the master's last generation */
     int nworkers;
     uint64_t spin_ns;      /* a worker spins this long for the next step, then sleeps */
@@ -384,7 +384,7 @@ static int take_panels(Team *t, uint32_t g) {
         if (!atomic_compare_exchange_weak_explicit(&t->claim, &w, w + 1, memory_order_acq_rel,
                                                    memory_order_relaxed))
             continue;
-        fused_panel((const Fused *)t->job, (Py_ssize_t)next);
+        fused_panel(t->job, (Py_ssize_t)next);
         atomic_fetch_add_explicit(&t->done, 1, memory_order_release);
         taken++;
     }
@@ -528,7 +528,7 @@ static PyObject *elastic_use(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(elastic_on);
 }
 
-static void elastic_run(Team *t, const void *f, int panels) {
+static void elastic_run(Team *t, const Fused *f, int panels) {
     const uint32_t g = ++t->seen;
     t->job = f;
     atomic_store_explicit(&t->done, 0, memory_order_relaxed);
