@@ -4,6 +4,7 @@ parser imports nothing heavy."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from cellserve.cli_types import int_in, positive
@@ -72,11 +73,13 @@ def add_bench_tenancy(bench_sub) -> None:
     p = bench_sub.add_parser(
         "tenancy", help="several models on one CPU beside an interfering process: kernel versions chosen by "
                         "interference against today's engine (Veltair)",
-        description="One engine serves --models (each its own SLO) under bursty arrivals at --load x the mix's "
-                    "capacity measured here, while a burner process takes each of --duties of one kernel core; "
-                    "today's engine (every step on all threads) and one with --kernel-versions (profiled first, "
-                    "unless --profile is given) run the same traces, interleaved. Writes JSON and a PNG of the "
-                    "requests within their SLO. docs/tenancy.md.")
+        description="--models (each its own SLO) are served under bursty arrivals at --load x the mix's "
+                    "capacity measured here, while a burner process takes each of --duties of one kernel core. "
+                    "Three ways run the same traces, interleaved: today's engine (every step on all threads), "
+                    "the same engine with --kernel-versions (profiled first, unless --profile is given), and "
+                    "one engine process per model on cores allocated by the models' profiles and the "
+                    "interference measured per core. Writes JSON and a PNG of the requests within their SLO. "
+                    "docs/tenancy.md.")
     p.add_argument("--models", type=lambda s: tuple(x for x in s.split(",") if x), default=("gru-256", "lstm-512"),
                    help="zoo models, comma-separated (default: gru-256,lstm-512)")
     p.add_argument("--slo-ms", type=_numbers(float), default=(10.0, 25.0),
@@ -90,6 +93,8 @@ def add_bench_tenancy(bench_sub) -> None:
     p.add_argument("--profile", type=Path, action="append", default=[], dest="profiles", metavar="V.json",
                    help="a kernel-versions profile (profile-versions) to serve with, one per model (default: "
                         "measured first, written beside --json)")
+    p.add_argument("--allocation-period", type=positive(float), default=1.0, dest="allocation_period_s",
+                   metavar="S", help="the allocated engines' cores are decided again every S seconds (default: 1)")
     p.add_argument("--quick", action="store_true", help="quick profiles and runs of at most 8 s")
     p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="arrivals' and requests' seed (default: 0)")
     p.add_argument("--json", type=Path, default=Path("bench-results/tenancy.json"), help="where to write results")
@@ -101,6 +106,7 @@ def _bench_tenancy(args, parser) -> int:
     import os
 
     from cellserve.bench.tenancy import TenancyConfig, run, table
+    from cellserve.cluster.core_workers import CoreWorkerError
     from cellserve.plan.json_io import OutputError
     from cellserve.plan.versions import VersionProfileError
 
@@ -111,10 +117,14 @@ def _bench_tenancy(args, parser) -> int:
         cfg = TenancyConfig(models=args.models, slo_ms=args.slo_ms, duties=args.duties, load=args.load,
                             seconds=args.seconds, runs=args.runs, seed=args.seed, quick=args.quick,
                             profiles=[str(p) for p in args.profiles], json=args.json,
-                            plot=args.plot or args.json.with_suffix(".png"))
+                            plot=args.plot or args.json.with_suffix(".png"),
+                            allocation_period_s=args.allocation_period_s)
         report = run(cfg)
     except (ValueError, OutputError, VersionProfileError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    except CoreWorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(table(report))
     print(f"wrote {cfg.json} and {cfg.plot}")
     return 0

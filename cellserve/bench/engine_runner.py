@@ -44,9 +44,13 @@ def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest
                     batch_size_sum=s.batch_size_sum, overhead_us_per_step=[x * 1e6 for x in s.overhead_s])
 
 
-def replay_mix(engine: Engine, streams: list[Stream], drain_s: float = 30.0) -> list[list[RequestOutcome]]:
+def replay_mix(engine: Engine, streams: list[Stream], drain_s: float = 30.0,
+               start_at: float | None = None) -> list[list[RequestOutcome]]:
     """Serve several models' traces at once (arrivals merged in time), as `replay` serves one;
-    each stream's outcomes, in its trace's order of arrival. `engine.stats` holds the run's."""
+    each stream's outcomes, in its trace's order of arrival. `engine.stats` holds the run's.
+    `start_at`: the time on the engine's clock of the traces' zero (several processes replaying
+    their parts of one trace agree on it; time.perf_counter is one clock for all processes on
+    Linux); None: just after the requests are built."""
     engine.stats = EngineStats()
     responses: dict[int, Response] = {}
     total = sum(len(s.trace) for s in streams)
@@ -74,7 +78,7 @@ def replay_mix(engine: Engine, streams: list[Stream], drain_s: float = 30.0) -> 
     # The clock starts once the requests are built (thousands take milliseconds, which are the
     # harness's, not the engine's: counted, they queued a burst before the first step of every
     # run), and the feeder's first arrival comes after the loop started.
-    start = engine.clock.now() + 0.01
+    start = engine.clock.now() + 0.01 if start_at is None else start_at
     for request in requests:
         request.arrival += start
 

@@ -83,14 +83,15 @@ def panels_of(model, profile: VersionProfile) -> dict[str, int]:
                      "has neither stacked nor unstacked")
 
 
-def tenants_from_profiles(config: SimTenancyConfig, profiles: dict[str, VersionProfile],
+def tenants_from_profiles(tenants_slo: tuple[tuple[str, float], ...], profiles: dict[str, VersionProfile],
                           panels: dict[str, int]) -> list[Tenant]:
-    """Each tenant's blocks from its model's kernel-versions profile: the steady step times of
-    openmp-1 and openmp-2 with no interference (the profile's first level). `panels`: per cell
-    type, how many panels of hidden units it has (the most threads a step can use)."""
+    """Each tenant's blocks, given (model, SLO in ms) per tenant, from its model's
+    kernel-versions profile: the steady step times of openmp-1 and openmp-2 with no
+    interference (the profile's first level). `panels`: per cell type, how many panels of
+    hidden units it has (the most threads a step can use)."""
     tenants = []
     mean_tokens = float(np.mean(sentence_lengths(np.random.default_rng(12345), 100_000)))
-    for i, (model, slo_ms) in enumerate(config.tenants):
+    for i, (model, slo_ms) in enumerate(tenants_slo):
         p = profiles.get(model)
         if p is None:
             raise ValueError(f"tenant {model!r} has no kernel-versions profile (give --profile for it)")
@@ -233,7 +234,7 @@ def simulate(tenants: list[Tenant], policy: str, cores: int, arrivals: list[np.n
 def run(config: SimTenancyConfig, profiles: dict[str, VersionProfile], panels: dict[str, int], log=print) -> dict:
     if config.json is not None:
         check_output(config.json)
-    tenants = tenants_from_profiles(config, profiles, panels)
+    tenants = tenants_from_profiles(config.tenants, profiles, panels)
     capacity = capacity_rps(tenants, config.cores)
     rate = config.load * capacity / len(tenants)
     rng = np.random.default_rng(config.seed)

@@ -99,3 +99,74 @@ class InterferenceMeter:
             self.samples += 1
         self._last, self._at = times, now
         return self.level
+
+
+def read_core_ticks(cores: Iterable[int]) -> dict[int, tuple[int, int]] | None:
+    """Per core, (busy, total) clock ticks since boot from /proc/stat; None where unreadable."""
+    wanted = {f"cpu{c}": c for c in cores}
+    out = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, _, rest = line.partition(" ")
+                if name in wanted:
+                    ticks = [int(x) for x in rest.split()[:8]]
+                    out[wanted[name]] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    except (OSError, ValueError):
+        return None
+    return out if len(out) == len(wanted) else None
+
+
+def read_process_ticks(pid: int) -> int | None:
+    """A process's CPU time (all its threads, user and system) in clock ticks; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CoreLoadMeter:
+    """Per core, the load other processes put on it, for several processes of ours at once
+    (the engine processes of a core allocation, each pinned to its cores): a core's busy time
+    less our processes' time on it, each process's time spread evenly over the cores it is
+    pinned to (its kernel threads are one per core). Smoothed as InterferenceMeter is; readers
+    injected for tests."""
+
+    def __init__(self, cores: Iterable[int], smoothing: float = SMOOTHING,
+                 read_cores: Callable[[tuple[int, ...]], dict | None] = read_core_ticks,
+                 read_process: Callable[[int], int | None] = read_process_ticks):
+        self.cores = tuple(sorted(cores))
+        if not self.cores:
+            raise ValueError("a core load meter needs at least one core")
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        self.smoothing = smoothing
+        self._read_cores, self._read_process = read_cores, read_process
+        self._last: tuple[dict, dict[int, int]] | None = None
+        self.level = {c: 0.0 for c in self.cores}
+        self.samples = 0
+
+    def sample(self, ours: dict[int, tuple[int, ...]]) -> dict[int, float]:
+        """Take a sample; `ours`: our processes' pids and the cores each was pinned to since
+        the last sample. Returns the smoothed others' load per core (0 to 1)."""
+        cores = self._read_cores(self.cores)
+        own = {pid: self._read_process(pid) for pid in ours}
+        last, self._last = self._last, (cores, own)
+        if cores is None or last is None or last[0] is None:
+            return self.level
+        spent = {c: 0.0 for c in self.cores}
+        for pid, pinned in ours.items():
+            before, after = last[1].get(pid), own[pid]
+            mine = [c for c in pinned if c in spent]
+            if before is None or after is None or not mine:
+                continue
+            for c in mine:
+                spent[c] += (after - before) / len(mine)
+        for c in self.cores:
+            busy, total = cores[c][0] - last[0][c][0], cores[c][1] - last[0][c][1]
+            sample = min(max((busy - spent[c]) / total, 0.0), 1.0) if total > 0 else 0.0
+            self.level[c] = sample if self.samples == 0 else self.level[c] + self.smoothing * (sample - self.level[c])
+        self.samples += 1
+        return self.level

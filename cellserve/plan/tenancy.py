@@ -131,3 +131,43 @@ def capacity_rps(tenants: list[Tenant], cores: int) -> float:
     tenants' requests in equal numbers: the load scale of the simulated benchmark."""
     return cores / (sum(t.request_core_s() for t in tenants) / len(tenants))
 
+
+
+def place_cores(sizes: list[int], shares: list[float], others: dict[int, float],
+                current: list[tuple[int, ...]] | None = None) -> list[tuple[int, ...]]:
+    """Which cores each unit gets, on a real CPU where other processes take some of them.
+
+    `sizes`: cores per unit (`allocate`'s answer, or one each when there are more units than
+    cores); `shares`: each unit's predicted share of its SLO (`predicted_share`: the larger, the
+    tighter); `others`: per core, the load other processes put on it, in cores (0 to 1).
+    The tightest unit chooses first and takes the quietest free cores, so a neighbour's core
+    goes to the unit with the most slack. With more units than cores, the units left once every
+    core is taken (the loosest) each share the core with the least load so far: its neighbours'
+    plus the units already on it, each counted as one core's worth. Ties go to a unit's
+    `current` cores (no move for nothing), then to the lower core."""
+    if len(sizes) != len(shares):
+        raise ValueError(f"{len(sizes)} sizes for {len(shares)} shares: one each")
+    if not others:
+        raise ValueError("place_cores needs at least one core")
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"every unit needs one core or more, got {sizes}")
+    if any(not 0 <= x <= 1 for x in others.values()):
+        raise ValueError(f"others' load per core is 0 to 1 cores, got {others}")
+    if current is not None and len(current) != len(sizes):
+        raise ValueError(f"{len(current)} current placements for {len(sizes)} units: one each")
+    free = sorted(others)
+    if sum(sizes) > len(free) and any(n > 1 for n in sizes):
+        raise ValueError(f"{sum(sizes)} cores asked of {len(free)}: more than one each only when all fit")
+    load = dict(others)
+    placed: list[tuple[int, ...]] = [()] * len(sizes)
+    for u in sorted(range(len(sizes)), key=lambda u: (-shares[u], u)):
+        had = set(current[u]) if current is not None else set()
+        if len(free) >= sizes[u]:
+            free.sort(key=lambda c: (others[c], c not in had, c))
+            mine, free = free[:sizes[u]], free[sizes[u]:]
+        else:
+            mine = [min(load, key=lambda c: (load[c], c not in had, c))]
+        for c in mine:
+            load[c] += 1.0
+        placed[u] = tuple(sorted(mine))
+    return placed

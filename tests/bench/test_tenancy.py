@@ -40,15 +40,18 @@ def _run(offered, good, model_good):
 
 
 def test_the_summary_and_table_count_every_run():
-    engines = {"today": [_run(100, 50, 50), _run(100, 60, 60)], "versions": [_run(100, 80, 80), _run(100, 85, 85)]}
+    engines = {"today": [_run(100, 50, 50), _run(100, 60, 60)], "versions": [_run(100, 80, 80), _run(100, 85, 85)],
+               "allocated": [_run(100, 90, 90), _run(100, 98, 98)]}
     summary = _summary(engines)
     assert summary["today"] == {"offered": 200, "within_slo": 110, "share": 0.55}
     assert summary["versions_over_today"] == pytest.approx(165 / 110)
+    assert summary["allocated_over_today"] == pytest.approx(188 / 110)
     report = {"config": {"models": ["a"], "slo_ms": [10.0]},
               "conditions": [{"duty": 0.5, "engines": engines, "summary": summary}]}
     text = table(report)
     assert "| 0.50 of a core | versions | 165/200 (82.5%) | 165/200 (9/9) |" in text
-    assert "1.50x" in text
+    assert "| 0.50 of a core | versions / today | 1.50x |" in text
+    assert "| 0.50 of a core | allocated / today | 1.71x |" in text
 
 
 def test_the_cli_refuses_mismatched_slos_before_measuring_anything(tmp_path):
@@ -105,12 +108,15 @@ def test_profile_versions_then_bench_tenancy_run_for_real(tmp_path):
     report = json.loads(out.read_text())
     assert [c["duty"] for c in report["conditions"]] == [0.0, 0.5]
     for c in report["conditions"]:
-        today, versions = c["engines"]["today"][0], c["engines"]["versions"][0]
-        assert today["offered"] == versions["offered"] > 0  # the same trace for both engines
-        m = versions["models"]["gru-256"]
-        # every request accounted for
-        assert m["ok"] + m["refused"] + m["dropped"] + m["errors"] == m["offered"]
+        today, versions, allocated = (c["engines"][e][0] for e in ("today", "versions", "allocated"))
+        assert today["offered"] == versions["offered"] == allocated["offered"] > 0  # the same trace for all
+        for run in (versions, allocated):
+            m = run["models"]["gru-256"]
+            # every request accounted for
+            assert m["ok"] + m["refused"] + m["dropped"] + m["errors"] == m["offered"]
         assert "switches" in versions["versions"]
+        # one model: the allocator gives it every core
+        assert allocated["allocation"]["cores_at_start"] == {"gru-256": CORES}
     assert out.with_suffix(".png").exists()
 
 

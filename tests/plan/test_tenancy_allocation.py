@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cellserve.bench.tenancy_sim import simulate
-from cellserve.plan.tenancy import NOMINAL_BATCH, Block, Tenant, allocate, predicted_share, units_of
+from cellserve.plan.tenancy import NOMINAL_BATCH, Block, Tenant, allocate, place_cores, predicted_share, units_of
 
 
 def block(one=1e-3, two=0.6e-3, name="b", max_threads=1024):
@@ -98,3 +98,41 @@ def test_blocks_of_a_tenant_run_in_order_and_units_run_at_once():
     single = simulate(tenants, "round-robin", 2, arrivals, lengths, [1.0], 1.0, 64)
     assert layered["tenants"]["t"] == {"offered": 2, "within_slo": 2, "late": 0, "dropped": 0}
     assert single["tenants"]["t"] == {"offered": 2, "within_slo": 0, "late": 1, "dropped": 1}
+
+
+def test_the_tightest_unit_takes_the_quietest_cores():
+    # unit 1 is the tightest; core 1 is the neighbour's, so unit 1 gets core 0
+    assert place_cores([1, 1], [0.2, 0.9], {0: 0.0, 1: 0.5}) == [(1,), (0,)]
+    # the neighbour moves to core 0: unit 1 follows the quiet core
+    assert place_cores([1, 1], [0.2, 0.9], {0: 0.5, 1: 0.0}) == [(0,), (1,)]
+    # sizes from the allocator: the tight unit's two cores are the two quietest
+    assert place_cores([2, 1, 1], [0.9, 0.5, 0.1], {0: 0.3, 1: 0.0, 2: 0.9, 3: 0.1}) == [(1, 3), (0,), (2,)]
+
+
+def test_more_units_than_cores_share_the_least_loaded_core():
+    # units 0 and 2 (the tightest) take a core each, unit 0 the quiet one; unit 1 (the
+    # loosest) joins the core with the least load: core 1 holds unit 0 (1.0), core 0 unit 2
+    # and the neighbour (1.6)
+    assert place_cores([1, 1, 1], [0.8, 0.1, 0.5], {0: 0.6, 1: 0.0}) == [(1,), (1,), (0,)]
+    # with no neighbour, ties go to the lower core
+    assert place_cores([1, 1, 1], [0.8, 0.1, 0.5], {0: 0.0, 1: 0.0}) == [(0,), (0,), (1,)]
+
+
+@pytest.mark.parametrize("args, says", [
+    (([1], [0.1, 0.2], {0: 0.0}), "one each"),
+    (([1], [0.1], {}), "at least one core"),
+    (([0], [0.1], {0: 0.0}), "one core or more"),
+    (([1], [0.1], {0: 1.5}), "0 to 1 cores"),
+    (([2, 1], [0.1, 0.2], {0: 0.0, 1: 0.0}), "3 cores asked of 2"),
+])
+def test_bad_placements_are_refused(args, says):
+    with pytest.raises(ValueError, match=says):
+        place_cores(*args)
+
+
+def test_alike_choices_keep_the_current_cores():
+    # no neighbour: the tight unit keeps core 1 rather than move to the lower core
+    assert place_cores([1, 1], [0.2, 0.9], {0: 0.0, 1: 0.0}, current=[(0,), (1,)]) == [(0,), (1,)]
+    assert place_cores([1, 1], [0.2, 0.9], {0: 0.0, 1: 0.0}) == [(1,), (0,)]
+    # a real difference still moves it
+    assert place_cores([1, 1], [0.2, 0.9], {0: 0.0, 1: 0.4}, current=[(0,), (1,)]) == [(1,), (0,)]

@@ -1,0 +1,116 @@
+"""Cores shared by models, for real: which cores each engine process (cluster/core_workers.py)
+runs on, decided again every period as load and interference move (Veltair's allocation, at
+the granularity of a model).
+
+Every `period_s` the allocator reads each model's arrival rate over the last periods (smoothed)
+and, per core, the load other processes put on it (executor/interference.CoreLoadMeter); then
+
+- **how many cores** each unit gets: plan/tenancy.allocate (its profiled step times against
+  its share of the SLO), when there are at least as many cores as units; one each otherwise;
+- **which cores**: plan/tenancy.place_cores: the tightest unit (largest predicted share of its
+  SLO) takes the quietest cores, so a neighbour's core goes to the unit with the most slack;
+  units beyond the cores share the least loaded ones;
+
+and moves the workers whose cores changed (CoreWorker.repin, between two of their steps).
+Loads under NOISE_FLOOR cores count as none, so that the meter's noise moves nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cellserve.executor.interference import CoreLoadMeter
+from cellserve.executor.versions import NOISE_FLOOR
+from cellserve.plan.tenancy import Tenant, Unit, allocate, place_cores, predicted_share
+
+PERIOD_S = 1.0
+RATE_SMOOTHING = 0.5  # weight of the last period's measured rate
+
+
+@dataclass
+class Decision:
+    """One period's allocation: per unit, its cores; what it was decided from."""
+
+    at: float
+    cores: list[tuple[int, ...]]
+    rates_rps: list[float]
+    others: dict[int, float]
+    moved: list[int] = field(default_factory=list)  # units whose cores changed
+
+    def to_dict(self) -> dict:
+        return {"at_s": self.at, "cores": [list(c) for c in self.cores], "rates_rps": self.rates_rps,
+                "others": {str(c): x for c, x in self.others.items()}, "moved": self.moved}
+
+
+def decide(tenants: list[Tenant], rates_rps: list[float], others: dict[int, float],
+           current: list[tuple[int, ...]] | None = None) -> list[tuple[int, ...]]:
+    """Cores per unit (one unit per tenant) for these rates and others' load per core (see
+    the module); where two choices are alike, the `current` cores. Plain data in and out."""
+    if len(rates_rps) != len(tenants):
+        raise ValueError(f"{len(rates_rps)} rates for {len(tenants)} tenants: one each")
+    units = [Unit(i, tuple(range(len(t.blocks)))) for i, t in enumerate(tenants)]
+    cores = len(others)
+    sizes = allocate(tenants, units, rates_rps, cores) if cores >= len(units) else [1] * len(units)
+    shares = [predicted_share(tenants[i], units[i], rates_rps[i], sizes[i]) for i in range(len(units))]
+    quiet = {c: (x if x >= NOISE_FLOOR else 0.0) for c, x in others.items()}
+    return place_cores(sizes, shares, quiet, current)
+
+
+class CoreAllocator:
+    """Keeps `workers` (one per tenant, in order; each with `cores` and `repin`) on the cores
+    `decide` gives, every `period_s`, on a thread of its own between `start` and `stop`.
+    `rates(now)`: each tenant's arrivals per second over the last period, as counted where
+    requests enter. `meter`, `clock`: injected for tests."""
+
+    def __init__(self, workers: list, tenants: list[Tenant], cores: tuple[int, ...],
+                 rates: Callable[[float, float], list[float]], period_s: float = PERIOD_S,
+                 meter: CoreLoadMeter | None = None, clock: Callable[[], float] = time.perf_counter):
+        if len(workers) != len(tenants):
+            raise ValueError(f"{len(workers)} workers for {len(tenants)} tenants: one each")
+        if not period_s > 0:
+            raise ValueError(f"period_s must be > 0, got {period_s}")
+        self.workers, self.tenants, self.cores = workers, tenants, tuple(sorted(cores))
+        self.period_s, self._rates, self._clock = period_s, rates, clock
+        self.meter = meter or CoreLoadMeter(self.cores)
+        self.smoothed: list[float] | None = None
+        self.decisions: list[Decision] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> Decision:
+        """One period: measure, decide, move the workers whose cores changed."""
+        now = self._clock()
+        others = dict(self.meter.sample({w.pid: w.cores for w in self.workers}))
+        measured = self._rates(now, self.period_s)
+        if self.smoothed is None:
+            self.smoothed = list(measured)
+        else:
+            self.smoothed = [s + RATE_SMOOTHING * (m - s) for s, m in zip(self.smoothed, measured)]
+        cores = decide(self.tenants, self.smoothed, others, [tuple(w.cores) for w in self.workers])
+        moved = [u for u, (w, c) in enumerate(zip(self.workers, cores)) if tuple(w.cores) != c]
+        for u in moved:
+            self.workers[u].repin(cores[u])
+        decision = Decision(now, cores, list(self.smoothed), others, moved)
+        self.decisions.append(decision)
+        return decision
+
+    def start(self) -> None:
+        """Read the meter once (a load is the difference of two readings), then tick every
+        period until `stop`: the first decision comes one period after the start."""
+        self._stop.clear()
+        self.meter.sample({w.pid: w.cores for w in self.workers})
+        self._thread = threading.Thread(target=self._loop, name="cellserve-core-allocator", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.tick()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
