@@ -98,7 +98,7 @@ def run(cfg: TenancyConfig, log=print) -> dict:
                "versions": Engine(models, EngineConfig(kernel_versions=profile_paths))}
     cores = tuple(sorted(os.sched_getaffinity(0)))
     with Allocated(models, cfg, profiles, cores) as allocated:
-        capacity = {}
+        capacity, capacity_allocated = {}, {}
         for m, (name, vocab, _) in zip(models, inputs):
             # every engine gets the same bursts before the runs (warm caches and allocator, costs
             # learnt from the same work); today's engine's second burst is the capacity
@@ -107,7 +107,7 @@ def run(cfg: TenancyConfig, log=print) -> dict:
             allocated.warm(m.name, cfg.seed + 1, n=100)
             measured = {k: closed_loop_capacity(e, m.name, name, vocab, cfg.seed, n=150 if cfg.quick else 300)
                         for k, e in engines.items()}
-            allocated.warm(m.name, cfg.seed, n=150 if cfg.quick else 300)
+            capacity_allocated[m.name] = allocated.warm(m.name, cfg.seed, n=150 if cfg.quick else 300)
             capacity[m.name] = measured["today"]
         rates = {m.name: cfg.load * capacity[m.name] / len(models) for m in models}
         log("capacity alone (req/s): " + ", ".join(f"{k} {v:.0f}" for k, v in capacity.items())
@@ -138,7 +138,8 @@ def run(cfg: TenancyConfig, log=print) -> dict:
     report = {"schema_version": SCHEMA_VERSION, "benchmark": "tenancy", "measured": True,
               "config": {**asdict(cfg), "json": str(cfg.json) if cfg.json else None,
                          "plot": str(cfg.plot) if cfg.plot else None},
-              "burner_core": core, "capacity_rps": capacity, "offered_rps": rates,
+              "burner_core": core, "capacity_rps": capacity, "allocated_capacity_rps": capacity_allocated,
+              "offered_rps": rates,
               "profiles": profile_paths, "levels_profiled": {k: list(p.levels) for k, p in profiles.items()},
               "conditions": conditions}
     if cfg.json is not None:

@@ -107,6 +107,7 @@ def test_profile_versions_then_bench_tenancy_run_for_real(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert [c["duty"] for c in report["conditions"]] == [0.0, 0.5]
+    assert report["allocated_capacity_rps"]["gru-256"] > 0
     for c in report["conditions"]:
         today, versions, allocated = (c["engines"][e][0] for e in ("today", "versions", "allocated"))
         assert today["offered"] == versions["offered"] == allocated["offered"] > 0  # the same trace for all
