@@ -12,6 +12,9 @@ errs low where the process has threads beyond the executor's cores.
 
 Sampled lazily (at most every `period_s`, when asked) and smoothed; the tick of /proc is
 1/100 s, so a sample spans many. Where /proc cannot be read the level is 0 (no switching).
+
+`CoreLoadMeter` measures the same per core, for several processes of ours at once (the engine
+processes of a core allocation, cluster/core_allocation.py).
 """
 
 from __future__ import annotations
@@ -37,22 +40,11 @@ class CpuTimes:
 def read_cpu_times(cores: Iterable[int]) -> CpuTimes | None:
     """Ticks of `cores` (from /proc/stat) and of this process (from /proc/self/stat); None
     where they cannot be read."""
-    wanted = {f"cpu{c}" for c in cores}
-    busy = total = 0
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                name, _, rest = line.partition(" ")
-                if name in wanted:
-                    ticks = [int(x) for x in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
-                    total += sum(ticks)
-                    busy += sum(ticks) - ticks[3] - ticks[4]
-        with open("/proc/self/stat") as f:
-            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
-        own = int(fields[11]) + int(fields[12])  # utime, stime
-    except (OSError, ValueError, IndexError):
+    ticks, own = read_core_ticks(cores), read_process_ticks("self")
+    if ticks is None or own is None:
         return None
-    return CpuTimes(busy, total, own) if total else None
+    total = sum(t for _, t in ticks.values())
+    return CpuTimes(sum(b for b, _ in ticks.values()), total, own) if total else None
 
 
 def others_load(before: CpuTimes, after: CpuTimes, cores: int) -> float:
@@ -110,19 +102,20 @@ def read_core_ticks(cores: Iterable[int]) -> dict[int, tuple[int, int]] | None:
             for line in f:
                 name, _, rest = line.partition(" ")
                 if name in wanted:
-                    ticks = [int(x) for x in rest.split()[:8]]
+                    ticks = [int(x) for x in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
                     out[wanted[name]] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
     except (OSError, ValueError):
         return None
     return out if len(out) == len(wanted) else None
 
 
-def read_process_ticks(pid: int) -> int | None:
-    """A process's CPU time (all its threads, user and system) in clock ticks; None if gone."""
+def read_process_ticks(pid: int | str) -> int | None:
+    """A process's CPU time (all its threads, user and system) in clock ticks ("self": this
+    process's); None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return int(fields[11]) + int(fields[12])
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        return int(fields[11]) + int(fields[12])  # utime, stime
     except (OSError, ValueError, IndexError):
         return None
 
