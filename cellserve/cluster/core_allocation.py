@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from cellserve.plan.tenancy import Tenant, Unit, allocate, place_cores, predicte
 
 PERIOD_S = 1.0
 RATE_SMOOTHING = 0.5  # weight of the last period's measured rate
+KEEP_DECISIONS = 3600  # the last decisions kept (an hour's at the default period), for reports
 
 
 @dataclass
@@ -62,21 +64,24 @@ def decide(tenants: list[Tenant], rates_rps: list[float], others: dict[int, floa
 class CoreAllocator:
     """Keeps `workers` (one per tenant, in order; each with `cores` and `repin`) on the cores
     `decide` gives, every `period_s`, on a thread of its own between `start` and `stop`.
-    `rates(now)`: each tenant's arrivals per second over the last period, as counted where
-    requests enter. `meter`, `clock`: injected for tests."""
+    `rates(now, period_s)`: each tenant's arrivals per second over the last period, as counted
+    where requests enter. `on_decision`: called with each period's Decision, after its moves.
+    `meter`, `clock`: injected for tests."""
 
     def __init__(self, workers: list, tenants: list[Tenant], cores: tuple[int, ...],
                  rates: Callable[[float, float], list[float]], period_s: float = PERIOD_S,
-                 meter: CoreLoadMeter | None = None, clock: Callable[[], float] = time.perf_counter):
+                 meter: CoreLoadMeter | None = None, clock: Callable[[], float] = time.perf_counter,
+                 on_decision: Callable[[Decision], None] | None = None):
         if len(workers) != len(tenants):
             raise ValueError(f"{len(workers)} workers for {len(tenants)} tenants: one each")
         if not period_s > 0:
             raise ValueError(f"period_s must be > 0, got {period_s}")
         self.workers, self.tenants, self.cores = workers, tenants, tuple(sorted(cores))
-        self.period_s, self._rates, self._clock = period_s, rates, clock
+        self.period_s, self._rates, self._clock, self._on_decision = period_s, rates, clock, on_decision
         self.meter = meter or CoreLoadMeter(self.cores)
         self.smoothed: list[float] | None = None
-        self.decisions: list[Decision] = []
+        self.moves = 0  # workers moved, all periods
+        self.decisions: deque[Decision] = deque(maxlen=KEEP_DECISIONS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -93,8 +98,11 @@ class CoreAllocator:
         moved = [u for u, (w, c) in enumerate(zip(self.workers, cores)) if tuple(w.cores) != c]
         for u in moved:
             self.workers[u].repin(cores[u])
+            self.moves += 1
         decision = Decision(now, cores, list(self.smoothed), others, moved)
         self.decisions.append(decision)
+        if self._on_decision is not None:
+            self._on_decision(decision)
         return decision
 
     def start(self) -> None:

@@ -45,11 +45,17 @@ def serve_ray(settings: ServerSettings, server_log=None) -> int:
     from cellserve.errors import CellserveError
     from cellserve.server.app import StartupError, _bind, _load_models
 
+    profiles = None  # --core-allocation: model -> its kernel-versions profile
     try:  # the plan first: a file that cannot be used is told at once, before any model loads
         fams = _families(settings)  # --accuracy-scaling: family -> variants (else None)
-        layout = _layout(settings, _model_names(settings) if fams is None else
-                         [v for vs in fams.values() for v in vs])
-    except ValueError as exc:  # NexusError, PlanMismatch, a plan with no device, or models that form no family
+        names = _model_names(settings) if fams is None else [v for vs in fams.values() for v in vs]
+        layout = _layout(settings, names)
+        if settings.core_allocation:
+            from cellserve.cluster.ray_cores import read_profiles
+
+            profiles = read_profiles(list(settings.core_allocation), names)
+    except ValueError as exc:  # NexusError, PlanMismatch, a plan with no device, models that form no family,
+        # or core-allocation profiles that do not fit (VersionProfileError, CoreAllocationError)
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
@@ -62,6 +68,14 @@ def serve_ray(settings: ServerSettings, server_log=None) -> int:
     except (CellserveError, ValueError) as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    if profiles is not None:
+        from cellserve.cluster.ray_cores import CoreAllocationError, tenants_of
+
+        try:  # every model's SLO and cell types, before Ray starts
+            tenants_of(served, list(profiles), profiles)
+        except CoreAllocationError as exc:
+            print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
+            return 2
     try:
         sockets = _bind(settings)
         cluster = _Cluster(settings, layout)
@@ -69,7 +83,7 @@ def serve_ray(settings: ServerSettings, server_log=None) -> int:
         print(f"cellserve: error: {exc}", file=sys.stderr, flush=True)
         return 1
     try:
-        return _run(settings, served, layout, sockets, cluster, fams, server_log)
+        return _run(settings, served, layout, sockets, cluster, fams, server_log, profiles)
     finally:
         cluster.close()
 
@@ -103,9 +117,11 @@ def _families(settings: ServerSettings) -> dict[str, list[str]] | None:
 
 
 def _layout(settings: ServerSettings, names: list[str]):
-    from cellserve.cluster.ray_plan import from_flags, from_plan
+    from cellserve.cluster.ray_plan import Layout, from_flags, from_plan
     from cellserve.plan.nexus_io import load_plan
 
+    if settings.core_allocation:  # a worker of its own per model, on the cores the allocator gives it
+        return Layout(tuple((name,) for name in names), {}, {})
     if settings.plan is None:
         return from_flags(names, settings.ray_workers or 2)
     plan = load_plan(settings.plan)
@@ -204,7 +220,7 @@ class _Cluster:
 
 
 def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, fams=None,
-         server_log=None) -> int:
+         server_log=None, profiles=None) -> int:
     from cellserve import heap
     from cellserve.cluster.ray_core import RayCore, WorkerDied
     from cellserve.cluster.ray_metrics import ClusterCollector
@@ -277,6 +293,18 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
     asyncio.run_coroutine_threadsafe(_poll(core, died, conns), frontends.loop)
     if core.replanner is not None:
         asyncio.run_coroutine_threadsafe(core.replanner.run(), frontends.loop)
+    allocator = None
+    if profiles is not None:  # --core-allocation: each worker on its first cores before the ready line
+        from cellserve.cluster.ray_cores import start_allocation
+
+        try:
+            allocator = core.core_allocator = start_allocation(cluster, core, served, profiles,
+                                                               log=lambda line: print(line, flush=True))
+        except Exception as exc:  # noqa: BLE001 - a worker that could not be pinned: one line
+            print(f"cellserve: error: --core-allocation: {_first_line(exc)}", file=sys.stderr, flush=True)
+            frontends.stop(on_stopped=lambda: None)
+            frontends.join(timeout=5.0)
+            return 1
 
     stop = threading.Event()
 
@@ -303,6 +331,8 @@ def _run(settings: ServerSettings, served, layout, sockets, cluster: _Cluster, f
     print(f"cellserve: ready: http={ports['http']} grpc={ports['grpc']} metrics={ports['metrics']}", flush=True)
     while not stop.wait(0.5):
         pass
+    if allocator is not None:
+        allocator.stop()
     frontends.join(timeout=5.0)  # the poller ends with the loop (it stops once not accepting)
     print("cellserve: stopped", flush=True)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

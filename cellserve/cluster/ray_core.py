@@ -103,8 +103,9 @@ class RayCore(Core):
         self.deaths: list[str] = []  # each dead worker, once, with why
         self.shed: dict[tuple[str, str], int] = {}  # (model, why) -> refused at the driver
         self._keys = itertools.count(1)
-        self.meter = None  # a ray_replan.RateMeter with --replan-every: arrivals per model
+        self.meter = None  # a ray_replan.RateMeter with --replan-every or --core-allocation: arrivals per model
         self.replanner = None  # a ray_replan_loop.Replanner with --replan-every (its state for the metrics)
+        self.core_allocator = None  # a core_allocation.CoreAllocator with --core-allocation (for the metrics)
 
     def _executions(self) -> dict[str, int]:
         """Batched cell steps per engine model, summed over the workers' last reports."""

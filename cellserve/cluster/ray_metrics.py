@@ -24,6 +24,11 @@ With --replan-every (the planner in the cluster, ray_replan_loop.py):
   cellserve_cluster_model_workers{model}          workers taking the model's new requests
   cellserve_worker_model_changes_total{worker,node,action}   models loaded / unloaded (load, unload)
 
+With --core-allocation (ray_cores.py):
+  cellserve_worker_cores{worker,node}             cores the worker is pinned to now
+  cellserve_core_others_load{core}                others' load on each core, in cores (smoothed)
+  cellserve_core_allocation_moves_total           workers moved to other cores
+
 A dead worker's counters stay at their last polled values (counters never go back); its
 gauges drop to 0 (active requests, sequences: they died with it) or go (step overhead).
 """
@@ -88,6 +93,23 @@ class ClusterCollector:
         replanner = getattr(self.core, "replanner", None)
         if replanner is not None:
             yield from _replan_series(replanner, self.core.router)
+        allocator = getattr(self.core, "core_allocator", None)
+        if allocator is not None:
+            yield from _core_series(allocator)
+
+
+def _core_series(allocator):
+    cores = GaugeMetricFamily("cellserve_worker_cores", "Cores a worker is pinned to now", labels=["worker", "node"])
+    for w in allocator.workers:
+        cores.add_metric([w.state.id, w.state.info.node_id], len(w.cores))
+    yield cores
+    others = GaugeMetricFamily("cellserve_core_others_load", "Load other processes put on a core, in cores "
+                               "(smoothed)", labels=["core"])
+    for core, level in sorted(allocator.meter.level.items()):
+        others.add_metric([str(core)], level)
+    yield others
+    yield CounterMetricFamily("cellserve_core_allocation_moves", "Workers moved to other cores",
+                              value=allocator.moves)
 
 
 def _replan_series(replanner, router):

@@ -188,6 +188,18 @@ class EngineWorker:
         self.changes["unload"] += len(gone)
         return {"unloaded": gone, "busy": busy, "info": self.info()}
 
+    async def repin(self, cores: tuple[int, ...]) -> tuple[int, ...]:
+        """Move this worker to `cores` between two of its engine's steps: the engine's thread
+        and its OpenMP team one per core, every other thread of the process on those cores
+        (serve --core-allocation, cluster/ray_cores.py). Returns the cores."""
+        from cellserve.cluster.core_workers import pin_here
+
+        cores = tuple(sorted(cores))
+        if not cores or min(cores) < 0 or max(cores) >= (os.cpu_count() or 1):
+            raise ValueError(f"worker {self.spec.worker_id}: cannot pin to cores {cores}")
+        await self._on_engine_thread(lambda: pin_here(cores))
+        return cores
+
     def info(self) -> WorkerInfo:
         e = self.engine
         models = {}

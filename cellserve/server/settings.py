@@ -123,6 +123,16 @@ class ServerSettings:
     ray_data_plane: str = setting("socket", "how requests reach the Ray workers: socket (a direct stream to each "
                                             "worker; Ray only places and watches them) or ray (one actor call "
                                             "each)", choices=("socket", "ray"), group=_RAY)
+    # issue 19: cores shared by models (Veltair) on the Ray workers (cellserve/cluster/ray_cores.py)
+    core_allocation: list[str] = setting(help="serve each model on a Ray worker of its own, pinned to cores an "
+                                              "allocator gives it from these kernel-versions profiles (cellserve "
+                                              "profile-versions; one per model, repeat the flag) and each model's "
+                                              "SLO, moved every second as the models' rates and the load other "
+                                              "processes put on each core change (docs/tenancy.md); needs a "
+                                              "local --ray and --slo-ms",
+                                         default_factory=list, flag="--core-allocation",
+                                         unset="off: the workers share every core", group=_RAY,
+                                         metavar="V.json", paths=path_list)
     # issue 18: accuracy scaling (Proteus) on the Ray workers (cellserve/cluster/ray_accuracy*.py)
     accuracy_scaling: bool = setting(False, "serve the zoo's variant families by accuracy scaling: clients send to a "
                                             "family, each Ray worker hosts one variant, Proteus's plan re-solved "
@@ -204,6 +214,18 @@ class ServerSettings:
         if self.engine.placement is not None and self.ray_address is not None:
             problems.append(Problem("engine.placement", "{name} partitions one engine's cell types; it cannot be "
                                     "combined with {0}", ("ray_address",)))
+        if self.core_allocation:
+            if self.ray_address != "local":
+                problems.append(Problem("core_allocation", "{name} pins the workers to this machine's cores: it "
+                                        "needs a local Ray (--ray alone, ray_address \"local\")"))
+            for key in ("ray_workers", "plan", "replan_every_s", "accuracy_scaling", "engine.kernel_versions"):
+                value = getattr(self.engine, key.split(".")[1]) if key.startswith("engine.") else getattr(self, key)
+                if value:
+                    problems.append(Problem("core_allocation", "{name} gives each model a worker of its own on "
+                                            "cores it decides; it cannot be combined with {0}", (key,)))
+            if self.ray_cpus_per_worker != 1:
+                problems.append(Problem("core_allocation", "{name} decides each worker's cores; it cannot be "
+                                        "combined with {0}", ("ray_cpus_per_worker",)))
         if self.plan is not None and self.ray_workers is not None:
             problems.append(Problem("ray_workers", "{name} cannot be combined with {0}, which says how many "
                                     "workers (one per device)", ("plan",)))

@@ -104,7 +104,7 @@ def test_the_allocator_moves_workers_as_the_neighbour_moves():
     assert tight.cores == (1,) and loose.cores == (0,)
     levels.now = {0: 0.08, 1: 0.0}  # it left: a trace of load under the floor moves nothing back
     assert allocator.tick().moved == []
-    assert len(allocator.decisions) == 4
+    assert len(allocator.decisions) == 4 and allocator.moves == 4
 
 
 def test_rates_are_smoothed_between_periods():
