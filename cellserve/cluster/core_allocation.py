@@ -81,6 +81,7 @@ class CoreAllocator:
         self.meter = meter or CoreLoadMeter(self.cores)
         self.smoothed: list[float] | None = None
         self.moves = 0  # workers moved, all periods
+        self.last_error: str | None = None  # why the last period that failed did
         self.decisions: deque[Decision] = deque(maxlen=KEEP_DECISIONS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,10 +96,13 @@ class CoreAllocator:
         else:
             self.smoothed = [s + RATE_SMOOTHING * (m - s) for s, m in zip(self.smoothed, measured)]
         cores = decide(self.tenants, self.smoothed, others, [tuple(w.cores) for w in self.workers])
-        moved = [u for u, (w, c) in enumerate(zip(self.workers, cores)) if tuple(w.cores) != c]
-        for u in moved:
-            self.workers[u].repin(cores[u])
-            self.moves += 1
+        moved = []
+        for u, (w, c) in enumerate(zip(self.workers, cores)):
+            if tuple(w.cores) != c:
+                w.repin(c)
+                if tuple(w.cores) == c:  # a worker that could not move (gone) keeps its cores
+                    moved.append(u)
+        self.moves += len(moved)
         decision = Decision(now, cores, list(self.smoothed), others, moved)
         self.decisions.append(decision)
         if self._on_decision is not None:
@@ -115,7 +119,10 @@ class CoreAllocator:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
-            self.tick()
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - a period that failed (a worker gone): the next tries again
+                self.last_error = f"{type(exc).__name__}: {exc}"
 
     def stop(self) -> None:
         self._stop.set()

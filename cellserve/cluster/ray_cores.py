@@ -69,7 +69,9 @@ def tenants_of(served, models: list[str], profiles: dict[str, VersionProfile]):
 
 
 class RayWorkerCores:
-    """One Ray worker as the allocator sees it: its process, its cores, a way to move it."""
+    """One Ray worker as the allocator sees it: its process, its cores, a way to move it. A
+    dead worker is not moved (it keeps the cores it had, which the allocator then counts as
+    taken until the worker's models are served elsewhere: a dead worker stays dead)."""
 
     def __init__(self, state, ray, cores: tuple[int, ...] = ()):
         self.state, self.ray, self.cores = state, ray, tuple(cores)
@@ -79,6 +81,8 @@ class RayWorkerCores:
         return self.state.info.pid
 
     def repin(self, cores: tuple[int, ...]) -> None:
+        if not self.state.alive:
+            return
         self.cores = tuple(self.ray.get(self.state.handle.repin.remote(tuple(cores)), timeout=_REPIN_TIMEOUT_S))
 
 
