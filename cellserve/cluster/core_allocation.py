@@ -9,10 +9,12 @@ and, per core, the load other processes put on it (executor/interference.CoreLoa
   its share of the SLO), when there are at least as many cores as units; one each otherwise;
 - **which cores**: plan/tenancy.place_cores: the tightest unit (largest predicted share of its
   SLO) takes the quietest cores, so a neighbour's core goes to the unit with the most slack;
-  units beyond the cores share the least loaded ones;
+  units beyond the cores share the least loaded ones (others' load plus the CPU the units
+  already there were measured to use);
 
 and moves the workers whose cores changed (CoreWorker.repin, between two of their steps).
-Loads under NOISE_FLOOR cores count as none, so that the meter's noise moves nothing.
+Loads under NOISE_FLOOR cores count as none, and a unit keeps its cores unless others are
+quieter by NOISE_FLOOR, so that the meter's noise moves nothing.
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ class Decision:
 
 
 def decide(tenants: list[Tenant], rates_rps: list[float], others: dict[int, float],
-           current: list[tuple[int, ...]] | None = None) -> list[tuple[int, ...]]:
+           current: list[tuple[int, ...]] | None = None,
+           demand: list[float] | None = None) -> list[tuple[int, ...]]:
     """Cores per unit (one unit per tenant) for these rates and others' load per core (see
-    the module); where two choices are alike, the `current` cores. Plain data in and out."""
+    the module); `demand`: each unit's measured CPU use in cores (None: not measured yet);
+    a unit keeps its `current` cores unless others are quieter by NOISE_FLOOR. Plain data in
+    and out."""
     if len(rates_rps) != len(tenants):
         raise ValueError(f"{len(rates_rps)} rates for {len(tenants)} tenants: one each")
     units = [Unit(i, tuple(range(len(t.blocks)))) for i, t in enumerate(tenants)]
@@ -58,7 +63,7 @@ def decide(tenants: list[Tenant], rates_rps: list[float], others: dict[int, floa
     sizes = allocate(tenants, units, rates_rps, cores) if cores >= len(units) else [1] * len(units)
     shares = [predicted_share(tenants[i], units[i], rates_rps[i], sizes[i]) for i in range(len(units))]
     quiet = {c: (x if x >= NOISE_FLOOR else 0.0) for c, x in others.items()}
-    return place_cores(sizes, shares, quiet, current)
+    return place_cores(sizes, shares, quiet, current, demand, margin=NOISE_FLOOR)
 
 
 class CoreAllocator:
@@ -95,7 +100,9 @@ class CoreAllocator:
             self.smoothed = list(measured)
         else:
             self.smoothed = [s + RATE_SMOOTHING * (m - s) for s, m in zip(self.smoothed, measured)]
-        cores = decide(self.tenants, self.smoothed, others, [tuple(w.cores) for w in self.workers])
+        used = [self.meter.used.get(w.pid) for w in self.workers]
+        demand = None if None in used else used
+        cores = decide(self.tenants, self.smoothed, others, [tuple(w.cores) for w in self.workers], demand)
         moved = []
         for u, (w, c) in enumerate(zip(self.workers, cores)):
             if tuple(w.cores) != c:

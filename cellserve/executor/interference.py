@@ -139,6 +139,7 @@ class CoreLoadMeter:
         self._read_cores, self._read_process = read_cores, read_process
         self._last: tuple[dict, dict[int, int]] | None = None
         self.level = {c: 0.0 for c in self.cores}
+        self.used: dict[int, float] = {}  # per process of ours, the cores' worth of CPU it used (smoothed)
         self.samples = 0
 
     def sample(self, ours: dict[int, tuple[int, ...]]) -> dict[int, float]:
@@ -150,6 +151,7 @@ class CoreLoadMeter:
         if cores is None or last is None or last[0] is None:
             return self.level
         spent = {c: 0.0 for c in self.cores}
+        elapsed = sum(cores[c][1] - last[0][c][1] for c in self.cores) / len(self.cores)  # ticks per core
         for pid, pinned in ours.items():
             before, after = last[1].get(pid), own[pid]
             mine = [c for c in pinned if c in spent]
@@ -157,6 +159,10 @@ class CoreLoadMeter:
                 continue
             for c in mine:
                 spent[c] += (after - before) / len(mine)
+            if elapsed > 0:
+                use = (after - before) / elapsed
+                old = self.used.get(pid)
+                self.used[pid] = use if old is None else old + self.smoothing * (use - old)
         for c in self.cores:
             busy, total = cores[c][0] - last[0][c][0], cores[c][1] - last[0][c][1]
             sample = min(max((busy - spent[c]) / total, 0.0), 1.0) if total > 0 else 0.0

@@ -134,7 +134,8 @@ def capacity_rps(tenants: list[Tenant], cores: int) -> float:
 
 
 def place_cores(sizes: list[int], shares: list[float], others: dict[int, float],
-                current: list[tuple[int, ...]] | None = None) -> list[tuple[int, ...]]:
+                current: list[tuple[int, ...]] | None = None, demand: list[float] | None = None,
+                margin: float = 0.0) -> list[tuple[int, ...]]:
     """Which cores each unit gets, on a real CPU where other processes take some of them.
 
     `sizes`: cores per unit (`allocate`'s answer, or one each when there are more units than
@@ -143,8 +144,10 @@ def place_cores(sizes: list[int], shares: list[float], others: dict[int, float],
     The tightest unit chooses first and takes the quietest free cores, so a neighbour's core
     goes to the unit with the most slack. With more units than cores, the units left once every
     core is taken (the loosest) each share the core with the least load so far: its neighbours'
-    plus the units already on it, each counted as one core's worth. Ties go to a unit's
-    `current` cores (no move for nothing), then to the lower core."""
+    plus the `demand` of the units already on it (per unit, the cores' worth of CPU it uses, as
+    measured; None: a whole core each). A unit keeps its `current` cores unless others are
+    quieter by more than `margin` cores (so that a meter's noise moves nothing); ties go to the
+    current cores, then to the lower core."""
     if len(sizes) != len(shares):
         raise ValueError(f"{len(sizes)} sizes for {len(shares)} shares: one each")
     if not others:
@@ -155,6 +158,11 @@ def place_cores(sizes: list[int], shares: list[float], others: dict[int, float],
         raise ValueError(f"others' load per core is 0 to 1 cores, got {others}")
     if current is not None and len(current) != len(sizes):
         raise ValueError(f"{len(current)} current placements for {len(sizes)} units: one each")
+    if demand is not None and (len(demand) != len(sizes) or any(not x >= 0 for x in demand)):
+        raise ValueError(f"demand is one load >= 0 per unit; got {demand} for {len(sizes)} units")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0 cores, got {margin}")
+    use = list(demand) if demand is not None else [1.0] * len(sizes)
     free = sorted(others)
     if sum(sizes) > len(free) and any(n > 1 for n in sizes):
         raise ValueError(f"{sum(sizes)} cores asked of {len(free)}: more than one each only when all fit")
@@ -162,12 +170,16 @@ def place_cores(sizes: list[int], shares: list[float], others: dict[int, float],
     placed: list[tuple[int, ...]] = [()] * len(sizes)
     for u in sorted(range(len(sizes)), key=lambda u: (-shares[u], u)):
         had = set(current[u]) if current is not None else set()
+
+        def key(c: int, level: dict[int, float]) -> tuple:
+            return (level[c] - (margin if c in had else 0.0), c not in had, c)
+
         if len(free) >= sizes[u]:
-            free.sort(key=lambda c: (others[c], c not in had, c))
+            free.sort(key=lambda c: key(c, others))
             mine, free = free[:sizes[u]], free[sizes[u]:]
         else:
-            mine = [min(load, key=lambda c: (load[c], c not in had, c))]
+            mine = [min(load, key=lambda c: key(c, load))]
         for c in mine:
-            load[c] += 1.0
+            load[c] += use[u] / len(mine)
         placed[u] = tuple(sorted(mine))
     return placed

@@ -39,6 +39,8 @@ def test_others_load_per_core_is_busy_time_less_ours():
     assert meter.sample(ours) == pytest.approx({0: 0.1, 1: 0.6})
     # core 0: 500 busy, ours 200 + 200 -> 0.1; core 1: 500 busy, ours 100 + 200 -> 0.2
     assert meter.sample(ours) == pytest.approx({0: 0.1, 1: 0.2})
+    # each process's own use, in cores (1000 ticks per core passed): pid 12 used 400 -> 0.4
+    assert meter.used == pytest.approx({10: 0.2, 11: 0.1, 12: 0.4})
 
 
 def test_the_meter_smooths_and_survives_a_process_that_went_away():
@@ -81,11 +83,13 @@ class FakeWorker:
 class Levels:
     """A meter whose readings are set by the test."""
 
-    def __init__(self):
+    def __init__(self, pids=(1, 2)):
         self.now = {0: 0.0, 1: 0.0}
+        self.used = {}  # no process's CPU use measured: each counts as a core
+        self.pids = set(pids)
 
     def sample(self, ours):
-        assert set(ours) == {1, 2}  # asked about the workers' own processes
+        assert set(ours) == self.pids  # asked about the workers' own processes
         return self.now
 
 
@@ -113,6 +117,18 @@ def test_rates_are_smoothed_between_periods():
                               lambda now, period: next(measured), meter=Levels(), clock=lambda: 0.0)
     assert allocator.tick().rates_rps == [100.0, 0.0]  # the first period's, as measured
     assert allocator.tick().rates_rps == [50.0, 50.0]
+
+
+def test_a_third_model_joins_the_core_whose_model_uses_less():
+    third = _tenant("third", 0.2, 1e-3)
+    workers = [FakeWorker(1, (0,)), FakeWorker(2, (1,)), FakeWorker(3, (0,))]
+    levels = Levels(pids=(1, 2, 3))
+    allocator = CoreAllocator(workers, [TIGHT, LOOSE, third], (0, 1), lambda now, period: [100.0] * 3,
+                              meter=levels, clock=lambda: 0.0)
+    levels.used = {1: 0.8, 2: 0.2, 3: 0.3}  # the tight model busy on core 0, the loose one light on core 1
+    assert allocator.tick().cores == [(0,), (1,), (1,)]
+    levels.used = {1: 0.2, 2: 0.25, 3: 0.3}  # now about alike: within the margin, nobody moves
+    assert allocator.tick().moved == []
 
 
 def test_one_worker_per_tenant():

@@ -118,12 +118,23 @@ def test_more_units_than_cores_share_the_least_loaded_core():
     assert place_cores([1, 1, 1], [0.8, 0.1, 0.5], {0: 0.0, 1: 0.0}) == [(0,), (0,), (1,)]
 
 
+def test_measured_demand_and_a_margin_decide_where_the_loosest_goes():
+    # the tightest (0) on the quiet core 0; unit 1 on core 1; unit 2 joins the core whose unit
+    # uses less CPU: core 1 (0.2 + 0.3 neighbour) against core 0 (0.9)
+    assert place_cores([1, 1, 1], [0.9, 0.5, 0.1], {0: 0.0, 1: 0.3}, demand=[0.9, 0.2, 0.4]) == [(0,), (1,), (1,)]
+    # a unit stays where it is unless another core is quieter by more than the margin
+    assert place_cores([1, 1], [0.2, 0.9], {0: 0.0, 1: 0.05}, current=[(0,), (1,)], margin=0.1) == [(0,), (1,)]
+    assert place_cores([1, 1], [0.2, 0.9], {0: 0.0, 1: 0.15}, current=[(0,), (1,)], margin=0.1) == [(1,), (0,)]
+
+
 @pytest.mark.parametrize("args, says", [
     (([1], [0.1, 0.2], {0: 0.0}), "one each"),
     (([1], [0.1], {}), "at least one core"),
     (([0], [0.1], {0: 0.0}), "one core or more"),
     (([1], [0.1], {0: 1.5}), "0 to 1 cores"),
     (([2, 1], [0.1, 0.2], {0: 0.0, 1: 0.0}), "3 cores asked of 2"),
+    (([1], [0.1], {0: 0.0}, None, [-1.0]), "one load >= 0 per unit"),
+    (([1], [0.1], {0: 0.0}, None, None, -0.1), "margin must be >= 0"),
 ])
 def test_bad_placements_are_refused(args, says):
     with pytest.raises(ValueError, match=says):
