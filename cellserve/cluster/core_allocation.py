@@ -70,23 +70,25 @@ class CoreAllocator:
     """Keeps `workers` (one per tenant, in order; each with `cores` and `repin`) on the cores
     `decide` gives, every `period_s`, on a thread of its own between `start` and `stop`.
     `rates(now, period_s)`: each tenant's arrivals per second over the last period, as counted
-    where requests enter. `on_decision`: called with each period's Decision, after its moves.
+    where requests enter. `on_decision`: called with each period's Decision, after its moves;
+    `on_error`: with why a period failed (a worker gone; the next period tries again).
     `meter`, `clock`: injected for tests."""
 
     def __init__(self, workers: list, tenants: list[Tenant], cores: tuple[int, ...],
                  rates: Callable[[float, float], list[float]], period_s: float = PERIOD_S,
                  meter: CoreLoadMeter | None = None, clock: Callable[[], float] = time.perf_counter,
-                 on_decision: Callable[[Decision], None] | None = None):
+                 on_decision: Callable[[Decision], None] | None = None,
+                 on_error: Callable[[str], None] | None = None):
         if len(workers) != len(tenants):
             raise ValueError(f"{len(workers)} workers for {len(tenants)} tenants: one each")
         if not period_s > 0:
             raise ValueError(f"period_s must be > 0, got {period_s}")
         self.workers, self.tenants, self.cores = workers, tenants, tuple(sorted(cores))
-        self.period_s, self._rates, self._clock, self._on_decision = period_s, rates, clock, on_decision
+        self.period_s, self._rates, self._clock = period_s, rates, clock
+        self._on_decision, self._on_error = on_decision, on_error
         self.meter = meter or CoreLoadMeter(self.cores)
         self.smoothed: list[float] | None = None
         self.moves = 0  # workers moved, all periods
-        self.last_error: str | None = None  # why the last period that failed did
         self.decisions: deque[Decision] = deque(maxlen=KEEP_DECISIONS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -129,7 +131,8 @@ class CoreAllocator:
             try:
                 self.tick()
             except Exception as exc:  # noqa: BLE001 - a period that failed (a worker gone): the next tries again
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                if self._on_error is not None:
+                    self._on_error(f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self._stop.set()

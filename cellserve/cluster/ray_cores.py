@@ -52,16 +52,12 @@ def tenants_of(served, models: list[str], profiles: dict[str, VersionProfile]):
     """The allocator's tenants, one per model in `models`' order: blocks from the profiles,
     SLOs from the models' slo_ms (CoreAllocationError naming models without one)."""
     from cellserve.bench.tenancy_sim import panels_of, tenants_from_profiles
+    from cellserve.cluster.ray_replan import slos_ms
 
-    slo_ms, graphs = {}, {}
-    for s in served:
-        graphs.setdefault(s.name, s.model)
-        if s.settings.default_timeout_s is not None:
-            slo_ms[s.name] = min(slo_ms.get(s.name, float("inf")), s.settings.default_timeout_s * 1e3)
-    missing = sorted(set(models) - set(slo_ms))
-    if missing:
-        raise CoreAllocationError(f"--core-allocation sizes each model's cores by its SLO; {', '.join(missing)} "
-                                  "have none (--slo-ms for zoo models, slo_ms in a config.pbtxt's parameters)")
+    try:
+        graphs, slo_ms = slos_ms(served, "--core-allocation")
+    except ValueError as exc:
+        raise CoreAllocationError(str(exc)) from None
     panels = {}
     for m in models:
         panels.update(panels_of(graphs[m], profiles[m]))
@@ -101,6 +97,8 @@ def start_allocation(cluster, core, served, profiles: dict[str, VersionProfile],
     core.meter = RateMeter(period_s, time.monotonic())
 
     def rates(_now: float, _period: float) -> list[float]:
+        # folded here, on the allocator's thread, while the frontends' loop counts arrivals:
+        # an arrival counted as a window closes may fall in either window (a rate, not a tally)
         core.meter.fold(time.monotonic())
         measured = core.meter.rates()
         return [measured.get(m, 0.0) for m in models]
@@ -111,7 +109,8 @@ def start_allocation(cluster, core, served, profiles: dict[str, VersionProfile],
                 + " (others' load per core: " + ", ".join(f"{c}: {x:.2f}" for c, x in decision.others.items()) + ")")
 
     log("cellserve: cores: " + describe(cluster.workers, workers))
-    allocator = CoreAllocator(workers, tenants, cores, rates, period_s, on_decision=said)
+    allocator = CoreAllocator(workers, tenants, cores, rates, period_s, on_decision=said,
+                              on_error=lambda why: log(f"cellserve: cores: a period failed, the next tries again: {why}"))
     allocator.start()
     return allocator
 

@@ -30,6 +30,23 @@ from dataclasses import dataclass, field, replace
 from cellserve.plan.nexus import LatencyProfile
 
 
+def slos_ms(served, flag: str) -> tuple[dict, dict[str, float]]:
+    """From the served models (every version): model name -> its graph (the first version's)
+    and -> its SLO in ms (the tightest of its versions' slo_ms); ValueError naming `flag` and
+    the models without one."""
+    models, slo_ms = {}, {}
+    for s in served:
+        models.setdefault(s.name, s.model)
+        slo = s.settings.default_timeout_s
+        if slo is not None:
+            slo_ms[s.name] = min(slo_ms.get(s.name, float("inf")), slo * 1e3)
+    missing = sorted(set(models) - set(slo_ms))
+    if missing:
+        raise ValueError(f"{flag} plans each model by its SLO; models {missing} have none (set slo_ms "
+                         "in their config.pbtxt parameters, or --slo-ms for zoo models)")
+    return models, slo_ms
+
+
 class _Ewma:
     """An exponentially weighted average of a quantity observed at irregular times, with
     time constant `tau_s`, bias-corrected (its weight so far divides it out)."""

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, replace
 
 from cellserve.cluster.ray_replan import (Drains, RateMeter, assign_devices, latency_from_costs, mean_profile, routes,
-                                          targets)
+                                          slos_ms, targets)
 from cellserve.cluster.ray_router import RateGate
 from cellserve.plan.nexus import DeviceProfiles, ModelEntry, Plan, Profiles, Session, Workload
 from cellserve.plan.nexus_check import check_plan
@@ -66,17 +66,7 @@ class Replanner:
         self.core, self.router = core, core.router
         self.epoch_s, self.stack_layers = epoch_s, stack_layers
         self.died, self.first_line, self.log = died, first_line, log
-        self.models = {}
-        self.slo_ms: dict[str, float] = {}
-        for s in served:
-            self.models.setdefault(s.name, s.model)
-            slo = s.settings.default_timeout_s
-            if slo is not None:
-                self.slo_ms[s.name] = min(self.slo_ms.get(s.name, float("inf")), slo * 1e3)
-        missing = sorted(set(self.models) - set(self.slo_ms))
-        if missing:
-            raise ValueError(f"--replan-every plans each model by its SLO; models {missing} have none (set slo_ms "
-                             "in their config.pbtxt parameters, or --slo-ms for zoo models)")
+        self.models, self.slo_ms = slos_ms(served, "--replan-every")
         self.started = time.monotonic()
         self.meter = RateMeter(epoch_s, self.started)
         core.meter = self.meter

@@ -5,6 +5,7 @@ cannot load its model says so by name."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_two_workers_serve_at_once_and_a_repin_moves_every_thread():
         assert all(w.capacity("gru-256", seed=1, n=20) > 0 for w in workers)
         workers[0].repin((last,))  # applied between two steps: at the replay's first
         streams = [_stream(40, 1), _stream(30, 2)]
-        start = __import__("time").perf_counter() + 0.2
+        start = time.perf_counter() + 0.2  # the workers' common start: a real clock, as real processes share
         for w, s in zip(workers, streams):
             w.start_replay([s], start)
         results = [w.replay_result() for w in workers]

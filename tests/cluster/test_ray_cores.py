@@ -54,7 +54,8 @@ def test_a_model_without_an_slo_is_refused_by_name(tmp_path):
     from cellserve.server.repository import load_zoo
 
     profiles = read_profiles([_profile(tmp_path / "g.json", "gru-256")], ["gru-256"])
-    with pytest.raises(CoreAllocationError, match="gru-256 have none"):
+    with pytest.raises(CoreAllocationError,
+                       match=r"--core-allocation plans each model by its SLO; models \['gru-256'\] have none"):
         tenants_of(load_zoo(["gru-256"], None), ["gru-256"], profiles)
     (tenant,) = tenants_of(load_zoo(["gru-256"], 20.0), ["gru-256"], profiles)
     assert tenant.slo_s == pytest.approx(0.02)
