@@ -31,7 +31,7 @@ import numpy as np
 
 from cellserve import heap
 from cellserve.engine.config import EngineConfig
-from cellserve.engine.engine import Engine
+from cellserve.engine.engine import Engine, EngineStats
 from cellserve.engine.request import Request, Response, Status
 from cellserve.graph.model import Model
 from cellserve.plan.profile import ModelProfile, ProfileError, Timing
@@ -94,7 +94,7 @@ class Simulation:
         self.router = router or RoundRobin()
         self.engines: list[SimEngine] = []
         self.stats = SimStats()
-        self._seeds = np.random.SeedSequence(seed)
+        self._seed = seed
         self._heap: list[tuple[float, int, SimEngine]] = []
         self._seq = itertools.count()
         self._arrivals: list[SimArrival] = []
@@ -106,8 +106,11 @@ class Simulation:
         self._executors: dict[str, SimExecutor] = {}
 
     def add_engine(self, models: list[Model], profiles: dict[str, ModelProfile], config: EngineConfig,
-                   name: str | None = None) -> SimEngine:
-        """An engine serving `models`, priced by `profiles` (one per model, by model name)."""
+                   name: str | None = None, index: int | None = None) -> SimEngine:
+        """An engine serving `models`, priced by `profiles` (one per model, by model name).
+        Its random stream is the `index`-th of the simulation's seed (default: the number of
+        engines added before it), so that an engine built alone in another process
+        (sim/parallel.py) draws what it would here."""
         missing = [m.name for m in models if m.name not in profiles]
         if missing:
             raise ProfileError(f"no profile for models {missing} (profiles: {sorted(profiles)})")
@@ -116,7 +119,8 @@ class Simulation:
                 raise ProfileError(f"profile of {m.name!r} has stack_layers={profiles[m.name].stack_layers}, "
                                    f"the engine stack_layers={config.stack_layers}")
         clock = VirtualClock()
-        rng = np.random.default_rng(self._seeds.spawn(1)[0])
+        index = len(self.engines) if index is None else index
+        rng = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(index,)))
         executor = SimExecutor({m.name: profiles[m.name] for m in models}, clock, rng)
         engine = Engine(models, config, clock, executors={"sim": executor})
         for model in engine.models.values():  # as served: stacking may have folded plain ops away
@@ -135,6 +139,11 @@ class Simulation:
         for m in models:
             self._by_model.setdefault(m.name, []).append(sim_engine)
         return sim_engine
+
+    @property
+    def engine_stats(self) -> list[EngineStats]:
+        """Each engine's statistics, in the order the engines were added."""
+        return [e.engine.stats for e in self.engines]
 
     # ---- what the executors ask ----
 
@@ -212,6 +221,10 @@ class Simulation:
         request = Request(arrival.model, arrival.inputs, timeout_s=arrival.timeout_s, priority=arrival.priority,
                           arrival=arrival.time_s)
         chosen = shortlist[0] if len(shortlist) == 1 else self.router.choose(request, shortlist, arrival.time_s)
+        self._submit(chosen, request, arrival, outcomes)
+
+    def _submit(self, chosen: SimEngine, request: Request, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
+        """`request` (of `arrival`) to the engine the router chose."""
 
         def on_done(response: Response) -> None:
             outcomes.append(SimOutcome(arrival.tag, arrival.model, chosen.name, response.status,

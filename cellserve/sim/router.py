@@ -41,6 +41,12 @@ class Router(ABC):
     def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
         """One of `candidates`, the request's shortlist (never empty), at its arrival."""
 
+    def score(self, request: Request, engine: RoutedEngine, now: float) -> float:
+        """For a router whose `choose` is the lowest score of the shortlist (the first of
+        equals): one engine's score. Such a router can route across processes (sim/parallel.py:
+        each process scores its own engines); one that does not define it cannot."""
+        raise NotImplementedError(f"router {self.name!r} does not choose by a score per engine")
+
 
 class RoundRobin(Router):
     """Each model's requests go to its engines in turn."""
@@ -58,6 +64,9 @@ class RoundRobin(Router):
     def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
         return candidates[0]  # the shortlist holds the one whose turn it is
 
+    def score(self, request: Request, engine: RoutedEngine, now: float) -> float:
+        return 0.0  # a shortlist of one: nothing to compare
+
 
 class LeastPredictedFinish(Router):
     """The engine predicted to finish the request first: the work it has committed plus the
@@ -66,7 +75,10 @@ class LeastPredictedFinish(Router):
     name = "least-finish"
 
     def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
-        return min(candidates, key=lambda e: max(e.busy_until - now, 0.0) + e.engine.predicted_latency(request))
+        return min(candidates, key=lambda e: self.score(request, e, now))
+
+    def score(self, request: Request, engine: RoutedEngine, now: float) -> float:
+        return max(engine.busy_until - now, 0.0) + engine.engine.predicted_latency(request)
 
 
 class TwoChoices(LeastPredictedFinish):

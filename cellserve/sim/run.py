@@ -18,6 +18,7 @@ from cellserve.graph.model import Model
 from cellserve.plan.json_io import check_output, write_json
 from cellserve.plan.profile import ModelProfile, ProfileError
 from cellserve.sim.loop import SimArrival, SimOutcome, Simulation
+from cellserve.sim.parallel import ParallelSimulation, scored
 from cellserve.sim.router import make_router
 
 SIMULATED = "simulated"
@@ -83,6 +84,7 @@ class SimulateConfig:
     seconds: float = 10.0
     bursty: bool = False
     seed: int = 0
+    workers: int = 1  # processes the engines run in (sim/parallel.py); the outcomes are the same
     model_repository: Path | None = None
     json_path: Path = Path("bench-results/simulate.json")
     plot_path: Path | None = None
@@ -93,6 +95,8 @@ class SimulateConfig:
             problems.append("--profile: give at least one")
         if self.engines < 1:
             problems.append(f"--engines must be >= 1, got {self.engines}")
+        if self.workers < 1:
+            problems.append(f"--workers must be >= 1, got {self.workers}")
         if (self.rates is None) == (self.load is None):
             problems.append("give exactly one of --rates and --load")
         def bad(x: float) -> bool:  # NaN and infinity too: a rate or a span must be a real number
@@ -147,10 +151,16 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
     by_name = {p.model: p for p in profiles}
     engine_config = EngineConfig(policy=cfg.policy, max_batch=cfg.max_batch, profile=True,
                                  stack_layers=profiles[0].stack_layers, pin_threads=False)
-    make_router(cfg.router)  # an unknown router fails before any work
+    router = make_router(cfg.router)  # an unknown router fails before any work
+    workers = min(cfg.workers, cfg.engines)
+    if workers > 1 and not scored(router):
+        raise ValueError(f"--router {cfg.router} cannot route across processes; use --workers 1")
 
-    def build() -> Simulation:
-        sim = Simulation(make_router(cfg.router), seed=cfg.seed)
+    def build() -> Simulation | ParallelSimulation:
+        if workers > 1:
+            sim = ParallelSimulation(make_router(cfg.router), seed=cfg.seed, workers=workers)
+        else:
+            sim = Simulation(make_router(cfg.router), seed=cfg.seed)
         for i in range(cfg.engines):
             sim.add_engine(models, by_name, engine_config, name=f"engine-{i}")
         return sim
@@ -173,7 +183,7 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
         t0 = time.perf_counter()
         outcomes = sim.run(trace)
         wall = time.perf_counter() - t0
-        stats = run_stats(outcomes, [e.engine.stats for e in sim.engines], cfg.policy, rate)
+        stats = run_stats(outcomes, sim.engine_stats, cfg.policy, rate)
         summary = summarize(stats, cfg.slo_ms / 1e3)
         per_model = {m.name: summarize(run_stats([o for o in outcomes if o.model == m.name], [], cfg.policy, rate),
                                        cfg.slo_ms / 1e3) for m in models}
@@ -184,12 +194,13 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
         realised = len(trace) / span if span > 0 else None
         runs.append({**summary, "realised_rps": realised, "per_model": per_model, "wall_s": wall, "virtual_s": virtual,
                      "sim_speedup": virtual / wall if wall else None, "events": sim.stats.events,
-                     "engine_steps": sim.stats.engine_steps})
+                     "engine_steps": sim.stats.engine_steps,
+                     "workers": sim.worker_stats if workers > 1 else None})
         log(f"{rate:8.0f} req/s offered (simulated), the trace's arrivals "
             f"{'-' if realised is None else f'{realised:.0f}'} req/s: goodput {summary['goodput_rps']:.0f} req/s, "
             f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; {virtual:.1f} simulated s "
-            f"in {wall:.1f} wall s")
-    report = {"simulated": True, "label": SIMULATED, "engines": cfg.engines, "router": cfg.router,
+            f"in {wall:.1f} wall s" + (f" ({workers} worker processes)" if workers > 1 else ""))
+    report = {"simulated": True, "label": SIMULATED, "engines": cfg.engines, "workers": workers, "router": cfg.router,
               "policy": cfg.policy, "slo_ms": cfg.slo_ms, "arrivals": "bursty" if cfg.bursty else "poisson",
               "seconds": cfg.seconds, "capacity_rps": capacity, "load": cfg.load,
               "profiles": [{"model": p.model, "machine": p.machine.name, "backend": p.machine.backend,

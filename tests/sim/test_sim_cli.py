@@ -59,6 +59,7 @@ def test_simulate_writes_results_labelled_simulated(gru_profile, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--engines", "0", "--rates", "10"], "--engines must be >= 1"),
+    (["--workers", "0", "--rates", "10"], "--workers must be >= 1"),
     (["--rates", "10,x"], "--rates must be numbers"),
     (["--rates", "10", "--router", "random"], "unknown router 'random'"),
     (["--load", "inf"], "argument --load: must be a finite number > 0, got inf"),

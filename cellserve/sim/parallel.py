@@ -1,0 +1,438 @@
+"""One simulation in several processes, with the outcomes of one process.
+
+The engines of a simulation touch each other only through the router: an engine's steps
+depend on its own state and on the requests it is given, and a request goes to one engine
+of its shortlist (router.py), drawn ahead of its arrival from the model alone. So the
+engines are split among worker processes (engine i to worker i mod N), each running the
+event loop of loop.py over its own engines and over the arrivals whose shortlist names one
+of them. An arrival whose shortlist lies in one worker is routed there as in one process.
+One whose shortlist spans workers is decided by the router's score (`Router.score`: the
+lowest wins, the first of equals): each worker in the span scores its own candidates at the
+arrival (when everything of its own before it has run, as in one process), sends its best
+(score, position in the shortlist) to the others, and each applies the lowest of all; the
+worker that owns the chosen engine submits the request. A worker waits for its peers only
+when it must: before it steps an engine whose decision is open, scores that engine again,
+or ends. Everything else of its own runs on, so the workers overlap (a conservative parallel
+discrete-event simulation whose only messages are the routers' scores).
+
+Why the result is the one-process result, outcome for outcome: each engine sees the same
+requests at the same virtual times, is stepped at the same times with the same random
+stream (its stream is its index's, loop.py), and is scored at the same point of its own
+history; only the interleaving of different engines' events changes, and nothing of one
+engine reads another's. tests/sim/test_parallel.py holds it to that.
+
+Why it cannot deadlock: a worker announces its scores in arrival order, and waits only for
+a decision on an arrival it has already scored, so the earliest arrival whose decision is
+open has been scored, or can be, by every worker of its span. Writes never block on a full
+pipe: a worker whose peer's pipe is full reads its own while it waits.
+
+Memory: each worker is forked from the process that built the trace and reads it in place;
+it returns its outcomes as arrays.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import heapq
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import select
+import struct
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cellserve import heap
+from cellserve.engine.config import EngineConfig
+from cellserve.engine.engine import EngineStats
+from cellserve.engine.request import Request, Status
+from cellserve.graph.model import Model
+from cellserve.plan.profile import ModelProfile
+from cellserve.sim.loop import SimArrival, SimEngine, SimOutcome, SimStats, Simulation
+from cellserve.sim.router import RoundRobin, Router
+
+_RECORD = struct.Struct("<qdi")  # arrival index, best score, its position in the shortlist
+_STATUSES = list(Status)
+_PIPE_BYTES = 1 << 20
+_POLL_EVERY = 32  # loop iterations between looks at the peers' pipes
+
+
+def scored(router: Router) -> bool:
+    """Whether `router` chooses by a score per engine, and so can route across workers."""
+    return type(router).score is not Router.score
+
+
+@dataclass(eq=False)
+class _Decision:
+    """An arrival whose shortlist spans workers, scored here, waiting for its peers."""
+
+    index: int
+    arrival: SimArrival
+    request: Request
+    local: list[tuple[int, SimEngine]]  # (position in the shortlist, engine) of ours
+    best: tuple[float, int]
+    waiting: int  # peers yet to send their best
+
+
+@dataclass
+class _EngineSpec:
+    models: list[Model]
+    profiles: dict[str, ModelProfile]
+    config: EngineConfig
+    name: str
+
+
+@dataclass
+class _Shortlists:
+    """Every arrival's shortlist, as engine indices, in the trace's time order."""
+
+    lists: list[tuple[int, ...]]
+    owner: list[int]  # per engine: its worker
+
+    def workers_of(self, i: int) -> set[int]:
+        return {self.owner[g] for g in self.lists[i]}
+
+
+class _Shard(Simulation):
+    """The event loop of one worker: its engines, the arrivals that may reach them."""
+
+    def __init__(self, router: Router, seed: int, worker: int, inbound: dict[int, int], outbound: dict[int, int]):
+        super().__init__(router, seed)
+        self.worker = worker
+        self._inbound = inbound  # peer -> fd we read its records from
+        self._outbound = outbound  # peer -> fd we write ours to
+        self._partial = {peer: b"" for peer in inbound}
+        self._local: dict[int, SimEngine] = {}  # engine index -> engine
+        self._decisions: dict[int, _Decision] = {}
+        self._early: dict[int, list[tuple[float, int]]] = {}  # peers' bests for arrivals not reached yet
+        self._blocked: dict[int, _Decision] = {}  # id(engine) -> its open decision
+        self._outcomes: list[SimOutcome] = []
+        self.waits = 0  # times this worker waited for a peer, and the wall seconds it waited
+        self.waited_s = 0.0
+
+    def add_indexed(self, spec: _EngineSpec, index: int) -> None:
+        self._local[index] = self.add_engine(spec.models, spec.profiles, spec.config, spec.name, index=index)
+
+    # ---- the shortlists: given, not drawn ----
+
+    def start(self, arrivals: list[SimArrival], indices: list[int], shortlists: _Shortlists, end: float) -> None:
+        self._arrivals = arrivals  # ours, in time order
+        self._indices = indices  # each one's index in the whole trace
+        self._all = shortlists
+        self._end = end
+
+    def _list_next(self) -> None:
+        i = self._listed
+        shortlist = self._all.lists[self._indices[i]]
+        local = [(pos, self._local[g]) for pos, g in enumerate(shortlist) if g in self._local]
+        self._shortlists.append((shortlist, local))
+        for _, sim_engine in local:
+            sim_engine.upcoming.append(i)
+        self._listed += 1
+
+    # ---- the loop ----
+
+    def run_shard(self) -> list[SimOutcome]:
+        with heap.long_lived():
+            self._loop()
+        return self._outcomes
+
+    def _loop(self) -> None:
+        end = self._end
+        polls = 0
+        while True:
+            polls += 1
+            if polls == _POLL_EVERY:
+                polls = 0
+                self._receive(block=False)
+            t_arrival = self._next_arrival_time()
+            t_step = self._heap[0][0] if self._heap else math.inf
+            if min(t_arrival, t_step) > end:
+                if self._decisions:  # a peer's answer may yet give an engine of ours work
+                    self._receive(block=True)
+                    continue
+                break
+            if t_arrival <= t_step:
+                if self._listed == self._next_arrival:
+                    self._list_next()
+                if any(id(e) in self._blocked for _, e in self._shortlists[0][1]):
+                    self._receive(block=True)  # score an engine only once its last decision is in
+                    continue
+                self.stats.events += 1
+                self._arrive(self._arrivals[self._next_arrival], self._outcomes)
+                self._next_arrival += 1
+            else:
+                sim_engine = self._heap[0][2]
+                if id(sim_engine) in self._blocked:
+                    self._receive(block=True)  # it may yet take the open request: step it after
+                    continue
+                self.stats.events += 1
+                t, _, sim_engine = heapq.heappop(self._heap)
+                sim_engine.scheduled = False
+                self._step(sim_engine, t)
+        for sim_engine in self.engines:
+            sim_engine.engine.abort_all("simulation ended before this request finished")
+
+    def _arrive(self, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
+        shortlist, local = self._shortlists.popleft()
+        for _, sim_engine in local:
+            sim_engine.upcoming.popleft()
+        request = Request(arrival.model, arrival.inputs, timeout_s=arrival.timeout_s, priority=arrival.priority,
+                          arrival=arrival.time_s)
+        if len(local) == len(shortlist):  # ours alone: as in one process
+            engines = [e for _, e in local]
+            chosen = engines[0] if len(engines) == 1 else self.router.choose(request, engines, arrival.time_s)
+            self._submit(chosen, request, arrival, outcomes)
+            return
+        index = self._indices[self._next_arrival]
+        best = min((self.router.score(request, e, arrival.time_s), pos) for pos, e in local)
+        peers = self._all.workers_of(index) - {self.worker}
+        decision = _Decision(index, arrival, request, local, best, len(peers))
+        self._decisions[index] = decision
+        for _, sim_engine in local:
+            self._blocked[id(sim_engine)] = decision
+        for peer in sorted(peers):
+            self._send(peer, _RECORD.pack(index, *best))
+        for score, pos in self._early.pop(index, ()):
+            self._record(index, score, pos)
+
+    def _record(self, index: int, score: float, pos: int) -> None:
+        """A peer's best for arrival `index`."""
+        decision = self._decisions.get(index)
+        if decision is None:
+            self._early.setdefault(index, []).append((score, pos))
+            return
+        decision.best = min(decision.best, (score, pos))
+        decision.waiting -= 1
+        if decision.waiting == 0:
+            del self._decisions[index]
+            for _, sim_engine in decision.local:
+                del self._blocked[id(sim_engine)]
+            pos = decision.best[1]
+            for p, sim_engine in decision.local:
+                if p == pos:
+                    self._submit(sim_engine, decision.request, decision.arrival, self._outcomes)
+
+    # ---- the pipes ----
+
+    def _send(self, peer: int, data: bytes) -> None:
+        fd = self._outbound[peer]
+        while True:
+            try:
+                os.write(fd, data)  # under PIPE_BUF: all or nothing
+                return
+            except BlockingIOError:  # the peer's pipe is full: read ours while it drains
+                self._receive(block=False)
+                select.select([], [fd], [], 0.01)
+
+    def _receive(self, block: bool) -> None:
+        """Apply the records the peers have sent; with `block`, wait for at least one."""
+        if block:
+            self.waits += 1
+            if not self._inbound:
+                raise RuntimeError(f"simulation worker {self.worker} waits for peers that have all ended")
+        t0 = time.perf_counter()
+        ready, _, _ = select.select(list(self._inbound.values()), [], [], None if block else 0.0)
+        if block:
+            self.waited_s += time.perf_counter() - t0
+        for peer, fd in list(self._inbound.items()):
+            if fd not in ready:
+                continue
+            data = self._partial[peer] + os.read(fd, 1 << 16)
+            if not data:  # the peer is done: it owes us nothing more (see the module's docstring)
+                del self._inbound[peer]
+                os.close(fd)
+                continue
+            whole = len(data) - len(data) % _RECORD.size
+            self._partial[peer] = data[whole:]
+            for index, score, pos in _RECORD.iter_unpack(data[:whole]):
+                self._record(index, score, pos)
+
+
+@dataclass
+class ParallelSimulation:
+    """`Simulation`'s interface (add_engine, run, stats) over `workers` processes. The router
+    must choose by a score per engine (`Router.score`; all of router.py's do)."""
+
+    router: Router = field(default_factory=RoundRobin)
+    seed: int = 0
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not scored(self.router):
+            raise ValueError(f"router {self.router.name!r} does not choose by a score per engine, so it cannot "
+                             "route across processes; simulate it with one worker")
+        self._specs: list[_EngineSpec] = []
+        self._checked: set[tuple] = set()
+        self.stats = SimStats()
+        self.engine_stats: list[EngineStats] = []
+        self.engine_names: list[str] = []
+        self.worker_stats: list[dict] = []  # per worker: its events, and how often and how long it waited for a peer
+
+    def add_engine(self, models: list[Model], profiles: dict[str, ModelProfile], config: EngineConfig,
+                   name: str | None = None) -> None:
+        """As `Simulation.add_engine`, with the same checks (the engine is built in its worker)."""
+        key = (tuple(map(id, models)), tuple(sorted((k, id(v)) for k, v in profiles.items())), id(config))
+        if key not in self._checked:  # one engine of each kind built here, for its errors
+            Simulation(seed=self.seed).add_engine(models, profiles, config)
+            self._checked.add(key)
+        name = name or f"engine-{len(self._specs)}"
+        self._specs.append(_EngineSpec(models, profiles, config, name))
+        self.engine_names.append(name)
+
+    def run(self, arrivals: list[SimArrival], drain_s: float = 30.0) -> list[SimOutcome]:
+        """As `Simulation.run`: one outcome per arrival, here in the order of their finish."""
+        if not self._specs:
+            raise ValueError("a simulation needs at least one engine")
+        by_model: dict[str, list[int]] = {}
+        for g, spec in enumerate(self._specs):
+            for m in spec.models:
+                by_model.setdefault(m.name, []).append(g)
+        unknown = sorted({a.model for a in arrivals} - set(by_model))
+        if unknown:
+            raise ValueError(f"the trace asks for models {unknown} that no engine serves")
+        arrivals = sorted(arrivals, key=lambda a: a.time_s)
+        workers = min(self.workers, len(self._specs))
+        shortlists = _Shortlists(self._draw(arrivals, by_model), [g % workers for g in range(len(self._specs))])
+        end = (arrivals[-1].time_s if arrivals else 0.0) + drain_s
+        results = _fork(workers, self, arrivals, shortlists, end)
+        outcomes: list[SimOutcome] = []
+        self.engine_stats = [EngineStats()] * len(self._specs)
+        clocks = [arrivals[-1].time_s if arrivals else 0.0]
+        self.stats = SimStats()
+        self.worker_stats = []
+        for result in results:
+            o = result["outcomes"]
+            reasons = result["reasons"]
+            for k in range(len(o["tag"])):
+                tag = int(o["tag"][k])
+                outcomes.append(SimOutcome(tag, o["models"][o["model"][k]], self.engine_names[o["engine"][k]],
+                                           _STATUSES[o["status"][k]], float(o["arrival"][k]), float(o["finish"][k]),
+                                           reasons.get(tag, "")))
+            for g, stats in result["engine_stats"]:
+                self.engine_stats[g] = stats
+            clocks.append(result["clock"])
+            self.stats.events += result["events"]
+            self.stats.engine_steps += result["engine_steps"]
+            self.worker_stats.append({"worker": len(self.worker_stats), "engines": len(result["engine_stats"]),
+                               "events": result["events"], "waits": result["waits"],
+                               "waited_s": result["waited_s"]})
+        outcomes.sort(key=lambda o: (o.finish_s, o.tag))
+        first = arrivals[0].time_s if arrivals else 0.0
+        self.stats.virtual_s = max(clocks) - first
+        return outcomes
+
+    def _draw(self, arrivals: list[SimArrival], by_model: dict[str, list[int]]) -> list[tuple[int, ...]]:
+        """Each arrival's shortlist, drawn as one process draws it (in time order)."""
+
+        @dataclass(frozen=True)
+        class Stub:  # what a router's shortlist may look at: nothing of an engine's state
+            name: str
+            index: int
+
+        stubs = {m: [Stub(self._specs[g].name, g) for g in gs] for m, gs in by_model.items()}
+        out = []
+        for a in arrivals:
+            candidates = stubs[a.model]
+            chosen = candidates if len(candidates) == 1 else self.router.shortlist(a.model, candidates)
+            out.append(tuple(s.index for s in chosen))
+        return out
+
+
+def _fork(workers: int, sim: ParallelSimulation, arrivals: list[SimArrival], shortlists: _Shortlists,
+          end: float) -> list[dict]:
+    """Run the shards in forked processes; their results, in worker order."""
+    pipes = {}
+    for a in range(workers):
+        for b in range(workers):
+            if a != b:
+                r, w = os.pipe()
+                try:
+                    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+                except OSError:
+                    pass  # the default size works too, with more waiting
+                os.set_blocking(w, False)
+                pipes[a, b] = (r, w)
+    ctx = multiprocessing.get_context("fork")
+    results, procs = [], []
+    for w in range(workers):
+        receiver, sender = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(w, workers, sim, arrivals, shortlists, end, pipes, sender),
+                           name=f"cellserve-sim-{w}", daemon=True)
+        proc.start()
+        sender.close()
+        results.append(receiver)
+        procs.append(proc)
+    for r, w in pipes.values():
+        os.close(r)
+        os.close(w)
+    out: dict[int, dict] = {}
+    pending = dict(enumerate(results))
+    while pending:
+        for conn in multiprocessing.connection.wait(list(pending.values())):
+            w = next(k for k, c in pending.items() if c is conn)
+            try:
+                out[w] = conn.recv()
+            except EOFError:
+                out[w] = {"error": f"simulation worker {w} died (exit code {procs[w].exitcode})"}
+            del pending[w]
+    for proc in procs:
+        proc.join()
+    errors = [r["error"] for r in out.values() if "error" in r]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return [out[w] for w in range(workers)]
+
+
+def _worker(w: int, workers: int, sim: ParallelSimulation, arrivals: list[SimArrival], shortlists: _Shortlists,
+            end: float, pipes: dict, sender) -> None:
+    try:
+        inbound = {a: pipes[a, w][0] for a in range(workers) if a != w}
+        outbound = {b: pipes[w, b][1] for b in range(workers) if b != w}
+        keep = set(inbound.values()) | set(outbound.values())
+        for r, wr in pipes.values():
+            for fd in (r, wr):
+                if fd not in keep:
+                    os.close(fd)
+        shard = _Shard(sim.router, sim.seed, w, inbound, outbound)
+        for g, spec in enumerate(sim._specs):
+            if shortlists.owner[g] == w:
+                shard.add_indexed(spec, g)
+        mine = [i for i, s in enumerate(shortlists.lists) if any(shortlists.owner[g] == w for g in s)]
+        shard.start([arrivals[i] for i in mine], mine, shortlists, end)
+        outcomes = shard.run_shard()
+        sender.send(_pack(shard, outcomes))
+    except BaseException as e:  # the parent says which worker failed, and why
+        sender.send({"error": f"simulation worker {w}: {type(e).__name__}: {e}"})
+        raise
+    finally:
+        sender.close()
+
+
+def _pack(shard: _Shard, outcomes: list[SimOutcome]) -> dict:
+    models = sorted({o.model for o in outcomes})
+    model_of = {m: i for i, m in enumerate(models)}
+    index_of = {e.name: g for g, e in shard._local.items()}
+    return {
+        "outcomes": {
+            "tag": np.array([o.tag for o in outcomes], dtype=np.int64),
+            "model": np.array([model_of[o.model] for o in outcomes], dtype=np.int32),
+            "engine": np.array([index_of[o.engine] for o in outcomes], dtype=np.int32),
+            "status": np.array([_STATUSES.index(o.status) for o in outcomes], dtype=np.int8),
+            "arrival": np.array([o.arrival_s for o in outcomes], dtype=np.float64),
+            "finish": np.array([o.finish_s for o in outcomes], dtype=np.float64),
+            "models": models,
+        },
+        "reasons": {o.tag: o.reason for o in outcomes if o.reason},
+        "engine_stats": [(g, e.engine.stats) for g, e in shard._local.items()],
+        "clock": max((e.clock.now() for e in shard.engines), default=0.0),
+        "events": shard.stats.events,
+        "engine_steps": shard.stats.engine_steps,
+        "waits": shard.waits,
+        "waited_s": shard.waited_s,
+    }
