@@ -145,7 +145,8 @@ def model_trace(model: Model, seed: int, rate_rps: float, seconds: float, bursty
     the model's longest sequence, ids in its vocabulary."""
     _, vocab, _ = token_input(model)
     trace = trace_at_rate(seed, rate_rps, seconds, vocab, bursty=bursty, min_requests=min_requests)
-    return [replace(r, tokens=r.tokens[: model.max_sequence_length]) for r in trace]
+    longest = model.max_sequence_length
+    return [r if len(r.tokens) <= longest else replace(r, tokens=r.tokens[:longest]) for r in trace]
 
 
 def profile_model(model: Model, config: EngineConfig, threads: int | None = None, quick: bool = False,

@@ -25,12 +25,13 @@ SIMULATED = "simulated"
 
 
 def arrivals(trace: list[TraceRequest], model: Model, timeout_s: float | None,
-             start_s: float = 0.0) -> list[SimArrival]:
-    """The trace's requests to `model`, each one token sequence in its token input."""
+             start_s: float = 0.0, first_tag: int | None = None) -> list[SimArrival]:
+    """The trace's requests to `model`, each one token sequence in its token input, tagged
+    by their request ids or, with `first_tag`, by numbers counting up from it."""
     name = model.inputs[0].name
     time_major = is_time_major(model, name)
     return [SimArrival(start_s + r.arrival_s, model.name, {name: one_sequence(r.tokens, time_major)}, timeout_s, 0,
-                       r.request_id) for r in trace]
+                       r.request_id if first_tag is None else first_tag + i) for i, r in enumerate(trace)]
 
 
 def run_stats(outcomes: list[SimOutcome], stats: list[EngineStats], policy: str, rate_rps: float,
@@ -177,8 +178,7 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
         trace = []
         for i, model in enumerate(models):  # each model an equal share of the rate
             share = model_trace(model, cfg.seed + i, rate / len(models), cfg.seconds, cfg.bursty)
-            trace += arrivals(share, model, cfg.slo_ms / 1e3)
-        trace = [SimArrival(a.time_s, a.model, a.inputs, a.timeout_s, a.priority, n) for n, a in enumerate(trace)]
+            trace += arrivals(share, model, cfg.slo_ms / 1e3, first_tag=len(trace))
         sim = build()
         t0 = time.perf_counter()
         outcomes = sim.run(trace)
