@@ -55,6 +55,7 @@ from cellserve.sim.loop import SimArrival, SimEngine, SimOutcome, SimStats, Simu
 from cellserve.sim.router import RoundRobin, Router
 
 _RECORD = struct.Struct("<qdi")  # arrival index, best score, its position in the shortlist
+_DONE = -1  # the arrival index of a worker's last record: it ended its loop (not died)
 _STATUSES = list(Status)
 _PIPE_BYTES = 1 << 20
 _POLL_EVERY = 32  # loop iterations between looks at the peers' pipes
@@ -105,6 +106,7 @@ class _Shard(Simulation):
         self._inbound = inbound  # peer -> fd we read its records from
         self._outbound = outbound  # peer -> fd we write ours to
         self._partial = {peer: b"" for peer in inbound}
+        self._finished: set[int] = set()  # peers that sent their last record
         self._local: dict[int, SimEngine] = {}  # engine index -> engine
         self._decisions: dict[int, _Decision] = {}
         self._early: dict[int, list[tuple[float, int]]] = {}  # peers' bests for arrivals not reached yet
@@ -175,6 +177,11 @@ class _Shard(Simulation):
                 self._step(sim_engine, t)
         for sim_engine in self.engines:
             sim_engine.engine.abort_all("simulation ended before this request finished")
+        for peer in self._outbound:
+            try:
+                self._send(peer, _RECORD.pack(_DONE, 0.0, 0))
+            except BrokenPipeError:
+                pass  # it ended first: it needed nothing more from us
 
     def _arrive(self, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
         shortlist, local = self._shortlists.popleft()
@@ -242,14 +249,19 @@ class _Shard(Simulation):
             if fd not in ready:
                 continue
             data = self._partial[peer] + os.read(fd, 1 << 16)
-            if not data:  # the peer is done: it owes us nothing more (see the module's docstring)
-                del self._inbound[peer]
+            if not data:
+                if peer not in self._finished:
+                    raise RuntimeError(f"simulation worker {peer} died")
+                del self._inbound[peer]  # it ended its loop: it owes us nothing more (see the docstring)
                 os.close(fd)
                 continue
             whole = len(data) - len(data) % _RECORD.size
             self._partial[peer] = data[whole:]
             for index, score, pos in _RECORD.iter_unpack(data[:whole]):
-                self._record(index, score, pos)
+                if index == _DONE:
+                    self._finished.add(peer)
+                else:
+                    self._record(index, score, pos)
 
 
 @dataclass
@@ -373,19 +385,30 @@ def _fork(workers: int, sim: ParallelSimulation, arrivals: list[SimArrival], sho
         os.close(w)
     out: dict[int, dict] = {}
     pending = dict(enumerate(results))
-    while pending:
-        for conn in multiprocessing.connection.wait(list(pending.values())):
-            w = next(k for k, c in pending.items() if c is conn)
-            try:
-                out[w] = conn.recv()
-            except EOFError:
-                out[w] = {"error": f"simulation worker {w} died (exit code {procs[w].exitcode})"}
-            del pending[w]
-    for proc in procs:
-        proc.join()
-    errors = [r["error"] for r in out.values() if "error" in r]
-    if errors:
-        raise RuntimeError("; ".join(errors))
+    try:
+        timeout = None
+        while pending:
+            ready = multiprocessing.connection.wait(list(pending.values()), timeout)
+            if not ready:
+                break
+            for conn in ready:
+                w = next(k for k, c in pending.items() if c is conn)
+                try:
+                    out[w] = conn.recv()
+                except EOFError:
+                    procs[w].join()
+                    out[w] = {"error": f"simulation worker {w} died (exit code {procs[w].exitcode})"}
+                del pending[w]
+                if "error" in out[w]:  # the others may wait for it forever: a moment for their word, then stop
+                    timeout = 2.0
+        errors = sorted((r["error"] for r in out.values() if "error" in r), key=lambda e: "died" in e)
+        if errors:
+            raise RuntimeError("; ".join(errors))  # the cause first, then who waited for it
+    finally:
+        for proc in procs:
+            if proc.is_alive() and pending:
+                proc.terminate()
+            proc.join()
     return [out[w] for w in range(workers)]
 
 

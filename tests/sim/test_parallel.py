@@ -133,3 +133,32 @@ def test_simulate_with_workers_writes_the_one_process_figures(models, tmp_path):
     assert reports[1]["workers"] == 2 and two["workers"][0]["engines"] == 2
     for field in ("requests", "counts", "goodput_rps", "p50_ms", "p99_ms", "per_model", "engine_steps"):
         assert json.dumps(one[field], sort_keys=True) == json.dumps(two[field], sort_keys=True), field  # NaN too
+
+
+class FailsOnE1(LeastPredictedFinish):
+    name = "fails-on-e1"
+
+    def score(self, request, engine, now):
+        if engine.name == "e1" and now > 0.01:
+            raise ValueError("a scoring bug")
+        return super().score(request, engine, now)
+
+
+def test_a_worker_that_fails_stops_the_simulation_with_its_error(models):
+    """Worker 1 (engine e1) fails mid-run; worker 0, waiting for its scores, must not hang:
+    the run raises, naming the failure first."""
+    import signal
+
+    profile = spread_gru(models)
+    trace = [SimArrival(i * 0.2 * MS, "gru", {"tokens": np.arange(1, 9, dtype=np.int64).reshape(1, -1)}, tag=i)
+             for i in range(400)]
+    sim = ParallelSimulation(FailsOnE1(), seed=1, workers=2)
+    for i in range(2):
+        sim.add_engine([models.models["gru"]], {"gru": profile}, CONFIG, name=f"e{i}")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the simulation hung after a worker failed"))
+    signal.alarm(60)
+    try:
+        with pytest.raises(RuntimeError, match=r"^simulation worker 1: ValueError: a scoring bug"):
+            sim.run(trace)
+    finally:
+        signal.alarm(0)
