@@ -90,8 +90,12 @@ class Simulation:
     """Engines (each with its models, profiles and engine configuration) behind a router.
     Build with `add_engine`, then `run` a trace once."""
 
-    def __init__(self, router: Router | None = None, seed: int = 0):
+    def __init__(self, router: Router | None = None, seed: int = 0, step_samples: int = 100_000):
+        """`step_samples`: the per-step samples each engine's statistics keep (its time off
+        the device and the like, EngineStats): many engines need fewer each, and a full
+        window costs an allocation and a free far apart in memory at every step."""
         self.router = router or RoundRobin()
+        self.step_samples = step_samples
         self.engines: list[SimEngine] = []
         self.stats = SimStats()
         self._seed = seed
@@ -123,6 +127,9 @@ class Simulation:
         rng = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(index,)))
         executor = SimExecutor({m.name: profiles[m.name] for m in models}, clock, rng)
         engine = Engine(models, config, clock, executors={"sim": executor})
+        window = self.step_samples
+        engine.stats = EngineStats(overhead_s=deque(maxlen=window), step_records=deque(maxlen=window),
+                                   wake_delays=deque(maxlen=window))
         for model in engine.models.values():  # as served: stacking may have folded plain ops away
             executor.check_plain_ops(model)
         limit = min(p.max_batch for p in profiles.values())

@@ -100,8 +100,9 @@ class _Shortlists:
 class _Shard(Simulation):
     """The event loop of one worker: its engines, the arrivals that may reach them."""
 
-    def __init__(self, router: Router, seed: int, worker: int, inbound: dict[int, int], outbound: dict[int, int]):
-        super().__init__(router, seed)
+    def __init__(self, router: Router, seed: int, step_samples: int, worker: int, inbound: dict[int, int],
+                 outbound: dict[int, int]):
+        super().__init__(router, seed, step_samples)
         self.worker = worker
         self._inbound = inbound  # peer -> fd we read its records from
         self._outbound = outbound  # peer -> fd we write ours to
@@ -272,6 +273,7 @@ class ParallelSimulation:
     router: Router = field(default_factory=RoundRobin)
     seed: int = 0
     workers: int = 2
+    step_samples: int = 100_000  # as Simulation's
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -422,7 +424,7 @@ def _worker(w: int, workers: int, sim: ParallelSimulation, arrivals: list[SimArr
             for fd in (r, wr):
                 if fd not in keep:
                     os.close(fd)
-        shard = _Shard(sim.router, sim.seed, w, inbound, outbound)
+        shard = _Shard(sim.router, sim.seed, sim.step_samples, w, inbound, outbound)
         for g, spec in enumerate(sim._specs):
             if shortlists.owner[g] == w:
                 shard.add_indexed(spec, g)

@@ -154,12 +154,13 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
                                  stack_layers=profiles[0].stack_layers, pin_threads=False)
     make_router(cfg.router)  # an unknown router fails before any work
     workers = min(cfg.workers, cfg.engines)
+    samples = min(100_000, max(1_000, 1_000_000 // cfg.engines))  # a million steps' samples in all, at most
 
     def build() -> Simulation | ParallelSimulation:
         if workers > 1:
-            sim = ParallelSimulation(make_router(cfg.router), seed=cfg.seed, workers=workers)
+            sim = ParallelSimulation(make_router(cfg.router), seed=cfg.seed, workers=workers, step_samples=samples)
         else:
-            sim = Simulation(make_router(cfg.router), seed=cfg.seed)
+            sim = Simulation(make_router(cfg.router), seed=cfg.seed, step_samples=samples)
         for i in range(cfg.engines):
             sim.add_engine(models, by_name, engine_config, name=f"engine-{i}")
         return sim

@@ -321,3 +321,13 @@ def test_a_profiles_summary_is_small_and_names_its_machine(models):
     profile = synthetic_profile(models.models["seq2seq-reverse"], lambda b: 1e-4 * b)
     summary = json.dumps(profile.summary())
     assert len(summary) < 2000 and '"machine"' in summary and "seq2seq-reverse/decoder" in summary
+
+
+def test_each_engine_keeps_at_most_its_window_of_per_step_samples(models):
+    profile = synthetic_profile(models.models["gru"], 1 * MS)
+    sim = Simulation(RoundRobin(), step_samples=5)
+    sim.add_engine([models.models["gru"]], {"gru": profile}, CONFIG)
+    outcomes = sim.run([SimArrival(i * 10 * MS, "gru", tokens(4), tag=i) for i in range(6)])
+    assert len(outcomes) == 6
+    stats = sim.engine_stats[0]
+    assert stats.cell_steps >= 24 and len(stats.overhead_s) == len(stats.step_records) == 5
