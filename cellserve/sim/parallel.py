@@ -316,7 +316,7 @@ class ParallelSimulation:
         end = (arrivals[-1].time_s if arrivals else 0.0) + drain_s
         results = _fork(workers, self, arrivals, shortlists, end)
         outcomes: list[SimOutcome] = []
-        self.engine_stats = [EngineStats()] * len(self._specs)
+        stats_of: dict[int, EngineStats] = {}
         clocks = [arrivals[-1].time_s if arrivals else 0.0]
         self.stats = SimStats()
         self.worker_stats = []
@@ -328,14 +328,14 @@ class ParallelSimulation:
                 outcomes.append(SimOutcome(tag, o["models"][o["model"][k]], self.engine_names[o["engine"][k]],
                                            _STATUSES[o["status"][k]], float(o["arrival"][k]), float(o["finish"][k]),
                                            reasons.get(tag, "")))
-            for g, stats in result["engine_stats"]:
-                self.engine_stats[g] = stats
+            stats_of.update(result["engine_stats"])
             clocks.append(result["clock"])
             self.stats.events += result["events"]
             self.stats.engine_steps += result["engine_steps"]
             self.worker_stats.append({"worker": len(self.worker_stats), "engines": len(result["engine_stats"]),
-                               "events": result["events"], "waits": result["waits"],
-                               "waited_s": result["waited_s"]})
+                                      "events": result["events"], "waits": result["waits"],
+                                      "waited_s": result["waited_s"]})
+        self.engine_stats = [stats_of[g] for g in range(len(self._specs))]
         outcomes.sort(key=lambda o: (o.finish_s, o.tag))
         first = arrivals[0].time_s if arrivals else 0.0
         self.stats.virtual_s = max(clocks) - first
