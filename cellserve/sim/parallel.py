@@ -59,6 +59,7 @@ _DONE = -1  # the arrival index of a worker's last record: it ended its loop (no
 _STATUSES = list(Status)
 _PIPE_BYTES = 1 << 20
 _POLL_EVERY = 32  # loop iterations between looks at the peers' pipes
+_LOOKAHEAD = 16  # heap entries a waiting worker looks through for an engine that may run ahead
 
 
 def scored(router: Router) -> bool:
@@ -162,7 +163,7 @@ class _Shard(Simulation):
                 if self._listed == self._next_arrival:
                     self._list_next()
                 if any(id(e) in self._blocked for _, e in self._shortlists[0][1]):
-                    self._receive(block=True)  # score an engine only once its last decision is in
+                    self._wait()  # score an engine only once its last decision is in
                     continue
                 self.stats.events += 1
                 self._arrive(self._arrivals[self._next_arrival], self._outcomes)
@@ -170,7 +171,7 @@ class _Shard(Simulation):
             else:
                 sim_engine = self._heap[0][2]
                 if id(sim_engine) in self._blocked:
-                    self._receive(block=True)  # it may yet take the open request: step it after
+                    self._wait()  # it may yet take the open request: step it after
                     continue
                 self.stats.events += 1
                 t, _, sim_engine = heapq.heappop(self._heap)
@@ -183,6 +184,27 @@ class _Shard(Simulation):
                 self._send(peer, _RECORD.pack(_DONE, 0.0, 0))
             except BrokenPipeError:
                 pass  # it ended first: it needed nothing more from us
+
+    def _wait(self) -> None:
+        """The next event must wait for a peer. Meanwhile step an engine that may run ahead,
+        if one of the next few in the heap can: not waiting for a decision itself, and due
+        before the next arrival that may reach it (so nothing it has not seen yet comes
+        before its step, as in one process); else wait."""
+        skipped, ran = [], False
+        while self._heap and len(skipped) < _LOOKAHEAD:
+            entry = heapq.heappop(self._heap)
+            t, _, sim_engine = entry
+            if t <= self._end and id(sim_engine) not in self._blocked and t < self._next_arrival_for(sim_engine):
+                self.stats.events += 1
+                sim_engine.scheduled = False
+                self._step(sim_engine, t)
+                ran = True
+                break
+            skipped.append(entry)
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        if not ran:
+            self._receive(block=True)
 
     def _arrive(self, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
         shortlist, local = self._shortlists.popleft()
