@@ -6,7 +6,7 @@ of its shortlist (router.py), drawn ahead of its arrival from the model alone. S
 engines are split among worker processes (engine i to worker i mod N), each running the
 event loop of loop.py over its own engines and over the arrivals whose shortlist names one
 of them. An arrival whose shortlist lies in one worker is routed there as in one process.
-One whose shortlist spans workers is decided by the router's score (`Router.score`: the
+One whose shortlist spans workers is decided by the router's score (`ScoredRouter.score`: the
 lowest wins, the first of equals): each worker in the span scores its own candidates at the
 arrival (when everything of its own before it has run, as in one process), sends its best
 (score, position in the shortlist) to the others, and each applies the lowest of all; the
@@ -52,7 +52,7 @@ from cellserve.engine.request import Request, Status
 from cellserve.graph.model import Model
 from cellserve.plan.profile import ModelProfile
 from cellserve.sim.loop import SimArrival, SimEngine, SimOutcome, SimStats, Simulation
-from cellserve.sim.router import RoundRobin, Router
+from cellserve.sim.router import RoundRobin, Router, ScoredRouter
 
 _RECORD = struct.Struct("<qdi")  # arrival index, best score, its position in the shortlist
 _DONE = -1  # the arrival index of a worker's last record: it ended its loop (not died)
@@ -60,11 +60,6 @@ _STATUSES = list(Status)
 _PIPE_BYTES = 1 << 20
 _POLL_EVERY = 32  # loop iterations between looks at the peers' pipes
 _LOOKAHEAD = 16  # heap entries a waiting worker looks through for an engine that may run ahead
-
-
-def scored(router: Router) -> bool:
-    """Whether `router` chooses by a score per engine, and so can route across workers."""
-    return type(router).score is not Router.score
 
 
 @dataclass(eq=False)
@@ -290,7 +285,7 @@ class _Shard(Simulation):
 @dataclass
 class ParallelSimulation:
     """`Simulation`'s interface (add_engine, run, stats) over `workers` processes. The router
-    must choose by a score per engine (`Router.score`; all of router.py's do)."""
+    must choose by a score per engine (a `ScoredRouter`; all of router.py's are)."""
 
     router: Router = field(default_factory=RoundRobin)
     seed: int = 0
@@ -300,14 +295,13 @@ class ParallelSimulation:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if not scored(self.router):
+        if not isinstance(self.router, ScoredRouter):
             raise ValueError(f"router {self.router.name!r} does not choose by a score per engine, so it cannot "
                              "route across processes; simulate it with one worker")
         self._specs: list[_EngineSpec] = []
         self._checked: set[tuple] = set()
         self.stats = SimStats()
         self.engine_stats: list[EngineStats] = []
-        self.engine_names: list[str] = []
         self.worker_stats: list[dict] = []  # per worker: its events, and how often and how long it waited for a peer
 
     def add_engine(self, models: list[Model], profiles: dict[str, ModelProfile], config: EngineConfig,
@@ -319,7 +313,6 @@ class ParallelSimulation:
             self._checked.add(key)
         name = name or f"engine-{len(self._specs)}"
         self._specs.append(_EngineSpec(models, profiles, config, name))
-        self.engine_names.append(name)
 
     def run(self, arrivals: list[SimArrival], drain_s: float = 30.0) -> list[SimOutcome]:
         """As `Simulation.run`: one outcome per arrival, here in the order of their finish."""
@@ -338,6 +331,7 @@ class ParallelSimulation:
         end = (arrivals[-1].time_s if arrivals else 0.0) + drain_s
         results = _fork(workers, self, arrivals, shortlists, end)
         outcomes: list[SimOutcome] = []
+        names = [spec.name for spec in self._specs]
         stats_of: dict[int, EngineStats] = {}
         clocks = [arrivals[-1].time_s if arrivals else 0.0]
         self.stats = SimStats()
@@ -347,7 +341,7 @@ class ParallelSimulation:
             reasons = result["reasons"]
             for k in range(len(o["tag"])):
                 tag = int(o["tag"][k])
-                outcomes.append(SimOutcome(tag, o["models"][o["model"][k]], self.engine_names[o["engine"][k]],
+                outcomes.append(SimOutcome(tag, o["models"][o["model"][k]], names[o["engine"][k]],
                                            _STATUSES[o["status"][k]], float(o["arrival"][k]), float(o["finish"][k]),
                                            reasons.get(tag, "")))
             stats_of.update(result["engine_stats"])

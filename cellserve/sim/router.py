@@ -41,14 +41,22 @@ class Router(ABC):
     def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
         """One of `candidates`, the request's shortlist (never empty), at its arrival."""
 
+
+
+class ScoredRouter(Router):
+    """A router that chooses the engine of lowest `score` in the shortlist (the first of
+    equals). Such a router can route across processes (sim/parallel.py: each process scores
+    its own engines); one that looks at the shortlist as a whole cannot."""
+
+    @abstractmethod
     def score(self, request: Request, engine: RoutedEngine, now: float) -> float:
-        """For a router whose `choose` is the lowest score of the shortlist (the first of
-        equals): one engine's score. Such a router can route across processes (sim/parallel.py:
-        each process scores its own engines); one that does not define it cannot."""
-        raise NotImplementedError(f"router {self.name!r} does not choose by a score per engine")
+        """One engine's score for `request` at `now`."""
+
+    def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
+        return min(candidates, key=lambda e: self.score(request, e, now))
 
 
-class RoundRobin(Router):
+class RoundRobin(ScoredRouter):
     """Each model's requests go to its engines in turn."""
 
     name = "round-robin"
@@ -68,14 +76,11 @@ class RoundRobin(Router):
         return 0.0  # a shortlist of one: nothing to compare
 
 
-class LeastPredictedFinish(Router):
+class LeastPredictedFinish(ScoredRouter):
     """The engine predicted to finish the request first: the work it has committed plus the
     request's own, as its admission would price it, after whatever step it is in."""
 
     name = "least-finish"
-
-    def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
-        return min(candidates, key=lambda e: self.score(request, e, now))
 
     def score(self, request: Request, engine: RoutedEngine, now: float) -> float:
         return max(engine.busy_until - now, 0.0) + engine.engine.predicted_latency(request)
