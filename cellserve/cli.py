@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from cellserve.cli_types import positive
+from cellserve.openmp_env import set_spin_default
 
 # The comparison's peers, by name (cellserve.bench.peers.PEERS; repeated here so --help
 # does not import the benchmark).
@@ -24,6 +25,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    set_spin_default()  # before any command imports torch (see openmp_env.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     from cellserve.plan.json_io import OutputError

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellserve.openmp_env import peer_environ
+
 LENGTH_BUCKETS = (16, 32, 64, 100)  # the sentence generator's lengths lie in [1, 100]
 
 
@@ -86,7 +88,7 @@ def run_logged(cmd: list[str], log_path: Path, timeout_s: float, env: dict | Non
     with open(log_path, "ab") as log:
         try:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                  env={**os.environ, **(env or {})})
+                                  env={**peer_environ(), **(env or {})})
         except subprocess.TimeoutExpired:
             raise PeerUnavailable(f"`{' '.join(cmd[:4])} ...` took over {timeout_s:.0f} s (log: {log_path})")
     if done.returncode != 0:
@@ -182,7 +184,7 @@ def spawn(name: str, cmd: list[str], address: str, log_path: Path, env: dict | N
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+                            env={**peer_environ(), **(env or {})}, cwd=cwd, start_new_session=True)
     log.close()
     return RunningPeer(name, proc, address, log_path, ready_path)
 
