@@ -2,14 +2,15 @@
 before torch (and with it libgomp, which reads its environment once, when it loads) is imported.
 
 libgomp's workers spin after each parallel region before they sleep, by default for 300,000
-turns of their wait loop (a few milliseconds here) when there are no more threads than cores.
+turns of their wait loop when there are no more threads than cores.
 A server's engine thread and its worker are pinned one per core (kernels/affinity.py), and
 the frontends' thread and a local client float between the same cores: after a lightly loaded
-request's last step, the worker spins on its core for milliseconds while the frontends' thread,
+request's last step, the worker spins on its core long after while the frontends' thread,
 woken with the answer, waits behind it; at saturation the spin fills the engine's Python
-between steps. A spin of SPIN_COUNT turns (about 0.1-0.2 ms) still covers the gaps between a
-request's steps, so that the worker is awake when the next step comes, and gives the core back
-soon after. Measured in docs/performance.md ("Light-load latency breakdown").
+between steps. A spin of SPIN_COUNT turns, a thirtieth of that, covers the gaps between the steps
+of a lone request's run, so that the worker is awake for each, and gives the core back soon
+after the last; at saturation the worker sleeps between steps and is woken for each, which
+measured no slower. Figures in docs/performance.md ("Light-load latency breakdown").
 
 The user's own OpenMP settings win: nothing is set when GOMP_SPINCOUNT or OMP_WAIT_POLICY is in
 the environment. Servers cellserve starts (`bench`'s own `cellserve serve`) inherit the value;
