@@ -5,8 +5,8 @@ libgomp's workers spin after each parallel region before they sleep, by default 
 turns of their wait loop when there are no more threads than cores.
 A server's engine thread and its worker are pinned one per core (kernels/affinity.py), and
 the frontends' thread and a local client float between the same cores: after a lightly loaded
-request's last step, the worker spins on its core long after while the frontends' thread,
-woken with the answer, waits behind it; at saturation the spin fills the engine's Python
+request's last step, the worker kept spinning on its core while the frontends' thread,
+woken with the answer, waited behind it; at saturation the spin filled the engine's Python
 between steps. A spin of SPIN_COUNT turns, a thirtieth of that, covers the gaps between the steps
 of a lone request's run, so that the worker is awake for each, and gives the core back soon
 after the last; at saturation the worker sleeps between steps and is woken for each, which
