@@ -22,6 +22,7 @@ from cellserve.sim.parallel import ParallelSimulation
 from cellserve.sim.router import make_router
 
 SIMULATED = "simulated"
+MIN_REQUESTS = 40  # a trace per model holds at least this many (a p99 of fewer says little)
 
 
 def arrivals(trace: list[TraceRequest], model: Model, timeout_s: float | None,
@@ -176,8 +177,12 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
     for rate in rates:
         trace = []
         for i, model in enumerate(models):  # each model an equal share of the rate
-            share = model_trace(model, cfg.seed + i, rate / len(models), cfg.seconds, cfg.bursty)
+            share = model_trace(model, cfg.seed + i, rate / len(models), cfg.seconds, cfg.bursty,
+                                min_requests=MIN_REQUESTS)
             trace += arrivals(share, model, cfg.slo_ms / 1e3, first_tag=len(trace))
+        if rate / len(models) * cfg.seconds < MIN_REQUESTS:
+            log(f"note: {rate:g} req/s over --seconds {cfg.seconds:g} is fewer than {MIN_REQUESTS} requests "
+                f"per model; each model's trace holds {MIN_REQUESTS} at that rate, so the run spans longer")
         sim = build()
         t0 = time.perf_counter()
         outcomes = sim.run(trace)
