@@ -37,8 +37,10 @@ def set_spin_default(environ: MutableMapping[str, str] = os.environ) -> bool:
 
 
 def peer_environ(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
-    """`environ` without what set_spin_default added: the environment for another server."""
+    """`environ` without what set_spin_default added: the environment for another server. A
+    GOMP_SPINCOUNT other than ours stays (the marker may be inherited from a cellserve parent
+    while the user set another value for this process)."""
     env = dict(environ)
-    if env.pop(_SET_BY_CELLSERVE, None) is not None:
-        env.pop("GOMP_SPINCOUNT", None)
+    if env.pop(_SET_BY_CELLSERVE, None) is not None and env.get("GOMP_SPINCOUNT") == SPIN_COUNT:
+        del env["GOMP_SPINCOUNT"]
     return env

@@ -27,6 +27,9 @@ def test_peers_get_the_users_environment_not_cellserves_default():
     users = {"PATH": "/bin", "GOMP_SPINCOUNT": "5"}
     set_spin_default(users)
     assert peer_environ(users) == users
+    # cellserve's marker inherited from a parent, the user's own value set since
+    inherited = {**ours, "GOMP_SPINCOUNT": "5"}
+    assert peer_environ(inherited) == {"PATH": "/bin", "GOMP_SPINCOUNT": "5"}
 
 
 def _cli_environment(extra: dict[str, str]) -> str:
