@@ -31,7 +31,7 @@ import torch
 from cellserve import heap
 from cellserve.bench.engine_runner import replay
 from cellserve.bench.host import cpu_name
-from cellserve.bench.traces import TraceRequest, one_sequence, token_input, trace_at_rate
+from cellserve.bench.traces import MIN_REQUESTS, TraceRequest, one_sequence, token_input, trace_at_rate
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.executor.base import LaneStarted, StepResult
@@ -140,7 +140,7 @@ class RecordingExecutor(KernelExecutor):
 
 
 def model_trace(model: Model, seed: int, rate_rps: float, seconds: float, bursty: bool = False,
-                min_requests: int = 40) -> list[TraceRequest]:
+                min_requests: int = MIN_REQUESTS) -> list[TraceRequest]:
     """The benchmarks' trace (bench/traces.py) for any token model: WMT-like lengths cut at
     the model's longest sequence, ids in its vocabulary."""
     _, vocab, _ = token_input(model)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_SENTENCE_TOKENS = 100
+MIN_REQUESTS = 40  # a trace at a rate holds at least this many (a p99 of fewer says little)
 
 # Log-normal in subword tokens: mean exp(mu + sigma^2 / 2) ~= 25, median ~= 21, 99th
 # percentile ~= 84, about 0.5% of draws above 100 (those are clipped to 100).
@@ -181,7 +182,7 @@ def make_trace(rng: np.random.Generator, rate_rps: float, n: int, vocab: int,
 
 
 def trace_at_rate(seed: int, rate_rps: float, seconds: float, vocab: int, bursty: bool = False,
-                  min_requests: int = 40, inputs: InputSampler | None = None) -> list[TraceRequest]:
+                  min_requests: int = MIN_REQUESTS, inputs: InputSampler | None = None) -> list[TraceRequest]:
     """`seconds` of requests at `rate_rps` (at least `min_requests`), drawn from (seed, rate)
     alone: whichever ramp brings a system to a rate, it gets the same requests there.
     `inputs`: as for make_trace."""

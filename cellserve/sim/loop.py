@@ -39,6 +39,8 @@ from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
 from cellserve.sim.router import RoundRobin, Router
 
+STEP_SAMPLES = 100_000  # per-step samples an engine's statistics keep, by default (Simulation)
+
 
 @dataclass(frozen=True)
 class SimArrival:
@@ -90,7 +92,7 @@ class Simulation:
     """Engines (each with its models, profiles and engine configuration) behind a router.
     Build with `add_engine`, then `run` a trace once."""
 
-    def __init__(self, router: Router | None = None, seed: int = 0, step_samples: int = 100_000):
+    def __init__(self, router: Router | None = None, seed: int = 0, step_samples: int = STEP_SAMPLES):
         """`step_samples`: the per-step samples each engine's statistics keep (its time off
         the device and the like, EngineStats): many engines need fewer each, and a full
         window costs an allocation and a free far apart in memory at every step."""
@@ -210,7 +212,6 @@ class Simulation:
                 self._next_arrival += 1
             else:
                 t, _, sim_engine = heapq.heappop(self._heap)
-                sim_engine.scheduled = False
                 self._step(sim_engine, t)
         for sim_engine in self.engines:  # past the drain: answer what is left
             sim_engine.engine.abort_all("simulation ended before this request finished")
@@ -251,6 +252,8 @@ class Simulation:
         heapq.heappush(self._heap, (t, next(self._seq), sim_engine))
 
     def _step(self, sim_engine: SimEngine, t: float) -> None:
+        """Step `sim_engine` at `t`, its entry just taken off the heap."""
+        sim_engine.scheduled = False
         clock, engine = sim_engine.clock, sim_engine.engine
         clock.move_to(t)
         ran = engine.step()

@@ -51,7 +51,7 @@ from cellserve.engine.engine import EngineStats
 from cellserve.engine.request import Request, Status
 from cellserve.graph.model import Model
 from cellserve.plan.profile import ModelProfile
-from cellserve.sim.loop import SimArrival, SimEngine, SimOutcome, SimStats, Simulation
+from cellserve.sim.loop import STEP_SAMPLES, SimArrival, SimEngine, SimOutcome, SimStats, Simulation
 from cellserve.sim.router import RoundRobin, Router, ScoredRouter
 
 _RECORD = struct.Struct("<qdi")  # arrival index, best score, its position in the shortlist
@@ -170,7 +170,6 @@ class _Shard(Simulation):
                     continue
                 self.stats.events += 1
                 t, _, sim_engine = heapq.heappop(self._heap)
-                sim_engine.scheduled = False
                 self._step(sim_engine, t)
         for sim_engine in self.engines:
             sim_engine.engine.abort_all("simulation ended before this request finished")
@@ -191,7 +190,6 @@ class _Shard(Simulation):
             t, _, sim_engine = entry
             if t <= self._end and id(sim_engine) not in self._blocked and t < self._next_arrival_for(sim_engine):
                 self.stats.events += 1
-                sim_engine.scheduled = False
                 self._step(sim_engine, t)
                 ran = True
                 break
@@ -290,7 +288,7 @@ class ParallelSimulation:
     router: Router = field(default_factory=RoundRobin)
     seed: int = 0
     workers: int = 2
-    step_samples: int = 100_000  # as Simulation's
+    step_samples: int = STEP_SAMPLES
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -42,7 +42,6 @@ class Router(ABC):
         """One of `candidates`, the request's shortlist (never empty), at its arrival."""
 
 
-
 class ScoredRouter(Router):
     """A router that chooses the engine of lowest `score` in the shortlist (the first of
     equals). Such a router can route across processes (sim/parallel.py: each process scores
@@ -69,11 +68,8 @@ class RoundRobin(ScoredRouter):
         self._next[model] = i + 1
         return [candidates[i % len(candidates)]]
 
-    def choose(self, request: Request, candidates: list[RoutedEngine], now: float) -> RoutedEngine:
-        return candidates[0]  # the shortlist holds the one whose turn it is
-
     def score(self, request: Request, engine: RoutedEngine, now: float) -> float:
-        return 0.0  # a shortlist of one: nothing to compare
+        return 0.0  # the shortlist holds the one whose turn it is: nothing to compare
 
 
 class LeastPredictedFinish(ScoredRouter):

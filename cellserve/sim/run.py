@@ -11,18 +11,17 @@ from pathlib import Path
 
 from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.results import RequestOutcome, RunStats, json_safe, span_s, summarize
-from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence
+from cellserve.bench.traces import MIN_REQUESTS, TraceRequest, is_time_major, one_sequence
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import EngineStats
 from cellserve.graph.model import Model
 from cellserve.plan.json_io import check_output, write_json
 from cellserve.plan.profile import ModelProfile, ProfileError
-from cellserve.sim.loop import SimArrival, SimOutcome, Simulation
+from cellserve.sim.loop import STEP_SAMPLES, SimArrival, SimOutcome, Simulation
 from cellserve.sim.parallel import ParallelSimulation
 from cellserve.sim.router import make_router
 
 SIMULATED = "simulated"
-MIN_REQUESTS = 40  # a trace per model holds at least this many (a p99 of fewer says little)
 
 
 def arrivals(trace: list[TraceRequest], model: Model, timeout_s: float | None,
@@ -155,7 +154,7 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
                                  stack_layers=profiles[0].stack_layers, pin_threads=False)
     make_router(cfg.router)  # an unknown router fails before any work
     workers = min(cfg.workers, cfg.engines)
-    samples = min(100_000, max(1_000, 1_000_000 // cfg.engines))  # a million steps' samples in all, at most
+    samples = min(STEP_SAMPLES, max(1_000, 1_000_000 // cfg.engines))  # a million steps' samples in all, at most
 
     def build() -> Simulation | ParallelSimulation:
         if workers > 1:
@@ -177,8 +176,7 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
     for rate in rates:
         trace = []
         for i, model in enumerate(models):  # each model an equal share of the rate
-            share = model_trace(model, cfg.seed + i, rate / len(models), cfg.seconds, cfg.bursty,
-                                min_requests=MIN_REQUESTS)
+            share = model_trace(model, cfg.seed + i, rate / len(models), cfg.seconds, cfg.bursty)
             trace += arrivals(share, model, cfg.slo_ms / 1e3, first_tag=len(trace))
         if rate / len(models) * cfg.seconds < MIN_REQUESTS:
             log(f"note: {rate:g} req/s over --seconds {cfg.seconds:g} is fewer than {MIN_REQUESTS} requests "

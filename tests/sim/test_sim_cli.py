@@ -208,7 +208,7 @@ def test_a_time_major_models_traces_are_one_sequence_per_request(tmp_path, capsy
 def test_a_run_shorter_than_its_minimum_trace_says_so(gru_profile, tmp_path, capsys):
     """A trace holds at least MIN_REQUESTS requests per model: asked for fewer (1 req/s for a
     tenth of a second), the run spans longer than --seconds, and the command says why."""
-    from cellserve.sim.run import MIN_REQUESTS
+    from cellserve.bench.traces import MIN_REQUESTS
 
     done = cellserve_here(capsys, "simulate", "--profile", str(gru_profile), "--rates", "1", "--seconds", "0.1",
                           "--json", str(tmp_path / "short.json"))
