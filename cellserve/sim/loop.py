@@ -12,10 +12,7 @@ A step is not cut short by events that fall inside it, as in the real engine, wh
 only between steps; after each executor call that ends past the next arrival that may go to
 this engine, the executor raises the engine's stop flag, so the engine returns here and the
 loop handles that arrival before this engine goes on (its requests then join at the next
-step, as a real arrival would). Until then the engine steps on without going back to the
-heap: nothing else can touch it before that arrival, and stepping one engine many times in a
-row keeps its data in the CPU's caches (many engines' events interleaved in time order cost
-more per step). A lone lane's run stops at the first step after that
+step, as a real arrival would). A lone lane's run stops at the first step after that
 arrival, as a real run stops at the next arrival of its own. Which arrivals may go to an
 engine is the router's shortlist of each (see router.py), drawn ahead of the arrival: an
 engine on none runs past it (other engines' steps, and arrivals it cannot receive, touch
@@ -184,9 +181,8 @@ class Simulation:
     # ---- the loop ----
 
     def run(self, arrivals: list[SimArrival], drain_s: float = 30.0) -> list[SimOutcome]:
-        """Serve `arrivals`; return one outcome per arrival, in the order of their finish
-        (ties by tag). Requests still unanswered `drain_s` after the last arrival are aborted
-        (status error)."""
+        """Serve `arrivals`; return one outcome per arrival, in completion order. Requests
+        still unanswered `drain_s` after the last arrival are aborted (status error)."""
         if not self.engines:
             raise ValueError("a simulation needs at least one engine")
         unknown = sorted({a.model for a in arrivals} - set(self._by_model))
@@ -200,10 +196,7 @@ class Simulation:
         # the trace and the engines live for the whole run: out of the collector's passes
         # (a collection walks every tracked object; see heap.py and docs/performance.md)
         with heap.long_lived():
-            outcomes = self._run(drain_s)
-        # engines run ahead of each other (_step), so they answer out of the finish order
-        outcomes.sort(key=lambda o: (o.finish_s, o.tag))
-        return outcomes
+            return self._run(drain_s)
 
     def _run(self, drain_s: float) -> list[SimOutcome]:
         outcomes: list[SimOutcome] = []
@@ -259,23 +252,16 @@ class Simulation:
         heapq.heappush(self._heap, (t, next(self._seq), sim_engine))
 
     def _step(self, sim_engine: SimEngine, t: float) -> None:
-        """Step `sim_engine` at `t`, its entry just taken off the heap, and on while its next
-        step is due before the next arrival that may go to it (and not past the end); then
-        put it back on the heap at that step's time, or leave it idle."""
+        """Step `sim_engine` at `t`, its entry just taken off the heap."""
         sim_engine.scheduled = False
         clock, engine = sim_engine.clock, sim_engine.engine
-        while True:
-            clock.move_to(t)
-            ran = engine.step()
-            sim_engine.steps += 1
-            self.stats.engine_steps += 1
-            if ran or engine.queued_requests:
-                t = clock.now()
-            else:
-                wake = None if engine.idle() else engine.wake_at(clock.now())
-                if wake is None:
-                    return
-                t = max(wake, clock.now())
-            if t > self._end or t >= self._next_arrival_for(sim_engine):
-                self._schedule(sim_engine, t)
-                return
+        clock.move_to(t)
+        ran = engine.step()
+        sim_engine.steps += 1
+        self.stats.engine_steps += 1
+        if ran or engine.queued_requests:
+            self._schedule(sim_engine, clock.now())
+        elif not engine.idle():
+            wake = engine.wake_at(clock.now())
+            if wake is not None:
+                self._schedule(sim_engine, max(wake, clock.now()))

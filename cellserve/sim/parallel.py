@@ -313,7 +313,7 @@ class ParallelSimulation:
         self._specs.append(_EngineSpec(models, profiles, config, name))
 
     def run(self, arrivals: list[SimArrival], drain_s: float = 30.0) -> list[SimOutcome]:
-        """As `Simulation.run`: one outcome per arrival, in the order of their finish (ties by tag)."""
+        """As `Simulation.run`: one outcome per arrival, here in the order of their finish."""
         if not self._specs:
             raise ValueError("a simulation needs at least one engine")
         by_model: dict[str, list[int]] = {}
