@@ -28,8 +28,12 @@ from cellserve.executor.batch import StepBatch
 from cellserve.errors import InvalidInput, UnknownModel
 from cellserve.graph.model import Model
 
-_DROP_CHECK_S = 0.01
-MAX_DROP_CHECK_SHARE = 0.1  # of the engine's time the drop check may take (see _drop_late)
+_DROP_CHECK_S = 0.01  # the drop check's usual gap (see _drop_late)
+MAX_DROP_CHECK_SHARE = 0.1  # of the engine's time the drop check may take
+# With every run far from late, the next check comes after this share of the least spare
+# time among them (its slack), but no later than MAX_DROP_CHECK_GAP_S (see _drop_late).
+DROP_CHECK_SLACK_SHARE = 0.5
+MAX_DROP_CHECK_GAP_S = 0.1
 # An idle engine that has run no step for this long admits one request its estimates would
 # refuse, to measure them again (see _admit).
 PROBE_AFTER_S = 5.0
@@ -121,6 +125,10 @@ class Admission:
         self._commit(run, +1)
         self._lane_bytes_held += lane_bytes
         run.admitted = now
+        if deadline < math.inf and not probe:  # the drop check comes before it could turn late unseen
+            spare = deadline - now - predicted if predicted is not None else 0.0  # unpriced: the usual gap
+            self._next_drop_check = min(self._next_drop_check,
+                                        now + max(_DROP_CHECK_S, DROP_CHECK_SLACK_SHARE * spare))
         if request.trace is not None:
             request.trace.stamp("COMPUTE_START")
         self._runs[request.request_id] = run
@@ -233,22 +241,33 @@ class Admission:
         When a cell type has more lanes than a batch holds and the policy runs the most
         urgent first, a request waits in its own cell type only for the lanes at least as
         urgent as its own (in the others, for a batch per turn): pricing every lane would
-        drop an urgent request that is in fact served every turn."""
+        drop an urgent request that is in fact served every turn.
+
+        When the next check comes: after _DROP_CHECK_S, or later when every run priced had
+        spare time: after DROP_CHECK_SLACK_SHARE of the least (at most MAX_DROP_CHECK_GAP_S).
+        A run with s seconds spare has at least s before its deadline, so it is checked again
+        while it can still be dropped before then; a run admitted meanwhile brings the check
+        forward the same way (_admit, by its own spare time as admission priced it)."""
         started = self.clock.now()
+        slack = 0.0
         try:
-            self._find_late(now)
+            slack = self._find_late(now)
         finally:
             # A check walks every run in flight, so under a backlog it took a large share of the
             # engine's time, the capacity the backlog needed to drain (docs/performance.md,
             # "Decoders"): checks come no closer than MAX_DROP_CHECK_SHARE of its time allows.
-            self._next_drop_check = now + max(_DROP_CHECK_S, (self.clock.now() - started) / MAX_DROP_CHECK_SHARE)
+            took = self.clock.now() - started
+            self._next_drop_check = now + max(_DROP_CHECK_S, took / MAX_DROP_CHECK_SHARE,
+                                              min(DROP_CHECK_SLACK_SHARE * slack, MAX_DROP_CHECK_GAP_S))
 
-    def _find_late(self, now: float) -> None:
+    def _find_late(self, now: float) -> float:
+        """Drop the runs that can no longer make their deadlines; return the least spare time
+        among the runs priced when none was late (inf: none priced; 0.0: some were late)."""
         lanes = {t: self.policy.lanes_of(t) for t in self._placed}
         runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
         if not runs:
-            return
-        late = self._late(runs, lanes, now, shared=len(self._runs) > 1)
+            return math.inf
+        late, slack = self._late(runs, lanes, now, shared=len(self._runs) > 1)
         if len(late) > 1:
             late = self._fewest_to_drop(runs, lanes, now, late)
         self.stats.runs_checked += len(runs)
@@ -257,14 +276,22 @@ class Admission:
             self._finish_run(run, Status.DROPPED,
                              f"dropped: can no longer finish before its deadline (predicted to need "
                              f"{needed * 1e3:.1f} ms more, {max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
+        return 0.0 if late else slack
 
     def _late(self, runs: list[_Run], lanes: dict[str, int], now: float,
-              shared: bool) -> list[tuple[_Run, float]]:
+              shared: bool) -> tuple[list[tuple[_Run, float]], float]:
         """The runs among `runs` that would miss their deadlines with `lanes` running, with
-        the seconds each still needs."""
+        the seconds each still needs; and the least spare time of the others (inf: none)."""
         if not shared or not self.policy.urgent_first or all(n <= self.policy.max_batch for n in lanes.values()):
             round_s = self._round_time(lanes, shared)
-            return [(r, left * round_s) for r in runs if now + (left := self._rounds_left(r)) * round_s > r.deadline]
+            late, finish = [], math.inf  # finish: the earliest of the others' deadlines less their need
+            for r in runs:
+                needed = self._rounds_left(r) * round_s
+                if now + needed > r.deadline:
+                    late.append((r, needed))
+                elif r.deadline - needed < finish:
+                    finish = r.deadline - needed
+            return late, finish - now
         return self._late_in_urgency_order(runs, lanes, now)
 
     def _fewest_to_drop(self, runs: list[_Run], lanes: dict[str, int], now: float,
@@ -285,15 +312,16 @@ class Admission:
                 for ref in run.lanes.values():
                     if ref.cell_type in fewer:
                         fewer[ref.cell_type] -= 1
-            if self._late(kept, fewer, now, shared=len(self._runs) - mid > 1):
+            if self._late(kept, fewer, now, shared=len(self._runs) - mid > 1)[0]:
                 lo = mid + 1
             else:
                 hi = mid
         return order[:lo]
 
     def _late_in_urgency_order(self, runs: list[_Run], lanes: dict[str, int],
-                               now: float) -> list[tuple[_Run, float]]:
-        """The runs that would miss their deadlines, with the seconds each still needs, each
+                               now: float) -> tuple[list[tuple[_Run, float]], float]:
+        """The runs that would miss their deadlines, with the seconds each still needs, and the
+        least spare time of the others (as _late), each
         priced at a round of the lanes at least as urgent as its own (at least a full batch per
         cell type: every type's batch runs each turn), as _round_time prices that load when shared.
         Priced for every run at once, in arrays: the check walks every run in flight, and
@@ -333,7 +361,10 @@ class Admission:
             round_s = (np.minimum(mean, PREDICTION_BOUND * best) + self.step_overhead_s * batches) / stretch
         deadlines = np.array([run.deadline for run in order])
         needed = np.array(left) * round_s
-        return [(order[i], float(needed[i])) for i in np.flatnonzero(now + needed > deadlines)]
+        is_late = now + needed > deadlines
+        spare = deadlines[~is_late] - needed[~is_late]
+        return ([(order[i], float(needed[i])) for i in np.flatnonzero(is_late)],
+                float(spare.min()) - now if len(spare) else math.inf)
 
     def _learn_overhead(self, elapsed: float, batch: StepBatch, steps: int, admitting: float = 0.0,
                         now: float | None = None) -> None:

@@ -18,12 +18,13 @@ from cellserve.sim.loop import Simulation
 MS = 1e-3
 
 
-def _one_run_at_a_time(engine, now: float) -> list:
-    """The drop check's rule, pricing each run's load from scratch."""
+def _one_run_at_a_time(engine, now: float) -> tuple[list, float]:
+    """The drop check's rule, pricing each run's load from scratch: the late runs with the
+    time each needs, and the least spare time of the others."""
     lanes = {t: engine.policy.lanes_of(t) for t in engine._placed}
     cap = engine.policy.max_batch
     ahead = dict.fromkeys(lanes, 0)
-    late = []
+    late, spare = [], math.inf
     runs = [r for r in engine._runs.values() if r.deadline < math.inf and not r.probe]
     for run in sorted(runs, key=lambda r: (r.request.priority, r.deadline, r.request.arrival)):
         for ref in run.lanes.values():
@@ -32,7 +33,9 @@ def _one_run_at_a_time(engine, now: float) -> list:
         needed = engine._rounds_left(run) * round_s
         if now + needed > run.deadline:
             late.append((run, needed))
-    return late
+        else:
+            spare = min(spare, run.deadline - needed - now)
+    return late, spare
 
 
 @pytest.mark.parametrize("executors_at_once", [False, True])
@@ -60,8 +63,9 @@ def test_the_drop_checks_pricing_equals_pricing_each_run_apart(models, executors
     runs = [r for r in engine._runs.values() if r.deadline < math.inf]
     seen = set()
     for now in engine.clock.now() + np.linspace(0, 60 * MS, 61):
-        got = engine._late_in_urgency_order(runs, lanes, float(now))
-        want = _one_run_at_a_time(engine, float(now))
+        got, got_spare = engine._late_in_urgency_order(runs, lanes, float(now))
+        want, want_spare = _one_run_at_a_time(engine, float(now))
+        assert got_spare == pytest.approx(want_spare, rel=1e-9, abs=1e-12)
         assert [r.request.request_id for r, _ in got] == [r.request.request_id for r, _ in want]
         assert [needed for _, needed in got] == pytest.approx([needed for _, needed in want], rel=1e-12)
         seen.add(len(got))

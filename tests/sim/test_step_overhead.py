@@ -5,12 +5,14 @@ the engine serves in time. Driven on the simulator, so the true costs are known 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.cost_model import CostModel
-from cellserve.engine.request import Status
+from cellserve.engine.request import Request, Status
 from cellserve.executor.batch import StepBatch
 from cellserve.plan.profile import HostProfile, synthetic_profile
 from cellserve.sim.loop import SimArrival, Simulation
@@ -147,16 +149,50 @@ def test_admitting_is_a_share_of_the_engines_time_not_an_overhead_of_the_steps_l
     assert engine._round_time(load, shared=True) == pytest.approx(quiet_round / (1 - MAX_ADMITTING_SHARE))
 
 
-def test_the_drop_check_takes_at_most_its_share_of_the_engines_time(models):
-    """A check walks every run in flight: one that took 5 ms is not repeated for 50 ms
-    (MAX_DROP_CHECK_SHARE 0.1), a cheap one comes again after the usual 10 ms."""
-    from cellserve.engine import admission
-
+@pytest.mark.parametrize("took_s, slack_s, gap_s", [
+    (5 * MS, 0.0, 50 * MS),  # a dear check (it walks every run in flight): its share of the time, 10%
+    (0.0, 0.0, 10 * MS),  # a run was late: the usual gap
+    (0.0, 60 * MS, 30 * MS),  # every run 60 ms from late: half of that
+    (0.0, 1.0, 100 * MS),  # far from late: no more than 100 ms
+    (0.0, math.inf, 100 * MS),  # no run with a deadline
+    (30 * MS, 1.0, 300 * MS),  # the share still bounds the pace
+])
+def test_the_next_drop_check_comes_after_its_share_of_the_time_or_half_the_least_spare_time(
+        models, took_s, slack_s, gap_s):
     _, engine = _engine(models)
     clock = engine.clock
-    walk = engine._find_late
-    for took_s, next_after_s in ((5 * MS, 5 * MS / admission.MAX_DROP_CHECK_SHARE), (0.0, admission._DROP_CHECK_S)):
-        engine._find_late = lambda now, took_s=took_s: (walk(now), clock.advance(took_s))
-        now = clock.now()
-        engine._drop_late(now)
-        assert engine._next_drop_check == pytest.approx(now + next_after_s)
+    engine._find_late = lambda now: (clock.advance(took_s), slack_s)[1]
+    now = clock.now()
+    engine._drop_late(now)
+    assert engine._next_drop_check == pytest.approx(now + gap_s)
+
+
+def test_the_drop_checks_spare_time_is_the_least_of_the_runs_priced(models):
+    _, engine = _engine(models)
+    tokens = {"tokens": np.ones((1, 30), np.int64)}
+    now = engine.clock.now()
+    for timeout in (200 * MS, 80 * MS, 500 * MS):
+        engine.submit(Request("gru", tokens, timeout_s=timeout, arrival=now))
+    engine._take_arrivals(now)  # admitted, not run
+    runs = list(engine._runs.values())
+    lanes = {t: engine.policy.lanes_of(t) for t in engine._placed}
+    round_s = engine._round_time(lanes, shared=True)
+    spare = min(r.deadline - engine._rounds_left(r) * round_s for r in runs) - now
+    assert 0 < spare < 80 * MS
+    assert engine._find_late(now) == pytest.approx(spare)
+    assert engine._find_late(now + 1.0) == 0.0  # a second on, every one is late (and dropped)
+    assert not engine._runs
+
+
+def test_a_request_admitted_brings_the_drop_check_forward_by_its_spare_time(models):
+    """A check that found plenty of spare time put the next one 100 ms ahead; a request with
+    a 40 ms deadline admitted meanwhile must not wait for it: the check comes within half of
+    the time its admission priced it to have spare."""
+    _, engine = _engine(models)
+    now = engine.clock.now()
+    engine._next_drop_check = now + 100 * MS
+    engine.submit(Request("gru", {"tokens": np.ones((1, 10), np.int64)}, timeout_s=40 * MS, arrival=now))
+    engine._take_arrivals(now)  # admitted, not run
+    (run,) = engine._runs.values()
+    assert 0 < run.priced_s < 40 * MS
+    assert engine._next_drop_check == pytest.approx(now + max(10 * MS, 0.5 * (40 * MS - run.priced_s)))
