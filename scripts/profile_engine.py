@@ -13,7 +13,7 @@ of `--timeout-ms` (admission, pricing and the drop check run as in `bench engine
 Prints one JSON line: requests answered (by status), cell steps, steps/s and requests/s of the
 run's wall time, device busy fraction (cell steps only), the engine's time off the device per
 step (mean, median; Engine.stats.overhead_s), wall time off the cell steps and process CPU time
-per request, mean batch. `--burst`: every request at once, no deadline (a closed-loop burst, as the bench's
+per request, runs the drop checks priced per request, mean batch. `--burst`: every request at once, no deadline (a closed-loop burst, as the bench's
 capacity estimate): deterministic work, the figure to compare two versions of the code by.
 """
 
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "host_us_per_step_mean": round(1e6 * sum(over) / max(len(over), 1), 1),
         "host_us_per_step_median": round(1e6 * statistics.median(over), 1) if over else None,
         "host_us_per_request": round(1e6 * (elapsed - s.busy_s) / max(len(answers), 1), 1),
+        # runs the drop checks priced, over all checks: their work grows with the runs in flight
+        "runs_checked_per_request": round(s.runs_checked / max(len(answers), 1), 2),
         # CPU time of the process (every thread) per answer: steadier than wall time on a
         # shared machine, where a descheduled engine's wall time counts but its CPU does not
         "cpu_us_per_request": round(1e6 * cpu / max(len(answers), 1), 1),
