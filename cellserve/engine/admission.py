@@ -246,8 +246,9 @@ class Admission:
         When the next check comes: after _DROP_CHECK_S, or later when every run priced had
         spare time: after DROP_CHECK_SLACK_SHARE of the least (at most MAX_DROP_CHECK_GAP_S).
         A run with s seconds spare has at least s before its deadline, so it is checked again
-        while it can still be dropped before then; a run admitted meanwhile brings the check
-        forward the same way (_admit, by its own spare time as admission priced it)."""
+        while it can still be dropped before then (unless the share binds); a run admitted
+        meanwhile brings the check forward the same way (_admit, by its own spare time as
+        admission priced it)."""
         started = self.clock.now()
         slack = 0.0
         try:
