@@ -31,8 +31,8 @@ from cellserve.graph.model import Model
 _DROP_CHECK_S = 0.01  # the drop check's usual gap (see _drop_late)
 MAX_DROP_CHECK_SHARE = 0.1  # of the engine's time the drop check may take
 # With every run far from late, the next check comes after this share of the least spare
-# time among them (its slack), but no later than MAX_DROP_CHECK_GAP_S (see _drop_late).
-DROP_CHECK_SLACK_SHARE = 0.5
+# time among them, but no later than MAX_DROP_CHECK_GAP_S (see _drop_late).
+DROP_CHECK_SPARE_SHARE = 0.5
 MAX_DROP_CHECK_GAP_S = 0.1
 # An idle engine that has run no step for this long admits one request its estimates would
 # refuse, to measure them again (see _admit).
@@ -47,6 +47,11 @@ _urgency = attrgetter("urgency")
 
 def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _drop_check_gap(spare: float) -> float:
+    """How long after now the drop check may wait for a run with `spare` seconds spare."""
+    return max(_DROP_CHECK_S, DROP_CHECK_SPARE_SHARE * spare)
 
 
 def machine_memory_bytes() -> int:
@@ -127,8 +132,7 @@ class Admission:
         run.admitted = now
         if deadline < math.inf and not probe:  # the drop check comes before it could turn late unseen
             spare = deadline - now - predicted if predicted is not None else 0.0  # unpriced: the usual gap
-            self._next_drop_check = min(self._next_drop_check,
-                                        now + max(_DROP_CHECK_S, DROP_CHECK_SLACK_SHARE * spare))
+            self._next_drop_check = min(self._next_drop_check, now + _drop_check_gap(spare))
         if request.trace is not None:
             request.trace.stamp("COMPUTE_START")
         self._runs[request.request_id] = run
@@ -244,22 +248,22 @@ class Admission:
         drop an urgent request that is in fact served every turn.
 
         When the next check comes: after _DROP_CHECK_S, or later when every run priced had
-        spare time: after DROP_CHECK_SLACK_SHARE of the least (at most MAX_DROP_CHECK_GAP_S).
+        spare time: after DROP_CHECK_SPARE_SHARE of the least (at most MAX_DROP_CHECK_GAP_S).
         A run with s seconds spare has at least s before its deadline, so it is checked again
         while it can still be dropped before then (unless the share binds); a run admitted
         meanwhile brings the check forward the same way (_admit, by its own spare time as
         admission priced it)."""
         started = self.clock.now()
-        slack = 0.0
+        spare = 0.0
         try:
-            slack = self._find_late(now)
+            spare = self._find_late(now)
         finally:
             # A check walks every run in flight, so under a backlog it took a large share of the
             # engine's time, the capacity the backlog needed to drain (docs/performance.md,
             # "Decoders"): checks come no closer than MAX_DROP_CHECK_SHARE of its time allows.
             took = self.clock.now() - started
-            self._next_drop_check = now + max(_DROP_CHECK_S, took / MAX_DROP_CHECK_SHARE,
-                                              min(DROP_CHECK_SLACK_SHARE * slack, MAX_DROP_CHECK_GAP_S))
+            self._next_drop_check = now + max(min(_drop_check_gap(spare), MAX_DROP_CHECK_GAP_S),
+                                              took / MAX_DROP_CHECK_SHARE)
 
     def _find_late(self, now: float) -> float:
         """Drop the runs that can no longer make their deadlines; return the least spare time
@@ -268,7 +272,7 @@ class Admission:
         runs = [r for r in self._runs.values() if r.deadline < math.inf and not r.probe]
         if not runs:
             return math.inf
-        late, slack = self._late(runs, lanes, now, shared=len(self._runs) > 1)
+        late, spare = self._late(runs, lanes, now, shared=len(self._runs) > 1)
         if len(late) > 1:
             late = self._fewest_to_drop(runs, lanes, now, late)
         self.stats.runs_checked += len(runs)
@@ -277,7 +281,7 @@ class Admission:
             self._finish_run(run, Status.DROPPED,
                              f"dropped: can no longer finish before its deadline (predicted to need "
                              f"{needed * 1e3:.1f} ms more, {max(run.deadline - now, 0.0) * 1e3:.1f} ms left)")
-        return 0.0 if late else slack
+        return 0.0 if late else spare
 
     def _late(self, runs: list[_Run], lanes: dict[str, int], now: float,
               shared: bool) -> tuple[list[tuple[_Run, float]], float]:
