@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cellserve.bench.loadgen import LoadRun, RequestFormat, open_loop
-from cellserve.bench.peers.base import free_port, spawn
+from cellserve.bench.peers.base import free_ports, spawn
 from cellserve.bench.results import RunStats, json_safe, span_s, summarize
 from cellserve.bench.traces import make_trace
 
@@ -156,7 +156,7 @@ def generator_ceiling(protocol: str = "http", workdir: Path | None = None, secon
     import tempfile
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cellserve-ceiling-"))
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     server = spawn("trivial", [sys.executable, str(TRIVIAL_SERVER), "--http-port", str(http_port),
                                "--grpc-port", str(grpc_port)], f"127.0.0.1:{http_port}", workdir / "trivial.log")
     address = f"127.0.0.1:{http_port if protocol == 'http' else grpc_port}"

@@ -12,6 +12,7 @@ returns 200 once it serves.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -76,10 +77,22 @@ def pad_to_bucket(tokens: np.ndarray) -> np.ndarray:
     return out
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` different ports free on 127.0.0.1 now. Each socket stays bound until all are
+    chosen: ports asked for one after another may come back the same (a peer whose HTTP
+    and gRPC ports were equal answered its readiness poll in HTTP/2)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def run_logged(cmd: list[str], log_path: Path, timeout_s: float, env: dict | None = None) -> None:
@@ -145,8 +158,8 @@ class RunningPeer:
                 with urllib.request.urlopen(url, timeout=2) as reply:
                     if reply.status == 200:
                         return
-            except (urllib.error.URLError, OSError):
-                pass
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                pass  # not listening yet, or not yet answering HTTP there
             time.sleep(0.25)
         self.stop()
         raise PeerUnavailable(f"{self.name} was not ready after {timeout_s:.0f} s:\n{tail(self.log_path)}")

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from cellserve.bench.peers.base import (LENGTH_BUCKETS, Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning,
-                                        free_port, spawn)
+                                        free_ports, spawn)
 
 RUNTIME = Path(__file__).parent / "servers" / "mlserver_runtime.py"
 # uvloop 0.22+ raises in asyncio.get_event_loop() without a running loop, which kills
@@ -42,8 +42,8 @@ class MLServerPeer(Peer):
         shutil.rmtree(root, ignore_errors=True)
         model_dir.mkdir(parents=True)
         shutil.copy(RUNTIME, model_dir / RUNTIME.name)
-        port = free_port()
-        settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(),  # gRPC cannot be turned off
+        port, grpc_port = free_ports(2)
+        settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": grpc_port,  # gRPC cannot be turned off
                     "metrics_endpoint": None, "parallel_workers": PARALLEL_WORKERS, "debug": False,
                     "environments_dir": str(root / ".envs"), "metrics_dir": str(root / ".metrics")}
         model_settings = {"name": model.name, "implementation": f"{RUNTIME.stem}.OnnxClassifier",

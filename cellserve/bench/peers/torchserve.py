@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cellserve.bench.peers.base import (Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning, free_port,
+from cellserve.bench.peers.base import (Peer, PeerModel, PeerUnavailable, RunningPeer, Tuning, free_ports,
                                         run_logged, spawn, tail)
 
 HANDLER = Path(__file__).parent / "servers" / "torchserve_handler.py"
@@ -67,14 +67,14 @@ class TorchServePeer(Peer):
         if len(str(tmp)) > 80:  # a worker socket's path must stay under 108 bytes
             tmp = Path(tempfile.mkdtemp(prefix="cellserve-ts-"))
         tmp.mkdir(exist_ok=True)
-        port, management = free_port(), free_port()
+        port, management, metrics, grpc_inference, grpc_management = free_ports(5)
         config = workdir / "config.properties"
         config.write_text("\n".join([
             f"inference_address=http://127.0.0.1:{port}",
             f"management_address=http://127.0.0.1:{management}",
-            f"metrics_address=http://127.0.0.1:{free_port()}",
-            "grpc_inference_address=127.0.0.1", f"grpc_inference_port={free_port()}",
-            "grpc_management_address=127.0.0.1", f"grpc_management_port={free_port()}",
+            f"metrics_address=http://127.0.0.1:{metrics}",
+            "grpc_inference_address=127.0.0.1", f"grpc_inference_port={grpc_inference}",
+            "grpc_management_address=127.0.0.1", f"grpc_management_port={grpc_management}",
             "ts_open_inference_protocol=true",  # GET /v2/health/ready and friends
             "disable_token_authorization=true",
             "enable_envvars_config=true",
