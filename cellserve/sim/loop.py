@@ -25,6 +25,7 @@ import heapq
 import itertools
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,20 +39,9 @@ from cellserve.plan.profile import ModelProfile, ProfileError, Timing
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
 from cellserve.sim.router import RoundRobin, Router
+from cellserve.sim.trace import SimArrival, SimTrace
 
 STEP_SAMPLES = 100_000  # per-step samples an engine's statistics keep, by default (Simulation)
-
-
-@dataclass(frozen=True)
-class SimArrival:
-    """One request of a trace: when it arrives (virtual seconds), to which model, with what."""
-
-    time_s: float
-    model: str
-    inputs: dict[str, np.ndarray]
-    timeout_s: float | None = None
-    priority: int = 0
-    tag: int = 0  # the trace's id for it
 
 
 @dataclass(frozen=True)
@@ -103,7 +93,10 @@ class Simulation:
         self._seed = seed
         self._heap: list[tuple[float, int, SimEngine]] = []
         self._seq = itertools.count()
-        self._arrivals: list[SimArrival] = []
+        self._trace = SimTrace()
+        self._indices: Sequence[int] = range(0)  # the trace's index of each arrival this loop serves
+        self._times: list[float] = []  # each one's arrival time
+        self._model_names: list[str] = []  # and model
         self._next_arrival = 0
         self._shortlists: deque[list[SimEngine]] = deque()  # of arrivals _next_arrival .. _listed - 1
         self._listed = 0
@@ -158,19 +151,19 @@ class Simulation:
 
     def _next_arrival_time(self) -> float:
         i = self._next_arrival
-        return self._arrivals[i].time_s if i < len(self._arrivals) else math.inf
+        return self._times[i] if i < len(self._times) else math.inf
 
     def _next_arrival_for(self, sim_engine: SimEngine) -> float:
         """When the next arrival that may go to `sim_engine` comes (inf: none will)."""
         upcoming = sim_engine.upcoming
-        while not upcoming and self._listed < len(self._arrivals):
+        while not upcoming and self._listed < len(self._times):
             self._list_next()
-        return self._arrivals[upcoming[0]].time_s if upcoming else math.inf
+        return self._times[upcoming[0]] if upcoming else math.inf
 
     def _list_next(self) -> None:
         """Ask the router for the shortlist of the first arrival not yet listed."""
         i = self._listed
-        model = self._arrivals[i].model
+        model = self._model_names[i]
         candidates = self._by_model[model]
         shortlist = candidates if len(candidates) == 1 else self.router.shortlist(model, candidates)
         self._shortlists.append(shortlist)
@@ -180,27 +173,41 @@ class Simulation:
 
     # ---- the loop ----
 
-    def run(self, arrivals: list[SimArrival], drain_s: float = 30.0) -> list[SimOutcome]:
-        """Serve `arrivals`; return one outcome per arrival, in completion order. Requests
-        still unanswered `drain_s` after the last arrival are aborted (status error)."""
+    def run(self, arrivals: list[SimArrival] | SimTrace, drain_s: float = 30.0) -> list[SimOutcome]:
+        """Serve `arrivals` (in time order; arrivals at one time in the order given); return
+        one outcome per arrival, in completion order. Requests still unanswered `drain_s`
+        after the last arrival are aborted (status error)."""
         if not self.engines:
             raise ValueError("a simulation needs at least one engine")
-        unknown = sorted({a.model for a in arrivals} - set(self._by_model))
+        trace = arrivals if isinstance(arrivals, SimTrace) else SimTrace(arrivals)
+        unknown = sorted(set(trace.models) - set(self._by_model))
         if unknown:
             raise ValueError(f"the trace asks for models {unknown} that no engine serves")
-        self._arrivals = sorted(arrivals, key=lambda a: a.time_s)
+        self._serve(trace, range(len(trace)))
+        # the engines live for the whole run: out of the collector's passes (a collection
+        # walks every tracked object; see heap.py and docs/performance.md)
+        with heap.long_lived():
+            return self._run(drain_s)
+
+    def _serve(self, trace: SimTrace, indices: Sequence[int]) -> None:
+        """Serve the arrivals of `trace` at `indices` (ascending) in the next run."""
+        self._trace, self._indices = trace, indices
+        self._times = trace.time_s[indices].tolist()
+        self._model_names = [trace.models[m] for m in trace.model[indices].tolist()]
         self._next_arrival = self._listed = 0
         self._shortlists.clear()
         for sim_engine in self.engines:
             sim_engine.upcoming.clear()
-        # the trace and the engines live for the whole run: out of the collector's passes
-        # (a collection walks every tracked object; see heap.py and docs/performance.md)
-        with heap.long_lived():
-            return self._run(drain_s)
+
+    def _request(self, i: int) -> Request:
+        """The request of arrival `i`, as its engine receives it."""
+        trace, k = self._trace, self._indices[i]
+        return Request(self._model_names[i], trace.inputs(k), timeout_s=trace.timeout(k),
+                       priority=int(trace.priority[k]), arrival=self._times[i])
 
     def _run(self, drain_s: float) -> list[SimOutcome]:
         outcomes: list[SimOutcome] = []
-        end = self._end = (self._arrivals[-1].time_s if self._arrivals else 0.0) + drain_s
+        end = self._end = (self._times[-1] if self._times else 0.0) + drain_s
         while True:
             t_arrival = self._next_arrival_time()
             t_step = self._heap[0][0] if self._heap else math.inf
@@ -208,34 +215,35 @@ class Simulation:
                 break
             self.stats.events += 1
             if t_arrival <= t_step:
-                self._arrive(self._arrivals[self._next_arrival], outcomes)
+                self._arrive(self._next_arrival, outcomes)
                 self._next_arrival += 1
             else:
                 t, _, sim_engine = heapq.heappop(self._heap)
                 self._step(sim_engine, t)
         for sim_engine in self.engines:  # past the drain: answer what is left
             sim_engine.engine.abort_all("simulation ended before this request finished")
-        first = self._arrivals[0].time_s if self._arrivals else 0.0
-        last = self._arrivals[-1].time_s if self._arrivals else 0.0
+        first = self._times[0] if self._times else 0.0
+        last = self._times[-1] if self._times else 0.0
         self.stats.virtual_s = max([last] + [e.clock.now() for e in self.engines]) - first
         return outcomes
 
-    def _arrive(self, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
-        if self._listed == self._next_arrival:
+    def _arrive(self, i: int, outcomes: list[SimOutcome]) -> None:
+        """Arrival `i` (the next): route and submit it."""
+        if self._listed == i:
             self._list_next()
         shortlist = self._shortlists.popleft()
         for sim_engine in shortlist:
             sim_engine.upcoming.popleft()
-        request = Request(arrival.model, arrival.inputs, timeout_s=arrival.timeout_s, priority=arrival.priority,
-                          arrival=arrival.time_s)
-        chosen = shortlist[0] if len(shortlist) == 1 else self.router.choose(request, shortlist, arrival.time_s)
-        self._submit(chosen, request, arrival, outcomes)
+        request = self._request(i)
+        chosen = shortlist[0] if len(shortlist) == 1 else self.router.choose(request, shortlist, request.arrival)
+        self._submit(chosen, request, i, outcomes)
 
-    def _submit(self, chosen: SimEngine, request: Request, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
-        """`request` (of `arrival`) to the engine the router chose."""
+    def _submit(self, chosen: SimEngine, request: Request, i: int, outcomes: list[SimOutcome]) -> None:
+        """`request` (of arrival `i`) to the engine the router chose."""
+        tag, model = int(self._trace.tag[self._indices[i]]), request.model
 
         def on_done(response: Response) -> None:
-            outcomes.append(SimOutcome(arrival.tag, arrival.model, chosen.name, response.status,
+            outcomes.append(SimOutcome(tag, model, chosen.name, response.status,
                                        response.arrival, response.finish, response.reason))
 
         request.on_done = on_done
@@ -245,7 +253,7 @@ class Simulation:
             # an engine that was waiting for work takes a while to notice it (a real one
             # wakes from a wait on an event)
             wake = self._executors[chosen.name].sample(chosen.wake) if idle else 0.0
-            self._schedule(chosen, max(arrival.time_s, chosen.clock.now()) + wake)
+            self._schedule(chosen, max(request.arrival, chosen.clock.now()) + wake)
 
     def _schedule(self, sim_engine: SimEngine, t: float) -> None:
         sim_engine.scheduled = True

@@ -26,8 +26,9 @@ a decision on an arrival it has already scored, so the earliest arrival whose de
 open has been scored, or can be, by every worker of its span. Writes never block on a full
 pipe: a worker whose peer's pipe is full reads its own while it waits.
 
-Memory: each worker is forked from the process that built the trace and reads it in place;
-it returns its outcomes as arrays.
+Memory: each worker is forked from the process that built the trace and reads it in place
+(its columns, trace.py, and the shortlists as one array: reading a Python object would copy
+its page into the worker); it returns its outcomes as arrays.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import os
 import select
 import struct
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,8 +53,9 @@ from cellserve.engine.engine import EngineStats
 from cellserve.engine.request import Request, Status
 from cellserve.graph.model import Model
 from cellserve.plan.profile import ModelProfile
-from cellserve.sim.loop import STEP_SAMPLES, SimArrival, SimEngine, SimOutcome, SimStats, Simulation
+from cellserve.sim.loop import STEP_SAMPLES, SimEngine, SimOutcome, SimStats, Simulation
 from cellserve.sim.router import RoundRobin, Router, ScoredRouter
+from cellserve.sim.trace import SimArrival, SimTrace
 
 _RECORD = struct.Struct("<qdi")  # arrival index, best score, its position in the shortlist
 _DONE = -1  # the arrival index of a worker's last record: it ended its loop (not died)
@@ -66,8 +69,8 @@ _LOOKAHEAD = 16  # heap entries a waiting worker looks through for an engine tha
 class _Decision:
     """An arrival whose shortlist spans workers, scored here, waiting for its peers."""
 
-    index: int
-    arrival: SimArrival
+    index: int  # in the whole trace
+    position: int  # in this worker's arrivals
     request: Request
     local: list[tuple[int, SimEngine]]  # (position in the shortlist, engine) of ours
     best: tuple[float, int]
@@ -84,13 +87,25 @@ class _EngineSpec:
 
 @dataclass
 class _Shortlists:
-    """Every arrival's shortlist, as engine indices, in the trace's time order."""
+    """Every arrival's shortlist, as engine indices, in the trace's order: end to end in one
+    array (a forked worker reads it in place, as the trace)."""
 
-    lists: list[tuple[int, ...]]
+    engines: np.ndarray  # int32
+    offsets: np.ndarray  # int64: arrival i's shortlist is engines[offsets[i]:offsets[i + 1]]
     owner: list[int]  # per engine: its worker
 
+    def of(self, i: int) -> list[int]:
+        return self.engines[self.offsets[i]:self.offsets[i + 1]].tolist()
+
     def workers_of(self, i: int) -> set[int]:
-        return {self.owner[g] for g in self.lists[i]}
+        return {self.owner[g] for g in self.of(i)}
+
+    def arrivals_of(self, worker: int) -> np.ndarray:
+        """The arrivals whose shortlist names an engine of `worker`, ascending."""
+        if len(self.offsets) < 2:
+            return np.empty(0, np.int64)
+        ours = np.asarray(self.owner)[self.engines] == worker
+        return np.flatnonzero(np.logical_or.reduceat(ours, self.offsets[:-1]))  # no shortlist is empty
 
 
 class _Shard(Simulation):
@@ -117,15 +132,15 @@ class _Shard(Simulation):
 
     # ---- the shortlists: given, not drawn ----
 
-    def start(self, arrivals: list[SimArrival], indices: list[int], shortlists: _Shortlists, end: float) -> None:
-        self._arrivals = arrivals  # ours, in time order
-        self._indices = indices  # each one's index in the whole trace
+    def start(self, trace: SimTrace, indices: np.ndarray, shortlists: _Shortlists, end: float) -> None:
+        """Serve the arrivals of `trace` at `indices` (those that may reach an engine of ours)."""
+        self._serve(trace, indices)
         self._all = shortlists
         self._end = end
 
     def _list_next(self) -> None:
         i = self._listed
-        shortlist = self._all.lists[self._indices[i]]
+        shortlist = self._all.of(self._indices[i])
         local = [(pos, self._local[g]) for pos, g in enumerate(shortlist) if g in self._local]
         self._shortlists.append((shortlist, local))
         for _, sim_engine in local:
@@ -161,7 +176,7 @@ class _Shard(Simulation):
                     self._wait()  # score an engine only once its last decision is in
                     continue
                 self.stats.events += 1
-                self._arrive(self._arrivals[self._next_arrival], self._outcomes)
+                self._arrive(self._next_arrival, self._outcomes)
                 self._next_arrival += 1
             else:
                 sim_engine = self._heap[0][2]
@@ -199,21 +214,20 @@ class _Shard(Simulation):
         if not ran:
             self._receive(block=True)
 
-    def _arrive(self, arrival: SimArrival, outcomes: list[SimOutcome]) -> None:
+    def _arrive(self, i: int, outcomes: list[SimOutcome]) -> None:
         shortlist, local = self._shortlists.popleft()
         for _, sim_engine in local:
             sim_engine.upcoming.popleft()
-        request = Request(arrival.model, arrival.inputs, timeout_s=arrival.timeout_s, priority=arrival.priority,
-                          arrival=arrival.time_s)
+        request = self._request(i)
         if len(local) == len(shortlist):  # ours alone: as in one process
             engines = [e for _, e in local]
-            chosen = engines[0] if len(engines) == 1 else self.router.choose(request, engines, arrival.time_s)
-            self._submit(chosen, request, arrival, outcomes)
+            chosen = engines[0] if len(engines) == 1 else self.router.choose(request, engines, request.arrival)
+            self._submit(chosen, request, i, outcomes)
             return
-        index = self._indices[self._next_arrival]
-        best = min((self.router.score(request, e, arrival.time_s), pos) for pos, e in local)
+        index = int(self._indices[i])
+        best = min((self.router.score(request, e, request.arrival), pos) for pos, e in local)
         peers = self._all.workers_of(index) - {self.worker}
-        decision = _Decision(index, arrival, request, local, best, len(peers))
+        decision = _Decision(index, i, request, local, best, len(peers))
         self._decisions[index] = decision
         for _, sim_engine in local:
             self._blocked[id(sim_engine)] = decision
@@ -237,7 +251,7 @@ class _Shard(Simulation):
             pos = decision.best[1]
             for p, sim_engine in decision.local:
                 if p == pos:
-                    self._submit(sim_engine, decision.request, decision.arrival, self._outcomes)
+                    self._submit(sim_engine, decision.request, decision.position, self._outcomes)
 
     # ---- the pipes ----
 
@@ -312,7 +326,7 @@ class ParallelSimulation:
         name = name or f"engine-{len(self._specs)}"
         self._specs.append(_EngineSpec(models, profiles, config, name))
 
-    def run(self, arrivals: list[SimArrival], drain_s: float = 30.0) -> list[SimOutcome]:
+    def run(self, arrivals: list[SimArrival] | SimTrace, drain_s: float = 30.0) -> list[SimOutcome]:
         """As `Simulation.run`: one outcome per arrival, here in the order of their finish."""
         if not self._specs:
             raise ValueError("a simulation needs at least one engine")
@@ -320,18 +334,19 @@ class ParallelSimulation:
         for g, spec in enumerate(self._specs):
             for m in spec.models:
                 by_model.setdefault(m.name, []).append(g)
-        unknown = sorted({a.model for a in arrivals} - set(by_model))
+        trace = arrivals if isinstance(arrivals, SimTrace) else SimTrace(arrivals)
+        unknown = sorted(set(trace.models) - set(by_model))
         if unknown:
             raise ValueError(f"the trace asks for models {unknown} that no engine serves")
-        arrivals = sorted(arrivals, key=lambda a: a.time_s)
         workers = min(self.workers, len(self._specs))
-        shortlists = _Shortlists(self._draw(arrivals, by_model), [g % workers for g in range(len(self._specs))])
-        end = (arrivals[-1].time_s if arrivals else 0.0) + drain_s
-        results = _fork(workers, self, arrivals, shortlists, end)
+        shortlists = _Shortlists(*self._draw(trace, by_model), [g % workers for g in range(len(self._specs))])
+        last = float(trace.time_s[-1]) if len(trace) else 0.0
+        end = last + drain_s
+        results = _fork(workers, self, trace, shortlists, end)
         outcomes: list[SimOutcome] = []
         names = [spec.name for spec in self._specs]
         stats_of: dict[int, EngineStats] = {}
-        clocks = [arrivals[-1].time_s if arrivals else 0.0]
+        clocks = [last]
         self.stats = SimStats()
         self.worker_stats = []
         for result in results:
@@ -351,12 +366,13 @@ class ParallelSimulation:
                                       "waited_s": result["waited_s"]})
         self.engine_stats = [stats_of[g] for g in range(len(self._specs))]
         outcomes.sort(key=lambda o: (o.finish_s, o.tag))
-        first = arrivals[0].time_s if arrivals else 0.0
+        first = float(trace.time_s[0]) if len(trace) else 0.0
         self.stats.virtual_s = max(clocks) - first
         return outcomes
 
-    def _draw(self, arrivals: list[SimArrival], by_model: dict[str, list[int]]) -> list[tuple[int, ...]]:
-        """Each arrival's shortlist, drawn as one process draws it (in time order)."""
+    def _draw(self, trace: SimTrace, by_model: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Each arrival's shortlist, drawn as one process draws it (in time order): the
+        shortlists end to end, and where each starts (_Shortlists)."""
 
         @dataclass(frozen=True)
         class Stub:  # what a router's shortlist may look at: nothing of an engine's state
@@ -364,15 +380,17 @@ class ParallelSimulation:
             index: int
 
         stubs = {m: [Stub(self._specs[g].name, g) for g in gs] for m, gs in by_model.items()}
-        out = []
-        for a in arrivals:
-            candidates = stubs[a.model]
-            chosen = candidates if len(candidates) == 1 else self.router.shortlist(a.model, candidates)
-            out.append(tuple(s.index for s in chosen))
-        return out
+        engines, ends = array("i"), array("q", [0])
+        for m in trace.model.tolist():
+            model = trace.models[m]
+            candidates = stubs[model]
+            chosen = candidates if len(candidates) == 1 else self.router.shortlist(model, candidates)
+            engines.extend([s.index for s in chosen])
+            ends.append(len(engines))
+        return np.frombuffer(engines, np.int32), np.frombuffer(ends, np.int64)
 
 
-def _fork(workers: int, sim: ParallelSimulation, arrivals: list[SimArrival], shortlists: _Shortlists,
+def _fork(workers: int, sim: ParallelSimulation, trace: SimTrace, shortlists: _Shortlists,
           end: float) -> list[dict]:
     """Run the shards in forked processes; their results, in worker order."""
     pipes = {}
@@ -390,7 +408,7 @@ def _fork(workers: int, sim: ParallelSimulation, arrivals: list[SimArrival], sho
     results, procs = [], []
     for w in range(workers):
         receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(w, workers, sim, arrivals, shortlists, end, pipes, sender),
+        proc = ctx.Process(target=_worker, args=(w, workers, sim, trace, shortlists, end, pipes, sender),
                            name=f"cellserve-sim-{w}", daemon=True)
         proc.start()
         sender.close()
@@ -428,7 +446,7 @@ def _fork(workers: int, sim: ParallelSimulation, arrivals: list[SimArrival], sho
     return [out[w] for w in range(workers)]
 
 
-def _worker(w: int, workers: int, sim: ParallelSimulation, arrivals: list[SimArrival], shortlists: _Shortlists,
+def _worker(w: int, workers: int, sim: ParallelSimulation, trace: SimTrace, shortlists: _Shortlists,
             end: float, pipes: dict, sender) -> None:
     try:
         inbound = {a: pipes[a, w][0] for a in range(workers) if a != w}
@@ -442,8 +460,7 @@ def _worker(w: int, workers: int, sim: ParallelSimulation, arrivals: list[SimArr
         for g, spec in enumerate(sim._specs):
             if shortlists.owner[g] == w:
                 shard.add_indexed(spec, g)
-        mine = [i for i, s in enumerate(shortlists.lists) if any(shortlists.owner[g] == w for g in s)]
-        shard.start([arrivals[i] for i in mine], mine, shortlists, end)
+        shard.start(trace, shortlists.arrivals_of(w), shortlists, end)
         outcomes = shard.run_shard()
         sender.send(_pack(shard, outcomes))
     except BaseException as e:  # the parent says which worker failed, and why

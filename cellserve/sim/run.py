@@ -20,6 +20,7 @@ from cellserve.plan.profile import ModelProfile, ProfileError
 from cellserve.sim.loop import STEP_SAMPLES, SimArrival, SimOutcome, Simulation
 from cellserve.sim.parallel import ParallelSimulation
 from cellserve.sim.router import make_router
+from cellserve.sim.trace import SimTrace
 
 SIMULATED = "simulated"
 
@@ -174,10 +175,13 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
         log(f"simulated capacity of {cfg.engines} engine(s): {capacity:.0f} req/s; offering {rates[0]:.0f} req/s")
     runs = []
     for rate in rates:
-        trace = []
+        parts: list[SimTrace] = []  # per model, in columns as it is drawn: a long run's arrivals are millions
         for i, model in enumerate(models):  # each model an equal share of the rate
             share = model_trace(model, cfg.seed + i, rate / len(models), cfg.seconds, cfg.bursty)
-            trace += arrivals(share, model, cfg.slo_ms / 1e3, first_tag=len(trace))
+            parts.append(SimTrace(arrivals(share, model, cfg.slo_ms / 1e3, first_tag=sum(map(len, parts)))))
+            del share
+        trace = SimTrace.concat(parts)
+        del parts
         if rate / len(models) * cfg.seconds < MIN_REQUESTS:
             log(f"note: {rate:g} req/s over --seconds {cfg.seconds:g} is fewer than {MIN_REQUESTS} requests "
                 f"per model; each model's trace holds {MIN_REQUESTS} at that rate, so the run spans longer")
@@ -192,7 +196,7 @@ def simulate(cfg: SimulateConfig, log=print) -> dict:
         virtual = sim.stats.virtual_s
         # what the trace offered (its arrivals over their span): a short or bursty trace's differs
         # from the rate asked for, and goodput is over the span from first arrival to last answer
-        span = max(a.time_s for a in trace) - min(a.time_s for a in trace) if len(trace) > 1 else 0.0
+        span = float(trace.time_s[-1] - trace.time_s[0]) if len(trace) > 1 else 0.0
         realised = len(trace) / span if span > 0 else None
         runs.append({**summary, "realised_rps": realised, "per_model": per_model, "wall_s": wall, "virtual_s": virtual,
                      "sim_speedup": virtual / wall if wall else None, "events": sim.stats.events,
