@@ -15,7 +15,7 @@ from cellserve.engine.request import Status
 STATUSES = ("ok", "rejected", "dropped", "error")
 
 
-@dataclass
+@dataclass(slots=True)  # one per request of a run: millions in a long simulation
 class RequestOutcome:
     request_id: int
     arrival_s: float

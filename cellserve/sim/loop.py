@@ -33,26 +33,16 @@ import numpy as np
 from cellserve import heap
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine, EngineStats
-from cellserve.engine.request import Request, Response, Status
+from cellserve.engine.request import Request, Response
 from cellserve.graph.model import Model
 from cellserve.plan.profile import ModelProfile, ProfileError, Timing
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
+from cellserve.sim.outcomes import OutcomeLog, SimOutcome
 from cellserve.sim.router import RoundRobin, Router
 from cellserve.sim.trace import SimArrival, SimTrace
 
 STEP_SAMPLES = 100_000  # per-step samples an engine's statistics keep, by default (Simulation)
-
-
-@dataclass(frozen=True)
-class SimOutcome:
-    tag: int
-    model: str
-    engine: str
-    status: Status
-    arrival_s: float
-    finish_s: float
-    reason: str = ""
 
 
 @dataclass(eq=False)
@@ -61,6 +51,7 @@ class SimEngine:
     engine: Engine
     clock: VirtualClock
     models: frozenset[str]
+    index: int  # its random stream's, and its number in the outcomes
     wake: Timing = Timing.fixed(0.0)  # an idle engine's wake-up (see ModelProfile.wake_s)
     scheduled: bool = False
     steps: int = 0
@@ -96,7 +87,7 @@ class Simulation:
         self._trace = SimTrace()
         self._indices: Sequence[int] = range(0)  # the trace's index of each arrival this loop serves
         self._times: list[float] = []  # each one's arrival time
-        self._model_names: list[str] = []  # and model
+        self._model_index: list[int] = []  # and model (its index in the trace's models)
         self._next_arrival = 0
         self._shortlists: deque[list[SimEngine]] = deque()  # of arrivals _next_arrival .. _listed - 1
         self._listed = 0
@@ -133,7 +124,7 @@ class Simulation:
                                f"max_batch is {limit}")
         wake = max((profiles[m.name].wake_s for m in models), key=lambda t: t.mean)
         sim_engine = SimEngine(name or f"engine-{len(self.engines)}", engine, clock,
-                               frozenset(m.name for m in models), wake)
+                               frozenset(m.name for m in models), index, wake)
         executor.next_arrival = lambda: self._next_arrival_for(sim_engine)
         executor.next_event = lambda: min(self._next_arrival_for(sim_engine), self._end)
         self._executors[sim_engine.name] = executor
@@ -163,7 +154,7 @@ class Simulation:
     def _list_next(self) -> None:
         """Ask the router for the shortlist of the first arrival not yet listed."""
         i = self._listed
-        model = self._model_names[i]
+        model = self._trace.models[self._model_index[i]]
         candidates = self._by_model[model]
         shortlist = candidates if len(candidates) == 1 else self.router.shortlist(model, candidates)
         self._shortlists.append(shortlist)
@@ -193,7 +184,7 @@ class Simulation:
         """Serve the arrivals of `trace` at `indices` (ascending) in the next run."""
         self._trace, self._indices = trace, indices
         self._times = trace.time_s[indices].tolist()
-        self._model_names = [trace.models[m] for m in trace.model[indices].tolist()]
+        self._model_index = trace.model[indices].tolist()
         self._next_arrival = self._listed = 0
         self._shortlists.clear()
         for sim_engine in self.engines:
@@ -202,11 +193,11 @@ class Simulation:
     def _request(self, i: int) -> Request:
         """The request of arrival `i`, as its engine receives it."""
         trace, k = self._trace, self._indices[i]
-        return Request(self._model_names[i], trace.inputs(k), timeout_s=trace.timeout(k),
+        return Request(trace.models[self._model_index[i]], trace.inputs(k), timeout_s=trace.timeout(k),
                        priority=int(trace.priority[k]), arrival=self._times[i])
 
     def _run(self, drain_s: float) -> list[SimOutcome]:
-        outcomes: list[SimOutcome] = []
+        log = OutcomeLog()
         end = self._end = (self._times[-1] if self._times else 0.0) + drain_s
         while True:
             t_arrival = self._next_arrival_time()
@@ -215,7 +206,7 @@ class Simulation:
                 break
             self.stats.events += 1
             if t_arrival <= t_step:
-                self._arrive(self._next_arrival, outcomes)
+                self._arrive(self._next_arrival, log)
                 self._next_arrival += 1
             else:
                 t, _, sim_engine = heapq.heappop(self._heap)
@@ -225,9 +216,9 @@ class Simulation:
         first = self._times[0] if self._times else 0.0
         last = self._times[-1] if self._times else 0.0
         self.stats.virtual_s = max([last] + [e.clock.now() for e in self.engines]) - first
-        return outcomes
+        return log.outcomes(self._trace.models, {e.index: e.name for e in self.engines})
 
-    def _arrive(self, i: int, outcomes: list[SimOutcome]) -> None:
+    def _arrive(self, i: int, log: OutcomeLog) -> None:
         """Arrival `i` (the next): route and submit it."""
         if self._listed == i:
             self._list_next()
@@ -236,15 +227,14 @@ class Simulation:
             sim_engine.upcoming.popleft()
         request = self._request(i)
         chosen = shortlist[0] if len(shortlist) == 1 else self.router.choose(request, shortlist, request.arrival)
-        self._submit(chosen, request, i, outcomes)
+        self._submit(chosen, request, i, log)
 
-    def _submit(self, chosen: SimEngine, request: Request, i: int, outcomes: list[SimOutcome]) -> None:
+    def _submit(self, chosen: SimEngine, request: Request, i: int, log: OutcomeLog) -> None:
         """`request` (of arrival `i`) to the engine the router chose."""
-        tag, model = int(self._trace.tag[self._indices[i]]), request.model
+        tag, model, engine = int(self._trace.tag[self._indices[i]]), self._model_index[i], chosen.index
 
         def on_done(response: Response) -> None:
-            outcomes.append(SimOutcome(tag, model, chosen.name, response.status,
-                                       response.arrival, response.finish, response.reason))
+            log.add(tag, model, engine, response)
 
         request.on_done = on_done
         idle = chosen.engine.idle()

@@ -50,16 +50,16 @@ import numpy as np
 from cellserve import heap
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import EngineStats
-from cellserve.engine.request import Request, Status
+from cellserve.engine.request import Request
 from cellserve.graph.model import Model
 from cellserve.plan.profile import ModelProfile
-from cellserve.sim.loop import STEP_SAMPLES, SimEngine, SimOutcome, SimStats, Simulation
+from cellserve.sim.loop import STEP_SAMPLES, SimEngine, SimStats, Simulation
+from cellserve.sim.outcomes import OutcomeLog, SimOutcome
 from cellserve.sim.router import RoundRobin, Router, ScoredRouter
 from cellserve.sim.trace import SimArrival, SimTrace
 
 _RECORD = struct.Struct("<qdi")  # arrival index, best score, its position in the shortlist
 _DONE = -1  # the arrival index of a worker's last record: it ended its loop (not died)
-_STATUSES = list(Status)
 _PIPE_BYTES = 1 << 20
 _POLL_EVERY = 32  # loop iterations between looks at the peers' pipes
 _LOOKAHEAD = 16  # heap entries a waiting worker looks through for an engine that may run ahead
@@ -123,7 +123,7 @@ class _Shard(Simulation):
         self._decisions: dict[int, _Decision] = {}
         self._early: dict[int, list[tuple[float, int]]] = {}  # peers' bests for arrivals not reached yet
         self._blocked: dict[int, _Decision] = {}  # id(engine) -> its open decision
-        self._outcomes: list[SimOutcome] = []
+        self._outcomes = OutcomeLog()
         self.waits = 0  # times this worker waited for a peer, and the wall seconds it waited
         self.waited_s = 0.0
 
@@ -149,7 +149,7 @@ class _Shard(Simulation):
 
     # ---- the loop ----
 
-    def run_shard(self) -> list[SimOutcome]:
+    def run_shard(self) -> OutcomeLog:
         with heap.long_lived():
             self._loop()
         return self._outcomes
@@ -214,7 +214,7 @@ class _Shard(Simulation):
         if not ran:
             self._receive(block=True)
 
-    def _arrive(self, i: int, outcomes: list[SimOutcome]) -> None:
+    def _arrive(self, i: int, log: OutcomeLog) -> None:
         shortlist, local = self._shortlists.popleft()
         for _, sim_engine in local:
             sim_engine.upcoming.popleft()
@@ -222,7 +222,7 @@ class _Shard(Simulation):
         if len(local) == len(shortlist):  # ours alone: as in one process
             engines = [e for _, e in local]
             chosen = engines[0] if len(engines) == 1 else self.router.choose(request, engines, request.arrival)
-            self._submit(chosen, request, i, outcomes)
+            self._submit(chosen, request, i, log)
             return
         index = int(self._indices[i])
         best = min((self.router.score(request, e, request.arrival), pos) for pos, e in local)
@@ -343,20 +343,12 @@ class ParallelSimulation:
         last = float(trace.time_s[-1]) if len(trace) else 0.0
         end = last + drain_s
         results = _fork(workers, self, trace, shortlists, end)
-        outcomes: list[SimOutcome] = []
         names = [spec.name for spec in self._specs]
         stats_of: dict[int, EngineStats] = {}
         clocks = [last]
         self.stats = SimStats()
         self.worker_stats = []
         for result in results:
-            o = result["outcomes"]
-            reasons = result["reasons"]
-            for k in range(len(o["tag"])):
-                tag = int(o["tag"][k])
-                outcomes.append(SimOutcome(tag, o["models"][o["model"][k]], names[o["engine"][k]],
-                                           _STATUSES[o["status"][k]], float(o["arrival"][k]), float(o["finish"][k]),
-                                           reasons.get(tag, "")))
             stats_of.update(result["engine_stats"])
             clocks.append(result["clock"])
             self.stats.events += result["events"]
@@ -365,7 +357,8 @@ class ParallelSimulation:
                                       "events": result["events"], "waits": result["waits"],
                                       "waited_s": result["waited_s"]})
         self.engine_stats = [stats_of[g] for g in range(len(self._specs))]
-        outcomes.sort(key=lambda o: (o.finish_s, o.tag))
+        log = OutcomeLog.join([result["outcomes"] for result in results])
+        outcomes = log.outcomes(trace.models, names, by_finish=True)
         first = float(trace.time_s[0]) if len(trace) else 0.0
         self.stats.virtual_s = max(clocks) - first
         return outcomes
@@ -461,8 +454,7 @@ def _worker(w: int, workers: int, sim: ParallelSimulation, trace: SimTrace, shor
             if shortlists.owner[g] == w:
                 shard.add_indexed(spec, g)
         shard.start(trace, shortlists.arrivals_of(w), shortlists, end)
-        outcomes = shard.run_shard()
-        sender.send(_pack(shard, outcomes))
+        sender.send(_pack(shard, shard.run_shard()))
     except BaseException as e:  # the parent says which worker failed, and why
         sender.send({"error": f"simulation worker {w}: {type(e).__name__}: {e}"})
         raise
@@ -470,21 +462,9 @@ def _worker(w: int, workers: int, sim: ParallelSimulation, trace: SimTrace, shor
         sender.close()
 
 
-def _pack(shard: _Shard, outcomes: list[SimOutcome]) -> dict:
-    models = sorted({o.model for o in outcomes})
-    model_of = {m: i for i, m in enumerate(models)}
-    index_of = {e.name: g for g, e in shard._local.items()}
+def _pack(shard: _Shard, log: OutcomeLog) -> dict:
     return {
-        "outcomes": {
-            "tag": np.array([o.tag for o in outcomes], dtype=np.int64),
-            "model": np.array([model_of[o.model] for o in outcomes], dtype=np.int32),
-            "engine": np.array([index_of[o.engine] for o in outcomes], dtype=np.int32),
-            "status": np.array([_STATUSES.index(o.status) for o in outcomes], dtype=np.int8),
-            "arrival": np.array([o.arrival_s for o in outcomes], dtype=np.float64),
-            "finish": np.array([o.finish_s for o in outcomes], dtype=np.float64),
-            "models": models,
-        },
-        "reasons": {o.tag: o.reason for o in outcomes if o.reason},
+        "outcomes": log.arrays(),
         "engine_stats": [(g, e.engine.stats) for g, e in shard._local.items()],
         "clock": max((e.clock.now() for e in shard.engines), default=0.0),
         "events": shard.stats.events,

@@ -22,7 +22,7 @@ import numpy as np
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SimArrival:
     """One request of a trace: when it arrives (virtual seconds), to which model, with what."""
 
@@ -40,10 +40,11 @@ class _Column:
 
     data: np.ndarray
     offsets: np.ndarray  # int64, one more than the group's arrivals
-    shapes: np.ndarray  # int64, (arrivals, ndim)
-    # The shape every arrival's value has, with -1 at the one axis where they differ (None:
-    # they differ on more axes): reshaping to it is cheaper than to each one's own shape.
+    # The shape every arrival's value has, with -1 at the one axis where they differ (the
+    # usual case: a sequence's length), or, where they differ on more axes, None and each
+    # one's shape in `shapes` (int64, arrivals x rank)
     template: tuple[int, ...] | None
+    shapes: np.ndarray | None
 
     def value(self, row: int) -> np.ndarray:
         x = self.data[self.offsets[row]:self.offsets[row + 1]]
@@ -154,9 +155,10 @@ def _pack(members: list[dict]) -> _Group:
         np.cumsum(sizes, out=offsets[1:])
         data = np.concatenate([v.ravel() for v in values])
         shapes = np.array([v.shape for v in values], np.int64).reshape(len(values), values[0].ndim)
+        template = _template(shapes)
         for a in (data, offsets, shapes):
             a.flags.writeable = False
-        columns.append(_Column(data, offsets, shapes, _template(shapes)))
+        columns.append(_Column(data, offsets, template, shapes if template is None else None))
     return _Group(names, tuple(columns))
 
 

@@ -89,3 +89,22 @@ def test_a_simulation_of_a_trace_gives_the_outcomes_of_its_arrivals(models, work
 
     assert outcomes(SimTrace(given)) == outcomes(given)
     assert len(outcomes(given)) == 400
+
+
+def test_an_outcome_log_gives_back_each_answer_with_its_names_and_reason():
+    from cellserve.engine.request import Response, Status
+    from cellserve.sim.outcomes import OutcomeLog, SimOutcome
+
+    a, b = OutcomeLog(), OutcomeLog()
+    a.add(7, 1, 0, Response(1, Status.OK, arrival=0.5, finish=0.9))
+    a.add(7, 0, 2, Response(2, Status.REJECTED, reason="predicted finish misses the deadline", arrival=0.1, finish=0.1))
+    b.add(3, 1, 1, Response(3, Status.DROPPED, reason="late", arrival=0.2, finish=0.9))
+    models, engines = ["gru", "lstm"], ["e0", "e1", "e2"]
+    assert a.outcomes(models, engines) == [
+        SimOutcome(7, "lstm", "e0", Status.OK, 0.5, 0.9),
+        SimOutcome(7, "gru", "e2", Status.REJECTED, 0.1, 0.1, "predicted finish misses the deadline")]
+    joined = OutcomeLog.join([a.arrays(), b.arrays(), OutcomeLog().arrays()])
+    # by finish, then tag; a reason stays with its answer though two answers share a tag
+    assert [(o.tag, o.engine, o.reason) for o in joined.outcomes(models, engines, by_finish=True)] == [
+        (7, "e2", "predicted finish misses the deadline"), (3, "e1", "late"), (7, "e0", "")]
+    assert OutcomeLog().outcomes(models, engines, by_finish=True) == []
