@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-
 @dataclass(frozen=True, slots=True)
 class SimArrival:
     """One request of a trace: when it arrives (virtual seconds), to which model, with what."""
