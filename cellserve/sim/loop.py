@@ -170,7 +170,7 @@ class Simulation:
         after the last arrival are aborted (status error)."""
         if not self.engines:
             raise ValueError("a simulation needs at least one engine")
-        trace = arrivals if isinstance(arrivals, SimTrace) else SimTrace(arrivals)
+        trace = SimTrace.of(arrivals)
         unknown = sorted(set(trace.models) - set(self._by_model))
         if unknown:
             raise ValueError(f"the trace asks for models {unknown} that no engine serves")

@@ -57,8 +57,7 @@ class OutcomeLog:
 
     def arrays(self) -> dict:
         """The log as plain arrays (to send to another process; `from_arrays` takes them back)."""
-        return {"columns": {name: np.frombuffer(col, col.typecode) if len(col) else np.empty(0, col.typecode)
-                            for name, col in self.columns.items()},
+        return {"columns": {name: np.frombuffer(col, col.typecode) for name, col in self.columns.items()},
                 "reasons": self.reasons}
 
     @classmethod
@@ -68,7 +67,7 @@ class OutcomeLog:
         for part in parts:
             base = len(log)
             for name, values in part["columns"].items():
-                log.columns[name].frombytes(np.ascontiguousarray(values, log.columns[name].typecode).tobytes())
+                log.columns[name].frombytes(values.tobytes())
             log.reasons.update((base + row, reason) for row, reason in part["reasons"].items())
         return log
 
@@ -78,8 +77,7 @@ class OutcomeLog:
         c = self.columns
         rows = range(len(self))
         if by_finish:
-            rows = np.lexsort((np.frombuffer(c["tag"], np.int64) if len(self) else [],
-                               np.frombuffer(c["finish"], np.float64) if len(self) else [])).tolist()
+            rows = np.lexsort((np.frombuffer(c["tag"], np.int64), np.frombuffer(c["finish"], np.float64))).tolist()
         tag, model, engine, status, arrival, finish = (c[name] for name in _COLUMNS)
         reasons = self.reasons
         return [SimOutcome(tag[r], models[model[r]], engines[engine[r]], _STATUSES[status[r]], arrival[r], finish[r],

@@ -334,7 +334,7 @@ class ParallelSimulation:
         for g, spec in enumerate(self._specs):
             for m in spec.models:
                 by_model.setdefault(m.name, []).append(g)
-        trace = arrivals if isinstance(arrivals, SimTrace) else SimTrace(arrivals)
+        trace = SimTrace.of(arrivals)
         unknown = sorted(set(trace.models) - set(by_model))
         if unknown:
             raise ValueError(f"the trace asks for models {unknown} that no engine serves")

@@ -111,12 +111,17 @@ class SimTrace(Sequence):
         for name in ("tag", "priority", "timeout_s", "row"):
             setattr(out, name, np.concatenate([getattr(t, name) for t in traces])[order])
         out.model = np.concatenate([np.array([index_of[m] for m in t.models], np.int32)[t.model]
-                                    if len(t) else t.model for t in traces])[order].astype(np.int32)
+                                    for t in traces])[order]
         bases = np.cumsum([0] + [len(t._groups) for t in traces[:-1]])
         out.group = np.concatenate([t.group + base for t, base in zip(traces, bases)])[order].astype(np.int32)
         out._groups = tuple(g for t in traces for g in t._groups)
         out._freeze()
         return out
+
+    @classmethod
+    def of(cls, arrivals: Iterable[SimArrival] | SimTrace) -> SimTrace:
+        """`arrivals` as a trace (itself, if it is one)."""
+        return arrivals if isinstance(arrivals, SimTrace) else cls(arrivals)
 
     def _freeze(self) -> None:
         for col in (self.time_s, self.tag, self.priority, self.timeout_s, self.model, self.group, self.row):
