@@ -31,6 +31,7 @@ from cellserve.cli_types import positive
 
 MODELS = ("gru-256", "lstm-512")
 _BAD = ("unknown input", "wrong datatype", "unparseable JSON")
+END_RETRY_PAUSES_S = (0.1, 0.2, 0.4, 0.8, 1.6)  # between tries of a failed sequence's end (_Soak._end_sequence)
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,21 @@ class _Soak:
             if status != 200:
                 self._count("failed sequence", f"{model} sequence {sid} chunk {i}: {status} {answer[:200]!r}")
                 if i < n - 1:  # end it, so that a failure is not also a leak
-                    await self._post(model, _tokens_body(self.rng, 3, {"sequence_id": sid, "sequence_end": True}))
+                    await self._end_sequence(model, sid)
                 return
         self._count("ok sequence")
+
+    async def _end_sequence(self, model: str, sid: int) -> None:
+        """End sequence `sid` after one of its chunks failed, as a client that holds server
+        state would: a refusal for load (429, 503) is retried after a pause that doubles
+        (END_RETRY_PAUSES_S), so that a refused chunk does not leave its sequence to the
+        server's idle timeout because the end was refused in the same congested spell."""
+        body = _tokens_body(self.rng, 3, {"sequence_id": sid, "sequence_end": True})
+        for pause in (*END_RETRY_PAUSES_S, None):
+            status, _ = await self._post(model, body)
+            if status not in (429, 503) or pause is None:
+                return
+            await asyncio.sleep(pause)
 
     async def bad(self) -> None:
         kind = _BAD[int(self.rng.integers(len(_BAD)))]

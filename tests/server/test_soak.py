@@ -26,3 +26,48 @@ def test_a_short_soak_passes_every_check():
     assert windows and sum(w["failed"] for w in windows) == 0
     timed = [w for w in windows if "p99_ms" in w]
     assert timed and all(0 < w["p50_ms"] <= w["p99_ms"] <= w["max_ms"] for w in timed), timed
+
+
+def _scripted_server(statuses: list[int], bodies: list[bytes]):
+    """An HTTP/1.1 endpoint answering each request with the next of `statuses` (then 200),
+    recording each request's body: the other side of the soak client's retry policy."""
+    import asyncio
+
+    async def handle(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            bodies.append(await reader.readexactly(length))
+            status = statuses.pop(0) if statuses else 200
+            writer.write(b"HTTP/1.1 %d X\r\ncontent-length: 2\r\n\r\n{}" % status)
+            await writer.drain()
+
+    return asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("refusals, tries", [([429, 503, 429], 4), ([400], 1), ([429] * 10, 6)])
+def test_a_failed_sequence_is_ended_with_retries_while_refused_for_load(monkeypatch, refusals, tries):
+    import asyncio
+    import json
+
+    import cellserve.bench.soak as soak_module
+    from cellserve.bench.soak import END_RETRY_PAUSES_S, _Soak
+
+    monkeypatch.setattr(soak_module, "END_RETRY_PAUSES_S", tuple(p / 100 for p in END_RETRY_PAUSES_S))
+    bodies: list[bytes] = []
+
+    async def go():
+        server = await _scripted_server(list(refusals), bodies)
+        host, port = server.sockets[0].getsockname()[:2]
+        soak = _Soak(SoakConfig(), f"{host}:{port}", rate=1.0)
+        await soak._end_sequence("gru-256", 7)
+        soak.pool.close()
+        server.close()
+
+    asyncio.run(go())
+    # refused for load: tried again after each pause, up to one try per pause and a last;
+    # any other answer (a 400 here) is final
+    assert len(bodies) == tries
+    ends = [json.loads(b)["parameters"] for b in bodies]
+    assert all(p == {"sequence_id": 7, "sequence_end": True} for p in ends)
