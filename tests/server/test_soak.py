@@ -71,3 +71,19 @@ def test_a_failed_sequence_is_ended_with_retries_while_refused_for_load(monkeypa
     assert len(bodies) == tries
     ends = [json.loads(b)["parameters"] for b in bodies]
     assert all(p == {"sequence_id": 7, "sequence_end": True} for p in ends)
+
+
+@pytest.mark.slow
+def test_capacity_is_what_a_closed_loop_of_the_mix_sustains():
+    from cellserve.bench.soak import measure_capacity
+    from cellserve.server.launch import ServerProcess
+
+    cfg = SoakConfig(models=("gru-256",), capacity_concurrency=8, capacity_seconds=1.5)
+    server = ServerProcess("--model", "gru-256", "--grpc-port", "-1")
+    try:
+        capacity, burst = measure_capacity(server.http, cfg, warmup=40)
+    finally:
+        server.stop()
+    # eight arrivals in flight for 1.5 s on a zoo model that answers in milliseconds: each
+    # client completed more than one arrival in the window
+    assert capacity > 8 / 1.5 and burst > 0
