@@ -4,11 +4,12 @@ stateful sequences and bad requests, watching the server for what only time show
 It starts `cellserve serve` on the chosen zoo models, finds the capacity as the arrivals per
 second of its own mix the server sustains with --capacity-concurrency of them kept in flight
 for --capacity-seconds (after a burst to warm up; unless --rps is given), then offers Poisson
-arrivals at --load of it (70% by default) for --minutes. Each arrival is, by --mix, a plain request to one of the models, a whole sequence
-(start, middle chunks, end, each sent when the last is answered) or a bad request (an unknown
-input, a wrong datatype, unparseable JSON) that must be answered 400. Every --sample-s it reads
-the server's RSS and open file descriptors (/proc), its active sequences (metrics) and a
-health check's latency.
+arrivals at --load of it (70% by default) for --minutes. Each arrival is, by --mix, a plain
+request to one of the models, a whole sequence (start, middle chunks, end, each sent when the
+last is answered; after a failed chunk, an end, tried again while refused for load) or a bad
+request (an unknown input, a wrong datatype, unparseable JSON) that must be answered 400.
+Every --sample-s it reads the server's RSS and open file descriptors (/proc), its active
+sequences (metrics) and a health check's latency.
 
 Verdict (exit status 0 when all hold): no failure beyond the bad requests (which must all be
 400s; a 429 or 504 at this load counts as a failure), every request answered exactly once, RSS

@@ -35,7 +35,10 @@ def _scripted_server(statuses: list[int], bodies: list[bytes]):
 
     async def handle(reader, writer):
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):  # the client closed its connection
+                return
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                           if line.lower().startswith(b"content-length"))
             bodies.append(await reader.readexactly(length))
