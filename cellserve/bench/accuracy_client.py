@@ -24,7 +24,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellserve.bench.http_pool import HttpPool, error_message
+from cellserve.bench.peers.base import free_port
 
 _PLAN = re.compile(r"accuracy plan (\d+) \(([^)]*)\): (.*?); demand (.*?); effective accuracy ([0-9.]+); "
                    r"capacity per worker (.*?)(?:; unserved .*)?$")
@@ -155,9 +155,7 @@ class ServerProcess:
         # A port picked here and polled for readiness, rather than port 0 and the ready line:
         # Ray forwards its workers' output into the same stream, and a line of it can land in
         # the middle of the server's (print writes the text and the newline separately).
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.address = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "cellserve.cli", "serve", "--http-port", str(port), "--grpc-port", "-1",
                "--metrics-port", "-1", *args]
