@@ -45,6 +45,12 @@ SPELL_SPAN_S = 0.25
 _urgency = attrgetter("urgency")
 
 
+def _urgency_class(priority: int, has_deadline: bool) -> tuple[int, bool]:
+    """Where a request's lanes stand in the policy's urgency order (priority, then deadline,
+    none last), as far as admission tells apart: a class greater than another is less urgent."""
+    return (priority, not has_deadline)
+
+
 def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
@@ -105,7 +111,8 @@ class Admission:
         rounds_plan = self._rounds_plan(model, inputs, length)
         predicted, probe = None, False
         if self.config.admission and deadline < math.inf:
-            predicted = self._predicted_latency(model, rounds_plan, batch, width)
+            predicted = self._predicted_latency(model, rounds_plan, batch, width,
+                                                _urgency_class(request.priority, True))
             # Headroom: requests admitted later slow this one down too. An idle engine whose
             # estimates no step has confirmed lately admits whatever has time left, to measure:
             # refusing on an estimate it cannot check would keep it from ever learning better
@@ -165,19 +172,35 @@ class Admission:
         except InvalidInput:
             width = 1
         return self._predicted_latency(model, self._rounds_plan(model, request.inputs), model.batch_size(request.inputs),
-                                       width)
+                                       width, _urgency_class(request.priority, request.timeout_s is not None
+                                                             or self.config.default_timeout_s is not None))
 
     def _lanes(self, model: Model, batch: int, width: int) -> dict[str, int]:
         """The lanes a request of `batch` rows adds to each of the model's cell types: a beam
         row's `width` hypotheses each in a lane of the decoder's type, one per row elsewhere."""
         return {t: batch * width if t in self._decoders else batch for t in self._model_types[model.name]}
 
-    def _predicted_latency(self, model: Model, rounds_plan: list[int], batch: int, width: int = 1) -> float:
+    def _predicted_latency(self, model: Model, rounds_plan: list[int], batch: int, width: int = 1,
+                           urgency: tuple[int, bool] | None = None) -> float:
         """Rounds of the request's program, each priced at the load committed to the engine
-        with the request's lanes added (see cost_model.py)."""
+        with the request's lanes added (see cost_model.py).
+
+        With `urgency` (the request's _urgency_class) and a policy that steps the most urgent
+        lanes first, the lanes committed by less urgent requests (a lower priority, or no
+        deadline against one) count only as far as they fill a batch: each turn steps up to
+        a batch of a cell type's most urgent lanes, so lanes behind the request's own never
+        take its place, but they do make the batch it steps in a full one."""
+        own = self._lanes(model, batch, width)
         load = self._committed.copy()
-        for t, n in self._lanes(model, batch, width).items():
+        for t, n in own.items():
             load[t] += n
+        if urgency is not None and self.policy.urgent_first:
+            behind = [lanes for cls, lanes in self._committed_by_class.items() if cls > urgency]
+            if behind:
+                cap = self.policy.max_batch
+                for t, n in load.items():
+                    ahead = n - sum(lanes.get(t, 0) for lanes in behind)
+                    load[t] = max(ahead, min(n, cap))
         return sum(rounds_plan) * self._round_time(load, shared=bool(self._runs))
 
     def _round_time(self, load: dict[str, int], shared: bool) -> float:
@@ -211,10 +234,16 @@ class Admission:
 
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
         """Add (+1) or take back (-1) a run's lanes in the cell types of its layers (a beam
-        row's hypotheses each a lane of its decoder's type)."""
+        row's hypotheses each a lane of its decoder's type), in all and in its urgency class."""
+        cls = _urgency_class(run.request.priority, run.deadline < math.inf)
+        by_class = self._committed_by_class.get(cls)
+        if by_class is None:
+            by_class = self._committed_by_class[cls] = {}
         for types in self._layer_types[run.model.name][layers or slice(run.layer, None)]:
             for t in types:
-                self._committed[t] += sign * (run.batch * run.width if t in self._decoders else run.batch)
+                n = sign * (run.batch * run.width if t in self._decoders else run.batch)
+                self._committed[t] += n
+                by_class[t] = by_class.get(t, 0) + n
 
     def _rounds_left(self, run: _Run) -> int:
         """Rounds until `run` ends: its current step's longest lane, then its later steps."""

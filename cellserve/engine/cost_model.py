@@ -8,7 +8,8 @@ kernels), so a straight-line fit mispredicts badly (docs/performance.md, "Kernel
 Prediction: a request advances one step per *round*, in which every cell type with lanes
 runs once (see scheduler.CellularPolicy). The engine prices a round at the load *committed*
 to each cell type: the lanes of every admitted request that has yet to leave it, not just the
-lanes there now, since requests in earlier layers arrive before a request admitted now leaves.
+lanes there now, since requests in earlier layers arrive before a request admitted now leaves
+(less urgent requests' lanes only as far as they fill a batch: admission.py _predicted_latency).
 That errs on the slow side, which keeps admitted requests from being dropped later.
 
 Costs learn only from steps that run, and admission decides which steps run: a bucket that

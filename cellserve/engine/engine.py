@@ -130,6 +130,8 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         self._output_lengths: dict[str, OutputLength] = {}  # decoder cell type -> its lanes' steps, learnt
         self._decoders: dict[str, GraphDecoder] = {}  # cell type -> its decoder
         self._committed: dict[str, int] = {}  # cell type -> lanes of admitted requests yet to leave it
+        # the same by urgency class (admission.py _urgency_class): class -> cell type -> lanes
+        self._committed_by_class: dict[tuple[int, bool], dict[str, int]] = {}
         # lane storage: per model, the bytes a sequence's lanes hold per token (admission.py _admit)
         self._lane_bytes_per_token: dict[str, int] = {}
         self._lane_bytes_held = 0  # by the requests in flight
@@ -327,6 +329,8 @@ class Engine(Admission, ModelWalk, Decoding, ConcurrentSteps):
         for cell_type in self._model_types.pop(name, ()):
             executor = self._placed.pop(cell_type, None)
             self._committed.pop(cell_type, None)
+            for lanes in self._committed_by_class.values():
+                lanes.pop(cell_type, None)
             self._decoders.pop(cell_type, None)
             if forget_costs:
                 self.costs.costs.pop(cell_type, None)

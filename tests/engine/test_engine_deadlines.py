@@ -267,3 +267,29 @@ def test_a_burst_that_is_late_together_loses_only_its_least_urgent_requests(mode
     statuses = [responses.one(i).status for i in range(8)]
     assert statuses == [Status.OK] * 4 + [Status.DROPPED] * 4, [r.reason for r in map(responses.one, range(8))]
     check_ok(models, responses, range(4))
+
+
+def test_admission_counts_less_urgent_lanes_only_as_far_as_they_fill_a_batch(models):
+    """Requests with no deadline hold lanes in every cell type. The policy steps a type's
+    most urgent batch first, so a request with a deadline is priced as if they only filled
+    its batch (2 lanes here); one with no deadline, or of a lower priority, waits behind
+    them and is priced with all of them."""
+    clock = FakeClock(tick=TICK)
+    engine = make_engine(models, clock, admission=True, drop_late=False, max_batch=2)
+    responses = Responses()
+    for i in range(6):
+        engine.submit(make_request(responses, i, "lstm", {"tokens": TOKENS}))
+    engine.step()  # admits them, and runs a batch (whose lanes may run to their end alone)
+    [held] = set(engine._committed.values())
+    assert held > 2  # more lanes than a batch holds, all without a deadline
+
+    def price(**kw) -> float:
+        return engine.predicted_latency(make_request(responses, 99, "lstm", {"tokens": TOKENS}, **kw))
+
+    def rounds_of(lanes: int) -> float:
+        return len(TOKENS[0]) * engine._round_time({t: lanes for t in engine.cell_types}, shared=True)
+
+    assert price(timeout_s=10.0) == pytest.approx(rounds_of(2))  # its own lane and one behind it
+    assert price() == pytest.approx(rounds_of(held + 1))  # no deadline: behind them all
+    assert price(timeout_s=10.0, priority=1) == pytest.approx(rounds_of(held + 1))  # a lower priority: the same
+    assert rounds_of(2) < rounds_of(held + 1)

@@ -44,13 +44,15 @@ def server():
 
 def test_a_deadline_that_cannot_be_met_is_refused_at_admission(server):
     """A busy engine predicts a request's finish and refuses one that would miss its deadline:
-    1,000 steps behind the busy request's lanes, one lane a step, take far longer than 2 s;
+    1,000 steps beside the busy request's lanes, one lane a step, take far longer than 2 s;
     2 s leaves a loaded machine time to hand the request to the engine and its refusal back
-    before the deadline passes (that would be a 504)."""
+    before the deadline passes (that would be a 504). The busy request has a deadline too: a
+    lane with none is less urgent, never stepped before the new one's (one lane a step), and
+    admission does not count it beyond the batch it fills."""
     tokens = np.ones(sized_shape(server, "gru-256", (1, 300)), np.int64)
     steps = metric(server, "cellserve_cell_steps_total")
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(send, server.http, tokens)
+        busy = pool.submit(send, server.http, tokens, timeout=600_000_000)
         # stepping, not just arrived: admitting a request this large takes the engine a while
         # (its arenas grow), and a request sent meanwhile would wait out its deadline there
         wait_until(lambda: metric(server, "cellserve_cell_steps_total") > steps + 100,
