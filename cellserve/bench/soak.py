@@ -258,10 +258,9 @@ def measure_capacity(address: str, cfg: SoakConfig, warmup: int = 300) -> tuple[
     at once: it grows the engine's arenas and opens the connections, and is kept for
     comparison with older reports, whose capacity was the best of three such bursts).
 
-    Why not the bursts: a burst of 300 ends in about half a second, most of its requests
-    parsed before most of its steps run, and read 15-25% above what the same server sustained
-    in a closed loop, as well as 504 to 805 arrivals/s across runs of the same code on this
-    project's machine (docs/performance.md, "Soak")."""
+    Why not the bursts: a burst of 300 ends in well under a second, most of its requests
+    parsed before most of its steps run; it read well above what the same server sustained
+    in a closed loop, and far apart across runs of the same code (docs/performance.md, "Soak")."""
     soak = _Soak(replace(cfg, deadline_ms=None), address, rate=1.0)
 
     async def measure() -> tuple[float, float]:

@@ -235,10 +235,8 @@ class Admission:
     def _commit(self, run: _Run, sign: int, layers: slice | None = None) -> None:
         """Add (+1) or take back (-1) a run's lanes in the cell types of its layers (a beam
         row's hypotheses each a lane of its decoder's type), in all and in its urgency class."""
-        cls = _urgency_class(run.request.priority, run.deadline < math.inf)
-        by_class = self._committed_by_class.get(cls)
-        if by_class is None:
-            by_class = self._committed_by_class[cls] = {}
+        by_class = self._committed_by_class.setdefault(_urgency_class(run.request.priority, run.deadline < math.inf),
+                                                       {})
         for types in self._layer_types[run.model.name][layers or slice(run.layer, None)]:
             for t in types:
                 n = sign * (run.batch * run.width if t in self._decoders else run.batch)
