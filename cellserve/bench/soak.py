@@ -9,7 +9,9 @@ request to one of the models, a whole sequence (start, middle chunks, end, each 
 last is answered; after a failed chunk, an end, tried again while refused for load) or a bad
 request (an unknown input, a wrong datatype, unparseable JSON) that must be answered 400.
 Every --sample-s it reads the server's RSS and open file descriptors (/proc), its active
-sequences (metrics) and a health check's latency.
+sequences (metrics) and a health check's latency. Once the soak is over it measures the
+capacity again, as at the start (reported, not judged: on a machine whose speed moves, the
+offered load was another share of what the server then sustained).
 
 Verdict (exit status 0 when all hold): no failure beyond the bad requests (which must all be
 400s; a 429 or 504 at this load counts as a failure), every request answered exactly once, RSS
@@ -61,6 +63,9 @@ class SoakReport:
     offered_rps: float
     capacity_rps: float | None
     burst_rps: float | None = None  # the warm-up burst's arrivals/s (see measure_capacity)
+    # the capacity measured again once the soak is over (None with --rps): a machine whose speed
+    # moved during the run offered its load at another share of what it then sustained
+    capacity_end_rps: float | None = None
     counts: dict = field(default_factory=dict)  # outcome -> requests
     first_failures: list[str] = field(default_factory=list)
     unanswered: list[str] = field(default_factory=list)  # the first requests with no answer, and why
@@ -323,6 +328,11 @@ def run_soak(cfg: SoakConfig, progress=print) -> SoakReport:
         report.counts["sent again on a new connection"] = soak.pool.resent
         report.unanswered = soak.unanswered
         _judge(report, cfg)
+        if capacity is not None:  # after the checks' last sample: the closed loop must not move them
+            end = report.capacity_end_rps = measure_capacity(server.http, cfg, warmup=0)[0]
+            progress(f"soak: the capacity measured again at the end: {end:.0f} req/s sustained (the {rate:.0f} "
+                     f"req/s offered were " + (f"{rate / end:.0%}" if end > 0 else "more than all") +
+                     f" of it, {cfg.load:.0%} of the {capacity:.0f} at the start)")
         return report
     finally:
         server.stop()

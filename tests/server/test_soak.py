@@ -26,6 +26,7 @@ def test_a_short_soak_passes_every_check():
     assert windows and sum(w["failed"] for w in windows) == 0
     timed = [w for w in windows if "p99_ms" in w]
     assert timed and all(0 < w["p50_ms"] <= w["p99_ms"] <= w["max_ms"] for w in timed), timed
+    assert report.capacity_rps is None and report.capacity_end_rps is None  # --rps: no capacity measured
 
 
 def _scripted_server(statuses: list[int], bodies: list[bytes]):
@@ -90,3 +91,17 @@ def test_capacity_is_what_a_closed_loop_of_the_mix_sustains():
     # eight arrivals in flight for 1.5 s on a zoo model that answers in milliseconds: each
     # client completed more than one arrival in the window
     assert capacity > 8 / 1.5 and burst > 0
+
+
+@pytest.mark.slow
+def test_a_soak_at_a_share_of_capacity_measures_it_again_at_the_end():
+    # the load is a share of the capacity measured at the start; the capacity measured again
+    # once the soak is over tells whether the machine's speed moved meanwhile
+    lines: list[str] = []
+    report = run_soak(SoakConfig(models=("gru-256",), minutes=0.1, load=0.3, sample_s=2, deadline_ms=None,
+                                 capacity_concurrency=8, capacity_seconds=1.5, max_rss_growth=0.25,
+                                 max_health_ms=2000.0), progress=lines.append)
+    assert report.capacity_rps > 8 / 1.5 and report.offered_rps == pytest.approx(0.3 * report.capacity_rps)
+    assert report.capacity_end_rps > 8 / 1.5
+    assert report.counts["sent"] == report.counts["answered"] > 0
+    assert any(f"{report.capacity_end_rps:.0f} req/s sustained" in line for line in lines), lines
