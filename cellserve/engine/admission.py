@@ -199,8 +199,8 @@ class Admission:
             if behind:
                 cap = self.policy.max_batch
                 for t, n in load.items():
-                    ahead = n - sum(lanes.get(t, 0) for lanes in behind)
-                    load[t] = max(ahead, min(n, cap))
+                    if n > cap:  # within a batch every lane steps each turn, behind or not
+                        load[t] = max(n - sum(lanes.get(t, 0) for lanes in behind), cap)
         return sum(rounds_plan) * self._round_time(load, shared=bool(self._runs))
 
     def _round_time(self, load: dict[str, int], shared: bool) -> float:

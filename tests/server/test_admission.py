@@ -52,7 +52,7 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_admission(server):
     tokens = np.ones(sized_shape(server, "gru-256", (1, 300)), np.int64)
     steps = metric(server, "cellserve_cell_steps_total")
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(send, server.http, tokens, timeout=600_000_000)
+        busy = pool.submit(send, server.http, tokens, timeout=600_000_000)  # us: a deadline it meets
         # stepping, not just arrived: admitting a request this large takes the engine a while
         # (its arenas grow), and a request sent meanwhile would wait out its deadline there
         wait_until(lambda: metric(server, "cellserve_cell_steps_total") > steps + 100,
