@@ -14,7 +14,8 @@ def add_batching(plan_sub) -> None:
                     "2-state MMPP) and a service time per batch size, the batch-size distribution at dispatch and "
                     "the request latency's percentile; with --slo-ms the cheapest (B, T) on a grid meeting it "
                     "(least device time per request), with --max-batch and --timeout-ms that point evaluated. "
-                    "Each batch is served as soon as it is dispatched. Formats and maths: docs/batching.md.")
+                    "Each batch is served as soon as it is dispatched; with --single-server a batch waits for the "
+                    "one server to be free. Formats and maths: docs/batching.md.")
     b.add_argument("--arrivals", type=Path, required=True, metavar="ARRIVALS.json",
                    help='{"map": {"D0": [[..]], "D1": [[..]]}} or {"poisson_rps": ..} or {"trace": PATH} (per second)')
     b.add_argument("--service", type=Path, required=True, metavar="SERVICE.json",
@@ -25,6 +26,9 @@ def add_batching(plan_sub) -> None:
                    help="find the cheapest (B, T) whose latency percentile is at most MS")
     b.add_argument("--max-batch", type=int, default=None, metavar="B", help="evaluate this B (with --timeout-ms)")
     b.add_argument("--timeout-ms", type=float, default=None, metavar="T", help="evaluate this T (with --max-batch)")
+    b.add_argument("--single-server", action="store_true",
+                   help="one server: a batch forms only when the previous one is done (cellserve's padded policy, "
+                        "Triton's dynamic batcher on one model instance); evaluates --max-batch and --timeout-ms")
     b.add_argument("--json", type=Path, required=True, metavar="PLAN.json", help="where to write the plan")
     b.set_defaults(run=_plan_batching)
 
@@ -40,12 +44,19 @@ def _plan_batching(args, parser) -> int:
         parser.exit(2, "error: give either --slo-ms or --max-batch with --timeout-ms, not both\n")
     if args.slo_ms is None and None in point:
         parser.exit(2, "error: give --slo-ms, or both --max-batch and --timeout-ms\n")
+    if args.single_server and args.slo_ms is not None:
+        parser.exit(2, "error: --single-server evaluates a given point (--max-batch and --timeout-ms); the --slo-ms "
+                       "search uses the served-at-once model\n")
     try:
         arrivals = load_arrivals(args.arrivals)
         service = load_service(args.service)
         if args.slo_ms is None:
-            ev = evaluate(arrivals, service, args.max_batch, args.timeout_ms, args.percentile)
-            plan = plan_to_dict(ev, arrivals)
+            if args.single_server:
+                from cellserve.plan.batching_queue import evaluate_single_server
+                ev = evaluate_single_server(arrivals, service, args.max_batch, args.timeout_ms, args.percentile)
+            else:
+                ev = evaluate(arrivals, service, args.max_batch, args.timeout_ms, args.percentile)
+            plan = plan_to_dict(ev, arrivals, single_server=args.single_server)
         else:
             found = cheapest(arrivals, service, args.slo_ms, args.percentile)
             if found.best is None:

@@ -86,11 +86,14 @@ def _plot_batching(ax, r: dict) -> None:
     rows = r["rows"]
     for mode, marker in (("at-once", "o"), ("queue", "x")):
         ax.scatter([row[f"{mode}_p95_ms"] for row in rows], [row["predicted_p95_ms"] for row in rows],
-                   marker=marker, label=f"simulated batcher ({mode})")
+                   marker=marker, label=f"at-once model vs simulated batcher ({mode})")
+    one = [row for row in rows if "single-server_p95_ms" in row]
+    ax.scatter([row["queue_p95_ms"] for row in one], [row["single-server_p95_ms"] for row in one], marker="+",
+               label="single-server model vs simulated (queue)")
     top = max(max(row["predicted_p95_ms"], row["at-once_p95_ms"], row["queue_p95_ms"]) for row in rows)
     ax.plot([0, top], [0, top], "k--", lw=0.8)
     ax.set_xlabel("simulated p95 (ms)")
-    ax.set_ylabel("BATCH predicted p95 (ms)")
+    ax.set_ylabel("predicted p95 (ms)")
     ax.set_title("analytic batching: predicted vs simulated")
     ax.legend(fontsize=8)
 

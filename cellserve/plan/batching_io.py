@@ -104,13 +104,16 @@ def load_service(path: str | Path) -> Service:
         raise BatchingError(str(exc) if str(exc).startswith(what) else f"{what}: {exc}") from None
 
 
-def plan_to_dict(ev, arrivals: Map, slo_ms: float | None = None, search: dict | None = None) -> dict:
+def plan_to_dict(ev, arrivals: Map, slo_ms: float | None = None, search: dict | None = None,
+                 single_server: bool = False) -> dict:
     """PLAN: the issue's fields (max_batch, timeout_ms, batch_pmf, mean_batch,
     latency_percentile_ms, percentile) plus schema_version, device_ms_per_request, the SLO
-    searched for (null when a given (B, T) was evaluated), the arrival process used (a trace's
+    searched for (null when a given (B, T) was evaluated), the server model ("at-once": each
+    batch served when dispatched; "single": one server), the arrival process used (a trace's
     fit) with its mean rate, and, for a search, how many grid points it had and evaluated."""
     d = ev.to_dict()
     d["slo_ms"] = slo_ms
+    d["server"] = "single" if single_server else "at-once"
     d["arrivals"] = {"map": arrivals.to_dict(), "rate_rps": arrivals.rate_rps}
     if search is not None:
         d["search"] = search

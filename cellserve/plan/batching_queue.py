@@ -1,0 +1,359 @@
+"""The batcher of plan/batching.py on one server: a batch forms only when the server is free,
+at the B-th waiting request or T after the oldest waiting one, whichever comes first (at once
+if either passed while the server was busy), and takes the oldest B. That is the engine's
+`padded` policy, and Triton's dynamic batcher on one model instance; plan/batching.py's model
+serves every batch the moment it is dispatched, which a busy server cannot.
+
+`evaluate_single_server(arrivals, service, B, T, percentile)` gives the same Evaluation as
+`batching.evaluate`. The method (docs/batching.md, "One server"): a discrete-time Markov chain
+on a grid of step h ms, solved for its stationary law. Its state at a grid point:
+- the MAP's phase;
+- r, the steps until the server is free (0: free now);
+- q, the requests waiting (not in service), and a, the oldest one's age, (a + 1/2) h: an
+  arrival is taken to come mid-step.
+Over a step, r counts down, the waiting age, and arrivals come by the MAP's counting matrices
+for h (exact: the level chain's transient). At the grid point, a free server with q >= B, or
+with the oldest aged T or more, dispatches n = min(q, B) and is busy for s(n): floor(s(n) / h)
+or one step more, at random with the odds that make the mean exact (a deterministic round
+would move the utilisation, and near saturation the queue with it).
+
+Two approximations, both where requests are left waiting after a full batch leaves (q > B):
+the oldest of those is given the age the (n+1)-th oldest of q arrivals spread evenly over the
+oldest's age would have; and a batch's requests other than its oldest are taken to have
+arrived uniformly over the oldest's wait, except those of a batch a free server dispatched as
+its B-th request came, which came in that last step. For Poisson arrivals the spread is the
+exact conditional law where no batch left requests behind. docs/batching.md gives the errors
+measured against the discrete-event simulation (plan/batching_des.py, mode "queue").
+
+The latency of a request = its wait from arrival to dispatch + s(its batch's size); its
+distribution, over requests, comes from the dispatches' rates at stationarity; the percentile
+by bisection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellserve.plan.batching import Evaluation, Service, _result, check_point
+from cellserve.plan.batching_chain import step_rows
+from cellserve.plan.batching_map import BatchingError, Map
+
+STEPS_PER_SERVICE = 16  # default grid: this many steps in the shorter of s(1) and T ...
+MAX_AGE_STEPS = 160  # ... coarsened so that T + 2 s(B) spans at most this many
+MIN_SERVICE_STEPS = 4  # ... but never so coarse that s(1) spans fewer steps than this
+AGE_CAP = 320  # an age cap that would grow past this doubles the step instead (a default grid only)
+ARRIVAL_TAIL = 1e-12  # the per-step arrival counts are kept to this tail
+LUMP_TAIL = 1e-7  # the stationary mass allowed at the queue's and the age's caps
+CONVERGED = 1e-10  # L1 change of the state over one (averaged) step at stationarity
+MAX_STEPS = 200_000
+EXTRAPOLATE_EVERY = 8  # blocks of iterates per extrapolation (see _SingleServerChain.solve)
+
+
+@dataclass(frozen=True)
+class SingleServerGrid:
+    """The discretisation: step `step_ms`; a batch of n busy for `service_steps[n - 1]` steps
+    or one more with odds `service_extra[n - 1]`; the timer fires at age index `timer_steps`."""
+
+    step_ms: float
+    service_steps: np.ndarray
+    service_extra: np.ndarray
+    timer_steps: int
+
+    @classmethod
+    def choose(cls, service: Service, B: int, timeout_ms: float, step_ms: float | None = None) -> "SingleServerGrid":
+        s = np.array([service.ms(n) for n in range(1, B + 1)])
+        if step_ms is None:
+            step_ms = min(s[0], timeout_ms) / STEPS_PER_SERVICE if timeout_ms > 0 else s[0] / STEPS_PER_SERVICE
+            step_ms = max(step_ms, (timeout_ms + 2 * s.max()) / MAX_AGE_STEPS)
+            if timeout_ms > 0:  # T a whole number of steps
+                step_ms = timeout_ms / math.ceil(timeout_ms / step_ms)
+        if not (math.isfinite(step_ms) and step_ms > 0):
+            raise BatchingError(f"the grid step must be a finite number of ms > 0, got {step_ms!r}")
+        x = s / step_ms
+        lo = np.maximum(np.floor(x), 1.0)
+        extra = np.clip(x - lo, 0.0, 1.0)
+        # the first grid point at which an arrival's age (k + 1/2) h reaches T
+        timer = max(0, math.ceil(timeout_ms / step_ms - 0.5 - 1e-9))
+        return cls(float(step_ms), lo.astype(int), extra, timer)
+
+
+def evaluate_single_server(arrivals: Map, service: Service, B: int, timeout_ms: float, percentile: float = 95.0,
+                           step_ms: float | None = None) -> Evaluation:
+    """The batcher (B, T = `timeout_ms`) on one server under `arrivals` (module docstring)."""
+    check_point(service, B, timeout_ms, percentile)
+    most = max(n / service.ms(n) for n in range(1, B + 1)) * 1000.0
+    if arrivals.rate_rps >= most:
+        raise BatchingError(f"one server cannot keep up: requests arrive at {arrivals.rate_rps:.6g}/s on average and "
+                            f"batches of at most {B} serve at most {most:.6g}/s (the queue would grow without end)")
+    grid = SingleServerGrid.choose(service, B, timeout_ms, step_ms)
+    while True:
+        chain = _SingleServerChain(arrivals, grid, B, coarsen=step_ms is None)
+        try:
+            std, fill = chain.solve()
+            break
+        except _TooFine:  # waits far longer than the grid was made for: a coarser one
+            if 2 * grid.step_ms > service.ms(1) / MIN_SERVICE_STEPS:
+                raise BatchingError(f"waits outgrow the single-server model's grid ({AGE_CAP} steps of "
+                                    f"{grid.step_ms:g} ms, and a batch of 1 must span {MIN_SERVICE_STEPS} steps): "
+                                    f"the server is too close to overload at these arrivals for this B") from None
+            grid = SingleServerGrid.choose(service, B, timeout_ms, 2 * grid.step_ms)
+    pmf = np.zeros(B)
+    q_of = np.arange(std.shape[0])
+    np.add.at(pmf, np.minimum(q_of[1:], B) - 1, std[1:].sum(axis=1))
+    pmf[B - 1] += fill.sum()
+    if pmf.sum() <= 0:
+        raise BatchingError("the single-server chain dispatched nothing (no arrivals?)")
+    pmf /= pmf.sum()
+    x = _latency_quantile(std, fill, service, B, grid.step_ms, percentile / 100.0)
+    return _result(B, timeout_ms, pmf, service, x, percentile)
+
+
+class _TooFine(Exception):
+    """The waits outgrow the grid: AGE_CAP steps would not hold them."""
+
+
+class _SingleServerChain:
+    """The chain of the module docstring, X[phase, r, q, a], with its caps on q and a grown
+    until the stationary mass at them is under LUMP_TAIL."""
+
+    def __init__(self, arrivals: Map, grid: SingleServerGrid, B: int, coarsen: bool = False):
+        d0, d1 = arrivals.D0 / 1000.0, arrivals.D1 / 1000.0
+        self.grid, self.B, self.m, self.coarsen = grid, B, d0.shape[0], coarsen
+        h = grid.step_ms
+        self.R = int(grid.service_steps.max()) + 1
+        self.Q = B + 4  # the caps grow (doubling) while the mass at them is over LUMP_TAIL
+        self.A = grid.timer_steps + self.R + 4
+        J = 1
+        while True:
+            counts, _ = step_rows(d0, d1, J + 1, h)
+            if 1.0 - counts.sum(axis=(0, 2)).min() < ARRIVAL_TAIL or J >= 200:
+                break
+            J += 1
+        self.counts = counts  # [j, i, k]: j arrivals in a step, phase i -> k
+        self.at_least = np.cumsum(counts.sum(axis=2)[::-1], axis=0)[::-1]  # [j, i]: >= j arrivals
+        self.X = np.zeros((self.m, self.R + 1, self.Q + 1, self.A + 1))
+        self.X[:, 0, 0, 0] = arrivals.stationary
+        self._plan_dispatch()
+
+    def _plan_dispatch(self) -> None:
+        """Which of a free server's (q, a) dispatch at a grid point (`ready`), and where the
+        requests left behind a full batch go: `leftover[q - B - 1][a, k]` = P(the oldest of
+        them has age index k | q waiting, the oldest at index a), their oldest being the
+        (B+1)-th oldest of q arrivals spread evenly over the oldest's age (module docstring):
+        a fraction Beta(q - B, B) of it, binned as floor((a + 1/2) x)."""
+        B, Q, A, g = self.B, self.Q, self.A, self.grid
+        q = np.arange(Q + 1)[:, None]
+        a = np.arange(A + 1)[None, :]
+        self.ready = (q >= 1) & ((q >= B) | (a >= g.timer_steps))
+        self.ready[B + 1:] = False  # those with requests left behind: _dispatch_full
+        self.ready_at = np.nonzero(self.ready)
+        self.ready_n = self.ready_at[0]
+        edges = np.clip(np.arange(A + 2)[None, :] / (np.arange(A + 1)[:, None] + 0.5), 0.0, 1.0)
+        self.leftover = np.stack([np.diff(_binomial_at_least(qq - 1, edges, qq - B), axis=1)
+                                  for qq in range(B + 1, Q + 1)]) if Q > B else np.zeros((0, A + 1, A + 1))
+
+    def _age_and_arrive(self, X: np.ndarray) -> np.ndarray:
+        """One step's ageing of the waiting and arrivals, on an array [phase, ..., q, a]."""
+        aged = np.empty_like(X)
+        aged[..., 0, :] = X[..., 0, :]
+        aged[..., 1:, 0] = 0.0
+        aged[..., 1:, 1:] = X[..., 1:, :-1]
+        aged[..., 1:, -1] += X[..., 1:, -1]
+        Q = X.shape[-2] - 1
+        out = np.tensordot(self.counts[0], aged, axes=([0], [0]))
+        for j in range(1, min(len(self.counts), Q + 1)):
+            moved = np.tensordot(self.counts[j], aged, axes=([0], [0]))
+            out[..., j:Q, :] += moved[..., :Q - j, :]
+            out[..., Q, :] += moved[..., Q - j:, :].sum(axis=-2)
+        return aged, out
+
+    def step(self, X: np.ndarray, record: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """X one step on; with `record` = (std [q, a], fill [q_prev, a]), add this step's
+        dispatches to it (module docstring: fill are those a free server made as its B-th came)."""
+        R = self.R
+        busy = np.zeros_like(X)
+        busy[:, :R] = X[:, 1:]  # r counts down; the r = 1 of before is free now
+        _, Y = self._age_and_arrive(busy)
+        aged_free, Yw = self._age_and_arrive(X[:, 0])  # free before the step: q < B, a < T
+        if record is not None:
+            std, fill = record
+            for q_prev in range(min(self.B, aged_free.shape[1])):
+                need = self.B - q_prev
+                if need < len(self.at_least):
+                    fill[q_prev] += (aged_free[:, q_prev, :] * self.at_least[need][:, None]).sum(axis=0)
+        g, B = self.grid, self.B
+        for free, made_by_arrival in ((Y[:, 0], False), (Yw, True)):
+            # at most B waiting: all go, none left
+            mass = free[:, self.ready]  # [phase, entry]
+            free[:, self.ready] = 0.0
+            by_n = np.zeros((self.m, B + 1))
+            for i in range(self.m):
+                by_n[i] = np.bincount(self.ready_n, mass[i], minlength=B + 1)
+            if record is not None:
+                keep = mass.sum(axis=0)
+                if made_by_arrival:  # a free server's full batches are the fill events
+                    keep = np.where(self.ready_n >= B, 0.0, keep)
+                record[0][self.ready_at] += keep
+            lo = g.service_steps
+            start = Y[:, :, 0, 0]  # a view; np.add.at as sizes may share a service length
+            np.add.at(start, (slice(None), lo), by_n[:, 1:] * (1.0 - g.service_extra))
+            np.add.at(start, (slice(None), lo + 1), by_n[:, 1:] * g.service_extra)
+            # more than B waiting: a full batch goes, the rest wait with a new oldest
+            if self.Q > B:
+                full = free[:, B + 1:].copy()  # [phase, q - B - 1, a]
+                free[:, B + 1:] = 0.0
+                if record is not None and not made_by_arrival:
+                    record[0][B + 1:] += full.sum(axis=0)
+                left = np.matmul(full.transpose(1, 0, 2), self.leftover).transpose(1, 0, 2)  # [phase, left - 1, k]
+                Y[:, lo[-1], 1:self.Q - B + 1] += left * (1.0 - g.service_extra[-1])
+                Y[:, lo[-1] + 1, 1:self.Q - B + 1] += left * g.service_extra[-1]
+        Y[:, 0] += Yw
+        return Y
+
+    def solve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Iterate to the stationary law, growing the caps while mass sits at them; then one
+        recorded step. Each block of steps ends with one lazy step (the mean of the state and
+        its next), which damps a periodic chain; every EXTRAPOLATE_EVERY blocks the iterates
+        are extrapolated to their limit (reduced rank extrapolation: the affine combination
+        whose next block would change least), as a chain that mixes slowly (a bursty MAP's
+        phases) would otherwise take many thousands of steps."""
+        steps, block = 0, max(50, self.R)
+        history = []
+        while True:
+            if steps > MAX_STEPS:
+                raise BatchingError(f"the single-server chain did not settle within {MAX_STEPS:,} steps of "
+                                    f"{self.grid.step_ms:g} ms (the server may be overloaded: more work arrives "
+                                    f"than it can serve)")
+            X = self.X
+            for _ in range(block):
+                X = self.step(X)
+            nxt = 0.5 * (X + self.step(X))
+            steps += block + 1
+            change = float(np.abs(nxt - X).sum())
+            history.append(self.X)
+            self.X = nxt
+            if self.X[:, :, -1].sum() > LUMP_TAIL:
+                self._grow(q=True)
+                history = []
+            elif self.X[..., -1].sum() > LUMP_TAIL:
+                self._grow(q=False)
+                history = []
+            elif change < CONVERGED:
+                break
+            elif len(history) == EXTRAPOLATE_EVERY:
+                self.X = _extrapolated(history + [self.X])
+                history = []
+        std = np.zeros((self.Q + 1, self.A + 1))
+        fill = np.zeros((self.B, self.A + 1))
+        self.step(self.X, (std, fill))
+        return std, fill
+
+    def _grow(self, q: bool) -> None:
+        """Double the cap on the queue (q) or on the age, keeping the state."""
+        pad = [(0, 0)] * 4
+        if q:
+            pad[2] = (0, self.Q)
+            self.Q *= 2
+        else:
+            if self.coarsen and 2 * self.A > AGE_CAP:
+                raise _TooFine
+            pad[3] = (0, self.A)
+            self.A *= 2
+        self.X = np.pad(self.X, pad)
+        self._plan_dispatch()
+
+
+def _extrapolated(iterates: list[np.ndarray]) -> np.ndarray:
+    """Reduced rank extrapolation of a linear fixed-point iteration's iterates x_0 .. x_k:
+    sum_i g_i x_i with sum g = 1 minimising |sum_i g_i (x_{i+1} - x_i)|; kept a distribution
+    (negative entries cut, total 1). The last iterate when the system is singular."""
+    x = np.stack([it.reshape(-1) for it in iterates])
+    u = np.diff(x, axis=0)
+    gram = u @ u.T
+    try:
+        g = np.linalg.solve(gram + 1e-30 * np.trace(gram) * np.eye(len(u)), np.ones(len(u)))
+    except np.linalg.LinAlgError:
+        return iterates[-1]
+    if not np.all(np.isfinite(g)) or g.sum() == 0:
+        return iterates[-1]
+    g /= g.sum()
+    out = np.clip(g @ x[:-1], 0.0, None)
+    total = out.sum()
+    return (out / total).reshape(iterates[-1].shape) if total > 0 else iterates[-1]
+
+
+_LOG_FACTORIAL = None
+
+
+def _log_factorial(n: int) -> np.ndarray:
+    global _LOG_FACTORIAL
+    if _LOG_FACTORIAL is None or len(_LOG_FACTORIAL) <= n:
+        _LOG_FACTORIAL = np.array([math.lgamma(k + 1) for k in range(max(n + 1, 1024))])
+    return _LOG_FACTORIAL
+
+
+def _binomial_at_least(trials: int, p: np.ndarray, k: int) -> np.ndarray:
+    """P(Binomial(trials, p) >= k), elementwise over p."""
+    lf = _log_factorial(trials + 1)
+    out = np.zeros_like(p)
+    inside = (p > 0) & (p < 1)
+    x = np.where(inside, p, 0.5)
+    for i in range(k, trials + 1):
+        out += np.exp(lf[trials] - lf[i] - lf[trials - i] + i * np.log(x) + (trials - i) * np.log1p(-x))
+    return np.where(p >= 1, 1.0, np.where(p <= 0, 0.0, np.clip(out, 0.0, 1.0)))
+
+
+def _expected_min_binomial(trials: np.ndarray, p: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """E[min(cap, Binomial(trials, p))], elementwise."""
+    out = np.zeros_like(p)
+    top = int(cap.max()) if cap.size else 0
+    if top <= 0:
+        return out
+    lf = _log_factorial(int(trials.max()) + 1)
+    log_p = np.log(np.where(p > 0, p, 1.0))
+    log_q = np.log(np.where(p < 1, 1 - p, 1.0))
+    cdf = np.zeros_like(p)
+    for k in range(top):  # E[min(c, X)] = sum_{k < c} P(X > k)
+        pk = np.exp(lf[trials] - lf[k] - lf[np.maximum(trials - k, 0)] + k * log_p + (trials - k) * log_q)
+        pk = np.where(k > trials, 0.0, pk)
+        pk = np.where(p <= 0, float(k == 0), np.where(p >= 1, (k == trials).astype(float), pk))
+        cdf += pk
+        out += np.where(cap > k, np.clip(1.0 - cdf, 0.0, 1.0), 0.0)
+    return out
+
+
+def _latency_quantile(std: np.ndarray, fill: np.ndarray, service: Service, B: int, h: float, p: float) -> float:
+    """The smallest x with P(latency <= x) >= p, from the dispatch rates (module docstring)."""
+    s = np.array([service.ms(n) for n in range(1, B + 1)])
+    q, a = np.nonzero(std > 0)
+    rate, n = std[q, a], np.minimum(q, B)
+    oldest = (a + 0.5) * h
+    fq, fa = np.nonzero(fill > 0)
+    frate, f_oldest = fill[fq, fa], (fa + 0.5) * h
+    requests = float((rate * n).sum() + frate.sum() * B)
+
+    def share_over(x: float) -> float:
+        w = x - s[n - 1]  # the wait that puts a request of this batch over x
+        spread = np.clip((oldest - w) / oldest, 0.0, 1.0)  # a uniform arrival's odds to have waited more
+        others = np.where(n == q, (q - 1) * spread, _expected_min_binomial(q - 1, spread, n - 1))
+        over = float((rate * ((oldest > w) + others)).sum())
+        wf = x - s[B - 1]
+        spread_f = np.clip((f_oldest - wf) / f_oldest, 0.0, 1.0)
+        old = np.where(fq >= 1, (f_oldest > wf) + (fq - 1) * spread_f, 0.0)
+        new = (B - fq) * np.clip((h - wf) / h, 0.0, 1.0)  # came in the last step
+        over += float((frate * (old + new)).sum())
+        return over / requests
+
+    lo, hi = 0.0, float(s.max() + (std.shape[1] + 2) * h)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if share_over(mid) <= 1.0 - p:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-9 * max(1.0, hi):
+            break
+    return hi
