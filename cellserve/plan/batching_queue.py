@@ -155,20 +155,32 @@ class _SingleServerChain:
         self.leftover = np.stack([np.diff(_binomial_at_least(qq - 1, edges, qq - B), axis=1)
                                   for qq in range(B + 1, Q + 1)]) if Q > B else np.zeros((0, A + 1, A + 1))
 
-    def _age_and_arrive(self, X: np.ndarray) -> np.ndarray:
-        """One step's ageing of the waiting and arrivals, on an array [phase, ..., q, a]."""
+    def _age_and_arrive(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One step's ageing of the waiting and arrivals, on an array [phase, ..., q, a]:
+        (the aged array, the result)."""
         aged = np.empty_like(X)
         aged[..., 0, :] = X[..., 0, :]
         aged[..., 1:, 0] = 0.0
         aged[..., 1:, 1:] = X[..., 1:, :-1]
         aged[..., 1:, -1] += X[..., 1:, -1]
         Q = X.shape[-2] - 1
-        out = np.tensordot(self.counts[0], aged, axes=([0], [0]))
+        out = self._mix(self.counts[0], aged)
         for j in range(1, min(len(self.counts), Q + 1)):
-            moved = np.tensordot(self.counts[j], aged, axes=([0], [0]))
+            moved = self._mix(self.counts[j], aged)
             out[..., j:Q, :] += moved[..., :Q - j, :]
             out[..., Q, :] += moved[..., Q - j:, :].sum(axis=-2)
         return aged, out
+
+    @staticmethod
+    def _mix(c: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """sum_i c[i, k] X[i] for every phase k: scaled sums (np.tensordot copies a
+        transposed X into a matrix product, several times slower at these shapes)."""
+        out = np.empty_like(X)
+        for k in range(c.shape[1]):
+            np.multiply(X[0], c[0, k], out=out[k])
+            for i in range(1, c.shape[0]):
+                out[k] += c[i, k] * X[i]
+        return out
 
     def step(self, X: np.ndarray, record: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """X one step on; with `record` = (std [q, a], fill [q_prev, a]), add this step's
@@ -303,7 +315,7 @@ def _binomial_at_least(trials: int, p: np.ndarray, k: int) -> np.ndarray:
     x = np.where(inside, p, 0.5)
     for i in range(k, trials + 1):
         out += np.exp(lf[trials] - lf[i] - lf[trials - i] + i * np.log(x) + (trials - i) * np.log1p(-x))
-    return np.where(p >= 1, 1.0, np.where(p <= 0, 0.0, np.clip(out, 0.0, 1.0)))
+    return np.where(p >= 1, float(k <= trials), np.where(p <= 0, float(k <= 0), np.clip(out, 0.0, 1.0)))
 
 
 def _expected_min_binomial(trials: np.ndarray, p: np.ndarray, cap: np.ndarray) -> np.ndarray:
