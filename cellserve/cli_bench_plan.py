@@ -11,7 +11,7 @@ from pathlib import Path
 
 # name -> the module whose run(quick) -> dict and table(results) -> str make its part
 PARTS = {"pipeline": "cellserve.plan.pipeline_bench", "accuracy": "cellserve.plan.accuracy_bench",
-         "batching": "cellserve.plan.batching_bench"}
+         "batching": "cellserve.plan.batching_bench", "batching-measured": "cellserve.bench.batching_measured"}
 
 
 def add_bench_plan(bench_sub) -> None:
@@ -20,8 +20,9 @@ def add_bench_plan(bench_sub) -> None:
                      "checked in simulation",
         description="Run each planner's benchmark: pipelining against no pipelining over two device pools, "
                     "accuracy scaling against highest-only, lowest-only and greedy switching on a bursty trace, "
-                    "and BATCH's predicted batch sizes and p95 latencies against simulated batchers; with each "
-                    "planner's speed on a large instance. Every figure is simulated or modelled. Writes "
+                    "and BATCH's predicted batch sizes and p95 latencies against simulated batchers and against "
+                    "the engine's padded policy measured on this machine (batching-measured); with each planner's "
+                    "speed on a large instance. Every figure but batching-measured's is simulated or modelled. Writes "
                     "--json, a Markdown table (.md) and a plot (.png) beside it.")
     b.add_argument("--json", type=Path, default=Path("bench-results/plan.json"), metavar="PATH",
                    help="where to write results (default: bench-results/plan.json)")
@@ -45,7 +46,8 @@ def _bench_plan(args, parser) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1, default=float) + "\n")
     md = args.json.with_suffix(".md")
-    md.write_text("# cellserve bench plan (simulated and modelled figures)\n\n" + "\n".join(tables))
+    md.write_text("# cellserve bench plan (simulated and modelled figures; batching-measured: measured)\n\n"
+                  + "\n".join(tables))
     png = args.json.with_suffix(".png")
     _plot(results, png)
     print(f"wrote {args.json}, {md} and {png}")
@@ -58,10 +60,11 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [name for name in ("pipeline", "accuracy", "batching") if name in results]
+    panels = [name for name in PARTS if name in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, name in zip(axes[0], panels):
-        {"pipeline": _plot_pipeline, "accuracy": _plot_accuracy, "batching": _plot_batching}[name](ax, results[name])
+        {"pipeline": _plot_pipeline, "accuracy": _plot_accuracy, "batching": _plot_batching,
+         "batching-measured": _plot_batching_measured}[name](ax, results[name])
     fig.suptitle("cellserve bench plan (simulated / modelled)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -95,6 +98,20 @@ def _plot_batching(ax, r: dict) -> None:
     ax.set_xlabel("simulated p95 (ms)")
     ax.set_ylabel("predicted p95 (ms)")
     ax.set_title("analytic batching: predicted vs simulated")
+    ax.legend(fontsize=8)
+
+
+def _plot_batching_measured(ax, r: dict) -> None:
+    rows = r["rows"]
+    for name, marker in (("single-server", "+"), ("at-once", "o")):
+        mine = [row for row in rows if f"{name}_p95_ms" in row]
+        ax.scatter([row["measured_p95_ms"] for row in mine], [row[f"{name}_p95_ms"] for row in mine], marker=marker,
+                   label=f"{name} model")
+    top = max(max(row["measured_p95_ms"], row.get("single-server_p95_ms", 0.0)) for row in rows)
+    ax.plot([0, top], [0, top], "k--", lw=0.8)
+    ax.set_xlabel("measured p95 (ms), the engine's padded policy")
+    ax.set_ylabel("predicted p95 (ms)")
+    ax.set_title(f"analytic batching vs the engine ({r['model']}, measured)")
     ax.legend(fontsize=8)
 
 

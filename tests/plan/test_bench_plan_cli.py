@@ -25,3 +25,17 @@ def test_one_part_writes_its_json_table_and_plot(tmp_path):
     assert results["batching"]["points"] == len(results["batching"]["rows"]) > 0
     assert "## batching" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_measured_batching_part_runs_the_engines_padded_policy_and_predicts_it(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["bench", "plan", "--quick", "--only", "batching-measured", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["batching-measured"]
+    assert r["measured"] is True and r["points"] == len(r["rows"]) == 1
+    (row,) = r["rows"]
+    assert row["answered"] == row["requests"] > 0  # the padded policy here has no deadlines: all answered
+    assert row["measured_mean_batch"] >= 1.0 and row["measured_p95_ms"] > 0
+    assert "single-server_p95_ms" in row and "at-once_p95_ms" in row
+    assert sorted(r["service_ms"], key=int) == ["1", "2", "4", "8", "16"]
+    assert out.with_suffix(".png").stat().st_size > 0
