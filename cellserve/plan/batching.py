@@ -227,7 +227,12 @@ def latency_quantile(chain: Chain, pi0: np.ndarray, pmf: np.ndarray, service: Se
     """The smallest x (ms) with F(x) >= p, F the request latency's distribution, by bisection."""
     cdf = request_latency_cdf(chain, pi0, pmf, service, timeout_ms, steps)
     s = [service.ms(k) for k in range(1, chain.B + 1)]
-    lo, hi = min(s), max(s) + timeout_ms
+    return bisect_quantile(cdf, min(s), max(s) + timeout_ms, p)
+
+
+def bisect_quantile(cdf, lo: float, hi: float, p: float) -> float:
+    """The smallest x in [lo, hi] with cdf(x) >= p, cdf non-decreasing with cdf(hi) >= p, by
+    bisection to 1e-9 relative."""
     if cdf(lo) >= p:
         return lo
     for _ in range(60):

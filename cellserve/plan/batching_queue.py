@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellserve.plan.batching import Evaluation, Service, _result, check_point
+from cellserve.plan.batching import Evaluation, Service, _result, bisect_quantile, check_point
 from cellserve.plan.batching_chain import step_rows
 from cellserve.plan.batching_map import BatchingError, Map
 
@@ -148,9 +148,9 @@ class _SingleServerChain:
         q = np.arange(Q + 1)[:, None]
         a = np.arange(A + 1)[None, :]
         self.ready = (q >= 1) & ((q >= B) | (a >= g.timer_steps))
-        self.ready[B + 1:] = False  # those with requests left behind: _dispatch_full
+        self.ready[B + 1:] = False  # more than B waiting: a full batch, the rest left behind (step)
         self.ready_at = np.nonzero(self.ready)
-        self.ready_n = self.ready_at[0]
+        self.ready_n = self.ready_at[0]  # each ready entry's batch: all q of them
         edges = np.clip(np.arange(A + 2)[None, :] / (np.arange(A + 1)[:, None] + 0.5), 0.0, 1.0)
         self.leftover = np.stack([np.diff(_binomial_at_least(qq - 1, edges, qq - B), axis=1)
                                   for qq in range(B + 1, Q + 1)]) if Q > B else np.zeros((0, A + 1, A + 1))
@@ -197,7 +197,7 @@ class _SingleServerChain:
                 if need < len(self.at_least):
                     fill[q_prev] += (aged_free[:, q_prev, :] * self.at_least[need][:, None]).sum(axis=0)
         g, B = self.grid, self.B
-        for free, made_by_arrival in ((Y[:, 0], False), (Yw, True)):
+        for free, was_free in ((Y[:, 0], False), (Yw, True)):
             # at most B waiting: all go, none left
             mass = free[:, self.ready]  # [phase, entry]
             free[:, self.ready] = 0.0
@@ -206,7 +206,7 @@ class _SingleServerChain:
                 by_n[i] = np.bincount(self.ready_n, mass[i], minlength=B + 1)
             if record is not None:
                 keep = mass.sum(axis=0)
-                if made_by_arrival:  # a free server's full batches are the fill events
+                if was_free:  # a free server's full batches are the fill events
                     keep = np.where(self.ready_n >= B, 0.0, keep)
                 record[0][self.ready_at] += keep
             lo = g.service_steps
@@ -217,7 +217,7 @@ class _SingleServerChain:
             if self.Q > B:
                 full = free[:, B + 1:].copy()  # [phase, q - B - 1, a]
                 free[:, B + 1:] = 0.0
-                if record is not None and not made_by_arrival:
+                if record is not None and not was_free:
                     record[0][B + 1:] += full.sum(axis=0)
                 left = np.matmul(full.transpose(1, 0, 2), self.leftover).transpose(1, 0, 2)  # [phase, left - 1, k]
                 Y[:, lo[-1], 1:self.Q - B + 1] += left * (1.0 - g.service_extra[-1])
@@ -359,13 +359,4 @@ def _latency_quantile(std: np.ndarray, fill: np.ndarray, service: Service, B: in
         over += float((frate * (old + new)).sum())
         return over / requests
 
-    lo, hi = 0.0, float(s.max() + (std.shape[1] + 2) * h)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if share_over(mid) <= 1.0 - p:
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo < 1e-9 * max(1.0, hi):
-            break
-    return hi
+    return bisect_quantile(lambda x: 1.0 - share_over(x), 0.0, float(s.max() + (std.shape[1] + 2) * h), p)
