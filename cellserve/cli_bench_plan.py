@@ -65,7 +65,8 @@ def _plot(results: dict, path: Path) -> None:
     for ax, name in zip(axes[0], panels):
         {"pipeline": _plot_pipeline, "accuracy": _plot_accuracy, "batching": _plot_batching,
          "batching-measured": _plot_batching_measured}[name](ax, results[name])
-    fig.suptitle("cellserve bench plan (simulated / modelled" + ("; batching-measured: measured)" if "batching-measured" in results else ")"))
+    measured = "; batching-measured: measured" if "batching-measured" in results else ""
+    fig.suptitle(f"cellserve bench plan (simulated / modelled{measured})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -104,7 +104,8 @@ def table(results: dict) -> str:
         one_p = f"{r['single-server_p95_ms']:.2f}" if "single-server_p95_ms" in r else "refused"
         lines.append(f"| {r['arrivals']} | {r['rate_rps']:g} | {r['max_batch']} | {r['timeout_ms']:g} | "
                      f"{r['utilisation']:.2f} | {r['predicted_mean_batch']:.3f} / {r['at-once_mean_batch']:.3f}, "
-                     f"{one_b} / {r['queue_mean_batch']:.3f} | {r['predicted_p95_ms']:.2f} / {r['at-once_p95_ms']:.2f}, "
+                     f"{one_b} / {r['queue_mean_batch']:.3f} | "
+                     f"{r['predicted_p95_ms']:.2f} / {r['at-once_p95_ms']:.2f}, "
                      f"{one_p} / {r['queue_p95_ms']:.2f} |")
     w, n, within = results["worst"], results["points"], results["points_within_5pct"]
 
