@@ -43,7 +43,7 @@ from cellserve.plan.batching_map import BatchingError, Map
 
 STEPS_PER_SERVICE = 16  # default grid: this many steps in the shorter of s(1) and T ...
 MAX_AGE_STEPS = 160  # ... coarsened so that T + 2 s(B) spans at most this many
-MIN_SERVICE_STEPS = 4  # ... but never so coarse that s(1) spans fewer steps than this
+MIN_SERVICE_STEPS = 4  # ... never so coarse that the shortest s(n) spans fewer steps (nor coarsened past it)
 AGE_CAP = 320  # an age cap that would grow past this doubles the step instead (a default grid only)
 ARRIVAL_TAIL = 1e-12  # the per-step arrival counts are kept to this tail
 LUMP_TAIL = 1e-7  # the stationary mass allowed at the queue's and the age's caps
@@ -66,12 +66,15 @@ class SingleServerGrid:
     def choose(cls, service: Service, B: int, timeout_ms: float, step_ms: float | None = None) -> "SingleServerGrid":
         s = np.array([service.ms(n) for n in range(1, B + 1)])
         if step_ms is None:
-            step_ms = min(s[0], timeout_ms) / STEPS_PER_SERVICE if timeout_ms > 0 else s[0] / STEPS_PER_SERVICE
-            step_ms = max(step_ms, (timeout_ms + 2 * s.max()) / MAX_AGE_STEPS)
+            step_ms = min(s.min(), timeout_ms) / STEPS_PER_SERVICE if timeout_ms > 0 else s.min() / STEPS_PER_SERVICE
+            step_ms = min(max(step_ms, (timeout_ms + 2 * s.max()) / MAX_AGE_STEPS), s.min() / MIN_SERVICE_STEPS)
             if timeout_ms > 0:  # T a whole number of steps
                 step_ms = timeout_ms / math.ceil(timeout_ms / step_ms)
         if not (math.isfinite(step_ms) and step_ms > 0):
             raise BatchingError(f"the grid step must be a finite number of ms > 0, got {step_ms!r}")
+        if step_ms > s.min():  # a batch would take a whole step at least: its mean could not be kept
+            raise BatchingError(f"the grid step ({step_ms:g} ms) must not exceed the shortest service time "
+                                f"({s.min():g} ms)")
         x = s / step_ms
         lo = np.maximum(np.floor(x), 1.0)
         extra = np.clip(x - lo, 0.0, 1.0)
@@ -95,9 +98,9 @@ def evaluate_single_server(arrivals: Map, service: Service, B: int, timeout_ms: 
             std, fill = chain.solve()
             break
         except _TooFine:  # waits far longer than the grid was made for: a coarser one
-            if 2 * grid.step_ms > service.ms(1) / MIN_SERVICE_STEPS:
+            if 2 * grid.step_ms > min(service.ms(n) for n in range(1, B + 1)) / MIN_SERVICE_STEPS:
                 raise BatchingError(f"waits outgrow the single-server model's grid ({AGE_CAP} steps of "
-                                    f"{grid.step_ms:g} ms, and a batch of 1 must span {MIN_SERVICE_STEPS} steps): "
+                                    f"{grid.step_ms:g} ms, and a batch must span {MIN_SERVICE_STEPS} steps): "
                                     f"the server is too close to overload at these arrivals for this B") from None
             grid = SingleServerGrid.choose(service, B, timeout_ms, 2 * grid.step_ms)
     pmf = np.zeros(B)

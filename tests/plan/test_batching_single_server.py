@@ -64,6 +64,17 @@ def test_without_queueing_the_two_models_agree():
     assert single.latency_percentile_ms == pytest.approx(at_once.latency_percentile_ms, rel=0.02)
 
 
+def test_a_timeout_far_beyond_a_batchs_service_keeps_the_service_time():
+    """T = 100 ms against batches of 1-1.6 ms: a grid made for T alone would be coarser than a
+    batch's service, which then could not keep its mean; the grid stays finer than the service."""
+    arrivals, fast = Map.poisson(50.0), Service(((1, 1.0), (4, 1.6)))
+    ev = evaluate_single_server(arrivals, fast, 4, 100.0, 95.0)
+    sim = simulate(sample_arrivals(arrivals, 100_000, np.random.default_rng(3)), fast, 4, 100.0, "queue")
+    assert ev.mean_batch == pytest.approx(sim.mean_batch, rel=0.01)
+    assert ev.latency_percentile_ms == pytest.approx(sim.percentile_ms(95.0), rel=0.01)
+    assert ev.device_ms_per_request == pytest.approx(evaluate(arrivals, fast, 4, 100.0).device_ms_per_request, rel=0.01)
+
+
 def test_a_zero_timeout_still_batches_what_queued_during_a_service():
     arrivals = Map.poisson(250.0)
     ev = evaluate_single_server(arrivals, SERVICE, 8, 0.0, 95.0)
@@ -83,6 +94,8 @@ def test_bad_points_are_refused_as_for_the_at_once_model():
         evaluate_single_server(Map.poisson(10.0), SERVICE, 32, 5.0)
     with pytest.raises(BatchingError, match="grid step must be a finite number of ms > 0"):
         evaluate_single_server(Map.poisson(10.0), SERVICE, 4, 5.0, step_ms=-1.0)
+    with pytest.raises(BatchingError, match=r"grid step \(5 ms\) must not exceed the shortest service time \(4 ms\)"):
+        evaluate_single_server(Map.poisson(10.0), SERVICE, 4, 5.0, step_ms=5.0)
 
 
 def test_binomial_helpers_against_direct_sums():
