@@ -37,6 +37,7 @@ def _plan_batching(args, parser) -> int:
     from cellserve.plan.batching import evaluate
     from cellserve.plan.batching_io import load_arrivals, load_service, plan_to_dict, write_json
     from cellserve.plan.batching_map import BatchingError
+    from cellserve.plan.batching_queue import evaluate_single_server
     from cellserve.plan.batching_search import MAX_B, T_STEPS, cheapest
 
     point = (args.max_batch, args.timeout_ms)
@@ -52,7 +53,6 @@ def _plan_batching(args, parser) -> int:
         service = load_service(args.service)
         if args.slo_ms is None:
             if args.single_server:
-                from cellserve.plan.batching_queue import evaluate_single_server
                 ev = evaluate_single_server(arrivals, service, args.max_batch, args.timeout_ms, args.percentile)
             else:
                 ev = evaluate(arrivals, service, args.max_batch, args.timeout_ms, args.percentile)

@@ -28,6 +28,7 @@ from cellserve.bench.traces import TraceRequest, poisson_arrivals, token_input
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.graph import zoo
 from cellserve.plan.batching import Service, evaluate
+from cellserve.plan.batching_bench import points_within, relative_error
 from cellserve.plan.batching_map import BatchingError, Map
 from cellserve.plan.batching_queue import evaluate_single_server
 
@@ -96,12 +97,10 @@ def run(quick: bool) -> dict:
                     continue
                 row[f"{name}_mean_batch"] = ev.mean_batch
                 row[f"{name}_p95_ms"] = ev.latency_percentile_ms
-                mean, p95 = row["measured_mean_batch"], row["measured_p95_ms"]
-                row[f"{name}_mean_batch_error"] = abs(ev.mean_batch - mean) / mean
-                row[f"{name}_p95_error"] = abs(ev.latency_percentile_ms - p95) / p95
+                row[f"{name}_mean_batch_error"] = relative_error(ev.mean_batch, row["measured_mean_batch"])
+                row[f"{name}_p95_error"] = relative_error(ev.latency_percentile_ms, row["measured_p95_ms"])
             rows.append(row)
-    within = {name: sum(r.get(f"{name}_mean_batch_error", 1.0) <= 0.05 and r.get(f"{name}_p95_error", 1.0) <= 0.05
-                        for r in rows) for name in ("single-server", "at-once")}
+    within = {name: points_within(rows, name) for name in ("single-server", "at-once")}
     return {"benchmark": "plan batching, measured", "measured": True, "quick": quick, "model": MODEL,
             "tokens": TOKENS, "service_ms": {str(n): ms for n, ms in service_ms.items()}, "seconds": seconds,
             "rows": rows, "points": len(rows), "points_within_5pct": within, "wall_s": time.perf_counter() - t0,

@@ -54,17 +54,19 @@ EXTRAPOLATE_EVERY = 8  # blocks of iterates per extrapolation (see _SingleServer
 
 @dataclass(frozen=True)
 class SingleServerGrid:
-    """The discretisation: step `step_ms`; a batch of n busy for `service_steps[n - 1]` steps
-    or one more with odds `service_extra[n - 1]`; the timer fires at age index `timer_steps`."""
+    """The discretisation: step `step_ms`; a batch of n takes `service_ms[n - 1]` ms and keeps
+    the server busy for `service_steps[n - 1]` steps or one more with odds
+    `service_extra[n - 1]`; the timer fires at age index `timer_steps`."""
 
     step_ms: float
+    service_ms: np.ndarray
     service_steps: np.ndarray
     service_extra: np.ndarray
     timer_steps: int
 
     @classmethod
     def choose(cls, service: Service, B: int, timeout_ms: float, step_ms: float | None = None) -> "SingleServerGrid":
-        s = np.array([service.ms(n) for n in range(1, B + 1)])
+        s = np.array(service.table[1:B + 1])
         if step_ms is None:
             step_ms = min(s.min(), timeout_ms) / STEPS_PER_SERVICE if timeout_ms > 0 else s.min() / STEPS_PER_SERVICE
             step_ms = min(max(step_ms, (timeout_ms + 2 * s.max()) / MAX_AGE_STEPS), s.min() / MIN_SERVICE_STEPS)
@@ -80,25 +82,25 @@ class SingleServerGrid:
         extra = np.clip(x - lo, 0.0, 1.0)
         # the first grid point at which an arrival's age (k + 1/2) h reaches T
         timer = max(0, math.ceil(timeout_ms / step_ms - 0.5 - 1e-9))
-        return cls(float(step_ms), lo.astype(int), extra, timer)
+        return cls(float(step_ms), s, lo.astype(int), extra, timer)
 
 
 def evaluate_single_server(arrivals: Map, service: Service, B: int, timeout_ms: float, percentile: float = 95.0,
                            step_ms: float | None = None) -> Evaluation:
     """The batcher (B, T = `timeout_ms`) on one server under `arrivals` (module docstring)."""
     check_point(service, B, timeout_ms, percentile)
-    most = max(n / service.ms(n) for n in range(1, B + 1)) * 1000.0
+    grid = SingleServerGrid.choose(service, B, timeout_ms, step_ms)
+    most = float((np.arange(1, B + 1) / grid.service_ms).max()) * 1000.0
     if arrivals.rate_rps >= most:
         raise BatchingError(f"one server cannot keep up: requests arrive at {arrivals.rate_rps:.6g}/s on average and "
                             f"batches of at most {B} serve at most {most:.6g}/s (the queue would grow without end)")
-    grid = SingleServerGrid.choose(service, B, timeout_ms, step_ms)
     while True:
         chain = _SingleServerChain(arrivals, grid, B, coarsen=step_ms is None)
         try:
             std, fill = chain.solve()
             break
         except _TooFine:  # waits far longer than the grid was made for: a coarser one
-            if 2 * grid.step_ms > min(service.ms(n) for n in range(1, B + 1)) / MIN_SERVICE_STEPS:
+            if 2 * grid.step_ms > grid.service_ms.min() / MIN_SERVICE_STEPS:
                 raise BatchingError(f"waits outgrow the single-server model's grid ({AGE_CAP} steps of "
                                     f"{grid.step_ms:g} ms, and a batch must span {MIN_SERVICE_STEPS} steps): "
                                     f"the server is too close to overload at these arrivals for this B") from None
@@ -110,7 +112,7 @@ def evaluate_single_server(arrivals: Map, service: Service, B: int, timeout_ms: 
     if pmf.sum() <= 0:
         raise BatchingError("the single-server chain dispatched nothing (no arrivals?)")
     pmf /= pmf.sum()
-    x = _latency_quantile(std, fill, service, B, grid.step_ms, percentile / 100.0)
+    x = _latency_quantile(std, fill, grid, percentile / 100.0)
     return _result(B, timeout_ms, pmf, service, x, percentile)
 
 
@@ -300,49 +302,37 @@ def _extrapolated(iterates: list[np.ndarray]) -> np.ndarray:
     return (out / total).reshape(iterates[-1].shape) if total > 0 else iterates[-1]
 
 
-_LOG_FACTORIAL = None
-
-
-def _log_factorial(n: int) -> np.ndarray:
-    global _LOG_FACTORIAL
-    if _LOG_FACTORIAL is None or len(_LOG_FACTORIAL) <= n:
-        _LOG_FACTORIAL = np.array([math.lgamma(k + 1) for k in range(max(n + 1, 1024))])
-    return _LOG_FACTORIAL
+def _binomial_pmf(trials: np.ndarray | int, p: np.ndarray, k: int) -> np.ndarray:
+    """P(Binomial(trials, p) = k), elementwise (0 where k > trials; exact at p = 0 and 1)."""
+    trials = np.broadcast_to(np.asarray(trials), p.shape)
+    top = int(trials.max()) if trials.size else 0
+    log_factorial = np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, max(top, k) + 1)))))
+    inside = (p > 0) & (p < 1)
+    x = np.where(inside, p, 0.5)
+    left = np.maximum(trials - k, 0)
+    pk = np.exp(log_factorial[trials] - log_factorial[k] - log_factorial[left] + k * np.log(x) + left * np.log1p(-x))
+    pk = np.where(inside, pk, np.where(p <= 0, float(k == 0), (k == trials).astype(float)))
+    return np.where(k > trials, 0.0, pk)
 
 
 def _binomial_at_least(trials: int, p: np.ndarray, k: int) -> np.ndarray:
     """P(Binomial(trials, p) >= k), elementwise over p."""
-    lf = _log_factorial(trials + 1)
-    out = np.zeros_like(p)
-    inside = (p > 0) & (p < 1)
-    x = np.where(inside, p, 0.5)
-    for i in range(k, trials + 1):
-        out += np.exp(lf[trials] - lf[i] - lf[trials - i] + i * np.log(x) + (trials - i) * np.log1p(-x))
-    return np.where(p >= 1, float(k <= trials), np.where(p <= 0, float(k <= 0), np.clip(out, 0.0, 1.0)))
+    return np.clip(sum((_binomial_pmf(trials, p, i) for i in range(k, trials + 1)), np.zeros_like(p)), 0.0, 1.0)
 
 
 def _expected_min_binomial(trials: np.ndarray, p: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    """E[min(cap, Binomial(trials, p))], elementwise."""
-    out = np.zeros_like(p)
-    top = int(cap.max()) if cap.size else 0
-    if top <= 0:
-        return out
-    lf = _log_factorial(int(trials.max()) + 1)
-    log_p = np.log(np.where(p > 0, p, 1.0))
-    log_q = np.log(np.where(p < 1, 1 - p, 1.0))
-    cdf = np.zeros_like(p)
-    for k in range(top):  # E[min(c, X)] = sum_{k < c} P(X > k)
-        pk = np.exp(lf[trials] - lf[k] - lf[np.maximum(trials - k, 0)] + k * log_p + (trials - k) * log_q)
-        pk = np.where(k > trials, 0.0, pk)
-        pk = np.where(p <= 0, float(k == 0), np.where(p >= 1, (k == trials).astype(float), pk))
-        cdf += pk
+    """E[min(cap, Binomial(trials, p))], elementwise: the sum over k < cap of P(X > k)."""
+    out, cdf = np.zeros_like(p), np.zeros_like(p)
+    for k in range(int(cap.max()) if cap.size else 0):
+        cdf += _binomial_pmf(trials, p, k)
         out += np.where(cap > k, np.clip(1.0 - cdf, 0.0, 1.0), 0.0)
     return out
 
 
-def _latency_quantile(std: np.ndarray, fill: np.ndarray, service: Service, B: int, h: float, p: float) -> float:
+def _latency_quantile(std: np.ndarray, fill: np.ndarray, grid: SingleServerGrid, p: float) -> float:
     """The smallest x with P(latency <= x) >= p, from the dispatch rates (module docstring)."""
-    s = np.array([service.ms(n) for n in range(1, B + 1)])
+    s, h = grid.service_ms, grid.step_ms
+    B = len(s)
     q, a = np.nonzero(std > 0)
     rate, n = std[q, a], np.minimum(q, B)
     oldest = (a + 0.5) * h
