@@ -104,7 +104,7 @@ def _plot_batching(ax, r: dict) -> None:
 
 def _plot_batching_measured(ax, r: dict) -> None:
     rows = r["rows"]
-    for name, marker in (("single-server", "+"), ("at-once", "o")):
+    for name, marker in (("single-server", "+"), ("at-once", "o"), ("idle-table", "x")):
         mine = [row for row in rows if f"{name}_p95_ms" in row]
         ax.scatter([row["measured_p95_ms"] for row in mine], [row[f"{name}_p95_ms"] for row in mine], marker=marker,
                    label=f"{name} model")

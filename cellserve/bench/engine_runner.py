@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cellserve.bench.results import RequestOutcome, RunStats, span_s
 from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence
 from cellserve.engine.engine import Engine, EngineStats
-from cellserve.engine.request import Request, Response
+from cellserve.engine.request import Request, Response, TraceStamps
 
 
 @dataclass(frozen=True)
@@ -28,16 +29,20 @@ class Stream:
     trace: list[TraceRequest]
     timeout_s: float | None
     beam_width: int | None = None
+    # the trace each request carries, by its TraceRequest's id (None: untraced); the engine
+    # stamps its points on it (docs/tracing.md)
+    traces: Callable[[int], TraceStamps] | None = None
 
 
 def replay(engine: Engine, model: str, input_name: str, trace: list[TraceRequest], policy: str,
            rate_rps: float, timeout_s: float | None, drain_s: float = 30.0,
-           beam_width: int | None = None) -> RunStats:
+           beam_width: int | None = None, traces: Callable[[int], TraceStamps] | None = None) -> RunStats:
     """Serve `trace` on `engine`; requests carry `timeout_s` as their deadline (None: none).
     Requests still unanswered `drain_s` after the last arrival are aborted (reported as
     errors), so the engine is empty for the next run. `beam_width`: every request asks it
-    (an encoder-decoder's search width; None: the model's default, and no parameter sent)."""
-    (outcomes,) = replay_mix(engine, [Stream(model, input_name, trace, timeout_s, beam_width)], drain_s)
+    (an encoder-decoder's search width; None: the model's default, and no parameter sent).
+    `traces`: as Stream's."""
+    (outcomes,) = replay_mix(engine, [Stream(model, input_name, trace, timeout_s, beam_width, traces)], drain_s)
     s = engine.stats
     return RunStats(policy=policy, rate_rps=rate_rps, duration_s=span_s(outcomes), outcomes=outcomes,
                     executed_flops=s.executed_flops, busy_s=s.busy_s, cell_steps=s.cell_steps,
@@ -70,7 +75,8 @@ def replay_mix(engine: Engine, streams: list[Stream], drain_s: float = 30.0,
         mine = []
         for item in sorted(s.trace, key=lambda r: r.arrival_s):
             request = Request(s.model, {s.input_name: one_sequence(item.tokens, time_major)}, on_done=on_done,
-                              timeout_s=s.timeout_s, arrival=item.arrival_s, beam_width=s.beam_width)
+                              timeout_s=s.timeout_s, arrival=item.arrival_s, beam_width=s.beam_width,
+                              trace=s.traces(item.request_id) if s.traces is not None else None)
             mine.append((request.request_id, item))
             requests.append(request)
         ids.append(mine)

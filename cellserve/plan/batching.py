@@ -44,31 +44,56 @@ FILLING_TAIL = 1e-6  # `quantile_horizon`: the share of (1 - p) the truncated cy
 
 @dataclass(frozen=True)
 class Service:
-    """A batch's service time in ms, given at some sizes (`points`: (batch, ms)).
+    """A batch's service time in ms, given at some sizes (`points`: (batch, mean ms)).
 
     Linear between two given sizes, the smallest's below the smallest; no batch beyond the
-    largest. The values are used as given (not made monotone)."""
+    largest. The values are used as given (not made monotone).
+
+    `samples` (optional): for some of the given sizes, measured service times (ms), whose mean
+    is that size's point (set from them). A size with samples has their distribution, one
+    without a point mass at its mean; between two given sizes the quantile functions are
+    interpolated linearly (so is the mean). The single-server model and the simulation use
+    the distribution; the at-once model uses the means."""
 
     points: tuple[tuple[int, float], ...]
+    samples: tuple[tuple[int, tuple[float, ...]], ...] = ()
     table: tuple[float, ...] = field(init=False, repr=False, compare=False)  # [n] -> ms; [0] unused
 
     def __post_init__(self) -> None:
-        pts = sorted((int(b), float(ms)) for b, ms in self.points)
+        given = {int(b): tuple(sorted(float(x) for x in xs)) for b, xs in self.samples}
+        for b, xs in given.items():
+            if not xs:
+                raise BatchingError(f"service samples of batch {b} are empty")
+        means = dict((int(b), float(ms)) for b, ms in self.points)
+        means.update((b, math.fsum(xs) / len(xs)) for b, xs in given.items())
+        pts = sorted(means.items())
         if not pts:
             raise BatchingError("service.latency_ms is empty; it maps batch sizes to milliseconds")
         object.__setattr__(self, "points", tuple(pts))
+        object.__setattr__(self, "samples", tuple(sorted(given.items())))
         sizes = [b for b, _ in pts]
         table = [0.0]
         for n in range(1, sizes[-1] + 1):
-            i = bisect.bisect_left(sizes, n)
-            if i == 0:
-                table.append(pts[0][1])
-            elif sizes[i] == n:
-                table.append(pts[i][1])
-            else:
-                (b0, m0), (b1, m1) = pts[i - 1], pts[i]
-                table.append(m0 + (m1 - m0) * (n - b0) / (b1 - b0))
+            (b0, m0), (b1, m1), w = self._between(n)
+            table.append(m0 + (m1 - m0) * w)
         object.__setattr__(self, "table", tuple(table))
+
+    @classmethod
+    def measured(cls, latency_ms: dict) -> "Service":
+        """From {batch: ms or a sequence of measured ms}."""
+        points = tuple((b, float(v)) for b, v in latency_ms.items() if np.ndim(v) == 0)
+        samples = tuple((b, tuple(float(x) for x in v)) for b, v in latency_ms.items() if np.ndim(v) != 0)
+        return cls(points, samples)
+
+    def _between(self, n: int) -> tuple[tuple[int, float], tuple[int, float], float]:
+        """The given sizes around n and n's weight on the upper one (0 at or below the smallest)."""
+        pts = self.points
+        i = bisect.bisect_left([b for b, _ in pts], n)
+        if i == 0 or pts[i][0] == n:
+            p = pts[min(i, len(pts) - 1)]
+            return p, p, 0.0
+        (b0, m0), (b1, m1) = pts[i - 1], pts[i]
+        return (b0, m0), (b1, m1), (n - b0) / (b1 - b0)
 
     @property
     def max_batch(self) -> int:
@@ -76,6 +101,34 @@ class Service:
 
     def ms(self, n: int) -> float:
         return self.table[n]
+
+    def bins(self, n: int, k: int) -> np.ndarray:
+        """The distribution of s(n) as `k` equally likely values: the means of its quantile
+        function over [i/k, (i+1)/k] (their mean is s(n) exactly)."""
+        (b0, _), (b1, _), w = self._between(n)
+        return (1.0 - w) * self._size_bins(b0, k) + w * self._size_bins(b1, k)
+
+    def draw(self, n: int, u: float) -> float:
+        """s(n) at quantile u in [0, 1): a draw when u is uniform."""
+        (b0, _), (b1, _), w = self._between(n)
+        return (1.0 - w) * self._size_quantile(b0, u) + w * self._size_quantile(b1, u)
+
+    def _size_samples(self, b: int) -> tuple[float, ...]:
+        for size, xs in self.samples:
+            if size == b:
+                return xs
+        return (self.table[b],)
+
+    def _size_quantile(self, b: int, u: float) -> float:
+        xs = self._size_samples(b)
+        return xs[min(int(u * len(xs)), len(xs) - 1)]
+
+    def _size_bins(self, b: int, k: int) -> np.ndarray:
+        xs = np.array(self._size_samples(b))
+        # the quantile function's integral, exact at j / m and linear between
+        integral = np.concatenate(([0.0], np.cumsum(xs))) / len(xs)
+        at = np.interp(np.arange(k + 1) / k, np.arange(len(xs) + 1) / len(xs), integral)
+        return np.diff(at) * k
 
 
 @dataclass(frozen=True)

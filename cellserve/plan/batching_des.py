@@ -70,8 +70,11 @@ def sample_arrivals(arrivals: Map, count: int, rng: np.random.Generator) -> np.n
     return times
 
 
-def simulate(times_ms: np.ndarray, service: Service, B: int, timeout_ms: float, mode: str = "at-once") -> SimResult:
-    """The batcher over sorted arrival times; see the module docstring for the modes."""
+def simulate(times_ms: np.ndarray, service: Service, B: int, timeout_ms: float, mode: str = "at-once",
+             rng: np.random.Generator | None = None) -> SimResult:
+    """The batcher over sorted arrival times; see the module docstring for the modes. Each
+    batch takes its size's mean service time, or with `rng` a draw from the service's
+    distribution (`Service.draw`)."""
     if mode not in ("at-once", "queue"):
         raise ValueError(f"mode must be 'at-once' or 'queue', got {mode!r}")
     n = len(times_ms)
@@ -92,7 +95,7 @@ def simulate(times_ms: np.ndarray, service: Service, B: int, timeout_ms: float, 
         # everything that arrived by the dispatch (at most B) goes; ties at the deadline go too
         j = min(int(np.searchsorted(times_ms, dispatch, side="right")), i + B)
         size = j - i
-        done = dispatch + service.ms(size)
+        done = dispatch + (service.ms(size) if rng is None else service.draw(size, rng.random()))
         latency[i:j] = done - times_ms[i:j]
         batch_of[i:j] = len(sizes)
         sizes.append(size)

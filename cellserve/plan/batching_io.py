@@ -85,7 +85,8 @@ def read_trace(path: Path) -> list[float]:
 
 
 def load_service(path: str | Path) -> Service:
-    """SERVICE: {"latency_ms": {"1": .., "4": .., ...}}: batch sizes to ms (> 0)."""
+    """SERVICE: {"latency_ms": {"1": .., "4": .., ...}}: batch sizes to ms (> 0), each a number
+    (the mean) or a non-empty list of measured times (their distribution; `Service`)."""
     path = Path(path)
     try:
         d = _obj(_read_json(path, "service file"), "service")
@@ -93,12 +94,18 @@ def load_service(path: str | Path) -> Service:
         lat = _obj(_get(d, "latency_ms", "service"), "service.latency_ms")
         if not lat:
             raise BatchingError("service.latency_ms is empty; it maps batch sizes to milliseconds")
-        points = []
+        given = {}
         for key, ms in lat.items():
             if (batch := positive_key(key)) is None or batch > MAX_SIZE:
                 raise BatchingError(f"service.latency_ms has key {key!r}; keys are batch sizes 1, 2, ... {MAX_SIZE}")
-            points.append((batch, _num(ms, f"service.latency_ms[{key!r}]", positive=True)))
-        return Service(tuple(points))
+            where = f"service.latency_ms[{key!r}]"
+            if isinstance(ms, list):
+                if not ms:
+                    raise BatchingError(f"{where} is an empty list; give a number (ms) or measured times (ms)")
+                given[batch] = [_num(x, f"{where}[{i}]", positive=True) for i, x in enumerate(ms)]
+            else:
+                given[batch] = _num(ms, where, positive=True)
+        return Service.measured(given)
     except ProfileError as exc:
         what = f"service file {str(path)!r}"
         raise BatchingError(str(exc) if str(exc).startswith(what) else f"{what}: {exc}") from None

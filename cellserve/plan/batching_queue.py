@@ -44,7 +44,8 @@ from cellserve.plan.batching_map import BatchingError, Map
 STEPS_PER_SERVICE = 16  # default grid: this many steps in the shorter of s(1) and T ...
 MAX_AGE_STEPS = 160  # ... coarsened so that T + 2 s(B) spans at most this many
 MIN_SERVICE_STEPS = 4  # ... never so coarse that the shortest s(n) spans fewer steps (nor coarsened past it)
-AGE_CAP = 320  # an age cap that would grow past this doubles the step instead (a default grid only)
+SERVICE_BINS = 16  # a service with a spread: each s(n) as this many equally likely values
+AGE_CAP = 320  # an age cap (or a longest service) past this many steps doubles the step instead (default grid only)
 ARRIVAL_TAIL = 1e-12  # the per-step arrival counts are kept to this tail
 LUMP_TAIL = 1e-7  # the stationary mass allowed at the queue's and the age's caps
 CONVERGED = 1e-10  # L1 change of the state over one (averaged) step at stationarity
@@ -54,21 +55,24 @@ EXTRAPOLATE_EVERY = 8  # blocks of iterates per extrapolation (see _SingleServer
 
 @dataclass(frozen=True)
 class SingleServerGrid:
-    """The discretisation: step `step_ms`; a batch of n takes `service_ms[n - 1]` ms and keeps
-    the server busy for `service_steps[n - 1]` steps or one more with odds
-    `service_extra[n - 1]`; the timer fires at age index `timer_steps`."""
+    """The discretisation: step `step_ms`; a batch of n takes `service_ms[n - 1]` ms on
+    average, drawn from `service_bins[n - 1]` (equally likely values, ms; one value when the
+    service has no spread) and keeps the server busy for r steps with probability
+    `service_pmf[n - 1, r]`; the timer fires at age index `timer_steps`."""
 
     step_ms: float
     service_ms: np.ndarray
-    service_steps: np.ndarray
-    service_extra: np.ndarray
+    service_bins: np.ndarray
+    service_pmf: np.ndarray
     timer_steps: int
 
     @classmethod
     def choose(cls, service: Service, B: int, timeout_ms: float, step_ms: float | None = None) -> "SingleServerGrid":
         s = np.array(service.table[1:B + 1])
+        bins = np.stack([service.bins(n, SERVICE_BINS if service.samples else 1) for n in range(1, B + 1)])
         if step_ms is None:
-            step_ms = min(s.min(), timeout_ms) / STEPS_PER_SERVICE if timeout_ms > 0 else s.min() / STEPS_PER_SERVICE
+            shortest = bins.min()  # a spread's lowest bin: the grid resolves it where it can
+            step_ms = min(shortest, timeout_ms) / STEPS_PER_SERVICE if timeout_ms > 0 else shortest / STEPS_PER_SERVICE
             step_ms = min(max(step_ms, (timeout_ms + 2 * s.max()) / MAX_AGE_STEPS), s.min() / MIN_SERVICE_STEPS)
             if timeout_ms > 0:  # T a whole number of steps
                 step_ms = timeout_ms / math.ceil(timeout_ms / step_ms)
@@ -77,12 +81,18 @@ class SingleServerGrid:
         if step_ms > s.min():  # a batch would take a whole step at least: its mean could not be kept
             raise BatchingError(f"the grid step ({step_ms:g} ms) must not exceed the shortest service time "
                                 f"({s.min():g} ms)")
-        x = s / step_ms
-        lo = np.maximum(np.floor(x), 1.0)
-        extra = np.clip(x - lo, 0.0, 1.0)
+        # each value: floor(v / h) steps or one more, with the odds that keep it (a value under
+        # one step, in a spread's lowest bins only, takes one step: the server frees at a grid point)
+        x = np.maximum(bins / step_ms, 1.0)
+        lo = np.floor(x).astype(int)
+        extra = x - lo
+        pmf = np.zeros((B, int(lo.max()) + 2))
+        rows = np.broadcast_to(np.arange(B)[:, None], lo.shape)
+        np.add.at(pmf, (rows, lo), (1.0 - extra) / bins.shape[1])
+        np.add.at(pmf, (rows, lo + 1), extra / bins.shape[1])
         # the first grid point at which an arrival's age (k + 1/2) h reaches T
         timer = max(0, math.ceil(timeout_ms / step_ms - 0.5 - 1e-9))
-        return cls(float(step_ms), s, lo.astype(int), extra, timer)
+        return cls(float(step_ms), s, bins, pmf, timer)
 
 
 def evaluate_single_server(arrivals: Map, service: Service, B: int, timeout_ms: float, percentile: float = 95.0,
@@ -95,15 +105,14 @@ def evaluate_single_server(arrivals: Map, service: Service, B: int, timeout_ms: 
         raise BatchingError(f"one server cannot keep up: requests arrive at {arrivals.rate_rps:.6g}/s on average and "
                             f"batches of at most {B} serve at most {most:.6g}/s (the queue would grow without end)")
     while True:
-        chain = _SingleServerChain(arrivals, grid, B, coarsen=step_ms is None)
         try:
-            std, fill = chain.solve()
+            std, fill = _SingleServerChain(arrivals, grid, B, coarsen=step_ms is None).solve()
             break
-        except _TooFine:  # waits far longer than the grid was made for: a coarser one
+        except _TooFine as exc:  # waits or a batch far longer than the grid was made for: a coarser one
             if 2 * grid.step_ms > grid.service_ms.min() / MIN_SERVICE_STEPS:
-                raise BatchingError(f"waits outgrow the single-server model's grid ({AGE_CAP} steps of "
-                                    f"{grid.step_ms:g} ms, and a batch must span {MIN_SERVICE_STEPS} steps): "
-                                    f"the server is too close to overload at these arrivals for this B") from None
+                raise BatchingError(f"{exc} outgrow the single-server model's grid ({AGE_CAP} steps of "
+                                    f"{grid.step_ms:g} ms, and a batch must span {MIN_SERVICE_STEPS} steps on "
+                                    f"average){_TOO_FINE_WHY[str(exc)]}") from None
             grid = SingleServerGrid.choose(service, B, timeout_ms, 2 * grid.step_ms)
     pmf = np.zeros(B)
     q_of = np.arange(std.shape[0])
@@ -117,7 +126,12 @@ def evaluate_single_server(arrivals: Map, service: Service, B: int, timeout_ms: 
 
 
 class _TooFine(Exception):
-    """The waits outgrow the grid: AGE_CAP steps would not hold them."""
+    """The waits, or the longest service, outgrow the grid: AGE_CAP steps would not hold them
+    (the message says which: a key of _TOO_FINE_WHY)."""
+
+
+_TOO_FINE_WHY = {"waits": ": the server is too close to overload at these arrivals for this B",
+                 "the longest service times": ": the service's spread is too wide against its shortest mean"}
 
 
 class _SingleServerChain:
@@ -128,7 +142,9 @@ class _SingleServerChain:
         d0, d1 = arrivals.D0 / 1000.0, arrivals.D1 / 1000.0
         self.grid, self.B, self.m, self.coarsen = grid, B, d0.shape[0], coarsen
         h = grid.step_ms
-        self.R = int(grid.service_steps.max()) + 1
+        self.R = grid.service_pmf.shape[1] - 1
+        if coarsen and self.R > AGE_CAP:
+            raise _TooFine("the longest service times")
         self.Q = B + 4  # the caps grow (doubling) while the mass at them is over LUMP_TAIL
         self.A = grid.timer_steps + self.R + 4
         J = 1
@@ -139,6 +155,7 @@ class _SingleServerChain:
             J += 1
         self.counts = counts  # [j, i, k]: j arrivals in a step, phase i -> k
         self.at_least = np.cumsum(counts.sum(axis=2)[::-1], axis=0)[::-1]  # [j, i]: >= j arrivals
+        self.full_steps = np.nonzero(grid.service_pmf[B - 1])[0]  # a full batch's service lengths
         self.X = np.zeros((self.m, self.R + 1, self.Q + 1, self.A + 1))
         self.X[:, 0, 0, 0] = arrivals.stationary
         self._plan_dispatch()
@@ -214,10 +231,7 @@ class _SingleServerChain:
                 if was_free:  # a free server's full batches are the fill events
                     keep = np.where(self.ready_n >= B, 0.0, keep)
                 record[0][self.ready_at] += keep
-            lo = g.service_steps
-            start = Y[:, :, 0, 0]  # a view; np.add.at as sizes may share a service length
-            np.add.at(start, (slice(None), lo), by_n[:, 1:] * (1.0 - g.service_extra))
-            np.add.at(start, (slice(None), lo + 1), by_n[:, 1:] * g.service_extra)
+            Y[:, :, 0, 0] += by_n[:, 1:] @ g.service_pmf
             # more than B waiting: a full batch goes, the rest wait with a new oldest
             if self.Q > B:
                 full = free[:, B + 1:].copy()  # [phase, q - B - 1, a]
@@ -225,8 +239,8 @@ class _SingleServerChain:
                 if record is not None and not was_free:
                     record[0][B + 1:] += full.sum(axis=0)
                 left = np.matmul(full.transpose(1, 0, 2), self.leftover).transpose(1, 0, 2)  # [phase, left - 1, k]
-                Y[:, lo[-1], 1:self.Q - B + 1] += left * (1.0 - g.service_extra[-1])
-                Y[:, lo[-1] + 1, 1:self.Q - B + 1] += left * g.service_extra[-1]
+                for r in self.full_steps:
+                    Y[:, r, 1:self.Q - B + 1] += left * g.service_pmf[B - 1, r]
         Y[:, 0] += Yw
         return Y
 
@@ -276,7 +290,7 @@ class _SingleServerChain:
             self.Q *= 2
         else:
             if self.coarsen and 2 * self.A > AGE_CAP:
-                raise _TooFine
+                raise _TooFine("waits")
             pad[3] = (0, self.A)
             self.A *= 2
         self.X = np.pad(self.X, pad)
@@ -331,8 +345,8 @@ def _expected_min_binomial(trials: np.ndarray, p: np.ndarray, cap: np.ndarray) -
 
 def _latency_quantile(std: np.ndarray, fill: np.ndarray, grid: SingleServerGrid, p: float) -> float:
     """The smallest x with P(latency <= x) >= p, from the dispatch rates (module docstring)."""
-    s, h = grid.service_ms, grid.step_ms
-    B = len(s)
+    bins, h = grid.service_bins, grid.step_ms
+    B = len(bins)
     q, a = np.nonzero(std > 0)
     rate, n = std[q, a], np.minimum(q, B)
     oldest = (a + 0.5) * h
@@ -341,15 +355,17 @@ def _latency_quantile(std: np.ndarray, fill: np.ndarray, grid: SingleServerGrid,
     requests = float((rate * n).sum() + frate.sum() * B)
 
     def share_over(x: float) -> float:
-        w = x - s[n - 1]  # the wait that puts a request of this batch over x
-        spread = np.clip((oldest - w) / oldest, 0.0, 1.0)  # a uniform arrival's odds to have waited more
-        others = np.where(n == q, (q - 1) * spread, _expected_min_binomial(q - 1, spread, n - 1))
-        over = float((rate * ((oldest > w) + others)).sum())
-        wf = x - s[B - 1]
-        spread_f = np.clip((f_oldest - wf) / f_oldest, 0.0, 1.0)
-        old = np.where(fq >= 1, (f_oldest > wf) + (fq - 1) * spread_f, 0.0)
-        new = (B - fq) * np.clip((h - wf) / h, 0.0, 1.0)  # came in the last step
-        over += float((frate * (old + new)).sum())
-        return over / requests
+        over = 0.0
+        for k in range(bins.shape[1]):  # each equally likely service value
+            w = x - bins[n - 1, k]  # the wait that puts a request of this batch over x
+            spread = np.clip((oldest - w) / oldest, 0.0, 1.0)  # a uniform arrival's odds to have waited more
+            others = np.where(n == q, (q - 1) * spread, _expected_min_binomial(q - 1, spread, n - 1))
+            over += float((rate * ((oldest > w) + others)).sum())
+            wf = x - bins[B - 1, k]
+            spread_f = np.clip((f_oldest - wf) / f_oldest, 0.0, 1.0)
+            old = np.where(fq >= 1, (f_oldest > wf) + (fq - 1) * spread_f, 0.0)
+            new = (B - fq) * np.clip((h - wf) / h, 0.0, 1.0)  # came in the last step
+            over += float((frate * (old + new)).sum())
+        return over / (requests * bins.shape[1])
 
-    return bisect_quantile(lambda x: 1.0 - share_over(x), 0.0, float(s.max() + (std.shape[1] + 2) * h), p)
+    return bisect_quantile(lambda x: 1.0 - share_over(x), 0.0, float(bins.max() + (std.shape[1] + 2) * h), p)

@@ -57,6 +57,9 @@ def test_bad_arrivals_files_exit_2_naming_the_field(tmp_path, capsys, arrivals, 
     ({"latency_ms": {"²": 1.0}}, "service.latency_ms has key '²'"),
     ({"latency_ms": {"1": -1.0}}, "service.latency_ms\\['1'\\] must be > 0"),
     ({"latency_ms": {"1": "fast"}}, "service.latency_ms\\['1'\\] must be a finite number"),
+    ({"latency_ms": {"1": []}}, "service.latency_ms\\['1'\\] is an empty list"),
+    ({"latency_ms": {"1": [1.0, 0.0]}}, "service.latency_ms\\['1'\\]\\[1\\] must be > 0"),
+    ({"latency_ms": {"1": [1.0, None]}}, "service.latency_ms\\['1'\\]\\[1\\] must be a finite number"),
 ])
 def test_bad_service_files_exit_2_naming_the_field(tmp_path, capsys, service, message):
     with pytest.raises(SystemExit) as exc:

@@ -36,6 +36,9 @@ def test_the_measured_batching_part_runs_the_engines_padded_policy_and_predicts_
     (row,) = r["rows"]
     assert row["answered"] == row["requests"] > 0  # the padded policy here has no deadlines: all answered
     assert row["measured_mean_batch"] >= 1.0 and row["measured_p95_ms"] > 0
-    assert "single-server_p95_ms" in row and "at-once_p95_ms" in row
+    assert all(f"{m}_p95_ms" in row for m in ("single-server", "at-once", "idle-table"))
+    # every cohort is one batch of at most B, and the two halves of the run are both there
+    assert row["calibration_cohorts"] + row["test_cohorts"] == row["cohorts"] and row["calibration_cohorts"] > 0
+    assert row["cohorts"] * 8 >= row["answered"]
     assert sorted(r["service_ms"], key=int) == ["1", "2", "4", "8", "16"]
     assert out.with_suffix(".png").stat().st_size > 0
