@@ -1,24 +1,27 @@
 """BATCH's predictions against the real engine's `padded` policy, measured on this machine
 (a part of `cellserve bench plan`: run(quick) -> dict, table(results) -> str).
 
-Each point (B, T, a Poisson rate) is one open-loop replay of gru-256 requests of `TOKENS`
-tokens on the real engine (bench/engine_runner), every request traced so that the engine's
-FIRST_STEP_START tells which cohort (padded batch) it ran in. A cohort of n dispatched when
-the policy says (its B-th member's arrival, or its oldest's plus T, or the previous cohort's
-end if later) took s = its members' mean finish - that dispatch: one measured service time
-of a batch of n, the engine's wake-up and hand-back included.
+Each point (B, T, arrivals: Poisson or plan/batching_bench's bursty MMPP, at a load = a share
+of the requests a second that full cohorts of B serve back to back, measured before each B)
+is one open-loop replay of gru-256 requests of `TOKENS` tokens on the real engine
+(bench/engine_runner), every request traced so that the engine's FIRST_STEP_START tells which
+cohort (padded batch) it ran in. A cohort of n dispatched when the policy says (its B-th
+member's arrival, or its oldest's plus T, or the previous cohort's end if later) took s = its
+members' mean finish - that dispatch: one measured service time of a batch of n, the engine's
+wake-up and hand-back included.
 
 The run is cut into alternate windows of `WINDOW_S`: the cohorts dispatched in odd windows
 give the service times (calibration), those in even windows are what is predicted (their
 mean size, their requests' p95 from the scheduled arrival). Alternating in time keeps this
 machine's drifting speed (tens of percent within minutes) out of the comparison, and no
-batch is both calibration and test. The service given to the models: per size, the median of
-its calibration samples (a line through them where a size has under `MIN_SAMPLES`) times the
-pooled distribution of sample / its size's median, i.e. one shape of noise, the machine's,
-scaled per size. The single-server model (plan/batching_queue.py) takes that distribution;
-the at-once model (plan/batching.py) its means; `idle-table` is the single-server model with
-the table a user would measure first (the median of n requests sent at once to an idle
-engine), which also sets each point's rate: load x B / s_idle(B).
+batch is both calibration and test; the calibration windows' own p95 is recorded too, as a
+measure of how far the measurement itself moves. The service given to the models: per size,
+the median of its calibration samples (a line through them where a size has under
+`MIN_SAMPLES`) times the pooled distribution of sample / its size's median, i.e. one shape of
+noise, the machine's, scaled per size. The single-server model (plan/batching_queue.py) takes
+that distribution; the at-once model (plan/batching.py) its means; `idle-table` is the
+single-server model with the table a user would measure first (the median of n requests
+sent at once to an idle engine).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellserve.bench.engine_runner import replay
-from cellserve.bench.traces import TraceRequest, poisson_arrivals, token_input
+from cellserve.bench.traces import TraceRequest, token_input
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.graph import zoo
 from cellserve.plan.batching import Service, evaluate
-from cellserve.plan.batching_bench import points_within, relative_error
+from cellserve.plan.batching_bench import arrival_processes, points_within, relative_error
+from cellserve.plan.batching_des import sample_arrivals
 from cellserve.plan.batching_map import BatchingError, Map
 from cellserve.plan.batching_queue import evaluate_single_server
 
@@ -57,6 +61,19 @@ def _engine(model, B: int, timeout_ms: float) -> Engine:
 def _trace(times_s, vocab: int, rng) -> list[TraceRequest]:
     return [TraceRequest(i, float(t), rng.integers(1, vocab, size=TOKENS).astype(np.int64))
             for i, t in enumerate(times_s)]
+
+
+def _capacity_rps(model, input_name: str, vocab: int, B: int, tries: int = 3) -> float:
+    """Requests a second the engine serves in full cohorts of B back to back: a burst of 25 B
+    sent at once (after one to warm), the median over `tries` of its count / its span."""
+    engine = _engine(model, B, 0.0)
+    rng = np.random.default_rng(1)
+    spans = []
+    for k in range(tries + 1):
+        run = replay(engine, model.name, input_name, _trace([0.0] * (25 * B), vocab, rng), "padded", 0.0, None)
+        if k:
+            spans.append(max(o.finish_s for o in run.outcomes))
+    return 25 * B / statistics.median(spans)
 
 
 def _service_ms(model, input_name: str, vocab: int, tries: int) -> dict[int, float]:
@@ -130,11 +147,12 @@ def calibrated_service(samples: dict[int, list[float]], B: int) -> Service:
     return Service.measured({n: [s * r for r in ratios] for n, s in scale.items()})
 
 
-def _point(model, input_name: str, vocab: int, B: int, T: float, rate: float, seconds: float, seed: int,
+def _point(model, input_name: str, vocab: int, B: int, T: float, arrivals: Map, seconds: float, seed: int,
            idle: Service) -> dict:
     engine = _engine(model, B, T)
     rng = np.random.default_rng(seed)
-    times = poisson_arrivals(rng, rate, int(rate * seconds))
+    rate = arrivals.rate_rps
+    times = sample_arrivals(arrivals, int(rate * seconds), rng) / 1e3
     replay(engine, model.name, input_name, _trace(times[: max(20, len(times) // 20)], vocab, rng),
            "padded", rate, None)  # warm at this rate
     first_step: dict[int, _FirstStep] = {}
@@ -157,7 +175,10 @@ def _point(model, input_name: str, vocab: int, B: int, T: float, rate: float, se
            "cohorts": len(runs), "calibration_cohorts": len(calibration), "test_cohorts": len(test),
            "measured_mean_batch": statistics.fmean(c.size for c in test),
            "measured_p95_ms": float(np.quantile(latency, 0.95, method="inverted_cdf")),
+           # the same figures over the calibration windows: how far the measurement itself moves
            "calibration_mean_batch": statistics.fmean(c.size for c in calibration),
+           "calibration_p95_ms": float(np.quantile([x for c in calibration for x in c.latency_ms], 0.95,
+                                                   method="inverted_cdf")),
            "engine_mean_batch": stats.batch_size_sum / max(stats.cell_steps, 1),
            "service_mean_ms": {str(n): service.ms(n) for n in range(1, B + 1)},
            "service_samples": {str(n): len(xs) for n, xs in sorted(samples.items())}}
@@ -165,7 +186,7 @@ def _point(model, input_name: str, vocab: int, B: int, T: float, rate: float, se
                           ("idle-table", evaluate_single_server, idle)):
         t0 = time.perf_counter()
         try:
-            ev = fn(Map.poisson(rate), svc, B, T, 95.0)
+            ev = fn(arrivals, svc, B, T, 95.0)
         except BatchingError as exc:
             row[f"{name}_refused"] = str(exc)
             continue
@@ -185,13 +206,17 @@ def run(quick: bool) -> dict:
     idle = Service(tuple(idle_ms.items()))
     points = [(8, 2.0)] if quick else [(4, 2.0), (8, 2.0), (8, 10.0), (16, 5.0)]
     loads = [0.5] if quick else [0.3, 0.6]
+    processes = ["poisson"] if quick else ["poisson", "bursty"]
     seconds = 6.0 if quick else 20.0
     rows = []
     for B, T in points:
-        for load in loads:
-            rate = load * 1000.0 * B / idle.ms(B)
-            row = _point(model, input_name, vocab, B, T, rate, seconds, B * 100 + int(T * 10) + int(load * 10), idle)
-            rows.append({"load": load, **row})
+        capacity = _capacity_rps(model, input_name, vocab, B)
+        for process in processes:
+            for load in loads:
+                arrivals = arrival_processes(load * capacity)[process]
+                seed = B * 100 + int(T * 10) + int(load * 10) + (7 if process == "bursty" else 0)
+                row = _point(model, input_name, vocab, B, T, arrivals, seconds, seed, idle)
+                rows.append({"arrivals": process, "load": load, "capacity_rps": capacity, **row})
     within = {name: points_within(rows, name) for name in MODELS}
     return {"benchmark": "plan batching, measured", "measured": True, "quick": quick, "model": MODEL,
             "tokens": TOKENS, "service_ms": {str(n): ms for n, ms in idle_ms.items()}, "seconds": seconds,
@@ -201,12 +226,14 @@ def run(quick: bool) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [f"{results['model']}, {results['tokens']} tokens a request, {results['seconds']:g} s a point; "
+    lines = [f"{results['model']}, {results['tokens']} tokens a request, {results['seconds']:g} s a point, load a share "
+             "of the requests a second full cohorts serve back to back (measured before each B); "
              f"service calibrated on alternate {results['window_s']:g}-s windows of each run, predicted on the others. "
              "Idle cohorts (ms, the idle-table model's service and the rates' base): "
              + ", ".join(f"{n}: {ms:.3f}" for n, ms in results["service_ms"].items()), "",
-             "| B | T ms | load | req/s | mean batch: measured / single-server / at-once / idle-table | "
-             "p95 ms: measured / single-server / at-once / idle-table |", "|---:|---:|---:|---:|---|---|"]
+             "| arrivals | B | T ms | load | req/s | mean batch: measured / single-server / at-once / idle-table | "
+             "p95 ms: measured (other windows) / single-server / at-once / idle-table |",
+             "|---|---:|---:|---:|---:|---|---|"]
 
     def cell(r, name, what, fmt):
         return fmt.format(r[f"{name}_{what}"]) if f"{name}_{what}" in r else "refused"
@@ -214,8 +241,9 @@ def table(results: dict) -> str:
     for r in results["rows"]:
         mb = " / ".join(cell(r, m, "mean_batch", "{:.3f}") for m in MODELS)
         p95 = " / ".join(cell(r, m, "p95_ms", "{:.2f}") for m in MODELS)
-        lines.append(f"| {r['max_batch']} | {r['timeout_ms']:g} | {r['load']:.1f} | {r['rate_rps']:.0f} | "
-                     f"{r['measured_mean_batch']:.3f} / {mb} | {r['measured_p95_ms']:.2f} / {p95} |")
+        lines.append(f"| {r['arrivals']} | {r['max_batch']} | {r['timeout_ms']:g} | {r['load']:.1f} | {r['rate_rps']:.0f} | "
+                     f"{r['measured_mean_batch']:.3f} / {mb} | {r['measured_p95_ms']:.2f} "
+                     f"({r['calibration_p95_ms']:.2f}) / {p95} |")
     w, n = results["points_within_5pct"], results["points"]
     lines += ["", "Within 5% of the measured mean batch and p95: " + ", ".join(f"{m} {w[m]}/{n}" for m in MODELS)
               + f". Measured on this machine (load average {results['load_average'][0]:.2f}); the predictions are "

@@ -36,7 +36,8 @@ def test_the_measured_batching_part_runs_the_engines_padded_policy_and_predicts_
     (row,) = r["rows"]
     assert row["answered"] == row["requests"] > 0  # the padded policy here has no deadlines: all answered
     assert row["measured_mean_batch"] >= 1.0 and row["measured_p95_ms"] > 0
-    assert all(f"{m}_p95_ms" in row for m in ("single-server", "at-once", "idle-table"))
+    for m in ("single-server", "at-once", "idle-table"):  # each predicts, or says why it cannot
+        assert f"{m}_p95_ms" in row or f"{m}_refused" in row
     # every cohort is one batch of at most B, and the two halves of the run are both there
     assert row["calibration_cohorts"] + row["test_cohorts"] == row["cohorts"] and row["calibration_cohorts"] > 0
     assert row["cohorts"] * 8 >= row["answered"]
