@@ -15,7 +15,9 @@ Over a step, r counts down, the waiting age, and arrivals come by the MAP's coun
 for h (exact: the level chain's transient). At the grid point, a free server with q >= B, or
 with the oldest aged T or more, dispatches n = min(q, B) and is busy for s(n): floor(s(n) / h)
 or one step more, at random with the odds that make the mean exact (a deterministic round
-would move the utilisation, and near saturation the queue with it).
+would move the utilisation, and near saturation the queue with it). A service with a spread
+(`Service.samples`) gives s(n) as SERVICE_BINS equally likely values, each rounded so; the
+latency then mixes over them.
 
 Two approximations, both where requests are left waiting after a full batch leaves (q > B):
 the oldest of those is given the age the (n+1)-th oldest of q arrivals spread evenly over the
