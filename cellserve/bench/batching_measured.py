@@ -1,9 +1,8 @@
 """BATCH's predictions against the real engine's `padded` policy, measured on this machine
 (a part of `cellserve bench plan`: run(quick) -> dict, table(results) -> str).
 
-Each point (B, T, Poisson arrivals (plan/batching_bench's bursty MMPP with `bursty`) at a load = a share
-of the requests a second that full cohorts of B serve back to back, measured before each B)
-is one open-loop replay of gru-256 requests of `TOKENS` tokens on the real engine
+Each point (B, T, Poisson arrivals, or plan/batching_bench's bursty MMPP with `bursty`, at a
+load = a share of B / s_idle(B), the idle cohorts' pace below) is one open-loop replay of gru-256 requests of `TOKENS` tokens on the real engine
 (bench/engine_runner), every request traced so that the engine's FIRST_STEP_START tells which
 cohort (padded batch) it ran in. A cohort of n dispatched when the policy says (its B-th
 member's arrival, or its oldest's plus T, or the previous cohort's end if later) took s = its
@@ -21,7 +20,8 @@ the median of its calibration samples (a line through them where a size has unde
 noise, the machine's, scaled per size. The single-server model (plan/batching_queue.py) takes
 that distribution; the at-once model (plan/batching.py) its means; `idle-table` is the
 single-server model with the table a user would measure first (the median of n requests
-sent at once to an idle engine).
+sent at once to an idle engine). (Rates from a burst's back-to-back cohorts instead, 1.2-1.5x
+higher, overloaded the open-loop runs at 0.6: arrivals between steps cost the engine time.)
 """
 
 from __future__ import annotations
@@ -61,19 +61,6 @@ def _engine(model, B: int, timeout_ms: float) -> Engine:
 def _trace(times_s, vocab: int, rng) -> list[TraceRequest]:
     return [TraceRequest(i, float(t), rng.integers(1, vocab, size=TOKENS).astype(np.int64))
             for i, t in enumerate(times_s)]
-
-
-def _capacity_rps(model, input_name: str, vocab: int, B: int, tries: int = 3) -> float:
-    """Requests a second the engine serves in full cohorts of B back to back: a burst of 25 B
-    sent at once (after one to warm), the median over `tries` of its count / its span."""
-    engine = _engine(model, B, 0.0)
-    rng = np.random.default_rng(1)
-    spans = []
-    for k in range(tries + 1):
-        run = replay(engine, model.name, input_name, _trace([0.0] * (25 * B), vocab, rng), "padded", 0.0, None)
-        if k:
-            spans.append(max(o.finish_s for o in run.outcomes))
-    return 25 * B / statistics.median(spans)
 
 
 def _service_ms(model, input_name: str, vocab: int, tries: int) -> dict[int, float]:
@@ -212,7 +199,7 @@ def run(quick: bool, bursty: bool = False) -> dict:
     seconds = 6.0 if quick else 20.0
     rows = []
     for B, T in points:
-        capacity = _capacity_rps(model, input_name, vocab, B)
+        capacity = 1000.0 * B / idle.ms(B)  # what full cohorts of B would serve at the idle cohorts' pace
         for process, shares in loads.items():
             for load in shares:
                 arrivals = arrival_processes(load * capacity)[process]
@@ -229,9 +216,9 @@ def run(quick: bool, bursty: bool = False) -> dict:
 
 def table(results: dict) -> str:
     lines = [f"{results['model']}, {results['tokens']} tokens a request, {results['seconds']:g} s a point, load a share "
-             "of the requests a second full cohorts serve back to back (measured before each B); "
+             "of B / s_idle(B); "
              f"service calibrated on alternate {results['window_s']:g}-s windows of each run, predicted on the others. "
-             "Idle cohorts (ms, the idle-table model's service and the rates' base): "
+             "idle cohorts s_idle(n) (ms, also the idle-table model's service): "
              + ", ".join(f"{n}: {ms:.3f}" for n, ms in results["service_ms"].items()), "",
              "| arrivals | B | T ms | load | req/s | mean batch: measured / single-server / at-once / idle-table | "
              "p95 ms: measured (other windows) / single-server / at-once / idle-table |",
