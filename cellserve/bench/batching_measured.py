@@ -2,12 +2,12 @@
 (a part of `cellserve bench plan`: run(quick) -> dict, table(results) -> str).
 
 Each point (B, T, Poisson arrivals, or plan/batching_bench's bursty MMPP with `bursty`, at a
-load = a share of B / s_idle(B), the idle cohorts' pace below) is one open-loop replay of gru-256 requests of `TOKENS` tokens on the real engine
-(bench/engine_runner), every request traced so that the engine's FIRST_STEP_START tells which
-cohort (padded batch) it ran in. A cohort of n dispatched when the policy says (its B-th
-member's arrival, or its oldest's plus T, or the previous cohort's end if later) took s = its
-members' mean finish - that dispatch: one measured service time of a batch of n, the engine's
-wake-up and hand-back included.
+load = a share of B / s_idle(B), the idle cohorts' pace below) is one open-loop replay of
+gru-256 requests of `TOKENS` tokens on the real engine (bench/engine_runner), every request
+traced so that the engine's FIRST_STEP_START tells which cohort (padded batch) it ran in. A
+cohort of n dispatched when the policy says (its B-th member's arrival, or its oldest's plus
+T, or the previous cohort's end if later) took s = its members' mean finish - that dispatch:
+one measured service time of a batch of n, the engine's wake-up and hand-back included.
 
 The run is cut into alternate windows of `WINDOW_S`: the cohorts dispatched in odd windows
 give the service times (calibration), those in even windows are what is predicted (their
@@ -215,10 +215,10 @@ def run(quick: bool, bursty: bool = False) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [f"{results['model']}, {results['tokens']} tokens a request, {results['seconds']:g} s a point, load a share "
-             "of B / s_idle(B); "
+    lines = [f"{results['model']}, {results['tokens']} tokens a request, {results['seconds']:g} s a point, "
+             "load a share of B / s_idle(B); "
              f"service calibrated on alternate {results['window_s']:g}-s windows of each run, predicted on the others. "
-             "idle cohorts s_idle(n) (ms, also the idle-table model's service): "
+             "Idle cohorts s_idle(n) (ms, also the idle-table model's service): "
              + ", ".join(f"{n}: {ms:.3f}" for n, ms in results["service_ms"].items()), "",
              "| arrivals | B | T ms | load | req/s | mean batch: measured / single-server / at-once / idle-table | "
              "p95 ms: measured (other windows) / single-server / at-once / idle-table |",
@@ -230,8 +230,8 @@ def table(results: dict) -> str:
     for r in results["rows"]:
         mb = " / ".join(cell(r, m, "mean_batch", "{:.3f}") for m in MODELS)
         p95 = " / ".join(cell(r, m, "p95_ms", "{:.2f}") for m in MODELS)
-        lines.append(f"| {r['arrivals']} | {r['max_batch']} | {r['timeout_ms']:g} | {r['load']:.1f} | {r['rate_rps']:.0f} | "
-                     f"{r['measured_mean_batch']:.3f} / {mb} | {r['measured_p95_ms']:.2f} "
+        lines.append(f"| {r['arrivals']} | {r['max_batch']} | {r['timeout_ms']:g} | {r['load']:.1f} | "
+                     f"{r['rate_rps']:.0f} | {r['measured_mean_batch']:.3f} / {mb} | {r['measured_p95_ms']:.2f} "
                      f"({r['calibration_p95_ms']:.2f}) / {p95} |")
     w, n = results["points_within_5pct"], results["points"]
     lines += ["", "Within 5% of the measured mean batch and p95: " + ", ".join(f"{m} {w[m]}/{n}" for m in MODELS)
