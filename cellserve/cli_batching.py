@@ -19,7 +19,8 @@ def add_batching(plan_sub) -> None:
     b.add_argument("--arrivals", type=Path, required=True, metavar="ARRIVALS.json",
                    help='{"map": {"D0": [[..]], "D1": [[..]]}} or {"poisson_rps": ..} or {"trace": PATH} (per second)')
     b.add_argument("--service", type=Path, required=True, metavar="SERVICE.json",
-                   help='{"latency_ms": {"1": .., "4": .., ...}} (linear between the given sizes)')
+                   help='{"latency_ms": {"1": .., "4": .., ...}} (linear between the given sizes; a size may give '
+                        'a list of measured times, their spread used by --single-server)')
     b.add_argument("--percentile", type=float, default=95.0, metavar="P",
                    help="the latency percentile, in (0, 100) (default: 95)")
     b.add_argument("--slo-ms", type=float, default=None, metavar="MS",
