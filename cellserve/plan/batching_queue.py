@@ -57,13 +57,12 @@ EXTRAPOLATE_EVERY = 8  # blocks of iterates per extrapolation (see _SingleServer
 
 @dataclass(frozen=True)
 class SingleServerGrid:
-    """The discretisation: step `step_ms`; a batch of n takes `service_ms[n - 1]` ms on
-    average, drawn from `service_bins[n - 1]` (equally likely values, ms; one value when the
-    service has no spread) and keeps the server busy for r steps with probability
-    `service_pmf[n - 1, r]`; the timer fires at age index `timer_steps`."""
+    """The discretisation: step `step_ms`; a batch of n takes a time drawn from
+    `service_bins[n - 1]` (equally likely values, ms; one value when the service has no
+    spread), `service_ms[n - 1]` on average, and keeps the server busy for r steps with
+    probability `service_pmf[n - 1, r]`; the timer fires at age index `timer_steps`."""
 
     step_ms: float
-    service_ms: np.ndarray
     service_bins: np.ndarray
     service_pmf: np.ndarray
     timer_steps: int
@@ -94,7 +93,12 @@ class SingleServerGrid:
         np.add.at(pmf, (rows, lo + 1), extra / bins.shape[1])
         # the first grid point at which an arrival's age (k + 1/2) h reaches T
         timer = max(0, math.ceil(timeout_ms / step_ms - 0.5 - 1e-9))
-        return cls(float(step_ms), s, bins, pmf, timer)
+        return cls(float(step_ms), bins, pmf, timer)
+
+    @property
+    def service_ms(self) -> np.ndarray:
+        """s(n) for n = 1 .. B: the bins' means."""
+        return self.service_bins.mean(axis=1)
 
 
 def evaluate_single_server(arrivals: Map, service: Service, B: int, timeout_ms: float, percentile: float = 95.0,
