@@ -119,9 +119,17 @@ def _add_bench_load(bench_sub) -> None:
                                           "the zoo model and loads that.")
     ld.add_argument("--url", default=None, help="server address host:port (default: start cellserve on --model)")
     ld.add_argument("--model", default="lstm-512", help="model name (default: lstm-512)")
+    ld.add_argument("--model-repository", type=Path, default=None,
+                    help="without --url: serve this repository (holding --model) instead of the zoo model")
     ld.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    ld.add_argument("--input", default="tokens", help="the model's token input (default: tokens)")
-    ld.add_argument("--vocab", type=int, default=10000, help="token ids are drawn from [0, vocab)")
+    ld.add_argument("--input", default=None,
+                    help="the model's sequence input (default: the served model's when cellserve is started "
+                         "here, else tokens)")
+    ld.add_argument("--vocab", type=int, default=None,
+                    help="token ids are drawn from [0, vocab) (default: the served model's vocabulary, else 10000)")
+    ld.add_argument("--features", default=None, metavar="SHAPE",
+                    help="send float32 feature rows of this shape (e.g. 80, or 4x20) instead of token ids "
+                         "(default: the served model's, when its input is feature rows)")
     ld.add_argument("--rates", default=None,
                     help="comma-separated requests/s to offer, e.g. 50,100,200 (default: a ramp)")
     ld.add_argument("--start-rps", type=float, default=20.0, help="the ramp's first rate (default: 20)")
@@ -138,8 +146,8 @@ def _add_bench_load(bench_sub) -> None:
                     help="pad tokens to length buckets and send `lengths` (for batchers that need equal shapes)")
     ld.add_argument("--json-tensors", action="store_true", help="JSON tensors instead of binary (HTTP)")
     ld.add_argument("--time-major", action="store_true",
-                    help="send each sequence as [time, 1] (a model whose token input is [time, batch]); "
-                         "default [1, time]")
+                    help="send each sequence as [time, 1, ...] (a model whose input is [time, batch, ...]); "
+                         "default [1, time, ...], or the served model's layout")
     ld.add_argument("--ceiling", action="store_true",
                     help="also measure this generator's own ceiling against a trivial endpoint")
     ld.add_argument("--seed", type=int, default=0)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellserve.bench.engine_runner import replay
-from cellserve.bench.traces import TraceRequest, token_input
+from cellserve.bench.traces import TraceRequest, sequence_input
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.graph import zoo
 from cellserve.plan.batching import Service, evaluate
@@ -188,7 +188,8 @@ def _point(model, input_name: str, vocab: int, B: int, T: float, arrivals: Map, 
 def run(quick: bool, bursty: bool = False) -> dict:
     t0 = time.perf_counter()
     model = zoo.load(MODEL)
-    input_name, vocab, _ = token_input(model)
+    seq = sequence_input(model)
+    input_name, vocab = seq.name, seq.vocab
     idle_ms = _service_ms(model, input_name, vocab, tries=5 if quick else 15)
     idle = Service(tuple(idle_ms.items()))
     points = [(8, 2.0)] if quick else [(4, 2.0), (8, 2.0), (8, 10.0), (16, 5.0)]

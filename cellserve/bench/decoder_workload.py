@@ -172,7 +172,7 @@ def lengths(model: Model, answers: list, light_trace: list) -> dict:
     capacity bursts' answers: tokens in each best hypothesis), as min / mean / max."""
     out_name = decoder_of(model).output
     out = [int(r.outputs[out_name].shape[1]) for r in answers if out_name in r.outputs]
-    ins = [int(t.tokens.size) for t in light_trace]
+    ins = [int(t.sequence.size) for t in light_trace]
 
     def spread(xs: list[int]) -> dict:
         return {"min": min(xs), "mean": float(np.mean(xs)), "max": max(xs)} if xs else {}

@@ -26,7 +26,7 @@ import math
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.ramp import Bracket, RampPlan, RampResult, RampSearch, footnotes
 from cellserve.bench.results import meets_slo, summarize
 from cellserve.bench.roofline import engine_shape_gflops, measure_roofline
-from cellserve.bench.traces import InputSampler, is_time_major, make_trace, one_sequence, token_input, trace_at_rate
+from cellserve.bench.traces import InputSampler, is_time_major, make_trace, one_sequence, sequence_input, trace_at_rate
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.engine.request import Request, Response, Status
 from cellserve.errors import InvalidInput
@@ -102,12 +102,12 @@ class BenchConfig:
 
 def run(cfg: BenchConfig, log=print) -> dict:
     model = load_model(cfg.model, cfg.model_repository)
-    if decoder_of(model) is None:
-        token_input(model)  # one token sequence per request: refuse a model it cannot drive, naming why
     input_name = model.inputs[0].name
     vocab = model.semantics[input_name].vocab or 2
     slo_s = cfg.slo_ms / 1e3
     work = workload(model, cfg.beam_width)
+    if work.inputs is None:  # one sequence per request: refuse a model it cannot drive, naming why
+        work = replace(work, inputs=sequence_input(model).sampler())
     if work.decoder is not None:
         log(f"encoder-decoder, beam width {cfg.beam_width}; inputs: {work.decoder['inputs']}")
         if work.decoder["max_beam_width_configured"] < cfg.beam_width:
@@ -226,7 +226,7 @@ def closed_loop_capacity(engine: Engine, model: str, input_name: str, vocab: int
     time_major = is_time_major(engine.models[model], input_name)
     start = time.perf_counter()
     for item in trace:
-        engine.submit(Request(model, {input_name: one_sequence(item.tokens, time_major)}, on_done=answers.append,
+        engine.submit(Request(model, {input_name: one_sequence(item.sequence, time_major)}, on_done=answers.append,
                               beam_width=beam_width))
     engine.run_until_idle(timeout_s=120)
     elapsed = time.perf_counter() - start

@@ -74,7 +74,7 @@ def replay_mix(engine: Engine, streams: list[Stream], drain_s: float = 30.0,
         time_major = is_time_major(engine.models[s.model], s.input_name)
         mine = []
         for item in sorted(s.trace, key=lambda r: r.arrival_s):
-            request = Request(s.model, {s.input_name: one_sequence(item.tokens, time_major)}, on_done=on_done,
+            request = Request(s.model, {s.input_name: one_sequence(item.sequence, time_major)}, on_done=on_done,
                               timeout_s=s.timeout_s, arrival=item.arrival_s, beam_width=s.beam_width,
                               trace=s.traces(item.request_id) if s.traces is not None else None)
             mine.append((request.request_id, item))

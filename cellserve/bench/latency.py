@@ -1,7 +1,7 @@
 """`cellserve bench latency`: where a lightly loaded request's time goes, from the socket to
 the socket, measured with the server's own tracing (docs/tracing.md).
 
-It starts `cellserve serve --model M` with every request traced (`--trace-config
+It starts `cellserve serve --model M` (or `--model-repository DIR`) with every request traced (`--trace-config
 level=TIMESTAMPS rate=1 triton,file=<temp>`), sends Poisson arrivals at --rate (10 req/s by
 default), one request per arrival (WMT-like lengths, as the other benchmarks): JSON tensors over
 HTTP, as `bench compare` sends them, or binary tensors over gRPC. Each request carries an id, so
@@ -39,28 +39,33 @@ class LatencyConfig:
     warm_up: int = 20  # sent first and left out of the figures
     seed: int = 0
     server_args: tuple[str, ...] = ()
+    model_repository: str | None = None  # serve --model of this repository, not of the zoo
 
 
-def _requests(cfg: LatencyConfig, vocab: int):
-    """(id, arrival second, body) for every request, built before the clock starts."""
+def _requests(cfg: LatencyConfig, seq):
+    """(id, arrival second, body) for every request, built before the clock starts: one
+    sequence each in the model's input `seq` (bench/traces.SequenceInput)."""
     import numpy as np
 
-    from cellserve.bench.loadgen import RequestFormat, grpc_request
+    from cellserve.bench.loadgen import DATATYPES, RequestFormat, grpc_request
     from cellserve.bench.traces import make_trace
 
-    trace = make_trace(np.random.default_rng(cfg.seed), cfg.rate, cfg.warm_up + cfg.requests, vocab)
+    trace = make_trace(np.random.default_rng(cfg.seed), cfg.rate, cfg.warm_up + cfg.requests, seq.vocab or 0,
+                       inputs=seq.sampler())
+    fmt = RequestFormat(seq.name, time_major=seq.time_major)
     out = []
     for r in trace:
         rid = f"w{r.request_id}" if r.request_id < cfg.warm_up else str(r.request_id - cfg.warm_up)
-        tokens = r.tokens.reshape(1, -1)
         if cfg.protocol == "http":
-            body = json.dumps({"id": rid, "inputs": [{"name": "tokens", "shape": list(tokens.shape),
-                                                      "datatype": "INT64", "data": tokens.reshape(-1).tolist()}]},
+            x = seq.request_input(r.sequence)
+            body = json.dumps({"id": rid, "inputs": [{"name": seq.name, "shape": list(x.shape),
+                                                      "datatype": DATATYPES[x.dtype.name],
+                                                      "data": x.reshape(-1).tolist()}]},
                               separators=(",", ":")).encode()
         else:
             from tritonclient.grpc import service_pb2
 
-            message = service_pb2.ModelInferRequest.FromString(grpc_request(cfg.model, r.tokens, RequestFormat()))
+            message = service_pb2.ModelInferRequest.FromString(grpc_request(cfg.model, r.sequence, fmt))
             message.id = rid
             body = message.SerializeToString()
         out.append((rid, r.arrival_s, body))
@@ -138,19 +143,20 @@ def _run_loop(coro):
 def run(cfg: LatencyConfig, log=print) -> dict:
     """Run the benchmark; return the report (plain data, as written to --json)."""
     from cellserve.bench.latency_breakdown import breakdown
-    from cellserve.graph import zoo
+    from cellserve.bench.traces import sequence_input
     from cellserve.server.launch import ServerProcess
+    from cellserve.server.repository import load_model
     from cellserve.server.tracing import read_trace_files
 
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}")
-    model = zoo.load(cfg.model)
-    vocab = model.semantics[model.inputs[0].name].vocab or 2
-    requests = _requests(cfg, vocab)
+    repository = Path(cfg.model_repository) if cfg.model_repository else None
+    requests = _requests(cfg, sequence_input(load_model(cfg.model, repository)))
     workdir = Path(tempfile.mkdtemp(prefix="cellserve-latency-"))
     trace_file = workdir / "trace.json"
     off = "--grpc-port" if cfg.protocol == "http" else "--http-port"
-    args = ["--model", cfg.model, off, "-1", "--metrics-port", "-1", "--trace-config", "level=TIMESTAMPS",
+    source = ["--model-repository", cfg.model_repository] if cfg.model_repository else ["--model", cfg.model]
+    args = [*source, off, "-1", "--metrics-port", "-1", "--trace-config", "level=TIMESTAMPS",
             "--trace-config", "rate=1", "--trace-config", f"triton,file={trace_file}", *cfg.server_args]
     log(f"starting cellserve serve {' '.join(args)}")
     server = ServerProcess(*args)
@@ -186,7 +192,8 @@ def add_parser(bench_sub) -> None:
     p = bench_sub.add_parser("latency", help="where a lightly loaded request's time goes, per stage, from the "
                                              "server's own traces (docs/tracing.md)",
                              description=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", default="lstm-512", help="zoo model (default: lstm-512)")
+    p.add_argument("--model", default="lstm-512", help="zoo model, or one of --model-repository (default: lstm-512)")
+    p.add_argument("--model-repository", type=Path, default=None, help="serve this repository, which holds --model")
     p.add_argument("--protocol", choices=PROTOCOLS, default="http", help="http: JSON tensors; grpc: binary "
                                                                         "(default: http)")
     p.add_argument("--rate", type=positive(float), default=10.0, help="Poisson arrivals per second (default: 10)")
@@ -199,13 +206,17 @@ def add_parser(bench_sub) -> None:
 
 def bench_latency(args, parser) -> int:
     from cellserve.bench.latency_breakdown import Row, format_table
-    from cellserve.graph.zoo import ZOO
+    from cellserve.bench.traces import sequence_input
+    from cellserve.server.repository import load_model
 
-    if args.model not in ZOO:
-        parser.error(f"--model {args.model!r} is not a zoo model ({', '.join(ZOO)})")
+    try:
+        sequence_input(load_model(args.model, args.model_repository))
+    except ValueError as exc:
+        parser.error(f"--model: {exc}")
     if args.warm_up < 0:
         parser.error(f"--warm-up must be >= 0, got {args.warm_up}")
-    cfg = LatencyConfig(args.model, args.protocol, args.rate, args.requests, args.warm_up, args.seed)
+    cfg = LatencyConfig(args.model, args.protocol, args.rate, args.requests, args.warm_up, args.seed,
+                        model_repository=str(args.model_repository) if args.model_repository else None)
     report = run(cfg)
     m = report["machine"]
     print(f"\n{cfg.model} over {cfg.protocol}: {report['traced']} traced requests of {report['sent']} sent "

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from cellserve.bench.loadgen import LoadRun, RequestFormat, open_loop
 from cellserve.bench.peers.base import free_ports, spawn
 from cellserve.bench.results import RunStats, json_safe, span_s, summarize
-from cellserve.bench.traces import make_trace
+from cellserve.bench.traces import SequenceInput, make_trace
 
 TRIVIAL_SERVER = Path(__file__).parent / "peers" / "servers" / "trivial_server.py"
 _LAG_LIMIT_MS = 10.0  # a generator whose p99 send lag passes this is behind its schedule
@@ -52,6 +52,8 @@ class Sweep:
     min_requests: int = 50
     bursty: bool = False
     vocab: int = 10000
+    features: tuple[int, ...] = ()  # feature rows of this shape (float32) instead of token ids
+    longest: int | None = None  # sequences cut to this many steps (the model's longest)
     seed: int = 0
     client_timeout_s: float = 30.0
     # a readiness check this often during each rate (None: none), its latency reported beside
@@ -63,7 +65,9 @@ def trace_for(sweep: Sweep, rate: float) -> list:
     """The trace offered at `rate`: the same for every server given the same sweep."""
     seed = np.random.SeedSequence([sweep.seed, int(round(rate * 1000))])
     n = max(sweep.min_requests, int(rate * sweep.seconds_per_rate))
-    return make_trace(np.random.default_rng(seed), rate, n, sweep.vocab, bursty=sweep.bursty)
+    rows = (SequenceInput("", False, None, sweep.features, "float32", sweep.longest) if sweep.features
+            else SequenceInput("", False, sweep.vocab, longest=sweep.longest))
+    return make_trace(np.random.default_rng(seed), rate, n, 0, bursty=sweep.bursty, inputs=rows.sampler())
 
 
 def summarize_load(run: LoadRun, offered_rps: float, slos_ms: tuple[float, ...]) -> dict:

@@ -18,30 +18,66 @@ def _rates(text: str | None, parser) -> tuple[float, ...] | None:
     return rates
 
 
+def _features(text: str | None, parser) -> tuple[int, ...]:
+    """--features SHAPE: sizes joined by x (80, 4x20), each a positive integer."""
+    if text is None:
+        return ()
+    try:
+        shape = tuple(int(n) for n in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(n <= 0 for n in shape):
+        parser.error(f"--features must be a feature row's shape, positive sizes joined by x (80, 4x20), got {text!r}")
+    return shape
+
+
+def _served_sequence(args, parser):
+    """What a request of the model this command serves holds (bench/traces.sequence_input)."""
+    from cellserve.bench.traces import sequence_input
+    from cellserve.server.repository import load_model
+
+    try:
+        return sequence_input(load_model(args.model, args.model_repository))
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def bench_load(args, parser) -> int:
     from tqdm import tqdm
 
     slos = tuple(args.slo_ms or [200.0])
     for flag, value in (("--slo-ms", min(slos)), ("--seconds", args.seconds), ("--start-rps", args.start_rps),
-                        ("--max-rps", args.max_rps), ("--vocab", args.vocab)):
+                        ("--max-rps", args.max_rps), ("--vocab", args.vocab if args.vocab is not None else 1)):
         if not value > 0:
             parser.error(f"{flag} must be positive, got {value}")
+    if args.url is not None and args.model_repository is not None:
+        parser.error("--model-repository is for the server this command starts; with --url, the server is yours")
     if args.factor <= 1:
         parser.error(f"--factor must be above 1, got {args.factor}")
     if args.json_tensors and args.protocol == "grpc":
         parser.error("--json-tensors is for HTTP; gRPC tensors are always binary")
+    features = _features(args.features, parser)
+    if features and args.pad_to_buckets:
+        parser.error("--pad-to-buckets pads token ids; it cannot be combined with --features")
+    input_name, vocab, time_major, longest = args.input, args.vocab, args.time_major, None
+    if args.url is None:  # the model served here says what its requests are, where flags do not
+        seq = _served_sequence(args, parser)
+        input_name, time_major, longest = input_name or seq.name, time_major or seq.time_major, seq.longest
+        if not features and args.vocab is None:
+            vocab, features = seq.vocab, seq.features
     sweep = Sweep(slos_ms=slos, rates=_rates(args.rates, parser), start_rps=args.start_rps, factor=args.factor,
                   max_rps=args.max_rps, seconds_per_rate=args.seconds, bursty=args.arrivals == "bursty",
-                  vocab=args.vocab, seed=args.seed)
-    fmt = RequestFormat(args.input, binary=not args.json_tensors, pad_to_buckets=args.pad_to_buckets,
-                        deadline_ms=slos[0] if args.deadline else None, time_major=args.time_major)
+                  vocab=vocab or 10000, features=features, longest=longest, seed=args.seed)
+    fmt = RequestFormat(input_name or "tokens", binary=not args.json_tensors, pad_to_buckets=args.pad_to_buckets,
+                        deadline_ms=slos[0] if args.deadline else None, time_major=time_major)
     server = None
     address = args.url
     if address is None:
         from cellserve.server.launch import ServerProcess
 
-        print(f"starting cellserve serve --model {args.model} ...")
-        server = ServerProcess("--model", args.model, "--metrics-port", "-1")
+        source = ("--model-repository", str(args.model_repository)) if args.model_repository else ("--model", args.model)
+        print(f"starting cellserve serve {' '.join(source)} ...")
+        server = ServerProcess(*source, "--metrics-port", "-1")
         address = server.http if args.protocol == "http" else server.grpc
     try:
         target = Target(address, args.model, args.protocol, fmt)

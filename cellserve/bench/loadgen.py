@@ -37,13 +37,13 @@ PROTOCOLS = ("http", "grpc")
 
 @dataclass(frozen=True)
 class RequestFormat:
-    """How a trace's token sequences become request tensors.
+    """How a trace's sequences (token ids or feature rows) become request tensors.
 
     binary: Triton's binary tensor extension (HTTP) instead of JSON numbers.
     pad_to_buckets: pad to LENGTH_BUCKETS and add `lengths`, for batchers that need equal shapes.
     deadline_ms: sent as the request's `timeout` parameter (microseconds), for servers that
     schedule by deadline; None sends none.
-    time_major: each sequence as [T, 1] (a model whose token input is [time, batch]), not [1, T].
+    time_major: each sequence as [T, 1, ...] (a model whose input is [time, batch, ...]), not [1, T, ...].
     """
 
     input_name: str = "tokens"
@@ -60,19 +60,27 @@ class LoadRun:
     health_latencies_s: list[float] = field(default_factory=list)
 
 
-def _tensors(tokens: np.ndarray, fmt: RequestFormat) -> list[tuple[str, str, np.ndarray]]:
-    """(name, datatype, array) of one request's inputs: batch 1, padded where asked."""
-    sent = pad_to_bucket(tokens) if fmt.pad_to_buckets else tokens.astype(np.int64)
-    tensors = [(fmt.input_name, "INT64", one_sequence(sent, fmt.time_major))]
+# the protocol's datatype of a sequence's numpy dtype (token ids, feature rows)
+DATATYPES = {"int64": "INT64", "float32": "FP32", "float16": "FP16", "float64": "FP64"}
+
+
+def _tensors(sequence: np.ndarray, fmt: RequestFormat) -> list[tuple[str, str, np.ndarray]]:
+    """(name, datatype, array) of one request's inputs: batch 1, padded where asked (token ids:
+    pad_to_buckets is for token rows)."""
+    if sequence.dtype.kind in "iu":
+        sent = pad_to_bucket(sequence) if fmt.pad_to_buckets else sequence.astype(np.int64)
+    else:
+        sent = sequence
+    tensors = [(fmt.input_name, DATATYPES[sent.dtype.name], one_sequence(sent, fmt.time_major))]
     if fmt.pad_to_buckets:
-        tensors.append(("lengths", "INT32", np.array([[tokens.size]], dtype=np.int32)))
+        tensors.append(("lengths", "INT32", np.array([[len(sequence)]], dtype=np.int32)))
     return tensors
 
 
-def http_request(pool: HttpPool, model: str, tokens: np.ndarray, fmt: RequestFormat) -> bytes:
+def http_request(pool: HttpPool, model: str, sequence: np.ndarray, fmt: RequestFormat) -> bytes:
     """The bytes of one inference request: JSON tensors, or Triton's binary extension."""
     inputs, raw = [], []
-    for name, datatype, array in _tensors(tokens, fmt):
+    for name, datatype, array in _tensors(sequence, fmt):
         tensor = {"name": name, "shape": list(array.shape), "datatype": datatype}
         if fmt.binary:
             data = array.astype(array.dtype.newbyteorder("<")).tobytes()
@@ -92,11 +100,11 @@ def http_request(pool: HttpPool, model: str, tokens: np.ndarray, fmt: RequestFor
                                                     "Inference-Header-Content-Length": str(len(header))})
 
 
-def grpc_request(model: str, tokens: np.ndarray, fmt: RequestFormat) -> bytes:
+def grpc_request(model: str, sequence: np.ndarray, fmt: RequestFormat) -> bytes:
     """The serialised `ModelInferRequest` of one request: tensors in `raw_input_contents` (what
     tritonclient sends for numpy inputs), the deadline as the `timeout` parameter."""
     request = service_pb2.ModelInferRequest(model_name=model)
-    for name, datatype, array in _tensors(tokens, fmt):
+    for name, datatype, array in _tensors(sequence, fmt):
         request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
         request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
     if fmt.deadline_ms:
@@ -107,7 +115,7 @@ def grpc_request(model: str, tokens: np.ndarray, fmt: RequestFormat) -> bytes:
 class _HttpSender:
     def __init__(self, address: str, model: str, trace: list[TraceRequest], fmt: RequestFormat):
         self.pool = HttpPool(address)
-        self.requests = [http_request(self.pool, model, r.tokens, fmt) for r in trace]
+        self.requests = [http_request(self.pool, model, r.sequence, fmt) for r in trace]
         self.ready = self.pool.get("/v2/health/ready")
 
     async def send(self, i: int) -> tuple[str, str]:
@@ -133,7 +141,7 @@ class _GrpcSender:
         # no (de)serialisers: requests go as prebuilt bytes, answers are not parsed
         self.infer = self.channel.unary_unary(self._METHOD + "ModelInfer")
         self.ready = self.channel.unary_unary(self._METHOD + "ServerReady")
-        self.requests = [grpc_request(model, r.tokens, fmt) for r in trace]
+        self.requests = [grpc_request(model, r.sequence, fmt) for r in trace]
 
     async def send(self, i: int) -> tuple[str, str]:
         try:

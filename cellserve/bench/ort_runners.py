@@ -165,7 +165,7 @@ class OrtRunner:
                 time.sleep(min(max(min(events) - now, 0.0), _IDLE_SLEEP_S))
                 continue
             batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
-            feeds = self._feeds([r.tokens for r in batch])
+            feeds = self._feeds([r.sequence for r in batch])
             run_start = time.perf_counter()
             self.session.run(None, feeds)
             finish = time.perf_counter()
@@ -174,7 +174,7 @@ class OrtRunner:
             stats.overhead_us_per_step.append((run_start - start - now) * 1e6)
             stats.cell_steps += 1
             stats.batch_size_sum += len(batch)
-            padded_len = max(r.tokens.size for r in batch)
+            padded_len = max(r.sequence.size for r in batch)
             stats.executed_flops += len(batch) * (padded_len * self._flops_per_token + self._head_flops)
             outcomes += [RequestOutcome(r.request_id, r.arrival_s, finish - start, "ok") for r in batch]
         stats.duration_s = span_s(outcomes)

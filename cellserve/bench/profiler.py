@@ -31,7 +31,7 @@ import torch
 from cellserve import heap
 from cellserve.bench.engine_runner import replay
 from cellserve.bench.host import cpu_name
-from cellserve.bench.traces import MIN_REQUESTS, TraceRequest, one_sequence, token_input, trace_at_rate
+from cellserve.bench.traces import MIN_REQUESTS, SequenceInput, TraceRequest, sequence_input, trace_at_rate
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.executor.base import LaneStarted, StepResult
@@ -141,12 +141,11 @@ class RecordingExecutor(KernelExecutor):
 
 def model_trace(model: Model, seed: int, rate_rps: float, seconds: float, bursty: bool = False,
                 min_requests: int = MIN_REQUESTS) -> list[TraceRequest]:
-    """The benchmarks' trace (bench/traces.py) for any token model: WMT-like lengths cut at
-    the model's longest sequence, ids in its vocabulary."""
-    _, vocab, _ = token_input(model)
-    trace = trace_at_rate(seed, rate_rps, seconds, vocab, bursty=bursty, min_requests=min_requests)
-    longest = model.max_sequence_length
-    return [r if len(r.tokens) <= longest else replace(r, tokens=r.tokens[:longest]) for r in trace]
+    """The benchmarks' trace (bench/traces.py) for any model of one sequence input: WMT-like
+    lengths cut at the model's longest sequence, token ids in its vocabulary or feature rows."""
+    seq = sequence_input(model)
+    return trace_at_rate(seed, rate_rps, seconds, seq.vocab or 0, bursty=bursty, min_requests=min_requests,
+                         inputs=seq.sampler())
 
 
 def profile_model(model: Model, config: EngineConfig, threads: int | None = None, quick: bool = False,
@@ -156,7 +155,7 @@ def profile_model(model: Model, config: EngineConfig, threads: int | None = None
     _serve_and_fit; None: DEFAULT_DEADLINE_S, or more for a slow model)."""
     if deadline_s is not None and not deadline_s > 0:
         raise ValueError(f"the profiling runs' deadline must be > 0 seconds, got {deadline_s}")
-    token_input(model)  # the serving runs drive it with token traces: refuse now, not after the kernels' timing
+    sequence_input(model)  # the serving runs drive it with traces: refuse now, not after the kernels' timing
     if threads:
         torch.set_num_threads(threads)
     executor = RecordingExecutor(config.device, config.backend)
@@ -355,13 +354,13 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
     that the engine refuses and drops past capacity as it does when serving (and the fit
     sees what those cost). None: DEFAULT_DEADLINE_S, or DEADLINE_LATENCIES times the light
     run's median latency if that is longer (a slow model's every request would be refused)."""
-    name, _, time_major = token_input(model)
+    seq = sequence_input(model)
     capacity = 0.0
     for i in range(2):  # the first burst warms caches and thread pools: the best of two
         burst = model_trace(model, seed + 7 + i, 1.0, 1.0, min_requests=300)
         t0 = time.perf_counter()
         for item in burst:
-            engine.submit(_request(model, name, item, time_major))
+            engine.submit(_request(model, seq, item))
         engine.run_until_idle(timeout_s=300)
         capacity = max(capacity, len(burst) / (time.perf_counter() - t0))
     seconds = 2.0 if quick else 4.0
@@ -370,7 +369,7 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
     deadline = None
     for share in SERVING_SHARES:
         rate = max(capacity * share, 1.0)
-        run = replay(engine, model.name, name, model_trace(model, seed + 1000, rate, seconds), "profile", rate,
+        run = replay(engine, model.name, seq.name, model_trace(model, seed + 1000, rate, seconds), "profile", rate,
                      deadline)
         records += engine.stats.step_records  # replay starts each run with fresh stats
         wakes += engine.stats.wake_delays
@@ -382,9 +381,9 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
     return _fit_host(np.array(records, dtype=np.float64)), Timing.of(wakes or [0.0], trim=True), capacity
 
 
-def _request(model: Model, name: str, item: TraceRequest, time_major: bool):
+def _request(model: Model, seq: SequenceInput, item: TraceRequest):
     from cellserve.engine.request import Request
-    return Request(model.name, {name: one_sequence(item.tokens, time_major)})
+    return Request(model.name, {seq.name: seq.request_input(item.sequence)})
 
 
 def _fit_host(records: np.ndarray) -> HostProfile:

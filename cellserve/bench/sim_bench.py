@@ -160,7 +160,7 @@ def _capacity(model: Model, cfg: SimBenchConfig) -> float:
         burst = model_trace(model, cfg.seed + 11 + i, 1.0, 1.0, min_requests=300)
         t0 = time.perf_counter()
         for item in burst:
-            engine.submit(Request(model.name, {name: one_sequence(item.tokens, time_major)}))
+            engine.submit(Request(model.name, {name: one_sequence(item.sequence, time_major)}))
         engine.run_until_idle(timeout_s=600)
         best = max(best, len(burst) / (time.perf_counter() - t0))
     return best

@@ -31,7 +31,7 @@ import numpy as np
 from cellserve.bench.burner import Burner
 from cellserve.bench.engine_bench import closed_loop_capacity
 from cellserve.bench.engine_runner import Stream, replay_mix
-from cellserve.bench.traces import TraceRequest, burst_path, modulated_arrivals, sentence_lengths, token_input
+from cellserve.bench.traces import TraceRequest, burst_path, modulated_arrivals, sentence_lengths, sequence_input
 from cellserve.plan.json_io import check_output, write_json
 
 SCHEMA_VERSION = 1
@@ -83,7 +83,7 @@ def run(cfg: TenancyConfig, log=print) -> dict:
     if cfg.json is not None:
         check_output(cfg.json)
     models = [load_model(name, None) for name in cfg.models]
-    inputs = [token_input(m) for m in models]
+    inputs = [sequence_input(m) for m in models]
     profile_paths = list(cfg.profiles)
     if not profile_paths:
         folder = (cfg.json.parent if cfg.json else Path("bench-results"))
@@ -99,13 +99,14 @@ def run(cfg: TenancyConfig, log=print) -> dict:
     cores = tuple(sorted(os.sched_getaffinity(0)))
     with Allocated(models, cfg, profiles, cores) as allocated:
         capacity, capacity_allocated = {}, {}
-        for m, (name, vocab, _) in zip(models, inputs):
+        for m, seq in zip(models, inputs):
             # every engine gets the same bursts before the runs (warm caches and allocator, costs
             # learnt from the same work); today's engine's second burst is the capacity
             for engine in engines.values():
-                closed_loop_capacity(engine, m.name, name, vocab, cfg.seed + 1, n=100)
+                closed_loop_capacity(engine, m.name, seq.name, 0, cfg.seed + 1, n=100, inputs=seq.sampler())
             allocated.warm(m.name, cfg.seed + 1, n=100)
-            measured = {k: closed_loop_capacity(e, m.name, name, vocab, cfg.seed, n=150 if cfg.quick else 300)
+            measured = {k: closed_loop_capacity(e, m.name, seq.name, 0, cfg.seed, n=150 if cfg.quick else 300,
+                                                inputs=seq.sampler())
                         for k, e in engines.items()}
             capacity_allocated[m.name] = allocated.warm(m.name, cfg.seed, n=150 if cfg.quick else 300)
             capacity[m.name] = measured["today"]
@@ -229,12 +230,11 @@ def _streams(cfg: TenancyConfig, models, inputs, rates) -> list[Stream]:
     rng = np.random.default_rng(cfg.seed)
     edges, multipliers = burst_path(rng, cfg.seconds, cfg.burst_factor, mean_burst_s=1.0, mean_calm_s=3.0)
     streams = []
-    for m, (name, vocab, _), slo in zip(models, inputs, cfg.slo_ms):
+    for m, seq, slo in zip(models, inputs, cfg.slo_ms):
         arrivals = modulated_arrivals(rng, rates[m.name], edges, multipliers)
         lengths = sentence_lengths(rng, len(arrivals))
-        trace = [TraceRequest(i, float(a), rng.integers(0, vocab, size=int(n), dtype=np.int64))
-                 for i, (a, n) in enumerate(zip(arrivals, lengths))]
-        streams.append(Stream(m.name, name, trace, slo / 1e3))
+        trace = [TraceRequest(i, float(a), seq.draw(rng, int(n))) for i, (a, n) in enumerate(zip(arrivals, lengths))]
+        streams.append(Stream(m.name, seq.name, trace, slo / 1e3))
     return streams
 
 

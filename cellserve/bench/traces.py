@@ -2,7 +2,8 @@
 
 Every generator takes a `numpy.random.Generator`, so a trace is reproducible from its seed.
 An `InputSampler` replaces the WMT-like token rows with another distribution (a decoder
-model's own task inputs: bench/decoder_inputs.py); without one, traces are drawn as before.
+model's own task inputs: bench/decoder_workload.py; a feature model's rows:
+`SequenceInput.sampler`); without one, traces are token rows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _LOG_MEAN = float(np.log(25.0) - 0.6**2 / 2)
 _LOG_SIGMA = 0.6
 
 
-# (rng, n) -> n token rows (int64, shape [T] each, T >= 1), drawn from `rng` alone
+# (rng, n) -> n sequences (token ids [T] or feature rows [T, ...], T >= 1), drawn from `rng` alone
 InputSampler = Callable[[np.random.Generator, int], list[np.ndarray]]
 
 
@@ -29,40 +30,82 @@ InputSampler = Callable[[np.random.Generator, int], list[np.ndarray]]
 class TraceRequest:
     request_id: int
     arrival_s: float
-    tokens: np.ndarray  # int64, shape [T]
+    sequence: np.ndarray  # one request's sequence: token ids (int64, [T]) or feature rows ([T, *features])
 
 
-def token_input(model) -> tuple[str, int, bool]:
-    """How the benchmarks drive `model` (a graph Model): the name of its token input, its
-    vocabulary, and whether it is time-major ([time, batch]; else [batch, time]). Raises
-    ValueError naming what does not fit: the traces are one token sequence per request, so
-    the model must take exactly one input, of integer token ids, whose batch and time axes
-    the importer found."""
+@dataclass(frozen=True)
+class SequenceInput:
+    """How the benchmarks drive a model: one sequence per request, in its input `name`, as
+    token ids in [0, `vocab`) or, with `vocab` None, feature rows of shape `features` and
+    `dtype` (standard normal values: a feature model's cost does not depend on them)."""
+
+    name: str
+    time_major: bool  # [time, batch, ...]; else [batch, time, ...]
+    vocab: int | None
+    features: tuple[int, ...] = ()
+    dtype: str = "int64"
+    longest: int | None = None  # the model's longest sequence: longer draws are cut to it
+
+    def draw(self, rng: np.random.Generator, length: int) -> np.ndarray:
+        """One sequence of `length` steps."""
+        if self.vocab is not None:
+            return rng.integers(0, self.vocab, size=length, dtype=np.int64)
+        return rng.standard_normal((length, *self.features)).astype(self.dtype)
+
+    def sampler(self) -> InputSampler:
+        """`n` sequences of WMT-like lengths, cut at `longest` (for a token input, make_trace's
+        own draw, cut)."""
+        def sample(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+            return [self.draw(rng, int(k))[:self.longest] for k in sentence_lengths(rng, n)]
+        return sample
+
+    def request_input(self, sequence: np.ndarray) -> np.ndarray:
+        """A sequence as this input's batch of one (see one_sequence)."""
+        return one_sequence(sequence, self.time_major)
+
+
+def sequence_input(model) -> SequenceInput:
+    """How the benchmarks drive `model` (a graph Model). Raises ValueError naming what does not
+    fit: the traces are one sequence per request, so the model must take exactly one input,
+    whose batch and time axes the importer found (the first two), holding integer token ids
+    of a known vocabulary or floating-point feature rows of a fixed shape."""
     if len(model.inputs) != 1:
         raise ValueError(f"model {model.name!r} takes {len(model.inputs)} inputs "
-                         f"({', '.join(repr(s.name) for s in model.inputs)}); the benchmarks send one token "
-                         "sequence per request, to a model whose only input is token ids")
+                         f"({', '.join(repr(s.name) for s in model.inputs)}); the benchmarks send one sequence "
+                         "per request, to a model whose only input is token ids or feature rows")
     spec = model.inputs[0]
     sem = model.semantics.get(spec.name)
-    if np.dtype(spec.dtype).kind not in "iu" or sem is None or not sem.vocab:
-        raise ValueError(f"model {model.name!r} takes {spec.name!r} as {spec.dtype}; the benchmark traces are "
-                         "token sequences (a model whose input is token ids)")
-    if len(spec.shape) != 2 or {sem.batch_axis, sem.time_axis} != {0, 1}:
+    axes = None if sem is None else {sem.batch_axis, sem.time_axis}
+    if axes != {0, 1}:
+        found = "no batch or time axis" if sem is None else f"batch axis {sem.batch_axis}, time axis {sem.time_axis}"
         raise ValueError(f"model {model.name!r}: input {spec.name!r} of shape {list(spec.shape)} is not "
-                         "[batch, time] or [time, batch] (the importer found batch axis "
-                         f"{sem.batch_axis}, time axis {sem.time_axis})")
-    return spec.name, int(sem.vocab), is_time_major(model, spec.name)
+                         f"[batch, time, ...] or [time, batch, ...] (the importer found {found})")
+    time_major = sem.time_axis == 0
+    kind = np.dtype(spec.dtype).kind
+    if kind in "iu":
+        if len(spec.shape) != 2 or not sem.vocab:
+            raise ValueError(f"model {model.name!r} takes {spec.name!r} as {spec.dtype} of shape {list(spec.shape)}; "
+                             "the benchmarks send integer inputs as token ids, [batch, time] or [time, batch], "
+                             "into an embedding whose vocabulary the importer found")
+        return SequenceInput(spec.name, time_major, int(sem.vocab), longest=model.max_sequence_length)
+    features = tuple(spec.shape[2:])
+    if kind != "f" or not all(isinstance(n, int) and n > 0 for n in features):
+        raise ValueError(f"model {model.name!r} takes {spec.name!r} as {spec.dtype} of shape {list(spec.shape)}; "
+                         "the benchmarks send token ids (an integer input) or feature rows (a floating-point "
+                         "input whose axes after batch and time have fixed sizes)")
+    return SequenceInput(spec.name, time_major, None, features, str(np.dtype(spec.dtype)), model.max_sequence_length)
 
 
 def is_time_major(model, input_name: str) -> bool:
-    """Whether `model` takes `input_name` as [time, batch] (its importer's finding)."""
+    """Whether `model` takes `input_name` as [time, batch, ...] (its importer's finding)."""
     sem = model.semantics.get(input_name)
     return sem is not None and sem.time_axis == 0 and sem.batch_axis == 1
 
 
-def one_sequence(tokens: np.ndarray, time_major: bool = False) -> np.ndarray:
-    """One token sequence as a request's batch of one: [1, T], or [T, 1] for a time-major model."""
-    return tokens.reshape(-1, 1) if time_major else tokens.reshape(1, -1)
+def one_sequence(sequence: np.ndarray, time_major: bool = False) -> np.ndarray:
+    """One sequence ([T] token ids or [T, ...] feature rows) as a request's batch of one:
+    [1, T, ...], or [T, 1, ...] for a time-major model."""
+    return np.expand_dims(sequence, 1 if time_major else 0)
 
 
 def sentence_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -167,17 +210,17 @@ def modulated_arrivals(rng: np.random.Generator, rate_rps: float, edges: np.ndar
 def make_trace(rng: np.random.Generator, rate_rps: float, n: int, vocab: int,
                bursty: bool = False, inputs: InputSampler | None = None) -> list[TraceRequest]:
     """`n` requests with WMT-like lengths, token ids uniform in [0, vocab), ordered by arrival;
-    with `inputs`, their token rows are `inputs(rng, n)` instead (and `vocab` is unused)."""
+    with `inputs`, their sequences are `inputs(rng, n)` instead (and `vocab` is unused)."""
     arrivals = (bursty_arrivals if bursty else poisson_arrivals)(rng, rate_rps, n)
     if inputs is not None:
         rows = inputs(rng, n)
         if len(rows) != n:
             raise ValueError(f"the input sampler gave {len(rows)} rows for {n} requests")
-        return [TraceRequest(request_id=i, arrival_s=float(arrivals[i]), tokens=np.asarray(rows[i], np.int64))
+        return [TraceRequest(request_id=i, arrival_s=float(arrivals[i]), sequence=np.asarray(rows[i]))
                 for i in range(n)]
     lengths = sentence_lengths(rng, n)
     return [TraceRequest(request_id=i, arrival_s=float(arrivals[i]),
-                         tokens=rng.integers(0, vocab, size=int(lengths[i]), dtype=np.int64))
+                         sequence=rng.integers(0, vocab, size=int(lengths[i]), dtype=np.int64))
             for i in range(n)]
 
 

@@ -143,13 +143,13 @@ def _main(spec: WorkerSpec, conn) -> None:
     try:
         from cellserve.bench.engine_bench import closed_loop_capacity
         from cellserve.bench.engine_runner import replay_mix
-        from cellserve.bench.traces import token_input
+        from cellserve.bench.traces import sequence_input
         from cellserve.engine.config import EngineConfig
         from cellserve.engine.engine import Engine
         from cellserve.server.repository import load_model
 
         models = [load_model(name, spec.model_repository) for name in spec.models]
-        inputs = {m.name: token_input(m) for m in models}
+        inputs = {m.name: sequence_input(m) for m in models}
         pin_here(spec.cores)
         engine = Engine(models, EngineConfig(pin_threads=False))  # pinned here, and again on each repin
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which names the worker
@@ -185,8 +185,8 @@ def _main(spec: WorkerSpec, conn) -> None:
         try:
             if op == "capacity":
                 model, seed, n = args
-                name, vocab, _ = inputs[model]
-                answer = closed_loop_capacity(engine, model, name, vocab, seed, n=n)
+                seq = inputs[model]
+                answer = closed_loop_capacity(engine, model, seq.name, 0, seed, n=n, inputs=seq.sampler())
             elif op == "replay":
                 streams, start_at, drain_s = args
                 before = repins[0]

@@ -43,7 +43,7 @@ def traces(rates: dict[str, float], seconds: float, seed: int = 0) -> dict[str, 
         _, vocab = _model_input(model)
         rng = np.random.default_rng(np.random.SeedSequence([seed, i, int(round(rate * 1000))]))
         trace = make_trace(rng, rate, max(5, int(rate * seconds)), vocab)
-        out[model] = [replace(r, tokens=r.tokens[: max_length(model)]) for r in trace]
+        out[model] = [replace(r, sequence=r.sequence[: max_length(model)]) for r in trace]
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellserve.bench.traces import UNIT_CHUNK, burst_path, modulated_arrivals, sentence_lengths
+from cellserve.bench.traces import UNIT_CHUNK, burst_path, modulated_arrivals, sentence_lengths, sequence_input
 from cellserve.plan.profile import ModelProfile
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "docs" / "results" / "sim"
@@ -165,10 +165,10 @@ def _repository_models(repository: Path | None) -> dict:
         raise ValueError(str(exc)) from exc
 
 
-def _token_model(name: str, repository_models: dict):
+def _sequence_model(name: str, repository_models: dict):
     """Model `name` of the repository if it has one, else of the zoo (server/repository.py's
-    load_model, whose error names the zoo's models); its first input must be token ids (the
-    traces are sentences)."""
+    load_model, whose error names the zoo's models); it must take one sequence, of token ids
+    or feature rows (bench/traces.sequence_input: the traces are sentences)."""
     from cellserve.server.repository import load_model
 
     model = repository_models.get(name)
@@ -176,11 +176,7 @@ def _token_model(name: str, repository_models: dict):
         model.name = name  # the engine's name for it, as the profile records it
     else:
         model = load_model(name)
-    first = model.inputs[0]
-    semantics = model.semantics.get(first.name)
-    if first.dtype != "int64" or semantics is None or not semantics.vocab:
-        raise ValueError(f"model {name!r} takes {first.name!r} as {first.dtype}; the cluster's traces are token "
-                         "sequences (a model whose first input is token ids)")
+    sequence_input(model)
     return model
 
 
@@ -196,7 +192,7 @@ def load_catalogue(sessions: tuple[ClusterSession, ...] = DEFAULT_SESSIONS, prof
     models, profiles = {}, {}
     for s in sessions:
         if s.base not in bases:
-            model = _token_model(s.base, repository_models)
+            model = _sequence_model(s.base, repository_models)
             path = Path(profile_dir) / PROFILE_FILE.format(model=s.base)
             if not path.exists():
                 hint = f" --model-repository {model_repository}" if model_repository is not None else ""
@@ -217,7 +213,7 @@ def load_catalogue(sessions: tuple[ClusterSession, ...] = DEFAULT_SESSIONS, prof
 def session_arrivals(catalogue: Catalogue, total_rps: float, seconds: float, seed: int = 0) -> list:
     """`seconds` of bursty arrivals of every session at `total_rps` in all, as SimArrivals with
     the session's SLO as timeout, tagged 0..n-1 in time order. Each session's bursts (its MMPP
-    path), its arrivals' places in that path and its k-th request's tokens come from (seed,
+    path), its arrivals' places in that path and its k-th request's sequence come from (seed,
     session index) alone (bench/traces.modulated_arrivals), so the rate scales one draw."""
     from cellserve.sim.loop import SimArrival
 
@@ -231,10 +227,9 @@ def session_arrivals(catalogue: Catalogue, total_rps: float, seconds: float, see
         chunks = -(-times.size // UNIT_CHUNK)  # lengths drawn in fixed chunks: the k-th is one draw
         lengths = np.concatenate([sentence_lengths(length_rng, UNIT_CHUNK) for _ in range(max(1, chunks))])
         lengths = np.minimum(lengths[:times.size], model.max_sequence_length)
-        name = model.inputs[0].name
-        vocab = model.semantics[name].vocab
+        seq = sequence_input(model)
         for t, length in zip(times, lengths):
-            tokens = token_rng.integers(0, vocab, size=(1, int(length)), dtype=np.int64)
-            out.append(SimArrival(float(t), s.name, {name: tokens}, s.slo_ms / 1e3))
+            x = seq.request_input(seq.draw(token_rng, int(length)))
+            out.append(SimArrival(float(t), s.name, {seq.name: x}, s.slo_ms / 1e3))
     out.sort(key=lambda a: a.time_s)
     return [replace(a, tag=n) for n, a in enumerate(out)]

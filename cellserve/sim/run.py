@@ -31,7 +31,7 @@ def arrivals(trace: list[TraceRequest], model: Model, timeout_s: float | None,
     by their request ids or, with `first_tag`, by numbers counting up from it."""
     name = model.inputs[0].name
     time_major = is_time_major(model, name)
-    return [SimArrival(start_s + r.arrival_s, model.name, {name: one_sequence(r.tokens, time_major)}, timeout_s, 0,
+    return [SimArrival(start_s + r.arrival_s, model.name, {name: one_sequence(r.sequence, time_major)}, timeout_s, 0,
                        r.request_id if first_tag is None else first_tag + i) for i, r in enumerate(trace)]
 
 

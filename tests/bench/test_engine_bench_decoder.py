@@ -62,7 +62,7 @@ def test_the_reversers_requests_are_its_training_distribution(reverser):
     # a trace at a rate is the same requests whoever asks, as for classifiers
     a = trace_at_rate(5, 100.0, 1.0, 13, inputs=inputs.draw)
     b = trace_at_rate(5, 100.0, 1.0, 13, inputs=inputs.draw)
-    assert len(a) == 100 and all(np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b))
+    assert len(a) == 100 and all(np.array_equal(x.sequence, y.sequence) for x, y in zip(a, b))
 
 
 def test_an_unknown_decoders_inputs_are_uniform_tokens_and_say_so(reverser):

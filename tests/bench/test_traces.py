@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from cellserve.bench.traces import (TraceRequest, burst_path, bursty_arrivals, make_trace, modulated_arrivals,
-                                    poisson_arrivals, sentence_lengths)
+from cellserve.bench.traces import (SequenceInput, TraceRequest, burst_path, bursty_arrivals, make_trace,
+                                    modulated_arrivals, one_sequence, poisson_arrivals, sentence_lengths)
 
 
 def _index_of_dispersion(arrivals: np.ndarray, window_s: float) -> float:
@@ -57,9 +57,9 @@ def test_make_trace_orders_requests_and_draws_tokens_in_vocab():
     assert [r.request_id for r in trace] == list(range(500))
     assert all(isinstance(r, TraceRequest) for r in trace)
     assert np.all(np.diff([r.arrival_s for r in trace]) >= 0)
-    tokens = np.concatenate([r.tokens for r in trace])
+    tokens = np.concatenate([r.sequence for r in trace])
     assert tokens.dtype == np.int64 and tokens.min() == 0 and tokens.max() == 36
-    assert all(1 <= r.tokens.size <= 100 for r in trace)
+    assert all(1 <= r.sequence.size <= 100 for r in trace)
 
 
 def test_make_trace_is_reproducible_from_the_seed_in_both_modes():
@@ -67,7 +67,7 @@ def test_make_trace_is_reproducible_from_the_seed_in_both_modes():
         a = make_trace(np.random.default_rng(7), 20.0, 100, vocab=10, bursty=bursty)
         b = make_trace(np.random.default_rng(7), 20.0, 100, vocab=10, bursty=bursty)
         assert [r.arrival_s for r in a] == [r.arrival_s for r in b]
-        assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b))
+        assert all(np.array_equal(x.sequence, y.sequence) for x, y in zip(a, b))
 
 
 def test_burst_path_covers_the_window_and_averages_one():
@@ -102,3 +102,38 @@ def test_modulated_arrivals_at_a_higher_rate_scale_one_draw():
     assert np.all(fast[:slow.size] < slow)  # the same arrivals, each earlier
     with pytest.raises(ValueError, match="rate must be > 0"):
         modulated_arrivals(np.random.default_rng(12), 0.0, edges, multipliers)
+
+
+# ---- what a request's sequence is: token ids or feature rows ----
+
+def test_a_token_inputs_sampler_draws_what_make_trace_draws_by_itself():
+    """The traces of token models are the same whether drawn by make_trace or by the input's
+    sampler: figures measured before sequence inputs stay comparable."""
+    own = make_trace(np.random.default_rng(5), 100.0, 200, 1000)
+    sampled = make_trace(np.random.default_rng(5), 100.0, 200, 0, inputs=SequenceInput("tokens", False, 1000).sampler())
+    assert [r.arrival_s for r in own] == [r.arrival_s for r in sampled]
+    assert all(np.array_equal(a.sequence, b.sequence) and b.sequence.dtype == np.int64 for a, b in zip(own, sampled))
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_feature_rows_are_drawn_at_the_inputs_shape_and_sent_as_a_batch_of_one(time_major):
+    seq = SequenceInput("features", time_major, None, (5, 2), "float16")
+    trace = make_trace(np.random.default_rng(0), 50.0, 60, 0, inputs=seq.sampler())
+    for r in trace:
+        T = r.sequence.shape[0]
+        assert r.sequence.shape == (T, 5, 2) and r.sequence.dtype == np.float16 and 1 <= T <= 100
+        assert seq.request_input(r.sequence).shape == ((T, 1, 5, 2) if time_major else (1, T, 5, 2))
+    assert np.std(np.concatenate([r.sequence.ravel() for r in trace]).astype(np.float64)) == pytest.approx(1.0, rel=0.1)
+
+
+def test_one_sequence_keeps_token_rows_as_before():
+    tokens = np.arange(4, dtype=np.int64)
+    assert one_sequence(tokens).shape == (1, 4) and one_sequence(tokens, time_major=True).shape == (4, 1)
+    assert one_sequence(tokens, True)[:, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_sequences_longer_than_the_model_takes_are_cut_from_the_same_draw():
+    cut = make_trace(np.random.default_rng(3), 10.0, 300, 0, inputs=SequenceInput("t", False, 50, longest=12).sampler())
+    whole = make_trace(np.random.default_rng(3), 10.0, 300, 50)
+    assert max(len(r.sequence) for r in whole) > 12 >= max(len(r.sequence) for r in cut)
+    assert all(np.array_equal(c.sequence, w.sequence[:12]) for c, w in zip(cut, whole))

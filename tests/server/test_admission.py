@@ -133,7 +133,7 @@ def test_overload_keeps_goodput_and_health():
     server = start_server("--model", "gru-256", "--grpc-port", "-1")
     try:
         rng = np.random.default_rng(0)
-        burst = [TraceRequest(r.request_id, 0.0, r.tokens) for r in make_trace(rng, 1.0, 300, 10000)]
+        burst = [TraceRequest(r.request_id, 0.0, r.sequence) for r in make_trace(rng, 1.0, 300, 10000)]
 
         def burst_capacity() -> float:
             outcomes = open_loop(server.http, "gru-256", burst).outcomes

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cellserve import cli
@@ -152,6 +153,78 @@ def _export_tagger(path, batch_first: bool) -> None:
                       dynamic_axes={"tokens": axes, "tags": axes})
 
 
+def _export_features(path, batch_first: bool, features_dynamic: bool = False) -> None:
+    """A small feature model (float rows of 6, as from a speech front end: GRU, a head per
+    position) as a user would export it."""
+    import torch
+
+    class Frames(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.GRU(6, 8, batch_first=batch_first)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, features):
+            return self.head(self.rnn(features)[0])
+
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True)
+    axes = {0: "batch", 1: "time"} if batch_first else {0: "time", 1: "batch"}
+    torch.onnx.export(Frames().eval(), (torch.zeros((1, 5, 6) if batch_first else (5, 1, 6)),), str(path),
+                      input_names=["features"], output_names=["scores"], opset_version=17, dynamo=False,
+                      dynamic_axes={"features": {**axes, **({2: "width"} if features_dynamic else {})},
+                                    "scores": axes})
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_feature_models_traces_are_float_rows_one_sequence_per_request(tmp_path, batch_first):
+    """A model of float feature rows (no vocabulary) is driven as a token model is: WMT-like
+    lengths, one sequence of rows per request, in its own layout."""
+    from cellserve.bench.engine_runner import replay
+    from cellserve.bench.profiler import model_trace
+    from cellserve.bench.traces import SequenceInput, sequence_input
+    from cellserve.engine.engine import Engine, EngineConfig
+    from cellserve.server.repository import load_model
+    from cellserve.sim.run import arrivals
+
+    _export_features(tmp_path / "repo" / "frames" / "1" / "model.onnx", batch_first)
+    model = load_model("frames", tmp_path / "repo")
+    assert sequence_input(model) == SequenceInput("features", not batch_first, None, (6,), "float32",
+                                                  longest=model.max_sequence_length)
+    trace = model_trace(model, 0, 50.0, 0.5)
+    assert all(r.sequence.dtype == np.float32 and r.sequence.shape[1:] == (6,) for r in trace)
+    want = [(1, len(r.sequence), 6) if batch_first else (len(r.sequence), 1, 6) for r in trace]
+    assert [a.inputs["features"].shape for a in arrivals(trace, model, None)] == want
+    engine = Engine([model], EngineConfig())
+    stats = replay(engine, "frames", "features", trace, "cellular", 50.0, None)
+    assert [o.status for o in stats.outcomes] == ["ok"] * len(trace)
+    assert engine.stats.lanes_started == len(trace)
+
+
+def test_a_feature_model_whose_row_width_is_unknown_is_refused_naming_it(tmp_path):
+    from cellserve.bench.traces import sequence_input
+    from cellserve.server.repository import load_model
+
+    _export_features(tmp_path / "repo" / "wide" / "1" / "model.onnx", True, features_dynamic=True)
+    with pytest.raises(ValueError, match=r"model 'wide' takes 'features' as float32 of shape \[-1, -1, -1\]; .*fixed"):
+        sequence_input(load_model("wide", tmp_path / "repo"))
+
+
+@pytest.mark.slow  # profiles a model (about 10 s)
+def test_profile_and_simulate_a_feature_model_of_a_repository(tmp_path, capsys):
+    _export_features(tmp_path / "repo" / "frames" / "1" / "model.onnx", batch_first=False)
+    repo = str(tmp_path / "repo")
+    done = cellserve_here(capsys, "profile", "--model", "frames", "--model-repository", repo, "--quick",
+                          "--max-batch", "4", "--json", str(tmp_path / "frames.json"))
+    assert done.returncode == 0, done.stderr
+    assert ModelProfile.from_json(tmp_path / "frames.json").model == "frames"
+    done = cellserve_here(capsys, "simulate", "--profile", str(tmp_path / "frames.json"), "--model-repository", repo,
+                          "--max-batch", "4", "--rates", "100", "--seconds", "1", "--json", str(tmp_path / "sim.json"))
+    assert done.returncode == 0, done.stderr
+    run = json.loads((tmp_path / "sim.json").read_text())["runs"][0]
+    assert run["counts"]["ok"] == run["requests"] > 0
+
+
 def test_simulate_runs_a_profile_of_a_repository_model(tmp_path, capsys):
     """A profile of a repository model names it as `cellserve profile --model NAME` did (the
     engine calls it NAME:VERSION): simulate finds it there."""
@@ -183,7 +256,7 @@ def test_a_time_major_models_traces_are_one_sequence_per_request(tmp_path, capsy
     model = load_model("tm", tmp_path / "repo")
     assert (model.semantics["tokens"].time_axis, model.semantics["tokens"].batch_axis) == (0, 1)
     trace = model_trace(model, 0, 50.0, 0.5)
-    assert all(a.inputs["tokens"].shape == (len(r.tokens), 1) for a, r in zip(arrivals(trace, model, None), trace))
+    assert all(a.inputs["tokens"].shape == (len(r.sequence), 1) for a, r in zip(arrivals(trace, model, None), trace))
     engine = Engine([model], EngineConfig())
     stats = replay(engine, "tm", "tokens", trace, "cellular", 50.0, None)
     assert [o.status for o in stats.outcomes] == ["ok"] * len(trace)

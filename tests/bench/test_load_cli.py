@@ -1,0 +1,63 @@
+"""`cellserve bench load` as a user runs it: its flag errors through cli.main, and a real
+sweep against the server it starts on a repository model whose requests are feature rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cellserve import cli
+
+
+def _export_frames(path) -> None:
+    """A feature model (float rows of 6, time-major, as torch.nn.GRU takes them by default)."""
+    import torch
+
+    class Frames(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.GRU(6, 8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, features):
+            return self.head(self.rnn(features)[0][-1])
+
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True)
+    torch.onnx.export(Frames().eval(), (torch.zeros(5, 1, 6),), str(path), input_names=["features"],
+                      output_names=["scores"], opset_version=17, dynamo=False,
+                      dynamic_axes={"features": {0: "time", 1: "batch"}, "scores": {0: "batch"}})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--features", "0x3"], "--features must be a feature row's shape, positive sizes joined by x (80, 4x20), got '0x3'"),
+    (["--features", "eighty"], "--features must be a feature row's shape"),
+    (["--features", "80", "--pad-to-buckets"], "--pad-to-buckets pads token ids; it cannot be combined with --features"),
+    (["--url", "localhost:1", "--model-repository", "repo"], "--model-repository is for the server this command starts"),
+    (["--model", "nope"], "model 'nope' is not a zoo model"),
+])
+def test_bench_load_refuses_bad_flags_naming_them(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "load", *args, "--json", str(tmp_path / "load.json")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # starts a server and loads it for a second
+def test_bench_load_drives_a_feature_model_it_serves_from_a_repository(tmp_path):
+    """Started on a repository, bench load sends the model's own input: float rows in its
+    layout ([time, 1, 6] here), not token ids; every request is answered."""
+    _export_frames(tmp_path / "repo" / "frames" / "1" / "model.onnx")
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "-m", "cellserve.cli", "bench", "load", "--model", "frames",
+                           "--model-repository", str(tmp_path / "repo"), "--rates", "20", "--seconds", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr + done.stdout
+    report = json.loads(out.read_text())
+    assert report["request_format"]["input_name"] == "features" and report["request_format"]["time_major"]
+    assert report["sweep"]["features"] == [6]
+    (row,) = report["rates"]
+    assert row["requests"] > 0 and row["counts"]["ok"] == row["requests"], row
