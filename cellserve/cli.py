@@ -81,7 +81,7 @@ def _add_bench_engine(bench_sub) -> None:
     eng = bench_sub.add_parser("engine", help="all engine policies and ONNX Runtime on one open-loop trace")
     eng.add_argument("--model", default="lstm-512", help="zoo model, or one of --model-repository (default: lstm-512)")
     eng.add_argument("--model-repository", type=Path, default=None,
-                     help="a model repository holding --model (your own model; ONNX Runtime's runners are skipped)")
+                     help="a model repository holding --model (your own model; ONNX Runtime runs its own file)")
     eng.add_argument("--slo-ms", type=positive(float), default=200.0, help="latency SLO for goodput (default: 200)")
     eng.add_argument("--quick", action="store_true", help="a coarser ramp and shorter runs (a few minutes)")
     eng.add_argument("--bursty", action="store_true", help="bursty (two-state MMPP) arrivals instead of Poisson")

@@ -183,23 +183,33 @@ ORT_POLICIES = ("ort", "ort-padded")
 
 
 def _ort_runners(cfg: BenchConfig, model) -> tuple[dict, dict[str, str]]:
-    """ONNX Runtime's runners for `model`, and the policies skipped with the reason why."""
+    """ONNX Runtime's runners for `model`, and the policies skipped with the reason why: a
+    repository model's own ONNX file, or a zoo classifier exported with explicit lengths."""
     model_name = model.name
-    if cfg.model_repository is not None:
-        why = "a repository model: the ONNX Runtime runners are built from the zoo's own classifiers"
-        return {}, dict.fromkeys(ORT_POLICIES, why)
     if decoder_of(model) is not None:
         why = ("an encoder-decoder: the bench has no single ONNX export of its encoder and decoder loop for "
                "ONNX Runtime to run")
         return {}, dict.fromkeys(ORT_POLICIES, why)
-    module = zoo.reference_module(model_name)
-    if not isinstance(module, RNNClassifier) or module.directions != 1:
-        # the ONNX Runtime reference is built for unidirectional classifiers
-        return {}, dict.fromkeys(ORT_POLICIES, "the ONNX Runtime runners take unidirectional classifiers only")
-    path = Path(tempfile.mkdtemp(prefix="cellserve-ort-")) / f"{model_name}.onnx"
-    export_classifier_onnx(module, path)
-    ort = OrtRunner(path, padded=False)
-    ort_padded = OrtRunner(path, padded=True, max_batch=cfg.padded_batch, batch_timeout_s=cfg.padded_timeout_ms / 1e3)
+    if cfg.model_repository is not None:
+        from cellserve.server.repository import model_source
+
+        path, sequence = model_source(model_name, cfg.model_repository), sequence_input(model)
+    else:
+        module = zoo.reference_module(model_name)
+        if not isinstance(module, RNNClassifier) or module.directions != 1:
+            # the ONNX Runtime reference is built for unidirectional classifiers
+            return {}, dict.fromkeys(ORT_POLICIES, "the ONNX Runtime runners take unidirectional classifiers only")
+        path, sequence = Path(tempfile.mkdtemp(prefix="cellserve-ort-")) / f"{model_name}.onnx", None
+        export_classifier_onnx(module, path)
+    runners, skipped = {}, {}
+    for policy, padded in (("ort", False), ("ort-padded", True)):
+        try:
+            runners[policy] = OrtRunner(path, padded=padded, max_batch=cfg.padded_batch,
+                                        batch_timeout_s=cfg.padded_timeout_ms / 1e3, sequence=sequence)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own refusal of the model, reported
+            why = (str(exc).splitlines() or [""])[0]
+            skipped[policy] = (f"ONNX Runtime cannot run {path}{' in padded batches' if padded else ''}: "
+                               f"{type(exc).__name__}: {why}")
 
     def runner(r: OrtRunner):
         def go(trace, rate):
@@ -208,7 +218,7 @@ def _ort_runners(cfg: BenchConfig, model) -> tuple[dict, dict[str, str]]:
             return stats
         return go
 
-    return {"ort": runner(ort), "ort-padded": runner(ort_padded)}, {}
+    return {policy: runner(r) for policy, r in runners.items()}, skipped
 
 
 def closed_loop_capacity(engine: Engine, model: str, input_name: str, vocab: int, seed: int, n: int = 300,

@@ -1,8 +1,10 @@
-"""ONNX Runtime on the same classifier: the outside reference a user would otherwise run.
+"""ONNX Runtime on the same model: the outside reference a user would otherwise run.
 
-`export_classifier_onnx` writes the model with explicit `lengths`, so padded rows keep the
-state of their own last token. `OrtRunner` replays a trace open-loop against it, either one
-request at a time or as padded batches.
+`export_classifier_onnx` writes a zoo classifier with explicit `lengths`, so padded rows keep
+the state of their own last token; a repository model runs as its own ONNX file, its padded
+rows zeros to the batch's longest (what a padding batcher in front of it would send).
+`OrtRunner` replays a trace open-loop against either, one request at a time or as padded
+batches.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from cellserve.bench.results import RequestOutcome, RunStats, span_s
-from cellserve.bench.traces import TraceRequest
+from cellserve.bench.traces import SequenceInput, TraceRequest
 from cellserve.graph.zoo.modules import RNNClassifier
 
 OPSET = 17
@@ -94,18 +96,20 @@ def export_classifier_onnx(module: RNNClassifier, path: str | Path) -> None:
 
 def _flops_model(model: onnx.ModelProto) -> tuple[float, float]:
     """(FLOPs per token per batch row over all recurrent layers, FLOPs of the head per row),
-    counting each multiply-add of the gate and head GEMMs as 2 FLOPs."""
+    counting each multiply-add of the gate and head GEMMs as 2 FLOPs. Layers and Gemm heads
+    whose weights are not initializers are not counted."""
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     per_token = 0.0
     head = 0.0
     for node in model.graph.node:
-        if node.op_type in ("LSTM", "GRU"):
-            _, gates_h, inputs = shapes[node.input[1]]  # W: [1, gates * H, I]
-            hidden = shapes[node.input[2]][2]           # R: [1, gates * H, H]
-            per_token += 2.0 * gates_h * (inputs + hidden)
-        elif node.op_type == "Gemm":
-            classes, hidden = shapes[node.input[1]]
-            head += 2.0 * classes * hidden
+        if node.op_type in ("LSTM", "GRU", "RNN"):
+            w, r = shapes.get(node.input[1]), shapes.get(node.input[2])
+            if w is not None and r is not None:
+                directions, gates_h, inputs = w  # W: [directions, gates * H, I]
+                per_token += 2.0 * directions * gates_h * (inputs + r[2])  # R: [directions, gates * H, H]
+        elif node.op_type == "Gemm" and shapes.get(node.input[1]) is not None and len(shapes[node.input[1]]) == 2:
+            rows, cols = shapes[node.input[1]]
+            head += 2.0 * rows * cols
     return per_token, head
 
 
@@ -118,7 +122,7 @@ class OrtRunner:
     """
 
     def __init__(self, onnx_path: str | Path, padded: bool, max_batch: int = 8,
-                 batch_timeout_s: float = 0.005, threads: int = 2):
+                 batch_timeout_s: float = 0.005, threads: int = 2, sequence: SequenceInput | None = None):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -129,16 +133,27 @@ class OrtRunner:
         self.max_batch = max_batch if padded else 1
         self.batch_timeout_s = batch_timeout_s
         self.policy = "ort-padded" if padded else "ort"
+        self.sequence = sequence
         self._flops_per_token, self._head_flops = _flops_model(onnx.load(str(onnx_path)))
-        # One run up front so session start-up cost is not billed to the first request.
-        self.session.run(None, self._feeds([np.zeros(1, dtype=np.int64)]))
+        # One run up front so session start-up cost is not billed to the first request (and a
+        # model that cannot take padded batches fails here, not in a run).
+        first = (np.zeros(1, dtype=np.int64) if sequence is None
+                 else sequence.draw(np.random.default_rng(0), 1))
+        self.session.run(None, self._feeds([first] * self.max_batch if padded else [first]))
+        if padded:
+            self.session.run(None, self._feeds([np.concatenate([first, first]), first]))
 
-    def _feeds(self, tokens: list[np.ndarray]) -> dict[str, np.ndarray]:
-        lengths = np.array([t.size for t in tokens], dtype=np.int32)
-        batch = np.zeros((len(tokens), int(lengths.max())), dtype=np.int64)  # pad with id 0
-        for row, t in enumerate(tokens):
-            batch[row, :t.size] = t
-        return {"tokens": batch, "lengths": lengths}
+    def _feeds(self, sequences: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """One run's inputs: the zoo classifier's tokens and lengths (`sequence` None), or a
+        model's own sequence input, its rows padded with zeros to the longest."""
+        lengths = np.array([len(x) for x in sequences], dtype=np.int32)
+        first = sequences[0]
+        batch = np.zeros((len(sequences), int(lengths.max()), *first.shape[1:]), dtype=first.dtype)
+        for row, x in enumerate(sequences):
+            batch[row, :len(x)] = x
+        if self.sequence is None:
+            return {"tokens": batch, "lengths": lengths}
+        return {self.sequence.name: np.swapaxes(batch, 0, 1) if self.sequence.time_major else batch}
 
     def _ready(self, queue: deque[TraceRequest], now: float) -> bool:
         if not self.padded:
@@ -174,7 +189,7 @@ class OrtRunner:
             stats.overhead_us_per_step.append((run_start - start - now) * 1e6)
             stats.cell_steps += 1
             stats.batch_size_sum += len(batch)
-            padded_len = max(r.sequence.size for r in batch)
+            padded_len = max(len(r.sequence) for r in batch)
             stats.executed_flops += len(batch) * (padded_len * self._flops_per_token + self._head_flops)
             outcomes += [RequestOutcome(r.request_id, r.arrival_s, finish - start, "ok") for r in batch]
         stats.duration_s = span_s(outcomes)

@@ -85,6 +85,7 @@ class ServedModel:
     # and the entries as declared, which the published config echoes
     warmup: list = field(default_factory=list)
     warmup_config: list[dict] = field(default_factory=list)
+    source: Path | None = None  # the ONNX file this version was read from (None: the zoo, an encoder-decoder)
 
     @property
     def engine_name(self) -> str:
@@ -155,6 +156,13 @@ def load_repository_model(root: Path, name: str) -> list[ServedModel]:
     return _load_model_dir(Path(root) / name)
 
 
+def model_source(name: str, repository: Path) -> Path | None:
+    """The ONNX file of `name`'s highest version served from `repository` (None for an
+    encoder-decoder, which is two files): what ONNX Runtime can run as it stands."""
+    served = load_repository_model(Path(repository), name)
+    return served[-1].source if served else None
+
+
 def load_model(name: str, repository: Path | None = None) -> Model:
     """One model by name, for the tools that take `--model NAME [--model-repository DIR]`
     (profile, simulate, bench sim and cluster, plan partition): of `repository` when one is
@@ -208,10 +216,12 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
     served = []
     for version in chosen:
         version_dir = model_dir / str(version)
+        source = None
         if decode or (version_dir / ENCODER_FILE).is_file() or (version_dir / DECODER_STEP_FILE).is_file():
             model = _load_seq2seq(version_dir, decode, f"{name}:{version}", f"{where} version {version}")
         else:
-            model = _load_version(version_dir / filename, f"{name}:{version}", f"{where} version {version}")
+            source = version_dir / filename
+            model = _load_version(source, f"{name}:{version}", f"{where} version {version}")
         model.max_sequence_length = max_length or model.max_sequence_length
         model.max_request_rows = max_rows or model.max_request_rows
         _check_declared_tensors(config, model, f"{where} version {version}")
@@ -227,7 +237,7 @@ def _load_model_dir(model_dir: Path) -> list[ServedModel]:
                                   config.max_batch_size, labels,
                                   {o.name: o.label_filename for o in config.output if o.label_filename},
                                   batching, {o.name: [int(d) for d in o.dims] for o in config.output if o.dims},
-                                  warmup, published_warmup(config)))
+                                  warmup, published_warmup(config), source))
     return served
 
 

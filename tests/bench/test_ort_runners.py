@@ -108,3 +108,59 @@ def test_padded_runner_fills_batches_and_counts_padded_flops(lstm_path):
     head = 2 * HIDDEN * CLASSES
     expected = sum(len(b) * (max(b) * per_token + head) for b in (lengths[:4], lengths[4:8], lengths[8:]))
     assert stats.executed_flops == expected
+
+
+# ---- a repository model's own ONNX file ----
+
+def _export_own(path, module, example, input_name, axes):
+    torch.onnx.export(module.eval(), (example,), str(path), input_names=[input_name], output_names=["scores"],
+                      opset_version=17, dynamo=False, dynamic_axes={input_name: axes, "scores": axes})
+
+
+class _Frames(torch.nn.Module):
+    """Float rows of 6, time-major, a bidirectional GRU and a head per position."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.GRU(6, 8, bidirectional=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, features):
+        return self.head(self.rnn(features)[0])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_runner_drives_a_models_own_onnx_file_in_its_layout(tmp_path, padded):
+    """A repository model runs as exported: its own input (feature rows, time-major here), each
+    request alone exactly as ONNX Runtime answers it, or padded with zeros to the batch's longest;
+    a bidirectional layer's FLOPs count both directions."""
+    from cellserve.bench.traces import SequenceInput
+
+    path = tmp_path / "frames.onnx"
+    _export_own(path, seeded(_Frames(), seed=2), torch.zeros(5, 1, 6), "features", {0: "time", 1: "batch"})
+    sequence = SequenceInput("features", True, None, (6,), "float32")
+    runner = OrtRunner(path, padded=padded, max_batch=4, sequence=sequence)
+    x = [np.ones((3, 6), np.float32), np.zeros((5, 6), np.float32)]
+    feeds = runner._feeds(x)
+    assert list(feeds) == ["features"] and feeds["features"].shape == (5, 2, 6)  # [time, batch, 6]
+    assert np.array_equal(feeds["features"][:3, 0], x[0]) and not feeds["features"][3:, 0].any()
+    trace = make_trace(np.random.default_rng(2), 400.0, 30, 0, inputs=sequence.sampler())
+    stats = runner.run(trace)
+    assert sorted(o.request_id for o in stats.outcomes) == list(range(30))
+    assert all(o.status == "ok" for o in stats.outcomes) and stats.batch_size_sum == 30
+    per_token = 2 * 2 * 3 * 8 * (6 + 8)  # two directions, three gates of 8, inputs 6 and hidden 8
+    assert runner._flops_per_token == per_token
+
+
+def test_bench_engine_runs_onnx_runtime_on_a_repository_models_own_file(tmp_path):
+    """`bench engine --model-repository` compares with ONNX Runtime on the model's own file:
+    no policy skipped."""
+    from cellserve.bench.engine_bench import BenchConfig, _ort_runners
+    from cellserve.server.repository import load_model
+
+    (tmp_path / "repo" / "frames" / "1").mkdir(parents=True)
+    _export_own(tmp_path / "repo" / "frames" / "1" / "model.onnx", seeded(_Frames(), seed=2), torch.zeros(5, 1, 6),
+                "features", {0: "time", 1: "batch"})
+    cfg = BenchConfig(model="frames", model_repository=tmp_path / "repo", quick=True)
+    runners, skipped = _ort_runners(cfg, load_model("frames", tmp_path / "repo"))
+    assert sorted(runners) == ["ort", "ort-padded"] and skipped == {}
