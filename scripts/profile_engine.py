@@ -24,21 +24,23 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from cellserve import heap
 from cellserve.bench.decoder_workload import workload
-from cellserve.bench.traces import make_trace
+from cellserve.bench.traces import make_trace, sequence_input
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine, EngineStats
 from cellserve.engine.request import Request, Status
-from cellserve.graph import zoo
+from cellserve.server.repository import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="seq2seq-reverse")
+    p.add_argument("--model-repository", default=None, help="where --model is, when not a zoo model")
     p.add_argument("--policy", default="cellular")
     p.add_argument("--rate", type=float, default=2500.0, help="offered requests per second (open loop)")
     p.add_argument("--seconds", type=float, default=4.0)
@@ -54,26 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=300, help="requests of a burst run first, not counted")
     args = p.parse_args(argv)
 
-    model = zoo.load(args.model)
-    name = model.inputs[0].name
-    vocab = model.semantics[name].vocab or 2
+    model = load_model(args.model, Path(args.model_repository) if args.model_repository else None)
     work = workload(model, args.beam_width)
+    seq = sequence_input(model)
+    inputs = work.inputs or seq.sampler()
     padded = args.policy in ("padded", "none")
     engine = Engine([model], EngineConfig(policy=args.policy, max_batch=args.max_batch, device="cpu",
                                           admission=not padded, drop_late=not padded))
     rng = np.random.default_rng(args.seed)
     if args.warmup:  # caches, thread pools, the cost model's tables
-        for item in make_trace(rng, 1.0, args.warmup, vocab, inputs=work.inputs):
-            engine.submit(Request(model.name, {name: item.tokens.reshape(1, -1)}, beam_width=work.beam_width))
+        for item in make_trace(rng, 1.0, args.warmup, 0, inputs=inputs):
+            engine.submit(Request(model.name, {seq.name: seq.request_input(item.sequence)}, beam_width=work.beam_width))
         engine.run_until_idle(timeout_s=120)
     heap.settle()
     engine.stats = EngineStats()
     answers: list = []
     closed = args.burst or args.concurrency
     n = args.burst or args.requests if closed else max(1, int(args.rate * args.seconds))
-    trace = make_trace(rng, args.rate, n, vocab, inputs=work.inputs)
+    trace = make_trace(rng, args.rate, n, 0, inputs=inputs)
     timeout = None if args.burst else args.timeout_ms / 1e3
-    requests = [Request(model.name, {name: t.tokens.reshape(1, -1)}, on_done=answers.append, timeout_s=timeout,
+    requests = [Request(model.name, {seq.name: seq.request_input(t.sequence)}, on_done=answers.append, timeout_s=timeout,
                         beam_width=work.beam_width) for t in trace]
     # how many may be submitted by now: all (burst), those answered plus the concurrency
     # (closed loop), or those whose arrival has come (open loop)

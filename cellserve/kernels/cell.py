@@ -110,19 +110,32 @@ def _look_up(table: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
         np.take(table, ids, axis=0, out=out)
 
 
+# A oneDNN projection smaller than this (rows x inputs x outputs multiply-adds) runs through
+# numpy's BLAS instead, where `_Linear` is asked to (small_by_blas): oneDNN's fixed cost per
+# call outweighs its speed on small ones, and numpy's BLAS (one thread here) slows down at 2
+# rows of the larger ones (docs/performance.md, "Small input projections").
+SMALL_PROJECTION_MACS = 1 << 19
+
+
 class _Linear:
     """y = x @ W^T (+ b) for float32 x [N, in]: by oneDNN with W prepacked (numpy in and
-    out), by numpy's BLAS, or by torch on the backend's device (tensor out)."""
+    out), by numpy's BLAS, or by torch on the backend's device (tensor out). `small_by_blas`
+    (oneDNN only): a call under SMALL_PROJECTION_MACS takes numpy's BLAS. Its rounding differs
+    from oneDNN's, so only a projection whose rows do not depend on what else is batched (a
+    lane's own inputs at its start) may ask for it: a lane's results stay the same in any mix."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, backend: str, device: torch.device,
-                 batch_hint: int = 64):
+                 batch_hint: int = 64, small_by_blas: bool = False):
         self.backend, self.device = backend, device
         weight = np.ascontiguousarray(weight, dtype=np.float32)
         bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        self._small_w = None  # W^T for small calls, when small_by_blas and one row is small
         if backend == "onednn":
             _single_threaded_numpy_blas()
             self.w = torch.ops.mkldnn._reorder_linear_weight(torch.from_numpy(weight), batch_hint)
             self.b = None if bias is None else torch.from_numpy(bias)
+            if small_by_blas and weight.size < SMALL_PROJECTION_MACS:
+                self._small_w, self._small_b = np.ascontiguousarray(weight.T), bias
         elif backend == "blas":
             self.w, self.b = np.ascontiguousarray(weight.T), bias
         else:
@@ -137,6 +150,11 @@ class _Linear:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not x.flags.writeable:  # torch.from_numpy wants writable memory
             x = x.copy()
+        if self._small_w is not None and x.shape[0] * self._small_w.size < SMALL_PROJECTION_MACS:
+            y = x @ self._small_w
+            if self._small_b is not None:
+                y += self._small_b
+            return y
         if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x), self.w, self.b, "none", [], "").numpy()
         if self.backend == "blas":
@@ -170,7 +188,9 @@ class CellKernel:
         self.h_bias = weights.b_hh.astype(np.float32) if kind == "gru" else None
         # (an upper layer of a stack on the fused backend projects on packed_ih, below, instead)
         upper_fused = fed_by_rows and self.backend == "fused"
-        self.project = None if upper_fused else _Linear(weights.w_ih, x_bias, gemm, device)
+        # on the fused backend this projection runs once per lane, at its start (small_by_blas)
+        self.project = None if upper_fused else _Linear(weights.w_ih, x_bias, gemm, device,
+                                                        small_by_blas=self.backend == "fused")
         # A layer fed by an embedding looks its projections up: table @ W_ih^T + bias, once
         # (unless that table would be too large: then its embeddings, projected per lane).
         self.token_table = token_table

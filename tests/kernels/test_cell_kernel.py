@@ -465,3 +465,35 @@ def test_an_upper_layer_s_packed_projection_is_the_gemm_s_and_the_same_alone_or_
         one = np.zeros((1, kernel.gates), np.float32)
         kernel.project_rows(src, np.array([i], np.int64), one, np.zeros(1, np.int64))
         np.testing.assert_array_equal(one[0], batch[i])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN projections need torch's mkldnn")
+def test_a_small_lane_start_projection_takes_numpy_blas_and_a_large_one_onednn():
+    """On the fused backend a lane's input projection under SMALL_PROJECTION_MACS runs through
+    numpy's BLAS (oneDNN's fixed cost per call dominates small ones), a longer lane's through
+    oneDNN; both are PyTorch's projection, and a layer too large for one row keeps no copy."""
+    from cellserve.kernels import cell
+
+    layer = torch_layer("lstm", 20, 16, seed=5)
+    kernel = CellKernel("lstm", 16, weights_of(layer), CPU, backend="fused")
+    w = weights_of(layer)
+    assert kernel.project._small_w is not None  # 64 x 20 weights: small for up to 409 rows
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return onednn(*args)
+
+    rng = np.random.default_rng(0)
+    for rows in (3, 400, 420):  # 420 x 20 x 64 multiply-adds pass 2^19
+        x = rng.standard_normal((rows, 20)).astype(np.float32)
+        torch.ops.mkldnn._linear_pointwise = counted
+        try:
+            got = kernel.project(x)
+        finally:
+            torch.ops.mkldnn._linear_pointwise = onednn
+        np.testing.assert_allclose(got, x @ w.w_ih.T + w.b_ih + w.b_hh, rtol=1e-5, atol=1e-5)
+    assert calls == [420] and 420 * 20 * 64 >= cell.SMALL_PROJECTION_MACS > 400 * 20 * 64
+    big = CellKernel("lstm", 512, weights_of(torch_layer("lstm", 512, 512, seed=1)), CPU, backend="fused")
+    assert big.project._small_w is None  # 2048 x 512 weights: no call is small

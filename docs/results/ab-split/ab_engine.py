@@ -15,7 +15,7 @@ def capacity(seed):
     tr = make_trace(np.random.default_rng(seed), 1.0, 300, 10000)
     e.config.admission = e.config.drop_late = False
     t0 = time.perf_counter()
-    for it in tr: e.submit(Request(m.name, {"tokens": it.tokens.reshape(1, -1)}))
+    for it in tr: e.submit(Request(m.name, {"tokens": it.sequence.reshape(1, -1)}))
     e.run_until_idle(timeout_s=120)
     e.config.admission = e.config.drop_late = True
     return 300 / (time.perf_counter() - t0)
