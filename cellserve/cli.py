@@ -101,7 +101,8 @@ def _add_bench_engine(bench_sub) -> None:
 
 def _add_bench_server(bench_sub) -> None:
     sb = bench_sub.add_parser("server", help="the engine in-process vs the same engine behind HTTP (tritonclient)")
-    sb.add_argument("--model", default="lstm-512", help="zoo model (default: lstm-512)")
+    sb.add_argument("--model", default="lstm-512", help="zoo model, or one of --model-repository (default: lstm-512)")
+    sb.add_argument("--model-repository", type=Path, default=None, help="a model repository holding --model")
     sb.add_argument("--slo-ms", type=positive(float), default=200.0, help="latency SLO for goodput (default: 200)")
     sb.add_argument("--quick", action="store_true", help="a shorter sweep")
     sb.add_argument("--seed", type=int, default=0)
@@ -294,8 +295,9 @@ def _bench_server(args) -> int:
     from cellserve.bench import server_bench
     from cellserve.errors import CellserveError
 
-    cfg = server_bench.ServerBenchConfig(model=args.model, slo_ms=args.slo_ms, quick=args.quick, seed=args.seed,
-                                         repeats=args.repeats, json_path=args.json, plot_path=args.plot)
+    cfg = server_bench.ServerBenchConfig(model=args.model, model_repository=args.model_repository, slo_ms=args.slo_ms,
+                                         quick=args.quick, seed=args.seed, repeats=args.repeats, json_path=args.json,
+                                         plot_path=args.plot)
     try:
         report = server_bench.run(cfg)
     except (CellserveError, ValueError) as exc:  # a model the bench cannot load or drive

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,11 @@ from cellserve.bench.loadgen import RequestFormat, open_loop
 from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.ramp import Bracket, RampPlan, RampResult, RampSearch, footnotes
 from cellserve.bench.results import RunStats, meets_slo, span_s, summarize
-from cellserve.bench.traces import make_trace, trace_at_rate
+from cellserve.bench.decoder_workload import workload
+from cellserve.bench.traces import make_trace, sequence_input, trace_at_rate
 from cellserve.engine.engine import Engine, EngineConfig
-from cellserve.graph import zoo
 from cellserve.server.launch import ServerProcess
+from cellserve.server.repository import load_model
 
 _SETTLE_S = 0.3
 
@@ -35,6 +36,7 @@ _SETTLE_S = 0.3
 @dataclass
 class ServerBenchConfig:
     model: str = "lstm-512"
+    model_repository: Path | None = None  # None: a zoo model
     slo_ms: float = 200.0
     quick: bool = False
     seed: int = 0
@@ -62,28 +64,30 @@ class ServerBenchConfig:
 
 
 def run(cfg: ServerBenchConfig, log=print) -> dict:
-    model = zoo.load(cfg.model)
-    input_name = model.inputs[0].name
-    vocab = model.semantics[input_name].vocab or 2
+    model = load_model(cfg.model, cfg.model_repository)
+    seq = sequence_input(model)
+    inputs = workload(model, 1).inputs or seq.sampler()  # an encoder-decoder's task inputs, as bench engine's
     slo_s = cfg.slo_ms / 1e3
     engine = Engine([model], EngineConfig(policy="cellular", max_batch=cfg.max_batch))
-    capacity = max(closed_loop_capacity(engine, model.name, input_name, vocab, cfg.seed + i) for i in range(3))
+    capacity = max(closed_loop_capacity(engine, model.name, seq.name, 0, cfg.seed + i, inputs=inputs)
+                   for i in range(3))
     log(f"engine capacity estimate (closed loop): {capacity:.0f} req/s")
     plan = cfg.plan(capacity)
     traces: dict[float, list] = {}
 
     def trace(rate: float) -> list:
         if rate not in traces:
-            traces[rate] = trace_at_rate(cfg.seed, rate, cfg.run_seconds, vocab)
+            traces[rate] = trace_at_rate(cfg.seed, rate, cfg.run_seconds, 0, inputs=inputs)
         return traces[rate]
 
-    server = ServerProcess("--model", cfg.model, "--grpc-port", "-1", "--metrics-port", "-1",
-                           "--max-batch", str(cfg.max_batch))
+    source = ("--model-repository", str(cfg.model_repository)) if cfg.model_repository else ("--model", cfg.model)
+    server = ServerProcess(*source, "--grpc-port", "-1", "--metrics-port", "-1", "--max-batch", str(cfg.max_batch))
+    fmt = RequestFormat(seq.name, deadline_ms=cfg.slo_ms, time_major=seq.time_major)
     try:
-        _warm_up(server.http, cfg.model, input_name, vocab)
+        _warm_up(server.http, cfg.model, replace(fmt, deadline_ms=None), inputs)
         sides = {
-            "engine": lambda trace, rate: replay(engine, model.name, input_name, trace, "engine", rate, slo_s),
-            "server": lambda trace, rate: _server_run(server.http, cfg.model, input_name, trace, rate, cfg.slo_ms),
+            "engine": lambda trace, rate: replay(engine, model.name, seq.name, trace, "engine", rate, slo_s),
+            "server": lambda trace, rate: _server_run(server.http, cfg.model, fmt, trace, rate),
         }
         searches = {side: RampSearch(plan, lambda s: meets_slo(s, cfg.slo_ms)) for side in sides}
         with tqdm(desc="bench server", unit="run") as bar:
@@ -101,14 +105,14 @@ def run(cfg: ServerBenchConfig, log=print) -> dict:
     return report
 
 
-def _server_run(address: str, model: str, input_name: str, trace, rate: float, slo_ms: float) -> RunStats:
-    outcomes = open_loop(address, model, trace, fmt=RequestFormat(input_name, deadline_ms=slo_ms)).outcomes
+def _server_run(address: str, model: str, fmt: RequestFormat, trace, rate: float) -> RunStats:
+    outcomes = open_loop(address, model, trace, fmt=fmt).outcomes
     return RunStats(policy="server", rate_rps=rate, duration_s=span_s(outcomes), outcomes=outcomes)
 
 
-def _warm_up(address: str, model: str, input_name: str, vocab: int) -> None:
-    trace = make_trace(np.random.default_rng(99), 200.0, 100, vocab)
-    open_loop(address, model, trace, fmt=RequestFormat(input_name))
+def _warm_up(address: str, model: str, fmt: RequestFormat, inputs) -> None:
+    trace = make_trace(np.random.default_rng(99), 200.0, 100, 0, inputs=inputs)
+    open_loop(address, model, trace, fmt=fmt)
 
 
 def _report(cfg: ServerBenchConfig, capacity: float, plan: RampPlan, results: dict[str, RampResult]) -> dict:
@@ -120,7 +124,8 @@ def _report(cfg: ServerBenchConfig, capacity: float, plan: RampPlan, results: di
                        "runs": runs}
     engine, server = sides["engine"], sides["server"]
     return {
-        "model": cfg.model, "slo_ms": cfg.slo_ms, "quick": cfg.quick, "runs_per_point": cfg.runs_per_point,
+        "model": cfg.model, "model_repository": str(cfg.model_repository) if cfg.model_repository else None,
+        "slo_ms": cfg.slo_ms, "quick": cfg.quick, "runs_per_point": cfg.runs_per_point,
         "machine": {"cpus": cpu_count()}, "capacity_estimate_rps": capacity,
         "rates_rps": sorted({r for result in results.values() for r in result.rates_rps}), "ramp": plan.to_dict(),
         "engine": engine, "server": server,

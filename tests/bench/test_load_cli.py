@@ -10,26 +10,7 @@ import sys
 import pytest
 
 from cellserve import cli
-
-
-def _export_frames(path) -> None:
-    """A feature model (float rows of 6, time-major, as torch.nn.GRU takes them by default)."""
-    import torch
-
-    class Frames(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = torch.nn.GRU(6, 8)
-            self.head = torch.nn.Linear(8, 3)
-
-        def forward(self, features):
-            return self.head(self.rnn(features)[0][-1])
-
-    torch.manual_seed(0)
-    path.parent.mkdir(parents=True)
-    torch.onnx.export(Frames().eval(), (torch.zeros(5, 1, 6),), str(path), input_names=["features"],
-                      output_names=["scores"], opset_version=17, dynamo=False,
-                      dynamic_axes={"features": {0: "time", 1: "batch"}, "scores": {0: "batch"}})
+from feature_model import export_frames
 
 
 @pytest.mark.parametrize("args, message", [
@@ -50,7 +31,7 @@ def test_bench_load_refuses_bad_flags_naming_them(args, message, capsys, tmp_pat
 def test_bench_load_drives_a_feature_model_it_serves_from_a_repository(tmp_path):
     """Started on a repository, bench load sends the model's own input: float rows in its
     layout ([time, 1, 6] here), not token ids; every request is answered."""
-    _export_frames(tmp_path / "repo" / "frames" / "1" / "model.onnx")
+    export_frames(tmp_path / "repo" / "frames" / "1" / "model.onnx")
     out = tmp_path / "load.json"
     done = subprocess.run([sys.executable, "-m", "cellserve.cli", "bench", "load", "--model", "frames",
                            "--model-repository", str(tmp_path / "repo"), "--rates", "20", "--seconds", "1",

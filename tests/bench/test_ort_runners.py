@@ -6,6 +6,7 @@ import torch
 from cellserve.bench.ort_runners import OrtRunner, export_classifier_onnx
 from cellserve.bench.traces import TraceRequest, make_trace
 from cellserve.graph.zoo.modules import RNNClassifier, seeded
+from feature_model import export_frames
 
 VOCAB, EMBED, HIDDEN, CLASSES = 50, 12, 16, 5
 
@@ -112,23 +113,6 @@ def test_padded_runner_fills_batches_and_counts_padded_flops(lstm_path):
 
 # ---- a repository model's own ONNX file ----
 
-def _export_own(path, module, example, input_name, axes):
-    torch.onnx.export(module.eval(), (example,), str(path), input_names=[input_name], output_names=["scores"],
-                      opset_version=17, dynamo=False, dynamic_axes={input_name: axes, "scores": axes})
-
-
-class _Frames(torch.nn.Module):
-    """Float rows of 6, time-major, a bidirectional GRU and a head per position."""
-
-    def __init__(self):
-        super().__init__()
-        self.rnn = torch.nn.GRU(6, 8, bidirectional=True)
-        self.head = torch.nn.Linear(16, 3)
-
-    def forward(self, features):
-        return self.head(self.rnn(features)[0])
-
-
 @pytest.mark.parametrize("padded", [False, True])
 def test_runner_drives_a_models_own_onnx_file_in_its_layout(tmp_path, padded):
     """A repository model runs as exported: its own input (feature rows, time-major here), each
@@ -137,7 +121,7 @@ def test_runner_drives_a_models_own_onnx_file_in_its_layout(tmp_path, padded):
     from cellserve.bench.traces import SequenceInput
 
     path = tmp_path / "frames.onnx"
-    _export_own(path, seeded(_Frames(), seed=2), torch.zeros(5, 1, 6), "features", {0: "time", 1: "batch"})
+    export_frames(path, bidirectional=True)
     sequence = SequenceInput("features", True, None, (6,), "float32")
     runner = OrtRunner(path, padded=padded, max_batch=4, sequence=sequence)
     x = [np.ones((3, 6), np.float32), np.zeros((5, 6), np.float32)]
@@ -158,9 +142,7 @@ def test_bench_engine_runs_onnx_runtime_on_a_repository_models_own_file(tmp_path
     from cellserve.bench.engine_bench import BenchConfig, _ort_runners
     from cellserve.server.repository import load_model
 
-    (tmp_path / "repo" / "frames" / "1").mkdir(parents=True)
-    _export_own(tmp_path / "repo" / "frames" / "1" / "model.onnx", seeded(_Frames(), seed=2), torch.zeros(5, 1, 6),
-                "features", {0: "time", 1: "batch"})
+    export_frames(tmp_path / "repo" / "frames" / "1" / "model.onnx", bidirectional=True)
     cfg = BenchConfig(model="frames", model_repository=tmp_path / "repo", quick=True)
     runners, skipped = _ort_runners(cfg, load_model("frames", tmp_path / "repo"))
     assert sorted(runners) == ["ort", "ort-padded"] and skipped == {}

@@ -58,3 +58,19 @@ def test_server_bench_ramps_both_sides(tmp_path):
     assert on_disk["goodput_ratio_bracketed"] == (on_disk["engine"]["bracketed"] and on_disk["server"]["bracketed"])
     assert "server" in server_bench.table(report)
     assert cfg.json_path.with_suffix(".png").exists()
+
+
+@pytest.mark.slow  # a real server, loaded for seconds
+def test_server_bench_serves_a_repository_model_of_feature_rows(tmp_path):
+    """`bench server --model-repository`: the server started on the repository, both sides sent
+    the model's own input (float rows, time-major), every light-load request answered."""
+    from feature_model import export_frames
+
+    export_frames(tmp_path / "repo" / "frames" / "1" / "model.onnx")
+    cfg = server_bench.ServerBenchConfig(model="frames", model_repository=tmp_path / "repo", quick=True,
+                                         seconds_per_run=0.4, ramp_factor=4.0, refine_steps=1, repeats=1,
+                                         json_path=tmp_path / "server.json")
+    report = server_bench.run(cfg, log=lambda *_: None)
+    for side in ("engine", "server"):
+        light = report[side]["runs"][0]
+        assert light["counts"]["ok"] == light["requests"] > 0, (side, light)
