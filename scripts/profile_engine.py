@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.burst or args.requests if closed else max(1, int(args.rate * args.seconds))
     trace = make_trace(rng, args.rate, n, 0, inputs=inputs)
     timeout = None if args.burst else args.timeout_ms / 1e3
-    requests = [Request(model.name, {seq.name: seq.request_input(t.sequence)}, on_done=answers.append, timeout_s=timeout,
-                        beam_width=work.beam_width) for t in trace]
+    requests = [Request(model.name, {seq.name: seq.request_input(t.sequence)}, on_done=answers.append,
+                        timeout_s=timeout, beam_width=work.beam_width) for t in trace]
     # how many may be submitted by now: all (burst), those answered plus the concurrency
     # (closed loop), or those whose arrival has come (open loop)
     if args.burst:

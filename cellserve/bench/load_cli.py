@@ -75,7 +75,8 @@ def bench_load(args, parser) -> int:
     if address is None:
         from cellserve.server.launch import ServerProcess
 
-        source = ("--model-repository", str(args.model_repository)) if args.model_repository else ("--model", args.model)
+        source = (("--model-repository", str(args.model_repository)) if args.model_repository
+                  else ("--model", args.model))
         print(f"starting cellserve serve {' '.join(source)} ...")
         server = ServerProcess(*source, "--metrics-port", "-1")
         address = server.http if args.protocol == "http" else server.grpc

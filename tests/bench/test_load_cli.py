@@ -14,10 +14,13 @@ from feature_model import export_frames
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--features", "0x3"], "--features must be a feature row's shape, positive sizes joined by x (80, 4x20), got '0x3'"),
+    (["--features", "0x3"],
+     "--features must be a feature row's shape, positive sizes joined by x (80, 4x20), got '0x3'"),
     (["--features", "eighty"], "--features must be a feature row's shape"),
-    (["--features", "80", "--pad-to-buckets"], "--pad-to-buckets pads token ids; it cannot be combined with --features"),
-    (["--url", "localhost:1", "--model-repository", "repo"], "--model-repository is for the server this command starts"),
+    (["--features", "80", "--pad-to-buckets"],
+     "--pad-to-buckets pads token ids; it cannot be combined with --features"),
+    (["--url", "localhost:1", "--model-repository", "repo"],
+     "--model-repository is for the server this command starts"),
     (["--model", "nope"], "model 'nope' is not a zoo model"),
 ])
 def test_bench_load_refuses_bad_flags_naming_them(args, message, capsys, tmp_path):
