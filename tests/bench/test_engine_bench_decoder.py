@@ -109,7 +109,7 @@ def _cli(capsys, *argv):
     (["engine", "--slo-ms", "-5"], "argument --slo-ms: must be a finite number > 0, got -5"),
     (["engine", "--max-batch", "0"], "argument --max-batch: must be > 0, got 0"),
     (["server", "--repeats", "0"], "argument --repeats: must be > 0, got 0"),
-    (["server", "--model", "nope"], "no zoo model 'nope'"),
+    (["server", "--model", "nope"], "model 'nope' is not a zoo model"),
 ])
 def test_the_bench_cli_names_the_bad_flag_or_model_in_one_line(capsys, tmp_path, argv, message):
     code, err = _cli(capsys, "bench", *argv, "--quick", "--json", str(tmp_path / "x.json"))
