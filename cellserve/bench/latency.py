@@ -47,7 +47,7 @@ def _requests(cfg: LatencyConfig, seq):
     sequence each in the model's input `seq` (bench/traces.SequenceInput)."""
     import numpy as np
 
-    from cellserve.bench.loadgen import DATATYPES, RequestFormat, grpc_request
+    from cellserve.bench.loadgen import RequestFormat, grpc_request, request_tensors
     from cellserve.bench.traces import make_trace
 
     trace = make_trace(np.random.default_rng(cfg.seed), cfg.rate, cfg.warm_up + cfg.requests, seq.vocab or 0,
@@ -57,11 +57,9 @@ def _requests(cfg: LatencyConfig, seq):
     for r in trace:
         rid = f"w{r.request_id}" if r.request_id < cfg.warm_up else str(r.request_id - cfg.warm_up)
         if cfg.protocol == "http":
-            x = seq.request_input(r.sequence)
-            body = json.dumps({"id": rid, "inputs": [{"name": seq.name, "shape": list(x.shape),
-                                                      "datatype": DATATYPES[x.dtype.name],
-                                                      "data": x.reshape(-1).tolist()}]},
-                              separators=(",", ":")).encode()
+            inputs = [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.reshape(-1).tolist()}
+                      for name, datatype, x in request_tensors(r.sequence, fmt)]
+            body = json.dumps({"id": rid, "inputs": inputs}, separators=(",", ":")).encode()
         else:
             from tritonclient.grpc import service_pb2
 
@@ -144,7 +142,7 @@ def run(cfg: LatencyConfig, log=print) -> dict:
     """Run the benchmark; return the report (plain data, as written to --json)."""
     from cellserve.bench.latency_breakdown import breakdown
     from cellserve.bench.traces import sequence_input
-    from cellserve.server.launch import ServerProcess
+    from cellserve.server.launch import ServerProcess, serve_model_args
     from cellserve.server.repository import load_model
     from cellserve.server.tracing import read_trace_files
 
@@ -155,8 +153,8 @@ def run(cfg: LatencyConfig, log=print) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="cellserve-latency-"))
     trace_file = workdir / "trace.json"
     off = "--grpc-port" if cfg.protocol == "http" else "--http-port"
-    source = ["--model-repository", cfg.model_repository] if cfg.model_repository else ["--model", cfg.model]
-    args = [*source, off, "-1", "--metrics-port", "-1", "--trace-config", "level=TIMESTAMPS",
+    args = [*serve_model_args(cfg.model, cfg.model_repository), off, "-1", "--metrics-port", "-1",
+            "--trace-config", "level=TIMESTAMPS",
             "--trace-config", "rate=1", "--trace-config", f"triton,file={trace_file}", *cfg.server_args]
     log(f"starting cellserve serve {' '.join(args)}")
     server = ServerProcess(*args)

@@ -73,10 +73,9 @@ def bench_load(args, parser) -> int:
     server = None
     address = args.url
     if address is None:
-        from cellserve.server.launch import ServerProcess
+        from cellserve.server.launch import ServerProcess, serve_model_args
 
-        source = (("--model-repository", str(args.model_repository)) if args.model_repository
-                  else ("--model", args.model))
+        source = serve_model_args(args.model, args.model_repository)
         print(f"starting cellserve serve {' '.join(source)} ...")
         server = ServerProcess(*source, "--metrics-port", "-1")
         address = server.http if args.protocol == "http" else server.grpc

@@ -28,6 +28,7 @@ from cellserve.bench.http_pool import HttpPool, error_message
 from cellserve.bench.peers.base import pad_to_bucket
 from cellserve.bench.results import RequestOutcome
 from cellserve.bench.traces import TraceRequest, one_sequence
+from cellserve.datatypes import protocol_name
 
 # Answers that are the server's refusals rather than failures, over HTTP and gRPC.
 _STATUS = {"429": "rejected", "StatusCode.RESOURCE_EXHAUSTED": "rejected",
@@ -60,18 +61,14 @@ class LoadRun:
     health_latencies_s: list[float] = field(default_factory=list)
 
 
-# the protocol's datatype of a sequence's numpy dtype (token ids, feature rows)
-DATATYPES = {"int64": "INT64", "float32": "FP32", "float16": "FP16", "float64": "FP64"}
-
-
-def _tensors(sequence: np.ndarray, fmt: RequestFormat) -> list[tuple[str, str, np.ndarray]]:
+def request_tensors(sequence: np.ndarray, fmt: RequestFormat) -> list[tuple[str, str, np.ndarray]]:
     """(name, datatype, array) of one request's inputs: batch 1, padded where asked (token ids:
     pad_to_buckets is for token rows)."""
     if sequence.dtype.kind in "iu":
         sent = pad_to_bucket(sequence) if fmt.pad_to_buckets else sequence.astype(np.int64)
     else:
         sent = sequence
-    tensors = [(fmt.input_name, DATATYPES[sent.dtype.name], one_sequence(sent, fmt.time_major))]
+    tensors = [(fmt.input_name, protocol_name(sent.dtype), one_sequence(sent, fmt.time_major))]
     if fmt.pad_to_buckets:
         tensors.append(("lengths", "INT32", np.array([[len(sequence)]], dtype=np.int32)))
     return tensors
@@ -80,7 +77,7 @@ def _tensors(sequence: np.ndarray, fmt: RequestFormat) -> list[tuple[str, str, n
 def http_request(pool: HttpPool, model: str, sequence: np.ndarray, fmt: RequestFormat) -> bytes:
     """The bytes of one inference request: JSON tensors, or Triton's binary extension."""
     inputs, raw = [], []
-    for name, datatype, array in _tensors(sequence, fmt):
+    for name, datatype, array in request_tensors(sequence, fmt):
         tensor = {"name": name, "shape": list(array.shape), "datatype": datatype}
         if fmt.binary:
             data = array.astype(array.dtype.newbyteorder("<")).tobytes()
@@ -104,7 +101,7 @@ def grpc_request(model: str, sequence: np.ndarray, fmt: RequestFormat) -> bytes:
     """The serialised `ModelInferRequest` of one request: tensors in `raw_input_contents` (what
     tritonclient sends for numpy inputs), the deadline as the `timeout` parameter."""
     request = service_pb2.ModelInferRequest(model_name=model)
-    for name, datatype, array in _tensors(sequence, fmt):
+    for name, datatype, array in request_tensors(sequence, fmt):
         request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
         request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
     if fmt.deadline_ms:

@@ -27,7 +27,7 @@ from cellserve.bench.results import RunStats, meets_slo, span_s, summarize
 from cellserve.bench.decoder_workload import workload
 from cellserve.bench.traces import make_trace, sequence_input, trace_at_rate
 from cellserve.engine.engine import Engine, EngineConfig
-from cellserve.server.launch import ServerProcess
+from cellserve.server.launch import ServerProcess, serve_model_args
 from cellserve.server.repository import load_model
 
 _SETTLE_S = 0.3
@@ -80,8 +80,8 @@ def run(cfg: ServerBenchConfig, log=print) -> dict:
             traces[rate] = trace_at_rate(cfg.seed, rate, cfg.run_seconds, 0, inputs=inputs)
         return traces[rate]
 
-    source = ("--model-repository", str(cfg.model_repository)) if cfg.model_repository else ("--model", cfg.model)
-    server = ServerProcess(*source, "--grpc-port", "-1", "--metrics-port", "-1", "--max-batch", str(cfg.max_batch))
+    server = ServerProcess(*serve_model_args(cfg.model, cfg.model_repository), "--grpc-port", "-1",
+                           "--metrics-port", "-1", "--max-batch", str(cfg.max_batch))
     fmt = RequestFormat(seq.name, deadline_ms=cfg.slo_ms, time_major=seq.time_major)
     try:
         _warm_up(server.http, cfg.model, replace(fmt, deadline_ms=None), inputs)

@@ -150,19 +150,17 @@ class _Linear:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not x.flags.writeable:  # torch.from_numpy wants writable memory
             x = x.copy()
+        b = self.b
         if self._small_w is not None and x.shape[0] * self._small_w.size < SMALL_PROJECTION_MACS:
-            y = x @ self._small_w
-            if self._small_b is not None:
-                y += self._small_b
-            return y
-        if self.backend == "onednn":
+            y, b = x @ self._small_w, self._small_b
+        elif self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x), self.w, self.b, "none", [], "").numpy()
-        if self.backend == "blas":
+        elif self.backend == "blas":
             y = x @ self.w
         else:
             y = torch.as_tensor(x, device=self.device) @ self.w
-        if self.b is not None:
-            y += self.b
+        if b is not None:
+            y += b
         return y
 
 

@@ -6,6 +6,11 @@ import subprocess
 import sys
 
 
+def serve_model_args(model: str, repository=None) -> tuple[str, ...]:
+    """`cellserve serve`'s flags that serve `model`: the repository holding it, else the zoo's."""
+    return ("--model-repository", str(repository)) if repository else ("--model", model)
+
+
 class ServerProcess:
     """`cellserve serve ARGS` with every port picked free; ready once constructed."""
 
