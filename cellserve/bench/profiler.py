@@ -38,7 +38,7 @@ from cellserve.executor.base import LaneStarted, StepResult
 from cellserve.executor.batch import StepBatch
 from cellserve.executor.kernel import KernelExecutor
 from cellserve.graph.model import DenseNode, Model
-from cellserve.plan.profile import CellTypeProfile, HostProfile, Machine, ModelProfile, Timing, step_flops
+from cellserve.plan.profile import CellTypeProfile, HostProfile, IdleBucket, Machine, ModelProfile, Timing, step_flops
 
 _DECODER_MEMORY = 16  # source length of a decoder's dummy lanes
 _MIN_SAMPLES = 5  # serving's samples of a batch size before they replace the timing alone
@@ -47,6 +47,7 @@ _MIN_SAMPLES = 5  # serving's samples of a batch size before they replace the ti
 # buckets of that spell's length up to these bounds (seconds; the last one takes the rest)
 _IDLE_AFTER_S = 0.00025
 _IDLE_BOUNDS_S = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, math.inf)
+_IDLE_DRAWS = 20  # an idle bucket's draws (IdleBucket.draws_s): each stands for 5% of the steps
 # of the closed-loop capacity: light, busy, near saturation and past it (where refusals and
 # backlogs show what arrivals and drop checks cost the engine: HostProfile.request_s, check_s_per_run)
 SERVING_SHARES = (0.2, 0.6, 0.9, 1.3)
@@ -223,7 +224,7 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
     log(f"  {cell_type}: serving showed batch sizes {sorted(seen)[:12]}{' ...' if len(seen) > 12 else ''} "
         f"(others: {scale:.2f}x the timing alone); a step after other work costs {cold * 1e6:.0f} us more, "
         f"a lone run {lone_cold * 1e6:.0f} us; after an idle spell " + (", ".join(
-            f"<= {b * 1e3:.2g} ms: +{x * 1e6:.0f} us" for b, x in idle[1:]) if idle else "(none seen)"))
+            f"<= {b.up_to_s * 1e3:.2g} ms: +{b.extra_s * 1e6:.0f} us" for b in idle[1:]) if idle else "(none seen)"))
     # the means (but for the top 1%, stalls of the machine), not the medians: a lane's start
     # and finish are right-skewed (slower after idle spells), and the simulator charges each one
     return replace(fitted, idle_extra_s=idle,
@@ -231,7 +232,7 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
                    finish_s_per_token=Timing.of(finishes, trim=True).mean if finishes else alone.finish_s_per_token)
 
 
-def _plain_op(calls: list[tuple[float, float]]) -> tuple[Timing, tuple[tuple[float, float], ...]]:
+def _plain_op(calls: list[tuple[float, float]]) -> tuple[Timing, tuple[IdleBucket, ...]]:
     """A plain op's warm timing (the runs that followed its previous run within _IDLE_AFTER_S)
     and, over it, what runs after longer spells cost more (ModelProfile.plain_idle_extra_s);
     with too few warm runs, all of them and no buckets."""
@@ -244,12 +245,12 @@ def _plain_op(calls: list[tuple[float, float]]) -> tuple[Timing, tuple[tuple[flo
 
 
 def _idle_buckets(cell: CellTypeProfile, after_idle: list[tuple[float, bool, int, int, bool, float]]
-                  ) -> tuple[tuple[float, float], ...]:
+                  ) -> tuple[IdleBucket, ...]:
     """CellTypeProfile.idle_extra_s from the steps serving ran after idle spells: per bucket
     of spell length (_IDLE_BOUNDS_S; one with fewer than _MIN_SAMPLES steps joins the next
-    longer one, the last one the one before), the mean of what each step took over what the
-    warm costs price it at (its top 1% left out, as stalls of the machine), never below zero.
-    The first bucket, up to _IDLE_AFTER_S, is the warm steps' own: nothing extra."""
+    longer one, the last one the one before), what each step took over what the warm costs
+    price it at, as draws (_idle_bucket). The first bucket, up to _IDLE_AFTER_S, is the warm
+    steps' own: nothing extra."""
     extras = []
     for spell, is_lone, size, lanes, cold, busy in after_idle:
         if is_lone:
@@ -260,9 +261,9 @@ def _idle_buckets(cell: CellTypeProfile, after_idle: list[tuple[float, bool, int
     return _buckets(extras)
 
 
-def _buckets(extras: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
-    """(up_to_s, extra_s) buckets of (spell, seconds over the warm price) pairs, as
-    _idle_buckets describes, led by (_IDLE_AFTER_S, 0.0); () when there are too few."""
+def _buckets(extras: list[tuple[float, float]]) -> tuple[IdleBucket, ...]:
+    """IdleBuckets of (spell, seconds over the warm price) pairs, as _idle_buckets describes,
+    led by one up to _IDLE_AFTER_S with nothing extra; () when there are too few."""
     groups: list[list[float]] = [[] for _ in _IDLE_BOUNDS_S]
     spells: list[float] = [0.0 for _ in _IDLE_BOUNDS_S]
     for spell, extra in extras:
@@ -281,7 +282,23 @@ def _buckets(extras: list[tuple[float, float]]) -> tuple[tuple[float, float], ..
         buckets.append((max(bound, max(spells)), xs + pending))
     if not buckets:
         return ()
-    return ((_IDLE_AFTER_S, 0.0),) + tuple((bound, max(Timing.of(xs, trim=True).mean, 0.0)) for bound, xs in buckets)
+    return (IdleBucket(_IDLE_AFTER_S, 0.0),) + tuple(_idle_bucket(bound, xs) for bound, xs in buckets)
+
+
+def _idle_bucket(up_to_s: float, extras: list[float]) -> IdleBucket:
+    """One bucket of _buckets: the extras but for their top 1% (stalls while measuring), as
+    _IDLE_DRAWS equally likely draws, the i-th the mean of the extras between the i-th and
+    the next quantile of _IDLE_DRAWS (a value straddling two shares counts in both, for its
+    part), so that the draws' mean is the extras'; a mean at or below zero is no extra at all."""
+    xs = np.sort(np.asarray(extras, dtype=np.float64))[:max(1, math.ceil(0.99 * len(extras)))]
+    n, k = len(xs), _IDLE_DRAWS
+    area = np.concatenate([[0.0], np.cumsum(xs)])  # area[j]: the sum of the j smallest
+    at = np.arange(k + 1) * n / k  # each share's edges, in values
+    whole = np.minimum(np.floor(at).astype(int), n - 1)
+    upto = area[whole] + (at - whole) * xs[whole]  # the sum of the values below each edge
+    draws = np.diff(upto) * k / n
+    mean = float(area[n] / n)
+    return IdleBucket(up_to_s, mean, tuple(draws.tolist())) if mean > 0 else IdleBucket(up_to_s, 0.0)
 
 
 def _fit_lone(runs: list[tuple[int, float, bool]]) -> tuple[Timing, float, float]:

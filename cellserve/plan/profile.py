@@ -16,12 +16,15 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from cellserve.decimal_text import positive_key
 
 # 2: decode_steps is a histogram per source length (version 1 listed every lane's pair)
 # 3: host.request_s and host.check_s_per_run (version 2 lacks them: read as 0, with a warning)
-SCHEMA_VERSION = 3
+# 4: an idle bucket may carry its draws, [up_to_s, extra_s, [draw_s, ...]] (3 has pairs only)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (2, 3, SCHEMA_VERSION)
 CELL_KINDS = ("layer", "stack", "decoder")
 
 
@@ -31,6 +34,19 @@ class ProfileError(ValueError):
 
 class ProfileWarning(UserWarning):
     """A profile that can be used but prices less than a current one would."""
+
+
+class IdleBucket(NamedTuple):
+    """What a call costs on top after its executor (or op) sat idle for a spell of at most
+    `up_to_s` seconds (and longer than the bucket before's): `extra_s` on average. `draws_s`,
+    when measured, are equally likely extras whose mean is `extra_s` (the means of equal
+    shares of the sorted measurements): most calls after a spell cost little more, and a few
+    (the machine's stalls) cost milliseconds, so charging the mean to every call would
+    price a rare stall as a cost of each. Empty: every call costs `extra_s`."""
+
+    up_to_s: float
+    extra_s: float
+    draws_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,18 +92,19 @@ class CellTypeProfile:
     lone_cold_s: float = 0.0
     # A step (batched or a lone run) that comes after its executor ran no step for a while
     # costs more again (on a CPU: the kernel's threads went to sleep and are woken, caches
-    # went cold): (up_to_s, extra_s) buckets, ascending; a step whose executor's previous
-    # step ended `gap` seconds before costs the extra of the first bucket with gap <= up_to_s,
-    # the last bucket's beyond it. Empty: no such cost measured.
-    idle_extra_s: tuple[tuple[float, float], ...] = ()
+    # went cold): IdleBuckets, ascending; a step whose executor's previous step ended `gap`
+    # seconds before costs the extra of the first bucket with gap <= up_to_s (see
+    # idle_bucket), the last bucket's beyond it. Empty: no such cost measured.
+    idle_extra_s: tuple[IdleBucket, ...] = ()
     # The measured cell's FLOPs per step (`step_flops`), so that a profile of another version
     # of the model (another width) is refused where it meets the model (`check_step`). None:
     # not recorded (profiles made before it was).
     flops_per_step: float | None = None
 
     def idle_extra(self, gap_s: float) -> float:
-        """What a step costs on top after its executor ran no step for `gap_s` seconds."""
-        return bucket_extra(self.idle_extra_s, gap_s)
+        """What a step costs on top, on average, after its executor ran no step for `gap_s` seconds."""
+        bucket = idle_bucket(self.idle_extra_s, gap_s)
+        return bucket.extra_s if bucket else 0.0
 
     def suspect_steps(self) -> list[str]:
         """What in the batched step table looks like the machine's noise rather than the cell's
@@ -125,13 +142,12 @@ def check_step(profile: "ModelProfile", cell_type: str, step) -> CellTypeProfile
     return cell
 
 
-def bucket_extra(buckets: tuple[tuple[float, float], ...], gap_s: float) -> float:
-    """The extra of the first (up_to_s, extra_s) bucket with gap_s <= up_to_s; past the last
-    bound, the last bucket's; no buckets: nothing."""
-    for up_to, extra in buckets:
-        if gap_s <= up_to:
-            return extra
-    return buckets[-1][1] if buckets else 0.0
+def idle_bucket(buckets: tuple[IdleBucket, ...], gap_s: float) -> IdleBucket | None:
+    """The first bucket with gap_s <= up_to_s; past the last bound, the last; no buckets: None."""
+    for bucket in buckets:
+        if gap_s <= bucket.up_to_s:
+            return bucket
+    return buckets[-1] if buckets else None
 
 
 @dataclass(frozen=True)
@@ -177,10 +193,10 @@ class ModelProfile:
     # decoder -> memory (source) length -> steps a lane ran -> how many lanes did, as profiled
     decode_steps: dict[str, dict[int, dict[int, int]]] = field(default_factory=dict)
     # plain op -> what a run costs on top of plain_ops_s after that op last ran `gap` seconds
-    # before, in (up_to_s, extra_s) buckets as CellTypeProfile.idle_extra_s: an op that runs
-    # once per request (an embedding, a head) finds its weights out of cache at light load
-    # and in cache under a flood. Missing: no such cost measured.
-    plain_idle_extra_s: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    # before, in IdleBuckets as CellTypeProfile.idle_extra_s: an op that runs once per
+    # request (an embedding, a head) finds its weights out of cache at light load and in
+    # cache under a flood. Missing: no such cost measured.
+    plain_idle_extra_s: dict[str, tuple[IdleBucket, ...]] = field(default_factory=dict)
     modelled: bool = False  # predicted, not measured
     schema_version: int = SCHEMA_VERSION
 
@@ -190,8 +206,8 @@ class ModelProfile:
         d = asdict(self)
         for cell in d["cell_types"].values():
             cell["step_s"] = {str(b): t for b, t in cell["step_s"].items()}
-            cell["idle_extra_s"] = [list(pair) for pair in cell["idle_extra_s"]]
-        d["plain_idle_extra_s"] = {op: [list(pair) for pair in b] for op, b in d["plain_idle_extra_s"].items()}
+            cell["idle_extra_s"] = [_bucket_json(b) for b in cell["idle_extra_s"]]
+        d["plain_idle_extra_s"] = {op: [_bucket_json(x) for x in b] for op, b in d["plain_idle_extra_s"].items()}
         d["decode_steps"] = {k: {str(m): {str(n): c for n, c in h.items()} for m, h in v.items()}
                              for k, v in d["decode_steps"].items()}
         return d
@@ -316,20 +332,40 @@ def _cell(x: object, where: str, max_batch: int) -> CellTypeProfile:
                            else _num(d["flops_per_step"], f"{where}.flops_per_step"))
 
 
-def _idle_buckets(x: object, where: str) -> tuple[tuple[float, float], ...]:
-    """[[up_to_s, extra_s], ...]: bounds > 0 and strictly ascending, extras >= 0."""
+def _bucket_json(bucket) -> list:
+    up_to, extra, draws = bucket
+    return [up_to, extra, list(draws)] if draws else [up_to, extra]
+
+
+def _idle_buckets(x: object, where: str) -> tuple[IdleBucket, ...]:
+    """[[up_to_s, extra_s], or [up_to_s, extra_s, [draw_s, ...]], ...]: bounds > 0 and strictly
+    ascending, extras >= 0, draws finite (one may be below zero: a call quicker than the warm
+    price) and averaging extra_s."""
     if not isinstance(x, list):
         raise ProfileError(f"{where} must be a list of [up_to_s, extra_s] pairs, got {type(x).__name__}")
-    out = []
-    for i, pair in enumerate(x):
-        if not (isinstance(pair, list) and len(pair) == 2):
-            raise ProfileError(f"{where}[{i}] must be a pair [up_to_s, extra_s], got {pair!r}")
-        up_to = _num(pair[0], f"{where}[{i}][0] (up_to_s)", positive=True)
-        if out and up_to <= out[-1][0]:
+    out: list[IdleBucket] = []
+    for i, item in enumerate(x):
+        if not (isinstance(item, list) and len(item) in (2, 3)):
+            raise ProfileError(f"{where}[{i}] must be a pair [up_to_s, extra_s] or a triple "
+                               f"[up_to_s, extra_s, [draw_s, ...]], got {item!r}")
+        up_to = _num(item[0], f"{where}[{i}][0] (up_to_s)", positive=True)
+        if out and up_to <= out[-1].up_to_s:
             raise ProfileError(f"{where}[{i}][0] (up_to_s) is {up_to!r}, not above the bucket before it "
-                               f"({out[-1][0]!r}): the buckets must ascend")
-        out.append((up_to, _num(pair[1], f"{where}[{i}][1] (extra_s)")))
+                               f"({out[-1].up_to_s!r}): the buckets must ascend")
+        extra = _num(item[1], f"{where}[{i}][1] (extra_s)")
+        draws = () if len(item) == 2 else _draws(item[2], extra, f"{where}[{i}][2] (draws_s)")
+        out.append(IdleBucket(up_to, extra, draws))
     return tuple(out)
+
+
+def _draws(x: object, extra: float, where: str) -> tuple[float, ...]:
+    if not (isinstance(x, list) and x) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                               or not math.isfinite(v) for v in x):
+        raise ProfileError(f"{where} must be a non-empty list of finite numbers, got {x!r}")
+    mean = sum(x) / len(x)
+    if not math.isclose(mean, extra, rel_tol=1e-6, abs_tol=1e-12):
+        raise ProfileError(f"{where} average {mean!r}, not the bucket's extra_s {extra!r}")
+    return tuple(float(v) for v in x)
 
 
 def _parse_profile(x: object) -> ModelProfile:
@@ -341,9 +377,9 @@ def _parse_profile(x: object) -> ModelProfile:
         raise ProfileError(f"profile.schema_version is 1, whose profile.decode_steps lists every decoder lane's "
                            f"[memory length, steps] pair; this cellserve reads version {SCHEMA_VERSION}, a histogram "
                            "per memory length: make the profile again with `cellserve profile --model M --json PATH`")
-    if version not in (2, SCHEMA_VERSION):
-        raise ProfileError(f"profile.schema_version is {version!r}; this cellserve reads versions 2 and {SCHEMA_VERSION} "
-                           "(make the profile again with `cellserve profile --model M --json PATH`)")
+    if version not in READABLE_VERSIONS:
+        raise ProfileError(f"profile.schema_version is {version!r}; this cellserve reads versions 2 to "
+                           f"{SCHEMA_VERSION} (make the profile again with `cellserve profile --model M --json PATH`)")
     m = _obj(_get(d, "machine", "profile"), "profile.machine")
     versions = _obj(m.get("versions", {}), "profile.machine.versions")
     machine = Machine(_str(_get(m, "device", "profile.machine"), "profile.machine.device"),

@@ -7,7 +7,8 @@ generator) plus the engine's own time around it (the profile's HostProfile, whic
 engine spends in Python and the simulation would otherwise get for free; what the engine does
 beside any executor call, taking arrivals in and checking for late runs, it reports through
 `engine_work`, charged the same way); a step after a spell
-with no step costs more, as measured (CellTypeProfile.idle_extra_s). Outputs have the
+with no step costs more, as measured (CellTypeProfile.idle_extra_s: each such step draws one
+of its bucket's measured extras, so that a rare stall stays rare). Outputs have the
 right shapes and are zeros; plain ops run for real once per input shapes (the model's heads
 need their inputs' shapes) and are reused after, priced from the profile. Decoder lanes end after as many steps as
 a lane of the same source length took when the model was profiled.
@@ -30,7 +31,8 @@ from cellserve.graph import dense_ops
 from cellserve.graph.model import DenseNode, GraphDecoder, LayerStack, Model, layers_of
 from cellserve.kernels.cell import LaneStorage
 from cellserve.kernels.decoder import BeamCandidates
-from cellserve.plan.profile import CellTypeProfile, ModelProfile, ProfileError, Timing, bucket_extra, check_step
+from cellserve.plan.profile import (CellTypeProfile, IdleBucket, ModelProfile, ProfileError, Timing, check_step,
+                                    idle_bucket)
 from cellserve.sim.clock import VirtualClock
 
 _KIND = {"decoder": GraphDecoder, "stack": LayerStack}
@@ -89,6 +91,7 @@ class SimExecutor(Executor):
         self._previous: str | None = None  # cell type of the last call, when it was a step
         self._last_step_end = -math.inf  # virtual time the last step (of any cell type) ended
         self._blocks: dict[int, list] = {}  # id of a Timing -> [it (kept alive), next index, samples]
+        self._uniforms: list[float] = []  # uniform draws in [0, 1), taken from the end (see idle_extra)
         self._flops: dict = {}  # cell type -> flops of one lane's step; (decoder, memory length) -> ...
 
     # ---- cell types ----
@@ -157,6 +160,20 @@ class SimExecutor(Executor):
         i = entry[1]
         entry[1] = i + 1
         return entry[2][i]
+
+    def idle_extra(self, buckets: tuple[IdleBucket, ...], gap_s: float) -> float:
+        """What a call costs on top after a spell of `gap_s` seconds (see IdleBucket): one of
+        its bucket's draws, equally likely, from the seeded generator (drawn _BLOCK at a time);
+        the bucket's mean where it has none."""
+        bucket = idle_bucket(buckets, gap_s)
+        if bucket is None:
+            return 0.0
+        draws = bucket.draws_s
+        if not draws:
+            return bucket.extra_s
+        if not self._uniforms:
+            self._uniforms = self.rng.random(_BLOCK).tolist()
+        return draws[int(self._uniforms.pop() * len(draws))]
 
     def _charge(self, busy: float, host: float) -> None:
         self.clock.advance(busy + host)
@@ -258,7 +275,7 @@ class SimExecutor(Executor):
         cold = self._previous != batch.cell_type
         self._previous = batch.cell_type
         # after a spell with no step the executor wakes slower (CellTypeProfile.idle_extra_s)
-        idle = cell.idle_extra(self.clock.now() - self._last_step_end) if cell.idle_extra_s else 0.0
+        idle = self.idle_extra(cell.idle_extra_s, self.clock.now() - self._last_step_end) if cell.idle_extra_s else 0.0
         if lone_steps:
             per_step = cell.lone_step_s
             if stop[0]:
@@ -269,15 +286,15 @@ class SimExecutor(Executor):
             if cell.kind == "decoder":  # one greedy lane, which stops at its end (EOS)
                 tokens = self._decode_lone(spec.step, batch.slots[0], steps)
                 steps = len(tokens)
-            busy = (size * cell.lone_call_s + self.sample(per_step, steps * size) + (cell.lone_cold_s if cold else 0.0)
-                    + idle)
+            busy = max(size * cell.lone_call_s + self.sample(per_step, steps * size)
+                       + (cell.lone_cold_s if cold else 0.0) + idle, 0.0)  # a draw may be below zero
         else:
             steps = 1
             timing = cell.step_s.get(size)
             if timing is None:
                 raise ProfileError(f"profile of {batch.cell_type!r} has no step_s[{size}] "
                                    f"(max_batch {max(cell.step_s)})")
-            busy = self.sample(timing) + (cell.cold_s if cold else 0.0) + idle
+            busy = max(self.sample(timing) + (cell.cold_s if cold else 0.0) + idle, 0.0)
             if cell.kind == "decoder":
                 tokens = self._decode(spec.step, batch.slots)
                 if self._beams:
@@ -380,7 +397,9 @@ class SimExecutor(Executor):
         clock, last = self.clock, self._plain_last
         for op, timing, buckets in priced:
             # an op that last ran a while ago costs more (ModelProfile.plain_idle_extra_s)
-            seconds = timing.mean + (bucket_extra(buckets, clock.now() - last.get(op, -math.inf)) if buckets else 0.0)
+            seconds = timing.mean
+            if buckets:
+                seconds = max(seconds + self.idle_extra(buckets, clock.now() - last.get(op, -math.inf)), 0.0)
             clock.advance(seconds)
             last[op] = clock.now()
             total += seconds

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellserve.bench.profiler import _fit_host, _in_place, _plain_op
-from cellserve.plan.profile import CellTypeProfile, Timing
+from cellserve.bench.profiler import _buckets, _fit_host, _in_place, _plain_op
+from cellserve.plan.profile import CellTypeProfile, IdleBucket, Timing
 
 
 def test_the_host_fit_recovers_the_costs_that_made_the_samples():
@@ -77,11 +77,30 @@ def test_steps_after_idle_spells_give_buckets_of_extra_cost_over_the_warm_fit():
              + [(0.1, False, 2, 2, False, priced_2 + 4e-4)])
     cell = _in_place(alone, Recorded(seen, lone=lone, after_idle=after), "m/c", lambda *_: None)
     assert cell.lone_step_s.mean == pytest.approx(3e-5)  # the warm fit is the runs' without idle spells
-    assert [b for b, _ in cell.idle_extra_s] == [2.5e-4, 5e-4, 0.1]
-    assert [x for _, x in cell.idle_extra_s] == pytest.approx([0.0, 1e-4, 4e-4])
+    assert [b.up_to_s for b in cell.idle_extra_s] == [2.5e-4, 5e-4, 0.1]
+    assert [b.extra_s for b in cell.idle_extra_s] == pytest.approx([0.0, 1e-4, 4e-4])
+    assert cell.idle_extra_s[0].draws_s == ()  # the warm bucket: nothing extra, ever
+    assert cell.idle_extra_s[1].draws_s == pytest.approx([1e-4] * 20)  # every step cost the same
     assert cell.idle_extra(1e-4) == 0.0 and cell.idle_extra(1e-3) == pytest.approx(4e-4)
     assert cell.idle_extra(5.0) == pytest.approx(4e-4)  # beyond the last bound: the last bucket's
     assert _in_place(alone, Recorded(seen, lone=lone), "m/c", lambda *_: None).idle_extra_s == ()
+
+
+def test_an_idle_bucket_keeps_rare_stalls_rare_in_its_draws():
+    # 200 steps after spells of 1-2 ms: 180 cost 10 us over the warm price, 20 (10%) 3 ms
+    # (the machine's stalls), and two 50 ms (the top 1%, left out). The draws keep the mean
+    # (about 0.31 ms, for capacity) and the median (10 us, for latency).
+    extras = [(1.5e-3, 1e-5)] * 178 + [(1.5e-3, 3e-3)] * 20 + [(1.5e-3, 0.05)] * 2
+    warm, bucket = _buckets(extras)
+    assert warm.extra_s == 0.0 and bucket.up_to_s == 2e-3
+    assert len(bucket.draws_s) == 20 and np.all(np.diff(bucket.draws_s) >= -1e-15)  # ascending
+    assert bucket.extra_s == pytest.approx((178 * 1e-5 + 20 * 3e-3) / 198)
+    assert np.mean(bucket.draws_s) == pytest.approx(bucket.extra_s)
+    assert np.median(bucket.draws_s) == pytest.approx(1e-5)
+    assert bucket.draws_s[-2:] == pytest.approx([3e-3, 3e-3])  # two draws in twenty: the stalls' tenth
+    # a bucket whose steps ran no slower than warm ones costs nothing, and draws nothing
+    (_, quiet) = _buckets([(1.5e-3, -2e-5)] * 10 + [(1.5e-3, 1e-5)] * 10)
+    assert quiet.extra_s == 0.0 and quiet.draws_s == ()
 
 
 def test_the_nonnegative_fit_drops_a_column_the_samples_run_against():
@@ -100,7 +119,8 @@ def test_a_plain_op_is_priced_warm_with_buckets_for_its_runs_after_a_spell():
     calls = [(1e-4, 10e-6)] * 20 + [(1.5e-3, 14e-6)] * 10 + [(5e-2, 40e-6)] * 10 + [(float("inf"), 1e-3)]
     timing, buckets = _plain_op(calls)
     assert timing.mean == pytest.approx(10e-6)
-    assert buckets[0] == (2.5e-4, 0.0)
-    assert [b for b, _ in buckets[1:]] == [0.002, 0.064] and [x for _, x in buckets[1:]] == pytest.approx([4e-6, 30e-6])
+    assert buckets[0] == IdleBucket(2.5e-4, 0.0)
+    assert [b.up_to_s for b in buckets[1:]] == [0.002, 0.064]
+    assert [b.extra_s for b in buckets[1:]] == pytest.approx([4e-6, 30e-6])
     # too few warm runs: all of them, no buckets
     assert _plain_op([(1e-2, 20e-6)] * 10) == (Timing(20e-6, 0.0, 20e-6, 10), ())

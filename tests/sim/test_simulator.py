@@ -12,7 +12,7 @@ import pytest
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.engine.request import Status
-from cellserve.plan.profile import (HostProfile, ModelProfile, ProfileError, ProfileWarning, Timing,
+from cellserve.plan.profile import (HostProfile, IdleBucket, ModelProfile, ProfileError, ProfileWarning, Timing,
                                     synthetic_profile)
 from cellserve.sim.clock import VirtualClock
 from cellserve.sim.executor import SimExecutor
@@ -154,9 +154,10 @@ def test_every_request_is_answered_once_even_past_the_drain(models):
 
 def test_a_profile_round_trips_through_json(models, tmp_path):
     profile = synthetic_profile(models.models["seq2seq-reverse"], lambda b: 1e-4 * b, max_batch=8)
-    profile = replace(profile, cell_types={t: replace(c, idle_extra_s=((2.5e-4, 0.0), (1e-3, 1e-4), (0.05, 3e-4)))
-                                           for t, c in profile.cell_types.items()},
-                      plain_idle_extra_s={next(iter(profile.plain_ops_s)): ((2.5e-4, 0.0), (0.01, 2e-5))})
+    buckets = (IdleBucket(2.5e-4, 0.0), IdleBucket(1e-3, 1e-4, (-1e-5, 0.0, 3.1e-4)), IdleBucket(0.05, 3e-4))
+    profile = replace(profile, cell_types={t: replace(c, idle_extra_s=buckets) for t, c in profile.cell_types.items()},
+                      plain_idle_extra_s={next(iter(profile.plain_ops_s)): (IdleBucket(2.5e-4, 0.0),
+                                                                           IdleBucket(0.01, 2e-5))})
     profile.to_json(tmp_path / "p.json")
     assert ModelProfile.from_json(tmp_path / "p.json") == profile
 
@@ -179,7 +180,13 @@ def test_a_profile_round_trips_through_json(models, tmp_path):
     (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[[1e-3, -1e-4]]),
      "idle_extra_s[0][1] (extra_s) must be >= 0"),
     (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[1e-3]),
-     "idle_extra_s[0] must be a pair [up_to_s, extra_s]"),
+     "idle_extra_s[0] must be a pair [up_to_s, extra_s] or a triple [up_to_s, extra_s, [draw_s, ...]]"),
+    (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[[1e-3, 1e-4, [0.0, 1e-4]]]),
+     "idle_extra_s[0][2] (draws_s) average 5e-05, not the bucket's extra_s 0.0001"),
+    (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[[1e-3, 1e-4, []]]),
+     "idle_extra_s[0][2] (draws_s) must be a non-empty list of finite numbers, got []"),
+    (lambda d: next(iter(d["cell_types"].values())).update(idle_extra_s=[[1e-3, 1e-4, [1e-4, "x"]]]),
+     "idle_extra_s[0][2] (draws_s) must be a non-empty list of finite numbers"),
     (lambda d: d.update(plain_idle_extra_s={"no-such-op": [[1e-3, 1e-5]]}),
      "profile.plain_idle_extra_s names 'no-such-op', which is not in profile.plain_ops_s"),
     (lambda d: d.update(plain_idle_extra_s={next(iter(d["plain_ops_s"])): [[1e-3, -1e-5]]}),
@@ -283,7 +290,7 @@ def test_a_step_after_an_idle_spell_pays_that_spells_extra(models):
     # stepped (idle forever: +0.7): 0-1.7, 1.7-2.7. B (2 tokens) arrives at 3.7 ms, 1 ms after
     # A's last step ended (+0.3): 3.7-5.0, 5.0-6.0. C (1 token) at 9 ms, 3 ms idle (+0.7): 9-10.7.
     profile = synthetic_profile(models.models["gru"], 1 * MS)
-    buckets = ((0.25 * MS, 0.0), (2 * MS, 0.3 * MS), (8 * MS, 0.7 * MS))
+    buckets = (IdleBucket(0.25 * MS, 0.0), IdleBucket(2 * MS, 0.3 * MS), IdleBucket(8 * MS, 0.7 * MS))
     profile = replace(profile, cell_types={t: replace(c, idle_extra_s=buckets) for t, c in profile.cell_types.items()})
     out = one_engine(models, profile).run([SimArrival(0.0, "gru", tokens(2), tag=0),
                                            SimArrival(3.7 * MS, "gru", tokens(2), tag=1),
@@ -291,12 +298,32 @@ def test_a_step_after_an_idle_spell_pays_that_spells_extra(models):
     assert finishes(out) == pytest.approx({0: 0.0027, 1: 0.006, 2: 0.0107}, abs=1e-12)
 
 
+def test_a_step_after_an_idle_spell_draws_its_extra_from_the_buckets_draws(models):
+    # Steps of 1 ms; after a spell of over 0.25 ms a step costs 0 or 3 ms more, equally
+    # likely draws (0, 0, 0, 3 ms: a stall in four, 0.75 ms on average). Requests of one
+    # token 50 ms apart: each one step after a spell, so each takes 1 or 4 ms, about one in
+    # four 4 ms; the drawn mean is the bucket's.
+    profile = synthetic_profile(models.models["gru"], 1 * MS)
+    buckets = (IdleBucket(0.25 * MS, 0.0), IdleBucket(1.0, 0.75 * MS, (0.0, 0.0, 0.0, 3 * MS)))
+    profile = replace(profile, cell_types={t: replace(c, idle_extra_s=buckets) for t, c in profile.cell_types.items()})
+    out = one_engine(models, profile).run([SimArrival(0.05 * i, "gru", tokens(1), tag=i) for i in range(400)])
+    took = np.array([f - 0.05 * t for t, f in finishes(out).items()])
+    assert np.all(np.isclose(took, 1 * MS, atol=1e-12) | np.isclose(took, 4 * MS, atol=1e-12))
+    assert 0.18 < np.mean(took > 2 * MS) < 0.32
+    # with no draws every step pays the mean: 1.75 ms each
+    mean_only = replace(profile, cell_types={t: replace(c, idle_extra_s=(buckets[0], IdleBucket(1.0, 0.75 * MS)))
+                                             for t, c in profile.cell_types.items()})
+    out = one_engine(models, mean_only).run([SimArrival(0.05 * i, "gru", tokens(1), tag=i) for i in range(4)])
+    assert [f - 0.05 * t for t, f in sorted(finishes(out).items())] == pytest.approx([1.75 * MS] * 4, abs=1e-12)
+
+
 def test_a_plain_op_that_last_ran_a_while_ago_pays_its_buckets_extra(models):
     # Plain ops of 0.1 ms; one that last ran over 0.25 ms before costs 0.05 ms more (its first
     # run too: it never ran). A at 0 and B at 0.5 s each run every op once, long after its last
     # run: each finishes n_ops x 0.05 ms later than with no buckets, and nothing else moves.
     plain = synthetic_profile(models.models["gru"], 1 * MS, plain_op_s=0.1 * MS)
-    extra = replace(plain, plain_idle_extra_s={op: ((0.25 * MS, 0.0), (1.0, 0.05 * MS)) for op in plain.plain_ops_s})
+    extra = replace(plain, plain_idle_extra_s={op: (IdleBucket(0.25 * MS, 0.0), IdleBucket(1.0, 0.05 * MS))
+                                               for op in plain.plain_ops_s})
     trace = [SimArrival(0.0, "gru", tokens(3), tag=0), SimArrival(0.5, "gru", tokens(3), tag=1)]
     before, after = finishes(one_engine(models, plain).run(trace)), finishes(one_engine(models, extra).run(trace))
     n_ops = len(plain.plain_ops_s)
