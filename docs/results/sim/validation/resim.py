@@ -1,5 +1,6 @@
-"""(docs/performance.md, "A step after an idle spell") Re-simulate a `bench sim` report's rates with its profile, with and without the idle
-extra, against the report's stored real figures. Usage: python docs/results/sim/validation/resim.py docs/results/sim/validation/M-A.json"""
+"""(docs/performance.md, "A step after an idle spell") Re-simulate a `bench sim` report's rates with its profile: as it is
+(idle buckets with draws, schema 4), with each bucket at its mean (as schema 3 priced it), and with no idle extra, against
+the report's stored real figures. Usage: python docs/results/sim/validation/resim.py REPORT.json [MODEL_REPOSITORY]"""
 import json, sys
 from dataclasses import replace
 from cellserve.bench.profiler import model_trace
@@ -9,9 +10,12 @@ from cellserve.plan.profile import ModelProfile
 from cellserve.sim.run import simulate_replay
 
 rep = json.load(open(sys.argv[1]))
-model = load_model(rep["model"], None)
+model = load_model(rep["model"], sys.argv[2] if len(sys.argv) > 2 else None)
 prof = ModelProfile.from_json(rep["profile"]["path"])
-variants = {"with idle": prof,
+means = lambda buckets: tuple(b._replace(draws_s=()) for b in buckets)
+variants = {"draws": prof,
+            "means": replace(prof, cell_types={t: replace(c, idle_extra_s=means(c.idle_extra_s)) for t, c in prof.cell_types.items()},
+                             plain_idle_extra_s={op: means(b) for op, b in prof.plain_idle_extra_s.items()}),
             "without": replace(prof, cell_types={t: replace(c, idle_extra_s=()) for t, c in prof.cell_types.items()})}
 slo_s = rep["slo_ms"] / 1e3
 seconds = 2.0 if rep["quick"] else 5.0
