@@ -50,10 +50,10 @@ class Timeline(RecordingExecutor):
         self.calls.append((t0, time.perf_counter(), "finish", r.busy_s, c.finish_s_per_token * storage.length))
         return r
 
-    def run_plain(self, model_name, node, env):
+    def run_plain(self, model_name, nodes, env):
         t0 = time.perf_counter()
-        s = super().run_plain(model_name, node, env)
-        self.calls.append((t0, time.perf_counter(), "plain", s, profile.plain_ops_s[node.name].mean))
+        s = super().run_plain(model_name, nodes, env)
+        self.calls.append((t0, time.perf_counter(), "plain", s, sum(profile.plain_ops_s[n.name].mean for n in nodes)))
         return s
 
 
