@@ -14,7 +14,7 @@ the lanes it started and finished, the requests it took in and the runs its drop
 Serving does not reach every batch size, so every cell type is also timed alone on dummy
 lanes at each size from 1 to the cap; a size serving did not show (at least
 `_MIN_SAMPLES` times) takes that figure scaled by the median ratio, serving over alone, of the
-sizes it did.
+sizes it did. No batch size is priced much above a larger one (see _monotone).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ _MIN_SAMPLES = 5  # serving's samples of a batch size before they replace the ti
 # buckets of that spell's length up to these bounds (seconds; the last one takes the rest)
 _IDLE_AFTER_S = 0.00025
 _IDLE_BOUNDS_S = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, math.inf)
+_STEP_SLACK = 1.1  # a batch size's step may cost this much more than a larger one's (see _monotone)
 _IDLE_DRAWS = 20  # an idle bucket's draws (IdleBucket.draws_s): each stands for 5% of the steps
 # of the closed-loop capacity: light, busy, near saturation and past it (where refusals and
 # backlogs show what arrivals and drop checks cost the engine: HostProfile.request_s, check_s_per_run)
@@ -204,7 +205,8 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
     seen = {b: xs for b, xs in executor.steps.get(cell_type, {}).items() if len(xs) >= _MIN_SAMPLES}
     ratios = [float(np.mean(xs)) / alone.step_s[b].mean for b, xs in seen.items() if b in alone.step_s]
     scale = float(np.median(ratios)) if ratios else 1.0
-    steps = {b: Timing.of(seen[b], trim=True) if b in seen else _scaled(t, scale) for b, t in alone.step_s.items()}
+    steps, capped = _monotone({b: Timing.of(seen[b], trim=True) if b in seen else _scaled(t, scale)
+                               for b, t in alone.step_s.items()})
     extra = [x - steps[b].mean for b, xs in executor.cold_steps.get(cell_type, {}).items() if b in steps for x in xs]
     cold = max(float(np.median(extra)), 0.0) if len(extra) >= _MIN_SAMPLES else 0.0
     lone, call, lone_cold = alone.lone_step_s, 0.0, 0.0
@@ -221,8 +223,10 @@ def _in_place(alone: CellTypeProfile, executor: RecordingExecutor, cell_type: st
     fitted = replace(alone, step_s=steps, lone_step_s=lone, lone_call_s=call, cold_s=cold, lone_cold_s=lone_cold)
     idle = _idle_buckets(fitted, after_idle)
     starts, finishes = executor.starts.get(cell_type), executor.finishes.get(cell_type)
+    capped_text = f"; {capped[:8]}{' ...' if len(capped) > 8 else ''} at a larger batch's cost" if capped else ""
     log(f"  {cell_type}: serving showed batch sizes {sorted(seen)[:12]}{' ...' if len(seen) > 12 else ''} "
-        f"(others: {scale:.2f}x the timing alone); a step after other work costs {cold * 1e6:.0f} us more, "
+        f"(others: {scale:.2f}x the timing alone{capped_text}); "
+        f"a step after other work costs {cold * 1e6:.0f} us more, "
         f"a lone run {lone_cold * 1e6:.0f} us; after an idle spell " + (", ".join(
             f"<= {b.up_to_s * 1e3:.2g} ms: +{b.extra_s * 1e6:.0f} us" for b in idle[1:]) if idle else "(none seen)"))
     # the means (but for the top 1%, stalls of the machine), not the medians: a lane's start
@@ -314,6 +318,25 @@ def _fit_lone(runs: list[tuple[int, float, bool]]) -> tuple[Timing, float, float
     p99 = float(np.percentile(residual, 99))
     return (Timing(float(per_step), float(np.std(residual[residual <= p99])), float(per_step + p99), len(runs)),
             float(call), float(cold_extra))
+
+
+def _monotone(steps: dict[int, Timing]) -> tuple[dict[int, Timing], list[int]]:
+    """The step table with no batch size more than _STEP_SLACK dearer than a larger one: such
+    a size takes the cheapest larger size's timing (a batch of more lanes does not run faster:
+    its samples caught the machine's stalls, which a quick profile's few samples do not average
+    out; smaller differences are left alone, as the cap's minimum of noisy means would price
+    low), and the batch sizes so capped."""
+    out, capped, cheapest = {}, [], None
+    for b in sorted(steps, reverse=True):
+        t = steps[b]
+        if cheapest is not None and t.mean > _STEP_SLACK * cheapest.mean:
+            out[b] = cheapest
+            capped.append(b)
+        else:
+            out[b] = t
+            if cheapest is None or t.mean < cheapest.mean:
+                cheapest = t
+    return dict(sorted(out.items())), sorted(capped)
 
 
 def _scaled(t: Timing, factor: float) -> Timing:

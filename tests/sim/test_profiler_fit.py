@@ -103,6 +103,18 @@ def test_an_idle_bucket_keeps_rare_stalls_rare_in_its_draws():
     assert quiet.extra_s == 0.0 and quiet.draws_s == ()
 
 
+def test_a_batch_size_dearer_than_a_larger_one_takes_the_larger_ones_cost():
+    # serving caught stalls at batch 3 (0.5 ms, dearer than batch 4's 0.3) and at batch 6
+    # (dearer than 7 and 8: it takes 7's, the cheapest larger one); batch 1 is 5% dearer than
+    # batch 2, within the machine's noise: left as measured
+    alone = CellTypeProfile("stack", 0, {b: Timing.fixed(b * 1e-4) for b in range(1, 9)}, None, 1e-6, 2e-6)
+    means = {1: 2.1e-4, 2: 2e-4, 3: 5e-4, 4: 3e-4, 5: 4e-4, 6: 9e-4, 7: 6e-4, 8: 8e-4}
+    cell = _in_place(alone, Recorded({b: [m] * 6 for b, m in means.items()}), "m/c", lambda *_: None)
+    capped = [2.1e-4, 2e-4, 3e-4, 3e-4, 4e-4, 6e-4, 6e-4, 8e-4]
+    assert [cell.step_s[b].mean for b in range(1, 9)] == pytest.approx(capped)
+    assert cell.suspect_steps() == []
+
+
 def test_the_nonnegative_fit_drops_a_column_the_samples_run_against():
     from cellserve.bench.profiler import _nonnegative_lstsq
     rng = np.random.default_rng(2)

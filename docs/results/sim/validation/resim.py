@@ -1,22 +1,32 @@
-"""(docs/performance.md, "A step after an idle spell") Re-simulate a `bench sim` report's rates with its profile: as it is
-(idle buckets with draws, schema 4), with each bucket at its mean (as schema 3 priced it), and with no idle extra, against
-the report's stored real figures. Usage: python docs/results/sim/validation/resim.py REPORT.json [MODEL_REPOSITORY]"""
+"""(docs/performance.md, "A step after an idle spell") Re-simulate a `bench sim` report's rates with its profile,
+against the report's stored real figures: as it is (idle buckets with draws, schema 4), with each bucket at its mean
+(as schema 3 priced it), and with no idle extra; with --monotone, as it is and with its step tables capped as
+`cellserve profile` now caps them (bench/profiler.py _monotone).
+Usage: python docs/results/sim/validation/resim.py REPORT.json [MODEL_REPOSITORY] [--monotone]"""
 import json, sys
 from dataclasses import replace
-from cellserve.bench.profiler import model_trace
+from cellserve.bench.profiler import _monotone, model_trace
 from cellserve.bench.sim_bench import load_model, policy_config, relative_error
 from cellserve.bench.results import summarize
 from cellserve.plan.profile import ModelProfile
 from cellserve.sim.run import simulate_replay
 
-rep = json.load(open(sys.argv[1]))
-model = load_model(rep["model"], sys.argv[2] if len(sys.argv) > 2 else None)
+args = [a for a in sys.argv[1:] if a != "--monotone"]
+rep = json.load(open(args[0]))
+model = load_model(rep["model"], args[1] if len(args) > 1 else None)
 prof = ModelProfile.from_json(rep["profile"]["path"])
 means = lambda buckets: tuple(b._replace(draws_s=()) for b in buckets)
-variants = {"draws": prof,
-            "means": replace(prof, cell_types={t: replace(c, idle_extra_s=means(c.idle_extra_s)) for t, c in prof.cell_types.items()},
-                             plain_idle_extra_s={op: means(b) for op, b in prof.plain_idle_extra_s.items()}),
-            "without": replace(prof, cell_types={t: replace(c, idle_extra_s=()) for t, c in prof.cell_types.items()})}
+if "--monotone" in sys.argv:
+    variants = {"as is": prof,
+                "monotone": replace(prof, cell_types={t: replace(c, step_s=_monotone(c.step_s)[0])
+                                                      for t, c in prof.cell_types.items()})}
+else:
+    variants = {"draws": prof,
+                "means": replace(prof, cell_types={t: replace(c, idle_extra_s=means(c.idle_extra_s))
+                                                   for t, c in prof.cell_types.items()},
+                                 plain_idle_extra_s={op: means(b) for op, b in prof.plain_idle_extra_s.items()}),
+                "without": replace(prof, cell_types={t: replace(c, idle_extra_s=())
+                                                     for t, c in prof.cell_types.items()})}
 slo_s = rep["slo_ms"] / 1e3
 seconds = 2.0 if rep["quick"] else 5.0
 for policy, pv in rep["policies"].items():
