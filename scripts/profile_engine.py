@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     if args.warmup:  # caches, thread pools, the cost model's tables
         for item in make_trace(rng, 1.0, args.warmup, 0, inputs=inputs):
-            engine.submit(Request(model.name, {seq.name: seq.request_input(item.sequence)}, beam_width=work.beam_width))
+            engine.submit(Request(model.name, seq.request_inputs(item.sequence), beam_width=work.beam_width))
         engine.run_until_idle(timeout_s=120)
     heap.settle()
     engine.stats = EngineStats()
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.burst or args.requests if closed else max(1, int(args.rate * args.seconds))
     trace = make_trace(rng, args.rate, n, 0, inputs=inputs)
     timeout = None if args.burst else args.timeout_ms / 1e3
-    requests = [Request(model.name, {seq.name: seq.request_input(t.sequence)}, on_done=answers.append,
+    requests = [Request(model.name, seq.request_inputs(t.sequence), on_done=answers.append,
                         timeout_s=timeout, beam_width=work.beam_width) for t in trace]
     # how many may be submitted by now: all (burst), those answered plus the concurrency
     # (closed loop), or those whose arrival has come (open loop)

@@ -40,7 +40,7 @@ from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.ramp import Bracket, RampPlan, RampResult, RampSearch, footnotes
 from cellserve.bench.results import meets_slo, summarize
 from cellserve.bench.roofline import engine_shape_gflops, measure_roofline
-from cellserve.bench.traces import InputSampler, is_time_major, make_trace, one_sequence, sequence_input, trace_at_rate
+from cellserve.bench.traces import InputSampler, make_trace, request_builder, sequence_input, trace_at_rate
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.engine.request import Request, Response, Status
 from cellserve.errors import InvalidInput
@@ -233,10 +233,10 @@ def closed_loop_capacity(engine: Engine, model: str, input_name: str, vocab: int
     saved = engine.config.admission, engine.config.drop_late
     engine.config.admission = engine.config.drop_late = False
     answers: list[Response] = []
-    time_major = is_time_major(engine.models[model], input_name)
+    request_inputs = request_builder(engine.models[model], input_name)
     start = time.perf_counter()
     for item in trace:
-        engine.submit(Request(model, {input_name: one_sequence(item.sequence, time_major)}, on_done=answers.append,
+        engine.submit(Request(model, request_inputs(item.sequence), on_done=answers.append,
                               beam_width=beam_width))
     engine.run_until_idle(timeout_s=120)
     elapsed = time.perf_counter() - start

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cellserve.bench.results import RequestOutcome, RunStats, span_s
-from cellserve.bench.traces import TraceRequest, is_time_major, one_sequence
+from cellserve.bench.traces import TraceRequest, request_builder
 from cellserve.engine.engine import Engine, EngineStats
 from cellserve.engine.request import Request, Response, TraceStamps
 
@@ -71,10 +71,10 @@ def replay_mix(engine: Engine, streams: list[Stream], drain_s: float = 30.0,
     ids: list[list[tuple[int, TraceRequest]]] = []
     requests = []
     for s in streams:
-        time_major = is_time_major(engine.models[s.model], s.input_name)
+        inputs = request_builder(engine.models[s.model], s.input_name)
         mine = []
         for item in sorted(s.trace, key=lambda r: r.arrival_s):
-            request = Request(s.model, {s.input_name: one_sequence(item.sequence, time_major)}, on_done=on_done,
+            request = Request(s.model, inputs(item.sequence), on_done=on_done,
                               timeout_s=s.timeout_s, arrival=item.arrival_s, beam_width=s.beam_width,
                               trace=s.traces(item.request_id) if s.traces is not None else None)
             mine.append((request.request_id, item))

@@ -52,7 +52,7 @@ def _requests(cfg: LatencyConfig, seq):
 
     trace = make_trace(np.random.default_rng(cfg.seed), cfg.rate, cfg.warm_up + cfg.requests, seq.vocab or 0,
                        inputs=seq.sampler())
-    fmt = RequestFormat(seq.name, time_major=seq.time_major)
+    fmt = RequestFormat(seq.name, time_major=seq.time_major, states=seq.states)
     out = []
     for r in trace:
         rid = f"w{r.request_id}" if r.request_id < cfg.warm_up else str(r.request_id - cfg.warm_up)

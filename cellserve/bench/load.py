@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +196,7 @@ class LoadReport:
 
     def to_dict(self) -> dict:
         return {"address": self.target.address, "model": self.target.model, "protocol": self.target.protocol,
-                "request_format": vars(self.target.fmt), "sweep": {**vars(self.sweep)},
+                "request_format": asdict(self.target.fmt), "sweep": {**vars(self.sweep)},
                 "max_goodput_rps": {f"{s:g}": max_goodput(self.rows, s) for s in self.sweep.slos_ms},
                 "rates": self.rows, "generator_ceiling": self.ceiling}
 

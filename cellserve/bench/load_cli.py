@@ -59,17 +59,18 @@ def bench_load(args, parser) -> int:
     features = _features(args.features, parser)
     if features and args.pad_to_buckets:
         parser.error("--pad-to-buckets pads token ids; it cannot be combined with --features")
-    input_name, vocab, time_major, longest = args.input, args.vocab, args.time_major, None
+    input_name, vocab, time_major, longest, states = args.input, args.vocab, args.time_major, None, ()
     if args.url is None:  # the model served here says what its requests are, where flags do not
         seq = _served_sequence(args, parser)
         input_name, time_major, longest = input_name or seq.name, time_major or seq.time_major, seq.longest
+        states = seq.states if input_name == seq.name else ()
         if not features and args.vocab is None:
             vocab, features = seq.vocab, seq.features
     sweep = Sweep(slos_ms=slos, rates=_rates(args.rates, parser), start_rps=args.start_rps, factor=args.factor,
                   max_rps=args.max_rps, seconds_per_rate=args.seconds, bursty=args.arrivals == "bursty",
                   vocab=vocab or 10000, features=features, longest=longest, seed=args.seed)
     fmt = RequestFormat(input_name or "tokens", binary=not args.json_tensors, pad_to_buckets=args.pad_to_buckets,
-                        deadline_ms=slos[0] if args.deadline else None, time_major=time_major)
+                        deadline_ms=slos[0] if args.deadline else None, time_major=time_major, states=states)
     server = None
     address = args.url
     if address is None:

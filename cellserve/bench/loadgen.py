@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2
 from cellserve.bench.http_pool import HttpPool, error_message
 from cellserve.bench.peers.base import pad_to_bucket
 from cellserve.bench.results import RequestOutcome
-from cellserve.bench.traces import TraceRequest, one_sequence
+from cellserve.bench.traces import StateInput, TraceRequest, one_sequence
 from cellserve.datatypes import protocol_name
 
 # Answers that are the server's refusals rather than failures, over HTTP and gRPC.
@@ -45,6 +45,7 @@ class RequestFormat:
     deadline_ms: sent as the request's `timeout` parameter (microseconds), for servers that
     schedule by deadline; None sends none.
     time_major: each sequence as [T, 1, ...] (a model whose input is [time, batch, ...]), not [1, T, ...].
+    states: the model's initial states or lengths beside the sequence (bench/traces.StateInput).
     """
 
     input_name: str = "tokens"
@@ -52,6 +53,7 @@ class RequestFormat:
     pad_to_buckets: bool = False
     deadline_ms: float | None = None
     time_major: bool = False
+    states: tuple[StateInput, ...] = ()
 
 
 @dataclass
@@ -71,6 +73,9 @@ def request_tensors(sequence: np.ndarray, fmt: RequestFormat) -> list[tuple[str,
     tensors = [(fmt.input_name, protocol_name(sent.dtype), one_sequence(sent, fmt.time_major))]
     if fmt.pad_to_buckets:
         tensors.append(("lengths", "INT32", np.array([[len(sequence)]], dtype=np.int32)))
+    for state in fmt.states:
+        value = state.value(len(sequence))
+        tensors.append((state.name, protocol_name(value.dtype), value))
     return tensors
 
 

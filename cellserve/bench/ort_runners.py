@@ -145,7 +145,8 @@ class OrtRunner:
 
     def _feeds(self, sequences: list[np.ndarray]) -> dict[str, np.ndarray]:
         """One run's inputs: the zoo classifier's tokens and lengths (`sequence` None), or a
-        model's own sequence input, its rows padded with zeros to the longest."""
+        model's own sequence input, its rows padded with zeros to the longest, with its initial
+        states (zeros) and lengths (SequenceInput.states) for the batch."""
         lengths = np.array([len(x) for x in sequences], dtype=np.int32)
         first = sequences[0]
         batch = np.zeros((len(sequences), int(lengths.max()), *first.shape[1:]), dtype=first.dtype)
@@ -153,7 +154,11 @@ class OrtRunner:
             batch[row, :len(x)] = x
         if self.sequence is None:
             return {"tokens": batch, "lengths": lengths}
-        return {self.sequence.name: np.swapaxes(batch, 0, 1) if self.sequence.time_major else batch}
+        feeds = {self.sequence.name: np.swapaxes(batch, 0, 1) if self.sequence.time_major else batch}
+        for state in self.sequence.states:  # [directions, batch, hidden] or [batch]
+            feeds[state.name] = (lengths.astype(state.dtype) if state.lengths
+                                 else np.zeros((state.shape[0], len(sequences), state.shape[2]), dtype=state.dtype))
+        return feeds
 
     def _ready(self, queue: deque[TraceRequest], now: float) -> bool:
         if not self.padded:

@@ -423,7 +423,7 @@ def _serve_and_fit(engine: Engine, executor: RecordingExecutor, model: Model, se
 
 def _request(model: Model, seq: SequenceInput, item: TraceRequest):
     from cellserve.engine.request import Request
-    return Request(model.name, {seq.name: seq.request_input(item.sequence)})
+    return Request(model.name, seq.request_inputs(item.sequence))
 
 
 def _fit_host(records: np.ndarray) -> HostProfile:

@@ -82,7 +82,7 @@ def run(cfg: ServerBenchConfig, log=print) -> dict:
 
     server = ServerProcess(*serve_model_args(cfg.model, cfg.model_repository), "--grpc-port", "-1",
                            "--metrics-port", "-1", "--max-batch", str(cfg.max_batch))
-    fmt = RequestFormat(seq.name, deadline_ms=cfg.slo_ms, time_major=seq.time_major)
+    fmt = RequestFormat(seq.name, deadline_ms=cfg.slo_ms, time_major=seq.time_major, states=seq.states)
     try:
         _warm_up(server.http, cfg.model, replace(fmt, deadline_ms=None), inputs)
         sides = {

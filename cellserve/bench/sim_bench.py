@@ -36,7 +36,7 @@ from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.profiler import model_trace, profile_model
 from cellserve.bench.ramp import RampPlan, RampSearch
 from cellserve.bench.results import json_safe, meets_slo, summarize
-from cellserve.bench.traces import is_time_major, one_sequence
+from cellserve.bench.traces import request_builder
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.graph.model import Model
@@ -154,13 +154,12 @@ def _capacity(model: Model, cfg: SimBenchConfig) -> float:
     from cellserve.engine.request import Request
     engine = Engine([model], replace(policy_config("cellular", cfg.max_batch), admission=False, drop_late=False))
     best = 0.0
-    name = model.inputs[0].name
-    time_major = is_time_major(model, name)
+    inputs = request_builder(model, model.inputs[0].name)
     for i in range(2):  # the first burst warms caches and thread pools
         burst = model_trace(model, cfg.seed + 11 + i, 1.0, 1.0, min_requests=300)
         t0 = time.perf_counter()
         for item in burst:
-            engine.submit(Request(model.name, {name: one_sequence(item.sequence, time_major)}))
+            engine.submit(Request(model.name, inputs(item.sequence)))
         engine.run_until_idle(timeout_s=600)
         best = max(best, len(burst) / (time.perf_counter() - t0))
     return best

@@ -34,10 +34,29 @@ class TraceRequest:
 
 
 @dataclass(frozen=True)
+class StateInput:
+    """A model input beside the sequence that the benchmarks fill in: a recurrent layer's
+    initial state (`lengths` False: zeros of `shape`, the batch axis 1) or its sequence
+    lengths (`lengths` True: the sequence's length, shape [1])."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    lengths: bool = False
+
+    def value(self, length: int) -> np.ndarray:
+        if self.lengths:
+            return np.full(self.shape, length, dtype=self.dtype)
+        return np.zeros(self.shape, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
 class SequenceInput:
     """How the benchmarks drive a model: one sequence per request, in its input `name`, as
     token ids in [0, `vocab`) or, with `vocab` None, feature rows of shape `features` and
-    `dtype` (standard normal values: a feature model's cost does not depend on them)."""
+    `dtype` (standard normal values: a feature model's cost does not depend on them); and
+    the model's other inputs, `states`, each a recurrent layer's initial state (zeros: every
+    request starts fresh) or its sequence lengths."""
 
     name: str
     time_major: bool  # [time, batch, ...]; else [batch, time, ...]
@@ -45,6 +64,7 @@ class SequenceInput:
     features: tuple[int, ...] = ()
     dtype: str = "int64"
     longest: int | None = None  # the model's longest sequence: longer draws are cut to it
+    states: tuple[StateInput, ...] = ()
 
     def draw(self, rng: np.random.Generator, length: int) -> np.ndarray:
         """One sequence of `length` steps."""
@@ -63,17 +83,32 @@ class SequenceInput:
         """A sequence as this input's batch of one (see one_sequence)."""
         return one_sequence(sequence, self.time_major)
 
+    def request_inputs(self, sequence: np.ndarray) -> dict[str, np.ndarray]:
+        """A request's inputs for one sequence: the sequence as a batch of one, and `states`."""
+        inputs = {self.name: one_sequence(sequence, self.time_major)}
+        for state in self.states:
+            inputs[state.name] = state.value(len(sequence))
+        return inputs
+
 
 def sequence_input(model) -> SequenceInput:
     """How the benchmarks drive `model` (a graph Model). Raises ValueError naming what does not
-    fit: the traces are one sequence per request, so the model must take exactly one input,
+    fit: the traces are one sequence per request, so the model must take exactly one input
     whose batch and time axes the importer found (the first two), holding integer token ids
-    of a known vocabulary or floating-point feature rows of a fixed shape."""
-    if len(model.inputs) != 1:
-        raise ValueError(f"model {model.name!r} takes {len(model.inputs)} inputs "
-                         f"({', '.join(repr(s.name) for s in model.inputs)}); the benchmarks send one sequence "
-                         "per request, to a model whose only input is token ids or feature rows")
-    spec = model.inputs[0]
+    of a known vocabulary or floating-point feature rows of a fixed shape; any other input
+    must be a recurrent layer's initial state or sequence lengths (see StateInput)."""
+    sequences = [s for s in model.inputs if (sem := model.semantics.get(s.name)) is not None
+                 and sem.time_axis is not None]
+    if len(model.inputs) == 1 or len(sequences) != 1:
+        spec = model.inputs[0]
+        if len(model.inputs) != 1:
+            raise ValueError(f"model {model.name!r} takes {len(model.inputs)} inputs "
+                             f"({', '.join(repr(s.name) for s in model.inputs)}), {len(sequences)} of them sequences; "
+                             "the benchmarks send one sequence per request (with a recurrent layer's initial "
+                             "states or sequence lengths beside it)")
+    else:
+        (spec,) = sequences
+    states = tuple(_state_input(model, other) for other in model.inputs if other is not spec)
     sem = model.semantics.get(spec.name)
     axes = None if sem is None else {sem.batch_axis, sem.time_axis}
     if axes != {0, 1}:
@@ -87,13 +122,53 @@ def sequence_input(model) -> SequenceInput:
             raise ValueError(f"model {model.name!r} takes {spec.name!r} as {spec.dtype} of shape {list(spec.shape)}; "
                              "the benchmarks send integer inputs as token ids, [batch, time] or [time, batch], "
                              "into an embedding whose vocabulary the importer found")
-        return SequenceInput(spec.name, time_major, int(sem.vocab), longest=model.max_sequence_length)
+        return SequenceInput(spec.name, time_major, int(sem.vocab), longest=model.max_sequence_length,
+                             states=states)
     features = tuple(spec.shape[2:])
     if kind != "f" or not all(isinstance(n, int) and n > 0 for n in features):
         raise ValueError(f"model {model.name!r} takes {spec.name!r} as {spec.dtype} of shape {list(spec.shape)}; "
                          "the benchmarks send token ids (an integer input) or feature rows (a floating-point "
                          "input whose axes after batch and time have fixed sizes)")
-    return SequenceInput(spec.name, time_major, None, features, str(np.dtype(spec.dtype)), model.max_sequence_length)
+    return SequenceInput(spec.name, time_major, None, features, str(np.dtype(spec.dtype)), model.max_sequence_length,
+                         states)
+
+
+def _state_input(model, spec) -> StateInput:
+    """`spec`, an input of `model` beside its sequence, as a StateInput, or ValueError naming it."""
+    from cellserve.graph.model import GraphDecoder, layers_of
+
+    roles = {}
+    layers = [layer for step in model.recurrent_steps() if not isinstance(step, GraphDecoder)
+              for layer in layers_of(step)]
+    for layer in layers:
+        for tensor, role in ((layer.initial_h, "state"), (layer.initial_c, "state"), (layer.seq_lens, "lengths")):
+            if tensor and model.input_behind(tensor) == spec.name:
+                roles[role] = True
+    if len(roles) != 1:
+        raise ValueError(f"model {model.name!r} takes input {spec.name!r} of shape {list(spec.shape)} beside its "
+                         "sequence; the benchmarks fill in only a recurrent layer's initial state or its sequence "
+                         f"lengths, and {spec.name!r} feeds " + ("both" if roles else "neither"))
+    if "lengths" in roles:
+        return StateInput(spec.name, (1,), spec.dtype, lengths=True)
+    dynamic = [i for i, n in enumerate(spec.shape) if not (isinstance(n, int) and n > 0)]
+    if len(spec.shape) != 3 or dynamic not in ([], [1]) or spec.shape[1] not in (-1, 1):
+        raise ValueError(f"model {model.name!r}: initial state {spec.name!r} has shape {list(spec.shape)}, not "
+                         "[directions, batch, hidden] with fixed directions and hidden sizes")
+    return StateInput(spec.name, (spec.shape[0], 1, spec.shape[2]), spec.dtype)
+
+
+def request_builder(model, input_name: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """How a trace's sequence, sent as `input_name`, becomes a request's inputs: with the
+    model's initial states or lengths beside it (see sequence_input), or alone where the
+    benchmarks do not drive the model by that input (a decoder model's own task inputs)."""
+    try:
+        seq = sequence_input(model)
+    except ValueError:
+        seq = None
+    if seq is not None and seq.name == input_name:
+        return seq.request_inputs
+    time_major = is_time_major(model, input_name)
+    return lambda sequence: {input_name: one_sequence(sequence, time_major)}
 
 
 def is_time_major(model, input_name: str) -> bool:

@@ -229,7 +229,7 @@ def session_arrivals(catalogue: Catalogue, total_rps: float, seconds: float, see
         lengths = np.minimum(lengths[:times.size], model.max_sequence_length)
         seq = sequence_input(model)
         for t, length in zip(times, lengths):
-            x = seq.request_input(seq.draw(token_rng, int(length)))
-            out.append(SimArrival(float(t), s.name, {seq.name: x}, s.slo_ms / 1e3))
+            out.append(SimArrival(float(t), s.name, seq.request_inputs(seq.draw(token_rng, int(length))),
+                                  s.slo_ms / 1e3))
     out.sort(key=lambda a: a.time_s)
     return [replace(a, tag=n) for n, a in enumerate(out)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.results import RequestOutcome, RunStats, json_safe, span_s, summarize
-from cellserve.bench.traces import MIN_REQUESTS, TraceRequest, is_time_major, one_sequence
+from cellserve.bench.traces import MIN_REQUESTS, TraceRequest, request_builder
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import EngineStats
 from cellserve.graph.model import Model
@@ -29,9 +29,8 @@ def arrivals(trace: list[TraceRequest], model: Model, timeout_s: float | None,
              start_s: float = 0.0, first_tag: int | None = None) -> list[SimArrival]:
     """The trace's requests to `model`, each one token sequence in its token input, tagged
     by their request ids or, with `first_tag`, by numbers counting up from it."""
-    name = model.inputs[0].name
-    time_major = is_time_major(model, name)
-    return [SimArrival(start_s + r.arrival_s, model.name, {name: one_sequence(r.sequence, time_major)}, timeout_s, 0,
+    inputs = request_builder(model, model.inputs[0].name)
+    return [SimArrival(start_s + r.arrival_s, model.name, inputs(r.sequence), timeout_s, 0,
                        r.request_id if first_tag is None else first_tag + i) for i, r in enumerate(trace)]
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cellserve import cli
-from feature_model import export_frames
+from feature_model import export_frames, export_stateful
 
 
 @pytest.mark.parametrize("args, message", [
@@ -43,5 +43,21 @@ def test_bench_load_drives_a_feature_model_it_serves_from_a_repository(tmp_path)
     report = json.loads(out.read_text())
     assert report["request_format"]["input_name"] == "features" and report["request_format"]["time_major"]
     assert report["sweep"]["features"] == [6]
+    (row,) = report["rates"]
+    assert row["requests"] > 0 and row["counts"]["ok"] == row["requests"], row
+
+
+@pytest.mark.slow  # starts a server and loads it for a second
+def test_bench_load_fills_in_a_streaming_models_state_inputs(tmp_path):
+    """A model whose initial states and lengths are inputs gets them beside its rows (zeros,
+    the sequence's length) over HTTP: every request is answered."""
+    export_stateful(tmp_path / "repo" / "stateful" / "1" / "model.onnx")
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "-m", "cellserve.cli", "bench", "load", "--model", "stateful",
+                           "--model-repository", str(tmp_path / "repo"), "--rates", "20", "--seconds", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr + done.stdout
+    report = json.loads(out.read_text())
+    assert [s["name"] for s in report["request_format"]["states"]] == ["lengths", "h0", "c0"]
     (row,) = report["rates"]
     assert row["requests"] > 0 and row["counts"]["ok"] == row["requests"], row
