@@ -100,4 +100,5 @@ def test_engine_bench_refuses_a_model_its_traces_cannot_drive(tmp_path, capsys):
     code = cli.main(["bench", "engine", "--model", "mine", "--model-repository", str(repo), "--quick",
                      "--json", str(tmp_path / "out.json")])
     assert code == 2
-    assert "takes 2 inputs ('tokens', 'scale')" in capsys.readouterr().err
+    assert ("takes input 'scale' of shape [1] beside its sequence; the benchmarks fill in only a recurrent layer's "
+            "initial state or its sequence lengths, and 'scale' feeds neither") in capsys.readouterr().err
