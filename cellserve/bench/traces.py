@@ -99,15 +99,12 @@ def sequence_input(model) -> SequenceInput:
     must be a recurrent layer's initial state or sequence lengths (see StateInput)."""
     sequences = [s for s in model.inputs if (sem := model.semantics.get(s.name)) is not None
                  and sem.time_axis is not None]
-    if len(model.inputs) == 1 or len(sequences) != 1:
-        spec = model.inputs[0]
-        if len(model.inputs) != 1:
-            raise ValueError(f"model {model.name!r} takes {len(model.inputs)} inputs "
-                             f"({', '.join(repr(s.name) for s in model.inputs)}), {len(sequences)} of them sequences; "
-                             "the benchmarks send one sequence per request (with a recurrent layer's initial "
-                             "states or sequence lengths beside it)")
-    else:
-        (spec,) = sequences
+    if len(model.inputs) > 1 and len(sequences) != 1:
+        raise ValueError(f"model {model.name!r} takes {len(model.inputs)} inputs "
+                         f"({', '.join(repr(s.name) for s in model.inputs)}), {len(sequences)} of them a sequence "
+                         "(a time axis the importer found); the benchmarks send one sequence per request, with a "
+                         "recurrent layer's initial states or sequence lengths beside it")
+    spec = sequences[0] if len(model.inputs) > 1 else model.inputs[0]
     states = tuple(_state_input(model, other) for other in model.inputs if other is not spec)
     sem = model.semantics.get(spec.name)
     axes = None if sem is None else {sem.batch_axis, sem.time_axis}

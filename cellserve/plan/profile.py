@@ -110,8 +110,9 @@ class CellTypeProfile:
         """What in the batched step table looks like the machine's noise rather than the cell's
         cost: a batch size some larger batch steps in under 70% of its time (a batch of more
         lanes does not run faster; `cellserve profile` now caps a size over 10% dearer than a
-        larger one at that one's cost, so older profiles show it), or whose spread exceeds its mean. Planners
-        and the simulator take the table as it is: a profile taken on a busy machine misprices them all."""
+        larger one at that one's cost, so only older profiles show it), or whose spread exceeds
+        its mean. Planners and the simulator take the table as it is: a profile taken on a busy
+        machine misprices them all."""
         found, cheapest_above = [], None  # the cheapest step of a larger batch: (batch, seconds)
         for b, t in sorted(self.step_s.items(), reverse=True):
             if cheapest_above is not None and cheapest_above[1] < 0.7 * t.mean:
