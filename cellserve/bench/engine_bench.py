@@ -40,7 +40,8 @@ from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.ramp import Bracket, RampPlan, RampResult, RampSearch, footnotes
 from cellserve.bench.results import meets_slo, summarize
 from cellserve.bench.roofline import engine_shape_gflops, measure_roofline
-from cellserve.bench.traces import InputSampler, make_trace, request_builder, sequence_input, trace_at_rate
+from cellserve.bench.traces import (InputSampler, make_trace, request_builder, sequence_input, sequence_name,
+                                    trace_at_rate)
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.engine.request import Request, Response, Status
 from cellserve.errors import InvalidInput
@@ -102,7 +103,7 @@ class BenchConfig:
 
 def run(cfg: BenchConfig, log=print) -> dict:
     model = load_model(cfg.model, cfg.model_repository)
-    input_name = model.inputs[0].name
+    input_name = sequence_name(model)
     vocab = model.semantics[input_name].vocab or 2
     slo_s = cfg.slo_ms / 1e3
     work = workload(model, cfg.beam_width)

@@ -36,7 +36,7 @@ from cellserve.bench.plots import plot_p99_vs_load
 from cellserve.bench.profiler import model_trace, profile_model
 from cellserve.bench.ramp import RampPlan, RampSearch
 from cellserve.bench.results import json_safe, meets_slo, summarize
-from cellserve.bench.traces import request_builder
+from cellserve.bench.traces import request_builder, sequence_name
 from cellserve.engine.config import EngineConfig
 from cellserve.engine.engine import Engine
 from cellserve.graph.model import Model
@@ -99,6 +99,7 @@ def run(cfg: SimBenchConfig, log=print) -> dict:
     plan = RampPlan(start_rps=round(capacity * 0.1, 1), factor=1.5 if cfg.quick else 1.25,
                     refine_steps=2 if cfg.quick else 3, max_rps=round(capacity * 3, 1), tries=1)
     engines = {p: Engine([model], policy_config(p, cfg.max_batch)) for p in POLICIES}
+    input_name = sequence_name(model)
     heap.settle()  # the real runs as the server runs (see heap.py)
     searches = {p: RampSearch(plan, lambda s: meets_slo(s, cfg.slo_ms)) for p in POLICIES}
     rows: dict[str, list[dict]] = {p: [] for p in POLICIES}
@@ -113,7 +114,7 @@ def run(cfg: SimBenchConfig, log=print) -> dict:
                 runs = []
                 for _ in range(cfg.repeats):
                     time.sleep(_SETTLE_S)
-                    runs.append(summarize(replay(engines[policy], model.name, model.inputs[0].name, trace, policy,
+                    runs.append(summarize(replay(engines[policy], model.name, input_name, trace, policy,
                                                  rate, timeout), slo_s))
                 real = pooled(runs)
                 simulated = simulate_replay(model, profile, replace(policy_config(policy, cfg.max_batch),
@@ -154,7 +155,7 @@ def _capacity(model: Model, cfg: SimBenchConfig) -> float:
     from cellserve.engine.request import Request
     engine = Engine([model], replace(policy_config("cellular", cfg.max_batch), admission=False, drop_late=False))
     best = 0.0
-    inputs = request_builder(model, model.inputs[0].name)
+    inputs = request_builder(model)
     for i in range(2):  # the first burst warms caches and thread pools
         burst = model_trace(model, cfg.seed + 11 + i, 1.0, 1.0, min_requests=300)
         t0 = time.perf_counter()

@@ -154,18 +154,31 @@ def _state_input(model, spec) -> StateInput:
     return StateInput(spec.name, (spec.shape[0], 1, spec.shape[2]), spec.dtype)
 
 
-def request_builder(model, input_name: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """How a trace's sequence, sent as `input_name`, becomes a request's inputs: with the
-    model's initial states or lengths beside it (see sequence_input), or alone where the
-    benchmarks do not drive the model by that input (a decoder model's own task inputs)."""
-    try:
-        seq = sequence_input(model)
-    except ValueError:
-        seq = None
-    if seq is not None and seq.name == input_name:
+def request_builder(model, input_name: str | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """How a trace's sequence, sent as `input_name` (by default the model's sequence input,
+    see sequence_name), becomes a request's inputs: with the model's initial states or
+    lengths beside it (see sequence_input), or alone where the benchmarks do not drive the
+    model by that input (a decoder model's own task inputs)."""
+    seq = _driven(model)
+    if seq is not None and input_name in (None, seq.name):
         return seq.request_inputs
-    time_major = is_time_major(model, input_name)
-    return lambda sequence: {input_name: one_sequence(sequence, time_major)}
+    name = input_name or model.inputs[0].name
+    time_major = is_time_major(model, name)
+    return lambda sequence: {name: one_sequence(sequence, time_major)}
+
+
+def sequence_name(model) -> str:
+    """The input a trace's sequences go to: sequence_input's, or the model's first input
+    where the benchmarks do not drive it by one sequence (a decoder model's task inputs)."""
+    seq = _driven(model)
+    return model.inputs[0].name if seq is None else seq.name
+
+
+def _driven(model) -> SequenceInput | None:
+    try:
+        return sequence_input(model)
+    except ValueError:
+        return None
 
 
 def is_time_major(model, input_name: str) -> bool:

@@ -29,7 +29,7 @@ def arrivals(trace: list[TraceRequest], model: Model, timeout_s: float | None,
              start_s: float = 0.0, first_tag: int | None = None) -> list[SimArrival]:
     """The trace's requests to `model`, each one token sequence in its token input, tagged
     by their request ids or, with `first_tag`, by numbers counting up from it."""
-    inputs = request_builder(model, model.inputs[0].name)
+    inputs = request_builder(model)
     return [SimArrival(start_s + r.arrival_s, model.name, inputs(r.sequence), timeout_s, 0,
                        r.request_id if first_tag is None else first_tag + i) for i, r in enumerate(trace)]
 

@@ -12,7 +12,7 @@ from cellserve.bench.engine_runner import replay
 from cellserve.bench.loadgen import RequestFormat, request_tensors
 from cellserve.bench.ort_runners import OrtRunner
 from cellserve.bench.profiler import model_trace
-from cellserve.bench.traces import StateInput, sequence_input
+from cellserve.bench.traces import StateInput, request_builder, sequence_input, sequence_name
 from cellserve.engine.engine import Engine, EngineConfig
 from cellserve.graph.onnx_import import load_onnx
 from cellserve.sim.run import arrivals
@@ -70,3 +70,14 @@ def test_an_input_that_is_neither_a_state_nor_lengths_is_refused_naming_it(tmp_p
     with pytest.raises(ValueError, match="model 'scaled' takes input 'scale' of shape \\[1\\] beside its sequence; "
                                          ".* and 'scale' feeds neither"):
         sequence_input(load_onnx(tmp_path / "scaled.onnx", "scaled"))
+
+
+def test_the_sequence_is_found_whatever_the_inputs_order(stateful):
+    """A model that lists its states before its rows still gets the sequence in its rows."""
+    _, model, _ = stateful
+    model.inputs = model.inputs[::-1]
+    assert model.inputs[0].name == "c0" and sequence_name(model) == "features"
+    inputs = request_builder(model)(np.ones((4, FEATURES), np.float32))
+    assert inputs["features"].shape == (4, 1, FEATURES) and inputs["c0"].shape == (1, 1, HIDDEN)
+    assert {a.inputs["features"].shape[1:] for a in arrivals(model_trace(model, 0, 50.0, 0.5), model, None)} == {
+        (1, FEATURES)}
