@@ -30,34 +30,34 @@ def test_bench_load_refuses_bad_flags_naming_them(args, message, capsys, tmp_pat
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow  # starts a server and loads it for a second
-def test_bench_load_drives_a_feature_model_it_serves_from_a_repository(tmp_path):
-    """Started on a repository, bench load sends the model's own input: float rows in its
-    layout ([time, 1, 6] here), not token ids; every request is answered."""
-    export_frames(tmp_path / "repo" / "frames" / "1" / "model.onnx")
-    out = tmp_path / "load.json"
-    done = subprocess.run([sys.executable, "-m", "cellserve.cli", "bench", "load", "--model", "frames",
-                           "--model-repository", str(tmp_path / "repo"), "--rates", "20", "--seconds", "1",
+def _load_served(repo, model: str) -> dict:
+    """`bench load` on `model` of `repo`, the server started by it, 20 req/s for a second:
+    its report, every request answered."""
+    out = repo.parent / "load.json"
+    done = subprocess.run([sys.executable, "-m", "cellserve.cli", "bench", "load", "--model", model,
+                           "--model-repository", str(repo), "--rates", "20", "--seconds", "1",
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr + done.stdout
     report = json.loads(out.read_text())
-    assert report["request_format"]["input_name"] == "features" and report["request_format"]["time_major"]
-    assert report["sweep"]["features"] == [6]
     (row,) = report["rates"]
     assert row["requests"] > 0 and row["counts"]["ok"] == row["requests"], row
+    return report
+
+
+@pytest.mark.slow  # starts a server and loads it for a second
+def test_bench_load_drives_a_feature_model_it_serves_from_a_repository(tmp_path):
+    """Started on a repository, bench load sends the model's own input: float rows in its
+    layout ([time, 1, 6] here), not token ids."""
+    export_frames(tmp_path / "repo" / "frames" / "1" / "model.onnx")
+    report = _load_served(tmp_path / "repo", "frames")
+    assert report["request_format"]["input_name"] == "features" and report["request_format"]["time_major"]
+    assert report["sweep"]["features"] == [6]
 
 
 @pytest.mark.slow  # starts a server and loads it for a second
 def test_bench_load_fills_in_a_streaming_models_state_inputs(tmp_path):
     """A model whose initial states and lengths are inputs gets them beside its rows (zeros,
-    the sequence's length) over HTTP: every request is answered."""
+    the sequence's length) over HTTP."""
     export_stateful(tmp_path / "repo" / "stateful" / "1" / "model.onnx")
-    out = tmp_path / "load.json"
-    done = subprocess.run([sys.executable, "-m", "cellserve.cli", "bench", "load", "--model", "stateful",
-                           "--model-repository", str(tmp_path / "repo"), "--rates", "20", "--seconds", "1",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr + done.stdout
-    report = json.loads(out.read_text())
+    report = _load_served(tmp_path / "repo", "stateful")
     assert [s["name"] for s in report["request_format"]["states"]] == ["lengths", "h0", "c0"]
-    (row,) = report["rates"]
-    assert row["requests"] > 0 and row["counts"]["ok"] == row["requests"], row
