@@ -79,12 +79,9 @@ class SequenceInput:
             return [self.draw(rng, int(k))[:self.longest] for k in sentence_lengths(rng, n)]
         return sample
 
-    def request_input(self, sequence: np.ndarray) -> np.ndarray:
-        """A sequence as this input's batch of one (see one_sequence)."""
-        return one_sequence(sequence, self.time_major)
-
     def request_inputs(self, sequence: np.ndarray) -> dict[str, np.ndarray]:
-        """A request's inputs for one sequence: the sequence as a batch of one, and `states`."""
+        """A request's inputs for one sequence: the sequence as a batch of one (see
+        one_sequence), and `states`."""
         inputs = {self.name: one_sequence(sequence, self.time_major)}
         for state in self.states:
             inputs[state.name] = state.value(len(sequence))

@@ -74,11 +74,11 @@ def measure_points(engine, engine_name: str, input_name: str, rows: list[np.ndar
     """[(b, l(b) ms)] of `engine_name` on `engine`, which must be idle and stepping on a thread
     of its own (serve_forever); b up to the engine's batch cap and len(rows). Raises
     ProfilingError naming the model when a profiling request is not answered OK."""
-    from cellserve.bench.traces import is_time_major, one_sequence
+    from cellserve.bench.traces import request_builder
     from cellserve.engine.request import Request, Status
 
     cap = min(engine.policy.max_batch, len(rows))
-    time_major = is_time_major(engine.models[engine_name], input_name)
+    request_inputs = request_builder(engine.models[engine_name], input_name)
     points = []
     for b in [b for b in batches if b <= cap]:
         runs = []
@@ -96,7 +96,7 @@ def measure_points(engine, engine_name: str, input_name: str, rows: list[np.ndar
                         done.set()
             t0 = _clock()
             for row in rows[:b]:
-                engine.submit(Request(engine_name, {input_name: one_sequence(row, time_major)}, on_done=on_done,
+                engine.submit(Request(engine_name, request_inputs(row), on_done=on_done,
                                       timeout_s=_TIMEOUT_S))
             if not done.wait(_TIMEOUT_S * 2):
                 raise ProfilingError(f"profiling {engine_name!r} at batch {b}: no answer within {_TIMEOUT_S * 2:g} s")

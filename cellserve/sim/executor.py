@@ -91,7 +91,7 @@ class SimExecutor(Executor):
         self._previous: str | None = None  # cell type of the last call, when it was a step
         self._last_step_end = -math.inf  # virtual time the last step (of any cell type) ended
         self._blocks: dict[int, list] = {}  # id of a Timing -> [it (kept alive), next index, samples]
-        self._uniforms: list[float] = []  # uniform draws in [0, 1), taken from the end (see idle_extra)
+        self._uniforms: list[float] = []  # uniform draws in [0, 1), taken from the end (see draw_idle_extra)
         self._flops: dict = {}  # cell type -> flops of one lane's step; (decoder, memory length) -> ...
 
     # ---- cell types ----
@@ -161,7 +161,7 @@ class SimExecutor(Executor):
         entry[1] = i + 1
         return entry[2][i]
 
-    def idle_extra(self, buckets: tuple[IdleBucket, ...], gap_s: float) -> float:
+    def draw_idle_extra(self, buckets: tuple[IdleBucket, ...], gap_s: float) -> float:
         """What a call costs on top after a spell of `gap_s` seconds (see IdleBucket): one of
         its bucket's draws, equally likely, from the seeded generator (drawn _BLOCK at a time);
         the bucket's mean where it has none."""
@@ -275,7 +275,8 @@ class SimExecutor(Executor):
         cold = self._previous != batch.cell_type
         self._previous = batch.cell_type
         # after a spell with no step the executor wakes slower (CellTypeProfile.idle_extra_s)
-        idle = self.idle_extra(cell.idle_extra_s, self.clock.now() - self._last_step_end) if cell.idle_extra_s else 0.0
+        idle = (self.draw_idle_extra(cell.idle_extra_s, self.clock.now() - self._last_step_end)
+                if cell.idle_extra_s else 0.0)
         if lone_steps:
             per_step = cell.lone_step_s
             if stop[0]:
@@ -399,7 +400,7 @@ class SimExecutor(Executor):
             # an op that last ran a while ago costs more (ModelProfile.plain_idle_extra_s)
             seconds = timing.mean
             if buckets:
-                seconds = max(seconds + self.idle_extra(buckets, clock.now() - last.get(op, -math.inf)), 0.0)
+                seconds = max(seconds + self.draw_idle_extra(buckets, clock.now() - last.get(op, -math.inf)), 0.0)
             clock.advance(seconds)
             last[op] = clock.now()
             total += seconds

@@ -27,7 +27,8 @@ SIMULATED = "simulated"
 
 def arrivals(trace: list[TraceRequest], model: Model, timeout_s: float | None,
              start_s: float = 0.0, first_tag: int | None = None) -> list[SimArrival]:
-    """The trace's requests to `model`, each one token sequence in its token input, tagged
+    """The trace's requests to `model`, each one sequence in its sequence input (with the
+    model's state inputs beside it, bench/traces.request_builder), tagged
     by their request ids or, with `first_tag`, by numbers counting up from it."""
     inputs = request_builder(model)
     return [SimArrival(start_s + r.arrival_s, model.name, inputs(r.sequence), timeout_s, 0,

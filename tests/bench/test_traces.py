@@ -122,7 +122,7 @@ def test_feature_rows_are_drawn_at_the_inputs_shape_and_sent_as_a_batch_of_one(t
     for r in trace:
         T = r.sequence.shape[0]
         assert r.sequence.shape == (T, 5, 2) and r.sequence.dtype == np.float16 and 1 <= T <= 100
-        assert seq.request_input(r.sequence).shape == ((T, 1, 5, 2) if time_major else (1, T, 5, 2))
+        assert seq.request_inputs(r.sequence)["features"].shape == ((T, 1, 5, 2) if time_major else (1, T, 5, 2))
     assert np.std(np.concatenate([r.sequence.ravel() for r in trace]).astype(np.float64)) == pytest.approx(1.0, rel=0.1)
 
 
